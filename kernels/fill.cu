@@ -1,0 +1,33 @@
+// fill.cu: deterministic synthetic inputs, labels and parameter initialisation, on the device.
+//
+// Launch: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); grid-stride loops over 64-bit
+// indices. The integer hash is the one in src/synthetic.rs (splitmix64's finaliser over a
+// counter), and every float step is exact, so host and device generate the same bits.
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+// out[i] = uniform in [-1, 1) from (key, i), times scale
+extern "C" __global__ void fill_uniform(float* out, long long n, unsigned long long key, float scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const unsigned long long bits = mix64(key + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ULL) >> 40;
+        out[i] = ((float)bits * (1.0f / 8388608.0f) - 1.0f) * scale;
+    }
+}
+
+// labels[r] = argmax of the row's first min(classes, features) inputs (lowest index on ties)
+extern "C" __global__ void fill_labels(unsigned int* labels, const float* inputs, long long rows, long long features,
+                                       long long classes) {
+    const long long considered = classes < features ? classes : features;
+    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows; r += (long long)gridDim.x * blockDim.x) {
+        const float* row = inputs + r * features;
+        long long best = 0;
+        for (long long c = 1; c < considered; ++c) {
+            if (row[c] > row[best]) best = c;
+        }
+        labels[r] = (unsigned int)best;
+    }
+}

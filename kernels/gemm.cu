@@ -1,0 +1,117 @@
+// gemm.cu: tiled f32 matrix products C (M x N) = A (M x K) * B (K x N) for a linear layer.
+//
+// Three entry points, one per product of a layer (row-major storage; ld = leading dimension):
+//   gemm_nt: C = A * B^T   forward      Y  = X  * W^T   (A: M x K, B stored N x K)
+//   gemm_tn: C = A^T * B   weight grad  dW = dY^T * X   (A stored K x M, B: K x N)
+//   gemm_nn: C = A * B     input grad   dX = dY * W     (A: M x K, B: K x N)
+//
+// Launch: block (256, 1, 1); grid (min(ceil(M/128), 2^31-1), min(ceil(N/128), 65535), splits).
+// Blocks loop over tiles past the grid, so any M and N work. Each block computes a 128 x 128
+// tile of C from 8-deep slices of A and B staged in shared memory; each thread keeps an 8 x 8
+// register tile. Every load is bounds-checked: M, N and K need not be multiples of anything.
+// grid.z splits K into chunks of k_chunk; with accumulate != 0 the partial tiles are added to C
+// with atomicAdd (C must be zeroed first), otherwise C is overwritten (grid.z must then be 1).
+// All indices are 64-bit.
+
+#define BM 128
+#define BN 128
+#define BK 8
+#define TM 8
+#define TN 8
+#define THREADS 256
+
+template <bool A_TRANSPOSED, bool B_TRANSPOSED>
+__device__ __forceinline__ void gemm_tiles(const float* __restrict__ A, const float* __restrict__ B,
+                                           float* __restrict__ C, long long M, long long N, long long K,
+                                           long long lda, long long ldb, long long k_chunk, int accumulate) {
+    __shared__ float As[BK][BM];
+    __shared__ float Bs[BK][BN];
+    const int tid = threadIdx.x;
+    const int thread_row = tid / (BN / TN);
+    const int thread_col = tid % (BN / TN);
+    const long long tiles_m = (M + BM - 1) / BM;
+    const long long tiles_n = (N + BN - 1) / BN;
+    const long long k_begin = (long long)blockIdx.z * k_chunk;
+    const long long k_end = min(K, k_begin + k_chunk);
+
+    for (long long tile_m = blockIdx.x; tile_m < tiles_m; tile_m += gridDim.x) {
+        for (long long tile_n = blockIdx.y; tile_n < tiles_n; tile_n += gridDim.y) {
+            const long long row0 = tile_m * BM;
+            const long long col0 = tile_n * BN;
+            float acc[TM][TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+            for (long long k0 = k_begin; k0 < k_end; k0 += BK) {
+#pragma unroll
+                for (int l = 0; l < (BM * BK) / THREADS; ++l) {
+                    const int e = tid + l * THREADS;
+                    // Consecutive threads walk the contiguous dimension of each operand.
+                    const int m = A_TRANSPOSED ? e % BM : e / BK;
+                    const int k = A_TRANSPOSED ? e / BM : e % BK;
+                    const long long gm = row0 + m, gk = k0 + k;
+                    float v = 0.0f;
+                    if (gm < M && gk < k_end) v = A_TRANSPOSED ? A[gk * lda + gm] : A[gm * lda + gk];
+                    As[k][m] = v;
+                }
+#pragma unroll
+                for (int l = 0; l < (BN * BK) / THREADS; ++l) {
+                    const int e = tid + l * THREADS;
+                    const int n = B_TRANSPOSED ? e / BK : e % BN;
+                    const int k = B_TRANSPOSED ? e % BK : e / BN;
+                    const long long gn = col0 + n, gk = k0 + k;
+                    float v = 0.0f;
+                    if (gn < N && gk < k_end) v = B_TRANSPOSED ? B[gn * ldb + gk] : B[gk * ldb + gn];
+                    Bs[k][n] = v;
+                }
+                __syncthreads();
+#pragma unroll
+                for (int k = 0; k < BK; ++k) {
+                    float a[TM], b[TN];
+#pragma unroll
+                    for (int i = 0; i < TM; ++i) a[i] = As[k][thread_row * TM + i];
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) b[j] = Bs[k][thread_col * TN + j];
+#pragma unroll
+                    for (int i = 0; i < TM; ++i)
+#pragma unroll
+                        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+                }
+                __syncthreads();
+            }
+
+#pragma unroll
+            for (int i = 0; i < TM; ++i) {
+                const long long r = row0 + thread_row * TM + i;
+                if (r >= M) continue;
+#pragma unroll
+                for (int j = 0; j < TN; ++j) {
+                    const long long c = col0 + thread_col * TN + j;
+                    if (c >= N) continue;
+                    if (accumulate) atomicAdd(&C[r * N + c], acc[i][j]);
+                    else C[r * N + c] = acc[i][j];
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+gemm_nt(const float* A, const float* B, float* C, long long M, long long N, long long K, long long lda,
+        long long ldb, long long k_chunk, int accumulate) {
+    gemm_tiles<false, true>(A, B, C, M, N, K, lda, ldb, k_chunk, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+gemm_tn(const float* A, const float* B, float* C, long long M, long long N, long long K, long long lda,
+        long long ldb, long long k_chunk, int accumulate) {
+    gemm_tiles<true, false>(A, B, C, M, N, K, lda, ldb, k_chunk, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+gemm_nn(const float* A, const float* B, float* C, long long M, long long N, long long K, long long lda,
+        long long ldb, long long k_chunk, int accumulate) {
+    gemm_tiles<false, false>(A, B, C, M, N, K, lda, ldb, k_chunk, accumulate);
+}

@@ -1,0 +1,46 @@
+// reduce.cu: column sums (bias gradients) and the mean of a vector.
+//
+// column_sum: block (32, 8, 1); grid (row_chunks, min(ceil(cols/32), 65535), 1). threadIdx.x
+//   walks 32 adjacent columns (coalesced), threadIdx.y strides rows within the block's chunk of
+//   rows_per_chunk rows; partial sums meet in shared memory and are added to out with atomicAdd,
+//   so out must be zeroed first. Blocks loop over column tiles past the grid.
+// mean: block (256, 1, 1); grid (min(ceil(n/256), 4096), 1, 1); grid-stride partial sums,
+//   a block reduction in shared memory, then atomicAdd(out, sum / n): out must be zeroed first.
+
+extern "C" __global__ void column_sum(const float* in, float* out, long long rows, long long cols,
+                                      long long rows_per_chunk) {
+    __shared__ float partial[8][33];
+    const long long row_begin = blockIdx.x * rows_per_chunk;
+    const long long row_end = min(rows, row_begin + rows_per_chunk);
+    const long long col_tiles = (cols + 31) / 32;
+    for (long long tile = blockIdx.y; tile < col_tiles; tile += gridDim.y) {
+        const long long col = tile * 32 + threadIdx.x;
+        float sum = 0.0f;
+        if (col < cols) {
+            for (long long r = row_begin + threadIdx.y; r < row_end; r += blockDim.y) sum += in[r * cols + col];
+        }
+        partial[threadIdx.y][threadIdx.x] = sum;
+        __syncthreads();
+        if (threadIdx.y == 0 && col < cols) {
+            float total = 0.0f;
+            for (int y = 0; y < 8; ++y) total += partial[y][threadIdx.x];
+            atomicAdd(&out[col], total);
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void mean(const float* in, float* out, long long n) {
+    __shared__ float partial[256];
+    float sum = 0.0f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        sum += in[i];
+    }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd(out, partial[0] / (float)n);
+}

@@ -1,0 +1,421 @@
+//! The training-step operations on plain slices: the reference every CUDA kernel is checked
+//! against. Matrix products go to `matrixmultiply`; the element-wise parts are written here.
+
+use crate::job::Activation;
+use crate::job::OptimizerKind;
+use crate::step::{UpdateRule, ADAMW_WEIGHT_DECAY, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM};
+
+/// `c (m x n) = a (m x k) * b (k x n)`, each operand given by its row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    a_strides: (isize, isize),
+    b: &[f32],
+    b_strides: (isize, isize),
+    c: &mut [f32],
+) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "gemm operand too small"
+    );
+    // SAFETY: the assertion above keeps every strided access inside the slices.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            a_strides.0,
+            a_strides.1,
+            b.as_ptr(),
+            b_strides.0,
+            b_strides.1,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// `y (rows x outputs) = x (rows x inputs) * w^T`, `w` being `outputs x inputs`.
+pub fn linear_forward(
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) {
+    gemm(
+        rows,
+        inputs,
+        outputs,
+        x,
+        (inputs as isize, 1),
+        w,
+        (1, inputs as isize),
+        y,
+    );
+}
+
+/// `dw (outputs x inputs) = dy^T * x`.
+pub fn weight_gradient(
+    dy: &[f32],
+    x: &[f32],
+    dw: &mut [f32],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) {
+    gemm(
+        outputs,
+        rows,
+        inputs,
+        dy,
+        (1, outputs as isize),
+        x,
+        (inputs as isize, 1),
+        dw,
+    );
+}
+
+/// `dx (rows x inputs) = dy (rows x outputs) * w`.
+pub fn input_gradient(
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) {
+    gemm(
+        rows,
+        outputs,
+        inputs,
+        dy,
+        (outputs as isize, 1),
+        w,
+        (inputs as isize, 1),
+        dx,
+    );
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// The activation function.
+pub fn activate(activation: Activation, x: f32) -> f32 {
+    match activation {
+        Activation::Relu => x.max(0.0),
+        Activation::Tanh => x.tanh(),
+        Activation::Gelu => {
+            0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh())
+        }
+    }
+}
+
+/// The activation's derivative at `x`.
+pub fn activation_derivative(activation: Activation, x: f32) -> f32 {
+    match activation {
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::Tanh => {
+            let t = x.tanh();
+            1.0 - t * t
+        }
+        Activation::Gelu => {
+            let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+            0.5 * (1.0 + t)
+                + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
+        }
+    }
+}
+
+/// `pre += bias` per row, then `post = activation(pre)` when given.
+pub fn bias_activation(
+    pre: &mut [f32],
+    bias: &[f32],
+    post: Option<&mut [f32]>,
+    cols: usize,
+    activation: Activation,
+) {
+    for row in pre.chunks_exact_mut(cols) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+    if let Some(post) = post {
+        for (p, &z) in post.iter_mut().zip(pre.iter()) {
+            *p = activate(activation, z);
+        }
+    }
+}
+
+/// `pre = grad_post * activation'(pre)`.
+pub fn activation_backward(grad_post: &[f32], pre: &mut [f32], activation: Activation) {
+    for (z, &g) in pre.iter_mut().zip(grad_post) {
+        *z = g * activation_derivative(activation, *z);
+    }
+}
+
+/// `db[j] = sum over rows of dy[i, j]`, accumulated in f64.
+pub fn bias_gradient(dy: &[f32], db: &mut [f32], cols: usize) {
+    let mut sums = vec![0.0f64; cols];
+    for row in dy.chunks_exact(cols) {
+        for (s, &v) in sums.iter_mut().zip(row) {
+            *s += v as f64;
+        }
+    }
+    for (d, s) in db.iter_mut().zip(sums) {
+        *d = s as f32;
+    }
+}
+
+/// Numerically stable softmax cross-entropy per row; the logits become the mean loss's gradient.
+pub fn softmax_cross_entropy(
+    logits: &mut [f32],
+    labels: &[u32],
+    row_loss: &mut [f32],
+    classes: usize,
+) {
+    let scale = 1.0 / labels.len() as f32;
+    for ((row, &label), loss) in logits
+        .chunks_exact_mut(classes)
+        .zip(labels)
+        .zip(row_loss.iter_mut())
+    {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+        let label = label as usize;
+        *loss = sum.ln() - (row[label] - max);
+        for (j, v) in row.iter_mut().enumerate() {
+            let p = (*v - max).exp() / sum;
+            *v = (p - if j == label { 1.0 } else { 0.0 }) * scale;
+        }
+    }
+}
+
+/// The mean of `values`, accumulated in f64.
+pub fn mean(values: &[f32]) -> f32 {
+    (values.iter().map(|&v| v as f64).sum::<f64>() / values.len().max(1) as f64) as f32
+}
+
+/// One optimizer update. `state` holds the velocity (momentum) or the two moments (Adam).
+pub fn optimizer_step(param: &mut [f32], grad: &[f32], state: &mut [&mut [f32]], rule: UpdateRule) {
+    let lr = rule.learning_rate;
+    match (rule.kind, state) {
+        (OptimizerKind::Sgd, []) => {
+            for (p, &g) in param.iter_mut().zip(grad) {
+                *p -= lr * g;
+            }
+        }
+        (OptimizerKind::SgdMomentum, [velocity]) => {
+            for ((p, &g), v) in param.iter_mut().zip(grad).zip(velocity.iter_mut()) {
+                *v = MOMENTUM * *v + g;
+                *p -= lr * *v;
+            }
+        }
+        (kind @ (OptimizerKind::Adam | OptimizerKind::Adamw), [m, v]) => {
+            let decay = if kind == OptimizerKind::Adamw {
+                ADAMW_WEIGHT_DECAY
+            } else {
+                0.0
+            };
+            let (c1, c2) = rule.bias_correction;
+            for (((p, &g), m), v) in param
+                .iter_mut()
+                .zip(grad)
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+            {
+                *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * g;
+                *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * g * g;
+                *p -= lr * (decay * *p + (*m * c1) / ((*v * c2).sqrt() + ADAM_EPSILON));
+            }
+        }
+        (kind, state) => panic!(
+            "{kind:?} takes a different number of state buffers than {}",
+            state.len()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Naive f64 matrix product: the independent reference for the GEMM wrappers.
+    fn naive(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|l| a(i, l) as f64 * b(l, j) as f64).sum::<f64>() as f32;
+            }
+        }
+        c
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let key = crate::synthetic::stream_key(seed, 99);
+        (0..len)
+            .map(|i| crate::synthetic::uniform(key, i as u64, 1.0))
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "element {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_three_products_match_a_naive_reference() {
+        for (rows, inputs, outputs) in [(1, 1, 1), (7, 129, 10), (33, 5, 17)] {
+            let x = values(rows * inputs, 1);
+            let w = values(outputs * inputs, 2);
+            let dy = values(rows * outputs, 3);
+            let mut y = vec![f32::NAN; rows * outputs];
+            linear_forward(&x, &w, &mut y, rows, inputs, outputs);
+            assert_close(
+                &y,
+                &naive(
+                    rows,
+                    inputs,
+                    outputs,
+                    |i, l| x[i * inputs + l],
+                    |l, j| w[j * inputs + l],
+                ),
+            );
+            let mut dw = vec![f32::NAN; outputs * inputs];
+            weight_gradient(&dy, &x, &mut dw, rows, inputs, outputs);
+            assert_close(
+                &dw,
+                &naive(
+                    outputs,
+                    rows,
+                    inputs,
+                    |i, l| dy[l * outputs + i],
+                    |l, j| x[l * inputs + j],
+                ),
+            );
+            let mut dx = vec![f32::NAN; rows * inputs];
+            input_gradient(&dy, &w, &mut dx, rows, inputs, outputs);
+            assert_close(
+                &dx,
+                &naive(
+                    rows,
+                    outputs,
+                    inputs,
+                    |i, l| dy[i * outputs + l],
+                    |l, j| w[l * inputs + j],
+                ),
+            );
+        }
+    }
+
+    #[test]
+    fn activation_derivatives_match_finite_differences() {
+        for activation in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
+            for x in [-2.5f32, -0.7, -0.1, 0.2, 0.9, 3.0] {
+                let h = 1e-3f32;
+                let numeric =
+                    (activate(activation, x + h) - activate(activation, x - h)) / (2.0 * h);
+                let analytic = activation_derivative(activation, x);
+                assert!(
+                    (numeric - analytic).abs() < 1e-3,
+                    "{activation:?} at {x}: {numeric} vs {analytic}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_cross_entropy_by_hand() {
+        // logits [0, ln 3] -> softmax [1/4, 3/4]; label 1 -> loss ln(4/3)
+        let mut logits = vec![0.0, 3f32.ln(), 0.0, 0.0];
+        let mut loss = vec![0.0; 2];
+        softmax_cross_entropy(&mut logits, &[1, 0], &mut loss, 2);
+        assert!((loss[0] - (4.0f32 / 3.0).ln()).abs() < 1e-6);
+        assert!((loss[1] - 2f32.ln()).abs() < 1e-6);
+        let want = [0.25 / 2.0, -0.25 / 2.0, -0.5 / 2.0, 0.5 / 2.0];
+        assert_close(&logits, &want);
+    }
+
+    #[test]
+    fn softmax_is_stable_for_huge_logits() {
+        let mut logits = vec![1e30, -1e30, 0.0];
+        let mut loss = vec![0.0];
+        softmax_cross_entropy(&mut logits, &[0], &mut loss, 3);
+        assert_eq!(loss[0], 0.0);
+        assert!(logits.iter().all(|v| v.is_finite()));
+    }
+
+    fn one_update(kind: OptimizerKind, step: u32, state: &mut [&mut [f32]]) -> f32 {
+        let mut p = [1.0f32];
+        optimizer_step(&mut p, &[0.5], state, UpdateRule::new(kind, 0.1, step));
+        p[0]
+    }
+
+    #[test]
+    fn sgd_by_hand() {
+        assert_eq!(one_update(OptimizerKind::Sgd, 1, &mut []), 1.0 - 0.1 * 0.5);
+    }
+
+    #[test]
+    fn momentum_by_hand() {
+        let mut v = [0.2f32];
+        let p = one_update(OptimizerKind::SgdMomentum, 1, &mut [&mut v]);
+        assert!((v[0] - (0.9 * 0.2 + 0.5)).abs() < 1e-7);
+        assert!((p - (1.0 - 0.1 * 0.68)).abs() < 1e-7);
+    }
+
+    #[test]
+    fn adam_first_step_moves_by_the_learning_rate() {
+        let (mut m, mut v) = ([0.0f32], [0.0f32]);
+        let p = one_update(OptimizerKind::Adam, 1, &mut [&mut m, &mut v]);
+        // m = 0.05, v = 0.00025; corrected: 0.5 and 0.25 -> step = lr * 0.5 / (0.5 + eps)
+        assert!((m[0] - 0.05).abs() < 1e-7);
+        assert!((v[0] - 0.000_25).abs() < 1e-8); // (1 - 0.999) is inexact in f32
+        assert!((p - (1.0 - 0.1 * 0.5 / (0.5 + 1e-8))).abs() < 1e-6, "{p}");
+    }
+
+    #[test]
+    fn adam_second_step_by_hand() {
+        let (mut m, mut v) = ([0.05f32], [0.000_25f32]);
+        let p = one_update(OptimizerKind::Adam, 2, &mut [&mut m, &mut v]);
+        let m2 = 0.9 * 0.05 + 0.1 * 0.5; // 0.095
+        let v2 = 0.999 * 0.000_25 + 0.001 * 0.25; // 0.00049975
+        let m_hat = m2 / (1.0 - 0.81);
+        let v_hat: f64 = v2 / (1.0 - 0.998_001);
+        let want = 1.0 - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
+        assert!((p as f64 - want).abs() < 1e-5, "{p} vs {want}");
+    }
+
+    #[test]
+    fn adamw_decays_the_weight_as_well() {
+        let (mut m, mut v) = ([0.0f32], [0.0f32]);
+        let p = one_update(OptimizerKind::Adamw, 1, &mut [&mut m, &mut v]);
+        let want = 1.0 - 0.1 * (0.01 * 1.0 + 0.5 / (0.5 + 1e-8));
+        assert!((p - want).abs() < 1e-6, "{p} vs {want}");
+    }
+}

@@ -1,0 +1,210 @@
+//! The host device is the reference, so these tests check it against mathematics, not itself:
+//! finite differences in f64, hand-computed optimizer updates (in `ops`), and learning.
+
+use super::*;
+use crate::job::{Job, OptimizerKind};
+use crate::step::{initialise, read_parameters, train_step, StepBuffers};
+
+fn plan_of(input: u64, hidden: &[u64], classes: u64, activation: &str, optimizer: &str) -> Plan {
+    plan_with_rate(input, hidden, classes, activation, optimizer, 0.05)
+}
+
+fn plan_with_rate(
+    input: u64,
+    hidden: &[u64],
+    classes: u64,
+    activation: &str,
+    optimizer: &str,
+    rate: f64,
+) -> Plan {
+    let job = Job::from_json(&format!(
+        r#"{{"model": {{"input_shape": [{input}], "hidden_layers": {hidden:?}, "num_classes": {classes},
+             "activation": "{activation}"}}, "optimizer": {{"name": "{optimizer}", "learning_rate": {rate}}}}}"#
+    ))
+    .unwrap();
+    Plan::new(&job).unwrap()
+}
+
+/// The mean loss of the MLP in f64, written independently of the f32 step.
+fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32]) -> f64 {
+    let rows = labels.len();
+    let mut total = 0.0;
+    for r in 0..rows {
+        let mut x: Vec<f64> = inputs[r * plan.input_features() as usize..]
+            [..plan.input_features() as usize]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let mut offset = 0;
+        for (i, layer) in plan.layers.iter().enumerate() {
+            let (n_in, n_out) = (layer.inputs as usize, layer.outputs as usize);
+            let w = &params[offset..offset + n_in * n_out];
+            let b = &params[offset + n_in * n_out..offset + n_in * n_out + n_out];
+            offset += n_in * n_out + n_out;
+            let mut y: Vec<f64> = (0..n_out)
+                .map(|o| b[o] + (0..n_in).map(|k| w[o * n_in + k] * x[k]).sum::<f64>())
+                .collect();
+            if i + 1 < plan.layers.len() {
+                for v in &mut y {
+                    *v = match plan.activation {
+                        Activation::Relu => v.max(0.0),
+                        Activation::Tanh => v.tanh(),
+                        Activation::Gelu => {
+                            0.5 * *v
+                                * (1.0
+                                    + ((2.0 / std::f64::consts::PI).sqrt()
+                                        * (*v + 0.044715 * v.powi(3)))
+                                    .tanh())
+                        }
+                    };
+                }
+            }
+            x = y;
+        }
+        let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let log_sum = x.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+        total += log_sum - x[labels[r] as usize];
+    }
+    total / rows as f64
+}
+
+#[test]
+fn gradients_match_finite_differences_for_every_activation() {
+    for activation in ["relu", "gelu", "tanh"] {
+        let plan = plan_of(5, &[4, 6], 3, activation, "sgd");
+        let mut device = HostDevice::default();
+        let mut buffers = StepBuffers::allocate(&plan, 7, &mut device).unwrap();
+        initialise(&mut device, &plan, &mut buffers, 11).unwrap();
+        let params: Vec<f64> = read_parameters(&mut device, &plan, &buffers)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let inputs = buffers.inputs.to_vec();
+        let labels = buffers.labels.to_vec();
+        train_step(&mut device, &plan, &mut buffers, 1).unwrap();
+        let analytic: Vec<f64> = buffers
+            .layers
+            .iter()
+            .flat_map(|l| l.weight_grad.iter().chain(l.bias_grad.iter()))
+            .map(|&g| g as f64)
+            .collect();
+        assert_eq!(analytic.len(), params.len());
+        for i in 0..params.len() {
+            let h = 1e-6;
+            let mut plus = params.clone();
+            plus[i] += h;
+            let mut minus = params.clone();
+            minus[i] -= h;
+            let numeric = (loss_f64(&plan, &plus, &inputs, &labels)
+                - loss_f64(&plan, &minus, &inputs, &labels))
+                / (2.0 * h);
+            assert!(
+                (numeric - analytic[i]).abs() <= 1e-4 + 1e-3 * numeric.abs(),
+                "{activation} parameter {i}: finite difference {numeric} vs backward {}",
+                analytic[i]
+            );
+        }
+        let row_loss = ops::mean(&buffers.row_loss);
+        let want = loss_f64(&plan, &params, &inputs, &labels);
+        assert!(
+            (row_loss as f64 - want).abs() < 1e-5,
+            "{row_loss} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn a_model_without_hidden_layers_has_exact_gradients_too() {
+    let plan = plan_of(6, &[], 4, "relu", "sgd");
+    let mut device = HostDevice::default();
+    let mut buffers = StepBuffers::allocate(&plan, 5, &mut device).unwrap();
+    initialise(&mut device, &plan, &mut buffers, 3).unwrap();
+    let params: Vec<f64> = read_parameters(&mut device, &plan, &buffers)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let (inputs, labels) = (buffers.inputs.to_vec(), buffers.labels.to_vec());
+    train_step(&mut device, &plan, &mut buffers, 1).unwrap();
+    let grads: Vec<f32> = buffers.layers[0]
+        .weight_grad
+        .iter()
+        .chain(buffers.layers[0].bias_grad.iter())
+        .copied()
+        .collect();
+    for (i, &g) in grads.iter().enumerate() {
+        let mut plus = params.clone();
+        plus[i] += 1e-6;
+        let mut minus = params.clone();
+        minus[i] -= 1e-6;
+        let numeric = (loss_f64(&plan, &plus, &inputs, &labels)
+            - loss_f64(&plan, &minus, &inputs, &labels))
+            / 2e-6;
+        assert!(
+            (numeric - g as f64).abs() <= 1e-4 + 1e-3 * numeric.abs(),
+            "parameter {i}: {numeric} vs {g}"
+        );
+    }
+}
+
+#[test]
+fn loss_goes_down_with_every_optimizer() {
+    for (optimizer, rate) in [
+        ("sgd", 0.5),
+        ("sgd_momentum", 0.1),
+        ("adam", 0.01),
+        ("adamw", 0.01),
+    ] {
+        let plan = plan_with_rate(8, &[32], 4, "relu", optimizer, rate);
+        let mut device = HostDevice::default();
+        let first = device.run_steps(&plan, 128, 1, 5).unwrap().final_loss;
+        let after = device.run_steps(&plan, 128, 40, 5).unwrap().final_loss;
+        assert!(after < 0.8 * first, "{optimizer}: loss {first} -> {after}");
+    }
+}
+
+#[test]
+fn a_probe_holds_exactly_the_modelled_bytes_and_returns_them() {
+    let plan = plan_of(784, &[128], 10, "relu", "adam");
+    let mut device = HostDevice::default();
+    for batch in [1, 7, 129] {
+        let report = device.run_steps(&plan, batch, 1, 1).unwrap();
+        assert_eq!(report.device_bytes, plan.memory(batch).unwrap().total);
+        assert_eq!(device.used_bytes(), 0);
+    }
+}
+
+#[test]
+fn past_the_budget_is_out_of_memory_and_nothing_stays_charged() {
+    let plan = plan_of(784, &[128], 10, "relu", "sgd");
+    let budget = 4 << 20;
+    let mut device = HostDevice::new(budget);
+    let limit = plan.predict_max_batch(budget);
+    assert!(device.run_steps(&plan, limit, 1, 1).is_ok());
+    let err = device.run_steps(&plan, limit + 1, 1, 1).unwrap_err();
+    assert!(matches!(err, DeviceError::OutOfMemory { .. }), "{err:?}");
+    assert_eq!(device.used_bytes(), 0);
+}
+
+#[test]
+fn an_allocation_the_system_refuses_is_out_of_memory() {
+    let plan = plan_of(784, &[128], 10, "relu", "sgd");
+    let mut device = HostDevice::new(u64::MAX);
+    let err = device.run_steps(&plan, 1 << 58, 1, 1).unwrap_err();
+    assert!(matches!(err, DeviceError::OutOfMemory { .. }), "{err:?}");
+    assert_eq!(device.used_bytes(), 0);
+}
+
+#[test]
+fn training_is_deterministic_for_a_seed() {
+    let plan = plan_of(12, &[9], 5, "gelu", "adamw");
+    let mut device = HostDevice::default();
+    let a = device.trained_parameters(&plan, 33, 3, 9).unwrap();
+    let b = device.trained_parameters(&plan, 33, 3, 9).unwrap();
+    let c = device.trained_parameters(&plan, 33, 3, 10).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_eq!(a.len() as u64, plan.parameter_count());
+    assert_eq!(plan.optimizer, OptimizerKind::Adamw);
+}

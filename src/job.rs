@@ -1,0 +1,483 @@
+//! The job description: what the caller asks headroom to tune, parsed and validated.
+//!
+//! Parsing reports the path of the offending field (`search.start: invalid type ...`), and
+//! validation checks every rule that the JSON types alone cannot express. A job that passes
+//! [`Job::from_json`] can be planned without overflow.
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Plan;
+
+/// Largest accepted width of any single dimension (input, hidden or classes).
+///
+/// Far beyond any MLP a device can hold; it only keeps products of user sizes well inside `u64`.
+pub const MAX_DIMENSION: u64 = 1 << 32;
+
+/// A validated tuning job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// The network to train.
+    pub model: ModelSpec,
+    /// The optimizer whose state takes device memory.
+    pub optimizer: OptimizerSpec,
+    /// Element type of parameters, activations and data.
+    #[serde(default)]
+    pub dtype: Dtype,
+    /// Number of samples in the training set; the batch never grows past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_size: Option<u64>,
+    /// Share of the largest batch that the recommended batch uses, in (0, 1].
+    #[serde(default = "default_headroom")]
+    pub headroom: f64,
+    /// How the search probes the device.
+    #[serde(default)]
+    pub search: SearchSpec,
+}
+
+/// An MLP: flatten the input, then `Linear -> activation` per hidden width, then `Linear -> classes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
+    pub input_shape: Vec<u64>,
+    /// Widths of the hidden layers, possibly none.
+    #[serde(default)]
+    pub hidden_layers: Vec<u64>,
+    /// Number of output classes of the softmax cross-entropy loss.
+    pub num_classes: u64,
+    /// Activation after every hidden layer.
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+/// Element-wise non-linearity after each hidden layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `max(x, 0)`.
+    #[default]
+    Relu,
+    /// `x * Phi(x)` in the tanh approximation.
+    Gelu,
+    /// Hyperbolic tangent.
+    Tanh,
+}
+
+/// Optimizer and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// Which update rule.
+    pub name: OptimizerKind,
+    /// Step size; each optimizer has its own default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+}
+
+/// The update rules headroom implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Plain stochastic gradient descent: no state.
+    Sgd,
+    /// SGD with momentum 0.9: one velocity per parameter.
+    SgdMomentum,
+    /// Adam: two moments per parameter.
+    Adam,
+    /// Adam with decoupled weight decay: two moments per parameter.
+    Adamw,
+}
+
+impl OptimizerKind {
+    /// The learning rate used when the job gives none.
+    pub fn default_learning_rate(self) -> f64 {
+        match self {
+            OptimizerKind::Sgd | OptimizerKind::SgdMomentum => 0.01,
+            OptimizerKind::Adam | OptimizerKind::Adamw => 0.001,
+        }
+    }
+
+    /// How many f32 values of state the optimizer keeps per parameter.
+    pub fn state_per_parameter(self) -> u64 {
+        match self {
+            OptimizerKind::Sgd => 0,
+            OptimizerKind::SgdMomentum => 1,
+            OptimizerKind::Adam | OptimizerKind::Adamw => 2,
+        }
+    }
+}
+
+/// Element type. Only `f32` exists today; others are rejected with a message that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    /// 32-bit IEEE float.
+    #[default]
+    F32,
+}
+
+impl<'de> Deserialize<'de> for Dtype {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "f32" => Ok(Dtype::F32),
+            "f16" | "bf16" | "f64" | "fp16" | "fp8" => Err(serde::de::Error::custom(format!(
+                "dtype `{name}` is not supported yet; use \"f32\""
+            ))),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown dtype `{name}`; use \"f32\""
+            ))),
+        }
+    }
+}
+
+/// How the batch size is searched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchSpec {
+    /// First batch size probed by the doubling strategy.
+    pub start: u64,
+    /// Largest batch size ever probed.
+    pub max: u64,
+    /// Batch sizes are rounded to this multiple where possible.
+    pub multiple_of: u64,
+    /// Relative gap between the last fit and the first OOM at which bisection stops.
+    pub tolerance: f64,
+    /// Training steps run per probe.
+    pub steps_per_probe: u32,
+    /// Where the first probe goes.
+    pub strategy: Strategy,
+}
+
+impl Default for SearchSpec {
+    fn default() -> Self {
+        SearchSpec {
+            start: 16,
+            max: 1 << 30,
+            multiple_of: 8,
+            tolerance: 0.01,
+            steps_per_probe: 2,
+            strategy: Strategy::Double,
+        }
+    }
+}
+
+/// Where the search starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Double from `start` until the first OOM, then bisect.
+    #[default]
+    Double,
+    /// Probe the memory model's prediction first, then confirm and bisect around it.
+    Predict,
+}
+
+fn default_headroom() -> f64 {
+    0.8
+}
+
+/// A job that cannot be run, with the path of the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct JobError {
+    /// Dotted path of the field, e.g. `search.start` or `model.hidden_layers[1]`; empty for the body.
+    pub field: String,
+    /// What is wrong and what is accepted.
+    pub reason: String,
+}
+
+impl JobError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        JobError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Job {
+    /// Parses and validates a job from JSON text.
+    pub fn from_json(text: &str) -> Result<Job, JobError> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let job: Job = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            JobError::new(field, err.into_inner().to_string())
+        })?;
+        deserializer
+            .end()
+            .map_err(|err| JobError::new("", err.to_string()))?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    /// Checks the rules the types cannot express; every error names its field.
+    pub fn validate(&self) -> Result<(), JobError> {
+        let model = &self.model;
+        if model.input_shape.is_empty() {
+            return Err(JobError::new(
+                "model.input_shape",
+                "must have at least one dimension, e.g. [1, 28, 28]",
+            ));
+        }
+        for (i, &dim) in model.input_shape.iter().enumerate() {
+            check_dimension(&format!("model.input_shape[{i}]"), dim)?;
+        }
+        for (i, &width) in model.hidden_layers.iter().enumerate() {
+            check_dimension(&format!("model.hidden_layers[{i}]"), width)?;
+        }
+        check_dimension("model.num_classes", model.num_classes)?;
+        if model.num_classes < 2 {
+            return Err(JobError::new(
+                "model.num_classes",
+                "must be at least 2 for a softmax cross-entropy loss",
+            ));
+        }
+        let features = model
+            .input_shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|&f| f <= MAX_DIMENSION)
+            .ok_or_else(|| {
+                JobError::new(
+                    "model.input_shape",
+                    format!("the flattened input must have at most {MAX_DIMENSION} features"),
+                )
+            })?;
+        debug_assert!(features > 0);
+
+        if let Some(lr) = self.optimizer.learning_rate {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(JobError::new(
+                    "optimizer.learning_rate",
+                    "must be a positive, finite number",
+                ));
+            }
+        }
+        if self.dataset_size == Some(0) {
+            return Err(JobError::new("dataset_size", "must be at least 1"));
+        }
+        if !(self.headroom > 0.0 && self.headroom <= 1.0) {
+            return Err(JobError::new(
+                "headroom",
+                format!("must be in (0, 1], got {}", self.headroom),
+            ));
+        }
+        self.search.validate()?;
+        Plan::new(self).map(|_| ()).map_err(|overflow| {
+            JobError::new(
+                "model",
+                format!("{overflow}; the model is far larger than any device"),
+            )
+        })
+    }
+
+    /// The learning rate in effect: the job's, or the optimizer's default.
+    pub fn learning_rate(&self) -> f32 {
+        self.optimizer
+            .learning_rate
+            .unwrap_or_else(|| self.optimizer.name.default_learning_rate()) as f32
+    }
+
+    /// The largest batch the search may probe: `search.max`, and `dataset_size` when given.
+    pub fn batch_cap(&self) -> u64 {
+        self.dataset_size
+            .map_or(self.search.max, |n| n.min(self.search.max))
+    }
+}
+
+impl SearchSpec {
+    fn validate(&self) -> Result<(), JobError> {
+        for (field, value) in [
+            ("search.start", self.start),
+            ("search.max", self.max),
+            ("search.multiple_of", self.multiple_of),
+        ] {
+            if value == 0 {
+                return Err(JobError::new(field, "must be at least 1"));
+            }
+        }
+        if self.start > self.max {
+            return Err(JobError::new(
+                "search.start",
+                format!("must not exceed search.max ({} > {})", self.start, self.max),
+            ));
+        }
+        if self.multiple_of > 1 << 20 {
+            return Err(JobError::new("search.multiple_of", "must be at most 2^20"));
+        }
+        if !(self.tolerance > 0.0 && self.tolerance < 1.0) {
+            return Err(JobError::new(
+                "search.tolerance",
+                format!("must be in (0, 1), got {}", self.tolerance),
+            ));
+        }
+        if !(1..=1000).contains(&self.steps_per_probe) {
+            return Err(JobError::new(
+                "search.steps_per_probe",
+                "must be between 1 and 1000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_dimension(field: &str, value: u64) -> Result<(), JobError> {
+    if value == 0 {
+        return Err(JobError::new(field, "must be at least 1"));
+    }
+    if value > MAX_DIMENSION {
+        return Err(JobError::new(
+            field,
+            format!("must be at most {MAX_DIMENSION}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> JobError {
+        Job::from_json(text).expect_err("job should be rejected")
+    }
+
+    const MINIMAL: &str = r#"{"model": {"input_shape": [1, 28, 28], "hidden_layers": [128],
+        "num_classes": 10}, "optimizer": {"name": "sgd"}}"#;
+
+    #[test]
+    fn minimal_job_gets_defaults() {
+        let job = Job::from_json(MINIMAL).unwrap();
+        assert_eq!(job.dtype, Dtype::F32);
+        assert_eq!(job.headroom, 0.8);
+        assert_eq!(job.search, SearchSpec::default());
+        assert_eq!(job.model.activation, Activation::Relu);
+        assert_eq!(job.learning_rate(), 0.01);
+        assert_eq!(job.batch_cap(), 1 << 30);
+    }
+
+    #[test]
+    fn full_job_from_the_contract_parses() {
+        let job = Job::from_json(
+            r#"{"model": {"input_shape": [3, 32, 32], "hidden_layers": [128], "num_classes": 10,
+                "activation": "relu"},
+              "optimizer": {"name": "adam", "learning_rate": 0.001},
+              "dtype": "f32", "dataset_size": 50000, "headroom": 0.8,
+              "search": {"start": 16, "max": 1073741824, "multiple_of": 8, "tolerance": 0.01,
+                         "steps_per_probe": 2, "strategy": "double"}}"#,
+        )
+        .unwrap();
+        assert_eq!(job.optimizer.name, OptimizerKind::Adam);
+        assert_eq!(job.batch_cap(), 50000);
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        let cases = [
+            (r#"{"optimizer": {"name": "sgd"}}"#, ""),
+            (
+                r#"{"model": {"input_shape": [], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
+                "model.input_shape",
+            ),
+            (
+                r#"{"model": {"input_shape": [0], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
+                "model.input_shape[0]",
+            ),
+            (
+                r#"{"model": {"input_shape": [-3], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
+                "model.input_shape[0]",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "hidden_layers": [8, 0], "num_classes": 10},
+                   "optimizer": {"name": "sgd"}}"#,
+                "model.hidden_layers[1]",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "lion"}}"#,
+                "optimizer.name",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "dtype": "f16"}"#,
+                "dtype",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "headroom": 1.5}"#,
+                "headroom",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "search": {"start": 64, "max": 32}}"#,
+                "search.start",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "search": {"start": "16"}}"#,
+                "search.start",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "colour": true}"#,
+                "colour",
+            ),
+            (
+                r#"{"model": {"input_shape": [65536, 65536, 65536], "num_classes": 10},
+                   "optimizer": {"name": "sgd"}}"#,
+                "model.input_shape",
+            ),
+            (
+                r#"{"model": {"input_shape": [4294967296], "hidden_layers": [4294967296, 4294967296],
+                   "num_classes": 10}, "optimizer": {"name": "adam"}}"#,
+                "model",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd",
+                   "learning_rate": -1}}"#,
+                "optimizer.learning_rate",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "dataset_size": 0}"#,
+                "dataset_size",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 1}, "optimizer": {"name": "sgd"}}"#,
+                "model.num_classes",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = error_of(text);
+            assert_eq!(err.field, field, "{text} gave {err}");
+            assert!(!err.reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn unsupported_dtype_says_what_to_use() {
+        let err = error_of(
+            r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+               "dtype": "bf16"}"#,
+        );
+        assert!(err.reason.contains("not supported yet"), "{err}");
+        assert!(err.reason.contains("f32"), "{err}");
+    }
+
+    #[test]
+    fn trailing_garbage_and_truncation_are_errors() {
+        assert!(Job::from_json(&format!("{MINIMAL} x")).is_err());
+        assert!(Job::from_json(&MINIMAL[..MINIMAL.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        for name in ["mnist-mlp-sgd", "cifar10-mlp-adam", "deep-mlp-adamw"] {
+            let path = format!("{}/examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            Job::from_json(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+    }
+}

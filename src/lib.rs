@@ -1,0 +1,31 @@
+//! headroom finds the largest training batch size a device can hold for a model, by running
+//! real training steps, and recommends a safe one.
+//!
+//! # Layout
+//!
+//! - [`job`]: the job description (JSON), parsed and validated with field paths.
+//! - [`plan`]: layer shapes, parameter count and the four-part memory model.
+//! - [`step`]: one training step written once against the [`step::Kernels`] a device provides.
+//! - [`synthetic`]: the counter-based hash behind synthetic data and initial parameters.
+//! - [`device`]: the [`device::Device`] trait; `host` (CPU reference) and `cuda` (NVRTC kernels
+//!   from `kernels/*.cu`), device selection, and NVML telemetry.
+//! - [`search`]: doubling or prediction, bisection, confirmation and the headroom rule.
+//! - [`result`]: the result JSON shared by the CLI and the service.
+//! - [`parity`]: every kernel of a device checked against the host reference.
+//! - [`cli`]: the commands behind `headroom tune | estimate | doctor`, and their output.
+
+pub mod cli;
+pub mod device;
+pub mod job;
+pub mod parity;
+pub mod plan;
+pub mod result;
+pub mod search;
+pub mod step;
+pub mod synthetic;
+
+pub use device::{Device, DeviceError, DeviceInfo};
+pub use job::{Job, JobError};
+pub use plan::{MemoryBreakdown, Plan};
+pub use result::TuneResult;
+pub use search::{tune, TuneError};

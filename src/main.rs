@@ -1,0 +1,66 @@
+//! The `headroom` command line: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytesize::ByteSize;
+use clap::{Parser, Subcommand};
+use headroom::cli;
+use headroom::device::host::DEFAULT_BUDGET_BYTES;
+use headroom::device::select::DeviceSpec;
+
+/// Finds the largest training batch size a device can hold for a model, and a safe one to use.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Probe a device with real training steps and report the largest and recommended batch size.
+    Tune {
+        /// The job description (JSON), e.g. examples/cifar10-mlp-adam.json.
+        job: PathBuf,
+        /// auto (CUDA when present, else host), host, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        /// Memory budget of the host device, e.g. 256MiB or 2GiB.
+        #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
+        host_memory: ByteSize,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The memory model alone: the predicted largest batch for a given amount of free memory.
+    Estimate {
+        /// The job description (JSON).
+        job: PathBuf,
+        /// Free device memory, e.g. 80GiB.
+        #[arg(long)]
+        memory: ByteSize,
+        /// Print the estimate as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check this node: CUDA libraries, devices, kernel compilation, every kernel against the host.
+    Doctor {
+        /// Memory budget of the host device.
+        #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
+        host_memory: ByteSize,
+    },
+}
+
+fn main() -> ExitCode {
+    match Args::parse().command {
+        Command::Tune {
+            job,
+            device,
+            host_memory,
+            json,
+        } => cli::tune_command(&job, device, host_memory.0, json),
+        Command::Estimate { job, memory, json } => cli::estimate_command(&job, memory.0, json),
+        Command::Doctor { host_memory } => cli::doctor_command(host_memory.0),
+    }
+}

@@ -1,0 +1,321 @@
+//! The batch-size search: bracket the limit (doubling, or around the memory model's
+//! prediction), bisect to the tolerance, confirm, and scale by the headroom.
+//!
+//! The search sees only [`Device`], so the property tests below drive it with a fake device
+//! whose limit is known.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use crate::device::{Device, DeviceError};
+use crate::job::{Job, Strategy};
+use crate::plan::Plan;
+use crate::result::{LimitedBy, Outcome, Probe, TuneResult};
+
+/// Seed of the synthetic data and parameters of every probe: probes are reproducible.
+pub const PROBE_SEED: u64 = 0x5eed;
+
+/// How many times a confirmation may fail (the limit moved) before the search gives up.
+const MAX_CONFIRMATIONS: u32 = 3;
+
+/// Why a search gave no answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TuneError {
+    /// Batch size 1 does not fit.
+    #[error(
+        "the model does not fit even at batch size 1: it needs {batch_one_bytes} bytes \
+         ({fixed_bytes} fixed for parameters, gradients and optimizer state), and the device has \
+         {free_bytes} bytes free; use a device with more memory, a smaller model, or a leaner optimizer"
+    )]
+    DoesNotFit {
+        /// Bytes that do not depend on the batch size.
+        fixed_bytes: u64,
+        /// Bytes of a whole step at batch size 1.
+        batch_one_bytes: u64,
+        /// Free bytes the device reported.
+        free_bytes: u64,
+    },
+    /// A device error that is not out-of-memory stopped the search.
+    #[error("probe at batch size {batch_size} failed: {message}")]
+    Fault {
+        /// The probe that failed.
+        batch_size: u64,
+        /// The device's message.
+        message: String,
+    },
+    /// Confirmation probes kept failing: memory available to the search is changing.
+    #[error("the device's limit moved during the search (batch size {batch_size} fitted, then did not); is another process using the device?")]
+    Unstable {
+        /// The size that fitted once and then failed.
+        batch_size: u64,
+    },
+    /// The observer asked the search to stop.
+    #[error("the search was cancelled")]
+    Cancelled,
+}
+
+/// Runs the search for `job` on `device`. `observer` sees each probe as it finishes and may stop
+/// the search by returning `ControlFlow::Break`.
+pub fn tune(
+    job: &Job,
+    device: &mut dyn Device,
+    observer: &mut dyn FnMut(&Probe) -> ControlFlow<()>,
+) -> Result<TuneResult, TuneError> {
+    let started = Instant::now();
+    let plan = Plan::new(job).map_err(|e| TuneError::Fault {
+        batch_size: 0,
+        message: e.to_string(),
+    })?;
+    let info = device.info();
+    let predicted = plan.predict_max_batch(info.free_bytes);
+    let mut search = Search {
+        device,
+        plan: &plan,
+        job,
+        cap: job.batch_cap(),
+        probes: Vec::new(),
+        observer,
+    };
+    let (mut fit, mut oom) = match job.search.strategy {
+        Strategy::Double => search.bracket_by_doubling()?,
+        Strategy::Predict => search.bracket_around(predicted.max(1))?,
+    };
+    let mut confirmations = 0;
+    while let Some(first_oom) = oom {
+        fit = search.bisect(fit, first_oom)?;
+        if search.last_probe_fit_at(fit) || search.probe(fit)? {
+            break;
+        }
+        confirmations += 1;
+        if confirmations == MAX_CONFIRMATIONS {
+            return Err(TuneError::Unstable { batch_size: fit });
+        }
+        oom = Some(fit);
+        fit = search
+            .largest_fit_below(fit)
+            .ok_or(TuneError::Unstable { batch_size: fit })?;
+    }
+    let limited_by = match oom {
+        Some(_) => LimitedBy::Memory,
+        None if job.dataset_size.is_some_and(|n| n <= job.search.max) => LimitedBy::DatasetSize,
+        None => LimitedBy::Max,
+    };
+    let recommended = recommended_batch_size(fit, job.headroom, job.search.multiple_of);
+    Ok(TuneResult {
+        max_batch_size: fit,
+        recommended_batch_size: recommended,
+        headroom: job.headroom,
+        limited_by,
+        predicted_max_batch_size: predicted,
+        device: info,
+        memory: plan.memory(recommended).unwrap_or_default(),
+        probes: search.probes,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// `floor(headroom x max)`, rounded down to `multiple_of` when that leaves at least `multiple_of`,
+/// and never below 1.
+pub fn recommended_batch_size(max_batch_size: u64, headroom: f64, multiple_of: u64) -> u64 {
+    let scaled = (max_batch_size as f64 * headroom).floor() as u64;
+    let rounded = if scaled >= multiple_of {
+        scaled / multiple_of * multiple_of
+    } else {
+        scaled
+    };
+    rounded.clamp(1, max_batch_size.max(1))
+}
+
+struct Search<'a> {
+    device: &'a mut dyn Device,
+    plan: &'a Plan,
+    job: &'a Job,
+    cap: u64,
+    probes: Vec<Probe>,
+    observer: &'a mut dyn FnMut(&Probe) -> ControlFlow<()>,
+}
+
+impl Search<'_> {
+    /// Runs one probe: `Ok(true)` if it fitted, `Ok(false)` on out-of-memory.
+    fn probe(&mut self, batch_size: u64) -> Result<bool, TuneError> {
+        debug_assert!((1..=self.cap).contains(&batch_size));
+        let outcome = self.device.run_steps(
+            self.plan,
+            batch_size,
+            self.job.search.steps_per_probe,
+            PROBE_SEED,
+        );
+        let (probe, result) = match outcome {
+            Ok(report) => (
+                Probe {
+                    batch_size,
+                    outcome: Outcome::Fit,
+                    step_seconds: report.step_seconds,
+                    samples_per_second: if report.step_seconds > 0.0 {
+                        batch_size as f64 / report.step_seconds
+                    } else {
+                        0.0
+                    },
+                    device_bytes: report.device_bytes,
+                },
+                Ok(true),
+            ),
+            Err(DeviceError::OutOfMemory { .. }) => (failed(batch_size, Outcome::Oom), Ok(false)),
+            Err(DeviceError::Fault(message)) => (
+                failed(batch_size, Outcome::Error),
+                Err(TuneError::Fault {
+                    batch_size,
+                    message,
+                }),
+            ),
+        };
+        let flow = (self.observer)(&probe);
+        self.probes.push(probe);
+        if flow.is_break() && result.is_ok() {
+            return Err(TuneError::Cancelled);
+        }
+        result
+    }
+
+    fn does_not_fit(&self) -> TuneError {
+        TuneError::DoesNotFit {
+            fixed_bytes: self.plan.fixed_bytes(),
+            batch_one_bytes: self.plan.memory(1).map_or(u64::MAX, |m| m.total),
+            free_bytes: self.device.info().free_bytes,
+        }
+    }
+
+    /// Doubles from `start` to the first OOM or the cap; halves to 1 if `start` does not fit.
+    /// Returns the last fit and the first OOM (none if the cap was reached).
+    fn bracket_by_doubling(&mut self) -> Result<(u64, Option<u64>), TuneError> {
+        let mut size = self.job.search.start.min(self.cap);
+        if self.probe(size)? {
+            loop {
+                if size == self.cap {
+                    return Ok((size, None));
+                }
+                let next = size.saturating_mul(2).min(self.cap);
+                if !self.probe(next)? {
+                    return Ok((size, Some(next)));
+                }
+                size = next;
+            }
+        }
+        loop {
+            if size == 1 {
+                return Err(self.does_not_fit());
+            }
+            let smaller = size / 2;
+            if self.probe(smaller)? {
+                return Ok((smaller, Some(size)));
+            }
+            size = smaller;
+        }
+    }
+
+    /// Probes `predicted` first, then gallops up or down from it with a doubling step that starts
+    /// at the bisection's resolution, so an accurate prediction costs two probes.
+    fn bracket_around(&mut self, predicted: u64) -> Result<(u64, Option<u64>), TuneError> {
+        let first = self.align_down(predicted.min(self.cap));
+        let mut step = self.resolution(first);
+        if self.probe(first)? {
+            let mut fit = first;
+            loop {
+                if fit == self.cap {
+                    return Ok((fit, None));
+                }
+                let next = fit.saturating_add(step).min(self.cap);
+                if !self.probe(next)? {
+                    return Ok((fit, Some(next)));
+                }
+                fit = next;
+                step = step.saturating_mul(2);
+            }
+        }
+        let mut oom = first;
+        loop {
+            if oom == 1 {
+                return Err(self.does_not_fit());
+            }
+            let next = oom.saturating_sub(step).max(1);
+            if self.probe(next)? {
+                return Ok((next, Some(oom)));
+            }
+            oom = next;
+            step = step.saturating_mul(2);
+        }
+    }
+
+    /// Narrows `[fit, oom)` until the gap is within the resolution; returns the last fit.
+    fn bisect(&mut self, mut fit: u64, mut oom: u64) -> Result<u64, TuneError> {
+        while oom - fit > self.resolution(fit) {
+            let middle = self.midpoint(fit, oom);
+            if self.probe(middle)? {
+                fit = middle;
+            } else {
+                oom = middle;
+            }
+        }
+        Ok(fit)
+    }
+
+    /// The gap at which bisection stops: `tolerance x size`, but at least `multiple_of` once
+    /// `size` reaches it (below that, exact).
+    fn resolution(&self, size: u64) -> u64 {
+        resolution(size, self.job.search.tolerance, self.job.search.multiple_of)
+    }
+
+    /// A point strictly inside `(fit, oom)`, on a multiple of `multiple_of` where one lies there.
+    fn midpoint(&self, fit: u64, oom: u64) -> u64 {
+        let middle = fit + (oom - fit) / 2;
+        let aligned = self.align_down(middle);
+        if aligned > fit {
+            aligned
+        } else {
+            middle
+        }
+    }
+
+    /// `size` rounded down to `multiple_of`, unless that would reach 0.
+    fn align_down(&self, size: u64) -> u64 {
+        let m = self.job.search.multiple_of;
+        if size >= m {
+            size / m * m
+        } else {
+            size.max(1)
+        }
+    }
+
+    fn last_probe_fit_at(&self, size: u64) -> bool {
+        self.probes
+            .last()
+            .is_some_and(|p| p.batch_size == size && p.outcome == Outcome::Fit)
+    }
+
+    fn largest_fit_below(&self, size: u64) -> Option<u64> {
+        self.probes
+            .iter()
+            .filter(|p| p.outcome == Outcome::Fit && p.batch_size < size)
+            .map(|p| p.batch_size)
+            .max()
+    }
+}
+
+/// The gap between the last fit and the first OOM at which the search stops.
+pub fn resolution(size: u64, tolerance: f64, multiple_of: u64) -> u64 {
+    let relative = (size as f64 * tolerance).floor() as u64;
+    relative.max(if size >= multiple_of { multiple_of } else { 1 })
+}
+
+fn failed(batch_size: u64, outcome: Outcome) -> Probe {
+    Probe {
+        batch_size,
+        outcome,
+        step_seconds: 0.0,
+        samples_per_second: 0.0,
+        device_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests;

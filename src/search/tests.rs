@@ -1,0 +1,266 @@
+use super::*;
+use crate::device::{DeviceInfo, DeviceKind, StepReport};
+use proptest::prelude::*;
+
+/// A device whose largest batch is `limit`; it can also fault at one size or lose memory.
+struct FakeDevice {
+    limit: u64,
+    fault_at: Option<u64>,
+    /// After this many probes the limit drops to `limit / 2` (a neighbour took memory).
+    shrink_after: Option<usize>,
+    probed: Vec<u64>,
+}
+
+impl FakeDevice {
+    fn with_limit(limit: u64) -> Self {
+        FakeDevice {
+            limit,
+            fault_at: None,
+            shrink_after: None,
+            probed: Vec::new(),
+        }
+    }
+}
+
+impl Device for FakeDevice {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            kind: DeviceKind::Host,
+            index: 0,
+            name: "fake".into(),
+            total_bytes: 1 << 40,
+            free_bytes: 1 << 40,
+        }
+    }
+
+    fn run_steps(
+        &mut self,
+        _: &Plan,
+        batch_size: u64,
+        _: u32,
+        _: u64,
+    ) -> Result<StepReport, DeviceError> {
+        self.probed.push(batch_size);
+        if self.shrink_after.is_some_and(|n| self.probed.len() > n) {
+            self.limit /= 2;
+            self.shrink_after = None;
+        }
+        if Some(batch_size) == self.fault_at {
+            return Err(DeviceError::Fault("illegal address".into()));
+        }
+        if batch_size > self.limit {
+            return Err(DeviceError::OutOfMemory {
+                requested_bytes: batch_size,
+                free_bytes: self.limit,
+            });
+        }
+        Ok(StepReport {
+            step_seconds: 0.001,
+            device_bytes: batch_size,
+            final_loss: 1.0,
+        })
+    }
+
+    fn trained_parameters(
+        &mut self,
+        _: &Plan,
+        _: u64,
+        _: u32,
+        _: u64,
+    ) -> Result<Vec<f32>, DeviceError> {
+        Ok(Vec::new())
+    }
+}
+
+fn job(search: &str, extra: &str) -> Job {
+    Job::from_json(&format!(
+        r#"{{"model": {{"input_shape": [784], "hidden_layers": [128], "num_classes": 10}},
+             "optimizer": {{"name": "sgd"}}, "search": {{{search}}} {extra}}}"#
+    ))
+    .unwrap()
+}
+
+fn run(job: &Job, device: &mut FakeDevice) -> Result<TuneResult, TuneError> {
+    tune(job, device, &mut |_| ControlFlow::Continue(()))
+}
+
+#[test]
+fn doubling_then_bisection_finds_the_limit() {
+    let mut device = FakeDevice::with_limit(20_000);
+    let result = run(&job("", ""), &mut device).unwrap();
+    assert_eq!(result.limited_by, LimitedBy::Memory);
+    assert!(result.max_batch_size <= 20_000 && result.max_batch_size >= 20_000 - 200);
+    assert_eq!(result.max_batch_size % 8, 0);
+    assert_eq!(
+        result.recommended_batch_size,
+        recommended_batch_size(result.max_batch_size, 0.8, 8)
+    );
+    assert_eq!(&device.probed[..4], &[16, 32, 64, 128]);
+    assert!(result.probes.iter().any(|p| p.outcome == Outcome::Oom));
+    assert_eq!(result.probes.len(), device.probed.len());
+}
+
+#[test]
+fn a_start_that_does_not_fit_halves_down() {
+    let mut device = FakeDevice::with_limit(3);
+    let result = run(&job("", ""), &mut device).unwrap();
+    assert_eq!(result.max_batch_size, 3);
+    assert_eq!(result.recommended_batch_size, 2);
+    assert_eq!(&device.probed[..4], &[16, 8, 4, 2]);
+}
+
+#[test]
+fn batch_one_that_does_not_fit_reports_the_bytes() {
+    let mut device = FakeDevice::with_limit(0);
+    let err = run(&job("", ""), &mut device).unwrap_err();
+    match err {
+        TuneError::DoesNotFit {
+            fixed_bytes,
+            batch_one_bytes,
+            free_bytes,
+        } => {
+            assert_eq!(fixed_bytes, 2 * 101_770 * 4 + 4);
+            assert!(batch_one_bytes > fixed_bytes);
+            assert_eq!(free_bytes, 1 << 40);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(device.probed, [16, 8, 4, 2, 1]);
+}
+
+#[test]
+fn a_fault_stops_the_search_and_is_not_taken_for_oom() {
+    let mut device = FakeDevice::with_limit(1 << 20);
+    device.fault_at = Some(256);
+    let err = run(&job("", ""), &mut device).unwrap_err();
+    assert_eq!(
+        err,
+        TuneError::Fault {
+            batch_size: 256,
+            message: "illegal address".into()
+        }
+    );
+    assert_eq!(device.probed.last(), Some(&256));
+}
+
+#[test]
+fn the_dataset_size_and_max_cap_the_batch() {
+    let mut device = FakeDevice::with_limit(1 << 30);
+    let result = run(&job("", r#", "dataset_size": 50000"#), &mut device).unwrap();
+    assert_eq!(result.max_batch_size, 50_000);
+    assert_eq!(result.limited_by, LimitedBy::DatasetSize);
+    assert_eq!(result.recommended_batch_size, 40_000);
+    let result = run(
+        &job(r#""max": 1000"#, r#", "dataset_size": 50000"#),
+        &mut FakeDevice::with_limit(1 << 30),
+    )
+    .unwrap();
+    assert_eq!(
+        (result.max_batch_size, result.limited_by),
+        (1000, LimitedBy::Max)
+    );
+}
+
+#[test]
+fn an_observer_can_cancel_after_a_probe() {
+    let mut device = FakeDevice::with_limit(1 << 20);
+    let mut seen = 0;
+    let err = tune(&job("", ""), &mut device, &mut |_| {
+        seen += 1;
+        if seen == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap_err();
+    assert_eq!(err, TuneError::Cancelled);
+    assert_eq!(device.probed.len(), 3);
+}
+
+#[test]
+fn a_limit_that_moves_is_followed_down() {
+    let mut device = FakeDevice::with_limit(10_000);
+    device.shrink_after = Some(12);
+    let result = run(&job("", ""), &mut device).unwrap();
+    assert!(result.max_batch_size <= 5_000, "{}", result.max_batch_size);
+    let last = result.probes.last().unwrap();
+    assert_eq!(
+        (last.batch_size, last.outcome),
+        (result.max_batch_size, Outcome::Fit)
+    );
+}
+
+#[test]
+fn predict_with_an_exact_model_takes_three_probes() {
+    let plan_job = job(r#""strategy": "predict""#, "");
+    let plan = Plan::new(&plan_job).unwrap();
+    let limit = plan.predict_max_batch(1 << 40);
+    let mut device = FakeDevice::with_limit(limit);
+    let result = run(&plan_job, &mut device).unwrap();
+    assert_eq!(result.predicted_max_batch_size, limit);
+    assert!(limit - result.max_batch_size <= (limit as f64 * 0.01) as u64);
+    assert!(device.probed.len() <= 3, "{:?}", device.probed);
+}
+
+#[test]
+fn recommendation_rounding_rules() {
+    assert_eq!(recommended_batch_size(20480, 0.8, 8), 16384);
+    assert_eq!(recommended_batch_size(1000, 0.8, 64), 768);
+    assert_eq!(recommended_batch_size(9, 0.8, 8), 7);
+    assert_eq!(recommended_batch_size(1, 0.5, 8), 1);
+    assert_eq!(recommended_batch_size(100, 1.0, 1), 100);
+}
+
+proptest! {
+    #[test]
+    fn the_search_finds_the_true_limit(
+        limit in 1u64..1 << 34,
+        start in 1u64..4096,
+        multiple_of in prop::sample::select(vec![1u64, 8, 32, 64]),
+        tolerance in prop::sample::select(vec![0.001, 0.01, 0.05]),
+        headroom in 0.05f64..=1.0,
+        predict in any::<bool>(),
+        prediction_error in 0.25f64..4.0,
+    ) {
+        let strategy = if predict { "predict" } else { "double" };
+        let job = job(
+            &format!(r#""start": {start}, "multiple_of": {multiple_of}, "tolerance": {tolerance},
+                         "strategy": "{strategy}", "max": {}"#, 1u64 << 40),
+            &format!(r#", "headroom": {headroom}"#),
+        );
+        let mut device = FakeDevice::with_limit(limit);
+        // Make the memory model wrong by a random factor: the answer must not depend on it.
+        let fit = if predict {
+            let skewed = ((limit as f64) * prediction_error) as u64;
+            let mut search = Search { device: &mut device, plan: &Plan::new(&job).unwrap(), job: &job, cap: job.batch_cap(), probes: vec![], observer: &mut |_| ControlFlow::Continue(()) };
+            let (fit, oom) = search.bracket_around(skewed.max(1)).unwrap();
+            let fit = search.bisect(fit, oom.unwrap()).unwrap();
+            let probes = search.probes.len() as f64;
+            let distance = (skewed.max(1) as f64 - limit as f64).abs().max(1.0);
+            let resolution = ((limit.min(skewed.max(1)) as f64 * tolerance).floor()).max(multiple_of as f64);
+            let bound = 2.0 * (distance / resolution).log2().max(0.0) + 5.0;
+            prop_assert!(probes <= bound, "{probes} probes > {bound}");
+            fit
+        } else {
+            let result = run(&job, &mut device).unwrap();
+            let bound = (limit as f64 / start as f64).log2().abs().ceil() + (1.0 / tolerance).log2().ceil() + 3.0;
+            prop_assert!(result.probes.len() as f64 <= bound, "{} probes > {bound}", result.probes.len());
+            prop_assert!(result.recommended_batch_size as f64 <= headroom * result.max_batch_size as f64 || result.recommended_batch_size == 1);
+            prop_assert!(result.recommended_batch_size >= 1);
+            result.max_batch_size
+        };
+        prop_assert!(fit <= limit);
+        prop_assert!(limit - fit <= resolution(fit, tolerance, multiple_of), "limit {limit}, found {fit}");
+        prop_assert!(device.probed.iter().all(|&b| b <= job.batch_cap()));
+    }
+
+    #[test]
+    fn never_probes_above_the_cap(limit in 1u64..1 << 20, max in 1u64..1 << 16, dataset in 1u64..1 << 16) {
+        let job = job(&format!(r#""start": 1, "max": {max}"#), &format!(r#", "dataset_size": {dataset}"#));
+        let mut device = FakeDevice::with_limit(limit);
+        let result = run(&job, &mut device).unwrap();
+        prop_assert!(device.probed.iter().all(|&b| b <= max.min(dataset)));
+        prop_assert!(result.max_batch_size <= limit.min(max).min(dataset));
+    }
+}

@@ -1,0 +1,514 @@
+//! One training step, written once against the [`Kernels`] a device provides.
+//!
+//! [`StepBuffers::allocate`] asks the device for every buffer the plan's memory model counts, in
+//! one fixed order; [`initialise`] fills parameters and the synthetic batch on the device;
+//! [`train_step`] runs forward, softmax cross-entropy, backward and the optimizer update.
+
+use crate::job::{Activation, OptimizerKind};
+use crate::plan::Plan;
+use crate::synthetic;
+
+/// Momentum coefficient of `sgd_momentum`.
+pub const MOMENTUM: f32 = 0.9;
+/// Adam's first-moment decay.
+pub const ADAM_BETA1: f32 = 0.9;
+/// Adam's second-moment decay.
+pub const ADAM_BETA2: f32 = 0.999;
+/// Adam's denominator guard.
+pub const ADAM_EPSILON: f32 = 1e-8;
+/// AdamW's decoupled weight decay.
+pub const ADAMW_WEIGHT_DECAY: f32 = 0.01;
+
+/// The update one optimizer step applies, with its per-step scalars precomputed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateRule {
+    /// Which optimizer.
+    pub kind: OptimizerKind,
+    /// Step size.
+    pub learning_rate: f32,
+    /// Adam's bias corrections `1 / (1 - beta^t)` for the first and second moment.
+    pub bias_correction: (f32, f32),
+}
+
+impl UpdateRule {
+    /// The rule for step `step` (counted from 1).
+    pub fn new(kind: OptimizerKind, learning_rate: f32, step: u32) -> UpdateRule {
+        let t = step.max(1) as i32;
+        UpdateRule {
+            kind,
+            learning_rate,
+            bias_correction: (
+                1.0 / (1.0 - ADAM_BETA1.powi(t)),
+                1.0 / (1.0 - ADAM_BETA2.powi(t)),
+            ),
+        }
+    }
+}
+
+/// Creates the buffers of a step on one device; every buffer starts zeroed.
+pub trait Allocate {
+    /// A device buffer of `f32`.
+    type F32;
+    /// A device buffer of `u32`.
+    type U32;
+    /// Out-of-memory or a device fault.
+    type Error;
+    /// A zeroed buffer of `len` `f32` values.
+    fn f32_zeroed(&mut self, len: u64) -> Result<Self::F32, Self::Error>;
+    /// A zeroed buffer of `len` `u32` values.
+    fn u32_zeroed(&mut self, len: u64) -> Result<Self::U32, Self::Error>;
+}
+
+/// The operations of a training step, as one device implements them (host code or CUDA kernels).
+///
+/// Matrices are row-major; `rows` is the batch size. Shapes follow the plan's [`crate::plan::Layer`]:
+/// `x` is `rows x inputs`, `w` is `outputs x inputs`, `y` is `rows x outputs`.
+pub trait Kernels: Allocate {
+    /// Waits until all work queued on the device is done (for timing and fault detection).
+    fn synchronize(&mut self) -> Result<(), Self::Error>;
+    /// Copies the first `len` values of a buffer to the host (small buffers only: parameters).
+    fn read_f32(&mut self, buffer: &Self::F32, len: u64) -> Result<Vec<f32>, Self::Error>;
+    /// Copies the first `len` values of a label buffer to the host (kernel checks).
+    fn read_u32(&mut self, buffer: &Self::U32, len: u64) -> Result<Vec<u32>, Self::Error>;
+    /// A new buffer holding `values` (small buffers only: kernel checks).
+    fn write_f32(&mut self, values: &[f32]) -> Result<Self::F32, Self::Error>;
+    /// A new buffer holding `values` (small buffers only: kernel checks).
+    fn write_u32(&mut self, values: &[u32]) -> Result<Self::U32, Self::Error>;
+    /// `out[i] = uniform(key, i) * scale`, the synthetic stream of [`synthetic::uniform`].
+    fn fill_uniform(
+        &mut self,
+        out: &mut Self::F32,
+        len: u64,
+        key: u64,
+        scale: f32,
+    ) -> Result<(), Self::Error>;
+    /// Labels of the learnable task of [`synthetic::fill_labels`].
+    fn fill_labels(
+        &mut self,
+        labels: &mut Self::U32,
+        inputs: &Self::F32,
+        rows: u64,
+        features: u64,
+        classes: u64,
+    ) -> Result<(), Self::Error>;
+    /// `y = x * w^T`.
+    fn linear_forward(
+        &mut self,
+        x: &Self::F32,
+        w: &Self::F32,
+        y: &mut Self::F32,
+        rows: u64,
+        inputs: u64,
+        outputs: u64,
+    ) -> Result<(), Self::Error>;
+    /// `dw = dy^T * x`.
+    fn weight_gradient(
+        &mut self,
+        dy: &Self::F32,
+        x: &Self::F32,
+        dw: &mut Self::F32,
+        rows: u64,
+        inputs: u64,
+        outputs: u64,
+    ) -> Result<(), Self::Error>;
+    /// `dx = dy * w`.
+    fn input_gradient(
+        &mut self,
+        dy: &Self::F32,
+        w: &Self::F32,
+        dx: &mut Self::F32,
+        rows: u64,
+        inputs: u64,
+        outputs: u64,
+    ) -> Result<(), Self::Error>;
+    /// `pre += bias` per row, then `post = activation(pre)` when `post` is given.
+    fn bias_activation(
+        &mut self,
+        pre: &mut Self::F32,
+        bias: &Self::F32,
+        post: Option<&mut Self::F32>,
+        rows: u64,
+        cols: u64,
+        activation: Activation,
+    ) -> Result<(), Self::Error>;
+    /// `pre = grad_post * activation'(pre)`: the gradient replaces the pre-activation in place.
+    fn activation_backward(
+        &mut self,
+        grad_post: &Self::F32,
+        pre: &mut Self::F32,
+        len: u64,
+        activation: Activation,
+    ) -> Result<(), Self::Error>;
+    /// `db[j] = sum_i dy[i, j]`.
+    fn bias_gradient(
+        &mut self,
+        dy: &Self::F32,
+        db: &mut Self::F32,
+        rows: u64,
+        cols: u64,
+    ) -> Result<(), Self::Error>;
+    /// Per row: `row_loss = -log softmax(logits)[label]`, and the logits are replaced by the
+    /// gradient of the mean loss, `(softmax - onehot) / rows`.
+    fn softmax_cross_entropy(
+        &mut self,
+        logits: &mut Self::F32,
+        labels: &Self::U32,
+        row_loss: &mut Self::F32,
+        rows: u64,
+        classes: u64,
+    ) -> Result<(), Self::Error>;
+    /// The mean of `values`, reduced on the device into `accumulator` (one value) and read back.
+    fn mean(
+        &mut self,
+        values: &Self::F32,
+        len: u64,
+        accumulator: &mut Self::F32,
+    ) -> Result<f32, Self::Error>;
+    /// One optimizer update of `param` from `grad`, with `state` holding 0, 1 or 2 buffers.
+    fn optimizer_step(
+        &mut self,
+        param: &mut Self::F32,
+        grad: &Self::F32,
+        state: &mut [Self::F32],
+        len: u64,
+        rule: UpdateRule,
+    ) -> Result<(), Self::Error>;
+}
+
+/// Parameters, gradients and optimizer state of one linear layer.
+pub struct LayerBuffers<F> {
+    /// `outputs x inputs` weights.
+    pub weight: F,
+    /// `outputs` biases.
+    pub bias: F,
+    /// Gradient of the weights.
+    pub weight_grad: F,
+    /// Gradient of the biases.
+    pub bias_grad: F,
+    /// Optimizer state of the weights (0, 1 or 2 buffers).
+    pub weight_state: Vec<F>,
+    /// Optimizer state of the biases.
+    pub bias_state: Vec<F>,
+}
+
+/// What a hidden layer keeps from forward for backward.
+pub struct HiddenBuffers<F> {
+    /// Pre-activation; replaced by its gradient during backward.
+    pub pre: F,
+    /// Post-activation: the next layer's input.
+    pub post: F,
+}
+
+/// Every buffer of one training step at one batch size.
+pub struct StepBuffers<F, U> {
+    /// One entry per linear layer.
+    pub layers: Vec<LayerBuffers<F>>,
+    /// `rows x features` inputs.
+    pub inputs: F,
+    /// `rows` labels.
+    pub labels: U,
+    /// One entry per hidden layer.
+    pub hidden: Vec<HiddenBuffers<F>>,
+    /// `rows x classes` logits, then their gradient.
+    pub logits: F,
+    /// `rows` per-sample losses.
+    pub row_loss: F,
+    /// `rows x widest hidden` input gradient of the layer being back-propagated.
+    pub scratch: Option<F>,
+    /// One value: the mean loss.
+    pub loss_sum: F,
+    /// Batch size these buffers hold.
+    pub rows: u64,
+}
+
+impl<F, U> StepBuffers<F, U> {
+    /// Allocates every buffer of a step, in the order and sizes of [`Plan::memory`].
+    pub fn allocate<A>(plan: &Plan, rows: u64, alloc: &mut A) -> Result<Self, A::Error>
+    where
+        A: Allocate<F32 = F, U32 = U>,
+    {
+        let states = plan.optimizer.state_per_parameter() as usize;
+        let mut layers = Vec::with_capacity(plan.layers.len());
+        for layer in &plan.layers {
+            let weights = layer.inputs * layer.outputs;
+            let state_of = |len: u64, alloc: &mut A| -> Result<Vec<F>, A::Error> {
+                (0..states).map(|_| alloc.f32_zeroed(len)).collect()
+            };
+            layers.push(LayerBuffers {
+                weight: alloc.f32_zeroed(weights)?,
+                bias: alloc.f32_zeroed(layer.outputs)?,
+                weight_grad: alloc.f32_zeroed(weights)?,
+                bias_grad: alloc.f32_zeroed(layer.outputs)?,
+                weight_state: state_of(weights, alloc)?,
+                bias_state: state_of(layer.outputs, alloc)?,
+            });
+        }
+        let inputs = alloc.f32_zeroed(rows.saturating_mul(plan.input_features()))?;
+        let labels = alloc.u32_zeroed(rows)?;
+        let mut hidden = Vec::new();
+        for width in plan.hidden_widths() {
+            hidden.push(HiddenBuffers {
+                pre: alloc.f32_zeroed(rows.saturating_mul(width))?,
+                post: alloc.f32_zeroed(rows.saturating_mul(width))?,
+            });
+        }
+        let logits = alloc.f32_zeroed(rows.saturating_mul(plan.num_classes()))?;
+        let row_loss = alloc.f32_zeroed(rows)?;
+        let scratch = match plan.scratch_width() {
+            0 => None,
+            width => Some(alloc.f32_zeroed(rows.saturating_mul(width))?),
+        };
+        let loss_sum = alloc.f32_zeroed(1)?;
+        Ok(StepBuffers {
+            layers,
+            inputs,
+            labels,
+            hidden,
+            logits,
+            row_loss,
+            scratch,
+            loss_sum,
+            rows,
+        })
+    }
+}
+
+/// Initialises parameters and generates the synthetic batch on the device from `seed`.
+pub fn initialise<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    buffers: &mut StepBuffers<K::F32, K::U32>,
+    seed: u64,
+) -> Result<(), K::Error> {
+    for (i, (layer, bufs)) in plan.layers.iter().zip(&mut buffers.layers).enumerate() {
+        let scale = synthetic::init_scale(layer.inputs);
+        let weights = layer.inputs * layer.outputs;
+        kernels.fill_uniform(
+            &mut bufs.weight,
+            weights,
+            synthetic::stream_key(seed, synthetic::weight_stream(i)),
+            scale,
+        )?;
+        kernels.fill_uniform(
+            &mut bufs.bias,
+            layer.outputs,
+            synthetic::stream_key(seed, synthetic::bias_stream(i)),
+            scale,
+        )?;
+    }
+    let rows = buffers.rows;
+    let features = plan.input_features();
+    kernels.fill_uniform(
+        &mut buffers.inputs,
+        rows * features,
+        synthetic::stream_key(seed, synthetic::INPUT_STREAM),
+        1.0,
+    )?;
+    kernels.fill_labels(
+        &mut buffers.labels,
+        &buffers.inputs,
+        rows,
+        features,
+        plan.num_classes(),
+    )
+}
+
+/// Runs one training step (`step` counts from 1) and leaves the per-sample losses in `row_loss`.
+pub fn train_step<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    buffers: &mut StepBuffers<K::F32, K::U32>,
+    step: u32,
+) -> Result<(), K::Error> {
+    let rows = buffers.rows;
+    let last = plan.layers.len() - 1;
+    let b = buffers;
+
+    for (i, layer) in plan.layers.iter().enumerate() {
+        let (done, rest) = b.hidden.split_at_mut(i.min(last));
+        let input = if i == 0 { &b.inputs } else { &done[i - 1].post };
+        let params = &b.layers[i];
+        if i < last {
+            let out = &mut rest[0];
+            kernels.linear_forward(
+                input,
+                &params.weight,
+                &mut out.pre,
+                rows,
+                layer.inputs,
+                layer.outputs,
+            )?;
+            kernels.bias_activation(
+                &mut out.pre,
+                &params.bias,
+                Some(&mut out.post),
+                rows,
+                layer.outputs,
+                plan.activation,
+            )?;
+        } else {
+            kernels.linear_forward(
+                input,
+                &params.weight,
+                &mut b.logits,
+                rows,
+                layer.inputs,
+                layer.outputs,
+            )?;
+            kernels.bias_activation(
+                &mut b.logits,
+                &params.bias,
+                None,
+                rows,
+                layer.outputs,
+                plan.activation,
+            )?;
+        }
+    }
+
+    kernels.softmax_cross_entropy(
+        &mut b.logits,
+        &b.labels,
+        &mut b.row_loss,
+        rows,
+        plan.num_classes(),
+    )?;
+
+    for (i, layer) in plan.layers.iter().enumerate().rev() {
+        if i < last {
+            let grad_post = b
+                .scratch
+                .as_ref()
+                .expect("hidden layers have a scratch buffer");
+            kernels.activation_backward(
+                grad_post,
+                &mut b.hidden[i].pre,
+                rows * layer.outputs,
+                plan.activation,
+            )?;
+        }
+        let grad_out = if i < last {
+            &b.hidden[i].pre
+        } else {
+            &b.logits
+        };
+        let input = if i == 0 {
+            &b.inputs
+        } else {
+            &b.hidden[i - 1].post
+        };
+        let params = &mut b.layers[i];
+        kernels.weight_gradient(
+            grad_out,
+            input,
+            &mut params.weight_grad,
+            rows,
+            layer.inputs,
+            layer.outputs,
+        )?;
+        kernels.bias_gradient(grad_out, &mut params.bias_grad, rows, layer.outputs)?;
+        if i > 0 {
+            let grad_in = b
+                .scratch
+                .as_mut()
+                .expect("hidden layers have a scratch buffer");
+            kernels.input_gradient(
+                grad_out,
+                &params.weight,
+                grad_in,
+                rows,
+                layer.inputs,
+                layer.outputs,
+            )?;
+        }
+    }
+
+    let rule = UpdateRule::new(plan.optimizer, plan.learning_rate, step);
+    for (layer, params) in plan.layers.iter().zip(&mut b.layers) {
+        let weights = layer.inputs * layer.outputs;
+        kernels.optimizer_step(
+            &mut params.weight,
+            &params.weight_grad,
+            &mut params.weight_state,
+            weights,
+            rule,
+        )?;
+        kernels.optimizer_step(
+            &mut params.bias,
+            &params.bias_grad,
+            &mut params.bias_state,
+            layer.outputs,
+            rule,
+        )?;
+    }
+    Ok(())
+}
+
+/// The mean loss of the last step, reduced on the device.
+pub fn mean_loss<K: Kernels>(
+    kernels: &mut K,
+    buffers: &mut StepBuffers<K::F32, K::U32>,
+) -> Result<f32, K::Error> {
+    kernels.mean(&buffers.row_loss, buffers.rows, &mut buffers.loss_sum)
+}
+
+/// The step buffers of one device's kernels.
+pub type DeviceBuffers<K> = StepBuffers<<K as Allocate>::F32, <K as Allocate>::U32>;
+
+/// What [`run_probe`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbeRun {
+    /// Mean seconds per step, the first (warm-up) step left out when there are several.
+    pub step_seconds: f64,
+    /// Mean loss of the last step.
+    pub final_loss: f32,
+}
+
+/// Allocates, initialises and trains `steps` steps at `rows`, returning the buffers still held
+/// (so the caller can measure the memory and read parameters before they are freed).
+pub fn run_probe<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    rows: u64,
+    steps: u32,
+    seed: u64,
+) -> Result<(DeviceBuffers<K>, ProbeRun), K::Error> {
+    let mut buffers = StepBuffers::allocate(plan, rows, kernels)?;
+    initialise(kernels, plan, &mut buffers, seed)?;
+    kernels.synchronize()?;
+    let mut timed = Vec::with_capacity(steps as usize);
+    for step in 1..=steps.max(1) {
+        let started = std::time::Instant::now();
+        train_step(kernels, plan, &mut buffers, step)?;
+        kernels.synchronize()?;
+        timed.push(started.elapsed().as_secs_f64());
+    }
+    let measured = if timed.len() > 1 {
+        &timed[1..]
+    } else {
+        &timed[..]
+    };
+    let step_seconds = measured.iter().sum::<f64>() / measured.len() as f64;
+    let final_loss = mean_loss(kernels, &mut buffers)?;
+    Ok((
+        buffers,
+        ProbeRun {
+            step_seconds,
+            final_loss,
+        },
+    ))
+}
+
+/// Every parameter, layer by layer (weights, then biases), copied to the host.
+pub fn read_parameters<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    buffers: &StepBuffers<K::F32, K::U32>,
+) -> Result<Vec<f32>, K::Error> {
+    let mut values = Vec::with_capacity(plan.parameter_count() as usize);
+    for (layer, bufs) in plan.layers.iter().zip(&buffers.layers) {
+        values.extend(kernels.read_f32(&bufs.weight, layer.inputs * layer.outputs)?);
+        values.extend(kernels.read_f32(&bufs.bias, layer.outputs)?);
+    }
+    Ok(values)
+}
