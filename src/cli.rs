@@ -15,8 +15,9 @@ use crate::device::{cuda, host, nvml, Device};
 use crate::job::Job;
 use crate::parity::{self, Check};
 use crate::plan::{MemoryBreakdown, Plan};
-use crate::result::{Probe, TuneResult};
-use crate::search::{recommended_batch_size, tune, TuneError};
+use crate::device::DeviceError;
+use crate::result::{Outcome, Probe, TuneResult};
+use crate::search::{recommended_batch_size, tune, TuneError, PROBE_SEED};
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
@@ -263,6 +264,95 @@ pub fn estimate_command(job_path: &Path, memory: u64, json: bool) -> ExitCode {
         Err(err @ TuneError::DoesNotFit { .. }) => fail(EXIT_DOES_NOT_FIT, err),
         Err(err) => fail(EXIT_FAILURE, err),
     }
+}
+
+/// One measured probe of `headroom probe`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Measurement {
+    /// Batch size probed.
+    pub batch_size: u64,
+    /// `fit` or `oom`.
+    pub outcome: Outcome,
+    /// Mean seconds per training step.
+    pub step_seconds: f64,
+    /// Samples per second.
+    pub samples_per_second: f64,
+    /// Achieved f32 TFLOP/s of the step's matrix products.
+    pub tflops: f64,
+    /// `tflops` over the peak given with `--peak-tflops`.
+    pub peak_share: Option<f64>,
+    /// Device bytes the probe held, as the device counts them.
+    pub device_bytes: u64,
+    /// Bytes the memory model predicts for this batch size.
+    pub modelled_bytes: u64,
+}
+
+/// `headroom probe`: single probes at given batch sizes, with throughput.
+pub fn probe_command(job_path: &Path, device: DeviceSpec, host_memory: u64, batch_sizes: &[u64], peak_tflops: Option<f64>, json: bool) -> ExitCode {
+    let job = match read_job(job_path) {
+        Ok(job) => job,
+        Err(message) => return fail(EXIT_INVALID, message),
+    };
+    let host_memory = match check_host_budget(host_memory) {
+        Ok(bytes) => bytes,
+        Err(message) => return fail(EXIT_INVALID, message),
+    };
+    let plan = Plan::new(&job).expect("a validated job plans");
+    let mut opened = match select::open(device, host_memory) {
+        Ok(opened) => opened,
+        Err(message) => return fail(EXIT_FAILURE, format!("cannot open device {device}: {message}")),
+    };
+    let mut measurements = Vec::new();
+    for &batch_size in batch_sizes {
+        let Some(modelled) = plan.memory(batch_size) else {
+            return fail(EXIT_INVALID, format!("batch size {batch_size} overflows the memory model"));
+        };
+        let run = opened.device.run_steps(&plan, batch_size, job.search.steps_per_probe.max(2), PROBE_SEED);
+        let measurement = match run {
+            Ok(report) => {
+                let tflops = plan.step_flops(batch_size) / report.step_seconds / 1e12;
+                Measurement {
+                    batch_size,
+                    outcome: Outcome::Fit,
+                    step_seconds: report.step_seconds,
+                    samples_per_second: batch_size as f64 / report.step_seconds,
+                    tflops,
+                    peak_share: peak_tflops.map(|peak| tflops / peak),
+                    device_bytes: report.device_bytes,
+                    modelled_bytes: modelled.total,
+                }
+            }
+            Err(DeviceError::OutOfMemory { .. }) => Measurement {
+                batch_size,
+                outcome: Outcome::Oom,
+                step_seconds: 0.0,
+                samples_per_second: 0.0,
+                tflops: 0.0,
+                peak_share: None,
+                device_bytes: 0,
+                modelled_bytes: modelled.total,
+            },
+            Err(fault) => return fail(EXIT_FAILURE, format!("probe at batch size {batch_size}: {fault}")),
+        };
+        if !json {
+            println!(
+                "batch {:>12}  {:<4} {:>10.5} s/step {:>14.0} samples/s {:>8.2} TFLOP/s {:>7}  held {:>11}  modelled {:>11}",
+                measurement.batch_size,
+                measurement.outcome.to_string(),
+                measurement.step_seconds,
+                measurement.samples_per_second,
+                measurement.tflops,
+                measurement.peak_share.map_or(String::new(), |s| format!("{:.1}%", 100.0 * s)),
+                human(measurement.device_bytes),
+                human(measurement.modelled_bytes),
+            );
+        }
+        measurements.push(measurement);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&measurements).expect("measurements serialise"));
+    }
+    ExitCode::SUCCESS
 }
 
 /// One row of the doctor's table.

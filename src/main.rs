@@ -44,6 +44,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run single probes at given batch sizes and report fit or OOM, throughput and TFLOP/s.
+    Probe {
+        /// The job description (JSON).
+        job: PathBuf,
+        /// Batch sizes to probe, e.g. --batch-size 1024,65536.
+        #[arg(long = "batch-size", value_delimiter = ',', required = true)]
+        batch_sizes: Vec<u64>,
+        /// auto, host, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        /// Memory budget of the host device.
+        #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
+        host_memory: ByteSize,
+        /// The device's f32 peak, to report the share reached.
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+        /// Print the measurements as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check this node: CUDA libraries, devices, kernel compilation, every kernel against the host.
     Doctor {
         /// Memory budget of the host device.
@@ -61,6 +81,9 @@ fn main() -> ExitCode {
             json,
         } => cli::tune_command(&job, device, host_memory.0, json),
         Command::Estimate { job, memory, json } => cli::estimate_command(&job, memory.0, json),
+        Command::Probe { job, batch_sizes, device, host_memory, peak_tflops, json } => {
+            cli::probe_command(&job, device, host_memory.0, &batch_sizes, peak_tflops, json)
+        }
         Command::Doctor { host_memory } => cli::doctor_command(host_memory.0),
     }
 }
