@@ -7,7 +7,11 @@ use headroom::step::{initialise, train_step, StepBuffers};
 use headroom::{Job, Plan};
 
 fn cifar_plan() -> Plan {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/cifar10-mlp-adam.json")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/cifar10-mlp-adam.json"
+    ))
+    .unwrap();
     Plan::new(&Job::from_json(&text).unwrap()).unwrap()
 }
 

@@ -18,7 +18,10 @@ fn main() {
         let path = format!("{}/examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
         let job = Job::from_json(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let started = Instant::now();
-        let result = tune(&job, &mut HostDevice::default(), &mut |_| ControlFlow::Continue(())).unwrap();
+        let result = tune(&job, &mut HostDevice::default(), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
         println!(
             "tune {name:<18} {:>7.2} s  max {:>7}  recommended {:>7}  {} probes",
             started.elapsed().as_secs_f64(),

@@ -11,11 +11,11 @@ use bytesize::ByteSize;
 use serde::Serialize;
 
 use crate::device::select::{self, DeviceSpec};
+use crate::device::DeviceError;
 use crate::device::{cuda, host, nvml, Device};
 use crate::job::Job;
 use crate::parity::{self, Check};
 use crate::plan::{MemoryBreakdown, Plan};
-use crate::device::DeviceError;
 use crate::result::{Outcome, Probe, TuneResult};
 use crate::search::{recommended_batch_size, tune, TuneError, PROBE_SEED};
 
@@ -288,7 +288,14 @@ pub struct Measurement {
 }
 
 /// `headroom probe`: single probes at given batch sizes, with throughput.
-pub fn probe_command(job_path: &Path, device: DeviceSpec, host_memory: u64, batch_sizes: &[u64], peak_tflops: Option<f64>, json: bool) -> ExitCode {
+pub fn probe_command(
+    job_path: &Path,
+    device: DeviceSpec,
+    host_memory: u64,
+    batch_sizes: &[u64],
+    peak_tflops: Option<f64>,
+    json: bool,
+) -> ExitCode {
     let job = match read_job(job_path) {
         Ok(job) => job,
         Err(message) => return fail(EXIT_INVALID, message),
@@ -300,14 +307,27 @@ pub fn probe_command(job_path: &Path, device: DeviceSpec, host_memory: u64, batc
     let plan = Plan::new(&job).expect("a validated job plans");
     let mut opened = match select::open(device, host_memory) {
         Ok(opened) => opened,
-        Err(message) => return fail(EXIT_FAILURE, format!("cannot open device {device}: {message}")),
+        Err(message) => {
+            return fail(
+                EXIT_FAILURE,
+                format!("cannot open device {device}: {message}"),
+            )
+        }
     };
     let mut measurements = Vec::new();
     for &batch_size in batch_sizes {
         let Some(modelled) = plan.memory(batch_size) else {
-            return fail(EXIT_INVALID, format!("batch size {batch_size} overflows the memory model"));
+            return fail(
+                EXIT_INVALID,
+                format!("batch size {batch_size} overflows the memory model"),
+            );
         };
-        let run = opened.device.run_steps(&plan, batch_size, job.search.steps_per_probe.max(2), PROBE_SEED);
+        let run = opened.device.run_steps(
+            &plan,
+            batch_size,
+            job.search.steps_per_probe.max(2),
+            PROBE_SEED,
+        );
         let measurement = match run {
             Ok(report) => {
                 let tflops = plan.step_flops(batch_size) / report.step_seconds / 1e12;
@@ -332,7 +352,12 @@ pub fn probe_command(job_path: &Path, device: DeviceSpec, host_memory: u64, batc
                 device_bytes: 0,
                 modelled_bytes: modelled.total,
             },
-            Err(fault) => return fail(EXIT_FAILURE, format!("probe at batch size {batch_size}: {fault}")),
+            Err(fault) => {
+                return fail(
+                    EXIT_FAILURE,
+                    format!("probe at batch size {batch_size}: {fault}"),
+                )
+            }
         };
         if !json {
             println!(
@@ -350,7 +375,10 @@ pub fn probe_command(job_path: &Path, device: DeviceSpec, host_memory: u64, batc
         measurements.push(measurement);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&measurements).expect("measurements serialise"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&measurements).expect("measurements serialise")
+        );
     }
     ExitCode::SUCCESS
 }

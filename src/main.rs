@@ -81,9 +81,14 @@ fn main() -> ExitCode {
             json,
         } => cli::tune_command(&job, device, host_memory.0, json),
         Command::Estimate { job, memory, json } => cli::estimate_command(&job, memory.0, json),
-        Command::Probe { job, batch_sizes, device, host_memory, peak_tflops, json } => {
-            cli::probe_command(&job, device, host_memory.0, &batch_sizes, peak_tflops, json)
-        }
+        Command::Probe {
+            job,
+            batch_sizes,
+            device,
+            host_memory,
+            peak_tflops,
+            json,
+        } => cli::probe_command(&job, device, host_memory.0, &batch_sizes, peak_tflops, json),
         Command::Doctor { host_memory } => cli::doctor_command(host_memory.0),
     }
 }

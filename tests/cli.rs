@@ -25,23 +25,43 @@ fn job_file(name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn tune_json_follows_the_result_contract() {
-    let output = headroom(&["tune", "examples/mnist-mlp-sgd.json", "--device", "host", "--host-memory", "16MiB", "--json"]);
+    let output = headroom(&[
+        "tune",
+        "examples/mnist-mlp-sgd.json",
+        "--device",
+        "host",
+        "--host-memory",
+        "16MiB",
+        "--json",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let max = result["max_batch_size"].as_u64().unwrap();
     let recommended = result["recommended_batch_size"].as_u64().unwrap();
     let predicted = result["predicted_max_batch_size"].as_u64().unwrap();
-    assert!(max > 0 && max <= predicted, "max {max}, predicted {predicted}");
-    assert!(predicted - max <= predicted / 100 + 8, "max {max} is not within 1% of {predicted}");
+    assert!(
+        max > 0 && max <= predicted,
+        "max {max}, predicted {predicted}"
+    );
+    assert!(
+        predicted - max <= predicted / 100 + 8,
+        "max {max} is not within 1% of {predicted}"
+    );
     assert_eq!(recommended, (max as f64 * 0.8).floor() as u64 / 8 * 8);
     assert_eq!(result["limited_by"], "memory");
     assert_eq!(result["device"]["kind"], "host");
     assert_eq!(result["device"]["total_bytes"], 16 << 20);
     let memory = &result["memory"];
-    let parts: u64 = ["parameters", "gradients", "optimizer_state", "batch_data", "activations"]
-        .iter()
-        .map(|k| memory[k].as_u64().unwrap())
-        .sum();
+    let parts: u64 = [
+        "parameters",
+        "gradients",
+        "optimizer_state",
+        "batch_data",
+        "activations",
+    ]
+    .iter()
+    .map(|k| memory[k].as_u64().unwrap())
+    .sum();
     assert_eq!(memory["total"].as_u64().unwrap(), parts);
     assert_eq!(memory["parameters"], 101_770 * 4);
     let probes = result["probes"].as_array().unwrap();
@@ -56,17 +76,38 @@ fn tune_json_follows_the_result_contract() {
 
 #[test]
 fn human_output_has_the_summary_and_memory_table() {
-    let output = headroom(&["tune", "examples/cifar10-mlp-adam.json", "--device", "host", "--host-memory", "32MiB"]);
+    let output = headroom(&[
+        "tune",
+        "examples/cifar10-mlp-adam.json",
+        "--device",
+        "host",
+        "--host-memory",
+        "32MiB",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = String::from_utf8(output.stdout).unwrap();
-    for needle in ["max batch size", "recommended batch size", "optimizer state", "activations", "MiB"] {
+    for needle in [
+        "max batch size",
+        "recommended batch size",
+        "optimizer state",
+        "activations",
+        "MiB",
+    ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }
 
 #[test]
 fn the_dataset_size_caps_the_batch() {
-    let output = headroom(&["tune", "examples/cifar10-mlp-adam.json", "--device", "host", "--host-memory", "1GiB", "--json"]);
+    let output = headroom(&[
+        "tune",
+        "examples/cifar10-mlp-adam.json",
+        "--device",
+        "host",
+        "--host-memory",
+        "1GiB",
+        "--json",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(result["max_batch_size"], 50_000);
@@ -76,40 +117,95 @@ fn the_dataset_size_caps_the_batch() {
 
 #[test]
 fn an_invalid_job_exits_2_naming_the_field() {
-    let path = job_file("bad.json", r#"{"model": {"input_shape": [3, 0, 32], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#);
+    let path = job_file(
+        "bad.json",
+        r#"{"model": {"input_shape": [3, 0, 32], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
+    );
     let output = headroom(&["tune", path.to_str().unwrap(), "--device", "host"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("model.input_shape[1]"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("model.input_shape[1]"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
 fn a_missing_job_file_and_bad_arguments_exit_2() {
-    assert_eq!(headroom(&["tune", "no/such/job.json"]).status.code(), Some(2));
-    assert_eq!(headroom(&["tune", "examples/mnist-mlp-sgd.json", "--device", "tpu"]).status.code(), Some(2));
-    assert_eq!(headroom(&["tune", "examples/mnist-mlp-sgd.json", "--host-memory", "lots"]).status.code(), Some(2));
-    let output = headroom(&["tune", "examples/mnist-mlp-sgd.json", "--device", "host", "--host-memory", "1000PiB"]);
+    assert_eq!(
+        headroom(&["tune", "no/such/job.json"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        headroom(&["tune", "examples/mnist-mlp-sgd.json", "--device", "tpu"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        headroom(&[
+            "tune",
+            "examples/mnist-mlp-sgd.json",
+            "--host-memory",
+            "lots"
+        ])
+        .status
+        .code(),
+        Some(2)
+    );
+    let output = headroom(&[
+        "tune",
+        "examples/mnist-mlp-sgd.json",
+        "--device",
+        "host",
+        "--host-memory",
+        "1000PiB",
+    ]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("more than this machine"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("more than this machine"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
 fn a_model_that_does_not_fit_exits_3_with_the_bytes() {
-    let output = headroom(&["tune", "examples/deep-mlp-adamw.json", "--device", "host", "--host-memory", "8MiB"]);
+    let output = headroom(&[
+        "tune",
+        "examples/deep-mlp-adamw.json",
+        "--device",
+        "host",
+        "--host-memory",
+        "8MiB",
+    ]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     let message = stderr(&output);
-    assert!(message.contains("batch size 1") && message.contains("bytes free"), "{message}");
+    assert!(
+        message.contains("batch size 1") && message.contains("bytes free"),
+        "{message}"
+    );
 }
 
 #[test]
 fn estimate_needs_no_device() {
-    let output = headroom(&["estimate", "examples/mnist-mlp-sgd.json", "--memory", "141GB", "--json"]);
+    let output = headroom(&[
+        "estimate",
+        "examples/mnist-mlp-sgd.json",
+        "--memory",
+        "141GB",
+        "--json",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let estimate: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(estimate["parameter_count"], 101_770);
     // A 784-128-10 MLP on a 141 GB card fits tens of millions of samples per batch.
     let predicted = estimate["predicted_max_batch_size"].as_u64().unwrap();
     assert!(predicted > 10_000_000, "{predicted}");
-    assert_eq!(estimate["bytes_per_sample"], (785 + 2 * 128 + 10 + 1 + 128) * 4);
+    assert_eq!(
+        estimate["bytes_per_sample"],
+        (785 + 2 * 128 + 10 + 1 + 128) * 4
+    );
 }
 
 #[test]
@@ -120,5 +216,8 @@ fn cuda_without_a_driver_is_a_clear_error_not_a_panic() {
     let output = headroom(&["tune", "examples/mnist-mlp-sgd.json", "--device", "cuda"]);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
-    assert!(message.contains("libcuda") && !message.contains("panicked"), "{message}");
+    assert!(
+        message.contains("libcuda") && !message.contains("panicked"),
+        "{message}"
+    );
 }
