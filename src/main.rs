@@ -73,6 +73,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Load kernel code when a module loads, not at its first launch: a probe that has filled the
+    // device must not find the GPU unable to load the next kernel. Set before CUDA initialises.
+    if std::env::var_os("CUDA_MODULE_LOADING").is_none() {
+        std::env::set_var("CUDA_MODULE_LOADING", "EAGER");
+    }
     match Args::parse().command {
         Command::Tune {
             job,

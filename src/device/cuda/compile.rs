@@ -136,6 +136,39 @@ mod tests {
         }
     }
 
+    /// With `HEADROOM_PTXAS` pointing at `ptxas` (CI installs it from the `nvidia-cuda-nvcc`
+    /// wheel), every kernel is assembled for sm_90 and must not spill registers.
+    #[test]
+    fn no_kernel_spills_registers_on_hopper() {
+        let Ok(ptxas) = std::env::var("HEADROOM_PTXAS") else {
+            eprintln!("skipped: set HEADROOM_PTXAS to a ptxas binary to check register spills");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("headroom-ptxas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for source in SOURCES {
+            let path = dir.join(format!("{}.ptx", source.file));
+            std::fs::write(&path, compile(source, "compute_90").unwrap().to_src()).unwrap();
+            let output = std::process::Command::new(&ptxas)
+                .args(["-arch=sm_90", "-v", "-o", "/dev/null"])
+                .arg(&path)
+                .output()
+                .expect("ptxas runs");
+            let report = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "{report}");
+            let entries = report.matches("Compiling entry function").count();
+            assert_eq!(entries, source.kernels.len(), "{report}");
+            assert_eq!(
+                report
+                    .matches("0 bytes spill stores, 0 bytes spill loads")
+                    .count(),
+                entries,
+                "{} spills:\n{report}",
+                source.file
+            );
+        }
+    }
+
     #[test]
     fn a_broken_kernel_is_reported_with_its_file() {
         if !nvrtc_available() {
