@@ -462,11 +462,11 @@ pub fn doctor_command(host_memory: u64) -> ExitCode {
                     "info",
                     format!("GPU {} {}", gpu.index, gpu.name),
                     format!(
-                        "{}, {} used of {}, {} compute process(es)",
+                        "{}, {} used of {}, {} other compute process(es)",
                         gpu.uuid,
                         human(gpu.used_bytes),
                         human(gpu.total_bytes),
-                        gpu.compute_processes
+                        gpu.other_compute_processes
                     ),
                 ));
             }
@@ -546,4 +546,166 @@ pub fn doctor_command(host_memory: u64) -> ExitCode {
         println!("all checks passed");
         ExitCode::SUCCESS
     }
+}
+
+/// Overrides of `headroom serve` on top of the file and environment.
+#[derive(Debug, Default, Clone)]
+pub struct ServeOverrides {
+    /// `--bind`.
+    pub bind: Option<std::net::SocketAddr>,
+    /// `--host-memory`.
+    pub host_memory: Option<u64>,
+    /// `--token`.
+    pub token: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<crate::config::LogFormat>,
+    /// `--device` (repeatable).
+    pub devices: Vec<String>,
+}
+
+/// `headroom serve`: loads the config, binds, and serves until SIGTERM or SIGINT.
+pub fn serve_command(config_file: Option<&Path>, overrides: ServeOverrides) -> ExitCode {
+    let mut config = match crate::config::Config::load(config_file) {
+        Ok(config) => config,
+        Err(message) => return fail(EXIT_INVALID, message),
+    };
+    if let Some(bind) = overrides.bind {
+        config.bind = bind;
+    }
+    if let Some(bytes) = overrides.host_memory {
+        config.host_memory = ByteSize(bytes);
+    }
+    if let Some(token) = overrides.token {
+        config.token = token;
+    }
+    if let Some(format) = overrides.log_format {
+        config.log_format = format;
+    }
+    if !overrides.devices.is_empty() {
+        config.devices = overrides.devices;
+    }
+    if let Err(message) = check_host_budget(config.host_memory.0) {
+        return fail(EXIT_INVALID, message);
+    }
+    crate::service::init_logging(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(config.bind).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                return fail(
+                    EXIT_FAILURE,
+                    format!("cannot listen on {}: {e}", config.bind),
+                )
+            }
+        };
+        match crate::service::serve(config, listener, crate::service::shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_FAILURE, format!("the server stopped: {e}")),
+        }
+    })
+}
+
+/// `headroom tune --server URL`: posts the job to a running service, then polls the job until
+/// it finishes.
+pub fn tune_remote_command(
+    server: &str,
+    job_path: &Path,
+    device: DeviceSpec,
+    token: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let job = match read_job(job_path) {
+        Ok(job) => job,
+        Err(message) => return fail(EXIT_INVALID, message),
+    };
+    let mut body = serde_json::to_value(&job).expect("jobs serialise");
+    body["device"] = serde_json::Value::from(device.to_string());
+    let base = server.trim_end_matches('/');
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut post = agent
+        .post(format!("{base}/tune"))
+        .header("Prefer", "respond-async");
+    if let Some(bearer) = &bearer {
+        post = post.header("Authorization", bearer);
+    }
+    let (mut status, mut document) = match post.send_json(&body).and_then(|mut r| {
+        Ok((
+            r.status().as_u16(),
+            r.body_mut().read_json::<serde_json::Value>()?,
+        ))
+    }) {
+        Ok(answer) => answer,
+        Err(e) => return fail(EXIT_FAILURE, format!("cannot reach {base}: {e}")),
+    };
+    if status == 200 {
+        return print_remote_result(document, json);
+    }
+    while status == 202
+        || (status == 200
+            && !matches!(
+                document["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let id = document["id"].as_str().unwrap_or_default();
+        let mut get = agent.get(format!("{base}/jobs/{id}"));
+        if let Some(bearer) = &bearer {
+            get = get.header("Authorization", bearer);
+        }
+        (status, document) = match get.call().and_then(|mut r| {
+            Ok((
+                r.status().as_u16(),
+                r.body_mut().read_json::<serde_json::Value>()?,
+            ))
+        }) {
+            Ok(answer) => answer,
+            Err(e) => return fail(EXIT_FAILURE, format!("cannot reach {base}: {e}")),
+        };
+    }
+    match (status, document["state"].as_str()) {
+        (200, Some("succeeded")) => print_remote_result(document["result"].clone(), json),
+        (200, _) => remote_problem(&document["error"]),
+        _ => remote_problem(&document),
+    }
+}
+
+fn print_remote_result(result: serde_json::Value, json: bool) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).expect("values serialise")
+        );
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_value::<TuneResult>(result) {
+        Ok(result) => {
+            print!("{}", summary(&result));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(
+            EXIT_FAILURE,
+            format!("the server answered with an unexpected result: {e}"),
+        ),
+    }
+}
+
+fn remote_problem(problem: &serde_json::Value) -> ExitCode {
+    let detail = problem["detail"]
+        .as_str()
+        .unwrap_or("the server gave no detail");
+    let code = match (problem["status"].as_u64(), problem["type"].as_str()) {
+        (_, Some(t)) if t.ends_with("/does-not-fit") => EXIT_DOES_NOT_FIT,
+        (Some(400 | 413 | 415 | 422), _) => EXIT_INVALID,
+        _ => EXIT_FAILURE,
+    };
+    fail(code, format!("the server answered: {detail}"))
 }

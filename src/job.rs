@@ -14,7 +14,7 @@ use crate::plan::Plan;
 pub const MAX_DIMENSION: u64 = 1 << 32;
 
 /// A validated tuning job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Job {
     /// The network to train.
@@ -36,7 +36,7 @@ pub struct Job {
 }
 
 /// An MLP: flatten the input, then `Linear -> activation` per hidden width, then `Linear -> classes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
@@ -52,7 +52,9 @@ pub struct ModelSpec {
 }
 
 /// Element-wise non-linearity after each hidden layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// `max(x, 0)`.
@@ -65,7 +67,7 @@ pub enum Activation {
 }
 
 /// Optimizer and its hyper-parameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSpec {
     /// Which update rule.
@@ -76,7 +78,7 @@ pub struct OptimizerSpec {
 }
 
 /// The update rules headroom implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerKind {
     /// Plain stochastic gradient descent: no state.
@@ -109,7 +111,7 @@ impl OptimizerKind {
 }
 
 /// Element type. Only `f32` exists today; others are rejected with a message that says so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Dtype {
     /// 32-bit IEEE float.
@@ -133,7 +135,7 @@ impl<'de> Deserialize<'de> for Dtype {
 }
 
 /// How the batch size is searched.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SearchSpec {
     /// First batch size probed by the doubling strategy.
@@ -164,7 +166,9 @@ impl Default for SearchSpec {
 }
 
 /// Where the search starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// Double from `start` until the first OOM, then bisect.
@@ -201,16 +205,32 @@ impl Job {
     /// Parses and validates a job from JSON text.
     pub fn from_json(text: &str) -> Result<Job, JobError> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let job: Job = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-            let path = err.path().to_string();
-            let field = if path == "." { String::new() } else { path };
-            JobError::new(field, err.into_inner().to_string())
-        })?;
+        let job = Job::deserialize_with_path(&mut deserializer)?;
         deserializer
             .end()
             .map_err(|err| JobError::new("", err.to_string()))?;
         job.validate()?;
         Ok(job)
+    }
+
+    /// Validates a job already parsed as a JSON value.
+    pub fn from_value(value: serde_json::Value) -> Result<Job, JobError> {
+        let job = Job::deserialize_with_path(value)?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    fn deserialize_with_path<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Job, JobError>
+    where
+        D::Error: std::fmt::Display,
+    {
+        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            JobError::new(field, err.into_inner().to_string())
+        })
     }
 
     /// Checks the rules the types cannot express; every error names its field.

@@ -12,15 +12,19 @@
 //! - [`search`]: doubling or prediction, bisection, confirmation and the headroom rule.
 //! - [`result`]: the result JSON shared by the CLI and the service.
 //! - [`parity`]: every kernel of a device checked against the host reference.
-//! - [`cli`]: the commands behind `headroom tune | estimate | doctor`, and their output.
+//! - [`service`]: `headroom serve`: HTTP API, per-device job queues, cache, metrics.
+//! - [`config`]: the service's settings (file, `HEADROOM_*` environment, flags).
+//! - [`cli`]: the commands behind `headroom tune | estimate | probe | doctor | serve`, and their output.
 
 pub mod cli;
+pub mod config;
 pub mod device;
 pub mod job;
 pub mod parity;
 pub mod plan;
 pub mod result;
 pub mod search;
+pub mod service;
 pub mod step;
 pub mod synthetic;
 

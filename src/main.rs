@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use headroom::cli;
+use headroom::config::LogFormat;
 use headroom::device::host::DEFAULT_BUDGET_BYTES;
 use headroom::device::select::DeviceSpec;
 
@@ -32,6 +33,12 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Send the job to a running `headroom serve` at this URL instead of probing here.
+        #[arg(long)]
+        server: Option<String>,
+        /// Bearer token for --server.
+        #[arg(long, env = "HEADROOM_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// The memory model alone: the predicted largest batch for a given amount of free memory.
     Estimate {
@@ -64,12 +71,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve POST /tune, jobs, devices and Prometheus metrics over HTTP.
+    Serve {
+        /// Config file (see config/default.toml); HEADROOM_* variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on, e.g. 0.0.0.0:8080.
+        #[arg(long)]
+        bind: Option<std::net::SocketAddr>,
+        /// Device to serve (repeatable): auto, host, cuda:N.
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Memory budget of the host device.
+        #[arg(long)]
+        host_memory: Option<ByteSize>,
+        /// Bearer token required for /tune and /jobs.
+        #[arg(long)]
+        token: Option<String>,
+        /// Log format: human or json.
+        #[arg(long, value_parser = parse_log_format)]
+        log_format: Option<LogFormat>,
+    },
     /// Check this node: CUDA libraries, devices, kernel compilation, every kernel against the host.
     Doctor {
         /// Memory budget of the host device.
         #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
         host_memory: ByteSize,
     },
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "human" => Ok(LogFormat::Human),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("use human or json".into()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -82,9 +118,36 @@ fn main() -> ExitCode {
         Command::Tune {
             job,
             device,
+            server: Some(server),
+            token,
+            json,
+            ..
+        } => cli::tune_remote_command(&server, &job, device, token.as_deref(), json),
+        Command::Tune {
+            job,
+            device,
             host_memory,
             json,
+            server: None,
+            ..
         } => cli::tune_command(&job, device, host_memory.0, json),
+        Command::Serve {
+            config,
+            bind,
+            devices,
+            host_memory,
+            token,
+            log_format,
+        } => cli::serve_command(
+            config.as_deref(),
+            cli::ServeOverrides {
+                bind,
+                host_memory: host_memory.map(|b| b.0),
+                token,
+                log_format,
+                devices,
+            },
+        ),
         Command::Estimate { job, memory, json } => cli::estimate_command(&job, memory.0, json),
         Command::Probe {
             job,

@@ -46,7 +46,7 @@ pub struct Plan {
 pub struct Overflow;
 
 /// Device bytes of one training step, in the four places training uses memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MemoryBreakdown {
     /// Weights and biases.
     pub parameters: u64,

@@ -6,7 +6,7 @@ use crate::device::DeviceInfo;
 use crate::plan::MemoryBreakdown;
 
 /// The outcome of a finished search.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TuneResult {
     /// The largest batch size that ran.
     pub max_batch_size: u64,
@@ -26,10 +26,13 @@ pub struct TuneResult {
     pub probes: Vec<Probe>,
     /// Wall time of the whole search, seconds.
     pub elapsed_seconds: f64,
+    /// True when the service answered from its cache instead of probing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 /// Why the batch size stopped growing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LimitedBy {
     /// The device ran out of memory above `max_batch_size`.
@@ -51,7 +54,7 @@ impl std::fmt::Display for LimitedBy {
 }
 
 /// One probe of the search.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Probe {
     /// Batch size probed.
     pub batch_size: u64,
@@ -66,7 +69,7 @@ pub struct Probe {
 }
 
 /// The outcome of one probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Every step ran.

@@ -111,6 +111,7 @@ pub fn tune(
         memory: plan.memory(recommended).unwrap_or_default(),
         probes: search.probes,
         elapsed_seconds: started.elapsed().as_secs_f64(),
+        cached: false,
     })
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::plan::Plan;
 
 /// Which implementation a device is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceKind {
     /// The CPU reference.
@@ -34,7 +34,7 @@ impl std::fmt::Display for DeviceKind {
 }
 
 /// Identity and memory of a device, as reported in results.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceInfo {
     /// Implementation.
     pub kind: DeviceKind,

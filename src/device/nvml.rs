@@ -25,8 +25,8 @@ pub struct GpuTelemetry {
     pub utilization_percent: Option<u32>,
     /// Core temperature, degrees Celsius.
     pub temperature_celsius: Option<u32>,
-    /// Processes holding a compute context on the GPU.
-    pub compute_processes: usize,
+    /// Other processes (not this one) holding a compute context on the GPU.
+    pub other_compute_processes: usize,
 }
 
 /// The driver version and every GPU, or why NVML could not answer.
@@ -47,7 +47,9 @@ pub fn telemetry() -> Result<(String, Vec<GpuTelemetry>), String> {
             free_bytes: memory.free,
             utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
             temperature_celsius: device.temperature(TemperatureSensor::Gpu).ok(),
-            compute_processes: device.running_compute_processes().map_or(0, |p| p.len()),
+            other_compute_processes: device.running_compute_processes().map_or(0, |p| {
+                p.iter().filter(|p| p.pid != std::process::id()).count()
+            }),
         });
     }
     Ok((driver, gpus))

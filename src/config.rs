@@ -1,0 +1,162 @@
+//! Service configuration: `config/default.toml` documents every setting.
+//!
+//! Precedence, highest first: command-line flags, `HEADROOM_*` environment variables, the config
+//! file, the built-in defaults (which equal `config/default.toml`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bytesize::ByteSize;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::device::host::DEFAULT_BUDGET_BYTES;
+
+/// Every setting of `headroom serve`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address and port to listen on.
+    pub bind: SocketAddr,
+    /// Devices to serve: `auto` (every CUDA device, plus the host) or a list such as `["host", "cuda:0"]`.
+    pub devices: Vec<String>,
+    /// Memory budget of the host device.
+    pub host_memory: ByteSize,
+    /// Jobs that may wait per device; a full queue answers 429.
+    pub queue_length: usize,
+    /// How long `POST /tune` waits for a result before answering 202, seconds.
+    pub wait_seconds: u64,
+    /// Finished jobs kept for `GET /jobs`.
+    pub job_history: usize,
+    /// How long a result is reused for an identical job on an identical device, seconds (0: never).
+    pub cache_ttl_seconds: u64,
+    /// Largest request body.
+    pub body_limit: ByteSize,
+    /// Bearer token required for `/tune` and `/jobs` (empty: none).
+    pub token: String,
+    /// `human` or `json` log lines.
+    pub log_format: LogFormat,
+    /// Probe GPUs on which other processes hold compute contexts.
+    pub allow_shared: bool,
+    /// How long shutdown waits for a running probe, seconds.
+    pub shutdown_grace_seconds: u64,
+    /// Default `headroom` of jobs that give none.
+    pub headroom: f64,
+    /// Default `search` settings of jobs that give none (any subset of the job's `search` keys).
+    pub search: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: "127.0.0.1:8080".parse().expect("a valid address"),
+            devices: vec!["auto".into()],
+            host_memory: ByteSize(DEFAULT_BUDGET_BYTES),
+            queue_length: 8,
+            wait_seconds: 60,
+            job_history: 256,
+            cache_ttl_seconds: 3600,
+            body_limit: ByteSize(64 << 10),
+            token: String::new(),
+            log_format: LogFormat::Human,
+            allow_shared: false,
+            shutdown_grace_seconds: 30,
+            headroom: 0.8,
+            search: serde_json::Map::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (if given), then `HEADROOM_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, String> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(format!("config file {} does not exist", path.display()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Only the settings' own names: other HEADROOM_* variables (e.g. for tests) are not config.
+        let keys: Vec<String> = match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let environment = Env::prefixed("HEADROOM_")
+            .filter(move |key| keys.iter().any(|k| key.as_str().eq_ignore_ascii_case(k)));
+        let config: Config = figment
+            .merge(environment)
+            .extract()
+            .map_err(|e| format!("invalid configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges the types cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.headroom > 0.0 && self.headroom <= 1.0) {
+            return Err(format!(
+                "config headroom must be in (0, 1], got {}",
+                self.headroom
+            ));
+        }
+        if self.queue_length == 0 || self.job_history == 0 {
+            return Err("config queue_length and job_history must be at least 1".into());
+        }
+        if self.devices.is_empty() {
+            return Err("config devices must name at least one device (or \"auto\")".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+// figment's Jail fixes the closures' (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_file_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let from_file: Config = Figment::from(Toml::file(&path)).extract().unwrap();
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("headroom.toml", "queue_length = 3\nwait_seconds = 5\n")?;
+            jail.set_env("HEADROOM_QUEUE_LENGTH", "4");
+            jail.set_env("HEADROOM_SOMETHING_ELSE", "not a setting");
+            let config = Config::load(Some(Path::new("headroom.toml"))).unwrap();
+            assert_eq!(config.queue_length, 4);
+            assert_eq!(config.wait_seconds, 5);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_reported() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "headroom = 2.0\n")?;
+            assert!(Config::load(Some(Path::new("bad.toml")))
+                .unwrap_err()
+                .contains("headroom"));
+            jail.create_file("typo.toml", "queue_lenght = 2\n")?;
+            assert!(Config::load(Some(Path::new("typo.toml"))).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,323 @@
+//! Tuning jobs: their lifecycle (queued, running, finished) and the bounded history of them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::problem::Problem;
+use crate::job::Job;
+use crate::result::{Probe, TuneResult};
+use crate::search::TuneError;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for its device.
+    Queued,
+    /// Probing.
+    Running,
+    /// Finished with a result.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl JobState {
+    /// The state as its JSON and metric label spell it.
+    pub fn label(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the job will not change any more.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// The probes a job has run so far.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Progress {
+    /// Every probe so far, in order.
+    pub probes: Vec<Probe>,
+}
+
+/// A job as `GET /jobs/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct JobDocument {
+    /// The job's id.
+    pub id: String,
+    /// Where it is in its life.
+    pub state: JobState,
+    /// The device it runs on, e.g. `cuda:0` or `host`.
+    pub device: String,
+    /// Probes so far.
+    pub progress: Progress,
+    /// The result, once succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<TuneResult>,
+    /// The error, once failed or cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Problem>,
+    /// RFC 3339 time the job was accepted.
+    pub created_at: String,
+    /// RFC 3339 time probing began.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// RFC 3339 time the job finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+fn now() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .expect("RFC 3339 formats any UTC time")
+}
+
+/// One job: its specification, its document, a cancel flag and a finished signal.
+pub struct TuneJob {
+    /// The job's id.
+    pub id: Uuid,
+    /// The validated job.
+    pub spec: Job,
+    /// Cache key of the job on its device.
+    pub cache_key: String,
+    document: Mutex<JobDocument>,
+    cancel: AtomicBool,
+    finished: watch::Sender<bool>,
+}
+
+impl TuneJob {
+    /// A new queued job for `device`.
+    pub fn new(spec: Job, device: &str, cache_key: String) -> Arc<TuneJob> {
+        let id = Uuid::new_v4();
+        Arc::new(TuneJob {
+            id,
+            spec,
+            cache_key,
+            document: Mutex::new(JobDocument {
+                id: id.to_string(),
+                state: JobState::Queued,
+                device: device.to_string(),
+                progress: Progress { probes: Vec::new() },
+                result: None,
+                error: None,
+                created_at: now(),
+                started_at: None,
+                finished_at: None,
+            }),
+            cancel: AtomicBool::new(false),
+            finished: watch::channel(false).0,
+        })
+    }
+
+    /// A snapshot of the document.
+    pub fn document(&self) -> JobDocument {
+        self.lock().clone()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> JobState {
+        self.lock().state
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JobDocument> {
+        self.document
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks the job running, unless it was cancelled while queued; returns whether to run it.
+    pub fn start(&self) -> bool {
+        let mut doc = self.lock();
+        if doc.state != JobState::Queued || self.cancel.load(Ordering::SeqCst) {
+            drop(doc);
+            self.finish(
+                JobState::Cancelled,
+                None,
+                Some(Problem::of_search(&TuneError::Cancelled)),
+            );
+            return false;
+        }
+        doc.state = JobState::Running;
+        doc.started_at = Some(now());
+        true
+    }
+
+    /// Records a probe as it finishes.
+    pub fn record_probe(&self, probe: &Probe) {
+        self.lock().progress.probes.push(probe.clone());
+    }
+
+    /// Asks the job to stop: at once if queued, after its current probe if running. Returns
+    /// false if it had already finished.
+    pub fn cancel(&self) -> bool {
+        self.cancel.store(true, Ordering::SeqCst);
+        let state = self.state();
+        if state == JobState::Queued {
+            self.finish(
+                JobState::Cancelled,
+                None,
+                Some(Problem::of_search(&TuneError::Cancelled)),
+            );
+        }
+        !state.is_finished()
+    }
+
+    /// Whether cancellation was asked for.
+    pub fn is_cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Finishes the job (once; later calls are ignored) and wakes everyone waiting for it.
+    pub fn finish(&self, state: JobState, result: Option<TuneResult>, error: Option<Problem>) {
+        {
+            let mut doc = self.lock();
+            if doc.state.is_finished() {
+                return;
+            }
+            doc.state = state;
+            doc.result = result;
+            doc.error = error;
+            doc.finished_at = Some(now());
+        }
+        self.finished.send_replace(true);
+    }
+
+    /// Waits until the job finishes or `timeout` passes; returns whether it finished.
+    pub async fn wait(&self, timeout: std::time::Duration) -> bool {
+        let mut finished = self.finished.subscribe();
+        tokio::time::timeout(timeout, finished.wait_for(|done| *done))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// Every job the service knows, newest last, with finished ones beyond the history dropped.
+pub struct JobStore {
+    history: usize,
+    inner: Mutex<StoreInner>,
+}
+
+#[derive(Default)]
+struct StoreInner {
+    jobs: HashMap<Uuid, Arc<TuneJob>>,
+    order: VecDeque<Uuid>,
+}
+
+impl JobStore {
+    /// A store keeping at most `history` finished jobs.
+    pub fn new(history: usize) -> JobStore {
+        JobStore {
+            history,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StoreInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a job, dropping the oldest finished jobs past the history.
+    pub fn insert(&self, job: Arc<TuneJob>) {
+        let mut inner = self.lock();
+        inner.order.push_back(job.id);
+        inner.jobs.insert(job.id, job);
+        let mut excess = inner.order.len().saturating_sub(self.history);
+        let mut index = 0;
+        while excess > 0 && index < inner.order.len() {
+            let id = inner.order[index];
+            if inner.jobs[&id].state().is_finished() {
+                inner.order.remove(index);
+                inner.jobs.remove(&id);
+                excess -= 1;
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    /// Forgets a job that never ran (its queue was full).
+    pub fn remove(&self, id: Uuid) {
+        let mut inner = self.lock();
+        inner.jobs.remove(&id);
+        inner.order.retain(|other| *other != id);
+    }
+
+    /// The job with this id.
+    pub fn get(&self, id: Uuid) -> Option<Arc<TuneJob>> {
+        self.lock().jobs.get(&id).cloned()
+    }
+
+    /// Every job, newest first.
+    pub fn recent(&self) -> Vec<Arc<TuneJob>> {
+        let inner = self.lock();
+        inner
+            .order
+            .iter()
+            .rev()
+            .map(|id| Arc::clone(&inner.jobs[id]))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> Job {
+        Job::from_json(
+            r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn history_drops_only_finished_jobs_oldest_first() {
+        let store = JobStore::new(2);
+        let jobs: Vec<_> = (0..4)
+            .map(|_| TuneJob::new(job(), "host", String::new()))
+            .collect();
+        jobs[0].finish(JobState::Succeeded, None, None);
+        for j in &jobs {
+            store.insert(Arc::clone(j));
+        }
+        // jobs[0] was finished and is dropped; the unfinished ones stay even past the history.
+        assert!(store.get(jobs[0].id).is_none());
+        assert_eq!(store.recent().len(), 3);
+        assert_eq!(store.recent()[0].id, jobs[3].id);
+    }
+
+    #[test]
+    fn a_queued_job_cancels_at_once_and_finishes_once() {
+        let j = TuneJob::new(job(), "host", String::new());
+        assert!(j.cancel());
+        assert_eq!(j.state(), JobState::Cancelled);
+        assert!(!j.start());
+        assert!(!j.cancel());
+        j.finish(JobState::Succeeded, None, None);
+        assert_eq!(j.state(), JobState::Cancelled);
+        assert!(j.document().finished_at.is_some());
+    }
+}

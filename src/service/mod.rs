@@ -1,0 +1,322 @@
+//! `headroom serve`: the HTTP service around the engine.
+//!
+//! - [`handlers`]: the routes; [`problem`]: RFC 9457 errors.
+//! - [`jobs`]: job lifecycle and history; [`workers`]: one queue and thread per device.
+//! - [`cache`]: reuse of finished results; [`metrics`]: the Prometheus registry.
+//! - [`openapi`]: the OpenAPI 3 document served at `/openapi.json`.
+
+pub mod cache;
+pub mod handlers;
+pub mod jobs;
+pub mod metrics;
+pub mod openapi;
+pub mod problem;
+pub mod workers;
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::config::Config;
+use crate::device::select::{self, DeviceSpec};
+use crate::device::{cuda, nvml};
+use cache::ResultCache;
+use jobs::JobStore;
+use metrics::Metrics;
+use problem::Problem;
+use workers::{DeviceWorker, WorkerContext};
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The settings in force.
+    pub config: Config,
+    /// Jobs, recent first.
+    pub jobs: JobStore,
+    /// Finished results.
+    pub cache: Arc<ResultCache>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    workers: OnceLock<Vec<Arc<DeviceWorker>>>,
+}
+
+impl AppState {
+    /// State with no devices open yet.
+    pub fn new(config: Config) -> Arc<AppState> {
+        Arc::new(AppState {
+            jobs: JobStore::new(config.job_history),
+            cache: Arc::new(ResultCache::new(Duration::from_secs(
+                config.cache_ttl_seconds,
+            ))),
+            metrics: Arc::new(Metrics::new()),
+            workers: OnceLock::new(),
+            config,
+        })
+    }
+
+    /// The device workers, once the devices are open.
+    pub fn workers(&self) -> Option<&[Arc<DeviceWorker>]> {
+        self.workers.get().map(Vec::as_slice)
+    }
+
+    /// Opens the configured devices (compiling kernels for GPUs) and starts their workers.
+    pub fn open_devices(&self) -> Result<(), String> {
+        let specs = device_specs(&self.config.devices)?;
+        let driver_version = nvml::telemetry()
+            .map(|(v, _)| v)
+            .unwrap_or_else(|_| "none".into());
+        let mut workers = Vec::new();
+        for spec in specs {
+            let opened = select::open(spec, self.config.host_memory.0)
+                .map_err(|e| format!("device {spec}: {e}"))?;
+            let name = match opened.device.info().kind {
+                crate::device::DeviceKind::Host => "host".to_string(),
+                crate::device::DeviceKind::Cuda => format!("cuda:{}", opened.device.info().index),
+            };
+            tracing::info!(device = %name, "device open");
+            let context = WorkerContext {
+                cache: Arc::clone(&self.cache),
+                metrics: Arc::clone(&self.metrics),
+            };
+            workers.push(DeviceWorker::start(
+                name,
+                &driver_version,
+                opened.device,
+                self.config.queue_length,
+                context,
+            ));
+        }
+        self.workers
+            .set(workers)
+            .map_err(|_| "devices were already opened".to_string())
+    }
+
+    /// Cancels queued and running jobs and stops the workers taking more.
+    pub fn begin_shutdown(&self) {
+        for worker in self.workers().unwrap_or_default() {
+            worker.close();
+        }
+        for job in self.jobs.recent() {
+            job.cancel();
+        }
+    }
+
+    /// Waits (up to `grace` in all) for the workers to finish their probe and free their devices.
+    pub fn finish_shutdown(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        self.workers()
+            .unwrap_or_default()
+            .iter()
+            .all(|w| w.join(deadline.saturating_duration_since(Instant::now())))
+    }
+}
+
+/// `auto` means every CUDA device and the host; otherwise the listed specs.
+fn device_specs(names: &[String]) -> Result<Vec<DeviceSpec>, String> {
+    let mut specs = Vec::new();
+    for name in names {
+        match name.parse::<DeviceSpec>()? {
+            DeviceSpec::Auto => {
+                let count = if cuda::compile::nvrtc_available() {
+                    cuda::device_count().unwrap_or(0)
+                } else {
+                    0
+                };
+                specs.extend((0..count).map(DeviceSpec::Cuda));
+                specs.push(DeviceSpec::Host);
+            }
+            spec => specs.push(spec),
+        }
+    }
+    specs.dedup();
+    Ok(specs)
+}
+
+/// The router with every route and layer.
+pub fn router(state: Arc<AppState>) -> Router {
+    let protected = Router::new()
+        .route("/tune", post(handlers::tune))
+        .route("/jobs", get(handlers::list_jobs))
+        .route(
+            "/jobs/{id}",
+            get(handlers::get_job).delete(handlers::cancel_job),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ));
+    Router::new()
+        .merge(protected)
+        .route("/devices", get(handlers::devices))
+        .route("/metrics", get(handlers::metrics))
+        .route("/livez", get(handlers::livez))
+        .route("/readyz", get(handlers::readyz))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(|| async {
+            Problem::new(StatusCode::NOT_FOUND, "no such route; see /openapi.json")
+        })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method; see /openapi.json",
+            )
+        })
+        .layer(DefaultBodyLimit::max(state.config.body_limit.0 as usize))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            observe_request,
+        ))
+        .layer(CatchPanicLayer::custom(|_| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the server hit a bug handling this request; it has been logged",
+            )
+            .into_response()
+        }))
+        .with_state(state)
+}
+
+/// Bearer-token check for `/tune` and `/jobs`, in constant time.
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let expected = state.config.token.as_bytes();
+    if expected.is_empty() {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .as_bytes();
+    if given.ct_eq(expected).into() {
+        return next.run(request).await;
+    }
+    let mut response = Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "send the service's token as Authorization: Bearer <token>",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+/// One log line and one counter increment per request; a too-large body becomes a problem.
+async fn observe_request(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let path = request.uri().path().to_string();
+    let mut response = next.run(request).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem(&response) {
+        response = Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is larger than the limit of {}",
+                state.config.body_limit
+            ),
+        )
+        .into_response();
+    }
+    let status = response.status().as_u16();
+    state.metrics.request(&route, &method, status);
+    tracing::info!(%method, %path, status, seconds = started.elapsed().as_secs_f64(), "request");
+    response
+}
+
+fn is_problem(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v == "application/problem+json")
+}
+
+/// Serves on `listener` until `shutdown` resolves, then cancels jobs, lets a running probe
+/// finish (bounded by the config's grace) and frees the devices.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    let state = AppState::new(config);
+    let opening = Arc::clone(&state);
+    let opened = tokio::task::spawn_blocking(move || opening.open_devices());
+    let stopping = Arc::clone(&state);
+    let app = router(Arc::clone(&state));
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: cancelling jobs");
+        stopping.begin_shutdown();
+    });
+    server.await?;
+    match opened.await {
+        Ok(Err(e)) => tracing::error!("opening devices failed: {e}"),
+        Err(e) => tracing::error!("opening devices panicked: {e}"),
+        Ok(Ok(())) => {}
+    }
+    let released = tokio::task::spawn_blocking(move || state.finish_shutdown(grace))
+        .await
+        .unwrap_or(false);
+    tracing::info!(released, "stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+}
+
+/// Starts logging in the configured format (to stderr).
+pub fn init_logging(format: crate::config::LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Human => builder.try_init(),
+        crate::config::LogFormat::Json => builder.json().try_init(),
+    };
+}
