@@ -571,3 +571,46 @@ fn sigterm_with_a_job_running_shuts_down_cleanly() {
     assert!(log.contains("device released"), "{log}");
     assert!(log.contains("released=true"), "{log}");
 }
+
+#[test]
+fn the_cli_can_tune_through_a_server() {
+    let server = TestServer::start(Config {
+        token: "t0ken".into(),
+        ..host_config()
+    });
+    let run = |job: &str| {
+        Command::new(env!("CARGO_BIN_EXE_headroom"))
+            .args([
+                "tune",
+                "--server",
+                &server.base,
+                job,
+                "--device",
+                "host",
+                "--json",
+            ])
+            .env("HEADROOM_TOKEN", "t0ken")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    };
+    let output = run("examples/mnist-mlp-sgd.json");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        result["max_batch_size"].as_u64().unwrap() > 1000,
+        "{result}"
+    );
+    assert_eq!(result["device"]["kind"], "host");
+    let output = run("examples/deep-mlp-adamw.json");
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
