@@ -56,6 +56,36 @@ pub fn read_job(path: &Path) -> Result<Job, String> {
     Job::from_json(&text).map_err(|e| format!("invalid job {}: {e}", path.display()))
 }
 
+/// Reads the job and checks the host budget: the start of every command that probes.
+fn job_and_budget(job_path: &Path, host_memory: u64) -> Result<(Job, u64), ExitCode> {
+    let job = read_job(job_path).map_err(|message| fail(EXIT_INVALID, message))?;
+    let budget = check_host_budget(host_memory).map_err(|message| fail(EXIT_INVALID, message))?;
+    Ok((job, budget))
+}
+
+/// Prints a command's answer (JSON with `--json`, else `human`) and maps errors to exit codes.
+fn answer<T: Serialize>(
+    outcome: Result<T, TuneError>,
+    json: bool,
+    human: impl FnOnce(&T) -> String,
+) -> ExitCode {
+    match outcome {
+        Ok(value) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).expect("answers serialise")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(value) => {
+            print!("{}", human(&value));
+            ExitCode::SUCCESS
+        }
+        Err(err @ TuneError::DoesNotFit { .. }) => fail(EXIT_DOES_NOT_FIT, err),
+        Err(err) => fail(EXIT_FAILURE, err),
+    }
+}
+
 /// Checks a host budget against the machine: a budget past physical memory would let the host
 /// device commit more than exists.
 pub fn check_host_budget(bytes: u64) -> Result<u64, String> {
@@ -74,13 +104,9 @@ pub fn check_host_budget(bytes: u64) -> Result<u64, String> {
 
 /// `headroom tune`: runs the search and prints the result.
 pub fn tune_command(job_path: &Path, device: DeviceSpec, host_memory: u64, json: bool) -> ExitCode {
-    let job = match read_job(job_path) {
-        Ok(job) => job,
-        Err(message) => return fail(EXIT_INVALID, message),
-    };
-    let host_memory = match check_host_budget(host_memory) {
-        Ok(bytes) => bytes,
-        Err(message) => return fail(EXIT_INVALID, message),
+    let (job, host_memory) = match job_and_budget(job_path, host_memory) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let mut opened = match select::open(device, host_memory) {
         Ok(opened) => opened,
@@ -107,21 +133,11 @@ pub fn tune_command(job_path: &Path, device: DeviceSpec, host_memory: u64, json:
         eprintln!("{}", probe_line(probe));
         ControlFlow::Continue(())
     };
-    match tune(&job, opened.device.as_mut(), &mut print_probe) {
-        Ok(result) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&result).expect("results serialise")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(result) => {
-            print!("{}", summary(&result));
-            ExitCode::SUCCESS
-        }
-        Err(err @ TuneError::DoesNotFit { .. }) => fail(EXIT_DOES_NOT_FIT, err),
-        Err(err) => fail(EXIT_FAILURE, err),
-    }
+    answer(
+        tune(&job, opened.device.as_mut(), &mut print_probe),
+        json,
+        summary,
+    )
 }
 
 /// One line per probe, as it happens.
@@ -234,36 +250,24 @@ pub fn estimate_command(job_path: &Path, memory: u64, json: bool) -> ExitCode {
         Ok(job) => job,
         Err(message) => return fail(EXIT_INVALID, message),
     };
-    match estimate(&job, memory) {
-        Ok(estimate) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&estimate).expect("estimates serialise")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(e) => {
-            print!(
-                "parameters              {}\n\
-                 fixed                   {}\n\
-                 per sample              {}\n\
-                 predicted max batch     {} in {}\n\
-                 recommended batch size  {}\n\
-                 memory at batch {}:\n{}",
-                e.parameter_count,
-                human(e.fixed_bytes),
-                human(e.bytes_per_sample),
-                e.predicted_max_batch_size,
-                human(e.memory_bytes),
-                e.recommended_batch_size,
-                e.recommended_batch_size,
-                memory_table(&e.memory)
-            );
-            ExitCode::SUCCESS
-        }
-        Err(err @ TuneError::DoesNotFit { .. }) => fail(EXIT_DOES_NOT_FIT, err),
-        Err(err) => fail(EXIT_FAILURE, err),
-    }
+    answer(estimate(&job, memory), json, |e| {
+        format!(
+            "parameters              {}\n\
+             fixed                   {}\n\
+             per sample              {}\n\
+             predicted max batch     {} in {}\n\
+             recommended batch size  {}\n\
+             memory at batch {}:\n{}",
+            e.parameter_count,
+            human(e.fixed_bytes),
+            human(e.bytes_per_sample),
+            e.predicted_max_batch_size,
+            human(e.memory_bytes),
+            e.recommended_batch_size,
+            e.recommended_batch_size,
+            memory_table(&e.memory)
+        )
+    })
 }
 
 /// One measured probe of `headroom probe`.
@@ -296,13 +300,9 @@ pub fn probe_command(
     peak_tflops: Option<f64>,
     json: bool,
 ) -> ExitCode {
-    let job = match read_job(job_path) {
-        Ok(job) => job,
-        Err(message) => return fail(EXIT_INVALID, message),
-    };
-    let host_memory = match check_host_budget(host_memory) {
-        Ok(bytes) => bytes,
-        Err(message) => return fail(EXIT_INVALID, message),
+    let (job, host_memory) = match job_and_budget(job_path, host_memory) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let plan = Plan::new(&job).expect("a validated job plans");
     let mut opened = match select::open(device, host_memory) {

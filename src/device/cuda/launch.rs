@@ -3,7 +3,9 @@
 //! Launch shapes follow each `.cu` file's header; grid y and z stay under 65,535 and the batch
 //! goes on grid x (kernels loop past the grid), so batches with more than 2^31 elements work.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 
 use super::CudaDevice;
 use crate::device::DeviceError;
@@ -86,6 +88,31 @@ impl CudaDevice {
         kernel: &'static str,
     ) -> impl FnOnce(cudarc::driver::DriverError) -> DeviceError + '_ {
         move |e| self.classify(kernel, 0, e)
+    }
+
+    /// A zeroed buffer; out-of-memory here is what ends a probe.
+    fn zeroed<T: DeviceRepr + ValidAsZeroBits>(
+        &mut self,
+        len: u64,
+    ) -> Result<CudaSlice<T>, DeviceError> {
+        let result = self.stream.alloc_zeros::<T>(len as usize);
+        let bytes = len.saturating_mul(std::mem::size_of::<T>() as u64);
+        result.map_err(|e| self.classify("allocating", bytes, e))
+    }
+
+    fn download<T: DeviceRepr>(
+        &mut self,
+        buffer: &CudaSlice<T>,
+        len: u64,
+    ) -> Result<Vec<T>, DeviceError> {
+        let result = self.stream.clone_dtoh(&buffer.slice(..len as usize));
+        result.map_err(|e| self.classify("copying to the host", 0, e))
+    }
+
+    fn upload<T: DeviceRepr>(&mut self, values: &[T]) -> Result<CudaSlice<T>, DeviceError> {
+        let result = self.stream.clone_htod(values);
+        let bytes = std::mem::size_of_val(values) as u64;
+        result.map_err(|e| self.classify("copying to the device", bytes, e))
     }
 
     fn zero(&mut self, buffer: &mut CudaSlice<f32>) -> Result<(), DeviceError> {
@@ -190,13 +217,11 @@ impl Allocate for CudaDevice {
     type Error = DeviceError;
 
     fn f32_zeroed(&mut self, len: u64) -> Result<CudaSlice<f32>, DeviceError> {
-        let result = self.stream.alloc_zeros::<f32>(len as usize);
-        result.map_err(|e| self.classify("allocating", len.saturating_mul(4), e))
+        self.zeroed(len)
     }
 
     fn u32_zeroed(&mut self, len: u64) -> Result<CudaSlice<u32>, DeviceError> {
-        let result = self.stream.alloc_zeros::<u32>(len as usize);
-        result.map_err(|e| self.classify("allocating", len.saturating_mul(4), e))
+        self.zeroed(len)
     }
 }
 
@@ -208,23 +233,19 @@ impl Kernels for CudaDevice {
     }
 
     fn read_f32(&mut self, buffer: &CudaSlice<f32>, len: u64) -> Result<Vec<f32>, DeviceError> {
-        let result = self.stream.clone_dtoh(&buffer.slice(..len as usize));
-        result.map_err(|e| self.classify("copying to the host", 0, e))
+        self.download(buffer, len)
     }
 
     fn read_u32(&mut self, buffer: &CudaSlice<u32>, len: u64) -> Result<Vec<u32>, DeviceError> {
-        let result = self.stream.clone_dtoh(&buffer.slice(..len as usize));
-        result.map_err(|e| self.classify("copying to the host", 0, e))
+        self.download(buffer, len)
     }
 
     fn write_f32(&mut self, values: &[f32]) -> Result<CudaSlice<f32>, DeviceError> {
-        let result = self.stream.clone_htod(values);
-        result.map_err(|e| self.classify("copying to the device", (values.len() * 4) as u64, e))
+        self.upload(values)
     }
 
     fn write_u32(&mut self, values: &[u32]) -> Result<CudaSlice<u32>, DeviceError> {
-        let result = self.stream.clone_htod(values);
-        result.map_err(|e| self.classify("copying to the device", (values.len() * 4) as u64, e))
+        self.upload(values)
     }
 
     // ---- fill.cu -------------------------------------------------------------------------------

@@ -86,6 +86,14 @@ impl<T: Copy + Default> HostBuffer<T> {
     }
 }
 
+impl<T: Copy + Default> HostBuffer<T> {
+    fn copied(ledger: &Arc<Ledger>, values: &[T]) -> Result<Self, DeviceError> {
+        let mut buffer = HostBuffer::zeroed(ledger, values.len() as u64)?;
+        buffer.copy_from_slice(values);
+        Ok(buffer)
+    }
+}
+
 impl<T> Drop for HostBuffer<T> {
     fn drop(&mut self) {
         self.ledger
@@ -334,15 +342,11 @@ impl Kernels for HostDevice {
     }
 
     fn write_f32(&mut self, values: &[f32]) -> Result<Self::F32, DeviceError> {
-        let mut buffer = self.f32_zeroed(values.len() as u64)?;
-        buffer.copy_from_slice(values);
-        Ok(buffer)
+        HostBuffer::copied(&self.ledger, values)
     }
 
     fn write_u32(&mut self, values: &[u32]) -> Result<Self::U32, DeviceError> {
-        let mut buffer = self.u32_zeroed(values.len() as u64)?;
-        buffer.copy_from_slice(values);
-        Ok(buffer)
+        HostBuffer::copied(&self.ledger, values)
     }
 }
 
