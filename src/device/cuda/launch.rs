@@ -1,12 +1,9 @@
-//! The launchers: [`Kernels`] on the GPU, one section per kernel family in `kernels/`.
-//!
-//! Launch shapes follow each `.cu` file's header; grid y and z stay under 65,535 and the batch
-//! goes on grid x (kernels loop past the grid), so batches with more than 2^31 elements work.
+//! The launchers: [`Kernels`] on the GPU, one section per kernel family in `kernels/`, with the
+//! launch shapes of [`super::shapes`].
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 
+use super::shapes::{self, activation_code, GemmShape};
 use super::CudaDevice;
 use crate::device::DeviceError;
 use crate::job::{Activation, OptimizerKind};
@@ -14,67 +11,6 @@ use crate::step::{
     Allocate, Kernels, UpdateRule, ADAMW_WEIGHT_DECAY, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON,
     MOMENTUM,
 };
-
-/// Largest grid x of the grid-stride kernels: enough blocks to fill any GPU.
-const MAX_STRIDE_BLOCKS: u64 = 1 << 20;
-/// Largest grid y or z.
-const MAX_GRID_YZ: u64 = 65_535;
-/// Side of the GEMM's output tile (`BM` = `BN` in gemm.cu).
-const GEMM_TILE: u64 = 128;
-/// Depth of the GEMM's shared-memory slices (`BK` in gemm.cu).
-const GEMM_DEPTH: u64 = 8;
-/// Fewest rows of K one split of a split-K GEMM handles.
-const MIN_SPLIT_K: u64 = 1024;
-
-fn blocks(n: u64, per_block: u64, cap: u64) -> u32 {
-    n.div_ceil(per_block).clamp(1, cap) as u32
-}
-
-fn one_dimensional(n: u64) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks(n, 256, MAX_STRIDE_BLOCKS), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn activation_code(activation: Activation) -> i32 {
-    match activation {
-        Activation::Relu => 0,
-        Activation::Gelu => 1,
-        Activation::Tanh => 2,
-    }
-}
-
-/// Which of gemm.cu's three products.
-#[derive(Clone, Copy)]
-enum Product {
-    /// `C = A * B^T`
-    Nt,
-    /// `C = A^T * B`
-    Tn,
-    /// `C = A * B`
-    Nn,
-}
-
-impl Product {
-    fn kernel(self) -> &'static str {
-        match self {
-            Product::Nt => "gemm_nt",
-            Product::Tn => "gemm_tn",
-            Product::Nn => "gemm_nn",
-        }
-    }
-}
-
-/// The shape of one product: `C (m x n) = op(A) * op(B)` over depth `k`.
-struct GemmShape {
-    m: u64,
-    n: u64,
-    k: u64,
-    lda: u64,
-    ldb: u64,
-}
 
 impl CudaDevice {
     fn function(&self, name: &'static str) -> Result<&CudaFunction, DeviceError> {
@@ -122,44 +58,29 @@ impl CudaDevice {
 
     // ---- gemm.cu -------------------------------------------------------------------------------
 
-    /// Launches one product; a long depth (the batch, for weight gradients) is split over grid z
-    /// so that a handful of output tiles still fills the GPU.
+    /// Launches one product with its shape's launch (split-K where the depth is long).
     fn gemm(
         &mut self,
-        product: Product,
         a: &CudaSlice<f32>,
         b: &CudaSlice<f32>,
         c: &mut CudaSlice<f32>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
-        let tiles_m = shape.m.div_ceil(GEMM_TILE);
-        let tiles_n = shape.n.div_ceil(GEMM_TILE);
-        let grid_x = tiles_m.clamp(1, i32::MAX as u64);
-        let grid_y = tiles_n.clamp(1, MAX_GRID_YZ);
-        let wanted_blocks = 8 * self.multiprocessors as u64;
-        let splits = (wanted_blocks / (grid_x * grid_y))
-            .min(shape.k.div_ceil(MIN_SPLIT_K))
-            .clamp(1, MAX_GRID_YZ);
-        let k_chunk = shape.k.div_ceil(splits).div_ceil(GEMM_DEPTH) * GEMM_DEPTH;
-        let splits = shape.k.div_ceil(k_chunk.max(1)).max(1);
-        let accumulate: i32 = (splits > 1).into();
-        if accumulate == 1 {
+        let launch_shape = shapes::gemm(&shape, self.multiprocessors);
+        let accumulate = i32::from(launch_shape.accumulate);
+        if launch_shape.accumulate {
             self.zero(c)?;
         }
-        let config = LaunchConfig {
-            grid_dim: (grid_x as u32, grid_y as u32, splits as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (m, n, k, lda, ldb, k_chunk) = (
             shape.m as i64,
             shape.n as i64,
             shape.k as i64,
             shape.lda as i64,
             shape.ldb as i64,
-            k_chunk as i64,
+            launch_shape.k_chunk as i64,
         );
-        let function = self.function(product.kernel())?;
+        let kernel = shape.product.kernel();
+        let function = self.function(kernel)?;
         let mut launch = self.stream.launch_builder(function);
         launch
             .arg(a)
@@ -174,10 +95,8 @@ impl CudaDevice {
             .arg(&accumulate);
         // SAFETY: the argument list matches gemm.cu's signature and every buffer holds the
         // elements its shape addresses (the plan sized them).
-        let launched = unsafe { launch.launch(config) };
-        launched
-            .map(|_| ())
-            .map_err(self.launch_failed(product.kernel()))
+        let launched = unsafe { launch.launch(launch_shape.config) };
+        launched.map(|_| ()).map_err(self.launch_failed(kernel))
     }
 
     // ---- elementwise.cu ------------------------------------------------------------------------
@@ -206,7 +125,7 @@ impl CudaDevice {
             launch.arg(&rows_arg).arg(&cols_arg);
         }
         // SAFETY: arguments match elementwise.cu; buffers hold rows x cols values.
-        let launched = unsafe { launch.launch(one_dimensional(rows * cols)) };
+        let launched = unsafe { launch.launch(shapes::elementwise(rows * cols)) };
         launched.map(|_| ()).map_err(self.launch_failed(kernel))
     }
 }
@@ -262,7 +181,7 @@ impl Kernels for CudaDevice {
         let mut launch = self.stream.launch_builder(function);
         launch.arg(out).arg(&n).arg(&key).arg(&scale);
         // SAFETY: arguments match fill.cu; `out` holds `len` values.
-        let launched = unsafe { launch.launch(one_dimensional(len)) };
+        let launched = unsafe { launch.launch(shapes::elementwise(len)) };
         launched
             .map(|_| ())
             .map_err(self.launch_failed("fill_uniform"))
@@ -281,7 +200,7 @@ impl Kernels for CudaDevice {
         let mut launch = self.stream.launch_builder(function);
         launch.arg(labels).arg(inputs).arg(&r).arg(&f).arg(&c);
         // SAFETY: arguments match fill.cu; inputs hold rows x features values.
-        let launched = unsafe { launch.launch(one_dimensional(rows)) };
+        let launched = unsafe { launch.launch(shapes::elementwise(rows)) };
         launched
             .map(|_| ())
             .map_err(self.launch_failed("fill_labels"))
@@ -298,19 +217,7 @@ impl Kernels for CudaDevice {
         inputs: u64,
         outputs: u64,
     ) -> Result<(), DeviceError> {
-        self.gemm(
-            Product::Nt,
-            x,
-            w,
-            y,
-            GemmShape {
-                m: rows,
-                n: outputs,
-                k: inputs,
-                lda: inputs,
-                ldb: inputs,
-            },
-        )
+        self.gemm(x, w, y, GemmShape::forward(rows, inputs, outputs))
     }
 
     fn weight_gradient(
@@ -322,19 +229,7 @@ impl Kernels for CudaDevice {
         inputs: u64,
         outputs: u64,
     ) -> Result<(), DeviceError> {
-        self.gemm(
-            Product::Tn,
-            dy,
-            x,
-            dw,
-            GemmShape {
-                m: outputs,
-                n: inputs,
-                k: rows,
-                lda: outputs,
-                ldb: inputs,
-            },
-        )
+        self.gemm(dy, x, dw, GemmShape::weight_gradient(rows, inputs, outputs))
     }
 
     fn input_gradient(
@@ -346,19 +241,7 @@ impl Kernels for CudaDevice {
         inputs: u64,
         outputs: u64,
     ) -> Result<(), DeviceError> {
-        self.gemm(
-            Product::Nn,
-            dy,
-            w,
-            dx,
-            GemmShape {
-                m: rows,
-                n: inputs,
-                k: outputs,
-                lda: outputs,
-                ldb: inputs,
-            },
-        )
+        self.gemm(dy, w, dx, GemmShape::input_gradient(rows, inputs, outputs))
     }
 
     // ---- elementwise.cu ------------------------------------------------------------------------
@@ -387,7 +270,7 @@ impl Kernels for CudaDevice {
         let mut launch = self.stream.launch_builder(function);
         launch.arg(grad_post).arg(pre).arg(&n).arg(&code);
         // SAFETY: arguments match elementwise.cu; both buffers hold `len` values.
-        let launched = unsafe { launch.launch(one_dimensional(len)) };
+        let launched = unsafe { launch.launch(shapes::elementwise(len)) };
         launched
             .map(|_| ())
             .map_err(self.launch_failed("activation_backward"))
@@ -403,15 +286,7 @@ impl Kernels for CudaDevice {
         cols: u64,
     ) -> Result<(), DeviceError> {
         self.zero(db)?;
-        let column_tiles = cols.div_ceil(32).clamp(1, MAX_GRID_YZ);
-        let wanted_chunks = (8 * self.multiprocessors as u64 / column_tiles).max(1);
-        let rows_per_chunk = rows.div_ceil(wanted_chunks).max(64);
-        let chunks = rows.div_ceil(rows_per_chunk).max(1);
-        let config = LaunchConfig {
-            grid_dim: (chunks as u32, column_tiles as u32, 1),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
-        };
+        let (config, rows_per_chunk) = shapes::column_sum(rows, cols, self.multiprocessors);
         let (r, c, per_chunk) = (rows as i64, cols as i64, rows_per_chunk as i64);
         let function = self.function("column_sum")?;
         let mut launch = self.stream.launch_builder(function);
@@ -431,11 +306,7 @@ impl Kernels for CudaDevice {
     ) -> Result<f32, DeviceError> {
         self.zero(accumulator)?;
         let n = len as i64;
-        let config = LaunchConfig {
-            grid_dim: (blocks(len, 256, 4096), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = shapes::mean(len);
         let function = self.function("mean")?;
         let mut launch = self.stream.launch_builder(function);
         launch.arg(values).arg(&*accumulator).arg(&n);
@@ -456,11 +327,7 @@ impl Kernels for CudaDevice {
         classes: u64,
     ) -> Result<(), DeviceError> {
         let (r, c, inv_rows) = (rows as i64, classes as i64, 1.0f32 / rows as f32);
-        let config = LaunchConfig {
-            grid_dim: (blocks(rows, 8, MAX_STRIDE_BLOCKS), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = shapes::softmax_cross_entropy(rows);
         let function = self.function("softmax_cross_entropy")?;
         let mut launch = self.stream.launch_builder(function);
         launch
@@ -489,7 +356,7 @@ impl Kernels for CudaDevice {
     ) -> Result<(), DeviceError> {
         let n = len as i64;
         let lr = rule.learning_rate;
-        let config = one_dimensional(len);
+        let config = shapes::elementwise(len);
         let kernel = match rule.kind {
             OptimizerKind::Sgd => "sgd",
             OptimizerKind::SgdMomentum => "sgd_momentum",

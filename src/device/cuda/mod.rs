@@ -1,7 +1,8 @@
 //! The `cuda` device: the training step with hand-written kernels, through cudarc and NVRTC.
 //!
 //! - [`compile`]: the embedded `kernels/*.cu` sources and NVRTC.
-//! - [`launch`]: one launcher per kernel family, implementing [`crate::step::Kernels`].
+//! - `launch`: one launcher per kernel family, implementing [`crate::step::Kernels`].
+//! - [`shapes`]: every kernel's launch shape, as pure functions of the problem size.
 //!
 //! Libraries are loaded at run time; their absence is an error, never a panic. An allocation that
 //! fails with `CUDA_ERROR_OUT_OF_MEMORY` is [`DeviceError::OutOfMemory`]; every other driver error
@@ -9,6 +10,7 @@
 
 pub mod compile;
 mod launch;
+pub mod shapes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
