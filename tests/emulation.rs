@@ -67,7 +67,7 @@ fn dims(config: &LaunchConfig) -> (Shape, Shape) {
 
 /// Looks up an emulated kernel launcher by its C name.
 macro_rules! emulated {
-    ($name:literal, fn($($arg:ty),*)) => {{
+    ($name:literal, fn($($arg:ty),* $(,)?)) => {{
         let library = library().expect("the emulator is built");
         // SAFETY: the signature matches the extern "C" launcher in emulate.cpp.
         unsafe { library.get::<unsafe extern "C" fn(*const c_uint, *const c_uint, $($arg),*)>($name.as_bytes()) }.expect($name)
