@@ -19,8 +19,6 @@ use crate::plan::{MemoryBreakdown, Plan};
 use crate::result::{Outcome, Probe, TuneResult};
 use crate::search::{recommended_batch_size, tune, TuneError, PROBE_SEED};
 
-/// Success.
-pub const EXIT_OK: u8 = 0;
 /// Any failure not listed below.
 pub const EXIT_FAILURE: u8 = 1;
 /// The job or the arguments are invalid.

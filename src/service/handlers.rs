@@ -418,6 +418,12 @@ pub async fn livez() -> Json<Value> {
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, body = Problem)))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Problem> {
     let workers = state.workers().ok_or_else(not_ready)?;
+    if workers.is_empty() {
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no configured device could be opened; see the log",
+        ));
+    }
     Ok(Json(
         serde_json::json!({"status": "ready", "devices": workers.iter().map(|w| w.name.clone()).collect::<Vec<_>>()}),
     ))

@@ -68,7 +68,8 @@ impl AppState {
         self.workers.get().map(Vec::as_slice)
     }
 
-    /// Opens the configured devices (compiling kernels for GPUs) and starts their workers.
+    /// Opens the configured devices (compiling kernels for GPUs) and starts their workers. A
+    /// device that fails to open is logged and left out; the others are served.
     pub fn open_devices(&self) -> Result<(), String> {
         let specs = device_specs(&self.config.devices)?;
         let driver_version = nvml::telemetry()
@@ -76,8 +77,13 @@ impl AppState {
             .unwrap_or_else(|_| "none".into());
         let mut workers = Vec::new();
         for spec in specs {
-            let opened = select::open(spec, self.config.host_memory.0)
-                .map_err(|e| format!("device {spec}: {e}"))?;
+            let opened = match select::open(spec, self.config.host_memory.0) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    tracing::error!(device = %spec, error = %e, "device could not be opened; not serving it");
+                    continue;
+                }
+            };
             let name = match opened.device.info().kind {
                 crate::device::DeviceKind::Host => "host".to_string(),
                 crate::device::DeviceKind::Cuda => format!("cuda:{}", opened.device.info().index),
