@@ -7,6 +7,8 @@
 set -u
 cd "$(dirname "$0")/.."
 BIN=${HEADROOM_BIN:-target/release/headroom}
+# The device under test; `host` dry-runs this script on a machine without a GPU.
+DEVICE=${HEADROOM_DEVICE:-cuda}
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
 failures=0
@@ -19,7 +21,7 @@ for dir in /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib \
            $(python3 -c 'import glob, site; print(" ".join(d for s in site.getsitepackages() for d in glob.glob(s + "/nvidia/*/lib")))' 2>/dev/null); do
   [ -d "$dir" ] && LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
-export LD_LIBRARY_PATH
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 
 gpu_used_mib() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 2>/dev/null | tr -d ' '; }
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null)
@@ -54,7 +56,7 @@ for job in examples/*.json; do
   note "tune $name"
   before=$(gpu_used_mib)
   start=$(date +%s.%N)
-  if ! timeout 150 "$BIN" tune "$job" --device cuda --json > "$OUT/tune-$name.json" 2> "$OUT/tune-$name.log"; then
+  if ! timeout 150 "$BIN" tune "$job" --device "$DEVICE" --json > "$OUT/tune-$name.json" 2> "$OUT/tune-$name.log"; then
     failed "tune $name (see tune-$name.log)"; continue
   fi
   wall=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
@@ -71,8 +73,8 @@ for job in examples/*.json; do
   # Proof: a fresh probe at max fits; one multiple_of above the first OOM does not.
   sizes="$max"
   [ "$first_oom" != 0 ] && sizes="$max,$((first_oom + multiple))"
-  if timeout 120 "$BIN" probe "$job" --device cuda --batch-size "$sizes" --json > "$OUT/confirm-$name.json" 2>&1; then
-    outcomes=$(field "$OUT/confirm-$name.json" '" ".join(f"{m[\"batch_size\"]}:{m[\"outcome\"]}" for m in d)')
+  if timeout 120 "$BIN" probe "$job" --device "$DEVICE" --batch-size "$sizes" --json > "$OUT/confirm-$name.json" 2>&1; then
+    outcomes=$(field "$OUT/confirm-$name.json" '" ".join("%d:%s" % (m["batch_size"], m["outcome"]) for m in d)')
     summary+=("proof $name: $outcomes")
     case "$outcomes" in "$max:fit"|"$max:fit $((first_oom + multiple)):oom") ;; *) failed "$name: confirmation $outcomes" ;; esac
   else
@@ -89,9 +91,9 @@ cat > "$OUT/cifar-mlp.json" <<'JOB'
 {"model": {"input_shape": [3, 32, 32], "hidden_layers": [128], "num_classes": 10},
  "optimizer": {"name": "adam"}, "search": {"steps_per_probe": 4}}
 JOB
-timeout 150 "$BIN" probe "$OUT/cifar-mlp.json" --device cuda $peak_arg \
+timeout 150 "$BIN" probe "$OUT/cifar-mlp.json" --device "$DEVICE" $peak_arg \
   --batch-size 256,4096,65536,1048576,8388608 > "$OUT/throughput-cifar.txt" 2>&1 || failed "cifar throughput"
-timeout 150 "$BIN" probe "$OUT/wide-mlp.json" --device cuda $peak_arg \
+timeout 150 "$BIN" probe "$OUT/wide-mlp.json" --device "$DEVICE" $peak_arg \
   --batch-size 256,1024,4096,16384,65536 > "$OUT/throughput-wide.txt" 2>&1 || failed "wide throughput"
 
 echo
