@@ -499,6 +499,18 @@ pub fn run_probe<K: Kernels>(
     ))
 }
 
+/// Trains `steps` steps at `rows` and returns every parameter afterwards (the parity check).
+pub fn trained_parameters<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    rows: u64,
+    steps: u32,
+    seed: u64,
+) -> Result<Vec<f32>, K::Error> {
+    let (buffers, _) = run_probe(kernels, plan, rows, steps, seed)?;
+    read_parameters(kernels, plan, &buffers)
+}
+
 /// Every parameter, layer by layer (weights, then biases), copied to the host.
 pub fn read_parameters<K: Kernels>(
     kernels: &mut K,

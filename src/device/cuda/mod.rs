@@ -286,8 +286,7 @@ impl Device for CudaDevice {
         seed: u64,
     ) -> Result<Vec<f32>, DeviceError> {
         let baseline_free = self.prepare()?;
-        let parameters = step::run_probe(self, plan, batch_size, steps, seed)
-            .and_then(|(buffers, _)| step::read_parameters(self, plan, &buffers));
+        let parameters = step::trained_parameters(self, plan, batch_size, steps, seed);
         if !self.poisoned {
             self.check_returned(baseline_free)?;
         }

@@ -388,8 +388,7 @@ impl Device for HostDevice {
         steps: u32,
         seed: u64,
     ) -> Result<Vec<f32>, DeviceError> {
-        let (buffers, _) = step::run_probe(self, plan, batch_size, steps, seed)?;
-        step::read_parameters(self, plan, &buffers)
+        step::trained_parameters(self, plan, batch_size, steps, seed)
     }
 }
 
