@@ -73,12 +73,12 @@ for job in examples/*.json; do
   # Proof: a fresh probe at max fits; one multiple_of above the first OOM does not.
   sizes="$max"
   [ "$first_oom" != 0 ] && sizes="$max,$((first_oom + multiple))"
-  if timeout 120 "$BIN" probe "$job" --device "$DEVICE" --batch-size "$sizes" --json > "$OUT/confirm-$name.json" 2>&1; then
+  if timeout 120 "$BIN" probe "$job" --device "$DEVICE" --batch-size "$sizes" --json > "$OUT/confirm-$name.json" 2> "$OUT/confirm-$name.log"; then
     outcomes=$(field "$OUT/confirm-$name.json" '" ".join("%d:%s" % (m["batch_size"], m["outcome"]) for m in d)')
     summary+=("proof $name: $outcomes")
     case "$outcomes" in "$max:fit"|"$max:fit $((first_oom + multiple)):oom") ;; *) failed "$name: confirmation $outcomes" ;; esac
   else
-    failed "confirm $name (see confirm-$name.json)"
+    failed "confirm $name (see confirm-$name.log)"
   fi
 done
 

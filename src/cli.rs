@@ -54,11 +54,25 @@ pub fn read_job(path: &Path) -> Result<Job, String> {
     Job::from_json(&text).map_err(|e| format!("invalid job {}: {e}", path.display()))
 }
 
-/// Reads the job and checks the host budget: the start of every command that probes.
-fn job_and_budget(job_path: &Path, host_memory: u64) -> Result<(Job, u64), ExitCode> {
+/// Reads the job, checks the host budget and opens the device: the start of every command that
+/// probes. Says so on stderr when `auto` fell back to the host.
+fn job_and_device(
+    job_path: &Path,
+    device: DeviceSpec,
+    host_memory: u64,
+) -> Result<(Job, select::Opened), ExitCode> {
     let job = read_job(job_path).map_err(|message| fail(EXIT_INVALID, message))?;
     let budget = check_host_budget(host_memory).map_err(|message| fail(EXIT_INVALID, message))?;
-    Ok((job, budget))
+    let opened = select::open(device, budget).map_err(|message| {
+        fail(
+            EXIT_FAILURE,
+            format!("cannot open device {device}: {message}"),
+        )
+    })?;
+    if let Some(reason) = &opened.fallback_reason {
+        eprintln!("note: using the host device ({reason})");
+    }
+    Ok((job, opened))
 }
 
 /// Prints a command's answer (JSON with `--json`, else `human`) and maps errors to exit codes.
@@ -102,22 +116,10 @@ pub fn check_host_budget(bytes: u64) -> Result<u64, String> {
 
 /// `headroom tune`: runs the search and prints the result.
 pub fn tune_command(job_path: &Path, device: DeviceSpec, host_memory: u64, json: bool) -> ExitCode {
-    let (job, host_memory) = match job_and_budget(job_path, host_memory) {
+    let (job, mut opened) = match job_and_device(job_path, device, host_memory) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    let mut opened = match select::open(device, host_memory) {
-        Ok(opened) => opened,
-        Err(message) => {
-            return fail(
-                EXIT_FAILURE,
-                format!("cannot open device {device}: {message}"),
-            )
-        }
-    };
-    if let Some(reason) = &opened.fallback_reason {
-        eprintln!("note: using the host device ({reason})");
-    }
     let info = opened.device.info();
     eprintln!(
         "tuning on {} {} ({}): {} free of {}",
@@ -298,20 +300,11 @@ pub fn probe_command(
     peak_tflops: Option<f64>,
     json: bool,
 ) -> ExitCode {
-    let (job, host_memory) = match job_and_budget(job_path, host_memory) {
+    let (job, mut opened) = match job_and_device(job_path, device, host_memory) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let plan = Plan::new(&job).expect("a validated job plans");
-    let mut opened = match select::open(device, host_memory) {
-        Ok(opened) => opened,
-        Err(message) => {
-            return fail(
-                EXIT_FAILURE,
-                format!("cannot open device {device}: {message}"),
-            )
-        }
-    };
     let mut measurements = Vec::new();
     for &batch_size in batch_sizes {
         let Some(modelled) = plan.memory(batch_size) else {
@@ -634,12 +627,7 @@ pub fn tune_remote_command(
     if let Some(bearer) = &bearer {
         post = post.header("Authorization", bearer);
     }
-    let (mut status, mut document) = match post.send_json(&body).and_then(|mut r| {
-        Ok((
-            r.status().as_u16(),
-            r.body_mut().read_json::<serde_json::Value>()?,
-        ))
-    }) {
+    let (mut status, mut document) = match status_and_json(post.send_json(&body)) {
         Ok(answer) => answer,
         Err(e) => return fail(EXIT_FAILURE, format!("cannot reach {base}: {e}")),
     };
@@ -659,12 +647,7 @@ pub fn tune_remote_command(
         if let Some(bearer) = &bearer {
             get = get.header("Authorization", bearer);
         }
-        (status, document) = match get.call().and_then(|mut r| {
-            Ok((
-                r.status().as_u16(),
-                r.body_mut().read_json::<serde_json::Value>()?,
-            ))
-        }) {
+        (status, document) = match status_and_json(get.call()) {
             Ok(answer) => answer,
             Err(e) => return fail(EXIT_FAILURE, format!("cannot reach {base}: {e}")),
         };
@@ -674,6 +657,14 @@ pub fn tune_remote_command(
         (200, _) => remote_problem(&document["error"]),
         _ => remote_problem(&document),
     }
+}
+
+/// The status and JSON body of a server's answer.
+fn status_and_json(
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<(u16, serde_json::Value), ureq::Error> {
+    let mut response = response?;
+    Ok((response.status().as_u16(), response.body_mut().read_json()?))
 }
 
 fn print_remote_result(result: serde_json::Value, json: bool) -> ExitCode {

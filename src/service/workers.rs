@@ -78,7 +78,7 @@ impl DeviceWorker {
             .spawn(move || {
                 let mut device = device;
                 while let Ok(job) = receiver.recv() {
-                    this.set_queued(-1);
+                    this.count_queued(false);
                     this.run(device.as_mut(), &job, &context);
                 }
                 tracing::info!(device = %this.name, "worker stopped; device released");
@@ -88,8 +88,9 @@ impl DeviceWorker {
         worker
     }
 
-    fn set_queued(&self, delta: isize) {
-        let now = if delta > 0 {
+    /// Counts a job into (`joined`) or out of the queue and updates the gauge.
+    fn count_queued(&self, joined: bool) {
+        let now = if joined {
             self.queued.fetch_add(1, Ordering::SeqCst) + 1
         } else {
             self.queued.fetch_sub(1, Ordering::SeqCst) - 1
@@ -103,15 +104,15 @@ impl DeviceWorker {
         let Some(sender) = sender.as_ref() else {
             return Err(EnqueueError::Closed);
         };
-        self.set_queued(1);
+        self.count_queued(true);
         match sender.try_send(job) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
-                self.set_queued(-1);
+                self.count_queued(false);
                 Err(EnqueueError::Full)
             }
             Err(TrySendError::Disconnected(_)) => {
-                self.set_queued(-1);
+                self.count_queued(false);
                 Err(EnqueueError::Closed)
             }
         }
