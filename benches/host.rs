@@ -12,7 +12,7 @@ fn cifar_plan() -> Plan {
         "/examples/cifar10-mlp-adam.json"
     ))
     .unwrap();
-    Plan::new(&Job::from_json(&text).unwrap()).unwrap()
+    Job::from_json(&text).unwrap().plan().clone()
 }
 
 fn step_throughput(c: &mut Criterion) {

@@ -12,6 +12,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::device::host::DEFAULT_BUDGET_BYTES;
+use crate::device::select::DeviceSpec;
 
 /// Every setting of `headroom serve`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,7 +21,7 @@ pub struct Config {
     /// Address and port to listen on.
     pub bind: SocketAddr,
     /// Devices to serve: `auto` (every CUDA device, plus the host) or a list such as `["host", "cuda:0"]`.
-    pub devices: Vec<String>,
+    pub devices: Vec<DeviceSpec>,
     /// Memory budget of the host device.
     pub host_memory: ByteSize,
     /// Jobs that may wait per device; a full queue answers 429.
@@ -48,7 +49,7 @@ pub struct Config {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// One readable line per event.
@@ -61,7 +62,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             bind: "127.0.0.1:8080".parse().expect("a valid address"),
-            devices: vec!["auto".into()],
+            devices: vec![DeviceSpec::Auto],
             host_memory: ByteSize(DEFAULT_BUDGET_BYTES),
             queue_length: 8,
             wait_seconds: 60,
@@ -78,6 +79,33 @@ impl Default for Config {
     }
 }
 
+/// `HEADROOM_*` variables that are not settings but are read elsewhere: the CLI's token, and
+/// the test and GPU-check tooling (`HEADROOM_REQUIRE_*`, `HEADROOM_STANDIN_*`, ...).
+const OTHER_VARIABLES: [&str; 6] = ["TOKEN", "REQUIRE_", "STANDIN_", "PTXAS", "BIN", "DEVICE"];
+
+/// The names of setting-like variables (`HEADROOM_*`) that are neither a setting nor read by
+/// anything else: most likely a misspelt setting, which would otherwise be ignored in silence.
+pub fn unknown_variables(variables: impl Iterator<Item = String>) -> Vec<String> {
+    let settings = setting_names();
+    variables
+        .filter_map(|name| {
+            let key = name.strip_prefix("HEADROOM_")?.to_ascii_lowercase();
+            let known = settings.contains(&key)
+                || OTHER_VARIABLES
+                    .iter()
+                    .any(|other| key.starts_with(&other.to_ascii_lowercase()));
+            (!known).then_some(name)
+        })
+        .collect()
+}
+
+fn setting_names() -> Vec<String> {
+    match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
 impl Config {
     /// Defaults, then `file` (if given), then `HEADROOM_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Config, String> {
@@ -89,10 +117,7 @@ impl Config {
             figment = figment.merge(Toml::file(path));
         }
         // Only the settings' own names: other HEADROOM_* variables (e.g. for tests) are not config.
-        let keys: Vec<String> = match serde_json::to_value(Config::default()) {
-            Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
-            _ => Vec::new(),
-        };
+        let keys = setting_names();
         let environment = Env::prefixed("HEADROOM_")
             .filter(move |key| keys.iter().any(|k| key.as_str().eq_ignore_ascii_case(k)));
         let config: Config = figment
@@ -143,6 +168,37 @@ mod tests {
             let config = Config::load(Some(Path::new("headroom.toml"))).unwrap();
             assert_eq!(config.queue_length, 4);
             assert_eq!(config.wait_seconds, 5);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn misspelt_variables_are_named_and_others_are_not() {
+        let names = [
+            "HEADROOM_QUEUE_LENGTH",
+            "HEADROOM_QUEUE_LENGHT",
+            "HEADROOM_TOKEN",
+            "HEADROOM_STANDIN_MEMORY",
+            "HEADROOM_REQUIRE_NVRTC",
+            "HEADROOM_WAIT_SECONDS",
+            "HEADROOM_WAIT_SECOND",
+            "PATH",
+        ];
+        assert_eq!(
+            unknown_variables(names.iter().map(|n| n.to_string())),
+            ["HEADROOM_QUEUE_LENGHT", "HEADROOM_WAIT_SECOND"]
+        );
+    }
+
+    #[test]
+    fn devices_are_typed_specs() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("devices.toml", "devices = [\"host\", \"cuda:1\"]\n")?;
+            let config = Config::load(Some(Path::new("devices.toml"))).unwrap();
+            assert_eq!(config.devices, [DeviceSpec::Host, DeviceSpec::Cuda(1)]);
+            jail.create_file("bad.toml", "devices = [\"gpu\"]\n")?;
+            let err = Config::load(Some(Path::new("bad.toml"))).unwrap_err();
+            assert!(err.contains("unknown device `gpu`"), "{err}");
             Ok(())
         });
     }

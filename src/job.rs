@@ -1,22 +1,26 @@
 //! The job description: what the caller asks headroom to tune, parsed and validated.
 //!
-//! Parsing reports the path of the offending field (`search.start: invalid type ...`), and
-//! validation checks every rule that the JSON types alone cannot express. A job that passes
-//! [`Job::from_json`] can be planned without overflow.
+//! [`JobSpec`] is the JSON as written; parsing reports the path of the offending field
+//! (`search.start: invalid type ...`). Validation checks every rule the JSON types alone cannot
+//! express and yields a [`Job`]: the spec with its [`Plan`], the only form the rest of headroom
+//! accepts, so no code holds a job that was not checked or cannot be planned.
+
+use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::Plan;
+use crate::plan::{Activation, OptimizerKind, Plan};
 
 /// Largest accepted width of any single dimension (input, hidden or classes).
 ///
 /// Far beyond any MLP a device can hold; it only keeps products of user sizes well inside `u64`.
 pub const MAX_DIMENSION: u64 = 1 << 32;
 
-/// A validated tuning job.
+/// A tuning job as written in JSON; [`Job`] is its validated form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Job {
+#[schema(as = Job)]
+pub struct JobSpec {
     /// The network to train.
     pub model: ModelSpec,
     /// The optimizer whose state takes device memory.
@@ -51,21 +55,6 @@ pub struct ModelSpec {
     pub activation: Activation,
 }
 
-/// Element-wise non-linearity after each hidden layer.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// `max(x, 0)`.
-    #[default]
-    Relu,
-    /// `x * Phi(x)` in the tanh approximation.
-    Gelu,
-    /// Hyperbolic tangent.
-    Tanh,
-}
-
 /// Optimizer and its hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -75,39 +64,6 @@ pub struct OptimizerSpec {
     /// Step size; each optimizer has its own default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<f64>,
-}
-
-/// The update rules headroom implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerKind {
-    /// Plain stochastic gradient descent: no state.
-    Sgd,
-    /// SGD with momentum 0.9: one velocity per parameter.
-    SgdMomentum,
-    /// Adam: two moments per parameter.
-    Adam,
-    /// Adam with decoupled weight decay: two moments per parameter.
-    Adamw,
-}
-
-impl OptimizerKind {
-    /// The learning rate used when the job gives none.
-    pub fn default_learning_rate(self) -> f64 {
-        match self {
-            OptimizerKind::Sgd | OptimizerKind::SgdMomentum => 0.01,
-            OptimizerKind::Adam | OptimizerKind::Adamw => 0.001,
-        }
-    }
-
-    /// How many f32 values of state the optimizer keeps per parameter.
-    pub fn state_per_parameter(self) -> u64 {
-        match self {
-            OptimizerKind::Sgd => 0,
-            OptimizerKind::SgdMomentum => 1,
-            OptimizerKind::Adam | OptimizerKind::Adamw => 2,
-        }
-    }
 }
 
 /// Element type. Only `f32` exists today; others are rejected with a message that says so.
@@ -201,73 +157,77 @@ impl JobError {
     }
 }
 
+/// A job that passed validation, with its plan. It reads as its [`JobSpec`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    spec: JobSpec,
+    plan: Plan,
+}
+
 impl Job {
     /// Parses and validates a job from JSON text.
     pub fn from_json(text: &str) -> Result<Job, JobError> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let job = Job::deserialize_with_path(&mut deserializer)?;
+        let spec = deserialize_with_path(&mut deserializer)?;
         deserializer
             .end()
             .map_err(|err| JobError::new("", err.to_string()))?;
-        job.validate()?;
-        Ok(job)
+        Job::new(spec)
     }
 
-    /// Validates a job already parsed as a JSON value.
+    /// Parses and validates a job already read as a JSON value.
     pub fn from_value(value: serde_json::Value) -> Result<Job, JobError> {
-        let job = Job::deserialize_with_path(value)?;
-        job.validate()?;
-        Ok(job)
+        Job::new(deserialize_with_path(value)?)
     }
 
-    fn deserialize_with_path<'de, D: serde::Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Job, JobError>
-    where
-        D::Error: std::fmt::Display,
-    {
-        serde_path_to_error::deserialize(deserializer).map_err(|err| {
-            let path = err.path().to_string();
-            let field = if path == "." { String::new() } else { path };
-            JobError::new(field, err.into_inner().to_string())
-        })
+    /// Validates a spec; every error names its field.
+    pub fn new(spec: JobSpec) -> Result<Job, JobError> {
+        let plan = spec.validate()?;
+        Ok(Job { spec, plan })
     }
 
-    /// Checks the rules the types cannot express; every error names its field.
-    pub fn validate(&self) -> Result<(), JobError> {
-        let model = &self.model;
-        if model.input_shape.is_empty() {
-            return Err(JobError::new(
-                "model.input_shape",
-                "must have at least one dimension, e.g. [1, 28, 28]",
-            ));
-        }
-        for (i, &dim) in model.input_shape.iter().enumerate() {
-            check_dimension(&format!("model.input_shape[{i}]"), dim)?;
-        }
-        for (i, &width) in model.hidden_layers.iter().enumerate() {
-            check_dimension(&format!("model.hidden_layers[{i}]"), width)?;
-        }
-        check_dimension("model.num_classes", model.num_classes)?;
-        if model.num_classes < 2 {
-            return Err(JobError::new(
-                "model.num_classes",
-                "must be at least 2 for a softmax cross-entropy loss",
-            ));
-        }
-        let features = model
-            .input_shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .filter(|&f| f <= MAX_DIMENSION)
-            .ok_or_else(|| {
-                JobError::new(
-                    "model.input_shape",
-                    format!("the flattened input must have at most {MAX_DIMENSION} features"),
-                )
-            })?;
-        debug_assert!(features > 0);
+    /// The job as written, defaults filled in.
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
 
+    /// The model's shapes and memory model.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}
+
+impl Deref for Job {
+    type Target = JobSpec;
+
+    fn deref(&self) -> &JobSpec {
+        &self.spec
+    }
+}
+
+impl Serialize for Job {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.spec.serialize(serializer)
+    }
+}
+
+fn deserialize_with_path<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<JobSpec, JobError>
+where
+    D::Error: std::fmt::Display,
+{
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        JobError::new(field, err.into_inner().to_string())
+    })
+}
+
+impl JobSpec {
+    /// Checks the rules the types cannot express and plans the model.
+    fn validate(&self) -> Result<Plan, JobError> {
+        let features = self.model.validate()?;
         if let Some(lr) = self.optimizer.learning_rate {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(JobError::new(
@@ -286,7 +246,16 @@ impl Job {
             ));
         }
         self.search.validate()?;
-        Plan::new(self).map(|_| ()).map_err(|overflow| {
+        let model = &self.model;
+        Plan::new(
+            features,
+            &model.hidden_layers,
+            model.num_classes,
+            model.activation,
+            self.optimizer.name,
+            self.learning_rate(),
+        )
+        .map_err(|overflow| {
             JobError::new(
                 "model",
                 format!("{overflow}; the model is far larger than any device"),
@@ -305,6 +274,41 @@ impl Job {
     pub fn batch_cap(&self) -> u64 {
         self.dataset_size
             .map_or(self.search.max, |n| n.min(self.search.max))
+    }
+}
+
+impl ModelSpec {
+    /// Checks every width; returns the number of input features.
+    fn validate(&self) -> Result<u64, JobError> {
+        if self.input_shape.is_empty() {
+            return Err(JobError::new(
+                "model.input_shape",
+                "must have at least one dimension, e.g. [1, 28, 28]",
+            ));
+        }
+        for (i, &dim) in self.input_shape.iter().enumerate() {
+            check_dimension(&format!("model.input_shape[{i}]"), dim)?;
+        }
+        for (i, &width) in self.hidden_layers.iter().enumerate() {
+            check_dimension(&format!("model.hidden_layers[{i}]"), width)?;
+        }
+        check_dimension("model.num_classes", self.num_classes)?;
+        if self.num_classes < 2 {
+            return Err(JobError::new(
+                "model.num_classes",
+                "must be at least 2 for a softmax cross-entropy loss",
+            ));
+        }
+        self.input_shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|&f| f <= MAX_DIMENSION)
+            .ok_or_else(|| {
+                JobError::new(
+                    "model.input_shape",
+                    format!("the flattened input must have at most {MAX_DIMENSION} features"),
+                )
+            })
     }
 }
 
@@ -355,6 +359,26 @@ fn check_dimension(field: &str, value: u64) -> Result<(), JobError> {
         ));
     }
     Ok(())
+}
+
+/// A job builder for the crate's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A validated MLP job: `input` features through `hidden` widths to `classes`, trained with
+    /// `optimizer`; `extra` adds members to the JSON, each after a comma: `, "headroom": 0.5`.
+    pub(crate) fn mlp(
+        input: &[u64],
+        hidden: &[u64],
+        classes: u64,
+        optimizer: &str,
+        extra: &str,
+    ) -> super::Job {
+        let text = format!(
+            r#"{{"model": {{"input_shape": {input:?}, "hidden_layers": {hidden:?}, "num_classes": {classes}}},
+                 "optimizer": {{"name": "{optimizer}"}} {extra}}}"#
+        );
+        super::Job::from_json(&text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
 }
 
 #[cfg(test)]

@@ -3,19 +3,23 @@
 //!
 //! # Layout
 //!
-//! - [`job`]: the job description (JSON), parsed and validated with field paths.
-//! - [`plan`]: layer shapes, parameter count and the four-part memory model.
+//! - [`job`]: the job description (JSON), parsed and validated with field paths into a [`Job`]
+//!   that owns its [`Plan`].
+//! - [`plan`]: layer shapes, every buffer of a step, the four-part memory model, the prediction
+//!   and the estimate.
 //! - [`step`]: one training step written once against the [`step::Kernels`] a device provides.
 //! - [`synthetic`]: the counter-based hash behind synthetic data and initial parameters.
 //! - [`device`]: the [`device::Device`] trait; `host` (CPU reference) and `cuda` (NVRTC kernels
 //!   from `kernels/*.cu`), device selection, and NVML telemetry.
-//! - [`search`]: doubling or prediction, bisection, confirmation and the headroom rule.
+//! - [`search`]: doubling or prediction, bisection and confirmation; it sees only [`Device`].
+//! - [`advice`]: the headroom rule.
 //! - [`result`]: the result JSON shared by the CLI and the service.
-//! - [`parity`]: every kernel of a device checked against the host reference.
+//! - [`parity`]: every kernel family of a device checked against the host reference.
 //! - [`service`]: `headroom serve`: HTTP API, per-device job queues, cache, metrics.
 //! - [`config`]: the service's settings (file, `HEADROOM_*` environment, flags).
 //! - [`cli`]: the commands behind `headroom tune | estimate | probe | doctor | serve`, and their output.
 
+pub mod advice;
 pub mod cli;
 pub mod config;
 pub mod device;
@@ -29,7 +33,7 @@ pub mod step;
 pub mod synthetic;
 
 pub use device::{Device, DeviceError, DeviceInfo};
-pub use job::{Job, JobError};
+pub use job::{Job, JobError, JobSpec};
 pub use plan::{MemoryBreakdown, Plan};
 pub use result::TuneResult;
 pub use search::{tune, TuneError};

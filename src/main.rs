@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use bytesize::ByteSize;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use headroom::cli;
 use headroom::config::LogFormat;
 use headroom::device::host::DEFAULT_BUDGET_BYTES;
@@ -12,7 +13,13 @@ use headroom::device::select::DeviceSpec;
 
 /// Finds the largest training batch size a device can hold for a model, and a safe one to use.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit codes: 0 success, 1 any other failure, 2 an invalid job or arguments, \
+                  3 the model does not fit at batch size 1."
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +29,7 @@ struct Args {
 enum Command {
     /// Probe a device with real training steps and report the largest and recommended batch size.
     Tune {
-        /// The job description (JSON), e.g. examples/cifar10-mlp-adam.json.
+        /// The job description (JSON), e.g. examples/cifar10-mlp-adam.json; `-` reads standard input.
         job: PathBuf,
         /// auto (CUDA when present, else host), host, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
@@ -39,10 +46,13 @@ enum Command {
         /// Bearer token for --server.
         #[arg(long, env = "HEADROOM_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// With --server: give up waiting after this many seconds (the job goes on there).
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+        timeout: u64,
     },
     /// The memory model alone: the predicted largest batch for a given amount of free memory.
     Estimate {
-        /// The job description (JSON).
+        /// The job description (JSON); `-` reads standard input.
         job: PathBuf,
         /// Free device memory, e.g. 80GiB.
         #[arg(long)]
@@ -53,7 +63,7 @@ enum Command {
     },
     /// Run single probes at given batch sizes and report fit or OOM, throughput and TFLOP/s.
     Probe {
-        /// The job description (JSON).
+        /// The job description (JSON); `-` reads standard input.
         job: PathBuf,
         /// Batch sizes to probe, e.g. --batch-size 1024,65536.
         #[arg(long = "batch-size", value_delimiter = ',', required = true)]
@@ -81,15 +91,15 @@ enum Command {
         bind: Option<std::net::SocketAddr>,
         /// Device to serve (repeatable): auto, host, cuda:N.
         #[arg(long = "device")]
-        devices: Vec<String>,
+        devices: Vec<DeviceSpec>,
         /// Memory budget of the host device.
         #[arg(long)]
         host_memory: Option<ByteSize>,
         /// Bearer token required for /tune and /jobs.
         #[arg(long)]
         token: Option<String>,
-        /// Log format: human or json.
-        #[arg(long, value_parser = parse_log_format)]
+        /// Log format.
+        #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
     },
     /// Check this node: CUDA libraries, devices, kernel compilation, every kernel against the host.
@@ -97,15 +107,15 @@ enum Command {
         /// Memory budget of the host device.
         #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
         host_memory: ByteSize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
-}
-
-fn parse_log_format(text: &str) -> Result<LogFormat, String> {
-    match text {
-        "human" => Ok(LogFormat::Human),
-        "json" => Ok(LogFormat::Json),
-        _ => Err("use human or json".into()),
-    }
+    /// Print a shell completion script, e.g. `headroom completions bash > /etc/bash_completion.d/headroom`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,8 +131,22 @@ fn main() -> ExitCode {
             server: Some(server),
             token,
             json,
+            timeout,
             ..
-        } => cli::tune_remote_command(&server, &job, device, token.as_deref(), json),
+        } => match cli::read_job(&job) {
+            Ok(job) => cli::remote::tune_remote_command(
+                &server,
+                &job,
+                device,
+                token.as_deref(),
+                json,
+                Duration::from_secs(timeout),
+            ),
+            Err(message) => {
+                eprintln!("error: {message}");
+                ExitCode::from(cli::EXIT_INVALID)
+            }
+        },
         Command::Tune {
             job,
             device,
@@ -130,7 +154,7 @@ fn main() -> ExitCode {
             json,
             server: None,
             ..
-        } => cli::tune_command(&job, device, host_memory.0, json),
+        } => cli::tune::tune_command(&job, device, host_memory.0, json),
         Command::Serve {
             config,
             bind,
@@ -138,9 +162,9 @@ fn main() -> ExitCode {
             host_memory,
             token,
             log_format,
-        } => cli::serve_command(
+        } => cli::serve::serve_command(
             config.as_deref(),
-            cli::ServeOverrides {
+            cli::serve::ServeOverrides {
                 bind,
                 host_memory: host_memory.map(|b| b.0),
                 token,
@@ -148,7 +172,9 @@ fn main() -> ExitCode {
                 devices,
             },
         ),
-        Command::Estimate { job, memory, json } => cli::estimate_command(&job, memory.0, json),
+        Command::Estimate { job, memory, json } => {
+            cli::estimate::estimate_command(&job, memory.0, json)
+        }
         Command::Probe {
             job,
             batch_sizes,
@@ -156,7 +182,18 @@ fn main() -> ExitCode {
             host_memory,
             peak_tflops,
             json,
-        } => cli::probe_command(&job, device, host_memory.0, &batch_sizes, peak_tflops, json),
-        Command::Doctor { host_memory } => cli::doctor_command(host_memory.0),
+        } => {
+            cli::probe::probe_command(&job, device, host_memory.0, &batch_sizes, peak_tflops, json)
+        }
+        Command::Doctor { host_memory, json } => cli::doctor::doctor_command(host_memory.0, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Args::command(),
+                "headroom",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
     }
 }

@@ -1,14 +1,64 @@
-//! The model plan: layer shapes, parameter count and the four-part memory model.
+//! The model plan: layer shapes, every buffer of a training step, the four-part memory model and
+//! the prediction of the largest batch a device holds.
 //!
-//! Every device reads the same plan and allocates the same buffers ([`crate::step::StepBuffers`]),
-//! so the bytes predicted here are the bytes a probe asks the device for.
+//! Every device allocates exactly the buffers [`Plan::buffers`] lists, in that order
+//! ([`crate::step::StepBuffers`]), so the bytes modelled here are the bytes a probe asks the
+//! device for; an [`Allocator`] adds how the device rounds each request.
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Activation, Job, OptimizerKind};
+use crate::advice::recommended_batch_size;
 
 /// Bytes of one element (`f32` parameters, activations and inputs; `u32` labels).
 pub const ELEMENT_BYTES: u64 = 4;
+
+/// Element-wise non-linearity after each hidden layer.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `max(x, 0)`.
+    #[default]
+    Relu,
+    /// `x * Phi(x)` in the tanh approximation.
+    Gelu,
+    /// Hyperbolic tangent.
+    Tanh,
+}
+
+/// The update rules headroom implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Plain stochastic gradient descent: no state.
+    Sgd,
+    /// SGD with momentum 0.9: one velocity per parameter.
+    SgdMomentum,
+    /// Adam: two moments per parameter.
+    Adam,
+    /// Adam with decoupled weight decay: two moments per parameter.
+    Adamw,
+}
+
+impl OptimizerKind {
+    /// The learning rate used when the job gives none.
+    pub fn default_learning_rate(self) -> f64 {
+        match self {
+            OptimizerKind::Sgd | OptimizerKind::SgdMomentum => 0.01,
+            OptimizerKind::Adam | OptimizerKind::Adamw => 0.001,
+        }
+    }
+
+    /// How many f32 values of state the optimizer keeps per parameter.
+    pub fn state_per_parameter(self) -> u64 {
+        match self {
+            OptimizerKind::Sgd => 0,
+            OptimizerKind::SgdMomentum => 1,
+            OptimizerKind::Adam | OptimizerKind::Adamw => 2,
+        }
+    }
+}
 
 /// One linear layer: `outputs x inputs` weights and `outputs` biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,9 +70,9 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// Weights plus biases.
-    pub fn parameter_count(&self) -> u64 {
-        self.inputs * self.outputs + self.outputs
+    /// Number of weights, `inputs x outputs`.
+    pub fn weights(&self) -> u64 {
+        self.inputs * self.outputs
     }
 }
 
@@ -45,6 +95,62 @@ pub struct Plan {
 #[error("the model's byte count overflows 64 bits")]
 pub struct Overflow;
 
+/// Which of the four places training uses memory a buffer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Weights and biases.
+    Parameters,
+    /// One gradient per parameter.
+    Gradients,
+    /// Momentum or Adam moments.
+    OptimizerState,
+    /// The input batch and its labels.
+    BatchData,
+    /// What forward keeps for backward, the backward scratch and the loss.
+    Activations,
+}
+
+/// One allocation of a training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    /// Where the model counts it.
+    pub part: Part,
+    /// Number of elements.
+    pub elements: u64,
+}
+
+impl Buffer {
+    /// Bytes asked for, or `None` past `u64`.
+    pub fn bytes(&self) -> Option<u64> {
+        self.elements.checked_mul(ELEMENT_BYTES)
+    }
+}
+
+/// How a device rounds each allocation it is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocator {
+    /// The exact bytes (the host device's ledger).
+    Exact,
+    /// The CUDA allocator's pages: 2 MiB pages from 1 MiB up, 512-byte granules below. The
+    /// granularity is the driver's documented page size; docs/gpu-runs.md tracks its check on a GPU.
+    CudaPages,
+}
+
+impl Allocator {
+    /// The bytes a request of `bytes` takes on the device.
+    pub fn charge(self, bytes: u64) -> Option<u64> {
+        match self {
+            Allocator::Exact => Some(bytes),
+            Allocator::CudaPages if bytes >= 1 << 20 => round_up(bytes, 2 << 20),
+            Allocator::CudaPages => round_up(bytes, 512),
+        }
+    }
+}
+
+fn round_up(value: u64, to: u64) -> Option<u64> {
+    Some(value.checked_add(to - 1)? / to * to)
+}
+
 /// Device bytes of one training step, in the four places training uses memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MemoryBreakdown {
@@ -62,18 +168,54 @@ pub struct MemoryBreakdown {
     pub total: u64,
 }
 
+/// Batch size 1 does not fit: what it needs and what there is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the model does not fit even at batch size 1: it needs {batch_one_bytes} bytes \
+     ({fixed_bytes} fixed for parameters, gradients and optimizer state), and the device has \
+     {free_bytes} bytes free; use a device with more memory, a smaller model, or a leaner optimizer"
+)]
+pub struct DoesNotFit {
+    /// Bytes that do not depend on the batch size.
+    pub fixed_bytes: u64,
+    /// Bytes of a whole step at batch size 1.
+    pub batch_one_bytes: u64,
+    /// Free bytes of the device.
+    pub free_bytes: u64,
+}
+
+/// The memory model's answer for a device with `memory_bytes` free: no probe runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Estimate {
+    /// Free bytes assumed.
+    pub memory_bytes: u64,
+    /// Trainable parameters.
+    pub parameter_count: u64,
+    /// Bytes independent of the batch size.
+    pub fixed_bytes: u64,
+    /// Bytes each sample adds.
+    pub bytes_per_sample: u64,
+    /// Largest batch the model predicts fits (capped by `search.max` and `dataset_size`).
+    pub predicted_max_batch_size: u64,
+    /// The headroom rule applied to the prediction.
+    pub recommended_batch_size: u64,
+    /// Breakdown at the recommended batch size.
+    pub memory: MemoryBreakdown,
+}
+
 impl Plan {
-    /// Builds the plan of a job; fails only if its byte counts overflow `u64`.
-    pub fn new(job: &Job) -> Result<Plan, Overflow> {
-        let model = &job.model;
-        let features = model
-            .input_shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .ok_or(Overflow)?;
+    /// The plan of an MLP over `features` inputs; fails only if its byte counts overflow `u64`.
+    pub fn new(
+        features: u64,
+        hidden: &[u64],
+        classes: u64,
+        activation: Activation,
+        optimizer: OptimizerKind,
+        learning_rate: f32,
+    ) -> Result<Plan, Overflow> {
         let widths: Vec<u64> = std::iter::once(features)
-            .chain(model.hidden_layers.iter().copied())
-            .chain(std::iter::once(model.num_classes))
+            .chain(hidden.iter().copied())
+            .chain(std::iter::once(classes))
             .collect();
         let layers: Vec<Layer> = widths
             .windows(2)
@@ -91,9 +233,9 @@ impl Plan {
         });
         let plan = Plan {
             layers,
-            activation: model.activation,
-            optimizer: job.optimizer.name,
-            learning_rate: job.learning_rate(),
+            activation,
+            optimizer,
+            learning_rate,
             parameter_count: parameter_count.ok_or(Overflow)?,
         };
         // The fixed part and one sample must be representable; larger batches are checked per use.
@@ -128,10 +270,65 @@ impl Plan {
         self.hidden_widths().max().unwrap_or(0)
     }
 
-    /// f32 values per sample kept as activations: pre- and post-activation of every hidden
-    /// layer, the logits (overwritten by their gradient), the per-sample loss and the scratch.
-    fn activation_values_per_sample(&self) -> u64 {
-        2 * self.hidden_widths().sum::<u64>() + self.num_classes() + 1 + self.scratch_width()
+    /// Every allocation of a step at `batch_size`, in the order devices make them: per layer its
+    /// weights, biases, their gradients and optimizer state; then the inputs and labels, each
+    /// hidden layer's pre- and post-activation, the logits (overwritten by their gradient), the
+    /// per-sample loss, the backward scratch and the one-value mean loss. `None` past `u64`.
+    pub fn buffers(&self, batch_size: u64) -> Option<Vec<Buffer>> {
+        let buffer = |part, elements| Buffer { part, elements };
+        let states = self.optimizer.state_per_parameter();
+        let mut buffers = Vec::new();
+        for layer in &self.layers {
+            buffers.push(buffer(Part::Parameters, layer.weights()));
+            buffers.push(buffer(Part::Parameters, layer.outputs));
+            buffers.push(buffer(Part::Gradients, layer.weights()));
+            buffers.push(buffer(Part::Gradients, layer.outputs));
+            for _ in 0..states {
+                buffers.push(buffer(Part::OptimizerState, layer.weights()));
+            }
+            for _ in 0..states {
+                buffers.push(buffer(Part::OptimizerState, layer.outputs));
+            }
+        }
+        let per_row = |width: u64| batch_size.checked_mul(width);
+        buffers.push(buffer(Part::BatchData, per_row(self.input_features())?));
+        buffers.push(buffer(Part::BatchData, batch_size));
+        for width in self.hidden_widths() {
+            buffers.push(buffer(Part::Activations, per_row(width)?));
+            buffers.push(buffer(Part::Activations, per_row(width)?));
+        }
+        buffers.push(buffer(Part::Activations, per_row(self.num_classes())?));
+        buffers.push(buffer(Part::Activations, batch_size));
+        if self.scratch_width() > 0 {
+            buffers.push(buffer(Part::Activations, per_row(self.scratch_width())?));
+        }
+        buffers.push(buffer(Part::Activations, 1));
+        Some(buffers)
+    }
+
+    /// The exact breakdown at `batch_size`, or `None` if it overflows `u64`.
+    pub fn memory(&self, batch_size: u64) -> Option<MemoryBreakdown> {
+        let mut memory = MemoryBreakdown::default();
+        for buffer in self.buffers(batch_size)? {
+            let bytes = buffer.bytes()?;
+            let part = match buffer.part {
+                Part::Parameters => &mut memory.parameters,
+                Part::Gradients => &mut memory.gradients,
+                Part::OptimizerState => &mut memory.optimizer_state,
+                Part::BatchData => &mut memory.batch_data,
+                Part::Activations => &mut memory.activations,
+            };
+            *part = part.checked_add(bytes)?;
+            memory.total = memory.total.checked_add(bytes)?;
+        }
+        Some(memory)
+    }
+
+    /// Bytes the device takes for a step at `batch_size`, each buffer rounded by `allocator`.
+    pub fn device_bytes(&self, batch_size: u64, allocator: Allocator) -> Option<u64> {
+        self.buffers(batch_size)?.iter().try_fold(0u64, |total, b| {
+            total.checked_add(allocator.charge(b.bytes()?)?)
+        })
     }
 
     /// Bytes that do not depend on the batch size: parameters, gradients, optimizer state and
@@ -146,39 +343,68 @@ impl Plan {
             .map_or(u64::MAX, |m| m.total - self.fixed_bytes())
     }
 
-    /// The exact breakdown at `batch_size`, or `None` if it overflows `u64`.
-    pub fn memory(&self, batch_size: u64) -> Option<MemoryBreakdown> {
-        let parameters = self.parameter_count.checked_mul(ELEMENT_BYTES)?;
-        let gradients = parameters;
-        let optimizer_state = parameters.checked_mul(self.optimizer.state_per_parameter())?;
-        let input_values = self.input_features().checked_add(1)?; // inputs + the label
-        let batch_data = batch_size
-            .checked_mul(input_values)?
-            .checked_mul(ELEMENT_BYTES)?;
-        let activations = batch_size
-            .checked_mul(self.activation_values_per_sample())?
-            .checked_add(1)? // the mean-loss accumulator
-            .checked_mul(ELEMENT_BYTES)?;
-        let total = parameters
-            .checked_add(gradients)?
-            .checked_add(optimizer_state)?
-            .checked_add(batch_data)?
-            .checked_add(activations)?;
-        Some(MemoryBreakdown {
-            parameters,
-            gradients,
-            optimizer_state,
-            batch_data,
-            activations,
-            total,
-        })
+    /// The largest batch whose step fits in `free_bytes` on a device that rounds like
+    /// `allocator`, or 0 if not even one sample fits.
+    pub fn predict_max_batch(&self, free_bytes: u64, allocator: Allocator) -> u64 {
+        let fits = |batch| {
+            self.device_bytes(batch, allocator)
+                .is_some_and(|bytes| bytes <= free_bytes)
+        };
+        // Rounding only adds bytes, so the exact prediction bounds the rounded one.
+        let mut high = free_bytes
+            .checked_sub(self.fixed_bytes())
+            .map_or(0, |room| room / self.bytes_per_sample());
+        if allocator == Allocator::Exact || high == 0 || fits(high) {
+            return high;
+        }
+        let mut low = 0;
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if fits(middle) {
+                low = middle;
+            } else {
+                high = middle;
+            }
+        }
+        if fits(high) {
+            high
+        } else {
+            low
+        }
     }
 
-    /// The largest batch whose step fits in `free_bytes`, or 0 if not even one sample fits.
-    pub fn predict_max_batch(&self, free_bytes: u64) -> u64 {
-        free_bytes
-            .checked_sub(self.fixed_bytes())
-            .map_or(0, |room| room / self.bytes_per_sample())
+    /// What batch size 1 needs, for a device with `free_bytes` free that cannot hold it.
+    pub fn does_not_fit(&self, free_bytes: u64) -> DoesNotFit {
+        DoesNotFit {
+            fixed_bytes: self.fixed_bytes(),
+            batch_one_bytes: self.memory(1).map_or(u64::MAX, |m| m.total),
+            free_bytes,
+        }
+    }
+
+    /// The memory model's largest and recommended batch for `memory_bytes` free, capped at `cap`.
+    pub fn estimate(
+        &self,
+        memory_bytes: u64,
+        allocator: Allocator,
+        cap: u64,
+        headroom: f64,
+        multiple_of: u64,
+    ) -> Result<Estimate, DoesNotFit> {
+        let predicted = self.predict_max_batch(memory_bytes, allocator).min(cap);
+        if predicted == 0 {
+            return Err(self.does_not_fit(memory_bytes));
+        }
+        let recommended = recommended_batch_size(predicted, headroom, multiple_of);
+        Ok(Estimate {
+            memory_bytes,
+            parameter_count: self.parameter_count,
+            fixed_bytes: self.fixed_bytes(),
+            bytes_per_sample: self.bytes_per_sample(),
+            predicted_max_batch_size: predicted,
+            recommended_batch_size: recommended,
+            memory: self.memory(recommended).unwrap_or_default(),
+        })
     }
 
     /// Floating-point operations of one training step at `batch_size` (three GEMMs per layer,
@@ -190,7 +416,7 @@ impl Plan {
             .enumerate()
             .map(|(i, l)| {
                 let products = if i == 0 { 2 } else { 3 };
-                products * 2 * l.inputs * l.outputs
+                products * 2 * l.weights()
             })
             .sum();
         per_sample as f64 * batch_size as f64
@@ -202,34 +428,37 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn plan(input: &[u64], hidden: &[u64], classes: u64, optimizer: &str) -> Plan {
-        let job = Job::from_json(&format!(
-            r#"{{"model": {{"input_shape": {input:?}, "hidden_layers": {hidden:?},
-                 "num_classes": {classes}}}, "optimizer": {{"name": "{optimizer}"}}}}"#
-        ))
-        .unwrap();
-        Plan::new(&job).unwrap()
+    fn plan(input: &[u64], hidden: &[u64], classes: u64, optimizer: OptimizerKind) -> Plan {
+        Plan::new(
+            input.iter().product(),
+            hidden,
+            classes,
+            Activation::Relu,
+            optimizer,
+            0.01,
+        )
+        .unwrap()
     }
 
     #[test]
     fn known_parameter_counts() {
         assert_eq!(
-            plan(&[1, 28, 28], &[128], 10, "sgd").parameter_count(),
+            plan(&[1, 28, 28], &[128], 10, OptimizerKind::Sgd).parameter_count(),
             101_770
         );
         assert_eq!(
-            plan(&[3, 32, 32], &[128], 10, "adam").parameter_count(),
+            plan(&[3, 32, 32], &[128], 10, OptimizerKind::Adam).parameter_count(),
             394_634
         );
         assert_eq!(
-            plan(&[3, 32, 32], &[1024, 1024, 1024], 10, "adamw").parameter_count(),
+            plan(&[3, 32, 32], &[1024, 1024, 1024], 10, OptimizerKind::Adamw).parameter_count(),
             3072 * 1024 + 1024 + 2 * (1024 * 1024 + 1024) + 1024 * 10 + 10
         );
     }
 
     #[test]
     fn mnist_breakdown_by_hand() {
-        let p = plan(&[1, 28, 28], &[128], 10, "sgd");
+        let p = plan(&[1, 28, 28], &[128], 10, OptimizerKind::Sgd);
         let m = p.memory(100).unwrap();
         assert_eq!(m.parameters, 101_770 * 4);
         assert_eq!(m.gradients, 101_770 * 4);
@@ -245,41 +474,90 @@ mod tests {
 
     #[test]
     fn optimizer_state_is_zero_one_or_two_copies() {
-        for (name, copies) in [("sgd", 0), ("sgd_momentum", 1), ("adam", 2), ("adamw", 2)] {
-            let m = plan(&[8], &[4], 3, name).memory(1).unwrap();
-            assert_eq!(m.optimizer_state, copies * m.parameters, "{name}");
+        for (kind, copies) in [
+            (OptimizerKind::Sgd, 0),
+            (OptimizerKind::SgdMomentum, 1),
+            (OptimizerKind::Adam, 2),
+            (OptimizerKind::Adamw, 2),
+        ] {
+            let m = plan(&[8], &[4], 3, kind).memory(1).unwrap();
+            assert_eq!(m.optimizer_state, copies * m.parameters, "{kind:?}");
         }
     }
 
     #[test]
     fn no_hidden_layer_needs_no_scratch() {
-        let p = plan(&[8], &[], 3, "sgd");
+        let p = plan(&[8], &[], 3, OptimizerKind::Sgd);
         assert_eq!(p.parameter_count(), 27);
         assert_eq!(p.memory(2).unwrap().activations, (2 * (3 + 1) + 1) * 4);
     }
 
     #[test]
     fn absurd_batches_overflow_to_none() {
-        let p = plan(&[3, 32, 32], &[128], 10, "adam");
+        let p = plan(&[3, 32, 32], &[128], 10, OptimizerKind::Adam);
         assert!(p.memory(u64::MAX / 8).is_none());
+        assert!(p.device_bytes(u64::MAX / 8, Allocator::CudaPages).is_none());
+    }
+
+    #[test]
+    fn cuda_pages_round_each_buffer() {
+        assert_eq!(Allocator::CudaPages.charge(1), Some(512));
+        assert_eq!(Allocator::CudaPages.charge(513), Some(1024));
+        assert_eq!(Allocator::CudaPages.charge((1 << 20) - 1), Some(1 << 20));
+        assert_eq!(Allocator::CudaPages.charge(1 << 20), Some(2 << 20));
+        assert_eq!(Allocator::CudaPages.charge((2 << 20) + 1), Some(4 << 20));
+        assert_eq!(Allocator::CudaPages.charge(u64::MAX), None);
+        assert_eq!(Allocator::Exact.charge(7), Some(7));
+        // The MNIST step at batch 1000: eleven buffers, the four batch-sized ones past 1 MiB.
+        let p = plan(&[1, 28, 28], &[128], 10, OptimizerKind::Sgd);
+        let exact = p.device_bytes(1000, Allocator::Exact).unwrap();
+        assert_eq!(exact, p.memory(1000).unwrap().total);
+        assert!(p.device_bytes(1000, Allocator::CudaPages).unwrap() > exact);
+    }
+
+    #[test]
+    fn an_estimate_caps_rounds_and_says_what_does_not_fit() {
+        let p = plan(&[1, 28, 28], &[128], 10, OptimizerKind::Sgd);
+        let e = p
+            .estimate(141_000_000_000, Allocator::Exact, 1 << 40, 0.8, 8)
+            .unwrap();
+        assert_eq!(e.predicted_max_batch_size, 29_872_708);
+        assert_eq!(e.recommended_batch_size, 23_898_160);
+        let capped = p.estimate(1 << 30, Allocator::Exact, 100, 0.8, 8).unwrap();
+        assert_eq!(
+            (
+                capped.predicted_max_batch_size,
+                capped.recommended_batch_size
+            ),
+            (100, 80)
+        );
+        let err = p
+            .estimate(1000, Allocator::Exact, 1 << 40, 0.8, 8)
+            .unwrap_err();
+        assert_eq!(err.free_bytes, 1000);
+        assert_eq!(err.fixed_bytes, 2 * 101_770 * 4 + 4);
     }
 
     proptest! {
         #[test]
         fn memory_is_affine_in_batch(b in 0u64..1 << 30, hidden in proptest::collection::vec(1u64..2048, 0..4)) {
-            let p = plan(&[3, 16, 16], &hidden, 10, "adam");
+            let p = plan(&[3, 16, 16], &hidden, 10, OptimizerKind::Adam);
             let m = p.memory(b).unwrap();
             prop_assert_eq!(m.total, p.fixed_bytes() + b * p.bytes_per_sample());
         }
 
         #[test]
-        fn prediction_is_the_largest_batch_that_fits(free in 0u64..1 << 40) {
-            let p = plan(&[1, 28, 28], &[128], 10, "sgd_momentum");
-            let b = p.predict_max_batch(free);
+        fn prediction_is_the_largest_batch_that_fits(
+            free in 0u64..1 << 40,
+            paged in any::<bool>(),
+        ) {
+            let allocator = if paged { Allocator::CudaPages } else { Allocator::Exact };
+            let p = plan(&[1, 28, 28], &[128], 10, OptimizerKind::SgdMomentum);
+            let b = p.predict_max_batch(free, allocator);
             if b > 0 {
-                prop_assert!(p.memory(b).unwrap().total <= free);
+                prop_assert!(p.device_bytes(b, allocator).unwrap() <= free);
             }
-            prop_assert!(p.memory(b + 1).unwrap().total > free);
+            prop_assert!(p.device_bytes(b + 1, allocator).unwrap() > free);
         }
     }
 }

@@ -7,9 +7,10 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
+use crate::advice::recommended_batch_size;
 use crate::device::{Device, DeviceError};
 use crate::job::{Job, Strategy};
-use crate::plan::Plan;
+use crate::plan::{DoesNotFit, Plan};
 use crate::result::{LimitedBy, Outcome, Probe, TuneResult};
 
 /// Seed of the synthetic data and parameters of every probe: probes are reproducible.
@@ -22,19 +23,8 @@ const MAX_CONFIRMATIONS: u32 = 3;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TuneError {
     /// Batch size 1 does not fit.
-    #[error(
-        "the model does not fit even at batch size 1: it needs {batch_one_bytes} bytes \
-         ({fixed_bytes} fixed for parameters, gradients and optimizer state), and the device has \
-         {free_bytes} bytes free; use a device with more memory, a smaller model, or a leaner optimizer"
-    )]
-    DoesNotFit {
-        /// Bytes that do not depend on the batch size.
-        fixed_bytes: u64,
-        /// Bytes of a whole step at batch size 1.
-        batch_one_bytes: u64,
-        /// Free bytes the device reported.
-        free_bytes: u64,
-    },
+    #[error(transparent)]
+    DoesNotFit(#[from] DoesNotFit),
     /// A device error that is not out-of-memory stopped the search.
     #[error("probe at batch size {batch_size} failed: {message}")]
     Fault {
@@ -62,15 +52,12 @@ pub fn tune(
     observer: &mut dyn FnMut(&Probe) -> ControlFlow<()>,
 ) -> Result<TuneResult, TuneError> {
     let started = Instant::now();
-    let plan = Plan::new(job).map_err(|e| TuneError::Fault {
-        batch_size: 0,
-        message: e.to_string(),
-    })?;
+    let plan = job.plan();
     let info = device.info();
-    let predicted = plan.predict_max_batch(info.free_bytes);
+    let predicted = plan.predict_max_batch(info.free_bytes, info.kind.allocator());
     let mut search = Search {
         device,
-        plan: &plan,
+        plan,
         job,
         cap: job.batch_cap(),
         probes: Vec::new(),
@@ -113,18 +100,6 @@ pub fn tune(
         elapsed_seconds: started.elapsed().as_secs_f64(),
         cached: false,
     })
-}
-
-/// `floor(headroom x max)`, rounded down to `multiple_of` when that leaves at least `multiple_of`,
-/// and never below 1.
-pub fn recommended_batch_size(max_batch_size: u64, headroom: f64, multiple_of: u64) -> u64 {
-    let scaled = (max_batch_size as f64 * headroom).floor() as u64;
-    let rounded = if scaled >= multiple_of {
-        scaled / multiple_of * multiple_of
-    } else {
-        scaled
-    };
-    rounded.clamp(1, max_batch_size.max(1))
 }
 
 struct Search<'a> {
@@ -179,11 +154,7 @@ impl Search<'_> {
     }
 
     fn does_not_fit(&self) -> TuneError {
-        TuneError::DoesNotFit {
-            fixed_bytes: self.plan.fixed_bytes(),
-            batch_one_bytes: self.plan.memory(1).map_or(u64::MAX, |m| m.total),
-            free_bytes: self.device.info().free_bytes,
-        }
+        self.plan.does_not_fit(self.device.info().free_bytes).into()
     }
 
     /// Doubles from `start` to the first OOM or the cap; halves to 1 if `start` does not fit.

@@ -1,11 +1,10 @@
 //! One training step, written once against the [`Kernels`] a device provides.
 //!
-//! [`StepBuffers::allocate`] asks the device for every buffer the plan's memory model counts, in
-//! one fixed order; [`initialise`] fills parameters and the synthetic batch on the device;
-//! [`train_step`] runs forward, softmax cross-entropy, backward and the optimizer update.
+//! [`StepBuffers::allocate`] asks the device for every buffer of [`Plan::buffers`], in that
+//! order; [`initialise`] fills parameters and the synthetic batch on the device; [`train_step`]
+//! runs forward, softmax cross-entropy, backward and the optimizer update.
 
-use crate::job::{Activation, OptimizerKind};
-use crate::plan::Plan;
+use crate::plan::{Activation, OptimizerKind, Plan};
 use crate::synthetic;
 
 /// Momentum coefficient of `sgd_momentum`.
@@ -19,28 +18,81 @@ pub const ADAM_EPSILON: f32 = 1e-8;
 /// AdamW's decoupled weight decay.
 pub const ADAMW_WEIGHT_DECAY: f32 = 0.01;
 
-/// The update one optimizer step applies, with its per-step scalars precomputed.
+/// The scalars of one optimizer step; which update applies follows from the [`OptimizerState`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UpdateRule {
-    /// Which optimizer.
-    pub kind: OptimizerKind,
     /// Step size.
     pub learning_rate: f32,
     /// Adam's bias corrections `1 / (1 - beta^t)` for the first and second moment.
     pub bias_correction: (f32, f32),
+    /// Decoupled weight decay (AdamW), 0 otherwise.
+    pub weight_decay: f32,
 }
 
 impl UpdateRule {
-    /// The rule for step `step` (counted from 1).
+    /// The rule of `kind` for step `step` (counted from 1).
     pub fn new(kind: OptimizerKind, learning_rate: f32, step: u32) -> UpdateRule {
         let t = step.max(1) as i32;
         UpdateRule {
-            kind,
             learning_rate,
             bias_correction: (
                 1.0 / (1.0 - ADAM_BETA1.powi(t)),
                 1.0 / (1.0 - ADAM_BETA2.powi(t)),
             ),
+            weight_decay: if kind == OptimizerKind::Adamw {
+                ADAMW_WEIGHT_DECAY
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// What an optimizer keeps per parameter buffer. The variant decides the update kernel and its
+/// arguments, so the two cannot disagree.
+#[derive(Debug)]
+pub enum OptimizerState<F> {
+    /// Plain SGD keeps nothing.
+    Sgd,
+    /// Momentum's velocity.
+    Momentum {
+        /// The running velocity.
+        velocity: F,
+    },
+    /// Adam's (and AdamW's) moments.
+    Adam {
+        /// First moment.
+        m: F,
+        /// Second moment.
+        v: F,
+    },
+}
+
+impl<F> OptimizerState<F> {
+    /// Zeroed state of `kind` for a buffer of `len` values.
+    pub fn allocate<A: Allocate<F32 = F>>(
+        kind: OptimizerKind,
+        len: u64,
+        alloc: &mut A,
+    ) -> Result<Self, A::Error> {
+        Ok(match kind {
+            OptimizerKind::Sgd => OptimizerState::Sgd,
+            OptimizerKind::SgdMomentum => OptimizerState::Momentum {
+                velocity: alloc.f32_zeroed(len)?,
+            },
+            OptimizerKind::Adam | OptimizerKind::Adamw => OptimizerState::Adam {
+                m: alloc.f32_zeroed(len)?,
+                v: alloc.f32_zeroed(len)?,
+            },
+        })
+    }
+
+    /// The state's buffers, in allocation order.
+    pub fn buffers(&self) -> Vec<&F> {
+        match self {
+            OptimizerState::Sgd => vec![],
+            OptimizerState::Momentum { velocity } => vec![velocity],
+            OptimizerState::Adam { m, v } => vec![m, v],
         }
     }
 }
@@ -53,7 +105,7 @@ pub trait Allocate {
     type U32;
     /// Out-of-memory or a device fault.
     type Error;
-    /// A zeroed buffer of `len` `f32` values.
+    /// A zeroed buffer of `len` `f32` values; a length whose bytes pass `u64` is out of memory.
     fn f32_zeroed(&mut self, len: u64) -> Result<Self::F32, Self::Error>;
     /// A zeroed buffer of `len` `u32` values.
     fn u32_zeroed(&mut self, len: u64) -> Result<Self::U32, Self::Error>;
@@ -66,14 +118,6 @@ pub trait Allocate {
 pub trait Kernels: Allocate {
     /// Waits until all work queued on the device is done (for timing and fault detection).
     fn synchronize(&mut self) -> Result<(), Self::Error>;
-    /// Copies the first `len` values of a buffer to the host (small buffers only: parameters).
-    fn read_f32(&mut self, buffer: &Self::F32, len: u64) -> Result<Vec<f32>, Self::Error>;
-    /// Copies the first `len` values of a label buffer to the host (kernel checks).
-    fn read_u32(&mut self, buffer: &Self::U32, len: u64) -> Result<Vec<u32>, Self::Error>;
-    /// A new buffer holding `values` (small buffers only: kernel checks).
-    fn write_f32(&mut self, values: &[f32]) -> Result<Self::F32, Self::Error>;
-    /// A new buffer holding `values` (small buffers only: kernel checks).
-    fn write_u32(&mut self, values: &[u32]) -> Result<Self::U32, Self::Error>;
     /// `out[i] = uniform(key, i) * scale`, the synthetic stream of [`synthetic::uniform`].
     fn fill_uniform(
         &mut self,
@@ -164,12 +208,12 @@ pub trait Kernels: Allocate {
         len: u64,
         accumulator: &mut Self::F32,
     ) -> Result<f32, Self::Error>;
-    /// One optimizer update of `param` from `grad`, with `state` holding 0, 1 or 2 buffers.
+    /// One optimizer update of `param` from `grad`; `state` decides which.
     fn optimizer_step(
         &mut self,
         param: &mut Self::F32,
         grad: &Self::F32,
-        state: &mut [Self::F32],
+        state: &mut OptimizerState<Self::F32>,
         len: u64,
         rule: UpdateRule,
     ) -> Result<(), Self::Error>;
@@ -185,10 +229,10 @@ pub struct LayerBuffers<F> {
     pub weight_grad: F,
     /// Gradient of the biases.
     pub bias_grad: F,
-    /// Optimizer state of the weights (0, 1 or 2 buffers).
-    pub weight_state: Vec<F>,
+    /// Optimizer state of the weights.
+    pub weight_state: OptimizerState<F>,
     /// Optimizer state of the biases.
-    pub bias_state: Vec<F>,
+    pub bias_state: OptimizerState<F>,
 }
 
 /// What a hidden layer keeps from forward for backward.
@@ -222,41 +266,39 @@ pub struct StepBuffers<F, U> {
 }
 
 impl<F, U> StepBuffers<F, U> {
-    /// Allocates every buffer of a step, in the order and sizes of [`Plan::memory`].
+    /// Allocates every buffer of a step, in the order and sizes of [`Plan::buffers`]. A batch
+    /// whose sizes pass `u64` asks for `u64::MAX` elements, which every device refuses as out of
+    /// memory.
     pub fn allocate<A>(plan: &Plan, rows: u64, alloc: &mut A) -> Result<Self, A::Error>
     where
         A: Allocate<F32 = F, U32 = U>,
     {
-        let states = plan.optimizer.state_per_parameter() as usize;
         let mut layers = Vec::with_capacity(plan.layers.len());
         for layer in &plan.layers {
-            let weights = layer.inputs * layer.outputs;
-            let state_of = |len: u64, alloc: &mut A| -> Result<Vec<F>, A::Error> {
-                (0..states).map(|_| alloc.f32_zeroed(len)).collect()
-            };
             layers.push(LayerBuffers {
-                weight: alloc.f32_zeroed(weights)?,
+                weight: alloc.f32_zeroed(layer.weights())?,
                 bias: alloc.f32_zeroed(layer.outputs)?,
-                weight_grad: alloc.f32_zeroed(weights)?,
+                weight_grad: alloc.f32_zeroed(layer.weights())?,
                 bias_grad: alloc.f32_zeroed(layer.outputs)?,
-                weight_state: state_of(weights, alloc)?,
-                bias_state: state_of(layer.outputs, alloc)?,
+                weight_state: OptimizerState::allocate(plan.optimizer, layer.weights(), alloc)?,
+                bias_state: OptimizerState::allocate(plan.optimizer, layer.outputs, alloc)?,
             });
         }
-        let inputs = alloc.f32_zeroed(rows.saturating_mul(plan.input_features()))?;
+        let per_row = |width: u64| rows.saturating_mul(width);
+        let inputs = alloc.f32_zeroed(per_row(plan.input_features()))?;
         let labels = alloc.u32_zeroed(rows)?;
         let mut hidden = Vec::new();
         for width in plan.hidden_widths() {
             hidden.push(HiddenBuffers {
-                pre: alloc.f32_zeroed(rows.saturating_mul(width))?,
-                post: alloc.f32_zeroed(rows.saturating_mul(width))?,
+                pre: alloc.f32_zeroed(per_row(width))?,
+                post: alloc.f32_zeroed(per_row(width))?,
             });
         }
-        let logits = alloc.f32_zeroed(rows.saturating_mul(plan.num_classes()))?;
+        let logits = alloc.f32_zeroed(per_row(plan.num_classes()))?;
         let row_loss = alloc.f32_zeroed(rows)?;
         let scratch = match plan.scratch_width() {
             0 => None,
-            width => Some(alloc.f32_zeroed(rows.saturating_mul(width))?),
+            width => Some(alloc.f32_zeroed(per_row(width))?),
         };
         let loss_sum = alloc.f32_zeroed(1)?;
         Ok(StepBuffers {
@@ -282,10 +324,9 @@ pub fn initialise<K: Kernels>(
 ) -> Result<(), K::Error> {
     for (i, (layer, bufs)) in plan.layers.iter().zip(&mut buffers.layers).enumerate() {
         let scale = synthetic::init_scale(layer.inputs);
-        let weights = layer.inputs * layer.outputs;
         kernels.fill_uniform(
             &mut bufs.weight,
-            weights,
+            layer.weights(),
             synthetic::stream_key(seed, synthetic::weight_stream(i)),
             scale,
         )?;
@@ -320,66 +361,68 @@ pub fn train_step<K: Kernels>(
     buffers: &mut StepBuffers<K::F32, K::U32>,
     step: u32,
 ) -> Result<(), K::Error> {
-    let rows = buffers.rows;
-    let last = plan.layers.len() - 1;
-    let b = buffers;
+    forward(kernels, plan, buffers)?;
+    kernels.softmax_cross_entropy(
+        &mut buffers.logits,
+        &buffers.labels,
+        &mut buffers.row_loss,
+        buffers.rows,
+        plan.num_classes(),
+    )?;
+    backward(kernels, plan, buffers)?;
+    update(kernels, plan, buffers, step)
+}
 
+/// Every layer's product, bias and activation; the last layer writes the logits.
+fn forward<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    b: &mut StepBuffers<K::F32, K::U32>,
+) -> Result<(), K::Error> {
+    let rows = b.rows;
+    let last = plan.layers.len() - 1;
     for (i, layer) in plan.layers.iter().enumerate() {
         let (done, rest) = b.hidden.split_at_mut(i.min(last));
         let input = if i == 0 { &b.inputs } else { &done[i - 1].post };
         let params = &b.layers[i];
-        if i < last {
+        let (output, post) = if i < last {
             let out = &mut rest[0];
-            kernels.linear_forward(
-                input,
-                &params.weight,
-                &mut out.pre,
-                rows,
-                layer.inputs,
-                layer.outputs,
-            )?;
-            kernels.bias_activation(
-                &mut out.pre,
-                &params.bias,
-                Some(&mut out.post),
-                rows,
-                layer.outputs,
-                plan.activation,
-            )?;
+            (&mut out.pre, Some(&mut out.post))
         } else {
-            kernels.linear_forward(
-                input,
-                &params.weight,
-                &mut b.logits,
-                rows,
-                layer.inputs,
-                layer.outputs,
-            )?;
-            kernels.bias_activation(
-                &mut b.logits,
-                &params.bias,
-                None,
-                rows,
-                layer.outputs,
-                plan.activation,
-            )?;
-        }
+            (&mut b.logits, None)
+        };
+        kernels.linear_forward(
+            input,
+            &params.weight,
+            output,
+            rows,
+            layer.inputs,
+            layer.outputs,
+        )?;
+        kernels.bias_activation(
+            output,
+            &params.bias,
+            post,
+            rows,
+            layer.outputs,
+            plan.activation,
+        )?;
     }
+    Ok(())
+}
 
-    kernels.softmax_cross_entropy(
-        &mut b.logits,
-        &b.labels,
-        &mut b.row_loss,
-        rows,
-        plan.num_classes(),
-    )?;
-
+/// Gradients from the logits' gradient back to the first layer's weights.
+fn backward<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    b: &mut StepBuffers<K::F32, K::U32>,
+) -> Result<(), K::Error> {
+    let rows = b.rows;
+    let last = plan.layers.len() - 1;
     for (i, layer) in plan.layers.iter().enumerate().rev() {
         if i < last {
-            let grad_post = b
-                .scratch
-                .as_ref()
-                .expect("hidden layers have a scratch buffer");
+            // The scratch holds the gradient of this layer's output, from the layer above.
+            let grad_post = b.scratch.as_ref().expect("hidden layers have a scratch");
             kernels.activation_backward(
                 grad_post,
                 &mut b.hidden[i].pre,
@@ -408,10 +451,7 @@ pub fn train_step<K: Kernels>(
         )?;
         kernels.bias_gradient(grad_out, &mut params.bias_grad, rows, layer.outputs)?;
         if i > 0 {
-            let grad_in = b
-                .scratch
-                .as_mut()
-                .expect("hidden layers have a scratch buffer");
+            let grad_in = b.scratch.as_mut().expect("hidden layers have a scratch");
             kernels.input_gradient(
                 grad_out,
                 &params.weight,
@@ -422,15 +462,23 @@ pub fn train_step<K: Kernels>(
             )?;
         }
     }
+    Ok(())
+}
 
+/// The optimizer's update of every weight and bias.
+fn update<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    b: &mut StepBuffers<K::F32, K::U32>,
+    step: u32,
+) -> Result<(), K::Error> {
     let rule = UpdateRule::new(plan.optimizer, plan.learning_rate, step);
     for (layer, params) in plan.layers.iter().zip(&mut b.layers) {
-        let weights = layer.inputs * layer.outputs;
         kernels.optimizer_step(
             &mut params.weight,
             &params.weight_grad,
             &mut params.weight_state,
-            weights,
+            layer.weights(),
             rule,
         )?;
         kernels.optimizer_step(
@@ -499,28 +547,62 @@ pub fn run_probe<K: Kernels>(
     ))
 }
 
-/// Trains `steps` steps at `rows` and returns every parameter afterwards (the parity check).
-pub fn trained_parameters<K: Kernels>(
-    kernels: &mut K,
-    plan: &Plan,
-    rows: u64,
-    steps: u32,
-    seed: u64,
-) -> Result<Vec<f32>, K::Error> {
-    let (buffers, _) = run_probe(kernels, plan, rows, steps, seed)?;
-    read_parameters(kernels, plan, &buffers)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Activation, Buffer};
 
-/// Every parameter, layer by layer (weights, then biases), copied to the host.
-pub fn read_parameters<K: Kernels>(
-    kernels: &mut K,
-    plan: &Plan,
-    buffers: &StepBuffers<K::F32, K::U32>,
-) -> Result<Vec<f32>, K::Error> {
-    let mut values = Vec::with_capacity(plan.parameter_count() as usize);
-    for (layer, bufs) in plan.layers.iter().zip(&buffers.layers) {
-        values.extend(kernels.read_f32(&bufs.weight, layer.inputs * layer.outputs)?);
-        values.extend(kernels.read_f32(&bufs.bias, layer.outputs)?);
+    /// Records the length of every allocation instead of allocating.
+    #[derive(Default)]
+    struct Recorder(Vec<u64>);
+
+    impl Allocate for Recorder {
+        type F32 = ();
+        type U32 = ();
+        type Error = ();
+
+        fn f32_zeroed(&mut self, len: u64) -> Result<(), ()> {
+            self.0.push(len);
+            Ok(())
+        }
+
+        fn u32_zeroed(&mut self, len: u64) -> Result<(), ()> {
+            self.0.push(len);
+            Ok(())
+        }
     }
-    Ok(values)
+
+    #[test]
+    fn buffers_are_allocated_as_the_plan_lists_them() {
+        for (hidden, optimizer) in [
+            (vec![], OptimizerKind::Sgd),
+            (vec![128], OptimizerKind::SgdMomentum),
+            (vec![64, 32, 16], OptimizerKind::Adamw),
+        ] {
+            let plan = Plan::new(784, &hidden, 10, Activation::Gelu, optimizer, 0.1).unwrap();
+            let mut recorder = Recorder::default();
+            StepBuffers::<(), ()>::allocate(&plan, 77, &mut recorder).unwrap();
+            let listed: Vec<u64> = plan
+                .buffers(77)
+                .unwrap()
+                .iter()
+                .map(|b: &Buffer| b.elements)
+                .collect();
+            assert_eq!(recorder.0, listed, "{hidden:?} {optimizer:?}");
+        }
+    }
+
+    #[test]
+    fn the_update_rule_decays_only_for_adamw() {
+        assert_eq!(
+            UpdateRule::new(OptimizerKind::Adam, 0.1, 1).weight_decay,
+            0.0
+        );
+        assert_eq!(
+            UpdateRule::new(OptimizerKind::Adamw, 0.1, 1).weight_decay,
+            ADAMW_WEIGHT_DECAY
+        );
+        let (c1, c2) = UpdateRule::new(OptimizerKind::Sgd, 0.1, 2).bias_correction;
+        assert!((c1 - 1.0 / 0.19).abs() < 1e-5 && (c2 - 1.0 / (1.0 - 0.998_001)).abs() < 1e-1);
+    }
 }

@@ -1,19 +1,21 @@
 //! The service end to end over real TCP on loopback, with the host device.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
 
 use headroom::config::Config;
+use headroom::device::select::DeviceSpec;
 use serde_json::{json, Value};
+use support::{job, Answer, Http, ServerProcess};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-/// A server on an ephemeral loopback port, shut down when dropped.
+/// A server in this process on an ephemeral loopback port, shut down when dropped.
 struct TestServer {
-    base: String,
+    http: Http,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -36,98 +38,20 @@ impl TestServer {
             });
         });
         let server = TestServer {
-            base,
+            http: Http { base },
             shutdown: Some(send),
             thread: Some(thread),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while server.get("/readyz").0 != 200 {
-            assert!(Instant::now() < deadline, "the server never became ready");
-            thread::sleep(Duration::from_millis(20));
-        }
+        server.http.wait_ready();
         server
     }
+}
 
-    fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into()
-    }
+impl std::ops::Deref for TestServer {
+    type Target = Http;
 
-    fn get(&self, path: &str) -> (u16, Value) {
-        answer(Self::agent().get(format!("{}{path}", self.base)).call())
-    }
-
-    fn delete(&self, path: &str) -> (u16, Value) {
-        answer(Self::agent().delete(format!("{}{path}", self.base)).call())
-    }
-
-    fn post(&self, body: &Value, headers: &[(&str, &str)]) -> (u16, Value, Option<String>) {
-        self.post_raw(&body.to_string(), "application/json", headers)
-    }
-
-    fn post_raw(
-        &self,
-        body: &str,
-        content_type: &str,
-        headers: &[(&str, &str)],
-    ) -> (u16, Value, Option<String>) {
-        let mut request = Self::agent()
-            .post(format!("{}/tune", self.base))
-            .header("Content-Type", content_type);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let mut response = request.send(body.as_bytes()).unwrap();
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_string());
-        let retry = response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_string());
-        let value: Value = response.body_mut().read_json().unwrap_or(Value::Null);
-        if status >= 400 {
-            assert_eq!(
-                content_type.as_deref(),
-                Some("application/problem+json"),
-                "{status} {value}"
-            );
-            assert_eq!(value["status"], status, "{value}");
-            assert!(
-                value["detail"].as_str().is_some_and(|d| !d.is_empty()),
-                "{value}"
-            );
-        }
-        (status, value, retry)
-    }
-
-    /// Polls a job until it finishes.
-    fn wait_for(&self, id: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (status, job) = self.get(&format!("/jobs/{id}"));
-            assert_eq!(status, 200, "{job}");
-            if matches!(
-                job["state"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job {id} never finished: {job}");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_until_running(&self, id: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.get(&format!("/jobs/{id}")).1["state"] != "running" {
-            assert!(Instant::now() < deadline, "job {id} never started");
-            thread::sleep(Duration::from_millis(10));
-        }
+    fn deref(&self) -> &Http {
+        &self.http
     }
 }
 
@@ -142,18 +66,9 @@ impl Drop for TestServer {
     }
 }
 
-fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
-    let mut response = response.unwrap();
-    let status = response.status().as_u16();
-    (
-        status,
-        response.body_mut().read_json().unwrap_or(Value::Null),
-    )
-}
-
 fn host_config() -> Config {
     Config {
-        devices: vec!["host".into()],
+        devices: vec![DeviceSpec::Host],
         host_memory: bytesize::ByteSize::mib(16),
         ..Config::default()
     }
@@ -161,14 +76,17 @@ fn host_config() -> Config {
 
 /// A tiny job that tunes in milliseconds; `width` makes jobs distinct.
 fn tiny_job(width: u64) -> Value {
-    json!({"model": {"input_shape": [16], "hidden_layers": [width], "num_classes": 4},
-           "optimizer": {"name": "sgd"}, "search": {"max": 4096}})
+    let mut tiny = job(&[16], &[width], 4, "sgd");
+    tiny["search"] = json!({"max": 4096});
+    tiny
 }
 
 /// A job whose probes each take a while: many steps of a CIFAR-sized layer.
 fn slow_job() -> Value {
-    json!({"model": {"input_shape": [3, 32, 32], "hidden_layers": [128], "num_classes": 10},
-           "optimizer": {"name": "adam"}, "search": {"steps_per_probe": 200, "start": 64}, "no_cache": true})
+    let mut slow = job(&[3, 32, 32], &[128], 10, "adam");
+    slow["search"] = json!({"steps_per_probe": 200, "start": 64});
+    slow["no_cache"] = json!(true);
+    slow
 }
 
 #[test]
@@ -176,21 +94,33 @@ fn synchronous_tune_then_the_cache() {
     let server = TestServer::start(host_config());
     let job = json!({"model": {"input_shape": [1, 28, 28], "hidden_layers": [128], "num_classes": 10},
                      "optimizer": {"name": "sgd"}, "device": "host"});
-    let (status, result, _) = server.post(&job, &[]);
+    let Answer {
+        status,
+        body: result,
+        ..
+    } = server.tune(&job, &[]);
     assert_eq!(status, 200, "{result}");
     let max = result["max_batch_size"].as_u64().unwrap();
     assert!(max > 1000, "{result}");
     assert_eq!(result["limited_by"], "memory");
     assert!(result.get("cached").is_none());
 
-    let (status, again, _) = server.post(&job, &[]);
+    let Answer {
+        status,
+        body: again,
+        ..
+    } = server.tune(&job, &[]);
     assert_eq!(status, 200);
     assert_eq!(again["cached"], true);
     assert_eq!(again["max_batch_size"], max);
 
     let mut fresh = job.clone();
     fresh["no_cache"] = json!(true);
-    let (status, probed, _) = server.post(&fresh, &[]);
+    let Answer {
+        status,
+        body: probed,
+        ..
+    } = server.tune(&fresh, &[]);
     assert_eq!(status, 200);
     assert!(probed.get("cached").is_none());
 }
@@ -198,23 +128,11 @@ fn synchronous_tune_then_the_cache() {
 #[test]
 fn asynchronous_tune_with_prefer_respond_async() {
     let server = TestServer::start(host_config());
-    let mut response = TestServer::agent()
-        .post(format!("{}/tune", server.base))
-        .header("Content-Type", "application/json")
-        .header("Prefer", "respond-async")
-        .send(tiny_job(7).to_string().as_bytes())
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let location = response
-        .headers()
-        .get("location")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
-    let document: Value = response.body_mut().read_json().unwrap();
+    let accepted = server.tune(&tiny_job(7), &[("Prefer", "respond-async")]);
+    assert_eq!(accepted.status, 202);
+    let document = accepted.body;
     assert_eq!(
-        location,
+        accepted.location.unwrap(),
         format!("/jobs/{}", document["id"].as_str().unwrap())
     );
     assert!(matches!(
@@ -243,7 +161,11 @@ fn a_running_job_can_be_cancelled() {
         host_memory: bytesize::ByteSize::mib(64),
         ..host_config()
     });
-    let (status, document, _) = server.post(&slow_job(), &[("Prefer", "respond-async")]);
+    let Answer {
+        status,
+        body: document,
+        ..
+    } = server.tune(&slow_job(), &[("Prefer", "respond-async")]);
     assert_eq!(status, 202);
     let id = document["id"].as_str().unwrap();
     server.wait_until_running(id);
@@ -256,7 +178,7 @@ fn a_running_job_can_be_cancelled() {
     let (status, problem) = server.delete(&format!("/jobs/{id}"));
     assert_eq!(status, 409, "{problem}");
     // The device is free again: a new job runs.
-    let (status, _, _) = server.post(&tiny_job(3), &[]);
+    let status = server.tune(&tiny_job(3), &[]).status;
     assert_eq!(status, 200);
 }
 
@@ -270,9 +192,8 @@ fn fifty_concurrent_jobs_are_all_answered_one_device_job_at_a_time() {
         .map(|i| {
             let server = Arc::clone(&server);
             thread::spawn(move || {
-                let (status, document, _) =
-                    server.post(&tiny_job(8 + i), &[("Prefer", "respond-async")]);
-                (status, document)
+                let answer = server.tune(&tiny_job(8 + i), &[("Prefer", "respond-async")]);
+                (answer.status, answer.body)
             })
         })
         .collect::<Vec<_>>()
@@ -304,12 +225,21 @@ fn a_full_queue_answers_429_with_retry_after() {
         host_memory: bytesize::ByteSize::mib(64),
         ..host_config()
     });
-    let (_, running, _) = server.post(&slow_job(), &[("Prefer", "respond-async")]);
+    let Answer { body: running, .. } = server.tune(&slow_job(), &[("Prefer", "respond-async")]);
     let running = running["id"].as_str().unwrap().to_string();
     server.wait_until_running(&running);
-    let (status, queued, _) = server.post(&slow_job(), &[("Prefer", "respond-async")]);
+    let Answer {
+        status,
+        body: queued,
+        ..
+    } = server.tune(&slow_job(), &[("Prefer", "respond-async")]);
     assert_eq!(status, 202, "{queued}");
-    let (status, problem, retry) = server.post(&slow_job(), &[("Prefer", "respond-async")]);
+    let Answer {
+        status,
+        body: problem,
+        retry_after: retry,
+        ..
+    } = server.tune(&slow_job(), &[("Prefer", "respond-async")]);
     assert_eq!(status, 429, "{problem}");
     assert!(retry.unwrap().parse::<u64>().unwrap() > 0);
     let (_, devices) = server.get("/devices");
@@ -324,15 +254,25 @@ fn a_full_queue_answers_429_with_retry_after() {
 #[test]
 fn every_error_class_is_a_problem() {
     let server = TestServer::start(host_config());
-    let (status, _, _) = server.post_raw("{\"model\": ", "application/json", &[]);
+    let status = server
+        .tune_raw("{\"model\": ", "application/json", &[])
+        .status;
     assert_eq!(status, 400);
-    let (status, _, _) = server.post_raw(&tiny_job(4).to_string(), "text/plain", &[]);
+    let status = server
+        .tune_raw(&tiny_job(4).to_string(), "text/plain", &[])
+        .status;
     assert_eq!(status, 415);
-    let (status, _, _) = server.post_raw(&"x".repeat(65 * 1024), "application/json", &[]);
+    let status = server
+        .tune_raw(&"x".repeat(65 * 1024), "application/json", &[])
+        .status;
     assert_eq!(status, 413);
     let mut bad = tiny_job(4);
     bad["model"]["hidden_layers"] = json!([8, 0]);
-    let (status, problem, _) = server.post(&bad, &[]);
+    let Answer {
+        status,
+        body: problem,
+        ..
+    } = server.tune(&bad, &[]);
     assert_eq!(
         (status, problem["field"].as_str()),
         (422, Some("model.hidden_layers[1]")),
@@ -340,7 +280,11 @@ fn every_error_class_is_a_problem() {
     );
     let mut bad = tiny_job(4);
     bad["device"] = json!("cuda:7");
-    let (status, problem, _) = server.post(&bad, &[]);
+    let Answer {
+        status,
+        body: problem,
+        ..
+    } = server.tune(&bad, &[]);
     assert_eq!(
         (status, problem["field"].as_str()),
         (422, Some("device")),
@@ -348,7 +292,11 @@ fn every_error_class_is_a_problem() {
     );
     let huge = json!({"model": {"input_shape": [3, 32, 32], "hidden_layers": [100000], "num_classes": 10},
                       "optimizer": {"name": "adam"}});
-    let (status, problem, _) = server.post(&huge, &[]);
+    let Answer {
+        status,
+        body: problem,
+        ..
+    } = server.tune(&huge, &[]);
     assert_eq!(status, 422, "{problem}");
     assert!(
         problem["type"].as_str().unwrap().ends_with("/does-not-fit"),
@@ -388,7 +336,11 @@ fn the_bad_input_corpus_never_yields_a_5xx() {
         format!("{{\"pad\": \"{}\"}}", "a".repeat(1 << 20)),
     ];
     for body in &corpus {
-        let (status, problem, _) = server.post_raw(body, "application/json", &[]);
+        let Answer {
+            status,
+            body: problem,
+            ..
+        } = server.tune_raw(body, "application/json", &[]);
         assert!(
             (400..500).contains(&status),
             "{status} for {:.80}: {problem}",
@@ -403,17 +355,17 @@ fn a_token_guards_tune_and_jobs_but_not_health_or_metrics() {
         token: "s3cret".into(),
         ..host_config()
     });
-    assert_eq!(server.post(&tiny_job(5), &[]).0, 401);
+    assert_eq!(server.tune(&tiny_job(5), &[]).status, 401);
     assert_eq!(
         server
-            .post(&tiny_job(5), &[("Authorization", "Bearer wrong")])
-            .0,
+            .tune(&tiny_job(5), &[("Authorization", "Bearer wrong")])
+            .status,
         401
     );
     assert_eq!(
         server
-            .post(&tiny_job(5), &[("Authorization", "Bearer s3cret")])
-            .0,
+            .tune(&tiny_job(5), &[("Authorization", "Bearer s3cret")])
+            .status,
         200
     );
     assert_eq!(server.get("/jobs").0, 401);
@@ -424,15 +376,9 @@ fn a_token_guards_tune_and_jobs_but_not_health_or_metrics() {
 #[test]
 fn metrics_and_openapi_are_served() {
     let server = TestServer::start(host_config());
-    assert_eq!(server.post(&tiny_job(6), &[]).0, 200);
-    assert_eq!(server.post(&tiny_job(6), &[]).0, 200); // a cache hit
-    let text = TestServer::agent()
-        .get(format!("{}/metrics", server.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    assert_eq!(server.tune(&tiny_job(6), &[]).status, 200);
+    assert_eq!(server.tune(&tiny_job(6), &[]).status, 200); // a cache hit
+    let text = server.get_text("/metrics");
     for series in [
         "headroom_http_requests_total{",
         "headroom_tunes_total{device=\"host\",outcome=\"succeeded\"} 1",
@@ -503,70 +449,20 @@ fn check_with_promtool(text: &str) {
 
 #[test]
 fn sigterm_with_a_job_running_shuts_down_cleanly() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_headroom"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--device",
-            "host",
-            "--host-memory",
-            "64MiB",
-        ])
-        .env("HEADROOM_SHUTDOWN_GRACE_SECONDS", "60")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (line_sender, line_receiver) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let reader = thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = line_sender.send(line.clone());
-        }
-    });
-    let mut log = Vec::new();
-    let address = loop {
-        let line = line_receiver
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server logs its address");
-        log.push(line.clone());
-        if let Some(rest) = line.split("address=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    let server = TestServer {
-        base: format!("http://{address}"),
-        shutdown: None,
-        thread: None,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.get("/readyz").0 != 200 {
-        assert!(Instant::now() < deadline);
-        thread::sleep(Duration::from_millis(20));
-    }
-    let (status, document, _) = server.post(&slow_job(), &[("Prefer", "respond-async")]);
-    assert_eq!(status, 202);
-    server.wait_until_running(document["id"].as_str().unwrap());
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the server did not stop"
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}");
-    reader.join().unwrap();
-    log.extend(line_receiver.try_iter());
-    let log = log.join("\n");
+    let mut command = support::headroom();
+    command
+        .args(["serve", "--device", "host", "--host-memory", "64MiB"])
+        .env("HEADROOM_SHUTDOWN_GRACE_SECONDS", "60");
+    let mut server = ServerProcess::start(command);
+    let answer = server
+        .http
+        .tune(&slow_job(), &[("Prefer", "respond-async")]);
+    assert_eq!(answer.status, 202);
+    server
+        .http
+        .wait_until_running(answer.body["id"].as_str().unwrap());
+    assert!(server.terminate(), "{}", server.log());
+    let log = server.log();
     assert!(log.contains("cancelling jobs"), "{log}");
     assert!(log.contains("device released"), "{log}");
     assert!(log.contains("released=true"), "{log}");
@@ -579,7 +475,7 @@ fn the_cli_can_tune_through_a_server() {
         ..host_config()
     });
     let run = |job: &str| {
-        Command::new(env!("CARGO_BIN_EXE_headroom"))
+        support::headroom()
             .args([
                 "tune",
                 "--server",
@@ -590,7 +486,6 @@ fn the_cli_can_tune_through_a_server() {
                 "--json",
             ])
             .env("HEADROOM_TOKEN", "t0ken")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .unwrap()
     };

@@ -12,7 +12,8 @@ pub mod select;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::Plan;
+use crate::plan::{Allocator, Plan};
+use crate::step::{self, Kernels};
 
 /// Which implementation a device is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -22,6 +23,16 @@ pub enum DeviceKind {
     Host,
     /// An NVIDIA GPU.
     Cuda,
+}
+
+impl DeviceKind {
+    /// How this kind of device rounds each allocation.
+    pub fn allocator(self) -> Allocator {
+        match self {
+            DeviceKind::Host => Allocator::Exact,
+            DeviceKind::Cuda => Allocator::CudaPages,
+        }
+    }
 }
 
 impl std::fmt::Display for DeviceKind {
@@ -90,14 +101,54 @@ pub trait Device: Send {
         steps: u32,
         seed: u64,
     ) -> Result<StepReport, DeviceError>;
+}
 
-    /// Runs `steps` training steps like [`Device::run_steps`] and returns every parameter
-    /// afterwards, layer by layer (weights, then biases): the cross-device parity check.
-    fn trained_parameters(
+/// What a device with real kernels does around each probe and how it counts its memory. Every
+/// such device is a [`Device`] through these hooks; the probe itself is [`step::run_probe`].
+pub trait Probing: Kernels<Error = DeviceError> + Send {
+    /// Identity and current memory.
+    fn describe(&self) -> DeviceInfo;
+
+    /// Readies the device for a probe; returns the bytes this process holds on it beforehand.
+    fn begin_probe(&mut self) -> Result<u64, DeviceError>;
+
+    /// Bytes this process holds on the device now.
+    fn held_bytes(&mut self) -> Result<u64, DeviceError>;
+
+    /// Runs once the probe's buffers are freed: recovers from a fault, and checks that the
+    /// memory held `before` the probe is all that is held again.
+    fn end_probe(&mut self, before: u64) -> Result<(), DeviceError>;
+}
+
+impl<D: Probing> Device for D {
+    fn info(&self) -> DeviceInfo {
+        self.describe()
+    }
+
+    fn run_steps(
         &mut self,
         plan: &Plan,
         batch_size: u64,
         steps: u32,
         seed: u64,
-    ) -> Result<Vec<f32>, DeviceError>;
+    ) -> Result<StepReport, DeviceError> {
+        let before = self.begin_probe()?;
+        let report =
+            step::run_probe(self, plan, batch_size, steps, seed).and_then(|(buffers, run)| {
+                let held = self.held_bytes();
+                drop(buffers);
+                Ok(StepReport {
+                    step_seconds: run.step_seconds,
+                    device_bytes: held?.saturating_sub(before),
+                    final_loss: run.final_loss,
+                })
+            });
+        let ended = self.end_probe(before);
+        match (report, ended) {
+            // The probe's own fault says most; a failed clean-up outranks a fit or an OOM.
+            (Err(fault @ DeviceError::Fault(_)), _) => Err(fault),
+            (_, Err(cleanup)) => Err(cleanup),
+            (report, Ok(())) => report,
+        }
+    }
 }

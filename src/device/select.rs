@@ -6,7 +6,7 @@ use crate::device::cuda::{self, CudaDevice};
 use crate::device::host::HostDevice;
 use crate::device::Device;
 
-/// Which device a job asks for.
+/// Which device a job asks for; written `auto`, `host`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DeviceSpec {
     /// CUDA device 0 when CUDA is present, else the host.
@@ -42,6 +42,20 @@ impl std::fmt::Display for DeviceSpec {
             DeviceSpec::Host => f.write_str("host"),
             DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
         }
+    }
+}
+
+impl serde::Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -94,6 +108,20 @@ mod tests {
         for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", ""] {
             assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn specs_read_and_write_as_json_strings() {
+        let specs: Vec<DeviceSpec> = serde_json::from_str(r#"["auto", "host", "cuda:2"]"#).unwrap();
+        assert_eq!(
+            specs,
+            [DeviceSpec::Auto, DeviceSpec::Host, DeviceSpec::Cuda(2)]
+        );
+        assert_eq!(
+            serde_json::to_string(&specs).unwrap(),
+            r#"["auto","host","cuda:2"]"#
+        );
+        assert!(serde_json::from_str::<DeviceSpec>(r#""gpu0""#).is_err());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 use super::*;
 use crate::device::{DeviceInfo, DeviceKind, StepReport};
+use crate::job::testing::mlp;
+use crate::plan::Allocator;
 use proptest::prelude::*;
 
 /// A device whose largest batch is `limit`; it can also fault at one size or lose memory.
@@ -60,24 +62,16 @@ impl Device for FakeDevice {
             final_loss: 1.0,
         })
     }
-
-    fn trained_parameters(
-        &mut self,
-        _: &Plan,
-        _: u64,
-        _: u32,
-        _: u64,
-    ) -> Result<Vec<f32>, DeviceError> {
-        Ok(Vec::new())
-    }
 }
 
 fn job(search: &str, extra: &str) -> Job {
-    Job::from_json(&format!(
-        r#"{{"model": {{"input_shape": [784], "hidden_layers": [128], "num_classes": 10}},
-             "optimizer": {{"name": "sgd"}}, "search": {{{search}}} {extra}}}"#
-    ))
-    .unwrap()
+    mlp(
+        &[784],
+        &[128],
+        10,
+        "sgd",
+        &format!(r#", "search": {{{search}}} {extra}"#),
+    )
 }
 
 fn run(job: &Job, device: &mut FakeDevice) -> Result<TuneResult, TuneError> {
@@ -114,11 +108,11 @@ fn batch_one_that_does_not_fit_reports_the_bytes() {
     let mut device = FakeDevice::with_limit(0);
     let err = run(&job("", ""), &mut device).unwrap_err();
     match err {
-        TuneError::DoesNotFit {
+        TuneError::DoesNotFit(DoesNotFit {
             fixed_bytes,
             batch_one_bytes,
             free_bytes,
-        } => {
+        }) => {
             assert_eq!(fixed_bytes, 2 * 101_770 * 4 + 4);
             assert!(batch_one_bytes > fixed_bytes);
             assert_eq!(free_bytes, 1 << 40);
@@ -194,22 +188,12 @@ fn a_limit_that_moves_is_followed_down() {
 #[test]
 fn predict_with_an_exact_model_takes_three_probes() {
     let plan_job = job(r#""strategy": "predict""#, "");
-    let plan = Plan::new(&plan_job).unwrap();
-    let limit = plan.predict_max_batch(1 << 40);
+    let limit = plan_job.plan().predict_max_batch(1 << 40, Allocator::Exact);
     let mut device = FakeDevice::with_limit(limit);
     let result = run(&plan_job, &mut device).unwrap();
     assert_eq!(result.predicted_max_batch_size, limit);
     assert!(limit - result.max_batch_size <= (limit as f64 * 0.01) as u64);
     assert!(device.probed.len() <= 3, "{:?}", device.probed);
-}
-
-#[test]
-fn recommendation_rounding_rules() {
-    assert_eq!(recommended_batch_size(20480, 0.8, 8), 16384);
-    assert_eq!(recommended_batch_size(1000, 0.8, 64), 768);
-    assert_eq!(recommended_batch_size(9, 0.8, 8), 7);
-    assert_eq!(recommended_batch_size(1, 0.5, 8), 1);
-    assert_eq!(recommended_batch_size(100, 1.0, 1), 100);
 }
 
 proptest! {
@@ -233,7 +217,7 @@ proptest! {
         // Make the memory model wrong by a random factor: the answer must not depend on it.
         let fit = if predict {
             let skewed = ((limit as f64) * prediction_error) as u64;
-            let mut search = Search { device: &mut device, plan: &Plan::new(&job).unwrap(), job: &job, cap: job.batch_cap(), probes: vec![], observer: &mut |_| ControlFlow::Continue(()) };
+            let mut search = Search { device: &mut device, plan: job.plan(), job: &job, cap: job.batch_cap(), probes: vec![], observer: &mut |_| ControlFlow::Continue(()) };
             let (fit, oom) = search.bracket_around(skewed.max(1)).unwrap();
             let fit = search.bisect(fit, oom.unwrap()).unwrap();
             let probes = search.probes.len() as f64;

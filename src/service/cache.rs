@@ -12,8 +12,8 @@ use crate::result::TuneResult;
 fn code_version() -> u64 {
     let mut hasher = DefaultHasher::new();
     env!("CARGO_PKG_VERSION").hash(&mut hasher);
-    for source in crate::device::cuda::compile::SOURCES {
-        source.source.hash(&mut hasher);
+    for family in crate::device::cuda::kernel::Family::ALL {
+        family.source().hash(&mut hasher);
     }
     hasher.finish()
 }

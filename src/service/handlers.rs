@@ -8,72 +8,62 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::jobs::{JobDocument, JobState, TuneJob};
+use super::jobs::{JobDocument, TuneJob};
 use super::problem::Problem;
 use super::workers::{DeviceWorker, EnqueueError};
 use super::AppState;
 use crate::device::select::DeviceSpec;
 use crate::device::{nvml, DeviceKind};
 use crate::job::Job;
-use crate::search::TuneError;
-
-/// Keys of a `POST /tune` body that belong to the service, not to the job.
-const REQUEST_KEYS: [&str; 3] = ["device", "no_cache", "allow_shared"];
 
 /// What `POST /tune` takes besides the job.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Deserialize)]
 struct TuneOptions {
+    /// Where to run it.
+    #[serde(default)]
     device: DeviceSpec,
+    /// Probe even if a cached result exists.
+    #[serde(default)]
     no_cache: bool,
+    /// Probe a GPU other processes compute on.
+    #[serde(default)]
     allow_shared: bool,
 }
 
+/// The body of `POST /tune`: the service's options, and every other key as the job.
+#[derive(Deserialize)]
+struct TuneBody {
+    #[serde(flatten)]
+    options: TuneOptions,
+    #[serde(flatten)]
+    job: serde_json::Map<String, Value>,
+}
+
 /// Splits the body into the service's options and the job (with the config's defaults filled in).
-fn parse_tune_request(mut body: Value, state: &AppState) -> Result<(TuneOptions, Job), Problem> {
-    let Value::Object(object) = &mut body else {
+fn parse_tune_request(body: Value, state: &AppState) -> Result<(TuneOptions, Job), Problem> {
+    if !body.is_object() {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "the body must be a JSON object holding a job",
         ));
-    };
-    let mut taken = REQUEST_KEYS.map(|key| object.remove(key));
-    let invalid = |field: &str, expected: &str| {
+    }
+    let TuneBody { options, mut job } = serde_path_to_error::deserialize(body).map_err(|e| {
+        let field = e.path().to_string();
         Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            format!("{field} must be {expected}"),
+            format!("{field}: {}", e.inner()),
         )
         .with_field(field)
-    };
-    let device = match taken[0].take() {
-        None => DeviceSpec::Auto,
-        Some(Value::String(text)) => text.parse().map_err(|reason: String| {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, reason).with_field("device")
-        })?,
-        Some(_) => {
-            return Err(invalid(
-                "device",
-                "a string such as \"auto\", \"host\" or \"cuda:0\"",
-            ))
-        }
-    };
-    let flag = |value: Option<Value>, field: &str| match value {
-        None => Ok(false),
-        Some(Value::Bool(b)) => Ok(b),
-        Some(_) => Err(invalid(field, "true or false")),
-    };
-    let no_cache = flag(taken[1].take(), "no_cache")?;
-    let allow_shared = flag(taken[2].take(), "allow_shared")?;
-
-    object
-        .entry("headroom")
+    })?;
+    job.entry("headroom")
         .or_insert_with(|| Value::from(state.config.headroom));
     if !state.config.search.is_empty() {
-        let search = object
+        let search = job
             .entry("search")
             .or_insert_with(|| Value::Object(Default::default()));
         if let Value::Object(search) = search {
@@ -82,17 +72,10 @@ fn parse_tune_request(mut body: Value, state: &AppState) -> Result<(TuneOptions,
             }
         }
     }
-    let job = Job::from_value(body).map_err(|e| {
+    let job = Job::from_value(Value::Object(job)).map_err(|e| {
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).with_field(e.field)
     })?;
-    Ok((
-        TuneOptions {
-            device,
-            no_cache,
-            allow_shared,
-        },
-        job,
-    ))
+    Ok((options, job))
 }
 
 /// The worker a job goes to: the one named, or for `auto` the least busy CUDA device (the host
@@ -106,10 +89,10 @@ fn choose_worker(state: &AppState, spec: DeviceSpec) -> Result<Arc<DeviceWorker>
             .filter(|w| w.is_cuda())
             .min_by_key(|w| load(w))
             .or_else(|| workers.iter().find(|w| !w.is_cuda())),
-        named => workers.iter().find(|w| w.name == named.to_string()),
+        named => workers.iter().find(|w| w.device == named),
     };
     chosen.cloned().ok_or_else(|| {
-        let served: Vec<&str> = workers.iter().map(|w| w.name.as_str()).collect();
+        let served: Vec<String> = workers.iter().map(|w| w.device.to_string()).collect();
         Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
@@ -146,7 +129,7 @@ fn check_shared(worker: &DeviceWorker, allowed: bool) -> Result<(), Problem> {
             format!(
                 "{} has {} other process(es) with a compute context holding {} bytes; probing it could make them run out of memory. \
                  Send \"allow_shared\": true to probe anyway",
-                worker.name, gpu.other_compute_processes, gpu.used_bytes
+                worker.device, gpu.other_compute_processes, gpu.used_bytes
             ),
         )),
         _ => Ok(()),
@@ -217,7 +200,7 @@ pub async fn tune(
         }
     }
     state.metrics.cache_miss();
-    let job = TuneJob::new(job, &worker.name, cache_key);
+    let job = TuneJob::new(job, worker.device, cache_key);
     state.jobs.insert(Arc::clone(&job));
     match worker.enqueue(Arc::clone(&job)) {
         Ok(()) => {}
@@ -229,7 +212,7 @@ pub async fn tune(
                 "Queue full",
                 format!(
                     "{} already has {} jobs waiting; retry later",
-                    worker.name,
+                    worker.device,
                     worker.queue_length()
                 ),
             )
@@ -248,20 +231,16 @@ pub async fn tune(
             .wait(Duration::from_secs(state.config.wait_seconds))
             .await
     {
-        return Ok(accepted(job.document()));
+        return Ok(accepted(state.jobs.document(&job)));
     }
-    finished_answer(job.document())
-}
-
-/// The answer for a job that finished while the request waited.
-fn finished_answer(document: JobDocument) -> Result<Response, Problem> {
-    match (document.state, document.result, document.error) {
-        (JobState::Succeeded, Some(result), _) => Ok(Json(result).into_response()),
-        (_, _, Some(problem)) => Err(problem),
-        _ => Err(Problem::of_search(&TuneError::Fault {
-            batch_size: 0,
-            message: "the job ended without a result".into(),
-        })),
+    let document = job.document();
+    match (document.result, document.error) {
+        (Some(result), _) => Ok(Json(result).into_response()),
+        (None, Some(problem)) => Err(problem),
+        (None, None) => Err(Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the job finished with neither a result nor an error; this is a bug in headroom",
+        )),
     }
 }
 
@@ -294,7 +273,7 @@ pub async fn get_job(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<JobDocument>, Problem> {
-    Ok(Json(find_job(&state, &id)?.document()))
+    Ok(Json(state.jobs.document(&*find_job(&state, &id)?)))
 }
 
 /// `DELETE /jobs/{id}`
@@ -311,13 +290,20 @@ pub async fn cancel_job(
             format!("job {id} has already finished ({:?})", job.state()),
         ));
     }
-    Ok((StatusCode::ACCEPTED, Json(job.document())).into_response())
+    Ok((StatusCode::ACCEPTED, Json(state.jobs.document(&job))).into_response())
 }
 
 /// `GET /jobs`
 #[utoipa::path(get, path = "/jobs", responses((status = 200, body = Vec<JobDocument>)))]
 pub async fn list_jobs(State(state): State<Arc<AppState>>) -> Json<Vec<JobDocument>> {
-    Json(state.jobs.recent().iter().map(|j| j.document()).collect())
+    Json(
+        state
+            .jobs
+            .recent()
+            .iter()
+            .map(|j| state.jobs.document(j))
+            .collect(),
+    )
 }
 
 /// One device as `GET /devices` shows it.
@@ -372,7 +358,7 @@ pub async fn devices(
                 DeviceStatus {
                     kind: info.kind,
                     index: info.index,
-                    device: w.name.clone(),
+                    device: w.device.to_string(),
                     name: info.name.clone(),
                     uuid: gpu.map(|g| g.uuid.clone()),
                     total_bytes: gpu.map_or(info.total_bytes, |g| g.total_bytes),
@@ -425,7 +411,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, P
         ));
     }
     Ok(Json(
-        serde_json::json!({"status": "ready", "devices": workers.iter().map(|w| w.name.clone()).collect::<Vec<_>>()}),
+        serde_json::json!({"status": "ready", "devices": workers.iter().map(|w| w.device).collect::<Vec<_>>()}),
     ))
 }
 
@@ -436,7 +422,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, P
 pub struct TuneRequest {
     /// The job.
     #[serde(flatten)]
-    job: Job,
+    job: crate::job::JobSpec,
     /// `auto` (default), `host` or `cuda:N`.
     device: Option<String>,
     /// Probe even if a cached result exists.

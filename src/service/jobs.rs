@@ -4,20 +4,22 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::lock;
 use super::problem::Problem;
+use crate::device::select::DeviceSpec;
 use crate::job::Job;
 use crate::result::{Probe, TuneResult};
 use crate::search::TuneError;
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for its device.
@@ -54,37 +56,63 @@ impl JobState {
 }
 
 /// The probes a job has run so far.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Progress {
     /// Every probe so far, in order.
     pub probes: Vec<Probe>,
 }
 
 /// A job as `GET /jobs/{id}` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobDocument {
     /// The job's id.
     pub id: String,
     /// Where it is in its life.
     pub state: JobState,
     /// The device it runs on, e.g. `cuda:0` or `host`.
-    pub device: String,
+    #[schema(value_type = String)]
+    pub device: DeviceSpec,
+    /// While queued: how many jobs on the same device are ahead of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<usize>,
     /// Probes so far.
     pub progress: Progress,
     /// The result, once succeeded.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<TuneResult>,
     /// The error, once failed or cancelled.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Problem>,
     /// RFC 3339 time the job was accepted.
     pub created_at: String,
     /// RFC 3339 time probing began.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
     /// RFC 3339 time the job finished.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+}
+
+/// How a job ended: the result, or the problem a client is told.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEnd {
+    /// The search answered.
+    Succeeded(TuneResult),
+    /// The search gave no answer.
+    Failed(Problem),
+    /// Cancelled by a client or by shutdown.
+    Cancelled,
+}
+
+impl JobEnd {
+    /// The state it leaves the job in.
+    pub fn state(&self) -> JobState {
+        match self {
+            JobEnd::Succeeded(_) => JobState::Succeeded,
+            JobEnd::Failed(_) => JobState::Failed,
+            JobEnd::Cancelled => JobState::Cancelled,
+        }
+    }
 }
 
 fn now() -> String {
@@ -108,7 +136,7 @@ pub struct TuneJob {
 
 impl TuneJob {
     /// A new queued job for `device`.
-    pub fn new(spec: Job, device: &str, cache_key: String) -> Arc<TuneJob> {
+    pub fn new(spec: Job, device: DeviceSpec, cache_key: String) -> Arc<TuneJob> {
         let id = Uuid::new_v4();
         Arc::new(TuneJob {
             id,
@@ -117,7 +145,8 @@ impl TuneJob {
             document: Mutex::new(JobDocument {
                 id: id.to_string(),
                 state: JobState::Queued,
-                device: device.to_string(),
+                device,
+                queue_position: None,
                 progress: Progress { probes: Vec::new() },
                 result: None,
                 error: None,
@@ -141,9 +170,12 @@ impl TuneJob {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, JobDocument> {
-        self.document
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.document)
+    }
+
+    /// The device it waits for or runs on.
+    pub fn device(&self) -> DeviceSpec {
+        self.lock().device
     }
 
     /// Marks the job running, unless it was cancelled while queued; returns whether to run it.
@@ -151,11 +183,7 @@ impl TuneJob {
         let mut doc = self.lock();
         if doc.state != JobState::Queued || self.cancel.load(Ordering::SeqCst) {
             drop(doc);
-            self.finish(
-                JobState::Cancelled,
-                None,
-                Some(Problem::of_search(&TuneError::Cancelled)),
-            );
+            self.finish(JobEnd::Cancelled);
             return false;
         }
         doc.state = JobState::Running;
@@ -174,11 +202,7 @@ impl TuneJob {
         self.cancel.store(true, Ordering::SeqCst);
         let state = self.state();
         if state == JobState::Queued {
-            self.finish(
-                JobState::Cancelled,
-                None,
-                Some(Problem::of_search(&TuneError::Cancelled)),
-            );
+            self.finish(JobEnd::Cancelled);
         }
         !state.is_finished()
     }
@@ -189,16 +213,20 @@ impl TuneJob {
     }
 
     /// Finishes the job (once; later calls are ignored) and wakes everyone waiting for it.
-    pub fn finish(&self, state: JobState, result: Option<TuneResult>, error: Option<Problem>) {
+    pub fn finish(&self, end: JobEnd) {
         {
             let mut doc = self.lock();
             if doc.state.is_finished() {
                 return;
             }
-            doc.state = state;
-            doc.result = result;
-            doc.error = error;
+            doc.state = end.state();
+            match end {
+                JobEnd::Succeeded(result) => doc.result = Some(result),
+                JobEnd::Failed(problem) => doc.error = Some(problem),
+                JobEnd::Cancelled => doc.error = Some(Problem::of_search(&TuneError::Cancelled)),
+            }
             doc.finished_at = Some(now());
+            doc.queue_position = None;
         }
         self.finished.send_replace(true);
     }
@@ -234,9 +262,26 @@ impl JobStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StoreInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
+    }
+
+    /// A job's document, with its place in its device's queue while it waits.
+    pub fn document(&self, job: &TuneJob) -> JobDocument {
+        let mut document = job.document();
+        if document.state == JobState::Queued {
+            let inner = self.lock();
+            let ahead = inner
+                .order
+                .iter()
+                .take_while(|id| **id != job.id)
+                .filter(|id| {
+                    let other = &inner.jobs[*id];
+                    other.device() == document.device && other.state() == JobState::Queued
+                })
+                .count();
+            document.queue_position = Some(ahead);
+        }
+        document
     }
 
     /// Adds a job, dropping the oldest finished jobs past the history.
@@ -287,19 +332,16 @@ mod tests {
     use super::*;
 
     fn job() -> Job {
-        Job::from_json(
-            r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"}}"#,
-        )
-        .unwrap()
+        crate::job::testing::mlp(&[4], &[], 2, "sgd", "")
     }
 
     #[test]
     fn history_drops_only_finished_jobs_oldest_first() {
         let store = JobStore::new(2);
         let jobs: Vec<_> = (0..4)
-            .map(|_| TuneJob::new(job(), "host", String::new()))
+            .map(|_| TuneJob::new(job(), DeviceSpec::Host, String::new()))
             .collect();
-        jobs[0].finish(JobState::Succeeded, None, None);
+        jobs[0].finish(JobEnd::Cancelled);
         for j in &jobs {
             store.insert(Arc::clone(j));
         }
@@ -311,13 +353,33 @@ mod tests {
 
     #[test]
     fn a_queued_job_cancels_at_once_and_finishes_once() {
-        let j = TuneJob::new(job(), "host", String::new());
+        let j = TuneJob::new(job(), DeviceSpec::Host, String::new());
         assert!(j.cancel());
         assert_eq!(j.state(), JobState::Cancelled);
         assert!(!j.start());
         assert!(!j.cancel());
-        j.finish(JobState::Succeeded, None, None);
+        j.finish(JobEnd::Failed(Problem::of_search(&TuneError::Cancelled)));
         assert_eq!(j.state(), JobState::Cancelled);
         assert!(j.document().finished_at.is_some());
+    }
+
+    #[test]
+    fn a_queued_job_knows_how_many_wait_before_it_on_its_device() {
+        let store = JobStore::new(8);
+        let on = |device| TuneJob::new(job(), device, String::new());
+        let jobs = [
+            on(DeviceSpec::Host),
+            on(DeviceSpec::Cuda(0)),
+            on(DeviceSpec::Host),
+            on(DeviceSpec::Host),
+        ];
+        for j in &jobs {
+            store.insert(Arc::clone(j));
+        }
+        assert!(jobs[0].start());
+        assert_eq!(store.document(&jobs[0]).queue_position, None);
+        assert_eq!(store.document(&jobs[1]).queue_position, Some(0));
+        assert_eq!(store.document(&jobs[2]).queue_position, Some(0));
+        assert_eq!(store.document(&jobs[3]).queue_position, Some(1));
     }
 }

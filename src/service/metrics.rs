@@ -2,6 +2,7 @@
 //! bounded labels: route, method, status, device, outcome, and the GPU's index and UUID as
 //! NVIDIA's DCGM exporter labels them). Never a job id.
 
+use crate::device::select::DeviceSpec;
 use prometheus::{
     exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -152,41 +153,46 @@ impl Metrics {
     }
 
     /// Records a finished probe.
-    pub fn probe(&self, device: &str, outcome: &str, seconds: f64) {
-        self.probes.with_label_values(&[device, outcome]).inc();
+    pub fn probe(&self, device: &DeviceSpec, outcome: &str, seconds: f64) {
+        let device = device.to_string();
+        self.probes.with_label_values(&[&device, outcome]).inc();
         self.probe_duration
-            .with_label_values(&[device, outcome])
+            .with_label_values(&[&device, outcome])
             .observe(seconds);
     }
 
     /// Records a finished tune (`succeeded`, `failed` or `cancelled`).
-    pub fn tune(&self, device: &str, outcome: &str, seconds: f64) {
-        self.tunes.with_label_values(&[device, outcome]).inc();
+    pub fn tune(&self, device: &DeviceSpec, outcome: &str, seconds: f64) {
+        let device = device.to_string();
+        self.tunes.with_label_values(&[&device, outcome]).inc();
         self.tune_duration
-            .with_label_values(&[device])
+            .with_label_values(&[&device])
             .observe(seconds);
     }
 
     /// The last successful tune's answer on a device.
-    pub fn last_batch_sizes(&self, device: &str, max: u64, recommended: u64) {
+    pub fn last_batch_sizes(&self, device: &DeviceSpec, max: u64, recommended: u64) {
+        let device = device.to_string();
         self.last_max_batch_size
-            .with_label_values(&[device])
+            .with_label_values(&[&device])
             .set(max as i64);
         self.last_recommended_batch_size
-            .with_label_values(&[device])
+            .with_label_values(&[&device])
             .set(recommended as i64);
     }
 
     /// Jobs waiting on a device.
-    pub fn queue_length(&self, device: &str, jobs: usize) {
+    pub fn queue_length(&self, device: &DeviceSpec, jobs: usize) {
         self.queue_length
-            .with_label_values(&[device])
+            .with_label_values(&[&device.to_string()])
             .set(jobs as i64);
     }
 
     /// Whether a device runs a job.
-    pub fn busy(&self, device: &str, busy: bool) {
-        self.busy.with_label_values(&[device]).set(i64::from(busy));
+    pub fn busy(&self, device: &DeviceSpec, busy: bool) {
+        self.busy
+            .with_label_values(&[&device.to_string()])
+            .set(i64::from(busy));
     }
 
     /// A result answered from the cache.

@@ -14,7 +14,7 @@ pub mod problem;
 pub mod workers;
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -68,10 +68,11 @@ impl AppState {
         self.workers.get().map(Vec::as_slice)
     }
 
-    /// Opens the configured devices (compiling kernels for GPUs) and starts their workers. A
-    /// device that fails to open is logged and left out; the others are served.
+    /// Opens the configured devices (compiling kernels for GPUs) and starts their workers, one
+    /// per physical device. A device that fails to open is logged and left out; the others are
+    /// served.
     pub fn open_devices(&self) -> Result<(), String> {
-        let specs = device_specs(&self.config.devices)?;
+        let specs = device_specs(&self.config.devices, cuda_device_count());
         let driver_version = nvml::telemetry()
             .map(|(v, _)| v)
             .unwrap_or_else(|_| "none".into());
@@ -84,17 +85,13 @@ impl AppState {
                     continue;
                 }
             };
-            let name = match opened.device.info().kind {
-                crate::device::DeviceKind::Host => "host".to_string(),
-                crate::device::DeviceKind::Cuda => format!("cuda:{}", opened.device.info().index),
-            };
-            tracing::info!(device = %name, "device open");
+            tracing::info!(device = %spec, "device open");
             let context = WorkerContext {
                 cache: Arc::clone(&self.cache),
                 metrics: Arc::clone(&self.metrics),
             };
             workers.push(DeviceWorker::start(
-                name,
+                spec,
                 &driver_version,
                 opened.device,
                 self.config.queue_length,
@@ -126,25 +123,45 @@ impl AppState {
     }
 }
 
-/// `auto` means every CUDA device and the host; otherwise the listed specs.
-fn device_specs(names: &[String]) -> Result<Vec<DeviceSpec>, String> {
+fn cuda_device_count() -> u32 {
+    if cuda::compile::nvrtc_available() {
+        cuda::device_count().unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// The devices to serve, each physical device once: `auto` is every one of the `cuda_devices`
+/// and the host; `cuda` is `cuda:0`. A device listed twice (`["auto", "cuda:0"]`) is served once,
+/// with a warning: two workers on one GPU would disturb each other's probes, and one's fault
+/// recovery would reset the other's context.
+fn device_specs(configured: &[DeviceSpec], cuda_devices: u32) -> Vec<DeviceSpec> {
     let mut specs = Vec::new();
-    for name in names {
-        match name.parse::<DeviceSpec>()? {
-            DeviceSpec::Auto => {
-                let count = if cuda::compile::nvrtc_available() {
-                    cuda::device_count().unwrap_or(0)
-                } else {
-                    0
-                };
-                specs.extend((0..count).map(DeviceSpec::Cuda));
-                specs.push(DeviceSpec::Host);
+    for &spec in configured {
+        let expanded = match spec {
+            DeviceSpec::Auto => (0..cuda_devices)
+                .map(DeviceSpec::Cuda)
+                .chain([DeviceSpec::Host])
+                .collect(),
+            named => vec![named],
+        };
+        for device in expanded {
+            if specs.contains(&device) {
+                tracing::warn!(device = %device, "{device} is configured more than once (\"auto\" includes every GPU and the host); serving it once");
+            } else {
+                specs.push(device);
             }
-            spec => specs.push(spec),
         }
     }
-    specs.dedup();
-    Ok(specs)
+    specs
+}
+
+/// Locks `mutex`, going on with its data if a thread panicked while holding it: every value
+/// behind the service's locks stays consistent between statements.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The router with every route and layer.
@@ -325,4 +342,18 @@ pub fn init_logging(format: crate::config::LogFormat) {
         crate::config::LogFormat::Human => builder.try_init(),
         crate::config::LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_device_is_served_once() {
+        use DeviceSpec::{Auto, Cuda, Host};
+        assert_eq!(device_specs(&[Auto], 2), [Cuda(0), Cuda(1), Host]);
+        assert_eq!(device_specs(&[Auto, Cuda(0)], 2), [Cuda(0), Cuda(1), Host]);
+        assert_eq!(device_specs(&[Cuda(0), Host, Cuda(0)], 1), [Cuda(0), Host]);
+        assert_eq!(device_specs(&[Host, Auto], 0), [Host]);
+    }
 }

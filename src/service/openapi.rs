@@ -28,7 +28,7 @@ use super::handlers;
         super::jobs::JobDocument,
         super::problem::Problem,
         crate::result::TuneResult,
-        crate::job::Job
+        crate::job::JobSpec
     ))
 )]
 pub struct ApiDoc;

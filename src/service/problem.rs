@@ -2,13 +2,13 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::search::TuneError;
 
 /// An `application/problem+json` body.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Problem {
     /// A URI naming the problem type; `about:blank` when the status says it all.
     #[serde(rename = "type")]
@@ -20,7 +20,7 @@ pub struct Problem {
     /// What went wrong and what to do about it.
     pub detail: String,
     /// The path of the offending field of the request body, for invalid fields.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     /// Seconds to wait before retrying, for busy answers.
     #[serde(skip)]
@@ -63,7 +63,7 @@ impl Problem {
     /// The problem a search that gave no answer reports.
     pub fn of_search(err: &TuneError) -> Problem {
         let (status, slug, title) = match err {
-            TuneError::DoesNotFit { .. } => (
+            TuneError::DoesNotFit(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "does-not-fit",
                 "Model does not fit",

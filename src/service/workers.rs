@@ -3,15 +3,17 @@
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::cache::ResultCache;
-use super::jobs::{JobState, TuneJob};
+use super::jobs::{JobEnd, TuneJob};
+use super::lock;
 use super::metrics::Metrics;
 use super::problem::Problem;
+use crate::device::select::DeviceSpec;
 use crate::device::{Device, DeviceInfo, DeviceKind};
 use crate::result::Probe;
 use crate::search::{tune, TuneError};
@@ -25,21 +27,7 @@ pub enum EnqueueError {
     Closed,
 }
 
-/// A device, its queue and its worker thread.
-pub struct DeviceWorker {
-    /// Name used in jobs and labels: `host` or `cuda:N`.
-    pub name: String,
-    /// Identity for the result cache (name, memory, driver, code).
-    pub identity: String,
-    sender: Mutex<Option<SyncSender<Arc<TuneJob>>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    queued: AtomicUsize,
-    busy: AtomicBool,
-    info: Mutex<DeviceInfo>,
-    metrics: Arc<Metrics>,
-}
-
-/// What a worker needs besides its device.
+/// What a worker shares with the service.
 pub struct WorkerContext {
     /// Where results go.
     pub cache: Arc<ResultCache>,
@@ -47,10 +35,24 @@ pub struct WorkerContext {
     pub metrics: Arc<Metrics>,
 }
 
+/// A device, its queue and its worker thread.
+pub struct DeviceWorker {
+    /// What jobs name: `host` or `cuda:N`.
+    pub device: DeviceSpec,
+    /// Identity for the result cache (name, memory, driver, code).
+    pub identity: String,
+    context: WorkerContext,
+    sender: Mutex<Option<SyncSender<Arc<TuneJob>>>>,
+    thread: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
+    queued: AtomicUsize,
+    busy: AtomicBool,
+    info: Mutex<DeviceInfo>,
+}
+
 impl DeviceWorker {
     /// Starts the worker thread of `device`, with a queue of `queue_length` jobs.
     pub fn start(
-        name: String,
+        spec: DeviceSpec,
         driver_version: &str,
         device: Box<dyn Device>,
         queue_length: usize,
@@ -61,30 +63,33 @@ impl DeviceWorker {
             "{}|{}|{}|{driver_version}",
             info.kind, info.name, info.total_bytes
         );
-        let (sender, receiver) = sync_channel::<Arc<TuneJob>>(queue_length);
+        let (sender, receiver) = mpsc::sync_channel::<Arc<TuneJob>>(queue_length);
+        let (stopped, on_stop) = mpsc::channel();
         let worker = Arc::new(DeviceWorker {
-            name,
+            device: spec,
             identity,
+            context,
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(None),
             queued: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
             info: Mutex::new(info),
-            metrics: Arc::clone(&context.metrics),
         });
         let this = Arc::clone(&worker);
         let thread = std::thread::Builder::new()
-            .name(format!("headroom-{}", worker.name))
+            .name(format!("headroom-{spec}"))
             .spawn(move || {
                 let mut device = device;
                 while let Ok(job) = receiver.recv() {
                     this.count_queued(false);
-                    this.run(device.as_mut(), &job, &context);
+                    this.run(device.as_mut(), &job);
                 }
-                tracing::info!(device = %this.name, "worker stopped; device released");
+                drop(device);
+                tracing::info!(device = %this.device, "worker stopped; device released");
+                let _ = stopped.send(());
             })
             .expect("spawning a worker thread");
-        *worker.thread.lock().expect("thread slot") = Some(thread);
+        *lock(&worker.thread) = Some((thread, on_stop));
         worker
     }
 
@@ -95,12 +100,12 @@ impl DeviceWorker {
         } else {
             self.queued.fetch_sub(1, Ordering::SeqCst) - 1
         };
-        self.metrics.queue_length(&self.name, now);
+        self.context.metrics.queue_length(&self.device, now);
     }
 
     /// Queues a job; a full queue is refused at once.
     pub fn enqueue(&self, job: Arc<TuneJob>) -> Result<(), EnqueueError> {
-        let sender = self.sender.lock().expect("sender slot");
+        let sender = lock(&self.sender);
         let Some(sender) = sender.as_ref() else {
             return Err(EnqueueError::Closed);
         };
@@ -130,7 +135,7 @@ impl DeviceWorker {
 
     /// The device's identity and memory as of its last job.
     pub fn info(&self) -> DeviceInfo {
-        self.info.lock().expect("info slot").clone()
+        lock(&self.info).clone()
     }
 
     /// Whether this is a CUDA device.
@@ -140,47 +145,41 @@ impl DeviceWorker {
 
     /// Stops taking jobs; the thread ends (and frees the device) once its queue is drained.
     pub fn close(&self) {
-        self.sender.lock().expect("sender slot").take();
+        lock(&self.sender).take();
     }
 
     /// Waits up to `grace` for the worker thread to end; returns whether it did.
     pub fn join(&self, grace: Duration) -> bool {
-        let deadline = Instant::now() + grace;
-        loop {
-            let finished = self
-                .thread
-                .lock()
-                .expect("thread slot")
-                .as_ref()
-                .is_none_or(|t| t.is_finished());
-            if finished {
-                if let Some(thread) = self.thread.lock().expect("thread slot").take() {
-                    let _ = thread.join();
-                }
-                return true;
+        let mut slot = lock(&self.thread);
+        let Some((thread, stopped)) = slot.take() else {
+            return true;
+        };
+        match stopped.recv_timeout(grace) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = thread.join();
+                true
             }
-            if Instant::now() >= deadline {
-                return false;
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                *slot = Some((thread, stopped));
+                false
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    fn run(&self, device: &mut dyn Device, job: &TuneJob, context: &WorkerContext) {
+    fn run(&self, device: &mut dyn Device, job: &TuneJob) {
         if !job.start() {
             return;
         }
+        let metrics = &self.context.metrics;
         self.busy.store(true, Ordering::SeqCst);
-        context.metrics.busy(&self.name, true);
+        metrics.busy(&self.device, true);
         let started = Instant::now();
         let mut last = Instant::now();
         let mut observe = |probe: &Probe| {
             let outcome = probe.outcome.to_string();
-            context
-                .metrics
-                .probe(&self.name, &outcome, last.elapsed().as_secs_f64());
+            metrics.probe(&self.device, &outcome, last.elapsed().as_secs_f64());
             last = Instant::now();
-            tracing::info!(job = %job.id, device = %self.name, batch_size = probe.batch_size, outcome, step_seconds = probe.step_seconds, "probe");
+            tracing::info!(job = %job.id, device = %self.device, batch_size = probe.batch_size, outcome, step_seconds = probe.step_seconds, "probe");
             job.record_probe(probe);
             if job.is_cancel_requested() {
                 ControlFlow::Break(())
@@ -188,29 +187,28 @@ impl DeviceWorker {
                 ControlFlow::Continue(())
             }
         };
-        let (state, result, error) = match tune(&job.spec, device, &mut observe) {
+        let end = match tune(&job.spec, device, &mut observe) {
             Ok(result) => {
-                context.metrics.last_batch_sizes(
-                    &self.name,
+                metrics.last_batch_sizes(
+                    &self.device,
                     result.max_batch_size,
                     result.recommended_batch_size,
                 );
-                context.cache.insert(job.cache_key.clone(), result.clone());
-                (JobState::Succeeded, Some(result), None)
+                self.context
+                    .cache
+                    .insert(job.cache_key.clone(), result.clone());
+                JobEnd::Succeeded(result)
             }
-            Err(TuneError::Cancelled) => (
-                JobState::Cancelled,
-                None,
-                Some(Problem::of_search(&TuneError::Cancelled)),
-            ),
-            Err(err) => (JobState::Failed, None, Some(Problem::of_search(&err))),
+            Err(TuneError::Cancelled) => JobEnd::Cancelled,
+            Err(err) => JobEnd::Failed(Problem::of_search(&err)),
         };
-        job.finish(state, result, error);
+        let state = end.state();
+        job.finish(end);
         let seconds = started.elapsed().as_secs_f64();
-        tracing::info!(job = %job.id, device = %self.name, state = ?state, seconds, "job finished");
-        context.metrics.tune(&self.name, state.label(), seconds);
-        *self.info.lock().expect("info slot") = device.info();
+        tracing::info!(job = %job.id, device = %self.device, state = state.label(), seconds, "job finished");
+        metrics.tune(&self.device, state.label(), seconds);
+        *lock(&self.info) = device.info();
         self.busy.store(false, Ordering::SeqCst);
-        context.metrics.busy(&self.name, false);
+        metrics.busy(&self.device, false);
     }
 }

@@ -1,141 +1,336 @@
-// A CPU emulation of the CUDA execution model, just enough to run kernels/*.cu unchanged: every
-// thread of a block is a std::thread, blocks run one after another, __shared__ memory is a static
-// (shared by the block's threads), __syncthreads and __syncwarp are barriers, warp shuffles go
-// through a per-warp exchange buffer, and atomicAdd is std::atomic_ref.
+// The execution model of emulate.h, and the table of every kernel in kernels/*.cu.
 //
-// It checks the kernels' arithmetic, indexing, bounds and tiling logic on the CPU. It does not
-// model what only a GPU has (memory coalescing, grid limits, timing): docs/gpu-runs.md says what a
-// real GPU run must still prove. Built and driven by tests/emulation.rs.
-#include <algorithm>
-#include <atomic>
-#include <barrier>
-#include <bit>
-#include <cmath>
-#include <cstdint>
-#include <memory>
+// The test harness generates `kernels.inc` from kernels/*.cu (an #include of each file and the
+// list of their `extern "C" __global__` entry points), so no kernel is listed here by hand.
+#include "emulate.h"
+
+#include <sys/mman.h>
+
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <vector>
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
+thread_local dim3 threadIdx;
+thread_local dim3 blockIdx;
+dim3 blockDim;
+dim3 gridDim;
+
+namespace emulation {
+namespace {
+
+// ---- fibers --------------------------------------------------------------------------------
+// A fiber is a stack and a saved stack pointer; switching saves the callee-saved registers on
+// the old stack and pops them from the new one, as a function call would.
+
+constexpr std::size_t kStackBytes = 64 * 1024;
+constexpr std::size_t kPage = 4096;
+constexpr unsigned kMaxThreads = 1024;
+
+extern "C" void emulation_switch(void** save, void* load);
+extern "C" void emulation_fiber_start();
+
+#if defined(__x86_64__)
+asm(R"(
+    .text
+    .p2align 4
+    .globl emulation_switch
+    .hidden emulation_switch
+    .type emulation_switch, @function
+emulation_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $16, %rsp
+    stmxcsr 8(%rsp)
+    fnstcw (%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr 8(%rsp)
+    fldcw (%rsp)
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emulation_switch, .-emulation_switch
+
+    .p2align 4
+    .globl emulation_fiber_start
+    .hidden emulation_fiber_start
+    .type emulation_fiber_start, @function
+emulation_fiber_start:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size emulation_fiber_start, .-emulation_fiber_start
+)");
+
+// The first switch into a fiber "returns" into emulation_fiber_start, which calls entry(arg).
+void* prepare_stack(unsigned char* stack_top, void (*entry)(void*), void* arg) {
+    auto* frame = reinterpret_cast<std::uint64_t*>(stack_top - 88);
+    std::uint32_t mxcsr;
+    std::uint16_t fpu;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpu));
+    std::memset(frame, 0, 88);
+    std::memcpy(reinterpret_cast<unsigned char*>(frame), &fpu, sizeof fpu);
+    std::memcpy(reinterpret_cast<unsigned char*>(frame) + 8, &mxcsr, sizeof mxcsr);
+    frame[2] = 0;                                               // r15
+    frame[3] = 0;                                               // r14
+    frame[4] = reinterpret_cast<std::uint64_t>(entry);          // r13
+    frame[5] = reinterpret_cast<std::uint64_t>(arg);            // r12
+    frame[6] = 0;                                               // rbx
+    frame[7] = 0;                                               // rbp
+    frame[8] = reinterpret_cast<std::uint64_t>(&emulation_fiber_start);  // return address
+    return frame;
+}
+#else
+#error "the kernel emulation's fibers are written for x86-64"
+#endif
+
+struct Barrier {
+    unsigned expected = 0;
+    unsigned arrived = 0;
+    unsigned generation = 0;
+
+    void release() {
+        arrived = 0;
+        ++generation;
+    }
 };
-static thread_local dim3 threadIdx, blockIdx;
-static dim3 blockDim, gridDim;
-static thread_local std::barrier<>* block_barrier;
-static thread_local std::barrier<>* warp_barrier;
-static thread_local float* warp_exchange;
-static thread_local unsigned lane_id;
 
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__ __restrict
-#define __shared__ static
-#define __launch_bounds__(...)
+struct Fiber {
+    void* sp = nullptr;
+    bool started = false;
+    bool done = false;
+    const Barrier* waiting = nullptr;
+    unsigned waiting_generation = 0;
+};
 
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
-inline void __syncwarp() { warp_barrier->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float value, int offset) {
-    warp_exchange[lane_id] = value;
-    warp_barrier->arrive_and_wait();
-    const float other = warp_exchange[lane_id ^ offset];
-    warp_barrier->arrive_and_wait();
+// What one OS thread needs to run blocks: a stack per CUDA thread, the fibers, the barriers of
+// the block it runs and the warps' exchange slots.
+struct Worker {
+    unsigned char* stacks = nullptr;
+    Fiber fibers[kMaxThreads];
+    void* scheduler_sp = nullptr;
+    unsigned current = 0;
+    unsigned threads = 0;
+    Barrier block;
+    Barrier warps[kMaxThreads / 32];
+    float exchange[kMaxThreads / 32][32];
+    void (*body)(const void*) = nullptr;
+    const void* context = nullptr;
+
+    Worker() {
+        const std::size_t bytes = kStackBytes * kMaxThreads;
+        void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (memory == MAP_FAILED) {
+            std::fprintf(stderr, "kernel emulation: cannot map fiber stacks\n");
+            std::abort();
+        }
+        stacks = static_cast<unsigned char*>(memory);
+        // A guard page at the bottom of every stack turns an overflow into a fault, not corruption.
+        for (unsigned t = 0; t < kMaxThreads; ++t) mprotect(stacks + t * kStackBytes, kPage, PROT_NONE);
+    }
+
+    unsigned char* stack_top(unsigned thread) { return stacks + (thread + 1) * kStackBytes; }
+};
+
+thread_local Worker* worker = nullptr;
+
+Worker& this_worker() {
+    if (worker == nullptr) worker = new Worker();  // lives as long as its OS thread's pool
+    return *worker;
+}
+
+void fiber_main(void* arg) {
+    Worker& w = *static_cast<Worker*>(arg);
+    w.body(w.context);
+    // A thread that returns no longer takes part in the barriers, as on the hardware.
+    const unsigned thread = w.current;
+    Barrier& warp = w.warps[thread / 32];
+    for (Barrier* b : {&w.block, &warp}) {
+        --b->expected;
+        if (b->arrived > 0 && b->arrived >= b->expected) b->release();
+    }
+    w.fibers[thread].done = true;
+    emulation_switch(&w.fibers[thread].sp, w.scheduler_sp);
+}
+
+void arrive(Barrier& barrier) {
+    Worker& w = *worker;
+    if (++barrier.arrived >= barrier.expected) {
+        barrier.release();
+        return;
+    }
+    Fiber& me = w.fibers[w.current];
+    me.waiting = &barrier;
+    me.waiting_generation = barrier.generation;
+    emulation_switch(&me.sp, w.scheduler_sp);
+}
+
+dim3 thread_coordinates(unsigned t) {
+    return dim3{t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
+}
+
+// Runs one block: every fiber in turn until it finishes or waits at a barrier whose generation
+// has not moved, round after round, until all have finished.
+void run_block(Worker& w) {
+    const unsigned threads = w.threads;
+    w.block = Barrier{threads, 0, 0};
+    for (unsigned warp = 0; warp * 32 < threads; ++warp) w.warps[warp] = Barrier{std::min(32u, threads - warp * 32), 0, 0};
+    for (unsigned t = 0; t < threads; ++t) w.fibers[t] = Fiber{};
+    unsigned remaining = threads;
+    while (remaining > 0) {
+        bool progressed = false;
+        for (unsigned t = 0; t < threads; ++t) {
+            Fiber& fiber = w.fibers[t];
+            if (fiber.done) continue;
+            if (fiber.waiting != nullptr && fiber.waiting->generation == fiber.waiting_generation) continue;
+            fiber.waiting = nullptr;
+            if (!fiber.started) {
+                fiber.sp = prepare_stack(w.stack_top(t), &fiber_main, &w);
+                fiber.started = true;
+            }
+            w.current = t;
+            threadIdx = thread_coordinates(t);
+            emulation_switch(&w.scheduler_sp, fiber.sp);
+            progressed = true;
+            if (fiber.done) --remaining;
+        }
+        if (!progressed) {
+            std::fprintf(stderr,
+                         "kernel emulation: block (%u, %u, %u) deadlocked: threads wait at barriers others never reach\n",
+                         blockIdx.x, blockIdx.y, blockIdx.z);
+            std::abort();
+        }
+    }
+}
+
+// ---- the pool of OS threads that run blocks ------------------------------------------------
+
+struct Launch {
+    Grid shape;
+    void (*body)(const void*);
+    const void* context;
+    std::uint64_t blocks;
+    std::atomic<std::uint64_t> next{0};
+};
+
+void run_blocks(Launch& launch) {
+    Worker& w = this_worker();
+    w.threads = launch.shape.block.x * launch.shape.block.y * launch.shape.block.z;
+    w.body = launch.body;
+    w.context = launch.context;
+    const std::uint64_t gx = launch.shape.grid.x, gy = launch.shape.grid.y;
+    for (std::uint64_t i; (i = launch.next.fetch_add(1)) < launch.blocks;) {
+        blockIdx = dim3{static_cast<unsigned>(i % gx), static_cast<unsigned>((i / gx) % gy),
+                        static_cast<unsigned>(i / (gx * gy))};
+        run_block(w);
+    }
+}
+
+class Pool {
+public:
+    Pool() {
+        const unsigned cores = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+        for (unsigned i = 1; i < cores; ++i) threads_.emplace_back([this] { serve(); });
+    }
+
+    // Runs the launch on every thread of the pool and the caller's, and waits for all.
+    void run(Launch& launch) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            launch_ = &launch;
+            busy_ = threads_.size();
+            ++generation_;
+        }
+        wake_.notify_all();
+        run_blocks(launch);
+        std::unique_lock<std::mutex> lock(mutex_);
+        idle_.wait(lock, [this] { return busy_ == 0; });
+        launch_ = nullptr;
+    }
+
+private:
+    void serve() {
+        std::uint64_t seen = 0;
+        for (;;) {
+            Launch* launch;
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_ != seen; });
+                seen = generation_;
+                launch = launch_;
+            }
+            run_blocks(*launch);
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (--busy_ == 0) idle_.notify_one();
+        }
+    }
+
+    std::vector<std::thread> threads_;
+    std::mutex mutex_;
+    std::condition_variable wake_, idle_;
+    Launch* launch_ = nullptr;
+    std::size_t busy_ = 0;
+    std::uint64_t generation_ = 0;
+};
+
+}  // namespace
+
+void sync_block() { arrive(worker->block); }
+
+void sync_warp() { arrive(worker->warps[worker->current / 32]); }
+
+float shuffle_xor(float value, int offset) {
+    Worker& w = *worker;
+    const unsigned warp = w.current / 32, lane = w.current % 32;
+    w.exchange[warp][lane] = value;
+    arrive(w.warps[warp]);
+    const float other = w.exchange[warp][lane ^ static_cast<unsigned>(offset)];
+    arrive(w.warps[warp]);
     return other;
 }
-inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
-inline float __int_as_float(int bits) { return std::bit_cast<float>(bits); }
-using std::max;
-using std::min;
 
-#include "../../kernels/elementwise.cu"
-#include "../../kernels/fill.cu"
-#include "../../kernels/gemm.cu"
-#include "../../kernels/loss.cu"
-#include "../../kernels/optimizer.cu"
-#include "../../kernels/reduce.cu"
-
-/// One launch at a time: the grid, block and __shared__ statics are process-wide.
-static std::mutex one_launch;
-
-/// Runs `kernel` over the grid with one std::thread per CUDA thread of a block. The threads walk
-/// the blocks together, in order; for kernels with __shared__ memory they meet at a barrier after
-/// each block, so blocks never overlap and a static stands in for the block's shared memory.
-template <typename Kernel>
-static void launch(const unsigned* grid, const unsigned* block, Kernel kernel, bool uses_shared_memory = false) {
+void run_grid(const Grid& shape, void (*body)(const void*), const void* context) {
+    // The pool's threads are never joined: they live as long as the process, like a GPU's SMs.
+    static Pool* pool = new Pool();
+    static std::mutex one_launch;
     std::lock_guard<std::mutex> guard(one_launch);
-    gridDim = {grid[0], grid[1], grid[2]};
-    blockDim = {block[0], block[1], block[2]};
-    const unsigned threads = block[0] * block[1] * block[2];
-    const unsigned warps = (threads + 31) / 32;
-    std::barrier<> block_sync(threads);
-    std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
-    std::vector<std::vector<float>> exchange(warps, std::vector<float>(32));
-    for (unsigned w = 0; w < warps; ++w) warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - w * 32)));
-    std::vector<std::thread> pool;
-    for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
-            threadIdx = {t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
-            block_barrier = &block_sync;
-            warp_barrier = warp_sync[t / 32].get();
-            warp_exchange = exchange[t / 32].data();
-            lane_id = t % 32;
-            for (unsigned bz = 0; bz < grid[2]; ++bz)
-                for (unsigned by = 0; by < grid[1]; ++by)
-                    for (unsigned bx = 0; bx < grid[0]; ++bx) {
-                        blockIdx = {bx, by, bz};
-                        kernel();
-                        // Only kernels with __shared__ memory need blocks kept apart.
-                        if (uses_shared_memory) block_sync.arrive_and_wait();
-                    }
-        });
-    }
-    for (auto& thread : pool) thread.join();
+    gridDim = shape.grid;
+    blockDim = shape.block;
+    Launch launch{shape, body, context,
+                  static_cast<std::uint64_t>(shape.grid.x) * shape.grid.y * shape.grid.z};
+    pool->run(launch);
 }
 
-#define G const unsigned *grid, const unsigned *block
-extern "C" {
-void emu_gemm(G, int product, const float* A, const float* B, float* C, long long M, long long N, long long K,
-              long long lda, long long ldb, long long k_chunk, int accumulate) {
-    launch(grid, block, [=] {
-        if (product == 0) gemm_nt(A, B, C, M, N, K, lda, ldb, k_chunk, accumulate);
-        if (product == 1) gemm_tn(A, B, C, M, N, K, lda, ldb, k_chunk, accumulate);
-        if (product == 2) gemm_nn(A, B, C, M, N, K, lda, ldb, k_chunk, accumulate);
-    }, true);
+}  // namespace emulation
+
+#include "kernels.inc"
+
+namespace emulation {
+
+const Kernel* find_kernel(const char* name) {
+#define HEADROOM_KERNEL_ENTRY(entry)                                                                   \
+    Kernel{#entry, static_cast<unsigned>(std::tuple_size_v<typename Trampoline<&entry>::Values>), \
+           &Trampoline<&entry>::launch},
+    static const Kernel table[] = {HEADROOM_KERNELS(HEADROOM_KERNEL_ENTRY)};
+#undef HEADROOM_KERNEL_ENTRY
+    for (const Kernel& kernel : table) {
+        if (std::strcmp(kernel.name, name) == 0) return &kernel;
+    }
+    return nullptr;
 }
-void emu_bias_add(G, float* pre, const float* bias, long long rows, long long cols) {
-    launch(grid, block, [=] { bias_add(pre, bias, rows, cols); });
-}
-void emu_bias_activation(G, float* pre, const float* bias, float* post, long long rows, long long cols, int activation) {
-    launch(grid, block, [=] { bias_activation(pre, bias, post, rows, cols, activation); });
-}
-void emu_activation_backward(G, const float* grad, float* pre, long long n, int activation) {
-    launch(grid, block, [=] { activation_backward(grad, pre, n, activation); });
-}
-void emu_column_sum(G, const float* in, float* out, long long rows, long long cols, long long per_chunk) {
-    launch(grid, block, [=] { column_sum(in, out, rows, cols, per_chunk); }, true);
-}
-void emu_mean(G, const float* in, float* out, long long n) {
-    launch(grid, block, [=] { mean(in, out, n); }, true);
-}
-void emu_softmax_cross_entropy(G, float* logits, const unsigned* labels, float* loss, long long rows, long long classes,
-                               float inv_rows) {
-    launch(grid, block, [=] { softmax_cross_entropy(logits, labels, loss, rows, classes, inv_rows); });
-}
-void emu_sgd(G, float* p, const float* g, long long n, float lr) {
-    launch(grid, block, [=] { sgd(p, g, n, lr); });
-}
-void emu_sgd_momentum(G, float* p, const float* g, float* v, long long n, float lr, float momentum) {
-    launch(grid, block, [=] { sgd_momentum(p, g, v, n, lr, momentum); });
-}
-void emu_adam(G, float* p, const float* g, float* m, float* v, long long n, float lr, float b1, float b2, float eps,
-              float c1, float c2, float decay) {
-    launch(grid, block, [=] { adam(p, g, m, v, n, lr, b1, b2, eps, c1, c2, decay); });
-}
-void emu_fill_uniform(G, float* out, long long n, unsigned long long key, float scale) {
-    launch(grid, block, [=] { fill_uniform(out, n, key, scale); });
-}
-void emu_fill_labels(G, unsigned* labels, const float* inputs, long long rows, long long features, long long classes) {
-    launch(grid, block, [=] { fill_labels(labels, inputs, rows, features, classes); });
-}
-}
+
+}  // namespace emulation

@@ -1,54 +1,12 @@
-//! The kernel sources and their compilation to PTX by NVRTC.
+//! The kernel families' compilation to PTX by NVRTC.
 //!
-//! Sources are embedded in the binary; NVRTC compiles them at run time for the device's compute
-//! capability. NVRTC needs no GPU, so the same path is tested on machines without one.
+//! Sources are embedded in the binary ([`Family::source`]); NVRTC compiles them at run time for
+//! the device's compute capability. NVRTC needs no GPU, so the same path is tested on machines
+//! without one.
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
-/// One kernel family: its source file and the entry points it defines.
-#[derive(Debug, Clone, Copy)]
-pub struct KernelSource {
-    /// File name under `kernels/`.
-    pub file: &'static str,
-    /// The CUDA C++ source.
-    pub source: &'static str,
-    /// `extern "C"` kernels the file defines.
-    pub kernels: &'static [&'static str],
-}
-
-/// Every kernel family headroom launches.
-pub const SOURCES: &[KernelSource] = &[
-    KernelSource {
-        file: "gemm.cu",
-        source: include_str!("../../../kernels/gemm.cu"),
-        kernels: &["gemm_nt", "gemm_tn", "gemm_nn"],
-    },
-    KernelSource {
-        file: "elementwise.cu",
-        source: include_str!("../../../kernels/elementwise.cu"),
-        kernels: &["bias_add", "bias_activation", "activation_backward"],
-    },
-    KernelSource {
-        file: "reduce.cu",
-        source: include_str!("../../../kernels/reduce.cu"),
-        kernels: &["column_sum", "mean"],
-    },
-    KernelSource {
-        file: "loss.cu",
-        source: include_str!("../../../kernels/loss.cu"),
-        kernels: &["softmax_cross_entropy"],
-    },
-    KernelSource {
-        file: "optimizer.cu",
-        source: include_str!("../../../kernels/optimizer.cu"),
-        kernels: &["sgd", "sgd_momentum", "adam"],
-    },
-    KernelSource {
-        file: "fill.cu",
-        source: include_str!("../../../kernels/fill.cu"),
-        kernels: &["fill_uniform", "fill_labels"],
-    },
-];
+use super::kernel::Family;
 
 /// Why the kernels could not be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,17 +41,21 @@ pub fn arch_for(major: i32, minor: i32) -> String {
 }
 
 /// Compiles one kernel family for `arch`.
-pub fn compile(source: &KernelSource, arch: &str) -> Result<Ptx, CompileError> {
+pub fn compile(family: Family, arch: &str) -> Result<Ptx, CompileError> {
+    compile_source(family.file(), family.source(), arch)
+}
+
+fn compile_source(file: &'static str, source: &str, arch: &str) -> Result<Ptx, CompileError> {
     if !nvrtc_available() {
         return Err(CompileError::NvrtcMissing);
     }
     let options = CompileOptions {
         options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
-        name: Some(source.file.into()),
+        name: Some(file.into()),
         ..Default::default()
     };
-    compile_ptx_with_opts(source.source, options).map_err(|err| CompileError::Rejected {
-        file: source.file,
+    compile_ptx_with_opts(source, options).map_err(|err| CompileError::Rejected {
+        file,
         arch: arch.to_string(),
         log: match err {
             cudarc::nvrtc::CompileError::CompileError { log, .. } => {
@@ -122,14 +84,16 @@ mod tests {
             return;
         }
         for arch in ["compute_80", "compute_90"] {
-            for source in SOURCES {
-                let ptx = compile(source, arch).unwrap_or_else(|e| panic!("{e}"));
+            for family in Family::ALL {
+                let ptx = compile(family, arch).unwrap_or_else(|e| panic!("{e}"));
                 let text = ptx.to_src();
-                for kernel in source.kernels {
+                let entries = text.matches(".entry ").count();
+                assert_eq!(entries, family.kernels().count(), "{}", family.file());
+                for kernel in family.kernels() {
                     assert!(
-                        text.contains(&format!(".entry {kernel}(")),
-                        "{} for {arch} lacks kernel {kernel}",
-                        source.file
+                        text.contains(&format!(".entry {}(", kernel.name())),
+                        "{} for {arch} lacks kernel {kernel:?}",
+                        family.file()
                     );
                 }
             }
@@ -146,9 +110,9 @@ mod tests {
         };
         let dir = std::env::temp_dir().join(format!("headroom-ptxas-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for source in SOURCES {
-            let path = dir.join(format!("{}.ptx", source.file));
-            std::fs::write(&path, compile(source, "compute_90").unwrap().to_src()).unwrap();
+        for family in Family::ALL {
+            let path = dir.join(format!("{}.ptx", family.file()));
+            std::fs::write(&path, compile(family, "compute_90").unwrap().to_src()).unwrap();
             let output = std::process::Command::new(&ptxas)
                 .args(["-arch=sm_90", "-v", "-o", "/dev/null"])
                 .arg(&path)
@@ -157,14 +121,14 @@ mod tests {
             let report = String::from_utf8_lossy(&output.stderr);
             assert!(output.status.success(), "{report}");
             let entries = report.matches("Compiling entry function").count();
-            assert_eq!(entries, source.kernels.len(), "{report}");
+            assert_eq!(entries, family.kernels().count(), "{report}");
             assert_eq!(
                 report
                     .matches("0 bytes spill stores, 0 bytes spill loads")
                     .count(),
                 entries,
                 "{} spills:\n{report}",
-                source.file
+                family.file()
             );
         }
     }
@@ -174,12 +138,8 @@ mod tests {
         if !nvrtc_available() {
             return;
         }
-        let broken = KernelSource {
-            file: "broken.cu",
-            source: "extern \"C\" __global__ void k() { undefined_thing(); }",
-            kernels: &[],
-        };
-        let err = compile(&broken, "compute_90").unwrap_err();
+        let source = "extern \"C\" __global__ void k() { undefined_thing(); }";
+        let err = compile_source("broken.cu", source, "compute_90").unwrap_err();
         assert!(err.to_string().contains("broken.cu"), "{err}");
     }
 }

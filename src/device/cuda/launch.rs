@@ -1,39 +1,89 @@
 //! The launchers: [`Kernels`] on the GPU, one section per kernel family in `kernels/`, with the
-//! launch shapes of [`super::shapes`].
+//! launch shapes of [`super::shapes`]. Every launch goes through [`launch!`], and every buffer
+//! argument through [`holds`] or [`holds_mut`], which check in debug builds that the buffer has
+//! every element the launch addresses.
 
-use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 
+use super::kernel::Kernel;
 use super::shapes::{self, activation_code, GemmShape};
 use super::CudaDevice;
 use crate::device::DeviceError;
-use crate::job::{Activation, OptimizerKind};
+use crate::parity::Transfer;
+use crate::plan::Activation;
 use crate::step::{
-    Allocate, Kernels, UpdateRule, ADAMW_WEIGHT_DECAY, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON,
-    MOMENTUM,
+    Allocate, Kernels, OptimizerState, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM,
 };
 
+/// Launches `kernel` on the device's stream with `config` and the arguments in order, and
+/// classifies a driver error. Scalars are passed as references to locals that outlive the call.
+macro_rules! launch {
+    ($device:expr, $kernel:expr, $config:expr; $($arg:expr),+ $(,)?) => {{
+        let kernel: Kernel = $kernel;
+        let mut builder = $device
+            .stream
+            .launch_builder(&$device.functions[kernel.index()]);
+        $(builder.arg($arg);)+
+        // SAFETY: the arguments follow the kernel's signature in kernels/*.cu (the CUDA stand-in
+        // unpacks them by that signature in every test run), and every buffer holds what the
+        // launch shape addresses (`holds` checks it in debug builds).
+        let launched = unsafe { builder.launch($config) };
+        drop(builder);
+        launched
+            .map(|_| ())
+            .map_err(|e| $device.classify(kernel.name(), 0, e))
+    }};
+}
+
+/// `buffer`, which a launch reads up to element `len`.
+fn holds<T>(buffer: &CudaSlice<T>, len: u64) -> &CudaSlice<T> {
+    debug_assert!(
+        len <= buffer.len() as u64,
+        "a launch addresses {len} elements of a {}-element buffer",
+        buffer.len()
+    );
+    buffer
+}
+
+/// `buffer`, which a launch writes up to element `len`.
+fn holds_mut<T>(buffer: &mut CudaSlice<T>, len: u64) -> &mut CudaSlice<T> {
+    debug_assert!(
+        len <= buffer.len() as u64,
+        "a launch addresses {len} elements of a {}-element buffer",
+        buffer.len()
+    );
+    buffer
+}
+
+/// The bytes of `len` elements of `element_bytes` each, if a device of `total_bytes` could hold
+/// them; otherwise the bytes asked for (saturated), which is out of memory before any driver call.
+pub(super) fn allocation_bytes(
+    len: u64,
+    element_bytes: u64,
+    total_bytes: u64,
+) -> Result<usize, u64> {
+    let bytes = len.checked_mul(element_bytes).ok_or(u64::MAX)?;
+    if bytes > total_bytes {
+        return Err(bytes);
+    }
+    usize::try_from(bytes).map_err(|_| bytes)
+}
+
 impl CudaDevice {
-    fn function(&self, name: &'static str) -> Result<&CudaFunction, DeviceError> {
-        self.functions
-            .get(name)
-            .ok_or_else(|| DeviceError::Fault(format!("kernel {name} is not loaded")))
-    }
-
-    fn launch_failed(
-        &mut self,
-        kernel: &'static str,
-    ) -> impl FnOnce(cudarc::driver::DriverError) -> DeviceError + '_ {
-        move |e| self.classify(kernel, 0, e)
-    }
-
     /// A zeroed buffer; out-of-memory here is what ends a probe.
     fn zeroed<T: DeviceRepr + ValidAsZeroBits>(
         &mut self,
         len: u64,
     ) -> Result<CudaSlice<T>, DeviceError> {
-        let result = self.stream.alloc_zeros::<T>(len as usize);
-        let bytes = len.saturating_mul(std::mem::size_of::<T>() as u64);
-        result.map_err(|e| self.classify("allocating", bytes, e))
+        let element_bytes = std::mem::size_of::<T>();
+        let bytes = allocation_bytes(len, element_bytes as u64, self.total_bytes).map_err(
+            |requested_bytes| DeviceError::OutOfMemory {
+                requested_bytes,
+                free_bytes: self.memory().map_or(0, |(free, _)| free),
+            },
+        )?;
+        let result = self.stream.alloc_zeros::<T>(bytes / element_bytes);
+        result.map_err(|e| self.classify("allocating", bytes as u64, e))
     }
 
     fn download<T: DeviceRepr>(
@@ -41,7 +91,9 @@ impl CudaDevice {
         buffer: &CudaSlice<T>,
         len: u64,
     ) -> Result<Vec<T>, DeviceError> {
-        let result = self.stream.clone_dtoh(&buffer.slice(..len as usize));
+        let result = self
+            .stream
+            .clone_dtoh(&holds(buffer, len).slice(..len as usize));
         result.map_err(|e| self.classify("copying to the host", 0, e))
     }
 
@@ -56,8 +108,6 @@ impl CudaDevice {
         result.map_err(|e| self.classify("memset", 0, e))
     }
 
-    // ---- gemm.cu -------------------------------------------------------------------------------
-
     /// Launches one product with its shape's launch (split-K where the depth is long).
     fn gemm(
         &mut self,
@@ -71,6 +121,7 @@ impl CudaDevice {
         if launch_shape.accumulate {
             self.zero(c)?;
         }
+        let (a_len, b_len) = shape.operand_lengths();
         let (m, n, k, lda, ldb, k_chunk) = (
             shape.m as i64,
             shape.n as i64,
@@ -79,54 +130,9 @@ impl CudaDevice {
             shape.ldb as i64,
             launch_shape.k_chunk as i64,
         );
-        let kernel = shape.product.kernel();
-        let function = self.function(kernel)?;
-        let mut launch = self.stream.launch_builder(function);
-        launch
-            .arg(a)
-            .arg(b)
-            .arg(c)
-            .arg(&m)
-            .arg(&n)
-            .arg(&k)
-            .arg(&lda)
-            .arg(&ldb)
-            .arg(&k_chunk)
-            .arg(&accumulate);
-        // SAFETY: the argument list matches gemm.cu's signature and every buffer holds the
-        // elements its shape addresses (the plan sized them).
-        let launched = unsafe { launch.launch(launch_shape.config) };
-        launched.map(|_| ()).map_err(self.launch_failed(kernel))
-    }
-
-    // ---- elementwise.cu ------------------------------------------------------------------------
-
-    fn launch_bias(
-        &mut self,
-        pre: &mut CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
-        post: Option<&mut CudaSlice<f32>>,
-        rows: u64,
-        cols: u64,
-        activation: Activation,
-    ) -> Result<(), DeviceError> {
-        let (rows_arg, cols_arg, code) = (rows as i64, cols as i64, activation_code(activation));
-        let kernel = if post.is_some() {
-            "bias_activation"
-        } else {
-            "bias_add"
-        };
-        let function = self.function(kernel)?;
-        let mut launch = self.stream.launch_builder(function);
-        launch.arg(pre).arg(bias);
-        if let Some(post) = post {
-            launch.arg(post).arg(&rows_arg).arg(&cols_arg).arg(&code);
-        } else {
-            launch.arg(&rows_arg).arg(&cols_arg);
-        }
-        // SAFETY: arguments match elementwise.cu; buffers hold rows x cols values.
-        let launched = unsafe { launch.launch(shapes::elementwise(rows * cols)) };
-        launched.map(|_| ()).map_err(self.launch_failed(kernel))
+        launch!(self, shape.product.kernel(), launch_shape.config;
+            holds(a, a_len), holds(b, b_len), holds_mut(c, shape.m * shape.n),
+            &m, &n, &k, &lda, &ldb, &k_chunk, &accumulate)
     }
 }
 
@@ -144,13 +150,7 @@ impl Allocate for CudaDevice {
     }
 }
 
-impl Kernels for CudaDevice {
-    fn synchronize(&mut self) -> Result<(), DeviceError> {
-        // Stream-ordered allocations may report out-of-memory here rather than at the call.
-        let result = self.stream.synchronize();
-        result.map_err(|e| self.classify("synchronising", 0, e))
-    }
-
+impl Transfer for CudaDevice {
     fn read_f32(&mut self, buffer: &CudaSlice<f32>, len: u64) -> Result<Vec<f32>, DeviceError> {
         self.download(buffer, len)
     }
@@ -166,6 +166,14 @@ impl Kernels for CudaDevice {
     fn write_u32(&mut self, values: &[u32]) -> Result<CudaSlice<u32>, DeviceError> {
         self.upload(values)
     }
+}
+
+impl Kernels for CudaDevice {
+    fn synchronize(&mut self) -> Result<(), DeviceError> {
+        // Stream-ordered allocations may report out-of-memory here rather than at the call.
+        let result = self.stream.synchronize();
+        result.map_err(|e| self.classify("synchronising", 0, e))
+    }
 
     // ---- fill.cu -------------------------------------------------------------------------------
 
@@ -177,14 +185,8 @@ impl Kernels for CudaDevice {
         scale: f32,
     ) -> Result<(), DeviceError> {
         let n = len as i64;
-        let function = self.function("fill_uniform")?;
-        let mut launch = self.stream.launch_builder(function);
-        launch.arg(out).arg(&n).arg(&key).arg(&scale);
-        // SAFETY: arguments match fill.cu; `out` holds `len` values.
-        let launched = unsafe { launch.launch(shapes::elementwise(len)) };
-        launched
-            .map(|_| ())
-            .map_err(self.launch_failed("fill_uniform"))
+        launch!(self, Kernel::FillUniform, shapes::elementwise(len);
+            holds_mut(out, len), &n, &key, &scale)
     }
 
     fn fill_labels(
@@ -196,14 +198,8 @@ impl Kernels for CudaDevice {
         classes: u64,
     ) -> Result<(), DeviceError> {
         let (r, f, c) = (rows as i64, features as i64, classes as i64);
-        let function = self.function("fill_labels")?;
-        let mut launch = self.stream.launch_builder(function);
-        launch.arg(labels).arg(inputs).arg(&r).arg(&f).arg(&c);
-        // SAFETY: arguments match fill.cu; inputs hold rows x features values.
-        let launched = unsafe { launch.launch(shapes::elementwise(rows)) };
-        launched
-            .map(|_| ())
-            .map_err(self.launch_failed("fill_labels"))
+        launch!(self, Kernel::FillLabels, shapes::elementwise(rows);
+            holds_mut(labels, rows), holds(inputs, rows * features), &r, &f, &c)
     }
 
     // ---- gemm.cu -------------------------------------------------------------------------------
@@ -255,7 +251,15 @@ impl Kernels for CudaDevice {
         cols: u64,
         activation: Activation,
     ) -> Result<(), DeviceError> {
-        self.launch_bias(pre, bias, post, rows, cols, activation)
+        let len = rows * cols;
+        let (r, c, code) = (rows as i64, cols as i64, activation_code(activation));
+        let config = shapes::elementwise(len);
+        match post {
+            Some(post) => launch!(self, Kernel::BiasActivation, config;
+                holds_mut(pre, len), holds(bias, cols), holds_mut(post, len), &r, &c, &code),
+            None => launch!(self, Kernel::BiasAdd, config;
+                holds_mut(pre, len), holds(bias, cols), &r, &c),
+        }
     }
 
     fn activation_backward(
@@ -266,14 +270,8 @@ impl Kernels for CudaDevice {
         activation: Activation,
     ) -> Result<(), DeviceError> {
         let (n, code) = (len as i64, activation_code(activation));
-        let function = self.function("activation_backward")?;
-        let mut launch = self.stream.launch_builder(function);
-        launch.arg(grad_post).arg(pre).arg(&n).arg(&code);
-        // SAFETY: arguments match elementwise.cu; both buffers hold `len` values.
-        let launched = unsafe { launch.launch(shapes::elementwise(len)) };
-        launched
-            .map(|_| ())
-            .map_err(self.launch_failed("activation_backward"))
+        launch!(self, Kernel::ActivationBackward, shapes::elementwise(len);
+            holds(grad_post, len), holds_mut(pre, len), &n, &code)
     }
 
     // ---- reduce.cu -----------------------------------------------------------------------------
@@ -288,14 +286,8 @@ impl Kernels for CudaDevice {
         self.zero(db)?;
         let (config, rows_per_chunk) = shapes::column_sum(rows, cols, self.multiprocessors);
         let (r, c, per_chunk) = (rows as i64, cols as i64, rows_per_chunk as i64);
-        let function = self.function("column_sum")?;
-        let mut launch = self.stream.launch_builder(function);
-        launch.arg(dy).arg(db).arg(&r).arg(&c).arg(&per_chunk);
-        // SAFETY: arguments match reduce.cu; dy holds rows x cols values, db holds cols.
-        let launched = unsafe { launch.launch(config) };
-        launched
-            .map(|_| ())
-            .map_err(self.launch_failed("column_sum"))
+        launch!(self, Kernel::ColumnSum, config;
+            holds(dy, rows * cols), holds_mut(db, cols), &r, &c, &per_chunk)
     }
 
     fn mean(
@@ -306,14 +298,9 @@ impl Kernels for CudaDevice {
     ) -> Result<f32, DeviceError> {
         self.zero(accumulator)?;
         let n = len as i64;
-        let config = shapes::mean(len);
-        let function = self.function("mean")?;
-        let mut launch = self.stream.launch_builder(function);
-        launch.arg(values).arg(&*accumulator).arg(&n);
-        // SAFETY: arguments match reduce.cu; values hold `len` floats, the accumulator one.
-        let launched = unsafe { launch.launch(config) };
-        launched.map(|_| ()).map_err(self.launch_failed("mean"))?;
-        Ok(self.read_f32(accumulator, 1)?[0])
+        launch!(self, Kernel::Mean, shapes::mean(len);
+            holds(values, len), holds_mut(accumulator, 1), &n)?;
+        Ok(self.download(accumulator, 1)?[0])
     }
 
     // ---- loss.cu -------------------------------------------------------------------------------
@@ -327,21 +314,9 @@ impl Kernels for CudaDevice {
         classes: u64,
     ) -> Result<(), DeviceError> {
         let (r, c, inv_rows) = (rows as i64, classes as i64, 1.0f32 / rows as f32);
-        let config = shapes::softmax_cross_entropy(rows);
-        let function = self.function("softmax_cross_entropy")?;
-        let mut launch = self.stream.launch_builder(function);
-        launch
-            .arg(logits)
-            .arg(labels)
-            .arg(row_loss)
-            .arg(&r)
-            .arg(&c)
-            .arg(&inv_rows);
-        // SAFETY: arguments match loss.cu; logits hold rows x classes, labels and losses rows.
-        let launched = unsafe { launch.launch(config) };
-        launched
-            .map(|_| ())
-            .map_err(self.launch_failed("softmax_cross_entropy"))
+        launch!(self, Kernel::SoftmaxCrossEntropy, shapes::softmax_cross_entropy(rows);
+            holds_mut(logits, rows * classes), holds(labels, rows), holds_mut(row_loss, rows),
+            &r, &c, &inv_rows)
     }
 
     // ---- optimizer.cu --------------------------------------------------------------------------
@@ -350,56 +325,42 @@ impl Kernels for CudaDevice {
         &mut self,
         param: &mut CudaSlice<f32>,
         grad: &CudaSlice<f32>,
-        state: &mut [CudaSlice<f32>],
+        state: &mut OptimizerState<CudaSlice<f32>>,
         len: u64,
         rule: UpdateRule,
     ) -> Result<(), DeviceError> {
-        let n = len as i64;
-        let lr = rule.learning_rate;
+        let (n, lr) = (len as i64, rule.learning_rate);
         let config = shapes::elementwise(len);
-        let kernel = match rule.kind {
-            OptimizerKind::Sgd => "sgd",
-            OptimizerKind::SgdMomentum => "sgd_momentum",
-            OptimizerKind::Adam | OptimizerKind::Adamw => "adam",
-        };
-        let decay = if rule.kind == OptimizerKind::Adamw {
-            ADAMW_WEIGHT_DECAY
-        } else {
-            0.0
-        };
         let (c1, c2) = rule.bias_correction;
-        let function = self.function(kernel)?;
-        let mut launch = self.stream.launch_builder(function);
-        launch.arg(param).arg(grad);
         match state {
-            [] => {
-                launch.arg(&n).arg(&lr);
-            }
-            [velocity] => {
-                launch.arg(velocity).arg(&n).arg(&lr).arg(&MOMENTUM);
-            }
-            [m, v] => {
-                launch
-                    .arg(m)
-                    .arg(v)
-                    .arg(&n)
-                    .arg(&lr)
-                    .arg(&ADAM_BETA1)
-                    .arg(&ADAM_BETA2)
-                    .arg(&ADAM_EPSILON)
-                    .arg(&c1)
-                    .arg(&c2)
-                    .arg(&decay);
-            }
-            _ => {
-                return Err(DeviceError::Fault(format!(
-                    "{kernel} takes at most two state buffers"
-                )))
-            }
+            OptimizerState::Sgd => launch!(self, Kernel::Sgd, config;
+                holds_mut(param, len), holds(grad, len), &n, &lr),
+            OptimizerState::Momentum { velocity } => launch!(self, Kernel::SgdMomentum, config;
+                holds_mut(param, len), holds(grad, len), holds_mut(velocity, len),
+                &n, &lr, &MOMENTUM),
+            OptimizerState::Adam { m, v } => launch!(self, Kernel::Adam, config;
+                holds_mut(param, len), holds(grad, len), holds_mut(m, len), holds_mut(v, len),
+                &n, &lr, &ADAM_BETA1, &ADAM_BETA2, &ADAM_EPSILON, &c1, &c2, &rule.weight_decay),
         }
-        // SAFETY: arguments match optimizer.cu for the kernel chosen from the same rule kind
-        // that sized `state`; every buffer holds `len` values.
-        let launched = unsafe { launch.launch(config) };
-        launched.map(|_| ()).map_err(self.launch_failed(kernel))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_sizes_that_overflow_or_exceed_the_device_are_refused() {
+        let total = 80 << 30;
+        assert_eq!(allocation_bytes(1000, 4, total), Ok(4000));
+        assert_eq!(allocation_bytes(20 << 30, 4, total), Ok(80 << 30));
+        assert_eq!(
+            allocation_bytes((20 << 30) + 1, 4, total),
+            Err((80 << 30) + 4)
+        );
+        // A saturated product of user sizes, and one whose byte count wraps in 64 bits.
+        assert_eq!(allocation_bytes(u64::MAX, 4, total), Err(u64::MAX));
+        assert_eq!(allocation_bytes(1 << 62, 4, total), Err(u64::MAX));
+        assert_eq!(allocation_bytes((1 << 62) + 1, 4, u64::MAX), Err(u64::MAX));
     }
 }

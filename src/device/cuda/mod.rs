@@ -1,30 +1,35 @@
 //! The `cuda` device: the training step with hand-written kernels, through cudarc and NVRTC.
 //!
-//! - [`compile`]: the embedded `kernels/*.cu` sources and NVRTC.
-//! - `launch`: one launcher per kernel family, implementing [`crate::step::Kernels`].
+//! - [`kernel`]: every kernel and kernel family, named once.
+//! - [`compile`]: NVRTC compilation of the embedded `kernels/*.cu`.
+//! - `launch`: the launchers, implementing [`crate::step::Kernels`].
 //! - [`shapes`]: every kernel's launch shape, as pure functions of the problem size.
 //!
-//! Libraries are loaded at run time; their absence is an error, never a panic. An allocation that
-//! fails with `CUDA_ERROR_OUT_OF_MEMORY` is [`DeviceError::OutOfMemory`]; every other driver error
-//! is a fault, after which the context is rebuilt before the next probe.
+//! Libraries are loaded at run time; their absence is an error, never a panic. A driver error
+//! of `CUDA_ERROR_OUT_OF_MEMORY` is [`DeviceError::OutOfMemory`]; every other driver error is a
+//! fault, which poisons the context: it is rebuilt as soon as the probe's buffers are gone.
+//! Memory is counted in the device's default memory pool, which holds this process's
+//! allocations alone, so another process allocating during a probe is neither part of the
+//! probe's bytes nor taken for a leak.
 
 pub mod compile;
+pub mod kernel;
 mod launch;
 pub mod shapes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::sys::{self, CUdevice_attribute, CUresult};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUmemPool_attribute, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
-use crate::device::{Device, DeviceError, DeviceInfo, DeviceKind, StepReport};
-use crate::plan::Plan;
-use crate::step;
+use crate::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
+use kernel::{Family, Kernel};
 
-/// Memory a probe may leave behind (allocator bookkeeping) before it counts as a leak.
-const LEAK_TOLERANCE_BYTES: u64 = 256 << 20;
+/// Memory a probe may leave behind before it counts as a leak, on a device without memory pools
+/// (counted device-wide there, where other processes move it too). With pools it is zero.
+const DEVICE_WIDE_LEAK_TOLERANCE: u64 = 64 << 20;
 
 /// Why a CUDA device could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,18 +85,20 @@ pub fn device_count() -> Result<u32, CudaError> {
 fn compiled_ptx(arch: &str) -> Result<Arc<Vec<Ptx>>, CudaError> {
     static CACHE: OnceLock<Mutex<HashMap<String, Arc<Vec<Ptx>>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(ptx) = cache.lock().expect("PTX cache lock").get(arch) {
+    let lock = || {
+        cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    if let Some(ptx) = lock().get(arch) {
         return Ok(Arc::clone(ptx));
     }
-    let ptx: Vec<Ptx> = compile::SOURCES
+    let ptx: Vec<Ptx> = Family::ALL
         .iter()
-        .map(|source| compile::compile(source, arch))
+        .map(|&family| compile::compile(family, arch))
         .collect::<Result<_, _>>()?;
     let ptx = Arc::new(ptx);
-    cache
-        .lock()
-        .expect("PTX cache lock")
-        .insert(arch.to_string(), Arc::clone(&ptx));
+    lock().insert(arch.to_string(), Arc::clone(&ptx));
     Ok(ptx)
 }
 
@@ -100,11 +107,13 @@ pub struct CudaDevice {
     index: u32,
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    functions: HashMap<&'static str, CudaFunction>,
+    /// Indexed by [`Kernel::index`].
+    functions: Vec<CudaFunction>,
     multiprocessors: u32,
     name: String,
+    total_bytes: u64,
     compute_capability: (i32, i32),
-    /// A fault poisons the context: it is rebuilt before the next probe.
+    /// A fault poisons the context until it is rebuilt.
     poisoned: bool,
 }
 
@@ -126,23 +135,34 @@ impl CudaDevice {
             compute_capability.0,
             compute_capability.1,
         ))?;
-        let mut functions = HashMap::new();
-        for (source, ptx) in compile::SOURCES.iter().zip(ptx.iter()) {
+        let mut loaded = HashMap::new();
+        for (&family, ptx) in Family::ALL.iter().zip(ptx.iter()) {
             let module = context
                 .load_module(ptx.clone())
                 .map_err(driver("loading a kernel module"))?;
-            for &kernel in source.kernels {
+            for kernel in family.kernels() {
                 let function = module
-                    .load_function(kernel)
+                    .load_function(kernel.name())
                     .map_err(driver("loading a kernel"))?;
-                functions.insert(kernel, function);
+                loaded.insert(kernel, function);
             }
         }
+        let functions = Kernel::ALL
+            .iter()
+            .map(|kernel| {
+                loaded
+                    .remove(kernel)
+                    .expect("every family's kernels are loaded")
+            })
+            .collect();
         let multiprocessors = context
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("reading the multiprocessor count"))?
             .max(1) as u32;
         let name = context.name().map_err(driver("reading the device name"))?;
+        let total_bytes = context
+            .total_mem()
+            .map_err(driver("reading the memory size"))? as u64;
         let stream = context.default_stream();
         Ok(CudaDevice {
             index,
@@ -151,6 +171,7 @@ impl CudaDevice {
             functions,
             multiprocessors,
             name,
+            total_bytes,
             compute_capability,
             poisoned: false,
         })
@@ -173,31 +194,35 @@ impl CudaDevice {
     /// [`DeviceError::OutOfMemory`], everything else a fault that poisons the context.
     fn classify(&mut self, during: &str, requested_bytes: u64, error: DriverError) -> DeviceError {
         if error.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            let free_bytes = self.memory().map_or(0, |(free, _)| free);
             return DeviceError::OutOfMemory {
                 requested_bytes,
-                free_bytes,
+                free_bytes: self.memory().map_or(0, |(free, _)| free),
             };
         }
         self.poisoned = true;
         DeviceError::Fault(format!("{during}: {error}"))
     }
 
+    /// The device's default memory pool, where cudarc allocates when the device has pools.
+    fn default_pool(&self) -> Option<sys::CUmemoryPool> {
+        if !self.context.has_async_alloc() {
+            return None;
+        }
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: a plain query of this context's device; the handle lives as long as the device.
+        let found =
+            unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.context.cu_device()).result() };
+        found.ok().map(|()| pool)
+    }
+
     /// Waits for the stream, then hands pooled memory back to the driver, so the next probe and
     /// `cuMemGetInfo` see it free.
     fn release_pooled_memory(&mut self) -> Result<(), DeviceError> {
-        self.stream
-            .synchronize()
-            .map_err(|e| self.classify("synchronising after a probe", 0, e))?;
-        if self.context.has_async_alloc() {
-            let mut pool = std::ptr::null_mut();
-            // SAFETY: plain driver calls on this context's device; the pool handle is the
-            // device's default pool, which lives as long as the device.
-            let trimmed = unsafe {
-                sys::cuDeviceGetDefaultMemPool(&mut pool, self.context.cu_device())
-                    .result()
-                    .and_then(|()| sys::cuMemPoolTrimTo(pool, 0).result())
-            };
+        let synchronized = self.stream.synchronize();
+        synchronized.map_err(|e| self.classify("synchronising after a probe", 0, e))?;
+        if let Some(pool) = self.default_pool() {
+            // SAFETY: trims the pool of this context's device; no allocation of ours is live.
+            let trimmed = unsafe { sys::cuMemPoolTrimTo(pool, 0).result() };
             trimmed.map_err(|e| self.classify("trimming the memory pool", 0, e))?;
         }
         Ok(())
@@ -207,8 +232,9 @@ impl CudaDevice {
     fn rebuild(&mut self) -> Result<(), DeviceError> {
         let cu_device = self.context.cu_device();
         self.functions.clear();
-        // SAFETY: resets this process's primary context on the device after a sticky error; our
-        // buffers are gone (probes own them) and the context is re-created below.
+        // SAFETY: resets this process's primary context on the device after a sticky error; the
+        // probe's buffers are gone, and this is the only CudaDevice on the GPU (the service
+        // opens each GPU once).
         let reset = unsafe { sys::cuDevicePrimaryCtxReset_v2(cu_device).result() };
         reset
             .map_err(|e| DeviceError::Fault(format!("resetting the context after a fault: {e}")))?;
@@ -216,80 +242,74 @@ impl CudaDevice {
         Ok(())
     }
 
-    fn prepare(&mut self) -> Result<u64, DeviceError> {
-        if self.poisoned {
-            self.rebuild()?;
-        }
+    /// Checks that the probe's memory came back: with pools, every byte of the pool's
+    /// reservation; without, the device's used memory within a tolerance.
+    fn check_returned(&mut self, before: u64) -> Result<(), DeviceError> {
         self.release_pooled_memory()?;
-        Ok(self.memory()?.0)
-    }
-
-    fn check_returned(&mut self, baseline_free: u64) -> Result<(), DeviceError> {
-        self.release_pooled_memory()?;
-        let (free, _) = self.memory()?;
-        if free + LEAK_TOLERANCE_BYTES < baseline_free {
+        let after = self.held_bytes()?;
+        let tolerance = if self.default_pool().is_some() {
+            0
+        } else {
+            DEVICE_WIDE_LEAK_TOLERANCE
+        };
+        if after > before.saturating_add(tolerance) {
             return Err(DeviceError::Fault(format!(
-                "device memory did not come back after the probe: {} bytes free before, {free} after",
-                baseline_free
+                "device memory did not come back after the probe: {before} bytes held before, {after} after"
             )));
         }
         Ok(())
     }
 }
 
-impl Device for CudaDevice {
-    fn info(&self) -> DeviceInfo {
-        let (free_bytes, total_bytes) = self.memory().unwrap_or((0, 0));
+impl Probing for CudaDevice {
+    fn describe(&self) -> DeviceInfo {
         DeviceInfo {
             kind: DeviceKind::Cuda,
             index: self.index,
             name: self.name.clone(),
-            total_bytes,
-            free_bytes,
+            total_bytes: self.total_bytes,
+            free_bytes: self.memory().map_or(0, |(free, _)| free),
         }
     }
 
-    fn run_steps(
-        &mut self,
-        plan: &Plan,
-        batch_size: u64,
-        steps: u32,
-        seed: u64,
-    ) -> Result<StepReport, DeviceError> {
-        let baseline_free = self.prepare()?;
-        let probe = step::run_probe(self, plan, batch_size, steps, seed);
-        let report = match probe {
-            Ok((buffers, run)) => {
-                let held = self
-                    .memory()
-                    .map(|(free, _)| baseline_free.saturating_sub(free));
-                drop(buffers);
-                held.map(|device_bytes| StepReport {
-                    step_seconds: run.step_seconds,
-                    device_bytes,
-                    final_loss: run.final_loss,
-                })
-            }
-            Err(e) => Err(e),
+    fn begin_probe(&mut self) -> Result<u64, DeviceError> {
+        if self.poisoned {
+            self.rebuild()?;
+        }
+        self.release_pooled_memory()?;
+        self.held_bytes()
+    }
+
+    fn held_bytes(&mut self) -> Result<u64, DeviceError> {
+        let Some(pool) = self.default_pool() else {
+            return self
+                .memory()
+                .map(|(free, total)| total.saturating_sub(free));
         };
-        if !self.poisoned {
-            self.check_returned(baseline_free)?;
-        }
-        report
+        let mut reserved = 0u64;
+        // SAFETY: the attribute is a u64, written into `reserved`.
+        let read = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                (&mut reserved as *mut u64).cast(),
+            )
+            .result()
+        };
+        read.map(|()| reserved)
+            .map_err(|e| self.classify("reading the memory pool", 0, e))
     }
 
-    fn trained_parameters(
-        &mut self,
-        plan: &Plan,
-        batch_size: u64,
-        steps: u32,
-        seed: u64,
-    ) -> Result<Vec<f32>, DeviceError> {
-        let baseline_free = self.prepare()?;
-        let parameters = step::trained_parameters(self, plan, batch_size, steps, seed);
-        if !self.poisoned {
-            self.check_returned(baseline_free)?;
+    fn end_probe(&mut self, before: u64) -> Result<(), DeviceError> {
+        let checked = if self.poisoned {
+            Ok(())
+        } else {
+            self.check_returned(before)
+        };
+        // Rebuild at once, so that the device's memory reads true until the next probe.
+        if self.poisoned {
+            self.rebuild()?;
         }
-        parameters
+        checked
     }
 }

@@ -6,7 +6,8 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::job::Activation;
+use super::kernel::Kernel;
+use crate::plan::Activation;
 
 /// Largest grid x of the grid-stride kernels: enough blocks to fill any GPU.
 const MAX_STRIDE_BLOCKS: u64 = 1 << 20;
@@ -59,12 +60,12 @@ pub enum Product {
 }
 
 impl Product {
-    /// The kernel's name.
-    pub fn kernel(self) -> &'static str {
+    /// The kernel that computes it.
+    pub fn kernel(self) -> Kernel {
         match self {
-            Product::Nt => "gemm_nt",
-            Product::Tn => "gemm_tn",
-            Product::Nn => "gemm_nn",
+            Product::Nt => Kernel::GemmNt,
+            Product::Tn => Kernel::GemmTn,
+            Product::Nn => Kernel::GemmNn,
         }
     }
 }
@@ -108,6 +109,15 @@ impl GemmShape {
             k: rows,
             lda: outputs,
             ldb: inputs,
+        }
+    }
+
+    /// Elements of A and B as stored, which the product reads.
+    pub fn operand_lengths(&self) -> (u64, u64) {
+        match self.product {
+            Product::Nt => (self.m * self.lda, self.n * self.ldb),
+            Product::Tn => (self.k * self.lda, self.k * self.ldb),
+            Product::Nn => (self.m * self.lda, self.k * self.ldb),
         }
     }
 

@@ -10,10 +10,10 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::device::{Device, DeviceError, DeviceInfo, DeviceKind, StepReport};
-use crate::job::Activation;
-use crate::plan::Plan;
-use crate::step::{self, Allocate, Kernels, UpdateRule};
+use crate::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
+use crate::parity::Transfer;
+use crate::plan::Activation;
+use crate::step::{Allocate, Kernels, OptimizerState, UpdateRule};
 use crate::synthetic;
 
 /// Default budget of the host device: 256 MiB.
@@ -323,16 +323,27 @@ impl Kernels for HostDevice {
         &mut self,
         param: &mut Self::F32,
         grad: &Self::F32,
-        state: &mut [Self::F32],
+        state: &mut OptimizerState<Self::F32>,
         len: u64,
         rule: UpdateRule,
     ) -> Result<(), DeviceError> {
         let len = usize_of(len);
-        let mut state: Vec<&mut [f32]> = state.iter_mut().map(|s| &mut s[..len]).collect();
-        ops::optimizer_step(&mut param[..len], &grad[..len], &mut state, rule);
+        let state = match state {
+            OptimizerState::Sgd => OptimizerState::Sgd,
+            OptimizerState::Momentum { velocity } => OptimizerState::Momentum {
+                velocity: &mut velocity[..len],
+            },
+            OptimizerState::Adam { m, v } => OptimizerState::Adam {
+                m: &mut m[..len],
+                v: &mut v[..len],
+            },
+        };
+        ops::optimizer_step(&mut param[..len], &grad[..len], state, rule);
         Ok(())
     }
+}
 
+impl Transfer for HostDevice {
     fn read_f32(&mut self, buffer: &Self::F32, len: u64) -> Result<Vec<f32>, DeviceError> {
         Ok(buffer[..usize_of(len)].to_vec())
     }
@@ -350,8 +361,8 @@ impl Kernels for HostDevice {
     }
 }
 
-impl Device for HostDevice {
-    fn info(&self) -> DeviceInfo {
+impl Probing for HostDevice {
+    fn describe(&self) -> DeviceInfo {
         DeviceInfo {
             kind: DeviceKind::Host,
             index: 0,
@@ -364,31 +375,21 @@ impl Device for HostDevice {
         }
     }
 
-    fn run_steps(
-        &mut self,
-        plan: &Plan,
-        batch_size: u64,
-        steps: u32,
-        seed: u64,
-    ) -> Result<StepReport, DeviceError> {
-        let (buffers, run) = step::run_probe(self, plan, batch_size, steps, seed)?;
-        let device_bytes = self.ledger.used();
-        drop(buffers);
-        Ok(StepReport {
-            step_seconds: run.step_seconds,
-            device_bytes,
-            final_loss: run.final_loss,
-        })
+    fn begin_probe(&mut self) -> Result<u64, DeviceError> {
+        Ok(self.ledger.used())
     }
 
-    fn trained_parameters(
-        &mut self,
-        plan: &Plan,
-        batch_size: u64,
-        steps: u32,
-        seed: u64,
-    ) -> Result<Vec<f32>, DeviceError> {
-        step::trained_parameters(self, plan, batch_size, steps, seed)
+    fn held_bytes(&mut self) -> Result<u64, DeviceError> {
+        Ok(self.ledger.used())
+    }
+
+    fn end_probe(&mut self, before: u64) -> Result<(), DeviceError> {
+        match self.ledger.used() {
+            used if used == before => Ok(()),
+            used => Err(DeviceError::Fault(format!(
+                "the host ledger holds {used} bytes after the probe, {before} before"
+            ))),
+        }
     }
 }
 

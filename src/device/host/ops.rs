@@ -1,9 +1,8 @@
 //! The training-step operations on plain slices: the reference every CUDA kernel is checked
 //! against. Matrix products go to `matrixmultiply`; the element-wise parts are written here.
 
-use crate::job::Activation;
-use crate::job::OptimizerKind;
-use crate::step::{UpdateRule, ADAMW_WEIGHT_DECAY, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM};
+use crate::plan::Activation;
+use crate::step::{OptimizerState, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM};
 
 /// `c (m x n) = a (m x k) * b (k x n)`, each operand given by its row and column strides.
 #[allow(clippy::too_many_arguments)]
@@ -210,28 +209,29 @@ pub fn mean(values: &[f32]) -> f32 {
     (values.iter().map(|&v| v as f64).sum::<f64>() / values.len().max(1) as f64) as f32
 }
 
-/// One optimizer update. `state` holds the velocity (momentum) or the two moments (Adam).
-pub fn optimizer_step(param: &mut [f32], grad: &[f32], state: &mut [&mut [f32]], rule: UpdateRule) {
+/// One optimizer update; `state` decides which.
+pub fn optimizer_step(
+    param: &mut [f32],
+    grad: &[f32],
+    state: OptimizerState<&mut [f32]>,
+    rule: UpdateRule,
+) {
     let lr = rule.learning_rate;
-    match (rule.kind, state) {
-        (OptimizerKind::Sgd, []) => {
+    match state {
+        OptimizerState::Sgd => {
             for (p, &g) in param.iter_mut().zip(grad) {
                 *p -= lr * g;
             }
         }
-        (OptimizerKind::SgdMomentum, [velocity]) => {
+        OptimizerState::Momentum { velocity } => {
             for ((p, &g), v) in param.iter_mut().zip(grad).zip(velocity.iter_mut()) {
                 *v = MOMENTUM * *v + g;
                 *p -= lr * *v;
             }
         }
-        (kind @ (OptimizerKind::Adam | OptimizerKind::Adamw), [m, v]) => {
-            let decay = if kind == OptimizerKind::Adamw {
-                ADAMW_WEIGHT_DECAY
-            } else {
-                0.0
-            };
+        OptimizerState::Adam { m, v } => {
             let (c1, c2) = rule.bias_correction;
+            let decay = rule.weight_decay;
             for (((p, &g), m), v) in param
                 .iter_mut()
                 .zip(grad)
@@ -243,16 +243,13 @@ pub fn optimizer_step(param: &mut [f32], grad: &[f32], state: &mut [&mut [f32]],
                 *p -= lr * (decay * *p + (*m * c1) / ((*v * c2).sqrt() + ADAM_EPSILON));
             }
         }
-        (kind, state) => panic!(
-            "{kind:?} takes a different number of state buffers than {}",
-            state.len()
-        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::OptimizerKind;
 
     // The matrix products are checked against a naive f64 product in `crate::parity`.
 
@@ -303,21 +300,31 @@ mod tests {
         assert!(logits.iter().all(|v| v.is_finite()));
     }
 
-    fn one_update(kind: OptimizerKind, step: u32, state: &mut [&mut [f32]]) -> f32 {
+    fn one_update(kind: OptimizerKind, step: u32, state: OptimizerState<&mut [f32]>) -> f32 {
         let mut p = [1.0f32];
         optimizer_step(&mut p, &[0.5], state, UpdateRule::new(kind, 0.1, step));
         p[0]
     }
 
+    fn adam<'a>(m: &'a mut [f32], v: &'a mut [f32]) -> OptimizerState<&'a mut [f32]> {
+        OptimizerState::Adam { m, v }
+    }
+
     #[test]
     fn sgd_by_hand() {
-        assert_eq!(one_update(OptimizerKind::Sgd, 1, &mut []), 1.0 - 0.1 * 0.5);
+        assert_eq!(
+            one_update(OptimizerKind::Sgd, 1, OptimizerState::Sgd),
+            1.0 - 0.1 * 0.5
+        );
     }
 
     #[test]
     fn momentum_by_hand() {
         let mut v = [0.2f32];
-        let p = one_update(OptimizerKind::SgdMomentum, 1, &mut [&mut v]);
+        let velocity = OptimizerState::Momentum {
+            velocity: &mut v[..],
+        };
+        let p = one_update(OptimizerKind::SgdMomentum, 1, velocity);
         assert!((v[0] - (0.9 * 0.2 + 0.5)).abs() < 1e-7);
         assert!((p - (1.0 - 0.1 * 0.68)).abs() < 1e-7);
     }
@@ -325,7 +332,7 @@ mod tests {
     #[test]
     fn adam_first_step_moves_by_the_learning_rate() {
         let (mut m, mut v) = ([0.0f32], [0.0f32]);
-        let p = one_update(OptimizerKind::Adam, 1, &mut [&mut m, &mut v]);
+        let p = one_update(OptimizerKind::Adam, 1, adam(&mut m, &mut v));
         // m = 0.05, v = 0.00025; corrected: 0.5 and 0.25 -> step = lr * 0.5 / (0.5 + eps)
         assert!((m[0] - 0.05).abs() < 1e-7);
         assert!((v[0] - 0.000_25).abs() < 1e-8); // (1 - 0.999) is inexact in f32
@@ -335,7 +342,7 @@ mod tests {
     #[test]
     fn adam_second_step_by_hand() {
         let (mut m, mut v) = ([0.05f32], [0.000_25f32]);
-        let p = one_update(OptimizerKind::Adam, 2, &mut [&mut m, &mut v]);
+        let p = one_update(OptimizerKind::Adam, 2, adam(&mut m, &mut v));
         let m2 = 0.9 * 0.05 + 0.1 * 0.5; // 0.095
         let v2 = 0.999 * 0.000_25 + 0.001 * 0.25; // 0.00049975
         let m_hat = m2 / (1.0 - 0.81);
@@ -347,7 +354,7 @@ mod tests {
     #[test]
     fn adamw_decays_the_weight_as_well() {
         let (mut m, mut v) = ([0.0f32], [0.0f32]);
-        let p = one_update(OptimizerKind::Adamw, 1, &mut [&mut m, &mut v]);
+        let p = one_update(OptimizerKind::Adamw, 1, adam(&mut m, &mut v));
         let want = 1.0 - 0.1 * (0.01 * 1.0 + 0.5 / (0.5 + 1e-8));
         assert!((p - want).abs() < 1e-6, "{p} vs {want}");
     }

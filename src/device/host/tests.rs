@@ -2,10 +2,20 @@
 //! finite differences in f64, hand-computed optimizer updates (in `ops`), and learning.
 
 use super::*;
-use crate::job::{Job, OptimizerKind};
-use crate::step::{initialise, read_parameters, train_step, StepBuffers};
+use crate::device::Device;
+use crate::parity::{read_parameters, trained_parameters};
+use crate::plan::{Allocator, OptimizerKind, Plan};
+use crate::step::{initialise, train_step, StepBuffers};
+use Activation::{Gelu, Relu, Tanh};
+use OptimizerKind::{Adam, Adamw, Sgd, SgdMomentum};
 
-fn plan_of(input: u64, hidden: &[u64], classes: u64, activation: &str, optimizer: &str) -> Plan {
+fn plan_of(
+    input: u64,
+    hidden: &[u64],
+    classes: u64,
+    activation: Activation,
+    optimizer: OptimizerKind,
+) -> Plan {
     plan_with_rate(input, hidden, classes, activation, optimizer, 0.05)
 }
 
@@ -13,16 +23,11 @@ fn plan_with_rate(
     input: u64,
     hidden: &[u64],
     classes: u64,
-    activation: &str,
-    optimizer: &str,
-    rate: f64,
+    activation: Activation,
+    optimizer: OptimizerKind,
+    rate: f32,
 ) -> Plan {
-    let job = Job::from_json(&format!(
-        r#"{{"model": {{"input_shape": [{input}], "hidden_layers": {hidden:?}, "num_classes": {classes},
-             "activation": "{activation}"}}, "optimizer": {{"name": "{optimizer}", "learning_rate": {rate}}}}}"#
-    ))
-    .unwrap();
-    Plan::new(&job).unwrap()
+    Plan::new(input, hidden, classes, activation, optimizer, rate).unwrap()
 }
 
 /// The mean loss of the MLP in f64, written independently of the f32 step.
@@ -70,8 +75,8 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32]) -> f64 
 
 #[test]
 fn gradients_match_finite_differences_for_every_activation() {
-    for activation in ["relu", "gelu", "tanh"] {
-        let plan = plan_of(5, &[4, 6], 3, activation, "sgd");
+    for activation in [Relu, Gelu, Tanh] {
+        let plan = plan_of(5, &[4, 6], 3, activation, Sgd);
         let mut device = HostDevice::default();
         let mut buffers = StepBuffers::allocate(&plan, 7, &mut device).unwrap();
         initialise(&mut device, &plan, &mut buffers, 11).unwrap();
@@ -101,7 +106,7 @@ fn gradients_match_finite_differences_for_every_activation() {
                 / (2.0 * h);
             assert!(
                 (numeric - analytic[i]).abs() <= 1e-4 + 1e-3 * numeric.abs(),
-                "{activation} parameter {i}: finite difference {numeric} vs backward {}",
+                "{activation:?} parameter {i}: finite difference {numeric} vs backward {}",
                 analytic[i]
             );
         }
@@ -116,7 +121,7 @@ fn gradients_match_finite_differences_for_every_activation() {
 
 #[test]
 fn a_model_without_hidden_layers_has_exact_gradients_too() {
-    let plan = plan_of(6, &[], 4, "relu", "sgd");
+    let plan = plan_of(6, &[], 4, Relu, Sgd);
     let mut device = HostDevice::default();
     let mut buffers = StepBuffers::allocate(&plan, 5, &mut device).unwrap();
     initialise(&mut device, &plan, &mut buffers, 3).unwrap();
@@ -150,23 +155,21 @@ fn a_model_without_hidden_layers_has_exact_gradients_too() {
 
 #[test]
 fn loss_goes_down_with_every_optimizer() {
-    for (optimizer, rate) in [
-        ("sgd", 0.5),
-        ("sgd_momentum", 0.1),
-        ("adam", 0.01),
-        ("adamw", 0.01),
-    ] {
-        let plan = plan_with_rate(8, &[32], 4, "relu", optimizer, rate);
+    for (optimizer, rate) in [(Sgd, 0.5), (SgdMomentum, 0.1), (Adam, 0.01), (Adamw, 0.01)] {
+        let plan = plan_with_rate(8, &[32], 4, Relu, optimizer, rate);
         let mut device = HostDevice::default();
         let first = device.run_steps(&plan, 128, 1, 5).unwrap().final_loss;
         let after = device.run_steps(&plan, 128, 40, 5).unwrap().final_loss;
-        assert!(after < 0.8 * first, "{optimizer}: loss {first} -> {after}");
+        assert!(
+            after < 0.8 * first,
+            "{optimizer:?}: loss {first} -> {after}"
+        );
     }
 }
 
 #[test]
 fn a_probe_holds_exactly_the_modelled_bytes_and_returns_them() {
-    let plan = plan_of(784, &[128], 10, "relu", "adam");
+    let plan = plan_of(784, &[128], 10, Relu, Adam);
     let mut device = HostDevice::default();
     for batch in [1, 7, 129] {
         let report = device.run_steps(&plan, batch, 1, 1).unwrap();
@@ -177,10 +180,10 @@ fn a_probe_holds_exactly_the_modelled_bytes_and_returns_them() {
 
 #[test]
 fn past_the_budget_is_out_of_memory_and_nothing_stays_charged() {
-    let plan = plan_of(784, &[128], 10, "relu", "sgd");
+    let plan = plan_of(784, &[128], 10, Relu, Sgd);
     let budget = 4 << 20;
     let mut device = HostDevice::new(budget);
-    let limit = plan.predict_max_batch(budget);
+    let limit = plan.predict_max_batch(budget, Allocator::Exact);
     assert!(device.run_steps(&plan, limit, 1, 1).is_ok());
     let err = device.run_steps(&plan, limit + 1, 1, 1).unwrap_err();
     assert!(matches!(err, DeviceError::OutOfMemory { .. }), "{err:?}");
@@ -189,7 +192,7 @@ fn past_the_budget_is_out_of_memory_and_nothing_stays_charged() {
 
 #[test]
 fn an_allocation_the_system_refuses_is_out_of_memory() {
-    let plan = plan_of(784, &[128], 10, "relu", "sgd");
+    let plan = plan_of(784, &[128], 10, Relu, Sgd);
     let mut device = HostDevice::new(u64::MAX);
     let err = device.run_steps(&plan, 1 << 58, 1, 1).unwrap_err();
     assert!(matches!(err, DeviceError::OutOfMemory { .. }), "{err:?}");
@@ -198,13 +201,13 @@ fn an_allocation_the_system_refuses_is_out_of_memory() {
 
 #[test]
 fn training_is_deterministic_for_a_seed() {
-    let plan = plan_of(12, &[9], 5, "gelu", "adamw");
+    let plan = plan_of(12, &[9], 5, Gelu, Adamw);
     let mut device = HostDevice::default();
-    let a = device.trained_parameters(&plan, 33, 3, 9).unwrap();
-    let b = device.trained_parameters(&plan, 33, 3, 9).unwrap();
-    let c = device.trained_parameters(&plan, 33, 3, 10).unwrap();
+    let a = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap();
+    let b = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap();
+    let c = trained_parameters(&mut device, &plan, 33, 3, 10).unwrap();
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert_eq!(a.len() as u64, plan.parameter_count());
-    assert_eq!(plan.optimizer, OptimizerKind::Adamw);
+    assert_eq!(plan.optimizer, Adamw);
 }

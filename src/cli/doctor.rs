@@ -1,0 +1,266 @@
+//! `headroom doctor`: what this node has (driver, NVML, NVRTC, devices), and whether every kernel
+//! agrees with the host reference on every device.
+
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+
+use serde::Serialize;
+
+use super::output::human;
+use super::EXIT_FAILURE;
+use crate::device::host::HostDevice;
+use crate::device::{cuda, nvml, Device, Probing};
+use crate::job::Job;
+use crate::parity::{self, Check, Transfer};
+use crate::search::tune;
+
+/// The outcome of one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Checked and fine.
+    Pass,
+    /// Checked and wrong: the doctor exits non-zero.
+    Fail,
+    /// Not applicable on this node (no GPU, say).
+    Skip,
+    /// Information only.
+    Info,
+}
+
+impl Status {
+    fn label(self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Fail => "FAIL",
+            Status::Skip => "skip",
+            Status::Info => "info",
+        }
+    }
+}
+
+/// One row of the doctor's report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    /// Outcome.
+    pub status: Status,
+    /// What was checked.
+    pub check: String,
+    /// What was found.
+    pub detail: String,
+}
+
+fn row(status: Status, check: impl Into<String>, detail: impl Into<String>) -> Row {
+    Row {
+        status,
+        check: check.into(),
+        detail: detail.into(),
+    }
+}
+
+/// The small tune the doctor runs: the MNIST example, capped so it finishes in seconds.
+const DOCTOR_JOB: &str = r#"{"model": {"input_shape": [1, 28, 28], "hidden_layers": [128], "num_classes": 10},
+    "optimizer": {"name": "sgd"}, "search": {"max": 65536, "strategy": "predict"}}"#;
+
+/// Checks this node, prints the report (a table, or JSON with `json`) and fails if a row failed.
+pub fn doctor_command(host_memory: u64, json: bool) -> ExitCode {
+    let mut rows = libraries();
+    let driver = cuda::driver_available();
+    let nvrtc = cuda::compile::nvrtc_available();
+    if driver && nvrtc {
+        rows.extend(cuda_devices());
+    } else {
+        if nvrtc {
+            rows.extend(compile_only());
+        }
+        rows.push(row(
+            Status::Info,
+            "kernel checks",
+            "no CUDA device: checking the host device against the reference alone",
+        ));
+    }
+    let mut host = HostDevice::new(host_memory);
+    rows.extend(device_checks("host", &mut host));
+    let failed = rows.iter().filter(|r| r.status == Status::Fail).count();
+    if json {
+        let report = serde_json::json!({"passed": failed == 0, "rows": rows});
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("rows serialise")
+        );
+    } else {
+        print_table(&rows, failed);
+    }
+    if failed > 0 {
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_table(rows: &[Row], failed: usize) {
+    let width = rows.iter().map(|r| r.check.len()).max().unwrap_or(0);
+    for r in rows {
+        println!("{:<4}  {:<width$}  {}", r.status.label(), r.check, r.detail);
+    }
+    if failed > 0 {
+        println!("{failed} check(s) failed");
+    } else {
+        println!("all checks passed");
+    }
+}
+
+/// The driver, NVML with every GPU it sees, and NVRTC.
+fn libraries() -> Vec<Row> {
+    let driver = cuda::driver_available();
+    let missing = if driver { Status::Fail } else { Status::Skip };
+    let mut rows = vec![if driver {
+        row(Status::Pass, "CUDA driver library", "libcuda found")
+    } else {
+        row(Status::Skip, "CUDA driver library", "libcuda not found: this machine has no NVIDIA driver; only the host device is available")
+    }];
+    match nvml::telemetry() {
+        Ok((version, gpus)) => {
+            rows.push(row(
+                Status::Pass,
+                "NVML",
+                format!("driver {version}, {} GPU(s)", gpus.len()),
+            ));
+            rows.extend(gpus.into_iter().map(|gpu| {
+                row(
+                    Status::Info,
+                    format!("GPU {} {}", gpu.index, gpu.name),
+                    format!(
+                        "{}, {} used of {}, {} other compute process(es)",
+                        gpu.uuid,
+                        human(gpu.used_bytes),
+                        human(gpu.total_bytes),
+                        gpu.other_compute_processes
+                    ),
+                )
+            }));
+        }
+        Err(e) => rows.push(row(missing, "NVML", e)),
+    }
+    rows.push(if cuda::compile::nvrtc_available() {
+        row(Status::Pass, "NVRTC library", "libnvrtc found")
+    } else {
+        row(
+            missing,
+            "NVRTC library",
+            "libnvrtc not found: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc`",
+        )
+    });
+    rows
+}
+
+/// Without a driver, NVRTC can still compile every family.
+fn compile_only() -> Vec<Row> {
+    cuda::kernel::Family::ALL
+        .iter()
+        .map(
+            |&family| match cuda::compile::compile(family, "compute_90") {
+                Ok(_) => row(
+                    Status::Pass,
+                    format!("compile {} (compute_90)", family.file()),
+                    format!("{} kernel(s)", family.kernels().count()),
+                ),
+                Err(e) => row(
+                    Status::Fail,
+                    format!("compile {}", family.file()),
+                    e.to_string(),
+                ),
+            },
+        )
+        .collect()
+}
+
+/// Opens every CUDA device and runs the checks on it.
+fn cuda_devices() -> Vec<Row> {
+    let count = cuda::device_count().unwrap_or(0);
+    if count == 0 {
+        return vec![row(
+            Status::Fail,
+            "CUDA devices",
+            "the driver reports no device",
+        )];
+    }
+    let mut rows = Vec::new();
+    for index in 0..count {
+        let name = format!("cuda:{index}");
+        match cuda::CudaDevice::open(index) {
+            Ok(mut device) => {
+                let (major, minor) = device.compute_capability();
+                let info = device.info();
+                rows.push(row(
+                    Status::Pass,
+                    format!("{name} opened, kernels compiled"),
+                    format!(
+                        "{}, compute {major}.{minor}, {} free of {}",
+                        info.name,
+                        human(info.free_bytes),
+                        human(info.total_bytes)
+                    ),
+                ));
+                rows.extend(device_checks(&name, &mut device));
+            }
+            Err(e) => rows.push(row(Status::Fail, format!("{name} open"), e.to_string())),
+        }
+    }
+    rows
+}
+
+/// Every kernel check, the training check and a small tune on one device.
+fn device_checks<D: Probing + Transfer>(name: &str, device: &mut D) -> Vec<Row> {
+    let mut rows = check_rows(name, "kernel checks", parity::check_kernels(device));
+    rows.extend(check_rows(
+        name,
+        "training check",
+        parity::check_training(device),
+    ));
+    rows.push(small_tune(name, device));
+    rows
+}
+
+fn check_rows(
+    device: &str,
+    what: &str,
+    checks: Result<Vec<Check>, crate::DeviceError>,
+) -> Vec<Row> {
+    match checks {
+        Ok(checks) => checks
+            .into_iter()
+            .map(|c| {
+                row(
+                    if c.passed { Status::Pass } else { Status::Fail },
+                    format!("{device}: {}", c.name),
+                    format!("max relative error {:.2e}", c.max_error),
+                )
+            })
+            .collect(),
+        Err(e) => vec![row(
+            Status::Fail,
+            format!("{device}: {what}"),
+            e.to_string(),
+        )],
+    }
+}
+
+fn small_tune(name: &str, device: &mut dyn Device) -> Row {
+    let job = Job::from_json(DOCTOR_JOB).expect("the doctor's job is valid");
+    match tune(&job, device, &mut |_| ControlFlow::Continue(())) {
+        Ok(r) => row(
+            Status::Pass,
+            format!("{name}: small tune (784-128-10, SGD)"),
+            format!(
+                "max {} ({}), recommended {}, {} probes, {:.2} s",
+                r.max_batch_size,
+                r.limited_by,
+                r.recommended_batch_size,
+                r.probes.len(),
+                r.elapsed_seconds
+            ),
+        ),
+        Err(e) => row(Status::Fail, format!("{name}: small tune"), e.to_string()),
+    }
+}

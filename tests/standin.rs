@@ -1,0 +1,445 @@
+//! The CUDA device's whole Rust side, run on the CUDA stand-in (`tests/standin/`): a CPU
+//! stand-in for the driver and NVML, found through `LD_LIBRARY_PATH` like the real ones, with
+//! the kernels of `kernels/*.cu` on the CPU emulation. headroom's code does not know about it.
+//!
+//! It proves launch arguments, module loading, allocation and its rounding, the
+//! OOM-versus-fault split, the leak check, the context rebuild after a fault, NVML telemetry and
+//! the 409 rule; it says nothing about speed or hardware. Tests that need the stand-in inside
+//! this process run themselves again in a child process (the loader reads its path at start).
+
+mod support;
+
+use std::ops::ControlFlow;
+use std::process::Output;
+
+use headroom::device::cuda::CudaDevice;
+use headroom::device::{Device, DeviceError};
+use headroom::parity::{check_kernels, check_training};
+use headroom::{tune, Job};
+use serde_json::{json, Value};
+use support::standin::StandIn;
+use support::{assert_all_pass, job, ServerProcess};
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json_of(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            stderr(output)
+        )
+    })
+}
+
+/// Writes `job` to a file for the CLI.
+fn job_file(name: &str, job: &Value) -> String {
+    let dir = std::env::temp_dir().join(format!("headroom-standin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, job.to_string()).unwrap();
+    path.display().to_string()
+}
+
+/// An example with a prediction-first search and one step per probe: the model as shipped, the
+/// search kept short for the CPU emulation.
+fn example(name: &str) -> Value {
+    let path = format!("{}/examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let mut job: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    job["search"] = json!({"strategy": "predict", "steps_per_probe": 1});
+    job
+}
+
+#[test]
+fn parity_suite_and_training_run_through_the_real_launchers() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    if standin.in_child(
+        "parity_suite_and_training_run_through_the_real_launchers",
+        &[("HEADROOM_STANDIN_MEMORY", "256MiB")],
+    ) {
+        return;
+    }
+    let mut device = CudaDevice::open(0).unwrap();
+    assert_eq!(device.compute_capability(), (9, 0));
+    assert_all_pass("cuda:0", &check_kernels(&mut device).unwrap());
+    assert_all_pass("cuda:0", &check_training(&mut device).unwrap());
+}
+
+#[test]
+fn doctor_passes_on_the_standin() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let output = standin
+        .headroom()
+        .args(["doctor", "--json", "--host-memory", "16MiB"])
+        .env("HEADROOM_STANDIN_MEMORY", "16MiB")
+        .output()
+        .unwrap();
+    let report = json_of(&output);
+    assert!(output.status.success(), "{report:#}");
+    assert_eq!(report["passed"], true);
+    let rows = report["rows"].as_array().unwrap();
+    let check = |name: &str| {
+        rows.iter()
+            .find(|r| r["check"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name} in {report:#}"))
+    };
+    assert_eq!(check("NVML")["status"], "pass");
+    assert!(check("GPU 0 CPU stand-in")["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("GPU-"));
+    assert_eq!(check("cuda:0 opened")["status"], "pass");
+    assert_eq!(check("cuda:0: small tune")["status"], "pass");
+    assert!(
+        rows.iter()
+            .filter(|r| r["check"].as_str().unwrap().starts_with("cuda:0: "))
+            .count()
+            > 50
+    );
+}
+
+/// `tune --device cuda` of each example at a small budget finds a limit that fresh probes confirm
+/// (the max fits, one `multiple_of` above the first OOM does not), near the memory model's.
+#[test]
+fn each_example_tunes_to_a_limit_that_probes_confirm() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    for (name, memory) in [
+        ("mnist-mlp-sgd", "24MiB"),
+        ("cifar10-mlp-adam", "48MiB"),
+        ("deep-mlp-adamw", "96MiB"),
+    ] {
+        let path = job_file(name, &example(name));
+        let run = |args: &[&str]| {
+            standin
+                .headroom()
+                .args(args)
+                .env("HEADROOM_STANDIN_MEMORY", memory)
+                .output()
+                .unwrap()
+        };
+        let output = run(&["tune", &path, "--device", "cuda", "--json"]);
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        let result = json_of(&output);
+        let max = result["max_batch_size"].as_u64().unwrap();
+        let predicted = result["predicted_max_batch_size"].as_u64().unwrap();
+        assert_eq!(result["limited_by"], "memory", "{name}: {result:#}");
+        assert_eq!(result["device"]["kind"], "cuda");
+        let ratio = max as f64 / predicted as f64;
+        assert!(
+            (0.97..=1.0).contains(&ratio),
+            "{name}: measured {max}, predicted {predicted}"
+        );
+        let first_oom = result["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["outcome"] == "oom")
+            .map(|p| p["batch_size"].as_u64().unwrap())
+            .min()
+            .unwrap();
+        let above = (first_oom + 8).to_string();
+        let sizes = format!("{max},{above}");
+        let output = run(&[
+            "probe",
+            &path,
+            "--device",
+            "cuda",
+            "--batch-size",
+            &sizes,
+            "--json",
+        ]);
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        let outcomes: Vec<Value> = json_of(&output)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["outcome"].clone())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["fit", "oom"],
+            "{name}: max {max}, first OOM {first_oom}"
+        );
+    }
+}
+
+fn tune_with(standin: &StandIn, env: &[(&str, &str)]) -> Output {
+    let path = job_file("mnist", &example("mnist-mlp-sgd"));
+    standin
+        .headroom()
+        .args(["tune", &path, "--device", "cuda", "--json"])
+        .env("HEADROOM_STANDIN_MEMORY", "16MiB")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_injected_fault_ends_the_tune_naming_the_driver_error() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    for (fault, name) in [
+        ("40", "CUDA_ERROR_ILLEGAL_ADDRESS"),
+        ("40:ecc", "CUDA_ERROR_ECC_UNCORRECTABLE"),
+    ] {
+        let output = tune_with(standin, &[("HEADROOM_STANDIN_FAIL_LAUNCH", fault)]);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{message}");
+        assert!(message.contains(name), "{message}");
+        assert!(message.contains("probe at batch size"), "{message}");
+        assert!(!message.contains("out of memory"), "{message}");
+        assert!(message.lines().any(|l| l.contains(" error ")), "{message}");
+    }
+}
+
+#[test]
+fn out_of_memory_reported_at_a_synchronise_is_still_out_of_memory() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let at_allocation = json_of(&tune_with(standin, &[]));
+    let output = tune_with(standin, &[("HEADROOM_STANDIN_OOM_AT_SYNC", "1")]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let at_synchronise = json_of(&output);
+    assert_eq!(
+        at_synchronise["max_batch_size"],
+        at_allocation["max_batch_size"]
+    );
+    assert!(at_synchronise["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["outcome"] == "oom"));
+}
+
+#[test]
+fn a_probe_that_leaves_memory_behind_is_caught() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let output = tune_with(standin, &[("HEADROOM_STANDIN_LEAK_FREE", "30")]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(message.contains("did not come back"), "{message}");
+}
+
+#[test]
+fn another_process_allocating_during_a_probe_is_not_a_leak() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let output = tune_with(standin, &[("HEADROOM_STANDIN_FOREIGN_ALLOC", "30:1MiB")]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let result = json_of(&output);
+    assert!(
+        result["max_batch_size"].as_u64().unwrap() > 1000,
+        "{result:#}"
+    );
+}
+
+/// After a fault the context is rebuilt at once: the device reports its memory truthfully and
+/// the next search predicts and probes as before.
+#[test]
+fn after_a_fault_the_device_reports_its_memory_and_tunes_again() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    if standin.in_child(
+        "after_a_fault_the_device_reports_its_memory_and_tunes_again",
+        &[
+            ("HEADROOM_STANDIN_MEMORY", "16MiB"),
+            ("HEADROOM_STANDIN_FAIL_LAUNCH", "40"),
+        ],
+    ) {
+        return;
+    }
+    let job = Job::from_value(example("mnist-mlp-sgd")).unwrap();
+    let mut device = CudaDevice::open(0).unwrap();
+    let err = tune(&job, &mut device, &mut |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(
+        err.to_string().contains("CUDA_ERROR_ILLEGAL_ADDRESS"),
+        "{err}"
+    );
+    let info = device.info();
+    assert_eq!((info.total_bytes, info.free_bytes), (16 << 20, 16 << 20));
+    let result = tune(&job, &mut device, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert!(result.predicted_max_batch_size > 1000, "{result:?}");
+    assert_eq!(result.device.free_bytes, 16 << 20);
+}
+
+/// Widths and batch sizes whose byte counts pass 64 bits, or the device, are out of memory:
+/// no driver call, no fault, no write past a buffer, and the device works on.
+#[test]
+fn allocation_sizes_that_overflow_are_out_of_memory() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    if standin.in_child(
+        "allocation_sizes_that_overflow_are_out_of_memory",
+        &[("HEADROOM_STANDIN_MEMORY", "64MiB")],
+    ) {
+        return;
+    }
+    let wide = Job::from_value(job(&[1 << 32], &[1 << 16], 10, "sgd")).unwrap();
+    let narrow = Job::from_value(job(&[784], &[128], 10, "sgd")).unwrap();
+    // One feature: the input buffer has `batch` elements, whose bytes wrap to 4 in 64 bits.
+    let thin = Job::from_value(job(&[1], &[1], 2, "sgd")).unwrap();
+    let mut device = CudaDevice::open(0).unwrap();
+    for (job, batch) in [
+        (&wide, 1),
+        (&narrow, 1 << 62),
+        (&thin, (1 << 62) + 1),
+        (&narrow, u64::MAX),
+    ] {
+        let outcome = device.run_steps(job.plan(), batch, 1, 1);
+        assert!(
+            matches!(outcome, Err(DeviceError::OutOfMemory { .. })),
+            "batch {batch}: {outcome:?}"
+        );
+    }
+    assert_eq!(device.info().free_bytes, 64 << 20);
+    assert!(device.run_steps(narrow.plan(), 1000, 1, 1).is_ok());
+}
+
+fn serve(standin: &StandIn, env: &[(&str, &str)], devices: &[&str]) -> ServerProcess {
+    let mut command = standin.headroom();
+    command
+        .arg("serve")
+        .args(devices.iter().flat_map(|d| ["--device", d]))
+        .env("HEADROOM_STANDIN_MEMORY", "32MiB")
+        .env("HEADROOM_WAIT_SECONDS", "120")
+        .envs(env.iter().copied());
+    ServerProcess::start(command)
+}
+
+fn mnist_on(device: &str) -> Value {
+    let mut body = example("mnist-mlp-sgd");
+    body["device"] = json!(device);
+    body["no_cache"] = json!(true);
+    body
+}
+
+#[test]
+fn the_service_reports_gpu_telemetry_and_serves_each_gpu_once() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let server = serve(
+        standin,
+        &[("HEADROOM_STANDIN_UTILIZATION", "37")],
+        &["auto", "cuda:0"],
+    );
+    let (status, devices) = server.http.get("/devices");
+    assert_eq!(status, 200);
+    let devices = devices.as_array().unwrap();
+    let gpus: Vec<&Value> = devices.iter().filter(|d| d["kind"] == "cuda").collect();
+    assert_eq!(gpus.len(), 1, "{devices:#?}");
+    let gpu = gpus[0];
+    assert_eq!(gpu["device"], "cuda:0");
+    assert!(gpu["uuid"].as_str().unwrap().starts_with("GPU-"));
+    assert_eq!(gpu["utilization_percent"], 37);
+    assert_eq!(gpu["temperature_celsius"], 35);
+    assert_eq!(gpu["total_bytes"], 32 << 20);
+    assert_eq!(gpu["other_compute_processes"], 0);
+    let answer = server.http.tune(&mnist_on("cuda:0"), &[]);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let metrics = server.http.get_text("/metrics");
+    for series in [
+        "headroom_device_memory_total_bytes{",
+        "UUID=\"GPU-57a4d100",
+        "headroom_tunes_total{device=\"cuda:0\",outcome=\"succeeded\"} 1",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+}
+
+#[test]
+fn a_gpu_another_process_computes_on_is_refused_unless_allowed() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let server = serve(
+        standin,
+        &[("HEADROOM_STANDIN_PROCESSES", "4242:4MiB")],
+        &["cuda:0"],
+    );
+    let answer = server.http.tune(&mnist_on("cuda:0"), &[]);
+    assert_eq!(answer.status, 409, "{}", answer.body);
+    assert!(answer.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("allow_shared"));
+    let mut allowed = mnist_on("cuda:0");
+    allowed["allow_shared"] = json!(true);
+    let answer = server.http.tune(&allowed, &[]);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // The foreign process's 4 MiB are not the tuner's: the limit is what the rest holds.
+    assert_eq!(answer.body["device"]["free_bytes"], 28 << 20);
+}
+
+#[test]
+fn the_service_tunes_again_after_a_fault_on_a_rebuilt_context() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let server = serve(
+        standin,
+        &[("HEADROOM_STANDIN_FAIL_LAUNCH", "40")],
+        &["cuda:0"],
+    );
+    let failed = server.http.tune(&mnist_on("cuda:0"), &[]);
+    assert_eq!(failed.status, 503, "{}", failed.body);
+    assert!(failed.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("CUDA_ERROR_ILLEGAL_ADDRESS"));
+    let (_, devices) = server.http.get("/devices");
+    assert_eq!(devices[0]["free_bytes"], 32 << 20, "{devices:#}");
+    let answer = server.http.tune(&mnist_on("cuda:0"), &[]);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(answer.body["predicted_max_batch_size"].as_u64().unwrap() > 1000);
+    assert_eq!(answer.body["device"]["total_bytes"], 32 << 20);
+}
+
+#[test]
+fn sigterm_during_a_cuda_tune_frees_every_allocation_and_the_context() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let report = std::env::temp_dir().join(format!(
+        "headroom-standin-report-{}.json",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&report);
+    let report_path = report.display().to_string();
+    let mut server = serve(
+        standin,
+        &[("HEADROOM_STANDIN_REPORT", &report_path)],
+        &["cuda:0"],
+    );
+    let mut slow = mnist_on("cuda:0");
+    slow["search"] = json!({"steps_per_probe": 50});
+    let answer = server.http.tune(&slow, &[("Prefer", "respond-async")]);
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    server
+        .http
+        .wait_until_running(answer.body["id"].as_str().unwrap());
+    assert!(server.terminate(), "{}", server.log());
+    let log = server.log();
+    assert!(log.contains("device released"), "{log}");
+    let held: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(held["launches"].as_u64().unwrap() > 0, "{held}");
+    assert_eq!(held["live_allocations"], 0, "{held}");
+    assert_eq!(held["pool_reserved_bytes"], 0, "{held}");
+    assert_eq!(held["retained_contexts"], 0, "{held}");
+    assert_eq!(held["loaded_modules"], 0, "{held}");
+}
