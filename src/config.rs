@@ -32,6 +32,8 @@ pub struct Config {
     pub job_history: usize,
     /// How long a result is reused for an identical job on an identical device, seconds (0: never).
     pub cache_ttl_seconds: u64,
+    /// Most results kept for reuse; the least used go first.
+    pub cache_capacity: u64,
     /// Largest request body.
     pub body_limit: ByteSize,
     /// Bearer token required for `/tune` and `/jobs` (empty: none).
@@ -68,6 +70,7 @@ impl Default for Config {
             wait_seconds: 60,
             job_history: 256,
             cache_ttl_seconds: 3600,
+            cache_capacity: 1024,
             body_limit: ByteSize(64 << 10),
             token: String::new(),
             log_format: LogFormat::Human,
@@ -91,9 +94,14 @@ pub fn unknown_variables(variables: impl Iterator<Item = String>) -> Vec<String>
         .filter_map(|name| {
             let key = name.strip_prefix("HEADROOM_")?.to_ascii_lowercase();
             let known = settings.contains(&key)
-                || OTHER_VARIABLES
-                    .iter()
-                    .any(|other| key.starts_with(&other.to_ascii_lowercase()));
+                || OTHER_VARIABLES.iter().any(|other| {
+                    let other = other.to_ascii_lowercase();
+                    if other.ends_with('_') {
+                        key.starts_with(&other)
+                    } else {
+                        key == other
+                    }
+                });
             (!known).then_some(name)
         })
         .collect()
@@ -182,11 +190,16 @@ mod tests {
             "HEADROOM_REQUIRE_NVRTC",
             "HEADROOM_WAIT_SECONDS",
             "HEADROOM_WAIT_SECOND",
+            "HEADROOM_DEVICESS",
             "PATH",
         ];
         assert_eq!(
             unknown_variables(names.iter().map(|n| n.to_string())),
-            ["HEADROOM_QUEUE_LENGHT", "HEADROOM_WAIT_SECOND"]
+            [
+                "HEADROOM_QUEUE_LENGHT",
+                "HEADROOM_WAIT_SECOND",
+                "HEADROOM_DEVICESS"
+            ]
         );
     }
 

@@ -30,9 +30,11 @@ pub struct JobSpec {
     pub dtype: Dtype,
     /// Number of samples in the training set; the batch never grows past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub dataset_size: Option<u64>,
     /// Share of the largest batch that the recommended batch uses, in (0, 1].
     #[serde(default = "default_headroom")]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub headroom: f64,
     /// How the search probes the device.
     #[serde(default)]
@@ -44,11 +46,13 @@ pub struct JobSpec {
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
+    #[schema(min_items = 1)]
     pub input_shape: Vec<u64>,
     /// Widths of the hidden layers, possibly none.
     #[serde(default)]
     pub hidden_layers: Vec<u64>,
     /// Number of output classes of the softmax cross-entropy loss.
+    #[schema(minimum = 2, maximum = 4294967296_u64)]
     pub num_classes: u64,
     /// Activation after every hidden layer.
     #[serde(default)]
@@ -63,6 +67,7 @@ pub struct OptimizerSpec {
     pub name: OptimizerKind,
     /// Step size; each optimizer has its own default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0)]
     pub learning_rate: Option<f64>,
 }
 
@@ -95,14 +100,19 @@ impl<'de> Deserialize<'de> for Dtype {
 #[serde(deny_unknown_fields, default)]
 pub struct SearchSpec {
     /// First batch size probed by the doubling strategy.
+    #[schema(minimum = 1)]
     pub start: u64,
     /// Largest batch size ever probed.
+    #[schema(minimum = 1)]
     pub max: u64,
     /// Batch sizes are rounded to this multiple where possible.
+    #[schema(minimum = 1, maximum = 1048576)]
     pub multiple_of: u64,
     /// Relative gap between the last fit and the first OOM at which bisection stops.
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     pub tolerance: f64,
     /// Training steps run per probe.
+    #[schema(minimum = 1, maximum = 1000)]
     pub steps_per_probe: u32,
     /// Where the first probe goes.
     pub strategy: Strategy,

@@ -221,3 +221,75 @@ fn cuda_without_a_driver_is_a_clear_error_not_a_panic() {
         "{message}"
     );
 }
+
+#[test]
+fn a_job_on_standard_input_is_read_and_checked() {
+    use std::io::Write;
+    let run = |job: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_headroom"))
+            .args(["estimate", "-", "--memory", "1GiB", "--json"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(job.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let output = run(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/mnist-mlp-sgd.json"
+    ))
+    .unwrap());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let estimate: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(estimate["parameter_count"], 101_770);
+    let output =
+        run(r#"{"model": {"input_shape": [0], "num_classes": 2}, "optimizer": {"name": "sgd"}}"#);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("standard input"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        stderr(&output).contains("model.input_shape[0]"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn help_names_the_exit_codes_and_completions_are_generated() {
+    let output = headroom(&["--help"]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("Exit codes: 0 success"), "{help}");
+    assert!(help.contains("3 the model does not fit"), "{help}");
+    for shell in ["bash", "zsh", "fish"] {
+        let output = headroom(&["completions", shell]);
+        assert!(output.status.success());
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            script.contains("headroom") && script.contains("doctor"),
+            "{shell}"
+        );
+    }
+}
+
+#[test]
+fn doctor_reports_as_json() {
+    let output = headroom(&["doctor", "--json", "--host-memory", "16MiB"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["passed"], true);
+    let rows = report["rows"].as_array().unwrap();
+    assert!(rows
+        .iter()
+        .any(|r| r["check"] == "host: small tune (784-128-10, SGD)" && r["status"] == "pass"));
+    assert!(rows.iter().all(|r| r["status"] != "fail"), "{report:#}");
+}

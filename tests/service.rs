@@ -9,7 +9,7 @@ use std::thread;
 use headroom::config::Config;
 use headroom::device::select::DeviceSpec;
 use serde_json::{json, Value};
-use support::{job, Answer, Http, ServerProcess};
+use support::{job, metric_value, Answer, Http, ServerProcess};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -225,21 +225,27 @@ fn a_full_queue_answers_429_with_retry_after() {
         host_memory: bytesize::ByteSize::mib(64),
         ..host_config()
     });
-    let Answer { body: running, .. } = server.tune(&slow_job(), &[("Prefer", "respond-async")]);
+    // Three different jobs: identical ones would join the first.
+    let slow = |width: u64| {
+        let mut job = slow_job();
+        job["model"]["hidden_layers"] = json!([width]);
+        job
+    };
+    let Answer { body: running, .. } = server.tune(&slow(128), &[("Prefer", "respond-async")]);
     let running = running["id"].as_str().unwrap().to_string();
     server.wait_until_running(&running);
     let Answer {
         status,
         body: queued,
         ..
-    } = server.tune(&slow_job(), &[("Prefer", "respond-async")]);
+    } = server.tune(&slow(129), &[("Prefer", "respond-async")]);
     assert_eq!(status, 202, "{queued}");
     let Answer {
         status,
         body: problem,
         retry_after: retry,
         ..
-    } = server.tune(&slow_job(), &[("Prefer", "respond-async")]);
+    } = server.tune(&slow(130), &[("Prefer", "respond-async")]);
     assert_eq!(status, 429, "{problem}");
     assert!(retry.unwrap().parse::<u64>().unwrap() > 0);
     let (_, devices) = server.get("/devices");
@@ -379,20 +385,46 @@ fn metrics_and_openapi_are_served() {
     assert_eq!(server.tune(&tiny_job(6), &[]).status, 200);
     assert_eq!(server.tune(&tiny_job(6), &[]).status, 200); // a cache hit
     let text = server.get_text("/metrics");
-    for series in [
-        "headroom_http_requests_total{",
-        "headroom_tunes_total{device=\"host\",outcome=\"succeeded\"} 1",
-        "headroom_probes_total{device=\"host\",outcome=\"fit\"}",
-        "headroom_probe_duration_seconds_bucket{",
-        "headroom_tune_duration_seconds_count{device=\"host\"} 1",
-        "headroom_cache_hits_total 1",
-        "headroom_cache_misses_total 1",
-        "headroom_queue_length{device=\"host\"} 0",
-        "headroom_device_busy{device=\"host\"} 0",
-        "headroom_last_max_batch_size{device=\"host\"}",
-        "headroom_build_info{version=",
-    ] {
-        assert!(text.contains(series), "missing {series} in\n{text}");
+    let host = [("device", "host")];
+    let value = |metric: &str, labels: &[(&str, &str)]| {
+        metric_value(&text, metric, labels)
+            .unwrap_or_else(|| panic!("no {metric} {labels:?} in\n{text}"))
+    };
+    let succeeded = [("device", "host"), ("outcome", "succeeded")];
+    assert_eq!(value("headroom_tunes_total", &succeeded), 1.0);
+    assert!(
+        value(
+            "headroom_probes_total",
+            &[("device", "host"), ("outcome", "fit")]
+        ) > 0.0
+    );
+    assert!(value("headroom_probe_duration_seconds_bucket", &host) > 0.0);
+    assert_eq!(value("headroom_tune_duration_seconds_count", &host), 1.0);
+    assert_eq!(value("headroom_cache_hits_total", &[]), 1.0);
+    assert_eq!(value("headroom_cache_misses_total", &[]), 1.0);
+    assert_eq!(value("headroom_queue_length", &host), 0.0);
+    assert_eq!(value("headroom_device_busy", &host), 0.0);
+    assert!(value("headroom_last_max_batch_size", &host) > 0.0);
+    let tune = [("route", "/tune"), ("method", "POST"), ("status", "200")];
+    assert_eq!(value("headroom_http_requests_total", &tune), 2.0);
+    assert_eq!(
+        value("headroom_http_request_duration_seconds_count", &tune),
+        2.0
+    );
+    assert_eq!(
+        value(
+            "headroom_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert!(value("process_resident_memory_bytes", &[]) > 0.0);
+    assert!(value("process_cpu_seconds_total", &[]) >= 0.0);
+    // Every per-device series carries the DCGM exporter's labels (empty for the host).
+    for line in text.lines().filter(|l| l.contains("device=\"host\"")) {
+        for label in ["gpu=", "UUID=", "model_name=", "Hostname="] {
+            assert!(line.contains(label), "{label} missing from {line}");
+        }
     }
     assert!(
         !text.contains("job=") && !text.contains("id="),
@@ -490,11 +522,11 @@ fn the_cli_can_tune_through_a_server() {
             .unwrap()
     };
     let output = run("examples/mnist-mlp-sgd.json");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    // While it waits, the CLI shows the job's state and every probe, as a local tune does.
+    assert!(log.contains("running on host"), "{log}");
+    assert!(log.matches("probe batch").count() > 3, "{log}");
     let result: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(
         result["max_batch_size"].as_u64().unwrap() > 1000,
@@ -508,4 +540,236 @@ fn the_cli_can_tune_through_a_server() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Writes the served OpenAPI document to a file for the Python tools.
+fn openapi_file(server: &Http) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("headroom-openapi-{}.json", std::process::id()));
+    std::fs::write(&path, server.get_text("/openapi.json")).unwrap();
+    path
+}
+
+#[test]
+fn the_openapi_document_is_valid_and_every_example_is_a_tune_request() {
+    let server = TestServer::start(host_config());
+    let (status, document) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    assert_eq!(document["openapi"], "3.1.0");
+    assert!(document["components"]["securitySchemes"]["bearer"].is_object());
+    for (path, method) in [("/tune", "post"), ("/jobs/{id}", "get"), ("/jobs", "get")] {
+        let responses = &document["paths"][path][method]["responses"];
+        assert!(responses["401"].is_object(), "{path} lacks 401");
+        for (code, response) in responses.as_object().unwrap() {
+            assert!(
+                !response["description"].as_str().unwrap_or("").is_empty(),
+                "{method} {path} {code} has no description"
+            );
+            if code.starts_with('4') || code.starts_with('5') {
+                assert!(
+                    response["content"]["application/problem+json"].is_object(),
+                    "{method} {path} {code} is not a problem document"
+                );
+            }
+        }
+    }
+    let tune = &document["paths"]["/tune"]["post"];
+    for code in ["400", "409", "413", "415", "422", "429", "503"] {
+        assert!(
+            tune["responses"][code].is_object(),
+            "POST /tune lacks {code}"
+        );
+    }
+    assert!(tune["responses"]["202"]["headers"]["Location"].is_object());
+    assert!(tune["responses"]["429"]["headers"]["Retry-After"].is_object());
+    assert!(tune["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "Prefer"));
+
+    let Some(validator) = support::python_tool("openapi-spec-validator") else {
+        return;
+    };
+    let file = openapi_file(&server);
+    let output = Command::new(validator).arg(&file).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    // Every example, with the service's options, validates against the published TuneRequest.
+    let Some(python) = support::python_tool("python3") else {
+        return;
+    };
+    let check = r##"
+import json, sys
+from jsonschema import Draft202012Validator
+document = json.load(open(sys.argv[1]))
+schema = {"$ref": "#/components/schemas/TuneRequest", "components": document["components"]}
+validator = Draft202012Validator(schema)
+for path in sys.argv[2:]:
+    request = json.load(open(path))
+    request.update({"device": "cuda:0", "no_cache": True, "allow_shared": False})
+    errors = [e.message for e in validator.iter_errors(request)]
+    assert not errors, (path, errors)
+    request["colour"] = "blue"
+    assert list(validator.iter_errors(request)), (path, "an unknown member was accepted")
+print("ok")
+"##;
+    let examples: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    assert!(examples.len() >= 3);
+    let output = Command::new(python)
+        .args(["-c", check])
+        .arg(&file)
+        .args(&examples)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Property-based requests from the published document, against a real `headroom serve`: no
+/// 5xx, and every answer within its documented status, content type, headers and schema.
+#[test]
+fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
+    let Some(schemathesis) = support::python_tool("st") else {
+        return;
+    };
+    let mut command = support::headroom();
+    command
+        .args(["serve", "--device", "host", "--host-memory", "2MiB"])
+        .env("HEADROOM_WAIT_SECONDS", "1")
+        .env("HEADROOM_QUEUE_LENGTH", "2");
+    let server = ServerProcess::start(command);
+    let output = Command::new(schemathesis)
+        .args(["run", &format!("{}/openapi.json", server.http.base)])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,\
+             response_schema_conformance,response_headers_conformance",
+            "--max-examples",
+            "40",
+            "--seed",
+            "7",
+            "--generation-database",
+            "none",
+            "--no-color",
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("passed"), "{report}");
+}
+
+#[test]
+fn identical_jobs_in_flight_are_tuned_once() {
+    let server = Arc::new(TestServer::start(Config {
+        host_memory: bytesize::ByteSize::mib(64),
+        ..host_config()
+    }));
+    let mut slow = slow_job();
+    slow["no_cache"] = json!(false);
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            let server = Arc::clone(&server);
+            let slow = slow.clone();
+            thread::spawn(move || {
+                let answer = server.tune(&slow, &[("Prefer", "respond-async")]);
+                assert_eq!(answer.status, 202, "{}", answer.body);
+                answer.body["id"].as_str().unwrap().to_string()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    server.delete(&format!("/jobs/{}", ids[0]));
+    assert_eq!(server.wait_for(&ids[0])["state"], "cancelled");
+    let metrics = server.get_text("/metrics");
+    assert!(
+        metrics.contains("headroom_single_flight_joins_total 2"),
+        "{metrics}"
+    );
+    let tunes: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("headroom_tunes_total{"))
+        .collect();
+    assert_eq!(tunes.len(), 1, "{tunes:?}");
+    assert!(tunes[0].ends_with(" 1"), "{tunes:?}");
+}
+
+#[test]
+fn a_misspelt_setting_is_named_in_a_warning() {
+    let mut command = support::headroom();
+    command
+        .args(["serve", "--device", "host"])
+        .env("HEADROOM_QUEUE_LENGHT", "3");
+    let mut server = ServerProcess::start(command);
+    let log = server.log();
+    assert!(
+        log.contains("HEADROOM_QUEUE_LENGHT is not a setting"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_cli_waits_for_a_busy_server_as_it_says_and_no_longer_than_its_timeout() {
+    let server = TestServer::start(Config {
+        queue_length: 1,
+        wait_seconds: 1,
+        host_memory: bytesize::ByteSize::mib(64),
+        ..host_config()
+    });
+    let mut running = slow_job();
+    running["model"]["hidden_layers"] = json!([127]);
+    let running = server.tune(&running, &[("Prefer", "respond-async")]).body;
+    server.wait_until_running(running["id"].as_str().unwrap());
+    let queued = server
+        .tune(&slow_job(), &[("Prefer", "respond-async")])
+        .body;
+    let started = std::time::Instant::now();
+    let output = support::headroom()
+        .args([
+            "tune",
+            "-",
+            "--server",
+            &server.base,
+            "--device",
+            "host",
+            "--timeout",
+            "3",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            let job = job(&[8], &[4], 2, "sgd").to_string();
+            child.stdin.take().unwrap().write_all(job.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{log}");
+    assert!(log.contains("retrying in"), "{log}");
+    assert!(log.contains("--timeout"), "{log}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    for id in [&running["id"], &queued["id"]] {
+        server.delete(&format!("/jobs/{}", id.as_str().unwrap()));
+    }
 }

@@ -18,7 +18,7 @@ use headroom::parity::{check_kernels, check_training};
 use headroom::{tune, Job};
 use serde_json::{json, Value};
 use support::standin::StandIn;
-use support::{assert_all_pass, job, ServerProcess};
+use support::{assert_all_pass, job, metric_value, ServerProcess};
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -353,13 +353,26 @@ fn the_service_reports_gpu_telemetry_and_serves_each_gpu_once() {
     let answer = server.http.tune(&mnist_on("cuda:0"), &[]);
     assert_eq!(answer.status, 200, "{}", answer.body);
     let metrics = server.http.get_text("/metrics");
-    for series in [
-        "headroom_device_memory_total_bytes{",
-        "UUID=\"GPU-57a4d100",
-        "headroom_tunes_total{device=\"cuda:0\",outcome=\"succeeded\"} 1",
-    ] {
-        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
-    }
+    let gpu = [
+        ("device", "cuda:0"),
+        ("gpu", "0"),
+        ("UUID", "GPU-57a4d100-0000-4000-8000-000000000000"),
+        ("model_name", "CPU stand-in for an NVIDIA GPU (tests only)"),
+    ];
+    let value = |metric: &str, extra: &[(&str, &str)]| {
+        let labels: Vec<(&str, &str)> = gpu.iter().chain(extra).copied().collect();
+        metric_value(&metrics, metric, &labels)
+            .unwrap_or_else(|| panic!("no {metric} {labels:?} in\n{metrics}"))
+    };
+    assert_eq!(
+        value("headroom_device_memory_total_bytes", &[]),
+        (32 << 20) as f64
+    );
+    assert_eq!(
+        value("headroom_tunes_total", &[("outcome", "succeeded")]),
+        1.0
+    );
+    assert!(value("headroom_last_max_batch_size", &[]) > 1000.0);
 }
 
 #[test]

@@ -174,6 +174,7 @@ fn follow(
 ) -> Result<Result<TuneResult, Problem>, String> {
     let mut shown = 0;
     let mut last_state = None;
+    let mut poll = DEFAULT_POLL;
     loop {
         if last_state != Some(document.state) {
             let position = document
@@ -211,8 +212,9 @@ fn follow(
                 server.base, document.id
             ));
         }
-        std::thread::sleep(DEFAULT_POLL.min(deadline - now));
+        std::thread::sleep(poll.min(deadline - now));
         let answer = server.get_job(&document.id)?;
+        poll = answer.retry_after.unwrap_or(DEFAULT_POLL);
         if answer.status != 200 {
             let problem: Problem = answer.json()?;
             return Err(remote_message(&problem));

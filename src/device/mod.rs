@@ -53,6 +53,9 @@ pub struct DeviceInfo {
     pub index: u32,
     /// Human-readable name (GPU model, or the host's budget).
     pub name: String,
+    /// A GPU's UUID, `GPU-...` as NVML and DCGM write it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     /// Memory the device has in all, bytes.
     pub total_bytes: u64,
     /// Memory free for a probe right now, bytes.

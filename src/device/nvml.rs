@@ -6,6 +6,8 @@ use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::Nvml;
 use serde::Serialize;
 
+use crate::device::DeviceInfo;
+
 /// What NVML reports about one GPU.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GpuTelemetry {
@@ -53,4 +55,11 @@ pub fn telemetry() -> Result<(String, Vec<GpuTelemetry>), String> {
         });
     }
     Ok((driver, gpus))
+}
+
+/// What NVML says of the GPU `device` is, matched by UUID (CUDA and NVML number GPUs apart
+/// when `CUDA_VISIBLE_DEVICES` is set); `None` for the host or a GPU NVML does not list.
+pub fn find<'a>(gpus: &'a [GpuTelemetry], device: &DeviceInfo) -> Option<&'a GpuTelemetry> {
+    let uuid = device.uuid.as_deref()?;
+    gpus.iter().find(|gpu| gpu.uuid == uuid)
 }

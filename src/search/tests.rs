@@ -30,6 +30,7 @@ impl Device for FakeDevice {
             kind: DeviceKind::Host,
             index: 0,
             name: "fake".into(),
+            uuid: None,
             total_bytes: 1 << 40,
             free_bytes: 1 << 40,
         }

@@ -240,6 +240,14 @@ impl TuneJob {
     }
 }
 
+/// What [`JobStore::insert_or_join`] did.
+pub enum Joined {
+    /// The job was added and queued.
+    New(Arc<TuneJob>),
+    /// An identical job in flight, which the request follows instead.
+    InFlight(Arc<TuneJob>),
+}
+
 /// Every job the service knows, newest last, with finished ones beyond the history dropped.
 pub struct JobStore {
     history: usize,
@@ -284,12 +292,40 @@ impl JobStore {
         document
     }
 
-    /// Adds a job, dropping the oldest finished jobs past the history.
-    pub fn insert(&self, job: Arc<TuneJob>) {
+    /// Adds `job` and queues it with `enqueue`, unless an identical job (the same cache key, so
+    /// the same normalised job and device identity) is queued or running on the same device:
+    /// then returns that one, which the caller joins instead of tuning twice. Both happen under
+    /// the store's lock, so no request joins a job its queue refused.
+    pub fn insert_or_join<E>(
+        &self,
+        job: Arc<TuneJob>,
+        enqueue: impl FnOnce(&Arc<TuneJob>) -> Result<(), E>,
+    ) -> Result<Joined, E> {
         let mut inner = self.lock();
+        let device = job.device();
+        let in_flight = inner
+            .order
+            .iter()
+            .rev()
+            .map(|id| &inner.jobs[id])
+            .find(|other| {
+                other.cache_key == job.cache_key
+                    && other.device() == device
+                    && !other.state().is_finished()
+            });
+        if let Some(existing) = in_flight {
+            return Ok(Joined::InFlight(Arc::clone(existing)));
+        }
+        enqueue(&job)?;
+        Self::push(&mut inner, Arc::clone(&job), self.history);
+        Ok(Joined::New(job))
+    }
+
+    /// Adds a job, dropping the oldest finished jobs past the history.
+    fn push(inner: &mut StoreInner, job: Arc<TuneJob>, history: usize) {
         inner.order.push_back(job.id);
         inner.jobs.insert(job.id, job);
-        let mut excess = inner.order.len().saturating_sub(self.history);
+        let mut excess = inner.order.len().saturating_sub(history);
         let mut index = 0;
         while excess > 0 && index < inner.order.len() {
             let id = inner.order[index];
@@ -301,13 +337,6 @@ impl JobStore {
                 index += 1;
             }
         }
-    }
-
-    /// Forgets a job that never ran (its queue was full).
-    pub fn remove(&self, id: Uuid) {
-        let mut inner = self.lock();
-        inner.jobs.remove(&id);
-        inner.order.retain(|other| *other != id);
     }
 
     /// The job with this id.
@@ -335,15 +364,21 @@ mod tests {
         crate::job::testing::mlp(&[4], &[], 2, "sgd", "")
     }
 
+    /// Adds a job as a request does, its queue taking it.
+    fn add(store: &JobStore, job: &Arc<TuneJob>) {
+        let joined = store.insert_or_join(Arc::clone(job), |_| Ok::<(), ()>(()));
+        assert!(matches!(joined, Ok(Joined::New(_))));
+    }
+
     #[test]
     fn history_drops_only_finished_jobs_oldest_first() {
         let store = JobStore::new(2);
         let jobs: Vec<_> = (0..4)
-            .map(|_| TuneJob::new(job(), DeviceSpec::Host, String::new()))
+            .map(|i| TuneJob::new(job(), DeviceSpec::Host, format!("job {i}")))
             .collect();
         jobs[0].finish(JobEnd::Cancelled);
         for j in &jobs {
-            store.insert(Arc::clone(j));
+            add(&store, j);
         }
         // jobs[0] was finished and is dropped; the unfinished ones stay even past the history.
         assert!(store.get(jobs[0].id).is_none());
@@ -364,17 +399,44 @@ mod tests {
     }
 
     #[test]
+    fn an_identical_job_in_flight_on_the_same_device_is_joined() {
+        let store = JobStore::new(8);
+        let add = |device, key: &str| {
+            let queued = |_: &Arc<TuneJob>| Ok::<(), ()>(());
+            store.insert_or_join(TuneJob::new(job(), device, key.into()), queued)
+        };
+        let is_new = |joined: Result<Joined, ()>| matches!(joined, Ok(Joined::New(_)));
+        let Ok(Joined::New(first)) = add(DeviceSpec::Host, "key") else {
+            panic!("the first job is new")
+        };
+        let Ok(Joined::InFlight(same)) = add(DeviceSpec::Host, "key") else {
+            panic!("an identical job joins the first")
+        };
+        assert_eq!(same.id, first.id);
+        assert!(is_new(add(DeviceSpec::Cuda(1), "key")));
+        assert!(is_new(add(DeviceSpec::Host, "other key")));
+        first.finish(JobEnd::Cancelled);
+        assert!(is_new(add(DeviceSpec::Host, "key")));
+        let refused = store
+            .insert_or_join(TuneJob::new(job(), DeviceSpec::Host, "full".into()), |_| {
+                Err("full")
+            });
+        assert!(matches!(refused, Err("full")));
+        assert_eq!(store.recent().len(), 4, "a refused job is not kept");
+    }
+
+    #[test]
     fn a_queued_job_knows_how_many_wait_before_it_on_its_device() {
         let store = JobStore::new(8);
-        let on = |device| TuneJob::new(job(), device, String::new());
+        let on = |device, key: &str| TuneJob::new(job(), device, key.into());
         let jobs = [
-            on(DeviceSpec::Host),
-            on(DeviceSpec::Cuda(0)),
-            on(DeviceSpec::Host),
-            on(DeviceSpec::Host),
+            on(DeviceSpec::Host, "a"),
+            on(DeviceSpec::Cuda(0), "b"),
+            on(DeviceSpec::Host, "c"),
+            on(DeviceSpec::Host, "d"),
         ];
         for j in &jobs {
-            store.insert(Arc::clone(j));
+            add(&store, j);
         }
         assert!(jobs[0].start());
         assert_eq!(store.document(&jobs[0]).queue_position, None);

@@ -1,17 +1,74 @@
-//! Every metric the service exports, registered in one place (prefix `headroom_`, base units,
-//! bounded labels: route, method, status, device, outcome, and the GPU's index and UUID as
-//! NVIDIA's DCGM exporter labels them). Never a job id.
+//! Every metric the service exports, registered in one place: prefix `headroom_`, base units,
+//! bounded labels (route, method, status, outcome, and a device's [`DeviceLabels`]), never a job
+//! id; plus the process collector's `process_*` series.
 
-use crate::device::select::DeviceSpec;
+use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::device::select::DeviceSpec;
+use crate::device::DeviceInfo;
+
+/// Names of the labels every per-device series carries: headroom's own device name, the labels
+/// NVIDIA's DCGM exporter puts on the same GPU's series (`gpu`, `UUID`, `Hostname`; empty for the
+/// host), so the two join without `label_replace`, and the GPU's model. DCGM spells that one
+/// `modelName`, which `promtool check metrics` rejects as camelCase: here it is `model_name`,
+/// and a join brings DCGM's own.
+pub const DEVICE_LABELS: [&str; 5] = ["device", "gpu", "UUID", "model_name", "Hostname"];
+
+/// The values of [`DEVICE_LABELS`] for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLabels([String; 5]);
+
+impl DeviceLabels {
+    /// Labels of a device headroom serves as `spec`; `nvml_index` is the GPU's NVML index.
+    pub fn new(spec: DeviceSpec, info: &DeviceInfo, nvml_index: Option<u32>) -> DeviceLabels {
+        let gpu = info.uuid.is_some();
+        DeviceLabels([
+            spec.to_string(),
+            nvml_index.map_or(String::new(), |i| i.to_string()),
+            info.uuid.clone().unwrap_or_default(),
+            if gpu {
+                info.name.clone()
+            } else {
+                String::new()
+            },
+            hostname(),
+        ])
+    }
+
+    /// Labels of a GPU NVML reports, which headroom may or may not serve.
+    pub fn of_gpu(device: Option<DeviceSpec>, index: u32, uuid: &str, name: &str) -> Self {
+        DeviceLabels([
+            device.map_or(String::new(), |d| d.to_string()),
+            index.to_string(),
+            uuid.to_string(),
+            name.to_string(),
+            hostname(),
+        ])
+    }
+
+    fn values(&self) -> [&str; 5] {
+        self.0.each_ref().map(String::as_str)
+    }
+
+    fn with<'a>(&'a self, extra: &'a str) -> [&'a str; 6] {
+        let [a, b, c, d, e] = self.values();
+        [a, b, c, d, e, extra]
+    }
+}
+
+fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
 /// The service's metrics.
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
+    request_duration: HistogramVec,
     tunes: IntCounterVec,
     tune_duration: HistogramVec,
     probes: IntCounterVec,
@@ -20,6 +77,7 @@ pub struct Metrics {
     busy: IntGaugeVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
+    single_flight_joins: IntCounter,
     memory_total: IntGaugeVec,
     memory_used: IntGaugeVec,
     last_max_batch_size: IntGaugeVec,
@@ -30,24 +88,32 @@ fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace("headroom")
 }
 
-fn seconds(name: &str, help: &str) -> HistogramOpts {
+fn seconds(name: &str, help: &str, start: f64) -> HistogramOpts {
     HistogramOpts::new(name, help)
         .namespace("headroom")
-        .buckets(exponential_buckets(0.001, 4.0, 10).expect("valid buckets"))
+        .buckets(exponential_buckets(start, 4.0, 10).expect("valid buckets"))
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(opts(name, help), labels).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(opts(name, help), labels).expect("valid metric")
+}
+
+fn histogram(name: &str, help: &str, start: f64, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(seconds(name, help, start), labels).expect("valid metric")
+}
+
+fn with_outcome() -> [&'static str; 6] {
+    let [a, b, c, d, e] = DEVICE_LABELS;
+    [a, b, c, d, e, "outcome"]
 }
 
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
-        let counter = |name, help, labels: &[&str]| {
-            IntCounterVec::new(opts(name, help), labels).expect("valid metric")
-        };
-        let gauge = |name, help, labels: &[&str]| {
-            IntGaugeVec::new(opts(name, help), labels).expect("valid metric")
-        };
-        let histogram = |name, help, labels: &[&str]| {
-            HistogramVec::new(seconds(name, help), labels).expect("valid metric")
-        };
         let metrics = Metrics {
             registry: Registry::new(),
             requests: counter(
@@ -55,31 +121,39 @@ impl Metrics {
                 "HTTP requests by route, method and status",
                 &["route", "method", "status"],
             ),
+            request_duration: histogram(
+                "http_request_duration_seconds",
+                "Time to answer HTTP requests, by route, method and status",
+                0.0001,
+                &["route", "method", "status"],
+            ),
             tunes: counter(
                 "tunes_total",
                 "Finished tuning jobs by device and outcome",
-                &["device", "outcome"],
+                &with_outcome(),
             ),
             tune_duration: histogram(
                 "tune_duration_seconds",
                 "Wall time of tuning jobs",
-                &["device"],
+                0.001,
+                &DEVICE_LABELS,
             ),
             probes: counter(
                 "probes_total",
                 "Probes by device and outcome",
-                &["device", "outcome"],
+                &with_outcome(),
             ),
             probe_duration: histogram(
                 "probe_duration_seconds",
                 "Wall time of probes",
-                &["device", "outcome"],
+                0.001,
+                &with_outcome(),
             ),
-            queue_length: gauge("queue_length", "Jobs waiting per device", &["device"]),
+            queue_length: gauge("queue_length", "Jobs waiting per device", &DEVICE_LABELS),
             busy: gauge(
                 "device_busy",
                 "1 while the device runs a tuning job",
-                &["device"],
+                &DEVICE_LABELS,
             ),
             cache_hits: IntCounter::with_opts(opts(
                 "cache_hits_total",
@@ -91,37 +165,43 @@ impl Metrics {
                 "Jobs that found no cached result",
             ))
             .expect("valid metric"),
+            single_flight_joins: IntCounter::with_opts(opts(
+                "single_flight_joins_total",
+                "Requests that joined an identical job already queued or running",
+            ))
+            .expect("valid metric"),
             memory_total: gauge(
                 "device_memory_total_bytes",
                 "GPU memory in all",
-                &["gpu", "UUID"],
+                &DEVICE_LABELS,
             ),
             memory_used: gauge(
                 "device_memory_used_bytes",
                 "GPU memory in use by any process",
-                &["gpu", "UUID"],
+                &DEVICE_LABELS,
             ),
             last_max_batch_size: gauge(
                 "last_max_batch_size",
                 "Largest batch size of the last tune per device",
-                &["device"],
+                &DEVICE_LABELS,
             ),
             last_recommended_batch_size: gauge(
                 "last_recommended_batch_size",
                 "Recommended batch size of the last tune per device",
-                &["device"],
+                &DEVICE_LABELS,
             ),
         };
         let build_info = gauge(
             "build_info",
             "Build information; the value is always 1",
-            &["version"],
+            &["version", "revision"],
         );
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("HEADROOM_REVISION")])
             .set(1);
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(metrics.requests.clone()),
+            Box::new(metrics.request_duration.clone()),
             Box::new(metrics.tunes.clone()),
             Box::new(metrics.tune_duration.clone()),
             Box::new(metrics.probes.clone()),
@@ -130,11 +210,13 @@ impl Metrics {
             Box::new(metrics.busy.clone()),
             Box::new(metrics.cache_hits.clone()),
             Box::new(metrics.cache_misses.clone()),
+            Box::new(metrics.single_flight_joins.clone()),
             Box::new(metrics.memory_total.clone()),
             Box::new(metrics.memory_used.clone()),
             Box::new(metrics.last_max_batch_size.clone()),
             Box::new(metrics.last_recommended_batch_size.clone()),
             Box::new(build_info),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for collector in collectors {
             metrics
@@ -145,53 +227,54 @@ impl Metrics {
         metrics
     }
 
-    /// Counts an answered request.
-    pub fn request(&self, route: &str, method: &str, status: u16) {
-        self.requests
-            .with_label_values(&[route, method, &status.to_string()])
-            .inc();
+    /// Counts and times an answered request.
+    pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        let status = status.to_string();
+        let labels = [route, method, status.as_str()];
+        self.requests.with_label_values(&labels).inc();
+        self.request_duration
+            .with_label_values(&labels)
+            .observe(seconds);
     }
 
     /// Records a finished probe.
-    pub fn probe(&self, device: &DeviceSpec, outcome: &str, seconds: f64) {
-        let device = device.to_string();
-        self.probes.with_label_values(&[&device, outcome]).inc();
+    pub fn probe(&self, device: &DeviceLabels, outcome: &str, seconds: f64) {
+        let labels = device.with(outcome);
+        self.probes.with_label_values(&labels).inc();
         self.probe_duration
-            .with_label_values(&[&device, outcome])
+            .with_label_values(&labels)
             .observe(seconds);
     }
 
     /// Records a finished tune (`succeeded`, `failed` or `cancelled`).
-    pub fn tune(&self, device: &DeviceSpec, outcome: &str, seconds: f64) {
-        let device = device.to_string();
-        self.tunes.with_label_values(&[&device, outcome]).inc();
+    pub fn tune(&self, device: &DeviceLabels, outcome: &str, seconds: f64) {
+        self.tunes.with_label_values(&device.with(outcome)).inc();
         self.tune_duration
-            .with_label_values(&[&device])
+            .with_label_values(&device.values())
             .observe(seconds);
     }
 
     /// The last successful tune's answer on a device.
-    pub fn last_batch_sizes(&self, device: &DeviceSpec, max: u64, recommended: u64) {
-        let device = device.to_string();
+    pub fn last_batch_sizes(&self, device: &DeviceLabels, max: u64, recommended: u64) {
         self.last_max_batch_size
-            .with_label_values(&[&device])
+            .with_label_values(&device.values())
             .set(max as i64);
         self.last_recommended_batch_size
-            .with_label_values(&[&device])
+            .with_label_values(&device.values())
             .set(recommended as i64);
     }
 
     /// Jobs waiting on a device.
-    pub fn queue_length(&self, device: &DeviceSpec, jobs: usize) {
+    pub fn queue_length(&self, device: &DeviceLabels, jobs: usize) {
         self.queue_length
-            .with_label_values(&[&device.to_string()])
+            .with_label_values(&device.values())
             .set(jobs as i64);
     }
 
     /// Whether a device runs a job.
-    pub fn busy(&self, device: &DeviceSpec, busy: bool) {
+    pub fn busy(&self, device: &DeviceLabels, busy: bool) {
         self.busy
-            .with_label_values(&[&device.to_string()])
+            .with_label_values(&device.values())
             .set(i64::from(busy));
     }
 
@@ -205,14 +288,18 @@ impl Metrics {
         self.cache_misses.inc();
     }
 
+    /// A request that joined an identical job in flight.
+    pub fn single_flight_join(&self) {
+        self.single_flight_joins.inc();
+    }
+
     /// A GPU's memory, as NVML reports it.
-    pub fn gpu_memory(&self, index: u32, uuid: &str, total_bytes: u64, used_bytes: u64) {
-        let index = index.to_string();
+    pub fn gpu_memory(&self, device: &DeviceLabels, total_bytes: u64, used_bytes: u64) {
         self.memory_total
-            .with_label_values(&[index.as_str(), uuid])
+            .with_label_values(&device.values())
             .set(total_bytes as i64);
         self.memory_used
-            .with_label_values(&[index.as_str(), uuid])
+            .with_label_values(&device.values())
             .set(used_bytes as i64);
     }
 

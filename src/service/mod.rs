@@ -21,11 +21,16 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Config;
 use crate::device::select::{self, DeviceSpec};
@@ -54,9 +59,10 @@ impl AppState {
     pub fn new(config: Config) -> Arc<AppState> {
         Arc::new(AppState {
             jobs: JobStore::new(config.job_history),
-            cache: Arc::new(ResultCache::new(Duration::from_secs(
-                config.cache_ttl_seconds,
-            ))),
+            cache: Arc::new(ResultCache::new(
+                Duration::from_secs(config.cache_ttl_seconds),
+                config.cache_capacity,
+            )),
             metrics: Arc::new(Metrics::new()),
             workers: OnceLock::new(),
             config,
@@ -73,9 +79,8 @@ impl AppState {
     /// served.
     pub fn open_devices(&self) -> Result<(), String> {
         let specs = device_specs(&self.config.devices, cuda_device_count());
-        let driver_version = nvml::telemetry()
-            .map(|(v, _)| v)
-            .unwrap_or_else(|_| "none".into());
+        let (driver_version, gpus) =
+            nvml::telemetry().unwrap_or_else(|_| ("none".into(), Vec::new()));
         let mut workers = Vec::new();
         for spec in specs {
             let opened = match select::open(spec, self.config.host_memory.0) {
@@ -90,12 +95,14 @@ impl AppState {
                 cache: Arc::clone(&self.cache),
                 metrics: Arc::clone(&self.metrics),
             };
+            let nvml_index = nvml::find(&gpus, &opened.device.info()).map(|g| g.index);
             workers.push(DeviceWorker::start(
                 spec,
                 &driver_version,
                 opened.device,
                 self.config.queue_length,
                 context,
+                nvml_index,
             ));
         }
         self.workers
@@ -164,26 +171,42 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The router with every route and layer.
-pub fn router(state: Arc<AppState>) -> Router {
-    let protected = Router::new()
-        .route("/tune", post(handlers::tune))
-        .route("/jobs", get(handlers::list_jobs))
-        .route(
-            "/jobs/{id}",
-            get(handlers::get_job).delete(handlers::cancel_job),
-        )
+/// Every route, declared once for axum and the OpenAPI document alike. `/tune` and `/jobs` sit
+/// behind the bearer token.
+fn api_routes(state: &Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
+    let protected = OpenApiRouter::new()
+        .routes(routes!(handlers::tune::tune))
+        .routes(routes!(handlers::jobs::list_jobs))
+        .routes(routes!(handlers::jobs::get_job, handlers::jobs::cancel_job))
         .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
+            Arc::clone(state),
             require_token,
         ));
-    Router::new()
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(protected)
-        .route("/devices", get(handlers::devices))
-        .route("/metrics", get(handlers::metrics))
-        .route("/livez", get(handlers::livez))
-        .route("/readyz", get(handlers::readyz))
-        .route("/openapi.json", get(openapi::document))
+        .routes(routes!(handlers::devices::devices))
+        .routes(routes!(handlers::devices::metrics))
+        .routes(routes!(handlers::health::livez))
+        .routes(routes!(handlers::health::readyz))
+}
+
+/// The OpenAPI document of the service, as `/openapi.json` serves it.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_routes(&AppState::new(Config::default())).into_openapi()
+}
+
+/// The router with every route and layer.
+pub fn router(state: Arc<AppState>) -> Router {
+    let (routes, document) = api_routes(&state).split_for_parts();
+    let document = axum::body::Bytes::from(
+        serde_json::to_vec(&document).expect("the OpenAPI document serialises"),
+    );
+    routes
+        .route(
+            "/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], document) }),
+        )
+        .route_layer(middleware::from_fn(label_route))
         .fallback(|| async {
             Problem::new(StatusCode::NOT_FOUND, "no such route; see /openapi.json")
         })
@@ -198,6 +221,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             Arc::clone(&state),
             observe_request,
         ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
         .layer(CatchPanicLayer::custom(|_| {
             Problem::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -240,7 +268,44 @@ async fn require_token(
     response
 }
 
-/// One log line and one counter increment per request; a too-large body becomes a problem.
+/// The route template a request matched (`/jobs/{id}`), for the metrics' `route` label.
+#[derive(Clone)]
+struct RouteLabel(String);
+
+/// Runs inside the router, where the matched route is known, and hands it out with the response.
+async fn label_route(matched: MatchedPath, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    response
+        .extensions_mut()
+        .insert(RouteLabel(matched.as_str().to_string()));
+    response
+}
+
+/// How much of an oversized body is read and dropped before answering 413, and for how long:
+/// a client that writes its whole body before reading (most do) then reads the answer instead of
+/// a reset connection.
+const DRAIN_BYTES: u64 = 16 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads and drops up to [`DRAIN_BYTES`] of `body`, within [`DRAIN_TIME`].
+async fn drain(body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut read = 0u64;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if read > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Times and counts every request by route, method and status, refuses a declared body past the
+/// limit before routing it, and turns every error answer that is not yet a problem document
+/// (axum's own rejections: a body past the limit, a bad path) into one.
 async fn observe_request(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -248,25 +313,30 @@ async fn observe_request(
 ) -> Response {
     let started = Instant::now();
     let method = request.method().to_string();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
-    let path = request.uri().path().to_string();
-    let mut response = next.run(request).await;
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem(&response) {
-        response = Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the body is larger than the limit of {}",
-                state.config.body_limit
-            ),
-        )
-        .into_response();
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut response = if declared.is_some_and(|bytes| bytes > state.config.body_limit.0) {
+        drain(request.into_body()).await;
+        StatusCode::PAYLOAD_TOO_LARGE.into_response()
+    } else {
+        next.run(request).await
+    };
+    let status = response.status();
+    if (status.is_client_error() || status.is_server_error()) && !is_problem(&response) {
+        response = as_problem(response, &state).await;
     }
-    let status = response.status().as_u16();
-    state.metrics.request(&route, &method, status);
-    tracing::info!(%method, %path, status, seconds = started.elapsed().as_secs_f64(), "request");
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or("unmatched", |r| r.0.as_str())
+        .to_string();
+    let seconds = started.elapsed().as_secs_f64();
+    state
+        .metrics
+        .request(&route, &method, status.as_u16(), seconds);
     response
 }
 
@@ -275,6 +345,32 @@ fn is_problem(response: &Response) -> bool {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v == "application/problem+json")
+}
+
+/// An error answer as a problem document with the same status, its text as the detail.
+async fn as_problem(response: Response, state: &AppState) -> Response {
+    let (parts, body) = response.into_parts();
+    let detail = if parts.status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!(
+            "the body is larger than the limit of {}",
+            state.config.body_limit
+        )
+    } else {
+        let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&text).trim().to_string();
+        if text.is_empty() {
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_string()
+        } else {
+            text
+        }
+    };
+    let mut problem = Problem::new(parts.status, detail).into_response();
+    problem.extensions_mut().extend(parts.extensions);
+    problem
 }
 
 /// Serves on `listener` until `shutdown` resolves, then cancels jobs, lets a running probe

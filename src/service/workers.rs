@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::cache::ResultCache;
 use super::jobs::{JobEnd, TuneJob};
 use super::lock;
-use super::metrics::Metrics;
+use super::metrics::{DeviceLabels, Metrics};
 use super::problem::Problem;
 use crate::device::select::DeviceSpec;
 use crate::device::{Device, DeviceInfo, DeviceKind};
@@ -41,6 +41,8 @@ pub struct DeviceWorker {
     pub device: DeviceSpec,
     /// Identity for the result cache (name, memory, driver, code).
     pub identity: String,
+    /// Labels of the device's metrics.
+    pub labels: DeviceLabels,
     context: WorkerContext,
     sender: Mutex<Option<SyncSender<Arc<TuneJob>>>>,
     thread: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
@@ -50,15 +52,18 @@ pub struct DeviceWorker {
 }
 
 impl DeviceWorker {
-    /// Starts the worker thread of `device`, with a queue of `queue_length` jobs.
+    /// Starts the worker thread of `device`, with a queue of `queue_length` jobs; a GPU's NVML
+    /// index labels its metrics.
     pub fn start(
         spec: DeviceSpec,
         driver_version: &str,
         device: Box<dyn Device>,
         queue_length: usize,
         context: WorkerContext,
+        nvml_index: Option<u32>,
     ) -> Arc<DeviceWorker> {
         let info = device.info();
+        let labels = DeviceLabels::new(spec, &info, nvml_index);
         let identity = format!(
             "{}|{}|{}|{driver_version}",
             info.kind, info.name, info.total_bytes
@@ -68,6 +73,7 @@ impl DeviceWorker {
         let worker = Arc::new(DeviceWorker {
             device: spec,
             identity,
+            labels,
             context,
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(None),
@@ -100,7 +106,7 @@ impl DeviceWorker {
         } else {
             self.queued.fetch_sub(1, Ordering::SeqCst) - 1
         };
-        self.context.metrics.queue_length(&self.device, now);
+        self.context.metrics.queue_length(&self.labels, now);
     }
 
     /// Queues a job; a full queue is refused at once.
@@ -172,12 +178,12 @@ impl DeviceWorker {
         }
         let metrics = &self.context.metrics;
         self.busy.store(true, Ordering::SeqCst);
-        metrics.busy(&self.device, true);
+        metrics.busy(&self.labels, true);
         let started = Instant::now();
         let mut last = Instant::now();
         let mut observe = |probe: &Probe| {
             let outcome = probe.outcome.to_string();
-            metrics.probe(&self.device, &outcome, last.elapsed().as_secs_f64());
+            metrics.probe(&self.labels, &outcome, last.elapsed().as_secs_f64());
             last = Instant::now();
             tracing::info!(job = %job.id, device = %self.device, batch_size = probe.batch_size, outcome, step_seconds = probe.step_seconds, "probe");
             job.record_probe(probe);
@@ -190,7 +196,7 @@ impl DeviceWorker {
         let end = match tune(&job.spec, device, &mut observe) {
             Ok(result) => {
                 metrics.last_batch_sizes(
-                    &self.device,
+                    &self.labels,
                     result.max_batch_size,
                     result.recommended_batch_size,
                 );
@@ -202,13 +208,15 @@ impl DeviceWorker {
             Err(TuneError::Cancelled) => JobEnd::Cancelled,
             Err(err) => JobEnd::Failed(Problem::of_search(&err)),
         };
+        // Everything about the job is recorded before it is finished: a client woken by the
+        // finish then reads metrics and device state that include it.
         let state = end.state();
-        job.finish(end);
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(job = %job.id, device = %self.device, state = state.label(), seconds, "job finished");
-        metrics.tune(&self.device, state.label(), seconds);
+        metrics.tune(&self.labels, state.label(), seconds);
         *lock(&self.info) = device.info();
         self.busy.store(false, Ordering::SeqCst);
-        metrics.busy(&self.device, false);
+        metrics.busy(&self.labels, false);
+        job.finish(end);
     }
 }

@@ -40,6 +40,39 @@ pub fn skip_or_fail(what: &str, why: &str) {
     eprintln!("skipped: {why} (set {variable}=1 to make this a failure)");
 }
 
+/// A command-line tool from the project's Python tools (`.ci/run` installs them into a
+/// virtual environment on `PATH`: openapi-spec-validator, schemathesis), or `None`, having said
+/// so, when it is missing. CI sets `HEADROOM_REQUIRE_API_TOOLS=1`, which makes that a failure.
+pub fn python_tool(name: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        skip_or_fail("API_TOOLS", &format!("{name} is not on PATH"));
+    }
+    found
+}
+
+/// The value of the series of `metric` in a Prometheus exposition whose labels include every
+/// one of `labels`.
+pub fn metric_value(exposition: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(metric)?;
+        let (label_text, value) = if let Some(rest) = rest.strip_prefix('{') {
+            let (labels, value) = rest.split_once("} ")?;
+            (labels, value)
+        } else {
+            ("", rest.strip_prefix(' ')?)
+        };
+        let all = labels
+            .iter()
+            .all(|(name, value)| label_text.contains(&format!("{name}=\"{value}\"")));
+        all.then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
 /// The `headroom` binary, run from the repository root.
 pub fn headroom() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_headroom"));

@@ -102,6 +102,23 @@ fn compiled_ptx(arch: &str) -> Result<Arc<Vec<Ptx>>, CudaError> {
     Ok(ptx)
 }
 
+/// A device UUID as NVML and DCGM write it: `GPU-` and 32 hex digits in groups of 8-4-4-4-12.
+fn gpu_uuid(uuid: &sys::CUuuid) -> String {
+    let hex: String = uuid
+        .bytes
+        .iter()
+        .map(|&b| format!("{:02x}", b as u8))
+        .collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// A CUDA context on one GPU with the kernels loaded.
 pub struct CudaDevice {
     index: u32,
@@ -111,6 +128,7 @@ pub struct CudaDevice {
     functions: Vec<CudaFunction>,
     multiprocessors: u32,
     name: String,
+    uuid: String,
     total_bytes: u64,
     compute_capability: (i32, i32),
     /// A fault poisons the context until it is rebuilt.
@@ -160,6 +178,7 @@ impl CudaDevice {
             .map_err(driver("reading the multiprocessor count"))?
             .max(1) as u32;
         let name = context.name().map_err(driver("reading the device name"))?;
+        let uuid = gpu_uuid(&context.uuid().map_err(driver("reading the device UUID"))?);
         let total_bytes = context
             .total_mem()
             .map_err(driver("reading the memory size"))? as u64;
@@ -171,6 +190,7 @@ impl CudaDevice {
             functions,
             multiprocessors,
             name,
+            uuid,
             total_bytes,
             compute_capability,
             poisoned: false,
@@ -267,6 +287,7 @@ impl Probing for CudaDevice {
             kind: DeviceKind::Cuda,
             index: self.index,
             name: self.name.clone(),
+            uuid: Some(self.uuid.clone()),
             total_bytes: self.total_bytes,
             free_bytes: self.memory().map_or(0, |(free, _)| free),
         }
@@ -311,5 +332,19 @@ impl Probing for CudaDevice {
             self.rebuild()?;
         }
         checked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_read_as_nvml_writes_them() {
+        let mut uuid = sys::CUuuid { bytes: [0; 16] };
+        for (i, byte) in uuid.bytes.iter_mut().enumerate() {
+            *byte = (i * 17) as u8 as _;
+        }
+        assert_eq!(gpu_uuid(&uuid), "GPU-00112233-4455-6677-8899-aabbccddeeff");
     }
 }

@@ -370,6 +370,7 @@ impl Probing for HostDevice {
                 "host CPU ({} threads, f32 reference)",
                 std::thread::available_parallelism().map_or(1, |n| n.get())
             ),
+            uuid: None,
             total_bytes: self.ledger.budget,
             free_bytes: self.ledger.budget.saturating_sub(self.ledger.used()),
         }

@@ -1,0 +1,259 @@
+//! `POST /tune`: validates the job, answers from the cache, joins an identical job in flight or
+//! queues a new one, and waits for it up to the configured time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::not_ready;
+use crate::device::nvml;
+use crate::device::select::DeviceSpec;
+use crate::job::Job;
+use crate::result::TuneResult;
+use crate::service::jobs::{JobDocument, Joined, TuneJob};
+use crate::service::openapi::{
+    BadRequest, Busy, Cancelled, Invalid, TooLarge, TuneRequest, Unauthorized, Unavailable,
+    UnsupportedType,
+};
+use crate::service::problem::Problem;
+use crate::service::workers::{DeviceWorker, EnqueueError};
+use crate::service::AppState;
+
+/// What `POST /tune` takes besides the job.
+#[derive(Debug, PartialEq, Deserialize, ToSchema)]
+pub struct TuneOptions {
+    /// Where to run it: `auto` (the least busy GPU, else the host), `host`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    #[schema(value_type = String, pattern = "^(auto|host|cuda(:[0-9]+)?)$", default = "auto")]
+    device: DeviceSpec,
+    /// Probe even if a cached result exists.
+    #[serde(default)]
+    #[schema(default = false)]
+    no_cache: bool,
+    /// Probe a GPU other processes compute on (they may run out of memory).
+    #[serde(default)]
+    #[schema(default = false)]
+    allow_shared: bool,
+}
+
+/// The body of `POST /tune`: the service's options, and every other key as the job.
+#[derive(Deserialize)]
+struct TuneBody {
+    #[serde(flatten)]
+    options: TuneOptions,
+    #[serde(flatten)]
+    job: serde_json::Map<String, Value>,
+}
+
+/// Splits the body into the service's options and the job (with the config's defaults filled in).
+fn parse_tune_request(body: Value, state: &AppState) -> Result<(TuneOptions, Job), Problem> {
+    if !body.is_object() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body must be a JSON object holding a job",
+        ));
+    }
+    let TuneBody { options, mut job } = serde_path_to_error::deserialize(body).map_err(|e| {
+        let field = e.path().to_string();
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{field}: {}", e.inner()),
+        )
+        .with_field(field)
+    })?;
+    job.entry("headroom")
+        .or_insert_with(|| Value::from(state.config.headroom));
+    if !state.config.search.is_empty() {
+        let search = job
+            .entry("search")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(search) = search {
+            for (key, value) in &state.config.search {
+                search.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+    }
+    let job = Job::from_value(Value::Object(job)).map_err(|e| {
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).with_field(e.field)
+    })?;
+    Ok((options, job))
+}
+
+/// The worker a job goes to: the one named, or for `auto` the least busy CUDA device (the host
+/// when there is none).
+fn choose_worker(state: &AppState, spec: DeviceSpec) -> Result<Arc<DeviceWorker>, Problem> {
+    let workers = state.workers().ok_or_else(not_ready)?;
+    let load = |w: &DeviceWorker| w.queue_length() + usize::from(w.is_busy());
+    let chosen = match spec {
+        DeviceSpec::Auto => workers
+            .iter()
+            .filter(|w| w.is_cuda())
+            .min_by_key(|w| load(w))
+            .or_else(|| workers.iter().find(|w| !w.is_cuda())),
+        named => workers.iter().find(|w| w.device == named),
+    };
+    chosen.cloned().ok_or_else(|| {
+        let served: Vec<String> = workers.iter().map(|w| w.device.to_string()).collect();
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "device {spec} is not served here; this service has {}",
+                served.join(", ")
+            ),
+        )
+        .with_field("device")
+    })
+}
+
+/// Refuses to probe a GPU that other processes are computing on, unless allowed.
+fn check_shared(worker: &DeviceWorker, allowed: bool) -> Result<(), Problem> {
+    if allowed || !worker.is_cuda() {
+        return Ok(());
+    }
+    let Ok((_, gpus)) = nvml::telemetry() else {
+        return Ok(());
+    };
+    match nvml::find(&gpus, &worker.info()) {
+        Some(gpu) if gpu.other_compute_processes > 0 => Err(Problem::typed(
+            StatusCode::CONFLICT,
+            "device-shared",
+            "Device in use",
+            format!(
+                "{} has {} other process(es) with a compute context holding {} bytes; probing it could make them run out of memory. \
+                 Send \"allow_shared\": true to probe anyway",
+                worker.device, gpu.other_compute_processes, gpu.used_bytes
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn wants_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| {
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        })
+}
+
+fn accepted(document: JobDocument) -> Response {
+    let location = format!("/jobs/{}", document.id);
+    let mut response = (StatusCode::ACCEPTED, Json(document)).into_response();
+    response.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).expect("ids are ASCII"),
+    );
+    response
+}
+
+/// Queues a new job on its worker; a full or closed queue answers 429 or 503.
+fn enqueue(state: &AppState, worker: &DeviceWorker, job: &Arc<TuneJob>) -> Result<(), Problem> {
+    Err(match worker.enqueue(Arc::clone(job)) {
+        Ok(()) => return Ok(()),
+        Err(EnqueueError::Full) => Problem::typed(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue-full",
+            "Queue full",
+            format!(
+                "{} already has {} jobs waiting; retry later",
+                worker.device,
+                worker.queue_length()
+            ),
+        )
+        .retry_after(state.config.wait_seconds.clamp(1, 30)),
+        Err(EnqueueError::Closed) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the service is shutting down",
+        ),
+    })
+}
+
+/// `POST /tune`: tunes a job, or answers from the cache, or joins an identical job in flight.
+#[utoipa::path(post, path = "/tune", tag = "tune",
+    request_body(content = TuneRequest, content_type = "application/json",
+        description = "A job (as in examples/), plus where and how to run it"),
+    params(("Prefer" = Option<String>, Header,
+        description = "`respond-async`: answer 202 with the job at once instead of waiting up to the service's `wait_seconds`")),
+    responses(
+        (status = 200, description = "The answer: the largest batch size that fits and the recommended one (`cached` when reused).", body = TuneResult),
+        (status = 202, description = "Accepted: the job is queued or running; follow `Location`.", body = JobDocument,
+         headers(("Location" = String, description = "The job, `/jobs/{id}`"))),
+        BadRequest, Unauthorized, Cancelled, TooLarge, UnsupportedType, Invalid, Busy, Unavailable,
+    ),
+    security((), ("bearer" = [])))]
+pub async fn tune(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    if !is_json(&headers) {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the job as JSON with Content-Type: application/json",
+        ));
+    }
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let (options, job) = parse_tune_request(value, &state)?;
+    let worker = choose_worker(&state, options.device)?;
+    check_shared(&worker, options.allow_shared || state.config.allow_shared)?;
+    let cache_key = crate::service::cache::key(&job, &worker.identity);
+    if !options.no_cache {
+        if let Some(result) = state.cache.get(&cache_key) {
+            state.metrics.cache_hit();
+            return Ok(Json(result).into_response());
+        }
+    }
+    state.metrics.cache_miss();
+    let job = TuneJob::new(job, worker.device, cache_key);
+    let job = match state
+        .jobs
+        .insert_or_join(job, |new| enqueue(&state, &worker, new))?
+    {
+        Joined::New(job) => job,
+        Joined::InFlight(job) => {
+            state.metrics.single_flight_join();
+            job
+        }
+    };
+    if wants_async(&headers)
+        || !job
+            .wait(Duration::from_secs(state.config.wait_seconds))
+            .await
+    {
+        return Ok(accepted(state.jobs.document(&job)));
+    }
+    let document = job.document();
+    match (document.result, document.error) {
+        (Some(result), _) => Ok(Json(result).into_response()),
+        (None, Some(problem)) => Err(problem),
+        (None, None) => Err(Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the job finished with neither a result nor an error; this is a bug in headroom",
+        )),
+    }
+}
