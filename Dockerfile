@@ -1,30 +1,57 @@
-# headroom: multi-stage build. The Rust builder compiles the binary (cudarc loads CUDA at run
-# time, so no CUDA is needed to build); the NVIDIA CUDA runtime image brings libnvrtc, and the
+# headroom: a multi-stage build. The Rust builder compiles the binary (cudarc loads CUDA at run
+# time, so no CUDA is needed to build); NVIDIA's CUDA runtime image brings libnvrtc, and the
 # node's driver brings libcuda and NVML through the NVIDIA container toolkit.
-FROM rust:1.85-bookworm AS build
+#
+#   docker build --build-arg HEADROOM_REVISION=$(git rev-parse --short=12 HEAD) -t headroom:0.1.0 .
+#
+# The builder's Rust must be at least Cargo.toml's rust-version, which is at least every locked
+# dependency's; tests/deploy.rs checks the three agree.
+FROM rust:1.89-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+# Dependencies first, in a layer of their own: it is rebuilt only when the lockfile changes.
+COPY Cargo.toml Cargo.lock build.rs ./
+RUN mkdir -p src benches \
+ && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+ && printf 'fn main() {}\n' > benches/host.rs && cp benches/host.rs benches/tune.rs \
+ && cargo build --release --locked --bin headroom \
+ && rm -rf src benches
 COPY src src
 COPY kernels kernels
 COPY benches benches
 COPY examples examples
 COPY config config
-RUN cargo build --release --locked --bin headroom
+ARG HEADROOM_REVISION=unknown
+ENV HEADROOM_REVISION=${HEADROOM_REVISION}
+# The sources are newer than the placeholder build, so cargo rebuilds headroom itself.
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin headroom
 
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
+ARG HEADROOM_REVISION=unknown
+LABEL org.opencontainers.image.title="headroom" \
+      org.opencontainers.image.description="Finds the largest training batch size a GPU can hold for a model, and answers with a safe one" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.revision="${HEADROOM_REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/example/headroom"
 RUN apt-get update \
  && apt-get install -y --no-install-recommends curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --no-create-home headroom
+ && groupadd --system --gid 10001 headroom \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home headroom
 COPY --from=build /src/target/release/headroom /usr/local/bin/headroom
 COPY config/default.toml /etc/headroom/config.toml
 COPY examples /usr/share/headroom/examples
-USER headroom
+# Numeric, so that the kubelet can verify runAsNonRoot.
+USER 10001:10001
 # Settings come from /etc/headroom/config.toml (mount your own) and HEADROOM_* variables.
+# CUDA_DEVICE_ORDER=PCI_BUS_ID numbers GPUs as nvidia-smi, Slurm and Kubernetes do.
 ENV HEADROOM_BIND=0.0.0.0:8080 \
     HEADROOM_LOG_FORMAT=json \
+    CUDA_DEVICE_ORDER=PCI_BUS_ID \
+    NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=3s --start-period=60s \
   CMD curl -fsS http://127.0.0.1:8080/livez || exit 1
-ENTRYPOINT ["headroom", "serve", "--config", "/etc/headroom/config.toml"]
+ENTRYPOINT ["headroom"]
+CMD ["serve", "--config", "/etc/headroom/config.toml"]

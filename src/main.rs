@@ -40,6 +40,9 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Also write the recommended batch size alone to this file (for scripts).
+        #[arg(long, value_name = "PATH")]
+        batch_size_file: Option<PathBuf>,
         /// Send the job to a running `headroom serve` at this URL instead of probing here.
         #[arg(long)]
         server: Option<String>,
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
             server: Some(server),
             token,
             json,
+            batch_size_file,
             timeout,
             ..
         } => match cli::read_job(&job) {
@@ -139,7 +143,10 @@ fn main() -> ExitCode {
                 &job,
                 device,
                 token.as_deref(),
-                json,
+                &cli::TuneOutput {
+                    json,
+                    batch_size_file,
+                },
                 Duration::from_secs(timeout),
             ),
             Err(message) => {
@@ -152,9 +159,18 @@ fn main() -> ExitCode {
             device,
             host_memory,
             json,
+            batch_size_file,
             server: None,
             ..
-        } => cli::tune::tune_command(&job, device, host_memory.0, json),
+        } => cli::tune::tune_command(
+            &job,
+            device,
+            host_memory.0,
+            &cli::TuneOutput {
+                json,
+                batch_size_file,
+            },
+        ),
         Command::Serve {
             config,
             bind,

@@ -113,6 +113,40 @@ fn answer<T: Serialize>(
     }
 }
 
+/// How `tune` reports its answer: the summary or JSON on stdout, and optionally the recommended
+/// batch size alone in a file, for scripts (a Slurm prolog, an init container).
+#[derive(Debug, Clone, Default)]
+pub struct TuneOutput {
+    /// JSON instead of the summary.
+    pub json: bool,
+    /// Where to write the recommended batch size and a newline.
+    pub batch_size_file: Option<std::path::PathBuf>,
+}
+
+impl TuneOutput {
+    /// Prints the result and writes the batch-size file.
+    fn deliver(&self, result: &crate::result::TuneResult) -> ExitCode {
+        if let Some(path) = &self.batch_size_file {
+            let written = std::fs::write(path, format!("{}\n", result.recommended_batch_size));
+            if let Err(e) = written {
+                return fail(
+                    EXIT_FAILURE,
+                    format!("cannot write the batch size to {}: {e}", path.display()),
+                );
+            }
+        }
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(result).expect("results serialise")
+            );
+        } else {
+            print!("{}", output::summary(result));
+        }
+        ExitCode::SUCCESS
+    }
+}
+
 /// Checks a host budget against the machine: a budget past physical memory would let the host
 /// device commit more than exists.
 pub fn check_host_budget(bytes: u64) -> Result<u64, String> {

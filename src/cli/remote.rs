@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use super::output::{probe_line, summary};
-use super::{fail, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID};
+use super::output::probe_line;
+use super::{fail, TuneOutput, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID};
 use crate::device::select::DeviceSpec;
 use crate::job::Job;
 use crate::result::TuneResult;
@@ -103,7 +103,7 @@ pub fn tune_remote_command(
     job: &Job,
     device: DeviceSpec,
     token: Option<&str>,
-    json: bool,
+    output: &TuneOutput,
     timeout: Duration,
 ) -> ExitCode {
     let server = Server::new(server, token);
@@ -116,17 +116,7 @@ pub fn tune_remote_command(
         Submitted::Accepted(document) => follow(&server, *document, deadline),
     });
     match outcome {
-        Ok(Ok(result)) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&result).expect("results serialise")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(Ok(result)) => {
-            print!("{}", summary(&result));
-            ExitCode::SUCCESS
-        }
+        Ok(Ok(result)) => output.deliver(&result),
         Ok(Err(problem)) => remote_problem(&problem),
         Err(message) => fail(EXIT_FAILURE, message),
     }

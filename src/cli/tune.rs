@@ -4,14 +4,19 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::output::{human, probe_line, summary};
-use super::{answer, job_and_device};
+use super::output::{human, probe_line};
+use super::{fail, job_and_device, TuneOutput, EXIT_DOES_NOT_FIT, EXIT_FAILURE};
 use crate::device::select::DeviceSpec;
 use crate::result::Probe;
-use crate::search::tune;
+use crate::search::{tune, TuneError};
 
 /// Probes `device` for the job at `job_path`; every probe is printed on stderr as it finishes.
-pub fn tune_command(job_path: &Path, device: DeviceSpec, host_memory: u64, json: bool) -> ExitCode {
+pub fn tune_command(
+    job_path: &Path,
+    device: DeviceSpec,
+    host_memory: u64,
+    output: &TuneOutput,
+) -> ExitCode {
     let (job, mut opened) = match job_and_device(job_path, device, host_memory) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -29,9 +34,9 @@ pub fn tune_command(job_path: &Path, device: DeviceSpec, host_memory: u64, json:
         eprintln!("{}", probe_line(probe));
         ControlFlow::Continue(())
     };
-    answer(
-        tune(&job, opened.device.as_mut(), &mut print_probe),
-        json,
-        summary,
-    )
+    match tune(&job, opened.device.as_mut(), &mut print_probe) {
+        Ok(result) => output.deliver(&result),
+        Err(err @ TuneError::DoesNotFit(_)) => fail(EXIT_DOES_NOT_FIT, err),
+        Err(err) => fail(EXIT_FAILURE, err),
+    }
 }

@@ -42,7 +42,7 @@ pub fn skip_or_fail(what: &str, why: &str) {
 
 /// A command-line tool from the project's Python tools (`.ci/run` installs them into a
 /// virtual environment on `PATH`: openapi-spec-validator, schemathesis), or `None`, having said
-/// so, when it is missing. CI sets `HEADROOM_REQUIRE_API_TOOLS=1`, which makes that a failure.
+/// so, when it is missing. CI sets `HEADROOM_REQUIRE_PYTHON_TOOLS=1`, which makes that a failure.
 pub fn python_tool(name: &str) -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
@@ -50,7 +50,7 @@ pub fn python_tool(name: &str) -> Option<std::path::PathBuf> {
             .find(|candidate| candidate.is_file())
     });
     if found.is_none() {
-        skip_or_fail("API_TOOLS", &format!("{name} is not on PATH"));
+        skip_or_fail("PYTHON_TOOLS", &format!("{name} is not on PATH"));
     }
     found
 }
