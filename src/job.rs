@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::{Activation, OptimizerKind, Plan};
 
+/// Largest accepted `target_batch_size`: far above any recipe's global batch; it bounds the
+/// search for an exact accumulation plan.
+pub const MAX_TARGET_BATCH: u64 = 1 << 40;
+
+/// Largest accepted `world_size`.
+pub const MAX_WORLD_SIZE: u64 = 1 << 20;
+
 /// Largest accepted width of any single dimension (input, hidden or classes).
 ///
 /// Far beyond any MLP a device can hold; it only keeps products of user sizes well inside `u64`.
@@ -39,6 +46,15 @@ pub struct JobSpec {
     /// How the search probes the device.
     #[serde(default)]
     pub search: SearchSpec,
+    /// The global batch the training recipe wants; the answer then says how to reach it with
+    /// gradient accumulation across `world_size` GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1099511627776_u64)]
+    pub target_batch_size: Option<u64>,
+    /// Data-parallel GPUs the global batch is split over.
+    #[serde(default = "default_world_size")]
+    #[schema(minimum = 1, maximum = 1048576, default = 1)]
+    pub world_size: u64,
 }
 
 /// An MLP: flatten the input, then `Linear -> activation` per hidden width, then `Linear -> classes`.
@@ -116,6 +132,12 @@ pub struct SearchSpec {
     pub steps_per_probe: u32,
     /// Where the first probe goes.
     pub strategy: Strategy,
+    /// The throughput knee is the smallest batch within this fraction of the best samples/s.
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
+    pub knee_tolerance: f64,
+    /// Most probes added below the maximum to find the throughput knee.
+    #[schema(maximum = 16)]
+    pub throughput_probes: u32,
 }
 
 impl Default for SearchSpec {
@@ -127,6 +149,8 @@ impl Default for SearchSpec {
             tolerance: 0.01,
             steps_per_probe: 2,
             strategy: Strategy::Double,
+            knee_tolerance: 0.05,
+            throughput_probes: 4,
         }
     }
 }
@@ -142,6 +166,10 @@ pub enum Strategy {
     Double,
     /// Probe the memory model's prediction first, then confirm and bisect around it.
     Predict,
+}
+
+fn default_world_size() -> u64 {
+    1
 }
 
 fn default_headroom() -> f64 {
@@ -256,6 +284,23 @@ impl JobSpec {
             ));
         }
         self.search.validate()?;
+        if let Some(target) = self.target_batch_size {
+            if !(1..=MAX_TARGET_BATCH).contains(&target) {
+                return Err(JobError::new(
+                    "target_batch_size",
+                    format!("must be between 1 and {MAX_TARGET_BATCH}, got {target}"),
+                ));
+            }
+        }
+        if !(1..=MAX_WORLD_SIZE).contains(&self.world_size) {
+            return Err(JobError::new(
+                "world_size",
+                format!(
+                    "must be between 1 and {MAX_WORLD_SIZE}, got {}",
+                    self.world_size
+                ),
+            ));
+        }
         let model = &self.model;
         Plan::new(
             features,
@@ -352,6 +397,18 @@ impl SearchSpec {
             return Err(JobError::new(
                 "search.steps_per_probe",
                 "must be between 1 and 1000",
+            ));
+        }
+        if !(self.knee_tolerance > 0.0 && self.knee_tolerance < 1.0) {
+            return Err(JobError::new(
+                "search.knee_tolerance",
+                format!("must be in (0, 1), got {}", self.knee_tolerance),
+            ));
+        }
+        if self.throughput_probes > 16 {
+            return Err(JobError::new(
+                "search.throughput_probes",
+                "must be at most 16",
             ));
         }
         Ok(())
@@ -501,6 +558,21 @@ mod tests {
             (
                 r#"{"model": {"input_shape": [4], "num_classes": 1}, "optimizer": {"name": "sgd"}}"#,
                 "model.num_classes",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
+                   "target_batch_size": 0}"#,
+                "target_batch_size",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
+                   "world_size": 0}"#,
+                "world_size",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
+                   "search": {"knee_tolerance": 1.5}}"#,
+                "search.knee_tolerance",
             ),
         ];
         for (text, field) in cases {

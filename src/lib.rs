@@ -12,7 +12,9 @@
 //! - [`device`]: the [`device::Device`] trait; `host` (CPU reference) and `cuda` (NVRTC kernels
 //!   from `kernels/*.cu`), device selection, and NVML telemetry.
 //! - [`search`]: doubling or prediction, bisection and confirmation; it sees only [`Device`].
-//! - [`advice`]: the headroom rule.
+//! - [`advice`]: the headroom rule, the throughput knee, accumulation advice.
+//! - [`catalogue`]: GPU what-ifs: the memory model on common cards.
+//! - [`plot`]: SVG charts of memory and throughput against batch size.
 //! - [`result`]: the result JSON shared by the CLI and the service.
 //! - [`parity`]: every kernel family of a device checked against the host reference.
 //! - [`service`]: `headroom serve`: HTTP API, per-device job queues, cache, metrics.
@@ -20,12 +22,14 @@
 //! - [`cli`]: the commands behind `headroom tune | estimate | probe | doctor | serve`, and their output.
 
 pub mod advice;
+pub mod catalogue;
 pub mod cli;
 pub mod config;
 pub mod device;
 pub mod job;
 pub mod parity;
 pub mod plan;
+pub mod plot;
 pub mod result;
 pub mod search;
 pub mod service;

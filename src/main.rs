@@ -43,6 +43,9 @@ enum Command {
         /// Also write the recommended batch size alone to this file (for scripts).
         #[arg(long, value_name = "PATH")]
         batch_size_file: Option<PathBuf>,
+        /// Draw memory and throughput against batch size to this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
         /// Send the job to a running `headroom serve` at this URL instead of probing here.
         #[arg(long)]
         server: Option<String>,
@@ -53,13 +56,20 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
         timeout: u64,
     },
-    /// The memory model alone: the predicted largest batch for a given amount of free memory.
+    /// The memory model alone, no probe: the predicted largest batch for an amount of free
+    /// memory, for a GPU of the catalogue (--gpu), or for every GPU of it (neither).
     Estimate {
         /// The job description (JSON); `-` reads standard input.
         job: PathBuf,
-        /// Free device memory, e.g. 80GiB.
+        /// Free device memory, charged exactly, e.g. 80GiB.
+        #[arg(long, conflicts_with = "gpu")]
+        memory: Option<ByteSize>,
+        /// A GPU of the catalogue, e.g. H100 or "A100 40GB"; an unknown name lists them.
         #[arg(long)]
-        memory: ByteSize,
+        gpu: Option<String>,
+        /// Draw memory against batch size to this SVG file (with --memory or --gpu).
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
         /// Print the estimate as JSON.
         #[arg(long)]
         json: bool,
@@ -135,6 +145,7 @@ fn main() -> ExitCode {
             token,
             json,
             batch_size_file,
+            plot,
             timeout,
             ..
         } => match cli::read_job(&job) {
@@ -146,6 +157,7 @@ fn main() -> ExitCode {
                 &cli::TuneOutput {
                     json,
                     batch_size_file,
+                    plot,
                 },
                 Duration::from_secs(timeout),
             ),
@@ -160,6 +172,7 @@ fn main() -> ExitCode {
             host_memory,
             json,
             batch_size_file,
+            plot,
             server: None,
             ..
         } => cli::tune::tune_command(
@@ -169,6 +182,7 @@ fn main() -> ExitCode {
             &cli::TuneOutput {
                 json,
                 batch_size_file,
+                plot,
             },
         ),
         Command::Serve {
@@ -188,8 +202,19 @@ fn main() -> ExitCode {
                 devices,
             },
         ),
-        Command::Estimate { job, memory, json } => {
-            cli::estimate::estimate_command(&job, memory.0, json)
+        Command::Estimate {
+            job,
+            memory,
+            gpu,
+            plot,
+            json,
+        } => {
+            let target = match (memory, gpu) {
+                (Some(memory), _) => cli::estimate::Target::Memory(memory.0),
+                (None, Some(gpu)) => cli::estimate::Target::Gpu(gpu),
+                (None, None) => cli::estimate::Target::Catalogue,
+            };
+            cli::estimate::estimate_command(&job, target, json, plot)
         }
         Command::Probe {
             job,

@@ -185,7 +185,7 @@ pub struct DoesNotFit {
 }
 
 /// The memory model's answer for a device with `memory_bytes` free: no probe runs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Estimate {
     /// Free bytes assumed.
     pub memory_bytes: u64,
@@ -197,6 +197,8 @@ pub struct Estimate {
     pub bytes_per_sample: u64,
     /// Largest batch the model predicts fits (capped by `search.max` and `dataset_size`).
     pub predicted_max_batch_size: u64,
+    /// Whether the memory or the cap bounds it (`memory`, or `max` for either cap).
+    pub limited_by: crate::result::LimitedBy,
     /// The headroom rule applied to the prediction.
     pub recommended_batch_size: u64,
     /// Breakdown at the recommended batch size.
@@ -391,10 +393,16 @@ impl Plan {
         headroom: f64,
         multiple_of: u64,
     ) -> Result<Estimate, DoesNotFit> {
-        let predicted = self.predict_max_batch(memory_bytes, allocator).min(cap);
+        let fits = self.predict_max_batch(memory_bytes, allocator);
+        let predicted = fits.min(cap);
         if predicted == 0 {
             return Err(self.does_not_fit(memory_bytes));
         }
+        let limited_by = if fits <= cap {
+            crate::result::LimitedBy::Memory
+        } else {
+            crate::result::LimitedBy::Max
+        };
         let recommended = recommended_batch_size(predicted, headroom, multiple_of);
         Ok(Estimate {
             memory_bytes,
@@ -402,6 +410,7 @@ impl Plan {
             fixed_bytes: self.fixed_bytes(),
             bytes_per_sample: self.bytes_per_sample(),
             predicted_max_batch_size: predicted,
+            limited_by,
             recommended_batch_size: recommended,
             memory: self.memory(recommended).unwrap_or_default(),
         })

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::advice::{Accumulation, ThroughputPoint};
 use crate::device::DeviceInfo;
 use crate::plan::MemoryBreakdown;
 
@@ -14,6 +15,14 @@ pub struct TuneResult {
     pub recommended_batch_size: u64,
     /// The share of the largest batch the recommendation uses.
     pub headroom: f64,
+    /// The throughput knee: the smallest measured batch within `search.knee_tolerance` of the best
+    /// samples/s. A larger batch trains little faster.
+    pub throughput_batch_size: u64,
+    /// Samples/s of every batch size that fitted, by batch size.
+    pub throughput: Vec<ThroughputPoint>,
+    /// How to reach the job's `target_batch_size` with gradient accumulation, when it gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accumulation: Option<Accumulation>,
     /// What stopped the search from going higher.
     pub limited_by: LimitedBy,
     /// The memory model's largest batch for the device's free memory at the start.

@@ -7,7 +7,10 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use crate::advice::recommended_batch_size;
+use crate::advice::{
+    accumulation, next_throughput_probe, recommended_batch_size, throughput_curve, throughput_knee,
+    ThroughputPoint,
+};
 use crate::device::{Device, DeviceError};
 use crate::job::{Job, Strategy};
 use crate::plan::{DoesNotFit, Plan};
@@ -87,11 +90,19 @@ pub fn tune(
         None if job.dataset_size.is_some_and(|n| n <= job.search.max) => LimitedBy::DatasetSize,
         None => LimitedBy::Max,
     };
+    search.sharpen_knee()?;
+    let throughput = search.curve();
     let recommended = recommended_batch_size(fit, job.headroom, job.search.multiple_of);
     Ok(TuneResult {
         max_batch_size: fit,
         recommended_batch_size: recommended,
         headroom: job.headroom,
+        throughput_batch_size: throughput_knee(&throughput, job.search.knee_tolerance)
+            .unwrap_or(fit),
+        throughput,
+        accumulation: job.target_batch_size.map(|target| {
+            accumulation(target, job.world_size, recommended, job.search.multiple_of)
+        }),
         limited_by,
         predicted_max_batch_size: predicted,
         device: info,
@@ -256,6 +267,34 @@ impl Search<'_> {
         } else {
             size.max(1)
         }
+    }
+
+    /// Samples/s of every size that fitted.
+    fn curve(&self) -> Vec<ThroughputPoint> {
+        throughput_curve(
+            self.probes
+                .iter()
+                .filter(|p| p.outcome == Outcome::Fit)
+                .map(|p| ThroughputPoint {
+                    batch_size: p.batch_size,
+                    samples_per_second: p.samples_per_second,
+                }),
+        )
+    }
+
+    /// Adds probes below the maximum where the throughput knee is unclear, up to
+    /// `search.throughput_probes`; an OOM there (the limit moved) ends them.
+    fn sharpen_knee(&mut self) -> Result<(), TuneError> {
+        let search = &self.job.search;
+        for _ in 0..search.throughput_probes {
+            let next =
+                next_throughput_probe(&self.curve(), search.knee_tolerance, search.multiple_of);
+            match next {
+                Some(size) if self.probe(size)? => {}
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     fn last_probe_fit_at(&self, size: u64) -> bool {

@@ -1,6 +1,7 @@
 //! End to end: the `headroom` binary, as a user runs it, on the host device.
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::{Command, Output};
 
 fn headroom(args: &[&str]) -> Output {
@@ -13,14 +14,6 @@ fn headroom(args: &[&str]) -> Output {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn job_file(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("headroom-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 #[test]
@@ -67,8 +60,19 @@ fn tune_json_follows_the_result_contract() {
     let probes = result["probes"].as_array().unwrap();
     assert_eq!(probes[0]["batch_size"], 16);
     assert!(probes.iter().any(|p| p["outcome"] == "oom"));
-    let last_fit = probes.iter().rev().find(|p| p["outcome"] == "fit").unwrap();
-    assert_eq!(last_fit["batch_size"].as_u64().unwrap(), max);
+    let largest_fit = probes
+        .iter()
+        .filter(|p| p["outcome"] == "fit")
+        .map(|p| p["batch_size"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(largest_fit, max);
+    let knee = result["throughput_batch_size"].as_u64().unwrap();
+    assert!(knee >= 1 && knee <= max);
+    assert_eq!(
+        result["throughput"].as_array().unwrap().last().unwrap()["batch_size"],
+        max
+    );
     assert!(result["elapsed_seconds"].as_f64().unwrap() > 0.0);
     // Probes are reported on stderr as they happen.
     assert!(stderr(&output).matches("probe batch").count() == probes.len());
@@ -117,8 +121,8 @@ fn the_dataset_size_caps_the_batch() {
 
 #[test]
 fn an_invalid_job_exits_2_naming_the_field() {
-    let path = job_file(
-        "bad.json",
+    let path = support::temp_file(
+        ".json",
         r#"{"model": {"input_shape": [3, 0, 32], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
     );
     let output = headroom(&["tune", path.to_str().unwrap(), "--device", "host"]);
@@ -292,4 +296,86 @@ fn doctor_reports_as_json() {
         .iter()
         .any(|r| r["check"] == "host: small tune (784-128-10, SGD)" && r["status"] == "pass"));
     assert!(rows.iter().all(|r| r["status"] != "fail"), "{report:#}");
+}
+
+#[test]
+fn estimate_over_the_gpu_catalogue_and_for_one_card() {
+    let output = headroom(&["estimate", "examples/mnist-mlp-sgd.json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    for card in [
+        "A100 40GB",
+        "A100 80GB",
+        "H100 80GB",
+        "H200 141GB",
+        "L4",
+        "L40S",
+        "RTX 4090",
+        "T4",
+    ] {
+        assert!(table.contains(card), "{card} missing from\n{table}");
+    }
+    assert!(stderr(&output).contains("memory model only, not a measurement"));
+    let output = headroom(&[
+        "estimate",
+        "examples/mnist-mlp-sgd.json",
+        "--gpu",
+        "h200",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let h200: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(h200["gpu"], "H200 141GB");
+    let output = headroom(&["estimate", "examples/mnist-mlp-sgd.json", "--gpu", "TPU"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("known: T4"), "{}", stderr(&output));
+}
+
+#[test]
+fn plots_are_drawn_and_an_unwritable_plot_path_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("cifar.svg");
+    let output = headroom(&[
+        "tune",
+        "examples/mnist-mlp-sgd.json",
+        "--device",
+        "host",
+        "--host-memory",
+        "8MiB",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.contains("Training speed against batch size"));
+    let output = headroom(&[
+        "estimate",
+        "examples/mnist-mlp-sgd.json",
+        "--gpu",
+        "L4",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(std::fs::read_to_string(&svg)
+        .unwrap()
+        .contains("predicted max"));
+    let output = headroom(&[
+        "tune",
+        "examples/mnist-mlp-sgd.json",
+        "--device",
+        "host",
+        "--plot",
+        "/no/such/dir/plot.svg",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("/no/such/dir/plot.svg"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        !stderr(&output).contains("probe batch"),
+        "it tuned before refusing"
+    );
 }

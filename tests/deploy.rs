@@ -259,15 +259,6 @@ fn every_kubernetes_manifest_validates_and_suits_a_gpu_node_agent() {
     assert!(volume["emptyDir"].is_object());
 }
 
-/// A job file the prolog's user points HEADROOM_JOB at.
-fn job_file(name: &str, job: &Value) -> String {
-    let dir = std::env::temp_dir().join(format!("headroom-deploy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, job.to_string()).unwrap();
-    path.display().to_string()
-}
-
 fn mnist(search: Value) -> Value {
     let mut job = support::job(&[1, 28, 28], &[128], 10, "sgd");
     job["search"] = search;
@@ -275,7 +266,7 @@ fn mnist(search: Value) -> Value {
 }
 
 /// Runs the TaskProlog with nothing in its environment but what Slurm and the user give it.
-fn prolog(server: &str, job: &str, gpus: Option<&str>) -> Output {
+fn prolog(server: &str, job: &std::path::Path, gpus: Option<&str>) -> Output {
     let mut command = Command::new("/bin/sh");
     command
         .arg(repository().join("deploy/slurm/task-prolog.sh"))
@@ -317,10 +308,7 @@ fn the_slurm_prolog_exports_the_recommended_batch_size_or_nothing() {
     let Some(standin) = StandIn::get() else {
         return;
     };
-    let quick = job_file(
-        "quick",
-        &mnist(json!({"strategy": "predict", "steps_per_probe": 1})),
-    );
+    let quick = support::job_file(&mnist(json!({"strategy": "predict", "steps_per_probe": 1})));
     let server = serve(standin, &[]);
     let (stdout, stderr) = exported(&prolog(&server.http.base, &quick, Some("0")));
     let mut request: Value =
@@ -338,10 +326,12 @@ fn the_slurm_prolog_exports_the_recommended_batch_size_or_nothing() {
     let (stdout, stderr) = exported(&prolog(&server.http.base, &quick, None));
     assert!(stdout.is_empty() && stderr.contains("no GPU"), "{stderr}");
 
-    let deep = job_file(
-        "deep",
-        &support::job(&[3, 32, 32], &[1024, 1024, 1024], 10, "adamw"),
-    );
+    let deep = support::job_file(&support::job(
+        &[3, 32, 32],
+        &[1024, 1024, 1024],
+        10,
+        "adamw",
+    ));
     let (stdout, stderr) = exported(&prolog(&server.http.base, &deep, Some("0")));
     assert!(
         stdout.is_empty() && stderr.contains("does not fit"),
@@ -360,10 +350,9 @@ fn the_slurm_prolog_waits_for_a_slow_tune_and_leaves_a_busy_gpu_alone() {
     let Some(standin) = StandIn::get() else {
         return;
     };
-    let slow = job_file(
-        "slow",
-        &mnist(json!({"strategy": "predict", "steps_per_probe": 12})),
-    );
+    let slow = support::job_file(&mnist(
+        json!({"strategy": "predict", "steps_per_probe": 12}),
+    ));
     let server = serve(standin, &[("HEADROOM_WAIT_SECONDS", "1")]);
     let (stdout, stderr) = exported(&prolog(&server.http.base, &slow, Some("0,1")));
     let batch: u64 = stdout
@@ -393,10 +382,7 @@ fn the_systemd_unit_verifies() {
     // The unit as installed, its binary where this build put it.
     let unit = read("deploy/systemd/headroom.service")
         .replace("/usr/local/bin/headroom", env!("CARGO_BIN_EXE_headroom"));
-    let dir = std::env::temp_dir().join(format!("headroom-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("headroom.service");
-    std::fs::write(&path, unit).unwrap();
+    let path = support::temp_file(".service", unit);
     let output = Command::new(analyze)
         .arg("verify")
         .arg(&path)

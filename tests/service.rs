@@ -543,10 +543,8 @@ fn the_cli_can_tune_through_a_server() {
 }
 
 /// Writes the served OpenAPI document to a file for the Python tools.
-fn openapi_file(server: &Http) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("headroom-openapi-{}.json", std::process::id()));
-    std::fs::write(&path, server.get_text("/openapi.json")).unwrap();
-    path
+fn openapi_file(server: &Http) -> tempfile::TempPath {
+    support::temp_file(".json", server.get_text("/openapi.json"))
 }
 
 #[test]
@@ -649,7 +647,10 @@ fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
         .env("HEADROOM_WAIT_SECONDS", "1")
         .env("HEADROOM_QUEUE_LENGTH", "2");
     let server = ServerProcess::start(command);
+    // schemathesis keeps a cache in its working directory: give it one outside the tree.
+    let workdir = tempfile::tempdir().unwrap();
     let output = Command::new(schemathesis)
+        .current_dir(workdir.path())
         .args(["run", &format!("{}/openapi.json", server.http.base)])
         .args([
             "--checks",
@@ -772,4 +773,143 @@ fn the_cli_waits_for_a_busy_server_as_it_says_and_no_longer_than_its_timeout() {
     for id in [&running["id"], &queued["id"]] {
         server.delete(&format!("/jobs/{}", id.as_str().unwrap()));
     }
+}
+
+/// Headless Chromium (Debian's package; CI installs it and sets HEADROOM_REQUIRE_CHROMIUM=1), with
+/// the flags a closed network needs and its profile in `profile`; `None`, having said so, when it
+/// is missing.
+fn chromium(profile: &std::path::Path) -> Option<Command> {
+    let Some(path) = ["chromium", "chromium-browser"].iter().find_map(|name| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+    }) else {
+        support::skip_or_fail("CHROMIUM", "chromium is not installed");
+        return None;
+    };
+    let mut command = Command::new(path);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1280,1800",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    Some(command)
+}
+
+#[test]
+fn the_status_pages_render_in_a_browser_with_the_answer_and_both_charts() {
+    let server = TestServer::start(host_config());
+    let mut cifar = job(&[3, 32, 32], &[128], 10, "adam");
+    cifar["target_batch_size"] = json!(4096);
+    let answer = server.tune(&cifar, &[]);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let result = answer.body;
+    let (_, jobs) = server.get("/jobs");
+    let id = jobs[0]["id"].as_str().unwrap().to_string();
+    let profile = tempfile::tempdir().unwrap();
+    let Some(mut browser) = chromium(profile.path()) else {
+        return;
+    };
+    let page = format!("{}/jobs/{id}", server.base);
+    let output = browser.arg("--dump-dom").arg(&page).output().unwrap();
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for (id, key) in [
+        ("max-batch-size", "max_batch_size"),
+        ("recommended-batch-size", "recommended_batch_size"),
+        ("throughput-batch-size", "throughput_batch_size"),
+    ] {
+        let shown = format!("id=\"{id}\">{}<", result[key]);
+        assert!(dom.contains(&shown), "{shown} not in the rendered page");
+    }
+    assert_eq!(dom.matches("<svg").count(), 1, "one SVG holds both charts");
+    for chart in [
+        "Device memory against batch size",
+        "Training speed against batch size",
+    ] {
+        assert!(dom.contains(chart), "{chart} not rendered");
+    }
+    let accumulation = &result["accumulation"];
+    assert!(dom.contains(&format!(
+        "micro batch × steps × GPUs = {}",
+        accumulation["global_batch_size"]
+    )));
+
+    let home = chromium(profile.path())
+        .unwrap()
+        .arg("--dump-dom")
+        .arg(&server.base)
+        .output()
+        .unwrap();
+    let home = String::from_utf8_lossy(&home.stdout);
+    assert!(
+        home.contains("id=\"devices\"") && home.contains(&id[..8]),
+        "{home}"
+    );
+
+    // The screenshot is kept as a test artefact.
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join("job-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let output = chromium(profile.path())
+        .unwrap()
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 20_000,
+        "an empty screenshot"
+    );
+    eprintln!("screenshot of the job page: {}", shot.display());
+}
+
+#[test]
+fn estimate_answers_for_a_card_every_card_or_an_unknown_one() {
+    let server = TestServer::start(host_config());
+    let post = |body: &Value| {
+        support::Http {
+            base: server.base.clone(),
+        }
+        .post_json("/estimate", body)
+    };
+    let mut request = job(&[1, 28, 28], &[128], 10, "sgd");
+    request["gpu"] = json!("H200 141GB");
+    let (status, answer) = post(&request);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["note"]
+        .as_str()
+        .unwrap()
+        .contains("not a measurement"));
+    let h200 = &answer["estimates"][0];
+    assert_eq!(h200["gpu"], "H200 141GB");
+    assert!(
+        h200["estimate"]["predicted_max_batch_size"]
+            .as_u64()
+            .unwrap()
+            > 20_000_000
+    );
+    request.as_object_mut().unwrap().remove("gpu");
+    let (_, every) = post(&request);
+    assert!(every["estimates"].as_array().unwrap().len() >= 8);
+    request["gpu"] = json!("TPU v5");
+    let (status, problem) = post(&request);
+    assert_eq!((status, problem["field"].as_str()), (422, Some("gpu")));
+    assert!(problem["detail"].as_str().unwrap().contains("H100 80GB"));
 }

@@ -34,15 +34,6 @@ fn json_of(output: &Output) -> Value {
     })
 }
 
-/// Writes `job` to a file for the CLI.
-fn job_file(name: &str, job: &Value) -> String {
-    let dir = std::env::temp_dir().join(format!("headroom-standin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, job.to_string()).unwrap();
-    path.display().to_string()
-}
-
 /// An example with a prediction-first search and one step per probe: the model as shipped, the
 /// search kept short for the CPU emulation.
 fn example(name: &str) -> Value {
@@ -116,7 +107,7 @@ fn each_example_tunes_to_a_limit_that_probes_confirm() {
         ("cifar10-mlp-adam", "48MiB"),
         ("deep-mlp-adamw", "96MiB"),
     ] {
-        let path = job_file(name, &example(name));
+        let path = support::job_file(&example(name));
         let run = |args: &[&str]| {
             standin
                 .headroom()
@@ -125,7 +116,7 @@ fn each_example_tunes_to_a_limit_that_probes_confirm() {
                 .output()
                 .unwrap()
         };
-        let output = run(&["tune", &path, "--device", "cuda", "--json"]);
+        let output = run(&["tune", path.to_str().unwrap(), "--device", "cuda", "--json"]);
         assert!(output.status.success(), "{name}: {}", stderr(&output));
         let result = json_of(&output);
         let max = result["max_batch_size"].as_u64().unwrap();
@@ -149,7 +140,7 @@ fn each_example_tunes_to_a_limit_that_probes_confirm() {
         let sizes = format!("{max},{above}");
         let output = run(&[
             "probe",
-            &path,
+            path.to_str().unwrap(),
             "--device",
             "cuda",
             "--batch-size",
@@ -172,10 +163,10 @@ fn each_example_tunes_to_a_limit_that_probes_confirm() {
 }
 
 fn tune_with(standin: &StandIn, env: &[(&str, &str)]) -> Output {
-    let path = job_file("mnist", &example("mnist-mlp-sgd"));
+    let path = support::job_file(&example("mnist-mlp-sgd"));
     standin
         .headroom()
-        .args(["tune", &path, "--device", "cuda", "--json"])
+        .args(["tune", path.to_str().unwrap(), "--device", "cuda", "--json"])
         .env("HEADROOM_STANDIN_MEMORY", "16MiB")
         .envs(env.iter().copied())
         .output()
@@ -428,11 +419,8 @@ fn sigterm_during_a_cuda_tune_frees_every_allocation_and_the_context() {
     let Some(standin) = StandIn::get() else {
         return;
     };
-    let report = std::env::temp_dir().join(format!(
-        "headroom-standin-report-{}.json",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&report);
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
     let report_path = report.display().to_string();
     let mut server = serve(
         standin,

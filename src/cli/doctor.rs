@@ -135,7 +135,7 @@ fn libraries() -> Vec<Row> {
                         gpu.uuid,
                         human(gpu.used_bytes),
                         human(gpu.total_bytes),
-                        gpu.other_compute_processes
+                        gpu.other_compute_processes(false)
                     ),
                 )
             }));

@@ -20,12 +20,9 @@ use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 
-use serde::Serialize;
-
 use crate::device::host;
 use crate::device::select::{self, DeviceSpec};
 use crate::job::Job;
-use crate::search::TuneError;
 use output::human;
 
 /// Any failure not listed below.
@@ -90,29 +87,6 @@ fn job_and_device(
     Ok((job, opened))
 }
 
-/// Prints a command's answer (JSON with `--json`, else `human`) and maps errors to exit codes.
-fn answer<T: Serialize>(
-    outcome: Result<T, TuneError>,
-    json: bool,
-    human: impl FnOnce(&T) -> String,
-) -> ExitCode {
-    match outcome {
-        Ok(value) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&value).expect("answers serialise")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(value) => {
-            print!("{}", human(&value));
-            ExitCode::SUCCESS
-        }
-        Err(err @ TuneError::DoesNotFit(_)) => fail(EXIT_DOES_NOT_FIT, err),
-        Err(err) => fail(EXIT_FAILURE, err),
-    }
-}
-
 /// How `tune` reports its answer: the summary or JSON on stdout, and optionally the recommended
 /// batch size alone in a file, for scripts (a Slurm prolog, an init container).
 #[derive(Debug, Clone, Default)]
@@ -121,11 +95,25 @@ pub struct TuneOutput {
     pub json: bool,
     /// Where to write the recommended batch size and a newline.
     pub batch_size_file: Option<std::path::PathBuf>,
+    /// Where to draw the memory and throughput charts (SVG).
+    pub plot: Option<std::path::PathBuf>,
 }
 
 impl TuneOutput {
-    /// Prints the result and writes the batch-size file.
-    fn deliver(&self, result: &crate::result::TuneResult) -> ExitCode {
+    /// Prints the result of `job`, writes the batch-size file and draws the plot (into `plot`,
+    /// created before the tune).
+    fn deliver(
+        &self,
+        result: &crate::result::TuneResult,
+        job: &Job,
+        plot: Option<PlotFile>,
+    ) -> ExitCode {
+        if let Some(plot) = plot {
+            let drawn = crate::plot::tune_svg(result, job.plan()).and_then(|svg| plot.write(&svg));
+            if let Err(message) = drawn {
+                return fail(EXIT_FAILURE, message);
+            }
+        }
         if let Some(path) = &self.batch_size_file {
             let written = std::fs::write(path, format!("{}\n", result.recommended_batch_size));
             if let Err(e) = written {
@@ -141,9 +129,33 @@ impl TuneOutput {
                 serde_json::to_string_pretty(result).expect("results serialise")
             );
         } else {
-            print!("{}", output::summary(result));
+            print!("{}", output::summary(result, job.search.knee_tolerance));
         }
         ExitCode::SUCCESS
+    }
+}
+
+/// A file a chart goes to, created when the command starts so that an unwritable path fails
+/// before any work is done.
+pub struct PlotFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl PlotFile {
+    /// Creates (or truncates) `path`.
+    pub fn create(path: std::path::PathBuf) -> Result<PlotFile, String> {
+        let file = std::fs::File::create(&path)
+            .map_err(|e| format!("cannot write the plot to {}: {e}", path.display()))?;
+        Ok(PlotFile { path, file })
+    }
+
+    /// Writes the chart.
+    pub fn write(mut self, svg: &str) -> Result<(), String> {
+        use std::io::Write;
+        self.file
+            .write_all(svg.as_bytes())
+            .map_err(|e| format!("cannot write the plot to {}: {e}", self.path.display()))
     }
 }
 

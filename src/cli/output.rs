@@ -3,6 +3,7 @@
 
 use bytesize::ByteSize;
 
+use crate::catalogue::GpuEstimate;
 use crate::plan::{Estimate, MemoryBreakdown};
 use crate::result::{Probe, TuneResult};
 
@@ -37,8 +38,8 @@ fn memory_table(memory: &MemoryBreakdown) -> String {
         .collect()
 }
 
-/// The human summary of a result.
-pub fn summary(result: &TuneResult) -> String {
+/// The human summary of a result; `knee_tolerance` is the job's `search.knee_tolerance`.
+pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
     let ratio = if result.predicted_max_batch_size > 0 {
         format!(
             "{:.3}",
@@ -47,9 +48,29 @@ pub fn summary(result: &TuneResult) -> String {
     } else {
         "n/a".into()
     };
+    let best = result
+        .throughput
+        .iter()
+        .map(|p| p.samples_per_second)
+        .fold(0.0, f64::max);
+    let accumulation = result.accumulation.as_ref().map_or(String::new(), |a| {
+        let steps = if a.steps == 1 { "step" } else { "steps" };
+        let gpus = if a.world_size == 1 { "GPU" } else { "GPUs" };
+        format!(
+            "accumulation            micro batch {} x {} {steps} x {} {gpus} = {} (target {}{})\n",
+            a.micro_batch_size,
+            a.steps,
+            a.world_size,
+            a.global_batch_size,
+            a.target_batch_size,
+            a.note.as_ref().map_or(String::new(), |n| format!("; {n}")),
+        )
+    });
     format!(
         "max batch size          {} (limited by {})\n\
          recommended batch size  {} ({}% headroom)\n\
+         throughput knee         {} (the smallest batch within {}% of the best, {:.0} samples/s)\n\
+         {accumulation}\
          predicted max           {} (measured / predicted = {ratio})\n\
          device                  {} {} ({}, {} total)\n\
          search                  {} probes in {:.2} s\n\
@@ -58,6 +79,9 @@ pub fn summary(result: &TuneResult) -> String {
         result.limited_by,
         result.recommended_batch_size,
         (result.headroom * 100.0).round(),
+        result.throughput_batch_size,
+        (knee_tolerance * 100.0).round(),
+        best,
         result.predicted_max_batch_size,
         result.device.kind,
         result.device.index,
@@ -88,4 +112,32 @@ pub fn estimate(e: &Estimate) -> String {
         e.recommended_batch_size,
         memory_table(&e.memory)
     )
+}
+
+/// The table of estimates over the GPU catalogue.
+pub fn catalogue(estimates: &[GpuEstimate]) -> String {
+    let mut text = format!(
+        "{:<12} {:>12} {:>16} {:>16}\n",
+        "GPU", "memory", "max batch", "recommended"
+    );
+    for row in estimates {
+        let (max, recommended) = match &row.estimate {
+            Some(e) => (
+                match e.limited_by {
+                    crate::result::LimitedBy::Memory => e.predicted_max_batch_size.to_string(),
+                    _ => format!("{} (cap)", e.predicted_max_batch_size),
+                },
+                e.recommended_batch_size.to_string(),
+            ),
+            None => ("does not fit".into(), "-".into()),
+        };
+        text.push_str(&format!(
+            "{:<12} {:>12} {:>16} {:>16}\n",
+            row.gpu,
+            human(row.total_bytes),
+            max,
+            recommended
+        ));
+    }
+    text
 }

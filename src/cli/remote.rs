@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use super::output::probe_line;
-use super::{fail, TuneOutput, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID};
+use super::{fail, PlotFile, TuneOutput, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID};
 use crate::device::select::DeviceSpec;
 use crate::job::Job;
 use crate::result::TuneResult;
@@ -106,6 +106,10 @@ pub fn tune_remote_command(
     output: &TuneOutput,
     timeout: Duration,
 ) -> ExitCode {
+    let plot = match output.plot.clone().map(PlotFile::create).transpose() {
+        Ok(plot) => plot,
+        Err(message) => return fail(EXIT_INVALID, message),
+    };
     let server = Server::new(server, token);
     let deadline = Instant::now() + timeout;
     let mut body = serde_json::to_value(job).expect("jobs serialise");
@@ -116,7 +120,7 @@ pub fn tune_remote_command(
         Submitted::Accepted(document) => follow(&server, *document, deadline),
     });
     match outcome {
-        Ok(Ok(result)) => output.deliver(&result),
+        Ok(Ok(result)) => output.deliver(&result, job, plot),
         Ok(Err(problem)) => remote_problem(&problem),
         Err(message) => fail(EXIT_FAILURE, message),
     }

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use super::output::{human, probe_line};
-use super::{fail, job_and_device, TuneOutput, EXIT_DOES_NOT_FIT, EXIT_FAILURE};
+use super::{
+    fail, job_and_device, PlotFile, TuneOutput, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID,
+};
 use crate::device::select::DeviceSpec;
 use crate::result::Probe;
 use crate::search::{tune, TuneError};
@@ -21,6 +23,10 @@ pub fn tune_command(
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    let plot = match output.plot.clone().map(PlotFile::create).transpose() {
+        Ok(plot) => plot,
+        Err(message) => return fail(EXIT_INVALID, message),
+    };
     let info = opened.device.info();
     eprintln!(
         "tuning on {} {} ({}): {} free of {}",
@@ -35,7 +41,7 @@ pub fn tune_command(
         ControlFlow::Continue(())
     };
     match tune(&job, opened.device.as_mut(), &mut print_probe) {
-        Ok(result) => output.deliver(&result),
+        Ok(result) => output.deliver(&result, &job, plot),
         Err(err @ TuneError::DoesNotFit(_)) => fail(EXIT_DOES_NOT_FIT, err),
         Err(err) => fail(EXIT_FAILURE, err),
     }

@@ -27,8 +27,20 @@ pub struct GpuTelemetry {
     pub utilization_percent: Option<u32>,
     /// Core temperature, degrees Celsius.
     pub temperature_celsius: Option<u32>,
-    /// Other processes (not this one) holding a compute context on the GPU.
-    pub other_compute_processes: usize,
+    /// Processes holding a compute context on the GPU, this one included.
+    pub compute_processes: usize,
+    /// Whether this process is among them by its PID. In a container without the host's PID
+    /// namespace NVML's PIDs are the host's, and this process is not recognised by its own.
+    pub lists_this_process: bool,
+}
+
+impl GpuTelemetry {
+    /// Processes other than this one computing on the GPU; `this_process_computes` says whether
+    /// this process holds a context there (then one of the processes is this one, by PID or not).
+    pub fn other_compute_processes(&self, this_process_computes: bool) -> usize {
+        let this_one = self.lists_this_process || this_process_computes;
+        self.compute_processes - usize::from(this_one && self.compute_processes > 0)
+    }
 }
 
 /// The driver version and every GPU, or why NVML could not answer.
@@ -40,6 +52,7 @@ pub fn telemetry() -> Result<(String, Vec<GpuTelemetry>), String> {
     for index in 0..count {
         let device = nvml.device_by_index(index).map_err(|e| e.to_string())?;
         let memory = device.memory_info().map_err(|e| e.to_string())?;
+        let processes = device.running_compute_processes().unwrap_or_default();
         gpus.push(GpuTelemetry {
             index,
             name: device.name().map_err(|e| e.to_string())?,
@@ -49,9 +62,8 @@ pub fn telemetry() -> Result<(String, Vec<GpuTelemetry>), String> {
             free_bytes: memory.free,
             utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
             temperature_celsius: device.temperature(TemperatureSensor::Gpu).ok(),
-            other_compute_processes: device.running_compute_processes().map_or(0, |p| {
-                p.iter().filter(|p| p.pid != std::process::id()).count()
-            }),
+            compute_processes: processes.len(),
+            lists_this_process: processes.iter().any(|p| p.pid == std::process::id()),
         });
     }
     Ok((driver, gpus))
@@ -62,4 +74,35 @@ pub fn telemetry() -> Result<(String, Vec<GpuTelemetry>), String> {
 pub fn find<'a>(gpus: &'a [GpuTelemetry], device: &DeviceInfo) -> Option<&'a GpuTelemetry> {
     let uuid = device.uuid.as_deref()?;
     gpus.iter().find(|gpu| gpu.uuid == uuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(compute_processes: usize, lists_this_process: bool) -> GpuTelemetry {
+        GpuTelemetry {
+            index: 0,
+            name: "GPU".into(),
+            uuid: "GPU-0".into(),
+            total_bytes: 1,
+            used_bytes: 0,
+            free_bytes: 1,
+            utilization_percent: None,
+            temperature_celsius: None,
+            compute_processes,
+            lists_this_process,
+        }
+    }
+
+    #[test]
+    fn this_process_is_not_another_even_when_its_pid_is_not_recognised() {
+        assert_eq!(gpu(1, true).other_compute_processes(true), 0);
+        // In a container: NVML lists the host PID of this process.
+        assert_eq!(gpu(1, false).other_compute_processes(true), 0);
+        assert_eq!(gpu(2, false).other_compute_processes(true), 1);
+        // Not computing here: every process is another.
+        assert_eq!(gpu(2, false).other_compute_processes(false), 2);
+        assert_eq!(gpu(0, false).other_compute_processes(true), 0);
+    }
 }

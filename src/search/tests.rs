@@ -4,9 +4,11 @@ use crate::job::testing::mlp;
 use crate::plan::Allocator;
 use proptest::prelude::*;
 
-/// A device whose largest batch is `limit`; it can also fault at one size or lose memory.
+/// A device whose largest batch is `limit`; it can also fault at one size or lose memory. It
+/// trains 1000 samples per second per sample of batch up to `plateau`, then no faster.
 struct FakeDevice {
     limit: u64,
+    plateau: u64,
     fault_at: Option<u64>,
     /// After this many probes the limit drops to `limit / 2` (a neighbour took memory).
     shrink_after: Option<usize>,
@@ -17,6 +19,7 @@ impl FakeDevice {
     fn with_limit(limit: u64) -> Self {
         FakeDevice {
             limit,
+            plateau: u64::MAX,
             fault_at: None,
             shrink_after: None,
             probed: Vec::new(),
@@ -58,7 +61,7 @@ impl Device for FakeDevice {
             });
         }
         Ok(StepReport {
-            step_seconds: 0.001,
+            step_seconds: batch_size as f64 / (batch_size.min(self.plateau) as f64 * 1000.0),
             device_bytes: batch_size,
             final_loss: 1.0,
         })
@@ -93,6 +96,60 @@ fn doubling_then_bisection_finds_the_limit() {
     assert_eq!(&device.probed[..4], &[16, 32, 64, 128]);
     assert!(result.probes.iter().any(|p| p.outcome == Outcome::Oom));
     assert_eq!(result.probes.len(), device.probed.len());
+}
+
+#[test]
+fn the_throughput_knee_is_found_and_sharpened_below_the_maximum() {
+    let mut device = FakeDevice::with_limit(100_000);
+    device.plateau = 3000;
+    let result = run(&job("", ""), &mut device).unwrap();
+    // Doubling measured 2048 (slower) and 4096 (as fast as any); a probe between them sharpens it.
+    assert!(result
+        .probes
+        .iter()
+        .any(|p| (2048..4096).contains(&p.batch_size)
+            && p.batch_size % 8 == 0
+            && p.batch_size != 2048));
+    assert!(
+        (2856..=4096).contains(&result.throughput_batch_size),
+        "knee {}",
+        result.throughput_batch_size
+    );
+    let sizes: Vec<u64> = result.throughput.iter().map(|p| p.batch_size).collect();
+    assert!(sizes.windows(2).all(|w| w[0] < w[1]), "{sizes:?}");
+    assert_eq!(*sizes.last().unwrap(), result.max_batch_size);
+
+    // A prediction-first search measures only near the limit: it adds probes below.
+    let mut device = FakeDevice::with_limit(100_000);
+    device.plateau = 3000;
+    let predicted = job(r#""strategy": "predict", "max": 100000"#, "");
+    let result = run(&predicted, &mut device).unwrap();
+    assert!(result.throughput.len() >= 4, "{:?}", result.throughput);
+    assert!(result.throughput_batch_size < result.max_batch_size / 4);
+    let extra = result
+        .probes
+        .iter()
+        .filter(|p| p.batch_size < 50_000)
+        .count();
+    assert!(extra <= 4, "{:?}", result.probes);
+}
+
+#[test]
+fn a_target_batch_gets_accumulation_advice() {
+    let mut device = FakeDevice::with_limit(1000);
+    let result = run(
+        &job("", r#", "target_batch_size": 4096, "world_size": 2"#),
+        &mut device,
+    )
+    .unwrap();
+    let advice = result.accumulation.unwrap();
+    assert!(advice.micro_batch_size <= result.recommended_batch_size);
+    assert_eq!(advice.global_batch_size, 4096);
+    assert!(advice.exact);
+    assert!(run(&job("", ""), &mut FakeDevice::with_limit(1000))
+        .unwrap()
+        .accumulation
+        .is_none());
 }
 
 #[test]
@@ -177,7 +234,7 @@ fn an_observer_can_cancel_after_a_probe() {
 fn a_limit_that_moves_is_followed_down() {
     let mut device = FakeDevice::with_limit(10_000);
     device.shrink_after = Some(12);
-    let result = run(&job("", ""), &mut device).unwrap();
+    let result = run(&job(r#""throughput_probes": 0"#, ""), &mut device).unwrap();
     assert!(result.max_batch_size <= 5_000, "{}", result.max_batch_size);
     let last = result.probes.last().unwrap();
     assert_eq!(
@@ -188,7 +245,7 @@ fn a_limit_that_moves_is_followed_down() {
 
 #[test]
 fn predict_with_an_exact_model_takes_three_probes() {
-    let plan_job = job(r#""strategy": "predict""#, "");
+    let plan_job = job(r#""strategy": "predict", "throughput_probes": 0"#, "");
     let limit = plan_job.plan().predict_max_batch(1 << 40, Allocator::Exact);
     let mut device = FakeDevice::with_limit(limit);
     let result = run(&plan_job, &mut device).unwrap();
@@ -229,7 +286,7 @@ proptest! {
             fit
         } else {
             let result = run(&job, &mut device).unwrap();
-            let bound = (limit as f64 / start as f64).log2().abs().ceil() + (1.0 / tolerance).log2().ceil() + 3.0;
+            let bound = (limit as f64 / start as f64).log2().abs().ceil() + (1.0 / tolerance).log2().ceil() + 3.0 + 4.0;
             prop_assert!(result.probes.len() as f64 <= bound, "{} probes > {bound}", result.probes.len());
             prop_assert!(result.recommended_batch_size as f64 <= headroom * result.max_batch_size as f64 || result.recommended_batch_size == 1);
             prop_assert!(result.recommended_batch_size >= 1);

@@ -72,6 +72,9 @@ mod tests {
             max_batch_size: max,
             recommended_batch_size: max,
             headroom: 1.0,
+            throughput_batch_size: max,
+            throughput: vec![],
+            accumulation: None,
             limited_by: LimitedBy::Memory,
             predicted_max_batch_size: max,
             device: DeviceInfo {

@@ -184,6 +184,8 @@ fn api_routes(state: &Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
         ));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(protected)
+        .routes(routes!(handlers::estimate::estimate))
+        .routes(routes!(handlers::pages::home))
         .routes(routes!(handlers::devices::devices))
         .routes(routes!(handlers::devices::metrics))
         .routes(routes!(handlers::health::livez))

@@ -7,6 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::{IntoResponses, Modify, OpenApi, PartialSchema, ToSchema};
 
+use super::handlers::estimate::EstimateOptions;
 use super::handlers::tune::TuneOptions;
 use super::problem::Problem;
 use crate::job::JobSpec;
@@ -50,19 +51,25 @@ impl Modify for BearerToken {
     }
 }
 
+/// The job's schema with the members of `O` beside its own: a body that is a job plus a
+/// route's options.
+fn job_with<O: PartialSchema>(description: &str) -> RefOr<Schema> {
+    let (RefOr::T(Schema::Object(mut request)), RefOr::T(Schema::Object(options))) =
+        (JobSpec::schema(), O::schema())
+    else {
+        panic!("the job's and the options' schemas are derived objects")
+    };
+    request.properties.extend(options.properties);
+    request.description = Some(description.into());
+    RefOr::T(Schema::Object(request))
+}
+
 /// The body of `POST /tune`: every member of a job, and the service's options.
 pub struct TuneRequest;
 
 impl PartialSchema for TuneRequest {
     fn schema() -> RefOr<Schema> {
-        let (RefOr::T(Schema::Object(mut request)), RefOr::T(Schema::Object(options))) =
-            (JobSpec::schema(), TuneOptions::schema())
-        else {
-            panic!("the job's and the options' schemas are derived objects")
-        };
-        request.properties.extend(options.properties);
-        request.description = Some("A job, as in examples/, plus where and how to run it.".into());
-        RefOr::T(Schema::Object(request))
+        job_with::<TuneOptions>("A job, as in examples/, plus where and how to run it.")
     }
 }
 
@@ -70,6 +77,25 @@ impl ToSchema for TuneRequest {
     fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
         JobSpec::schemas(schemas);
         TuneOptions::schemas(schemas);
+    }
+}
+
+/// The body of `POST /estimate`: every member of a job, and a card or an amount of memory.
+pub struct EstimateRequest;
+
+impl PartialSchema for EstimateRequest {
+    fn schema() -> RefOr<Schema> {
+        job_with::<EstimateOptions>(
+            "A job, as in examples/, plus the card (`gpu`) or the memory (`memory_bytes`) to \
+             estimate for; with neither, every card of the catalogue.",
+        )
+    }
+}
+
+impl ToSchema for EstimateRequest {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        JobSpec::schemas(schemas);
+        EstimateOptions::schemas(schemas);
     }
 }
 

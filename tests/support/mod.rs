@@ -16,6 +16,24 @@ use headroom::parity::Check;
 use serde_json::{json, Value};
 
 /// An MLP job: `input_shape` through `hidden` widths to `classes`, trained with `optimizer`.
+/// Writes `contents` to a new temporary file whose name ends in `suffix`; the file is removed
+/// when the returned path drops.
+pub fn temp_file(suffix: &str, contents: impl AsRef<[u8]>) -> tempfile::TempPath {
+    use std::io::Write;
+    let mut file = tempfile::Builder::new()
+        .prefix("headroom-")
+        .suffix(suffix)
+        .tempfile()
+        .unwrap();
+    file.write_all(contents.as_ref()).unwrap();
+    file.into_temp_path()
+}
+
+/// A job written to a temporary JSON file, as the CLI and the deploy scripts read jobs.
+pub fn job_file(job: &Value) -> tempfile::TempPath {
+    temp_file(".json", job.to_string())
+}
+
 pub fn job(input_shape: &[u64], hidden: &[u64], classes: u64, optimizer: &str) -> Value {
     json!({"model": {"input_shape": input_shape, "hidden_layers": hidden, "num_classes": classes},
            "optimizer": {"name": optimizer}})
@@ -147,6 +165,18 @@ impl Http {
             .body_mut()
             .read_to_string()
             .unwrap()
+    }
+
+    /// `POST path` with a JSON body.
+    pub fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let answer = Self::answer(
+            Self::agent()
+                .post(format!("{}{path}", self.base))
+                .header("Content-Type", "application/json")
+                .send(body.to_string().as_bytes())
+                .unwrap(),
+        );
+        (answer.status, answer.body)
     }
 
     /// `DELETE path`.

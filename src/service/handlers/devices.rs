@@ -56,35 +56,38 @@ pub struct DeviceStatus {
 pub async fn devices(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<Vec<DeviceStatus>>, Problem> {
+    Ok(Json(device_statuses(&state).await?))
+}
+
+/// Every device served, with NVML's telemetry for the GPUs.
+pub(crate) async fn device_statuses(state: &AppState) -> Result<Vec<DeviceStatus>, Problem> {
     let workers = state.workers().ok_or_else(not_ready)?;
     let gpus =
         tokio::task::spawn_blocking(|| nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default())
             .await
             .unwrap_or_default();
-    Ok(Json(
-        workers
-            .iter()
-            .map(|w| {
-                let info = w.info();
-                let gpu = nvml::find(&gpus, &info);
-                DeviceStatus {
-                    kind: info.kind,
-                    index: info.index,
-                    device: w.device.to_string(),
-                    name: info.name.clone(),
-                    uuid: gpu.map(|g| g.uuid.clone()),
-                    total_bytes: gpu.map_or(info.total_bytes, |g| g.total_bytes),
-                    used_bytes: gpu.map_or(info.total_bytes - info.free_bytes, |g| g.used_bytes),
-                    free_bytes: gpu.map_or(info.free_bytes, |g| g.free_bytes),
-                    utilization_percent: gpu.and_then(|g| g.utilization_percent),
-                    temperature_celsius: gpu.and_then(|g| g.temperature_celsius),
-                    other_compute_processes: gpu.map(|g| g.other_compute_processes),
-                    busy: w.is_busy(),
-                    queue_length: w.queue_length(),
-                }
-            })
-            .collect(),
-    ))
+    Ok(workers
+        .iter()
+        .map(|w| {
+            let info = w.info();
+            let gpu = nvml::find(&gpus, &info);
+            DeviceStatus {
+                kind: info.kind,
+                index: info.index,
+                device: w.device.to_string(),
+                name: info.name.clone(),
+                uuid: gpu.map(|g| g.uuid.clone()),
+                total_bytes: gpu.map_or(info.total_bytes, |g| g.total_bytes),
+                used_bytes: gpu.map_or(info.total_bytes - info.free_bytes, |g| g.used_bytes),
+                free_bytes: gpu.map_or(info.free_bytes, |g| g.free_bytes),
+                utilization_percent: gpu.and_then(|g| g.utilization_percent),
+                temperature_celsius: gpu.and_then(|g| g.temperature_celsius),
+                other_compute_processes: gpu.map(|g| g.other_compute_processes(true)),
+                busy: w.is_busy(),
+                queue_length: w.queue_length(),
+            }
+        })
+        .collect())
 }
 
 /// `GET /metrics`

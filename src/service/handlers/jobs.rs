@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use uuid::Uuid;
 
+use super::pages::{job_page, wants_html};
 use crate::service::jobs::{JobDocument, TuneJob};
 use crate::service::openapi::{Conflict, NotFound, Unauthorized};
 use crate::service::problem::Problem;
@@ -42,18 +43,29 @@ fn find_job(state: &AppState, id: &str) -> Result<Arc<TuneJob>, Problem> {
 #[utoipa::path(get, path = "/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "The job's id, as `POST /tune` answered it")),
     responses(
-        (status = 200, description = "The job: its state, the probes so far, and its result or error once finished.",
-         body = JobDocument, headers(("Retry-After" = u64, description = "While the job is queued or running: seconds until it is worth asking again"))),
+        (status = 200, description = "The job: its state, the probes so far, and its result or error once finished; \
+          as an HTML page with its charts when the client accepts `text/html` first.",
+         content(
+             (JobDocument = "application/json"),
+             (String = "text/html"),
+         ),
+         headers(("Retry-After" = u64, description = "While the job is queued or running: seconds until it is worth asking again"))),
         Unauthorized, NotFound,
     ),
     security((), ("bearer" = [])))]
 pub async fn get_job(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let document = state.jobs.document(&*find_job(&state, &id)?);
+    let job = find_job(&state, &id)?;
+    let document = state.jobs.document(&job);
     let finished = document.state.is_finished();
-    let mut response = Json(document).into_response();
+    let mut response = if wants_html(&headers) {
+        job_page(&job, &document).into_response()
+    } else {
+        Json(document).into_response()
+    };
     if !finished {
         response
             .headers_mut()

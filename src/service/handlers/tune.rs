@@ -10,13 +10,11 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::not_ready;
+use super::{job_request, not_ready};
 use crate::device::nvml;
 use crate::device::select::DeviceSpec;
-use crate::job::Job;
 use crate::result::TuneResult;
 use crate::service::jobs::{JobDocument, Joined, TuneJob};
 use crate::service::openapi::{
@@ -42,49 +40,6 @@ pub struct TuneOptions {
     #[serde(default)]
     #[schema(default = false)]
     allow_shared: bool,
-}
-
-/// The body of `POST /tune`: the service's options, and every other key as the job.
-#[derive(Deserialize)]
-struct TuneBody {
-    #[serde(flatten)]
-    options: TuneOptions,
-    #[serde(flatten)]
-    job: serde_json::Map<String, Value>,
-}
-
-/// Splits the body into the service's options and the job (with the config's defaults filled in).
-fn parse_tune_request(body: Value, state: &AppState) -> Result<(TuneOptions, Job), Problem> {
-    if !body.is_object() {
-        return Err(Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "the body must be a JSON object holding a job",
-        ));
-    }
-    let TuneBody { options, mut job } = serde_path_to_error::deserialize(body).map_err(|e| {
-        let field = e.path().to_string();
-        Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("{field}: {}", e.inner()),
-        )
-        .with_field(field)
-    })?;
-    job.entry("headroom")
-        .or_insert_with(|| Value::from(state.config.headroom));
-    if !state.config.search.is_empty() {
-        let search = job
-            .entry("search")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Value::Object(search) = search {
-            for (key, value) in &state.config.search {
-                search.entry(key.clone()).or_insert_with(|| value.clone());
-            }
-        }
-    }
-    let job = Job::from_value(Value::Object(job)).map_err(|e| {
-        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).with_field(e.field)
-    })?;
-    Ok((options, job))
 }
 
 /// The worker a job goes to: the one named, or for `auto` the least busy CUDA device (the host
@@ -122,14 +77,14 @@ fn check_shared(worker: &DeviceWorker, allowed: bool) -> Result<(), Problem> {
         return Ok(());
     };
     match nvml::find(&gpus, &worker.info()) {
-        Some(gpu) if gpu.other_compute_processes > 0 => Err(Problem::typed(
+        Some(gpu) if gpu.other_compute_processes(true) > 0 => Err(Problem::typed(
             StatusCode::CONFLICT,
             "device-shared",
             "Device in use",
             format!(
                 "{} has {} other process(es) with a compute context holding {} bytes; probing it could make them run out of memory. \
                  Send \"allow_shared\": true to probe anyway",
-                worker.device, gpu.other_compute_processes, gpu.used_bytes
+                worker.device, gpu.other_compute_processes(true), gpu.used_bytes
             ),
         )),
         _ => Ok(()),
@@ -143,17 +98,6 @@ fn wants_async(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .is_some_and(|v| {
-            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
-        })
 }
 
 fn accepted(document: JobDocument) -> Response {
@@ -206,19 +150,7 @@ pub async fn tune(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    if !is_json(&headers) {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the job as JSON with Content-Type: application/json",
-        ));
-    }
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-    let (options, job) = parse_tune_request(value, &state)?;
+    let (options, job) = job_request::<TuneOptions>(&headers, &body, &state)?;
     let worker = choose_worker(&state, options.device)?;
     check_shared(&worker, options.allow_shared || state.config.allow_shared)?;
     let cache_key = crate::service::cache::key(&job, &worker.identity);

@@ -1,0 +1,214 @@
+//! GPU what-ifs: the memory model's answer for cards people train on, without probing any.
+//!
+//! Each card's memory is `memory.total` as `nvidia-smi` reports it; the model assumes that much
+//! less a reserve for the CUDA context and driver ([`CONTEXT_RESERVE_BYTES`]) is free, and rounds
+//! every buffer as the CUDA allocator does. These are predictions, never measurements.
+
+use serde::Serialize;
+
+use crate::job::Job;
+use crate::plan::{Allocator, Estimate};
+
+/// Memory assumed taken by the CUDA context and driver before a probe: 1 GiB.
+pub const CONTEXT_RESERVE_BYTES: u64 = 1 << 30;
+
+/// What every what-if says of itself.
+pub const MODEL_NOTE: &str = "memory model only, not a measurement: predicted from the \
+    parameters, optimizer state, batch and activations, each buffer rounded as the CUDA allocator \
+    does, on the card's memory less 1 GiB for the CUDA context. The tests hold the model within \
+    1% of measured limits on the host device and within 3% on the CUDA stand-in; no GPU \
+    measurement has checked it yet (docs/gpu-runs.md)";
+
+/// A card in the catalogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gpu {
+    /// Its common name.
+    pub name: &'static str,
+    /// Memory as `nvidia-smi --query-gpu=memory.total` reports it, MiB.
+    pub memory_mib: u64,
+}
+
+impl Gpu {
+    /// Memory in all, bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// Common training and inference cards.
+pub const CATALOGUE: &[Gpu] = &[
+    Gpu {
+        name: "T4",
+        memory_mib: 15_360,
+    },
+    Gpu {
+        name: "L4",
+        memory_mib: 23_034,
+    },
+    Gpu {
+        name: "A10",
+        memory_mib: 23_028,
+    },
+    Gpu {
+        name: "RTX 4090",
+        memory_mib: 24_564,
+    },
+    Gpu {
+        name: "V100 32GB",
+        memory_mib: 32_768,
+    },
+    Gpu {
+        name: "A100 40GB",
+        memory_mib: 40_960,
+    },
+    Gpu {
+        name: "L40S",
+        memory_mib: 46_068,
+    },
+    Gpu {
+        name: "A100 80GB",
+        memory_mib: 81_920,
+    },
+    Gpu {
+        name: "H100 80GB",
+        memory_mib: 81_559,
+    },
+    Gpu {
+        name: "H100 NVL",
+        memory_mib: 95_830,
+    },
+    Gpu {
+        name: "H200 141GB",
+        memory_mib: 143_771,
+    },
+];
+
+fn normalise(name: &str) -> String {
+    name.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// The card called `name` (any case, spaces and dashes ignored: `h100`, `A100-80GB`), or an
+/// error listing the known names.
+pub fn find(name: &str) -> Result<&'static Gpu, String> {
+    let wanted = normalise(name);
+    if let Some(gpu) = CATALOGUE.iter().find(|g| normalise(g.name) == wanted) {
+        return Ok(gpu);
+    }
+    let matches: Vec<&Gpu> = CATALOGUE
+        .iter()
+        .filter(|g| !wanted.is_empty() && normalise(g.name).starts_with(&wanted))
+        .collect();
+    match matches[..] {
+        [gpu] => Ok(gpu),
+        [] => {
+            let names: Vec<&str> = CATALOGUE.iter().map(|g| g.name).collect();
+            Err(format!("unknown GPU `{name}`; known: {}", names.join(", ")))
+        }
+        _ => {
+            let names: Vec<&str> = matches.iter().map(|g| g.name).collect();
+            Err(format!(
+                "`{name}` could be {}; say which",
+                names.join(" or ")
+            ))
+        }
+    }
+}
+
+/// The memory model's answer for one card.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct GpuEstimate {
+    /// The card.
+    pub gpu: String,
+    /// Its memory in all, bytes.
+    pub total_bytes: u64,
+    /// The largest and recommended batch, when batch size 1 fits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+    /// Why it does not fit, when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub does_not_fit: Option<String>,
+}
+
+/// The estimate of `job` for a device with `total_bytes` of memory, less the context reserve.
+pub fn estimate_for(job: &Job, name: &str, total_bytes: u64) -> GpuEstimate {
+    let free = total_bytes.saturating_sub(CONTEXT_RESERVE_BYTES);
+    let outcome = job.plan().estimate(
+        free,
+        Allocator::CudaPages,
+        job.batch_cap(),
+        job.headroom,
+        job.search.multiple_of,
+    );
+    GpuEstimate {
+        gpu: name.to_string(),
+        total_bytes,
+        does_not_fit: outcome.as_ref().err().map(ToString::to_string),
+        estimate: outcome.ok(),
+    }
+}
+
+/// The estimate of `job` on every card of the catalogue, smallest first.
+pub fn every_gpu(job: &Job) -> Vec<GpuEstimate> {
+    let mut cards: Vec<&Gpu> = CATALOGUE.iter().collect();
+    cards.sort_by_key(|g| g.memory_mib);
+    cards
+        .iter()
+        .map(|g| estimate_for(job, g.name, g.memory_bytes()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_loosely_and_unknown_ones_list_the_catalogue() {
+        assert_eq!(find("h200").unwrap().name, "H200 141GB");
+        assert_eq!(find("A100-80GB").unwrap().name, "A100 80GB");
+        assert_eq!(find("rtx4090").unwrap().name, "RTX 4090");
+        // Ambiguous prefixes are not guessed.
+        let err = find("A100").unwrap_err();
+        assert!(err.contains("A100 40GB or A100 80GB"), "{err}");
+        let err = find("B300").unwrap_err();
+        assert!(
+            err.contains("unknown GPU `B300`") && err.contains("H100 80GB"),
+            "{err}"
+        );
+        assert!(find("").is_err());
+    }
+
+    #[test]
+    fn every_required_card_is_there() {
+        for name in [
+            "A100 40GB",
+            "A100 80GB",
+            "H100 80GB",
+            "H200 141GB",
+            "L4",
+            "L40S",
+            "RTX 4090",
+            "T4",
+        ] {
+            assert!(find(name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_larger_card_holds_a_larger_batch() {
+        let job = crate::job::testing::mlp(&[3, 32, 32], &[128], 10, "adam", "");
+        let rows = every_gpu(&job);
+        assert_eq!(rows.len(), CATALOGUE.len());
+        let sizes: Vec<u64> = rows
+            .iter()
+            .map(|r| r.estimate.as_ref().unwrap().predicted_max_batch_size)
+            .collect();
+        assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
+        let deep = crate::job::testing::mlp(&[1 << 20], &[1 << 14, 1 << 14], 10, "adam", "");
+        let t4 = estimate_for(&deep, "T4", find("T4").unwrap().memory_bytes());
+        assert!(t4.estimate.is_none());
+        assert!(t4.does_not_fit.unwrap().contains("does not fit"));
+    }
+}
