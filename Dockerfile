@@ -17,6 +17,7 @@ RUN mkdir -p src benches \
  && rm -rf src benches
 COPY src src
 COPY kernels kernels
+COPY migrations migrations
 COPY benches benches
 COPY examples examples
 COPY config config
@@ -37,16 +38,20 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends curl \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 headroom \
- && useradd --system --uid 10001 --gid 10001 --no-create-home headroom
+ && useradd --system --uid 10001 --gid 10001 --no-create-home headroom \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/headroom
 COPY --from=build /src/target/release/headroom /usr/local/bin/headroom
 COPY config/default.toml /etc/headroom/config.toml
 COPY examples /usr/share/headroom/examples
 # Numeric, so that the kubelet can verify runAsNonRoot.
 USER 10001:10001
 # Settings come from /etc/headroom/config.toml (mount your own) and HEADROOM_* variables.
-# CUDA_DEVICE_ORDER=PCI_BUS_ID numbers GPUs as nvidia-smi, Slurm and Kubernetes do.
+# CUDA_DEVICE_ORDER=PCI_BUS_ID numbers GPUs as nvidia-smi, Slurm and Kubernetes do. Jobs and
+# results are kept in /var/lib/headroom (mount a volume there), or in PostgreSQL when
+# HEADROOM_STORE says so.
 ENV HEADROOM_BIND=0.0.0.0:8080 \
     HEADROOM_LOG_FORMAT=json \
+    HEADROOM_STORE=sqlite:///var/lib/headroom/headroom.db \
     CUDA_DEVICE_ORDER=PCI_BUS_ID \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

@@ -28,11 +28,23 @@ pub struct Config {
     pub queue_length: usize,
     /// How long `POST /tune` waits for a result before answering 202, seconds.
     pub wait_seconds: u64,
-    /// Finished jobs kept for `GET /jobs`.
+    /// Finished jobs kept in memory for `GET /jobs` (the store keeps more).
     pub job_history: usize,
+    /// Where jobs and results are kept: `sqlite:///path/headroom.db`, `sqlite::memory:`,
+    /// `postgres://user:password@host/db`, or empty for a SQLite file in the state directory.
+    pub store: String,
+    /// This service's name in the store, unique among the services sharing one (empty: the host
+    /// name). A restart under the same name takes over its jobs.
+    pub node_name: String,
+    /// Reuse results other nodes of the store measured on devices identical to this one's.
+    pub share_results: bool,
+    /// Finished jobs older than this many days leave the store.
+    pub retention_days: u64,
+    /// Most finished jobs the store keeps; past it the oldest go.
+    pub retention_jobs: u64,
     /// How long a result is reused for an identical job on an identical device, seconds (0: never).
     pub cache_ttl_seconds: u64,
-    /// Most results kept for reuse; the least used go first.
+    /// Most results kept in memory for reuse; the least used go first (the store keeps all).
     pub cache_capacity: u64,
     /// Largest request body.
     pub body_limit: ByteSize,
@@ -69,6 +81,11 @@ impl Default for Config {
             queue_length: 8,
             wait_seconds: 60,
             job_history: 256,
+            store: String::new(),
+            node_name: String::new(),
+            share_results: true,
+            retention_days: 30,
+            retention_jobs: 100_000,
             cache_ttl_seconds: 3600,
             cache_capacity: 1024,
             body_limit: ByteSize(64 << 10),
@@ -136,6 +153,15 @@ impl Config {
         Ok(config)
     }
 
+    /// This service's node name: the configured one, else the host name.
+    pub fn node(&self) -> String {
+        if self.node_name.is_empty() {
+            gethostname::gethostname().to_string_lossy().into_owned()
+        } else {
+            self.node_name.clone()
+        }
+    }
+
     /// Checks ranges the types cannot express.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.headroom > 0.0 && self.headroom <= 1.0) {
@@ -146,6 +172,17 @@ impl Config {
         }
         if self.queue_length == 0 || self.job_history == 0 {
             return Err("config queue_length and job_history must be at least 1".into());
+        }
+        let backends = ["sqlite:", "postgres://", "postgresql://"];
+        if !(self.store.is_empty() || backends.iter().any(|b| self.store.starts_with(b))) {
+            return Err(format!(
+                "config store must be empty (the default SQLite file), a sqlite: URL or a \
+                 postgres:// URL, got {:?}",
+                self.store
+            ));
+        }
+        if self.retention_days == 0 || self.retention_jobs == 0 {
+            return Err("config retention_days and retention_jobs must be at least 1".into());
         }
         if self.devices.is_empty() {
             return Err("config devices must name at least one device (or \"auto\")".into());

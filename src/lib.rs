@@ -17,7 +17,8 @@
 //! - [`plot`]: SVG charts of memory and throughput against batch size.
 //! - [`result`]: the result JSON shared by the CLI and the service.
 //! - [`parity`]: every kernel family of a device checked against the host reference.
-//! - [`service`]: `headroom serve`: HTTP API, per-device job queues, cache, metrics.
+//! - [`service`]: `headroom serve`: HTTP API, per-device job queues, cache, metrics, and the
+//!   store of jobs and results (SQLite or PostgreSQL) that outlives restarts.
 //! - [`config`]: the service's settings (file, `HEADROOM_*` environment, flags).
 //! - [`cli`]: the commands behind `headroom tune | estimate | probe | doctor | serve`, and their output.
 

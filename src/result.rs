@@ -38,6 +38,12 @@ pub struct TuneResult {
     /// True when the service answered from its cache instead of probing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cached: bool,
+    /// Where the service measured it: its node and device, e.g. `node-17/cuda:0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_on: Option<String>,
+    /// When the service measured it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_at: Option<String>,
 }
 
 /// Why the batch size stopped growing.

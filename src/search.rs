@@ -110,6 +110,8 @@ pub fn tune(
         probes: search.probes,
         elapsed_seconds: started.elapsed().as_secs_f64(),
         cached: false,
+        measured_on: None,
+        measured_at: None,
     })
 }
 

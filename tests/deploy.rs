@@ -112,6 +112,65 @@ fn the_image_builds_with_the_lockfile() {
     }
 }
 
+/// The top-level directories the compiler reads besides `src/`: what `include_str!` and
+/// `sqlx::migrate!` name in the sources.
+fn compiled_in_directories() -> Vec<String> {
+    fn walk(dir: &Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, found);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (macro_name, relative_to) in [
+                ("include_str!(\"", path.parent().unwrap().to_path_buf()),
+                ("migrate!(\"", repository().to_path_buf()),
+            ] {
+                for rest in text.split(macro_name).skip(1) {
+                    let target = relative_to.join(rest.split('"').next().unwrap());
+                    let target = target.canonicalize().unwrap();
+                    let top = target
+                        .strip_prefix(repository().canonicalize().unwrap())
+                        .unwrap();
+                    let top = top
+                        .components()
+                        .next()
+                        .unwrap()
+                        .as_os_str()
+                        .to_string_lossy();
+                    if !found.contains(&top.to_string()) {
+                        found.push(top.to_string());
+                    }
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(&repository().join("src"), &mut found);
+    found
+}
+
+#[test]
+fn the_image_copies_what_the_compiler_reads_and_keeps_its_store_on_a_volume() {
+    let dockerfile = read("Dockerfile");
+    let directories = compiled_in_directories();
+    for needed in ["kernels", "migrations"] {
+        assert!(directories.iter().any(|d| d == needed), "{directories:?}");
+    }
+    for directory in directories {
+        assert!(
+            dockerfile.contains(&format!("COPY {directory} {directory}")),
+            "the sources compile in {directory}/, which the Dockerfile does not copy"
+        );
+    }
+    let store = "HEADROOM_STORE=sqlite:///var/lib/headroom/headroom.db";
+    assert!(dockerfile.contains(store));
+    assert!(dockerfile.contains("install -d -o 10001 -g 10001 -m 0750 /var/lib/headroom"));
+    let unit = read("deploy/systemd/headroom.service");
+    assert!(unit.contains("StateDirectory=headroom") && unit.contains(store));
+}
+
 /// Every document of the YAML files, as JSON, read by PyYAML from the project's Python tools.
 fn yaml_documents(files: &[&str]) -> Option<Vec<(String, Value)>> {
     let python = support::python_tool("python3")?;
@@ -204,6 +263,35 @@ fn every_kubernetes_manifest_validates_and_suits_a_gpu_node_agent() {
     assert_eq!(context["allowPrivilegeEscalation"], false);
     assert_eq!(context["readOnlyRootFilesystem"], true);
     assert_eq!(context["capabilities"]["drop"], json!(["ALL"]));
+    let variable = |name: &str| {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .clone()
+    };
+    assert_eq!(
+        variable("HEADROOM_NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName",
+        "a new pod on the node must take over its predecessor's jobs"
+    );
+    assert_eq!(
+        variable("HEADROOM_STORE")["valueFrom"]["secretKeyRef"]["optional"],
+        true
+    );
+    let state = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/var/lib/headroom")
+        .expect("the SQLite store is on a volume, not the read-only root");
+    assert!(pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == state["name"]));
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
 

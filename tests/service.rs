@@ -70,6 +70,7 @@ fn host_config() -> Config {
     Config {
         devices: vec![DeviceSpec::Host],
         host_memory: bytesize::ByteSize::mib(16),
+        store: "sqlite::memory:".into(),
         ..Config::default()
     }
 }
@@ -495,7 +496,7 @@ fn sigterm_with_a_job_running_shuts_down_cleanly() {
         .wait_until_running(answer.body["id"].as_str().unwrap());
     assert!(server.terminate(), "{}", server.log());
     let log = server.log();
-    assert!(log.contains("cancelling jobs"), "{log}");
+    assert!(log.contains("stopping jobs"), "{log}");
     assert!(log.contains("device released"), "{log}");
     assert!(log.contains("released=true"), "{log}");
 }

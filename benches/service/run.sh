@@ -2,13 +2,18 @@
 # Service load benchmark on loopback: requests/s and latency of a cached POST /tune and of
 # GET /metrics under 64 connections, and the server's resident memory at rest and under load.
 # Needs wrk (Debian package) and a release build: cargo build --release; bash benches/service/run.sh
+# The store is a fresh SQLite file unless HEADROOM_STORE names one (e.g. postgres://...);
+# BIN=path runs another build (e.g. one from before a change, for comparison).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 port=${PORT:-18090}
 duration=${DURATION:-10s}
-./target/release/headroom serve --bind "127.0.0.1:$port" --device host 2>/dev/null &
+scratch=$(mktemp -d)
+export HEADROOM_STORE=${HEADROOM_STORE:-sqlite://$scratch/headroom.db}
+echo "store: ${HEADROOM_STORE%%@*}"
+"${BIN:-./target/release/headroom}" serve --bind "127.0.0.1:$port" --device host 2>/dev/null &
 server=$!
-trap 'kill $server 2>/dev/null' EXIT
+trap 'kill $server 2>/dev/null; rm -rf "$scratch"' EXIT
 until curl -fs "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
 rss() { awk '/VmRSS/ {print $2 " kB"}' "/proc/$server/status"; }
 echo "memory at rest: $(rss)"

@@ -74,7 +74,7 @@ pub fn serve_command(config_file: Option<&Path>, overrides: ServeOverrides) -> E
         };
         match crate::service::serve(config, listener, crate::service::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(EXIT_FAILURE, format!("the server stopped: {e}")),
+            Err(e) => fail(EXIT_FAILURE, e.to_string()),
         }
     })
 }

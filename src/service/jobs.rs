@@ -13,6 +13,8 @@ use uuid::Uuid;
 
 use super::lock;
 use super::problem::Problem;
+use super::store::journal::Journal;
+use super::store::StoredJob;
 use crate::device::select::DeviceSpec;
 use crate::job::Job;
 use crate::result::{Probe, TuneResult};
@@ -32,6 +34,9 @@ pub enum JobState {
     Failed,
     /// Cancelled before it finished.
     Cancelled,
+    /// Running when the service stopped (a crash, a kill, a node drain): the probes it had are
+    /// kept; submit it again for an answer.
+    Interrupted,
 }
 
 impl JobState {
@@ -43,15 +48,13 @@ impl JobState {
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
+            JobState::Interrupted => "interrupted",
         }
     }
 
     /// Whether the job will not change any more.
     pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
+        !matches!(self, JobState::Queued | JobState::Running)
     }
 }
 
@@ -97,11 +100,13 @@ pub struct JobDocument {
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEnd {
     /// The search answered.
-    Succeeded(TuneResult),
+    Succeeded(Box<TuneResult>),
     /// The search gave no answer.
     Failed(Problem),
-    /// Cancelled by a client or by shutdown.
+    /// Cancelled by a client.
     Cancelled,
+    /// Stopped because the service stopped.
+    Interrupted,
 }
 
 impl JobEnd {
@@ -111,17 +116,40 @@ impl JobEnd {
             JobEnd::Succeeded(_) => JobState::Succeeded,
             JobEnd::Failed(_) => JobState::Failed,
             JobEnd::Cancelled => JobState::Cancelled,
+            JobEnd::Interrupted => JobState::Interrupted,
         }
     }
 }
 
-fn now() -> String {
+/// The error of a job that was running when the service stopped.
+pub fn interrupted() -> Problem {
+    Problem::typed(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "interrupted",
+        "Interrupted",
+        "the service stopped while this job ran; its probes so far are kept. Submit the job \
+         again for an answer",
+    )
+}
+
+/// The time now, RFC 3339.
+pub(crate) fn now() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .expect("RFC 3339 formats any UTC time")
 }
 
-/// One job: its specification, its document, a cancel flag and a finished signal.
+/// Where a job's changes go: the store's journal, under the node that runs the job.
+#[derive(Clone)]
+pub struct Recorder {
+    /// The store's writer.
+    pub journal: Journal,
+    /// This service's node name.
+    pub node: Arc<str>,
+}
+
+/// One job: its specification, its document, a cancel flag and a finished signal. Every change
+/// of its document goes to its recorder, if it has one.
 pub struct TuneJob {
     /// The job's id.
     pub id: Uuid,
@@ -131,37 +159,89 @@ pub struct TuneJob {
     pub cache_key: String,
     document: Mutex<JobDocument>,
     cancel: AtomicBool,
+    /// Set at shutdown: a queued job stays queued (in the store, for the next start), a running
+    /// one stops after its probe as interrupted.
+    shutting_down: AtomicBool,
     finished: watch::Sender<bool>,
+    recorder: Option<Recorder>,
+    /// The normalised job (JSON), as the store keeps it.
+    request: String,
 }
 
 impl TuneJob {
     /// A new queued job for `device`.
-    pub fn new(spec: Job, device: DeviceSpec, cache_key: String) -> Arc<TuneJob> {
+    pub fn new(
+        spec: Job,
+        device: DeviceSpec,
+        cache_key: String,
+        recorder: Option<Recorder>,
+    ) -> Arc<TuneJob> {
         let id = Uuid::new_v4();
+        let document = JobDocument {
+            id: id.to_string(),
+            state: JobState::Queued,
+            device,
+            queue_position: None,
+            progress: Progress { probes: Vec::new() },
+            result: None,
+            error: None,
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+        };
+        Self::with_document(id, spec, cache_key, document, recorder)
+    }
+
+    /// A queued job the store kept across a restart, with its id and times.
+    pub fn restore(
+        id: Uuid,
+        spec: Job,
+        stored: StoredJob,
+        recorder: Option<Recorder>,
+    ) -> Arc<TuneJob> {
+        Self::with_document(id, spec, stored.cache_key, stored.document, recorder)
+    }
+
+    fn with_document(
+        id: Uuid,
+        spec: Job,
+        cache_key: String,
+        document: JobDocument,
+        recorder: Option<Recorder>,
+    ) -> Arc<TuneJob> {
         Arc::new(TuneJob {
             id,
+            request: serde_json::to_string(&spec).expect("jobs serialise"),
             spec,
             cache_key,
-            document: Mutex::new(JobDocument {
-                id: id.to_string(),
-                state: JobState::Queued,
-                device,
-                queue_position: None,
-                progress: Progress { probes: Vec::new() },
-                result: None,
-                error: None,
-                created_at: now(),
-                started_at: None,
-                finished_at: None,
-            }),
+            document: Mutex::new(document),
             cancel: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
             finished: watch::channel(false).0,
+            recorder,
         })
     }
 
     /// A snapshot of the document.
     pub fn document(&self) -> JobDocument {
         self.lock().clone()
+    }
+
+    /// Sends the job as it is now to the store.
+    pub fn record(&self) {
+        self.send(&self.lock());
+    }
+
+    /// Sends `document` (this job's, its lock held: changes reach the journal in order).
+    fn send(&self, document: &JobDocument) {
+        if let Some(recorder) = &self.recorder {
+            recorder.journal.job(StoredJob {
+                node: recorder.node.to_string(),
+                request: self.request.clone(),
+                cache_key: self.cache_key.clone(),
+                document: document.clone(),
+            });
+        }
     }
 
     /// The current state.
@@ -178,9 +258,13 @@ impl TuneJob {
         self.lock().device
     }
 
-    /// Marks the job running, unless it was cancelled while queued; returns whether to run it.
+    /// Marks the job running, unless it was cancelled while queued or the service is stopping;
+    /// returns whether to run it.
     pub fn start(&self) -> bool {
         let mut doc = self.lock();
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return false;
+        }
         if doc.state != JobState::Queued || self.cancel.load(Ordering::SeqCst) {
             drop(doc);
             self.finish(JobEnd::Cancelled);
@@ -188,12 +272,15 @@ impl TuneJob {
         }
         doc.state = JobState::Running;
         doc.started_at = Some(now());
+        self.send(&doc);
         true
     }
 
     /// Records a probe as it finishes.
     pub fn record_probe(&self, probe: &Probe) {
-        self.lock().progress.probes.push(probe.clone());
+        let mut doc = self.lock();
+        doc.progress.probes.push(probe.clone());
+        self.send(&doc);
     }
 
     /// Asks the job to stop: at once if queued, after its current probe if running. Returns
@@ -212,6 +299,25 @@ impl TuneJob {
         self.cancel.load(Ordering::SeqCst)
     }
 
+    /// The service is stopping: a queued job is left queued for the next start, a running one
+    /// stops after its current probe.
+    pub fn stop_for_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.cancel.store(true, Ordering::SeqCst);
+        // Wakes the requests waiting for the job: it will not finish in this process.
+        self.finished.send_modify(|_| {});
+    }
+
+    /// How a search that stopped at this job's request ends: cancelled by a client, or
+    /// interrupted by shutdown.
+    pub fn stopped(&self) -> JobEnd {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            JobEnd::Interrupted
+        } else {
+            JobEnd::Cancelled
+        }
+    }
+
     /// Finishes the job (once; later calls are ignored) and wakes everyone waiting for it.
     pub fn finish(&self, end: JobEnd) {
         {
@@ -221,22 +327,25 @@ impl TuneJob {
             }
             doc.state = end.state();
             match end {
-                JobEnd::Succeeded(result) => doc.result = Some(result),
+                JobEnd::Succeeded(result) => doc.result = Some(*result),
                 JobEnd::Failed(problem) => doc.error = Some(problem),
                 JobEnd::Cancelled => doc.error = Some(Problem::of_search(&TuneError::Cancelled)),
+                JobEnd::Interrupted => doc.error = Some(interrupted()),
             }
             doc.finished_at = Some(now());
             doc.queue_position = None;
+            self.send(&doc);
         }
         self.finished.send_replace(true);
     }
 
-    /// Waits until the job finishes or `timeout` passes; returns whether it finished.
+    /// Waits until the job finishes, the service begins to stop, or `timeout` passes; returns
+    /// whether it finished.
     pub async fn wait(&self, timeout: std::time::Duration) -> bool {
         let mut finished = self.finished.subscribe();
-        tokio::time::timeout(timeout, finished.wait_for(|done| *done))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let stopping = || self.shutting_down.load(Ordering::SeqCst);
+        let _ = tokio::time::timeout(timeout, finished.wait_for(|done| *done || stopping())).await;
+        self.state().is_finished()
     }
 }
 
@@ -321,6 +430,11 @@ impl JobStore {
         Ok(Joined::New(job))
     }
 
+    /// Adds a job kept across a restart, to be queued again by the caller.
+    pub fn restore(&self, job: Arc<TuneJob>) {
+        Self::push(&mut self.lock(), job, self.history);
+    }
+
     /// Adds a job, dropping the oldest finished jobs past the history.
     fn push(inner: &mut StoreInner, job: Arc<TuneJob>, history: usize) {
         inner.order.push_back(job.id);
@@ -374,7 +488,7 @@ mod tests {
     fn history_drops_only_finished_jobs_oldest_first() {
         let store = JobStore::new(2);
         let jobs: Vec<_> = (0..4)
-            .map(|i| TuneJob::new(job(), DeviceSpec::Host, format!("job {i}")))
+            .map(|i| TuneJob::new(job(), DeviceSpec::Host, format!("job {i}"), None))
             .collect();
         jobs[0].finish(JobEnd::Cancelled);
         for j in &jobs {
@@ -388,7 +502,7 @@ mod tests {
 
     #[test]
     fn a_queued_job_cancels_at_once_and_finishes_once() {
-        let j = TuneJob::new(job(), DeviceSpec::Host, String::new());
+        let j = TuneJob::new(job(), DeviceSpec::Host, String::new(), None);
         assert!(j.cancel());
         assert_eq!(j.state(), JobState::Cancelled);
         assert!(!j.start());
@@ -403,7 +517,7 @@ mod tests {
         let store = JobStore::new(8);
         let add = |device, key: &str| {
             let queued = |_: &Arc<TuneJob>| Ok::<(), ()>(());
-            store.insert_or_join(TuneJob::new(job(), device, key.into()), queued)
+            store.insert_or_join(TuneJob::new(job(), device, key.into(), None), queued)
         };
         let is_new = |joined: Result<Joined, ()>| matches!(joined, Ok(Joined::New(_)));
         let Ok(Joined::New(first)) = add(DeviceSpec::Host, "key") else {
@@ -417,10 +531,10 @@ mod tests {
         assert!(is_new(add(DeviceSpec::Host, "other key")));
         first.finish(JobEnd::Cancelled);
         assert!(is_new(add(DeviceSpec::Host, "key")));
-        let refused = store
-            .insert_or_join(TuneJob::new(job(), DeviceSpec::Host, "full".into()), |_| {
-                Err("full")
-            });
+        let refused = store.insert_or_join(
+            TuneJob::new(job(), DeviceSpec::Host, "full".into(), None),
+            |_| Err("full"),
+        );
         assert!(matches!(refused, Err("full")));
         assert_eq!(store.recent().len(), 4, "a refused job is not kept");
     }
@@ -428,7 +542,7 @@ mod tests {
     #[test]
     fn a_queued_job_knows_how_many_wait_before_it_on_its_device() {
         let store = JobStore::new(8);
-        let on = |device, key: &str| TuneJob::new(job(), device, key.into());
+        let on = |device, key: &str| TuneJob::new(job(), device, key.into(), None);
         let jobs = [
             on(DeviceSpec::Host, "a"),
             on(DeviceSpec::Cuda(0), "b"),

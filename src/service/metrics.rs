@@ -78,6 +78,7 @@ pub struct Metrics {
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     single_flight_joins: IntCounter,
+    store_errors: IntCounterVec,
     memory_total: IntGaugeVec,
     memory_used: IntGaugeVec,
     last_max_batch_size: IntGaugeVec,
@@ -170,6 +171,11 @@ impl Metrics {
                 "Requests that joined an identical job already queued or running",
             ))
             .expect("valid metric"),
+            store_errors: counter(
+                "store_errors_total",
+                "Store operations that failed, by operation",
+                &["operation"],
+            ),
             memory_total: gauge(
                 "device_memory_total_bytes",
                 "GPU memory in all",
@@ -211,6 +217,7 @@ impl Metrics {
             Box::new(metrics.cache_hits.clone()),
             Box::new(metrics.cache_misses.clone()),
             Box::new(metrics.single_flight_joins.clone()),
+            Box::new(metrics.store_errors.clone()),
             Box::new(metrics.memory_total.clone()),
             Box::new(metrics.memory_used.clone()),
             Box::new(metrics.last_max_batch_size.clone()),
@@ -291,6 +298,11 @@ impl Metrics {
     /// A request that joined an identical job in flight.
     pub fn single_flight_join(&self) {
         self.single_flight_joins.inc();
+    }
+
+    /// Counts a failed store operation.
+    pub fn store_error(&self, operation: &str) {
+        self.store_errors.with_label_values(&[operation]).inc();
     }
 
     /// A GPU's memory, as NVML reports it.

@@ -3,6 +3,7 @@
 //! - [`handlers`]: the routes; [`problem`]: RFC 9457 errors.
 //! - [`jobs`]: job lifecycle and history; [`workers`]: one queue and thread per device.
 //! - [`cache`]: reuse of finished results; [`metrics`]: the Prometheus registry.
+//! - [`store`]: jobs and results across restarts and nodes; [`recovery`]: a start over it.
 //! - [`openapi`]: the OpenAPI 3 document served at `/openapi.json`.
 
 pub mod cache;
@@ -11,6 +12,8 @@ pub mod jobs;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;
+pub mod recovery;
+pub mod store;
 pub mod workers;
 
 use std::future::Future;
@@ -35,35 +38,61 @@ use utoipa_axum::routes;
 use crate::config::Config;
 use crate::device::select::{self, DeviceSpec};
 use crate::device::{cuda, nvml};
-use cache::ResultCache;
-use jobs::JobStore;
+use cache::{ResultCache, SharedResults};
+use jobs::{JobStore, Recorder};
 use metrics::Metrics;
 use problem::Problem;
+use store::journal::{Journal, StoreHealth};
+use store::{Retention, Store, StoreError, StoredJob};
 use workers::{DeviceWorker, WorkerContext};
 
 /// Everything the handlers share.
 pub struct AppState {
     /// The settings in force.
     pub config: Config,
-    /// Jobs, recent first.
+    /// This service's node name in the store.
+    pub node: Arc<str>,
+    /// Jobs in memory: every unfinished one and the recently finished, recent first.
     pub jobs: JobStore,
-    /// Finished results.
+    /// Finished results, in memory and in the store.
     pub cache: Arc<ResultCache>,
+    /// Where jobs and results are kept.
+    pub store: Arc<dyn Store>,
+    /// The store's writer.
+    pub journal: Journal,
+    /// Whether the store works.
+    pub store_health: Arc<StoreHealth>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     workers: OnceLock<Vec<Arc<DeviceWorker>>>,
 }
 
 impl AppState {
-    /// State with no devices open yet.
-    pub fn new(config: Config) -> Arc<AppState> {
+    /// State over `store`, with no devices open yet; starts the store's writer on the current
+    /// tokio runtime.
+    pub fn new(config: Config, store: Arc<dyn Store>) -> Arc<AppState> {
+        let metrics = Arc::new(Metrics::new());
+        let store_health = Arc::new(StoreHealth::new(Arc::clone(&metrics)));
+        let ttl = Duration::from_secs(config.cache_ttl_seconds);
+        let retention = Retention {
+            max_age: Duration::from_secs(config.retention_days.saturating_mul(86_400)),
+            max_jobs: config.retention_jobs,
+            result_ttl: ttl,
+        };
+        let journal = Journal::start(Arc::clone(&store), Arc::clone(&store_health), retention);
+        let shared = SharedResults {
+            store: Arc::clone(&store),
+            journal: journal.clone(),
+            health: Arc::clone(&store_health),
+        };
         Arc::new(AppState {
+            node: config.node().into(),
             jobs: JobStore::new(config.job_history),
-            cache: Arc::new(ResultCache::new(
-                Duration::from_secs(config.cache_ttl_seconds),
-                config.cache_capacity,
-            )),
-            metrics: Arc::new(Metrics::new()),
+            cache: Arc::new(ResultCache::new(ttl, config.cache_capacity, Some(shared))),
+            store,
+            journal,
+            store_health,
+            metrics,
             workers: OnceLock::new(),
             config,
         })
@@ -72,6 +101,24 @@ impl AppState {
     /// The device workers, once the devices are open.
     pub fn workers(&self) -> Option<&[Arc<DeviceWorker>]> {
         self.workers.get().map(Vec::as_slice)
+    }
+
+    /// What a job's changes are recorded with.
+    pub fn recorder(&self) -> Recorder {
+        Recorder {
+            journal: self.journal.clone(),
+            node: Arc::clone(&self.node),
+        }
+    }
+
+    /// The result-cache key of `job` on `worker`'s device: shared by every node with an
+    /// identical device, or this node's alone when results are not shared.
+    pub fn cache_key(&self, job: &crate::job::Job, worker: &DeviceWorker) -> String {
+        if self.config.share_results {
+            cache::key(job, &worker.identity)
+        } else {
+            cache::key(job, &format!("{}|{}", worker.identity, self.node))
+        }
     }
 
     /// Opens the configured devices (compiling kernels for GPUs) and starts their workers, one
@@ -94,6 +141,7 @@ impl AppState {
             let context = WorkerContext {
                 cache: Arc::clone(&self.cache),
                 metrics: Arc::clone(&self.metrics),
+                node: Arc::clone(&self.node),
             };
             let nvml_index = nvml::find(&gpus, &opened.device.info()).map(|g| g.index);
             workers.push(DeviceWorker::start(
@@ -110,13 +158,27 @@ impl AppState {
             .map_err(|_| "devices were already opened".to_string())
     }
 
-    /// Cancels queued and running jobs and stops the workers taking more.
+    /// Queues again the jobs that were queued when this node last stopped, oldest first, each
+    /// waiting for room in its device's queue. A job whose device is no longer served, or that
+    /// no longer validates, fails saying so.
+    pub fn requeue(&self, queued: Vec<StoredJob>) {
+        for stored in queued {
+            let id = stored.document.id.clone();
+            match recovery::requeue(self, stored) {
+                Ok(()) => tracing::info!(job = %id, "queued again after the restart"),
+                Err(reason) => tracing::warn!(job = %id, %reason, "not run after the restart"),
+            }
+        }
+    }
+
+    /// Stops the workers taking jobs and the running ones after their probe; queued jobs stay
+    /// queued in the store, for the next start.
     pub fn begin_shutdown(&self) {
         for worker in self.workers().unwrap_or_default() {
             worker.close();
         }
         for job in self.jobs.recent() {
-            job.cancel();
+            job.stop_for_shutdown();
         }
     }
 
@@ -173,15 +235,15 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Every route, declared once for axum and the OpenAPI document alike. `/tune` and `/jobs` sit
 /// behind the bearer token.
-fn api_routes(state: &Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
+fn api_routes(token: &str) -> OpenApiRouter<Arc<AppState>> {
+    let token: Arc<str> = token.into();
     let protected = OpenApiRouter::new()
         .routes(routes!(handlers::tune::tune))
         .routes(routes!(handlers::jobs::list_jobs))
         .routes(routes!(handlers::jobs::get_job, handlers::jobs::cancel_job))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(state),
-            require_token,
-        ));
+        .route_layer(middleware::from_fn(move |request, next| {
+            require_token(Arc::clone(&token), request, next)
+        }));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(protected)
         .routes(routes!(handlers::estimate::estimate))
@@ -194,12 +256,12 @@ fn api_routes(state: &Arc<AppState>) -> OpenApiRouter<Arc<AppState>> {
 
 /// The OpenAPI document of the service, as `/openapi.json` serves it.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    api_routes(&AppState::new(Config::default())).into_openapi()
+    api_routes("").into_openapi()
 }
 
 /// The router with every route and layer.
 pub fn router(state: Arc<AppState>) -> Router {
-    let (routes, document) = api_routes(&state).split_for_parts();
+    let (routes, document) = api_routes(&state.config.token).split_for_parts();
     let document = axum::body::Bytes::from(
         serde_json::to_vec(&document).expect("the OpenAPI document serialises"),
     );
@@ -239,12 +301,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Bearer-token check for `/tune` and `/jobs`, in constant time.
-async fn require_token(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let expected = state.config.token.as_bytes();
+async fn require_token(token: Arc<str>, request: Request, next: Next) -> Response {
+    let expected = token.as_bytes();
     if expected.is_empty() {
         return next.run(request).await;
     }
@@ -375,23 +433,45 @@ async fn as_problem(response: Response, state: &AppState) -> Response {
     problem
 }
 
-/// Serves on `listener` until `shutdown` resolves, then cancels jobs, lets a running probe
-/// finish (bounded by the config's grace) and frees the devices.
+/// Why the service stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened or taken over at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Serving failed.
+    #[error("the server stopped: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How long shutdown waits for the store to take the last writes.
+const STORE_FLUSH: Duration = Duration::from_secs(10);
+
+/// Opens the store and takes over this node's jobs from before, then serves on `listener`
+/// until `shutdown` resolves: stops taking jobs, lets a running probe finish (bounded by the
+/// config's grace), frees the devices and writes the last changes to the store.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
-    let state = AppState::new(config);
+    let store: Arc<dyn Store> = Arc::new(store::sql::open(&config.store).await?);
+    tracing::info!(store = store.describe(), "store open");
+    let recovered = recovery::take_over(store.as_ref(), &config.node()).await?;
+    let state = AppState::new(config, store);
     let opening = Arc::clone(&state);
-    let opened = tokio::task::spawn_blocking(move || opening.open_devices());
+    let opened = tokio::task::spawn_blocking(move || {
+        opening.open_devices()?;
+        opening.requeue(recovered.queued);
+        Ok::<(), String>(())
+    });
     let stopping = Arc::clone(&state);
     let app = router(Arc::clone(&state));
     tracing::info!(address = %listener.local_addr()?, "listening");
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
-        tracing::info!("shutting down: cancelling jobs");
+        tracing::info!("shutting down: stopping jobs; queued ones stay queued for the next start");
         stopping.begin_shutdown();
     });
     server.await?;
@@ -400,10 +480,12 @@ pub async fn serve(
         Err(e) => tracing::error!("opening devices panicked: {e}"),
         Ok(Ok(())) => {}
     }
-    let released = tokio::task::spawn_blocking(move || state.finish_shutdown(grace))
+    let finishing = Arc::clone(&state);
+    let released = tokio::task::spawn_blocking(move || finishing.finish_shutdown(grace))
         .await
         .unwrap_or(false);
-    tracing::info!(released, "stopped");
+    let stored = state.journal.flush(STORE_FLUSH).await;
+    tracing::info!(released, stored, "stopped");
     Ok(())
 }
 

@@ -33,6 +33,8 @@ pub struct WorkerContext {
     pub cache: Arc<ResultCache>,
     /// Where measurements go.
     pub metrics: Arc<Metrics>,
+    /// This service's node name, for a result's `measured_on`.
+    pub node: Arc<str>,
 }
 
 /// A device, its queue and its worker thread.
@@ -129,6 +131,19 @@ impl DeviceWorker {
         }
     }
 
+    /// Queues a job, waiting for room in the queue (for jobs kept across a restart: they were
+    /// accepted already).
+    pub fn enqueue_waiting(&self, job: Arc<TuneJob>) -> Result<(), String> {
+        let sender = lock(&self.sender).clone();
+        let closed = || format!("{} stopped taking jobs", self.device);
+        let sender = sender.ok_or_else(closed)?;
+        self.count_queued(true);
+        sender.send(job).map_err(|_| {
+            self.count_queued(false);
+            closed()
+        })
+    }
+
     /// Jobs waiting.
     pub fn queue_length(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
@@ -194,7 +209,9 @@ impl DeviceWorker {
             }
         };
         let end = match tune(&job.spec, device, &mut observe) {
-            Ok(result) => {
+            Ok(mut result) => {
+                result.measured_on = Some(format!("{}/{}", self.context.node, self.device));
+                result.measured_at = Some(super::jobs::now());
                 metrics.last_batch_sizes(
                     &self.labels,
                     result.max_batch_size,
@@ -203,9 +220,9 @@ impl DeviceWorker {
                 self.context
                     .cache
                     .insert(job.cache_key.clone(), result.clone());
-                JobEnd::Succeeded(result)
+                JobEnd::Succeeded(Box::new(result))
             }
-            Err(TuneError::Cancelled) => JobEnd::Cancelled,
+            Err(TuneError::Cancelled) => job.stopped(),
             Err(err) => JobEnd::Failed(Problem::of_search(&err)),
         };
         // Everything about the job is recorded before it is finished: a client woken by the

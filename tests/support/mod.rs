@@ -4,6 +4,7 @@
 //! Each test binary uses part of this module.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod standin;
 
 use std::io::{BufRead, BufReader};
@@ -241,7 +242,7 @@ impl Http {
             assert_eq!(status, 200, "{job}");
             if matches!(
                 job["state"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
+                Some("succeeded" | "failed" | "cancelled" | "interrupted")
             ) {
                 return job;
             }
@@ -269,8 +270,12 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `command` (a `headroom serve` without `--bind`) and waits until it is ready.
+    /// Starts `command` (a `headroom serve` without `--bind`) and waits until it is ready. Its
+    /// store is in memory unless the command names one.
     pub fn start(mut command: Command) -> ServerProcess {
+        if !command.get_envs().any(|(name, _)| name == "HEADROOM_STORE") {
+            command.env("HEADROOM_STORE", "sqlite::memory:");
+        }
         let mut child = command
             .args(["--bind", "127.0.0.1:0"])
             .stderr(Stdio::piped())
@@ -325,6 +330,12 @@ impl ServerProcess {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kills the process at once (SIGKILL: no shutdown of any kind) and waits for it.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Every log line so far.

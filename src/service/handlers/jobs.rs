@@ -9,9 +9,12 @@ use axum::Json;
 use uuid::Uuid;
 
 use super::pages::{job_page, wants_html};
+use crate::job::Job;
 use crate::service::jobs::{JobDocument, TuneJob};
-use crate::service::openapi::{Conflict, NotFound, Unauthorized};
+use crate::service::openapi::{Conflict, NotFound, Unauthorized, Unavailable};
 use crate::service::problem::Problem;
+use crate::service::store::journal::Direction;
+use crate::service::store::StoredJob;
 use crate::service::AppState;
 
 /// How often a client following an unfinished job should look again, seconds.
@@ -26,17 +29,65 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
     })
 }
 
-fn find_job(state: &AppState, id: &str) -> Result<Arc<TuneJob>, Problem> {
+/// A job as this service knows it: live in memory, or only in the store (finished before a
+/// restart, or another node's).
+enum Found {
+    Live(Arc<TuneJob>),
+    Stored(Box<StoredJob>),
+}
+
+async fn find_job(state: &AppState, id: &str) -> Result<Found, Problem> {
     let uuid = parse_id(id)?;
-    state.jobs.get(uuid).ok_or_else(|| {
-        Problem::new(
+    if let Some(job) = state.jobs.get(uuid) {
+        return Ok(Found::Live(job));
+    }
+    let stored = state.store.job(uuid).await;
+    state
+        .store_health
+        .record(Direction::Read, "read_job", &stored);
+    match stored {
+        Ok(Some(job)) => Ok(Found::Stored(Box::new(job))),
+        Ok(None) => Err(Problem::new(
             StatusCode::NOT_FOUND,
             format!(
-                "no job {id}; finished jobs are kept for the last {} jobs",
-                state.config.job_history
+                "no job {id}; the store keeps finished jobs for {} days, at most {} of them",
+                state.config.retention_days, state.config.retention_jobs
             ),
+        )),
+        Err(e) => Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("job {id} is not in memory, and the store cannot be read now: {e}"),
         )
-    })
+        .retry_after(5)),
+    }
+}
+
+/// The jobs of this node, newest first: those in memory, then the store's, `job_history` in
+/// all at most (unfinished ones always shown). The store's are left out while reading it fails.
+pub async fn recent_documents(state: &AppState) -> Vec<JobDocument> {
+    let mut documents: Vec<JobDocument> = state
+        .jobs
+        .recent()
+        .iter()
+        .map(|j| state.jobs.document(j))
+        .collect();
+    let limit = state.config.job_history;
+    if documents.len() < limit && !state.store_health.failing(Direction::Read) {
+        let stored = state.store.recent_jobs(&state.node, limit).await;
+        state
+            .store_health
+            .record(Direction::Read, "read_jobs", &stored);
+        for document in stored.unwrap_or_default() {
+            if documents.len() >= limit {
+                break;
+            }
+            if !documents.iter().any(|d| d.id == document.id) {
+                documents.push(document);
+            }
+        }
+    }
+    documents.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    documents
 }
 
 /// `GET /jobs/{id}`: a job's state, the probes so far, its result or error.
@@ -50,7 +101,7 @@ fn find_job(state: &AppState, id: &str) -> Result<Arc<TuneJob>, Problem> {
              (String = "text/html"),
          ),
          headers(("Retry-After" = u64, description = "While the job is queued or running: seconds until it is worth asking again"))),
-        Unauthorized, NotFound,
+        Unauthorized, NotFound, Unavailable,
     ),
     security((), ("bearer" = [])))]
 pub async fn get_job(
@@ -58,11 +109,13 @@ pub async fn get_job(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let job = find_job(&state, &id)?;
-    let document = state.jobs.document(&job);
+    let (document, spec) = match find_job(&state, &id).await? {
+        Found::Live(job) => (state.jobs.document(&job), Some(job.spec.clone())),
+        Found::Stored(stored) => (stored.document, Job::from_json(&stored.request).ok()),
+    };
     let finished = document.state.is_finished();
     let mut response = if wants_html(&headers) {
-        job_page(&job, &document).into_response()
+        job_page(spec.as_ref(), &document).into_response()
     } else {
         Json(document).into_response()
     };
@@ -79,14 +132,31 @@ pub async fn get_job(
     params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 202, description = "Cancelling: a queued job is cancelled at once, a running one after its current probe.", body = JobDocument),
-        Unauthorized, NotFound, Conflict,
+        Unauthorized, NotFound, Conflict, Unavailable,
     ),
     security((), ("bearer" = [])))]
 pub async fn cancel_job(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    let job = find_job(&state, &id)?;
+    let job = match find_job(&state, &id).await? {
+        Found::Live(job) => job,
+        Found::Stored(stored) if stored.document.state.is_finished() => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "job {id} has already finished ({})",
+                    stored.document.state.label()
+                ),
+            ))
+        }
+        Found::Stored(stored) => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                format!("job {id} runs on node {}; cancel it there", stored.node),
+            ))
+        }
+    };
     if !job.cancel() {
         return Err(Problem::new(
             StatusCode::CONFLICT,
@@ -99,17 +169,10 @@ pub async fn cancel_job(
 /// `GET /jobs`: the jobs the service knows, newest first.
 #[utoipa::path(get, path = "/jobs", tag = "jobs",
     responses(
-        (status = 200, description = "Queued, running and recently finished jobs, newest first.", body = Vec<JobDocument>),
+        (status = 200, description = "This node's queued, running and recently finished jobs (from memory and the store), newest first.", body = Vec<JobDocument>),
         Unauthorized,
     ),
     security((), ("bearer" = [])))]
 pub async fn list_jobs(State(state): State<Arc<AppState>>) -> Json<Vec<JobDocument>> {
-    Json(
-        state
-            .jobs
-            .recent()
-            .iter()
-            .map(|j| state.jobs.document(j))
-            .collect(),
-    )
+    Json(recent_documents(&state).await)
 }

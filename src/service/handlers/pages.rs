@@ -10,8 +10,10 @@ use axum::http::{header, HeaderMap};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
 use super::devices::{device_statuses, DeviceStatus};
+use super::jobs::recent_documents;
+use crate::job::Job;
 use crate::plot;
-use crate::service::jobs::{JobDocument, JobState, TuneJob};
+use crate::service::jobs::{JobDocument, JobState};
 use crate::service::openapi::Unavailable;
 use crate::service::problem::Problem;
 use crate::service::AppState;
@@ -32,7 +34,7 @@ th { background: #eef1f5; font-weight: 600; } td.n { text-align: right; font-var
 .bar > div { height: 100%; background: #4f79b7; }
 .state { padding: 1px 8px; border-radius: 10px; font-size: 13px; color: #fff; }
 .queued { background: #8a8f98; } .running { background: #2f6fd6; } .succeeded { background: #2e8b57; }
-.failed { background: #c0392b; } .cancelled { background: #b57a00; }
+.failed { background: #c0392b; } .cancelled, .interrupted { background: #b57a00; }
 .answer { display: flex; flex-wrap: wrap; gap: 12px; margin: 10px 0; }
 .figure { background: #fff; border: 1px solid #e3e6ea; border-radius: 6px; padding: 8px 14px; min-width: 150px; }
 .figure b { display: block; font-size: 22px; } .figure span { color: #666; font-size: 13px; }
@@ -133,13 +135,8 @@ fn jobs_table(jobs: &[JobDocument]) -> Markup {
     ))]
 pub async fn home(State(state): State<Arc<AppState>>) -> Result<Markup, Problem> {
     let devices = device_statuses(&state).await?;
-    let jobs: Vec<JobDocument> = state
-        .jobs
-        .recent()
-        .iter()
-        .take(50)
-        .map(|j| state.jobs.document(j))
-        .collect();
+    let mut jobs = recent_documents(&state).await;
+    jobs.truncate(50);
     let running = jobs.iter().any(|j| !j.state.is_finished());
     Ok(page(
         "status",
@@ -160,12 +157,13 @@ fn figure(id: &str, value: impl maud::Render, label: &str) -> Markup {
 }
 
 /// A job's page: its answer and charts once it succeeded, its problem if it failed, its probes.
-pub fn job_page(job: &TuneJob, document: &JobDocument) -> Markup {
+pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
     let running = !document.state.is_finished();
     let charts = document
         .result
         .as_ref()
-        .and_then(|r| plot::tune_svg(r, job.spec.plan()).ok());
+        .zip(spec)
+        .and_then(|(r, spec)| plot::tune_svg(r, spec.plan()).ok());
     page(
         &format!("job {}", &document.id[..8]),
         running,

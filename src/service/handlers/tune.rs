@@ -22,8 +22,12 @@ use crate::service::openapi::{
     UnsupportedType,
 };
 use crate::service::problem::Problem;
+use crate::service::store::journal::Direction;
 use crate::service::workers::{DeviceWorker, EnqueueError};
 use crate::service::AppState;
+
+/// How long an accepted job waits for the store to keep it before the answer goes anyway.
+const STORE_WAIT: Duration = Duration::from_secs(2);
 
 /// What `POST /tune` takes besides the job.
 #[derive(Debug, PartialEq, Deserialize, ToSchema)]
@@ -110,6 +114,12 @@ fn accepted(document: JobDocument) -> Response {
     response
 }
 
+/// Waits (up to [`STORE_WAIT`]) for the store to take everything sent so far, unless its
+/// writes are failing; returns whether it took them.
+async fn stored(state: &AppState) -> bool {
+    !state.store_health.failing(Direction::Write) && state.journal.flush(STORE_WAIT).await
+}
+
 /// Queues a new job on its worker; a full or closed queue answers 429 or 503.
 fn enqueue(state: &AppState, worker: &DeviceWorker, job: &Arc<TuneJob>) -> Result<(), Problem> {
     Err(match worker.enqueue(Arc::clone(job)) {
@@ -153,20 +163,27 @@ pub async fn tune(
     let (options, job) = job_request::<TuneOptions>(&headers, &body, &state)?;
     let worker = choose_worker(&state, options.device)?;
     check_shared(&worker, options.allow_shared || state.config.allow_shared)?;
-    let cache_key = crate::service::cache::key(&job, &worker.identity);
+    let cache_key = state.cache_key(&job, &worker);
     if !options.no_cache {
-        if let Some(result) = state.cache.get(&cache_key) {
+        if let Some(result) = state.cache.get(&cache_key).await {
             state.metrics.cache_hit();
             return Ok(Json(result).into_response());
         }
     }
     state.metrics.cache_miss();
-    let job = TuneJob::new(job, worker.device, cache_key);
+    let job = TuneJob::new(job, worker.device, cache_key, Some(state.recorder()));
     let job = match state
         .jobs
         .insert_or_join(job, |new| enqueue(&state, &worker, new))?
     {
-        Joined::New(job) => job,
+        Joined::New(job) => {
+            // Accepted: in the store before the client hears of it, so a restart loses it not.
+            job.record();
+            if !stored(&state).await {
+                tracing::warn!(job = %job.id, "accepted while the store is failing: the job is kept in memory only until it works again");
+            }
+            job
+        }
         Joined::InFlight(job) => {
             state.metrics.single_flight_join();
             job
@@ -181,7 +198,11 @@ pub async fn tune(
     }
     let document = job.document();
     match (document.result, document.error) {
-        (Some(result), _) => Ok(Json(result).into_response()),
+        (Some(result), _) => {
+            // Answered only once kept: a node sharing the store reuses it from then on.
+            stored(&state).await;
+            Ok(Json(result).into_response())
+        }
         (None, Some(problem)) => Err(problem),
         (None, None) => Err(Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
