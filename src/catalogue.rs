@@ -132,18 +132,42 @@ pub struct GpuEstimate {
     pub does_not_fit: Option<String>,
 }
 
-/// The estimate of `job` for a device with `total_bytes` of memory, less the context reserve.
+/// The estimate of `job` for a card `name` with `total_bytes` of memory, less the context
+/// reserve, each buffer rounded as the CUDA allocator rounds it.
 pub fn estimate_for(job: &Job, name: &str, total_bytes: u64) -> GpuEstimate {
     let free = total_bytes.saturating_sub(CONTEXT_RESERVE_BYTES);
-    let outcome = job.plan().estimate(
+    estimate(
+        job,
+        name.to_string(),
+        total_bytes,
         free,
         Allocator::CudaPages,
+    )
+}
+
+/// The estimate of `job` for `bytes` of free memory, each buffer charged exactly (as on the
+/// host device).
+pub fn estimate_free(job: &Job, bytes: u64) -> GpuEstimate {
+    let name = format!("{} free", bytesize::ByteSize(bytes).display().iec());
+    estimate(job, name, bytes, bytes, Allocator::Exact)
+}
+
+fn estimate(
+    job: &Job,
+    gpu: String,
+    total_bytes: u64,
+    free: u64,
+    allocator: Allocator,
+) -> GpuEstimate {
+    let outcome = job.plan().estimate(
+        free,
+        allocator,
         job.batch_cap(),
         job.headroom,
         job.search.multiple_of,
     );
     GpuEstimate {
-        gpu: name.to_string(),
+        gpu,
         total_bytes,
         does_not_fit: outcome.as_ref().err().map(ToString::to_string),
         estimate: outcome.ok(),

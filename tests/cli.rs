@@ -4,6 +4,20 @@ mod support;
 
 use std::process::{Command, Output};
 
+/// Asserts that `output` exited with `code` and that its stderr says `said`; returns the stderr.
+fn refused(output: &Output, code: i32, said: &str) -> String {
+    let message = stderr(output);
+    assert_eq!(output.status.code(), Some(code), "{message}");
+    assert!(message.contains(said), "{message}");
+    message
+}
+
+/// The JSON a successful run printed.
+fn json_of(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "{}", stderr(output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 fn headroom(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_headroom"))
         .args(args)
@@ -27,8 +41,7 @@ fn tune_json_follows_the_result_contract() {
         "16MiB",
         "--json",
     ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = json_of(&output);
     let max = result["max_batch_size"].as_u64().unwrap();
     let recommended = result["recommended_batch_size"].as_u64().unwrap();
     let predicted = result["predicted_max_batch_size"].as_u64().unwrap();
@@ -112,8 +125,7 @@ fn the_dataset_size_caps_the_batch() {
         "1GiB",
         "--json",
     ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = json_of(&output);
     assert_eq!(result["max_batch_size"], 50_000);
     assert_eq!(result["limited_by"], "dataset_size");
     assert_eq!(result["recommended_batch_size"], 40_000);
@@ -126,12 +138,7 @@ fn an_invalid_job_exits_2_naming_the_field() {
         r#"{"model": {"input_shape": [3, 0, 32], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
     );
     let output = headroom(&["tune", path.to_str().unwrap(), "--device", "host"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("model.input_shape[1]"),
-        "{}",
-        stderr(&output)
-    );
+    refused(&output, 2, "model.input_shape[1]");
 }
 
 #[test]
@@ -165,12 +172,7 @@ fn a_missing_job_file_and_bad_arguments_exit_2() {
         "--host-memory",
         "1000PiB",
     ]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("more than this machine"),
-        "{}",
-        stderr(&output)
-    );
+    refused(&output, 2, "more than this machine");
 }
 
 #[test]
@@ -200,8 +202,7 @@ fn estimate_needs_no_device() {
         "141GB",
         "--json",
     ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let estimate: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let estimate = json_of(&output);
     assert_eq!(estimate["parameter_count"], 101_770);
     // A 784-128-10 MLP on a 141 GB card fits tens of millions of samples per batch.
     let predicted = estimate["predicted_max_batch_size"].as_u64().unwrap();
@@ -250,17 +251,11 @@ fn a_job_on_standard_input_is_read_and_checked() {
         "/examples/mnist-mlp-sgd.json"
     ))
     .unwrap());
-    assert!(output.status.success(), "{}", stderr(&output));
-    let estimate: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let estimate = json_of(&output);
     assert_eq!(estimate["parameter_count"], 101_770);
     let output =
         run(r#"{"model": {"input_shape": [0], "num_classes": 2}, "optimizer": {"name": "sgd"}}"#);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("standard input"),
-        "{}",
-        stderr(&output)
-    );
+    refused(&output, 2, "standard input");
     assert!(
         stderr(&output).contains("model.input_shape[0]"),
         "{}",
@@ -288,8 +283,7 @@ fn help_names_the_exit_codes_and_completions_are_generated() {
 #[test]
 fn doctor_reports_as_json() {
     let output = headroom(&["doctor", "--json", "--host-memory", "16MiB"]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = json_of(&output);
     assert_eq!(report["passed"], true);
     let rows = report["rows"].as_array().unwrap();
     assert!(rows
@@ -303,17 +297,12 @@ fn estimate_over_the_gpu_catalogue_and_for_one_card() {
     let output = headroom(&["estimate", "examples/mnist-mlp-sgd.json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let table = String::from_utf8_lossy(&output.stdout);
-    for card in [
-        "A100 40GB",
-        "A100 80GB",
-        "H100 80GB",
-        "H200 141GB",
-        "L4",
-        "L40S",
-        "RTX 4090",
-        "T4",
-    ] {
-        assert!(table.contains(card), "{card} missing from\n{table}");
+    for card in headroom::catalogue::CATALOGUE {
+        assert!(
+            table.contains(card.name),
+            "{} missing from\n{table}",
+            card.name
+        );
     }
     assert!(stderr(&output).contains("memory model only, not a measurement"));
     let output = headroom(&[
@@ -323,12 +312,10 @@ fn estimate_over_the_gpu_catalogue_and_for_one_card() {
         "h200",
         "--json",
     ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let h200: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let h200 = json_of(&output);
     assert_eq!(h200["gpu"], "H200 141GB");
     let output = headroom(&["estimate", "examples/mnist-mlp-sgd.json", "--gpu", "TPU"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("known: T4"), "{}", stderr(&output));
+    refused(&output, 2, "known: T4");
 }
 
 #[test]
@@ -368,12 +355,7 @@ fn plots_are_drawn_and_an_unwritable_plot_path_is_refused_up_front() {
         "--plot",
         "/no/such/dir/plot.svg",
     ]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("/no/such/dir/plot.svg"),
-        "{}",
-        stderr(&output)
-    );
+    refused(&output, 2, "/no/such/dir/plot.svg");
     assert!(
         !stderr(&output).contains("probe batch"),
         "it tuned before refusing"

@@ -203,18 +203,14 @@ fn every_kubernetes_manifest_validates_and_suits_a_gpu_node_agent() {
     let Some(validator) = support::python_tool("kubernetes-validate") else {
         return;
     };
-    let output = Command::new(validator)
-        .arg("--strict")
-        .args(files)
-        .current_dir(repository())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let output = support::run_ok(
+        "kubernetes-validate",
+        Command::new(validator)
+            .arg("--strict")
+            .args(files)
+            .current_dir(repository()),
     );
+    let report = String::from_utf8_lossy(&output.stdout);
     assert_eq!(report.matches("passed").count(), 4, "{report}");
 
     let Some(documents) = yaml_documents(&files) else {
@@ -471,16 +467,9 @@ fn the_systemd_unit_verifies() {
     let unit = read("deploy/systemd/headroom.service")
         .replace("/usr/local/bin/headroom", env!("CARGO_BIN_EXE_headroom"));
     let path = support::temp_file(".service", unit);
-    let output = Command::new(analyze)
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    support::run_ok(
+        "systemd-analyze verify",
+        Command::new(analyze).arg("verify").arg(&path),
     );
 }
 

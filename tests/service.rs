@@ -462,12 +462,7 @@ fn check_with_promtool(text: &str) {
         .stderr(Stdio::piped())
         .spawn();
     let Ok(mut child) = child else {
-        assert_ne!(
-            std::env::var("HEADROOM_REQUIRE_PROMTOOL").as_deref(),
-            Ok("1"),
-            "promtool is required but missing"
-        );
-        eprintln!("skipped: promtool not found");
+        support::skip_or_fail("PROMTOOL", "promtool is not installed");
         return;
     };
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
@@ -621,17 +616,12 @@ print("ok")
         .map(|e| e.unwrap().path().display().to_string())
         .collect();
     assert!(examples.len() >= 3);
-    let output = Command::new(python)
-        .args(["-c", check])
-        .arg(&file)
-        .args(&examples)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    support::run_ok(
+        "the examples' check",
+        Command::new(python)
+            .args(["-c", check])
+            .arg(&file)
+            .args(&examples),
     );
 }
 
@@ -650,29 +640,25 @@ fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
     let server = ServerProcess::start(command);
     // schemathesis keeps a cache in its working directory: give it one outside the tree.
     let workdir = tempfile::tempdir().unwrap();
-    let output = Command::new(schemathesis)
-        .current_dir(workdir.path())
-        .args(["run", &format!("{}/openapi.json", server.http.base)])
-        .args([
-            "--checks",
-            "not_a_server_error,status_code_conformance,content_type_conformance,\
+    let output = support::run_ok(
+        "schemathesis",
+        Command::new(schemathesis)
+            .current_dir(workdir.path())
+            .args(["run", &format!("{}/openapi.json", server.http.base)])
+            .args([
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,\
              response_schema_conformance,response_headers_conformance",
-            "--max-examples",
-            "40",
-            "--seed",
-            "7",
-            "--generation-database",
-            "none",
-            "--no-color",
-        ])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&output.stderr)
+                "--max-examples",
+                "40",
+                "--seed",
+                "7",
+                "--generation-database",
+                "none",
+                "--no-color",
+            ]),
     );
+    let report = String::from_utf8_lossy(&output.stdout);
     assert!(report.contains("passed"), "{report}");
 }
 

@@ -4,11 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::output::human;
 use super::{fail, output, read_job, PlotFile, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID};
 use crate::catalogue::{self, GpuEstimate, MODEL_NOTE};
-use crate::job::Job;
-use crate::plan::Allocator;
 
 /// What to estimate for.
 #[derive(Debug, Clone)]
@@ -37,7 +34,7 @@ pub fn estimate_command(
         Err(message) => return fail(EXIT_INVALID, message),
     };
     let estimates = match &target {
-        Target::Memory(bytes) => vec![estimate_exact(&job, *bytes)],
+        Target::Memory(bytes) => vec![catalogue::estimate_free(&job, *bytes)],
         Target::Gpu(name) => match catalogue::find(name) {
             Ok(gpu) => vec![catalogue::estimate_for(&job, gpu.name, gpu.memory_bytes())],
             Err(message) => return fail(EXIT_INVALID, message),
@@ -64,23 +61,6 @@ pub fn estimate_command(
         }
     }
     report(&target, &estimates, json)
-}
-
-/// The estimate for `bytes` free, each buffer charged exactly (as on the host device).
-fn estimate_exact(job: &Job, bytes: u64) -> GpuEstimate {
-    let outcome = job.plan().estimate(
-        bytes,
-        Allocator::Exact,
-        job.batch_cap(),
-        job.headroom,
-        job.search.multiple_of,
-    );
-    GpuEstimate {
-        gpu: format!("{} free", human(bytes)),
-        total_bytes: bytes,
-        does_not_fit: outcome.as_ref().err().map(ToString::to_string),
-        estimate: outcome.ok(),
-    }
 }
 
 fn report(target: &Target, estimates: &[GpuEstimate], json: bool) -> ExitCode {

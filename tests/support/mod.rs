@@ -47,6 +47,20 @@ pub fn assert_all_pass(device: &str, checks: &[Check]) {
     assert!(failed.is_empty(), "{device}: {failed:#?}");
 }
 
+/// Runs `command` and asserts that it succeeded, showing what it printed if not.
+pub fn run_ok(what: &str, command: &mut Command) -> std::process::Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what} does not run: {e}"));
+    assert!(
+        output.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 /// A tool a test needs is missing: a failure when `HEADROOM_REQUIRE_<what>=1` (CI sets it),
 /// otherwise a line saying the test skipped.
 pub fn skip_or_fail(what: &str, why: &str) {

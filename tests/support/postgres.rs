@@ -77,16 +77,12 @@ impl Postgres {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         give_to_unprivileged(&data);
-        let output = unprivileged(&bin.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "headroom", "--auth=trust", "--no-sync"])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&output.stderr)
+        super::run_ok(
+            "initdb",
+            unprivileged(&bin.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "headroom", "--auth=trust", "--no-sync"]),
         );
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -124,20 +120,15 @@ impl Postgres {
             self.port,
             self.data.display()
         );
-        let output = unprivileged(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.data.join("server.log"))
-            .args(["-w", "-o", &options])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "pg_ctl {args:?}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+        super::run_ok(
+            &format!("pg_ctl {args:?}"),
+            unprivileged(&self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(self.data.join("server.log"))
+                .args(["-w", "-o", &options])
+                .args(args),
         );
     }
 }

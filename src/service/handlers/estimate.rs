@@ -12,7 +12,6 @@ use utoipa::ToSchema;
 
 use super::job_request;
 use crate::catalogue::{self, GpuEstimate, MODEL_NOTE};
-use crate::plan::Allocator;
 use crate::service::openapi::{BadRequest, EstimateRequest, Invalid, TooLarge, UnsupportedType};
 use crate::service::problem::Problem;
 use crate::service::AppState;
@@ -53,21 +52,7 @@ pub async fn estimate(
 ) -> Result<Json<EstimateAnswer>, Problem> {
     let (options, job) = job_request::<EstimateOptions>(&headers, &body, &state)?;
     let estimates = match (options.memory_bytes, options.gpu) {
-        (Some(bytes), _) => {
-            let outcome = job.plan().estimate(
-                bytes,
-                Allocator::Exact,
-                job.batch_cap(),
-                job.headroom,
-                job.search.multiple_of,
-            );
-            vec![GpuEstimate {
-                gpu: format!("{bytes} bytes free"),
-                total_bytes: bytes,
-                does_not_fit: outcome.as_ref().err().map(ToString::to_string),
-                estimate: outcome.ok(),
-            }]
-        }
+        (Some(bytes), _) => vec![catalogue::estimate_free(&job, bytes)],
         (None, Some(name)) => {
             let gpu = catalogue::find(&name).map_err(|reason| {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, reason).with_field("gpu")
