@@ -1,7 +1,9 @@
-// elementwise.cu: bias + activation forward, activation backward.
+// elementwise.cu: bias + activation forward, activation backward, and conversions between
+// storages (autocast's casts, the loss scale).
 //
 // Launch: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); grid-stride loops over
 // 64-bit element indices, so any n works. activation: 0 relu, 1 gelu (tanh form), 2 tanh.
+// Every buffer of one launch shares `storage` (storage.cuh), except convert's two.
 
 #define SQRT_2_OVER_PI 0.7978846f
 #define GELU_CUBIC 0.044715f
@@ -23,27 +25,36 @@ __device__ __forceinline__ float activation_derivative(int activation, float x) 
 }
 
 // pre[i, j] += bias[j]
-extern "C" __global__ void bias_add(float* pre, const float* bias, long long rows, long long cols) {
+extern "C" __global__ void bias_add(void* pre, const void* bias, long long rows, long long cols, int storage) {
     const long long n = rows * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        pre[i] += bias[i % cols];
+        store_value(pre, i, storage, load_value(pre, i, storage) + load_value(bias, i % cols, storage));
     }
 }
 
-// pre[i, j] += bias[j]; post[i, j] = activation(pre[i, j])
-extern "C" __global__ void bias_activation(float* pre, const float* bias, float* post, long long rows, long long cols,
-                                           int activation) {
+// pre[i, j] += bias[j]; post[i, j] = activation(pre[i, j]), from the stored (rounded) pre
+extern "C" __global__ void bias_activation(void* pre, const void* bias, void* post, long long rows, long long cols,
+                                           int activation, int storage) {
     const long long n = rows * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const float z = pre[i] + bias[i % cols];
-        pre[i] = z;
-        post[i] = activate(activation, z);
+        store_value(pre, i, storage, load_value(pre, i, storage) + load_value(bias, i % cols, storage));
+        store_value(post, i, storage, activate(activation, load_value(pre, i, storage)));
     }
 }
 
 // pre[i] = grad_post[i] * activation'(pre[i])
-extern "C" __global__ void activation_backward(const float* grad_post, float* pre, long long n, int activation) {
+extern "C" __global__ void activation_backward(const void* grad_post, void* pre, long long n, int activation,
+                                               int storage) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        pre[i] = grad_post[i] * activation_derivative(activation, pre[i]);
+        const float z = load_value(pre, i, storage);
+        store_value(pre, i, storage, load_value(grad_post, i, storage) * activation_derivative(activation, z));
+    }
+}
+
+// to[i] = from[i] * scale, rounded to to's storage
+extern "C" __global__ void convert(const void* from, void* to, long long n, float scale, int from_storage,
+                                   int to_storage) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        store_value(to, i, to_storage, load_value(from, i, from_storage) * scale);
     }
 }

@@ -2,7 +2,8 @@
 //
 // Launch: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); grid-stride loops over 64-bit
 // indices. The integer hash is the one in src/synthetic.rs (splitmix64's finaliser over a
-// counter), and every float step is exact, so host and device generate the same bits.
+// counter), and every float step is exact, so host and device generate the same bits; a 16-bit
+// buffer stores them rounded (storage.cuh), and labels are taken from the values as stored.
 
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -11,22 +12,27 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
 }
 
 // out[i] = uniform in [-1, 1) from (key, i), times scale
-extern "C" __global__ void fill_uniform(float* out, long long n, unsigned long long key, float scale) {
+extern "C" __global__ void fill_uniform(void* out, long long n, unsigned long long key, float scale, int storage) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const unsigned long long bits = mix64(key + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ULL) >> 40;
-        out[i] = ((float)bits * (1.0f / 8388608.0f) - 1.0f) * scale;
+        store_value(out, i, storage, ((float)bits * (1.0f / 8388608.0f) - 1.0f) * scale);
     }
 }
 
 // labels[r] = argmax of the row's first min(classes, features) inputs (lowest index on ties)
-extern "C" __global__ void fill_labels(unsigned int* labels, const float* inputs, long long rows, long long features,
-                                       long long classes) {
+extern "C" __global__ void fill_labels(unsigned int* labels, const void* inputs, long long rows, long long features,
+                                       long long classes, int storage) {
     const long long considered = classes < features ? classes : features;
     for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows; r += (long long)gridDim.x * blockDim.x) {
-        const float* row = inputs + r * features;
+        const long long row = r * features;
         long long best = 0;
+        float best_value = load_value(inputs, row, storage);
         for (long long c = 1; c < considered; ++c) {
-            if (row[c] > row[best]) best = c;
+            const float value = load_value(inputs, row + c, storage);
+            if (value > best_value) {
+                best = c;
+                best_value = value;
+            }
         }
         labels[r] = (unsigned int)best;
     }

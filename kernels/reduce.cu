@@ -1,14 +1,18 @@
-// reduce.cu: column sums (bias gradients) and the mean of a vector.
+// reduce.cu: column sums (bias gradients), the mean of a vector, and the overflow check of loss
+// scaling.
 //
 // column_sum: block (32, 8, 1); grid (row_chunks, min(ceil(cols/32), 65535), 1). threadIdx.x
 //   walks 32 adjacent columns (coalesced), threadIdx.y strides rows within the block's chunk of
-//   rows_per_chunk rows; partial sums meet in shared memory and are added to out with atomicAdd,
-//   so out must be zeroed first. Blocks loop over column tiles past the grid.
+//   rows_per_chunk rows; partial sums meet in shared memory. With accumulate != 0 they are added
+//   to out with atomicAdd (out f32 and zeroed first); otherwise (one row chunk: grid.x = 1) out
+//   is written, rounded to out_storage. Blocks loop over column tiles past the grid.
 // mean: block (256, 1, 1); grid (min(ceil(n/256), 4096), 1, 1); grid-stride partial sums,
 //   a block reduction in shared memory, then atomicAdd(out, sum / n): out must be zeroed first.
+// nonfinite: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); any infinity or NaN in the
+//   values sets *flag to 1 (every writer writes the same value, so no atomics).
 
-extern "C" __global__ void column_sum(const float* in, float* out, long long rows, long long cols,
-                                      long long rows_per_chunk) {
+extern "C" __global__ void column_sum(const void* in, void* out, long long rows, long long cols,
+                                      long long rows_per_chunk, int accumulate, int in_storage, int out_storage) {
     __shared__ float partial[8][33];
     const long long row_begin = blockIdx.x * rows_per_chunk;
     const long long row_end = min(rows, row_begin + rows_per_chunk);
@@ -17,14 +21,17 @@ extern "C" __global__ void column_sum(const float* in, float* out, long long row
         const long long col = tile * 32 + threadIdx.x;
         float sum = 0.0f;
         if (col < cols) {
-            for (long long r = row_begin + threadIdx.y; r < row_end; r += blockDim.y) sum += in[r * cols + col];
+            for (long long r = row_begin + threadIdx.y; r < row_end; r += blockDim.y) {
+                sum += load_value(in, r * cols + col, in_storage);
+            }
         }
         partial[threadIdx.y][threadIdx.x] = sum;
         __syncthreads();
         if (threadIdx.y == 0 && col < cols) {
             float total = 0.0f;
             for (int y = 0; y < 8; ++y) total += partial[y][threadIdx.x];
-            atomicAdd(&out[col], total);
+            if (accumulate) atomicAdd(&((float*)out)[col], total);
+            else store_value(out, col, out_storage, total);
         }
         __syncthreads();
     }
@@ -43,4 +50,11 @@ extern "C" __global__ void mean(const float* in, float* out, long long n) {
         __syncthreads();
     }
     if (threadIdx.x == 0) atomicAdd(out, partial[0] / (float)n);
+}
+
+extern "C" __global__ void nonfinite(const void* in, long long n, int storage, float* flag) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float v = load_value(in, i, storage);
+        if (v - v != 0.0f) *flag = 1.0f;  // inf - inf and NaN - NaN are NaN; finite - itself is 0
+    }
 }

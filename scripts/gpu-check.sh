@@ -53,6 +53,14 @@ field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eva
 
 for job in examples/*.json; do
   name=$(basename "$job" .json)
+  case "$name" in
+    wide-*)
+      # Its largest batch on a big card takes tens of seconds a step on the CUDA-core GEMM, so the
+      # check caps it at 2^18 samples (limited_by "max") to fit its time.
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['search']['max']=262144; print(json.dumps(d))" \
+        "$job" > "$OUT/$name.json"
+      job="$OUT/$name.json" ;;
+  esac
   note "tune $name"
   before=$(gpu_used_mib)
   start=$(date +%s.%N)

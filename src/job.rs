@@ -9,7 +9,7 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{Activation, OptimizerKind, Plan};
+use crate::plan::{Activation, OptimizerKind, Plan, Precision};
 
 /// Largest accepted `target_batch_size`: far above any recipe's global batch; it bounds the
 /// search for an exact accumulation plan.
@@ -32,9 +32,14 @@ pub struct JobSpec {
     pub model: ModelSpec,
     /// The optimizer whose state takes device memory.
     pub optimizer: OptimizerSpec,
-    /// Element type of parameters, activations and data.
+    /// How values are stored and computed, in PyTorch Lightning's words: `32-true` (default),
+    /// `bf16-mixed`, `16-mixed` or `bf16-true`.
     #[serde(default)]
-    pub dtype: Dtype,
+    pub precision: Precision,
+    /// The older way to say `32-true`: `"dtype": "f32"`. A validated job never carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(deprecated)]
+    pub dtype: Option<Dtype>,
     /// Number of samples in the training set; the batch never grows past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
@@ -87,12 +92,11 @@ pub struct OptimizerSpec {
     pub learning_rate: Option<f64>,
 }
 
-/// Element type. Only `f32` exists today; others are rejected with a message that says so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, utoipa::ToSchema)]
+/// The element type of older jobs: `f32` only, an alias of `"precision": "32-true"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Dtype {
     /// 32-bit IEEE float.
-    #[default]
     F32,
 }
 
@@ -101,11 +105,10 @@ impl<'de> Deserialize<'de> for Dtype {
         let name = String::deserialize(deserializer)?;
         match name.as_str() {
             "f32" => Ok(Dtype::F32),
-            "f16" | "bf16" | "f64" | "fp16" | "fp8" => Err(serde::de::Error::custom(format!(
-                "dtype `{name}` is not supported yet; use \"f32\""
-            ))),
             _ => Err(serde::de::Error::custom(format!(
-                "unknown dtype `{name}`; use \"f32\""
+                "dtype `{name}` is not taken; \"dtype\": \"f32\" is the older spelling of \
+                 \"precision\": \"32-true\", and half precision is \"precision\": \
+                 \"bf16-mixed\", \"16-mixed\" or \"bf16-true\""
             ))),
         }
     }
@@ -219,8 +222,9 @@ impl Job {
     }
 
     /// Validates a spec; every error names its field.
-    pub fn new(spec: JobSpec) -> Result<Job, JobError> {
+    pub fn new(mut spec: JobSpec) -> Result<Job, JobError> {
         let plan = spec.validate()?;
+        spec.dtype = None;
         Ok(Job { spec, plan })
     }
 
@@ -301,6 +305,15 @@ impl JobSpec {
                 ),
             ));
         }
+        if self.dtype.is_some() && self.precision != Precision::F32True {
+            return Err(JobError::new(
+                "dtype",
+                format!(
+                    "\"dtype\": \"f32\" contradicts \"precision\": \"{}\"; give precision alone",
+                    self.precision
+                ),
+            ));
+        }
         let model = &self.model;
         Plan::new(
             features,
@@ -309,6 +322,7 @@ impl JobSpec {
             model.activation,
             self.optimizer.name,
             self.learning_rate(),
+            self.precision,
         )
         .map_err(|overflow| {
             JobError::new(
@@ -462,7 +476,7 @@ mod tests {
     #[test]
     fn minimal_job_gets_defaults() {
         let job = Job::from_json(MINIMAL).unwrap();
-        assert_eq!(job.dtype, Dtype::F32);
+        assert_eq!(job.precision, Precision::F32True);
         assert_eq!(job.headroom, 0.8);
         assert_eq!(job.search, SearchSpec::default());
         assert_eq!(job.model.activation, Activation::Relu);
@@ -583,13 +597,32 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_dtype_says_what_to_use() {
-        let err = error_of(
-            r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
-               "dtype": "bf16"}"#,
-        );
-        assert!(err.reason.contains("not supported yet"), "{err}");
-        assert!(err.reason.contains("f32"), "{err}");
+    fn precision_takes_lightnings_names_and_dtype_f32_is_its_alias() {
+        let with = |extra: &str| {
+            format!(
+                r#"{{"model": {{"input_shape": [4], "num_classes": 10}}, "optimizer": {{"name": "sgd"}}{extra}}}"#
+            )
+        };
+        for precision in Precision::ALL {
+            let job = Job::from_json(&with(&format!(r#", "precision": "{precision}""#))).unwrap();
+            assert_eq!(job.precision, precision);
+            assert_eq!(job.plan().precision, precision);
+        }
+        let alias = Job::from_json(&with(r#", "dtype": "f32""#)).unwrap();
+        assert_eq!(alias.precision, Precision::F32True);
+        assert!(!serde_json::to_string(&alias).unwrap().contains("dtype"));
+
+        let err = Job::from_json(&with(r#", "precision": "fp8""#)).unwrap_err();
+        assert_eq!(err.field, "precision");
+        for name in ["32-true", "bf16-mixed", "16-mixed", "bf16-true"] {
+            assert!(err.reason.contains(name), "{err}");
+        }
+        let err = Job::from_json(&with(r#", "dtype": "bf16""#)).unwrap_err();
+        assert_eq!(err.field, "dtype");
+        assert!(err.reason.contains("bf16-mixed"), "{err}");
+        let err =
+            Job::from_json(&with(r#", "dtype": "f32", "precision": "bf16-mixed""#)).unwrap_err();
+        assert_eq!(err.field, "dtype");
     }
 
     #[test]

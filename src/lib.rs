@@ -16,7 +16,8 @@
 //! - [`catalogue`]: GPU what-ifs: the memory model on common cards.
 //! - [`plot`]: SVG charts of memory and throughput against batch size.
 //! - [`result`]: the result JSON shared by the CLI and the service.
-//! - [`parity`]: every kernel family of a device checked against the host reference.
+//! - [`parity`]: every kernel family of a device, in every storage, and short training runs in
+//!   every precision, checked against the host reference.
 //! - [`service`]: `headroom serve`: HTTP API, per-device job queues, cache, metrics, and the
 //!   store of jobs and results (SQLite or PostgreSQL) that outlives restarts.
 //! - [`config`]: the service's settings (file, `HEADROOM_*` environment, flags).

@@ -9,8 +9,148 @@ use serde::{Deserialize, Serialize};
 
 use crate::advice::recommended_batch_size;
 
-/// Bytes of one element (`f32` parameters, activations and inputs; `u32` labels).
-pub const ELEMENT_BYTES: u64 = 4;
+/// How a buffer of values stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Storage {
+    /// 32-bit IEEE float.
+    F32,
+    /// bfloat16: f32's exponent, 8 bits of significand.
+    Bf16,
+    /// IEEE half: 5 exponent bits, 11 bits of significand, largest finite 65504.
+    F16,
+}
+
+impl Storage {
+    /// Bytes of one value.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Storage::F32 => 4,
+            Storage::Bf16 | Storage::F16 => 2,
+        }
+    }
+
+    /// The code the kernels take for it (`kernels/storage.cuh`).
+    pub fn code(self) -> i32 {
+        match self {
+            Storage::F32 => 0,
+            Storage::Bf16 => 1,
+            Storage::F16 => 2,
+        }
+    }
+}
+
+/// What one element of a buffer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    /// A value (parameter, gradient, state, input, activation, loss).
+    Value(Storage),
+    /// A `u32` class label.
+    Label,
+}
+
+impl Element {
+    /// Bytes of one element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Element::Value(storage) => storage.bytes(),
+            Element::Label => 4,
+        }
+    }
+}
+
+/// How training stores and computes, in PyTorch Lightning's words for it.
+///
+/// - `32-true`: everything in f32.
+/// - `bf16-mixed` and `16-mixed`, as PyTorch's autocast runs an MLP: f32 master parameters, f32
+///   gradients and optimizer state; a half copy of every weight and bias for the products
+///   (autocast's weight cache, remade each step); the input batch as the loader delivers it
+///   (f32) plus autocast's half copy of it, which the first product reads and backward keeps;
+///   products take half operands and accumulate in f32; activations saved for backward, and the
+///   gradients between layers, are half; the logits are made f32 for the softmax cross-entropy,
+///   and their gradient half again for backward. `16-mixed` also scales the loss as
+///   `GradScaler` does: the gradients are checked for inf/NaN before the update, a step that
+///   overflowed is skipped and the scale halved, and the scale doubles after
+///   [`LOSS_SCALE_GROWTH_INTERVAL`] clean steps.
+/// - `bf16-true`: parameters, gradients, optimizer state, the input batch and activations all in
+///   bf16 (products still accumulate in f32, and updates are computed in f32 and rounded).
+///
+/// In every precision the per-sample losses and their mean stay f32.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+pub enum Precision {
+    /// Everything f32.
+    #[default]
+    #[serde(rename = "32-true")]
+    F32True,
+    /// Autocast to bfloat16 over f32 master parameters.
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+    /// Autocast to IEEE half over f32 master parameters, with dynamic loss scaling.
+    #[serde(rename = "16-mixed")]
+    F16Mixed,
+    /// Everything bfloat16.
+    #[serde(rename = "bf16-true")]
+    Bf16True,
+}
+
+/// `GradScaler`'s first loss scale, 2^16.
+pub const LOSS_SCALE_INITIAL: f32 = 65536.0;
+/// Clean steps after which `GradScaler` doubles the loss scale.
+pub const LOSS_SCALE_GROWTH_INTERVAL: u32 = 2000;
+
+impl Precision {
+    /// Every precision, as the job names them.
+    pub const ALL: [Precision; 4] = [
+        Precision::F32True,
+        Precision::Bf16Mixed,
+        Precision::F16Mixed,
+        Precision::Bf16True,
+    ];
+
+    /// Its name in a job.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32True => "32-true",
+            Precision::Bf16Mixed => "bf16-mixed",
+            Precision::F16Mixed => "16-mixed",
+            Precision::Bf16True => "bf16-true",
+        }
+    }
+
+    /// How parameters, gradients and optimizer state are stored.
+    pub fn master(self) -> Storage {
+        match self {
+            Precision::Bf16True => Storage::Bf16,
+            _ => Storage::F32,
+        }
+    }
+
+    /// How the products' operands, the activations and the gradients between layers are stored.
+    pub fn compute(self) -> Storage {
+        match self {
+            Precision::F32True => Storage::F32,
+            Precision::Bf16Mixed | Precision::Bf16True => Storage::Bf16,
+            Precision::F16Mixed => Storage::F16,
+        }
+    }
+
+    /// Whether f32 master parameters are autocast to a half copy each step.
+    pub fn is_mixed(self) -> bool {
+        matches!(self, Precision::Bf16Mixed | Precision::F16Mixed)
+    }
+
+    /// Whether the loss is scaled, as `GradScaler` does for f16.
+    pub fn scales_loss(self) -> bool {
+        self == Precision::F16Mixed
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Element-wise non-linearity after each hidden layer.
 #[derive(
@@ -87,6 +227,8 @@ pub struct Plan {
     pub optimizer: OptimizerKind,
     /// Step size of the update rule.
     pub learning_rate: f32,
+    /// How values are stored and computed.
+    pub precision: Precision,
     parameter_count: u64,
 }
 
@@ -117,12 +259,14 @@ pub struct Buffer {
     pub part: Part,
     /// Number of elements.
     pub elements: u64,
+    /// What each element is.
+    pub element: Element,
 }
 
 impl Buffer {
     /// Bytes asked for, or `None` past `u64`.
     pub fn bytes(&self) -> Option<u64> {
-        self.elements.checked_mul(ELEMENT_BYTES)
+        self.elements.checked_mul(self.element.bytes())
     }
 }
 
@@ -189,6 +333,11 @@ pub struct DoesNotFit {
 pub struct Estimate {
     /// Free bytes assumed.
     pub memory_bytes: u64,
+    /// How the step stores and computes.
+    pub precision: Precision,
+    /// Set when this precision holds fewer samples than `32-true` would, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision_note: Option<String>,
     /// Trainable parameters.
     pub parameter_count: u64,
     /// Bytes independent of the batch size.
@@ -214,6 +363,7 @@ impl Plan {
         activation: Activation,
         optimizer: OptimizerKind,
         learning_rate: f32,
+        precision: Precision,
     ) -> Result<Plan, Overflow> {
         let widths: Vec<u64> = std::iter::once(features)
             .chain(hidden.iter().copied())
@@ -238,6 +388,7 @@ impl Plan {
             activation,
             optimizer,
             learning_rate,
+            precision,
             parameter_count: parameter_count.ok_or(Overflow)?,
         };
         // The fixed part and one sample must be representable; larger batches are checked per use.
@@ -272,39 +423,66 @@ impl Plan {
         self.hidden_widths().max().unwrap_or(0)
     }
 
-    /// Every allocation of a step at `batch_size`, in the order devices make them: per layer its
-    /// weights, biases, their gradients and optimizer state; then the inputs and labels, each
-    /// hidden layer's pre- and post-activation, the logits (overwritten by their gradient), the
-    /// per-sample loss, the backward scratch and the one-value mean loss. `None` past `u64`.
+    /// Every allocation of a step at `batch_size`, in the order devices make them ([`Precision`]
+    /// says what each holds): per layer its weights, biases, their gradients, optimizer state
+    /// and, when mixed, the half copies of weights and biases; then the inputs, the labels and,
+    /// when mixed, the half copy of the inputs; each hidden layer's pre- and post-activation; the
+    /// logits (overwritten by their gradient), when mixed their f32 copy; the per-sample loss,
+    /// the backward scratch, the one-value mean loss and, with loss scaling, the one-value
+    /// overflow flag. `None` past `u64`.
     pub fn buffers(&self, batch_size: u64) -> Option<Vec<Buffer>> {
-        let buffer = |part, elements| Buffer { part, elements };
+        let master = Element::Value(self.precision.master());
+        let compute = Element::Value(self.precision.compute());
+        let f32 = Element::Value(Storage::F32);
+        let buffer = |part, elements, element| Buffer {
+            part,
+            elements,
+            element,
+        };
         let states = self.optimizer.state_per_parameter();
+        let mixed = self.precision.is_mixed();
         let mut buffers = Vec::new();
         for layer in &self.layers {
-            buffers.push(buffer(Part::Parameters, layer.weights()));
-            buffers.push(buffer(Part::Parameters, layer.outputs));
-            buffers.push(buffer(Part::Gradients, layer.weights()));
-            buffers.push(buffer(Part::Gradients, layer.outputs));
+            buffers.push(buffer(Part::Parameters, layer.weights(), master));
+            buffers.push(buffer(Part::Parameters, layer.outputs, master));
+            buffers.push(buffer(Part::Gradients, layer.weights(), master));
+            buffers.push(buffer(Part::Gradients, layer.outputs, master));
             for _ in 0..states {
-                buffers.push(buffer(Part::OptimizerState, layer.weights()));
+                buffers.push(buffer(Part::OptimizerState, layer.weights(), master));
             }
             for _ in 0..states {
-                buffers.push(buffer(Part::OptimizerState, layer.outputs));
+                buffers.push(buffer(Part::OptimizerState, layer.outputs, master));
+            }
+            if mixed {
+                buffers.push(buffer(Part::Parameters, layer.weights(), compute));
+                buffers.push(buffer(Part::Parameters, layer.outputs, compute));
             }
         }
         let per_row = |width: u64| batch_size.checked_mul(width);
-        buffers.push(buffer(Part::BatchData, per_row(self.input_features())?));
-        buffers.push(buffer(Part::BatchData, batch_size));
+        let features = per_row(self.input_features())?;
+        buffers.push(buffer(Part::BatchData, features, master));
+        buffers.push(buffer(Part::BatchData, batch_size, Element::Label));
+        if mixed {
+            buffers.push(buffer(Part::BatchData, features, compute));
+        }
         for width in self.hidden_widths() {
-            buffers.push(buffer(Part::Activations, per_row(width)?));
-            buffers.push(buffer(Part::Activations, per_row(width)?));
+            buffers.push(buffer(Part::Activations, per_row(width)?, compute));
+            buffers.push(buffer(Part::Activations, per_row(width)?, compute));
         }
-        buffers.push(buffer(Part::Activations, per_row(self.num_classes())?));
-        buffers.push(buffer(Part::Activations, batch_size));
+        let logits = per_row(self.num_classes())?;
+        buffers.push(buffer(Part::Activations, logits, compute));
+        if mixed {
+            buffers.push(buffer(Part::Activations, logits, f32));
+        }
+        buffers.push(buffer(Part::Activations, batch_size, f32));
         if self.scratch_width() > 0 {
-            buffers.push(buffer(Part::Activations, per_row(self.scratch_width())?));
+            let scratch = per_row(self.scratch_width())?;
+            buffers.push(buffer(Part::Activations, scratch, compute));
         }
-        buffers.push(buffer(Part::Activations, 1));
+        buffers.push(buffer(Part::Activations, 1, f32));
+        if self.precision.scales_loss() {
+            buffers.push(buffer(Part::Activations, 1, f32));
+        }
         Some(buffers)
     }
 
@@ -384,6 +562,30 @@ impl Plan {
         }
     }
 
+    /// Says so when this plan's half precision holds fewer samples than `32-true` would in
+    /// `free_bytes`, since users expect the opposite: mixed precision keeps the f32 input the
+    /// loader delivers and adds autocast's half copy of it, which for an input-heavy MLP outweighs
+    /// what half activations save.
+    pub fn precision_note(&self, free_bytes: u64, allocator: Allocator) -> Option<String> {
+        let full = Plan {
+            precision: Precision::F32True,
+            ..self.clone()
+        };
+        let here = self.predict_max_batch(free_bytes, allocator);
+        let there = full.predict_max_batch(free_bytes, allocator);
+        (self.precision != Precision::F32True && here < there).then(|| {
+            format!(
+                "{} holds fewer samples than 32-true would here (the memory model: {here} against \
+                 {there}, {} against {} bytes a sample): autocast keeps the f32 input batch and \
+                 adds a half copy of it, which outweighs the halved activations of this \
+                 input-heavy model; bf16-true, or a wider model, gains from half precision",
+                self.precision,
+                self.bytes_per_sample(),
+                full.bytes_per_sample(),
+            )
+        })
+    }
+
     /// The memory model's largest and recommended batch for `memory_bytes` free, capped at `cap`.
     pub fn estimate(
         &self,
@@ -406,6 +608,8 @@ impl Plan {
         let recommended = recommended_batch_size(predicted, headroom, multiple_of);
         Ok(Estimate {
             memory_bytes,
+            precision: self.precision,
+            precision_note: self.precision_note(memory_bytes, allocator),
             parameter_count: self.parameter_count,
             fixed_bytes: self.fixed_bytes(),
             bytes_per_sample: self.bytes_per_sample(),
@@ -445,6 +649,7 @@ mod tests {
             Activation::Relu,
             optimizer,
             0.01,
+            Precision::F32True,
         )
         .unwrap()
     }
@@ -479,6 +684,132 @@ mod tests {
             m.total,
             m.parameters + m.gradients + m.batch_data + m.activations
         );
+    }
+
+    /// Fixed bytes and bytes per sample of 784-128-10 and 3072-128-10 under Adam, by hand.
+    /// Fixed: f32 master weights, gradients and two moments are 16 bytes a parameter (bf16-true:
+    /// 8), mixed adds a 2-byte weight copy; then the 4-byte mean loss and, for 16-mixed, the
+    /// 4-byte overflow flag. Per sample: the input (f32, plus a half copy when mixed; bf16 alone
+    /// for bf16-true), a 4-byte label, pre- and post-activation and scratch of width 128 and the
+    /// logits in the compute storage, an f32 copy of the logits when mixed, a 4-byte loss.
+    #[test]
+    fn every_precision_pins_its_memory_by_hand() {
+        for (input, parameters) in [([1, 28, 28], 101_770), ([3, 32, 32], 394_634)] {
+            let features: u64 = input.iter().product();
+            let hidden_and_logits = |value: u64| (3 * 128 + 10) * value;
+            let cases = [
+                (
+                    Precision::F32True,
+                    16 * parameters + 4,
+                    features * 4 + 4 + hidden_and_logits(4) + 4,
+                ),
+                (
+                    Precision::Bf16Mixed,
+                    18 * parameters + 4,
+                    features * (4 + 2) + 4 + hidden_and_logits(2) + 10 * 4 + 4,
+                ),
+                (
+                    Precision::F16Mixed,
+                    18 * parameters + 8,
+                    features * (4 + 2) + 4 + hidden_and_logits(2) + 10 * 4 + 4,
+                ),
+                (
+                    Precision::Bf16True,
+                    8 * parameters + 4,
+                    features * 2 + 4 + hidden_and_logits(2) + 4,
+                ),
+            ];
+            for (precision, fixed, per_sample) in cases {
+                let p = Plan::new(
+                    features,
+                    &[128],
+                    10,
+                    Activation::Relu,
+                    OptimizerKind::Adam,
+                    0.001,
+                    precision,
+                )
+                .unwrap();
+                assert_eq!(p.parameter_count(), parameters);
+                assert_eq!(p.fixed_bytes(), fixed, "{precision} {input:?}");
+                assert_eq!(p.bytes_per_sample(), per_sample, "{precision} {input:?}");
+            }
+        }
+        // The numbers, for the README: MNIST 4720 / 5540 / 5540 / 2364 bytes a sample, CIFAR
+        // 13872 / 19268 / 19268 / 6940; an input-heavy MLP holds fewer samples in bf16-mixed.
+        let mnist = |precision| {
+            Plan::new(
+                784,
+                &[128],
+                10,
+                Activation::Relu,
+                OptimizerKind::Adam,
+                0.001,
+                precision,
+            )
+            .unwrap()
+            .bytes_per_sample()
+        };
+        assert_eq!(Precision::ALL.map(mnist), [4720, 5540, 5540, 2364]);
+    }
+
+    #[test]
+    fn the_precision_note_appears_only_when_half_precision_holds_fewer_samples() {
+        let cifar = |hidden: &[u64], precision| {
+            Plan::new(
+                3072,
+                hidden,
+                10,
+                Activation::Relu,
+                OptimizerKind::Adam,
+                0.001,
+                precision,
+            )
+            .unwrap()
+            .precision_note(64 << 20, Allocator::Exact)
+        };
+        let note = cifar(&[128], Precision::Bf16Mixed).expect("CIFAR's input outweighs");
+        for needle in ["bf16-mixed", "3114 against 4382", "19268 against 13872"] {
+            assert!(note.contains(needle), "{needle:?} in {note}");
+        }
+        assert!(cifar(&[128], Precision::F16Mixed).is_some());
+        assert_eq!(cifar(&[128], Precision::F32True), None);
+        assert_eq!(cifar(&[128], Precision::Bf16True), None);
+        assert_eq!(cifar(&[4096, 4096, 4096], Precision::Bf16Mixed), None);
+    }
+
+    /// Mixed precision's parts: the half weight copy counts as parameters, the half input as
+    /// batch data, and the loss-scaling flag as activations.
+    #[test]
+    fn mixed_precision_puts_each_copy_in_its_part() {
+        let memory = |precision| {
+            Plan::new(
+                3072,
+                &[128],
+                10,
+                Activation::Relu,
+                OptimizerKind::Adam,
+                0.001,
+                precision,
+            )
+            .unwrap()
+            .memory(100)
+            .unwrap()
+        };
+        let full = memory(Precision::F32True);
+        let mixed = memory(Precision::F16Mixed);
+        assert_eq!(mixed.parameters, full.parameters + 394_634 * 2);
+        assert_eq!(mixed.gradients, full.gradients);
+        assert_eq!(mixed.optimizer_state, full.optimizer_state);
+        assert_eq!(mixed.batch_data, full.batch_data + 100 * 3072 * 2);
+        // Half pre/post/scratch/logits, plus f32 logits and the overflow flag.
+        assert_eq!(
+            mixed.activations,
+            full.activations - 100 * (3 * 128 + 10) * 2 + 100 * 10 * 4 + 4
+        );
+        let bf16 = memory(Precision::Bf16True);
+        assert_eq!(bf16.parameters * 2, full.parameters);
+        assert_eq!(bf16.optimizer_state * 2, full.optimizer_state);
     }
 
     #[test]

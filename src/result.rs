@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::advice::{Accumulation, ThroughputPoint};
 use crate::device::DeviceInfo;
-use crate::plan::MemoryBreakdown;
+use crate::plan::{MemoryBreakdown, Precision};
 
 /// The outcome of a finished search.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -15,6 +15,12 @@ pub struct TuneResult {
     pub recommended_batch_size: u64,
     /// The share of the largest batch the recommendation uses.
     pub headroom: f64,
+    /// How the probed steps stored and computed (`32-true` for results from before precisions).
+    #[serde(default)]
+    pub precision: Precision,
+    /// Set when this precision holds fewer samples than `32-true` would, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision_note: Option<String>,
     /// The throughput knee: the smallest measured batch within `search.knee_tolerance` of the best
     /// samples/s. A larger batch trains little faster.
     pub throughput_batch_size: u64,

@@ -97,6 +97,8 @@ pub fn tune(
         max_batch_size: fit,
         recommended_batch_size: recommended,
         headroom: job.headroom,
+        precision: plan.precision,
+        precision_note: plan.precision_note(info.free_bytes, info.kind.allocator()),
         throughput_batch_size: throughput_knee(&throughput, job.search.knee_tolerance)
             .unwrap_or(fit),
         throughput,

@@ -1,10 +1,14 @@
 //! One training step, written once against the [`Kernels`] a device provides.
 //!
 //! [`StepBuffers::allocate`] asks the device for every buffer of [`Plan::buffers`], in that
-//! order; [`initialise`] fills parameters and the synthetic batch on the device; [`train_step`]
-//! runs forward, softmax cross-entropy, backward and the optimizer update.
+//! order and storage; [`initialise`] fills parameters and the synthetic batch on the device;
+//! [`train_step`] runs forward, softmax cross-entropy, backward and the optimizer update in the
+//! plan's [`Precision`](crate::plan::Precision) (its doc says what each precision stores and
+//! computes).
 
-use crate::plan::{Activation, OptimizerKind, Plan};
+use crate::plan::{
+    Activation, OptimizerKind, Plan, Storage, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
+};
 use crate::synthetic;
 
 /// Momentum coefficient of `sgd_momentum`.
@@ -27,6 +31,8 @@ pub struct UpdateRule {
     pub bias_correction: (f32, f32),
     /// Decoupled weight decay (AdamW), 0 otherwise.
     pub weight_decay: f32,
+    /// What each gradient is multiplied by before use: `1 / loss scale` under loss scaling, else 1.
+    pub grad_scale: f32,
 }
 
 impl UpdateRule {
@@ -44,6 +50,7 @@ impl UpdateRule {
             } else {
                 0.0
             },
+            grad_scale: 1.0,
         }
     }
 }
@@ -69,20 +76,21 @@ pub enum OptimizerState<F> {
 }
 
 impl<F> OptimizerState<F> {
-    /// Zeroed state of `kind` for a buffer of `len` values.
-    pub fn allocate<A: Allocate<F32 = F>>(
+    /// Zeroed state of `kind` for a buffer of `len` values, stored as `storage`.
+    pub fn allocate<A: Allocate<Values = F>>(
         kind: OptimizerKind,
         len: u64,
+        storage: Storage,
         alloc: &mut A,
     ) -> Result<Self, A::Error> {
         Ok(match kind {
             OptimizerKind::Sgd => OptimizerState::Sgd,
             OptimizerKind::SgdMomentum => OptimizerState::Momentum {
-                velocity: alloc.f32_zeroed(len)?,
+                velocity: alloc.zeroed(len, storage)?,
             },
             OptimizerKind::Adam | OptimizerKind::Adamw => OptimizerState::Adam {
-                m: alloc.f32_zeroed(len)?,
-                v: alloc.f32_zeroed(len)?,
+                m: alloc.zeroed(len, storage)?,
+                v: alloc.zeroed(len, storage)?,
             },
         })
     }
@@ -97,16 +105,23 @@ impl<F> OptimizerState<F> {
     }
 }
 
+/// A device buffer of values that knows how it stores them.
+pub trait Stored {
+    /// How the buffer stores its values.
+    fn storage(&self) -> Storage;
+}
+
 /// Creates the buffers of a step on one device; every buffer starts zeroed.
 pub trait Allocate {
-    /// A device buffer of `f32`.
-    type F32;
+    /// A device buffer of values (f32, bf16 or f16).
+    type Values: Stored;
     /// A device buffer of `u32`.
     type U32;
     /// Out-of-memory or a device fault.
     type Error;
-    /// A zeroed buffer of `len` `f32` values; a length whose bytes pass `u64` is out of memory.
-    fn f32_zeroed(&mut self, len: u64) -> Result<Self::F32, Self::Error>;
+    /// A zeroed buffer of `len` values stored as `storage`; a length whose bytes pass `u64` is
+    /// out of memory.
+    fn zeroed(&mut self, len: u64, storage: Storage) -> Result<Self::Values, Self::Error>;
     /// A zeroed buffer of `len` `u32` values.
     fn u32_zeroed(&mut self, len: u64) -> Result<Self::U32, Self::Error>;
 }
@@ -114,14 +129,17 @@ pub trait Allocate {
 /// The operations of a training step, as one device implements them (host code or CUDA kernels).
 ///
 /// Matrices are row-major; `rows` is the batch size. Shapes follow the plan's [`crate::plan::Layer`]:
-/// `x` is `rows x inputs`, `w` is `outputs x inputs`, `y` is `rows x outputs`.
+/// `x` is `rows x inputs`, `w` is `outputs x inputs`, `y` is `rows x outputs`. Every operation
+/// reads each buffer as its storage says, computes in f32, and rounds what it stores to the
+/// storage of the buffer it writes (to nearest, ties to even). The operands of a product share
+/// one storage.
 pub trait Kernels: Allocate {
     /// Waits until all work queued on the device is done (for timing and fault detection).
     fn synchronize(&mut self) -> Result<(), Self::Error>;
     /// `out[i] = uniform(key, i) * scale`, the synthetic stream of [`synthetic::uniform`].
     fn fill_uniform(
         &mut self,
-        out: &mut Self::F32,
+        out: &mut Self::Values,
         len: u64,
         key: u64,
         scale: f32,
@@ -130,7 +148,7 @@ pub trait Kernels: Allocate {
     fn fill_labels(
         &mut self,
         labels: &mut Self::U32,
-        inputs: &Self::F32,
+        inputs: &Self::Values,
         rows: u64,
         features: u64,
         classes: u64,
@@ -138,9 +156,9 @@ pub trait Kernels: Allocate {
     /// `y = x * w^T`.
     fn linear_forward(
         &mut self,
-        x: &Self::F32,
-        w: &Self::F32,
-        y: &mut Self::F32,
+        x: &Self::Values,
+        w: &Self::Values,
+        y: &mut Self::Values,
         rows: u64,
         inputs: u64,
         outputs: u64,
@@ -148,9 +166,9 @@ pub trait Kernels: Allocate {
     /// `dw = dy^T * x`.
     fn weight_gradient(
         &mut self,
-        dy: &Self::F32,
-        x: &Self::F32,
-        dw: &mut Self::F32,
+        dy: &Self::Values,
+        x: &Self::Values,
+        dw: &mut Self::Values,
         rows: u64,
         inputs: u64,
         outputs: u64,
@@ -158,9 +176,9 @@ pub trait Kernels: Allocate {
     /// `dx = dy * w`.
     fn input_gradient(
         &mut self,
-        dy: &Self::F32,
-        w: &Self::F32,
-        dx: &mut Self::F32,
+        dy: &Self::Values,
+        w: &Self::Values,
+        dx: &mut Self::Values,
         rows: u64,
         inputs: u64,
         outputs: u64,
@@ -168,9 +186,9 @@ pub trait Kernels: Allocate {
     /// `pre += bias` per row, then `post = activation(pre)` when `post` is given.
     fn bias_activation(
         &mut self,
-        pre: &mut Self::F32,
-        bias: &Self::F32,
-        post: Option<&mut Self::F32>,
+        pre: &mut Self::Values,
+        bias: &Self::Values,
+        post: Option<&mut Self::Values>,
         rows: u64,
         cols: u64,
         activation: Activation,
@@ -178,16 +196,16 @@ pub trait Kernels: Allocate {
     /// `pre = grad_post * activation'(pre)`: the gradient replaces the pre-activation in place.
     fn activation_backward(
         &mut self,
-        grad_post: &Self::F32,
-        pre: &mut Self::F32,
+        grad_post: &Self::Values,
+        pre: &mut Self::Values,
         len: u64,
         activation: Activation,
     ) -> Result<(), Self::Error>;
     /// `db[j] = sum_i dy[i, j]`.
     fn bias_gradient(
         &mut self,
-        dy: &Self::F32,
-        db: &mut Self::F32,
+        dy: &Self::Values,
+        db: &mut Self::Values,
         rows: u64,
         cols: u64,
     ) -> Result<(), Self::Error>;
@@ -195,25 +213,40 @@ pub trait Kernels: Allocate {
     /// gradient of the mean loss, `(softmax - onehot) / rows`.
     fn softmax_cross_entropy(
         &mut self,
-        logits: &mut Self::F32,
+        logits: &mut Self::Values,
         labels: &Self::U32,
-        row_loss: &mut Self::F32,
+        row_loss: &mut Self::Values,
         rows: u64,
         classes: u64,
     ) -> Result<(), Self::Error>;
     /// The mean of `values`, reduced on the device into `accumulator` (one value) and read back.
     fn mean(
         &mut self,
-        values: &Self::F32,
+        values: &Self::Values,
         len: u64,
-        accumulator: &mut Self::F32,
+        accumulator: &mut Self::Values,
     ) -> Result<f32, Self::Error>;
+    /// `to = from * scale`, rounded to `to`'s storage (autocast's casts; the loss scale).
+    fn convert(
+        &mut self,
+        from: &Self::Values,
+        to: &mut Self::Values,
+        len: u64,
+        scale: f32,
+    ) -> Result<(), Self::Error>;
+    /// Whether any of `buffers` (each with its length) holds an infinity or a NaN; `flag` is
+    /// the one-value buffer the device gathers the answer in.
+    fn any_nonfinite(
+        &mut self,
+        buffers: &[(&Self::Values, u64)],
+        flag: &mut Self::Values,
+    ) -> Result<bool, Self::Error>;
     /// One optimizer update of `param` from `grad`; `state` decides which.
     fn optimizer_step(
         &mut self,
-        param: &mut Self::F32,
-        grad: &Self::F32,
-        state: &mut OptimizerState<Self::F32>,
+        param: &mut Self::Values,
+        grad: &Self::Values,
+        state: &mut OptimizerState<Self::Values>,
         len: u64,
         rule: UpdateRule,
     ) -> Result<(), Self::Error>;
@@ -233,6 +266,18 @@ pub struct LayerBuffers<F> {
     pub weight_state: OptimizerState<F>,
     /// Optimizer state of the biases.
     pub bias_state: OptimizerState<F>,
+    /// Mixed precision: autocast's half copies of the weights and biases, remade each step.
+    pub cast: Option<(F, F)>,
+}
+
+impl<F> LayerBuffers<F> {
+    /// The weights and biases the products use: the half copies when mixed.
+    fn operands(&self) -> (&F, &F) {
+        match &self.cast {
+            Some((weight, bias)) => (weight, bias),
+            None => (&self.weight, &self.bias),
+        }
+    }
 }
 
 /// What a hidden layer keeps from forward for backward.
@@ -243,6 +288,15 @@ pub struct HiddenBuffers<F> {
     pub post: F,
 }
 
+/// `GradScaler`'s state under `16-mixed`: the loss scale and the clean steps since it changed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    /// What the loss (so every gradient) is multiplied by.
+    pub scale: f32,
+    /// Steps without overflow since the scale last changed.
+    pub clean_steps: u32,
+}
+
 /// Every buffer of one training step at one batch size.
 pub struct StepBuffers<F, U> {
     /// One entry per linear layer.
@@ -251,65 +305,105 @@ pub struct StepBuffers<F, U> {
     pub inputs: F,
     /// `rows` labels.
     pub labels: U,
+    /// Mixed precision: autocast's half copy of the inputs.
+    pub inputs_cast: Option<F>,
     /// One entry per hidden layer.
     pub hidden: Vec<HiddenBuffers<F>>,
     /// `rows x classes` logits, then their gradient.
     pub logits: F,
+    /// Mixed precision: the logits in f32 for the loss, then their gradient.
+    pub logits_f32: Option<F>,
     /// `rows` per-sample losses.
     pub row_loss: F,
     /// `rows x widest hidden` input gradient of the layer being back-propagated.
     pub scratch: Option<F>,
     /// One value: the mean loss.
     pub loss_sum: F,
+    /// Loss scaling: one value, set when a gradient overflowed.
+    pub overflow: Option<F>,
+    /// Loss scaling: the scale and its clean steps.
+    pub loss_scale: Option<LossScale>,
     /// Batch size these buffers hold.
     pub rows: u64,
 }
 
 impl<F, U> StepBuffers<F, U> {
-    /// Allocates every buffer of a step, in the order and sizes of [`Plan::buffers`]. A batch
-    /// whose sizes pass `u64` asks for `u64::MAX` elements, which every device refuses as out of
-    /// memory.
+    /// Allocates every buffer of a step, in the order, sizes and storage of [`Plan::buffers`].
+    /// A batch whose sizes pass `u64` asks for `u64::MAX` elements, which every device refuses
+    /// as out of memory.
     pub fn allocate<A>(plan: &Plan, rows: u64, alloc: &mut A) -> Result<Self, A::Error>
     where
-        A: Allocate<F32 = F, U32 = U>,
+        A: Allocate<Values = F, U32 = U>,
     {
+        let precision = plan.precision;
+        let (master, compute) = (precision.master(), precision.compute());
+        let mixed = precision.is_mixed();
         let mut layers = Vec::with_capacity(plan.layers.len());
         for layer in &plan.layers {
+            let (weights, biases) = (layer.weights(), layer.outputs);
             layers.push(LayerBuffers {
-                weight: alloc.f32_zeroed(layer.weights())?,
-                bias: alloc.f32_zeroed(layer.outputs)?,
-                weight_grad: alloc.f32_zeroed(layer.weights())?,
-                bias_grad: alloc.f32_zeroed(layer.outputs)?,
-                weight_state: OptimizerState::allocate(plan.optimizer, layer.weights(), alloc)?,
-                bias_state: OptimizerState::allocate(plan.optimizer, layer.outputs, alloc)?,
+                weight: alloc.zeroed(weights, master)?,
+                bias: alloc.zeroed(biases, master)?,
+                weight_grad: alloc.zeroed(weights, master)?,
+                bias_grad: alloc.zeroed(biases, master)?,
+                weight_state: OptimizerState::allocate(plan.optimizer, weights, master, alloc)?,
+                bias_state: OptimizerState::allocate(plan.optimizer, biases, master, alloc)?,
+                cast: match mixed {
+                    true => Some((
+                        alloc.zeroed(weights, compute)?,
+                        alloc.zeroed(biases, compute)?,
+                    )),
+                    false => None,
+                },
             });
         }
         let per_row = |width: u64| rows.saturating_mul(width);
-        let inputs = alloc.f32_zeroed(per_row(plan.input_features()))?;
+        let features = per_row(plan.input_features());
+        let inputs = alloc.zeroed(features, master)?;
         let labels = alloc.u32_zeroed(rows)?;
+        let inputs_cast = match mixed {
+            true => Some(alloc.zeroed(features, compute)?),
+            false => None,
+        };
         let mut hidden = Vec::new();
         for width in plan.hidden_widths() {
             hidden.push(HiddenBuffers {
-                pre: alloc.f32_zeroed(per_row(width))?,
-                post: alloc.f32_zeroed(per_row(width))?,
+                pre: alloc.zeroed(per_row(width), compute)?,
+                post: alloc.zeroed(per_row(width), compute)?,
             });
         }
-        let logits = alloc.f32_zeroed(per_row(plan.num_classes()))?;
-        let row_loss = alloc.f32_zeroed(rows)?;
+        let classes = per_row(plan.num_classes());
+        let logits = alloc.zeroed(classes, compute)?;
+        let logits_f32 = match mixed {
+            true => Some(alloc.zeroed(classes, Storage::F32)?),
+            false => None,
+        };
+        let row_loss = alloc.zeroed(rows, Storage::F32)?;
         let scratch = match plan.scratch_width() {
             0 => None,
-            width => Some(alloc.f32_zeroed(per_row(width))?),
+            width => Some(alloc.zeroed(per_row(width), compute)?),
         };
-        let loss_sum = alloc.f32_zeroed(1)?;
+        let loss_sum = alloc.zeroed(1, Storage::F32)?;
+        let overflow = match precision.scales_loss() {
+            true => Some(alloc.zeroed(1, Storage::F32)?),
+            false => None,
+        };
         Ok(StepBuffers {
             layers,
             inputs,
             labels,
+            inputs_cast,
             hidden,
             logits,
+            logits_f32,
             row_loss,
             scratch,
             loss_sum,
+            overflow,
+            loss_scale: precision.scales_loss().then_some(LossScale {
+                scale: LOSS_SCALE_INITIAL,
+                clean_steps: 0,
+            }),
             rows,
         })
     }
@@ -319,7 +413,7 @@ impl<F, U> StepBuffers<F, U> {
 pub fn initialise<K: Kernels>(
     kernels: &mut K,
     plan: &Plan,
-    buffers: &mut StepBuffers<K::F32, K::U32>,
+    buffers: &mut StepBuffers<K::Values, K::U32>,
     seed: u64,
 ) -> Result<(), K::Error> {
     for (i, (layer, bufs)) in plan.layers.iter().zip(&mut buffers.layers).enumerate() {
@@ -354,68 +448,94 @@ pub fn initialise<K: Kernels>(
     )
 }
 
+/// What became of a step's update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// The optimizer updated every parameter.
+    Applied,
+    /// Loss scaling found an infinity or NaN among the gradients: no parameter changed, and the
+    /// scale was halved.
+    Skipped,
+}
+
 /// Runs one training step (`step` counts from 1) and leaves the per-sample losses in `row_loss`.
 pub fn train_step<K: Kernels>(
     kernels: &mut K,
     plan: &Plan,
-    buffers: &mut StepBuffers<K::F32, K::U32>,
+    buffers: &mut StepBuffers<K::Values, K::U32>,
     step: u32,
-) -> Result<(), K::Error> {
+) -> Result<Update, K::Error> {
     forward(kernels, plan, buffers)?;
-    kernels.softmax_cross_entropy(
-        &mut buffers.logits,
-        &buffers.labels,
-        &mut buffers.row_loss,
-        buffers.rows,
-        plan.num_classes(),
-    )?;
+    loss(kernels, plan, buffers)?;
     backward(kernels, plan, buffers)?;
     update(kernels, plan, buffers, step)
 }
 
-/// Every layer's product, bias and activation; the last layer writes the logits.
+/// Every layer's product, bias and activation; the last layer writes the logits. Mixed
+/// precision first casts the weights, biases and inputs to half, as autocast does.
 fn forward<K: Kernels>(
     kernels: &mut K,
     plan: &Plan,
-    b: &mut StepBuffers<K::F32, K::U32>,
+    b: &mut StepBuffers<K::Values, K::U32>,
 ) -> Result<(), K::Error> {
     let rows = b.rows;
+    for (layer, params) in plan.layers.iter().zip(&mut b.layers) {
+        if let Some((weight, bias)) = &mut params.cast {
+            kernels.convert(&params.weight, weight, layer.weights(), 1.0)?;
+            kernels.convert(&params.bias, bias, layer.outputs, 1.0)?;
+        }
+    }
+    if let Some(cast) = &mut b.inputs_cast {
+        kernels.convert(&b.inputs, cast, rows * plan.input_features(), 1.0)?;
+    }
     let last = plan.layers.len() - 1;
     for (i, layer) in plan.layers.iter().enumerate() {
         let (done, rest) = b.hidden.split_at_mut(i.min(last));
-        let input = if i == 0 { &b.inputs } else { &done[i - 1].post };
-        let params = &b.layers[i];
+        let input = match i {
+            0 => b.inputs_cast.as_ref().unwrap_or(&b.inputs),
+            _ => &done[i - 1].post,
+        };
+        let (weight, bias) = b.layers[i].operands();
         let (output, post) = if i < last {
             let out = &mut rest[0];
             (&mut out.pre, Some(&mut out.post))
         } else {
             (&mut b.logits, None)
         };
-        kernels.linear_forward(
-            input,
-            &params.weight,
-            output,
-            rows,
-            layer.inputs,
-            layer.outputs,
-        )?;
-        kernels.bias_activation(
-            output,
-            &params.bias,
-            post,
-            rows,
-            layer.outputs,
-            plan.activation,
-        )?;
+        kernels.linear_forward(input, weight, output, rows, layer.inputs, layer.outputs)?;
+        kernels.bias_activation(output, bias, post, rows, layer.outputs, plan.activation)?;
     }
     Ok(())
+}
+
+/// Softmax cross-entropy: the per-sample losses, and the logits replaced by their gradient.
+/// Mixed precision computes it in f32 and casts the gradient back to half, times the loss
+/// scale when there is one.
+fn loss<K: Kernels>(
+    kernels: &mut K,
+    plan: &Plan,
+    b: &mut StepBuffers<K::Values, K::U32>,
+) -> Result<(), K::Error> {
+    let (rows, classes) = (b.rows, plan.num_classes());
+    let len = rows * classes;
+    match &mut b.logits_f32 {
+        Some(wide) => {
+            kernels.convert(&b.logits, wide, len, 1.0)?;
+            kernels.softmax_cross_entropy(wide, &b.labels, &mut b.row_loss, rows, classes)?;
+            let scale = b.loss_scale.map_or(1.0, |s| s.scale);
+            kernels.convert(wide, &mut b.logits, len, scale)
+        }
+        None => {
+            kernels.softmax_cross_entropy(&mut b.logits, &b.labels, &mut b.row_loss, rows, classes)
+        }
+    }
 }
 
 /// Gradients from the logits' gradient back to the first layer's weights.
 fn backward<K: Kernels>(
     kernels: &mut K,
     plan: &Plan,
-    b: &mut StepBuffers<K::F32, K::U32>,
+    b: &mut StepBuffers<K::Values, K::U32>,
 ) -> Result<(), K::Error> {
     let rows = b.rows;
     let last = plan.layers.len() - 1;
@@ -435,10 +555,9 @@ fn backward<K: Kernels>(
         } else {
             &b.logits
         };
-        let input = if i == 0 {
-            &b.inputs
-        } else {
-            &b.hidden[i - 1].post
+        let input = match i {
+            0 => b.inputs_cast.as_ref().unwrap_or(&b.inputs),
+            _ => &b.hidden[i - 1].post,
         };
         let params = &mut b.layers[i];
         kernels.weight_gradient(
@@ -452,27 +571,51 @@ fn backward<K: Kernels>(
         kernels.bias_gradient(grad_out, &mut params.bias_grad, rows, layer.outputs)?;
         if i > 0 {
             let grad_in = b.scratch.as_mut().expect("hidden layers have a scratch");
-            kernels.input_gradient(
-                grad_out,
-                &params.weight,
-                grad_in,
-                rows,
-                layer.inputs,
-                layer.outputs,
-            )?;
+            let (weight, _) = params.operands();
+            kernels.input_gradient(grad_out, weight, grad_in, rows, layer.inputs, layer.outputs)?;
         }
     }
     Ok(())
 }
 
-/// The optimizer's update of every weight and bias.
+/// The optimizer's update of every weight and bias. Under loss scaling, as `GradScaler`: a
+/// step whose gradients overflowed is skipped and halves the scale; otherwise the gradients
+/// are unscaled in the update, and the scale doubles after enough clean steps.
 fn update<K: Kernels>(
     kernels: &mut K,
     plan: &Plan,
-    b: &mut StepBuffers<K::F32, K::U32>,
+    b: &mut StepBuffers<K::Values, K::U32>,
     step: u32,
-) -> Result<(), K::Error> {
-    let rule = UpdateRule::new(plan.optimizer, plan.learning_rate, step);
+) -> Result<Update, K::Error> {
+    let mut rule = UpdateRule::new(plan.optimizer, plan.learning_rate, step);
+    if let (Some(scaler), Some(flag)) = (&mut b.loss_scale, &mut b.overflow) {
+        let gradients: Vec<(&K::Values, u64)> = plan
+            .layers
+            .iter()
+            .zip(&b.layers)
+            .flat_map(|(layer, params)| {
+                [
+                    (&params.weight_grad, layer.weights()),
+                    (&params.bias_grad, layer.outputs),
+                ]
+            })
+            .collect();
+        if kernels.any_nonfinite(&gradients, flag)? {
+            *scaler = LossScale {
+                scale: scaler.scale * 0.5,
+                clean_steps: 0,
+            };
+            return Ok(Update::Skipped);
+        }
+        rule.grad_scale = 1.0 / scaler.scale;
+        scaler.clean_steps += 1;
+        if scaler.clean_steps == LOSS_SCALE_GROWTH_INTERVAL {
+            *scaler = LossScale {
+                scale: scaler.scale * 2.0,
+                clean_steps: 0,
+            };
+        }
+    }
     for (layer, params) in plan.layers.iter().zip(&mut b.layers) {
         kernels.optimizer_step(
             &mut params.weight,
@@ -489,19 +632,19 @@ fn update<K: Kernels>(
             rule,
         )?;
     }
-    Ok(())
+    Ok(Update::Applied)
 }
 
 /// The mean loss of the last step, reduced on the device.
 pub fn mean_loss<K: Kernels>(
     kernels: &mut K,
-    buffers: &mut StepBuffers<K::F32, K::U32>,
+    buffers: &mut StepBuffers<K::Values, K::U32>,
 ) -> Result<f32, K::Error> {
     kernels.mean(&buffers.row_loss, buffers.rows, &mut buffers.loss_sum)
 }
 
 /// The step buffers of one device's kernels.
-pub type DeviceBuffers<K> = StepBuffers<<K as Allocate>::F32, <K as Allocate>::U32>;
+pub type DeviceBuffers<K> = StepBuffers<<K as Allocate>::Values, <K as Allocate>::U32>;
 
 /// What [`run_probe`] measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -550,24 +693,30 @@ pub fn run_probe<K: Kernels>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Activation, Buffer};
+    use crate::plan::{Activation, Buffer, Element, Precision};
 
-    /// Records the length of every allocation instead of allocating.
+    /// Records the length and storage of every allocation instead of allocating.
     #[derive(Default)]
-    struct Recorder(Vec<u64>);
+    struct Recorder(Vec<(u64, Element)>);
+
+    impl Stored for Storage {
+        fn storage(&self) -> Storage {
+            *self
+        }
+    }
 
     impl Allocate for Recorder {
-        type F32 = ();
+        type Values = Storage;
         type U32 = ();
         type Error = ();
 
-        fn f32_zeroed(&mut self, len: u64) -> Result<(), ()> {
-            self.0.push(len);
-            Ok(())
+        fn zeroed(&mut self, len: u64, storage: Storage) -> Result<Storage, ()> {
+            self.0.push((len, Element::Value(storage)));
+            Ok(storage)
         }
 
         fn u32_zeroed(&mut self, len: u64) -> Result<(), ()> {
-            self.0.push(len);
+            self.0.push((len, Element::Label));
             Ok(())
         }
     }
@@ -579,16 +728,27 @@ mod tests {
             (vec![128], OptimizerKind::SgdMomentum),
             (vec![64, 32, 16], OptimizerKind::Adamw),
         ] {
-            let plan = Plan::new(784, &hidden, 10, Activation::Gelu, optimizer, 0.1).unwrap();
-            let mut recorder = Recorder::default();
-            StepBuffers::<(), ()>::allocate(&plan, 77, &mut recorder).unwrap();
-            let listed: Vec<u64> = plan
-                .buffers(77)
-                .unwrap()
-                .iter()
-                .map(|b: &Buffer| b.elements)
-                .collect();
-            assert_eq!(recorder.0, listed, "{hidden:?} {optimizer:?}");
+            for precision in Precision::ALL {
+                let plan = Plan::new(
+                    784,
+                    &hidden,
+                    10,
+                    Activation::Gelu,
+                    optimizer,
+                    0.1,
+                    precision,
+                )
+                .unwrap();
+                let mut recorder = Recorder::default();
+                StepBuffers::<Storage, ()>::allocate(&plan, 77, &mut recorder).unwrap();
+                let listed: Vec<(u64, Element)> = plan
+                    .buffers(77)
+                    .unwrap()
+                    .iter()
+                    .map(|b: &Buffer| (b.elements, b.element))
+                    .collect();
+                assert_eq!(recorder.0, listed, "{hidden:?} {optimizer:?} {precision}");
+            }
         }
     }
 

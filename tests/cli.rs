@@ -114,6 +114,56 @@ fn human_output_has_the_summary_and_memory_table() {
     }
 }
 
+/// Each precision runs real steps on the host and lands within the search's 1% of the memory
+/// model (`measured <= predicted` holds because the host charges exactly the planned buffers); the CIFAR MLP's input makes mixed precision hold fewer samples, and the answer says so.
+#[test]
+fn every_precision_tunes_on_the_host_and_says_when_half_holds_less() {
+    let job: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("examples/cifar10-mlp-bf16.json").unwrap())
+            .unwrap();
+    let mut max = std::collections::HashMap::new();
+    for precision in ["32-true", "bf16-mixed", "16-mixed", "bf16-true"] {
+        let mut job = job.clone();
+        job["precision"] = precision.into();
+        let path = support::temp_file(".json", job.to_string());
+        let path = path.to_str().unwrap();
+        let tune = |json: &[&str]| {
+            let args = [
+                &["tune", path, "--device", "host", "--host-memory", "16MiB"],
+                json,
+            ];
+            headroom(&args.concat())
+        };
+        let result = json_of(&tune(&["--json"]));
+        assert_eq!(result["precision"], precision);
+        let measured = result["max_batch_size"].as_f64().unwrap();
+        let predicted = result["predicted_max_batch_size"].as_f64().unwrap();
+        // Bisection stops within the job's 1% tolerance, on a multiple of 8.
+        assert!(
+            measured <= predicted && measured >= predicted * 0.99 - 8.0,
+            "{precision}: {measured} of {predicted}"
+        );
+        let mixed = precision.ends_with("-mixed");
+        assert_eq!(result["precision_note"].is_string(), mixed, "{result}");
+        max.insert(precision, measured);
+        if precision == "bf16-mixed" {
+            let text = String::from_utf8(tune(&[]).stdout).unwrap();
+            assert!(
+                text.contains(&format!("precision               {precision}")),
+                "{text}"
+            );
+            assert!(
+                text.contains("note: ") && text.contains("input-heavy"),
+                "{text}"
+            );
+        }
+    }
+    assert!(
+        max["bf16-mixed"] < max["32-true"] && max["32-true"] < max["bf16-true"],
+        "{max:?}"
+    );
+}
+
 #[test]
 fn the_dataset_size_caps_the_batch() {
     let output = headroom(&[

@@ -96,7 +96,8 @@ fn doctor_passes_on_the_standin() {
 }
 
 /// `tune --device cuda` of each example at a small budget finds a limit that fresh probes confirm
-/// (the max fits, one `multiple_of` above the first OOM does not), near the memory model's.
+/// (the max fits, one `multiple_of` above the first OOM does not), near the memory model's; the
+/// shipped models except the wide one, which needs more memory than the emulation has time for.
 #[test]
 fn each_example_tunes_to_a_limit_that_probes_confirm() {
     let Some(standin) = StandIn::get() else {
@@ -105,6 +106,7 @@ fn each_example_tunes_to_a_limit_that_probes_confirm() {
     for (name, memory) in [
         ("mnist-mlp-sgd", "24MiB"),
         ("cifar10-mlp-adam", "48MiB"),
+        ("cifar10-mlp-bf16", "48MiB"),
         ("deep-mlp-adamw", "96MiB"),
     ] {
         let path = support::job_file(&example(name));

@@ -73,6 +73,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
          {accumulation}\
          predicted max           {} (measured / predicted = {ratio})\n\
          device                  {} {} ({}, {} total)\n\
+         precision               {}\n\
          search                  {} probes in {:.2} s\n\
          memory at batch {}:\n{}",
         result.max_batch_size,
@@ -87,23 +88,31 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         result.device.index,
         result.device.name,
         human(result.device.total_bytes),
+        result.precision,
         result.probes.len(),
         result.elapsed_seconds,
         result.recommended_batch_size,
         memory_table(&result.memory),
-    )
+    ) + &note(result.precision_note.as_deref())
+}
+
+/// The precision note as a closing line, or nothing.
+fn note(precision_note: Option<&str>) -> String {
+    precision_note.map_or(String::new(), |n| format!("note: {n}\n"))
 }
 
 /// The human form of an estimate.
 pub fn estimate(e: &Estimate) -> String {
     format!(
         "parameters              {}\n\
+         precision               {}\n\
          fixed                   {}\n\
          per sample              {}\n\
          predicted max batch     {} in {}\n\
          recommended batch size  {}\n\
          memory at batch {}:\n{}",
         e.parameter_count,
+        e.precision,
         human(e.fixed_bytes),
         human(e.bytes_per_sample),
         e.predicted_max_batch_size,
@@ -111,7 +120,7 @@ pub fn estimate(e: &Estimate) -> String {
         e.recommended_batch_size,
         e.recommended_batch_size,
         memory_table(&e.memory)
-    )
+    ) + &note(e.precision_note.as_deref())
 }
 
 /// The table of estimates over the GPU catalogue.

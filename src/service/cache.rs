@@ -142,6 +142,8 @@ mod tests {
             max_batch_size: max,
             recommended_batch_size: max,
             headroom: 1.0,
+            precision: Default::default(),
+            precision_note: None,
             throughput_batch_size: max,
             throughput: vec![],
             accumulation: None,

@@ -44,6 +44,7 @@ fn sources() -> Vec<PathBuf> {
             .iter()
             .map(|f| root().join("kernels").join(f.file())),
     );
+    files.push(root().join("kernels/storage.cuh"));
     files
 }
 
@@ -52,6 +53,8 @@ fn sources() -> Vec<PathBuf> {
 fn kernel_table() -> String {
     let mut text = String::new();
     let mut entries = Vec::new();
+    let header = root().join("kernels/storage.cuh");
+    text.push_str(&format!("#include \"{}\"\n", header.display()));
     for family in Family::ALL {
         let path = root().join("kernels").join(family.file());
         text.push_str(&format!("#include \"{}\"\n", path.display()));

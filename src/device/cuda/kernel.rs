@@ -7,9 +7,9 @@
 pub enum Family {
     /// `gemm.cu`: the three products of a linear layer.
     Gemm,
-    /// `elementwise.cu`: bias, activation and its backward.
+    /// `elementwise.cu`: bias, activation and its backward, conversions between storages.
     Elementwise,
-    /// `reduce.cu`: column sums and the mean.
+    /// `reduce.cu`: column sums, the mean, the overflow check.
     Reduce,
     /// `loss.cu`: softmax cross-entropy.
     Loss,
@@ -42,15 +42,24 @@ impl Family {
         }
     }
 
-    /// The CUDA C++ source, embedded in the binary.
+    /// The CUDA C++ source, embedded in the binary: `kernels/storage.cuh` (how values of each
+    /// storage are read and written), then the family's file.
     pub fn source(self) -> &'static str {
+        macro_rules! with_storage {
+            ($file:literal) => {
+                concat!(
+                    include_str!("../../../kernels/storage.cuh"),
+                    include_str!(concat!("../../../kernels/", $file))
+                )
+            };
+        }
         match self {
-            Family::Gemm => include_str!("../../../kernels/gemm.cu"),
-            Family::Elementwise => include_str!("../../../kernels/elementwise.cu"),
-            Family::Reduce => include_str!("../../../kernels/reduce.cu"),
-            Family::Loss => include_str!("../../../kernels/loss.cu"),
-            Family::Optimizer => include_str!("../../../kernels/optimizer.cu"),
-            Family::Fill => include_str!("../../../kernels/fill.cu"),
+            Family::Gemm => with_storage!("gemm.cu"),
+            Family::Elementwise => with_storage!("elementwise.cu"),
+            Family::Reduce => with_storage!("reduce.cu"),
+            Family::Loss => with_storage!("loss.cu"),
+            Family::Optimizer => with_storage!("optimizer.cu"),
+            Family::Fill => with_storage!("fill.cu"),
         }
     }
 
@@ -80,10 +89,14 @@ pub enum Kernel {
     BiasActivation,
     /// `pre = grad_post * activation'(pre)`.
     ActivationBackward,
+    /// `to = from * scale` between storages.
+    Convert,
     /// Column sums: the bias gradient.
     ColumnSum,
     /// The mean of a vector.
     Mean,
+    /// Whether a buffer holds an infinity or a NaN.
+    Nonfinite,
     /// Fused softmax cross-entropy, forward and backward.
     SoftmaxCrossEntropy,
     /// SGD.
@@ -100,15 +113,17 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
         Kernel::BiasAdd,
         Kernel::BiasActivation,
         Kernel::ActivationBackward,
+        Kernel::Convert,
         Kernel::ColumnSum,
         Kernel::Mean,
+        Kernel::Nonfinite,
         Kernel::SoftmaxCrossEntropy,
         Kernel::Sgd,
         Kernel::SgdMomentum,
@@ -126,8 +141,10 @@ impl Kernel {
             Kernel::BiasAdd => "bias_add",
             Kernel::BiasActivation => "bias_activation",
             Kernel::ActivationBackward => "activation_backward",
+            Kernel::Convert => "convert",
             Kernel::ColumnSum => "column_sum",
             Kernel::Mean => "mean",
+            Kernel::Nonfinite => "nonfinite",
             Kernel::SoftmaxCrossEntropy => "softmax_cross_entropy",
             Kernel::Sgd => "sgd",
             Kernel::SgdMomentum => "sgd_momentum",
@@ -141,10 +158,11 @@ impl Kernel {
     pub fn family(self) -> Family {
         match self {
             Kernel::GemmNt | Kernel::GemmTn | Kernel::GemmNn => Family::Gemm,
-            Kernel::BiasAdd | Kernel::BiasActivation | Kernel::ActivationBackward => {
-                Family::Elementwise
-            }
-            Kernel::ColumnSum | Kernel::Mean => Family::Reduce,
+            Kernel::BiasAdd
+            | Kernel::BiasActivation
+            | Kernel::ActivationBackward
+            | Kernel::Convert => Family::Elementwise,
+            Kernel::ColumnSum | Kernel::Mean | Kernel::Nonfinite => Family::Reduce,
             Kernel::SoftmaxCrossEntropy => Family::Loss,
             Kernel::Sgd | Kernel::SgdMomentum | Kernel::Adam => Family::Optimizer,
             Kernel::FillUniform | Kernel::FillLabels => Family::Fill,

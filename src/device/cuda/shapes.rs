@@ -146,13 +146,15 @@ pub struct GemmLaunch {
 }
 
 /// A long depth (the batch, for weight gradients) is split over grid z so that a handful of
-/// output tiles still fills the GPU's `multiprocessors`.
-pub fn gemm(shape: &GemmShape, multiprocessors: u32) -> GemmLaunch {
+/// output tiles still fills the GPU's `multiprocessors`, unless the output may not be split
+/// (`may_split` false: a 16-bit output, which must be rounded once).
+pub fn gemm(shape: &GemmShape, multiprocessors: u32, may_split: bool) -> GemmLaunch {
     let grid_x = shape.m.div_ceil(GEMM_TILE).clamp(1, i32::MAX as u64);
     let grid_y = shape.n.div_ceil(GEMM_TILE).clamp(1, MAX_GRID_YZ);
     let wanted_blocks = BLOCKS_PER_MULTIPROCESSOR * multiprocessors as u64;
     let splits = (wanted_blocks / (grid_x * grid_y))
         .min(shape.k.div_ceil(MIN_SPLIT_K))
+        .min(if may_split { MAX_GRID_YZ } else { 1 })
         .clamp(1, MAX_GRID_YZ);
     let k_chunk = shape.k.div_ceil(splits).div_ceil(GEMM_DEPTH) * GEMM_DEPTH;
     let splits = shape.k.div_ceil(k_chunk.max(1)).max(1);
@@ -164,9 +166,18 @@ pub fn gemm(shape: &GemmShape, multiprocessors: u32) -> GemmLaunch {
 }
 
 /// reduce.cu's `column_sum`: 32 columns x 8 row lanes per block; returns the rows per chunk.
-pub fn column_sum(rows: u64, cols: u64, multiprocessors: u32) -> (LaunchConfig, u64) {
+/// Rows are split into chunks (added up with atomics) only when `may_split`.
+pub fn column_sum(
+    rows: u64,
+    cols: u64,
+    multiprocessors: u32,
+    may_split: bool,
+) -> (LaunchConfig, u64) {
     let column_tiles = cols.div_ceil(32).clamp(1, MAX_GRID_YZ);
-    let wanted_chunks = (BLOCKS_PER_MULTIPROCESSOR * multiprocessors as u64 / column_tiles).max(1);
+    let wanted_chunks = match may_split {
+        true => (BLOCKS_PER_MULTIPROCESSOR * multiprocessors as u64 / column_tiles).max(1),
+        false => 1,
+    };
     let rows_per_chunk = rows.div_ceil(wanted_chunks).max(64);
     let chunks = rows.div_ceil(rows_per_chunk).max(1);
     (
@@ -199,19 +210,22 @@ mod tests {
             inputs in 1u64..1 << 24,
             outputs in 1u64..1 << 24,
             multiprocessors in 1u32..200,
+            may_split in any::<bool>(),
         ) {
             for shape in [GemmShape::forward(rows, inputs, outputs), GemmShape::weight_gradient(rows, inputs, outputs), GemmShape::input_gradient(rows, inputs, outputs)] {
-                let launch = gemm(&shape, multiprocessors);
+                let launch = gemm(&shape, multiprocessors, may_split);
                 let (x, y, z) = launch.config.grid_dim;
                 prop_assert!(x >= 1 && (x as u64) <= i32::MAX as u64);
                 prop_assert!((1..=65_535).contains(&y) && (1..=65_535).contains(&z));
                 prop_assert!(launch.k_chunk * z as u64 >= shape.k);
                 prop_assert!(launch.k_chunk * (z as u64 - 1) < shape.k, "an empty split");
                 prop_assert_eq!(launch.accumulate, z > 1);
+                prop_assert!(may_split || z == 1);
             }
-            let (sum, per_chunk) = column_sum(rows, outputs, multiprocessors);
+            let (sum, per_chunk) = column_sum(rows, outputs, multiprocessors, may_split);
             prop_assert!(sum.grid_dim.1 <= 65_535);
             prop_assert!(sum.grid_dim.0 as u64 * per_chunk >= rows);
+            prop_assert!(may_split || sum.grid_dim.0 == 1);
             for cfg in [elementwise(rows * 784), mean(rows), softmax_cross_entropy(rows)] {
                 prop_assert!(cfg.grid_dim.0 >= 1 && cfg.grid_dim.1 == 1 && cfg.grid_dim.2 == 1);
             }

@@ -1,10 +1,14 @@
-//! The `host` device: the training step on the CPU in f32, inside a byte budget.
+//! The `host` device: the training step on the CPU, inside a byte budget, the reference every
+//! kernel is checked against. It stores values as the plan's precision says and computes in
+//! f32, rounding what it stores to 16 bits where the GPU does ([`values`]).
 //!
 //! Every buffer is charged to a [`Ledger`] before it is allocated; a charge past the budget, or
 //! an allocation the system refuses, is [`DeviceError::OutOfMemory`]. Nothing is allocated for a
-//! batch that does not fit.
+//! batch that does not fit. Widening 16-bit values takes scratch outside the budget: a layer's
+//! weights in f32 at most, and chunks of [`values::CHUNK`] values.
 
 pub mod ops;
+pub mod values;
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,9 +16,10 @@ use std::sync::Arc;
 
 use crate::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
 use crate::parity::Transfer;
-use crate::plan::Activation;
-use crate::step::{Allocate, Kernels, OptimizerState, UpdateRule};
+use crate::plan::{Activation, Storage};
+use crate::step::{Allocate, Kernels, OptimizerState, Stored, UpdateRule};
 use crate::synthetic;
+use values::{chunks, row_blocks, HostValues};
 
 /// Default budget of the host device: 256 MiB.
 pub const DEFAULT_BUDGET_BYTES: u64 = 256 << 20;
@@ -27,6 +32,13 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    fn new(budget: u64) -> Ledger {
+        Ledger {
+            budget,
+            used: AtomicU64::new(0),
+        }
+    }
+
     fn charge(&self, bytes: u64) -> Result<(), DeviceError> {
         self.used
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
@@ -124,10 +136,7 @@ impl HostDevice {
     /// A host device that may hold at most `budget_bytes` at once.
     pub fn new(budget_bytes: u64) -> HostDevice {
         HostDevice {
-            ledger: Arc::new(Ledger {
-                budget: budget_bytes,
-                used: AtomicU64::new(0),
-            }),
+            ledger: Arc::new(Ledger::new(budget_bytes)),
         }
     }
 
@@ -148,16 +157,35 @@ fn usize_of(n: u64) -> usize {
 }
 
 impl Allocate for HostDevice {
-    type F32 = HostBuffer<f32>;
+    type Values = HostValues;
     type U32 = HostBuffer<u32>;
     type Error = DeviceError;
 
-    fn f32_zeroed(&mut self, len: u64) -> Result<Self::F32, DeviceError> {
-        HostBuffer::zeroed(&self.ledger, len)
+    fn zeroed(&mut self, len: u64, storage: Storage) -> Result<HostValues, DeviceError> {
+        HostValues::zeroed(&self.ledger, len, storage)
     }
 
     fn u32_zeroed(&mut self, len: u64) -> Result<Self::U32, DeviceError> {
         HostBuffer::zeroed(&self.ledger, len)
+    }
+}
+
+/// `y (rows x y_width) = a (rows x a_width) * b` by blocks of rows, `b` (`b_len` values)
+/// widened once: the forward and input-gradient products. `product` takes a block's rows.
+fn row_product(
+    (a, a_width): (&HostValues, usize),
+    (b, b_len): (&HostValues, usize),
+    (y, y_width): (&mut HostValues, usize),
+    rows: usize,
+    product: impl Fn(&[f32], &[f32], &mut [f32], usize),
+) {
+    let all_f32 = [a, b, &*y].iter().all(|v| v.storage() == Storage::F32);
+    let b = b.read(0..b_len);
+    for block in row_blocks(rows, a_width.max(y_width), all_f32) {
+        let a = a.read(block.start * a_width..block.end * a_width);
+        y.update(block.start * y_width..block.end * y_width, |y| {
+            product(&a, &b, y, block.len())
+        });
     }
 }
 
@@ -168,192 +196,281 @@ impl Kernels for HostDevice {
 
     fn fill_uniform(
         &mut self,
-        out: &mut Self::F32,
+        out: &mut HostValues,
         len: u64,
         key: u64,
         scale: f32,
     ) -> Result<(), DeviceError> {
-        synthetic::fill_uniform(&mut out[..usize_of(len)], key, scale);
+        for range in chunks(usize_of(len), 1) {
+            out.update(range.clone(), |out| {
+                for (value, i) in out.iter_mut().zip(range) {
+                    *value = synthetic::uniform(key, i as u64, scale);
+                }
+            });
+        }
         Ok(())
     }
 
     fn fill_labels(
         &mut self,
         labels: &mut Self::U32,
-        inputs: &Self::F32,
+        inputs: &HostValues,
         rows: u64,
         features: u64,
         classes: u64,
     ) -> Result<(), DeviceError> {
         let (rows, features) = (usize_of(rows), usize_of(features));
-        synthetic::fill_labels(
-            &mut labels[..rows],
-            &inputs[..rows * features],
-            features,
-            usize_of(classes),
-        );
+        for range in chunks(rows * features, features) {
+            let first_row = range.start / features;
+            let rows_here = range.len() / features;
+            synthetic::fill_labels(
+                &mut labels[first_row..first_row + rows_here],
+                &inputs.read(range),
+                features,
+                usize_of(classes),
+            );
+        }
         Ok(())
     }
 
     fn linear_forward(
         &mut self,
-        x: &Self::F32,
-        w: &Self::F32,
-        y: &mut Self::F32,
+        x: &HostValues,
+        w: &HostValues,
+        y: &mut HostValues,
         rows: u64,
         inputs: u64,
         outputs: u64,
     ) -> Result<(), DeviceError> {
-        ops::linear_forward(x, w, y, usize_of(rows), usize_of(inputs), usize_of(outputs));
+        let (rows, inputs, outputs) = (usize_of(rows), usize_of(inputs), usize_of(outputs));
+        row_product(
+            (x, inputs),
+            (w, outputs * inputs),
+            (y, outputs),
+            rows,
+            |x, w, y, rows| ops::linear_forward(x, w, y, rows, inputs, outputs),
+        );
         Ok(())
     }
 
     fn weight_gradient(
         &mut self,
-        dy: &Self::F32,
-        x: &Self::F32,
-        dw: &mut Self::F32,
+        dy: &HostValues,
+        x: &HostValues,
+        dw: &mut HostValues,
         rows: u64,
         inputs: u64,
         outputs: u64,
     ) -> Result<(), DeviceError> {
-        ops::weight_gradient(
-            dy,
-            x,
-            dw,
-            usize_of(rows),
-            usize_of(inputs),
-            usize_of(outputs),
-        );
+        let (rows, inputs, outputs) = (usize_of(rows), usize_of(inputs), usize_of(outputs));
+        let all_f32 = [dy, x, &*dw].iter().all(|v| v.storage() == Storage::F32);
+        let weights = outputs * inputs;
+        if all_f32 {
+            dw.update(0..weights, |dw| {
+                ops::weight_gradient(
+                    &dy.read(0..rows * outputs),
+                    &x.read(0..rows * inputs),
+                    dw,
+                    rows,
+                    inputs,
+                    outputs,
+                    false,
+                )
+            });
+            return Ok(());
+        }
+        // The sum over rows, by blocks, in f32; rounded once at the end.
+        let mut sum = vec![0.0f32; weights];
+        for (n, block) in row_blocks(rows, inputs.max(outputs), false).enumerate() {
+            let dy = dy.read(block.start * outputs..block.end * outputs);
+            let x = x.read(block.start * inputs..block.end * inputs);
+            ops::weight_gradient(&dy, &x, &mut sum, block.len(), inputs, outputs, n > 0);
+        }
+        dw.write(0, &sum);
         Ok(())
     }
 
     fn input_gradient(
         &mut self,
-        dy: &Self::F32,
-        w: &Self::F32,
-        dx: &mut Self::F32,
+        dy: &HostValues,
+        w: &HostValues,
+        dx: &mut HostValues,
         rows: u64,
         inputs: u64,
         outputs: u64,
     ) -> Result<(), DeviceError> {
-        ops::input_gradient(
-            dy,
-            w,
-            dx,
-            usize_of(rows),
-            usize_of(inputs),
-            usize_of(outputs),
+        let (rows, inputs, outputs) = (usize_of(rows), usize_of(inputs), usize_of(outputs));
+        row_product(
+            (dy, outputs),
+            (w, outputs * inputs),
+            (dx, inputs),
+            rows,
+            |dy, w, dx, rows| ops::input_gradient(dy, w, dx, rows, inputs, outputs),
         );
         Ok(())
     }
 
     fn bias_activation(
         &mut self,
-        pre: &mut Self::F32,
-        bias: &Self::F32,
-        post: Option<&mut Self::F32>,
+        pre: &mut HostValues,
+        bias: &HostValues,
+        mut post: Option<&mut HostValues>,
         rows: u64,
         cols: u64,
         activation: Activation,
     ) -> Result<(), DeviceError> {
-        let len = usize_of(rows * cols);
-        ops::bias_activation(
-            &mut pre[..len],
-            bias,
-            post.map(|p| &mut p[..len]),
-            usize_of(cols),
-            activation,
-        );
+        let cols = usize_of(cols);
+        let bias = bias.read(0..cols);
+        for range in chunks(usize_of(rows) * cols, cols) {
+            pre.update(range.clone(), |pre| ops::bias_add(pre, &bias, cols));
+            if let Some(post) = post.as_deref_mut() {
+                // The activation reads the pre-activation as stored.
+                let stored = pre.read(range.clone());
+                post.update(range, |post| ops::activate_all(&stored, post, activation));
+            }
+        }
         Ok(())
     }
 
     fn activation_backward(
         &mut self,
-        grad_post: &Self::F32,
-        pre: &mut Self::F32,
+        grad_post: &HostValues,
+        pre: &mut HostValues,
         len: u64,
         activation: Activation,
     ) -> Result<(), DeviceError> {
-        let len = usize_of(len);
-        ops::activation_backward(&grad_post[..len], &mut pre[..len], activation);
+        for range in chunks(usize_of(len), 1) {
+            let grad = grad_post.read(range.clone());
+            pre.update(range, |pre| {
+                ops::activation_backward(&grad, pre, activation)
+            });
+        }
         Ok(())
     }
 
     fn bias_gradient(
         &mut self,
-        dy: &Self::F32,
-        db: &mut Self::F32,
+        dy: &HostValues,
+        db: &mut HostValues,
         rows: u64,
         cols: u64,
     ) -> Result<(), DeviceError> {
-        ops::bias_gradient(&dy[..usize_of(rows * cols)], db, usize_of(cols));
+        let cols = usize_of(cols);
+        let mut sums = vec![0.0f64; cols];
+        for range in chunks(usize_of(rows) * cols, cols) {
+            ops::add_column_sums(&dy.read(range), &mut sums);
+        }
+        let sums: Vec<f32> = sums.iter().map(|&s| s as f32).collect();
+        db.write(0, &sums);
         Ok(())
     }
 
     fn softmax_cross_entropy(
         &mut self,
-        logits: &mut Self::F32,
+        logits: &mut HostValues,
         labels: &Self::U32,
-        row_loss: &mut Self::F32,
+        row_loss: &mut HostValues,
         rows: u64,
         classes: u64,
     ) -> Result<(), DeviceError> {
-        let rows = usize_of(rows);
-        ops::softmax_cross_entropy(
-            &mut logits[..rows * usize_of(classes)],
-            &labels[..rows],
-            &mut row_loss[..rows],
-            usize_of(classes),
-        );
+        let (rows, classes) = (usize_of(rows), usize_of(classes));
+        let inv_rows = 1.0 / rows as f32;
+        for range in chunks(rows * classes, classes) {
+            let first = range.start / classes;
+            let here = first..first + range.len() / classes;
+            logits.update(range, |logits| {
+                row_loss.update(here.clone(), |loss| {
+                    ops::softmax_cross_entropy(logits, &labels[here], loss, classes, inv_rows)
+                })
+            });
+        }
         Ok(())
     }
 
     fn mean(
         &mut self,
-        values: &Self::F32,
+        values: &HostValues,
         len: u64,
-        accumulator: &mut Self::F32,
+        accumulator: &mut HostValues,
     ) -> Result<f32, DeviceError> {
-        accumulator[0] = ops::mean(&values[..usize_of(len)]);
-        Ok(accumulator[0])
+        let mean = ops::mean(&values.read(0..usize_of(len)));
+        accumulator.write(0, &[mean]);
+        Ok(mean)
+    }
+
+    fn convert(
+        &mut self,
+        from: &HostValues,
+        to: &mut HostValues,
+        len: u64,
+        scale: f32,
+    ) -> Result<(), DeviceError> {
+        for range in chunks(usize_of(len), 1) {
+            let from = from.read(range.clone());
+            to.update(range, |to| {
+                for (t, &f) in to.iter_mut().zip(from.iter()) {
+                    *t = f * scale;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn any_nonfinite(
+        &mut self,
+        buffers: &[(&HostValues, u64)],
+        flag: &mut HostValues,
+    ) -> Result<bool, DeviceError> {
+        let found = buffers.iter().any(|&(values, len)| {
+            chunks(usize_of(len), 1).any(|r| values.read(r).iter().any(|v| !v.is_finite()))
+        });
+        flag.write(0, &[f32::from(u8::from(found))]);
+        Ok(found)
     }
 
     fn optimizer_step(
         &mut self,
-        param: &mut Self::F32,
-        grad: &Self::F32,
-        state: &mut OptimizerState<Self::F32>,
+        param: &mut HostValues,
+        grad: &HostValues,
+        state: &mut OptimizerState<HostValues>,
         len: u64,
         rule: UpdateRule,
     ) -> Result<(), DeviceError> {
-        let len = usize_of(len);
-        let state = match state {
-            OptimizerState::Sgd => OptimizerState::Sgd,
-            OptimizerState::Momentum { velocity } => OptimizerState::Momentum {
-                velocity: &mut velocity[..len],
-            },
-            OptimizerState::Adam { m, v } => OptimizerState::Adam {
-                m: &mut m[..len],
-                v: &mut v[..len],
-            },
-        };
-        ops::optimizer_step(&mut param[..len], &grad[..len], state, rule);
+        for range in chunks(usize_of(len), 1) {
+            let grad = grad.read(range.clone());
+            param.update(range.clone(), |param| match state {
+                OptimizerState::Sgd => ops::optimizer_step(param, &grad, OptimizerState::Sgd, rule),
+                OptimizerState::Momentum { velocity } => velocity.update(range, |velocity| {
+                    ops::optimizer_step(param, &grad, OptimizerState::Momentum { velocity }, rule)
+                }),
+                OptimizerState::Adam { m, v } => m.update(range.clone(), |m| {
+                    v.update(range, |v| {
+                        ops::optimizer_step(param, &grad, OptimizerState::Adam { m, v }, rule)
+                    })
+                }),
+            });
+        }
         Ok(())
     }
 }
 
 impl Transfer for HostDevice {
-    fn read_f32(&mut self, buffer: &Self::F32, len: u64) -> Result<Vec<f32>, DeviceError> {
-        Ok(buffer[..usize_of(len)].to_vec())
+    fn read_values(&mut self, buffer: &HostValues, len: u64) -> Result<Vec<f32>, DeviceError> {
+        Ok(buffer.read(0..usize_of(len)).into_owned())
     }
 
     fn read_u32(&mut self, buffer: &Self::U32, len: u64) -> Result<Vec<u32>, DeviceError> {
         Ok(buffer[..usize_of(len)].to_vec())
     }
 
-    fn write_f32(&mut self, values: &[f32]) -> Result<Self::F32, DeviceError> {
-        HostBuffer::copied(&self.ledger, values)
+    fn write_values(
+        &mut self,
+        values: &[f32],
+        storage: Storage,
+    ) -> Result<HostValues, DeviceError> {
+        let mut buffer = HostValues::zeroed(&self.ledger, values.len() as u64, storage)?;
+        buffer.write(0, values);
+        Ok(buffer)
     }
 
     fn write_u32(&mut self, values: &[u32]) -> Result<Self::U32, DeviceError> {
@@ -367,7 +484,7 @@ impl Probing for HostDevice {
             kind: DeviceKind::Host,
             index: 0,
             name: format!(
-                "host CPU ({} threads, f32 reference)",
+                "host CPU ({} threads, reference)",
                 std::thread::available_parallelism().map_or(1, |n| n.get())
             ),
             uuid: None,

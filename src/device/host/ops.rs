@@ -4,7 +4,8 @@
 use crate::plan::Activation;
 use crate::step::{OptimizerState, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM};
 
-/// `c (m x n) = a (m x k) * b (k x n)`, each operand given by its row and column strides.
+/// `c (m x n) = a (m x k) * b (k x n)`, plus `c` when `accumulate`; each operand given by its
+/// row and column strides.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     m: usize,
@@ -15,6 +16,7 @@ fn gemm(
     b: &[f32],
     b_strides: (isize, isize),
     c: &mut [f32],
+    accumulate: bool,
 ) {
     assert!(
         a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
@@ -33,7 +35,7 @@ fn gemm(
             b.as_ptr(),
             b_strides.0,
             b_strides.1,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             c.as_mut_ptr(),
             n as isize,
             1,
@@ -59,10 +61,11 @@ pub fn linear_forward(
         w,
         (1, inputs as isize),
         y,
+        false,
     );
 }
 
-/// `dw (outputs x inputs) = dy^T * x`.
+/// `dw (outputs x inputs) = dy^T * x`, added to `dw` when `accumulate`.
 pub fn weight_gradient(
     dy: &[f32],
     x: &[f32],
@@ -70,6 +73,7 @@ pub fn weight_gradient(
     rows: usize,
     inputs: usize,
     outputs: usize,
+    accumulate: bool,
 ) {
     gemm(
         outputs,
@@ -80,6 +84,7 @@ pub fn weight_gradient(
         x,
         (inputs as isize, 1),
         dw,
+        accumulate,
     );
 }
 
@@ -101,6 +106,7 @@ pub fn input_gradient(
         w,
         (inputs as isize, 1),
         dx,
+        false,
     );
 }
 
@@ -140,23 +146,19 @@ pub fn activation_derivative(activation: Activation, x: f32) -> f32 {
     }
 }
 
-/// `pre += bias` per row, then `post = activation(pre)` when given.
-pub fn bias_activation(
-    pre: &mut [f32],
-    bias: &[f32],
-    post: Option<&mut [f32]>,
-    cols: usize,
-    activation: Activation,
-) {
+/// `pre += bias` per row.
+pub fn bias_add(pre: &mut [f32], bias: &[f32], cols: usize) {
     for row in pre.chunks_exact_mut(cols) {
         for (v, b) in row.iter_mut().zip(bias) {
             *v += b;
         }
     }
-    if let Some(post) = post {
-        for (p, &z) in post.iter_mut().zip(pre.iter()) {
-            *p = activate(activation, z);
-        }
+}
+
+/// `post = activation(pre)`.
+pub fn activate_all(pre: &[f32], post: &mut [f32], activation: Activation) {
+    for (p, &z) in post.iter_mut().zip(pre) {
+        *p = activate(activation, z);
     }
 }
 
@@ -167,27 +169,35 @@ pub fn activation_backward(grad_post: &[f32], pre: &mut [f32], activation: Activ
     }
 }
 
-/// `db[j] = sum over rows of dy[i, j]`, accumulated in f64.
-pub fn bias_gradient(dy: &[f32], db: &mut [f32], cols: usize) {
-    let mut sums = vec![0.0f64; cols];
-    for row in dy.chunks_exact(cols) {
+/// Adds each column of `dy` (rows of `sums.len()` values) to `sums`: the bias gradient,
+/// accumulated in f64.
+pub fn add_column_sums(dy: &[f32], sums: &mut [f64]) {
+    for row in dy.chunks_exact(sums.len()) {
         for (s, &v) in sums.iter_mut().zip(row) {
             *s += v as f64;
         }
     }
+}
+
+/// `db[j] = sum over rows of dy[i, j]`, accumulated in f64.
+pub fn bias_gradient(dy: &[f32], db: &mut [f32], cols: usize) {
+    let mut sums = vec![0.0f64; cols];
+    add_column_sums(dy, &mut sums);
     for (d, s) in db.iter_mut().zip(sums) {
         *d = s as f32;
     }
 }
 
-/// Numerically stable softmax cross-entropy per row; the logits become the mean loss's gradient.
+/// Numerically stable softmax cross-entropy per row; the logits become the gradient of the
+/// mean loss over the whole batch, `inv_rows` being one over its size.
 pub fn softmax_cross_entropy(
     logits: &mut [f32],
     labels: &[u32],
     row_loss: &mut [f32],
     classes: usize,
+    inv_rows: f32,
 ) {
-    let scale = 1.0 / labels.len() as f32;
+    let scale = inv_rows;
     for ((row, &label), loss) in logits
         .chunks_exact_mut(classes)
         .zip(labels)
@@ -217,15 +227,16 @@ pub fn optimizer_step(
     rule: UpdateRule,
 ) {
     let lr = rule.learning_rate;
+    let unscale = rule.grad_scale;
     match state {
         OptimizerState::Sgd => {
             for (p, &g) in param.iter_mut().zip(grad) {
-                *p -= lr * g;
+                *p -= lr * (g * unscale);
             }
         }
         OptimizerState::Momentum { velocity } => {
             for ((p, &g), v) in param.iter_mut().zip(grad).zip(velocity.iter_mut()) {
-                *v = MOMENTUM * *v + g;
+                *v = MOMENTUM * *v + g * unscale;
                 *p -= lr * *v;
             }
         }
@@ -238,6 +249,7 @@ pub fn optimizer_step(
                 .zip(m.iter_mut())
                 .zip(v.iter_mut())
             {
+                let g = g * unscale;
                 *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * g;
                 *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * g * g;
                 *p -= lr * (decay * *p + (*m * c1) / ((*v * c2).sqrt() + ADAM_EPSILON));
@@ -284,7 +296,7 @@ mod tests {
         // logits [0, ln 3] -> softmax [1/4, 3/4]; label 1 -> loss ln(4/3)
         let mut logits = vec![0.0, 3f32.ln(), 0.0, 0.0];
         let mut loss = vec![0.0; 2];
-        softmax_cross_entropy(&mut logits, &[1, 0], &mut loss, 2);
+        softmax_cross_entropy(&mut logits, &[1, 0], &mut loss, 2, 0.5);
         assert!((loss[0] - (4.0f32 / 3.0).ln()).abs() < 1e-6);
         assert!((loss[1] - 2f32.ln()).abs() < 1e-6);
         let want = [0.25 / 2.0, -0.25 / 2.0, -0.5 / 2.0, 0.5 / 2.0];
@@ -295,7 +307,7 @@ mod tests {
     fn softmax_is_stable_for_huge_logits() {
         let mut logits = vec![1e30, -1e30, 0.0];
         let mut loss = vec![0.0];
-        softmax_cross_entropy(&mut logits, &[0], &mut loss, 3);
+        softmax_cross_entropy(&mut logits, &[0], &mut loss, 3, 1.0);
         assert_eq!(loss[0], 0.0);
         assert!(logits.iter().all(|v| v.is_finite()));
     }

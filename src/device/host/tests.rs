@@ -4,8 +4,8 @@
 use super::*;
 use crate::device::Device;
 use crate::parity::{read_parameters, trained_parameters};
-use crate::plan::{Allocator, OptimizerKind, Plan};
-use crate::step::{initialise, train_step, StepBuffers};
+use crate::plan::{Allocator, OptimizerKind, Plan, Precision, Storage};
+use crate::step::{initialise, train_step, StepBuffers, Update};
 use Activation::{Gelu, Relu, Tanh};
 use OptimizerKind::{Adam, Adamw, Sgd, SgdMomentum};
 
@@ -27,7 +27,16 @@ fn plan_with_rate(
     optimizer: OptimizerKind,
     rate: f32,
 ) -> Plan {
-    Plan::new(input, hidden, classes, activation, optimizer, rate).unwrap()
+    Plan::new(
+        input,
+        hidden,
+        classes,
+        activation,
+        optimizer,
+        rate,
+        Precision::F32True,
+    )
+    .unwrap()
 }
 
 /// The mean loss of the MLP in f64, written independently of the f32 step.
@@ -73,84 +82,86 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32]) -> f64 
     total / rows as f64
 }
 
+/// One step's gradients of `plan` at `rows` samples, against the f64 finite differences of the
+/// same model at the same parameters and inputs (as stored): the largest difference, relative to
+/// the largest gradient.
+fn gradient_error(plan: &Plan, rows: u64, seed: u64) -> f64 {
+    let mut device = HostDevice::default();
+    let mut buffers = StepBuffers::allocate(plan, rows, &mut device).unwrap();
+    initialise(&mut device, plan, &mut buffers, seed).unwrap();
+    let params: Vec<f64> = read_parameters(&mut device, plan, &buffers)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let inputs = buffers.inputs.to_f32_vec();
+    let labels = buffers.labels.to_vec();
+    let update = train_step(&mut device, plan, &mut buffers, 1).unwrap();
+    assert_eq!(update, Update::Applied, "{}", plan.precision);
+    // Loss scaling leaves the gradients scaled; the update divides them.
+    let scale = buffers.loss_scale.map_or(1.0, |s| s.scale as f64);
+    let analytic: Vec<f64> = buffers
+        .layers
+        .iter()
+        .flat_map(|l| [l.weight_grad.to_f32_vec(), l.bias_grad.to_f32_vec()].concat())
+        .map(|g| g as f64 / scale)
+        .collect();
+    assert_eq!(analytic.len(), params.len());
+    let largest = analytic.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    let mut worst = 0.0f64;
+    for i in 0..params.len() {
+        let h = 1e-6;
+        let mut plus = params.clone();
+        plus[i] += h;
+        let mut minus = params.clone();
+        minus[i] -= h;
+        let numeric = (loss_f64(plan, &plus, &inputs, &labels)
+            - loss_f64(plan, &minus, &inputs, &labels))
+            / (2.0 * h);
+        worst = worst.max((numeric - analytic[i]).abs() / largest);
+    }
+    let row_loss = ops::mean(&buffers.row_loss.to_f32_vec()) as f64;
+    let want = loss_f64(plan, &params, &inputs, &labels);
+    assert!(
+        (row_loss - want).abs() < 1e-5 + gradient_tolerance(plan.precision) * want,
+        "{}: loss {row_loss} vs {want}",
+        plan.precision
+    );
+    worst
+}
+
+/// How far a precision's gradients may be from the exact ones, relative to the largest: f32
+/// arithmetic for `32-true`; for the others, the rounding of each stored 16-bit value (half a
+/// unit: 2^-9 relative for bfloat16, 2^-12 for IEEE half), compounding through the stored
+/// activations, their gradients and the products of two hidden layers: 8 such units (the
+/// largest seen is 2 units for bfloat16, 1.2 for half).
+fn gradient_tolerance(precision: Precision) -> f64 {
+    match precision.compute() {
+        Storage::F32 => 1e-4,
+        Storage::Bf16 => 8.0 / 512.0,
+        Storage::F16 => 8.0 / 4096.0,
+    }
+}
+
 #[test]
-fn gradients_match_finite_differences_for_every_activation() {
-    for activation in [Relu, Gelu, Tanh] {
-        let plan = plan_of(5, &[4, 6], 3, activation, Sgd);
-        let mut device = HostDevice::default();
-        let mut buffers = StepBuffers::allocate(&plan, 7, &mut device).unwrap();
-        initialise(&mut device, &plan, &mut buffers, 11).unwrap();
-        let params: Vec<f64> = read_parameters(&mut device, &plan, &buffers)
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        let inputs = buffers.inputs.to_vec();
-        let labels = buffers.labels.to_vec();
-        train_step(&mut device, &plan, &mut buffers, 1).unwrap();
-        let analytic: Vec<f64> = buffers
-            .layers
-            .iter()
-            .flat_map(|l| l.weight_grad.iter().chain(l.bias_grad.iter()))
-            .map(|&g| g as f64)
-            .collect();
-        assert_eq!(analytic.len(), params.len());
-        for i in 0..params.len() {
-            let h = 1e-6;
-            let mut plus = params.clone();
-            plus[i] += h;
-            let mut minus = params.clone();
-            minus[i] -= h;
-            let numeric = (loss_f64(&plan, &plus, &inputs, &labels)
-                - loss_f64(&plan, &minus, &inputs, &labels))
-                / (2.0 * h);
+fn gradients_match_finite_differences_in_every_precision_and_activation() {
+    for precision in Precision::ALL {
+        for activation in [Relu, Gelu, Tanh] {
+            let plan = Plan::new(5, &[4, 6], 3, activation, Sgd, 0.05, precision).unwrap();
+            let error = gradient_error(&plan, 7, 11);
+            eprintln!("{precision} {activation:?}: {error:.2e}");
             assert!(
-                (numeric - analytic[i]).abs() <= 1e-4 + 1e-3 * numeric.abs(),
-                "{activation:?} parameter {i}: finite difference {numeric} vs backward {}",
-                analytic[i]
+                error <= gradient_tolerance(precision),
+                "{precision} {activation:?}: gradients {error:.2e} from finite differences"
             );
         }
-        let row_loss = ops::mean(&buffers.row_loss);
-        let want = loss_f64(&plan, &params, &inputs, &labels);
-        assert!(
-            (row_loss as f64 - want).abs() < 1e-5,
-            "{row_loss} vs {want}"
-        );
     }
 }
 
 #[test]
 fn a_model_without_hidden_layers_has_exact_gradients_too() {
     let plan = plan_of(6, &[], 4, Relu, Sgd);
-    let mut device = HostDevice::default();
-    let mut buffers = StepBuffers::allocate(&plan, 5, &mut device).unwrap();
-    initialise(&mut device, &plan, &mut buffers, 3).unwrap();
-    let params: Vec<f64> = read_parameters(&mut device, &plan, &buffers)
-        .unwrap()
-        .into_iter()
-        .map(f64::from)
-        .collect();
-    let (inputs, labels) = (buffers.inputs.to_vec(), buffers.labels.to_vec());
-    train_step(&mut device, &plan, &mut buffers, 1).unwrap();
-    let grads: Vec<f32> = buffers.layers[0]
-        .weight_grad
-        .iter()
-        .chain(buffers.layers[0].bias_grad.iter())
-        .copied()
-        .collect();
-    for (i, &g) in grads.iter().enumerate() {
-        let mut plus = params.clone();
-        plus[i] += 1e-6;
-        let mut minus = params.clone();
-        minus[i] -= 1e-6;
-        let numeric = (loss_f64(&plan, &plus, &inputs, &labels)
-            - loss_f64(&plan, &minus, &inputs, &labels))
-            / 2e-6;
-        assert!(
-            (numeric - g as f64).abs() <= 1e-4 + 1e-3 * numeric.abs(),
-            "parameter {i}: {numeric} vs {g}"
-        );
-    }
+    assert!(gradient_error(&plan, 5, 3) <= 1e-4);
 }
 
 #[test]
@@ -203,9 +214,9 @@ fn an_allocation_the_system_refuses_is_out_of_memory() {
 fn training_is_deterministic_for_a_seed() {
     let plan = plan_of(12, &[9], 5, Gelu, Adamw);
     let mut device = HostDevice::default();
-    let a = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap();
-    let b = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap();
-    let c = trained_parameters(&mut device, &plan, 33, 3, 10).unwrap();
+    let a = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap().0;
+    let b = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap().0;
+    let c = trained_parameters(&mut device, &plan, 33, 3, 10).unwrap().0;
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert_eq!(a.len() as u64, plan.parameter_count());
