@@ -11,7 +11,12 @@ use headroom::{tune, Job};
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects examples by name.
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    for name in ["mnist-mlp-sgd", "cifar10-mlp-adam", "deep-mlp-adamw"] {
+    for name in [
+        "mnist-mlp-sgd",
+        "cifar10-mlp-adam",
+        "cifar10-mlp-bf16",
+        "deep-mlp-adamw",
+    ] {
         if filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }

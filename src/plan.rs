@@ -686,6 +686,20 @@ mod tests {
         );
     }
 
+    /// A ReLU MLP to 10 classes under Adam.
+    fn adam_mlp(features: u64, hidden: &[u64], precision: Precision) -> Plan {
+        Plan::new(
+            features,
+            hidden,
+            10,
+            Activation::Relu,
+            OptimizerKind::Adam,
+            0.001,
+            precision,
+        )
+        .unwrap()
+    }
+
     /// Fixed bytes and bytes per sample of 784-128-10 and 3072-128-10 under Adam, by hand.
     /// Fixed: f32 master weights, gradients and two moments are 16 bytes a parameter (bf16-true:
     /// 8), mixed adds a 2-byte weight copy; then the 4-byte mean loss and, for 16-mixed, the
@@ -720,16 +734,7 @@ mod tests {
                 ),
             ];
             for (precision, fixed, per_sample) in cases {
-                let p = Plan::new(
-                    features,
-                    &[128],
-                    10,
-                    Activation::Relu,
-                    OptimizerKind::Adam,
-                    0.001,
-                    precision,
-                )
-                .unwrap();
+                let p = adam_mlp(features, &[128], precision);
                 assert_eq!(p.parameter_count(), parameters);
                 assert_eq!(p.fixed_bytes(), fixed, "{precision} {input:?}");
                 assert_eq!(p.bytes_per_sample(), per_sample, "{precision} {input:?}");
@@ -737,36 +742,14 @@ mod tests {
         }
         // The numbers, for the README: MNIST 4720 / 5540 / 5540 / 2364 bytes a sample, CIFAR
         // 13872 / 19268 / 19268 / 6940; an input-heavy MLP holds fewer samples in bf16-mixed.
-        let mnist = |precision| {
-            Plan::new(
-                784,
-                &[128],
-                10,
-                Activation::Relu,
-                OptimizerKind::Adam,
-                0.001,
-                precision,
-            )
-            .unwrap()
-            .bytes_per_sample()
-        };
+        let mnist = |precision| adam_mlp(784, &[128], precision).bytes_per_sample();
         assert_eq!(Precision::ALL.map(mnist), [4720, 5540, 5540, 2364]);
     }
 
     #[test]
     fn the_precision_note_appears_only_when_half_precision_holds_fewer_samples() {
         let cifar = |hidden: &[u64], precision| {
-            Plan::new(
-                3072,
-                hidden,
-                10,
-                Activation::Relu,
-                OptimizerKind::Adam,
-                0.001,
-                precision,
-            )
-            .unwrap()
-            .precision_note(64 << 20, Allocator::Exact)
+            adam_mlp(3072, hidden, precision).precision_note(64 << 20, Allocator::Exact)
         };
         let note = cifar(&[128], Precision::Bf16Mixed).expect("CIFAR's input outweighs");
         for needle in ["bf16-mixed", "3114 against 4382", "19268 against 13872"] {
@@ -782,20 +765,7 @@ mod tests {
     /// batch data, and the loss-scaling flag as activations.
     #[test]
     fn mixed_precision_puts_each_copy_in_its_part() {
-        let memory = |precision| {
-            Plan::new(
-                3072,
-                &[128],
-                10,
-                Activation::Relu,
-                OptimizerKind::Adam,
-                0.001,
-                precision,
-            )
-            .unwrap()
-            .memory(100)
-            .unwrap()
-        };
+        let memory = |precision| adam_mlp(3072, &[128], precision).memory(100).unwrap();
         let full = memory(Precision::F32True);
         let mixed = memory(Precision::F16Mixed);
         assert_eq!(mixed.parameters, full.parameters + 394_634 * 2);

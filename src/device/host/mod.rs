@@ -203,9 +203,7 @@ impl Kernels for HostDevice {
     ) -> Result<(), DeviceError> {
         for range in chunks(usize_of(len), 1) {
             out.update(range.clone(), |out| {
-                for (value, i) in out.iter_mut().zip(range) {
-                    *value = synthetic::uniform(key, i as u64, scale);
-                }
+                ops::fill_uniform(out, range.start, key, scale)
             });
         }
         Ok(())
@@ -322,6 +320,14 @@ impl Kernels for HostDevice {
         let cols = usize_of(cols);
         let bias = bias.read(0..cols);
         for range in chunks(usize_of(rows) * cols, cols) {
+            if let (Storage::F32, Some(post)) = (pre.storage(), post.as_deref_mut()) {
+                pre.update(range.clone(), |pre| {
+                    post.update(range, |post| {
+                        ops::bias_activate(pre, &bias, post, cols, activation)
+                    })
+                });
+                continue;
+            }
             pre.update(range.clone(), |pre| ops::bias_add(pre, &bias, cols));
             if let Some(post) = post.as_deref_mut() {
                 // The activation reads the pre-activation as stored.
@@ -407,11 +413,7 @@ impl Kernels for HostDevice {
     ) -> Result<(), DeviceError> {
         for range in chunks(usize_of(len), 1) {
             let from = from.read(range.clone());
-            to.update(range, |to| {
-                for (t, &f) in to.iter_mut().zip(from.iter()) {
-                    *t = f * scale;
-                }
-            });
+            to.update(range, |to| ops::scaled_copy(&from, to, scale));
         }
         Ok(())
     }
