@@ -18,8 +18,12 @@ use serde_json::{json, Value};
 use support::postgres::{self, Postgres};
 use support::ServerProcess;
 
+/// Runs `future` on the one runtime of these tests: a store's pooled connections belong to the
+/// runtime that opened them, and fail once it is dropped.
 fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Runtime::new().unwrap().block_on(future)
+    static RUNTIME: std::sync::LazyLock<tokio::runtime::Runtime> =
+        std::sync::LazyLock::new(|| tokio::runtime::Runtime::new().unwrap());
+    RUNTIME.block_on(future)
 }
 
 fn document(id: &str, state: JobState, created_at: &str, probes: usize) -> JobDocument {
