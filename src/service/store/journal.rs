@@ -212,14 +212,17 @@ impl Writer {
         }
     }
 
+    /// Saves the jobs, then the results; stops at the first failure, so that a later write
+    /// that works cannot report the store healthy while earlier ones still wait.
     async fn save(&mut self) {
         if !self.jobs.is_empty() {
             let jobs: Vec<StoredJob> = self.jobs.values().cloned().collect();
             let saved = self.store.save_jobs(&jobs).await;
             self.health.record(Direction::Write, "save_jobs", &saved);
-            if saved.is_ok() {
-                self.jobs.clear();
+            if saved.is_err() {
+                return;
             }
+            self.jobs.clear();
         }
         let keys: Vec<String> = self.results.keys().cloned().collect();
         for key in keys {
