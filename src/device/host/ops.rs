@@ -52,9 +52,10 @@ fn gemm(
     }
 }
 
-/// Every core for the products.
+/// Every thread of rayon's pool for the products, as for the element-wise passes (the pool's
+/// size is read once; `available_parallelism` would read the cgroup limits on every product).
 fn parallelism() -> gemm::Parallelism {
-    match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+    match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         threads => gemm::Parallelism::Rayon(threads),
     }
