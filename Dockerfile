@@ -8,23 +8,29 @@
 # dependency's; tests/deploy.rs checks the three agree.
 FROM rust:1.89-bookworm AS build
 WORKDIR /src
-# Dependencies first, in a layer of their own: it is rebuilt only when the lockfile changes.
-COPY Cargo.toml Cargo.lock build.rs ./
-RUN mkdir -p src benches \
- && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
- && printf 'fn main() {}\n' > benches/host.rs && cp benches/host.rs benches/tune.rs \
+# Dependencies first, in a layer of their own: it is rebuilt only when a manifest or the
+# lockfile changes. Each crate of the workspace gets an empty stand-in for its sources.
+COPY Cargo.toml Cargo.lock ./
+COPY crates/engine/Cargo.toml crates/engine/
+COPY crates/devices/Cargo.toml crates/devices/
+COPY crates/service/Cargo.toml crates/service/build.rs crates/service/
+RUN for crate in engine devices service; do mkdir -p crates/$crate/src && touch crates/$crate/src/lib.rs; done \
+ && mkdir -p src crates/devices/benches && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > crates/devices/benches/host.rs && cp crates/devices/benches/host.rs crates/devices/benches/tune.rs \
  && cargo build --release --locked --bin headroom \
- && rm -rf src benches
+ && rm -rf src crates/*/src crates/devices/benches
 COPY src src
+COPY crates crates
 COPY kernels kernels
-COPY migrations migrations
-COPY benches benches
 COPY examples examples
 COPY config config
 ARG HEADROOM_REVISION=unknown
 ENV HEADROOM_REVISION=${HEADROOM_REVISION}
-# The sources are newer than the placeholder build, so cargo rebuilds headroom itself.
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin headroom
+# The sources are newer than the placeholder build, so cargo rebuilds headroom's crates. The
+# image's binary keeps its symbols (for backtraces) but not the line tables.
+RUN touch src/main.rs crates/*/src/lib.rs \
+ && CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+    cargo build --release --locked --bin headroom
 
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 ARG HEADROOM_REVISION=unknown

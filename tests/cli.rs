@@ -265,7 +265,7 @@ fn estimate_needs_no_device() {
 
 #[test]
 fn cuda_without_a_driver_is_a_clear_error_not_a_panic() {
-    if headroom::device::cuda::driver_available() {
+    if headroom_devices::cuda::driver_available() {
         return; // this machine has a driver; the GPU scripts cover it
     }
     let output = headroom(&["tune", "examples/mnist-mlp-sgd.json", "--device", "cuda"]);
@@ -347,7 +347,7 @@ fn estimate_over_the_gpu_catalogue_and_for_one_card() {
     let output = headroom(&["estimate", "examples/mnist-mlp-sgd.json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let table = String::from_utf8_lossy(&output.stdout);
-    for card in headroom::catalogue::CATALOGUE {
+    for card in headroom_engine::catalogue::CATALOGUE {
         assert!(
             table.contains(card.name),
             "{} missing from\n{table}",

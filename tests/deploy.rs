@@ -112,8 +112,8 @@ fn the_image_builds_with_the_lockfile() {
     }
 }
 
-/// The top-level directories the compiler reads besides `src/`: what `include_str!` and
-/// `sqlx::migrate!` name in the sources.
+/// The top-level directories the compiler reads: where the sources are, and what
+/// `include_str!` names in them.
 fn compiled_in_directories() -> Vec<String> {
     fn walk(dir: &Path, found: &mut Vec<String>) {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -123,12 +123,9 @@ fn compiled_in_directories() -> Vec<String> {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            for (macro_name, relative_to) in [
-                ("include_str!(\"", path.parent().unwrap().to_path_buf()),
-                ("migrate!(\"", repository().to_path_buf()),
-            ] {
-                for rest in text.split(macro_name).skip(1) {
-                    let target = relative_to.join(rest.split('"').next().unwrap());
+            {
+                for rest in text.split("include_str!(\"").skip(1) {
+                    let target = path.parent().unwrap().join(rest.split('"').next().unwrap());
                     let target = target.canonicalize().unwrap();
                     let top = target
                         .strip_prefix(repository().canonicalize().unwrap())
@@ -146,8 +143,9 @@ fn compiled_in_directories() -> Vec<String> {
             }
         }
     }
-    let mut found = Vec::new();
+    let mut found = vec!["src".to_string(), "crates".to_string()];
     walk(&repository().join("src"), &mut found);
+    walk(&repository().join("crates"), &mut found);
     found
 }
 
@@ -155,7 +153,7 @@ fn compiled_in_directories() -> Vec<String> {
 fn the_image_copies_what_the_compiler_reads_and_keeps_its_store_on_a_volume() {
     let dockerfile = read("Dockerfile");
     let directories = compiled_in_directories();
-    for needed in ["kernels", "migrations"] {
+    for needed in ["kernels", "crates"] {
         assert!(directories.iter().any(|d| d == needed), "{directories:?}");
     }
     for directory in directories {

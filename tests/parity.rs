@@ -4,9 +4,9 @@
 
 mod support;
 
-use headroom::device::cuda::{self, CudaDevice};
-use headroom::device::host::HostDevice;
-use headroom::parity::{check_kernels, check_training};
+use headroom_devices::cuda::{self, CudaDevice};
+use headroom_devices::host::HostDevice;
+use headroom_devices::parity::{check_kernels, check_training};
 use support::assert_all_pass;
 
 #[test]

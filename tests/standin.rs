@@ -12,10 +12,10 @@ mod support;
 use std::ops::ControlFlow;
 use std::process::Output;
 
-use headroom::device::cuda::CudaDevice;
-use headroom::device::{Device, DeviceError};
-use headroom::parity::{check_kernels, check_training};
-use headroom::{tune, Job};
+use headroom_devices::cuda::CudaDevice;
+use headroom_devices::parity::{check_kernels, check_training};
+use headroom_engine::device::{Device, DeviceError};
+use headroom_engine::{tune, Job};
 use serde_json::{json, Value};
 use support::standin::StandIn;
 use support::{assert_all_pass, job, metric_value, ServerProcess};

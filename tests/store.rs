@@ -9,11 +9,11 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use headroom::device::select::DeviceSpec;
-use headroom::result::TuneResult;
-use headroom::service::jobs::{JobDocument, JobState, Progress};
-use headroom::service::problem::Problem;
-use headroom::service::store::{sql, Retention, Store, StoredJob};
+use headroom_devices::select::DeviceSpec;
+use headroom_service::answer::TuneAnswer;
+use headroom_service::document::{JobDocument, JobState, Progress};
+use headroom_service::problem::Problem;
+use headroom_service::store::{sql, Retention, Store, StoredJob};
 use serde_json::{json, Value};
 use support::postgres::{self, Postgres};
 use support::ServerProcess;
@@ -55,7 +55,7 @@ fn stored(node: &str, document: JobDocument) -> StoredJob {
 }
 
 /// A result as the service keeps it, measured `hours_ago`.
-fn result(hours_ago: i64) -> TuneResult {
+fn result(hours_ago: i64) -> TuneAnswer {
     let measured_at = time::OffsetDateTime::now_utc() - time::Duration::hours(hours_ago);
     serde_json::from_value(json!({
         "max_batch_size": 4096, "recommended_batch_size": 3272, "headroom": 0.8,
@@ -609,7 +609,7 @@ fn a_garbage_or_newer_database_stops_the_server_and_is_left_untouched() {
     let url = format!("sqlite://{}", newer.display());
     block_on(async {
         drop(sql::open(&url).await.unwrap());
-        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let pool = sqlx_sqlite::SqlitePool::connect(&url).await.unwrap();
         sqlx::query(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
              VALUES (29991231000000, 'from a newer headroom', TRUE, X'00', 0)",

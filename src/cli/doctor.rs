@@ -2,17 +2,20 @@
 //! agrees with the host reference on every device.
 
 use std::ops::ControlFlow;
-use std::process::ExitCode;
 
+use bytesize::ByteSize;
 use serde::Serialize;
 
 use super::output::human;
-use super::EXIT_FAILURE;
-use crate::device::host::HostDevice;
-use crate::device::{cuda, nvml, Device, Probing};
-use crate::job::Job;
-use crate::parity::{self, Check, Transfer};
-use crate::search::tune;
+use super::CliError;
+use headroom_devices::host::HostDevice;
+use headroom_devices::host::DEFAULT_BUDGET_BYTES;
+use headroom_devices::parity::{self, Check};
+use headroom_devices::transfer::Transfer;
+use headroom_devices::{cuda, nvml};
+use headroom_engine::device::{Device, Probing};
+use headroom_engine::job::Job;
+use headroom_engine::search::tune;
 
 /// The outcome of one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -62,8 +65,20 @@ fn row(status: Status, check: impl Into<String>, detail: impl Into<String>) -> R
 const DOCTOR_JOB: &str = r#"{"model": {"input_shape": [1, 28, 28], "hidden_layers": [128], "num_classes": 10},
     "optimizer": {"name": "sgd"}, "search": {"max": 65536, "strategy": "predict"}}"#;
 
-/// Checks this node, prints the report (a table, or JSON with `json`) and fails if a row failed.
-pub fn doctor_command(host_memory: u64, json: bool) -> ExitCode {
+/// Arguments of `headroom doctor`.
+#[derive(clap::Args)]
+pub struct DoctorArgs {
+    /// Memory budget of the host device.
+    #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
+    host_memory: ByteSize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Checks this node, prints the report (a table, or JSON) and fails if a row failed.
+pub fn run(args: DoctorArgs) -> Result<(), CliError> {
+    let (host_memory, json) = (args.host_memory.0, args.json);
     let mut rows = libraries();
     let driver = cuda::driver_available();
     let nvrtc = cuda::compile::nvrtc_available();
@@ -91,10 +106,9 @@ pub fn doctor_command(host_memory: u64, json: bool) -> ExitCode {
     } else {
         print_table(&rows, failed);
     }
-    if failed > 0 {
-        ExitCode::from(EXIT_FAILURE)
-    } else {
-        ExitCode::SUCCESS
+    match failed {
+        0 => Ok(()),
+        n => Err(CliError::ChecksFailed(n)),
     }
 }
 
@@ -103,9 +117,7 @@ fn print_table(rows: &[Row], failed: usize) {
     for r in rows {
         println!("{:<4}  {:<width$}  {}", r.status.label(), r.check, r.detail);
     }
-    if failed > 0 {
-        println!("{failed} check(s) failed");
-    } else {
+    if failed == 0 {
         println!("all checks passed");
     }
 }
@@ -140,7 +152,7 @@ fn libraries() -> Vec<Row> {
                 )
             }));
         }
-        Err(e) => rows.push(row(missing, "NVML", e)),
+        Err(e) => rows.push(row(missing, "NVML", e.to_string())),
     }
     rows.push(if cuda::compile::nvrtc_available() {
         row(Status::Pass, "NVRTC library", "libnvrtc found")
@@ -225,7 +237,7 @@ fn device_checks<D: Probing + Transfer>(name: &str, device: &mut D) -> Vec<Row> 
 fn check_rows(
     device: &str,
     what: &str,
-    checks: Result<Vec<Check>, crate::DeviceError>,
+    checks: Result<Vec<Check>, headroom_engine::DeviceError>,
 ) -> Vec<Row> {
     match checks {
         Ok(checks) => checks

@@ -1,75 +1,102 @@
 //! `headroom estimate`: the memory model's answer, no probe: for a given amount of free memory,
 //! for one card of the GPU catalogue, or for every card.
 
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::PathBuf;
 
-use super::{fail, output, read_job, PlotFile, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID};
-use crate::catalogue::{self, GpuEstimate, MODEL_NOTE};
+use bytesize::ByteSize;
+use headroom_engine::catalogue::{self, GpuEstimate, MODEL_NOTE};
+
+use super::input::{read_job, OutputFile};
+use super::{output, CliError};
+
+/// Arguments of `headroom estimate`.
+#[derive(clap::Args)]
+pub struct EstimateArgs {
+    /// The job description (JSON); `-` reads standard input.
+    job: PathBuf,
+    /// Free device memory, charged exactly, e.g. 80GiB.
+    #[arg(long, conflicts_with = "gpu")]
+    memory: Option<ByteSize>,
+    /// A GPU of the catalogue, e.g. "H100 80GB", a100-40gb or h200; an unknown name lists them.
+    #[arg(long)]
+    gpu: Option<String>,
+    /// Draw memory against batch size to this SVG file (with --memory or --gpu).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Print the estimate as JSON.
+    #[arg(long)]
+    json: bool,
+}
 
 /// What to estimate for.
-#[derive(Debug, Clone)]
-pub enum Target {
-    /// This much free memory, charged exactly.
-    Memory(u64),
+enum Target {
+    /// An amount of free memory, charged exactly.
+    Memory,
     /// A card of the catalogue, its allocator's rounding included.
-    Gpu(String),
+    Gpu,
     /// Every card of the catalogue.
     Catalogue,
 }
 
-/// Prints the estimate for `target` (JSON with `json`) and draws it to `plot`.
-pub fn estimate_command(
-    job_path: &Path,
-    target: Target,
-    json: bool,
-    plot: Option<PathBuf>,
-) -> ExitCode {
-    let job = match read_job(job_path) {
-        Ok(job) => job,
-        Err(message) => return fail(EXIT_INVALID, message),
+/// Prints the estimate (JSON with `--json`) and draws it to `--plot`.
+pub fn run(args: EstimateArgs) -> Result<(), CliError> {
+    let job = read_job(&args.job)?;
+    if args.plot.is_some() && args.memory.is_none() && args.gpu.is_none() {
+        return Err(CliError::Argument(
+            "--plot draws one estimate: give --memory or --gpu".into(),
+        ));
+    }
+    if args.memory == Some(ByteSize(0)) {
+        return Err(CliError::Argument(
+            "--memory must be more than 0 bytes".into(),
+        ));
+    }
+    let plot = args
+        .plot
+        .map(|path| OutputFile::check("the plot", path))
+        .transpose()?;
+    let (target, estimates) = match (args.memory, &args.gpu) {
+        (Some(memory), _) => (
+            Target::Memory,
+            vec![catalogue::estimate_free(&job, memory.0)],
+        ),
+        (None, Some(name)) => {
+            let gpu = catalogue::find(name)?;
+            (
+                Target::Gpu,
+                vec![catalogue::estimate_for(&job, gpu.name, gpu.memory_bytes())],
+            )
+        }
+        (None, None) => (Target::Catalogue, catalogue::every_gpu(&job)),
     };
-    let plot = match plot.map(PlotFile::create).transpose() {
-        Ok(plot) => plot,
-        Err(message) => return fail(EXIT_INVALID, message),
-    };
-    let estimates = match &target {
-        Target::Memory(bytes) => vec![catalogue::estimate_free(&job, *bytes)],
-        Target::Gpu(name) => match catalogue::find(name) {
-            Ok(gpu) => vec![catalogue::estimate_for(&job, gpu.name, gpu.memory_bytes())],
-            Err(message) => return fail(EXIT_INVALID, message),
-        },
-        Target::Catalogue => catalogue::every_gpu(&job),
-    };
-    if let Some(plot) = plot {
-        let [single] = &estimates[..] else {
-            return fail(
-                EXIT_INVALID,
-                "--plot draws one estimate: give --memory or --gpu",
-            );
-        };
+    report(&target, &estimates, args.json)?;
+    if let (Some(plot), [single]) = (plot, &estimates[..]) {
         if let Some(e) = &single.estimate {
-            let svg = crate::plot::estimate_svg(
+            plot.write(&headroom_service::plot::estimate_svg(
                 job.plan(),
                 e.memory_bytes,
                 e.predicted_max_batch_size,
                 e.recommended_batch_size,
-            );
-            if let Err(message) = svg.and_then(|svg| plot.write(&svg)) {
-                return fail(EXIT_FAILURE, message);
-            }
+            )?)?;
         }
     }
-    report(&target, &estimates, json)
+    match (&target, &estimates[..]) {
+        (Target::Memory | Target::Gpu, [single]) => match single.does_not_fit {
+            Some(reason) => Err(reason.into()),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
 }
 
-fn report(target: &Target, estimates: &[GpuEstimate], json: bool) -> ExitCode {
-    let single = !matches!(target, Target::Catalogue);
+/// Prints the estimates: JSON, one estimate, or the catalogue's table; a note says that they
+/// are the model's, not measurements.
+fn report(target: &Target, estimates: &[GpuEstimate], json: bool) -> Result<(), CliError> {
     if json {
         // For an amount of memory the estimate itself; for a card, the card and its estimate.
         let value = match target {
-            Target::Memory(_) => estimates[0].estimate.as_ref().map(serde_json::to_value),
-            Target::Gpu(_) => Some(serde_json::to_value(&estimates[0])),
+            Target::Memory => estimates[0].estimate.as_ref().map(serde_json::to_value),
+            Target::Gpu => Some(serde_json::to_value(&estimates[0])),
             Target::Catalogue => Some(serde_json::to_value(
                 serde_json::json!({"note": MODEL_NOTE, "estimates": estimates}),
             )),
@@ -81,20 +108,18 @@ fn report(target: &Target, estimates: &[GpuEstimate], json: bool) -> ExitCode {
                     .expect("JSON prints")
             );
         }
-    } else if single {
-        if let Some(e) = &estimates[0].estimate {
-            print!("{}", output::estimate(e));
-        }
-    } else {
-        print!("{}", output::catalogue(estimates));
+        return Ok(());
     }
-    match (single, &estimates[0].does_not_fit) {
-        (true, Some(reason)) => fail(EXIT_DOES_NOT_FIT, reason),
+    match target {
+        Target::Catalogue => print!("{}", output::catalogue(estimates)),
         _ => {
-            if !json && matches!(target, Target::Gpu(_) | Target::Catalogue) {
-                eprintln!("note: {MODEL_NOTE}");
+            if let Some(e) = &estimates[0].estimate {
+                print!("{}", output::estimate(e));
             }
-            ExitCode::SUCCESS
         }
     }
+    if !matches!(target, Target::Memory) && estimates.iter().any(|e| e.estimate.is_some()) {
+        eprintln!("note: {MODEL_NOTE}");
+    }
+    Ok(())
 }

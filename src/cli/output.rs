@@ -3,9 +3,10 @@
 
 use bytesize::ByteSize;
 
-use crate::catalogue::GpuEstimate;
-use crate::plan::{Estimate, MemoryBreakdown};
-use crate::result::{Probe, TuneResult};
+use headroom_engine::catalogue::GpuEstimate;
+use headroom_engine::estimate::Estimate;
+use headroom_engine::plan::MemoryBreakdown;
+use headroom_engine::result::{Probe, TuneResult};
 
 /// Bytes in binary units, e.g. `253.3 MiB`.
 pub fn human(bytes: u64) -> String {
@@ -133,7 +134,9 @@ pub fn catalogue(estimates: &[GpuEstimate]) -> String {
         let (max, recommended) = match &row.estimate {
             Some(e) => (
                 match e.limited_by {
-                    crate::result::LimitedBy::Memory => e.predicted_max_batch_size.to_string(),
+                    headroom_engine::result::LimitedBy::Memory => {
+                        e.predicted_max_batch_size.to_string()
+                    }
                     _ => format!("{} (cap)", e.predicted_max_batch_size),
                 },
                 e.recommended_batch_size.to_string(),

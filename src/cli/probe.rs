@@ -1,16 +1,18 @@
 //! `headroom probe`: single probes at given batch sizes, with throughput and memory.
 
-use std::path::Path;
-use std::process::ExitCode;
+use std::path::PathBuf;
 
+use bytesize::ByteSize;
 use serde::Serialize;
 
+use super::input::job_and_device;
 use super::output::human;
-use super::{fail, job_and_device, EXIT_FAILURE, EXIT_INVALID};
-use crate::device::select::DeviceSpec;
-use crate::device::DeviceError;
-use crate::result::Outcome;
-use crate::search::PROBE_SEED;
+use super::CliError;
+use headroom_devices::host::DEFAULT_BUDGET_BYTES;
+use headroom_devices::select::DeviceSpec;
+use headroom_engine::device::DeviceError;
+use headroom_engine::result::Outcome;
+use headroom_engine::search::PROBE_SEED;
 
 /// One measured probe of `headroom probe`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -49,28 +51,39 @@ impl Measurement {
     }
 }
 
-/// Probes each of `batch_sizes` once (at least two steps, the first a warm-up).
-pub fn probe_command(
-    job_path: &Path,
+/// Arguments of `headroom probe`.
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// The job description (JSON); `-` reads standard input.
+    job: PathBuf,
+    /// Batch sizes to probe, e.g. --batch-size 1024,65536.
+    #[arg(long = "batch-size", value_delimiter = ',', required = true)]
+    batch_sizes: Vec<u64>,
+    /// auto, host, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     device: DeviceSpec,
-    host_memory: u64,
-    batch_sizes: &[u64],
+    /// Memory budget of the host device.
+    #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
+    host_memory: ByteSize,
+    /// The device's f32 peak, to report the share reached.
+    #[arg(long)]
     peak_tflops: Option<f64>,
+    /// Print the measurements as JSON.
+    #[arg(long)]
     json: bool,
-) -> ExitCode {
-    let (job, mut opened) = match job_and_device(job_path, device, host_memory) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
+}
+
+/// Probes each batch size once (at least two steps, the first a warm-up).
+pub fn run(args: ProbeArgs) -> Result<(), CliError> {
+    let (job, mut opened) = job_and_device(&args.job, args.device, args.host_memory.0)?;
     let plan = job.plan();
     let allocator = opened.device.info().kind.allocator();
     let mut measurements = Vec::new();
-    for &batch_size in batch_sizes {
+    for &batch_size in &args.batch_sizes {
         let Some(modelled_bytes) = plan.device_bytes(batch_size, allocator) else {
-            return fail(
-                EXIT_INVALID,
-                format!("batch size {batch_size} overflows the memory model"),
-            );
+            return Err(CliError::Argument(format!(
+                "batch size {batch_size} overflows the memory model"
+            )));
         };
         let steps = job.search.steps_per_probe.max(2);
         let measurement = match opened.device.run_steps(plan, batch_size, steps, PROBE_SEED) {
@@ -82,7 +95,7 @@ pub fn probe_command(
                     step_seconds: report.step_seconds,
                     samples_per_second: batch_size as f64 / report.step_seconds,
                     tflops,
-                    peak_share: peak_tflops.map(|peak| tflops / peak),
+                    peak_share: args.peak_tflops.map(|peak| tflops / peak),
                     device_bytes: report.device_bytes,
                     modelled_bytes,
                 }
@@ -97,23 +110,18 @@ pub fn probe_command(
                 device_bytes: 0,
                 modelled_bytes,
             },
-            Err(fault) => {
-                return fail(
-                    EXIT_FAILURE,
-                    format!("probe at batch size {batch_size}: {fault}"),
-                )
-            }
+            Err(source) => return Err(CliError::Probe { batch_size, source }),
         };
-        if !json {
+        if !args.json {
             println!("{}", measurement.line());
         }
         measurements.push(measurement);
     }
-    if json {
+    if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&measurements).expect("measurements serialise")
         );
     }
-    ExitCode::SUCCESS
+    Ok(())
 }

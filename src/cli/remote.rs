@@ -2,21 +2,62 @@
 //! job, printing each probe as the server reports it, until it finishes or `--timeout` passes.
 //! A busy server (429, 503) is retried after the `Retry-After` it sends.
 
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
+use headroom_devices::select::DeviceSpec;
+use headroom_engine::job::Job;
+use headroom_service::answer::TuneAnswer;
+use headroom_service::document::{JobDocument, JobState};
+use headroom_service::problem::Problem;
+
 use super::output::probe_line;
-use super::{fail, PlotFile, TuneOutput, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID};
-use crate::device::select::DeviceSpec;
-use crate::job::Job;
-use crate::result::TuneResult;
-use crate::service::jobs::{JobDocument, JobState};
-use crate::service::problem::Problem;
+use super::CliError;
 
 /// How long to wait between looks at a running job when the server does not say.
 const DEFAULT_POLL: Duration = Duration::from_secs(1);
+
+/// Why talking to a server gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The request did not reach the server, or its answer did not come back whole.
+    #[error("cannot reach {server}: {source}")]
+    Unreachable {
+        /// The server's URL.
+        server: String,
+        /// Why.
+        source: Box<ureq::Error>,
+    },
+    /// The answer is not what the API documents.
+    #[error("the server answered {status} with an unexpected body: {source}")]
+    UnexpectedBody {
+        /// The HTTP status.
+        status: u16,
+        /// Why it did not parse.
+        source: serde_json::Error,
+    },
+    /// The server stays busy past `--timeout`.
+    #[error("the server is busy ({detail}) and --timeout runs out first")]
+    Busy {
+        /// What the server said.
+        detail: String,
+    },
+    /// `--timeout` passed while the job ran.
+    #[error("no answer within --timeout; the job goes on at {server}/jobs/{id}")]
+    TimedOut {
+        /// The server's URL.
+        server: String,
+        /// The job's id.
+        id: String,
+    },
+    /// A finished job with neither result nor error.
+    #[error("the server reports the job {state} with neither result nor error")]
+    Incomplete {
+        /// The job's state.
+        state: &'static str,
+    },
+}
 
 /// The server's answer to one request.
 struct Answer {
@@ -26,12 +67,10 @@ struct Answer {
 }
 
 impl Answer {
-    fn json<T: DeserializeOwned>(&self) -> Result<T, String> {
-        serde_json::from_slice(&self.body).map_err(|e| {
-            format!(
-                "the server answered {} with an unexpected body: {e}",
-                self.status
-            )
+    fn json<T: DeserializeOwned>(&self) -> Result<T, RemoteError> {
+        serde_json::from_slice(&self.body).map_err(|source| RemoteError::UnexpectedBody {
+            status: self.status,
+            source,
         })
     }
 }
@@ -55,11 +94,18 @@ impl Server {
         }
     }
 
+    fn unreachable(&self) -> impl Fn(ureq::Error) -> RemoteError + '_ {
+        |source| RemoteError::Unreachable {
+            server: self.base.clone(),
+            source: Box::new(source),
+        }
+    }
+
     fn read(
         &self,
         response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<Answer, String> {
-        let mut response = response.map_err(|e| format!("cannot reach {}: {e}", self.base))?;
+    ) -> Result<Answer, RemoteError> {
+        let mut response = response.map_err(self.unreachable())?;
         let retry_after = response
             .headers()
             .get("retry-after")
@@ -69,7 +115,7 @@ impl Server {
         let body = response
             .body_mut()
             .read_to_vec()
-            .map_err(|e| format!("cannot read the answer of {}: {e}", self.base))?;
+            .map_err(self.unreachable())?;
         Ok(Answer {
             status: response.status().as_u16(),
             retry_after,
@@ -77,7 +123,7 @@ impl Server {
         })
     }
 
-    fn post_job(&self, body: &serde_json::Value) -> Result<Answer, String> {
+    fn post_job(&self, body: &serde_json::Value) -> Result<Answer, RemoteError> {
         let mut post = self
             .agent
             .post(format!("{}/tune", self.base))
@@ -88,7 +134,7 @@ impl Server {
         self.read(post.send_json(body))
     }
 
-    fn get_job(&self, id: &str) -> Result<Answer, String> {
+    fn get_job(&self, id: &str) -> Result<Answer, RemoteError> {
         let mut get = self.agent.get(format!("{}/jobs/{id}", self.base));
         if let Some(bearer) = &self.bearer {
             get = get.header("Authorization", bearer);
@@ -97,39 +143,29 @@ impl Server {
     }
 }
 
-/// Tunes `job` on the server at `server`, on `device` there.
-pub fn tune_remote_command(
+/// Tunes `job` on the server at `server`, on `device` there, waiting up to `timeout`.
+pub fn tune_remote(
     server: &str,
     job: &Job,
     device: DeviceSpec,
     token: Option<&str>,
-    output: &TuneOutput,
     timeout: Duration,
-) -> ExitCode {
-    let plot = match output.plot.clone().map(PlotFile::create).transpose() {
-        Ok(plot) => plot,
-        Err(message) => return fail(EXIT_INVALID, message),
-    };
+) -> Result<TuneAnswer, CliError> {
     let server = Server::new(server, token);
     let deadline = Instant::now() + timeout;
     let mut body = serde_json::to_value(job).expect("jobs serialise");
     body["device"] = serde_json::Value::from(device.to_string());
-    let outcome = submit(&server, &body, deadline).and_then(|submitted| match submitted {
-        Submitted::Finished(result) => Ok(Ok(*result)),
-        Submitted::Refused(problem) => Ok(Err(problem)),
+    match submit(&server, &body, deadline)? {
+        Submitted::Finished(answer) => Ok(*answer),
+        Submitted::Refused(problem) => Err(CliError::Refused(problem)),
         Submitted::Accepted(document) => follow(&server, *document, deadline),
-    });
-    match outcome {
-        Ok(Ok(result)) => output.deliver(&result, job, plot),
-        Ok(Err(problem)) => remote_problem(&problem),
-        Err(message) => fail(EXIT_FAILURE, message),
     }
 }
 
 enum Submitted {
-    Finished(Box<TuneResult>),
+    Finished(Box<TuneAnswer>),
     Accepted(Box<JobDocument>),
-    Refused(Problem),
+    Refused(Box<Problem>),
 }
 
 /// Posts the job, retrying while the server is busy and says when to come back.
@@ -137,7 +173,7 @@ fn submit(
     server: &Server,
     body: &serde_json::Value,
     deadline: Instant,
-) -> Result<Submitted, String> {
+) -> Result<Submitted, RemoteError> {
     loop {
         let answer = server.post_job(body)?;
         match answer.status {
@@ -147,25 +183,24 @@ fn submit(
                 let wait = answer.retry_after.unwrap_or(DEFAULT_POLL);
                 let problem: Problem = answer.json()?;
                 if Instant::now() + wait > deadline {
-                    return Err(format!(
-                        "the server is busy ({}) and --timeout runs out first",
-                        problem.detail
-                    ));
+                    return Err(RemoteError::Busy {
+                        detail: problem.detail,
+                    });
                 }
                 eprintln!("note: {}; retrying in {} s", problem.detail, wait.as_secs());
                 std::thread::sleep(wait);
             }
-            _ => return Ok(Submitted::Refused(answer.json()?)),
+            _ => return Ok(Submitted::Refused(Box::new(answer.json()?))),
         }
     }
 }
 
-/// Follows an accepted job until it finishes: its result, or the problem it ended with.
+/// Follows an accepted job until it finishes: its answer, or the problem it ended with.
 fn follow(
     server: &Server,
     mut document: JobDocument,
     deadline: Instant,
-) -> Result<Result<TuneResult, Problem>, String> {
+) -> Result<TuneAnswer, CliError> {
     let mut shown = 0;
     let mut last_state = None;
     let mut poll = DEFAULT_POLL;
@@ -187,47 +222,29 @@ fn follow(
         }
         shown = document.progress.probes.len();
         if document.state.is_finished() {
-            return Ok(match (document.state, document.result, document.error) {
-                (JobState::Succeeded, Some(result), _) => Ok(result),
-                (_, _, Some(problem)) => Err(problem),
-                (state, _, None) => Err(Problem::new(
-                    axum::http::StatusCode::BAD_GATEWAY,
-                    format!(
-                        "the server reports the job {} with neither result nor error",
-                        state.label()
-                    ),
-                )),
-            });
+            return match (document.state, document.result, document.error) {
+                (JobState::Succeeded, Some(answer), _) => Ok(answer),
+                (_, _, Some(problem)) => Err(CliError::Refused(Box::new(problem))),
+                (state, _, None) => Err(RemoteError::Incomplete {
+                    state: state.label(),
+                }
+                .into()),
+            };
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(format!(
-                "no answer within --timeout; the job goes on at {}/jobs/{}",
-                server.base, document.id
-            ));
+            return Err(RemoteError::TimedOut {
+                server: server.base.clone(),
+                id: document.id,
+            }
+            .into());
         }
         std::thread::sleep(poll.min(deadline - now));
         let answer = server.get_job(&document.id)?;
         poll = answer.retry_after.unwrap_or(DEFAULT_POLL);
         if answer.status != 200 {
-            let problem: Problem = answer.json()?;
-            return Err(remote_message(&problem));
+            return Err(CliError::Refused(Box::new(answer.json()?)));
         }
         document = answer.json()?;
     }
-}
-
-fn remote_message(problem: &Problem) -> String {
-    format!("the server answered: {}", problem.detail)
-}
-
-fn remote_problem(problem: &Problem) -> ExitCode {
-    let code = if problem.problem_type.ends_with("/does-not-fit") {
-        EXIT_DOES_NOT_FIT
-    } else if matches!(problem.status, 400 | 413 | 415 | 422) {
-        EXIT_INVALID
-    } else {
-        EXIT_FAILURE
-    };
-    fail(code, remote_message(problem))
 }

@@ -1,42 +1,63 @@
 //! `headroom serve`: loads the settings, binds, and serves until SIGTERM or SIGINT.
 
-use std::path::Path;
-use std::process::ExitCode;
+use std::path::PathBuf;
 
 use bytesize::ByteSize;
 
-use super::{check_host_budget, fail, EXIT_FAILURE, EXIT_INVALID};
-use crate::config::{Config, LogFormat};
-use crate::device::select::DeviceSpec;
+use super::input::check_host_budget;
+use super::CliError;
+use headroom_devices::select::DeviceSpec;
+use headroom_service::config::{Config, LogFormat};
 
-/// Flags of `headroom serve`, which override the file and the environment.
-#[derive(Debug, Default, Clone)]
-pub struct ServeOverrides {
-    /// `--bind`.
-    pub bind: Option<std::net::SocketAddr>,
-    /// `--host-memory`.
-    pub host_memory: Option<u64>,
-    /// `--token`.
-    pub token: Option<String>,
-    /// `--log-format`.
-    pub log_format: Option<LogFormat>,
-    /// `--device` (repeatable).
-    pub devices: Vec<DeviceSpec>,
+/// Arguments of `headroom serve`, which override the file and the environment.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Config file (see config/default.toml); HEADROOM_* variables override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:8080.
+    #[arg(long)]
+    bind: Option<std::net::SocketAddr>,
+    /// Device to serve (repeatable): auto, host, cuda:N.
+    #[arg(long = "device")]
+    devices: Vec<DeviceSpec>,
+    /// Memory budget of the host device.
+    #[arg(long)]
+    host_memory: Option<ByteSize>,
+    /// Bearer token required for /tune and /jobs.
+    #[arg(long)]
+    token: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
 }
 
-impl ServeOverrides {
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
+impl ServeArgs {
+    /// The flags given, over `config`.
     fn apply(self, config: &mut Config) {
         if let Some(bind) = self.bind {
             config.bind = bind;
         }
         if let Some(bytes) = self.host_memory {
-            config.host_memory = ByteSize(bytes);
+            config.host_memory = bytes;
         }
         if let Some(token) = self.token {
             config.token = token;
         }
         if let Some(format) = self.log_format {
-            config.log_format = format;
+            config.log_format = match format {
+                LogFormatArg::Human => LogFormat::Human,
+                LogFormatArg::Json => LogFormat::Json,
+            };
         }
         if !self.devices.is_empty() {
             config.devices = self.devices;
@@ -44,37 +65,28 @@ impl ServeOverrides {
     }
 }
 
-/// Serves with the settings of `config_file` (if any), the environment and `overrides`.
-pub fn serve_command(config_file: Option<&Path>, overrides: ServeOverrides) -> ExitCode {
-    let mut config = match Config::load(config_file) {
-        Ok(config) => config,
-        Err(message) => return fail(EXIT_INVALID, message),
-    };
-    overrides.apply(&mut config);
-    if let Err(message) = check_host_budget(config.host_memory.0) {
-        return fail(EXIT_INVALID, message);
-    }
-    crate::service::init_logging(config.log_format);
-    for name in crate::config::unknown_variables(std::env::vars().map(|(name, _)| name)) {
+/// Serves with the settings of the config file (if any), the environment and the flags.
+pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    let mut config = Config::load(args.config.as_deref())?;
+    args.apply(&mut config);
+    check_host_budget(config.host_memory.0)?;
+    headroom_service::logging::init_logging(config.log_format);
+    for name in headroom_service::config::unknown_variables(std::env::vars().map(|(name, _)| name))
+    {
         tracing::warn!(variable = %name, "{name} is not a setting and is ignored; see config/default.toml for the settings' names");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
-    };
+    let runtime = tokio::runtime::Runtime::new().map_err(|source| CliError::System {
+        what: "cannot start the async runtime".into(),
+        source,
+    })?;
     runtime.block_on(async {
-        let listener = match tokio::net::TcpListener::bind(config.bind).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                return fail(
-                    EXIT_FAILURE,
-                    format!("cannot listen on {}: {e}", config.bind),
-                )
-            }
-        };
-        match crate::service::serve(config, listener, crate::service::shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(EXIT_FAILURE, e.to_string()),
-        }
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .map_err(|source| CliError::System {
+                what: format!("cannot listen on {}", config.bind),
+                source,
+            })?;
+        headroom_service::serve(config, listener, headroom_service::shutdown_signal()).await?;
+        Ok(())
     })
 }

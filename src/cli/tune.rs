@@ -1,32 +1,74 @@
-//! `headroom tune`: runs the search on a device here and prints the result.
+//! `headroom tune`: runs the search on a device here (or, with `--server`, on a running
+//! service) and prints the result.
 
 use std::ops::ControlFlow;
-use std::path::Path;
-use std::process::ExitCode;
+use std::path::PathBuf;
+use std::time::Duration;
 
-use super::output::{human, probe_line};
-use super::{
-    fail, job_and_device, PlotFile, TuneOutput, EXIT_DOES_NOT_FIT, EXIT_FAILURE, EXIT_INVALID,
-};
-use crate::device::select::DeviceSpec;
-use crate::result::Probe;
-use crate::search::{tune, TuneError};
+use bytesize::ByteSize;
+use headroom_devices::host::DEFAULT_BUDGET_BYTES;
+use headroom_devices::select::DeviceSpec;
+use headroom_engine::job::Job;
+use headroom_engine::result::{Probe, TuneResult};
+use headroom_engine::search::tune;
+use serde::Serialize;
 
-/// Probes `device` for the job at `job_path`; every probe is printed on stderr as it finishes.
-pub fn tune_command(
-    job_path: &Path,
+use super::input::{job_and_device, read_job, OutputFile};
+use super::output::{self, human, probe_line};
+use super::{remote, CliError};
+
+/// Arguments of `headroom tune`.
+#[derive(clap::Args)]
+pub struct TuneArgs {
+    /// The job description (JSON), e.g. examples/cifar10-mlp-adam.json; `-` reads standard input.
+    job: PathBuf,
+    /// auto (CUDA when present, else host), host, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     device: DeviceSpec,
-    host_memory: u64,
-    output: &TuneOutput,
-) -> ExitCode {
-    let (job, mut opened) = match job_and_device(job_path, device, host_memory) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
+    /// Memory budget of the host device, e.g. 256MiB or 2GiB.
+    #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
+    host_memory: ByteSize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also write the recommended batch size alone to this file (for scripts).
+    #[arg(long, value_name = "PATH")]
+    batch_size_file: Option<PathBuf>,
+    /// Draw memory and throughput against batch size to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Send the job to a running `headroom serve` at this URL instead of probing here.
+    #[arg(long)]
+    server: Option<String>,
+    /// Bearer token for --server.
+    #[arg(long, env = "HEADROOM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// With --server: give up waiting after this many seconds (the job goes on there).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    timeout: u64,
+}
+
+/// Tunes the job here, or on the server given, and delivers the answer.
+pub fn run(args: TuneArgs) -> Result<(), CliError> {
+    let outputs = TuneOutput {
+        json: args.json,
+        batch_size_file: args
+            .batch_size_file
+            .map(|path| OutputFile::check("the batch size", path))
+            .transpose()?,
+        plot: args
+            .plot
+            .map(|path| OutputFile::check("the plot", path))
+            .transpose()?,
     };
-    let plot = match output.plot.clone().map(PlotFile::create).transpose() {
-        Ok(plot) => plot,
-        Err(message) => return fail(EXIT_INVALID, message),
-    };
+    if let Some(server) = &args.server {
+        let job = read_job(&args.job)?;
+        let timeout = Duration::from_secs(args.timeout);
+        let answer =
+            remote::tune_remote(server, &job, args.device, args.token.as_deref(), timeout)?;
+        return outputs.deliver(&answer, &answer.result, &job);
+    }
+    let (job, mut opened) = job_and_device(&args.job, args.device, args.host_memory.0)?;
     let info = opened.device.info();
     eprintln!(
         "tuning on {} {} ({}): {} free of {}",
@@ -40,9 +82,44 @@ pub fn tune_command(
         eprintln!("{}", probe_line(probe));
         ControlFlow::Continue(())
     };
-    match tune(&job, opened.device.as_mut(), &mut print_probe) {
-        Ok(result) => output.deliver(&result, &job, plot),
-        Err(err @ TuneError::DoesNotFit(_)) => fail(EXIT_DOES_NOT_FIT, err),
-        Err(err) => fail(EXIT_FAILURE, err),
+    let result = tune(&job, opened.device.as_mut(), &mut print_probe)?;
+    outputs.deliver(&result, &result, &job)
+}
+
+/// How `tune` reports its answer: the summary or JSON on stdout, and optionally the recommended
+/// batch size alone in a file, for scripts (a Slurm prolog, an init container), and the charts.
+pub struct TuneOutput {
+    /// JSON instead of the summary.
+    pub json: bool,
+    /// Where to write the recommended batch size and a newline.
+    pub batch_size_file: Option<OutputFile>,
+    /// Where to draw the memory and throughput charts (SVG).
+    pub plot: Option<OutputFile>,
+}
+
+impl TuneOutput {
+    /// Draws the plot of `result`, writes the batch-size file and prints `answer` (the result,
+    /// or a server's answer around it) for `job`.
+    pub fn deliver(
+        &self,
+        answer: &impl Serialize,
+        result: &TuneResult,
+        job: &Job,
+    ) -> Result<(), CliError> {
+        if let Some(plot) = &self.plot {
+            plot.write(&headroom_service::plot::tune_svg(result, job.plan())?)?;
+        }
+        if let Some(file) = &self.batch_size_file {
+            file.write(&format!("{}\n", result.recommended_batch_size))?;
+        }
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(answer).expect("results serialise")
+            );
+        } else {
+            print!("{}", output::summary(result, job.search.knee_tolerance));
+        }
+        Ok(())
     }
 }

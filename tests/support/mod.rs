@@ -13,7 +13,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use headroom::parity::Check;
+use headroom_devices::parity::Check;
 use serde_json::{json, Value};
 
 /// An MLP job: `input_shape` through `hidden` widths to `classes`, trained with `optimizer`.

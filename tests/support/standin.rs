@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use headroom::device::cuda::kernel::Family;
+use headroom_devices::cuda::kernel::Family;
 
 /// Set in a child process the stand-in runs a test in.
 const CHILD: &str = "HEADROOM_STANDIN_CHILD";
@@ -145,7 +145,7 @@ impl StandIn {
         static STANDIN: OnceLock<Option<StandIn>> = OnceLock::new();
         STANDIN
             .get_or_init(|| {
-                if !headroom::device::cuda::compile::nvrtc_available() {
+                if !headroom_devices::cuda::compile::nvrtc_available() {
                     super::skip_or_fail("STANDIN", "NVRTC is not on the loader path");
                     return None;
                 }

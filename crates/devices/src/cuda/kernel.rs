@@ -1,0 +1,223 @@
+//! Every kernel headroom launches, named once. The launchers, the compilation and its checks go
+//! through [`Kernel`] and [`Family`], so a misspelt kernel is a compile error, and a kernel
+//! added to a `.cu` file without an entry here is a test failure.
+
+/// One file of `kernels/`: a family of kernels compiled together into one module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `gemm.cu`: the three products of a linear layer.
+    Gemm,
+    /// `elementwise.cu`: bias, activation and its backward, conversions between storages.
+    Elementwise,
+    /// `reduce.cu`: column sums, the mean, the overflow check.
+    Reduce,
+    /// `loss.cu`: softmax cross-entropy.
+    Loss,
+    /// `optimizer.cu`: the update rules.
+    Optimizer,
+    /// `fill.cu`: synthetic data and initial parameters.
+    Fill,
+}
+
+impl Family {
+    /// Every family, in compilation order.
+    pub const ALL: [Family; 6] = [
+        Family::Gemm,
+        Family::Elementwise,
+        Family::Reduce,
+        Family::Loss,
+        Family::Optimizer,
+        Family::Fill,
+    ];
+
+    /// The file name under `kernels/`.
+    pub fn file(self) -> &'static str {
+        match self {
+            Family::Gemm => "gemm.cu",
+            Family::Elementwise => "elementwise.cu",
+            Family::Reduce => "reduce.cu",
+            Family::Loss => "loss.cu",
+            Family::Optimizer => "optimizer.cu",
+            Family::Fill => "fill.cu",
+        }
+    }
+
+    /// The CUDA C++ source, embedded in the binary: `kernels/storage.cuh` (how values of each
+    /// storage are read and written), then the family's file.
+    pub fn source(self) -> &'static str {
+        macro_rules! with_storage {
+            ($file:literal) => {
+                concat!(
+                    include_str!("../../../../kernels/storage.cuh"),
+                    include_str!(concat!("../../../../kernels/", $file))
+                )
+            };
+        }
+        match self {
+            Family::Gemm => with_storage!("gemm.cu"),
+            Family::Elementwise => with_storage!("elementwise.cu"),
+            Family::Reduce => with_storage!("reduce.cu"),
+            Family::Loss => with_storage!("loss.cu"),
+            Family::Optimizer => with_storage!("optimizer.cu"),
+            Family::Fill => with_storage!("fill.cu"),
+        }
+    }
+
+    /// The kernels this family defines.
+    pub fn kernels(self) -> impl Iterator<Item = Kernel> {
+        Kernel::ALL.into_iter().filter(move |k| k.family() == self)
+    }
+
+    /// The names of the `extern "C" __global__` functions the source defines, in order.
+    pub fn entry_points(self) -> Vec<&'static str> {
+        entry_points(self.source())
+    }
+}
+
+/// One `extern "C" __global__` entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `C = A * B^T`: forward.
+    GemmNt,
+    /// `C = A^T * B`: weight gradient.
+    GemmTn,
+    /// `C = A * B`: input gradient.
+    GemmNn,
+    /// `pre += bias`.
+    BiasAdd,
+    /// `pre += bias; post = activation(pre)`.
+    BiasActivation,
+    /// `pre = grad_post * activation'(pre)`.
+    ActivationBackward,
+    /// `to = from * scale` between storages.
+    Convert,
+    /// Column sums: the bias gradient.
+    ColumnSum,
+    /// The mean of a vector.
+    Mean,
+    /// Whether a buffer holds an infinity or a NaN.
+    Nonfinite,
+    /// Fused softmax cross-entropy, forward and backward.
+    SoftmaxCrossEntropy,
+    /// SGD.
+    Sgd,
+    /// SGD with momentum.
+    SgdMomentum,
+    /// Adam and AdamW.
+    Adam,
+    /// The synthetic uniform stream.
+    FillUniform,
+    /// The synthetic labels.
+    FillLabels,
+}
+
+impl Kernel {
+    /// Every kernel; a kernel's position here is its index in a loaded device's table.
+    pub const ALL: [Kernel; 16] = [
+        Kernel::GemmNt,
+        Kernel::GemmTn,
+        Kernel::GemmNn,
+        Kernel::BiasAdd,
+        Kernel::BiasActivation,
+        Kernel::ActivationBackward,
+        Kernel::Convert,
+        Kernel::ColumnSum,
+        Kernel::Mean,
+        Kernel::Nonfinite,
+        Kernel::SoftmaxCrossEntropy,
+        Kernel::Sgd,
+        Kernel::SgdMomentum,
+        Kernel::Adam,
+        Kernel::FillUniform,
+        Kernel::FillLabels,
+    ];
+
+    /// The function's name in its source and in the PTX.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::GemmNt => "gemm_nt",
+            Kernel::GemmTn => "gemm_tn",
+            Kernel::GemmNn => "gemm_nn",
+            Kernel::BiasAdd => "bias_add",
+            Kernel::BiasActivation => "bias_activation",
+            Kernel::ActivationBackward => "activation_backward",
+            Kernel::Convert => "convert",
+            Kernel::ColumnSum => "column_sum",
+            Kernel::Mean => "mean",
+            Kernel::Nonfinite => "nonfinite",
+            Kernel::SoftmaxCrossEntropy => "softmax_cross_entropy",
+            Kernel::Sgd => "sgd",
+            Kernel::SgdMomentum => "sgd_momentum",
+            Kernel::Adam => "adam",
+            Kernel::FillUniform => "fill_uniform",
+            Kernel::FillLabels => "fill_labels",
+        }
+    }
+
+    /// The file that defines it.
+    pub fn family(self) -> Family {
+        match self {
+            Kernel::GemmNt | Kernel::GemmTn | Kernel::GemmNn => Family::Gemm,
+            Kernel::BiasAdd
+            | Kernel::BiasActivation
+            | Kernel::ActivationBackward
+            | Kernel::Convert => Family::Elementwise,
+            Kernel::ColumnSum | Kernel::Mean | Kernel::Nonfinite => Family::Reduce,
+            Kernel::SoftmaxCrossEntropy => Family::Loss,
+            Kernel::Sgd | Kernel::SgdMomentum | Kernel::Adam => Family::Optimizer,
+            Kernel::FillUniform | Kernel::FillLabels => Family::Fill,
+        }
+    }
+
+    /// Its index among [`Kernel::ALL`].
+    pub fn index(self) -> usize {
+        Kernel::ALL
+            .iter()
+            .position(|&k| k == self)
+            .expect("every kernel is in Kernel::ALL")
+    }
+}
+
+/// The `extern "C" __global__ void [__launch_bounds__(...)] NAME(` definitions of a source.
+fn entry_points(source: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("extern \"C\" __global__ void") {
+        let mut after = rest[at + "extern \"C\" __global__ void".len()..].trim_start();
+        if let Some(bounds) = after.strip_prefix("__launch_bounds__(") {
+            after = bounds[bounds.find(')').map_or(0, |i| i + 1)..].trim_start();
+        }
+        let end = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        names.push(&after[..end]);
+        rest = &after[end..];
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_point_is_a_kernel_of_its_family_and_back() {
+        for family in Family::ALL {
+            let mut defined = family.entry_points();
+            let mut listed: Vec<&str> = family.kernels().map(Kernel::name).collect();
+            defined.sort_unstable();
+            listed.sort_unstable();
+            assert_eq!(defined, listed, "kernels/{}", family.file());
+        }
+        for (i, kernel) in Kernel::ALL.into_iter().enumerate() {
+            assert_eq!(kernel.index(), i);
+        }
+    }
+
+    #[test]
+    fn entry_points_read_launch_bounds_and_line_breaks() {
+        let source = "extern \"C\" __global__ void __launch_bounds__(THREADS)\nk_one(int a) {}\n\
+                      extern \"C\" __global__ void k_two(float* b) {}";
+        assert_eq!(entry_points(source), ["k_one", "k_two"]);
+    }
+}

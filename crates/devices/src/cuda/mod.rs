@@ -1,0 +1,350 @@
+//! The `cuda` device: the training step with hand-written kernels, through cudarc and NVRTC.
+//!
+//! - [`kernel`]: every kernel and kernel family, named once.
+//! - [`compile`]: NVRTC compilation of the embedded `kernels/*.cu`.
+//! - `launch`: the launchers, implementing [`headroom_engine::step::Kernels`].
+//! - [`shapes`]: every kernel's launch shape, as pure functions of the problem size.
+//!
+//! Libraries are loaded at run time; their absence is an error, never a panic. A driver error
+//! of `CUDA_ERROR_OUT_OF_MEMORY` is [`DeviceError::OutOfMemory`]; every other driver error is a
+//! fault, which poisons the context: it is rebuilt as soon as the probe's buffers are gone.
+//! Memory is counted in the device's default memory pool, which holds this process's
+//! allocations alone, so another process allocating during a probe is neither part of the
+//! probe's bytes nor taken for a leak.
+
+pub mod compile;
+pub mod kernel;
+mod launch;
+pub mod shapes;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::{self, CUdevice_attribute, CUmemPool_attribute, CUresult};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use cudarc::nvrtc::Ptx;
+
+use headroom_engine::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
+use kernel::{Family, Kernel};
+
+/// Memory a probe may leave behind before it counts as a leak, on a device without memory pools
+/// (counted device-wide there, where other processes move it too). With pools it is zero.
+const DEVICE_WIDE_LEAK_TOLERANCE: u64 = 64 << 20;
+
+/// Why a CUDA device could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CudaError {
+    /// `libcuda` is not on the loader path.
+    #[error("the CUDA driver library (libcuda.so) was not found: this machine has no NVIDIA driver, or it is not on the loader path")]
+    DriverMissing,
+    /// The driver reported an error.
+    #[error("CUDA driver error during {during}: {message}")]
+    Driver {
+        /// What headroom was doing.
+        during: &'static str,
+        /// The driver's error name and text.
+        message: String,
+    },
+    /// The device index does not exist.
+    #[error("there is no CUDA device {index} (this machine has {count})")]
+    NoSuchDevice {
+        /// The index asked for.
+        index: u32,
+        /// Devices present.
+        count: u32,
+    },
+    /// The kernels did not compile.
+    #[error(transparent)]
+    Compile(#[from] compile::CompileError),
+}
+
+fn driver(during: &'static str) -> impl Fn(DriverError) -> CudaError {
+    move |e| CudaError::Driver {
+        during,
+        message: e.to_string(),
+    }
+}
+
+/// Whether `libcuda` can be loaded.
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Number of CUDA devices; an error if the driver is missing or fails.
+pub fn device_count() -> Result<u32, CudaError> {
+    if !driver_available() {
+        return Err(CudaError::DriverMissing);
+    }
+    CudaContext::device_count()
+        .map(|n| n.max(0) as u32)
+        .map_err(driver("counting devices"))
+}
+
+/// PTX of every kernel family, compiled once per process per architecture.
+fn compiled_ptx(arch: &str) -> Result<Arc<Vec<Ptx>>, CudaError> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Vec<Ptx>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let lock = || {
+        cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    if let Some(ptx) = lock().get(arch) {
+        return Ok(Arc::clone(ptx));
+    }
+    let ptx: Vec<Ptx> = Family::ALL
+        .iter()
+        .map(|&family| compile::compile(family, arch))
+        .collect::<Result<_, _>>()?;
+    let ptx = Arc::new(ptx);
+    lock().insert(arch.to_string(), Arc::clone(&ptx));
+    Ok(ptx)
+}
+
+/// A device UUID as NVML and DCGM write it: `GPU-` and 32 hex digits in groups of 8-4-4-4-12.
+fn gpu_uuid(uuid: &sys::CUuuid) -> String {
+    let hex: String = uuid
+        .bytes
+        .iter()
+        .map(|&b| format!("{:02x}", b as u8))
+        .collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// A CUDA context on one GPU with the kernels loaded.
+pub struct CudaDevice {
+    index: u32,
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Indexed by [`Kernel::index`].
+    functions: Vec<CudaFunction>,
+    multiprocessors: u32,
+    name: String,
+    uuid: String,
+    total_bytes: u64,
+    compute_capability: (i32, i32),
+    /// A fault poisons the context until it is rebuilt.
+    poisoned: bool,
+}
+
+impl CudaDevice {
+    /// Opens device `index`: creates its context, compiles (or reuses) the kernels and loads them.
+    pub fn open(index: u32) -> Result<CudaDevice, CudaError> {
+        let count = device_count()?;
+        if index >= count {
+            return Err(CudaError::NoSuchDevice { index, count });
+        }
+        let context = CudaContext::new(index as usize).map_err(driver("creating the context"))?;
+        // One stream only: cudarc's cross-stream event tracking is not needed.
+        // SAFETY: no other stream of this context ever touches our buffers.
+        unsafe { context.disable_event_tracking() };
+        let compute_capability = context
+            .compute_capability()
+            .map_err(driver("reading the compute capability"))?;
+        let ptx = compiled_ptx(&compile::arch_for(
+            compute_capability.0,
+            compute_capability.1,
+        ))?;
+        let mut loaded = HashMap::new();
+        for (&family, ptx) in Family::ALL.iter().zip(ptx.iter()) {
+            let module = context
+                .load_module(ptx.clone())
+                .map_err(driver("loading a kernel module"))?;
+            for kernel in family.kernels() {
+                let function = module
+                    .load_function(kernel.name())
+                    .map_err(driver("loading a kernel"))?;
+                loaded.insert(kernel, function);
+            }
+        }
+        let functions = Kernel::ALL
+            .iter()
+            .map(|kernel| {
+                loaded
+                    .remove(kernel)
+                    .expect("every family's kernels are loaded")
+            })
+            .collect();
+        let multiprocessors = context
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("reading the multiprocessor count"))?
+            .max(1) as u32;
+        let name = context.name().map_err(driver("reading the device name"))?;
+        let uuid = gpu_uuid(&context.uuid().map_err(driver("reading the device UUID"))?);
+        let total_bytes = context
+            .total_mem()
+            .map_err(driver("reading the memory size"))? as u64;
+        let stream = context.default_stream();
+        Ok(CudaDevice {
+            index,
+            context,
+            stream,
+            functions,
+            multiprocessors,
+            name,
+            uuid,
+            total_bytes,
+            compute_capability,
+            poisoned: false,
+        })
+    }
+
+    /// The compute capability, e.g. (9, 0) for an H100.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Free and total bytes as the driver reports them.
+    pub fn memory(&self) -> Result<(u64, u64), DeviceError> {
+        self.context
+            .mem_get_info()
+            .map(|(free, total)| (free as u64, total as u64))
+            .map_err(|e| DeviceError::Fault(format!("cuMemGetInfo: {e}")))
+    }
+
+    /// Maps a driver error: out-of-memory from an allocation or the synchronise after it is
+    /// [`DeviceError::OutOfMemory`], everything else a fault that poisons the context.
+    fn classify(&mut self, during: &str, requested_bytes: u64, error: DriverError) -> DeviceError {
+        if error.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return DeviceError::OutOfMemory {
+                requested_bytes,
+                free_bytes: self.memory().map_or(0, |(free, _)| free),
+            };
+        }
+        self.poisoned = true;
+        DeviceError::Fault(format!("{during}: {error}"))
+    }
+
+    /// The device's default memory pool, where cudarc allocates when the device has pools.
+    fn default_pool(&self) -> Option<sys::CUmemoryPool> {
+        if !self.context.has_async_alloc() {
+            return None;
+        }
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: a plain query of this context's device; the handle lives as long as the device.
+        let found =
+            unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.context.cu_device()).result() };
+        found.ok().map(|()| pool)
+    }
+
+    /// Waits for the stream, then hands pooled memory back to the driver, so the next probe and
+    /// `cuMemGetInfo` see it free.
+    fn release_pooled_memory(&mut self) -> Result<(), DeviceError> {
+        let synchronized = self.stream.synchronize();
+        synchronized.map_err(|e| self.classify("synchronising after a probe", 0, e))?;
+        if let Some(pool) = self.default_pool() {
+            // SAFETY: trims the pool of this context's device; no allocation of ours is live.
+            let trimmed = unsafe { sys::cuMemPoolTrimTo(pool, 0).result() };
+            trimmed.map_err(|e| self.classify("trimming the memory pool", 0, e))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces a poisoned context by a fresh one.
+    fn rebuild(&mut self) -> Result<(), DeviceError> {
+        let cu_device = self.context.cu_device();
+        self.functions.clear();
+        // SAFETY: resets this process's primary context on the device after a sticky error; the
+        // probe's buffers are gone, and this is the only CudaDevice on the GPU (the service
+        // opens each GPU once).
+        let reset = unsafe { sys::cuDevicePrimaryCtxReset_v2(cu_device).result() };
+        reset
+            .map_err(|e| DeviceError::Fault(format!("resetting the context after a fault: {e}")))?;
+        *self = CudaDevice::open(self.index).map_err(|e| DeviceError::Fault(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Checks that the probe's memory came back: with pools, every byte of the pool's
+    /// reservation; without, the device's used memory within a tolerance.
+    fn check_returned(&mut self, before: u64) -> Result<(), DeviceError> {
+        self.release_pooled_memory()?;
+        let after = self.held_bytes()?;
+        let tolerance = if self.default_pool().is_some() {
+            0
+        } else {
+            DEVICE_WIDE_LEAK_TOLERANCE
+        };
+        if after > before.saturating_add(tolerance) {
+            return Err(DeviceError::Fault(format!(
+                "device memory did not come back after the probe: {before} bytes held before, {after} after"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Probing for CudaDevice {
+    fn describe(&self) -> DeviceInfo {
+        DeviceInfo {
+            kind: DeviceKind::Cuda,
+            index: self.index,
+            name: self.name.clone(),
+            uuid: Some(self.uuid.clone()),
+            total_bytes: self.total_bytes,
+            free_bytes: self.memory().map_or(0, |(free, _)| free),
+        }
+    }
+
+    fn begin_probe(&mut self) -> Result<u64, DeviceError> {
+        if self.poisoned {
+            self.rebuild()?;
+        }
+        self.release_pooled_memory()?;
+        self.held_bytes()
+    }
+
+    fn held_bytes(&mut self) -> Result<u64, DeviceError> {
+        let Some(pool) = self.default_pool() else {
+            return self
+                .memory()
+                .map(|(free, total)| total.saturating_sub(free));
+        };
+        let mut reserved = 0u64;
+        // SAFETY: the attribute is a u64, written into `reserved`.
+        let read = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                (&mut reserved as *mut u64).cast(),
+            )
+            .result()
+        };
+        read.map(|()| reserved)
+            .map_err(|e| self.classify("reading the memory pool", 0, e))
+    }
+
+    fn end_probe(&mut self, before: u64) -> Result<(), DeviceError> {
+        let checked = if self.poisoned {
+            Ok(())
+        } else {
+            self.check_returned(before)
+        };
+        // Rebuild at once, so that the device's memory reads true until the next probe.
+        if self.poisoned {
+            self.rebuild()?;
+        }
+        checked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_read_as_nvml_writes_them() {
+        let mut uuid = sys::CUuuid { bytes: [0; 16] };
+        for (i, byte) in uuid.bytes.iter_mut().enumerate() {
+            *byte = (i * 17) as u8 as _;
+        }
+        assert_eq!(gpu_uuid(&uuid), "GPU-00112233-4455-6677-8899-aabbccddeeff");
+    }
+}

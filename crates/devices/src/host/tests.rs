@@ -1,0 +1,224 @@
+//! The host device is the reference, so these tests check it against mathematics, not itself:
+//! finite differences in f64, hand-computed optimizer updates (in `ops`), and learning.
+
+use super::*;
+use crate::transfer::{read_parameters, trained_parameters};
+use headroom_engine::device::Device;
+use headroom_engine::plan::{Allocator, OptimizerKind, Plan, Precision, Storage};
+use headroom_engine::step::{initialise, train_step, StepBuffers, Update};
+use Activation::{Gelu, Relu, Tanh};
+use OptimizerKind::{Adam, Adamw, Sgd, SgdMomentum};
+
+fn plan_of(
+    input: u64,
+    hidden: &[u64],
+    classes: u64,
+    activation: Activation,
+    optimizer: OptimizerKind,
+) -> Plan {
+    plan_with_rate(input, hidden, classes, activation, optimizer, 0.05)
+}
+
+fn plan_with_rate(
+    input: u64,
+    hidden: &[u64],
+    classes: u64,
+    activation: Activation,
+    optimizer: OptimizerKind,
+    rate: f32,
+) -> Plan {
+    Plan::new(
+        input,
+        hidden,
+        classes,
+        activation,
+        optimizer,
+        rate,
+        Precision::F32True,
+    )
+    .unwrap()
+}
+
+/// The mean loss of the MLP in f64, written independently of the f32 step.
+fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32]) -> f64 {
+    let rows = labels.len();
+    let mut total = 0.0;
+    for r in 0..rows {
+        let mut x: Vec<f64> = inputs[r * plan.input_features() as usize..]
+            [..plan.input_features() as usize]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let mut offset = 0;
+        for (i, layer) in plan.layers.iter().enumerate() {
+            let (n_in, n_out) = (layer.inputs as usize, layer.outputs as usize);
+            let w = &params[offset..offset + n_in * n_out];
+            let b = &params[offset + n_in * n_out..offset + n_in * n_out + n_out];
+            offset += n_in * n_out + n_out;
+            let mut y: Vec<f64> = (0..n_out)
+                .map(|o| b[o] + (0..n_in).map(|k| w[o * n_in + k] * x[k]).sum::<f64>())
+                .collect();
+            if i + 1 < plan.layers.len() {
+                for v in &mut y {
+                    *v = match plan.activation {
+                        Activation::Relu => v.max(0.0),
+                        Activation::Tanh => v.tanh(),
+                        Activation::Gelu => {
+                            0.5 * *v
+                                * (1.0
+                                    + ((2.0 / std::f64::consts::PI).sqrt()
+                                        * (*v + 0.044715 * v.powi(3)))
+                                    .tanh())
+                        }
+                    };
+                }
+            }
+            x = y;
+        }
+        let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let log_sum = x.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+        total += log_sum - x[labels[r] as usize];
+    }
+    total / rows as f64
+}
+
+/// One step's gradients of `plan` at `rows` samples, against the f64 finite differences of the
+/// same model at the same parameters and inputs (as stored): the largest difference, relative to
+/// the largest gradient.
+fn gradient_error(plan: &Plan, rows: u64, seed: u64) -> f64 {
+    let mut device = HostDevice::default();
+    let mut buffers = StepBuffers::allocate(plan, rows, &mut device).unwrap();
+    initialise(&mut device, plan, &mut buffers, seed).unwrap();
+    let params: Vec<f64> = read_parameters(&mut device, plan, &buffers)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let inputs = buffers.inputs.to_f32_vec();
+    let labels = buffers.labels.to_vec();
+    let update = train_step(&mut device, plan, &mut buffers, 1).unwrap();
+    assert_eq!(update, Update::Applied, "{}", plan.precision);
+    // Loss scaling leaves the gradients scaled; the update divides them.
+    let scale = buffers.loss_scale.map_or(1.0, |s| s.scale as f64);
+    let analytic: Vec<f64> = buffers
+        .layers
+        .iter()
+        .flat_map(|l| [l.weight_grad.to_f32_vec(), l.bias_grad.to_f32_vec()].concat())
+        .map(|g| g as f64 / scale)
+        .collect();
+    assert_eq!(analytic.len(), params.len());
+    let largest = analytic.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    let mut worst = 0.0f64;
+    for i in 0..params.len() {
+        let h = 1e-6;
+        let mut plus = params.clone();
+        plus[i] += h;
+        let mut minus = params.clone();
+        minus[i] -= h;
+        let numeric = (loss_f64(plan, &plus, &inputs, &labels)
+            - loss_f64(plan, &minus, &inputs, &labels))
+            / (2.0 * h);
+        worst = worst.max((numeric - analytic[i]).abs() / largest);
+    }
+    let row_loss = ops::mean(&buffers.row_loss.to_f32_vec()) as f64;
+    let want = loss_f64(plan, &params, &inputs, &labels);
+    assert!(
+        (row_loss - want).abs() < 1e-5 + gradient_tolerance(plan.precision) * want,
+        "{}: loss {row_loss} vs {want}",
+        plan.precision
+    );
+    worst
+}
+
+/// How far a precision's gradients may be from the exact ones, relative to the largest: f32
+/// arithmetic for `32-true`; for the others, the rounding of each stored 16-bit value (half a
+/// unit: 2^-9 relative for bfloat16, 2^-12 for IEEE half), compounding through the stored
+/// activations, their gradients and the products of two hidden layers: 8 such units (the
+/// largest seen is 2 units for bfloat16, 1.2 for half).
+fn gradient_tolerance(precision: Precision) -> f64 {
+    match precision.compute() {
+        Storage::F32 => 1e-4,
+        Storage::Bf16 => 8.0 / 512.0,
+        Storage::F16 => 8.0 / 4096.0,
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_in_every_precision_and_activation() {
+    for precision in Precision::ALL {
+        for activation in [Relu, Gelu, Tanh] {
+            let plan = Plan::new(5, &[4, 6], 3, activation, Sgd, 0.05, precision).unwrap();
+            let error = gradient_error(&plan, 7, 11);
+            eprintln!("{precision} {activation:?}: {error:.2e}");
+            assert!(
+                error <= gradient_tolerance(precision),
+                "{precision} {activation:?}: gradients {error:.2e} from finite differences"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_model_without_hidden_layers_has_exact_gradients_too() {
+    let plan = plan_of(6, &[], 4, Relu, Sgd);
+    assert!(gradient_error(&plan, 5, 3) <= 1e-4);
+}
+
+#[test]
+fn loss_goes_down_with_every_optimizer() {
+    for (optimizer, rate) in [(Sgd, 0.5), (SgdMomentum, 0.1), (Adam, 0.01), (Adamw, 0.01)] {
+        let plan = plan_with_rate(8, &[32], 4, Relu, optimizer, rate);
+        let mut device = HostDevice::default();
+        let first = device.run_steps(&plan, 128, 1, 5).unwrap().final_loss;
+        let after = device.run_steps(&plan, 128, 40, 5).unwrap().final_loss;
+        assert!(
+            after < 0.8 * first,
+            "{optimizer:?}: loss {first} -> {after}"
+        );
+    }
+}
+
+#[test]
+fn a_probe_holds_exactly_the_modelled_bytes_and_returns_them() {
+    let plan = plan_of(784, &[128], 10, Relu, Adam);
+    let mut device = HostDevice::default();
+    for batch in [1, 7, 129] {
+        let report = device.run_steps(&plan, batch, 1, 1).unwrap();
+        assert_eq!(report.device_bytes, plan.memory(batch).unwrap().total);
+        assert_eq!(device.used_bytes(), 0);
+    }
+}
+
+#[test]
+fn past_the_budget_is_out_of_memory_and_nothing_stays_charged() {
+    let plan = plan_of(784, &[128], 10, Relu, Sgd);
+    let budget = 4 << 20;
+    let mut device = HostDevice::new(budget);
+    let limit = plan.predict_max_batch(budget, Allocator::Exact);
+    assert!(device.run_steps(&plan, limit, 1, 1).is_ok());
+    let err = device.run_steps(&plan, limit + 1, 1, 1).unwrap_err();
+    assert!(matches!(err, DeviceError::OutOfMemory { .. }), "{err:?}");
+    assert_eq!(device.used_bytes(), 0);
+}
+
+#[test]
+fn an_allocation_the_system_refuses_is_out_of_memory() {
+    let plan = plan_of(784, &[128], 10, Relu, Sgd);
+    let mut device = HostDevice::new(u64::MAX);
+    let err = device.run_steps(&plan, 1 << 58, 1, 1).unwrap_err();
+    assert!(matches!(err, DeviceError::OutOfMemory { .. }), "{err:?}");
+    assert_eq!(device.used_bytes(), 0);
+}
+
+#[test]
+fn training_is_deterministic_for_a_seed() {
+    let plan = plan_of(12, &[9], 5, Gelu, Adamw);
+    let mut device = HostDevice::default();
+    let a = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap().0;
+    let b = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap().0;
+    let c = trained_parameters(&mut device, &plan, 33, 3, 10).unwrap().0;
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_eq!(a.len() as u64, plan.parameter_count());
+    assert_eq!(plan.optimizer, Adamw);
+}

@@ -1,0 +1,57 @@
+//! Copies between host and device memory, for checks alone (parity, gradients, determinism):
+//! probes never stage data through host memory.
+
+use headroom_engine::device::{DeviceError, Probing};
+use headroom_engine::plan::{Plan, Storage};
+use headroom_engine::step::{self, Kernels, StepBuffers};
+
+/// Copies between host and device memory, for these checks alone: probes never stage data
+/// through host memory (they generate it on the device).
+pub trait Transfer: Kernels<Error = DeviceError> {
+    /// The first `len` values of a buffer, as f32.
+    fn read_values(&mut self, buffer: &Self::Values, len: u64) -> Result<Vec<f32>, DeviceError>;
+    /// The first `len` values of a label buffer.
+    fn read_u32(&mut self, buffer: &Self::U32, len: u64) -> Result<Vec<u32>, DeviceError>;
+    /// A new buffer holding `values`, stored (rounded) as `storage`.
+    fn write_values(
+        &mut self,
+        values: &[f32],
+        storage: Storage,
+    ) -> Result<Self::Values, DeviceError>;
+    /// A new label buffer holding `values`.
+    fn write_u32(&mut self, values: &[u32]) -> Result<Self::U32, DeviceError>;
+}
+
+/// Trains `steps` steps at `rows` as a probe does and returns every parameter afterwards,
+/// layer by layer (weights, then biases), with the loss scale it ended with (if it scales).
+pub fn trained_parameters<D: Probing + Transfer>(
+    device: &mut D,
+    plan: &Plan,
+    rows: u64,
+    steps: u32,
+    seed: u64,
+) -> Result<(Vec<f32>, Option<f32>), DeviceError> {
+    let before = device.begin_probe()?;
+    let trained = step::run_probe(device, plan, rows, steps, seed).and_then(|(buffers, _)| {
+        let parameters = read_parameters(device, plan, &buffers)?;
+        Ok((parameters, buffers.loss_scale.map(|s| s.scale)))
+    });
+    let ended = device.end_probe(before);
+    let trained = trained?;
+    ended?;
+    Ok(trained)
+}
+
+/// Every parameter, layer by layer (weights, then biases), copied to the host.
+pub fn read_parameters<D: Transfer>(
+    device: &mut D,
+    plan: &Plan,
+    buffers: &StepBuffers<D::Values, D::U32>,
+) -> Result<Vec<f32>, DeviceError> {
+    let mut values = Vec::with_capacity(plan.parameter_count() as usize);
+    for (layer, bufs) in plan.layers.iter().zip(&buffers.layers) {
+        values.extend(device.read_values(&bufs.weight, layer.weights())?);
+        values.extend(device.read_values(&bufs.bias, layer.outputs)?);
+    }
+    Ok(values)
+}

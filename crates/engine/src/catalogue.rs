@@ -1,0 +1,266 @@
+//! GPU what-ifs: the memory model's answer for cards people train on, without probing any.
+//!
+//! Each card's memory is `memory.total` as `nvidia-smi` reports it; the model assumes that much
+//! less a reserve for the CUDA context and driver ([`CONTEXT_RESERVE_BYTES`]) is free, and rounds
+//! every buffer as the CUDA allocator does. These are predictions, never measurements.
+
+use serde::Serialize;
+
+use crate::estimate::{self, Estimate};
+use crate::job::Job;
+use crate::plan::{Allocator, DoesNotFit};
+
+/// Memory assumed taken by the CUDA context and driver before a probe: 1 GiB.
+pub const CONTEXT_RESERVE_BYTES: u64 = 1 << 30;
+
+/// What every what-if says of itself.
+pub const MODEL_NOTE: &str = "memory model only, not a measurement: predicted from the \
+    parameters, optimizer state, batch and activations, each buffer rounded as the CUDA allocator \
+    does, on the card's memory less 1 GiB for the CUDA context. The tests hold the model within \
+    1% of measured limits on the host device and within 3% on the CUDA stand-in; no GPU \
+    measurement has checked it yet (docs/gpu-runs.md)";
+
+/// A card in the catalogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gpu {
+    /// Its common name.
+    pub name: &'static str,
+    /// Memory as `nvidia-smi --query-gpu=memory.total` reports it, MiB.
+    pub memory_mib: u64,
+}
+
+impl Gpu {
+    /// Memory in all, bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// Common training and inference cards.
+pub const CATALOGUE: &[Gpu] = &[
+    Gpu {
+        name: "T4",
+        memory_mib: 15_360,
+    },
+    Gpu {
+        name: "L4",
+        memory_mib: 23_034,
+    },
+    Gpu {
+        name: "A10",
+        memory_mib: 23_028,
+    },
+    Gpu {
+        name: "RTX 4090",
+        memory_mib: 24_564,
+    },
+    Gpu {
+        name: "V100 32GB",
+        memory_mib: 32_768,
+    },
+    Gpu {
+        name: "A100 40GB",
+        memory_mib: 40_960,
+    },
+    Gpu {
+        name: "L40S",
+        memory_mib: 46_068,
+    },
+    Gpu {
+        name: "A100 80GB",
+        memory_mib: 81_920,
+    },
+    Gpu {
+        name: "H100 80GB",
+        memory_mib: 81_559,
+    },
+    Gpu {
+        name: "H100 NVL",
+        memory_mib: 95_830,
+    },
+    Gpu {
+        name: "H200 141GB",
+        memory_mib: 143_771,
+    },
+];
+
+fn normalise(name: &str) -> String {
+    name.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// A card name the catalogue cannot resolve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownGpu {
+    /// No card has that name.
+    #[error("unknown GPU `{name}`; known: {}", .known.join(", "))]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// Every card of the catalogue.
+        known: Vec<&'static str>,
+    },
+    /// The name starts several cards' names.
+    #[error("`{name}` could be {}; say which", .candidates.join(" or "))]
+    Ambiguous {
+        /// The name asked for.
+        name: String,
+        /// The cards it could be.
+        candidates: Vec<&'static str>,
+    },
+}
+
+/// The card called `name` (any case, spaces and dashes ignored: `h100`, `A100-80GB`), or an
+/// error listing the known names.
+pub fn find(name: &str) -> Result<&'static Gpu, UnknownGpu> {
+    let wanted = normalise(name);
+    if let Some(gpu) = CATALOGUE.iter().find(|g| normalise(g.name) == wanted) {
+        return Ok(gpu);
+    }
+    let matches: Vec<&Gpu> = CATALOGUE
+        .iter()
+        .filter(|g| !wanted.is_empty() && normalise(g.name).starts_with(&wanted))
+        .collect();
+    match matches[..] {
+        [gpu] => Ok(gpu),
+        [] => Err(UnknownGpu::Unknown {
+            name: name.into(),
+            known: CATALOGUE.iter().map(|g| g.name).collect(),
+        }),
+        _ => Err(UnknownGpu::Ambiguous {
+            name: name.into(),
+            candidates: matches.iter().map(|g| g.name).collect(),
+        }),
+    }
+}
+
+/// The memory model's answer for one card.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GpuEstimate {
+    /// The card.
+    pub gpu: String,
+    /// Its memory in all, bytes.
+    pub total_bytes: u64,
+    /// The largest and recommended batch, when batch size 1 fits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+    /// Why it does not fit, when it does not (in words, in JSON).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "in_words")]
+    pub does_not_fit: Option<DoesNotFit>,
+}
+
+/// The estimate of `job` for a card `name` with `total_bytes` of memory, less the context
+/// reserve, each buffer rounded as the CUDA allocator rounds it.
+pub fn estimate_for(job: &Job, name: &str, total_bytes: u64) -> GpuEstimate {
+    let free = total_bytes.saturating_sub(CONTEXT_RESERVE_BYTES);
+    estimate_card(
+        job,
+        name.to_string(),
+        total_bytes,
+        free,
+        Allocator::CudaPages,
+    )
+}
+
+/// The estimate of `job` for `bytes` of free memory, each buffer charged exactly (as on the
+/// host device).
+pub fn estimate_free(job: &Job, bytes: u64) -> GpuEstimate {
+    let name = format!("{} free", bytesize::ByteSize(bytes).display().iec());
+    estimate_card(job, name, bytes, bytes, Allocator::Exact)
+}
+
+fn estimate_card(
+    job: &Job,
+    gpu: String,
+    total_bytes: u64,
+    free: u64,
+    allocator: Allocator,
+) -> GpuEstimate {
+    let outcome = estimate::estimate(job, free, allocator);
+    GpuEstimate {
+        gpu,
+        total_bytes,
+        does_not_fit: outcome.as_ref().err().copied(),
+        estimate: outcome.ok(),
+    }
+}
+
+/// Writes why a model does not fit as its message.
+fn in_words<S: serde::Serializer>(
+    does_not_fit: &Option<DoesNotFit>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match does_not_fit {
+        Some(reason) => serializer.collect_str(reason),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// The estimate of `job` on every card of the catalogue, smallest first.
+pub fn every_gpu(job: &Job) -> Vec<GpuEstimate> {
+    let mut cards: Vec<&Gpu> = CATALOGUE.iter().collect();
+    cards.sort_by_key(|g| g.memory_mib);
+    cards
+        .iter()
+        .map(|g| estimate_for(job, g.name, g.memory_bytes()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_loosely_and_unknown_ones_list_the_catalogue() {
+        assert_eq!(find("h200").unwrap().name, "H200 141GB");
+        assert_eq!(find("A100-80GB").unwrap().name, "A100 80GB");
+        assert_eq!(find("rtx4090").unwrap().name, "RTX 4090");
+        // Ambiguous prefixes are not guessed.
+        let err = find("A100").unwrap_err().to_string();
+        assert!(err.contains("A100 40GB or A100 80GB"), "{err}");
+        let err = find("B300").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown GPU `B300`") && err.contains("H100 80GB"),
+            "{err}"
+        );
+        assert!(find("").is_err());
+    }
+
+    #[test]
+    fn every_required_card_is_there() {
+        for name in [
+            "A100 40GB",
+            "A100 80GB",
+            "H100 80GB",
+            "H200 141GB",
+            "L4",
+            "L40S",
+            "RTX 4090",
+            "T4",
+        ] {
+            assert!(find(name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_larger_card_holds_a_larger_batch() {
+        let job = crate::job::testing::mlp(&[3, 32, 32], &[128], 10, "adam", "");
+        let rows = every_gpu(&job);
+        assert_eq!(rows.len(), CATALOGUE.len());
+        let sizes: Vec<u64> = rows
+            .iter()
+            .map(|r| r.estimate.as_ref().unwrap().predicted_max_batch_size)
+            .collect();
+        assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
+        let deep = crate::job::testing::mlp(&[1 << 20], &[1 << 14, 1 << 14], 10, "adam", "");
+        let t4 = estimate_for(&deep, "T4", find("T4").unwrap().memory_bytes());
+        assert!(t4.estimate.is_none());
+        assert!(t4
+            .does_not_fit
+            .unwrap()
+            .to_string()
+            .contains("does not fit"));
+    }
+}

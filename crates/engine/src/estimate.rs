@@ -1,0 +1,112 @@
+//! The memory model's answer for an amount of free memory: the largest and the recommended
+//! batch, no device touched.
+
+use serde::Serialize;
+
+use crate::advice::recommended_batch_size;
+use crate::job::Job;
+use crate::plan::{Allocator, DoesNotFit, MemoryBreakdown, Precision};
+use crate::result::LimitedBy;
+
+/// The memory model's answer for a device with `memory_bytes` free: no probe runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Estimate {
+    /// Free bytes assumed.
+    pub memory_bytes: u64,
+    /// How the step stores and computes.
+    pub precision: Precision,
+    /// Set when this precision holds fewer samples than `32-true` would, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision_note: Option<String>,
+    /// Trainable parameters.
+    pub parameter_count: u64,
+    /// Bytes independent of the batch size.
+    pub fixed_bytes: u64,
+    /// Bytes each sample adds.
+    pub bytes_per_sample: u64,
+    /// Largest batch the model predicts fits, capped by `search.max` and `dataset_size`.
+    pub predicted_max_batch_size: u64,
+    /// What bounds it: the memory, or the cap that did.
+    pub limited_by: LimitedBy,
+    /// The headroom rule applied to the prediction.
+    pub recommended_batch_size: u64,
+    /// Breakdown at the recommended batch size.
+    pub memory: MemoryBreakdown,
+}
+
+/// The memory model's largest and recommended batch of `job` for `memory_bytes` free on a
+/// device that rounds like `allocator`, capped as the search would be.
+pub fn estimate(
+    job: &Job,
+    memory_bytes: u64,
+    allocator: Allocator,
+) -> Result<Estimate, DoesNotFit> {
+    let plan = job.plan();
+    let cap = job.batch_cap();
+    let fits = plan.predict_max_batch(memory_bytes, allocator);
+    let predicted = fits.min(cap);
+    if predicted == 0 {
+        return Err(plan.does_not_fit(memory_bytes));
+    }
+    let limited_by = if fits <= cap {
+        LimitedBy::Memory
+    } else {
+        job.cap_reason()
+    };
+    let recommended = recommended_batch_size(predicted, job.headroom, job.search.multiple_of);
+    Ok(Estimate {
+        memory_bytes,
+        precision: plan.precision,
+        precision_note: plan.precision_note(memory_bytes, allocator),
+        parameter_count: plan.parameter_count(),
+        fixed_bytes: plan.fixed_bytes(),
+        bytes_per_sample: plan.bytes_per_sample(),
+        predicted_max_batch_size: predicted,
+        limited_by,
+        recommended_batch_size: recommended,
+        memory: plan.memory(recommended).unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::testing::mlp;
+
+    #[test]
+    fn an_estimate_caps_rounds_and_says_what_does_not_fit() {
+        let job = mlp(&[1, 28, 28], &[128], 10, "sgd", "");
+        let e = estimate(&job, 141_000_000_000, Allocator::Exact).unwrap();
+        assert_eq!(e.predicted_max_batch_size, 29_872_708);
+        assert_eq!(e.recommended_batch_size, 23_898_160);
+        assert_eq!(e.limited_by, LimitedBy::Memory);
+        let err = estimate(&job, 1000, Allocator::Exact).unwrap_err();
+        assert_eq!(err.free_bytes, 1000);
+        assert_eq!(err.fixed_bytes, 2 * 101_770 * 4 + 4);
+    }
+
+    #[test]
+    fn a_cap_is_named_as_the_search_names_it() {
+        let capped = |extra: &str| {
+            let job = mlp(&[1, 28, 28], &[128], 10, "sgd", extra);
+            let e = estimate(&job, 1 << 30, Allocator::Exact).unwrap();
+            (
+                e.predicted_max_batch_size,
+                e.recommended_batch_size,
+                e.limited_by,
+            )
+        };
+        assert_eq!(
+            capped(r#", "search": {"max": 100}"#),
+            (100, 80, LimitedBy::Max)
+        );
+        assert_eq!(
+            capped(r#", "dataset_size": 100"#),
+            (100, 80, LimitedBy::DatasetSize)
+        );
+        assert_eq!(
+            capped(r#", "dataset_size": 100, "search": {"max": 50}"#),
+            (50, 40, LimitedBy::Max)
+        );
+    }
+}

@@ -1,0 +1,645 @@
+//! The job description: what the caller asks headroom to tune, parsed and validated.
+//!
+//! [`JobSpec`] is the JSON as written; parsing reports the path of the offending field
+//! (`search.start: invalid type ...`). Validation checks every rule the JSON types alone cannot
+//! express and yields a [`Job`]: the spec with its [`Plan`], the only form the rest of headroom
+//! accepts, so no code holds a job that was not checked or cannot be planned.
+
+use std::ops::Deref;
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{Activation, OptimizerKind, Plan, Precision};
+use crate::result::LimitedBy;
+
+/// Largest accepted `target_batch_size`: far above any recipe's global batch; it bounds the
+/// search for an exact accumulation plan.
+pub const MAX_TARGET_BATCH: u64 = 1 << 40;
+
+/// Largest accepted `world_size`.
+pub const MAX_WORLD_SIZE: u64 = 1 << 20;
+
+/// Largest accepted width of any single dimension (input, hidden or classes).
+///
+/// Far beyond any MLP a device can hold; it only keeps products of user sizes well inside `u64`.
+pub const MAX_DIMENSION: u64 = 1 << 32;
+
+/// A tuning job as written in JSON; [`Job`] is its validated form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The network to train.
+    pub model: ModelSpec,
+    /// The optimizer whose state takes device memory.
+    pub optimizer: OptimizerSpec,
+    /// How values are stored and computed, in PyTorch Lightning's words: `32-true` (default),
+    /// `bf16-mixed`, `16-mixed` or `bf16-true`.
+    #[serde(default)]
+    pub precision: Precision,
+    /// The older way to say `32-true`: `"dtype": "f32"`. A validated job never carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+    /// Number of samples in the training set; the batch never grows past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_size: Option<u64>,
+    /// Share of the largest batch that the recommended batch uses, in (0, 1].
+    #[serde(default = "default_headroom")]
+    pub headroom: f64,
+    /// How the search probes the device.
+    #[serde(default)]
+    pub search: SearchSpec,
+    /// The global batch the training recipe wants; the answer then says how to reach it with
+    /// gradient accumulation across `world_size` GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_batch_size: Option<u64>,
+    /// Data-parallel GPUs the global batch is split over.
+    #[serde(default = "default_world_size")]
+    pub world_size: u64,
+}
+
+/// An MLP: flatten the input, then `Linear -> activation` per hidden width, then `Linear -> classes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
+    pub input_shape: Vec<u64>,
+    /// Widths of the hidden layers, possibly none.
+    #[serde(default)]
+    pub hidden_layers: Vec<u64>,
+    /// Number of output classes of the softmax cross-entropy loss.
+    pub num_classes: u64,
+    /// Activation after every hidden layer.
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+/// Optimizer and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// Which update rule.
+    pub name: OptimizerKind,
+    /// Step size; each optimizer has its own default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+}
+
+/// The element type of older jobs: `f32` only, an alias of `"precision": "32-true"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    /// 32-bit IEEE float.
+    F32,
+}
+
+impl<'de> Deserialize<'de> for Dtype {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "f32" => Ok(Dtype::F32),
+            _ => Err(serde::de::Error::custom(format!(
+                "dtype `{name}` is not taken; \"dtype\": \"f32\" is the older spelling of \
+                 \"precision\": \"32-true\", and half precision is \"precision\": \
+                 \"bf16-mixed\", \"16-mixed\" or \"bf16-true\""
+            ))),
+        }
+    }
+}
+
+/// How the batch size is searched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchSpec {
+    /// First batch size probed by the doubling strategy.
+    pub start: u64,
+    /// Largest batch size ever probed.
+    pub max: u64,
+    /// Batch sizes are rounded to this multiple where possible.
+    pub multiple_of: u64,
+    /// Relative gap between the last fit and the first OOM at which bisection stops.
+    pub tolerance: f64,
+    /// Training steps run per probe.
+    pub steps_per_probe: u32,
+    /// Where the first probe goes.
+    pub strategy: Strategy,
+    /// The throughput knee is the smallest batch within this fraction of the best samples/s.
+    pub knee_tolerance: f64,
+    /// Most probes added below the maximum to find the throughput knee.
+    pub throughput_probes: u32,
+}
+
+impl Default for SearchSpec {
+    fn default() -> Self {
+        SearchSpec {
+            start: 16,
+            max: 1 << 30,
+            multiple_of: 8,
+            tolerance: 0.01,
+            steps_per_probe: 2,
+            strategy: Strategy::Double,
+            knee_tolerance: 0.05,
+            throughput_probes: 4,
+        }
+    }
+}
+
+/// Where the search starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Double from `start` until the first OOM, then bisect.
+    #[default]
+    Double,
+    /// Probe the memory model's prediction first, then confirm and bisect around it.
+    Predict,
+}
+
+fn default_world_size() -> u64 {
+    1
+}
+
+fn default_headroom() -> f64 {
+    0.8
+}
+
+/// A job that cannot be run, with the path of the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    /// Dotted path of the field, e.g. `search.start` or `model.hidden_layers[1]`; empty for the body.
+    pub field: String,
+    /// What is wrong and what is accepted.
+    pub reason: String,
+}
+
+impl std::fmt::Display for JobError {
+    /// `field: reason`, or the reason alone when the body as a whole is at fault.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "{}: {}", self.field, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for JobError {}
+
+impl JobError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        JobError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A job that passed validation, with its plan. It reads as its [`JobSpec`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    spec: JobSpec,
+    plan: Plan,
+}
+
+impl Job {
+    /// Parses and validates a job from JSON text.
+    pub fn from_json(text: &str) -> Result<Job, JobError> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let spec = deserialize_with_path(&mut deserializer)?;
+        deserializer
+            .end()
+            .map_err(|err| JobError::new("", err.to_string()))?;
+        Job::new(spec)
+    }
+
+    /// Parses and validates a job already read as a JSON value.
+    pub fn from_value(value: serde_json::Value) -> Result<Job, JobError> {
+        Job::new(deserialize_with_path(value)?)
+    }
+
+    /// Validates a spec; every error names its field.
+    pub fn new(mut spec: JobSpec) -> Result<Job, JobError> {
+        let plan = spec.validate()?;
+        spec.dtype = None;
+        Ok(Job { spec, plan })
+    }
+
+    /// The job as written, defaults filled in.
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+
+    /// The model's shapes and memory model.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}
+
+impl Deref for Job {
+    type Target = JobSpec;
+
+    fn deref(&self) -> &JobSpec {
+        &self.spec
+    }
+}
+
+impl Serialize for Job {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.spec.serialize(serializer)
+    }
+}
+
+fn deserialize_with_path<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<JobSpec, JobError>
+where
+    D::Error: std::fmt::Display,
+{
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        JobError::new(field, err.into_inner().to_string())
+    })
+}
+
+impl JobSpec {
+    /// Checks the rules the types cannot express and plans the model.
+    fn validate(&self) -> Result<Plan, JobError> {
+        let features = self.model.validate()?;
+        if let Some(lr) = self.optimizer.learning_rate {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(JobError::new(
+                    "optimizer.learning_rate",
+                    "must be a positive, finite number",
+                ));
+            }
+        }
+        if self.dataset_size == Some(0) {
+            return Err(JobError::new("dataset_size", "must be at least 1"));
+        }
+        if !(self.headroom > 0.0 && self.headroom <= 1.0) {
+            return Err(JobError::new(
+                "headroom",
+                format!("must be in (0, 1], got {}", self.headroom),
+            ));
+        }
+        self.search.validate()?;
+        if let Some(target) = self.target_batch_size {
+            if !(1..=MAX_TARGET_BATCH).contains(&target) {
+                return Err(JobError::new(
+                    "target_batch_size",
+                    format!("must be between 1 and {MAX_TARGET_BATCH}, got {target}"),
+                ));
+            }
+        }
+        if !(1..=MAX_WORLD_SIZE).contains(&self.world_size) {
+            return Err(JobError::new(
+                "world_size",
+                format!(
+                    "must be between 1 and {MAX_WORLD_SIZE}, got {}",
+                    self.world_size
+                ),
+            ));
+        }
+        if self.dtype.is_some() && self.precision != Precision::F32True {
+            return Err(JobError::new(
+                "dtype",
+                format!(
+                    "\"dtype\": \"f32\" contradicts \"precision\": \"{}\"; give precision alone",
+                    self.precision
+                ),
+            ));
+        }
+        let model = &self.model;
+        Plan::new(
+            features,
+            &model.hidden_layers,
+            model.num_classes,
+            model.activation,
+            self.optimizer.name,
+            self.learning_rate(),
+            self.precision,
+        )
+        .map_err(|overflow| {
+            JobError::new(
+                "model",
+                format!("{overflow}; the model is far larger than any device"),
+            )
+        })
+    }
+
+    /// The learning rate in effect: the job's, or the optimizer's default.
+    pub fn learning_rate(&self) -> f32 {
+        self.optimizer
+            .learning_rate
+            .unwrap_or_else(|| self.optimizer.name.default_learning_rate()) as f32
+    }
+
+    /// The largest batch the search may probe: `search.max`, and `dataset_size` when given.
+    pub fn batch_cap(&self) -> u64 {
+        self.dataset_size
+            .map_or(self.search.max, |n| n.min(self.search.max))
+    }
+
+    /// Which cap [`JobSpec::batch_cap`] is: `dataset_size` when it is the smaller, else `max`.
+    pub fn cap_reason(&self) -> LimitedBy {
+        match self.dataset_size {
+            Some(n) if n <= self.search.max => LimitedBy::DatasetSize,
+            _ => LimitedBy::Max,
+        }
+    }
+}
+
+impl ModelSpec {
+    /// Checks every width; returns the number of input features.
+    fn validate(&self) -> Result<u64, JobError> {
+        if self.input_shape.is_empty() {
+            return Err(JobError::new(
+                "model.input_shape",
+                "must have at least one dimension, e.g. [1, 28, 28]",
+            ));
+        }
+        for (i, &dim) in self.input_shape.iter().enumerate() {
+            check_dimension(&format!("model.input_shape[{i}]"), dim)?;
+        }
+        for (i, &width) in self.hidden_layers.iter().enumerate() {
+            check_dimension(&format!("model.hidden_layers[{i}]"), width)?;
+        }
+        check_dimension("model.num_classes", self.num_classes)?;
+        if self.num_classes < 2 {
+            return Err(JobError::new(
+                "model.num_classes",
+                "must be at least 2 for a softmax cross-entropy loss",
+            ));
+        }
+        self.input_shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|&f| f <= MAX_DIMENSION)
+            .ok_or_else(|| {
+                JobError::new(
+                    "model.input_shape",
+                    format!("the flattened input must have at most {MAX_DIMENSION} features"),
+                )
+            })
+    }
+}
+
+impl SearchSpec {
+    fn validate(&self) -> Result<(), JobError> {
+        for (field, value) in [
+            ("search.start", self.start),
+            ("search.max", self.max),
+            ("search.multiple_of", self.multiple_of),
+        ] {
+            if value == 0 {
+                return Err(JobError::new(field, "must be at least 1"));
+            }
+        }
+        if self.start > self.max {
+            return Err(JobError::new(
+                "search.start",
+                format!("must not exceed search.max ({} > {})", self.start, self.max),
+            ));
+        }
+        if self.multiple_of > 1 << 20 {
+            return Err(JobError::new("search.multiple_of", "must be at most 2^20"));
+        }
+        if !(self.tolerance > 0.0 && self.tolerance < 1.0) {
+            return Err(JobError::new(
+                "search.tolerance",
+                format!("must be in (0, 1), got {}", self.tolerance),
+            ));
+        }
+        if !(1..=1000).contains(&self.steps_per_probe) {
+            return Err(JobError::new(
+                "search.steps_per_probe",
+                "must be between 1 and 1000",
+            ));
+        }
+        if !(self.knee_tolerance > 0.0 && self.knee_tolerance < 1.0) {
+            return Err(JobError::new(
+                "search.knee_tolerance",
+                format!("must be in (0, 1), got {}", self.knee_tolerance),
+            ));
+        }
+        if self.throughput_probes > 16 {
+            return Err(JobError::new(
+                "search.throughput_probes",
+                "must be at most 16",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_dimension(field: &str, value: u64) -> Result<(), JobError> {
+    if value == 0 {
+        return Err(JobError::new(field, "must be at least 1"));
+    }
+    if value > MAX_DIMENSION {
+        return Err(JobError::new(
+            field,
+            format!("must be at most {MAX_DIMENSION}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A job builder for the crate's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A validated MLP job: `input` features through `hidden` widths to `classes`, trained with
+    /// `optimizer`; `extra` adds members to the JSON, each after a comma: `, "headroom": 0.5`.
+    pub(crate) fn mlp(
+        input: &[u64],
+        hidden: &[u64],
+        classes: u64,
+        optimizer: &str,
+        extra: &str,
+    ) -> super::Job {
+        let text = format!(
+            r#"{{"model": {{"input_shape": {input:?}, "hidden_layers": {hidden:?}, "num_classes": {classes}}},
+                 "optimizer": {{"name": "{optimizer}"}} {extra}}}"#
+        );
+        super::Job::from_json(&text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> JobError {
+        Job::from_json(text).expect_err("job should be rejected")
+    }
+
+    const MINIMAL: &str = r#"{"model": {"input_shape": [1, 28, 28], "hidden_layers": [128],
+        "num_classes": 10}, "optimizer": {"name": "sgd"}}"#;
+
+    #[test]
+    fn minimal_job_gets_defaults() {
+        let job = Job::from_json(MINIMAL).unwrap();
+        assert_eq!(job.precision, Precision::F32True);
+        assert_eq!(job.headroom, 0.8);
+        assert_eq!(job.search, SearchSpec::default());
+        assert_eq!(job.model.activation, Activation::Relu);
+        assert_eq!(job.learning_rate(), 0.01);
+        assert_eq!(job.batch_cap(), 1 << 30);
+    }
+
+    #[test]
+    fn full_job_from_the_contract_parses() {
+        let job = Job::from_json(
+            r#"{"model": {"input_shape": [3, 32, 32], "hidden_layers": [128], "num_classes": 10,
+                "activation": "relu"},
+              "optimizer": {"name": "adam", "learning_rate": 0.001},
+              "dtype": "f32", "dataset_size": 50000, "headroom": 0.8,
+              "search": {"start": 16, "max": 1073741824, "multiple_of": 8, "tolerance": 0.01,
+                         "steps_per_probe": 2, "strategy": "double"}}"#,
+        )
+        .unwrap();
+        assert_eq!(job.optimizer.name, OptimizerKind::Adam);
+        assert_eq!(job.batch_cap(), 50000);
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        let cases = [
+            (r#"{"optimizer": {"name": "sgd"}}"#, ""),
+            (
+                r#"{"model": {"input_shape": [], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
+                "model.input_shape",
+            ),
+            (
+                r#"{"model": {"input_shape": [0], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
+                "model.input_shape[0]",
+            ),
+            (
+                r#"{"model": {"input_shape": [-3], "num_classes": 10}, "optimizer": {"name": "sgd"}}"#,
+                "model.input_shape[0]",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "hidden_layers": [8, 0], "num_classes": 10},
+                   "optimizer": {"name": "sgd"}}"#,
+                "model.hidden_layers[1]",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "lion"}}"#,
+                "optimizer.name",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "dtype": "f16"}"#,
+                "dtype",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "headroom": 1.5}"#,
+                "headroom",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "search": {"start": 64, "max": 32}}"#,
+                "search.start",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "search": {"start": "16"}}"#,
+                "search.start",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "colour": true}"#,
+                "colour",
+            ),
+            (
+                r#"{"model": {"input_shape": [65536, 65536, 65536], "num_classes": 10},
+                   "optimizer": {"name": "sgd"}}"#,
+                "model.input_shape",
+            ),
+            (
+                r#"{"model": {"input_shape": [4294967296], "hidden_layers": [4294967296, 4294967296],
+                   "num_classes": 10}, "optimizer": {"name": "adam"}}"#,
+                "model",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd",
+                   "learning_rate": -1}}"#,
+                "optimizer.learning_rate",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 10}, "optimizer": {"name": "sgd"},
+                   "dataset_size": 0}"#,
+                "dataset_size",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 1}, "optimizer": {"name": "sgd"}}"#,
+                "model.num_classes",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
+                   "target_batch_size": 0}"#,
+                "target_batch_size",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
+                   "world_size": 0}"#,
+                "world_size",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
+                   "search": {"knee_tolerance": 1.5}}"#,
+                "search.knee_tolerance",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = error_of(text);
+            assert_eq!(err.field, field, "{text} gave {err}");
+            assert!(!err.reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn precision_takes_lightnings_names_and_dtype_f32_is_its_alias() {
+        let with = |extra: &str| {
+            format!(
+                r#"{{"model": {{"input_shape": [4], "num_classes": 10}}, "optimizer": {{"name": "sgd"}}{extra}}}"#
+            )
+        };
+        for precision in Precision::ALL {
+            let job = Job::from_json(&with(&format!(r#", "precision": "{precision}""#))).unwrap();
+            assert_eq!(job.precision, precision);
+            assert_eq!(job.plan().precision, precision);
+        }
+        let alias = Job::from_json(&with(r#", "dtype": "f32""#)).unwrap();
+        assert_eq!(alias.precision, Precision::F32True);
+        assert!(!serde_json::to_string(&alias).unwrap().contains("dtype"));
+
+        let err = Job::from_json(&with(r#", "precision": "fp8""#)).unwrap_err();
+        assert_eq!(err.field, "precision");
+        for name in ["32-true", "bf16-mixed", "16-mixed", "bf16-true"] {
+            assert!(err.reason.contains(name), "{err}");
+        }
+        let err = Job::from_json(&with(r#", "dtype": "bf16""#)).unwrap_err();
+        assert_eq!(err.field, "dtype");
+        assert!(err.reason.contains("bf16-mixed"), "{err}");
+        let err =
+            Job::from_json(&with(r#", "dtype": "f32", "precision": "bf16-mixed""#)).unwrap_err();
+        assert_eq!(err.field, "dtype");
+    }
+
+    #[test]
+    fn trailing_garbage_and_truncation_are_errors() {
+        assert!(Job::from_json(&format!("{MINIMAL} x")).is_err());
+        assert!(Job::from_json(&MINIMAL[..MINIMAL.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        for name in ["mnist-mlp-sgd", "cifar10-mlp-adam", "deep-mlp-adamw"] {
+            let path = format!("{}/../../examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            Job::from_json(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,784 @@
+//! The model plan: layer shapes, every buffer of a training step, the four-part memory model and
+//! the prediction of the largest batch a device holds.
+//!
+//! Every device allocates exactly the buffers [`Plan::buffers`] lists, in that order
+//! ([`crate::step::StepBuffers`]), so the bytes modelled here are the bytes a probe asks the
+//! device for; an [`Allocator`] adds how the device rounds each request.
+
+use serde::{Deserialize, Serialize};
+
+/// How a buffer of values stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Storage {
+    /// 32-bit IEEE float.
+    F32,
+    /// bfloat16: f32's exponent, 8 bits of significand.
+    Bf16,
+    /// IEEE half: 5 exponent bits, 11 bits of significand, largest finite 65504.
+    F16,
+}
+
+impl Storage {
+    /// Bytes of one value.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Storage::F32 => 4,
+            Storage::Bf16 | Storage::F16 => 2,
+        }
+    }
+
+    /// The code the kernels take for it (`kernels/storage.cuh`).
+    pub fn code(self) -> i32 {
+        match self {
+            Storage::F32 => 0,
+            Storage::Bf16 => 1,
+            Storage::F16 => 2,
+        }
+    }
+}
+
+/// What one element of a buffer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    /// A value (parameter, gradient, state, input, activation, loss).
+    Value(Storage),
+    /// A `u32` class label.
+    Label,
+}
+
+impl Element {
+    /// Bytes of one element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Element::Value(storage) => storage.bytes(),
+            Element::Label => 4,
+        }
+    }
+}
+
+/// How training stores and computes, in PyTorch Lightning's words for it.
+///
+/// - `32-true`: everything in f32.
+/// - `bf16-mixed` and `16-mixed`, as PyTorch's autocast runs an MLP: f32 master parameters, f32
+///   gradients and optimizer state; a half copy of every weight and bias for the products
+///   (autocast's weight cache, remade each step); the input batch as the loader delivers it
+///   (f32) plus autocast's half copy of it, which the first product reads and backward keeps;
+///   products take half operands and accumulate in f32; activations saved for backward, and the
+///   gradients between layers, are half; the logits are made f32 for the softmax cross-entropy,
+///   and their gradient half again for backward. `16-mixed` also scales the loss as
+///   `GradScaler` does: the gradients are checked for inf/NaN before the update, a step that
+///   overflowed is skipped and the scale halved, and the scale doubles after
+///   [`LOSS_SCALE_GROWTH_INTERVAL`] clean steps.
+/// - `bf16-true`: parameters, gradients, optimizer state, the input batch and activations all in
+///   bf16 (products still accumulate in f32, and updates are computed in f32 and rounded).
+///
+/// In every precision the per-sample losses and their mean stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Precision {
+    /// Everything f32.
+    #[default]
+    #[serde(rename = "32-true")]
+    F32True,
+    /// Autocast to bfloat16 over f32 master parameters.
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+    /// Autocast to IEEE half over f32 master parameters, with dynamic loss scaling.
+    #[serde(rename = "16-mixed")]
+    F16Mixed,
+    /// Everything bfloat16.
+    #[serde(rename = "bf16-true")]
+    Bf16True,
+}
+
+/// `GradScaler`'s first loss scale, 2^16.
+pub const LOSS_SCALE_INITIAL: f32 = 65536.0;
+/// Clean steps after which `GradScaler` doubles the loss scale.
+pub const LOSS_SCALE_GROWTH_INTERVAL: u32 = 2000;
+
+impl Precision {
+    /// Every precision, as the job names them.
+    pub const ALL: [Precision; 4] = [
+        Precision::F32True,
+        Precision::Bf16Mixed,
+        Precision::F16Mixed,
+        Precision::Bf16True,
+    ];
+
+    /// Its name in a job.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32True => "32-true",
+            Precision::Bf16Mixed => "bf16-mixed",
+            Precision::F16Mixed => "16-mixed",
+            Precision::Bf16True => "bf16-true",
+        }
+    }
+
+    /// How parameters, gradients and optimizer state are stored.
+    pub fn master(self) -> Storage {
+        match self {
+            Precision::Bf16True => Storage::Bf16,
+            _ => Storage::F32,
+        }
+    }
+
+    /// How the products' operands, the activations and the gradients between layers are stored.
+    pub fn compute(self) -> Storage {
+        match self {
+            Precision::F32True => Storage::F32,
+            Precision::Bf16Mixed | Precision::Bf16True => Storage::Bf16,
+            Precision::F16Mixed => Storage::F16,
+        }
+    }
+
+    /// Whether f32 master parameters are autocast to a half copy each step.
+    pub fn is_mixed(self) -> bool {
+        matches!(self, Precision::Bf16Mixed | Precision::F16Mixed)
+    }
+
+    /// Whether the loss is scaled, as `GradScaler` does for f16.
+    pub fn scales_loss(self) -> bool {
+        self == Precision::F16Mixed
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Element-wise non-linearity after each hidden layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `max(x, 0)`.
+    #[default]
+    Relu,
+    /// `x * Phi(x)` in the tanh approximation.
+    Gelu,
+    /// Hyperbolic tangent.
+    Tanh,
+}
+
+/// The update rules headroom implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Plain stochastic gradient descent: no state.
+    Sgd,
+    /// SGD with momentum 0.9: one velocity per parameter.
+    SgdMomentum,
+    /// Adam: two moments per parameter.
+    Adam,
+    /// Adam with decoupled weight decay: two moments per parameter.
+    Adamw,
+}
+
+impl OptimizerKind {
+    /// The learning rate used when the job gives none.
+    pub fn default_learning_rate(self) -> f64 {
+        match self {
+            OptimizerKind::Sgd | OptimizerKind::SgdMomentum => 0.01,
+            OptimizerKind::Adam | OptimizerKind::Adamw => 0.001,
+        }
+    }
+
+    /// How many f32 values of state the optimizer keeps per parameter.
+    pub fn state_per_parameter(self) -> u64 {
+        match self {
+            OptimizerKind::Sgd => 0,
+            OptimizerKind::SgdMomentum => 1,
+            OptimizerKind::Adam | OptimizerKind::Adamw => 2,
+        }
+    }
+}
+
+/// One linear layer: `outputs x inputs` weights and `outputs` biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layer {
+    /// Width of the layer's input.
+    pub inputs: u64,
+    /// Width of the layer's output.
+    pub outputs: u64,
+}
+
+impl Layer {
+    /// Number of weights, `inputs x outputs`.
+    pub fn weights(&self) -> u64 {
+        self.inputs * self.outputs
+    }
+}
+
+/// A job's network and optimizer, reduced to what devices and the memory model need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Linear layers from input to logits; all but the last are followed by `activation`.
+    pub layers: Vec<Layer>,
+    /// Non-linearity after each hidden layer.
+    pub activation: Activation,
+    /// Update rule.
+    pub optimizer: OptimizerKind,
+    /// Step size of the update rule.
+    pub learning_rate: f32,
+    /// How values are stored and computed.
+    pub precision: Precision,
+    parameter_count: u64,
+}
+
+/// The plan's byte counts do not fit in `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the model's byte count overflows 64 bits")]
+pub struct Overflow;
+
+/// Which of the four places training uses memory a buffer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Weights and biases.
+    Parameters,
+    /// One gradient per parameter.
+    Gradients,
+    /// Momentum or Adam moments.
+    OptimizerState,
+    /// The input batch and its labels.
+    BatchData,
+    /// What forward keeps for backward, the backward scratch and the loss.
+    Activations,
+}
+
+/// One allocation of a training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    /// Where the model counts it.
+    pub part: Part,
+    /// Number of elements.
+    pub elements: u64,
+    /// What each element is.
+    pub element: Element,
+}
+
+impl Buffer {
+    /// Bytes asked for, or `None` past `u64`.
+    pub fn bytes(&self) -> Option<u64> {
+        self.elements.checked_mul(self.element.bytes())
+    }
+}
+
+/// How a device rounds each allocation it is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocator {
+    /// The exact bytes (the host device's ledger).
+    Exact,
+    /// The CUDA allocator's pages: 2 MiB pages from 1 MiB up, 512-byte granules below. The
+    /// granularity is the driver's documented page size; docs/gpu-runs.md tracks its check on a GPU.
+    CudaPages,
+}
+
+impl Allocator {
+    /// The bytes a request of `bytes` takes on the device.
+    pub fn charge(self, bytes: u64) -> Option<u64> {
+        match self {
+            Allocator::Exact => Some(bytes),
+            Allocator::CudaPages if bytes >= 1 << 20 => round_up(bytes, 2 << 20),
+            Allocator::CudaPages => round_up(bytes, 512),
+        }
+    }
+}
+
+fn round_up(value: u64, to: u64) -> Option<u64> {
+    Some(value.checked_add(to - 1)? / to * to)
+}
+
+/// Device bytes of one training step, in the four places training uses memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBreakdown {
+    /// Weights and biases.
+    pub parameters: u64,
+    /// One gradient per parameter.
+    pub gradients: u64,
+    /// Momentum or Adam moments.
+    pub optimizer_state: u64,
+    /// The input batch and its labels.
+    pub batch_data: u64,
+    /// What forward keeps for backward, the backward buffers and the loss.
+    pub activations: u64,
+    /// Sum of the above.
+    pub total: u64,
+}
+
+/// Batch size 1 does not fit: what it needs and what there is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the model does not fit even at batch size 1: it needs {batch_one_bytes} bytes \
+     ({fixed_bytes} fixed for parameters, gradients and optimizer state), and the device has \
+     {free_bytes} bytes free; use a device with more memory, a smaller model, or a leaner optimizer"
+)]
+pub struct DoesNotFit {
+    /// Bytes that do not depend on the batch size.
+    pub fixed_bytes: u64,
+    /// Bytes of a whole step at batch size 1.
+    pub batch_one_bytes: u64,
+    /// Free bytes of the device.
+    pub free_bytes: u64,
+}
+
+impl Plan {
+    /// The plan of an MLP over `features` inputs; fails only if its byte counts overflow `u64`.
+    pub fn new(
+        features: u64,
+        hidden: &[u64],
+        classes: u64,
+        activation: Activation,
+        optimizer: OptimizerKind,
+        learning_rate: f32,
+        precision: Precision,
+    ) -> Result<Plan, Overflow> {
+        let widths: Vec<u64> = std::iter::once(features)
+            .chain(hidden.iter().copied())
+            .chain(std::iter::once(classes))
+            .collect();
+        let layers: Vec<Layer> = widths
+            .windows(2)
+            .map(|w| Layer {
+                inputs: w[0],
+                outputs: w[1],
+            })
+            .collect();
+        let parameter_count = layers.iter().try_fold(0u64, |acc, layer| {
+            layer
+                .inputs
+                .checked_mul(layer.outputs)
+                .and_then(|w| w.checked_add(layer.outputs))
+                .and_then(|p| acc.checked_add(p))
+        });
+        let plan = Plan {
+            layers,
+            activation,
+            optimizer,
+            learning_rate,
+            precision,
+            parameter_count: parameter_count.ok_or(Overflow)?,
+        };
+        // The fixed part and one sample must be representable; larger batches are checked per use.
+        plan.memory(1).ok_or(Overflow)?;
+        Ok(plan)
+    }
+
+    /// Number of trainable parameters.
+    pub fn parameter_count(&self) -> u64 {
+        self.parameter_count
+    }
+
+    /// Width of the flattened input.
+    pub fn input_features(&self) -> u64 {
+        self.layers[0].inputs
+    }
+
+    /// Number of classes (width of the logits).
+    pub fn num_classes(&self) -> u64 {
+        self.layers[self.layers.len() - 1].outputs
+    }
+
+    /// The hidden layers' widths, input side first.
+    pub fn hidden_widths(&self) -> impl Iterator<Item = u64> + '_ {
+        self.layers[..self.layers.len() - 1]
+            .iter()
+            .map(|l| l.outputs)
+    }
+
+    /// Width of the backward scratch buffer (the widest hidden layer), 0 without hidden layers.
+    pub fn scratch_width(&self) -> u64 {
+        self.hidden_widths().max().unwrap_or(0)
+    }
+
+    /// Every allocation of a step at `batch_size`, in the order devices make them ([`Precision`]
+    /// says what each holds): per layer its weights, biases, their gradients, optimizer state
+    /// and, when mixed, the half copies of weights and biases; then the inputs, the labels and,
+    /// when mixed, the half copy of the inputs; each hidden layer's pre- and post-activation; the
+    /// logits (overwritten by their gradient), when mixed their f32 copy; the per-sample loss,
+    /// the backward scratch, the one-value mean loss and, with loss scaling, the one-value
+    /// overflow flag. `None` past `u64`.
+    pub fn buffers(&self, batch_size: u64) -> Option<Vec<Buffer>> {
+        let master = Element::Value(self.precision.master());
+        let compute = Element::Value(self.precision.compute());
+        let f32 = Element::Value(Storage::F32);
+        let buffer = |part, elements, element| Buffer {
+            part,
+            elements,
+            element,
+        };
+        let states = self.optimizer.state_per_parameter();
+        let mixed = self.precision.is_mixed();
+        let mut buffers = Vec::new();
+        for layer in &self.layers {
+            buffers.push(buffer(Part::Parameters, layer.weights(), master));
+            buffers.push(buffer(Part::Parameters, layer.outputs, master));
+            buffers.push(buffer(Part::Gradients, layer.weights(), master));
+            buffers.push(buffer(Part::Gradients, layer.outputs, master));
+            for _ in 0..states {
+                buffers.push(buffer(Part::OptimizerState, layer.weights(), master));
+            }
+            for _ in 0..states {
+                buffers.push(buffer(Part::OptimizerState, layer.outputs, master));
+            }
+            if mixed {
+                buffers.push(buffer(Part::Parameters, layer.weights(), compute));
+                buffers.push(buffer(Part::Parameters, layer.outputs, compute));
+            }
+        }
+        let per_row = |width: u64| batch_size.checked_mul(width);
+        let features = per_row(self.input_features())?;
+        buffers.push(buffer(Part::BatchData, features, master));
+        buffers.push(buffer(Part::BatchData, batch_size, Element::Label));
+        if mixed {
+            buffers.push(buffer(Part::BatchData, features, compute));
+        }
+        for width in self.hidden_widths() {
+            buffers.push(buffer(Part::Activations, per_row(width)?, compute));
+            buffers.push(buffer(Part::Activations, per_row(width)?, compute));
+        }
+        let logits = per_row(self.num_classes())?;
+        buffers.push(buffer(Part::Activations, logits, compute));
+        if mixed {
+            buffers.push(buffer(Part::Activations, logits, f32));
+        }
+        buffers.push(buffer(Part::Activations, batch_size, f32));
+        if self.scratch_width() > 0 {
+            let scratch = per_row(self.scratch_width())?;
+            buffers.push(buffer(Part::Activations, scratch, compute));
+        }
+        buffers.push(buffer(Part::Activations, 1, f32));
+        if self.precision.scales_loss() {
+            buffers.push(buffer(Part::Activations, 1, f32));
+        }
+        Some(buffers)
+    }
+
+    /// The exact breakdown at `batch_size`, or `None` if it overflows `u64`.
+    pub fn memory(&self, batch_size: u64) -> Option<MemoryBreakdown> {
+        let mut memory = MemoryBreakdown::default();
+        for buffer in self.buffers(batch_size)? {
+            let bytes = buffer.bytes()?;
+            let part = match buffer.part {
+                Part::Parameters => &mut memory.parameters,
+                Part::Gradients => &mut memory.gradients,
+                Part::OptimizerState => &mut memory.optimizer_state,
+                Part::BatchData => &mut memory.batch_data,
+                Part::Activations => &mut memory.activations,
+            };
+            *part = part.checked_add(bytes)?;
+            memory.total = memory.total.checked_add(bytes)?;
+        }
+        Some(memory)
+    }
+
+    /// Bytes the device takes for a step at `batch_size`, each buffer rounded by `allocator`.
+    pub fn device_bytes(&self, batch_size: u64, allocator: Allocator) -> Option<u64> {
+        self.buffers(batch_size)?.iter().try_fold(0u64, |total, b| {
+            total.checked_add(allocator.charge(b.bytes()?)?)
+        })
+    }
+
+    /// Bytes that do not depend on the batch size: parameters, gradients, optimizer state and
+    /// the one-value loss accumulator.
+    pub fn fixed_bytes(&self) -> u64 {
+        self.memory(0).map_or(u64::MAX, |m| m.total)
+    }
+
+    /// Bytes each sample of the batch adds.
+    pub fn bytes_per_sample(&self) -> u64 {
+        self.memory(1)
+            .map_or(u64::MAX, |m| m.total - self.fixed_bytes())
+    }
+
+    /// The largest batch whose step fits in `free_bytes` on a device that rounds like
+    /// `allocator`, or 0 if not even one sample fits.
+    pub fn predict_max_batch(&self, free_bytes: u64, allocator: Allocator) -> u64 {
+        let fits = |batch| {
+            self.device_bytes(batch, allocator)
+                .is_some_and(|bytes| bytes <= free_bytes)
+        };
+        // Rounding only adds bytes, so the exact prediction bounds the rounded one.
+        let mut high = free_bytes
+            .checked_sub(self.fixed_bytes())
+            .map_or(0, |room| room / self.bytes_per_sample());
+        if allocator == Allocator::Exact || high == 0 || fits(high) {
+            return high;
+        }
+        let mut low = 0;
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if fits(middle) {
+                low = middle;
+            } else {
+                high = middle;
+            }
+        }
+        if fits(high) {
+            high
+        } else {
+            low
+        }
+    }
+
+    /// What batch size 1 needs, for a device with `free_bytes` free that cannot hold it.
+    pub fn does_not_fit(&self, free_bytes: u64) -> DoesNotFit {
+        DoesNotFit {
+            fixed_bytes: self.fixed_bytes(),
+            batch_one_bytes: self.memory(1).map_or(u64::MAX, |m| m.total),
+            free_bytes,
+        }
+    }
+
+    /// Says so when this plan's half precision holds fewer samples than `32-true` would in
+    /// `free_bytes`, since users expect the opposite: mixed precision keeps the f32 input the
+    /// loader delivers and adds autocast's half copy of it, which for an input-heavy MLP outweighs
+    /// what half activations save.
+    pub fn precision_note(&self, free_bytes: u64, allocator: Allocator) -> Option<String> {
+        let full = Plan {
+            precision: Precision::F32True,
+            ..self.clone()
+        };
+        let here = self.predict_max_batch(free_bytes, allocator);
+        let there = full.predict_max_batch(free_bytes, allocator);
+        (self.precision != Precision::F32True && here < there).then(|| {
+            format!(
+                "{} holds fewer samples than 32-true would here (the memory model: {here} against \
+                 {there}, {} against {} bytes a sample): autocast keeps the f32 input batch and \
+                 adds a half copy of it, which outweighs the halved activations of this \
+                 input-heavy model; bf16-true, or a wider model, gains from half precision",
+                self.precision,
+                self.bytes_per_sample(),
+                full.bytes_per_sample(),
+            )
+        })
+    }
+
+    /// Floating-point operations of one training step at `batch_size` (three GEMMs per layer,
+    /// `2*M*N*K` each, less the unneeded input gradient of the first layer).
+    pub fn step_flops(&self, batch_size: u64) -> f64 {
+        let per_sample: u64 = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let products = if i == 0 { 2 } else { 3 };
+                products * 2 * l.weights()
+            })
+            .sum();
+        per_sample as f64 * batch_size as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn plan(input: &[u64], hidden: &[u64], classes: u64, optimizer: OptimizerKind) -> Plan {
+        Plan::new(
+            input.iter().product(),
+            hidden,
+            classes,
+            Activation::Relu,
+            optimizer,
+            0.01,
+            Precision::F32True,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn known_parameter_counts() {
+        assert_eq!(
+            plan(&[1, 28, 28], &[128], 10, OptimizerKind::Sgd).parameter_count(),
+            101_770
+        );
+        assert_eq!(
+            plan(&[3, 32, 32], &[128], 10, OptimizerKind::Adam).parameter_count(),
+            394_634
+        );
+        assert_eq!(
+            plan(&[3, 32, 32], &[1024, 1024, 1024], 10, OptimizerKind::Adamw).parameter_count(),
+            3072 * 1024 + 1024 + 2 * (1024 * 1024 + 1024) + 1024 * 10 + 10
+        );
+    }
+
+    #[test]
+    fn mnist_breakdown_by_hand() {
+        let p = plan(&[1, 28, 28], &[128], 10, OptimizerKind::Sgd);
+        let m = p.memory(100).unwrap();
+        assert_eq!(m.parameters, 101_770 * 4);
+        assert_eq!(m.gradients, 101_770 * 4);
+        assert_eq!(m.optimizer_state, 0);
+        assert_eq!(m.batch_data, 100 * (784 + 1) * 4);
+        // pre + post of the hidden layer, logits, per-sample loss, scratch of width 128; + loss sum
+        assert_eq!(m.activations, (100 * (2 * 128 + 10 + 1 + 128) + 1) * 4);
+        assert_eq!(
+            m.total,
+            m.parameters + m.gradients + m.batch_data + m.activations
+        );
+    }
+
+    /// A ReLU MLP to 10 classes under Adam.
+    fn adam_mlp(features: u64, hidden: &[u64], precision: Precision) -> Plan {
+        Plan::new(
+            features,
+            hidden,
+            10,
+            Activation::Relu,
+            OptimizerKind::Adam,
+            0.001,
+            precision,
+        )
+        .unwrap()
+    }
+
+    /// Fixed bytes and bytes per sample of 784-128-10 and 3072-128-10 under Adam, by hand.
+    /// Fixed: f32 master weights, gradients and two moments are 16 bytes a parameter (bf16-true:
+    /// 8), mixed adds a 2-byte weight copy; then the 4-byte mean loss and, for 16-mixed, the
+    /// 4-byte overflow flag. Per sample: the input (f32, plus a half copy when mixed; bf16 alone
+    /// for bf16-true), a 4-byte label, pre- and post-activation and scratch of width 128 and the
+    /// logits in the compute storage, an f32 copy of the logits when mixed, a 4-byte loss.
+    #[test]
+    fn every_precision_pins_its_memory_by_hand() {
+        for (input, parameters) in [([1, 28, 28], 101_770), ([3, 32, 32], 394_634)] {
+            let features: u64 = input.iter().product();
+            let hidden_and_logits = |value: u64| (3 * 128 + 10) * value;
+            let cases = [
+                (
+                    Precision::F32True,
+                    16 * parameters + 4,
+                    features * 4 + 4 + hidden_and_logits(4) + 4,
+                ),
+                (
+                    Precision::Bf16Mixed,
+                    18 * parameters + 4,
+                    features * (4 + 2) + 4 + hidden_and_logits(2) + 10 * 4 + 4,
+                ),
+                (
+                    Precision::F16Mixed,
+                    18 * parameters + 8,
+                    features * (4 + 2) + 4 + hidden_and_logits(2) + 10 * 4 + 4,
+                ),
+                (
+                    Precision::Bf16True,
+                    8 * parameters + 4,
+                    features * 2 + 4 + hidden_and_logits(2) + 4,
+                ),
+            ];
+            for (precision, fixed, per_sample) in cases {
+                let p = adam_mlp(features, &[128], precision);
+                assert_eq!(p.parameter_count(), parameters);
+                assert_eq!(p.fixed_bytes(), fixed, "{precision} {input:?}");
+                assert_eq!(p.bytes_per_sample(), per_sample, "{precision} {input:?}");
+            }
+        }
+        // The numbers, for the README: MNIST 4720 / 5540 / 5540 / 2364 bytes a sample, CIFAR
+        // 13872 / 19268 / 19268 / 6940; an input-heavy MLP holds fewer samples in bf16-mixed.
+        let mnist = |precision| adam_mlp(784, &[128], precision).bytes_per_sample();
+        assert_eq!(Precision::ALL.map(mnist), [4720, 5540, 5540, 2364]);
+    }
+
+    #[test]
+    fn the_precision_note_appears_only_when_half_precision_holds_fewer_samples() {
+        let cifar = |hidden: &[u64], precision| {
+            adam_mlp(3072, hidden, precision).precision_note(64 << 20, Allocator::Exact)
+        };
+        let note = cifar(&[128], Precision::Bf16Mixed).expect("CIFAR's input outweighs");
+        for needle in ["bf16-mixed", "3114 against 4382", "19268 against 13872"] {
+            assert!(note.contains(needle), "{needle:?} in {note}");
+        }
+        assert!(cifar(&[128], Precision::F16Mixed).is_some());
+        assert_eq!(cifar(&[128], Precision::F32True), None);
+        assert_eq!(cifar(&[128], Precision::Bf16True), None);
+        assert_eq!(cifar(&[4096, 4096, 4096], Precision::Bf16Mixed), None);
+    }
+
+    /// Mixed precision's parts: the half weight copy counts as parameters, the half input as
+    /// batch data, and the loss-scaling flag as activations.
+    #[test]
+    fn mixed_precision_puts_each_copy_in_its_part() {
+        let memory = |precision| adam_mlp(3072, &[128], precision).memory(100).unwrap();
+        let full = memory(Precision::F32True);
+        let mixed = memory(Precision::F16Mixed);
+        assert_eq!(mixed.parameters, full.parameters + 394_634 * 2);
+        assert_eq!(mixed.gradients, full.gradients);
+        assert_eq!(mixed.optimizer_state, full.optimizer_state);
+        assert_eq!(mixed.batch_data, full.batch_data + 100 * 3072 * 2);
+        // Half pre/post/scratch/logits, plus f32 logits and the overflow flag.
+        assert_eq!(
+            mixed.activations,
+            full.activations - 100 * (3 * 128 + 10) * 2 + 100 * 10 * 4 + 4
+        );
+        let bf16 = memory(Precision::Bf16True);
+        assert_eq!(bf16.parameters * 2, full.parameters);
+        assert_eq!(bf16.optimizer_state * 2, full.optimizer_state);
+    }
+
+    #[test]
+    fn optimizer_state_is_zero_one_or_two_copies() {
+        for (kind, copies) in [
+            (OptimizerKind::Sgd, 0),
+            (OptimizerKind::SgdMomentum, 1),
+            (OptimizerKind::Adam, 2),
+            (OptimizerKind::Adamw, 2),
+        ] {
+            let m = plan(&[8], &[4], 3, kind).memory(1).unwrap();
+            assert_eq!(m.optimizer_state, copies * m.parameters, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn no_hidden_layer_needs_no_scratch() {
+        let p = plan(&[8], &[], 3, OptimizerKind::Sgd);
+        assert_eq!(p.parameter_count(), 27);
+        assert_eq!(p.memory(2).unwrap().activations, (2 * (3 + 1) + 1) * 4);
+    }
+
+    #[test]
+    fn absurd_batches_overflow_to_none() {
+        let p = plan(&[3, 32, 32], &[128], 10, OptimizerKind::Adam);
+        assert!(p.memory(u64::MAX / 8).is_none());
+        assert!(p.device_bytes(u64::MAX / 8, Allocator::CudaPages).is_none());
+    }
+
+    #[test]
+    fn cuda_pages_round_each_buffer() {
+        assert_eq!(Allocator::CudaPages.charge(1), Some(512));
+        assert_eq!(Allocator::CudaPages.charge(513), Some(1024));
+        assert_eq!(Allocator::CudaPages.charge((1 << 20) - 1), Some(1 << 20));
+        assert_eq!(Allocator::CudaPages.charge(1 << 20), Some(2 << 20));
+        assert_eq!(Allocator::CudaPages.charge((2 << 20) + 1), Some(4 << 20));
+        assert_eq!(Allocator::CudaPages.charge(u64::MAX), None);
+        assert_eq!(Allocator::Exact.charge(7), Some(7));
+        // The MNIST step at batch 1000: eleven buffers, the four batch-sized ones past 1 MiB.
+        let p = plan(&[1, 28, 28], &[128], 10, OptimizerKind::Sgd);
+        let exact = p.device_bytes(1000, Allocator::Exact).unwrap();
+        assert_eq!(exact, p.memory(1000).unwrap().total);
+        assert!(p.device_bytes(1000, Allocator::CudaPages).unwrap() > exact);
+    }
+
+    proptest! {
+        #[test]
+        fn memory_is_affine_in_batch(b in 0u64..1 << 30, hidden in proptest::collection::vec(1u64..2048, 0..4)) {
+            let p = plan(&[3, 16, 16], &hidden, 10, OptimizerKind::Adam);
+            let m = p.memory(b).unwrap();
+            prop_assert_eq!(m.total, p.fixed_bytes() + b * p.bytes_per_sample());
+        }
+
+        #[test]
+        fn prediction_is_the_largest_batch_that_fits(
+            free in 0u64..1 << 40,
+            paged in any::<bool>(),
+        ) {
+            let allocator = if paged { Allocator::CudaPages } else { Allocator::Exact };
+            let p = plan(&[1, 28, 28], &[128], 10, OptimizerKind::SgdMomentum);
+            let b = p.predict_max_batch(free, allocator);
+            if b > 0 {
+                prop_assert!(p.device_bytes(b, allocator).unwrap() <= free);
+            }
+            prop_assert!(p.device_bytes(b + 1, allocator).unwrap() > free);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The answer of a search: the JSON the CLI prints, and the core of the service's answer (which
+//! adds where and when it was measured).
+
+use serde::{Deserialize, Serialize};
+
+use crate::advice::{Accumulation, ThroughputPoint};
+use crate::device::DeviceInfo;
+use crate::plan::{MemoryBreakdown, Precision};
+
+/// The outcome of a finished search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TuneResult {
+    /// The largest batch size that ran.
+    pub max_batch_size: u64,
+    /// The batch size to use: `headroom x max_batch_size`, rounded down to `multiple_of`.
+    pub recommended_batch_size: u64,
+    /// The share of the largest batch the recommendation uses.
+    pub headroom: f64,
+    /// How the probed steps stored and computed (`32-true` for results from before precisions).
+    #[serde(default)]
+    pub precision: Precision,
+    /// Set when this precision holds fewer samples than `32-true` would, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision_note: Option<String>,
+    /// The throughput knee: the smallest measured batch within `search.knee_tolerance` of the best
+    /// samples/s. A larger batch trains little faster.
+    pub throughput_batch_size: u64,
+    /// Samples/s of every batch size that fitted, by batch size.
+    pub throughput: Vec<ThroughputPoint>,
+    /// How to reach the job's `target_batch_size` with gradient accumulation, when it gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accumulation: Option<Accumulation>,
+    /// What stopped the search from going higher.
+    pub limited_by: LimitedBy,
+    /// The memory model's largest batch for the device's free memory at the start.
+    pub predicted_max_batch_size: u64,
+    /// The device probed.
+    pub device: DeviceInfo,
+    /// The modelled memory at the recommended batch size.
+    pub memory: MemoryBreakdown,
+    /// Every probe, in the order it ran.
+    pub probes: Vec<Probe>,
+    /// Wall time of the whole search, seconds.
+    pub elapsed_seconds: f64,
+}
+
+/// Why the batch size stopped growing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitedBy {
+    /// The device ran out of memory above `max_batch_size`.
+    Memory,
+    /// The job's `dataset_size` capped the batch.
+    DatasetSize,
+    /// The job's `search.max` capped the batch.
+    Max,
+}
+
+impl std::fmt::Display for LimitedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LimitedBy::Memory => "memory",
+            LimitedBy::DatasetSize => "dataset_size",
+            LimitedBy::Max => "max",
+        })
+    }
+}
+
+/// One probe of the search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Batch size probed.
+    pub batch_size: u64,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Mean seconds per training step (0 unless it fitted).
+    pub step_seconds: f64,
+    /// `batch_size / step_seconds` (0 unless it fitted).
+    pub samples_per_second: f64,
+    /// Device bytes the probe held (0 unless it fitted).
+    pub device_bytes: u64,
+}
+
+/// The outcome of one probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every step ran.
+    Fit,
+    /// An allocation ran out of memory.
+    Oom,
+    /// A device fault; the search stopped.
+    Error,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Fit => "fit",
+            Outcome::Oom => "oom",
+            Outcome::Error => "error",
+        })
+    }
+}

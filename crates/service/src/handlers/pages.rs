@@ -1,0 +1,225 @@
+//! The status pages: server-rendered HTML with no external asset, so they work on an air-gapped
+//! cluster. `GET /` shows the devices (memory, busy, queue) and the recent jobs; a job's page
+//! (`GET /jobs/{id}` asked for `text/html`) shows its answer, its two charts and its probes, and
+//! refreshes while the job runs.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use maud::{html, Markup, PreEscaped, DOCTYPE};
+
+use super::devices::{device_statuses, DeviceStatus};
+use crate::document::{JobDocument, JobState};
+use crate::openapi::Unavailable;
+use crate::plot;
+use crate::problem::Problem;
+use crate::AppState;
+use headroom_engine::job::Job;
+
+/// Seconds between reloads of a page whose job has not finished.
+const REFRESH_SECONDS: u32 = 2;
+
+const STYLE: &str = r#"
+body { font: 15px/1.45 system-ui, sans-serif; margin: 0; color: #222; background: #f6f7f9; }
+header { background: #1f3a5f; color: #fff; padding: 10px 24px; }
+header a { color: #fff; text-decoration: none; font-weight: 600; }
+main { max-width: 1100px; margin: 0 auto; padding: 12px 24px 40px; }
+h1 { font-size: 22px; margin: 14px 0 6px; } h2 { font-size: 17px; margin: 22px 0 8px; }
+table { border-collapse: collapse; width: 100%; background: #fff; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid #e3e6ea; }
+th { background: #eef1f5; font-weight: 600; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.bar { width: 180px; height: 12px; background: #e3e6ea; border-radius: 6px; overflow: hidden; }
+.bar > div { height: 100%; background: #4f79b7; }
+.state { padding: 1px 8px; border-radius: 10px; font-size: 13px; color: #fff; }
+.queued { background: #8a8f98; } .running { background: #2f6fd6; } .succeeded { background: #2e8b57; }
+.failed { background: #c0392b; } .cancelled, .interrupted { background: #b57a00; }
+.answer { display: flex; flex-wrap: wrap; gap: 12px; margin: 10px 0; }
+.figure { background: #fff; border: 1px solid #e3e6ea; border-radius: 6px; padding: 8px 14px; min-width: 150px; }
+.figure b { display: block; font-size: 22px; } .figure span { color: #666; font-size: 13px; }
+.charts svg { max-width: 100%; height: auto; background: #fff; border: 1px solid #e3e6ea; }
+.note { color: #555; } .problem { background: #fdecea; border: 1px solid #f5c2bd; padding: 10px 14px; }
+"#;
+
+fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+/// Whether the client asks for HTML rather than JSON (a browser does; curl does not).
+pub fn wants_html(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let position = |kind: &str| accept.find(kind);
+    match (position("text/html"), position("application/json")) {
+        (Some(html), Some(json)) => html < json,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+fn page(title: &str, refresh: bool, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                @if refresh { meta http-equiv="refresh" content=(REFRESH_SECONDS); }
+                title { (title) " · headroom" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                header { a href="/" { "headroom" } " · the largest batch each device holds" }
+                main { (body) }
+            }
+        }
+    }
+}
+
+fn state_badge(state: JobState) -> Markup {
+    html! { span class={ "state " (state.label()) } { (state.label()) } }
+}
+
+fn devices_table(devices: &[DeviceStatus]) -> Markup {
+    html! {
+        table id="devices" {
+            tr { th { "device" } th { "name" } th { "memory in use" } th {} th { "busy" } th class="n" { "queue" } }
+            @for d in devices {
+                @let used = d.used_bytes as f64 / d.total_bytes.max(1) as f64;
+                tr {
+                    td { (d.device) }
+                    td { (d.name) }
+                    td { div class="bar" title={ (format!("{:.0}%", 100.0 * used)) } {
+                        div style={ "width: " (format!("{:.1}", 100.0 * used)) "%" } {}
+                    } }
+                    td { (human(d.used_bytes)) " of " (human(d.total_bytes)) }
+                    td { @if d.busy { "tuning" } @else { "idle" } }
+                    td class="n" { (d.queue_length) }
+                }
+            }
+        }
+    }
+}
+
+fn jobs_table(jobs: &[JobDocument]) -> Markup {
+    html! {
+        table id="jobs" {
+            tr { th { "job" } th { "state" } th { "device" } th { "accepted" } th class="n" { "max" } th class="n" { "recommended" } th class="n" { "knee" } }
+            @for job in jobs {
+                tr {
+                    td { a href={ "/jobs/" (job.id) } { (&job.id[..8]) } }
+                    td { (state_badge(job.state)) }
+                    td { (job.device) }
+                    td { (job.created_at) }
+                    @if let Some(r) = &job.result {
+                        td class="n" { (r.max_batch_size) }
+                        td class="n" { (r.recommended_batch_size) }
+                        td class="n" { (r.throughput_batch_size) }
+                    } @else {
+                        td class="n" { "–" } td class="n" { "–" } td class="n" { "–" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `GET /`: the devices and the recent jobs.
+#[utoipa::path(get, path = "/", tag = "health",
+    responses(
+        (status = 200, description = "The status page: devices and recent jobs, as HTML.", body = String, content_type = "text/html"),
+        Unavailable,
+    ))]
+pub async fn home(State(state): State<Arc<AppState>>) -> Result<Markup, Problem> {
+    let devices = device_statuses(&state).await?;
+    let mut jobs = state.recent_documents().await;
+    jobs.truncate(50);
+    let running = jobs.iter().any(|j| !j.state.is_finished());
+    Ok(page(
+        "status",
+        running,
+        html! {
+            h1 { "Devices" }
+            (devices_table(&devices))
+            h2 { "Recent jobs" }
+            @if jobs.is_empty() { p class="note" { "No job yet: POST a job to /tune." } }
+            @else { (jobs_table(&jobs)) }
+            p class="note" { "API: " a href="/openapi.json" { "/openapi.json" } " · metrics: " a href="/metrics" { "/metrics" } }
+        },
+    ))
+}
+
+fn figure(id: &str, value: impl maud::Render, label: &str) -> Markup {
+    html! { div class="figure" { b id=(id) { (value) } span { (label) } } }
+}
+
+/// A job's page: its answer and charts once it succeeded, its problem if it failed, its probes.
+pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
+    let running = !document.state.is_finished();
+    let charts = document
+        .result
+        .as_ref()
+        .zip(spec)
+        .and_then(|(r, spec)| plot::tune_svg(r, spec.plan()).ok());
+    page(
+        &format!("job {}", &document.id[..8]),
+        running,
+        html! {
+            h1 { "Job " (document.id) " " (state_badge(document.state)) }
+            p class="note" { "on " (document.device) " · accepted " (document.created_at)
+                @if let Some(t) = &document.finished_at { " · finished " (t) } }
+            @if let Some(r) = &document.result {
+                div class="answer" {
+                    (figure("max-batch-size", r.max_batch_size, &format!("largest batch size (limited by {})", r.limited_by)))
+                    (figure("recommended-batch-size", r.recommended_batch_size, &format!("recommended ({}% of the largest)", (r.headroom * 100.0).round())))
+                    (figure("throughput-batch-size", r.throughput_batch_size, "throughput knee"))
+                    (figure("predicted-max-batch-size", r.predicted_max_batch_size, "the memory model's prediction"))
+                    @if let Some(a) = &r.accumulation {
+                        (figure("accumulation", format!("{} × {} × {}", a.micro_batch_size, a.steps, a.world_size), &format!("micro batch × steps × GPUs = {}", a.global_batch_size)))
+                    }
+                }
+                @if let Some(svg) = &charts { div class="charts" { (PreEscaped(svg)) } }
+            }
+            @if let Some(p) = &document.error {
+                div class="problem" { b { (p.title) } ": " (p.detail) }
+            }
+            h2 { "Probes" }
+            table id="probes" {
+                tr { th class="n" { "batch size" } th { "outcome" } th class="n" { "s/step" } th class="n" { "samples/s" } th class="n" { "device memory" } }
+                @for probe in &document.progress.probes {
+                    tr {
+                        td class="n" { (probe.batch_size) }
+                        td { (probe.outcome) }
+                        td class="n" { (format!("{:.4}", probe.step_seconds)) }
+                        td class="n" { (format!("{:.0}", probe.samples_per_second)) }
+                        td class="n" { (human(probe.device_bytes)) }
+                    }
+                }
+            }
+            @if running { p class="note" { "This page reloads every " (REFRESH_SECONDS) " s while the job runs." } }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn browsers_get_html_and_clients_json() {
+        let accept = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ACCEPT, value.parse().unwrap());
+            wants_html(&headers)
+        };
+        assert!(accept(
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        ));
+        assert!(!accept("*/*"));
+        assert!(!accept("application/json"));
+        assert!(!accept("application/json, text/html"));
+        assert!(!wants_html(&HeaderMap::new()));
+    }
+}

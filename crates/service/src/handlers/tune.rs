@@ -1,0 +1,246 @@
+//! `POST /tune`: validates the job, answers from the cache, joins an identical job in flight or
+//! queues a new one, and waits for it up to the configured time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::{job_request, not_ready};
+use crate::document::JobDocument;
+use crate::jobs::{Joined, TuneJob};
+use crate::openapi::schemas;
+use crate::openapi::{
+    job_request_body, BadRequest, Busy, Cancelled, Invalid, TooLarge, Unauthorized, Unavailable,
+    UnsupportedType,
+};
+use crate::problem::Problem;
+use crate::store::journal::Direction;
+use crate::workers::{DeviceWorker, EnqueueError};
+use crate::AppState;
+use headroom_devices::nvml;
+use headroom_devices::select::DeviceSpec;
+
+/// How long an accepted job waits for the store to keep it before the answer goes anyway.
+const STORE_WAIT: Duration = Duration::from_secs(2);
+
+/// What `POST /tune` takes besides the job.
+#[derive(Debug, PartialEq, Deserialize, ToSchema)]
+pub struct TuneOptions {
+    /// Where to run it: `auto` (the least busy GPU, else the host), `host`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    #[schema(value_type = String, pattern = "^(auto|host|cuda(:[0-9]+)?)$", default = "auto")]
+    device: DeviceSpec,
+    /// Probe even if a cached result exists.
+    #[serde(default)]
+    #[schema(default = false)]
+    no_cache: bool,
+    /// Probe a GPU other processes compute on (they may run out of memory).
+    #[serde(default)]
+    #[schema(default = false)]
+    allow_shared: bool,
+}
+
+job_request_body!(
+    TuneRequest,
+    TuneOptions,
+    "A job, as in examples/, plus where and how to run it."
+);
+
+/// The worker a job goes to: the one named, or for `auto` the least busy CUDA device (the host
+/// when there is none).
+fn choose_worker(state: &AppState, spec: DeviceSpec) -> Result<Arc<DeviceWorker>, Problem> {
+    let workers = state.workers().ok_or_else(not_ready)?;
+    let load = |w: &DeviceWorker| w.queue_length() + usize::from(w.is_busy());
+    let chosen = match spec {
+        DeviceSpec::Auto => workers
+            .iter()
+            .filter(|w| w.is_cuda())
+            .min_by_key(|w| load(w))
+            .or_else(|| workers.iter().find(|w| !w.is_cuda())),
+        named => workers.iter().find(|w| w.device == named),
+    };
+    chosen.cloned().ok_or_else(|| {
+        let served: Vec<String> = workers.iter().map(|w| w.device.to_string()).collect();
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "device {spec} is not served here; this service has {}",
+                served.join(", ")
+            ),
+        )
+        .with_field("device")
+    })
+}
+
+/// Refuses to probe a GPU that other processes are computing on, unless allowed.
+fn check_shared(worker: &DeviceWorker, allowed: bool) -> Result<(), Problem> {
+    if allowed || !worker.is_cuda() {
+        return Ok(());
+    }
+    let Ok((_, gpus)) = nvml::telemetry() else {
+        return Ok(());
+    };
+    match nvml::find(&gpus, &worker.info()) {
+        Some(gpu) if gpu.other_compute_processes(true) > 0 => Err(Problem::typed(
+            StatusCode::CONFLICT,
+            "device-shared",
+            "Device in use",
+            format!(
+                "{} has {} other process(es) with a compute context holding {} bytes; probing it could make them run out of memory. \
+                 Send \"allow_shared\": true to probe anyway",
+                worker.device, gpu.other_compute_processes(true), gpu.used_bytes
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn wants_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+}
+
+fn accepted(document: JobDocument) -> Response {
+    let location = format!("/jobs/{}", document.id);
+    let mut response = (StatusCode::ACCEPTED, Json(document)).into_response();
+    response.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).expect("ids are ASCII"),
+    );
+    response
+}
+
+/// Waits (up to [`STORE_WAIT`]) for the store to take everything sent so far, unless its
+/// writes are failing; returns whether it took them.
+async fn stored(state: &AppState) -> bool {
+    !state.store_health.failing(Direction::Write) && state.journal.flush(STORE_WAIT).await
+}
+
+/// Queues a new job on its worker; a full or closed queue answers 429 or 503.
+fn enqueue(state: &AppState, worker: &DeviceWorker, job: &Arc<TuneJob>) -> Result<(), Problem> {
+    Err(match worker.enqueue(Arc::clone(job)) {
+        Ok(()) => return Ok(()),
+        Err(EnqueueError::Full) => Problem::typed(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue-full",
+            "Queue full",
+            format!(
+                "{} already has {} jobs waiting; retry later",
+                worker.device,
+                worker.queue_length()
+            ),
+        )
+        .retry_after(state.config.wait_seconds.clamp(1, 30)),
+        Err(EnqueueError::Closed) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the service is shutting down",
+        ),
+    })
+}
+
+/// `POST /tune`: tunes a job, or answers from the cache, or joins an identical job in flight.
+#[utoipa::path(post, path = "/tune", tag = "tune",
+    request_body(content = TuneRequest, content_type = "application/json",
+        description = "A job (as in examples/), plus where and how to run it"),
+    params(("Prefer" = Option<String>, Header,
+        description = "`respond-async`: answer 202 with the job at once instead of waiting up to the service's `wait_seconds`")),
+    responses(
+        (status = 200, description = "The answer: the largest batch size that fits and the recommended one (`cached` when reused).", body = schemas::TuneAnswer),
+        (status = 202, description = "Accepted: the job is queued or running; follow `Location`.", body = JobDocument,
+         headers(("Location" = String, description = "The job, `/jobs/{id}`"))),
+        BadRequest, Unauthorized, Cancelled, TooLarge, UnsupportedType, Invalid, Busy, Unavailable,
+    ),
+    security((), ("bearer" = [])))]
+pub async fn tune(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let (options, job) = job_request::<TuneOptions>(&headers, &body, &state)?;
+    let worker = choose_worker(&state, options.device)?;
+    check_shared(&worker, options.allow_shared || state.config.allow_shared)?;
+    let cache_key = state.cache_key(&job, &worker);
+    if !options.no_cache {
+        if let Some(result) = state.cache.get(&cache_key).await {
+            state.metrics.cache_hit();
+            return Ok(Json(result).into_response());
+        }
+    }
+    state.metrics.cache_miss();
+    let job = TuneJob::new(job, worker.device, cache_key, Some(state.recorder()));
+    let job = match state
+        .jobs
+        .insert_or_join(job, |new| enqueue(&state, &worker, new))?
+    {
+        Joined::New(job) => {
+            // Accepted: in the store before the client hears of it, so a restart loses it not.
+            job.record();
+            if !stored(&state).await {
+                tracing::warn!(job = %job.id, "accepted while the store is failing: the job is kept in memory only until it works again");
+            }
+            job
+        }
+        Joined::InFlight(job) => {
+            state.metrics.single_flight_join();
+            job
+        }
+    };
+    if wants_async(&headers)
+        || !job
+            .wait(Duration::from_secs(state.config.wait_seconds))
+            .await
+    {
+        return Ok(accepted(state.jobs.document(&job)));
+    }
+    let document = job.document();
+    match (document.result, document.error) {
+        (Some(result), _) => {
+            // Answered only once kept: a node sharing the store reuses it from then on.
+            stored(&state).await;
+            Ok(Json(result).into_response())
+        }
+        (None, Some(problem)) => Err(problem),
+        (None, None) => Err(Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the job finished with neither a result nor an error; this is a bug in headroom",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::openapi::{RefOr, Schema};
+    use utoipa::PartialSchema;
+
+    #[test]
+    fn a_tune_request_is_a_job_with_the_options_beside_it() {
+        let RefOr::T(Schema::Object(request)) = TuneRequest::schema() else {
+            panic!("an object")
+        };
+        let RefOr::T(Schema::Object(job)) = schemas::JobSpec::schema() else {
+            panic!("an object")
+        };
+        let names: Vec<&String> = request.properties.keys().collect();
+        for member in job.properties.keys() {
+            assert!(names.contains(&member), "{member} missing");
+        }
+        for option in ["device", "no_cache", "allow_shared"] {
+            assert!(request.properties.contains_key(option), "{option} missing");
+        }
+        assert_eq!(request.required, job.required);
+        assert!(request.additional_properties.is_some());
+        assert_eq!(TuneRequest::name(), "TuneRequest");
+    }
+}

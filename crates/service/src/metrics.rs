@@ -1,0 +1,332 @@
+//! Every metric the service exports, registered in one place: prefix `headroom_`, base units,
+//! bounded labels (route, method, status, outcome, and a device's [`DeviceLabels`]), never a job
+//! id; plus the process collector's `process_*` series.
+
+use prometheus::core::Collector;
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use headroom_devices::select::DeviceSpec;
+use headroom_engine::device::DeviceInfo;
+
+/// Names of the labels every per-device series carries: headroom's own device name, the labels
+/// NVIDIA's DCGM exporter puts on the same GPU's series (`gpu`, `UUID`, `Hostname`; empty for the
+/// host), so the two join without `label_replace`, and the GPU's model. DCGM spells that one
+/// `modelName`, which `promtool check metrics` rejects as camelCase: here it is `model_name`,
+/// and a join brings DCGM's own.
+pub const DEVICE_LABELS: [&str; 5] = ["device", "gpu", "UUID", "model_name", "Hostname"];
+
+/// The values of [`DEVICE_LABELS`] for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLabels([String; 5]);
+
+impl DeviceLabels {
+    /// Labels of a device headroom serves as `spec`; `nvml_index` is the GPU's NVML index.
+    pub fn new(spec: DeviceSpec, info: &DeviceInfo, nvml_index: Option<u32>) -> DeviceLabels {
+        let gpu = info.uuid.is_some();
+        DeviceLabels([
+            spec.to_string(),
+            nvml_index.map_or(String::new(), |i| i.to_string()),
+            info.uuid.clone().unwrap_or_default(),
+            if gpu {
+                info.name.clone()
+            } else {
+                String::new()
+            },
+            hostname(),
+        ])
+    }
+
+    /// Labels of a GPU NVML reports, which headroom may or may not serve.
+    pub fn of_gpu(device: Option<DeviceSpec>, index: u32, uuid: &str, name: &str) -> Self {
+        DeviceLabels([
+            device.map_or(String::new(), |d| d.to_string()),
+            index.to_string(),
+            uuid.to_string(),
+            name.to_string(),
+            hostname(),
+        ])
+    }
+
+    fn values(&self) -> [&str; 5] {
+        self.0.each_ref().map(String::as_str)
+    }
+
+    fn with<'a>(&'a self, extra: &'a str) -> [&'a str; 6] {
+        let [a, b, c, d, e] = self.values();
+        [a, b, c, d, e, extra]
+    }
+}
+
+fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// The service's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    tunes: IntCounterVec,
+    tune_duration: HistogramVec,
+    probes: IntCounterVec,
+    probe_duration: HistogramVec,
+    queue_length: IntGaugeVec,
+    busy: IntGaugeVec,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    single_flight_joins: IntCounter,
+    store_errors: IntCounterVec,
+    memory_total: IntGaugeVec,
+    memory_used: IntGaugeVec,
+    last_max_batch_size: IntGaugeVec,
+    last_recommended_batch_size: IntGaugeVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("headroom")
+}
+
+fn seconds(name: &str, help: &str, start: f64) -> HistogramOpts {
+    HistogramOpts::new(name, help)
+        .namespace("headroom")
+        .buckets(exponential_buckets(start, 4.0, 10).expect("valid buckets"))
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(opts(name, help), labels).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(opts(name, help), labels).expect("valid metric")
+}
+
+fn histogram(name: &str, help: &str, start: f64, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(seconds(name, help, start), labels).expect("valid metric")
+}
+
+fn with_outcome() -> [&'static str; 6] {
+    let [a, b, c, d, e] = DEVICE_LABELS;
+    [a, b, c, d, e, "outcome"]
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let metrics = Metrics {
+            registry: Registry::new(),
+            requests: counter(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+                &["route", "method", "status"],
+            ),
+            request_duration: histogram(
+                "http_request_duration_seconds",
+                "Time to answer HTTP requests, by route, method and status",
+                0.0001,
+                &["route", "method", "status"],
+            ),
+            tunes: counter(
+                "tunes_total",
+                "Finished tuning jobs by device and outcome",
+                &with_outcome(),
+            ),
+            tune_duration: histogram(
+                "tune_duration_seconds",
+                "Wall time of tuning jobs",
+                0.001,
+                &DEVICE_LABELS,
+            ),
+            probes: counter(
+                "probes_total",
+                "Probes by device and outcome",
+                &with_outcome(),
+            ),
+            probe_duration: histogram(
+                "probe_duration_seconds",
+                "Wall time of probes",
+                0.001,
+                &with_outcome(),
+            ),
+            queue_length: gauge("queue_length", "Jobs waiting per device", &DEVICE_LABELS),
+            busy: gauge(
+                "device_busy",
+                "1 while the device runs a tuning job",
+                &DEVICE_LABELS,
+            ),
+            cache_hits: IntCounter::with_opts(opts(
+                "cache_hits_total",
+                "Results answered from the cache",
+            ))
+            .expect("valid metric"),
+            cache_misses: IntCounter::with_opts(opts(
+                "cache_misses_total",
+                "Jobs that found no cached result",
+            ))
+            .expect("valid metric"),
+            single_flight_joins: IntCounter::with_opts(opts(
+                "single_flight_joins_total",
+                "Requests that joined an identical job already queued or running",
+            ))
+            .expect("valid metric"),
+            store_errors: counter(
+                "store_errors_total",
+                "Store operations that failed, by operation",
+                &["operation"],
+            ),
+            memory_total: gauge(
+                "device_memory_total_bytes",
+                "GPU memory in all",
+                &DEVICE_LABELS,
+            ),
+            memory_used: gauge(
+                "device_memory_used_bytes",
+                "GPU memory in use by any process",
+                &DEVICE_LABELS,
+            ),
+            last_max_batch_size: gauge(
+                "last_max_batch_size",
+                "Largest batch size of the last tune per device",
+                &DEVICE_LABELS,
+            ),
+            last_recommended_batch_size: gauge(
+                "last_recommended_batch_size",
+                "Recommended batch size of the last tune per device",
+                &DEVICE_LABELS,
+            ),
+        };
+        let build_info = gauge(
+            "build_info",
+            "Build information; the value is always 1",
+            &["version", "revision"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("HEADROOM_REVISION")])
+            .set(1);
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(metrics.requests.clone()),
+            Box::new(metrics.request_duration.clone()),
+            Box::new(metrics.tunes.clone()),
+            Box::new(metrics.tune_duration.clone()),
+            Box::new(metrics.probes.clone()),
+            Box::new(metrics.probe_duration.clone()),
+            Box::new(metrics.queue_length.clone()),
+            Box::new(metrics.busy.clone()),
+            Box::new(metrics.cache_hits.clone()),
+            Box::new(metrics.cache_misses.clone()),
+            Box::new(metrics.single_flight_joins.clone()),
+            Box::new(metrics.store_errors.clone()),
+            Box::new(metrics.memory_total.clone()),
+            Box::new(metrics.memory_used.clone()),
+            Box::new(metrics.last_max_batch_size.clone()),
+            Box::new(metrics.last_recommended_batch_size.clone()),
+            Box::new(build_info),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for collector in collectors {
+            metrics
+                .registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        metrics
+    }
+
+    /// Counts and times an answered request.
+    pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        let status = status.to_string();
+        let labels = [route, method, status.as_str()];
+        self.requests.with_label_values(&labels).inc();
+        self.request_duration
+            .with_label_values(&labels)
+            .observe(seconds);
+    }
+
+    /// Records a finished probe.
+    pub fn probe(&self, device: &DeviceLabels, outcome: &str, seconds: f64) {
+        let labels = device.with(outcome);
+        self.probes.with_label_values(&labels).inc();
+        self.probe_duration
+            .with_label_values(&labels)
+            .observe(seconds);
+    }
+
+    /// Records a finished tune (`succeeded`, `failed` or `cancelled`).
+    pub fn tune(&self, device: &DeviceLabels, outcome: &str, seconds: f64) {
+        self.tunes.with_label_values(&device.with(outcome)).inc();
+        self.tune_duration
+            .with_label_values(&device.values())
+            .observe(seconds);
+    }
+
+    /// The last successful tune's answer on a device.
+    pub fn last_batch_sizes(&self, device: &DeviceLabels, max: u64, recommended: u64) {
+        self.last_max_batch_size
+            .with_label_values(&device.values())
+            .set(max as i64);
+        self.last_recommended_batch_size
+            .with_label_values(&device.values())
+            .set(recommended as i64);
+    }
+
+    /// Jobs waiting on a device.
+    pub fn queue_length(&self, device: &DeviceLabels, jobs: usize) {
+        self.queue_length
+            .with_label_values(&device.values())
+            .set(jobs as i64);
+    }
+
+    /// Whether a device runs a job.
+    pub fn busy(&self, device: &DeviceLabels, busy: bool) {
+        self.busy
+            .with_label_values(&device.values())
+            .set(i64::from(busy));
+    }
+
+    /// A result answered from the cache.
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    /// A job that found no cached result.
+    pub fn cache_miss(&self) {
+        self.cache_misses.inc();
+    }
+
+    /// A request that joined an identical job in flight.
+    pub fn single_flight_join(&self) {
+        self.single_flight_joins.inc();
+    }
+
+    /// Counts a failed store operation.
+    pub fn store_error(&self, operation: &str) {
+        self.store_errors.with_label_values(&[operation]).inc();
+    }
+
+    /// A GPU's memory, as NVML reports it.
+    pub fn gpu_memory(&self, device: &DeviceLabels, total_bytes: u64, used_bytes: u64) {
+        self.memory_total
+            .with_label_values(&device.values())
+            .set(total_bytes as i64);
+        self.memory_used
+            .with_label_values(&device.values())
+            .set(used_bytes as i64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("writing to a Vec cannot fail");
+        String::from_utf8(buffer).expect("the exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

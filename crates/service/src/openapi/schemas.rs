@@ -1,0 +1,566 @@
+//! The JSON schemas of the engine's types, as the API documents them. The engine knows nothing
+//! of OpenAPI, so each of its types that crosses the API has its schema here, written with the
+//! same members and serde rules; `tests::every_schema_matches_what_the_engine_writes` holds
+//! each one to the JSON the engine's type actually reads and writes.
+
+#![allow(dead_code)] // The types describe JSON; nothing constructs them.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// A tuning job as written in JSON; the service validates it into a job it can run.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Job)]
+pub struct JobSpec {
+    /// The network to train.
+    model: ModelSpec,
+    /// The optimizer whose state takes device memory.
+    optimizer: OptimizerSpec,
+    /// How values are stored and computed, in PyTorch Lightning's words: `32-true` (default),
+    /// `bf16-mixed`, `16-mixed` or `bf16-true`.
+    #[serde(default)]
+    precision: Precision,
+    /// The older way to say `32-true`: `"dtype": "f32"`. A validated job never carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(deprecated)]
+    dtype: Option<Dtype>,
+    /// Number of samples in the training set; the batch never grows past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    dataset_size: Option<u64>,
+    /// Share of the largest batch that the recommended batch uses, in (0, 1].
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    headroom: f64,
+    /// How the search probes the device.
+    #[serde(default)]
+    search: SearchSpec,
+    /// The global batch the training recipe wants; the answer then says how to reach it with
+    /// gradient accumulation across `world_size` GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1099511627776_u64)]
+    target_batch_size: Option<u64>,
+    /// Data-parallel GPUs the global batch is split over.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1048576, default = 1)]
+    world_size: u64,
+}
+
+/// An MLP: flatten the input, then `Linear -> activation` per hidden width, then `Linear -> classes`.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
+    #[schema(min_items = 1)]
+    input_shape: Vec<u64>,
+    /// Widths of the hidden layers, possibly none.
+    #[serde(default)]
+    hidden_layers: Vec<u64>,
+    /// Number of output classes of the softmax cross-entropy loss.
+    #[schema(minimum = 2, maximum = 4294967296_u64)]
+    num_classes: u64,
+    /// Activation after every hidden layer.
+    #[serde(default)]
+    activation: Activation,
+}
+
+/// Optimizer and its hyper-parameters.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// Which update rule.
+    name: OptimizerKind,
+    /// Step size; each optimizer has its own default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0)]
+    learning_rate: Option<f64>,
+}
+
+/// The element type of older jobs: `f32` only, an alias of `"precision": "32-true"`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    /// 32-bit IEEE float.
+    F32,
+}
+
+/// How the batch size is searched.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchSpec {
+    /// First batch size probed by the doubling strategy.
+    #[schema(minimum = 1)]
+    start: u64,
+    /// Largest batch size ever probed.
+    #[schema(minimum = 1)]
+    max: u64,
+    /// Batch sizes are rounded to this multiple where possible.
+    #[schema(minimum = 1, maximum = 1048576)]
+    multiple_of: u64,
+    /// Relative gap between the last fit and the first OOM at which bisection stops.
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
+    tolerance: f64,
+    /// Training steps run per probe.
+    #[schema(minimum = 1, maximum = 1000)]
+    steps_per_probe: u32,
+    /// Where the first probe goes.
+    strategy: Strategy,
+    /// The throughput knee is the smallest batch within this fraction of the best samples/s.
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
+    knee_tolerance: f64,
+    /// Most probes added below the maximum to find the throughput knee.
+    #[schema(maximum = 16)]
+    throughput_probes: u32,
+}
+
+impl Default for SearchSpec {
+    /// The engine's defaults, which the schema documents.
+    fn default() -> Self {
+        let engine = headroom_engine::job::SearchSpec::default();
+        SearchSpec {
+            start: engine.start,
+            max: engine.max,
+            multiple_of: engine.multiple_of,
+            tolerance: engine.tolerance,
+            steps_per_probe: engine.steps_per_probe,
+            strategy: match engine.strategy {
+                headroom_engine::job::Strategy::Double => Strategy::Double,
+                headroom_engine::job::Strategy::Predict => Strategy::Predict,
+            },
+            knee_tolerance: engine.knee_tolerance,
+            throughput_probes: engine.throughput_probes,
+        }
+    }
+}
+
+/// Where the search starts.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Double from `start` until the first OOM, then bisect.
+    Double,
+    /// Probe the memory model's prediction first, then confirm and bisect around it.
+    Predict,
+}
+
+/// How training stores and computes, in PyTorch Lightning's words for it.
+///
+/// - `32-true`: everything in f32.
+/// - `bf16-mixed` and `16-mixed`, as PyTorch's autocast runs an MLP: f32 master parameters, f32
+///   gradients and optimizer state; a half copy of every weight and bias for the products
+///   (autocast's weight cache, remade each step); the input batch as the loader delivers it
+///   (f32) plus autocast's half copy of it, which the first product reads and backward keeps;
+///   products take half operands and accumulate in f32; activations saved for backward, and the
+///   gradients between layers, are half; the logits are made f32 for the softmax cross-entropy,
+///   and their gradient half again for backward. `16-mixed` also scales the loss as
+///   `GradScaler` does: the gradients are checked for inf/NaN before the update, a step that
+///   overflowed is skipped and the scale halved, and the scale doubles after
+///   [`LOSS_SCALE_GROWTH_INTERVAL`] clean steps.
+/// - `bf16-true`: parameters, gradients, optimizer state, the input batch and activations all in
+///   bf16 (products still accumulate in f32, and updates are computed in f32 and rounded).
+///
+/// In every precision the per-sample losses and their mean stay f32.
+#[derive(Serialize, ToSchema)]
+pub enum Precision {
+    /// Everything f32.
+    #[serde(rename = "32-true")]
+    F32True,
+    /// Autocast to bfloat16 over f32 master parameters.
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+    /// Autocast to IEEE half over f32 master parameters, with dynamic loss scaling.
+    #[serde(rename = "16-mixed")]
+    F16Mixed,
+    /// Everything bfloat16.
+    #[serde(rename = "bf16-true")]
+    Bf16True,
+}
+
+/// Element-wise non-linearity after each hidden layer.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `max(x, 0)`.
+    Relu,
+    /// `x * Phi(x)` in the tanh approximation.
+    Gelu,
+    /// Hyperbolic tangent.
+    Tanh,
+}
+
+/// The update rules headroom implements.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Plain stochastic gradient descent: no state.
+    Sgd,
+    /// SGD with momentum 0.9: one velocity per parameter.
+    SgdMomentum,
+    /// Adam: two moments per parameter.
+    Adam,
+    /// Adam with decoupled weight decay: two moments per parameter.
+    Adamw,
+}
+
+/// The outcome of a finished search.
+#[derive(Serialize, ToSchema)]
+#[schema(as = TuneResult)]
+pub struct TuneAnswer {
+    /// The largest batch size that ran.
+    max_batch_size: u64,
+    /// The batch size to use: `headroom x max_batch_size`, rounded down to `multiple_of`.
+    recommended_batch_size: u64,
+    /// The share of the largest batch the recommendation uses.
+    headroom: f64,
+    /// How the probed steps stored and computed (`32-true` for results from before precisions).
+    #[serde(default)]
+    precision: Precision,
+    /// Set when this precision holds fewer samples than `32-true` would, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    precision_note: Option<String>,
+    /// The throughput knee: the smallest measured batch within `search.knee_tolerance` of the best
+    /// samples/s. A larger batch trains little faster.
+    throughput_batch_size: u64,
+    /// Samples/s of every batch size that fitted, by batch size.
+    throughput: Vec<ThroughputPoint>,
+    /// How to reach the job's `target_batch_size` with gradient accumulation, when it gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accumulation: Option<Accumulation>,
+    /// What stopped the search from going higher.
+    limited_by: LimitedBy,
+    /// The memory model's largest batch for the device's free memory at the start.
+    predicted_max_batch_size: u64,
+    /// The device probed.
+    device: DeviceInfo,
+    /// The modelled memory at the recommended batch size.
+    memory: MemoryBreakdown,
+    /// Every probe, in the order it ran.
+    probes: Vec<Probe>,
+    /// Wall time of the whole search, seconds.
+    elapsed_seconds: f64,
+    /// True when the service answered from its cache instead of probing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cached: bool,
+    /// Where the service measured it: its node and device, e.g. `node-17/cuda:0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    measured_on: Option<String>,
+    /// When the service measured it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    measured_at: Option<String>,
+}
+
+/// Why the batch size stopped growing.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitedBy {
+    /// The device ran out of memory above `max_batch_size`.
+    Memory,
+    /// The job's `dataset_size` capped the batch.
+    DatasetSize,
+    /// The job's `search.max` capped the batch.
+    Max,
+}
+
+/// One probe of the search.
+#[derive(Serialize, ToSchema)]
+pub struct Probe {
+    /// Batch size probed.
+    batch_size: u64,
+    /// What happened.
+    outcome: Outcome,
+    /// Mean seconds per training step (0 unless it fitted).
+    step_seconds: f64,
+    /// `batch_size / step_seconds` (0 unless it fitted).
+    samples_per_second: f64,
+    /// Device bytes the probe held (0 unless it fitted).
+    device_bytes: u64,
+}
+
+/// The outcome of one probe.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every step ran.
+    Fit,
+    /// An allocation ran out of memory.
+    Oom,
+    /// A device fault; the search stopped.
+    Error,
+}
+
+/// One point of the throughput curve: a batch size that fitted and its training speed.
+#[derive(Serialize, ToSchema)]
+pub struct ThroughputPoint {
+    /// Batch size.
+    batch_size: u64,
+    /// Samples trained per second at that size.
+    samples_per_second: f64,
+}
+
+/// How to reach a target global batch with gradient accumulation.
+#[derive(Serialize, ToSchema)]
+pub struct Accumulation {
+    /// Batch size of one forward/backward pass on one GPU.
+    micro_batch_size: u64,
+    /// Micro batches accumulated before each optimizer step.
+    steps: u64,
+    /// Data-parallel GPUs.
+    world_size: u64,
+    /// `micro_batch_size x steps x world_size`: the global batch each optimizer step sees.
+    global_batch_size: u64,
+    /// The global batch the recipe asked for.
+    target_batch_size: u64,
+    /// Whether the global batch equals the target.
+    exact: bool,
+    /// Why it is not exact, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+/// Device bytes of one training step, in the four places training uses memory.
+#[derive(Serialize, ToSchema)]
+pub struct MemoryBreakdown {
+    /// Weights and biases.
+    parameters: u64,
+    /// One gradient per parameter.
+    gradients: u64,
+    /// Momentum or Adam moments.
+    optimizer_state: u64,
+    /// The input batch and its labels.
+    batch_data: u64,
+    /// What forward keeps for backward, the backward buffers and the loss.
+    activations: u64,
+    /// Sum of the above.
+    total: u64,
+}
+
+/// Which implementation a device is.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// The CPU reference.
+    Host,
+    /// An NVIDIA GPU.
+    Cuda,
+}
+
+/// Identity and memory of a device, as reported in results.
+#[derive(Serialize, ToSchema)]
+pub struct DeviceInfo {
+    /// Implementation.
+    kind: DeviceKind,
+    /// Index among devices of its kind.
+    index: u32,
+    /// Human-readable name (GPU model, or the host's budget).
+    name: String,
+    /// A GPU's UUID, `GPU-...` as NVML and DCGM write it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uuid: Option<String>,
+    /// Memory the device has in all, bytes.
+    total_bytes: u64,
+    /// Memory free for a probe right now, bytes.
+    free_bytes: u64,
+}
+
+/// The memory model's answer for a device with `memory_bytes` free: no probe runs.
+#[derive(Serialize, ToSchema)]
+pub struct Estimate {
+    /// Free bytes assumed.
+    memory_bytes: u64,
+    /// How the step stores and computes.
+    precision: Precision,
+    /// Set when this precision holds fewer samples than `32-true` would, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    precision_note: Option<String>,
+    /// Trainable parameters.
+    parameter_count: u64,
+    /// Bytes independent of the batch size.
+    fixed_bytes: u64,
+    /// Bytes each sample adds.
+    bytes_per_sample: u64,
+    /// Largest batch the model predicts fits (capped by `search.max` and `dataset_size`).
+    predicted_max_batch_size: u64,
+    /// What bounds it: `memory`, or the cap that did (`dataset_size` or `max`).
+    limited_by: LimitedBy,
+    /// The headroom rule applied to the prediction.
+    recommended_batch_size: u64,
+    /// Breakdown at the recommended batch size.
+    memory: MemoryBreakdown,
+}
+
+/// The memory model's answer for one card.
+#[derive(Serialize, ToSchema)]
+pub struct GpuEstimate {
+    /// The card.
+    gpu: String,
+    /// Its memory in all, bytes.
+    total_bytes: u64,
+    /// The largest and recommended batch, when batch size 1 fits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    estimate: Option<Estimate>,
+    /// Why it does not fit, when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    does_not_fit: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::ControlFlow;
+
+    use serde_json::{json, Value};
+
+    use crate::answer::TuneAnswer;
+    use headroom_devices::host::HostDevice;
+    use headroom_engine::catalogue;
+    use headroom_engine::job::Job;
+
+    use super::JobSpec;
+
+    /// Checks `value` against `schema`, resolving references in `components`; collects in
+    /// `errors` what does not conform, and every member of an object that one of them lacks.
+    fn conforms(
+        value: &Value,
+        schema: &Value,
+        components: &Value,
+        path: &str,
+        errors: &mut Vec<String>,
+    ) {
+        if let Some(reference) = schema["$ref"].as_str() {
+            let name = reference.rsplit('/').next().unwrap();
+            return conforms(value, &components[name], components, path, errors);
+        }
+        if let Some(choices) = schema["oneOf"].as_array() {
+            let fits = choices.iter().any(|choice| {
+                let mut trial = Vec::new();
+                conforms(value, choice, components, path, &mut trial);
+                trial.is_empty()
+            });
+            if !fits {
+                errors.push(format!("{path}: {value} fits none of {schema}"));
+            }
+            return;
+        }
+        let types: Vec<&str> = match &schema["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let actual = match value {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_f64() => "number",
+            Value::Number(_) => "integer",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        let type_fits = types.is_empty()
+            || types.contains(&actual)
+            || (actual == "integer" && types.contains(&"number"));
+        if !type_fits {
+            errors.push(format!(
+                "{path}: {value} is {actual}, the schema says {types:?}"
+            ));
+        }
+        if let Some(allowed) = schema["enum"].as_array() {
+            if !allowed.contains(value) {
+                errors.push(format!("{path}: {value} is not one of {allowed:?}"));
+            }
+        }
+        match value {
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("{path}[{i}]");
+                    conforms(item, &schema["items"], components, &path, errors);
+                }
+            }
+            Value::Object(members) => {
+                let properties = schema["properties"].as_object();
+                for (name, member) in members {
+                    let path = format!("{path}.{name}");
+                    match properties.and_then(|p| p.get(name)) {
+                        Some(property) => conforms(member, property, components, &path, errors),
+                        None => errors.push(format!("{path}: not in the schema")),
+                    }
+                }
+                for name in properties.into_iter().flat_map(|p| p.keys()) {
+                    if !members.contains_key(name) {
+                        errors.push(format!("{path}.{name}: in the schema, not in the sample"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks `sample` against the schema `schema` of the service's OpenAPI document, or
+    /// against the component-less `schema` given as JSON.
+    fn check(sample: &impl serde::Serialize, schema: Result<&str, Value>) {
+        let document = serde_json::to_value(crate::openapi_document()).unwrap();
+        let components = &document["components"]["schemas"];
+        let (name, schema) = match schema {
+            Ok(name) => (name.to_string(), components[name].clone()),
+            Err(schema) => ("Job".to_string(), schema),
+        };
+        assert!(schema.is_object(), "no schema {name}");
+        let mut errors = Vec::new();
+        let value = serde_json::to_value(sample).unwrap();
+        conforms(&value, &schema, components, &name, &mut errors);
+        assert!(errors.is_empty(), "{}", errors.join("\n"));
+    }
+
+    /// A job with every member given.
+    fn full_job() -> Value {
+        json!({"model": {"input_shape": [3, 8, 8], "hidden_layers": [16], "num_classes": 4,
+                         "activation": "gelu"},
+               "optimizer": {"name": "adamw", "learning_rate": 0.01},
+               "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
+               "headroom": 0.75, "target_batch_size": 1000, "world_size": 3,
+               "search": {"start": 8, "max": 4096, "multiple_of": 8, "tolerance": 0.05,
+                          "steps_per_probe": 2, "strategy": "double", "knee_tolerance": 0.1,
+                          "throughput_probes": 2}})
+    }
+
+    /// The engine's types write exactly the members their schemas declare (every optional one
+    /// given here), of the types they declare: a member added to either side alone fails.
+    #[test]
+    fn every_schema_matches_what_the_engine_writes() {
+        let spec: headroom_engine::JobSpec = serde_json::from_value(full_job()).unwrap();
+        let job_schema = serde_json::to_value(<JobSpec as utoipa::PartialSchema>::schema());
+        check(&spec, Err(job_schema.unwrap()));
+
+        let mut job = full_job();
+        job.as_object_mut().unwrap().remove("dtype");
+        let job = Job::from_value(job).unwrap();
+        let mut device = HostDevice::new(8 << 20);
+        let result =
+            headroom_engine::tune(&job, &mut device, &mut |_| ControlFlow::Continue(())).unwrap();
+        let accumulation = result.accumulation.clone().expect("the job has a target");
+        assert!(accumulation.note.is_some(), "1000 over 3 GPUs is not exact");
+        let answer = TuneAnswer {
+            result: headroom_engine::TuneResult {
+                precision_note: Some("a note".into()),
+                device: headroom_engine::DeviceInfo {
+                    uuid: Some("GPU-0".into()),
+                    ..result.device.clone()
+                },
+                ..result
+            },
+            cached: true,
+            measured_on: Some("node/host".into()),
+            measured_at: Some("2026-12-01T00:00:00Z".into()),
+        };
+        check(&answer, Ok("TuneResult"));
+
+        let fits = catalogue::estimate_for(&job, "H100 80GB", 80 << 30);
+        let mut estimate = fits.estimate.clone().unwrap();
+        estimate.precision_note = Some("a note".into());
+        let card = catalogue::GpuEstimate {
+            estimate: Some(estimate),
+            does_not_fit: catalogue::estimate_for(&job, "tiny", 1 << 10).does_not_fit,
+            ..fits
+        };
+        check(&card, Ok("GpuEstimate"));
+    }
+}

@@ -1,0 +1,379 @@
+//! SVG charts of a tune or an estimate, drawn with plotters: memory against batch size (the
+//! model's parts stacked, each probe's measured device bytes as a point, OOM probes as crosses,
+//! the device's limit, and the max, recommended and knee batch sizes marked) and, for a tune,
+//! samples/s against batch size on a log2 axis.
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use headroom_engine::plan::{MemoryBreakdown, Plan};
+use headroom_engine::result::{Outcome, TuneResult};
+
+const WIDTH: u32 = 960;
+const CHART_HEIGHT: u32 = 380;
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// A batch size worth a vertical marker: its name, value and colour.
+struct Marker {
+    name: &'static str,
+    batch_size: u64,
+    color: RGBColor,
+}
+
+const MAX_COLOR: RGBColor = RGBColor(200, 40, 40);
+const RECOMMENDED_COLOR: RGBColor = RGBColor(30, 130, 60);
+const KNEE_COLOR: RGBColor = RGBColor(120, 60, 170);
+const LIMIT_COLOR: RGBColor = RGBColor(90, 90, 90);
+
+/// The model's parts, bottom to top, and their colours.
+const PARTS: [(&str, RGBColor); 5] = [
+    ("parameters", RGBColor(70, 110, 180)),
+    ("gradients", RGBColor(110, 150, 210)),
+    ("optimizer state", RGBColor(160, 190, 230)),
+    ("batch data", RGBColor(240, 170, 80)),
+    ("activations", RGBColor(250, 210, 130)),
+];
+
+fn part_values(memory: &MemoryBreakdown) -> [u64; 5] {
+    [
+        memory.parameters,
+        memory.gradients,
+        memory.optimizer_state,
+        memory.batch_data,
+        memory.activations,
+    ]
+}
+
+type Drawing<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+/// A chart that could not be drawn: plotters' error, in words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("drawing the chart: {0}")]
+pub struct PlotError(String);
+
+fn drawing_error(error: impl std::fmt::Display) -> PlotError {
+    PlotError(error.to_string())
+}
+
+/// The memory chart: the model's parts stacked from 0 to `x_max`, measured points, the limit.
+fn memory_chart(
+    area: &Drawing<'_>,
+    plan: &Plan,
+    limit_bytes: u64,
+    x_max: u64,
+    measured: &[(u64, u64)],
+    out_of_memory: &[u64],
+    markers: &[Marker],
+) -> Result<(), PlotError> {
+    let top = plan
+        .memory(x_max)
+        .map_or(limit_bytes, |m| m.total)
+        .max(limit_bytes) as f64
+        * 1.08
+        / MIB;
+    let mut chart = ChartBuilder::on(area)
+        .caption("Device memory against batch size", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max as f64, 0f64..top)
+        .map_err(drawing_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("batch size")
+        .y_desc("MiB")
+        .x_label_formatter(&|x| format!("{}", x.round() as u64))
+        .y_label_formatter(&|y| format!("{}", y.round() as u64))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(drawing_error)?;
+    // Memory is affine in the batch size: each part's band is exact between two points.
+    let at = |batch: u64| {
+        plan.memory(batch)
+            .map(|m| part_values(&m))
+            .unwrap_or([0; 5])
+    };
+    let (start, end) = (at(0), at(x_max));
+    for (i, (name, color)) in PARTS.iter().enumerate().rev() {
+        let height = |values: &[u64; 5]| values[..=i].iter().sum::<u64>() as f64 / MIB;
+        let band = [(0.0, height(&start)), (x_max as f64, height(&end))];
+        chart
+            .draw_series(AreaSeries::new(band, 0.0, color.mix(0.9)))
+            .map_err(drawing_error)?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    let limit = limit_bytes as f64 / MIB;
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, limit), (x_max as f64, limit)],
+            LIMIT_COLOR.stroke_width(2),
+        ))
+        .map_err(drawing_error)?
+        .label("device limit")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], LIMIT_COLOR.stroke_width(2)));
+    if !measured.is_empty() {
+        chart
+            .draw_series(measured.iter().map(|&(batch, bytes)| {
+                Circle::new((batch as f64, bytes as f64 / MIB), 4, BLACK.filled())
+            }))
+            .map_err(drawing_error)?
+            .label("measured, fit")
+            .legend(|(x, y)| Circle::new((x + 6, y), 4, BLACK.filled()));
+    }
+    if !out_of_memory.is_empty() {
+        chart
+            .draw_series(
+                out_of_memory
+                    .iter()
+                    .filter(|&&b| b <= x_max)
+                    .map(|&batch| Cross::new((batch as f64, limit), 6, MAX_COLOR.stroke_width(2))),
+            )
+            .map_err(drawing_error)?
+            .label("out of memory")
+            .legend(|(x, y)| Cross::new((x + 6, y), 5, MAX_COLOR.stroke_width(2)));
+    }
+    draw_markers(&mut chart, markers, 0.0, top, |b| b as f64)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(200, 200, 200))
+        .draw()
+        .map_err(drawing_error)
+}
+
+fn draw_markers<X: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<
+        '_,
+        SVGBackend<'_>,
+        Cartesian2d<X, plotters::coord::types::RangedCoordf64>,
+    >,
+    markers: &[Marker],
+    bottom: f64,
+    top: f64,
+    x: impl Fn(u64) -> f64,
+) -> Result<(), PlotError> {
+    let (left, right) = {
+        let range = chart.x_range();
+        (range.start, range.end)
+    };
+    for (i, marker) in markers.iter().enumerate() {
+        let at = x(marker.batch_size);
+        let color = marker.color;
+        chart
+            .draw_series(LineSeries::new(
+                [(at, bottom), (at, top)],
+                color.stroke_width(2),
+            ))
+            .map_err(drawing_error)?;
+        let label = format!("{} {}", marker.name, marker.batch_size);
+        let height = top - (top - bottom) * (0.05 + 0.07 * i as f64);
+        // Labels of markers on the right half go to the left of their line.
+        let on_right = chart.as_coord_spec().translate(&(at, height)).0
+            > chart
+                .as_coord_spec()
+                .translate(&((left + right) / 2.0, height))
+                .0;
+        let shift = if on_right {
+            -(8 * label.len() as i32) - 4
+        } else {
+            4
+        };
+        chart
+            .draw_series(std::iter::once(
+                EmptyElement::at((at, height))
+                    + Text::new(
+                        label,
+                        (shift, 0),
+                        ("sans-serif", 14).into_font().color(&color),
+                    ),
+            ))
+            .map_err(drawing_error)?;
+    }
+    Ok(())
+}
+
+fn throughput_chart(
+    area: &Drawing<'_>,
+    result: &TuneResult,
+    markers: &[Marker],
+) -> Result<(), PlotError> {
+    let points: Vec<(f64, f64)> = result
+        .throughput
+        .iter()
+        .map(|p| (p.batch_size.max(1) as f64, p.samples_per_second))
+        .collect();
+    let x_min = points
+        .iter()
+        .map(|p| p.0)
+        .fold(f64::INFINITY, f64::min)
+        .min(x_max_of(&points))
+        / 1.5;
+    let x_max = x_max_of(&points) * 1.5;
+    let y_max = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .caption("Training speed against batch size", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_min.max(0.5)..x_max).log_scale().base(2.0), 0f64..y_max)
+        .map_err(drawing_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("batch size (log2)")
+        .y_desc("samples/s")
+        .x_label_formatter(&|x| format!("{}", x.round() as u64))
+        .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(drawing_error)?;
+    chart
+        .draw_series(LineSeries::new(
+            points.clone(),
+            RGBColor(40, 90, 160).stroke_width(2),
+        ))
+        .map_err(drawing_error)?;
+    chart
+        .draw_series(
+            points
+                .iter()
+                .map(|&p| Circle::new(p, 4, RGBColor(40, 90, 160).filled())),
+        )
+        .map_err(drawing_error)?;
+    draw_markers(&mut chart, markers, 0.0, y_max, |b| b.max(1) as f64)
+}
+
+fn x_max_of(points: &[(f64, f64)]) -> f64 {
+    points.iter().map(|p| p.0).fold(2.0, f64::max)
+}
+
+fn markers(result: &TuneResult) -> Vec<Marker> {
+    vec![
+        Marker {
+            name: "max",
+            batch_size: result.max_batch_size,
+            color: MAX_COLOR,
+        },
+        Marker {
+            name: "recommended",
+            batch_size: result.recommended_batch_size,
+            color: RECOMMENDED_COLOR,
+        },
+        Marker {
+            name: "knee",
+            batch_size: result.throughput_batch_size,
+            color: KNEE_COLOR,
+        },
+    ]
+}
+
+/// Both charts of a tune, as one SVG document.
+pub fn tune_svg(result: &TuneResult, plan: &Plan) -> Result<String, PlotError> {
+    let first_oom = result
+        .probes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Oom)
+        .map(|p| p.batch_size)
+        .min();
+    let x_max = (first_oom
+        .unwrap_or(result.max_batch_size)
+        .max(result.max_batch_size) as f64
+        * 1.1)
+        .ceil() as u64;
+    let measured: Vec<(u64, u64)> = result
+        .probes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Fit)
+        .map(|p| (p.batch_size, p.device_bytes))
+        .collect();
+    let out_of_memory: Vec<u64> = result
+        .probes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Oom)
+        .map(|p| p.batch_size)
+        .collect();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, 2 * CHART_HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(drawing_error)?;
+        let (upper, lower) = root.split_vertically(CHART_HEIGHT);
+        memory_chart(
+            &upper,
+            plan,
+            result.device.free_bytes,
+            x_max,
+            &measured,
+            &out_of_memory,
+            &markers(result),
+        )?;
+        throughput_chart(&lower, result, &markers(result))?;
+        root.present().map_err(drawing_error)?;
+    }
+    Ok(svg)
+}
+
+/// The memory chart of an estimate for `memory_bytes` free.
+pub fn estimate_svg(
+    plan: &Plan,
+    memory_bytes: u64,
+    predicted: u64,
+    recommended: u64,
+) -> Result<String, PlotError> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, CHART_HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(drawing_error)?;
+        let markers = [
+            Marker {
+                name: "predicted max",
+                batch_size: predicted,
+                color: MAX_COLOR,
+            },
+            Marker {
+                name: "recommended",
+                batch_size: recommended,
+                color: RECOMMENDED_COLOR,
+            },
+        ];
+        let x_max = (predicted as f64 * 1.1).ceil().max(2.0) as u64;
+        memory_chart(&root, plan, memory_bytes, x_max, &[], &[], &markers)?;
+        root.present().map_err(drawing_error)?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headroom_devices::host::HostDevice;
+    use std::ops::ControlFlow;
+
+    #[test]
+    fn a_tune_draws_both_charts_with_its_numbers() {
+        let job = headroom_engine::Job::from_json(r#"{"model": {"input_shape": [64], "hidden_layers": [32], "num_classes": 4}, "optimizer": {"name": "adam"}, "search": {"max": 4096}}"#).unwrap();
+        let mut device = HostDevice::new(4 << 20);
+        let result =
+            headroom_engine::search::tune(&job, &mut device, &mut |_| ControlFlow::Continue(()))
+                .unwrap();
+        let svg = tune_svg(&result, job.plan()).unwrap();
+        assert!(
+            svg.starts_with("<svg") || svg.starts_with("<?xml"),
+            "{}",
+            &svg[..80]
+        );
+        for text in [
+            "Device memory against batch size",
+            "Training speed against batch size",
+            "activations",
+            "device limit",
+            &format!("max {}", result.max_batch_size),
+            &format!("recommended {}", result.recommended_batch_size),
+            &format!("knee {}", result.throughput_batch_size),
+        ] {
+            assert!(svg.contains(text), "{text} missing");
+        }
+        let estimate = estimate_svg(job.plan(), 4 << 20, 1000, 800).unwrap();
+        assert!(estimate.contains("predicted max 1000") && estimate.contains("recommended 800"));
+    }
+}

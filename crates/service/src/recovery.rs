@@ -1,0 +1,87 @@
+//! A node's start over a store that outlived its last run: running jobs become `interrupted`,
+//! queued jobs are queued again.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use uuid::Uuid;
+
+use super::document;
+use super::jobs::{JobEnd, TuneJob};
+use super::problem::Problem;
+use super::store::{Recovered, Store, StoreError, StoredJob};
+use super::AppState;
+use headroom_devices::select::DeviceSpec;
+use headroom_engine::job::{Job, JobError};
+
+/// Marks `node`'s jobs that were running `interrupted` and returns the queued ones.
+pub async fn take_over(store: &dyn Store, node: &str) -> Result<Recovered, StoreError> {
+    let recovered = store.recover(node, &document::interrupted()).await?;
+    if recovered.interrupted > 0 || !recovered.queued.is_empty() {
+        tracing::info!(
+            node,
+            interrupted = recovered.interrupted,
+            queued = recovered.queued.len(),
+            "jobs from before the restart: the running ones are interrupted, the queued ones run"
+        );
+    }
+    Ok(recovered)
+}
+
+/// Why a job kept across a restart does not run again.
+#[derive(Debug, thiserror::Error)]
+pub enum RequeueError {
+    /// The store holds an id that is no UUID.
+    #[error("the stored job id is not a UUID: {0}")]
+    BadId(#[from] uuid::Error),
+    /// The job is not valid for this build of headroom.
+    #[error("the job no longer validates: {0}")]
+    NoLongerValid(#[from] JobError),
+    /// Its device is not served any more.
+    #[error("{0} is not served since the restart")]
+    NotServed(DeviceSpec),
+    /// Its device stopped taking jobs (the service is stopping).
+    #[error("{0} stopped taking jobs")]
+    Closed(DeviceSpec),
+}
+
+/// Queues `stored` again on its device, waiting for room in the queue; when that cannot be,
+/// the job fails saying why, and the reason is returned.
+pub fn requeue(state: &AppState, stored: StoredJob) -> Result<(), RequeueError> {
+    let id: Uuid = stored.document.id.parse()?;
+    let spec = match Job::from_json(&stored.request) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let reason = RequeueError::from(e);
+            let mut document = stored.document.clone();
+            document.state = document::JobState::Failed;
+            document.error = Some(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                reason.to_string(),
+            ));
+            document.finished_at = Some(document::now());
+            state.journal.job(StoredJob { document, ..stored });
+            return Err(reason);
+        }
+    };
+    let device = stored.document.device;
+    let job = TuneJob::restore(id, spec, stored, Some(state.recorder()));
+    state.jobs.restore(Arc::clone(&job));
+    let worker = state
+        .workers()
+        .unwrap_or_default()
+        .iter()
+        .find(|w| w.device == device);
+    let queued = match worker {
+        Some(worker) => worker
+            .enqueue_waiting(Arc::clone(&job))
+            .map_err(|_| RequeueError::Closed(device)),
+        None => Err(RequeueError::NotServed(device)),
+    };
+    queued.inspect_err(|reason| {
+        job.finish(JobEnd::Failed(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{reason}; submit the job again"),
+        )))
+    })
+}

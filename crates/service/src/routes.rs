@@ -1,0 +1,89 @@
+//! The router: every route declared once for axum and the OpenAPI document alike, and the
+//! layers around them.
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, StatusCode};
+use axum::middleware;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::middleware::{label_route, observe_request, require_token};
+use crate::problem::Problem;
+use crate::state::AppState;
+use crate::{handlers, openapi};
+
+/// Every route, declared once for axum and the OpenAPI document alike. `/tune` and `/jobs` sit
+/// behind the bearer token.
+fn api_routes(token: &str) -> OpenApiRouter<Arc<AppState>> {
+    let token: Arc<str> = token.into();
+    let protected = OpenApiRouter::new()
+        .routes(routes!(handlers::tune::tune))
+        .routes(routes!(handlers::jobs::list_jobs))
+        .routes(routes!(handlers::jobs::get_job, handlers::jobs::cancel_job))
+        .route_layer(middleware::from_fn(move |request, next| {
+            require_token(Arc::clone(&token), request, next)
+        }));
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(protected)
+        .routes(routes!(handlers::estimate::estimate))
+        .routes(routes!(handlers::pages::home))
+        .routes(routes!(handlers::devices::devices))
+        .routes(routes!(handlers::devices::metrics))
+        .routes(routes!(handlers::health::livez))
+        .routes(routes!(handlers::health::readyz))
+}
+
+/// The OpenAPI document of the service, as `/openapi.json` serves it.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_routes("").into_openapi()
+}
+
+/// The router with every route and layer.
+pub fn router(state: Arc<AppState>) -> Router {
+    let (routes, document) = api_routes(&state.config.token).split_for_parts();
+    let document = axum::body::Bytes::from(
+        serde_json::to_vec(&document).expect("the OpenAPI document serialises"),
+    );
+    routes
+        .route(
+            "/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], document) }),
+        )
+        .route_layer(middleware::from_fn(label_route))
+        .fallback(|| async {
+            Problem::new(StatusCode::NOT_FOUND, "no such route; see /openapi.json")
+        })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method; see /openapi.json",
+            )
+        })
+        .layer(DefaultBodyLimit::max(state.config.body_limit.0 as usize))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            observe_request,
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(CatchPanicLayer::custom(|_| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the server hit a bug handling this request; it has been logged",
+            )
+            .into_response()
+        }))
+        .with_state(state)
+}

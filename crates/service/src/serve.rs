@@ -1,0 +1,90 @@
+//! Serving: the store opened and taken over, the devices opened, the router on a listener until
+//! a shutdown signal, and an orderly stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::recovery;
+use crate::routes::router;
+use crate::state::AppState;
+use crate::store::{self, Store, StoreError};
+
+/// Why the service stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened or taken over at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Serving failed.
+    #[error("the server stopped: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How long shutdown waits for the store to take the last writes.
+const STORE_FLUSH: Duration = Duration::from_secs(10);
+
+/// Opens the store and takes over this node's jobs from before, then serves on `listener`
+/// until `shutdown` resolves: stops taking jobs, lets a running probe finish (bounded by the
+/// config's grace), frees the devices and writes the last changes to the store.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    let store: Arc<dyn Store> = Arc::new(store::sql::open(&config.store).await?);
+    tracing::info!(store = store.describe(), "store open");
+    let recovered = recovery::take_over(store.as_ref(), &config.node()).await?;
+    let state = AppState::new(config, store);
+    let opening = Arc::clone(&state);
+    let opened = tokio::task::spawn_blocking(move || {
+        opening.open_devices()?;
+        opening.requeue(recovered.queued);
+        Ok::<(), crate::state::AlreadyOpen>(())
+    });
+    let stopping = Arc::clone(&state);
+    let app = router(Arc::clone(&state));
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: stopping jobs; queued ones stay queued for the next start");
+        stopping.begin_shutdown();
+    });
+    server.await?;
+    match opened.await {
+        Ok(Err(e)) => tracing::error!("opening devices failed: {e}"),
+        Err(e) => tracing::error!("opening devices panicked: {e}"),
+        Ok(Ok(())) => {}
+    }
+    let finishing = Arc::clone(&state);
+    let released = tokio::task::spawn_blocking(move || finishing.finish_shutdown(grace))
+        .await
+        .unwrap_or(false);
+    let stored = state.journal.flush(STORE_FLUSH).await;
+    tracing::info!(released, stored, "stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,420 @@
+//! The store in SQL: SQLite or PostgreSQL through sqlx's `Any` driver, one set of portable
+//! queries and the migrations in `migrations/`, embedded in the binary.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::{AnyPool, Row};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{Recovered, Retention, Store, StoreError, StoredJob};
+use crate::answer::TuneAnswer;
+use crate::document::{JobDocument, JobState};
+use crate::problem::Problem;
+
+/// How long one store operation may take before it counts as a failure.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// SQLite's result codes for "not a database" and "damaged": a file headroom must not touch.
+const SQLITE_NOTADB: &str = "26";
+const SQLITE_CORRUPT: &str = "11";
+
+/// The states a job leaves no more: the ones retention may remove.
+const UNFINISHED: &str = "('queued', 'running')";
+
+/// The SQLite file used when the config names none: under the user's state directory
+/// (`$XDG_STATE_HOME`, else `~/.local/state`), or the working directory where there is none.
+pub fn default_sqlite_path() -> PathBuf {
+    dirs::state_dir()
+        .or_else(dirs::data_local_dir)
+        .map(|dir| dir.join("headroom"))
+        .unwrap_or_default()
+        .join("headroom.db")
+}
+
+/// The store at `url`: `sqlite:///path/file.db` (created with its directory if missing),
+/// `sqlite::memory:` (nothing kept past the process), `postgres://user:password@host/db`, or
+/// empty for [`default_sqlite_path`]. Migrates it to this build's schema.
+pub async fn open(url: &str) -> Result<SqlStore, StoreError> {
+    // The drivers compiled in: PostgreSQL, and SQLite over the system's library. Installed once
+    // per process; a store opened later finds them in place.
+    let _ = sqlx::any::install_drivers(&[sqlx::postgres::any::DRIVER, sqlx_sqlite::any::DRIVER]);
+    let url = if url.is_empty() {
+        format!("sqlite://{}", default_sqlite_path().display())
+    } else {
+        url.to_string()
+    };
+    let described = without_password(&url);
+    let (connect, options) = if let Some(location) = url.strip_prefix("sqlite:") {
+        sqlite_connection(location, &described)?
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        (url.clone(), AnyPoolOptions::new().max_connections(8))
+    } else {
+        return Err(StoreError::Unavailable(format!(
+            "`store` must be a sqlite:// or postgres:// URL, not {described}"
+        )));
+    };
+    let pool = options
+        .acquire_timeout(OPERATION_TIMEOUT)
+        .connect(&connect)
+        .await
+        .map_err(|e| classify(&described, e))?;
+    migrate(&pool, &described).await?;
+    Ok(SqlStore { pool, described })
+}
+
+/// The connection URL and pool of a SQLite location (what follows `sqlite:`).
+fn sqlite_connection(
+    location: &str,
+    described: &str,
+) -> Result<(String, AnyPoolOptions), StoreError> {
+    if location == ":memory:" {
+        // One connection that never closes: each connection to `:memory:` is a database of its own.
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None);
+        return Ok(("sqlite::memory:".into(), pool));
+    }
+    let file = location
+        .trim_start_matches("//")
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    if let Some(parent) = Path::new(file)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create the directory {} for the store {described}: {e}",
+                parent.display()
+            ))
+        })?;
+    }
+    let query = if location.contains("mode=") {
+        ""
+    } else {
+        "?mode=rwc"
+    };
+    Ok((
+        format!("sqlite:{location}{query}"),
+        AnyPoolOptions::new().max_connections(4),
+    ))
+}
+
+/// `url` with its password replaced, for logs and errors.
+fn without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Tells a database that is not one (or is damaged) from one that cannot be reached now.
+fn classify(store: &str, error: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(db) = &error {
+        if matches!(db.code().as_deref(), Some(SQLITE_NOTADB | SQLITE_CORRUPT)) {
+            return StoreError::Corrupt {
+                store: store.into(),
+                detail: db.message().into(),
+            };
+        }
+    }
+    StoreError::Unavailable(error.to_string())
+}
+
+/// The migrations of `migrations/`, embedded in the binary: version, description, SQL. Named
+/// and checksummed as sqlx's own directory source does, so a store migrated by another build
+/// of headroom reads the same.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "jobs and results",
+    include_str!("../../migrations/0001_jobs_and_results.sql"),
+)];
+
+/// [`MIGRATIONS`] as sqlx's migrator takes them.
+#[derive(Debug)]
+struct Embedded;
+
+impl<'s> MigrationSource<'s> for Embedded {
+    fn resolve(
+        self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 's>> {
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into(),
+                    false,
+                )
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(migrations)))
+    }
+}
+
+async fn migrate(pool: &AnyPool, store: &str) -> Result<(), StoreError> {
+    let migrator = Migrator::new(Embedded)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("reading the embedded migrations: {e}")))?;
+    match migrator.run(pool).await {
+        Ok(()) => Ok(()),
+        Err(MigrateError::VersionMissing(version)) => Err(StoreError::NewerSchema {
+            store: store.into(),
+            version,
+        }),
+        Err(MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) => {
+            Err(classify(store, e))
+        }
+        Err(other) => Err(StoreError::Corrupt {
+            store: store.into(),
+            detail: other.to_string(),
+        }),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn millis(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// An RFC 3339 time of a document in milliseconds; now if it does not parse.
+fn millis_of(rfc3339: &str) -> i64 {
+    millis(OffsetDateTime::parse(rfc3339, &Rfc3339).unwrap_or_else(|_| OffsetDateTime::now_utc()))
+}
+
+fn age_limit(max_age: Duration) -> i64 {
+    let age = i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
+    millis(OffsetDateTime::now_utc()).saturating_sub(age)
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn stored_job(row: &AnyRow) -> Result<StoredJob, StoreError> {
+    let document: String = row.try_get("document").map_err(unavailable)?;
+    Ok(StoredJob {
+        node: row.try_get("node").map_err(unavailable)?,
+        request: row.try_get("request").map_err(unavailable)?,
+        cache_key: row.try_get("cache_key").map_err(unavailable)?,
+        document: serde_json::from_str(&document).map_err(unavailable)?,
+    })
+}
+
+/// Runs `operation`, failing it past [`OPERATION_TIMEOUT`].
+async fn timed<T>(
+    operation: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, operation).await {
+        Ok(result) => result.map_err(unavailable),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "no answer within {} s",
+            OPERATION_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// The store in a SQL database.
+pub struct SqlStore {
+    pool: AnyPool,
+    described: String,
+}
+
+impl SqlStore {
+    async fn upsert_jobs(&self, jobs: &[StoredJob]) -> Result<(), sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        for job in jobs {
+            let document = serde_json::to_string(&job.document).expect("documents serialise");
+            sqlx::query(
+                "INSERT INTO jobs (id, node, state, request, cache_key, document, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, \
+                 document = excluded.document, updated_at = excluded.updated_at",
+            )
+            .bind(&job.document.id)
+            .bind(&job.node)
+            .bind(job.document.state.label())
+            .bind(&job.request)
+            .bind(&job.cache_key)
+            .bind(document)
+            .bind(millis_of(&job.document.created_at))
+            .bind(millis(OffsetDateTime::now_utc()))
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await
+    }
+
+    async fn take_over(&self, node: &str, why: &Problem) -> Result<Recovered, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT node, request, cache_key, document FROM jobs \
+             WHERE node = $1 AND state IN {UNFINISHED} ORDER BY created_at"
+        ))
+        .bind(node)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut recovered = Recovered {
+            interrupted: 0,
+            queued: Vec::new(),
+        };
+        let now = OffsetDateTime::now_utc();
+        for row in &rows {
+            let mut job = stored_job(row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            if job.document.state == JobState::Queued {
+                recovered.queued.push(job);
+                continue;
+            }
+            job.document.state = JobState::Interrupted;
+            job.document.error = Some(why.clone());
+            job.document.finished_at = Some(now.format(&Rfc3339).expect("UTC times format"));
+            sqlx::query("UPDATE jobs SET state = $1, document = $2, updated_at = $3 WHERE id = $4")
+                .bind(JobState::Interrupted.label())
+                .bind(serde_json::to_string(&job.document).expect("documents serialise"))
+                .bind(millis(now))
+                .bind(&job.document.id)
+                .execute(&mut *transaction)
+                .await?;
+            recovered.interrupted += 1;
+        }
+        transaction.commit().await?;
+        Ok(recovered)
+    }
+
+    async fn delete_old(&self, retention: &Retention) -> Result<u64, sqlx::Error> {
+        let mut removed = sqlx::query(&format!(
+            "DELETE FROM jobs WHERE state NOT IN {UNFINISHED} AND updated_at < $1"
+        ))
+        .bind(age_limit(retention.max_age))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let offset = i64::try_from(retention.max_jobs).unwrap_or(i64::MAX);
+        let cutoff: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT updated_at FROM jobs WHERE state NOT IN {UNFINISHED} \
+             ORDER BY updated_at DESC LIMIT 1 OFFSET $1"
+        ))
+        .bind(offset)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(cutoff) = cutoff {
+            removed += sqlx::query(&format!(
+                "DELETE FROM jobs WHERE state NOT IN {UNFINISHED} AND updated_at <= $1"
+            ))
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        removed += sqlx::query("DELETE FROM results WHERE measured_at < $1")
+            .bind(age_limit(retention.result_ttl))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(removed)
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn describe(&self) -> &str {
+        &self.described
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        timed(sqlx::query("SELECT 1").execute(&self.pool))
+            .await
+            .map(drop)
+    }
+
+    async fn save_jobs(&self, jobs: &[StoredJob]) -> Result<(), StoreError> {
+        timed(self.upsert_jobs(jobs)).await
+    }
+
+    async fn job(&self, id: Uuid) -> Result<Option<StoredJob>, StoreError> {
+        let row = timed(
+            sqlx::query("SELECT node, request, cache_key, document FROM jobs WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool),
+        )
+        .await?;
+        row.as_ref().map(stored_job).transpose()
+    }
+
+    async fn recent_jobs(&self, node: &str, limit: usize) -> Result<Vec<JobDocument>, StoreError> {
+        let documents: Vec<String> = timed(
+            sqlx::query_scalar(
+                "SELECT document FROM jobs WHERE node = $1 ORDER BY created_at DESC LIMIT $2",
+            )
+            .bind(node)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool),
+        )
+        .await?;
+        documents
+            .iter()
+            .map(|d| serde_json::from_str(d).map_err(unavailable))
+            .collect()
+    }
+
+    async fn recover(&self, node: &str, why: &Problem) -> Result<Recovered, StoreError> {
+        timed(self.take_over(node, why)).await
+    }
+
+    async fn save_result(&self, key: &str, result: &TuneAnswer) -> Result<(), StoreError> {
+        let measured_at = result
+            .measured_at
+            .as_deref()
+            .map_or_else(|| millis(OffsetDateTime::now_utc()), millis_of);
+        timed(
+            sqlx::query(
+                "INSERT INTO results (cache_key, result, measured_on, measured_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (cache_key) DO UPDATE SET \
+                 result = excluded.result, measured_on = excluded.measured_on, \
+                 measured_at = excluded.measured_at",
+            )
+            .bind(key)
+            .bind(serde_json::to_string(result).expect("results serialise"))
+            .bind(result.measured_on.clone().unwrap_or_default())
+            .bind(measured_at)
+            .execute(&self.pool),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn result(&self, key: &str, max_age: Duration) -> Result<Option<TuneAnswer>, StoreError> {
+        let text: Option<String> = timed(
+            sqlx::query_scalar(
+                "SELECT result FROM results WHERE cache_key = $1 AND measured_at >= $2",
+            )
+            .bind(key)
+            .bind(age_limit(max_age))
+            .fetch_optional(&self.pool),
+        )
+        .await?;
+        text.map(|t| serde_json::from_str(&t).map_err(unavailable))
+            .transpose()
+    }
+
+    async fn prune(&self, retention: &Retention) -> Result<u64, StoreError> {
+        timed(self.delete_old(retention)).await
+    }
+}

@@ -1,0 +1,115 @@
+//! What every command that works on a job reads first: the job (a file or standard input), the
+//! host budget, the device, and the files it will write.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use headroom_devices::host;
+use headroom_devices::select::{self, DeviceSpec};
+use headroom_engine::job::Job;
+
+use super::output::human;
+use super::CliError;
+
+/// Largest job file read, bytes: a job is a few hundred bytes.
+const MAX_JOB_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads and validates a job file, or the job on standard input when `path` is `-`.
+pub fn read_job(path: &Path) -> Result<Job, CliError> {
+    let (name, reader): (String, Box<dyn Read>) = if path == Path::new("-") {
+        (
+            "on standard input".into(),
+            Box::new(std::io::stdin().lock()),
+        )
+    } else {
+        let name = path.display().to_string();
+        match std::fs::File::open(path) {
+            Ok(file) => (name, Box::new(file)),
+            Err(source) => return Err(CliError::ReadJob { name, source }),
+        }
+    };
+    let mut text = String::new();
+    if let Err(source) = reader
+        .take(MAX_JOB_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+    {
+        return Err(CliError::ReadJob { name, source });
+    }
+    if text.len() as u64 > MAX_JOB_FILE_BYTES {
+        return Err(CliError::JobTooLarge { name });
+    }
+    Job::from_json(&text).map_err(|source| CliError::InvalidJob { name, source })
+}
+
+/// Checks a host budget against the machine: a budget past physical memory would let the host
+/// device commit more than exists.
+pub fn check_host_budget(bytes: u64) -> Result<u64, CliError> {
+    if bytes == 0 {
+        return Err(CliError::Argument(
+            "--host-memory must be more than 0 bytes".into(),
+        ));
+    }
+    match host::system_memory_bytes() {
+        Some(physical) if bytes > physical => Err(CliError::Argument(format!(
+            "--host-memory {} is more than this machine's {} of memory",
+            human(bytes),
+            human(physical)
+        ))),
+        _ => Ok(bytes),
+    }
+}
+
+/// Reads the job, checks the host budget and opens the device: the start of every command that
+/// probes. Says so on stderr when `auto` fell back to the host.
+pub fn job_and_device(
+    job_path: &Path,
+    device: DeviceSpec,
+    host_memory: u64,
+) -> Result<(Job, select::Opened), CliError> {
+    let job = read_job(job_path)?;
+    let budget = check_host_budget(host_memory)?;
+    let opened =
+        select::open(device, budget).map_err(|source| CliError::OpenDevice { device, source })?;
+    if let Some(reason) = &opened.fallback_reason {
+        eprintln!("note: using the host device ({reason})");
+    }
+    Ok((job, opened))
+}
+
+/// A file a command writes its answer to, checked when the command starts so that an
+/// unwritable path fails before any work is done, and written only when the answer is there:
+/// a failed command leaves no empty file behind.
+#[derive(Debug, Clone)]
+pub struct OutputFile {
+    what: &'static str,
+    path: PathBuf,
+}
+
+impl OutputFile {
+    /// Checks that `path` can be written (`what` names its contents in errors).
+    pub fn check(what: &'static str, path: PathBuf) -> Result<OutputFile, CliError> {
+        let existed = path.exists();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|source| CliError::Unwritable {
+                what,
+                path: path.clone(),
+                source,
+            })?;
+        if !existed {
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(OutputFile { what, path })
+    }
+
+    /// Writes `contents`, replacing the file.
+    pub fn write(&self, contents: &str) -> Result<(), CliError> {
+        std::fs::write(&self.path, contents).map_err(|source| CliError::Write {
+            what: self.what,
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
