@@ -1,5 +1,6 @@
-// elementwise.cu: bias + activation forward, activation backward, and conversions between
-// storages (autocast's casts, the loss scale).
+// elementwise.cu: bias + activation forward, activation backward (in place, or from what
+// PyTorch's activations save), and conversions between storages (autocast's casts, the loss
+// scale).
 //
 // Launch: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); grid-stride loops over
 // 64-bit element indices, so any n works. activation: 0 relu, 1 gelu (tanh form), 2 tanh.
@@ -48,6 +49,20 @@ extern "C" __global__ void activation_backward(const void* grad_post, void* pre,
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const float z = load_value(pre, i, storage);
         store_value(pre, i, storage, load_value(grad_post, i, storage) * activation_derivative(activation, z));
+    }
+}
+
+// out[i] = grad[i] * activation'(...), from what the activation saved: its output for relu and
+// tanh (relu' = [out > 0], tanh' = 1 - out^2), its input for gelu
+extern "C" __global__ void activation_gradient(const void* grad, const void* saved, void* out, long long n,
+                                               int activation, int storage) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float s = load_value(saved, i, storage);
+        float derivative;
+        if (activation == 0) derivative = s > 0.0f ? 1.0f : 0.0f;
+        else if (activation == 2) derivative = 1.0f - s * s;
+        else derivative = activation_derivative(activation, s);
+        store_value(out, i, storage, load_value(grad, i, storage) * derivative);
     }
 }
 

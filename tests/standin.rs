@@ -107,7 +107,7 @@ fn each_example_tunes_to_a_limit_that_probes_confirm() {
         ("mnist-mlp-sgd", "24MiB"),
         ("cifar10-mlp-adam", "48MiB"),
         ("cifar10-mlp-bf16", "48MiB"),
-        ("deep-mlp-adamw", "96MiB"),
+        ("deep-mlp-adamw", "128MiB"),
     ] {
         let path = support::job_file(&example(name));
         let run = |args: &[&str]| {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use bytesize::ByteSize;
 use headroom_engine::catalogue::{self, GpuEstimate, MODEL_NOTE};
+use headroom_engine::job::Job;
+use headroom_engine::plan::Allocator;
 
 use super::input::{read_job, OutputFile};
 use super::{output, CliError};
@@ -23,6 +25,10 @@ pub struct EstimateArgs {
     /// Draw memory against batch size to this SVG file (with --memory or --gpu).
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Instead of a largest batch: the modelled memory of a step at this batch size, at its
+    /// peak, by part.
+    #[arg(long, value_name = "N", conflicts_with_all = ["memory", "gpu", "plot"])]
+    batch_size: Option<u64>,
     /// Print the estimate as JSON.
     #[arg(long)]
     json: bool,
@@ -41,6 +47,9 @@ enum Target {
 /// Prints the estimate (JSON with `--json`) and draws it to `--plot`.
 pub fn run(args: EstimateArgs) -> Result<(), CliError> {
     let job = read_job(&args.job)?;
+    if let Some(batch_size) = args.batch_size {
+        return memory_at(&job, batch_size, args.json);
+    }
     if args.plot.is_some() && args.memory.is_none() && args.gpu.is_none() {
         return Err(CliError::Argument(
             "--plot draws one estimate: give --memory or --gpu".into(),
@@ -62,10 +71,7 @@ pub fn run(args: EstimateArgs) -> Result<(), CliError> {
         ),
         (None, Some(name)) => {
             let gpu = catalogue::find(name)?;
-            (
-                Target::Gpu,
-                vec![catalogue::estimate_for(&job, gpu.name, gpu.memory_bytes())],
-            )
+            (Target::Gpu, vec![catalogue::estimate_for(&job, gpu)])
         }
         (None, None) => (Target::Catalogue, catalogue::every_gpu(&job)),
     };
@@ -87,6 +93,33 @@ pub fn run(args: EstimateArgs) -> Result<(), CliError> {
         },
         _ => Ok(()),
     }
+}
+
+/// The modelled memory of a step of `job` at `batch_size`, at its peak.
+fn memory_at(job: &Job, batch_size: u64, json: bool) -> Result<(), CliError> {
+    let memory = job.plan().memory(batch_size).ok_or_else(|| {
+        CliError::Argument(format!(
+            "batch size {batch_size} overflows the memory model"
+        ))
+    })?;
+    if json {
+        let cuda = |allocator| job.plan().device_bytes(batch_size, allocator);
+        let value = serde_json::json!({
+            "batch_size": batch_size,
+            "framework": job.framework,
+            "precision": job.precision,
+            "memory": memory,
+            "cuda_bytes": cuda(Allocator::CudaPages),
+            "pytorch_cuda_bytes": cuda(Allocator::PytorchCaching),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON prints")
+        );
+    } else {
+        print!("{}", output::memory_at(batch_size, &memory));
+    }
+    Ok(())
 }
 
 /// Prints the estimates: JSON, one estimate, or the catalogue's table; a note says that they

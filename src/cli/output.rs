@@ -26,6 +26,9 @@ pub fn probe_line(probe: &Probe) -> String {
 }
 
 fn memory_table(memory: &MemoryBreakdown) -> String {
+    let peak = memory.peak_at.map_or(String::new(), |moment| {
+        format!("  (peak in the {moment})\n")
+    });
     let rows = [
         ("parameters", memory.parameters),
         ("gradients", memory.gradients),
@@ -36,7 +39,13 @@ fn memory_table(memory: &MemoryBreakdown) -> String {
     ];
     rows.iter()
         .map(|(name, bytes)| format!("  {name:<16} {:>12}\n", human(*bytes)))
-        .collect()
+        .collect::<String>()
+        + &peak
+}
+
+/// The memory of a step at one batch size.
+pub fn memory_at(batch_size: u64, memory: &MemoryBreakdown) -> String {
+    format!("memory at batch {batch_size}:\n{}", memory_table(memory))
 }
 
 /// The human summary of a result; `knee_tolerance` is the job's `search.knee_tolerance`.
@@ -75,6 +84,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
          predicted max           {} (measured / predicted = {ratio})\n\
          device                  {} {} ({}, {} total)\n\
          precision               {}\n\
+         framework               {}\n\
          search                  {} probes in {:.2} s\n\
          memory at batch {}:\n{}",
         result.max_batch_size,
@@ -90,6 +100,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         result.device.name,
         human(result.device.total_bytes),
         result.precision,
+        result.framework.name(),
         result.probes.len(),
         result.elapsed_seconds,
         result.recommended_batch_size,
@@ -107,6 +118,7 @@ pub fn estimate(e: &Estimate) -> String {
     format!(
         "parameters              {}\n\
          precision               {}\n\
+         framework               {}\n\
          fixed                   {}\n\
          per sample              {}\n\
          predicted max batch     {} in {}\n\
@@ -114,6 +126,7 @@ pub fn estimate(e: &Estimate) -> String {
          memory at batch {}:\n{}",
         e.parameter_count,
         e.precision,
+        e.framework.name(),
         human(e.fixed_bytes),
         human(e.bytes_per_sample),
         e.predicted_max_batch_size,

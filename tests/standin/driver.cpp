@@ -793,6 +793,23 @@ EXPORT CUresult cuMemPoolGetAttribute(CUmemoryPool pool, int attribute, void* va
     return CUDA_SUCCESS;
 }
 
+// Only the high watermarks can be set, and only to zero, which resets them to the current value.
+EXPORT CUresult cuMemPoolSetAttribute(CUmemoryPool pool, int attribute, void* value) {
+    std::lock_guard<std::mutex> lock(driver_mutex);
+    Device* device = static_cast<Device*>(pool);
+    if (device == nullptr || device_of(device->ordinal) != device || value == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (device->sticky != CUDA_SUCCESS) return device->sticky;
+    std::uint64_t requested;
+    std::memcpy(&requested, value, sizeof requested);
+    if (requested != 0) return CUDA_ERROR_INVALID_VALUE;
+    switch (attribute) {
+        case RESERVED_MEM_HIGH: device->pool_reserved_high = device->pool_reserved; break;
+        case USED_MEM_HIGH: device->pool_used_high = device->pool_used; break;
+        default: return CUDA_ERROR_INVALID_VALUE;
+    }
+    return CUDA_SUCCESS;
+}
+
 EXPORT CUresult cuModuleLoadData(Module** module, const void* image) {
     std::lock_guard<std::mutex> lock(driver_mutex);
     Device* device;

@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use headroom_devices::host::HostDevice;
-use headroom_engine::step::{initialise, train_step, StepBuffers};
+use headroom_engine::step::Executor;
 use headroom_engine::{Job, Plan};
 
 fn cifar_plan() -> Plan {
@@ -21,14 +21,14 @@ fn step_throughput(c: &mut Criterion) {
     group.sample_size(10);
     for batch in [256u64, 4096] {
         let mut device = HostDevice::new(1 << 30);
-        let mut buffers = StepBuffers::allocate(&plan, batch, &mut device).unwrap();
-        initialise(&mut device, &plan, &mut buffers, 1).unwrap();
+        let program = plan.program(batch, 1).unwrap();
+        let mut executor = Executor::setup(&mut device, &program).unwrap();
         let mut step = 0;
         group.throughput(Throughput::Elements(batch));
         group.bench_function(BenchmarkId::from_parameter(batch), |b| {
             b.iter(|| {
                 step += 1;
-                train_step(&mut device, &plan, &mut buffers, step).unwrap();
+                executor.step(&mut device, &plan, &program, step).unwrap();
             })
         });
     }

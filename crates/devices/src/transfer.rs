@@ -2,8 +2,9 @@
 //! probes never stage data through host memory.
 
 use headroom_engine::device::{DeviceError, Probing};
+use headroom_engine::plan::program::{Program, Slot};
 use headroom_engine::plan::{Plan, Storage};
-use headroom_engine::step::{self, Kernels, StepBuffers};
+use headroom_engine::step::{self, Executor, Kernels};
 
 /// Copies between host and device memory, for these checks alone: probes never stage data
 /// through host memory (they generate it on the device).
@@ -32,10 +33,11 @@ pub fn trained_parameters<D: Probing + Transfer>(
     seed: u64,
 ) -> Result<(Vec<f32>, Option<f32>), DeviceError> {
     let before = device.begin_probe()?;
-    let trained = step::run_probe(device, plan, rows, steps, seed).and_then(|(buffers, _)| {
-        let parameters = read_parameters(device, plan, &buffers)?;
-        Ok((parameters, buffers.loss_scale.map(|s| s.scale)))
-    });
+    let trained =
+        step::run_probe(device, plan, rows, steps, seed).and_then(|(executor, program, _)| {
+            let parameters = read_parameters(device, &program, &executor)?;
+            Ok((parameters, executor.loss_scale.map(|s| s.scale)))
+        });
     let ended = device.end_probe(before);
     let trained = trained?;
     ended?;
@@ -45,13 +47,21 @@ pub fn trained_parameters<D: Probing + Transfer>(
 /// Every parameter, layer by layer (weights, then biases), copied to the host.
 pub fn read_parameters<D: Transfer>(
     device: &mut D,
-    plan: &Plan,
-    buffers: &StepBuffers<D::Values, D::U32>,
+    program: &Program,
+    executor: &Executor<D>,
 ) -> Result<Vec<f32>, DeviceError> {
-    let mut values = Vec::with_capacity(plan.parameter_count() as usize);
-    for (layer, bufs) in plan.layers.iter().zip(&buffers.layers) {
-        values.extend(device.read_values(&bufs.weight, layer.weights())?);
-        values.extend(device.read_values(&bufs.bias, layer.outputs)?);
+    read_all(device, &program.parameters, executor)
+}
+
+/// The buffers of `slots`, each with its length, one after another, copied to the host.
+pub fn read_all<D: Transfer>(
+    device: &mut D,
+    slots: &[(Slot, u64)],
+    executor: &Executor<D>,
+) -> Result<Vec<f32>, DeviceError> {
+    let mut values = Vec::new();
+    for &(slot, len) in slots {
+        values.extend(device.read_values(executor.values(slot), len)?);
     }
     Ok(values)
 }

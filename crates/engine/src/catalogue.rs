@@ -1,13 +1,15 @@
 //! GPU what-ifs: the memory model's answer for cards people train on, without probing any.
 //!
 //! Each card's memory is `memory.total` as `nvidia-smi` reports it; the model assumes that much
-//! less a reserve for the CUDA context and driver ([`CONTEXT_RESERVE_BYTES`]) is free, and rounds
-//! every buffer as the CUDA allocator does. These are predictions, never measurements.
+//! less a reserve for the CUDA context and driver ([`CONTEXT_RESERVE_BYTES`]) is free (less
+//! PyTorch's cuBLAS workspace too, for PyTorch's step), and rounds every buffer as the allocator
+//! does. These are predictions, never measurements.
 
 use serde::Serialize;
 
 use crate::estimate::{self, Estimate};
 use crate::job::Job;
+use crate::plan::Framework;
 use crate::plan::{Allocator, DoesNotFit};
 
 /// Memory assumed taken by the CUDA context and driver before a probe: 1 GiB.
@@ -15,9 +17,11 @@ pub const CONTEXT_RESERVE_BYTES: u64 = 1 << 30;
 
 /// What every what-if says of itself.
 pub const MODEL_NOTE: &str = "memory model only, not a measurement: predicted from the \
-    parameters, optimizer state, batch and activations, each buffer rounded as the CUDA allocator \
-    does, on the card's memory less 1 GiB for the CUDA context. The tests hold the model within \
-    1% of measured limits on the host device and within 3% on the CUDA stand-in; no GPU \
+    parameters, optimizer state, batch and activations at the step's peak, each buffer rounded \
+    as the allocator does, on the card's memory less 1 GiB for the CUDA context (and, for \
+    PyTorch, its cuBLAS workspace). PyTorch's profile matches PyTorch's own accounting \
+    (MemTracker) within 3% in the tests; the tests hold the model within 1% of measured limits \
+    on the host device and within 3% on the CUDA stand-in; no GPU \
     measurement has checked it yet (docs/gpu-runs.md)";
 
 /// A card in the catalogue.
@@ -27,6 +31,8 @@ pub struct Gpu {
     pub name: &'static str,
     /// Memory as `nvidia-smi --query-gpu=memory.total` reports it, MiB.
     pub memory_mib: u64,
+    /// Its architecture, `(major, minor)`.
+    pub compute_capability: (u32, u32),
 }
 
 impl Gpu {
@@ -36,51 +42,73 @@ impl Gpu {
     }
 }
 
+/// The workspace PyTorch's cuBLAS handle takes through the caching allocator at the first
+/// matrix product, by default (`CUBLAS_WORKSPACE_CONFIG` unset): 32 MiB on compute capability
+/// 9.x (Hopper), else `4096 KiB x 2 + 16 KiB x 8`. From PyTorch's source
+/// (`CublasHandlePool.cpp`); docs/gpu-runs.md lists its check on a GPU.
+pub fn pytorch_cublas_workspace_bytes(compute_capability: (u32, u32)) -> u64 {
+    match compute_capability {
+        (9, _) => 32 << 20,
+        _ => (4096 << 10) * 2 + (16 << 10) * 8,
+    }
+}
+
 /// Common training and inference cards.
 pub const CATALOGUE: &[Gpu] = &[
     Gpu {
         name: "T4",
         memory_mib: 15_360,
+        compute_capability: (7, 5),
     },
     Gpu {
         name: "L4",
         memory_mib: 23_034,
+        compute_capability: (8, 9),
     },
     Gpu {
         name: "A10",
         memory_mib: 23_028,
+        compute_capability: (8, 6),
     },
     Gpu {
         name: "RTX 4090",
         memory_mib: 24_564,
+        compute_capability: (8, 9),
     },
     Gpu {
         name: "V100 32GB",
         memory_mib: 32_768,
+        compute_capability: (7, 0),
     },
     Gpu {
         name: "A100 40GB",
         memory_mib: 40_960,
+        compute_capability: (8, 0),
     },
     Gpu {
         name: "L40S",
         memory_mib: 46_068,
+        compute_capability: (8, 9),
     },
     Gpu {
         name: "A100 80GB",
         memory_mib: 81_920,
+        compute_capability: (8, 0),
     },
     Gpu {
         name: "H100 80GB",
         memory_mib: 81_559,
+        compute_capability: (9, 0),
     },
     Gpu {
         name: "H100 NVL",
         memory_mib: 95_830,
+        compute_capability: (9, 0),
     },
     Gpu {
         name: "H200 141GB",
         memory_mib: 143_771,
+        compute_capability: (9, 0),
     },
 ];
 
@@ -151,17 +179,30 @@ pub struct GpuEstimate {
     pub does_not_fit: Option<DoesNotFit>,
 }
 
-/// The estimate of `job` for a card `name` with `total_bytes` of memory, less the context
-/// reserve, each buffer rounded as the CUDA allocator rounds it.
-pub fn estimate_for(job: &Job, name: &str, total_bytes: u64) -> GpuEstimate {
-    let free = total_bytes.saturating_sub(CONTEXT_RESERVE_BYTES);
-    estimate_card(
-        job,
-        name.to_string(),
-        total_bytes,
-        free,
-        Allocator::CudaPages,
-    )
+/// The estimate of `job` on `gpu`: its memory less the context reserve and, for PyTorch's
+/// step, its cuBLAS workspace; each buffer rounded as PyTorch's caching allocator (or, for
+/// headroom's step, the CUDA driver) rounds it.
+pub fn estimate_for(job: &Job, gpu: &Gpu) -> GpuEstimate {
+    estimate_on(job, gpu.name, gpu.memory_bytes(), gpu.compute_capability)
+}
+
+/// The estimate of `job` on a card called `name` with `total_bytes` of memory and the
+/// architecture `compute_capability`, as [`estimate_for`] makes it.
+pub fn estimate_on(
+    job: &Job,
+    name: &str,
+    total_bytes: u64,
+    compute_capability: (u32, u32),
+) -> GpuEstimate {
+    let (reserve, allocator) = match job.framework {
+        Framework::Pytorch => (
+            CONTEXT_RESERVE_BYTES + pytorch_cublas_workspace_bytes(compute_capability),
+            Allocator::PytorchCaching,
+        ),
+        Framework::Headroom => (CONTEXT_RESERVE_BYTES, Allocator::CudaPages),
+    };
+    let free = total_bytes.saturating_sub(reserve);
+    estimate_card(job, name.to_string(), total_bytes, free, allocator)
 }
 
 /// The estimate of `job` for `bytes` of free memory, each buffer charged exactly (as on the
@@ -202,10 +243,7 @@ fn in_words<S: serde::Serializer>(
 pub fn every_gpu(job: &Job) -> Vec<GpuEstimate> {
     let mut cards: Vec<&Gpu> = CATALOGUE.iter().collect();
     cards.sort_by_key(|g| g.memory_mib);
-    cards
-        .iter()
-        .map(|g| estimate_for(job, g.name, g.memory_bytes()))
-        .collect()
+    cards.iter().map(|g| estimate_for(job, g)).collect()
 }
 
 #[cfg(test)]
@@ -255,7 +293,7 @@ mod tests {
             .collect();
         assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
         let deep = crate::job::testing::mlp(&[1 << 20], &[1 << 14, 1 << 14], 10, "adam", "");
-        let t4 = estimate_for(&deep, "T4", find("T4").unwrap().memory_bytes());
+        let t4 = estimate_for(&deep, find("T4").unwrap());
         assert!(t4.estimate.is_none());
         assert!(t4
             .does_not_fit

@@ -59,7 +59,7 @@ pub struct DeviceInfo {
 pub struct StepReport {
     /// Mean wall time of one training step, seconds (after the first step when there are several).
     pub step_seconds: f64,
-    /// Device bytes the probe held, as the device itself counts them.
+    /// The most device bytes the probe held at once, as the device itself counts them.
     pub device_bytes: u64,
     /// Mean loss of the last step.
     pub final_loss: f32,
@@ -104,11 +104,12 @@ pub trait Probing: Kernels<Error = DeviceError> + Send {
     /// Identity and current memory.
     fn describe(&self) -> DeviceInfo;
 
-    /// Readies the device for a probe; returns the bytes this process holds on it beforehand.
+    /// Readies the device for a probe and starts counting its highest memory anew; returns the
+    /// bytes this process holds on it beforehand.
     fn begin_probe(&mut self) -> Result<u64, DeviceError>;
 
-    /// Bytes this process holds on the device now.
-    fn held_bytes(&mut self) -> Result<u64, DeviceError>;
+    /// The most bytes this process has held on the device since the probe began.
+    fn peak_bytes(&mut self) -> Result<u64, DeviceError>;
 
     /// Runs once the probe's buffers are freed: recovers from a fault, and checks that the
     /// memory held `before` the probe is all that is held again.
@@ -129,12 +130,11 @@ impl<D: Probing> Device for D {
     ) -> Result<StepReport, DeviceError> {
         let before = self.begin_probe()?;
         let report =
-            step::run_probe(self, plan, batch_size, steps, seed).and_then(|(buffers, run)| {
-                let held = self.held_bytes();
-                drop(buffers);
+            step::run_probe(self, plan, batch_size, steps, seed).and_then(|(executor, _, run)| {
+                drop(executor);
                 Ok(StepReport {
                     step_seconds: run.step_seconds,
-                    device_bytes: held?.saturating_sub(before),
+                    device_bytes: self.peak_bytes()?.saturating_sub(before),
                     final_loss: run.final_loss,
                 })
             });

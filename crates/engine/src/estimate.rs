@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::advice::recommended_batch_size;
 use crate::job::Job;
-use crate::plan::{Allocator, DoesNotFit, MemoryBreakdown, Precision};
+use crate::plan::{Allocator, DoesNotFit, Framework, MemoryBreakdown, Precision};
 use crate::result::LimitedBy;
 
 /// The memory model's answer for a device with `memory_bytes` free: no probe runs.
@@ -18,11 +18,14 @@ pub struct Estimate {
     /// Set when this precision holds fewer samples than `32-true` would, and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub precision_note: Option<String>,
+    /// Whose training step the prediction describes.
+    pub framework: Framework,
     /// Trainable parameters.
     pub parameter_count: u64,
-    /// Bytes independent of the batch size.
+    /// Bytes independent of the batch size, at the instant of the step that peaks at the
+    /// predicted batch.
     pub fixed_bytes: u64,
-    /// Bytes each sample adds.
+    /// Bytes each sample adds, at that instant.
     pub bytes_per_sample: u64,
     /// Largest batch the model predicts fits, capped by `search.max` and `dataset_size`.
     pub predicted_max_batch_size: u64,
@@ -54,13 +57,15 @@ pub fn estimate(
         job.cap_reason()
     };
     let recommended = recommended_batch_size(predicted, job.headroom, job.search.multiple_of);
+    let line = plan.peak_line(predicted);
     Ok(Estimate {
         memory_bytes,
         precision: plan.precision,
         precision_note: plan.precision_note(memory_bytes, allocator),
+        framework: plan.framework,
         parameter_count: plan.parameter_count(),
-        fixed_bytes: plan.fixed_bytes(),
-        bytes_per_sample: plan.bytes_per_sample(),
+        fixed_bytes: line.fixed_bytes,
+        bytes_per_sample: line.bytes_per_sample,
         predicted_max_batch_size: predicted,
         limited_by,
         recommended_batch_size: recommended,
@@ -75,11 +80,33 @@ mod tests {
 
     #[test]
     fn an_estimate_caps_rounds_and_says_what_does_not_fit() {
+        // PyTorch's step peaks in backward, at the relu's gradient: per sample the f32 input
+        // (3136 bytes), its label and per-sample loss (8), and three widths of 128 in f32 (the
+        // input gradient from above, the saved relu output, the relu's gradient): 4680 bytes.
+        // Fixed: the parameters (101,770 f32), the top layer's gradients (1290 f32), the loss.
         let job = mlp(&[1, 28, 28], &[128], 10, "sgd", "");
+        let e = estimate(&job, 141_000_000_000, Allocator::Exact).unwrap();
+        assert_eq!(
+            (e.fixed_bytes, e.bytes_per_sample),
+            (407_080 + 5_160 + 4, 4680)
+        );
+        assert_eq!(
+            e.predicted_max_batch_size,
+            (141_000_000_000 - 412_244) / 4680
+        );
+        assert_eq!(e.limited_by, LimitedBy::Memory);
+        assert_eq!(e.memory.peak_at, Some(crate::plan::Moment::Backward));
+        // headroom's own step holds every buffer at once: 4720 bytes a sample.
+        let job = mlp(
+            &[1, 28, 28],
+            &[128],
+            10,
+            "sgd",
+            r#", "framework": "headroom""#,
+        );
         let e = estimate(&job, 141_000_000_000, Allocator::Exact).unwrap();
         assert_eq!(e.predicted_max_batch_size, 29_872_708);
         assert_eq!(e.recommended_batch_size, 23_898_160);
-        assert_eq!(e.limited_by, LimitedBy::Memory);
         let err = estimate(&job, 1000, Allocator::Exact).unwrap_err();
         assert_eq!(err.free_bytes, 1000);
         assert_eq!(err.fixed_bytes, 2 * 101_770 * 4 + 4);

@@ -9,7 +9,8 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{Activation, OptimizerKind, Plan, Precision};
+use crate::plan::Framework;
+use crate::plan::{Activation, OptimizerKind, Plan, Precision, Training};
 use crate::result::LimitedBy;
 
 /// Largest accepted `target_batch_size`: far above any recipe's global batch; it bounds the
@@ -36,6 +37,11 @@ pub struct JobSpec {
     /// `bf16-mixed`, `16-mixed` or `bf16-true`.
     #[serde(default)]
     pub precision: Precision,
+    /// Whose training step the answer describes: `pytorch` (default), PyTorch's own order of
+    /// allocations and frees and its optimizers' temporaries, or `headroom`, headroom's kernels
+    /// with every buffer held for the whole step.
+    #[serde(default)]
+    pub framework: Framework,
     /// The older way to say `32-true`: `"dtype": "f32"`. A validated job never carries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<Dtype>,
@@ -315,9 +321,12 @@ impl JobSpec {
             &model.hidden_layers,
             model.num_classes,
             model.activation,
-            self.optimizer.name,
-            self.learning_rate(),
-            self.precision,
+            Training {
+                optimizer: self.optimizer.name,
+                learning_rate: self.learning_rate(),
+                precision: self.precision,
+                framework: self.framework,
+            },
         )
         .map_err(|overflow| {
             JobError::new(

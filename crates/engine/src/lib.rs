@@ -10,7 +10,11 @@
 //! - [`plan`]: layer shapes, every buffer of a step, the four-part memory model and the
 //!   prediction of the largest batch.
 //! - [`estimate`]: the memory model's answer for an amount of free memory, no device touched.
-//! - [`step`]: one training step written once against the [`step::Kernels`] a device provides.
+//!   Its [`plan::program`] is a training step compiled for one batch size: its allocations,
+//!   frees and kernels in order, as PyTorch runs it or as headroom's own step does
+//!   ([`plan::Framework`]).
+//! - [`step`]: the [`step::Kernels`] a device provides, and the executor that runs a program on
+//!   them.
 //! - [`synthetic`]: the counter-based hash behind synthetic data and initial parameters.
 //! - [`device`]: the [`Device`] trait the search probes, and what devices report.
 //! - [`search`]: doubling or prediction, bisection and confirmation; it sees only [`Device`].

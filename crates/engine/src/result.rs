@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::advice::{Accumulation, ThroughputPoint};
 use crate::device::DeviceInfo;
-use crate::plan::{MemoryBreakdown, Precision};
+use crate::plan::{Framework, MemoryBreakdown, Precision};
 
 /// The outcome of a finished search.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +22,10 @@ pub struct TuneResult {
     /// Set when this precision holds fewer samples than `32-true` would, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision_note: Option<String>,
+    /// Whose training step the probes ran and the prediction describes (`headroom` for results
+    /// from before the PyTorch profile).
+    #[serde(default = "Framework::before_profiles")]
+    pub framework: Framework,
     /// The throughput knee: the smallest measured batch within `search.knee_tolerance` of the best
     /// samples/s. A larger batch trains little faster.
     pub throughput_batch_size: u64,
@@ -100,5 +104,47 @@ impl std::fmt::Display for Outcome {
             Outcome::Oom => "oom",
             Outcome::Error => "error",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result stored before jobs named a framework was measured with headroom's own step, and
+    /// reads back saying so.
+    #[test]
+    fn a_result_from_before_the_profiles_describes_headroom_s_step() {
+        let host = TuneResult {
+            max_batch_size: 64,
+            recommended_batch_size: 48,
+            headroom: 0.8,
+            precision: Precision::F32True,
+            precision_note: None,
+            framework: Framework::Pytorch,
+            throughput_batch_size: 64,
+            throughput: vec![],
+            accumulation: None,
+            limited_by: LimitedBy::Memory,
+            predicted_max_batch_size: 65,
+            device: DeviceInfo {
+                kind: crate::device::DeviceKind::Host,
+                index: 0,
+                name: "host".into(),
+                uuid: None,
+                total_bytes: 1 << 20,
+                free_bytes: 1 << 20,
+            },
+            memory: MemoryBreakdown::default(),
+            probes: vec![],
+            elapsed_seconds: 0.5,
+        };
+        let mut stored = serde_json::to_value(&host).unwrap();
+        stored.as_object_mut().unwrap().remove("framework");
+        let read: TuneResult = serde_json::from_value(stored).unwrap();
+        assert_eq!(read.framework, Framework::Headroom);
+        let current: TuneResult =
+            serde_json::from_value(serde_json::to_value(&host).unwrap()).unwrap();
+        assert_eq!(current, host);
     }
 }

@@ -98,6 +98,7 @@ pub fn tune(
         headroom: job.headroom,
         precision: plan.precision,
         precision_note: plan.precision_note(info.free_bytes, info.kind.allocator()),
+        framework: plan.framework,
         throughput_batch_size: throughput_knee(&throughput, job.search.knee_tolerance)
             .unwrap_or(fit),
         throughput,

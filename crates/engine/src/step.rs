@@ -1,15 +1,11 @@
-//! One training step, written once against the [`Kernels`] a device provides.
-//!
-//! [`StepBuffers::allocate`] asks the device for every buffer of [`Plan::buffers`], in that
-//! order and storage; [`initialise`] fills parameters and the synthetic batch on the device;
-//! [`train_step`] runs forward, softmax cross-entropy, backward and the optimizer update in the
-//! plan's [`Precision`](crate::plan::Precision) (its doc says what each precision stores and
-//! computes).
+//! One training step, written once against the [`Kernels`] a device provides: an
+//! [`Executor`] runs a [`Program`] (the plan's step compiled for one batch size) instruction
+//! by instruction, holding each buffer from its allocation to its free.
 
+use crate::plan::program::{Instr, OptimizerState, Program, Scale, Slot};
 use crate::plan::{
     Activation, OptimizerKind, Plan, Storage, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
 };
-use crate::synthetic;
 
 /// Momentum coefficient of `sgd_momentum`.
 pub const MOMENTUM: f32 = 0.9;
@@ -51,56 +47,6 @@ impl UpdateRule {
                 0.0
             },
             grad_scale: 1.0,
-        }
-    }
-}
-
-/// What an optimizer keeps per parameter buffer. The variant decides the update kernel and its
-/// arguments, so the two cannot disagree.
-#[derive(Debug)]
-pub enum OptimizerState<F> {
-    /// Plain SGD keeps nothing.
-    Sgd,
-    /// Momentum's velocity.
-    Momentum {
-        /// The running velocity.
-        velocity: F,
-    },
-    /// Adam's (and AdamW's) moments.
-    Adam {
-        /// First moment.
-        m: F,
-        /// Second moment.
-        v: F,
-    },
-}
-
-impl<F> OptimizerState<F> {
-    /// Zeroed state of `kind` for a buffer of `len` values, stored as `storage`.
-    pub fn allocate<A: Allocate<Values = F>>(
-        kind: OptimizerKind,
-        len: u64,
-        storage: Storage,
-        alloc: &mut A,
-    ) -> Result<Self, A::Error> {
-        Ok(match kind {
-            OptimizerKind::Sgd => OptimizerState::Sgd,
-            OptimizerKind::SgdMomentum => OptimizerState::Momentum {
-                velocity: alloc.zeroed(len, storage)?,
-            },
-            OptimizerKind::Adam | OptimizerKind::Adamw => OptimizerState::Adam {
-                m: alloc.zeroed(len, storage)?,
-                v: alloc.zeroed(len, storage)?,
-            },
-        })
-    }
-
-    /// The state's buffers, in allocation order.
-    pub fn buffers(&self) -> Vec<&F> {
-        match self {
-            OptimizerState::Sgd => vec![],
-            OptimizerState::Momentum { velocity } => vec![velocity],
-            OptimizerState::Adam { m, v } => vec![m, v],
         }
     }
 }
@@ -193,6 +139,16 @@ pub trait Kernels: Allocate {
         cols: u64,
         activation: Activation,
     ) -> Result<(), Self::Error>;
+    /// `out = grad * activation'(...)` from what the activation saved: its output for relu and
+    /// tanh (`relu' = [out > 0]`, `tanh' = 1 - out^2`), its input for gelu.
+    fn activation_gradient(
+        &mut self,
+        grad: &Self::Values,
+        saved: &Self::Values,
+        out: &mut Self::Values,
+        len: u64,
+        activation: Activation,
+    ) -> Result<(), Self::Error>;
     /// `pre = grad_post * activation'(pre)`: the gradient replaces the pre-activation in place.
     fn activation_backward(
         &mut self,
@@ -252,42 +208,6 @@ pub trait Kernels: Allocate {
     ) -> Result<(), Self::Error>;
 }
 
-/// Parameters, gradients and optimizer state of one linear layer.
-pub struct LayerBuffers<F> {
-    /// `outputs x inputs` weights.
-    pub weight: F,
-    /// `outputs` biases.
-    pub bias: F,
-    /// Gradient of the weights.
-    pub weight_grad: F,
-    /// Gradient of the biases.
-    pub bias_grad: F,
-    /// Optimizer state of the weights.
-    pub weight_state: OptimizerState<F>,
-    /// Optimizer state of the biases.
-    pub bias_state: OptimizerState<F>,
-    /// Mixed precision: autocast's half copies of the weights and biases, remade each step.
-    pub cast: Option<(F, F)>,
-}
-
-impl<F> LayerBuffers<F> {
-    /// The weights and biases the products use: the half copies when mixed.
-    fn operands(&self) -> (&F, &F) {
-        match &self.cast {
-            Some((weight, bias)) => (weight, bias),
-            None => (&self.weight, &self.bias),
-        }
-    }
-}
-
-/// What a hidden layer keeps from forward for backward.
-pub struct HiddenBuffers<F> {
-    /// Pre-activation; replaced by its gradient during backward.
-    pub pre: F,
-    /// Post-activation: the next layer's input.
-    pub post: F,
-}
-
 /// `GradScaler`'s state under `16-mixed`: the loss scale and the clean steps since it changed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossScale {
@@ -295,157 +215,6 @@ pub struct LossScale {
     pub scale: f32,
     /// Steps without overflow since the scale last changed.
     pub clean_steps: u32,
-}
-
-/// Every buffer of one training step at one batch size.
-pub struct StepBuffers<F, U> {
-    /// One entry per linear layer.
-    pub layers: Vec<LayerBuffers<F>>,
-    /// `rows x features` inputs.
-    pub inputs: F,
-    /// `rows` labels.
-    pub labels: U,
-    /// Mixed precision: autocast's half copy of the inputs.
-    pub inputs_cast: Option<F>,
-    /// One entry per hidden layer.
-    pub hidden: Vec<HiddenBuffers<F>>,
-    /// `rows x classes` logits, then their gradient.
-    pub logits: F,
-    /// Mixed precision: the logits in f32 for the loss, then their gradient.
-    pub logits_f32: Option<F>,
-    /// `rows` per-sample losses.
-    pub row_loss: F,
-    /// `rows x widest hidden` input gradient of the layer being back-propagated.
-    pub scratch: Option<F>,
-    /// One value: the mean loss.
-    pub loss_sum: F,
-    /// Loss scaling: one value, set when a gradient overflowed.
-    pub overflow: Option<F>,
-    /// Loss scaling: the scale and its clean steps.
-    pub loss_scale: Option<LossScale>,
-    /// Batch size these buffers hold.
-    pub rows: u64,
-}
-
-impl<F, U> StepBuffers<F, U> {
-    /// Allocates every buffer of a step, in the order, sizes and storage of [`Plan::buffers`].
-    /// A batch whose sizes pass `u64` asks for `u64::MAX` elements, which every device refuses
-    /// as out of memory.
-    pub fn allocate<A>(plan: &Plan, rows: u64, alloc: &mut A) -> Result<Self, A::Error>
-    where
-        A: Allocate<Values = F, U32 = U>,
-    {
-        let precision = plan.precision;
-        let (master, compute) = (precision.master(), precision.compute());
-        let mixed = precision.is_mixed();
-        let mut layers = Vec::with_capacity(plan.layers.len());
-        for layer in &plan.layers {
-            let (weights, biases) = (layer.weights(), layer.outputs);
-            layers.push(LayerBuffers {
-                weight: alloc.zeroed(weights, master)?,
-                bias: alloc.zeroed(biases, master)?,
-                weight_grad: alloc.zeroed(weights, master)?,
-                bias_grad: alloc.zeroed(biases, master)?,
-                weight_state: OptimizerState::allocate(plan.optimizer, weights, master, alloc)?,
-                bias_state: OptimizerState::allocate(plan.optimizer, biases, master, alloc)?,
-                cast: match mixed {
-                    true => Some((
-                        alloc.zeroed(weights, compute)?,
-                        alloc.zeroed(biases, compute)?,
-                    )),
-                    false => None,
-                },
-            });
-        }
-        let per_row = |width: u64| rows.saturating_mul(width);
-        let features = per_row(plan.input_features());
-        let inputs = alloc.zeroed(features, master)?;
-        let labels = alloc.u32_zeroed(rows)?;
-        let inputs_cast = match mixed {
-            true => Some(alloc.zeroed(features, compute)?),
-            false => None,
-        };
-        let mut hidden = Vec::new();
-        for width in plan.hidden_widths() {
-            hidden.push(HiddenBuffers {
-                pre: alloc.zeroed(per_row(width), compute)?,
-                post: alloc.zeroed(per_row(width), compute)?,
-            });
-        }
-        let classes = per_row(plan.num_classes());
-        let logits = alloc.zeroed(classes, compute)?;
-        let logits_f32 = match mixed {
-            true => Some(alloc.zeroed(classes, Storage::F32)?),
-            false => None,
-        };
-        let row_loss = alloc.zeroed(rows, Storage::F32)?;
-        let scratch = match plan.scratch_width() {
-            0 => None,
-            width => Some(alloc.zeroed(per_row(width), compute)?),
-        };
-        let loss_sum = alloc.zeroed(1, Storage::F32)?;
-        let overflow = match precision.scales_loss() {
-            true => Some(alloc.zeroed(1, Storage::F32)?),
-            false => None,
-        };
-        Ok(StepBuffers {
-            layers,
-            inputs,
-            labels,
-            inputs_cast,
-            hidden,
-            logits,
-            logits_f32,
-            row_loss,
-            scratch,
-            loss_sum,
-            overflow,
-            loss_scale: precision.scales_loss().then_some(LossScale {
-                scale: LOSS_SCALE_INITIAL,
-                clean_steps: 0,
-            }),
-            rows,
-        })
-    }
-}
-
-/// Initialises parameters and generates the synthetic batch on the device from `seed`.
-pub fn initialise<K: Kernels>(
-    kernels: &mut K,
-    plan: &Plan,
-    buffers: &mut StepBuffers<K::Values, K::U32>,
-    seed: u64,
-) -> Result<(), K::Error> {
-    for (i, (layer, bufs)) in plan.layers.iter().zip(&mut buffers.layers).enumerate() {
-        let scale = synthetic::init_scale(layer.inputs);
-        kernels.fill_uniform(
-            &mut bufs.weight,
-            layer.weights(),
-            synthetic::stream_key(seed, synthetic::weight_stream(i)),
-            scale,
-        )?;
-        kernels.fill_uniform(
-            &mut bufs.bias,
-            layer.outputs,
-            synthetic::stream_key(seed, synthetic::bias_stream(i)),
-            scale,
-        )?;
-    }
-    let rows = buffers.rows;
-    let features = plan.input_features();
-    kernels.fill_uniform(
-        &mut buffers.inputs,
-        rows * features,
-        synthetic::stream_key(seed, synthetic::INPUT_STREAM),
-        1.0,
-    )?;
-    kernels.fill_labels(
-        &mut buffers.labels,
-        &buffers.inputs,
-        rows,
-        features,
-        plan.num_classes(),
-    )
 }
 
 /// What became of a step's update.
@@ -458,193 +227,358 @@ pub enum Update {
     Skipped,
 }
 
-/// Runs one training step (`step` counts from 1) and leaves the per-sample losses in `row_loss`.
-pub fn train_step<K: Kernels>(
-    kernels: &mut K,
-    plan: &Plan,
-    buffers: &mut StepBuffers<K::Values, K::U32>,
-    step: u32,
-) -> Result<Update, K::Error> {
-    forward(kernels, plan, buffers)?;
-    loss(kernels, plan, buffers)?;
-    backward(kernels, plan, buffers)?;
-    update(kernels, plan, buffers, step)
+/// A buffer an executor holds: values, or labels.
+pub enum Held<K: Allocate> {
+    /// Values of some storage.
+    Values(K::Values),
+    /// `u32` labels.
+    Labels(K::U32),
 }
 
-/// Every layer's product, bias and activation; the last layer writes the logits. Mixed
-/// precision first casts the weights, biases and inputs to half, as autocast does.
-fn forward<K: Kernels>(
-    kernels: &mut K,
-    plan: &Plan,
-    b: &mut StepBuffers<K::Values, K::U32>,
-) -> Result<(), K::Error> {
-    let rows = b.rows;
-    for (layer, params) in plan.layers.iter().zip(&mut b.layers) {
-        if let Some((weight, bias)) = &mut params.cast {
-            kernels.convert(&params.weight, weight, layer.weights(), 1.0)?;
-            kernels.convert(&params.bias, bias, layer.outputs, 1.0)?;
-        }
-    }
-    if let Some(cast) = &mut b.inputs_cast {
-        kernels.convert(&b.inputs, cast, rows * plan.input_features(), 1.0)?;
-    }
-    let last = plan.layers.len() - 1;
-    for (i, layer) in plan.layers.iter().enumerate() {
-        let (done, rest) = b.hidden.split_at_mut(i.min(last));
-        let input = match i {
-            0 => b.inputs_cast.as_ref().unwrap_or(&b.inputs),
-            _ => &done[i - 1].post,
-        };
-        let (weight, bias) = b.layers[i].operands();
-        let (output, post) = if i < last {
-            let out = &mut rest[0];
-            (&mut out.pre, Some(&mut out.post))
-        } else {
-            (&mut b.logits, None)
-        };
-        kernels.linear_forward(input, weight, output, rows, layer.inputs, layer.outputs)?;
-        kernels.bias_activation(output, bias, post, rows, layer.outputs, plan.activation)?;
-    }
-    Ok(())
+/// Runs programs on one device's kernels: holds every live buffer in its slot, and the loss
+/// scaler's state between steps.
+pub struct Executor<K: Allocate> {
+    slots: Vec<Option<Held<K>>>,
+    /// Loss scaling: the scale and its clean steps.
+    pub loss_scale: Option<LossScale>,
 }
 
-/// Softmax cross-entropy: the per-sample losses, and the logits replaced by their gradient.
-/// Mixed precision computes it in f32 and casts the gradient back to half, times the loss
-/// scale when there is one.
-fn loss<K: Kernels>(
-    kernels: &mut K,
-    plan: &Plan,
-    b: &mut StepBuffers<K::Values, K::U32>,
-) -> Result<(), K::Error> {
-    let (rows, classes) = (b.rows, plan.num_classes());
-    let len = rows * classes;
-    match &mut b.logits_f32 {
-        Some(wide) => {
-            kernels.convert(&b.logits, wide, len, 1.0)?;
-            kernels.softmax_cross_entropy(wide, &b.labels, &mut b.row_loss, rows, classes)?;
-            let scale = b.loss_scale.map_or(1.0, |s| s.scale);
-            kernels.convert(wide, &mut b.logits, len, scale)
+impl<K: Kernels> Executor<K> {
+    /// Runs `program`'s setup: its persistent buffers, the initial parameters and the batch.
+    pub fn setup(kernels: &mut K, program: &Program) -> Result<Self, K::Error> {
+        let mut executor = Executor {
+            slots: (0..program.slots).map(|_| None).collect(),
+            loss_scale: program.scales_loss.then_some(LossScale {
+                scale: LOSS_SCALE_INITIAL,
+                clean_steps: 0,
+            }),
+        };
+        executor.run(kernels, &program.setup, None)?;
+        Ok(executor)
+    }
+
+    /// Runs one training step (`step` counts from 1) of `program` on `plan`'s update rule.
+    pub fn step(
+        &mut self,
+        kernels: &mut K,
+        plan: &Plan,
+        program: &Program,
+        step: u32,
+    ) -> Result<Update, K::Error> {
+        let rule = UpdateRule::new(plan.optimizer, plan.learning_rate, step);
+        self.run(kernels, &program.step, Some(rule))
+    }
+
+    /// Runs `instrs`, the optimizer's with `rule`; an overflow under loss scaling skips the
+    /// updates that follow it (allocations and frees still run).
+    pub fn run(
+        &mut self,
+        kernels: &mut K,
+        instrs: &[Instr],
+        rule: Option<UpdateRule>,
+    ) -> Result<Update, K::Error> {
+        let mut update = Update::Applied;
+        let mut rule = rule.unwrap_or(UpdateRule::new(OptimizerKind::Sgd, 0.0, 1));
+        for instr in instrs {
+            match instr {
+                Instr::CheckOverflow { gradients, flag } => {
+                    match self.check_overflow(kernels, gradients, *flag)? {
+                        Some(scale) => rule.grad_scale = 1.0 / scale,
+                        None => update = Update::Skipped,
+                    }
+                }
+                Instr::OptimizerStep { .. } if update == Update::Skipped => {}
+                _ => self.execute(kernels, instr, rule)?,
+            }
         }
-        None => {
-            kernels.softmax_cross_entropy(&mut b.logits, &b.labels, &mut b.row_loss, rows, classes)
+        Ok(update)
+    }
+
+    /// The mean of the per-sample losses of the last step, reduced on the device.
+    pub fn mean_loss(&mut self, kernels: &mut K, program: &Program) -> Result<f32, K::Error> {
+        let (row_loss, accumulator) = program.loss;
+        let mut sum = self.take(accumulator);
+        let mean = kernels.mean(self.values(row_loss), program.batch_size, &mut sum);
+        self.put(accumulator, sum);
+        mean
+    }
+
+    /// The values buffer in `slot`.
+    ///
+    /// # Panics
+    /// If the slot holds no values: a program reads only what it has allocated.
+    pub fn values(&self, slot: Slot) -> &K::Values {
+        match &self.slots[slot.0] {
+            Some(Held::Values(values)) => values,
+            _ => panic!("slot {} holds no values", slot.0),
         }
     }
-}
 
-/// Gradients from the logits' gradient back to the first layer's weights.
-fn backward<K: Kernels>(
-    kernels: &mut K,
-    plan: &Plan,
-    b: &mut StepBuffers<K::Values, K::U32>,
-) -> Result<(), K::Error> {
-    let rows = b.rows;
-    let last = plan.layers.len() - 1;
-    for (i, layer) in plan.layers.iter().enumerate().rev() {
-        if i < last {
-            // The scratch holds the gradient of this layer's output, from the layer above.
-            let grad_post = b.scratch.as_ref().expect("hidden layers have a scratch");
-            kernels.activation_backward(
-                grad_post,
-                &mut b.hidden[i].pre,
-                rows * layer.outputs,
-                plan.activation,
-            )?;
-        }
-        let grad_out = if i < last {
-            &b.hidden[i].pre
-        } else {
-            &b.logits
-        };
-        let input = match i {
-            0 => b.inputs_cast.as_ref().unwrap_or(&b.inputs),
-            _ => &b.hidden[i - 1].post,
-        };
-        let params = &mut b.layers[i];
-        kernels.weight_gradient(
-            grad_out,
-            input,
-            &mut params.weight_grad,
-            rows,
-            layer.inputs,
-            layer.outputs,
-        )?;
-        kernels.bias_gradient(grad_out, &mut params.bias_grad, rows, layer.outputs)?;
-        if i > 0 {
-            let grad_in = b.scratch.as_mut().expect("hidden layers have a scratch");
-            let (weight, _) = params.operands();
-            kernels.input_gradient(grad_out, weight, grad_in, rows, layer.inputs, layer.outputs)?;
+    /// The label buffer in `slot`.
+    ///
+    /// # Panics
+    /// If the slot holds no labels.
+    pub fn labels(&self, slot: Slot) -> &K::U32 {
+        match &self.slots[slot.0] {
+            Some(Held::Labels(labels)) => labels,
+            _ => panic!("slot {} holds no labels", slot.0),
         }
     }
-    Ok(())
-}
 
-/// The optimizer's update of every weight and bias. Under loss scaling, as `GradScaler`: a
-/// step whose gradients overflowed is skipped and halves the scale; otherwise the gradients
-/// are unscaled in the update, and the scale doubles after enough clean steps.
-fn update<K: Kernels>(
-    kernels: &mut K,
-    plan: &Plan,
-    b: &mut StepBuffers<K::Values, K::U32>,
-    step: u32,
-) -> Result<Update, K::Error> {
-    let mut rule = UpdateRule::new(plan.optimizer, plan.learning_rate, step);
-    if let (Some(scaler), Some(flag)) = (&mut b.loss_scale, &mut b.overflow) {
-        let gradients: Vec<(&K::Values, u64)> = plan
-            .layers
-            .iter()
-            .zip(&b.layers)
-            .flat_map(|(layer, params)| {
-                [
-                    (&params.weight_grad, layer.weights()),
-                    (&params.bias_grad, layer.outputs),
-                ]
-            })
-            .collect();
-        if kernels.any_nonfinite(&gradients, flag)? {
+    fn take(&mut self, slot: Slot) -> K::Values {
+        match self.slots[slot.0].take() {
+            Some(Held::Values(values)) => values,
+            _ => panic!("slot {} holds no values", slot.0),
+        }
+    }
+
+    fn put(&mut self, slot: Slot, values: K::Values) {
+        self.slots[slot.0] = Some(Held::Values(values));
+    }
+
+    /// Runs `update` with the buffer of `slot` taken out to be written, and puts it back.
+    fn writing<T>(
+        &mut self,
+        slot: Slot,
+        update: impl FnOnce(&Self, &mut K::Values) -> Result<T, K::Error>,
+    ) -> Result<T, K::Error> {
+        let mut out = self.take(slot);
+        let result = update(self, &mut out);
+        self.put(slot, out);
+        result
+    }
+
+    /// `GradScaler`'s check: `None` when a gradient overflowed (the step is skipped and the
+    /// scale halved), else the scale the gradients were made with (doubled for the next step
+    /// after enough clean ones).
+    fn check_overflow(
+        &mut self,
+        kernels: &mut K,
+        gradients: &[(Slot, u64)],
+        flag: Slot,
+    ) -> Result<Option<f32>, K::Error> {
+        let overflowed = self.writing(flag, |this, flag| {
+            let buffers: Vec<(&K::Values, u64)> = gradients
+                .iter()
+                .map(|&(slot, len)| (this.values(slot), len))
+                .collect();
+            kernels.any_nonfinite(&buffers, flag)
+        })?;
+        let Some(scaler) = &mut self.loss_scale else {
+            return Ok(Some(1.0));
+        };
+        if overflowed {
             *scaler = LossScale {
                 scale: scaler.scale * 0.5,
                 clean_steps: 0,
             };
-            return Ok(Update::Skipped);
+            return Ok(None);
         }
-        rule.grad_scale = 1.0 / scaler.scale;
+        let used = scaler.scale;
         scaler.clean_steps += 1;
         if scaler.clean_steps == LOSS_SCALE_GROWTH_INTERVAL {
             *scaler = LossScale {
-                scale: scaler.scale * 2.0,
+                scale: used * 2.0,
                 clean_steps: 0,
             };
         }
+        Ok(Some(used))
     }
-    for (layer, params) in plan.layers.iter().zip(&mut b.layers) {
-        kernels.optimizer_step(
-            &mut params.weight,
-            &params.weight_grad,
-            &mut params.weight_state,
-            layer.weights(),
-            rule,
-        )?;
-        kernels.optimizer_step(
-            &mut params.bias,
-            &params.bias_grad,
-            &mut params.bias_state,
-            layer.outputs,
-            rule,
-        )?;
+
+    fn execute(
+        &mut self,
+        kernels: &mut K,
+        instr: &Instr,
+        rule: UpdateRule,
+    ) -> Result<(), K::Error> {
+        match *instr {
+            Instr::Alloc { slot, buffer } => {
+                let held = match buffer.element {
+                    crate::plan::Element::Value(storage) => {
+                        Held::Values(kernels.zeroed(buffer.elements, storage)?)
+                    }
+                    crate::plan::Element::Label => {
+                        Held::Labels(kernels.u32_zeroed(buffer.elements)?)
+                    }
+                };
+                self.slots[slot.0] = Some(held);
+            }
+            Instr::Free(slot) => {
+                self.slots[slot.0] = None;
+            }
+            Instr::Enter(_) => {}
+            Instr::FillUniform {
+                out,
+                len,
+                key,
+                scale,
+            } => self.writing(out, |_, out| kernels.fill_uniform(out, len, key, scale))?,
+            Instr::FillLabels {
+                labels,
+                inputs,
+                rows,
+                features,
+                classes,
+            } => {
+                let Some(Held::Labels(mut held)) = self.slots[labels.0].take() else {
+                    panic!("slot {} holds no labels", labels.0)
+                };
+                let filled =
+                    kernels.fill_labels(&mut held, self.values(inputs), rows, features, classes);
+                self.slots[labels.0] = Some(Held::Labels(held));
+                filled?
+            }
+            Instr::Convert {
+                from,
+                to,
+                len,
+                scale,
+            } => {
+                let factor = match (scale, &self.loss_scale) {
+                    (Scale::Loss, Some(scaler)) => scaler.scale,
+                    _ => 1.0,
+                };
+                self.writing(to, |this, to| {
+                    kernels.convert(this.values(from), to, len, factor)
+                })?
+            }
+            Instr::LinearForward {
+                x,
+                w,
+                y,
+                rows,
+                inputs,
+                outputs,
+            } => self.writing(y, |this, y| {
+                kernels.linear_forward(this.values(x), this.values(w), y, rows, inputs, outputs)
+            })?,
+            Instr::BiasActivation {
+                pre,
+                bias,
+                post,
+                rows,
+                cols,
+                activation,
+            } => {
+                let mut post_buffer = post.map(|slot| self.take(slot));
+                let done = self.writing(pre, |this, pre| {
+                    kernels.bias_activation(
+                        pre,
+                        this.values(bias),
+                        post_buffer.as_mut(),
+                        rows,
+                        cols,
+                        activation,
+                    )
+                });
+                if let (Some(slot), Some(buffer)) = (post, post_buffer) {
+                    self.put(slot, buffer);
+                }
+                done?
+            }
+            Instr::ActivationBackward {
+                grad_post,
+                pre,
+                len,
+                activation,
+            } => self.writing(pre, |this, pre| {
+                kernels.activation_backward(this.values(grad_post), pre, len, activation)
+            })?,
+            Instr::ActivationGradient {
+                grad,
+                saved,
+                out,
+                len,
+                activation,
+            } => self.writing(out, |this, out| {
+                kernels.activation_gradient(
+                    this.values(grad),
+                    this.values(saved),
+                    out,
+                    len,
+                    activation,
+                )
+            })?,
+            Instr::WeightGradient {
+                dy,
+                x,
+                dw,
+                rows,
+                inputs,
+                outputs,
+            } => self.writing(dw, |this, dw| {
+                kernels.weight_gradient(this.values(dy), this.values(x), dw, rows, inputs, outputs)
+            })?,
+            Instr::InputGradient {
+                dy,
+                w,
+                dx,
+                rows,
+                inputs,
+                outputs,
+            } => self.writing(dx, |this, dx| {
+                kernels.input_gradient(this.values(dy), this.values(w), dx, rows, inputs, outputs)
+            })?,
+            Instr::BiasGradient { dy, db, rows, cols } => self.writing(db, |this, db| {
+                kernels.bias_gradient(this.values(dy), db, rows, cols)
+            })?,
+            Instr::SoftmaxCrossEntropy {
+                logits,
+                labels,
+                row_loss,
+                rows,
+                classes,
+            } => {
+                let mut losses = self.take(row_loss);
+                let done = self.writing(logits, |this, logits| {
+                    kernels.softmax_cross_entropy(
+                        logits,
+                        this.labels(labels),
+                        &mut losses,
+                        rows,
+                        classes,
+                    )
+                });
+                self.put(row_loss, losses);
+                done?
+            }
+            Instr::OptimizerStep {
+                param,
+                grad,
+                state,
+                len,
+            } => {
+                let mut owned = match state {
+                    OptimizerState::Sgd => OptimizerState::Sgd,
+                    OptimizerState::Momentum { velocity } => OptimizerState::Momentum {
+                        velocity: self.take(velocity),
+                    },
+                    OptimizerState::Adam { m, v } => OptimizerState::Adam {
+                        m: self.take(m),
+                        v: self.take(v),
+                    },
+                };
+                let done = self.writing(param, |this, param| {
+                    kernels.optimizer_step(param, this.values(grad), &mut owned, len, rule)
+                });
+                match (state, owned) {
+                    (
+                        OptimizerState::Momentum { velocity },
+                        OptimizerState::Momentum { velocity: buffer },
+                    ) => self.put(velocity, buffer),
+                    (OptimizerState::Adam { m, v }, OptimizerState::Adam { m: mb, v: vb }) => {
+                        self.put(m, mb);
+                        self.put(v, vb);
+                    }
+                    _ => {}
+                }
+                done?
+            }
+            Instr::CheckOverflow { .. } => unreachable!("run handles the overflow check"),
+        }
+        Ok(())
     }
-    Ok(Update::Applied)
 }
-
-/// The mean loss of the last step, reduced on the device.
-pub fn mean_loss<K: Kernels>(
-    kernels: &mut K,
-    buffers: &mut StepBuffers<K::Values, K::U32>,
-) -> Result<f32, K::Error> {
-    kernels.mean(&buffers.row_loss, buffers.rows, &mut buffers.loss_sum)
-}
-
-/// The step buffers of one device's kernels.
-pub type DeviceBuffers<K> = StepBuffers<<K as Allocate>::Values, <K as Allocate>::U32>;
 
 /// What [`run_probe`] measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -655,22 +589,27 @@ pub struct ProbeRun {
     pub final_loss: f32,
 }
 
-/// Allocates, initialises and trains `steps` steps at `rows`, returning the buffers still held
-/// (so the caller can measure the memory and read parameters before they are freed).
+/// Compiles `plan`'s step at `rows`, runs its setup and `steps` steps, and returns the executor
+/// with every buffer it still holds (so the caller can measure the memory and read parameters
+/// before they are freed). A batch whose sizes pass `u64` asks the device for `u64::MAX`
+/// elements, which every device refuses as out of memory.
 pub fn run_probe<K: Kernels>(
     kernels: &mut K,
     plan: &Plan,
     rows: u64,
     steps: u32,
     seed: u64,
-) -> Result<(DeviceBuffers<K>, ProbeRun), K::Error> {
-    let mut buffers = StepBuffers::allocate(plan, rows, kernels)?;
-    initialise(kernels, plan, &mut buffers, seed)?;
+) -> Result<(Executor<K>, Program, ProbeRun), K::Error> {
+    let Some(program) = plan.program(rows, seed) else {
+        kernels.zeroed(u64::MAX, Storage::F32)?;
+        unreachable!("no device holds u64::MAX values");
+    };
+    let mut executor = Executor::setup(kernels, &program)?;
     kernels.synchronize()?;
     let mut timed = Vec::with_capacity(steps as usize);
     for step in 1..=steps.max(1) {
         let started = std::time::Instant::now();
-        train_step(kernels, plan, &mut buffers, step)?;
+        executor.step(kernels, plan, &program, step)?;
         kernels.synchronize()?;
         timed.push(started.elapsed().as_secs_f64());
     }
@@ -680,9 +619,10 @@ pub fn run_probe<K: Kernels>(
         &timed[..]
     };
     let step_seconds = measured.iter().sum::<f64>() / measured.len() as f64;
-    let final_loss = mean_loss(kernels, &mut buffers)?;
+    let final_loss = executor.mean_loss(kernels, &program)?;
     Ok((
-        buffers,
+        executor,
+        program,
         ProbeRun {
             step_seconds,
             final_loss,
@@ -693,64 +633,6 @@ pub fn run_probe<K: Kernels>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Activation, Buffer, Element, Precision};
-
-    /// Records the length and storage of every allocation instead of allocating.
-    #[derive(Default)]
-    struct Recorder(Vec<(u64, Element)>);
-
-    impl Stored for Storage {
-        fn storage(&self) -> Storage {
-            *self
-        }
-    }
-
-    impl Allocate for Recorder {
-        type Values = Storage;
-        type U32 = ();
-        type Error = ();
-
-        fn zeroed(&mut self, len: u64, storage: Storage) -> Result<Storage, ()> {
-            self.0.push((len, Element::Value(storage)));
-            Ok(storage)
-        }
-
-        fn u32_zeroed(&mut self, len: u64) -> Result<(), ()> {
-            self.0.push((len, Element::Label));
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn buffers_are_allocated_as_the_plan_lists_them() {
-        for (hidden, optimizer) in [
-            (vec![], OptimizerKind::Sgd),
-            (vec![128], OptimizerKind::SgdMomentum),
-            (vec![64, 32, 16], OptimizerKind::Adamw),
-        ] {
-            for precision in Precision::ALL {
-                let plan = Plan::new(
-                    784,
-                    &hidden,
-                    10,
-                    Activation::Gelu,
-                    optimizer,
-                    0.1,
-                    precision,
-                )
-                .unwrap();
-                let mut recorder = Recorder::default();
-                StepBuffers::<Storage, ()>::allocate(&plan, 77, &mut recorder).unwrap();
-                let listed: Vec<(u64, Element)> = plan
-                    .buffers(77)
-                    .unwrap()
-                    .iter()
-                    .map(|b: &Buffer| (b.elements, b.element))
-                    .collect();
-                assert_eq!(recorder.0, listed, "{hidden:?} {optimizer:?} {precision}");
-            }
-        }
-    }
 
     #[test]
     fn the_update_rule_decays_only_for_adamw() {

@@ -145,6 +145,7 @@ mod tests {
                 headroom: 1.0,
                 precision: Default::default(),
                 precision_note: None,
+                framework: Default::default(),
                 throughput_batch_size: max,
                 throughput: vec![],
                 accumulation: None,

@@ -89,6 +89,8 @@ pub enum Kernel {
     BiasActivation,
     /// `pre = grad_post * activation'(pre)`.
     ActivationBackward,
+    /// `out = grad * activation'(...)` from what the activation saved.
+    ActivationGradient,
     /// `to = from * scale` between storages.
     Convert,
     /// Column sums: the bias gradient.
@@ -113,13 +115,14 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
         Kernel::BiasAdd,
         Kernel::BiasActivation,
         Kernel::ActivationBackward,
+        Kernel::ActivationGradient,
         Kernel::Convert,
         Kernel::ColumnSum,
         Kernel::Mean,
@@ -141,6 +144,7 @@ impl Kernel {
             Kernel::BiasAdd => "bias_add",
             Kernel::BiasActivation => "bias_activation",
             Kernel::ActivationBackward => "activation_backward",
+            Kernel::ActivationGradient => "activation_gradient",
             Kernel::Convert => "convert",
             Kernel::ColumnSum => "column_sum",
             Kernel::Mean => "mean",
@@ -161,6 +165,7 @@ impl Kernel {
             Kernel::BiasAdd
             | Kernel::BiasActivation
             | Kernel::ActivationBackward
+            | Kernel::ActivationGradient
             | Kernel::Convert => Family::Elementwise,
             Kernel::ColumnSum | Kernel::Mean | Kernel::Nonfinite => Family::Reduce,
             Kernel::SoftmaxCrossEntropy => Family::Loss,

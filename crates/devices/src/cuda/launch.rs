@@ -11,10 +11,10 @@ use super::shapes::{self, activation_code, GemmShape};
 use super::CudaDevice;
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
+use headroom_engine::plan::program::OptimizerState;
 use headroom_engine::plan::{Activation, Storage};
 use headroom_engine::step::{
-    Allocate, Kernels, OptimizerState, Stored, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON,
-    MOMENTUM,
+    Allocate, Kernels, Stored, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM,
 };
 
 /// Launches `kernel` on the device's stream with `config` and the arguments in order, and
@@ -114,7 +114,9 @@ impl CudaDevice {
         let result = self
             .stream
             .alloc_zeros::<T>(bytes / std::mem::size_of::<T>());
-        result.map_err(|e| self.classify("allocating", bytes as u64, e))
+        let slice = result.map_err(|e| self.classify("allocating", bytes as u64, e))?;
+        self.sample_peak();
+        Ok(slice)
     }
 
     fn download<T: DeviceRepr>(
@@ -354,6 +356,19 @@ impl Kernels for CudaDevice {
         let (n, code, storage) = (len as i64, activation_code(activation), pre.storage.code());
         launch!(self, Kernel::ActivationBackward, shapes::elementwise(len);
             holds(grad_post, len), holds_mut(pre, len), &n, &code, &storage)
+    }
+
+    fn activation_gradient(
+        &mut self,
+        grad: &DeviceValues,
+        saved: &DeviceValues,
+        out: &mut DeviceValues,
+        len: u64,
+        activation: Activation,
+    ) -> Result<(), DeviceError> {
+        let (n, code, storage) = (len as i64, activation_code(activation), out.storage.code());
+        launch!(self, Kernel::ActivationGradient, shapes::elementwise(len);
+            holds(grad, len), holds(saved, len), holds_mut(out, len), &n, &code, &storage)
     }
 
     fn convert(

@@ -133,6 +133,8 @@ pub struct CudaDevice {
     compute_capability: (i32, i32),
     /// A fault poisons the context until it is rebuilt.
     poisoned: bool,
+    /// Without pools: the most device memory seen used since the probe began.
+    sampled_peak: u64,
 }
 
 impl CudaDevice {
@@ -194,6 +196,7 @@ impl CudaDevice {
             total_bytes,
             compute_capability,
             poisoned: false,
+            sampled_peak: 0,
         })
     }
 
@@ -262,6 +265,45 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Bytes this process holds on the device now: the default pool's reservation, or without
+    /// pools the device's used memory (other processes' included).
+    fn held_bytes(&mut self) -> Result<u64, DeviceError> {
+        match self.default_pool() {
+            Some(pool) => self.pool_attribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+            ),
+            None => self
+                .memory()
+                .map(|(free, total)| total.saturating_sub(free)),
+        }
+    }
+
+    /// Without pools, the device's used memory after an allocation, kept if it is the most
+    /// since the probe began (the driver then counts nothing for this process alone).
+    pub(super) fn sample_peak(&mut self) {
+        if self.default_pool().is_none() {
+            if let Ok((free, total)) = self.memory() {
+                self.sampled_peak = self.sampled_peak.max(total.saturating_sub(free));
+            }
+        }
+    }
+
+    /// A `u64` attribute of `pool`.
+    fn pool_attribute(
+        &mut self,
+        pool: sys::CUmemoryPool,
+        attribute: CUmemPool_attribute,
+    ) -> Result<u64, DeviceError> {
+        let mut value = 0u64;
+        // SAFETY: the pool's byte attributes are u64s, written into `value`.
+        let read = unsafe {
+            sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast()).result()
+        };
+        read.map(|()| value)
+            .map_err(|e| self.classify("reading the memory pool", 0, e))
+    }
+
     /// Checks that the probe's memory came back: with pools, every byte of the pool's
     /// reservation; without, the device's used memory within a tolerance.
     fn check_returned(&mut self, before: u64) -> Result<(), DeviceError> {
@@ -298,27 +340,34 @@ impl Probing for CudaDevice {
             self.rebuild()?;
         }
         self.release_pooled_memory()?;
-        self.held_bytes()
+        let held = self.held_bytes()?;
+        match self.default_pool() {
+            Some(pool) => {
+                // The high watermark resets to what the pool reserves now.
+                let zero = 0u64;
+                // SAFETY: the attribute takes a u64, read from `zero`.
+                let reset = unsafe {
+                    sys::cuMemPoolSetAttribute(
+                        pool,
+                        CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                        (&zero as *const u64).cast_mut().cast(),
+                    )
+                    .result()
+                };
+                reset.map_err(|e| self.classify("resetting the pool's high watermark", 0, e))?;
+            }
+            None => self.sampled_peak = held,
+        }
+        Ok(held)
     }
 
-    fn held_bytes(&mut self) -> Result<u64, DeviceError> {
-        let Some(pool) = self.default_pool() else {
-            return self
-                .memory()
-                .map(|(free, total)| total.saturating_sub(free));
-        };
-        let mut reserved = 0u64;
-        // SAFETY: the attribute is a u64, written into `reserved`.
-        let read = unsafe {
-            sys::cuMemPoolGetAttribute(
-                pool,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-                (&mut reserved as *mut u64).cast(),
-            )
-            .result()
-        };
-        read.map(|()| reserved)
-            .map_err(|e| self.classify("reading the memory pool", 0, e))
+    fn peak_bytes(&mut self) -> Result<u64, DeviceError> {
+        match self.default_pool() {
+            Some(pool) => {
+                self.pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)
+            }
+            None => Ok(self.sampled_peak),
+        }
     }
 
     fn end_probe(&mut self, before: u64) -> Result<(), DeviceError> {

@@ -16,19 +16,21 @@ use std::sync::Arc;
 
 use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
+use headroom_engine::plan::program::OptimizerState;
 use headroom_engine::plan::{Activation, Storage};
-use headroom_engine::step::{Allocate, Kernels, OptimizerState, Stored, UpdateRule};
+use headroom_engine::step::{Allocate, Kernels, Stored, UpdateRule};
 use headroom_engine::synthetic;
 use values::{chunks, row_blocks, HostValues};
 
 /// Default budget of the host device: 256 MiB.
 pub const DEFAULT_BUDGET_BYTES: u64 = 256 << 20;
 
-/// Bytes charged against a budget.
+/// Bytes charged against a budget, and the most charged at once since the peak restarted.
 #[derive(Debug)]
 pub struct Ledger {
     budget: u64,
     used: AtomicU64,
+    peak: AtomicU64,
 }
 
 impl Ledger {
@@ -36,20 +38,34 @@ impl Ledger {
         Ledger {
             budget,
             used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
         }
     }
 
     fn charge(&self, bytes: u64) -> Result<(), DeviceError> {
-        self.used
+        let before = self
+            .used
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
                 used.checked_add(bytes)
                     .filter(|&total| total <= self.budget)
             })
-            .map(|_| ())
             .map_err(|used| DeviceError::OutOfMemory {
                 requested_bytes: bytes,
                 free_bytes: self.budget.saturating_sub(used),
-            })
+            })?;
+        self.peak.fetch_max(before + bytes, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Starts the peak anew from what is charged now, which it returns.
+    fn restart_peak(&self) -> u64 {
+        let used = self.used();
+        self.peak.store(used, Ordering::SeqCst);
+        used
+    }
+
+    fn peak(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
     }
 
     fn release(&self, bytes: u64) {
@@ -354,6 +370,23 @@ impl Kernels for HostDevice {
         Ok(())
     }
 
+    fn activation_gradient(
+        &mut self,
+        grad: &HostValues,
+        saved: &HostValues,
+        out: &mut HostValues,
+        len: u64,
+        activation: Activation,
+    ) -> Result<(), DeviceError> {
+        for range in chunks(usize_of(len), 1) {
+            let (grad, saved) = (grad.read(range.clone()), saved.read(range.clone()));
+            out.update(range, |out| {
+                ops::activation_gradient(&grad, &saved, out, activation)
+            });
+        }
+        Ok(())
+    }
+
     fn bias_gradient(
         &mut self,
         dy: &HostValues,
@@ -496,11 +529,11 @@ impl Probing for HostDevice {
     }
 
     fn begin_probe(&mut self) -> Result<u64, DeviceError> {
-        Ok(self.ledger.used())
+        Ok(self.ledger.restart_peak())
     }
 
-    fn held_bytes(&mut self) -> Result<u64, DeviceError> {
-        Ok(self.ledger.used())
+    fn peak_bytes(&mut self) -> Result<u64, DeviceError> {
+        Ok(self.ledger.peak())
     }
 
     fn end_probe(&mut self, before: u64) -> Result<(), DeviceError> {

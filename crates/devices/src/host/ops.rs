@@ -5,10 +5,9 @@
 
 use rayon::prelude::*;
 
+use headroom_engine::plan::program::OptimizerState;
 use headroom_engine::plan::Activation;
-use headroom_engine::step::{
-    OptimizerState, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM,
-};
+use headroom_engine::step::{UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM};
 
 /// `c (m x n) = a (m x k) * b (k x n)`, plus `c` when `accumulate`; each operand given by its
 /// row and column strides.
@@ -247,6 +246,27 @@ pub fn activation_backward(grad_post: &[f32], pre: &mut [f32], activation: Activ
                 *z = g * activation_derivative(activation, *z);
             }
         });
+}
+
+/// `out = grad * activation'(...)` from what the activation saved: its output for relu and tanh,
+/// its input for gelu.
+pub fn activation_gradient(grad: &[f32], saved: &[f32], out: &mut [f32], activation: Activation) {
+    out.par_chunks_mut(TASK)
+        .zip(grad.par_chunks(TASK).zip(saved.par_chunks(TASK)))
+        .for_each(|(out, (grad, saved))| {
+            for ((o, &g), &s) in out.iter_mut().zip(grad).zip(saved) {
+                *o = g * derivative_from_saved(activation, s);
+            }
+        });
+}
+
+/// The derivative of `activation` from what it saves: relu's and tanh's output, gelu's input.
+pub fn derivative_from_saved(activation: Activation, saved: f32) -> f32 {
+    match activation {
+        Activation::Relu => f32::from(u8::from(saved > 0.0)),
+        Activation::Tanh => 1.0 - saved * saved,
+        Activation::Gelu => activation_derivative(activation, saved),
+    }
 }
 
 /// `out[i] = synthetic::uniform(key, first + i, scale)`.

@@ -2,10 +2,11 @@
 //! finite differences in f64, hand-computed optimizer updates (in `ops`), and learning.
 
 use super::*;
-use crate::transfer::{read_parameters, trained_parameters};
+use crate::transfer::{read_all, read_parameters, trained_parameters};
 use headroom_engine::device::Device;
-use headroom_engine::plan::{Allocator, OptimizerKind, Plan, Precision, Storage};
-use headroom_engine::step::{initialise, train_step, StepBuffers, Update};
+use headroom_engine::plan::{Allocator, OptimizerKind, Plan, Precision, Storage, Training};
+use headroom_engine::plan::{Framework, Moment};
+use headroom_engine::step::Executor;
 use Activation::{Gelu, Relu, Tanh};
 use OptimizerKind::{Adam, Adamw, Sgd, SgdMomentum};
 
@@ -32,9 +33,12 @@ fn plan_with_rate(
         hidden,
         classes,
         activation,
-        optimizer,
-        rate,
-        Precision::F32True,
+        Training {
+            optimizer,
+            learning_rate: rate,
+            precision: Precision::F32True,
+            framework: Framework::Pytorch,
+        },
     )
     .unwrap()
 }
@@ -87,23 +91,25 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32]) -> f64 
 /// the largest gradient.
 fn gradient_error(plan: &Plan, rows: u64, seed: u64) -> f64 {
     let mut device = HostDevice::default();
-    let mut buffers = StepBuffers::allocate(plan, rows, &mut device).unwrap();
-    initialise(&mut device, plan, &mut buffers, seed).unwrap();
-    let params: Vec<f64> = read_parameters(&mut device, plan, &buffers)
+    let program = plan.program(rows, seed).unwrap();
+    let mut executor = Executor::setup(&mut device, &program).unwrap();
+    let params: Vec<f64> = read_parameters(&mut device, &program, &executor)
         .unwrap()
         .into_iter()
         .map(f64::from)
         .collect();
-    let inputs = buffers.inputs.to_f32_vec();
-    let labels = buffers.labels.to_vec();
-    let update = train_step(&mut device, plan, &mut buffers, 1).unwrap();
-    assert_eq!(update, Update::Applied, "{}", plan.precision);
+    let (inputs, labels) = program.inputs;
+    let inputs = executor.values(inputs).to_f32_vec();
+    let labels = executor.labels(labels).to_vec();
+    // Forward and backward, not the update: the gradients are alive then.
+    executor
+        .run(&mut device, program.until(Moment::Optimizer), None)
+        .unwrap();
     // Loss scaling leaves the gradients scaled; the update divides them.
-    let scale = buffers.loss_scale.map_or(1.0, |s| s.scale as f64);
-    let analytic: Vec<f64> = buffers
-        .layers
-        .iter()
-        .flat_map(|l| [l.weight_grad.to_f32_vec(), l.bias_grad.to_f32_vec()].concat())
+    let scale = executor.loss_scale.map_or(1.0, |s| s.scale as f64);
+    let analytic: Vec<f64> = read_all(&mut device, &program.gradients, &executor)
+        .unwrap()
+        .into_iter()
         .map(|g| g as f64 / scale)
         .collect();
     assert_eq!(analytic.len(), params.len());
@@ -120,7 +126,7 @@ fn gradient_error(plan: &Plan, rows: u64, seed: u64) -> f64 {
             / (2.0 * h);
         worst = worst.max((numeric - analytic[i]).abs() / largest);
     }
-    let row_loss = ops::mean(&buffers.row_loss.to_f32_vec()) as f64;
+    let row_loss = ops::mean(&executor.values(program.loss.0).to_f32_vec()) as f64;
     let want = loss_f64(plan, &params, &inputs, &labels);
     assert!(
         (row_loss - want).abs() < 1e-5 + gradient_tolerance(plan.precision) * want,
@@ -144,17 +150,59 @@ fn gradient_tolerance(precision: Precision) -> f64 {
 }
 
 #[test]
-fn gradients_match_finite_differences_in_every_precision_and_activation() {
-    for precision in Precision::ALL {
-        for activation in [Relu, Gelu, Tanh] {
-            let plan = Plan::new(5, &[4, 6], 3, activation, Sgd, 0.05, precision).unwrap();
-            let error = gradient_error(&plan, 7, 11);
-            eprintln!("{precision} {activation:?}: {error:.2e}");
-            assert!(
-                error <= gradient_tolerance(precision),
-                "{precision} {activation:?}: gradients {error:.2e} from finite differences"
-            );
+fn gradients_match_finite_differences_in_every_precision_activation_and_framework() {
+    for framework in [Framework::Pytorch, Framework::Headroom] {
+        for precision in Precision::ALL {
+            for activation in [Relu, Gelu, Tanh] {
+                let plan = Plan::new(
+                    5,
+                    &[4, 6],
+                    3,
+                    activation,
+                    Training {
+                        optimizer: Sgd,
+                        learning_rate: 0.05,
+                        precision,
+                        framework,
+                    },
+                )
+                .unwrap();
+                let error = gradient_error(&plan, 7, 11);
+                eprintln!("{framework} {precision} {activation:?}: {error:.2e}");
+                assert!(
+                    error <= gradient_tolerance(precision),
+                    "{framework} {precision} {activation:?}: gradients {error:.2e} from \
+                     finite differences"
+                );
+            }
         }
+    }
+}
+
+/// The two frameworks run the same arithmetic in another order of allocations: in f32 they train
+/// to the same parameters, bit for bit.
+#[test]
+fn both_frameworks_train_to_the_same_parameters_in_f32() {
+    for (activation, optimizer) in [(Relu, Adam), (Gelu, SgdMomentum), (Tanh, Adamw)] {
+        let [pytorch, headroom] = [Framework::Pytorch, Framework::Headroom].map(|framework| {
+            let plan = Plan::new(
+                9,
+                &[7, 5],
+                3,
+                activation,
+                Training {
+                    optimizer,
+                    learning_rate: 0.05,
+                    precision: Precision::F32True,
+                    framework,
+                },
+            )
+            .unwrap();
+            trained_parameters(&mut HostDevice::default(), &plan, 13, 3, 4)
+                .unwrap()
+                .0
+        });
+        assert_eq!(pytorch, headroom, "{activation:?} {optimizer:?}");
     }
 }
 
@@ -179,13 +227,35 @@ fn loss_goes_down_with_every_optimizer() {
 }
 
 #[test]
-fn a_probe_holds_exactly_the_modelled_bytes_and_returns_them() {
-    let plan = plan_of(784, &[128], 10, Relu, Adam);
+fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
     let mut device = HostDevice::default();
-    for batch in [1, 7, 129] {
-        let report = device.run_steps(&plan, batch, 1, 1).unwrap();
-        assert_eq!(report.device_bytes, plan.memory(batch).unwrap().total);
-        assert_eq!(device.used_bytes(), 0);
+    for framework in [Framework::Pytorch, Framework::Headroom] {
+        for precision in Precision::ALL {
+            for (activation, optimizer) in [(Relu, Adam), (Gelu, Sgd), (Tanh, SgdMomentum)] {
+                let plan = Plan::new(
+                    784,
+                    &[128, 64],
+                    10,
+                    activation,
+                    Training {
+                        optimizer,
+                        learning_rate: 0.01,
+                        precision,
+                        framework,
+                    },
+                )
+                .unwrap();
+                for batch in [1, 7, 129, 1000] {
+                    let report = device.run_steps(&plan, batch, 2, 1).unwrap();
+                    let modelled = plan.memory(batch).unwrap();
+                    assert_eq!(
+                        report.device_bytes, modelled.total,
+                        "{framework} {precision} {activation:?} {optimizer:?} at {batch}"
+                    );
+                    assert_eq!(device.used_bytes(), 0);
+                }
+            }
+        }
     }
 }
 

@@ -4,8 +4,9 @@ use super::{compare, compare_bits, poison, random, round, rounded, tolerance, Ch
 use crate::host::ops;
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
+use headroom_engine::plan::program::OptimizerState;
 use headroom_engine::plan::{Activation, OptimizerKind, Storage};
-use headroom_engine::step::{OptimizerState, UpdateRule};
+use headroom_engine::step::UpdateRule;
 use headroom_engine::synthetic;
 
 const STORAGES: [Storage; 3] = [Storage::F32, Storage::Bf16, Storage::F16];
@@ -195,6 +196,26 @@ fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
 
             let grad = rounded(&random(rows * cols, 8), storage);
             let grad_d = device.write_values(&grad, storage)?;
+            // From what PyTorch's activation saves: relu's and tanh's output, gelu's input.
+            let saved = match activation {
+                Activation::Gelu => &pre,
+                _ => &post,
+            };
+            let saved_values = device.read_values(saved, len)?;
+            let mut out = device.write_values(&vec![f32::NAN; rows * cols], storage)?;
+            device.activation_gradient(&grad_d, saved, &mut out, len, activation)?;
+            let want: Vec<f32> = grad
+                .iter()
+                .zip(&saved_values)
+                .map(|(&g, &s)| round(g * ops::derivative_from_saved(activation, s), storage))
+                .collect();
+            let got = device.read_values(&out, len)?;
+            checks.push(compare(
+                format!("{name} gradient from the saved tensor"),
+                &got,
+                &want,
+                tolerance,
+            ));
             let got_pre = device.read_values(&pre, len)?;
             device.activation_backward(&grad_d, &mut pre, len, activation)?;
             let want: Vec<f32> = grad

@@ -6,7 +6,10 @@ use crate::host::HostDevice;
 use crate::transfer::trained_parameters;
 use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, Probing};
-use headroom_engine::plan::{Activation, OptimizerKind, Plan, Precision, LOSS_SCALE_INITIAL};
+use headroom_engine::plan::Framework;
+use headroom_engine::plan::{
+    Activation, OptimizerKind, Plan, Precision, Training, LOSS_SCALE_INITIAL,
+};
 
 /// The accepted difference of parameters after three steps in `precision`: f32's tolerance,
 /// or one unit of the 16-bit storage the step computes in. The master parameters of the mixed
@@ -22,37 +25,54 @@ fn training_tolerance(precision: Precision) -> f64 {
 pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check>, DeviceError> {
     let mut checks = Vec::new();
     let f32_runs = [
-        (OptimizerKind::Sgd, Activation::Relu),
-        (OptimizerKind::SgdMomentum, Activation::Tanh),
-        (OptimizerKind::Adam, Activation::Gelu),
-        (OptimizerKind::Adamw, Activation::Relu),
+        (OptimizerKind::Sgd, Activation::Relu, Framework::Pytorch),
+        (
+            OptimizerKind::SgdMomentum,
+            Activation::Tanh,
+            Framework::Headroom,
+        ),
+        (OptimizerKind::Adam, Activation::Gelu, Framework::Pytorch),
+        (OptimizerKind::Adamw, Activation::Relu, Framework::Headroom),
+        (
+            OptimizerKind::SgdMomentum,
+            Activation::Tanh,
+            Framework::Pytorch,
+        ),
     ];
     let half_runs = [
-        (OptimizerKind::SgdMomentum, Activation::Gelu),
-        (OptimizerKind::Adamw, Activation::Relu),
+        (
+            OptimizerKind::SgdMomentum,
+            Activation::Gelu,
+            Framework::Pytorch,
+        ),
+        (OptimizerKind::Adamw, Activation::Relu, Framework::Headroom),
     ];
     for precision in Precision::ALL {
-        let runs: &[(OptimizerKind, Activation)] = match precision {
+        let runs: &[(OptimizerKind, Activation, Framework)] = match precision {
             Precision::F32True => &f32_runs,
             _ => &half_runs,
         };
-        for &(optimizer, activation) in runs {
+        for &(optimizer, activation, framework) in runs {
             let learning_rate = optimizer.default_learning_rate() as f32;
             let plan = Plan::new(
                 49,
                 &[129, 33],
                 10,
                 activation,
-                optimizer,
-                learning_rate,
-                precision,
+                Training {
+                    optimizer,
+                    learning_rate,
+                    precision,
+                    framework,
+                },
             )
             .expect("the parity model plans");
             let (want, _) = trained_parameters(&mut HostDevice::default(), &plan, 1000, 3, 42)?;
             let (got, _) = trained_parameters(device, &plan, 1000, 3, 42)?;
             checks.push(compare(
                 format!(
-                    "3 training steps, {optimizer:?} + {activation:?}, batch 1000, {precision}"
+                    "3 training steps, {optimizer:?} + {activation:?}, batch 1000, {precision}, \
+                     {framework}'s step"
                 ),
                 &got,
                 &want,
@@ -74,9 +94,12 @@ fn check_loss_scaling<D: Probing + Transfer>(device: &mut D) -> Result<Check, De
         &[129, 33],
         10_000,
         Activation::Relu,
-        OptimizerKind::Sgd,
-        0.01,
-        Precision::F16Mixed,
+        Training {
+            optimizer: OptimizerKind::Sgd,
+            learning_rate: 0.01,
+            precision: Precision::F16Mixed,
+            framework: Framework::Pytorch,
+        },
     )
     .expect("the parity model plans");
     let (want, want_scale) = trained_parameters(&mut HostDevice::default(), &plan, 1, 6, 42)?;

@@ -66,7 +66,7 @@ pub async fn estimate(
             let gpu = catalogue::find(&name).map_err(|reason| {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, reason.to_string()).with_field("gpu")
             })?;
-            vec![catalogue::estimate_for(&job, gpu.name, gpu.memory_bytes())]
+            vec![catalogue::estimate_for(&job, gpu)]
         }
         (None, None) => catalogue::every_gpu(&job),
     };

@@ -21,6 +21,11 @@ pub struct JobSpec {
     /// `bf16-mixed`, `16-mixed` or `bf16-true`.
     #[serde(default)]
     precision: Precision,
+    /// Whose training step the answer describes: `pytorch` (default), PyTorch's own order of
+    /// allocations and frees and its optimizers' temporaries, or `headroom`, headroom's kernels
+    /// with every buffer held for the whole step.
+    #[serde(default)]
+    framework: Framework,
     /// The older way to say `32-true`: `"dtype": "f32"`. A validated job never carries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(deprecated)]
@@ -75,6 +80,30 @@ pub struct OptimizerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(exclusive_minimum = 0.0)]
     learning_rate: Option<f64>,
+}
+
+/// Whose training step the answer describes.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Framework {
+    /// PyTorch's: its order of allocations and frees, its optimizers' temporaries.
+    Pytorch,
+    /// headroom's own kernels, every buffer held for the whole step.
+    Headroom,
+}
+
+/// The part of a training step in which memory peaks.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Moment {
+    /// Before the first step: parameters, optimizer state, the batch.
+    Setup,
+    /// The forward pass and the loss.
+    Forward,
+    /// Backward.
+    Backward,
+    /// The optimizer's update (and, for PyTorch, `zero_grad`).
+    Optimizer,
 }
 
 /// The element type of older jobs: `f32` only, an alias of `"precision": "32-true"`.
@@ -219,6 +248,9 @@ pub struct TuneAnswer {
     /// Set when this precision holds fewer samples than `32-true` would, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     precision_note: Option<String>,
+    /// Whose training step the probes ran and the prediction describes (`headroom` for results
+    /// from before the PyTorch profile).
+    framework: Framework,
     /// The throughput knee: the smallest measured batch within `search.knee_tolerance` of the best
     /// samples/s. A larger batch trains little faster.
     throughput_batch_size: u64,
@@ -318,7 +350,7 @@ pub struct Accumulation {
     note: Option<String>,
 }
 
-/// Device bytes of one training step, in the four places training uses memory.
+/// Device bytes of one training step at its peak, in the four places training uses memory.
 #[derive(Serialize, ToSchema)]
 pub struct MemoryBreakdown {
     /// Weights and biases.
@@ -333,6 +365,9 @@ pub struct MemoryBreakdown {
     activations: u64,
     /// Sum of the above.
     total: u64,
+    /// When in the step the peak falls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peak_at: Option<Moment>,
 }
 
 /// Which implementation a device is.
@@ -373,11 +408,14 @@ pub struct Estimate {
     /// Set when this precision holds fewer samples than `32-true` would, and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     precision_note: Option<String>,
+    /// Whose training step the prediction describes.
+    framework: Framework,
     /// Trainable parameters.
     parameter_count: u64,
-    /// Bytes independent of the batch size.
+    /// Bytes independent of the batch size, at the instant of the step that peaks at the
+    /// predicted batch.
     fixed_bytes: u64,
-    /// Bytes each sample adds.
+    /// Bytes each sample adds, at that instant.
     bytes_per_sample: u64,
     /// Largest batch the model predicts fits (capped by `search.max` and `dataset_size`).
     predicted_max_batch_size: u64,
@@ -553,12 +591,12 @@ mod tests {
         };
         check(&answer, Ok("TuneResult"));
 
-        let fits = catalogue::estimate_for(&job, "H100 80GB", 80 << 30);
+        let fits = catalogue::estimate_on(&job, "H100 80GB", 80 << 30, (9, 0));
         let mut estimate = fits.estimate.clone().unwrap();
         estimate.precision_note = Some("a note".into());
         let card = catalogue::GpuEstimate {
             estimate: Some(estimate),
-            does_not_fit: catalogue::estimate_for(&job, "tiny", 1 << 10).does_not_fit,
+            does_not_fit: catalogue::estimate_on(&job, "tiny", 1 << 10, (9, 0)).does_not_fit,
             ..fits
         };
         check(&card, Ok("GpuEstimate"));

@@ -1,11 +1,15 @@
 //! The model plan: layer shapes, every buffer of a training step, the four-part memory model and
 //! the prediction of the largest batch a device holds.
 //!
-//! Every device allocates exactly the buffers [`Plan::buffers`] lists, in that order
-//! ([`crate::step::StepBuffers`]), so the bytes modelled here are the bytes a probe asks the
-//! device for; an [`Allocator`] adds how the device rounds each request.
+//! A device runs a plan's [`program::Program`]: it allocates and frees exactly the buffers the
+//! program lists, in its order, so the bytes modelled here are the bytes a probe asks the device
+//! for; an [`Allocator`] adds how the device rounds each request.
 
 use serde::{Deserialize, Serialize};
+
+pub mod program;
+
+pub use program::{Framework, Moment};
 
 /// How a buffer of values stores them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,7 +227,22 @@ pub struct Plan {
     pub learning_rate: f32,
     /// How values are stored and computed.
     pub precision: Precision,
+    /// Whose step the program follows.
+    pub framework: Framework,
     parameter_count: u64,
+}
+
+/// How a model is trained: the update rule and its step size, the precision, and whose step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Training {
+    /// Update rule.
+    pub optimizer: OptimizerKind,
+    /// Step size of the update rule.
+    pub learning_rate: f32,
+    /// How values are stored and computed.
+    pub precision: Precision,
+    /// Whose step the program follows.
+    pub framework: Framework,
 }
 
 /// The plan's byte counts do not fit in `u64`.
@@ -232,7 +251,7 @@ pub struct Plan {
 pub struct Overflow;
 
 /// Which of the four places training uses memory a buffer belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Part {
     /// Weights and biases.
     Parameters,
@@ -272,6 +291,10 @@ pub enum Allocator {
     /// The CUDA allocator's pages: 2 MiB pages from 1 MiB up, 512-byte granules below. The
     /// granularity is the driver's documented page size; docs/gpu-runs.md tracks its check on a GPU.
     CudaPages,
+    /// PyTorch's CUDA caching allocator as `torch.cuda.memory_allocated` counts it: every block
+    /// rounded up to 512 bytes. What it reserves beyond that (segments of 2 MiB and 20 MiB,
+    /// fragmentation) is not modelled; docs/gpu-runs.md says how a GPU run checks it.
+    PytorchCaching,
 }
 
 impl Allocator {
@@ -280,7 +303,7 @@ impl Allocator {
         match self {
             Allocator::Exact => Some(bytes),
             Allocator::CudaPages if bytes >= 1 << 20 => round_up(bytes, 2 << 20),
-            Allocator::CudaPages => round_up(bytes, 512),
+            Allocator::CudaPages | Allocator::PytorchCaching => round_up(bytes, 512),
         }
     }
 }
@@ -289,7 +312,7 @@ fn round_up(value: u64, to: u64) -> Option<u64> {
     Some(value.checked_add(to - 1)? / to * to)
 }
 
-/// Device bytes of one training step, in the four places training uses memory.
+/// Device bytes of one training step at its peak, in the four places training uses memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryBreakdown {
     /// Weights and biases.
@@ -304,6 +327,42 @@ pub struct MemoryBreakdown {
     pub activations: u64,
     /// Sum of the above.
     pub total: u64,
+    /// When in the step the peak falls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_at: Option<Moment>,
+}
+
+impl MemoryBreakdown {
+    /// The bytes of `part`.
+    pub fn part(&self, part: Part) -> u64 {
+        match part {
+            Part::Parameters => self.parameters,
+            Part::Gradients => self.gradients,
+            Part::OptimizerState => self.optimizer_state,
+            Part::BatchData => self.batch_data,
+            Part::Activations => self.activations,
+        }
+    }
+
+    /// The bytes of `part`, to change.
+    pub fn part_mut(&mut self, part: Part) -> &mut u64 {
+        match part {
+            Part::Parameters => &mut self.parameters,
+            Part::Gradients => &mut self.gradients,
+            Part::OptimizerState => &mut self.optimizer_state,
+            Part::BatchData => &mut self.batch_data,
+            Part::Activations => &mut self.activations,
+        }
+    }
+}
+
+/// A straight line of the step's memory against the batch size, at one instant of the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeakLine {
+    /// Bytes that do not depend on the batch size.
+    pub fixed_bytes: u64,
+    /// Bytes each sample adds.
+    pub bytes_per_sample: u64,
 }
 
 /// Batch size 1 does not fit: what it needs and what there is.
@@ -329,10 +388,14 @@ impl Plan {
         hidden: &[u64],
         classes: u64,
         activation: Activation,
-        optimizer: OptimizerKind,
-        learning_rate: f32,
-        precision: Precision,
+        training: Training,
     ) -> Result<Plan, Overflow> {
+        let Training {
+            optimizer,
+            learning_rate,
+            precision,
+            framework,
+        } = training;
         let widths: Vec<u64> = std::iter::once(features)
             .chain(hidden.iter().copied())
             .chain(std::iter::once(classes))
@@ -357,6 +420,7 @@ impl Plan {
             optimizer,
             learning_rate,
             precision,
+            framework,
             parameter_count: parameter_count.ok_or(Overflow)?,
         };
         // The fixed part and one sample must be representable; larger batches are checked per use.
@@ -391,121 +455,71 @@ impl Plan {
         self.hidden_widths().max().unwrap_or(0)
     }
 
-    /// Every allocation of a step at `batch_size`, in the order devices make them ([`Precision`]
-    /// says what each holds): per layer its weights, biases, their gradients, optimizer state
-    /// and, when mixed, the half copies of weights and biases; then the inputs, the labels and,
-    /// when mixed, the half copy of the inputs; each hidden layer's pre- and post-activation; the
-    /// logits (overwritten by their gradient), when mixed their f32 copy; the per-sample loss,
-    /// the backward scratch, the one-value mean loss and, with loss scaling, the one-value
-    /// overflow flag. `None` past `u64`.
-    pub fn buffers(&self, batch_size: u64) -> Option<Vec<Buffer>> {
-        let master = Element::Value(self.precision.master());
-        let compute = Element::Value(self.precision.compute());
-        let f32 = Element::Value(Storage::F32);
-        let buffer = |part, elements, element| Buffer {
-            part,
-            elements,
-            element,
-        };
-        let states = self.optimizer.state_per_parameter();
-        let mixed = self.precision.is_mixed();
-        let mut buffers = Vec::new();
-        for layer in &self.layers {
-            buffers.push(buffer(Part::Parameters, layer.weights(), master));
-            buffers.push(buffer(Part::Parameters, layer.outputs, master));
-            buffers.push(buffer(Part::Gradients, layer.weights(), master));
-            buffers.push(buffer(Part::Gradients, layer.outputs, master));
-            for _ in 0..states {
-                buffers.push(buffer(Part::OptimizerState, layer.weights(), master));
-            }
-            for _ in 0..states {
-                buffers.push(buffer(Part::OptimizerState, layer.outputs, master));
-            }
-            if mixed {
-                buffers.push(buffer(Part::Parameters, layer.weights(), compute));
-                buffers.push(buffer(Part::Parameters, layer.outputs, compute));
-            }
-        }
-        let per_row = |width: u64| batch_size.checked_mul(width);
-        let features = per_row(self.input_features())?;
-        buffers.push(buffer(Part::BatchData, features, master));
-        buffers.push(buffer(Part::BatchData, batch_size, Element::Label));
-        if mixed {
-            buffers.push(buffer(Part::BatchData, features, compute));
-        }
-        for width in self.hidden_widths() {
-            buffers.push(buffer(Part::Activations, per_row(width)?, compute));
-            buffers.push(buffer(Part::Activations, per_row(width)?, compute));
-        }
-        let logits = per_row(self.num_classes())?;
-        buffers.push(buffer(Part::Activations, logits, compute));
-        if mixed {
-            buffers.push(buffer(Part::Activations, logits, f32));
-        }
-        buffers.push(buffer(Part::Activations, batch_size, f32));
-        if self.scratch_width() > 0 {
-            let scratch = per_row(self.scratch_width())?;
-            buffers.push(buffer(Part::Activations, scratch, compute));
-        }
-        buffers.push(buffer(Part::Activations, 1, f32));
-        if self.precision.scales_loss() {
-            buffers.push(buffer(Part::Activations, 1, f32));
-        }
-        Some(buffers)
-    }
-
-    /// The exact breakdown at `batch_size`, or `None` if it overflows `u64`.
+    /// The breakdown at the step's peak at `batch_size` (exact bytes), or `None` if it
+    /// overflows `u64`.
     pub fn memory(&self, batch_size: u64) -> Option<MemoryBreakdown> {
-        let mut memory = MemoryBreakdown::default();
-        for buffer in self.buffers(batch_size)? {
-            let bytes = buffer.bytes()?;
-            let part = match buffer.part {
-                Part::Parameters => &mut memory.parameters,
-                Part::Gradients => &mut memory.gradients,
-                Part::OptimizerState => &mut memory.optimizer_state,
-                Part::BatchData => &mut memory.batch_data,
-                Part::Activations => &mut memory.activations,
-            };
-            *part = part.checked_add(bytes)?;
-            memory.total = memory.total.checked_add(bytes)?;
-        }
-        Some(memory)
-    }
-
-    /// Bytes the device takes for a step at `batch_size`, each buffer rounded by `allocator`.
-    pub fn device_bytes(&self, batch_size: u64, allocator: Allocator) -> Option<u64> {
-        self.buffers(batch_size)?.iter().try_fold(0u64, |total, b| {
-            total.checked_add(allocator.charge(b.bytes()?)?)
+        let peak = self.program(batch_size, 0)?.peak(Allocator::Exact)?;
+        Some(MemoryBreakdown {
+            peak_at: Some(peak.moment),
+            ..peak.memory
         })
     }
 
-    /// Bytes that do not depend on the batch size: parameters, gradients, optimizer state and
-    /// the one-value loss accumulator.
-    pub fn fixed_bytes(&self) -> u64 {
-        self.memory(0).map_or(u64::MAX, |m| m.total)
+    /// Bytes the device takes at the step's peak at `batch_size`, each buffer rounded by
+    /// `allocator`.
+    pub fn device_bytes(&self, batch_size: u64, allocator: Allocator) -> Option<u64> {
+        Some(self.program(batch_size, 0)?.peak(allocator)?.bytes)
     }
 
-    /// Bytes each sample of the batch adds.
+    /// The line of the step's peak at `batch_size`: the bytes that do not depend on the batch
+    /// and those each sample adds, at the instant that peaks there (a step whose buffers live
+    /// at different times peaks at different instants for different batches).
+    pub fn peak_line(&self, batch_size: u64) -> PeakLine {
+        let at = self
+            .program(batch_size, 0)
+            .and_then(|program| program.peak(Allocator::Exact))
+            .map_or(0, |peak| peak.allocation);
+        let bytes_at = |rows: u64| {
+            self.program(rows, 0)
+                .and_then(|program| program.memory_at(at))
+                .map_or(u64::MAX, |memory| memory.total)
+        };
+        let fixed_bytes = bytes_at(0);
+        PeakLine {
+            fixed_bytes,
+            bytes_per_sample: bytes_at(1).saturating_sub(fixed_bytes),
+        }
+    }
+
+    /// Bytes that do not depend on the batch size, at the peak of a one-sample step.
+    pub fn fixed_bytes(&self) -> u64 {
+        self.peak_line(1).fixed_bytes
+    }
+
+    /// Bytes each sample adds, at the peak of a one-sample step.
     pub fn bytes_per_sample(&self) -> u64 {
-        self.memory(1)
-            .map_or(u64::MAX, |m| m.total - self.fixed_bytes())
+        self.peak_line(1).bytes_per_sample
     }
 
     /// The largest batch whose step fits in `free_bytes` on a device that rounds like
-    /// `allocator`, or 0 if not even one sample fits.
+    /// `allocator`, or 0 if not even one sample fits. A step's peak only grows with the batch,
+    /// so the largest is found by doubling, then bisection.
     pub fn predict_max_batch(&self, free_bytes: u64, allocator: Allocator) -> u64 {
         let fits = |batch| {
             self.device_bytes(batch, allocator)
                 .is_some_and(|bytes| bytes <= free_bytes)
         };
-        // Rounding only adds bytes, so the exact prediction bounds the rounded one.
-        let mut high = free_bytes
-            .checked_sub(self.fixed_bytes())
-            .map_or(0, |room| room / self.bytes_per_sample());
-        if allocator == Allocator::Exact || high == 0 || fits(high) {
-            return high;
+        if !fits(1) {
+            return 0;
         }
-        let mut low = 0;
+        let (mut low, mut high) = (1u64, 2u64);
+        while fits(high) {
+            low = high;
+            match high.checked_mul(2) {
+                Some(next) => high = next,
+                None => return low,
+            }
+        }
         while high - low > 1 {
             let middle = low + (high - low) / 2;
             if fits(middle) {
@@ -514,26 +528,23 @@ impl Plan {
                 high = middle;
             }
         }
-        if fits(high) {
-            high
-        } else {
-            low
-        }
+        low
     }
 
     /// What batch size 1 needs, for a device with `free_bytes` free that cannot hold it.
     pub fn does_not_fit(&self, free_bytes: u64) -> DoesNotFit {
+        let line = self.peak_line(1);
         DoesNotFit {
-            fixed_bytes: self.fixed_bytes(),
-            batch_one_bytes: self.memory(1).map_or(u64::MAX, |m| m.total),
+            fixed_bytes: line.fixed_bytes,
+            batch_one_bytes: line.fixed_bytes.saturating_add(line.bytes_per_sample),
             free_bytes,
         }
     }
 
     /// Says so when this plan's half precision holds fewer samples than `32-true` would in
     /// `free_bytes`, since users expect the opposite: mixed precision keeps the f32 input the
-    /// loader delivers and adds autocast's half copy of it, which for an input-heavy MLP outweighs
-    /// what half activations save.
+    /// loader delivers and adds autocast's half copy of it (and PyTorch's `bf16-true` holds both
+    /// while it casts), which for an input-heavy MLP outweighs what half activations save.
     pub fn precision_note(&self, free_bytes: u64, allocator: Allocator) -> Option<String> {
         let full = Plan {
             precision: Precision::F32True,
@@ -542,14 +553,21 @@ impl Plan {
         let here = self.predict_max_batch(free_bytes, allocator);
         let there = full.predict_max_batch(free_bytes, allocator);
         (self.precision != Precision::F32True && here < there).then(|| {
+            let why = if self.precision.is_mixed() {
+                "autocast keeps the f32 input batch and adds a half copy of it, which outweighs \
+                 the halved activations of this input-heavy model; a wider model gains from half \
+                 precision"
+            } else {
+                "PyTorch holds the loader's f32 batch beside its bf16 cast until the cast is \
+                 done, which outweighs the halved activations of this input-heavy model; a \
+                 loader that delivers bf16, or a wider model, gains from half precision"
+            };
             format!(
                 "{} holds fewer samples than 32-true would here (the memory model: {here} against \
-                 {there}, {} against {} bytes a sample): autocast keeps the f32 input batch and \
-                 adds a half copy of it, which outweighs the halved activations of this \
-                 input-heavy model; bf16-true, or a wider model, gains from half precision",
+                 {there}, {} against {} bytes a sample): {why}",
                 self.precision,
-                self.bytes_per_sample(),
-                full.bytes_per_sample(),
+                self.peak_line(here.max(1)).bytes_per_sample,
+                full.peak_line(there.max(1)).bytes_per_sample,
             )
         })
     }
@@ -581,9 +599,12 @@ mod tests {
             hidden,
             classes,
             Activation::Relu,
-            optimizer,
-            0.01,
-            Precision::F32True,
+            Training {
+                optimizer,
+                learning_rate: 0.01,
+                precision: Precision::F32True,
+                framework: Framework::Headroom,
+            },
         )
         .unwrap()
     }
@@ -614,22 +635,27 @@ mod tests {
         assert_eq!(m.batch_data, 100 * (784 + 1) * 4);
         // pre + post of the hidden layer, logits, per-sample loss, scratch of width 128; + loss sum
         assert_eq!(m.activations, (100 * (2 * 128 + 10 + 1 + 128) + 1) * 4);
+        assert_eq!(m.peak_at, Some(Moment::Setup));
         assert_eq!(
             m.total,
             m.parameters + m.gradients + m.batch_data + m.activations
         );
     }
 
-    /// A ReLU MLP to 10 classes under Adam.
+    /// A ReLU MLP to 10 classes under Adam, headroom's step (its memory is affine in the batch:
+    /// every buffer lives for the whole step).
     fn adam_mlp(features: u64, hidden: &[u64], precision: Precision) -> Plan {
         Plan::new(
             features,
             hidden,
             10,
             Activation::Relu,
-            OptimizerKind::Adam,
-            0.001,
-            precision,
+            Training {
+                optimizer: OptimizerKind::Adam,
+                learning_rate: 0.001,
+                precision,
+                framework: Framework::Headroom,
+            },
         )
         .unwrap()
     }

@@ -1,0 +1,1059 @@
+//! A training step as a program: every buffer it allocates and frees and every kernel it runs, in
+//! order, compiled from a [`Plan`] for one batch size. The memory model walks the program's
+//! allocations ([`Program::peak`]) and every device runs the same program
+//! ([`crate::step::Executor`]), so the bytes modelled are the bytes a probe asks for, in the
+//! order it asks for them.
+//!
+//! Two frameworks compile differently ([`Framework`]):
+//!
+//! - `pytorch` follows what PyTorch does for the same model, optimizer and precision, step by
+//!   step as its autograd and `foreach` optimizers allocate and free: the loader's batch, each
+//!   layer's output, autocast's copies (kept while backward needs them), autograd's saved
+//!   tensors freed after their last use in backward, gradients created in backward and freed by
+//!   `zero_grad(set_to_none=True)`, and the temporaries of the optimizer's update. Where
+//!   headroom's kernels need less than PyTorch's (a fused update needs no `sqrt(v)` list; the
+//!   fused loss needs no separate one-hot gradient) the program still holds PyTorch's buffer for
+//!   as long as PyTorch holds it, so that a probe's peak is PyTorch's peak.
+//! - `headroom` allocates every buffer once, before the first step, and keeps it: the step of
+//!   headroom's own kernels, as earlier versions modelled it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Activation, Allocator, Buffer, Element, MemoryBreakdown, Part, Plan, Storage};
+use crate::synthetic;
+
+/// Whose training step the answer describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Framework {
+    /// PyTorch's: its order of allocations and frees, its optimizers' temporaries.
+    #[default]
+    Pytorch,
+    /// headroom's own kernels, every buffer held for the whole step.
+    Headroom,
+}
+
+impl Framework {
+    /// The framework of results stored before jobs named one: headroom's own step.
+    pub fn before_profiles() -> Framework {
+        Framework::Headroom
+    }
+
+    /// Its name in a job.
+    pub fn name(self) -> &'static str {
+        match self {
+            Framework::Pytorch => "pytorch",
+            Framework::Headroom => "headroom",
+        }
+    }
+}
+
+impl std::fmt::Display for Framework {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A buffer of a program: where an executor keeps it between its allocation and its free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot(pub usize);
+
+/// The part of a training step an instruction belongs to, for saying when memory peaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Moment {
+    /// Before the first step: parameters, optimizer state, the batch.
+    Setup,
+    /// The forward pass and the loss.
+    Forward,
+    /// Backward.
+    Backward,
+    /// The optimizer's update (and, for PyTorch, `zero_grad`).
+    Optimizer,
+}
+
+impl std::fmt::Display for Moment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Moment::Setup => "setup before the forward pass",
+            Moment::Forward => "forward pass",
+            Moment::Backward => "backward pass",
+            Moment::Optimizer => "optimizer step",
+        })
+    }
+}
+
+/// What a conversion multiplies by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scale {
+    /// A plain cast.
+    One,
+    /// The loss scale in force (`16-mixed`), 1 without loss scaling.
+    Loss,
+}
+
+/// One instruction of a program. Sizes are in elements; `rows` is the batch size.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Instr {
+    /// Allocate `buffer`, zeroed, into `slot`.
+    Alloc {
+        /// Where it goes.
+        slot: Slot,
+        /// What it is.
+        buffer: Buffer,
+    },
+    /// Free the buffer in `slot`.
+    Free(Slot),
+    /// What follows belongs to this moment of the step.
+    Enter(Moment),
+    /// `out[i] = uniform(key, i) * scale`.
+    FillUniform {
+        /// The buffer filled.
+        out: Slot,
+        /// Its length.
+        len: u64,
+        /// The stream's key.
+        key: u64,
+        /// The scale.
+        scale: f32,
+    },
+    /// The labels of the synthetic task.
+    FillLabels {
+        /// The labels written.
+        labels: Slot,
+        /// The inputs they depend on.
+        inputs: Slot,
+        /// Samples.
+        rows: u64,
+        /// Input features.
+        features: u64,
+        /// Classes.
+        classes: u64,
+    },
+    /// `to = from * scale`, rounded to `to`'s storage.
+    Convert {
+        /// Read.
+        from: Slot,
+        /// Written.
+        to: Slot,
+        /// Elements.
+        len: u64,
+        /// The factor.
+        scale: Scale,
+    },
+    /// `y = x * w^T`.
+    LinearForward {
+        /// `rows x inputs`.
+        x: Slot,
+        /// `outputs x inputs`.
+        w: Slot,
+        /// `rows x outputs`.
+        y: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Input width.
+        inputs: u64,
+        /// Output width.
+        outputs: u64,
+    },
+    /// `pre += bias`, then `post = activation(pre)` when `post` is given.
+    BiasActivation {
+        /// The product, biased in place.
+        pre: Slot,
+        /// The bias.
+        bias: Slot,
+        /// The activation's output, if any.
+        post: Option<Slot>,
+        /// Batch size.
+        rows: u64,
+        /// Width.
+        cols: u64,
+        /// The non-linearity.
+        activation: Activation,
+    },
+    /// `pre = grad_post * activation'(pre)`, in place.
+    ActivationBackward {
+        /// The gradient of the activation's output.
+        grad_post: Slot,
+        /// The pre-activation, replaced by its gradient.
+        pre: Slot,
+        /// Elements.
+        len: u64,
+        /// The non-linearity.
+        activation: Activation,
+    },
+    /// `out = grad * activation'(...)` from what PyTorch saves: the output for relu and tanh,
+    /// the input for gelu.
+    ActivationGradient {
+        /// The gradient of the activation's output.
+        grad: Slot,
+        /// What the activation saved.
+        saved: Slot,
+        /// The gradient of its input, written.
+        out: Slot,
+        /// Elements.
+        len: u64,
+        /// The non-linearity.
+        activation: Activation,
+    },
+    /// `dw = dy^T * x`.
+    WeightGradient {
+        /// `rows x outputs`.
+        dy: Slot,
+        /// `rows x inputs`.
+        x: Slot,
+        /// `outputs x inputs`.
+        dw: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Input width.
+        inputs: u64,
+        /// Output width.
+        outputs: u64,
+    },
+    /// `dx = dy * w`.
+    InputGradient {
+        /// `rows x outputs`.
+        dy: Slot,
+        /// `outputs x inputs`.
+        w: Slot,
+        /// `rows x inputs`.
+        dx: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Input width.
+        inputs: u64,
+        /// Output width.
+        outputs: u64,
+    },
+    /// `db[j] = sum_i dy[i, j]`.
+    BiasGradient {
+        /// `rows x cols`.
+        dy: Slot,
+        /// `cols`.
+        db: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Width.
+        cols: u64,
+    },
+    /// Per-sample losses, and the logits replaced by the gradient of the mean loss.
+    SoftmaxCrossEntropy {
+        /// Logits in, their gradient out.
+        logits: Slot,
+        /// The labels.
+        labels: Slot,
+        /// Per-sample losses, f32.
+        row_loss: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Classes.
+        classes: u64,
+    },
+    /// Under loss scaling: whether any gradient overflowed (`flag` gathers the answer); the
+    /// updates that follow are skipped if so.
+    CheckOverflow {
+        /// Every gradient, with its length.
+        gradients: Vec<(Slot, u64)>,
+        /// One value.
+        flag: Slot,
+    },
+    /// One optimizer update of `param` from `grad`.
+    OptimizerStep {
+        /// Updated in place.
+        param: Slot,
+        /// Its gradient.
+        grad: Slot,
+        /// What the optimizer keeps for it.
+        state: OptimizerState<Slot>,
+        /// Elements.
+        len: u64,
+    },
+}
+
+/// A compiled training step at one batch size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Program {
+    /// The batch size it trains.
+    pub batch_size: u64,
+    /// How many slots an executor needs.
+    pub slots: usize,
+    /// Once per probe, before the first step: persistent buffers and their first values.
+    pub setup: Vec<Instr>,
+    /// Every training step; it frees whatever it allocates.
+    pub step: Vec<Instr>,
+    /// Every weight and bias, layer by layer (weights, then biases), with its length.
+    pub parameters: Vec<(Slot, u64)>,
+    /// Their gradients, in the same order, alive when the optimizer's moment begins.
+    pub gradients: Vec<(Slot, u64)>,
+    /// The input batch as the loader delivers it, and its labels.
+    pub inputs: (Slot, Slot),
+    /// The per-sample losses of the last step and the one-value accumulator of their mean.
+    pub loss: (Slot, Slot),
+    /// Whether the step scales the loss (`16-mixed`).
+    pub scales_loss: bool,
+}
+
+/// The most memory a program holds at one instruction, and what holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peak {
+    /// Bytes, each buffer rounded as the allocator rounds it.
+    pub bytes: u64,
+    /// The exact bytes of each part at that instruction.
+    pub memory: MemoryBreakdown,
+    /// The moment of the step it falls in.
+    pub moment: Moment,
+    /// Which allocation it follows (its place among the program's allocations, setup first),
+    /// for comparing programs of one plan at other batch sizes.
+    pub allocation: usize,
+}
+
+impl Program {
+    /// The step's instructions before `moment` begins (all of them if it never does).
+    pub fn until(&self, moment: Moment) -> &[Instr] {
+        let end = self
+            .step
+            .iter()
+            .position(|instr| *instr == Instr::Enter(moment))
+            .unwrap_or(self.step.len());
+        &self.step[..end]
+    }
+
+    /// The program's highest memory: setup, then one step, each buffer rounded by `allocator`.
+    /// `None` past `u64`.
+    pub fn peak(&self, allocator: Allocator) -> Option<Peak> {
+        self.peak_where(allocator, |_, _| true)
+    }
+
+    /// The memory held right after the `allocation`-th allocation (counted from 0), exactly.
+    pub fn memory_at(&self, allocation: usize) -> Option<MemoryBreakdown> {
+        self.peak_where(Allocator::Exact, |n, _| n == allocation)
+            .map(|peak| peak.memory)
+    }
+
+    /// The highest memory among the instants (the allocation's number and its rounded bytes)
+    /// that `counts` accepts.
+    fn peak_where(
+        &self,
+        allocator: Allocator,
+        counts: impl Fn(usize, u64) -> bool,
+    ) -> Option<Peak> {
+        let mut live: Vec<Option<(Buffer, u64)>> = vec![None; self.slots];
+        let mut memory = MemoryBreakdown::default();
+        let mut bytes = 0u64;
+        let mut moment = Moment::Setup;
+        let mut allocations = 0usize;
+        let mut best: Option<Peak> = None;
+        for instr in self.setup.iter().chain(&self.step) {
+            match instr {
+                Instr::Enter(next) => moment = *next,
+                Instr::Alloc { slot, buffer } => {
+                    let exact = buffer.bytes()?;
+                    let charged = allocator.charge(exact)?;
+                    *memory.part_mut(buffer.part) = memory.part(buffer.part).checked_add(exact)?;
+                    memory.total = memory.total.checked_add(exact)?;
+                    bytes = bytes.checked_add(charged)?;
+                    live[slot.0] = Some((*buffer, charged));
+                    if counts(allocations, bytes) && best.is_none_or(|b| bytes > b.bytes) {
+                        best = Some(Peak {
+                            bytes,
+                            memory,
+                            moment,
+                            allocation: allocations,
+                        });
+                    }
+                    allocations += 1;
+                }
+                Instr::Free(slot) => {
+                    let (buffer, charged) = live[slot.0]
+                        .take()
+                        .expect("a program frees only what it allocated");
+                    let exact = buffer.bytes()?;
+                    *memory.part_mut(buffer.part) -= exact;
+                    memory.total -= exact;
+                    bytes -= charged;
+                }
+                _ => {}
+            }
+        }
+        best
+    }
+}
+
+/// Builds a program: allocates slots, and puts instructions into the setup or the step.
+struct Builder {
+    slots: usize,
+    setup: Vec<Instr>,
+    step: Vec<Instr>,
+    in_setup: bool,
+}
+
+impl Builder {
+    fn new() -> Builder {
+        Builder {
+            slots: 0,
+            setup: vec![Instr::Enter(Moment::Setup)],
+            step: Vec::new(),
+            in_setup: true,
+        }
+    }
+
+    fn push(&mut self, instr: Instr) {
+        if self.in_setup {
+            self.setup.push(instr);
+        } else {
+            self.step.push(instr);
+        }
+    }
+
+    fn alloc(&mut self, part: Part, elements: u64, element: Element) -> Slot {
+        let slot = Slot(self.slots);
+        self.slots += 1;
+        self.push(Instr::Alloc {
+            slot,
+            buffer: Buffer {
+                part,
+                elements,
+                element,
+            },
+        });
+        slot
+    }
+
+    fn value(&mut self, part: Part, elements: u64, storage: Storage) -> Slot {
+        self.alloc(part, elements, Element::Value(storage))
+    }
+
+    fn free(&mut self, slot: Slot) {
+        self.push(Instr::Free(slot));
+    }
+
+    fn enter(&mut self, moment: Moment) {
+        self.in_setup = false;
+        self.push(Instr::Enter(moment));
+    }
+}
+
+/// One linear layer's persistent buffers.
+struct Parameters {
+    weight: Slot,
+    bias: Slot,
+    weight_state: OptimizerState<Slot>,
+    bias_state: OptimizerState<Slot>,
+}
+
+/// What [`Plan::allocate_parameters`] allocated.
+#[derive(Default)]
+struct Kept {
+    layers: Vec<Parameters>,
+    /// headroom's step: every gradient, kept.
+    gradients: Vec<(Slot, u64)>,
+    /// headroom's mixed step: the half copies of weights and biases, kept.
+    casts: Vec<(Slot, Slot)>,
+}
+
+impl Plan {
+    /// The training step at `batch_size` as this plan's framework runs it; `None` when a
+    /// buffer's size passes `u64`.
+    /// Its synthetic batch and initial parameters come from `seed`.
+    pub fn program(&self, batch_size: u64, seed: u64) -> Option<Program> {
+        match self.framework {
+            Framework::Pytorch => self.pytorch_program(batch_size, seed),
+            Framework::Headroom => self.headroom_program(batch_size, seed),
+        }
+    }
+
+    /// The parameters and optimizer state of every layer: per layer its weights, biases, then
+    /// the state of each. headroom's step also keeps each layer's gradients (after its biases)
+    /// and, when mixed, the half copies of its weights and biases (after its state).
+    fn allocate_parameters(&self, b: &mut Builder) -> Kept {
+        let (master, compute) = (self.precision.master(), self.precision.compute());
+        let states = self.optimizer.state_per_parameter();
+        let headroom = self.framework == Framework::Headroom;
+        let mut kept = Kept::default();
+        for layer in &self.layers {
+            let weight = b.value(Part::Parameters, layer.weights(), master);
+            let bias = b.value(Part::Parameters, layer.outputs, master);
+            if headroom {
+                for len in [layer.weights(), layer.outputs] {
+                    kept.gradients
+                        .push((b.value(Part::Gradients, len, master), len));
+                }
+            }
+            let mut state = |len| {
+                let mut slots = (0..states).map(|_| b.value(Part::OptimizerState, len, master));
+                match states {
+                    0 => OptimizerState::Sgd,
+                    1 => OptimizerState::Momentum {
+                        velocity: slots.next().expect("one"),
+                    },
+                    _ => OptimizerState::Adam {
+                        m: slots.next().expect("two"),
+                        v: slots.next().expect("two"),
+                    },
+                }
+            };
+            let weight_state = state(layer.weights());
+            let bias_state = state(layer.outputs);
+            if headroom && self.precision.is_mixed() {
+                kept.casts.push((
+                    b.value(Part::Parameters, layer.weights(), compute),
+                    b.value(Part::Parameters, layer.outputs, compute),
+                ));
+            }
+            kept.layers.push(Parameters {
+                weight,
+                bias,
+                weight_state,
+                bias_state,
+            });
+        }
+        kept
+    }
+
+    /// Initial weights and biases, then the synthetic batch and its labels, from `seed`'s
+    /// streams.
+    fn fill(
+        &self,
+        b: &mut Builder,
+        layers: &[Parameters],
+        (inputs, labels): (Slot, Slot),
+        rows: u64,
+        seed: u64,
+    ) {
+        for (i, (layer, params)) in self.layers.iter().zip(layers).enumerate() {
+            let scale = synthetic::init_scale(layer.inputs);
+            b.push(Instr::FillUniform {
+                out: params.weight,
+                len: layer.weights(),
+                key: synthetic::stream_key(seed, synthetic::weight_stream(i)),
+                scale,
+            });
+            b.push(Instr::FillUniform {
+                out: params.bias,
+                len: layer.outputs,
+                key: synthetic::stream_key(seed, synthetic::bias_stream(i)),
+                scale,
+            });
+        }
+        let features = self.input_features();
+        b.push(Instr::FillUniform {
+            out: inputs,
+            len: rows * features,
+            key: synthetic::stream_key(seed, synthetic::INPUT_STREAM),
+            scale: 1.0,
+        });
+        b.push(Instr::FillLabels {
+            labels,
+            inputs,
+            rows,
+            features,
+            classes: self.num_classes(),
+        });
+    }
+
+    /// The optimizer's update of every weight and bias, after the overflow check under loss
+    /// scaling.
+    fn update(
+        &self,
+        b: &mut Builder,
+        layers: &[Parameters],
+        gradients: &[(Slot, u64)],
+        overflow: Option<Slot>,
+    ) {
+        if let Some(flag) = overflow {
+            b.push(Instr::CheckOverflow {
+                gradients: gradients.to_vec(),
+                flag,
+            });
+        }
+        for (i, (layer, params)) in self.layers.iter().zip(layers).enumerate() {
+            b.push(Instr::OptimizerStep {
+                param: params.weight,
+                grad: gradients[2 * i].0,
+                state: params.weight_state,
+                len: layer.weights(),
+            });
+            b.push(Instr::OptimizerStep {
+                param: params.bias,
+                grad: gradients[2 * i + 1].0,
+                state: params.bias_state,
+                len: layer.outputs,
+            });
+        }
+    }
+
+    /// headroom's own step: every buffer allocated before the first step, in this order: per
+    /// layer its weights, biases, their gradients, optimizer state and, when mixed, the half
+    /// copies of weights and biases; the inputs, the labels and, when mixed, the half copy of
+    /// the inputs; each hidden layer's pre- and post-activation; the logits (overwritten by
+    /// their gradient), when mixed their f32 copy; the per-sample loss, the backward scratch, the
+    /// one-value mean loss and, with loss scaling, the one-value overflow flag.
+    fn headroom_program(&self, rows: u64, seed: u64) -> Option<Program> {
+        let per_row = |width: u64| rows.checked_mul(width);
+        let (master, compute) = (self.precision.master(), self.precision.compute());
+        let mixed = self.precision.is_mixed();
+        let mut b = Builder::new();
+        let Kept {
+            layers,
+            gradients,
+            casts,
+        } = self.allocate_parameters(&mut b);
+        let features = per_row(self.input_features())?;
+        let inputs = b.value(Part::BatchData, features, master);
+        let labels = b.alloc(Part::BatchData, rows, Element::Label);
+        let inputs_cast = mixed.then(|| b.value(Part::BatchData, features, compute));
+        let mut hidden = Vec::new();
+        for width in self.hidden_widths() {
+            let elements = per_row(width)?;
+            hidden.push((
+                b.value(Part::Activations, elements, compute),
+                b.value(Part::Activations, elements, compute),
+            ));
+        }
+        let classes = self.num_classes();
+        let logits = b.value(Part::Activations, per_row(classes)?, compute);
+        let logits_f32 = mixed.then(|| b.value(Part::Activations, rows * classes, Storage::F32));
+        let row_loss = b.value(Part::Activations, rows, Storage::F32);
+        let scratch = match self.scratch_width() {
+            0 => None,
+            width => Some(b.value(Part::Activations, per_row(width)?, compute)),
+        };
+        let loss_sum = b.value(Part::Activations, 1, Storage::F32);
+        let overflow = self
+            .precision
+            .scales_loss()
+            .then(|| b.value(Part::Activations, 1, Storage::F32));
+        self.fill(&mut b, &layers, (inputs, labels), rows, seed);
+
+        b.enter(Moment::Forward);
+        for ((layer, params), (weight, bias)) in self.layers.iter().zip(&layers).zip(&casts) {
+            b.push(convert(params.weight, *weight, layer.weights()));
+            b.push(convert(params.bias, *bias, layer.outputs));
+        }
+        if let Some(cast) = inputs_cast {
+            b.push(convert(inputs, cast, features));
+        }
+        let operands = |i: usize| {
+            casts
+                .get(i)
+                .copied()
+                .unwrap_or((layers[i].weight, layers[i].bias))
+        };
+        let last = self.layers.len() - 1;
+        let input_of = |i: usize| match i {
+            0 => inputs_cast.unwrap_or(inputs),
+            _ => hidden[i - 1].1,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (weight, bias) = operands(i);
+            let (output, post) = match i < last {
+                true => (hidden[i].0, Some(hidden[i].1)),
+                false => (logits, None),
+            };
+            b.push(Instr::LinearForward {
+                x: input_of(i),
+                w: weight,
+                y: output,
+                rows,
+                inputs: layer.inputs,
+                outputs: layer.outputs,
+            });
+            b.push(Instr::BiasActivation {
+                pre: output,
+                bias,
+                post,
+                rows,
+                cols: layer.outputs,
+                activation: self.activation,
+            });
+        }
+        let len = rows * classes;
+        match logits_f32 {
+            Some(wide) => {
+                b.push(convert(logits, wide, len));
+                b.push(cross_entropy(wide, labels, row_loss, rows, classes));
+                b.push(Instr::Convert {
+                    from: wide,
+                    to: logits,
+                    len,
+                    scale: Scale::Loss,
+                });
+            }
+            None => b.push(cross_entropy(logits, labels, row_loss, rows, classes)),
+        }
+
+        b.enter(Moment::Backward);
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            if i < last {
+                b.push(Instr::ActivationBackward {
+                    grad_post: scratch.expect("hidden layers have a scratch"),
+                    pre: hidden[i].0,
+                    len: rows * layer.outputs,
+                    activation: self.activation,
+                });
+            }
+            let grad_out = if i < last { hidden[i].0 } else { logits };
+            b.push(Instr::WeightGradient {
+                dy: grad_out,
+                x: input_of(i),
+                dw: gradients[2 * i].0,
+                rows,
+                inputs: layer.inputs,
+                outputs: layer.outputs,
+            });
+            b.push(Instr::BiasGradient {
+                dy: grad_out,
+                db: gradients[2 * i + 1].0,
+                rows,
+                cols: layer.outputs,
+            });
+            if i > 0 {
+                b.push(Instr::InputGradient {
+                    dy: grad_out,
+                    w: operands(i).0,
+                    dx: scratch.expect("hidden layers have a scratch"),
+                    rows,
+                    inputs: layer.inputs,
+                    outputs: layer.outputs,
+                });
+            }
+        }
+
+        b.enter(Moment::Optimizer);
+        self.update(&mut b, &layers, &gradients, overflow);
+        Some(Program {
+            batch_size: rows,
+            slots: b.slots,
+            setup: b.setup,
+            step: b.step,
+            parameters: parameter_slots(self, &layers),
+            gradients,
+            inputs: (inputs, labels),
+            loss: (row_loss, loss_sum),
+            scales_loss: overflow.is_some(),
+        })
+    }
+
+    /// PyTorch's step for the same model, as its autograd and `foreach` optimizers allocate and
+    /// free (the module doc says what is held where headroom's kernels need less). The batch is
+    /// generated once, in setup, and kept: PyTorch holds a new batch for the whole of each step,
+    /// so the peak is the same. Per-sample losses (4 bytes a sample) are headroom's own; PyTorch's
+    /// labels are int64 where headroom's are 4 bytes; scalars (the loss, its gradient) are left
+    /// out.
+    fn pytorch_program(&self, rows: u64, seed: u64) -> Option<Program> {
+        let per_row = |width: u64| rows.checked_mul(width);
+        let (master, compute) = (self.precision.master(), self.precision.compute());
+        let mixed = self.precision.is_mixed();
+        let mut b = Builder::new();
+        let layers = self.allocate_parameters(&mut b).layers;
+        let features = per_row(self.input_features())?;
+        // The loader delivers f32; bf16-true casts the batch and lets the f32 one go.
+        let loaded = b.value(Part::BatchData, features, Storage::F32);
+        let labels = b.alloc(Part::BatchData, rows, Element::Label);
+        let classes = self.num_classes();
+        let row_loss = b.value(Part::Activations, rows, Storage::F32);
+        let loss_sum = b.value(Part::Activations, 1, Storage::F32);
+        let overflow = self
+            .precision
+            .scales_loss()
+            .then(|| b.value(Part::Activations, 1, Storage::F32));
+        self.fill(&mut b, &layers, (loaded, labels), rows, seed);
+        let inputs = if master == Storage::F32 {
+            loaded
+        } else {
+            let cast = b.value(Part::BatchData, features, master);
+            b.push(convert(loaded, cast, features));
+            b.free(loaded);
+            cast
+        };
+
+        b.enter(Moment::Forward);
+        let last = self.layers.len() - 1;
+        let mut casts: Vec<(Slot, Slot)> = Vec::new();
+        let mut inputs_cast = None;
+        // Per hidden layer: the product (kept for gelu's backward) and the activation.
+        let mut hidden: Vec<(Slot, Slot)> = Vec::new();
+        let mut logits = None;
+        for (i, (layer, params)) in self.layers.iter().zip(&layers).enumerate() {
+            let (weight, bias) = if mixed {
+                let bias = b.value(Part::Parameters, layer.outputs, compute);
+                b.push(convert(params.bias, bias, layer.outputs));
+                let weight = b.value(Part::Parameters, layer.weights(), compute);
+                b.push(convert(params.weight, weight, layer.weights()));
+                casts.push((weight, bias));
+                (weight, bias)
+            } else {
+                (params.weight, params.bias)
+            };
+            let input = match i {
+                0 if mixed => {
+                    let cast = b.value(Part::BatchData, features, compute);
+                    b.push(convert(inputs, cast, features));
+                    inputs_cast = Some(cast);
+                    cast
+                }
+                0 => inputs,
+                _ => hidden[i - 1].1,
+            };
+            let product = b.value(Part::Activations, per_row(layer.outputs)?, compute);
+            b.push(Instr::LinearForward {
+                x: input,
+                w: weight,
+                y: product,
+                rows,
+                inputs: layer.inputs,
+                outputs: layer.outputs,
+            });
+            if i == last {
+                b.push(Instr::BiasActivation {
+                    pre: product,
+                    bias,
+                    post: None,
+                    rows,
+                    cols: layer.outputs,
+                    activation: self.activation,
+                });
+                logits = Some(product);
+                continue;
+            }
+            let activated = b.value(Part::Activations, rows * layer.outputs, compute);
+            b.push(Instr::BiasActivation {
+                pre: product,
+                bias,
+                post: Some(activated),
+                rows,
+                cols: layer.outputs,
+                activation: self.activation,
+            });
+            if self.activation != Activation::Gelu {
+                // relu and tanh save their output, gelu its input.
+                b.free(product);
+            }
+            hidden.push((product, activated));
+        }
+        let logits = logits.expect("the last layer writes the logits");
+        // The loss in f32 (bf16 under bf16-true): log_softmax of the logits, autocast's f32
+        // copy of them first when mixed. Its output holds the gradient once the fused kernel
+        // has run; PyTorch keeps the log-probabilities there until backward.
+        let len = rows * classes;
+        let loss_storage = if mixed { Storage::F32 } else { compute };
+        let widened = mixed.then(|| {
+            let wide = b.value(Part::Activations, len, Storage::F32);
+            b.push(convert(logits, wide, len));
+            wide
+        });
+        let log_probs = b.value(Part::Activations, len, loss_storage);
+        b.push(convert(widened.unwrap_or(logits), log_probs, len));
+        b.push(cross_entropy(log_probs, labels, row_loss, rows, classes));
+        if let Some(wide) = widened {
+            b.free(wide);
+        }
+        b.free(logits);
+        // Leaving autocast frees its copies that backward does not need: every bias, and the
+        // first layer's weights (its input needs no gradient).
+        for (i, (weight, bias)) in casts.iter().enumerate() {
+            b.free(*bias);
+            if i == 0 {
+                b.free(*weight);
+            }
+        }
+
+        b.enter(Moment::Backward);
+        // nll_loss's backward writes a dense one-hot gradient, and log_softmax's backward the
+        // gradient of the logits from it; the fused kernel already wrote the latter.
+        let one_hot = b.value(Part::Activations, len, loss_storage);
+        let mut grad_out = b.value(Part::Activations, len, loss_storage);
+        b.push(convert(log_probs, grad_out, len));
+        b.free(one_hot);
+        b.free(log_probs);
+        if mixed {
+            let half = b.value(Part::Activations, len, compute);
+            b.push(Instr::Convert {
+                from: grad_out,
+                to: half,
+                len,
+                scale: Scale::Loss,
+            });
+            b.free(grad_out);
+            grad_out = half;
+        }
+        let mut gradients = vec![(Slot(usize::MAX), 0); 2 * self.layers.len()];
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let (weight, _) = if mixed {
+                casts[i]
+            } else {
+                (layers[i].weight, layers[i].bias)
+            };
+            let input = match i {
+                0 => inputs_cast.unwrap_or(inputs),
+                _ => hidden[i - 1].1,
+            };
+            let dx = (i > 0).then(|| {
+                let dx = b.value(Part::Activations, rows * layer.inputs, compute);
+                b.push(Instr::InputGradient {
+                    dy: grad_out,
+                    w: weight,
+                    dx,
+                    rows,
+                    inputs: layer.inputs,
+                    outputs: layer.outputs,
+                });
+                dx
+            });
+            // Mixed precision: the gradients come out half and are cast to the f32 master's.
+            let gradient_storage = if mixed { compute } else { master };
+            let gradient_part = if mixed {
+                Part::Activations
+            } else {
+                Part::Gradients
+            };
+            let dw = b.value(gradient_part, layer.weights(), gradient_storage);
+            b.push(Instr::WeightGradient {
+                dy: grad_out,
+                x: input,
+                dw,
+                rows,
+                inputs: layer.inputs,
+                outputs: layer.outputs,
+            });
+            let db = b.value(gradient_part, layer.outputs, gradient_storage);
+            b.push(Instr::BiasGradient {
+                dy: grad_out,
+                db,
+                rows,
+                cols: layer.outputs,
+            });
+            b.free(grad_out);
+            if mixed && i > 0 {
+                b.free(weight);
+            }
+            if let Some(cast) = inputs_cast.filter(|_| i == 0) {
+                b.free(cast);
+            }
+            if i > 0 && self.activation == Activation::Gelu {
+                // gelu saved the product; only this layer's backward kept its output.
+                b.free(hidden[i - 1].1);
+            }
+            gradients[2 * i] = (dw, layer.weights());
+            gradients[2 * i + 1] = (db, layer.outputs);
+            if mixed {
+                for (slot, len) in &mut gradients[2 * i..2 * i + 2] {
+                    let full = b.value(Part::Gradients, *len, Storage::F32);
+                    b.push(convert(*slot, full, *len));
+                    b.free(*slot);
+                    *slot = full;
+                }
+            }
+            if let Some(dx) = dx {
+                let (product, activated) = hidden[i - 1];
+                let saved = match self.activation {
+                    Activation::Gelu => product,
+                    _ => activated,
+                };
+                let grad = b.value(Part::Activations, rows * layer.inputs, compute);
+                b.push(Instr::ActivationGradient {
+                    grad: dx,
+                    saved,
+                    out: grad,
+                    len: rows * layer.inputs,
+                    activation: self.activation,
+                });
+                b.free(dx);
+                b.free(saved);
+                grad_out = grad;
+            }
+        }
+
+        b.enter(Moment::Optimizer);
+        // Adam's foreach update computes `sqrt(v)` of every parameter into a list of new tensors
+        // before it applies the update; the fused kernel needs none, and the probe holds their
+        // bytes while it updates.
+        let held: Vec<Slot> = match self.optimizer.state_per_parameter() {
+            2 => self
+                .layers
+                .iter()
+                .flat_map(|l| [l.weights(), l.outputs])
+                .map(|len| b.value(Part::OptimizerState, len, master))
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.update(&mut b, &layers, &gradients, overflow);
+        for slot in held.into_iter().rev() {
+            b.free(slot);
+        }
+        // zero_grad(set_to_none=True).
+        for &(slot, _) in &gradients {
+            b.free(slot);
+        }
+        Some(Program {
+            batch_size: rows,
+            slots: b.slots,
+            setup: b.setup,
+            step: b.step,
+            parameters: parameter_slots(self, &layers),
+            gradients,
+            inputs: (inputs, labels),
+            loss: (row_loss, loss_sum),
+            scales_loss: overflow.is_some(),
+        })
+    }
+}
+
+fn convert(from: Slot, to: Slot, len: u64) -> Instr {
+    Instr::Convert {
+        from,
+        to,
+        len,
+        scale: Scale::One,
+    }
+}
+
+fn cross_entropy(logits: Slot, labels: Slot, row_loss: Slot, rows: u64, classes: u64) -> Instr {
+    Instr::SoftmaxCrossEntropy {
+        logits,
+        labels,
+        row_loss,
+        rows,
+        classes,
+    }
+}
+
+fn parameter_slots(plan: &Plan, layers: &[Parameters]) -> Vec<(Slot, u64)> {
+    plan.layers
+        .iter()
+        .zip(layers)
+        .flat_map(|(layer, p)| [(p.weight, layer.weights()), (p.bias, layer.outputs)])
+        .collect()
+}
+
+/// What an optimizer keeps per parameter buffer. The variant decides the update kernel and its
+/// arguments, so the two cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerState<F> {
+    /// Plain SGD keeps nothing.
+    Sgd,
+    /// Momentum's velocity.
+    Momentum {
+        /// The running velocity.
+        velocity: F,
+    },
+    /// Adam's (and AdamW's) moments.
+    Adam {
+        /// First moment.
+        m: F,
+        /// Second moment.
+        v: F,
+    },
+}
+
+impl<F> OptimizerState<F> {
+    /// The state's buffers, in allocation order.
+    pub fn buffers(&self) -> Vec<&F> {
+        match self {
+            OptimizerState::Sgd => vec![],
+            OptimizerState::Momentum { velocity } => vec![velocity],
+            OptimizerState::Adam { m, v } => vec![m, v],
+        }
+    }
+}
