@@ -40,8 +40,9 @@ LABEL org.opencontainers.image.title="headroom" \
       org.opencontainers.image.revision="${HEADROOM_REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/example/headroom"
+# The binary links the system's SQLite and OpenSSL (Ubuntu 24.04 names its OpenSSL 3 libssl3t64).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends curl \
+ && apt-get install -y --no-install-recommends curl libsqlite3-0 libssl3t64 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 headroom \
  && useradd --system --uid 10001 --gid 10001 --no-create-home headroom \

@@ -169,6 +169,52 @@ fn the_image_copies_what_the_compiler_reads_and_keeps_its_store_on_a_volume() {
     assert!(unit.contains("StateDirectory=headroom") && unit.contains(store));
 }
 
+/// The runtime stage installs the package of every shared library the binary links beyond
+/// glibc and libgcc, which the CUDA base image has (read from the binary's ELF `NEEDED` entries).
+#[test]
+fn the_image_installs_every_library_the_binary_links() {
+    let dockerfile = read("Dockerfile");
+    let runtime = dockerfile
+        .rsplit("\nFROM ")
+        .next()
+        .expect("a runtime stage");
+    let Ok(readelf) = Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_headroom")])
+        .output()
+    else {
+        support::skip_or_fail("READELF", "readelf (binutils) is not installed");
+        return;
+    };
+    let dynamic = String::from_utf8_lossy(&readelf.stdout);
+    let needed: Vec<&str> = dynamic
+        .lines()
+        .filter(|line| line.contains("(NEEDED)"))
+        .filter_map(|line| line.split('[').nth(1)?.split(']').next())
+        .collect();
+    assert!(needed.contains(&"libc.so.6"), "{dynamic}");
+    let in_the_base = [
+        "libc.so.6",
+        "libm.so.6",
+        "libgcc_s.so.1",
+        "ld-linux-x86-64.so.2",
+    ];
+    // Ubuntu 24.04's packages (the runtime stage's base).
+    let packages = [
+        ("libsqlite3.so.0", "libsqlite3-0"),
+        ("libssl.so.3", "libssl3t64"),
+        ("libcrypto.so.3", "libssl3t64"),
+    ];
+    for library in needed.iter().filter(|l| !in_the_base.contains(l)) {
+        let Some((_, package)) = packages.iter().find(|(l, _)| l == library) else {
+            panic!("the binary links {library}, which this test does not know a package for");
+        };
+        assert!(
+            runtime.contains(&format!(" {package}")),
+            "the binary links {library}; the runtime stage must install {package}"
+        );
+    }
+}
+
 /// Every document of the YAML files, as JSON, read by PyYAML from the project's Python tools.
 fn yaml_documents(files: &[&str]) -> Option<Vec<(String, Value)>> {
     let python = support::python_tool("python3")?;
