@@ -21,7 +21,9 @@ struct TestServer {
 }
 
 impl TestServer {
-    fn start(config: Config) -> TestServer {
+    fn start(mut config: Config) -> TestServer {
+        // This test binary serves; its probe workers are the real binary's.
+        config.worker_program = env!("CARGO_BIN_EXE_headroom").into();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

@@ -147,7 +147,7 @@ fn libraries() -> Vec<Row> {
                         gpu.uuid,
                         human(gpu.used_bytes),
                         human(gpu.total_bytes),
-                        gpu.other_compute_processes(false)
+                        gpu.other_compute_processes(&[std::process::id()], false)
                     ),
                 )
             }));

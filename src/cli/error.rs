@@ -9,6 +9,7 @@ use headroom_engine::plan::DoesNotFit;
 use headroom_engine::{DeviceError, JobError, TuneError};
 use headroom_service::config::ConfigError;
 use headroom_service::plot::PlotError;
+use headroom_service::probe_worker::client::WorkerError;
 use headroom_service::problem::Problem;
 use headroom_service::ServeError;
 
@@ -86,6 +87,12 @@ pub enum CliError {
         /// The driver's or the library's error.
         source: CudaError,
     },
+    /// The probe worker process failed: it did not start, crashed, or a probe hung.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    /// This binary's own path, which runs the probe worker, could not be found.
+    #[error("cannot find this binary to start its probe worker: {0}")]
+    WorkerProgram(std::io::Error),
     /// The model does not fit at batch size 1 (the memory model said so).
     #[error(transparent)]
     DoesNotFit(#[from] DoesNotFit),

@@ -5,6 +5,7 @@
 //! - [`estimate`]: the memory model alone. [`probe`]: single probes with throughput.
 //! - [`doctor`]: what this node has, and every kernel against the host.
 //! - [`serve`]: the HTTP service. [`completions`]: shell completion scripts.
+//! - [`worker`]: the probe worker process the service starts per device (hidden).
 //! - [`input`]: reading the job and opening the device; [`output`]: the human-readable answers.
 //! - [`error`]: the one error every command returns, and its exit code.
 
@@ -18,6 +19,7 @@ pub mod probe;
 pub mod remote;
 pub mod serve;
 pub mod tune;
+pub mod worker;
 
 use clap::Subcommand;
 
@@ -39,6 +41,9 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Print a shell completion script, e.g. `headroom completions bash > /etc/bash_completion.d/headroom`.
     Completions(completions::CompletionsArgs),
+    /// The probe worker process `serve` starts for each device (not for direct use).
+    #[command(hide = true)]
+    Worker(worker::WorkerArgs),
 }
 
 impl Command {
@@ -51,6 +56,7 @@ impl Command {
             Command::Serve(args) => serve::run(args),
             Command::Doctor(args) => doctor::run(args),
             Command::Completions(args) => completions::run(args),
+            Command::Worker(args) => worker::run(args),
         }
     }
 }

@@ -10,12 +10,12 @@ use headroom_devices::host::DEFAULT_BUDGET_BYTES;
 use headroom_devices::select::DeviceSpec;
 use headroom_engine::job::Job;
 use headroom_engine::result::{Probe, TuneResult};
-use headroom_engine::search::tune;
 use serde::Serialize;
 
-use super::input::{job_and_device, read_job, OutputFile};
+use super::input::{check_host_budget, read_job, OutputFile};
 use super::output::{self, human, probe_line};
 use super::{remote, CliError};
+use headroom_service::probe_worker::client::{ProbeWorker, Watchdog, WorkerCommand};
 
 /// Arguments of `headroom tune`.
 #[derive(clap::Args)]
@@ -68,8 +68,16 @@ pub fn run(args: TuneArgs) -> Result<(), CliError> {
             remote::tune_remote(server, &job, args.device, args.token.as_deref(), timeout)?;
         return outputs.deliver(&answer, &answer.result, &job);
     }
-    let (job, mut opened) = job_and_device(&args.job, args.device, args.host_memory.0)?;
-    let info = opened.device.info();
+    let job = read_job(&args.job)?;
+    let budget = check_host_budget(args.host_memory.0)?;
+    // The device is opened and probed in a worker process, as the service does: a GPU fault,
+    // hang or driver crash ends the worker with an error here, not this process with a signal.
+    let command = WorkerCommand::new("", budget).map_err(CliError::WorkerProgram)?;
+    let mut worker = ProbeWorker::start(&command, args.device, WORKER_START)?;
+    if let Some(reason) = worker.fallback_reason() {
+        eprintln!("note: using the host device ({reason})");
+    }
+    let info = worker.info().clone();
     eprintln!(
         "tuning on {} {} ({}): {} free of {}",
         info.kind,
@@ -82,9 +90,13 @@ pub fn run(args: TuneArgs) -> Result<(), CliError> {
         eprintln!("{}", probe_line(probe));
         ControlFlow::Continue(())
     };
-    let result = tune(&job, opened.device.as_mut(), &mut print_probe)?;
+    let result = worker.tune(&job, &Watchdog::DEFAULT, &mut print_probe)??;
+    worker.stop(Duration::from_secs(5));
     outputs.deliver(&result, &result, &job)
 }
+
+/// How long a worker may take to open its device (a GPU compiles its kernels the first time).
+const WORKER_START: Duration = Duration::from_secs(300);
 
 /// How `tune` reports its answer: the summary or JSON on stdout, and optionally the recommended
 /// batch size alone in a file, for scripts (a Slurm prolog, an init container), and the charts.

@@ -11,9 +11,18 @@
 // Environment (read once):
 //   HEADROOM_STANDIN_MEMORY        device memory, e.g. 64MiB (default 256MiB)
 //   HEADROOM_STANDIN_DEVICES       number of devices (default 1)
-//   HEADROOM_STANDIN_FAIL_LAUNCH   N or N:ecc: the Nth kernel launch of the process faults with
-//                                  CUDA_ERROR_ILLEGAL_ADDRESS (or _ECC_UNCORRECTABLE), sticky
-//                                  for the context until it is reset or released
+//   HEADROOM_STANDIN_FAIL_LAUNCH   N, N:ecc, N:hang or N:crash: the Nth kernel launch of the
+//                                  process faults with CUDA_ERROR_ILLEGAL_ADDRESS (or
+//                                  _ECC_UNCORRECTABLE), never returns, or aborts the process.
+//                                  A fault is sticky for the whole process, as NVIDIA documents:
+//                                  every later call fails with it, resets and new contexts too
+//   HEADROOM_STANDIN_FAIL_LAUNCH_FILE a file holding the same, read at every launch while it
+//                                  exists: the fault fires once, in whichever process reaches
+//                                  its Nth launch first, and removes the file, unless the text
+//                                  ends with `:repeat` (then every process faults)
+//   HEADROOM_STANDIN_STATE_DIR     a directory where each process with a context leaves a file,
+//                                  so that NVML lists the compute processes of every process
+//                                  using the stand-in, as the real NVML does
 //   HEADROOM_STANDIN_OOM_AT_SYNC   1: an allocation past the budget succeeds, work after it is
 //                                  skipped and the next synchronise reports out-of-memory
 //   HEADROOM_STANDIN_LEAK_FREE     N: the Nth free keeps its allocation (a leak to be caught)
@@ -22,6 +31,9 @@
 //   HEADROOM_STANDIN_NO_POOLS      1: advertise no memory pools (cudarc then allocates
 //                                  synchronously)
 //   HEADROOM_STANDIN_REPORT        a file: at exit, what was still held, as JSON
+//   CUDA_VISIBLE_DEVICES           as the driver reads it: the GPUs this process sees, numbered
+//                                  from 0 in that order
+#include <dirent.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -178,6 +190,9 @@ struct Config {
     int devices = 1;
     std::uint64_t fail_launch = 0;
     CUresult fail_with = CUDA_ERROR_ILLEGAL_ADDRESS;
+    enum class Failure { Fault, Hang, Crash } failure = Failure::Fault;
+    std::string fail_file;
+    std::string state_dir;
     bool oom_at_sync = false;
     std::uint64_t leak_free = 0;
     std::vector<ForeignProcess> processes;
@@ -189,6 +204,15 @@ struct Config {
     unsigned temperature = 35;
 };
 
+// `N`, `N:ecc`, `N:hang` or `N:crash` into the launch and failure of `c`.
+void parse_failure(const std::string& text, Config& c) {
+    if (text.empty()) return;
+    c.fail_launch = std::strtoull(text.c_str(), nullptr, 10);
+    if (text.find(":ecc") != std::string::npos) c.fail_with = CUDA_ERROR_ECC_UNCORRECTABLE;
+    if (text.find(":hang") != std::string::npos) c.failure = Config::Failure::Hang;
+    if (text.find(":crash") != std::string::npos) c.failure = Config::Failure::Crash;
+}
+
 // Every piece of state is created on first use and never destroyed: the process may exit while
 // other threads still call in, and the report at exit reads it.
 const Config& config() {
@@ -196,10 +220,11 @@ const Config& config() {
         Config c;
         c.memory = parse_size(std::getenv("HEADROOM_STANDIN_MEMORY"), c.memory);
         if (const char* n = std::getenv("HEADROOM_STANDIN_DEVICES")) c.devices = std::atoi(n);
-        if (const char* fail = std::getenv("HEADROOM_STANDIN_FAIL_LAUNCH")) {
-            c.fail_launch = std::strtoull(fail, nullptr, 10);
-            if (std::strstr(fail, ":ecc") != nullptr) c.fail_with = CUDA_ERROR_ECC_UNCORRECTABLE;
-        }
+        std::string fail_text;
+        if (const char* fail = std::getenv("HEADROOM_STANDIN_FAIL_LAUNCH")) fail_text = fail;
+        parse_failure(fail_text, c);
+        if (const char* path = std::getenv("HEADROOM_STANDIN_FAIL_LAUNCH_FILE")) c.fail_file = path;
+        if (const char* dir = std::getenv("HEADROOM_STANDIN_STATE_DIR")) c.state_dir = dir;
         if (const char* oom = std::getenv("HEADROOM_STANDIN_OOM_AT_SYNC")) c.oom_at_sync = std::strcmp(oom, "1") == 0;
         if (const char* leak = std::getenv("HEADROOM_STANDIN_LEAK_FREE")) c.leak_free = std::strtoull(leak, nullptr, 10);
         if (const char* list = std::getenv("HEADROOM_STANDIN_PROCESSES")) {
@@ -260,6 +285,9 @@ struct Context {
 
 struct Device {
     int ordinal = 0;
+    // Its index among all the stand-in's GPUs, as NVML numbers them (CUDA_VISIBLE_DEVICES
+    // renumbers ordinals, not GPUs).
+    int physical = 0;
     Context context{this};
     std::atomic<int> retains{0};
     std::uint64_t generation = 1;  // bumped by every reset or final release: old handles die
@@ -273,6 +301,9 @@ struct Device {
 std::mutex driver_mutex;  // every entry point that touches state holds it
 bool initialised = false;
 std::atomic<std::uint64_t> launches{0};
+// A sticky error, once raised, for the rest of the process (NVIDIA: "the process must be
+// terminated and relaunched"): no reset or new context clears it.
+std::atomic<CUresult> process_sticky{CUDA_SUCCESS};
 std::atomic<std::uint64_t> foreign_taken{0};  // bytes of HEADROOM_STANDIN_FOREIGN_ALLOC, once due
 std::uint64_t frees = 0;
 std::atomic<const char*> running_kernel{nullptr};
@@ -290,10 +321,24 @@ std::set<Function*>& functions() {
 
 std::vector<Device*>& devices() {
     static auto* all = new std::vector<Device*>([] {
+        std::vector<int> visible;
+        if (const char* only = std::getenv("CUDA_VISIBLE_DEVICES")) {
+            for (const char* at = only; *at != '\0';) {
+                char* end = nullptr;
+                const long index = std::strtol(at, &end, 10);
+                if (end == at) break;  // as the driver does: the list stops at what it cannot read
+                if (index >= 0 && index < config().devices) visible.push_back(static_cast<int>(index));
+                at = *end == ',' ? end + 1 : end;
+                if (*end != ',') break;
+            }
+        } else {
+            for (int i = 0; i < config().devices; ++i) visible.push_back(i);
+        }
         std::vector<Device*> list;
-        for (int i = 0; i < config().devices; ++i) {
+        for (int physical : visible) {
             list.push_back(new Device());
-            list.back()->ordinal = i;
+            list.back()->ordinal = static_cast<int>(list.size()) - 1;
+            list.back()->physical = physical;
         }
         return list;
     }());
@@ -306,7 +351,7 @@ Device* device_of(CUdevice ordinal) {
 }
 
 std::uint64_t foreign_bytes(const Device& device) {
-    if (device.ordinal != 0) return 0;
+    if (device.physical != 0) return 0;
     std::uint64_t bytes = foreign_taken.load();
     for (const ForeignProcess& p : config().processes) bytes += p.bytes;
     return bytes;
@@ -360,7 +405,7 @@ void destroy_allocations(Device& device) {
 // What a reset or the last release does: frees everything and invalidates old handles.
 void reset_state(Device& device) {
     destroy_allocations(device);
-    device.sticky = CUDA_SUCCESS;
+    device.sticky = process_sticky.load();
     device.pending_oom = false;
     ++device.generation;
 }
@@ -378,6 +423,7 @@ Allocation* find_range(Device& device, std::uintptr_t address, std::uint64_t byt
 // The current context's device, or the error a call made now gets.
 CUresult current_device(Device** out) {
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (CUresult sticky = process_sticky.load()) return sticky;
     if (current == nullptr) return CUDA_ERROR_INVALID_CONTEXT;
     Device& device = *current->device;
     if (device.retains == 0) return CUDA_ERROR_INVALID_CONTEXT;
@@ -500,6 +546,40 @@ bool pointer_is_live(unsigned index, const void* pointer, void* context) {
     return false;
 }
 
+// The file that says this process holds a context on `device`, in the state directory.
+std::string context_file(int ordinal, long pid) {
+    return config().state_dir + "/" + std::to_string(ordinal) + "." + std::to_string(pid);
+}
+
+void mark_context(const Device& device, bool held) {
+    if (config().state_dir.empty()) return;
+    const std::string path = context_file(device.physical, static_cast<long>(getpid()));
+    if (held) {
+        if (FILE* file = std::fopen(path.c_str(), "w")) std::fclose(file);
+    } else {
+        std::remove(path.c_str());
+    }
+}
+
+// Other live processes with a context on `ordinal`, from the state directory.
+std::vector<unsigned> other_context_processes(int ordinal) {
+    std::vector<unsigned> pids;
+    if (config().state_dir.empty()) return pids;
+    DIR* dir = opendir(config().state_dir.c_str());
+    if (dir == nullptr) return pids;
+    const std::string prefix = std::to_string(ordinal) + ".";
+    while (dirent* entry = readdir(dir)) {
+        const std::string name = entry->d_name;
+        if (name.rfind(prefix, 0) != 0) continue;
+        const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+        if (pid <= 0 || pid == static_cast<long>(getpid())) continue;
+        if (kill(static_cast<pid_t>(pid), 0) != 0) continue;  // it died without releasing
+        pids.push_back(static_cast<unsigned>(pid));
+    }
+    closedir(dir);
+    return pids;
+}
+
 void write_report() {
     if (!initialised || config().report.empty()) return;
     std::FILE* file = std::fopen(config().report.c_str(), "w");
@@ -601,7 +681,7 @@ EXPORT CUresult cuDeviceGetUuid(unsigned char* uuid, CUdevice ordinal) {
     if (device_of(ordinal) == nullptr) return CUDA_ERROR_INVALID_DEVICE;
     if (uuid == nullptr) return CUDA_ERROR_INVALID_VALUE;
     const unsigned char bytes[16] = {0x57, 0xa4, 0xd1, 0x00, 0x00, 0x00, 0x40, 0x00,
-                                     0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, static_cast<unsigned char>(ordinal)};
+                                     0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, static_cast<unsigned char>(device_of(ordinal)->physical)};
     std::memcpy(uuid, bytes, sizeof bytes);
     return CUDA_SUCCESS;
 }
@@ -636,10 +716,11 @@ EXPORT CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice ordinal
 EXPORT CUresult cuDevicePrimaryCtxRetain(Context** context, CUdevice ordinal) {
     std::lock_guard<std::mutex> lock(driver_mutex);
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (CUresult sticky = process_sticky.load()) return sticky;
     Device* device = device_of(ordinal);
     if (device == nullptr) return CUDA_ERROR_INVALID_DEVICE;
     if (context == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    ++device->retains;
+    if (++device->retains == 1) mark_context(*device, true);
     *context = &device->context;
     return CUDA_SUCCESS;
 }
@@ -650,13 +731,17 @@ EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice ordinal) {
     Device* device = device_of(ordinal);
     if (device == nullptr) return CUDA_ERROR_INVALID_DEVICE;
     if (device->retains == 0) return CUDA_ERROR_INVALID_CONTEXT;
-    if (--device->retains == 0) reset_state(*device);
+    if (--device->retains == 0) {
+        reset_state(*device);
+        mark_context(*device, false);
+    }
     return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice ordinal) {
     std::lock_guard<std::mutex> lock(driver_mutex);
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (CUresult sticky = process_sticky.load()) return sticky;
     Device* device = device_of(ordinal);
     if (device == nullptr) return CUDA_ERROR_INVALID_DEVICE;
     reset_state(*device);  // the retains stay: resetting does not release
@@ -673,6 +758,7 @@ EXPORT CUresult cuCtxGetCurrent(Context** context) {
 EXPORT CUresult cuCtxSetCurrent(Context* context) {
     std::lock_guard<std::mutex> lock(driver_mutex);
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (CUresult sticky = process_sticky.load()) return sticky;
     if (context != nullptr && (context->device == nullptr || device_of(context->device->ordinal) != context->device))
         return CUDA_ERROR_INVALID_CONTEXT;
     current = context;
@@ -882,8 +968,32 @@ EXPORT CUresult cuLaunchKernel(Function* function, unsigned grid_x, unsigned gri
     }
     const std::uint64_t number = ++launches;
     if (number == config().foreign_launch) foreign_taken = config().foreign_bytes;
-    if (number == config().fail_launch) {
-        device->sticky = config().fail_with;  // asynchronous, as on hardware: later calls report it
+    Config injected = config();
+    if (!injected.fail_file.empty()) {
+        if (FILE* file = std::fopen(injected.fail_file.c_str(), "r")) {
+            char line[64] = {0};
+            const bool read = std::fgets(line, sizeof line, file) != nullptr;
+            std::fclose(file);
+            const std::string text = read ? line : "";
+            parse_failure(text, injected);
+            if (number == injected.fail_launch && text.find(":repeat") == std::string::npos)
+                std::remove(injected.fail_file.c_str());
+        }
+    }
+    if (number == injected.fail_launch) {
+        switch (injected.failure) {
+            case Config::Failure::Hang:
+                for (;;) pause();  // a kernel that never ends: only killing the process ends it
+            case Config::Failure::Crash:
+                std::fprintf(stderr, "CUDA stand-in: aborting the process at launch %llu, as injected\n",
+                             static_cast<unsigned long long>(number));
+                std::abort();
+            case Config::Failure::Fault:
+                break;
+        }
+        // Asynchronous, as on hardware: later calls report it, for the rest of the process.
+        device->sticky = injected.fail_with;
+        process_sticky = injected.fail_with;
         return CUDA_SUCCESS;
     }
     if (device->pending_oom) return CUDA_SUCCESS;
@@ -892,7 +1002,10 @@ EXPORT CUresult cuLaunchKernel(Function* function, unsigned grid_x, unsigned gri
     const int refused = function->kernel->launch(
         emulation::Grid{dim3{grid_x, grid_y, grid_z}, dim3{block_x, block_y, block_z}}, params, &pointer_is_live, &check);
     running_kernel = nullptr;
-    if (refused >= 0) device->sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+    if (refused >= 0) {
+        device->sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+        process_sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+    }
     return CUDA_SUCCESS;
 }
 
@@ -911,6 +1024,7 @@ EXPORT int headroom_standin_processes(int ordinal, unsigned* pids, std::uint64_t
     if (device == nullptr) return 0;
     std::vector<ForeignProcess> list;
     if (device->retains > 0) list.push_back(ForeignProcess{static_cast<unsigned>(getpid()), held_bytes(*device)});
+    for (unsigned pid : other_context_processes(ordinal)) list.push_back(ForeignProcess{pid, 0});
     if (ordinal == 0) {
         for (const ForeignProcess& p : config().processes) list.push_back(p);
         if (foreign_taken.load() > 0) list.push_back(ForeignProcess{90001, foreign_taken.load()});

@@ -183,10 +183,20 @@ impl StandIn {
         path
     }
 
-    /// The `headroom` binary with the stand-in as its CUDA driver and NVML.
+    /// The `headroom` binary with the stand-in as its CUDA driver and NVML, and a state
+    /// directory of its own, through which the stand-in's NVML lists the contexts of every
+    /// process the command starts (its probe workers), as the real NVML does.
     pub fn headroom(&self) -> Command {
+        static COMMANDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let number = COMMANDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let state = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("cuda-standin-state")
+            .join(format!("{}-{number}", std::process::id()));
+        std::fs::create_dir_all(&state).expect("a state directory for the stand-in");
         let mut command = super::headroom();
-        command.env("LD_LIBRARY_PATH", self.library_path());
+        command
+            .env("LD_LIBRARY_PATH", self.library_path())
+            .env("HEADROOM_STANDIN_STATE_DIR", state);
         command
     }
 

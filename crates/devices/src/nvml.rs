@@ -28,19 +28,23 @@ pub struct GpuTelemetry {
     pub utilization_percent: Option<u32>,
     /// Core temperature, degrees Celsius.
     pub temperature_celsius: Option<u32>,
-    /// Processes holding a compute context on the GPU, this one included.
-    pub compute_processes: usize,
-    /// Whether this process is among them by its PID. In a container without the host's PID
-    /// namespace NVML's PIDs are the host's, and this process is not recognised by its own.
-    pub lists_this_process: bool,
+    /// PIDs of the processes holding a compute context on the GPU, as NVML reports them. In a
+    /// container without the host's PID namespace they are the host's PIDs.
+    pub process_ids: Vec<u32>,
 }
 
 impl GpuTelemetry {
-    /// Processes other than this one computing on the GPU; `this_process_computes` says whether
-    /// this process holds a context there (then one of the processes is this one, by PID or not).
-    pub fn other_compute_processes(&self, this_process_computes: bool) -> usize {
-        let this_one = self.lists_this_process || this_process_computes;
-        self.compute_processes - usize::from(this_one && self.compute_processes > 0)
+    /// Processes other than `ours` (headroom's, by PID) computing on the GPU. `ours_compute`
+    /// says whether one of ours holds a context there: when NVML lists none of our PIDs (they
+    /// are the host's, in a container), one of the processes is taken for ours.
+    pub fn other_compute_processes(&self, ours: &[u32], ours_compute: bool) -> usize {
+        let listed = self.process_ids.len();
+        let recognised = self.process_ids.iter().filter(|p| ours.contains(p)).count();
+        if recognised == 0 && ours_compute {
+            listed.saturating_sub(1)
+        } else {
+            listed - recognised
+        }
     }
 }
 
@@ -86,8 +90,7 @@ pub fn telemetry() -> Result<(String, Vec<GpuTelemetry>), TelemetryError> {
             free_bytes: memory.free,
             utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
             temperature_celsius: device.temperature(TemperatureSensor::Gpu).ok(),
-            compute_processes: processes.len(),
-            lists_this_process: processes.iter().any(|p| p.pid == std::process::id()),
+            process_ids: processes.iter().map(|p| p.pid).collect(),
         });
     }
     Ok((driver, gpus))
@@ -104,7 +107,7 @@ pub fn find<'a>(gpus: &'a [GpuTelemetry], device: &DeviceInfo) -> Option<&'a Gpu
 mod tests {
     use super::*;
 
-    fn gpu(compute_processes: usize, lists_this_process: bool) -> GpuTelemetry {
+    fn gpu(process_ids: &[u32]) -> GpuTelemetry {
         GpuTelemetry {
             index: 0,
             name: "GPU".into(),
@@ -114,19 +117,23 @@ mod tests {
             free_bytes: 1,
             utilization_percent: None,
             temperature_celsius: None,
-            compute_processes,
-            lists_this_process,
+            process_ids: process_ids.to_vec(),
         }
     }
 
     #[test]
-    fn this_process_is_not_another_even_when_its_pid_is_not_recognised() {
-        assert_eq!(gpu(1, true).other_compute_processes(true), 0);
-        // In a container: NVML lists the host PID of this process.
-        assert_eq!(gpu(1, false).other_compute_processes(true), 0);
-        assert_eq!(gpu(2, false).other_compute_processes(true), 1);
-        // Not computing here: every process is another.
-        assert_eq!(gpu(2, false).other_compute_processes(false), 2);
-        assert_eq!(gpu(0, false).other_compute_processes(true), 0);
+    fn our_processes_are_not_others_even_when_their_pids_are_not_recognised() {
+        let ours = [100, 101];
+        assert_eq!(gpu(&[101]).other_compute_processes(&ours, true), 0);
+        assert_eq!(gpu(&[101, 4242]).other_compute_processes(&ours, true), 1);
+        // In a container: NVML lists the host PID of our worker.
+        assert_eq!(gpu(&[90001]).other_compute_processes(&ours, true), 0);
+        assert_eq!(gpu(&[90001, 90002]).other_compute_processes(&ours, true), 1);
+        // Not computing there: every process is another.
+        assert_eq!(
+            gpu(&[90001, 90002]).other_compute_processes(&ours, false),
+            2
+        );
+        assert_eq!(gpu(&[]).other_compute_processes(&ours, true), 0);
     }
 }

@@ -22,8 +22,9 @@ pub const PROBE_SEED: u64 = 0x5eed;
 /// How many times a confirmation may fail (the limit moved) before the search gives up.
 const MAX_CONFIRMATIONS: u32 = 3;
 
-/// Why a search gave no answer.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why a search gave no answer. It crosses from a probe worker process to the service as JSON.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TuneError {
     /// Batch size 1 does not fit.
     #[error(transparent)]

@@ -11,6 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::probe_worker::client::Watchdog;
 use headroom_devices::host::DEFAULT_BUDGET_BYTES;
 use headroom_devices::select::DeviceSpec;
 
@@ -56,6 +57,17 @@ pub struct Config {
     pub allow_shared: bool,
     /// How long shutdown waits for a running probe, seconds.
     pub shutdown_grace_seconds: u64,
+    /// The most a probe may take, seconds; past it its worker is killed and the job fails.
+    pub probe_timeout_seconds: u64,
+    /// The least a probe is given, seconds (otherwise ten times the last probe's time, scaled
+    /// by the batch ratio).
+    pub probe_timeout_floor_seconds: u64,
+    /// How long a new probe worker may take to open its device (compiling kernels), seconds.
+    pub worker_start_seconds: u64,
+    /// How long a device whose worker failed repeatedly refuses jobs (503), seconds.
+    pub worker_cooldown_seconds: u64,
+    /// The `headroom` binary that runs probe workers (empty: this one).
+    pub worker_program: String,
     /// Default `headroom` of jobs that give none.
     pub headroom: f64,
     /// Default `search` settings of jobs that give none (any subset of the job's `search` keys).
@@ -93,6 +105,11 @@ impl Default for Config {
             log_format: LogFormat::Human,
             allow_shared: false,
             shutdown_grace_seconds: 30,
+            probe_timeout_seconds: Watchdog::DEFAULT.ceiling.as_secs(),
+            probe_timeout_floor_seconds: Watchdog::DEFAULT.floor.as_secs(),
+            worker_start_seconds: 300,
+            worker_cooldown_seconds: 60,
+            worker_program: String::new(),
             headroom: 0.8,
             search: serde_json::Map::new(),
         }

@@ -8,7 +8,9 @@
 //! - [`handlers`]: the routes, one file per resource; [`problem`]: RFC 9457 errors;
 //!   [`openapi`]: the OpenAPI 3.1 document and the schemas of the engine's types.
 //! - [`document`]: a job as the API shows it and the store keeps it.
-//! - [`jobs`]: job lifecycle and history; [`workers`]: one queue and worker per device.
+//! - [`jobs`]: job lifecycle and history; [`workers`]: one queue and worker thread per device,
+//!   which runs jobs in the device's [`probe_worker`] process; [`supervision`]: restarts and
+//!   device health when that process fails.
 //! - [`answer`]: the engine's result with where and when it was measured.
 //! - [`cache`]: reuse of finished results; [`metrics`]: the Prometheus registry.
 //! - [`store`]: jobs and results across restarts and nodes; [`recovery`]: a start over it.
@@ -25,12 +27,14 @@ pub mod metrics;
 pub mod middleware;
 pub mod openapi;
 pub mod plot;
+pub mod probe_worker;
 pub mod problem;
 pub mod recovery;
 pub mod routes;
 pub mod serve;
 pub mod state;
 pub mod store;
+pub mod supervision;
 pub mod workers;
 
 use std::sync::{Mutex, MutexGuard};

@@ -75,6 +75,8 @@ pub struct Metrics {
     probe_duration: HistogramVec,
     queue_length: IntGaugeVec,
     busy: IntGaugeVec,
+    healthy: IntGaugeVec,
+    worker_restarts: IntCounterVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     single_flight_joins: IntCounter,
@@ -156,6 +158,16 @@ impl Metrics {
                 "1 while the device runs a tuning job",
                 &DEVICE_LABELS,
             ),
+            healthy: gauge(
+                "device_healthy",
+                "0 while the device refuses jobs because its probe worker keeps failing",
+                &DEVICE_LABELS,
+            ),
+            worker_restarts: counter(
+                "worker_restarts_total",
+                "Probe worker processes started again after one faulted, crashed or hung",
+                &DEVICE_LABELS,
+            ),
             cache_hits: IntCounter::with_opts(opts(
                 "cache_hits_total",
                 "Results answered from the cache",
@@ -214,6 +226,8 @@ impl Metrics {
             Box::new(metrics.probe_duration.clone()),
             Box::new(metrics.queue_length.clone()),
             Box::new(metrics.busy.clone()),
+            Box::new(metrics.healthy.clone()),
+            Box::new(metrics.worker_restarts.clone()),
             Box::new(metrics.cache_hits.clone()),
             Box::new(metrics.cache_misses.clone()),
             Box::new(metrics.single_flight_joins.clone()),
@@ -283,6 +297,20 @@ impl Metrics {
         self.busy
             .with_label_values(&device.values())
             .set(i64::from(busy));
+    }
+
+    /// Whether a device takes jobs.
+    pub fn healthy(&self, device: &DeviceLabels, healthy: bool) {
+        self.healthy
+            .with_label_values(&device.values())
+            .set(i64::from(healthy));
+    }
+
+    /// A probe worker started again.
+    pub fn worker_restart(&self, device: &DeviceLabels) {
+        self.worker_restarts
+            .with_label_values(&device.values())
+            .inc();
     }
 
     /// A result answered from the cache.

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::probe_worker::client::WorkerError;
 use headroom_engine::search::TuneError;
 
 /// An `application/problem+json` body.
@@ -26,6 +27,9 @@ pub struct Problem {
     #[serde(skip)]
     pub retry_after_seconds: Option<u64>,
 }
+
+/// What a job's error adds when its probe worker is gone.
+pub const NEW_WORKER: &str = "; the next job runs in a new worker process";
 
 impl Problem {
     /// A problem of type `about:blank` with the status's reason as its title.
@@ -81,6 +85,22 @@ impl Problem {
             TuneError::Cancelled => (StatusCode::CONFLICT, "cancelled", "Job cancelled"),
         };
         Problem::typed(status, slug, title, err.to_string())
+    }
+
+    /// A job's probe worker that crashed or hung: the job failed, the device goes on with a new
+    /// worker.
+    pub fn of_worker(err: &WorkerError) -> Problem {
+        let (slug, title) = match err {
+            WorkerError::Hung { .. } => ("probe-timeout", "Probe did not finish"),
+            WorkerError::Crashed { .. } => ("worker-crashed", "Probe worker crashed"),
+            WorkerError::Start { .. } => ("worker-unavailable", "Probe worker unavailable"),
+        };
+        Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            slug,
+            title,
+            format!("{err}{NEW_WORKER}"),
+        )
     }
 
     /// Adds a `Retry-After` header.

@@ -9,13 +9,14 @@ use crate::config::Config;
 use crate::document::JobDocument;
 use crate::jobs::{JobStore, Recorder};
 use crate::metrics::Metrics;
+use crate::probe_worker::client::{Watchdog, WorkerCommand};
 use crate::recovery;
 use crate::store::journal::Direction;
 use crate::store::journal::{Journal, StoreHealth};
 use crate::store::{Retention, Store, StoredJob};
-use crate::workers::{DeviceWorker, WorkerContext};
-use headroom_devices::select::{self, DeviceSpec};
-use headroom_devices::{cuda, nvml};
+use crate::workers::{DeviceWorker, Supervision, WorkerContext};
+use headroom_devices::nvml;
+use headroom_devices::select::DeviceSpec;
 
 /// The devices of this state were opened before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -124,37 +125,60 @@ impl AppState {
         }
     }
 
-    /// Opens the configured devices (compiling kernels for GPUs) and starts their workers, one
-    /// per physical device. A device that fails to open is logged and left out; the others are
-    /// served.
+    /// Starts a probe worker process for each configured device (compiling kernels for GPUs)
+    /// and the device's worker thread, one per physical device. A device whose worker does not
+    /// start is logged and left out; the others are served. GPUs are counted by a worker too:
+    /// the service never loads the CUDA driver itself.
     pub fn open_devices(&self) -> Result<(), AlreadyOpen> {
-        let specs = device_specs(&self.config.devices, cuda_device_count());
+        let command = match WorkerCommand::new(
+            &self.config.worker_program,
+            self.config.host_memory.0,
+        ) {
+            Ok(command) => command,
+            Err(e) => {
+                tracing::error!(error = %e, "the service cannot find its own binary to start probe workers; serving no device");
+                return self.workers.set(Vec::new()).map_err(|_| AlreadyOpen);
+            }
+        };
+        let wants_cuda = self.config.devices.contains(&DeviceSpec::Auto);
+        let cuda_devices = if wants_cuda { command.count_cuda() } else { 0 };
+        let specs = device_specs(&self.config.devices, cuda_devices);
         let (driver_version, gpus) =
             nvml::telemetry().unwrap_or_else(|_| ("none".into(), Vec::new()));
+        let seconds = Duration::from_secs;
+        let supervision = Supervision {
+            command,
+            watchdog: Watchdog {
+                floor: seconds(self.config.probe_timeout_floor_seconds),
+                ceiling: seconds(self.config.probe_timeout_seconds),
+            },
+            start_timeout: seconds(self.config.worker_start_seconds),
+            cooldown: seconds(self.config.worker_cooldown_seconds),
+        };
         let mut workers = Vec::new();
         for spec in specs {
-            let opened = match select::open(spec, self.config.host_memory.0) {
-                Ok(opened) => opened,
-                Err(e) => {
-                    tracing::error!(device = %spec, error = %e, "device could not be opened; not serving it");
-                    continue;
-                }
-            };
-            tracing::info!(device = %spec, "device open");
             let context = WorkerContext {
                 cache: Arc::clone(&self.cache),
                 metrics: Arc::clone(&self.metrics),
                 node: Arc::clone(&self.node),
             };
-            let nvml_index = nvml::find(&gpus, &opened.device.info()).map(|g| g.index);
-            workers.push(DeviceWorker::start(
+            let started = DeviceWorker::start(
                 spec,
                 &driver_version,
-                opened.device,
+                supervision.clone(),
                 self.config.queue_length,
                 context,
-                nvml_index,
-            ));
+                |info| nvml::find(&gpus, info).map(|g| g.index),
+            );
+            match started {
+                Ok(worker) => {
+                    tracing::info!(device = %spec, "device open in its probe worker");
+                    workers.push(worker);
+                }
+                Err(e) => {
+                    tracing::error!(device = %spec, error = %e, "device could not be opened; not serving it");
+                }
+            }
         }
         self.workers.set(workers).map_err(|_| AlreadyOpen)
     }
@@ -190,14 +214,6 @@ impl AppState {
             .unwrap_or_default()
             .iter()
             .all(|w| w.join(deadline.saturating_duration_since(Instant::now())))
-    }
-}
-
-fn cuda_device_count() -> u32 {
-    if cuda::compile::nvrtc_available() {
-        cuda::device_count().unwrap_or(0)
-    } else {
-        0
     }
 }
 

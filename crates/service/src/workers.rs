@@ -1,5 +1,8 @@
 //! One worker thread per device: the device's bounded queue, and one job at a time on it
-//! (concurrent OOM probes on one device would corrupt each other's measurements).
+//! (concurrent OOM probes on one device would corrupt each other's measurements), run in the
+//! device's probe worker process ([`crate::probe_worker`]). The thread supervises that process:
+//! it restarts one that faulted, crashed or hung, with a backoff, and marks the device unhealthy
+//! after repeated failures ([`crate::supervision`]).
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,11 +16,13 @@ use super::cache::ResultCache;
 use super::jobs::{JobEnd, TuneJob};
 use super::lock;
 use super::metrics::{DeviceLabels, Metrics};
-use super::problem::Problem;
+use super::probe_worker::client::{ProbeWorker, Watchdog, WorkerCommand, WorkerError};
+use super::problem::{Problem, NEW_WORKER};
+use super::supervision::Health;
 use headroom_devices::select::DeviceSpec;
-use headroom_engine::device::{Device, DeviceInfo, DeviceKind};
+use headroom_engine::device::{DeviceInfo, DeviceKind};
 use headroom_engine::result::Probe;
-use headroom_engine::search::{tune, TuneError};
+use headroom_engine::search::TuneError;
 
 /// Why a job was not queued.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +33,19 @@ pub enum EnqueueError {
     /// The service is shutting down.
     #[error("the device stopped taking jobs")]
     Closed,
+}
+
+/// How a device's probe worker is started and watched.
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// The worker process to start.
+    pub command: WorkerCommand,
+    /// How long a probe may take.
+    pub watchdog: Watchdog,
+    /// How long a new worker may take to open its device.
+    pub start_timeout: Duration,
+    /// How long an unhealthy device refuses jobs before it tries again.
+    pub cooldown: Duration,
 }
 
 /// What a worker shares with the service.
@@ -54,54 +72,166 @@ pub struct DeviceWorker {
     queued: AtomicUsize,
     busy: AtomicBool,
     info: Mutex<DeviceInfo>,
+    supervision: Supervision,
+    health: Mutex<Health>,
+    worker_pid: Mutex<Option<u32>>,
 }
 
 impl DeviceWorker {
-    /// Starts the worker thread of `device`, with a queue of `queue_length` jobs; a GPU's NVML
-    /// index labels its metrics.
+    /// Starts the worker thread of `spec` and, on it, the device's probe worker process (the
+    /// thread that starts a worker must outlive it: the worker dies with that thread). Waits
+    /// for the device to open; a GPU's NVML index (`nvml_index` of its identity) labels its
+    /// metrics.
     pub fn start(
         spec: DeviceSpec,
         driver_version: &str,
-        device: Box<dyn Device>,
+        supervision: Supervision,
         queue_length: usize,
         context: WorkerContext,
-        nvml_index: Option<u32>,
-    ) -> Arc<DeviceWorker> {
-        let info = device.info();
-        let labels = DeviceLabels::new(spec, &info, nvml_index);
+        nvml_index: impl FnOnce(&DeviceInfo) -> Option<u32>,
+    ) -> Result<Arc<DeviceWorker>, WorkerError> {
+        let (opened, on_open) = mpsc::channel::<Result<(DeviceInfo, u32), WorkerError>>();
+        let (handed, on_hand) = mpsc::channel::<Arc<DeviceWorker>>();
+        let (sender, receiver) = mpsc::sync_channel::<Arc<TuneJob>>(queue_length);
+        let (stopped, on_stop) = mpsc::channel();
+        let starting = supervision.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("headroom-{spec}"))
+            .spawn(move || {
+                let first = ProbeWorker::start(&starting.command, spec, starting.start_timeout);
+                let probe_worker = match first {
+                    Ok(worker) => {
+                        let _ = opened.send(Ok((worker.info().clone(), worker.pid())));
+                        worker
+                    }
+                    Err(e) => {
+                        let _ = opened.send(Err(e));
+                        return;
+                    }
+                };
+                let Ok(this) = on_hand.recv() else {
+                    return;
+                };
+                this.serve(Some(probe_worker), &receiver);
+                tracing::info!(device = %this.device, "worker stopped; device released");
+                let _ = stopped.send(());
+            })
+            .expect("spawning a worker thread");
+        let (info, pid) = on_open.recv().unwrap_or_else(|_| {
+            Err(WorkerError::Start {
+                device: spec,
+                reason: "its thread ended".into(),
+            })
+        })?;
+        let labels = DeviceLabels::new(spec, &info, nvml_index(&info));
         let identity = format!(
             "{}|{}|{}|{driver_version}",
             info.kind, info.name, info.total_bytes
         );
-        let (sender, receiver) = mpsc::sync_channel::<Arc<TuneJob>>(queue_length);
-        let (stopped, on_stop) = mpsc::channel();
+        context.metrics.healthy(&labels, true);
         let worker = Arc::new(DeviceWorker {
             device: spec,
             identity,
             labels,
             context,
             sender: Mutex::new(Some(sender)),
-            thread: Mutex::new(None),
+            thread: Mutex::new(Some((thread, on_stop))),
             queued: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
             info: Mutex::new(info),
+            supervision,
+            health: Mutex::new(Health::default()),
+            worker_pid: Mutex::new(Some(pid)),
         });
-        let this = Arc::clone(&worker);
-        let thread = std::thread::Builder::new()
-            .name(format!("headroom-{spec}"))
-            .spawn(move || {
-                let mut device = device;
-                while let Ok(job) = receiver.recv() {
-                    this.count_queued(false);
-                    this.run(device.as_mut(), &job);
+        let _ = handed.send(Arc::clone(&worker));
+        Ok(worker)
+    }
+
+    /// Runs each queued job in the probe worker, starting a new worker when there is none (after
+    /// a failure, once its backoff has passed), until the queue closes.
+    fn serve(&self, mut worker: Option<ProbeWorker>, jobs: &Receiver<Arc<TuneJob>>) {
+        let mut restart_at = Instant::now();
+        loop {
+            let job = if worker.is_some() {
+                match jobs.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => break,
                 }
-                drop(device);
-                tracing::info!(device = %this.device, "worker stopped; device released");
-                let _ = stopped.send(());
-            })
-            .expect("spawning a worker thread");
-        *lock(&worker.thread) = Some((thread, on_stop));
-        worker
+            } else {
+                match jobs.recv_timeout(restart_at.saturating_duration_since(Instant::now())) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if worker.is_none() {
+                std::thread::sleep(restart_at.saturating_duration_since(Instant::now()));
+                worker = self.restart();
+                if worker.is_none() {
+                    restart_at = Instant::now() + lock(&self.health).backoff();
+                }
+            }
+            if let Some(job) = job {
+                self.count_queued(false);
+                let ran = self.run(&mut worker, &job);
+                if ran.is_ok() {
+                    lock(&self.health).succeeded();
+                }
+                if let Err(reason) = ran {
+                    let unhealthy = lock(&self.health).failed(Instant::now(), &reason);
+                    if unhealthy {
+                        tracing::error!(device = %self.device, %reason, "the device's probe worker keeps failing; the device refuses jobs for a while");
+                        self.context.metrics.healthy(&self.labels, false);
+                    }
+                    restart_at = Instant::now() + lock(&self.health).backoff();
+                }
+            }
+        }
+        if let Some(worker) = worker {
+            worker.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// A new probe worker, or none (counted as a failure) when it does not start.
+    fn restart(&self) -> Option<ProbeWorker> {
+        let supervision = &self.supervision;
+        self.context.metrics.worker_restart(&self.labels);
+        match ProbeWorker::start(&supervision.command, self.device, supervision.start_timeout) {
+            Ok(worker) => {
+                tracing::info!(device = %self.device, pid = worker.pid(), "probe worker restarted");
+                *lock(&self.info) = worker.info().clone();
+                *lock(&self.worker_pid) = Some(worker.pid());
+                Some(worker)
+            }
+            Err(e) => {
+                tracing::error!(device = %self.device, error = %e, "probe worker did not start");
+                if lock(&self.health).failed(Instant::now(), &e.to_string()) {
+                    self.context.metrics.healthy(&self.labels, false);
+                }
+                None
+            }
+        }
+    }
+
+    /// The process id of the device's probe worker, while one runs.
+    pub fn worker_pid(&self) -> Option<u32> {
+        *lock(&self.worker_pid)
+    }
+
+    /// This service's process and its worker's: NVML lists them as compute processes.
+    pub fn process_ids(&self) -> Vec<u32> {
+        std::iter::once(std::process::id())
+            .chain(self.worker_pid())
+            .collect()
+    }
+
+    /// Why the device refuses new jobs now, and for how much longer, if it does.
+    pub fn refusal(&self) -> Option<(String, Duration)> {
+        let refusal = lock(&self.health).refusal(Instant::now(), self.supervision.cooldown);
+        if refusal.is_none() {
+            self.context.metrics.healthy(&self.labels, true);
+        }
+        refusal
     }
 
     /// Counts a job into (`joined`) or out of the queue and updates the gauge.
@@ -189,9 +319,11 @@ impl DeviceWorker {
         }
     }
 
-    fn run(&self, device: &mut dyn Device, job: &TuneJob) {
+    /// Runs `job` in `worker`. A worker that faulted, crashed or hung is gone afterwards
+    /// (`worker` is `None`), and the reason is returned, to be counted against the device.
+    fn run(&self, worker: &mut Option<ProbeWorker>, job: &TuneJob) -> Result<(), String> {
         if !job.start() {
-            return;
+            return Ok(());
         }
         let metrics = &self.context.metrics;
         self.busy.store(true, Ordering::SeqCst);
@@ -210,8 +342,18 @@ impl DeviceWorker {
                 ControlFlow::Continue(())
             }
         };
-        let end = match tune(&job.spec, device, &mut observe) {
-            Ok(result) => {
+        let mut failure = None;
+        let outcome = match worker.as_mut() {
+            Some(probe_worker) => {
+                probe_worker.tune(&job.spec, &self.supervision.watchdog, &mut observe)
+            }
+            None => Err(WorkerError::Start {
+                device: self.device,
+                reason: "the last restart failed; retrying".into(),
+            }),
+        };
+        let end = match outcome {
+            Ok(Ok(result)) => {
                 let result = TuneAnswer {
                     result,
                     cached: false,
@@ -228,18 +370,40 @@ impl DeviceWorker {
                     .insert(job.cache_key.clone(), result.clone());
                 JobEnd::Succeeded(Box::new(result))
             }
-            Err(TuneError::Cancelled) => job.stopped(),
-            Err(err) => JobEnd::Failed(Problem::of_search(&err)),
+            Ok(Err(TuneError::Cancelled)) => job.stopped(),
+            Ok(Err(err)) => {
+                let mut problem = Problem::of_search(&err);
+                if let TuneError::Fault { message, .. } = &err {
+                    // The worker exits after a fault: the driver recovers only in a new process.
+                    failure = Some(format!("device fault: {message}"));
+                    problem.detail.push_str(NEW_WORKER);
+                }
+                JobEnd::Failed(problem)
+            }
+            Err(err) => {
+                tracing::error!(job = %job.id, device = %self.device, error = %err, "probe worker failed");
+                failure = Some(err.to_string());
+                JobEnd::Failed(Problem::of_worker(&err))
+            }
         };
+        if failure.is_some() {
+            if let Some(gone) = worker.take() {
+                gone.stop(Duration::from_secs(1));
+            }
+            *lock(&self.worker_pid) = None;
+        }
         // Everything about the job is recorded before it is finished: a client woken by the
         // finish then reads metrics and device state that include it.
         let state = end.state();
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(job = %job.id, device = %self.device, state = state.label(), seconds, "job finished");
         metrics.tune(&self.labels, state.label(), seconds);
-        *lock(&self.info) = device.info();
+        if let Some(probe_worker) = worker.as_ref() {
+            *lock(&self.info) = probe_worker.info().clone();
+        }
         self.busy.store(false, Ordering::SeqCst);
         metrics.busy(&self.labels, false);
         job.finish(end);
+        failure.map_or(Ok(()), Err)
     }
 }

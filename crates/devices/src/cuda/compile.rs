@@ -40,9 +40,21 @@ pub fn arch_for(major: i32, minor: i32) -> String {
     format!("compute_{major}{minor}")
 }
 
-/// Compiles one kernel family for `arch`.
+/// Compiles one kernel family for `arch`, or loads it from the kernel cache
+/// ([`super::kernel_cache`]) when an earlier process compiled the same.
 pub fn compile(family: Family, arch: &str) -> Result<Ptx, CompileError> {
-    compile_source(family.file(), family.source(), arch)
+    let cached = super::kernel_cache::directory().map(|dir| {
+        let options = options(arch);
+        super::kernel_cache::file_for(&dir, family.file(), family.source(), arch, &options)
+    });
+    super::kernel_cache::load_or_compile(cached, || {
+        compile_source(family.file(), family.source(), arch)
+    })
+}
+
+/// NVRTC's options for `arch`.
+fn options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()]
 }
 
 fn compile_source(file: &'static str, source: &str, arch: &str) -> Result<Ptx, CompileError> {
@@ -50,7 +62,7 @@ fn compile_source(file: &'static str, source: &str, arch: &str) -> Result<Ptx, C
         return Err(CompileError::NvrtcMissing);
     }
     let options = CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        options: options(arch),
         name: Some(file.into()),
         ..Default::default()
     };

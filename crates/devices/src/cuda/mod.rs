@@ -14,6 +14,7 @@
 
 pub mod compile;
 pub mod kernel;
+pub mod kernel_cache;
 mod launch;
 pub mod shapes;
 
@@ -131,8 +132,9 @@ pub struct CudaDevice {
     uuid: String,
     total_bytes: u64,
     compute_capability: (i32, i32),
-    /// A fault poisons the context until it is rebuilt.
-    poisoned: bool,
+    /// The first fault, after which the driver fails every call of this process: NVIDIA documents
+    /// that only a new process recovers, so the device refuses further probes.
+    fault: Option<String>,
     /// Without pools: the most device memory seen used since the probe began.
     sampled_peak: u64,
 }
@@ -195,7 +197,7 @@ impl CudaDevice {
             uuid,
             total_bytes,
             compute_capability,
-            poisoned: false,
+            fault: None,
             sampled_peak: 0,
         })
     }
@@ -214,7 +216,8 @@ impl CudaDevice {
     }
 
     /// Maps a driver error: out-of-memory from an allocation or the synchronise after it is
-    /// [`DeviceError::OutOfMemory`], everything else a fault that poisons the context.
+    /// [`DeviceError::OutOfMemory`], everything else a fault that ends this process's use of the
+    /// device.
     fn classify(&mut self, during: &str, requested_bytes: u64, error: DriverError) -> DeviceError {
         if error.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
             return DeviceError::OutOfMemory {
@@ -222,8 +225,9 @@ impl CudaDevice {
                 free_bytes: self.memory().map_or(0, |(free, _)| free),
             };
         }
-        self.poisoned = true;
-        DeviceError::Fault(format!("{during}: {error}"))
+        let message = format!("{during}: {error}");
+        self.fault.get_or_insert_with(|| message.clone());
+        DeviceError::Fault(message)
     }
 
     /// The device's default memory pool, where cudarc allocates when the device has pools.
@@ -248,20 +252,6 @@ impl CudaDevice {
             let trimmed = unsafe { sys::cuMemPoolTrimTo(pool, 0).result() };
             trimmed.map_err(|e| self.classify("trimming the memory pool", 0, e))?;
         }
-        Ok(())
-    }
-
-    /// Replaces a poisoned context by a fresh one.
-    fn rebuild(&mut self) -> Result<(), DeviceError> {
-        let cu_device = self.context.cu_device();
-        self.functions.clear();
-        // SAFETY: resets this process's primary context on the device after a sticky error; the
-        // probe's buffers are gone, and this is the only CudaDevice on the GPU (the service
-        // opens each GPU once).
-        let reset = unsafe { sys::cuDevicePrimaryCtxReset_v2(cu_device).result() };
-        reset
-            .map_err(|e| DeviceError::Fault(format!("resetting the context after a fault: {e}")))?;
-        *self = CudaDevice::open(self.index).map_err(|e| DeviceError::Fault(e.to_string()))?;
         Ok(())
     }
 
@@ -336,8 +326,11 @@ impl Probing for CudaDevice {
     }
 
     fn begin_probe(&mut self) -> Result<u64, DeviceError> {
-        if self.poisoned {
-            self.rebuild()?;
+        if let Some(fault) = &self.fault {
+            return Err(DeviceError::Fault(format!(
+                "an earlier fault ({fault}) left this process's CUDA context unusable; the driver \
+                 recovers only in a new process"
+            )));
         }
         self.release_pooled_memory()?;
         let held = self.held_bytes()?;
@@ -371,16 +364,11 @@ impl Probing for CudaDevice {
     }
 
     fn end_probe(&mut self, before: u64) -> Result<(), DeviceError> {
-        let checked = if self.poisoned {
-            Ok(())
-        } else {
-            self.check_returned(before)
-        };
-        // Rebuild at once, so that the device's memory reads true until the next probe.
-        if self.poisoned {
-            self.rebuild()?;
+        // After a fault the driver answers nothing truthfully; the probe's error says enough.
+        match self.fault {
+            Some(_) => Ok(()),
+            None => self.check_returned(before),
         }
-        checked
     }
 }
 

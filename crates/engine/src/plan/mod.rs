@@ -366,7 +366,7 @@ pub struct PeakLine {
 }
 
 /// Batch size 1 does not fit: what it needs and what there is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error(
     "the model does not fit even at batch size 1: it needs {batch_one_bytes} bytes \
      ({fixed_bytes} fixed for parameters, gradients and optimizer state), and the device has \

@@ -48,6 +48,10 @@ pub struct DeviceStatus {
     pub busy: bool,
     /// Jobs waiting.
     pub queue_length: usize,
+    /// Whether it takes jobs: false for a while after its probe worker failed repeatedly.
+    pub healthy: bool,
+    /// The process id of its probe worker, while one runs.
+    pub worker_pid: Option<u32>,
 }
 
 /// `GET /devices`
@@ -85,9 +89,12 @@ pub(crate) async fn device_statuses(state: &AppState) -> Result<Vec<DeviceStatus
                 free_bytes: gpu.map_or(info.free_bytes, |g| g.free_bytes),
                 utilization_percent: gpu.and_then(|g| g.utilization_percent),
                 temperature_celsius: gpu.and_then(|g| g.temperature_celsius),
-                other_compute_processes: gpu.map(|g| g.other_compute_processes(true)),
+                other_compute_processes: gpu
+                    .map(|g| g.other_compute_processes(&w.process_ids(), w.worker_pid().is_some())),
                 busy: w.is_busy(),
                 queue_length: w.queue_length(),
+                healthy: w.refusal().is_none(),
+                worker_pid: w.worker_pid(),
             }
         })
         .collect())

@@ -24,15 +24,30 @@ pub struct Liveness {
 /// The service is ready for jobs.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
-    /// `ready`, or `degraded` when something other than tuning fails (see `store`): jobs are
-    /// still taken and answered.
+    /// `ready`, or `degraded` when the store fails (jobs are still taken and answered) or a
+    /// device refuses jobs because its probe worker keeps failing (see `unhealthy_devices`).
     #[schema(pattern = "^(ready|degraded)$")]
     pub status: String,
     /// The devices served: `host` or `cuda:N`.
     #[schema(value_type = Vec<String>)]
     pub devices: Vec<DeviceSpec>,
+    /// Devices refusing jobs for now, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unhealthy_devices: Vec<UnhealthyDevice>,
     /// The store of jobs and results.
     pub store: StoreStatus,
+}
+
+/// A device whose probe worker failed repeatedly: it refuses jobs (503) until its cooldown ends.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UnhealthyDevice {
+    /// `host` or `cuda:N`.
+    #[schema(value_type = String)]
+    pub device: DeviceSpec,
+    /// The last failure.
+    pub reason: String,
+    /// Seconds until it takes jobs again.
+    pub retry_after_seconds: u64,
 }
 
 /// The store, as readiness reports it.
@@ -73,14 +88,25 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Readiness
         ));
     }
     let problem = state.store_health.problem();
+    let unhealthy_devices: Vec<UnhealthyDevice> = workers
+        .iter()
+        .filter_map(|w| {
+            w.refusal().map(|(reason, wait)| UnhealthyDevice {
+                device: w.device,
+                reason,
+                retry_after_seconds: wait.as_secs().max(1),
+            })
+        })
+        .collect();
     Ok(Json(Readiness {
-        status: if problem.is_some() {
+        status: if problem.is_some() || !unhealthy_devices.is_empty() {
             "degraded"
         } else {
             "ready"
         }
         .into(),
         devices: workers.iter().map(|w| w.device).collect(),
+        unhealthy_devices,
         store: StoreStatus {
             location: state.store.describe().into(),
             healthy: problem.is_none(),

@@ -79,6 +79,24 @@ fn choose_worker(state: &AppState, spec: DeviceSpec) -> Result<Arc<DeviceWorker>
     })
 }
 
+/// Refuses a job for a device whose probe worker keeps failing, until its cooldown has passed.
+fn check_healthy(worker: &DeviceWorker) -> Result<(), Problem> {
+    match worker.refusal() {
+        None => Ok(()),
+        Some((reason, wait)) => Err(Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "device-unhealthy",
+            "Device unhealthy",
+            format!(
+                "{} refuses jobs for {} s more: its probe worker failed repeatedly (last: {reason})",
+                worker.device,
+                wait.as_secs().max(1)
+            ),
+        )
+        .retry_after(wait.as_secs().max(1))),
+    }
+}
+
 /// Refuses to probe a GPU that other processes are computing on, unless allowed.
 fn check_shared(worker: &DeviceWorker, allowed: bool) -> Result<(), Problem> {
     if allowed || !worker.is_cuda() {
@@ -87,15 +105,18 @@ fn check_shared(worker: &DeviceWorker, allowed: bool) -> Result<(), Problem> {
     let Ok((_, gpus)) = nvml::telemetry() else {
         return Ok(());
     };
+    let others = |gpu: &nvml::GpuTelemetry| {
+        gpu.other_compute_processes(&worker.process_ids(), worker.worker_pid().is_some())
+    };
     match nvml::find(&gpus, &worker.info()) {
-        Some(gpu) if gpu.other_compute_processes(true) > 0 => Err(Problem::typed(
+        Some(gpu) if others(gpu) > 0 => Err(Problem::typed(
             StatusCode::CONFLICT,
             "device-shared",
             "Device in use",
             format!(
                 "{} has {} other process(es) with a compute context holding {} bytes; probing it could make them run out of memory. \
                  Send \"allow_shared\": true to probe anyway",
-                worker.device, gpu.other_compute_processes(true), gpu.used_bytes
+                worker.device, others(gpu), gpu.used_bytes
             ),
         )),
         _ => Ok(()),
@@ -178,6 +199,7 @@ pub async fn tune(
         }
     }
     state.metrics.cache_miss();
+    check_healthy(&worker)?;
     let job = TuneJob::new(job, worker.device, cache_key, Some(state.recorder()));
     let job = match state
         .jobs

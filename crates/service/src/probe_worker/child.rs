@@ -1,0 +1,155 @@
+//! The probe worker's side: `headroom worker`, a process of its own that opens one device and
+//! runs the service's searches on it, so that a fault, a hang or a crash in the driver ends this
+//! process and never the service. After a device fault it exits: NVIDIA documents that a sticky
+//! error leaves the process's CUDA context unusable until the process is relaunched.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+
+use super::protocol::{receive, send, Event, Request};
+use headroom_devices::cuda;
+use headroom_devices::select::{self, DeviceSpec};
+use headroom_engine::device::{Device, DeviceError, DeviceInfo, StepReport};
+use headroom_engine::job::Job;
+use headroom_engine::plan::Plan;
+use headroom_engine::search::{tune, TuneError};
+
+/// How a worker ended, as its exit code says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The service closed the worker's input.
+    Done = 0,
+    /// The device could not be opened.
+    OpenFailed = 1,
+    /// A device fault: the next job needs a new process.
+    Faulted = 3,
+}
+
+/// Runs the worker on `spec` (the host with `host_budget_bytes`) until the service closes its
+/// input or the device faults.
+pub fn run(spec: DeviceSpec, host_budget_bytes: u64) -> Exit {
+    let opened = match select::open(spec, host_budget_bytes) {
+        Ok(opened) => opened,
+        Err(e) => {
+            emit(&Event::OpenFailed {
+                reason: e.to_string(),
+            });
+            return Exit::OpenFailed;
+        }
+    };
+    serve(opened.device, opened.fallback_reason)
+}
+
+/// CUDA devices the driver lists, written on standard output (0 without a driver): the service
+/// counts GPUs through a worker, so that it never loads the driver itself.
+pub fn count_cuda() -> Exit {
+    let count = if cuda::compile::nvrtc_available() {
+        cuda::device_count().unwrap_or(0)
+    } else {
+        0
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{count}").and_then(|()| out.flush());
+    Exit::Done
+}
+
+/// Announces the open device, then runs each job the service sends.
+fn serve(mut device: Box<dyn Device>, fallback_reason: Option<String>) -> Exit {
+    emit(&Event::Ready {
+        info: device.info(),
+        fallback_reason,
+    });
+    let cancel = Arc::new(AtomicBool::new(false));
+    let jobs = read_requests(Arc::clone(&cancel));
+    for job in jobs {
+        let outcome = match Job::from_value(job) {
+            Ok(job) => search(&job, device.as_mut(), &cancel),
+            Err(e) => Err(TuneError::Fault {
+                batch_size: 0,
+                message: format!("the worker could not read the job: {e}"),
+            }),
+        };
+        let faulted = matches!(outcome, Err(TuneError::Fault { .. }));
+        emit(&Event::Ended {
+            outcome: Box::new(outcome),
+            info: device.info(),
+        });
+        if faulted {
+            return Exit::Faulted;
+        }
+    }
+    Exit::Done
+}
+
+/// Reads requests on a thread of their own: jobs come out of the returned channel, a cancel
+/// sets `cancel` at once, and the end of the input cancels and closes the channel.
+fn read_requests(cancel: Arc<AtomicBool>) -> mpsc::Receiver<serde_json::Value> {
+    let (jobs, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut input = std::io::stdin().lock();
+        loop {
+            match receive::<_, Request>(&mut input) {
+                Ok(Some(Request::Tune { job })) => {
+                    cancel.store(false, Ordering::SeqCst);
+                    if jobs.send(job).is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(Request::Cancel)) => cancel.store(true, Ordering::SeqCst),
+                Ok(None) | Err(_) => {
+                    cancel.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+        }
+    });
+    received
+}
+
+/// One search, each probe announced as it starts and reported as it ends.
+fn search(
+    job: &Job,
+    device: &mut dyn Device,
+    cancel: &AtomicBool,
+) -> Result<headroom_engine::TuneResult, TuneError> {
+    let mut announced = Announced { device };
+    tune(job, &mut announced, &mut |probe| {
+        emit(&Event::Probe(probe.clone()));
+        if cancel.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+}
+
+/// A device that tells the service when each probe starts, for its watchdog.
+struct Announced<'a> {
+    device: &'a mut dyn Device,
+}
+
+impl Device for Announced<'_> {
+    fn info(&self) -> DeviceInfo {
+        self.device.info()
+    }
+
+    fn run_steps(
+        &mut self,
+        plan: &Plan,
+        batch_size: u64,
+        steps: u32,
+        seed: u64,
+    ) -> Result<StepReport, DeviceError> {
+        emit(&Event::ProbeStarted { batch_size });
+        self.device.run_steps(plan, batch_size, steps, seed)
+    }
+}
+
+/// Writes an event; a service that no longer reads ends the worker.
+fn emit(event: &Event) {
+    if send(&mut std::io::stdout().lock(), event).is_err() {
+        std::process::exit(Exit::Done as i32);
+    }
+}
