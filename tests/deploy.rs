@@ -575,11 +575,40 @@ fn the_dashboard_queries_only_exported_metrics() {
         );
     }
 
-    // A GPU service that has tuned once exports every family.
+    // A GPU service (with the host device beside it) exports a sample of every family before it
+    // has tuned, so that a node that never tunes shows zeros, not "No data"; the last answer's
+    // gauges wait for an answer.
     let Some(standin) = StandIn::get() else {
         return;
     };
-    let server = serve(standin, &[]);
+    let mut command = standin.headroom();
+    command
+        .args(["serve", "--device", "cuda:0", "--device", "host"])
+        .env("HEADROOM_STANDIN_MEMORY", "16MiB");
+    let server = ServerProcess::start(command);
+    server.http.get("/readyz");
+    let at_rest = server.http.get_text("/metrics");
+    let sampled: Vec<&str> = at_rest
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for name in queried.iter().filter(|n| !n.starts_with("headroom_last_")) {
+        for device in ["cuda:0", "host"] {
+            let per_device = name.starts_with("headroom_device_")
+                || name.starts_with("headroom_queue_")
+                || name.starts_with("headroom_tune")
+                || name.starts_with("headroom_probe");
+            let found = if per_device {
+                at_rest.lines().any(|l| {
+                    l.starts_with(name.as_str()) && l.contains(&format!("device=\"{device}\""))
+                })
+            } else {
+                sampled.contains(&name.as_str())
+            };
+            assert!(found, "{name} ({device}) has no sample at rest:\n{at_rest}");
+        }
+    }
     let mut request = mnist(json!({"strategy": "predict", "steps_per_probe": 1}));
     request["device"] = json!("cuda:0");
     assert_eq!(server.http.tune(&request, &[]).status, 200);

@@ -91,11 +91,28 @@ fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace("headroom")
 }
 
+/// Buckets from `start` seconds, each 4 times the last, 13 in all: from 0.1 ms they reach 28 min
+/// (a synchronous `/tune` waits `wait_seconds`, 60 by default), from 1 ms 4.7 h (a GPU tune).
 fn seconds(name: &str, help: &str, start: f64) -> HistogramOpts {
     HistogramOpts::new(name, help)
         .namespace("headroom")
-        .buckets(exponential_buckets(start, 4.0, 10).expect("valid buckets"))
+        .buckets(exponential_buckets(start, 4.0, 13).expect("valid buckets"))
 }
+
+/// What a job ends as, a probe's outcomes, and the store's operations: every label value a
+/// series takes, set up at start so that a node that has not tuned exports zeros, not nothing.
+const JOB_OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
+const PROBE_OUTCOMES: [&str; 3] = ["fit", "oom", "error"];
+/// The store operations that can fail (`crate::store::journal`).
+pub const STORE_OPERATIONS: [&str; 7] = [
+    "check",
+    "prune",
+    "read_job",
+    "read_jobs",
+    "read_result",
+    "save_jobs",
+    "save_result",
+];
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(opts(name, help), labels).expect("valid metric")
@@ -107,6 +124,12 @@ fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 
 fn histogram(name: &str, help: &str, start: f64, labels: &[&str]) -> HistogramVec {
     HistogramVec::new(seconds(name, help, start), labels).expect("valid metric")
+}
+
+/// A device's label values and an outcome.
+fn with<'a>(device: &[&'a str; 5], outcome: &'a str) -> [&'a str; 6] {
+    let [a, b, c, d, e] = *device;
+    [a, b, c, d, e, outcome]
 }
 
 fn with_outcome() -> [&'static str; 6] {
@@ -190,12 +213,12 @@ impl Metrics {
             ),
             memory_total: gauge(
                 "device_memory_total_bytes",
-                "GPU memory in all",
+                "Device memory in all (GPUs as NVML reports it; the host device: its budget)",
                 &DEVICE_LABELS,
             ),
             memory_used: gauge(
                 "device_memory_used_bytes",
-                "GPU memory in use by any process",
+                "Device memory in use (GPUs: by any process; the host device: by probes)",
                 &DEVICE_LABELS,
             ),
             last_max_batch_size: gauge(
@@ -244,6 +267,9 @@ impl Metrics {
                 .registry
                 .register(collector)
                 .expect("metric names are unique");
+        }
+        for operation in STORE_OPERATIONS {
+            metrics.store_errors.with_label_values(&[operation]);
         }
         metrics
     }
@@ -297,6 +323,32 @@ impl Metrics {
         self.busy
             .with_label_values(&device.values())
             .set(i64::from(busy));
+    }
+
+    /// Every series of a device just opened, at its resting value: idle, nothing queued,
+    /// healthy, no tunes or probes yet, and its memory.
+    pub fn device_at_rest(&self, device: &DeviceLabels, info: &DeviceInfo) {
+        let values = device.values();
+        self.queue_length.with_label_values(&values).set(0);
+        self.busy.with_label_values(&values).set(0);
+        self.healthy.with_label_values(&values).set(1);
+        self.worker_restarts.with_label_values(&values);
+        self.tune_duration.with_label_values(&values);
+        for outcome in JOB_OUTCOMES {
+            self.tunes.with_label_values(&with(&values, outcome));
+        }
+        for outcome in PROBE_OUTCOMES {
+            self.probes.with_label_values(&with(&values, outcome));
+            self.probe_duration
+                .with_label_values(&with(&values, outcome));
+        }
+        self.device_memory(device, info);
+    }
+
+    /// The memory of a device as it reports it (the host device; GPUs report through NVML).
+    pub fn device_memory(&self, device: &DeviceLabels, info: &DeviceInfo) {
+        let used = info.total_bytes.saturating_sub(info.free_bytes);
+        self.gpu_memory(device, info.total_bytes, used);
     }
 
     /// Whether a device takes jobs.

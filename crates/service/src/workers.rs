@@ -128,7 +128,7 @@ impl DeviceWorker {
             "{}|{}|{}|{driver_version}",
             info.kind, info.name, info.total_bytes
         );
-        context.metrics.healthy(&labels, true);
+        context.metrics.device_at_rest(&labels, &info);
         let worker = Arc::new(DeviceWorker {
             device: spec,
             identity,
@@ -400,6 +400,9 @@ impl DeviceWorker {
         metrics.tune(&self.labels, state.label(), seconds);
         if let Some(probe_worker) = worker.as_ref() {
             *lock(&self.info) = probe_worker.info().clone();
+            if !self.is_cuda() {
+                metrics.device_memory(&self.labels, probe_worker.info());
+            }
         }
         self.busy.store(false, Ordering::SeqCst);
         metrics.busy(&self.labels, false);
