@@ -1,113 +1,282 @@
 #!/usr/bin/env bash
-# GPU check for a machine with an NVIDIA GPU and no Rust toolchain: takes a prebuilt
-# target/release/headroom, finds the CUDA libraries, runs `doctor`, tunes every example with
-# --json, confirms each answer with fresh probes, checks that memory comes back, and measures
-# training-step throughput against batch size. Everything goes under $OUT (default ./gpu-check-out);
-# a short table is printed last. Exit status: non-zero if any step failed.
+# The GPU check: one prepared call on a machine with an NVIDIA GPU and no Rust toolchain, taking
+# a prebuilt target/release/headroom (HEADROOM_BIN). It writes $OUT/check.json (every figure,
+# one section each) and $OUT/summary.md (what to read first), with each command's raw output
+# beside them, and exits non-zero if a section failed.
+#
+#   OUT=/tmp/gpu-check bash scripts/gpu-check.sh           # about 8 minutes on an H100/H200
+#   OUT=/tmp/gpu-check bash scripts/gpu-check.sh --quick   # about 3: the small examples only
+#
+# Sections: machine; doctor (driver and NVRTC versions, CUBIN or PTX, every kernel on the GPU);
+# a tune of each example with measured/predicted limits and a confirming probe at the limit and
+# above it, with the device's bytes against the memory model's (band 0.90-1.10); two tunes in one
+# running `headroom serve` with the GPU's memory before, between and after (a leak across tunes),
+# /devices and /metrics with NVML's fields; the 409 rule against a second process holding the GPU
+# (a standalone worker); and, unless --quick, step throughput against the card's f32 peak. On
+# the CUDA stand-in (tests/standin) it runs the same and says that it is the stand-in.
 set -u
 cd "$(dirname "$0")/.."
 BIN=${HEADROOM_BIN:-target/release/headroom}
-# The device under test; `host` dry-runs this script on a machine without a GPU.
-DEVICE=${HEADROOM_DEVICE:-cuda}
 OUT=${OUT:-gpu-check-out}
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
 mkdir -p "$OUT"
-failures=0
-summary=()
+REPORT="$OUT/check.json"
+echo '{"sections": {}, "failures": []}' > "$REPORT"
 note() { echo "== $*" >&2; }
-failed() { failures=$((failures + 1)); summary+=("FAIL  $*"); }
+
+# record SECTION JSON: merges JSON into the report's section; fail WHAT: counts a failure.
+record() {
+  python3 - "$REPORT" "$1" "$2" <<'PY'
+import json, sys
+path, section, value = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+report = json.load(open(path))
+report["sections"].setdefault(section, {}).update(value)
+json.dump(report, open(path, "w"), indent=2)
+PY
+}
+fail() {
+  echo "FAIL: $*" >&2
+  python3 - "$REPORT" "$*" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+report["failures"].append(sys.argv[2])
+json.dump(report, open(sys.argv[1], "w"), indent=2)
+PY
+}
+py() { python3 -c "$@"; }
 
 # The loader path: CUDA toolkits, then Python wheels (nvidia/*/lib), then what is already there.
 for dir in /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib \
-           $(python3 -c 'import glob, site; print(" ".join(d for s in site.getsitepackages() for d in glob.glob(s + "/nvidia/*/lib")))' 2>/dev/null); do
-  [ -d "$dir" ] && LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+           $(py 'import glob, site; print(" ".join(d for s in site.getsitepackages() for d in glob.glob(s + "/nvidia/*/lib")))' 2>/dev/null); do
+  [ -d "$dir" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$dir"
 done
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 
-gpu_used_mib() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 2>/dev/null | tr -d ' '; }
-gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null)
-# f32 (non-tensor-core) peak by model, TFLOP/s.
-case "$gpu_name" in
+# GPU memory used now, MiB (nvidia-smi), or null without it.
+gpu_used_mib() {
+  local used
+  used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 2>/dev/null | tr -d ' ')
+  echo "${used:-null}"
+}
+
+note "machine"
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null || true)
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader -i 0 2>/dev/null || true)
+case "$gpu_name" in  # f32 (non-tensor-core) peak, TFLOP/s
   *H200*|*H100*SXM*|*"H100 80GB HBM3"*) peak=67 ;;
   *H100*NVL*) peak=60 ;;
   *H100*) peak=51 ;;
   *A100*) peak=19.5 ;;
   *) peak="" ;;
 esac
-peak_arg=${peak:+--peak-tflops $peak}
-{
-  date -u +"date %Y-%m-%dT%H:%M:%SZ"
-  echo "gpu $gpu_name (f32 peak ${peak:-unknown} TFLOP/s)"
-  nvidia-smi --query-gpu=driver_version,memory.total --format=csv,noheader -i 0
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-} | tee "$OUT/machine.txt"
+record machine "$(py 'import json,sys; print(json.dumps({"date": sys.argv[1], "nvidia_smi_gpu": sys.argv[2] or None, "nvidia_smi_driver": sys.argv[3] or None, "f32_peak_tflops": float(sys.argv[4]) if sys.argv[4] else None, "commit": sys.argv[5], "quick": sys.argv[6] == "1"}))' \
+  "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$gpu_name" "$driver" "$peak" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$QUICK")"
 
 note "doctor"
-if timeout 120 "$BIN" doctor > "$OUT/doctor.txt" 2>&1; then
-  summary+=("pass  doctor ($(grep -c '^pass' "$OUT/doctor.txt") checks passed)")
-else
-  failed "doctor (see doctor.txt)"; grep -E '^FAIL' "$OUT/doctor.txt" | head -20 >&2
+timeout 300 "$BIN" doctor --json --require-gpu > "$OUT/doctor.json" 2> "$OUT/doctor.log"
+doctor_exit=$?
+if ! py 'import json,sys; json.load(open(sys.argv[1]))' "$OUT/doctor.json" 2>/dev/null; then
+  fail "doctor wrote no report (exit $doctor_exit, see doctor.log)"
+  echo '{"rows": []}' > "$OUT/doctor.json"
 fi
+record doctor "$(py '
+import json, sys
+d = json.load(open(sys.argv[1]))
+rows = {r["check"]: r for r in d.get("rows", [])}
+def detail(prefix):
+    return next((r["detail"] for c, r in rows.items() if c.startswith(prefix)), None)
+gpus = [r["check"] for r in d.get("rows", []) if r["check"].startswith("GPU ")]
+print(json.dumps({
+    "exit_code": int(sys.argv[2]),
+    "passed": d.get("passed"),
+    "gpu_checked": d.get("gpu_checked"),
+    "driver": detail("CUDA driver library"),
+    "nvrtc": detail("NVRTC library"),
+    "kernels": detail("cuda:0 kernels"),
+    "failed_rows": [r["check"] for r in d.get("rows", []) if r["status"] == "fail"],
+    "standin": any("stand-in" in g for g in gpus),
+}))' "$OUT/doctor.json" "$doctor_exit")"
+[ "$doctor_exit" -eq 0 ] || fail "doctor exited $doctor_exit (see doctor.json)"
+standin=$(py 'import json,sys; print(int(json.load(open(sys.argv[1]))["sections"]["doctor"]["standin"]))' "$REPORT")
 
-field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
-
-for job in examples/*.json; do
+examples=(examples/*.json)
+[ "$QUICK" = 1 ] && examples=(examples/mnist-mlp-sgd.json examples/cifar10-mlp-adam.json)
+for job in "${examples[@]}"; do
   name=$(basename "$job" .json)
   case "$name" in
     wide-*)
       # Its largest batch on a big card takes tens of seconds a step on the CUDA-core GEMM, so the
       # check caps it at 2^18 samples (limited_by "max") to fit its time.
-      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['search']['max']=262144; print(json.dumps(d))" \
+      py 'import json,sys; d=json.load(open(sys.argv[1])); d.setdefault("search", {})["max"]=262144; print(json.dumps(d))' \
         "$job" > "$OUT/$name.json"
       job="$OUT/$name.json" ;;
   esac
   note "tune $name"
   before=$(gpu_used_mib)
   start=$(date +%s.%N)
-  if ! timeout 150 "$BIN" tune "$job" --device "$DEVICE" --json > "$OUT/tune-$name.json" 2> "$OUT/tune-$name.log"; then
-    failed "tune $name (see tune-$name.log)"; continue
+  if ! timeout 180 "$BIN" tune "$job" --device cuda --json > "$OUT/tune-$name.json" 2> "$OUT/tune-$name.log"; then
+    fail "tune $name (see tune-$name.log)"; continue
   fi
-  wall=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
+  wall=$(py "import time; print(round(time.time() - $start, 2))")
   after=$(gpu_used_mib)
-  max=$(field "$OUT/tune-$name.json" 'd["max_batch_size"]')
-  rec=$(field "$OUT/tune-$name.json" 'd["recommended_batch_size"]')
-  limited=$(field "$OUT/tune-$name.json" 'd["limited_by"]')
-  predicted=$(field "$OUT/tune-$name.json" 'd["predicted_max_batch_size"]')
-  probes=$(field "$OUT/tune-$name.json" 'len(d["probes"])')
-  first_oom=$(field "$OUT/tune-$name.json" 'min([p["batch_size"] for p in d["probes"] if p["outcome"]=="oom"] or [0])')
-  multiple=$(python3 -c "import json; print(json.load(open('$job')).get('search', {}).get('multiple_of', 8))")
-  summary+=("tune  $name: max $max recommended $rec ($limited), predicted $predicted (ratio $(python3 -c "print(f'{$max/$predicted:.3f}')")), $probes probes, ${wall}s, GPU used ${before}->${after} MiB")
-  [ $(( ${after:-0} - ${before:-0} )) -gt 64 ] && failed "$name: GPU memory grew by $(( after - before )) MiB across the tune"
-  # Proof: a fresh probe at max fits; one multiple_of above the first OOM does not.
-  sizes="$max"
-  [ "$first_oom" != 0 ] && sizes="$max,$((first_oom + multiple))"
-  if timeout 120 "$BIN" probe "$job" --device "$DEVICE" --batch-size "$sizes" --json > "$OUT/confirm-$name.json" 2> "$OUT/confirm-$name.log"; then
-    outcomes=$(field "$OUT/confirm-$name.json" '" ".join("%d:%s" % (m["batch_size"], m["outcome"]) for m in d)')
-    summary+=("proof $name: $outcomes")
-    case "$outcomes" in "$max:fit"|"$max:fit $((first_oom + multiple)):oom") ;; *) failed "$name: confirmation $outcomes" ;; esac
-  else
-    failed "confirm $name (see confirm-$name.log)"
-  fi
+  above=$(py '
+import json, sys
+d = json.load(open(sys.argv[1]))
+ooms = [p["batch_size"] for p in d["probes"] if p["outcome"] == "oom"]
+multiple = json.load(open(sys.argv[2])).get("search", {}).get("multiple_of", 8)
+print(min(ooms) + multiple if ooms else "")' "$OUT/tune-$name.json" "$job")
+  sizes=$(py 'import json,sys; print(json.load(open(sys.argv[1]))["max_batch_size"])' "$OUT/tune-$name.json")
+  [ -n "$above" ] && sizes="$sizes,$above"
+  timeout 120 "$BIN" probe "$job" --device cuda --batch-size "$sizes" --json > "$OUT/confirm-$name.json" 2> "$OUT/confirm-$name.log" \
+    || fail "confirming probes of $name (see confirm-$name.log)"
+  record "tune $name" "$(py '
+import json, sys
+tune = json.load(open(sys.argv[1]))
+try:
+    confirm = json.load(open(sys.argv[2]))
+except Exception:
+    confirm = []
+fits = [m for m in confirm if m["outcome"] == "fit"]
+print(json.dumps({
+    "max_batch_size": tune["max_batch_size"],
+    "recommended_batch_size": tune["recommended_batch_size"],
+    "predicted_max_batch_size": tune["predicted_max_batch_size"],
+    "measured_over_predicted": round(tune["max_batch_size"] / tune["predicted_max_batch_size"], 4),
+    "limited_by": tune["limited_by"],
+    "framework": tune.get("framework"),
+    "probes": len(tune["probes"]),
+    "elapsed_seconds": tune["elapsed_seconds"],
+    "wall_seconds": float(sys.argv[3]),
+    "gpu_used_mib_before": json.loads(sys.argv[4]),
+    "gpu_used_mib_after": json.loads(sys.argv[5]),
+    "confirmations": {str(m["batch_size"]): m["outcome"] for m in confirm},
+    "device_over_model": [round(m["device_bytes"] / m["modelled_bytes"], 4) for m in fits if m.get("modelled_bytes")],
+}))' "$OUT/tune-$name.json" "$OUT/confirm-$name.json" "$wall" "$before" "$after")"
+  verdict=$(py '
+import json, sys
+s = json.load(open(sys.argv[1]))["sections"]["tune " + sys.argv[2]]
+bad = []
+max_, c = str(s["max_batch_size"]), s["confirmations"]
+if c.get(max_) != "fit": bad.append("the max did not fit again")
+if any(v == "fit" for k, v in c.items() if k != max_): bad.append("above the first OOM fitted")
+if any(not 0.90 <= r <= 1.10 for r in s["device_over_model"]): bad.append("device bytes outside 0.90-1.10 of the model")
+b, a = s["gpu_used_mib_before"], s["gpu_used_mib_after"]
+if b is not None and a is not None and a - b > 64: bad.append(f"GPU memory grew {a - b} MiB")
+print("; ".join(bad))' "$REPORT" "$name")
+  [ -n "$verdict" ] && fail "$name: $verdict"
 done
 
-note "throughput"
-cat > "$OUT/wide-mlp.json" <<'JOB'
+note "serve: two tunes, telemetry, the 409 rule"
+port=${PORT:-18299}
+state=$(mktemp -d)
+HEADROOM_STORE="sqlite://$state/headroom.db" HEADROOM_WAIT_SECONDS=300 \
+  "$BIN" serve --bind "127.0.0.1:$port" --device cuda:0 > "$OUT/serve.log" 2>&1 &
+server=$!
+trap 'kill $server $other 2>/dev/null; rm -rf "$state"' EXIT
+other=""
+for _ in $(seq 600); do curl -fs "http://127.0.0.1:$port/readyz" > /dev/null 2>&1 && break; sleep 0.5; done
+request=$(py 'import json; j=json.load(open("examples/mnist-mlp-sgd.json")); j["no_cache"]=True; j["device"]="cuda:0"; print(json.dumps(j))')
+used=()
+used+=("$(gpu_used_mib)")
+for round in 1 2; do
+  curl -s -o "$OUT/serve-tune-$round.json" -w '%{http_code}' -H 'Content-Type: application/json' \
+    --data "$request" "http://127.0.0.1:$port/tune" > "$OUT/serve-tune-$round.status"
+  used+=("$(gpu_used_mib)")
+done
+curl -s "http://127.0.0.1:$port/devices" > "$OUT/devices.json"
+curl -s "http://127.0.0.1:$port/metrics" > "$OUT/metrics.txt"
+# A second process holding a context on the GPU: a standalone worker, kept open on a pipe.
+mkfifo "$state/hold"
+"$BIN" worker --device cuda:0 < "$state/hold" > /dev/null 2>&1 &
+other=$!
+exec 7> "$state/hold"
+sleep 3
+curl -s -o "$OUT/serve-shared.json" -w '%{http_code}' -H 'Content-Type: application/json' \
+  --data "$request" "http://127.0.0.1:$port/tune" > "$OUT/serve-shared.status"
+exec 7>&-
+kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
+record serve "$(py '
+import json, sys
+out = sys.argv[1]
+status = lambda f: int(open(f"{out}/{f}").read() or 0)
+devices = json.load(open(f"{out}/devices.json"))
+gpu = next((d for d in devices if d.get("device") == "cuda:0"), {})
+metrics = open(f"{out}/metrics.txt").read()
+answers = [json.load(open(f"{out}/serve-tune-{r}.json")) for r in (1, 2)]
+print(json.dumps({
+    "tune_status": [status("serve-tune-1.status"), status("serve-tune-2.status")],
+    "max_batch_size": [a.get("max_batch_size") for a in answers],
+    "gpu_used_mib_before_between_after": [json.loads(u) for u in sys.argv[2:5]],
+    "devices_nvml": {k: gpu.get(k) for k in ("uuid", "utilization_percent", "temperature_celsius", "other_compute_processes", "worker_pid")},
+    "metrics_with_gpu_labels": sum(1 for l in metrics.splitlines() if "device=\"cuda:0\"" in l and "UUID=\"GPU-" in l),
+    "shared_gpu_status": status("serve-shared.status"),
+}))' "$OUT" "${used[0]}" "${used[1]}" "${used[2]}")"
+verdict=$(python3 - "$REPORT" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))["sections"]["serve"]
+bad = []
+if s["tune_status"] != [200, 200]:
+    bad.append(f"tunes answered {s['tune_status']}")
+if len(set(s["max_batch_size"])) != 1:
+    bad.append(f"two tunes disagree: {s['max_batch_size']}")
+u = s["gpu_used_mib_before_between_after"]
+if None not in u and u[2] - u[1] > 64:
+    bad.append(f"GPU memory grew {u[2] - u[1]} MiB between tunes")
+if not (s["devices_nvml"].get("uuid") or "").startswith("GPU-"):
+    bad.append("/devices has no NVML UUID")
+if s["metrics_with_gpu_labels"] == 0:
+    bad.append("/metrics has no series with GPU labels")
+if s["shared_gpu_status"] != 409:
+    bad.append(f"a GPU another process holds answered {s['shared_gpu_status']}, not 409")
+print("; ".join(bad))
+PY
+)
+[ -n "$verdict" ] && fail "serve: $verdict"
+
+if [ "$QUICK" = 0 ]; then
+  note "throughput"
+  peak_arg=${peak:+--peak-tflops $peak}
+  cat > "$OUT/wide-mlp.json" <<'JOB'
 {"model": {"input_shape": [3, 32, 32], "hidden_layers": [4096, 4096, 4096], "num_classes": 10},
  "optimizer": {"name": "sgd"}, "search": {"steps_per_probe": 4}}
 JOB
-cat > "$OUT/cifar-mlp.json" <<'JOB'
-{"model": {"input_shape": [3, 32, 32], "hidden_layers": [128], "num_classes": 10},
- "optimizer": {"name": "adam"}, "search": {"steps_per_probe": 4}}
-JOB
-timeout 150 "$BIN" probe "$OUT/cifar-mlp.json" --device "$DEVICE" $peak_arg \
-  --batch-size 256,4096,65536,1048576,8388608 > "$OUT/throughput-cifar.txt" 2>&1 || failed "cifar throughput"
-timeout 150 "$BIN" probe "$OUT/wide-mlp.json" --device "$DEVICE" $peak_arg \
-  --batch-size 256,1024,4096,16384,65536 > "$OUT/throughput-wide.txt" 2>&1 || failed "wide throughput"
+  # shellcheck disable=SC2086
+  timeout 200 "$BIN" probe "$OUT/wide-mlp.json" --device cuda $peak_arg --json \
+    --batch-size 256,1024,4096,16384,65536 > "$OUT/throughput-wide.json" 2> "$OUT/throughput-wide.log" \
+    || fail "wide-MLP throughput (see throughput-wide.log)"
+  record throughput "$(py '
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))
+except Exception:
+    rows = []
+print(json.dumps({"wide_mlp_sgd": [{k: m.get(k) for k in ("batch_size", "outcome", "samples_per_second", "tflops", "peak_share")} for m in rows]}))' "$OUT/throughput-wide.json")"
+fi
 
-echo
-echo "headroom GPU check on $gpu_name"
-printf '%s\n' "${summary[@]}"
-echo "-- CIFAR MLP 3072-128-10 (Adam)"; cat "$OUT/throughput-cifar.txt"
-echo "-- wide MLP 3072-4096-4096-4096-10 (SGD)"; cat "$OUT/throughput-wide.txt"
-echo "failures: $failures"
-[ "$failures" -eq 0 ]
+python3 - "$REPORT" "$OUT/summary.md" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+s = report["sections"]
+lines = ["# headroom GPU check", ""]
+if s["doctor"].get("standin"):
+    lines += ["**This ran on the CUDA stand-in, not a GPU: no figure below is a GPU result.**", ""]
+m = s["machine"]
+quick = " (quick)" if m["quick"] else ""
+lines.append(f"- date {m['date']}, commit {m['commit']}, GPU {m['nvidia_smi_gpu']}, driver {m['nvidia_smi_driver']}{quick}")
+d = s["doctor"]
+lines.append(f"- doctor: passed {d['passed']}, GPU checked {d['gpu_checked']}; {d['driver']}; {d['nvrtc']}; kernels {d['kernels']}")
+lines += ["", "| example | max | predicted | measured/predicted | confirmations | device/model | GPU MiB before, after | seconds |", "|---|---|---|---|---|---|---|---|"]
+for name, t in sorted(s.items()):
+    if name.startswith("tune "):
+        lines.append(f"| {name[5:]} | {t['max_batch_size']} | {t['predicted_max_batch_size']} | {t['measured_over_predicted']} | {t['confirmations']} | {t['device_over_model']} | {t['gpu_used_mib_before']}, {t['gpu_used_mib_after']} | {t['wall_seconds']} |")
+if "serve" in s:
+    v = s["serve"]
+    lines += ["", f"- serve: tunes {v['tune_status']} max {v['max_batch_size']}, GPU MiB before/between/after {v['gpu_used_mib_before_between_after']}, 409 rule: {v['shared_gpu_status']}, NVML {v['devices_nvml']}"]
+for row in s.get("throughput", {}).get("wide_mlp_sgd", []):
+    lines.append(f"- wide MLP batch {row['batch_size']}: {row['outcome']}, {row['samples_per_second']} samples/s, {row['tflops']} TFLOP/s, peak share {row['peak_share']}")
+lines += ["", f"failures: {len(report['failures'])}"] + [f"- {f}" for f in report["failures"]]
+open(sys.argv[2], "w").write("\n".join(lines) + "\n")
+PY
+cat "$OUT/summary.md"
+[ "$(py 'import json,sys; print(len(json.load(open(sys.argv[1]))["failures"]))' "$REPORT")" = 0 ]

@@ -341,6 +341,19 @@ fn doctor_reports_as_json() {
         .iter()
         .any(|r| r["check"] == "host: small tune (784-128-10, SGD)" && r["status"] == "pass"));
     assert!(rows.iter().all(|r| r["status"] != "fail"), "{report:#}");
+    // Without a GPU it says so, and a node agent that needs one can make that a failure.
+    assert_eq!(report["gpu_checked"], false);
+    assert!(rows.iter().any(|r| r["check"] == "GPU"
+        && r["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("no GPU was checked")));
+    let human = headroom(&["doctor", "--host-memory", "16MiB"]);
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("all checks passed; no GPU was checked")
+    );
+    let required = headroom(&["doctor", "--require-gpu", "--host-memory", "16MiB"]);
+    assert_eq!(required.status.code(), Some(1), "{}", stderr(&required));
 }
 
 #[test]
@@ -356,6 +369,18 @@ fn estimate_over_the_gpu_catalogue_and_for_one_card() {
         );
     }
     assert!(stderr(&output).contains("memory model only, not a measurement"));
+    // Cards CUDA 13 cannot compile for are marked, and the mark explained.
+    let v100 = table.lines().find(|l| l.starts_with("V100")).unwrap();
+    assert!(v100.ends_with("  *"), "{v100}");
+    assert!(
+        table.contains("* headroom cannot probe this card"),
+        "{table}"
+    );
+    assert!(!table
+        .lines()
+        .find(|l| l.starts_with("T4"))
+        .unwrap()
+        .ends_with('*'));
     let output = headroom(&[
         "estimate",
         "examples/mnist-mlp-sgd.json",

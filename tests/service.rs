@@ -401,7 +401,12 @@ fn metrics_and_openapi_are_served() {
             &[("device", "host"), ("outcome", "fit")]
         ) > 0.0
     );
-    assert!(value("headroom_probe_duration_seconds_bucket", &host) > 0.0);
+    assert!(
+        value(
+            "headroom_probe_duration_seconds_bucket",
+            &[("device", "host"), ("outcome", "fit")]
+        ) > 0.0
+    );
     assert_eq!(value("headroom_tune_duration_seconds_count", &host), 1.0);
     assert_eq!(value("headroom_cache_hits_total", &[]), 1.0);
     assert_eq!(value("headroom_cache_misses_total", &[]), 1.0);
@@ -695,12 +700,16 @@ fn identical_jobs_in_flight_are_tuned_once() {
         metrics.contains("headroom_single_flight_joins_total 2"),
         "{metrics}"
     );
+    // One tune, cancelled; the other outcomes' series are there from the start, at zero.
     let tunes: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("headroom_tunes_total{"))
         .collect();
-    assert_eq!(tunes.len(), 1, "{tunes:?}");
-    assert!(tunes[0].ends_with(" 1"), "{tunes:?}");
+    assert_eq!(tunes.len(), 3, "{tunes:?}");
+    for line in tunes {
+        let once = line.contains("outcome=\"cancelled\"");
+        assert!(line.ends_with(if once { " 1" } else { " 0" }), "{line}");
+    }
 }
 
 #[test]

@@ -87,12 +87,56 @@ fn doctor_passes_on_the_standin() {
         .unwrap()
         .starts_with("GPU-"));
     assert_eq!(check("cuda:0 opened")["status"], "pass");
+    assert_eq!(check("cuda:0 kernels")["detail"], "CUBIN for sm_90");
     assert_eq!(check("cuda:0: small tune")["status"], "pass");
+    assert_eq!(report["gpu_checked"], true);
+    assert!(check("CUDA driver library")["detail"]
+        .as_str()
+        .unwrap()
+        .ends_with("the driver supports CUDA 13.0"));
+    assert!(check("NVRTC library")["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("libnvrtc 13."));
     assert!(
         rows.iter()
             .filter(|r| r["check"].as_str().unwrap().starts_with("cuda:0: "))
             .count()
             > 50
+    );
+}
+
+/// A driver that refuses the CUBIN (another architecture, say) gets PTX, and the doctor says
+/// which it loaded and why; `--require-gpu` passes with a GPU.
+#[test]
+fn a_refused_cubin_falls_back_to_ptx() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let output = standin
+        .headroom()
+        .args([
+            "doctor",
+            "--json",
+            "--require-gpu",
+            "--host-memory",
+            "16MiB",
+        ])
+        .env("HEADROOM_STANDIN_MEMORY", "16MiB")
+        .env("HEADROOM_STANDIN_REFUSE_CUBIN", "1")
+        .output()
+        .unwrap();
+    let report = json_of(&output);
+    assert!(output.status.success(), "{report:#}");
+    let rows = report["rows"].as_array().unwrap();
+    let kernels = rows
+        .iter()
+        .find(|r| r["check"] == "cuda:0 kernels")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    let detail = kernels["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("PTX for compute_90") && detail.contains("CUDA_ERROR_NO_BINARY_FOR_GPU"),
+        "{detail}"
     );
 }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::output::human;
 use super::CliError;
+use headroom_devices::cuda::compile::KernelForm;
 use headroom_devices::host::HostDevice;
 use headroom_devices::host::DEFAULT_BUDGET_BYTES;
 use headroom_devices::parity::{self, Check};
@@ -68,6 +69,10 @@ const DOCTOR_JOB: &str = r#"{"model": {"input_shape": [1, 28, 28], "hidden_layer
 /// Arguments of `headroom doctor`.
 #[derive(clap::Args)]
 pub struct DoctorArgs {
+    /// Fail (exit 1) unless a GPU was opened and passed every check: for node agents and
+    /// prologs that must not go on without one.
+    #[arg(long)]
+    require_gpu: bool,
     /// Memory budget of the host device.
     #[arg(long, default_value_t = ByteSize(DEFAULT_BUDGET_BYTES))]
     host_memory: ByteSize,
@@ -94,17 +99,35 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
             "no CUDA device: checking the host device against the reference alone",
         ));
     }
+    let gpu_checked = rows.iter().any(|r| {
+        r.status == Status::Pass && r.check.starts_with("cuda:") && r.check.contains("small tune")
+    });
     let mut host = HostDevice::new(host_memory);
     rows.extend(device_checks("host", &mut host));
+    if !gpu_checked {
+        rows.push(row(
+            if args.require_gpu {
+                Status::Fail
+            } else {
+                Status::Info
+            },
+            "GPU",
+            "no GPU was checked: the kernels ran on the host reference only",
+        ));
+    }
     let failed = rows.iter().filter(|r| r.status == Status::Fail).count();
     if json {
-        let report = serde_json::json!({"passed": failed == 0, "rows": rows});
+        let report = serde_json::json!({
+            "passed": failed == 0,
+            "gpu_checked": gpu_checked,
+            "rows": rows,
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("rows serialise")
         );
     } else {
-        print_table(&rows, failed);
+        print_table(&rows, failed, gpu_checked);
     }
     match failed {
         0 => Ok(()),
@@ -112,13 +135,15 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     }
 }
 
-fn print_table(rows: &[Row], failed: usize) {
+fn print_table(rows: &[Row], failed: usize, gpu_checked: bool) {
     let width = rows.iter().map(|r| r.check.len()).max().unwrap_or(0);
     for r in rows {
         println!("{:<4}  {:<width$}  {}", r.status.label(), r.check, r.detail);
     }
-    if failed == 0 {
-        println!("all checks passed");
+    match (failed, gpu_checked) {
+        (0, true) => println!("all checks passed"),
+        (0, false) => println!("all checks passed; no GPU was checked"),
+        _ => {}
     }
 }
 
@@ -127,7 +152,15 @@ fn libraries() -> Vec<Row> {
     let driver = cuda::driver_available();
     let missing = if driver { Status::Fail } else { Status::Skip };
     let mut rows = vec![if driver {
-        row(Status::Pass, "CUDA driver library", "libcuda found")
+        let supports = cuda::driver_version()
+            .map_or("an unknown CUDA version".into(), |(major, minor)| {
+                format!("CUDA {major}.{minor}")
+            });
+        row(
+            Status::Pass,
+            "CUDA driver library",
+            format!("libcuda found; the driver supports {supports}"),
+        )
     } else {
         row(Status::Skip, "CUDA driver library", "libcuda not found: this machine has no NVIDIA driver; only the host device is available")
     }];
@@ -154,15 +187,21 @@ fn libraries() -> Vec<Row> {
         }
         Err(e) => rows.push(row(missing, "NVML", e.to_string())),
     }
-    rows.push(if cuda::compile::nvrtc_available() {
-        row(Status::Pass, "NVRTC library", "libnvrtc found")
-    } else {
-        row(
-            missing,
-            "NVRTC library",
-            "libnvrtc not found: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc`",
-        )
-    });
+    rows.push(
+        if let Some((major, minor)) = cuda::compile::nvrtc_version() {
+            row(
+                Status::Pass,
+                "NVRTC library",
+                format!("libnvrtc {major}.{minor} found"),
+            )
+        } else {
+            row(
+                missing,
+                "NVRTC library",
+                "libnvrtc not found: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc`",
+            )
+        },
+    );
     rows
 }
 
@@ -214,9 +253,21 @@ fn cuda_devices() -> Vec<Row> {
                         human(info.total_bytes)
                     ),
                 ));
+                let loaded = match device.kernel_form() {
+                    (KernelForm::Cubin, _) => format!("CUBIN for sm_{major}{minor}"),
+                    (KernelForm::Ptx, refused) => format!(
+                        "PTX for compute_{major}{minor}, which the driver compiles (the CUBIN was refused: {})",
+                        refused.unwrap_or("unknown")
+                    ),
+                };
+                rows.push(row(Status::Pass, format!("{name} kernels"), loaded));
                 rows.extend(device_checks(&name, &mut device));
             }
-            Err(e) => rows.push(row(Status::Fail, format!("{name} open"), e.to_string())),
+            Err(e) => rows.push(row(
+                Status::Fail,
+                format!("{name} open"),
+                format!("{e}{}", version_advice()),
+            )),
         }
     }
     rows
@@ -274,5 +325,18 @@ fn small_tune(name: &str, device: &mut dyn Device) -> Row {
             ),
         ),
         Err(e) => row(Status::Fail, format!("{name}: small tune"), e.to_string()),
+    }
+}
+
+/// What to do when NVRTC is newer than the driver: PTX it writes is then refused at load
+/// (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`), and only a CUBIN, or a matching pair, works.
+fn version_advice() -> String {
+    match (cuda::driver_version(), cuda::compile::nvrtc_version()) {
+        (Some(driver), Some(nvrtc)) if nvrtc > driver => format!(
+            "; NVRTC {}.{} is newer than the driver's CUDA {}.{}: install a driver for CUDA {}.{} \
+             (R580 or newer for CUDA 13), or put an NVRTC no newer than {}.{} on the loader path",
+            nvrtc.0, nvrtc.1, driver.0, driver.1, nvrtc.0, nvrtc.1, driver.0, driver.1
+        ),
+        _ => String::new(),
     }
 }

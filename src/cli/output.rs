@@ -156,12 +156,24 @@ pub fn catalogue(estimates: &[GpuEstimate]) -> String {
             ),
             None => ("does not fit".into(), "-".into()),
         };
+        let probed = headroom_engine::catalogue::CATALOGUE
+            .iter()
+            .find(|gpu| gpu.name == row.gpu)
+            .is_none_or(|gpu| gpu.can_probe());
         text.push_str(&format!(
-            "{:<12} {:>12} {:>16} {:>16}\n",
+            "{:<12} {:>12} {:>16} {:>16}{}\n",
             row.gpu,
             human(row.total_bytes),
             max,
-            recommended
+            recommended,
+            if probed { "" } else { "  *" }
+        ));
+    }
+    if text.contains("  *\n") {
+        let (major, minor) = headroom_engine::catalogue::OLDEST_PROBED;
+        text.push_str(&format!(
+            "* headroom cannot probe this card: CUDA 13 compiles its kernels for compute \
+             capability {major}.{minor} and newer; the estimate still holds\n"
         ));
     }
     text

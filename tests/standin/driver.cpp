@@ -31,6 +31,8 @@
 //   HEADROOM_STANDIN_NO_POOLS      1: advertise no memory pools (cudarc then allocates
 //                                  synchronously)
 //   HEADROOM_STANDIN_REPORT        a file: at exit, what was still held, as JSON
+//   HEADROOM_STANDIN_REFUSE_CUBIN  1: refuse CUBIN images (CUDA_ERROR_NO_BINARY_FOR_GPU), as a
+//                                  driver does for another architecture; PTX still loads
 //   CUDA_VISIBLE_DEVICES           as the driver reads it: the GPUs this process sees, numbered
 //                                  from 0 in that order
 #include <dirent.h>
@@ -74,6 +76,7 @@ enum : CUresult {
     CUDA_ERROR_NOT_INITIALIZED = 3,
     CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_NO_BINARY_FOR_GPU = 209,
     CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_ECC_UNCORRECTABLE = 214,
     CUDA_ERROR_INVALID_HANDLE = 400,
@@ -90,6 +93,7 @@ const char* error_name(CUresult error) {
         case CUDA_ERROR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
         case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
         case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+        case CUDA_ERROR_NO_BINARY_FOR_GPU: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
         case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
         case CUDA_ERROR_ECC_UNCORRECTABLE: return "CUDA_ERROR_ECC_UNCORRECTABLE";
         case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
@@ -108,6 +112,7 @@ const char* error_text(CUresult error) {
         case CUDA_ERROR_NOT_INITIALIZED: return "initialization error";
         case CUDA_ERROR_INVALID_DEVICE: return "invalid device ordinal";
         case CUDA_ERROR_INVALID_IMAGE: return "device kernel image is invalid";
+        case CUDA_ERROR_NO_BINARY_FOR_GPU: return "no kernel image is available for execution on the device";
         case CUDA_ERROR_INVALID_CONTEXT: return "invalid device context";
         case CUDA_ERROR_ECC_UNCORRECTABLE: return "uncorrectable ECC error encountered";
         case CUDA_ERROR_INVALID_HANDLE: return "invalid resource handle";
@@ -199,6 +204,7 @@ struct Config {
     std::uint64_t foreign_launch = 0;
     std::uint64_t foreign_bytes = 0;
     bool pools = true;
+    bool refuse_cubin = false;
     std::string report;
     unsigned utilization = 0;
     unsigned temperature = 35;
@@ -247,6 +253,7 @@ const Config& config() {
         }
         if (const char* no_pools = std::getenv("HEADROOM_STANDIN_NO_POOLS")) c.pools = std::strcmp(no_pools, "1") != 0;
         if (const char* report = std::getenv("HEADROOM_STANDIN_REPORT")) c.report = report;
+        if (const char* refuse = std::getenv("HEADROOM_STANDIN_REFUSE_CUBIN")) c.refuse_cubin = std::strcmp(refuse, "1") == 0;
         if (const char* u = std::getenv("HEADROOM_STANDIN_UTILIZATION")) c.utilization = std::atoi(u);
         if (const char* t = std::getenv("HEADROOM_STANDIN_TEMPERATURE")) c.temperature = std::atoi(t);
         return c;
@@ -580,6 +587,31 @@ std::vector<unsigned> other_context_processes(int ordinal) {
     return pids;
 }
 
+// The global functions of a CUDA ELF image (EM_CUDA, 64-bit) into `entries`; false when the
+// image is not one.
+bool cubin_entries(const unsigned char* elf, std::set<std::string>& entries) {
+    auto read = [elf](std::size_t at, std::size_t bytes) {
+        std::uint64_t value = 0;
+        std::memcpy(&value, elf + at, bytes);
+        return value;
+    };
+    constexpr std::uint64_t kEmCuda = 190, kSymtab = 2, kFunc = 2, kGlobal = 1;
+    if (elf[4] != 2 || read(0x12, 2) != kEmCuda) return false;
+    const std::uint64_t sections = read(0x28, 8), size = read(0x3a, 2), count = read(0x3c, 2);
+    for (std::uint64_t i = 0; i < count; ++i) {
+        const std::size_t header = sections + i * size;
+        if (read(header + 4, 4) != kSymtab) continue;
+        const std::uint64_t symbols = read(header + 0x18, 8), bytes = read(header + 0x20, 8);
+        const std::size_t strings = read(sections + read(header + 0x28, 4) * size + 0x18, 8);
+        for (std::uint64_t at = symbols; at + 24 <= symbols + bytes; at += 24) {
+            const unsigned info = elf[at + 4];
+            if ((info & 0xf) == kFunc && (info >> 4) == kGlobal)
+                entries.insert(reinterpret_cast<const char*>(elf + strings + read(at, 4)));
+        }
+    }
+    return !entries.empty();
+}
+
 void write_report() {
     if (!initialised || config().report.empty()) return;
     std::FILE* file = std::fopen(config().report.c_str(), "w");
@@ -901,14 +933,20 @@ EXPORT CUresult cuModuleLoadData(Module** module, const void* image) {
     Device* device;
     if (CUresult error = current_device(&device)) return error;
     if (module == nullptr || image == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    const std::string ptx(static_cast<const char*>(image));
-    if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos)
-        return CUDA_ERROR_INVALID_IMAGE;
     auto loaded = std::make_unique<Module>(Module{device->ordinal, device->generation, {}});
-    for (std::size_t at = ptx.find(".entry"); at != std::string::npos; at = ptx.find(".entry", at + 6)) {
-        std::size_t begin = ptx.find_first_not_of(" \t", at + 6);
-        std::size_t end = ptx.find_first_of("( \t\n", begin);
-        loaded->entries.insert(ptx.substr(begin, end - begin));
+    if (std::memcmp(image, "\x7f" "ELF", 4) == 0) {
+        // A CUBIN: the kernels are its global function symbols.
+        if (config().refuse_cubin) return CUDA_ERROR_NO_BINARY_FOR_GPU;
+        if (!cubin_entries(static_cast<const unsigned char*>(image), loaded->entries)) return CUDA_ERROR_INVALID_IMAGE;
+    } else {
+        const std::string ptx(static_cast<const char*>(image));
+        if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos)
+            return CUDA_ERROR_INVALID_IMAGE;
+        for (std::size_t at = ptx.find(".entry"); at != std::string::npos; at = ptx.find(".entry", at + 6)) {
+            std::size_t begin = ptx.find_first_not_of(" \t", at + 6);
+            std::size_t end = ptx.find_first_of("( \t\n", begin);
+            loaded->entries.insert(ptx.substr(begin, end - begin));
+        }
     }
     *module = loaded.release();
     modules().insert(*module);

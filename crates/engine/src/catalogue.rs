@@ -35,10 +35,20 @@ pub struct Gpu {
     pub compute_capability: (u32, u32),
 }
 
+/// The oldest architecture headroom's kernels run on: CUDA 13's NVRTC compiles for compute
+/// capability 7.5 (Turing) and newer.
+pub const OLDEST_PROBED: (u32, u32) = (7, 5);
+
 impl Gpu {
     /// Memory in all, bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
+    }
+
+    /// Whether headroom can probe this card (its estimate holds either way: it describes the
+    /// training step, not headroom's kernels).
+    pub fn can_probe(&self) -> bool {
+        self.compute_capability >= OLDEST_PROBED
     }
 }
 

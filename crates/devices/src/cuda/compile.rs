@@ -1,10 +1,16 @@
-//! The kernel families' compilation to PTX by NVRTC.
+//! The kernel families' compilation by NVRTC: to a CUBIN for the device's own architecture
+//! (`sm_90`), which any driver that supports the GPU loads, or to PTX for its virtual
+//! architecture (`compute_90`), which a driver older than NVRTC refuses
+//! (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`) and which is kept as the fallback.
 //!
-//! Sources are embedded in the binary ([`Family::source`]); NVRTC compiles them at run time for
-//! the device's compute capability. NVRTC needs no GPU, so the same path is tested on machines
-//! without one.
+//! Sources are embedded in the binary ([`Family::source`]); NVRTC compiles them at run time.
+//! NVRTC needs no GPU, so the same path is tested on machines without one.
 
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use std::ffi::{c_char, c_int, CString};
+
+use cudarc::nvrtc::{
+    compile_ptx_with_opts, result as nvrtc, sys as nvrtc_sys, CompileOptions, Ptx,
+};
 
 use super::kernel::Family;
 
@@ -40,16 +46,115 @@ pub fn arch_for(major: i32, minor: i32) -> String {
     format!("compute_{major}{minor}")
 }
 
-/// Compiles one kernel family for `arch`, or loads it from the kernel cache
-/// ([`super::kernel_cache`]) when an earlier process compiled the same.
+/// The form kernels were loaded in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelForm {
+    /// Machine code for the device's architecture, compiled by NVRTC.
+    Cubin,
+    /// PTX, compiled to machine code by the driver at load.
+    Ptx,
+}
+
+impl std::fmt::Display for KernelForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelForm::Cubin => "CUBIN",
+            KernelForm::Ptx => "PTX",
+        })
+    }
+}
+
+/// NVRTC's version, e.g. (13, 0).
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_available() {
+        return None;
+    }
+    let (mut major, mut minor): (c_int, c_int) = (0, 0);
+    // SAFETY: writes two ints.
+    let read = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+    (read == nvrtc_sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
+}
+
+/// Compiles one kernel family to PTX for the virtual architecture `arch` (`compute_90`), or
+/// loads it from the kernel cache ([`super::kernel_cache`]) when an earlier process compiled
+/// the same.
 pub fn compile(family: Family, arch: &str) -> Result<Ptx, CompileError> {
+    let options = options(arch);
     let cached = super::kernel_cache::directory().map(|dir| {
-        let options = options(arch);
-        super::kernel_cache::file_for(&dir, family.file(), family.source(), arch, &options)
+        let config = (arch, options.as_slice());
+        super::kernel_cache::file_for(&dir, family.file(), family.source(), config, "ptx")
     });
-    super::kernel_cache::load_or_compile(cached, || {
-        compile_source(family.file(), family.source(), arch)
+    let is_ptx = |bytes: &[u8]| String::from_utf8_lossy(bytes).contains(".entry");
+    let text = super::kernel_cache::load_or_compile(cached, is_ptx, || {
+        compile_source(family.file(), family.source(), arch).map(|ptx| ptx.to_src().into_bytes())
+    })?;
+    Ok(Ptx::from_src(String::from_utf8_lossy(&text).into_owned()))
+}
+
+/// Compiles one kernel family to a CUBIN for the real architecture `sm` (`sm_90`), or loads it
+/// from the kernel cache.
+pub fn compile_cubin(family: Family, sm: &str) -> Result<Vec<u8>, CompileError> {
+    let options = options(sm);
+    let cached = super::kernel_cache::directory().map(|dir| {
+        let config = (sm, options.as_slice());
+        super::kernel_cache::file_for(&dir, family.file(), family.source(), config, "cubin")
+    });
+    let is_elf = |bytes: &[u8]| bytes.starts_with(b"\x7fELF");
+    super::kernel_cache::load_or_compile(cached, is_elf, || {
+        cubin_source(family.file(), family.source(), sm)
     })
+}
+
+/// NVRTC's CUBIN of `source` for `sm`.
+fn cubin_source(file: &'static str, source: &str, sm: &str) -> Result<Vec<u8>, CompileError> {
+    if !nvrtc_available() {
+        return Err(CompileError::NvrtcMissing);
+    }
+    let rejected = |log: String| CompileError::Rejected {
+        file,
+        arch: sm.to_string(),
+        log,
+    };
+    let source = CString::new(source).map_err(|e| rejected(e.to_string()))?;
+    let name = CString::new(file).expect("file names have no NUL");
+    let program =
+        nvrtc::create_program(&source, Some(&name)).map_err(|e| rejected(format!("{e:?}")))?;
+    // SAFETY: `program` was created above and is destroyed once, at the end.
+    let cubin = unsafe {
+        let compiled = nvrtc::compile_program(program, &options(sm));
+        let image = match compiled {
+            Ok(()) => {
+                let mut size = 0usize;
+                let sized = nvrtc_sys::nvrtcGetCUBINSize(program, &mut size);
+                let mut image = vec![0u8; size];
+                let got = nvrtc_sys::nvrtcGetCUBIN(program, image.as_mut_ptr() as *mut c_char);
+                if sized == nvrtc_sys::nvrtcResult::NVRTC_SUCCESS
+                    && got == nvrtc_sys::nvrtcResult::NVRTC_SUCCESS
+                    && size > 0
+                {
+                    Ok(image)
+                } else {
+                    Err(rejected(format!(
+                        "NVRTC gave no CUBIN ({sized:?}, {got:?}, {size} bytes)"
+                    )))
+                }
+            }
+            Err(e) => {
+                let log = nvrtc::get_program_log(program)
+                    .map(|log| {
+                        let bytes: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+                        String::from_utf8_lossy(&bytes)
+                            .trim_end_matches('\0')
+                            .to_string()
+                    })
+                    .unwrap_or_else(|_| format!("{e:?}"));
+                Err(rejected(log))
+            }
+        };
+        let _ = nvrtc::destroy_program(program);
+        image
+    };
+    cubin
 }
 
 /// NVRTC's options for `arch`.
@@ -105,6 +210,35 @@ mod tests {
                     assert!(
                         text.contains(&format!(".entry {}(", kernel.name())),
                         "{} for {arch} lacks kernel {kernel:?}",
+                        family.file()
+                    );
+                }
+            }
+        }
+    }
+
+    /// NVRTC also makes machine code for the real architectures, with every kernel in it.
+    #[test]
+    fn every_kernel_compiles_to_a_cubin_for_ampere_and_hopper() {
+        if !nvrtc_available() {
+            assert!(
+                std::env::var("HEADROOM_REQUIRE_NVRTC").as_deref() != Ok("1"),
+                "HEADROOM_REQUIRE_NVRTC=1 but libnvrtc could not be loaded"
+            );
+            eprintln!("skipped: libnvrtc not found");
+            return;
+        }
+        assert!(nvrtc_version().is_some_and(|(major, _)| major >= 12));
+        for sm in ["sm_80", "sm_90"] {
+            for family in Family::ALL {
+                let cubin = cubin_source(family.file(), family.source(), sm)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                assert!(cubin.starts_with(b"\x7fELF"), "{} for {sm}", family.file());
+                for kernel in family.kernels() {
+                    let name = kernel.name().as_bytes();
+                    assert!(
+                        cubin.windows(name.len()).any(|w| w == name),
+                        "{} for {sm} lacks kernel {kernel:?}",
                         family.file()
                     );
                 }

@@ -1,13 +1,12 @@
-//! Compiled kernels kept on disk, so that a new probe worker (after a fault, or at each start)
-//! loads them instead of running NVRTC again. A file is named by its family, architecture and
-//! a hash of everything that went into it (source, architecture, options, headroom's version);
-//! a file that cannot be read or written is no error, only a compilation.
+//! Compiled kernels (PTX text or CUBIN images) kept on disk, so that a new probe worker (after a
+//! fault, or at each start) loads them instead of running NVRTC again. A file is named by its
+//! family, architecture and a hash of everything that went into it (source, architecture,
+//! options, headroom's version); a file that cannot be read or written is no error, only a
+//! compilation.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-
-use cudarc::nvrtc::Ptx;
 
 /// The cache directory: `HEADROOM_KERNEL_CACHE` (empty turns the cache off), else
 /// `$XDG_CACHE_HOME/headroom/kernels` (`~/.cache/headroom/kernels`).
@@ -19,35 +18,47 @@ pub fn directory() -> Option<PathBuf> {
     }
 }
 
-/// The file that holds the PTX of `source` compiled for `arch` with `options`.
-pub fn file_for(dir: &Path, name: &str, source: &str, arch: &str, options: &[String]) -> PathBuf {
+/// The file that holds `source` compiled for `arch` with `options`; `extension` is `ptx` or
+/// `cubin`.
+pub fn file_for(
+    dir: &Path,
+    name: &str,
+    source: &str,
+    (arch, options): (&str, &[String]),
+    extension: &str,
+) -> PathBuf {
     let mut hasher = DefaultHasher::new();
     (source, arch, options, env!("CARGO_PKG_VERSION")).hash(&mut hasher);
     let stem = name.trim_end_matches(".cu");
-    dir.join(format!("{stem}-{arch}-{:016x}.ptx", hasher.finish()))
+    dir.join(format!(
+        "{stem}-{arch}-{:016x}.{extension}",
+        hasher.finish()
+    ))
 }
 
-/// The PTX in `file` if it is there, else what `compile` makes, written to `file` for the next
-/// process (through a temporary file, so a reader never sees half of one).
+/// The compiled kernels in `file` if it holds some (`complete` says whether bytes are a whole
+/// image), else what `compile` makes, written to `file` for the next process (through a
+/// temporary file, so a reader never sees half of one).
 pub fn load_or_compile<E>(
     file: Option<PathBuf>,
-    compile: impl FnOnce() -> Result<Ptx, E>,
-) -> Result<Ptx, E> {
+    complete: impl Fn(&[u8]) -> bool,
+    compile: impl FnOnce() -> Result<Vec<u8>, E>,
+) -> Result<Vec<u8>, E> {
     let Some(file) = file else {
         return compile();
     };
-    if let Ok(text) = std::fs::read_to_string(&file) {
-        if text.contains(".entry") {
-            return Ok(Ptx::from_src(text));
+    if let Ok(bytes) = std::fs::read(&file) {
+        if complete(&bytes) {
+            return Ok(bytes);
         }
     }
-    let ptx = compile()?;
+    let image = compile()?;
     let written = file
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
         .and_then(|()| {
-            let partial = file.with_extension(format!("ptx.{}", std::process::id()));
-            std::fs::write(&partial, ptx.to_src())?;
+            let partial = file.with_extension(format!("partial.{}", std::process::id()));
+            std::fs::write(&partial, &image)?;
             std::fs::rename(&partial, &file)
         });
     if let Err(e) = written {
@@ -56,7 +67,7 @@ pub fn load_or_compile<E>(
             file.display()
         );
     }
-    Ok(ptx)
+    Ok(image)
 }
 
 #[cfg(test)]
@@ -69,26 +80,33 @@ mod tests {
     fn a_cached_kernel_is_read_back_and_a_change_is_a_new_file() {
         let dir = tempfile::tempdir().unwrap();
         let options = vec!["--std=c++17".to_string()];
-        let file = file_for(dir.path(), "k.cu", SOURCE, "compute_90", &options);
+        let file = file_for(dir.path(), "k.cu", SOURCE, ("compute_90", &options), "ptx");
         assert_ne!(
             file,
-            file_for(dir.path(), "k.cu", SOURCE, "compute_80", &options)
+            file_for(dir.path(), "k.cu", SOURCE, ("compute_80", &options), "ptx")
         );
         assert_ne!(
             file,
-            file_for(dir.path(), "k.cu", "// changed", "compute_90", &options)
+            file_for(
+                dir.path(),
+                "k.cu",
+                "// changed",
+                ("compute_90", &options),
+                "ptx"
+            )
         );
-        let made = || Ok::<_, ()>(Ptx::from_src(".version 8.0\n.entry k()\n{\nret;\n}\n"));
-        let first = load_or_compile(Some(file.clone()), made).unwrap();
+        let ptx = |bytes: &[u8]| String::from_utf8_lossy(bytes).contains(".entry");
+        let made = || Ok::<_, ()>(b".version 8.0\n.entry k()\n{\nret;\n}\n".to_vec());
+        let first = load_or_compile(Some(file.clone()), ptx, made).unwrap();
         assert!(file.exists());
-        let again = load_or_compile(Some(file.clone()), || -> Result<Ptx, ()> {
+        let again = load_or_compile(Some(file.clone()), ptx, || -> Result<Vec<u8>, ()> {
             panic!("compiled although the file is there")
         })
         .unwrap();
-        assert_eq!(again.to_src(), first.to_src());
+        assert_eq!(again, first);
         // A damaged file is compiled again, not loaded.
         std::fs::write(&file, "garbage").unwrap();
-        let repaired = load_or_compile(Some(file.clone()), made).unwrap();
-        assert_eq!(repaired.to_src(), first.to_src());
+        let repaired = load_or_compile(Some(file.clone()), ptx, made).unwrap();
+        assert_eq!(repaired, first);
     }
 }

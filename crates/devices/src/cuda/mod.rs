@@ -25,6 +25,7 @@ use cudarc::driver::sys::{self, CUdevice_attribute, CUmemPool_attribute, CUresul
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
+use compile::KernelForm;
 use headroom_engine::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
 use kernel::{Family, Kernel};
 
@@ -72,6 +73,17 @@ pub fn driver_available() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The newest CUDA version the driver supports, e.g. (13, 0); `None` without a driver.
+pub fn driver_version() -> Option<(i32, i32)> {
+    if !driver_available() {
+        return None;
+    }
+    let mut version = 0;
+    // SAFETY: writes one int; needs no initialised driver.
+    let read = unsafe { sys::cuDriverGetVersion(&mut version).result() };
+    read.ok().map(|()| (version / 1000, version % 1000 / 10))
+}
+
 /// Number of CUDA devices; an error if the driver is missing or fails.
 pub fn device_count() -> Result<u32, CudaError> {
     if !driver_available() {
@@ -82,25 +94,61 @@ pub fn device_count() -> Result<u32, CudaError> {
         .map_err(driver("counting devices"))
 }
 
-/// PTX of every kernel family, compiled once per process per architecture.
-fn compiled_ptx(arch: &str) -> Result<Arc<Vec<Ptx>>, CudaError> {
-    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Vec<Ptx>>>>> = OnceLock::new();
+/// Every kernel family compiled in `form` for a device of compute capability `capability`,
+/// once per process.
+fn compiled(form: KernelForm, (major, minor): (i32, i32)) -> Result<Arc<Vec<Ptx>>, CudaError> {
+    type Images = HashMap<(KernelForm, i32, i32), Arc<Vec<Ptx>>>;
+    static CACHE: OnceLock<Mutex<Images>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let lock = || {
         cache
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     };
-    if let Some(ptx) = lock().get(arch) {
-        return Ok(Arc::clone(ptx));
+    if let Some(images) = lock().get(&(form, major, minor)) {
+        return Ok(Arc::clone(images));
     }
-    let ptx: Vec<Ptx> = Family::ALL
+    let images: Vec<Ptx> = Family::ALL
         .iter()
-        .map(|&family| compile::compile(family, arch))
+        .map(|&family| match form {
+            KernelForm::Cubin => {
+                compile::compile_cubin(family, &format!("sm_{major}{minor}")).map(Ptx::from_binary)
+            }
+            KernelForm::Ptx => compile::compile(family, &compile::arch_for(major, minor)),
+        })
         .collect::<Result<_, _>>()?;
-    let ptx = Arc::new(ptx);
-    lock().insert(arch.to_string(), Arc::clone(&ptx));
-    Ok(ptx)
+    let images = Arc::new(images);
+    lock().insert((form, major, minor), Arc::clone(&images));
+    Ok(images)
+}
+
+/// Every kernel, loaded in `form` into `context`, in [`Kernel::ALL`]'s order.
+fn load_kernels(
+    context: &Arc<CudaContext>,
+    form: KernelForm,
+    capability: (i32, i32),
+) -> Result<Vec<CudaFunction>, CudaError> {
+    let images = compiled(form, capability)?;
+    let mut loaded = HashMap::new();
+    for (&family, image) in Family::ALL.iter().zip(images.iter()) {
+        let module = context
+            .load_module(image.clone())
+            .map_err(driver("loading a kernel module"))?;
+        for kernel in family.kernels() {
+            let function = module
+                .load_function(kernel.name())
+                .map_err(driver("loading a kernel"))?;
+            loaded.insert(kernel, function);
+        }
+    }
+    Ok(Kernel::ALL
+        .iter()
+        .map(|kernel| {
+            loaded
+                .remove(kernel)
+                .expect("every family's kernels are loaded")
+        })
+        .collect())
 }
 
 /// A device UUID as NVML and DCGM write it: `GPU-` and 32 hex digits in groups of 8-4-4-4-12.
@@ -132,6 +180,10 @@ pub struct CudaDevice {
     uuid: String,
     total_bytes: u64,
     compute_capability: (i32, i32),
+    /// How the kernels were loaded.
+    kernel_form: KernelForm,
+    /// Why the CUBIN was not used, when PTX was loaded instead.
+    cubin_refused: Option<String>,
     /// The first fault, after which the driver fails every call of this process: NVIDIA documents
     /// that only a new process recovers, so the device refuses further probes.
     fault: Option<String>,
@@ -153,30 +205,16 @@ impl CudaDevice {
         let compute_capability = context
             .compute_capability()
             .map_err(driver("reading the compute capability"))?;
-        let ptx = compiled_ptx(&compile::arch_for(
-            compute_capability.0,
-            compute_capability.1,
-        ))?;
-        let mut loaded = HashMap::new();
-        for (&family, ptx) in Family::ALL.iter().zip(ptx.iter()) {
-            let module = context
-                .load_module(ptx.clone())
-                .map_err(driver("loading a kernel module"))?;
-            for kernel in family.kernels() {
-                let function = module
-                    .load_function(kernel.name())
-                    .map_err(driver("loading a kernel"))?;
-                loaded.insert(kernel, function);
-            }
-        }
-        let functions = Kernel::ALL
-            .iter()
-            .map(|kernel| {
-                loaded
-                    .remove(kernel)
-                    .expect("every family's kernels are loaded")
-            })
-            .collect();
+        // Machine code for this GPU first: any driver that supports the GPU loads it. PTX from a
+        // newer NVRTC than the driver is refused at load, so it is only the fallback.
+        let (functions, kernel_form, cubin_refused) =
+            match load_kernels(&context, KernelForm::Cubin, compute_capability) {
+                Ok(functions) => (functions, KernelForm::Cubin, None),
+                Err(cubin) => {
+                    let functions = load_kernels(&context, KernelForm::Ptx, compute_capability)?;
+                    (functions, KernelForm::Ptx, Some(cubin.to_string()))
+                }
+            };
         let multiprocessors = context
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("reading the multiprocessor count"))?
@@ -197,9 +235,16 @@ impl CudaDevice {
             uuid,
             total_bytes,
             compute_capability,
+            kernel_form,
+            cubin_refused,
             fault: None,
             sampled_peak: 0,
         })
+    }
+
+    /// How the kernels were loaded, and why not as CUBIN when they were loaded as PTX.
+    pub fn kernel_form(&self) -> (KernelForm, Option<&str>) {
+        (self.kernel_form, self.cubin_refused.as_deref())
     }
 
     /// The compute capability, e.g. (9, 0) for an H100.
