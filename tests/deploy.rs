@@ -215,6 +215,41 @@ fn the_image_installs_every_library_the_binary_links() {
     }
 }
 
+/// The README names the oldest glibc the binary runs on: the newest `GLIBC_` symbol version it
+/// asks for (read with `objdump -T`, binutils, which CI has with gcc).
+#[test]
+fn the_readme_names_the_glibc_the_binary_needs() {
+    let Ok(objdump) = Command::new("objdump")
+        .args(["-T", env!("CARGO_BIN_EXE_headroom")])
+        .output()
+    else {
+        support::skip_or_fail("READELF", "objdump (binutils) is not installed");
+        return;
+    };
+    let symbols = String::from_utf8_lossy(&objdump.stdout);
+    let newest = symbols
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|rest| {
+            let version: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+            Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
+        })
+        .max()
+        .expect("the binary links glibc");
+    let floor = format!("glibc {}.{} or\nnewer", newest.0, newest.1);
+    let readme = read("README.md");
+    assert!(
+        readme.contains(&floor) || readme.contains(&floor.replace('\n', " ")),
+        "the binary needs glibc {}.{}; the README must say so",
+        newest.0,
+        newest.1
+    );
+}
+
 /// Every document of the YAML files, as JSON, read by PyYAML from the project's Python tools.
 fn yaml_documents(files: &[&str]) -> Option<Vec<(String, Value)>> {
     let python = support::python_tool("python3")?;

@@ -712,6 +712,31 @@ fn identical_jobs_in_flight_are_tuned_once() {
     }
 }
 
+/// At the default log level a request writes no line of its own; a slow one and a failed one do.
+#[test]
+fn requests_are_logged_only_when_slow_or_failed() {
+    let mut command = support::headroom();
+    command
+        .args(["serve", "--device", "host", "--host-memory", "32MiB"])
+        .env_remove("RUST_LOG")
+        .env("HEADROOM_WAIT_SECONDS", "300")
+        .env("HEADROOM_SLOW_REQUEST_SECONDS", "0.5");
+    let mut server = ServerProcess::start(command);
+    for _ in 0..20 {
+        assert_eq!(server.http.get("/livez").0, 200);
+    }
+    let mut slow = support::job(&[1, 28, 28], &[128], 10, "sgd");
+    slow["no_cache"] = json!(true);
+    assert_eq!(server.http.tune(&slow, &[]).status, 200);
+    let log = server.log();
+    assert!(!log.contains("/livez"), "{log}");
+    assert!(!log.contains("finished processing request"), "{log}");
+    assert!(
+        log.contains("slow request") && log.contains("/tune"),
+        "{log}"
+    );
+}
+
 #[test]
 fn a_misspelt_setting_is_named_in_a_warning() {
     let mut command = support::headroom();

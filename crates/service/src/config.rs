@@ -68,6 +68,9 @@ pub struct Config {
     pub worker_cooldown_seconds: u64,
     /// The `headroom` binary that runs probe workers (empty: this one).
     pub worker_program: String,
+    /// Requests that take longer than this are logged at INFO, seconds (every request is
+    /// logged at DEBUG, failures at WARN).
+    pub slow_request_seconds: f64,
     /// Default `headroom` of jobs that give none.
     pub headroom: f64,
     /// Default `search` settings of jobs that give none (any subset of the job's `search` keys).
@@ -110,6 +113,7 @@ impl Default for Config {
             worker_start_seconds: 300,
             worker_cooldown_seconds: 60,
             worker_program: String::new(),
+            slow_request_seconds: 5.0,
             headroom: 0.8,
             search: serde_json::Map::new(),
         }
@@ -208,6 +212,15 @@ impl Config {
             return Err(out_of_range(
                 "headroom",
                 format!("must be in (0, 1], got {}", self.headroom),
+            ));
+        }
+        if !(self.slow_request_seconds.is_finite() && self.slow_request_seconds >= 0.0) {
+            return Err(out_of_range(
+                "slow_request_seconds",
+                format!(
+                    "must be a number of seconds, got {}",
+                    self.slow_request_seconds
+                ),
             ));
         }
         if self.queue_length == 0 || self.job_history == 0 {

@@ -110,6 +110,12 @@ pub(crate) async fn observe_request(
     state
         .metrics
         .request(&route, &method, status.as_u16(), seconds);
+    let code = status.as_u16();
+    if status.is_server_error() {
+        tracing::warn!(route, method, status = code, seconds, "request failed");
+    } else if seconds > state.config.slow_request_seconds {
+        tracing::info!(route, method, status = code, seconds, "slow request");
+    }
     response
 }
 

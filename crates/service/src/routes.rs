@@ -74,9 +74,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             observe_request,
         ))
         .layer(
+            // A line per request only at DEBUG: a cluster's polls and Prometheus's scrapes
+            // would otherwise pay for one each. Failures and slow requests are logged by
+            // `observe_request` at WARN and INFO.
             TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                .make_span_with(DefaultMakeSpan::new().level(Level::DEBUG))
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
         )
         .layer(CatchPanicLayer::custom(|_| {
             Problem::new(
