@@ -287,6 +287,26 @@ fn every_error_class_is_a_problem() {
         (422, Some("model.hidden_layers[1]")),
         "{problem}"
     );
+    // A misspelt option of the route is listed with the job's fields.
+    let mut bad = tiny_job(4);
+    bad["devcie"] = json!("host");
+    let problem = server.tune(&bad, &[]).body;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`optimizer`")
+            && detail.contains("`device`")
+            && detail.contains("`no_cache`"),
+        "{detail}"
+    );
+    let mut bad = tiny_job(4);
+    bad["memory"] = json!(1 << 30);
+    let (status, problem) = server.post_json("/estimate", &bad);
+    let detail = problem["detail"].as_str().unwrap();
+    assert_eq!(status, 422);
+    assert!(
+        detail.contains("`memory_bytes`") && detail.contains("`gpu`"),
+        "{detail}"
+    );
     let mut bad = tiny_job(4);
     bad["device"] = json!("cuda:7");
     let Answer {

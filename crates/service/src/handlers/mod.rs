@@ -74,9 +74,56 @@ fn job_request<O: DeserializeOwned>(
         }
     }
     let job = Job::from_value(Value::Object(job)).map_err(|e| {
-        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).with_field(e.field)
+        // An unknown field beside the job may be a misspelt option of this route: name both.
+        let mut detail = e.to_string();
+        if !e.field.contains(['.', '[']) && e.reason.starts_with("unknown field") {
+            let own: Vec<String> = field_names::<O>()
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect();
+            detail.push_str(&format!(
+                "; or one of this request's own: {}",
+                own.join(", ")
+            ));
+        }
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, detail).with_field(e.field)
     })?;
     Ok((options, job))
+}
+
+/// The field names serde's derive gives the struct `T`, read without a value: its
+/// `deserialize_struct` call names them.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error as _, Visitor};
+    use serde::forward_to_deserialize_any;
+
+    struct Names(&'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for &mut Names {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0 = fields;
+            Err(Self::Error::custom("fields read"))
+        }
+
+        forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let mut names = Names(&[]);
+    let _ = T::deserialize(&mut names);
+    names.0
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -97,4 +144,21 @@ fn not_ready() -> Problem {
         "devices are still being opened; retry shortly",
     )
     .retry_after(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_s_own_fields_are_read_from_its_options_type() {
+        assert_eq!(
+            field_names::<tune::TuneOptions>(),
+            ["device", "no_cache", "allow_shared"]
+        );
+        assert_eq!(
+            field_names::<estimate::EstimateOptions>(),
+            ["gpu", "memory_bytes"]
+        );
+    }
 }
