@@ -25,6 +25,10 @@ pub const MAX_WORLD_SIZE: u64 = 1 << 20;
 /// Far beyond any MLP a device can hold; it only keeps products of user sizes well inside `u64`.
 pub const MAX_DIMENSION: u64 = 1 << 32;
 
+/// The largest integer JSON numbers carry exactly everywhere (2^53): the most a batch size
+/// (`search.start`, `search.max`) may be.
+pub const MAX_EXACT_INTEGER: u64 = 1 << 53;
+
 /// A tuning job as written in JSON; [`Job`] is its validated form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,16 +213,14 @@ pub struct Job {
 impl Job {
     /// Parses and validates a job from JSON text.
     pub fn from_json(text: &str) -> Result<Job, JobError> {
-        let mut deserializer = serde_json::Deserializer::from_str(text);
-        let spec = deserialize_with_path(&mut deserializer)?;
-        deserializer
-            .end()
-            .map_err(|err| JobError::new("", err.to_string()))?;
-        Job::new(spec)
+        let value = serde_json::from_str(text).map_err(|err| JobError::new("", err.to_string()))?;
+        Job::from_value(value)
     }
 
-    /// Parses and validates a job already read as a JSON value.
-    pub fn from_value(value: serde_json::Value) -> Result<Job, JobError> {
+    /// Parses and validates a job already read as a JSON value. A whole number written with a
+    /// fraction (`128.0`, as some JSON writers do) is that integer, as JSON Schema says.
+    pub fn from_value(mut value: serde_json::Value) -> Result<Job, JobError> {
+        integral_floats_as_integers(&mut value);
         Job::new(deserialize_with_path(value)?)
     }
 
@@ -254,6 +256,25 @@ impl Serialize for Job {
     }
 }
 
+/// Turns every number that is a whole, non-negative float no larger than 2^53 (where floats
+/// are exact) into an integer, so that integer fields take it.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(number) => {
+            if let Some(float) = number.as_f64().filter(|_| number.is_f64()) {
+                if float.fract() == 0.0 && (0.0..=MAX_EXACT_INTEGER as f64).contains(&float) {
+                    *number = serde_json::Number::from(float as u64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        serde_json::Value::Object(members) => {
+            members.values_mut().for_each(integral_floats_as_integers)
+        }
+        _ => {}
+    }
+}
+
 fn deserialize_with_path<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<JobSpec, JobError>
@@ -279,8 +300,15 @@ impl JobSpec {
                 ));
             }
         }
-        if self.dataset_size == Some(0) {
-            return Err(JobError::new("dataset_size", "must be at least 1"));
+        match self.dataset_size {
+            Some(0) => return Err(JobError::new("dataset_size", "must be at least 1")),
+            Some(n) if n > MAX_EXACT_INTEGER => {
+                return Err(JobError::new(
+                    "dataset_size",
+                    format!("must be at most 2^53 ({MAX_EXACT_INTEGER})"),
+                ))
+            }
+            _ => {}
         }
         if !(self.headroom > 0.0 && self.headroom <= 1.0) {
             return Err(JobError::new(
@@ -404,6 +432,14 @@ impl SearchSpec {
                 return Err(JobError::new(field, "must be at least 1"));
             }
         }
+        for (field, value) in [("search.start", self.start), ("search.max", self.max)] {
+            if value > MAX_EXACT_INTEGER {
+                return Err(JobError::new(
+                    field,
+                    format!("must be at most 2^53 ({MAX_EXACT_INTEGER})"),
+                ));
+            }
+        }
         if self.start > self.max {
             return Err(JobError::new(
                 "search.start",
@@ -494,6 +530,33 @@ mod tests {
         assert_eq!(job.model.activation, Activation::Relu);
         assert_eq!(job.learning_rate(), 0.01);
         assert_eq!(job.batch_cap(), 1 << 30);
+    }
+
+    /// `128.0` is the integer 128, as JSON Schema reads it; `128.5` and numbers past 2^53 (the
+    /// schema's maximum for batch sizes and the dataset) are errors naming their field.
+    #[test]
+    fn whole_floats_are_integers_and_sizes_stop_at_two_to_the_53() {
+        let job = |extra: &str| {
+            Job::from_json(&format!(
+                r#"{{"model": {{"input_shape": [1.0, 28, 28.0], "hidden_layers": [128.0],
+                    "num_classes": 10.0}}, "optimizer": {{"name": "sgd"}}{extra}}}"#
+            ))
+        };
+        let parsed = job("").unwrap();
+        assert_eq!(parsed.model.input_shape, [1, 28, 28]);
+        assert_eq!(parsed.model.hidden_layers, [128]);
+        assert_eq!(parsed.learning_rate(), 0.01);
+        let field = |extra: &str| job(extra).unwrap_err().field;
+        assert_eq!(field(r#", "dataset_size": 2.5"#), "dataset_size");
+        assert_eq!(
+            field(r#", "dataset_size": 9007199254740993"#),
+            "dataset_size"
+        );
+        assert_eq!(
+            field(r#", "search": {"max": 9007199254740993}"#),
+            "search.max"
+        );
+        assert!(job(r#", "dataset_size": 9007199254740992, "search": {"max": 1e15}"#).is_ok());
     }
 
     #[test]

@@ -43,15 +43,37 @@ fn api_routes(token: &str) -> OpenApiRouter<Arc<AppState>> {
 }
 
 /// The OpenAPI document of the service, as `/openapi.json` serves it.
-pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    api_routes("").into_openapi()
+pub fn openapi_document() -> serde_json::Value {
+    linked(api_routes("").into_openapi())
+}
+
+/// The document as JSON, with the links that say how a tune's job is followed: the `id` of
+/// `POST /tune`'s 202 is the `id` of `GET` and `DELETE /jobs/{id}` (clients and schemathesis's
+/// stateful phase follow them). Written as JSON because utoipa 5.5 writes a link's
+/// `operationId` as `operation_id`.
+fn linked(document: utoipa::openapi::OpenApi) -> serde_json::Value {
+    let mut document = serde_json::to_value(document).expect("the OpenAPI document serialises");
+    let link = |operation: &str, description: &str| {
+        serde_json::json!({
+            "operationId": operation,
+            "parameters": {"id": "$response.body#/id"},
+            "description": description,
+        })
+    };
+    if let Some(accepted) = document.pointer_mut("/paths/~1tune/post/responses/202") {
+        accepted["links"] = serde_json::json!({
+            "GetJob": link("get_job", "Follow the job"),
+            "CancelJob": link("cancel_job", "Cancel the job"),
+        });
+    }
+    document
 }
 
 /// The router with every route and layer.
 pub fn router(state: Arc<AppState>) -> Router {
     let (routes, document) = api_routes(&state.config.token).split_for_parts();
     let document = axum::body::Bytes::from(
-        serde_json::to_vec(&document).expect("the OpenAPI document serialises"),
+        serde_json::to_vec(&linked(document)).expect("the OpenAPI document serialises"),
     );
     routes
         .route(

@@ -16,6 +16,7 @@ use crate::openapi::{job_request_body, BadRequest, Invalid, TooLarge, Unsupporte
 use crate::problem::Problem;
 use crate::AppState;
 use headroom_engine::catalogue::{self, GpuEstimate, MODEL_NOTE};
+use headroom_engine::job::MAX_EXACT_INTEGER;
 
 /// What `POST /estimate` takes besides the job; with neither, every card of the catalogue.
 #[derive(Debug, Default, PartialEq, Deserialize, ToSchema)]
@@ -25,7 +26,7 @@ pub struct EstimateOptions {
     gpu: Option<String>,
     /// Free device memory, bytes, charged exactly instead of a card.
     #[serde(default)]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740992_u64)]
     memory_bytes: Option<u64>,
 }
 
@@ -61,6 +62,13 @@ pub async fn estimate(
 ) -> Result<Json<EstimateAnswer>, Problem> {
     let (options, job) = job_request::<EstimateOptions>(&headers, &body, &state)?;
     let estimates = match (options.memory_bytes, options.gpu) {
+        (Some(bytes), _) if bytes == 0 || bytes > MAX_EXACT_INTEGER => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("memory_bytes: must be in [1, 2^53], got {bytes}"),
+            )
+            .with_field("memory_bytes"))
+        }
         (Some(bytes), _) => vec![catalogue::estimate_free(&job, bytes)],
         (None, Some(name)) => {
             let gpu = catalogue::find(&name).map_err(|reason| {

@@ -32,7 +32,7 @@ pub struct JobSpec {
     dtype: Option<Dtype>,
     /// Number of samples in the training set; the batch never grows past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740992_u64)]
     dataset_size: Option<u64>,
     /// Share of the largest batch that the recommended batch uses, in (0, 1].
     #[serde(default)]
@@ -52,15 +52,36 @@ pub struct JobSpec {
     world_size: u64,
 }
 
+/// A size along one dimension, or a layer's width: at least 1.
+pub struct Extent;
+
+impl utoipa::PartialSchema for Extent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(1))
+            .maximum(Some(headroom_engine::job::MAX_DIMENSION))
+            .description(Some(
+                "A size along one dimension, or a layer's width: at least 1, at most 2^32.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Extent {}
+
 /// An MLP: flatten the input, then `Linear -> activation` per hidden width, then `Linear -> classes`.
 #[derive(Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
-    #[schema(min_items = 1)]
+    #[schema(min_items = 1, value_type = Vec<Extent>)]
     input_shape: Vec<u64>,
     /// Widths of the hidden layers, possibly none.
     #[serde(default)]
+    #[schema(value_type = Vec<Extent>)]
     hidden_layers: Vec<u64>,
     /// Number of output classes of the softmax cross-entropy loss.
     #[schema(minimum = 2, maximum = 4294967296_u64)]
@@ -119,10 +140,10 @@ pub enum Dtype {
 #[serde(deny_unknown_fields, default)]
 pub struct SearchSpec {
     /// First batch size probed by the doubling strategy.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740992_u64)]
     start: u64,
     /// Largest batch size ever probed.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740992_u64)]
     max: u64,
     /// Batch sizes are rounded to this multiple where possible.
     #[schema(minimum = 1, maximum = 1048576)]
@@ -535,7 +556,7 @@ mod tests {
     /// Checks `sample` against the schema `schema` of the service's OpenAPI document, or
     /// against the component-less `schema` given as JSON.
     fn check(sample: &impl serde::Serialize, schema: Result<&str, Value>) {
-        let document = serde_json::to_value(crate::openapi_document()).unwrap();
+        let document = crate::openapi_document();
         let components = &document["components"]["schemas"];
         let (name, schema) = match schema {
             Ok(name) => (name.to_string(), components[name].clone()),
