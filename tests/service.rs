@@ -860,6 +860,11 @@ fn chromium(profile: &std::path::Path) -> Option<Command> {
     Some(command)
 }
 
+/// An id no job has.
+fn uuid_like() -> &'static str {
+    "00000000-0000-4000-8000-000000000000"
+}
+
 #[test]
 fn the_status_pages_render_in_a_browser_with_the_answer_and_both_charts() {
     let server = TestServer::start(host_config());
@@ -902,6 +907,29 @@ fn the_status_pages_render_in_a_browser_with_the_answer_and_both_charts() {
         "micro batch × steps × GPUs = {}",
         accumulation["global_batch_size"]
     )));
+    // The page, the job document and the list say what was tuned.
+    let model = "MLP 3x32x32-128-10 relu, adam, 32-true, pytorch";
+    assert!(
+        dom.contains(model),
+        "the model's summary is not on the page"
+    );
+    let (_, document) = server.get(&format!("/jobs/{id}"));
+    assert_eq!(document["model"], model);
+    assert_eq!(document["request"]["target_batch_size"], 4096);
+    assert_eq!(document["request"]["search"]["multiple_of"], 8);
+    assert_eq!(jobs[0]["model"], model);
+    // A browser that opens a job that is not there gets a page, not JSON.
+    let missing = chromium(profile.path())
+        .unwrap()
+        .arg("--dump-dom")
+        .arg(format!("{}/jobs/{}", server.base, uuid_like()))
+        .output()
+        .unwrap();
+    let missing = String::from_utf8_lossy(&missing.stdout);
+    assert!(
+        missing.contains("<h1>Not found</h1>") && missing.contains("no job"),
+        "{missing}"
+    );
 
     let home = chromium(profile.path())
         .unwrap()

@@ -33,6 +33,8 @@ fn document(id: &str, state: JobState, created_at: &str, probes: usize) -> JobDo
         id: id.into(),
         state,
         device: DeviceSpec::Host,
+        model: "MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch".into(),
+        request: json!({"model": {"input_shape": [1, 28, 28]}}),
         queue_position: None,
         progress: Progress {
             probes: vec![serde_json::from_value(probe).unwrap(); probes],

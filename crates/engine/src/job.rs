@@ -256,6 +256,14 @@ impl Serialize for Job {
     }
 }
 
+/// A unit enum's name as its JSON spells it.
+fn serde_name<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// Turns every number that is a whole, non-negative float no larger than 2^53 (where floats
 /// are exact) into an integer, so that integer fields take it.
 fn integral_floats_as_integers(value: &mut serde_json::Value) {
@@ -362,6 +370,23 @@ impl JobSpec {
                 format!("{overflow}; the model is far larger than any device"),
             )
         })
+    }
+
+    /// One line that tells jobs apart: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`.
+    pub fn summary(&self) -> String {
+        let shape: Vec<String> = self.model.input_shape.iter().map(u64::to_string).collect();
+        let widths: Vec<String> = std::iter::once(shape.join("x"))
+            .chain(self.model.hidden_layers.iter().map(u64::to_string))
+            .chain([self.model.num_classes.to_string()])
+            .collect();
+        format!(
+            "MLP {} {}, {}, {}, {}",
+            widths.join("-"),
+            serde_name(&self.model.activation),
+            serde_name(&self.optimizer.name),
+            self.precision,
+            self.framework.name()
+        )
     }
 
     /// The learning rate in effect: the job's, or the optimizer's default.
@@ -530,6 +555,10 @@ mod tests {
         assert_eq!(job.model.activation, Activation::Relu);
         assert_eq!(job.learning_rate(), 0.01);
         assert_eq!(job.batch_cap(), 1 << 30);
+        assert_eq!(
+            job.summary(),
+            "MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch"
+        );
     }
 
     /// `128.0` is the integer 128, as JSON Schema reads it; `128.5` and numbers past 2^53 (the

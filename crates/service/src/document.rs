@@ -68,6 +68,14 @@ pub struct JobDocument {
     /// The device it runs on, e.g. `cuda:0` or `host`.
     #[schema(value_type = String)]
     pub device: DeviceSpec,
+    /// What was tuned, in a line: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch` (empty for
+    /// jobs kept from before jobs carried it).
+    #[serde(default)]
+    pub model: String,
+    /// The job as the service read it, every default filled in.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
     /// While queued: how many jobs on the same device are ahead of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<usize>,

@@ -85,6 +85,8 @@ impl TuneJob {
             id: id.to_string(),
             state: JobState::Queued,
             device,
+            model: spec.summary(),
+            request: serde_json::to_value(spec.spec()).expect("jobs serialise"),
             queue_position: None,
             progress: Progress { probes: Vec::new() },
             result: None,

@@ -78,7 +78,8 @@ async fn drain(body: axum::body::Body) {
 
 /// Times and counts every request by route, method and status, refuses a declared body past the
 /// limit before routing it, and turns every error answer that is not yet a problem document
-/// (axum's own rejections: a body past the limit, a bad path) into one.
+/// (axum's own rejections: a body past the limit, a bad path) into one; a page for a browser
+/// stays a page.
 pub(crate) async fn observe_request(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -98,7 +99,10 @@ pub(crate) async fn observe_request(
         next.run(request).await
     };
     let status = response.status();
-    if (status.is_client_error() || status.is_server_error()) && !is_problem(&response) {
+    if (status.is_client_error() || status.is_server_error())
+        && !is_problem(&response)
+        && !is_page(&response)
+    {
         response = as_problem(response, &state).await;
     }
     let route = response
@@ -117,6 +121,15 @@ pub(crate) async fn observe_request(
         tracing::info!(route, method, status = code, seconds, "slow request");
     }
     response
+}
+
+/// A page for a browser (a 404 page), which stays one.
+fn is_page(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"))
 }
 
 fn is_problem(response: &Response) -> bool {

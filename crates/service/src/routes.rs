@@ -16,6 +16,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::handlers::pages::{missing_page, wants_html};
 use crate::middleware::{label_route, observe_request, require_token};
 use crate::problem::Problem;
 use crate::state::AppState;
@@ -81,8 +82,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(move || async move { ([(header::CONTENT_TYPE, "application/json")], document) }),
         )
         .route_layer(middleware::from_fn(label_route))
-        .fallback(|| async {
-            Problem::new(StatusCode::NOT_FOUND, "no such route; see /openapi.json")
+        .fallback(|headers: axum::http::HeaderMap| async move {
+            let detail = "no such route; see /openapi.json";
+            if wants_html(&headers) {
+                missing_page(detail)
+            } else {
+                Problem::new(StatusCode::NOT_FOUND, detail).into_response()
+            }
         })
         .method_not_allowed_fallback(|| async {
             Problem::new(

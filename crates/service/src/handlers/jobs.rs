@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use uuid::Uuid;
 
-use super::pages::{job_page, wants_html};
+use super::pages::{job_page, missing_page, wants_html};
 use crate::document::JobDocument;
 use crate::jobs::TuneJob;
 use crate::openapi::{Conflict, NotFound, Unauthorized, Unavailable};
@@ -82,7 +82,13 @@ pub async fn get_job(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let (document, spec) = match find_job(&state, &id).await? {
+    let found = match find_job(&state, &id).await {
+        Err(problem) if problem.status == 404 && wants_html(&headers) => {
+            return Ok(missing_page(&problem.detail));
+        }
+        found => found?,
+    };
+    let (document, spec) = match found {
         Found::Live(job) => (state.jobs.document(&job), Some(job.spec.clone())),
         Found::Stored(stored) => (stored.document, Job::from_json(&stored.request).ok()),
     };

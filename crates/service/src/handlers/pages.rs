@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
 use super::devices::{device_statuses, DeviceStatus};
@@ -106,10 +107,11 @@ fn devices_table(devices: &[DeviceStatus]) -> Markup {
 fn jobs_table(jobs: &[JobDocument]) -> Markup {
     html! {
         table id="jobs" {
-            tr { th { "job" } th { "state" } th { "device" } th { "accepted" } th class="n" { "max" } th class="n" { "recommended" } th class="n" { "knee" } }
+            tr { th { "job" } th { "model" } th { "state" } th { "device" } th { "accepted" } th class="n" { "max" } th class="n" { "recommended" } th class="n" { "knee" } }
             @for job in jobs {
                 tr {
                     td { a href={ "/jobs/" (job.id) } { (&job.id[..8]) } }
+                    td { (job.model) }
                     td { (state_badge(job.state)) }
                     td { (job.device) }
                     td { (job.created_at) }
@@ -155,6 +157,20 @@ fn figure(id: &str, value: impl maud::Render, label: &str) -> Markup {
     html! { div class="figure" { b id=(id) { (value) } span { (label) } } }
 }
 
+/// What a browser gets for a page that is not there: the problem's words, and a way home.
+pub fn missing_page(detail: &str) -> Response {
+    let body = page(
+        "not found",
+        false,
+        html! {
+            h1 { "Not found" }
+            p { (detail) }
+            p { a href="/" { "The devices and recent jobs" } }
+        },
+    );
+    (StatusCode::NOT_FOUND, body).into_response()
+}
+
 /// A job's page: its answer and charts once it succeeded, its problem if it failed, its probes.
 pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
     let running = !document.state.is_finished();
@@ -168,6 +184,7 @@ pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
         running,
         html! {
             h1 { "Job " (document.id) " " (state_badge(document.state)) }
+            @if !document.model.is_empty() { p id="model" { (document.model) } }
             p class="note" { "on " (document.device) " · accepted " (document.created_at)
                 @if let Some(t) = &document.finished_at { " · finished " (t) } }
             @if let Some(r) = &document.result {
