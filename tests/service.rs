@@ -5,6 +5,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use headroom_devices::select::DeviceSpec;
 use headroom_service::config::Config;
@@ -740,6 +741,91 @@ fn identical_jobs_in_flight_are_tuned_once() {
         let once = line.contains("outcome=\"cancelled\"");
         assert!(line.ends_with(if once { " 1" } else { " 0" }), "{line}");
     }
+}
+
+/// Raises this test process's open-file limit to its hard limit: it opens thousands of sockets.
+fn many_files() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads and writes one rlimit of this process.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// `count` connections that send half a request head and then nothing.
+fn half_sent(base: &str, count: usize) -> Vec<std::net::TcpStream> {
+    let address = base.trim_start_matches("http://");
+    (0..count)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            std::io::Write::write_all(&mut stream, b"GET /livez HTTP/1.1\r\nHost: x\r\n").unwrap();
+            stream
+        })
+        .collect()
+}
+
+/// 2,000 clients that send half a request neither starve the service (`/livez` and a cached
+/// `/tune` answer within 100 ms, median of five, while they hang) nor outlive the header
+/// timeout, and SIGTERM exits within the grace whatever they do.
+#[test]
+fn half_sent_requests_neither_starve_the_service_nor_hold_up_shutdown() {
+    many_files();
+    let mut command = support::headroom();
+    command
+        .args(["serve", "--device", "host", "--host-memory", "32MiB"])
+        .env("HEADROOM_HEADER_TIMEOUT_SECONDS", "3")
+        .env("HEADROOM_SHUTDOWN_GRACE_SECONDS", "3");
+    let mut server = ServerProcess::start(command);
+    let job = support::job(&[1, 28, 28], &[16], 10, "sgd");
+    assert_eq!(server.http.tune(&job, &[]).status, 200);
+    let slow = half_sent(&server.http.base, 2000);
+    let timed = |request: &dyn Fn() -> u16| {
+        let mut times: Vec<Duration> = (0..5)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                assert_eq!(request(), 200);
+                started.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[2]
+    };
+    let livez = timed(&|| server.http.get("/livez").0);
+    let cached = timed(&|| server.http.tune(&job, &[]).status);
+    assert!(livez < Duration::from_millis(100), "/livez took {livez:?}");
+    assert!(
+        cached < Duration::from_millis(100),
+        "a cached /tune took {cached:?}"
+    );
+    // Past the header timeout the server has closed them.
+    thread::sleep(Duration::from_secs(5));
+    let still_open = slow
+        .into_iter()
+        .filter(|stream| {
+            stream
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .unwrap();
+            let mut byte = [0u8; 1];
+            matches!(std::io::Read::read(&mut &*stream, &mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .count();
+    assert_eq!(
+        still_open, 0,
+        "half-sent requests outlived the header timeout"
+    );
+    let _slow = half_sent(&server.http.base, 2000);
+    let started = std::time::Instant::now();
+    assert!(server.terminate(), "{}", server.log());
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "SIGTERM took {took:?} with a grace of 3 s"
+    );
 }
 
 /// At the default log level a request writes no line of its own; a slow one and a failed one do.

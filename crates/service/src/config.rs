@@ -68,6 +68,10 @@ pub struct Config {
     pub worker_cooldown_seconds: u64,
     /// The `headroom` binary that runs probe workers (empty: this one).
     pub worker_program: String,
+    /// How long a client may take to send a request's head, seconds; a slower one is closed.
+    pub header_timeout_seconds: u64,
+    /// Connections open at once (also kept below the open-file limit); more are closed at once.
+    pub max_connections: usize,
     /// Requests that take longer than this are logged at INFO, seconds (every request is
     /// logged at DEBUG, failures at WARN).
     pub slow_request_seconds: f64,
@@ -114,6 +118,8 @@ impl Default for Config {
             worker_cooldown_seconds: 60,
             worker_program: String::new(),
             slow_request_seconds: 5.0,
+            header_timeout_seconds: 10,
+            max_connections: 8192,
             headroom: 0.8,
             search: serde_json::Map::new(),
         }

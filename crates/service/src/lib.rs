@@ -19,6 +19,7 @@
 pub mod answer;
 pub mod cache;
 pub mod config;
+pub mod connections;
 pub mod document;
 pub mod handlers;
 pub mod jobs;

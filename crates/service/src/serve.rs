@@ -3,11 +3,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::connections;
 use crate::recovery;
 use crate::routes::router;
 use crate::state::AppState;
@@ -48,13 +49,30 @@ pub async fn serve(
     });
     let stopping = Arc::clone(&state);
     let app = router(Arc::clone(&state));
-    tracing::info!(address = %listener.local_addr()?, "listening");
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let files = connections::raise_file_limit();
+    // Room beside the connections for the store, the workers' pipes and the process itself.
+    let max_connections = state
+        .config
+        .max_connections
+        .min(files.saturating_sub(256).max(16) as usize);
+    let limits = connections::Limits {
+        header_timeout: Duration::from_secs(state.config.header_timeout_seconds),
+        max_connections,
+    };
+    tracing::info!(address = %listener.local_addr()?, max_connections, "listening");
+    let stopped_at = Arc::new(std::sync::OnceLock::new());
+    let signalled = Arc::clone(&stopped_at);
+    let on_signal = async move {
         shutdown.await;
+        let _ = signalled.set(Instant::now());
         tracing::info!("shutting down: stopping jobs; queued ones stay queued for the next start");
         stopping.begin_shutdown();
-    });
-    server.await?;
+    };
+    // One grace from the signal on: clients get it, the devices what is left of it.
+    connections::serve(listener, app, limits, on_signal, grace).await;
+    let grace = stopped_at
+        .get()
+        .map_or(grace, |at: &Instant| grace.saturating_sub(at.elapsed()));
     match opened.await {
         Ok(Err(e)) => tracing::error!("opening devices failed: {e}"),
         Err(e) => tracing::error!("opening devices panicked: {e}"),
