@@ -187,17 +187,24 @@ fn compile_source(file: &'static str, source: &str, arch: &str) -> Result<Ptx, C
 mod tests {
     use super::*;
 
+    /// Whether NVRTC is here; says "skipped" when not, which `HEADROOM_REQUIRE_NVRTC=1` (CI)
+    /// makes a failure.
+    fn nvrtc_or_skip() -> bool {
+        if nvrtc_available() {
+            return true;
+        }
+        assert!(
+            std::env::var("HEADROOM_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "HEADROOM_REQUIRE_NVRTC=1 but libnvrtc could not be loaded"
+        );
+        eprintln!("skipped: NVRTC not found (set HEADROOM_REQUIRE_NVRTC=1 to make this a failure)");
+        false
+    }
+
     /// NVRTC runs without a GPU. CI sets HEADROOM_REQUIRE_NVRTC=1, where a missing NVRTC fails.
     #[test]
     fn every_kernel_compiles_for_ampere_and_hopper() {
-        if !nvrtc_available() {
-            assert!(
-                std::env::var("HEADROOM_REQUIRE_NVRTC").as_deref() != Ok("1"),
-                "HEADROOM_REQUIRE_NVRTC=1 but libnvrtc could not be loaded"
-            );
-            eprintln!(
-                "skipped: NVRTC not found (set HEADROOM_REQUIRE_NVRTC=1 to make this a failure)"
-            );
+        if !nvrtc_or_skip() {
             return;
         }
         for arch in ["compute_80", "compute_90"] {
@@ -220,12 +227,7 @@ mod tests {
     /// NVRTC also makes machine code for the real architectures, with every kernel in it.
     #[test]
     fn every_kernel_compiles_to_a_cubin_for_ampere_and_hopper() {
-        if !nvrtc_available() {
-            assert!(
-                std::env::var("HEADROOM_REQUIRE_NVRTC").as_deref() != Ok("1"),
-                "HEADROOM_REQUIRE_NVRTC=1 but libnvrtc could not be loaded"
-            );
-            eprintln!("skipped: libnvrtc not found");
+        if !nvrtc_or_skip() {
             return;
         }
         assert!(nvrtc_version().is_some_and(|(major, _)| major >= 12));

@@ -388,7 +388,32 @@ struct Builder {
     in_setup: bool,
 }
 
+/// What a program is besides its instructions, known once they are written.
+struct Ending {
+    batch_size: u64,
+    parameters: Vec<(Slot, u64)>,
+    gradients: Vec<(Slot, u64)>,
+    inputs: (Slot, Slot),
+    loss: (Slot, Slot),
+    scales_loss: bool,
+}
+
 impl Builder {
+    /// The program these instructions make.
+    fn finish(self, ending: Ending) -> Program {
+        Program {
+            batch_size: ending.batch_size,
+            slots: self.slots,
+            setup: self.setup,
+            step: self.step,
+            parameters: ending.parameters,
+            gradients: ending.gradients,
+            inputs: ending.inputs,
+            loss: ending.loss,
+            scales_loss: ending.scales_loss,
+        }
+    }
+
     fn new() -> Builder {
         Builder {
             slots: 0,
@@ -722,17 +747,14 @@ impl Plan {
 
         b.enter(Moment::Optimizer);
         self.update(&mut b, &layers, &gradients, overflow);
-        Some(Program {
+        Some(b.finish(Ending {
             batch_size: rows,
-            slots: b.slots,
-            setup: b.setup,
-            step: b.step,
             parameters: parameter_slots(self, &layers),
             gradients,
             inputs: (inputs, labels),
             loss: (row_loss, loss_sum),
             scales_loss: overflow.is_some(),
-        })
+        }))
     }
 
     /// PyTorch's step for the same model, as its autograd and `foreach` optimizers allocate and
@@ -986,17 +1008,14 @@ impl Plan {
         for &(slot, _) in &gradients {
             b.free(slot);
         }
-        Some(Program {
+        Some(b.finish(Ending {
             batch_size: rows,
-            slots: b.slots,
-            setup: b.setup,
-            step: b.step,
             parameters: parameter_slots(self, &layers),
             gradients,
             inputs: (inputs, labels),
             loss: (row_loss, loss_sum),
             scales_loss: overflow.is_some(),
-        })
+        }))
     }
 }
 
