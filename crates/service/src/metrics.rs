@@ -85,7 +85,12 @@ pub struct Metrics {
     memory_used: IntGaugeVec,
     last_max_batch_size: IntGaugeVec,
     last_recommended_batch_size: IntGaugeVec,
+    /// The models whose last answers are exported, per device, oldest first.
+    last_models: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
+
+/// Models whose last answer a device exports at once: the gauges' cardinality.
+pub const LAST_MODELS: usize = 8;
 
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace("headroom")
@@ -130,6 +135,11 @@ fn histogram(name: &str, help: &str, start: f64, labels: &[&str]) -> HistogramVe
 fn with<'a>(device: &[&'a str; 5], outcome: &'a str) -> [&'a str; 6] {
     let [a, b, c, d, e] = *device;
     [a, b, c, d, e, outcome]
+}
+
+fn with_model() -> [&'static str; 6] {
+    let [a, b, c, d, e] = DEVICE_LABELS;
+    [a, b, c, d, e, "model"]
 }
 
 fn with_outcome() -> [&'static str; 6] {
@@ -223,14 +233,15 @@ impl Metrics {
             ),
             last_max_batch_size: gauge(
                 "last_max_batch_size",
-                "Largest batch size of the last tune per device",
-                &DEVICE_LABELS,
+                "Largest batch size of the last tune per device and model (the 8 models tuned last)",
+                &with_model(),
             ),
             last_recommended_batch_size: gauge(
                 "last_recommended_batch_size",
-                "Recommended batch size of the last tune per device",
-                &DEVICE_LABELS,
+                "Recommended batch size of the last tune per device and model (the 8 models tuned last)",
+                &with_model(),
             ),
+            last_models: Default::default(),
         };
         let build_info = gauge(
             "build_info",
@@ -302,13 +313,26 @@ impl Metrics {
     }
 
     /// The last successful tune's answer on a device.
-    pub fn last_batch_sizes(&self, device: &DeviceLabels, max: u64, recommended: u64) {
+    pub fn last_batch_sizes(&self, device: &DeviceLabels, model: &str, max: u64, recommended: u64) {
+        let values = device.values();
+        let labels = with(&values, model);
         self.last_max_batch_size
-            .with_label_values(&device.values())
+            .with_label_values(&labels)
             .set(max as i64);
         self.last_recommended_batch_size
-            .with_label_values(&device.values())
+            .with_label_values(&labels)
             .set(recommended as i64);
+        // The model goes to the back; past LAST_MODELS, the oldest model's series go.
+        let mut models = crate::lock(&self.last_models);
+        let kept = models.entry(values.join("\u{1f}")).or_default();
+        kept.retain(|m| m != model);
+        kept.push(model.to_string());
+        if kept.len() > LAST_MODELS {
+            let oldest = kept.remove(0);
+            let gone = with(&values, &oldest);
+            let _ = self.last_max_batch_size.remove_label_values(&gone);
+            let _ = self.last_recommended_batch_size.remove_label_values(&gone);
+        }
     }
 
     /// Jobs waiting on a device.
@@ -408,5 +432,44 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headroom_engine::device::DeviceKind;
+
+    #[test]
+    fn the_last_answers_are_kept_per_model_for_the_models_tuned_last() {
+        let metrics = Metrics::new();
+        let info = DeviceInfo {
+            kind: DeviceKind::Host,
+            index: 0,
+            name: "host".into(),
+            uuid: None,
+            total_bytes: 1 << 20,
+            free_bytes: 1 << 20,
+        };
+        let device = DeviceLabels::new(DeviceSpec::Host, &info, None);
+        for i in 0..10u64 {
+            metrics.last_batch_sizes(&device, &format!("model {i}"), 100 + i, 80 + i);
+        }
+        // Tuned again: its value changes and it is the newest.
+        metrics.last_batch_sizes(&device, "model 3", 7, 5);
+        metrics.last_batch_sizes(&device, "model 10", 1, 1);
+        let text = metrics.encode();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("headroom_last_max_batch_size{"))
+            .collect();
+        assert_eq!(series.len(), LAST_MODELS, "{series:#?}");
+        assert!(series
+            .iter()
+            .any(|l| l.contains("model=\"model 3\"") && l.ends_with(" 7")));
+        for gone in ["model 0", "model 1", "model 2"] {
+            assert!(!text.contains(&format!("model=\"{gone}\"")), "{gone} kept");
+        }
+        assert!(text.contains("model=\"model 4\""));
     }
 }

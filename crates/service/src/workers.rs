@@ -362,6 +362,7 @@ impl DeviceWorker {
                 };
                 metrics.last_batch_sizes(
                     &self.labels,
+                    &job.spec.summary(),
                     result.max_batch_size,
                     result.recommended_batch_size,
                 );
