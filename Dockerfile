@@ -1,6 +1,7 @@
 # headroom: a multi-stage build. The Rust builder compiles the binary (cudarc loads CUDA at run
-# time, so no CUDA is needed to build); NVIDIA's CUDA runtime image brings libnvrtc, and the
-# node's driver brings libcuda and NVML through the NVIDIA container toolkit.
+# time, so no CUDA is needed to build); the runtime is NVIDIA's CUDA base image with NVRTC alone
+# (headroom loads no other CUDA library: no cuBLAS, cuFFT, NPP or NCCL), and the node's driver
+# brings libcuda and NVML through the NVIDIA container toolkit.
 #
 #   docker build --build-arg HEADROOM_REVISION=$(git rev-parse --short=12 HEAD) -t headroom:0.1.0 .
 #
@@ -27,12 +28,13 @@ COPY config config
 ARG HEADROOM_REVISION=unknown
 ENV HEADROOM_REVISION=${HEADROOM_REVISION}
 # The sources are newer than the placeholder build, so cargo rebuilds headroom's crates. The
-# image's binary keeps its symbols (for backtraces) but not the line tables.
+# image's binary keeps its symbols (for backtraces) but no debug information: about 15 MB
+# (14,582,296 bytes measured for x86-64 at 029fcd7, against 39 MB with line tables).
 RUN touch src/main.rs crates/*/src/lib.rs \
  && CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=debuginfo \
     cargo build --release --locked --bin headroom
 
-FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 ARG HEADROOM_REVISION=unknown
 LABEL org.opencontainers.image.title="headroom" \
       org.opencontainers.image.description="Finds the largest training batch size a GPU can hold for a model, and answers with a safe one" \
@@ -40,9 +42,10 @@ LABEL org.opencontainers.image.title="headroom" \
       org.opencontainers.image.revision="${HEADROOM_REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/example/headroom"
-# The binary links the system's SQLite and OpenSSL (Ubuntu 24.04 names its OpenSSL 3 libssl3t64).
+# NVRTC compiles the kernels for the GPU; the binary links the system's SQLite and OpenSSL
+# (Ubuntu 24.04 names its OpenSSL 3 libssl3t64).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends curl libsqlite3-0 libssl3t64 \
+ && apt-get install -y --no-install-recommends cuda-nvrtc-13-0 curl libsqlite3-0 libssl3t64 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 headroom \
  && useradd --system --uid 10001 --gid 10001 --no-create-home headroom \
@@ -61,6 +64,8 @@ ENV HEADROOM_BIND=0.0.0.0:8080 \
     HEADROOM_STORE=sqlite:///var/lib/headroom/headroom.db \
     CUDA_DEVICE_ORDER=PCI_BUS_ID \
     NVIDIA_VISIBLE_DEVICES=all \
+    LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
+    HEADROOM_KERNEL_CACHE=/var/lib/headroom/kernels \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=3s --start-period=60s \

@@ -204,6 +204,15 @@ fn the_image_installs_every_library_the_binary_links() {
         ("libssl.so.3", "libssl3t64"),
         ("libcrypto.so.3", "libssl3t64"),
     ];
+    // Only what headroom loads: NVIDIA's base image (no CUDA libraries) with NVRTC, and a binary
+    // without debug information.
+    assert!(
+        runtime.starts_with("nvidia/cuda:") && runtime.lines().next().unwrap().contains("-base-"),
+        "the runtime stage must be NVIDIA's CUDA base image: {}",
+        runtime.lines().next().unwrap()
+    );
+    assert!(runtime.contains(" cuda-nvrtc-13-0"), "NVRTC is installed");
+    assert!(dockerfile.contains("CARGO_PROFILE_RELEASE_STRIP=debuginfo"));
     for library in needed.iter().filter(|l| !in_the_base.contains(l)) {
         let Some((_, package)) = packages.iter().find(|(l, _)| l == library) else {
             panic!("the binary links {library}, which this test does not know a package for");
