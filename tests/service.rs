@@ -503,6 +503,62 @@ fn check_with_promtool(text: &str) {
     );
 }
 
+/// A node restarted on a store that already holds results exports every device series at once,
+/// as a fresh one does, before it tunes again.
+#[test]
+fn a_restarted_node_exports_its_device_series_before_it_tunes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/headroom.db", dir.path().display());
+    let start = || {
+        let mut command = support::headroom();
+        command
+            .args(["serve", "--device", "host", "--host-memory", "32MiB"])
+            .env("HEADROOM_STORE", &store);
+        ServerProcess::start(command)
+    };
+    let mut first = start();
+    let job = support::job(&[1, 28, 28], &[16], 10, "sgd");
+    assert_eq!(first.http.tune(&job, &[]).status, 200);
+    assert!(first.terminate(), "{}", first.log());
+    let second = start();
+    let (_, jobs) = second.http.get("/jobs");
+    assert_eq!(
+        jobs[0]["state"], "succeeded",
+        "the store held the result: {jobs:#}"
+    );
+    let metrics = second.http.get_text("/metrics");
+    let host = [("device", "host")];
+    for (metric, labels) in [
+        ("headroom_queue_length", &host[..]),
+        ("headroom_device_busy", &host[..]),
+        ("headroom_device_healthy", &host[..]),
+        ("headroom_device_memory_total_bytes", &host[..]),
+        ("headroom_device_memory_used_bytes", &host[..]),
+        ("headroom_tune_duration_seconds_count", &host[..]),
+        (
+            "headroom_tunes_total",
+            &[("device", "host"), ("outcome", "succeeded")][..],
+        ),
+        (
+            "headroom_probes_total",
+            &[("device", "host"), ("outcome", "fit")][..],
+        ),
+        (
+            "headroom_store_errors_total",
+            &[("operation", "save_jobs")][..],
+        ),
+    ] {
+        assert!(
+            support::metric_value(&metrics, metric, labels).is_some(),
+            "{metric} {labels:?} is not exported after the restart:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        support::metric_value(&metrics, "headroom_device_memory_total_bytes", &host),
+        Some((32u64 << 20) as f64)
+    );
+}
+
 #[test]
 fn sigterm_with_a_job_running_shuts_down_cleanly() {
     let mut command = support::headroom();
