@@ -495,6 +495,22 @@ fn the_slurm_prolog_exports_the_recommended_batch_size_or_nothing() {
         "{stderr}"
     );
 
+    // A site that names GPUs by UUID: the service finds the GPU with that UUID; one it does not
+    // serve is named in the reason.
+    let uuid = "GPU-57a4d100-0000-4000-8000-000000000000";
+    let (stdout, stderr) = exported(&prolog(&server.http.base, &quick, Some(uuid)));
+    assert_eq!(
+        stdout,
+        format!("export HEADROOM_BATCH_SIZE={recommended}\n"),
+        "{stderr}"
+    );
+    let other = "GPU-57a4d100-0000-4000-8000-0000000000ff";
+    let (stdout, stderr) = exported(&prolog(&server.http.base, &quick, Some(other)));
+    assert!(
+        stdout.is_empty() && stderr.contains(&format!("no GPU {other}")),
+        "{stderr}"
+    );
+
     let (stdout, stderr) = exported(&prolog(&server.http.base, &quick, None));
     assert!(stdout.is_empty() && stderr.contains("no GPU"), "{stderr}");
 

@@ -25,24 +25,30 @@ if [ ! -r "$HEADROOM_JOB" ]; then
   exit 0
 fi
 
-# The job's first GPU by its node-wide index (SLURM_*_GPUS), which is the service's cuda:N when
-# it runs with CUDA_DEVICE_ORDER=PCI_BUS_ID; CUDA_VISIBLE_DEVICES when Slurm sets only that.
+# The job's first GPU: by its node-wide index (SLURM_*_GPUS), which is the service's cuda:N when
+# it runs with CUDA_DEVICE_ORDER=PCI_BUS_ID, or by its UUID (GPU-...), as some sites set
+# CUDA_VISIBLE_DEVICES; the service finds the GPU with that UUID. A bare index in
+# CUDA_VISIBLE_DEVICES alone counts from the job's own GPUs under ConstrainDevices, not the
+# node's, so it is only used when Slurm gives nothing else.
 gpus=${SLURM_STEP_GPUS:-${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-}}}
 gpu=${gpus%%,*}
 case "$gpu" in
+  GPU-*) target="--gpu-uuid $gpu" ;;
   '' | *[!0-9]*)
     say "this job has no GPU; not tuning"
     exit 0 ;;
+  *) target="--device cuda:$gpu" ;;
 esac
 
 errors=$(/usr/bin/mktemp) || exit 0
-batch=$("$HEADROOM" tune "$HEADROOM_JOB" --server "$SERVER" --device "cuda:$gpu" \
+# shellcheck disable=SC2086 # $target is two words by design
+batch=$("$HEADROOM" tune "$HEADROOM_JOB" --server "$SERVER" $target \
           --timeout "$TIMEOUT" --batch-size-file /dev/fd/3 3>&1 >/dev/null 2>"$errors")
 status=$?
 reason=$(/usr/bin/sed -n 's/^error: //p' "$errors" | /usr/bin/tail -n 1)
 /usr/bin/rm -f "$errors"
 case "$status:$batch" in
   0:[0-9]*) echo "export HEADROOM_BATCH_SIZE=$batch" ;;
-  *) say "no batch size for cuda:$gpu (${reason:-exit status $status}); keeping the job's own" ;;
+  *) say "no batch size for GPU $gpu (${reason:-exit status $status}); keeping the job's own" ;;
 esac
 exit 0

@@ -147,19 +147,30 @@ impl Server {
 pub fn tune_remote(
     server: &str,
     job: &Job,
-    device: DeviceSpec,
+    target: &Target,
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<TuneAnswer, CliError> {
     let server = Server::new(server, token);
     let deadline = Instant::now() + timeout;
     let mut body = serde_json::to_value(job).expect("jobs serialise");
-    body["device"] = serde_json::Value::from(device.to_string());
+    body["device"] = serde_json::Value::from(target.device.to_string());
+    if let Some(uuid) = &target.gpu_uuid {
+        body["gpu_uuid"] = serde_json::Value::from(uuid.as_str());
+    }
     match submit(&server, &body, deadline)? {
         Submitted::Finished(answer) => Ok(*answer),
         Submitted::Refused(problem) => Err(CliError::Refused(problem)),
         Submitted::Accepted(document) => follow(&server, *document, deadline),
     }
+}
+
+/// Which of the service's devices a job asks for.
+pub struct Target {
+    /// `auto`, `host` or `cuda:N`.
+    pub device: DeviceSpec,
+    /// A GPU by its UUID, in place of `device`.
+    pub gpu_uuid: Option<String>,
 }
 
 enum Submitted {

@@ -40,6 +40,9 @@ pub struct TuneArgs {
     /// Send the job to a running `headroom serve` at this URL instead of probing here.
     #[arg(long)]
     server: Option<String>,
+    /// With --server: the GPU by its UUID (`GPU-...`) instead of --device.
+    #[arg(long, value_name = "GPU-UUID", requires = "server")]
+    gpu_uuid: Option<String>,
     /// Bearer token for --server.
     #[arg(long, env = "HEADROOM_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -64,8 +67,11 @@ pub fn run(args: TuneArgs) -> Result<(), CliError> {
     if let Some(server) = &args.server {
         let job = read_job(&args.job)?;
         let timeout = Duration::from_secs(args.timeout);
-        let answer =
-            remote::tune_remote(server, &job, args.device, args.token.as_deref(), timeout)?;
+        let target = remote::Target {
+            device: args.device,
+            gpu_uuid: args.gpu_uuid.clone(),
+        };
+        let answer = remote::tune_remote(server, &job, &target, args.token.as_deref(), timeout)?;
         return outputs.deliver(&answer, &answer.result, &job);
     }
     let job = read_job(&args.job)?;

@@ -154,7 +154,7 @@ mod tests {
     fn a_route_s_own_fields_are_read_from_its_options_type() {
         assert_eq!(
             field_names::<tune::TuneOptions>(),
-            ["device", "no_cache", "allow_shared"]
+            ["device", "no_cache", "allow_shared", "gpu_uuid"]
         );
         assert_eq!(
             field_names::<estimate::EstimateOptions>(),

@@ -45,6 +45,11 @@ pub struct TuneOptions {
     #[serde(default)]
     #[schema(default = false)]
     allow_shared: bool,
+    /// A GPU by its UUID (`GPU-...`, as `nvidia-smi -L` and Slurm's `CUDA_VISIBLE_DEVICES` may
+    /// name it), in place of `device`.
+    #[serde(default)]
+    #[schema(pattern = "^GPU-[0-9a-fA-F-]+$")]
+    gpu_uuid: Option<String>,
 }
 
 job_request_body!(
@@ -53,10 +58,39 @@ job_request_body!(
     "A job, as in examples/, plus where and how to run it."
 );
 
-/// The worker a job goes to: the one named, or for `auto` the least busy CUDA device (the host
-/// when there is none).
-fn choose_worker(state: &AppState, spec: DeviceSpec) -> Result<Arc<DeviceWorker>, Problem> {
+/// The worker a job goes to: the GPU with `uuid`, the one named, or for `auto` the least busy
+/// CUDA device (the host when there is none).
+fn choose_worker(
+    state: &AppState,
+    spec: DeviceSpec,
+    uuid: Option<&str>,
+) -> Result<Arc<DeviceWorker>, Problem> {
     let workers = state.workers().ok_or_else(not_ready)?;
+    if let Some(uuid) = uuid {
+        let same = |w: &&Arc<DeviceWorker>| {
+            w.info()
+                .uuid
+                .is_some_and(|own| own.eq_ignore_ascii_case(uuid))
+        };
+        return workers.iter().find(same).cloned().ok_or_else(|| {
+            let served: Vec<String> = workers
+                .iter()
+                .filter_map(|w| w.info().uuid.map(|u| format!("{} ({u})", w.device)))
+                .collect();
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "no GPU {uuid} is served here; this service has {}",
+                    if served.is_empty() {
+                        "no GPU".to_string()
+                    } else {
+                        served.join(", ")
+                    }
+                ),
+            )
+            .with_field("gpu_uuid")
+        });
+    }
     let load = |w: &DeviceWorker| w.queue_length() + usize::from(w.is_busy());
     let chosen = match spec {
         DeviceSpec::Auto => workers
@@ -189,7 +223,7 @@ pub async fn tune(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let (options, job) = job_request::<TuneOptions>(&headers, &body, &state)?;
-    let worker = choose_worker(&state, options.device)?;
+    let worker = choose_worker(&state, options.device, options.gpu_uuid.as_deref())?;
     check_shared(&worker, options.allow_shared || state.config.allow_shared)?;
     let cache_key = state.cache_key(&job, &worker);
     if !options.no_cache {
