@@ -533,6 +533,38 @@ fn the_slurm_prolog_exports_the_recommended_batch_size_or_nothing() {
     );
 }
 
+/// Under `ConstrainDevices` a job on the node's second GPU sees it as `CUDA_VISIBLE_DEVICES=0`;
+/// Slurm's `SLURM_JOB_GPUS=1` names it node-wide, and the prolog asks for that one.
+#[test]
+fn the_slurm_prolog_asks_for_the_node_wide_gpu_under_constrained_devices() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let quick = support::job_file(&mnist(json!({"strategy": "predict", "steps_per_probe": 1})));
+    let mut command = standin.headroom();
+    command
+        .args(["serve", "--device", "cuda:0", "--device", "cuda:1"])
+        .env("HEADROOM_STANDIN_DEVICES", "2")
+        .env("HEADROOM_STANDIN_MEMORY", "16MiB");
+    let server = ServerProcess::start(command);
+    let mut constrained = Command::new("/bin/sh");
+    constrained
+        .arg(repository().join("deploy/slurm/task-prolog.sh"))
+        .env_clear()
+        .env("HEADROOM_BIN", env!("CARGO_BIN_EXE_headroom"))
+        .env("HEADROOM_URL", &server.http.base)
+        .env("HEADROOM_JOB", &quick)
+        .env("SLURM_JOB_GPUS", "1")
+        .env("CUDA_VISIBLE_DEVICES", "0");
+    let (stdout, stderr) = exported(&constrained.output().unwrap());
+    assert!(
+        stdout.starts_with("export HEADROOM_BATCH_SIZE="),
+        "{stderr}"
+    );
+    let (_, jobs) = server.http.get("/jobs");
+    assert_eq!(jobs[0]["device"], "cuda:1", "{jobs:#}");
+}
+
 #[test]
 fn the_slurm_prolog_waits_for_a_slow_tune_and_leaves_a_busy_gpu_alone() {
     let Some(standin) = StandIn::get() else {
