@@ -44,6 +44,11 @@ impl Health {
         self.failures.clear();
     }
 
+    /// Whether the device refuses jobs (until [`Health::refusal`] finds its cooldown over).
+    pub fn is_unhealthy(&self) -> bool {
+        self.unhealthy.is_some()
+    }
+
     /// How long to wait before the next restart.
     pub fn backoff(&self) -> Duration {
         let doublings = self.failures.len().saturating_sub(1).min(16) as u32;

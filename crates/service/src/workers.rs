@@ -173,17 +173,12 @@ impl DeviceWorker {
             }
             if let Some(job) = job {
                 self.count_queued(false);
-                let ran = self.run(&mut worker, &job);
-                if ran.is_ok() {
-                    lock(&self.health).succeeded();
-                }
-                if let Err(reason) = ran {
-                    let unhealthy = lock(&self.health).failed(Instant::now(), &reason);
-                    if unhealthy {
-                        tracing::error!(device = %self.device, %reason, "the device's probe worker keeps failing; the device refuses jobs for a while");
-                        self.context.metrics.healthy(&self.labels, false);
+                match self.run(&mut worker, &job) {
+                    Ok(()) => lock(&self.health).succeeded(),
+                    Err(reason) => {
+                        self.count_failure(&reason);
+                        restart_at = Instant::now() + lock(&self.health).backoff();
                     }
-                    restart_at = Instant::now() + lock(&self.health).backoff();
                 }
             }
         }
@@ -205,11 +200,17 @@ impl DeviceWorker {
             }
             Err(e) => {
                 tracing::error!(device = %self.device, error = %e, "probe worker did not start");
-                if lock(&self.health).failed(Instant::now(), &e.to_string()) {
-                    self.context.metrics.healthy(&self.labels, false);
-                }
+                self.count_failure(&e.to_string());
                 None
             }
+        }
+    }
+
+    /// Counts a worker failure against the device, which refuses jobs once they repeat.
+    fn count_failure(&self, reason: &str) {
+        if lock(&self.health).failed(Instant::now(), reason) {
+            tracing::error!(device = %self.device, %reason, "the device's probe worker keeps failing; the device refuses jobs for a while");
+            self.context.metrics.healthy(&self.labels, false);
         }
     }
 
@@ -227,8 +228,10 @@ impl DeviceWorker {
 
     /// Why the device refuses new jobs now, and for how much longer, if it does.
     pub fn refusal(&self) -> Option<(String, Duration)> {
-        let refusal = lock(&self.health).refusal(Instant::now(), self.supervision.cooldown);
-        if refusal.is_none() {
+        let mut health = lock(&self.health);
+        let was_unhealthy = health.is_unhealthy();
+        let refusal = health.refusal(Instant::now(), self.supervision.cooldown);
+        if was_unhealthy && refusal.is_none() {
             self.context.metrics.healthy(&self.labels, true);
         }
         refusal

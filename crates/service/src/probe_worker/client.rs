@@ -296,11 +296,6 @@ impl ProbeWorker {
         }
     }
 
-    /// Whether the process has ended (as it does after a device fault).
-    pub fn has_exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Closes the worker's input and waits up to `grace` for it to end, then kills it.
     pub fn stop(mut self, grace: Duration) {
         self.input.take();
