@@ -299,6 +299,9 @@ fn every_error_class_is_a_problem() {
             && detail.contains("`no_cache`"),
         "{detail}"
     );
+    let mut whole = tiny_job(4);
+    whole["memory_bytes"] = json!(1073741824.0);
+    assert_eq!(server.post_json("/estimate", &whole).0, 200);
     let mut bad = tiny_job(4);
     bad["memory"] = json!(1 << 30);
     let (status, problem) = server.post_json("/estimate", &bad);

@@ -266,7 +266,7 @@ fn serde_name<T: Serialize>(value: &T) -> String {
 
 /// Turns every number that is a whole, non-negative float no larger than 2^53 (where floats
 /// are exact) into an integer, so that integer fields take it.
-fn integral_floats_as_integers(value: &mut serde_json::Value) {
+pub fn integral_floats_as_integers(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Number(number) => {
             if let Some(float) = number.as_f64().filter(|_| number.is_f64()) {

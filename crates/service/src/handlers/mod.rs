@@ -41,7 +41,7 @@ fn job_request<O: DeserializeOwned>(
             "send the job as JSON with Content-Type: application/json",
         ));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,
             format!("the body is not valid JSON: {e}"),
@@ -53,6 +53,8 @@ fn job_request<O: DeserializeOwned>(
             "the body must be a JSON object holding a job",
         ));
     }
+    // A route's own integers (`memory_bytes`) take `1e9` as the job's do.
+    headroom_engine::job::integral_floats_as_integers(&mut value);
     let JobRequest { options, mut job } = serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
         Problem::new(
