@@ -312,6 +312,58 @@ fn a_job_on_standard_input_is_read_and_checked() {
         "{}",
         stderr(&output)
     );
+    // Text that is not JSON at all is named as such, with no empty field path.
+    let output = run("tune me");
+    refused(&output, 2, "standard input");
+    assert!(!stderr(&output).contains(": :"), "{}", stderr(&output));
+}
+
+#[test]
+fn estimate_names_what_limits_it_and_leaves_no_plot_when_it_fails() {
+    let job = support::job_file(&serde_json::json!({
+        "model": {"input_shape": [1, 28, 28], "hidden_layers": [128], "num_classes": 10},
+        "optimizer": {"name": "sgd"},
+        "dataset_size": 1000
+    }));
+    let output = headroom(&[
+        "estimate",
+        job.to_str().unwrap(),
+        "--memory",
+        "1GiB",
+        "--json",
+    ]);
+    let estimate = json_of(&output);
+    assert_eq!(estimate["limited_by"], "dataset_size");
+    assert_eq!(estimate["predicted_max_batch_size"], 1000);
+
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("never.svg");
+    let output = headroom(&[
+        "estimate",
+        "examples/deep-mlp-adamw.json",
+        "--memory",
+        "8MiB",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    refused(&output, 3, "does not fit even at batch size 1");
+    assert!(!svg.exists(), "a failed estimate left {}", svg.display());
+    assert!(
+        stderr(&output)
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("error:"),
+        "the error is not the last word: {}",
+        stderr(&output)
+    );
+
+    // The help's own example is a name the catalogue takes; a bare family is refused, naming both.
+    let help = String::from_utf8_lossy(&headroom(&["estimate", "--help"]).stdout).to_string();
+    assert!(!help.contains("--gpu H100 "), "{help}");
+    let output = headroom(&["estimate", "examples/mnist-mlp-sgd.json", "--gpu", "H100"]);
+    refused(&output, 2, "H100 80GB or H100 NVL");
 }
 
 #[test]

@@ -1,0 +1,288 @@
+//! The README cannot drift from the program: every transcript in it (`$ headroom ...` and
+//! `$ curl ...` with the output shown under it) is run here and its output compared with the
+//! README's, and every JSON job in it is accepted.
+//!
+//! CLI transcripts of the memory model are deterministic and compared line for line. HTTP
+//! transcripts come from a real `headroom serve` on the host device: status lines, problem
+//! documents, answers and the names of metric series are compared exactly; timings and generated
+//! identifiers (ids, timestamps, the device's name) by type only. A `...` line in the README stands for
+//! any number of lines, a `, ...]` for more array elements.
+
+mod support;
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+use support::{headroom, skip_or_fail, ServerProcess};
+
+/// One fenced block of the README.
+struct Block {
+    language: String,
+    first_line: usize,
+    lines: Vec<String>,
+}
+
+/// One `$ command` of a transcript, with the output the README shows under it.
+struct Transcript {
+    line: usize,
+    command: String,
+    expected: Vec<String>,
+}
+
+fn readme() -> Vec<Block> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md is readable");
+    let mut blocks = Vec::new();
+    let mut open: Option<Block> = None;
+    for (index, line) in text.lines().enumerate() {
+        match (open.take(), line.strip_prefix("```")) {
+            (None, Some(language)) => {
+                open = Some(Block {
+                    language: language.trim().to_string(),
+                    first_line: index + 2,
+                    lines: Vec::new(),
+                })
+            }
+            (Some(block), Some(_)) => blocks.push(block),
+            (Some(mut block), None) => {
+                block.lines.push(line.to_string());
+                open = Some(block);
+            }
+            (None, None) => {}
+        }
+    }
+    assert!(open.is_none(), "README.md has an unclosed code block");
+    blocks
+}
+
+/// The transcripts of every text block whose commands start with `program`.
+fn transcripts(program: &str) -> Vec<Transcript> {
+    let mut found = Vec::new();
+    for block in readme().iter().filter(|b| b.language == "text") {
+        let mut current: Option<Transcript> = None;
+        let mut continued = false;
+        for (offset, line) in block.lines.iter().enumerate() {
+            if continued {
+                if let Some(transcript) = current.as_mut() {
+                    transcript.command.push('\n');
+                    transcript.command.push_str(line);
+                }
+                continued = line.ends_with('\\');
+            } else if let Some(command) = line.strip_prefix("$ ") {
+                found.extend(current.take());
+                current = command.starts_with(program).then(|| Transcript {
+                    line: block.first_line + offset,
+                    command: command.to_string(),
+                    expected: Vec::new(),
+                });
+                continued = command.ends_with('\\');
+            } else if let Some(transcript) = current.as_mut() {
+                transcript.expected.push(line.to_string());
+            }
+        }
+        found.extend(current);
+    }
+    for transcript in &mut found {
+        while transcript.expected.last().is_some_and(|l| l.is_empty()) {
+            transcript.expected.pop();
+        }
+    }
+    found
+}
+
+/// Runs `command` through bash from the repository root, `headroom` being the binary under test;
+/// returns its standard output and error together, one entry per line.
+fn run(command: &str) -> Vec<String> {
+    let binary = Path::new(env!("CARGO_BIN_EXE_headroom"));
+    let path = format!(
+        "{}:{}",
+        binary.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = Command::new("bash")
+        .args(["-c", &format!("exec 2>&1\n{command}")])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("PATH", path)
+        .env_remove("HEADROOM_TOKEN")
+        .output()
+        .expect("bash runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| line.trim_end_matches('\r').to_string())
+        .collect()
+}
+
+/// Whether `actual` matches `expected`, where a `...` line of `expected` matches any number of
+/// lines and `same` compares one line with another.
+fn lines_match(expected: &[String], actual: &[String], same: &dyn Fn(&str, &str) -> bool) -> bool {
+    match expected.split_first() {
+        None => actual.is_empty(),
+        Some((first, rest)) if first == "..." => {
+            (0..=actual.len()).any(|skip| lines_match(rest, &actual[skip..], same))
+        }
+        Some((first, rest)) => actual
+            .split_first()
+            .is_some_and(|(line, others)| same(first, line) && lines_match(rest, others, same)),
+    }
+}
+
+fn assert_transcript(
+    transcript: &Transcript,
+    actual: &[String],
+    same: &dyn Fn(&str, &str) -> bool,
+) {
+    assert!(
+        lines_match(&transcript.expected, actual, same),
+        "README.md line {}: `{}` printed\n{}\n\nwhere the README shows\n{}",
+        transcript.line,
+        transcript.command,
+        actual.join("\n"),
+        transcript.expected.join("\n")
+    );
+}
+
+#[test]
+fn every_cli_transcript_prints_what_the_readme_shows() {
+    let transcripts = transcripts("headroom ");
+    assert!(
+        transcripts.len() >= 3,
+        "the README's CLI transcripts were not found"
+    );
+    for transcript in &transcripts {
+        assert_transcript(transcript, &run(&transcript.command), &|a, b| a == b);
+    }
+}
+
+#[test]
+fn every_json_job_in_the_readme_is_accepted() {
+    let jobs: Vec<Block> = readme()
+        .into_iter()
+        .filter(|b| b.language == "json")
+        .collect();
+    assert!(!jobs.is_empty(), "the README's job was not found");
+    for job in jobs {
+        let file = support::temp_file(".json", job.lines.join("\n"));
+        let output = headroom()
+            .args(["estimate", file.to_str().unwrap(), "--memory", "80GB"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "README.md line {}: the job is refused: {}",
+            job.first_line,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn every_http_transcript_answers_what_the_readme_shows() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        return skip_or_fail("CURL", "curl is not installed");
+    }
+    let server = ServerProcess::start({
+        let mut command = headroom();
+        command.args(["serve", "--device", "host"]);
+        command
+    });
+    let address = server.http.base.trim_start_matches("http://").to_string();
+    let transcripts = transcripts("curl ");
+    assert!(
+        transcripts.len() >= 4,
+        "the README's curl transcripts were not found"
+    );
+    for transcript in &transcripts {
+        // As a reader does, each command is sent once the jobs before it have finished.
+        wait_until_idle(&server.http);
+        let command = transcript.command.replace("localhost:8080", &address);
+        assert_transcript(transcript, &run(&command), &same_http_line);
+    }
+}
+
+fn wait_until_idle(http: &support::Http) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, jobs) = http.get("/jobs");
+        assert_eq!(status, 200, "{jobs}");
+        let busy = jobs
+            .as_array()
+            .expect("GET /jobs lists jobs")
+            .iter()
+            .any(|job| matches!(job["state"].as_str(), Some("queued" | "running")));
+        if !busy {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the jobs never finished: {jobs}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One line of an HTTP transcript: a JSON body, a header, a metric sample or anything else.
+fn same_http_line(expected: &str, actual: &str) -> bool {
+    if expected.starts_with('{') {
+        let expected: Value = serde_json::from_str(&expected.replace(", ...]", "]"))
+            .unwrap_or_else(|e| panic!("the README's JSON does not parse ({e}): {expected}"));
+        return serde_json::from_str(actual).is_ok_and(|actual| same_shape(&expected, &actual, ""));
+    }
+    if expected.starts_with("headroom_") {
+        return series(expected) == series(actual);
+    }
+    match (expected.split_once(": "), actual.split_once(": ")) {
+        (Some((name, value)), Some((actual_name, actual_value)))
+            if !name.contains(' ') && name.eq_ignore_ascii_case(actual_name) =>
+        {
+            match name.to_ascii_lowercase().as_str() {
+                "location" => actual_value.starts_with("/jobs/"),
+                "content-length" => actual_value.parse::<u64>().is_ok(),
+                "date" => !actual_value.is_empty(),
+                _ => value == actual_value,
+            }
+        }
+        _ => expected == actual,
+    }
+}
+
+/// A metric sample's series: its name and labels, less the host's name.
+fn series(sample: &str) -> String {
+    let identity = sample.rsplit_once(' ').map_or(sample, |(series, _)| series);
+    identity
+        .split(',')
+        .filter(|label| !label.contains("Hostname="))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Fields whose values differ from run to run or machine to machine (identifiers, times, the
+/// host's name and what was timed): compared by type only.
+const VARYING: [&str; 10] = [
+    "id",
+    "created_at",
+    "started_at",
+    "measured_at",
+    "measured_on",
+    "name",
+    "elapsed_seconds",
+    "step_seconds",
+    "samples_per_second",
+    "throughput_batch_size",
+];
+
+/// Objects with the same keys, arrays at least as long with matching leading elements, and equal
+/// values but for the varying fields, whose values need only be of the same type.
+fn same_shape(expected: &Value, actual: &Value, key: &str) -> bool {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => {
+            e.len() == a.len()
+                && e.iter()
+                    .all(|(k, v)| a.get(k).is_some_and(|av| same_shape(v, av, k)))
+        }
+        (Value::Array(e), Value::Array(a)) => {
+            a.len() >= e.len() && e.iter().zip(a).all(|(e, a)| same_shape(e, a, key))
+        }
+        (Value::String(_), Value::String(_)) if VARYING.contains(&key) => true,
+        (Value::Number(e), Value::Number(a)) if VARYING.contains(&key) => e.is_f64() == a.is_f64(),
+        (e, a) => e == a,
+    }
+}
