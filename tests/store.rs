@@ -4,8 +4,6 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,17 +12,13 @@ use headroom_service::answer::TuneAnswer;
 use headroom_service::document::{JobDocument, JobState, Progress};
 use headroom_service::problem::Problem;
 use headroom_service::store::{sql, Retention, Store, StoredJob};
-use serde_json::{json, Value};
+use serde_json::json;
 use support::postgres::{self, Postgres};
+use support::store::{
+    block_on, probes, quick_job, readiness, refused_start, serve, set_mode, slow_job,
+    unprivileged_headroom, wait_for_store,
+};
 use support::ServerProcess;
-
-/// Runs `future` on the one runtime of these tests: a store's pooled connections belong to the
-/// runtime that opened them, and fail once it is dropped.
-fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-    static RUNTIME: std::sync::LazyLock<tokio::runtime::Runtime> =
-        std::sync::LazyLock::new(|| tokio::runtime::Runtime::new().unwrap());
-    RUNTIME.block_on(future)
-}
 
 fn document(id: &str, state: JobState, created_at: &str, probes: usize) -> JobDocument {
     let probe = json!({"batch_size": 16, "outcome": "fit", "step_seconds": 0.001,
@@ -198,43 +192,6 @@ fn postgres_keeps_the_store_contract_and_reopens() {
     assert!(block_on(again.job(id(1).parse().unwrap()))
         .unwrap()
         .is_some());
-}
-
-/// `headroom serve` on the host device over `store`, named `node`.
-fn serve(store: &str, node: &str, env: &[(&str, &str)]) -> ServerProcess {
-    let mut command = support::headroom();
-    command
-        .args(["serve", "--device", "host", "--host-memory", "64MiB"])
-        .env("HEADROOM_STORE", store)
-        .env("HEADROOM_NODE_NAME", node)
-        .envs(env.iter().copied());
-    ServerProcess::start(command)
-}
-
-/// A job that tunes in a moment; `width` makes jobs distinct.
-fn quick_job(width: u64) -> Value {
-    let mut job = support::job(&[16], &[width], 4, "sgd");
-    job["search"] = json!({"max": 1024});
-    job
-}
-
-/// A job whose probes each take a while.
-fn slow_job(width: u64) -> Value {
-    let mut job = support::job(&[3, 32, 32], &[width], 10, "adam");
-    job["search"] = json!({"steps_per_probe": 200, "start": 64});
-    job
-}
-
-fn metric(server: &ServerProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let exposition = server.http.get_text("/metrics");
-    support::metric_value(&exposition, name, labels).unwrap_or(0.0)
-}
-
-fn probes(server: &ServerProcess) -> f64 {
-    ["fit", "oom"]
-        .iter()
-        .map(|outcome| metric(server, "headroom_probes_total", &[("outcome", outcome)]))
-        .sum()
 }
 
 #[test]
@@ -436,52 +393,6 @@ fn a_soak_with_cancels_and_a_kill_loses_and_duplicates_no_job() {
     );
 }
 
-/// The `headroom` binary somewhere an unprivileged user may run it: in place when it can,
-/// else copied into `dir`.
-fn unprivileged_headroom(dir: &Path) -> Command {
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_headroom"));
-    let runs = postgres::unprivileged(&binary)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let binary = if runs {
-        binary
-    } else {
-        let copy = dir.join("headroom");
-        std::fs::copy(&binary, &copy).unwrap();
-        copy
-    };
-    let mut command = postgres::unprivileged(&binary);
-    command.current_dir(dir);
-    command
-}
-
-fn readiness(server: &ServerProcess) -> Value {
-    let (status, ready) = server.http.get("/readyz");
-    assert_eq!(
-        status, 200,
-        "a failing store never unreadies the service: {ready}"
-    );
-    ready
-}
-
-fn wait_for_store(server: &ServerProcess, healthy: bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = readiness(server);
-        if ready["store"]["healthy"] == healthy {
-            return ready;
-        }
-        assert!(Instant::now() < deadline, "{ready}");
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
 #[test]
 fn a_store_made_read_only_degrades_the_service_and_tuning_goes_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -566,32 +477,6 @@ fn postgres_stopped_mid_run_degrades_the_service_until_it_returns() {
     let (status, job) = other.http.get(&format!("/jobs/{during}"));
     assert_eq!(status, 200, "written once PostgreSQL was back: {job}");
     assert_eq!(job["state"], "succeeded");
-}
-
-/// Runs `headroom serve` on `store` and expects it to refuse to start.
-fn refused_start(store: &str) -> String {
-    let mut child = support::headroom()
-        .args(["serve", "--device", "host", "--bind", "127.0.0.1:0"])
-        .env("HEADROOM_STORE", store)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server started on a bad store"
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
 }
 
 #[test]

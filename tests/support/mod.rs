@@ -6,6 +6,7 @@
 
 pub mod postgres;
 pub mod standin;
+pub mod store;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -34,6 +34,9 @@ pub struct Config {
     /// Where jobs and results are kept: `sqlite:///path/headroom.db`, `sqlite::memory:`,
     /// `postgres://user:password@host/db`, or empty for a SQLite file in the state directory.
     pub store: String,
+    /// Check a SQLite store's every page at start (`PRAGMA quick_check`) and refuse a damaged
+    /// file; off skips it (it reads the whole file: 16 s for 1 GB on 2 cores).
+    pub store_integrity_check: bool,
     /// This service's name in the store, unique among the services sharing one (empty: the host
     /// name). A restart under the same name takes over its jobs.
     pub node_name: String,
@@ -102,6 +105,7 @@ impl Default for Config {
             job_history: 256,
             store: String::new(),
             node_name: String::new(),
+            store_integrity_check: true,
             share_results: true,
             retention_days: 30,
             retention_jobs: 100_000,

@@ -214,6 +214,11 @@ impl TuneJob {
         self.finished.send_modify(|_| {});
     }
 
+    /// Whether the service is stopping: the job will not finish in this process.
+    pub fn is_stopping(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
     /// How a search that stopped at this job's request ends: cancelled by a client, or
     /// interrupted by shutdown.
     pub fn stopped(&self) -> JobEnd {

@@ -13,7 +13,8 @@
 //!   device health when that process fails.
 //! - [`answer`]: the engine's result with where and when it was measured.
 //! - [`cache`]: reuse of finished results; [`metrics`]: the Prometheus registry.
-//! - [`store`]: jobs and results across restarts and nodes; [`recovery`]: a start over it.
+//! - [`store`]: jobs and results across restarts and nodes; [`recovery`]: a start over it;
+//!   [`turns`]: one tune of a job at a time across the nodes sharing it.
 //! - [`plot`]: SVG charts of memory and throughput against batch size.
 
 pub mod answer;
@@ -36,6 +37,7 @@ pub mod serve;
 pub mod state;
 pub mod store;
 pub mod supervision;
+pub mod turns;
 pub mod workers;
 
 use std::sync::{Mutex, MutexGuard};

@@ -109,8 +109,9 @@ fn seconds(name: &str, help: &str, start: f64) -> HistogramOpts {
 const JOB_OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 const PROBE_OUTCOMES: [&str; 3] = ["fit", "oom", "error"];
 /// The store operations that can fail (`crate::store::journal`).
-pub const STORE_OPERATIONS: [&str; 7] = [
+pub const STORE_OPERATIONS: [&str; 8] = [
     "check",
+    "open",
     "prune",
     "read_job",
     "read_jobs",

@@ -76,6 +76,9 @@ async fn drain(body: axum::body::Body) {
     .await;
 }
 
+/// The readiness probe's route: its 503 while the devices open is an answer, not a failure.
+const READINESS: &str = "/readyz";
+
 /// Times and counts every request by route, method and status, refuses a declared body past the
 /// limit before routing it, and turns every error answer that is not yet a problem document
 /// (axum's own rejections: a body past the limit, a bad path) into one; a page for a browser
@@ -115,7 +118,7 @@ pub(crate) async fn observe_request(
         .metrics
         .request(&route, &method, status.as_u16(), seconds);
     let code = status.as_u16();
-    if status.is_server_error() {
+    if status.is_server_error() && route != READINESS {
         tracing::warn!(route, method, status = code, seconds, "request failed");
     } else if seconds > state.config.slow_request_seconds {
         tracing::info!(route, method, status = code, seconds, "slow request");

@@ -2,6 +2,7 @@
 //! queued jobs are queued again.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use uuid::Uuid;
@@ -9,14 +10,26 @@ use uuid::Uuid;
 use super::document;
 use super::jobs::{JobEnd, TuneJob};
 use super::problem::Problem;
-use super::store::{Recovered, Store, StoreError, StoredJob};
+use super::store::journal::Direction;
+use super::store::sql::SqlStore;
+use super::store::{Recovered, StoreError, StoredJob};
 use super::AppState;
 use headroom_devices::select::DeviceSpec;
 use headroom_engine::job::{Job, JobError};
 
-/// Marks `node`'s jobs that were running `interrupted` and returns the queued ones.
-pub async fn take_over(store: &dyn Store, node: &str) -> Result<Recovered, StoreError> {
-    let recovered = store.recover(node, &document::interrupted()).await?;
+/// How often a store that could not be reached at start is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// Starts `store` (checked, migrated) and takes over `node`'s jobs: the running ones are marked
+/// `interrupted`, the queued ones returned.
+pub async fn take_over(
+    store: &SqlStore,
+    node: &str,
+    integrity_check: bool,
+) -> Result<Recovered, StoreError> {
+    let recovered = store
+        .start(node, &document::interrupted(), integrity_check)
+        .await?;
     if recovered.interrupted > 0 || !recovered.queued.is_empty() {
         tracing::info!(
             node,
@@ -26,6 +39,34 @@ pub async fn take_over(store: &dyn Store, node: &str) -> Result<Recovered, Store
         );
     }
     Ok(recovered)
+}
+
+/// A store that could not be reached at start (PostgreSQL down, a read-only or full disk): tried
+/// again until it answers, the service degraded meanwhile (`/readyz` says why); then this
+/// node's jobs from before are taken over and its queued ones run. A database found then not to
+/// be headroom's, or damaged, is never written to: the service stays degraded, saying so.
+pub async fn take_over_when_back(state: Arc<AppState>, store: Arc<SqlStore>) {
+    let integrity_check = state.config.store_integrity_check;
+    loop {
+        tokio::time::sleep(RETRY_EVERY).await;
+        let outcome = take_over(&store, &state.node, integrity_check).await;
+        state
+            .store_health
+            .record_retry(Direction::Write, "open", &outcome);
+        match outcome {
+            Ok(recovered) => {
+                let requeueing = Arc::clone(&state);
+                let _ =
+                    tokio::task::spawn_blocking(move || requeueing.requeue(recovered.queued)).await;
+                return;
+            }
+            Err(StoreError::Unavailable(_)) => {}
+            Err(error) => {
+                tracing::error!(%error, "the store cannot be used; the service goes on without it");
+                return;
+            }
+        }
+    }
 }
 
 /// Why a job kept across a restart does not run again.

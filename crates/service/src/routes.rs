@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -104,10 +104,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(
             // A line per request only at DEBUG: a cluster's polls and Prometheus's scrapes
             // would otherwise pay for one each. Failures and slow requests are logged by
-            // `observe_request` at WARN and INFO.
+            // `observe_request` at WARN and INFO (tower-http's own ERROR line for every 5xx,
+            // a readiness probe's 503 among them, is left at DEBUG).
             TraceLayer::new_for_http()
                 .make_span_with(DefaultMakeSpan::new().level(Level::DEBUG))
-                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
         .layer(CatchPanicLayer::custom(|_| {
             Problem::new(

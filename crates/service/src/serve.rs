@@ -12,6 +12,7 @@ use crate::connections;
 use crate::recovery;
 use crate::routes::router;
 use crate::state::AppState;
+use crate::store::journal::Direction;
 use crate::store::{self, Store, StoreError};
 
 /// Why the service stopped or could not start.
@@ -37,15 +38,46 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
-    let store: Arc<dyn Store> = Arc::new(store::sql::open(&config.store).await?);
-    tracing::info!(store = store.describe(), "store open");
-    let recovered = recovery::take_over(store.as_ref(), &config.node()).await?;
-    let state = AppState::new(config, store);
+    let store = Arc::new(store::sql::connect(&config.store)?);
+    let taken_over =
+        recovery::take_over(&store, &config.node(), config.store_integrity_check).await;
+    let mut unavailable = None;
+    let recovered = match taken_over {
+        Ok(recovered) => {
+            tracing::info!(store = store.describe(), "store open");
+            Some(recovered)
+        }
+        // Unreachable now is no reason not to serve: the store is taken over when it answers.
+        Err(StoreError::Unavailable(reason)) => {
+            tracing::warn!(store = store.describe(), %reason, "the store is unavailable at start; serving without it, degraded, and trying again");
+            unavailable = Some(StoreError::Unavailable(reason));
+            None
+        }
+        Err(refused) => return Err(refused.into()),
+    };
+    let state = AppState::new(config, Arc::clone(&store) as Arc<dyn Store>);
+    if let Some(reason) = unavailable {
+        state
+            .store_health
+            .record(Direction::Write, "open", &Err::<(), _>(reason));
+    }
     let opening = Arc::clone(&state);
     let opened = tokio::task::spawn_blocking(move || {
         opening.open_devices()?;
-        opening.requeue(recovered.queued);
+        if let Some(recovered) = recovered {
+            opening.requeue(recovered.queued);
+        }
         Ok::<(), crate::state::AlreadyOpen>(())
+    });
+    let store_back = (!store.is_started()).then(|| {
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            // Queued jobs wait for their devices.
+            while state.workers().is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            recovery::take_over_when_back(state, store).await
+        })
     });
     let stopping = Arc::clone(&state);
     let app = router(Arc::clone(&state));
@@ -73,6 +105,9 @@ pub async fn serve(
     let grace = stopped_at
         .get()
         .map_or(grace, |at: &Instant| grace.saturating_sub(at.elapsed()));
+    if let Some(task) = store_back {
+        task.abort();
+    }
     match opened.await {
         Ok(Err(e)) => tracing::error!("opening devices failed: {e}"),
         Err(e) => tracing::error!("opening devices panicked: {e}"),

@@ -14,6 +14,7 @@ use crate::recovery;
 use crate::store::journal::Direction;
 use crate::store::journal::{Journal, StoreHealth};
 use crate::store::{Retention, Store, StoredJob};
+use crate::turns::Turns;
 use crate::workers::{DeviceWorker, Supervision, WorkerContext};
 use headroom_devices::nvml;
 use headroom_devices::select::DeviceSpec;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub journal: Journal,
     /// Whether the store works.
     pub store_health: Arc<StoreHealth>,
+    /// The claims that keep a job to one tune across the nodes sharing the store.
+    pub turns: Arc<Turns>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     workers: OnceLock<Vec<Arc<DeviceWorker>>>,
@@ -66,11 +69,17 @@ impl AppState {
             node: config.node().into(),
             jobs: JobStore::new(config.job_history),
             cache: Arc::new(ResultCache::new(ttl, config.cache_capacity, Some(shared))),
-            store,
-            journal,
-            store_health,
+            store: Arc::clone(&store),
+            journal: journal.clone(),
+            store_health: Arc::clone(&store_health),
             metrics,
             workers: OnceLock::new(),
+            turns: Arc::new(Turns::new(
+                Arc::clone(&store),
+                journal.clone(),
+                Arc::clone(&store_health),
+                tokio::runtime::Handle::current(),
+            )),
             config,
         })
     }
@@ -159,6 +168,7 @@ impl AppState {
         for spec in specs {
             let context = WorkerContext {
                 cache: Arc::clone(&self.cache),
+                turns: Arc::clone(&self.turns),
                 metrics: Arc::clone(&self.metrics),
                 node: Arc::clone(&self.node),
             };

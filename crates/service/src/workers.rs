@@ -19,6 +19,7 @@ use super::metrics::{DeviceLabels, Metrics};
 use super::probe_worker::client::{ProbeWorker, Watchdog, WorkerCommand, WorkerError};
 use super::problem::{Problem, NEW_WORKER};
 use super::supervision::Health;
+use super::turns::{Turn, Turns};
 use headroom_devices::select::DeviceSpec;
 use headroom_engine::device::{DeviceInfo, DeviceKind};
 use headroom_engine::result::Probe;
@@ -52,6 +53,8 @@ pub struct Supervision {
 pub struct WorkerContext {
     /// Where results go.
     pub cache: Arc<ResultCache>,
+    /// Whose turn it is to tune a job, across the nodes sharing the store.
+    pub turns: Arc<Turns>,
     /// Where measurements go.
     pub metrics: Arc<Metrics>,
     /// This service's node name, for a result's `measured_on`.
@@ -329,6 +332,18 @@ impl DeviceWorker {
             return Ok(());
         }
         let metrics = &self.context.metrics;
+        let claim = match self.context.turns.wait_for_turn(job) {
+            Turn::Tune(claim) => claim,
+            Turn::Answered(answer) => {
+                metrics.single_flight_join();
+                job.finish(JobEnd::Succeeded(answer));
+                return Ok(());
+            }
+            Turn::Stopped => {
+                job.finish(job.stopped());
+                return Ok(());
+            }
+        };
         self.busy.store(true, Ordering::SeqCst);
         metrics.busy(&self.labels, true);
         let started = Instant::now();
@@ -410,6 +425,7 @@ impl DeviceWorker {
         }
         self.busy.store(false, Ordering::SeqCst);
         metrics.busy(&self.labels, false);
+        self.context.turns.release(claim);
         job.finish(end);
         failure.map_or(Ok(()), Err)
     }

@@ -29,6 +29,8 @@ use headroom_devices::select::DeviceSpec;
 
 /// How long an accepted job waits for the store to keep it before the answer goes anyway.
 const STORE_WAIT: Duration = Duration::from_secs(2);
+/// When a client refused for want of a store should try again, seconds (the writer's retry).
+const STORE_RETRY_SECONDS: u64 = 2;
 
 /// What `POST /tune` takes besides the job.
 #[derive(Debug, PartialEq, Deserialize, ToSchema)]
@@ -182,6 +184,25 @@ async fn stored(state: &AppState) -> bool {
     !state.store_health.failing(Direction::Write) && state.journal.flush(STORE_WAIT).await
 }
 
+/// 503 for a job that would outlive the request while the store cannot keep it: a 202 is a
+/// promise that a restart does not break.
+fn not_kept(state: &AppState) -> Problem {
+    Problem::typed(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store-unavailable",
+        "Store unavailable",
+        format!(
+            "the store cannot keep jobs now ({}), so none is accepted to answer later; retry \
+             later, or send the job without `Prefer: respond-async` to wait for its answer",
+            state
+                .store_health
+                .problem()
+                .unwrap_or_else(|| "its writes fail".into())
+        ),
+    )
+    .retry_after(STORE_RETRY_SECONDS)
+}
+
 /// Queues a new job on its worker; a full or closed queue answers 429 or 503.
 fn enqueue(state: &AppState, worker: &DeviceWorker, job: &Arc<TuneJob>) -> Result<(), Problem> {
     Err(match worker.enqueue(Arc::clone(job)) {
@@ -234,30 +255,42 @@ pub async fn tune(
     }
     state.metrics.cache_miss();
     check_healthy(&worker)?;
+    let asynchronous = wants_async(&headers);
+    if asynchronous && state.store_health.failing(Direction::Write) {
+        return Err(not_kept(&state));
+    }
     let job = TuneJob::new(job, worker.device, cache_key, Some(state.recorder()));
-    let job = match state
+    let (job, new) = match state
         .jobs
         .insert_or_join(job, |new| enqueue(&state, &worker, new))?
     {
         Joined::New(job) => {
             // Accepted: in the store before the client hears of it, so a restart loses it not.
             job.record();
-            if !stored(&state).await {
-                tracing::warn!(job = %job.id, "accepted while the store is failing: the job is kept in memory only until it works again");
-            }
-            job
+            (job, true)
         }
         Joined::InFlight(job) => {
             state.metrics.single_flight_join();
-            job
+            (job, false)
         }
     };
-    if wants_async(&headers)
-        || !job
-            .wait(Duration::from_secs(state.config.wait_seconds))
-            .await
-    {
-        return Ok(accepted(state.jobs.document(&job)));
+    if asynchronous {
+        if stored(&state).await {
+            return Ok(accepted(state.jobs.document(&job)));
+        }
+        if new {
+            job.cancel();
+        }
+        return Err(not_kept(&state));
+    }
+    let wait = Duration::from_secs(state.config.wait_seconds);
+    while !job.wait(wait).await {
+        if stored(&state).await || job.is_stopping() {
+            return Ok(accepted(state.jobs.document(&job)));
+        }
+        // A 202 now would promise a job the store does not hold, which a restart would lose:
+        // while the store cannot keep it, the request waits for the answer instead.
+        tracing::warn!(job = %job.id, "the store cannot keep the job: the request waits for its answer instead of a 202");
     }
     let document = job.document();
     match (document.result, document.error) {

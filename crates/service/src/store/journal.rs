@@ -112,6 +112,24 @@ impl StoreHealth {
         operation: &str,
         outcome: &Result<T, StoreError>,
     ) {
+        if outcome.is_err() {
+            self.metrics.store_error(operation);
+        }
+        self.note(direction, operation, outcome);
+    }
+
+    /// Notes how another try of an operation already counted went: as [`StoreHealth::record`],
+    /// but a failure is not counted again (the counter counts failed operations, not tries).
+    pub fn record_retry<T>(
+        &self,
+        direction: Direction,
+        operation: &str,
+        outcome: &Result<T, StoreError>,
+    ) {
+        self.note(direction, operation, outcome);
+    }
+
+    fn note<T>(&self, direction: Direction, operation: &str, outcome: &Result<T, StoreError>) {
         let mut problem = lock(match direction {
             Direction::Read => &self.reads,
             Direction::Write => &self.writes,
@@ -123,7 +141,6 @@ impl StoreHealth {
                 }
             }
             Err(error) => {
-                self.metrics.store_error(operation);
                 if problem.is_none() {
                     tracing::warn!(operation, %error, "the store failed; tuning goes on, and jobs and results are kept in memory until it works again");
                 } else {
@@ -175,7 +192,7 @@ impl Writer {
                     while let Ok(write) = receiver.try_recv() {
                         self.take(write, &mut flushes);
                     }
-                    self.save().await;
+                    self.save(true).await;
                     let written = self.jobs.is_empty() && self.results.is_empty();
                     for flush in flushes {
                         let _ = flush.send(written);
@@ -183,10 +200,10 @@ impl Writer {
                 }
                 _ = retry.tick() => {
                     if !(self.jobs.is_empty() && self.results.is_empty()) {
-                        self.save().await;
+                        self.save(false).await;
                     } else if self.health.failing(Direction::Read) {
                         let checked = self.store.check().await;
-                        self.health.record(Direction::Read, "check", &checked);
+                        self.health.record_retry(Direction::Read, "check", &checked);
                     }
                 }
                 _ = prune.tick() => {
@@ -213,12 +230,20 @@ impl Writer {
     }
 
     /// Saves the jobs, then the results; stops at the first failure, so that a later write
-    /// that works cannot report the store healthy while earlier ones still wait.
-    async fn save(&mut self) {
+    /// that works cannot report the store healthy while earlier ones still wait. A failure is
+    /// counted when the save carries new writes (`fresh`), not when it only tries old ones again.
+    async fn save(&mut self, fresh: bool) {
+        let record = |health: &StoreHealth, operation: &str, outcome: &Result<(), StoreError>| {
+            if fresh {
+                health.record(Direction::Write, operation, outcome)
+            } else {
+                health.record_retry(Direction::Write, operation, outcome)
+            }
+        };
         if !self.jobs.is_empty() {
             let jobs: Vec<StoredJob> = self.jobs.values().cloned().collect();
             let saved = self.store.save_jobs(&jobs).await;
-            self.health.record(Direction::Write, "save_jobs", &saved);
+            record(&self.health, "save_jobs", &saved);
             if saved.is_err() {
                 return;
             }
@@ -227,7 +252,7 @@ impl Writer {
         let keys: Vec<String> = self.results.keys().cloned().collect();
         for key in keys {
             let saved = self.store.save_result(&key, &self.results[&key]).await;
-            self.health.record(Direction::Write, "save_result", &saved);
+            record(&self.health, "save_result", &saved);
             if saved.is_err() {
                 break;
             }

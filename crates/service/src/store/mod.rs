@@ -3,10 +3,15 @@
 //!
 //! - [`sql`]: SQLite (the default: a file, nothing to install) and PostgreSQL (shared by a
 //!   cluster's agents), both through sqlx with the same embedded migrations.
+//! - [`schema`]: the checks that a database is headroom's, whole and of a known schema, made
+//!   before anything is written to it.
+//! - [`claim`]: one tune of a job at a time across the nodes sharing a store.
 //! - [`journal`]: the ordered writer that keeps the store up to date without putting it on the
 //!   path of a probe, and the store's health for `/readyz` and the metrics.
 
+pub mod claim;
 pub mod journal;
+pub mod schema;
 pub mod sql;
 
 use std::time::Duration;
@@ -17,6 +22,7 @@ use uuid::Uuid;
 use super::problem::Problem;
 use crate::answer::TuneAnswer;
 use crate::document::JobDocument;
+use claim::Claim;
 
 /// A job as the store keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +69,19 @@ pub enum StoreError {
         /// The store, its password hidden.
         store: String,
         /// What the database library said.
+        detail: String,
+    },
+    /// The database belongs to something else: another application's tables, or a migration
+    /// history that is not headroom's.
+    #[error(
+        "the store {store} is not headroom's database ({detail}); it was left untouched: set \
+         `store` to a database of headroom's own (a new SQLite file, or an empty PostgreSQL \
+         database or schema)"
+    )]
+    NotHeadrooms {
+        /// The store, its password hidden.
+        store: String,
+        /// What gave it away.
         detail: String,
     },
     /// A newer headroom wrote the database: it has schema changes this build does not know.
@@ -112,4 +131,9 @@ pub trait Store: Send + Sync {
 
     /// Removes what `retention` no longer keeps; returns how many jobs and results went.
     async fn prune(&self, retention: &Retention) -> Result<u64, StoreError>;
+
+    /// Claims the tuning of `key` among every node sharing the store: `Some` while this node
+    /// holds it (released, dropped, or with the process gone, it frees), `None` while another
+    /// node holds it. A store no other node shares always grants it.
+    async fn claim(&self, key: &str) -> Result<Option<Claim>, StoreError>;
 }

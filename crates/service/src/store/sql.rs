@@ -10,11 +10,14 @@ use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
+use std::sync::OnceLock;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::claim::{self, Claim};
+use super::schema::{self, Backend};
 use super::{Recovered, Retention, Store, StoreError, StoredJob};
 use crate::answer::TuneAnswer;
 use crate::document::{JobDocument, JobState};
@@ -42,8 +45,9 @@ pub fn default_sqlite_path() -> PathBuf {
 
 /// The store at `url`: `sqlite:///path/file.db` (created with its directory if missing),
 /// `sqlite::memory:` (nothing kept past the process), `postgres://user:password@host/db`, or
-/// empty for [`default_sqlite_path`]. Migrates it to this build's schema.
-pub async fn open(url: &str) -> Result<SqlStore, StoreError> {
+/// empty for [`default_sqlite_path`]. Nothing is connected yet, and every operation fails until
+/// [`SqlStore::start`] (or [`open`]) has checked and migrated the database.
+pub fn connect(url: &str) -> Result<SqlStore, StoreError> {
     // The drivers compiled in: PostgreSQL, and SQLite over the system's library. Installed once
     // per process; a store opened later finds them in place.
     let _ = sqlx::any::install_drivers(&[sqlx::postgres::any::DRIVER, sqlx_sqlite::any::DRIVER]);
@@ -53,29 +57,42 @@ pub async fn open(url: &str) -> Result<SqlStore, StoreError> {
         url.to_string()
     };
     let described = without_password(&url);
-    let (connect, options) = if let Some(location) = url.strip_prefix("sqlite:") {
-        sqlite_connection(location, &described)?
+    let (backend, connect, options, file) = if let Some(location) = url.strip_prefix("sqlite:") {
+        let (connect, options, file) = sqlite_connection(location, &described)?;
+        (Backend::Sqlite, connect, options, file)
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        (url.clone(), AnyPoolOptions::new().max_connections(8))
+        let options = AnyPoolOptions::new().max_connections(8);
+        (Backend::Postgres, url.clone(), options, None)
     } else {
         return Err(StoreError::Unavailable(format!(
             "`store` must be a sqlite:// or postgres:// URL, not {described}"
         )));
     };
-    let pool = options
-        .acquire_timeout(OPERATION_TIMEOUT)
-        .connect(&connect)
-        .await
-        .map_err(|e| classify(&described, e))?;
-    migrate(&pool, &described).await?;
-    Ok(SqlStore { pool, described })
+    Ok(SqlStore {
+        pool: OnceLock::new(),
+        options: options.acquire_timeout(OPERATION_TIMEOUT),
+        described,
+        backend,
+        connect,
+        file,
+    })
 }
 
-/// The connection URL and pool of a SQLite location (what follows `sqlite:`).
+/// The store at `url`, checked (with SQLite's integrity check) and migrated, ready for use.
+pub async fn open(url: &str) -> Result<SqlStore, StoreError> {
+    let store = connect(url)?;
+    let pool = store.new_pool()?;
+    store.prepare(&pool, true).await?;
+    let _ = store.pool.set(pool);
+    Ok(store)
+}
+
+/// The connection URL and pool of a SQLite location (what follows `sqlite:`), and its file
+/// (none in memory).
 fn sqlite_connection(
     location: &str,
     described: &str,
-) -> Result<(String, AnyPoolOptions), StoreError> {
+) -> Result<(String, AnyPoolOptions, Option<PathBuf>), StoreError> {
     if location == ":memory:" {
         // One connection that never closes: each connection to `:memory:` is a database of its own.
         let pool = AnyPoolOptions::new()
@@ -83,7 +100,7 @@ fn sqlite_connection(
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None);
-        return Ok(("sqlite::memory:".into(), pool));
+        return Ok(("sqlite::memory:".into(), pool, None));
     }
     let file = location
         .trim_start_matches("//")
@@ -109,6 +126,7 @@ fn sqlite_connection(
     Ok((
         format!("sqlite:{location}{query}"),
         AnyPoolOptions::new().max_connections(4),
+        Some(PathBuf::from(file)),
     ))
 }
 
@@ -124,7 +142,7 @@ fn without_password(url: &str) -> String {
 }
 
 /// Tells a database that is not one (or is damaged) from one that cannot be reached now.
-fn classify(store: &str, error: sqlx::Error) -> StoreError {
+pub(super) fn classify(store: &str, error: sqlx::Error) -> StoreError {
     if let sqlx::Error::Database(db) = &error {
         if matches!(db.code().as_deref(), Some(SQLITE_NOTADB | SQLITE_CORRUPT)) {
             return StoreError::Corrupt {
@@ -133,7 +151,7 @@ fn classify(store: &str, error: sqlx::Error) -> StoreError {
             };
         }
     }
-    StoreError::Unavailable(error.to_string())
+    StoreError::Unavailable(format!("{store}: {error}"))
 }
 
 /// The migrations of `migrations/`, embedded in the binary: version, description, SQL. Named
@@ -145,6 +163,22 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     include_str!("../../migrations/0001_jobs_and_results.sql"),
 )];
 
+/// [`MIGRATIONS`] as sqlx takes them.
+fn migrations() -> Vec<Migration> {
+    MIGRATIONS
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                description.into(),
+                MigrationType::Simple,
+                sql.into(),
+                false,
+            )
+        })
+        .collect()
+}
+
 /// [`MIGRATIONS`] as sqlx's migrator takes them.
 #[derive(Debug)]
 struct Embedded;
@@ -153,19 +187,7 @@ impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(
         self,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 's>> {
-        let migrations = MIGRATIONS
-            .iter()
-            .map(|&(version, description, sql)| {
-                Migration::new(
-                    version,
-                    description.into(),
-                    MigrationType::Simple,
-                    sql.into(),
-                    false,
-                )
-            })
-            .collect();
-        Box::pin(std::future::ready(Ok(migrations)))
+        Box::pin(std::future::ready(Ok(migrations())))
     }
 }
 
@@ -182,7 +204,7 @@ async fn migrate(pool: &AnyPool, store: &str) -> Result<(), StoreError> {
         Err(MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) => {
             Err(classify(store, e))
         }
-        Err(other) => Err(StoreError::Corrupt {
+        Err(other) => Err(StoreError::NotHeadrooms {
             store: store.into(),
             detail: other.to_string(),
         }),
@@ -233,13 +255,108 @@ async fn timed<T>(
 
 /// The store in a SQL database.
 pub struct SqlStore {
-    pool: AnyPool,
+    /// Set once the database is checked and migrated (and this node's jobs taken over): until
+    /// then nothing is read or written.
+    pool: OnceLock<AnyPool>,
+    /// How pools are made: each try at a start gets a new one, so that no connection opened
+    /// while the file was read-only outlives the outage.
+    options: AnyPoolOptions,
     described: String,
+    backend: Backend,
+    /// The pool's connection URL.
+    connect: String,
+    /// The SQLite file, if the store is one.
+    file: Option<PathBuf>,
 }
 
 impl SqlStore {
-    async fn upsert_jobs(&self, jobs: &[StoredJob]) -> Result<(), sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
+    /// At a node's start: checks the database is headroom's, whole (SQLite's integrity check,
+    /// unless `integrity_check` is off) and of a known schema, migrates it, then takes over
+    /// `node`'s jobs (running ones become `interrupted` with `why`). Until this succeeds, every
+    /// operation fails as unavailable; an unavailable database may be started again later.
+    pub async fn start(
+        &self,
+        node: &str,
+        why: &Problem,
+        integrity_check: bool,
+    ) -> Result<Recovered, StoreError> {
+        let pool = self.new_pool()?;
+        let started = match self.prepare(&pool, integrity_check).await {
+            Ok(()) => timed(Self::take_over(&pool, node, why)).await,
+            Err(refused) => Err(refused),
+        };
+        match started {
+            Ok(recovered) => {
+                let _ = self.pool.set(pool);
+                Ok(recovered)
+            }
+            Err(error) => {
+                pool.close().await;
+                Err(error)
+            }
+        }
+    }
+
+    fn new_pool(&self) -> Result<AnyPool, StoreError> {
+        self.options
+            .clone()
+            .connect_lazy(&self.connect)
+            .map_err(|e| classify(&self.described, e))
+    }
+
+    /// Checks the database on a connection of its own that creates nothing (an existing SQLite
+    /// file is opened `mode=rw`, which only reads, unless SQLite must roll back a transaction a
+    /// crash left behind: its own recovery), then migrates it.
+    async fn prepare(&self, pool: &AnyPool, integrity_check: bool) -> Result<(), StoreError> {
+        let checking = match (&self.file, self.backend) {
+            (Some(file), _) if file.metadata().is_ok_and(|m| m.len() > 0) => {
+                Some(format!("sqlite://{}?mode=rw", file.display()))
+            }
+            (_, Backend::Postgres) => Some(self.connect.clone()),
+            _ => None,
+        };
+        if let Some(url) = checking {
+            let mut connection =
+                tokio::time::timeout(OPERATION_TIMEOUT, AnyConnection::connect(&url))
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(format!(
+                            "{}: no connection within {} s",
+                            self.described,
+                            OPERATION_TIMEOUT.as_secs()
+                        ))
+                    })?
+                    .map_err(|e| classify(&self.described, e))?;
+            let migrations = migrations();
+            let expected = schema::Expected {
+                store: &self.described,
+                migrations: &migrations,
+                integrity_check,
+            };
+            let verified = schema::verify(&mut connection, self.backend, &expected).await;
+            let _ = connection.close().await;
+            verified?;
+        }
+        migrate(pool, &self.described).await
+    }
+
+    /// Whether [`SqlStore::start`] succeeded.
+    pub fn is_started(&self) -> bool {
+        self.pool.get().is_some()
+    }
+
+    /// The pool, once the store is started.
+    fn pool(&self) -> Result<&AnyPool, StoreError> {
+        self.pool.get().ok_or_else(|| {
+            StoreError::Unavailable(format!(
+                "{} is not open yet: it could not be checked at start",
+                self.described
+            ))
+        })
+    }
+
+    async fn upsert_jobs(pool: &AnyPool, jobs: &[StoredJob]) -> Result<(), sqlx::Error> {
+        let mut transaction = pool.begin().await?;
         for job in jobs {
             let document = serde_json::to_string(&job.document).expect("documents serialise");
             sqlx::query(
@@ -262,8 +379,12 @@ impl SqlStore {
         transaction.commit().await
     }
 
-    async fn take_over(&self, node: &str, why: &Problem) -> Result<Recovered, sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
+    async fn take_over(
+        pool: &AnyPool,
+        node: &str,
+        why: &Problem,
+    ) -> Result<Recovered, sqlx::Error> {
+        let mut transaction = pool.begin().await?;
         let rows = sqlx::query(&format!(
             "SELECT node, request, cache_key, document FROM jobs \
              WHERE node = $1 AND state IN {UNFINISHED} ORDER BY created_at"
@@ -298,12 +419,12 @@ impl SqlStore {
         Ok(recovered)
     }
 
-    async fn delete_old(&self, retention: &Retention) -> Result<u64, sqlx::Error> {
+    async fn delete_old(pool: &AnyPool, retention: &Retention) -> Result<u64, sqlx::Error> {
         let mut removed = sqlx::query(&format!(
             "DELETE FROM jobs WHERE state NOT IN {UNFINISHED} AND updated_at < $1"
         ))
         .bind(age_limit(retention.max_age))
-        .execute(&self.pool)
+        .execute(pool)
         .await?
         .rows_affected();
         let offset = i64::try_from(retention.max_jobs).unwrap_or(i64::MAX);
@@ -312,20 +433,20 @@ impl SqlStore {
              ORDER BY updated_at DESC LIMIT 1 OFFSET $1"
         ))
         .bind(offset)
-        .fetch_optional(&self.pool)
+        .fetch_optional(pool)
         .await?;
         if let Some(cutoff) = cutoff {
             removed += sqlx::query(&format!(
                 "DELETE FROM jobs WHERE state NOT IN {UNFINISHED} AND updated_at <= $1"
             ))
             .bind(cutoff)
-            .execute(&self.pool)
+            .execute(pool)
             .await?
             .rows_affected();
         }
         removed += sqlx::query("DELETE FROM results WHERE measured_at < $1")
             .bind(age_limit(retention.result_ttl))
-            .execute(&self.pool)
+            .execute(pool)
             .await?
             .rows_affected();
         Ok(removed)
@@ -339,33 +460,35 @@ impl Store for SqlStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        timed(sqlx::query("SELECT 1").execute(&self.pool))
-            .await
-            .map(drop)
+        let pool = self.pool()?;
+        timed(sqlx::query("SELECT 1").execute(pool)).await.map(drop)
     }
 
     async fn save_jobs(&self, jobs: &[StoredJob]) -> Result<(), StoreError> {
-        timed(self.upsert_jobs(jobs)).await
+        let pool = self.pool()?;
+        timed(Self::upsert_jobs(pool, jobs)).await
     }
 
     async fn job(&self, id: Uuid) -> Result<Option<StoredJob>, StoreError> {
+        let pool = self.pool()?;
         let row = timed(
             sqlx::query("SELECT node, request, cache_key, document FROM jobs WHERE id = $1")
                 .bind(id.to_string())
-                .fetch_optional(&self.pool),
+                .fetch_optional(pool),
         )
         .await?;
         row.as_ref().map(stored_job).transpose()
     }
 
     async fn recent_jobs(&self, node: &str, limit: usize) -> Result<Vec<JobDocument>, StoreError> {
+        let pool = self.pool()?;
         let documents: Vec<String> = timed(
             sqlx::query_scalar(
                 "SELECT document FROM jobs WHERE node = $1 ORDER BY created_at DESC LIMIT $2",
             )
             .bind(node)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool),
+            .fetch_all(pool),
         )
         .await?;
         documents
@@ -375,10 +498,12 @@ impl Store for SqlStore {
     }
 
     async fn recover(&self, node: &str, why: &Problem) -> Result<Recovered, StoreError> {
-        timed(self.take_over(node, why)).await
+        let pool = self.pool()?;
+        timed(Self::take_over(pool, node, why)).await
     }
 
     async fn save_result(&self, key: &str, result: &TuneAnswer) -> Result<(), StoreError> {
+        let pool = self.pool()?;
         let measured_at = result
             .measured_at
             .as_deref()
@@ -394,20 +519,21 @@ impl Store for SqlStore {
             .bind(serde_json::to_string(result).expect("results serialise"))
             .bind(result.measured_on.clone().unwrap_or_default())
             .bind(measured_at)
-            .execute(&self.pool),
+            .execute(pool),
         )
         .await
         .map(drop)
     }
 
     async fn result(&self, key: &str, max_age: Duration) -> Result<Option<TuneAnswer>, StoreError> {
+        let pool = self.pool()?;
         let text: Option<String> = timed(
             sqlx::query_scalar(
                 "SELECT result FROM results WHERE cache_key = $1 AND measured_at >= $2",
             )
             .bind(key)
             .bind(age_limit(max_age))
-            .fetch_optional(&self.pool),
+            .fetch_optional(pool),
         )
         .await?;
         text.map(|t| serde_json::from_str(&t).map_err(unavailable))
@@ -415,6 +541,22 @@ impl Store for SqlStore {
     }
 
     async fn prune(&self, retention: &Retention) -> Result<u64, StoreError> {
-        timed(self.delete_old(retention)).await
+        let pool = self.pool()?;
+        timed(Self::delete_old(pool, retention)).await
+    }
+
+    async fn claim(&self, key: &str) -> Result<Option<Claim>, StoreError> {
+        let pool = self.pool()?;
+        if self.backend == Backend::Sqlite {
+            return Ok(Some(Claim::local()));
+        }
+        let mut connection = timed(pool.acquire()).await?;
+        let locked: bool = timed(
+            sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({})", claim::LOCK_KEY))
+                .bind(key)
+                .fetch_one(&mut *connection),
+        )
+        .await?;
+        Ok(locked.then(|| Claim::locked(connection, key.to_string())))
     }
 }
