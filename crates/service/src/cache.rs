@@ -4,7 +4,9 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+
+use axum::body::Bytes;
 
 use moka::sync::Cache;
 use moka::Expiry;
@@ -17,19 +19,49 @@ use crate::answer::TuneAnswer;
 use headroom_devices::cuda::kernel::Family;
 use headroom_engine::job::Job;
 
-/// The kernel sources and crate version: a result is only reused by the same code.
+/// The kernel sources and crate version: a result is only reused by the same code. Hashed
+/// once per process, not per request.
 fn code_version() -> u64 {
-    let mut hasher = DefaultHasher::new();
-    env!("CARGO_PKG_VERSION").hash(&mut hasher);
-    for family in Family::ALL {
-        family.source().hash(&mut hasher);
-    }
-    hasher.finish()
+    static VERSION: LazyLock<u64> = LazyLock::new(|| {
+        let mut hasher = DefaultHasher::new();
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        for family in Family::ALL {
+            family.source().hash(&mut hasher);
+        }
+        hasher.finish()
+    });
+    *VERSION
 }
 
-/// The cache key: the job with every default filled in, and the device's identity.
-pub fn key(job: &Job, device_identity: &str) -> String {
-    let normalised = serde_json::to_string(job).expect("jobs serialise");
+/// A reusable answer, marked `cached`, with its JSON serialised once when it was kept: a
+/// cache hit sends these bytes as they are.
+pub struct Cached {
+    /// The answer, `cached: true`.
+    pub answer: TuneAnswer,
+    /// `answer` as JSON.
+    pub json: Bytes,
+}
+
+impl Cached {
+    fn new(result: TuneAnswer) -> Arc<Cached> {
+        let answer = TuneAnswer {
+            cached: true,
+            ..result
+        };
+        let json = serde_json::to_vec(&answer)
+            .expect("answers serialise")
+            .into();
+        Arc::new(Cached { answer, json })
+    }
+}
+
+/// The job with every default filled in, as the cache key holds it.
+pub fn normalised(job: &Job) -> String {
+    serde_json::to_string(job).expect("jobs serialise")
+}
+
+/// The cache key: the [`normalised`] job, and the device's identity.
+pub fn key(normalised: &str, device_identity: &str) -> String {
     format!("{device_identity}|{:016x}|{normalised}", code_version())
 }
 
@@ -48,7 +80,7 @@ pub struct SharedResults {
 /// memory, every one in the store.
 pub struct ResultCache {
     ttl: Duration,
-    entries: Option<Cache<String, TuneAnswer>>,
+    entries: Option<Cache<String, Arc<Cached>>>,
     shared: Option<SharedResults>,
 }
 
@@ -58,14 +90,15 @@ struct UntilStale {
     ttl: Duration,
 }
 
-impl Expiry<String, TuneAnswer> for UntilStale {
+impl Expiry<String, Arc<Cached>> for UntilStale {
     fn expire_after_create(
         &self,
         _key: &String,
-        result: &TuneAnswer,
+        cached: &Arc<Cached>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        let measured = result
+        let measured = cached
+            .answer
             .measured_at
             .as_deref()
             .and_then(|at| OffsetDateTime::parse(at, &Rfc3339).ok());
@@ -96,9 +129,9 @@ impl ResultCache {
     }
 
     /// The live result for `key`, marked as cached: from memory, else from the store.
-    pub async fn get(&self, key: &str) -> Option<TuneAnswer> {
-        let result = match self.entries.as_ref().and_then(|e| e.get(key)) {
-            Some(result) => result,
+    pub async fn get(&self, key: &str) -> Option<Arc<Cached>> {
+        match self.entries.as_ref().and_then(|e| e.get(key)) {
+            Some(cached) => Some(cached),
             None => {
                 let shared = self
                     .shared
@@ -106,23 +139,19 @@ impl ResultCache {
                     .filter(|s| !s.health.failing(Direction::Read))?;
                 let found = shared.store.result(key, self.ttl).await;
                 shared.health.record(Direction::Read, "read_result", &found);
-                let result = found.ok().flatten()?;
+                let cached = Cached::new(found.ok().flatten()?);
                 if let Some(entries) = &self.entries {
-                    entries.insert(key.to_string(), result.clone());
+                    entries.insert(key.to_string(), Arc::clone(&cached));
                 }
-                result
+                Some(cached)
             }
-        };
-        Some(TuneAnswer {
-            cached: true,
-            ..result
-        })
+        }
     }
 
     /// Keeps `result` under `key`, in memory and in the store.
     pub fn insert(&self, key: String, result: TuneAnswer) {
         if let Some(entries) = &self.entries {
-            entries.insert(key.clone(), result.clone());
+            entries.insert(key.clone(), Cached::new(result.clone()));
         }
         if let Some(shared) = &self.shared {
             shared.journal.result(key, result);
@@ -170,10 +199,13 @@ mod tests {
     }
 
     fn get(cache: &ResultCache, key: &str) -> Option<TuneAnswer> {
-        tokio::runtime::Builder::new_current_thread()
+        let cached = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
-            .block_on(cache.get(key))
+            .block_on(cache.get(key))?;
+        let sent: TuneAnswer = serde_json::from_slice(&cached.json).unwrap();
+        assert_eq!(sent, cached.answer, "the kept bytes are the answer");
+        Some(cached.answer.clone())
     }
 
     #[test]

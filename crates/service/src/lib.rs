@@ -4,7 +4,8 @@
 //!
 //! - [`serve`]: start, serve until a signal, stop in order; [`logging`]: where logs go.
 //! - [`state`]: what every handler shares, and opening the devices; [`config`]: the settings.
-//! - [`routes`]: the router; [`middleware`]: token, route label, request observer.
+//! - [`routes`]: the router; [`middleware`]: token, route label, request observer;
+//!   [`parsed`]: request bodies parsed before, reused.
 //! - [`handlers`]: the routes, one file per resource; [`problem`]: RFC 9457 errors;
 //!   [`openapi`]: the OpenAPI 3.1 document and the schemas of the engine's types.
 //! - [`document`]: a job as the API shows it and the store keeps it.
@@ -12,7 +13,8 @@
 //!   which runs jobs in the device's [`probe_worker`] process; [`supervision`]: restarts and
 //!   device health when that process fails.
 //! - [`answer`]: the engine's result with where and when it was measured.
-//! - [`cache`]: reuse of finished results; [`metrics`]: the Prometheus registry.
+//! - [`cache`]: reuse of finished results; [`metrics`]: the Prometheus registry;
+//!   [`gpu_readings`]: NVML's telemetry, read at most once a second.
 //! - [`store`]: jobs and results across restarts and nodes; [`recovery`]: a start over it;
 //!   [`turns`]: one tune of a job at a time across the nodes sharing it.
 //! - [`plot`]: SVG charts of memory and throughput against batch size.
@@ -22,12 +24,14 @@ pub mod cache;
 pub mod config;
 pub mod connections;
 pub mod document;
+pub mod gpu_readings;
 pub mod handlers;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod middleware;
 pub mod openapi;
+pub mod parsed;
 pub mod plot;
 pub mod probe_worker;
 pub mod problem;

@@ -2,7 +2,12 @@
 //! bounded labels (route, method, status, outcome, and a device's [`DeviceLabels`]), never a job
 //! id; plus the process collector's `process_*` series.
 
-use prometheus::core::Collector;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -67,6 +72,8 @@ fn hostname() -> String {
 /// The service's metrics.
 pub struct Metrics {
     registry: Registry,
+    /// A little over the last exposition's length: the next one's buffer.
+    exposition_size: AtomicUsize,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     tunes: IntCounterVec,
@@ -106,6 +113,43 @@ fn seconds(name: &str, help: &str, start: f64) -> HistogramOpts {
 
 /// What a job ends as, a probe's outcomes, and the store's operations: every label value a
 /// series takes, set up at start so that a node that has not tuned exports zeros, not nothing.
+/// How long a scrape reuses the process collector's reading (its `/proc` reads, which walk
+/// every open file descriptor), as the Prometheus client libraries do.
+const PROCESS_READING_TTL: Duration = Duration::from_secs(1);
+
+/// A collector whose readings are reused for [`PROCESS_READING_TTL`].
+struct Recent<C> {
+    inner: C,
+    last: Mutex<Option<(Instant, Vec<MetricFamily>)>>,
+}
+
+impl<C: Collector> Recent<C> {
+    fn new(inner: C) -> Recent<C> {
+        Recent {
+            inner,
+            last: Mutex::new(None),
+        }
+    }
+}
+
+impl<C: Collector> Collector for Recent<C> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.inner.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut last = crate::lock(&self.last);
+        match &*last {
+            Some((at, families)) if at.elapsed() < PROCESS_READING_TTL => families.clone(),
+            _ => {
+                let families = self.inner.collect();
+                *last = Some((Instant::now(), families.clone()));
+                families
+            }
+        }
+    }
+}
+
 const JOB_OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 const PROBE_OUTCOMES: [&str; 3] = ["fit", "oom", "error"];
 /// The store operations that can fail (`crate::store::journal`).
@@ -153,6 +197,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let metrics = Metrics {
             registry: Registry::new(),
+            exposition_size: AtomicUsize::new(0),
             requests: counter(
                 "http_requests_total",
                 "HTTP requests by route, method and status",
@@ -272,7 +317,9 @@ impl Metrics {
             Box::new(metrics.last_max_batch_size.clone()),
             Box::new(metrics.last_recommended_batch_size.clone()),
             Box::new(build_info),
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+            Box::new(Recent::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            )),
         ];
         for collector in collectors {
             metrics
@@ -420,13 +467,16 @@ impl Metrics {
             .set(used_bytes as i64);
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
-        let mut buffer = Vec::new();
+    /// The Prometheus text exposition of every metric (UTF-8), written into a buffer sized
+    /// from the last one, so that a scrape does not grow it step by step.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buffer = Vec::with_capacity(self.exposition_size.load(Ordering::Relaxed));
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
             .expect("writing to a Vec cannot fail");
-        String::from_utf8(buffer).expect("the exposition is UTF-8")
+        self.exposition_size
+            .store(buffer.len() + buffer.len() / 8, Ordering::Relaxed);
+        buffer
     }
 }
 
@@ -459,7 +509,7 @@ mod tests {
         // Tuned again: its value changes and it is the newest.
         metrics.last_batch_sizes(&device, "model 3", 7, 5);
         metrics.last_batch_sizes(&device, "model 10", 1, 1);
-        let text = metrics.encode();
+        let text = String::from_utf8(metrics.encode()).unwrap();
         let series: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("headroom_last_max_batch_size{"))

@@ -8,7 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 
 use crate::handlers::pages::{missing_page, wants_html};
 use crate::middleware::{label_route, observe_request, require_token};
+use crate::parsed::ParsedBodies;
 use crate::problem::Problem;
 use crate::state::AppState;
 use crate::{handlers, openapi};
@@ -97,6 +98,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(state.config.body_limit.0 as usize))
+        // `POST /tune` bodies parsed before, one set per router (its config's defaults).
+        .layer(Extension(Arc::new(ParsedBodies::<
+            handlers::tune::ParsedTune,
+        >::default())))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             observe_request,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use crate::cache::{self, ResultCache, SharedResults};
 use crate::config::Config;
 use crate::document::JobDocument;
+use crate::gpu_readings::GpuReadings;
 use crate::jobs::{JobStore, Recorder};
 use crate::metrics::Metrics;
 use crate::probe_worker::client::{Watchdog, WorkerCommand};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub journal: Journal,
     /// Whether the store works.
     pub store_health: Arc<StoreHealth>,
+    /// NVML's telemetry for `/metrics` and `/devices`.
+    pub gpu_readings: Arc<GpuReadings>,
     /// The claims that keep a job to one tune across the nodes sharing the store.
     pub turns: Arc<Turns>,
     /// The metrics registry.
@@ -74,6 +77,7 @@ impl AppState {
             store_health: Arc::clone(&store_health),
             metrics,
             workers: OnceLock::new(),
+            gpu_readings: Arc::default(),
             turns: Arc::new(Turns::new(
                 Arc::clone(&store),
                 journal.clone(),
@@ -124,13 +128,13 @@ impl AppState {
         }
     }
 
-    /// The result-cache key of `job` on `worker`'s device: shared by every node with an
-    /// identical device, or this node's alone when results are not shared.
-    pub fn cache_key(&self, job: &headroom_engine::job::Job, worker: &DeviceWorker) -> String {
+    /// The result-cache key of a job ([`cache::normalised`]) on `worker`'s device: shared by
+    /// every node with an identical device, or this node's alone when results are not shared.
+    pub fn cache_key(&self, normalised: &str, worker: &DeviceWorker) -> String {
         if self.config.share_results {
-            cache::key(job, &worker.identity)
+            cache::key(normalised, &worker.identity)
         } else {
-            cache::key(job, &format!("{}|{}", worker.identity, self.node))
+            cache::key(normalised, &format!("{}|{}", worker.identity, self.node))
         }
     }
 

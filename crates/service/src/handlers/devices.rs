@@ -69,10 +69,7 @@ pub async fn devices(
 /// Every device served, with NVML's telemetry for the GPUs.
 pub(crate) async fn device_statuses(state: &AppState) -> Result<Vec<DeviceStatus>, Problem> {
     let workers = state.workers().ok_or_else(not_ready)?;
-    let gpus =
-        tokio::task::spawn_blocking(|| nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default())
-            .await
-            .unwrap_or_default();
+    let gpus = state.gpu_readings.read_async().await;
     Ok(workers
         .iter()
         .map(|w| {
@@ -105,12 +102,9 @@ pub(crate) async fn device_statuses(state: &AppState) -> Result<Vec<DeviceStatus
     responses((status = 200, description = "Every metric, in the Prometheus text exposition format.",
                body = String, content_type = "text/plain; version=0.0.4")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let gpus =
-        tokio::task::spawn_blocking(|| nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default())
-            .await
-            .unwrap_or_default();
+    let gpus = state.gpu_readings.read_async().await;
     let workers = state.workers().unwrap_or_default();
-    for gpu in gpus {
+    for gpu in gpus.iter() {
         let served = workers
             .iter()
             .find(|w| w.info().uuid.as_deref() == Some(gpu.uuid.as_str()));

@@ -35,12 +35,27 @@ fn job_request<O: DeserializeOwned>(
     body: &[u8],
     state: &AppState,
 ) -> Result<(O, Job), Problem> {
-    if !is_json(headers) {
-        return Err(Problem::new(
+    check_json(headers)?;
+    parse_job_request(body, state)
+}
+
+/// Refuses a body that is not declared JSON.
+fn check_json(headers: &HeaderMap) -> Result<(), Problem> {
+    if is_json(headers) {
+        Ok(())
+    } else {
+        Err(Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the job as JSON with Content-Type: application/json",
-        ));
+        ))
     }
+}
+
+/// A JSON body's route options and validated job (the config's defaults filled in).
+fn parse_job_request<O: DeserializeOwned>(
+    body: &[u8],
+    state: &AppState,
+) -> Result<(O, Job), Problem> {
     let mut value: Value = serde_json::from_slice(body).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,

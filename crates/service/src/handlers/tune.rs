@@ -8,11 +8,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::{job_request, not_ready};
+use super::{check_json, not_ready, parse_job_request};
+use crate::cache;
 use crate::document::JobDocument;
 use crate::jobs::{Joined, TuneJob};
 use crate::openapi::schemas;
@@ -20,17 +21,28 @@ use crate::openapi::{
     job_request_body, BadRequest, Busy, Cancelled, Invalid, TooLarge, Unauthorized, Unavailable,
     UnsupportedType,
 };
+use crate::parsed::ParsedBodies;
 use crate::problem::Problem;
 use crate::store::journal::Direction;
 use crate::workers::{DeviceWorker, EnqueueError};
 use crate::AppState;
 use headroom_devices::nvml;
 use headroom_devices::select::DeviceSpec;
+use headroom_engine::job::Job;
 
 /// How long an accepted job waits for the store to keep it before the answer goes anyway.
 const STORE_WAIT: Duration = Duration::from_secs(2);
 /// When a client refused for want of a store should try again, seconds (the writer's retry).
 const STORE_RETRY_SECONDS: u64 = 2;
+
+/// A `POST /tune` body, parsed and validated: kept by its bytes ([`crate::parsed`]), in the
+/// router's extensions.
+pub struct ParsedTune {
+    options: TuneOptions,
+    job: Job,
+    /// The job as the cache key holds it.
+    normalised: String,
+}
 
 /// What `POST /tune` takes besides the job.
 #[derive(Debug, PartialEq, Deserialize, ToSchema)]
@@ -240,26 +252,51 @@ fn enqueue(state: &AppState, worker: &DeviceWorker, job: &Arc<TuneJob>) -> Resul
     security((), ("bearer" = [])))]
 pub async fn tune(
     State(state): State<Arc<AppState>>,
+    Extension(parsed_tunes): Extension<Arc<ParsedBodies<ParsedTune>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let (options, job) = job_request::<TuneOptions>(&headers, &body, &state)?;
+    check_json(&headers)?;
+    let parsed = parsed_tunes.get_or_parse(&body, || {
+        let (options, job) = parse_job_request::<TuneOptions>(&body, &state)?;
+        let normalised = cache::normalised(&job);
+        Ok::<_, Problem>(ParsedTune {
+            options,
+            job,
+            normalised,
+        })
+    })?;
+    let options = &parsed.options;
     let worker = choose_worker(&state, options.device, options.gpu_uuid.as_deref())?;
-    check_shared(&worker, options.allow_shared || state.config.allow_shared)?;
-    let cache_key = state.cache_key(&job, &worker);
+    let cache_key = state.cache_key(&parsed.normalised, &worker);
     if !options.no_cache {
-        if let Some(result) = state.cache.get(&cache_key).await {
+        if let Some(cached) = state.cache.get(&cache_key).await {
             state.metrics.cache_hit();
-            return Ok(Json(result).into_response());
+            // Sent as kept: serialised once, when the answer was cached.
+            return Ok((
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                cached.json.clone(),
+            )
+                .into_response());
         }
     }
     state.metrics.cache_miss();
+    // A cached answer probes nothing; a new job is checked against the GPU's other users.
+    check_shared(&worker, options.allow_shared || state.config.allow_shared)?;
     check_healthy(&worker)?;
     let asynchronous = wants_async(&headers);
     if asynchronous && state.store_health.failing(Direction::Write) {
         return Err(not_kept(&state));
     }
-    let job = TuneJob::new(job, worker.device, cache_key, Some(state.recorder()));
+    let job = TuneJob::new(
+        parsed.job.clone(),
+        worker.device,
+        cache_key,
+        Some(state.recorder()),
+    );
     let (job, new) = match state
         .jobs
         .insert_or_join(job, |new| enqueue(&state, &worker, new))?

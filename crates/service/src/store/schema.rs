@@ -9,6 +9,23 @@ use sqlx::{AnyConnection, Row};
 
 use super::StoreError;
 
+/// SQLite's result codes for "not a database" and "damaged": a file headroom must not touch.
+const SQLITE_NOTADB: &str = "26";
+const SQLITE_CORRUPT: &str = "11";
+
+/// Tells a database that is not one (or is damaged) from one that cannot be reached now.
+pub fn classify(store: &str, error: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(db) = &error {
+        if matches!(db.code().as_deref(), Some(SQLITE_NOTADB | SQLITE_CORRUPT)) {
+            return StoreError::Corrupt {
+                store: store.into(),
+                detail: db.message().into(),
+            };
+        }
+    }
+    StoreError::Unavailable(format!("{store}: {error}"))
+}
+
 /// The tables headroom's migrations create, sqlx's own among them.
 const OURS: [&str; 3] = ["_sqlx_migrations", "jobs", "results"];
 
@@ -78,17 +95,13 @@ fn not_ours(store: &str, detail: String) -> StoreError {
     }
 }
 
-fn read_error(store: &str, error: sqlx::Error) -> StoreError {
-    super::sql::classify(store, error)
-}
-
 /// SQLite's own structural check of every page; logs how long it took.
 async fn integrity(connection: &mut AnyConnection, store: &str) -> Result<(), StoreError> {
     let started = Instant::now();
     let findings: Vec<String> = sqlx::query_scalar("PRAGMA quick_check")
         .fetch_all(&mut *connection)
         .await
-        .map_err(|e| read_error(store, e))?;
+        .map_err(|e| classify(store, e))?;
     tracing::info!(
         store,
         seconds = started.elapsed().as_secs_f64(),
@@ -121,7 +134,7 @@ async fn tables(
     let names: Vec<String> = sqlx::query_scalar(query)
         .fetch_all(&mut *connection)
         .await
-        .map_err(|e| read_error(store, e))?;
+        .map_err(|e| classify(store, e))?;
     Ok(names.into_iter().collect())
 }
 
@@ -135,7 +148,7 @@ async fn history(
         sqlx::query("SELECT version, description, checksum FROM _sqlx_migrations ORDER BY version")
             .fetch_all(&mut *connection)
             .await
-            .map_err(|e| read_error(expected.store, e))?;
+            .map_err(|e| classify(expected.store, e))?;
     let newest = expected
         .migrations
         .iter()
@@ -143,9 +156,9 @@ async fn history(
         .max()
         .unwrap_or(0);
     for row in rows {
-        let version: i64 = row.try_get(0).map_err(|e| read_error(expected.store, e))?;
-        let description: String = row.try_get(1).map_err(|e| read_error(expected.store, e))?;
-        let checksum: Vec<u8> = row.try_get(2).map_err(|e| read_error(expected.store, e))?;
+        let version: i64 = row.try_get(0).map_err(|e| classify(expected.store, e))?;
+        let description: String = row.try_get(1).map_err(|e| classify(expected.store, e))?;
+        let checksum: Vec<u8> = row.try_get(2).map_err(|e| classify(expected.store, e))?;
         if version > newest {
             return Err(StoreError::NewerSchema {
                 store: expected.store.into(),

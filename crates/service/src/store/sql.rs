@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::claim::{self, Claim};
-use super::schema::{self, Backend};
+use super::schema::{self, classify, Backend};
 use super::{Recovered, Retention, Store, StoreError, StoredJob};
 use crate::answer::TuneAnswer;
 use crate::document::{JobDocument, JobState};
@@ -25,10 +25,6 @@ use crate::problem::Problem;
 
 /// How long one store operation may take before it counts as a failure.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// SQLite's result codes for "not a database" and "damaged": a file headroom must not touch.
-const SQLITE_NOTADB: &str = "26";
-const SQLITE_CORRUPT: &str = "11";
 
 /// The states a job leaves no more: the ones retention may remove.
 const UNFINISHED: &str = "('queued', 'running')";
@@ -139,19 +135,6 @@ fn without_password(url: &str) -> String {
         }
         _ => url.to_string(),
     }
-}
-
-/// Tells a database that is not one (or is damaged) from one that cannot be reached now.
-pub(super) fn classify(store: &str, error: sqlx::Error) -> StoreError {
-    if let sqlx::Error::Database(db) = &error {
-        if matches!(db.code().as_deref(), Some(SQLITE_NOTADB | SQLITE_CORRUPT)) {
-            return StoreError::Corrupt {
-                store: store.into(),
-                detail: db.message().into(),
-            };
-        }
-    }
-    StoreError::Unavailable(format!("{store}: {error}"))
 }
 
 /// The migrations of `migrations/`, embedded in the binary: version, description, SQL. Named

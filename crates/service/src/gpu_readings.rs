@@ -1,0 +1,52 @@
+//! NVML's view of the GPUs for `/metrics` and `/devices`, read at most once a second however
+//! often they are asked: each reading initialises NVML and walks every GPU, and Prometheus,
+//! dashboards and schedulers may all poll at once.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use headroom_devices::nvml::{self, GpuTelemetry};
+
+/// How long a reading is reused.
+const READING_TTL: Duration = Duration::from_secs(1);
+
+/// The last reading and when it was taken.
+#[derive(Default)]
+pub struct GpuReadings {
+    last: Mutex<Option<(Instant, Arc<Vec<GpuTelemetry>>)>>,
+}
+
+impl GpuReadings {
+    /// The last reading, if it is fresh.
+    fn fresh(&self) -> Option<Arc<Vec<GpuTelemetry>>> {
+        let last = crate::lock(&self.last);
+        let (at, gpus) = last.as_ref()?;
+        (at.elapsed() < READING_TTL).then(|| Arc::clone(gpus))
+    }
+
+    /// The GPUs as NVML saw them within the last second (none where NVML is unavailable).
+    /// Blocks while NVML is read; call it off the async threads.
+    pub fn read(&self) -> Arc<Vec<GpuTelemetry>> {
+        let mut last = crate::lock(&self.last);
+        if let Some((at, gpus)) = &*last {
+            if at.elapsed() < READING_TTL {
+                return Arc::clone(gpus);
+            }
+        }
+        let gpus = Arc::new(nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default());
+        *last = Some((Instant::now(), Arc::clone(&gpus)));
+        gpus
+    }
+
+    /// [`GpuReadings::read`] for async code: a fresh reading at once, a new one read on
+    /// tokio's blocking threads.
+    pub async fn read_async(self: &Arc<Self>) -> Arc<Vec<GpuTelemetry>> {
+        if let Some(gpus) = self.fresh() {
+            return gpus;
+        }
+        let readings = Arc::clone(self);
+        tokio::task::spawn_blocking(move || readings.read())
+            .await
+            .unwrap_or_default()
+    }
+}
