@@ -1,0 +1,129 @@
+"""A Lightning callback that sets the batch size from headroom's answer, with the contract of
+Lightning's ``BatchSizeFinder``: before the fit starts, it sets the attribute named
+``batch_arg_name`` on the model or its datamodule (``lightning_setattr``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from headroom_client.client import Headroom, HeadroomError, TuneAnswer
+from headroom_client.model import PRECISIONS, job_from_torch
+
+
+class HeadroomBatchSize(pl.Callback):
+    """Asks the headroom service at ``url`` for the local GPU (by UUID) and sets the batch size.
+
+    - ``model_attr``: the LightningModule's attribute holding the ``nn.Sequential`` to describe;
+      ``input_shape``: one sample's shape (default: ``example_input_array``'s, less the batch).
+    - ``use``: ``"recommended"`` (headroom's 80% rule) or ``"knee"`` (the throughput knee).
+    - ``target_batch_size``: a global batch to reach; the micro batch and
+      ``trainer.accumulate_grad_batches`` then come from headroom's accumulation advice over the
+      trainer's world size.
+    - With the service down or refusing, it warns and leaves the batch size as it was, unless
+      ``strict``, when it raises :class:`HeadroomError`.
+
+    The answer is kept in ``self.answer``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        batch_arg_name: str = "batch_size",
+        model_attr: str = "model",
+        input_shape: Sequence[int] | None = None,
+        use: Literal["recommended", "knee"] = "recommended",
+        target_batch_size: int | None = None,
+        strict: bool = False,
+        timeout: float = 3600.0,
+        **job: Any,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.token = token
+        self.batch_arg_name = batch_arg_name
+        self.model_attr = model_attr
+        self.input_shape = input_shape
+        self.use = use
+        self.target_batch_size = target_batch_size
+        self.strict = strict
+        self.timeout = timeout
+        self.job = job
+        self.answer: TuneAnswer | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not lightning_hasattr(pl_module, self.batch_arg_name):
+            raise AttributeError(
+                f"neither the model nor its datamodule has `{self.batch_arg_name}` to set"
+            )
+        try:
+            self.answer = self._ask(trainer, pl_module)
+        except HeadroomError as error:
+            if self.strict:
+                raise
+            rank_zero_warn(f"headroom did not answer ({error}); the batch size is unchanged")
+            return
+        batch_size = self._batch_size(self.answer)
+        lightning_setattr(pl_module, self.batch_arg_name, batch_size)
+        accumulation = self.answer.accumulation
+        if self.target_batch_size is not None and accumulation is not None:
+            trainer.accumulate_grad_batches = int(accumulation["steps"])
+        rank_zero_info(
+            f"headroom: {self.batch_arg_name} = {batch_size} (max {self.answer.max_batch_size}, "
+            f"recommended {self.answer.recommended_batch_size}, knee "
+            f"{self.answer.throughput_batch_size}, accumulate_grad_batches "
+            f"{trainer.accumulate_grad_batches}{', cached' if self.answer.cached else ''})"
+        )
+
+    def _batch_size(self, answer: TuneAnswer) -> int:
+        if self.target_batch_size is not None and answer.accumulation is not None:
+            return int(answer.accumulation["micro_batch_size"])
+        if self.use == "knee" and answer.throughput_batch_size:
+            return int(answer.throughput_batch_size)
+        return answer.recommended_batch_size
+
+    def _ask(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TuneAnswer:
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, torch.nn.Module):
+            raise AttributeError(f"the LightningModule has no module `{self.model_attr}`")
+        job = job_from_torch(
+            model,
+            self._input_shape(pl_module),
+            optimizer=trainer.optimizers[0] if trainer.optimizers else "adam",
+            precision=self._precision(trainer),
+            **self.job,
+        )
+        if self.target_batch_size is not None:
+            job["target_batch_size"] = self.target_batch_size
+            job["world_size"] = trainer.world_size
+        with Headroom(self.url, self.token) as client:
+            return client.tune(job, gpu_uuid=_gpu_uuid(trainer), timeout=self.timeout)
+
+    def _input_shape(self, pl_module: pl.LightningModule) -> Sequence[int]:
+        if self.input_shape is not None:
+            return self.input_shape
+        example = pl_module.example_input_array
+        if isinstance(example, torch.Tensor):
+            return list(example.shape[1:])
+        raise AttributeError("give input_shape, or set the model's example_input_array")
+
+    @staticmethod
+    def _precision(trainer: pl.Trainer) -> str:
+        precision = str(trainer.precision)
+        return precision if precision in PRECISIONS else "32-true"
+
+
+def _gpu_uuid(trainer: pl.Trainer) -> str | None:
+    """The UUID (``GPU-...``) of the GPU this process trains on; ``None`` off a GPU."""
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return None
+    uuid = torch.cuda.get_device_properties(device).uuid
+    return f"GPU-{uuid}"

@@ -1,0 +1,93 @@
+"""The model reader: every layer it takes, the ones it refuses (named by path), and parameter
+counts equal to PyTorch's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from headroom_client import Headroom, job_from_torch
+from headroom_client.model import UnsupportedModel, parameter_count
+
+
+def test_an_mlp_reads_as_the_job_headroom_describes() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 128), nn.GELU(), nn.Linear(128, 10))
+    job = job_from_torch(model, [3, 32, 32], optimizer="adamw", precision="bf16-mixed",
+                         dataset_size=50_000)
+    assert job == {
+        "model": {"input_shape": [3, 32, 32], "hidden_layers": [128], "num_classes": 10,
+                  "activation": "gelu"},
+        "optimizer": {"name": "adamw"},
+        "precision": "bf16-mixed",
+        "dataset_size": 50_000,
+    }
+    assert parameter_count(job) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("activation,name", [(nn.ReLU, "relu"), (nn.GELU, "gelu"), (nn.Tanh, "tanh")])
+def test_nested_sequentials_and_every_activation(activation: type[nn.Module], name: str) -> None:
+    def block(inputs: int, outputs: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(inputs, outputs), activation())
+
+    model = nn.Sequential(nn.Flatten(), block(784, 256), nn.Sequential(block(256, 64)), nn.Linear(64, 10))
+    job = job_from_torch(model, [1, 28, 28], optimizer="sgd")
+    assert job["model"]["hidden_layers"] == [256, 64]
+    assert job["model"]["activation"] == name
+    assert parameter_count(job) == sum(p.numel() for p in model.parameters())
+    flat = job_from_torch(nn.Sequential(nn.Linear(16, 4)), [16])
+    assert flat["model"]["hidden_layers"] == [] and parameter_count(flat) == 68
+
+
+def test_torch_optimizers_are_read_with_their_learning_rate() -> None:
+    model = nn.Sequential(nn.Linear(8, 4))
+    cases = [
+        (torch.optim.SGD(model.parameters(), lr=0.1), "sgd"),
+        (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "sgd_momentum"),
+        (torch.optim.Adam(model.parameters(), lr=0.002), "adam"),
+        (torch.optim.AdamW(model.parameters(), lr=0.003), "adamw"),
+    ]
+    for optimizer, name in cases:
+        spec = job_from_torch(model, [8], optimizer=optimizer)["optimizer"]
+        assert spec["name"] == name
+        assert spec["learning_rate"] == optimizer.param_groups[0]["lr"]
+    with pytest.raises(UnsupportedModel, match="RMSprop"):
+        job_from_torch(model, [8], optimizer=torch.optim.RMSprop(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "model,shape,said",
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.Dropout(0.5), nn.ReLU(), nn.Linear(64, 10)),
+         [1, 28, 28], "model.2 (Dropout): headroom cannot describe this module"),
+        (nn.Sequential(nn.Conv2d(1, 6, 5), nn.Flatten(), nn.Linear(3456, 10)),
+         [1, 28, 28], "model.0 (Conv2d)"),
+        (nn.Sequential(nn.Linear(784, 10)), [1, 28, 28], "needs an nn.Flatten() before it"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(100, 10)), [1, 28, 28], "takes 100 features where 784 arrive"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 10, bias=False)), [1, 28, 28], "have a bias"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 32), nn.Tanh(),
+                       nn.Linear(32, 10)), [1, 28, 28], "model.4 (Tanh): headroom uses one activation"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU()), [1, 28, 28], "ends in a Linear"),
+        (nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), [8], "model.1 (Linear): headroom puts an activation"),
+    ],
+)
+def test_what_headroom_cannot_describe_is_named(model: nn.Module, shape: list[int], said: str) -> None:
+    with pytest.raises(UnsupportedModel) as refused:
+        job_from_torch(model, shape)
+    assert said in str(refused.value)
+
+
+def test_extra_parameters_are_caught_by_the_count() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    model.register_parameter("scale", nn.Parameter(torch.ones(3)))
+    with pytest.raises(UnsupportedModel, match="has 7853 parameters where the job describes 7850"):
+        job_from_torch(model, [1, 28, 28])
+
+
+def test_the_job_read_is_one_the_server_takes(server: str) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    job = job_from_torch(model, [4, 4], optimizer="sgd", search={"max": 1024})
+    with Headroom(server) as client:
+        estimate = client.estimate(job, memory_bytes=1 << 30)
+    counted = sum(p.numel() for p in model.parameters())
+    assert estimate["estimates"][0]["estimate"]["parameter_count"] == counted == 676
