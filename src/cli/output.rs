@@ -61,8 +61,14 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
     let best = result
         .throughput
         .iter()
-        .map(|p| p.samples_per_second)
+        .map(|p| p.fitted_samples_per_second)
         .fold(0.0, f64::max);
+    let interval = result
+        .throughput_knee
+        .filter(|k| k.low < k.high)
+        .map_or(String::new(), |k| {
+            format!("; could be {}-{}", k.low, k.high)
+        });
     let accumulation = result.accumulation.as_ref().map_or(String::new(), |a| {
         let steps = if a.steps == 1 { "step" } else { "steps" };
         let gpus = if a.world_size == 1 { "GPU" } else { "GPUs" };
@@ -79,7 +85,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
     format!(
         "max batch size          {} (limited by {})\n\
          recommended batch size  {} ({}% headroom)\n\
-         throughput knee         {} (the smallest batch within {}% of the best, {:.0} samples/s)\n\
+         throughput knee         {} (the smallest batch within {}% of the best fitted, {:.0} samples/s{interval})\n\
          {accumulation}\
          predicted max           {} (measured / predicted = {ratio})\n\
          device                  {} {} ({}, {} total)\n\
@@ -105,12 +111,13 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         result.elapsed_seconds,
         result.recommended_batch_size,
         memory_table(&result.memory),
-    ) + &note(result.precision_note.as_deref())
+    ) + &note(result.throughput_note.as_deref())
+        + &note(result.precision_note.as_deref())
 }
 
-/// The precision note as a closing line, or nothing.
-fn note(precision_note: Option<&str>) -> String {
-    precision_note.map_or(String::new(), |n| format!("note: {n}\n"))
+/// A note as a closing line, or nothing.
+fn note(text: Option<&str>) -> String {
+    text.map_or(String::new(), |n| format!("note: {n}\n"))
 }
 
 /// The human form of an estimate.

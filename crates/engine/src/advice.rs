@@ -1,5 +1,6 @@
-//! Advice drawn from a search's measurements, as pure functions: the headroom rule, the
-//! throughput knee, and gradient-accumulation advice for a target global batch.
+//! Advice drawn from a search's measurements, as pure functions: the headroom rule and
+//! gradient-accumulation advice for a target global batch ([`crate::knee`] reads the throughput
+//! knee).
 
 use serde::{Deserialize, Serialize};
 
@@ -13,76 +14,6 @@ pub fn recommended_batch_size(max_batch_size: u64, headroom: f64, multiple_of: u
         scaled
     };
     rounded.clamp(1, max_batch_size.max(1))
-}
-
-/// One point of the throughput curve: a batch size that fitted and its training speed.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ThroughputPoint {
-    /// Batch size.
-    pub batch_size: u64,
-    /// Samples trained per second at that size.
-    pub samples_per_second: f64,
-}
-
-/// The curve from every probe that fitted: one point per batch size (the fastest of repeated
-/// probes), sorted by batch size.
-pub fn throughput_curve(fits: impl IntoIterator<Item = ThroughputPoint>) -> Vec<ThroughputPoint> {
-    let mut curve: Vec<ThroughputPoint> = Vec::new();
-    for point in fits {
-        match curve.iter_mut().find(|p| p.batch_size == point.batch_size) {
-            Some(p) => p.samples_per_second = p.samples_per_second.max(point.samples_per_second),
-            None => curve.push(point),
-        }
-    }
-    curve.sort_by_key(|p| p.batch_size);
-    curve
-}
-
-/// The throughput knee: the smallest measured batch whose samples/s is within `tolerance` (a
-/// fraction, 0.05 by default) of the best measured. Past it a larger batch buys little speed and
-/// costs memory and generalisation. `None` for an empty curve.
-pub fn throughput_knee(curve: &[ThroughputPoint], tolerance: f64) -> Option<u64> {
-    let best = curve
-        .iter()
-        .map(|p| p.samples_per_second)
-        .fold(f64::NEG_INFINITY, f64::max);
-    curve
-        .iter()
-        .find(|p| p.samples_per_second >= (1.0 - tolerance) * best)
-        .map(|p| p.batch_size)
-}
-
-/// Where one more probe would sharpen the knee, if anywhere: below the knee when nothing smaller
-/// was measured (a search that started near the maximum), else between the knee and the largest
-/// size below it while they are more than `1.5x` apart. Sizes stay multiples of `multiple_of`
-/// where one lies there, and are never one already measured.
-pub fn next_throughput_probe(
-    curve: &[ThroughputPoint],
-    tolerance: f64,
-    multiple_of: u64,
-) -> Option<u64> {
-    let knee = throughput_knee(curve, tolerance)?;
-    let below = curve
-        .iter()
-        .map(|p| p.batch_size)
-        .filter(|&b| b < knee)
-        .max();
-    let candidate = match below {
-        None if knee > 1 => knee / 2,
-        None => return None,
-        Some(below) if knee as f64 > 1.5 * below as f64 => {
-            ((below as f64 * knee as f64).sqrt()) as u64
-        }
-        Some(_) => return None,
-    };
-    let aligned = if candidate >= multiple_of {
-        candidate / multiple_of * multiple_of
-    } else {
-        candidate
-    }
-    .max(1);
-    let measured = curve.iter().any(|p| p.batch_size == aligned);
-    (!measured && aligned < knee).then_some(aligned)
 }
 
 /// How to reach a target global batch with gradient accumulation.
@@ -224,61 +155,6 @@ mod tests {
         assert_eq!(recommended_batch_size(9, 0.8, 8), 7);
         assert_eq!(recommended_batch_size(1, 0.5, 8), 1);
         assert_eq!(recommended_batch_size(100, 1.0, 1), 100);
-    }
-
-    fn curve(points: &[(u64, f64)]) -> Vec<ThroughputPoint> {
-        throughput_curve(
-            points
-                .iter()
-                .map(|&(batch_size, samples_per_second)| ThroughputPoint {
-                    batch_size,
-                    samples_per_second,
-                }),
-        )
-    }
-
-    #[test]
-    fn the_knee_is_the_smallest_batch_near_the_best() {
-        let flat_from_1024 = curve(&[
-            (256, 60_000.0),
-            (512, 110_000.0),
-            (1024, 148_000.0),
-            (4096, 151_000.0),
-            (15048, 151_500.0),
-        ]);
-        assert_eq!(throughput_knee(&flat_from_1024, 0.05), Some(1024));
-        assert_eq!(throughput_knee(&flat_from_1024, 0.01), Some(4096));
-        // A curve that never flattens: the knee is the largest batch.
-        let rising = curve(&[(16, 1.0), (32, 2.0), (64, 4.0)]);
-        assert_eq!(throughput_knee(&rising, 0.05), Some(64));
-        // One fitting probe is its own knee; no probe, no knee.
-        assert_eq!(throughput_knee(&curve(&[(77, 5.0)]), 0.05), Some(77));
-        assert_eq!(throughput_knee(&[], 0.05), None);
-    }
-
-    #[test]
-    fn repeated_probes_keep_their_fastest_and_the_curve_is_sorted() {
-        let c = curve(&[(64, 1.0), (16, 3.0), (64, 2.0)]);
-        assert_eq!(
-            c.iter()
-                .map(|p| (p.batch_size, p.samples_per_second))
-                .collect::<Vec<_>>(),
-            [(16, 3.0), (64, 2.0)]
-        );
-    }
-
-    #[test]
-    fn extra_probes_go_below_a_lone_knee_then_between_distant_points() {
-        // Only probes near the maximum (a prediction-first search): look below.
-        let near_max = curve(&[(10_000, 5.0), (10_080, 5.0)]);
-        assert_eq!(next_throughput_probe(&near_max, 0.05, 8), Some(5000));
-        // Doubling left the knee twice its neighbour: look between them, on a multiple of 8.
-        let doubled = curve(&[(512, 50.0), (1024, 99.0), (2048, 100.0)]);
-        assert_eq!(next_throughput_probe(&doubled, 0.05, 8), Some(720));
-        // Close neighbours: the knee is sharp enough.
-        let close = curve(&[(720, 80.0), (1024, 99.0), (2048, 100.0)]);
-        assert_eq!(next_throughput_probe(&close, 0.05, 8), None);
-        assert_eq!(next_throughput_probe(&curve(&[(1, 1.0)]), 0.05, 8), None);
     }
 
     #[test]

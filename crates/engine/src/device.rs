@@ -57,8 +57,13 @@ pub struct DeviceInfo {
 /// What a probe that fitted measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
-    /// Mean wall time of one training step, seconds (after the first step when there are several).
+    /// Median wall time of one training step, seconds (after the first step when there are
+    /// several).
     pub step_seconds: f64,
+    /// The timed steps' range relative to their median.
+    pub step_seconds_spread: f64,
+    /// Steps timed (the warm-up step left out).
+    pub timed_steps: u32,
     /// The most device bytes the probe held at once, as the device itself counts them.
     pub device_bytes: u64,
     /// Mean loss of the last step.
@@ -134,6 +139,8 @@ impl<D: Probing> Device for D {
                 drop(executor);
                 Ok(StepReport {
                     step_seconds: run.step_seconds,
+                    step_seconds_spread: run.step_seconds_spread,
+                    timed_steps: run.timed_steps,
                     device_bytes: self.peak_bytes()?.saturating_sub(before),
                     final_loss: run.final_loss,
                 })

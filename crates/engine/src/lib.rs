@@ -18,7 +18,8 @@
 //! - [`synthetic`]: the counter-based hash behind synthetic data and initial parameters.
 //! - [`device`]: the [`Device`] trait the search probes, and what devices report.
 //! - [`search`]: doubling or prediction, bisection and confirmation; it sees only [`Device`].
-//! - [`advice`]: the headroom rule, the throughput knee, accumulation advice.
+//! - [`advice`]: the headroom rule, accumulation advice; [`knee`]: the throughput knee read
+//!   from noisy measurements through a rising fit, with its interval.
 //! - [`result`]: the answer of a search, [`TuneResult`].
 //! - [`catalogue`]: GPU what-ifs: the memory model on common cards.
 
@@ -27,6 +28,7 @@ pub mod catalogue;
 pub mod device;
 pub mod estimate;
 pub mod job;
+pub mod knee;
 pub mod plan;
 pub mod result;
 pub mod search;

@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::advice::{Accumulation, ThroughputPoint};
+use crate::advice::Accumulation;
 use crate::device::DeviceInfo;
+use crate::knee::{Knee, ThroughputPoint};
 use crate::plan::{Framework, MemoryBreakdown, Precision};
 
 /// The outcome of a finished search.
@@ -26,10 +27,16 @@ pub struct TuneResult {
     /// from before the PyTorch profile).
     #[serde(default = "Framework::before_profiles")]
     pub framework: Framework,
-    /// The throughput knee: the smallest measured batch within `search.knee_tolerance` of the best
-    /// samples/s. A larger batch trains little faster.
+    /// The throughput knee: the smallest measured batch whose fitted samples/s is within
+    /// `search.knee_tolerance` of the best. A larger batch trains little faster.
     pub throughput_batch_size: u64,
-    /// Samples/s of every batch size that fitted, by batch size.
+    /// The range the knee could lie in, given how much each point's steps disagreed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput_knee: Option<Knee>,
+    /// Said when the measurements do not place the knee within a factor of four.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput_note: Option<String>,
+    /// Samples/s of every batch size that fitted, by batch size, with the fitted curve.
     pub throughput: Vec<ThroughputPoint>,
     /// How to reach the job's `target_batch_size` with gradient accumulation, when it gives one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,8 +84,15 @@ pub struct Probe {
     pub batch_size: u64,
     /// What happened.
     pub outcome: Outcome,
-    /// Mean seconds per training step (0 unless it fitted).
+    /// Median seconds per training step, the warm-up step left out (0 unless it fitted).
     pub step_seconds: f64,
+    /// How much the timed steps disagreed: their range relative to the median (0 for one step,
+    /// or unless it fitted).
+    #[serde(default)]
+    pub step_seconds_spread: f64,
+    /// Steps timed (0 unless it fitted).
+    #[serde(default)]
+    pub timed_steps: u32,
     /// `batch_size / step_seconds` (0 unless it fitted).
     pub samples_per_second: f64,
     /// Device bytes the probe held (0 unless it fitted).
@@ -123,6 +137,8 @@ mod tests {
             precision_note: None,
             framework: Framework::Pytorch,
             throughput_batch_size: 64,
+            throughput_knee: None,
+            throughput_note: None,
             throughput: vec![],
             accumulation: None,
             limited_by: LimitedBy::Memory,

@@ -7,12 +7,10 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use crate::advice::{
-    accumulation, next_throughput_probe, recommended_batch_size, throughput_curve, throughput_knee,
-    ThroughputPoint,
-};
+use crate::advice::{accumulation, recommended_batch_size};
 use crate::device::{Device, DeviceError};
 use crate::job::{Job, Strategy};
+use crate::knee::{self, Knee};
 use crate::plan::{DoesNotFit, Plan};
 use crate::result::{LimitedBy, Outcome, Probe, TuneResult};
 
@@ -90,8 +88,8 @@ pub fn tune(
         Some(_) => LimitedBy::Memory,
         None => job.cap_reason(),
     };
-    search.sharpen_knee()?;
-    let throughput = search.curve();
+    let knee = search.measure_knee()?;
+    let throughput = knee::curve(&knee::measured(&search.probes));
     let recommended = recommended_batch_size(fit, job.headroom, job.search.multiple_of);
     Ok(TuneResult {
         max_batch_size: fit,
@@ -100,8 +98,15 @@ pub fn tune(
         precision: plan.precision,
         precision_note: plan.precision_note(info.free_bytes, info.kind.allocator()),
         framework: plan.framework,
-        throughput_batch_size: throughput_knee(&throughput, job.search.knee_tolerance)
-            .unwrap_or(fit),
+        throughput_batch_size: knee.map_or(fit, |k| k.batch_size),
+        throughput_note: knee.filter(|k| !k.decided()).map(|k| {
+            format!(
+                "the speed measurements do not place the knee: anywhere from {} to {} fits them; \
+                 more steps_per_probe, or a quieter machine, would",
+                k.low, k.high
+            )
+        }),
+        throughput_knee: knee,
         throughput,
         accumulation: job.target_batch_size.map(|target| {
             accumulation(target, job.world_size, recommended, job.search.multiple_of)
@@ -140,6 +145,8 @@ impl Search<'_> {
                     batch_size,
                     outcome: Outcome::Fit,
                     step_seconds: report.step_seconds,
+                    step_seconds_spread: report.step_seconds_spread,
+                    timed_steps: report.timed_steps,
                     samples_per_second: if report.step_seconds > 0.0 {
                         batch_size as f64 / report.step_seconds
                     } else {
@@ -272,31 +279,34 @@ impl Search<'_> {
     }
 
     /// Samples/s of every size that fitted.
-    fn curve(&self) -> Vec<ThroughputPoint> {
-        throughput_curve(
-            self.probes
-                .iter()
-                .filter(|p| p.outcome == Outcome::Fit)
-                .map(|p| ThroughputPoint {
-                    batch_size: p.batch_size,
-                    samples_per_second: p.samples_per_second,
-                }),
-        )
-    }
-
-    /// Adds probes below the maximum where the throughput knee is unclear, up to
-    /// `search.throughput_probes`; an OOM there (the limit moved) ends them.
-    fn sharpen_knee(&mut self) -> Result<(), TuneError> {
+    /// Once the largest batch is found, measures what the throughput knee depends on, up to
+    /// `search.throughput_probes` more probes of the same steps as the others (so that no point
+    /// is timed differently): sizes between the knee and a distant smaller neighbour (or below
+    /// a knee with none), then, while the knee's interval is open, the points that decide it
+    /// probed again until [`knee::KNEE_STEPS`] steps are timed there. An OOM there (the limit
+    /// moved) ends them. Returns the knee.
+    fn measure_knee(&mut self) -> Result<Option<Knee>, TuneError> {
         let search = &self.job.search;
+        let tolerance = search.knee_tolerance;
         for _ in 0..search.throughput_probes {
-            let next =
-                next_throughput_probe(&self.curve(), search.knee_tolerance, search.multiple_of);
+            let points = knee::measured(&self.probes);
+            let Some(estimate) = knee::knee(&points, tolerance) else {
+                break;
+            };
+            // First a grid fine enough to place the knee, then, while its interval is open,
+            // more steps where it is decided.
+            let next = knee::next_between(&points, estimate.batch_size, search.multiple_of)
+                .or_else(|| {
+                    (estimate.low < estimate.high)
+                        .then(|| knee::next_to_time(&points, &estimate))
+                        .flatten()
+                });
             match next {
                 Some(size) if self.probe(size)? => {}
                 _ => break,
             }
         }
-        Ok(())
+        Ok(knee::knee(&knee::measured(&self.probes), tolerance))
     }
 
     fn last_probe_fit_at(&self, size: u64) -> bool {
@@ -325,6 +335,8 @@ fn failed(batch_size: u64, outcome: Outcome) -> Probe {
         batch_size,
         outcome,
         step_seconds: 0.0,
+        step_seconds_spread: 0.0,
+        timed_steps: 0,
         samples_per_second: 0.0,
         device_bytes: 0,
     }

@@ -580,11 +580,34 @@ impl<K: Kernels> Executor<K> {
     }
 }
 
+/// The median of `times` (not empty) and their range relative to it: a robust figure for a
+/// step, and how much the steps disagreed.
+pub fn median_and_spread(times: &[f64]) -> (f64, f64) {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    let median = if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    };
+    let spread = if median > 0.0 {
+        (sorted[sorted.len() - 1] - sorted[0]) / median
+    } else {
+        0.0
+    };
+    (median, spread)
+}
+
 /// What [`run_probe`] measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProbeRun {
-    /// Mean seconds per step, the first (warm-up) step left out when there are several.
+    /// Median seconds per step, the first (warm-up) step left out when there are several.
     pub step_seconds: f64,
+    /// The timed steps' range relative to their median, `(slowest - fastest) / median`.
+    pub step_seconds_spread: f64,
+    /// Steps timed (the warm-up step left out).
+    pub timed_steps: u32,
     /// Mean loss of the last step.
     pub final_loss: f32,
 }
@@ -618,13 +641,15 @@ pub fn run_probe<K: Kernels>(
     } else {
         &timed[..]
     };
-    let step_seconds = measured.iter().sum::<f64>() / measured.len() as f64;
+    let (step_seconds, step_seconds_spread) = median_and_spread(measured);
     let final_loss = executor.mean_loss(kernels, &program)?;
     Ok((
         executor,
         program,
         ProbeRun {
             step_seconds,
+            step_seconds_spread,
+            timed_steps: measured.len() as u32,
             final_loss,
         },
     ))
@@ -633,6 +658,16 @@ pub fn run_probe<K: Kernels>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_is_the_median_of_its_timed_steps() {
+        assert_eq!(median_and_spread(&[1.0]), (1.0, 0.0));
+        assert_eq!(median_and_spread(&[3.0, 1.0, 2.0]), (2.0, 1.0));
+        // One slow outlier moves the median little, the spread much.
+        let (median, spread) = median_and_spread(&[1.0, 1.0, 1.0, 9.0]);
+        assert_eq!(median, 1.0);
+        assert_eq!(spread, 8.0);
+    }
 
     #[test]
     fn the_update_rule_decays_only_for_adamw() {

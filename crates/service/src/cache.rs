@@ -176,6 +176,8 @@ mod tests {
                 precision_note: None,
                 framework: Default::default(),
                 throughput_batch_size: max,
+                throughput_knee: None,
+                throughput_note: None,
                 throughput: vec![],
                 accumulation: None,
                 limited_by: LimitedBy::Memory,

@@ -211,7 +211,12 @@ fn throughput_chart(
         .min(x_max_of(&points))
         / 1.5;
     let x_max = x_max_of(&points) * 1.5;
-    let y_max = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
+    let y_max = result
+        .throughput
+        .iter()
+        .map(|p| p.samples_per_second * (1.0 + p.spread / 2.0))
+        .fold(1.0, f64::max)
+        * 1.15;
     let mut chart = ChartBuilder::on(area)
         .caption("Training speed against batch size", ("sans-serif", 20))
         .margin(12)
@@ -228,18 +233,60 @@ fn throughput_chart(
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(drawing_error)?;
+    // The range the knee could lie in, shaded behind the measurements.
+    if let Some(knee) = result.throughput_knee.filter(|k| k.low < k.high) {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [
+                    (knee.low.max(1) as f64, 0.0),
+                    (knee.high.max(1) as f64, y_max),
+                ],
+                KNEE_COLOR.mix(0.12).filled(),
+            )))
+            .map_err(drawing_error)?;
+    }
+    // Each measurement with its steps' spread, and the rising fit the knee is read from.
+    let measured = RGBColor(40, 90, 160);
     chart
-        .draw_series(LineSeries::new(
-            points.clone(),
-            RGBColor(40, 90, 160).stroke_width(2),
-        ))
+        .draw_series(result.throughput.iter().map(|p| {
+            let x = p.batch_size.max(1) as f64;
+            let half = p.samples_per_second * p.spread / 2.0;
+            PathElement::new(
+                vec![
+                    (x, (p.samples_per_second - half).max(0.0)),
+                    (x, p.samples_per_second + half),
+                ],
+                measured.mix(0.5).stroke_width(1),
+            )
+        }))
         .map_err(drawing_error)?;
     chart
-        .draw_series(
-            points
+        .draw_series(points.iter().map(|&p| Circle::new(p, 4, measured.filled())))
+        .map_err(drawing_error)?
+        .label("measured (median, spread)")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 4, measured.filled()));
+    chart
+        .draw_series(LineSeries::new(
+            result
+                .throughput
                 .iter()
-                .map(|&p| Circle::new(p, 4, RGBColor(40, 90, 160).filled())),
-        )
+                .map(|p| (p.batch_size.max(1) as f64, p.fitted_samples_per_second)),
+            RGBColor(20, 20, 20).stroke_width(2),
+        ))
+        .map_err(drawing_error)?
+        .label("rising fit")
+        .legend(|(x, y)| {
+            PathElement::new(
+                vec![(x, y), (x + 20, y)],
+                RGBColor(20, 20, 20).stroke_width(2),
+            )
+        });
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(200, 200, 200))
+        .draw()
         .map_err(drawing_error)?;
     draw_markers(&mut chart, markers, 0.0, y_max, |b| b.max(1) as f64)
 }

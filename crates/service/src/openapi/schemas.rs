@@ -272,10 +272,16 @@ pub struct TuneAnswer {
     /// Whose training step the probes ran and the prediction describes (`headroom` for results
     /// from before the PyTorch profile).
     framework: Framework,
-    /// The throughput knee: the smallest measured batch within `search.knee_tolerance` of the best
-    /// samples/s. A larger batch trains little faster.
+    /// The throughput knee: the smallest measured batch whose fitted samples/s is within
+    /// `search.knee_tolerance` of the best. A larger batch trains little faster.
     throughput_batch_size: u64,
-    /// Samples/s of every batch size that fitted, by batch size.
+    /// The range the knee could lie in, given how much each point's steps disagreed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    throughput_knee: Option<Knee>,
+    /// Said when the measurements do not place the knee within a factor of four.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    throughput_note: Option<String>,
+    /// Samples/s of every batch size that fitted, by batch size, with the fitted curve.
     throughput: Vec<ThroughputPoint>,
     /// How to reach the job's `target_batch_size` with gradient accumulation, when it gives one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -322,8 +328,12 @@ pub struct Probe {
     batch_size: u64,
     /// What happened.
     outcome: Outcome,
-    /// Mean seconds per training step (0 unless it fitted).
+    /// Median seconds per training step, the warm-up step left out (0 unless it fitted).
     step_seconds: f64,
+    /// How much the timed steps disagreed: their range relative to the median.
+    step_seconds_spread: f64,
+    /// Steps timed (0 unless it fitted).
+    timed_steps: u32,
     /// `batch_size / step_seconds` (0 unless it fitted).
     samples_per_second: f64,
     /// Device bytes the probe held (0 unless it fitted).
@@ -342,13 +352,29 @@ pub enum Outcome {
     Error,
 }
 
-/// One point of the throughput curve: a batch size that fitted and its training speed.
+/// One point of the throughput curve: a batch size that fitted, its measured speed and spread,
+/// and the fitted speed the knee is read from.
 #[derive(Serialize, ToSchema)]
 pub struct ThroughputPoint {
     /// Batch size.
     batch_size: u64,
-    /// Samples trained per second at that size.
+    /// Samples trained per second at that size (the median step).
     samples_per_second: f64,
+    /// The timed steps' range relative to their median.
+    spread: f64,
+    /// The rising curve fitted through every point, at this one.
+    fitted_samples_per_second: f64,
+}
+
+/// The throughput knee and the range it could lie in.
+#[derive(Serialize, ToSchema)]
+pub struct Knee {
+    /// The smallest batch whose fitted samples/s is within the tolerance of the best.
+    batch_size: u64,
+    /// The smallest batch the knee could be, given the measurements' spread.
+    low: u64,
+    /// The largest batch the knee could be.
+    high: u64,
 }
 
 /// How to reach a target global batch with gradient accumulation.

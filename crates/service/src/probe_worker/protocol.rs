@@ -101,6 +101,8 @@ mod tests {
                 batch_size: 16,
                 outcome: Outcome::Fit,
                 step_seconds: 0.25,
+                step_seconds_spread: 0.1,
+                timed_steps: 3,
                 samples_per_second: 64.0,
                 device_bytes: 4096,
             }),

@@ -1,0 +1,72 @@
+//! How reproducible the answer is: tunes each example `RUNS` times (10) on the host device at
+//! its default budget and reports the spread of the throughput knee, the largest and the
+//! recommended batch. The knee should land within one probe step (a factor of two, doubling's
+//! step) of its median in at least 9 of 10 runs on a quiet machine.
+//! Run: `cargo bench --bench knee [-- FILTER]`; `RUNS=N` changes the count, `STEPS=N` the
+//! examples' `steps_per_probe`.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use headroom_devices::host::HostDevice;
+use headroom_engine::{tune, Job};
+
+fn median(values: &[u64]) -> u64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    sorted[sorted.len() / 2]
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(10);
+    for name in [
+        "mnist-mlp-sgd",
+        "cifar10-mlp-adam",
+        "cifar10-mlp-bf16",
+        "deep-mlp-adamw",
+    ] {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let path = format!("{}/../../examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        if let Some(steps) = std::env::var("STEPS")
+            .ok()
+            .and_then(|s| s.parse::<u32>().ok())
+        {
+            spec["search"]["steps_per_probe"] = steps.into();
+        }
+        let job = Job::from_value(spec).unwrap();
+        let (mut knees, mut maxes, mut recommended, mut undecided) = (vec![], vec![], vec![], 0);
+        let started = Instant::now();
+        for _ in 0..runs {
+            let result = tune(&job, &mut HostDevice::default(), &mut |_| {
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            knees.push(result.throughput_batch_size);
+            maxes.push(result.max_batch_size);
+            recommended.push(result.recommended_batch_size);
+            undecided += usize::from(result.throughput_note.is_some());
+        }
+        let knee = median(&knees);
+        let within = knees
+            .iter()
+            .filter(|&&k| k * 2 >= knee && k <= knee * 2)
+            .count();
+        let exact = knees.iter().filter(|&&k| k == knee).count();
+        let range = |v: &[u64]| (*v.iter().min().unwrap(), *v.iter().max().unwrap());
+        println!(
+            "{name:<18} {runs} runs in {:>6.1} s  knee median {knee:>6}, within one step {within}/{runs}, \
+             exact {exact}/{runs}, undecided {undecided}/{runs}, knees {knees:?}  max {:?}  recommended {:?}",
+            started.elapsed().as_secs_f64(),
+            range(&maxes),
+            range(&recommended),
+        );
+    }
+}

@@ -1,0 +1,370 @@
+//! The throughput knee read from noisy measurements. Samples/s against batch size is fitted with
+//! a curve that can only rise (isotonic regression, weighted by the steps timed at each point);
+//! the knee is the smallest batch whose fitted speed is within the tolerance of the best; and
+//! the same rule applied to the pessimistic and optimistic ends of every point's spread gives
+//! the range the knee could lie in. When that range spans more than [`DECIDED_RATIO`], the
+//! measurements do not decide the knee, and the answer says so.
+
+use serde::{Deserialize, Serialize};
+
+use crate::result::{Outcome, Probe};
+
+/// Steps timed, over repeated probes, at a point the knee depends on once the largest batch is
+/// found.
+pub const KNEE_STEPS: u32 = 6;
+/// The widest knee interval (high / low) that still names a knee.
+pub const DECIDED_RATIO: f64 = 4.0;
+
+/// One batch size's measured speed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measured {
+    /// Batch size.
+    pub batch_size: u64,
+    /// Median samples/s.
+    pub samples_per_second: f64,
+    /// The steps' range relative to their median.
+    pub spread: f64,
+    /// Steps timed.
+    pub timed_steps: u32,
+}
+
+/// The points of every probe that fitted, one per batch size, sorted by batch size. Repeated
+/// probes of a size are pooled: their medians averaged by steps timed, the widest spread kept.
+pub fn measured(probes: &[Probe]) -> Vec<Measured> {
+    let mut points: Vec<Measured> = Vec::new();
+    for probe in probes.iter().filter(|p| p.outcome == Outcome::Fit) {
+        let steps = probe.timed_steps.max(1);
+        match points.iter_mut().find(|p| p.batch_size == probe.batch_size) {
+            Some(kept) => {
+                let total = kept.timed_steps + steps;
+                kept.samples_per_second = (kept.samples_per_second * f64::from(kept.timed_steps)
+                    + probe.samples_per_second * f64::from(steps))
+                    / f64::from(total);
+                kept.spread = kept.spread.max(probe.step_seconds_spread);
+                kept.timed_steps = total;
+            }
+            None => points.push(Measured {
+                batch_size: probe.batch_size,
+                samples_per_second: probe.samples_per_second,
+                spread: probe.step_seconds_spread,
+                timed_steps: steps,
+            }),
+        }
+    }
+    points.sort_by_key(|p| p.batch_size);
+    points
+}
+
+/// The non-decreasing sequence closest to `values` in weighted least squares (pool adjacent
+/// violators).
+pub fn isotonic(values: &[f64], weights: &[f64]) -> Vec<f64> {
+    // Blocks of pooled points: (mean, weight, count).
+    let mut blocks: Vec<(f64, f64, usize)> = Vec::with_capacity(values.len());
+    for (&value, &weight) in values.iter().zip(weights) {
+        blocks.push((value, weight, 1));
+        while blocks.len() > 1 && blocks[blocks.len() - 2].0 > blocks[blocks.len() - 1].0 {
+            let (v2, w2, n2) = blocks.pop().expect("two blocks");
+            let (v1, w1, n1) = blocks.pop().expect("two blocks");
+            let weight = w1 + w2;
+            blocks.push(((v1 * w1 + v2 * w2) / weight, weight, n1 + n2));
+        }
+    }
+    blocks
+        .into_iter()
+        .flat_map(|(value, _, count)| std::iter::repeat_n(value, count))
+        .collect()
+}
+
+/// The knee and the range it could lie in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Knee {
+    /// The smallest batch whose fitted samples/s is within the tolerance of the best.
+    pub batch_size: u64,
+    /// The smallest batch the knee could be, given the measurements' spread.
+    pub low: u64,
+    /// The largest batch the knee could be.
+    pub high: u64,
+}
+
+impl Knee {
+    /// Whether the measurements place the knee within [`DECIDED_RATIO`].
+    pub fn decided(&self) -> bool {
+        self.high as f64 <= DECIDED_RATIO * self.low as f64
+    }
+}
+
+/// A point's relative uncertainty: half its steps' spread when timed over three steps or more;
+/// else how far points stray from the fit here (`scatter`); at least [`MIN_UNCERTAINTY`].
+fn uncertainty(point: &Measured, scatter: f64) -> f64 {
+    if point.timed_steps >= 3 {
+        (point.spread / 2.0).max(MIN_UNCERTAINTY)
+    } else {
+        scatter.max(MIN_UNCERTAINTY)
+    }
+}
+
+/// The smallest uncertainty a point is given.
+const MIN_UNCERTAINTY: f64 = 0.01;
+
+/// How far the points stray from the rising fit: the median relative distance, doubled.
+fn scatter(points: &[Measured], fit: &[f64]) -> f64 {
+    let mut residuals: Vec<f64> = points
+        .iter()
+        .zip(fit)
+        .filter(|(_, &f)| f > 0.0)
+        .map(|(p, &f)| (p.samples_per_second - f).abs() / f)
+        .collect();
+    if residuals.is_empty() {
+        return MIN_UNCERTAINTY;
+    }
+    residuals.sort_by(f64::total_cmp);
+    2.0 * residuals[residuals.len() / 2]
+}
+
+/// The knee of `points` for `tolerance` (a fraction): `None` without points. The interval holds
+/// every batch that could, within the points' uncertainty, be the first whose fitted speed
+/// reaches the threshold: from the first the optimistic fit puts past it to the first the
+/// pessimistic fit does.
+pub fn knee(points: &[Measured], tolerance: f64) -> Option<Knee> {
+    let weights: Vec<f64> = points.iter().map(|p| f64::from(p.timed_steps)).collect();
+    let fit = |scale: &dyn Fn(&Measured) -> f64| {
+        let values: Vec<f64> = points
+            .iter()
+            .map(|p| p.samples_per_second * scale(p))
+            .collect();
+        isotonic(&values, &weights)
+    };
+    let central = fit(&|_| 1.0);
+    let best = central.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let threshold = (1.0 - tolerance) * best;
+    let first_past = |curve: &[f64]| {
+        curve
+            .iter()
+            .position(|&v| v >= threshold)
+            .map(|i| points[i].batch_size)
+    };
+    let batch_size = first_past(&central)?;
+    let scatter = scatter(points, &central);
+    let optimistic = fit(&|p| 1.0 + uncertainty(p, scatter));
+    let pessimistic = fit(&|p| 1.0 / (1.0 + uncertainty(p, scatter)));
+    let low = first_past(&optimistic).unwrap_or(batch_size);
+    let high = first_past(&pessimistic).unwrap_or(points[points.len() - 1].batch_size);
+    Some(Knee {
+        batch_size,
+        low: low.min(batch_size),
+        high: high.max(batch_size),
+    })
+}
+
+/// One point of the throughput curve in the answer: a batch size that fitted, its measured
+/// speed and spread, and the fitted speed the knee is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ThroughputPoint {
+    /// Batch size.
+    pub batch_size: u64,
+    /// Samples trained per second at that size (the median step).
+    pub samples_per_second: f64,
+    /// The timed steps' range relative to their median.
+    #[serde(default)]
+    pub spread: f64,
+    /// The rising curve fitted through every point, at this one.
+    #[serde(default)]
+    pub fitted_samples_per_second: f64,
+}
+
+/// The curve of `points` with its fit.
+pub fn curve(points: &[Measured]) -> Vec<ThroughputPoint> {
+    let values: Vec<f64> = points.iter().map(|p| p.samples_per_second).collect();
+    let weights: Vec<f64> = points.iter().map(|p| f64::from(p.timed_steps)).collect();
+    points
+        .iter()
+        .zip(isotonic(&values, &weights))
+        .map(|(p, fitted)| ThroughputPoint {
+            batch_size: p.batch_size,
+            samples_per_second: p.samples_per_second,
+            spread: p.spread,
+            fitted_samples_per_second: fitted,
+        })
+        .collect()
+}
+
+/// Where one more probe would sharpen the knee, if anywhere: below the knee when nothing smaller
+/// was measured (a search that started near the maximum), else between the knee and the largest
+/// size below it while they are more than `1.5x` apart. Sizes stay multiples of `multiple_of`
+/// where one lies there, and are never one already measured.
+pub fn next_between(points: &[Measured], knee: u64, multiple_of: u64) -> Option<u64> {
+    let below = points
+        .iter()
+        .map(|p| p.batch_size)
+        .filter(|&b| b < knee)
+        .max();
+    let candidate = match below {
+        None if knee > 1 => knee / 2,
+        None => return None,
+        Some(below) if knee as f64 > 1.5 * below as f64 => {
+            ((below as f64 * knee as f64).sqrt()) as u64
+        }
+        Some(_) => return None,
+    };
+    let aligned = if candidate >= multiple_of {
+        candidate / multiple_of * multiple_of
+    } else {
+        candidate
+    }
+    .max(1);
+    let measured = points.iter().any(|p| p.batch_size == aligned);
+    (!measured && aligned < knee).then_some(aligned)
+}
+
+/// The next point to probe again, until [`KNEE_STEPS`] steps are timed there, because the knee
+/// depends on it: the knee, its smaller neighbour, then the fastest point.
+pub fn next_to_time(points: &[Measured], knee: &Knee) -> Option<u64> {
+    let at = points
+        .iter()
+        .position(|p| p.batch_size == knee.batch_size)?;
+    let fastest = points
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.samples_per_second.total_cmp(&b.1.samples_per_second))
+        .map(|(i, _)| i);
+    [Some(at), at.checked_sub(1), fastest]
+        .into_iter()
+        .flatten()
+        .map(|i| points[i])
+        .find(|p| p.timed_steps < KNEE_STEPS)
+        .map(|p| p.batch_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn point(batch_size: u64, samples_per_second: f64, spread: f64, timed_steps: u32) -> Measured {
+        Measured {
+            batch_size,
+            samples_per_second,
+            spread,
+            timed_steps,
+        }
+    }
+
+    #[test]
+    fn isotonic_pools_what_falls() {
+        assert_eq!(
+            isotonic(&[1.0, 3.0, 2.0, 4.0], &[1.0; 4]),
+            [1.0, 2.5, 2.5, 4.0]
+        );
+        assert_eq!(isotonic(&[3.0, 1.0], &[3.0, 1.0]), [2.5, 2.5]);
+        assert_eq!(isotonic(&[], &[]), Vec::<f64>::new());
+    }
+
+    #[test]
+    fn a_zigzag_curve_has_the_knee_of_its_trend() {
+        // Measured speeds that zig-zag by 2x around a curve flat from 1024 on.
+        let noisy = [
+            point(256, 40.0, 0.05, 8),
+            point(512, 70.0, 0.05, 8),
+            point(1024, 100.0, 0.05, 8),
+            point(2048, 60.0, 1.5, 1),
+            point(4096, 101.0, 0.05, 8),
+            point(8192, 99.0, 0.05, 8),
+        ];
+        let knee = knee(&noisy, 0.05).unwrap();
+        assert_eq!(knee.batch_size, 1024);
+        assert!(
+            knee.low <= 1024 && knee.high >= 1024 && knee.decided(),
+            "{knee:?}"
+        );
+    }
+
+    #[test]
+    fn measurements_that_cannot_decide_say_so() {
+        let flat_and_noisy: Vec<Measured> = (4..14)
+            .map(|k| point(1 << k, 100.0 + (k % 2) as f64, 0.8, 8))
+            .collect();
+        let knee = knee(&flat_and_noisy, 0.05).unwrap();
+        assert!(!knee.decided(), "{knee:?}");
+    }
+
+    #[test]
+    fn points_that_decide_the_knee_are_timed_first() {
+        let points = [
+            point(512, 50.0, 0.0, 1),
+            point(1024, 100.0, 0.0, 1),
+            point(2048, 100.0, 0.0, 8),
+        ];
+        let knee = knee(&points, 0.05).unwrap();
+        assert_eq!(next_to_time(&points, &knee), Some(1024));
+        let timed = [
+            point(512, 50.0, 0.0, 1),
+            point(1024, 100.0, 0.0, 8),
+            point(2048, 100.0, 0.0, 8),
+        ];
+        assert_eq!(next_to_time(&timed, &knee), Some(512));
+    }
+
+    #[test]
+    fn extra_probes_go_below_a_lone_knee_then_between_distant_points() {
+        let at = |sizes: &[u64]| -> Vec<Measured> {
+            sizes.iter().map(|&b| point(b, 1.0, 0.0, 8)).collect()
+        };
+        // Only probes near the maximum (a prediction-first search): look below.
+        assert_eq!(next_between(&at(&[10_000, 10_080]), 10_000, 8), Some(5000));
+        // Doubling left the knee twice its neighbour: look between them, on a multiple of 8.
+        assert_eq!(next_between(&at(&[512, 1024, 2048]), 1024, 8), Some(720));
+        // Close neighbours: the knee is sharp enough.
+        assert_eq!(next_between(&at(&[720, 1024, 2048]), 1024, 8), None);
+        assert_eq!(next_between(&at(&[1]), 1, 8), None);
+    }
+
+    #[test]
+    fn repeated_probes_are_pooled_and_the_curve_is_sorted() {
+        let probe = |batch_size, samples_per_second, timed_steps| Probe {
+            batch_size,
+            outcome: Outcome::Fit,
+            step_seconds: 1.0,
+            step_seconds_spread: 0.0,
+            timed_steps,
+            samples_per_second,
+            device_bytes: 1,
+        };
+        let points = measured(&[probe(64, 1.0, 3), probe(16, 3.0, 1), probe(64, 2.0, 1)]);
+        let kept: Vec<(u64, f64, u32)> = points
+            .iter()
+            .map(|p| (p.batch_size, p.samples_per_second, p.timed_steps))
+            .collect();
+        assert_eq!(kept, [(16, 3.0, 1), (64, 1.25, 4)]);
+        let drawn = curve(&points);
+        assert_eq!(
+            drawn[0].fitted_samples_per_second,
+            drawn[1].fitted_samples_per_second
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn the_fit_never_falls_and_keeps_the_weighted_mean(
+            values in prop::collection::vec(0.0f64..1e6, 1..40),
+        ) {
+            let weights: Vec<f64> = (0..values.len()).map(|i| 1.0 + (i % 3) as f64).collect();
+            let fit = isotonic(&values, &weights);
+            prop_assert!(fit.windows(2).all(|w| w[0] <= w[1] * (1.0 + 1e-12)));
+            let mean = |v: &[f64]| v.iter().zip(&weights).map(|(x, w)| x * w).sum::<f64>();
+            prop_assert!((mean(&fit) - mean(&values)).abs() <= 1e-6 * mean(&values).max(1.0));
+        }
+
+        #[test]
+        fn the_knee_lies_in_its_interval(
+            speeds in prop::collection::vec((1.0f64..1e5, 0.0f64..2.0, 1u32..10), 1..20),
+        ) {
+            let points: Vec<Measured> = speeds
+                .iter()
+                .enumerate()
+                .map(|(i, &(s, spread, steps))| point(16 << i, s, spread, steps))
+                .collect();
+            let knee = knee(&points, 0.05).unwrap();
+            prop_assert!(knee.low <= knee.batch_size && knee.batch_size <= knee.high);
+        }
+    }
+}
