@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::advice::Accumulation;
 use crate::device::DeviceInfo;
-use crate::knee::{Knee, ThroughputPoint};
+use crate::knee::{Knee, Measured, ThroughputPoint};
 use crate::plan::{Framework, MemoryBreakdown, Precision};
 
 /// The outcome of a finished search.
@@ -121,9 +121,60 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// The points of every probe that fitted, one per batch size, sorted by batch size. Repeated
+/// probes of a size are pooled: their medians averaged by steps timed, the widest spread kept.
+pub fn measured(probes: &[Probe]) -> Vec<Measured> {
+    let mut points: Vec<Measured> = Vec::new();
+    for probe in probes.iter().filter(|p| p.outcome == Outcome::Fit) {
+        let steps = probe.timed_steps.max(1);
+        match points.iter_mut().find(|p| p.batch_size == probe.batch_size) {
+            Some(kept) => {
+                let total = kept.timed_steps + steps;
+                kept.samples_per_second = (kept.samples_per_second * f64::from(kept.timed_steps)
+                    + probe.samples_per_second * f64::from(steps))
+                    / f64::from(total);
+                kept.spread = kept.spread.max(probe.step_seconds_spread);
+                kept.timed_steps = total;
+            }
+            None => points.push(Measured {
+                batch_size: probe.batch_size,
+                samples_per_second: probe.samples_per_second,
+                spread: probe.step_seconds_spread,
+                timed_steps: steps,
+            }),
+        }
+    }
+    points.sort_by_key(|p| p.batch_size);
+    points
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_probes_are_pooled_and_the_curve_is_sorted() {
+        let probe = |batch_size, samples_per_second, timed_steps| Probe {
+            batch_size,
+            outcome: Outcome::Fit,
+            step_seconds: 1.0,
+            step_seconds_spread: 0.0,
+            timed_steps,
+            samples_per_second,
+            device_bytes: 1,
+        };
+        let points = measured(&[probe(64, 1.0, 3), probe(16, 3.0, 1), probe(64, 2.0, 1)]);
+        let kept: Vec<(u64, f64, u32)> = points
+            .iter()
+            .map(|p| (p.batch_size, p.samples_per_second, p.timed_steps))
+            .collect();
+        assert_eq!(kept, [(16, 3.0, 1), (64, 1.25, 4)]);
+        let drawn = crate::knee::curve(&points);
+        assert_eq!(
+            drawn[0].fitted_samples_per_second,
+            drawn[1].fitted_samples_per_second
+        );
+    }
 
     /// A result stored before jobs named a framework was measured with headroom's own step, and
     /// reads back saying so.

@@ -12,7 +12,7 @@ use crate::device::{Device, DeviceError};
 use crate::job::{Job, Strategy};
 use crate::knee::{self, Knee};
 use crate::plan::{DoesNotFit, Plan};
-use crate::result::{LimitedBy, Outcome, Probe, TuneResult};
+use crate::result::{measured, LimitedBy, Outcome, Probe, TuneResult};
 
 /// Seed of the synthetic data and parameters of every probe: probes are reproducible.
 pub const PROBE_SEED: u64 = 0x5eed;
@@ -89,7 +89,7 @@ pub fn tune(
         None => job.cap_reason(),
     };
     let knee = search.measure_knee()?;
-    let throughput = knee::curve(&knee::measured(&search.probes));
+    let throughput = knee::curve(&measured(&search.probes));
     let recommended = recommended_batch_size(fit, job.headroom, job.search.multiple_of);
     Ok(TuneResult {
         max_batch_size: fit,
@@ -289,7 +289,7 @@ impl Search<'_> {
         let search = &self.job.search;
         let tolerance = search.knee_tolerance;
         for _ in 0..search.throughput_probes {
-            let points = knee::measured(&self.probes);
+            let points = measured(&self.probes);
             let Some(estimate) = knee::knee(&points, tolerance) else {
                 break;
             };
@@ -306,7 +306,7 @@ impl Search<'_> {
                 _ => break,
             }
         }
-        Ok(knee::knee(&knee::measured(&self.probes), tolerance))
+        Ok(knee::knee(&measured(&self.probes), tolerance))
     }
 
     fn last_probe_fit_at(&self, size: u64) -> bool {

@@ -17,6 +17,9 @@ use crate::plot;
 use crate::problem::Problem;
 use crate::AppState;
 use headroom_engine::job::Job;
+use headroom_engine::result::Probe;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 /// Seconds between reloads of a page whose job has not finished.
 const REFRESH_SECONDS: u32 = 2;
@@ -114,7 +117,7 @@ fn jobs_table(jobs: &[JobDocument]) -> Markup {
                     td { (job.model) }
                     td { (state_badge(job.state)) }
                     td { (job.device) }
-                    td { (job.created_at) }
+                    td { (when(&job.created_at)) }
                     @if let Some(r) = &job.result {
                         td class="n" { (r.max_batch_size) }
                         td class="n" { (r.recommended_batch_size) }
@@ -153,6 +156,52 @@ pub async fn home(State(state): State<Arc<AppState>>) -> Result<Markup, Problem>
     ))
 }
 
+/// A time of the API (RFC 3339, nanoseconds) as a person reads it: to the second, in UTC.
+fn when(rfc3339: &str) -> String {
+    OffsetDateTime::parse(rfc3339, &Rfc3339).map_or_else(
+        |_| rfc3339.to_string(),
+        |t| {
+            format!(
+                "{}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        },
+    )
+}
+
+/// How long from `start` to `end` (RFC 3339 times): `3.8 s`, `2 min 05 s`.
+fn took(start: &str, end: &str) -> String {
+    let parse = |t: &str| OffsetDateTime::parse(t, &Rfc3339).ok();
+    let Some(seconds) = parse(start)
+        .zip(parse(end))
+        .map(|(a, b)| (b - a).as_seconds_f64().max(0.0))
+    else {
+        return "?".into();
+    };
+    if seconds < 60.0 {
+        format!("{seconds:.1} s")
+    } else {
+        format!(
+            "{} min {:02} s",
+            (seconds / 60.0) as u64,
+            seconds as u64 % 60
+        )
+    }
+}
+
+/// Probes in order of batch size, each with its place in the search (from 1).
+fn by_batch_size(probes: &[Probe]) -> Vec<(usize, &Probe)> {
+    let mut ordered: Vec<(usize, &Probe)> =
+        probes.iter().enumerate().map(|(i, p)| (i + 1, p)).collect();
+    ordered.sort_by_key(|(order, p)| (p.batch_size, *order));
+    ordered
+}
+
 fn figure(id: &str, value: impl maud::Render, label: &str) -> Markup {
     html! { div class="figure" { b id=(id) { (value) } span { (label) } } }
 }
@@ -185,13 +234,16 @@ pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
         html! {
             h1 { "Job " (document.id) " " (state_badge(document.state)) }
             @if !document.model.is_empty() { p id="model" { (document.model) } }
-            p class="note" { "on " (document.device) " · accepted " (document.created_at)
-                @if let Some(t) = &document.finished_at { " · finished " (t) } }
+            p class="note" { "on " (document.device) " · accepted " (when(&document.created_at))
+                @if let Some(t) = &document.finished_at { " · took " (took(&document.created_at, t)) } }
             @if let Some(r) = &document.result {
                 div class="answer" {
                     (figure("max-batch-size", r.max_batch_size, &format!("largest batch size (limited by {})", r.limited_by)))
                     (figure("recommended-batch-size", r.recommended_batch_size, &format!("recommended ({}% of the largest)", (r.headroom * 100.0).round())))
-                    (figure("throughput-batch-size", r.throughput_batch_size, "throughput knee"))
+                    (figure("throughput-batch-size", r.throughput_batch_size, &match r.throughput_knee {
+                        Some(k) if k.low < k.high => format!("throughput knee (could be {}–{})", k.low, k.high),
+                        _ => "throughput knee".into(),
+                    }))
                     (figure("predicted-max-batch-size", r.predicted_max_batch_size, "the memory model's prediction"))
                     @if let Some(a) = &r.accumulation {
                         (figure("accumulation", format!("{} × {} × {}", a.micro_batch_size, a.steps, a.world_size), &format!("micro batch × steps × GPUs = {}", a.global_batch_size)))
@@ -199,17 +251,22 @@ pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
                 }
                 @if let Some(svg) = &charts { div class="charts" { (PreEscaped(svg)) } }
             }
+            @if let Some(note) = document.result.as_ref().and_then(|r| r.throughput_note.as_ref()) {
+                p class="note" { (note) }
+            }
             @if let Some(p) = &document.error {
                 div class="problem" { b { (p.title) } ": " (p.detail) }
             }
             h2 { "Probes" }
             table id="probes" {
-                tr { th class="n" { "batch size" } th { "outcome" } th class="n" { "s/step" } th class="n" { "samples/s" } th class="n" { "device memory" } }
-                @for probe in &document.progress.probes {
+                tr { th class="n" { "batch size" } th class="n" { "probe" } th { "outcome" } th class="n" { "s/step" } th class="n" { "spread" } th class="n" { "samples/s" } th class="n" { "device memory" } }
+                @for (order, probe) in by_batch_size(&document.progress.probes) {
                     tr {
                         td class="n" { (probe.batch_size) }
+                        td class="n" { "#" (order) }
                         td { (probe.outcome) }
                         td class="n" { (format!("{:.4}", probe.step_seconds)) }
+                        td class="n" { (format!("{:.0}%", probe.step_seconds_spread * 100.0)) }
                         td class="n" { (format!("{:.0}", probe.samples_per_second)) }
                         td class="n" { (human(probe.device_bytes)) }
                     }
@@ -223,6 +280,30 @@ pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_a_person_reads_them_and_probes_by_batch_size() {
+        let start = "2026-12-01T14:38:26.066504218Z";
+        assert_eq!(when(start), "2026-12-01 14:38:26 UTC");
+        assert_eq!(took(start, "2026-12-01T14:38:29.866504218Z"), "3.8 s");
+        assert_eq!(took(start, "2026-12-01T14:40:31.066504218Z"), "2 min 05 s");
+        assert_eq!(when("not a time"), "not a time");
+        let probe = |batch_size| Probe {
+            batch_size,
+            outcome: headroom_engine::result::Outcome::Fit,
+            step_seconds: 0.0,
+            step_seconds_spread: 0.0,
+            timed_steps: 1,
+            samples_per_second: 0.0,
+            device_bytes: 0,
+        };
+        let probes = [probe(64), probe(16), probe(32), probe(16)];
+        let order: Vec<(usize, u64)> = by_batch_size(&probes)
+            .into_iter()
+            .map(|(i, p)| (i, p.batch_size))
+            .collect();
+        assert_eq!(order, [(2, 16), (4, 16), (3, 32), (1, 64)]);
+    }
 
     #[test]
     fn browsers_get_html_and_clients_json() {

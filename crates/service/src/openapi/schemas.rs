@@ -626,6 +626,12 @@ mod tests {
         let answer = TuneAnswer {
             result: headroom_engine::TuneResult {
                 precision_note: Some("a note".into()),
+                throughput_note: Some("a note".into()),
+                throughput_knee: result.throughput_knee.or(Some(headroom_engine::knee::Knee {
+                    batch_size: 8,
+                    low: 8,
+                    high: 8,
+                })),
                 device: headroom_engine::DeviceInfo {
                     uuid: Some("GPU-0".into()),
                     ..result.device.clone()
