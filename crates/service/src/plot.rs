@@ -12,6 +12,33 @@ use headroom_engine::result::{Outcome, TuneResult};
 const WIDTH: u32 = 960;
 const CHART_HEIGHT: u32 = 380;
 const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The unit a memory axis reaching `top_bytes` reads best in, and its size in bytes.
+fn memory_unit(top_bytes: f64) -> (&'static str, f64) {
+    if top_bytes >= 8.0 * GIB {
+        ("GiB", GIB)
+    } else {
+        ("MiB", MIB)
+    }
+}
+
+/// A count as a tick label: `512`, `64k`, `1.5k`, `2M`.
+fn short_count(value: f64) -> String {
+    let value = value.round();
+    let (scaled, suffix) = if value >= 1e6 {
+        (value / 1e6, "M")
+    } else if value >= 1e4 {
+        (value / 1e3, "k")
+    } else {
+        return format!("{}", value as u64);
+    };
+    let text = format!("{scaled:.1}");
+    format!(
+        "{}{suffix}",
+        text.trim_end_matches('0').trim_end_matches('.')
+    )
+}
 
 /// A batch size worth a vertical marker: its name, value and colour.
 struct Marker {
@@ -65,12 +92,13 @@ fn memory_chart(
     out_of_memory: &[u64],
     markers: &[Marker],
 ) -> Result<(), PlotError> {
-    let top = plan
+    let top_bytes = plan
         .memory(x_max)
         .map_or(limit_bytes, |m| m.total)
         .max(limit_bytes) as f64
-        * 1.08
-        / MIB;
+        * 1.08;
+    let (unit, unit_bytes) = memory_unit(top_bytes);
+    let top = top_bytes / unit_bytes;
     let mut chart = ChartBuilder::on(area)
         .caption("Device memory against batch size", ("sans-serif", 20))
         .margin(12)
@@ -81,8 +109,8 @@ fn memory_chart(
     chart
         .configure_mesh()
         .x_desc("batch size")
-        .y_desc("MiB")
-        .x_label_formatter(&|x| format!("{}", x.round() as u64))
+        .y_desc(unit)
+        .x_label_formatter(&|x| short_count(*x))
         .y_label_formatter(&|y| format!("{}", y.round() as u64))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
@@ -95,7 +123,7 @@ fn memory_chart(
     };
     let (start, end) = (at(0), at(x_max));
     for (i, (name, color)) in PARTS.iter().enumerate().rev() {
-        let height = |values: &[u64; 5]| values[..=i].iter().sum::<u64>() as f64 / MIB;
+        let height = |values: &[u64; 5]| values[..=i].iter().sum::<u64>() as f64 / unit_bytes;
         let band = [(0.0, height(&start)), (x_max as f64, height(&end))];
         chart
             .draw_series(AreaSeries::new(band, 0.0, color.mix(0.9)))
@@ -103,7 +131,7 @@ fn memory_chart(
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
-    let limit = limit_bytes as f64 / MIB;
+    let limit = limit_bytes as f64 / unit_bytes;
     chart
         .draw_series(LineSeries::new(
             [(0.0, limit), (x_max as f64, limit)],
@@ -115,7 +143,7 @@ fn memory_chart(
     if !measured.is_empty() {
         chart
             .draw_series(measured.iter().map(|&(batch, bytes)| {
-                Circle::new((batch as f64, bytes as f64 / MIB), 4, BLACK.filled())
+                Circle::new((batch as f64, bytes as f64 / unit_bytes), 4, BLACK.filled())
             }))
             .map_err(drawing_error)?
             .label("measured, fit")
@@ -228,8 +256,8 @@ fn throughput_chart(
         .configure_mesh()
         .x_desc("batch size (log2)")
         .y_desc("samples/s")
-        .x_label_formatter(&|x| format!("{}", x.round() as u64))
-        .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+        .x_label_formatter(&|x| short_count(*x))
+        .y_label_formatter(&|y| short_count(*y))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(drawing_error)?;
@@ -393,6 +421,28 @@ pub fn estimate_svg(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_and_units_read_at_a_glance() {
+        let labels: Vec<String> = [
+            16.0,
+            512.0,
+            9999.0,
+            65_536.0,
+            1_500.0,
+            2_000_000.0,
+            30_128_117.0,
+        ]
+        .iter()
+        .map(|&v| short_count(v))
+        .collect();
+        assert_eq!(
+            labels,
+            ["16", "512", "9999", "65.5k", "1500", "2M", "30.1M"]
+        );
+        assert_eq!(memory_unit(256.0 * MIB).0, "MiB");
+        assert_eq!(memory_unit(80.0 * GIB).0, "GiB");
+    }
     use headroom_devices::host::HostDevice;
     use std::ops::ControlFlow;
 
