@@ -271,6 +271,26 @@ fn a_probe_that_leaves_memory_behind_is_caught() {
 }
 
 #[test]
+fn a_pool_that_keeps_memory_after_a_trim_is_not_a_leak() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let output = tune_with(standin, &[("HEADROOM_STANDIN_TRIM_KEEPS", "4MiB")]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(json_of(&output)["max_batch_size"].as_u64().unwrap() > 0);
+    // A leak is still a leak with such a pool.
+    let output = tune_with(
+        standin,
+        &[
+            ("HEADROOM_STANDIN_TRIM_KEEPS", "4MiB"),
+            ("HEADROOM_STANDIN_LEAK_FREE", "30"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("did not come back"));
+}
+
+#[test]
 fn another_process_allocating_during_a_probe_is_not_a_leak() {
     let Some(standin) = StandIn::get() else {
         return;

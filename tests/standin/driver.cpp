@@ -26,6 +26,8 @@
 //   HEADROOM_STANDIN_OOM_AT_SYNC   1: an allocation past the budget succeeds, work after it is
 //                                  skipped and the next synchronise reports out-of-memory
 //   HEADROOM_STANDIN_LEAK_FREE     N: the Nth free keeps its allocation (a leak to be caught)
+//   HEADROOM_STANDIN_TRIM_KEEPS    bytes: a pool trim keeps up to this much reserved, as a real
+//                                  pool may (not a leak: no allocation is live in it)
 //   HEADROOM_STANDIN_PROCESSES     pid:bytes,...: foreign compute processes on device 0
 //   HEADROOM_STANDIN_FOREIGN_ALLOC N:bytes: at the Nth launch a foreign process takes bytes
 //   HEADROOM_STANDIN_NO_POOLS      1: advertise no memory pools (cudarc then allocates
@@ -200,6 +202,7 @@ struct Config {
     std::string state_dir;
     bool oom_at_sync = false;
     std::uint64_t leak_free = 0;
+    std::uint64_t trim_keeps = 0;
     std::vector<ForeignProcess> processes;
     std::uint64_t foreign_launch = 0;
     std::uint64_t foreign_bytes = 0;
@@ -233,6 +236,7 @@ const Config& config() {
         if (const char* dir = std::getenv("HEADROOM_STANDIN_STATE_DIR")) c.state_dir = dir;
         if (const char* oom = std::getenv("HEADROOM_STANDIN_OOM_AT_SYNC")) c.oom_at_sync = std::strcmp(oom, "1") == 0;
         if (const char* leak = std::getenv("HEADROOM_STANDIN_LEAK_FREE")) c.leak_free = std::strtoull(leak, nullptr, 10);
+        c.trim_keeps = parse_size(std::getenv("HEADROOM_STANDIN_TRIM_KEEPS"), 0);
         if (const char* list = std::getenv("HEADROOM_STANDIN_PROCESSES")) {
             std::string text(list);
             std::size_t start = 0;
@@ -889,7 +893,8 @@ EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, std::size_t keep) {
     Device* device = static_cast<Device*>(pool);
     if (device == nullptr || device_of(device->ordinal) != device) return CUDA_ERROR_INVALID_VALUE;
     if (device->sticky != CUDA_SUCCESS) return device->sticky;
-    const std::uint64_t floor = std::max<std::uint64_t>(device->pool_used, keep);
+    const std::uint64_t kept = std::min<std::uint64_t>(config().trim_keeps, device->pool_reserved);
+    const std::uint64_t floor = std::max<std::uint64_t>({device->pool_used.load(), std::uint64_t{keep}, kept});
     if (device->pool_reserved > floor) device->pool_reserved = floor;
     return CUDA_SUCCESS;
 }

@@ -30,7 +30,8 @@ use headroom_engine::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
 use kernel::{Family, Kernel};
 
 /// Memory a probe may leave behind before it counts as a leak, on a device without memory pools
-/// (counted device-wide there, where other processes move it too). With pools it is zero.
+/// (counted device-wide there, where other processes move it too). With pools none: the pool's
+/// live allocations are counted exactly.
 const DEVICE_WIDE_LEAK_TOLERANCE: u64 = 64 << 20;
 
 /// Why a CUDA device could not be used.
@@ -189,6 +190,8 @@ pub struct CudaDevice {
     fault: Option<String>,
     /// Without pools: the most device memory seen used since the probe began.
     sampled_peak: u64,
+    /// With pools: the bytes of live allocations in the pool when the probe began.
+    pool_used_before: u64,
 }
 
 impl CudaDevice {
@@ -239,6 +242,7 @@ impl CudaDevice {
             cubin_refused,
             fault: None,
             sampled_peak: 0,
+            pool_used_before: 0,
         })
     }
 
@@ -339,17 +343,27 @@ impl CudaDevice {
             .map_err(|e| self.classify("reading the memory pool", 0, e))
     }
 
-    /// Checks that the probe's memory came back: with pools, every byte of the pool's
-    /// reservation; without, the device's used memory within a tolerance.
+    /// Checks that the probe's memory came back. With pools, every byte of the pool's live
+    /// allocations (`USED_MEM_CURRENT`, exact): what a trim leaves reserved is the pool's own
+    /// keeping, not a leak, and NVIDIA does not promise a trim to zero returns everything.
+    /// Without pools, the device's used memory within a tolerance.
     fn check_returned(&mut self, before: u64) -> Result<(), DeviceError> {
         self.release_pooled_memory()?;
         let after = self.held_bytes()?;
-        let tolerance = if self.default_pool().is_some() {
-            0
-        } else {
-            DEVICE_WIDE_LEAK_TOLERANCE
-        };
-        if after > before.saturating_add(tolerance) {
+        if let Some(pool) = self.default_pool() {
+            let used =
+                self.pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+            if used > self.pool_used_before {
+                return Err(DeviceError::Fault(format!(
+                    "device memory did not come back after the probe: the pool held {} bytes of \
+                     allocations before and {used} after (reserved {before} before, {after} after \
+                     trimming)",
+                    self.pool_used_before
+                )));
+            }
+            return Ok(());
+        }
+        if after > before.saturating_add(DEVICE_WIDE_LEAK_TOLERANCE) {
             return Err(DeviceError::Fault(format!(
                 "device memory did not come back after the probe: {before} bytes held before, {after} after"
             )));
@@ -393,6 +407,8 @@ impl Probing for CudaDevice {
                     .result()
                 };
                 reset.map_err(|e| self.classify("resetting the pool's high watermark", 0, e))?;
+                self.pool_used_before = self
+                    .pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
             }
             None => self.sampled_peak = held,
         }
