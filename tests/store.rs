@@ -13,10 +13,10 @@ use headroom_service::document::{JobDocument, JobState, Progress};
 use headroom_service::problem::Problem;
 use headroom_service::store::{sql, Retention, Store, StoredJob};
 use serde_json::json;
-use support::postgres::{self, Postgres};
+use support::postgres::Postgres;
 use support::store::{
-    block_on, probes, quick_job, readiness, refused_start, serve, set_mode, slow_job,
-    unprivileged_headroom, wait_for_store,
+    block_on, probes, quick_job, readiness, refused_start, serve, slow_job, wait_for_store,
+    UnprivilegedStore,
 };
 use support::ServerProcess;
 
@@ -395,23 +395,12 @@ fn a_soak_with_cancels_and_a_kill_loses_and_duplicates_no_job() {
 
 #[test]
 fn a_store_made_read_only_degrades_the_service_and_tuning_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    set_mode(dir.path(), 0o755);
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    postgres::give_to_unprivileged(&data);
-    let file = data.join("headroom.db");
-    let mut command = unprivileged_headroom(dir.path());
-    command
-        .args(["serve", "--device", "host", "--host-memory", "64MiB"])
-        .env("HEADROOM_STORE", format!("sqlite://{}", file.display()))
-        .env("HEADROOM_NODE_NAME", "read-only");
-    let mut server = ServerProcess::start(command);
+    let store = UnprivilegedStore::new();
+    let mut server = store.serve("read-only");
     assert_eq!(server.http.tune(&quick_job(8), &[]).status, 200);
     assert_eq!(readiness(&server)["status"], "ready");
 
-    set_mode(&file, 0o444);
-    set_mode(&data, 0o555);
+    store.set_writable(false);
     let answer = server.http.tune(&quick_job(9), &[]);
     assert_eq!(answer.status, 200, "{}", answer.body);
     let degraded = wait_for_store(&server, false);
@@ -433,12 +422,11 @@ fn a_store_made_read_only_degrades_the_service_and_tuning_goes_on() {
     let (_, jobs) = server.http.get("/jobs");
     let during = jobs[0]["id"].as_str().unwrap().to_string();
 
-    set_mode(&data, 0o755);
-    set_mode(&file, 0o644);
+    store.set_writable(true);
     assert_eq!(wait_for_store(&server, true)["status"], "ready");
     assert!(server.log().contains("the store works again"));
     server.kill();
-    let after = serve(&format!("sqlite://{}", file.display()), "read-only", &[]);
+    let after = serve(&store.url(), "read-only", &[]);
     let (status, job) = after.http.get(&format!("/jobs/{during}"));
     assert_eq!(
         status, 200,

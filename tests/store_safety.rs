@@ -11,10 +11,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use headroom_service::store::sql;
-use support::postgres::{self, Postgres};
+use support::postgres::Postgres;
 use support::store::{
-    block_on, probes, quick_job, readiness, refused_start, serve, set_mode, slow_job,
-    unprivileged_headroom, wait_for_store,
+    block_on, probes, quick_job, readiness, refused_start, serve, slow_job, wait_for_store,
+    UnprivilegedStore,
 };
 use support::ServerProcess;
 
@@ -171,20 +171,8 @@ fn a_damaged_database_is_found_at_start_and_left_untouched() {
 
 #[test]
 fn a_restart_during_a_store_outage_serves_degraded_and_takes_over_when_it_returns() {
-    let dir = tempfile::tempdir().unwrap();
-    set_mode(dir.path(), 0o755);
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    postgres::give_to_unprivileged(&data);
-    let file = data.join("headroom.db");
-    let start = || {
-        let mut command = unprivileged_headroom(dir.path());
-        command
-            .args(["serve", "--device", "host", "--host-memory", "64MiB"])
-            .env("HEADROOM_STORE", format!("sqlite://{}", file.display()))
-            .env("HEADROOM_NODE_NAME", "node-a");
-        ServerProcess::start(command)
-    };
+    let store = UnprivilegedStore::new();
+    let start = || store.serve("node-a");
     let mut first = start();
     let running = first
         .http
@@ -196,8 +184,7 @@ fn a_restart_during_a_store_outage_serves_degraded_and_takes_over_when_it_return
     first.kill();
 
     // The disk turns read-only while the node is down: the restart cannot mark the job.
-    set_mode(&file, 0o444);
-    set_mode(&data, 0o555);
+    store.set_writable(false);
     let mut second = start();
     let degraded = readiness(&second);
     assert_eq!(degraded["status"], "degraded", "{degraded}");
@@ -228,8 +215,7 @@ fn a_restart_during_a_store_outage_serves_degraded_and_takes_over_when_it_return
         refused.body
     );
 
-    set_mode(&data, 0o755);
-    set_mode(&file, 0o644);
+    store.set_writable(true);
     assert_eq!(wait_for_store(&second, true)["status"], "ready");
     let interrupted = second.http.wait_for(&running_id);
     assert_eq!(interrupted["state"], "interrupted", "{interrupted}");

@@ -1,5 +1,6 @@
 //! What the store tests share: `headroom serve` over a given store, jobs quick and slow, metric
-//! readings, readiness, file modes, a start that must be refused, and one tokio runtime.
+//! readings, readiness, a store an unprivileged server can be made to fail on, a start that
+//! must be refused, and one tokio runtime.
 
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -59,7 +60,7 @@ pub fn probes(server: &ServerProcess) -> f64 {
 
 /// The `headroom` binary somewhere an unprivileged user may run it: in place when it can,
 /// else copied into `dir`.
-pub fn unprivileged_headroom(dir: &Path) -> Command {
+fn unprivileged_headroom(dir: &Path) -> Command {
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_headroom"));
     let runs = postgres::unprivileged(&binary)
         .arg("--version")
@@ -98,9 +99,57 @@ pub fn wait_for_store(server: &ServerProcess, healthy: bool) -> Value {
     }
 }
 
-pub fn set_mode(path: &Path, mode: u32) {
+fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A SQLite store in a directory of an unprivileged user, served by that user: root ignores
+/// file modes, so only then does making the store read-only bind the server.
+pub struct UnprivilegedStore {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    /// The SQLite file.
+    pub file: PathBuf,
+}
+
+impl UnprivilegedStore {
+    pub fn new() -> UnprivilegedStore {
+        let dir = tempfile::tempdir().unwrap();
+        set_mode(dir.path(), 0o755);
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        postgres::give_to_unprivileged(&data);
+        let file = data.join("headroom.db");
+        UnprivilegedStore { dir, data, file }
+    }
+
+    /// The store's URL.
+    pub fn url(&self) -> String {
+        format!("sqlite://{}", self.file.display())
+    }
+
+    /// `headroom serve` on the host device over the store, as the unprivileged user, named
+    /// `node`.
+    pub fn serve(&self, node: &str) -> ServerProcess {
+        let mut command = unprivileged_headroom(self.dir.path());
+        command
+            .args(["serve", "--device", "host", "--host-memory", "64MiB"])
+            .env("HEADROOM_STORE", self.url())
+            .env("HEADROOM_NODE_NAME", node);
+        ServerProcess::start(command)
+    }
+
+    /// Makes the file and its directory read-only (or writable again): writes fail.
+    pub fn set_writable(&self, writable: bool) {
+        if writable {
+            set_mode(&self.data, 0o755);
+            set_mode(&self.file, 0o644);
+        } else {
+            set_mode(&self.file, 0o444);
+            set_mode(&self.data, 0o555);
+        }
+    }
 }
 
 /// Runs `headroom serve` on `store` and expects it to refuse to start.

@@ -11,6 +11,9 @@ use std::time::Instant;
 use headroom_devices::host::HostDevice;
 use headroom_engine::{tune, Job};
 
+#[path = "common/examples.rs"]
+mod examples;
+
 fn median(values: &[u64]) -> u64 {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
@@ -18,23 +21,11 @@ fn median(values: &[u64]) -> u64 {
 }
 
 fn main() {
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let runs: usize = std::env::var("RUNS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(10);
-    for name in [
-        "mnist-mlp-sgd",
-        "cifar10-mlp-adam",
-        "cifar10-mlp-bf16",
-        "deep-mlp-adamw",
-    ] {
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        let path = format!("{}/../../examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
-        let mut spec: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (name, mut spec) in examples::selected() {
         if let Some(steps) = std::env::var("STEPS")
             .ok()
             .and_then(|s| s.parse::<u32>().ok())

@@ -8,20 +8,12 @@ use std::time::Instant;
 use headroom_devices::host::HostDevice;
 use headroom_engine::{tune, Job};
 
+#[path = "common/examples.rs"]
+mod examples;
+
 fn main() {
-    // `cargo bench` passes `--bench`; a filter argument selects examples by name.
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    for name in [
-        "mnist-mlp-sgd",
-        "cifar10-mlp-adam",
-        "cifar10-mlp-bf16",
-        "deep-mlp-adamw",
-    ] {
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        let path = format!("{}/../../examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
-        let job = Job::from_json(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (name, spec) in examples::selected() {
+        let job = Job::from_value(spec).unwrap();
         let started = Instant::now();
         let result = tune(&job, &mut HostDevice::default(), &mut |_| {
             ControlFlow::Continue(())
