@@ -18,20 +18,17 @@ pub struct GpuReadings {
 
 impl GpuReadings {
     /// The last reading, if it is fresh.
-    fn fresh(&self) -> Option<Arc<Vec<GpuTelemetry>>> {
-        let last = crate::lock(&self.last);
+    fn fresh(last: &Option<(Instant, Arc<Vec<GpuTelemetry>>)>) -> Option<Arc<Vec<GpuTelemetry>>> {
         let (at, gpus) = last.as_ref()?;
         (at.elapsed() < READING_TTL).then(|| Arc::clone(gpus))
     }
 
     /// The GPUs as NVML saw them within the last second (none where NVML is unavailable).
-    /// Blocks while NVML is read; call it off the async threads.
+    /// Blocks while NVML is read (one reader at a time); call it off the async threads.
     pub fn read(&self) -> Arc<Vec<GpuTelemetry>> {
         let mut last = crate::lock(&self.last);
-        if let Some((at, gpus)) = &*last {
-            if at.elapsed() < READING_TTL {
-                return Arc::clone(gpus);
-            }
+        if let Some(gpus) = Self::fresh(&last) {
+            return gpus;
         }
         let gpus = Arc::new(nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default());
         *last = Some((Instant::now(), Arc::clone(&gpus)));
@@ -41,7 +38,7 @@ impl GpuReadings {
     /// [`GpuReadings::read`] for async code: a fresh reading at once, a new one read on
     /// tokio's blocking threads.
     pub async fn read_async(self: &Arc<Self>) -> Arc<Vec<GpuTelemetry>> {
-        if let Some(gpus) = self.fresh() {
+        if let Some(gpus) = Self::fresh(&crate::lock(&self.last)) {
             return gpus;
         }
         let readings = Arc::clone(self);

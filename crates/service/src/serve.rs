@@ -56,11 +56,6 @@ pub async fn serve(
         Err(refused) => return Err(refused.into()),
     };
     let state = AppState::new(config, Arc::clone(&store) as Arc<dyn Store>);
-    if let Some(reason) = unavailable {
-        state
-            .store_health
-            .record(Direction::Write, "open", &Err::<(), _>(reason));
-    }
     let opening = Arc::clone(&state);
     let opened = tokio::task::spawn_blocking(move || {
         opening.open_devices()?;
@@ -69,7 +64,10 @@ pub async fn serve(
         }
         Ok::<(), crate::state::AlreadyOpen>(())
     });
-    let store_back = (!store.is_started()).then(|| {
+    let store_back = unavailable.map(|reason| {
+        state
+            .store_health
+            .record(Direction::Write, "open", &Err::<(), _>(reason));
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             // Queued jobs wait for their devices.

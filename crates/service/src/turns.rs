@@ -77,6 +77,10 @@ impl Turns {
                         return Turn::Tune(None);
                     }
                 };
+                // A store no other node shares has no other node's answer to look for.
+                if claim.as_ref().is_some_and(Claim::is_local) {
+                    return Turn::Tune(claim);
+                }
                 // Whether holding the claim or not: an answer measured since the job came
                 // is this job's answer (the claim's holder may have just finished).
                 if let Some(answer) = self.answer_since(job).await {

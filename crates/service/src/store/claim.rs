@@ -19,6 +19,11 @@ impl Claim {
         Claim { held: None }
     }
 
+    /// Whether no other node could contend for it.
+    pub fn is_local(&self) -> bool {
+        self.held.is_none()
+    }
+
     /// A claim held by `connection`'s advisory lock on `key`.
     pub fn locked(connection: PoolConnection<Any>, key: String) -> Claim {
         Claim {

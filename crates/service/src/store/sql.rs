@@ -323,11 +323,6 @@ impl SqlStore {
         migrate(pool, &self.described).await
     }
 
-    /// Whether [`SqlStore::start`] succeeded.
-    pub fn is_started(&self) -> bool {
-        self.pool.get().is_some()
-    }
-
     /// The pool, once the store is started.
     fn pool(&self) -> Result<&AnyPool, StoreError> {
         self.pool.get().ok_or_else(|| {
