@@ -7,13 +7,17 @@
 #   OUT=/tmp/gpu-check bash scripts/gpu-check.sh           # about 8 minutes on an H100/H200
 #   OUT=/tmp/gpu-check bash scripts/gpu-check.sh --quick   # about 3: the small examples only
 #
-# Sections: machine; doctor (driver and NVRTC versions, CUBIN or PTX, every kernel on the GPU);
-# a tune of each example with measured/predicted limits and a confirming probe at the limit and
-# above it, with the device's bytes against the memory model's (band 0.90-1.10); two tunes in one
-# running `headroom serve` with the GPU's memory before, between and after (a leak across tunes),
-# /devices and /metrics with NVML's fields; the 409 rule against a second process holding the GPU
-# (a standalone worker); and, unless --quick, step throughput against the card's f32 peak. On
-# the CUDA stand-in (tests/standin) it runs the same and says that it is the stand-in.
+# Sections: machine; doctor (driver and NVRTC versions, CUBIN or PTX, every kernel on the GPU,
+# the context's reservation, the memory pool around a probe: reserved and live bytes before and
+# after a trim); a tune of each example with measured/predicted limits and a confirming probe at
+# the limit and above it, with the device's bytes against the memory model's (band 0.90-1.10);
+# two tunes in one running `headroom serve` with the GPU's memory before, between and after (a
+# leak across tunes), /devices and /metrics with NVML's fields; the 409 rule against a second
+# process holding the GPU (a standalone worker); a deliberate fault in a throwaway worker
+# (`headroom worker --fault-drill`) and a probe in a new process after it; unless --quick, step
+# throughput against the card's f32 peak; and which of the stand-in's assumptions the run
+# confirmed or refuted. On the CUDA stand-in (tests/standin) it runs the same and says that it
+# is the stand-in.
 set -u
 cd "$(dirname "$0")/.."
 BIN=${HEADROOM_BIN:-target/release/headroom}
@@ -95,6 +99,8 @@ print(json.dumps({
     "nvrtc": detail("NVRTC library"),
     "kernels": detail("cuda:0 kernels"),
     "failed_rows": [r["check"] for r in d.get("rows", []) if r["status"] == "fail"],
+    "context": next((r.get("figures") for c, r in rows.items() if c == "cuda:0 context"), None),
+    "pool_last_probe": next((r.get("figures") for c, r in rows.items() if c == "cuda:0 memory pool"), None),
     "standin": any("stand-in" in g for g in gpus),
 }))' "$OUT/doctor.json" "$doctor_exit")"
 [ "$doctor_exit" -eq 0 ] || fail "doctor exited $doctor_exit (see doctor.json)"
@@ -234,6 +240,42 @@ PY
 )
 [ -n "$verdict" ] && fail "serve: $verdict"
 
+note "fault drill: a deliberate illegal address in a throwaway worker, then a new process"
+timeout 120 "$BIN" worker --fault-drill > "$OUT/fault-drill.json" 2> "$OUT/fault-drill.log"
+drill_exit=$?
+after_drill=$(gpu_used_mib)
+timeout 120 "$BIN" probe examples/mnist-mlp-sgd.json --device cuda --batch-size 1024 --json \
+  > "$OUT/after-drill.json" 2> "$OUT/after-drill.log"
+record "fault drill" "$(py '
+import json, sys
+def load(path):
+    try:
+        return json.loads(open(path).read() or "null")
+    except Exception:
+        return None
+drill = load(sys.argv[1]) or {}
+after = load(sys.argv[2]) or []
+print(json.dumps({
+    "exit_code": int(sys.argv[3]),
+    "drill": drill.get("drill"),
+    "open_failed": drill.get("open_failed"),
+    "gpu_used_mib_after_drill": json.loads(sys.argv[4]),
+    "new_process_probe": [m.get("outcome") for m in after],
+}))' "$OUT/fault-drill.json" "$OUT/after-drill.json" "$drill_exit" "$after_drill")"
+verdict=$(python3 - "$REPORT" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))["sections"]["fault drill"]
+bad = []
+d = s["drill"] or {}
+if s["exit_code"] != 3 or not d.get("classified_as_fault"):
+    bad.append(f"the fault was not told apart from out-of-memory (exit {s['exit_code']}, {s['open_failed'] or d.get('synchronize')})")
+if s["new_process_probe"] != ["fit"]:
+    bad.append(f"a new process after the fault probed {s['new_process_probe']}, not a fit")
+print("; ".join(bad))
+PY
+)
+[ -n "$verdict" ] && fail "fault drill: $verdict"
+
 if [ "$QUICK" = 0 ]; then
   note "throughput"
   peak_arg=${peak:+--peak-tflops $peak}
@@ -253,6 +295,27 @@ except Exception:
     rows = []
 print(json.dumps({"wide_mlp_sgd": [{k: m.get(k) for k in ("batch_size", "outcome", "samples_per_second", "tflops", "peak_share")} for m in rows]}))' "$OUT/throughput-wide.json")"
 fi
+
+# The CUDA stand-in's assumptions (tests/standin/driver.cpp), as this run found them: true
+# (confirmed), false (refuted), null (not measured). On the stand-in they hold by construction.
+python3 - "$REPORT" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+s = report["sections"]
+d = s["doctor"]
+pool, context = d.get("pool_last_probe"), d.get("context")
+drill = (s.get("fault drill") or {}).get("drill") or {}
+ratios = [r for n, t in s.items() if n.startswith("tune ") for r in t["device_over_model"]]
+report["assumptions"] = {
+    "kernels load as CUBIN for the device's architecture": d.get("kernels", "").startswith("CUBIN") if d.get("kernels") else None,
+    "a fault is sticky: every later call of the process fails": drill.get("sticky"),
+    "a pool trimmed to zero reserves nothing": None if pool is None else pool["reserved_after_trim"] == 0,
+    "no allocation outlives its probe": None if pool is None else pool["used_after"] <= pool["used_before"],
+    "the context takes no more than the catalogue's reserve": None if context is None else context["context_over_reserve"] <= 1.0,
+    "the driver rounds allocations as the memory model does": None if not ratios else all(r == 1.0 for r in ratios),
+}
+json.dump(report, open(sys.argv[1], "w"), indent=2)
+PY
 
 python3 - "$REPORT" "$OUT/summary.md" <<'PY'
 import json, sys
@@ -275,6 +338,18 @@ if "serve" in s:
     lines += ["", f"- serve: tunes {v['tune_status']} max {v['max_batch_size']}, GPU MiB before/between/after {v['gpu_used_mib_before_between_after']}, 409 rule: {v['shared_gpu_status']}, NVML {v['devices_nvml']}"]
 for row in s.get("throughput", {}).get("wide_mlp_sgd", []):
     lines.append(f"- wide MLP batch {row['batch_size']}: {row['outcome']}, {row['samples_per_second']} samples/s, {row['tflops']} TFLOP/s, peak share {row['peak_share']}")
+pool, context = d.get("pool_last_probe"), d.get("context")
+if pool:
+    lines.append(f"- memory pool, last probe (bytes): reserved {pool['reserved_before']} before, {pool['reserved_peak']} at peak, {pool['reserved_before_trim']} freed, {pool['reserved_after_trim']} after a trim to zero; live {pool['used_before']} before, {pool['used_after']} after")
+if context:
+    lines.append(f"- context and kernels: {context['context_bytes']} bytes, {context['context_over_reserve']:.3f} of the catalogue's reserve")
+f = s.get("fault drill")
+if f:
+    dr = f["drill"] or {}
+    lines.append(f"- fault drill: exit {f['exit_code']}, synchronise: {dr.get('synchronize')}; sticky {dr.get('sticky')}; a new process then probed {f['new_process_probe']}")
+lines += ["", "| the stand-in assumed | this run |", "|---|---|"]
+for claim, held in report.get("assumptions", {}).items():
+    lines.append(f"| {claim} | {'confirmed' if held else 'not measured' if held is None else 'REFUTED'} |")
 lines += ["", f"failures: {len(report['failures'])}"] + [f"- {f}" for f in report["failures"]]
 open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 PY

@@ -66,9 +66,31 @@ fn the_gpu_check_runs_every_section_on_the_standin_and_says_so() {
     assert_eq!(serve["tune_status"], serde_json::json!([200, 200]));
     assert_eq!(serve["shared_gpu_status"], 409, "{serve:#}");
     assert!(serve["metrics_with_gpu_labels"].as_u64().unwrap() > 0);
+    let pool = &doctor["pool_last_probe"];
+    assert!(pool["reserved_peak"].as_u64().unwrap() > 0, "{doctor:#}");
+    assert_eq!(pool["used_after"], pool["used_before"], "{doctor:#}");
+    assert!(doctor["context"]["assumed_reserve_bytes"].as_u64().unwrap() > 0);
+    let drill = &sections["fault drill"];
+    assert_eq!(drill["exit_code"], 3, "{drill:#}");
+    assert_eq!(drill["drill"]["sticky"], true, "{drill:#}");
+    assert!(
+        drill["drill"]["synchronize"]
+            .as_str()
+            .unwrap()
+            .contains("CUDA_ERROR_ILLEGAL_ADDRESS"),
+        "{drill:#}"
+    );
+    assert_eq!(drill["new_process_probe"], serde_json::json!(["fit"]));
+    let assumptions = report["assumptions"].as_object().unwrap();
+    assert_eq!(assumptions.len(), 6, "{assumptions:#?}");
+    assert!(
+        assumptions.values().all(|held| held == true),
+        "the stand-in holds its own assumptions: {assumptions:#?}"
+    );
     let summary = std::fs::read_to_string(out.path().join("summary.md")).unwrap();
     assert!(
         summary.contains("This ran on the CUDA stand-in, not a GPU"),
         "{summary}"
     );
+    assert!(summary.contains("| a fault is sticky: every later call of the process fails | confirmed |"), "{summary}");
 }

@@ -15,6 +15,7 @@ use headroom_devices::parity::{self, Check};
 use headroom_devices::transfer::Transfer;
 use headroom_devices::{cuda, nvml};
 use headroom_engine::device::{Device, Probing};
+use headroom_engine::catalogue;
 use headroom_engine::job::Job;
 use headroom_engine::search::tune;
 
@@ -52,6 +53,9 @@ pub struct Row {
     pub check: String,
     /// What was found.
     pub detail: String,
+    /// The row's figures, for scripts (`scripts/gpu-check.sh`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub figures: Option<serde_json::Value>,
 }
 
 fn row(status: Status, check: impl Into<String>, detail: impl Into<String>) -> Row {
@@ -59,6 +63,7 @@ fn row(status: Status, check: impl Into<String>, detail: impl Into<String>) -> R
         status,
         check: check.into(),
         detail: detail.into(),
+        figures: None,
     }
 }
 
@@ -239,6 +244,7 @@ fn cuda_devices() -> Vec<Row> {
     let mut rows = Vec::new();
     for index in 0..count {
         let name = format!("cuda:{index}");
+        let used_before_open = nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default();
         match cuda::CudaDevice::open(index) {
             Ok(mut device) => {
                 let (major, minor) = device.compute_capability();
@@ -261,7 +267,9 @@ fn cuda_devices() -> Vec<Row> {
                     ),
                 };
                 rows.push(row(Status::Pass, format!("{name} kernels"), loaded));
+                rows.push(context_reservation(&name, &device, &used_before_open));
                 rows.extend(device_checks(&name, &mut device));
+                rows.push(pool_row(&name, &device));
             }
             Err(e) => rows.push(row(
                 Status::Fail,
@@ -271,6 +279,61 @@ fn cuda_devices() -> Vec<Row> {
         }
     }
     rows
+}
+
+/// What opening the device (its context and the loaded kernels) took, as NVML counts the GPU's
+/// used memory before and after, against the reserve the GPU catalogue assumes. Another process
+/// allocating meanwhile moves the figure too, so it is information, not a check.
+fn context_reservation(name: &str, device: &cuda::CudaDevice, before: &[nvml::GpuTelemetry]) -> Row {
+    let info = device.info();
+    let after = nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default();
+    let (Some(before), Some(after)) = (nvml::find(before, &info), nvml::find(&after, &info)) else {
+        return row(Status::Info, format!("{name} context"), "NVML does not list this GPU: the context's reservation is not measured");
+    };
+    let taken = after.used_bytes.saturating_sub(before.used_bytes);
+    let assumed = catalogue::CONTEXT_RESERVE_BYTES;
+    Row {
+        figures: Some(serde_json::json!({
+            "context_bytes": taken,
+            "assumed_reserve_bytes": assumed,
+            "context_over_reserve": taken as f64 / assumed as f64,
+        })),
+        ..row(
+            Status::Info,
+            format!("{name} context"),
+            format!(
+                "opening the context and loading the kernels took {} (NVML's used memory before \
+                 and after); the GPU catalogue's estimates assume {}",
+                human(taken),
+                human(assumed)
+            ),
+        )
+    }
+}
+
+/// The default memory pool around the device's last probe: what the leak check reads, and what a
+/// trim to zero leaves reserved (the pool's keeping; no allocation is live in it).
+fn pool_row(name: &str, device: &cuda::CudaDevice) -> Row {
+    let Some(pool) = device.pool_figures() else {
+        return row(Status::Info, format!("{name} memory pool"), "the device has no memory pools: leaks are counted device-wide, within 64 MiB");
+    };
+    Row {
+        figures: serde_json::to_value(pool).ok(),
+        ..row(
+            Status::Info,
+            format!("{name} memory pool"),
+            format!(
+                "last probe: reserved {} before, {} at peak, {} when freed, {} after trimming to \
+                 zero; live allocations {} before, {} after",
+                human(pool.reserved_before),
+                human(pool.reserved_peak),
+                human(pool.reserved_before_trim),
+                human(pool.reserved_after_trim),
+                human(pool.used_before),
+                human(pool.used_after)
+            ),
+        )
+    }
 }
 
 /// Every kernel check, the training check and a small tune on one device.

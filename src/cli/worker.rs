@@ -18,12 +18,18 @@ pub struct WorkerArgs {
     /// Print how many CUDA devices the driver lists, and exit.
     #[arg(long)]
     count_cuda: bool,
+    /// Fault CUDA device 0 on purpose, print what the driver answered after, and exit 3 (the
+    /// fault was told apart from out-of-memory) or 0 (it was not): for `scripts/gpu-check.sh`.
+    #[arg(long)]
+    fault_drill: bool,
 }
 
 /// Runs the worker until the service closes its input, or the device faults.
 pub fn run(args: WorkerArgs) -> Result<(), CliError> {
     let exit = if args.count_cuda {
         child::count_cuda()
+    } else if args.fault_drill {
+        child::fault_drill()
     } else {
         child::run(args.device, args.host_memory)
     };

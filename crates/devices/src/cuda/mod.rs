@@ -15,6 +15,7 @@
 pub mod compile;
 pub mod kernel;
 pub mod kernel_cache;
+pub mod drill;
 mod launch;
 pub mod shapes;
 
@@ -190,8 +191,26 @@ pub struct CudaDevice {
     fault: Option<String>,
     /// Without pools: the most device memory seen used since the probe began.
     sampled_peak: u64,
-    /// With pools: the bytes of live allocations in the pool when the probe began.
-    pool_used_before: u64,
+    /// With pools: the pool's figures around the last probe.
+    pool: PoolFigures,
+}
+
+/// The default memory pool around one probe, bytes: what the leak check reads, kept so that a
+/// GPU run can show what a real pool keeps after a trim (`headroom doctor`, `scripts/gpu-check.sh`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PoolFigures {
+    /// Reserved when the probe began, after a trim.
+    pub reserved_before: u64,
+    /// Live allocations when the probe began.
+    pub used_before: u64,
+    /// The most reserved during the probe (`RESERVED_MEM_HIGH`).
+    pub reserved_peak: u64,
+    /// Reserved once the probe's buffers were freed, before the trim.
+    pub reserved_before_trim: u64,
+    /// Reserved after trimming to zero: what the pool keeps.
+    pub reserved_after_trim: u64,
+    /// Live allocations after the probe: above `used_before` is a leak.
+    pub used_after: u64,
 }
 
 impl CudaDevice {
@@ -242,13 +261,18 @@ impl CudaDevice {
             cubin_refused,
             fault: None,
             sampled_peak: 0,
-            pool_used_before: 0,
+            pool: PoolFigures::default(),
         })
     }
 
     /// How the kernels were loaded, and why not as CUBIN when they were loaded as PTX.
     pub fn kernel_form(&self) -> (KernelForm, Option<&str>) {
         (self.kernel_form, self.cubin_refused.as_deref())
+    }
+
+    /// The default pool's figures around the last probe; `None` on a device without pools.
+    pub fn pool_figures(&self) -> Option<PoolFigures> {
+        self.default_pool().map(|_| self.pool)
     }
 
     /// The compute capability, e.g. (9, 0) for an H100.
@@ -292,16 +316,19 @@ impl CudaDevice {
     }
 
     /// Waits for the stream, then hands pooled memory back to the driver, so the next probe and
-    /// `cuMemGetInfo` see it free.
-    fn release_pooled_memory(&mut self) -> Result<(), DeviceError> {
+    /// `cuMemGetInfo` see it free; returns what the pool reserved before the trim.
+    fn release_pooled_memory(&mut self) -> Result<u64, DeviceError> {
         let synchronized = self.stream.synchronize();
         synchronized.map_err(|e| self.classify("synchronising after a probe", 0, e))?;
-        if let Some(pool) = self.default_pool() {
-            // SAFETY: trims the pool of this context's device; no allocation of ours is live.
-            let trimmed = unsafe { sys::cuMemPoolTrimTo(pool, 0).result() };
-            trimmed.map_err(|e| self.classify("trimming the memory pool", 0, e))?;
-        }
-        Ok(())
+        let Some(pool) = self.default_pool() else {
+            return Ok(0);
+        };
+        let reserved =
+            self.pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+        // SAFETY: trims the pool of this context's device; no allocation of ours is live.
+        let trimmed = unsafe { sys::cuMemPoolTrimTo(pool, 0).result() };
+        trimmed.map_err(|e| self.classify("trimming the memory pool", 0, e))?;
+        Ok(reserved)
     }
 
     /// Bytes this process holds on the device now: the default pool's reservation, or without
@@ -348,17 +375,24 @@ impl CudaDevice {
     /// keeping, not a leak, and NVIDIA does not promise a trim to zero returns everything.
     /// Without pools, the device's used memory within a tolerance.
     fn check_returned(&mut self, before: u64) -> Result<(), DeviceError> {
-        self.release_pooled_memory()?;
+        if let Some(pool) = self.default_pool() {
+            self.pool.reserved_peak =
+                self.pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?;
+        }
+        let reserved_before_trim = self.release_pooled_memory()?;
         let after = self.held_bytes()?;
         if let Some(pool) = self.default_pool() {
             let used =
                 self.pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
-            if used > self.pool_used_before {
+            self.pool.reserved_before_trim = reserved_before_trim;
+            self.pool.reserved_after_trim = after;
+            self.pool.used_after = used;
+            if used > self.pool.used_before {
                 return Err(DeviceError::Fault(format!(
                     "device memory did not come back after the probe: the pool held {} bytes of \
                      allocations before and {used} after (reserved {before} before, {after} after \
                      trimming)",
-                    self.pool_used_before
+                    self.pool.used_before
                 )));
             }
             return Ok(());
@@ -407,8 +441,13 @@ impl Probing for CudaDevice {
                     .result()
                 };
                 reset.map_err(|e| self.classify("resetting the pool's high watermark", 0, e))?;
-                self.pool_used_before = self
+                let used_before = self
                     .pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+                self.pool = PoolFigures {
+                    reserved_before: held,
+                    used_before,
+                    ..PoolFigures::default()
+                };
             }
             None => self.sampled_peak = held,
         }

@@ -55,6 +55,27 @@ pub fn count_cuda() -> Exit {
     Exit::Done
 }
 
+/// Faults CUDA device 0 on purpose and prints, as one JSON line, what the driver answered then
+/// (`cuda::drill`): for the GPU check, in a throwaway worker. Exits [`Exit::Faulted`] when the
+/// fault was told apart from out-of-memory, [`Exit::OpenFailed`] without a device.
+pub fn fault_drill() -> Exit {
+    let mut out = std::io::stdout().lock();
+    let (line, exit) = match cuda::CudaDevice::open(0) {
+        Ok(mut device) => {
+            let report = device.fault_drill();
+            let exit = if report.classified_as_fault {
+                Exit::Faulted
+            } else {
+                Exit::Done
+            };
+            (serde_json::json!({ "device": device.info().name, "drill": report }), exit)
+        }
+        Err(e) => (serde_json::json!({ "open_failed": e.to_string() }), Exit::OpenFailed),
+    };
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    exit
+}
+
 /// Announces the open device, then runs each job the service sends.
 fn serve(mut device: Box<dyn Device>, fallback_reason: Option<String>) -> Exit {
     emit(&Event::Ready {
