@@ -92,5 +92,9 @@ fn the_gpu_check_runs_every_section_on_the_standin_and_says_so() {
         summary.contains("This ran on the CUDA stand-in, not a GPU"),
         "{summary}"
     );
-    assert!(summary.contains("| a fault is sticky: every later call of the process fails | confirmed |"), "{summary}");
+    assert!(
+        summary
+            .contains("| a fault is sticky: every later call of the process fails | confirmed |"),
+        "{summary}"
+    );
 }

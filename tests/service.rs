@@ -1108,6 +1108,82 @@ fn the_status_pages_render_in_a_browser_with_the_answer_and_both_charts() {
 }
 
 #[test]
+fn a_running_job_page_grows_in_place_until_the_answer() {
+    let server = TestServer::start(Config {
+        host_memory: bytesize::ByteSize::mib(64),
+        ..host_config()
+    });
+    let mut running = job(&[3, 32, 32], &[128], 10, "adam");
+    running["search"] = json!({"steps_per_probe": 8, "start": 64});
+    running["no_cache"] = json!(true);
+    let id = server.tune(&running, &[("Prefer", "respond-async")]).body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/jobs/{id}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let page = loop {
+        let page = server.get_html(&path);
+        if page.contains("Training speed against batch size")
+            || page.contains("id=\"max-batch-size\"")
+        {
+            break page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no chart while running: {page}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(
+        page.contains("data-live=\"2\"") && page.contains("id=\"progress\">Running for "),
+        "a running job's page is live and says where the job is: {page}"
+    );
+    assert!(
+        !page.contains("<meta http-equiv=\"refresh\"") || page.contains("<noscript><meta"),
+        "no full reloads while scripts run"
+    );
+    let profile = tempfile::tempdir().unwrap();
+    if chromium(profile.path()).is_none() {
+        return;
+    }
+    // Virtual time runs the page's timers, each fetch taking real time, while the job runs on;
+    // a browser session that ends before the job does is followed by another.
+    for _ in 0..20 {
+        let output = chromium(profile.path())
+            .unwrap()
+            .arg("--virtual-time-budget=600000")
+            .arg("--dump-dom")
+            .arg(format!("{}{path}", server.base))
+            .output()
+            .unwrap();
+        let dom = String::from_utf8_lossy(&output.stdout).to_string();
+        if dom.contains("data-live") {
+            assert!(
+                dom.contains("data-refreshes"),
+                "no refresh in a whole session: {dom}"
+            );
+            continue;
+        }
+        let (_, document) = server.get(&path);
+        assert_eq!(document["state"], "succeeded", "{document}");
+        assert!(
+            dom.contains(&format!(
+                "id=\"max-batch-size\">{}<",
+                document["result"]["max_batch_size"]
+            )),
+            "the page did not take in the answer: {dom}"
+        );
+        assert!(
+            dom.contains("data-refreshes"),
+            "the browser never saw the job run (it finished first): {dom}"
+        );
+        return;
+    }
+    panic!("the job did not finish within 20 browser sessions");
+}
+
+#[test]
 fn estimate_answers_for_a_card_every_card_or_an_unknown_one() {
     let server = TestServer::start(host_config());
     let post = |body: &Value| {

@@ -14,8 +14,8 @@ use headroom_devices::host::DEFAULT_BUDGET_BYTES;
 use headroom_devices::parity::{self, Check};
 use headroom_devices::transfer::Transfer;
 use headroom_devices::{cuda, nvml};
-use headroom_engine::device::{Device, Probing};
 use headroom_engine::catalogue;
+use headroom_engine::device::{Device, Probing};
 use headroom_engine::job::Job;
 use headroom_engine::search::tune;
 
@@ -284,11 +284,19 @@ fn cuda_devices() -> Vec<Row> {
 /// What opening the device (its context and the loaded kernels) took, as NVML counts the GPU's
 /// used memory before and after, against the reserve the GPU catalogue assumes. Another process
 /// allocating meanwhile moves the figure too, so it is information, not a check.
-fn context_reservation(name: &str, device: &cuda::CudaDevice, before: &[nvml::GpuTelemetry]) -> Row {
+fn context_reservation(
+    name: &str,
+    device: &cuda::CudaDevice,
+    before: &[nvml::GpuTelemetry],
+) -> Row {
     let info = device.info();
     let after = nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default();
     let (Some(before), Some(after)) = (nvml::find(before, &info), nvml::find(&after, &info)) else {
-        return row(Status::Info, format!("{name} context"), "NVML does not list this GPU: the context's reservation is not measured");
+        return row(
+            Status::Info,
+            format!("{name} context"),
+            "NVML does not list this GPU: the context's reservation is not measured",
+        );
     };
     let taken = after.used_bytes.saturating_sub(before.used_bytes);
     let assumed = catalogue::CONTEXT_RESERVE_BYTES;
@@ -315,7 +323,11 @@ fn context_reservation(name: &str, device: &cuda::CudaDevice, before: &[nvml::Gp
 /// trim to zero leaves reserved (the pool's keeping; no allocation is live in it).
 fn pool_row(name: &str, device: &cuda::CudaDevice) -> Row {
     let Some(pool) = device.pool_figures() else {
-        return row(Status::Info, format!("{name} memory pool"), "the device has no memory pools: leaks are counted device-wide, within 64 MiB");
+        return row(
+            Status::Info,
+            format!("{name} memory pool"),
+            "the device has no memory pools: leaks are counted device-wide, within 64 MiB",
+        );
     };
     Row {
         figures: serde_json::to_value(pool).ok(),

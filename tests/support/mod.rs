@@ -183,6 +183,18 @@ impl Http {
             .unwrap()
     }
 
+    /// `GET path` as a browser asks for it (HTML first), as text.
+    pub fn get_html(&self, path: &str) -> String {
+        Self::agent()
+            .get(format!("{}{path}", self.base))
+            .header("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8")
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    }
+
     /// `POST path` with a JSON body.
     pub fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
         let answer = Self::answer(

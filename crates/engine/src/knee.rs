@@ -4,6 +4,12 @@
 //! the same rule applied to the pessimistic and optimistic ends of every point's spread gives
 //! the range the knee could lie in. When that range spans more than [`DECIDED_RATIO`], the
 //! measurements do not decide the knee, and the answer says so.
+//!
+//! One rule comes from physics rather than the fit: more samples never take less time, so a
+//! larger batch cannot step faster than a smaller one. A pair of neighbours that breaks it
+//! beyond both points' uncertainty holds an outlier (a machine that got quieter or busier
+//! between them); the one further from the other points is set aside ([`set_aside`]), drawn but
+//! not fitted.
 
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +103,17 @@ fn scatter(points: &[Measured], fit: &[f64]) -> f64 {
 /// reaches the threshold: from the first the optimistic fit puts past it to the first the
 /// pessimistic fit does.
 pub fn knee(points: &[Measured], tolerance: f64) -> Option<Knee> {
+    let aside = set_aside(points);
+    let kept: Vec<Measured> = points
+        .iter()
+        .zip(&aside)
+        .filter(|(_, &aside)| !aside)
+        .map(|(p, _)| *p)
+        .collect();
+    knee_of_fitted(&kept, tolerance)
+}
+
+fn knee_of_fitted(points: &[Measured], tolerance: f64) -> Option<Knee> {
     let weights: Vec<f64> = points.iter().map(|p| f64::from(p.timed_steps)).collect();
     let fit = |scale: &dyn Fn(&Measured) -> f64| {
         let values: Vec<f64> = points
@@ -106,6 +123,9 @@ pub fn knee(points: &[Measured], tolerance: f64) -> Option<Knee> {
         isotonic(&values, &weights)
     };
     let central = fit(&|_| 1.0);
+    if central.is_empty() {
+        return None;
+    }
     let best = central.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let threshold = (1.0 - tolerance) * best;
     let first_past = |curve: &[f64]| {
@@ -138,25 +158,107 @@ pub struct ThroughputPoint {
     /// The timed steps' range relative to their median.
     #[serde(default)]
     pub spread: f64,
-    /// The rising curve fitted through every point, at this one.
+    /// The rising curve fitted through the points kept, at this one.
     #[serde(default)]
     pub fitted_samples_per_second: f64,
+    /// Left out of the fit: it stepped faster than a smaller batch could ([`set_aside`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub set_aside: bool,
 }
 
-/// The curve of `points` with its fit.
+/// The curve of `points` with its fit; a point set aside reads the fit of the nearest kept
+/// point below it (or above, with none below).
 pub fn curve(points: &[Measured]) -> Vec<ThroughputPoint> {
-    let values: Vec<f64> = points.iter().map(|p| p.samples_per_second).collect();
-    let weights: Vec<f64> = points.iter().map(|p| f64::from(p.timed_steps)).collect();
+    let aside = set_aside(points);
+    let kept: Vec<usize> = (0..points.len()).filter(|&i| !aside[i]).collect();
+    let values: Vec<f64> = kept.iter().map(|&i| points[i].samples_per_second).collect();
+    let weights: Vec<f64> = kept
+        .iter()
+        .map(|&i| f64::from(points[i].timed_steps))
+        .collect();
+    let fitted = isotonic(&values, &weights);
+    let fitted_at = |i: usize| {
+        let below = kept.iter().rposition(|&k| k <= i);
+        below
+            .or((!kept.is_empty()).then_some(0))
+            .map_or(0.0, |at| fitted[at])
+    };
     points
         .iter()
-        .zip(isotonic(&values, &weights))
-        .map(|(p, fitted)| ThroughputPoint {
+        .enumerate()
+        .map(|(i, p)| ThroughputPoint {
             batch_size: p.batch_size,
             samples_per_second: p.samples_per_second,
             spread: p.spread,
-            fitted_samples_per_second: fitted,
+            fitted_samples_per_second: fitted_at(i),
+            set_aside: aside[i],
         })
         .collect()
+}
+
+/// Which of `points` (sorted by batch size) to leave out of the fit. Neighbours `a < b` break
+/// the rule when `b` steps faster than `a` beyond both points' uncertainty; of the two, the one
+/// further (in log speed) from the level of the other points there is set aside, and the check
+/// runs again until no pair breaks it. A pair with no other point below it is left alone: there
+/// is nothing to tell which of the two strays.
+pub fn set_aside(points: &[Measured]) -> Vec<bool> {
+    let mut aside = vec![false; points.len()];
+    let values: Vec<f64> = points.iter().map(|p| p.samples_per_second).collect();
+    let weights: Vec<f64> = points.iter().map(|p| f64::from(p.timed_steps)).collect();
+    let scatter = scatter(points, &isotonic(&values, &weights));
+    while let Some((a, b)) = breaking_pair(points, &aside, scatter) {
+        let others: Vec<usize> = (0..points.len())
+            .filter(|&i| !aside[i] && i != a && i != b)
+            .collect();
+        let (Some(da), Some(db)) = (stray(points, &others, a), stray(points, &others, b)) else {
+            break;
+        };
+        aside[if db >= da { b } else { a }] = true;
+    }
+    aside
+}
+
+/// The first pair of kept neighbours whose larger batch steps faster than the smaller beyond
+/// both points' uncertainty, among those with a kept point below them.
+fn breaking_pair(points: &[Measured], aside: &[bool], scatter: f64) -> Option<(usize, usize)> {
+    let kept: Vec<usize> = (0..points.len()).filter(|&i| !aside[i]).collect();
+    kept.windows(2).skip(1).find_map(|w| {
+        let (a, b) = (&points[w[0]], &points[w[1]]);
+        let step_a = a.batch_size as f64 / a.samples_per_second;
+        let step_b = b.batch_size as f64 / b.samples_per_second;
+        let margin = 1.0 + uncertainty(a, scatter) + uncertainty(b, scatter);
+        (step_b * margin < step_a).then_some((w[0], w[1]))
+    })
+}
+
+/// How far (|ln|) point `i`'s speed lies from the level of `others` at its batch size: their fit,
+/// interpolated in log batch size between the nearest below and above (flat past the largest).
+/// `None` with no other point below it.
+fn stray(points: &[Measured], others: &[usize], i: usize) -> Option<f64> {
+    let values: Vec<f64> = others
+        .iter()
+        .map(|&k| points[k].samples_per_second)
+        .collect();
+    let weights: Vec<f64> = others
+        .iter()
+        .map(|&k| f64::from(points[k].timed_steps))
+        .collect();
+    let fit = isotonic(&values, &weights);
+    let x = (points[i].batch_size as f64).ln();
+    let below = others.iter().rposition(|&k| k < i)?;
+    let level = match others.get(below + 1) {
+        Some(&above) => {
+            let (x0, x1) = (
+                (points[others[below]].batch_size as f64).ln(),
+                (points[above].batch_size as f64).ln(),
+            );
+            let t = if x1 > x0 { (x - x0) / (x1 - x0) } else { 0.0 };
+            fit[below] + t * (fit[below + 1] - fit[below])
+        }
+        None => fit[below],
+    };
+    (level > 0.0 && points[i].samples_per_second > 0.0)
+        .then(|| (points[i].samples_per_second / level).ln().abs())
 }
 
 /// Where one more probe would sharpen the knee, if anywhere: below the knee when nothing smaller
@@ -250,6 +352,48 @@ mod tests {
     }
 
     #[test]
+    fn a_larger_batch_that_steps_faster_is_set_aside() {
+        // A plateau from 8192 on, and two confirming probes at the maximum on a machine that
+        // had just gone quiet: 45% faster, 7% larger (the README's run of 2026-11-30).
+        let mut points: Vec<Measured> = [2048u64, 4096, 8192, 16384, 32768, 57344]
+            .iter()
+            .zip([30e3, 48e3, 58e3, 61e3, 60e3, 59e3])
+            .map(|(&b, s)| point(b, s, 0.1, 2))
+            .collect();
+        points.push(point(61440, 88e3, 0.05, 4));
+        assert_eq!(
+            set_aside(&points),
+            [false, false, false, false, false, false, true]
+        );
+        let knee = knee(&points, 0.05).unwrap();
+        assert_eq!(knee.batch_size, 8192, "{knee:?}");
+        let drawn = curve(&points);
+        assert!(drawn[6].set_aside && drawn[6].fitted_samples_per_second < 62e3);
+        // Without the quiet spell the same points keep every measurement.
+        points[6].samples_per_second = 60e3;
+        assert!(set_aside(&points).iter().all(|&aside| !aside));
+    }
+
+    #[test]
+    fn a_slow_point_is_set_aside_rather_than_its_faster_neighbour() {
+        let points: Vec<Measured> = [1024u64, 2048, 4096, 7680, 8192]
+            .iter()
+            .zip([50e3, 90e3, 100e3, 60e3, 101e3])
+            .map(|(&b, s)| point(b, s, 0.05, 6))
+            .collect();
+        assert_eq!(set_aside(&points), [false, false, false, true, false]);
+    }
+
+    #[test]
+    fn a_curve_still_rising_at_the_limit_keeps_every_point() {
+        let rising: Vec<Measured> = (8..16)
+            .map(|k| point(1 << k, f64::from(1u32 << k) * 0.9, 0.05, 6))
+            .collect();
+        assert!(set_aside(&rising).iter().all(|&aside| !aside));
+        assert_eq!(knee(&rising, 0.05).unwrap().batch_size, 1 << 15);
+    }
+
+    #[test]
     fn measurements_that_cannot_decide_say_so() {
         let flat_and_noisy: Vec<Measured> = (4..14)
             .map(|k| point(1 << k, 100.0 + (k % 2) as f64, 0.8, 8))
@@ -312,6 +456,27 @@ mod tests {
                 .collect();
             let knee = knee(&points, 0.05).unwrap();
             prop_assert!(knee.low <= knee.batch_size && knee.batch_size <= knee.high);
+        }
+
+        #[test]
+        fn what_is_kept_never_steps_faster_at_a_larger_batch_beyond_its_uncertainty(
+            speeds in prop::collection::vec((1.0f64..1e5, 0.0f64..0.5), 3..20),
+        ) {
+            let points: Vec<Measured> = speeds
+                .iter()
+                .enumerate()
+                .map(|(i, &(s, spread))| point(64 + 16 * i as u64, s, spread, 4))
+                .collect();
+            let aside = set_aside(&points);
+            let kept: Vec<&Measured> = points.iter().zip(&aside).filter(|(_, &a)| !a).map(|(p, _)| p).collect();
+            prop_assert!(!kept.is_empty());
+            // Every pair left breaking the rule has no kept point below it to judge by.
+            for (i, w) in kept.windows(2).enumerate().skip(1) {
+                let (a, b) = (w[0], w[1]);
+                let margin = 1.0 + (a.spread / 2.0).max(MIN_UNCERTAINTY) + (b.spread / 2.0).max(MIN_UNCERTAINTY);
+                let breaks = b.batch_size as f64 / b.samples_per_second * margin < a.batch_size as f64 / a.samples_per_second;
+                prop_assert!(!breaks, "pair {} of {:?} (aside {:?})", i, kept, aside);
+            }
         }
     }
 }

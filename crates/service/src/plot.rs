@@ -6,13 +6,16 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use headroom_engine::knee::{self, Knee, ThroughputPoint};
 use headroom_engine::plan::{MemoryBreakdown, Plan};
-use headroom_engine::result::{Outcome, TuneResult};
+use headroom_engine::result::{measured, Outcome, Probe, TuneResult};
 
 const WIDTH: u32 = 960;
 const CHART_HEIGHT: u32 = 380;
 const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
+/// Sizes at which the memory chart's bands are drawn through the model.
+const BAND_SAMPLES: u64 = 96;
 
 /// The unit a memory axis reaching `top_bytes` reads best in, and its size in bytes.
 fn memory_unit(top_bytes: f64) -> (&'static str, f64) {
@@ -86,17 +89,19 @@ fn drawing_error(error: impl std::fmt::Display) -> PlotError {
 fn memory_chart(
     area: &Drawing<'_>,
     plan: &Plan,
-    limit_bytes: u64,
+    limit_bytes: Option<u64>,
     x_max: u64,
     measured: &[(u64, u64)],
     out_of_memory: &[u64],
     markers: &[Marker],
 ) -> Result<(), PlotError> {
-    let top_bytes = plan
-        .memory(x_max)
-        .map_or(limit_bytes, |m| m.total)
-        .max(limit_bytes) as f64
-        * 1.08;
+    let limit_or_zero = limit_bytes.unwrap_or(0);
+    let top_bytes =
+        plan.memory(x_max)
+            .map_or(limit_or_zero, |m| m.total)
+            .max(limit_or_zero)
+            .max(measured.iter().map(|&(_, bytes)| bytes).max().unwrap_or(0)) as f64
+            * 1.08;
     let (unit, unit_bytes) = memory_unit(top_bytes);
     let top = top_bytes / unit_bytes;
     let mut chart = ChartBuilder::on(area)
@@ -115,50 +120,76 @@ fn memory_chart(
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(drawing_error)?;
-    // Memory is affine in the batch size: each part's band is exact between two points.
-    let at = |batch: u64| {
-        plan.memory(batch)
-            .map(|m| part_values(&m))
-            .unwrap_or([0; 5])
-    };
-    let (start, end) = (at(0), at(x_max));
+    // Each part is affine in the batch size only while the step peaks at the same moment; the
+    // moment moves (PyTorch's peak leaves the optimizer step for backward as the batch grows),
+    // so the bands are drawn through the model at many sizes.
+    let sizes: Vec<u64> = (0..=BAND_SAMPLES)
+        .map(|k| x_max * k / BAND_SAMPLES)
+        .collect();
+    let parts: Vec<[u64; 5]> = sizes
+        .iter()
+        .map(|&batch| {
+            plan.memory(batch)
+                .map(|m| part_values(&m))
+                .unwrap_or([0; 5])
+        })
+        .collect();
     for (i, (name, color)) in PARTS.iter().enumerate().rev() {
-        let height = |values: &[u64; 5]| values[..=i].iter().sum::<u64>() as f64 / unit_bytes;
-        let band = [(0.0, height(&start)), (x_max as f64, height(&end))];
+        let band = sizes.iter().zip(&parts).map(|(&batch, values)| {
+            (
+                batch as f64,
+                values[..=i].iter().sum::<u64>() as f64 / unit_bytes,
+            )
+        });
         chart
             .draw_series(AreaSeries::new(band, 0.0, color.mix(0.9)))
             .map_err(drawing_error)?
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
-    let limit = limit_bytes as f64 / unit_bytes;
-    chart
-        .draw_series(LineSeries::new(
-            [(0.0, limit), (x_max as f64, limit)],
-            LIMIT_COLOR.stroke_width(2),
-        ))
-        .map_err(drawing_error)?
-        .label("device limit")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], LIMIT_COLOR.stroke_width(2)));
+    let limit = limit_bytes.map_or(top, |bytes| bytes as f64 / unit_bytes);
+    if limit_bytes.is_some() {
+        chart
+            .draw_series(LineSeries::new(
+                [(0.0, limit), (x_max as f64, limit)],
+                LIMIT_COLOR.stroke_width(2),
+            ))
+            .map_err(drawing_error)?
+            .label("device limit")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], LIMIT_COLOR.stroke_width(2)));
+    }
     if !measured.is_empty() {
+        // Hollow, so that the close probes of the bisection near the limit stay apart.
         chart
             .draw_series(measured.iter().map(|&(batch, bytes)| {
-                Circle::new((batch as f64, bytes as f64 / unit_bytes), 4, BLACK.filled())
+                Circle::new(
+                    (batch as f64, bytes as f64 / unit_bytes),
+                    4,
+                    BLACK.stroke_width(2),
+                )
             }))
             .map_err(drawing_error)?
             .label("measured, fit")
-            .legend(|(x, y)| Circle::new((x + 6, y), 4, BLACK.filled()));
+            .legend(|(x, y)| Circle::new((x + 6, y), 4, BLACK.stroke_width(2)));
     }
+    // Each OOM where the model puts its demand, above the limit; those past the axis counted.
+    let (shown, beyond): (Vec<u64>, Vec<u64>) =
+        out_of_memory.iter().partition(|&&batch| batch <= x_max);
     if !out_of_memory.is_empty() {
+        let demand = |batch: u64| {
+            plan.memory(batch)
+                .map_or(limit, |m| (m.total as f64 / unit_bytes).min(top))
+        };
+        let label = match beyond.len() {
+            0 => "out of memory (at the model's demand)".to_string(),
+            n => format!("out of memory (at the model's demand; {n} past the axis)"),
+        };
         chart
-            .draw_series(
-                out_of_memory
-                    .iter()
-                    .filter(|&&b| b <= x_max)
-                    .map(|&batch| Cross::new((batch as f64, limit), 6, MAX_COLOR.stroke_width(2))),
-            )
+            .draw_series(shown.iter().map(|&batch| {
+                Cross::new((batch as f64, demand(batch)), 6, MAX_COLOR.stroke_width(2))
+            }))
             .map_err(drawing_error)?
-            .label("out of memory")
+            .label(label)
             .legend(|(x, y)| Cross::new((x + 6, y), 5, MAX_COLOR.stroke_width(2)));
     }
     draw_markers(&mut chart, markers, 0.0, top, |b| b as f64)?;
@@ -224,14 +255,23 @@ fn draw_markers<X: Ranged<ValueType = f64>>(
 
 fn throughput_chart(
     area: &Drawing<'_>,
-    result: &TuneResult,
+    throughput: &[ThroughputPoint],
+    knee: Option<Knee>,
     markers: &[Marker],
 ) -> Result<(), PlotError> {
-    let points: Vec<(f64, f64)> = result
-        .throughput
+    let points: Vec<(f64, f64)> = throughput
         .iter()
         .map(|p| (p.batch_size.max(1) as f64, p.samples_per_second))
         .collect();
+    let (aside, kept): (Vec<_>, Vec<_>) = throughput
+        .iter()
+        .map(|p| {
+            (
+                p.set_aside,
+                (p.batch_size.max(1) as f64, p.samples_per_second),
+            )
+        })
+        .partition(|(aside, _)| *aside);
     let x_min = points
         .iter()
         .map(|p| p.0)
@@ -239,8 +279,7 @@ fn throughput_chart(
         .min(x_max_of(&points))
         / 1.5;
     let x_max = x_max_of(&points) * 1.5;
-    let y_max = result
-        .throughput
+    let y_max = throughput
         .iter()
         .map(|p| p.samples_per_second * (1.0 + p.spread / 2.0))
         .fold(1.0, f64::max)
@@ -262,7 +301,7 @@ fn throughput_chart(
         .draw()
         .map_err(drawing_error)?;
     // The range the knee could lie in, shaded behind the measurements.
-    if let Some(knee) = result.throughput_knee.filter(|k| k.low < k.high) {
+    if let Some(knee) = knee.filter(|k| k.low < k.high) {
         chart
             .draw_series(std::iter::once(Rectangle::new(
                 [
@@ -276,7 +315,7 @@ fn throughput_chart(
     // Each measurement with its steps' spread, and the rising fit the knee is read from.
     let measured = RGBColor(40, 90, 160);
     chart
-        .draw_series(result.throughput.iter().map(|p| {
+        .draw_series(throughput.iter().map(|p| {
             let x = p.batch_size.max(1) as f64;
             let half = p.samples_per_second * p.spread / 2.0;
             PathElement::new(
@@ -289,14 +328,27 @@ fn throughput_chart(
         }))
         .map_err(drawing_error)?;
     chart
-        .draw_series(points.iter().map(|&p| Circle::new(p, 4, measured.filled())))
+        .draw_series(
+            kept.iter()
+                .map(|&(_, p)| Circle::new(p, 4, measured.filled())),
+        )
         .map_err(drawing_error)?
         .label("measured (median, spread)")
         .legend(move |(x, y)| Circle::new((x + 10, y), 4, measured.filled()));
+    if !aside.is_empty() {
+        chart
+            .draw_series(
+                aside
+                    .iter()
+                    .map(|&(_, p)| Circle::new(p, 5, MAX_COLOR.stroke_width(2))),
+            )
+            .map_err(drawing_error)?
+            .label("set aside: faster per step than a smaller batch")
+            .legend(|(x, y)| Circle::new((x + 10, y), 5, MAX_COLOR.stroke_width(2)));
+    }
     chart
         .draw_series(LineSeries::new(
-            result
-                .throughput
+            throughput
                 .iter()
                 .map(|p| (p.batch_size.max(1) as f64, p.fitted_samples_per_second)),
             RGBColor(20, 20, 20).stroke_width(2),
@@ -343,31 +395,29 @@ fn markers(result: &TuneResult) -> Vec<Marker> {
     ]
 }
 
-/// Both charts of a tune, as one SVG document.
-pub fn tune_svg(result: &TuneResult, plan: &Plan) -> Result<String, PlotError> {
-    let first_oom = result
-        .probes
+/// The axis end of a memory chart of `probes` (10% past the first OOM, or the largest size
+/// otherwise), the fitted probes' sizes and device bytes, and the OOM probes' sizes.
+fn probe_marks(probes: &[Probe], largest: u64) -> (u64, Vec<(u64, u64)>, Vec<u64>) {
+    let out_of_memory: Vec<u64> = probes
         .iter()
         .filter(|p| p.outcome == Outcome::Oom)
         .map(|p| p.batch_size)
-        .min();
-    let x_max = (first_oom
-        .unwrap_or(result.max_batch_size)
-        .max(result.max_batch_size) as f64
-        * 1.1)
-        .ceil() as u64;
-    let measured: Vec<(u64, u64)> = result
-        .probes
+        .collect();
+    let first_oom = out_of_memory.iter().copied().min();
+    let x_max = (first_oom.unwrap_or(largest).max(largest) as f64 * 1.1)
+        .ceil()
+        .max(2.0) as u64;
+    let fitted = probes
         .iter()
         .filter(|p| p.outcome == Outcome::Fit)
         .map(|p| (p.batch_size, p.device_bytes))
         .collect();
-    let out_of_memory: Vec<u64> = result
-        .probes
-        .iter()
-        .filter(|p| p.outcome == Outcome::Oom)
-        .map(|p| p.batch_size)
-        .collect();
+    (x_max, fitted, out_of_memory)
+}
+
+/// Both charts of a tune, as one SVG document.
+pub fn tune_svg(result: &TuneResult, plan: &Plan) -> Result<String, PlotError> {
+    let (x_max, measured, out_of_memory) = probe_marks(&result.probes, result.max_batch_size);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, 2 * CHART_HEIGHT)).into_drawing_area();
@@ -376,16 +426,41 @@ pub fn tune_svg(result: &TuneResult, plan: &Plan) -> Result<String, PlotError> {
         memory_chart(
             &upper,
             plan,
-            result.device.free_bytes,
+            Some(result.device.free_bytes),
             x_max,
             &measured,
             &out_of_memory,
             &markers(result),
         )?;
-        throughput_chart(&lower, result, &markers(result))?;
+        throughput_chart(
+            &lower,
+            &result.throughput,
+            result.throughput_knee,
+            &markers(result),
+        )?;
         root.present().map_err(drawing_error)?;
     }
     Ok(svg)
+}
+
+/// Both charts of a running tune from its probes so far: no limit or knee yet, the speed of
+/// every size that fitted with the rising fit through them. `None` before a probe fitted.
+pub fn progress_svg(plan: &Plan, probes: &[Probe]) -> Result<Option<String>, PlotError> {
+    let throughput = knee::curve(&measured(probes));
+    let Some(largest) = throughput.iter().map(|p| p.batch_size).max() else {
+        return Ok(None);
+    };
+    let (x_max, fitted, out_of_memory) = probe_marks(probes, largest);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, 2 * CHART_HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(drawing_error)?;
+        let (upper, lower) = root.split_vertically(CHART_HEIGHT);
+        memory_chart(&upper, plan, None, x_max, &fitted, &out_of_memory, &[])?;
+        throughput_chart(&lower, &throughput, None, &[])?;
+        root.present().map_err(drawing_error)?;
+    }
+    Ok(Some(svg))
 }
 
 /// The memory chart of an estimate for `memory_bytes` free.
@@ -412,7 +487,7 @@ pub fn estimate_svg(
             },
         ];
         let x_max = (predicted as f64 * 1.1).ceil().max(2.0) as u64;
-        memory_chart(&root, plan, memory_bytes, x_max, &[], &[], &markers)?;
+        memory_chart(&root, plan, Some(memory_bytes), x_max, &[], &[], &markers)?;
         root.present().map_err(drawing_error)?;
     }
     Ok(svg)

@@ -83,7 +83,12 @@ fn launch_onto(
     let mut builder = device
         .stream
         .launch_builder(&device.functions[kernel.index()]);
-    builder.arg(&address).arg(&n).arg(&key).arg(&scale).arg(&storage);
+    builder
+        .arg(&address)
+        .arg(&n)
+        .arg(&key)
+        .arg(&scale)
+        .arg(&storage);
     // SAFETY: deliberately unsound on the device: the kernel writes to an unmapped address, which
     // the driver reports as an illegal address; no host memory is touched.
     let launched = unsafe { builder.launch(shapes::elementwise(n as u64)) };

@@ -13,9 +13,9 @@
 //! probe's bytes nor taken for a leak.
 
 pub mod compile;
+pub mod drill;
 pub mod kernel;
 pub mod kernel_cache;
-pub mod drill;
 mod launch;
 pub mod shapes;
 
@@ -323,8 +323,10 @@ impl CudaDevice {
         let Some(pool) = self.default_pool() else {
             return Ok(0);
         };
-        let reserved =
-            self.pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+        let reserved = self.pool_attribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+        )?;
         // SAFETY: trims the pool of this context's device; no allocation of ours is live.
         let trimmed = unsafe { sys::cuMemPoolTrimTo(pool, 0).result() };
         trimmed.map_err(|e| self.classify("trimming the memory pool", 0, e))?;

@@ -17,12 +17,41 @@ use crate::plot;
 use crate::problem::Problem;
 use crate::AppState;
 use headroom_engine::job::Job;
-use headroom_engine::result::Probe;
+use headroom_engine::result::{Outcome, Probe};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-/// Seconds between reloads of a page whose job has not finished.
+/// Seconds between refreshes of a page whose job has not finished.
 const REFRESH_SECONDS: u32 = 2;
+
+/// While a page is live (`main[data-live]`), its script fetches the page again every
+/// [`REFRESH_SECONDS`] and swaps in the new `main`, so charts grow in place (no reload, no lost
+/// scroll), counting the swaps in `html[data-refreshes]`; it stops once the page it fetched is
+/// no longer live. Without scripts, a meta refresh.
+const LIVE_SCRIPT: &str = r#"
+(function () {
+  const main = document.querySelector("main");
+  if (!main || !main.dataset.live) return;
+  const every = 1000 * Number(main.dataset.live);
+  const tick = async () => {
+    try {
+      const response = await fetch(location.href, { headers: { Accept: "text/html" }, cache: "no-store" });
+      if (response.ok) {
+        const page = new DOMParser().parseFromString(await response.text(), "text/html");
+        const fresh = page.querySelector("main");
+        if (fresh) {
+          main.innerHTML = fresh.innerHTML;
+          const root = document.documentElement;
+          root.dataset.refreshes = String(Number(root.dataset.refreshes || 0) + 1);
+          if (!fresh.dataset.live) { delete main.dataset.live; return; }
+        }
+      }
+    } catch (e) { /* the service restarting: try again */ }
+    setTimeout(tick, every);
+  };
+  setTimeout(tick, every);
+})();
+"#;
 
 const STYLE: &str = r#"
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0; color: #222; background: #f6f7f9; }
@@ -70,13 +99,18 @@ fn page(title: &str, refresh: bool, body: Markup) -> Markup {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                @if refresh { meta http-equiv="refresh" content=(REFRESH_SECONDS); }
+                @if refresh { noscript { meta http-equiv="refresh" content=(REFRESH_SECONDS); } }
                 title { (title) " · headroom" }
                 style { (PreEscaped(STYLE)) }
             }
             body {
                 header { a href="/" { "headroom" } " · the largest batch each device holds" }
-                main { (body) }
+                @if refresh {
+                    main data-live=(REFRESH_SECONDS) { (body) }
+                    script { (PreEscaped(LIVE_SCRIPT)) }
+                } @else {
+                    main { (body) }
+                }
             }
         }
     }
@@ -194,6 +228,40 @@ fn took(start: &str, end: &str) -> String {
     }
 }
 
+/// Where a running job is: its probes so far, the largest size that fitted and the smallest
+/// that did not, and how long it has run (or waited).
+fn progress(document: &JobDocument) -> String {
+    let now = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    let Some(started) = &document.started_at else {
+        return format!("Queued for {}.", took(&document.created_at, &now));
+    };
+    let probes = &document.progress.probes;
+    let largest_fit = probes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Fit)
+        .map(|p| p.batch_size)
+        .max();
+    let smallest_oom = probes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Oom)
+        .map(|p| p.batch_size)
+        .min();
+    let mut line = format!(
+        "Running for {}: {} probe(s)",
+        took(started, &now),
+        probes.len()
+    );
+    if let Some(fit) = largest_fit {
+        line += &format!(", the largest fit {fit}");
+    }
+    if let Some(oom) = smallest_oom {
+        line += &format!(", out of memory from {oom}");
+    }
+    line + "."
+}
+
 /// Probes in order of batch size, each with its place in the search (from 1).
 fn by_batch_size(probes: &[Probe]) -> Vec<(usize, &Probe)> {
     let mut ordered: Vec<(usize, &Probe)> =
@@ -223,11 +291,12 @@ pub fn missing_page(detail: &str) -> Response {
 /// A job's page: its answer and charts once it succeeded, its problem if it failed, its probes.
 pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
     let running = !document.state.is_finished();
-    let charts = document
-        .result
-        .as_ref()
-        .zip(spec)
-        .and_then(|(r, spec)| plot::tune_svg(r, spec.plan()).ok());
+    let probes = &document.progress.probes;
+    let charts = match (&document.result, spec) {
+        (Some(r), Some(spec)) => plot::tune_svg(r, spec.plan()).ok(),
+        (None, Some(spec)) if running => plot::progress_svg(spec.plan(), probes).ok().flatten(),
+        _ => None,
+    };
     page(
         &format!("job {}", &document.id[..8]),
         running,
@@ -249,8 +318,9 @@ pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
                         (figure("accumulation", format!("{} × {} × {}", a.micro_batch_size, a.steps, a.world_size), &format!("micro batch × steps × GPUs = {}", a.global_batch_size)))
                     }
                 }
-                @if let Some(svg) = &charts { div class="charts" { (PreEscaped(svg)) } }
             }
+            @if running { p id="progress" { (progress(document)) } }
+            @if let Some(svg) = &charts { div class="charts" { (PreEscaped(svg)) } }
             @if let Some(note) = document.result.as_ref().and_then(|r| r.throughput_note.as_ref()) {
                 p class="note" { (note) }
             }
@@ -272,7 +342,7 @@ pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
                     }
                 }
             }
-            @if running { p class="note" { "This page reloads every " (REFRESH_SECONDS) " s while the job runs." } }
+            @if running { p class="note" { "The charts and probes refresh every " (REFRESH_SECONDS) " s while the job runs." } }
         },
     )
 }

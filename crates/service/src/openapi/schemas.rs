@@ -362,8 +362,13 @@ pub struct ThroughputPoint {
     samples_per_second: f64,
     /// The timed steps' range relative to their median.
     spread: f64,
-    /// The rising curve fitted through every point, at this one.
+    /// The rising curve fitted through the points kept, at this one.
     fitted_samples_per_second: f64,
+    /// Left out of the fit (present only when true): it stepped faster than a smaller batch
+    /// could, so one of the two measurements strayed, and the other points say it was this one.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(default = false)]
+    set_aside: bool,
 }
 
 /// The throughput knee and the range it could lie in.

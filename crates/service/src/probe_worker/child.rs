@@ -68,9 +68,15 @@ pub fn fault_drill() -> Exit {
             } else {
                 Exit::Done
             };
-            (serde_json::json!({ "device": device.info().name, "drill": report }), exit)
+            (
+                serde_json::json!({ "device": device.info().name, "drill": report }),
+                exit,
+            )
         }
-        Err(e) => (serde_json::json!({ "open_failed": e.to_string() }), Exit::OpenFailed),
+        Err(e) => (
+            serde_json::json!({ "open_failed": e.to_string() }),
+            Exit::OpenFailed,
+        ),
     };
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     exit
