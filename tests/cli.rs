@@ -192,6 +192,51 @@ fn an_invalid_job_exits_2_naming_the_field() {
 }
 
 #[test]
+fn a_layer_list_mlp_is_estimated_and_an_image_model_exits_2_naming_its_layer() {
+    let mlp = support::temp_file(
+        ".json",
+        r#"{"model": {"input_shape": [1, 28, 28], "num_classes": 10, "layers": [{"flatten": {}},
+            {"linear": {"out_features": 128}}, {"relu": {}}, {"linear": {"out_features": 10}}]},
+            "optimizer": {"name": "sgd"}}"#,
+    );
+    let listed = headroom(&["estimate", mlp.to_str().unwrap(), "--gpu", "H100 80GB"]);
+    let shorthand = headroom(&[
+        "estimate",
+        "examples/mnist-mlp-sgd.json",
+        "--gpu",
+        "H100 80GB",
+    ]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert_eq!(
+        listed.stdout, shorthand.stdout,
+        "the same MLP, the same estimate"
+    );
+    let lenet = support::temp_file(
+        ".json",
+        r#"{"model": {"input_shape": [1, 28, 28], "num_classes": 10, "layers": [
+            {"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}, {"relu": {}},
+            {"max_pool2d": {"kernel_size": 2}}, {"conv2d": {"out_channels": 16, "kernel_size": 5}},
+            {"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten": {}},
+            {"linear": {"out_features": 120}}, {"relu": {}}, {"linear": {"out_features": 84}},
+            {"relu": {}}, {"linear": {"out_features": 10}}]}, "optimizer": {"name": "sgd"}}"#,
+    );
+    let output = headroom(&["tune", lenet.to_str().unwrap(), "--device", "host"]);
+    refused(&output, 2, "model.layers[0]: `conv2d` is read and checked");
+    refused(&output, 2, "61706 parameters");
+    let too_big = support::temp_file(
+        ".json",
+        r#"{"model": {"input_shape": [3, 32, 32], "num_classes": 10, "layers": [
+            {"conv2d": {"out_channels": 6, "kernel_size": 33}}]}, "optimizer": {"name": "sgd"}}"#,
+    );
+    let output = headroom(&["estimate", too_big.to_str().unwrap(), "--gpu", "H100 80GB"]);
+    refused(&output, 2, "model.layers[0].conv2d.kernel_size");
+}
+
+#[test]
 fn a_missing_job_file_and_bad_arguments_exit_2() {
     assert_eq!(
         headroom(&["tune", "no/such/job.json"]).status.code(),

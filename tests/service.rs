@@ -288,6 +288,34 @@ fn every_error_class_is_a_problem() {
         (422, Some("model.hidden_layers[1]")),
         "{problem}"
     );
+    // A layer list is checked shape by shape; one headroom cannot train names its layer.
+    let mut image = tiny_job(4);
+    image["model"] = json!({"input_shape": [3, 8, 8], "num_classes": 4, "layers": [
+        {"conv2d": {"out_channels": 4, "kernel_size": 3}}, {"batch_norm2d": {}}, {"relu": {}},
+        {"global_avg_pool2d": {}}, {"linear": {"out_features": 4}}]});
+    let Answer {
+        status,
+        body: problem,
+        ..
+    } = server.tune(&image, &[]);
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (422, Some("model.layers[0]")),
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("5 layers, 140 parameters"),
+        "{problem}"
+    );
+    image["model"]["layers"][0]["conv2d"]["stride"] = json!(0);
+    let problem = server.tune(&image, &[]).body;
+    assert_eq!(
+        problem["field"], "model.layers[0].conv2d.stride",
+        "{problem}"
+    );
     // A misspelt option of the route is listed with the job's fields.
     let mut bad = tiny_job(4);
     bad["devcie"] = json!("host");

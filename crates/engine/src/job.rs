@@ -9,6 +9,7 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
+use crate::layers::{self, LayerError, LayerSpec};
 use crate::plan::Framework;
 use crate::plan::{Activation, OptimizerKind, Plan, Precision, Training};
 use crate::result::LimitedBy;
@@ -67,20 +68,24 @@ pub struct JobSpec {
     pub world_size: u64,
 }
 
-/// An MLP: flatten the input, then `Linear -> activation` per hidden width, then `Linear -> classes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The network: an MLP in shorthand (flatten the input, then `Linear -> activation` per hidden
+/// width, then `Linear -> classes`), or a list of layers in PyTorch's names ([`LayerSpec`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
     pub input_shape: Vec<u64>,
-    /// Widths of the hidden layers, possibly none.
+    /// Widths of the hidden layers, possibly none (the shorthand).
     #[serde(default)]
     pub hidden_layers: Vec<u64>,
     /// Number of output classes of the softmax cross-entropy loss.
     pub num_classes: u64,
-    /// Activation after every hidden layer.
-    #[serde(default)]
-    pub activation: Activation,
+    /// Activation after every hidden layer (the shorthand; relu when not given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
+    /// The model as layers, instead of `hidden_layers` and `activation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<LayerSpec>>,
 }
 
 /// Optimizer and its hyper-parameters.
@@ -228,6 +233,9 @@ impl Job {
     pub fn new(mut spec: JobSpec) -> Result<Job, JobError> {
         let plan = spec.validate()?;
         spec.dtype = None;
+        if spec.model.layers.is_none() {
+            spec.model.activation.get_or_insert_default();
+        }
         Ok(Job { spec, plan })
     }
 
@@ -299,7 +307,7 @@ where
 impl JobSpec {
     /// Checks the rules the types cannot express and plans the model.
     fn validate(&self) -> Result<Plan, JobError> {
-        let features = self.model.validate()?;
+        let (features, (hidden_layers, activation)) = self.model.validate()?;
         if let Some(lr) = self.optimizer.learning_rate {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(JobError::new(
@@ -351,12 +359,11 @@ impl JobSpec {
                 ),
             ));
         }
-        let model = &self.model;
         Plan::new(
             features,
-            &model.hidden_layers,
-            model.num_classes,
-            model.activation,
+            &hidden_layers,
+            self.model.num_classes,
+            activation,
             Training {
                 optimizer: self.optimizer.name,
                 learning_rate: self.learning_rate(),
@@ -375,14 +382,15 @@ impl JobSpec {
     /// One line that tells jobs apart: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`.
     pub fn summary(&self) -> String {
         let shape: Vec<String> = self.model.input_shape.iter().map(u64::to_string).collect();
+        let (hidden_layers, activation) = self.model.mlp().unwrap_or_default();
         let widths: Vec<String> = std::iter::once(shape.join("x"))
-            .chain(self.model.hidden_layers.iter().map(u64::to_string))
+            .chain(hidden_layers.iter().map(u64::to_string))
             .chain([self.model.num_classes.to_string()])
             .collect();
         format!(
             "MLP {} {}, {}, {}, {}",
             widths.join("-"),
-            serde_name(&self.model.activation),
+            serde_name(&activation),
             serde_name(&self.optimizer.name),
             self.precision,
             self.framework.name()
@@ -411,9 +419,29 @@ impl JobSpec {
     }
 }
 
+impl From<LayerError> for JobError {
+    fn from(error: LayerError) -> JobError {
+        JobError::new(error.field, error.reason)
+    }
+}
+
 impl ModelSpec {
-    /// Checks every width; returns the number of input features.
-    fn validate(&self) -> Result<u64, JobError> {
+    /// The MLP headroom trains: the shorthand's widths and activation, or those of a layer list
+    /// of linear layers and activations; an error naming the first layer it cannot train.
+    pub fn mlp(&self) -> Result<(Vec<u64>, Activation), LayerError> {
+        match &self.layers {
+            None => Ok((
+                self.hidden_layers.clone(),
+                self.activation.unwrap_or_default(),
+            )),
+            Some(list) => LayerSpec::as_mlp(list, "model.layers")
+                .map(|(widths, activation, _)| (widths, activation)),
+        }
+    }
+
+    /// Checks every width, and a layer list's every shape; returns the number of input features
+    /// and the MLP to train.
+    fn validate(&self) -> Result<(u64, (Vec<u64>, Activation)), JobError> {
         if self.input_shape.is_empty() {
             return Err(JobError::new(
                 "model.input_shape",
@@ -433,7 +461,11 @@ impl ModelSpec {
                 "must be at least 2 for a softmax cross-entropy loss",
             ));
         }
-        self.input_shape
+        if let Some(list) = &self.layers {
+            self.validate_layers(list)?;
+        }
+        let features = self
+            .input_shape
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&f| f <= MAX_DIMENSION)
@@ -442,7 +474,46 @@ impl ModelSpec {
                     "model.input_shape",
                     format!("the flattened input must have at most {MAX_DIMENSION} features"),
                 )
-            })
+            })?;
+        Ok((features, self.mlp()?))
+    }
+
+    /// A layer list: not beside the shorthand's fields, every shape checked, the logits
+    /// `num_classes` wide, and a model headroom can train (the error then says what it read).
+    fn validate_layers(&self, list: &[LayerSpec]) -> Result<(), JobError> {
+        let shorthand = if !self.hidden_layers.is_empty() {
+            Some("model.hidden_layers")
+        } else {
+            self.activation.map(|_| "model.activation")
+        };
+        if let Some(field) = shorthand {
+            return Err(JobError::new(
+                field,
+                "give either model.layers or the shorthand (hidden_layers, activation), not both; \
+                 a layer list names its activations as layers, e.g. {\"relu\": {}}",
+            ));
+        }
+        let walked = layers::walk(list, &self.input_shape, "model.layers")?;
+        if walked.output != [self.num_classes] {
+            return Err(JobError::new(
+                "model.layers",
+                format!(
+                    "ends with {:?} per sample, but num_classes is {}: the last layer must be a \
+                     linear layer with out_features {}",
+                    walked.output, self.num_classes, self.num_classes
+                ),
+            ));
+        }
+        LayerSpec::as_mlp(list, "model.layers").map_err(|e| {
+            JobError::new(
+                e.field,
+                format!(
+                    "{} (the list itself checks out: {} layers, {} parameters)",
+                    e.reason, walked.layers, walked.parameters
+                ),
+            )
+        })?;
+        Ok(())
     }
 }
 
@@ -552,7 +623,7 @@ mod tests {
         assert_eq!(job.precision, Precision::F32True);
         assert_eq!(job.headroom, 0.8);
         assert_eq!(job.search, SearchSpec::default());
-        assert_eq!(job.model.activation, Activation::Relu);
+        assert_eq!(job.model.activation, Some(Activation::Relu));
         assert_eq!(job.learning_rate(), 0.01);
         assert_eq!(job.batch_cap(), 1 << 30);
         assert_eq!(
@@ -601,6 +672,80 @@ mod tests {
         .unwrap();
         assert_eq!(job.optimizer.name, OptimizerKind::Adam);
         assert_eq!(job.batch_cap(), 50000);
+    }
+
+    #[test]
+    fn an_mlp_as_a_layer_list_plans_as_its_shorthand() {
+        let shorthand = Job::from_json(
+            r#"{"model": {"input_shape": [1, 28, 28], "hidden_layers": [128, 64], "num_classes": 10,
+                "activation": "tanh"}, "optimizer": {"name": "adam"}}"#,
+        )
+        .unwrap();
+        let listed = Job::from_json(
+            r#"{"model": {"input_shape": [1, 28, 28], "num_classes": 10, "layers": [
+                {"flatten": {}}, {"linear": {"out_features": 128}}, {"tanh": {}},
+                {"linear": {"out_features": 64}}, {"tanh": {}}, {"linear": {"out_features": 10}}]},
+                "optimizer": {"name": "adam"}}"#,
+        )
+        .unwrap();
+        assert_eq!(listed.plan(), shorthand.plan());
+        assert_eq!(listed.summary(), shorthand.summary());
+        // The list is kept as written, with no shorthand added beside it.
+        let normalised = serde_json::to_value(&listed).unwrap();
+        assert!(
+            normalised["model"].get("activation").is_none(),
+            "{normalised}"
+        );
+        assert_eq!(
+            normalised["model"]["layers"][2],
+            serde_json::json!({"tanh": {}})
+        );
+        assert_eq!(
+            serde_json::to_value(&shorthand).unwrap()["model"]["activation"],
+            "tanh"
+        );
+    }
+
+    #[test]
+    fn an_image_model_is_read_checked_and_refused_by_the_layer_it_cannot_train() {
+        let lenet = r#"{"model": {"input_shape": [1, 28, 28], "num_classes": 10, "layers": [
+            {"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}, {"relu": {}},
+            {"max_pool2d": {"kernel_size": 2}}, {"conv2d": {"out_channels": 16, "kernel_size": 5}},
+            {"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten": {}},
+            {"linear": {"out_features": 120}}, {"relu": {}}, {"linear": {"out_features": 84}},
+            {"relu": {}}, {"linear": {"out_features": 10}}]}, "optimizer": {"name": "sgd"}}"#;
+        let error = Job::from_json(lenet).unwrap_err();
+        assert_eq!(error.field, "model.layers[0]");
+        assert!(
+            error.reason.contains("`conv2d` is read and checked")
+                && error.reason.contains("12 layers, 61706 parameters"),
+            "{error}"
+        );
+        let wrong_classes = lenet.replace(r#""num_classes": 10"#, r#""num_classes": 12"#);
+        let error = Job::from_json(&wrong_classes).unwrap_err();
+        assert_eq!(error.field, "model.layers");
+        assert!(error.reason.contains("out_features 12"), "{error}");
+        let both = lenet.replace(
+            r#""num_classes": 10,"#,
+            r#""num_classes": 10, "hidden_layers": [8],"#,
+        );
+        assert_eq!(
+            Job::from_json(&both).unwrap_err().field,
+            "model.hidden_layers"
+        );
+        let activation = lenet.replace(
+            r#""num_classes": 10,"#,
+            r#""num_classes": 10, "activation": "relu","#,
+        );
+        assert_eq!(
+            Job::from_json(&activation).unwrap_err().field,
+            "model.activation"
+        );
+        let unknown = lenet.replace(r#"{"relu": {}}"#, r#"{"swish": {}}"#);
+        assert!(Job::from_json(&unknown)
+            .unwrap_err()
+            .field
+            .starts_with("model.layers[1]"));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! # Layout
 //!
 //! - [`job`]: the job description (JSON), parsed and validated with field paths into a [`Job`]
-//!   that owns its [`Plan`].
+//!   that owns its [`Plan`]; [`layers`]: a model as a layer list in PyTorch's names, every
+//!   shape checked and the parameters counted.
 //! - [`plan`]: layer shapes, every buffer of a step, the four-part memory model and the
 //!   prediction of the largest batch.
 //! - [`estimate`]: the memory model's answer for an amount of free memory, no device touched.
@@ -29,6 +30,7 @@ pub mod device;
 pub mod estimate;
 pub mod job;
 pub mod knee;
+pub mod layers;
 pub mod plan;
 pub mod result;
 pub mod search;

@@ -86,9 +86,21 @@ pub struct ModelSpec {
     /// Number of output classes of the softmax cross-entropy loss.
     #[schema(minimum = 2, maximum = 4294967296_u64)]
     num_classes: u64,
-    /// Activation after every hidden layer.
+    /// Activation after every hidden layer (the shorthand; relu when not given).
     #[serde(default)]
-    activation: Activation,
+    activation: Option<Activation>,
+    /// The model as layers in PyTorch's `torch.nn` names, instead of `hidden_layers` and
+    /// `activation`, each an object of one member: `{"conv2d": {"out_channels": 6,
+    /// "kernel_size": 5, "stride": 1, "padding": 2, "bias": true}}`, `{"max_pool2d":
+    /// {"kernel_size": 2, "stride": 2, "padding": 0}}`, `{"avg_pool2d": ...}`, `{"batch_norm2d":
+    /// {"affine": true}}`, `{"dropout": {"p": 0.5}}`, `{"flatten": {}}`, `{"linear":
+    /// {"out_features": 120, "bias": true}}`, `{"relu": {}}`, `{"gelu": {}}`, `{"tanh": {}}`,
+    /// `{"global_avg_pool2d": {}}`, `{"residual": {"layers": [...]}}`. Every shape is checked
+    /// (a 422 names the layer's index and field); today headroom trains lists of `flatten`,
+    /// `linear` and one activation, and names the first layer it cannot train yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>, max_items = 1000)]
+    layers: Option<Vec<serde_json::Value>>,
 }
 
 /// Optimizer and its hyper-parameters.

@@ -1,0 +1,693 @@
+//! A model as a list of layers, in PyTorch's `torch.nn` names and defaults, so that a user reads
+//! their model across: `{"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}`,
+//! `{"max_pool2d": {"kernel_size": 2}}`, `{"linear": {"out_features": 120}}`, `{"relu": {}}`,
+//! `{"residual": {"layers": [...]}}`.
+//!
+//! [`walk`] checks every layer's shape against what reaches it (naming the layer's index and
+//! field when it cannot apply) and counts the parameters as PyTorch's `sum(p.numel())` does. A
+//! list of `flatten`, `linear` and one kind of activation is an MLP, which headroom trains
+//! ([`LayerSpec::as_mlp`]); convolution, pooling, batch norm, dropout and residual blocks are read
+//! and checked, and refused for training until their kernels land.
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Activation;
+
+/// The most layers a list may hold, residual blocks' own counted: deeper than any ResNet.
+pub const MAX_LAYERS: usize = 1000;
+/// The deepest nesting of residual blocks.
+pub const MAX_NESTING: usize = 8;
+/// The largest width, channel count, kernel, stride or padding any one layer may name.
+pub const MAX_EXTENT: u64 = 1 << 32;
+
+/// One layer of `model.layers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    /// `nn.Conv2d`: square kernel, the input's channels inferred.
+    Conv2d(Conv2d),
+    /// `nn.MaxPool2d`.
+    MaxPool2d(Pool2d),
+    /// `nn.AvgPool2d`.
+    AvgPool2d(Pool2d),
+    /// `nn.BatchNorm2d` in training mode, its channels inferred.
+    BatchNorm2d(BatchNorm2d),
+    /// `nn.Dropout`.
+    Dropout(Dropout),
+    /// `nn.Flatten`: every dimension of a sample into one.
+    Flatten(NoArguments),
+    /// `nn.Linear`, its input features inferred.
+    Linear(Linear),
+    /// `nn.ReLU`.
+    Relu(NoArguments),
+    /// `nn.GELU` (the tanh approximation, as headroom's kernels compute it).
+    Gelu(NoArguments),
+    /// `nn.Tanh`.
+    Tanh(NoArguments),
+    /// `nn.AdaptiveAvgPool2d(1)` then `flatten`: one value per channel.
+    GlobalAvgPool2d(NoArguments),
+    /// Its layers added to the block's input: an identity shortcut when the shapes agree, else a
+    /// 1x1 convolution (no bias) and batch norm, as ResNet's downsampling blocks do.
+    Residual(Residual),
+}
+
+/// A layer that takes no arguments: `{}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoArguments {}
+
+/// `nn.Conv2d`'s arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conv2d {
+    /// Output channels.
+    pub out_channels: u64,
+    /// Side of the square kernel.
+    pub kernel_size: u64,
+    /// Step between applications (1).
+    #[serde(default = "one")]
+    pub stride: u64,
+    /// Zeros added on every side (0).
+    #[serde(default)]
+    pub padding: u64,
+    /// Whether a bias is learnt (true).
+    #[serde(default = "yes")]
+    pub bias: bool,
+}
+
+/// `nn.MaxPool2d`'s and `nn.AvgPool2d`'s arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool2d {
+    /// Side of the square window.
+    pub kernel_size: u64,
+    /// Step between windows (the kernel size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<u64>,
+    /// Padding on every side (0), at most half the kernel.
+    #[serde(default)]
+    pub padding: u64,
+}
+
+/// `nn.BatchNorm2d`'s arguments that change memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchNorm2d {
+    /// Whether a scale and shift are learnt (true).
+    #[serde(default = "yes")]
+    pub affine: bool,
+}
+
+/// `nn.Dropout`'s argument.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dropout {
+    /// Probability of zeroing each value (0.5), in [0, 1).
+    #[serde(default = "half")]
+    pub p: f64,
+}
+
+/// `nn.Linear`'s arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Linear {
+    /// Output features.
+    pub out_features: u64,
+    /// Whether a bias is learnt (true).
+    #[serde(default = "yes")]
+    pub bias: bool,
+}
+
+/// A residual block's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Residual {
+    /// The layers whose output is added to the shortcut.
+    pub layers: Vec<LayerSpec>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+/// The shape of one sample between layers: `[C, H, W]` for images, `[N]` once flat.
+pub type Shape = Vec<u64>;
+
+/// A layer list that cannot be built: the field at fault (`model.layers[2].conv2d.kernel_size`)
+/// and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerError {
+    /// Dotted path of the field.
+    pub field: String,
+    /// What is wrong and what would work.
+    pub reason: String,
+}
+
+impl LayerError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> LayerError {
+        LayerError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a checked layer list amounts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Walked {
+    /// The shape of a sample after the last layer.
+    pub output: Shape,
+    /// Learnt values, as PyTorch's `sum(p.numel() for p in model.parameters())` counts them.
+    pub parameters: u64,
+    /// Layers in all, residual blocks' own (and their shortcuts) counted.
+    pub layers: usize,
+}
+
+impl LayerSpec {
+    /// Its name in a job.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LayerSpec::Conv2d(_) => "conv2d",
+            LayerSpec::MaxPool2d(_) => "max_pool2d",
+            LayerSpec::AvgPool2d(_) => "avg_pool2d",
+            LayerSpec::BatchNorm2d(_) => "batch_norm2d",
+            LayerSpec::Dropout(_) => "dropout",
+            LayerSpec::Flatten(_) => "flatten",
+            LayerSpec::Linear(_) => "linear",
+            LayerSpec::Relu(_) => "relu",
+            LayerSpec::Gelu(_) => "gelu",
+            LayerSpec::Tanh(_) => "tanh",
+            LayerSpec::GlobalAvgPool2d(_) => "global_avg_pool2d",
+            LayerSpec::Residual(_) => "residual",
+        }
+    }
+
+    /// The MLP a list of `flatten`, `linear` (with bias) and one kind of activation describes:
+    /// its hidden widths and activation, and the width it ends with; otherwise the path of the
+    /// first layer headroom cannot train yet, and why.
+    pub fn as_mlp(
+        layers: &[LayerSpec],
+        path: &str,
+    ) -> Result<(Vec<u64>, Activation, u64), LayerError> {
+        let mut widths = Vec::new();
+        let mut activation: Option<(Activation, usize)> = None;
+        let mut pending_activation = false;
+        for (i, layer) in layers.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            let kind = match layer {
+                LayerSpec::Flatten(_) if widths.is_empty() && !pending_activation => continue,
+                LayerSpec::Linear(linear) if linear.bias => {
+                    if !widths.is_empty() && !pending_activation {
+                        return Err(LayerError::new(at, "two linear layers in a row: headroom's MLP puts an activation between them"));
+                    }
+                    widths.push(linear.out_features);
+                    pending_activation = false;
+                    continue;
+                }
+                LayerSpec::Linear(_) => {
+                    return Err(LayerError::new(
+                        format!("{at}.linear.bias"),
+                        "a linear layer without bias is not trained by headroom yet",
+                    ))
+                }
+                LayerSpec::Relu(_) => Activation::Relu,
+                LayerSpec::Gelu(_) => Activation::Gelu,
+                LayerSpec::Tanh(_) => Activation::Tanh,
+                other => return Err(not_trained_yet(&at, other)),
+            };
+            if widths.is_empty() || pending_activation {
+                return Err(LayerError::new(
+                    at,
+                    "headroom's MLP applies an activation only after a linear layer, once",
+                ));
+            }
+            match activation {
+                Some((first, first_at)) if first != kind => {
+                    return Err(LayerError::new(
+                        at,
+                        format!(
+                            "headroom's MLP uses one activation throughout, and {path}[{first_at}] is {}",
+                            LayerSpec::name(&layers[first_at])
+                        ),
+                    ))
+                }
+                _ => activation = activation.or(Some((kind, i))),
+            }
+            pending_activation = true;
+        }
+        if pending_activation {
+            return Err(LayerError::new(
+                format!("{path}[{}]", layers.len() - 1),
+                "the list must end with the linear layer that writes the logits, not an activation",
+            ));
+        }
+        let classes = widths
+            .pop()
+            .ok_or_else(|| LayerError::new(path, "needs a linear layer to write the logits"))?;
+        Ok((
+            widths,
+            activation.map_or(Activation::default(), |(a, _)| a),
+            classes,
+        ))
+    }
+}
+
+fn not_trained_yet(at: &str, layer: &LayerSpec) -> LayerError {
+    LayerError::new(
+        at,
+        format!(
+            "`{}` is read and checked, but headroom has no kernels to train it yet: today a layer \
+             list may hold flatten, linear and one of relu, gelu or tanh",
+            layer.name()
+        ),
+    )
+}
+
+/// Checks `layers` from a sample of `input` shape, layer by layer, and counts the parameters.
+pub fn walk(layers: &[LayerSpec], input: &[u64], path: &str) -> Result<Walked, LayerError> {
+    if layers.is_empty() {
+        return Err(LayerError::new(path, "must hold at least one layer"));
+    }
+    let mut walked = Walked {
+        output: input.to_vec(),
+        parameters: 0,
+        layers: 0,
+    };
+    walk_into(layers, path, 0, &mut walked)?;
+    Ok(walked)
+}
+
+fn walk_into(
+    layers: &[LayerSpec],
+    path: &str,
+    depth: usize,
+    walked: &mut Walked,
+) -> Result<(), LayerError> {
+    for (i, layer) in layers.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        walked.layers += 1;
+        if walked.layers > MAX_LAYERS {
+            return Err(LayerError::new(
+                at,
+                format!(
+                    "a model may hold at most {MAX_LAYERS} layers, residual blocks' own counted"
+                ),
+            ));
+        }
+        let field = |name: &str| format!("{at}.{}.{name}", layer.name());
+        let shape = std::mem::take(&mut walked.output);
+        let (output, parameters) = match layer {
+            LayerSpec::Conv2d(conv) => {
+                let [channels, height, width] = image(&shape, &at, layer)?;
+                extent(&field("out_channels"), conv.out_channels, 1)?;
+                extent(&field("kernel_size"), conv.kernel_size, 1)?;
+                extent(&field("stride"), conv.stride, 1)?;
+                extent(&field("padding"), conv.padding, 0)?;
+                let side = |size: u64, name: &str| {
+                    window_output(size, conv.kernel_size, conv.stride, conv.padding).ok_or_else(
+                        || {
+                            too_large(
+                                &field("kernel_size"),
+                                conv.kernel_size,
+                                conv.padding,
+                                &shape,
+                                name,
+                            )
+                        },
+                    )
+                };
+                let (h, w) = (side(height, "height")?, side(width, "width")?);
+                let weights = product(
+                    &[
+                        conv.out_channels,
+                        channels,
+                        conv.kernel_size,
+                        conv.kernel_size,
+                    ],
+                    &at,
+                )?;
+                let bias = if conv.bias { conv.out_channels } else { 0 };
+                (
+                    vec![conv.out_channels, h, w],
+                    checked_add(weights, bias, &at)?,
+                )
+            }
+            LayerSpec::MaxPool2d(pool) | LayerSpec::AvgPool2d(pool) => {
+                let [channels, height, width] = image(&shape, &at, layer)?;
+                extent(&field("kernel_size"), pool.kernel_size, 1)?;
+                let stride = pool.stride.unwrap_or(pool.kernel_size);
+                extent(&field("stride"), stride, 1)?;
+                if pool.padding > pool.kernel_size / 2 {
+                    return Err(LayerError::new(
+                        field("padding"),
+                        format!(
+                            "must be at most half the kernel size ({}), as PyTorch requires, got {}",
+                            pool.kernel_size / 2,
+                            pool.padding
+                        ),
+                    ));
+                }
+                let side = |size: u64, name: &str| {
+                    window_output(size, pool.kernel_size, stride, pool.padding).ok_or_else(|| {
+                        too_large(
+                            &field("kernel_size"),
+                            pool.kernel_size,
+                            pool.padding,
+                            &shape,
+                            name,
+                        )
+                    })
+                };
+                (
+                    vec![channels, side(height, "height")?, side(width, "width")?],
+                    0,
+                )
+            }
+            LayerSpec::BatchNorm2d(norm) => {
+                let [channels, _, _] = image(&shape, &at, layer)?;
+                let parameters = if norm.affine { 2 * channels } else { 0 };
+                (shape, parameters)
+            }
+            LayerSpec::Dropout(dropout) => {
+                if !(0.0..1.0).contains(&dropout.p) {
+                    return Err(LayerError::new(
+                        field("p"),
+                        format!("must be in [0, 1), got {}", dropout.p),
+                    ));
+                }
+                (shape, 0)
+            }
+            LayerSpec::Flatten(_) => (vec![product(&shape, &at)?], 0),
+            LayerSpec::Linear(linear) => {
+                let [features] = shape[..] else {
+                    return Err(LayerError::new(
+                        at,
+                        format!(
+                            "linear needs a flat input, and {} reaches it; put {{\"flatten\": {{}}}} \
+                             (or global_avg_pool2d) before it",
+                            show(&shape)
+                        ),
+                    ));
+                };
+                extent(&field("out_features"), linear.out_features, 1)?;
+                let weights = product(&[linear.out_features, features], &at)?;
+                let bias = if linear.bias { linear.out_features } else { 0 };
+                (vec![linear.out_features], checked_add(weights, bias, &at)?)
+            }
+            LayerSpec::Relu(_) | LayerSpec::Gelu(_) | LayerSpec::Tanh(_) => (shape, 0),
+            LayerSpec::GlobalAvgPool2d(_) => {
+                let [channels, _, _] = image(&shape, &at, layer)?;
+                (vec![channels], 0)
+            }
+            LayerSpec::Residual(block) => {
+                if depth + 1 > MAX_NESTING {
+                    return Err(LayerError::new(
+                        at,
+                        format!("residual blocks nest at most {MAX_NESTING} deep"),
+                    ));
+                }
+                let inner = format!("{at}.residual.layers");
+                if block.layers.is_empty() {
+                    return Err(LayerError::new(inner, "must hold at least one layer"));
+                }
+                let before = walked.parameters;
+                walked.output = shape.clone();
+                walk_into(&block.layers, &inner, depth + 1, walked)?;
+                let body = walked.parameters - before;
+                walked.parameters = before;
+                let output = std::mem::take(&mut walked.output);
+                let shortcut = shortcut(&shape, &output, &at)?;
+                walked.layers += usize::from(shortcut > 0) * 2;
+                (output, checked_add(body, shortcut, &at)?)
+            }
+        };
+        walked.output = output;
+        walked.parameters = checked_add(walked.parameters, parameters, &at)?;
+    }
+    Ok(())
+}
+
+/// The parameters of the shortcut that makes `input` addable to `output`: none when they agree;
+/// a 1x1 convolution (no bias) and batch norm when only channels and a stride differ.
+fn shortcut(input: &[u64], output: &[u64], at: &str) -> Result<u64, LayerError> {
+    if input == output {
+        return Ok(0);
+    }
+    let matched = match (input, output) {
+        (&[c_in, h_in, w_in], &[c_out, h_out, w_out]) => (1..=h_in.max(w_in).max(1))
+            .find(|&s| {
+                window_output(h_in, 1, s, 0) == Some(h_out)
+                    && window_output(w_in, 1, s, 0) == Some(w_out)
+            })
+            .map(|_| (c_in, c_out)),
+        _ => None,
+    };
+    let (c_in, c_out) = matched.ok_or_else(|| {
+        LayerError::new(
+            at,
+            format!(
+                "its layers turn {} into {}, which neither an identity nor a strided 1x1 \
+                 convolution shortcut can match",
+                show(input),
+                show(output)
+            ),
+        )
+    })?;
+    checked_add(product(&[c_in, c_out], at)?, 2 * c_out, at)
+}
+
+/// `(size + 2 padding - kernel) / stride + 1`, or `None` when the kernel is larger than the
+/// padded input.
+fn window_output(size: u64, kernel: u64, stride: u64, padding: u64) -> Option<u64> {
+    let padded = size.checked_add(padding.checked_mul(2)?)?;
+    (kernel <= padded && stride > 0).then(|| (padded - kernel) / stride + 1)
+}
+
+fn image(shape: &[u64], at: &str, layer: &LayerSpec) -> Result<[u64; 3], LayerError> {
+    match *shape {
+        [c, h, w] => Ok([c, h, w]),
+        _ => Err(LayerError::new(
+            at,
+            format!(
+                "{} needs a [channels, height, width] input, and {} reaches it{}",
+                layer.name(),
+                show(shape),
+                if shape.len() == 1 {
+                    " (it comes after a flatten or linear layer)"
+                } else {
+                    ""
+                }
+            ),
+        )),
+    }
+}
+
+fn extent(field: &str, value: u64, least: u64) -> Result<(), LayerError> {
+    if value < least || value > MAX_EXTENT {
+        return Err(LayerError::new(
+            field,
+            format!("must be between {least} and {MAX_EXTENT}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn too_large(field: &str, kernel: u64, padding: u64, shape: &[u64], side: &str) -> LayerError {
+    LayerError::new(
+        field,
+        format!(
+            "{kernel} is larger than the input's {side} with padding {padding} ({} reaches the layer)",
+            show(shape)
+        ),
+    )
+}
+
+fn product(values: &[u64], at: &str) -> Result<u64, LayerError> {
+    values
+        .iter()
+        .try_fold(1u64, |acc, &v| acc.checked_mul(v))
+        .filter(|&p| p <= 1 << 53)
+        .ok_or_else(|| {
+            LayerError::new(
+                at,
+                "its sizes multiply past 2^53: far larger than any device",
+            )
+        })
+}
+
+fn checked_add(a: u64, b: u64, at: &str) -> Result<u64, LayerError> {
+    a.checked_add(b).filter(|&s| s <= 1 << 53).ok_or_else(|| {
+        LayerError::new(
+            at,
+            "the model's parameters pass 2^53: far larger than any device",
+        )
+    })
+}
+
+fn show(shape: &[u64]) -> String {
+    let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers(json: &str) -> Vec<LayerSpec> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn lenet5() -> Vec<LayerSpec> {
+        layers(
+            r#"[{"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}, {"relu": {}},
+                {"avg_pool2d": {"kernel_size": 2}},
+                {"conv2d": {"out_channels": 16, "kernel_size": 5}}, {"relu": {}},
+                {"avg_pool2d": {"kernel_size": 2}}, {"flatten": {}},
+                {"linear": {"out_features": 120}}, {"relu": {}},
+                {"linear": {"out_features": 84}}, {"relu": {}},
+                {"linear": {"out_features": 10}}]"#,
+        )
+    }
+
+    /// The CIFAR ResNet-18: a 3x3 stem without max pool, four stages of two basic blocks.
+    fn resnet18_cifar() -> serde_json::Value {
+        let conv = |out: u64, stride: u64| serde_json::json!({"conv2d": {"out_channels": out, "kernel_size": 3, "stride": stride, "padding": 1, "bias": false}});
+        let block = |out: u64, stride: u64| {
+            serde_json::json!({"residual": {"layers": [
+                conv(out, stride), {"batch_norm2d": {}}, {"relu": {}}, conv(out, 1), {"batch_norm2d": {}}
+            ]}})
+        };
+        let mut list = vec![
+            conv(64, 1),
+            serde_json::json!({"batch_norm2d": {}}),
+            serde_json::json!({"relu": {}}),
+        ];
+        for (out, stride) in [(64, 1), (128, 2), (256, 2), (512, 2)] {
+            list.push(block(out, stride));
+            list.push(serde_json::json!({"relu": {}}));
+            list.push(block(out, 1));
+            list.push(serde_json::json!({"relu": {}}));
+        }
+        list.push(serde_json::json!({"global_avg_pool2d": {}}));
+        list.push(serde_json::json!({"linear": {"out_features": 10}}));
+        serde_json::Value::Array(list)
+    }
+
+    #[test]
+    fn lenet5_and_the_cifar_resnet18_count_pytorchs_parameters() {
+        let lenet = walk(&lenet5(), &[1, 28, 28], "model.layers").unwrap();
+        assert_eq!((lenet.output, lenet.parameters), (vec![10], 61_706));
+        let resnet: Vec<LayerSpec> = serde_json::from_value(resnet18_cifar()).unwrap();
+        let walked = walk(&resnet, &[3, 32, 32], "model.layers").unwrap();
+        assert_eq!((walked.output, walked.parameters), (vec![10], 11_173_962));
+    }
+
+    #[test]
+    fn bad_layers_name_their_index_and_field() {
+        let error =
+            |json: &str, input: &[u64]| walk(&layers(json), input, "model.layers").unwrap_err();
+        let e = error(
+            r#"[{"conv2d": {"out_channels": 6, "kernel_size": 9}}]"#,
+            &[1, 4, 4],
+        );
+        assert_eq!(e.field, "model.layers[0].conv2d.kernel_size");
+        assert!(e.reason.contains("larger than the input's height"), "{e:?}");
+        let e = error(
+            r#"[{"flatten": {}}, {"max_pool2d": {"kernel_size": 2, "stride": 0}}]"#,
+            &[1, 4, 4],
+        );
+        assert_eq!(e.field, "model.layers[1]");
+        assert!(
+            e.reason.contains("needs a [channels, height, width] input"),
+            "{e:?}"
+        );
+        let e = error(
+            r#"[{"max_pool2d": {"kernel_size": 2, "stride": 0}}]"#,
+            &[1, 4, 4],
+        );
+        assert_eq!(e.field, "model.layers[0].max_pool2d.stride");
+        let e = error(
+            r#"[{"conv2d": {"out_channels": 2, "kernel_size": 1}}, {"linear": {"out_features": 2}}]"#,
+            &[1, 4, 4],
+        );
+        assert!(e.reason.contains("put {\"flatten\": {}}"), "{e:?}");
+        let e = error(
+            r#"[{"residual": {"layers": [{"flatten": {}}]}}]"#,
+            &[1, 8, 8],
+        );
+        assert_eq!(e.field, "model.layers[0]");
+        assert!(e.reason.contains("[1, 8, 8] into [64]"), "{e:?}");
+        // A pooled body is matched by a strided 1x1 convolution: 1 weight and batch norm's 2.
+        let pooled = walk(
+            &layers(r#"[{"residual": {"layers": [{"max_pool2d": {"kernel_size": 3}}]}}]"#),
+            &[1, 8, 8],
+            "model.layers",
+        )
+        .unwrap();
+        assert_eq!((pooled.output, pooled.parameters), (vec![1, 2, 2], 3));
+        let e = error(r#"[{"residual": {"layers": []}}]"#, &[1, 8, 8]);
+        assert_eq!(e.field, "model.layers[0].residual.layers");
+        assert_eq!(error("[]", &[4]).field, "model.layers");
+        let e = error(r#"[{"dropout": {"p": 1.0}}]"#, &[4]);
+        assert_eq!(e.field, "model.layers[0].dropout.p");
+        let e = error(
+            r#"[{"conv2d": {"out_channels": 4294967296, "kernel_size": 1}}, {"conv2d": {"out_channels": 4294967296, "kernel_size": 1}}]"#,
+            &[1, 1, 1],
+        );
+        assert!(e.reason.contains("past 2^53"), "{e:?}");
+        let e = error(
+            r#"[{"conv2d": {"out_channels": 4294967297, "kernel_size": 1}}]"#,
+            &[1, 1, 1],
+        );
+        assert_eq!(e.field, "model.layers[0].conv2d.out_channels");
+    }
+
+    #[test]
+    fn ten_thousand_layers_and_deep_nesting_are_refused_without_walking_them_all() {
+        let many = vec![LayerSpec::Relu(NoArguments {}); 10_000];
+        let e = walk(&many, &[4], "model.layers").unwrap_err();
+        assert_eq!(e.field, format!("model.layers[{MAX_LAYERS}]"));
+        let mut nested = LayerSpec::Relu(NoArguments {});
+        for _ in 0..=MAX_NESTING {
+            nested = LayerSpec::Residual(Residual {
+                layers: vec![nested],
+            });
+        }
+        let e = walk(&[nested], &[4], "model.layers").unwrap_err();
+        assert!(e.reason.contains("nest at most"), "{e:?}");
+    }
+
+    #[test]
+    fn an_mlp_written_as_layers_is_the_mlp_shorthand() {
+        let mlp = layers(
+            r#"[{"flatten": {}}, {"linear": {"out_features": 128}}, {"gelu": {}},
+                {"linear": {"out_features": 64}}, {"gelu": {}}, {"linear": {"out_features": 10}}]"#,
+        );
+        assert_eq!(
+            LayerSpec::as_mlp(&mlp, "model.layers").unwrap(),
+            (vec![128, 64], Activation::Gelu, 10)
+        );
+        let mixed = layers(
+            r#"[{"linear": {"out_features": 8}}, {"relu": {}}, {"linear": {"out_features": 8}}, {"tanh": {}}, {"linear": {"out_features": 2}}]"#,
+        );
+        let e = LayerSpec::as_mlp(&mixed, "model.layers").unwrap_err();
+        assert_eq!(e.field, "model.layers[3]");
+        let e = LayerSpec::as_mlp(&lenet5(), "model.layers").unwrap_err();
+        assert_eq!(e.field, "model.layers[0]");
+        assert!(e.reason.contains("`conv2d` is read and checked"), "{e:?}");
+        let e = LayerSpec::as_mlp(
+            &layers(r#"[{"linear": {"out_features": 8}}, {"relu": {}}]"#),
+            "model.layers",
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("must end with the linear layer"), "{e:?}");
+    }
+}
