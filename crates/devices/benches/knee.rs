@@ -3,7 +3,8 @@
 //! recommended batch. The knee should land within one probe step (a factor of two, doubling's
 //! step) of its median in at least 9 of 10 runs on a quiet machine.
 //! Run: `cargo bench --bench knee [-- FILTER]`; `RUNS=N` changes the count, `STEPS=N` the
-//! examples' `steps_per_probe`.
+//! examples' `steps_per_probe`, and `CURVES=FILE` appends every run's throughput curve to FILE
+//! (JSON lines: example, knee, interval, points), to try other knee rules on the same data.
 
 use std::ops::ControlFlow;
 use std::time::Instant;
@@ -40,6 +41,20 @@ fn main() {
                 ControlFlow::Continue(())
             })
             .unwrap();
+            if let Ok(path) = std::env::var("CURVES") {
+                let line = serde_json::json!({
+                    "example": name,
+                    "knee": result.throughput_knee,
+                    "throughput": result.throughput,
+                    "probes": result.probes,
+                });
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes()).unwrap();
+            }
             knees.push(result.throughput_batch_size);
             maxes.push(result.max_batch_size);
             recommended.push(result.recommended_batch_size);

@@ -162,7 +162,7 @@ pub struct ThroughputPoint {
     #[serde(default)]
     pub fitted_samples_per_second: f64,
     /// Left out of the fit: it stepped faster than a smaller batch could ([`set_aside`]).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub set_aside: bool,
 }
 

@@ -90,17 +90,117 @@ pub struct ModelSpec {
     #[serde(default)]
     activation: Option<Activation>,
     /// The model as layers in PyTorch's `torch.nn` names, instead of `hidden_layers` and
-    /// `activation`, each an object of one member: `{"conv2d": {"out_channels": 6,
-    /// "kernel_size": 5, "stride": 1, "padding": 2, "bias": true}}`, `{"max_pool2d":
-    /// {"kernel_size": 2, "stride": 2, "padding": 0}}`, `{"avg_pool2d": ...}`, `{"batch_norm2d":
-    /// {"affine": true}}`, `{"dropout": {"p": 0.5}}`, `{"flatten": {}}`, `{"linear":
-    /// {"out_features": 120, "bias": true}}`, `{"relu": {}}`, `{"gelu": {}}`, `{"tanh": {}}`,
-    /// `{"global_avg_pool2d": {}}`, `{"residual": {"layers": [...]}}`. Every shape is checked
-    /// (a 422 names the layer's index and field); today headroom trains lists of `flatten`,
-    /// `linear` and one activation, and names the first layer it cannot train yet.
+    /// `activation`. Every shape is checked (a 422 names the layer's index and field); today
+    /// headroom trains lists of `flatten`, `linear` and one activation, and names the first
+    /// layer it cannot train yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>, max_items = 1000)]
-    layers: Option<Vec<serde_json::Value>>,
+    #[schema(max_items = 1000)]
+    layers: Option<Vec<Layer>>,
+}
+
+/// One layer: an object of one member, the layer's name in PyTorch's `torch.nn` holding its
+/// arguments, e.g. `{"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Layer {
+    /// `nn.Conv2d`, square kernel, input channels inferred.
+    Conv2d(Conv2d),
+    /// `nn.MaxPool2d`.
+    MaxPool2d(Pool2d),
+    /// `nn.AvgPool2d`.
+    AvgPool2d(Pool2d),
+    /// `nn.BatchNorm2d` in training mode, channels inferred.
+    BatchNorm2d(BatchNorm2d),
+    /// `nn.Dropout`.
+    Dropout(Dropout),
+    /// `nn.Flatten`.
+    Flatten(NoArguments),
+    /// `nn.Linear`, input features inferred.
+    Linear(Linear),
+    /// `nn.ReLU`.
+    Relu(NoArguments),
+    /// `nn.GELU` (tanh approximation).
+    Gelu(NoArguments),
+    /// `nn.Tanh`.
+    Tanh(NoArguments),
+    /// `nn.AdaptiveAvgPool2d(1)` then flatten.
+    GlobalAvgPool2d(NoArguments),
+    /// Layers added to the block's input (identity, or 1x1 convolution and batch norm, shortcut).
+    Residual(Residual),
+}
+
+/// A layer without arguments: `{}`.
+#[derive(Serialize, ToSchema)]
+pub struct NoArguments {}
+
+/// `nn.Conv2d`'s arguments.
+#[derive(Serialize, ToSchema)]
+pub struct Conv2d {
+    /// Output channels.
+    #[schema(minimum = 1, maximum = 4294967296_u64)]
+    out_channels: u64,
+    /// Side of the square kernel.
+    #[schema(minimum = 1, maximum = 4294967296_u64)]
+    kernel_size: u64,
+    /// Step between applications.
+    #[schema(default = 1, minimum = 1, maximum = 4294967296_u64)]
+    stride: u64,
+    /// Zeros added on every side.
+    #[schema(default = 0, maximum = 4294967296_u64)]
+    padding: u64,
+    /// Whether a bias is learnt.
+    #[schema(default = true)]
+    bias: bool,
+}
+
+/// `nn.MaxPool2d`'s and `nn.AvgPool2d`'s arguments.
+#[derive(Serialize, ToSchema)]
+pub struct Pool2d {
+    /// Side of the square window.
+    #[schema(minimum = 1, maximum = 4294967296_u64)]
+    kernel_size: u64,
+    /// Step between windows; the kernel size when not given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 4294967296_u64)]
+    stride: Option<u64>,
+    /// Padding on every side, at most half the kernel.
+    #[schema(default = 0)]
+    padding: u64,
+}
+
+/// `nn.BatchNorm2d`'s arguments that change memory.
+#[derive(Serialize, ToSchema)]
+pub struct BatchNorm2d {
+    /// Whether a scale and shift are learnt.
+    #[schema(default = true)]
+    affine: bool,
+}
+
+/// `nn.Dropout`'s argument.
+#[derive(Serialize, ToSchema)]
+pub struct Dropout {
+    /// Probability of zeroing each value, in [0, 1).
+    #[schema(default = 0.5, minimum = 0.0, exclusive_maximum = 1.0)]
+    p: f64,
+}
+
+/// `nn.Linear`'s arguments.
+#[derive(Serialize, ToSchema)]
+pub struct Linear {
+    /// Output features.
+    #[schema(minimum = 1, maximum = 4294967296_u64)]
+    out_features: u64,
+    /// Whether a bias is learnt.
+    #[schema(default = true)]
+    bias: bool,
+}
+
+/// A residual block's body.
+#[derive(Serialize, ToSchema)]
+pub struct Residual {
+    /// The layers whose output is added to the shortcut.
+    #[schema(no_recursion, min_items = 1)]
+    layers: Vec<Layer>,
 }
 
 /// Optimizer and its hyper-parameters.
@@ -376,10 +476,8 @@ pub struct ThroughputPoint {
     spread: f64,
     /// The rising curve fitted through the points kept, at this one.
     fitted_samples_per_second: f64,
-    /// Left out of the fit (present only when true): it stepped faster than a smaller batch
-    /// could, so one of the two measurements strayed, and the other points say it was this one.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    #[schema(default = false)]
+    /// Left out of the fit: it stepped faster than a smaller batch could, so one of the two
+    /// measurements strayed, and the other points say it was this one.
     set_aside: bool,
 }
 
@@ -615,7 +713,14 @@ mod tests {
     /// A job with every member given.
     fn full_job() -> Value {
         json!({"model": {"input_shape": [3, 8, 8], "hidden_layers": [16], "num_classes": 4,
-                         "activation": "gelu"},
+                         "activation": "gelu", "layers": [
+                             {"conv2d": {"out_channels": 4, "kernel_size": 3, "stride": 1, "padding": 1, "bias": false}},
+                             {"max_pool2d": {"kernel_size": 2, "stride": 2, "padding": 0}},
+                             {"avg_pool2d": {"kernel_size": 2, "stride": 2, "padding": 0}},
+                             {"batch_norm2d": {"affine": true}}, {"dropout": {"p": 0.1}},
+                             {"residual": {"layers": [{"relu": {}}, {"gelu": {}}, {"tanh": {}}]}},
+                             {"global_avg_pool2d": {}}, {"flatten": {}},
+                             {"linear": {"out_features": 4, "bias": true}}]},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
                "headroom": 0.75, "target_batch_size": 1000, "world_size": 3,
@@ -634,6 +739,7 @@ mod tests {
 
         let mut job = full_job();
         job.as_object_mut().unwrap().remove("dtype");
+        job["model"].as_object_mut().unwrap().remove("layers");
         let job = Job::from_value(job).unwrap();
         let mut device = HostDevice::new(8 << 20);
         let result =
