@@ -92,9 +92,8 @@ pub struct ModelSpec {
     /// The model as layers in PyTorch's `torch.nn` names, instead of `hidden_layers` and
     /// `activation`. Every shape is checked (a 422 names the layer's index and field); today
     /// headroom trains lists of `flatten`, `linear` and one activation, and names the first
-    /// layer it cannot train yet.
+    /// layer it cannot train yet. At most 1,000 layers, residual blocks' own counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_items = 1000)]
     layers: Option<Vec<Layer>>,
 }
 
