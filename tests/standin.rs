@@ -763,3 +763,48 @@ fn sigterm_during_a_cuda_tune_frees_every_allocation_and_the_context() {
     assert_eq!(held["retained_contexts"], 0, "{held}");
     assert_eq!(held["loaded_modules"], 0, "{held}");
 }
+
+#[test]
+fn each_step_on_the_gpu_is_timed_by_a_pair_of_events() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let job = dir.path().join("job.json");
+    let mut spec = example("mnist-mlp-sgd");
+    spec["search"] = json!({"steps_per_probe": 3});
+    std::fs::write(&job, spec.to_string()).unwrap();
+    let output = standin
+        .headroom()
+        .args([
+            "probe",
+            job.to_str().unwrap(),
+            "--device",
+            "cuda",
+            "--batch-size",
+            "64,128",
+            "--json",
+        ])
+        .env("HEADROOM_STANDIN_REPORT", &report)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let probes: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        probes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["outcome"] == "fit" && p["step_seconds"].as_f64().unwrap() > 0.0),
+        "{probes}"
+    );
+    let counted: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // Three steps in each of two probes, the warm-up step timed too; no event left behind.
+    assert_eq!(counted["timed_intervals"], 6, "{counted}");
+    assert_eq!(counted["live_events"], 0, "{counted}");
+}

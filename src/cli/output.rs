@@ -58,11 +58,11 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
     } else {
         "n/a".into()
     };
-    let best = result
+    let at_knee = result
         .throughput
         .iter()
-        .map(|p| p.fitted_samples_per_second)
-        .fold(0.0, f64::max);
+        .find(|p| p.batch_size == result.throughput_batch_size)
+        .map_or(0.0, |p| p.fitted_samples_per_second);
     let interval = result
         .throughput_knee
         .filter(|k| k.low < k.high)
@@ -85,7 +85,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
     format!(
         "max batch size          {} (limited by {})\n\
          recommended batch size  {} ({}% headroom)\n\
-         throughput knee         {} (the smallest batch within {}% of the best fitted, {:.0} samples/s{interval})\n\
+         throughput knee         {} (doubling it gains under {}%; {:.0} samples/s fitted{interval})\n\
          {accumulation}\
          predicted max           {} (measured / predicted = {ratio})\n\
          device                  {} {} ({}, {} total)\n\
@@ -99,7 +99,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         (result.headroom * 100.0).round(),
         result.throughput_batch_size,
         (knee_tolerance * 100.0).round(),
-        best,
+        at_knee,
         result.predicted_max_batch_size,
         result.device.kind,
         result.device.index,

@@ -32,7 +32,8 @@
 //   HEADROOM_STANDIN_FOREIGN_ALLOC N:bytes: at the Nth launch a foreign process takes bytes
 //   HEADROOM_STANDIN_NO_POOLS      1: advertise no memory pools (cudarc then allocates
 //                                  synchronously)
-//   HEADROOM_STANDIN_REPORT        a file: at exit, what was still held, as JSON
+//   HEADROOM_STANDIN_REPORT        a file: at exit, what was still held, as JSON (and how many
+//                                  step intervals were read from event pairs)
 //   HEADROOM_STANDIN_REFUSE_CUBIN  1: refuse CUBIN images (CUDA_ERROR_NO_BINARY_FOR_GPU), as a
 //                                  driver does for another architecture; PTX still loads
 //   CUDA_VISIBLE_DEVICES           as the driver reads it: the GPUs this process sees, numbered
@@ -44,6 +45,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -616,6 +618,10 @@ bool cubin_entries(const unsigned char* elf, std::set<std::string>& entries) {
     return !entries.empty();
 }
 
+// Events alive, and intervals read from pairs of them (cuEventElapsedTime), for the report.
+std::atomic<std::uint64_t> live_events{0};
+std::atomic<std::uint64_t> timed_intervals{0};
+
 void write_report() {
     if (!initialised || config().report.empty()) return;
     std::FILE* file = std::fopen(config().report.c_str(), "w");
@@ -629,10 +635,13 @@ void write_report() {
     }
     std::fprintf(file,
                  "{\"launches\": %llu, \"live_allocations\": %llu, \"live_bytes\": %llu, "
-                 "\"pool_reserved_bytes\": %llu, \"retained_contexts\": %llu, \"loaded_modules\": %zu}\n",
+                 "\"pool_reserved_bytes\": %llu, \"retained_contexts\": %llu, \"loaded_modules\": %zu, "
+                 "\"live_events\": %llu, \"timed_intervals\": %llu}\n",
                  static_cast<unsigned long long>(launches.load()), static_cast<unsigned long long>(allocations),
                  static_cast<unsigned long long>(bytes), static_cast<unsigned long long>(reserved),
-                 static_cast<unsigned long long>(retained), modules().size());
+                 static_cast<unsigned long long>(retained), modules().size(),
+                 static_cast<unsigned long long>(live_events.load()),
+                 static_cast<unsigned long long>(timed_intervals.load()));
     std::fclose(file);
 }
 
@@ -810,6 +819,65 @@ EXPORT CUresult cuStreamSynchronize(CUstream stream) {
     std::lock_guard<std::mutex> lock(driver_mutex);
     if (!valid_stream(stream)) return CUDA_ERROR_INVALID_HANDLE;
     return synchronize();
+}
+
+// ---- events: kernels run at their launch here, so an event is the host's clock when recorded ----
+
+struct Event {
+    bool timing;
+    bool recorded = false;
+    std::chrono::steady_clock::time_point at{};
+};
+
+constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
+
+EXPORT CUresult cuEventCreate(void** event, unsigned flags) {
+    std::lock_guard<std::mutex> lock(driver_mutex);
+    Device* device;
+    if (CUresult error = current_device(&device)) return error;
+    if (event == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *event = new Event{(flags & CU_EVENT_DISABLE_TIMING) == 0};
+    ++live_events;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuEventRecord(void* event, CUstream stream) {
+    std::lock_guard<std::mutex> lock(driver_mutex);
+    Device* device;
+    if (CUresult error = current_device(&device)) return error;
+    if (event == nullptr || !valid_stream(stream)) return CUDA_ERROR_INVALID_HANDLE;
+    auto* recorded = static_cast<Event*>(event);
+    recorded->recorded = true;
+    recorded->at = std::chrono::steady_clock::now();
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuEventSynchronize(void* event) {
+    std::lock_guard<std::mutex> lock(driver_mutex);
+    if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    return synchronize();
+}
+
+// As the driver documents: both events recorded and made without CU_EVENT_DISABLE_TIMING, or
+// CUDA_ERROR_INVALID_HANDLE.
+EXPORT CUresult cuEventElapsedTime_v2(float* milliseconds, void* start, void* end) {
+    std::lock_guard<std::mutex> lock(driver_mutex);
+    if (CUresult sticky = process_sticky.load()) return sticky;
+    auto* from = static_cast<Event*>(start);
+    auto* to = static_cast<Event*>(end);
+    if (milliseconds == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (from == nullptr || to == nullptr || !from->timing || !to->timing || !from->recorded || !to->recorded)
+        return CUDA_ERROR_INVALID_HANDLE;
+    *milliseconds = std::chrono::duration<float, std::milli>(to->at - from->at).count();
+    ++timed_intervals;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuEventDestroy_v2(void* event) {
+    if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    delete static_cast<Event*>(event);
+    --live_events;
+    return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {

@@ -3,7 +3,7 @@
 //! recommended batch. The knee should land within one probe step (a factor of two, doubling's
 //! step) of its median in at least 9 of 10 runs on a quiet machine.
 //! Run: `cargo bench --bench knee [-- FILTER]`; `RUNS=N` changes the count, `STEPS=N` the
-//! examples' `steps_per_probe`, and `CURVES=FILE` appends every run's throughput curve to FILE
+//! examples' `steps_per_probe`, `TOLERANCE=F` their `knee_tolerance`, and `CURVES=FILE` appends every run's throughput curve to FILE
 //! (JSON lines: example, knee, interval, points), to try other knee rules on the same data.
 
 use std::ops::ControlFlow;
@@ -32,6 +32,12 @@ fn main() {
             .and_then(|s| s.parse::<u32>().ok())
         {
             spec["search"]["steps_per_probe"] = steps.into();
+        }
+        if let Some(tolerance) = std::env::var("TOLERANCE")
+            .ok()
+            .and_then(|t| t.parse::<f64>().ok())
+        {
+            spec["search"]["knee_tolerance"] = tolerance.into();
         }
         let job = Job::from_value(spec).unwrap();
         let (mut knees, mut maxes, mut recommended, mut undecided) = (vec![], vec![], vec![], 0);

@@ -137,7 +137,8 @@ pub struct SearchSpec {
     pub steps_per_probe: u32,
     /// Where the first probe goes.
     pub strategy: Strategy,
-    /// The throughput knee is the smallest batch within this fraction of the best samples/s.
+    /// The throughput knee is the smallest batch from which doubling gains less than this
+    /// fraction in samples/s.
     pub knee_tolerance: f64,
     /// Most probes added below the maximum to find the throughput knee.
     pub throughput_probes: u32,
@@ -152,7 +153,7 @@ impl Default for SearchSpec {
             tolerance: 0.01,
             steps_per_probe: 2,
             strategy: Strategy::Double,
-            knee_tolerance: 0.05,
+            knee_tolerance: 0.1,
             throughput_probes: 4,
         }
     }

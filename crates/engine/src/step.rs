@@ -82,6 +82,16 @@ pub trait Allocate {
 pub trait Kernels: Allocate {
     /// Waits until all work queued on the device is done (for timing and fault detection).
     fn synchronize(&mut self) -> Result<(), Self::Error>;
+    /// Marks where a timed step begins in the device's queue (a GPU records an event).
+    fn start_timing(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    /// Waits for the work queued since [`Kernels::start_timing`] and returns how long it took by
+    /// the device's own clock (a GPU's events), or `None` when the device has none and the
+    /// host's clock around the step counts.
+    fn stop_timing(&mut self) -> Result<Option<f64>, Self::Error> {
+        self.synchronize().map(|()| None)
+    }
     /// `out[i] = uniform(key, i) * scale`, the synthetic stream of [`synthetic::uniform`].
     fn fill_uniform(
         &mut self,
@@ -632,9 +642,10 @@ pub fn run_probe<K: Kernels>(
     let mut timed = Vec::with_capacity(steps as usize);
     for step in 1..=steps.max(1) {
         let started = std::time::Instant::now();
+        kernels.start_timing()?;
         executor.step(kernels, plan, &program, step)?;
-        kernels.synchronize()?;
-        timed.push(started.elapsed().as_secs_f64());
+        let device_seconds = kernels.stop_timing()?;
+        timed.push(device_seconds.unwrap_or_else(|| started.elapsed().as_secs_f64()));
     }
     let measured = if timed.len() > 1 {
         &timed[1..]

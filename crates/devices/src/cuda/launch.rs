@@ -4,6 +4,7 @@
 //! that the buffer has every element the launch addresses. Values live in [`DeviceValues`]:
 //! bytes and their storage, whose code every kernel takes.
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 
 use super::kernel::Kernel;
@@ -254,6 +255,30 @@ impl Kernels for CudaDevice {
         // Stream-ordered allocations may report out-of-memory here rather than at the call.
         let result = self.stream.synchronize();
         result.map_err(|e| self.classify("synchronising", 0, e))
+    }
+
+    fn start_timing(&mut self) -> Result<(), DeviceError> {
+        let recorded = self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+        self.step_started = Some(recorded.map_err(|e| self.classify("recording an event", 0, e))?);
+        Ok(())
+    }
+
+    fn stop_timing(&mut self) -> Result<Option<f64>, DeviceError> {
+        let Some(started) = self.step_started.take() else {
+            return self.synchronize().map(|()| None);
+        };
+        let ended = self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+        let ended = ended.map_err(|e| self.classify("recording an event", 0, e))?;
+        // The stream's own synchronise first: it is where an out-of-memory of stream-ordered
+        // allocations shows, and the event's wait would report it as a fault.
+        self.synchronize()?;
+        let elapsed = started.elapsed_ms(&ended);
+        let milliseconds = elapsed.map_err(|e| self.classify("timing a step", 0, e))?;
+        Ok(Some(f64::from(milliseconds) / 1000.0))
     }
 
     // ---- fill.cu -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::{self, CUdevice_attribute, CUmemPool_attribute, CUresult};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
 use compile::KernelForm;
@@ -193,6 +193,8 @@ pub struct CudaDevice {
     sampled_peak: u64,
     /// With pools: the pool's figures around the last probe.
     pool: PoolFigures,
+    /// The event recorded where the step being timed began.
+    step_started: Option<CudaEvent>,
 }
 
 /// The default memory pool around one probe, bytes: what the leak check reads, kept so that a
@@ -262,6 +264,7 @@ impl CudaDevice {
             fault: None,
             sampled_peak: 0,
             pool: PoolFigures::default(),
+            step_started: None,
         })
     }
 

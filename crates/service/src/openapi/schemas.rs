@@ -267,7 +267,8 @@ pub struct SearchSpec {
     steps_per_probe: u32,
     /// Where the first probe goes.
     strategy: Strategy,
-    /// The throughput knee is the smallest batch within this fraction of the best samples/s.
+    /// The throughput knee is the smallest batch from which doubling gains less than this
+    /// fraction in samples/s (0.1).
     #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     knee_tolerance: f64,
     /// Most probes added below the maximum to find the throughput knee.
@@ -383,8 +384,8 @@ pub struct TuneAnswer {
     /// Whose training step the probes ran and the prediction describes (`headroom` for results
     /// from before the PyTorch profile).
     framework: Framework,
-    /// The throughput knee: the smallest measured batch whose fitted samples/s is within
-    /// `search.knee_tolerance` of the best. A larger batch trains little faster.
+    /// The throughput knee: the smallest measured batch from which doubling gains less than
+    /// `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     throughput_batch_size: u64,
     /// The range the knee could lie in, given how much each point's steps disagreed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -483,7 +484,7 @@ pub struct ThroughputPoint {
 /// The throughput knee and the range it could lie in.
 #[derive(Serialize, ToSchema)]
 pub struct Knee {
-    /// The smallest batch whose fitted samples/s is within the tolerance of the best.
+    /// The smallest batch from which doubling gains less than the tolerance in fitted samples/s.
     batch_size: u64,
     /// The smallest batch the knee could be, given the measurements' spread.
     low: u64,
