@@ -193,9 +193,10 @@ fn memory_chart(
             .legend(|(x, y)| Cross::new((x + 6, y), 5, MAX_COLOR.stroke_width(2)));
     }
     draw_markers(&mut chart, markers, 0.0, top, |b| b as f64)?;
+    // Lower right: the markers' labels run along the top, the small batches' points at the left.
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(200, 200, 200))
         .draw()
@@ -343,7 +344,7 @@ fn throughput_chart(
                     .map(|&(_, p)| Circle::new(p, 5, MAX_COLOR.stroke_width(2))),
             )
             .map_err(drawing_error)?
-            .label("set aside: faster per step than a smaller batch")
+            .label("set aside: its step time contradicts a neighbour's")
             .legend(|(x, y)| Circle::new((x + 10, y), 5, MAX_COLOR.stroke_width(2)));
     }
     chart
