@@ -1141,74 +1141,95 @@ fn a_running_job_page_grows_in_place_until_the_answer() {
         host_memory: bytesize::ByteSize::mib(64),
         ..host_config()
     });
-    let mut running = job(&[3, 32, 32], &[128], 10, "adam");
-    running["search"] = json!({"steps_per_probe": 8, "start": 64});
-    running["no_cache"] = json!(true);
-    let id = server.tune(&running, &[("Prefer", "respond-async")]).body["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let path = format!("/jobs/{id}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let page = loop {
-        let page = server.get_html(&path);
-        if page.contains("Training speed against batch size")
-            || page.contains("id=\"max-batch-size\"")
-        {
-            break page;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no chart while running: {page}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    let async_id = |job: &Value| {
+        server.tune(job, &[("Prefer", "respond-async")]).body["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
+    // A job that holds the device, so the one under test waits in the queue for as long as the
+    // browser needs.
+    let mut holding = slow_job();
+    holding["model"]["hidden_layers"] = json!([129]);
+    let holding = async_id(&holding);
+    server.wait_until_running(&holding);
+    let mut watched = job(&[3, 32, 32], &[128], 10, "adam");
+    watched["no_cache"] = json!(true);
+    let watched = async_id(&watched);
+    let path = format!("/jobs/{watched}");
+    let queued = server.get_html(&path);
     assert!(
-        page.contains("data-live=\"2\"") && page.contains("id=\"progress\">Running for "),
-        "a running job's page is live and says where the job is: {page}"
+        queued.contains("data-live=\"2\"") && queued.contains("id=\"progress\">Queued for "),
+        "a waiting job's page is live and says so: {queued}"
     );
     assert!(
-        !page.contains("<meta http-equiv=\"refresh\"") || page.contains("<noscript><meta"),
-        "no full reloads while scripts run"
+        queued.contains("<noscript><meta http-equiv=\"refresh\""),
+        "a meta refresh only without scripts"
     );
     let profile = tempfile::tempdir().unwrap();
     if chromium(profile.path()).is_none() {
         return;
     }
-    // Virtual time runs the page's timers, each fetch taking real time, while the job runs on;
-    // a browser session that ends before the job does is followed by another.
-    for _ in 0..20 {
+    // Virtual time runs the page's timers, each fetch taking real time: the page swaps its
+    // content in place, and stays live while the job waits.
+    let browse = || {
         let output = chromium(profile.path())
             .unwrap()
-            .arg("--virtual-time-budget=600000")
+            .arg("--virtual-time-budget=20000")
             .arg("--dump-dom")
             .arg(format!("{}{path}", server.base))
             .output()
             .unwrap();
-        let dom = String::from_utf8_lossy(&output.stdout).to_string();
-        if dom.contains("data-live") {
-            assert!(
-                dom.contains("data-refreshes"),
-                "no refresh in a whole session: {dom}"
-            );
-            continue;
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let waiting = browse();
+    assert!(
+        waiting.contains("data-refreshes=")
+            && waiting.contains("data-live")
+            && waiting.contains("Queued for "),
+        "no refresh in place while the job waited: {waiting}"
+    );
+    server.delete(&format!("/jobs/{holding}"));
+    // Running: how long and how far, and the charts of the probes so far.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let page = server.get_html(&path);
+        if page.contains("id=\"progress\">Running for ")
+            && page.contains("Training speed against batch size")
+        {
+            assert!(page.contains("probe(s), the largest fit "), "{page}");
+            break;
         }
-        let (_, document) = server.get(&path);
-        assert_eq!(document["state"], "succeeded", "{document}");
         assert!(
-            dom.contains(&format!(
-                "id=\"max-batch-size\">{}<",
-                document["result"]["max_batch_size"]
-            )),
-            "the page did not take in the answer: {dom}"
+            !page.contains("id=\"max-batch-size\""),
+            "the job finished before its page showed it running"
         );
         assert!(
-            dom.contains("data-refreshes"),
-            "the browser never saw the job run (it finished first): {dom}"
+            std::time::Instant::now() < deadline,
+            "the watched job never ran"
         );
-        return;
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    panic!("the job did not finish within 20 browser sessions");
+    while server.get(&path).1["state"] != "succeeded" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watched job did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let done = browse();
+    let (_, document) = server.get(&path);
+    assert!(
+        done.contains(&format!(
+            "id=\"max-batch-size\">{}<",
+            document["result"]["max_batch_size"]
+        )),
+        "the finished page has the answer: {done}"
+    );
+    assert!(
+        !done.contains("data-live"),
+        "a finished job's page does not poll: {done}"
+    );
 }
 
 #[test]

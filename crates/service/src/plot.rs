@@ -344,7 +344,7 @@ fn throughput_chart(
                     .map(|&(_, p)| Circle::new(p, 5, MAX_COLOR.stroke_width(2))),
             )
             .map_err(drawing_error)?
-            .label("set aside: its step time contradicts a neighbour's")
+            .label("set aside (contradicts a neighbour)")
             .legend(|(x, y)| Circle::new((x + 10, y), 5, MAX_COLOR.stroke_width(2)));
     }
     chart
