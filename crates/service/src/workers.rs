@@ -176,12 +176,10 @@ impl DeviceWorker {
             }
             if let Some(job) = job {
                 self.count_queued(false);
-                match self.run(&mut worker, &job) {
-                    Ok(()) => lock(&self.health).succeeded(),
-                    Err(reason) => {
-                        self.count_failure(&reason);
-                        restart_at = Instant::now() + lock(&self.health).backoff();
-                    }
+                if self.run(&mut worker, &job) {
+                    restart_at = Instant::now() + lock(&self.health).backoff();
+                } else {
+                    lock(&self.health).succeeded();
                 }
             }
         }
@@ -325,11 +323,11 @@ impl DeviceWorker {
         }
     }
 
-    /// Runs `job` in `worker`. A worker that faulted, crashed or hung is gone afterwards
-    /// (`worker` is `None`), and the reason is returned, to be counted against the device.
-    fn run(&self, worker: &mut Option<ProbeWorker>, job: &TuneJob) -> Result<(), String> {
+    /// Runs `job` in `worker`; returns whether the worker failed. A worker that faulted, crashed
+    /// or hung is gone afterwards (`worker` is `None`), its failure counted against the device.
+    fn run(&self, worker: &mut Option<ProbeWorker>, job: &TuneJob) -> bool {
         if !job.start() {
-            return Ok(());
+            return false;
         }
         let metrics = &self.context.metrics;
         let claim = match self.context.turns.wait_for_turn(job) {
@@ -337,11 +335,11 @@ impl DeviceWorker {
             Turn::Answered(answer) => {
                 metrics.single_flight_join();
                 job.finish(JobEnd::Succeeded(answer));
-                return Ok(());
+                return false;
             }
             Turn::Stopped => {
                 job.finish(job.stopped());
-                return Ok(());
+                return false;
             }
         };
         self.busy.store(true, Ordering::SeqCst);
@@ -405,14 +403,16 @@ impl DeviceWorker {
                 JobEnd::Failed(Problem::of_worker(&err))
             }
         };
-        if failure.is_some() {
+        if let Some(reason) = &failure {
             if let Some(gone) = worker.take() {
                 gone.stop(Duration::from_secs(1));
             }
             *lock(&self.worker_pid) = None;
+            self.count_failure(reason);
         }
         // Everything about the job is recorded before it is finished: a client woken by the
-        // finish then reads metrics and device state that include it.
+        // finish then reads metrics and device state that include it (the failure counted, so
+        // its next request meets a device already unhealthy).
         let state = end.state();
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(job = %job.id, device = %self.device, state = state.label(), seconds, "job finished");
@@ -427,6 +427,6 @@ impl DeviceWorker {
         metrics.busy(&self.labels, false);
         self.context.turns.release(claim);
         job.finish(end);
-        failure.map_or(Ok(()), Err)
+        failure.is_some()
     }
 }
