@@ -193,7 +193,18 @@ fn memory_chart(
             .legend(|(x, y)| Cross::new((x + 6, y), 5, MAX_COLOR.stroke_width(2)));
     }
     draw_markers(&mut chart, markers, 0.0, top, |b| b as f64)?;
-    // Lower right: the markers' labels run along the top, the small batches' points at the left.
+    draw_legend(&mut chart)
+}
+
+/// The legend, at the lower right: the markers' labels run along the top, and the small
+/// batches' points lie at the left.
+fn draw_legend<'a, X: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<
+        'a,
+        SVGBackend<'a>,
+        Cartesian2d<X, plotters::coord::types::RangedCoordf64>,
+    >,
+) -> Result<(), PlotError> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
@@ -362,13 +373,7 @@ fn throughput_chart(
                 RGBColor(20, 20, 20).stroke_width(2),
             )
         });
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(200, 200, 200))
-        .draw()
-        .map_err(drawing_error)?;
+    draw_legend(&mut chart)?;
     draw_markers(&mut chart, markers, 0.0, y_max, |b| b.max(1) as f64)
 }
 
@@ -416,32 +421,37 @@ fn probe_marks(probes: &[Probe], largest: u64) -> (u64, Vec<(u64, u64)>, Vec<u64
     (x_max, fitted, out_of_memory)
 }
 
-/// Both charts of a tune, as one SVG document.
-pub fn tune_svg(result: &TuneResult, plan: &Plan) -> Result<String, PlotError> {
-    let (x_max, measured, out_of_memory) = probe_marks(&result.probes, result.max_batch_size);
+/// The memory chart above the speed chart, as one SVG document.
+fn stacked(
+    draw: impl FnOnce(&Drawing<'_>, &Drawing<'_>) -> Result<(), PlotError>,
+) -> Result<String, PlotError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, 2 * CHART_HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(drawing_error)?;
         let (upper, lower) = root.split_vertically(CHART_HEIGHT);
+        draw(&upper, &lower)?;
+        root.present().map_err(drawing_error)?;
+    }
+    Ok(svg)
+}
+
+/// Both charts of a tune, as one SVG document.
+pub fn tune_svg(result: &TuneResult, plan: &Plan) -> Result<String, PlotError> {
+    let (x_max, measured, out_of_memory) = probe_marks(&result.probes, result.max_batch_size);
+    let markers = markers(result);
+    stacked(|upper, lower| {
         memory_chart(
-            &upper,
+            upper,
             plan,
             Some(result.device.free_bytes),
             x_max,
             &measured,
             &out_of_memory,
-            &markers(result),
+            &markers,
         )?;
-        throughput_chart(
-            &lower,
-            &result.throughput,
-            result.throughput_knee,
-            &markers(result),
-        )?;
-        root.present().map_err(drawing_error)?;
-    }
-    Ok(svg)
+        throughput_chart(lower, &result.throughput, result.throughput_knee, &markers)
+    })
 }
 
 /// Both charts of a running tune from its probes so far: no limit or knee yet, the speed of
@@ -452,16 +462,11 @@ pub fn progress_svg(plan: &Plan, probes: &[Probe]) -> Result<Option<String>, Plo
         return Ok(None);
     };
     let (x_max, fitted, out_of_memory) = probe_marks(probes, largest);
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, 2 * CHART_HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(drawing_error)?;
-        let (upper, lower) = root.split_vertically(CHART_HEIGHT);
-        memory_chart(&upper, plan, None, x_max, &fitted, &out_of_memory, &[])?;
-        throughput_chart(&lower, &throughput, None, &[])?;
-        root.present().map_err(drawing_error)?;
-    }
-    Ok(Some(svg))
+    stacked(|upper, lower| {
+        memory_chart(upper, plan, None, x_max, &fitted, &out_of_memory, &[])?;
+        throughput_chart(lower, &throughput, None, &[])
+    })
+    .map(Some)
 }
 
 /// The memory chart of an estimate for `memory_bytes` free.
