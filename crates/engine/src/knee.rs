@@ -158,19 +158,25 @@ fn knee_of_fitted(points: &[Measured], tolerance: f64) -> Option<Knee> {
 /// log batch size between the measured points around it, and flat past the largest (no batch
 /// beyond it fits, so none is faster).
 fn at_double(points: &[Measured], fit: &[f64], uncertainties: &[f64], i: usize) -> (f64, f64) {
+    let sizes: Vec<u64> = points.iter().map(|p| p.batch_size).collect();
     let target = 2.0 * points[i].batch_size as f64;
-    let Some(above) = (i..points.len()).find(|&j| points[j].batch_size as f64 >= target) else {
-        let last = points.len() - 1;
-        return (fit[last], uncertainties[last]);
+    let at = |values: &[f64]| log_interpolate(&sizes, values, target).unwrap_or(values[i]);
+    (at(fit), at(uncertainties))
+}
+
+/// `values` (one per size of `sizes`, which rise) at `size`: interpolated in log size between
+/// the sizes around it, flat past the largest; `None` with no size below it.
+fn log_interpolate(sizes: &[u64], values: &[f64], size: f64) -> Option<f64> {
+    let Some(above) = sizes.iter().position(|&s| s as f64 >= size) else {
+        return values.last().copied();
     };
-    let below = above - 1;
-    let (x0, x1) = (
-        (points[below].batch_size as f64).ln(),
-        (points[above].batch_size as f64).ln(),
-    );
-    let t = ((target.ln() - x0) / (x1 - x0)).clamp(0.0, 1.0);
-    let between = |values: &[f64]| values[below] + t * (values[above] - values[below]);
-    (between(fit), between(uncertainties))
+    if sizes[above] as f64 == size {
+        return Some(values[above]);
+    }
+    let below = above.checked_sub(1)?;
+    let (x0, x1) = ((sizes[below] as f64).ln(), (sizes[above] as f64).ln());
+    let t = ((size.ln() - x0) / (x1 - x0)).clamp(0.0, 1.0);
+    Some(values[below] + t * (values[above] - values[below]))
 }
 
 /// One point of the throughput curve in the answer: a batch size that fitted, its measured
@@ -234,10 +240,16 @@ pub fn set_aside(points: &[Measured]) -> Vec<bool> {
     let weights: Vec<f64> = points.iter().map(|p| f64::from(p.timed_steps)).collect();
     let scatter = scatter(points, &isotonic(&values, &weights));
     while let Some((a, b)) = breaking_pair(points, &aside, scatter) {
-        let others: Vec<usize> = (0..points.len())
+        let others: Vec<&Measured> = (0..points.len())
             .filter(|&i| !aside[i] && i != a && i != b)
+            .map(|i| &points[i])
             .collect();
-        let (Some(da), Some(db)) = (stray(points, &others, a), stray(points, &others, b)) else {
+        let sizes: Vec<u64> = others.iter().map(|p| p.batch_size).collect();
+        let values: Vec<f64> = others.iter().map(|p| p.samples_per_second).collect();
+        let weights: Vec<f64> = others.iter().map(|p| f64::from(p.timed_steps)).collect();
+        let level = isotonic(&values, &weights);
+        let stray = |i: usize| stray(&points[i], &sizes, &level);
+        let (Some(da), Some(db)) = (stray(a), stray(b)) else {
             break;
         };
         aside[if db >= da { b } else { a }] = true;
@@ -258,34 +270,13 @@ fn breaking_pair(points: &[Measured], aside: &[bool], scatter: f64) -> Option<(u
     })
 }
 
-/// How far (|ln|) point `i`'s speed lies from the level of `others` at its batch size: their fit,
-/// interpolated in log batch size between the nearest below and above (flat past the largest).
+/// How far (|ln|) `point`'s speed lies from the level of the other points at its batch size:
+/// their fit `level` at their `sizes`, interpolated in log batch size (flat past the largest).
 /// `None` with no other point below it.
-fn stray(points: &[Measured], others: &[usize], i: usize) -> Option<f64> {
-    let values: Vec<f64> = others
-        .iter()
-        .map(|&k| points[k].samples_per_second)
-        .collect();
-    let weights: Vec<f64> = others
-        .iter()
-        .map(|&k| f64::from(points[k].timed_steps))
-        .collect();
-    let fit = isotonic(&values, &weights);
-    let x = (points[i].batch_size as f64).ln();
-    let below = others.iter().rposition(|&k| k < i)?;
-    let level = match others.get(below + 1) {
-        Some(&above) => {
-            let (x0, x1) = (
-                (points[others[below]].batch_size as f64).ln(),
-                (points[above].batch_size as f64).ln(),
-            );
-            let t = if x1 > x0 { (x - x0) / (x1 - x0) } else { 0.0 };
-            fit[below] + t * (fit[below + 1] - fit[below])
-        }
-        None => fit[below],
-    };
-    (level > 0.0 && points[i].samples_per_second > 0.0)
-        .then(|| (points[i].samples_per_second / level).ln().abs())
+fn stray(point: &Measured, sizes: &[u64], level: &[f64]) -> Option<f64> {
+    let level = log_interpolate(sizes, level, point.batch_size as f64)?;
+    (level > 0.0 && point.samples_per_second > 0.0)
+        .then(|| (point.samples_per_second / level).ln().abs())
 }
 
 /// Where one more probe would sharpen the knee, if anywhere: below the knee when nothing smaller
