@@ -462,9 +462,10 @@ impl ModelSpec {
                 "must be at least 2 for a softmax cross-entropy loss",
             ));
         }
-        if let Some(list) = &self.layers {
-            self.validate_layers(list)?;
-        }
+        let mlp = match &self.layers {
+            Some(list) => self.validate_layers(list)?,
+            None => self.mlp()?,
+        };
         let features = self
             .input_shape
             .iter()
@@ -476,12 +477,13 @@ impl ModelSpec {
                     format!("the flattened input must have at most {MAX_DIMENSION} features"),
                 )
             })?;
-        Ok((features, self.mlp()?))
+        Ok((features, mlp))
     }
 
     /// A layer list: not beside the shorthand's fields, every shape checked, the logits
-    /// `num_classes` wide, and a model headroom can train (the error then says what it read).
-    fn validate_layers(&self, list: &[LayerSpec]) -> Result<(), JobError> {
+    /// `num_classes` wide, and a model headroom can train (the error then says what it read);
+    /// returns the MLP it trains.
+    fn validate_layers(&self, list: &[LayerSpec]) -> Result<(Vec<u64>, Activation), JobError> {
         let shorthand = if !self.hidden_layers.is_empty() {
             Some("model.hidden_layers")
         } else {
@@ -505,7 +507,7 @@ impl ModelSpec {
                 ),
             ));
         }
-        LayerSpec::as_mlp(list, "model.layers").map_err(|e| {
+        let (widths, activation, _) = LayerSpec::as_mlp(list, "model.layers").map_err(|e| {
             JobError::new(
                 e.field,
                 format!(
@@ -514,7 +516,7 @@ impl ModelSpec {
                 ),
             )
         })?;
-        Ok(())
+        Ok((widths, activation))
     }
 }
 
