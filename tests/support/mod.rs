@@ -174,25 +174,23 @@ impl Http {
 
     /// `GET path`, as text.
     pub fn get_text(&self, path: &str) -> String {
-        Self::agent()
-            .get(format!("{}{path}", self.base))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
+        self.text_of(path, None)
     }
 
     /// `GET path` as a browser asks for it (HTML first), as text.
     pub fn get_html(&self, path: &str) -> String {
-        Self::agent()
-            .get(format!("{}{path}", self.base))
-            .header("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8")
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
+        self.text_of(
+            path,
+            Some("text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"),
+        )
+    }
+
+    fn text_of(&self, path: &str, accept: Option<&str>) -> String {
+        let mut request = Self::agent().get(format!("{}{path}", self.base));
+        if let Some(accept) = accept {
+            request = request.header("Accept", accept);
+        }
+        request.call().unwrap().body_mut().read_to_string().unwrap()
     }
 
     /// `POST path` with a JSON body.
