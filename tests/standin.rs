@@ -771,28 +771,23 @@ fn each_step_on_the_gpu_is_timed_by_a_pair_of_events() {
     };
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
-    let job = dir.path().join("job.json");
     let mut spec = example("mnist-mlp-sgd");
     spec["search"] = json!({"steps_per_probe": 3});
-    std::fs::write(&job, spec.to_string()).unwrap();
-    let output = standin
-        .headroom()
-        .args([
-            "probe",
-            job.to_str().unwrap(),
-            "--device",
-            "cuda",
-            "--batch-size",
-            "64,128",
-            "--json",
-        ])
-        .env("HEADROOM_STANDIN_REPORT", &report)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let job = support::job_file(&spec);
+    let output = support::run_ok(
+        "headroom probe on the stand-in",
+        standin
+            .headroom()
+            .args([
+                "probe",
+                job.to_str().unwrap(),
+                "--device",
+                "cuda",
+                "--batch-size",
+                "64,128",
+                "--json",
+            ])
+            .env("HEADROOM_STANDIN_REPORT", &report),
     );
     let probes: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(
