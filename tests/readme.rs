@@ -255,8 +255,8 @@ fn series(sample: &str) -> String {
 }
 
 /// Fields whose values differ from run to run or machine to machine (identifiers, times, the
-/// host's name and what was timed): compared by type only.
-const VARYING: [&str; 14] = [
+/// host's name, what was timed and how many steps it took to time it): compared by type only.
+const VARYING: [&str; 15] = [
     "id",
     "created_at",
     "started_at",
@@ -266,6 +266,7 @@ const VARYING: [&str; 14] = [
     "elapsed_seconds",
     "step_seconds",
     "step_seconds_spread",
+    "timed_steps",
     "samples_per_second",
     "spread",
     "fitted_samples_per_second",

@@ -15,7 +15,7 @@ use std::process::Output;
 
 use headroom_devices::cuda::CudaDevice;
 use headroom_devices::parity::{check_kernels, check_training};
-use headroom_engine::device::{Device, DeviceError};
+use headroom_engine::device::{Device, DeviceError, Steps};
 use headroom_engine::{tune, Job};
 use serde_json::{json, Value};
 use support::standin::StandIn;
@@ -365,14 +365,16 @@ fn allocation_sizes_that_overflow_are_out_of_memory() {
         (&thin, (1 << 62) + 1),
         (&narrow, u64::MAX),
     ] {
-        let outcome = device.run_steps(job.plan(), batch, 1, 1);
+        let outcome = device.run_steps(job.plan(), batch, Steps::exactly(1), 1);
         assert!(
             matches!(outcome, Err(DeviceError::OutOfMemory { .. })),
             "batch {batch}: {outcome:?}"
         );
     }
     assert_eq!(device.info().free_bytes, 64 << 20);
-    assert!(device.run_steps(narrow.plan(), 1000, 1, 1).is_ok());
+    assert!(device
+        .run_steps(narrow.plan(), 1000, Steps::exactly(1), 1)
+        .is_ok());
 }
 
 fn serve(standin: &StandIn, env: &[(&str, &str)], devices: &[&str]) -> ServerProcess {
@@ -772,7 +774,7 @@ fn each_step_on_the_gpu_is_timed_by_a_pair_of_events() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
     let mut spec = example("mnist-mlp-sgd");
-    spec["search"] = json!({"steps_per_probe": 3});
+    spec["search"] = json!({"steps_per_probe": 3, "min_timed_seconds": 0});
     let job = support::job_file(&spec);
     let output = support::run_ok(
         "headroom probe on the stand-in",

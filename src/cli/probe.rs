@@ -10,7 +10,7 @@ use super::output::human;
 use super::CliError;
 use headroom_devices::host::DEFAULT_BUDGET_BYTES;
 use headroom_devices::select::DeviceSpec;
-use headroom_engine::device::DeviceError;
+use headroom_engine::device::{DeviceError, Steps};
 use headroom_engine::result::Outcome;
 use headroom_engine::search::PROBE_SEED;
 
@@ -73,7 +73,8 @@ pub struct ProbeArgs {
     json: bool,
 }
 
-/// Probes each batch size once (at least two steps, the first a warm-up).
+/// Probes each batch size once (at least two steps, the first a warm-up, and as many more as
+/// the job's `search.min_timed_seconds` asks for).
 pub fn run(args: ProbeArgs) -> Result<(), CliError> {
     let (job, mut opened) = job_and_device(&args.job, args.device, args.host_memory.0)?;
     let plan = job.plan();
@@ -85,7 +86,10 @@ pub fn run(args: ProbeArgs) -> Result<(), CliError> {
                 "batch size {batch_size} overflows the memory model"
             )));
         };
-        let steps = job.search.steps_per_probe.max(2);
+        let steps = Steps {
+            at_least: job.search.steps_per_probe.max(2),
+            min_timed_seconds: job.search.min_timed_seconds,
+        };
         let measurement = match opened.device.run_steps(plan, batch_size, steps, PROBE_SEED) {
             Ok(report) => {
                 let tflops = plan.step_flops(batch_size) / report.step_seconds / 1e12;

@@ -1,7 +1,7 @@
 //! Copies between host and device memory, for checks alone (parity, gradients, determinism):
 //! probes never stage data through host memory.
 
-use headroom_engine::device::{DeviceError, Probing};
+use headroom_engine::device::{DeviceError, Probing, Steps};
 use headroom_engine::plan::program::{Program, Slot};
 use headroom_engine::plan::{Plan, Storage};
 use headroom_engine::step::{self, Executor, Kernels};
@@ -33,11 +33,12 @@ pub fn trained_parameters<D: Probing + Transfer>(
     seed: u64,
 ) -> Result<(Vec<f32>, Option<f32>), DeviceError> {
     let before = device.begin_probe()?;
-    let trained =
-        step::run_probe(device, plan, rows, steps, seed).and_then(|(executor, program, _)| {
+    let trained = step::run_probe(device, plan, rows, Steps::exactly(steps), seed).and_then(
+        |(executor, program, _)| {
             let parameters = read_parameters(device, &program, &executor)?;
             Ok((parameters, executor.loss_scale.map(|s| s.scale)))
-        });
+        },
+    );
     let ended = device.end_probe(before);
     let trained = trained?;
     ended?;

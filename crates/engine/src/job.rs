@@ -121,6 +121,11 @@ impl<'de> Deserialize<'de> for Dtype {
     }
 }
 
+/// The default [`SearchSpec::min_timed_seconds`].
+pub const MIN_TIMED_SECONDS: f64 = 0.05;
+/// The largest [`SearchSpec::min_timed_seconds`] a job may ask for.
+pub const MAX_MIN_TIMED_SECONDS: f64 = 10.0;
+
 /// How the batch size is searched.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -133,8 +138,11 @@ pub struct SearchSpec {
     pub multiple_of: u64,
     /// Relative gap between the last fit and the first OOM at which bisection stops.
     pub tolerance: f64,
-    /// Training steps run per probe.
+    /// Training steps run per probe, at least.
     pub steps_per_probe: u32,
+    /// A probe keeps stepping (up to 64 steps timed) until its timed steps add up to this many
+    /// seconds: a step of a small batch is too short to time alone. 0 turns it off.
+    pub min_timed_seconds: f64,
     /// Where the first probe goes.
     pub strategy: Strategy,
     /// The throughput knee is the smallest batch from which doubling gains less than this
@@ -152,6 +160,7 @@ impl Default for SearchSpec {
             multiple_of: 8,
             tolerance: 0.01,
             steps_per_probe: 2,
+            min_timed_seconds: MIN_TIMED_SECONDS,
             strategy: Strategy::Double,
             knee_tolerance: 0.1,
             throughput_probes: 4,
@@ -560,6 +569,15 @@ impl SearchSpec {
                 "must be between 1 and 1000",
             ));
         }
+        if !(0.0..=MAX_MIN_TIMED_SECONDS).contains(&self.min_timed_seconds) {
+            return Err(JobError::new(
+                "search.min_timed_seconds",
+                format!(
+                    "must be between 0 and {MAX_MIN_TIMED_SECONDS}, got {}",
+                    self.min_timed_seconds
+                ),
+            ));
+        }
         if !(self.knee_tolerance > 0.0 && self.knee_tolerance < 1.0) {
             return Err(JobError::new(
                 "search.knee_tolerance",
@@ -839,6 +857,16 @@ mod tests {
                 r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
                    "search": {"knee_tolerance": 1.5}}"#,
                 "search.knee_tolerance",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
+                   "search": {"min_timed_seconds": -0.1}}"#,
+                "search.min_timed_seconds",
+            ),
+            (
+                r#"{"model": {"input_shape": [4], "num_classes": 2}, "optimizer": {"name": "sgd"},
+                   "search": {"min_timed_seconds": 3600}}"#,
+                "search.min_timed_seconds",
             ),
         ];
         for (text, field) in cases {

@@ -19,9 +19,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Steps timed, over repeated probes, at a point the knee depends on once the largest batch is
-/// found.
-pub const KNEE_STEPS: u32 = 6;
+/// Probes pooled at a point the knee depends on once the largest batch is found. Each probe is
+/// a window of its own, and a machine's speed drifts more between windows than between the
+/// steps of one (on this repository's 2-core host, 20-30% between probes of the same batch a
+/// second apart): more probes steady a point where more steps do not.
+pub const KNEE_PROBES: u32 = 3;
 /// The widest knee interval (high / low) that still names a knee.
 pub const DECIDED_RATIO: f64 = 4.0;
 
@@ -32,10 +34,12 @@ pub struct Measured {
     pub batch_size: u64,
     /// Median samples/s.
     pub samples_per_second: f64,
-    /// The steps' range relative to their median.
+    /// The steps' interquartile range relative to their median (the widest of pooled probes).
     pub spread: f64,
     /// Steps timed.
     pub timed_steps: u32,
+    /// Probes pooled.
+    pub probes: u32,
 }
 
 /// The non-decreasing sequence closest to `values` in weighted least squares (pool adjacent
@@ -76,14 +80,31 @@ impl Knee {
     }
 }
 
-/// A point's relative uncertainty: half its steps' spread when timed over three steps or more;
-/// else how far points stray from the fit here (`scatter`); at least [`MIN_UNCERTAINTY`].
+/// A point's relative uncertainty: how far a probe strays from the fit (`scatter`: the
+/// machine's drift between probes), less by the square root of the probes pooled there, or the
+/// standard error of its median where that is larger (three steps timed or more); at least
+/// [`MIN_UNCERTAINTY`].
 fn uncertainty(point: &Measured, scatter: f64) -> f64 {
-    if point.timed_steps >= 3 {
-        (point.spread / 2.0).max(MIN_UNCERTAINTY)
+    let within = if point.timed_steps >= 3 {
+        MEDIAN_ERROR * point.spread / f64::from(point.timed_steps).sqrt()
     } else {
-        scatter.max(MIN_UNCERTAINTY)
-    }
+        0.0
+    };
+    let between = scatter / f64::from(point.probes.max(1)).sqrt();
+    within.max(between).max(MIN_UNCERTAINTY)
+}
+
+/// The standard error of the median of `n` timed steps is this much of their interquartile
+/// range over `sqrt(n)`: `1.2533 / 1.349` for normal scatter.
+const MEDIAN_ERROR: f64 = 0.93;
+
+/// The weight of each point in the rising fit: the probes pooled there (each an independent
+/// window of the machine's speed).
+fn weights<'a>(points: impl IntoIterator<Item = &'a Measured>) -> Vec<f64> {
+    points
+        .into_iter()
+        .map(|p| f64::from(p.probes.max(1)))
+        .collect()
 }
 
 /// How much faster a larger batch may step than a smaller one before the pair is a contradiction:
@@ -125,8 +146,7 @@ pub fn knee(points: &[Measured], tolerance: f64) -> Option<Knee> {
 
 fn knee_of_fitted(points: &[Measured], tolerance: f64) -> Option<Knee> {
     let values: Vec<f64> = points.iter().map(|p| p.samples_per_second).collect();
-    let weights: Vec<f64> = points.iter().map(|p| f64::from(p.timed_steps)).collect();
-    let fit = isotonic(&values, &weights);
+    let fit = isotonic(&values, &weights(points));
     if fit.is_empty() {
         return None;
     }
@@ -187,7 +207,7 @@ pub struct ThroughputPoint {
     pub batch_size: u64,
     /// Samples trained per second at that size (the median step).
     pub samples_per_second: f64,
-    /// The timed steps' range relative to their median.
+    /// The timed steps' interquartile range relative to their median.
     #[serde(default)]
     pub spread: f64,
     /// The rising curve fitted through the points kept, at this one.
@@ -204,11 +224,7 @@ pub fn curve(points: &[Measured]) -> Vec<ThroughputPoint> {
     let aside = set_aside(points);
     let kept: Vec<usize> = (0..points.len()).filter(|&i| !aside[i]).collect();
     let values: Vec<f64> = kept.iter().map(|&i| points[i].samples_per_second).collect();
-    let weights: Vec<f64> = kept
-        .iter()
-        .map(|&i| f64::from(points[i].timed_steps))
-        .collect();
-    let fitted = isotonic(&values, &weights);
+    let fitted = isotonic(&values, &weights(kept.iter().map(|&i| &points[i])));
     let fitted_at = |i: usize| {
         let below = kept.iter().rposition(|&k| k <= i);
         below
@@ -237,8 +253,7 @@ pub fn curve(points: &[Measured]) -> Vec<ThroughputPoint> {
 pub fn set_aside(points: &[Measured]) -> Vec<bool> {
     let mut aside = vec![false; points.len()];
     let values: Vec<f64> = points.iter().map(|p| p.samples_per_second).collect();
-    let weights: Vec<f64> = points.iter().map(|p| f64::from(p.timed_steps)).collect();
-    let scatter = scatter(points, &isotonic(&values, &weights));
+    let scatter = scatter(points, &isotonic(&values, &weights(points)));
     while let Some((a, b)) = breaking_pair(points, &aside, scatter) {
         let others: Vec<&Measured> = (0..points.len())
             .filter(|&i| !aside[i] && i != a && i != b)
@@ -246,8 +261,7 @@ pub fn set_aside(points: &[Measured]) -> Vec<bool> {
             .collect();
         let sizes: Vec<u64> = others.iter().map(|p| p.batch_size).collect();
         let values: Vec<f64> = others.iter().map(|p| p.samples_per_second).collect();
-        let weights: Vec<f64> = others.iter().map(|p| f64::from(p.timed_steps)).collect();
-        let level = isotonic(&values, &weights);
+        let level = isotonic(&values, &weights(others.iter().copied()));
         let stray = |i: usize| stray(&points[i], &sizes, &level);
         let (Some(da), Some(db)) = (stray(a), stray(b)) else {
             break;
@@ -307,8 +321,8 @@ pub fn next_between(points: &[Measured], knee: u64, multiple_of: u64) -> Option<
     (!measured && aligned < knee).then_some(aligned)
 }
 
-/// The next point to probe again, until [`KNEE_STEPS`] steps are timed there, because the knee
-/// depends on it: the knee, its smaller neighbour, then the fastest point.
+/// The next point to probe again, until [`KNEE_PROBES`] probes are pooled there, because the
+/// knee depends on it: the knee, its smaller neighbour, then the fastest point.
 pub fn next_to_time(points: &[Measured], knee: &Knee) -> Option<u64> {
     let at = points
         .iter()
@@ -322,7 +336,7 @@ pub fn next_to_time(points: &[Measured], knee: &Knee) -> Option<u64> {
         .into_iter()
         .flatten()
         .map(|i| points[i])
-        .find(|p| p.timed_steps < KNEE_STEPS)
+        .find(|p| p.probes < KNEE_PROBES)
         .map(|p| p.batch_size)
 }
 
@@ -337,6 +351,7 @@ mod tests {
             samples_per_second,
             spread,
             timed_steps,
+            probes: 1,
         }
     }
 
@@ -444,17 +459,21 @@ mod tests {
 
     #[test]
     fn points_that_decide_the_knee_are_timed_first() {
+        let pooled = |p: Measured| Measured {
+            probes: KNEE_PROBES,
+            ..p
+        };
         let points = [
             point(512, 50.0, 0.0, 1),
             point(1024, 100.0, 0.0, 1),
-            point(2048, 100.0, 0.0, 8),
+            pooled(point(2048, 100.0, 0.0, 1)),
         ];
         let knee = knee(&points, 0.05).unwrap();
         assert_eq!(next_to_time(&points, &knee), Some(1024));
         let timed = [
             point(512, 50.0, 0.0, 1),
-            point(1024, 100.0, 0.0, 8),
-            point(2048, 100.0, 0.0, 8),
+            pooled(point(1024, 100.0, 0.0, 1)),
+            pooled(point(2048, 100.0, 0.0, 1)),
         ];
         assert_eq!(next_to_time(&timed, &knee), Some(512));
     }
@@ -510,10 +529,12 @@ mod tests {
             let aside = set_aside(&points);
             let kept: Vec<&Measured> = points.iter().zip(&aside).filter(|(_, &a)| !a).map(|(p, _)| p).collect();
             prop_assert!(!kept.is_empty());
+            let values: Vec<f64> = points.iter().map(|p| p.samples_per_second).collect();
+            let scatter = scatter(&points, &isotonic(&values, &weights(&points)));
             // Every pair left breaking the rule has no kept point below it to judge by.
             for (i, w) in kept.windows(2).enumerate().skip(1) {
                 let (a, b) = (w[0], w[1]);
-                let margin = 1.0 + ALIGNMENT_SLACK + (a.spread / 2.0).max(MIN_UNCERTAINTY) + (b.spread / 2.0).max(MIN_UNCERTAINTY);
+                let margin = 1.0 + ALIGNMENT_SLACK + uncertainty(a, scatter) + uncertainty(b, scatter);
                 let breaks = b.batch_size as f64 / b.samples_per_second * margin < a.batch_size as f64 / a.samples_per_second;
                 prop_assert!(!breaks, "pair {} of {:?} (aside {:?})", i, kept, aside);
             }

@@ -27,10 +27,10 @@ pub struct TuneResult {
     /// from before the PyTorch profile).
     #[serde(default = "Framework::before_profiles")]
     pub framework: Framework,
-    /// The throughput knee: the smallest measured batch whose fitted samples/s is within
-    /// `search.knee_tolerance` of the best. A larger batch trains little faster.
+    /// The throughput knee: the smallest measured batch from which doubling the batch gains less
+    /// than `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     pub throughput_batch_size: u64,
-    /// The range the knee could lie in, given how much each point's steps disagreed.
+    /// The range the knee could lie in, given how uncertain each point's speed is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throughput_knee: Option<Knee>,
     /// Said when the measurements do not place the knee within a factor of four.
@@ -86,8 +86,8 @@ pub struct Probe {
     pub outcome: Outcome,
     /// Median seconds per training step, the warm-up step left out (0 unless it fitted).
     pub step_seconds: f64,
-    /// How much the timed steps disagreed: their range relative to the median (0 for one step,
-    /// or unless it fitted).
+    /// How much the timed steps disagreed: their interquartile range relative to the median (0
+    /// for one step, or unless it fitted).
     #[serde(default)]
     pub step_seconds_spread: f64,
     /// Steps timed (0 unless it fitted).
@@ -135,12 +135,14 @@ pub fn measured(probes: &[Probe]) -> Vec<Measured> {
                     / f64::from(total);
                 kept.spread = kept.spread.max(probe.step_seconds_spread);
                 kept.timed_steps = total;
+                kept.probes += 1;
             }
             None => points.push(Measured {
                 batch_size: probe.batch_size,
                 samples_per_second: probe.samples_per_second,
                 spread: probe.step_seconds_spread,
                 timed_steps: steps,
+                probes: 1,
             }),
         }
     }

@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use crate::advice::{accumulation, recommended_batch_size};
-use crate::device::{Device, DeviceError};
+use crate::device::{Device, DeviceError, Steps};
 use crate::job::{Job, Strategy};
 use crate::knee::{self, Knee};
 use crate::plan::{DoesNotFit, Plan};
@@ -133,12 +133,13 @@ impl Search<'_> {
     /// Runs one probe: `Ok(true)` if it fitted, `Ok(false)` on out-of-memory.
     fn probe(&mut self, batch_size: u64) -> Result<bool, TuneError> {
         debug_assert!((1..=self.cap).contains(&batch_size));
-        let outcome = self.device.run_steps(
-            self.plan,
-            batch_size,
-            self.job.search.steps_per_probe,
-            PROBE_SEED,
-        );
+        let steps = Steps {
+            at_least: self.job.search.steps_per_probe,
+            min_timed_seconds: self.job.search.min_timed_seconds,
+        };
+        let outcome = self
+            .device
+            .run_steps(self.plan, batch_size, steps, PROBE_SEED);
         let (probe, result) = match outcome {
             Ok(report) => (
                 Probe {
@@ -278,12 +279,11 @@ impl Search<'_> {
         }
     }
 
-    /// Samples/s of every size that fitted.
     /// Once the largest batch is found, measures what the throughput knee depends on, up to
     /// `search.throughput_probes` more probes of the same steps as the others (so that no point
     /// is timed differently): sizes between the knee and a distant smaller neighbour (or below
     /// a knee with none), then, while the knee's interval is open, the points that decide it
-    /// probed again until [`knee::KNEE_STEPS`] steps are timed there. An OOM there (the limit
+    /// probed again until [`knee::KNEE_PROBES`] probes are pooled there. An OOM there (the limit
     /// moved) ends them. Returns the knee.
     fn measure_knee(&mut self) -> Result<Option<Knee>, TuneError> {
         let search = &self.job.search;

@@ -2,6 +2,7 @@
 //! [`Executor`] runs a [`Program`] (the plan's step compiled for one batch size) instruction
 //! by instruction, holding each buffer from its allocation to its free.
 
+use crate::device::Steps;
 use crate::plan::program::{Instr, OptimizerState, Program, Scale, Slot};
 use crate::plan::{
     Activation, OptimizerKind, Plan, Storage, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
@@ -590,23 +591,26 @@ impl<K: Kernels> Executor<K> {
     }
 }
 
-/// The median of `times` (not empty) and their range relative to it: a robust figure for a
-/// step, and how much the steps disagreed.
+/// The median of `times` (not empty) and their interquartile range relative to it: a robust
+/// figure for a step, and how much the middle half of the steps disagreed (one step slowed by
+/// the machine moves neither).
 pub fn median_and_spread(times: &[f64]) -> (f64, f64) {
     let mut sorted = times.to_vec();
     sorted.sort_by(f64::total_cmp);
-    let middle = sorted.len() / 2;
-    let median = if sorted.len().is_multiple_of(2) {
-        (sorted[middle - 1] + sorted[middle]) / 2.0
-    } else {
-        sorted[middle]
-    };
+    let median = quantile(&sorted, 0.5);
     let spread = if median > 0.0 {
-        (sorted[sorted.len() - 1] - sorted[0]) / median
+        (quantile(&sorted, 0.75) - quantile(&sorted, 0.25)) / median
     } else {
         0.0
     };
     (median, spread)
+}
+
+/// The `q` quantile of `sorted` (not empty), interpolated linearly between its values.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let at = q * (sorted.len() - 1) as f64;
+    let (below, above) = (at.floor() as usize, at.ceil() as usize);
+    sorted[below] + (at - below as f64) * (sorted[above] - sorted[below])
 }
 
 /// What [`run_probe`] measured.
@@ -614,7 +618,7 @@ pub fn median_and_spread(times: &[f64]) -> (f64, f64) {
 pub struct ProbeRun {
     /// Median seconds per step, the first (warm-up) step left out when there are several.
     pub step_seconds: f64,
-    /// The timed steps' range relative to their median, `(slowest - fastest) / median`.
+    /// The timed steps' interquartile range relative to their median.
     pub step_seconds_spread: f64,
     /// Steps timed (the warm-up step left out).
     pub timed_steps: u32,
@@ -622,7 +626,7 @@ pub struct ProbeRun {
     pub final_loss: f32,
 }
 
-/// Compiles `plan`'s step at `rows`, runs its setup and `steps` steps, and returns the executor
+/// Compiles `plan`'s step at `rows`, runs its setup and its `steps`, and returns the executor
 /// with every buffer it still holds (so the caller can measure the memory and read parameters
 /// before they are freed). A batch whose sizes pass `u64` asks the device for `u64::MAX`
 /// elements, which every device refuses as out of memory.
@@ -630,7 +634,7 @@ pub fn run_probe<K: Kernels>(
     kernels: &mut K,
     plan: &Plan,
     rows: u64,
-    steps: u32,
+    steps: Steps,
     seed: u64,
 ) -> Result<(Executor<K>, Program, ProbeRun), K::Error> {
     let Some(program) = plan.program(rows, seed) else {
@@ -639,8 +643,10 @@ pub fn run_probe<K: Kernels>(
     };
     let mut executor = Executor::setup(kernels, &program)?;
     kernels.synchronize()?;
-    let mut timed = Vec::with_capacity(steps as usize);
-    for step in 1..=steps.max(1) {
+    let mut timed = Vec::with_capacity(steps.at_least as usize);
+    let mut step = 0;
+    while steps.another(step, timed.get(1..).unwrap_or_default()) {
+        step += 1;
         let started = std::time::Instant::now();
         kernels.start_timing()?;
         executor.step(kernels, plan, &program, step)?;
@@ -673,11 +679,10 @@ mod tests {
     #[test]
     fn a_step_is_the_median_of_its_timed_steps() {
         assert_eq!(median_and_spread(&[1.0]), (1.0, 0.0));
-        assert_eq!(median_and_spread(&[3.0, 1.0, 2.0]), (2.0, 1.0));
-        // One slow outlier moves the median little, the spread much.
-        let (median, spread) = median_and_spread(&[1.0, 1.0, 1.0, 9.0]);
-        assert_eq!(median, 1.0);
-        assert_eq!(spread, 8.0);
+        assert_eq!(median_and_spread(&[3.0, 1.0, 2.0]), (2.0, 0.5));
+        assert_eq!(median_and_spread(&[4.0, 1.0, 3.0, 2.0]), (2.5, 0.6));
+        // One slow outlier moves neither the median nor the spread.
+        assert_eq!(median_and_spread(&[1.0, 1.0, 1.0, 1.0, 9.0]), (1.0, 0.0));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::transfer::{read_all, read_parameters, trained_parameters};
-use headroom_engine::device::Device;
+use headroom_engine::device::{Device, Steps, MAX_TIMED_STEPS};
 use headroom_engine::plan::{Allocator, OptimizerKind, Plan, Precision, Storage, Training};
 use headroom_engine::plan::{Framework, Moment};
 use headroom_engine::step::Executor;
@@ -217,13 +217,40 @@ fn loss_goes_down_with_every_optimizer() {
     for (optimizer, rate) in [(Sgd, 0.5), (SgdMomentum, 0.1), (Adam, 0.01), (Adamw, 0.01)] {
         let plan = plan_with_rate(8, &[32], 4, Relu, optimizer, rate);
         let mut device = HostDevice::default();
-        let first = device.run_steps(&plan, 128, 1, 5).unwrap().final_loss;
-        let after = device.run_steps(&plan, 128, 40, 5).unwrap().final_loss;
+        let first = device
+            .run_steps(&plan, 128, Steps::exactly(1), 5)
+            .unwrap()
+            .final_loss;
+        let after = device
+            .run_steps(&plan, 128, Steps::exactly(40), 5)
+            .unwrap()
+            .final_loss;
         assert!(
             after < 0.8 * first,
             "{optimizer:?}: loss {first} -> {after}"
         );
     }
+}
+
+/// A batch of 4 on a tiny MLP steps in microseconds: a 5 ms floor times many steps of it,
+/// while a floor of 0 times the one step after the warm-up.
+#[test]
+fn short_steps_are_timed_until_they_fill_the_floor() {
+    let plan = plan_of(8, &[8], 2, Relu, Sgd);
+    let mut device = HostDevice::default();
+    let floor = Steps {
+        at_least: 2,
+        min_timed_seconds: 0.005,
+    };
+    let report = device.run_steps(&plan, 4, floor, 1).unwrap();
+    let timed = f64::from(report.timed_steps) * report.step_seconds;
+    assert!(report.timed_steps > 1, "{report:?}");
+    assert!(
+        report.timed_steps as usize == MAX_TIMED_STEPS || timed >= 0.5 * 0.005,
+        "{report:?}"
+    );
+    let once = device.run_steps(&plan, 4, Steps::exactly(2), 1).unwrap();
+    assert_eq!(once.timed_steps, 1);
 }
 
 #[test]
@@ -246,7 +273,9 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                 )
                 .unwrap();
                 for batch in [1, 7, 129, 1000] {
-                    let report = device.run_steps(&plan, batch, 2, 1).unwrap();
+                    let report = device
+                        .run_steps(&plan, batch, Steps::exactly(2), 1)
+                        .unwrap();
                     let modelled = plan.memory(batch).unwrap();
                     assert_eq!(
                         report.device_bytes, modelled.total,
@@ -265,8 +294,10 @@ fn past_the_budget_is_out_of_memory_and_nothing_stays_charged() {
     let budget = 4 << 20;
     let mut device = HostDevice::new(budget);
     let limit = plan.predict_max_batch(budget, Allocator::Exact);
-    assert!(device.run_steps(&plan, limit, 1, 1).is_ok());
-    let err = device.run_steps(&plan, limit + 1, 1, 1).unwrap_err();
+    assert!(device.run_steps(&plan, limit, Steps::exactly(1), 1).is_ok());
+    let err = device
+        .run_steps(&plan, limit + 1, Steps::exactly(1), 1)
+        .unwrap_err();
     assert!(matches!(err, DeviceError::OutOfMemory { .. }), "{err:?}");
     assert_eq!(device.used_bytes(), 0);
 }
@@ -275,7 +306,9 @@ fn past_the_budget_is_out_of_memory_and_nothing_stays_charged() {
 fn an_allocation_the_system_refuses_is_out_of_memory() {
     let plan = plan_of(784, &[128], 10, Relu, Sgd);
     let mut device = HostDevice::new(u64::MAX);
-    let err = device.run_steps(&plan, 1 << 58, 1, 1).unwrap_err();
+    let err = device
+        .run_steps(&plan, 1 << 58, Steps::exactly(1), 1)
+        .unwrap_err();
     assert!(matches!(err, DeviceError::OutOfMemory { .. }), "{err:?}");
     assert_eq!(device.used_bytes(), 0);
 }

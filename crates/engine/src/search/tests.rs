@@ -43,7 +43,7 @@ impl Device for FakeDevice {
         &mut self,
         _: &Plan,
         batch_size: u64,
-        steps: u32,
+        steps: Steps,
         _: u64,
     ) -> Result<StepReport, DeviceError> {
         self.probed.push(batch_size);
@@ -63,7 +63,7 @@ impl Device for FakeDevice {
         Ok(StepReport {
             step_seconds: batch_size as f64 / (batch_size.min(self.plateau) as f64 * 1000.0),
             step_seconds_spread: 0.0,
-            timed_steps: steps.saturating_sub(1).max(1),
+            timed_steps: steps.at_least.saturating_sub(1).max(1),
             device_bytes: batch_size,
             final_loss: 1.0,
         })

@@ -265,6 +265,10 @@ pub struct SearchSpec {
     /// Training steps run per probe.
     #[schema(minimum = 1, maximum = 1000)]
     steps_per_probe: u32,
+    /// A probe keeps stepping (up to 64 steps timed) until its timed steps add up to this many
+    /// seconds: a step of a small batch is too short to time alone. 0 turns it off (0.05).
+    #[schema(minimum = 0.0, maximum = 10.0)]
+    min_timed_seconds: f64,
     /// Where the first probe goes.
     strategy: Strategy,
     /// The throughput knee is the smallest batch from which doubling gains less than this
@@ -286,6 +290,7 @@ impl Default for SearchSpec {
             multiple_of: engine.multiple_of,
             tolerance: engine.tolerance,
             steps_per_probe: engine.steps_per_probe,
+            min_timed_seconds: engine.min_timed_seconds,
             strategy: match engine.strategy {
                 headroom_engine::job::Strategy::Double => Strategy::Double,
                 headroom_engine::job::Strategy::Predict => Strategy::Predict,
@@ -442,7 +447,7 @@ pub struct Probe {
     outcome: Outcome,
     /// Median seconds per training step, the warm-up step left out (0 unless it fitted).
     step_seconds: f64,
-    /// How much the timed steps disagreed: their range relative to the median.
+    /// How much the timed steps disagreed: their interquartile range relative to the median.
     step_seconds_spread: f64,
     /// Steps timed (0 unless it fitted).
     timed_steps: u32,
@@ -472,7 +477,7 @@ pub struct ThroughputPoint {
     batch_size: u64,
     /// Samples trained per second at that size (the median step).
     samples_per_second: f64,
-    /// The timed steps' range relative to their median.
+    /// The timed steps' interquartile range relative to their median.
     spread: f64,
     /// The rising curve fitted through the points kept, at this one.
     fitted_samples_per_second: f64,
@@ -725,7 +730,8 @@ mod tests {
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
                "headroom": 0.75, "target_batch_size": 1000, "world_size": 3,
                "search": {"start": 8, "max": 4096, "multiple_of": 8, "tolerance": 0.05,
-                          "steps_per_probe": 2, "strategy": "double", "knee_tolerance": 0.1,
+                          "steps_per_probe": 2, "min_timed_seconds": 0.05, "strategy": "double",
+                          "knee_tolerance": 0.1,
                           "throughput_probes": 2}})
     }
 

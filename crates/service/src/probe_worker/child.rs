@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use super::protocol::{receive, send, Event, Request};
 use headroom_devices::cuda;
 use headroom_devices::select::{self, DeviceSpec};
-use headroom_engine::device::{Device, DeviceError, DeviceInfo, StepReport};
+use headroom_engine::device::{Device, DeviceError, DeviceInfo, StepReport, Steps};
 use headroom_engine::job::Job;
 use headroom_engine::plan::Plan;
 use headroom_engine::search::{tune, TuneError};
@@ -166,7 +166,7 @@ impl Device for Announced<'_> {
         &mut self,
         plan: &Plan,
         batch_size: u64,
-        steps: u32,
+        steps: Steps,
         seed: u64,
     ) -> Result<StepReport, DeviceError> {
         emit(&Event::ProbeStarted { batch_size });
