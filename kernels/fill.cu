@@ -1,21 +1,14 @@
 // fill.cu: deterministic synthetic inputs, labels and parameter initialisation, on the device.
 //
 // Launch: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); grid-stride loops over 64-bit
-// indices. The integer hash is the one in src/synthetic.rs (splitmix64's finaliser over a
-// counter), and every float step is exact, so host and device generate the same bits; a 16-bit
-// buffer stores them rounded (storage.cuh), and labels are taken from the values as stored.
-
-__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
+// indices. The stream is synthetic.cuh's, the one in crates/engine/src/synthetic.rs, so host and
+// device generate the same bits; a 16-bit buffer stores them rounded (storage.cuh), and labels
+// are taken from the values as stored.
 
 // out[i] = uniform in [-1, 1) from (key, i), times scale
 extern "C" __global__ void fill_uniform(void* out, long long n, unsigned long long key, float scale, int storage) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const unsigned long long bits = mix64(key + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ULL) >> 40;
-        store_value(out, i, storage, ((float)bits * (1.0f / 8388608.0f) - 1.0f) * scale);
+        store_value(out, i, storage, uniform(key, i) * scale);
     }
 }
 

@@ -45,21 +45,62 @@ PRECISIONS = ["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
 DEFAULT_BATCHES = [1, 16, 256, 4096, 65536]
 
 
+class GpuDropout(nn.Module):
+    """`nn.Dropout` as PyTorch runs it on a GPU: `at::dropout` takes the fused `native_dropout`
+    there, which writes the output and a one-byte mask and saves only the mask for backward. On
+    the CPU `nn.Dropout` saves a full-precision noise tensor instead, so the step under
+    FakeTensorMode on the CPU calls `native_dropout` itself."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
+
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": lambda: nn.GELU(approximate="tanh"),
+    "tanh": nn.Tanh,
+}
+
+
+def layer_list(model_spec):
+    """The job's model as a layer list: `model.layers`, or the shorthand's MLP written as one."""
+    if "layers" in model_spec:
+        return model_spec["layers"]
+    layers = [{"flatten": {}}]
+    for hidden in model_spec.get("hidden_layers", []):
+        layers += [{"linear": {"out_features": hidden}}, {model_spec.get("activation", "relu"): {}}]
+    return layers + [{"linear": {"out_features": model_spec["num_classes"]}}]
+
+
 def build(job, device):
     """The job's MLP and its optimizer (foreach), on `device`, in the job's precision."""
     model_spec = job["model"]
-    activation = {
-        "relu": nn.ReLU,
-        "gelu": lambda: nn.GELU(approximate="tanh"),
-        "tanh": nn.Tanh,
-    }[model_spec.get("activation", "relu")]
     dtype = torch.bfloat16 if job.get("precision") == "bf16-true" else torch.float32
-    layers = [nn.Flatten()]
+    layers = []
     width = math.prod(model_spec["input_shape"])
-    for hidden in model_spec.get("hidden_layers", []):
-        layers += [nn.Linear(width, hidden, device=device, dtype=dtype), activation()]
-        width = hidden
-    layers.append(nn.Linear(width, model_spec["num_classes"], device=device, dtype=dtype))
+    for layer in layer_list(model_spec):
+        ((kind, args),) = layer.items()
+        if kind == "flatten":
+            layers.append(nn.Flatten())
+        elif kind == "linear":
+            out = args["out_features"]
+            layers.append(nn.Linear(width, out, device=device, dtype=dtype))
+            width = out
+        elif kind == "dropout":
+            p = args.get("p", 0.5)
+            layers.append(nn.Dropout(p) if device == "cuda" else GpuDropout(p))
+        elif kind in ACTIVATIONS:
+            layers.append(ACTIVATIONS[kind]())
+        else:
+            raise SystemExit(f"the memory check builds MLPs; {kind} is not one of their layers")
+    if not isinstance(layers[0], nn.Flatten):
+        layers.insert(0, nn.Flatten())
     model = nn.Sequential(*layers)
     name = job["optimizer"]["name"]
     lr = job["optimizer"].get("learning_rate", 0.01 if name.startswith("sgd") else 0.001)

@@ -45,6 +45,7 @@ fn sources() -> Vec<PathBuf> {
             .map(|f| root().join("kernels").join(f.file())),
     );
     files.push(root().join("kernels/storage.cuh"));
+    files.push(root().join("kernels/synthetic.cuh"));
     files
 }
 
@@ -53,8 +54,10 @@ fn sources() -> Vec<PathBuf> {
 fn kernel_table() -> String {
     let mut text = String::new();
     let mut entries = Vec::new();
-    let header = root().join("kernels/storage.cuh");
-    text.push_str(&format!("#include \"{}\"\n", header.display()));
+    for header in ["storage.cuh", "synthetic.cuh"] {
+        let path = root().join("kernels").join(header);
+        text.push_str(&format!("#include \"{}\"\n", path.display()));
+    }
     for family in Family::ALL {
         let path = root().join("kernels").join(family.file());
         text.push_str(&format!("#include \"{}\"\n", path.display()));

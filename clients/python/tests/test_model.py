@@ -39,6 +39,25 @@ def test_nested_sequentials_and_every_activation(activation: type[nn.Module], na
     assert flat["model"]["hidden_layers"] == [] and parameter_count(flat) == 68
 
 
+def test_dropout_after_an_activation_makes_a_layer_list() -> None:
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10),
+    )
+    job = job_from_torch(model, [1, 28, 28], optimizer="sgd")
+    assert job["model"] == {
+        "input_shape": [1, 28, 28],
+        "num_classes": 10,
+        "layers": [
+            {"flatten": {}},
+            {"linear": {"out_features": 512}}, {"relu": {}}, {"dropout": {"p": 0.2}},
+            {"linear": {"out_features": 256}}, {"relu": {}},
+            {"linear": {"out_features": 10}},
+        ],
+    }
+    assert parameter_count(job) == sum(p.numel() for p in model.parameters())
+
+
 def test_torch_optimizers_are_read_with_their_learning_rate() -> None:
     model = nn.Sequential(nn.Linear(8, 4))
     cases = [
@@ -59,7 +78,13 @@ def test_torch_optimizers_are_read_with_their_learning_rate() -> None:
     "model,shape,said",
     [
         (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.Dropout(0.5), nn.ReLU(), nn.Linear(64, 10)),
-         [1, 28, 28], "model.2 (Dropout): headroom cannot describe this module"),
+         [1, 28, 28], "model.2 (Dropout): headroom trains dropout right after a hidden layer's activation"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Dropout(0.5, inplace=True),
+                       nn.Linear(64, 10)), [1, 28, 28], "model.3 (Dropout): in-place dropout"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Dropout(), nn.Dropout(),
+                       nn.Linear(64, 10)), [1, 28, 28], "model.4 (Dropout)"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.BatchNorm1d(64),
+                       nn.Linear(64, 10)), [1, 28, 28], "model.3 (BatchNorm1d)"),
         (nn.Sequential(nn.Conv2d(1, 6, 5), nn.Flatten(), nn.Linear(3456, 10)),
          [1, 28, 28], "model.0 (Conv2d)"),
         (nn.Sequential(nn.Linear(784, 10)), [1, 28, 28], "needs an nn.Flatten() before it"),
@@ -86,8 +111,13 @@ def test_extra_parameters_are_caught_by_the_count() -> None:
 
 def test_the_job_read_is_one_the_server_takes(server: str) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    job = job_from_torch(model, [4, 4], optimizer="sgd", search={"max": 1024})
-    with Headroom(server) as client:
-        estimate = client.estimate(job, memory_bytes=1 << 30)
+    dropped = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+    estimates = []
+    for each in (model, dropped):
+        job = job_from_torch(each, [4, 4], optimizer="sgd", search={"max": 1024})
+        with Headroom(server) as client:
+            estimates.append(client.estimate(job, memory_bytes=1 << 30)["estimates"][0]["estimate"])
     counted = sum(p.numel() for p in model.parameters())
-    assert estimate["estimates"][0]["estimate"]["parameter_count"] == counted == 676
+    assert [e["parameter_count"] for e in estimates] == [counted, counted] == [676, 676]
+    # Dropout's output and its one-byte mask cost every sample 32 x 5 bytes more.
+    assert estimates[1]["bytes_per_sample"] > estimates[0]["bytes_per_sample"]

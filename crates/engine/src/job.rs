@@ -9,7 +9,7 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{self, LayerError, LayerSpec};
+use crate::layers::{self, LayerError, LayerSpec, Mlp};
 use crate::plan::Framework;
 use crate::plan::{Activation, OptimizerKind, Plan, Precision, Training};
 use crate::result::LimitedBy;
@@ -317,7 +317,7 @@ where
 impl JobSpec {
     /// Checks the rules the types cannot express and plans the model.
     fn validate(&self) -> Result<Plan, JobError> {
-        let (features, (hidden_layers, activation)) = self.model.validate()?;
+        let (features, mlp) = self.model.validate()?;
         if let Some(lr) = self.optimizer.learning_rate {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(JobError::new(
@@ -371,9 +371,9 @@ impl JobSpec {
         }
         Plan::new(
             features,
-            &hidden_layers,
+            &mlp.hidden,
             self.model.num_classes,
-            activation,
+            mlp.activation,
             Training {
                 optimizer: self.optimizer.name,
                 learning_rate: self.learning_rate(),
@@ -381,6 +381,7 @@ impl JobSpec {
                 framework: self.framework,
             },
         )
+        .map(|plan| plan.with_dropout(&mlp.dropout))
         .map_err(|overflow| {
             JobError::new(
                 "model",
@@ -389,18 +390,25 @@ impl JobSpec {
         })
     }
 
-    /// One line that tells jobs apart: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`.
+    /// One line that tells jobs apart: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`, with
+    /// `dropout 0.2/0` after the activation when a hidden layer has some.
     pub fn summary(&self) -> String {
         let shape: Vec<String> = self.model.input_shape.iter().map(u64::to_string).collect();
-        let (hidden_layers, activation) = self.model.mlp().unwrap_or_default();
+        let mlp = self.model.mlp().unwrap_or_default();
         let widths: Vec<String> = std::iter::once(shape.join("x"))
-            .chain(hidden_layers.iter().map(u64::to_string))
+            .chain(mlp.hidden.iter().map(u64::to_string))
             .chain([self.model.num_classes.to_string()])
             .collect();
+        let dropout = if mlp.dropout.iter().any(|&p| p > 0.0) {
+            let each: Vec<String> = mlp.dropout.iter().map(f32::to_string).collect();
+            format!(" dropout {}", each.join("/"))
+        } else {
+            String::new()
+        };
         format!(
-            "MLP {} {}, {}, {}, {}",
+            "MLP {} {}{dropout}, {}, {}, {}",
             widths.join("-"),
-            serde_name(&activation),
+            serde_name(&mlp.activation),
             serde_name(&self.optimizer.name),
             self.precision,
             self.framework.name()
@@ -437,21 +445,22 @@ impl From<LayerError> for JobError {
 
 impl ModelSpec {
     /// The MLP headroom trains: the shorthand's widths and activation, or those of a layer list
-    /// of linear layers and activations; an error naming the first layer it cannot train.
-    pub fn mlp(&self) -> Result<(Vec<u64>, Activation), LayerError> {
+    /// of linear layers, activations and dropout; an error naming the first layer it cannot
+    /// train.
+    pub fn mlp(&self) -> Result<Mlp, LayerError> {
         match &self.layers {
-            None => Ok((
-                self.hidden_layers.clone(),
-                self.activation.unwrap_or_default(),
-            )),
-            Some(list) => LayerSpec::as_mlp(list, "model.layers")
-                .map(|(widths, activation, _)| (widths, activation)),
+            None => Ok(Mlp {
+                hidden: self.hidden_layers.clone(),
+                activation: self.activation.unwrap_or_default(),
+                dropout: vec![0.0; self.hidden_layers.len()],
+            }),
+            Some(list) => LayerSpec::as_mlp(list, "model.layers").map(|(mlp, _)| mlp),
         }
     }
 
     /// Checks every width, and a layer list's every shape; returns the number of input features
     /// and the MLP to train.
-    fn validate(&self) -> Result<(u64, (Vec<u64>, Activation)), JobError> {
+    fn validate(&self) -> Result<(u64, Mlp), JobError> {
         if self.input_shape.is_empty() {
             return Err(JobError::new(
                 "model.input_shape",
@@ -492,7 +501,7 @@ impl ModelSpec {
     /// A layer list: not beside the shorthand's fields, every shape checked, the logits
     /// `num_classes` wide, and a model headroom can train (the error then says what it read);
     /// returns the MLP it trains.
-    fn validate_layers(&self, list: &[LayerSpec]) -> Result<(Vec<u64>, Activation), JobError> {
+    fn validate_layers(&self, list: &[LayerSpec]) -> Result<Mlp, JobError> {
         let shorthand = if !self.hidden_layers.is_empty() {
             Some("model.hidden_layers")
         } else {
@@ -516,7 +525,7 @@ impl ModelSpec {
                 ),
             ));
         }
-        let (widths, activation, _) = LayerSpec::as_mlp(list, "model.layers").map_err(|e| {
+        let (mlp, _) = LayerSpec::as_mlp(list, "model.layers").map_err(|e| {
             JobError::new(
                 e.field,
                 format!(
@@ -525,7 +534,7 @@ impl ModelSpec {
                 ),
             )
         })?;
-        Ok((widths, activation))
+        Ok(mlp)
     }
 }
 

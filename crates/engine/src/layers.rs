@@ -5,9 +5,9 @@
 //!
 //! [`walk`] checks every layer's shape against what reaches it (naming the layer's index and
 //! field when it cannot apply) and counts the parameters as PyTorch's `sum(p.numel())` does. A
-//! list of `flatten`, `linear` and one kind of activation is an MLP, which headroom trains
-//! ([`LayerSpec::as_mlp`]); convolution, pooling, batch norm, dropout and residual blocks are read
-//! and checked, and refused for training until their kernels land.
+//! list of `flatten`, `linear`, one kind of activation and `dropout` after it is an MLP, which
+//! headroom trains ([`LayerSpec::as_mlp`]); convolution, pooling, batch norm and residual blocks
+//! are read and checked, and refused for training until their kernels land.
 
 use serde::{Deserialize, Serialize};
 
@@ -190,26 +190,36 @@ impl LayerSpec {
         }
     }
 
-    /// The MLP a list of `flatten`, `linear` (with bias) and one kind of activation describes:
-    /// its hidden widths and activation, and the width it ends with; otherwise the path of the
+    /// The MLP a list of `flatten`, `linear` (with bias), one kind of activation and `dropout`
+    /// after an activation describes, and the width it ends with; otherwise the path of the
     /// first layer headroom cannot train yet, and why.
-    pub fn as_mlp(
-        layers: &[LayerSpec],
-        path: &str,
-    ) -> Result<(Vec<u64>, Activation, u64), LayerError> {
+    pub fn as_mlp(layers: &[LayerSpec], path: &str) -> Result<(Mlp, u64), LayerError> {
+        let mut mlp = Mlp::default();
         let mut widths = Vec::new();
         let mut activation: Option<(Activation, usize)> = None;
-        let mut pending_activation = false;
+        // What the last layer read was: a linear layer's output, its activation, or the
+        // dropout after that.
+        #[derive(PartialEq)]
+        enum After {
+            Start,
+            Linear,
+            Activation,
+            Dropout,
+        }
+        let mut after = After::Start;
         for (i, layer) in layers.iter().enumerate() {
             let at = format!("{path}[{i}]");
             let kind = match layer {
-                LayerSpec::Flatten(_) if widths.is_empty() && !pending_activation => continue,
+                LayerSpec::Flatten(_) if after == After::Start => continue,
                 LayerSpec::Linear(linear) if linear.bias => {
-                    if !widths.is_empty() && !pending_activation {
+                    if after == After::Linear {
                         return Err(LayerError::new(at, "two linear layers in a row: headroom's MLP puts an activation between them"));
                     }
+                    if after == After::Activation {
+                        mlp.dropout.push(0.0);
+                    }
                     widths.push(linear.out_features);
-                    pending_activation = false;
+                    after = After::Linear;
                     continue;
                 }
                 LayerSpec::Linear(_) => {
@@ -218,12 +228,24 @@ impl LayerSpec {
                         "a linear layer without bias is not trained by headroom yet",
                     ))
                 }
+                LayerSpec::Dropout(dropout) if after == After::Activation => {
+                    mlp.dropout.push(dropout.p as f32);
+                    after = After::Dropout;
+                    continue;
+                }
+                LayerSpec::Dropout(_) => {
+                    return Err(LayerError::new(
+                        at,
+                        "headroom's MLP trains dropout right after a hidden layer's activation, \
+                         once: linear, activation, dropout, linear",
+                    ))
+                }
                 LayerSpec::Relu(_) => Activation::Relu,
                 LayerSpec::Gelu(_) => Activation::Gelu,
                 LayerSpec::Tanh(_) => Activation::Tanh,
                 other => return Err(not_trained_yet(&at, other)),
             };
-            if widths.is_empty() || pending_activation {
+            if after != After::Linear {
                 return Err(LayerError::new(
                     at,
                     "headroom's MLP applies an activation only after a linear layer, once",
@@ -241,23 +263,35 @@ impl LayerSpec {
                 }
                 _ => activation = activation.or(Some((kind, i))),
             }
-            pending_activation = true;
+            after = After::Activation;
         }
-        if pending_activation {
+        if after != After::Linear {
             return Err(LayerError::new(
                 format!("{path}[{}]", layers.len() - 1),
-                "the list must end with the linear layer that writes the logits, not an activation",
+                "the list must end with the linear layer that writes the logits, not an activation \
+                 or dropout",
             ));
         }
         let classes = widths
             .pop()
             .ok_or_else(|| LayerError::new(path, "needs a linear layer to write the logits"))?;
-        Ok((
-            widths,
-            activation.map_or(Activation::default(), |(a, _)| a),
-            classes,
-        ))
+        mlp.hidden = widths;
+        mlp.activation = activation.map_or(Activation::default(), |(a, _)| a);
+        Ok((mlp, classes))
     }
+}
+
+/// The MLP headroom trains: the widths of its hidden layers, the activation after each, and the
+/// dropout after each activation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Mlp {
+    /// Widths of the hidden layers.
+    pub hidden: Vec<u64>,
+    /// The activation after each hidden layer.
+    pub activation: Activation,
+    /// The probability of dropout after each hidden layer's activation (0: none), one per
+    /// hidden layer.
+    pub dropout: Vec<f32>,
 }
 
 fn not_trained_yet(at: &str, layer: &LayerSpec) -> LayerError {
@@ -265,7 +299,7 @@ fn not_trained_yet(at: &str, layer: &LayerSpec) -> LayerError {
         at,
         format!(
             "`{}` is read and checked, but headroom has no kernels to train it yet: today a layer \
-             list may hold flatten, linear and one of relu, gelu or tanh",
+             list may hold flatten, linear, one of relu, gelu or tanh, and dropout after it",
             layer.name()
         ),
     )
@@ -673,7 +707,14 @@ mod tests {
         );
         assert_eq!(
             LayerSpec::as_mlp(&mlp, "model.layers").unwrap(),
-            (vec![128, 64], Activation::Gelu, 10)
+            (
+                Mlp {
+                    hidden: vec![128, 64],
+                    activation: Activation::Gelu,
+                    dropout: vec![0.0, 0.0],
+                },
+                10
+            )
         );
         let mixed = layers(
             r#"[{"linear": {"out_features": 8}}, {"relu": {}}, {"linear": {"out_features": 8}}, {"tanh": {}}, {"linear": {"out_features": 2}}]"#,
@@ -689,5 +730,42 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.reason.contains("must end with the linear layer"), "{e:?}");
+    }
+
+    #[test]
+    fn dropout_after_an_activation_is_the_mlp_s_and_nowhere_else() {
+        let (mlp, classes) = LayerSpec::as_mlp(
+            &layers(
+                r#"[{"flatten": {}}, {"linear": {"out_features": 512}}, {"relu": {}},
+                    {"dropout": {"p": 0.2}}, {"linear": {"out_features": 256}}, {"relu": {}},
+                    {"linear": {"out_features": 64}}, {"relu": {}}, {"dropout": {}},
+                    {"linear": {"out_features": 10}}]"#,
+            ),
+            "model.layers",
+        )
+        .unwrap();
+        assert_eq!((mlp.hidden, classes), (vec![512, 256, 64], 10));
+        assert_eq!(mlp.dropout, [0.2, 0.0, 0.5]);
+        for (list, at) in [
+            (
+                r#"[{"dropout": {}}, {"linear": {"out_features": 8}}, {"relu": {}}, {"linear": {"out_features": 2}}]"#,
+                "model.layers[0]",
+            ),
+            (
+                r#"[{"linear": {"out_features": 8}}, {"dropout": {}}, {"relu": {}}, {"linear": {"out_features": 2}}]"#,
+                "model.layers[1]",
+            ),
+            (
+                r#"[{"linear": {"out_features": 8}}, {"relu": {}}, {"dropout": {}}, {"dropout": {}}, {"linear": {"out_features": 2}}]"#,
+                "model.layers[3]",
+            ),
+            (
+                r#"[{"linear": {"out_features": 8}}, {"relu": {}}, {"linear": {"out_features": 2}}, {"dropout": {}}]"#,
+                "model.layers[3]",
+            ),
+        ] {
+            let e = LayerSpec::as_mlp(&layers(list), "model.layers").unwrap_err();
+            assert_eq!(e.field, at, "{list}: {e:?}");
+        }
     }
 }

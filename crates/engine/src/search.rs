@@ -102,7 +102,7 @@ pub fn tune(
         throughput_note: knee.filter(|k| !k.decided()).map(|k| {
             format!(
                 "the speed measurements do not place the knee: anywhere from {} to {} fits them; \
-                 more steps_per_probe, or a quieter machine, would",
+                 more throughput_probes, a longer min_timed_seconds or a quieter machine would",
                 k.low, k.high
             )
         }),

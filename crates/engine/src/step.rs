@@ -64,6 +64,8 @@ pub trait Allocate {
     type Values: Stored;
     /// A device buffer of `u32`.
     type U32;
+    /// A device buffer of one-byte dropout masks.
+    type Mask;
     /// Out-of-memory or a device fault.
     type Error;
     /// A zeroed buffer of `len` values stored as `storage`; a length whose bytes pass `u64` is
@@ -71,6 +73,8 @@ pub trait Allocate {
     fn zeroed(&mut self, len: u64, storage: Storage) -> Result<Self::Values, Self::Error>;
     /// A zeroed buffer of `len` `u32` values.
     fn u32_zeroed(&mut self, len: u64) -> Result<Self::U32, Self::Error>;
+    /// A zeroed mask of `len` bytes.
+    fn mask_zeroed(&mut self, len: u64) -> Result<Self::Mask, Self::Error>;
 }
 
 /// The operations of a training step, as one device implements them (host code or CUDA kernels).
@@ -119,6 +123,26 @@ pub trait Kernels: Allocate {
         rows: u64,
         inputs: u64,
         outputs: u64,
+    ) -> Result<(), Self::Error>;
+    /// Training-mode dropout of `len` values: `mask[i] = keeps(key, i, p)`
+    /// ([`synthetic::keeps`]), `y[i] = x[i] / (1 - p)` where kept, else 0.
+    #[allow(clippy::too_many_arguments)]
+    fn dropout_forward(
+        &mut self,
+        x: &Self::Values,
+        mask: &mut Self::Mask,
+        y: &mut Self::Values,
+        len: u64,
+        p: f32,
+        key: u64,
+    ) -> Result<(), Self::Error>;
+    /// Dropout's backward, in place: `grad[i] = grad[i] / (1 - p)` where `mask[i]` kept, else 0.
+    fn dropout_backward(
+        &mut self,
+        grad: &mut Self::Values,
+        mask: &Self::Mask,
+        len: u64,
+        p: f32,
     ) -> Result<(), Self::Error>;
     /// `dw = dy^T * x`.
     fn weight_gradient(
@@ -244,6 +268,8 @@ pub enum Held<K: Allocate> {
     Values(K::Values),
     /// `u32` labels.
     Labels(K::U32),
+    /// A dropout mask.
+    Mask(K::Mask),
 }
 
 /// Runs programs on one device's kernels: holds every live buffer in its slot, and the loss
@@ -252,6 +278,8 @@ pub struct Executor<K: Allocate> {
     slots: Vec<Option<Held<K>>>,
     /// Loss scaling: the scale and its clean steps.
     pub loss_scale: Option<LossScale>,
+    /// The step running, counted from 1 (0 in setup): each draws its own dropout masks.
+    step: u32,
 }
 
 impl<K: Kernels> Executor<K> {
@@ -263,6 +291,7 @@ impl<K: Kernels> Executor<K> {
                 scale: LOSS_SCALE_INITIAL,
                 clean_steps: 0,
             }),
+            step: 0,
         };
         executor.run(kernels, &program.setup, None)?;
         Ok(executor)
@@ -277,6 +306,7 @@ impl<K: Kernels> Executor<K> {
         step: u32,
     ) -> Result<Update, K::Error> {
         let rule = UpdateRule::new(plan.optimizer, plan.learning_rate, step);
+        self.step = step;
         self.run(kernels, &program.step, Some(rule))
     }
 
@@ -333,6 +363,13 @@ impl<K: Kernels> Executor<K> {
         match &self.slots[slot.0] {
             Some(Held::Labels(labels)) => labels,
             _ => panic!("slot {} holds no labels", slot.0),
+        }
+    }
+
+    fn take_mask(&mut self, slot: Slot) -> K::Mask {
+        match self.slots[slot.0].take() {
+            Some(Held::Mask(mask)) => mask,
+            _ => panic!("slot {} holds no mask", slot.0),
         }
     }
 
@@ -411,6 +448,7 @@ impl<K: Kernels> Executor<K> {
                     crate::plan::Element::Label => {
                         Held::Labels(kernels.u32_zeroed(buffer.elements)?)
                     }
+                    crate::plan::Element::Mask => Held::Mask(kernels.mask_zeroed(buffer.elements)?),
                 };
                 self.slots[slot.0] = Some(held);
             }
@@ -452,6 +490,30 @@ impl<K: Kernels> Executor<K> {
                 self.writing(to, |this, to| {
                     kernels.convert(this.values(from), to, len, factor)
                 })?
+            }
+            Instr::DropoutForward {
+                x,
+                mask,
+                y,
+                len,
+                p,
+                key,
+            } => {
+                let mut held = self.take_mask(mask);
+                let step_key = crate::synthetic::stream_key(key, u64::from(self.step));
+                let done = self.writing(y, |this, y| {
+                    kernels.dropout_forward(this.values(x), &mut held, y, len, p, step_key)
+                });
+                self.slots[mask.0] = Some(Held::Mask(held));
+                done?
+            }
+            Instr::DropoutBackward { grad, mask, len, p } => {
+                let held = self.take_mask(mask);
+                let done = self.writing(grad, |_, grad| {
+                    kernels.dropout_backward(grad, &held, len, p)
+                });
+                self.slots[mask.0] = Some(Held::Mask(held));
+                done?
             }
             Instr::LinearForward {
                 x,

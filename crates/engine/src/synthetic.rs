@@ -16,6 +16,29 @@ pub fn bias_stream(layer: usize) -> u64 {
     2 + 2 * layer as u64
 }
 
+/// Hash stream of the dropout masks after hidden layer `layer`; each step's mask is the
+/// sub-stream [`stream_key`]`(key, step)` of its key.
+pub fn dropout_stream(layer: usize) -> u64 {
+    1 << 63 | layer as u64
+}
+
+/// Whether dropout of probability `p` keeps value `index` of the mask stream `key`: the stream's
+/// uniform value `u` in `[-1, 1)` keeps it when `(u + 1) / 2 >= p`. Exact in f32, as in
+/// `kernels/dropout.cu`.
+pub fn keeps(key: u64, index: u64, p: f32) -> bool {
+    uniform(key, index, 1.0) >= keep_threshold(p)
+}
+
+/// The stream value from which dropout of probability `p` keeps a value, `2p - 1` in f32.
+pub fn keep_threshold(p: f32) -> f32 {
+    2.0 * p - 1.0
+}
+
+/// What dropout of probability `p` multiplies the values it keeps by, `1 / (1 - p)` in f32.
+pub fn dropout_scale(p: f32) -> f32 {
+    1.0 / (1.0 - p)
+}
+
 /// The splitmix64 finaliser: a bijective mix of 64 bits.
 pub fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -76,6 +99,24 @@ mod tests {
         assert!(mean.abs() < 0.05, "mean {mean}");
         assert_eq!(values[123], uniform(key, 123, 1.0));
         assert_ne!(uniform(stream_key(8, INPUT_STREAM), 123, 1.0), values[123]);
+    }
+
+    #[test]
+    fn dropout_keeps_each_value_with_probability_one_minus_p() {
+        let key = stream_key(7, dropout_stream(2));
+        for p in [0.1f32, 0.5, 0.9] {
+            let kept = (0..100_000u64).filter(|&i| keeps(key, i, p)).count();
+            let share = kept as f64 / 100_000.0;
+            assert!(
+                (share - f64::from(1.0 - p)).abs() < 0.01,
+                "p={p}: kept {share}"
+            );
+        }
+        assert!((0..10_000u64).all(|i| keeps(key, i, 0.0)));
+        assert_ne!(
+            stream_key(7, dropout_stream(0)),
+            stream_key(7, weight_stream(0))
+        );
     }
 
     #[test]

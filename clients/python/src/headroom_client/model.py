@@ -1,11 +1,13 @@
 """A PyTorch model as a headroom job.
 
-headroom describes an MLP: the input flattened, ``Linear -> activation`` per hidden width, then
-``Linear -> classes`` into softmax cross-entropy. :func:`job_from_torch` reads a
+headroom describes an MLP: the input flattened, ``Linear -> activation [-> Dropout]`` per hidden
+width, then ``Linear -> classes`` into softmax cross-entropy. :func:`job_from_torch` reads a
 ``torch.nn.Sequential`` (nested ones too) of exactly that shape, with ``Flatten``, ``Linear``
-(with bias) and one kind of activation (``ReLU``, ``GELU``, ``Tanh``). Anything else is an error
-naming the module and its path in the model: never a silent approximation. The job's parameter
-count is checked against ``sum(p.numel() for p in module.parameters())``.
+(with bias), one kind of activation (``ReLU``, ``GELU``, ``Tanh``) and ``Dropout`` right after an
+activation. Anything else is an error naming the module and its path in the model: never a
+silent approximation. A model with dropout becomes a layer list (``model.layers``), one without
+the shorthand (``hidden_layers``). The job's parameter count is checked against
+``sum(p.numel() for p in module.parameters())``.
 """
 
 from __future__ import annotations
@@ -91,9 +93,27 @@ def job_from_torch(
     flattened = len(shape) == 1
     width = math.prod(shape)
     widths: list[int] = []
+    dropout: dict[int, float] = {}
     activation: tuple[str, type[nn.Module]] | None = None
     expect_activation = False
+    after_activation = False
     for path, leaf in _leaves(module, "model"):
+        if type(leaf) is nn.Dropout:
+            if not after_activation:
+                raise UnsupportedModel(
+                    path, leaf, "headroom trains dropout right after a hidden layer's activation, once"
+                )
+            if leaf.inplace:
+                raise UnsupportedModel(
+                    path,
+                    leaf,
+                    "in-place dropout keeps a full-precision noise tensor where nn.Dropout() keeps "
+                    "a one-byte mask; headroom models the latter",
+                )
+            dropout[len(widths) - 1] = float(leaf.p)
+            after_activation = False
+            continue
+        after_activation = False
         if isinstance(leaf, nn.Flatten):
             if widths or leaf.start_dim not in (1, -len(shape) - 1) or leaf.end_dim != -1:
                 raise UnsupportedModel(
@@ -125,22 +145,29 @@ def job_from_torch(
                 )
             activation = (ACTIVATIONS[type(leaf)], type(leaf))
             expect_activation = False
+            after_activation = True
         else:
             raise UnsupportedModel(
                 path,
                 leaf,
                 "headroom cannot describe this module; it takes nested nn.Sequential of "
-                "Flatten, Linear and ReLU/GELU/Tanh",
+                "Flatten, Linear, ReLU/GELU/Tanh and Dropout",
             )
     if not widths or not expect_activation:
         raise UnsupportedModel("model", module, "headroom's model ends in a Linear to the classes")
+    name = activation[0] if activation else "relu"
+    model: Json = {"input_shape": shape, "num_classes": widths[-1]}
+    if dropout:
+        layers: list[Json] = [{"flatten": {}}] if len(shape) > 1 else []
+        for i, hidden in enumerate(widths[:-1]):
+            layers += [{"linear": {"out_features": hidden}}, {name: {}}]
+            if i in dropout:
+                layers.append({"dropout": {"p": dropout[i]}})
+        model["layers"] = layers + [{"linear": {"out_features": widths[-1]}}]
+    else:
+        model.update(hidden_layers=widths[:-1], activation=name)
     spec: Json = {
-        "model": {
-            "input_shape": shape,
-            "hidden_layers": widths[:-1],
-            "num_classes": widths[-1],
-            "activation": activation[0] if activation else "relu",
-        },
+        "model": model,
         "optimizer": optimizer_spec(optimizer),
         "precision": precision,
         **job,
@@ -155,7 +182,12 @@ def job_from_torch(
 
 
 def parameter_count(job: Json) -> int:
-    """The parameters of a job's MLP: every Linear's weights and bias."""
+    """The parameters of a job's MLP (the shorthand or a layer list): every Linear's weights and
+    bias."""
     model = job["model"]
-    widths = [math.prod(model["input_shape"]), *model["hidden_layers"], model["num_classes"]]
+    if "layers" in model:
+        linears = [layer["linear"]["out_features"] for layer in model["layers"] if "linear" in layer]
+        widths = [math.prod(model["input_shape"]), *linears]
+    else:
+        widths = [math.prod(model["input_shape"]), *model["hidden_layers"], model["num_classes"]]
     return sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))

@@ -17,17 +17,20 @@ pub enum Family {
     Optimizer,
     /// `fill.cu`: synthetic data and initial parameters.
     Fill,
+    /// `dropout.cu`: training-mode dropout and its backward.
+    Dropout,
 }
 
 impl Family {
     /// Every family, in compilation order.
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::Gemm,
         Family::Elementwise,
         Family::Reduce,
         Family::Loss,
         Family::Optimizer,
         Family::Fill,
+        Family::Dropout,
     ];
 
     /// The file name under `kernels/`.
@@ -39,16 +42,19 @@ impl Family {
             Family::Loss => "loss.cu",
             Family::Optimizer => "optimizer.cu",
             Family::Fill => "fill.cu",
+            Family::Dropout => "dropout.cu",
         }
     }
 
     /// The CUDA C++ source, embedded in the binary: `kernels/storage.cuh` (how values of each
-    /// storage are read and written), then the family's file.
+    /// storage are read and written), `kernels/synthetic.cuh` (the counter-based stream), then
+    /// the family's file.
     pub fn source(self) -> &'static str {
         macro_rules! with_storage {
             ($file:literal) => {
                 concat!(
                     include_str!("../../../../kernels/storage.cuh"),
+                    include_str!("../../../../kernels/synthetic.cuh"),
                     include_str!(concat!("../../../../kernels/", $file))
                 )
             };
@@ -60,6 +66,7 @@ impl Family {
             Family::Loss => with_storage!("loss.cu"),
             Family::Optimizer => with_storage!("optimizer.cu"),
             Family::Fill => with_storage!("fill.cu"),
+            Family::Dropout => with_storage!("dropout.cu"),
         }
     }
 
@@ -111,11 +118,15 @@ pub enum Kernel {
     FillUniform,
     /// The synthetic labels.
     FillLabels,
+    /// Dropout: the mask and the kept values, scaled.
+    DropoutForward,
+    /// Dropout's backward, in place.
+    DropoutBackward,
 }
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 17] = [
+    pub const ALL: [Kernel; 19] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -133,6 +144,8 @@ impl Kernel {
         Kernel::Adam,
         Kernel::FillUniform,
         Kernel::FillLabels,
+        Kernel::DropoutForward,
+        Kernel::DropoutBackward,
     ];
 
     /// The function's name in its source and in the PTX.
@@ -155,6 +168,8 @@ impl Kernel {
             Kernel::Adam => "adam",
             Kernel::FillUniform => "fill_uniform",
             Kernel::FillLabels => "fill_labels",
+            Kernel::DropoutForward => "dropout_forward",
+            Kernel::DropoutBackward => "dropout_backward",
         }
     }
 
@@ -171,6 +186,7 @@ impl Kernel {
             Kernel::SoftmaxCrossEntropy => Family::Loss,
             Kernel::Sgd | Kernel::SgdMomentum | Kernel::Adam => Family::Optimizer,
             Kernel::FillUniform | Kernel::FillLabels => Family::Fill,
+            Kernel::DropoutForward | Kernel::DropoutBackward => Family::Dropout,
         }
     }
 

@@ -17,6 +17,7 @@ use headroom_engine::plan::{Activation, Storage};
 use headroom_engine::step::{
     Allocate, Kernels, Stored, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM,
 };
+use headroom_engine::synthetic;
 
 /// Launches `kernel` on the device's stream with `config` and the arguments in order, and
 /// classifies a driver error. Scalars are passed as references to locals that outlive the call.
@@ -73,11 +74,21 @@ fn holds_mut(buffer: &mut DeviceValues, len: u64) -> &mut CudaSlice<u8> {
     &mut buffer.bytes
 }
 
-/// The label buffer, which a launch addresses up to element `len`.
+/// A label or mask buffer, which a launch reads up to element `len`.
 fn labels_up_to<T>(buffer: &CudaSlice<T>, len: u64) -> &CudaSlice<T> {
     debug_assert!(
         len <= buffer.len() as u64,
-        "a launch addresses {len} labels of {}",
+        "a launch addresses {len} elements of {}",
+        buffer.len()
+    );
+    buffer
+}
+
+/// A label or mask buffer, which a launch writes up to element `len`.
+fn labels_up_to_mut<T>(buffer: &mut CudaSlice<T>, len: u64) -> &mut CudaSlice<T> {
+    debug_assert!(
+        len <= buffer.len() as u64,
+        "a launch addresses {len} elements of {}",
         buffer.len()
     );
     buffer
@@ -175,6 +186,7 @@ impl CudaDevice {
 impl Allocate for CudaDevice {
     type Values = DeviceValues;
     type U32 = CudaSlice<u32>;
+    type Mask = CudaSlice<u8>;
     type Error = DeviceError;
 
     fn zeroed(&mut self, len: u64, storage: Storage) -> Result<DeviceValues, DeviceError> {
@@ -188,6 +200,10 @@ impl Allocate for CudaDevice {
     fn u32_zeroed(&mut self, len: u64) -> Result<CudaSlice<u32>, DeviceError> {
         self.zeroed_slice(len, 4)
     }
+
+    fn mask_zeroed(&mut self, len: u64) -> Result<CudaSlice<u8>, DeviceError> {
+        self.zeroed_slice(len, 1)
+    }
 }
 
 impl Transfer for CudaDevice {
@@ -197,6 +213,10 @@ impl Transfer for CudaDevice {
     }
 
     fn read_u32(&mut self, buffer: &CudaSlice<u32>, len: u64) -> Result<Vec<u32>, DeviceError> {
+        self.download(labels_up_to(buffer, len), len as usize)
+    }
+
+    fn read_mask(&mut self, buffer: &CudaSlice<u8>, len: u64) -> Result<Vec<u8>, DeviceError> {
         self.download(labels_up_to(buffer, len), len as usize)
     }
 
@@ -307,6 +327,37 @@ impl Kernels for CudaDevice {
         let storage = inputs.storage.code();
         launch!(self, Kernel::FillLabels, shapes::elementwise(rows);
             labels_up_to(labels, rows), holds(inputs, rows * features), &r, &f, &c, &storage)
+    }
+
+    // ---- dropout.cu ----------------------------------------------------------------------------
+
+    fn dropout_forward(
+        &mut self,
+        x: &DeviceValues,
+        mask: &mut CudaSlice<u8>,
+        y: &mut DeviceValues,
+        len: u64,
+        p: f32,
+        key: u64,
+    ) -> Result<(), DeviceError> {
+        let (n, storage) = (len as i64, y.storage.code());
+        let (threshold, scale) = (synthetic::keep_threshold(p), synthetic::dropout_scale(p));
+        launch!(self, Kernel::DropoutForward, shapes::elementwise(len);
+            holds(x, len), labels_up_to_mut(mask, len), holds_mut(y, len), &n, &threshold, &scale,
+            &key, &storage)
+    }
+
+    fn dropout_backward(
+        &mut self,
+        grad: &mut DeviceValues,
+        mask: &CudaSlice<u8>,
+        len: u64,
+        p: f32,
+    ) -> Result<(), DeviceError> {
+        let (n, storage) = (len as i64, grad.storage.code());
+        let scale = synthetic::dropout_scale(p);
+        launch!(self, Kernel::DropoutBackward, shapes::elementwise(len);
+            holds_mut(grad, len), labels_up_to(mask, len), &n, &scale, &storage)
     }
 
     // ---- gemm.cu -------------------------------------------------------------------------------

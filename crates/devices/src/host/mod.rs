@@ -175,6 +175,7 @@ fn usize_of(n: u64) -> usize {
 impl Allocate for HostDevice {
     type Values = HostValues;
     type U32 = HostBuffer<u32>;
+    type Mask = HostBuffer<u8>;
     type Error = DeviceError;
 
     fn zeroed(&mut self, len: u64, storage: Storage) -> Result<HostValues, DeviceError> {
@@ -182,6 +183,10 @@ impl Allocate for HostDevice {
     }
 
     fn u32_zeroed(&mut self, len: u64) -> Result<Self::U32, DeviceError> {
+        HostBuffer::zeroed(&self.ledger, len)
+    }
+
+    fn mask_zeroed(&mut self, len: u64) -> Result<Self::Mask, DeviceError> {
         HostBuffer::zeroed(&self.ledger, len)
     }
 }
@@ -370,6 +375,39 @@ impl Kernels for HostDevice {
         Ok(())
     }
 
+    fn dropout_forward(
+        &mut self,
+        x: &HostValues,
+        mask: &mut HostBuffer<u8>,
+        y: &mut HostValues,
+        len: u64,
+        p: f32,
+        key: u64,
+    ) -> Result<(), DeviceError> {
+        for range in chunks(usize_of(len), 1) {
+            let x = x.read(range.clone());
+            let mask = &mut mask[range.clone()];
+            y.update(range.clone(), |y| {
+                ops::dropout_forward(&x, mask, y, range.start, p, key)
+            });
+        }
+        Ok(())
+    }
+
+    fn dropout_backward(
+        &mut self,
+        grad: &mut HostValues,
+        mask: &HostBuffer<u8>,
+        len: u64,
+        p: f32,
+    ) -> Result<(), DeviceError> {
+        for range in chunks(usize_of(len), 1) {
+            let mask = &mask[range.clone()];
+            grad.update(range, |grad| ops::dropout_backward(grad, mask, p));
+        }
+        Ok(())
+    }
+
     fn activation_gradient(
         &mut self,
         grad: &HostValues,
@@ -495,6 +533,10 @@ impl Transfer for HostDevice {
     }
 
     fn read_u32(&mut self, buffer: &Self::U32, len: u64) -> Result<Vec<u32>, DeviceError> {
+        Ok(buffer[..usize_of(len)].to_vec())
+    }
+
+    fn read_mask(&mut self, buffer: &Self::Mask, len: u64) -> Result<Vec<u8>, DeviceError> {
         Ok(buffer[..usize_of(len)].to_vec())
     }
 

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use headroom_engine::plan::program::OptimizerState;
 use headroom_engine::plan::Activation;
 use headroom_engine::step::{UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM};
+use headroom_engine::synthetic;
 
 /// `c (m x n) = a (m x k) * b (k x n)`, plus `c` when `accumulate`; each operand given by its
 /// row and column strides.
@@ -256,6 +257,35 @@ pub fn activation_gradient(grad: &[f32], saved: &[f32], out: &mut [f32], activat
         .for_each(|(out, (grad, saved))| {
             for ((o, &g), &s) in out.iter_mut().zip(grad).zip(saved) {
                 *o = g * derivative_from_saved(activation, s);
+            }
+        });
+}
+
+/// Training-mode dropout of values `first..` of a buffer: `mask[i]` is whether
+/// [`synthetic::keeps`] keeps value `first + i`, `y[i] = x[i] * scale` where kept, else 0.
+pub fn dropout_forward(x: &[f32], mask: &mut [u8], y: &mut [f32], first: usize, p: f32, key: u64) {
+    let scale = synthetic::dropout_scale(p);
+    y.par_chunks_mut(TASK)
+        .zip(mask.par_chunks_mut(TASK).zip(x.par_chunks(TASK)))
+        .enumerate()
+        .for_each(|(n, (y, (mask, x)))| {
+            let first = first + n * TASK;
+            for (i, ((y, m), &x)) in y.iter_mut().zip(mask).zip(x).enumerate() {
+                let kept = synthetic::keeps(key, (first + i) as u64, p);
+                *m = u8::from(kept);
+                *y = if kept { x * scale } else { 0.0 };
+            }
+        });
+}
+
+/// Dropout's backward, in place: `grad[i] *= scale` where `mask[i]` kept, else 0.
+pub fn dropout_backward(grad: &mut [f32], mask: &[u8], p: f32) {
+    let scale = synthetic::dropout_scale(p);
+    grad.par_chunks_mut(TASK)
+        .zip(mask.par_chunks(TASK))
+        .for_each(|(grad, mask)| {
+            for (g, &m) in grad.iter_mut().zip(mask) {
+                *g = if m != 0 { *g * scale } else { 0.0 };
             }
         });
 }

@@ -43,8 +43,9 @@ fn plan_with_rate(
     .unwrap()
 }
 
-/// The mean loss of the MLP in f64, written independently of the f32 step.
-fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32]) -> f64 {
+/// The mean loss of the MLP in f64, written independently of the f32 step; dropout drops what
+/// the masks of `seed` drawn outside a step (step 0) drop.
+fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u64) -> f64 {
     let rows = labels.len();
     let mut total = 0.0;
     for r in 0..rows {
@@ -75,6 +76,15 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32]) -> f64 
                                     .tanh())
                         }
                     };
+                }
+                if let Some(p) = plan.dropout_after(i) {
+                    let layer_key = synthetic::stream_key(seed, synthetic::dropout_stream(i));
+                    let key = synthetic::stream_key(layer_key, 0);
+                    let scale = f64::from(synthetic::dropout_scale(p));
+                    for (j, v) in y.iter_mut().enumerate() {
+                        let kept = synthetic::keeps(key, (r * n_out + j) as u64, p);
+                        *v = if kept { *v * scale } else { 0.0 };
+                    }
                 }
             }
             x = y;
@@ -121,13 +131,13 @@ fn gradient_error(plan: &Plan, rows: u64, seed: u64) -> f64 {
         plus[i] += h;
         let mut minus = params.clone();
         minus[i] -= h;
-        let numeric = (loss_f64(plan, &plus, &inputs, &labels)
-            - loss_f64(plan, &minus, &inputs, &labels))
+        let numeric = (loss_f64(plan, &plus, &inputs, &labels, seed)
+            - loss_f64(plan, &minus, &inputs, &labels, seed))
             / (2.0 * h);
         worst = worst.max((numeric - analytic[i]).abs() / largest);
     }
     let row_loss = ops::mean(&executor.values(program.loss.0).to_f32_vec()) as f64;
-    let want = loss_f64(plan, &params, &inputs, &labels);
+    let want = loss_f64(plan, &params, &inputs, &labels, seed);
     assert!(
         (row_loss - want).abs() < 1e-5 + gradient_tolerance(plan.precision) * want,
         "{}: loss {row_loss} vs {want}",
@@ -154,26 +164,30 @@ fn gradients_match_finite_differences_in_every_precision_activation_and_framewor
     for framework in [Framework::Pytorch, Framework::Headroom] {
         for precision in Precision::ALL {
             for activation in [Relu, Gelu, Tanh] {
-                let plan = Plan::new(
-                    5,
-                    &[4, 6],
-                    3,
-                    activation,
-                    Training {
-                        optimizer: Sgd,
-                        learning_rate: 0.05,
-                        precision,
-                        framework,
-                    },
-                )
-                .unwrap();
-                let error = gradient_error(&plan, 7, 11);
-                eprintln!("{framework} {precision} {activation:?}: {error:.2e}");
-                assert!(
-                    error <= gradient_tolerance(precision),
-                    "{framework} {precision} {activation:?}: gradients {error:.2e} from \
-                     finite differences"
-                );
+                for dropout in [&[][..], &[0.5, 0.25]] {
+                    let plan = Plan::new(
+                        5,
+                        &[4, 6],
+                        3,
+                        activation,
+                        Training {
+                            optimizer: Sgd,
+                            learning_rate: 0.05,
+                            precision,
+                            framework,
+                        },
+                    )
+                    .unwrap()
+                    .with_dropout(dropout);
+                    let error = gradient_error(&plan, 7, 11);
+                    let name =
+                        format!("{framework} {precision} {activation:?} dropout {dropout:?}");
+                    eprintln!("{name}: {error:.2e}");
+                    assert!(
+                        error <= gradient_tolerance(precision),
+                        "{name}: gradients {error:.2e} from finite differences"
+                    );
+                }
             }
         }
     }
@@ -258,7 +272,12 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
     let mut device = HostDevice::default();
     for framework in [Framework::Pytorch, Framework::Headroom] {
         for precision in Precision::ALL {
-            for (activation, optimizer) in [(Relu, Adam), (Gelu, Sgd), (Tanh, SgdMomentum)] {
+            for (activation, optimizer, dropout) in [
+                (Relu, Adam, &[][..]),
+                (Gelu, Sgd, &[0.5, 0.0]),
+                (Tanh, SgdMomentum, &[0.1, 0.9]),
+                (Relu, Adamw, &[0.0, 0.3]),
+            ] {
                 let plan = Plan::new(
                     784,
                     &[128, 64],
@@ -271,7 +290,8 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                         framework,
                     },
                 )
-                .unwrap();
+                .unwrap()
+                .with_dropout(dropout);
                 for batch in [1, 7, 129, 1000] {
                     let report = device
                         .run_steps(&plan, batch, Steps::exactly(2), 1)
@@ -279,7 +299,8 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                     let modelled = plan.memory(batch).unwrap();
                     assert_eq!(
                         report.device_bytes, modelled.total,
-                        "{framework} {precision} {activation:?} {optimizer:?} at {batch}"
+                        "{framework} {precision} {activation:?} {optimizer:?} {dropout:?} at \
+                         {batch}"
                     );
                     assert_eq!(device.used_bytes(), 0);
                 }

@@ -31,6 +31,53 @@ pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
     checks.extend(check_reduce(device)?);
     checks.extend(check_loss(device)?);
     checks.extend(check_optimizer(device)?);
+    checks.extend(check_dropout(device)?);
+    Ok(checks)
+}
+
+/// dropout.cu: the mask drawn from the synthetic stream, the kept values scaled and the backward
+/// through that mask, bit for bit, in every storage.
+fn check_dropout<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
+    let mut checks = Vec::new();
+    let through = |mask: &[bool], values: &[f32], p: f32| -> Vec<f32> {
+        let scale = synthetic::dropout_scale(p);
+        mask.iter()
+            .zip(values)
+            .map(|(&kept, &v)| if kept { v * scale } else { 0.0 })
+            .collect()
+    };
+    for storage in STORAGES {
+        for (len, p) in [(1usize, 0.5f32), (1000, 0.1), (7 * 129, 0.5), (4099, 0.9)] {
+            let n = len as u64;
+            let key = synthetic::stream_key(9, synthetic::dropout_stream(len));
+            let kept: Vec<bool> = (0..n).map(|i| synthetic::keeps(key, i, p)).collect();
+            let inputs = rounded(&random(len, 11), storage);
+            let x = device.write_values(&inputs, storage)?;
+            let mut y = device.write_values(&poison(len), storage)?;
+            let mut mask = device.mask_zeroed(n)?;
+            device.dropout_forward(&x, &mut mask, &mut y, n, p, key)?;
+            let name = format!("n={len} p={p} {storage:?}");
+            checks.push(compare_bits(
+                format!("dropout_forward {name}"),
+                &device.read_values(&y, n)?,
+                &rounded(&through(&kept, &inputs, p), storage),
+            ));
+            let as_f32 = |bytes: Vec<u8>| bytes.into_iter().map(f32::from).collect::<Vec<_>>();
+            checks.push(compare_bits(
+                format!("dropout mask {name}"),
+                &as_f32(device.read_mask(&mask, n)?),
+                &as_f32(kept.iter().map(|&k| u8::from(k)).collect()),
+            ));
+            let gradients = rounded(&random(len, 12), storage);
+            let mut grad = device.write_values(&gradients, storage)?;
+            device.dropout_backward(&mut grad, &mask, n, p)?;
+            checks.push(compare_bits(
+                format!("dropout_backward {name}"),
+                &device.read_values(&grad, n)?,
+                &rounded(&through(&kept, &gradients, p), storage),
+            ));
+        }
+    }
     Ok(checks)
 }
 

@@ -21,22 +21,40 @@ fn training_tolerance(precision: Precision) -> f64 {
 
 /// Trains the same small model for three steps on `device` and on the host, and compares every
 /// parameter afterwards: every optimizer and activation in f32, two of them in each 16-bit
-/// precision; then the loss scaler's skipped steps.
+/// precision, some with dropout after the hidden layers; then the loss scaler's skipped steps.
 pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check>, DeviceError> {
     let mut checks = Vec::new();
+    const DROPOUT: &[f32] = &[0.5, 0.2];
     let f32_runs = [
-        (OptimizerKind::Sgd, Activation::Relu, Framework::Pytorch),
+        (
+            OptimizerKind::Sgd,
+            Activation::Relu,
+            Framework::Pytorch,
+            &[][..],
+        ),
         (
             OptimizerKind::SgdMomentum,
             Activation::Tanh,
             Framework::Headroom,
+            DROPOUT,
         ),
-        (OptimizerKind::Adam, Activation::Gelu, Framework::Pytorch),
-        (OptimizerKind::Adamw, Activation::Relu, Framework::Headroom),
+        (
+            OptimizerKind::Adam,
+            Activation::Gelu,
+            Framework::Pytorch,
+            DROPOUT,
+        ),
+        (
+            OptimizerKind::Adamw,
+            Activation::Relu,
+            Framework::Headroom,
+            &[],
+        ),
         (
             OptimizerKind::SgdMomentum,
             Activation::Tanh,
             Framework::Pytorch,
+            &[],
         ),
     ];
     let half_runs = [
@@ -44,15 +62,21 @@ pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check
             OptimizerKind::SgdMomentum,
             Activation::Gelu,
             Framework::Pytorch,
+            DROPOUT,
         ),
-        (OptimizerKind::Adamw, Activation::Relu, Framework::Headroom),
+        (
+            OptimizerKind::Adamw,
+            Activation::Relu,
+            Framework::Headroom,
+            DROPOUT,
+        ),
     ];
     for precision in Precision::ALL {
-        let runs: &[(OptimizerKind, Activation, Framework)] = match precision {
+        let runs: &[(OptimizerKind, Activation, Framework, &[f32])] = match precision {
             Precision::F32True => &f32_runs,
             _ => &half_runs,
         };
-        for &(optimizer, activation, framework) in runs {
+        for &(optimizer, activation, framework, dropout) in runs {
             let learning_rate = optimizer.default_learning_rate() as f32;
             let plan = Plan::new(
                 49,
@@ -66,13 +90,14 @@ pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check
                     framework,
                 },
             )
-            .expect("the parity model plans");
+            .expect("the parity model plans")
+            .with_dropout(dropout);
             let (want, _) = trained_parameters(&mut HostDevice::default(), &plan, 1000, 3, 42)?;
             let (got, _) = trained_parameters(device, &plan, 1000, 3, 42)?;
             checks.push(compare(
                 format!(
-                    "3 training steps, {optimizer:?} + {activation:?}, batch 1000, {precision}, \
-                     {framework}'s step"
+                    "3 training steps, {optimizer:?} + {activation:?}, dropout {dropout:?}, batch \
+                     1000, {precision}, {framework}'s step"
                 ),
                 &got,
                 &want,

@@ -48,6 +48,8 @@ pub enum Element {
     Value(Storage),
     /// A `u32` class label.
     Label,
+    /// One byte of a dropout mask: whether the value was kept (PyTorch's `bool`).
+    Mask,
 }
 
 impl Element {
@@ -56,6 +58,7 @@ impl Element {
         match self {
             Element::Value(storage) => storage.bytes(),
             Element::Label => 4,
+            Element::Mask => 1,
         }
     }
 }
@@ -221,6 +224,9 @@ pub struct Plan {
     pub layers: Vec<Layer>,
     /// Non-linearity after each hidden layer.
     pub activation: Activation,
+    /// Probability of dropout after each hidden layer's activation, one per hidden layer; 0 is
+    /// none (PyTorch's `Dropout(0)` returns its input).
+    pub dropout: Vec<f32>,
     /// Update rule.
     pub optimizer: OptimizerKind,
     /// Step size of the update rule.
@@ -414,9 +420,11 @@ impl Plan {
                 .and_then(|w| w.checked_add(layer.outputs))
                 .and_then(|p| acc.checked_add(p))
         });
+        let hidden_layers = layers.len() - 1;
         let plan = Plan {
             layers,
             activation,
+            dropout: vec![0.0; hidden_layers],
             optimizer,
             learning_rate,
             precision,
@@ -426,6 +434,20 @@ impl Plan {
         // The fixed part and one sample must be representable; larger batches are checked per use.
         plan.memory(1).ok_or(Overflow)?;
         Ok(plan)
+    }
+
+    /// The plan with dropout of probability `p[i]` (in `[0, 1)`) after hidden layer `i`'s
+    /// activation; hidden layers past `p`'s end have none.
+    pub fn with_dropout(mut self, p: &[f32]) -> Plan {
+        for (kept, &p) in self.dropout.iter_mut().zip(p) {
+            *kept = p;
+        }
+        self
+    }
+
+    /// The dropout after hidden layer `i`'s activation, if any.
+    pub fn dropout_after(&self, i: usize) -> Option<f32> {
+        self.dropout.get(i).copied().filter(|&p| p > 0.0)
     }
 
     /// Number of trainable parameters.

@@ -196,6 +196,33 @@ pub enum Instr {
         /// The non-linearity.
         activation: Activation,
     },
+    /// Training-mode dropout: `mask[i]` keeps value `i` with probability `1 - p`, from the
+    /// step's sub-stream of `key` ([`synthetic::keeps`]); `y = x / (1 - p)` where kept, else 0.
+    DropoutForward {
+        /// Read.
+        x: Slot,
+        /// Written: one byte a value.
+        mask: Slot,
+        /// Written.
+        y: Slot,
+        /// Elements.
+        len: u64,
+        /// Probability of dropping a value.
+        p: f32,
+        /// The mask's stream; each step draws its own sub-stream of it.
+        key: u64,
+    },
+    /// Dropout's backward, in place: `grad = grad / (1 - p)` where the mask kept, else 0.
+    DropoutBackward {
+        /// The gradient of dropout's output in, of its input out.
+        grad: Slot,
+        /// What the forward kept.
+        mask: Slot,
+        /// Elements.
+        len: u64,
+        /// Probability of dropping a value.
+        p: f32,
+    },
     /// `dw = dy^T * x`.
     WeightGradient {
         /// `rows x outputs`.
@@ -459,6 +486,39 @@ impl Builder {
     }
 }
 
+/// The dropout after a hidden layer's activation: its output, its mask, its probability.
+#[derive(Debug, Clone, Copy)]
+struct Dropped {
+    output: Slot,
+    mask: Slot,
+    p: f32,
+}
+
+impl Dropped {
+    /// Dropout of `activated` (`len` values) after hidden layer `layer`, its masks drawn from
+    /// `seed`.
+    fn forward(&self, activated: Slot, seed: u64, layer: usize, len: u64) -> Instr {
+        Instr::DropoutForward {
+            x: activated,
+            mask: self.mask,
+            y: self.output,
+            len,
+            p: self.p,
+            key: synthetic::stream_key(seed, synthetic::dropout_stream(layer)),
+        }
+    }
+
+    /// Dropout's backward of `grad` (`len` values), in place.
+    fn backward(&self, grad: Slot, len: u64) -> Instr {
+        Instr::DropoutBackward {
+            grad,
+            mask: self.mask,
+            len,
+            p: self.p,
+        }
+    }
+}
+
 /// One linear layer's persistent buffers.
 struct Parameters {
     weight: Slot,
@@ -611,7 +671,8 @@ impl Plan {
     /// headroom's own step: every buffer allocated before the first step, in this order: per
     /// layer its weights, biases, their gradients, optimizer state and, when mixed, the half
     /// copies of weights and biases; the inputs, the labels and, when mixed, the half copy of
-    /// the inputs; each hidden layer's pre- and post-activation; the logits (overwritten by
+    /// the inputs; each hidden layer's pre- and post-activation (and, with dropout after it,
+    /// dropout's output and mask); the logits (overwritten by
     /// their gradient), when mixed their f32 copy; the per-sample loss, the backward scratch, the
     /// one-value mean loss and, with loss scaling, the one-value overflow flag.
     fn headroom_program(&self, rows: u64, seed: u64) -> Option<Program> {
@@ -629,12 +690,18 @@ impl Plan {
         let labels = b.alloc(Part::BatchData, rows, Element::Label);
         let inputs_cast = mixed.then(|| b.value(Part::BatchData, features, compute));
         let mut hidden = Vec::new();
-        for width in self.hidden_widths() {
+        let mut dropped = Vec::new();
+        for (i, width) in self.hidden_widths().enumerate() {
             let elements = per_row(width)?;
             hidden.push((
                 b.value(Part::Activations, elements, compute),
                 b.value(Part::Activations, elements, compute),
             ));
+            dropped.push(self.dropout_after(i).map(|p| Dropped {
+                output: b.value(Part::Activations, elements, compute),
+                mask: b.alloc(Part::Activations, elements, Element::Mask),
+                p,
+            }));
         }
         let classes = self.num_classes();
         let logits = b.value(Part::Activations, per_row(classes)?, compute);
@@ -668,10 +735,13 @@ impl Plan {
         let last = self.layers.len() - 1;
         let input_of = |i: usize| match i {
             0 => inputs_cast.unwrap_or(inputs),
-            _ => hidden[i - 1].1,
+            _ => dropped[i - 1].map_or(hidden[i - 1].1, |d| d.output),
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let (weight, bias) = operands(i);
+            if let Some(d) = i.checked_sub(1).and_then(|h| dropped[h]) {
+                b.push(d.forward(hidden[i - 1].1, seed, i - 1, rows * layer.inputs));
+            }
             let (output, post) = match i < last {
                 true => (hidden[i].0, Some(hidden[i].1)),
                 false => (logits, None),
@@ -710,6 +780,12 @@ impl Plan {
 
         b.enter(Moment::Backward);
         for (i, layer) in self.layers.iter().enumerate().rev() {
+            if let Some(d) = dropped.get(i).copied().flatten() {
+                b.push(d.backward(
+                    scratch.expect("hidden layers have a scratch"),
+                    rows * layer.outputs,
+                ));
+            }
             if i < last {
                 b.push(Instr::ActivationBackward {
                     grad_post: scratch.expect("hidden layers have a scratch"),
@@ -794,8 +870,10 @@ impl Plan {
         let last = self.layers.len() - 1;
         let mut casts: Vec<(Slot, Slot)> = Vec::new();
         let mut inputs_cast = None;
-        // Per hidden layer: the product (kept for gelu's backward) and the activation.
+        // Per hidden layer: the product (kept for gelu's backward) and the activation, and the
+        // dropout after it.
         let mut hidden: Vec<(Slot, Slot)> = Vec::new();
+        let mut dropped: Vec<Option<Dropped>> = Vec::new();
         let mut logits = None;
         for (i, (layer, params)) in self.layers.iter().zip(&layers).enumerate() {
             let (weight, bias) = if mixed {
@@ -816,7 +894,7 @@ impl Plan {
                     cast
                 }
                 0 => inputs,
-                _ => hidden[i - 1].1,
+                _ => dropped[i - 1].map_or(hidden[i - 1].1, |d| d.output),
             };
             let product = b.value(Part::Activations, per_row(layer.outputs)?, compute);
             b.push(Instr::LinearForward {
@@ -852,7 +930,21 @@ impl Plan {
                 // relu and tanh save their output, gelu its input.
                 b.free(product);
             }
+            // Dropout (`native_dropout`, as PyTorch runs it on a GPU) writes its output, then a
+            // one-byte mask, and saves only the mask: gelu's output goes once it is read.
+            let d = self.dropout_after(i).map(|p| Dropped {
+                output: b.value(Part::Activations, rows * layer.outputs, compute),
+                mask: b.alloc(Part::Activations, rows * layer.outputs, Element::Mask),
+                p,
+            });
+            if let Some(d) = d {
+                b.push(d.forward(activated, seed, i, rows * layer.outputs));
+                if self.activation == Activation::Gelu {
+                    b.free(activated);
+                }
+            }
             hidden.push((product, activated));
+            dropped.push(d);
         }
         let logits = logits.expect("the last layer writes the logits");
         // The loss in f32 (bf16 under bf16-true): log_softmax of the logits, autocast's f32
@@ -909,7 +1001,7 @@ impl Plan {
             };
             let input = match i {
                 0 => inputs_cast.unwrap_or(inputs),
-                _ => hidden[i - 1].1,
+                _ => dropped[i - 1].map_or(hidden[i - 1].1, |d| d.output),
             };
             let dx = (i > 0).then(|| {
                 let dx = b.value(Part::Activations, rows * layer.inputs, compute);
@@ -953,9 +1045,12 @@ impl Plan {
             if let Some(cast) = inputs_cast.filter(|_| i == 0) {
                 b.free(cast);
             }
-            if i > 0 && self.activation == Activation::Gelu {
-                // gelu saved the product; only this layer's backward kept its output.
-                b.free(hidden[i - 1].1);
+            // What only this layer's backward kept: dropout's output, or (gelu saved the
+            // product) the activation's.
+            match i.checked_sub(1).map(|h| dropped[h]) {
+                Some(Some(d)) => b.free(d.output),
+                Some(None) if self.activation == Activation::Gelu => b.free(hidden[i - 1].1),
+                _ => {}
             }
             gradients[2 * i] = (dw, layer.weights());
             gradients[2 * i + 1] = (db, layer.outputs);
@@ -967,7 +1062,17 @@ impl Plan {
                     *slot = full;
                 }
             }
-            if let Some(dx) = dx {
+            if let Some(mut dx) = dx {
+                if let Some(d) = dropped[i - 1] {
+                    // native_dropout_backward writes a new gradient, then lets the mask go.
+                    let len = rows * layer.inputs;
+                    let grad = b.value(Part::Activations, len, compute);
+                    b.push(convert(dx, grad, len));
+                    b.push(d.backward(grad, len));
+                    b.free(dx);
+                    b.free(d.mask);
+                    dx = grad;
+                }
                 let (product, activated) = hidden[i - 1];
                 let saved = match self.activation {
                     Activation::Gelu => product,
