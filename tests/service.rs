@@ -455,7 +455,7 @@ fn metrics_and_openapi_are_served() {
     );
     assert!(
         value(
-            "headroom_probe_duration_seconds_bucket",
+            "headroom_probe_duration_seconds_count",
             &[("device", "host"), ("outcome", "fit")]
         ) > 0.0
     );
@@ -1182,12 +1182,36 @@ fn a_running_job_page_grows_in_place_until_the_answer() {
             .unwrap();
         String::from_utf8_lossy(&output.stdout).to_string()
     };
+    // While the job waits its page does not change: every poll is a bodiless 304, nothing is
+    // swapped, and the browser counts the time waited on by itself.
     let waiting = browse();
     assert!(
-        waiting.contains("data-refreshes=")
-            && waiting.contains("data-live")
-            && waiting.contains("Queued for "),
-        "no refresh in place while the job waited: {waiting}"
+        waiting.contains("data-polls=") && waiting.contains("data-live"),
+        "the waiting page did not poll: {waiting}"
+    );
+    assert!(
+        !waiting.contains("data-refreshes="),
+        "an unchanged page was fetched again: {waiting}"
+    );
+    let counted = |page: &str| -> Option<(f64, f64)> {
+        let at = page.find("data-elapsed=\"")? + "data-elapsed=\"".len();
+        let (served, rest) = page[at..].split_once("\">")?;
+        let (shown, _) = rest.split_once(" s<")?;
+        Some((served.parse().ok()?, shown.parse().ok()?))
+    };
+    let (served, shown) = counted(&waiting).expect("the waiting page shows how long");
+    assert!(
+        waiting.contains("Queued for ") && shown >= served + 5.0,
+        "the browser did not count the wait on ({served} s served, {shown} s shown): {waiting}"
+    );
+    let (status, etag, _) = server.get_html_if_none_match(&path, None);
+    assert_eq!(status, 200);
+    let etag = etag.expect("a job's page has an ETag");
+    let (status, _, body) = server.get_html_if_none_match(&path, Some(&etag));
+    assert_eq!(
+        (status, body.as_str()),
+        (304, ""),
+        "the page had not changed"
     );
     server.delete(&format!("/jobs/{holding}"));
     // Running: how long and how far, and the charts of the probes so far.
@@ -1198,6 +1222,11 @@ fn a_running_job_page_grows_in_place_until_the_answer() {
             && page.contains("Training speed against batch size")
         {
             assert!(page.contains("probe(s), the largest fit "), "{page}");
+            let (status, _, _) = server.get_html_if_none_match(&path, Some(&etag));
+            assert_eq!(
+                status, 200,
+                "the page of a job that has probed is a new version"
+            );
             break;
         }
         assert!(

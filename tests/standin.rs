@@ -15,7 +15,8 @@ use std::process::Output;
 
 use headroom_devices::cuda::CudaDevice;
 use headroom_devices::parity::{check_kernels, check_training};
-use headroom_engine::device::{Device, DeviceError, Steps};
+use headroom_engine::device::{Device, DeviceError};
+use headroom_engine::step::Steps;
 use headroom_engine::{tune, Job};
 use serde_json::{json, Value};
 use support::standin::StandIn;
@@ -441,12 +442,21 @@ fn serve_with_faults(
     serve(standin, &all, devices)
 }
 
+/// The MNIST example on `device`, never from the cache, prediction first, with the same kernel
+/// launches whatever the machine's speed (no timing floor, no probes for the throughput knee,
+/// whose number depends on the speeds measured): the faults below are injected at a launch
+/// number, [`FAULT_AT`].
 fn mnist_on(device: &str) -> Value {
     let mut body = example("mnist-mlp-sgd");
     body["device"] = json!(device);
     body["no_cache"] = json!(true);
+    body["search"] = json!({"strategy": "predict", "min_timed_seconds": 0, "throughput_probes": 0});
     body
 }
+
+/// A launch a worker reaches during its second tune of [`mnist_on`]'s job (about 100 launches
+/// each), never during its first.
+const FAULT_AT: &str = "150";
 
 #[test]
 fn the_service_reports_gpu_telemetry_and_serves_each_gpu_once() {
@@ -578,13 +588,13 @@ fn a_fault_or_a_killed_worker_ends_its_job_and_the_next_runs_in_a_new_worker() {
     assert_eq!(control.status, 200, "{}", control.body);
     let first = worker_pid(&server, "cuda:0");
 
-    faults.inject("200");
+    faults.inject(FAULT_AT);
     fails_and_recovers(&server, &control.body, &["CUDA_ERROR_ILLEGAL_ADDRESS"]);
     let second = worker_pid(&server, "cuda:0");
     assert_ne!(first, second);
     assert!(!alive(first), "the faulted worker {first} is still running");
 
-    faults.inject("200:ecc");
+    faults.inject(&format!("{FAULT_AT}:ecc"));
     fails_and_recovers(&server, &control.body, &["CUDA_ERROR_ECC_UNCORRECTABLE"]);
 
     let mut slow = mnist_on("cuda:0");
@@ -635,7 +645,7 @@ fn a_hung_probe_or_a_crashed_driver_ends_only_that_job() {
     let control = server.http.tune(&mnist_on("cuda:0"), &[]);
     assert_eq!(control.status, 200, "{}", control.body);
 
-    faults.inject("200:hang");
+    faults.inject(&format!("{FAULT_AT}:hang"));
     fails_and_recovers(
         &server,
         &control.body,
@@ -646,7 +656,7 @@ fn a_hung_probe_or_a_crashed_driver_ends_only_that_job() {
         ],
     );
 
-    faults.inject("200:crash");
+    faults.inject(&format!("{FAULT_AT}:crash"));
     let crashing = server
         .http
         .tune(&mnist_on("cuda:0"), &[("Prefer", "respond-async")]);

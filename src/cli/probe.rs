@@ -10,9 +10,10 @@ use super::output::human;
 use super::CliError;
 use headroom_devices::host::DEFAULT_BUDGET_BYTES;
 use headroom_devices::select::DeviceSpec;
-use headroom_engine::device::{DeviceError, Steps};
+use headroom_engine::device::DeviceError;
 use headroom_engine::result::Outcome;
 use headroom_engine::search::PROBE_SEED;
+use headroom_engine::step::Steps;
 
 /// One measured probe of `headroom probe`.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -185,6 +185,28 @@ impl Http {
         )
     }
 
+    /// `GET path` as a polling page asks for it: HTML, with `If-None-Match` when given. Returns
+    /// the status, the `ETag` and the body.
+    pub fn get_html_if_none_match(
+        &self,
+        path: &str,
+        etag: Option<&str>,
+    ) -> (u16, Option<String>, String) {
+        let mut request = Self::agent()
+            .get(format!("{}{path}", self.base))
+            .header("Accept", "text/html");
+        if let Some(etag) = etag {
+            request = request.header("If-None-Match", etag);
+        }
+        let mut response = request.call().unwrap();
+        let etag = response
+            .headers()
+            .get("etag")
+            .map(|v| v.to_str().unwrap().to_string());
+        let status = response.status().as_u16();
+        (status, etag, response.body_mut().read_to_string().unwrap())
+    }
+
     fn text_of(&self, path: &str, accept: Option<&str>) -> String {
         let mut request = Self::agent().get(format!("{}{path}", self.base));
         if let Some(accept) = accept {

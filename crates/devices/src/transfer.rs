@@ -1,10 +1,10 @@
 //! Copies between host and device memory, for checks alone (parity, gradients, determinism):
 //! probes never stage data through host memory.
 
-use headroom_engine::device::{DeviceError, Probing, Steps};
+use headroom_engine::device::{DeviceError, Probing};
 use headroom_engine::plan::program::{Program, Slot};
 use headroom_engine::plan::{Plan, Storage};
-use headroom_engine::step::{self, Executor, Kernels};
+use headroom_engine::step::{self, Executor, Kernels, Steps};
 
 /// Copies between host and device memory, for these checks alone: probes never stage data
 /// through host memory (they generate it on the device).

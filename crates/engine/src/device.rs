@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{Allocator, Plan};
-use crate::step::{self, Kernels};
+use crate::step::{self, Kernels, Steps};
 
 /// Which implementation a device is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -68,37 +68,6 @@ pub struct StepReport {
     pub device_bytes: u64,
     /// Mean loss of the last step.
     pub final_loss: f32,
-}
-
-/// How long a probe trains: at least `at_least` steps, then more while the timed steps add up
-/// to less than `min_timed_seconds` and fewer than [`MAX_TIMED_STEPS`] are timed. A step of a
-/// small batch takes microseconds, and one such step timed alone is mostly noise.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Steps {
-    /// Steps run whatever they take (the first is a warm-up when there are several).
-    pub at_least: u32,
-    /// Keep stepping until the timed steps add up to this many seconds (0: never).
-    pub min_timed_seconds: f64,
-}
-
-/// The most steps a probe times to reach [`Steps::min_timed_seconds`].
-pub const MAX_TIMED_STEPS: usize = 64;
-
-impl Steps {
-    /// Exactly `steps` steps, however short.
-    pub fn exactly(steps: u32) -> Steps {
-        Steps {
-            at_least: steps,
-            min_timed_seconds: 0.0,
-        }
-    }
-
-    /// Whether a probe that has run `run` steps, the ones timed taking `timed` seconds each,
-    /// runs another.
-    pub fn another(&self, run: u32, timed: &[f64]) -> bool {
-        run < self.at_least.max(1)
-            || (timed.len() < MAX_TIMED_STEPS && timed.iter().sum::<f64>() < self.min_timed_seconds)
-    }
 }
 
 /// Why a probe did not run. Out-of-memory is a type of its own, never inferred from a message.
@@ -182,64 +151,6 @@ impl<D: Probing> Device for D {
             (Err(fault @ DeviceError::Fault(_)), _) => Err(fault),
             (_, Err(cleanup)) => Err(cleanup),
             (report, Ok(())) => report,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn short_steps_are_timed_until_they_add_up_to_the_floor() {
-        let steps = Steps {
-            at_least: 2,
-            min_timed_seconds: 0.01,
-        };
-        assert!(steps.another(0, &[]));
-        assert!(steps.another(1, &[]), "the warm-up step is not timed");
-        assert!(steps.another(2, &[0.004]));
-        assert!(steps.another(3, &[0.004, 0.004]));
-        assert!(!steps.another(4, &[0.004; 3]));
-        assert!(
-            !steps.another(65, &[1e-6; MAX_TIMED_STEPS]),
-            "at most 64 timed"
-        );
-        assert!(!steps.another(2, &[0.5]), "a long step is timed once");
-    }
-
-    #[test]
-    fn exactly_runs_the_steps_asked_for_and_at_least_one() {
-        assert!(Steps::exactly(3).another(2, &[1e-9]));
-        assert!(!Steps::exactly(3).another(3, &[1e-9, 1e-9]));
-        assert!(Steps::exactly(0).another(0, &[]));
-        assert!(!Steps::exactly(0).another(1, &[]));
-    }
-
-    proptest! {
-        /// Whatever the steps take, a probe stops after its own steps and at most 64 more, once
-        /// the floor is reached or 64 steps are timed.
-        #[test]
-        fn a_probe_always_stops(
-            at_least in 0u32..100,
-            floor in 0.0f64..1.0,
-            times in proptest::collection::vec(0.0f64..0.05, 200),
-        ) {
-            let steps = Steps { at_least, min_timed_seconds: floor };
-            let mut timed: Vec<f64> = Vec::new();
-            let mut run = 0;
-            while steps.another(run, timed.get(1..).unwrap_or_default()) {
-                timed.push(times[run as usize % times.len()]);
-                run += 1;
-            }
-            prop_assert!(run as usize <= at_least.max(1) as usize + MAX_TIMED_STEPS);
-            prop_assert!(run >= at_least.max(1));
-            let after_warm_up = &timed[timed.len().min(1)..];
-            prop_assert!(
-                after_warm_up.iter().sum::<f64>() >= floor
-                    || after_warm_up.len() >= MAX_TIMED_STEPS
-            );
         }
     }
 }

@@ -140,8 +140,9 @@ pub struct SearchSpec {
     pub tolerance: f64,
     /// Training steps run per probe, at least.
     pub steps_per_probe: u32,
-    /// A probe keeps stepping (up to 64 steps timed) until its timed steps add up to this many
-    /// seconds: a step of a small batch is too short to time alone. 0 turns it off.
+    /// A probe of two steps or more keeps stepping (up to 64 steps timed) until its timed steps
+    /// add up to this many seconds: a step of a small batch is too short to time alone. 0 turns
+    /// it off.
     pub min_timed_seconds: f64,
     /// Where the first probe goes.
     pub strategy: Strategy,

@@ -8,11 +8,12 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use crate::advice::{accumulation, recommended_batch_size};
-use crate::device::{Device, DeviceError, Steps};
+use crate::device::{Device, DeviceError};
 use crate::job::{Job, Strategy};
 use crate::knee::{self, Knee};
 use crate::plan::{DoesNotFit, Plan};
 use crate::result::{measured, LimitedBy, Outcome, Probe, TuneResult};
+use crate::step::Steps;
 
 /// Seed of the synthetic data and parameters of every probe: probes are reproducible.
 pub const PROBE_SEED: u64 = 0x5eed;

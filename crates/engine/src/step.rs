@@ -2,7 +2,6 @@
 //! [`Executor`] runs a [`Program`] (the plan's step compiled for one batch size) instruction
 //! by instruction, holding each buffer from its allocation to its free.
 
-use crate::device::Steps;
 use crate::plan::program::{Instr, OptimizerState, Program, Scale, Slot};
 use crate::plan::{
     Activation, OptimizerKind, Plan, Storage, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
@@ -311,7 +310,8 @@ impl<K: Kernels> Executor<K> {
     }
 
     /// Runs `instrs`, the optimizer's with `rule`; an overflow under loss scaling skips the
-    /// updates that follow it (allocations and frees still run).
+    /// updates that follow it (allocations and frees still run). Dropout draws the masks of the
+    /// step [`Executor::step`] last began (step 0 before any).
     pub fn run(
         &mut self,
         kernels: &mut K,
@@ -675,6 +675,41 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[below] + (at - below as f64) * (sorted[above] - sorted[below])
 }
 
+/// How long a probe trains: at least `at_least` steps, then, when there is a warm-up step to
+/// leave out (`at_least` of 2 or more), more while the timed steps add up to less than
+/// `min_timed_seconds` and fewer than [`MAX_TIMED_STEPS`] are timed. A step of a small batch
+/// takes microseconds, and one such step timed alone is mostly noise; a probe of one step (the
+/// quickest check a job can ask for) stays one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Steps {
+    /// Steps run whatever they take (the first is a warm-up when there are several).
+    pub at_least: u32,
+    /// Keep stepping until the timed steps add up to this many seconds (0: never).
+    pub min_timed_seconds: f64,
+}
+
+/// The most steps a probe times to reach [`Steps::min_timed_seconds`].
+pub const MAX_TIMED_STEPS: usize = 64;
+
+impl Steps {
+    /// Exactly `steps` steps, however short.
+    pub fn exactly(steps: u32) -> Steps {
+        Steps {
+            at_least: steps,
+            min_timed_seconds: 0.0,
+        }
+    }
+
+    /// Whether a probe that has run `run` steps, the ones timed taking `timed` seconds each,
+    /// runs another.
+    pub fn another(&self, run: u32, timed: &[f64]) -> bool {
+        run < self.at_least.max(1)
+            || (self.at_least > 1
+                && timed.len() < MAX_TIMED_STEPS
+                && timed.iter().sum::<f64>() < self.min_timed_seconds)
+    }
+}
+
 /// What [`run_probe`] measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProbeRun {
@@ -737,6 +772,7 @@ pub fn run_probe<K: Kernels>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_step_is_the_median_of_its_timed_steps() {
@@ -759,5 +795,63 @@ mod tests {
         );
         let (c1, c2) = UpdateRule::new(OptimizerKind::Sgd, 0.1, 2).bias_correction;
         assert!((c1 - 1.0 / 0.19).abs() < 1e-5 && (c2 - 1.0 / (1.0 - 0.998_001)).abs() < 1e-1);
+    }
+
+    #[test]
+    fn short_steps_are_timed_until_they_add_up_to_the_floor() {
+        let steps = Steps {
+            at_least: 2,
+            min_timed_seconds: 0.01,
+        };
+        assert!(steps.another(0, &[]));
+        assert!(steps.another(1, &[]), "the warm-up step is not timed");
+        assert!(steps.another(2, &[0.004]));
+        assert!(steps.another(3, &[0.004, 0.004]));
+        assert!(!steps.another(4, &[0.004; 3]));
+        assert!(
+            !steps.another(65, &[1e-6; MAX_TIMED_STEPS]),
+            "at most 64 timed"
+        );
+        assert!(!steps.another(2, &[0.5]), "a long step is timed once");
+    }
+
+    #[test]
+    fn exactly_runs_the_steps_asked_for_and_at_least_one() {
+        assert!(Steps::exactly(3).another(2, &[1e-9]));
+        assert!(!Steps::exactly(3).another(3, &[1e-9, 1e-9]));
+        assert!(Steps::exactly(0).another(0, &[]));
+        assert!(!Steps::exactly(0).another(1, &[]));
+        let one = Steps {
+            at_least: 1,
+            min_timed_seconds: 1.0,
+        };
+        assert!(!one.another(1, &[]), "one step asked for is one step run");
+    }
+
+    proptest! {
+        /// Whatever the steps take, a probe stops after its own steps and at most 64 more, once
+        /// the floor is reached or 64 steps are timed; a probe of one step runs one.
+        #[test]
+        fn a_probe_always_stops(
+            at_least in 0u32..100,
+            floor in 0.0f64..1.0,
+            times in proptest::collection::vec(0.0f64..0.05, 200),
+        ) {
+            let steps = Steps { at_least, min_timed_seconds: floor };
+            let mut timed: Vec<f64> = Vec::new();
+            let mut run = 0;
+            while steps.another(run, timed.get(1..).unwrap_or_default()) {
+                timed.push(times[run as usize % times.len()]);
+                run += 1;
+            }
+            prop_assert!(run as usize <= at_least.max(1) as usize + MAX_TIMED_STEPS);
+            prop_assert!(run >= at_least.max(1));
+            let after_warm_up = &timed[timed.len().min(1)..];
+            prop_assert!(
+                at_least <= 1 && run == 1
+                    || after_warm_up.iter().sum::<f64>() >= floor
+                    || after_warm_up.len() >= MAX_TIMED_STEPS
+            );
+        }
     }
 }

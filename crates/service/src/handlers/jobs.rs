@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use uuid::Uuid;
 
-use super::pages::{job_page, missing_page, wants_html};
+use super::pages::{job_etag, job_page, missing_page, wants_html};
 use crate::document::JobDocument;
 use crate::jobs::TuneJob;
 use crate::openapi::{Conflict, NotFound, Unauthorized, Unavailable};
@@ -73,7 +73,10 @@ async fn find_job(state: &AppState, id: &str) -> Result<Found, Problem> {
              (JobDocument = "application/json"),
              (String = "text/html"),
          ),
-         headers(("Retry-After" = u64, description = "While the job is queued or running: seconds until it is worth asking again"))),
+         headers(("Retry-After" = u64, description = "While the job is queued or running: seconds until it is worth asking again"),
+                 ("ETag" = String, description = "The HTML page's version: it changes when the job's state does or a probe finishes"))),
+        (status = 304, description = "The HTML page asked for with `If-None-Match` has not changed: no probe has finished since.",
+         headers(("ETag" = String, description = "The page's version"))),
         Unauthorized, NotFound, Unavailable,
     ),
     security((), ("bearer" = [])))]
@@ -94,7 +97,21 @@ pub async fn get_job(
     };
     let finished = document.state.is_finished();
     let mut response = if wants_html(&headers) {
-        job_page(spec.as_ref(), &document).into_response()
+        // The page's own version: a page that polls asks with it, and while no probe has
+        // finished it gets a bodiless 304.
+        let etag = job_etag(&document);
+        let unchanged = headers
+            .get(header::IF_NONE_MATCH)
+            .is_some_and(|asked| asked.as_bytes() == etag.as_bytes());
+        let mut response = if unchanged {
+            StatusCode::NOT_MODIFIED.into_response()
+        } else {
+            job_page(spec.as_ref(), &document).into_response()
+        };
+        if let Ok(value) = HeaderValue::from_str(&etag) {
+            response.headers_mut().insert(header::ETAG, value);
+        }
+        response
     } else {
         Json(document).into_response()
     };

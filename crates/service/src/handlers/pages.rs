@@ -24,26 +24,42 @@ use time::OffsetDateTime;
 /// Seconds between refreshes of a page whose job has not finished.
 const REFRESH_SECONDS: u32 = 2;
 
-/// While a page is live (`main[data-live]`), its script fetches the page again every
-/// [`REFRESH_SECONDS`] and swaps in the new `main`, so charts grow in place (no reload, no lost
-/// scroll), counting the swaps in `html[data-refreshes]`; it stops once the page it fetched is
-/// no longer live. Without scripts, a meta refresh.
+/// While a page is live (`main[data-live]`), its script asks for the page again every
+/// [`REFRESH_SECONDS`], counting the asks in `html[data-polls]`. A job's page carries its
+/// version (`main[data-etag]`, [`job_etag`]) and is asked for with `If-None-Match`: until a probe
+/// finishes or the state changes the answer is a bodiless 304, and the elapsed time
+/// (`[data-elapsed]`) counts on in the browser. A new version's `main` is swapped in place (no
+/// reload, no lost scroll), counting the swaps in `html[data-refreshes]`; polling stops once
+/// the page is no longer live. Without scripts, a meta refresh.
 const LIVE_SCRIPT: &str = r#"
 (function () {
   const main = document.querySelector("main");
   if (!main || !main.dataset.live) return;
   const every = 1000 * Number(main.dataset.live);
+  const root = document.documentElement;
+  const count = (name) => { root.dataset[name] = String(Number(root.dataset[name] || 0) + 1); };
+  const took = (s) => s < 60 ? s.toFixed(1) + " s"
+    : Math.floor(s / 60) + " min " + String(Math.floor(s % 60)).padStart(2, "0") + " s";
+  let shown = performance.now();
+  const clock = setInterval(() => {
+    const since = (performance.now() - shown) / 1000;
+    for (const e of main.querySelectorAll("[data-elapsed]")) e.textContent = took(Number(e.dataset.elapsed) + since);
+  }, 1000);
   const tick = async () => {
     try {
-      const response = await fetch(location.href, { headers: { Accept: "text/html" }, cache: "no-store" });
-      if (response.ok) {
+      const headers = { Accept: "text/html" };
+      if (main.dataset.etag) headers["If-None-Match"] = main.dataset.etag;
+      const response = await fetch(location.href, { headers, cache: "no-store" });
+      count("polls");
+      if (response.status === 200) {
         const page = new DOMParser().parseFromString(await response.text(), "text/html");
         const fresh = page.querySelector("main");
         if (fresh) {
           main.innerHTML = fresh.innerHTML;
-          const root = document.documentElement;
-          root.dataset.refreshes = String(Number(root.dataset.refreshes || 0) + 1);
-          if (!fresh.dataset.live) { delete main.dataset.live; return; }
+          main.dataset.etag = fresh.dataset.etag || "";
+          shown = performance.now();
+          count("refreshes");
+          if (!fresh.dataset.live) { delete main.dataset.live; clearInterval(clock); return; }
         }
       }
     } catch (e) { /* the service restarting: try again */ }
@@ -92,7 +108,8 @@ pub fn wants_html(headers: &HeaderMap) -> bool {
     }
 }
 
-fn page(title: &str, refresh: bool, body: Markup) -> Markup {
+/// A page; a live one (`refresh`) polls, and one with a version (`etag`) is asked for with it.
+fn page(title: &str, refresh: bool, etag: Option<&str>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -106,7 +123,7 @@ fn page(title: &str, refresh: bool, body: Markup) -> Markup {
             body {
                 header { a href="/" { "headroom" } " · the largest batch each device holds" }
                 @if refresh {
-                    main data-live=(REFRESH_SECONDS) { (body) }
+                    main data-live=(REFRESH_SECONDS) data-etag=[etag] { (body) }
                     script { (PreEscaped(LIVE_SCRIPT)) }
                 } @else {
                     main { (body) }
@@ -179,6 +196,7 @@ pub async fn home(State(state): State<Arc<AppState>>) -> Result<Markup, Problem>
     Ok(page(
         "status",
         running,
+        None,
         html! {
             h1 { "Devices" }
             (devices_table(&devices))
@@ -208,13 +226,18 @@ fn when(rfc3339: &str) -> String {
     )
 }
 
-/// How long from `start` to `end` (RFC 3339 times): `3.8 s`, `2 min 05 s`.
-fn took(start: &str, end: &str) -> String {
+/// Seconds from `start` to `end` (RFC 3339 times), if both read.
+fn seconds_between(start: &str, end: &str) -> Option<f64> {
     let parse = |t: &str| OffsetDateTime::parse(t, &Rfc3339).ok();
-    let Some(seconds) = parse(start)
+    parse(start)
         .zip(parse(end))
         .map(|(a, b)| (b - a).as_seconds_f64().max(0.0))
-    else {
+}
+
+/// How long from `start` to `end` (RFC 3339 times): `3.8 s`, `2 min 05 s` (the page's script
+/// writes the same).
+fn took(start: &str, end: &str) -> String {
+    let Some(seconds) = seconds_between(start, end) else {
         return "?".into();
     };
     if seconds < 60.0 {
@@ -229,13 +252,17 @@ fn took(start: &str, end: &str) -> String {
 }
 
 /// Where a running job is: its probes so far, the largest size that fitted and the smallest
-/// that did not, and how long it has run (or waited).
-fn progress(document: &JobDocument) -> String {
+/// that did not, and how long it has run (or waited), the browser counting on from there.
+fn progress(document: &JobDocument) -> Markup {
     let now = OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_default();
+    let elapsed = |since: &str| {
+        let seconds = seconds_between(since, &now).unwrap_or(0.0);
+        html! { span data-elapsed=(format!("{seconds:.1}")) { (took(since, &now)) } }
+    };
     let Some(started) = &document.started_at else {
-        return format!("Queued for {}.", took(&document.created_at, &now));
+        return html! { "Queued for " (elapsed(&document.created_at)) "." };
     };
     let probes = &document.progress.probes;
     let largest_fit = probes
@@ -248,18 +275,24 @@ fn progress(document: &JobDocument) -> String {
         .filter(|p| p.outcome == Outcome::Oom)
         .map(|p| p.batch_size)
         .min();
-    let mut line = format!(
-        "Running for {}: {} probe(s)",
-        took(started, &now),
-        probes.len()
-    );
-    if let Some(fit) = largest_fit {
-        line += &format!(", the largest fit {fit}");
+    html! {
+        "Running for " (elapsed(started)) ": " (probes.len()) " probe(s)"
+        @if let Some(fit) = largest_fit { ", the largest fit " (fit) }
+        @if let Some(oom) = smallest_oom { ", out of memory from " (oom) }
+        "."
     }
-    if let Some(oom) = smallest_oom {
-        line += &format!(", out of memory from {oom}");
-    }
-    line + "."
+}
+
+/// The version of a job's page: it changes when the job's state does or a probe finishes (and
+/// with the build, whose pages may differ). The elapsed time is not in it: the browser counts it.
+pub fn job_etag(document: &JobDocument) -> String {
+    format!(
+        "W/\"{}-{}-{}-{}\"",
+        env!("CARGO_PKG_VERSION"),
+        env!("HEADROOM_REVISION"),
+        document.state.label(),
+        document.progress.probes.len()
+    )
 }
 
 /// Probes in order of batch size, each with its place in the search (from 1).
@@ -279,6 +312,7 @@ pub fn missing_page(detail: &str) -> Response {
     let body = page(
         "not found",
         false,
+        None,
         html! {
             h1 { "Not found" }
             p { (detail) }
@@ -300,6 +334,7 @@ pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
     page(
         &format!("job {}", &document.id[..8]),
         running,
+        Some(&job_etag(document)),
         html! {
             h1 { "Job " (document.id) " " (state_badge(document.state)) }
             @if !document.model.is_empty() { p id="model" { (document.model) } }

@@ -142,12 +142,15 @@ pub struct Conv2d {
     #[schema(minimum = 1, maximum = 4294967296_u64)]
     kernel_size: u64,
     /// Step between applications.
+    #[serde(default)]
     #[schema(default = 1, minimum = 1, maximum = 4294967296_u64)]
     stride: u64,
     /// Zeros added on every side.
+    #[serde(default)]
     #[schema(default = 0, maximum = 4294967296_u64)]
     padding: u64,
     /// Whether a bias is learnt.
+    #[serde(default)]
     #[schema(default = true)]
     bias: bool,
 }
@@ -163,6 +166,7 @@ pub struct Pool2d {
     #[schema(minimum = 1, maximum = 4294967296_u64)]
     stride: Option<u64>,
     /// Padding on every side, at most half the kernel.
+    #[serde(default)]
     #[schema(default = 0)]
     padding: u64,
 }
@@ -171,6 +175,7 @@ pub struct Pool2d {
 #[derive(Serialize, ToSchema)]
 pub struct BatchNorm2d {
     /// Whether a scale and shift are learnt.
+    #[serde(default)]
     #[schema(default = true)]
     affine: bool,
 }
@@ -179,6 +184,7 @@ pub struct BatchNorm2d {
 #[derive(Serialize, ToSchema)]
 pub struct Dropout {
     /// Probability of zeroing each value, in [0, 1).
+    #[serde(default)]
     #[schema(default = 0.5, minimum = 0.0, exclusive_maximum = 1.0)]
     p: f64,
 }
@@ -190,6 +196,7 @@ pub struct Linear {
     #[schema(minimum = 1, maximum = 4294967296_u64)]
     out_features: u64,
     /// Whether a bias is learnt.
+    #[serde(default)]
     #[schema(default = true)]
     bias: bool,
 }
@@ -265,8 +272,9 @@ pub struct SearchSpec {
     /// Training steps run per probe.
     #[schema(minimum = 1, maximum = 1000)]
     steps_per_probe: u32,
-    /// A probe keeps stepping (up to 64 steps timed) until its timed steps add up to this many
-    /// seconds: a step of a small batch is too short to time alone. 0 turns it off (0.05).
+    /// A probe of two steps or more keeps stepping (up to 64 steps timed) until its timed steps
+    /// add up to this many seconds: a step of a small batch is too short to time alone. 0 turns
+    /// it off (0.05).
     #[schema(minimum = 0.0, maximum = 10.0)]
     min_timed_seconds: f64,
     /// Where the first probe goes.

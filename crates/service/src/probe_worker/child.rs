@@ -11,10 +11,11 @@ use std::sync::{mpsc, Arc};
 use super::protocol::{receive, send, Event, Request};
 use headroom_devices::cuda;
 use headroom_devices::select::{self, DeviceSpec};
-use headroom_engine::device::{Device, DeviceError, DeviceInfo, StepReport, Steps};
+use headroom_engine::device::{Device, DeviceError, DeviceInfo, StepReport};
 use headroom_engine::job::Job;
 use headroom_engine::plan::Plan;
 use headroom_engine::search::{tune, TuneError};
+use headroom_engine::step::Steps;
 
 /// How a worker ended, as its exit code says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
