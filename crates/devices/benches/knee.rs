@@ -3,7 +3,8 @@
 //! recommended batch. The knee should land within one probe step (a factor of two, doubling's
 //! step) of its median in at least 9 of 10 runs on a quiet machine.
 //! Run: `cargo bench --bench knee [-- FILTER]`; `RUNS=N` changes the count, `STEPS=N` the
-//! examples' `steps_per_probe`, `TOLERANCE=F` their `knee_tolerance`, and `CURVES=FILE` appends every run's throughput curve to FILE
+//! examples' `steps_per_probe`, `TOLERANCE=F` their `knee_tolerance`, `PROBES=N` their
+//! `throughput_probes`, and `CURVES=FILE` appends every run's throughput curve to FILE
 //! (JSON lines: example, knee, interval, points), to try other knee rules on the same data.
 
 use std::ops::ControlFlow;
@@ -38,6 +39,12 @@ fn main() {
             .and_then(|t| t.parse::<f64>().ok())
         {
             spec["search"]["knee_tolerance"] = tolerance.into();
+        }
+        if let Some(probes) = std::env::var("PROBES")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            spec["search"]["throughput_probes"] = probes.into();
         }
         let job = Job::from_value(spec).unwrap();
         let (mut knees, mut maxes, mut recommended, mut undecided) = (vec![], vec![], vec![], 0);
