@@ -495,6 +495,16 @@ struct Dropped {
 }
 
 impl Dropped {
+    /// Dropout of probability `p` over `elements` values stored as `storage`: its output, then
+    /// its one-byte mask.
+    fn allocate(b: &mut Builder, elements: u64, storage: Storage, p: f32) -> Dropped {
+        Dropped {
+            output: b.value(Part::Activations, elements, storage),
+            mask: b.alloc(Part::Activations, elements, Element::Mask),
+            p,
+        }
+    }
+
     /// Dropout of `activated` (`len` values) after hidden layer `layer`, its masks drawn from
     /// `seed`.
     fn forward(&self, activated: Slot, seed: u64, layer: usize, len: u64) -> Instr {
@@ -697,11 +707,10 @@ impl Plan {
                 b.value(Part::Activations, elements, compute),
                 b.value(Part::Activations, elements, compute),
             ));
-            dropped.push(self.dropout_after(i).map(|p| Dropped {
-                output: b.value(Part::Activations, elements, compute),
-                mask: b.alloc(Part::Activations, elements, Element::Mask),
-                p,
-            }));
+            dropped.push(
+                self.dropout_after(i)
+                    .map(|p| Dropped::allocate(&mut b, elements, compute, p)),
+            );
         }
         let classes = self.num_classes();
         let logits = b.value(Part::Activations, per_row(classes)?, compute);
@@ -932,11 +941,9 @@ impl Plan {
             }
             // Dropout (`native_dropout`, as PyTorch runs it on a GPU) writes its output, then a
             // one-byte mask, and saves only the mask: gelu's output goes once it is read.
-            let d = self.dropout_after(i).map(|p| Dropped {
-                output: b.value(Part::Activations, rows * layer.outputs, compute),
-                mask: b.alloc(Part::Activations, rows * layer.outputs, Element::Mask),
-                p,
-            });
+            let d = self
+                .dropout_after(i)
+                .map(|p| Dropped::allocate(&mut b, rows * layer.outputs, compute, p));
             if let Some(d) = d {
                 b.push(d.forward(activated, seed, i, rows * layer.outputs));
                 if self.activation == Activation::Gelu {
