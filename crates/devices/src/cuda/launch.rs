@@ -1,8 +1,8 @@
 //! The launchers: [`Kernels`] on the GPU, one section per kernel family in `kernels/`, with the
 //! launch shapes of [`super::shapes`]. Every launch goes through [`launch!`], and every buffer
-//! argument through [`holds`], [`holds_mut`] or [`labels_up_to`], which check in debug builds
-//! that the buffer has every element the launch addresses. Values live in [`DeviceValues`]:
-//! bytes and their storage, whose code every kernel takes.
+//! argument through [`holds`], [`holds_mut`], [`elements_up_to`] or [`elements_up_to_mut`],
+//! which check in debug builds that the buffer has every element the launch addresses. Values
+//! live in [`DeviceValues`]: bytes and their storage, whose code every kernel takes.
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
@@ -75,7 +75,7 @@ fn holds_mut(buffer: &mut DeviceValues, len: u64) -> &mut CudaSlice<u8> {
 }
 
 /// A label or mask buffer, which a launch reads up to element `len`.
-fn labels_up_to<T>(buffer: &CudaSlice<T>, len: u64) -> &CudaSlice<T> {
+fn elements_up_to<T>(buffer: &CudaSlice<T>, len: u64) -> &CudaSlice<T> {
     debug_assert!(
         len <= buffer.len() as u64,
         "a launch addresses {len} elements of {}",
@@ -85,7 +85,7 @@ fn labels_up_to<T>(buffer: &CudaSlice<T>, len: u64) -> &CudaSlice<T> {
 }
 
 /// A label or mask buffer, which a launch writes up to element `len`.
-fn labels_up_to_mut<T>(buffer: &mut CudaSlice<T>, len: u64) -> &mut CudaSlice<T> {
+fn elements_up_to_mut<T>(buffer: &mut CudaSlice<T>, len: u64) -> &mut CudaSlice<T> {
     debug_assert!(
         len <= buffer.len() as u64,
         "a launch addresses {len} elements of {}",
@@ -213,11 +213,11 @@ impl Transfer for CudaDevice {
     }
 
     fn read_u32(&mut self, buffer: &CudaSlice<u32>, len: u64) -> Result<Vec<u32>, DeviceError> {
-        self.download(labels_up_to(buffer, len), len as usize)
+        self.download(elements_up_to(buffer, len), len as usize)
     }
 
     fn read_mask(&mut self, buffer: &CudaSlice<u8>, len: u64) -> Result<Vec<u8>, DeviceError> {
-        self.download(labels_up_to(buffer, len), len as usize)
+        self.download(elements_up_to(buffer, len), len as usize)
     }
 
     fn write_values(
@@ -326,7 +326,7 @@ impl Kernels for CudaDevice {
         let (r, f, c) = (rows as i64, features as i64, classes as i64);
         let storage = inputs.storage.code();
         launch!(self, Kernel::FillLabels, shapes::elementwise(rows);
-            labels_up_to(labels, rows), holds(inputs, rows * features), &r, &f, &c, &storage)
+            elements_up_to(labels, rows), holds(inputs, rows * features), &r, &f, &c, &storage)
     }
 
     // ---- dropout.cu ----------------------------------------------------------------------------
@@ -343,7 +343,7 @@ impl Kernels for CudaDevice {
         let (n, storage) = (len as i64, y.storage.code());
         let (threshold, scale) = (synthetic::keep_threshold(p), synthetic::dropout_scale(p));
         launch!(self, Kernel::DropoutForward, shapes::elementwise(len);
-            holds(x, len), labels_up_to_mut(mask, len), holds_mut(y, len), &n, &threshold, &scale,
+            holds(x, len), elements_up_to_mut(mask, len), holds_mut(y, len), &n, &threshold, &scale,
             &key, &storage)
     }
 
@@ -357,7 +357,7 @@ impl Kernels for CudaDevice {
         let (n, storage) = (len as i64, grad.storage.code());
         let scale = synthetic::dropout_scale(p);
         launch!(self, Kernel::DropoutBackward, shapes::elementwise(len);
-            holds_mut(grad, len), labels_up_to(mask, len), &n, &scale, &storage)
+            holds_mut(grad, len), elements_up_to(mask, len), &n, &scale, &storage)
     }
 
     // ---- gemm.cu -------------------------------------------------------------------------------
@@ -523,7 +523,7 @@ impl Kernels for CudaDevice {
         let (r, c, inv_rows) = (rows as i64, classes as i64, 1.0f32 / rows as f32);
         let storage = logits.storage.code();
         launch!(self, Kernel::SoftmaxCrossEntropy, shapes::softmax_cross_entropy(rows);
-            holds_mut(logits, rows * classes), labels_up_to(labels, rows), holds_mut(row_loss, rows),
+            holds_mut(logits, rows * classes), elements_up_to(labels, rows), holds_mut(row_loss, rows),
             &r, &c, &inv_rows, &storage)
     }
 
