@@ -25,20 +25,22 @@ __device__ __forceinline__ float activation_derivative(int activation, float x) 
     return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBIC * x * x);
 }
 
-// pre[i, j] += bias[j]
-extern "C" __global__ void bias_add(void* pre, const void* bias, long long rows, long long cols, int storage) {
-    const long long n = rows * cols;
+// pre[i, j, k] += bias[j], over rows x cols x spatial (a linear layer's spatial is 1, a
+// convolution's its output height x width)
+extern "C" __global__ void bias_add(void* pre, const void* bias, long long rows, long long cols, long long spatial,
+                                    int storage) {
+    const long long n = rows * cols * spatial;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        store_value(pre, i, storage, load_value(pre, i, storage) + load_value(bias, i % cols, storage));
+        store_value(pre, i, storage, load_value(pre, i, storage) + load_value(bias, i / spatial % cols, storage));
     }
 }
 
-// pre[i, j] += bias[j]; post[i, j] = activation(pre[i, j]), from the stored (rounded) pre
+// pre[i, j, k] += bias[j]; post[i, j, k] = activation(pre[i, j, k]), from the stored (rounded) pre
 extern "C" __global__ void bias_activation(void* pre, const void* bias, void* post, long long rows, long long cols,
-                                           int activation, int storage) {
-    const long long n = rows * cols;
+                                           long long spatial, int activation, int storage) {
+    const long long n = rows * cols * spatial;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        store_value(pre, i, storage, load_value(pre, i, storage) + load_value(bias, i % cols, storage));
+        store_value(pre, i, storage, load_value(pre, i, storage) + load_value(bias, i / spatial % cols, storage));
         store_value(post, i, storage, activate(activation, load_value(pre, i, storage)));
     }
 }

@@ -6,6 +6,10 @@
 //   rows_per_chunk rows; partial sums meet in shared memory. With accumulate != 0 they are added
 //   to out with atomicAdd (out f32 and zeroed first); otherwise (one row chunk: grid.x = 1) out
 //   is written, rounded to out_storage. Blocks loop over column tiles past the grid.
+// channel_sum: block (256, 1, 1); grid (min(channels, 65535), 1, 1): a block per channel
+//   (looping past the grid) sums rows x spatial values of an NCHW batch, its threads striding
+//   over them, partial sums added in shared memory as a tree; written rounded to out_storage.
+//   A convolution's bias gradient.
 // mean: block (256, 1, 1); grid (min(ceil(n/256), 4096), 1, 1); grid-stride partial sums,
 //   a block reduction in shared memory, then atomicAdd(out, sum / n): out must be zeroed first.
 // nonfinite: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); any infinity or NaN in the
@@ -33,6 +37,26 @@ extern "C" __global__ void column_sum(const void* in, void* out, long long rows,
             if (accumulate) atomicAdd(&((float*)out)[col], total);
             else store_value(out, col, out_storage, total);
         }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void channel_sum(const void* in, void* out, long long rows, long long channels,
+                                       long long spatial, int in_storage, int out_storage) {
+    __shared__ float partial[256];
+    const long long per_channel = rows * spatial;
+    for (long long c = blockIdx.x; c < channels; c += gridDim.x) {
+        float sum = 0.0f;
+        for (long long p = threadIdx.x; p < per_channel; p += blockDim.x) {
+            sum += load_value(in, ((p / spatial) * channels + c) * spatial + p % spatial, in_storage);
+        }
+        partial[threadIdx.x] = sum;
+        __syncthreads();
+        for (int half = blockDim.x / 2; half > 0; half /= 2) {
+            if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) store_value(out, c, out_storage, partial[0]);
         __syncthreads();
     }
 }

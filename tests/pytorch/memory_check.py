@@ -79,15 +79,29 @@ def layer_list(model_spec):
 
 
 def build(job, device):
-    """The job's MLP and its optimizer (foreach), on `device`, in the job's precision."""
+    """The job's network and its optimizer (foreach), on `device`, in the job's precision."""
     model_spec = job["model"]
     dtype = torch.bfloat16 if job.get("precision") == "bf16-true" else torch.float32
     layers = []
-    width = math.prod(model_spec["input_shape"])
+    shape = list(model_spec["input_shape"])
+    width = math.prod(shape)
     for layer in layer_list(model_spec):
         ((kind, args),) = layer.items()
-        if kind == "flatten":
+        if kind == "conv2d":
+            k, stride, padding = args["kernel_size"], args.get("stride", 1), args.get("padding", 0)
+            layers.append(nn.Conv2d(shape[0], args["out_channels"], k, stride, padding, device=device, dtype=dtype))
+            side = lambda n: (n + 2 * padding - k) // stride + 1
+            shape = [args["out_channels"], side(shape[1]), side(shape[2])]
+        elif kind in ("max_pool2d", "avg_pool2d"):
+            k, padding = args["kernel_size"], args.get("padding", 0)
+            stride = args.get("stride") or k
+            pool = nn.MaxPool2d if kind == "max_pool2d" else nn.AvgPool2d
+            layers.append(pool(k, stride, padding))
+            side = lambda n: (n + 2 * padding - k) // stride + 1
+            shape = [shape[0], side(shape[1]), side(shape[2])]
+        elif kind == "flatten":
             layers.append(nn.Flatten())
+            width = math.prod(shape)
         elif kind == "linear":
             out = args["out_features"]
             layers.append(nn.Linear(width, out, device=device, dtype=dtype))
@@ -98,8 +112,8 @@ def build(job, device):
         elif kind in ACTIVATIONS:
             layers.append(ACTIVATIONS[kind]())
         else:
-            raise SystemExit(f"the memory check builds MLPs; {kind} is not one of their layers")
-    if not isinstance(layers[0], nn.Flatten):
+            raise SystemExit(f"the memory check does not build {kind} layers yet")
+    if isinstance(layers[0], nn.Linear):
         layers.insert(0, nn.Flatten())
     model = nn.Sequential(*layers)
     name = job["optimizer"]["name"]

@@ -46,6 +46,7 @@ fn sources() -> Vec<PathBuf> {
     );
     files.push(root().join("kernels/storage.cuh"));
     files.push(root().join("kernels/synthetic.cuh"));
+    files.push(root().join("kernels/window.cuh"));
     files
 }
 
@@ -54,7 +55,7 @@ fn sources() -> Vec<PathBuf> {
 fn kernel_table() -> String {
     let mut text = String::new();
     let mut entries = Vec::new();
-    for header in ["storage.cuh", "synthetic.cuh"] {
+    for header in ["storage.cuh", "synthetic.cuh", "window.cuh"] {
         let path = root().join("kernels").join(header);
         text.push_str(&format!("#include \"{}\"\n", path.display()));
     }

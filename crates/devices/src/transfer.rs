@@ -15,6 +15,8 @@ pub trait Transfer: Kernels<Error = DeviceError> {
     fn read_u32(&mut self, buffer: &Self::U32, len: u64) -> Result<Vec<u32>, DeviceError>;
     /// The first `len` bytes of a dropout mask.
     fn read_mask(&mut self, buffer: &Self::Mask, len: u64) -> Result<Vec<u8>, DeviceError>;
+    /// The first `len` places of pooling maxima.
+    fn read_index(&mut self, buffer: &Self::Index, len: u64) -> Result<Vec<i64>, DeviceError>;
     /// A new buffer holding `values`, stored (rounded) as `storage`.
     fn write_values(
         &mut self,

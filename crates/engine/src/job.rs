@@ -9,9 +9,9 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{self, LayerError, LayerSpec, Mlp};
+use crate::layers::{self, LayerError, LayerSpec, Network};
 use crate::plan::Framework;
-use crate::plan::{Activation, OptimizerKind, Plan, Precision, Training};
+use crate::plan::{Activation, OptimizerKind, Plan, PoolKind, Precision, Training};
 use crate::result::LimitedBy;
 
 /// Largest accepted `target_batch_size`: far above any recipe's global batch; it bounds the
@@ -318,7 +318,7 @@ where
 impl JobSpec {
     /// Checks the rules the types cannot express and plans the model.
     fn validate(&self) -> Result<Plan, JobError> {
-        let (features, mlp) = self.model.validate()?;
+        let (features, net) = self.model.validate()?;
         if let Some(lr) = self.optimizer.learning_rate {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(JobError::new(
@@ -370,11 +370,12 @@ impl JobSpec {
                 ),
             ));
         }
-        Plan::new(
+        Plan::convolutional(
+            &net.convolutions,
             features,
-            &mlp.hidden,
+            &net.hidden,
             self.model.num_classes,
-            mlp.activation,
+            net.activation,
             Training {
                 optimizer: self.optimizer.name,
                 learning_rate: self.learning_rate(),
@@ -382,7 +383,7 @@ impl JobSpec {
                 framework: self.framework,
             },
         )
-        .map(|plan| plan.with_dropout(&mlp.dropout))
+        .map(|plan| plan.with_dropout(&net.dropout))
         .map_err(|overflow| {
             JobError::new(
                 "model",
@@ -392,14 +393,42 @@ impl JobSpec {
     }
 
     /// One line that tells jobs apart: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`, with
-    /// `dropout 0.2/0` after the activation when a hidden layer has some.
+    /// `dropout 0.2/0` after the activation when a hidden layer has some; a network with
+    /// convolutions is a `CNN`, each written as `conv6k5p2` (channels, kernel, stride when not 1,
+    /// padding when not 0) and its pooling as `max2` or `avg2` (kernel; stride when not the
+    /// kernel).
     pub fn summary(&self) -> String {
         let shape: Vec<String> = self.model.input_shape.iter().map(u64::to_string).collect();
-        let mlp = self.model.mlp().unwrap_or_default();
+        let mlp = self.model.network().unwrap_or_default();
         let widths: Vec<String> = std::iter::once(shape.join("x"))
+            .chain(mlp.convolutions.iter().flat_map(|(conv, pool)| {
+                let mut conv_name = format!("conv{}k{}", conv.out_channels, conv.kernel);
+                if conv.stride != 1 {
+                    conv_name.push_str(&format!("s{}", conv.stride));
+                }
+                if conv.padding != 0 {
+                    conv_name.push_str(&format!("p{}", conv.padding));
+                }
+                let pool_name = pool.map(|pool| {
+                    let kind = match pool.kind {
+                        PoolKind::Max => "max",
+                        PoolKind::Average => "avg",
+                    };
+                    match pool.stride == pool.kernel {
+                        true => format!("{kind}{}", pool.kernel),
+                        false => format!("{kind}{}s{}", pool.kernel, pool.stride),
+                    }
+                });
+                std::iter::once(conv_name).chain(pool_name)
+            }))
             .chain(mlp.hidden.iter().map(u64::to_string))
             .chain([self.model.num_classes.to_string()])
             .collect();
+        let kind = if mlp.convolutions.is_empty() {
+            "MLP"
+        } else {
+            "CNN"
+        };
         let dropout = if mlp.dropout.iter().any(|&p| p > 0.0) {
             let each: Vec<String> = mlp.dropout.iter().map(f32::to_string).collect();
             format!(" dropout {}", each.join("/"))
@@ -407,7 +436,7 @@ impl JobSpec {
             String::new()
         };
         format!(
-            "MLP {} {}{dropout}, {}, {}, {}",
+            "{kind} {} {}{dropout}, {}, {}, {}",
             widths.join("-"),
             serde_name(&mlp.activation),
             serde_name(&self.optimizer.name),
@@ -445,23 +474,23 @@ impl From<LayerError> for JobError {
 }
 
 impl ModelSpec {
-    /// The MLP headroom trains: the shorthand's widths and activation, or those of a layer list
-    /// of linear layers, activations and dropout; an error naming the first layer it cannot
-    /// train.
-    pub fn mlp(&self) -> Result<Mlp, LayerError> {
+    /// The network headroom trains: the shorthand's MLP, or a layer list's convolutions and
+    /// MLP; an error naming the first layer it cannot train.
+    pub fn network(&self) -> Result<Network, LayerError> {
         match &self.layers {
-            None => Ok(Mlp {
+            None => Ok(Network {
                 hidden: self.hidden_layers.clone(),
                 activation: self.activation.unwrap_or_default(),
                 dropout: vec![0.0; self.hidden_layers.len()],
+                ..Network::default()
             }),
-            Some(list) => LayerSpec::as_mlp(list, "model.layers").map(|(mlp, _)| mlp),
+            Some(list) => LayerSpec::as_network(list, &self.input_shape, "model.layers"),
         }
     }
 
     /// Checks every width, and a layer list's every shape; returns the number of input features
-    /// and the MLP to train.
-    fn validate(&self) -> Result<(u64, Mlp), JobError> {
+    /// and the network to train.
+    fn validate(&self) -> Result<(u64, Network), JobError> {
         if self.input_shape.is_empty() {
             return Err(JobError::new(
                 "model.input_shape",
@@ -481,9 +510,9 @@ impl ModelSpec {
                 "must be at least 2 for a softmax cross-entropy loss",
             ));
         }
-        let mlp = match &self.layers {
+        let net = match &self.layers {
             Some(list) => self.validate_layers(list)?,
-            None => self.mlp()?,
+            None => self.network()?,
         };
         let features = self
             .input_shape
@@ -496,13 +525,13 @@ impl ModelSpec {
                     format!("the flattened input must have at most {MAX_DIMENSION} features"),
                 )
             })?;
-        Ok((features, mlp))
+        Ok((features, net))
     }
 
     /// A layer list: not beside the shorthand's fields, every shape checked, the logits
     /// `num_classes` wide, and a model headroom can train (the error then says what it read);
-    /// returns the MLP it trains.
-    fn validate_layers(&self, list: &[LayerSpec]) -> Result<Mlp, JobError> {
+    /// returns the network it trains.
+    fn validate_layers(&self, list: &[LayerSpec]) -> Result<Network, JobError> {
         let shorthand = if !self.hidden_layers.is_empty() {
             Some("model.hidden_layers")
         } else {
@@ -526,7 +555,7 @@ impl ModelSpec {
                 ),
             ));
         }
-        let (mlp, _) = LayerSpec::as_mlp(list, "model.layers").map_err(|e| {
+        LayerSpec::as_network(list, &self.input_shape, "model.layers").map_err(|e| {
             JobError::new(
                 e.field,
                 format!(
@@ -534,8 +563,7 @@ impl ModelSpec {
                     e.reason, walked.layers, walked.parameters
                 ),
             )
-        })?;
-        Ok(mlp)
+        })
     }
 }
 
@@ -738,18 +766,28 @@ mod tests {
     }
 
     #[test]
-    fn an_image_model_is_read_checked_and_refused_by_the_layer_it_cannot_train() {
+    fn an_image_model_is_read_checked_and_trained_or_refused_by_the_layer_it_cannot_train() {
         let lenet = r#"{"model": {"input_shape": [1, 28, 28], "num_classes": 10, "layers": [
             {"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}, {"relu": {}},
             {"max_pool2d": {"kernel_size": 2}}, {"conv2d": {"out_channels": 16, "kernel_size": 5}},
             {"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten": {}},
             {"linear": {"out_features": 120}}, {"relu": {}}, {"linear": {"out_features": 84}},
             {"relu": {}}, {"linear": {"out_features": 10}}]}, "optimizer": {"name": "sgd"}}"#;
-        let error = Job::from_json(lenet).unwrap_err();
-        assert_eq!(error.field, "model.layers[0]");
+        let job = Job::from_json(lenet).unwrap();
+        assert_eq!(job.plan().parameter_count(), 61706);
+        assert_eq!(
+            job.summary(),
+            "CNN 1x28x28-conv6k5p2-max2-conv16k5-max2-120-84-10 relu, sgd, 32-true, pytorch"
+        );
+        let normed = lenet.replace(
+            r#"{"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
+            r#"{"batch_norm2d": {}}, {"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
+        );
+        let error = Job::from_json(&normed).unwrap_err();
+        assert_eq!(error.field, "model.layers[4]");
         assert!(
-            error.reason.contains("`conv2d` is read and checked")
-                && error.reason.contains("12 layers, 61706 parameters"),
+            error.reason.contains("`batch_norm2d` is read and checked")
+                && error.reason.contains("13 layers, 61738 parameters"),
             "{error}"
         );
         let wrong_classes = lenet.replace(r#""num_classes": 10"#, r#""num_classes": 12"#);

@@ -5,13 +5,15 @@
 //!
 //! [`walk`] checks every layer's shape against what reaches it (naming the layer's index and
 //! field when it cannot apply) and counts the parameters as PyTorch's `sum(p.numel())` does. A
-//! list of `flatten`, `linear`, one kind of activation and `dropout` after it is an MLP, which
-//! headroom trains ([`LayerSpec::as_mlp`]); convolution, pooling, batch norm and residual blocks
-//! are read and checked, and refused for training until their kernels land.
+//! list of convolutions (each with the activation and maybe max or average pooling after it),
+//! `flatten`, then `linear` layers, one kind of activation and `dropout` after it is a network
+//! headroom trains ([`LayerSpec::as_network`]); batch norm, global average pooling and residual
+//! blocks are read and checked, and refused for training until their kernels land.
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::Activation;
+use crate::plan::image::window_count as window_output;
+use crate::plan::{Activation, Convolution, PoolKind, Pooling};
 
 /// The most layers a list may hold, residual blocks' own counted: deeper than any ResNet.
 pub const MAX_LAYERS: usize = 1000;
@@ -190,18 +192,28 @@ impl LayerSpec {
         }
     }
 
-    /// The MLP a list of `flatten`, `linear` (with bias), one kind of activation and `dropout`
-    /// after an activation describes, and the width it ends with; otherwise the path of the
-    /// first layer headroom cannot train yet, and why.
-    pub fn as_mlp(layers: &[LayerSpec], path: &str) -> Result<(Mlp, u64), LayerError> {
-        let mut mlp = Mlp::default();
+    /// The network a list describes: convolutions (with bias), each followed by the activation
+    /// and at most one max or average pooling, then `flatten` and the MLP of `linear` layers
+    /// (with bias), the activation and `dropout` after it; one kind of activation throughout.
+    /// Otherwise the path of the first layer headroom cannot train yet, and why. `input` is a
+    /// sample's shape; the list has been walked ([`walk`]).
+    pub fn as_network(
+        layers: &[LayerSpec],
+        input: &[u64],
+        path: &str,
+    ) -> Result<Network, LayerError> {
+        let mut net = Network::default();
         let mut widths = Vec::new();
         let mut activation: Option<(Activation, usize)> = None;
-        // What the last layer read was: a linear layer's output, its activation, or the
-        // dropout after that.
-        #[derive(PartialEq)]
+        let mut shape = input.to_vec();
+        // What the last layer read was.
+        #[derive(PartialEq, Clone, Copy)]
         enum After {
             Start,
+            Conv,
+            ConvActivation,
+            Pool,
+            Flat,
             Linear,
             Activation,
             Dropout,
@@ -209,14 +221,79 @@ impl LayerSpec {
         let mut after = After::Start;
         for (i, layer) in layers.iter().enumerate() {
             let at = format!("{path}[{i}]");
+            let in_features = matches!(after, After::Start | After::ConvActivation | After::Pool);
             let kind = match layer {
-                LayerSpec::Flatten(_) if after == After::Start => continue,
+                LayerSpec::Conv2d(conv) if conv.bias && in_features => {
+                    let [in_channels, height, width] = image(&shape, &at, layer)?;
+                    let conv = Convolution {
+                        in_channels,
+                        height,
+                        width,
+                        out_channels: conv.out_channels,
+                        kernel: conv.kernel_size,
+                        stride: conv.stride,
+                        padding: conv.padding,
+                    };
+                    shape = vec![conv.out_channels, conv.out_height(), conv.out_width()];
+                    product(&shape, &at)?;
+                    net.convolutions.push((conv, None));
+                    after = After::Conv;
+                    continue;
+                }
+                LayerSpec::Conv2d(conv) if !conv.bias => {
+                    return Err(LayerError::new(
+                        format!("{at}.conv2d.bias"),
+                        "a convolution without bias is not trained by headroom yet",
+                    ))
+                }
+                LayerSpec::Conv2d(_) => {
+                    return Err(LayerError::new(
+                        at,
+                        "headroom trains a convolution at the start of the list or after the \
+                         activation (and pooling) of another: conv2d, activation, pooling",
+                    ))
+                }
+                LayerSpec::MaxPool2d(pool) | LayerSpec::AvgPool2d(pool)
+                    if after == After::ConvActivation =>
+                {
+                    let [channels, height, width] = image(&shape, &at, layer)?;
+                    let pooling = Pooling {
+                        kind: match layer {
+                            LayerSpec::MaxPool2d(_) => PoolKind::Max,
+                            _ => PoolKind::Average,
+                        },
+                        channels,
+                        height,
+                        width,
+                        kernel: pool.kernel_size,
+                        stride: pool.stride.unwrap_or(pool.kernel_size),
+                        padding: pool.padding,
+                    };
+                    shape = vec![channels, pooling.out_height(), pooling.out_width()];
+                    if let Some((_, pooled)) = net.convolutions.last_mut() {
+                        *pooled = Some(pooling);
+                    }
+                    after = After::Pool;
+                    continue;
+                }
+                LayerSpec::MaxPool2d(_) | LayerSpec::AvgPool2d(_) => {
+                    return Err(LayerError::new(
+                        at,
+                        "headroom pools right after a convolution's activation, once: conv2d, \
+                         activation, pooling",
+                    ))
+                }
+                LayerSpec::Flatten(_) if in_features => {
+                    shape = vec![product(&shape, &at)?];
+                    after = After::Flat;
+                    continue;
+                }
                 LayerSpec::Linear(linear) if linear.bias => {
                     if after == After::Linear {
                         return Err(LayerError::new(at, "two linear layers in a row: headroom's MLP puts an activation between them"));
                     }
                     if after == After::Activation {
-                        mlp.dropout.push(0.0);
+                        net.dropout.push(0.0);
                     }
                     widths.push(linear.out_features);
                     after = After::Linear;
@@ -229,7 +306,7 @@ impl LayerSpec {
                     ))
                 }
                 LayerSpec::Dropout(dropout) if after == After::Activation => {
-                    mlp.dropout.push(dropout.p as f32);
+                    net.dropout.push(dropout.p as f32);
                     after = After::Dropout;
                     continue;
                 }
@@ -245,49 +322,54 @@ impl LayerSpec {
                 LayerSpec::Tanh(_) => Activation::Tanh,
                 other => return Err(not_trained_yet(&at, other)),
             };
-            if after != After::Linear {
-                return Err(LayerError::new(
-                    at,
-                    "headroom's MLP applies an activation only after a linear layer, once",
-                ));
-            }
+            after =
+                match after {
+                    After::Linear => After::Activation,
+                    After::Conv => After::ConvActivation,
+                    _ => return Err(LayerError::new(
+                        at,
+                        "headroom applies an activation only after a linear or conv2d layer, once",
+                    )),
+                };
             match activation {
                 Some((first, first_at)) if first != kind => {
                     return Err(LayerError::new(
                         at,
                         format!(
-                            "headroom's MLP uses one activation throughout, and {path}[{first_at}] is {}",
+                            "headroom uses one activation throughout, and {path}[{first_at}] is {}",
                             LayerSpec::name(&layers[first_at])
                         ),
                     ))
                 }
                 _ => activation = activation.or(Some((kind, i))),
             }
-            after = After::Activation;
         }
         if after != After::Linear {
             return Err(LayerError::new(
                 format!("{path}[{}]", layers.len() - 1),
-                "the list must end with the linear layer that writes the logits, not an activation \
-                 or dropout",
+                "the list must end with the linear layer that writes the logits, not an activation, \
+                 dropout, convolution or pooling",
             ));
         }
-        let classes = widths
+        widths
             .pop()
             .ok_or_else(|| LayerError::new(path, "needs a linear layer to write the logits"))?;
-        mlp.hidden = widths;
-        mlp.activation = activation.map_or(Activation::default(), |(a, _)| a);
-        Ok((mlp, classes))
+        net.hidden = widths;
+        net.activation = activation.map_or(Activation::default(), |(a, _)| a);
+        Ok(net)
     }
 }
 
-/// The MLP headroom trains: the widths of its hidden layers, the activation after each, and the
-/// dropout after each activation.
+/// The network headroom trains: convolutions (each followed by the activation and maybe a
+/// pooling), then an MLP over their flattened output: the widths of its hidden layers, the
+/// activation after each, and the dropout after each activation.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Mlp {
-    /// Widths of the hidden layers.
+pub struct Network {
+    /// The convolutions, input side first, each with the pooling after its activation.
+    pub convolutions: Vec<(Convolution, Option<Pooling>)>,
+    /// Widths of the MLP's hidden layers.
     pub hidden: Vec<u64>,
-    /// The activation after each hidden layer.
+    /// The activation after each convolution and hidden layer.
     pub activation: Activation,
     /// The probability of dropout after each hidden layer's activation (0: none), one per
     /// hidden layer.
@@ -299,7 +381,8 @@ fn not_trained_yet(at: &str, layer: &LayerSpec) -> LayerError {
         at,
         format!(
             "`{}` is read and checked, but headroom has no kernels to train it yet: today a layer \
-             list may hold flatten, linear, one of relu, gelu or tanh, and dropout after it",
+             list may hold conv2d, max_pool2d and avg_pool2d, flatten, linear, one of relu, gelu \
+             or tanh, and dropout after a linear layer's activation",
             layer.name()
         ),
     )
@@ -496,13 +579,6 @@ fn shortcut(input: &[u64], output: &[u64], at: &str) -> Result<u64, LayerError> 
         )
     })?;
     checked_add(product(&[c_in, c_out], at)?, 2 * c_out, at)
-}
-
-/// `(size + 2 padding - kernel) / stride + 1`, or `None` when the kernel is larger than the
-/// padded input.
-fn window_output(size: u64, kernel: u64, stride: u64, padding: u64) -> Option<u64> {
-    let padded = size.checked_add(padding.checked_mul(2)?)?;
-    (kernel <= padded && stride > 0).then(|| (padded - kernel) / stride + 1)
 }
 
 fn image(shape: &[u64], at: &str, layer: &LayerSpec) -> Result<[u64; 3], LayerError> {
@@ -706,26 +782,22 @@ mod tests {
                 {"linear": {"out_features": 64}}, {"gelu": {}}, {"linear": {"out_features": 10}}]"#,
         );
         assert_eq!(
-            LayerSpec::as_mlp(&mlp, "model.layers").unwrap(),
-            (
-                Mlp {
-                    hidden: vec![128, 64],
-                    activation: Activation::Gelu,
-                    dropout: vec![0.0, 0.0],
-                },
-                10
-            )
+            LayerSpec::as_network(&mlp, &[1, 28, 28], "model.layers").unwrap(),
+            Network {
+                convolutions: vec![],
+                hidden: vec![128, 64],
+                activation: Activation::Gelu,
+                dropout: vec![0.0, 0.0],
+            }
         );
         let mixed = layers(
             r#"[{"linear": {"out_features": 8}}, {"relu": {}}, {"linear": {"out_features": 8}}, {"tanh": {}}, {"linear": {"out_features": 2}}]"#,
         );
-        let e = LayerSpec::as_mlp(&mixed, "model.layers").unwrap_err();
+        let e = LayerSpec::as_network(&mixed, &[4], "model.layers").unwrap_err();
         assert_eq!(e.field, "model.layers[3]");
-        let e = LayerSpec::as_mlp(&lenet5(), "model.layers").unwrap_err();
-        assert_eq!(e.field, "model.layers[0]");
-        assert!(e.reason.contains("`conv2d` is read and checked"), "{e:?}");
-        let e = LayerSpec::as_mlp(
+        let e = LayerSpec::as_network(
             &layers(r#"[{"linear": {"out_features": 8}}, {"relu": {}}]"#),
+            &[4],
             "model.layers",
         )
         .unwrap_err();
@@ -734,17 +806,18 @@ mod tests {
 
     #[test]
     fn dropout_after_an_activation_is_the_mlp_s_and_nowhere_else() {
-        let (mlp, classes) = LayerSpec::as_mlp(
+        let mlp = LayerSpec::as_network(
             &layers(
                 r#"[{"flatten": {}}, {"linear": {"out_features": 512}}, {"relu": {}},
                     {"dropout": {"p": 0.2}}, {"linear": {"out_features": 256}}, {"relu": {}},
                     {"linear": {"out_features": 64}}, {"relu": {}}, {"dropout": {}},
                     {"linear": {"out_features": 10}}]"#,
             ),
+            &[1, 28, 28],
             "model.layers",
         )
         .unwrap();
-        assert_eq!((mlp.hidden, classes), (vec![512, 256, 64], 10));
+        assert_eq!(mlp.hidden, [512, 256, 64]);
         assert_eq!(mlp.dropout, [0.2, 0.0, 0.5]);
         for (list, at) in [
             (
@@ -764,8 +837,84 @@ mod tests {
                 "model.layers[3]",
             ),
         ] {
-            let e = LayerSpec::as_mlp(&layers(list), "model.layers").unwrap_err();
+            let e = LayerSpec::as_network(&layers(list), &[4], "model.layers").unwrap_err();
             assert_eq!(e.field, at, "{list}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn lenet5_lowers_to_two_pooled_convolutions_and_an_mlp() {
+        let net = LayerSpec::as_network(&lenet5(), &[1, 28, 28], "model.layers").unwrap();
+        let conv = |in_channels, height, out_channels, padding| Convolution {
+            in_channels,
+            height,
+            width: height,
+            out_channels,
+            kernel: 5,
+            stride: 1,
+            padding,
+        };
+        let pool = |channels, height| Pooling {
+            kind: PoolKind::Average,
+            channels,
+            height,
+            width: height,
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+        };
+        assert_eq!(
+            net.convolutions,
+            [
+                (conv(1, 28, 6, 2), Some(pool(6, 28))),
+                (conv(6, 14, 16, 0), Some(pool(16, 10)))
+            ]
+        );
+        assert_eq!(
+            (net.hidden, net.activation),
+            (vec![120, 84], Activation::Relu)
+        );
+        // What a convolutional list may not do yet, or ever, each named by its index.
+        for (list, at, says) in [
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"conv2d": {"out_channels": 2, "kernel_size": 3}}]"#,
+                "model.layers[1]",
+                "after the activation",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"max_pool2d": {"kernel_size": 2}}]"#,
+                "model.layers[1]",
+                "right after a convolution's activation",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3, "bias": false}}]"#,
+                "model.layers[0].conv2d.bias",
+                "without bias",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}, {"dropout": {}}]"#,
+                "model.layers[2]",
+                "dropout",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"tanh": {}}, {"flatten": {}}, {"linear": {"out_features": 4}}, {"relu": {}}, {"linear": {"out_features": 2}}]"#,
+                "model.layers[4]",
+                "one activation throughout",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"batch_norm2d": {}}]"#,
+                "model.layers[1]",
+                "`batch_norm2d` is read and checked",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}]"#,
+                "model.layers[1]",
+                "must end with the linear layer",
+            ),
+        ] {
+            let e = LayerSpec::as_network(&layers(list), &[1, 8, 8], "model.layers").unwrap_err();
+            assert_eq!(e.field, at, "{list}: {e:?}");
+            assert!(e.reason.contains(says), "{list}: {e:?}");
         }
     }
 }

@@ -4,7 +4,8 @@
 
 use crate::plan::program::{Instr, OptimizerState, Program, Scale, Slot};
 use crate::plan::{
-    Activation, OptimizerKind, Plan, Storage, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
+    Activation, Convolution, OptimizerKind, Plan, Pooling, Storage, LOSS_SCALE_GROWTH_INTERVAL,
+    LOSS_SCALE_INITIAL,
 };
 
 /// Momentum coefficient of `sgd_momentum`.
@@ -65,6 +66,8 @@ pub trait Allocate {
     type U32;
     /// A device buffer of one-byte dropout masks.
     type Mask;
+    /// A device buffer of `i64` places of pooling maxima.
+    type Index;
     /// Out-of-memory or a device fault.
     type Error;
     /// A zeroed buffer of `len` values stored as `storage`; a length whose bytes pass `u64` is
@@ -74,6 +77,8 @@ pub trait Allocate {
     fn u32_zeroed(&mut self, len: u64) -> Result<Self::U32, Self::Error>;
     /// A zeroed mask of `len` bytes.
     fn mask_zeroed(&mut self, len: u64) -> Result<Self::Mask, Self::Error>;
+    /// A zeroed buffer of `len` `i64` places.
+    fn index_zeroed(&mut self, len: u64) -> Result<Self::Index, Self::Error>;
 }
 
 /// The operations of a training step, as one device implements them (host code or CUDA kernels).
@@ -163,7 +168,75 @@ pub trait Kernels: Allocate {
         inputs: u64,
         outputs: u64,
     ) -> Result<(), Self::Error>;
-    /// `pre += bias` per row, then `post = activation(pre)` when `post` is given.
+    /// `y = x (*) w`: `conv`'s convolution of `rows` samples (`x` is `rows x conv.inputs()`,
+    /// `y` is `rows x conv.outputs()`, NCHW), without bias.
+    fn conv2d_forward(
+        &mut self,
+        x: &Self::Values,
+        w: &Self::Values,
+        y: &mut Self::Values,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), Self::Error>;
+    /// The gradient of a convolution's input from its output's gradient `dy` and filters `w`.
+    fn conv2d_input_gradient(
+        &mut self,
+        dy: &Self::Values,
+        w: &Self::Values,
+        dx: &mut Self::Values,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), Self::Error>;
+    /// The gradient of a convolution's filters from its output's gradient `dy` and input `x`,
+    /// rounded to `dw`'s storage.
+    fn conv2d_weight_gradient(
+        &mut self,
+        dy: &Self::Values,
+        x: &Self::Values,
+        dw: &mut Self::Values,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), Self::Error>;
+    /// Max pooling: each window's largest value (a NaN if any; the first of equal ones) and
+    /// its place in its plane (`row * width + column`).
+    fn max_pool_forward(
+        &mut self,
+        x: &Self::Values,
+        y: &mut Self::Values,
+        indices: &mut Self::Index,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), Self::Error>;
+    /// Max pooling's backward: each input gathers the gradient of the windows whose maximum
+    /// it was.
+    fn max_pool_backward(
+        &mut self,
+        dy: &Self::Values,
+        indices: &Self::Index,
+        dx: &mut Self::Values,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), Self::Error>;
+    /// Average pooling: each window's sum over `kernel x kernel` (padding counted).
+    fn avg_pool_forward(
+        &mut self,
+        x: &Self::Values,
+        y: &mut Self::Values,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), Self::Error>;
+    /// Average pooling's backward: each input gathers the gradient of every window holding
+    /// it, over `kernel x kernel`.
+    fn avg_pool_backward(
+        &mut self,
+        dy: &Self::Values,
+        dx: &mut Self::Values,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), Self::Error>;
+    /// `pre[i, j, k] += bias[j]` over `rows x cols x spatial`, then `post = activation(pre)`
+    /// when `post` is given.
+    #[allow(clippy::too_many_arguments)]
     fn bias_activation(
         &mut self,
         pre: &mut Self::Values,
@@ -171,6 +244,7 @@ pub trait Kernels: Allocate {
         post: Option<&mut Self::Values>,
         rows: u64,
         cols: u64,
+        spatial: u64,
         activation: Activation,
     ) -> Result<(), Self::Error>;
     /// `out = grad * activation'(...)` from what the activation saved: its output for relu and
@@ -191,13 +265,14 @@ pub trait Kernels: Allocate {
         len: u64,
         activation: Activation,
     ) -> Result<(), Self::Error>;
-    /// `db[j] = sum_i dy[i, j]`.
+    /// `db[j] = sum_{i, k} dy[i, j, k]` over `rows x cols x spatial`.
     fn bias_gradient(
         &mut self,
         dy: &Self::Values,
         db: &mut Self::Values,
         rows: u64,
         cols: u64,
+        spatial: u64,
     ) -> Result<(), Self::Error>;
     /// Per row: `row_loss = -log softmax(logits)[label]`, and the logits are replaced by the
     /// gradient of the mean loss, `(softmax - onehot) / rows`.
@@ -269,6 +344,8 @@ pub enum Held<K: Allocate> {
     Labels(K::U32),
     /// A dropout mask.
     Mask(K::Mask),
+    /// Places of pooling maxima.
+    Index(K::Index),
 }
 
 /// Runs programs on one device's kernels: holds every live buffer in its slot, and the loss
@@ -373,6 +450,13 @@ impl<K: Kernels> Executor<K> {
         }
     }
 
+    fn take_index(&mut self, slot: Slot) -> K::Index {
+        match self.slots[slot.0].take() {
+            Some(Held::Index(indices)) => indices,
+            _ => panic!("slot {} holds no indices", slot.0),
+        }
+    }
+
     fn take(&mut self, slot: Slot) -> K::Values {
         match self.slots[slot.0].take() {
             Some(Held::Values(values)) => values,
@@ -449,6 +533,9 @@ impl<K: Kernels> Executor<K> {
                         Held::Labels(kernels.u32_zeroed(buffer.elements)?)
                     }
                     crate::plan::Element::Mask => Held::Mask(kernels.mask_zeroed(buffer.elements)?),
+                    crate::plan::Element::Index => {
+                        Held::Index(kernels.index_zeroed(buffer.elements)?)
+                    }
                 };
                 self.slots[slot.0] = Some(held);
             }
@@ -525,12 +612,78 @@ impl<K: Kernels> Executor<K> {
             } => self.writing(y, |this, y| {
                 kernels.linear_forward(this.values(x), this.values(w), y, rows, inputs, outputs)
             })?,
+            Instr::ConvForward {
+                x,
+                w,
+                y,
+                rows,
+                conv,
+            } => self.writing(y, |this, y| {
+                kernels.conv2d_forward(this.values(x), this.values(w), y, rows, &conv)
+            })?,
+            Instr::ConvInputGradient {
+                dy,
+                w,
+                dx,
+                rows,
+                conv,
+            } => self.writing(dx, |this, dx| {
+                kernels.conv2d_input_gradient(this.values(dy), this.values(w), dx, rows, &conv)
+            })?,
+            Instr::ConvWeightGradient {
+                dy,
+                x,
+                dw,
+                rows,
+                conv,
+            } => self.writing(dw, |this, dw| {
+                kernels.conv2d_weight_gradient(this.values(dy), this.values(x), dw, rows, &conv)
+            })?,
+            Instr::PoolForward {
+                x,
+                y,
+                indices,
+                rows,
+                pool,
+            } => match indices {
+                Some(slot) => {
+                    let mut held = self.take_index(slot);
+                    let done = self.writing(y, |this, y| {
+                        kernels.max_pool_forward(this.values(x), y, &mut held, rows, &pool)
+                    });
+                    self.slots[slot.0] = Some(Held::Index(held));
+                    done?
+                }
+                None => self.writing(y, |this, y| {
+                    kernels.avg_pool_forward(this.values(x), y, rows, &pool)
+                })?,
+            },
+            Instr::PoolBackward {
+                dy,
+                indices,
+                dx,
+                rows,
+                pool,
+            } => match indices {
+                Some(slot) => {
+                    let held = self.take_index(slot);
+                    let done = self.writing(dx, |this, dx| {
+                        kernels.max_pool_backward(this.values(dy), &held, dx, rows, &pool)
+                    });
+                    self.slots[slot.0] = Some(Held::Index(held));
+                    done?
+                }
+                None => self.writing(dx, |this, dx| {
+                    kernels.avg_pool_backward(this.values(dy), dx, rows, &pool)
+                })?,
+            },
             Instr::BiasActivation {
                 pre,
                 bias,
                 post,
                 rows,
                 cols,
+                spatial,
                 activation,
             } => {
                 let mut post_buffer = post.map(|slot| self.take(slot));
@@ -541,6 +694,7 @@ impl<K: Kernels> Executor<K> {
                         post_buffer.as_mut(),
                         rows,
                         cols,
+                        spatial,
                         activation,
                     )
                 });
@@ -592,8 +746,14 @@ impl<K: Kernels> Executor<K> {
             } => self.writing(dx, |this, dx| {
                 kernels.input_gradient(this.values(dy), this.values(w), dx, rows, inputs, outputs)
             })?,
-            Instr::BiasGradient { dy, db, rows, cols } => self.writing(db, |this, db| {
-                kernels.bias_gradient(this.values(dy), db, rows, cols)
+            Instr::BiasGradient {
+                dy,
+                db,
+                rows,
+                cols,
+                spatial,
+            } => self.writing(db, |this, db| {
+                kernels.bias_gradient(this.values(dy), db, rows, cols, spatial)
             })?,
             Instr::SoftmaxCrossEntropy {
                 logits,

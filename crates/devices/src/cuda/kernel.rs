@@ -19,11 +19,15 @@ pub enum Family {
     Fill,
     /// `dropout.cu`: training-mode dropout and its backward.
     Dropout,
+    /// `conv.cu`: 2-D convolution and its two gradients.
+    Conv,
+    /// `pool.cu`: max and average pooling and their backward.
+    Pool,
 }
 
 impl Family {
     /// Every family, in compilation order.
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 9] = [
         Family::Gemm,
         Family::Elementwise,
         Family::Reduce,
@@ -31,6 +35,8 @@ impl Family {
         Family::Optimizer,
         Family::Fill,
         Family::Dropout,
+        Family::Conv,
+        Family::Pool,
     ];
 
     /// The file name under `kernels/`.
@@ -43,18 +49,21 @@ impl Family {
             Family::Optimizer => "optimizer.cu",
             Family::Fill => "fill.cu",
             Family::Dropout => "dropout.cu",
+            Family::Conv => "conv.cu",
+            Family::Pool => "pool.cu",
         }
     }
 
     /// The CUDA C++ source, embedded in the binary: `kernels/storage.cuh` (how values of each
-    /// storage are read and written), `kernels/synthetic.cuh` (the counter-based stream), then
-    /// the family's file.
+    /// storage are read and written), `kernels/synthetic.cuh` (the counter-based stream),
+    /// `kernels/window.cuh` (convolution and pooling windows), then the family's file.
     pub fn source(self) -> &'static str {
         macro_rules! with_storage {
             ($file:literal) => {
                 concat!(
                     include_str!("../../../../kernels/storage.cuh"),
                     include_str!("../../../../kernels/synthetic.cuh"),
+                    include_str!("../../../../kernels/window.cuh"),
                     include_str!(concat!("../../../../kernels/", $file))
                 )
             };
@@ -67,6 +76,8 @@ impl Family {
             Family::Optimizer => with_storage!("optimizer.cu"),
             Family::Fill => with_storage!("fill.cu"),
             Family::Dropout => with_storage!("dropout.cu"),
+            Family::Conv => with_storage!("conv.cu"),
+            Family::Pool => with_storage!("pool.cu"),
         }
     }
 
@@ -100,8 +111,10 @@ pub enum Kernel {
     ActivationGradient,
     /// `to = from * scale` between storages.
     Convert,
-    /// Column sums: the bias gradient.
+    /// Column sums: a linear layer's bias gradient.
     ColumnSum,
+    /// Sums per channel of an NCHW batch: a convolution's bias gradient.
+    ChannelSum,
     /// The mean of a vector.
     Mean,
     /// Whether a buffer holds an infinity or a NaN.
@@ -122,11 +135,25 @@ pub enum Kernel {
     DropoutForward,
     /// Dropout's backward, in place.
     DropoutBackward,
+    /// A convolution's output.
+    Conv2dForward,
+    /// A convolution's input gradient.
+    Conv2dInputGradient,
+    /// A convolution's filter gradient.
+    Conv2dWeightGradient,
+    /// Max pooling and the places of the maxima.
+    MaxPool2dForward,
+    /// Max pooling's backward.
+    MaxPool2dBackward,
+    /// Average pooling.
+    AvgPool2dForward,
+    /// Average pooling's backward.
+    AvgPool2dBackward,
 }
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 27] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -136,6 +163,7 @@ impl Kernel {
         Kernel::ActivationGradient,
         Kernel::Convert,
         Kernel::ColumnSum,
+        Kernel::ChannelSum,
         Kernel::Mean,
         Kernel::Nonfinite,
         Kernel::SoftmaxCrossEntropy,
@@ -146,6 +174,13 @@ impl Kernel {
         Kernel::FillLabels,
         Kernel::DropoutForward,
         Kernel::DropoutBackward,
+        Kernel::Conv2dForward,
+        Kernel::Conv2dInputGradient,
+        Kernel::Conv2dWeightGradient,
+        Kernel::MaxPool2dForward,
+        Kernel::MaxPool2dBackward,
+        Kernel::AvgPool2dForward,
+        Kernel::AvgPool2dBackward,
     ];
 
     /// The function's name in its source and in the PTX.
@@ -160,6 +195,7 @@ impl Kernel {
             Kernel::ActivationGradient => "activation_gradient",
             Kernel::Convert => "convert",
             Kernel::ColumnSum => "column_sum",
+            Kernel::ChannelSum => "channel_sum",
             Kernel::Mean => "mean",
             Kernel::Nonfinite => "nonfinite",
             Kernel::SoftmaxCrossEntropy => "softmax_cross_entropy",
@@ -170,6 +206,13 @@ impl Kernel {
             Kernel::FillLabels => "fill_labels",
             Kernel::DropoutForward => "dropout_forward",
             Kernel::DropoutBackward => "dropout_backward",
+            Kernel::Conv2dForward => "conv2d_forward",
+            Kernel::Conv2dInputGradient => "conv2d_input_gradient",
+            Kernel::Conv2dWeightGradient => "conv2d_weight_gradient",
+            Kernel::MaxPool2dForward => "max_pool2d_forward",
+            Kernel::MaxPool2dBackward => "max_pool2d_backward",
+            Kernel::AvgPool2dForward => "avg_pool2d_forward",
+            Kernel::AvgPool2dBackward => "avg_pool2d_backward",
         }
     }
 
@@ -182,11 +225,20 @@ impl Kernel {
             | Kernel::ActivationBackward
             | Kernel::ActivationGradient
             | Kernel::Convert => Family::Elementwise,
-            Kernel::ColumnSum | Kernel::Mean | Kernel::Nonfinite => Family::Reduce,
+            Kernel::ColumnSum | Kernel::ChannelSum | Kernel::Mean | Kernel::Nonfinite => {
+                Family::Reduce
+            }
             Kernel::SoftmaxCrossEntropy => Family::Loss,
             Kernel::Sgd | Kernel::SgdMomentum | Kernel::Adam => Family::Optimizer,
             Kernel::FillUniform | Kernel::FillLabels => Family::Fill,
             Kernel::DropoutForward | Kernel::DropoutBackward => Family::Dropout,
+            Kernel::Conv2dForward | Kernel::Conv2dInputGradient | Kernel::Conv2dWeightGradient => {
+                Family::Conv
+            }
+            Kernel::MaxPool2dForward
+            | Kernel::MaxPool2dBackward
+            | Kernel::AvgPool2dForward
+            | Kernel::AvgPool2dBackward => Family::Pool,
         }
     }
 

@@ -13,7 +13,7 @@ use super::CudaDevice;
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
 use headroom_engine::plan::program::OptimizerState;
-use headroom_engine::plan::{Activation, Storage};
+use headroom_engine::plan::{Activation, Convolution, Pooling, Storage};
 use headroom_engine::step::{
     Allocate, Kernels, Stored, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM,
 };
@@ -92,6 +92,41 @@ fn elements_up_to_mut<T>(buffer: &mut CudaSlice<T>, len: u64) -> &mut CudaSlice<
         buffer.len()
     );
     buffer
+}
+
+/// conv.cu's geometry arguments: rows, in_channels, height, width, out_channels, kernel, stride,
+/// padding, out_height, out_width.
+fn conv_geometry(rows: u64, conv: &Convolution) -> [i64; 10] {
+    [
+        rows,
+        conv.in_channels,
+        conv.height,
+        conv.width,
+        conv.out_channels,
+        conv.kernel,
+        conv.stride,
+        conv.padding,
+        conv.out_height(),
+        conv.out_width(),
+    ]
+    .map(|v| v as i64)
+}
+
+/// pool.cu's geometry arguments: rows, channels, height, width, kernel, stride, padding,
+/// out_height, out_width.
+fn pool_geometry(rows: u64, pool: &Pooling) -> [i64; 9] {
+    [
+        rows,
+        pool.channels,
+        pool.height,
+        pool.width,
+        pool.kernel,
+        pool.stride,
+        pool.padding,
+        pool.out_height(),
+        pool.out_width(),
+    ]
+    .map(|v| v as i64)
 }
 
 /// The bytes of `len` elements of `element_bytes` each, if a device of `total_bytes` could hold
@@ -187,6 +222,7 @@ impl Allocate for CudaDevice {
     type Values = DeviceValues;
     type U32 = CudaSlice<u32>;
     type Mask = CudaSlice<u8>;
+    type Index = CudaSlice<i64>;
     type Error = DeviceError;
 
     fn zeroed(&mut self, len: u64, storage: Storage) -> Result<DeviceValues, DeviceError> {
@@ -204,6 +240,10 @@ impl Allocate for CudaDevice {
     fn mask_zeroed(&mut self, len: u64) -> Result<CudaSlice<u8>, DeviceError> {
         self.zeroed_slice(len, 1)
     }
+
+    fn index_zeroed(&mut self, len: u64) -> Result<CudaSlice<i64>, DeviceError> {
+        self.zeroed_slice(len, 8)
+    }
 }
 
 impl Transfer for CudaDevice {
@@ -214,6 +254,10 @@ impl Transfer for CudaDevice {
 
     fn read_u32(&mut self, buffer: &CudaSlice<u32>, len: u64) -> Result<Vec<u32>, DeviceError> {
         self.download(elements_up_to(buffer, len), len as usize)
+    }
+
+    fn read_index(&mut self, buffer: &CudaSlice<i64>, len: u64) -> Result<Vec<i64>, DeviceError> {
+        self.download(buffer, len as usize)
     }
 
     fn read_mask(&mut self, buffer: &CudaSlice<u8>, len: u64) -> Result<Vec<u8>, DeviceError> {
@@ -400,6 +444,114 @@ impl Kernels for CudaDevice {
 
     // ---- elementwise.cu ------------------------------------------------------------------------
 
+    fn conv2d_forward(
+        &mut self,
+        x: &DeviceValues,
+        w: &DeviceValues,
+        y: &mut DeviceValues,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), DeviceError> {
+        let g = conv_geometry(rows, conv);
+        let storage = x.storage.code();
+        launch!(self, Kernel::Conv2dForward, shapes::elementwise(rows * conv.outputs());
+            holds(x, rows * conv.inputs()), holds(w, conv.weights()),
+            holds_mut(y, rows * conv.outputs()), &g[0], &g[1], &g[2], &g[3], &g[4], &g[5], &g[6],
+            &g[7], &g[8], &g[9], &storage)
+    }
+
+    fn conv2d_input_gradient(
+        &mut self,
+        dy: &DeviceValues,
+        w: &DeviceValues,
+        dx: &mut DeviceValues,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), DeviceError> {
+        let g = conv_geometry(rows, conv);
+        let storage = dy.storage.code();
+        launch!(self, Kernel::Conv2dInputGradient, shapes::elementwise(rows * conv.inputs());
+            holds(dy, rows * conv.outputs()), holds(w, conv.weights()),
+            holds_mut(dx, rows * conv.inputs()), &g[0], &g[1], &g[2], &g[3], &g[4], &g[5], &g[6],
+            &g[7], &g[8], &g[9], &storage)
+    }
+
+    fn conv2d_weight_gradient(
+        &mut self,
+        dy: &DeviceValues,
+        x: &DeviceValues,
+        dw: &mut DeviceValues,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), DeviceError> {
+        let g = conv_geometry(rows, conv);
+        let (storage, dw_storage) = (dy.storage.code(), dw.storage.code());
+        launch!(self, Kernel::Conv2dWeightGradient, shapes::conv2d_weight_gradient(conv.weights());
+            holds(dy, rows * conv.outputs()), holds(x, rows * conv.inputs()),
+            holds_mut(dw, conv.weights()), &g[0], &g[1], &g[2], &g[3], &g[4], &g[5], &g[6],
+            &g[7], &g[8], &g[9], &storage, &dw_storage)
+    }
+
+    fn max_pool_forward(
+        &mut self,
+        x: &DeviceValues,
+        y: &mut DeviceValues,
+        indices: &mut CudaSlice<i64>,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), DeviceError> {
+        let g = pool_geometry(rows, pool);
+        let (outputs, storage) = (rows * pool.outputs(), x.storage.code());
+        launch!(self, Kernel::MaxPool2dForward, shapes::elementwise(outputs);
+            holds(x, rows * pool.inputs()), holds_mut(y, outputs),
+            elements_up_to_mut(indices, outputs), &g[0], &g[1], &g[2], &g[3], &g[4], &g[5],
+            &g[6], &g[7], &g[8], &storage)
+    }
+
+    fn max_pool_backward(
+        &mut self,
+        dy: &DeviceValues,
+        indices: &CudaSlice<i64>,
+        dx: &mut DeviceValues,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), DeviceError> {
+        let g = pool_geometry(rows, pool);
+        let (outputs, storage) = (rows * pool.outputs(), dy.storage.code());
+        launch!(self, Kernel::MaxPool2dBackward, shapes::elementwise(rows * pool.inputs());
+            holds(dy, outputs), elements_up_to(indices, outputs),
+            holds_mut(dx, rows * pool.inputs()), &g[0], &g[1], &g[2], &g[3], &g[4], &g[5],
+            &g[6], &g[7], &g[8], &storage)
+    }
+
+    fn avg_pool_forward(
+        &mut self,
+        x: &DeviceValues,
+        y: &mut DeviceValues,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), DeviceError> {
+        let g = pool_geometry(rows, pool);
+        let (outputs, storage) = (rows * pool.outputs(), x.storage.code());
+        launch!(self, Kernel::AvgPool2dForward, shapes::elementwise(outputs);
+            holds(x, rows * pool.inputs()), holds_mut(y, outputs), &g[0], &g[1], &g[2], &g[3],
+            &g[4], &g[5], &g[6], &g[7], &g[8], &storage)
+    }
+
+    fn avg_pool_backward(
+        &mut self,
+        dy: &DeviceValues,
+        dx: &mut DeviceValues,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), DeviceError> {
+        let g = pool_geometry(rows, pool);
+        let storage = dy.storage.code();
+        launch!(self, Kernel::AvgPool2dBackward, shapes::elementwise(rows * pool.inputs());
+            holds(dy, rows * pool.outputs()), holds_mut(dx, rows * pool.inputs()), &g[0], &g[1],
+            &g[2], &g[3], &g[4], &g[5], &g[6], &g[7], &g[8], &storage)
+    }
+
     fn bias_activation(
         &mut self,
         pre: &mut DeviceValues,
@@ -407,18 +559,19 @@ impl Kernels for CudaDevice {
         post: Option<&mut DeviceValues>,
         rows: u64,
         cols: u64,
+        spatial: u64,
         activation: Activation,
     ) -> Result<(), DeviceError> {
-        let len = rows * cols;
-        let (r, c, code) = (rows as i64, cols as i64, activation_code(activation));
-        let storage = pre.storage.code();
+        let len = rows * cols * spatial;
+        let (r, c, k) = (rows as i64, cols as i64, spatial as i64);
+        let (code, storage) = (activation_code(activation), pre.storage.code());
         let config = shapes::elementwise(len);
         match post {
             Some(post) => launch!(self, Kernel::BiasActivation, config;
-                holds_mut(pre, len), holds(bias, cols), holds_mut(post, len), &r, &c, &code,
+                holds_mut(pre, len), holds(bias, cols), holds_mut(post, len), &r, &c, &k, &code,
                 &storage),
             None => launch!(self, Kernel::BiasAdd, config;
-                holds_mut(pre, len), holds(bias, cols), &r, &c, &storage),
+                holds_mut(pre, len), holds(bias, cols), &r, &c, &k, &storage),
         }
     }
 
@@ -468,7 +621,15 @@ impl Kernels for CudaDevice {
         db: &mut DeviceValues,
         rows: u64,
         cols: u64,
+        spatial: u64,
     ) -> Result<(), DeviceError> {
+        if spatial > 1 {
+            let (r, c, k) = (rows as i64, cols as i64, spatial as i64);
+            let (in_storage, out_storage) = (dy.storage.code(), db.storage.code());
+            return launch!(self, Kernel::ChannelSum, shapes::channel_sum(cols);
+                holds(dy, rows * cols * spatial), holds_mut(db, cols), &r, &c, &k, &in_storage,
+                &out_storage);
+        }
         let may_split = db.storage == Storage::F32;
         let (config, rows_per_chunk) =
             shapes::column_sum(rows, cols, self.multiprocessors, may_split);

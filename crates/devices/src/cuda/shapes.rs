@@ -186,6 +186,22 @@ pub fn column_sum(
     )
 }
 
+/// A block of 256 threads per item (a filter's weight, a channel), at most `cap` blocks
+/// (blocks loop past the grid): conv.cu's `conv2d_weight_gradient`, reduce.cu's `channel_sum`.
+fn block_per_item(items: u64, cap: u64) -> LaunchConfig {
+    config((items.clamp(1, cap) as u32, 1, 1), (256, 1, 1))
+}
+
+/// conv.cu's `conv2d_weight_gradient`: a block per weight, at most 2^20.
+pub fn conv2d_weight_gradient(weights: u64) -> LaunchConfig {
+    block_per_item(weights, MAX_STRIDE_BLOCKS)
+}
+
+/// reduce.cu's `channel_sum`: a block per channel, at most 65,535.
+pub fn channel_sum(channels: u64) -> LaunchConfig {
+    block_per_item(channels, MAX_GRID_YZ)
+}
+
 /// reduce.cu's `mean`: at most 4096 blocks of 256 threads.
 pub fn mean(n: u64) -> LaunchConfig {
     config((blocks(n, 256, 4096), 1, 1), (256, 1, 1))

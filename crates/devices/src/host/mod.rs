@@ -7,6 +7,7 @@
 //! batch that does not fit. Widening 16-bit values takes scratch outside the budget: a layer's
 //! weights in f32 at most, and chunks of [`values::CHUNK`] values.
 
+pub mod image;
 pub mod ops;
 pub mod values;
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
 use headroom_engine::plan::program::OptimizerState;
-use headroom_engine::plan::{Activation, Storage};
+use headroom_engine::plan::{Activation, Convolution, Pooling, Storage};
 use headroom_engine::step::{Allocate, Kernels, Stored, UpdateRule};
 use headroom_engine::synthetic;
 use values::{chunks, row_blocks, HostValues};
@@ -176,6 +177,7 @@ impl Allocate for HostDevice {
     type Values = HostValues;
     type U32 = HostBuffer<u32>;
     type Mask = HostBuffer<u8>;
+    type Index = HostBuffer<i64>;
     type Error = DeviceError;
 
     fn zeroed(&mut self, len: u64, storage: Storage) -> Result<HostValues, DeviceError> {
@@ -189,6 +191,18 @@ impl Allocate for HostDevice {
     fn mask_zeroed(&mut self, len: u64) -> Result<Self::Mask, DeviceError> {
         HostBuffer::zeroed(&self.ledger, len)
     }
+
+    fn index_zeroed(&mut self, len: u64) -> Result<Self::Index, DeviceError> {
+        HostBuffer::zeroed(&self.ledger, len)
+    }
+}
+
+/// `bias` repeated over `spatial` positions: the per-row bias of a convolution's output seen as
+/// rows of `bias.len() x spatial` values.
+fn spread(bias: &[f32], spatial: usize) -> Vec<f32> {
+    bias.iter()
+        .flat_map(|&b| std::iter::repeat_n(b, spatial))
+        .collect()
 }
 
 /// `y (rows x y_width) = a (rows x a_width) * b` by blocks of rows, `b` (`b_len` values)
@@ -329,6 +343,114 @@ impl Kernels for HostDevice {
         Ok(())
     }
 
+    fn conv2d_forward(
+        &mut self,
+        x: &HostValues,
+        w: &HostValues,
+        y: &mut HostValues,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), DeviceError> {
+        let x = x.read(0..usize_of(rows * conv.inputs()));
+        let w = w.read(0..usize_of(conv.weights()));
+        y.update(0..usize_of(rows * conv.outputs()), |y| {
+            image::conv2d_forward(&x, &w, y, conv)
+        });
+        Ok(())
+    }
+
+    fn conv2d_input_gradient(
+        &mut self,
+        dy: &HostValues,
+        w: &HostValues,
+        dx: &mut HostValues,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), DeviceError> {
+        let dy = dy.read(0..usize_of(rows * conv.outputs()));
+        let w = w.read(0..usize_of(conv.weights()));
+        dx.update(0..usize_of(rows * conv.inputs()), |dx| {
+            image::conv2d_input_gradient(&dy, &w, dx, conv)
+        });
+        Ok(())
+    }
+
+    fn conv2d_weight_gradient(
+        &mut self,
+        dy: &HostValues,
+        x: &HostValues,
+        dw: &mut HostValues,
+        rows: u64,
+        conv: &Convolution,
+    ) -> Result<(), DeviceError> {
+        let dy = dy.read(0..usize_of(rows * conv.outputs()));
+        let x = x.read(0..usize_of(rows * conv.inputs()));
+        dw.update(0..usize_of(conv.weights()), |dw| {
+            image::conv2d_weight_gradient(&dy, &x, dw, conv)
+        });
+        Ok(())
+    }
+
+    fn max_pool_forward(
+        &mut self,
+        x: &HostValues,
+        y: &mut HostValues,
+        indices: &mut HostBuffer<i64>,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), DeviceError> {
+        let outputs = usize_of(rows * pool.outputs());
+        let x = x.read(0..usize_of(rows * pool.inputs()));
+        y.update(0..outputs, |y| {
+            image::max_pool_forward(&x, y, &mut indices[..outputs], pool)
+        });
+        Ok(())
+    }
+
+    fn max_pool_backward(
+        &mut self,
+        dy: &HostValues,
+        indices: &HostBuffer<i64>,
+        dx: &mut HostValues,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), DeviceError> {
+        let outputs = usize_of(rows * pool.outputs());
+        let dy = dy.read(0..outputs);
+        dx.update(0..usize_of(rows * pool.inputs()), |dx| {
+            image::max_pool_backward(&dy, &indices[..outputs], dx, pool)
+        });
+        Ok(())
+    }
+
+    fn avg_pool_forward(
+        &mut self,
+        x: &HostValues,
+        y: &mut HostValues,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), DeviceError> {
+        let x = x.read(0..usize_of(rows * pool.inputs()));
+        y.update(0..usize_of(rows * pool.outputs()), |y| {
+            image::avg_pool_forward(&x, y, pool)
+        });
+        Ok(())
+    }
+
+    fn avg_pool_backward(
+        &mut self,
+        dy: &HostValues,
+        dx: &mut HostValues,
+        rows: u64,
+        pool: &Pooling,
+    ) -> Result<(), DeviceError> {
+        let dy = dy.read(0..usize_of(rows * pool.outputs()));
+        dx.update(0..usize_of(rows * pool.inputs()), |dx| {
+            image::avg_pool_backward(&dy, dx, pool)
+        });
+        Ok(())
+    }
+
     fn bias_activation(
         &mut self,
         pre: &mut HostValues,
@@ -336,10 +458,11 @@ impl Kernels for HostDevice {
         mut post: Option<&mut HostValues>,
         rows: u64,
         cols: u64,
+        spatial: u64,
         activation: Activation,
     ) -> Result<(), DeviceError> {
-        let cols = usize_of(cols);
-        let bias = bias.read(0..cols);
+        let bias = spread(&bias.read(0..usize_of(cols)), usize_of(spatial));
+        let cols = bias.len();
         for range in chunks(usize_of(rows) * cols, cols) {
             if let (Storage::F32, Some(post)) = (pre.storage(), post.as_deref_mut()) {
                 pre.update(range.clone(), |pre| {
@@ -431,13 +554,17 @@ impl Kernels for HostDevice {
         db: &mut HostValues,
         rows: u64,
         cols: u64,
+        spatial: u64,
     ) -> Result<(), DeviceError> {
-        let cols = usize_of(cols);
-        let mut sums = vec![0.0f64; cols];
-        for range in chunks(usize_of(rows) * cols, cols) {
+        let (cols, spatial) = (usize_of(cols), usize_of(spatial));
+        let mut sums = vec![0.0f64; cols * spatial];
+        for range in chunks(usize_of(rows) * cols * spatial, cols * spatial) {
             ops::add_column_sums(&dy.read(range), &mut sums);
         }
-        let sums: Vec<f32> = sums.iter().map(|&s| s as f32).collect();
+        let sums: Vec<f32> = sums
+            .chunks_exact(spatial)
+            .map(|plane| plane.iter().sum::<f64>() as f32)
+            .collect();
         db.write(0, &sums);
         Ok(())
     }
@@ -537,6 +664,10 @@ impl Transfer for HostDevice {
     }
 
     fn read_mask(&mut self, buffer: &Self::Mask, len: u64) -> Result<Vec<u8>, DeviceError> {
+        Ok(buffer[..usize_of(len)].to_vec())
+    }
+
+    fn read_index(&mut self, buffer: &Self::Index, len: u64) -> Result<Vec<i64>, DeviceError> {
         Ok(buffer[..usize_of(len)].to_vec())
     }
 

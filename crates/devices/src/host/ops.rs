@@ -11,9 +11,9 @@ use headroom_engine::step::{UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MO
 use headroom_engine::synthetic;
 
 /// `c (m x n) = a (m x k) * b (k x n)`, plus `c` when `accumulate`; each operand given by its
-/// row and column strides.
+/// row and column strides; spread over `parallelism`.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(super) fn gemm(
     m: usize,
     k: usize,
     n: usize,
@@ -23,6 +23,7 @@ fn gemm(
     b_strides: (isize, isize),
     c: &mut [f32],
     accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) {
     assert!(
         a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
@@ -49,7 +50,7 @@ fn gemm(
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         );
     }
 }
@@ -82,6 +83,7 @@ pub fn linear_forward(
         (1, inputs as isize),
         y,
         false,
+        parallelism(),
     );
 }
 
@@ -105,6 +107,7 @@ pub fn weight_gradient(
         (inputs as isize, 1),
         dw,
         accumulate,
+        parallelism(),
     );
 }
 
@@ -127,6 +130,7 @@ pub fn input_gradient(
         (inputs as isize, 1),
         dx,
         false,
+        parallelism(),
     );
 }
 

@@ -4,7 +4,9 @@
 use super::*;
 use crate::transfer::{read_all, read_parameters, trained_parameters};
 use headroom_engine::device::Device;
-use headroom_engine::plan::{Allocator, OptimizerKind, Plan, Precision, Storage, Training};
+use headroom_engine::plan::{
+    Allocator, Convolution, OptimizerKind, Plan, PoolKind, Pooling, Precision, Storage, Training,
+};
 use headroom_engine::plan::{Framework, Moment};
 use headroom_engine::step::{Executor, Steps, MAX_TIMED_STEPS};
 use Activation::{Gelu, Relu, Tanh};
@@ -43,8 +45,116 @@ fn plan_with_rate(
     .unwrap()
 }
 
-/// The mean loss of the MLP in f64, written independently of the f32 step; dropout drops what
-/// the masks of `seed` drawn outside a step (step 0) drop.
+/// A small network of two pooled convolutions: 2x6x6 through a padded 3x3 convolution to 3
+/// channels, max pooled 2x2; a 2x2 convolution to 4 channels, average pooled 2x2 with stride
+/// 1 and padding 1; then `hidden` and `classes`.
+fn convolutional(hidden: &[u64], classes: u64, activation: Activation, training: Training) -> Plan {
+    let first = Convolution {
+        in_channels: 2,
+        height: 6,
+        width: 6,
+        out_channels: 3,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let second = Convolution {
+        in_channels: 3,
+        height: 3,
+        width: 3,
+        out_channels: 4,
+        kernel: 2,
+        stride: 1,
+        padding: 0,
+    };
+    let pool = |kind, conv: Convolution, stride, padding| Pooling {
+        kind,
+        channels: conv.out_channels,
+        height: conv.out_height(),
+        width: conv.out_width(),
+        kernel: 2,
+        stride,
+        padding,
+    };
+    Plan::convolutional(
+        &[
+            (first, Some(pool(PoolKind::Max, first, 2, 0))),
+            (second, Some(pool(PoolKind::Average, second, 1, 1))),
+        ],
+        72,
+        hidden,
+        classes,
+        activation,
+        training,
+    )
+    .unwrap()
+}
+
+/// A convolution of one sample in f64, from the definition.
+fn conv_f64(x: &[f64], w: &[f64], b: &[f64], c: &Convolution) -> Vec<f64> {
+    let (oh, ow) = (c.out_height() as usize, c.out_width() as usize);
+    let (h, wd, k) = (c.height as usize, c.width as usize, c.kernel as usize);
+    let (stride, pad, cin) = (
+        c.stride as usize,
+        c.padding as isize,
+        c.in_channels as usize,
+    );
+    let mut y = vec![0.0; c.out_channels as usize * oh * ow];
+    for o in 0..c.out_channels as usize {
+        for i in 0..oh {
+            for j in 0..ow {
+                let mut sum = b[o];
+                for ch in 0..cin {
+                    for a in 0..k {
+                        for bb in 0..k {
+                            let r = (i * stride + a) as isize - pad;
+                            let q = (j * stride + bb) as isize - pad;
+                            if r >= 0 && q >= 0 && (r as usize) < h && (q as usize) < wd {
+                                sum += x[(ch * h + r as usize) * wd + q as usize]
+                                    * w[((o * cin + ch) * k + a) * k + bb];
+                            }
+                        }
+                    }
+                }
+                y[(o * oh + i) * ow + j] = sum;
+            }
+        }
+    }
+    y
+}
+
+/// Pooling of one sample in f64, from the definition (max: the largest; average: over the
+/// whole window, padding counted).
+fn pool_f64(x: &[f64], p: &Pooling) -> Vec<f64> {
+    let (oh, ow) = (p.out_height() as usize, p.out_width() as usize);
+    let (h, w, k) = (p.height as usize, p.width as usize, p.kernel as usize);
+    let (stride, pad) = (p.stride as usize, p.padding as isize);
+    let mut y = Vec::new();
+    for c in 0..p.channels as usize {
+        for i in 0..oh {
+            for j in 0..ow {
+                let mut values = Vec::new();
+                for a in 0..k {
+                    for b in 0..k {
+                        let r = (i * stride + a) as isize - pad;
+                        let q = (j * stride + b) as isize - pad;
+                        if r >= 0 && q >= 0 && (r as usize) < h && (q as usize) < w {
+                            values.push(x[(c * h + r as usize) * w + q as usize]);
+                        }
+                    }
+                }
+                y.push(match p.kind {
+                    PoolKind::Max => values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    PoolKind::Average => values.iter().sum::<f64>() / (k * k) as f64,
+                });
+            }
+        }
+    }
+    y
+}
+
+/// The mean loss of the network in f64, written independently of the f32 step; dropout drops
+/// what the masks of `seed` drawn outside a step (step 0) drop.
 fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u64) -> f64 {
     let rows = labels.len();
     let mut total = 0.0;
@@ -57,12 +167,16 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u
         let mut offset = 0;
         for (i, layer) in plan.layers.iter().enumerate() {
             let (n_in, n_out) = (layer.inputs as usize, layer.outputs as usize);
-            let w = &params[offset..offset + n_in * n_out];
-            let b = &params[offset + n_in * n_out..offset + n_in * n_out + n_out];
-            offset += n_in * n_out + n_out;
-            let mut y: Vec<f64> = (0..n_out)
-                .map(|o| b[o] + (0..n_in).map(|k| w[o * n_in + k] * x[k]).sum::<f64>())
-                .collect();
+            let (weights, biases) = (layer.weights() as usize, layer.biases() as usize);
+            let w = &params[offset..offset + weights];
+            let b = &params[offset + weights..offset + weights + biases];
+            offset += weights + biases;
+            let mut y: Vec<f64> = match &layer.conv {
+                Some(conv) => conv_f64(&x, w, b, conv),
+                None => (0..n_out)
+                    .map(|o| b[o] + (0..n_in).map(|k| w[o * n_in + k] * x[k]).sum::<f64>())
+                    .collect(),
+            };
             if i + 1 < plan.layers.len() {
                 for v in &mut y {
                     *v = match plan.activation {
@@ -76,6 +190,9 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u
                                     .tanh())
                         }
                     };
+                }
+                if let Some(pool) = &layer.pool {
+                    y = pool_f64(&y, pool);
                 }
                 if let Some(p) = plan.dropout_after(i) {
                     let layer_key = synthetic::stream_key(seed, synthetic::dropout_stream(i));
@@ -188,6 +305,21 @@ fn gradients_match_finite_differences_in_every_precision_activation_and_framewor
                         "{name}: gradients {error:.2e} from finite differences"
                     );
                 }
+                let training = Training {
+                    optimizer: Sgd,
+                    learning_rate: 0.05,
+                    precision,
+                    framework,
+                };
+                let plan =
+                    convolutional(&[5], 3, activation, training).with_dropout(&[0.0, 0.0, 0.5]);
+                let error = gradient_error(&plan, 3, 12);
+                let name = format!("{framework} {precision} {activation:?} convolutional");
+                eprintln!("{name}: {error:.2e}");
+                assert!(
+                    error <= gradient_tolerance(precision),
+                    "{name}: gradients {error:.2e} from finite differences"
+                );
             }
         }
     }
@@ -224,6 +356,22 @@ fn both_frameworks_train_to_the_same_parameters_in_f32() {
         assert_eq!(
             pytorch, headroom,
             "{activation:?} {optimizer:?} {dropout:?}"
+        );
+        let [pytorch, headroom] = [Framework::Pytorch, Framework::Headroom].map(|framework| {
+            let training = Training {
+                optimizer,
+                learning_rate: 0.05,
+                precision: Precision::F32True,
+                framework,
+            };
+            let plan = convolutional(&[6], 3, activation, training);
+            trained_parameters(&mut HostDevice::default(), &plan, 5, 3, 4)
+                .unwrap()
+                .0
+        });
+        assert_eq!(
+            pytorch, headroom,
+            "convolutional {activation:?} {optimizer:?}"
         );
     }
 }
@@ -311,6 +459,24 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                          {batch}"
                     );
                     assert_eq!(device.used_bytes(), 0);
+                }
+                let training = Training {
+                    optimizer,
+                    learning_rate: 0.01,
+                    precision,
+                    framework,
+                };
+                let plan = convolutional(&[16], 10, activation, training);
+                for batch in [1, 7, 129] {
+                    let report = device
+                        .run_steps(&plan, batch, Steps::exactly(2), 1)
+                        .unwrap();
+                    assert_eq!(
+                        report.device_bytes,
+                        plan.memory(batch).unwrap().total,
+                        "convolutional {framework} {precision} {activation:?} {optimizer:?} at \
+                         {batch}"
+                    );
                 }
             }
         }

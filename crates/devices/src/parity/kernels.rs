@@ -9,12 +9,12 @@ use headroom_engine::plan::{Activation, OptimizerKind, Storage};
 use headroom_engine::step::UpdateRule;
 use headroom_engine::synthetic;
 
-const STORAGES: [Storage; 3] = [Storage::F32, Storage::Bf16, Storage::F16];
+pub(super) const STORAGES: [Storage; 3] = [Storage::F32, Storage::Bf16, Storage::F16];
 
 /// Operand and result storage of the products the precisions run: f32 everywhere (`32-true`),
 /// 16-bit everywhere (the forward and input-gradient products of every other precision, and
 /// bf16-true's weight gradient), 16-bit operands into f32 (the weight gradient when mixed).
-const PRODUCTS: [(Storage, Storage); 5] = [
+pub(super) const PRODUCTS: [(Storage, Storage); 5] = [
     (Storage::F32, Storage::F32),
     (Storage::Bf16, Storage::Bf16),
     (Storage::Bf16, Storage::F32),
@@ -32,6 +32,9 @@ pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
     checks.extend(check_loss(device)?);
     checks.extend(check_optimizer(device)?);
     checks.extend(check_dropout(device)?);
+    checks.extend(super::image::check_conv(device)?);
+    checks.extend(super::image::check_pool(device)?);
+    checks.extend(super::image::check_channel_bias(device)?);
     Ok(checks)
 }
 
@@ -215,7 +218,7 @@ fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
             let bias = device.write_values(&bias_values, storage)?;
             let mut post = device.write_values(&poison(rows * cols), storage)?;
             let (r, c) = (rows as u64, cols as u64);
-            device.bias_activation(&mut pre, &bias, Some(&mut post), r, c, activation)?;
+            device.bias_activation(&mut pre, &bias, Some(&mut post), r, c, 1, activation)?;
             let want_pre: Vec<f32> = pre_values
                 .iter()
                 .enumerate()
@@ -279,7 +282,7 @@ fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
         let mut pre = device.write_values(&pre_values, storage)?;
         let bias = device.write_values(&bias_values, storage)?;
         let (r, c) = (rows as u64, cols as u64);
-        device.bias_activation(&mut pre, &bias, None, r, c, Activation::Relu)?;
+        device.bias_activation(&mut pre, &bias, None, r, c, 1, Activation::Relu)?;
         let want: Vec<f32> = pre_values
             .iter()
             .enumerate()
@@ -362,7 +365,7 @@ fn check_reduce<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> 
             let dy = rounded(&random(rows * outputs, 3), from);
             let dyd = device.write_values(&dy, from)?;
             let mut db = device.write_values(&poison(outputs), to)?;
-            device.bias_gradient(&dyd, &mut db, rows as u64, outputs as u64)?;
+            device.bias_gradient(&dyd, &mut db, rows as u64, outputs as u64, 1)?;
             let mut want = vec![0.0; outputs];
             ops::bias_gradient(&dy, &mut want, outputs);
             checks.push(compare(

@@ -2,13 +2,15 @@
 //! inputs with awkward sizes (1, 7, 129, 784, 1000), in every storage a precision uses, outputs
 //! poisoned with NaN beforehand so an unwritten element fails, compared with a reference
 //! computed here within a tolerance ([`tolerance`]). One check per kernel family (fill, gemm,
-//! elementwise, reduce, loss, optimizer: [`kernels`]), then a few training steps in every
+//! elementwise, reduce, loss, optimizer, dropout: [`kernels`]; convolution and pooling:
+//! [`image`]), then a few training steps in every
 //! precision and the loss scaler's skipped steps ([`training`]).
 //!
 //! The references restate each operation's semantics on plain f32 (the matrix products with a
 //! naive f64 product), rounding where the storage rounds, so the checks mean something even when
 //! the device under test is the host itself.
 
+mod image;
 mod kernels;
 mod training;
 

@@ -8,7 +8,8 @@ use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, Probing};
 use headroom_engine::plan::Framework;
 use headroom_engine::plan::{
-    Activation, OptimizerKind, Plan, Precision, Training, LOSS_SCALE_INITIAL,
+    Activation, Convolution, OptimizerKind, Plan, PoolKind, Pooling, Precision, Training,
+    LOSS_SCALE_INITIAL,
 };
 
 /// The accepted difference of parameters after three steps in `precision`: f32's tolerance,
@@ -105,8 +106,69 @@ pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check
             ));
         }
     }
+    for precision in Precision::ALL {
+        let training = Training {
+            optimizer: OptimizerKind::Adam,
+            learning_rate: 0.001,
+            precision,
+            framework: Framework::Pytorch,
+        };
+        let plan = lenet_like(training);
+        let (want, _) = trained_parameters(&mut HostDevice::default(), &plan, 33, 3, 42)?;
+        let (got, _) = trained_parameters(device, &plan, 33, 3, 42)?;
+        checks.push(compare(
+            format!("3 training steps, LeNet-like convolutions, Adam, batch 33, {precision}"),
+            &got,
+            &want,
+            training_tolerance(precision),
+        ));
+    }
     checks.push(check_loss_scaling(device)?);
     Ok(checks)
+}
+
+/// LeNet-5's shape at a third of its size: 1x12x12, a padded 5x5 convolution to 6 channels, max
+/// pooled; a 3x3 convolution to 8, average pooled; 32 hidden, 10 classes.
+fn lenet_like(training: Training) -> Plan {
+    let first = Convolution {
+        in_channels: 1,
+        height: 12,
+        width: 12,
+        out_channels: 6,
+        kernel: 5,
+        stride: 1,
+        padding: 2,
+    };
+    let second = Convolution {
+        in_channels: 6,
+        height: 6,
+        width: 6,
+        out_channels: 8,
+        kernel: 3,
+        stride: 1,
+        padding: 0,
+    };
+    let pool = |kind, channels, side| Pooling {
+        kind,
+        channels,
+        height: side,
+        width: side,
+        kernel: 2,
+        stride: 2,
+        padding: 0,
+    };
+    Plan::convolutional(
+        &[
+            (first, Some(pool(PoolKind::Max, 6, 12))),
+            (second, Some(pool(PoolKind::Average, 8, 4))),
+        ],
+        144,
+        &[32],
+        10,
+        Activation::Relu,
+        training,
+    )
+    .expect("the parity model plans")
 }
 
 /// `16-mixed` at batch 1 over 10 000 classes from `GradScaler`'s first scale, 2^16: the label's

@@ -7,8 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod image;
 pub mod program;
 
+pub use image::{Convolution, PoolKind, Pooling};
 pub use program::{Framework, Moment};
 
 /// How a buffer of values stores them.
@@ -50,6 +52,8 @@ pub enum Element {
     Label,
     /// One byte of a dropout mask: whether the value was kept (PyTorch's `bool`).
     Mask,
+    /// The place of a pooling window's maximum in its plane (PyTorch's `int64` indices).
+    Index,
 }
 
 impl Element {
@@ -59,6 +63,7 @@ impl Element {
             Element::Value(storage) => storage.bytes(),
             Element::Label => 4,
             Element::Mask => 1,
+            Element::Index => 8,
         }
     }
 }
@@ -201,19 +206,68 @@ impl OptimizerKind {
     }
 }
 
-/// One linear layer: `outputs x inputs` weights and `outputs` biases.
+/// One layer with weights and a bias: linear (`outputs x inputs` weights, `outputs` biases) or a
+/// convolution (its [`Convolution`]'s filters, one bias per output channel), maybe pooled after
+/// its activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layer {
-    /// Width of the layer's input.
+    /// Values of one sample's input.
     pub inputs: u64,
-    /// Width of the layer's output.
+    /// Values of one sample's output, before any pooling.
     pub outputs: u64,
+    /// The convolution, when it is one.
+    pub conv: Option<Convolution>,
+    /// The pooling after its activation, if any.
+    pub pool: Option<Pooling>,
 }
 
 impl Layer {
-    /// Number of weights, `inputs x outputs`.
+    /// A linear layer from `inputs` to `outputs` values.
+    pub fn linear(inputs: u64, outputs: u64) -> Layer {
+        Layer {
+            inputs,
+            outputs,
+            conv: None,
+            pool: None,
+        }
+    }
+
+    /// A convolution, pooled after its activation by `pool` if given.
+    pub fn convolution(conv: Convolution, pool: Option<Pooling>) -> Layer {
+        Layer {
+            inputs: conv.inputs(),
+            outputs: conv.outputs(),
+            conv: Some(conv),
+            pool,
+        }
+    }
+
+    /// Number of weights.
     pub fn weights(&self) -> u64 {
-        self.inputs * self.outputs
+        self.conv
+            .map_or(self.inputs * self.outputs, |conv| conv.weights())
+    }
+
+    /// Number of biases: one per output, or per output channel of a convolution.
+    pub fn biases(&self) -> u64 {
+        self.conv.map_or(self.outputs, |conv| conv.out_channels)
+    }
+
+    /// Values each output reads (initialisation scales by it).
+    pub fn fan_in(&self) -> u64 {
+        self.conv.map_or(self.inputs, |conv| conv.fan_in())
+    }
+
+    /// Values of one sample's output after the pooling, the next layer's input.
+    pub fn pooled(&self) -> u64 {
+        self.pool.map_or(self.outputs, |pool| pool.outputs())
+    }
+
+    /// Positions each bias is added at: a convolution's output height x width, 1 for a linear
+    /// layer.
+    pub fn spatial(&self) -> u64 {
+        self.conv
+            .map_or(1, |conv| conv.out_height() * conv.out_width())
     }
 }
 
@@ -396,28 +450,45 @@ impl Plan {
         activation: Activation,
         training: Training,
     ) -> Result<Plan, Overflow> {
+        Plan::convolutional(&[], features, hidden, classes, activation, training)
+    }
+
+    /// The plan of `convolutions` (each followed by the activation, then its pooling if any),
+    /// flattened into an MLP over the last one's pooled output (`features` without
+    /// convolutions); fails only if its byte counts overflow `u64`. The layer walk
+    /// ([`crate::layers::walk`]) has checked that each convolution reads what the one before
+    /// writes.
+    pub fn convolutional(
+        convolutions: &[(Convolution, Option<Pooling>)],
+        features: u64,
+        hidden: &[u64],
+        classes: u64,
+        activation: Activation,
+        training: Training,
+    ) -> Result<Plan, Overflow> {
         let Training {
             optimizer,
             learning_rate,
             precision,
             framework,
         } = training;
-        let widths: Vec<u64> = std::iter::once(features)
+        let mut layers: Vec<Layer> = convolutions
+            .iter()
+            .map(|&(conv, pool)| Layer::convolution(conv, pool))
+            .collect();
+        let flat = layers.last().map_or(features, Layer::pooled);
+        let widths: Vec<u64> = std::iter::once(flat)
             .chain(hidden.iter().copied())
             .chain(std::iter::once(classes))
             .collect();
-        let layers: Vec<Layer> = widths
-            .windows(2)
-            .map(|w| Layer {
-                inputs: w[0],
-                outputs: w[1],
-            })
-            .collect();
+        layers.extend(widths.windows(2).map(|w| Layer::linear(w[0], w[1])));
         let parameter_count = layers.iter().try_fold(0u64, |acc, layer| {
-            layer
-                .inputs
-                .checked_mul(layer.outputs)
-                .and_then(|w| w.checked_add(layer.outputs))
+            let weights = match layer.conv {
+                Some(conv) => conv.out_channels.checked_mul(conv.fan_in()),
+                None => layer.inputs.checked_mul(layer.outputs),
+            };
+            weights
+                .and_then(|w| w.checked_add(layer.biases()))
                 .and_then(|p| acc.checked_add(p))
         });
         let hidden_layers = layers.len() - 1;
@@ -465,16 +536,10 @@ impl Plan {
         self.layers[self.layers.len() - 1].outputs
     }
 
-    /// The hidden layers' widths, input side first.
-    pub fn hidden_widths(&self) -> impl Iterator<Item = u64> + '_ {
-        self.layers[..self.layers.len() - 1]
-            .iter()
-            .map(|l| l.outputs)
-    }
-
-    /// Width of the backward scratch buffer (the widest hidden layer), 0 without hidden layers.
+    /// Width of headroom's backward scratch buffer, which holds the gradient of each hidden
+    /// layer's (pooled) output in turn: the widest, 0 without hidden layers.
     pub fn scratch_width(&self) -> u64 {
-        self.hidden_widths().max().unwrap_or(0)
+        self.layers[1..].iter().map(|l| l.inputs).max().unwrap_or(0)
     }
 
     /// The breakdown at the step's peak at `batch_size` (exact bytes), or `None` if it
@@ -594,8 +659,9 @@ impl Plan {
         })
     }
 
-    /// Floating-point operations of one training step at `batch_size` (three GEMMs per layer,
-    /// `2*M*N*K` each, less the unneeded input gradient of the first layer).
+    /// Floating-point operations of one training step at `batch_size` (three products per layer,
+    /// two operations per multiply-add, a convolution's weights applied at each of its output
+    /// positions, less the unneeded input gradient of the first layer).
     pub fn step_flops(&self, batch_size: u64) -> f64 {
         let per_sample: u64 = self
             .layers
@@ -603,7 +669,7 @@ impl Plan {
             .enumerate()
             .map(|(i, l)| {
                 let products = if i == 0 { 2 } else { 3 };
-                products * 2 * l.weights()
+                products * 2 * l.weights() * l.spatial()
             })
             .sum();
         per_sample as f64 * batch_size as f64

@@ -19,7 +19,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Activation, Allocator, Buffer, Element, MemoryBreakdown, Part, Plan, Storage};
+use super::{
+    Activation, Allocator, Buffer, Convolution, Element, Layer, MemoryBreakdown, Part, Plan,
+    PoolKind, Pooling, Storage,
+};
 use crate::synthetic;
 
 /// Whose training step the answer describes.
@@ -156,7 +159,74 @@ pub enum Instr {
         /// Output width.
         outputs: u64,
     },
-    /// `pre += bias`, then `post = activation(pre)` when `post` is given.
+    /// `y = x (*) w`, a convolution of an NCHW batch (its bias added by
+    /// [`Instr::BiasActivation`]).
+    ConvForward {
+        /// `rows x inputs`.
+        x: Slot,
+        /// The filters.
+        w: Slot,
+        /// `rows x outputs`.
+        y: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry.
+        conv: Convolution,
+    },
+    /// A convolution's input gradient `dx` from `dy` and the filters.
+    ConvInputGradient {
+        /// `rows x outputs`.
+        dy: Slot,
+        /// The filters.
+        w: Slot,
+        /// `rows x inputs`.
+        dx: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry.
+        conv: Convolution,
+    },
+    /// A convolution's filter gradient `dw` from `dy` and its input.
+    ConvWeightGradient {
+        /// `rows x outputs`.
+        dy: Slot,
+        /// `rows x inputs`.
+        x: Slot,
+        /// The filters' gradient.
+        dw: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry.
+        conv: Convolution,
+    },
+    /// Pooling: `y` from `x`, and where each maximum was when it keeps the largest.
+    PoolForward {
+        /// Read.
+        x: Slot,
+        /// Written.
+        y: Slot,
+        /// Max pooling's 64-bit places of the maxima.
+        indices: Option<Slot>,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry and kind.
+        pool: Pooling,
+    },
+    /// Pooling's backward: `dx` from `dy` (through the maxima's places for max pooling).
+    PoolBackward {
+        /// The gradient of the pooled output.
+        dy: Slot,
+        /// Max pooling's places of the maxima.
+        indices: Option<Slot>,
+        /// The gradient of its input, written.
+        dx: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry and kind.
+        pool: Pooling,
+    },
+    /// `pre += bias` (bias `j` over position `k` of `rows x cols x spatial`), then
+    /// `post = activation(pre)` when `post` is given.
     BiasActivation {
         /// The product, biased in place.
         pre: Slot,
@@ -166,8 +236,10 @@ pub enum Instr {
         post: Option<Slot>,
         /// Batch size.
         rows: u64,
-        /// Width.
+        /// Biases: a linear layer's width, a convolution's output channels.
         cols: u64,
+        /// Positions each bias is added at: 1, or a convolution's output height x width.
+        spatial: u64,
         /// The non-linearity.
         activation: Activation,
     },
@@ -253,16 +325,18 @@ pub enum Instr {
         /// Output width.
         outputs: u64,
     },
-    /// `db[j] = sum_i dy[i, j]`.
+    /// `db[j] = sum_{i, k} dy[i, j, k]`.
     BiasGradient {
-        /// `rows x cols`.
+        /// `rows x cols x spatial`.
         dy: Slot,
         /// `cols`.
         db: Slot,
         /// Batch size.
         rows: u64,
-        /// Width.
+        /// Biases.
         cols: u64,
+        /// Positions of each bias.
+        spatial: u64,
     },
     /// Per-sample losses, and the logits replaced by the gradient of the mean loss.
     SoftmaxCrossEntropy {
@@ -529,7 +603,143 @@ impl Dropped {
     }
 }
 
-/// One linear layer's persistent buffers.
+/// The pooling after a convolution's activation: its output and, for max pooling, the places
+/// of the maxima (PyTorch's int64 indices).
+#[derive(Debug, Clone, Copy)]
+struct Pooled {
+    output: Slot,
+    indices: Option<Slot>,
+    pool: Pooling,
+}
+
+impl Pooled {
+    /// `pool` over `rows` samples stored as `storage`: its output, then its indices.
+    fn allocate(b: &mut Builder, rows: u64, pool: Pooling, storage: Storage) -> Option<Pooled> {
+        let elements = rows.checked_mul(pool.outputs())?;
+        Some(Pooled {
+            output: b.value(Part::Activations, elements, storage),
+            indices: (pool.kind == PoolKind::Max)
+                .then(|| b.alloc(Part::Activations, elements, Element::Index)),
+            pool,
+        })
+    }
+
+    fn forward(&self, x: Slot, rows: u64) -> Instr {
+        Instr::PoolForward {
+            x,
+            y: self.output,
+            indices: self.indices,
+            rows,
+            pool: self.pool,
+        }
+    }
+
+    fn backward(&self, dy: Slot, dx: Slot, rows: u64) -> Instr {
+        Instr::PoolBackward {
+            dy,
+            indices: self.indices,
+            dx,
+            rows,
+            pool: self.pool,
+        }
+    }
+}
+
+/// `layer`'s product of `x` and `w` into `y`: a linear layer's or a convolution's.
+fn product(layer: &Layer, x: Slot, w: Slot, y: Slot, rows: u64) -> Instr {
+    match layer.conv {
+        Some(conv) => Instr::ConvForward {
+            x,
+            w,
+            y,
+            rows,
+            conv,
+        },
+        None => Instr::LinearForward {
+            x,
+            w,
+            y,
+            rows,
+            inputs: layer.inputs,
+            outputs: layer.outputs,
+        },
+    }
+}
+
+/// `layer`'s weight gradient from `dy` and its input `x`.
+fn weight_gradient(layer: &Layer, dy: Slot, x: Slot, dw: Slot, rows: u64) -> Instr {
+    match layer.conv {
+        Some(conv) => Instr::ConvWeightGradient {
+            dy,
+            x,
+            dw,
+            rows,
+            conv,
+        },
+        None => Instr::WeightGradient {
+            dy,
+            x,
+            dw,
+            rows,
+            inputs: layer.inputs,
+            outputs: layer.outputs,
+        },
+    }
+}
+
+/// `layer`'s input gradient from `dy` and its weights `w`.
+fn input_gradient(layer: &Layer, dy: Slot, w: Slot, dx: Slot, rows: u64) -> Instr {
+    match layer.conv {
+        Some(conv) => Instr::ConvInputGradient {
+            dy,
+            w,
+            dx,
+            rows,
+            conv,
+        },
+        None => Instr::InputGradient {
+            dy,
+            w,
+            dx,
+            rows,
+            inputs: layer.inputs,
+            outputs: layer.outputs,
+        },
+    }
+}
+
+/// `layer`'s bias added to `pre`, then `activation` into `post` when given.
+fn bias_activation(
+    layer: &Layer,
+    pre: Slot,
+    bias: Slot,
+    post: Option<Slot>,
+    rows: u64,
+    activation: Activation,
+) -> Instr {
+    Instr::BiasActivation {
+        pre,
+        bias,
+        post,
+        rows,
+        cols: layer.biases(),
+        spatial: layer.spatial(),
+        activation,
+    }
+}
+
+/// `layer`'s bias gradient from `dy`.
+fn bias_gradient(layer: &Layer, dy: Slot, db: Slot, rows: u64) -> Instr {
+    Instr::BiasGradient {
+        dy,
+        db,
+        rows,
+        cols: layer.biases(),
+        spatial: layer.spatial(),
+    }
+}
+
+/// One layer's persistent buffers.
 struct Parameters {
     weight: Slot,
     bias: Slot,
@@ -568,9 +778,9 @@ impl Plan {
         let mut kept = Kept::default();
         for layer in &self.layers {
             let weight = b.value(Part::Parameters, layer.weights(), master);
-            let bias = b.value(Part::Parameters, layer.outputs, master);
+            let bias = b.value(Part::Parameters, layer.biases(), master);
             if headroom {
-                for len in [layer.weights(), layer.outputs] {
+                for len in [layer.weights(), layer.biases()] {
                     kept.gradients
                         .push((b.value(Part::Gradients, len, master), len));
                 }
@@ -589,11 +799,11 @@ impl Plan {
                 }
             };
             let weight_state = state(layer.weights());
-            let bias_state = state(layer.outputs);
+            let bias_state = state(layer.biases());
             if headroom && self.precision.is_mixed() {
                 kept.casts.push((
                     b.value(Part::Parameters, layer.weights(), compute),
-                    b.value(Part::Parameters, layer.outputs, compute),
+                    b.value(Part::Parameters, layer.biases(), compute),
                 ));
             }
             kept.layers.push(Parameters {
@@ -617,7 +827,7 @@ impl Plan {
         seed: u64,
     ) {
         for (i, (layer, params)) in self.layers.iter().zip(layers).enumerate() {
-            let scale = synthetic::init_scale(layer.inputs);
+            let scale = synthetic::init_scale(layer.fan_in());
             b.push(Instr::FillUniform {
                 out: params.weight,
                 len: layer.weights(),
@@ -626,7 +836,7 @@ impl Plan {
             });
             b.push(Instr::FillUniform {
                 out: params.bias,
-                len: layer.outputs,
+                len: layer.biases(),
                 key: synthetic::stream_key(seed, synthetic::bias_stream(i)),
                 scale,
             });
@@ -673,7 +883,7 @@ impl Plan {
                 param: params.bias,
                 grad: gradients[2 * i + 1].0,
                 state: params.bias_state,
-                len: layer.outputs,
+                len: layer.biases(),
             });
         }
     }
@@ -681,8 +891,9 @@ impl Plan {
     /// headroom's own step: every buffer allocated before the first step, in this order: per
     /// layer its weights, biases, their gradients, optimizer state and, when mixed, the half
     /// copies of weights and biases; the inputs, the labels and, when mixed, the half copy of
-    /// the inputs; each hidden layer's pre- and post-activation (and, with dropout after it,
-    /// dropout's output and mask); the logits (overwritten by
+    /// the inputs; each hidden layer's pre- and post-activation (and, with pooling after it,
+    /// the pooled output and the maxima's places; with dropout after it, dropout's output and
+    /// mask); the logits (overwritten by
     /// their gradient), when mixed their f32 copy; the per-sample loss, the backward scratch, the
     /// one-value mean loss and, with loss scaling, the one-value overflow flag.
     fn headroom_program(&self, rows: u64, seed: u64) -> Option<Program> {
@@ -700,13 +911,18 @@ impl Plan {
         let labels = b.alloc(Part::BatchData, rows, Element::Label);
         let inputs_cast = mixed.then(|| b.value(Part::BatchData, features, compute));
         let mut hidden = Vec::new();
+        let mut pooled = Vec::new();
         let mut dropped = Vec::new();
-        for (i, width) in self.hidden_widths().enumerate() {
-            let elements = per_row(width)?;
+        for (i, layer) in self.layers[..self.layers.len() - 1].iter().enumerate() {
+            let elements = per_row(layer.outputs)?;
             hidden.push((
                 b.value(Part::Activations, elements, compute),
                 b.value(Part::Activations, elements, compute),
             ));
+            pooled.push(match layer.pool {
+                Some(pool) => Some(Pooled::allocate(&mut b, rows, pool, compute)?),
+                None => None,
+            });
             dropped.push(
                 self.dropout_after(i)
                     .map(|p| Dropped::allocate(&mut b, elements, compute, p)),
@@ -730,7 +946,7 @@ impl Plan {
         b.enter(Moment::Forward);
         for ((layer, params), (weight, bias)) in self.layers.iter().zip(&layers).zip(&casts) {
             b.push(convert(params.weight, *weight, layer.weights()));
-            b.push(convert(params.bias, *bias, layer.outputs));
+            b.push(convert(params.bias, *bias, layer.biases()));
         }
         if let Some(cast) = inputs_cast {
             b.push(convert(inputs, cast, features));
@@ -744,7 +960,7 @@ impl Plan {
         let last = self.layers.len() - 1;
         let input_of = |i: usize| match i {
             0 => inputs_cast.unwrap_or(inputs),
-            _ => dropped[i - 1].map_or(hidden[i - 1].1, |d| d.output),
+            _ => layer_input(&hidden, &pooled, &dropped, i),
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let (weight, bias) = operands(i);
@@ -755,22 +971,18 @@ impl Plan {
                 true => (hidden[i].0, Some(hidden[i].1)),
                 false => (logits, None),
             };
-            b.push(Instr::LinearForward {
-                x: input_of(i),
-                w: weight,
-                y: output,
-                rows,
-                inputs: layer.inputs,
-                outputs: layer.outputs,
-            });
-            b.push(Instr::BiasActivation {
-                pre: output,
+            b.push(product(layer, input_of(i), weight, output, rows));
+            b.push(bias_activation(
+                layer,
+                output,
                 bias,
                 post,
                 rows,
-                cols: layer.outputs,
-                activation: self.activation,
-            });
+                self.activation,
+            ));
+            if let Some(p) = pooled.get(i).copied().flatten() {
+                b.push(p.forward(hidden[i].1, rows));
+            }
         }
         let len = rows * classes;
         match logits_f32 {
@@ -796,37 +1008,40 @@ impl Plan {
                 ));
             }
             if i < last {
+                let scratch = scratch.expect("hidden layers have a scratch");
+                // The pooling's backward writes the activation's gradient over its output,
+                // which the next layer no longer reads (it read the pooled output).
+                let grad_post = match pooled[i] {
+                    Some(p) => {
+                        b.push(p.backward(scratch, hidden[i].1, rows));
+                        hidden[i].1
+                    }
+                    None => scratch,
+                };
                 b.push(Instr::ActivationBackward {
-                    grad_post: scratch.expect("hidden layers have a scratch"),
+                    grad_post,
                     pre: hidden[i].0,
                     len: rows * layer.outputs,
                     activation: self.activation,
                 });
             }
             let grad_out = if i < last { hidden[i].0 } else { logits };
-            b.push(Instr::WeightGradient {
-                dy: grad_out,
-                x: input_of(i),
-                dw: gradients[2 * i].0,
+            b.push(weight_gradient(
+                layer,
+                grad_out,
+                input_of(i),
+                gradients[2 * i].0,
                 rows,
-                inputs: layer.inputs,
-                outputs: layer.outputs,
-            });
-            b.push(Instr::BiasGradient {
-                dy: grad_out,
-                db: gradients[2 * i + 1].0,
-                rows,
-                cols: layer.outputs,
-            });
+            ));
+            b.push(bias_gradient(layer, grad_out, gradients[2 * i + 1].0, rows));
             if i > 0 {
-                b.push(Instr::InputGradient {
-                    dy: grad_out,
-                    w: operands(i).0,
-                    dx: scratch.expect("hidden layers have a scratch"),
+                b.push(input_gradient(
+                    layer,
+                    grad_out,
+                    operands(i).0,
+                    scratch.expect("hidden layers have a scratch"),
                     rows,
-                    inputs: layer.inputs,
-                    outputs: layer.outputs,
-                });
+                ));
             }
         }
 
@@ -880,14 +1095,15 @@ impl Plan {
         let mut casts: Vec<(Slot, Slot)> = Vec::new();
         let mut inputs_cast = None;
         // Per hidden layer: the product (kept for gelu's backward) and the activation, and the
-        // dropout after it.
+        // pooling or dropout after it.
         let mut hidden: Vec<(Slot, Slot)> = Vec::new();
+        let mut pooled: Vec<Option<Pooled>> = Vec::new();
         let mut dropped: Vec<Option<Dropped>> = Vec::new();
         let mut logits = None;
         for (i, (layer, params)) in self.layers.iter().zip(&layers).enumerate() {
             let (weight, bias) = if mixed {
-                let bias = b.value(Part::Parameters, layer.outputs, compute);
-                b.push(convert(params.bias, bias, layer.outputs));
+                let bias = b.value(Part::Parameters, layer.biases(), compute);
+                b.push(convert(params.bias, bias, layer.biases()));
                 let weight = b.value(Part::Parameters, layer.weights(), compute);
                 b.push(convert(params.weight, weight, layer.weights()));
                 casts.push((weight, bias));
@@ -903,41 +1119,42 @@ impl Plan {
                     cast
                 }
                 0 => inputs,
-                _ => dropped[i - 1].map_or(hidden[i - 1].1, |d| d.output),
+                _ => layer_input(&hidden, &pooled, &dropped, i),
             };
-            let product = b.value(Part::Activations, per_row(layer.outputs)?, compute);
-            b.push(Instr::LinearForward {
-                x: input,
-                w: weight,
-                y: product,
-                rows,
-                inputs: layer.inputs,
-                outputs: layer.outputs,
-            });
+            let output = b.value(Part::Activations, per_row(layer.outputs)?, compute);
+            b.push(product(layer, input, weight, output, rows));
             if i == last {
-                b.push(Instr::BiasActivation {
-                    pre: product,
+                b.push(bias_activation(
+                    layer,
+                    output,
                     bias,
-                    post: None,
+                    None,
                     rows,
-                    cols: layer.outputs,
-                    activation: self.activation,
-                });
-                logits = Some(product);
+                    self.activation,
+                ));
+                logits = Some(output);
                 continue;
             }
             let activated = b.value(Part::Activations, rows * layer.outputs, compute);
-            b.push(Instr::BiasActivation {
-                pre: product,
+            b.push(bias_activation(
+                layer,
+                output,
                 bias,
-                post: Some(activated),
+                Some(activated),
                 rows,
-                cols: layer.outputs,
-                activation: self.activation,
-            });
+                self.activation,
+            ));
             if self.activation != Activation::Gelu {
                 // relu and tanh save their output, gelu its input.
-                b.free(product);
+                b.free(output);
+            }
+            // Pooling writes its output, then (max) its int64 indices, and saves its input.
+            let p = match layer.pool {
+                Some(pool) => Some(Pooled::allocate(&mut b, rows, pool, compute)?),
+                None => None,
+            };
+            if let Some(p) = p {
+                b.push(p.forward(activated, rows));
             }
             // Dropout (`native_dropout`, as PyTorch runs it on a GPU) writes its output, then a
             // one-byte mask, and saves only the mask: gelu's output goes once it is read.
@@ -950,7 +1167,8 @@ impl Plan {
                     b.free(activated);
                 }
             }
-            hidden.push((product, activated));
+            hidden.push((output, activated));
+            pooled.push(p);
             dropped.push(d);
         }
         let logits = logits.expect("the last layer writes the logits");
@@ -1008,18 +1226,11 @@ impl Plan {
             };
             let input = match i {
                 0 => inputs_cast.unwrap_or(inputs),
-                _ => dropped[i - 1].map_or(hidden[i - 1].1, |d| d.output),
+                _ => layer_input(&hidden, &pooled, &dropped, i),
             };
             let dx = (i > 0).then(|| {
                 let dx = b.value(Part::Activations, rows * layer.inputs, compute);
-                b.push(Instr::InputGradient {
-                    dy: grad_out,
-                    w: weight,
-                    dx,
-                    rows,
-                    inputs: layer.inputs,
-                    outputs: layer.outputs,
-                });
+                b.push(input_gradient(layer, grad_out, weight, dx, rows));
                 dx
             });
             // Mixed precision: the gradients come out half and are cast to the f32 master's.
@@ -1030,21 +1241,9 @@ impl Plan {
                 Part::Gradients
             };
             let dw = b.value(gradient_part, layer.weights(), gradient_storage);
-            b.push(Instr::WeightGradient {
-                dy: grad_out,
-                x: input,
-                dw,
-                rows,
-                inputs: layer.inputs,
-                outputs: layer.outputs,
-            });
-            let db = b.value(gradient_part, layer.outputs, gradient_storage);
-            b.push(Instr::BiasGradient {
-                dy: grad_out,
-                db,
-                rows,
-                cols: layer.outputs,
-            });
+            b.push(weight_gradient(layer, grad_out, input, dw, rows));
+            let db = b.value(gradient_part, layer.biases(), gradient_storage);
+            b.push(bias_gradient(layer, grad_out, db, rows));
             b.free(grad_out);
             if mixed && i > 0 {
                 b.free(weight);
@@ -1052,15 +1251,18 @@ impl Plan {
             if let Some(cast) = inputs_cast.filter(|_| i == 0) {
                 b.free(cast);
             }
-            // What only this layer's backward kept: dropout's output, or (gelu saved the
-            // product) the activation's.
-            match i.checked_sub(1).map(|h| dropped[h]) {
-                Some(Some(d)) => b.free(d.output),
-                Some(None) if self.activation == Activation::Gelu => b.free(hidden[i - 1].1),
-                _ => {}
+            // What only this layer's backward kept, its input: the pooled output, dropout's
+            // output, or (gelu saved the product) the activation's.
+            if let Some(h) = i.checked_sub(1) {
+                match (pooled[h], dropped[h]) {
+                    (Some(p), _) => b.free(p.output),
+                    (None, Some(d)) => b.free(d.output),
+                    (None, None) if self.activation == Activation::Gelu => b.free(hidden[h].1),
+                    (None, None) => {}
+                }
             }
             gradients[2 * i] = (dw, layer.weights());
-            gradients[2 * i + 1] = (db, layer.outputs);
+            gradients[2 * i + 1] = (db, layer.biases());
             if mixed {
                 for (slot, len) in &mut gradients[2 * i..2 * i + 2] {
                     let full = b.value(Part::Gradients, *len, Storage::F32);
@@ -1070,6 +1272,21 @@ impl Plan {
                 }
             }
             if let Some(mut dx) = dx {
+                let below = &self.layers[i - 1];
+                if let Some(p) = pooled[i - 1] {
+                    // The pooling's backward writes the gradient of its input, then lets the
+                    // indices go; gelu's output was saved by the pooling alone.
+                    let grad = b.value(Part::Activations, rows * below.outputs, compute);
+                    b.push(p.backward(dx, grad, rows));
+                    b.free(dx);
+                    if let Some(indices) = p.indices {
+                        b.free(indices);
+                    }
+                    if self.activation == Activation::Gelu {
+                        b.free(hidden[i - 1].1);
+                    }
+                    dx = grad;
+                }
                 if let Some(d) = dropped[i - 1] {
                     // native_dropout_backward writes a new gradient, then lets the mask go.
                     let len = rows * layer.inputs;
@@ -1085,12 +1302,13 @@ impl Plan {
                     Activation::Gelu => product,
                     _ => activated,
                 };
-                let grad = b.value(Part::Activations, rows * layer.inputs, compute);
+                let len = rows * below.outputs;
+                let grad = b.value(Part::Activations, len, compute);
                 b.push(Instr::ActivationGradient {
                     grad: dx,
                     saved,
                     out: grad,
-                    len: rows * layer.inputs,
+                    len,
                     activation: self.activation,
                 });
                 b.free(dx);
@@ -1107,7 +1325,7 @@ impl Plan {
             2 => self
                 .layers
                 .iter()
-                .flat_map(|l| [l.weights(), l.outputs])
+                .flat_map(|l| [l.weights(), l.biases()])
                 .map(|len| b.value(Part::OptimizerState, len, master))
                 .collect(),
             _ => Vec::new(),
@@ -1128,6 +1346,21 @@ impl Plan {
             loss: (row_loss, loss_sum),
             scales_loss: overflow.is_some(),
         }))
+    }
+}
+
+/// What layer `i` (past the first) reads: the layer below's pooled output, its dropout's output,
+/// or its activation.
+fn layer_input(
+    hidden: &[(Slot, Slot)],
+    pooled: &[Option<Pooled>],
+    dropped: &[Option<Dropped>],
+    i: usize,
+) -> Slot {
+    match (pooled[i - 1], dropped[i - 1]) {
+        (Some(p), _) => p.output,
+        (None, Some(d)) => d.output,
+        (None, None) => hidden[i - 1].1,
     }
 }
 
@@ -1154,7 +1387,7 @@ fn parameter_slots(plan: &Plan, layers: &[Parameters]) -> Vec<(Slot, u64)> {
     plan.layers
         .iter()
         .zip(layers)
-        .flat_map(|(layer, p)| [(p.weight, layer.weights()), (p.bias, layer.outputs)])
+        .flat_map(|(layer, p)| [(p.weight, layer.weights()), (p.bias, layer.biases())])
         .collect()
 }
 

@@ -1,0 +1,102 @@
+// conv.cu: 2-D convolution of NCHW batches, forward and both gradients, computed directly (no
+// im2col workspace: a step's memory is PyTorch's, whose cuDNN picks workspace-free algorithms when
+// memory is short). The bias is added by elementwise.cu's bias_activation and summed by
+// reduce.cu's channel_sum.
+//
+// Geometry (window.cuh): x is rows x in_channels x height x width; w is out_channels x in_channels x kernel x
+// kernel; y is rows x out_channels x out_height x out_width, with `stride` between windows and
+// `padding` zeros on every side. Every index is 64-bit.
+//
+// conv2d_forward, conv2d_input_gradient: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1);
+//   grid-stride over the outputs (inputs); each thread sums its window in f32, in the order
+//   channel, kernel row, kernel column, and stores the sum rounded.
+// conv2d_weight_gradient: block (256, 1, 1); grid (min(weights, 2^20), 1, 1); a block per
+//   weight (looping past the grid), its threads striding over rows x out_height x out_width, the
+//   partial sums added in shared memory as a tree; written rounded to dw's storage.
+
+// y[n, o, i, j] = sum_{c, a, b} x[n, c, i*stride - padding + a, j*stride - padding + b] * w[o, c, a, b]
+extern "C" __global__ void conv2d_forward(const void* x, const void* w, void* y, long long rows, long long in_channels,
+                                          long long height, long long width, long long out_channels,
+                                          long long kernel, long long stride, long long padding,
+                                          long long out_height, long long out_width, int storage) {
+    const long long n = rows * out_channels * out_height * out_width;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        const long long j = e % out_width;
+        const long long i = (e / out_width) % out_height;
+        const long long o = (e / (out_width * out_height)) % out_channels;
+        const long long sample = e / (out_width * out_height * out_channels);
+        float sum = 0.0f;
+        for (long long c = 0; c < in_channels; ++c) {
+            const long long plane = (sample * in_channels + c) * height;
+            const long long filter = (o * in_channels + c) * kernel;
+            window_taps(i, j, height, width, kernel, stride, padding,
+                        [&](long long a, long long b, long long r, long long s) {
+                            sum += load_value(x, (plane + r) * width + s, storage) *
+                                   load_value(w, (filter + a) * kernel + b, storage);
+                        });
+        }
+        store_value(y, e, storage, sum);
+    }
+}
+
+// dx[n, c, r, s] = sum over the outputs whose window holds (r, s): dy[n, o, i, j] * w[o, c, a, b]
+extern "C" __global__ void conv2d_input_gradient(const void* dy, const void* w, void* dx, long long rows,
+                                                 long long in_channels, long long height, long long width,
+                                                 long long out_channels, long long kernel, long long stride,
+                                                 long long padding, long long out_height, long long out_width,
+                                                 int storage) {
+    const long long n = rows * in_channels * height * width;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        const long long s = e % width;
+        const long long r = (e / width) % height;
+        const long long c = (e / (width * height)) % in_channels;
+        const long long sample = e / (width * height * in_channels);
+        float sum = 0.0f;
+        for (long long o = 0; o < out_channels; ++o) {
+            const long long plane = (sample * out_channels + o) * out_height;
+            const long long filter = (o * in_channels + c) * kernel;
+            windows_holding(r, s, out_height, out_width, kernel, stride, padding,
+                            [&](long long a, long long b, long long i, long long j) {
+                                sum += load_value(dy, (plane + i) * out_width + j, storage) *
+                                       load_value(w, (filter + a) * kernel + b, storage);
+                            });
+        }
+        store_value(dx, e, storage, sum);
+    }
+}
+
+// dw[o, c, a, b] = sum_{n, i, j} dy[n, o, i, j] * x[n, c, i*stride - padding + a, j*stride - padding + b]
+extern "C" __global__ void conv2d_weight_gradient(const void* dy, const void* x, void* dw, long long rows,
+                                                  long long in_channels, long long height, long long width,
+                                                  long long out_channels, long long kernel, long long stride,
+                                                  long long padding, long long out_height, long long out_width,
+                                                  int storage, int dw_storage) {
+    __shared__ float partial[256];
+    const long long weights = out_channels * in_channels * kernel * kernel;
+    const long long positions = rows * out_height * out_width;
+    for (long long e = blockIdx.x; e < weights; e += gridDim.x) {
+        const long long b = e % kernel;
+        const long long a = (e / kernel) % kernel;
+        const long long c = (e / (kernel * kernel)) % in_channels;
+        const long long o = e / (kernel * kernel * in_channels);
+        float sum = 0.0f;
+        for (long long p = threadIdx.x; p < positions; p += blockDim.x) {
+            const long long j = p % out_width;
+            const long long i = (p / out_width) % out_height;
+            const long long sample = p / (out_width * out_height);
+            const long long r = i * stride - padding + a;
+            const long long s = j * stride - padding + b;
+            if (r < 0 || r >= height || s < 0 || s >= width) continue;
+            sum += load_value(dy, ((sample * out_channels + o) * out_height + i) * out_width + j, storage) *
+                   load_value(x, ((sample * in_channels + c) * height + r) * width + s, storage);
+        }
+        partial[threadIdx.x] = sum;
+        __syncthreads();
+        for (int half = blockDim.x / 2; half > 0; half /= 2) {
+            if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) store_value(dw, e, dw_storage, partial[0]);
+        __syncthreads();
+    }
+}
