@@ -224,9 +224,23 @@ fn a_layer_list_mlp_is_estimated_and_an_image_model_exits_2_naming_its_layer() {
             {"linear": {"out_features": 120}}, {"relu": {}}, {"linear": {"out_features": 84}},
             {"relu": {}}, {"linear": {"out_features": 10}}]}, "optimizer": {"name": "sgd"}}"#,
     );
-    let output = headroom(&["tune", lenet.to_str().unwrap(), "--device", "host"]);
-    refused(&output, 2, "model.layers[0]: `conv2d` is read and checked");
-    refused(&output, 2, "61706 parameters");
+    let output = headroom(&["estimate", lenet.to_str().unwrap(), "--gpu", "H100 80GB"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let normed = support::temp_file(
+        ".json",
+        std::fs::read_to_string(&lenet).unwrap().replacen(
+            r#"{"relu": {}}"#,
+            r#"{"batch_norm2d": {}}, {"relu": {}}"#,
+            1,
+        ),
+    );
+    let output = headroom(&["tune", normed.to_str().unwrap(), "--device", "host"]);
+    refused(
+        &output,
+        2,
+        "model.layers[1]: `batch_norm2d` is read and checked",
+    );
+    refused(&output, 2, "13 layers, 61718 parameters");
     let too_big = support::temp_file(
         ".json",
         r#"{"model": {"input_shape": [3, 32, 32], "num_classes": 10, "layers": [

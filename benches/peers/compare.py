@@ -26,6 +26,11 @@ def headroom(binary, model, batch, steps):
                      "num_classes": model["classes"], "activation": model["activation"]},
            "optimizer": {"name": model["optimizer"], "learning_rate": 0.001},
            "search": {"steps_per_probe": steps + 1}}
+    return probe(binary, job, batch)
+
+
+def probe(binary, job, batch):
+    """What `headroom probe` measured of `job` at `batch` on the host device (8 GiB)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(job, f)
         f.flush()

@@ -8,8 +8,8 @@
 //! - [`job`]: the job description (JSON), parsed and validated with field paths into a [`Job`]
 //!   that owns its [`Plan`]; [`layers`]: a model as a layer list in PyTorch's names, every
 //!   shape checked and the parameters counted.
-//! - [`plan`]: layer shapes, every buffer of a step, the four-part memory model and the
-//!   prediction of the largest batch.
+//! - [`plan`]: layer shapes (linear, and convolutions with their pooling: [`plan::image`]),
+//!   every buffer of a step, the four-part memory model and the prediction of the largest batch.
 //! - [`estimate`]: the memory model's answer for an amount of free memory, no device touched.
 //!   Its [`plan::program`] is a training step compiled for one batch size: its allocations,
 //!   frees and kernels in order, as PyTorch runs it or as headroom's own step does

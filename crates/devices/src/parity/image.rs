@@ -2,8 +2,7 @@
 //! written here from the definitions (f64 sums over every window), at geometries with stride,
 //! padding and windows cut by the border.
 
-use super::kernels::{PRODUCTS, STORAGES};
-use super::{compare, poison, random, rounded, tolerance, Check};
+use super::{compare, poison, random, rounded, tolerance, Check, PRODUCTS, STORAGES};
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
 use headroom_engine::plan::{Activation, Convolution, PoolKind, Pooling, Storage};

@@ -1,6 +1,8 @@
 //! One check per kernel family, in every storage combination a precision uses.
 
-use super::{compare, compare_bits, poison, random, round, rounded, tolerance, Check};
+use super::{
+    compare, compare_bits, poison, random, round, rounded, tolerance, Check, PRODUCTS, STORAGES,
+};
 use crate::host::ops;
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
@@ -8,19 +10,6 @@ use headroom_engine::plan::program::OptimizerState;
 use headroom_engine::plan::{Activation, OptimizerKind, Storage};
 use headroom_engine::step::UpdateRule;
 use headroom_engine::synthetic;
-
-pub(super) const STORAGES: [Storage; 3] = [Storage::F32, Storage::Bf16, Storage::F16];
-
-/// Operand and result storage of the products the precisions run: f32 everywhere (`32-true`),
-/// 16-bit everywhere (the forward and input-gradient products of every other precision, and
-/// bf16-true's weight gradient), 16-bit operands into f32 (the weight gradient when mixed).
-pub(super) const PRODUCTS: [(Storage, Storage); 5] = [
-    (Storage::F32, Storage::F32),
-    (Storage::Bf16, Storage::Bf16),
-    (Storage::Bf16, Storage::F32),
-    (Storage::F16, Storage::F16),
-    (Storage::F16, Storage::F32),
-];
 
 /// Runs every kernel check on `device`.
 pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {

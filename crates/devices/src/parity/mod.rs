@@ -22,6 +22,20 @@ use half::{bf16, f16};
 use headroom_engine::plan::Storage;
 use headroom_engine::synthetic;
 
+/// Every storage, for the checks of one storage at a time.
+const STORAGES: [Storage; 3] = [Storage::F32, Storage::Bf16, Storage::F16];
+
+/// Operand and result storage of the products the precisions run: f32 everywhere (`32-true`),
+/// 16-bit everywhere (the forward and input-gradient products of every other precision, and
+/// bf16-true's weight gradient), 16-bit operands into f32 (the weight gradient when mixed).
+const PRODUCTS: [(Storage, Storage); 5] = [
+    (Storage::F32, Storage::F32),
+    (Storage::Bf16, Storage::Bf16),
+    (Storage::Bf16, Storage::F32),
+    (Storage::F16, Storage::F16),
+    (Storage::F16, Storage::F32),
+];
+
 /// Largest accepted relative error of f32 results (absolute below magnitude 1).
 pub const TOLERANCE: f64 = 1e-4;
 
