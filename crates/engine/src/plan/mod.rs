@@ -730,6 +730,59 @@ mod tests {
         );
     }
 
+    /// LeNet-5 on MNIST (two padded/unpadded 5x5 convolutions, each max pooled 2x2, then
+    /// 400-120-84-10), f32, headroom's step, which keeps every buffer: its bytes per sample
+    /// counted by hand.
+    #[test]
+    fn lenet5_bytes_per_sample_by_hand() {
+        let conv = |in_channels, height, out_channels, padding| Convolution {
+            in_channels,
+            height,
+            width: height,
+            out_channels,
+            kernel: 5,
+            stride: 1,
+            padding,
+        };
+        let pool = |channels, height| Pooling {
+            kind: PoolKind::Max,
+            channels,
+            height,
+            width: height,
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+        };
+        let plan = Plan::convolutional(
+            &[
+                (conv(1, 28, 6, 2), Some(pool(6, 28))),
+                (conv(6, 14, 16, 0), Some(pool(16, 10))),
+            ],
+            784,
+            &[120, 84],
+            10,
+            Activation::Relu,
+            Training {
+                optimizer: OptimizerKind::SgdMomentum,
+                learning_rate: 0.01,
+                precision: Precision::F32True,
+                framework: Framework::Headroom,
+            },
+        )
+        .unwrap();
+        assert_eq!(plan.parameter_count(), 61_706);
+        let input = 784 * 4 + 4; // the image and its label
+        let conv1 = 2 * 6 * 28 * 28 * 4 + 6 * 14 * 14 * (4 + 8); // pre, post; pooled, places
+        let conv2 = 2 * 16 * 10 * 10 * 4 + 16 * 5 * 5 * (4 + 8);
+        let mlp = 2 * (120 + 84) * 4 + 10 * 4 + 4; // pre, post; logits; the sample's loss
+        let scratch = 6 * 14 * 14 * 4; // the widest gradient between layers: conv2's input
+        assert_eq!(
+            plan.bytes_per_sample(),
+            input + conv1 + conv2 + mlp + scratch
+        );
+        assert_eq!(plan.bytes_per_sample(), 78_864);
+    }
+
     /// A ReLU MLP to 10 classes under Adam, headroom's step (its memory is affine in the batch:
     /// every buffer lives for the whole step).
     fn adam_mlp(features: u64, hidden: &[u64], precision: Precision) -> Plan {
