@@ -118,9 +118,9 @@ pub fn conv2d_input_gradient(dy: &[f32], w: &[f32], dx: &mut [f32], conv: &Convo
 /// threads, so the sum comes out the same on every run.
 const WEIGHT_GRADIENT_GROUPS: usize = 16;
 
-/// The filters' gradient, summed over every sample of `dy` and `x`, into `dw`: each group of
+/// Adds the filters' gradient, summed over every sample of `dy` and `x`, to `dw`: each group of
 /// samples sums into its own partial (in parallel), and the partials are added in order.
-pub fn conv2d_weight_gradient(dy: &[f32], x: &[f32], dw: &mut [f32], conv: &Convolution) {
+pub fn add_conv2d_weight_gradient(dy: &[f32], x: &[f32], dw: &mut [f32], conv: &Convolution) {
     let (inputs, outputs, positions, fan_in) = sizes(conv);
     let filters = conv.out_channels as usize;
     let rows = dy.len() / outputs.max(1);
@@ -150,7 +150,6 @@ pub fn conv2d_weight_gradient(dy: &[f32], x: &[f32], dw: &mut [f32], conv: &Conv
             sum
         })
         .collect();
-    dw.fill(0.0);
     for partial in partials {
         dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
     }

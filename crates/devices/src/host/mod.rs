@@ -5,13 +5,14 @@
 //! Every buffer is charged to a [`Ledger`] before it is allocated; a charge past the budget, or
 //! an allocation the system refuses, is [`DeviceError::OutOfMemory`]. Nothing is allocated for a
 //! batch that does not fit. Widening 16-bit values takes scratch outside the budget: a layer's
-//! weights in f32 at most, and chunks of [`values::CHUNK`] values.
+//! weights in f32 at most, and chunks of [`values::CHUNK`] values; a convolution also unfolds
+//! one sample's windows per thread ([`image`]).
 
 pub mod image;
 pub mod ops;
 pub mod values;
 
-use std::ops::{Deref, DerefMut};
+use std::ops::{Deref, DerefMut, Range};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -205,23 +206,36 @@ fn spread(bias: &[f32], spatial: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `y (rows x y_width) = a (rows x a_width) * b` by blocks of rows, `b` (`b_len` values)
-/// widened once: the forward and input-gradient products. `product` takes a block's rows.
-fn row_product(
+/// `y (rows x y_width)` from `a (rows x a_width)` by blocks of rows whose widest operand spans
+/// about [`values::CHUNK`] values (one block when both are f32, which needs no widening): `op`
+/// takes a block's rows, its `a` and its `y`.
+fn row_map(
     (a, a_width): (&HostValues, usize),
-    (b, b_len): (&HostValues, usize),
     (y, y_width): (&mut HostValues, usize),
     rows: usize,
-    product: impl Fn(&[f32], &[f32], &mut [f32], usize),
+    mut op: impl FnMut(Range<usize>, &[f32], &mut [f32]),
 ) {
-    let all_f32 = [a, b, &*y].iter().all(|v| v.storage() == Storage::F32);
-    let b = b.read(0..b_len);
+    let all_f32 = a.storage() == Storage::F32 && y.storage() == Storage::F32;
     for block in row_blocks(rows, a_width.max(y_width), all_f32) {
         let a = a.read(block.start * a_width..block.end * a_width);
         y.update(block.start * y_width..block.end * y_width, |y| {
-            product(&a, &b, y, block.len())
+            op(block, &a, y)
         });
     }
+}
+
+/// `y (rows x y_width) = a (rows x a_width) * b` by blocks of rows ([`row_map`]), `b` (`b_len`
+/// values, stored as `a` is) widened once: the forward and input-gradient products.
+/// `product` takes a block's rows.
+fn row_product(
+    a: (&HostValues, usize),
+    (b, b_len): (&HostValues, usize),
+    y: (&mut HostValues, usize),
+    rows: usize,
+    product: impl Fn(&[f32], &[f32], &mut [f32], usize),
+) {
+    let b = b.read(0..b_len);
+    row_map(a, y, rows, |block, a, y| product(a, &b, y, block.len()));
 }
 
 impl Kernels for HostDevice {
@@ -351,11 +365,14 @@ impl Kernels for HostDevice {
         rows: u64,
         conv: &Convolution,
     ) -> Result<(), DeviceError> {
-        let x = x.read(0..usize_of(rows * conv.inputs()));
-        let w = w.read(0..usize_of(conv.weights()));
-        y.update(0..usize_of(rows * conv.outputs()), |y| {
-            image::conv2d_forward(&x, &w, y, conv)
-        });
+        let (inputs, outputs) = (usize_of(conv.inputs()), usize_of(conv.outputs()));
+        row_product(
+            (x, inputs),
+            (w, usize_of(conv.weights())),
+            (y, outputs),
+            usize_of(rows),
+            |x, w, y, _| image::conv2d_forward(x, w, y, conv),
+        );
         Ok(())
     }
 
@@ -367,11 +384,14 @@ impl Kernels for HostDevice {
         rows: u64,
         conv: &Convolution,
     ) -> Result<(), DeviceError> {
-        let dy = dy.read(0..usize_of(rows * conv.outputs()));
-        let w = w.read(0..usize_of(conv.weights()));
-        dx.update(0..usize_of(rows * conv.inputs()), |dx| {
-            image::conv2d_input_gradient(&dy, &w, dx, conv)
-        });
+        let (inputs, outputs) = (usize_of(conv.inputs()), usize_of(conv.outputs()));
+        row_product(
+            (dy, outputs),
+            (w, usize_of(conv.weights())),
+            (dx, inputs),
+            usize_of(rows),
+            |dy, w, dx, _| image::conv2d_input_gradient(dy, w, dx, conv),
+        );
         Ok(())
     }
 
@@ -383,11 +403,16 @@ impl Kernels for HostDevice {
         rows: u64,
         conv: &Convolution,
     ) -> Result<(), DeviceError> {
-        let dy = dy.read(0..usize_of(rows * conv.outputs()));
-        let x = x.read(0..usize_of(rows * conv.inputs()));
-        dw.update(0..usize_of(conv.weights()), |dw| {
-            image::conv2d_weight_gradient(&dy, &x, dw, conv)
-        });
+        let (inputs, outputs) = (usize_of(conv.inputs()), usize_of(conv.outputs()));
+        let all_f32 = dy.storage() == Storage::F32 && x.storage() == Storage::F32;
+        // The sum over samples, by blocks, in f32; rounded once at the end.
+        let mut sum = vec![0.0f32; usize_of(conv.weights())];
+        for block in row_blocks(usize_of(rows), inputs.max(outputs), all_f32) {
+            let dy = dy.read(block.start * outputs..block.end * outputs);
+            let x = x.read(block.start * inputs..block.end * inputs);
+            image::add_conv2d_weight_gradient(&dy, &x, &mut sum, conv);
+        }
+        dw.write(0, &sum);
         Ok(())
     }
 
@@ -399,10 +424,10 @@ impl Kernels for HostDevice {
         rows: u64,
         pool: &Pooling,
     ) -> Result<(), DeviceError> {
-        let outputs = usize_of(rows * pool.outputs());
-        let x = x.read(0..usize_of(rows * pool.inputs()));
-        y.update(0..outputs, |y| {
-            image::max_pool_forward(&x, y, &mut indices[..outputs], pool)
+        let (inputs, outputs) = (usize_of(pool.inputs()), usize_of(pool.outputs()));
+        row_map((x, inputs), (y, outputs), usize_of(rows), |block, x, y| {
+            let places = &mut indices[block.start * outputs..block.end * outputs];
+            image::max_pool_forward(x, y, places, pool)
         });
         Ok(())
     }
@@ -415,11 +440,16 @@ impl Kernels for HostDevice {
         rows: u64,
         pool: &Pooling,
     ) -> Result<(), DeviceError> {
-        let outputs = usize_of(rows * pool.outputs());
-        let dy = dy.read(0..outputs);
-        dx.update(0..usize_of(rows * pool.inputs()), |dx| {
-            image::max_pool_backward(&dy, &indices[..outputs], dx, pool)
-        });
+        let (inputs, outputs) = (usize_of(pool.inputs()), usize_of(pool.outputs()));
+        row_map(
+            (dy, outputs),
+            (dx, inputs),
+            usize_of(rows),
+            |block, dy, dx| {
+                let places = &indices[block.start * outputs..block.end * outputs];
+                image::max_pool_backward(dy, places, dx, pool)
+            },
+        );
         Ok(())
     }
 
@@ -430,9 +460,9 @@ impl Kernels for HostDevice {
         rows: u64,
         pool: &Pooling,
     ) -> Result<(), DeviceError> {
-        let x = x.read(0..usize_of(rows * pool.inputs()));
-        y.update(0..usize_of(rows * pool.outputs()), |y| {
-            image::avg_pool_forward(&x, y, pool)
+        let (inputs, outputs) = (usize_of(pool.inputs()), usize_of(pool.outputs()));
+        row_map((x, inputs), (y, outputs), usize_of(rows), |_, x, y| {
+            image::avg_pool_forward(x, y, pool)
         });
         Ok(())
     }
@@ -444,9 +474,9 @@ impl Kernels for HostDevice {
         rows: u64,
         pool: &Pooling,
     ) -> Result<(), DeviceError> {
-        let dy = dy.read(0..usize_of(rows * pool.outputs()));
-        dx.update(0..usize_of(rows * pool.inputs()), |dx| {
-            image::avg_pool_backward(&dy, dx, pool)
+        let (inputs, outputs) = (usize_of(pool.inputs()), usize_of(pool.outputs()));
+        row_map((dy, outputs), (dx, inputs), usize_of(rows), |_, dy, dx| {
+            image::avg_pool_backward(dy, dx, pool)
         });
         Ok(())
     }

@@ -520,3 +520,90 @@ fn training_is_deterministic_for_a_seed() {
     assert_eq!(a.len() as u64, plan.parameter_count());
     assert_eq!(plan.optimizer, Adamw);
 }
+
+/// 16-bit batches larger than one widening chunk go through a convolution and a max pooling
+/// block by block (LeNet's first layer: 13 samples a block): each sample's outputs are those of
+/// one f32 pass over the same values, rounded once, and the filter gradient summed over blocks
+/// stays within a 16-bit unit of the f32 sum.
+#[test]
+fn sixteen_bit_batches_are_convolved_and_pooled_block_by_block() {
+    let conv = Convolution {
+        in_channels: 1,
+        height: 28,
+        width: 28,
+        out_channels: 6,
+        kernel: 5,
+        stride: 1,
+        padding: 2,
+    };
+    let pool = Pooling {
+        kind: PoolKind::Max,
+        channels: 6,
+        height: 28,
+        width: 28,
+        kernel: 2,
+        stride: 2,
+        padding: 0,
+    };
+    let rows = 40u64;
+    let (inputs, outputs) = (rows * conv.inputs(), rows * conv.outputs());
+    assert!(outputs as usize > 2 * values::CHUNK, "more than two blocks");
+    let bf16 = |v: &[f32]| {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect::<Vec<_>>()
+    };
+    let key = synthetic::stream_key(5, 6);
+    let random = |n: u64, offset: u64| {
+        bf16(
+            &(0..n)
+                .map(|i| synthetic::uniform(key, i + offset, 1.0))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (x, w, dy) = (
+        random(inputs, 0),
+        random(conv.weights(), inputs),
+        random(outputs, 0),
+    );
+    let mut device = HostDevice::default();
+    let mut run = |storage: Storage| {
+        let [xd, wd, dyd] = [&x, &w, &dy].map(|v| device.write_values(v, storage).unwrap());
+        let mut y = device.zeroed(outputs, storage).unwrap();
+        device
+            .conv2d_forward(&xd, &wd, &mut y, rows, &conv)
+            .unwrap();
+        let mut pooled = device.zeroed(rows * pool.outputs(), storage).unwrap();
+        let mut places = device.index_zeroed(rows * pool.outputs()).unwrap();
+        device
+            .max_pool_forward(&y, &mut pooled, &mut places, rows, &pool)
+            .unwrap();
+        let mut back = device.zeroed(outputs, storage).unwrap();
+        device
+            .max_pool_backward(&pooled, &places, &mut back, rows, &pool)
+            .unwrap();
+        let mut dx = device.zeroed(inputs, storage).unwrap();
+        device
+            .conv2d_input_gradient(&dyd, &wd, &mut dx, rows, &conv)
+            .unwrap();
+        let mut dw = device.zeroed(conv.weights(), Storage::F32).unwrap();
+        device
+            .conv2d_weight_gradient(&dyd, &xd, &mut dw, rows, &conv)
+            .unwrap();
+        [y, pooled, back, dx, dw].map(|v| v.to_f32_vec())
+    };
+    let [y, pooled, back, dx, dw] = run(Storage::Bf16);
+    let [y32, _, _, dx32, dw32] = run(Storage::F32);
+    assert_eq!(y, bf16(&y32));
+    assert_eq!(dx, bf16(&dx32));
+    // Pooling reads the stored (rounded) outputs: its maxima are among them, routed back.
+    assert!(pooled.iter().all(|v| y.contains(v)));
+    assert_eq!(
+        back.iter().filter(|&&v| v != 0.0).count(),
+        pooled.iter().filter(|&&v| v != 0.0).count()
+    );
+    let largest = dw32.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (a, b) in dw.iter().zip(&dw32) {
+        assert!((a - b).abs() <= 1e-5 * largest.max(1.0), "{a} vs {b}");
+    }
+}
