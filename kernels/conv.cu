@@ -12,7 +12,7 @@
 //   channel, kernel row, kernel column, and stores the sum rounded.
 // conv2d_weight_gradient: block (256, 1, 1); grid (min(weights, 2^20), 1, 1); a block per
 //   weight (looping past the grid), its threads striding over rows x out_height x out_width, the
-//   partial sums added in shared memory as a tree; written rounded to dw's storage.
+//   partial sums added by block.cuh's block_sum; written rounded to dw's storage.
 
 // y[n, o, i, j] = sum_{c, a, b} x[n, c, i*stride - padding + a, j*stride - padding + b] * w[o, c, a, b]
 extern "C" __global__ void conv2d_forward(const void* x, const void* w, void* y, long long rows, long long in_channels,
@@ -71,7 +71,6 @@ extern "C" __global__ void conv2d_weight_gradient(const void* dy, const void* x,
                                                   long long out_channels, long long kernel, long long stride,
                                                   long long padding, long long out_height, long long out_width,
                                                   int storage, int dw_storage) {
-    __shared__ float partial[256];
     const long long weights = out_channels * in_channels * kernel * kernel;
     const long long positions = rows * out_height * out_width;
     for (long long e = blockIdx.x; e < weights; e += gridDim.x) {
@@ -90,13 +89,7 @@ extern "C" __global__ void conv2d_weight_gradient(const void* dy, const void* x,
             sum += load_value(dy, ((sample * out_channels + o) * out_height + i) * out_width + j, storage) *
                    load_value(x, ((sample * in_channels + c) * height + r) * width + s, storage);
         }
-        partial[threadIdx.x] = sum;
-        __syncthreads();
-        for (int half = blockDim.x / 2; half > 0; half /= 2) {
-            if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) store_value(dw, e, dw_storage, partial[0]);
-        __syncthreads();
+        const float total = block_sum(sum);
+        if (threadIdx.x == 0) store_value(dw, e, dw_storage, total);
     }
 }

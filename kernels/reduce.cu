@@ -8,10 +8,10 @@
 //   is written, rounded to out_storage. Blocks loop over column tiles past the grid.
 // channel_sum: block (256, 1, 1); grid (min(channels, 65535), 1, 1): a block per channel
 //   (looping past the grid) sums rows x spatial values of an NCHW batch, its threads striding
-//   over them, partial sums added in shared memory as a tree; written rounded to out_storage.
+//   over them, partial sums added by block.cuh's block_sum; written rounded to out_storage.
 //   A convolution's bias gradient.
 // mean: block (256, 1, 1); grid (min(ceil(n/256), 4096), 1, 1); grid-stride partial sums,
-//   a block reduction in shared memory, then atomicAdd(out, sum / n): out must be zeroed first.
+//   block.cuh's block_sum, then atomicAdd(out, sum / n): out must be zeroed first.
 // nonfinite: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); any infinity or NaN in the
 //   values sets *flag to 1 (every writer writes the same value, so no atomics).
 
@@ -43,37 +43,24 @@ extern "C" __global__ void column_sum(const void* in, void* out, long long rows,
 
 extern "C" __global__ void channel_sum(const void* in, void* out, long long rows, long long channels,
                                        long long spatial, int in_storage, int out_storage) {
-    __shared__ float partial[256];
     const long long per_channel = rows * spatial;
     for (long long c = blockIdx.x; c < channels; c += gridDim.x) {
         float sum = 0.0f;
         for (long long p = threadIdx.x; p < per_channel; p += blockDim.x) {
             sum += load_value(in, ((p / spatial) * channels + c) * spatial + p % spatial, in_storage);
         }
-        partial[threadIdx.x] = sum;
-        __syncthreads();
-        for (int half = blockDim.x / 2; half > 0; half /= 2) {
-            if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) store_value(out, c, out_storage, partial[0]);
-        __syncthreads();
+        const float total = block_sum(sum);
+        if (threadIdx.x == 0) store_value(out, c, out_storage, total);
     }
 }
 
 extern "C" __global__ void mean(const float* in, float* out, long long n) {
-    __shared__ float partial[256];
     float sum = 0.0f;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         sum += in[i];
     }
-    partial[threadIdx.x] = sum;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) atomicAdd(out, partial[0] / (float)n);
+    const float total = block_sum(sum);
+    if (threadIdx.x == 0) atomicAdd(out, total / (float)n);
 }
 
 extern "C" __global__ void nonfinite(const void* in, long long n, int storage, float* flag) {

@@ -44,9 +44,11 @@ fn sources() -> Vec<PathBuf> {
             .iter()
             .map(|f| root().join("kernels").join(f.file())),
     );
-    files.push(root().join("kernels/storage.cuh"));
-    files.push(root().join("kernels/synthetic.cuh"));
-    files.push(root().join("kernels/window.cuh"));
+    files.extend(
+        Family::HEADERS
+            .iter()
+            .map(|h| root().join("kernels").join(h)),
+    );
     files
 }
 
@@ -55,7 +57,7 @@ fn sources() -> Vec<PathBuf> {
 fn kernel_table() -> String {
     let mut text = String::new();
     let mut entries = Vec::new();
-    for header in ["storage.cuh", "synthetic.cuh", "window.cuh"] {
+    for header in Family::HEADERS {
         let path = root().join("kernels").join(header);
         text.push_str(&format!("#include \"{}\"\n", path.display()));
     }

@@ -54,9 +54,14 @@ impl Family {
         }
     }
 
-    /// The CUDA C++ source, embedded in the binary: `kernels/storage.cuh` (how values of each
-    /// storage are read and written), `kernels/synthetic.cuh` (the counter-based stream),
-    /// `kernels/window.cuh` (convolution and pooling windows), then the family's file.
+    /// The headers of `kernels/` every family's source begins with, in order.
+    pub const HEADERS: [&'static str; 4] =
+        ["storage.cuh", "synthetic.cuh", "window.cuh", "block.cuh"];
+
+    /// The CUDA C++ source, embedded in the binary: the [`Family::HEADERS`] (`storage.cuh`: how
+    /// values of each storage are read and written; `synthetic.cuh`: the counter-based stream;
+    /// `window.cuh`: convolution and pooling windows; `block.cuh`: sums across a block), then the
+    /// family's file.
     pub fn source(self) -> &'static str {
         macro_rules! with_storage {
             ($file:literal) => {
@@ -64,6 +69,7 @@ impl Family {
                     include_str!("../../../../kernels/storage.cuh"),
                     include_str!("../../../../kernels/synthetic.cuh"),
                     include_str!("../../../../kernels/window.cuh"),
+                    include_str!("../../../../kernels/block.cuh"),
                     include_str!(concat!("../../../../kernels/", $file))
                 )
             };
@@ -284,6 +290,17 @@ mod tests {
         }
         for (i, kernel) in Kernel::ALL.into_iter().enumerate() {
             assert_eq!(kernel.index(), i);
+        }
+    }
+
+    #[test]
+    fn every_source_is_the_headers_then_its_file() {
+        let kernels = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
+        let read = |name: &str| std::fs::read_to_string(kernels.join(name)).unwrap();
+        for family in Family::ALL {
+            let mut expected: String = Family::HEADERS.iter().map(|h| read(h)).collect();
+            expected.push_str(&read(family.file()));
+            assert!(family.source() == expected, "kernels/{}", family.file());
         }
     }
 
