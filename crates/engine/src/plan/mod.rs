@@ -730,46 +730,17 @@ mod tests {
         );
     }
 
-    /// LeNet-5 on MNIST (two padded/unpadded 5x5 convolutions, each max pooled 2x2, then
-    /// 400-120-84-10), f32, headroom's step, which keeps every buffer: its bytes per sample
-    /// counted by hand.
+    /// `examples/lenet5-mnist.json` (LeNet-5: 5x5 convolutions to 6 and 16 channels, the first
+    /// padded, each max pooled 2x2, then 400-120-84-10), f32, in headroom's step, which keeps
+    /// every buffer: its bytes per sample counted by hand.
     #[test]
     fn lenet5_bytes_per_sample_by_hand() {
-        let conv = |in_channels, height, out_channels, padding| Convolution {
-            in_channels,
-            height,
-            width: height,
-            out_channels,
-            kernel: 5,
-            stride: 1,
-            padding,
-        };
-        let pool = |channels, height| Pooling {
-            kind: PoolKind::Max,
-            channels,
-            height,
-            width: height,
-            kernel: 2,
-            stride: 2,
-            padding: 0,
-        };
-        let plan = Plan::convolutional(
-            &[
-                (conv(1, 28, 6, 2), Some(pool(6, 28))),
-                (conv(6, 14, 16, 0), Some(pool(16, 10))),
-            ],
-            784,
-            &[120, 84],
-            10,
-            Activation::Relu,
-            Training {
-                optimizer: OptimizerKind::SgdMomentum,
-                learning_rate: 0.01,
-                precision: Precision::F32True,
-                framework: Framework::Headroom,
-            },
-        )
-        .unwrap();
+        let mut job: serde_json::Value =
+            serde_json::from_str(include_str!("../../../../examples/lenet5-mnist.json")).unwrap();
+        job["framework"] = "headroom".into();
+        let job = crate::Job::from_json(&job.to_string()).unwrap();
+        let plan = job.plan();
+        assert_eq!(plan.precision, Precision::F32True);
         assert_eq!(plan.parameter_count(), 61_706);
         let input = 784 * 4 + 4; // the image and its label
         let conv1 = 2 * 6 * 28 * 28 * 4 + 6 * 14 * 14 * (4 + 8); // pre, post; pooled, places
