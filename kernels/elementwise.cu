@@ -3,27 +3,8 @@
 // scale).
 //
 // Launch: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); grid-stride loops over
-// 64-bit element indices, so any n works. activation: 0 relu, 1 gelu (tanh form), 2 tanh.
+// 64-bit element indices, so any n works. activation: activation.cuh's codes.
 // Every buffer of one launch shares `storage` (storage.cuh), except convert's two.
-
-#define SQRT_2_OVER_PI 0.7978846f
-#define GELU_CUBIC 0.044715f
-
-__device__ __forceinline__ float activate(int activation, float x) {
-    if (activation == 0) return fmaxf(x, 0.0f);
-    if (activation == 2) return tanhf(x);
-    return 0.5f * x * (1.0f + tanhf(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
-}
-
-__device__ __forceinline__ float activation_derivative(int activation, float x) {
-    if (activation == 0) return x > 0.0f ? 1.0f : 0.0f;
-    if (activation == 2) {
-        const float t = tanhf(x);
-        return 1.0f - t * t;
-    }
-    const float t = tanhf(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBIC * x * x);
-}
 
 // pre[i, j, k] += bias[j], over rows x cols x spatial (a linear layer's spatial is 1, a
 // convolution's its output height x width)

@@ -238,7 +238,7 @@ fn a_layer_list_mlp_is_estimated_and_an_image_model_exits_2_naming_its_layer() {
     refused(
         &output,
         2,
-        "model.layers[1]: `batch_norm2d` is read and checked",
+        "model.layers[0].conv2d.bias: a convolution that batch_norm2d follows takes \"bias\": false",
     );
     refused(&output, 2, "13 layers, 61718 parameters");
     let too_big = support::temp_file(

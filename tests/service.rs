@@ -300,7 +300,7 @@ fn every_error_class_is_a_problem() {
     } = server.tune(&image, &[]);
     assert_eq!(
         (status, problem["field"].as_str()),
-        (422, Some("model.layers[1]")),
+        (422, Some("model.layers[0].conv2d.bias")),
         "{problem}"
     );
     assert!(

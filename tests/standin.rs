@@ -155,6 +155,7 @@ fn each_example_tunes_to_a_limit_that_probes_confirm() {
         ("cifar10-mlp-bf16", "48MiB"),
         ("deep-mlp-adamw", "128MiB"),
         ("lenet5-mnist", "16MiB"),
+        ("cifar10-cnn-bn", "4MiB"),
     ] {
         let path = support::job_file(&example(name));
         let run = |args: &[&str]| {

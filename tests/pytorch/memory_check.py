@@ -89,7 +89,10 @@ def build(job, device):
         ((kind, args),) = layer.items()
         if kind == "conv2d":
             k, stride, padding = args["kernel_size"], args.get("stride", 1), args.get("padding", 0)
-            layers.append(nn.Conv2d(shape[0], args["out_channels"], k, stride, padding, device=device, dtype=dtype))
+            bias = args.get("bias", True)
+            layers.append(
+                nn.Conv2d(shape[0], args["out_channels"], k, stride, padding, bias=bias, device=device, dtype=dtype)
+            )
             side = lambda n: (n + 2 * padding - k) // stride + 1
             shape = [args["out_channels"], side(shape[1]), side(shape[2])]
         elif kind in ("max_pool2d", "avg_pool2d"):
@@ -99,7 +102,16 @@ def build(job, device):
             layers.append(pool(k, stride, padding))
             side = lambda n: (n + 2 * padding - k) // stride + 1
             shape = [shape[0], side(shape[1]), side(shape[2])]
+        elif kind == "batch_norm2d":
+            layers.append(nn.BatchNorm2d(shape[0], affine=args.get("affine", True), device=device, dtype=dtype))
+        elif kind == "global_avg_pool2d":
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            shape = [shape[0]]
+            width = shape[0]
         elif kind == "flatten":
+            if len(shape) == 1:
+                continue  # already flat after global_avg_pool2d
+
             layers.append(nn.Flatten())
             width = math.prod(shape)
         elif kind == "linear":
@@ -233,7 +245,9 @@ def compare(binary, name, job, batch, cuda):
         # peak often falls between the two: gradients, activations, the batch and temporaries
         # are compared together. Mixed precision counts autocast's weight copies with the
         # parameters here and with what forward made in MemTracker.
-        params = theirs.get("param", 0)
+        # headroom counts batch norm's running statistics with the parameters, MemTracker as
+        # buffers.
+        params = theirs.get("param", 0) + theirs.get("buffer", 0)
         optimizer = theirs.get("opt", 0)
         checks["optimizer state"] = (memory["optimizer_state"], optimizer)
         if job.get("precision") in ("32-true", "bf16-true"):

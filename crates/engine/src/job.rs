@@ -395,13 +395,16 @@ impl JobSpec {
     /// One line that tells jobs apart: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`, with
     /// `dropout 0.2/0` after the activation when a hidden layer has some; a network with
     /// convolutions is a `CNN`, each written as `conv6k5p2` (channels, kernel, stride when not 1,
-    /// padding when not 0) and its pooling as `max2` or `avg2` (kernel; stride when not the
-    /// kernel).
+    /// padding when not 0; `bn` after it when batch norm follows) and its pooling as `max2` or
+    /// `avg2` (kernel; stride when not the kernel).
     pub fn summary(&self) -> String {
         let shape: Vec<String> = self.model.input_shape.iter().map(u64::to_string).collect();
         let mlp = self.model.network().unwrap_or_default();
         let widths: Vec<String> = std::iter::once(shape.join("x"))
-            .chain(mlp.convolutions.iter().flat_map(|(conv, pool)| {
+            .chain(mlp.convolutions.iter().flat_map(|layer| {
+                let conv = layer
+                    .conv
+                    .expect("the convolutional part holds convolutions");
                 let mut conv_name = format!("conv{}k{}", conv.out_channels, conv.kernel);
                 if conv.stride != 1 {
                     conv_name.push_str(&format!("s{}", conv.stride));
@@ -409,7 +412,10 @@ impl JobSpec {
                 if conv.padding != 0 {
                     conv_name.push_str(&format!("p{}", conv.padding));
                 }
-                let pool_name = pool.map(|pool| {
+                if layer.norm {
+                    conv_name.push_str("bn");
+                }
+                let pool_name = layer.pool.map(|pool| {
                     let kind = match pool.kind {
                         PoolKind::Max => "max",
                         PoolKind::Average => "avg",
@@ -784,10 +790,27 @@ mod tests {
             r#"{"batch_norm2d": {}}, {"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
         );
         let error = Job::from_json(&normed).unwrap_err();
-        assert_eq!(error.field, "model.layers[4]");
+        assert_eq!(error.field, "model.layers[3].conv2d.bias");
+        assert!(error.reason.contains("takes \"bias\": false"), "{error}");
+        let normed = normed.replace(
+            r#""kernel_size": 5}}"#,
+            r#""kernel_size": 5, "bias": false}}"#,
+        );
+        let job = Job::from_json(&normed).unwrap();
+        assert_eq!(job.plan().parameter_count(), 61706 - 16 + 2 * 16);
+        assert_eq!(
+            job.summary(),
+            "CNN 1x28x28-conv6k5p2-max2-conv16k5bn-max2-120-84-10 relu, sgd, 32-true, pytorch"
+        );
+        let residual = lenet.replace(
+            r#"{"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
+            r#"{"relu": {}}, {"residual": {"layers": [{"conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1}}]}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
+        );
+        let error = Job::from_json(&residual).unwrap_err();
+        assert_eq!(error.field, "model.layers[5]");
         assert!(
-            error.reason.contains("`batch_norm2d` is read and checked")
-                && error.reason.contains("13 layers, 61738 parameters"),
+            error.reason.contains("`residual` is read and checked")
+                && error.reason.contains("14 layers, 64026 parameters"),
             "{error}"
         );
         let wrong_classes = lenet.replace(r#""num_classes": 10"#, r#""num_classes": 12"#);

@@ -5,15 +5,15 @@
 //!
 //! [`walk`] checks every layer's shape against what reaches it (naming the layer's index and
 //! field when it cannot apply) and counts the parameters as PyTorch's `sum(p.numel())` does. A
-//! list of convolutions (each with the activation and maybe max or average pooling after it),
-//! `flatten`, then `linear` layers, one kind of activation and `dropout` after it is a network
-//! headroom trains ([`LayerSpec::as_network`]); batch norm, global average pooling and residual
+//! list of convolutions (each maybe with batch norm, then the activation and maybe max, average
+//! or global average pooling after it), `flatten`, then `linear` layers, one kind of activation
+//! and `dropout` after it is a network headroom trains ([`LayerSpec::as_network`]); residual
 //! blocks are read and checked, and refused for training until their kernels land.
 
 use serde::{Deserialize, Serialize};
 
 use crate::plan::image::window_count as window_output;
-use crate::plan::{Activation, Convolution, PoolKind, Pooling};
+use crate::plan::{Activation, Convolution, Layer, PoolKind, Pooling};
 
 /// The most layers a list may hold, residual blocks' own counted: deeper than any ResNet.
 pub const MAX_LAYERS: usize = 1000;
@@ -192,9 +192,11 @@ impl LayerSpec {
         }
     }
 
-    /// The network a list describes: convolutions (with bias), each followed by the activation
-    /// and at most one max or average pooling, then `flatten` and the MLP of `linear` layers
-    /// (with bias), the activation and `dropout` after it; one kind of activation throughout.
+    /// The network a list describes: convolutions (with bias, or without and batch norm after
+    /// them), each followed by the activation and at most one max, average or (ending the
+    /// convolutions, flattening) global average pooling, then `flatten` and the MLP of `linear`
+    /// layers (with bias), the activation and `dropout` after it; one kind of activation
+    /// throughout.
     /// Otherwise the path of the first layer headroom cannot train yet, and why. `input` is a
     /// sample's shape; the list has been walked ([`walk`]).
     pub fn as_network(
@@ -210,9 +212,11 @@ impl LayerSpec {
         #[derive(PartialEq, Clone, Copy)]
         enum After {
             Start,
+            BareConv,
             Conv,
             ConvActivation,
             Pool,
+            Global,
             Flat,
             Linear,
             Activation,
@@ -223,7 +227,25 @@ impl LayerSpec {
             let at = format!("{path}[{i}]");
             let in_features = matches!(after, After::Start | After::ConvActivation | After::Pool);
             let kind = match layer {
-                LayerSpec::Conv2d(conv) if conv.bias && in_features => {
+                LayerSpec::Conv2d(conv) if in_features => {
+                    let normalized = matches!(layers.get(i + 1), Some(LayerSpec::BatchNorm2d(_)));
+                    if conv.bias == normalized {
+                        return Err(LayerError::new(
+                            format!("{at}.conv2d.bias"),
+                            match conv.bias {
+                                true => {
+                                    "a convolution that batch_norm2d follows takes \"bias\": \
+                                         false, as ResNet's do: batch norm subtracts the mean, so \
+                                         the bias would learn nothing"
+                                }
+                                false => {
+                                    "headroom trains a convolution without bias only when \
+                                          batch_norm2d follows it: give it \"bias\": true or add \
+                                          batch_norm2d"
+                                }
+                            },
+                        ));
+                    }
                     let [in_channels, height, width] = image(&shape, &at, layer)?;
                     let conv = Convolution {
                         in_channels,
@@ -236,14 +258,31 @@ impl LayerSpec {
                     };
                     shape = vec![conv.out_channels, conv.out_height(), conv.out_width()];
                     product(&shape, &at)?;
-                    net.convolutions.push((conv, None));
+                    net.convolutions.push(match normalized {
+                        true => Layer::normalized(conv, None),
+                        false => Layer::convolution(conv, None),
+                    });
+                    after = match normalized {
+                        true => After::BareConv,
+                        false => After::Conv,
+                    };
+                    continue;
+                }
+                LayerSpec::BatchNorm2d(norm) if after == After::BareConv => {
+                    if !norm.affine {
+                        return Err(LayerError::new(
+                            format!("{at}.batch_norm2d.affine"),
+                            "headroom trains batch norm with its scale and shift (affine: true)",
+                        ));
+                    }
                     after = After::Conv;
                     continue;
                 }
-                LayerSpec::Conv2d(conv) if !conv.bias => {
+                LayerSpec::BatchNorm2d(_) => {
                     return Err(LayerError::new(
-                        format!("{at}.conv2d.bias"),
-                        "a convolution without bias is not trained by headroom yet",
+                        at,
+                        "headroom trains batch_norm2d right after a convolution without bias, \
+                         before its activation: conv2d, batch_norm2d, activation",
                     ))
                 }
                 LayerSpec::Conv2d(_) => {
@@ -270,11 +309,45 @@ impl LayerSpec {
                         padding: pool.padding,
                     };
                     shape = vec![channels, pooling.out_height(), pooling.out_width()];
-                    if let Some((_, pooled)) = net.convolutions.last_mut() {
-                        *pooled = Some(pooling);
+                    if let Some(conv) = net.convolutions.last_mut() {
+                        conv.pool = Some(pooling);
                     }
                     after = After::Pool;
                     continue;
+                }
+                LayerSpec::GlobalAvgPool2d(_) if after == After::ConvActivation => {
+                    let [channels, height, width] = image(&shape, &at, layer)?;
+                    if height != width {
+                        return Err(LayerError::new(
+                            at,
+                            format!(
+                                "headroom pools square windows: global_avg_pool2d over a \
+                                 {height}x{width} input is not trained yet"
+                            ),
+                        ));
+                    }
+                    // AdaptiveAvgPool2d(1) over a square input is one window of its size.
+                    if let Some(conv) = net.convolutions.last_mut() {
+                        conv.pool = Some(Pooling {
+                            kind: PoolKind::Average,
+                            channels,
+                            height,
+                            width,
+                            kernel: height,
+                            stride: height,
+                            padding: 0,
+                        });
+                    }
+                    shape = vec![channels];
+                    after = After::Global;
+                    continue;
+                }
+                LayerSpec::GlobalAvgPool2d(_) => {
+                    return Err(LayerError::new(
+                        at,
+                        "headroom pools globally right after a convolution's activation: \
+                         conv2d, activation, global_avg_pool2d",
+                    ))
                 }
                 LayerSpec::MaxPool2d(_) | LayerSpec::AvgPool2d(_) => {
                     return Err(LayerError::new(
@@ -283,7 +356,7 @@ impl LayerSpec {
                          activation, pooling",
                     ))
                 }
-                LayerSpec::Flatten(_) if in_features => {
+                LayerSpec::Flatten(_) if in_features || after == After::Global => {
                     shape = vec![product(&shape, &at)?];
                     after = After::Flat;
                     continue;
@@ -365,8 +438,9 @@ impl LayerSpec {
 /// activation after each, and the dropout after each activation.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Network {
-    /// The convolutions, input side first, each with the pooling after its activation.
-    pub convolutions: Vec<(Convolution, Option<Pooling>)>,
+    /// The convolution layers, input side first, each with its batch norm and the pooling
+    /// after its activation.
+    pub convolutions: Vec<Layer>,
     /// Widths of the MLP's hidden layers.
     pub hidden: Vec<u64>,
     /// The activation after each convolution and hidden layer.
@@ -381,8 +455,9 @@ fn not_trained_yet(at: &str, layer: &LayerSpec) -> LayerError {
         at,
         format!(
             "`{}` is read and checked, but headroom has no kernels to train it yet: today a layer \
-             list may hold conv2d, max_pool2d and avg_pool2d, flatten, linear, one of relu, gelu \
-             or tanh, and dropout after a linear layer's activation",
+             list may hold conv2d (batch_norm2d after it), max_pool2d, avg_pool2d and \
+             global_avg_pool2d, flatten, linear, one of relu, gelu or tanh, and dropout after a \
+             linear layer's activation",
             layer.name()
         ),
     )
@@ -843,6 +918,49 @@ mod tests {
     }
 
     #[test]
+    fn batch_norm_and_global_pooling_lower_to_normalized_convolutions() {
+        let list = layers(
+            r#"[{"conv2d": {"out_channels": 4, "kernel_size": 3, "padding": 1, "bias": false}},
+                {"batch_norm2d": {}}, {"relu": {}}, {"max_pool2d": {"kernel_size": 2}},
+                {"conv2d": {"out_channels": 8, "kernel_size": 3, "padding": 1, "bias": false}},
+                {"batch_norm2d": {}}, {"relu": {}}, {"global_avg_pool2d": {}}, {"flatten": {}},
+                {"linear": {"out_features": 10}}]"#,
+        );
+        let walked = walk(&list, &[3, 8, 8], "model.layers").unwrap();
+        assert_eq!(walked.parameters, 108 + 8 + 288 + 16 + 90);
+        let net = LayerSpec::as_network(&list, &[3, 8, 8], "model.layers").unwrap();
+        assert!(net.convolutions.iter().all(|layer| layer.norm));
+        assert_eq!(
+            net.convolutions[1].pool,
+            Some(Pooling {
+                kind: PoolKind::Average,
+                channels: 8,
+                height: 4,
+                width: 4,
+                kernel: 4,
+                stride: 4,
+                padding: 0,
+            })
+        );
+        assert!(net.hidden.is_empty());
+        let plan = crate::plan::Plan::convolutional(
+            &net.convolutions,
+            3 * 8 * 8,
+            &net.hidden,
+            10,
+            net.activation,
+            crate::plan::Training {
+                optimizer: crate::plan::OptimizerKind::Sgd,
+                learning_rate: 0.1,
+                precision: crate::plan::Precision::F32True,
+                framework: crate::plan::Framework::Pytorch,
+            },
+        )
+        .unwrap();
+        assert_eq!(plan.parameter_count(), walked.parameters);
+    }
+
+    #[test]
     fn lenet5_lowers_to_two_pooled_convolutions_and_an_mlp() {
         let net = LayerSpec::as_network(&lenet5(), &[1, 28, 28], "model.layers").unwrap();
         let conv = |in_channels, height, out_channels, padding| Convolution {
@@ -866,8 +984,8 @@ mod tests {
         assert_eq!(
             net.convolutions,
             [
-                (conv(1, 28, 6, 2), Some(pool(6, 28))),
-                (conv(6, 14, 16, 0), Some(pool(16, 10)))
+                Layer::convolution(conv(1, 28, 6, 2), Some(pool(6, 28))),
+                Layer::convolution(conv(6, 14, 16, 0), Some(pool(16, 10)))
             ]
         );
         assert_eq!(
@@ -903,8 +1021,28 @@ mod tests {
             ),
             (
                 r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"batch_norm2d": {}}]"#,
+                "model.layers[0].conv2d.bias",
+                "takes \"bias\": false",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}, {"batch_norm2d": {}}]"#,
+                "model.layers[2]",
+                "right after a convolution without bias",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3, "bias": false}}, {"batch_norm2d": {"affine": false}}]"#,
+                "model.layers[1].batch_norm2d.affine",
+                "scale and shift",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"global_avg_pool2d": {}}]"#,
                 "model.layers[1]",
-                "`batch_norm2d` is read and checked",
+                "right after a convolution's activation",
+            ),
+            (
+                r#"[{"residual": {"layers": [{"conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1}}]}}]"#,
+                "model.layers[0]",
+                "`residual` is read and checked",
             ),
             (
                 r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}]"#,

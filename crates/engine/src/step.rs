@@ -2,10 +2,12 @@
 //! [`Executor`] runs a [`Program`] (the plan's step compiled for one batch size) instruction
 //! by instruction, holding each buffer from its allocation to its free.
 
-use crate::plan::program::{Instr, OptimizerState, Program, Scale, Slot};
+use crate::plan::program::{
+    BatchStatistics, Instr, OptimizerState, Program, RunningStatistics, Scale, Slot,
+};
 use crate::plan::{
-    Activation, Convolution, OptimizerKind, Plan, Pooling, Storage, LOSS_SCALE_GROWTH_INTERVAL,
-    LOSS_SCALE_INITIAL,
+    Activation, Convolution, OptimizerKind, Plan, Planes, Pooling, Storage,
+    LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
 };
 
 /// Momentum coefficient of `sgd_momentum`.
@@ -233,6 +235,42 @@ pub trait Kernels: Allocate {
         dx: &mut Self::Values,
         rows: u64,
         pool: &Pooling,
+    ) -> Result<(), Self::Error>;
+    /// Batch norm in training mode over `planes`: per channel the batch's mean and
+    /// `1 / sqrt(variance + eps)` (biased variance, [`crate::plan::BATCH_NORM_EPS`]) into
+    /// `saved`, `y = (x - mean) * invstd * scale + bias` rounded to `x`'s storage, the running
+    /// statistics moved towards the batch's by [`crate::plan::BATCH_NORM_MOMENTUM`] (unbiased
+    /// variance) and their step count raised by one; then `post = activation(y)` from the stored
+    /// `y` when `post` is given.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_forward(
+        &mut self,
+        x: &Self::Values,
+        scale: &Self::Values,
+        bias: &Self::Values,
+        y: &mut Self::Values,
+        post: Option<&mut Self::Values>,
+        saved: &mut BatchStatistics<Self::Values>,
+        running: &mut RunningStatistics<Self::Values, Self::Index>,
+        planes: &Planes,
+        activation: Activation,
+    ) -> Result<(), Self::Error>;
+    /// Batch norm's backward from its output's gradient `dy`, its input `x` and what forward
+    /// saved: with `xhat = (x - mean) * invstd` and `m` values per channel,
+    /// `dbias = sum dy`, `dscale = sum dy * xhat` and
+    /// `dx = scale * invstd * (dy - dbias / m - xhat * dscale / m)`, each rounded to its
+    /// buffer's storage.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward(
+        &mut self,
+        dy: &Self::Values,
+        x: &Self::Values,
+        scale: &Self::Values,
+        saved: BatchStatistics<&Self::Values>,
+        dx: &mut Self::Values,
+        dscale: &mut Self::Values,
+        dbias: &mut Self::Values,
+        planes: &Planes,
     ) -> Result<(), Self::Error>;
     /// `pre[i, j, k] += bias[j]` over `rows x cols x spatial`, then `post = activation(pre)`
     /// when `post` is given.
@@ -701,6 +739,82 @@ impl<K: Kernels> Executor<K> {
                 if let (Some(slot), Some(buffer)) = (post, post_buffer) {
                     self.put(slot, buffer);
                 }
+                done?
+            }
+            Instr::BatchNormForward {
+                x,
+                scale,
+                bias,
+                y,
+                post,
+                saved,
+                running,
+                planes,
+                activation,
+            } => {
+                let mut post_buffer = post.map(|slot| self.take(slot));
+                let mut saved_buffers = BatchStatistics {
+                    mean: self.take(saved.mean),
+                    invstd: self.take(saved.invstd),
+                };
+                let mut running_buffers = RunningStatistics {
+                    mean: self.take(running.mean),
+                    var: self.take(running.var),
+                    steps: self.take_index(running.steps),
+                };
+                let done = self.writing(y, |this, y| {
+                    kernels.batch_norm_forward(
+                        this.values(x),
+                        this.values(scale),
+                        this.values(bias),
+                        y,
+                        post_buffer.as_mut(),
+                        &mut saved_buffers,
+                        &mut running_buffers,
+                        &planes,
+                        activation,
+                    )
+                });
+                if let (Some(slot), Some(buffer)) = (post, post_buffer) {
+                    self.put(slot, buffer);
+                }
+                self.put(saved.mean, saved_buffers.mean);
+                self.put(saved.invstd, saved_buffers.invstd);
+                self.put(running.mean, running_buffers.mean);
+                self.put(running.var, running_buffers.var);
+                self.slots[running.steps.0] = Some(Held::Index(running_buffers.steps));
+                done?
+            }
+            Instr::BatchNormBackward {
+                dy,
+                x,
+                scale,
+                saved,
+                dx,
+                dscale,
+                dbias,
+                planes,
+            } => {
+                let mut dscale_buffer = self.take(dscale);
+                let mut dbias_buffer = self.take(dbias);
+                let done = self.writing(dx, |this, dx| {
+                    let saved = BatchStatistics {
+                        mean: this.values(saved.mean),
+                        invstd: this.values(saved.invstd),
+                    };
+                    kernels.batch_norm_backward(
+                        this.values(dy),
+                        this.values(x),
+                        this.values(scale),
+                        saved,
+                        dx,
+                        &mut dscale_buffer,
+                        &mut dbias_buffer,
+                        &planes,
+                    )
+                });
+                self.put(dscale, dscale_buffer);
+                self.put(dbias, dbias_buffer);
                 done?
             }
             Instr::ActivationBackward {

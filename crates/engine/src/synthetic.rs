@@ -16,6 +16,11 @@ pub fn bias_stream(layer: usize) -> u64 {
     2 + 2 * layer as u64
 }
 
+/// Hash stream of layer `layer`'s batch norm scales.
+pub fn scale_stream(layer: usize) -> u64 {
+    1 << 62 | layer as u64
+}
+
 /// Hash stream of the dropout masks after hidden layer `layer`; each step's mask is the
 /// sub-stream [`stream_key`]`(key, step)` of its key.
 pub fn dropout_stream(layer: usize) -> u64 {

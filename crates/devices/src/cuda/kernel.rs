@@ -23,11 +23,13 @@ pub enum Family {
     Conv,
     /// `pool.cu`: max and average pooling and their backward.
     Pool,
+    /// `norm.cu`: batch norm in training mode and its backward.
+    Norm,
 }
 
 impl Family {
     /// Every family, in compilation order.
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Gemm,
         Family::Elementwise,
         Family::Reduce,
@@ -37,6 +39,7 @@ impl Family {
         Family::Dropout,
         Family::Conv,
         Family::Pool,
+        Family::Norm,
     ];
 
     /// The file name under `kernels/`.
@@ -51,16 +54,23 @@ impl Family {
             Family::Dropout => "dropout.cu",
             Family::Conv => "conv.cu",
             Family::Pool => "pool.cu",
+            Family::Norm => "norm.cu",
         }
     }
 
     /// The headers of `kernels/` every family's source begins with, in order.
-    pub const HEADERS: [&'static str; 4] =
-        ["storage.cuh", "synthetic.cuh", "window.cuh", "block.cuh"];
+    pub const HEADERS: [&'static str; 5] = [
+        "storage.cuh",
+        "synthetic.cuh",
+        "window.cuh",
+        "block.cuh",
+        "activation.cuh",
+    ];
 
     /// The CUDA C++ source, embedded in the binary: the [`Family::HEADERS`] (`storage.cuh`: how
     /// values of each storage are read and written; `synthetic.cuh`: the counter-based stream;
-    /// `window.cuh`: convolution and pooling windows; `block.cuh`: sums across a block), then the
+    /// `window.cuh`: convolution and pooling windows; `block.cuh`: sums across a block;
+    /// `activation.cuh`: the non-linearities), then the
     /// family's file.
     pub fn source(self) -> &'static str {
         macro_rules! with_storage {
@@ -70,6 +80,7 @@ impl Family {
                     include_str!("../../../../kernels/synthetic.cuh"),
                     include_str!("../../../../kernels/window.cuh"),
                     include_str!("../../../../kernels/block.cuh"),
+                    include_str!("../../../../kernels/activation.cuh"),
                     include_str!(concat!("../../../../kernels/", $file))
                 )
             };
@@ -84,6 +95,7 @@ impl Family {
             Family::Dropout => with_storage!("dropout.cu"),
             Family::Conv => with_storage!("conv.cu"),
             Family::Pool => with_storage!("pool.cu"),
+            Family::Norm => with_storage!("norm.cu"),
         }
     }
 
@@ -155,11 +167,15 @@ pub enum Kernel {
     AvgPool2dForward,
     /// Average pooling's backward.
     AvgPool2dBackward,
+    /// Batch norm: the batch's statistics, the normalized output, the running statistics.
+    BatchNormForward,
+    /// Batch norm's backward.
+    BatchNormBackward,
 }
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 27] = [
+    pub const ALL: [Kernel; 29] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -187,6 +203,8 @@ impl Kernel {
         Kernel::MaxPool2dBackward,
         Kernel::AvgPool2dForward,
         Kernel::AvgPool2dBackward,
+        Kernel::BatchNormForward,
+        Kernel::BatchNormBackward,
     ];
 
     /// The function's name in its source and in the PTX.
@@ -219,6 +237,8 @@ impl Kernel {
             Kernel::MaxPool2dBackward => "max_pool2d_backward",
             Kernel::AvgPool2dForward => "avg_pool2d_forward",
             Kernel::AvgPool2dBackward => "avg_pool2d_backward",
+            Kernel::BatchNormForward => "batch_norm_forward",
+            Kernel::BatchNormBackward => "batch_norm_backward",
         }
     }
 
@@ -245,6 +265,7 @@ impl Kernel {
             | Kernel::MaxPool2dBackward
             | Kernel::AvgPool2dForward
             | Kernel::AvgPool2dBackward => Family::Pool,
+            Kernel::BatchNormForward | Kernel::BatchNormBackward => Family::Norm,
         }
     }
 

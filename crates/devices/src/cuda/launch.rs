@@ -12,8 +12,10 @@ use super::shapes::{self, activation_code, GemmShape};
 use super::CudaDevice;
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
-use headroom_engine::plan::program::OptimizerState;
-use headroom_engine::plan::{Activation, Convolution, Pooling, Storage};
+use headroom_engine::plan::program::{BatchStatistics, OptimizerState, RunningStatistics};
+use headroom_engine::plan::{
+    Activation, Convolution, Planes, Pooling, Storage, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM,
+};
 use headroom_engine::step::{
     Allocate, Kernels, Stored, UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM,
 };
@@ -552,6 +554,72 @@ impl Kernels for CudaDevice {
             &g[2], &g[3], &g[4], &g[5], &g[6], &g[7], &g[8], &storage)
     }
 
+    // ---- norm.cu -------------------------------------------------------------------------------
+
+    fn batch_norm_forward(
+        &mut self,
+        x: &DeviceValues,
+        scale: &DeviceValues,
+        bias: &DeviceValues,
+        y: &mut DeviceValues,
+        post: Option<&mut DeviceValues>,
+        saved: &mut BatchStatistics<DeviceValues>,
+        running: &mut RunningStatistics<DeviceValues, CudaSlice<i64>>,
+        planes: &Planes,
+        activation: Activation,
+    ) -> Result<(), DeviceError> {
+        let (len, channels) = (planes.values(), planes.channels);
+        let (r, c, k) = (planes.rows as i64, channels as i64, planes.spatial as i64);
+        let (eps, momentum) = (BATCH_NORM_EPS, BATCH_NORM_MOMENTUM);
+        let (code, storage, param_storage) = (
+            activation_code(activation),
+            x.storage.code(),
+            scale.storage.code(),
+        );
+        let has_post = i32::from(post.is_some());
+        let config = shapes::block_per_channel(channels);
+        let steps = elements_up_to_mut(&mut running.steps, 1);
+        // Without an activation the kernel writes no `post`; it is given `x`, live and unused.
+        match post {
+            Some(post) => launch!(self, Kernel::BatchNormForward, config;
+                holds(x, len), holds(scale, channels), holds(bias, channels), holds_mut(y, len),
+                holds_mut(post, len), holds_mut(&mut saved.mean, channels),
+                holds_mut(&mut saved.invstd, channels), holds_mut(&mut running.mean, channels),
+                holds_mut(&mut running.var, channels), steps, &r, &c, &k, &eps, &momentum,
+                &has_post, &code, &storage, &param_storage),
+            None => launch!(self, Kernel::BatchNormForward, config;
+                holds(x, len), holds(scale, channels), holds(bias, channels), holds_mut(y, len),
+                holds(x, len), holds_mut(&mut saved.mean, channels),
+                holds_mut(&mut saved.invstd, channels), holds_mut(&mut running.mean, channels),
+                holds_mut(&mut running.var, channels), steps, &r, &c, &k, &eps, &momentum,
+                &has_post, &code, &storage, &param_storage),
+        }
+    }
+
+    fn batch_norm_backward(
+        &mut self,
+        dy: &DeviceValues,
+        x: &DeviceValues,
+        scale: &DeviceValues,
+        saved: BatchStatistics<&DeviceValues>,
+        dx: &mut DeviceValues,
+        dscale: &mut DeviceValues,
+        dbias: &mut DeviceValues,
+        planes: &Planes,
+    ) -> Result<(), DeviceError> {
+        let (len, channels) = (planes.values(), planes.channels);
+        let (r, c, k) = (planes.rows as i64, channels as i64, planes.spatial as i64);
+        let (storage, param_storage, grad_storage) = (
+            dy.storage.code(),
+            scale.storage.code(),
+            dscale.storage.code(),
+        );
+        launch!(self, Kernel::BatchNormBackward, shapes::block_per_channel(channels);
+            holds(dy, len), holds(x, len), holds(scale, channels), holds(saved.mean, channels),
+            holds(saved.invstd, channels), holds_mut(dx, len), holds_mut(dscale, channels),
+            holds_mut(dbias, channels), &r, &c, &k, &storage, &param_storage, &grad_storage)
+    }
+
     fn bias_activation(
         &mut self,
         pre: &mut DeviceValues,
@@ -626,7 +694,7 @@ impl Kernels for CudaDevice {
         if spatial > 1 {
             let (r, c, k) = (rows as i64, cols as i64, spatial as i64);
             let (in_storage, out_storage) = (dy.storage.code(), db.storage.code());
-            return launch!(self, Kernel::ChannelSum, shapes::channel_sum(cols);
+            return launch!(self, Kernel::ChannelSum, shapes::block_per_channel(cols);
                 holds(dy, rows * cols * spatial), holds_mut(db, cols), &r, &c, &k, &in_storage,
                 &out_storage);
         }

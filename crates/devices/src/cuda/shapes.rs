@@ -187,7 +187,8 @@ pub fn column_sum(
 }
 
 /// A block of 256 threads per item (a filter's weight, a channel), at most `cap` blocks
-/// (blocks loop past the grid): conv.cu's `conv2d_weight_gradient`, reduce.cu's `channel_sum`.
+/// (blocks loop past the grid): conv.cu's `conv2d_weight_gradient`, reduce.cu's `channel_sum`,
+/// norm.cu's kernels.
 fn block_per_item(items: u64, cap: u64) -> LaunchConfig {
     config((items.clamp(1, cap) as u32, 1, 1), (256, 1, 1))
 }
@@ -197,8 +198,8 @@ pub fn conv2d_weight_gradient(weights: u64) -> LaunchConfig {
     block_per_item(weights, MAX_STRIDE_BLOCKS)
 }
 
-/// reduce.cu's `channel_sum`: a block per channel, at most 65,535.
-pub fn channel_sum(channels: u64) -> LaunchConfig {
+/// reduce.cu's `channel_sum` and norm.cu's kernels: a block per channel, at most 65,535.
+pub fn block_per_channel(channels: u64) -> LaunchConfig {
     block_per_item(channels, MAX_GRID_YZ)
 }
 

@@ -9,6 +9,7 @@
 //! one sample's windows per thread ([`image`]).
 
 pub mod image;
+pub mod norm;
 pub mod ops;
 pub mod values;
 
@@ -18,8 +19,8 @@ use std::sync::Arc;
 
 use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
-use headroom_engine::plan::program::OptimizerState;
-use headroom_engine::plan::{Activation, Convolution, Pooling, Storage};
+use headroom_engine::plan::program::{BatchStatistics, OptimizerState, RunningStatistics};
+use headroom_engine::plan::{Activation, Convolution, Planes, Pooling, Storage};
 use headroom_engine::step::{Allocate, Kernels, Stored, UpdateRule};
 use headroom_engine::synthetic;
 use values::{chunks, row_blocks, HostValues};
@@ -479,6 +480,35 @@ impl Kernels for HostDevice {
             image::avg_pool_backward(dy, dx, pool)
         });
         Ok(())
+    }
+
+    fn batch_norm_forward(
+        &mut self,
+        x: &HostValues,
+        scale: &HostValues,
+        bias: &HostValues,
+        y: &mut HostValues,
+        post: Option<&mut HostValues>,
+        saved: &mut BatchStatistics<HostValues>,
+        running: &mut RunningStatistics<HostValues, HostBuffer<i64>>,
+        planes: &Planes,
+        activation: Activation,
+    ) -> Result<(), DeviceError> {
+        norm::forward(x, scale, bias, y, post, saved, running, planes, activation)
+    }
+
+    fn batch_norm_backward(
+        &mut self,
+        dy: &HostValues,
+        x: &HostValues,
+        scale: &HostValues,
+        saved: BatchStatistics<&HostValues>,
+        dx: &mut HostValues,
+        dscale: &mut HostValues,
+        dbias: &mut HostValues,
+        planes: &Planes,
+    ) -> Result<(), DeviceError> {
+        norm::backward(dy, x, scale, saved, dx, dscale, dbias, planes)
     }
 
     fn bias_activation(

@@ -5,7 +5,8 @@ use super::*;
 use crate::transfer::{read_all, read_parameters, trained_parameters};
 use headroom_engine::device::Device;
 use headroom_engine::plan::{
-    Allocator, Convolution, OptimizerKind, Plan, PoolKind, Pooling, Precision, Storage, Training,
+    Allocator, Convolution, Layer, OptimizerKind, Plan, PoolKind, Pooling, Precision, Storage,
+    Training, BATCH_NORM_EPS,
 };
 use headroom_engine::plan::{Framework, Moment};
 use headroom_engine::step::{Executor, Steps, MAX_TIMED_STEPS};
@@ -47,8 +48,15 @@ fn plan_with_rate(
 
 /// A small network of two pooled convolutions: 2x6x6 through a padded 3x3 convolution to 3
 /// channels, max pooled 2x2; a 2x2 convolution to 4 channels, average pooled 2x2 with stride
-/// 1 and padding 1; then `hidden` and `classes`.
-fn convolutional(hidden: &[u64], classes: u64, activation: Activation, training: Training) -> Plan {
+/// 1 and padding 1; then `hidden` and `classes`. With `norm`, batch norm follows each
+/// convolution.
+fn convolutional(
+    hidden: &[u64],
+    classes: u64,
+    activation: Activation,
+    training: Training,
+    norm: bool,
+) -> Plan {
     let first = Convolution {
         in_channels: 2,
         height: 6,
@@ -76,10 +84,14 @@ fn convolutional(hidden: &[u64], classes: u64, activation: Activation, training:
         stride,
         padding,
     };
+    let layer = match norm {
+        true => Layer::normalized,
+        false => Layer::convolution,
+    };
     Plan::convolutional(
         &[
-            (first, Some(pool(PoolKind::Max, first, 2, 0))),
-            (second, Some(pool(PoolKind::Average, second, 1, 1))),
+            layer(first, Some(pool(PoolKind::Max, first, 2, 0))),
+            layer(second, Some(pool(PoolKind::Average, second, 1, 1))),
         ],
         72,
         hidden,
@@ -153,64 +165,106 @@ fn pool_f64(x: &[f64], p: &Pooling) -> Vec<f64> {
     y
 }
 
-/// The mean loss of the network in f64, written independently of the f32 step; dropout drops
-/// what the masks of `seed` drawn outside a step (step 0) drop.
+/// Batch norm in f64 over a batch of samples (`channels x spatial` values each), from the
+/// definition: each channel normalized by its mean and biased variance over the batch, then
+/// scaled and shifted.
+fn batch_norm_f64(batch: &mut [Vec<f64>], scale: &[f64], shift: &[f64]) {
+    let channels = scale.len();
+    let spatial = batch[0].len() / channels;
+    for c in 0..channels {
+        let values = || {
+            batch
+                .iter()
+                .flat_map(|y| &y[c * spatial..(c + 1) * spatial])
+        };
+        let count = (batch.len() * spatial) as f64;
+        let mean = values().sum::<f64>() / count;
+        let variance = values().map(|v| (v - mean).powi(2)).sum::<f64>() / count;
+        let invstd = 1.0 / (variance + f64::from(BATCH_NORM_EPS)).sqrt();
+        for y in batch.iter_mut() {
+            for v in &mut y[c * spatial..(c + 1) * spatial] {
+                *v = (*v - mean) * invstd * scale[c] + shift[c];
+            }
+        }
+    }
+}
+
+/// The mean loss of the network in f64, written independently of the f32 step, a layer at a
+/// time over the whole batch (batch norm mixes samples); dropout drops what the masks of `seed`
+/// drawn outside a step (step 0) drop.
 fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u64) -> f64 {
-    let rows = labels.len();
-    let mut total = 0.0;
-    for r in 0..rows {
-        let mut x: Vec<f64> = inputs[r * plan.input_features() as usize..]
-            [..plan.input_features() as usize]
+    let features = plan.input_features() as usize;
+    let mut batch: Vec<Vec<f64>> = inputs
+        .chunks_exact(features)
+        .take(labels.len())
+        .map(|x| x.iter().map(|&v| v as f64).collect())
+        .collect();
+    let mut rest = params;
+    let mut take = |n: u64| {
+        let (taken, left) = rest.split_at(n as usize);
+        rest = left;
+        taken
+    };
+    for (i, layer) in plan.layers.iter().enumerate() {
+        let (n_in, n_out) = (layer.inputs as usize, layer.outputs as usize);
+        let w = take(layer.weights());
+        let scale = take(layer.scales());
+        let b = take(layer.biases());
+        let zeros = vec![0.0; b.len()];
+        let conv_bias = if layer.norm { &zeros[..] } else { b };
+        batch = batch
             .iter()
-            .map(|&v| v as f64)
-            .collect();
-        let mut offset = 0;
-        for (i, layer) in plan.layers.iter().enumerate() {
-            let (n_in, n_out) = (layer.inputs as usize, layer.outputs as usize);
-            let (weights, biases) = (layer.weights() as usize, layer.biases() as usize);
-            let w = &params[offset..offset + weights];
-            let b = &params[offset + weights..offset + weights + biases];
-            offset += weights + biases;
-            let mut y: Vec<f64> = match &layer.conv {
-                Some(conv) => conv_f64(&x, w, b, conv),
+            .map(|x| match &layer.conv {
+                Some(conv) => conv_f64(x, w, conv_bias, conv),
                 None => (0..n_out)
                     .map(|o| b[o] + (0..n_in).map(|k| w[o * n_in + k] * x[k]).sum::<f64>())
                     .collect(),
-            };
-            if i + 1 < plan.layers.len() {
-                for v in &mut y {
-                    *v = match plan.activation {
-                        Activation::Relu => v.max(0.0),
-                        Activation::Tanh => v.tanh(),
-                        Activation::Gelu => {
-                            0.5 * *v
-                                * (1.0
-                                    + ((2.0 / std::f64::consts::PI).sqrt()
-                                        * (*v + 0.044715 * v.powi(3)))
-                                    .tanh())
-                        }
-                    };
-                }
-                if let Some(pool) = &layer.pool {
-                    y = pool_f64(&y, pool);
-                }
-                if let Some(p) = plan.dropout_after(i) {
-                    let layer_key = synthetic::stream_key(seed, synthetic::dropout_stream(i));
-                    let key = synthetic::stream_key(layer_key, 0);
-                    let scale = f64::from(synthetic::dropout_scale(p));
-                    for (j, v) in y.iter_mut().enumerate() {
-                        let kept = synthetic::keeps(key, (r * n_out + j) as u64, p);
-                        *v = if kept { *v * scale } else { 0.0 };
+            })
+            .collect();
+        if layer.norm {
+            batch_norm_f64(&mut batch, scale, b);
+        }
+        if i + 1 == plan.layers.len() {
+            break;
+        }
+        for (r, y) in batch.iter_mut().enumerate() {
+            for v in y.iter_mut() {
+                *v = match plan.activation {
+                    Activation::Relu => v.max(0.0),
+                    Activation::Tanh => v.tanh(),
+                    Activation::Gelu => {
+                        0.5 * *v
+                            * (1.0
+                                + ((2.0 / std::f64::consts::PI).sqrt()
+                                    * (*v + 0.044715 * v.powi(3)))
+                                .tanh())
                     }
+                };
+            }
+            if let Some(pool) = &layer.pool {
+                *y = pool_f64(y, pool);
+            }
+            if let Some(p) = plan.dropout_after(i) {
+                let layer_key = synthetic::stream_key(seed, synthetic::dropout_stream(i));
+                let key = synthetic::stream_key(layer_key, 0);
+                let scale = f64::from(synthetic::dropout_scale(p));
+                for (j, v) in y.iter_mut().enumerate() {
+                    let kept = synthetic::keeps(key, (r * n_out + j) as u64, p);
+                    *v = if kept { *v * scale } else { 0.0 };
                 }
             }
-            x = y;
         }
-        let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let log_sum = x.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
-        total += log_sum - x[labels[r] as usize];
     }
-    total / rows as f64
+    let total: f64 = batch
+        .iter()
+        .zip(labels)
+        .map(|(x, &label)| {
+            let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let log_sum = x.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+            log_sum - x[label as usize]
+        })
+        .sum();
+    total / labels.len() as f64
 }
 
 /// One step's gradients of `plan` at `rows` samples, against the f64 finite differences of the
@@ -311,15 +365,19 @@ fn gradients_match_finite_differences_in_every_precision_activation_and_framewor
                     precision,
                     framework,
                 };
-                let plan =
-                    convolutional(&[5], 3, activation, training).with_dropout(&[0.0, 0.0, 0.5]);
-                let error = gradient_error(&plan, 3, 12);
-                let name = format!("{framework} {precision} {activation:?} convolutional");
-                eprintln!("{name}: {error:.2e}");
-                assert!(
-                    error <= gradient_tolerance(precision),
-                    "{name}: gradients {error:.2e} from finite differences"
-                );
+                for norm in [false, true] {
+                    let plan = convolutional(&[5], 3, activation, training, norm)
+                        .with_dropout(&[0.0, 0.0, 0.5]);
+                    let error = gradient_error(&plan, 3, 12);
+                    let name = format!(
+                        "{framework} {precision} {activation:?} convolutional, batch norm {norm}"
+                    );
+                    eprintln!("{name}: {error:.2e}");
+                    assert!(
+                        error <= gradient_tolerance(precision),
+                        "{name}: gradients {error:.2e} from finite differences"
+                    );
+                }
             }
         }
     }
@@ -364,10 +422,12 @@ fn both_frameworks_train_to_the_same_parameters_in_f32() {
                 precision: Precision::F32True,
                 framework,
             };
-            let plan = convolutional(&[6], 3, activation, training);
-            trained_parameters(&mut HostDevice::default(), &plan, 5, 3, 4)
-                .unwrap()
-                .0
+            [false, true].map(|norm| {
+                let plan = convolutional(&[6], 3, activation, training, norm);
+                trained_parameters(&mut HostDevice::default(), &plan, 5, 3, 4)
+                    .unwrap()
+                    .0
+            })
         });
         assert_eq!(
             pytorch, headroom,
@@ -466,17 +526,19 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                     precision,
                     framework,
                 };
-                let plan = convolutional(&[16], 10, activation, training);
-                for batch in [1, 7, 129] {
-                    let report = device
-                        .run_steps(&plan, batch, Steps::exactly(2), 1)
-                        .unwrap();
-                    assert_eq!(
-                        report.device_bytes,
-                        plan.memory(batch).unwrap().total,
-                        "convolutional {framework} {precision} {activation:?} {optimizer:?} at \
-                         {batch}"
-                    );
+                for norm in [false, true] {
+                    let plan = convolutional(&[16], 10, activation, training, norm);
+                    for batch in [1, 7, 129] {
+                        let report = device
+                            .run_steps(&plan, batch, Steps::exactly(2), 1)
+                            .unwrap();
+                        assert_eq!(
+                            report.device_bytes,
+                            plan.memory(batch).unwrap().total,
+                            "convolutional {framework} {precision} {activation:?} {optimizer:?} \
+                             batch norm {norm} at {batch}"
+                        );
+                    }
                 }
             }
         }

@@ -24,6 +24,7 @@ pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
     checks.extend(super::image::check_conv(device)?);
     checks.extend(super::image::check_pool(device)?);
     checks.extend(super::image::check_channel_bias(device)?);
+    checks.extend(super::norm::check_batch_norm(device)?);
     Ok(checks)
 }
 

@@ -3,7 +3,7 @@
 //! poisoned with NaN beforehand so an unwritten element fails, compared with a reference
 //! computed here within a tolerance ([`tolerance`]). One check per kernel family (fill, gemm,
 //! elementwise, reduce, loss, optimizer, dropout: [`kernels`]; convolution and pooling:
-//! [`image`]), then a few training steps in every
+//! [`image`]; batch norm: [`norm`]), then a few training steps in every
 //! precision and the loss scaler's skipped steps ([`training`]).
 //!
 //! The references restate each operation's semantics on plain f32 (the matrix products with a
@@ -12,6 +12,7 @@
 
 mod image;
 mod kernels;
+mod norm;
 mod training;
 
 pub use kernels::check_kernels;

@@ -3,6 +3,36 @@
 //! The layer walk ([`crate::layers::walk`]) has checked that every window fits; a geometry
 //! where none does has no outputs.
 
+/// Batch norm's `eps`, added to the variance (`nn.BatchNorm2d`'s default).
+pub const BATCH_NORM_EPS: f32 = 1e-5;
+/// Batch norm's `momentum`: the weight of a step's statistics in the running ones
+/// (`nn.BatchNorm2d`'s default).
+pub const BATCH_NORM_MOMENTUM: f32 = 0.1;
+
+/// An NCHW batch seen as `rows x channels x spatial` values: what batch norm normalizes, one
+/// channel over every sample and position at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planes {
+    /// Samples.
+    pub rows: u64,
+    /// Channels.
+    pub channels: u64,
+    /// Positions of a channel in one sample: height x width.
+    pub spatial: u64,
+}
+
+impl Planes {
+    /// Values in all.
+    pub fn values(&self) -> u64 {
+        self.rows * self.channels * self.spatial
+    }
+
+    /// Values of one channel over the batch: what its statistics average.
+    pub fn per_channel(&self) -> u64 {
+        self.rows * self.spatial
+    }
+}
+
 /// A 2-D convolution with a square kernel, as `nn.Conv2d(in_channels, out_channels, kernel,
 /// stride, padding)` computes it over one sample; its bias is one value per output channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub mod image;
 pub mod program;
 
-pub use image::{Convolution, PoolKind, Pooling};
+pub use image::{Convolution, Planes, PoolKind, Pooling, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM};
 pub use program::{Framework, Moment};
 
 /// How a buffer of values stores them.
@@ -207,8 +207,8 @@ impl OptimizerKind {
 }
 
 /// One layer with weights and a bias: linear (`outputs x inputs` weights, `outputs` biases) or a
-/// convolution (its [`Convolution`]'s filters, one bias per output channel), maybe pooled after
-/// its activation.
+/// convolution (its [`Convolution`]'s filters, one bias per output channel), maybe normalized
+/// and maybe pooled after its activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layer {
     /// Values of one sample's input.
@@ -217,6 +217,10 @@ pub struct Layer {
     pub outputs: u64,
     /// The convolution, when it is one.
     pub conv: Option<Convolution>,
+    /// Whether batch norm (training mode, affine) follows the convolution, before the
+    /// activation: `nn.Conv2d(bias=False)` then `nn.BatchNorm2d`. Its shift is then the layer's
+    /// bias and its scale one more parameter per channel ([`Layer::scales`]).
+    pub norm: bool,
     /// The pooling after its activation, if any.
     pub pool: Option<Pooling>,
 }
@@ -228,6 +232,7 @@ impl Layer {
             inputs,
             outputs,
             conv: None,
+            norm: false,
             pool: None,
         }
     }
@@ -238,7 +243,17 @@ impl Layer {
             inputs: conv.inputs(),
             outputs: conv.outputs(),
             conv: Some(conv),
+            norm: false,
             pool,
+        }
+    }
+
+    /// A convolution without bias, batch norm after it, then `pool` after its activation if
+    /// given.
+    pub fn normalized(conv: Convolution, pool: Option<Pooling>) -> Layer {
+        Layer {
+            norm: true,
+            ..Layer::convolution(conv, pool)
         }
     }
 
@@ -248,9 +263,27 @@ impl Layer {
             .map_or(self.inputs * self.outputs, |conv| conv.weights())
     }
 
-    /// Number of biases: one per output, or per output channel of a convolution.
+    /// Number of biases: one per output, or per output channel of a convolution (batch norm's
+    /// shift when normalized).
     pub fn biases(&self) -> u64 {
         self.conv.map_or(self.outputs, |conv| conv.out_channels)
+    }
+
+    /// Batch norm's scales, one per output channel; 0 without batch norm.
+    pub fn scales(&self) -> u64 {
+        match self.norm {
+            true => self.biases(),
+            false => 0,
+        }
+    }
+
+    /// Lengths of its parameters in PyTorch's order: weights, batch norm's scales if
+    /// normalized, biases.
+    pub fn parameter_lengths(&self) -> Vec<u64> {
+        match self.norm {
+            true => vec![self.weights(), self.scales(), self.biases()],
+            false => vec![self.weights(), self.biases()],
+        }
     }
 
     /// Values each output reads (initialisation scales by it).
@@ -313,7 +346,7 @@ pub struct Overflow;
 /// Which of the four places training uses memory a buffer belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Part {
-    /// Weights and biases.
+    /// Weights and biases (and batch norm's running statistics, kept between steps).
     Parameters,
     /// One gradient per parameter.
     Gradients,
@@ -375,7 +408,7 @@ fn round_up(value: u64, to: u64) -> Option<u64> {
 /// Device bytes of one training step at its peak, in the four places training uses memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryBreakdown {
-    /// Weights and biases.
+    /// Weights and biases (and batch norm's running statistics).
     pub parameters: u64,
     /// One gradient per parameter.
     pub gradients: u64,
@@ -453,13 +486,13 @@ impl Plan {
         Plan::convolutional(&[], features, hidden, classes, activation, training)
     }
 
-    /// The plan of `convolutions` (each followed by the activation, then its pooling if any),
-    /// flattened into an MLP over the last one's pooled output (`features` without
-    /// convolutions); fails only if its byte counts overflow `u64`. The layer walk
-    /// ([`crate::layers::walk`]) has checked that each convolution reads what the one before
-    /// writes.
+    /// The plan of `convolutions` (convolution layers, each followed by its batch norm if any,
+    /// the activation, then its pooling if any), flattened into an MLP over the last one's
+    /// pooled output (`features` without convolutions); fails only if its byte counts overflow
+    /// `u64`. The layer walk ([`crate::layers::walk`]) has checked that each convolution reads
+    /// what the one before writes.
     pub fn convolutional(
-        convolutions: &[(Convolution, Option<Pooling>)],
+        convolutions: &[Layer],
         features: u64,
         hidden: &[u64],
         classes: u64,
@@ -472,10 +505,7 @@ impl Plan {
             precision,
             framework,
         } = training;
-        let mut layers: Vec<Layer> = convolutions
-            .iter()
-            .map(|&(conv, pool)| Layer::convolution(conv, pool))
-            .collect();
+        let mut layers = convolutions.to_vec();
         let flat = layers.last().map_or(features, Layer::pooled);
         let widths: Vec<u64> = std::iter::once(flat)
             .chain(hidden.iter().copied())
@@ -489,6 +519,7 @@ impl Plan {
             };
             weights
                 .and_then(|w| w.checked_add(layer.biases()))
+                .and_then(|p| p.checked_add(layer.scales()))
                 .and_then(|p| acc.checked_add(p))
         });
         let hidden_layers = layers.len() - 1;
@@ -752,6 +783,38 @@ mod tests {
             input + conv1 + conv2 + mlp + scratch
         );
         assert_eq!(plan.bytes_per_sample(), 78_864);
+    }
+
+    /// `examples/cifar10-cnn-bn.json` (3x3 convolutions without bias to 32, 64 and 128
+    /// channels, each with batch norm and ReLU, max pooled 2x2 after the first two, global
+    /// average pooling, a linear layer to 10), f32 under SGD with momentum, in headroom's step:
+    /// its fixed bytes and bytes per sample counted by hand.
+    #[test]
+    fn batch_norm_cnn_bytes_by_hand() {
+        let mut job: serde_json::Value =
+            serde_json::from_str(include_str!("../../../../examples/cifar10-cnn-bn.json")).unwrap();
+        job["framework"] = "headroom".into();
+        let job = crate::Job::from_json(&job.to_string()).unwrap();
+        let plan = job.plan();
+        // PyTorch's sum(p.numel()) of the same nn.Sequential.
+        assert_eq!(plan.parameter_count(), 94_762);
+        let channels = 32 + 64 + 128;
+        // Master values, gradients, velocities; running mean and variance, and an int64 step
+        // count per batch norm; the saved mean and invstd; the mean loss.
+        let fixed = 94_762 * 3 * 4 + (2 * channels * 4 + 3 * 8) + 2 * channels * 4 + 4;
+        assert_eq!(plan.fixed_bytes(), fixed);
+        let input = 3 * 32 * 32 * 4 + 4; // the image and its label
+                                         // The convolution's output, batch norm's, ReLU's; the pooled output (max: and places).
+        let conv1 = 3 * 32 * 32 * 32 * 4 + 32 * 16 * 16 * (4 + 8);
+        let conv2 = 3 * 64 * 16 * 16 * 4 + 64 * 8 * 8 * (4 + 8);
+        let conv3 = 3 * 128 * 8 * 8 * 4 + 128 * 4;
+        let logits = 10 * 4 + 4; // and the sample's loss
+        let scratch = 32 * 16 * 16 * 4; // the widest gradient between layers: conv2's input
+        assert_eq!(
+            plan.bytes_per_sample(),
+            input + conv1 + conv2 + conv3 + logits + scratch
+        );
+        assert_eq!(plan.bytes_per_sample(), 881_200);
     }
 
     /// A ReLU MLP to 10 classes under Adam, headroom's step (its memory is affine in the batch:

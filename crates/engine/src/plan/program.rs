@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Activation, Allocator, Buffer, Convolution, Element, Layer, MemoryBreakdown, Part, Plan,
-    PoolKind, Pooling, Storage,
+    Planes, PoolKind, Pooling, Storage,
 };
 use crate::synthetic;
 
@@ -243,6 +243,50 @@ pub enum Instr {
         /// The non-linearity.
         activation: Activation,
     },
+    /// Batch norm in training mode: per channel the batch's mean and `1 / sqrt(variance + eps)`
+    /// (biased variance) into `saved`, `y = (x - mean) * invstd * scale + bias`, the running
+    /// statistics moved towards the batch's by [`super::BATCH_NORM_MOMENTUM`] (the unbiased
+    /// variance) and their step count raised; then `post = activation(y)` when `post` is given.
+    BatchNormForward {
+        /// Read.
+        x: Slot,
+        /// Per channel, the parameters' storage.
+        scale: Slot,
+        /// Per channel, the parameters' storage.
+        bias: Slot,
+        /// Written, as `x` is stored.
+        y: Slot,
+        /// The activation's output, if any.
+        post: Option<Slot>,
+        /// Written: what backward reads.
+        saved: BatchStatistics<Slot>,
+        /// Updated.
+        running: RunningStatistics<Slot>,
+        /// The batch's shape.
+        planes: Planes,
+        /// The non-linearity.
+        activation: Activation,
+    },
+    /// Batch norm's backward: `dx`, and the gradients of its scale and bias, from `dy`, its
+    /// input `x` and what forward saved.
+    BatchNormBackward {
+        /// The gradient of its output.
+        dy: Slot,
+        /// Its input.
+        x: Slot,
+        /// Its scale.
+        scale: Slot,
+        /// What forward saved.
+        saved: BatchStatistics<Slot>,
+        /// The gradient of its input, written.
+        dx: Slot,
+        /// Written.
+        dscale: Slot,
+        /// Written.
+        dbias: Slot,
+        /// The batch's shape.
+        planes: Planes,
+    },
     /// `pre = grad_post * activation'(pre)`, in place.
     ActivationBackward {
         /// The gradient of the activation's output.
@@ -372,6 +416,27 @@ pub enum Instr {
     },
 }
 
+/// What batch norm's forward saves for its backward: per channel, f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStatistics<F> {
+    /// The batch's mean.
+    pub mean: F,
+    /// `1 / sqrt(variance + eps)`, the biased variance.
+    pub invstd: F,
+}
+
+/// What batch norm keeps between steps (`running_mean`, `running_var`, `num_batches_tracked`),
+/// each step moved towards the batch's statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningStatistics<F, I = F> {
+    /// Per channel, the parameters' storage.
+    pub mean: F,
+    /// Per channel, the parameters' storage.
+    pub var: F,
+    /// One int64: steps taken.
+    pub steps: I,
+}
+
 /// A compiled training step at one batch size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Program {
@@ -383,7 +448,8 @@ pub struct Program {
     pub setup: Vec<Instr>,
     /// Every training step; it frees whatever it allocates.
     pub step: Vec<Instr>,
-    /// Every weight and bias, layer by layer (weights, then biases), with its length.
+    /// Every parameter, layer by layer in PyTorch's order (weights, batch norm's scales, biases),
+    /// with its length.
     pub parameters: Vec<(Slot, u64)>,
     /// Their gradients, in the same order, alive when the optimizer's moment begins.
     pub gradients: Vec<(Slot, u64)>,
@@ -603,6 +669,89 @@ impl Dropped {
     }
 }
 
+/// The batch norm after a convolution: its output and what it saves for backward.
+#[derive(Debug, Clone, Copy)]
+struct Normalized {
+    output: Slot,
+    saved: BatchStatistics<Slot>,
+    planes: Planes,
+}
+
+impl Normalized {
+    /// Batch norm of `layer`'s output at `rows` samples stored as `storage`, if the layer has
+    /// one: its output, then the batch's means and inverse deviations (f32, as PyTorch saves
+    /// them).
+    fn allocate(
+        b: &mut Builder,
+        layer: &Layer,
+        rows: u64,
+        storage: Storage,
+    ) -> Option<Option<Normalized>> {
+        if !layer.norm {
+            return Some(None);
+        }
+        let planes = Planes {
+            rows,
+            channels: layer.biases(),
+            spatial: layer.spatial(),
+        };
+        Some(Some(Normalized {
+            output: b.value(Part::Activations, rows.checked_mul(layer.outputs)?, storage),
+            saved: BatchStatistics {
+                mean: b.value(Part::Activations, planes.channels, Storage::F32),
+                invstd: b.value(Part::Activations, planes.channels, Storage::F32),
+            },
+            planes,
+        }))
+    }
+
+    /// Batch norm of `x` with `params`' scale, bias and running statistics, then `activation`
+    /// into `post` when given.
+    fn forward(
+        &self,
+        x: Slot,
+        params: &Parameters,
+        post: Option<Slot>,
+        activation: Activation,
+    ) -> Instr {
+        Instr::BatchNormForward {
+            x,
+            scale: params.scale.expect("a normalized layer has scales"),
+            bias: params.bias,
+            y: self.output,
+            post,
+            saved: self.saved,
+            running: params
+                .running
+                .expect("a normalized layer has running statistics"),
+            planes: self.planes,
+            activation,
+        }
+    }
+
+    /// Batch norm's backward from `dy` and its input `x`: `dx`, then its scale's and bias's
+    /// gradients `(dscale, dbias)`.
+    fn backward(
+        &self,
+        dy: Slot,
+        x: Slot,
+        params: &Parameters,
+        dx: Slot,
+        (dscale, dbias): (Slot, Slot),
+    ) -> Instr {
+        Instr::BatchNormBackward {
+            dy,
+            x,
+            scale: params.scale.expect("a normalized layer has scales"),
+            saved: self.saved,
+            dx,
+            dscale,
+            dbias,
+            planes: self.planes,
+        }
+    }
+}
+
 /// The pooling after a convolution's activation: its output and, for max pooling, the places
 /// of the maxima (PyTorch's int64 indices).
 #[derive(Debug, Clone, Copy)]
@@ -739,12 +888,24 @@ fn bias_gradient(layer: &Layer, dy: Slot, db: Slot, rows: u64) -> Instr {
     }
 }
 
+/// One parameter buffer and what the optimizer keeps for it.
+#[derive(Debug, Clone, Copy)]
+struct Tensor {
+    slot: Slot,
+    state: OptimizerState<Slot>,
+    len: u64,
+}
+
 /// One layer's persistent buffers.
 struct Parameters {
     weight: Slot,
+    /// Batch norm's scale, when normalized.
+    scale: Option<Slot>,
     bias: Slot,
-    weight_state: OptimizerState<Slot>,
-    bias_state: OptimizerState<Slot>,
+    /// Batch norm's running statistics, when normalized.
+    running: Option<RunningStatistics<Slot>>,
+    /// Weight, scale, bias: PyTorch's order, each with its optimizer state.
+    tensors: Vec<Tensor>,
 }
 
 /// What [`Plan::allocate_parameters`] allocated.
@@ -753,8 +914,9 @@ struct Kept {
     layers: Vec<Parameters>,
     /// headroom's step: every gradient, kept.
     gradients: Vec<(Slot, u64)>,
-    /// headroom's mixed step: the half copies of weights and biases, kept.
-    casts: Vec<(Slot, Slot)>,
+    /// headroom's mixed step: the half copies of weights and of biases that are not batch
+    /// norm's (autocast leaves batch norm's parameters as they are), kept.
+    casts: Vec<(Slot, Option<Slot>)>,
 }
 
 impl Plan {
@@ -768,9 +930,10 @@ impl Plan {
         }
     }
 
-    /// The parameters and optimizer state of every layer: per layer its weights, biases, then
-    /// the state of each. headroom's step also keeps each layer's gradients (after its biases)
-    /// and, when mixed, the half copies of its weights and biases (after its state).
+    /// The parameters and optimizer state of every layer: per layer its weights, batch norm's
+    /// scales, biases and running statistics, then the state of each parameter. headroom's step
+    /// also keeps each layer's gradients (after its parameters) and, when mixed, the half copies
+    /// of its weights and (not batch norm's) biases (after its state).
     fn allocate_parameters(&self, b: &mut Builder) -> Kept {
         let (master, compute) = (self.precision.master(), self.precision.compute());
         let states = self.optimizer.state_per_parameter();
@@ -778,46 +941,60 @@ impl Plan {
         let mut kept = Kept::default();
         for layer in &self.layers {
             let weight = b.value(Part::Parameters, layer.weights(), master);
+            let scale = layer
+                .norm
+                .then(|| b.value(Part::Parameters, layer.scales(), master));
             let bias = b.value(Part::Parameters, layer.biases(), master);
+            let running = layer.norm.then(|| RunningStatistics {
+                mean: b.value(Part::Parameters, layer.biases(), master),
+                var: b.value(Part::Parameters, layer.biases(), master),
+                steps: b.alloc(Part::Parameters, 1, Element::Index),
+            });
+            let lengths = layer.parameter_lengths();
             if headroom {
-                for len in [layer.weights(), layer.biases()] {
+                for &len in &lengths {
                     kept.gradients
                         .push((b.value(Part::Gradients, len, master), len));
                 }
             }
-            let mut state = |len| {
-                let mut slots = (0..states).map(|_| b.value(Part::OptimizerState, len, master));
-                match states {
-                    0 => OptimizerState::Sgd,
-                    1 => OptimizerState::Momentum {
-                        velocity: slots.next().expect("one"),
-                    },
-                    _ => OptimizerState::Adam {
-                        m: slots.next().expect("two"),
-                        v: slots.next().expect("two"),
-                    },
-                }
-            };
-            let weight_state = state(layer.weights());
-            let bias_state = state(layer.biases());
+            let slots = [Some(weight), scale, Some(bias)].into_iter().flatten();
+            let tensors = slots
+                .zip(lengths)
+                .map(|(slot, len)| {
+                    let mut state = (0..states).map(|_| b.value(Part::OptimizerState, len, master));
+                    let state = match states {
+                        0 => OptimizerState::Sgd,
+                        1 => OptimizerState::Momentum {
+                            velocity: state.next().expect("one"),
+                        },
+                        _ => OptimizerState::Adam {
+                            m: state.next().expect("two"),
+                            v: state.next().expect("two"),
+                        },
+                    };
+                    Tensor { slot, state, len }
+                })
+                .collect();
             if headroom && self.precision.is_mixed() {
                 kept.casts.push((
                     b.value(Part::Parameters, layer.weights(), compute),
-                    b.value(Part::Parameters, layer.biases(), compute),
+                    (!layer.norm).then(|| b.value(Part::Parameters, layer.biases(), compute)),
                 ));
             }
             kept.layers.push(Parameters {
                 weight,
+                scale,
                 bias,
-                weight_state,
-                bias_state,
+                running,
+                tensors,
             });
         }
         kept
     }
 
-    /// Initial weights and biases, then the synthetic batch and its labels, from `seed`'s
-    /// streams.
+    /// Initial weights, scales and biases, then the synthetic batch and its labels, from
+    /// `seed`'s streams. Batch norm's scales start uniform in `[-1, 1)` where PyTorch starts
+    /// them at 1, and its shifts as biases do: a step's memory and work do not depend on them.
     fn fill(
         &self,
         b: &mut Builder,
@@ -834,6 +1011,14 @@ impl Plan {
                 key: synthetic::stream_key(seed, synthetic::weight_stream(i)),
                 scale,
             });
+            if let Some(out) = params.scale {
+                b.push(Instr::FillUniform {
+                    out,
+                    len: layer.scales(),
+                    key: synthetic::stream_key(seed, synthetic::scale_stream(i)),
+                    scale: 1.0,
+                });
+            }
             b.push(Instr::FillUniform {
                 out: params.bias,
                 len: layer.biases(),
@@ -857,8 +1042,7 @@ impl Plan {
         });
     }
 
-    /// The optimizer's update of every weight and bias, after the overflow check under loss
-    /// scaling.
+    /// The optimizer's update of every parameter, after the overflow check under loss scaling.
     fn update(
         &self,
         b: &mut Builder,
@@ -872,30 +1056,26 @@ impl Plan {
                 flag,
             });
         }
-        for (i, (layer, params)) in self.layers.iter().zip(layers).enumerate() {
+        let tensors = layers.iter().flat_map(|params| &params.tensors);
+        for (tensor, &(grad, _)) in tensors.zip(gradients) {
             b.push(Instr::OptimizerStep {
-                param: params.weight,
-                grad: gradients[2 * i].0,
-                state: params.weight_state,
-                len: layer.weights(),
-            });
-            b.push(Instr::OptimizerStep {
-                param: params.bias,
-                grad: gradients[2 * i + 1].0,
-                state: params.bias_state,
-                len: layer.biases(),
+                param: tensor.slot,
+                grad,
+                state: tensor.state,
+                len: tensor.len,
             });
         }
     }
 
     /// headroom's own step: every buffer allocated before the first step, in this order: per
-    /// layer its weights, biases, their gradients, optimizer state and, when mixed, the half
-    /// copies of weights and biases; the inputs, the labels and, when mixed, the half copy of
-    /// the inputs; each hidden layer's pre- and post-activation (and, with pooling after it,
-    /// the pooled output and the maxima's places; with dropout after it, dropout's output and
-    /// mask); the logits (overwritten by
-    /// their gradient), when mixed their f32 copy; the per-sample loss, the backward scratch, the
-    /// one-value mean loss and, with loss scaling, the one-value overflow flag.
+    /// layer its parameters, their gradients, optimizer state and, when mixed, the half copies
+    /// of weights and biases; the inputs, the labels and, when mixed, the half copy of the
+    /// inputs; each hidden layer's pre-activation (with batch norm, the convolution's output,
+    /// then batch norm's output and statistics) and post-activation (and, with pooling after
+    /// it, the pooled output and the maxima's places; with dropout after it, dropout's output
+    /// and mask); the logits (overwritten by their gradient), when mixed their f32 copy; the
+    /// per-sample loss, the backward scratch, the one-value mean loss and, with loss scaling,
+    /// the one-value overflow flag.
     fn headroom_program(&self, rows: u64, seed: u64) -> Option<Program> {
         let per_row = |width: u64| rows.checked_mul(width);
         let (master, compute) = (self.precision.master(), self.precision.compute());
@@ -911,14 +1091,14 @@ impl Plan {
         let labels = b.alloc(Part::BatchData, rows, Element::Label);
         let inputs_cast = mixed.then(|| b.value(Part::BatchData, features, compute));
         let mut hidden = Vec::new();
+        let mut normed = Vec::new();
         let mut pooled = Vec::new();
         let mut dropped = Vec::new();
         for (i, layer) in self.layers[..self.layers.len() - 1].iter().enumerate() {
             let elements = per_row(layer.outputs)?;
-            hidden.push((
-                b.value(Part::Activations, elements, compute),
-                b.value(Part::Activations, elements, compute),
-            ));
+            let pre = b.value(Part::Activations, elements, compute);
+            normed.push(Normalized::allocate(&mut b, layer, rows, compute)?);
+            hidden.push((pre, b.value(Part::Activations, elements, compute)));
             pooled.push(match layer.pool {
                 Some(pool) => Some(Pooled::allocate(&mut b, rows, pool, compute)?),
                 None => None,
@@ -946,16 +1126,16 @@ impl Plan {
         b.enter(Moment::Forward);
         for ((layer, params), (weight, bias)) in self.layers.iter().zip(&layers).zip(&casts) {
             b.push(convert(params.weight, *weight, layer.weights()));
-            b.push(convert(params.bias, *bias, layer.biases()));
+            if let Some(bias) = bias {
+                b.push(convert(params.bias, *bias, layer.biases()));
+            }
         }
         if let Some(cast) = inputs_cast {
             b.push(convert(inputs, cast, features));
         }
-        let operands = |i: usize| {
-            casts
-                .get(i)
-                .copied()
-                .unwrap_or((layers[i].weight, layers[i].bias))
+        let operands = |i: usize| match casts.get(i) {
+            Some(&(weight, bias)) => (weight, bias.unwrap_or(layers[i].bias)),
+            None => (layers[i].weight, layers[i].bias),
         };
         let last = self.layers.len() - 1;
         let input_of = |i: usize| match i {
@@ -972,14 +1152,10 @@ impl Plan {
                 false => (logits, None),
             };
             b.push(product(layer, input_of(i), weight, output, rows));
-            b.push(bias_activation(
-                layer,
-                output,
-                bias,
-                post,
-                rows,
-                self.activation,
-            ));
+            b.push(match normed.get(i).copied().flatten() {
+                Some(n) => n.forward(output, &layers[i], post, self.activation),
+                None => bias_activation(layer, output, bias, post, rows, self.activation),
+            });
             if let Some(p) = pooled.get(i).copied().flatten() {
                 b.push(p.forward(hidden[i].1, rows));
             }
@@ -1000,13 +1176,16 @@ impl Plan {
         }
 
         b.enter(Moment::Backward);
+        let first_gradient = first_gradients(&self.layers);
         for (i, layer) in self.layers.iter().enumerate().rev() {
+            let grads = &gradients[first_gradient[i]..first_gradient[i + 1]];
             if let Some(d) = dropped.get(i).copied().flatten() {
                 b.push(d.backward(
                     scratch.expect("hidden layers have a scratch"),
                     rows * layer.outputs,
                 ));
             }
+            let norm = normed.get(i).copied().flatten();
             if i < last {
                 let scratch = scratch.expect("hidden layers have a scratch");
                 // The pooling's backward writes the activation's gradient over its output,
@@ -1020,20 +1199,37 @@ impl Plan {
                 };
                 b.push(Instr::ActivationBackward {
                     grad_post,
-                    pre: hidden[i].0,
+                    pre: norm.map_or(hidden[i].0, |n| n.output),
                     len: rows * layer.outputs,
                     activation: self.activation,
                 });
+                // Batch norm's backward writes its input's gradient over the activation's
+                // output, read by now.
+                if let Some(n) = norm {
+                    b.push(n.backward(
+                        n.output,
+                        hidden[i].0,
+                        &layers[i],
+                        hidden[i].1,
+                        (grads[1].0, grads[2].0),
+                    ));
+                }
             }
-            let grad_out = if i < last { hidden[i].0 } else { logits };
+            let grad_out = match (i < last, norm) {
+                (false, _) => logits,
+                (true, Some(_)) => hidden[i].1,
+                (true, None) => hidden[i].0,
+            };
             b.push(weight_gradient(
                 layer,
                 grad_out,
                 input_of(i),
-                gradients[2 * i].0,
+                grads[0].0,
                 rows,
             ));
-            b.push(bias_gradient(layer, grad_out, gradients[2 * i + 1].0, rows));
+            if norm.is_none() {
+                b.push(bias_gradient(layer, grad_out, grads[1].0, rows));
+            }
             if i > 0 {
                 b.push(input_gradient(
                     layer,
@@ -1049,7 +1245,7 @@ impl Plan {
         self.update(&mut b, &layers, &gradients, overflow);
         Some(b.finish(Ending {
             batch_size: rows,
-            parameters: parameter_slots(self, &layers),
+            parameters: parameter_slots(&layers),
             gradients,
             inputs: (inputs, labels),
             loss: (row_loss, loss_sum),
@@ -1092,22 +1288,28 @@ impl Plan {
 
         b.enter(Moment::Forward);
         let last = self.layers.len() - 1;
-        let mut casts: Vec<(Slot, Slot)> = Vec::new();
+        let mut casts: Vec<(Slot, Option<Slot>)> = Vec::new();
         let mut inputs_cast = None;
-        // Per hidden layer: the product (kept for gelu's backward) and the activation, and the
-        // pooling or dropout after it.
+        // Per hidden layer: the product (kept for gelu's or batch norm's backward) and the
+        // activation, batch norm before it, and the pooling or dropout after it.
         let mut hidden: Vec<(Slot, Slot)> = Vec::new();
+        let mut normed: Vec<Option<Normalized>> = Vec::new();
         let mut pooled: Vec<Option<Pooled>> = Vec::new();
         let mut dropped: Vec<Option<Dropped>> = Vec::new();
         let mut logits = None;
         for (i, (layer, params)) in self.layers.iter().zip(&layers).enumerate() {
             let (weight, bias) = if mixed {
-                let bias = b.value(Part::Parameters, layer.biases(), compute);
-                b.push(convert(params.bias, bias, layer.biases()));
+                // Autocast casts a layer's bias, then its weights; batch norm runs on its own
+                // (f32) parameters.
+                let bias = (!layer.norm).then(|| {
+                    let bias = b.value(Part::Parameters, layer.biases(), compute);
+                    b.push(convert(params.bias, bias, layer.biases()));
+                    bias
+                });
                 let weight = b.value(Part::Parameters, layer.weights(), compute);
                 b.push(convert(params.weight, weight, layer.weights()));
                 casts.push((weight, bias));
-                (weight, bias)
+                (weight, bias.unwrap_or(params.bias))
             } else {
                 (params.weight, params.bias)
             };
@@ -1135,18 +1337,18 @@ impl Plan {
                 logits = Some(output);
                 continue;
             }
+            // Batch norm writes its output, then the batch's statistics, and saves its input.
+            let norm = Normalized::allocate(&mut b, layer, rows, compute)?;
             let activated = b.value(Part::Activations, rows * layer.outputs, compute);
-            b.push(bias_activation(
-                layer,
-                output,
-                bias,
-                Some(activated),
-                rows,
-                self.activation,
-            ));
+            b.push(match norm {
+                Some(n) => n.forward(output, params, Some(activated), self.activation),
+                None => {
+                    bias_activation(layer, output, bias, Some(activated), rows, self.activation)
+                }
+            });
             if self.activation != Activation::Gelu {
                 // relu and tanh save their output, gelu its input.
-                b.free(output);
+                b.free(norm.map_or(output, |n| n.output));
             }
             // Pooling writes its output, then (max) its int64 indices, and saves its input.
             let p = match layer.pool {
@@ -1168,6 +1370,7 @@ impl Plan {
                 }
             }
             hidden.push((output, activated));
+            normed.push(norm);
             pooled.push(p);
             dropped.push(d);
         }
@@ -1192,7 +1395,9 @@ impl Plan {
         // Leaving autocast frees its copies that backward does not need: every bias, and the
         // first layer's weights (its input needs no gradient).
         for (i, (weight, bias)) in casts.iter().enumerate() {
-            b.free(*bias);
+            if let Some(bias) = bias {
+                b.free(*bias);
+            }
             if i == 0 {
                 b.free(*weight);
             }
@@ -1217,12 +1422,24 @@ impl Plan {
             b.free(grad_out);
             grad_out = half;
         }
-        let mut gradients = vec![(Slot(usize::MAX), 0); 2 * self.layers.len()];
+        let mut gradients = vec![Vec::new(); self.layers.len()];
         for (i, layer) in self.layers.iter().enumerate().rev() {
-            let (weight, _) = if mixed {
-                casts[i]
-            } else {
-                (layers[i].weight, layers[i].bias)
+            let weight = if mixed { casts[i].0 } else { layers[i].weight };
+            // Batch norm's backward writes its input's gradient, then its scale's and bias's
+            // (as its parameters are stored), and lets what it saved go.
+            let norm_gradients = match normed.get(i).copied().flatten() {
+                Some(n) => {
+                    let dx = b.value(Part::Activations, rows * layer.outputs, compute);
+                    let dscale = b.value(Part::Gradients, layer.scales(), master);
+                    let dbias = b.value(Part::Gradients, layer.biases(), master);
+                    b.push(n.backward(grad_out, hidden[i].0, &layers[i], dx, (dscale, dbias)));
+                    for slot in [grad_out, hidden[i].0, n.saved.mean, n.saved.invstd] {
+                        b.free(slot);
+                    }
+                    grad_out = dx;
+                    Some([(dscale, layer.scales()), (dbias, layer.biases())])
+                }
+                None => None,
             };
             let input = match i {
                 0 => inputs_cast.unwrap_or(inputs),
@@ -1242,8 +1459,12 @@ impl Plan {
             };
             let dw = b.value(gradient_part, layer.weights(), gradient_storage);
             b.push(weight_gradient(layer, grad_out, input, dw, rows));
-            let db = b.value(gradient_part, layer.biases(), gradient_storage);
-            b.push(bias_gradient(layer, grad_out, db, rows));
+            let mut layer_gradients = vec![(dw, layer.weights())];
+            if norm_gradients.is_none() {
+                let db = b.value(gradient_part, layer.biases(), gradient_storage);
+                b.push(bias_gradient(layer, grad_out, db, rows));
+                layer_gradients.push((db, layer.biases()));
+            }
             b.free(grad_out);
             if mixed && i > 0 {
                 b.free(weight);
@@ -1261,16 +1482,19 @@ impl Plan {
                     (None, None) => {}
                 }
             }
-            gradients[2 * i] = (dw, layer.weights());
-            gradients[2 * i + 1] = (db, layer.biases());
             if mixed {
-                for (slot, len) in &mut gradients[2 * i..2 * i + 2] {
+                for (slot, len) in &mut layer_gradients {
                     let full = b.value(Part::Gradients, *len, Storage::F32);
                     b.push(convert(*slot, full, *len));
                     b.free(*slot);
                     *slot = full;
                 }
             }
+            if let Some([dscale, dbias]) = norm_gradients {
+                layer_gradients.insert(1, dscale);
+                layer_gradients.push(dbias);
+            }
+            gradients[i] = layer_gradients;
             if let Some(mut dx) = dx {
                 let below = &self.layers[i - 1];
                 if let Some(p) = pooled[i - 1] {
@@ -1299,7 +1523,7 @@ impl Plan {
                 }
                 let (product, activated) = hidden[i - 1];
                 let saved = match self.activation {
-                    Activation::Gelu => product,
+                    Activation::Gelu => normed[i - 1].map_or(product, |n| n.output),
                     _ => activated,
                 };
                 let len = rows * below.outputs;
@@ -1321,12 +1545,11 @@ impl Plan {
         // Adam's foreach update computes `sqrt(v)` of every parameter into a list of new tensors
         // before it applies the update; the fused kernel needs none, and the probe holds their
         // bytes while it updates.
+        let gradients: Vec<(Slot, u64)> = gradients.into_iter().flatten().collect();
         let held: Vec<Slot> = match self.optimizer.state_per_parameter() {
-            2 => self
-                .layers
+            2 => gradients
                 .iter()
-                .flat_map(|l| [l.weights(), l.biases()])
-                .map(|len| b.value(Part::OptimizerState, len, master))
+                .map(|&(_, len)| b.value(Part::OptimizerState, len, master))
                 .collect(),
             _ => Vec::new(),
         };
@@ -1340,13 +1563,23 @@ impl Plan {
         }
         Some(b.finish(Ending {
             batch_size: rows,
-            parameters: parameter_slots(self, &layers),
+            parameters: parameter_slots(&layers),
             gradients,
             inputs: (inputs, labels),
             loss: (row_loss, loss_sum),
             scales_loss: overflow.is_some(),
         }))
     }
+}
+
+/// Where each layer's gradients begin among all the parameters' (one past the last at the end).
+fn first_gradients(layers: &[Layer]) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(layers.iter().scan(0, |end, layer| {
+            *end += layer.parameter_lengths().len();
+            Some(*end)
+        }))
+        .collect()
 }
 
 /// What layer `i` (past the first) reads: the layer below's pooled output, its dropout's output,
@@ -1383,11 +1616,11 @@ fn cross_entropy(logits: Slot, labels: Slot, row_loss: Slot, rows: u64, classes:
     }
 }
 
-fn parameter_slots(plan: &Plan, layers: &[Parameters]) -> Vec<(Slot, u64)> {
-    plan.layers
+fn parameter_slots(layers: &[Parameters]) -> Vec<(Slot, u64)> {
+    layers
         .iter()
-        .zip(layers)
-        .flat_map(|(layer, p)| [(p.weight, layer.weights()), (p.bias, layer.biases())])
+        .flat_map(|p| &p.tensors)
+        .map(|t| (t.slot, t.len))
         .collect()
 }
 

@@ -528,7 +528,7 @@ pub struct Accumulation {
 /// Device bytes of one training step at its peak, in the four places training uses memory.
 #[derive(Serialize, ToSchema)]
 pub struct MemoryBreakdown {
-    /// Weights and biases.
+    /// Weights and biases (and batch norm's running statistics).
     parameters: u64,
     /// One gradient per parameter.
     gradients: u64,
