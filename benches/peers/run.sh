@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The peer benchmark: the same MLP training step in headroom's host device, JAX (XLA, jit) and,
-# with PEERS_TORCH=1, PyTorch CPU (and then LeNet-5 against PyTorch CPU: lenet.py), run
+# with PEERS_TORCH=1, PyTorch CPU (and then the image examples against PyTorch CPU: images.py), run
 # alternately on the same shapes and batch sizes. Prints
 # samples/s, the ratio headroom / peer, and the machine's f32 GEMM ceiling. Not part of
 # `cargo test`: it installs the peers from PyPI into .deps/peers (PyTorch's wheel is large).
@@ -25,5 +25,5 @@ fi
 "$venv/bin/python" benches/peers/compare.py --headroom "$bin" --rounds "${PEERS_ROUNDS:-3}" \
   $([ "${PEERS_TORCH:-0}" = 1 ] && echo --torch)
 if [ "${PEERS_TORCH:-0}" = 1 ]; then
-  "$venv/bin/python" benches/peers/lenet.py --headroom "$bin" --rounds "${PEERS_ROUNDS:-3}"
+  "$venv/bin/python" benches/peers/images.py --headroom "$bin" --rounds "${PEERS_ROUNDS:-3}"
 fi
