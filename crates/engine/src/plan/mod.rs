@@ -761,16 +761,22 @@ mod tests {
         );
     }
 
+    /// The plan of a job file's text, in headroom's step.
+    fn headroom_plan(job: &str) -> Plan {
+        let mut job: serde_json::Value = serde_json::from_str(job).unwrap();
+        job["framework"] = "headroom".into();
+        crate::Job::from_json(&job.to_string())
+            .unwrap()
+            .plan()
+            .clone()
+    }
+
     /// `examples/lenet5-mnist.json` (LeNet-5: 5x5 convolutions to 6 and 16 channels, the first
     /// padded, each max pooled 2x2, then 400-120-84-10), f32, in headroom's step, which keeps
     /// every buffer: its bytes per sample counted by hand.
     #[test]
     fn lenet5_bytes_per_sample_by_hand() {
-        let mut job: serde_json::Value =
-            serde_json::from_str(include_str!("../../../../examples/lenet5-mnist.json")).unwrap();
-        job["framework"] = "headroom".into();
-        let job = crate::Job::from_json(&job.to_string()).unwrap();
-        let plan = job.plan();
+        let plan = headroom_plan(include_str!("../../../../examples/lenet5-mnist.json"));
         assert_eq!(plan.precision, Precision::F32True);
         assert_eq!(plan.parameter_count(), 61_706);
         let input = 784 * 4 + 4; // the image and its label
@@ -791,11 +797,7 @@ mod tests {
     /// its fixed bytes and bytes per sample counted by hand.
     #[test]
     fn batch_norm_cnn_bytes_by_hand() {
-        let mut job: serde_json::Value =
-            serde_json::from_str(include_str!("../../../../examples/cifar10-cnn-bn.json")).unwrap();
-        job["framework"] = "headroom".into();
-        let job = crate::Job::from_json(&job.to_string()).unwrap();
-        let plan = job.plan();
+        let plan = headroom_plan(include_str!("../../../../examples/cifar10-cnn-bn.json"));
         // PyTorch's sum(p.numel()) of the same nn.Sequential.
         assert_eq!(plan.parameter_count(), 94_762);
         let channels = 32 + 64 + 128;
