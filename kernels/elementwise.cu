@@ -1,6 +1,6 @@
-// elementwise.cu: bias + activation forward, activation backward (in place, or from what
-// PyTorch's activations save), and conversions between storages (autocast's casts, the loss
-// scale).
+// elementwise.cu: bias + activation forward, an activation alone, a sum of two gradients,
+// activation backward (in place, or from what PyTorch's activations save), and conversions
+// between storages (autocast's casts, the loss scale).
 //
 // Launch: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); grid-stride loops over
 // 64-bit element indices, so any n works. activation: activation.cuh's codes.
@@ -23,6 +23,20 @@ extern "C" __global__ void bias_activation(void* pre, const void* bias, void* po
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         store_value(pre, i, storage, load_value(pre, i, storage) + load_value(bias, i / spatial % cols, storage));
         store_value(post, i, storage, activate(activation, load_value(pre, i, storage)));
+    }
+}
+
+// y[i] = activation(x[i])
+extern "C" __global__ void activation_forward(const void* x, void* y, long long n, int activation, int storage) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        store_value(y, i, storage, activate(activation, load_value(x, i, storage)));
+    }
+}
+
+// into[i] += from[i]: two gradients of one buffer summed
+extern "C" __global__ void accumulate(const void* from, void* into, long long n, int storage) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        store_value(into, i, storage, load_value(into, i, storage) + load_value(from, i, storage));
     }
 }
 

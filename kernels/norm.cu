@@ -14,9 +14,11 @@ __device__ __forceinline__ long long channel_value(long long p, long long c, lon
 }
 
 // save_mean[c], save_invstd[c] = the batch's mean and 1 / sqrt(biased variance + eps);
-// y = (x - mean) * invstd * scale[c] + bias[c]; running_* += momentum * (batch's - running_*);
+// y = (x - mean) * invstd * scale[c] + bias[c] (+ residual when has_residual: a residual block's
+// shortcut); running_* += momentum * (batch's - running_*);
 // post = activation(y) from the stored y when has_post; steps[0] += 1
-extern "C" __global__ void batch_norm_forward(const void* x, const void* scale, const void* bias, void* y, void* post,
+extern "C" __global__ void batch_norm_forward(const void* x, const void* scale, const void* bias, const void* residual,
+                                              int has_residual, void* y, void* post,
                                               float* save_mean, float* save_invstd, void* running_mean,
                                               void* running_var, long long* steps, long long rows,
                                               long long channels, long long spatial, float eps, float momentum,
@@ -48,7 +50,9 @@ extern "C" __global__ void batch_norm_forward(const void* x, const void* scale, 
         const float b = load_value(bias, c, param_storage);
         for (long long p = threadIdx.x; p < m; p += blockDim.x) {
             const long long i = channel_value(p, c, channels, spatial);
-            store_value(y, i, storage, (load_value(x, i, storage) - mean) * invstd * g + b);
+            float v = (load_value(x, i, storage) - mean) * invstd * g + b;
+            if (has_residual) v += load_value(residual, i, storage);
+            store_value(y, i, storage, v);
             if (has_post) store_value(post, i, storage, activate(activation, load_value(y, i, storage)));
         }
     }

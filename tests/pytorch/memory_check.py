@@ -78,14 +78,22 @@ def layer_list(model_spec):
     return layers + [{"linear": {"out_features": model_spec["num_classes"]}}]
 
 
-def build(job, device):
-    """The job's network and its optimizer (foreach), on `device`, in the job's precision."""
-    model_spec = job["model"]
-    dtype = torch.bfloat16 if job.get("precision") == "bf16-true" else torch.float32
+class Residual(nn.Module):
+    """A layer list's `residual` block: `body(x) + shortcut(x)`, neither in place."""
+
+    def __init__(self, body, shortcut):
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+def modules(specs, shape, device, dtype):
+    """The modules of a layer list over samples of `shape`, and the shape they pass on."""
     layers = []
-    shape = list(model_spec["input_shape"])
-    width = math.prod(shape)
-    for layer in layer_list(model_spec):
+    for layer in specs:
         ((kind, args),) = layer.items()
         if kind == "conv2d":
             k, stride, padding = args["kernel_size"], args.get("stride", 1), args.get("padding", 0)
@@ -107,17 +115,26 @@ def build(job, device):
         elif kind == "global_avg_pool2d":
             layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
             shape = [shape[0]]
-            width = shape[0]
+        elif kind == "residual":
+            body, out = modules(args["layers"], shape, device, dtype)
+            if out == shape:
+                shortcut = nn.Identity()
+            else:
+                stride = next(s for s in range(1, shape[1] + 1) if (shape[1] - 1) // s + 1 == out[1])
+                shortcut = nn.Sequential(
+                    nn.Conv2d(shape[0], out[0], 1, stride, bias=False, device=device, dtype=dtype),
+                    nn.BatchNorm2d(out[0], device=device, dtype=dtype),
+                )
+            layers.append(Residual(nn.Sequential(*body), shortcut))
+            shape = out
         elif kind == "flatten":
-            if len(shape) == 1:
-                continue  # already flat after global_avg_pool2d
-
-            layers.append(nn.Flatten())
-            width = math.prod(shape)
+            if len(shape) > 1:  # already flat after global_avg_pool2d
+                layers.append(nn.Flatten())
+                shape = [math.prod(shape)]
         elif kind == "linear":
             out = args["out_features"]
-            layers.append(nn.Linear(width, out, device=device, dtype=dtype))
-            width = out
+            layers.append(nn.Linear(math.prod(shape), out, device=device, dtype=dtype))
+            shape = [out]
         elif kind == "dropout":
             p = args.get("p", 0.5)
             layers.append(nn.Dropout(p) if device == "cuda" else GpuDropout(p))
@@ -125,6 +142,14 @@ def build(job, device):
             layers.append(ACTIVATIONS[kind]())
         else:
             raise SystemExit(f"the memory check does not build {kind} layers yet")
+    return layers, shape
+
+
+def build(job, device):
+    """The job's network and its optimizer (foreach), on `device`, in the job's precision."""
+    model_spec = job["model"]
+    dtype = torch.bfloat16 if job.get("precision") == "bf16-true" else torch.float32
+    layers, _ = modules(layer_list(model_spec), list(model_spec["input_shape"]), device, dtype)
     if isinstance(layers[0], nn.Linear):
         layers.insert(0, nn.Flatten())
     model = nn.Sequential(*layers)

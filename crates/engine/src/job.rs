@@ -395,8 +395,8 @@ impl JobSpec {
     /// One line that tells jobs apart: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`, with
     /// `dropout 0.2/0` after the activation when a hidden layer has some; a network with
     /// convolutions is a `CNN`, each written as `conv6k5p2` (channels, kernel, stride when not 1,
-    /// padding when not 0; `bn` after it when batch norm follows) and its pooling as `max2` or
-    /// `avg2` (kernel; stride when not the kernel).
+    /// padding when not 0; `bn` after it when batch norm follows, `+` when it ends a residual
+    /// block) and its pooling as `max2` or `avg2` (kernel; stride when not the kernel).
     pub fn summary(&self) -> String {
         let shape: Vec<String> = self.model.input_shape.iter().map(u64::to_string).collect();
         let mlp = self.model.network().unwrap_or_default();
@@ -414,6 +414,9 @@ impl JobSpec {
                 }
                 if layer.norm {
                     conv_name.push_str("bn");
+                }
+                if layer.shortcut.is_some() {
+                    conv_name.push('+');
                 }
                 let pool_name = layer.pool.map(|pool| {
                     let kind = match pool.kind {
@@ -807,11 +810,24 @@ mod tests {
             r#"{"relu": {}}, {"residual": {"layers": [{"conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1}}]}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
         );
         let error = Job::from_json(&residual).unwrap_err();
-        assert_eq!(error.field, "model.layers[5]");
+        assert_eq!(error.field, "model.layers[5].residual.layers[0]");
         assert!(
-            error.reason.contains("`residual` is read and checked")
+            error
+                .reason
+                .contains("residual block of convolutions without bias")
                 && error.reason.contains("14 layers, 64026 parameters"),
             "{error}"
+        );
+        let residual = residual.replace(
+            r#"{"conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1}}]}}, {"max_pool2d""#,
+            r#"{"conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1, "bias": false}}, {"batch_norm2d": {}}]}}, {"relu": {}}, {"max_pool2d""#,
+        );
+        let job = Job::from_json(&residual).unwrap();
+        assert_eq!(job.plan().parameter_count(), 61706 + 16 * 16 * 9 + 2 * 16);
+        assert!(
+            job.summary().contains("-conv16k5-conv16k3p1bn+-max2-"),
+            "{}",
+            job.summary()
         );
         let wrong_classes = lenet.replace(r#""num_classes": 10"#, r#""num_classes": 12"#);
         let error = Job::from_json(&wrong_classes).unwrap_err();

@@ -7,13 +7,13 @@
 //! field when it cannot apply) and counts the parameters as PyTorch's `sum(p.numel())` does. A
 //! list of convolutions (each maybe with batch norm, then the activation and maybe max, average
 //! or global average pooling after it), `flatten`, then `linear` layers, one kind of activation
-//! and `dropout` after it is a network headroom trains ([`LayerSpec::as_network`]); residual
-//! blocks are read and checked, and refused for training until their kernels land.
+//! and `dropout` after it is a network headroom trains ([`LayerSpec::as_network`]), residual
+//! blocks of batch-normalized convolutions among the convolutions.
 
 use serde::{Deserialize, Serialize};
 
 use crate::plan::image::window_count as window_output;
-use crate::plan::{Activation, Convolution, Layer, PoolKind, Pooling};
+use crate::plan::{Activation, Convolution, Layer, PoolKind, Pooling, Shortcut};
 
 /// The most layers a list may hold, residual blocks' own counted: deeper than any ResNet.
 pub const MAX_LAYERS: usize = 1000;
@@ -206,7 +206,22 @@ impl LayerSpec {
     ) -> Result<Network, LayerError> {
         let mut net = Network::default();
         let mut widths = Vec::new();
-        let mut activation: Option<(Activation, usize)> = None;
+        // The first activation and its path: headroom uses one throughout.
+        let mut activation: Option<(Activation, String)> = None;
+        let mut same_activation = |kind: Activation, at: &str| match &activation {
+            Some((first, first_at)) if *first != kind => Err(LayerError::new(
+                at,
+                format!(
+                    "headroom uses one activation throughout, and {first_at} is {}",
+                    activation_name(*first)
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => {
+                activation = Some((kind, at.to_string()));
+                Ok(())
+            }
+        };
         let mut shape = input.to_vec();
         // What the last layer read was.
         #[derive(PartialEq, Clone, Copy)]
@@ -246,18 +261,7 @@ impl LayerSpec {
                             },
                         ));
                     }
-                    let [in_channels, height, width] = image(&shape, &at, layer)?;
-                    let conv = Convolution {
-                        in_channels,
-                        height,
-                        width,
-                        out_channels: conv.out_channels,
-                        kernel: conv.kernel_size,
-                        stride: conv.stride,
-                        padding: conv.padding,
-                    };
-                    shape = vec![conv.out_channels, conv.out_height(), conv.out_width()];
-                    product(&shape, &at)?;
+                    let conv = convolution(conv, &mut shape, &at, layer)?;
                     net.convolutions.push(match normalized {
                         true => Layer::normalized(conv, None),
                         false => Layer::convolution(conv, None),
@@ -356,6 +360,64 @@ impl LayerSpec {
                          activation, pooling",
                     ))
                 }
+                LayerSpec::Residual(block) if in_features => {
+                    let inner = format!("{at}.residual.layers");
+                    let from = net.convolutions.len();
+                    let mut body_shape = shape.clone();
+                    // What the body's last layer was: a convolution, its batch norm, or (at the
+                    // start, and after an activation) neither.
+                    #[derive(PartialEq)]
+                    enum Body {
+                        Open,
+                        Conv,
+                        Norm,
+                    }
+                    let mut body = Body::Open;
+                    for (j, inside) in block.layers.iter().enumerate() {
+                        let at = format!("{inner}[{j}]");
+                        let kind = match (inside, &body) {
+                            (LayerSpec::Conv2d(conv), Body::Open) if !conv.bias => {
+                                let conv = convolution(conv, &mut body_shape, &at, inside)?;
+                                net.convolutions.push(Layer::normalized(conv, None));
+                                body = Body::Conv;
+                                continue;
+                            }
+                            (LayerSpec::BatchNorm2d(norm), Body::Conv) if norm.affine => {
+                                body = Body::Norm;
+                                continue;
+                            }
+                            (LayerSpec::Relu(_), Body::Norm) => Activation::Relu,
+                            (LayerSpec::Gelu(_), Body::Norm) => Activation::Gelu,
+                            (LayerSpec::Tanh(_), Body::Norm) => Activation::Tanh,
+                            _ => {
+                                return Err(LayerError::new(
+                                    at,
+                                    "headroom trains a residual block of convolutions without \
+                                     bias, each with batch_norm2d after it and the activation \
+                                     between them: conv2d, batch_norm2d, relu, conv2d, \
+                                     batch_norm2d",
+                                ))
+                            }
+                        };
+                        same_activation(kind, &at)?;
+                        body = Body::Open;
+                    }
+                    if body != Body::Norm {
+                        return Err(LayerError::new(
+                            inner,
+                            "must end with a convolution's batch_norm2d: the block's sum is \
+                             activated after it",
+                        ));
+                    }
+                    let projection = projection(&shape, &body_shape)
+                        .ok_or_else(|| unmatched(&at, &shape, &body_shape))?;
+                    if let Some(last) = net.convolutions.last_mut() {
+                        last.shortcut = Some(Shortcut { from, projection });
+                    }
+                    shape = body_shape;
+                    after = After::Conv;
+                    continue;
+                }
                 LayerSpec::Flatten(_) if in_features || after == After::Global => {
                     shape = vec![product(&shape, &at)?];
                     after = After::Flat;
@@ -390,10 +452,23 @@ impl LayerSpec {
                          once: linear, activation, dropout, linear",
                     ))
                 }
+                LayerSpec::Residual(_) => {
+                    return Err(LayerError::new(
+                        at,
+                        "headroom trains a residual block on an image: at the start of the list, \
+                         or after a convolution's activation or pooling",
+                    ))
+                }
+                LayerSpec::Flatten(_) => {
+                    return Err(LayerError::new(
+                        at,
+                        "headroom flattens an image once, after the convolutions' activation or \
+                         pooling and before the first linear layer",
+                    ))
+                }
                 LayerSpec::Relu(_) => Activation::Relu,
                 LayerSpec::Gelu(_) => Activation::Gelu,
                 LayerSpec::Tanh(_) => Activation::Tanh,
-                other => return Err(not_trained_yet(&at, other)),
             };
             after =
                 match after {
@@ -404,18 +479,7 @@ impl LayerSpec {
                         "headroom applies an activation only after a linear or conv2d layer, once",
                     )),
                 };
-            match activation {
-                Some((first, first_at)) if first != kind => {
-                    return Err(LayerError::new(
-                        at,
-                        format!(
-                            "headroom uses one activation throughout, and {path}[{first_at}] is {}",
-                            LayerSpec::name(&layers[first_at])
-                        ),
-                    ))
-                }
-                _ => activation = activation.or(Some((kind, i))),
-            }
+            same_activation(kind, &at)?;
         }
         if after != After::Linear {
             return Err(LayerError::new(
@@ -448,19 +512,6 @@ pub struct Network {
     /// The probability of dropout after each hidden layer's activation (0: none), one per
     /// hidden layer.
     pub dropout: Vec<f32>,
-}
-
-fn not_trained_yet(at: &str, layer: &LayerSpec) -> LayerError {
-    LayerError::new(
-        at,
-        format!(
-            "`{}` is read and checked, but headroom has no kernels to train it yet: today a layer \
-             list may hold conv2d (batch_norm2d after it), max_pool2d, avg_pool2d and \
-             global_avg_pool2d, flatten, linear, one of relu, gelu or tanh, and dropout after a \
-             linear layer's activation",
-            layer.name()
-        ),
-    )
 }
 
 /// Checks `layers` from a sample of `input` shape, layer by layer, and counts the parameters.
@@ -630,30 +681,86 @@ fn walk_into(
 /// The parameters of the shortcut that makes `input` addable to `output`: none when they agree;
 /// a 1x1 convolution (no bias) and batch norm when only channels and a stride differ.
 fn shortcut(input: &[u64], output: &[u64], at: &str) -> Result<u64, LayerError> {
-    if input == output {
-        return Ok(0);
-    }
-    let matched = match (input, output) {
-        (&[c_in, h_in, w_in], &[c_out, h_out, w_out]) => (1..=h_in.max(w_in).max(1))
-            .find(|&s| {
-                window_output(h_in, 1, s, 0) == Some(h_out)
-                    && window_output(w_in, 1, s, 0) == Some(w_out)
-            })
-            .map(|_| (c_in, c_out)),
-        _ => None,
-    };
-    let (c_in, c_out) = matched.ok_or_else(|| {
-        LayerError::new(
+    match projection(input, output).ok_or_else(|| unmatched(at, input, output))? {
+        None => Ok(0),
+        Some(conv) => checked_add(
+            product(&[conv.in_channels, conv.out_channels], at)?,
+            2 * conv.out_channels,
             at,
-            format!(
-                "its layers turn {} into {}, which neither an identity nor a strided 1x1 \
-                 convolution shortcut can match",
-                show(input),
-                show(output)
-            ),
-        )
-    })?;
-    checked_add(product(&[c_in, c_out], at)?, 2 * c_out, at)
+        ),
+    }
+}
+
+/// The shortcut of a residual block that turns `input` into `output`: `Some(None)`, the
+/// identity, when they agree; else the strided 1x1 convolution that matches them (ResNet's
+/// downsampling shortcut, batch norm after it); `None` when none does.
+fn projection(input: &[u64], output: &[u64]) -> Option<Option<Convolution>> {
+    if input == output {
+        return Some(None);
+    }
+    let (&[in_channels, height, width], &[out_channels, out_height, out_width]) = (input, output)
+    else {
+        return None;
+    };
+    (1..=height.max(width).max(1))
+        .map(|stride| Convolution {
+            in_channels,
+            height,
+            width,
+            out_channels,
+            kernel: 1,
+            stride,
+            padding: 0,
+        })
+        .find(|conv| {
+            window_output(height, 1, conv.stride, 0) == Some(out_height)
+                && window_output(width, 1, conv.stride, 0) == Some(out_width)
+        })
+        .map(Some)
+}
+
+/// A residual block whose shapes no shortcut matches.
+fn unmatched(at: &str, input: &[u64], output: &[u64]) -> LayerError {
+    LayerError::new(
+        at,
+        format!(
+            "its layers turn {} into {}, which neither an identity nor a strided 1x1 \
+             convolution shortcut can match",
+            show(input),
+            show(output)
+        ),
+    )
+}
+
+/// The convolution `conv` names over a sample of `shape`, which becomes its output's.
+fn convolution(
+    conv: &Conv2d,
+    shape: &mut Shape,
+    at: &str,
+    layer: &LayerSpec,
+) -> Result<Convolution, LayerError> {
+    let [in_channels, height, width] = image(shape, at, layer)?;
+    let conv = Convolution {
+        in_channels,
+        height,
+        width,
+        out_channels: conv.out_channels,
+        kernel: conv.kernel_size,
+        stride: conv.stride,
+        padding: conv.padding,
+    };
+    *shape = vec![conv.out_channels, conv.out_height(), conv.out_width()];
+    product(shape, at)?;
+    Ok(conv)
+}
+
+/// An activation's name in a layer list.
+fn activation_name(activation: Activation) -> &'static str {
+    match activation {
+        Activation::Relu => "relu",
+        Activation::Gelu => "gelu",
+        Activation::Tanh => "tanh",
+    }
 }
 
 fn image(shape: &[u64], at: &str, layer: &LayerSpec) -> Result<[u64; 3], LayerError> {
@@ -773,6 +880,59 @@ mod tests {
         let resnet: Vec<LayerSpec> = serde_json::from_value(resnet18_cifar()).unwrap();
         let walked = walk(&resnet, &[3, 32, 32], "model.layers").unwrap();
         assert_eq!((walked.output, walked.parameters), (vec![10], 11_173_962));
+    }
+
+    /// The plan of `net` over `features` inputs to 10 classes.
+    fn plan_of(net: &Network, features: u64) -> crate::plan::Plan {
+        crate::plan::Plan::convolutional(
+            &net.convolutions,
+            features,
+            &net.hidden,
+            10,
+            net.activation,
+            crate::plan::Training {
+                optimizer: crate::plan::OptimizerKind::Sgd,
+                learning_rate: 0.1,
+                precision: crate::plan::Precision::F32True,
+                framework: crate::plan::Framework::Pytorch,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_cifar_resnet18_lowers_to_residual_blocks_with_pytorchs_parameters() {
+        let resnet: Vec<LayerSpec> = serde_json::from_value(resnet18_cifar()).unwrap();
+        let net = LayerSpec::as_network(&resnet, &[3, 32, 32], "model.layers").unwrap();
+        assert_eq!(net.convolutions.len(), 17);
+        assert!(net.convolutions.iter().all(|layer| layer.norm));
+        let shortcuts: Vec<_> = net
+            .convolutions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, layer)| {
+                let shortcut = layer.shortcut?;
+                let projection = shortcut
+                    .projection
+                    .map(|c| (c.in_channels, c.out_channels, c.stride, c.height));
+                Some((i, shortcut.from, projection))
+            })
+            .collect();
+        assert_eq!(
+            shortcuts,
+            [
+                (2, 1, None),
+                (4, 3, None),
+                (6, 5, Some((64, 128, 2, 32))),
+                (8, 7, None),
+                (10, 9, Some((128, 256, 2, 16))),
+                (12, 11, None),
+                (14, 13, Some((256, 512, 2, 8))),
+                (16, 15, None),
+            ]
+        );
+        assert_eq!(net.convolutions[16].pool.map(|p| p.kernel), Some(4));
+        assert_eq!(plan_of(&net, 3 * 32 * 32).parameter_count(), 11_173_962);
     }
 
     #[test]
@@ -943,21 +1103,10 @@ mod tests {
             })
         );
         assert!(net.hidden.is_empty());
-        let plan = crate::plan::Plan::convolutional(
-            &net.convolutions,
-            3 * 8 * 8,
-            &net.hidden,
-            10,
-            net.activation,
-            crate::plan::Training {
-                optimizer: crate::plan::OptimizerKind::Sgd,
-                learning_rate: 0.1,
-                precision: crate::plan::Precision::F32True,
-                framework: crate::plan::Framework::Pytorch,
-            },
-        )
-        .unwrap();
-        assert_eq!(plan.parameter_count(), walked.parameters);
+        assert_eq!(
+            plan_of(&net, 3 * 8 * 8).parameter_count(),
+            walked.parameters
+        );
     }
 
     #[test]
@@ -1041,8 +1190,18 @@ mod tests {
             ),
             (
                 r#"[{"residual": {"layers": [{"conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1}}]}}]"#,
-                "model.layers[0]",
-                "`residual` is read and checked",
+                "model.layers[0].residual.layers[0]",
+                "residual block of convolutions without bias",
+            ),
+            (
+                r#"[{"residual": {"layers": [{"conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1, "bias": false}}, {"batch_norm2d": {}}, {"relu": {}}]}}]"#,
+                "model.layers[0].residual.layers",
+                "must end with a convolution's batch_norm2d",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}, {"flatten": {}}, {"residual": {"layers": []}}]"#,
+                "model.layers[3]",
+                "residual block on an image",
             ),
             (
                 r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}]"#,

@@ -238,7 +238,8 @@ pub trait Kernels: Allocate {
     ) -> Result<(), Self::Error>;
     /// Batch norm in training mode over `planes`: per channel the batch's mean and
     /// `1 / sqrt(variance + eps)` (biased variance, [`crate::plan::BATCH_NORM_EPS`]) into
-    /// `saved`, `y = (x - mean) * invstd * scale + bias` rounded to `x`'s storage, the running
+    /// `saved`, `y = (x - mean) * invstd * scale + bias (+ residual)` rounded to `x`'s storage
+    /// (a residual block's shortcut added when given), the running
     /// statistics moved towards the batch's by [`crate::plan::BATCH_NORM_MOMENTUM`] (unbiased
     /// variance) and their step count raised by one; then `post = activation(y)` from the stored
     /// `y` when `post` is given.
@@ -248,6 +249,7 @@ pub trait Kernels: Allocate {
         x: &Self::Values,
         scale: &Self::Values,
         bias: &Self::Values,
+        residual: Option<&Self::Values>,
         y: &mut Self::Values,
         post: Option<&mut Self::Values>,
         saved: &mut BatchStatistics<Self::Values>,
@@ -271,6 +273,21 @@ pub trait Kernels: Allocate {
         dscale: &mut Self::Values,
         dbias: &mut Self::Values,
         planes: &Planes,
+    ) -> Result<(), Self::Error>;
+    /// `y = activation(x)`.
+    fn activation_forward(
+        &mut self,
+        x: &Self::Values,
+        y: &mut Self::Values,
+        len: u64,
+        activation: Activation,
+    ) -> Result<(), Self::Error>;
+    /// `into += from`, rounded to `into`'s storage: two gradients of one buffer summed.
+    fn accumulate(
+        &mut self,
+        from: &Self::Values,
+        into: &mut Self::Values,
+        len: u64,
     ) -> Result<(), Self::Error>;
     /// `pre[i, j, k] += bias[j]` over `rows x cols x spatial`, then `post = activation(pre)`
     /// when `post` is given.
@@ -745,6 +762,7 @@ impl<K: Kernels> Executor<K> {
                 x,
                 scale,
                 bias,
+                residual,
                 y,
                 post,
                 saved,
@@ -767,6 +785,7 @@ impl<K: Kernels> Executor<K> {
                         this.values(x),
                         this.values(scale),
                         this.values(bias),
+                        residual.map(|slot| this.values(slot)),
                         y,
                         post_buffer.as_mut(),
                         &mut saved_buffers,
@@ -817,6 +836,17 @@ impl<K: Kernels> Executor<K> {
                 self.put(dbias, dbias_buffer);
                 done?
             }
+            Instr::Activation {
+                x,
+                y,
+                len,
+                activation,
+            } => self.writing(y, |this, y| {
+                kernels.activation_forward(this.values(x), y, len, activation)
+            })?,
+            Instr::Accumulate { from, into, len } => self.writing(into, |this, into| {
+                kernels.accumulate(this.values(from), into, len)
+            })?,
             Instr::ActivationBackward {
                 grad_post,
                 pre,

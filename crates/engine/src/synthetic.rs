@@ -21,6 +21,12 @@ pub fn scale_stream(layer: usize) -> u64 {
     1 << 62 | layer as u64
 }
 
+/// Hash stream of the shortcut of the residual block layer `layer` ends: `part` 0 for its
+/// convolution's weights, 1 for its batch norm's scales, 2 for their shifts.
+pub fn shortcut_stream(layer: usize, part: u64) -> u64 {
+    1 << 61 | part << 32 | layer as u64
+}
+
 /// Hash stream of the dropout masks after hidden layer `layer`; each step's mask is the
 /// sub-stream [`stream_key`]`(key, step)` of its key.
 pub fn dropout_stream(layer: usize) -> u64 {

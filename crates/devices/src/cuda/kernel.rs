@@ -123,6 +123,10 @@ pub enum Kernel {
     BiasAdd,
     /// `pre += bias; post = activation(pre)`.
     BiasActivation,
+    /// `y = activation(x)`.
+    ActivationForward,
+    /// `into += from`.
+    Accumulate,
     /// `pre = grad_post * activation'(pre)`.
     ActivationBackward,
     /// `out = grad * activation'(...)` from what the activation saved.
@@ -175,12 +179,14 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 29] = [
+    pub const ALL: [Kernel; 31] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
         Kernel::BiasAdd,
         Kernel::BiasActivation,
+        Kernel::ActivationForward,
+        Kernel::Accumulate,
         Kernel::ActivationBackward,
         Kernel::ActivationGradient,
         Kernel::Convert,
@@ -215,6 +221,8 @@ impl Kernel {
             Kernel::GemmNn => "gemm_nn",
             Kernel::BiasAdd => "bias_add",
             Kernel::BiasActivation => "bias_activation",
+            Kernel::ActivationForward => "activation_forward",
+            Kernel::Accumulate => "accumulate",
             Kernel::ActivationBackward => "activation_backward",
             Kernel::ActivationGradient => "activation_gradient",
             Kernel::Convert => "convert",
@@ -248,6 +256,8 @@ impl Kernel {
             Kernel::GemmNt | Kernel::GemmTn | Kernel::GemmNn => Family::Gemm,
             Kernel::BiasAdd
             | Kernel::BiasActivation
+            | Kernel::ActivationForward
+            | Kernel::Accumulate
             | Kernel::ActivationBackward
             | Kernel::ActivationGradient
             | Kernel::Convert => Family::Elementwise,

@@ -561,6 +561,7 @@ impl Kernels for CudaDevice {
         x: &DeviceValues,
         scale: &DeviceValues,
         bias: &DeviceValues,
+        residual: Option<&DeviceValues>,
         y: &mut DeviceValues,
         post: Option<&mut DeviceValues>,
         saved: &mut BatchStatistics<DeviceValues>,
@@ -576,23 +577,25 @@ impl Kernels for CudaDevice {
             x.storage.code(),
             scale.storage.code(),
         );
-        let has_post = i32::from(post.is_some());
+        let (has_residual, has_post) = (i32::from(residual.is_some()), i32::from(post.is_some()));
         let config = shapes::block_per_channel(channels);
         let steps = elements_up_to_mut(&mut running.steps, 1);
-        // Without an activation the kernel writes no `post`; it is given `x`, live and unused.
+        // Without a residual or an activation the kernel reads no `residual` and writes no
+        // `post`; each is then given `x`, live and unused.
+        let residual = holds(residual.unwrap_or(x), len);
         match post {
             Some(post) => launch!(self, Kernel::BatchNormForward, config;
-                holds(x, len), holds(scale, channels), holds(bias, channels), holds_mut(y, len),
-                holds_mut(post, len), holds_mut(&mut saved.mean, channels),
-                holds_mut(&mut saved.invstd, channels), holds_mut(&mut running.mean, channels),
-                holds_mut(&mut running.var, channels), steps, &r, &c, &k, &eps, &momentum,
-                &has_post, &code, &storage, &param_storage),
+                holds(x, len), holds(scale, channels), holds(bias, channels), residual,
+                &has_residual, holds_mut(y, len), holds_mut(post, len),
+                holds_mut(&mut saved.mean, channels), holds_mut(&mut saved.invstd, channels),
+                holds_mut(&mut running.mean, channels), holds_mut(&mut running.var, channels),
+                steps, &r, &c, &k, &eps, &momentum, &has_post, &code, &storage, &param_storage),
             None => launch!(self, Kernel::BatchNormForward, config;
-                holds(x, len), holds(scale, channels), holds(bias, channels), holds_mut(y, len),
-                holds(x, len), holds_mut(&mut saved.mean, channels),
-                holds_mut(&mut saved.invstd, channels), holds_mut(&mut running.mean, channels),
-                holds_mut(&mut running.var, channels), steps, &r, &c, &k, &eps, &momentum,
-                &has_post, &code, &storage, &param_storage),
+                holds(x, len), holds(scale, channels), holds(bias, channels), residual,
+                &has_residual, holds_mut(y, len), holds(x, len),
+                holds_mut(&mut saved.mean, channels), holds_mut(&mut saved.invstd, channels),
+                holds_mut(&mut running.mean, channels), holds_mut(&mut running.var, channels),
+                steps, &r, &c, &k, &eps, &momentum, &has_post, &code, &storage, &param_storage),
         }
     }
 
@@ -641,6 +644,29 @@ impl Kernels for CudaDevice {
             None => launch!(self, Kernel::BiasAdd, config;
                 holds_mut(pre, len), holds(bias, cols), &r, &c, &k, &storage),
         }
+    }
+
+    fn activation_forward(
+        &mut self,
+        x: &DeviceValues,
+        y: &mut DeviceValues,
+        len: u64,
+        activation: Activation,
+    ) -> Result<(), DeviceError> {
+        let (n, code, storage) = (len as i64, activation_code(activation), y.storage.code());
+        launch!(self, Kernel::ActivationForward, shapes::elementwise(len);
+            holds(x, len), holds_mut(y, len), &n, &code, &storage)
+    }
+
+    fn accumulate(
+        &mut self,
+        from: &DeviceValues,
+        into: &mut DeviceValues,
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        let (n, storage) = (len as i64, into.storage.code());
+        launch!(self, Kernel::Accumulate, shapes::elementwise(len);
+            holds(from, len), holds_mut(into, len), &n, &storage)
     }
 
     fn activation_backward(

@@ -487,6 +487,7 @@ impl Kernels for HostDevice {
         x: &HostValues,
         scale: &HostValues,
         bias: &HostValues,
+        residual: Option<&HostValues>,
         y: &mut HostValues,
         post: Option<&mut HostValues>,
         saved: &mut BatchStatistics<HostValues>,
@@ -494,7 +495,40 @@ impl Kernels for HostDevice {
         planes: &Planes,
         activation: Activation,
     ) -> Result<(), DeviceError> {
-        norm::forward(x, scale, bias, y, post, saved, running, planes, activation)
+        norm::forward(
+            x, scale, bias, residual, y, post, saved, running, planes, activation,
+        )
+    }
+
+    fn activation_forward(
+        &mut self,
+        x: &HostValues,
+        y: &mut HostValues,
+        len: u64,
+        activation: Activation,
+    ) -> Result<(), DeviceError> {
+        for range in chunks(usize_of(len), 1) {
+            let x = x.read(range.clone());
+            y.update(range, |y| ops::activate_all(&x, y, activation));
+        }
+        Ok(())
+    }
+
+    fn accumulate(
+        &mut self,
+        from: &HostValues,
+        into: &mut HostValues,
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        for range in chunks(usize_of(len), 1) {
+            let from = from.read(range.clone());
+            into.update(range, |into| {
+                for (into, from) in into.iter_mut().zip(from.iter()) {
+                    *into += from;
+                }
+            });
+        }
+        Ok(())
     }
 
     fn batch_norm_backward(

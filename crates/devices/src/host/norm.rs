@@ -57,6 +57,7 @@ pub fn forward(
     x: &HostValues,
     scale: &HostValues,
     bias: &HostValues,
+    residual: Option<&HostValues>,
     y: &mut HostValues,
     mut post: Option<&mut HostValues>,
     saved: &mut BatchStatistics<HostValues>,
@@ -104,10 +105,14 @@ pub fn forward(
     let (scale, bias) = (scale.read(channels.clone()), bias.read(channels));
     sizes.each_chunk(|range, channel_of| {
         let x = x.read(range.clone());
+        let residual = residual.map(|r| r.read(range.clone()));
         y.update(range.clone(), |y| {
             for (i, (y, &v)) in y.iter_mut().zip(x.iter()).enumerate() {
                 let c = channel_of(i);
                 *y = (v - mean32[c]) * invstd[c] * scale[c] + bias[c];
+                if let Some(r) = &residual {
+                    *y += r[i];
+                }
             }
         });
         if let Some(post) = post.as_deref_mut() {

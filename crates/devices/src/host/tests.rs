@@ -5,8 +5,8 @@ use super::*;
 use crate::transfer::{read_all, read_parameters, trained_parameters};
 use headroom_engine::device::Device;
 use headroom_engine::plan::{
-    Allocator, Convolution, Layer, OptimizerKind, Plan, PoolKind, Pooling, Precision, Storage,
-    Training, BATCH_NORM_EPS,
+    Allocator, Convolution, Layer, OptimizerKind, Plan, PoolKind, Pooling, Precision, Shortcut,
+    Storage, Training, BATCH_NORM_EPS,
 };
 use headroom_engine::plan::{Framework, Moment};
 use headroom_engine::step::{Executor, Steps, MAX_TIMED_STEPS};
@@ -92,6 +92,65 @@ fn convolutional(
         &[
             layer(first, Some(pool(PoolKind::Max, first, 2, 0))),
             layer(second, Some(pool(PoolKind::Average, second, 1, 1))),
+        ],
+        72,
+        hidden,
+        classes,
+        activation,
+        training,
+    )
+    .unwrap()
+}
+
+/// A small residual network: 2x6x6 through a padded 3x3 convolution to 3 channels (batch norm,
+/// activation), then one residual block of two padded 3x3 convolutions with batch norm: to 3
+/// channels with the identity shortcut, average pooled 2x2; or (`projection`) to 4 channels at
+/// stride 2 with a 1x1 convolution and batch norm as the shortcut, pooled globally; then
+/// `hidden` and `classes`.
+fn residual(
+    hidden: &[u64],
+    classes: u64,
+    activation: Activation,
+    training: Training,
+    projection: bool,
+) -> Plan {
+    let conv = |in_channels, side, out_channels, stride| Convolution {
+        in_channels,
+        height: side,
+        width: side,
+        out_channels,
+        kernel: 3,
+        stride,
+        padding: 1,
+    };
+    let (channels, stride) = if projection { (4, 2) } else { (3, 1) };
+    let stem = conv(2, 6, 3, 1);
+    let first = conv(3, 6, channels, stride);
+    let second = conv(channels, first.out_height(), channels, 1);
+    let side = second.out_height();
+    let kernel = if projection { side } else { 2 };
+    let pool = Pooling {
+        kind: PoolKind::Average,
+        channels,
+        height: side,
+        width: side,
+        kernel,
+        stride: kernel,
+        padding: 0,
+    };
+    let shortcut = Shortcut {
+        from: 1,
+        projection: projection.then_some(Convolution {
+            kernel: 1,
+            padding: 0,
+            ..conv(3, 6, channels, stride)
+        }),
+    };
+    Plan::convolutional(
+        &[
+            Layer::normalized(stem, None),
+            Layer::normalized(first, None),
+            Layer::normalized(second, Some(pool)).with_shortcut(shortcut),
         ],
         72,
         hidden,
@@ -205,6 +264,7 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u
         rest = left;
         taken
     };
+    let mut layer_inputs = Vec::new();
     for (i, layer) in plan.layers.iter().enumerate() {
         let (n_in, n_out) = (layer.inputs as usize, layer.outputs as usize);
         let w = take(layer.weights());
@@ -212,6 +272,7 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u
         let b = take(layer.biases());
         let zeros = vec![0.0; b.len()];
         let conv_bias = if layer.norm { &zeros[..] } else { b };
+        layer_inputs.push(batch.clone());
         batch = batch
             .iter()
             .map(|x| match &layer.conv {
@@ -223,6 +284,31 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u
             .collect();
         if layer.norm {
             batch_norm_f64(&mut batch, scale, b);
+        }
+        if let Some(shortcut) = layer.shortcut {
+            let block_input = &layer_inputs[shortcut.from];
+            let carried: Vec<Vec<f64>> = match shortcut.projection {
+                Some(conv) => {
+                    let (w, scale, shift) = (
+                        take(conv.weights()),
+                        take(conv.out_channels),
+                        take(conv.out_channels),
+                    );
+                    let zeros = vec![0.0; shift.len()];
+                    let mut projected: Vec<Vec<f64>> = block_input
+                        .iter()
+                        .map(|x| conv_f64(x, w, &zeros, &conv))
+                        .collect();
+                    batch_norm_f64(&mut projected, scale, shift);
+                    projected
+                }
+                None => block_input.clone(),
+            };
+            for (y, r) in batch.iter_mut().zip(&carried) {
+                for (v, r) in y.iter_mut().zip(r) {
+                    *v += r;
+                }
+            }
         }
         if i + 1 == plan.layers.len() {
             break;
@@ -365,13 +451,23 @@ fn gradients_match_finite_differences_in_every_precision_activation_and_framewor
                     precision,
                     framework,
                 };
-                for norm in [false, true] {
-                    let plan = convolutional(&[5], 3, activation, training, norm)
-                        .with_dropout(&[0.0, 0.0, 0.5]);
+                // Dropout after the hidden linear layer, past the convolutions.
+                let plans = [false, true]
+                    .map(|norm| {
+                        let plan = convolutional(&[5], 3, activation, training, norm);
+                        (plan, format!("convolutional, batch norm {norm}"))
+                    })
+                    .into_iter()
+                    .chain([false, true].map(|projection| {
+                        let plan = residual(&[5], 3, activation, training, projection);
+                        (plan, format!("residual, projection {projection}"))
+                    }));
+                for (plan, kind) in plans {
+                    let mut dropout = vec![0.0; plan.layers.len() - 2];
+                    dropout.push(0.5);
+                    let plan = plan.with_dropout(&dropout);
                     let error = gradient_error(&plan, 3, 12);
-                    let name = format!(
-                        "{framework} {precision} {activation:?} convolutional, batch norm {norm}"
-                    );
+                    let name = format!("{framework} {precision} {activation:?} {kind}");
                     eprintln!("{name}: {error:.2e}");
                     assert!(
                         error <= gradient_tolerance(precision),
@@ -422,8 +518,13 @@ fn both_frameworks_train_to_the_same_parameters_in_f32() {
                 precision: Precision::F32True,
                 framework,
             };
-            [false, true].map(|norm| {
-                let plan = convolutional(&[6], 3, activation, training, norm);
+            [
+                convolutional(&[6], 3, activation, training, false),
+                convolutional(&[6], 3, activation, training, true),
+                residual(&[6], 3, activation, training, false),
+                residual(&[6], 3, activation, training, true),
+            ]
+            .map(|plan| {
                 trained_parameters(&mut HostDevice::default(), &plan, 5, 3, 4)
                     .unwrap()
                     .0
@@ -526,8 +627,21 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                     precision,
                     framework,
                 };
-                for norm in [false, true] {
-                    let plan = convolutional(&[16], 10, activation, training, norm);
+                for (plan, norm) in [
+                    (
+                        convolutional(&[16], 10, activation, training, false),
+                        "none",
+                    ),
+                    (
+                        convolutional(&[16], 10, activation, training, true),
+                        "batch norm",
+                    ),
+                    (residual(&[16], 10, activation, training, false), "identity"),
+                    (
+                        residual(&[16], 10, activation, training, true),
+                        "projection",
+                    ),
+                ] {
                     for batch in [1, 7, 129] {
                         let report = device
                             .run_steps(&plan, batch, Steps::exactly(2), 1)
@@ -536,7 +650,7 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                             report.device_bytes,
                             plan.memory(batch).unwrap().total,
                             "convolutional {framework} {precision} {activation:?} {optimizer:?} \
-                             batch norm {norm} at {batch}"
+                             {norm} at {batch}"
                         );
                     }
                 }

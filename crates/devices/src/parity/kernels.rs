@@ -198,6 +198,24 @@ fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
     let mut checks = Vec::new();
     for storage in STORAGES {
         let tolerance = tolerance(storage);
+        let (from, into) = (
+            rounded(&random(1000, 47), storage),
+            rounded(&random(1000, 48), storage),
+        );
+        let from_d = device.write_values(&from, storage)?;
+        let mut into_d = device.write_values(&into, storage)?;
+        device.accumulate(&from_d, &mut into_d, 1000)?;
+        let want: Vec<f32> = from
+            .iter()
+            .zip(&into)
+            .map(|(a, b)| round(a + b, storage))
+            .collect();
+        checks.push(compare(
+            format!("accumulate 1000 {storage:?}"),
+            &device.read_values(&into_d, 1000)?,
+            &want,
+            tolerance,
+        ));
         for activation in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
             let (rows, cols) = (129usize, 7usize);
             let pre_values: Vec<f32> = random(rows * cols, 6).iter().map(|v| v * 4.0).collect();
@@ -230,6 +248,14 @@ fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
             checks.push(compare(
                 format!("bias+{name} post"),
                 &got,
+                &want_post,
+                tolerance,
+            ));
+            let mut alone = device.write_values(&poison(rows * cols), storage)?;
+            device.activation_forward(&pre, &mut alone, len, activation)?;
+            checks.push(compare(
+                format!("{name} alone"),
+                &device.read_values(&alone, len)?,
                 &want_post,
                 tolerance,
             ));

@@ -93,8 +93,9 @@ fn reference(
     }
 }
 
-/// Batch norm forward (with ReLU after it) and backward over one sample of a single value per
-/// channel's plane up to 129 samples of 3x3, in every storage a precision uses.
+/// Batch norm forward (a residual block's shortcut added at every shape but the smallest, ReLU
+/// after it) and backward over 2 samples of one channel of one value up to 129 samples of 4
+/// channels of 3x3, in every storage a precision uses.
 pub fn check_batch_norm<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
     let mut checks = Vec::new();
     for (values, params, grads) in STORAGES {
@@ -113,6 +114,8 @@ pub fn check_batch_norm<K: Transfer>(device: &mut K) -> Result<Vec<Check>, Devic
                 .collect();
             let x = rounded(&x, values);
             let dy = rounded(&random(len, 41), values);
+            // A residual block's shortcut, added to the output, at all but the smallest shape.
+            let residual = (rows > 2).then(|| rounded(&random(len, 46), values));
             let scale = rounded(&random(c, 42), params);
             let bias = rounded(&random(c, 43), params);
             let running_mean = rounded(&random(c, 44), params);
@@ -120,16 +123,26 @@ pub fn check_batch_norm<K: Transfer>(device: &mut K) -> Result<Vec<Check>, Devic
                 &random(c, 45).iter().map(|v| v.abs()).collect::<Vec<_>>(),
                 params,
             );
-            let want = reference(
+            let mut want = reference(
                 &planes,
                 (&x, &dy),
                 (&scale, &bias),
                 (&running_mean, &running_var),
             );
+            if let Some(residual) = &residual {
+                for (y, r) in want.y.iter_mut().zip(residual) {
+                    *y += r;
+                }
+                want.post = want.y.iter().map(|&v| v.max(0.0)).collect();
+            }
 
             let x_d = device.write_values(&x, values)?;
             let scale_d = device.write_values(&scale, params)?;
             let bias_d = device.write_values(&bias, params)?;
+            let residual_d = match &residual {
+                Some(r) => Some(device.write_values(r, values)?),
+                None => None,
+            };
             let mut y = device.write_values(&poison(len), values)?;
             let mut post = device.write_values(&poison(len), values)?;
             let mut saved = BatchStatistics {
@@ -145,6 +158,7 @@ pub fn check_batch_norm<K: Transfer>(device: &mut K) -> Result<Vec<Check>, Devic
                 &x_d,
                 &scale_d,
                 &bias_d,
+                residual_d.as_ref(),
                 &mut y,
                 Some(&mut post),
                 &mut saved,

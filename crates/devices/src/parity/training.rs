@@ -8,8 +8,8 @@ use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, Probing};
 use headroom_engine::plan::Framework;
 use headroom_engine::plan::{
-    Activation, Convolution, Layer, OptimizerKind, Plan, PoolKind, Pooling, Precision, Training,
-    LOSS_SCALE_INITIAL,
+    Activation, Convolution, Layer, OptimizerKind, Plan, PoolKind, Pooling, Precision, Shortcut,
+    Training, LOSS_SCALE_INITIAL,
 };
 
 /// The accepted difference of parameters after three steps in `precision`: f32's tolerance,
@@ -129,8 +129,74 @@ pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check
             ));
         }
     }
+    for (n, precision) in Precision::ALL.into_iter().enumerate() {
+        let framework = [Framework::Pytorch, Framework::Headroom][n % 2];
+        let training = Training {
+            optimizer: OptimizerKind::SgdMomentum,
+            learning_rate: 0.01,
+            precision,
+            framework,
+        };
+        let plan = resnet_like(training);
+        let (want, _) = trained_parameters(&mut HostDevice::default(), &plan, 9, 3, 42)?;
+        let (got, _) = trained_parameters(device, &plan, 9, 3, 42)?;
+        checks.push(compare(
+            format!(
+                "3 training steps, ResNet-like blocks (a projection, an identity), SGD with \
+                 momentum, batch 9, {precision}, {framework}'s step"
+            ),
+            &got,
+            &want,
+            training_tolerance(precision),
+        ));
+    }
     checks.push(check_loss_scaling(device)?);
     Ok(checks)
+}
+
+/// A ResNet's shape in miniature: 3x8x8, a padded 3x3 convolution to 4 channels; a block of
+/// two to 8 channels at stride 2 with a 1x1 projection shortcut; a block of two with the
+/// identity, pooled globally; 10 classes. Batch norm after every convolution.
+fn resnet_like(training: Training) -> Plan {
+    let conv = |in_channels, side, out_channels, stride| Convolution {
+        in_channels,
+        height: side,
+        width: side,
+        out_channels,
+        kernel: 3,
+        stride,
+        padding: 1,
+    };
+    let block = |from, projection| Shortcut { from, projection };
+    let projection = Convolution {
+        kernel: 1,
+        padding: 0,
+        ..conv(4, 8, 8, 2)
+    };
+    let pool = Pooling {
+        kind: PoolKind::Average,
+        channels: 8,
+        height: 4,
+        width: 4,
+        kernel: 4,
+        stride: 4,
+        padding: 0,
+    };
+    Plan::convolutional(
+        &[
+            Layer::normalized(conv(3, 8, 4, 1), None),
+            Layer::normalized(conv(4, 8, 8, 2), None),
+            Layer::normalized(conv(8, 4, 8, 1), None).with_shortcut(block(1, Some(projection))),
+            Layer::normalized(conv(8, 4, 8, 1), None),
+            Layer::normalized(conv(8, 4, 8, 1), Some(pool)).with_shortcut(block(3, None)),
+        ],
+        192,
+        &[],
+        10,
+        Activation::Relu,
+        training,
+    )
+    .expect("the parity model plans")
 }
 
 /// LeNet-5's shape at a third of its size: 1x12x12, a padded 5x5 convolution to 6 channels, max

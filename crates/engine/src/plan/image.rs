@@ -85,6 +85,17 @@ impl Convolution {
     }
 }
 
+/// The shortcut of a residual block: the block's input, added to its last layer's
+/// batch-normalized output before the activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortcut {
+    /// The block's first layer, whose input the shortcut carries.
+    pub from: usize,
+    /// A 1x1 convolution without bias, then batch norm, when the block changes the shape (as
+    /// ResNet's downsampling blocks do); the identity when it does not.
+    pub projection: Option<Convolution>,
+}
+
 /// Which value a pooling window keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PoolKind {

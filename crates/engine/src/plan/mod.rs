@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 pub mod image;
 pub mod program;
 
-pub use image::{Convolution, Planes, PoolKind, Pooling, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM};
+pub use image::{
+    Convolution, Planes, PoolKind, Pooling, Shortcut, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM,
+};
 pub use program::{Framework, Moment};
 
 /// How a buffer of values stores them.
@@ -221,6 +223,9 @@ pub struct Layer {
     /// activation: `nn.Conv2d(bias=False)` then `nn.BatchNorm2d`. Its shift is then the layer's
     /// bias and its scale one more parameter per channel ([`Layer::scales`]).
     pub norm: bool,
+    /// The residual block it ends, if any: its shortcut is added to the batch-normalized
+    /// output before the activation.
+    pub shortcut: Option<Shortcut>,
     /// The pooling after its activation, if any.
     pub pool: Option<Pooling>,
 }
@@ -233,6 +238,7 @@ impl Layer {
             outputs,
             conv: None,
             norm: false,
+            shortcut: None,
             pool: None,
         }
     }
@@ -244,6 +250,7 @@ impl Layer {
             outputs: conv.outputs(),
             conv: Some(conv),
             norm: false,
+            shortcut: None,
             pool,
         }
     }
@@ -277,13 +284,33 @@ impl Layer {
         }
     }
 
+    /// The layer ending a residual block whose shortcut is `shortcut`.
+    pub fn with_shortcut(self, shortcut: Shortcut) -> Layer {
+        Layer {
+            shortcut: Some(shortcut),
+            ..self
+        }
+    }
+
+    /// The 1x1 convolution of its shortcut, if it has one.
+    pub fn projection(&self) -> Option<Convolution> {
+        self.shortcut.and_then(|shortcut| shortcut.projection)
+    }
+
     /// Lengths of its parameters in PyTorch's order: weights, batch norm's scales if
-    /// normalized, biases.
+    /// normalized, biases; then its shortcut's convolution weights, batch norm scales and
+    /// biases, if it has one.
     pub fn parameter_lengths(&self) -> Vec<u64> {
-        match self.norm {
+        let own = match self.norm {
             true => vec![self.weights(), self.scales(), self.biases()],
             false => vec![self.weights(), self.biases()],
-        }
+        };
+        let projection = self
+            .projection()
+            .map(|conv| [conv.weights(), conv.out_channels, conv.out_channels]);
+        own.into_iter()
+            .chain(projection.into_iter().flatten())
+            .collect()
     }
 
     /// Values each output reads (initialisation scales by it).
@@ -517,9 +544,15 @@ impl Plan {
                 Some(conv) => conv.out_channels.checked_mul(conv.fan_in()),
                 None => layer.inputs.checked_mul(layer.outputs),
             };
+            let projection = layer.projection().map_or(Some(0), |conv| {
+                conv.out_channels
+                    .checked_mul(conv.fan_in())?
+                    .checked_add(2 * conv.out_channels)
+            });
             weights
                 .and_then(|w| w.checked_add(layer.biases()))
                 .and_then(|p| p.checked_add(layer.scales()))
+                .and_then(|p| p.checked_add(projection?))
                 .and_then(|p| acc.checked_add(p))
         });
         let hidden_layers = layers.len() - 1;
@@ -817,6 +850,42 @@ mod tests {
             input + conv1 + conv2 + conv3 + logits + scratch
         );
         assert_eq!(plan.bytes_per_sample(), 881_200);
+    }
+
+    /// `examples/resnet18-cifar10.json` (the CIFAR ResNet-18: a 3x3 stem to 64 channels, four
+    /// stages of two basic blocks at 64, 128, 256 and 512 channels, the first block of the last
+    /// three at stride 2 with a 1x1 projection shortcut; batch norm after every convolution;
+    /// global average pooling; a linear layer to 10), f32 under SGD with momentum, in
+    /// headroom's step: its fixed bytes and bytes per sample counted by hand.
+    #[test]
+    fn resnet18_bytes_by_hand() {
+        let plan = headroom_plan(include_str!("../../../../examples/resnet18-cifar10.json"));
+        assert_eq!(plan.parameter_count(), 11_173_962);
+        // Batch norm's channels: the stem, four convolutions a stage, three projections.
+        let channels = 64 + 4 * (64 + 128 + 256 + 512) + (128 + 256 + 512);
+        let norms = 1 + 16 + 3;
+        // Values, gradients, velocities; running statistics and step counts; the saved
+        // statistics; the mean loss.
+        let fixed = 11_173_962 * 3 * 4 + (2 * channels * 4 + norms * 8) + 2 * channels * 4 + 4;
+        assert_eq!(plan.fixed_bytes(), fixed);
+        let input = 3 * 32 * 32 * 4 + 4; // the image and its label
+                                         // Each convolution's output, batch norm's (a block's sum, at its end) and the
+                                         // activation's: the stem and four convolutions a stage.
+        let outputs = 64 * 32 * 32 + 4 * (64 * 32 * 32 + 128 * 16 * 16 + 256 * 8 * 8 + 512 * 4 * 4);
+        let convolutions = 3 * outputs * 4;
+        // A projection's convolution and batch norm outputs, and the gradient of its block's
+        // input it carries (an identity's is its block's batch norm output, held anyway).
+        let projected = 128 * 16 * 16 + 256 * 8 * 8 + 512 * 4 * 4;
+        let carried = 64 * 32 * 32 + 128 * 16 * 16 + 256 * 8 * 8;
+        let shortcuts = (2 * projected + carried) * 4;
+        let pooled = 512 * 4; // the global average
+        let logits = 10 * 4 + 4; // and the sample's loss
+        let scratch = 64 * 32 * 32 * 4; // the widest gradient between layers: layer1's input
+        assert_eq!(
+            plan.bytes_per_sample(),
+            input + convolutions + shortcuts + pooled + logits + scratch
+        );
+        assert_eq!(plan.bytes_per_sample(), 7_878_704);
     }
 
     /// A ReLU MLP to 10 classes under Adam, headroom's step (its memory is affine in the batch:

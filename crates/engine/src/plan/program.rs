@@ -244,7 +244,8 @@ pub enum Instr {
         activation: Activation,
     },
     /// Batch norm in training mode: per channel the batch's mean and `1 / sqrt(variance + eps)`
-    /// (biased variance) into `saved`, `y = (x - mean) * invstd * scale + bias`, the running
+    /// (biased variance) into `saved`, `y = (x - mean) * invstd * scale + bias (+ residual)`,
+    /// the running
     /// statistics moved towards the batch's by [`super::BATCH_NORM_MOMENTUM`] (the unbiased
     /// variance) and their step count raised; then `post = activation(y)` when `post` is given.
     BatchNormForward {
@@ -254,6 +255,8 @@ pub enum Instr {
         scale: Slot,
         /// Per channel, the parameters' storage.
         bias: Slot,
+        /// A residual block's shortcut, added to `y` (as `x` is stored), if any.
+        residual: Option<Slot>,
         /// Written, as `x` is stored.
         y: Slot,
         /// The activation's output, if any.
@@ -264,7 +267,7 @@ pub enum Instr {
         running: RunningStatistics<Slot>,
         /// The batch's shape.
         planes: Planes,
-        /// The non-linearity.
+        /// The non-linearity written to `post` (none without it).
         activation: Activation,
     },
     /// Batch norm's backward: `dx`, and the gradients of its scale and bias, from `dy`, its
@@ -286,6 +289,26 @@ pub enum Instr {
         dbias: Slot,
         /// The batch's shape.
         planes: Planes,
+    },
+    /// `y = activation(x)`.
+    Activation {
+        /// Read.
+        x: Slot,
+        /// Written.
+        y: Slot,
+        /// Elements.
+        len: u64,
+        /// The non-linearity.
+        activation: Activation,
+    },
+    /// `into += from`: a residual block's two gradients of its input summed.
+    Accumulate {
+        /// Read.
+        from: Slot,
+        /// Added to.
+        into: Slot,
+        /// Elements.
+        len: u64,
     },
     /// `pre = grad_post * activation'(pre)`, in place.
     ActivationBackward {
@@ -669,6 +692,14 @@ impl Dropped {
     }
 }
 
+/// A batch norm's parameters: its scale and shift, and its running statistics.
+#[derive(Debug, Clone, Copy)]
+struct NormParameters {
+    scale: Slot,
+    bias: Slot,
+    running: RunningStatistics<Slot>,
+}
+
 /// The batch norm after a convolution: its output and what it saves for backward.
 #[derive(Debug, Clone, Copy)]
 struct Normalized {
@@ -678,54 +709,58 @@ struct Normalized {
 }
 
 impl Normalized {
-    /// Batch norm of `layer`'s output at `rows` samples stored as `storage`, if the layer has
-    /// one: its output, then the batch's means and inverse deviations (f32, as PyTorch saves
-    /// them).
-    fn allocate(
-        b: &mut Builder,
-        layer: &Layer,
-        rows: u64,
-        storage: Storage,
-    ) -> Option<Option<Normalized>> {
-        if !layer.norm {
-            return Some(None);
-        }
+    /// Batch norm of `layer`'s output (or its shortcut's convolution's, the same shape) at
+    /// `rows` samples stored as `storage`: its output, then the batch's means and inverse
+    /// deviations (f32, as PyTorch saves them on a GPU).
+    fn allocate(b: &mut Builder, layer: &Layer, rows: u64, storage: Storage) -> Option<Normalized> {
         let planes = Planes {
             rows,
             channels: layer.biases(),
             spatial: layer.spatial(),
         };
-        Some(Some(Normalized {
+        Some(Normalized {
             output: b.value(Part::Activations, rows.checked_mul(layer.outputs)?, storage),
             saved: BatchStatistics {
                 mean: b.value(Part::Activations, planes.channels, Storage::F32),
                 invstd: b.value(Part::Activations, planes.channels, Storage::F32),
             },
             planes,
-        }))
+        })
     }
 
-    /// Batch norm of `x` with `params`' scale, bias and running statistics, then `activation`
-    /// into `post` when given.
+    /// [`Normalized::allocate`] for a layer that has batch norm.
+    fn allocate_for(
+        b: &mut Builder,
+        layer: &Layer,
+        rows: u64,
+        storage: Storage,
+    ) -> Option<Option<Normalized>> {
+        match layer.norm {
+            true => Normalized::allocate(b, layer, rows, storage).map(Some),
+            false => Some(None),
+        }
+    }
+
+    /// Batch norm of `x` with `params`, plus `residual` if given, into `y`; then `post`'s
+    /// activation into its slot when given.
     fn forward(
         &self,
         x: Slot,
-        params: &Parameters,
-        post: Option<Slot>,
-        activation: Activation,
+        params: NormParameters,
+        (residual, y): (Option<Slot>, Slot),
+        post: Option<(Slot, Activation)>,
     ) -> Instr {
         Instr::BatchNormForward {
             x,
-            scale: params.scale.expect("a normalized layer has scales"),
+            scale: params.scale,
             bias: params.bias,
-            y: self.output,
-            post,
+            residual,
+            y,
+            post: post.map(|(slot, _)| slot),
             saved: self.saved,
-            running: params
-                .running
-                .expect("a normalized layer has running statistics"),
+            running: params.running,
             planes: self.planes,
-            activation,
+            activation: post.map(|(_, activation)| activation).unwrap_or_default(),
         }
     }
 
@@ -735,20 +770,64 @@ impl Normalized {
         &self,
         dy: Slot,
         x: Slot,
-        params: &Parameters,
+        params: NormParameters,
         dx: Slot,
         (dscale, dbias): (Slot, Slot),
     ) -> Instr {
         Instr::BatchNormBackward {
             dy,
             x,
-            scale: params.scale.expect("a normalized layer has scales"),
+            scale: params.scale,
             saved: self.saved,
             dx,
             dscale,
             dbias,
             planes: self.planes,
         }
+    }
+}
+
+/// A residual block's projected shortcut: the 1x1 convolution's output and its batch norm.
+#[derive(Debug, Clone, Copy)]
+struct Projected {
+    output: Slot,
+    norm: Normalized,
+    conv: Convolution,
+}
+
+impl Projected {
+    /// The projection of `layer`'s block at `rows` samples stored as `storage`, if it has one:
+    /// the convolution's output, then its batch norm's.
+    fn allocate(
+        b: &mut Builder,
+        layer: &Layer,
+        rows: u64,
+        storage: Storage,
+    ) -> Option<Option<Projected>> {
+        let Some(conv) = layer.projection() else {
+            return Some(None);
+        };
+        let output = b.value(Part::Activations, rows.checked_mul(layer.outputs)?, storage);
+        Some(Some(Projected {
+            output,
+            norm: Normalized::allocate(b, layer, rows, storage)?,
+            conv,
+        }))
+    }
+
+    /// The convolution of the block's input `x` with `w`, then its batch norm with `params`.
+    fn forward(&self, x: Slot, w: Slot, params: NormParameters, rows: u64) -> [Instr; 2] {
+        [
+            Instr::ConvForward {
+                x,
+                w,
+                y: self.output,
+                rows,
+                conv: self.conv,
+            },
+            self.norm
+                .forward(self.output, params, (None, self.norm.output), None),
+        ]
     }
 }
 
@@ -899,13 +978,23 @@ struct Tensor {
 /// One layer's persistent buffers.
 struct Parameters {
     weight: Slot,
-    /// Batch norm's scale, when normalized.
-    scale: Option<Slot>,
     bias: Slot,
-    /// Batch norm's running statistics, when normalized.
-    running: Option<RunningStatistics<Slot>>,
-    /// Weight, scale, bias: PyTorch's order, each with its optimizer state.
+    /// Batch norm's scale (its shift is `bias`) and running statistics, when normalized.
+    norm: Option<NormParameters>,
+    /// The shortcut's convolution weights and batch norm, when it has them.
+    projection: Option<(Slot, NormParameters)>,
+    /// Every parameter in PyTorch's order, each with its optimizer state.
     tensors: Vec<Tensor>,
+}
+
+/// autocast's half copies of one layer's parameters, in a mixed precision: its weights, its
+/// bias unless batch norm's (autocast leaves batch norm alone), its shortcut's convolution
+/// weights.
+#[derive(Debug, Clone, Copy)]
+struct Casts {
+    weight: Slot,
+    bias: Option<Slot>,
+    projection: Option<Slot>,
 }
 
 /// What [`Plan::allocate_parameters`] allocated.
@@ -914,9 +1003,8 @@ struct Kept {
     layers: Vec<Parameters>,
     /// headroom's step: every gradient, kept.
     gradients: Vec<(Slot, u64)>,
-    /// headroom's mixed step: the half copies of weights and of biases that are not batch
-    /// norm's (autocast leaves batch norm's parameters as they are), kept.
-    casts: Vec<(Slot, Option<Slot>)>,
+    /// headroom's mixed step: the half copies, kept.
+    casts: Vec<Casts>,
 }
 
 impl Plan {
@@ -931,24 +1019,40 @@ impl Plan {
     }
 
     /// The parameters and optimizer state of every layer: per layer its weights, batch norm's
+    /// scales, biases and running statistics, its shortcut's convolution weights, batch norm
     /// scales, biases and running statistics, then the state of each parameter. headroom's step
     /// also keeps each layer's gradients (after its parameters) and, when mixed, the half copies
-    /// of its weights and (not batch norm's) biases (after its state).
+    /// of [`Casts`] (after its state).
     fn allocate_parameters(&self, b: &mut Builder) -> Kept {
         let (master, compute) = (self.precision.master(), self.precision.compute());
         let states = self.optimizer.state_per_parameter();
         let headroom = self.framework == Framework::Headroom;
         let mut kept = Kept::default();
         for layer in &self.layers {
+            // A batch norm's scale, shift and running statistics, in PyTorch's order.
+            let norm = |b: &mut Builder| {
+                let channels = layer.biases();
+                NormParameters {
+                    scale: b.value(Part::Parameters, channels, master),
+                    bias: b.value(Part::Parameters, channels, master),
+                    running: RunningStatistics {
+                        mean: b.value(Part::Parameters, channels, master),
+                        var: b.value(Part::Parameters, channels, master),
+                        steps: b.alloc(Part::Parameters, 1, Element::Index),
+                    },
+                }
+            };
             let weight = b.value(Part::Parameters, layer.weights(), master);
-            let scale = layer
-                .norm
-                .then(|| b.value(Part::Parameters, layer.scales(), master));
-            let bias = b.value(Part::Parameters, layer.biases(), master);
-            let running = layer.norm.then(|| RunningStatistics {
-                mean: b.value(Part::Parameters, layer.biases(), master),
-                var: b.value(Part::Parameters, layer.biases(), master),
-                steps: b.alloc(Part::Parameters, 1, Element::Index),
+            let (bias, norm_params) = match layer.norm {
+                true => {
+                    let params = norm(b);
+                    (params.bias, Some(params))
+                }
+                false => (b.value(Part::Parameters, layer.biases(), master), None),
+            };
+            let projection = layer.projection().map(|conv| {
+                let weight = b.value(Part::Parameters, conv.weights(), master);
+                (weight, norm(b))
             });
             let lengths = layer.parameter_lengths();
             if headroom {
@@ -957,7 +1061,12 @@ impl Plan {
                         .push((b.value(Part::Gradients, len, master), len));
                 }
             }
-            let slots = [Some(weight), scale, Some(bias)].into_iter().flatten();
+            let own = [Some(weight), norm_params.map(|n| n.scale), Some(bias)];
+            let shortcut = projection.map(|(w, n)| [w, n.scale, n.bias]);
+            let slots = own
+                .into_iter()
+                .flatten()
+                .chain(shortcut.into_iter().flatten());
             let tensors = slots
                 .zip(lengths)
                 .map(|(slot, len)| {
@@ -976,16 +1085,19 @@ impl Plan {
                 })
                 .collect();
             if headroom && self.precision.is_mixed() {
-                kept.casts.push((
-                    b.value(Part::Parameters, layer.weights(), compute),
-                    (!layer.norm).then(|| b.value(Part::Parameters, layer.biases(), compute)),
-                ));
+                kept.casts.push(Casts {
+                    weight: b.value(Part::Parameters, layer.weights(), compute),
+                    bias: (!layer.norm).then(|| b.value(Part::Parameters, layer.biases(), compute)),
+                    projection: layer
+                        .projection()
+                        .map(|conv| b.value(Part::Parameters, conv.weights(), compute)),
+                });
             }
             kept.layers.push(Parameters {
                 weight,
-                scale,
                 bias,
-                running,
+                norm: norm_params,
+                projection,
                 tensors,
             });
         }
@@ -1005,26 +1117,36 @@ impl Plan {
     ) {
         for (i, (layer, params)) in self.layers.iter().zip(layers).enumerate() {
             let scale = synthetic::init_scale(layer.fan_in());
-            b.push(Instr::FillUniform {
-                out: params.weight,
-                len: layer.weights(),
-                key: synthetic::stream_key(seed, synthetic::weight_stream(i)),
-                scale,
-            });
-            if let Some(out) = params.scale {
+            let mut fill = |out, len, stream, scale| {
                 b.push(Instr::FillUniform {
                     out,
-                    len: layer.scales(),
-                    key: synthetic::stream_key(seed, synthetic::scale_stream(i)),
-                    scale: 1.0,
-                });
-            }
-            b.push(Instr::FillUniform {
-                out: params.bias,
-                len: layer.biases(),
-                key: synthetic::stream_key(seed, synthetic::bias_stream(i)),
+                    len,
+                    key: synthetic::stream_key(seed, stream),
+                    scale,
+                })
+            };
+            fill(
+                params.weight,
+                layer.weights(),
+                synthetic::weight_stream(i),
                 scale,
-            });
+            );
+            if let Some(norm) = params.norm {
+                fill(norm.scale, layer.scales(), synthetic::scale_stream(i), 1.0);
+            }
+            fill(
+                params.bias,
+                layer.biases(),
+                synthetic::bias_stream(i),
+                scale,
+            );
+            if let (Some(conv), Some((weight, norm))) = (layer.projection(), params.projection) {
+                let stream = |part| synthetic::shortcut_stream(i, part);
+                let scale = synthetic::init_scale(conv.fan_in());
+                fill(weight, conv.weights(), stream(0), scale);
+                fill(norm.scale, conv.out_channels, stream(1), 1.0);
+                fill(norm.bias, conv.out_channels, stream(2), scale);
+            }
         }
         let features = self.input_features();
         b.push(Instr::FillUniform {
@@ -1092,13 +1214,30 @@ impl Plan {
         let inputs_cast = mixed.then(|| b.value(Part::BatchData, features, compute));
         let mut hidden = Vec::new();
         let mut normed = Vec::new();
+        let mut projected = Vec::new();
+        // Per block's first layer, where the gradient its shortcut carries waits: the
+        // identity's is the gradient of batch norm's output itself; a projection's is written
+        // by the projection's backward.
+        let mut pending = vec![None; self.layers.len()];
         let mut pooled = Vec::new();
         let mut dropped = Vec::new();
         for (i, layer) in self.layers[..self.layers.len() - 1].iter().enumerate() {
             let elements = per_row(layer.outputs)?;
             let pre = b.value(Part::Activations, elements, compute);
-            normed.push(Normalized::allocate(&mut b, layer, rows, compute)?);
+            let norm = Normalized::allocate_for(&mut b, layer, rows, compute)?;
+            normed.push(norm);
             hidden.push((pre, b.value(Part::Activations, elements, compute)));
+            let projection = Projected::allocate(&mut b, layer, rows, compute)?;
+            projected.push(projection);
+            if let Some(shortcut) = layer.shortcut.filter(|s| s.from > 0) {
+                pending[shortcut.from] = Some(match projection {
+                    Some(_) => {
+                        let inputs = per_row(self.layers[shortcut.from].inputs)?;
+                        b.value(Part::Activations, inputs, compute)
+                    }
+                    None => norm.expect("a residual block ends in batch norm").output,
+                });
+            }
             pooled.push(match layer.pool {
                 Some(pool) => Some(Pooled::allocate(&mut b, rows, pool, compute)?),
                 None => None,
@@ -1124,18 +1263,30 @@ impl Plan {
         self.fill(&mut b, &layers, (inputs, labels), rows, seed);
 
         b.enter(Moment::Forward);
-        for ((layer, params), (weight, bias)) in self.layers.iter().zip(&layers).zip(&casts) {
-            b.push(convert(params.weight, *weight, layer.weights()));
-            if let Some(bias) = bias {
-                b.push(convert(params.bias, *bias, layer.biases()));
+        for ((layer, params), cast) in self.layers.iter().zip(&layers).zip(&casts) {
+            b.push(convert(params.weight, cast.weight, layer.weights()));
+            if let Some(bias) = cast.bias {
+                b.push(convert(params.bias, bias, layer.biases()));
+            }
+            if let (Some(to), Some((from, _)), Some(conv)) =
+                (cast.projection, params.projection, layer.projection())
+            {
+                b.push(convert(from, to, conv.weights()));
             }
         }
         if let Some(cast) = inputs_cast {
             b.push(convert(inputs, cast, features));
         }
         let operands = |i: usize| match casts.get(i) {
-            Some(&(weight, bias)) => (weight, bias.unwrap_or(layers[i].bias)),
+            Some(cast) => (cast.weight, cast.bias.unwrap_or(layers[i].bias)),
             None => (layers[i].weight, layers[i].bias),
+        };
+        let projection_weight = |i: usize| {
+            casts
+                .get(i)
+                .and_then(|cast| cast.projection)
+                .or(layers[i].projection.map(|(weight, _)| weight))
+                .expect("a projected shortcut has weights")
         };
         let last = self.layers.len() - 1;
         let input_of = |i: usize| match i {
@@ -1152,9 +1303,25 @@ impl Plan {
                 false => (logits, None),
             };
             b.push(product(layer, input_of(i), weight, output, rows));
-            b.push(match normed.get(i).copied().flatten() {
-                Some(n) => n.forward(output, &layers[i], post, self.activation),
-                None => bias_activation(layer, output, bias, post, rows, self.activation),
+            let residual = layer.shortcut.map(|shortcut| {
+                let x = input_of(shortcut.from);
+                match projected[i] {
+                    Some(p) => {
+                        let params = layers[i].projection.expect("projected").1;
+                        for instr in p.forward(x, projection_weight(i), params, rows) {
+                            b.push(instr);
+                        }
+                        p.norm.output
+                    }
+                    None => x,
+                }
+            });
+            b.push(match (normed.get(i).copied().flatten(), layers[i].norm) {
+                (Some(n), Some(params)) => {
+                    let post = post.map(|slot| (slot, self.activation));
+                    n.forward(output, params, (residual, n.output), post)
+                }
+                _ => bias_activation(layer, output, bias, post, rows, self.activation),
             });
             if let Some(p) = pooled.get(i).copied().flatten() {
                 b.push(p.forward(hidden[i].1, rows));
@@ -1203,13 +1370,44 @@ impl Plan {
                     len: rows * layer.outputs,
                     activation: self.activation,
                 });
+                // A projected shortcut's backward: its batch norm's writes over its output, read
+                // by now; its gradients are the layer's last three.
+                if let (Some(p), Some(n), Some(shortcut)) = (projected[i], norm, layer.shortcut) {
+                    let (weight, params) = layers[i].projection.expect("projected");
+                    let [dw, dscale, dbias] = [3, 2, 1].map(|back| grads[grads.len() - back].0);
+                    let x = input_of(shortcut.from);
+                    b.push(p.norm.backward(
+                        n.output,
+                        p.output,
+                        params,
+                        p.norm.output,
+                        (dscale, dbias),
+                    ));
+                    b.push(Instr::ConvWeightGradient {
+                        dy: p.norm.output,
+                        x,
+                        dw,
+                        rows,
+                        conv: p.conv,
+                    });
+                    if let Some(dx) = pending[shortcut.from] {
+                        let w = casts.get(i).and_then(|c| c.projection).unwrap_or(weight);
+                        b.push(Instr::ConvInputGradient {
+                            dy: p.norm.output,
+                            w,
+                            dx,
+                            rows,
+                            conv: p.conv,
+                        });
+                    }
+                }
                 // Batch norm's backward writes its input's gradient over the activation's
                 // output, read by now.
-                if let Some(n) = norm {
+                if let (Some(n), Some(params)) = (norm, layers[i].norm) {
                     b.push(n.backward(
                         n.output,
                         hidden[i].0,
-                        &layers[i],
+                        params,
                         hidden[i].1,
                         (grads[1].0, grads[2].0),
                     ));
@@ -1231,13 +1429,21 @@ impl Plan {
                 b.push(bias_gradient(layer, grad_out, grads[1].0, rows));
             }
             if i > 0 {
+                let scratch = scratch.expect("hidden layers have a scratch");
                 b.push(input_gradient(
                     layer,
                     grad_out,
                     operands(i).0,
-                    scratch.expect("hidden layers have a scratch"),
+                    scratch,
                     rows,
                 ));
+                if let Some(from) = pending[i] {
+                    b.push(Instr::Accumulate {
+                        from,
+                        into: scratch,
+                        len: rows * layer.inputs,
+                    });
+                }
             }
         }
 
@@ -1288,12 +1494,16 @@ impl Plan {
 
         b.enter(Moment::Forward);
         let last = self.layers.len() - 1;
-        let mut casts: Vec<(Slot, Option<Slot>)> = Vec::new();
+        let mut casts: Vec<Casts> = Vec::new();
         let mut inputs_cast = None;
         // Per hidden layer: the product (kept for gelu's or batch norm's backward) and the
-        // activation, batch norm before it, and the pooling or dropout after it.
+        // activation, what the activation read (the product, batch norm's output or a block's
+        // sum), batch norm and a block's projected shortcut before it, and the pooling or
+        // dropout after it.
         let mut hidden: Vec<(Slot, Slot)> = Vec::new();
+        let mut activation_inputs: Vec<Slot> = Vec::new();
         let mut normed: Vec<Option<Normalized>> = Vec::new();
+        let mut projected: Vec<Option<Projected>> = Vec::new();
         let mut pooled: Vec<Option<Pooled>> = Vec::new();
         let mut dropped: Vec<Option<Dropped>> = Vec::new();
         let mut logits = None;
@@ -1308,21 +1518,30 @@ impl Plan {
                 });
                 let weight = b.value(Part::Parameters, layer.weights(), compute);
                 b.push(convert(params.weight, weight, layer.weights()));
-                casts.push((weight, bias));
+                casts.push(Casts {
+                    weight,
+                    bias,
+                    projection: None,
+                });
                 (weight, bias.unwrap_or(params.bias))
             } else {
                 (params.weight, params.bias)
             };
-            let input = match i {
-                0 if mixed => {
-                    let cast = b.value(Part::BatchData, features, compute);
-                    b.push(convert(inputs, cast, features));
-                    inputs_cast = Some(cast);
-                    cast
-                }
-                0 => inputs,
-                _ => layer_input(&hidden, &pooled, &dropped, i),
+            if i == 0 && mixed {
+                let cast = b.value(Part::BatchData, features, compute);
+                b.push(convert(inputs, cast, features));
+                inputs_cast = Some(cast);
+            }
+            let first_input = inputs_cast.unwrap_or(inputs);
+            let block_input = |from: usize,
+                               hidden: &[(Slot, Slot)],
+                               pooled: &[Option<Pooled>],
+                               dropped: &[Option<Dropped>]| match from
+            {
+                0 => first_input,
+                _ => layer_input(hidden, pooled, dropped, from),
             };
+            let input = block_input(i, &hidden, &pooled, &dropped);
             let output = b.value(Part::Activations, per_row(layer.outputs)?, compute);
             b.push(product(layer, input, weight, output, rows));
             if i == last {
@@ -1338,17 +1557,75 @@ impl Plan {
                 continue;
             }
             // Batch norm writes its output, then the batch's statistics, and saves its input.
-            let norm = Normalized::allocate(&mut b, layer, rows, compute)?;
-            let activated = b.value(Part::Activations, rows * layer.outputs, compute);
-            b.push(match norm {
-                Some(n) => n.forward(output, params, Some(activated), self.activation),
-                None => {
-                    bias_activation(layer, output, bias, Some(activated), rows, self.activation)
+            let norm = Normalized::allocate_for(&mut b, layer, rows, compute)?;
+            let len = rows * layer.outputs;
+            let (projection, activated) = match (layer.shortcut, norm, params.norm) {
+                (Some(shortcut), Some(n), Some(norm_params)) => {
+                    // `body(x) + shortcut(x)`: the shortcut after the body (a projection: its
+                    // weights' half copy when mixed, its output, its batch norm's), then the
+                    // sum; neither addend is saved. The sum's batch norm is computed with the
+                    // addition, so batch norm's own output is held unwritten for its bytes.
+                    let x = block_input(shortcut.from, &hidden, &pooled, &dropped);
+                    let projection = Projected::allocate(&mut b, layer, rows, compute)?;
+                    let residual = match (projection, params.projection) {
+                        (Some(p), Some((weight, projection_params))) => {
+                            let weight = match mixed {
+                                true => {
+                                    let cast = b.value(Part::Parameters, p.conv.weights(), compute);
+                                    b.push(convert(weight, cast, p.conv.weights()));
+                                    casts[i].projection = Some(cast);
+                                    cast
+                                }
+                                false => weight,
+                            };
+                            for instr in p.forward(x, weight, projection_params, rows) {
+                                b.push(instr);
+                            }
+                            p.norm.output
+                        }
+                        _ => x,
+                    };
+                    let sum = b.value(Part::Activations, len, compute);
+                    b.push(n.forward(output, norm_params, (Some(residual), sum), None));
+                    b.free(n.output);
+                    if let Some(p) = projection {
+                        b.free(p.norm.output);
+                    }
+                    let activated = b.value(Part::Activations, len, compute);
+                    b.push(Instr::Activation {
+                        x: sum,
+                        y: activated,
+                        len,
+                        activation: self.activation,
+                    });
+                    activation_inputs.push(sum);
+                    (projection, activated)
                 }
-            });
+                (_, norm, norm_params) => {
+                    let activated = b.value(Part::Activations, len, compute);
+                    b.push(match (norm, norm_params) {
+                        (Some(n), Some(norm_params)) => n.forward(
+                            output,
+                            norm_params,
+                            (None, n.output),
+                            Some((activated, self.activation)),
+                        ),
+                        _ => bias_activation(
+                            layer,
+                            output,
+                            bias,
+                            Some(activated),
+                            rows,
+                            self.activation,
+                        ),
+                    });
+                    activation_inputs.push(norm.map_or(output, |n| n.output));
+                    (None, activated)
+                }
+            };
             if self.activation != Activation::Gelu {
                 // relu and tanh save their output, gelu its input.
-                b.free(norm.map_or(output, |n| n.output));
+                b.free(activation_inputs[i]);
             }
             // Pooling writes its output, then (max) its int64 indices, and saves its input.
             let p = match layer.pool {
@@ -1371,6 +1648,7 @@ impl Plan {
             }
             hidden.push((output, activated));
             normed.push(norm);
+            projected.push(projection);
             pooled.push(p);
             dropped.push(d);
         }
@@ -1393,13 +1671,18 @@ impl Plan {
         }
         b.free(logits);
         // Leaving autocast frees its copies that backward does not need: every bias, and the
-        // first layer's weights (its input needs no gradient).
-        for (i, (weight, bias)) in casts.iter().enumerate() {
-            if let Some(bias) = bias {
-                b.free(*bias);
+        // weights of convolutions whose input needs no gradient (the first layer's, and a
+        // shortcut's from the network's input).
+        for (i, cast) in casts.iter().enumerate() {
+            if let Some(bias) = cast.bias {
+                b.free(bias);
             }
             if i == 0 {
-                b.free(*weight);
+                b.free(cast.weight);
+            }
+            let from_input = self.layers[i].shortcut.is_some_and(|s| s.from == 0);
+            if let Some(projection) = cast.projection.filter(|_| from_input) {
+                b.free(projection);
             }
         }
 
@@ -1423,40 +1706,111 @@ impl Plan {
             grad_out = half;
         }
         let mut gradients = vec![Vec::new(); self.layers.len()];
+        // Per block's first layer, the gradient its shortcut carried, waiting for the body's.
+        let mut pending: Vec<Option<Slot>> = vec![None; self.layers.len()];
+        let first_input = inputs_cast.unwrap_or(inputs);
+        let input_of = |i: usize| match i {
+            0 => first_input,
+            _ => layer_input(&hidden, &pooled, &dropped, i),
+        };
+        // Mixed precision: the weights' gradients come out half and are cast to the f32
+        // master's.
+        let gradient_storage = if mixed { compute } else { master };
+        let gradient_part = if mixed {
+            Part::Activations
+        } else {
+            Part::Gradients
+        };
         for (i, layer) in self.layers.iter().enumerate().rev() {
-            let weight = if mixed { casts[i].0 } else { layers[i].weight };
+            let weight = if mixed {
+                casts[i].weight
+            } else {
+                layers[i].weight
+            };
+            // A block's shortcut: autograd runs the projection's branch (made after the body)
+            // first, its batch norm's backward and then its convolution's, whose input
+            // gradient waits for the body's; the identity's gradient waits as it is.
+            let shortcut = layer.shortcut.filter(|_| i < last);
+            let mut projection_gradients = Vec::new();
+            if let (Some(shortcut), Some(p)) = (shortcut, projected.get(i).copied().flatten()) {
+                let (master_weight, params) = layers[i].projection.expect("projected");
+                let channels = p.conv.out_channels;
+                let dxp = b.value(Part::Activations, rows * layer.outputs, compute);
+                let dscale = b.value(Part::Gradients, channels, master);
+                let dbias = b.value(Part::Gradients, channels, master);
+                b.push(
+                    p.norm
+                        .backward(grad_out, p.output, params, dxp, (dscale, dbias)),
+                );
+                for slot in [p.output, p.norm.saved.mean, p.norm.saved.invstd] {
+                    b.free(slot);
+                }
+                let w = casts
+                    .get(i)
+                    .and_then(|c| c.projection)
+                    .unwrap_or(master_weight);
+                if shortcut.from > 0 {
+                    let dx = b.value(
+                        Part::Activations,
+                        rows * self.layers[shortcut.from].inputs,
+                        compute,
+                    );
+                    b.push(Instr::ConvInputGradient {
+                        dy: dxp,
+                        w,
+                        dx,
+                        rows,
+                        conv: p.conv,
+                    });
+                    pending[shortcut.from] = Some(dx);
+                }
+                let dw = b.value(gradient_part, p.conv.weights(), gradient_storage);
+                b.push(Instr::ConvWeightGradient {
+                    dy: dxp,
+                    x: input_of(shortcut.from),
+                    dw,
+                    rows,
+                    conv: p.conv,
+                });
+                b.free(dxp);
+                let mut dw = (dw, p.conv.weights());
+                if mixed {
+                    if shortcut.from > 0 {
+                        b.free(w);
+                    }
+                    dw = widened_gradient(&mut b, dw);
+                }
+                projection_gradients = vec![dw, (dscale, channels), (dbias, channels)];
+            }
+            let identity = shortcut.filter(|s| s.from > 0 && s.projection.is_none());
+            if let Some(shortcut) = identity {
+                pending[shortcut.from] = Some(grad_out);
+            }
             // Batch norm's backward writes its input's gradient, then its scale's and bias's
             // (as its parameters are stored), and lets what it saved go.
-            let norm_gradients = match normed.get(i).copied().flatten() {
-                Some(n) => {
+            let norm_gradients = match (normed.get(i).copied().flatten(), layers[i].norm) {
+                (Some(n), Some(params)) => {
                     let dx = b.value(Part::Activations, rows * layer.outputs, compute);
                     let dscale = b.value(Part::Gradients, layer.scales(), master);
                     let dbias = b.value(Part::Gradients, layer.biases(), master);
-                    b.push(n.backward(grad_out, hidden[i].0, &layers[i], dx, (dscale, dbias)));
-                    for slot in [grad_out, hidden[i].0, n.saved.mean, n.saved.invstd] {
+                    b.push(n.backward(grad_out, hidden[i].0, params, dx, (dscale, dbias)));
+                    if identity.is_none() {
+                        b.free(grad_out);
+                    }
+                    for slot in [hidden[i].0, n.saved.mean, n.saved.invstd] {
                         b.free(slot);
                     }
                     grad_out = dx;
                     Some([(dscale, layer.scales()), (dbias, layer.biases())])
                 }
-                None => None,
+                _ => None,
             };
-            let input = match i {
-                0 => inputs_cast.unwrap_or(inputs),
-                _ => layer_input(&hidden, &pooled, &dropped, i),
-            };
-            let dx = (i > 0).then(|| {
+            let input = input_of(i);
+            let mut dx = (i > 0).then(|| {
                 let dx = b.value(Part::Activations, rows * layer.inputs, compute);
                 b.push(input_gradient(layer, grad_out, weight, dx, rows));
                 dx
             });
-            // Mixed precision: the gradients come out half and are cast to the f32 master's.
-            let gradient_storage = if mixed { compute } else { master };
-            let gradient_part = if mixed {
-                Part::Activations
-            } else {
-                Part::Gradients
-            };
             let dw = b.value(gradient_part, layer.weights(), gradient_storage);
             b.push(weight_gradient(layer, grad_out, input, dw, rows));
             let mut layer_gradients = vec![(dw, layer.weights())];
@@ -1482,18 +1836,27 @@ impl Plan {
                     (None, None) => {}
                 }
             }
+            // The body's gradient of a block's input is added, in place, to the one its
+            // shortcut carried, and goes.
+            if let (Some(body), Some(carried)) = (dx, pending[i]) {
+                b.push(Instr::Accumulate {
+                    from: body,
+                    into: carried,
+                    len: rows * layer.inputs,
+                });
+                b.free(body);
+                dx = Some(carried);
+            }
             if mixed {
-                for (slot, len) in &mut layer_gradients {
-                    let full = b.value(Part::Gradients, *len, Storage::F32);
-                    b.push(convert(*slot, full, *len));
-                    b.free(*slot);
-                    *slot = full;
+                for gradient in &mut layer_gradients {
+                    *gradient = widened_gradient(&mut b, *gradient);
                 }
             }
             if let Some([dscale, dbias]) = norm_gradients {
                 layer_gradients.insert(1, dscale);
                 layer_gradients.push(dbias);
             }
+            layer_gradients.extend(projection_gradients);
             gradients[i] = layer_gradients;
             if let Some(mut dx) = dx {
                 let below = &self.layers[i - 1];
@@ -1521,10 +1884,9 @@ impl Plan {
                     b.free(d.mask);
                     dx = grad;
                 }
-                let (product, activated) = hidden[i - 1];
                 let saved = match self.activation {
-                    Activation::Gelu => normed[i - 1].map_or(product, |n| n.output),
-                    _ => activated,
+                    Activation::Gelu => activation_inputs[i - 1],
+                    _ => hidden[i - 1].1,
                 };
                 let len = rows * below.outputs;
                 let grad = b.value(Part::Activations, len, compute);
@@ -1580,6 +1942,15 @@ fn first_gradients(layers: &[Layer]) -> Vec<usize> {
             Some(*end)
         }))
         .collect()
+}
+
+/// A half gradient `(slot, len)` cast to a new f32 one, the half one let go: what autocast's
+/// cast of a weight does to its gradient in backward.
+fn widened_gradient(b: &mut Builder, (slot, len): (Slot, u64)) -> (Slot, u64) {
+    let full = b.value(Part::Gradients, len, Storage::F32);
+    b.push(convert(slot, full, len));
+    b.free(slot);
+    (full, len)
 }
 
 /// What layer `i` (past the first) reads: the layer below's pooled output, its dropout's output,
