@@ -383,7 +383,13 @@ impl JobSpec {
                 framework: self.framework,
             },
         )
-        .map(|plan| plan.with_dropout(&net.dropout))
+        // The network's dropout follows the MLP's hidden layers, which come after the
+        // convolutions among the plan's.
+        .map(|plan| {
+            let convolutions = std::iter::repeat_n(0.0, net.convolutions.len());
+            let dropout: Vec<f32> = convolutions.chain(net.dropout.iter().copied()).collect();
+            plan.with_dropout(&dropout)
+        })
         .map_err(|overflow| {
             JobError::new(
                 "model",
@@ -801,6 +807,15 @@ mod tests {
         );
         let job = Job::from_json(&normed).unwrap();
         assert_eq!(job.plan().parameter_count(), 61706 - 16 + 2 * 16);
+        // Dropout after the MLP's first hidden layer is the plan's third hidden layer's, after
+        // the two convolutions.
+        let dropped = lenet.replace(
+            r#"{"linear": {"out_features": 120}}, {"relu": {}},"#,
+            r#"{"linear": {"out_features": 120}}, {"relu": {}}, {"dropout": {"p": 0.25}},"#,
+        );
+        let plan = Job::from_json(&dropped).unwrap().plan().clone();
+        let dropout: Vec<Option<f32>> = (0..4).map(|i| plan.dropout_after(i)).collect();
+        assert_eq!(dropout, [None, None, Some(0.25), None]);
         assert_eq!(
             job.summary(),
             "CNN 1x28x28-conv6k5p2-max2-conv16k5bn-max2-120-84-10 relu, sgd, 32-true, pytorch"
