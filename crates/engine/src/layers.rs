@@ -360,7 +360,7 @@ impl LayerSpec {
                          activation, pooling",
                     ))
                 }
-                LayerSpec::Residual(block) if in_features => {
+                LayerSpec::Residual(block) if in_features && after != After::Start => {
                     let inner = format!("{at}.residual.layers");
                     let from = net.convolutions.len();
                     let mut body_shape = shape.clone();
@@ -455,8 +455,8 @@ impl LayerSpec {
                 LayerSpec::Residual(_) => {
                     return Err(LayerError::new(
                         at,
-                        "headroom trains a residual block on an image: at the start of the list, \
-                         or after a convolution's activation or pooling",
+                        "headroom trains a residual block after a convolution's activation or \
+                         pooling: a stem convolution first, as ResNet's",
                     ))
                 }
                 LayerSpec::Flatten(_) => {
@@ -1189,19 +1189,24 @@ mod tests {
                 "right after a convolution's activation",
             ),
             (
-                r#"[{"residual": {"layers": [{"conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1}}]}}]"#,
-                "model.layers[0].residual.layers[0]",
+                r#"[{"residual": {"layers": [{"conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1, "bias": false}}, {"batch_norm2d": {}}]}}]"#,
+                "model.layers[0]",
+                "a stem convolution first",
+            ),
+            (
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}, {"residual": {"layers": [{"conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1}}]}}]"#,
+                "model.layers[2].residual.layers[0]",
                 "residual block of convolutions without bias",
             ),
             (
-                r#"[{"residual": {"layers": [{"conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1, "bias": false}}, {"batch_norm2d": {}}, {"relu": {}}]}}]"#,
-                "model.layers[0].residual.layers",
+                r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}, {"residual": {"layers": [{"conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1, "bias": false}}, {"batch_norm2d": {}}, {"relu": {}}]}}]"#,
+                "model.layers[2].residual.layers",
                 "must end with a convolution's batch_norm2d",
             ),
             (
                 r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}, {"flatten": {}}, {"residual": {"layers": []}}]"#,
                 "model.layers[3]",
-                "residual block on an image",
+                "residual block after a convolution",
             ),
             (
                 r#"[{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}}]"#,

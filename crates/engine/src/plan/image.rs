@@ -89,7 +89,9 @@ impl Convolution {
 /// batch-normalized output before the activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shortcut {
-    /// The block's first layer, whose input the shortcut carries.
+    /// The block's first layer, whose input the shortcut carries: never the network's first
+    /// ([`crate::plan::Plan::convolutional`] checks), so that input is an activation whose
+    /// gradient backward computes.
     pub from: usize,
     /// A 1x1 convolution without bias, then batch norm, when the block changes the shape (as
     /// ResNet's downsampling blocks do); the identity when it does not.

@@ -284,7 +284,8 @@ impl Layer {
         }
     }
 
-    /// The layer ending a residual block whose shortcut is `shortcut`.
+    /// The layer ending a residual block whose shortcut is `shortcut`: a normalized layer (the
+    /// shortcut is added as batch norm normalizes), after the block's first.
     pub fn with_shortcut(self, shortcut: Shortcut) -> Layer {
         Layer {
             shortcut: Some(shortcut),
@@ -532,6 +533,14 @@ impl Plan {
             precision,
             framework,
         } = training;
+        assert!(
+            convolutions
+                .iter()
+                .filter_map(|layer| layer.shortcut)
+                .all(|shortcut| shortcut.from > 0),
+            "a residual block starts after the network's first layer (the layer walk refuses one \
+             at the start)"
+        );
         let mut layers = convolutions.to_vec();
         let flat = layers.last().map_or(features, Layer::pooled);
         let widths: Vec<u64> = std::iter::once(flat)

@@ -1229,7 +1229,7 @@ impl Plan {
             hidden.push((pre, b.value(Part::Activations, elements, compute)));
             let projection = Projected::allocate(&mut b, layer, rows, compute)?;
             projected.push(projection);
-            if let Some(shortcut) = layer.shortcut.filter(|s| s.from > 0) {
+            if let Some(shortcut) = layer.shortcut {
                 pending[shortcut.from] = Some(match projection {
                     Some(_) => {
                         let inputs = per_row(self.layers[shortcut.from].inputs)?;
@@ -1671,18 +1671,13 @@ impl Plan {
         }
         b.free(logits);
         // Leaving autocast frees its copies that backward does not need: every bias, and the
-        // weights of convolutions whose input needs no gradient (the first layer's, and a
-        // shortcut's from the network's input).
+        // first layer's weights (its input needs no gradient).
         for (i, cast) in casts.iter().enumerate() {
             if let Some(bias) = cast.bias {
                 b.free(bias);
             }
             if i == 0 {
                 b.free(cast.weight);
-            }
-            let from_input = self.layers[i].shortcut.is_some_and(|s| s.from == 0);
-            if let Some(projection) = cast.projection.filter(|_| from_input) {
-                b.free(projection);
             }
         }
 
@@ -1749,21 +1744,19 @@ impl Plan {
                     .get(i)
                     .and_then(|c| c.projection)
                     .unwrap_or(master_weight);
-                if shortcut.from > 0 {
-                    let dx = b.value(
-                        Part::Activations,
-                        rows * self.layers[shortcut.from].inputs,
-                        compute,
-                    );
-                    b.push(Instr::ConvInputGradient {
-                        dy: dxp,
-                        w,
-                        dx,
-                        rows,
-                        conv: p.conv,
-                    });
-                    pending[shortcut.from] = Some(dx);
-                }
+                let dx = b.value(
+                    Part::Activations,
+                    rows * self.layers[shortcut.from].inputs,
+                    compute,
+                );
+                b.push(Instr::ConvInputGradient {
+                    dy: dxp,
+                    w,
+                    dx,
+                    rows,
+                    conv: p.conv,
+                });
+                pending[shortcut.from] = Some(dx);
                 let dw = b.value(gradient_part, p.conv.weights(), gradient_storage);
                 b.push(Instr::ConvWeightGradient {
                     dy: dxp,
@@ -1775,14 +1768,12 @@ impl Plan {
                 b.free(dxp);
                 let mut dw = (dw, p.conv.weights());
                 if mixed {
-                    if shortcut.from > 0 {
-                        b.free(w);
-                    }
+                    b.free(w);
                     dw = widened_gradient(&mut b, dw);
                 }
                 projection_gradients = vec![dw, (dscale, channels), (dbias, channels)];
             }
-            let identity = shortcut.filter(|s| s.from > 0 && s.projection.is_none());
+            let identity = shortcut.filter(|s| s.projection.is_none());
             if let Some(shortcut) = identity {
                 pending[shortcut.from] = Some(grad_out);
             }
