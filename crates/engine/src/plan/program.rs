@@ -1670,13 +1670,14 @@ impl Plan {
             b.free(wide);
         }
         b.free(logits);
-        // Leaving autocast frees its copies that backward does not need: every bias, and the
-        // first layer's weights (its input needs no gradient).
+        // Leaving autocast frees its copies that backward does not need: every bias, and a
+        // linear first layer's weights (its input needs no gradient, so its product saves
+        // none; a convolution saves its weights whatever needs a gradient).
         for (i, cast) in casts.iter().enumerate() {
             if let Some(bias) = cast.bias {
                 b.free(bias);
             }
-            if i == 0 {
+            if i == 0 && self.layers[0].conv.is_none() {
                 b.free(cast.weight);
             }
         }
@@ -1811,7 +1812,7 @@ impl Plan {
                 layer_gradients.push((db, layer.biases()));
             }
             b.free(grad_out);
-            if mixed && i > 0 {
+            if mixed && (i > 0 || layer.conv.is_some()) {
                 b.free(weight);
             }
             if let Some(cast) = inputs_cast.filter(|_| i == 0) {
