@@ -144,12 +144,14 @@ pub fn backward(
     );
     let scale = scale.read(channels);
     let xhat = |x: f32, c: usize| (x - mean[c]) * invstd[c];
-    let sum_dy = channel_sums(dy, &sizes, |g, _| f64::from(g));
-    let mut sum_dy_xhat = vec![0.0f64; sizes.channels];
+    // Both sums in one pass over the batch.
+    let (mut sum_dy, mut sum_dy_xhat) =
+        (vec![0.0f64; sizes.channels], vec![0.0f64; sizes.channels]);
     sizes.each_chunk(|range, channel_of| {
         let (dy, x) = (dy.read(range.clone()), x.read(range));
         for (i, (&g, &v)) in dy.iter().zip(x.iter()).enumerate() {
             let c = channel_of(i);
+            sum_dy[c] += f64::from(g);
             sum_dy_xhat[c] += f64::from(g) * f64::from(xhat(v, c));
         }
     });
