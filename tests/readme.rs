@@ -256,7 +256,7 @@ fn series(sample: &str) -> String {
 
 /// Fields whose values differ from run to run or machine to machine (identifiers, times, the
 /// host's name, what was timed and how many steps it took to time it): compared by type only.
-const VARYING: [&str; 15] = [
+const VARYING: [&str; 17] = [
     "id",
     "created_at",
     "started_at",
@@ -272,6 +272,8 @@ const VARYING: [&str; 15] = [
     "fitted_samples_per_second",
     "throughput_batch_size",
     "throughput_knee",
+    "throughput_fit",
+    "set_aside",
 ];
 
 /// Fields present only in some runs (the note of a knee the measurements could not place).

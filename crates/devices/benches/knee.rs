@@ -1,7 +1,9 @@
 //! How reproducible the answer is: tunes each example `RUNS` times (10) on the host device at
 //! its default budget and reports the spread of the throughput knee, the largest and the
 //! recommended batch. The knee should land within one probe step (a factor of two, doubling's
-//! step) of its median in at least 9 of 10 runs on a quiet machine.
+//! step) of its median in at least 9 of 10 runs on a quiet machine. `exact` counts knees equal
+//! to the median: the knee is read from a fitted curve, so it need not be a size probed, and
+//! equal knees are rare; `undecided` counts answers whose interval spans more than 4x.
 //! Run: `cargo bench --bench knee [-- FILTER]`; `RUNS=N` changes the count, `STEPS=N` the
 //! examples' `steps_per_probe`, `TOLERANCE=F` their `knee_tolerance`, `PROBES=N` their
 //! `throughput_probes`, and `CURVES=FILE` appends every run's throughput curve to FILE

@@ -20,7 +20,7 @@
 //! - [`device`]: the [`Device`] trait the search probes, and what devices report.
 //! - [`search`]: doubling or prediction, bisection and confirmation; it sees only [`Device`].
 //! - [`advice`]: the headroom rule, accumulation advice; [`knee`]: the throughput knee read
-//!   from noisy measurements through a rising fit, with its interval.
+//!   from noisy measurements through a fitted step time, with its interval.
 //! - [`result`]: the answer of a search, [`TuneResult`].
 //! - [`catalogue`]: GPU what-ifs: the memory model on common cards.
 

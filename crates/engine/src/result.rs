@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::advice::Accumulation;
 use crate::device::DeviceInfo;
-use crate::knee::{Knee, Measured, ThroughputPoint};
+use crate::knee::{Knee, Measured, StepTime, ThroughputPoint};
 use crate::plan::{Framework, MemoryBreakdown, Precision};
 
 /// The outcome of a finished search.
@@ -27,8 +27,8 @@ pub struct TuneResult {
     /// from before the PyTorch profile).
     #[serde(default = "Framework::before_profiles")]
     pub framework: Framework,
-    /// The throughput knee: the smallest measured batch from which doubling the batch gains less
-    /// than `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
+    /// The throughput knee: the smallest batch from which doubling the batch gains less than
+    /// `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     pub throughput_batch_size: u64,
     /// The range the knee could lie in, given how uncertain each point's speed is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -38,6 +38,10 @@ pub struct TuneResult {
     pub throughput_note: Option<String>,
     /// Samples/s of every batch size that fitted, by batch size, with the fitted curve.
     pub throughput: Vec<ThroughputPoint>,
+    /// The step time fitted to the measurements, the curve the knee is read from (absent with
+    /// fewer than two sizes measured, and in results from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput_fit: Option<StepTime>,
     /// How to reach the job's `target_batch_size` with gradient accumulation, when it gives one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accumulation: Option<Accumulation>,
@@ -171,11 +175,13 @@ mod tests {
             .map(|p| (p.batch_size, p.samples_per_second, p.timed_steps))
             .collect();
         assert_eq!(kept, [(16, 3.0, 1), (64, 1.25, 4)]);
+        // A larger batch measured slower: the fitted curve, which cannot fall, runs flat.
         let drawn = crate::knee::curve(&points);
-        assert_eq!(
+        let (small, large) = (
             drawn[0].fitted_samples_per_second,
-            drawn[1].fitted_samples_per_second
+            drawn[1].fitted_samples_per_second,
         );
+        assert!(large >= small && large / small < 1.02, "{drawn:?}");
     }
 
     /// A result stored before jobs named a framework was measured with headroom's own step, and
@@ -191,6 +197,7 @@ mod tests {
             framework: Framework::Pytorch,
             throughput_batch_size: 64,
             throughput_knee: None,
+            throughput_fit: None,
             throughput_note: None,
             throughput: vec![],
             accumulation: None,

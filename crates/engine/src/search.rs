@@ -90,7 +90,8 @@ pub fn tune(
         None => job.cap_reason(),
     };
     let knee = search.measure_knee()?;
-    let throughput = knee::curve(&measured(&search.probes));
+    let points = measured(&search.probes);
+    let throughput = knee::curve(&points);
     let recommended = recommended_batch_size(fit, job.headroom, job.search.multiple_of);
     Ok(TuneResult {
         max_batch_size: fit,
@@ -109,6 +110,7 @@ pub fn tune(
         }),
         throughput_knee: knee,
         throughput,
+        throughput_fit: knee::step_time(&points),
         accumulation: job.target_batch_size.map(|target| {
             accumulation(target, job.world_size, recommended, job.search.multiple_of)
         }),
@@ -283,9 +285,9 @@ impl Search<'_> {
     /// Once the largest batch is found, measures what the throughput knee depends on, up to
     /// `search.throughput_probes` more probes of the same steps as the others (so that no point
     /// is timed differently): sizes between the knee and a distant smaller neighbour (or below
-    /// a knee with none), then, while the knee's interval is open, the points that decide it
+    /// a knee with none), then, while the knee's interval is open, the sizes nearest the knee
     /// probed again until [`knee::KNEE_PROBES`] probes are pooled there. An OOM there (the limit
-    /// moved) ends them. Returns the knee.
+    /// moved) ends them. Returns the knee on the job's grid of sizes.
     fn measure_knee(&mut self) -> Result<Option<Knee>, TuneError> {
         let search = &self.job.search;
         let tolerance = search.knee_tolerance;
@@ -307,7 +309,9 @@ impl Search<'_> {
                 _ => break,
             }
         }
-        Ok(knee::knee(&measured(&self.probes), tolerance))
+        let points = measured(&self.probes);
+        let largest = points.last().map_or(1, |p| p.batch_size);
+        Ok(knee::knee(&points, tolerance).map(|k| k.aligned(search.multiple_of, largest)))
     }
 
     fn last_probe_fit_at(&self, size: u64) -> bool {

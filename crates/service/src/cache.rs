@@ -177,6 +177,7 @@ mod tests {
                 framework: Default::default(),
                 throughput_batch_size: max,
                 throughput_knee: None,
+                throughput_fit: None,
                 throughput_note: None,
                 throughput: vec![],
                 accumulation: None,

@@ -6,7 +6,7 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use headroom_engine::knee::{self, Knee, ThroughputPoint};
+use headroom_engine::knee::{self, Knee, StepTime, ThroughputPoint};
 use headroom_engine::plan::{MemoryBreakdown, Plan};
 use headroom_engine::result::{measured, Outcome, Probe, TuneResult};
 
@@ -16,6 +16,8 @@ const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
 /// Sizes at which the memory chart's bands are drawn through the model.
 const BAND_SAMPLES: u64 = 96;
+/// Points the fitted speed curve is drawn through.
+const FIT_SAMPLES: u32 = 96;
 
 /// The unit a memory axis reaching `top_bytes` reads best in, and its size in bytes.
 fn memory_unit(top_bytes: f64) -> (&'static str, f64) {
@@ -268,6 +270,7 @@ fn draw_markers<X: Ranged<ValueType = f64>>(
 fn throughput_chart(
     area: &Drawing<'_>,
     throughput: &[ThroughputPoint],
+    fit: Option<StepTime>,
     knee: Option<Knee>,
     markers: &[Marker],
 ) -> Result<(), PlotError> {
@@ -324,7 +327,7 @@ fn throughput_chart(
             )))
             .map_err(drawing_error)?;
     }
-    // Each measurement with its steps' spread, and the rising fit the knee is read from.
+    // Each measurement with its steps' spread, and the fitted curve the knee is read from.
     let measured = RGBColor(40, 90, 160);
     chart
         .draw_series(throughput.iter().map(|p| {
@@ -355,18 +358,31 @@ fn throughput_chart(
                     .map(|&(_, p)| Circle::new(p, 5, MAX_COLOR.stroke_width(2))),
             )
             .map_err(drawing_error)?
-            .label("set aside (contradicts a neighbour)")
+            .label("set aside (far from the curve the others draw)")
             .legend(|(x, y)| Circle::new((x + 10, y), 5, MAX_COLOR.stroke_width(2)));
     }
+    // The fitted step time drawn smoothly across the sizes measured (results from before it
+    // have only its value at each point).
+    let fitted: Vec<(f64, f64)> = match fit {
+        Some(fit) => {
+            let (from, to) = (x_min * 1.5, x_max / 1.5);
+            (0..=FIT_SAMPLES)
+                .map(|i| (from.ln() + (to / from).ln() * i as f64 / FIT_SAMPLES as f64).exp())
+                .map(|b| (b, fit.samples_per_second(b)))
+                .collect()
+        }
+        None => throughput
+            .iter()
+            .map(|p| (p.batch_size.max(1) as f64, p.fitted_samples_per_second))
+            .collect(),
+    };
     chart
         .draw_series(LineSeries::new(
-            throughput
-                .iter()
-                .map(|p| (p.batch_size.max(1) as f64, p.fitted_samples_per_second)),
+            fitted,
             RGBColor(20, 20, 20).stroke_width(2),
         ))
         .map_err(drawing_error)?
-        .label("rising fit")
+        .label("fitted step time")
         .legend(|(x, y)| {
             PathElement::new(
                 vec![(x, y), (x + 20, y)],
@@ -450,21 +466,28 @@ pub fn tune_svg(result: &TuneResult, plan: &Plan) -> Result<String, PlotError> {
             &out_of_memory,
             &markers,
         )?;
-        throughput_chart(lower, &result.throughput, result.throughput_knee, &markers)
+        throughput_chart(
+            lower,
+            &result.throughput,
+            result.throughput_fit,
+            result.throughput_knee,
+            &markers,
+        )
     })
 }
 
 /// Both charts of a running tune from its probes so far: no limit or knee yet, the speed of
-/// every size that fitted with the rising fit through them. `None` before a probe fitted.
+/// every size that fitted with the curve fitted through them. `None` before a probe fitted.
 pub fn progress_svg(plan: &Plan, probes: &[Probe]) -> Result<Option<String>, PlotError> {
-    let throughput = knee::curve(&measured(probes));
+    let points = measured(probes);
+    let throughput = knee::curve(&points);
     let Some(largest) = throughput.iter().map(|p| p.batch_size).max() else {
         return Ok(None);
     };
     let (x_max, fitted, out_of_memory) = probe_marks(probes, largest);
     stacked(|upper, lower| {
         memory_chart(upper, plan, None, x_max, &fitted, &out_of_memory, &[])?;
-        throughput_chart(lower, &throughput, None, &[])
+        throughput_chart(lower, &throughput, knee::step_time(&points), None, &[])
     })
     .map(Some)
 }

@@ -17,6 +17,7 @@ use crate::plot;
 use crate::problem::Problem;
 use crate::AppState;
 use headroom_engine::job::Job;
+use headroom_engine::knee::StepTime;
 use headroom_engine::result::{Outcome, Probe};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -303,6 +304,37 @@ fn by_batch_size(probes: &[Probe]) -> Vec<(usize, &Probe)> {
     ordered
 }
 
+/// The fitted step time in words: its two costs and how they combine.
+fn step_time(fit: &StepTime) -> String {
+    let combined = if fit.overlap == 1.0 {
+        "the two add".to_string()
+    } else {
+        format!(
+            "the fixed cost hides beneath the work, overlap {}",
+            fit.overlap
+        )
+    };
+    format!(
+        "Fitted step time: {} whatever the batch, {} per sample ({combined}); the knee and the \
+         speed chart's line are read from it.",
+        short_seconds(fit.fixed_seconds),
+        short_seconds(fit.seconds_per_sample),
+    )
+}
+
+/// Seconds with the unit that reads best: `1.20 ms`, `4.6 µs`.
+fn short_seconds(seconds: f64) -> String {
+    if seconds >= 1.0 {
+        format!("{seconds:.2} s")
+    } else if seconds >= 1e-3 {
+        format!("{:.2} ms", seconds * 1e3)
+    } else if seconds >= 1e-6 {
+        format!("{:.2} µs", seconds * 1e6)
+    } else {
+        format!("{:.1} ns", seconds * 1e9)
+    }
+}
+
 fn figure(id: &str, value: impl maud::Render, label: &str) -> Markup {
     html! { div class="figure" { b id=(id) { (value) } span { (label) } } }
 }
@@ -356,6 +388,9 @@ pub fn job_page(spec: Option<&Job>, document: &JobDocument) -> Markup {
             }
             @if running { p id="progress" { (progress(document)) } }
             @if let Some(svg) = &charts { div class="charts" { (PreEscaped(svg)) } }
+            @if let Some(fit) = document.result.as_ref().and_then(|r| r.throughput_fit) {
+                p id="step-time" class="note" { (step_time(&fit)) }
+            }
             @if let Some(note) = document.result.as_ref().and_then(|r| r.throughput_note.as_ref()) {
                 p class="note" { (note) }
             }
@@ -393,6 +428,17 @@ mod tests {
         assert_eq!(took(start, "2026-12-01T14:38:29.866504218Z"), "3.8 s");
         assert_eq!(took(start, "2026-12-01T14:40:31.066504218Z"), "2 min 05 s");
         assert_eq!(when("not a time"), "not a time");
+        assert_eq!(short_seconds(0.0012), "1.20 ms");
+        assert_eq!(short_seconds(4.6e-6), "4.60 µs");
+        assert_eq!(short_seconds(2.5), "2.50 s");
+        let fit = StepTime {
+            fixed_seconds: 1.2e-3,
+            seconds_per_sample: 4.6e-6,
+            overlap: 1.0,
+        };
+        assert!(step_time(&fit).starts_with(
+            "Fitted step time: 1.20 ms whatever the batch, 4.60 µs per sample (the two add)"
+        ));
         let probe = |batch_size| Probe {
             batch_size,
             outcome: headroom_engine::result::Outcome::Fit,

@@ -397,10 +397,11 @@ pub struct TuneAnswer {
     /// Whose training step the probes ran and the prediction describes (`headroom` for results
     /// from before the PyTorch profile).
     framework: Framework,
-    /// The throughput knee: the smallest measured batch from which doubling gains less than
+    /// The throughput knee: the smallest batch from which doubling gains less than
     /// `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     throughput_batch_size: u64,
-    /// The range the knee could lie in, given how much each point's steps disagreed.
+    /// The range the knee could lie in: the knees of every curve that fits the measurements
+    /// within three standard errors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     throughput_knee: Option<Knee>,
     /// Said when the measurements do not place the knee within a factor of four.
@@ -408,6 +409,10 @@ pub struct TuneAnswer {
     throughput_note: Option<String>,
     /// Samples/s of every batch size that fitted, by batch size, with the fitted curve.
     throughput: Vec<ThroughputPoint>,
+    /// The step time fitted to the measurements, the curve the knee is read from (absent with
+    /// fewer than two sizes measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    throughput_fit: Option<StepTime>,
     /// How to reach the job's `target_batch_size` with gradient accumulation, when it gives one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     accumulation: Option<Accumulation>,
@@ -487,10 +492,10 @@ pub struct ThroughputPoint {
     samples_per_second: f64,
     /// The timed steps' interquartile range relative to their median.
     spread: f64,
-    /// The rising curve fitted through the points kept, at this one.
+    /// The fitted step time's speed at this size.
     fitted_samples_per_second: f64,
-    /// Left out of the fit: it stepped faster than a smaller batch could, so one of the two
-    /// measurements strayed, and the other points say it was this one.
+    /// Left out of the fit: further from the curve the other points draw than their scatter
+    /// allows (the machine slowed or sped up during its probe).
     set_aside: bool,
 }
 
@@ -499,10 +504,24 @@ pub struct ThroughputPoint {
 pub struct Knee {
     /// The smallest batch from which doubling gains less than the tolerance in fitted samples/s.
     batch_size: u64,
-    /// The smallest batch the knee could be, given the measurements' spread.
+    /// The smallest knee of the curves that fit the measurements within three standard errors.
     low: u64,
-    /// The largest batch the knee could be.
+    /// The largest.
     high: u64,
+}
+
+/// A step's seconds against batch size `b`, fitted to every measured speed at once:
+/// `(fixed_seconds^overlap + (seconds_per_sample * b)^overlap)^(1 / overlap)`. Samples/s is
+/// `b` over it.
+#[derive(Serialize, ToSchema)]
+pub struct StepTime {
+    /// Seconds a step takes whatever the batch (the optimizer's update, launches).
+    fixed_seconds: f64,
+    /// Seconds each sample adds once the batch is large.
+    seconds_per_sample: f64,
+    /// 1 when the two costs add; larger when the fixed one hides beneath the work (one of 1,
+    /// 1.5, 2, 3, 4, 8).
+    overlap: f64,
 }
 
 /// How to reach a target global batch with gradient accumulation.
@@ -769,6 +788,13 @@ mod tests {
                     low: 8,
                     high: 8,
                 })),
+                throughput_fit: result
+                    .throughput_fit
+                    .or(Some(headroom_engine::knee::StepTime {
+                        fixed_seconds: 1e-3,
+                        seconds_per_sample: 1e-6,
+                        overlap: 1.0,
+                    })),
                 device: headroom_engine::DeviceInfo {
                     uuid: Some("GPU-0".into()),
                     ..result.device.clone()
