@@ -151,6 +151,8 @@ print(json.dumps({
     "measured_over_predicted": round(tune["max_batch_size"] / tune["predicted_max_batch_size"], 4),
     "limited_by": tune["limited_by"],
     "framework": tune.get("framework"),
+    "throughput_knee": tune.get("throughput_knee"),
+    "throughput_fit": tune.get("throughput_fit"),
     "probes": len(tune["probes"]),
     "elapsed_seconds": tune["elapsed_seconds"],
     "wall_seconds": float(sys.argv[3]),

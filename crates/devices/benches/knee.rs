@@ -3,7 +3,9 @@
 //! recommended batch. The knee should land within one probe step (a factor of two, doubling's
 //! step) of its median in at least 9 of 10 runs on a quiet machine. `exact` counts knees equal
 //! to the median: the knee is read from a fitted curve, so it need not be a size probed, and
-//! equal knees are rare; `undecided` counts answers whose interval spans more than 4x.
+//! equal knees are rare; `undecided` counts answers whose interval spans more than 4x, and
+//! `intervals holding the median` those whose interval holds the median knee (how honest the
+//! intervals are: too wide and every answer is undecided, too narrow and they mislead).
 //! Run: `cargo bench --bench knee [-- FILTER]`; `RUNS=N` changes the count, `STEPS=N` the
 //! examples' `steps_per_probe`, `TOLERANCE=F` their `knee_tolerance`, `PROBES=N` their
 //! `throughput_probes`, and `CURVES=FILE` appends every run's throughput curve to FILE
@@ -50,6 +52,7 @@ fn main() {
         }
         let job = Job::from_value(spec).unwrap();
         let (mut knees, mut maxes, mut recommended, mut undecided) = (vec![], vec![], vec![], 0);
+        let mut intervals = vec![];
         let started = Instant::now();
         for _ in 0..runs {
             let result = tune(&job, &mut HostDevice::default(), &mut |_| {
@@ -71,6 +74,7 @@ fn main() {
                 std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes()).unwrap();
             }
             knees.push(result.throughput_batch_size);
+            intervals.extend(result.throughput_knee.map(|k| (k.low, k.high)));
             maxes.push(result.max_batch_size);
             recommended.push(result.recommended_batch_size);
             undecided += usize::from(result.throughput_note.is_some());
@@ -81,10 +85,15 @@ fn main() {
             .filter(|&&k| k * 2 >= knee && k <= knee * 2)
             .count();
         let exact = knees.iter().filter(|&&k| k == knee).count();
+        let covering = intervals
+            .iter()
+            .filter(|&&(low, high)| low <= knee && knee <= high)
+            .count();
         let range = |v: &[u64]| (*v.iter().min().unwrap(), *v.iter().max().unwrap());
         println!(
             "{name:<18} {runs} runs in {:>6.1} s  knee median {knee:>6}, within one step {within}/{runs}, \
-             exact {exact}/{runs}, undecided {undecided}/{runs}, knees {knees:?}  max {:?}  recommended {:?}",
+             exact {exact}/{runs}, undecided {undecided}/{runs}, intervals holding the median \
+             {covering}/{runs}, knees {knees:?}  max {:?}  recommended {:?}",
             started.elapsed().as_secs_f64(),
             range(&maxes),
             range(&recommended),

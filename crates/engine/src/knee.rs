@@ -81,25 +81,6 @@ impl Knee {
     }
 }
 
-/// The knee of `points` (sorted by batch size) for `tolerance`: `None` without points, the
-/// point itself with one.
-pub fn knee(points: &[Measured], tolerance: f64) -> Option<Knee> {
-    match points {
-        [] => None,
-        [only] => Some(Knee {
-            batch_size: only.batch_size,
-            low: only.batch_size,
-            high: only.batch_size,
-        }),
-        _ => step_time::fit(points).map(|fit| fit.knee(tolerance)),
-    }
-}
-
-/// The step time fitted to `points`; `None` with fewer than two.
-pub fn step_time(points: &[Measured]) -> Option<StepTime> {
-    step_time::fit(points).map(|fit| fit.step_time)
-}
-
 /// One point of the throughput curve in the answer: a batch size that fitted, its measured
 /// speed and spread, and the fitted speed the knee is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -120,23 +101,58 @@ pub struct ThroughputPoint {
     pub set_aside: bool,
 }
 
-/// The curve of `points` with the fitted speed at each (a point's own speed when there is too
-/// little to fit).
-pub fn curve(points: &[Measured]) -> Vec<ThroughputPoint> {
-    let fit = step_time::fit(points);
-    points
-        .iter()
-        .enumerate()
-        .map(|(i, p)| ThroughputPoint {
-            batch_size: p.batch_size,
-            samples_per_second: p.samples_per_second,
-            spread: p.spread,
-            fitted_samples_per_second: fit.as_ref().map_or(p.samples_per_second, |f| {
-                f.step_time.samples_per_second(p.batch_size.max(1) as f64)
+/// What the measurements say about speed: the fitted step time, if there are two sizes or more
+/// to fit, and the knee it gives.
+pub struct Reading {
+    points: Vec<Measured>,
+    fit: Option<step_time::Fit>,
+}
+
+/// Reads `points` (sorted by batch size): fits their step time once.
+pub fn read(points: &[Measured]) -> Reading {
+    Reading {
+        points: points.to_vec(),
+        fit: step_time::fit(points),
+    }
+}
+
+impl Reading {
+    /// The knee for `tolerance`: `None` without points, the point itself with one.
+    pub fn knee(&self, tolerance: f64) -> Option<Knee> {
+        match (&self.fit, self.points.as_slice()) {
+            (Some(fit), _) => Some(fit.knee(tolerance)),
+            (None, [only]) => Some(Knee {
+                batch_size: only.batch_size,
+                low: only.batch_size,
+                high: only.batch_size,
             }),
-            set_aside: fit.as_ref().is_some_and(|f| f.set_aside[i]),
-        })
-        .collect()
+            (None, _) => None,
+        }
+    }
+
+    /// The fitted step time; `None` with fewer than two sizes.
+    pub fn step_time(&self) -> Option<StepTime> {
+        self.fit.as_ref().map(|fit| fit.step_time)
+    }
+
+    /// The curve: each point with the fitted speed there (its own speed when there is too
+    /// little to fit) and whether it was set aside.
+    pub fn curve(&self) -> Vec<ThroughputPoint> {
+        let fit = self.fit.as_ref();
+        self.points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ThroughputPoint {
+                batch_size: p.batch_size,
+                samples_per_second: p.samples_per_second,
+                spread: p.spread,
+                fitted_samples_per_second: fit.map_or(p.samples_per_second, |f| {
+                    f.step_time.samples_per_second(p.batch_size.max(1) as f64)
+                }),
+                set_aside: fit.is_some_and(|f| f.set_aside[i]),
+            })
+            .collect()
+    }
 }
 
 /// Where one more probe would sharpen the knee, if anywhere: below the knee when nothing smaller
@@ -193,6 +209,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn knee(points: &[Measured], tolerance: f64) -> Option<Knee> {
+        read(points).knee(tolerance)
+    }
+
+    fn curve(points: &[Measured]) -> Vec<ThroughputPoint> {
+        read(points).curve()
+    }
+
     fn point(batch_size: u64, samples_per_second: f64) -> Measured {
         Measured {
             batch_size,
@@ -242,7 +266,7 @@ mod tests {
         // Without the quiet spell the same points keep every measurement, and the knee.
         points[6].samples_per_second = 60e3;
         assert!(curve(&points).iter().all(|p| !p.set_aside));
-        let calm = super::knee(&points, 0.1).unwrap();
+        let calm = self::knee(&points, 0.1).unwrap();
         assert!((calm.batch_size as f64 / knee.batch_size as f64 - 1.0).abs() < 0.05);
     }
 
@@ -296,7 +320,7 @@ mod tests {
         assert!(!knee.decided(), "{knee:?}");
         // Two points say nothing about the scatter: the interval stays open.
         let two = curve_of(&[512, 1024], &[100.0, 105.0]);
-        let knee = super::knee(&two, 0.1).unwrap();
+        let knee = self::knee(&two, 0.1).unwrap();
         assert!(knee.low < knee.high, "{knee:?}");
     }
 

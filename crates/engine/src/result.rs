@@ -176,7 +176,7 @@ mod tests {
             .collect();
         assert_eq!(kept, [(16, 3.0, 1), (64, 1.25, 4)]);
         // A larger batch measured slower: the fitted curve, which cannot fall, runs flat.
-        let drawn = crate::knee::curve(&points);
+        let drawn = crate::knee::read(&points).curve();
         let (small, large) = (
             drawn[0].fitted_samples_per_second,
             drawn[1].fitted_samples_per_second,

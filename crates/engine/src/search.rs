@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::advice::{accumulation, recommended_batch_size};
 use crate::device::{Device, DeviceError};
 use crate::job::{Job, Strategy};
-use crate::knee::{self, Knee};
+use crate::knee;
 use crate::plan::{DoesNotFit, Plan};
 use crate::result::{measured, LimitedBy, Outcome, Probe, TuneResult};
 use crate::step::Steps;
@@ -89,9 +89,13 @@ pub fn tune(
         Some(_) => LimitedBy::Memory,
         None => job.cap_reason(),
     };
-    let knee = search.measure_knee()?;
+    search.measure_knee()?;
     let points = measured(&search.probes);
-    let throughput = knee::curve(&points);
+    let reading = knee::read(&points);
+    let largest = points.last().map_or(1, |p| p.batch_size);
+    let knee = reading
+        .knee(job.search.knee_tolerance)
+        .map(|k| k.aligned(job.search.multiple_of, largest));
     let recommended = recommended_batch_size(fit, job.headroom, job.search.multiple_of);
     Ok(TuneResult {
         max_batch_size: fit,
@@ -109,8 +113,8 @@ pub fn tune(
             )
         }),
         throughput_knee: knee,
-        throughput,
-        throughput_fit: knee::step_time(&points),
+        throughput: reading.curve(),
+        throughput_fit: reading.step_time(),
         accumulation: job.target_batch_size.map(|target| {
             accumulation(target, job.world_size, recommended, job.search.multiple_of)
         }),
@@ -287,13 +291,12 @@ impl Search<'_> {
     /// is timed differently): sizes between the knee and a distant smaller neighbour (or below
     /// a knee with none), then, while the knee's interval is open, the sizes nearest the knee
     /// probed again until [`knee::KNEE_PROBES`] probes are pooled there. An OOM there (the limit
-    /// moved) ends them. Returns the knee on the job's grid of sizes.
-    fn measure_knee(&mut self) -> Result<Option<Knee>, TuneError> {
+    /// moved) ends them.
+    fn measure_knee(&mut self) -> Result<(), TuneError> {
         let search = &self.job.search;
-        let tolerance = search.knee_tolerance;
         for _ in 0..search.throughput_probes {
             let points = measured(&self.probes);
-            let Some(estimate) = knee::knee(&points, tolerance) else {
+            let Some(estimate) = knee::read(&points).knee(search.knee_tolerance) else {
                 break;
             };
             // First a grid fine enough to place the knee, then, while its interval is open,
@@ -309,9 +312,7 @@ impl Search<'_> {
                 _ => break,
             }
         }
-        let points = measured(&self.probes);
-        let largest = points.last().map_or(1, |p| p.batch_size);
-        Ok(knee::knee(&points, tolerance).map(|k| k.aligned(search.multiple_of, largest)))
+        Ok(())
     }
 
     fn last_probe_fit_at(&self, size: u64) -> bool {

@@ -479,15 +479,15 @@ pub fn tune_svg(result: &TuneResult, plan: &Plan) -> Result<String, PlotError> {
 /// Both charts of a running tune from its probes so far: no limit or knee yet, the speed of
 /// every size that fitted with the curve fitted through them. `None` before a probe fitted.
 pub fn progress_svg(plan: &Plan, probes: &[Probe]) -> Result<Option<String>, PlotError> {
-    let points = measured(probes);
-    let throughput = knee::curve(&points);
+    let reading = knee::read(&measured(probes));
+    let throughput = reading.curve();
     let Some(largest) = throughput.iter().map(|p| p.batch_size).max() else {
         return Ok(None);
     };
     let (x_max, fitted, out_of_memory) = probe_marks(probes, largest);
     stacked(|upper, lower| {
         memory_chart(upper, plan, None, x_max, &fitted, &out_of_memory, &[])?;
-        throughput_chart(lower, &throughput, knee::step_time(&points), None, &[])
+        throughput_chart(lower, &throughput, reading.step_time(), None, &[])
     })
     .map(Some)
 }
