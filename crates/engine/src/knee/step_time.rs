@@ -143,6 +143,8 @@ enum Loss {
 /// The grid of shapes tried against the measured points.
 struct Grid {
     shapes: Vec<Shape>,
+    /// The smallest and largest batch measured.
+    measured: (f64, f64),
 }
 
 /// One shape of the grid: its `p`, its balance, and per point `t / f` (the fixed cost that point
@@ -178,14 +180,17 @@ impl Grid {
                 Shape { p, balance, asks }
             })
             .collect();
-        Grid { shapes }
+        Grid {
+            shapes,
+            measured: (smallest, largest),
+        }
     }
 
     /// Every shape with its fixed cost fitted to the points under `weights`.
     fn candidates(&self, weights: &[f64], loss: Loss) -> Vec<Candidate> {
         self.shapes
             .iter()
-            .map(|shape| candidate(&shape.asks, weights, shape.p, shape.balance, loss))
+            .map(|tried| candidate(&tried.asks, weights, tried.p, tried.balance, loss))
             .collect()
     }
 
@@ -195,18 +200,35 @@ impl Grid {
     }
 }
 
-/// Fits `points` (at least two sizes); `None` with fewer.
+/// Fits `points` (at least two sizes with a speed); `None` with fewer. A point without a
+/// speed (a step timed at zero) has no say and is set aside.
 pub fn fit(points: &[Measured]) -> Option<Fit> {
-    if points.len() < 2 {
+    let timed = |p: &Measured| p.samples_per_second.is_finite() && p.samples_per_second > 0.0;
+    if points.iter().filter(|p| timed(p)).count() < 2 {
         return None;
     }
     let sizes: Vec<f64> = points.iter().map(|p| p.batch_size.max(1) as f64).collect();
     let seconds: Vec<f64> = points
         .iter()
         .zip(&sizes)
-        .map(|(p, b)| b / p.samples_per_second.max(f64::MIN_POSITIVE))
+        .map(|(p, b)| {
+            if timed(p) {
+                b / p.samples_per_second
+            } else {
+                1.0
+            }
+        })
         .collect();
-    let probes: Vec<f64> = points.iter().map(|p| f64::from(p.probes.max(1))).collect();
+    let probes: Vec<f64> = points
+        .iter()
+        .map(|p| {
+            if timed(p) {
+                f64::from(p.probes.max(1))
+            } else {
+                0.0
+            }
+        })
+        .collect();
     let grid = Grid::new(&sizes, &seconds);
     // Start from least absolute distances without the point the others' curve explains worst
     // (one wild point at the end of the curve can bend even that fit), then least squares
@@ -235,8 +257,6 @@ pub fn fit(points: &[Measured]) -> Option<Fit> {
         UNJUDGED_UNCERTAINTY * UNJUDGED_UNCERTAINTY
     };
     let allowed = best.loss + INTERVAL_SIGMAS * INTERVAL_SIGMAS * variance;
-    let smallest = sizes.iter().copied().fold(f64::INFINITY, f64::min);
-    let largest = sizes.iter().copied().fold(0.0, f64::max);
     Some(Fit {
         step_time: best.step_time,
         plausible: all
@@ -244,7 +264,7 @@ pub fn fit(points: &[Measured]) -> Option<Fit> {
             .filter(|c| c.loss <= allowed)
             .map(|c| c.step_time)
             .collect(),
-        measured: (smallest, largest),
+        measured: grid.measured,
         set_aside: weights.iter().map(|&w| w == 0.0).collect(),
     })
 }
@@ -256,12 +276,13 @@ fn wildest(grid: &Grid, sizes: &[f64], seconds: &[f64], probes: &[f64]) -> Optio
         return None;
     }
     (0..sizes.len())
+        .filter(|&i| probes[i] > 0.0)
         .filter_map(|i| {
             let mut without = probes.to_vec();
             without[i] = 0.0;
             let residuals = residuals(sizes, seconds, &grid.best(&without, Loss::Absolute));
             let others: Vec<f64> = (0..sizes.len())
-                .filter(|&j| j != i)
+                .filter(|&j| j != i && probes[j] > 0.0)
                 .map(|j| residuals[j])
                 .collect();
             let scale = (MAD_TO_SIGMA * median_distance(&others)).max(MIN_UNCERTAINTY);
@@ -458,6 +479,26 @@ mod tests {
         let wild = fit(&points(&truth, &sizes, &noise)).unwrap().knee(0.1);
         let moved = wild.batch_size as f64 / clean.batch_size as f64;
         assert!((moved - 1.0).abs() < 0.05, "{wild:?} {clean:?}");
+    }
+
+    #[test]
+    fn a_point_without_a_speed_has_no_say() {
+        let truth = StepTime {
+            fixed_seconds: 1e-3,
+            seconds_per_sample: 5e-6,
+            overlap: 1.0,
+        };
+        let sizes = doubling(4, 15);
+        let clean = fit(&points(&truth, &sizes, &[0.0])).unwrap();
+        let mut untimed = points(&truth, &sizes, &[0.0]);
+        untimed[3].samples_per_second = 0.0;
+        let fitted = fit(&untimed).unwrap();
+        assert!(fitted.set_aside[3] && fitted.set_aside.iter().filter(|&&a| a).count() == 1);
+        let moved = fitted.knee(0.1).batch_size as f64 / clean.knee(0.1).batch_size as f64;
+        assert!((moved - 1.0).abs() < 0.02, "{moved}");
+        untimed.truncate(5);
+        untimed.retain(|p| p.samples_per_second == 0.0 || p.batch_size == 16);
+        assert!(fit(&untimed).is_none(), "one timed point is not a curve");
     }
 
     #[test]
