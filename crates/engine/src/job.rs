@@ -383,13 +383,7 @@ impl JobSpec {
                 framework: self.framework,
             },
         )
-        // The network's dropout follows the MLP's hidden layers, which come after the
-        // convolutions among the plan's.
-        .map(|plan| {
-            let convolutions = std::iter::repeat_n(0.0, net.convolutions.len());
-            let dropout: Vec<f32> = convolutions.chain(net.dropout.iter().copied()).collect();
-            plan.with_dropout(&dropout)
-        })
+        .map(|plan| plan.with_dropout(&net.dropout))
         .map_err(|overflow| {
             JobError::new(
                 "model",

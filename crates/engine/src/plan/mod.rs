@@ -580,10 +580,12 @@ impl Plan {
         Ok(plan)
     }
 
-    /// The plan with dropout of probability `p[i]` (in `[0, 1)`) after hidden layer `i`'s
-    /// activation; hidden layers past `p`'s end have none.
+    /// The plan with dropout of probability `p[i]` (in `[0, 1)`) after the MLP's hidden layer
+    /// `i`'s activation (the linear layers after any convolutions: the programs model dropout
+    /// there only); hidden layers past `p`'s end have none.
     pub fn with_dropout(mut self, p: &[f32]) -> Plan {
-        for (kept, &p) in self.dropout.iter_mut().zip(p) {
+        let convolutions = self.layers.iter().take_while(|l| l.conv.is_some()).count();
+        for (kept, &p) in self.dropout.iter_mut().skip(convolutions).zip(p) {
             *kept = p;
         }
         self
