@@ -58,9 +58,15 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
     } else {
         "n/a".into()
     };
-    let at_knee = result.throughput_fit.map_or(0.0, |fit| {
-        fit.samples_per_second(result.throughput_batch_size as f64)
-    });
+    // The fitted curve at the knee; with one size measured, that size's own speed.
+    let at_knee = match result.throughput_fit {
+        Some(fit) => fit.samples_per_second(result.throughput_batch_size as f64),
+        None => result
+            .throughput
+            .iter()
+            .find(|p| p.batch_size == result.throughput_batch_size)
+            .map_or(0.0, |p| p.fitted_samples_per_second),
+    };
     let interval = result
         .throughput_knee
         .filter(|k| k.low < k.high)

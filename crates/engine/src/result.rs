@@ -30,7 +30,8 @@ pub struct TuneResult {
     /// The throughput knee: the smallest batch from which doubling the batch gains less than
     /// `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     pub throughput_batch_size: u64,
-    /// The range the knee could lie in, given how uncertain each point's speed is.
+    /// The range the knee could lie in: the knees of every curve that fits the measurements
+    /// within three standard errors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throughput_knee: Option<Knee>,
     /// Said when the measurements do not place the knee within a factor of four.

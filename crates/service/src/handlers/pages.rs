@@ -322,7 +322,7 @@ fn step_time(fit: &StepTime) -> String {
     )
 }
 
-/// Seconds with the unit that reads best: `1.20 ms`, `4.6 µs`.
+/// Seconds with the unit that reads best: `1.20 ms`, `4.60 µs`.
 fn short_seconds(seconds: f64) -> String {
     if seconds >= 1.0 {
         format!("{seconds:.2} s")
