@@ -9,9 +9,9 @@
 //! got quieter or busier during its probe) is set aside: drawn, not fitted.
 //!
 //! Read from neighbouring points instead (an isotonic fit and the gain of each doubling), the
-//! knee followed the machine's drift between probes: on the host's MNIST MLP 7 of 10 runs
-//! within one doubling of their median, CIFAR 6 to 9; from the fitted curve, 10 of 10 for each
-//! of the four host examples (`cargo bench --bench knee`, README).
+//! knee followed the machine's drift between probes: 4 to 9 of 10 runs of the host examples
+//! within one doubling of their median; from the fitted curve, 8 to 10 of 10, and 10 of 10 in
+//! 9 of 12 rounds (`cargo bench --bench knee`, README).
 
 use serde::{Deserialize, Serialize};
 

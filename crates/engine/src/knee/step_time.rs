@@ -465,32 +465,29 @@ mod tests {
         }
     }
 
+    /// A CPU-like step: 1 ms fixed, 5 µs a sample, the two adding (knee 900 at 10%).
+    const CPU_LIKE: StepTime = StepTime {
+        fixed_seconds: 1e-3,
+        seconds_per_sample: 5e-6,
+        overlap: 1.0,
+    };
+
     #[test]
     fn one_wild_point_loses_its_say() {
-        let truth = StepTime {
-            fixed_seconds: 1e-3,
-            seconds_per_sample: 5e-6,
-            overlap: 1.0,
-        };
         let sizes = doubling(4, 15);
-        let clean = fit(&points(&truth, &sizes, &[0.0])).unwrap().knee(0.1);
+        let clean = fit(&points(&CPU_LIKE, &sizes, &[0.0])).unwrap().knee(0.1);
         let mut noise = vec![0.0; sizes.len()];
         noise[6] = 0.8;
-        let wild = fit(&points(&truth, &sizes, &noise)).unwrap().knee(0.1);
+        let wild = fit(&points(&CPU_LIKE, &sizes, &noise)).unwrap().knee(0.1);
         let moved = wild.batch_size as f64 / clean.batch_size as f64;
         assert!((moved - 1.0).abs() < 0.05, "{wild:?} {clean:?}");
     }
 
     #[test]
     fn a_point_without_a_speed_has_no_say() {
-        let truth = StepTime {
-            fixed_seconds: 1e-3,
-            seconds_per_sample: 5e-6,
-            overlap: 1.0,
-        };
         let sizes = doubling(4, 15);
-        let clean = fit(&points(&truth, &sizes, &[0.0])).unwrap();
-        let mut untimed = points(&truth, &sizes, &[0.0]);
+        let clean = fit(&points(&CPU_LIKE, &sizes, &[0.0])).unwrap();
+        let mut untimed = points(&CPU_LIKE, &sizes, &[0.0]);
         untimed[3].samples_per_second = 0.0;
         let fitted = fit(&untimed).unwrap();
         assert!(fitted.set_aside[3] && fitted.set_aside.iter().filter(|&&a| a).count() == 1);
