@@ -1670,14 +1670,13 @@ impl Plan {
             b.free(wide);
         }
         b.free(logits);
-        // Leaving autocast frees its copies that backward does not need: every bias, and a
-        // linear first layer's weights (its input needs no gradient, so its product saves
-        // none; a convolution saves its weights whatever needs a gradient).
+        // Leaving autocast frees its copies that backward does not need: every bias, and the
+        // weights backward does not keep.
         for (i, cast) in casts.iter().enumerate() {
             if let Some(bias) = cast.bias {
                 b.free(bias);
             }
-            if i == 0 && self.layers[0].conv.is_none() {
+            if !self.backward_keeps_weight_cast(i) {
                 b.free(cast.weight);
             }
         }
@@ -1812,7 +1811,7 @@ impl Plan {
                 layer_gradients.push((db, layer.biases()));
             }
             b.free(grad_out);
-            if mixed && (i > 0 || layer.conv.is_some()) {
+            if mixed && self.backward_keeps_weight_cast(i) {
                 b.free(weight);
             }
             if let Some(cast) = inputs_cast.filter(|_| i == 0) {
@@ -2015,5 +2014,15 @@ impl<F> OptimizerState<F> {
             OptimizerState::Momentum { velocity } => vec![velocity],
             OptimizerState::Adam { m, v } => vec![m, v],
         }
+    }
+}
+
+impl Plan {
+    /// Whether PyTorch's backward keeps autocast's half copy of layer `i`'s weights (freed
+    /// after that layer's backward) rather than letting it go when autocast ends: every layer
+    /// but a linear first one, whose input needs no gradient, so its product saves no weights;
+    /// a convolution saves its weights whatever needs a gradient.
+    fn backward_keeps_weight_cast(&self, i: usize) -> bool {
+        i > 0 || self.layers[i].conv.is_some()
     }
 }
