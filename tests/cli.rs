@@ -30,6 +30,69 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Every example's answer, pinned: its parameter count as PyTorch counts it, the PyTorch
+/// profile's peak bytes at batch 1, 64 and 4096 on the host's exact ledger, and the largest
+/// batch the memory model puts on an H100 80GB. An example added without a pin fails here.
+#[test]
+fn every_example_keeps_its_pinned_answer() {
+    #[rustfmt::skip]
+    let pinned: [(&str, u64, [u64; 3], u64); 9] = [
+        ("cifar10-cnn-bn", 94762, [1696668, 44545428, 2802594708], 123403),
+        ("cifar10-mlp-adam", 394634, [7904980, 8679628, 61396644], 50000),
+        ("cifar10-mlp-bf16", 394634, [7904980, 8679628, 83416740], 50000),
+        ("deep-mlp-adamw", 5256202, [105136340, 105910988, 231084196], 2056925),
+        ("lenet5-mnist", 61706, [799444, 4553740, 244828684], 1416511),
+        ("mnist-mlp-dropout", 669706, [8041668, 8368764, 64557180], 5842201),
+        ("mnist-mlp-sgd", 101770, [817820, 1048148, 19581524], 18036987),
+        ("resnet18-cifar10", 11173962, [136818468, 415334684, 19601424156], 17701),
+        ("wide-mlp-bf16-mixed", 46190602, [923824340, 924598988, 974176460], 1105376),
+    ];
+    let mut examples: Vec<String> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
+            .unwrap()
+            .map(|e| {
+                e.unwrap()
+                    .path()
+                    .file_stem()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+    examples.sort();
+    let names: Vec<&str> = pinned.iter().map(|p| p.0).collect();
+    assert_eq!(examples, names, "every example, and only they, have a pin");
+    for (name, parameters, peaks, on_h100) in pinned {
+        let file = format!("examples/{name}.json");
+        for (batch, peak) in [1, 64, 4096].into_iter().zip(peaks) {
+            let batch = batch.to_string();
+            let estimate = json_of(&headroom(&[
+                "estimate",
+                &file,
+                "--batch-size",
+                &batch,
+                "--json",
+            ]));
+            assert_eq!(estimate["memory"]["total"], peak, "{name} at batch {batch}");
+        }
+        let estimate = json_of(&headroom(&[
+            "estimate",
+            &file,
+            "--gpu",
+            "H100 80GB",
+            "--json",
+        ]));
+        assert_eq!(
+            estimate["estimate"]["parameter_count"], parameters,
+            "{name}"
+        );
+        assert_eq!(
+            estimate["estimate"]["predicted_max_batch_size"], on_h100,
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn tune_json_follows_the_result_contract() {
     let output = headroom(&[

@@ -261,3 +261,31 @@ fn the_circle_check_finds_a_circle() {
         "{cycles:?}"
     );
 }
+
+/// The kernel checks compare a device with references of their own, never with the host's
+/// arithmetic (`host::ops`): run on the host device, they would otherwise compare it with itself.
+#[test]
+fn the_kernel_checks_never_use_the_host_s_arithmetic() {
+    let devices = modules(&root().join("crates/devices/src"));
+    let mut borrowed = Vec::new();
+    for (module, source) in devices
+        .iter()
+        .filter(|(m, _)| m.first().is_some_and(|m| m == "parity"))
+    {
+        for path in imports(module, source) {
+            if path.starts_with(&["host".to_string(), "ops".to_string()]) {
+                borrowed.push(format!("{}: {}", module.join("::"), path.join("::")));
+            }
+        }
+    }
+    assert!(
+        devices
+            .keys()
+            .any(|m| m.first().is_some_and(|m| m == "parity")),
+        "the parity modules are read"
+    );
+    assert!(
+        borrowed.is_empty(),
+        "parity references the host's own arithmetic: {borrowed:?}"
+    );
+}

@@ -143,15 +143,80 @@ fn assert_transcript(
     );
 }
 
+/// Whether a transcript shows a tune's measured answer: not run here (what it measured differs
+/// from run to run), but its lines the memory model decides are checked
+/// ([`every_tune_transcript_shows_what_the_memory_model_says`]).
+fn measured(transcript: &Transcript) -> bool {
+    transcript.command.starts_with("headroom tune ")
+        && transcript
+            .expected
+            .iter()
+            .any(|line| line.starts_with("max batch size"))
+}
+
 #[test]
 fn every_cli_transcript_prints_what_the_readme_shows() {
-    let transcripts = transcripts("headroom ");
+    let transcripts: Vec<Transcript> = transcripts("headroom ")
+        .into_iter()
+        .filter(|t| !measured(t))
+        .collect();
     assert!(
         transcripts.len() >= 3,
         "the README's CLI transcripts were not found"
     );
     for transcript in &transcripts {
         assert_transcript(transcript, &run(&transcript.command), &|a, b| a == b);
+    }
+}
+
+/// A measured tune's transcript says what the memory model says: its `predicted max` is the
+/// model's largest batch for the device's memory (the host's budget, 256 MiB unless
+/// `--host-memory` says otherwise), and its memory at the recommended batch is the model's at
+/// that batch, line for line.
+#[test]
+fn every_tune_transcript_shows_what_the_memory_model_says() {
+    let tunes: Vec<Transcript> = transcripts("headroom tune ")
+        .into_iter()
+        .filter(measured)
+        .collect();
+    assert!(
+        tunes.len() >= 3,
+        "the README's tune transcripts were not found"
+    );
+    for tune in &tunes {
+        let words: Vec<&str> = tune.command.split_whitespace().collect();
+        let job = words[2];
+        let budget = words
+            .iter()
+            .position(|w| *w == "--host-memory")
+            .map_or("256MiB", |at| words[at + 1]);
+        let at = |prefix: &str| {
+            tune.expected
+                .iter()
+                .position(|line| line.starts_with(prefix))
+                .unwrap_or_else(|| panic!("README.md line {}: no `{prefix}` line", tune.line))
+        };
+        let predicted = &tune.expected[at("predicted max")];
+        let estimate = run(&format!("headroom estimate {job} --memory {budget} --json"));
+        let estimate: Value = serde_json::from_str(&estimate.join("\n")).unwrap();
+        let modelled = estimate["predicted_max_batch_size"].as_u64().unwrap();
+        assert!(
+            predicted.split_whitespace().nth(2) == Some(modelled.to_string().as_str()),
+            "README.md line {}: `{predicted}` where the model predicts {modelled}",
+            tune.line
+        );
+        let memory = at("memory at batch ");
+        let batch = tune.expected[memory]
+            .trim_start_matches("memory at batch ")
+            .trim_end_matches(':');
+        let breakdown = run(&format!("headroom estimate {job} --batch-size {batch}"));
+        let shown = &tune.expected[memory..(memory + breakdown.len()).min(tune.expected.len())];
+        assert_eq!(
+            shown,
+            breakdown.as_slice(),
+            "README.md line {}: the memory at batch {batch}",
+            tune.line
+        );
     }
 }
 

@@ -12,6 +12,7 @@ mod support;
 
 use std::ops::ControlFlow;
 use std::process::Output;
+use std::time::{Duration, Instant};
 
 use headroom_devices::cuda::CudaDevice;
 use headroom_devices::parity::{check_kernels, check_training};
@@ -243,6 +244,30 @@ fn an_injected_fault_ends_the_tune_naming_the_driver_error() {
     }
 }
 
+/// A GPU timer that reads NaN or infinity (an event pair the driver cannot time) leaves a tune
+/// that answers, its probes without a speed, rather than a worker whose events cannot be read.
+#[test]
+fn a_timer_that_reads_no_number_leaves_probes_without_a_speed() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    for elapsed in ["nan", "inf"] {
+        let output = tune_with(standin, &[("HEADROOM_STANDIN_ELAPSED", elapsed)]);
+        assert!(output.status.success(), "{elapsed}: {}", stderr(&output));
+        let result = json_of(&output);
+        assert!(
+            result["max_batch_size"].as_u64().unwrap() > 1000,
+            "{result:#}"
+        );
+        let probes = result["probes"].as_array().unwrap();
+        assert!(probes.iter().any(|p| p["outcome"] == "fit"), "{result:#}");
+        for probe in probes {
+            assert_eq!(probe["step_seconds"], 0.0, "{elapsed}: {probe}");
+            assert_eq!(probe["samples_per_second"], 0.0, "{elapsed}: {probe}");
+        }
+    }
+}
+
 #[test]
 fn out_of_memory_reported_at_a_synchronise_is_still_out_of_memory() {
     let Some(standin) = StandIn::get() else {
@@ -343,6 +368,112 @@ fn after_a_fault_the_process_s_device_refuses_further_probes() {
         reopened.contains("CUDA_ERROR_ILLEGAL_ADDRESS"),
         "{reopened}"
     );
+}
+
+/// After a sticky fault every driver call of the process answers with it, on every device and
+/// whatever its arguments, as NVIDIA documents: the calls below each once returned another
+/// answer (or checked only the faulting device).
+#[test]
+fn after_a_fault_every_driver_call_answers_with_it() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    if standin.in_child(
+        "after_a_fault_every_driver_call_answers_with_it",
+        &[
+            ("HEADROOM_STANDIN_MEMORY", "16MiB"),
+            ("HEADROOM_STANDIN_DEVICES", "2"),
+            ("HEADROOM_STANDIN_FAIL_LAUNCH", "40"),
+        ],
+    ) {
+        return;
+    }
+    const ILLEGAL_ADDRESS: i32 = 700;
+    let job = Job::from_value(example("mnist-mlp-sgd")).unwrap();
+    let mut device = CudaDevice::open(0).unwrap();
+    let err = tune(&job, &mut device, &mut |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(
+        err.to_string().contains("CUDA_ERROR_ILLEGAL_ADDRESS"),
+        "{err}"
+    );
+    use std::ffi::c_void;
+    type Handle = *mut c_void;
+    let null: Handle = std::ptr::null_mut();
+    // SAFETY: the stand-in's libcuda.so.1, already loaded by the device above; each entry point
+    // is called with the C signature the driver API gives it (handles as pointers, CUdevice as
+    // i32), with valid pointers for what it may write.
+    unsafe {
+        let driver = libloading::Library::new("libcuda.so.1").unwrap();
+        let symbol = |name: &str| name.as_bytes().to_vec();
+        let mut pool = null;
+        let default_pool = driver
+            .get::<unsafe extern "C" fn(*mut Handle, i32) -> i32>(&symbol(
+                "cuDeviceGetDefaultMemPool",
+            ))
+            .unwrap();
+        // Device 1 never faulted itself: the process's error is its error too.
+        assert_eq!(default_pool(&mut pool, 1), 0);
+        let mut value = 0u64;
+        let value = (&mut value as *mut u64).cast::<c_void>();
+        let mut out = null;
+        let pool_attribute = |name: &str, attribute: i32| {
+            let call = driver
+                .get::<unsafe extern "C" fn(Handle, i32, Handle) -> i32>(&symbol(name))
+                .unwrap();
+            call(pool, attribute, value)
+        };
+        let answers = [
+            (
+                "cuMemPoolGetAttribute",
+                pool_attribute("cuMemPoolGetAttribute", 0x6),
+            ),
+            (
+                "cuMemPoolSetAttribute",
+                pool_attribute("cuMemPoolSetAttribute", 0x6),
+            ),
+            ("cuMemPoolTrimTo", {
+                let call = driver
+                    .get::<unsafe extern "C" fn(Handle, usize) -> i32>(&symbol("cuMemPoolTrimTo"))
+                    .unwrap();
+                call(pool, 0)
+            }),
+            ("cuModuleGetFunction", {
+                let call = driver
+                    .get::<unsafe extern "C" fn(*mut Handle, Handle, *const std::ffi::c_char) -> i32>(&symbol("cuModuleGetFunction"))
+                    .unwrap();
+                call(&mut out, null, c"linear_forward".as_ptr())
+            }),
+            ("cuModuleUnload", {
+                let call = driver
+                    .get::<unsafe extern "C" fn(Handle) -> i32>(&symbol("cuModuleUnload"))
+                    .unwrap();
+                call(null)
+            }),
+            ("cuEventDestroy_v2", {
+                let call = driver
+                    .get::<unsafe extern "C" fn(Handle) -> i32>(&symbol("cuEventDestroy_v2"))
+                    .unwrap();
+                call(null)
+            }),
+            ("cuDevicePrimaryCtxRelease_v2", {
+                let call = driver
+                    .get::<unsafe extern "C" fn(i32) -> i32>(&symbol(
+                        "cuDevicePrimaryCtxRelease_v2",
+                    ))
+                    .unwrap();
+                call(1)
+            }),
+            ("cuCtxGetCurrent", {
+                let call = driver
+                    .get::<unsafe extern "C" fn(*mut Handle) -> i32>(&symbol("cuCtxGetCurrent"))
+                    .unwrap();
+                call(&mut out)
+            }),
+        ];
+        for (name, answer) in answers {
+            assert_eq!(answer, ILLEGAL_ADDRESS, "{name}");
+        }
+    }
 }
 
 /// Widths and batch sizes whose byte counts pass 64 bits, or the device, are out of memory:
@@ -508,6 +639,47 @@ fn the_service_reports_gpu_telemetry_and_serves_each_gpu_once() {
     assert!(value("headroom_last_max_batch_size", &[]) > 1000.0);
 }
 
+/// The shared-GPU check of a new tune reads NVML off the async runtime: with one runtime
+/// thread and an NVML that takes seconds to answer, the service still answers `/livez` at once
+/// while the check waits.
+#[test]
+fn a_slow_nvml_reading_does_not_hold_up_other_requests() {
+    let Some(standin) = StandIn::get() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let delay = dir.path().join("nvml-delay");
+    let delay_path = delay.display().to_string();
+    let server = serve(
+        standin,
+        &[
+            ("TOKIO_WORKER_THREADS", "1"),
+            ("HEADROOM_STANDIN_NVML_DELAY_FILE", delay_path.as_str()),
+        ],
+        &["cuda:0"],
+    );
+    // From now on, every NVML initialisation takes 4 s.
+    std::fs::write(&delay, "4000").unwrap();
+    let slow = Duration::from_secs(4);
+    std::thread::scope(|scope| {
+        let tune = scope.spawn(|| {
+            server
+                .http
+                .tune(&mnist_on("cuda:0"), &[("Prefer", "respond-async")])
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let asked = Instant::now();
+        assert_eq!(server.http.get("/livez").0, 200);
+        let waited = asked.elapsed();
+        assert!(
+            waited < slow / 4,
+            "/livez waited {waited:?} behind an NVML reading"
+        );
+        let accepted = tune.join().unwrap();
+        assert_eq!(accepted.status, 202, "{}", accepted.body);
+    });
+}
+
 #[test]
 fn a_gpu_another_process_computes_on_is_refused_unless_allowed() {
     let Some(standin) = StandIn::get() else {
@@ -657,6 +829,15 @@ fn a_hung_probe_or_a_crashed_driver_ends_only_that_job() {
             "did not finish within",
             "was stopped",
         ],
+    );
+
+    // A line on the worker's standard output that is no event (a library printing), then a
+    // hang: the line goes to the log, and the watchdog still stops the probe.
+    faults.inject(&format!("{FAULT_AT}:print-hang"));
+    fails_and_recovers(
+        &server,
+        &control.body,
+        &["the probe at batch size", "did not finish within"],
     );
 
     faults.inject(&format!("{FAULT_AT}:crash"));

@@ -179,6 +179,91 @@ fn sqlite_keeps_the_store_contract_and_reopens() {
         .is_some());
 }
 
+/// `headroom serve --store URL` keeps jobs where the flag says, over the environment's store.
+#[test]
+fn the_store_flag_names_where_jobs_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flagged.db");
+    let url = format!("sqlite://{}", file.display());
+    let mut command = support::headroom();
+    command
+        .args([
+            "serve",
+            "--device",
+            "host",
+            "--host-memory",
+            "64MiB",
+            "--store",
+            &url,
+        ])
+        .env("HEADROOM_STORE", "sqlite::memory:")
+        .env("HEADROOM_NODE_NAME", "node-a");
+    let server = ServerProcess::start(command);
+    assert_eq!(readiness(&server)["store"]["location"], url.as_str());
+    let answer = server.http.tune(&quick_job(8), &[]);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    drop(server);
+    let kept = block_on(sql::open(&url)).unwrap();
+    assert_eq!(block_on(kept.recent_jobs("node-a", 10)).unwrap().len(), 1);
+}
+
+/// Retention removes old jobs a batch to a transaction: a prune interrupted part way (a kill,
+/// a timeout) keeps what it removed, where one statement for all of them removed nothing until
+/// it finished, and left a journal as large as everything it removed when it did not.
+#[test]
+fn an_interrupted_prune_keeps_what_it_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/headroom.db", dir.path().display());
+    let store = std::sync::Arc::new(block_on(sql::open(&url)).unwrap());
+    let jobs = 30_000;
+    let count = "SELECT COUNT(*) FROM jobs";
+    let observer = block_on(async {
+        let pool = sqlx_sqlite::SqlitePool::connect(&url).await.unwrap();
+        let mut transaction = pool.begin().await.unwrap();
+        for n in 0..jobs {
+            sqlx::query(
+                "INSERT INTO jobs (id, node, state, request, cache_key, document, created_at, updated_at) \
+                 VALUES ($1, 'node-a', 'succeeded', '{}', 'key', '{}', 0, 0)",
+            )
+            .bind(format!("job-{n}"))
+            .execute(&mut *transaction)
+            .await
+            .unwrap();
+        }
+        transaction.commit().await.unwrap();
+        pool
+    });
+    let retention = Retention {
+        max_age: Duration::from_secs(3600),
+        max_jobs: 100_000,
+        result_ttl: Duration::from_secs(3600),
+    };
+    let left = block_on(async {
+        let pruning = {
+            let store = std::sync::Arc::clone(&store);
+            tokio::spawn(async move { store.prune(&retention).await })
+        };
+        // Interrupted as soon as another connection sees a job gone.
+        loop {
+            let left: i64 = sqlx::query_scalar(count)
+                .fetch_one(&observer)
+                .await
+                .unwrap();
+            if left < jobs || pruning.is_finished() {
+                pruning.abort();
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let _ = pruning.await;
+        sqlx::query_scalar::<_, i64>(count)
+            .fetch_one(&observer)
+            .await
+            .unwrap()
+    });
+    assert!(0 < left && left < jobs, "{left} of {jobs} jobs left");
+}
+
 #[test]
 fn postgres_keeps_the_store_contract_and_reopens() {
     let Some(postgres) = Postgres::start() else {
@@ -253,6 +338,71 @@ fn a_kill_during_a_tune_leaves_it_interrupted_and_the_restart_runs_the_queue() {
         .map(|j| j["id"].as_str().unwrap())
         .collect();
     assert!(listed.contains(running_id.as_str()) && listed.contains(queued_id.as_str()));
+}
+
+/// The last answer's gauges of a device, by model.
+fn last_answers(server: &ServerProcess) -> BTreeMap<String, (f64, f64)> {
+    let exposition = server.http.get_text("/metrics");
+    let gauge = |name: &str, line: &str| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let model = rest.split(",model=\"").nth(1)?.split('"').next()?;
+        let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        Some((model.to_string(), value))
+    };
+    let mut answers = BTreeMap::new();
+    for line in exposition.lines() {
+        if let Some((model, max)) = gauge("headroom_last_max_batch_size", line) {
+            answers.entry(model).or_insert((0.0, 0.0)).0 = max;
+        }
+        if let Some((model, recommended)) = gauge("headroom_last_recommended_batch_size", line) {
+            answers.entry(model).or_insert((0.0, 0.0)).1 = recommended;
+        }
+    }
+    answers
+}
+
+/// A node restarted over a store that holds its answers shows them on the dashboard at once,
+/// and a node answering from the results another node measured shows those it serves.
+#[test]
+fn the_last_answers_survive_a_restart_and_are_set_by_cached_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/headroom.db", dir.path().display());
+    let mut first = serve(&store, "node-a", &[]);
+    for width in [8, 16] {
+        let answer = first.http.tune(&quick_job(width), &[]);
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let before = last_answers(&first);
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before
+        .values()
+        .all(|&(max, recommended)| max >= recommended && recommended > 0.0));
+    first.terminate();
+
+    let restarted = serve(&store, "node-a", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while last_answers(&restarted) != before {
+        assert!(
+            Instant::now() < deadline,
+            "{:?} against {before:?}",
+            last_answers(&restarted)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop(restarted);
+
+    // Another node over the same store has no answers of its own until it serves one from the
+    // results: then it shows that one.
+    let other = serve(&store, "node-b", &[]);
+    assert!(last_answers(&other).is_empty());
+    let cached = other.http.tune(&quick_job(16), &[]);
+    assert_eq!(cached.body["cached"], true, "{}", cached.body);
+    let shown = last_answers(&other);
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(
+        shown.values().next().unwrap().0,
+        cached.body["max_batch_size"].as_f64().unwrap()
+    );
 }
 
 #[test]

@@ -130,26 +130,27 @@ fn another_applications_postgres_schema_is_refused() {
     assert_eq!(tables, ["invoices"], "headroom created tables in it");
 }
 
-#[test]
-fn a_damaged_database_is_found_at_start_and_left_untouched() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("headroom.db");
+/// A headroom store at `file` holding `jobs` finished jobs of `bytes` bytes each, with the
+/// first page of its jobs table zeroed when `damaged`.
+fn store_of_jobs(file: &Path, jobs: usize, bytes: usize, damaged: bool) {
     let url = format!("sqlite://{}", file.display());
-    let padding = "x".repeat(2000);
+    let padding = "x".repeat(bytes);
     let root_page: i64 = block_on(async {
         drop(sql::open(&url).await.unwrap());
         let pool = sqlx_sqlite::SqlitePool::connect(&url).await.unwrap();
-        for n in 0..200 {
+        let mut transaction = pool.begin().await.unwrap();
+        for n in 0..jobs {
             sqlx::query(
                 "INSERT INTO jobs (id, node, state, request, cache_key, document, created_at, updated_at) \
                  VALUES ($1, 'node-a', 'succeeded', '{}', 'key', $2, 0, 0)",
             )
             .bind(format!("job-{n}"))
             .bind(&padding)
-            .execute(&pool)
+            .execute(&mut *transaction)
             .await
             .unwrap();
         }
+        transaction.commit().await.unwrap();
         let root = sqlx::query_scalar("SELECT rootpage FROM sqlite_master WHERE name = 'jobs'")
             .fetch_one(&pool)
             .await
@@ -161,12 +162,64 @@ fn a_damaged_database_is_found_at_start_and_left_untouched() {
         root_page > 1,
         "the jobs table's root is past the header page"
     );
-    let mut bytes = std::fs::read(&file).unwrap();
-    let page_size = usize::from(u16::from_be_bytes([bytes[16], bytes[17]]));
-    let start = (root_page as usize - 1) * page_size;
-    bytes[start..start + page_size].fill(0);
-    std::fs::write(&file, &bytes).unwrap();
+    if damaged {
+        let mut bytes = std::fs::read(file).unwrap();
+        let page_size = usize::from(u16::from_be_bytes([bytes[16], bytes[17]]));
+        let start = (root_page as usize - 1) * page_size;
+        bytes[start..start + page_size].fill(0);
+        std::fs::write(file, &bytes).unwrap();
+    }
+}
+
+#[test]
+fn a_damaged_database_is_found_at_start_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("headroom.db");
+    store_of_jobs(&file, 200, 2000, true);
     refused_untouched(&file, "the integrity check found damage");
+}
+
+/// A store too large to check before serving (past `sql::INLINE_CHECK_BYTES`) is checked while
+/// the service serves, degraded, and nothing is written to it meanwhile: found damaged, it is
+/// left byte for byte as it was and the service goes on without it; found whole, it is taken
+/// over.
+#[test]
+fn a_large_store_is_checked_while_the_service_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = (sql::INLINE_CHECK_BYTES / 4000 + 2000) as usize;
+    for damaged in [true, false] {
+        let file = dir.path().join(format!("damaged-{damaged}.db"));
+        store_of_jobs(&file, jobs, 4000, damaged);
+        let before = std::fs::read(&file).unwrap();
+        let mut server = serve(&format!("sqlite://{}", file.display()), "node-a", &[]);
+        let log = server.log();
+        let listening = log.find("listening").expect("listening");
+        assert!(
+            log.find("schema: integrity check")
+                .is_none_or(|checked| checked > listening),
+            "the start waited for the check: {log}"
+        );
+        let answer = server.http.tune(&quick_job(8), &[]);
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        if damaged {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !server.log().contains("the integrity check found damage") {
+                assert!(Instant::now() < deadline, "{}", server.log());
+                thread::sleep(Duration::from_millis(100));
+            }
+            let ready = readiness(&server);
+            assert_eq!(ready["status"], "degraded", "{ready}");
+            assert!(ready.to_string().contains("found damage"), "{ready}");
+            drop(server);
+            assert!(
+                std::fs::read(&file).unwrap() == before,
+                "the damaged store was written"
+            );
+        } else {
+            let ready = wait_for_store(&server, true);
+            assert_eq!(ready["status"], "ready", "{ready}");
+        }
+    }
 }
 
 #[test]

@@ -93,12 +93,14 @@ pub fn run(args: ProbeArgs) -> Result<(), CliError> {
         };
         let measurement = match opened.device.run_steps(plan, batch_size, steps, PROBE_SEED) {
             Ok(report) => {
-                let tflops = plan.step_flops(batch_size) / report.step_seconds / 1e12;
+                let speed = report.speed();
+                let tflops =
+                    speed.map_or(0.0, |s| plan.step_flops(batch_size) / s.step_seconds / 1e12);
                 Measurement {
                     batch_size,
                     outcome: Outcome::Fit,
-                    step_seconds: report.step_seconds,
-                    samples_per_second: batch_size as f64 / report.step_seconds,
+                    step_seconds: speed.map_or(0.0, |s| s.step_seconds),
+                    samples_per_second: speed.map_or(0.0, |s| s.samples_per_second(batch_size)),
                     tflops,
                     peak_share: args.peak_tflops.map(|peak| tflops / peak),
                     device_bytes: report.device_bytes,

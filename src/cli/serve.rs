@@ -27,6 +27,11 @@ pub struct ServeArgs {
     /// Bearer token required for /tune and /jobs.
     #[arg(long)]
     token: Option<String>,
+    /// Where jobs and results are kept: sqlite:///path/headroom.db, sqlite::memory: (nothing
+    /// kept past the process) or postgres://user:password@host/db (shared by a cluster's
+    /// nodes); by default a SQLite file under the user's state directory.
+    #[arg(long)]
+    store: Option<String>,
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
@@ -52,6 +57,9 @@ impl ServeArgs {
         }
         if let Some(token) = self.token {
             config.token = token;
+        }
+        if let Some(store) = self.store {
+            config.store = store;
         }
         if let Some(format) = self.log_format {
             config.log_format = match format {

@@ -11,9 +11,11 @@
 // Environment (read once):
 //   HEADROOM_STANDIN_MEMORY        device memory, e.g. 64MiB (default 256MiB)
 //   HEADROOM_STANDIN_DEVICES       number of devices (default 1)
-//   HEADROOM_STANDIN_FAIL_LAUNCH   N, N:ecc, N:hang or N:crash: the Nth kernel launch of the
-//                                  process faults with CUDA_ERROR_ILLEGAL_ADDRESS (or
-//                                  _ECC_UNCORRECTABLE), never returns, or aborts the process.
+//   HEADROOM_STANDIN_FAIL_LAUNCH   N, N:ecc, N:hang, N:print-hang or N:crash: the Nth kernel
+//                                  launch of the process faults with CUDA_ERROR_ILLEGAL_ADDRESS
+//                                  (or _ECC_UNCORRECTABLE), never returns (print-hang: after
+//                                  printing a line to standard output, as a library might), or
+//                                  aborts the process.
 //                                  A fault is sticky for the whole process, as NVIDIA documents:
 //                                  every later call fails with it, resets and new contexts too
 //   HEADROOM_STANDIN_FAIL_LAUNCH_FILE a file holding the same, read at every launch while it
@@ -34,6 +36,10 @@
 //                                  synchronously)
 //   HEADROOM_STANDIN_REPORT        a file: at exit, what was still held, as JSON (and how many
 //                                  step intervals were read from event pairs)
+//   HEADROOM_STANDIN_ELAPSED       nan, inf or a number: what every cuEventElapsedTime reports,
+//                                  in milliseconds (a timer that cannot be trusted)
+//   HEADROOM_STANDIN_NVML_DELAY_FILE a file holding milliseconds: while it exists, every NVML
+//                                  initialisation takes that long (a slow NVML, as on a busy node)
 //   HEADROOM_STANDIN_REFUSE_CUBIN  1: refuse CUBIN images (CUDA_ERROR_NO_BINARY_FOR_GPU), as a
 //                                  driver does for another architecture; PTX still loads
 //   CUDA_VISIBLE_DEVICES           as the driver reads it: the GPUs this process sees, numbered
@@ -199,7 +205,7 @@ struct Config {
     int devices = 1;
     std::uint64_t fail_launch = 0;
     CUresult fail_with = CUDA_ERROR_ILLEGAL_ADDRESS;
-    enum class Failure { Fault, Hang, Crash } failure = Failure::Fault;
+    enum class Failure { Fault, Hang, PrintHang, Crash } failure = Failure::Fault;
     std::string fail_file;
     std::string state_dir;
     bool oom_at_sync = false;
@@ -213,14 +219,18 @@ struct Config {
     std::string report;
     unsigned utilization = 0;
     unsigned temperature = 35;
+    bool elapsed_set = false;
+    float elapsed = 0;
+    std::string nvml_delay_file;
 };
 
-// `N`, `N:ecc`, `N:hang` or `N:crash` into the launch and failure of `c`.
+// `N`, `N:ecc`, `N:hang`, `N:print-hang` or `N:crash` into the launch and failure of `c`.
 void parse_failure(const std::string& text, Config& c) {
     if (text.empty()) return;
     c.fail_launch = std::strtoull(text.c_str(), nullptr, 10);
     if (text.find(":ecc") != std::string::npos) c.fail_with = CUDA_ERROR_ECC_UNCORRECTABLE;
     if (text.find(":hang") != std::string::npos) c.failure = Config::Failure::Hang;
+    if (text.find(":print-hang") != std::string::npos) c.failure = Config::Failure::PrintHang;
     if (text.find(":crash") != std::string::npos) c.failure = Config::Failure::Crash;
 }
 
@@ -262,6 +272,11 @@ const Config& config() {
         if (const char* refuse = std::getenv("HEADROOM_STANDIN_REFUSE_CUBIN")) c.refuse_cubin = std::strcmp(refuse, "1") == 0;
         if (const char* u = std::getenv("HEADROOM_STANDIN_UTILIZATION")) c.utilization = std::atoi(u);
         if (const char* t = std::getenv("HEADROOM_STANDIN_TEMPERATURE")) c.temperature = std::atoi(t);
+        if (const char* e = std::getenv("HEADROOM_STANDIN_ELAPSED")) {
+            c.elapsed_set = true;
+            c.elapsed = std::strtof(e, nullptr);
+        }
+        if (const char* f = std::getenv("HEADROOM_STANDIN_NVML_DELAY_FILE")) c.nvml_delay_file = f;
         return c;
     }());
     return *loaded;
@@ -772,6 +787,7 @@ EXPORT CUresult cuDevicePrimaryCtxRetain(Context** context, CUdevice ordinal) {
 
 EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice ordinal) {
     std::lock_guard<std::mutex> lock(driver_mutex);
+    if (CUresult sticky = process_sticky.load()) return sticky;
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
     Device* device = device_of(ordinal);
     if (device == nullptr) return CUDA_ERROR_INVALID_DEVICE;
@@ -794,6 +810,7 @@ EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice ordinal) {
 }
 
 EXPORT CUresult cuCtxGetCurrent(Context** context) {
+    if (CUresult sticky = process_sticky.load()) return sticky;
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
     if (context == nullptr) return CUDA_ERROR_INVALID_VALUE;
     *context = current;
@@ -868,12 +885,14 @@ EXPORT CUresult cuEventElapsedTime_v2(float* milliseconds, void* start, void* en
     if (milliseconds == nullptr) return CUDA_ERROR_INVALID_VALUE;
     if (from == nullptr || to == nullptr || !from->timing || !to->timing || !from->recorded || !to->recorded)
         return CUDA_ERROR_INVALID_HANDLE;
-    *milliseconds = std::chrono::duration<float, std::milli>(to->at - from->at).count();
+    *milliseconds = config().elapsed_set ? config().elapsed
+                                         : std::chrono::duration<float, std::milli>(to->at - from->at).count();
     ++timed_intervals;
     return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuEventDestroy_v2(void* event) {
+    if (CUresult sticky = process_sticky.load()) return sticky;
     if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
     delete static_cast<Event*>(event);
     --live_events;
@@ -958,9 +977,9 @@ EXPORT CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice ordinal) 
 
 EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, std::size_t keep) {
     std::lock_guard<std::mutex> lock(driver_mutex);
+    if (CUresult sticky = process_sticky.load()) return sticky;
     Device* device = static_cast<Device*>(pool);
     if (device == nullptr || device_of(device->ordinal) != device) return CUDA_ERROR_INVALID_VALUE;
-    if (device->sticky != CUDA_SUCCESS) return device->sticky;
     const std::uint64_t kept = std::min<std::uint64_t>(config().trim_keeps, device->pool_reserved);
     const std::uint64_t floor = std::max<std::uint64_t>({device->pool_used.load(), std::uint64_t{keep}, kept});
     if (device->pool_reserved > floor) device->pool_reserved = floor;
@@ -969,6 +988,7 @@ EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, std::size_t keep) {
 
 EXPORT CUresult cuMemPoolGetAttribute(CUmemoryPool pool, int attribute, void* value) {
     std::lock_guard<std::mutex> lock(driver_mutex);
+    if (CUresult sticky = process_sticky.load()) return sticky;
     Device* device = static_cast<Device*>(pool);
     if (device == nullptr || device_of(device->ordinal) != device || value == nullptr) return CUDA_ERROR_INVALID_VALUE;
     std::uint64_t result;
@@ -987,9 +1007,9 @@ EXPORT CUresult cuMemPoolGetAttribute(CUmemoryPool pool, int attribute, void* va
 // Only the high watermarks can be set, and only to zero, which resets them to the current value.
 EXPORT CUresult cuMemPoolSetAttribute(CUmemoryPool pool, int attribute, void* value) {
     std::lock_guard<std::mutex> lock(driver_mutex);
+    if (CUresult sticky = process_sticky.load()) return sticky;
     Device* device = static_cast<Device*>(pool);
     if (device == nullptr || device_of(device->ordinal) != device || value == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    if (device->sticky != CUDA_SUCCESS) return device->sticky;
     std::uint64_t requested;
     std::memcpy(&requested, value, sizeof requested);
     if (requested != 0) return CUDA_ERROR_INVALID_VALUE;
@@ -1028,6 +1048,7 @@ EXPORT CUresult cuModuleLoadData(Module** module, const void* image) {
 
 EXPORT CUresult cuModuleUnload(Module* module) {
     std::lock_guard<std::mutex> lock(driver_mutex);
+    if (CUresult sticky = process_sticky.load()) return sticky;
     if (modules().erase(module) == 0) return CUDA_ERROR_INVALID_HANDLE;
     for (auto it = functions().begin(); it != functions().end();) {
         if ((*it)->module == module) {
@@ -1043,6 +1064,7 @@ EXPORT CUresult cuModuleUnload(Module* module) {
 
 EXPORT CUresult cuModuleGetFunction(Function** function, Module* module, const char* name) {
     std::lock_guard<std::mutex> lock(driver_mutex);
+    if (CUresult sticky = process_sticky.load()) return sticky;
     if (function == nullptr || name == nullptr) return CUDA_ERROR_INVALID_VALUE;
     if (modules().count(module) == 0) return CUDA_ERROR_INVALID_HANDLE;
     if (module->entries.count(name) == 0) return CUDA_ERROR_NOT_FOUND;
@@ -1093,6 +1115,10 @@ EXPORT CUresult cuLaunchKernel(Function* function, unsigned grid_x, unsigned gri
     }
     if (number == injected.fail_launch) {
         switch (injected.failure) {
+            case Config::Failure::PrintHang:
+                std::printf("CUDA stand-in: a line on standard output that is no event\n");
+                std::fflush(stdout);
+                for (;;) pause();
             case Config::Failure::Hang:
                 for (;;) pause();  // a kernel that never ends: only killing the process ends it
             case Config::Failure::Crash:
@@ -1123,6 +1149,16 @@ EXPORT CUresult cuLaunchKernel(Function* function, unsigned grid_x, unsigned gri
 // ---- what the NVML stand-in reads ----------------------------------------------------------
 
 EXPORT int headroom_standin_device_count() { return config().devices; }
+
+EXPORT void headroom_standin_nvml_delay() {
+    if (config().nvml_delay_file.empty()) return;
+    if (FILE* file = std::fopen(config().nvml_delay_file.c_str(), "r")) {
+        unsigned long milliseconds = 0;
+        const bool read = std::fscanf(file, "%lu", &milliseconds) == 1;
+        std::fclose(file);
+        if (read) usleep(static_cast<useconds_t>(milliseconds) * 1000);
+    }
+}
 
 EXPORT void headroom_standin_memory(int ordinal, std::uint64_t* total, std::uint64_t* used) {
     Device* device = device_of(ordinal);

@@ -19,4 +19,6 @@ void headroom_standin_uuid(int device, char* out, unsigned length);
 // Utilisation percent and temperature, from HEADROOM_STANDIN_UTILIZATION / _TEMPERATURE.
 unsigned headroom_standin_utilization();
 unsigned headroom_standin_temperature();
+// Sleeps as long as HEADROOM_STANDIN_NVML_DELAY_FILE says, while that file exists.
+void headroom_standin_nvml_delay();
 }

@@ -70,6 +70,37 @@ pub struct StepReport {
     pub final_loss: f32,
 }
 
+/// How fast a probe that fitted trained, when its timer gave a usable time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Speed {
+    /// Median seconds per step.
+    pub step_seconds: f64,
+    /// The timed steps' interquartile range relative to their median.
+    pub spread: f64,
+}
+
+impl Speed {
+    /// Samples a second at `batch_size`.
+    pub fn samples_per_second(&self, batch_size: u64) -> f64 {
+        batch_size as f64 / self.step_seconds
+    }
+}
+
+impl StepReport {
+    /// The probe's speed, or `None` when its timer gave no usable time (a GPU's event pair read
+    /// as NaN, infinity or nothing): such a probe fitted, but has no say in the knee, and no
+    /// number JSON cannot carry reaches an answer.
+    pub fn speed(&self) -> Option<Speed> {
+        let usable = self.step_seconds.is_finite()
+            && self.step_seconds > 0.0
+            && self.step_seconds_spread.is_finite();
+        usable.then_some(Speed {
+            step_seconds: self.step_seconds,
+            spread: self.step_seconds_spread,
+        })
+    }
+}
+
 /// Why a probe did not run. Out-of-memory is a type of its own, never inferred from a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {

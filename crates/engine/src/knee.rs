@@ -244,7 +244,6 @@ mod tests {
         );
         let knee = knee(&noisy, 0.1).unwrap();
         assert!((512..=1536).contains(&knee.batch_size), "{knee:?}");
-        assert!(knee.low <= knee.batch_size && knee.batch_size <= knee.high);
         assert!(knee.decided(), "{knee:?}");
     }
 
@@ -384,8 +383,13 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever was measured, the knee is where doubling stops paying on the fitted curve:
+        /// doubling from the batch below it gains at least the tolerance, from the batch above
+        /// it at most (the knee is rounded to a whole batch), unless the measured range ends
+        /// first, where the curve is already flat (the smallest size) or still climbing (the
+        /// largest).
         #[test]
-        fn the_knee_lies_in_its_interval_among_the_sizes_measured(
+        fn the_knee_is_where_doubling_stops_paying_on_the_fitted_curve(
             speeds in prop::collection::vec((1.0f64..1e5, 1u32..4), 1..20),
         ) {
             let points: Vec<Measured> = speeds
@@ -393,9 +397,21 @@ mod tests {
                 .enumerate()
                 .map(|(i, &(s, probes))| Measured { probes, ..point(16 << i, s) })
                 .collect();
-            let knee = knee(&points, 0.1).unwrap();
-            prop_assert!(knee.low <= knee.batch_size && knee.batch_size <= knee.high);
-            prop_assert!(16 <= knee.low && knee.high <= 16 << (points.len() - 1));
+            let reading = read(&points);
+            let knee = reading.knee(0.1).unwrap();
+            let (smallest, largest) = (16u64, 16u64 << (points.len() - 1));
+            let Some(fit) = reading.step_time() else {
+                prop_assert_eq!(knee.batch_size, smallest);
+                return Ok(());
+            };
+            let gain = |b: u64| fit.samples_per_second(2.0 * b as f64) / fit.samples_per_second(b as f64);
+            let slack = 1e-9;
+            if knee.batch_size > smallest {
+                prop_assert!(gain(knee.batch_size - 1) >= 1.1 - slack, "{:?} {:?}", knee, fit);
+            }
+            if knee.batch_size < largest {
+                prop_assert!(gain(knee.batch_size + 1) <= 1.1 + slack, "{:?} {:?}", knee, fit);
+            }
             let drawn = curve(&points);
             prop_assert!(drawn.iter().filter(|p| !p.set_aside).count() >= points.len().min(2));
         }

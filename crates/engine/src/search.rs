@@ -148,22 +148,21 @@ impl Search<'_> {
             .device
             .run_steps(self.plan, batch_size, steps, PROBE_SEED);
         let (probe, result) = match outcome {
-            Ok(report) => (
-                Probe {
-                    batch_size,
-                    outcome: Outcome::Fit,
-                    step_seconds: report.step_seconds,
-                    step_seconds_spread: report.step_seconds_spread,
-                    timed_steps: report.timed_steps,
-                    samples_per_second: if report.step_seconds > 0.0 {
-                        batch_size as f64 / report.step_seconds
-                    } else {
-                        0.0
+            Ok(report) => {
+                let speed = report.speed();
+                (
+                    Probe {
+                        batch_size,
+                        outcome: Outcome::Fit,
+                        step_seconds: speed.map_or(0.0, |s| s.step_seconds),
+                        step_seconds_spread: speed.map_or(0.0, |s| s.spread),
+                        timed_steps: report.timed_steps,
+                        samples_per_second: speed.map_or(0.0, |s| s.samples_per_second(batch_size)),
+                        device_bytes: report.device_bytes,
                     },
-                    device_bytes: report.device_bytes,
-                },
-                Ok(true),
-            ),
+                    Ok(true),
+                )
+            }
             Err(DeviceError::OutOfMemory { .. }) => (failed(batch_size, Outcome::Oom), Ok(false)),
             Err(DeviceError::Fault(message)) => (
                 failed(batch_size, Outcome::Error),

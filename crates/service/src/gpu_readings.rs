@@ -30,9 +30,28 @@ impl GpuReadings {
         if let Some(gpus) = Self::fresh(&last) {
             return gpus;
         }
+        Self::read_into(&mut last)
+    }
+
+    /// A new reading, kept as the last: for a decision that a second-old reading could get
+    /// wrong (a probe worker that has just been replaced would read as another process).
+    /// Blocks while NVML is read; call it off the async threads.
+    pub fn read_now(&self) -> Arc<Vec<GpuTelemetry>> {
+        Self::read_into(&mut crate::lock(&self.last))
+    }
+
+    fn read_into(last: &mut Option<(Instant, Arc<Vec<GpuTelemetry>>)>) -> Arc<Vec<GpuTelemetry>> {
         let gpus = Arc::new(nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default());
         *last = Some((Instant::now(), Arc::clone(&gpus)));
         gpus
+    }
+
+    /// [`GpuReadings::read_now`] on tokio's blocking threads.
+    pub async fn read_now_async(self: &Arc<Self>) -> Arc<Vec<GpuTelemetry>> {
+        let readings = Arc::clone(self);
+        tokio::task::spawn_blocking(move || readings.read_now())
+            .await
+            .unwrap_or_default()
     }
 
     /// [`GpuReadings::read`] for async code: a fresh reading at once, a new one read on

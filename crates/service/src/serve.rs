@@ -39,8 +39,22 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     let store = Arc::new(store::sql::connect(&config.store)?);
-    let taken_over =
-        recovery::take_over(&store, &config.node(), config.store_integrity_check).await;
+    // A large SQLite file's integrity check would hold the start for many seconds: it runs
+    // while the service serves instead, the store unused until it passes.
+    let large = store.large_file().filter(|_| config.store_integrity_check);
+    let check_later = large.is_some();
+    let taken_over = match large {
+        Some(bytes) => {
+            let reason = format!(
+                "its integrity check is running ({} MB of SQLite file, about 16 s a GB); \
+                 nothing is written to it until it passes",
+                bytes >> 20
+            );
+            store.closed_because(reason.clone());
+            Err(StoreError::Unavailable(reason))
+        }
+        None => recovery::take_over(&store, &config.node(), config.store_integrity_check).await,
+    };
     let mut unavailable = None;
     let recovered = match taken_over {
         Ok(recovered) => {
@@ -56,6 +70,9 @@ pub async fn serve(
         Err(refused) => return Err(refused.into()),
     };
     let state = AppState::new(config, Arc::clone(&store) as Arc<dyn Store>);
+    if recovered.is_some() {
+        tokio::spawn(recovery::restore_last_answers_once_open(Arc::clone(&state)));
+    }
     let opening = Arc::clone(&state);
     let opened = tokio::task::spawn_blocking(move || {
         opening.open_devices()?;
@@ -71,10 +88,14 @@ pub async fn serve(
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             // Queued jobs wait for their devices.
-            while state.workers().is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            recovery::devices_open(&state).await;
+            match check_later {
+                true => recovery::check_then_take_over(state, store).await,
+                false => {
+                    let integrity_check = state.config.store_integrity_check;
+                    recovery::take_over_when_back(state, store, integrity_check).await
+                }
             }
-            recovery::take_over_when_back(state, store).await
         })
     });
     let stopping = Arc::clone(&state);

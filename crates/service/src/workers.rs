@@ -334,6 +334,12 @@ impl DeviceWorker {
             Turn::Tune(claim) => claim,
             Turn::Answered(answer) => {
                 metrics.single_flight_join();
+                metrics.last_batch_sizes(
+                    &self.labels,
+                    &job.spec.summary(),
+                    answer.max_batch_size,
+                    answer.recommended_batch_size,
+                );
                 job.finish(JobEnd::Succeeded(answer));
                 return false;
             }

@@ -1,9 +1,9 @@
 //! One check per kernel family, in every storage combination a precision uses.
 
+use super::reference;
 use super::{
     compare, compare_bits, poison, random, round, rounded, tolerance, Check, PRODUCTS, STORAGES,
 };
-use crate::host::ops;
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
 use headroom_engine::plan::program::OptimizerState;
@@ -234,7 +234,12 @@ fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
                 .collect();
             let want_post: Vec<f32> = want_pre
                 .iter()
-                .map(|&z| round(ops::activate(activation, z), storage))
+                .map(|&z| {
+                    round(
+                        reference::activate(activation, f64::from(z)) as f32,
+                        storage,
+                    )
+                })
                 .collect();
             let name = format!("{activation:?} {rows}x{cols} {storage:?}");
             let got = device.read_values(&pre, len)?;
@@ -273,7 +278,10 @@ fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
             let want: Vec<f32> = grad
                 .iter()
                 .zip(&saved_values)
-                .map(|(&g, &s)| round(g * ops::derivative_from_saved(activation, s), storage))
+                .map(|(&g, &s)| {
+                    let slope = reference::derivative_from_saved(activation, f64::from(s));
+                    round((f64::from(g) * slope) as f32, storage)
+                })
                 .collect();
             let got = device.read_values(&out, len)?;
             checks.push(compare(
@@ -287,7 +295,10 @@ fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
             let want: Vec<f32> = grad
                 .iter()
                 .zip(&got_pre)
-                .map(|(&g, &z)| round(g * ops::activation_derivative(activation, z), storage))
+                .map(|(&g, &z)| {
+                    let slope = reference::derivative(activation, f64::from(z));
+                    round((f64::from(g) * slope) as f32, storage)
+                })
                 .collect();
             let got = device.read_values(&pre, len)?;
             checks.push(compare(format!("{name} backward"), &got, &want, tolerance));
@@ -382,8 +393,7 @@ fn check_reduce<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> 
             let dyd = device.write_values(&dy, from)?;
             let mut db = device.write_values(&poison(outputs), to)?;
             device.bias_gradient(&dyd, &mut db, rows as u64, outputs as u64, 1)?;
-            let mut want = vec![0.0; outputs];
-            ops::bias_gradient(&dy, &mut want, outputs);
+            let want = reference::column_sums(&dy, outputs);
             checks.push(compare(
                 format!("bias gradient {rows}x{outputs} {from:?}->{to:?}"),
                 &device.read_values(&db, outputs as u64)?,
@@ -397,7 +407,7 @@ fn check_reduce<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> 
         let buffer = device.write_values(&values, Storage::F32)?;
         let mut accumulator = device.write_values(&[f32::NAN], Storage::F32)?;
         let got = device.mean(&buffer, len as u64, &mut accumulator)?;
-        let want = [ops::mean(&values)];
+        let want = [reference::mean(&values)];
         checks.push(compare(
             format!("mean n={len}"),
             &[got],
@@ -443,16 +453,8 @@ fn check_loss<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
             let mut loss = device.write_values(&poison(rows), Storage::F32)?;
             let (r, c) = (rows as u64, classes as u64);
             device.softmax_cross_entropy(&mut logits, &labels, &mut loss, r, c)?;
-            let mut want_grad = logit_values;
-            let mut want_loss = vec![0.0; rows];
-            let inv_rows = 1.0 / rows as f32;
-            ops::softmax_cross_entropy(
-                &mut want_grad,
-                &label_values,
-                &mut want_loss,
-                classes,
-                inv_rows,
-            );
+            let (want_loss, want_grad) =
+                reference::softmax_cross_entropy(&logit_values, &label_values, classes);
             let name = format!("{rows}x{classes} {storage:?}");
             checks.push(compare(
                 format!("softmax cross-entropy loss {name}"),
@@ -530,7 +532,7 @@ fn check_update<K: Transfer>(
     device.optimizer_step(&mut param, &grad, &mut state, len as u64, rule)?;
     let mut want_param = param_values;
     let mut want_state = state_values;
-    let reference = match &mut want_state[..] {
+    let state_of_reference = match &mut want_state[..] {
         [] => OptimizerState::Sgd,
         [velocity] => OptimizerState::Momentum {
             velocity: velocity.as_mut_slice(),
@@ -541,7 +543,7 @@ fn check_update<K: Transfer>(
         },
         _ => unreachable!("optimizers keep at most two state values per parameter"),
     };
-    ops::optimizer_step(&mut want_param, &grad_values, reference, rule);
+    reference::optimizer_step(&mut want_param, &grad_values, state_of_reference, rule);
     let name = format!("{kind:?} n={len} {storage:?} grads x{grad_scale}");
     let mut checks = vec![compare(
         format!("{name} update"),

@@ -6,13 +6,16 @@
 //! [`image`]; batch norm: [`norm`]), then a few training steps in every
 //! precision and the loss scaler's skipped steps ([`training`]).
 //!
-//! The references restate each operation's semantics on plain f32 (the matrix products with a
-//! naive f64 product), rounding where the storage rounds, so the checks mean something even when
-//! the device under test is the host itself.
+//! The references restate each operation's semantics from its definition, in f64 where it
+//! sums or uses a transcendental function ([`reference`]; the matrix products a naive f64
+//! product), rounding where the storage rounds, and never call the host's own arithmetic: the
+//! checks mean something even when the device under test is the host itself. The training check
+//! compares a device's whole steps with the host's, and so says nothing of the host itself.
 
 mod image;
 mod kernels;
 mod norm;
+mod reference;
 mod training;
 
 pub use kernels::check_kernels;

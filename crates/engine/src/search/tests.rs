@@ -9,6 +9,9 @@ use proptest::prelude::*;
 struct FakeDevice {
     limit: u64,
     plateau: u64,
+    /// What its timer reports instead of the step's time, if anything (a GPU's event pair read
+    /// as NaN).
+    timer: Option<f64>,
     fault_at: Option<u64>,
     /// After this many probes the limit drops to `limit / 2` (a neighbour took memory).
     shrink_after: Option<usize>,
@@ -20,6 +23,7 @@ impl FakeDevice {
         FakeDevice {
             limit,
             plateau: u64::MAX,
+            timer: None,
             fault_at: None,
             shrink_after: None,
             probed: Vec::new(),
@@ -60,9 +64,10 @@ impl Device for FakeDevice {
                 free_bytes: self.limit,
             });
         }
+        let seconds = batch_size as f64 / (batch_size.min(self.plateau) as f64 * 1000.0);
         Ok(StepReport {
-            step_seconds: batch_size as f64 / (batch_size.min(self.plateau) as f64 * 1000.0),
-            step_seconds_spread: 0.0,
+            step_seconds: self.timer.unwrap_or(seconds),
+            step_seconds_spread: self.timer.map_or(0.0, |_| f64::NAN),
             timed_steps: steps.at_least.saturating_sub(1).max(1),
             device_bytes: batch_size,
             final_loss: 1.0,
@@ -106,10 +111,12 @@ fn the_throughput_knee_is_found_and_sharpened_below_the_maximum() {
     device.plateau = 3000;
     let result = run(&job("", ""), &mut device).unwrap();
     // Doubling measured 2048 (slower) and 4096 (as fast as any); the fitted curve turns
-    // between them, where a step of 1 ms becomes 3000 samples' work: doubling gains under 10%
-    // from 2728 (the knee of `max(fixed, per_sample * b)`) to 3000.
+    // between them, where a step of 1 ms becomes 3000 samples' work. Doubling stops gaining 10%
+    // at 2728 on this sharp curve, `max(fixed, per_sample * b)`; the fitted curve, whose sharpest
+    // shape (`p` 8) turns more gently, puts the knee 11% above (3032 measured; held within 12%), as
+    // docs/gpu-runs.md says.
     assert!(
-        (2728..=3040).contains(&result.throughput_batch_size),
+        (2728..=3055).contains(&result.throughput_batch_size),
         "knee {:?}",
         result.throughput_knee
     );
@@ -137,6 +144,26 @@ fn the_throughput_knee_is_found_and_sharpened_below_the_maximum() {
         .filter(|p| p.batch_size < 50_000)
         .count();
     assert!(extra <= 4, "{:?}", result.probes);
+}
+
+/// A timer that reports NaN or infinity leaves probes without a speed, never a number JSON
+/// cannot carry: the answer crosses a worker's pipe and the API as it was made.
+#[test]
+fn a_timer_that_gives_no_number_leaves_probes_without_a_speed() {
+    for bad in [f64::NAN, f64::INFINITY, -1.0] {
+        let mut device = FakeDevice::with_limit(5_000);
+        device.timer = Some(bad);
+        let result = run(&job("", ""), &mut device).unwrap();
+        assert!(result.max_batch_size > 4_900, "{bad}");
+        for probe in &result.probes {
+            assert_eq!((probe.step_seconds, probe.samples_per_second), (0.0, 0.0));
+            assert_eq!(probe.step_seconds_spread, 0.0);
+        }
+        let json = serde_json::to_string(&result).unwrap();
+        assert!(!json.contains("null"), "{json}");
+        let back: TuneResult = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.max_batch_size, result.max_batch_size);
+    }
 }
 
 #[test]

@@ -42,6 +42,8 @@ pub struct ParsedTune {
     job: Job,
     /// The job as the cache key holds it.
     normalised: String,
+    /// The job in a line, as the last-answer gauges label it.
+    model: String,
 }
 
 /// What `POST /tune` takes besides the job.
@@ -146,13 +148,18 @@ fn check_healthy(worker: &DeviceWorker) -> Result<(), Problem> {
 }
 
 /// Refuses to probe a GPU that other processes are computing on, unless allowed.
-fn check_shared(worker: &DeviceWorker, allowed: bool) -> Result<(), Problem> {
+async fn check_shared(
+    state: &AppState,
+    worker: &DeviceWorker,
+    allowed: bool,
+) -> Result<(), Problem> {
     if allowed || !worker.is_cuda() {
         return Ok(());
     }
-    let Ok((_, gpus)) = nvml::telemetry() else {
-        return Ok(());
-    };
+    // NVML is read anew (a worker replaced a moment ago would read as another process), on a
+    // blocking thread, never on the request's task: a slow NVML must not stall the runtime's
+    // other requests.
+    let gpus = state.gpu_readings.read_now_async().await;
     let others = |gpu: &nvml::GpuTelemetry| {
         gpu.other_compute_processes(&worker.process_ids(), worker.worker_pid().is_some())
     };
@@ -262,6 +269,7 @@ pub async fn tune(
         let normalised = cache::normalised(&job);
         Ok::<_, Problem>(ParsedTune {
             options,
+            model: job.summary(),
             job,
             normalised,
         })
@@ -272,6 +280,13 @@ pub async fn tune(
     if !options.no_cache {
         if let Some(cached) = state.cache.get(&cache_key).await {
             state.metrics.cache_hit();
+            // A cached answer is this device's last answer for the model as much as a new one.
+            state.metrics.last_batch_sizes(
+                &worker.labels,
+                &parsed.model,
+                cached.answer.max_batch_size,
+                cached.answer.recommended_batch_size,
+            );
             // Sent as kept: serialised once, when the answer was cached.
             return Ok((
                 [(
@@ -285,7 +300,12 @@ pub async fn tune(
     }
     state.metrics.cache_miss();
     // A cached answer probes nothing; a new job is checked against the GPU's other users.
-    check_shared(&worker, options.allow_shared || state.config.allow_shared)?;
+    check_shared(
+        &state,
+        &worker,
+        options.allow_shared || state.config.allow_shared,
+    )
+    .await?;
     check_healthy(&worker)?;
     let asynchronous = wants_async(&headers);
     if asynchronous && state.store_health.failing(Direction::Write) {

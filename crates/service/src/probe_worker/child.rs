@@ -3,10 +3,12 @@
 //! process and never the service. After a device fault it exits: NVIDIA documents that a sticky
 //! error leaves the process's CUDA context unusable until the process is relaunched.
 
+use std::fs::File;
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use super::protocol::{receive, send, Event, Request};
 use headroom_devices::cuda;
@@ -31,6 +33,10 @@ pub enum Exit {
 /// Runs the worker on `spec` (the host with `host_budget_bytes`) until the service closes its
 /// input or the device faults.
 pub fn run(spec: DeviceSpec, host_budget_bytes: u64) -> Exit {
+    if let Err(e) = take_standard_output() {
+        eprintln!("error: the probe worker cannot set up its event stream: {e}");
+        return Exit::OpenFailed;
+    }
     let opened = match select::open(spec, host_budget_bytes) {
         Ok(opened) => opened,
         Err(e) => {
@@ -175,9 +181,39 @@ impl Device for Announced<'_> {
     }
 }
 
+/// Where events go: a private copy of the standard output the service reads.
+static EVENTS: OnceLock<Mutex<File>> = OnceLock::new();
+
+/// Keeps the standard output the service reads for events alone: the events go to a private
+/// copy of it, and standard output itself is pointed at standard error, so that whatever a
+/// library prints (a driver's warning, a stray `printf`) reaches the service's log instead of
+/// its event stream.
+fn take_standard_output() -> std::io::Result<()> {
+    let stdout = std::io::stdout();
+    let _flushed = stdout.lock().flush();
+    // SAFETY: dup and dup2 take and return plain descriptors; 1 and 2 are open in a process the
+    // service started with piped output, and the duplicate is owned by the File made from it.
+    let events = unsafe {
+        let copy = libc::dup(stdout.as_raw_fd());
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        File::from_raw_fd(copy)
+    };
+    let _ = EVENTS.set(Mutex::new(events));
+    Ok(())
+}
+
 /// Writes an event; a service that no longer reads ends the worker.
 fn emit(event: &Event) {
-    if send(&mut std::io::stdout().lock(), event).is_err() {
+    let sent = match EVENTS.get() {
+        Some(events) => send(&mut *crate::lock(events), event),
+        None => send(&mut std::io::stdout().lock(), event),
+    };
+    if sent.is_err() {
         std::process::exit(Exit::Done as i32);
     }
 }

@@ -2,11 +2,11 @@
 //! sending it jobs, following its probes under a watchdog, and telling a crash or a hang apart
 //! from an answer.
 
-use std::io::BufReader;
+use std::io::{BufReader, ErrorKind};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use super::protocol::{receive, send, Event, Request};
@@ -173,14 +173,7 @@ impl ProbeWorker {
         let (sender, events) = mpsc::channel();
         std::thread::Builder::new()
             .name(format!("headroom-{spec}-events"))
-            .spawn(move || {
-                let mut output = BufReader::new(output);
-                while let Ok(Some(event)) = receive::<_, Event>(&mut output) {
-                    if sender.send(event).is_err() {
-                        break;
-                    }
-                }
-            })
+            .spawn(move || forward_events(output, &sender, spec))
             .map_err(|e| start_error(e.to_string()))?;
         let mut worker = ProbeWorker {
             device: spec,
@@ -325,12 +318,29 @@ impl ProbeWorker {
         }
     }
 
-    /// How the process ended, waiting for it (it has closed its output).
+    /// How the process ended (it has closed its output): waited for up to [`EXIT_GRACE`],
+    /// then killed.
     fn wait_status(&mut self) -> String {
         self.input.take();
-        match self.child.wait() {
-            Ok(status) => describe(status),
-            Err(e) => format!("its status is unknown: {e}"),
+        let deadline = Instant::now() + EXIT_GRACE;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return describe(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => {
+                    self.kill();
+                    return format!(
+                        "it closed its output but had not exited {} s later, so it was killed",
+                        EXIT_GRACE.as_secs()
+                    );
+                }
+                Err(e) => {
+                    self.kill();
+                    return format!("its status is unknown: {e}");
+                }
+            }
         }
     }
 
@@ -352,6 +362,29 @@ impl Drop for ProbeWorker {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.kill();
+        }
+    }
+}
+
+/// How long a worker that closed its output has to exit before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Passes on every event the worker of `device` writes, until its output ends. A line that is
+/// no event (something a library printed, a message this build cannot read) is logged and
+/// skipped: the watchdog alone decides when a worker has been silent too long.
+fn forward_events(output: ChildStdout, events: &Sender<Event>, device: DeviceSpec) {
+    let mut output = BufReader::new(output);
+    loop {
+        match receive::<_, Event>(&mut output) {
+            Ok(Some(event)) => {
+                if events.send(event).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::InvalidData => {
+                tracing::warn!(%device, "the probe worker wrote a line that is no event; ignored: {e}");
+            }
+            Ok(None) | Err(_) => return,
         }
     }
 }
@@ -402,6 +435,96 @@ fn die_with_parent(command: &mut Command) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use headroom_engine::device::DeviceKind;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A worker program written as a shell script: it announces a host device, reads the tune
+    /// request, then does `after_request`.
+    fn scripted_worker(dir: &std::path::Path, after_request: &str) -> WorkerCommand {
+        let ready = serde_json::to_string(&Event::Ready {
+            info: DeviceInfo {
+                kind: DeviceKind::Host,
+                index: 0,
+                name: "a scripted worker".into(),
+                uuid: None,
+                total_bytes: 1 << 20,
+                free_bytes: 1 << 20,
+            },
+            fallback_reason: None,
+        })
+        .unwrap();
+        let program = dir.join("worker.sh");
+        let script =
+            format!("#!/bin/sh\nprintf '%s\\n' '{ready}'\nread request\n{after_request}\n");
+        std::fs::write(&program, script).unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        WorkerCommand {
+            program,
+            host_memory_bytes: 1 << 20,
+        }
+    }
+
+    /// The MNIST example, as a job.
+    fn mnist() -> Job {
+        Job::from_json(include_str!("../../../../examples/mnist-mlp-sgd.json")).unwrap()
+    }
+
+    const QUICK: Watchdog = Watchdog {
+        floor: Duration::from_secs(1),
+        ceiling: Duration::from_secs(2),
+    };
+
+    /// A worker that prints what is no event (a library writing to standard output) and then
+    /// hangs is still stopped by the watchdog: the line is skipped, not the end of the events.
+    #[test]
+    fn a_worker_that_prints_garbage_then_hangs_is_killed_by_the_watchdog() {
+        let dir = tempfile::tempdir().unwrap();
+        let command = scripted_worker(
+            dir.path(),
+            "echo 'libfoo: hello from a library'\necho '{\"probe\": {\"step_seconds\": null}}'\nexec sleep 600",
+        );
+        let mut worker =
+            ProbeWorker::start(&command, DeviceSpec::Host, Duration::from_secs(10)).unwrap();
+        let pid = worker.pid();
+        let started = Instant::now();
+        let outcome = worker.tune(&mnist(), &QUICK, &mut |_| ControlFlow::Continue(()));
+        assert!(
+            matches!(
+                outcome,
+                Err(WorkerError::Hung {
+                    batch_size: None,
+                    ..
+                })
+            ),
+            "{outcome:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        // The process is gone: killed and reaped.
+        assert_ne!(unsafe { libc::kill(pid as i32, 0) }, 0);
+    }
+
+    /// A worker that closes its output but does not exit is waited for a bounded time, then
+    /// killed; its job ends as a crash that says so.
+    #[test]
+    fn a_worker_that_closes_its_output_and_hangs_is_killed_after_a_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let command = scripted_worker(dir.path(), "exec sleep 600 >&-");
+        let mut worker =
+            ProbeWorker::start(&command, DeviceSpec::Host, Duration::from_secs(10)).unwrap();
+        let started = Instant::now();
+        let outcome = worker.tune(&mnist(), &Watchdog::DEFAULT, &mut |_| {
+            ControlFlow::Continue(())
+        });
+        let Err(WorkerError::Crashed { status, .. }) = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert!(status.contains("killed"), "{status}");
+        assert!(started.elapsed() < EXIT_GRACE + Duration::from_secs(10));
+    }
 
     #[test]
     fn a_worker_sees_the_gpu_the_service_calls_by_its_index() {

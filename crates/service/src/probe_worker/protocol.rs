@@ -64,15 +64,25 @@ pub fn send<W: Write, M: Serialize>(writer: &mut W, message: &M) -> std::io::Res
     writer.flush()
 }
 
-/// Reads the next message; `None` at the end of the stream.
+/// The most of an unreadable line an error quotes.
+const QUOTED: usize = 200;
+
+/// Reads the next message; `None` at the end of the stream. A line that is not a message is an
+/// [`std::io::ErrorKind::InvalidData`] error quoting it, and the stream can be read on.
 pub fn receive<R: BufRead, M: DeserializeOwned>(reader: &mut R) -> std::io::Result<Option<M>> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);
     }
-    serde_json::from_str(&line)
-        .map(Some)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_str(&line).map(Some).map_err(|e| {
+        let line = line.trim_end();
+        let quoted: String = line.chars().take(QUOTED).collect();
+        let more = if quoted.len() < line.len() { "..." } else { "" };
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{e}: {quoted:?}{more}"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -127,7 +137,14 @@ mod tests {
             );
         }
         assert_eq!(receive::<_, Event>(&mut reader).unwrap(), None);
-        let garbage = receive::<_, Request>(&mut std::io::Cursor::new(b"{\"tune\"\n".to_vec()));
-        assert_eq!(garbage.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        // A line that is no message is an error quoting it, and the next line is read on.
+        let mut reader = std::io::Cursor::new(b"{\"tune\"\n\"cancel\"\n".to_vec());
+        let garbage = receive::<_, Request>(&mut reader).unwrap_err();
+        assert_eq!(garbage.kind(), std::io::ErrorKind::InvalidData);
+        assert!(garbage.to_string().contains(r#""{\"tune\"""#), "{garbage}");
+        assert_eq!(
+            receive::<_, Request>(&mut reader).unwrap(),
+            Some(Request::Cancel)
+        );
     }
 }

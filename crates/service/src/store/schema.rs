@@ -96,7 +96,7 @@ fn not_ours(store: &str, detail: String) -> StoreError {
 }
 
 /// SQLite's own structural check of every page; logs how long it took.
-async fn integrity(connection: &mut AnyConnection, store: &str) -> Result<(), StoreError> {
+pub async fn integrity(connection: &mut AnyConnection, store: &str) -> Result<(), StoreError> {
     let started = Instant::now();
     let findings: Vec<String> = sqlx::query_scalar("PRAGMA quick_check")
         .fetch_all(&mut *connection)

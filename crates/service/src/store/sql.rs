@@ -26,6 +26,13 @@ use crate::problem::Problem;
 /// How long one store operation may take before it counts as a failure.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Rows one statement of a prune removes at most: a transaction of about 4 MB of jobs.
+const PRUNE_BATCH: u32 = 1000;
+
+/// The largest SQLite file whose integrity check the start waits for (about a second); a larger
+/// one is checked while the service serves degraded, the store unused until it passes.
+pub const INLINE_CHECK_BYTES: u64 = 64 << 20;
+
 /// The states a job leaves no more: the ones retention may remove.
 const UNFINISHED: &str = "('queued', 'running')";
 
@@ -71,6 +78,7 @@ pub fn connect(url: &str) -> Result<SqlStore, StoreError> {
         backend,
         connect,
         file,
+        closed_because: std::sync::Mutex::new(None),
     })
 }
 
@@ -250,9 +258,17 @@ pub struct SqlStore {
     connect: String,
     /// The SQLite file, if the store is one.
     file: Option<PathBuf>,
+    /// Why the store is not open yet, when more is known than that it has not been started.
+    closed_because: std::sync::Mutex<Option<String>>,
 }
 
 impl SqlStore {
+    /// Says why the store is not open (its integrity check runs, or found damage): every
+    /// operation's error names it until the store is started.
+    pub fn closed_because(&self, reason: String) {
+        *crate::lock(&self.closed_because) = Some(reason);
+    }
+
     /// At a node's start: checks the database is headroom's, whole (SQLite's integrity check,
     /// unless `integrity_check` is off) and of a known schema, migrates it, then takes over
     /// `node`'s jobs (running ones become `interrupted` with `why`). Until this succeeds, every
@@ -278,6 +294,28 @@ impl SqlStore {
                 Err(error)
             }
         }
+    }
+
+    /// The size of a SQLite file whose integrity check would hold the start for long (larger
+    /// than [`INLINE_CHECK_BYTES`]); `None` for a smaller file, PostgreSQL or memory.
+    pub fn large_file(&self) -> Option<u64> {
+        let bytes = self.file.as_ref()?.metadata().ok()?.len();
+        (bytes > INLINE_CHECK_BYTES).then_some(bytes)
+    }
+
+    /// SQLite's integrity check of the whole file, on a read-only connection of its own; nothing
+    /// for PostgreSQL or memory.
+    pub async fn check_integrity(&self) -> Result<(), StoreError> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let url = format!("sqlite://{}?mode=ro", file.display());
+        let mut connection = AnyConnection::connect(&url)
+            .await
+            .map_err(|e| classify(&self.described, e))?;
+        let checked = schema::integrity(&mut connection, &self.described).await;
+        let _ = connection.close().await;
+        checked
     }
 
     fn new_pool(&self) -> Result<AnyPool, StoreError> {
@@ -326,9 +364,13 @@ impl SqlStore {
     /// The pool, once the store is started.
     fn pool(&self) -> Result<&AnyPool, StoreError> {
         self.pool.get().ok_or_else(|| {
+            let reason = crate::lock(&self.closed_because).clone();
             StoreError::Unavailable(format!(
-                "{} is not open yet: it could not be checked at start",
-                self.described
+                "{} is not open yet: {}",
+                self.described,
+                reason
+                    .as_deref()
+                    .unwrap_or("it could not be checked at start")
             ))
         })
     }
@@ -397,37 +439,66 @@ impl SqlStore {
         Ok(recovered)
     }
 
-    async fn delete_old(pool: &AnyPool, retention: &Retention) -> Result<u64, sqlx::Error> {
-        let mut removed = sqlx::query(&format!(
-            "DELETE FROM jobs WHERE state NOT IN {UNFINISHED} AND updated_at < $1"
-        ))
-        .bind(age_limit(retention.max_age))
-        .execute(pool)
-        .await?
-        .rows_affected();
+    /// What `retention` no longer keeps, removed [`PRUNE_BATCH`] rows to a transaction: an
+    /// interrupted prune keeps what it removed, and no transaction's journal outgrows a batch.
+    async fn delete_old(pool: &AnyPool, retention: &Retention) -> Result<u64, StoreError> {
+        let mut removed = Self::delete_in_batches(
+            pool,
+            &format!("SELECT id FROM jobs WHERE state NOT IN {UNFINISHED} AND updated_at < $1"),
+            "DELETE FROM jobs WHERE id IN",
+            age_limit(retention.max_age),
+        )
+        .await?;
         let offset = i64::try_from(retention.max_jobs).unwrap_or(i64::MAX);
-        let cutoff: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT updated_at FROM jobs WHERE state NOT IN {UNFINISHED} \
-             ORDER BY updated_at DESC LIMIT 1 OFFSET $1"
-        ))
-        .bind(offset)
-        .fetch_optional(pool)
+        let cutoff: Option<i64> = timed(
+            sqlx::query_scalar(&format!(
+                "SELECT updated_at FROM jobs WHERE state NOT IN {UNFINISHED} \
+                 ORDER BY updated_at DESC LIMIT 1 OFFSET $1"
+            ))
+            .bind(offset)
+            .fetch_optional(pool),
+        )
         .await?;
         if let Some(cutoff) = cutoff {
-            removed += sqlx::query(&format!(
-                "DELETE FROM jobs WHERE state NOT IN {UNFINISHED} AND updated_at <= $1"
-            ))
-            .bind(cutoff)
-            .execute(pool)
-            .await?
-            .rows_affected();
+            removed += Self::delete_in_batches(
+                pool,
+                &format!(
+                    "SELECT id FROM jobs WHERE state NOT IN {UNFINISHED} AND updated_at <= $1"
+                ),
+                "DELETE FROM jobs WHERE id IN",
+                cutoff,
+            )
+            .await?;
         }
-        removed += sqlx::query("DELETE FROM results WHERE measured_at < $1")
-            .bind(age_limit(retention.result_ttl))
-            .execute(pool)
-            .await?
-            .rows_affected();
+        removed += Self::delete_in_batches(
+            pool,
+            "SELECT cache_key FROM results WHERE measured_at < $1",
+            "DELETE FROM results WHERE cache_key IN",
+            age_limit(retention.result_ttl),
+        )
+        .await?;
         Ok(removed)
+    }
+
+    /// `delete (select LIMIT batch)` with `bound` as `$1`, each batch a statement (a transaction)
+    /// of its own, timed as one operation, until a batch removes nothing.
+    async fn delete_in_batches(
+        pool: &AnyPool,
+        select: &str,
+        delete: &str,
+        bound: i64,
+    ) -> Result<u64, StoreError> {
+        let statement = format!("{delete} ({select} LIMIT {PRUNE_BATCH})");
+        let mut removed = 0;
+        loop {
+            let batch = timed(sqlx::query(&statement).bind(bound).execute(pool))
+                .await?
+                .rows_affected();
+            removed += batch;
+            if batch == 0 {
+                return Ok(removed);
+            }
+        }
     }
 }
 
@@ -520,7 +591,8 @@ impl Store for SqlStore {
 
     async fn prune(&self, retention: &Retention) -> Result<u64, StoreError> {
         let pool = self.pool()?;
-        timed(Self::delete_old(pool, retention)).await
+        // Each statement is timed on its own: a large prune takes as long as it needs.
+        Self::delete_old(pool, retention).await
     }
 
     async fn claim(&self, key: &str) -> Result<Option<Claim>, StoreError> {
