@@ -22,7 +22,6 @@ RUN for crate in engine devices service; do mkdir -p crates/$crate/src && touch 
  && rm -rf src crates/*/src crates/devices/benches
 COPY src src
 COPY crates crates
-COPY kernels kernels
 COPY examples examples
 COPY config config
 ARG HEADROOM_REVISION=unknown

@@ -153,9 +153,6 @@ fn compiled_in_directories() -> Vec<String> {
 fn the_image_copies_what_the_compiler_reads_and_keeps_its_store_on_a_volume() {
     let dockerfile = read("Dockerfile");
     let directories = compiled_in_directories();
-    for needed in ["kernels", "crates"] {
-        assert!(directories.iter().any(|d| d == needed), "{directories:?}");
-    }
     for directory in directories {
         assert!(
             dockerfile.contains(&format!("COPY {directory} {directory}")),

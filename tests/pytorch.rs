@@ -1,19 +1,24 @@
 //! headroom's PyTorch profile against PyTorch's own accounting of the same step, without a GPU:
 //! `tests/pytorch/memory_check.py` runs PyTorch's `MemTracker` under `FakeTensorMode` for every
-//! example, every precision and batch sizes from 1 to 65 536, and compares the peaks (within 3%,
-//! and by category where both name the same thing). It needs a `python3` with PyTorch
-//! (`.ci/run` installs it); without one the test says it skipped, and `HEADROOM_REQUIRE_TORCH=1`
-//! makes that a failure.
+//! example (torchvision's own modules for the torchvision ones) in every precision at several
+//! batch sizes, and for 300 layer lists drawn by a seeded generator over every layer kind, and
+//! requires the peaks within 0.1% or 1 KiB (and by category where both name the same thing).
+//! `HEADROOM_MEMORY_CHECK_SEED` fixes the generator's seed (the run prints the one it used). It
+//! needs a `python3` with PyTorch and torchvision (`.ci/run` installs them); without them the
+//! test says it skipped, and `HEADROOM_REQUIRE_TORCH=1` makes that a failure.
 
 mod support;
 
 use std::path::Path;
 use std::process::Command;
 
-/// The `python3` on `PATH`, if it imports torch.
+/// Layer lists the generator draws in one run.
+const GENERATED: usize = 300;
+
+/// The `python3` on `PATH`, if it imports torch and torchvision.
 fn python_with_torch() -> Option<&'static str> {
     let imports = Command::new("python3")
-        .args(["-c", "import torch"])
+        .args(["-c", "import torch, torchvision"])
         .output()
         .is_ok_and(|output| output.status.success());
     imports.then_some("python3")
@@ -22,7 +27,7 @@ fn python_with_torch() -> Option<&'static str> {
 #[test]
 fn the_pytorch_profile_is_pytorchs_peak_for_every_example_and_precision() {
     let Some(python) = python_with_torch() else {
-        support::skip_or_fail("TORCH", "no python3 with torch on PATH");
+        support::skip_or_fail("TORCH", "no python3 with torch and torchvision on PATH");
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -33,12 +38,16 @@ fn the_pytorch_profile_is_pytorchs_peak_for_every_example_and_precision() {
         .collect();
     examples.sort();
     assert!(examples.len() >= 5, "{examples:?}");
-    let output = Command::new(python)
+    let mut command = Command::new(python);
+    command
         .arg(root.join("tests/pytorch/memory_check.py"))
         .args(["--headroom", env!("CARGO_BIN_EXE_headroom")])
-        .args(&examples)
-        .output()
-        .unwrap();
+        .args(["--random", &GENERATED.to_string()])
+        .args(&examples);
+    if let Ok(seed) = std::env::var("HEADROOM_MEMORY_CHECK_SEED") {
+        command.args(["--seed", &seed]);
+    }
+    let output = command.output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     eprintln!("{stdout}");
     assert!(
@@ -46,8 +55,14 @@ fn the_pytorch_profile_is_pytorchs_peak_for_every_example_and_precision() {
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // Every example in every precision at every batch size was compared.
-    let compared = examples.len() * 4 * 5;
+    // Every example in every precision at every batch size (three for the torchvision ones,
+    // four for the others) was compared, and every generated list.
+    let torchvision = examples
+        .iter()
+        .filter(|path| path.to_string_lossy().ends_with("-imagenet.json"))
+        .count();
+    assert_eq!(torchvision, 4, "{examples:?}");
+    let compared = (examples.len() - torchvision) * 4 * 4 + torchvision * 4 * 3 + GENERATED;
     assert!(
         stdout.contains(&format!("{compared} comparisons")),
         "{stdout}"

@@ -288,11 +288,11 @@ fn every_error_class_is_a_problem() {
         (422, Some("model.hidden_layers[1]")),
         "{problem}"
     );
-    // A layer list is checked shape by shape; one headroom cannot train names its layer.
+    // A layer list is checked shape by shape; one PyTorch would refuse names its layer.
     let mut image = tiny_job(4);
     image["model"] = json!({"input_shape": [3, 8, 8], "num_classes": 4, "layers": [
-        {"conv2d": {"out_channels": 4, "kernel_size": 3}}, {"batch_norm2d": {}}, {"relu": {}},
-        {"global_avg_pool2d": {}}, {"linear": {"out_features": 4}}]});
+        {"conv2d": {"out_channels": 4, "kernel_size": 3, "groups": 2}}, {"batch_norm2d": {}},
+        {"relu": {}}, {"global_avg_pool2d": {}}, {"linear": {"out_features": 4}}]});
     let Answer {
         status,
         body: problem,
@@ -300,14 +300,14 @@ fn every_error_class_is_a_problem() {
     } = server.tune(&image, &[]);
     assert_eq!(
         (status, problem["field"].as_str()),
-        (422, Some("model.layers[0].conv2d.bias")),
+        (422, Some("model.layers[0].conv2d.groups")),
         "{problem}"
     );
     assert!(
         problem["detail"]
             .as_str()
             .unwrap()
-            .contains("5 layers, 140 parameters"),
+            .contains("must divide both the input's 3 channels and the 4 output channels"),
         "{problem}"
     );
     image["model"]["layers"][0]["conv2d"]["stride"] = json!(0);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use bytesize::ByteSize;
 use headroom_engine::catalogue::{self, GpuEstimate, MODEL_NOTE};
 use headroom_engine::job::Job;
-use headroom_engine::plan::Allocator;
+use headroom_engine::plan::{Accumulation, Allocator, Plan};
 
 use super::input::{read_job, OutputFile};
 use super::{output, CliError};
@@ -29,6 +29,11 @@ pub struct EstimateArgs {
     /// peak, by part.
     #[arg(long, value_name = "N", conflicts_with_all = ["memory", "gpu", "plot"])]
     batch_size: Option<u64>,
+    /// With --batch-size: model the step as PyTorch runs it under a tracer (MemTracker, any
+    /// TorchDispatchMode), where autograd sums a parameter's gradients out of place; what
+    /// `tests/pytorch/memory_check.py` compares with MemTracker.
+    #[arg(long, requires = "batch_size")]
+    traced: bool,
     /// Print the estimate as JSON.
     #[arg(long)]
     json: bool,
@@ -48,7 +53,12 @@ enum Target {
 pub fn run(args: EstimateArgs) -> Result<(), CliError> {
     let job = read_job(&args.job)?;
     if let Some(batch_size) = args.batch_size {
-        return memory_at(&job, batch_size, args.json);
+        let accumulation = match args.traced {
+            true => Accumulation::Traced,
+            false => Accumulation::InPlace,
+        };
+        let plan = job.plan().clone().with_accumulation(accumulation);
+        return memory_at(&job, &plan, batch_size, args.json);
     }
     if args.plot.is_some() && args.memory.is_none() && args.gpu.is_none() {
         return Err(CliError::Argument(
@@ -95,15 +105,15 @@ pub fn run(args: EstimateArgs) -> Result<(), CliError> {
     }
 }
 
-/// The modelled memory of a step of `job` at `batch_size`, at its peak.
-fn memory_at(job: &Job, batch_size: u64, json: bool) -> Result<(), CliError> {
-    let memory = job.plan().memory(batch_size).ok_or_else(|| {
+/// The modelled memory of a step of `job` (as `plan` runs it) at `batch_size`, at its peak.
+fn memory_at(job: &Job, plan: &Plan, batch_size: u64, json: bool) -> Result<(), CliError> {
+    let memory = plan.memory(batch_size).ok_or_else(|| {
         CliError::Argument(format!(
             "batch size {batch_size} overflows the memory model"
         ))
     })?;
     if json {
-        let cuda = |allocator| job.plan().device_bytes(batch_size, allocator);
+        let cuda = |allocator| plan.device_bytes(batch_size, allocator);
         let value = serde_json::json!({
             "batch_size": batch_size,
             "framework": job.framework,

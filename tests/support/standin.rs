@@ -42,12 +42,12 @@ fn sources() -> Vec<PathBuf> {
     files.extend(
         Family::ALL
             .iter()
-            .map(|f| root().join("kernels").join(f.file())),
+            .map(|f| root().join("crates/devices/kernels").join(f.file())),
     );
     files.extend(
         Family::HEADERS
             .iter()
-            .map(|h| root().join("kernels").join(h)),
+            .map(|h| root().join("crates/devices/kernels").join(h)),
     );
     files
 }
@@ -58,11 +58,11 @@ fn kernel_table() -> String {
     let mut text = String::new();
     let mut entries = Vec::new();
     for header in Family::HEADERS {
-        let path = root().join("kernels").join(header);
+        let path = root().join("crates/devices/kernels").join(header);
         text.push_str(&format!("#include \"{}\"\n", path.display()));
     }
     for family in Family::ALL {
-        let path = root().join("kernels").join(family.file());
+        let path = root().join("crates/devices/kernels").join(family.file());
         text.push_str(&format!("#include \"{}\"\n", path.display()));
         entries.extend(family.entry_points());
     }

@@ -2,8 +2,8 @@
 //! probes never stage data through host memory.
 
 use headroom_engine::device::{DeviceError, Probing};
-use headroom_engine::plan::program::{Program, Slot};
 use headroom_engine::plan::{Plan, Storage};
+use headroom_engine::program::{Program, Slot};
 use headroom_engine::step::{self, Executor, Kernels, Steps};
 
 /// Copies between host and device memory, for these checks alone: probes never stage data

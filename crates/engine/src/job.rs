@@ -9,9 +9,9 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{self, LayerError, LayerSpec, Network};
+use crate::modules::{LayerError, LayerSpec, Token};
 use crate::plan::Framework;
-use crate::plan::{Activation, OptimizerKind, Plan, PoolKind, Precision, Training};
+use crate::plan::{mlp_layers, Activation, OptimizerKind, Plan, PlanError, Precision, Training};
 use crate::result::LimitedBy;
 
 /// Largest accepted `target_batch_size`: far above any recipe's global batch; it bounds the
@@ -318,7 +318,7 @@ where
 impl JobSpec {
     /// Checks the rules the types cannot express and plans the model.
     fn validate(&self) -> Result<Plan, JobError> {
-        let (features, net) = self.model.validate()?;
+        let layers = self.model.validate()?;
         if let Some(lr) = self.optimizer.learning_rate {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(JobError::new(
@@ -370,88 +370,88 @@ impl JobSpec {
                 ),
             ));
         }
-        Plan::convolutional(
-            &net.convolutions,
-            features,
-            &net.hidden,
+        let training = Training {
+            optimizer: self.optimizer.name,
+            learning_rate: self.learning_rate(),
+            precision: self.precision,
+            framework: self.framework,
+        };
+        let shorthand = self.model.layers.is_none();
+        Plan::new(
+            &self.model.input_shape,
+            &layers,
             self.model.num_classes,
-            net.activation,
-            Training {
-                optimizer: self.optimizer.name,
-                learning_rate: self.learning_rate(),
-                precision: self.precision,
-                framework: self.framework,
-            },
+            training,
+            "model.layers",
         )
-        .map(|plan| plan.with_dropout(&net.dropout))
-        .map_err(|overflow| {
-            JobError::new(
+        .map_err(|error| match error {
+            // The shorthand's MLP has no layer list to point into.
+            PlanError::Layer(error) if shorthand => JobError::new("model", error.reason),
+            PlanError::Layer(error) => error.into(),
+            PlanError::Overflow(overflow) => JobError::new(
                 "model",
                 format!("{overflow}; the model is far larger than any device"),
-            )
+            ),
         })
     }
 
-    /// One line that tells jobs apart: `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`, with
-    /// `dropout 0.2/0` after the activation when a hidden layer has some; a network with
-    /// convolutions is a `CNN`, each written as `conv6k5p2` (channels, kernel, stride when not 1,
-    /// padding when not 0; `bn` after it when batch norm follows, `+` when it ends a residual
-    /// block) and its pooling as `max2` or `avg2` (kernel; stride when not the kernel).
+    /// One line that tells jobs apart: an MLP (a flatten, linear layers with bias, one kind
+    /// of activation and dropout after it) as `MLP 1x28x28-128-10 relu, sgd, 32-true, pytorch`,
+    /// with `dropout 0.2/0` when a hidden layer has some; any other model as its layers in a
+    /// word each (`CNN 3x32x32 conv32k3p1-bn-relu-max2-...`, activations by name, a residual
+    /// block as `res(...)`), or by its counts past 24 layers.
     pub fn summary(&self) -> String {
         let shape: Vec<String> = self.model.input_shape.iter().map(u64::to_string).collect();
-        let mlp = self.model.network().unwrap_or_default();
-        let widths: Vec<String> = std::iter::once(shape.join("x"))
-            .chain(mlp.convolutions.iter().flat_map(|layer| {
-                let conv = layer
-                    .conv
-                    .expect("the convolutional part holds convolutions");
-                let mut conv_name = format!("conv{}k{}", conv.out_channels, conv.kernel);
-                if conv.stride != 1 {
-                    conv_name.push_str(&format!("s{}", conv.stride));
-                }
-                if conv.padding != 0 {
-                    conv_name.push_str(&format!("p{}", conv.padding));
-                }
-                if layer.norm {
-                    conv_name.push_str("bn");
-                }
-                if layer.shortcut.is_some() {
-                    conv_name.push('+');
-                }
-                let pool_name = layer.pool.map(|pool| {
-                    let kind = match pool.kind {
-                        PoolKind::Max => "max",
-                        PoolKind::Average => "avg",
-                    };
-                    match pool.stride == pool.kernel {
-                        true => format!("{kind}{}", pool.kernel),
-                        false => format!("{kind}{}s{}", pool.kernel, pool.stride),
-                    }
-                });
-                std::iter::once(conv_name).chain(pool_name)
-            }))
-            .chain(mlp.hidden.iter().map(u64::to_string))
-            .chain([self.model.num_classes.to_string()])
-            .collect();
-        let kind = if mlp.convolutions.is_empty() {
-            "MLP"
-        } else {
-            "CNN"
-        };
-        let dropout = if mlp.dropout.iter().any(|&p| p > 0.0) {
-            let each: Vec<String> = mlp.dropout.iter().map(f32::to_string).collect();
-            format!(" dropout {}", each.join("/"))
-        } else {
-            String::new()
-        };
-        format!(
-            "{kind} {} {}{dropout}, {}, {}, {}",
-            widths.join("-"),
-            serde_name(&mlp.activation),
+        let input = shape.join("x");
+        let training = format!(
+            "{}, {}, {}",
             serde_name(&self.optimizer.name),
             self.precision,
             self.framework.name()
-        )
+        );
+        let Ok(layers) = self.model.layers() else {
+            return format!("model {input}, {training}");
+        };
+        let Ok(model) = crate::modules::Sequential::build(
+            &layers,
+            &self.model.input_shape,
+            &crate::modules::Path::new("model.layers"),
+            &mut crate::modules::Context::default(),
+        ) else {
+            return format!("model {input}, {training}");
+        };
+        let tokens: Vec<Token> = model.layers().iter().map(|l| l.token()).collect();
+        if let Some(mlp) = mlp_summary(&tokens) {
+            return format!("MLP {input}-{mlp}, {training}");
+        }
+        let kind = match layers
+            .iter()
+            .any(|l| matches!(l, LayerSpec::Conv2d(_) | LayerSpec::Residual(_)))
+        {
+            true => "CNN",
+            false => "NN",
+        };
+        let words: Vec<String> = tokens
+            .into_iter()
+            .filter_map(|token| match token {
+                Token::Hidden => None,
+                Token::Width(width) => Some(format!("linear{width}")),
+                Token::Activation(name) => Some(name.to_string()),
+                Token::Dropout(p) => Some(format!("dropout{p}")),
+                Token::Layer(word) => Some(word),
+            })
+            .collect();
+        match words.len() {
+            0..=24 => format!("{kind} {input} {}, {training}", words.join("-")),
+            n => format!(
+                "{kind} {input} {n} layers, {} parameters, {training}",
+                crate::modules::Module::parameters(&model)
+                    .iter()
+                    .filter(|p| matches!(p.kind, crate::modules::ParameterKind::Trained { .. }))
+                    .map(|p| p.elements)
+                    .sum::<u64>()
+            ),
+        }
     }
 
     /// The learning rate in effect: the job's, or the optimizer's default.
@@ -483,23 +483,22 @@ impl From<LayerError> for JobError {
 }
 
 impl ModelSpec {
-    /// The network headroom trains: the shorthand's MLP, or a layer list's convolutions and
-    /// MLP; an error naming the first layer it cannot train.
-    pub fn network(&self) -> Result<Network, LayerError> {
-        match &self.layers {
-            None => Ok(Network {
-                hidden: self.hidden_layers.clone(),
-                activation: self.activation.unwrap_or_default(),
-                dropout: vec![0.0; self.hidden_layers.len()],
-                ..Network::default()
-            }),
-            Some(list) => LayerSpec::as_network(list, &self.input_shape, "model.layers"),
+    /// The model as a layer list: `model.layers`, or the shorthand's MLP written as one (a
+    /// flatten when the input has more than one dimension, then `linear` and the activation per
+    /// hidden width, and the `linear` layer of the logits).
+    pub fn layers(&self) -> Result<Vec<LayerSpec>, LayerError> {
+        if let Some(list) = &self.layers {
+            return Ok(list.clone());
         }
+        let activation = self.activation.unwrap_or_default();
+        let mlp = mlp_layers(&self.hidden_layers, self.num_classes, activation, &[]);
+        let flatten = (self.input_shape.len() > 1)
+            .then_some(LayerSpec::Flatten(crate::modules::NoArguments {}));
+        Ok(flatten.into_iter().chain(mlp).collect())
     }
 
-    /// Checks every width, and a layer list's every shape; returns the number of input features
-    /// and the network to train.
-    fn validate(&self) -> Result<(u64, Network), JobError> {
+    /// Checks every width and the shorthand against a layer list; returns the model's layers.
+    fn validate(&self) -> Result<Vec<LayerSpec>, JobError> {
         if self.input_shape.is_empty() {
             return Err(JobError::new(
                 "model.input_shape",
@@ -519,12 +518,7 @@ impl ModelSpec {
                 "must be at least 2 for a softmax cross-entropy loss",
             ));
         }
-        let net = match &self.layers {
-            Some(list) => self.validate_layers(list)?,
-            None => self.network()?,
-        };
-        let features = self
-            .input_shape
+        self.input_shape
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&f| f <= MAX_DIMENSION)
@@ -534,46 +528,67 @@ impl ModelSpec {
                     format!("the flattened input must have at most {MAX_DIMENSION} features"),
                 )
             })?;
-        Ok((features, net))
+        if self.layers.is_some() {
+            let shorthand = if !self.hidden_layers.is_empty() {
+                Some("model.hidden_layers")
+            } else {
+                self.activation.map(|_| "model.activation")
+            };
+            if let Some(field) = shorthand {
+                return Err(JobError::new(
+                    field,
+                    "give either model.layers or the shorthand (hidden_layers, activation), not \
+                     both; a layer list names its activations as layers, e.g. {\"relu\": {}}",
+                ));
+            }
+        }
+        Ok(self.layers()?)
     }
+}
 
-    /// A layer list: not beside the shorthand's fields, every shape checked, the logits
-    /// `num_classes` wide, and a model headroom can train (the error then says what it read);
-    /// returns the network it trains.
-    fn validate_layers(&self, list: &[LayerSpec]) -> Result<Network, JobError> {
-        let shorthand = if !self.hidden_layers.is_empty() {
-            Some("model.hidden_layers")
-        } else {
-            self.activation.map(|_| "model.activation")
+/// An MLP's summary, `784-128-10 relu dropout 0.2/0`, if the layers are one: an optional
+/// flatten, then hidden linear layers (with bias) each with the same activation and maybe
+/// dropout, then the logits' linear layer.
+fn mlp_summary(tokens: &[Token]) -> Option<String> {
+    let mut widths = Vec::new();
+    let mut dropout: Vec<f32> = Vec::new();
+    let mut activation: Option<&str> = None;
+    let mut rest = tokens
+        .iter()
+        .skip_while(|t| **t == Token::Hidden)
+        .peekable();
+    while let Some(token) = rest.next() {
+        let Token::Width(width) = token else {
+            return None;
         };
-        if let Some(field) = shorthand {
-            return Err(JobError::new(
-                field,
-                "give either model.layers or the shorthand (hidden_layers, activation), not both; \
-                 a layer list names its activations as layers, e.g. {\"relu\": {}}",
-            ));
+        widths.push(width.to_string());
+        match rest.next() {
+            None => break,
+            Some(Token::Activation(name)) if activation.is_none_or(|a| a == *name) => {
+                activation = Some(name);
+            }
+            Some(_) => return None,
         }
-        let walked = layers::walk(list, &self.input_shape, "model.layers")?;
-        if walked.output != [self.num_classes] {
-            return Err(JobError::new(
-                "model.layers",
-                format!(
-                    "ends with {:?} per sample, but num_classes is {}: the last layer must be a \
-                     linear layer with out_features {}",
-                    walked.output, self.num_classes, self.num_classes
-                ),
-            ));
-        }
-        LayerSpec::as_network(list, &self.input_shape, "model.layers").map_err(|e| {
-            JobError::new(
-                e.field,
-                format!(
-                    "{} (the list itself checks out: {} layers, {} parameters)",
-                    e.reason, walked.layers, walked.parameters
-                ),
-            )
-        })
+        dropout.push(match rest.peek() {
+            Some(Token::Dropout(p)) => {
+                rest.next();
+                *p
+            }
+            _ => 0.0,
+        });
     }
+    let dropped = match dropout.iter().any(|&p| p > 0.0) {
+        true => {
+            let each: Vec<String> = dropout.iter().map(f32::to_string).collect();
+            format!(" dropout {}", each.join("/"))
+        }
+        false => String::new(),
+    };
+    Some(format!(
+        "{} {}{dropped}",
+        widths.join("-"),
+        activation.unwrap_or("relu")
+    ))
 }
 
 impl SearchSpec {
@@ -677,6 +692,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modules::MAX_LAYERS;
 
     fn error_of(text: &str) -> JobError {
         Job::from_json(text).expect_err("job should be rejected")
@@ -775,7 +791,7 @@ mod tests {
     }
 
     #[test]
-    fn an_image_model_is_read_checked_and_trained_or_refused_by_the_layer_it_cannot_train() {
+    fn an_image_model_in_any_order_pytorch_runs_is_read_checked_and_planned() {
         let lenet = r#"{"model": {"input_shape": [1, 28, 28], "num_classes": 10, "layers": [
             {"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}, {"relu": {}},
             {"max_pool2d": {"kernel_size": 2}}, {"conv2d": {"out_channels": 16, "kernel_size": 5}},
@@ -786,62 +802,57 @@ mod tests {
         assert_eq!(job.plan().parameter_count(), 61706);
         assert_eq!(
             job.summary(),
-            "CNN 1x28x28-conv6k5p2-max2-conv16k5-max2-120-84-10 relu, sgd, 32-true, pytorch"
+            "CNN 1x28x28 conv6k5p2-relu-max2-conv16k5-relu-max2-linear120-relu-linear84-relu-\
+             linear10, sgd, 32-true, pytorch"
         );
+        // A convolution with its default bias before batch norm, pooling before the activation,
+        // a convolution with no activation after it: PyTorch runs each, and so does headroom.
         let normed = lenet.replace(
             r#"{"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
-            r#"{"batch_norm2d": {}}, {"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
-        );
-        let error = Job::from_json(&normed).unwrap_err();
-        assert_eq!(error.field, "model.layers[3].conv2d.bias");
-        assert!(error.reason.contains("takes \"bias\": false"), "{error}");
-        let normed = normed.replace(
-            r#""kernel_size": 5}}"#,
-            r#""kernel_size": 5, "bias": false}}"#,
+            r#"{"batch_norm2d": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
         );
         let job = Job::from_json(&normed).unwrap();
-        assert_eq!(job.plan().parameter_count(), 61706 - 16 + 2 * 16);
-        // Dropout after the MLP's first hidden layer is the plan's third hidden layer's, after
-        // the two convolutions.
-        let dropped = lenet.replace(
-            r#"{"linear": {"out_features": 120}}, {"relu": {}},"#,
-            r#"{"linear": {"out_features": 120}}, {"relu": {}}, {"dropout": {"p": 0.25}},"#,
+        assert_eq!(job.plan().parameter_count(), 61706 + 2 * 16);
+        let stacked = lenet.replace(
+            r#"{"conv2d": {"out_channels": 16, "kernel_size": 5}}"#,
+            r#"{"conv2d": {"out_channels": 16, "kernel_size": 5}}, {"conv2d": {"out_channels": 16, "kernel_size": 1, "groups": 16, "bias": false}}"#,
         );
-        let plan = Job::from_json(&dropped).unwrap().plan().clone();
-        let dropout: Vec<Option<f32>> = (0..4).map(|i| plan.dropout_after(i)).collect();
-        assert_eq!(dropout, [None, None, Some(0.25), None]);
-        assert_eq!(
-            job.summary(),
-            "CNN 1x28x28-conv6k5p2-max2-conv16k5bn-max2-120-84-10 relu, sgd, 32-true, pytorch"
-        );
+        let job = Job::from_json(&stacked).unwrap();
+        assert_eq!(job.plan().parameter_count(), 61706 + 16);
+        // A residual block whose body keeps the shape needs no shortcut; one that changes it
+        // says which shortcut would match.
         let residual = lenet.replace(
             r#"{"relu": {}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
             r#"{"relu": {}}, {"residual": {"layers": [{"conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1}}]}}, {"max_pool2d": {"kernel_size": 2}}, {"flatten""#,
         );
-        let error = Job::from_json(&residual).unwrap_err();
-        assert_eq!(error.field, "model.layers[5].residual.layers[0]");
-        assert!(
-            error
-                .reason
-                .contains("residual block of convolutions without bias")
-                && error.reason.contains("14 layers, 64026 parameters"),
-            "{error}"
-        );
-        let residual = residual.replace(
-            r#"{"conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1}}]}}, {"max_pool2d""#,
-            r#"{"conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1, "bias": false}}, {"batch_norm2d": {}}]}}, {"relu": {}}, {"max_pool2d""#,
-        );
         let job = Job::from_json(&residual).unwrap();
-        assert_eq!(job.plan().parameter_count(), 61706 + 16 * 16 * 9 + 2 * 16);
+        assert_eq!(job.plan().parameter_count(), 61706 + 16 * 16 * 9 + 16);
         assert!(
-            job.summary().contains("-conv16k5-conv16k3p1bn+-max2-"),
+            job.summary().contains("-res(conv16k3p1)-"),
             "{}",
             job.summary()
+        );
+        let strided = residual.replace(r#""padding": 1}}]}}"#, r#""padding": 1, "stride": 2}}]}}"#);
+        let error = Job::from_json(&strided).unwrap_err();
+        assert_eq!(error.field, "model.layers[5]");
+        assert!(
+            error.reason.contains("[16, 10, 10] into [16, 5, 5]")
+                && error.reason.contains("\"shortcut\""),
+            "{error}"
+        );
+        let shortcut = strided.replace(
+            r#""stride": 2}}]}}"#,
+            r#""stride": 2}}], "shortcut": [{"conv2d": {"out_channels": 16, "kernel_size": 1, "stride": 2, "bias": false}}, {"batch_norm2d": {}}]}}"#,
+        );
+        let job = Job::from_json(&shortcut).unwrap();
+        assert_eq!(
+            job.plan().parameter_count(),
+            61706 + 16 * 16 * 9 + 16 + 16 * 16 + 2 * 16 - 400 * 120 + 16 * 2 * 2 * 120
         );
         let wrong_classes = lenet.replace(r#""num_classes": 10"#, r#""num_classes": 12"#);
         let error = Job::from_json(&wrong_classes).unwrap_err();
         assert_eq!(error.field, "model.layers");
-        assert!(error.reason.contains("out_features 12"), "{error}");
+        assert!(error.reason.contains("12 out_features"), "{error}");
         let both = lenet.replace(
             r#""num_classes": 10,"#,
             r#""num_classes": 10, "hidden_layers": [8],"#,
@@ -863,6 +874,74 @@ mod tests {
             .unwrap_err()
             .field
             .starts_with("model.layers[1]"));
+        // An in-place activation after one that saves its output would change what backward
+        // reads: refused, naming the field.
+        let inplace = lenet.replace(
+            r#"{"relu": {}}, {"max_pool2d""#,
+            r#"{"relu": {}}, {"relu": {"inplace": true}}, {"max_pool2d""#,
+        );
+        let error = Job::from_json(&inplace).unwrap_err();
+        assert_eq!(error.field, "model.layers[5].relu.inplace");
+    }
+
+    #[test]
+    fn bad_layer_lists_get_an_error_naming_the_layer() {
+        let job = |layers: &str| {
+            format!(
+                r#"{{"model": {{"input_shape": [3, 8, 8], "num_classes": 10, "layers": [{layers}]}},
+                    "optimizer": {{"name": "sgd"}}}}"#
+            )
+        };
+        let end = r#"{"flatten": {}}, {"linear": {"out_features": 10}}"#;
+        let cases = [
+            // Shapes that cannot meet.
+            (
+                format!(r#"{{"flatten": {{}}}}, {{"batch_norm2d": {{}}}}, {end}"#),
+                "model.layers[1]",
+                "[channels, height, width]",
+            ),
+            (
+                format!(r#"{{"conv2d": {{"out_channels": 4, "kernel_size": 9}}}}, {end}"#),
+                "model.layers[0].conv2d.kernel_size",
+                "wider than the input",
+            ),
+            (
+                r#"{"conv2d": {"out_channels": 4, "kernel_size": 3}}, {"linear": {"out_features": 10}}"#
+                    .to_string(),
+                "model.layers",
+                "end the list with a linear layer of 10",
+            ),
+            // Groups that do not divide the channels.
+            (
+                format!(r#"{{"conv2d": {{"out_channels": 4, "kernel_size": 3, "groups": 3}}}}, {end}"#),
+                "model.layers[0].conv2d.groups",
+                "must divide",
+            ),
+            // Channel counts whose products overflow.
+            (
+                format!(
+                    r#"{{"conv2d": {{"out_channels": 4294967296, "kernel_size": 1}}}},
+                       {{"conv2d": {{"out_channels": 4294967296, "kernel_size": 1}}}}, {end}"#
+                ),
+                "model.layers[1]",
+                "multiply past",
+            ),
+            (
+                format!(r#"{{"max_pool2d": {{"kernel_size": 2, "padding": 2}}}}, {end}"#),
+                "model.layers[0].max_pool2d.padding",
+                "at most half the window",
+            ),
+        ];
+        for (layers, field, reason) in cases {
+            let error = Job::from_json(&job(&layers)).unwrap_err();
+            assert_eq!(error.field, field, "{layers}: {error}");
+            assert!(error.reason.contains(reason), "{layers}: {error}");
+        }
+        // 10,000 layers: refused at the first past the limit, without building the rest.
+        let deep = vec![r#"{"relu": {}}"#; 10_000].join(", ");
+        let error = Job::from_json(&job(&format!("{deep}, {end}"))).unwrap_err();
+        assert_eq!(error.field, format!("model.layers[{MAX_LAYERS}]"));
+        assert!(error.reason.contains("at most 1000 layers"), "{error}");
     }
 
     #[test]

@@ -6,16 +6,19 @@
 //! # Layout
 //!
 //! - [`job`]: the job description (JSON), parsed and validated with field paths into a [`Job`]
-//!   that owns its [`Plan`]; [`layers`]: a model as a layer list in PyTorch's names, every
-//!   shape checked and the parameters counted.
-//! - [`plan`]: layer shapes (linear, and convolutions with their pooling: [`plan::image`]),
-//!   every buffer of a step, the four-part memory model and the prediction of the largest batch.
-//! - [`estimate`]: the memory model's answer for an amount of free memory, no device touched.
-//!   Its [`plan::program`] is a training step compiled for one batch size: its allocations,
-//!   frees and kernels in order, as PyTorch runs it or as headroom's own step does
-//!   ([`plan::Framework`]).
-//! - [`step`]: the [`step::Kernels`] a device provides, and the executor that runs a program on
-//!   them.
+//!   that owns its [`Plan`].
+//! - [`modules`]: the layer kinds, one file each in PyTorch's names: shape rule and errors,
+//!   parameters, forward, what autograd saves, backward, and the f64 reference.
+//! - [`memory`]: how a step's memory is counted: storages, precisions, the four parts, the
+//!   allocator's rounding, the moments of a step and the peak's breakdown.
+//! - [`program`]: a training step compiled for one batch size: its allocations, frees and
+//!   kernels in order, recorded from the modules as PyTorch's autograd runs them, or as
+//!   headroom's own step holds them ([`program::Framework`]); its peak.
+//! - [`plan`]: the model and its training, the four-part memory model and the prediction of
+//!   the largest batch; [`estimate`]: the memory model's answer for an amount of free memory,
+//!   no device touched.
+//! - [`step`]: the [`step::Kernels`] a device provides, family by family, and the executor that
+//!   runs a program on them.
 //! - [`synthetic`]: the counter-based hash behind synthetic data and initial parameters.
 //! - [`device`]: the [`Device`] trait the search probes, and what devices report.
 //! - [`search`]: doubling or prediction, bisection and confirmation; it sees only [`Device`].
@@ -30,8 +33,10 @@ pub mod device;
 pub mod estimate;
 pub mod job;
 pub mod knee;
-pub mod layers;
+pub mod memory;
+pub mod modules;
 pub mod plan;
+pub mod program;
 pub mod result;
 pub mod search;
 pub mod step;

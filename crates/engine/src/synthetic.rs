@@ -6,31 +6,16 @@
 /// Hash stream of the input batch.
 pub const INPUT_STREAM: u64 = 0;
 
-/// Hash stream of layer `layer`'s weights.
-pub fn weight_stream(layer: usize) -> u64 {
-    1 + 2 * layer as u64
+/// Hash stream of the model's `index`-th parameter (in the order the model declares its
+/// parameters and buffers).
+pub fn parameter_stream(index: usize) -> u64 {
+    1 + index as u64
 }
 
-/// Hash stream of layer `layer`'s biases.
-pub fn bias_stream(layer: usize) -> u64 {
-    2 + 2 * layer as u64
-}
-
-/// Hash stream of layer `layer`'s batch norm scales.
-pub fn scale_stream(layer: usize) -> u64 {
-    1 << 62 | layer as u64
-}
-
-/// Hash stream of the shortcut of the residual block layer `layer` ends: `part` 0 for its
-/// convolution's weights, 1 for its batch norm's scales, 2 for their shifts.
-pub fn shortcut_stream(layer: usize, part: u64) -> u64 {
-    1 << 61 | part << 32 | layer as u64
-}
-
-/// Hash stream of the dropout masks after hidden layer `layer`; each step's mask is the
+/// Hash stream of the masks of the model's `index`-th dropout layer; each step's mask is the
 /// sub-stream [`stream_key`]`(key, step)` of its key.
-pub fn dropout_stream(layer: usize) -> u64 {
-    1 << 63 | layer as u64
+pub fn dropout_stream(index: usize) -> u64 {
+    1 << 63 | index as u64
 }
 
 /// Whether dropout of probability `p` keeps value `index` of the mask stream `key`: the stream's
@@ -126,7 +111,7 @@ mod tests {
         assert!((0..10_000u64).all(|i| keeps(key, i, 0.0)));
         assert_ne!(
             stream_key(7, dropout_stream(0)),
-            stream_key(7, weight_stream(0))
+            stream_key(7, parameter_stream(0))
         );
     }
 

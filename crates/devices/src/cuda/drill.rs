@@ -10,7 +10,7 @@ use super::kernel::Kernel;
 use super::{shapes, CudaDevice};
 use headroom_engine::device::{DeviceError, Probing};
 use headroom_engine::plan::Storage;
-use headroom_engine::step::{Allocate, Kernels};
+use headroom_engine::step::{Allocate, Fill, Kernels};
 
 /// A device address no allocation holds: the first page, which CUDA never maps.
 const UNMAPPED_ADDRESS: u64 = 0x100;

@@ -7,7 +7,8 @@
 pub enum Family {
     /// `gemm.cu`: the three products of a linear layer.
     Gemm,
-    /// `elementwise.cu`: bias, activation and its backward, conversions between storages.
+    /// `elementwise.cu`: bias, activations and their gradients, sums, conversions between
+    /// storages.
     Elementwise,
     /// `reduce.cu`: column sums, the mean, the overflow check.
     Reduce,
@@ -21,7 +22,7 @@ pub enum Family {
     Dropout,
     /// `conv.cu`: 2-D convolution and its two gradients.
     Conv,
-    /// `pool.cu`: max and average pooling and their backward.
+    /// `pool.cu`: max, average and adaptive average pooling and their backward.
     Pool,
     /// `norm.cu`: batch norm in training mode and its backward.
     Norm,
@@ -76,12 +77,12 @@ impl Family {
         macro_rules! with_storage {
             ($file:literal) => {
                 concat!(
-                    include_str!("../../../../kernels/storage.cuh"),
-                    include_str!("../../../../kernels/synthetic.cuh"),
-                    include_str!("../../../../kernels/window.cuh"),
-                    include_str!("../../../../kernels/block.cuh"),
-                    include_str!("../../../../kernels/activation.cuh"),
-                    include_str!(concat!("../../../../kernels/", $file))
+                    include_str!("../../kernels/storage.cuh"),
+                    include_str!("../../kernels/synthetic.cuh"),
+                    include_str!("../../kernels/window.cuh"),
+                    include_str!("../../kernels/block.cuh"),
+                    include_str!("../../kernels/activation.cuh"),
+                    include_str!(concat!("../../kernels/", $file))
                 )
             };
         }
@@ -119,18 +120,18 @@ pub enum Kernel {
     GemmTn,
     /// `C = A * B`: input gradient.
     GemmNn,
-    /// `pre += bias`.
+    /// `y += bias`.
     BiasAdd,
-    /// `pre += bias; post = activation(pre)`.
-    BiasActivation,
     /// `y = activation(x)`.
     ActivationForward,
-    /// `into += from`.
-    Accumulate,
-    /// `pre = grad_post * activation'(pre)`.
-    ActivationBackward,
+    /// `y = activation(y)`.
+    ActivationInPlace,
     /// `out = grad * activation'(...)` from what the activation saved.
     ActivationGradient,
+    /// `out = a + b`.
+    Add,
+    /// `into += from`.
+    Accumulate,
     /// `to = from * scale` between storages.
     Convert,
     /// Column sums: a linear layer's bias gradient.
@@ -155,7 +156,7 @@ pub enum Kernel {
     FillLabels,
     /// Dropout: the mask and the kept values, scaled.
     DropoutForward,
-    /// Dropout's backward, in place.
+    /// Dropout's backward.
     DropoutBackward,
     /// A convolution's output.
     Conv2dForward,
@@ -171,6 +172,10 @@ pub enum Kernel {
     AvgPool2dForward,
     /// Average pooling's backward.
     AvgPool2dBackward,
+    /// Adaptive average pooling.
+    AdaptiveAvgPool2dForward,
+    /// Adaptive average pooling's backward.
+    AdaptiveAvgPool2dBackward,
     /// Batch norm: the batch's statistics, the normalized output, the running statistics.
     BatchNormForward,
     /// Batch norm's backward.
@@ -179,16 +184,16 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 31] = [
+    pub const ALL: [Kernel; 33] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
         Kernel::BiasAdd,
-        Kernel::BiasActivation,
         Kernel::ActivationForward,
-        Kernel::Accumulate,
-        Kernel::ActivationBackward,
+        Kernel::ActivationInPlace,
         Kernel::ActivationGradient,
+        Kernel::Add,
+        Kernel::Accumulate,
         Kernel::Convert,
         Kernel::ColumnSum,
         Kernel::ChannelSum,
@@ -209,6 +214,8 @@ impl Kernel {
         Kernel::MaxPool2dBackward,
         Kernel::AvgPool2dForward,
         Kernel::AvgPool2dBackward,
+        Kernel::AdaptiveAvgPool2dForward,
+        Kernel::AdaptiveAvgPool2dBackward,
         Kernel::BatchNormForward,
         Kernel::BatchNormBackward,
     ];
@@ -220,11 +227,11 @@ impl Kernel {
             Kernel::GemmTn => "gemm_tn",
             Kernel::GemmNn => "gemm_nn",
             Kernel::BiasAdd => "bias_add",
-            Kernel::BiasActivation => "bias_activation",
             Kernel::ActivationForward => "activation_forward",
-            Kernel::Accumulate => "accumulate",
-            Kernel::ActivationBackward => "activation_backward",
+            Kernel::ActivationInPlace => "activation_in_place",
             Kernel::ActivationGradient => "activation_gradient",
+            Kernel::Add => "add",
+            Kernel::Accumulate => "accumulate",
             Kernel::Convert => "convert",
             Kernel::ColumnSum => "column_sum",
             Kernel::ChannelSum => "channel_sum",
@@ -245,6 +252,8 @@ impl Kernel {
             Kernel::MaxPool2dBackward => "max_pool2d_backward",
             Kernel::AvgPool2dForward => "avg_pool2d_forward",
             Kernel::AvgPool2dBackward => "avg_pool2d_backward",
+            Kernel::AdaptiveAvgPool2dForward => "adaptive_avg_pool2d_forward",
+            Kernel::AdaptiveAvgPool2dBackward => "adaptive_avg_pool2d_backward",
             Kernel::BatchNormForward => "batch_norm_forward",
             Kernel::BatchNormBackward => "batch_norm_backward",
         }
@@ -255,11 +264,11 @@ impl Kernel {
         match self {
             Kernel::GemmNt | Kernel::GemmTn | Kernel::GemmNn => Family::Gemm,
             Kernel::BiasAdd
-            | Kernel::BiasActivation
             | Kernel::ActivationForward
-            | Kernel::Accumulate
-            | Kernel::ActivationBackward
+            | Kernel::ActivationInPlace
             | Kernel::ActivationGradient
+            | Kernel::Add
+            | Kernel::Accumulate
             | Kernel::Convert => Family::Elementwise,
             Kernel::ColumnSum | Kernel::ChannelSum | Kernel::Mean | Kernel::Nonfinite => {
                 Family::Reduce
@@ -274,7 +283,9 @@ impl Kernel {
             Kernel::MaxPool2dForward
             | Kernel::MaxPool2dBackward
             | Kernel::AvgPool2dForward
-            | Kernel::AvgPool2dBackward => Family::Pool,
+            | Kernel::AvgPool2dBackward
+            | Kernel::AdaptiveAvgPool2dForward
+            | Kernel::AdaptiveAvgPool2dBackward => Family::Pool,
             Kernel::BatchNormForward | Kernel::BatchNormBackward => Family::Norm,
         }
     }
@@ -326,7 +337,7 @@ mod tests {
 
     #[test]
     fn every_source_is_the_headers_then_its_file() {
-        let kernels = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
+        let kernels = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
         let read = |name: &str| std::fs::read_to_string(kernels.join(name)).unwrap();
         for family in Family::ALL {
             let mut expected: String = Family::HEADERS.iter().map(|h| read(h)).collect();

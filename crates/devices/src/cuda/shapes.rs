@@ -7,7 +7,6 @@
 use cudarc::driver::LaunchConfig;
 
 use super::kernel::Kernel;
-use headroom_engine::plan::Activation;
 
 /// Largest grid x of the grid-stride kernels: enough blocks to fill any GPU.
 const MAX_STRIDE_BLOCKS: u64 = 1 << 20;
@@ -37,15 +36,6 @@ fn config(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
 /// elementwise.cu, optimizer.cu, fill.cu: 256 threads, grid-stride over `n` elements.
 pub fn elementwise(n: u64) -> LaunchConfig {
     config((blocks(n, 256, MAX_STRIDE_BLOCKS), 1, 1), (256, 1, 1))
-}
-
-/// The activation's code in elementwise.cu.
-pub fn activation_code(activation: Activation) -> i32 {
-    match activation {
-        Activation::Relu => 0,
-        Activation::Gelu => 1,
-        Activation::Tanh => 2,
-    }
 }
 
 /// Which of gemm.cu's three products.

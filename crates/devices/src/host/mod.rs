@@ -1,16 +1,26 @@
 //! The `host` device: the training step on the CPU, inside a byte budget, the reference every
 //! kernel is checked against. It stores values as the plan's precision says and computes in
-//! f32, rounding what it stores to 16 bits where the GPU does ([`values`]).
+//! f32, rounding what it stores to 16 bits where the GPU does ([`values`]). One module per
+//! kernel family, as `crates/devices/kernels/*.cu` has them: [`fill`], [`gemm`],
+//! [`elementwise`], [`reduce`], [`conv`], [`pool`], [`norm`], [`dropout`], [`loss`],
+//! [`optimizer`].
 //!
 //! Every buffer is charged to a [`Ledger`] before it is allocated; a charge past the budget, or
 //! an allocation the system refuses, is [`DeviceError::OutOfMemory`]. Nothing is allocated for a
 //! batch that does not fit. Widening 16-bit values takes scratch outside the budget: a layer's
 //! weights in f32 at most, and chunks of [`values::CHUNK`] values; a convolution also unfolds
-//! one sample's windows per thread ([`image`]).
+//! one sample's windows per group and thread ([`conv`]).
 
-pub mod image;
+pub mod conv;
+pub mod dropout;
+pub mod elementwise;
+pub mod fill;
+pub mod gemm;
+pub mod loss;
 pub mod norm;
-pub mod ops;
+pub mod optimizer;
+pub mod pool;
+pub mod reduce;
 pub mod values;
 
 use std::ops::{Deref, DerefMut, Range};
@@ -19,10 +29,8 @@ use std::sync::Arc;
 
 use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
-use headroom_engine::plan::program::{BatchStatistics, OptimizerState, RunningStatistics};
-use headroom_engine::plan::{Activation, Convolution, Planes, Pooling, Storage};
-use headroom_engine::step::{Allocate, Kernels, Stored, UpdateRule};
-use headroom_engine::synthetic;
+use headroom_engine::plan::Storage;
+use headroom_engine::step::{Allocate, Kernels, Stored};
 use values::{chunks, row_blocks, HostValues};
 
 /// Default budget of the host device: 256 MiB.
@@ -88,7 +96,7 @@ pub struct HostBuffer<T> {
 }
 
 impl<T: Copy + Default> HostBuffer<T> {
-    fn zeroed(ledger: &Arc<Ledger>, len: u64) -> Result<Self, DeviceError> {
+    pub(super) fn zeroed(ledger: &Arc<Ledger>, len: u64) -> Result<Self, DeviceError> {
         let bytes =
             len.checked_mul(std::mem::size_of::<T>() as u64)
                 .ok_or(DeviceError::OutOfMemory {
@@ -171,7 +179,7 @@ impl Default for HostDevice {
     }
 }
 
-fn usize_of(n: u64) -> usize {
+pub(super) fn usize_of(n: u64) -> usize {
     usize::try_from(n).expect("host buffers are indexed by usize")
 }
 
@@ -199,18 +207,18 @@ impl Allocate for HostDevice {
     }
 }
 
-/// `bias` repeated over `spatial` positions: the per-row bias of a convolution's output seen as
-/// rows of `bias.len() x spatial` values.
-fn spread(bias: &[f32], spatial: usize) -> Vec<f32> {
-    bias.iter()
-        .flat_map(|&b| std::iter::repeat_n(b, spatial))
-        .collect()
+/// Elements a rayon task takes at least: enough to outweigh handing work to another core.
+pub(super) const TASK: usize = 16 * 1024;
+
+/// Whole rows of `cols` values making up about one task.
+pub(super) fn task_rows(cols: usize) -> usize {
+    (TASK / cols.max(1)).max(1)
 }
 
 /// `y (rows x y_width)` from `a (rows x a_width)` by blocks of rows whose widest operand spans
 /// about [`values::CHUNK`] values (one block when both are f32, which needs no widening): `op`
 /// takes a block's rows, its `a` and its `y`.
-fn row_map(
+pub(super) fn row_map(
     (a, a_width): (&HostValues, usize),
     (y, y_width): (&mut HostValues, usize),
     rows: usize,
@@ -228,7 +236,7 @@ fn row_map(
 /// `y (rows x y_width) = a (rows x a_width) * b` by blocks of rows ([`row_map`]), `b` (`b_len`
 /// values, stored as `a` is) widened once: the forward and input-gradient products.
 /// `product` takes a block's rows.
-fn row_product(
+pub(super) fn row_product(
     a: (&HostValues, usize),
     (b, b_len): (&HostValues, usize),
     y: (&mut HostValues, usize),
@@ -239,511 +247,21 @@ fn row_product(
     row_map(a, y, rows, |block, a, y| product(a, &b, y, block.len()));
 }
 
+/// `out = op(from)` element by element, a chunk at a time.
+pub(super) fn map_chunks(
+    from: &HostValues,
+    out: &mut HostValues,
+    len: u64,
+    op: impl Fn(&[f32], &mut [f32]),
+) {
+    for range in chunks(usize_of(len), 1) {
+        let from = from.read(range.clone());
+        out.update(range, |out| op(&from, out));
+    }
+}
+
 impl Kernels for HostDevice {
     fn synchronize(&mut self) -> Result<(), DeviceError> {
-        Ok(())
-    }
-
-    fn fill_uniform(
-        &mut self,
-        out: &mut HostValues,
-        len: u64,
-        key: u64,
-        scale: f32,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            out.update(range.clone(), |out| {
-                ops::fill_uniform(out, range.start, key, scale)
-            });
-        }
-        Ok(())
-    }
-
-    fn fill_labels(
-        &mut self,
-        labels: &mut Self::U32,
-        inputs: &HostValues,
-        rows: u64,
-        features: u64,
-        classes: u64,
-    ) -> Result<(), DeviceError> {
-        let (rows, features) = (usize_of(rows), usize_of(features));
-        for range in chunks(rows * features, features) {
-            let first_row = range.start / features;
-            let rows_here = range.len() / features;
-            synthetic::fill_labels(
-                &mut labels[first_row..first_row + rows_here],
-                &inputs.read(range),
-                features,
-                usize_of(classes),
-            );
-        }
-        Ok(())
-    }
-
-    fn linear_forward(
-        &mut self,
-        x: &HostValues,
-        w: &HostValues,
-        y: &mut HostValues,
-        rows: u64,
-        inputs: u64,
-        outputs: u64,
-    ) -> Result<(), DeviceError> {
-        let (rows, inputs, outputs) = (usize_of(rows), usize_of(inputs), usize_of(outputs));
-        row_product(
-            (x, inputs),
-            (w, outputs * inputs),
-            (y, outputs),
-            rows,
-            |x, w, y, rows| ops::linear_forward(x, w, y, rows, inputs, outputs),
-        );
-        Ok(())
-    }
-
-    fn weight_gradient(
-        &mut self,
-        dy: &HostValues,
-        x: &HostValues,
-        dw: &mut HostValues,
-        rows: u64,
-        inputs: u64,
-        outputs: u64,
-    ) -> Result<(), DeviceError> {
-        let (rows, inputs, outputs) = (usize_of(rows), usize_of(inputs), usize_of(outputs));
-        let all_f32 = [dy, x, &*dw].iter().all(|v| v.storage() == Storage::F32);
-        let weights = outputs * inputs;
-        if all_f32 {
-            dw.update(0..weights, |dw| {
-                ops::weight_gradient(
-                    &dy.read(0..rows * outputs),
-                    &x.read(0..rows * inputs),
-                    dw,
-                    rows,
-                    inputs,
-                    outputs,
-                    false,
-                )
-            });
-            return Ok(());
-        }
-        // The sum over rows, by blocks, in f32; rounded once at the end.
-        let mut sum = vec![0.0f32; weights];
-        for (n, block) in row_blocks(rows, inputs.max(outputs), false).enumerate() {
-            let dy = dy.read(block.start * outputs..block.end * outputs);
-            let x = x.read(block.start * inputs..block.end * inputs);
-            ops::weight_gradient(&dy, &x, &mut sum, block.len(), inputs, outputs, n > 0);
-        }
-        dw.write(0, &sum);
-        Ok(())
-    }
-
-    fn input_gradient(
-        &mut self,
-        dy: &HostValues,
-        w: &HostValues,
-        dx: &mut HostValues,
-        rows: u64,
-        inputs: u64,
-        outputs: u64,
-    ) -> Result<(), DeviceError> {
-        let (rows, inputs, outputs) = (usize_of(rows), usize_of(inputs), usize_of(outputs));
-        row_product(
-            (dy, outputs),
-            (w, outputs * inputs),
-            (dx, inputs),
-            rows,
-            |dy, w, dx, rows| ops::input_gradient(dy, w, dx, rows, inputs, outputs),
-        );
-        Ok(())
-    }
-
-    fn conv2d_forward(
-        &mut self,
-        x: &HostValues,
-        w: &HostValues,
-        y: &mut HostValues,
-        rows: u64,
-        conv: &Convolution,
-    ) -> Result<(), DeviceError> {
-        let (inputs, outputs) = (usize_of(conv.inputs()), usize_of(conv.outputs()));
-        row_product(
-            (x, inputs),
-            (w, usize_of(conv.weights())),
-            (y, outputs),
-            usize_of(rows),
-            |x, w, y, _| image::conv2d_forward(x, w, y, conv),
-        );
-        Ok(())
-    }
-
-    fn conv2d_input_gradient(
-        &mut self,
-        dy: &HostValues,
-        w: &HostValues,
-        dx: &mut HostValues,
-        rows: u64,
-        conv: &Convolution,
-    ) -> Result<(), DeviceError> {
-        let (inputs, outputs) = (usize_of(conv.inputs()), usize_of(conv.outputs()));
-        row_product(
-            (dy, outputs),
-            (w, usize_of(conv.weights())),
-            (dx, inputs),
-            usize_of(rows),
-            |dy, w, dx, _| image::conv2d_input_gradient(dy, w, dx, conv),
-        );
-        Ok(())
-    }
-
-    fn conv2d_weight_gradient(
-        &mut self,
-        dy: &HostValues,
-        x: &HostValues,
-        dw: &mut HostValues,
-        rows: u64,
-        conv: &Convolution,
-    ) -> Result<(), DeviceError> {
-        let (inputs, outputs) = (usize_of(conv.inputs()), usize_of(conv.outputs()));
-        let all_f32 = dy.storage() == Storage::F32 && x.storage() == Storage::F32;
-        // The sum over samples, by blocks, in f32; rounded once at the end.
-        let mut sum = vec![0.0f32; usize_of(conv.weights())];
-        for block in row_blocks(usize_of(rows), inputs.max(outputs), all_f32) {
-            let dy = dy.read(block.start * outputs..block.end * outputs);
-            let x = x.read(block.start * inputs..block.end * inputs);
-            image::add_conv2d_weight_gradient(&dy, &x, &mut sum, conv);
-        }
-        dw.write(0, &sum);
-        Ok(())
-    }
-
-    fn max_pool_forward(
-        &mut self,
-        x: &HostValues,
-        y: &mut HostValues,
-        indices: &mut HostBuffer<i64>,
-        rows: u64,
-        pool: &Pooling,
-    ) -> Result<(), DeviceError> {
-        let (inputs, outputs) = (usize_of(pool.inputs()), usize_of(pool.outputs()));
-        row_map((x, inputs), (y, outputs), usize_of(rows), |block, x, y| {
-            let places = &mut indices[block.start * outputs..block.end * outputs];
-            image::max_pool_forward(x, y, places, pool)
-        });
-        Ok(())
-    }
-
-    fn max_pool_backward(
-        &mut self,
-        dy: &HostValues,
-        indices: &HostBuffer<i64>,
-        dx: &mut HostValues,
-        rows: u64,
-        pool: &Pooling,
-    ) -> Result<(), DeviceError> {
-        let (inputs, outputs) = (usize_of(pool.inputs()), usize_of(pool.outputs()));
-        row_map(
-            (dy, outputs),
-            (dx, inputs),
-            usize_of(rows),
-            |block, dy, dx| {
-                let places = &indices[block.start * outputs..block.end * outputs];
-                image::max_pool_backward(dy, places, dx, pool)
-            },
-        );
-        Ok(())
-    }
-
-    fn avg_pool_forward(
-        &mut self,
-        x: &HostValues,
-        y: &mut HostValues,
-        rows: u64,
-        pool: &Pooling,
-    ) -> Result<(), DeviceError> {
-        let (inputs, outputs) = (usize_of(pool.inputs()), usize_of(pool.outputs()));
-        row_map((x, inputs), (y, outputs), usize_of(rows), |_, x, y| {
-            image::avg_pool_forward(x, y, pool)
-        });
-        Ok(())
-    }
-
-    fn avg_pool_backward(
-        &mut self,
-        dy: &HostValues,
-        dx: &mut HostValues,
-        rows: u64,
-        pool: &Pooling,
-    ) -> Result<(), DeviceError> {
-        let (inputs, outputs) = (usize_of(pool.inputs()), usize_of(pool.outputs()));
-        row_map((dy, outputs), (dx, inputs), usize_of(rows), |_, dy, dx| {
-            image::avg_pool_backward(dy, dx, pool)
-        });
-        Ok(())
-    }
-
-    fn batch_norm_forward(
-        &mut self,
-        x: &HostValues,
-        scale: &HostValues,
-        bias: &HostValues,
-        residual: Option<&HostValues>,
-        y: &mut HostValues,
-        post: Option<&mut HostValues>,
-        saved: &mut BatchStatistics<HostValues>,
-        running: &mut RunningStatistics<HostValues, HostBuffer<i64>>,
-        planes: &Planes,
-        activation: Activation,
-    ) -> Result<(), DeviceError> {
-        norm::forward(
-            x, scale, bias, residual, y, post, saved, running, planes, activation,
-        )
-    }
-
-    fn activation_forward(
-        &mut self,
-        x: &HostValues,
-        y: &mut HostValues,
-        len: u64,
-        activation: Activation,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let x = x.read(range.clone());
-            y.update(range, |y| ops::activate_all(&x, y, activation));
-        }
-        Ok(())
-    }
-
-    fn accumulate(
-        &mut self,
-        from: &HostValues,
-        into: &mut HostValues,
-        len: u64,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let from = from.read(range.clone());
-            into.update(range, |into| {
-                for (into, from) in into.iter_mut().zip(from.iter()) {
-                    *into += from;
-                }
-            });
-        }
-        Ok(())
-    }
-
-    fn batch_norm_backward(
-        &mut self,
-        dy: &HostValues,
-        x: &HostValues,
-        scale: &HostValues,
-        saved: BatchStatistics<&HostValues>,
-        dx: &mut HostValues,
-        dscale: &mut HostValues,
-        dbias: &mut HostValues,
-        planes: &Planes,
-    ) -> Result<(), DeviceError> {
-        norm::backward(dy, x, scale, saved, dx, dscale, dbias, planes)
-    }
-
-    fn bias_activation(
-        &mut self,
-        pre: &mut HostValues,
-        bias: &HostValues,
-        mut post: Option<&mut HostValues>,
-        rows: u64,
-        cols: u64,
-        spatial: u64,
-        activation: Activation,
-    ) -> Result<(), DeviceError> {
-        let bias = spread(&bias.read(0..usize_of(cols)), usize_of(spatial));
-        let cols = bias.len();
-        for range in chunks(usize_of(rows) * cols, cols) {
-            if let (Storage::F32, Some(post)) = (pre.storage(), post.as_deref_mut()) {
-                pre.update(range.clone(), |pre| {
-                    post.update(range, |post| {
-                        ops::bias_activate(pre, &bias, post, cols, activation)
-                    })
-                });
-                continue;
-            }
-            pre.update(range.clone(), |pre| ops::bias_add(pre, &bias, cols));
-            if let Some(post) = post.as_deref_mut() {
-                // The activation reads the pre-activation as stored.
-                let stored = pre.read(range.clone());
-                post.update(range, |post| ops::activate_all(&stored, post, activation));
-            }
-        }
-        Ok(())
-    }
-
-    fn activation_backward(
-        &mut self,
-        grad_post: &HostValues,
-        pre: &mut HostValues,
-        len: u64,
-        activation: Activation,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let grad = grad_post.read(range.clone());
-            pre.update(range, |pre| {
-                ops::activation_backward(&grad, pre, activation)
-            });
-        }
-        Ok(())
-    }
-
-    fn dropout_forward(
-        &mut self,
-        x: &HostValues,
-        mask: &mut HostBuffer<u8>,
-        y: &mut HostValues,
-        len: u64,
-        p: f32,
-        key: u64,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let x = x.read(range.clone());
-            let mask = &mut mask[range.clone()];
-            y.update(range.clone(), |y| {
-                ops::dropout_forward(&x, mask, y, range.start, p, key)
-            });
-        }
-        Ok(())
-    }
-
-    fn dropout_backward(
-        &mut self,
-        grad: &mut HostValues,
-        mask: &HostBuffer<u8>,
-        len: u64,
-        p: f32,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let mask = &mask[range.clone()];
-            grad.update(range, |grad| ops::dropout_backward(grad, mask, p));
-        }
-        Ok(())
-    }
-
-    fn activation_gradient(
-        &mut self,
-        grad: &HostValues,
-        saved: &HostValues,
-        out: &mut HostValues,
-        len: u64,
-        activation: Activation,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let (grad, saved) = (grad.read(range.clone()), saved.read(range.clone()));
-            out.update(range, |out| {
-                ops::activation_gradient(&grad, &saved, out, activation)
-            });
-        }
-        Ok(())
-    }
-
-    fn bias_gradient(
-        &mut self,
-        dy: &HostValues,
-        db: &mut HostValues,
-        rows: u64,
-        cols: u64,
-        spatial: u64,
-    ) -> Result<(), DeviceError> {
-        let (cols, spatial) = (usize_of(cols), usize_of(spatial));
-        let mut sums = vec![0.0f64; cols * spatial];
-        for range in chunks(usize_of(rows) * cols * spatial, cols * spatial) {
-            ops::add_column_sums(&dy.read(range), &mut sums);
-        }
-        let sums: Vec<f32> = sums
-            .chunks_exact(spatial)
-            .map(|plane| plane.iter().sum::<f64>() as f32)
-            .collect();
-        db.write(0, &sums);
-        Ok(())
-    }
-
-    fn softmax_cross_entropy(
-        &mut self,
-        logits: &mut HostValues,
-        labels: &Self::U32,
-        row_loss: &mut HostValues,
-        rows: u64,
-        classes: u64,
-    ) -> Result<(), DeviceError> {
-        let (rows, classes) = (usize_of(rows), usize_of(classes));
-        let inv_rows = 1.0 / rows as f32;
-        for range in chunks(rows * classes, classes) {
-            let first = range.start / classes;
-            let here = first..first + range.len() / classes;
-            logits.update(range, |logits| {
-                row_loss.update(here.clone(), |loss| {
-                    ops::softmax_cross_entropy(logits, &labels[here], loss, classes, inv_rows)
-                })
-            });
-        }
-        Ok(())
-    }
-
-    fn mean(
-        &mut self,
-        values: &HostValues,
-        len: u64,
-        accumulator: &mut HostValues,
-    ) -> Result<f32, DeviceError> {
-        let mean = ops::mean(&values.read(0..usize_of(len)));
-        accumulator.write(0, &[mean]);
-        Ok(mean)
-    }
-
-    fn convert(
-        &mut self,
-        from: &HostValues,
-        to: &mut HostValues,
-        len: u64,
-        scale: f32,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let from = from.read(range.clone());
-            to.update(range, |to| ops::scaled_copy(&from, to, scale));
-        }
-        Ok(())
-    }
-
-    fn any_nonfinite(
-        &mut self,
-        buffers: &[(&HostValues, u64)],
-        flag: &mut HostValues,
-    ) -> Result<bool, DeviceError> {
-        let found = buffers.iter().any(|&(values, len)| {
-            chunks(usize_of(len), 1).any(|r| values.read(r).iter().any(|v| !v.is_finite()))
-        });
-        flag.write(0, &[f32::from(u8::from(found))]);
-        Ok(found)
-    }
-
-    fn optimizer_step(
-        &mut self,
-        param: &mut HostValues,
-        grad: &HostValues,
-        state: &mut OptimizerState<HostValues>,
-        len: u64,
-        rule: UpdateRule,
-    ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let grad = grad.read(range.clone());
-            param.update(range.clone(), |param| match state {
-                OptimizerState::Sgd => ops::optimizer_step(param, &grad, OptimizerState::Sgd, rule),
-                OptimizerState::Momentum { velocity } => velocity.update(range, |velocity| {
-                    ops::optimizer_step(param, &grad, OptimizerState::Momentum { velocity }, rule)
-                }),
-                OptimizerState::Adam { m, v } => m.update(range.clone(), |m| {
-                    v.update(range, |v| {
-                        ops::optimizer_step(param, &grad, OptimizerState::Adam { m, v }, rule)
-                    })
-                }),
-            });
-        }
         Ok(())
     }
 }

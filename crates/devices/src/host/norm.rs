@@ -1,14 +1,15 @@
-//! Batch norm in training mode on the host: the reference for `kernels/norm.cu`. A channel's
+//! norm.cu on the host: batch norm in training mode. A channel's
 //! values are spread over every sample of an NCHW batch, so each pass reads the batch a chunk of
 //! whole samples at a time ([`chunks`]) and gathers per-channel sums in f64; the values written
 //! are computed in f32 from the f32 statistics, as the kernels compute them.
 
 use headroom_engine::device::DeviceError;
-use headroom_engine::plan::program::{BatchStatistics, RunningStatistics};
-use headroom_engine::plan::{Activation, Planes, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM};
+use headroom_engine::modules::batch_norm::Planes;
+use headroom_engine::program::{Affine, BatchStatistics, RunningStatistics};
+use headroom_engine::step::Norm;
 
 use super::values::{chunks, HostValues};
-use super::{ops, usize_of, HostBuffer};
+use super::{usize_of, HostBuffer, HostDevice};
 
 /// The shape of `planes` in host sizes: values of a sample, of a channel plane, channels, all.
 struct Sizes {
@@ -51,125 +52,126 @@ fn channel_sums(values: &HostValues, sizes: &Sizes, term: impl Fn(f32, usize) ->
     sums
 }
 
-/// See [`headroom_engine::step::Kernels::batch_norm_forward`].
-#[allow(clippy::too_many_arguments)]
-pub fn forward(
-    x: &HostValues,
-    scale: &HostValues,
-    bias: &HostValues,
-    residual: Option<&HostValues>,
-    y: &mut HostValues,
-    mut post: Option<&mut HostValues>,
-    saved: &mut BatchStatistics<HostValues>,
-    running: &mut RunningStatistics<HostValues, HostBuffer<i64>>,
-    planes: &Planes,
-    activation: Activation,
-) -> Result<(), DeviceError> {
-    let sizes = Sizes::of(planes);
-    let count = planes.per_channel() as f64;
-    let mean: Vec<f64> = channel_sums(x, &sizes, |v, _| f64::from(v))
-        .into_iter()
-        .map(|sum| sum / count)
-        .collect();
-    let variance: Vec<f64> = channel_sums(x, &sizes, |v, c| (f64::from(v) - mean[c]).powi(2))
-        .into_iter()
-        .map(|sum| sum / count)
-        .collect();
-    let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-    let invstd: Vec<f32> = variance
-        .iter()
-        .map(|&v| (1.0 / (v + f64::from(BATCH_NORM_EPS)).sqrt()) as f32)
-        .collect();
-    saved.mean.write(0, &mean32);
-    saved.invstd.write(0, &invstd);
-    // The running variance is the unbiased one (n / (n - 1)), as PyTorch keeps it.
-    let unbiased = count / (count - 1.0).max(1.0);
-    let moved = |old: &[f32], batch: &mut dyn Iterator<Item = f32>| -> Vec<f32> {
-        old.iter()
-            .zip(batch)
-            .map(|(&r, b)| (1.0 - BATCH_NORM_MOMENTUM) * r + BATCH_NORM_MOMENTUM * b)
-            .collect()
-    };
-    let channels = 0..sizes.channels;
-    let running_mean = moved(
-        &running.mean.read(channels.clone()),
-        &mut mean32.iter().copied(),
-    );
-    let running_var = moved(
-        &running.var.read(channels.clone()),
-        &mut variance.iter().map(|&v| (v * unbiased) as f32),
-    );
-    running.mean.write(0, &running_mean);
-    running.var.write(0, &running_var);
-    running.steps[0] += 1;
-    let (scale, bias) = (scale.read(channels.clone()), bias.read(channels));
-    sizes.each_chunk(|range, channel_of| {
-        let x = x.read(range.clone());
-        let residual = residual.map(|r| r.read(range.clone()));
-        y.update(range.clone(), |y| {
-            for (i, (y, &v)) in y.iter_mut().zip(x.iter()).enumerate() {
-                let c = channel_of(i);
-                *y = (v - mean32[c]) * invstd[c] * scale[c] + bias[c];
-                if let Some(r) = &residual {
-                    *y += r[i];
+impl Norm for HostDevice {
+    fn batch_norm_forward(
+        &mut self,
+        x: &HostValues,
+        affine: Option<Affine<&HostValues>>,
+        y: &mut HostValues,
+        saved: &mut BatchStatistics<HostValues>,
+        running: &mut RunningStatistics<HostValues, HostBuffer<i64>>,
+        planes: &Planes,
+    ) -> Result<(), DeviceError> {
+        let sizes = Sizes::of(planes);
+        let count = planes.per_channel() as f64;
+        let mean: Vec<f64> = channel_sums(x, &sizes, |v, _| f64::from(v))
+            .into_iter()
+            .map(|sum| sum / count)
+            .collect();
+        let variance: Vec<f64> = channel_sums(x, &sizes, |v, c| (f64::from(v) - mean[c]).powi(2))
+            .into_iter()
+            .map(|sum| sum / count)
+            .collect();
+        let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        let invstd: Vec<f32> = variance
+            .iter()
+            .map(|&v| (1.0 / (v + f64::from(planes.eps)).sqrt()) as f32)
+            .collect();
+        saved.mean.write(0, &mean32);
+        saved.invstd.write(0, &invstd);
+        // The running variance is the unbiased one (n / (n - 1)), as PyTorch keeps it.
+        let unbiased = count / (count - 1.0).max(1.0);
+        let momentum = planes.momentum;
+        let moved = |old: &[f32], batch: &mut dyn Iterator<Item = f32>| -> Vec<f32> {
+            old.iter()
+                .zip(batch)
+                .map(|(&r, b)| (1.0 - momentum) * r + momentum * b)
+                .collect()
+        };
+        let channels = 0..sizes.channels;
+        let running_mean = moved(
+            &running.mean.read(channels.clone()),
+            &mut mean32.iter().copied(),
+        );
+        let running_var = moved(
+            &running.var.read(channels.clone()),
+            &mut variance.iter().map(|&v| (v * unbiased) as f32),
+        );
+        running.mean.write(0, &running_mean);
+        running.var.write(0, &running_var);
+        running.steps[0] += 1;
+        let (scale, shift) = match affine {
+            Some(a) => (
+                a.scale.read(channels.clone()).into_owned(),
+                a.shift.read(channels).into_owned(),
+            ),
+            None => (vec![1.0; sizes.channels], vec![0.0; sizes.channels]),
+        };
+        sizes.each_chunk(|range, channel_of| {
+            let x = x.read(range.clone());
+            y.update(range, |y| {
+                for (i, (y, &v)) in y.iter_mut().zip(x.iter()).enumerate() {
+                    let c = channel_of(i);
+                    *y = (v - mean32[c]) * invstd[c] * scale[c] + shift[c];
                 }
-            }
+            });
         });
-        if let Some(post) = post.as_deref_mut() {
-            // The activation reads the output as stored.
-            let stored = y.read(range.clone());
-            post.update(range, |post| ops::activate_all(&stored, post, activation));
-        }
-    });
-    Ok(())
-}
+        Ok(())
+    }
 
-/// See [`headroom_engine::step::Kernels::batch_norm_backward`].
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    dy: &HostValues,
-    x: &HostValues,
-    scale: &HostValues,
-    saved: BatchStatistics<&HostValues>,
-    dx: &mut HostValues,
-    dscale: &mut HostValues,
-    dbias: &mut HostValues,
-    planes: &Planes,
-) -> Result<(), DeviceError> {
-    let sizes = Sizes::of(planes);
-    let channels = 0..sizes.channels;
-    let (mean, invstd) = (
-        saved.mean.read(channels.clone()),
-        saved.invstd.read(channels.clone()),
-    );
-    let scale = scale.read(channels);
-    let xhat = |x: f32, c: usize| (x - mean[c]) * invstd[c];
-    // Both sums in one pass over the batch.
-    let (mut sum_dy, mut sum_dy_xhat) =
-        (vec![0.0f64; sizes.channels], vec![0.0f64; sizes.channels]);
-    sizes.each_chunk(|range, channel_of| {
-        let (dy, x) = (dy.read(range.clone()), x.read(range));
-        for (i, (&g, &v)) in dy.iter().zip(x.iter()).enumerate() {
-            let c = channel_of(i);
-            sum_dy[c] += f64::from(g);
-            sum_dy_xhat[c] += f64::from(g) * f64::from(xhat(v, c));
-        }
-    });
-    let to_f32 = |sums: &[f64]| -> Vec<f32> { sums.iter().map(|&s| s as f32).collect() };
-    let (sum_dy, sum_dy_xhat) = (to_f32(&sum_dy), to_f32(&sum_dy_xhat));
-    dbias.write(0, &sum_dy);
-    dscale.write(0, &sum_dy_xhat);
-    let count = planes.per_channel() as f32;
-    sizes.each_chunk(|range, channel_of| {
-        let (dy, x) = (dy.read(range.clone()), x.read(range.clone()));
-        dx.update(range, |dx| {
-            for (i, dx) in dx.iter_mut().enumerate() {
+    fn batch_norm_backward(
+        &mut self,
+        dy: &HostValues,
+        x: &HostValues,
+        scale: Option<&HostValues>,
+        saved: BatchStatistics<&HostValues>,
+        dx: Option<&mut HostValues>,
+        affine: Option<Affine<&mut HostValues>>,
+        planes: &Planes,
+    ) -> Result<(), DeviceError> {
+        let sizes = Sizes::of(planes);
+        let channels = 0..sizes.channels;
+        let (mean, invstd) = (
+            saved.mean.read(channels.clone()),
+            saved.invstd.read(channels.clone()),
+        );
+        let scale = match scale {
+            Some(scale) => scale.read(channels).into_owned(),
+            None => vec![1.0; sizes.channels],
+        };
+        let xhat = |x: f32, c: usize| (x - mean[c]) * invstd[c];
+        // Both sums in one pass over the batch.
+        let (mut sum_dy, mut sum_dy_xhat) =
+            (vec![0.0f64; sizes.channels], vec![0.0f64; sizes.channels]);
+        sizes.each_chunk(|range, channel_of| {
+            let (dy, x) = (dy.read(range.clone()), x.read(range));
+            for (i, (&g, &v)) in dy.iter().zip(x.iter()).enumerate() {
                 let c = channel_of(i);
-                *dx = scale[c]
-                    * invstd[c]
-                    * (dy[i] - sum_dy[c] / count - xhat(x[i], c) * sum_dy_xhat[c] / count);
+                sum_dy[c] += f64::from(g);
+                sum_dy_xhat[c] += f64::from(g) * f64::from(xhat(v, c));
             }
         });
-    });
-    Ok(())
+        let to_f32 = |sums: &[f64]| -> Vec<f32> { sums.iter().map(|&s| s as f32).collect() };
+        let (sum_dy, sum_dy_xhat) = (to_f32(&sum_dy), to_f32(&sum_dy_xhat));
+        if let Some(affine) = affine {
+            affine.shift.write(0, &sum_dy);
+            affine.scale.write(0, &sum_dy_xhat);
+        }
+        let Some(dx) = dx else {
+            return Ok(());
+        };
+        let count = planes.per_channel() as f32;
+        sizes.each_chunk(|range, channel_of| {
+            let (dy, x) = (dy.read(range.clone()), x.read(range.clone()));
+            dx.update(range, |dx| {
+                for (i, dx) in dx.iter_mut().enumerate() {
+                    let c = channel_of(i);
+                    *dx = scale[c]
+                        * invstd[c]
+                        * (dy[i] - sum_dy[c] / count - xhat(x[i], c) * sum_dy_xhat[c] / count);
+                }
+            });
+        });
+        Ok(())
+    }
 }

@@ -4,345 +4,167 @@
 use super::*;
 use crate::transfer::{read_all, read_parameters, trained_parameters};
 use headroom_engine::device::Device;
+use headroom_engine::modules::conv2d::Convolution;
+use headroom_engine::modules::pooling::{PoolKind, Pooling};
+use headroom_engine::modules::{LayerSpec, Module, ParameterKind, Values};
 use headroom_engine::plan::{
-    Allocator, Convolution, Layer, OptimizerKind, Plan, PoolKind, Pooling, Precision, Shortcut,
-    Storage, Training, BATCH_NORM_EPS,
+    Activation, Allocator, Framework, Moment, OptimizerKind, Plan, Precision, Storage, Training,
 };
-use headroom_engine::plan::{Framework, Moment};
-use headroom_engine::step::{Executor, Steps, MAX_TIMED_STEPS};
-use Activation::{Gelu, Relu, Tanh};
+use headroom_engine::step::{Conv, Executor, Pool, Steps, MAX_TIMED_STEPS};
+use headroom_engine::synthetic;
+use serde_json::{json, Value};
 use OptimizerKind::{Adam, Adamw, Sgd, SgdMomentum};
 
-fn plan_of(
-    input: u64,
-    hidden: &[u64],
-    classes: u64,
-    activation: Activation,
-    optimizer: OptimizerKind,
-) -> Plan {
-    plan_with_rate(input, hidden, classes, activation, optimizer, 0.05)
+fn plan_of(input: u64, hidden: &[u64], classes: u64, optimizer: OptimizerKind) -> Plan {
+    plan_with_rate(input, hidden, classes, optimizer, 0.05)
 }
 
 fn plan_with_rate(
     input: u64,
     hidden: &[u64],
     classes: u64,
-    activation: Activation,
     optimizer: OptimizerKind,
     rate: f32,
 ) -> Plan {
-    Plan::new(
-        input,
-        hidden,
-        classes,
-        activation,
-        Training {
-            optimizer,
-            learning_rate: rate,
-            precision: Precision::F32True,
-            framework: Framework::Pytorch,
-        },
-    )
-    .unwrap()
+    let training = Training {
+        optimizer,
+        learning_rate: rate,
+        precision: Precision::F32True,
+        framework: Framework::Pytorch,
+    };
+    Plan::mlp(input, hidden, classes, Activation::Relu, training).unwrap()
 }
 
-/// A small network of two pooled convolutions: 2x6x6 through a padded 3x3 convolution to 3
-/// channels, max pooled 2x2; a 2x2 convolution to 4 channels, average pooled 2x2 with stride
-/// 1 and padding 1; then `hidden` and `classes`. With `norm`, batch norm follows each
-/// convolution.
-fn convolutional(
-    hidden: &[u64],
-    classes: u64,
-    activation: Activation,
-    training: Training,
-    norm: bool,
-) -> Plan {
-    let first = Convolution {
-        in_channels: 2,
-        height: 6,
-        width: 6,
-        out_channels: 3,
-        kernel: 3,
-        stride: 1,
-        padding: 1,
-    };
-    let second = Convolution {
-        in_channels: 3,
-        height: 3,
-        width: 3,
-        out_channels: 4,
-        kernel: 2,
-        stride: 1,
-        padding: 0,
-    };
-    let pool = |kind, conv: Convolution, stride, padding| Pooling {
-        kind,
-        channels: conv.out_channels,
-        height: conv.out_height(),
-        width: conv.out_width(),
-        kernel: 2,
-        stride,
-        padding,
-    };
-    let layer = match norm {
-        true => Layer::normalized,
-        false => Layer::convolution,
-    };
-    Plan::convolutional(
-        &[
-            layer(first, Some(pool(PoolKind::Max, first, 2, 0))),
-            layer(second, Some(pool(PoolKind::Average, second, 1, 1))),
-        ],
-        72,
-        hidden,
-        classes,
-        activation,
-        training,
-    )
-    .unwrap()
+/// The plan of the layer list `list` over `input_shape` into 3 classes.
+fn plan(input_shape: &[u64], list: Value, training: Training) -> Plan {
+    let layers: Vec<LayerSpec> = serde_json::from_value(list).unwrap();
+    Plan::new(input_shape, &layers, 3, training, "model").unwrap()
 }
 
-/// A small residual network: 2x6x6 through a padded 3x3 convolution to 3 channels (batch norm,
-/// activation), then one residual block of two padded 3x3 convolutions with batch norm: to 3
-/// channels with the identity shortcut, average pooled 2x2; or (`projection`) to 4 channels at
-/// stride 2 with a 1x1 convolution and batch norm as the shortcut, pooled globally; then
-/// `hidden` and `classes`.
-fn residual(
-    hidden: &[u64],
-    classes: u64,
-    activation: Activation,
-    training: Training,
-    projection: bool,
-) -> Plan {
-    let conv = |in_channels, side, out_channels, stride| Convolution {
-        in_channels,
-        height: side,
-        width: side,
-        out_channels,
-        kernel: 3,
-        stride,
-        padding: 1,
-    };
+/// An MLP over 5 inputs, hidden widths 4 and 6 with `activation` after each (and dropout
+/// of 0.5 and 0.25 with `dropout`), then 3 classes.
+fn mlp(activation: &Value, dropout: bool, training: Training) -> Plan {
+    let mut list = Vec::new();
+    for (width, p) in [(4, 0.5), (6, 0.25)] {
+        list.push(json!({"linear": {"out_features": width}}));
+        list.push(activation.clone());
+        if dropout {
+            list.push(json!({"dropout": {"p": p}}));
+        }
+    }
+    list.push(json!({"linear": {"out_features": 3}}));
+    plan(&[5], Value::Array(list), training)
+}
+
+/// Two pooled convolutions over 2x6x6: a padded 3x3 convolution to 3 channels, max pooled 2x2;
+/// a 2x2 convolution to 4 channels, average pooled 2x2 with stride 1 and padding 1; 5 hidden
+/// with dropout, 3 classes. With `norm`, batch norm follows each convolution; the first keeps
+/// its bias in f32 (batch norm takes the mean out, so its exact gradient is 0: a sum that
+/// cancels, which in 16-bit leaves the rounding of its terms, not a defect to look for).
+fn convolutional(activation: &Value, training: Training, norm: bool) -> Plan {
+    let bn = || norm.then(|| json!({"batch_norm2d": {}}));
+    let first_bias = !norm || training.precision == Precision::F32True;
+    let list: Vec<Value> = [
+        Some(json!({"conv2d": {"out_channels": 3, "kernel_size": 3, "padding": 1, "bias": first_bias}})),
+        bn(),
+        Some(activation.clone()),
+        Some(json!({"max_pool2d": {"kernel_size": 2}})),
+        Some(json!({"conv2d": {"out_channels": 4, "kernel_size": 2, "bias": !norm}})),
+        bn(),
+        Some(activation.clone()),
+        Some(json!({"avg_pool2d": {"kernel_size": 2, "stride": 1, "padding": 1}})),
+        Some(json!({"flatten": {}})),
+        Some(json!({"linear": {"out_features": 5}})),
+        Some(activation.clone()),
+        Some(json!({"dropout": {"p": 0.5}})),
+        Some(json!({"linear": {"out_features": 3}})),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    plan(&[2, 6, 6], Value::Array(list), training)
+}
+
+/// A small residual network over 2x6x6: a padded 3x3 convolution to 3 channels with batch norm
+/// and `activation`, then a block of two padded 3x3 convolutions with batch norm: to 3 channels
+/// around the identity, average pooled 2x2; or (`projection`) to 4 channels at stride 2 with a
+/// 1x1 convolution and batch norm as the shortcut, pooled adaptively to 1x1; 5 hidden, 3 classes.
+fn residual(activation: &Value, training: Training, projection: bool) -> Plan {
     let (channels, stride) = if projection { (4, 2) } else { (3, 1) };
-    let stem = conv(2, 6, 3, 1);
-    let first = conv(3, 6, channels, stride);
-    let second = conv(channels, first.out_height(), channels, 1);
-    let side = second.out_height();
-    let kernel = if projection { side } else { 2 };
-    let pool = Pooling {
-        kind: PoolKind::Average,
-        channels,
-        height: side,
-        width: side,
-        kernel,
-        stride: kernel,
-        padding: 0,
+    let conv = |out: u64, stride: u64| json!({"conv2d": {"out_channels": out, "kernel_size": 3, "stride": stride, "padding": 1, "bias": false}});
+    let bn = json!({"batch_norm2d": {}});
+    let block = match projection {
+        true => json!({"residual": {
+            "layers": [conv(channels, stride), bn, activation, conv(channels, 1), bn],
+            "shortcut": [{"conv2d": {"out_channels": channels, "kernel_size": 1, "stride": stride, "bias": false}}, bn]
+        }}),
+        false => {
+            json!({"residual": {"layers": [conv(channels, 1), bn, activation, conv(channels, 1), bn]}})
+        }
     };
-    let shortcut = Shortcut {
-        from: 1,
-        projection: projection.then_some(Convolution {
-            kernel: 1,
-            padding: 0,
-            ..conv(3, 6, channels, stride)
-        }),
+    let pool = match projection {
+        true => json!({"adaptive_avg_pool2d": {"output_size": 1}}),
+        false => json!({"avg_pool2d": {"kernel_size": 2}}),
     };
-    Plan::convolutional(
-        &[
-            Layer::normalized(stem, None),
-            Layer::normalized(first, None),
-            Layer::normalized(second, Some(pool)).with_shortcut(shortcut),
-        ],
-        72,
-        hidden,
-        classes,
+    let list = json!([
+        conv(3, 1), bn, activation, block, activation, pool, {"flatten": {}},
+        {"linear": {"out_features": 5}}, activation, {"linear": {"out_features": 3}}
+    ]);
+    plan(&[2, 6, 6], list, training)
+}
+
+/// MobileNet's pieces over 4x7x7: a dilated convolution in two groups with bias, batch norm
+/// without affine, `activation`; a depthwise strided convolution, relu6 in place; a dilated max
+/// pooling with `ceil_mode`; adaptive pooling to 2x2; batch norm over features; 3 classes.
+fn mobile(activation: &Value, training: Training) -> Plan {
+    let list = json!([
+        {"conv2d": {"out_channels": 4, "kernel_size": 3, "padding": 2, "dilation": 2, "groups": 2}},
+        {"batch_norm2d": {"affine": false}},
         activation,
-        training,
-    )
-    .unwrap()
+        {"conv2d": {"out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 1, "groups": 4, "bias": false}},
+        {"relu6": {"inplace": true}},
+        {"max_pool2d": {"kernel_size": 2, "stride": 1, "dilation": 2, "ceil_mode": true}},
+        {"adaptive_avg_pool2d": {"output_size": 2}},
+        {"flatten": {}},
+        {"batch_norm1d": {}},
+        {"linear": {"out_features": 3}}
+    ]);
+    plan(&[4, 7, 7], list, training)
 }
 
-/// A convolution of one sample in f64, from the definition.
-fn conv_f64(x: &[f64], w: &[f64], b: &[f64], c: &Convolution) -> Vec<f64> {
-    let (oh, ow) = (c.out_height() as usize, c.out_width() as usize);
-    let (h, wd, k) = (c.height as usize, c.width as usize, c.kernel as usize);
-    let (stride, pad, cin) = (
-        c.stride as usize,
-        c.padding as isize,
-        c.in_channels as usize,
-    );
-    let mut y = vec![0.0; c.out_channels as usize * oh * ow];
-    for o in 0..c.out_channels as usize {
-        for i in 0..oh {
-            for j in 0..ow {
-                let mut sum = b[o];
-                for ch in 0..cin {
-                    for a in 0..k {
-                        for bb in 0..k {
-                            let r = (i * stride + a) as isize - pad;
-                            let q = (j * stride + bb) as isize - pad;
-                            if r >= 0 && q >= 0 && (r as usize) < h && (q as usize) < wd {
-                                sum += x[(ch * h + r as usize) * wd + q as usize]
-                                    * w[((o * cin + ch) * k + a) * k + bb];
-                            }
-                        }
-                    }
-                }
-                y[(o * oh + i) * ow + j] = sum;
-            }
-        }
-    }
-    y
-}
-
-/// Pooling of one sample in f64, from the definition (max: the largest; average: over the
-/// whole window, padding counted).
-fn pool_f64(x: &[f64], p: &Pooling) -> Vec<f64> {
-    let (oh, ow) = (p.out_height() as usize, p.out_width() as usize);
-    let (h, w, k) = (p.height as usize, p.width as usize, p.kernel as usize);
-    let (stride, pad) = (p.stride as usize, p.padding as isize);
-    let mut y = Vec::new();
-    for c in 0..p.channels as usize {
-        for i in 0..oh {
-            for j in 0..ow {
-                let mut values = Vec::new();
-                for a in 0..k {
-                    for b in 0..k {
-                        let r = (i * stride + a) as isize - pad;
-                        let q = (j * stride + b) as isize - pad;
-                        if r >= 0 && q >= 0 && (r as usize) < h && (q as usize) < w {
-                            values.push(x[(c * h + r as usize) * w + q as usize]);
-                        }
-                    }
-                }
-                y.push(match p.kind {
-                    PoolKind::Max => values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                    PoolKind::Average => values.iter().sum::<f64>() / (k * k) as f64,
-                });
-            }
-        }
-    }
-    y
-}
-
-/// Batch norm in f64 over a batch of samples (`channels x spatial` values each), from the
-/// definition: each channel normalized by its mean and biased variance over the batch, then
-/// scaled and shifted.
-fn batch_norm_f64(batch: &mut [Vec<f64>], scale: &[f64], shift: &[f64]) {
-    let channels = scale.len();
-    let spatial = batch[0].len() / channels;
-    for c in 0..channels {
-        let values = || {
-            batch
-                .iter()
-                .flat_map(|y| &y[c * spatial..(c + 1) * spatial])
-        };
-        let count = (batch.len() * spatial) as f64;
-        let mean = values().sum::<f64>() / count;
-        let variance = values().map(|v| (v - mean).powi(2)).sum::<f64>() / count;
-        let invstd = 1.0 / (variance + f64::from(BATCH_NORM_EPS)).sqrt();
-        for y in batch.iter_mut() {
-            for v in &mut y[c * spatial..(c + 1) * spatial] {
-                *v = (*v - mean) * invstd * scale[c] + shift[c];
-            }
-        }
-    }
-}
-
-/// The mean loss of the network in f64, written independently of the f32 step, a layer at a
-/// time over the whole batch (batch norm mixes samples); dropout drops what the masks of `seed`
-/// drawn outside a step (step 0) drop.
-fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u64) -> f64 {
-    let features = plan.input_features() as usize;
-    let mut batch: Vec<Vec<f64>> = inputs
-        .chunks_exact(features)
-        .take(labels.len())
-        .map(|x| x.iter().map(|&v| v as f64).collect())
-        .collect();
-    let mut rest = params;
-    let mut take = |n: u64| {
-        let (taken, left) = rest.split_at(n as usize);
-        rest = left;
-        taken
-    };
-    let mut layer_inputs = Vec::new();
-    for (i, layer) in plan.layers.iter().enumerate() {
-        let (n_in, n_out) = (layer.inputs as usize, layer.outputs as usize);
-        let w = take(layer.weights());
-        let scale = take(layer.scales());
-        let b = take(layer.biases());
-        let zeros = vec![0.0; b.len()];
-        let conv_bias = if layer.norm { &zeros[..] } else { b };
-        layer_inputs.push(batch.clone());
-        batch = batch
-            .iter()
-            .map(|x| match &layer.conv {
-                Some(conv) => conv_f64(x, w, conv_bias, conv),
-                None => (0..n_out)
-                    .map(|o| b[o] + (0..n_in).map(|k| w[o * n_in + k] * x[k]).sum::<f64>())
-                    .collect(),
-            })
-            .collect();
-        if layer.norm {
-            batch_norm_f64(&mut batch, scale, b);
-        }
-        if let Some(shortcut) = layer.shortcut {
-            let block_input = &layer_inputs[shortcut.from];
-            let carried: Vec<Vec<f64>> = match shortcut.projection {
-                Some(conv) => {
-                    let (w, scale, shift) = (
-                        take(conv.weights()),
-                        take(conv.out_channels),
-                        take(conv.out_channels),
-                    );
-                    let zeros = vec![0.0; shift.len()];
-                    let mut projected: Vec<Vec<f64>> = block_input
-                        .iter()
-                        .map(|x| conv_f64(x, w, &zeros, &conv))
-                        .collect();
-                    batch_norm_f64(&mut projected, scale, shift);
-                    projected
-                }
-                None => block_input.clone(),
-            };
-            for (y, r) in batch.iter_mut().zip(&carried) {
-                for (v, r) in y.iter_mut().zip(r) {
-                    *v += r;
-                }
-            }
-        }
-        if i + 1 == plan.layers.len() {
-            break;
-        }
-        for (r, y) in batch.iter_mut().enumerate() {
-            for v in y.iter_mut() {
-                *v = match plan.activation {
-                    Activation::Relu => v.max(0.0),
-                    Activation::Tanh => v.tanh(),
-                    Activation::Gelu => {
-                        0.5 * *v
-                            * (1.0
-                                + ((2.0 / std::f64::consts::PI).sqrt()
-                                    * (*v + 0.044715 * v.powi(3)))
-                                .tanh())
-                    }
-                };
-            }
-            if let Some(pool) = &layer.pool {
-                *y = pool_f64(y, pool);
-            }
-            if let Some(p) = plan.dropout_after(i) {
-                let layer_key = synthetic::stream_key(seed, synthetic::dropout_stream(i));
-                let key = synthetic::stream_key(layer_key, 0);
-                let scale = f64::from(synthetic::dropout_scale(p));
-                for (j, v) in y.iter_mut().enumerate() {
-                    let kept = synthetic::keeps(key, (r * n_out + j) as u64, p);
-                    *v = if kept { *v * scale } else { 0.0 };
-                }
-            }
-        }
-    }
-    let total: f64 = batch
+/// The mean loss of the network in f64, written independently of the f32 step: every module's
+/// forward from its definition ([`headroom_engine::modules::Module::reference`]) over the
+/// whole batch (batch norm mixes samples), with `trained` as its parameters in PyTorch's order;
+/// dropout drops what the masks of `seed` drawn outside a step (step 0) drop.
+fn loss_f64(plan: &Plan, trained: &[f64], inputs: &[f32], labels: &[u32], seed: u64) -> f64 {
+    let mut rest = trained;
+    let values: Vec<Vec<f64>> = plan
+        .model()
+        .parameters()
         .iter()
+        .map(|p| match p.kind {
+            ParameterKind::Trained { .. } => {
+                let (taken, left) = rest.split_at(p.elements as usize);
+                rest = left;
+                taken.to_vec()
+            }
+            // Running statistics do not enter training's forward.
+            _ => vec![0.0; p.elements as usize],
+        })
+        .collect();
+    assert!(rest.is_empty(), "every trained parameter is the model's");
+    let rows = labels.len();
+    let x: Vec<f64> = inputs
+        .iter()
+        .take(rows * plan.input_features() as usize)
+        .map(|&v| f64::from(v))
+        .collect();
+    let logits = plan
+        .model()
+        .reference(&x, rows, &mut Values::new(&values), seed);
+    let classes = plan.num_classes() as usize;
+    let total: f64 = logits
+        .chunks_exact(classes)
         .zip(labels)
         .map(|(x, &label)| {
             let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -350,7 +172,7 @@ fn loss_f64(plan: &Plan, params: &[f64], inputs: &[f32], labels: &[u32], seed: u
             log_sum - x[label as usize]
         })
         .sum();
-    total / labels.len() as f64
+    total / rows as f64
 }
 
 /// One step's gradients of `plan` at `rows` samples, against the f64 finite differences of the
@@ -393,7 +215,8 @@ fn gradient_error(plan: &Plan, rows: u64, seed: u64) -> f64 {
             / (2.0 * h);
         worst = worst.max((numeric - analytic[i]).abs() / largest);
     }
-    let row_loss = ops::mean(&executor.values(program.loss.0).to_f32_vec()) as f64;
+    let losses = executor.values(program.loss.0).to_f32_vec();
+    let row_loss = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / losses.len() as f64;
     let want = loss_f64(plan, &params, &inputs, &labels, seed);
     assert!(
         (row_loss - want).abs() < 1e-5 + gradient_tolerance(plan.precision) * want,
@@ -416,99 +239,99 @@ fn gradient_tolerance(precision: Precision) -> f64 {
     }
 }
 
+/// Every activation, in place or not, as PyTorch's modules write them.
+fn activations() -> [Value; 9] {
+    [
+        json!({"relu": {}}),
+        json!({"relu": {"inplace": true}}),
+        json!({"gelu": {"approximate": "tanh"}}),
+        json!({"gelu": {}}),
+        json!({"tanh": {}}),
+        json!({"sigmoid": {}}),
+        json!({"silu": {}}),
+        json!({"leaky_relu": {"negative_slope": 0.1, "inplace": true}}),
+        json!({"relu6": {}}),
+    ]
+}
+
+/// Whether the activation's derivative jumps somewhere.
+fn has_kink(activation: &Value) -> bool {
+    ["relu", "relu6", "leaky_relu"]
+        .iter()
+        .any(|kind| activation.get(kind).is_some())
+}
+
+/// `name` with its gradients' distance from the finite differences, if past `plan`'s
+/// precision's tolerance.
+fn inexact_gradients(plan: &Plan, rows: u64, seed: u64, name: &str) -> Option<String> {
+    let error = gradient_error(plan, rows, seed);
+    eprintln!("{name}: {error:.2e}");
+    (error > gradient_tolerance(plan.precision)).then(|| format!("{name}: {error:.2e}"))
+}
+
 #[test]
 fn gradients_match_finite_differences_in_every_precision_activation_and_framework() {
+    let activations = activations();
+    let mut inexact = Vec::new();
     for framework in [Framework::Pytorch, Framework::Headroom] {
-        for precision in Precision::ALL {
-            for activation in [Relu, Gelu, Tanh] {
-                for dropout in [&[][..], &[0.5, 0.25]] {
-                    let plan = Plan::new(
-                        5,
-                        &[4, 6],
-                        3,
-                        activation,
-                        Training {
-                            optimizer: Sgd,
-                            learning_rate: 0.05,
-                            precision,
-                            framework,
-                        },
-                    )
-                    .unwrap()
-                    .with_dropout(dropout);
-                    let error = gradient_error(&plan, 7, 11);
-                    let name =
-                        format!("{framework} {precision} {activation:?} dropout {dropout:?}");
-                    eprintln!("{name}: {error:.2e}");
-                    assert!(
-                        error <= gradient_tolerance(precision),
-                        "{name}: gradients {error:.2e} from finite differences"
-                    );
-                }
-                let training = Training {
-                    optimizer: Sgd,
-                    learning_rate: 0.05,
-                    precision,
-                    framework,
-                };
-                // Dropout after the hidden linear layer, past the convolutions.
-                let plans = [false, true]
-                    .map(|norm| {
-                        let plan = convolutional(&[5], 3, activation, training, norm);
-                        (plan, format!("convolutional, batch norm {norm}"))
-                    })
-                    .into_iter()
-                    .chain([false, true].map(|projection| {
-                        let plan = residual(&[5], 3, activation, training, projection);
-                        (plan, format!("residual, projection {projection}"))
-                    }));
+        for (p, precision) in Precision::ALL.into_iter().enumerate() {
+            let training = Training {
+                optimizer: Sgd,
+                learning_rate: 0.05,
+                precision,
+                framework,
+            };
+            for (a, activation) in activations.iter().enumerate() {
+                let dropout = (a + p) % 2 == 0;
+                let plan = mlp(activation, dropout, training);
+                let name = format!("{framework} {precision} MLP {activation} dropout {dropout}");
+                inexact.extend(inexact_gradients(&plan, 7, 11, &name));
+            }
+            // The convolutional models with the activations whose derivative jumps (relu's at
+            // 0, relu6's at 6) in f32 only: 16-bit rounding can carry a value across the jump,
+            // most often after batch norm, which centres values on 0, and the finite difference
+            // then differentiates the other side. Three smooth ones, a different three per
+            // precision, in every precision.
+            let smooth = activations.iter().filter(|a| !has_kink(a));
+            let kinked = activations.iter().filter(|a| has_kink(a));
+            let chosen: Vec<&Value> = match precision {
+                Precision::F32True => kinked.collect(),
+                _ => Vec::new(),
+            };
+            for activation in chosen.into_iter().chain(smooth.cycle().skip(3 * p).take(3)) {
+                let plans = [
+                    (convolutional(activation, training, false), "convolutional"),
+                    (
+                        convolutional(activation, training, true),
+                        "convolutional, batch norm",
+                    ),
+                    (residual(activation, training, false), "residual, identity"),
+                    (residual(activation, training, true), "residual, projection"),
+                    (
+                        mobile(activation, training),
+                        "groups, dilation, adaptive pooling",
+                    ),
+                ];
                 for (plan, kind) in plans {
-                    let plan = plan.with_dropout(&[0.5]);
-                    let error = gradient_error(&plan, 3, 12);
-                    let name = format!("{framework} {precision} {activation:?} {kind}");
-                    eprintln!("{name}: {error:.2e}");
-                    assert!(
-                        error <= gradient_tolerance(precision),
-                        "{name}: gradients {error:.2e} from finite differences"
-                    );
+                    let name = format!("{framework} {precision} {kind} {activation}");
+                    inexact.extend(inexact_gradients(&plan, 3, 12, &name));
                 }
             }
         }
     }
+    assert!(
+        inexact.is_empty(),
+        "gradients far from the finite differences: {inexact:#?}"
+    );
 }
 
 /// The two frameworks run the same arithmetic in another order of allocations: in f32 they train
 /// to the same parameters, bit for bit, dropping the same values.
 #[test]
 fn both_frameworks_train_to_the_same_parameters_in_f32() {
-    for (activation, optimizer, dropout) in [
-        (Relu, Adam, &[][..]),
-        (Gelu, SgdMomentum, &[0.5, 0.0]),
-        (Tanh, Adamw, &[0.2, 0.7]),
-    ] {
-        let [pytorch, headroom] = [Framework::Pytorch, Framework::Headroom].map(|framework| {
-            let plan = Plan::new(
-                9,
-                &[7, 5],
-                3,
-                activation,
-                Training {
-                    optimizer,
-                    learning_rate: 0.05,
-                    precision: Precision::F32True,
-                    framework,
-                },
-            )
-            .unwrap()
-            .with_dropout(dropout);
-            trained_parameters(&mut HostDevice::default(), &plan, 13, 3, 4)
-                .unwrap()
-                .0
-        });
-        assert_eq!(
-            pytorch, headroom,
-            "{activation:?} {optimizer:?} {dropout:?}"
-        );
+    let activations = activations();
+    for (n, optimizer) in [Adam, SgdMomentum, Adamw].into_iter().enumerate() {
+        let activation = &activations[3 * n + 1];
         let [pytorch, headroom] = [Framework::Pytorch, Framework::Headroom].map(|framework| {
             let training = Training {
                 optimizer,
@@ -517,10 +340,12 @@ fn both_frameworks_train_to_the_same_parameters_in_f32() {
                 framework,
             };
             [
-                convolutional(&[6], 3, activation, training, false),
-                convolutional(&[6], 3, activation, training, true),
-                residual(&[6], 3, activation, training, false),
-                residual(&[6], 3, activation, training, true),
+                mlp(activation, n % 2 == 0, training),
+                convolutional(activation, training, false),
+                convolutional(activation, training, true),
+                residual(activation, training, false),
+                residual(activation, training, true),
+                mobile(activation, training),
             ]
             .map(|plan| {
                 trained_parameters(&mut HostDevice::default(), &plan, 5, 3, 4)
@@ -528,23 +353,20 @@ fn both_frameworks_train_to_the_same_parameters_in_f32() {
                     .0
             })
         });
-        assert_eq!(
-            pytorch, headroom,
-            "convolutional {activation:?} {optimizer:?}"
-        );
+        assert_eq!(pytorch, headroom, "{activation} {optimizer:?}");
     }
 }
 
 #[test]
 fn a_model_without_hidden_layers_has_exact_gradients_too() {
-    let plan = plan_of(6, &[], 4, Relu, Sgd);
+    let plan = plan_of(6, &[], 4, Sgd);
     assert!(gradient_error(&plan, 5, 3) <= 1e-4);
 }
 
 #[test]
 fn loss_goes_down_with_every_optimizer() {
     for (optimizer, rate) in [(Sgd, 0.5), (SgdMomentum, 0.1), (Adam, 0.01), (Adamw, 0.01)] {
-        let plan = plan_with_rate(8, &[32], 4, Relu, optimizer, rate);
+        let plan = plan_with_rate(8, &[32], 4, optimizer, rate);
         let mut device = HostDevice::default();
         let first = device
             .run_steps(&plan, 128, Steps::exactly(1), 5)
@@ -565,7 +387,7 @@ fn loss_goes_down_with_every_optimizer() {
 /// while a floor of 0 times the one step after the warm-up.
 #[test]
 fn short_steps_are_timed_until_they_fill_the_floor() {
-    let plan = plan_of(8, &[8], 2, Relu, Sgd);
+    let plan = plan_of(8, &[8], 2, Sgd);
     let mut device = HostDevice::default();
     let floor = Steps {
         at_least: 2,
@@ -585,61 +407,26 @@ fn short_steps_are_timed_until_they_fill_the_floor() {
 #[test]
 fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
     let mut device = HostDevice::default();
+    let activations = activations();
     for framework in [Framework::Pytorch, Framework::Headroom] {
         for precision in Precision::ALL {
-            for (activation, optimizer, dropout) in [
-                (Relu, Adam, &[][..]),
-                (Gelu, Sgd, &[0.5, 0.0]),
-                (Tanh, SgdMomentum, &[0.1, 0.9]),
-                (Relu, Adamw, &[0.0, 0.3]),
-            ] {
-                let plan = Plan::new(
-                    784,
-                    &[128, 64],
-                    10,
-                    activation,
-                    Training {
-                        optimizer,
-                        learning_rate: 0.01,
-                        precision,
-                        framework,
-                    },
-                )
-                .unwrap()
-                .with_dropout(dropout);
-                for batch in [1, 7, 129, 1000] {
-                    let report = device
-                        .run_steps(&plan, batch, Steps::exactly(2), 1)
-                        .unwrap();
-                    let modelled = plan.memory(batch).unwrap();
-                    assert_eq!(
-                        report.device_bytes, modelled.total,
-                        "{framework} {precision} {activation:?} {optimizer:?} {dropout:?} at \
-                         {batch}"
-                    );
-                    assert_eq!(device.used_bytes(), 0);
-                }
+            for (n, optimizer) in [Adam, Sgd, SgdMomentum, Adamw].into_iter().enumerate() {
                 let training = Training {
                     optimizer,
                     learning_rate: 0.01,
                     precision,
                     framework,
                 };
-                for (plan, norm) in [
-                    (
-                        convolutional(&[16], 10, activation, training, false),
-                        "none",
-                    ),
-                    (
-                        convolutional(&[16], 10, activation, training, true),
-                        "batch norm",
-                    ),
-                    (residual(&[16], 10, activation, training, false), "identity"),
-                    (
-                        residual(&[16], 10, activation, training, true),
-                        "projection",
-                    ),
-                ] {
+                let activation = &activations[2 * n + 1];
+                let plans = [
+                    (mlp(activation, n % 2 == 1, training), "MLP"),
+                    (convolutional(activation, training, false), "convolutional"),
+                    (convolutional(activation, training, true), "batch norm"),
+                    (residual(activation, training, false), "identity"),
+                    (residual(activation, training, true), "projection"),
+                    (mobile(activation, training), "mobile"),
+                ];
+                for (plan, kind) in plans {
                     for batch in [1, 7, 129] {
                         let report = device
                             .run_steps(&plan, batch, Steps::exactly(2), 1)
@@ -647,9 +434,9 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                         assert_eq!(
                             report.device_bytes,
                             plan.memory(batch).unwrap().total,
-                            "convolutional {framework} {precision} {activation:?} {optimizer:?} \
-                             {norm} at {batch}"
+                            "{kind} {framework} {precision} {activation} {optimizer:?} at {batch}"
                         );
+                        assert_eq!(device.used_bytes(), 0);
                     }
                 }
             }
@@ -659,7 +446,7 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
 
 #[test]
 fn past_the_budget_is_out_of_memory_and_nothing_stays_charged() {
-    let plan = plan_of(784, &[128], 10, Relu, Sgd);
+    let plan = plan_of(784, &[128], 10, Sgd);
     let budget = 4 << 20;
     let mut device = HostDevice::new(budget);
     let limit = plan.predict_max_batch(budget, Allocator::Exact);
@@ -673,7 +460,7 @@ fn past_the_budget_is_out_of_memory_and_nothing_stays_charged() {
 
 #[test]
 fn an_allocation_the_system_refuses_is_out_of_memory() {
-    let plan = plan_of(784, &[128], 10, Relu, Sgd);
+    let plan = plan_of(784, &[128], 10, Sgd);
     let mut device = HostDevice::new(u64::MAX);
     let err = device
         .run_steps(&plan, 1 << 58, Steps::exactly(1), 1)
@@ -684,7 +471,7 @@ fn an_allocation_the_system_refuses_is_out_of_memory() {
 
 #[test]
 fn training_is_deterministic_for_a_seed() {
-    let plan = plan_of(12, &[9], 5, Gelu, Adamw);
+    let plan = plan_with_rate(12, &[9], 5, Adamw, 0.05);
     let mut device = HostDevice::default();
     let a = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap().0;
     let b = trained_parameters(&mut device, &plan, 33, 3, 9).unwrap().0;
@@ -709,6 +496,8 @@ fn sixteen_bit_batches_are_convolved_and_pooled_block_by_block() {
         kernel: 5,
         stride: 1,
         padding: 2,
+        dilation: 1,
+        groups: 1,
     };
     let pool = Pooling {
         kind: PoolKind::Max,
@@ -718,6 +507,10 @@ fn sixteen_bit_batches_are_convolved_and_pooled_block_by_block() {
         kernel: 2,
         stride: 2,
         padding: 0,
+        dilation: 1,
+        out_height: 14,
+        out_width: 14,
+        count_include_pad: true,
     };
     let rows = 40u64;
     let (inputs, outputs) = (rows * conv.inputs(), rows * conv.outputs());

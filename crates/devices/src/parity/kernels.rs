@@ -6,8 +6,8 @@ use super::{
 };
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
-use headroom_engine::plan::program::OptimizerState;
-use headroom_engine::plan::{Activation, OptimizerKind, Storage};
+use headroom_engine::plan::{OptimizerKind, Storage};
+use headroom_engine::program::OptimizerState;
 use headroom_engine::step::UpdateRule;
 use headroom_engine::synthetic;
 
@@ -15,15 +15,14 @@ use headroom_engine::synthetic;
 pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
     let mut checks = check_fill(device)?;
     checks.extend(check_gemm(device)?);
-    checks.extend(check_elementwise(device)?);
+    checks.extend(super::elementwise::check_elementwise(device)?);
     checks.extend(check_convert(device)?);
     checks.extend(check_reduce(device)?);
     checks.extend(check_loss(device)?);
     checks.extend(check_optimizer(device)?);
     checks.extend(check_dropout(device)?);
-    checks.extend(super::image::check_conv(device)?);
-    checks.extend(super::image::check_pool(device)?);
-    checks.extend(super::image::check_channel_bias(device)?);
+    checks.extend(super::conv::check_conv(device)?);
+    checks.extend(super::pool::check_pool(device)?);
     checks.extend(super::norm::check_batch_norm(device)?);
     Ok(checks)
 }
@@ -62,11 +61,12 @@ fn check_dropout<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError>
                 &as_f32(kept.iter().map(|&k| u8::from(k)).collect()),
             ));
             let gradients = rounded(&random(len, 12), storage);
-            let mut grad = device.write_values(&gradients, storage)?;
-            device.dropout_backward(&mut grad, &mask, n, p)?;
+            let grad = device.write_values(&gradients, storage)?;
+            let mut dx = device.write_values(&poison(len), storage)?;
+            device.dropout_backward(&grad, &mask, &mut dx, n, p)?;
             checks.push(compare_bits(
                 format!("dropout_backward {name}"),
-                &device.read_values(&grad, n)?,
+                &device.read_values(&dx, n)?,
                 &rounded(&through(&kept, &gradients, p), storage),
             ));
         }
@@ -192,136 +192,6 @@ fn check_gemm<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
     Ok(checks)
 }
 
-/// elementwise.cu: bias with each activation (the activation reads the stored pre-activation),
-/// its backward, and the bias alone.
-fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
-    let mut checks = Vec::new();
-    for storage in STORAGES {
-        let tolerance = tolerance(storage);
-        let (from, into) = (
-            rounded(&random(1000, 47), storage),
-            rounded(&random(1000, 48), storage),
-        );
-        let from_d = device.write_values(&from, storage)?;
-        let mut into_d = device.write_values(&into, storage)?;
-        device.accumulate(&from_d, &mut into_d, 1000)?;
-        let want: Vec<f32> = from
-            .iter()
-            .zip(&into)
-            .map(|(a, b)| round(a + b, storage))
-            .collect();
-        checks.push(compare(
-            format!("accumulate 1000 {storage:?}"),
-            &device.read_values(&into_d, 1000)?,
-            &want,
-            tolerance,
-        ));
-        for activation in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
-            let (rows, cols) = (129usize, 7usize);
-            let pre_values: Vec<f32> = random(rows * cols, 6).iter().map(|v| v * 4.0).collect();
-            let pre_values = rounded(&pre_values, storage);
-            let bias_values = rounded(&random(cols, 7), storage);
-            let len = (rows * cols) as u64;
-            let mut pre = device.write_values(&pre_values, storage)?;
-            let bias = device.write_values(&bias_values, storage)?;
-            let mut post = device.write_values(&poison(rows * cols), storage)?;
-            let (r, c) = (rows as u64, cols as u64);
-            device.bias_activation(&mut pre, &bias, Some(&mut post), r, c, 1, activation)?;
-            let want_pre: Vec<f32> = pre_values
-                .iter()
-                .enumerate()
-                .map(|(i, &z)| round(z + bias_values[i % cols], storage))
-                .collect();
-            let want_post: Vec<f32> = want_pre
-                .iter()
-                .map(|&z| {
-                    round(
-                        reference::activate(activation, f64::from(z)) as f32,
-                        storage,
-                    )
-                })
-                .collect();
-            let name = format!("{activation:?} {rows}x{cols} {storage:?}");
-            let got = device.read_values(&pre, len)?;
-            checks.push(compare(
-                format!("bias+{name} pre"),
-                &got,
-                &want_pre,
-                tolerance,
-            ));
-            let got = device.read_values(&post, len)?;
-            checks.push(compare(
-                format!("bias+{name} post"),
-                &got,
-                &want_post,
-                tolerance,
-            ));
-            let mut alone = device.write_values(&poison(rows * cols), storage)?;
-            device.activation_forward(&pre, &mut alone, len, activation)?;
-            checks.push(compare(
-                format!("{name} alone"),
-                &device.read_values(&alone, len)?,
-                &want_post,
-                tolerance,
-            ));
-
-            let grad = rounded(&random(rows * cols, 8), storage);
-            let grad_d = device.write_values(&grad, storage)?;
-            // From what PyTorch's activation saves: relu's and tanh's output, gelu's input.
-            let saved = match activation {
-                Activation::Gelu => &pre,
-                _ => &post,
-            };
-            let saved_values = device.read_values(saved, len)?;
-            let mut out = device.write_values(&vec![f32::NAN; rows * cols], storage)?;
-            device.activation_gradient(&grad_d, saved, &mut out, len, activation)?;
-            let want: Vec<f32> = grad
-                .iter()
-                .zip(&saved_values)
-                .map(|(&g, &s)| {
-                    let slope = reference::derivative_from_saved(activation, f64::from(s));
-                    round((f64::from(g) * slope) as f32, storage)
-                })
-                .collect();
-            let got = device.read_values(&out, len)?;
-            checks.push(compare(
-                format!("{name} gradient from the saved tensor"),
-                &got,
-                &want,
-                tolerance,
-            ));
-            let got_pre = device.read_values(&pre, len)?;
-            device.activation_backward(&grad_d, &mut pre, len, activation)?;
-            let want: Vec<f32> = grad
-                .iter()
-                .zip(&got_pre)
-                .map(|(&g, &z)| {
-                    let slope = reference::derivative(activation, f64::from(z));
-                    round((f64::from(g) * slope) as f32, storage)
-                })
-                .collect();
-            let got = device.read_values(&pre, len)?;
-            checks.push(compare(format!("{name} backward"), &got, &want, tolerance));
-        }
-        let (rows, cols) = (1000usize, 784usize);
-        let pre_values = rounded(&random(rows * cols, 9), storage);
-        let bias_values = rounded(&random(cols, 10), storage);
-        let mut pre = device.write_values(&pre_values, storage)?;
-        let bias = device.write_values(&bias_values, storage)?;
-        let (r, c) = (rows as u64, cols as u64);
-        device.bias_activation(&mut pre, &bias, None, r, c, 1, Activation::Relu)?;
-        let want: Vec<f32> = pre_values
-            .iter()
-            .enumerate()
-            .map(|(i, &z)| round(z + bias_values[i % cols], storage))
-            .collect();
-        let got = device.read_values(&pre, r * c)?;
-        let name = format!("bias add {rows}x{cols} {storage:?}");
-        checks.push(compare(name, &got, &want, tolerance));
-    }
-    Ok(checks)
-}
-
 /// Values at every edge of 16-bit rounding: ties to even, subnormals, overflow, NaN.
 fn conversion_values() -> Vec<f32> {
     let mut values = vec![
@@ -401,6 +271,25 @@ fn check_reduce<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> 
                 tolerance(to),
             ));
         }
+    }
+    for (rows, channels, spatial) in [(1usize, 1usize, 2usize), (3, 6, 784), (129, 16, 25)] {
+        let (from, to) = (Storage::Bf16, Storage::F32);
+        let dy = rounded(&random(rows * channels * spatial, 26), from);
+        let dyd = device.write_values(&dy, from)?;
+        let mut db = device.write_values(&poison(channels), to)?;
+        let (r, c, k) = (rows as u64, channels as u64, spatial as u64);
+        device.bias_gradient(&dyd, &mut db, r, c, k)?;
+        let mut want = vec![0.0f64; channels];
+        for (i, &v) in dy.iter().enumerate() {
+            want[i / spatial % channels] += f64::from(v);
+        }
+        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        checks.push(compare(
+            format!("channel sum {rows}x{channels}x{spatial} {from:?}->{to:?}"),
+            &device.read_values(&db, c)?,
+            &want,
+            tolerance(to),
+        ));
     }
     for len in [1usize, 1000, 129 * 784] {
         let values = random(len, 12);

@@ -2,9 +2,9 @@
 //! inputs with awkward sizes (1, 7, 129, 784, 1000), in every storage a precision uses, outputs
 //! poisoned with NaN beforehand so an unwritten element fails, compared with a reference
 //! computed here within a tolerance ([`tolerance`]). One check per kernel family (fill, gemm,
-//! elementwise, reduce, loss, optimizer, dropout: [`kernels`]; convolution and pooling:
-//! [`image`]; batch norm: [`norm`]), then a few training steps in every
-//! precision and the loss scaler's skipped steps ([`training`]).
+//! reduce, loss, optimizer, dropout: [`kernels`]; biases, activations and sums:
+//! [`elementwise`]; convolution: [`conv`]; pooling: [`pool`]; batch norm: [`norm`]), then a few
+//! training steps in every precision and the loss scaler's skipped steps ([`training`]).
 //!
 //! The references restate each operation's semantics from its definition, in f64 where it
 //! sums or uses a transcendental function ([`reference`]; the matrix products a naive f64
@@ -12,9 +12,11 @@
 //! checks mean something even when the device under test is the host itself. The training check
 //! compares a device's whole steps with the host's, and so says nothing of the host itself.
 
-mod image;
+mod conv;
+mod elementwise;
 mod kernels;
 mod norm;
+mod pool;
 mod reference;
 mod training;
 

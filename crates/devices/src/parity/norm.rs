@@ -1,12 +1,13 @@
-//! Checks of `norm.cu`: batch norm's forward (the batch's statistics, the normalized output and
-//! its activation, the running statistics and their step count) and backward, against a
+//! Checks of `norm.cu`: batch norm's forward (the batch's statistics, the normalized output,
+//! the running statistics and their step count) and backward, against a
 //! reference written here in f64 from the definitions, in the storages the precisions use.
 
 use super::{compare, poison, random, rounded, tolerance, Check};
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
-use headroom_engine::plan::program::{BatchStatistics, RunningStatistics};
-use headroom_engine::plan::{Activation, Planes, Storage, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM};
+use headroom_engine::modules::batch_norm::Planes;
+use headroom_engine::plan::Storage;
+use headroom_engine::program::{Affine, BatchStatistics, RunningStatistics};
 
 /// Batch norm's values (the batch, its outputs and gradients), its parameters (and running
 /// statistics), and their gradients, as each precision stores them: `32-true`, the mixed ones
@@ -21,21 +22,20 @@ const STORAGES: [(Storage, Storage, Storage); 4] = [
 /// What the reference computes for one channel layout.
 struct Reference {
     y: Vec<f32>,
-    post: Vec<f32>,
     mean: Vec<f32>,
     invstd: Vec<f32>,
     running_mean: Vec<f32>,
     running_var: Vec<f32>,
     dx: Vec<f32>,
     dscale: Vec<f32>,
-    dbias: Vec<f32>,
+    dshift: Vec<f32>,
 }
 
 /// Batch norm from the definitions, in f64: `x`, `dy` are `planes`, the rest per channel.
 fn reference(
     planes: &Planes,
     (x, dy): (&[f32], &[f32]),
-    (scale, bias): (&[f32], &[f32]),
+    (scale, shift): (&[f32], &[f32]),
     (running_mean, running_var): (&[f32], &[f32]),
 ) -> Reference {
     let (channels, spatial) = (planes.channels as usize, planes.spatial as usize);
@@ -52,13 +52,13 @@ fn reference(
     let variance: Vec<f64> = sums.iter().map(|s| s[1] / count).collect();
     let invstd: Vec<f64> = variance
         .iter()
-        .map(|v| 1.0 / (v + f64::from(BATCH_NORM_EPS)).sqrt())
+        .map(|v| 1.0 / (v + f64::from(planes.eps)).sqrt())
         .collect();
     let xhat = |i: usize| (f64::from(x[i]) - mean[channel(i)]) * invstd[channel(i)];
     let y: Vec<f32> = (0..x.len())
-        .map(|i| (xhat(i) * f64::from(scale[channel(i)]) + f64::from(bias[channel(i)])) as f32)
+        .map(|i| (xhat(i) * f64::from(scale[channel(i)]) + f64::from(shift[channel(i)])) as f32)
         .collect();
-    let momentum = f64::from(BATCH_NORM_MOMENTUM);
+    let momentum = f64::from(planes.momentum);
     let moved =
         |old: f32, batch: f64| ((1.0 - momentum) * f64::from(old) + momentum * batch) as f32;
     let unbiased = count / (count - 1.0).max(1.0);
@@ -77,7 +77,6 @@ fn reference(
         })
         .collect();
     Reference {
-        post: y.iter().map(|&v| v.max(0.0)).collect(),
         y,
         mean: mean.iter().map(|&m| m as f32).collect(),
         invstd: invstd.iter().map(|&s| s as f32).collect(),
@@ -89,158 +88,179 @@ fn reference(
             .collect(),
         dx,
         dscale: grad_sums.iter().map(|s| s[1] as f32).collect(),
-        dbias: grad_sums.iter().map(|s| s[0] as f32).collect(),
+        dshift: grad_sums.iter().map(|s| s[0] as f32).collect(),
     }
 }
 
-/// Batch norm forward (a residual block's shortcut added at every shape but the smallest, ReLU
-/// after it) and backward over 2 samples of one channel of one value up to 129 samples of 4
-/// channels of 3x3, in every storage a precision uses.
+/// One layout checked: its planes, whether it has an affine transform, and whether backward
+/// computes the input's gradient.
+struct Case {
+    planes: Planes,
+    affine: bool,
+    input_gradient: bool,
+}
+
+/// 2 samples of one channel of one value up to 129 samples of 4 channels of 3x3; with and
+/// without an affine transform (`affine=False`), with and without the input's gradient (the
+/// first layer's), at PyTorch's default `eps` and `momentum` and at others.
+fn cases() -> [Case; 4] {
+    let planes = |rows, channels, spatial, eps, momentum| Planes {
+        rows,
+        channels,
+        spatial,
+        eps,
+        momentum,
+    };
+    [
+        Case {
+            planes: planes(2, 1, 1, 1e-5, 0.1),
+            affine: true,
+            input_gradient: true,
+        },
+        Case {
+            planes: planes(3, 6, 25, 1e-3, 0.01),
+            affine: false,
+            input_gradient: true,
+        },
+        Case {
+            planes: planes(129, 4, 9, 1e-5, 0.1),
+            affine: true,
+            input_gradient: false,
+        },
+        Case {
+            planes: planes(5, 3, 1, 0.1, 0.5),
+            affine: true,
+            input_gradient: true,
+        },
+    ]
+}
+
+/// Runs the batch norm checks in every storage a precision uses.
 pub fn check_batch_norm<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
     let mut checks = Vec::new();
-    for (values, params, grads) in STORAGES {
-        for (rows, channels, spatial) in [(2u64, 1u64, 1u64), (3, 6, 25), (129, 4, 9)] {
-            let planes = Planes {
-                rows,
-                channels,
-                spatial,
-            };
-            let (len, c) = (planes.values() as usize, channels as usize);
-            // An offset and a spread per channel, as a layer's outputs have.
-            let x: Vec<f32> = random(len, 40)
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v * (1.0 + (i / spatial as usize % c) as f32) + 0.5)
-                .collect();
-            let x = rounded(&x, values);
-            let dy = rounded(&random(len, 41), values);
-            // A residual block's shortcut, added to the output, at all but the smallest shape.
-            let residual = (rows > 2).then(|| rounded(&random(len, 46), values));
-            let scale = rounded(&random(c, 42), params);
-            let bias = rounded(&random(c, 43), params);
-            let running_mean = rounded(&random(c, 44), params);
-            let running_var = rounded(
-                &random(c, 45).iter().map(|v| v.abs()).collect::<Vec<_>>(),
-                params,
-            );
-            let mut want = reference(
-                &planes,
-                (&x, &dy),
-                (&scale, &bias),
-                (&running_mean, &running_var),
-            );
-            if let Some(residual) = &residual {
-                for (y, r) in want.y.iter_mut().zip(residual) {
-                    *y += r;
-                }
-                want.post = want.y.iter().map(|&v| v.max(0.0)).collect();
-            }
-
-            let x_d = device.write_values(&x, values)?;
-            let scale_d = device.write_values(&scale, params)?;
-            let bias_d = device.write_values(&bias, params)?;
-            let residual_d = match &residual {
-                Some(r) => Some(device.write_values(r, values)?),
-                None => None,
-            };
-            let mut y = device.write_values(&poison(len), values)?;
-            let mut post = device.write_values(&poison(len), values)?;
-            let mut saved = BatchStatistics {
-                mean: device.write_values(&poison(c), Storage::F32)?,
-                invstd: device.write_values(&poison(c), Storage::F32)?,
-            };
-            let mut running = RunningStatistics {
-                mean: device.write_values(&running_mean, params)?,
-                var: device.write_values(&running_var, params)?,
-                steps: device.index_zeroed(1)?,
-            };
-            device.batch_norm_forward(
-                &x_d,
-                &scale_d,
-                &bias_d,
-                residual_d.as_ref(),
-                &mut y,
-                Some(&mut post),
-                &mut saved,
-                &mut running,
-                &planes,
-                Activation::Relu,
-            )?;
-            let shape = format!("{rows}x{channels}x{spatial} {values:?}/{params:?}/{grads:?}");
-            let mut check = |what: &str, got: Vec<f32>, want: &[f32], storage: Storage| {
-                checks.push(compare(
-                    format!("batch norm {what} {shape}"),
-                    &got,
-                    &rounded(want, storage),
-                    tolerance(storage),
-                ));
-            };
-            let (n, cu) = (len as u64, channels);
-            check("output", device.read_values(&y, n)?, &want.y, values);
-            check("relu", device.read_values(&post, n)?, &want.post, values);
-            check(
-                "mean",
-                device.read_values(&saved.mean, cu)?,
-                &want.mean,
-                Storage::F32,
-            );
-            check(
-                "invstd",
-                device.read_values(&saved.invstd, cu)?,
-                &want.invstd,
-                Storage::F32,
-            );
-            check(
-                "running mean",
-                device.read_values(&running.mean, cu)?,
-                &want.running_mean,
-                params,
-            );
-            check(
-                "running variance",
-                device.read_values(&running.var, cu)?,
-                &want.running_var,
-                params,
-            );
-            let steps = device.read_index(&running.steps, 1)?;
-            check("step count", vec![steps[0] as f32], &[1.0], Storage::F32);
-
-            let dy_d = device.write_values(&dy, values)?;
-            let mut dx = device.write_values(&poison(len), values)?;
-            let mut dscale = device.write_values(&poison(c), grads)?;
-            let mut dbias = device.write_values(&poison(c), grads)?;
-            device.batch_norm_backward(
-                &dy_d,
-                &x_d,
-                &scale_d,
-                BatchStatistics {
-                    mean: &saved.mean,
-                    invstd: &saved.invstd,
-                },
-                &mut dx,
-                &mut dscale,
-                &mut dbias,
-                &planes,
-            )?;
-            check(
-                "input gradient",
-                device.read_values(&dx, n)?,
-                &want.dx,
-                values,
-            );
-            check(
-                "scale gradient",
-                device.read_values(&dscale, cu)?,
-                &want.dscale,
-                grads,
-            );
-            check(
-                "bias gradient",
-                device.read_values(&dbias, cu)?,
-                &want.dbias,
-                grads,
-            );
+    for storages in STORAGES {
+        for case in cases() {
+            checks.extend(check_case(device, &case, storages)?);
         }
+    }
+    Ok(checks)
+}
+
+fn check_case<K: Transfer>(
+    device: &mut K,
+    case: &Case,
+    (values, params, grads): (Storage, Storage, Storage),
+) -> Result<Vec<Check>, DeviceError> {
+    let planes = &case.planes;
+    let (len, c, spatial) = (
+        planes.values() as usize,
+        planes.channels as usize,
+        planes.spatial as usize,
+    );
+    // An offset and a spread per channel, as a layer's outputs have.
+    let x: Vec<f32> = random(len, 40)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (1.0 + (i / spatial % c) as f32) + 0.5)
+        .collect();
+    let x = rounded(&x, values);
+    let dy = rounded(&random(len, 41), values);
+    let (scale, shift) = match case.affine {
+        true => (
+            rounded(&random(c, 42), params),
+            rounded(&random(c, 43), params),
+        ),
+        false => (vec![1.0; c], vec![0.0; c]),
+    };
+    let running_mean = rounded(&random(c, 44), params);
+    let running_var = rounded(
+        &random(c, 45).iter().map(|v| v.abs()).collect::<Vec<_>>(),
+        params,
+    );
+    let want = reference(
+        planes,
+        (&x, &dy),
+        (&scale, &shift),
+        (&running_mean, &running_var),
+    );
+
+    let x_d = device.write_values(&x, values)?;
+    let scale_d = device.write_values(&scale, params)?;
+    let shift_d = device.write_values(&shift, params)?;
+    let affine = case.affine.then_some(Affine {
+        scale: &scale_d,
+        shift: &shift_d,
+    });
+    let mut y = device.write_values(&poison(len), values)?;
+    let mut saved = BatchStatistics {
+        mean: device.write_values(&poison(c), Storage::F32)?,
+        invstd: device.write_values(&poison(c), Storage::F32)?,
+    };
+    let mut running = RunningStatistics {
+        mean: device.write_values(&running_mean, params)?,
+        var: device.write_values(&running_var, params)?,
+        steps: device.index_zeroed(1)?,
+    };
+    device.batch_norm_forward(&x_d, affine, &mut y, &mut saved, &mut running, planes)?;
+    let shape = format!(
+        "{}x{}x{} eps={} momentum={} affine={} {values:?}/{params:?}/{grads:?}",
+        planes.rows, planes.channels, planes.spatial, planes.eps, planes.momentum, case.affine
+    );
+    let mut checks = Vec::new();
+    let mut check = |what: &str, got: Vec<f32>, want: &[f32], storage: Storage| {
+        checks.push(compare(
+            format!("batch norm {what} {shape}"),
+            &got,
+            &rounded(want, storage),
+            tolerance(storage),
+        ));
+    };
+    let (n, cu) = (len as u64, planes.channels);
+    check("output", device.read_values(&y, n)?, &want.y, values);
+    let mean = device.read_values(&saved.mean, cu)?;
+    check("mean", mean, &want.mean, Storage::F32);
+    let invstd = device.read_values(&saved.invstd, cu)?;
+    check("invstd", invstd, &want.invstd, Storage::F32);
+    let moved = device.read_values(&running.mean, cu)?;
+    check("running mean", moved, &want.running_mean, params);
+    let moved = device.read_values(&running.var, cu)?;
+    check("running variance", moved, &want.running_var, params);
+    let steps = device.read_index(&running.steps, 1)?;
+    check("step count", vec![steps[0] as f32], &[1.0], Storage::F32);
+
+    let dy_d = device.write_values(&dy, values)?;
+    let mut dx = device.write_values(&poison(len), values)?;
+    let mut dscale = device.write_values(&poison(c), grads)?;
+    let mut dshift = device.write_values(&poison(c), grads)?;
+    let statistics = BatchStatistics {
+        mean: &saved.mean,
+        invstd: &saved.invstd,
+    };
+    device.batch_norm_backward(
+        &dy_d,
+        &x_d,
+        case.affine.then_some(&scale_d),
+        statistics,
+        case.input_gradient.then_some(&mut dx),
+        case.affine.then_some(Affine {
+            scale: &mut dscale,
+            shift: &mut dshift,
+        }),
+        planes,
+    )?;
+    if case.input_gradient {
+        check(
+            "input gradient",
+            device.read_values(&dx, n)?,
+            &want.dx,
+            values,
+        );
+    }
+    if case.affine {
+        let got = device.read_values(&dscale, cu)?;
+        check("scale gradient", got, &want.dscale, grads);
+        let got = device.read_values(&dshift, cu)?;
+        check("shift gradient", got, &want.dshift, grads);
     }
     Ok(checks)
 }

@@ -2,8 +2,8 @@
 //! that a check of the host device compares the host with something other than itself. Results
 //! are returned in f32, to be rounded to the storage under test.
 
-use headroom_engine::plan::program::OptimizerState;
-use headroom_engine::plan::Activation;
+use headroom_engine::modules::activation::Nonlinearity;
+use headroom_engine::program::{OptimizerState, SavedAs};
 use headroom_engine::step::{UpdateRule, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, MOMENTUM};
 
 /// `sqrt(2 / pi)`, of GELU's tanh approximation.
@@ -11,37 +11,42 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 /// The cubic term's coefficient of GELU's tanh approximation.
 const GELU_CUBIC: f64 = 0.044_715;
 
-/// The activation at `x`.
-pub fn activate(activation: Activation, x: f64) -> f64 {
-    match activation {
-        Activation::Relu => x.max(0.0),
-        Activation::Tanh => x.tanh(),
-        Activation::Gelu => {
-            0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x.powi(3))).tanh())
-        }
-    }
+/// Whether the non-linearity's derivative follows from its saved tensor `saved_as`: from its
+/// input always; from its output only where the function is monotone with a known inverse
+/// slope (not gelu or silu, which PyTorch never saves so).
+pub fn recoverable(nonlinearity: Nonlinearity, saved_as: SavedAs) -> bool {
+    saved_as == SavedAs::Input
+        || !matches!(
+            nonlinearity,
+            Nonlinearity::GeluTanh | Nonlinearity::GeluErf | Nonlinearity::Silu
+        )
 }
 
-/// The activation's derivative at its input `x`.
-pub fn derivative(activation: Activation, x: f64) -> f64 {
-    match activation {
-        Activation::Relu => f64::from(u8::from(x > 0.0)),
-        Activation::Tanh => 1.0 - x.tanh().powi(2),
-        Activation::Gelu => {
-            let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x.powi(3))).tanh();
+/// The non-linearity's derivative from its saved input or output `s`, differentiated by hand.
+pub fn derivative(nonlinearity: Nonlinearity, s: f64, saved_as: SavedAs) -> f64 {
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let step = |above: bool| f64::from(u8::from(above));
+    match (nonlinearity, saved_as) {
+        (Nonlinearity::Relu, _) => step(s > 0.0),
+        (Nonlinearity::Relu6, _) => step(s > 0.0 && s < 6.0),
+        (Nonlinearity::LeakyRelu { slope }, _) => match s > 0.0 {
+            true => 1.0,
+            false => f64::from(slope),
+        },
+        (Nonlinearity::Tanh, SavedAs::Output) => 1.0 - s * s,
+        (Nonlinearity::Tanh, SavedAs::Input) => 1.0 - s.tanh().powi(2),
+        (Nonlinearity::Sigmoid, SavedAs::Output) => s * (1.0 - s),
+        (Nonlinearity::Sigmoid, SavedAs::Input) => sigmoid(s) * (1.0 - sigmoid(s)),
+        (Nonlinearity::Silu, _) => sigmoid(s) * (1.0 + s * (1.0 - sigmoid(s))),
+        (Nonlinearity::GeluTanh, _) => {
+            let t = (SQRT_2_OVER_PI * (s + GELU_CUBIC * s.powi(3))).tanh();
             0.5 * (1.0 + t)
-                + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
+                + 0.5 * s * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * s * s)
         }
-    }
-}
-
-/// The activation's derivative from what PyTorch saves for it: relu's and tanh's output, gelu's
-/// input.
-pub fn derivative_from_saved(activation: Activation, saved: f64) -> f64 {
-    match activation {
-        Activation::Relu => f64::from(u8::from(saved > 0.0)),
-        Activation::Tanh => 1.0 - saved * saved,
-        Activation::Gelu => derivative(activation, saved),
+        (Nonlinearity::GeluErf, _) => {
+            let density = (-0.5 * s * s).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            0.5 * (1.0 + libm::erf(s / std::f64::consts::SQRT_2)) + s * density
+        }
     }
 }
 

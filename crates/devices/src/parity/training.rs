@@ -6,11 +6,12 @@ use crate::host::HostDevice;
 use crate::transfer::trained_parameters;
 use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, Probing};
+use headroom_engine::modules::LayerSpec;
 use headroom_engine::plan::Framework;
 use headroom_engine::plan::{
-    Activation, Convolution, Layer, OptimizerKind, Plan, PoolKind, Pooling, Precision, Shortcut,
-    Training, LOSS_SCALE_INITIAL,
+    Activation, OptimizerKind, Plan, Precision, Training, LOSS_SCALE_INITIAL,
 };
+use serde_json::json;
 
 /// The accepted difference of parameters after three steps in `precision`: f32's tolerance,
 /// or one unit of the 16-bit storage the step computes in. The master parameters of the mixed
@@ -20,240 +21,215 @@ fn training_tolerance(precision: Precision) -> f64 {
     tolerance(precision.compute())
 }
 
-/// Trains the same small model for three steps on `device` and on the host, and compares every
-/// parameter afterwards: every optimizer and activation in f32, two of them in each 16-bit
-/// precision, some with dropout after the hidden layers; then the loss scaler's skipped steps.
-pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check>, DeviceError> {
-    let mut checks = Vec::new();
-    const DROPOUT: &[f32] = &[0.5, 0.2];
-    let f32_runs = [
-        (
-            OptimizerKind::Sgd,
-            Activation::Relu,
-            Framework::Pytorch,
-            &[][..],
-        ),
-        (
-            OptimizerKind::SgdMomentum,
-            Activation::Tanh,
-            Framework::Headroom,
-            DROPOUT,
-        ),
-        (
-            OptimizerKind::Adam,
-            Activation::Gelu,
-            Framework::Pytorch,
-            DROPOUT,
-        ),
-        (
-            OptimizerKind::Adamw,
-            Activation::Relu,
-            Framework::Headroom,
-            &[],
-        ),
-        (
-            OptimizerKind::SgdMomentum,
-            Activation::Tanh,
-            Framework::Pytorch,
-            &[],
-        ),
-    ];
-    let half_runs = [
-        (
-            OptimizerKind::SgdMomentum,
-            Activation::Gelu,
-            Framework::Pytorch,
-            DROPOUT,
-        ),
-        (
-            OptimizerKind::Adamw,
-            Activation::Relu,
-            Framework::Headroom,
-            DROPOUT,
-        ),
-    ];
-    for precision in Precision::ALL {
-        let runs: &[(OptimizerKind, Activation, Framework, &[f32])] = match precision {
-            Precision::F32True => &f32_runs,
-            _ => &half_runs,
-        };
-        for &(optimizer, activation, framework, dropout) in runs {
-            let learning_rate = optimizer.default_learning_rate() as f32;
-            let plan = Plan::new(
-                49,
-                &[129, 33],
-                10,
-                activation,
-                Training {
-                    optimizer,
-                    learning_rate,
-                    precision,
-                    framework,
-                },
-            )
-            .expect("the parity model plans")
-            .with_dropout(dropout);
-            let (want, _) = trained_parameters(&mut HostDevice::default(), &plan, 1000, 3, 42)?;
-            let (got, _) = trained_parameters(device, &plan, 1000, 3, 42)?;
-            checks.push(compare(
-                format!(
-                    "3 training steps, {optimizer:?} + {activation:?}, dropout {dropout:?}, batch \
-                     1000, {precision}, {framework}'s step"
-                ),
-                &got,
-                &want,
-                training_tolerance(precision),
-            ));
+/// A model as a layer list in the job's form.
+fn layers(list: serde_json::Value) -> Vec<LayerSpec> {
+    serde_json::from_value(list).expect("the parity models are valid layer lists")
+}
+
+/// The plan of `list` over `input_shape` into 10 classes.
+fn plan(input_shape: &[u64], list: serde_json::Value, training: Training) -> Plan {
+    Plan::new(input_shape, &layers(list), 10, training, "model").expect("the parity model plans")
+}
+
+/// MLPs of 49 inputs, hidden widths 129 and 33, 10 classes, with each activation; `dropout`
+/// puts dropout after each hidden activation.
+fn mlp(activation: serde_json::Value, dropout: bool, training: Training) -> Plan {
+    let mut list = Vec::new();
+    for width in [129, 33] {
+        list.push(json!({"linear": {"out_features": width}}));
+        list.push(activation.clone());
+        if dropout {
+            list.push(json!({"dropout": {"p": 0.3}}));
         }
     }
+    list.push(json!({"linear": {"out_features": 10}}));
+    plan(&[49], serde_json::Value::Array(list), training)
+}
+
+/// Trains the same small model for three steps on `device` and on the host, and compares every
+/// parameter afterwards: MLPs with every optimizer and activation (in place or not, some with
+/// dropout) in f32 and two in each 16-bit precision; convolutional models in every precision;
+/// then the loss scaler's skipped steps.
+pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check>, DeviceError> {
+    let mut checks = Vec::new();
+    let f32_runs = [
+        (OptimizerKind::Sgd, json!({"relu": {}}), false),
+        (OptimizerKind::SgdMomentum, json!({"tanh": {}}), true),
+        (
+            OptimizerKind::Adam,
+            json!({"gelu": {"approximate": "tanh"}}),
+            true,
+        ),
+        (
+            OptimizerKind::Adamw,
+            json!({"relu": {"inplace": true}}),
+            false,
+        ),
+        (OptimizerKind::SgdMomentum, json!({"silu": {}}), false),
+        (OptimizerKind::Adam, json!({"gelu": {}}), false),
+        (OptimizerKind::Sgd, json!({"sigmoid": {}}), true),
+        (
+            OptimizerKind::SgdMomentum,
+            json!({"leaky_relu": {"negative_slope": 0.2, "inplace": true}}),
+            false,
+        ),
+        (OptimizerKind::Adamw, json!({"relu6": {}}), true),
+    ];
+    let half_runs = [
+        (OptimizerKind::SgdMomentum, json!({"gelu": {}}), true),
+        (
+            OptimizerKind::Adamw,
+            json!({"relu": {"inplace": true}}),
+            true,
+        ),
+    ];
     for precision in Precision::ALL {
-        // Batch norm in headroom's step, where its backward writes over buffers it has read.
-        for (norm, framework) in [(false, Framework::Pytorch), (true, Framework::Headroom)] {
+        let runs = match precision {
+            Precision::F32True => &f32_runs[..],
+            _ => &half_runs[..],
+        };
+        for (n, (optimizer, activation, dropout)) in runs.iter().enumerate() {
+            let framework = [Framework::Pytorch, Framework::Headroom][n % 2];
             let training = Training {
-                optimizer: OptimizerKind::Adam,
-                learning_rate: 0.001,
+                optimizer: *optimizer,
+                learning_rate: optimizer.default_learning_rate() as f32,
                 precision,
                 framework,
             };
-            let plan = lenet_like(training, norm);
-            let (want, _) = trained_parameters(&mut HostDevice::default(), &plan, 33, 3, 42)?;
-            let (got, _) = trained_parameters(device, &plan, 33, 3, 42)?;
-            checks.push(compare(
-                format!(
-                    "3 training steps, LeNet-like convolutions (batch norm: {norm}), Adam, batch \
-                     33, {precision}, {framework}'s step"
-                ),
-                &got,
-                &want,
-                training_tolerance(precision),
-            ));
+            let plan = mlp(activation.clone(), *dropout, training);
+            checks.push(compare_training(
+                device,
+                &plan,
+                1000,
+                format!("MLP with {activation}, dropout {dropout}, {optimizer:?}, batch 1000"),
+            )?);
         }
     }
     for (n, precision) in Precision::ALL.into_iter().enumerate() {
-        let framework = [Framework::Pytorch, Framework::Headroom][n % 2];
-        let training = Training {
-            optimizer: OptimizerKind::SgdMomentum,
-            learning_rate: 0.01,
-            precision,
-            framework,
-        };
-        let plan = resnet_like(training);
-        let (want, _) = trained_parameters(&mut HostDevice::default(), &plan, 9, 3, 42)?;
-        let (got, _) = trained_parameters(device, &plan, 9, 3, 42)?;
-        checks.push(compare(
-            format!(
-                "3 training steps, ResNet-like blocks (a projection, an identity), SGD with \
-                 momentum, batch 9, {precision}, {framework}'s step"
+        for (model, name) in [
+            (
+                lenet_like as fn(Training) -> Plan,
+                "LeNet-like convolutions",
             ),
-            &got,
-            &want,
-            training_tolerance(precision),
-        ));
+            (
+                resnet_like,
+                "ResNet-like blocks (a projection, an identity)",
+            ),
+            (
+                mobilenet_like,
+                "MobileNet-like blocks (depthwise, dilated, relu6, silu)",
+            ),
+        ] {
+            let framework = [Framework::Pytorch, Framework::Headroom][n % 2];
+            let training = Training {
+                optimizer: OptimizerKind::SgdMomentum,
+                learning_rate: 0.01,
+                precision,
+                framework,
+            };
+            let label = format!("{name}, SGD with momentum, batch 9");
+            checks.push(compare_training(device, &model(training), 9, label)?);
+        }
     }
     checks.push(check_loss_scaling(device)?);
     Ok(checks)
 }
 
-/// A ResNet's shape in miniature: 3x8x8, a padded 3x3 convolution to 4 channels; a block of
-/// two to 8 channels at stride 2 with a 1x1 projection shortcut; a block of two with the
-/// identity, pooled globally; 10 classes. Batch norm after every convolution.
-fn resnet_like(training: Training) -> Plan {
-    let conv = |in_channels, side, out_channels, stride| Convolution {
-        in_channels,
-        height: side,
-        width: side,
-        out_channels,
-        kernel: 3,
-        stride,
-        padding: 1,
-    };
-    let block = |from, projection| Shortcut { from, projection };
-    let projection = Convolution {
-        kernel: 1,
-        padding: 0,
-        ..conv(4, 8, 8, 2)
-    };
-    let pool = Pooling {
-        kind: PoolKind::Average,
-        channels: 8,
-        height: 4,
-        width: 4,
-        kernel: 4,
-        stride: 4,
-        padding: 0,
-    };
-    Plan::convolutional(
-        &[
-            Layer::normalized(conv(3, 8, 4, 1), None),
-            Layer::normalized(conv(4, 8, 8, 2), None),
-            Layer::normalized(conv(8, 4, 8, 1), None).with_shortcut(block(1, Some(projection))),
-            Layer::normalized(conv(8, 4, 8, 1), None),
-            Layer::normalized(conv(8, 4, 8, 1), Some(pool)).with_shortcut(block(3, None)),
-        ],
-        192,
-        &[],
-        10,
-        Activation::Relu,
-        training,
-    )
-    .expect("the parity model plans")
+/// Three steps of `plan` at `rows` on `device` and on the host, every parameter compared.
+fn compare_training<D: Probing + Transfer>(
+    device: &mut D,
+    plan: &Plan,
+    rows: u64,
+    label: String,
+) -> Result<Check, DeviceError> {
+    let (want, _) = trained_parameters(&mut HostDevice::default(), plan, rows, 3, 42)?;
+    let (got, _) = trained_parameters(device, plan, rows, 3, 42)?;
+    Ok(compare(
+        format!(
+            "3 training steps, {label}, {}, {}'s step",
+            plan.precision, plan.framework
+        ),
+        &got,
+        &want,
+        training_tolerance(plan.precision),
+    ))
 }
 
-/// LeNet-5's shape at a third of its size: 1x12x12, a padded 5x5 convolution to 6 channels, max
-/// pooled; a 3x3 convolution to 8, average pooled; 32 hidden, 10 classes. With `norm`, batch
-/// norm follows each convolution.
-fn lenet_like(training: Training, norm: bool) -> Plan {
-    let first = Convolution {
-        in_channels: 1,
-        height: 12,
-        width: 12,
-        out_channels: 6,
-        kernel: 5,
-        stride: 1,
-        padding: 2,
-    };
-    let second = Convolution {
-        in_channels: 6,
-        height: 6,
-        width: 6,
-        out_channels: 8,
-        kernel: 3,
-        stride: 1,
-        padding: 0,
-    };
-    let pool = |kind, channels, side| Pooling {
-        kind,
-        channels,
-        height: side,
-        width: side,
-        kernel: 2,
-        stride: 2,
-        padding: 0,
-    };
-    let layer = match norm {
-        true => Layer::normalized,
-        false => Layer::convolution,
-    };
-    Plan::convolutional(
-        &[
-            layer(first, Some(pool(PoolKind::Max, 6, 12))),
-            layer(second, Some(pool(PoolKind::Average, 8, 4))),
-        ],
-        144,
-        &[32],
-        10,
-        Activation::Relu,
-        training,
-    )
-    .expect("the parity model plans")
+/// LeNet-5's shape at a third of its size over 1x12x12: a padded 5x5 convolution to 6
+/// channels, batch norm before relu, max pooled with `ceil_mode`; a bias-free 3x3 convolution
+/// to 8, average pooled over padding it does not count; 32 hidden, 10 classes.
+fn lenet_like(training: Training) -> Plan {
+    let list = json!([
+        {"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}},
+        {"batch_norm2d": {}},
+        {"relu": {"inplace": true}},
+        {"max_pool2d": {"kernel_size": 3, "stride": 2, "ceil_mode": true}},
+        {"conv2d": {"out_channels": 8, "kernel_size": 3, "bias": false}},
+        {"avg_pool2d": {"kernel_size": 2, "padding": 1, "count_include_pad": false}},
+        {"flatten": {}},
+        {"linear": {"out_features": 32}},
+        {"batch_norm1d": {"affine": false}},
+        {"tanh": {}},
+        {"linear": {"out_features": 10}}
+    ]);
+    plan(&[1, 12, 12], list, training)
+}
+
+/// A ResNet's shape in miniature over 3x8x8: a padded 3x3 convolution to 4 channels; a block
+/// of two to 8 channels at stride 2 with a 1x1 projection shortcut; a block of two with the
+/// identity, pooled adaptively to 1x1; 10 classes. Batch norm after every convolution.
+fn resnet_like(training: Training) -> Plan {
+    let conv = |out: u64, stride: u64| json!({"conv2d": {"out_channels": out, "kernel_size": 3, "stride": stride, "padding": 1, "bias": false}});
+    let bn = json!({"batch_norm2d": {}});
+    let relu = json!({"relu": {"inplace": true}});
+    let list = json!([
+        conv(4, 1), bn, relu,
+        {"residual": {
+            "layers": [conv(8, 2), bn, relu, conv(8, 1), bn],
+            "shortcut": [{"conv2d": {"out_channels": 8, "kernel_size": 1, "stride": 2, "bias": false}}, bn]
+        }},
+        relu,
+        {"residual": {"layers": [conv(8, 1), bn, relu, conv(8, 1), bn]}},
+        relu,
+        {"adaptive_avg_pool2d": {"output_size": 1}},
+        {"flatten": {}},
+        {"linear": {"out_features": 10}}
+    ]);
+    plan(&[3, 8, 8], list, training)
+}
+
+/// A MobileNet's shape in miniature over 3x9x9: a strided 3x3 convolution to 8 channels with
+/// relu6; an inverted residual (1x1 expansion, a depthwise 3x3, a 1x1 projection) around the
+/// identity; a dilated convolution in two groups with silu; a dropout; adaptive pooling to 2x2;
+/// 10 classes.
+fn mobilenet_like(training: Training) -> Plan {
+    let bn = json!({"batch_norm2d": {}});
+    let list = json!([
+        {"conv2d": {"out_channels": 8, "kernel_size": 3, "stride": 2, "padding": 1, "bias": false}},
+        bn, {"relu6": {"inplace": true}},
+        {"residual": {"layers": [
+            {"conv2d": {"out_channels": 16, "kernel_size": 1, "bias": false}}, bn, {"relu6": {}},
+            {"conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1, "groups": 16, "bias": false}},
+            bn, {"relu6": {"inplace": true}},
+            {"conv2d": {"out_channels": 8, "kernel_size": 1, "bias": false}}, bn
+        ]}},
+        {"conv2d": {"out_channels": 6, "kernel_size": 3, "padding": 2, "dilation": 2, "groups": 2}},
+        {"silu": {}},
+        {"dropout": {"p": 0.2}},
+        {"adaptive_avg_pool2d": {"output_size": 2}},
+        {"flatten": {}},
+        {"linear": {"out_features": 10}}
+    ]);
+    plan(&[3, 9, 9], list, training)
 }
 
 /// `16-mixed` at batch 1 over 10 000 classes from `GradScaler`'s first scale, 2^16: the label's
 /// probability starts near 1/10 000, so its scaled logit gradient, about (1/10 000 - 1) x 2^16,
 /// passes f16's largest value (65504) and the first step is skipped, halving the scale. Device
-/// and host must skip the same steps (so end on the same scale) and agree on the parameters; the check fails if no step was skipped, since it would then prove nothing.
+/// and host must skip the same steps (so end on the same scale) and agree on the parameters; the check fails if no step was skipped, since it would then
+/// prove nothing.
 fn check_loss_scaling<D: Probing + Transfer>(device: &mut D) -> Result<Check, DeviceError> {
-    let plan = Plan::new(
+    let plan = Plan::mlp(
         49,
         &[129, 33],
         10_000,

@@ -90,41 +90,56 @@ pub struct ModelSpec {
     #[serde(default)]
     activation: Option<Activation>,
     /// The model as layers in PyTorch's `torch.nn` names, instead of `hidden_layers` and
-    /// `activation`. Every shape is checked (a 422 names the layer's index and field); today
-    /// headroom trains lists of `flatten`, `linear` and one activation, and names the first
-    /// layer it cannot train yet. At most 1,000 layers, residual blocks' own counted.
+    /// `activation`, in any order PyTorch runs. Every shape is checked (a 422 names the layer's
+    /// index and field). At most 1,000 layers, residual blocks' own counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     layers: Option<Vec<Layer>>,
 }
 
 /// One layer: an object of one member, the layer's name in PyTorch's `torch.nn` holding its
-/// arguments, e.g. `{"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}`.
+/// arguments (PyTorch's defaults), e.g. `{"conv2d": {"out_channels": 6, "kernel_size": 5,
+/// "padding": 2}}`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Layer {
     /// `nn.Conv2d`, square kernel, input channels inferred.
     Conv2d(Conv2d),
     /// `nn.MaxPool2d`.
-    MaxPool2d(Pool2d),
+    MaxPool2d(MaxPool2d),
     /// `nn.AvgPool2d`.
-    AvgPool2d(Pool2d),
+    AvgPool2d(AvgPool2d),
+    /// `nn.AdaptiveAvgPool2d`.
+    AdaptiveAvgPool2d(AdaptiveAvgPool2d),
+    /// `nn.AdaptiveAvgPool2d(1)` then flatten.
+    GlobalAvgPool2d(NoArguments),
     /// `nn.BatchNorm2d` in training mode, channels inferred.
-    BatchNorm2d(BatchNorm2d),
+    BatchNorm2d(BatchNorm),
+    /// `nn.BatchNorm1d` in training mode, over `[features]` or `[channels, length]`.
+    BatchNorm1d(BatchNorm),
     /// `nn.Dropout`.
     Dropout(Dropout),
     /// `nn.Flatten`.
     Flatten(NoArguments),
-    /// `nn.Linear`, input features inferred.
+    /// `nn.Identity`.
+    Identity(NoArguments),
+    /// `nn.Linear` over the last dimension, input features inferred.
     Linear(Linear),
     /// `nn.ReLU`.
-    Relu(NoArguments),
-    /// `nn.GELU` (tanh approximation).
-    Gelu(NoArguments),
+    Relu(InPlace),
+    /// `nn.ReLU6`.
+    Relu6(InPlace),
+    /// `nn.LeakyReLU`.
+    LeakyRelu(LeakyRelu),
+    /// `nn.GELU`.
+    Gelu(Gelu),
     /// `nn.Tanh`.
     Tanh(NoArguments),
-    /// `nn.AdaptiveAvgPool2d(1)` then flatten.
-    GlobalAvgPool2d(NoArguments),
-    /// Layers added to the block's input (identity, or 1x1 convolution and batch norm, shortcut).
+    /// `nn.Sigmoid`.
+    Sigmoid(NoArguments),
+    /// `nn.SiLU`.
+    Silu(NoArguments),
+    /// `body(x) + shortcut(x)`: its layers' output added to its shortcut's (the identity unless
+    /// given).
     Residual(Residual),
 }
 
@@ -149,15 +164,23 @@ pub struct Conv2d {
     #[serde(default)]
     #[schema(default = 0, maximum = 4294967296_u64)]
     padding: u64,
+    /// Spacing between the kernel's taps.
+    #[serde(default)]
+    #[schema(default = 1, minimum = 1, maximum = 4294967296_u64)]
+    dilation: u64,
+    /// Groups of channels (as many as the channels: depthwise); divides both channel counts.
+    #[serde(default)]
+    #[schema(default = 1, minimum = 1, maximum = 4294967296_u64)]
+    groups: u64,
     /// Whether a bias is learnt.
     #[serde(default)]
     #[schema(default = true)]
     bias: bool,
 }
 
-/// `nn.MaxPool2d`'s and `nn.AvgPool2d`'s arguments.
+/// `nn.MaxPool2d`'s arguments.
 #[derive(Serialize, ToSchema)]
-pub struct Pool2d {
+pub struct MaxPool2d {
     /// Side of the square window.
     #[schema(minimum = 1, maximum = 4294967296_u64)]
     kernel_size: u64,
@@ -165,19 +188,76 @@ pub struct Pool2d {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 4294967296_u64)]
     stride: Option<u64>,
-    /// Padding on every side, at most half the kernel.
+    /// Padding on every side, at most half the (dilated) window.
     #[serde(default)]
     #[schema(default = 0)]
     padding: u64,
+    /// Spacing between the window's taps.
+    #[serde(default)]
+    #[schema(default = 1, minimum = 1, maximum = 4294967296_u64)]
+    dilation: u64,
+    /// Round the output's sides up.
+    #[serde(default)]
+    #[schema(default = false)]
+    ceil_mode: bool,
 }
 
-/// `nn.BatchNorm2d`'s arguments that change memory.
+/// `nn.AvgPool2d`'s arguments.
 #[derive(Serialize, ToSchema)]
-pub struct BatchNorm2d {
+pub struct AvgPool2d {
+    /// Side of the square window.
+    #[schema(minimum = 1, maximum = 4294967296_u64)]
+    kernel_size: u64,
+    /// Step between windows; the kernel size when not given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 4294967296_u64)]
+    stride: Option<u64>,
+    /// Padding on every side, at most half the window.
+    #[serde(default)]
+    #[schema(default = 0)]
+    padding: u64,
+    /// Round the output's sides up.
+    #[serde(default)]
+    #[schema(default = false)]
+    ceil_mode: bool,
+    /// Whether the padding counts in a window's divisor.
+    #[serde(default)]
+    #[schema(default = true)]
+    count_include_pad: bool,
+}
+
+/// `nn.AdaptiveAvgPool2d`'s argument.
+#[derive(Serialize, ToSchema)]
+pub struct AdaptiveAvgPool2d {
+    /// The output's side, or its `[height, width]`.
+    output_size: OutputSize,
+}
+
+/// An adaptive pooling's output size.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum OutputSize {
+    /// A square output, of this side (at least 1).
+    Side(u64),
+    /// `[height, width]`.
+    Sides([u64; 2]),
+}
+
+/// `nn.BatchNorm2d`'s and `nn.BatchNorm1d`'s arguments.
+#[derive(Serialize, ToSchema)]
+pub struct BatchNorm {
     /// Whether a scale and shift are learnt.
     #[serde(default)]
     #[schema(default = true)]
     affine: bool,
+    /// Added to the variance.
+    #[serde(default)]
+    #[schema(default = 1e-5, exclusive_minimum = 0.0)]
+    eps: f64,
+    /// The weight of a step's statistics in the running ones.
+    #[serde(default)]
+    #[schema(default = 0.1, minimum = 0.0, maximum = 1.0)]
+    momentum: f64,
 }
 
 /// `nn.Dropout`'s argument.
@@ -201,12 +281,62 @@ pub struct Linear {
     bias: bool,
 }
 
-/// A residual block's body.
+/// `nn.ReLU`'s and `nn.ReLU6`'s argument.
+#[derive(Serialize, ToSchema)]
+pub struct InPlace {
+    /// Write the result over the input (refused where autograd saved the input).
+    #[serde(default)]
+    #[schema(default = false)]
+    inplace: bool,
+}
+
+/// `nn.LeakyReLU`'s arguments.
+#[derive(Serialize, ToSchema)]
+pub struct LeakyRelu {
+    /// The slope below zero.
+    #[serde(default)]
+    #[schema(default = 0.01)]
+    negative_slope: f64,
+    /// Write the result over the input.
+    #[serde(default)]
+    #[schema(default = false)]
+    inplace: bool,
+}
+
+/// `nn.GELU`'s argument.
+#[derive(Serialize, ToSchema)]
+pub struct Gelu {
+    /// `none`: through the error function (exact); `tanh`: the tanh approximation.
+    #[serde(default)]
+    #[schema(default = "none")]
+    approximate: GeluApproximation,
+}
+
+/// How GELU is computed.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GeluApproximation {
+    /// Exactly.
+    None,
+    /// By `tanh`.
+    Tanh,
+}
+
+/// A residual block.
 #[derive(Serialize, ToSchema)]
 pub struct Residual {
-    /// The layers whose output is added to the shortcut.
+    /// The body: the layers whose output is added to the shortcut's.
     #[schema(no_recursion, min_items = 1)]
     layers: Vec<Layer>,
+    /// The shortcut's layers (a 1x1 strided convolution and batch norm, as ResNet's
+    /// downsampling blocks); the identity when not given.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
+    shortcut: Vec<Layer>,
+    /// Add the shortcut into the body's output in place (`out += shortcut(x)`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(default = false)]
+    inplace: bool,
 }
 
 /// Optimizer and its hyper-parameters.
@@ -746,12 +876,22 @@ mod tests {
     fn full_job() -> Value {
         json!({"model": {"input_shape": [3, 8, 8], "hidden_layers": [16], "num_classes": 4,
                          "activation": "gelu", "layers": [
-                             {"conv2d": {"out_channels": 4, "kernel_size": 3, "stride": 1, "padding": 1, "bias": false}},
-                             {"max_pool2d": {"kernel_size": 2, "stride": 2, "padding": 0}},
-                             {"avg_pool2d": {"kernel_size": 2, "stride": 2, "padding": 0}},
-                             {"batch_norm2d": {"affine": true}}, {"dropout": {"p": 0.1}},
-                             {"residual": {"layers": [{"relu": {}}, {"gelu": {}}, {"tanh": {}}]}},
-                             {"global_avg_pool2d": {}}, {"flatten": {}},
+                             {"conv2d": {"out_channels": 4, "kernel_size": 3, "stride": 1, "padding": 1,
+                                         "dilation": 1, "groups": 1, "bias": false}},
+                             {"max_pool2d": {"kernel_size": 2, "stride": 2, "padding": 0, "dilation": 1,
+                                             "ceil_mode": false}},
+                             {"avg_pool2d": {"kernel_size": 2, "stride": 2, "padding": 0, "ceil_mode": true,
+                                             "count_include_pad": false}},
+                             {"adaptive_avg_pool2d": {"output_size": [2, 3]}},
+                             {"adaptive_avg_pool2d": {"output_size": 2}},
+                             {"batch_norm2d": {"affine": true, "eps": 0.001, "momentum": 0.01}},
+                             {"dropout": {"p": 0.1}}, {"identity": {}},
+                             {"residual": {"layers": [{"relu": {"inplace": false}}, {"gelu": {"approximate": "tanh"}},
+                                                      {"tanh": {}}, {"sigmoid": {}}, {"silu": {}},
+                                                      {"relu6": {"inplace": false}},
+                                                      {"leaky_relu": {"negative_slope": 0.2, "inplace": false}}],
+                                           "shortcut": [{"identity": {}}], "inplace": true}},
+                             {"global_avg_pool2d": {}}, {"flatten": {}}, {"batch_norm1d": {"affine": false, "eps": 0.00001, "momentum": 0.1}},
                              {"linear": {"out_features": 4, "bias": true}}]},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,

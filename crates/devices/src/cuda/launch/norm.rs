@@ -1,0 +1,89 @@
+//! norm.cu: batch norm in training mode, forward and backward.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{elements_up_to_mut, holds, holds_mut, DeviceValues};
+use crate::cuda::kernel::Kernel;
+use crate::cuda::{shapes, CudaDevice};
+use headroom_engine::device::DeviceError;
+use headroom_engine::modules::batch_norm::Planes;
+use headroom_engine::program::{Affine, BatchStatistics, RunningStatistics};
+use headroom_engine::step::Norm;
+
+/// The kernels' shape arguments: rows, channels, spatial.
+fn shape(planes: &Planes) -> [i64; 3] {
+    [planes.rows, planes.channels, planes.spatial].map(|v| v as i64)
+}
+
+impl Norm for CudaDevice {
+    fn batch_norm_forward(
+        &mut self,
+        x: &DeviceValues,
+        affine: Option<Affine<&DeviceValues>>,
+        y: &mut DeviceValues,
+        saved: &mut BatchStatistics<DeviceValues>,
+        running: &mut RunningStatistics<DeviceValues, CudaSlice<i64>>,
+        planes: &Planes,
+    ) -> Result<(), DeviceError> {
+        let (len, channels) = (planes.values(), planes.channels);
+        let [r, c, k] = shape(planes);
+        let has_affine = i32::from(affine.is_some());
+        // Without an affine transform the kernel reads no scale or shift; it is given `x`, live
+        // and unused.
+        let (scale, shift) = affine.map_or((x, x), |a| (a.scale, a.shift));
+        let (scale_len, eps, momentum) = (
+            if has_affine == 1 { channels } else { 0 },
+            planes.eps,
+            planes.momentum,
+        );
+        let (storage, param_storage) = (x.storage.code(), running.mean.storage.code());
+        launch!(self, Kernel::BatchNormForward, shapes::block_per_channel(channels);
+            holds(x, len), holds(scale, scale_len), holds(shift, scale_len), &has_affine,
+            holds_mut(y, len), holds_mut(&mut saved.mean, channels),
+            holds_mut(&mut saved.invstd, channels), holds_mut(&mut running.mean, channels),
+            holds_mut(&mut running.var, channels), elements_up_to_mut(&mut running.steps, 1),
+            &r, &c, &k, &eps, &momentum, &storage, &param_storage)
+    }
+
+    fn batch_norm_backward(
+        &mut self,
+        dy: &DeviceValues,
+        x: &DeviceValues,
+        scale: Option<&DeviceValues>,
+        saved: BatchStatistics<&DeviceValues>,
+        dx: Option<&mut DeviceValues>,
+        affine: Option<Affine<&mut DeviceValues>>,
+        planes: &Planes,
+    ) -> Result<(), DeviceError> {
+        let (len, channels) = (planes.values(), planes.channels);
+        let [r, c, k] = shape(planes);
+        let has_scale = i32::from(scale.is_some());
+        let (has_dx, has_affine_grad) = (i32::from(dx.is_some()), i32::from(affine.is_some()));
+        let storage = dy.storage.code();
+        let param_storage = scale.map_or(storage, |s| s.storage.code());
+        let grad_storage = affine.as_ref().map_or(storage, |a| a.scale.storage.code());
+        // A buffer the flags say is absent is given `x` (or `dy`), live and unread.
+        let scale = holds(
+            scale.unwrap_or(x),
+            if has_scale == 1 { channels } else { 0 },
+        );
+        let (mean, invstd) = (holds(saved.mean, channels), holds(saved.invstd, channels));
+        let config = shapes::block_per_channel(channels);
+        match (dx, affine) {
+            (Some(dx), Some(affine)) => launch!(self, Kernel::BatchNormBackward, config;
+                holds(dy, len), holds(x, len), scale, &has_scale, mean, invstd,
+                holds_mut(dx, len), &has_dx, holds_mut(affine.scale, channels),
+                holds_mut(affine.shift, channels), &has_affine_grad, &r, &c, &k, &storage,
+                &param_storage, &grad_storage),
+            (Some(dx), None) => launch!(self, Kernel::BatchNormBackward, config;
+                holds(dy, len), holds(x, len), scale, &has_scale, mean, invstd,
+                holds_mut(dx, len), &has_dx, holds(x, 0), holds(dy, 0), &has_affine_grad,
+                &r, &c, &k, &storage, &param_storage, &grad_storage),
+            (None, Some(affine)) => launch!(self, Kernel::BatchNormBackward, config;
+                holds(dy, len), holds(x, len), scale, &has_scale, mean, invstd, holds(x, 0),
+                &has_dx, holds_mut(affine.scale, channels), holds_mut(affine.shift, channels),
+                &has_affine_grad, &r, &c, &k, &storage, &param_storage, &grad_storage),
+            (None, None) => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! The layers a model is made of, one module per kind, as PyTorch's `torch.nn` has them.
+//!
+//! A module file holds everything about its kind: its arguments as a job writes them
+//! (`{"conv2d": {"out_channels": 64, "kernel_size": 3}}`, PyTorch's names and defaults), its
+//! shape rule and the errors naming `model.layers[i].field`, its parameters and buffers in
+//! PyTorch's order, its forward on the [`Graph`] (the kernels it runs, and what autograd saves
+//! of it for backward), its [`Backward`](crate::program::graph::Backward) (the gradients it
+//! allocates and the kernels that write them), and its forward in f64 from the definition, which
+//! the finite-difference checks differentiate. The step (`plan::compile`) runs the
+//! model's [`Sequential`] knowing no kind; a container ([`residual::Residual`]) composes its
+//! children the same way.
+//!
+//! # Adding a layer kind
+//! 1. `modules/<kind>.rs`: its arguments (serde, PyTorch's defaults), their `build` (the shape
+//!    rule, every error naming its field), and a [`Module`]: `parameters`, `forward` (allocate
+//!    the output, emit the kernels, [`Graph::record`] what it saves), its backward, and
+//!    `reference` in f64.
+//! 2. Its variant in [`LayerSpec`], and its arm in [`LayerSpec::build`] and
+//!    [`LayerSpec::name`].
+//! 3. If it needs a kernel the devices lack: the instruction in [`crate::program::instr`], the
+//!    method in its family of [`crate::step::Kernels`], the kernel in
+//!    `crates/devices/kernels/<family>.cu` with its launcher in `cuda/`, the host's in `host/`,
+//!    and a parity check with a reference of its own in `parity/`.
+//! 4. Tests: the kind in `tests/pytorch/memory_check.py`'s builder and random lists (PyTorch's
+//!    own accounting), and in the devices' finite-difference check.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::program::graph::{Graph, Tensor};
+
+pub mod activation;
+pub mod adaptive_avg_pool2d;
+pub mod avg_pool2d;
+pub mod batch_norm;
+pub mod check;
+pub mod conv2d;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod flatten;
+pub mod identity;
+pub mod linear;
+pub mod max_pool2d;
+pub mod pooling;
+pub mod residual;
+pub mod sequential;
+
+pub use check::LayerError;
+pub use sequential::Sequential;
+
+/// The most layers a model may hold, residual blocks' own counted: deeper than any ResNet.
+pub const MAX_LAYERS: usize = 1000;
+/// The deepest nesting of residual blocks.
+pub const MAX_NESTING: usize = 8;
+/// The largest width, channel count, kernel, stride or padding any one layer may name.
+pub const MAX_EXTENT: u64 = 1 << 32;
+
+/// One layer of `model.layers`, in PyTorch's `torch.nn` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    /// `nn.Conv2d`: square kernel, the input's channels inferred.
+    Conv2d(conv2d::Conv2dSpec),
+    /// `nn.MaxPool2d`.
+    MaxPool2d(max_pool2d::MaxPool2dSpec),
+    /// `nn.AvgPool2d`.
+    AvgPool2d(avg_pool2d::AvgPool2dSpec),
+    /// `nn.AdaptiveAvgPool2d`.
+    AdaptiveAvgPool2d(adaptive_avg_pool2d::AdaptiveAvgPool2dSpec),
+    /// `nn.AdaptiveAvgPool2d(1)` then `flatten`: one value per channel.
+    GlobalAvgPool2d(NoArguments),
+    /// `nn.BatchNorm2d` in training mode, its channels inferred.
+    BatchNorm2d(batch_norm::BatchNormSpec),
+    /// `nn.BatchNorm1d` in training mode, over `[features]` or `[channels, length]`.
+    BatchNorm1d(batch_norm::BatchNormSpec),
+    /// `nn.Dropout`.
+    Dropout(dropout::DropoutSpec),
+    /// `nn.Flatten`: every dimension of a sample into one.
+    Flatten(NoArguments),
+    /// `nn.Identity`.
+    Identity(NoArguments),
+    /// `nn.Linear`, its input features inferred.
+    Linear(linear::LinearSpec),
+    /// `nn.ReLU`.
+    Relu(activation::InPlaceSpec),
+    /// `nn.ReLU6`.
+    Relu6(activation::InPlaceSpec),
+    /// `nn.LeakyReLU`.
+    LeakyRelu(activation::LeakyReluSpec),
+    /// `nn.GELU`.
+    Gelu(activation::GeluSpec),
+    /// `nn.Tanh`.
+    Tanh(NoArguments),
+    /// `nn.Sigmoid`.
+    Sigmoid(NoArguments),
+    /// `nn.SiLU`.
+    Silu(NoArguments),
+    /// Its layers' output added to its shortcut's (the identity unless given): `body(x) +
+    /// shortcut(x)`.
+    Residual(residual::ResidualSpec),
+}
+
+/// A layer that takes no arguments: `{}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoArguments {}
+
+impl LayerSpec {
+    /// Its name in a job.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LayerSpec::Conv2d(_) => "conv2d",
+            LayerSpec::MaxPool2d(_) => "max_pool2d",
+            LayerSpec::AvgPool2d(_) => "avg_pool2d",
+            LayerSpec::AdaptiveAvgPool2d(_) => "adaptive_avg_pool2d",
+            LayerSpec::GlobalAvgPool2d(_) => "global_avg_pool2d",
+            LayerSpec::BatchNorm2d(_) => "batch_norm2d",
+            LayerSpec::BatchNorm1d(_) => "batch_norm1d",
+            LayerSpec::Dropout(_) => "dropout",
+            LayerSpec::Flatten(_) => "flatten",
+            LayerSpec::Identity(_) => "identity",
+            LayerSpec::Linear(_) => "linear",
+            LayerSpec::Relu(_) => "relu",
+            LayerSpec::Relu6(_) => "relu6",
+            LayerSpec::LeakyRelu(_) => "leaky_relu",
+            LayerSpec::Gelu(_) => "gelu",
+            LayerSpec::Tanh(_) => "tanh",
+            LayerSpec::Sigmoid(_) => "sigmoid",
+            LayerSpec::Silu(_) => "silu",
+            LayerSpec::Residual(_) => "residual",
+        }
+    }
+
+    /// The module this layer is over a sample of `input` shape, or the field at fault (`at` is
+    /// the layer's path, `model.layers[3]`).
+    pub fn build(
+        &self,
+        input: &[u64],
+        at: &Path,
+        cx: &mut Context,
+    ) -> Result<Arc<dyn Module>, LayerError> {
+        use activation::{Activation, Nonlinearity};
+        let at = at.of(self.name());
+        Ok(match self {
+            LayerSpec::Conv2d(spec) => Arc::new(spec.build(input, &at)?),
+            LayerSpec::MaxPool2d(spec) => Arc::new(spec.build(input, &at)?),
+            LayerSpec::AvgPool2d(spec) => Arc::new(spec.build(input, &at)?),
+            LayerSpec::AdaptiveAvgPool2d(spec) => Arc::new(spec.build(input, &at)?),
+            LayerSpec::GlobalAvgPool2d(_) => Arc::new(adaptive_avg_pool2d::global(input, &at)?),
+            LayerSpec::BatchNorm2d(spec) => Arc::new(spec.build(input, &at, 2)?),
+            LayerSpec::BatchNorm1d(spec) => Arc::new(spec.build(input, &at, 1)?),
+            LayerSpec::Dropout(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::Flatten(_) => Arc::new(flatten::Flatten::new(input, &at)?),
+            LayerSpec::Identity(_) => Arc::new(identity::Identity::new(input)),
+            LayerSpec::Linear(spec) => Arc::new(spec.build(input, &at)?),
+            LayerSpec::Relu(spec) => Arc::new(Activation::new(
+                Nonlinearity::Relu,
+                spec.inplace,
+                input,
+                &at,
+                cx,
+            )?),
+            LayerSpec::Relu6(spec) => Arc::new(Activation::new(
+                Nonlinearity::Relu6,
+                spec.inplace,
+                input,
+                &at,
+                cx,
+            )?),
+            LayerSpec::LeakyRelu(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::Gelu(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::Tanh(_) => {
+                Arc::new(Activation::new(Nonlinearity::Tanh, false, input, &at, cx)?)
+            }
+            LayerSpec::Sigmoid(_) => Arc::new(Activation::new(
+                Nonlinearity::Sigmoid,
+                false,
+                input,
+                &at,
+                cx,
+            )?),
+            LayerSpec::Silu(_) => {
+                Arc::new(Activation::new(Nonlinearity::Silu, false, input, &at, cx)?)
+            }
+            LayerSpec::Residual(spec) => Arc::new(spec.build(input, &at, cx)?),
+        })
+    }
+}
+
+/// Where a layer is in the job, for errors: the layer (`model.layers[5].residual.layers[0]`)
+/// and, once known, its kind, under which its fields are named (`...layers[0].conv2d.stride`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    layer: String,
+    kind: Option<&'static str>,
+}
+
+impl Path {
+    /// The list at `root` (`model.layers`).
+    pub fn new(root: &str) -> Path {
+        Path {
+            layer: root.to_string(),
+            kind: None,
+        }
+    }
+
+    /// Its `i`-th layer.
+    pub fn index(&self, i: usize) -> Path {
+        Path::new(&format!("{}[{i}]", self.layer))
+    }
+
+    /// The same layer, of `kind`.
+    pub fn of(&self, kind: &'static str) -> Path {
+        Path {
+            layer: self.layer.clone(),
+            kind: Some(kind),
+        }
+    }
+
+    /// A list of layers among its fields (a residual block's `layers`).
+    pub fn list(&self, field: &str) -> Path {
+        Path::new(&self.field(field))
+    }
+
+    /// The path of one of its fields.
+    pub fn field(&self, name: &str) -> String {
+        match self.kind {
+            Some(kind) => format!("{}.{kind}.{name}", self.layer),
+            None => format!("{}.{name}", self.layer),
+        }
+    }
+
+    /// An error about the layer as a whole.
+    pub fn error(&self, reason: impl Into<String>) -> LayerError {
+        LayerError::new(self.layer.clone(), reason)
+    }
+
+    /// An error about one of its fields.
+    pub fn error_at(&self, field: &str, reason: impl Into<String>) -> LayerError {
+        LayerError::new(self.field(field), reason)
+    }
+
+    /// The layer's path.
+    pub fn as_str(&self) -> &str {
+        &self.layer
+    }
+}
+
+/// What building a layer list keeps track of across its layers.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// Layers built so far, residual blocks' own counted.
+    pub layers: usize,
+    /// How deep in residual blocks the layer being built is.
+    pub depth: usize,
+    /// Dropout layers built so far: each draws its masks from a stream of its own.
+    pub dropouts: usize,
+    /// Whether the tensor reaching the next layer is saved for backward by the layer that made
+    /// it (or by whatever it is a view of), or is read again later (a residual block's input,
+    /// which its shortcut reads): an in-place layer may then not change it.
+    pub input_kept: bool,
+    /// Whether the tensor reaching the next layer is a view of another (flatten's of a
+    /// multi-dimensional tensor): autograd runs an in-place layer on it through `CopySlices`.
+    pub input_is_view: bool,
+}
+
+/// One learnt parameter or kept buffer of a module.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Parameter {
+    /// Elements.
+    pub elements: u64,
+    /// What it is.
+    pub kind: ParameterKind,
+}
+
+/// What a module's parameter or buffer is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParameterKind {
+    /// Learnt, starting uniform in `[-scale, scale)` (PyTorch's default for its fan-in).
+    Trained {
+        /// The bound of its first values.
+        scale: f32,
+    },
+    /// A running statistic batch norm keeps between steps, in the parameters' storage.
+    Statistic,
+    /// Batch norm's count of steps taken, one int64.
+    Count,
+}
+
+impl Parameter {
+    /// A learnt parameter of `elements`, starting within `scale`.
+    pub fn trained(elements: u64, scale: f32) -> Parameter {
+        Parameter {
+            elements,
+            kind: ParameterKind::Trained { scale },
+        }
+    }
+}
+
+/// The tensors of a model's parameters and buffers, handed to each module in the order it
+/// declared them.
+pub struct Parameters<'a> {
+    tensors: &'a [Tensor],
+    next: usize,
+}
+
+impl<'a> Parameters<'a> {
+    /// The tensors of every declared parameter, in order.
+    pub fn new(tensors: &'a [Tensor]) -> Parameters<'a> {
+        Parameters { tensors, next: 0 }
+    }
+
+    /// The next one.
+    ///
+    /// # Panics
+    /// If a module takes more than it declared.
+    pub fn take(&mut self) -> Tensor {
+        let tensor = self.tensors[self.next];
+        self.next += 1;
+        tensor
+    }
+
+    /// Whether every one was taken.
+    pub fn done(&self) -> bool {
+        self.next == self.tensors.len()
+    }
+}
+
+/// The values of a model's parameters and buffers in f64, handed to each module's reference in
+/// the order it declared them.
+pub struct Values<'a> {
+    values: &'a [Vec<f64>],
+    next: usize,
+}
+
+impl<'a> Values<'a> {
+    /// The values of every declared parameter, in order.
+    pub fn new(values: &'a [Vec<f64>]) -> Values<'a> {
+        Values { values, next: 0 }
+    }
+
+    /// The next one.
+    ///
+    /// # Panics
+    /// If a module takes more than it declared.
+    pub fn take(&mut self) -> &'a [f64] {
+        let values = &self.values[self.next];
+        self.next += 1;
+        values
+    }
+}
+
+/// How a module shows in a job's one-line summary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Token {
+    /// Not shown (a view).
+    Hidden,
+    /// A linear layer of this width.
+    Width(u64),
+    /// An activation, by name.
+    Activation(&'static str),
+    /// Dropout of this probability.
+    Dropout(f32),
+    /// Any other layer, in a word: `conv64k3p1`, `bn`, `max2`, `res(...)`.
+    Layer(String),
+}
+
+/// One layer kind's module: see the [module documentation](self).
+pub trait Module: std::fmt::Debug + Send + Sync {
+    /// One sample's output shape.
+    fn output_shape(&self) -> &[u64];
+
+    /// Its parameters and buffers (and its children's), in PyTorch's order: `model.parameters()`
+    /// for the learnt ones, with each module's buffers after its parameters.
+    fn parameters(&self) -> Vec<Parameter> {
+        Vec::new()
+    }
+
+    /// Records its forward: reads `x` (a reference the caller keeps) and returns its output (a
+    /// reference the caller owns), taking its parameters from `parameters` in the order
+    /// [`Module::parameters`] declares them.
+    fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor;
+
+    /// Its forward from the definition, in f64, over `rows` samples laid out one after another,
+    /// its parameters from `values`; dropout draws the masks a step 0 of `seed` draws. What the
+    /// finite-difference checks differentiate.
+    fn reference(&self, x: &[f64], rows: usize, values: &mut Values<'_>, seed: u64) -> Vec<f64>;
+
+    /// Multiply-adds per sample of its forward (its backward does about twice as many).
+    fn multiply_adds(&self) -> u64 {
+        0
+    }
+
+    /// How it shows in the job's summary.
+    fn token(&self) -> Token;
+
+    /// Whether the tensor it returns is saved for backward by it (relu's output) or by what it
+    /// is a view of (`input_kept` says whether its input is): an in-place layer after it may
+    /// not change that tensor.
+    fn keeps_output(&self, input_kept: bool) -> bool {
+        let _ = input_kept;
+        false
+    }
+
+    /// Whether what it returns is its input itself, or a view of it (flatten, identity).
+    fn is_view(&self) -> bool {
+        false
+    }
+
+    /// Whether what it returns is a view of another tensor (`input_is_view` says whether its
+    /// input is): flatten's of a multi-dimensional tensor, or such a view passed on unchanged.
+    fn returns_view(&self, input_is_view: bool) -> bool {
+        let _ = input_is_view;
+        false
+    }
+}

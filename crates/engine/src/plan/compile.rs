@@ -1,0 +1,230 @@
+//! A plan's training step at one batch size, recorded on a [`Graph`]: in setup, the parameters
+//! and buffers in the model's order, each trained one's optimizer state, the loader's batch and
+//! its labels, and their first values; then the step: the model's forward (under autocast in
+//! the mixed precisions), the loss, backward from it, and the optimizer's update of every
+//! parameter, with the temporaries of PyTorch's `foreach` update and `zero_grad`'s frees.
+
+use super::Plan;
+use crate::memory::{Element, Part, Storage};
+use crate::modules::{cross_entropy, Module, ParameterKind, Parameters};
+use crate::program::graph::{Graph, Tensor};
+use crate::program::{Instr, Moment, OptimizerState, Program, Scale, Slot};
+use crate::synthetic;
+
+/// The step of `plan` at `rows` samples, its synthetic batch and first parameters from `seed`;
+/// `None` when a buffer's size passes `u64`.
+pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Option<Program> {
+    let mut graph = Graph::new(
+        rows,
+        plan.precision,
+        seed,
+        plan.framework,
+        plan.accumulation,
+    );
+    let master = plan.precision.master();
+    let tensors = declare_parameters(&mut graph, plan, seed);
+    let per_parameter = plan.optimizer.state_per_parameter();
+    let states = optimizer_states(&mut graph, per_parameter, master);
+    let features = plan.input_features();
+    let batch = graph.times_rows(features);
+    let loaded = graph.allocate(Part::BatchData, batch, Element::Value(Storage::F32));
+    let labels = graph.allocate(Part::BatchData, rows, Element::Label);
+    let row_loss = graph.allocate(Part::Activations, rows, Element::Value(Storage::F32));
+    let loss_sum = graph.allocate(Part::Activations, 1, Element::Value(Storage::F32));
+    let overflow = plan
+        .precision
+        .scales_loss()
+        .then(|| graph.allocate(Part::Activations, 1, Element::Value(Storage::F32)));
+    graph.emit(Instr::FillUniform {
+        out: graph.slot(loaded),
+        len: batch,
+        key: synthetic::stream_key(seed, synthetic::INPUT_STREAM),
+        scale: 1.0,
+    });
+    graph.emit(Instr::FillLabels {
+        labels: graph.slot(labels),
+        inputs: graph.slot(loaded),
+        rows,
+        features,
+        classes: plan.num_classes(),
+    });
+    // The loader delivers f32; bf16-true casts the batch and lets the f32 one go.
+    let input = match master {
+        Storage::F32 => loaded,
+        _ => {
+            let cast = graph.cast(loaded, master, Scale::One);
+            graph.release(loaded);
+            cast
+        }
+    };
+
+    graph.enter(Moment::Forward);
+    if plan.precision.is_mixed() {
+        graph.begin_autocast();
+    }
+    let mut parameters = Parameters::new(&tensors);
+    let logits = plan.model().forward(&mut graph, input, &mut parameters);
+    assert!(
+        parameters.done(),
+        "the model took every parameter it declared"
+    );
+    let (labels_slot, row_loss_slot) = (graph.slot(labels), graph.slot(row_loss));
+    let root = cross_entropy::record(
+        &mut graph,
+        logits,
+        labels_slot,
+        row_loss_slot,
+        plan.num_classes(),
+    );
+    graph.release(logits);
+    graph.end_autocast();
+
+    graph.enter(Moment::Backward);
+    if let Some(root) = root {
+        graph.backward(root);
+    }
+
+    graph.enter(Moment::Optimizer);
+    let flag = overflow.map(|flag| graph.slot(flag));
+    let (parameters, gradients) = update(&mut graph, states, master, flag);
+    let inputs = (graph.slot(input), graph.slot(labels));
+    let loss = (graph.slot(row_loss), graph.slot(loss_sum));
+    if graph.overflowed() {
+        return None;
+    }
+    let recorded = graph.finish();
+    Some(Program {
+        batch_size: rows,
+        slots: recorded.slots,
+        setup: recorded.setup,
+        step: recorded.step,
+        parameters,
+        gradients,
+        inputs,
+        loss,
+        scales_loss: overflow.is_some(),
+    })
+}
+
+/// The model's parameters and buffers in its order, the trained ones filled with their first
+/// values (each from a stream of its own).
+fn declare_parameters(graph: &mut Graph, plan: &Plan, seed: u64) -> Vec<Tensor> {
+    let master = plan.precision.master();
+    let declared = plan.model().parameters();
+    let tensors: Vec<Tensor> = declared
+        .iter()
+        .map(|p| match p.kind {
+            ParameterKind::Trained { .. } => {
+                graph.parameter(p.elements, Element::Value(master), true)
+            }
+            ParameterKind::Statistic => graph.parameter(p.elements, Element::Value(master), false),
+            ParameterKind::Count => graph.parameter(p.elements, Element::Index, false),
+        })
+        .collect();
+    for (i, (&tensor, parameter)) in tensors.iter().zip(&declared).enumerate() {
+        if let ParameterKind::Trained { scale } = parameter.kind {
+            graph.emit(Instr::FillUniform {
+                out: graph.slot(tensor),
+                len: parameter.elements,
+                key: synthetic::stream_key(seed, synthetic::parameter_stream(i)),
+                scale,
+            });
+        }
+    }
+    tensors
+}
+
+/// Each trained parameter's optimizer state: none, momentum's velocity, or Adam's moments.
+fn optimizer_states(
+    graph: &mut Graph,
+    per_parameter: u64,
+    master: Storage,
+) -> Vec<OptimizerState<Slot>> {
+    graph
+        .trained()
+        .to_vec()
+        .into_iter()
+        .map(|(tensor, _)| {
+            let len = graph.elements(tensor);
+            let mut state = (0..per_parameter).map(|_| {
+                let moment = graph.allocate(Part::OptimizerState, len, Element::Value(master));
+                graph.slot(moment)
+            });
+            match per_parameter {
+                0 => OptimizerState::Sgd,
+                1 => OptimizerState::Momentum {
+                    velocity: state.next().expect("one"),
+                },
+                _ => OptimizerState::Adam {
+                    m: state.next().expect("two"),
+                    v: state.next().expect("two"),
+                },
+            }
+        })
+        .collect()
+}
+
+/// Buffers, each with its length.
+type Lengths = Vec<(Slot, u64)>;
+
+/// The optimizer's update of every parameter a gradient reached (after `GradScaler`'s check,
+/// given its `flag`), then `zero_grad(set_to_none=True)`; returns the parameters and their
+/// gradients, each with its length.
+fn update(
+    graph: &mut Graph,
+    states: Vec<OptimizerState<Slot>>,
+    master: Storage,
+    flag: Option<Slot>,
+) -> (Lengths, Lengths) {
+    let trained: Vec<(Tensor, Option<Tensor>)> = graph.trained().to_vec();
+    let adam = states
+        .iter()
+        .any(|state| matches!(state, OptimizerState::Adam { .. }));
+    let updates: Vec<(Tensor, Tensor, OptimizerState<Slot>)> = trained
+        .into_iter()
+        .zip(states)
+        .filter_map(|((param, grad), state)| Some((param, grad?, state)))
+        .collect();
+    let gradients: Vec<(Slot, u64)> = updates
+        .iter()
+        .map(|&(_, grad, _)| (graph.slot(grad), graph.elements(grad)))
+        .collect();
+    // Adam's foreach update computes `sqrt(v)` of every parameter into a list of new tensors
+    // before it applies the update; the fused kernel needs none, and PyTorch's step holds
+    // their bytes while it updates.
+    let held: Vec<Tensor> = match adam {
+        true => gradients
+            .iter()
+            .filter_map(|&(_, len)| {
+                graph.pytorch_only(Part::OptimizerState, len, Element::Value(master))
+            })
+            .collect(),
+        false => Vec::new(),
+    };
+    if let Some(flag) = flag {
+        graph.emit(Instr::CheckOverflow {
+            gradients: gradients.clone(),
+            flag,
+        });
+    }
+    for &(param, grad, state) in &updates {
+        graph.emit(Instr::OptimizerStep {
+            param: graph.slot(param),
+            grad: graph.slot(grad),
+            state,
+            len: graph.elements(param),
+        });
+    }
+    for tensor in held.into_iter().rev() {
+        graph.release(tensor);
+    }
+    // zero_grad(set_to_none=True).
+    for &(_, grad, _) in &updates {
+        graph.release(grad);
+    }
+    let parameters = updates
+        .iter()
+        .map(|&(param, _, _)| (graph.slot(param), graph.elements(param)))
+        .collect();
+    (parameters, gradients)
+}

@@ -1,0 +1,336 @@
+//! What the kernels are told of a layer: a convolution's and a pooling's geometry, batch norm's
+//! planes, a non-linearity. The modules build them from a job's layers; the instructions carry
+//! them to the kernels.
+
+use super::SavedAs;
+
+/// A 2-D convolution's geometry over one sample's `in_channels x height x width`, as
+/// `nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation, groups)` computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Convolution {
+    /// Channels of the input.
+    pub in_channels: u64,
+    /// Rows of the input.
+    pub height: u64,
+    /// Columns of the input.
+    pub width: u64,
+    /// Channels of the output (filters).
+    pub out_channels: u64,
+    /// Side of the square kernel.
+    pub kernel: u64,
+    /// Step between windows.
+    pub stride: u64,
+    /// Zeros on every side.
+    pub padding: u64,
+    /// Spacing between the kernel's taps.
+    pub dilation: u64,
+    /// Groups of channels: each output channel reads `in_channels / groups` of them.
+    pub groups: u64,
+}
+
+impl Convolution {
+    /// Rows of the output.
+    pub fn out_height(&self) -> u64 {
+        window_count(
+            self.height,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+        .unwrap_or(0)
+    }
+
+    /// Columns of the output.
+    pub fn out_width(&self) -> u64 {
+        window_count(
+            self.width,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+        .unwrap_or(0)
+    }
+
+    /// Values of one sample's input.
+    pub fn inputs(&self) -> u64 {
+        self.in_channels * self.height * self.width
+    }
+
+    /// Values of one sample's output.
+    pub fn outputs(&self) -> u64 {
+        self.out_channels * self.out_height() * self.out_width()
+    }
+
+    /// Weights: `out_channels x (in_channels / groups) x kernel x kernel`.
+    pub fn weights(&self) -> u64 {
+        self.out_channels * self.fan_in()
+    }
+
+    /// Inputs each output reads: `(in_channels / groups) x kernel x kernel`.
+    pub fn fan_in(&self) -> u64 {
+        self.in_channels / self.groups * self.kernel * self.kernel
+    }
+
+    /// Positions of a channel of the output.
+    pub fn spatial(&self) -> u64 {
+        self.out_height() * self.out_width()
+    }
+}
+
+/// Windows of `kernel` taps `dilation` apart, every `stride`, along a side of `size` padded by
+/// `padding` on both ends: `(size + 2 padding - dilation (kernel - 1) - 1) / stride + 1`
+/// (PyTorch's floor rule), or `None` when the window is wider than the padded side (or the
+/// stride is 0).
+pub fn window_count(
+    size: u64,
+    kernel: u64,
+    stride: u64,
+    padding: u64,
+    dilation: u64,
+) -> Option<u64> {
+    let padded = size.checked_add(padding.checked_mul(2)?)?;
+    let span = dilation
+        .checked_mul(kernel.checked_sub(1)?)?
+        .checked_add(1)?;
+    (span <= padded && stride > 0).then(|| (padded - span) / stride + 1)
+}
+
+/// Which value a pooling window keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolKind {
+    /// The largest, its place kept for backward (`nn.MaxPool2d`).
+    Max,
+    /// The mean (`nn.AvgPool2d`).
+    Average,
+}
+
+/// Square pooling windows over one sample's `channels x height x width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pooling {
+    /// Which value a window keeps.
+    pub kind: PoolKind,
+    /// Channels.
+    pub channels: u64,
+    /// Rows of the input.
+    pub height: u64,
+    /// Columns of the input.
+    pub width: u64,
+    /// Side of the window.
+    pub kernel: u64,
+    /// Step between windows.
+    pub stride: u64,
+    /// Padding on every side: at most half the (dilated) window.
+    pub padding: u64,
+    /// Spacing between a window's taps (max pooling; 1 for average pooling).
+    pub dilation: u64,
+    /// Rows of the output.
+    pub out_height: u64,
+    /// Columns of the output.
+    pub out_width: u64,
+    /// Average pooling: whether the padding counts in a window's divisor.
+    pub count_include_pad: bool,
+}
+
+impl Pooling {
+    /// Values of one sample's input.
+    pub fn inputs(&self) -> u64 {
+        self.channels * self.height * self.width
+    }
+
+    /// Values of one sample's output.
+    pub fn outputs(&self) -> u64 {
+        self.channels * self.out_height * self.out_width
+    }
+
+    /// An average window's divisor, as PyTorch's `avg_pool2d` counts it: the window within the
+    /// padded input (all of it with `count_include_pad`), or only its places inside the input.
+    pub fn divisor(&self, i: u64, j: u64) -> u64 {
+        let side = |index: u64, size: u64| {
+            let start = (index * self.stride) as i64 - self.padding as i64;
+            let end = (start + self.kernel as i64).min((size + self.padding) as i64);
+            let padded = (end - start).max(0) as u64;
+            let inside = (end.min(size as i64) - start.max(0)).max(0) as u64;
+            (padded, inside)
+        };
+        let ((rows, inside_rows), (cols, inside_cols)) =
+            (side(i, self.height), side(j, self.width));
+        match self.count_include_pad {
+            true => rows * cols,
+            false => inside_rows * inside_cols,
+        }
+    }
+}
+
+/// Adaptive average pooling over one sample's `channels x height x width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdaptivePooling {
+    /// Channels.
+    pub channels: u64,
+    /// Rows of the input.
+    pub height: u64,
+    /// Columns of the input.
+    pub width: u64,
+    /// Rows of the output.
+    pub out_height: u64,
+    /// Columns of the output.
+    pub out_width: u64,
+}
+
+impl AdaptivePooling {
+    /// Values of one sample's input.
+    pub fn inputs(&self) -> u64 {
+        self.channels * self.height * self.width
+    }
+
+    /// Values of one sample's output.
+    pub fn outputs(&self) -> u64 {
+        self.channels * self.out_height * self.out_width
+    }
+}
+
+/// The input places window `i` of `windows` covers along a side of `size`.
+pub fn window(i: u64, windows: u64, size: u64) -> std::ops::Range<u64> {
+    (i * size / windows)..((i + 1) * size).div_ceil(windows)
+}
+
+/// A batch seen as `rows x channels x spatial` values: what batch norm normalizes, one channel
+/// over every sample and position at a time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Planes {
+    /// Samples.
+    pub rows: u64,
+    /// Channels.
+    pub channels: u64,
+    /// Positions of a channel in one sample (height x width, or a 1-D input's length).
+    pub spatial: u64,
+    /// Added to the variance.
+    pub eps: f32,
+    /// The weight of the step's statistics in the running ones.
+    pub momentum: f32,
+}
+
+impl Planes {
+    /// Values in all.
+    pub fn values(&self) -> u64 {
+        self.rows * self.channels * self.spatial
+    }
+
+    /// Values of one channel over the batch: what its statistics average.
+    pub fn per_channel(&self) -> u64 {
+        self.rows * self.spatial
+    }
+}
+
+/// An element-wise non-linearity, with its parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Nonlinearity {
+    /// `max(x, 0)`.
+    Relu,
+    /// `x Phi(x)` in the tanh approximation (`approximate="tanh"`).
+    GeluTanh,
+    /// `x Phi(x)`, exactly, through the error function (`nn.GELU()`'s default).
+    GeluErf,
+    /// Hyperbolic tangent.
+    Tanh,
+    /// `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// `x sigmoid(x)`.
+    Silu,
+    /// `x` where positive, else `slope x`.
+    LeakyRelu {
+        /// `negative_slope`.
+        slope: f32,
+    },
+    /// `min(max(x, 0), 6)`.
+    Relu6,
+}
+
+/// `sqrt(2 / pi)`, of GELU's tanh approximation.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+/// The cubic term's coefficient of GELU's tanh approximation.
+const GELU_CUBIC: f64 = 0.044_715;
+
+impl Nonlinearity {
+    /// The code the kernels take for it (`kernels/activation.cuh`).
+    pub fn code(self) -> i32 {
+        match self {
+            Nonlinearity::Relu => 0,
+            Nonlinearity::GeluTanh => 1,
+            Nonlinearity::Tanh => 2,
+            Nonlinearity::GeluErf => 3,
+            Nonlinearity::Sigmoid => 4,
+            Nonlinearity::Silu => 5,
+            Nonlinearity::LeakyRelu { .. } => 6,
+            Nonlinearity::Relu6 => 7,
+        }
+    }
+
+    /// Its parameter for the kernels: leaky relu's slope, else 0.
+    pub fn parameter(self) -> f32 {
+        match self {
+            Nonlinearity::LeakyRelu { slope } => slope,
+            _ => 0.0,
+        }
+    }
+
+    /// Its name in a job's summary.
+    pub fn name(self) -> &'static str {
+        match self {
+            Nonlinearity::Relu => "relu",
+            Nonlinearity::GeluTanh => "gelu",
+            Nonlinearity::GeluErf => "gelu_exact",
+            Nonlinearity::Tanh => "tanh",
+            Nonlinearity::Sigmoid => "sigmoid",
+            Nonlinearity::Silu => "silu",
+            Nonlinearity::LeakyRelu { .. } => "leaky_relu",
+            Nonlinearity::Relu6 => "relu6",
+        }
+    }
+
+    /// What PyTorch's autograd saves of it for backward (`derivatives.yaml`): the result of
+    /// relu, tanh, sigmoid and in-place leaky relu, the input of the others; in place, relu6's
+    /// input is a copy autograd makes first ([`Nonlinearity::clones_input_in_place`]).
+    pub fn saves(self, inplace: bool) -> SavedAs {
+        match self {
+            Nonlinearity::Relu | Nonlinearity::Tanh | Nonlinearity::Sigmoid => SavedAs::Output,
+            Nonlinearity::LeakyRelu { .. } if inplace => SavedAs::Output,
+            _ => SavedAs::Input,
+        }
+    }
+
+    /// Whether autograd copies the input before running it in place, because its backward
+    /// reads the input (`hardtanh_`, relu6's, in `derivatives.yaml`): in place it then costs
+    /// what it costs out of place.
+    pub fn clones_input_in_place(self) -> bool {
+        self == Nonlinearity::Relu6
+    }
+
+    /// Whether it may run in place (`inplace: true` in PyTorch's module).
+    pub fn has_inplace(self) -> bool {
+        matches!(
+            self,
+            Nonlinearity::Relu | Nonlinearity::Relu6 | Nonlinearity::LeakyRelu { .. }
+        )
+    }
+
+    /// Its value at `x`, from the definition.
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            Nonlinearity::Relu => x.max(0.0),
+            Nonlinearity::GeluTanh => {
+                0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x.powi(3))).tanh())
+            }
+            Nonlinearity::GeluErf => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+            Nonlinearity::Tanh => x.tanh(),
+            Nonlinearity::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Nonlinearity::Silu => x / (1.0 + (-x).exp()),
+            Nonlinearity::LeakyRelu { slope } => match x > 0.0 {
+                true => x,
+                false => f64::from(slope) * x,
+            },
+            Nonlinearity::Relu6 => x.clamp(0.0, 6.0),
+        }
+    }
+}

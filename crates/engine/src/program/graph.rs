@@ -1,0 +1,608 @@
+//! The builder a step is recorded on, as PyTorch's autograd records it.
+//!
+//! Modules record their forward here: they allocate their outputs, emit their kernels, and
+//! [`Graph::record`] a node of the autograd graph with the tensors it saves for backward. A
+//! tensor's values live in a storage that the step holds by reference: the Python variable a
+//! layer's output is bound to, each node that saved it, the gradient buffers of backward, autocast's
+//! cache; a view or an in-place result shares its input's storage. A storage is freed when its
+//! last reference goes, which is when PyTorch's caching allocator gets the block back.
+//!
+//! [`Graph::backward`] then runs the nodes as PyTorch's engine does: latest first (a node runs
+//! once every node that reads its outputs has run, and of those ready the one made last), each
+//! allocating the gradients of its inputs, then releasing the gradients it was given and what
+//! it saved, then handing its gradients on: to the node that made each input, added to what
+//! already waits there (in place when nothing else holds it, [`Accumulation`]), or to a
+//! parameter's gradient at once (PyTorch's `AccumulateGrad` runs first of all that are ready).
+
+use super::framework::{Accumulation, Framework};
+use super::instr::{Instr, Moment, Scale, Slot};
+use crate::memory::{Buffer, Element, Part, Precision, Storage};
+
+/// A tensor of the step: its values (a storage, maybe shared with views and in-place results)
+/// and where its gradient goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tensor(usize);
+
+/// Where a tensor's gradient goes in backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Nowhere: nothing it depends on is trained.
+    None,
+    /// Into output `output` of the node that made it.
+    Node { node: usize, output: usize },
+    /// Into a trained parameter's gradient (the parameter's index among the trained ones).
+    Parameter(usize),
+}
+
+#[derive(Debug)]
+struct TensorEntry {
+    storage: usize,
+    elements: u64,
+    element: Element,
+    target: Target,
+}
+
+#[derive(Debug)]
+struct StorageEntry {
+    slot: Slot,
+    part: Part,
+    refs: u32,
+}
+
+/// A node's backward, as its module writes it: from the gradients of its outputs (`None` where
+/// none arrived), the gradients of its inputs, in the order they were recorded (`None` where
+/// [`Pass::needs`] says none is needed). A gradient it returns is a reference it hands on: made
+/// by [`Pass::gradient`], or another reference to one it was given ([`Pass::pass_through`]).
+pub trait Backward: std::fmt::Debug {
+    /// Emits the node's backward on `pass`.
+    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>>;
+}
+
+#[derive(Debug)]
+struct Node {
+    backward: Option<Box<dyn Backward>>,
+    inputs: Vec<Target>,
+    saved: Vec<Tensor>,
+    grads: Vec<Option<Tensor>>,
+    reached: bool,
+}
+
+/// The instructions as the framework places them.
+#[derive(Debug)]
+struct Code {
+    framework: Framework,
+    slots: usize,
+    setup: Vec<Instr>,
+    step: Vec<Instr>,
+    in_setup: bool,
+}
+
+impl Code {
+    fn push(&mut self, instr: Instr) {
+        match self.in_setup {
+            true => self.setup.push(instr),
+            false => self.step.push(instr),
+        }
+    }
+
+    /// An allocation where the framework makes it: in place for PyTorch, before the first step
+    /// for headroom's own step.
+    fn alloc(&mut self, buffer: Buffer) -> Slot {
+        let slot = Slot(self.slots);
+        self.slots += 1;
+        let instr = Instr::Alloc { slot, buffer };
+        match self.framework {
+            Framework::Pytorch => self.push(instr),
+            Framework::Headroom => self.setup.push(instr),
+        }
+        slot
+    }
+
+    /// A free, which headroom's own step never makes.
+    fn free(&mut self, slot: Slot) {
+        if self.framework == Framework::Pytorch {
+            self.push(Instr::Free(slot));
+        }
+    }
+}
+
+/// A training step being recorded.
+#[derive(Debug)]
+pub struct Graph {
+    code: Code,
+    accumulation: Accumulation,
+    rows: u64,
+    precision: Precision,
+    seed: u64,
+    overflowed: bool,
+    tensors: Vec<TensorEntry>,
+    storages: Vec<StorageEntry>,
+    nodes: Vec<Node>,
+    /// Each trained parameter's tensor, and its gradient once backward has made it.
+    trained: Vec<(Tensor, Option<Tensor>)>,
+    /// While autocast is on, its cache: each parameter's half copy, in the order made.
+    autocast: Option<Vec<(Tensor, Tensor)>>,
+}
+
+/// The outputs of a program's recording: its slots and instructions.
+pub struct Recorded {
+    /// How many slots an executor needs.
+    pub slots: usize,
+    /// Before the first step.
+    pub setup: Vec<Instr>,
+    /// Every step.
+    pub step: Vec<Instr>,
+}
+
+impl Graph {
+    /// A step of `rows` samples in `precision`, its random streams from `seed`, placed as
+    /// `framework` does, summing gradients as `accumulation` says.
+    pub fn new(
+        rows: u64,
+        precision: Precision,
+        seed: u64,
+        framework: Framework,
+        accumulation: Accumulation,
+    ) -> Graph {
+        Graph {
+            code: Code {
+                framework,
+                slots: 0,
+                setup: vec![Instr::Enter(Moment::Setup)],
+                step: Vec::new(),
+                in_setup: true,
+            },
+            accumulation,
+            rows,
+            precision,
+            seed,
+            overflowed: false,
+            tensors: Vec::new(),
+            storages: Vec::new(),
+            nodes: Vec::new(),
+            trained: Vec::new(),
+            autocast: None,
+        }
+    }
+
+    /// Samples in the batch.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// The seed of the step's synthetic data, parameters and dropout masks.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The step's precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// How activations are stored, and the products' operands.
+    pub fn compute(&self) -> Storage {
+        self.precision.compute()
+    }
+
+    /// `rows` times `per_row`; a product past `u64` marks the step as overflowing (no program
+    /// comes of it) and counts as 0 meanwhile.
+    pub fn times_rows(&mut self, per_row: u64) -> u64 {
+        self.rows.checked_mul(per_row).unwrap_or_else(|| {
+            self.overflowed = true;
+            0
+        })
+    }
+
+    /// Whether some size passed `u64`.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// What follows belongs to `moment`.
+    pub fn enter(&mut self, moment: Moment) {
+        self.code.in_setup = false;
+        self.code.step.push(Instr::Enter(moment));
+    }
+
+    /// Emits a kernel.
+    pub fn emit(&mut self, instr: Instr) {
+        self.code.push(instr);
+    }
+
+    /// A new buffer of `elements` of `element`, counted in `part`, held by the caller.
+    pub fn allocate(&mut self, part: Part, elements: u64, element: Element) -> Tensor {
+        let slot = self.code.alloc(Buffer {
+            part,
+            elements,
+            element,
+        });
+        self.storages.push(StorageEntry {
+            slot,
+            part,
+            refs: 1,
+        });
+        self.tensors.push(TensorEntry {
+            storage: self.storages.len() - 1,
+            elements,
+            element,
+            target: Target::None,
+        });
+        Tensor(self.tensors.len() - 1)
+    }
+
+    /// A buffer PyTorch allocates and headroom's kernels do not need (held for its bytes, never
+    /// written): in PyTorch's step only.
+    pub fn pytorch_only(&mut self, part: Part, elements: u64, element: Element) -> Option<Tensor> {
+        (self.code.framework == Framework::Pytorch).then(|| self.allocate(part, elements, element))
+    }
+
+    /// A new activation of `elements` values stored as `storage`, held by the caller.
+    pub fn output(&mut self, elements: u64, storage: Storage) -> Tensor {
+        self.allocate(Part::Activations, elements, Element::Value(storage))
+    }
+
+    /// A trained parameter or a buffer the model keeps between steps, allocated now (in setup).
+    pub fn parameter(&mut self, elements: u64, element: Element, trained: bool) -> Tensor {
+        let tensor = self.allocate(Part::Parameters, elements, element);
+        if trained {
+            self.tensors[tensor.0].target = Target::Parameter(self.trained.len());
+            self.trained.push((tensor, None));
+        }
+        tensor
+    }
+
+    /// The slot of `tensor`'s values.
+    pub fn slot(&self, tensor: Tensor) -> Slot {
+        self.storages[self.tensors[tensor.0].storage].slot
+    }
+
+    /// Elements of `tensor`.
+    pub fn elements(&self, tensor: Tensor) -> u64 {
+        self.tensors[tensor.0].elements
+    }
+
+    /// How `tensor`'s values are stored.
+    ///
+    /// # Panics
+    /// If it holds no values (a mask, indices, labels): modules ask only of their values.
+    pub fn storage(&self, tensor: Tensor) -> Storage {
+        match self.tensors[tensor.0].element {
+            Element::Value(storage) => storage,
+            other => panic!("a tensor of {other:?} has no value storage"),
+        }
+    }
+
+    /// Whether backward computes a gradient for `tensor`.
+    pub fn requires_grad(&self, tensor: Tensor) -> bool {
+        self.tensors[tensor.0].target != Target::None
+    }
+
+    /// Another reference to `tensor`'s storage.
+    pub fn retain(&mut self, tensor: Tensor) {
+        self.storages[self.tensors[tensor.0].storage].refs += 1;
+    }
+
+    /// Gives up a reference to `tensor`'s storage: the last one frees it.
+    pub fn release(&mut self, tensor: Tensor) {
+        let storage = &mut self.storages[self.tensors[tensor.0].storage];
+        storage.refs -= 1;
+        if storage.refs == 0 {
+            let slot = storage.slot;
+            self.code.free(slot);
+        }
+    }
+
+    /// A new tensor on `tensor`'s storage with its gradient's destination (a view, such as
+    /// `flatten`'s), held by the caller. An in-place operation records a node whose output it is.
+    pub fn alias(&mut self, tensor: Tensor) -> Tensor {
+        let entry = &self.tensors[tensor.0];
+        let alias = TensorEntry {
+            storage: entry.storage,
+            elements: entry.elements,
+            element: entry.element,
+            target: entry.target,
+        };
+        self.retain(tensor);
+        self.tensors.push(alias);
+        Tensor(self.tensors.len() - 1)
+    }
+
+    /// Records an autograd node: `backward` computes the gradients of `inputs` from those of
+    /// `outputs`, and `saved` stay alive until it has run. Nothing is recorded (and nothing
+    /// saved) when no input needs a gradient. Returns the node, if recorded.
+    pub fn record(
+        &mut self,
+        backward: impl Backward + 'static,
+        inputs: &[Tensor],
+        saved: &[Tensor],
+        outputs: &[Tensor],
+    ) -> Option<usize> {
+        if !inputs.iter().any(|&t| self.requires_grad(t)) {
+            return None;
+        }
+        let node = self.nodes.len();
+        for &tensor in saved {
+            self.retain(tensor);
+        }
+        for (output, tensor) in outputs.iter().enumerate() {
+            self.tensors[tensor.0].target = Target::Node { node, output };
+        }
+        self.nodes.push(Node {
+            backward: Some(Box::new(backward)),
+            inputs: inputs.iter().map(|t| self.tensors[t.0].target).collect(),
+            saved: saved.to_vec(),
+            grads: vec![None; outputs.len()],
+            reached: false,
+        });
+        Some(node)
+    }
+
+    /// Turns autocast on (the mixed precisions): parameters read by products are cast once,
+    /// into its cache, and kept there until [`Graph::end_autocast`].
+    pub fn begin_autocast(&mut self) {
+        self.autocast = Some(Vec::new());
+    }
+
+    /// Leaves autocast: its cache lets its copies go (those backward saved stay until used).
+    pub fn end_autocast(&mut self) {
+        for (_, cast) in self.autocast.take().unwrap_or_default() {
+            self.release(cast);
+        }
+    }
+
+    /// What a product reads of `tensor` (an input or an activation): under autocast, a half copy
+    /// when it is stored otherwise (the f32 batch), made now and recorded as a cast; else
+    /// `tensor` itself. A reference the caller releases.
+    pub fn operand(&mut self, tensor: Tensor) -> Tensor {
+        let compute = self.compute();
+        if self.autocast.is_none() || self.storage(tensor) == compute {
+            self.retain(tensor);
+            return tensor;
+        }
+        self.cast(tensor, compute, Scale::One)
+    }
+
+    /// What a product reads of the parameter `tensor`: under autocast, its half copy from the
+    /// cache (made at its first use); else the parameter. A reference the caller releases.
+    pub fn operand_parameter(&mut self, tensor: Tensor) -> Tensor {
+        let Some(cache) = &self.autocast else {
+            self.retain(tensor);
+            return tensor;
+        };
+        if let Some(&(_, cast)) = cache.iter().find(|(p, _)| *p == tensor) {
+            self.retain(cast);
+            return cast;
+        }
+        let cast = self.cast(tensor, self.compute(), Scale::One);
+        self.retain(cast);
+        if let Some(cache) = &mut self.autocast {
+            cache.push((tensor, cast));
+        }
+        cast
+    }
+
+    /// `tensor` converted to `storage` (counted where it is), its cast recorded for backward,
+    /// which converts the gradient back times `backward_scale`.
+    pub fn cast(&mut self, tensor: Tensor, storage: Storage, backward_scale: Scale) -> Tensor {
+        let entry = &self.tensors[tensor.0];
+        let (part, elements, from) = (
+            self.storages[entry.storage].part,
+            entry.elements,
+            self.storage(tensor),
+        );
+        let cast = self.allocate(part, elements, Element::Value(storage));
+        self.emit(Instr::Convert {
+            from: self.slot(tensor),
+            to: self.slot(cast),
+            len: elements,
+            scale: Scale::One,
+        });
+        self.record(
+            CastBackward {
+                elements,
+                to: from,
+                scale: backward_scale,
+            },
+            &[tensor],
+            &[],
+            &[cast],
+        );
+        cast
+    }
+
+    /// Runs backward from `root`, the loss's node, whose output's gradient is implied (the
+    /// scalar 1 PyTorch's `backward()` starts from, not allocated).
+    pub fn backward(&mut self, root: usize) {
+        self.nodes[root].reached = true;
+        for n in (0..self.nodes.len()).rev() {
+            if !self.nodes[n].reached {
+                continue;
+            }
+            let backward = self.nodes[n].backward.take().expect("a node runs once");
+            let grads = std::mem::take(&mut self.nodes[n].grads);
+            let inputs = self.nodes[n].inputs.clone();
+            let produced = backward.backward(
+                &mut Pass {
+                    graph: self,
+                    inputs: &inputs,
+                },
+                &grads,
+            );
+            assert_eq!(
+                produced.len(),
+                inputs.len(),
+                "{backward:?} returns a gradient per input"
+            );
+            for grad in grads.into_iter().flatten() {
+                self.release(grad);
+            }
+            for saved in std::mem::take(&mut self.nodes[n].saved) {
+                self.release(saved);
+            }
+            for (&target, grad) in inputs.iter().zip(produced) {
+                if let Some(grad) = grad {
+                    self.deliver(target, grad);
+                }
+            }
+        }
+    }
+
+    /// Hands `grad` on to `target`.
+    fn deliver(&mut self, target: Target, grad: Tensor) {
+        match target {
+            Target::None => self.release(grad),
+            Target::Node { node, output } => {
+                self.nodes[node].reached = true;
+                let summed = match self.nodes[node].grads[output] {
+                    None => grad,
+                    Some(waiting) => self.accumulate(waiting, grad),
+                };
+                self.nodes[node].grads[output] = Some(summed);
+            }
+            Target::Parameter(index) => {
+                let summed = match self.trained[index].1 {
+                    None => grad,
+                    Some(waiting) => self.accumulate(waiting, grad),
+                };
+                self.trained[index].1 = Some(summed);
+            }
+        }
+    }
+
+    /// `waiting + arrived`, as PyTorch's `InputBuffer` sums them: into `waiting` in place when
+    /// nothing else holds it (untraced), else into a new tensor.
+    fn accumulate(&mut self, waiting: Tensor, arrived: Tensor) -> Tensor {
+        let alone = self.storages[self.tensors[waiting.0].storage].refs == 1;
+        let len = self.elements(waiting);
+        if alone && self.accumulation == Accumulation::InPlace {
+            self.emit(Instr::Accumulate {
+                from: self.slot(arrived),
+                into: self.slot(waiting),
+                len,
+            });
+            self.release(arrived);
+            return waiting;
+        }
+        let entry = &self.tensors[waiting.0];
+        let (part, element) = (self.storages[entry.storage].part, entry.element);
+        let sum = self.allocate(part, len, element);
+        self.emit(Instr::Add {
+            a: self.slot(waiting),
+            b: self.slot(arrived),
+            out: self.slot(sum),
+            len,
+        });
+        self.release(waiting);
+        self.release(arrived);
+        sum
+    }
+
+    /// Every trained parameter in the order made, with its gradient (after backward).
+    pub fn trained(&self) -> &[(Tensor, Option<Tensor>)] {
+        &self.trained
+    }
+
+    /// The recorded program.
+    pub fn finish(self) -> Recorded {
+        Recorded {
+            slots: self.code.slots,
+            setup: self.code.setup,
+            step: self.code.step,
+        }
+    }
+}
+
+/// A node's backward being recorded: what it may ask of the graph.
+pub struct Pass<'a> {
+    graph: &'a mut Graph,
+    inputs: &'a [Target],
+}
+
+impl Pass<'_> {
+    /// Whether input `k` needs a gradient.
+    pub fn needs(&self, k: usize) -> bool {
+        self.inputs[k] != Target::None
+    }
+
+    /// A new gradient for input `k`, of `elements` stored as `storage`: counted with the
+    /// gradients when it is a parameter's, else with the activations.
+    pub fn gradient(&mut self, k: usize, elements: u64, storage: Storage) -> Tensor {
+        let part = match self.inputs[k] {
+            Target::Parameter(_) => Part::Gradients,
+            _ => Part::Activations,
+        };
+        self.graph.allocate(part, elements, Element::Value(storage))
+    }
+
+    /// A buffer PyTorch's backward allocates and headroom's kernels do not need (see
+    /// [`Graph::pytorch_only`]).
+    pub fn pytorch_only(&mut self, elements: u64, storage: Storage) -> Option<Tensor> {
+        self.graph
+            .pytorch_only(Part::Activations, elements, Element::Value(storage))
+    }
+
+    /// Another reference to `grad`, to hand on unchanged.
+    pub fn pass_through(&mut self, grad: Tensor) -> Tensor {
+        self.graph.retain(grad);
+        grad
+    }
+
+    /// Gives up a reference (a temporary of this backward).
+    pub fn release(&mut self, tensor: Tensor) {
+        self.graph.release(tensor);
+    }
+
+    /// Emits a kernel.
+    pub fn emit(&mut self, instr: Instr) {
+        self.graph.emit(instr);
+    }
+
+    /// The slot of `tensor`'s values.
+    pub fn slot(&self, tensor: Tensor) -> Slot {
+        self.graph.slot(tensor)
+    }
+
+    /// How `tensor`'s values are stored.
+    pub fn storage(&self, tensor: Tensor) -> Storage {
+        self.graph.storage(tensor)
+    }
+
+    /// Elements of `tensor`.
+    pub fn elements(&self, tensor: Tensor) -> u64 {
+        self.graph.elements(tensor)
+    }
+
+    /// Samples in the batch.
+    pub fn rows(&self) -> u64 {
+        self.graph.rows
+    }
+}
+
+/// A conversion's backward (autocast's casts; the loss's widening of the logits): the gradient
+/// converted back to the source's storage, times `scale`.
+#[derive(Debug)]
+pub struct CastBackward {
+    /// Elements.
+    pub elements: u64,
+    /// The source's storage.
+    pub to: Storage,
+    /// What the gradient is multiplied by.
+    pub scale: Scale,
+}
+
+impl Backward for CastBackward {
+    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
+        let Some(dy) = grads[0] else {
+            return vec![None];
+        };
+        let dx = pass.gradient(0, self.elements, self.to);
+        pass.emit(Instr::Convert {
+            from: pass.slot(dy),
+            to: pass.slot(dx),
+            len: self.elements,
+            scale: self.scale,
+        });
+        vec![Some(dx)]
+    }
+}

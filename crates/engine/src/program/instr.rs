@@ -1,0 +1,447 @@
+//! The instruction set of a step: allocations and frees, and the kernels of each family
+//! (`crates/devices/kernels/*.cu`, mirrored by the host device). Sizes are in elements; `rows` is
+//! the batch size, or the batch times the positions a layer is applied at.
+
+use super::geometry::{AdaptivePooling, Convolution, Nonlinearity, Planes, Pooling};
+use crate::memory::Buffer;
+pub use crate::memory::Moment;
+
+/// A buffer of a program: where an executor keeps it between its allocation and its free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot(pub usize);
+
+/// What a conversion multiplies by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scale {
+    /// A plain cast.
+    One,
+    /// The loss scale in force (`16-mixed`), 1 without loss scaling.
+    Loss,
+}
+
+/// Which tensor an activation saved for its backward, as PyTorch's autograd saves it: its
+/// output (relu, tanh, sigmoid, and the in-place ones) or its input (gelu, silu, leaky relu,
+/// relu6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SavedAs {
+    /// The activation's input.
+    Input,
+    /// The activation's output.
+    Output,
+}
+
+/// Batch norm's learnt scale and shift (`affine`), or their gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Affine<F> {
+    /// Per channel, the scale (`weight`).
+    pub scale: F,
+    /// Per channel, the shift (`bias`).
+    pub shift: F,
+}
+
+/// What batch norm's forward saves for its backward: per channel, f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStatistics<F> {
+    /// The batch's mean.
+    pub mean: F,
+    /// `1 / sqrt(variance + eps)`, the biased variance.
+    pub invstd: F,
+}
+
+/// What batch norm keeps between steps (`running_mean`, `running_var`, `num_batches_tracked`),
+/// each step moved towards the batch's statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningStatistics<F, I = F> {
+    /// Per channel, the parameters' storage.
+    pub mean: F,
+    /// Per channel, the parameters' storage.
+    pub var: F,
+    /// One int64: steps taken.
+    pub steps: I,
+}
+
+/// What an optimizer keeps per parameter buffer. The variant decides the update kernel and its
+/// arguments, so the two cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerState<F> {
+    /// Plain SGD keeps nothing.
+    Sgd,
+    /// Momentum's velocity.
+    Momentum {
+        /// The running velocity.
+        velocity: F,
+    },
+    /// Adam's (and AdamW's) moments.
+    Adam {
+        /// First moment.
+        m: F,
+        /// Second moment.
+        v: F,
+    },
+}
+
+impl<F> OptimizerState<F> {
+    /// The state's buffers, in allocation order.
+    pub fn buffers(&self) -> Vec<&F> {
+        match self {
+            OptimizerState::Sgd => vec![],
+            OptimizerState::Momentum { velocity } => vec![velocity],
+            OptimizerState::Adam { m, v } => vec![m, v],
+        }
+    }
+}
+
+/// One instruction of a program.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Instr {
+    /// Allocate `buffer`, zeroed, into `slot`.
+    Alloc {
+        /// Where it goes.
+        slot: Slot,
+        /// What it is.
+        buffer: Buffer,
+    },
+    /// Free the buffer in `slot`.
+    Free(Slot),
+    /// What follows belongs to this moment of the step.
+    Enter(Moment),
+    /// fill.cu: `out[i] = uniform(key, i) * scale`.
+    FillUniform {
+        /// The buffer filled.
+        out: Slot,
+        /// Its length.
+        len: u64,
+        /// The stream's key.
+        key: u64,
+        /// The scale.
+        scale: f32,
+    },
+    /// fill.cu: the labels of the synthetic task.
+    FillLabels {
+        /// The labels written.
+        labels: Slot,
+        /// The inputs they depend on.
+        inputs: Slot,
+        /// Samples.
+        rows: u64,
+        /// Input features.
+        features: u64,
+        /// Classes.
+        classes: u64,
+    },
+    /// elementwise.cu: `to = from * scale`, rounded to `to`'s storage.
+    Convert {
+        /// Read.
+        from: Slot,
+        /// Written.
+        to: Slot,
+        /// Elements.
+        len: u64,
+        /// The factor.
+        scale: Scale,
+    },
+    /// gemm.cu: `y = x * w^T`.
+    LinearForward {
+        /// `rows x inputs`.
+        x: Slot,
+        /// `outputs x inputs`.
+        w: Slot,
+        /// `rows x outputs`.
+        y: Slot,
+        /// Rows.
+        rows: u64,
+        /// Input width.
+        inputs: u64,
+        /// Output width.
+        outputs: u64,
+    },
+    /// gemm.cu: `dw = dy^T * x`.
+    WeightGradient {
+        /// `rows x outputs`.
+        dy: Slot,
+        /// `rows x inputs`.
+        x: Slot,
+        /// `outputs x inputs`.
+        dw: Slot,
+        /// Rows.
+        rows: u64,
+        /// Input width.
+        inputs: u64,
+        /// Output width.
+        outputs: u64,
+    },
+    /// gemm.cu: `dx = dy * w`.
+    InputGradient {
+        /// `rows x outputs`.
+        dy: Slot,
+        /// `outputs x inputs`.
+        w: Slot,
+        /// `rows x inputs`.
+        dx: Slot,
+        /// Rows.
+        rows: u64,
+        /// Input width.
+        inputs: u64,
+        /// Output width.
+        outputs: u64,
+    },
+    /// elementwise.cu: `y[i, j, k] += bias[j]` over `rows x cols x spatial`.
+    BiasAdd {
+        /// Added to.
+        y: Slot,
+        /// The bias.
+        bias: Slot,
+        /// Rows.
+        rows: u64,
+        /// Biases: a linear layer's width, a convolution's output channels.
+        cols: u64,
+        /// Positions each bias is added at: 1, or a convolution's output height x width.
+        spatial: u64,
+    },
+    /// elementwise.cu: `y = nonlinearity(x)` (`y` may be `x`: in place).
+    Activation {
+        /// Read.
+        x: Slot,
+        /// Written.
+        y: Slot,
+        /// Elements.
+        len: u64,
+        /// The function.
+        nonlinearity: Nonlinearity,
+    },
+    /// elementwise.cu: `out = grad * nonlinearity'(...)` from what the activation saved.
+    ActivationGradient {
+        /// The gradient of the activation's output.
+        grad: Slot,
+        /// What the activation saved.
+        saved: Slot,
+        /// The gradient of its input, written.
+        out: Slot,
+        /// Elements.
+        len: u64,
+        /// The function.
+        nonlinearity: Nonlinearity,
+        /// Whether `saved` is the activation's input or its output.
+        saved_as: SavedAs,
+    },
+    /// elementwise.cu: `out = a + b`.
+    Add {
+        /// Read.
+        a: Slot,
+        /// Read.
+        b: Slot,
+        /// Written.
+        out: Slot,
+        /// Elements.
+        len: u64,
+    },
+    /// elementwise.cu: `into += from`: two gradients of one tensor summed in place, or a
+    /// residual block's in-place sum.
+    Accumulate {
+        /// Read.
+        from: Slot,
+        /// Added to.
+        into: Slot,
+        /// Elements.
+        len: u64,
+    },
+    /// reduce.cu: `db[j] = sum_{i, k} dy[i, j, k]`.
+    BiasGradient {
+        /// `rows x cols x spatial`.
+        dy: Slot,
+        /// `cols`.
+        db: Slot,
+        /// Rows.
+        rows: u64,
+        /// Biases.
+        cols: u64,
+        /// Positions of each bias.
+        spatial: u64,
+    },
+    /// conv.cu: `y = x (*) w`, a convolution of an NCHW batch (its bias added by
+    /// [`Instr::BiasAdd`]).
+    ConvForward {
+        /// `rows x inputs`.
+        x: Slot,
+        /// The filters.
+        w: Slot,
+        /// `rows x outputs`.
+        y: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry.
+        conv: Convolution,
+    },
+    /// conv.cu: a convolution's input gradient `dx` from `dy` and the filters.
+    ConvInputGradient {
+        /// `rows x outputs`.
+        dy: Slot,
+        /// The filters.
+        w: Slot,
+        /// `rows x inputs`.
+        dx: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry.
+        conv: Convolution,
+    },
+    /// conv.cu: a convolution's filter gradient `dw` from `dy` and its input.
+    ConvWeightGradient {
+        /// `rows x outputs`.
+        dy: Slot,
+        /// `rows x inputs`.
+        x: Slot,
+        /// The filters' gradient.
+        dw: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry.
+        conv: Convolution,
+    },
+    /// pool.cu: pooling `y` from `x`, and where each maximum was when it keeps the largest.
+    PoolForward {
+        /// Read.
+        x: Slot,
+        /// Written.
+        y: Slot,
+        /// Max pooling's 64-bit places of the maxima.
+        indices: Option<Slot>,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry and kind.
+        pool: Pooling,
+    },
+    /// pool.cu: pooling's backward, `dx` from `dy` (through the maxima's places for max pooling).
+    PoolBackward {
+        /// The gradient of the pooled output.
+        dy: Slot,
+        /// Max pooling's places of the maxima.
+        indices: Option<Slot>,
+        /// The gradient of its input, written.
+        dx: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry and kind.
+        pool: Pooling,
+    },
+    /// pool.cu: adaptive average pooling.
+    AdaptivePoolForward {
+        /// Read.
+        x: Slot,
+        /// Written.
+        y: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry.
+        pool: AdaptivePooling,
+    },
+    /// pool.cu: adaptive average pooling's backward.
+    AdaptivePoolBackward {
+        /// The gradient of the pooled output.
+        dy: Slot,
+        /// The gradient of its input, written.
+        dx: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Its geometry.
+        pool: AdaptivePooling,
+    },
+    /// norm.cu: batch norm in training mode: per channel the batch's mean and
+    /// `1 / sqrt(variance + eps)` (biased variance) into `saved`,
+    /// `y = (x - mean) * invstd * scale + shift`, the running statistics moved towards the
+    /// batch's by `momentum` (the unbiased variance) and their step count raised.
+    BatchNormForward {
+        /// Read.
+        x: Slot,
+        /// The learnt scale and shift, if affine (the parameters' storage).
+        affine: Option<Affine<Slot>>,
+        /// Written, as `x` is stored.
+        y: Slot,
+        /// Written: what backward reads.
+        saved: BatchStatistics<Slot>,
+        /// Updated.
+        running: RunningStatistics<Slot>,
+        /// The batch's shape.
+        planes: Planes,
+    },
+    /// norm.cu: batch norm's backward: `dx`, and the gradients of its scale and shift, from `dy`,
+    /// its input `x` and what forward saved.
+    BatchNormBackward {
+        /// The gradient of its output.
+        dy: Slot,
+        /// Its input.
+        x: Slot,
+        /// Its scale, if affine.
+        scale: Option<Slot>,
+        /// What forward saved.
+        saved: BatchStatistics<Slot>,
+        /// The gradient of its input, written, when needed.
+        dx: Option<Slot>,
+        /// The scale's and shift's gradients, written, if affine.
+        affine: Option<Affine<Slot>>,
+        /// The batch's shape.
+        planes: Planes,
+    },
+    /// dropout.cu: training-mode dropout: `mask[i]` keeps value `i` with probability `1 - p`,
+    /// from the step's sub-stream of `key` ([`crate::synthetic::keeps`]); `y = x / (1 - p)`
+    /// where kept, else 0.
+    DropoutForward {
+        /// Read.
+        x: Slot,
+        /// Written: one byte a value.
+        mask: Slot,
+        /// Written.
+        y: Slot,
+        /// Elements.
+        len: u64,
+        /// Probability of dropping a value.
+        p: f32,
+        /// The mask's stream; each step draws its own sub-stream of it.
+        key: u64,
+    },
+    /// dropout.cu: dropout's backward: `dx = dy / (1 - p)` where the mask kept, else 0.
+    DropoutBackward {
+        /// The gradient of dropout's output.
+        dy: Slot,
+        /// What the forward kept.
+        mask: Slot,
+        /// The gradient of its input, written.
+        dx: Slot,
+        /// Elements.
+        len: u64,
+        /// Probability of dropping a value.
+        p: f32,
+    },
+    /// loss.cu: per-sample losses, and the logits replaced by the gradient of the mean loss.
+    SoftmaxCrossEntropy {
+        /// Logits in, their gradient out.
+        logits: Slot,
+        /// The labels.
+        labels: Slot,
+        /// Per-sample losses, f32.
+        row_loss: Slot,
+        /// Batch size.
+        rows: u64,
+        /// Classes.
+        classes: u64,
+    },
+    /// reduce.cu: under loss scaling, whether any gradient overflowed (`flag` gathers the
+    /// answer); the updates that follow are skipped if so.
+    CheckOverflow {
+        /// Every gradient, with its length.
+        gradients: Vec<(Slot, u64)>,
+        /// One value.
+        flag: Slot,
+    },
+    /// optimizer.cu: one optimizer update of `param` from `grad`.
+    OptimizerStep {
+        /// Updated in place.
+        param: Slot,
+        /// Its gradient.
+        grad: Slot,
+        /// What the optimizer keeps for it.
+        state: OptimizerState<Slot>,
+        /// Elements.
+        len: u64,
+    },
+}
