@@ -1,8 +1,9 @@
 //! The Python package under `clients/python`: its pytest suite against this build's `headroom
 //! serve` (the client, the PyTorch model reader, the Lightning callback in a real fit, the
-//! Accelerate helper), its type check (mypy, strict) and its wheel.
+//! Accelerate helper), its type check (mypy, strict) and its wheel, built without writing into
+//! the source tree.
 //!
-//! Needs Python with pytest, httpx, torch, lightning, accelerate and mypy (`.ci/run` installs
+//! Needs Python with pytest, httpx, torch, torchvision, lightning, accelerate and mypy (`.ci/run` installs
 //! them into `.deps/venv`); without them the test says it skipped, and with
 //! `HEADROOM_REQUIRE_PYTHON_CLIENT=1` fails.
 
@@ -13,7 +14,7 @@ use std::process::Command;
 
 use support::{run_ok, skip_or_fail};
 
-const MODULES: &str = "pytest, httpx, torch, lightning, accelerate, mypy";
+const MODULES: &str = "pytest, httpx, torch, torchvision, lightning, accelerate, mypy";
 
 fn package() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python")
@@ -73,6 +74,17 @@ fn the_python_package_passes_its_tests_type_check_and_builds() {
         .arg(wheels.path())
         .arg(&package);
     run_ok("building the wheel", &mut wheel);
+    let written: Vec<PathBuf> = [
+        package.join("build"),
+        package.join("src/headroom_client.egg-info"),
+    ]
+    .into_iter()
+    .filter(|path| path.exists())
+    .collect();
+    assert!(
+        written.is_empty(),
+        "building the package wrote into its source tree: {written:?}"
+    );
     let built: Vec<String> = std::fs::read_dir(wheels.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())

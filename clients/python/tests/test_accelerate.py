@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import mlp_job
 from headroom_client import Headroom, find_executable_batch_size
 
@@ -31,5 +32,7 @@ def test_a_service_that_is_down_starts_from_the_fallback() -> None:
     def train(batch_size: int) -> None:
         tried.append(batch_size)
 
-    find_executable_batch_size(train, job=mlp_job(8), url="http://127.0.0.1:9", fallback=64)()
+    with pytest.warns(UserWarning, match="headroom did not answer .*; starting from fallback=64"):
+        wrapped = find_executable_batch_size(train, job=mlp_job(8), url="http://127.0.0.1:9", fallback=64)
+    wrapped()
     assert tried == [64]

@@ -1,5 +1,7 @@
-"""The callback in a real ``lightning.Trainer(...).fit`` of two steps on the CPU: its datamodule
-ends with the service's answer; with the service down the batch size is left alone."""
+"""The callback in a real ``lightning.Trainer(...).fit`` of two steps on the CPU, asking about the
+service's ``host`` device: its datamodule ends with the service's answer, never above the
+dataset's length; on any failure the batch size is left alone with a warning (or, strict, an
+error)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from headroom_client import HeadroomBatchSize, HeadroomError
+from headroom_client.lightning import CannotAsk
+from headroom_client.model import UnsupportedModel
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, *head: nn.Module) -> None:
         super().__init__()
-        self.model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), *head, nn.Linear(32, 4))
         self.example_input_array = torch.zeros(2, 4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,36 +36,47 @@ class Classifier(pl.LightningModule):
 
 
 class Data(pl.LightningDataModule):
-    def __init__(self) -> None:
+    def __init__(self, samples: int = 4096) -> None:
         super().__init__()
         self.batch_size = 2
+        self.samples = samples
         self.seen: list[int] = []
 
     def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         self.seen.append(self.batch_size)
-        data = TensorDataset(torch.randn(64, 4, 4), torch.randint(0, 4, (64,)))
-        return DataLoader(data, batch_size=min(self.batch_size, 64))
+        data = TensorDataset(torch.randn(self.samples, 4, 4), torch.randint(0, 4, (self.samples,)))
+        return DataLoader(data, batch_size=self.batch_size)
 
 
-def fit(callback: HeadroomBatchSize) -> Data:
-    data = Data()
+def fit(callback: HeadroomBatchSize, module: pl.LightningModule | None = None,
+        data: Data | None = None) -> Data:
+    data = data or Data()
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[callback])
-    trainer.fit(Classifier(), datamodule=data)
+    trainer.fit(module or Classifier(), datamodule=data)
     return data
 
 
 def test_the_datamodule_gets_the_recommended_batch_size(server: str) -> None:
-    callback = HeadroomBatchSize(server, search={"max": 4096})
+    callback = HeadroomBatchSize(server, device="host", search={"max": 1024})
     data = fit(callback)
     assert callback.answer is not None
     assert data.batch_size == callback.answer.recommended_batch_size
-    assert data.seen == [callback.answer.recommended_batch_size]
+    # The loop read the dataset's length with the old batch, then the fit used the new one.
+    assert data.seen == [2, callback.answer.recommended_batch_size]
+
+
+def test_the_answer_never_exceeds_the_dataset(server: str) -> None:
+    callback = HeadroomBatchSize(server, device="host", search={"max": 4096})
+    data = fit(callback, data=Data(samples=100))
+    assert callback.answer is not None
+    assert callback.answer.max_batch_size == 100
+    assert data.batch_size == callback.answer.recommended_batch_size <= 100
 
 
 def test_a_target_batch_sets_the_micro_batch_and_accumulation(server: str) -> None:
-    callback = HeadroomBatchSize(server, target_batch_size=8192, search={"max": 2048})
+    callback = HeadroomBatchSize(server, device="host", target_batch_size=8192, search={"max": 2048})
     data = Data()
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
@@ -74,9 +89,57 @@ def test_a_target_batch_sets_the_micro_batch_and_accumulation(server: str) -> No
     assert advice["micro_batch_size"] * advice["steps"] >= 8192
 
 
-def test_with_the_service_down_the_batch_size_is_left_alone() -> None:
-    with pytest.warns(UserWarning, match="headroom did not answer"):
-        data = fit(HeadroomBatchSize("http://127.0.0.1:9"))
+class Unnamed(pl.LightningModule):
+    """A LightningModule whose layers are its own attributes (no `model`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(16, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x.flatten(1))))  # type: ignore[no-any-return]
+
+    def training_step(self, batch: Any, _: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_lightning_module_itself_is_read_by_default(server: str) -> None:
+    callback = HeadroomBatchSize(server, device="host", input_shape=[4, 4], search={"max": 512})
+    data = fit(callback, Unnamed())
+    assert callback.answer is not None
+    assert data.batch_size == callback.answer.recommended_batch_size
+
+
+@pytest.mark.parametrize(
+    "callback,module,said,raised",
+    [
+        (HeadroomBatchSize("http://127.0.0.1:9", device="host"), None, "127.0.0.1:9", HeadroomError),
+        (HeadroomBatchSize("http://127.0.0.1:9", device="host"), Classifier(nn.LayerNorm(32)),
+         "model.model.3 (LayerNorm): headroom cannot describe this module", UnsupportedModel),
+        (HeadroomBatchSize("http://127.0.0.1:9"), None,
+         "the trainer runs on cpu, and headroom answers for a GPU", CannotAsk),
+        (HeadroomBatchSize("http://127.0.0.1:9", device="host", model_attr="net"), None,
+         "no module `net` (model_attr=)", CannotAsk),
+        (HeadroomBatchSize("http://127.0.0.1:9", device="host"), Unnamed(),
+         "give input_shape=, or set the LightningModule's example_input_array", CannotAsk),
+        (HeadroomBatchSize("http://127.0.0.1:9", device="host", batch_arg_name="micro"), None,
+         "`micro` to set (batch_arg_name=)", CannotAsk),
+    ],
+)
+def test_a_failure_warns_and_leaves_the_batch_alone(
+    callback: HeadroomBatchSize, module: pl.LightningModule | None, said: str,
+    raised: type[Exception],
+) -> None:
+    with pytest.warns(UserWarning, match="the batch size is unchanged") as warned:
+        data = fit(callback, module)
     assert data.batch_size == 2
-    with pytest.raises(HeadroomError):
-        fit(HeadroomBatchSize("http://127.0.0.1:9", strict=True))
+    assert any(said in str(w.message) for w in warned), [str(w.message) for w in warned]
+    callback.strict = True
+    with pytest.raises(raised) as error:
+        fit(callback, module)
+    assert said in str(error.value)

@@ -1,0 +1,85 @@
+"""A job's layer list walked as the server walks it: each layer's output shape and its
+parameters, counted as ``sum(p.numel() for p in module.parameters())`` counts them. Needs no
+torch: it is how :func:`~headroom_client.model.job_from_torch` checks the job it wrote."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+Json = dict[str, Any]
+
+#: Layers that keep a sample's shape and hold no parameters.
+SHAPE_KEEPING = frozenset(
+    {"dropout", "identity", "relu", "relu6", "leaky_relu", "gelu", "tanh", "sigmoid", "silu"}
+)
+
+
+def _windowed(side: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """One side after a window, as PyTorch's pooling and convolution compute it."""
+    span = side + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    # With ceil_mode, the last window must start inside the input or its left padding.
+    if ceil_mode and (out - 1) * stride >= side + padding:
+        out -= 1
+    return out
+
+
+def walk(layers: list[Json], shape: list[int]) -> tuple[int, list[int]]:
+    """The parameters of ``layers`` over samples of ``shape``, and the shape they pass on."""
+    total = 0
+    for layer in layers:
+        ((kind, args),) = layer.items()
+        count, shape = _layer(kind, args, shape)
+        total += count
+    return total, shape
+
+
+def _layer(kind: str, args: Json, shape: list[int]) -> tuple[int, list[int]]:
+    """One layer's parameters and output shape."""
+    if kind in SHAPE_KEEPING:
+        return 0, shape
+    if kind == "conv2d":
+        k, out, groups = args["kernel_size"], args["out_channels"], args.get("groups", 1)
+        sides = [
+            _windowed(n, k, args.get("stride", 1), args.get("padding", 0), args.get("dilation", 1), False)
+            for n in shape[1:]
+        ]
+        weights = out * (shape[0] // groups) * k * k
+        return weights + (out if args.get("bias", True) else 0), [out, *sides]
+    if kind in ("max_pool2d", "avg_pool2d"):
+        k = args["kernel_size"]
+        stride = args.get("stride") or k
+        dilation = args.get("dilation", 1)
+        sides = [
+            _windowed(n, k, stride, args.get("padding", 0), dilation, args.get("ceil_mode", False))
+            for n in shape[1:]
+        ]
+        return 0, [shape[0], *sides]
+    if kind == "adaptive_avg_pool2d":
+        size = args["output_size"]
+        return 0, [shape[0], *([size, size] if isinstance(size, int) else size)]
+    if kind == "global_avg_pool2d":
+        return 0, [shape[0]]
+    if kind in ("batch_norm2d", "batch_norm1d"):
+        return (2 * shape[0] if args.get("affine", True) else 0), shape
+    if kind == "flatten":
+        return 0, [math.prod(shape)]
+    if kind == "linear":
+        out = args["out_features"]
+        return shape[-1] * out + (out if args.get("bias", True) else 0), [*shape[:-1], out]
+    if kind == "residual":
+        body, passed = walk(args["layers"], shape)
+        shortcut, _ = walk(args.get("shortcut", []), shape)
+        return body + shortcut, passed
+    raise ValueError(f"{kind!r} is not a layer headroom knows")
+
+
+def parameter_count(job: Json) -> int:
+    """The parameters of a job's model: the shorthand's MLP, or its layer list."""
+    model = job["model"]
+    if "layers" not in model:
+        widths = [math.prod(model["input_shape"]), *model["hidden_layers"], model["num_classes"]]
+        return sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))
+    count, _ = walk(model["layers"], list(model["input_shape"]))
+    return count
