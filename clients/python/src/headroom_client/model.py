@@ -12,17 +12,16 @@ what headroom reads: never a silent approximation. The job's parameter count is 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from headroom_client.client import Json
 from headroom_client.shapes import parameter_count
 from headroom_client.torch_graph import UnsupportedModel, read_layers
 
-Json = dict[str, Any]
 
 __all__ = ["PRECISIONS", "UnsupportedModel", "job_from_torch", "optimizer_spec", "parameter_count"]
 
@@ -101,14 +100,15 @@ def _shorthand_or_list(layers: list[Json], shape: list[int]) -> Json:
     if len(shape) > 1:
         body = layers[1:] if layers[:1] == [{"flatten": {}}] else []
     linears, activations = body[::2], body[1::2]
-    kinds = {json.dumps(layer) for layer in activations}
+    names = {next(iter(layer)) for layer in activations}
     plain = (
         len(body) % 2 == 1
         and all(list(layer) == ["linear"] and list(layer["linear"]) == ["out_features"] for layer in linears)
-        and kinds <= {json.dumps({name: {}}) for name in SHORTHAND_ACTIVATIONS}
-        and len(kinds) <= 1
+        and all(layer == {next(iter(layer)): {}} for layer in activations)
+        and len(names) <= 1
+        and names <= set(SHORTHAND_ACTIVATIONS)
     )
     if not plain:
         return {"layers": layers}
-    name = next(iter(activations[0])) if activations else "relu"
+    name = names.pop() if names else "relu"
     return {"hidden_layers": [layer["linear"]["out_features"] for layer in linears[:-1]], "activation": name}

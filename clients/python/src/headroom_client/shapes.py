@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-Json = dict[str, Any]
+from headroom_client.client import Json
+
 
 #: Layers that keep a sample's shape and hold no parameters.
 SHAPE_KEEPING = frozenset(

@@ -20,7 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.operator_schemas import normalize_function
 
 from headroom_client import torch_layers
-from headroom_client.torch_layers import Json, Unsupported
+from headroom_client.client import Json
+from headroom_client.torch_layers import Unsupported
 
 #: The additions that join a residual block's branches, and whether each writes in place.
 ADDITIONS: dict[Any, bool] = {operator.add: False, torch.add: False, operator.iadd: True}

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Json = dict[str, Any]
+from headroom_client.client import Json
+
 
 
 class Unsupported(ValueError):

@@ -75,8 +75,3 @@ pub fn show(shape: &[u64]) -> String {
     let each: Vec<String> = shape.iter().map(u64::to_string).collect();
     format!("[{}]", each.join(", "))
 }
-
-/// `1 / sqrt(fan_in)`: PyTorch's bound for the first values of a layer's weights and bias.
-pub fn init_scale(fan_in: u64) -> f32 {
-    crate::synthetic::init_scale(fan_in)
-}

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::check::{extent, image, init_scale, product, show, sum};
+use super::check::{extent, image, product, show, sum};
 use super::{LayerError, Module, Parameter, Parameters, Path, Token, Values};
 pub use crate::program::geometry::{window_count, Convolution};
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
@@ -116,12 +116,8 @@ impl Module for Conv2d {
     }
 
     fn parameters(&self) -> Vec<Parameter> {
-        let scale = init_scale(self.conv.fan_in());
-        let mut declared = vec![Parameter::trained(self.conv.weights(), scale)];
-        if self.bias {
-            declared.push(Parameter::trained(self.conv.out_channels, scale));
-        }
-        declared
+        let biases = self.bias.then_some(self.conv.out_channels);
+        Parameter::weight_and_bias(self.conv.weights(), biases, self.conv.fan_in())
     }
 
     fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {

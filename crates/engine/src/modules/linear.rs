@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::check::{extent, init_scale, product, sum};
+use super::check::{extent, product, sum};
 use super::{LayerError, Module, Parameter, Parameters, Path, Token, Values};
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::Instr;
@@ -68,12 +68,8 @@ impl Module for Linear {
     }
 
     fn parameters(&self) -> Vec<Parameter> {
-        let scale = init_scale(self.inputs);
-        let mut declared = vec![Parameter::trained(self.inputs * self.outputs, scale)];
-        if self.bias {
-            declared.push(Parameter::trained(self.outputs, scale));
-        }
-        declared
+        let biases = self.bias.then_some(self.outputs);
+        Parameter::weight_and_bias(self.inputs * self.outputs, biases, self.inputs)
     }
 
     fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {

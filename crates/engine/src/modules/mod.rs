@@ -29,6 +29,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::program::graph::{Graph, Tensor};
+use crate::synthetic::init_scale;
 
 pub mod activation;
 pub mod adaptive_avg_pool2d;
@@ -295,6 +296,15 @@ impl Parameter {
             elements,
             kind: ParameterKind::Trained { scale },
         }
+    }
+
+    /// A layer's `weights` and, when it has one, its bias of `biases`, both starting within
+    /// `1 / sqrt(fan_in)` as PyTorch's `Linear` and `Conv2d` initialise them.
+    pub fn weight_and_bias(weights: u64, biases: Option<u64>, fan_in: u64) -> Vec<Parameter> {
+        let scale = init_scale(fan_in);
+        let mut declared = vec![Parameter::trained(weights, scale)];
+        declared.extend(biases.map(|elements| Parameter::trained(elements, scale)));
+        declared
     }
 }
 
