@@ -5,7 +5,8 @@ Two sets of models, in one process:
 - every example job given, in every precision and at several batch sizes; the examples named
   after a torchvision model (`resnet18-imagenet`, ...) are checked against torchvision's own
   module, not a rebuild of the job's list, so the list is shown to mean that model;
-- `--random N` layer lists drawn by a seeded generator over every layer kind headroom accepts
+- `--random N` layer lists drawn by a seeded generator over every layer kind headroom accepts, over
+  images, sequences (`[positions, features]`) and feature vectors
   (`--seed`, printed, reproduces a run), each with a random optimizer, precision and batch size.
 
 For each, this builds the model in PyTorch, runs one steady-state training step (a warm-up step
@@ -22,8 +23,9 @@ profile models otherwise. The optimizers are PyTorch's `foreach` implementations
 picks on a GPU. Under autocast both devices compute the loss from an f32 copy of the logits
 (the CPU's autocast casts them at `cross_entropy_loss`, CUDA's at its `log_softmax`), alive
 while the loss is computed. Where the CPU differs from CUDA the check follows CUDA: dropout takes
-the fused `native_dropout` (one-byte mask), and batch norm over 16-bit values saves its batch
-statistics in f32 on CUDA (in 16-bit here), 4 bytes a channel the band allows for.
+the fused `native_dropout` (one-byte mask), layer norm runs in f32 under autocast (CUDA's autocast
+policy; the CPU's keeps it 16-bit), and batch norm and layer norm over 16-bit values save their
+statistics in f32 on CUDA (in 16-bit here), 4 bytes a channel or a row the band allows for.
 With `--cuda`, on a real GPU, the step runs for real and `torch.cuda.max_memory_allocated` and
 `max_memory_reserved` are compared with the profile's peak under the caching allocator's
 rounding, within 3% (cuDNN's and cuBLAS's workspaces are outside the model).
@@ -80,6 +82,41 @@ class GpuDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         return torch.native_dropout(x, self.p, True)[0]
+
+
+class CudaLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` under CUDA's autocast policy: CUDA's autocast runs `layer_norm` in f32 (a
+    16-bit input cast first), the CPU's in 16-bit; the step under FakeTensorMode on the CPU
+    applies CUDA's. `positions` (rows per sample) sizes the band's allowance: on CUDA the saved
+    mean and rstd are f32 for 16-bit values too, here 16-bit (bf16-true)."""
+
+    def __init__(self, shape, **args):
+        super().__init__(shape[-1], **args)
+        self.positions = 1
+        for s in shape[:-1]:
+            self.positions *= s
+
+    def forward(self, x):
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class GatedMlp(nn.Module):
+    """A layer list's `gated_mlp`: Llama's MLP, `down_proj(act(gate_proj(x)) * up_proj(x))`."""
+
+    ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU("tanh"), "relu": nn.ReLU}
+
+    def __init__(self, features, intermediate_size, activation="silu", bias=False):
+        super().__init__()
+        self.gate_proj = nn.Linear(features, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(features, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, features, bias=bias)
+        self.act_fn = self.ACTIVATIONS[activation]()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Residual(nn.Module):
@@ -153,6 +190,11 @@ def module(kind, args, shape):
         return nn.Flatten()
     if kind == "identity":
         return nn.Identity()
+    if kind == "gated_mlp":
+        return GatedMlp(shape[-1], **args)
+    if kind == "layer_norm":
+        return CudaLayerNorm(shape, eps=args.get("eps", 1e-5), elementwise_affine=args.get("elementwise_affine", True),
+                             bias=args.get("bias", True))
     if kind == "linear":
         return nn.Linear(shape[-1], args["out_features"], bias=args.get("bias", True))
     if kind == "relu":
@@ -295,10 +337,14 @@ def pytorch_peak_fake(job, batch, torchvision_name=None):
                        lambda: before_update.update(by_category(tracker.get_tracker_snapshot("peak"))))
         named = by_category(tracker.get_tracker_snapshot("peak"))
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    # On CUDA batch norm saves its statistics in f32 (its accumulation type); here, over 16-bit
-    # values, in 16-bit: at most 4 bytes a channel less than the profile, which models CUDA.
-    sixteen_bit = job.get("precision", "32-true") != "32-true"
-    allowance = 4 * sum(m.num_features for m in norms) if sixteen_bit else 0
+        layer_norms = [m for m in model.modules() if isinstance(m, CudaLayerNorm)]
+    # On CUDA batch norm and layer norm save their statistics in f32 (their accumulation type);
+    # here, over 16-bit values, in 16-bit: at most 4 bytes a channel (a row) less than the
+    # profile, which models CUDA.
+    precision = job.get("precision", "32-true")
+    allowance = 4 * sum(m.num_features for m in norms) if precision != "32-true" else 0
+    if precision == "bf16-true":
+        allowance += 4 * batch * sum(m.positions for m in layer_norms)
     return {"total": named["total"], "allowance": allowance,
             "peak_in_optimizer": named["total"] > before_update["total"],
             **{k: v for k, v in named.items() if k != "total"}}
@@ -438,8 +484,13 @@ class Generator:
         self.smallest_batch = 1
         # Whether a gradient reaches the tensor the next layer reads (a parameter came before).
         self.needs_grad = False
-        image = rng.random() < 0.7
-        input_shape = [rng.randint(1, 4), rng.randint(4, 20), rng.randint(4, 20)] if image else [rng.randint(1, 48)]
+        kind = rng.random()
+        if kind < 0.6:
+            input_shape = [rng.randint(1, 4), rng.randint(4, 20), rng.randint(4, 20)]
+        elif kind < 0.8:
+            input_shape = [rng.randint(1, 16), rng.randint(1, 48)]
+        else:
+            input_shape = [rng.randint(1, 48)]
         classes = rng.randint(2, 20)
         layers, shape = self.sequence(input_shape, rng.randint(1, 9))
         if len(shape) > 1:
@@ -472,7 +523,8 @@ class Generator:
                 layers.append(layer)
                 ((kind, args),) = layer.items()
                 kept = self.keeps(kind, args, kept)
-                self.needs_grad |= kind in ("conv2d", "linear", "residual") or (
+                self.needs_grad |= kind in ("conv2d", "linear", "residual", "gated_mlp") or (
+                    kind == "layer_norm" and args.get("elementwise_affine", True)) or (
                     kind.startswith("batch_norm") and args.get("affine", True))
                 shape = out
                 break
@@ -521,6 +573,12 @@ class Generator:
             return {"identity": {}}
         if kind == "flatten":
             return {"flatten": {}}
+        if kind == "linear" and rng.random() < 0.25:
+            return {"gated_mlp": {"intermediate_size": rng.randint(1, 64),
+                                  **self.maybe(activation=rng.choice(["gelu", "gelu_pytorch_tanh", "relu"])),
+                                  **self.maybe(bias=True)}}
+        if kind == "norm" and not image and rng.random() < 0.6:
+            return {"layer_norm": self.layer_norm_args()}
         if kind == "norm":
             args = {**self.maybe(affine=False), **self.maybe(eps=1e-3), **self.maybe(momentum=0.01)}
             if not self.needs_grad:
@@ -555,6 +613,9 @@ class Generator:
             return {"adaptive_avg_pool2d": {"output_size": size}}
         return self.residual(shape)
 
+    def layer_norm_args(self):
+        return {**self.maybe(eps=1e-6), **self.maybe(elementwise_affine=False), **self.maybe(bias=False)}
+
     def conv_args(self, channels, stride=None, same=False):
         rng = self.rng
         out = rng.randint(1, 12)
@@ -585,7 +646,9 @@ class Generator:
             first = self.conv_args(shape[0], stride=stride, same=True)
             body.append({"conv2d": first})
         else:
-            body.append({"linear": {"out_features": rng.choice([shape[0], rng.randint(1, 48)]), **self.maybe(bias=False)}})
+            if rng.random() < 0.3:
+                body.append({"layer_norm": self.layer_norm_args()})
+            body.append({"linear": {"out_features": rng.choice([shape[-1], rng.randint(1, 48)]), **self.maybe(bias=False)}})
         body, layers_out = self.rest_of_body(shape, body)
         block = {"layers": body}
         if layers_out != shape:
@@ -594,8 +657,10 @@ class Generator:
                                         **({"stride": first.get("stride")} if first.get("stride") else {}),
                                         **self.maybe(bias=False)}}]
             else:
-                shortcut = [{"linear": {"out_features": layers_out[0]}}]
-            if rng.random() < 0.5:
+                shortcut = [{"linear": {"out_features": layers_out[-1]}}]
+            if rng.random() < 0.5 and len(layers_out) == 2:
+                shortcut.append({"layer_norm": self.layer_norm_args()})
+            elif rng.random() < 0.5:
                 self.note_norm(layers_out)
                 shortcut.append({"batch_norm2d" if image else "batch_norm1d": {}})
             block["shortcut"] = shortcut
@@ -610,7 +675,9 @@ class Generator:
         kept = False
         for _ in range(self.rng.randint(0, 3)):
             choice = self.rng.choice(["norm", "activation", "conv"])
-            if choice == "norm":
+            if choice == "norm" and len(out) < 3 and self.rng.random() < 0.6:
+                layer = {"layer_norm": self.layer_norm_args()}
+            elif choice == "norm":
                 self.note_norm(out)
                 layer = {"batch_norm2d" if len(out) == 3 else "batch_norm1d": self.maybe(affine=False)}
             elif choice == "activation":
@@ -620,7 +687,7 @@ class Generator:
             elif len(out) == 3:
                 layer = {"conv2d": {**self.conv_args(out[0], stride=1, same=True)}}
             else:
-                layer = {"linear": {"out_features": out[0]}}
+                layer = {"linear": {"out_features": out[-1]}}
             body.append(layer)
             ((kind, args),) = layer.items()
             kept = self.keeps(kind, args, kept)

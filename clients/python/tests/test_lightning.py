@@ -119,8 +119,8 @@ def test_the_lightning_module_itself_is_read_by_default(server: str) -> None:
     "callback,module,said,raised",
     [
         (HeadroomBatchSize("http://127.0.0.1:9", device="host"), None, "127.0.0.1:9", HeadroomError),
-        (HeadroomBatchSize("http://127.0.0.1:9", device="host"), Classifier(nn.LayerNorm(32)),
-         "model.model.3 (LayerNorm): headroom cannot describe this module", UnsupportedModel),
+        (HeadroomBatchSize("http://127.0.0.1:9", device="host"), Classifier(nn.Hardswish()),
+         "model.model.3 (Hardswish): headroom cannot describe this module", UnsupportedModel),
         (HeadroomBatchSize("http://127.0.0.1:9"), None,
          "the trainer runs on cpu, and headroom answers for a GPU", CannotAsk),
         (HeadroomBatchSize("http://127.0.0.1:9", device="host", model_attr="net"), None,

@@ -180,6 +180,25 @@ def test_every_module_headroom_has_reads_with_its_arguments() -> None:
     assert parameter_count(job) == sum(p.numel() for p in model.parameters())
 
 
+def test_layer_norm_and_linear_over_a_sequence_read() -> None:
+    model = nn.Sequential(
+        nn.LayerNorm(12), nn.Linear(12, 16), nn.GELU(), nn.LayerNorm(16, eps=1e-6, bias=False),
+        nn.Linear(16, 16), nn.LayerNorm(16, elementwise_affine=False), nn.Flatten(), nn.Linear(128, 3),
+    )
+    job = job_from_torch(model, [8, 12])
+    assert job["model"]["layers"] == [
+        {"layer_norm": {}},
+        {"linear": {"out_features": 16}},
+        {"gelu": {}},
+        {"layer_norm": {"eps": 1e-6, "bias": False}},
+        {"linear": {"out_features": 16}},
+        {"layer_norm": {"elementwise_affine": False}},
+        {"flatten": {}},
+        {"linear": {"out_features": 3}},
+    ]
+    assert parameter_count(job) == sum(p.numel() for p in model.parameters())
+
+
 class Gated(nn.Module):
     """A squeeze-and-excitation step: a product of two branches."""
 
@@ -223,8 +242,10 @@ class Flow(nn.Module):
     [
         (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Dropout(0.5, inplace=True),
                        nn.Linear(64, 10)), [1, 28, 28], "model.3 (Dropout): in-place dropout"),
-        (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.LayerNorm(64), nn.Linear(64, 10)),
-         [1, 28, 28], "model.2 (LayerNorm): headroom cannot describe this module; it reads Conv2d"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.Hardswish(), nn.Linear(64, 10)),
+         [1, 28, 28], "model.2 (Hardswish): headroom cannot describe this module; it reads Conv2d"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm([26, 26]), nn.Flatten(), nn.Linear(2704, 10)),
+         [1, 28, 28], "model.1 (LayerNorm): normalized_shape=(26, 26) over a [4, 26, 26] sample"),
         (nn.Sequential(nn.Conv2d(1, 6, (5, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(3744, 10)),
          [1, 28, 28], "model.0 (Conv2d): kernel_size=(5, 3): headroom's windows are square"),
         (nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4056, 10)),
@@ -232,7 +253,7 @@ class Flow(nn.Module):
         (nn.Sequential(nn.Conv2d(1, 6, 3, bias=False), nn.BatchNorm2d(6, momentum=None), nn.ReLU(),
                        nn.Flatten(), nn.Linear(4056, 10)), [1, 28, 28], "model.1 (BatchNorm2d): "),
         (nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Linear(26, 10)),
-         [1, 28, 28], "model.2 (Linear): a Linear over a [6, 26, 26] sample"),
+         [1, 28, 28], "model (Sequential): ends in a [6, 26, 10] tensor; headroom's models end in one score"),
         (nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Upsample(scale_factor=2), nn.Flatten(),
                        nn.Linear(16224, 10)), [1, 28, 28], "model.2 (Upsample): headroom cannot describe"),
         (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.SiLU(inplace=True), nn.Linear(64, 10)),

@@ -49,6 +49,14 @@ extern "C" __global__ void add(const void* a, const void* b, void* out, long lon
     }
 }
 
+// out[i] = a[i] * b[i]: a gated MLP's product, and its factors' gradients
+extern "C" __global__ void multiply(const void* a, const void* b, void* out, long long n, int a_storage, int b_storage,
+                                    int out_storage) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        store_value(out, i, out_storage, load_value(a, i, a_storage) * load_value(b, i, b_storage));
+    }
+}
+
 // into[i] += from[i]: two gradients of one tensor summed, or a residual block's in-place sum
 extern "C" __global__ void accumulate(const void* from, void* into, long long n, int from_storage, int into_storage) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {

@@ -1,6 +1,7 @@
 // norm.cu: batch norm in training mode over NCHW batches (rows x channels x spatial values),
 // forward and backward, as nn.BatchNorm2d and nn.BatchNorm1d train: statistics over every sample and position of a
-// channel, the biased variance to normalize, the unbiased one into the running variance.
+// channel, the biased variance to normalize, the unbiased one into the running variance; and layer norm
+// (nn.LayerNorm over the last dimension), whose statistics are per row of `features` values.
 //
 // Launch: block (256, 1, 1); grid (min(channels, 65535), 1, 1): a block per channel (looping past
 // the grid), its threads striding over the channel's rows x spatial values with 64-bit indices;
@@ -87,6 +88,93 @@ extern "C" __global__ void batch_norm_backward(const void* dy, const void* x, co
             const long long i = channel_value(p, c, channels, spatial);
             const float xhat = (load_value(x, i, storage) - mean) * invstd;
             store_value(dx, i, storage, k * (load_value(dy, i, storage) - sum_dy / (float)m - xhat * sum_dy_xhat / (float)m));
+        }
+    }
+}
+
+// Layer norm. Launch: block (256, 1, 1); grid (min(rows, 65535), 1, 1) for the forward and the
+// input's gradient (a block per row of `features` values, looping past the grid), grid
+// (min(features, 65535), 1, 1) for the parameters' gradients (a block per feature, its threads
+// striding over the rows). x, y, dy and dx share `storage`; scale and shift `param_storage`,
+// their gradients `grad_storage`; the saved mean and rstd are f32, one per row (CUDA's
+// layer_norm keeps them in the accumulation type).
+
+// save_mean[r], save_rstd[r] = row r's mean and 1 / sqrt(biased variance + eps);
+// y = (x - mean) * rstd * scale[j] + shift[j] (scale 1 without has_scale, shift 0 without has_shift)
+extern "C" __global__ void layer_norm_forward(const void* x, const void* scale, int has_scale, const void* shift,
+                                              int has_shift, void* y, float* save_mean, float* save_rstd,
+                                              long long rows, long long features, float eps, int storage,
+                                              int param_storage) {
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long row = r * features;
+        float sum = 0.0f;
+        for (long long j = threadIdx.x; j < features; j += blockDim.x) sum += load_value(x, row + j, storage);
+        const float mean = block_sum(sum) / (float)features;
+        float squares = 0.0f;
+        for (long long j = threadIdx.x; j < features; j += blockDim.x) {
+            const float d = load_value(x, row + j, storage) - mean;
+            squares += d * d;
+        }
+        const float rstd = 1.0f / sqrtf(block_sum(squares) / (float)features + eps);
+        if (threadIdx.x == 0) {
+            save_mean[r] = mean;
+            save_rstd[r] = rstd;
+        }
+        for (long long j = threadIdx.x; j < features; j += blockDim.x) {
+            const float g = has_scale ? load_value(scale, j, param_storage) : 1.0f;
+            const float b = has_shift ? load_value(shift, j, param_storage) : 0.0f;
+            store_value(y, row + j, storage, (load_value(x, row + j, storage) - mean) * rstd * g + b);
+        }
+    }
+}
+
+// With xhat = (x - mean) * rstd and h = scale[j] * dy (dy without has_scale), per row:
+// dx = rstd * (h - sum(h) / features - xhat * sum(h * xhat) / features)
+extern "C" __global__ void layer_norm_input_gradient(const void* dy, const void* x, const void* scale, int has_scale,
+                                                     const float* save_mean, const float* save_rstd, void* dx,
+                                                     long long rows, long long features, int storage,
+                                                     int param_storage) {
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long row = r * features;
+        const float mean = save_mean[r];
+        const float rstd = save_rstd[r];
+        float sum_h = 0.0f;
+        float sum_h_xhat = 0.0f;
+        for (long long j = threadIdx.x; j < features; j += blockDim.x) {
+            const float g = has_scale ? load_value(scale, j, param_storage) : 1.0f;
+            const float h = g * load_value(dy, row + j, storage);
+            sum_h += h;
+            sum_h_xhat += h * ((load_value(x, row + j, storage) - mean) * rstd);
+        }
+        sum_h = block_sum(sum_h) / (float)features;
+        sum_h_xhat = block_sum(sum_h_xhat) / (float)features;
+        for (long long j = threadIdx.x; j < features; j += blockDim.x) {
+            const float g = has_scale ? load_value(scale, j, param_storage) : 1.0f;
+            const float xhat = (load_value(x, row + j, storage) - mean) * rstd;
+            store_value(dx, row + j, storage, rstd * (g * load_value(dy, row + j, storage) - sum_h - xhat * sum_h_xhat));
+        }
+    }
+}
+
+// Per feature j, over the rows: dscale[j] = sum dy * xhat, dshift[j] = sum dy (when has_dshift)
+extern "C" __global__ void layer_norm_parameter_gradient(const void* dy, const void* x, const float* save_mean,
+                                                         const float* save_rstd, void* dscale, void* dshift,
+                                                         int has_dshift, long long rows, long long features,
+                                                         int storage, int grad_storage) {
+    for (long long j = blockIdx.x; j < features; j += gridDim.x) {
+        float sum_dy = 0.0f;
+        float sum_dy_xhat = 0.0f;
+        for (long long r = threadIdx.x; r < rows; r += blockDim.x) {
+            const long long i = r * features + j;
+            const float g = load_value(dy, i, storage);
+            sum_dy += g;
+            sum_dy_xhat += g * ((load_value(x, i, storage) - save_mean[r]) * save_rstd[r]);
+        }
+        sum_dy = block_sum(sum_dy);
+        sum_dy_xhat = block_sum(sum_dy_xhat);
+        if (threadIdx.x == 0) {
+            store_value(dscale, j, grad_storage, sum_dy_xhat);
+            if (has_dshift) store_value(dshift, j, grad_storage, sum_dy);
         }
     }
 }

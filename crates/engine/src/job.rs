@@ -931,6 +931,16 @@ mod tests {
                 "model.layers[0].max_pool2d.padding",
                 "at most half the window",
             ),
+            (
+                format!(r#"{{"layer_norm": {{"eps": 0}}}}, {end}"#),
+                "model.layers[0].layer_norm.eps",
+                "must be a positive number",
+            ),
+            (
+                format!(r#"{{"gated_mlp": {{"intermediate_size": 0}}}}, {end}"#),
+                "model.layers[0].gated_mlp.intermediate_size",
+                "must be between 1 and",
+            ),
         ];
         for (layers, field, reason) in cases {
             let error = Job::from_json(&job(&layers)).unwrap_err();

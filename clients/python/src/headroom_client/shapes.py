@@ -64,6 +64,10 @@ def _layer(kind: str, args: Json, shape: list[int]) -> tuple[int, list[int]]:
         return 0, [shape[0]]
     if kind in ("batch_norm2d", "batch_norm1d"):
         return (2 * shape[0] if args.get("affine", True) else 0), shape
+    if kind == "layer_norm":
+        affine = args.get("elementwise_affine", True)
+        learnt = (1 + int(args.get("bias", True))) if affine else 0
+        return learnt * shape[-1], shape
     if kind == "flatten":
         return 0, [math.prod(shape)]
     if kind == "linear":

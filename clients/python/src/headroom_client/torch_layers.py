@@ -23,7 +23,7 @@ class Unsupported(ValueError):
 
 #: What the reader takes, for the messages that refuse the rest.
 SUPPORTED = (
-    "Conv2d, Linear, BatchNorm1d/2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, Flatten, "
+    "Conv2d, Linear, BatchNorm1d/2d, LayerNorm (over the last dimension), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, Flatten, "
     "Identity, ReLU, ReLU6, LeakyReLU, GELU, Tanh, Sigmoid and SiLU (as modules or their "
     "functional forms), torch.flatten or view/reshape to (batch, -1), and residual additions; "
     "write anything else as a JSON job's model.layers"
@@ -79,8 +79,6 @@ def conv2d(conv: nn.Conv2d, shape: list[int]) -> Json:
 
 
 def linear(layer: nn.Linear, shape: list[int]) -> Json:
-    if len(shape) != 1:
-        raise Unsupported(f"a Linear over a {shape} sample: headroom's take a flattened one")
     args = {"out_features": layer.out_features, "bias": layer.bias is not None}
     return {"linear": _given(args, {"bias": True})}
 
@@ -96,6 +94,18 @@ def batch_norm(norm: nn.modules.batchnorm._BatchNorm, shape: list[int]) -> Json:
         _image(shape)
     args = {"affine": norm.affine, "eps": norm.eps, "momentum": norm.momentum}
     return {kind: _given(args, {"affine": True, "eps": 1e-5, "momentum": 0.1})}
+
+
+def layer_norm(norm: nn.LayerNorm, shape: list[int]) -> Json:
+    if tuple(norm.normalized_shape) != tuple(shape[-1:]):
+        raise Unsupported(
+            f"normalized_shape={tuple(norm.normalized_shape)} over a {shape} sample: headroom "
+            "normalizes the last dimension only"
+        )
+    args = {"eps": norm.eps, "elementwise_affine": norm.elementwise_affine, "bias": norm.bias is not None}
+    if not norm.elementwise_affine:
+        args["bias"] = True
+    return {"layer_norm": _given(args, {"eps": 1e-5, "elementwise_affine": True, "bias": True})}
 
 
 def pool(kind: str, args: Json, shape: list[int]) -> Json:
@@ -171,6 +181,8 @@ def of_module(module: nn.Module, shape: list[int]) -> Json:
         return linear(module, shape)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return batch_norm(module, shape)
+    if isinstance(module, nn.LayerNorm):
+        return layer_norm(module, shape)
     if isinstance(module, nn.MaxPool2d):
         return pool("max_pool2d", vars(module), shape)
     if isinstance(module, nn.AvgPool2d):

@@ -180,11 +180,19 @@ pub enum Kernel {
     BatchNormForward,
     /// Batch norm's backward.
     BatchNormBackward,
+    /// The elementwise product.
+    Multiply,
+    /// Layer norm: each row's statistics and the normalized output.
+    LayerNormForward,
+    /// Layer norm's input gradient, a row at a time.
+    LayerNormInputGradient,
+    /// Layer norm's scale and shift gradients, a feature at a time.
+    LayerNormParameterGradient,
 }
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 33] = [
+    pub const ALL: [Kernel; 37] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -218,6 +226,10 @@ impl Kernel {
         Kernel::AdaptiveAvgPool2dBackward,
         Kernel::BatchNormForward,
         Kernel::BatchNormBackward,
+        Kernel::LayerNormForward,
+        Kernel::LayerNormInputGradient,
+        Kernel::LayerNormParameterGradient,
+        Kernel::Multiply,
     ];
 
     /// The function's name in its source and in the PTX.
@@ -256,6 +268,10 @@ impl Kernel {
             Kernel::AdaptiveAvgPool2dBackward => "adaptive_avg_pool2d_backward",
             Kernel::BatchNormForward => "batch_norm_forward",
             Kernel::BatchNormBackward => "batch_norm_backward",
+            Kernel::Multiply => "multiply",
+            Kernel::LayerNormForward => "layer_norm_forward",
+            Kernel::LayerNormInputGradient => "layer_norm_input_gradient",
+            Kernel::LayerNormParameterGradient => "layer_norm_parameter_gradient",
         }
     }
 
@@ -268,6 +284,7 @@ impl Kernel {
             | Kernel::ActivationInPlace
             | Kernel::ActivationGradient
             | Kernel::Add
+            | Kernel::Multiply
             | Kernel::Accumulate
             | Kernel::Convert => Family::Elementwise,
             Kernel::ColumnSum | Kernel::ChannelSum | Kernel::Mean | Kernel::Nonfinite => {
@@ -286,7 +303,11 @@ impl Kernel {
             | Kernel::AvgPool2dBackward
             | Kernel::AdaptiveAvgPool2dForward
             | Kernel::AdaptiveAvgPool2dBackward => Family::Pool,
-            Kernel::BatchNormForward | Kernel::BatchNormBackward => Family::Norm,
+            Kernel::BatchNormForward
+            | Kernel::BatchNormBackward
+            | Kernel::LayerNormForward
+            | Kernel::LayerNormInputGradient
+            | Kernel::LayerNormParameterGradient => Family::Norm,
         }
     }
 

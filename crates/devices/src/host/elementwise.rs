@@ -230,18 +230,18 @@ impl Elementwise for HostDevice {
         out: &mut HostValues,
         len: u64,
     ) -> Result<(), DeviceError> {
-        for range in chunks(usize_of(len), 1) {
-            let (a, b) = (a.read(range.clone()), b.read(range.clone()));
-            out.update(range, |out| {
-                out.par_chunks_mut(TASK)
-                    .zip(a.par_chunks(TASK).zip(b.par_chunks(TASK)))
-                    .for_each(|(out, (a, b))| {
-                        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-                            *o = a + b;
-                        }
-                    })
-            });
-        }
+        binary(a, b, out, len, |a, b| a + b);
+        Ok(())
+    }
+
+    fn multiply(
+        &mut self,
+        a: &HostValues,
+        b: &HostValues,
+        out: &mut HostValues,
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        binary(a, b, out, len, |a, b| a * b);
         Ok(())
     }
 
@@ -275,6 +275,28 @@ impl Elementwise for HostDevice {
                 .for_each(|(to, from)| to.iter_mut().zip(from).for_each(|(t, &f)| *t = f * scale))
         });
         Ok(())
+    }
+}
+
+/// `out = op(a, b)` over the first `len` values, in chunks, every core busy.
+fn binary(
+    a: &HostValues,
+    b: &HostValues,
+    out: &mut HostValues,
+    len: u64,
+    op: impl Fn(f32, f32) -> f32 + Sync,
+) {
+    for range in chunks(usize_of(len), 1) {
+        let (a, b) = (a.read(range.clone()), b.read(range.clone()));
+        out.update(range, |out| {
+            out.par_chunks_mut(TASK)
+                .zip(a.par_chunks(TASK).zip(b.par_chunks(TASK)))
+                .for_each(|(out, (a, b))| {
+                    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                        *o = op(a, b);
+                    }
+                })
+        });
     }
 }
 

@@ -1,11 +1,15 @@
-//! norm.cu on the host: batch norm in training mode. A channel's
+//! norm.cu on the host: batch norm in training mode, and layer norm. A channel's
 //! values are spread over every sample of an NCHW batch, so each pass reads the batch a chunk of
 //! whole samples at a time ([`chunks`]) and gathers per-channel sums in f64; the values written
-//! are computed in f32 from the f32 statistics, as the kernels compute them.
+//! are computed in f32 from the f32 statistics, as the kernels compute them. Layer norm's rows
+//! are read a chunk of whole rows at a time, their statistics likewise gathered in f64.
 
 use headroom_engine::device::DeviceError;
 use headroom_engine::modules::batch_norm::Planes;
-use headroom_engine::program::{Affine, BatchStatistics, RunningStatistics};
+use headroom_engine::modules::layer_norm::NormalizedRows;
+use headroom_engine::program::{
+    Affine, BatchStatistics, LayerAffine, RowStatistics, RunningStatistics,
+};
 use headroom_engine::step::Norm;
 
 use super::values::{chunks, HostValues};
@@ -50,6 +54,26 @@ fn channel_sums(values: &HostValues, sizes: &Sizes, term: impl Fn(f32, usize) ->
         }
     });
     sums
+}
+
+/// A row's mean and `1 / sqrt(biased variance + eps)`, summed in f64.
+fn row_statistics(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let variance = row
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (
+        mean as f32,
+        (1.0 / (variance + f64::from(eps)).sqrt()) as f32,
+    )
+}
+
+/// `values`' first `n` values, or `fill` where there is no buffer.
+fn per_feature(values: Option<&HostValues>, n: usize, fill: f32) -> Vec<f32> {
+    values.map_or_else(|| vec![fill; n], |v| v.read(0..n).into_owned())
 }
 
 impl Norm for HostDevice {
@@ -172,6 +196,88 @@ impl Norm for HostDevice {
                 }
             });
         });
+        Ok(())
+    }
+
+    fn layer_norm_forward(
+        &mut self,
+        x: &HostValues,
+        affine: Option<LayerAffine<&HostValues>>,
+        y: &mut HostValues,
+        saved: &mut RowStatistics<HostValues>,
+        rows: &NormalizedRows,
+    ) -> Result<(), DeviceError> {
+        let n = usize_of(rows.features);
+        let scale = per_feature(affine.map(|a| a.scale), n, 1.0);
+        let shift = per_feature(affine.and_then(|a| a.shift), n, 0.0);
+        let (mut means, mut rstds) = (Vec::new(), Vec::new());
+        for range in chunks(usize_of(rows.values()), n) {
+            let x = x.read(range.clone());
+            y.update(range, |y| {
+                for (x, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+                    let (mean, rstd) = row_statistics(x, rows.eps);
+                    means.push(mean);
+                    rstds.push(rstd);
+                    for (j, (y, &v)) in y.iter_mut().zip(x).enumerate() {
+                        *y = (v - mean) * rstd * scale[j] + shift[j];
+                    }
+                }
+            });
+        }
+        saved.mean.write(0, &means);
+        saved.rstd.write(0, &rstds);
+        Ok(())
+    }
+
+    fn layer_norm_backward(
+        &mut self,
+        dy: &HostValues,
+        x: &HostValues,
+        scale: Option<&HostValues>,
+        saved: RowStatistics<&HostValues>,
+        mut dx: Option<&mut HostValues>,
+        affine: Option<LayerAffine<&mut HostValues>>,
+        rows: &NormalizedRows,
+    ) -> Result<(), DeviceError> {
+        let n = usize_of(rows.features);
+        let count = usize_of(rows.rows);
+        let scale = per_feature(scale, n, 1.0);
+        let (mean, rstd) = (saved.mean.read(0..count), saved.rstd.read(0..count));
+        let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0f64; n], vec![0.0f64; n]);
+        for range in chunks(usize_of(rows.values()), n) {
+            let first = range.start / n;
+            let (dy, x) = (dy.read(range.clone()), x.read(range.clone()));
+            let xhat = |r: usize, j: usize| (x[r * n + j] - mean[first + r]) * rstd[first + r];
+            for (i, &g) in dy.iter().enumerate() {
+                sum_dy[i % n] += f64::from(g);
+                sum_dy_xhat[i % n] += f64::from(g) * f64::from(xhat(i / n, i % n));
+            }
+            let Some(dx) = dx.as_deref_mut() else {
+                continue;
+            };
+            dx.update(range, |dx| {
+                for (r, dx) in dx.chunks_exact_mut(n).enumerate() {
+                    let h = |j: usize| scale[j] * dy[r * n + j];
+                    let (mut sum_h, mut sum_h_xhat) = (0.0f64, 0.0f64);
+                    for j in 0..n {
+                        sum_h += f64::from(h(j));
+                        sum_h_xhat += f64::from(h(j)) * f64::from(xhat(r, j));
+                    }
+                    let (mean_h, mean_h_xhat) =
+                        ((sum_h / n as f64) as f32, (sum_h_xhat / n as f64) as f32);
+                    for (j, dx) in dx.iter_mut().enumerate() {
+                        *dx = rstd[first + r] * (h(j) - mean_h - xhat(r, j) * mean_h_xhat);
+                    }
+                }
+            });
+        }
+        if let Some(affine) = affine {
+            let to_f32 = |sums: &[f64]| -> Vec<f32> { sums.iter().map(|&s| s as f32).collect() };
+            affine.scale.write(0, &to_f32(&sum_dy_xhat));
+            if let Some(shift) = affine.shift {
+                shift.write(0, &to_f32(&sum_dy));
+            }
+        }
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! elementwise.cu: the bias over channels, every activation out of place and in place, its
-//! gradient from what autograd saves of it (the input or the output), sums and accumulation.
+//! gradient from what autograd saves of it (the input or the output), sums, products and
+//! accumulation.
 
 use super::reference;
 use super::{compare, poison, random, round, rounded, tolerance, Check, STORAGES};
@@ -38,7 +39,7 @@ pub fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, Devi
     Ok(checks)
 }
 
-/// `add` and `accumulate`.
+/// `add`, `multiply` and `accumulate`.
 fn check_sums<K: Transfer>(device: &mut K, storage: Storage) -> Result<Vec<Check>, DeviceError> {
     let (a, b) = (
         rounded(&random(1000, 47), storage),
@@ -56,11 +57,25 @@ fn check_sums<K: Transfer>(device: &mut K, storage: Storage) -> Result<Vec<Check
     let mut sum = device.write_values(&poison(1000), storage)?;
     device.add(&a_d, &b_d, &mut sum, 1000)?;
     let added = device.read_values(&sum, 1000)?;
+    let products: Vec<f32> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| round(x * y, storage))
+        .collect();
+    let mut product = device.write_values(&poison(1000), storage)?;
+    device.multiply(&a_d, &b_d, &mut product, 1000)?;
+    let multiplied = device.read_values(&product, 1000)?;
     device.accumulate(&a_d, &mut b_d, 1000)?;
     let accumulated = device.read_values(&b_d, 1000)?;
     let tolerance = tolerance(storage);
     Ok(vec![
         compare(format!("add 1000 {storage:?}"), &added, &want, tolerance),
+        compare(
+            format!("multiply 1000 {storage:?}"),
+            &multiplied,
+            &products,
+            tolerance,
+        ),
         compare(
             format!("accumulate 1000 {storage:?}"),
             &accumulated,

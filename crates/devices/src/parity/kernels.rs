@@ -24,6 +24,7 @@ pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
     checks.extend(super::conv::check_conv(device)?);
     checks.extend(super::pool::check_pool(device)?);
     checks.extend(super::norm::check_batch_norm(device)?);
+    checks.extend(super::norm::check_layer_norm(device)?);
     Ok(checks)
 }
 

@@ -1,13 +1,17 @@
 //! Checks of `norm.cu`: batch norm's forward (the batch's statistics, the normalized output,
-//! the running statistics and their step count) and backward, against a
-//! reference written here in f64 from the definitions, in the storages the precisions use.
+//! the running statistics and their step count) and backward, and layer norm's (each row's
+//! statistics, the output, the input's and the parameters' gradients), against references
+//! written here in f64 from the definitions, in the storages the precisions use.
 
 use super::{compare, poison, random, rounded, tolerance, Check};
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
 use headroom_engine::modules::batch_norm::Planes;
+use headroom_engine::modules::layer_norm::NormalizedRows;
 use headroom_engine::plan::Storage;
-use headroom_engine::program::{Affine, BatchStatistics, RunningStatistics};
+use headroom_engine::program::{
+    Affine, BatchStatistics, LayerAffine, RowStatistics, RunningStatistics,
+};
 
 /// Batch norm's values (the batch, its outputs and gradients), its parameters (and running
 /// statistics), and their gradients, as each precision stores them: `32-true`, the mixed ones
@@ -260,6 +264,201 @@ fn check_case<K: Transfer>(
         let got = device.read_values(&dscale, cu)?;
         check("scale gradient", got, &want.dscale, grads);
         let got = device.read_values(&dshift, cu)?;
+        check("shift gradient", got, &want.dshift, grads);
+    }
+    Ok(checks)
+}
+
+/// What the layer norm reference computes.
+struct RowReference {
+    y: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    dx: Vec<f32>,
+    dscale: Vec<f32>,
+    dshift: Vec<f32>,
+}
+
+/// Layer norm from the definitions, in f64: `x`, `dy` are `rows`, `scale` and `shift` per
+/// feature.
+fn row_reference(
+    rows: &NormalizedRows,
+    (x, dy): (&[f32], &[f32]),
+    (scale, shift): (&[f32], &[f32]),
+) -> RowReference {
+    let n = rows.features as usize;
+    let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&v| f64::from(v)).collect() };
+    let (x, dy, scale, shift) = (wide(x), wide(dy), wide(scale), wide(shift));
+    let mut want = RowReference {
+        y: Vec::new(),
+        mean: Vec::new(),
+        rstd: Vec::new(),
+        dx: Vec::new(),
+        dscale: Vec::new(),
+        dshift: Vec::new(),
+    };
+    let (mut dscale, mut dshift) = (vec![0.0f64; n], vec![0.0f64; n]);
+    for (x, dy) in x.chunks_exact(n).zip(dy.chunks_exact(n)) {
+        let mean = x.iter().sum::<f64>() / n as f64;
+        let variance = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+        let rstd = 1.0 / (variance + f64::from(rows.eps)).sqrt();
+        let xhat: Vec<f64> = x.iter().map(|v| (v - mean) * rstd).collect();
+        let h: Vec<f64> = (0..n).map(|j| scale[j] * dy[j]).collect();
+        let mean_h = h.iter().sum::<f64>() / n as f64;
+        let mean_h_xhat = (0..n).map(|j| h[j] * xhat[j]).sum::<f64>() / n as f64;
+        for j in 0..n {
+            want.y.push((xhat[j] * scale[j] + shift[j]) as f32);
+            want.dx
+                .push((rstd * (h[j] - mean_h - xhat[j] * mean_h_xhat)) as f32);
+            dscale[j] += dy[j] * xhat[j];
+            dshift[j] += dy[j];
+        }
+        want.mean.push(mean as f32);
+        want.rstd.push(rstd as f32);
+    }
+    want.dscale = dscale.iter().map(|&v| v as f32).collect();
+    want.dshift = dshift.iter().map(|&v| v as f32).collect();
+    want
+}
+
+/// One layer norm layout: its rows, which parameters it learns, and whether backward computes
+/// the input's gradient.
+struct RowCase {
+    rows: NormalizedRows,
+    scale: bool,
+    shift: bool,
+    input_gradient: bool,
+}
+
+/// A row of one value up to 129 rows of 300 (more than a block's threads), with a scale and
+/// shift, a scale alone (`bias=False`), neither (`elementwise_affine=False`), and without the
+/// input's gradient.
+fn row_cases() -> [RowCase; 5] {
+    let case = |rows, features, eps, scale, shift, input_gradient| RowCase {
+        rows: NormalizedRows {
+            rows,
+            features,
+            eps,
+        },
+        scale,
+        shift,
+        input_gradient,
+    };
+    [
+        case(2, 1, 1e-5, true, true, true),
+        case(3, 5, 1e-5, true, true, true),
+        case(129, 300, 1e-5, true, false, false),
+        case(7, 64, 1e-3, false, false, true),
+        case(4, 257, 0.1, true, true, true),
+    ]
+}
+
+/// Runs the layer norm checks in every storage a precision uses.
+pub fn check_layer_norm<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
+    let mut checks = Vec::new();
+    for storages in STORAGES {
+        for case in row_cases() {
+            checks.extend(check_row_case(device, &case, storages)?);
+        }
+    }
+    Ok(checks)
+}
+
+fn check_row_case<K: Transfer>(
+    device: &mut K,
+    case: &RowCase,
+    (values, params, grads): (Storage, Storage, Storage),
+) -> Result<Vec<Check>, DeviceError> {
+    let rows = &case.rows;
+    let (len, n, r) = (
+        rows.values() as usize,
+        rows.features as usize,
+        rows.rows as usize,
+    );
+    // An offset and a spread per row, as a layer's outputs have.
+    let x: Vec<f32> = random(len, 50)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (1.0 + (i / n % 3) as f32) + 0.25 * (i / n) as f32)
+        .collect();
+    let x = rounded(&x, values);
+    let dy = rounded(&random(len, 51), values);
+    let scale = match case.scale {
+        true => rounded(&random(n, 52), params),
+        false => vec![1.0; n],
+    };
+    let shift = match case.shift {
+        true => rounded(&random(n, 53), params),
+        false => vec![0.0; n],
+    };
+    let want = row_reference(rows, (&x, &dy), (&scale, &shift));
+
+    let x_d = device.write_values(&x, values)?;
+    let scale_d = device.write_values(&scale, params)?;
+    let shift_d = device.write_values(&shift, params)?;
+    let affine = case.scale.then_some(LayerAffine {
+        scale: &scale_d,
+        shift: case.shift.then_some(&shift_d),
+    });
+    let mut y = device.write_values(&poison(len), values)?;
+    let mut saved = RowStatistics {
+        mean: device.write_values(&poison(r), Storage::F32)?,
+        rstd: device.write_values(&poison(r), Storage::F32)?,
+    };
+    device.layer_norm_forward(&x_d, affine, &mut y, &mut saved, rows)?;
+    let shape = format!(
+        "{}x{} eps={} scale={} shift={} {values:?}/{params:?}/{grads:?}",
+        rows.rows, rows.features, rows.eps, case.scale, case.shift
+    );
+    let mut checks = Vec::new();
+    let mut check = |what: &str, got: Vec<f32>, want: &[f32], storage: Storage| {
+        checks.push(compare(
+            format!("layer norm {what} {shape}"),
+            &got,
+            &rounded(want, storage),
+            tolerance(storage),
+        ));
+    };
+    check(
+        "output",
+        device.read_values(&y, len as u64)?,
+        &want.y,
+        values,
+    );
+    let mean = device.read_values(&saved.mean, rows.rows)?;
+    check("mean", mean, &want.mean, Storage::F32);
+    let rstd = device.read_values(&saved.rstd, rows.rows)?;
+    check("rstd", rstd, &want.rstd, Storage::F32);
+
+    let dy_d = device.write_values(&dy, values)?;
+    let mut dx = device.write_values(&poison(len), values)?;
+    let mut dscale = device.write_values(&poison(n), grads)?;
+    let mut dshift = device.write_values(&poison(n), grads)?;
+    device.layer_norm_backward(
+        &dy_d,
+        &x_d,
+        case.scale.then_some(&scale_d),
+        RowStatistics {
+            mean: &saved.mean,
+            rstd: &saved.rstd,
+        },
+        case.input_gradient.then_some(&mut dx),
+        case.scale.then_some(LayerAffine {
+            scale: &mut dscale,
+            shift: case.shift.then_some(&mut dshift),
+        }),
+        rows,
+    )?;
+    if case.input_gradient {
+        let got = device.read_values(&dx, len as u64)?;
+        check("input gradient", got, &want.dx, values);
+    }
+    if case.scale {
+        let got = device.read_values(&dscale, n as u64)?;
+        check("scale gradient", got, &want.dscale, grads);
+    }
+    if case.shift {
+        let got = device.read_values(&dshift, n as u64)?;
         check("shift gradient", got, &want.dshift, grads);
     }
     Ok(checks)

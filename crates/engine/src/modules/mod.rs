@@ -40,7 +40,9 @@ pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod flatten;
+pub mod gated_mlp;
 pub mod identity;
+pub mod layer_norm;
 pub mod linear;
 pub mod max_pool2d;
 pub mod pooling;
@@ -81,6 +83,10 @@ pub enum LayerSpec {
     Flatten(NoArguments),
     /// `nn.Identity`.
     Identity(NoArguments),
+    /// `down(act(gate(x)) * up(x))` over the last dimension: Llama's MLP (SwiGLU).
+    GatedMlp(gated_mlp::GatedMlpSpec),
+    /// `nn.LayerNorm` over the last dimension, its features inferred.
+    LayerNorm(layer_norm::LayerNormSpec),
     /// `nn.Linear`, its input features inferred.
     Linear(linear::LinearSpec),
     /// `nn.ReLU`.
@@ -121,6 +127,8 @@ impl LayerSpec {
             LayerSpec::Dropout(_) => "dropout",
             LayerSpec::Flatten(_) => "flatten",
             LayerSpec::Identity(_) => "identity",
+            LayerSpec::GatedMlp(_) => "gated_mlp",
+            LayerSpec::LayerNorm(_) => "layer_norm",
             LayerSpec::Linear(_) => "linear",
             LayerSpec::Relu(_) => "relu",
             LayerSpec::Relu6(_) => "relu6",
@@ -154,6 +162,8 @@ impl LayerSpec {
             LayerSpec::Dropout(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::Flatten(_) => Arc::new(flatten::Flatten::new(input, &at)?),
             LayerSpec::Identity(_) => Arc::new(identity::Identity::new(input)),
+            LayerSpec::GatedMlp(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::LayerNorm(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::Linear(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::Relu(spec) => Arc::new(Activation::new(
                 Nonlinearity::Relu,

@@ -223,6 +223,25 @@ impl Planes {
     }
 }
 
+/// A batch seen as `rows x features` values: what layer norm normalizes, one row (a sample, or
+/// one position of a sequence) at a time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormalizedRows {
+    /// Rows: the batch times the positions of a sample.
+    pub rows: u64,
+    /// Values of a row (the last dimension).
+    pub features: u64,
+    /// Added to the variance.
+    pub eps: f32,
+}
+
+impl NormalizedRows {
+    /// Values in all.
+    pub fn values(&self) -> u64 {
+        self.rows * self.features
+    }
+}
+
 /// An element-wise non-linearity, with its parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Nonlinearity {

@@ -2,7 +2,9 @@
 //! (`crates/devices/kernels/*.cu`, mirrored by the host device). Sizes are in elements; `rows` is
 //! the batch size, or the batch times the positions a layer is applied at.
 
-use super::geometry::{AdaptivePooling, Convolution, Nonlinearity, Planes, Pooling};
+use super::geometry::{
+    AdaptivePooling, Convolution, Nonlinearity, NormalizedRows, Planes, Pooling,
+};
 use crate::memory::Buffer;
 pub use crate::memory::Moment;
 
@@ -46,6 +48,25 @@ pub struct BatchStatistics<F> {
     pub mean: F,
     /// `1 / sqrt(variance + eps)`, the biased variance.
     pub invstd: F,
+}
+
+/// Layer norm's learnt scale and, unless `bias=False`, shift (`elementwise_affine`), or their
+/// gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerAffine<F> {
+    /// Per feature, the scale (`weight`).
+    pub scale: F,
+    /// Per feature, the shift (`bias`).
+    pub shift: Option<F>,
+}
+
+/// What layer norm's forward saves for its backward: per row, f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowStatistics<F> {
+    /// The row's mean.
+    pub mean: F,
+    /// `1 / sqrt(variance + eps)`, the biased variance.
+    pub rstd: F,
 }
 
 /// What batch norm keeps between steps (`running_mean`, `running_var`, `num_batches_tracked`),
@@ -235,6 +256,17 @@ pub enum Instr {
         /// Elements.
         len: u64,
     },
+    /// elementwise.cu: `out = a * b`.
+    Multiply {
+        /// Read.
+        a: Slot,
+        /// Read.
+        b: Slot,
+        /// Written.
+        out: Slot,
+        /// Elements.
+        len: u64,
+    },
     /// elementwise.cu: `into += from`: two gradients of one tensor summed in place, or a
     /// residual block's in-place sum.
     Accumulate {
@@ -381,6 +413,39 @@ pub enum Instr {
         affine: Option<Affine<Slot>>,
         /// The batch's shape.
         planes: Planes,
+    },
+    /// norm.cu: layer norm over the last dimension: per row its mean and
+    /// `1 / sqrt(variance + eps)` (biased variance) into `saved`,
+    /// `y = (x - mean) * rstd * scale + shift`.
+    LayerNormForward {
+        /// Read.
+        x: Slot,
+        /// The learnt scale and shift, if any (the parameters' storage).
+        affine: Option<LayerAffine<Slot>>,
+        /// Written, as `x` is stored.
+        y: Slot,
+        /// Written: what backward reads.
+        saved: RowStatistics<Slot>,
+        /// The batch's shape.
+        rows: NormalizedRows,
+    },
+    /// norm.cu: layer norm's backward: `dx`, and the gradients of its scale and shift, from
+    /// `dy`, its input `x` and what forward saved.
+    LayerNormBackward {
+        /// The gradient of its output.
+        dy: Slot,
+        /// Its input.
+        x: Slot,
+        /// Its scale, if any.
+        scale: Option<Slot>,
+        /// What forward saved.
+        saved: RowStatistics<Slot>,
+        /// The gradient of its input, written, when needed.
+        dx: Option<Slot>,
+        /// The scale's and shift's gradients, written, if it has them.
+        affine: Option<LayerAffine<Slot>>,
+        /// The batch's shape.
+        rows: NormalizedRows,
     },
     /// dropout.cu: training-mode dropout: `mask[i]` keeps value `i` with probability `1 - p`,
     /// from the step's sub-stream of `key` ([`crate::synthetic::keeps`]); `y = x / (1 - p)`

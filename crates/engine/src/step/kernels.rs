@@ -13,9 +13,12 @@ use crate::modules::activation::Nonlinearity;
 use crate::modules::adaptive_avg_pool2d::AdaptivePooling;
 use crate::modules::batch_norm::Planes;
 use crate::modules::conv2d::Convolution;
+use crate::modules::layer_norm::NormalizedRows;
 use crate::modules::pooling::Pooling;
 use crate::plan::Storage;
-use crate::program::{Affine, BatchStatistics, OptimizerState, RunningStatistics, SavedAs};
+use crate::program::{
+    Affine, BatchStatistics, LayerAffine, OptimizerState, RowStatistics, RunningStatistics, SavedAs,
+};
 
 /// A device buffer of values that knows how it stores them.
 pub trait Stored {
@@ -143,6 +146,14 @@ pub trait Elementwise: Allocate {
     ) -> Result<(), Self::Error>;
     /// `out = a + b`, rounded to `out`'s storage.
     fn add(
+        &mut self,
+        a: &Self::Values,
+        b: &Self::Values,
+        out: &mut Self::Values,
+        len: u64,
+    ) -> Result<(), Self::Error>;
+    /// `out = a * b`, rounded to `out`'s storage.
+    fn multiply(
         &mut self,
         a: &Self::Values,
         b: &Self::Values,
@@ -285,7 +296,7 @@ pub trait Pool: Allocate {
     ) -> Result<(), Self::Error>;
 }
 
-/// norm.cu: batch norm in training mode.
+/// norm.cu: batch norm in training mode, and layer norm.
 pub trait Norm: Allocate {
     /// Batch norm over `planes`: per channel the batch's mean and `1 / sqrt(variance + eps)`
     /// (biased variance) into `saved`, `y = (x - mean) * invstd * scale + shift` (scale 1, shift
@@ -315,6 +326,33 @@ pub trait Norm: Allocate {
         dx: Option<&mut Self::Values>,
         affine: Option<Affine<&mut Self::Values>>,
         planes: &Planes,
+    ) -> Result<(), Self::Error>;
+    /// Layer norm over `rows`: per row its mean and `1 / sqrt(variance + eps)` (biased
+    /// variance) into `saved`, `y = (x - mean) * rstd * scale + shift` (scale 1 and shift 0
+    /// where absent), rounded to `x`'s storage.
+    fn layer_norm_forward(
+        &mut self,
+        x: &Self::Values,
+        affine: Option<LayerAffine<&Self::Values>>,
+        y: &mut Self::Values,
+        saved: &mut RowStatistics<Self::Values>,
+        rows: &NormalizedRows,
+    ) -> Result<(), Self::Error>;
+    /// Layer norm's backward from its output's gradient `dy`, its input `x` and what forward
+    /// saved: with `xhat = (x - mean) * rstd`, `h = scale * dy` and `n` features,
+    /// `dx = rstd * (h - sum h / n - xhat * sum(h * xhat) / n)` per row, and per feature over
+    /// the rows `dscale = sum dy * xhat`, `dshift = sum dy`; each rounded to its buffer's
+    /// storage, and only where given.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &mut self,
+        dy: &Self::Values,
+        x: &Self::Values,
+        scale: Option<&Self::Values>,
+        saved: RowStatistics<&Self::Values>,
+        dx: Option<&mut Self::Values>,
+        affine: Option<LayerAffine<&mut Self::Values>>,
+        rows: &NormalizedRows,
     ) -> Result<(), Self::Error>;
 }
 

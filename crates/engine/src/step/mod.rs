@@ -15,7 +15,8 @@ use crate::plan::{
     Element, OptimizerKind, Plan, Storage, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
 };
 use crate::program::{
-    Affine, BatchStatistics, Instr, OptimizerState, Program, RunningStatistics, Scale, Slot,
+    Affine, BatchStatistics, Instr, LayerAffine, OptimizerState, Program, RowStatistics,
+    RunningStatistics, Scale, Slot,
 };
 
 /// Momentum coefficient of `sgd_momentum`.
@@ -304,6 +305,7 @@ impl<K: Kernels> Executor<K> {
             | Instr::Activation { .. }
             | Instr::ActivationGradient { .. }
             | Instr::Add { .. }
+            | Instr::Multiply { .. }
             | Instr::Accumulate { .. }
             | Instr::BiasGradient { .. } => self.values_kernel(kernels, instr)?,
             Instr::ConvForward { .. }
@@ -315,6 +317,9 @@ impl<K: Kernels> Executor<K> {
             | Instr::AdaptivePoolBackward { .. } => self.image_kernel(kernels, instr)?,
             Instr::BatchNormForward { .. } | Instr::BatchNormBackward { .. } => {
                 self.batch_norm(kernels, instr)?
+            }
+            Instr::LayerNormForward { .. } | Instr::LayerNormBackward { .. } => {
+                self.layer_norm(kernels, instr)?
             }
             Instr::DropoutForward { .. }
             | Instr::DropoutBackward { .. }
@@ -445,6 +450,9 @@ impl<K: Kernels> Executor<K> {
             })?,
             Instr::Add { a, b, out, len } => self.writing(out, |this, out| {
                 kernels.add(this.values(a), this.values(b), out, len)
+            })?,
+            Instr::Multiply { a, b, out, len } => self.writing(out, |this, out| {
+                kernels.multiply(this.values(a), this.values(b), out, len)
             })?,
             Instr::Accumulate { from, into, len } => self.writing(into, |this, into| {
                 kernels.accumulate(this.values(from), into, len)
@@ -619,6 +627,70 @@ impl<K: Kernels> Executor<K> {
                 done?
             }
             _ => unreachable!("{instr:?} is not batch norm"),
+        }
+        Ok(())
+    }
+
+    /// Layer norm's forward and backward.
+    fn layer_norm(&mut self, kernels: &mut K, instr: &Instr) -> Result<(), K::Error> {
+        match *instr {
+            Instr::LayerNormForward {
+                x,
+                affine,
+                y,
+                saved,
+                rows,
+            } => {
+                let mut saved_buffers = RowStatistics {
+                    mean: self.take(saved.mean),
+                    rstd: self.take(saved.rstd),
+                };
+                let done = self.writing(y, |this, y| {
+                    let affine = affine.map(|a| LayerAffine {
+                        scale: this.values(a.scale),
+                        shift: a.shift.map(|s| this.values(s)),
+                    });
+                    kernels.layer_norm_forward(this.values(x), affine, y, &mut saved_buffers, &rows)
+                });
+                self.put(saved.mean, saved_buffers.mean);
+                self.put(saved.rstd, saved_buffers.rstd);
+                done?
+            }
+            Instr::LayerNormBackward {
+                dy,
+                x,
+                scale,
+                saved,
+                dx,
+                affine,
+                rows,
+            } => {
+                let mut dx_buffer = self.take_values(dx);
+                let mut dscale = self.take_values(affine.map(|a| a.scale));
+                let mut dshift = self.take_values(affine.and_then(|a| a.shift));
+                let gradients = dscale.as_mut().map(|scale| LayerAffine {
+                    scale,
+                    shift: dshift.as_mut(),
+                });
+                let saved_values = RowStatistics {
+                    mean: self.values(saved.mean),
+                    rstd: self.values(saved.rstd),
+                };
+                let done = kernels.layer_norm_backward(
+                    self.values(dy),
+                    self.values(x),
+                    scale.map(|s| self.values(s)),
+                    saved_values,
+                    dx_buffer.as_mut(),
+                    gradients,
+                    &rows,
+                );
+                self.put_values(dx, dx_buffer);
+                self.put_values(affine.map(|a| a.scale), dscale);
+                self.put_values(affine.and_then(|a| a.shift), dshift);
+                done?
+            }
+            _ => unreachable!("{instr:?} is not layer norm"),
         }
         Ok(())
     }

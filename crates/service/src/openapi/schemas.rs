@@ -122,6 +122,10 @@ pub enum Layer {
     Flatten(NoArguments),
     /// `nn.Identity`.
     Identity(NoArguments),
+    /// `down(act(gate(x)) * up(x))` over the last dimension: Llama's MLP (SwiGLU).
+    GatedMlp(GatedMlp),
+    /// `nn.LayerNorm` over the last dimension, features inferred; f32 under autocast.
+    LayerNorm(LayerNorm),
     /// `nn.Linear` over the last dimension, input features inferred.
     Linear(Linear),
     /// `nn.ReLU`.
@@ -258,6 +262,53 @@ pub struct BatchNorm {
     #[serde(default)]
     #[schema(default = 0.1, minimum = 0.0, maximum = 1.0)]
     momentum: f64,
+}
+
+/// A gated MLP's arguments.
+#[derive(Serialize, ToSchema)]
+pub struct GatedMlp {
+    /// Width of the gate and up projections.
+    #[schema(minimum = 1)]
+    intermediate_size: u64,
+    /// The gate's activation, by Hugging Face's `hidden_act` names.
+    #[serde(default)]
+    #[schema(default = "silu")]
+    activation: GateActivation,
+    /// Whether the three projections learn a bias.
+    #[serde(default)]
+    #[schema(default = false)]
+    bias: bool,
+}
+
+/// A gated MLP's activation.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GateActivation {
+    /// SiLU (SwiGLU).
+    Silu,
+    /// Exact GELU.
+    Gelu,
+    /// GELU, tanh approximation.
+    GeluPytorchTanh,
+    /// ReLU.
+    Relu,
+}
+
+/// `nn.LayerNorm`'s arguments.
+#[derive(Serialize, ToSchema)]
+pub struct LayerNorm {
+    /// Added to the variance.
+    #[serde(default)]
+    #[schema(default = 1e-5, exclusive_minimum = 0.0)]
+    eps: f64,
+    /// Whether a scale (and shift) per feature is learnt.
+    #[serde(default)]
+    #[schema(default = true)]
+    elementwise_affine: bool,
+    /// Whether the shift is learnt, when `elementwise_affine`.
+    #[serde(default)]
+    #[schema(default = true)]
+    bias: bool,
 }
 
 /// `nn.Dropout`'s argument.
@@ -892,6 +943,8 @@ mod tests {
                                                       {"leaky_relu": {"negative_slope": 0.2, "inplace": false}}],
                                            "shortcut": [{"identity": {}}], "inplace": true}},
                              {"global_avg_pool2d": {}}, {"flatten": {}}, {"batch_norm1d": {"affine": false, "eps": 0.00001, "momentum": 0.1}},
+                             {"layer_norm": {"eps": 0.00001, "elementwise_affine": true, "bias": false}},
+                             {"gated_mlp": {"intermediate_size": 8, "activation": "gelu_pytorch_tanh", "bias": false}},
                              {"linear": {"out_features": 4, "bias": true}}]},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,

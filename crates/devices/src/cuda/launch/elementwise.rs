@@ -75,11 +75,17 @@ impl Elementwise for CudaDevice {
         out: &mut DeviceValues,
         len: u64,
     ) -> Result<(), DeviceError> {
-        let n = len as i64;
-        let storages = [a.storage.code(), b.storage.code(), out.storage.code()];
-        launch!(self, Kernel::Add, shapes::elementwise(len);
-            holds(a, len), holds(b, len), holds_mut(out, len), &n, &storages[0], &storages[1],
-            &storages[2])
+        self.binary(Kernel::Add, a, b, out, len)
+    }
+
+    fn multiply(
+        &mut self,
+        a: &DeviceValues,
+        b: &DeviceValues,
+        out: &mut DeviceValues,
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        self.binary(Kernel::Multiply, a, b, out, len)
     }
 
     fn accumulate(
@@ -105,5 +111,24 @@ impl Elementwise for CudaDevice {
         let (from_storage, to_storage) = (from.storage.code(), to.storage.code());
         launch!(self, Kernel::Convert, shapes::elementwise(len);
             holds(from, len), holds_mut(to, len), &n, &scale, &from_storage, &to_storage)
+    }
+}
+
+impl CudaDevice {
+    /// `out = a op b` by `kernel` (`add`, `multiply`): the operands and the output each in its
+    /// own storage.
+    fn binary(
+        &mut self,
+        kernel: Kernel,
+        a: &DeviceValues,
+        b: &DeviceValues,
+        out: &mut DeviceValues,
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        let n = len as i64;
+        let storages = [a.storage.code(), b.storage.code(), out.storage.code()];
+        launch!(self, kernel, shapes::elementwise(len);
+            holds(a, len), holds(b, len), holds_mut(out, len), &n, &storages[0], &storages[1],
+            &storages[2])
     }
 }

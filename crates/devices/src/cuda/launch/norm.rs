@@ -1,4 +1,4 @@
-//! norm.cu: batch norm in training mode, forward and backward.
+//! norm.cu: batch norm in training mode, and layer norm, forward and backward.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -7,7 +7,10 @@ use crate::cuda::kernel::Kernel;
 use crate::cuda::{shapes, CudaDevice};
 use headroom_engine::device::DeviceError;
 use headroom_engine::modules::batch_norm::Planes;
-use headroom_engine::program::{Affine, BatchStatistics, RunningStatistics};
+use headroom_engine::modules::layer_norm::NormalizedRows;
+use headroom_engine::program::{
+    Affine, BatchStatistics, LayerAffine, RowStatistics, RunningStatistics,
+};
 use headroom_engine::step::Norm;
 
 /// The kernels' shape arguments: rows, channels, spatial.
@@ -84,6 +87,69 @@ impl Norm for CudaDevice {
                 &has_dx, holds_mut(affine.scale, channels), holds_mut(affine.shift, channels),
                 &has_affine_grad, &r, &c, &k, &storage, &param_storage, &grad_storage),
             (None, None) => Ok(()),
+        }
+    }
+
+    fn layer_norm_forward(
+        &mut self,
+        x: &DeviceValues,
+        affine: Option<LayerAffine<&DeviceValues>>,
+        y: &mut DeviceValues,
+        saved: &mut RowStatistics<DeviceValues>,
+        rows: &NormalizedRows,
+    ) -> Result<(), DeviceError> {
+        let (len, r, n) = (rows.values(), rows.rows, rows.features);
+        // An absent scale or shift is given `x`, live and unread.
+        let scale = affine.map(|a| a.scale);
+        let shift = affine.and_then(|a| a.shift);
+        let (has_scale, has_shift) = (i32::from(scale.is_some()), i32::from(shift.is_some()));
+        let param_storage = scale.map_or(x.storage.code(), |s| s.storage.code());
+        let features = |present: i32| if present == 1 { n } else { 0 };
+        let (storage, eps) = (x.storage.code(), rows.eps);
+        let [r64, n64] = [r, n].map(|v| v as i64);
+        launch!(self, Kernel::LayerNormForward, shapes::block_per_channel(r);
+            holds(x, len), holds(scale.unwrap_or(x), features(has_scale)), &has_scale,
+            holds(shift.unwrap_or(x), features(has_shift)), &has_shift, holds_mut(y, len),
+            holds_mut(&mut saved.mean, r), holds_mut(&mut saved.rstd, r), &r64, &n64, &eps,
+            &storage, &param_storage)
+    }
+
+    fn layer_norm_backward(
+        &mut self,
+        dy: &DeviceValues,
+        x: &DeviceValues,
+        scale: Option<&DeviceValues>,
+        saved: RowStatistics<&DeviceValues>,
+        dx: Option<&mut DeviceValues>,
+        affine: Option<LayerAffine<&mut DeviceValues>>,
+        rows: &NormalizedRows,
+    ) -> Result<(), DeviceError> {
+        let (len, r, n) = (rows.values(), rows.rows, rows.features);
+        let [r64, n64] = [r, n].map(|v| v as i64);
+        let storage = dy.storage.code();
+        let (mean, rstd) = (holds(saved.mean, r), holds(saved.rstd, r));
+        if let Some(dx) = dx {
+            let has_scale = i32::from(scale.is_some());
+            let param_storage = scale.map_or(storage, |s| s.storage.code());
+            // Without a scale the kernel is given `x`, live and unread.
+            let scale = holds(scale.unwrap_or(x), if has_scale == 1 { n } else { 0 });
+            launch!(self, Kernel::LayerNormInputGradient, shapes::block_per_channel(r);
+                holds(dy, len), holds(x, len), scale, &has_scale, mean, rstd,
+                holds_mut(dx, len), &r64, &n64, &storage, &param_storage)?;
+        }
+        let Some(affine) = affine else {
+            return Ok(());
+        };
+        let grad_storage = affine.scale.storage.code();
+        let has_dshift = i32::from(affine.shift.is_some());
+        let config = shapes::block_per_channel(n);
+        match affine.shift {
+            Some(dshift) => launch!(self, Kernel::LayerNormParameterGradient, config;
+                holds(dy, len), holds(x, len), mean, rstd, holds_mut(affine.scale, n),
+                holds_mut(dshift, n), &has_dshift, &r64, &n64, &storage, &grad_storage),
+            None => launch!(self, Kernel::LayerNormParameterGradient, config;
+                holds(dy, len), holds(x, len), mean, rstd, holds_mut(affine.scale, n),
+                holds(dy, 0), &has_dshift, &r64, &n64, &storage, &grad_storage),
         }
     }
 }

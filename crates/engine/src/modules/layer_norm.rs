@@ -1,0 +1,226 @@
+//! `nn.LayerNorm` over the last dimension (norm.cu, a block per row): each row (a sample, or one
+//! position of a sequence) normalized by its own mean and biased variance, then scaled and
+//! shifted per feature (`elementwise_affine`; the shift unless `bias=False`). PyTorch's
+//! `native_layer_norm` writes its output, then each row's mean and `rstd` (f32 on CUDA, its
+//! accumulation type), and saves its input, those two and its parameters; backward makes the
+//! input's gradient, then the scale's, then the shift's. Under CUDA's autocast `layer_norm` runs
+//! in f32: a 16-bit input is cast to f32 first (that copy is what it saves) and its output is
+//! f32, which the next product casts back to half.
+
+use serde::{Deserialize, Serialize};
+
+use super::check::product;
+use super::{LayerError, Module, Parameter, Parameters, Path, Token, Values};
+use crate::memory::Storage;
+pub use crate::program::geometry::NormalizedRows;
+use crate::program::graph::{Backward, Graph, Pass, Tensor};
+use crate::program::{Instr, LayerAffine, RowStatistics, Scale};
+
+/// `nn.LayerNorm`'s arguments; `normalized_shape` is the input's last dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerNormSpec {
+    /// Added to the variance (1e-5).
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Whether a scale (and shift) per feature is learnt (true).
+    #[serde(default = "yes")]
+    pub elementwise_affine: bool,
+    /// Whether the shift is learnt, when `elementwise_affine` (true).
+    #[serde(default = "yes")]
+    pub bias: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl LayerNormSpec {
+    /// Layer norm over the last dimension of a sample of `input` shape.
+    pub fn build(&self, input: &[u64], at: &Path) -> Result<LayerNorm, LayerError> {
+        let Some((&features, leading)) = input.split_last() else {
+            return Err(at.error("layer_norm needs an input with at least one dimension"));
+        };
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(at.error_at(
+                "eps",
+                format!("must be a positive number, got {}", self.eps),
+            ));
+        }
+        Ok(LayerNorm {
+            features,
+            positions: product(leading, at)?,
+            scale: self.elementwise_affine,
+            shift: self.elementwise_affine && self.bias,
+            eps: self.eps as f32,
+            shape: input.to_vec(),
+        })
+    }
+}
+
+/// A layer norm layer.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    features: u64,
+    /// Rows per sample: the product of the leading dimensions.
+    positions: u64,
+    scale: bool,
+    shift: bool,
+    eps: f32,
+    shape: Vec<u64>,
+}
+
+impl Module for LayerNorm {
+    fn output_shape(&self) -> &[u64] {
+        &self.shape
+    }
+
+    fn parameters(&self) -> Vec<Parameter> {
+        let learnt = usize::from(self.scale) + usize::from(self.shift);
+        vec![Parameter::trained(self.features, 1.0); learnt]
+    }
+
+    fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {
+        let affine = self.scale.then(|| LayerAffine {
+            scale: parameters.take(),
+            shift: self.shift.then(|| parameters.take()),
+        });
+        // CUDA's autocast runs layer_norm in f32.
+        let x = match graph.precision().is_mixed() && graph.storage(x) != Storage::F32 {
+            true => graph.cast(x, Storage::F32, Scale::One),
+            false => {
+                graph.retain(x);
+                x
+            }
+        };
+        let rows = graph.times_rows(self.positions);
+        let rows = NormalizedRows {
+            rows,
+            features: self.features,
+            eps: self.eps,
+        };
+        let len = graph.elements(x);
+        let y = graph.output(len, graph.storage(x));
+        let saved = RowStatistics {
+            mean: graph.output(rows.rows, Storage::F32),
+            rstd: graph.output(rows.rows, Storage::F32),
+        };
+        graph.emit(Instr::LayerNormForward {
+            x: graph.slot(x),
+            affine: affine.map(|a| LayerAffine {
+                scale: graph.slot(a.scale),
+                shift: a.shift.map(|s| graph.slot(s)),
+            }),
+            y: graph.slot(y),
+            saved: RowStatistics {
+                mean: graph.slot(saved.mean),
+                rstd: graph.slot(saved.rstd),
+            },
+            rows,
+        });
+        let parameters: Vec<Tensor> = affine
+            .into_iter()
+            .flat_map(|a| std::iter::once(a.scale).chain(a.shift))
+            .collect();
+        let inputs: Vec<Tensor> = std::iter::once(x).chain(parameters.clone()).collect();
+        let saved_tensors: Vec<Tensor> = [x, saved.mean, saved.rstd]
+            .into_iter()
+            .chain(parameters)
+            .collect();
+        let backward = LayerNormBackward {
+            x,
+            affine,
+            saved,
+            rows,
+        };
+        graph.record(backward, &inputs, &saved_tensors, &[y]);
+        graph.release(saved.mean);
+        graph.release(saved.rstd);
+        graph.release(x);
+        y
+    }
+
+    fn reference(&self, x: &[f64], rows: usize, values: &mut Values<'_>, _: u64) -> Vec<f64> {
+        let scale = self.scale.then(|| values.take());
+        let shift = self.shift.then(|| values.take());
+        let n = self.features as usize;
+        x[..rows * self.positions as usize * n]
+            .chunks_exact(n)
+            .flat_map(|row| {
+                let mean = row.iter().sum::<f64>() / n as f64;
+                let variance = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+                let rstd = 1.0 / (variance + f64::from(self.eps)).sqrt();
+                row.iter().enumerate().map(move |(j, v)| {
+                    (v - mean) * rstd * scale.map_or(1.0, |s| s[j]) + shift.map_or(0.0, |s| s[j])
+                })
+            })
+            .collect()
+    }
+
+    fn token(&self) -> Token {
+        Token::Layer(
+            match (self.scale, self.shift) {
+                (true, true) => "ln",
+                (true, false) => "ln-nobias",
+                _ => "ln-noaffine",
+            }
+            .into(),
+        )
+    }
+}
+
+/// Layer norm's backward.
+#[derive(Debug)]
+struct LayerNormBackward {
+    x: Tensor,
+    affine: Option<LayerAffine<Tensor>>,
+    saved: RowStatistics<Tensor>,
+    rows: NormalizedRows,
+}
+
+impl Backward for LayerNormBackward {
+    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
+        let learnt = self
+            .affine
+            .map_or(0, |a| 1 + usize::from(a.shift.is_some()));
+        let Some(dy) = grads[0] else {
+            return vec![None; 1 + learnt];
+        };
+        let dx = pass
+            .needs(0)
+            .then(|| pass.gradient(0, pass.elements(self.x), pass.storage(dy)));
+        let affine = self.affine.filter(|_| pass.needs(1)).map(|a| {
+            let (features, storage) = (self.rows.features, pass.storage(a.scale));
+            LayerAffine {
+                scale: pass.gradient(1, features, storage),
+                shift: a.shift.map(|_| pass.gradient(2, features, storage)),
+            }
+        });
+        pass.emit(Instr::LayerNormBackward {
+            dy: pass.slot(dy),
+            x: pass.slot(self.x),
+            scale: self.affine.map(|a| pass.slot(a.scale)),
+            saved: RowStatistics {
+                mean: pass.slot(self.saved.mean),
+                rstd: pass.slot(self.saved.rstd),
+            },
+            dx: dx.map(|dx| pass.slot(dx)),
+            affine: affine.map(|a| LayerAffine {
+                scale: pass.slot(a.scale),
+                shift: a.shift.map(|s| pass.slot(s)),
+            }),
+            rows: self.rows,
+        });
+        let mut gradients = vec![dx];
+        if let Some(a) = affine {
+            gradients.push(Some(a.scale));
+            gradients.extend(a.shift.map(Some));
+        }
+        gradients.resize(1 + learnt, None);
+        gradients
+    }
+}
