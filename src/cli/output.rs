@@ -88,7 +88,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
     });
     format!(
         "max batch size          {} (limited by {})\n\
-         recommended batch size  {} ({}% headroom)\n\
+         recommended batch size  {} ({}% headroom{})\n\
          throughput knee         {} (doubling it gains under {}%; {:.0} samples/s fitted{interval})\n\
          {accumulation}\
          predicted max           {} (measured / predicted = {ratio})\n\
@@ -101,6 +101,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         result.limited_by,
         result.recommended_batch_size,
         (result.headroom * 100.0).round(),
+        tokens(result.recommended_tokens, "; "),
         result.throughput_batch_size,
         (knee_tolerance * 100.0).round(),
         at_knee,
@@ -119,6 +120,11 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         + &note(result.precision_note.as_deref())
 }
 
+/// `tokens` in a batch of sequences after `before`, or nothing for a batch of values.
+fn tokens(tokens: Option<u64>, before: &str) -> String {
+    tokens.map_or(String::new(), |t| format!("{before}{t} tokens"))
+}
+
 /// A note as a closing line, or nothing.
 fn note(text: Option<&str>) -> String {
     text.map_or(String::new(), |n| format!("note: {n}\n"))
@@ -133,7 +139,7 @@ pub fn estimate(e: &Estimate) -> String {
          fixed                   {}\n\
          per sample              {}\n\
          predicted max batch     {} in {}\n\
-         recommended batch size  {}\n\
+         recommended batch size  {}{}\n\
          memory at batch {}:\n{}",
         e.parameter_count,
         e.precision,
@@ -143,6 +149,7 @@ pub fn estimate(e: &Estimate) -> String {
         e.predicted_max_batch_size,
         human(e.memory_bytes),
         e.recommended_batch_size,
+        tokens(e.recommended_tokens, " sequences, "),
         e.recommended_batch_size,
         memory_table(&e.memory)
     ) + &note(e.precision_note.as_deref())

@@ -153,9 +153,12 @@ def layer_list(model_spec):
     return layers + [{"linear": {"out_features": model_spec["num_classes"]}}]
 
 
-def module(kind, args, shape):
-    """The module of one layer over samples of `shape` (residual blocks aside)."""
+def module(kind, args, shape, vocab=None):
+    """The module of one layer over samples of `shape` (residual blocks aside); `vocab` for an
+    embedding over token ids."""
     channels = shape[0]
+    if kind == "embedding":
+        return nn.Embedding(vocab, args["embedding_dim"], padding_idx=args.get("padding_idx"))
     if kind == "conv2d":
         return nn.Conv2d(
             channels,
@@ -216,14 +219,16 @@ def module(kind, args, shape):
 
 def output_shape(layer, shape):
     """What `layer` (a throwaway copy) makes of one sample of `shape`, as PyTorch computes it
-    (on two samples: batch norm needs more than one value per channel)."""
+    (on two samples: batch norm needs more than one value per channel; token ids for an
+    embedding)."""
+    dtype = torch.long if isinstance(layer, nn.Embedding) else None
     with torch.no_grad():
-        return list(layer(torch.zeros(2, *shape)).shape[1:])
+        return list(layer(torch.zeros(2, *shape, dtype=dtype)).shape[1:])
 
 
-def modules(specs, shape):
+def modules(specs, shape, vocab=None):
     """The modules of a layer list over samples of `shape` (on the default device, in the
-    default dtype), and the shape they pass on."""
+    default dtype; token ids below `vocab` when given), and the shape they pass on."""
     layers = []
     for spec in specs:
         ((kind, args),) = spec.items()
@@ -232,8 +237,8 @@ def modules(specs, shape):
             shortcut, _ = modules(args.get("shortcut", []), shape)
             layer = Residual(nn.Sequential(*body), nn.Sequential(*shortcut), args.get("inplace", False))
         else:
-            layer = module(kind, args, shape)
-            out = output_shape(module(kind, args, shape), shape)
+            layer = module(kind, args, shape, vocab)
+            out = output_shape(module(kind, args, shape, vocab), shape)
         layers.append(layer)
         shape = out
     return layers, shape
@@ -272,8 +277,10 @@ def build(job, device, torchvision_name=None):
                 classes = job["model"]["num_classes"]
                 model = gpu_dropout(getattr(torchvision.models, torchvision_name)(num_classes=classes))
             else:
-                layers, _ = modules(layer_list(job["model"]), list(job["model"]["input_shape"]))
+                layers, out = modules(layer_list(job["model"]), sample_shape(job), vocab(job))
                 model = nn.Sequential(*layers)
+                # One label a sample, or one a position of the logits' leading dimensions.
+                model.label_shape = out[:-1]
     finally:
         torch.set_default_dtype(default_dtype)
     name = job["optimizer"]["name"]
@@ -292,21 +299,41 @@ def build(job, device, torchvision_name=None):
     return model, optimizer
 
 
+def sample_shape(job):
+    """One sample's shape: `input_shape`, or `[sequence_length]` token ids."""
+    tokens = job["model"].get("tokens")
+    return [tokens["sequence_length"]] if tokens else list(job["model"]["input_shape"])
+
+
+def vocab(job):
+    """The vocabulary of a job over token ids, else None."""
+    tokens = job["model"].get("tokens")
+    return tokens["vocab_size"] if tokens else None
+
+
 def train_step(job, model, optimizer, batch, device, after_backward=lambda: None):
     """One training step as the module docstring writes it; `after_backward` is called between
-    backward and the optimizer's part (the unscaling and the update)."""
+    backward and the optimizer's part (the unscaling and the update). Over token ids the loss
+    is a language model's: `F.cross_entropy(logits.view(-1, classes), labels.view(-1))`."""
     precision = job.get("precision", "32-true")
-    shape = job["model"]["input_shape"]
-    x = torch.randn(batch, *shape, device=device)
-    y = torch.randint(0, job["model"]["num_classes"], (batch,), device=device)
-    if precision == "bf16-true":
+    classes = job["model"]["num_classes"]
+    if vocab(job):
+        x = torch.randint(0, vocab(job), (batch, *sample_shape(job)), device=device)
+    else:
+        x = torch.randn(batch, *sample_shape(job), device=device)
+    y = torch.randint(0, classes, (batch, *getattr(model, "label_shape", [])), device=device)
+    if precision == "bf16-true" and not vocab(job):
         x = x.to(torch.bfloat16)
+
+    def loss_of(logits):
+        return F.cross_entropy(logits.reshape(-1, classes), y.reshape(-1))
+
     if precision in ("bf16-mixed", "16-mixed"):
         half = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
         with torch.autocast(device_type=torch.device(device).type, dtype=half):
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_of(model(x))
     else:
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_of(model(x))
     if precision == "16-mixed":
         scale = torch.full((), 65536.0, device=device)
         (loss * scale).backward()
@@ -485,6 +512,8 @@ class Generator:
         # Whether a gradient reaches the tensor the next layer reads (a parameter came before).
         self.needs_grad = False
         kind = rng.random()
+        if kind < 0.15:
+            return self.token_job()
         if kind < 0.6:
             input_shape = [rng.randint(1, 4), rng.randint(4, 20), rng.randint(4, 20)]
         elif kind < 0.8:
@@ -500,6 +529,28 @@ class Generator:
             "model": {"input_shape": input_shape, "num_classes": classes, "layers": layers},
             "optimizer": {"name": rng.choice(OPTIMIZERS)},
             "precision": rng.choice(PRECISIONS),
+        }
+
+    def token_job(self):
+        """A model over token ids: an embedding, layers over `[positions, features]`, then a
+        language model's logits at every position (the vocabulary) or one label a sequence."""
+        rng = self.rng
+        length, vocab = rng.randint(1, 16), rng.randint(2, 200)
+        dim = rng.randint(1, 48)
+        embedding = {"embedding_dim": dim, **self.maybe(padding_idx=rng.randint(-vocab, vocab - 1))}
+        self.needs_grad = True
+        layers, shape = self.sequence([length, dim], rng.randint(0, 6))
+        if rng.random() < 0.7:
+            classes = vocab
+        else:
+            classes = rng.randint(2, 20)
+            layers.append({"flatten": {}})
+        layers.append({"linear": {"out_features": classes, **self.maybe(bias=False)}})
+        return {
+            "model": {"tokens": {"sequence_length": length, "vocab_size": vocab}, "num_classes": classes,
+                      "layers": [{"embedding": embedding}, *layers]},
+            "optimizer": {"name": self.rng.choice(OPTIMIZERS)},
+            "precision": self.rng.choice(PRECISIONS),
         }
 
     def maybe(self, **fields):

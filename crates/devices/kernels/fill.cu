@@ -12,6 +12,20 @@ extern "C" __global__ void fill_uniform(void* out, long long n, unsigned long lo
     }
 }
 
+// out[i] = token(key, i, vocab): the stream's 64 bits modulo vocab (synthetic.rs's `token`), as
+// int64 ids when `wide`, else as u32 labels
+extern "C" __global__ void fill_tokens(void* out, int wide, long long n, unsigned long long key, long long vocab) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const unsigned long long token =
+            mix64(key + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ULL) % (unsigned long long)vocab;
+        if (wide) {
+            ((long long*)out)[i] = (long long)token;
+        } else {
+            ((unsigned int*)out)[i] = (unsigned int)token;
+        }
+    }
+}
+
 // labels[r] = argmax of the row's first min(classes, features) inputs (lowest index on ties)
 extern "C" __global__ void fill_labels(unsigned int* labels, const void* inputs, long long rows, long long features,
                                        long long classes, int storage) {

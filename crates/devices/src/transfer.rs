@@ -25,6 +25,8 @@ pub trait Transfer: Kernels<Error = DeviceError> {
     ) -> Result<Self::Values, DeviceError>;
     /// A new label buffer holding `values`.
     fn write_u32(&mut self, values: &[u32]) -> Result<Self::U32, DeviceError>;
+    /// A new int64 buffer (token ids) holding `values`.
+    fn write_index(&mut self, values: &[i64]) -> Result<Self::Index, DeviceError>;
 }
 
 /// Trains `steps` steps at `rows` as a probe does and returns every parameter afterwards,

@@ -33,6 +33,9 @@ pub struct Estimate {
     pub limited_by: LimitedBy,
     /// The headroom rule applied to the prediction.
     pub recommended_batch_size: u64,
+    /// Tokens in the recommended batch, when a sample is a sequence of token ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recommended_tokens: Option<u64>,
     /// Breakdown at the recommended batch size.
     pub memory: MemoryBreakdown,
 }
@@ -69,6 +72,7 @@ pub fn estimate(
         predicted_max_batch_size: predicted,
         limited_by,
         recommended_batch_size: recommended,
+        recommended_tokens: plan.tokens_in(recommended),
         memory: plan.memory(recommended).unwrap_or_default(),
     })
 }

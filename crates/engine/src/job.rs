@@ -73,8 +73,13 @@ pub struct JobSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
+    /// Shape of one sample, any rank, e.g. `[3, 32, 32]`; empty when a sample is `tokens`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub input_shape: Vec<u64>,
+    /// A sample as a sequence of token ids instead of values: the list then starts with an
+    /// `embedding`, and the batch size counts sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokensSpec>,
     /// Widths of the hidden layers, possibly none (the shorthand).
     #[serde(default)]
     pub hidden_layers: Vec<u64>,
@@ -86,6 +91,16 @@ pub struct ModelSpec {
     /// The model as layers, instead of `hidden_layers` and `activation`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<LayerSpec>>,
+}
+
+/// A sample of token ids (int64, as a tokenizer's `input_ids`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensSpec {
+    /// Tokens a sequence.
+    pub sequence_length: u64,
+    /// Token ids are below it (the embedding's `num_embeddings`).
+    pub vocab_size: u64,
 }
 
 /// Optimizer and its hyper-parameters.
@@ -377,13 +392,18 @@ impl JobSpec {
             framework: self.framework,
         };
         let shorthand = self.model.layers.is_none();
-        Plan::new(
-            &self.model.input_shape,
-            &layers,
-            self.model.num_classes,
-            training,
-            "model.layers",
-        )
+        let (classes, path) = (self.model.num_classes, "model.layers");
+        match self.model.tokens {
+            Some(t) => Plan::for_tokens(
+                t.sequence_length,
+                t.vocab_size,
+                &layers,
+                classes,
+                training,
+                path,
+            ),
+            None => Plan::new(&self.model.input_shape, &layers, classes, training, path),
+        }
         .map_err(|error| match error {
             // The shorthand's MLP has no layer list to point into.
             PlanError::Layer(error) if shorthand => JobError::new("model", error.reason),
@@ -402,7 +422,10 @@ impl JobSpec {
     /// block as `res(...)`), or by its counts past 24 layers.
     pub fn summary(&self) -> String {
         let shape: Vec<String> = self.model.input_shape.iter().map(u64::to_string).collect();
-        let input = shape.join("x");
+        let input = match self.model.tokens {
+            Some(t) => format!("{}tok/{}", t.sequence_length, t.vocab_size),
+            None => shape.join("x"),
+        };
         let training = format!(
             "{}, {}, {}",
             serde_name(&self.optimizer.name),
@@ -414,9 +437,12 @@ impl JobSpec {
         };
         let Ok(model) = crate::modules::Sequential::build(
             &layers,
-            &self.model.input_shape,
+            &self.model.sample_shape(),
             &crate::modules::Path::new("model.layers"),
-            &mut crate::modules::Context::default(),
+            &mut crate::modules::Context {
+                tokens: self.model.tokens.map(|t| t.vocab_size),
+                ..Default::default()
+            },
         ) else {
             return format!("model {input}, {training}");
         };
@@ -483,6 +509,14 @@ impl From<LayerError> for JobError {
 }
 
 impl ModelSpec {
+    /// One sample's shape: `input_shape`, or `[sequence_length]` token ids.
+    pub fn sample_shape(&self) -> Vec<u64> {
+        match self.tokens {
+            Some(t) => vec![t.sequence_length],
+            None => self.input_shape.clone(),
+        }
+    }
+
     /// The model as a layer list: `model.layers`, or the shorthand's MLP written as one (a
     /// flatten when the input has more than one dimension, then `linear` and the activation per
     /// hidden width, and the `linear` layer of the logits).
@@ -499,7 +533,23 @@ impl ModelSpec {
 
     /// Checks every width and the shorthand against a layer list; returns the model's layers.
     fn validate(&self) -> Result<Vec<LayerSpec>, JobError> {
-        if self.input_shape.is_empty() {
+        if let Some(tokens) = self.tokens {
+            if !self.input_shape.is_empty() {
+                return Err(JobError::new(
+                    "model.input_shape",
+                    "give model.input_shape (values) or model.tokens (token ids), not both",
+                ));
+            }
+            check_dimension("model.tokens.sequence_length", tokens.sequence_length)?;
+            check_dimension("model.tokens.vocab_size", tokens.vocab_size)?;
+            if self.layers.is_none() {
+                return Err(JobError::new(
+                    "model.layers",
+                    "a model over model.tokens is a layer list starting with an embedding, e.g. \
+                     [{\"embedding\": {\"embedding_dim\": 256}}, ...]",
+                ));
+            }
+        } else if self.input_shape.is_empty() {
             return Err(JobError::new(
                 "model.input_shape",
                 "must have at least one dimension, e.g. [1, 28, 28]",
@@ -952,6 +1002,69 @@ mod tests {
         let error = Job::from_json(&job(&format!("{deep}, {end}"))).unwrap_err();
         assert_eq!(error.field, format!("model.layers[{MAX_LAYERS}]"));
         assert!(error.reason.contains("at most 1000 layers"), "{error}");
+    }
+
+    #[test]
+    fn a_model_over_tokens_is_checked_by_field() {
+        let job = |model: &str| {
+            format!(
+                r#"{{"model": {{{model}, "num_classes": 50}}, "optimizer": {{"name": "adamw"}}}}"#
+            )
+        };
+        let tokens = r#""tokens": {"sequence_length": 8, "vocab_size": 50}"#;
+        let lm = r#"{"embedding": {"embedding_dim": 4}}, {"linear": {"out_features": 50}}"#;
+        let plan = Job::from_json(&job(&format!(r#"{tokens}, "layers": [{lm}]"#)))
+            .unwrap()
+            .plan;
+        assert_eq!((plan.vocab(), plan.loss_positions()), (Some(50), 8));
+        let cases = [
+            (
+                format!(r#"{tokens}, "input_shape": [8], "layers": [{lm}]"#),
+                "model.input_shape",
+                "not both",
+            ),
+            (
+                tokens.to_string(),
+                "model.layers",
+                "starting with an embedding",
+            ),
+            (
+                r#""tokens": {"sequence_length": 0, "vocab_size": 50}, "layers": []"#.to_string(),
+                "model.tokens.sequence_length",
+                "at least 1",
+            ),
+            (
+                format!(r#"{tokens}, "layers": [{{"linear": {{"out_features": 50}}}}]"#),
+                "model.layers[0]",
+                "token ids reach this linear",
+            ),
+            (
+                format!(r#""input_shape": [8], "layers": [{lm}]"#),
+                "model.layers[0]",
+                "an embedding reads token ids",
+            ),
+            (
+                format!(
+                    r#"{tokens}, "layers": [{{"embedding": {{"embedding_dim": 4, "padding_idx": -51}}}},
+                       {{"linear": {{"out_features": 50}}}}]"#
+                ),
+                "model.layers[0].embedding.padding_idx",
+                "within the vocabulary",
+            ),
+            (
+                format!(
+                    r#"{tokens}, "layers": [{{"embedding": {{"embedding_dim": 4}}}},
+                       {{"linear": {{"out_features": 49}}}}]"#
+                ),
+                "model.layers",
+                "[positions, 50] for one label a position",
+            ),
+        ];
+        for (model, field, reason) in cases {
+            let error = Job::from_json(&job(&model)).unwrap_err();
+            assert_eq!(error.field, field, "{model}: {error}");
+            assert!(error.reason.contains(reason), "{model}: {error}");
+        }
     }
 
     #[test]

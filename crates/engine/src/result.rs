@@ -15,6 +15,9 @@ pub struct TuneResult {
     pub max_batch_size: u64,
     /// The batch size to use: `headroom x max_batch_size`, rounded down to `multiple_of`.
     pub recommended_batch_size: u64,
+    /// Tokens in the recommended batch, when a sample is a sequence of token ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended_tokens: Option<u64>,
     /// The share of the largest batch the recommendation uses.
     pub headroom: f64,
     /// How the probed steps stored and computed (`32-true` for results from before precisions).
@@ -192,6 +195,7 @@ mod tests {
         let host = TuneResult {
             max_batch_size: 64,
             recommended_batch_size: 48,
+            recommended_tokens: None,
             headroom: 0.8,
             precision: Precision::F32True,
             precision_note: None,

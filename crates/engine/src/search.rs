@@ -100,6 +100,7 @@ pub fn tune(
     Ok(TuneResult {
         max_batch_size: fit,
         recommended_batch_size: recommended,
+        recommended_tokens: plan.tokens_in(recommended),
         headroom: job.headroom,
         precision: plan.precision,
         precision_note: plan.precision_note(info.free_bytes, info.kind.allocator()),

@@ -6,6 +6,10 @@
 /// Hash stream of the input batch.
 pub const INPUT_STREAM: u64 = 0;
 
+/// Hash stream of the labels when they are drawn, not computed from the inputs (a loss at
+/// every position of a sequence).
+pub const LABEL_STREAM: u64 = 1 << 62;
+
 /// Hash stream of the model's `index`-th parameter (in the order the model declares its
 /// parameters and buffers).
 pub fn parameter_stream(index: usize) -> u64 {
@@ -53,6 +57,12 @@ pub fn stream_key(seed: u64, stream: u64) -> u64 {
 pub fn uniform(key: u64, index: u64, scale: f32) -> f32 {
     let bits = mix64(key.wrapping_add((index + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 40;
     ((bits as f32) * (1.0 / 8_388_608.0) - 1.0) * scale
+}
+
+/// The `index`-th token of a stream, uniform in `[0, vocab)`: the stream's 64 bits modulo
+/// `vocab`, as `kernels/fill.cu` draws it.
+pub fn token(key: u64, index: u64, vocab: u64) -> u64 {
+    mix64(key.wrapping_add((index + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))) % vocab.max(1)
 }
 
 /// Fills `out` with the stream `key`, scaled.

@@ -171,6 +171,7 @@ mod tests {
             result: headroom_engine::TuneResult {
                 max_batch_size: max,
                 recommended_batch_size: max,
+                recommended_tokens: None,
                 headroom: 1.0,
                 precision: Default::default(),
                 precision_note: None,

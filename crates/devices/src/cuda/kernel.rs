@@ -24,13 +24,15 @@ pub enum Family {
     Conv,
     /// `pool.cu`: max, average and adaptive average pooling and their backward.
     Pool,
-    /// `norm.cu`: batch norm in training mode and its backward.
+    /// `norm.cu`: batch norm in training mode and its backward, and layer norm.
     Norm,
+    /// `embedding.cu`: token ids looked up in a table, and the table's gradient.
+    Embedding,
 }
 
 impl Family {
     /// Every family, in compilation order.
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 11] = [
         Family::Gemm,
         Family::Elementwise,
         Family::Reduce,
@@ -41,6 +43,7 @@ impl Family {
         Family::Conv,
         Family::Pool,
         Family::Norm,
+        Family::Embedding,
     ];
 
     /// The file name under `kernels/`.
@@ -56,6 +59,7 @@ impl Family {
             Family::Conv => "conv.cu",
             Family::Pool => "pool.cu",
             Family::Norm => "norm.cu",
+            Family::Embedding => "embedding.cu",
         }
     }
 
@@ -97,6 +101,7 @@ impl Family {
             Family::Conv => with_storage!("conv.cu"),
             Family::Pool => with_storage!("pool.cu"),
             Family::Norm => with_storage!("norm.cu"),
+            Family::Embedding => with_storage!("embedding.cu"),
         }
     }
 
@@ -182,6 +187,12 @@ pub enum Kernel {
     BatchNormBackward,
     /// The elementwise product.
     Multiply,
+    /// Token ids or drawn labels.
+    FillTokens,
+    /// Token ids looked up in a table.
+    EmbeddingForward,
+    /// The table's gradient.
+    EmbeddingBackward,
     /// Layer norm: each row's statistics and the normalized output.
     LayerNormForward,
     /// Layer norm's input gradient, a row at a time.
@@ -192,7 +203,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 37] = [
+    pub const ALL: [Kernel; 40] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -230,6 +241,9 @@ impl Kernel {
         Kernel::LayerNormInputGradient,
         Kernel::LayerNormParameterGradient,
         Kernel::Multiply,
+        Kernel::FillTokens,
+        Kernel::EmbeddingForward,
+        Kernel::EmbeddingBackward,
     ];
 
     /// The function's name in its source and in the PTX.
@@ -269,6 +283,9 @@ impl Kernel {
             Kernel::BatchNormForward => "batch_norm_forward",
             Kernel::BatchNormBackward => "batch_norm_backward",
             Kernel::Multiply => "multiply",
+            Kernel::FillTokens => "fill_tokens",
+            Kernel::EmbeddingForward => "embedding_forward",
+            Kernel::EmbeddingBackward => "embedding_backward",
             Kernel::LayerNormForward => "layer_norm_forward",
             Kernel::LayerNormInputGradient => "layer_norm_input_gradient",
             Kernel::LayerNormParameterGradient => "layer_norm_parameter_gradient",
@@ -292,7 +309,8 @@ impl Kernel {
             }
             Kernel::SoftmaxCrossEntropy => Family::Loss,
             Kernel::Sgd | Kernel::SgdMomentum | Kernel::Adam => Family::Optimizer,
-            Kernel::FillUniform | Kernel::FillLabels => Family::Fill,
+            Kernel::FillUniform | Kernel::FillLabels | Kernel::FillTokens => Family::Fill,
+            Kernel::EmbeddingForward | Kernel::EmbeddingBackward => Family::Embedding,
             Kernel::DropoutForward | Kernel::DropoutBackward => Family::Dropout,
             Kernel::Conv2dForward | Kernel::Conv2dInputGradient | Kernel::Conv2dWeightGradient => {
                 Family::Conv

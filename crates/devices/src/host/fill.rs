@@ -1,4 +1,5 @@
-//! fill.cu on the host: the synthetic batch, its labels and the first parameters, from the
+//! fill.cu on the host: the synthetic batch (values or token ids), its labels and the first
+//! parameters, from the
 //! counter-based streams of [`headroom_engine::synthetic`].
 
 use rayon::prelude::*;
@@ -56,4 +57,36 @@ impl Fill for HostDevice {
         }
         Ok(())
     }
+
+    fn fill_token_ids(
+        &mut self,
+        ids: &mut HostBuffer<i64>,
+        len: u64,
+        key: u64,
+        vocab: u64,
+    ) -> Result<(), DeviceError> {
+        fill_tokens(&mut ids[..usize_of(len)], key, |t| t as i64, vocab);
+        Ok(())
+    }
+
+    fn fill_token_labels(
+        &mut self,
+        labels: &mut HostBuffer<u32>,
+        len: u64,
+        key: u64,
+        classes: u64,
+    ) -> Result<(), DeviceError> {
+        fill_tokens(&mut labels[..usize_of(len)], key, |t| t as u32, classes);
+        Ok(())
+    }
+}
+
+/// `out[i] = as_element(synthetic::token(key, i, vocab))`.
+fn fill_tokens<T: Send>(out: &mut [T], key: u64, as_element: impl Fn(u64) -> T + Sync, vocab: u64) {
+    out.par_chunks_mut(TASK).enumerate().for_each(|(n, out)| {
+        let first = n * TASK;
+        for (i, element) in out.iter_mut().enumerate() {
+            *element = as_element(synthetic::token(key, (first + i) as u64, vocab));
+        }
+    });
 }

@@ -14,6 +14,7 @@
 pub mod conv;
 pub mod dropout;
 pub mod elementwise;
+pub mod embedding;
 pub mod fill;
 pub mod gemm;
 pub mod loss;
@@ -294,6 +295,10 @@ impl Transfer for HostDevice {
     }
 
     fn write_u32(&mut self, values: &[u32]) -> Result<Self::U32, DeviceError> {
+        HostBuffer::copied(&self.ledger, values)
+    }
+
+    fn write_index(&mut self, values: &[i64]) -> Result<Self::Index, DeviceError> {
         HostBuffer::copied(&self.ledger, values)
     }
 }

@@ -157,6 +157,28 @@ fn sequence(activation: &Value, training: Training) -> Plan {
     plan(&[4, 6], list, training)
 }
 
+/// A small language model over token ids: an embedding (its padding row, whose gradient is 0 by
+/// definition, is checked in parity), pre-norm blocks around a linear layer and a gated MLP,
+/// and logits at every position, one label a token.
+fn language(activation: &Value, training: Training) -> Plan {
+    let list = json!([
+        {"embedding": {"embedding_dim": 6}},
+        {"residual": {"layers": [
+            {"layer_norm": {}},
+            {"linear": {"out_features": 6}},
+            activation
+        ]}},
+        {"residual": {"layers": [
+            {"layer_norm": {"bias": false}},
+            {"gated_mlp": {"intermediate_size": 5}}
+        ]}},
+        {"layer_norm": {}},
+        {"linear": {"out_features": 7}}
+    ]);
+    let layers: Vec<LayerSpec> = serde_json::from_value(list).unwrap();
+    Plan::for_tokens(5, 9, &layers, 7, training, "model").unwrap()
+}
+
 /// The mean loss of the network in f64, written independently of the f32 step: every module's
 /// forward from its definition ([`headroom_engine::modules::Module::reference`]) over the
 /// whole batch (batch norm mixes samples), with `trained` as its parameters in PyTorch's order;
@@ -178,7 +200,7 @@ fn loss_f64(plan: &Plan, trained: &[f64], inputs: &[f32], labels: &[u32], seed: 
         })
         .collect();
     assert!(rest.is_empty(), "every trained parameter is the model's");
-    let rows = labels.len();
+    let rows = labels.len() / plan.loss_positions() as usize;
     let x: Vec<f64> = inputs
         .iter()
         .take(rows * plan.input_features() as usize)
@@ -197,7 +219,7 @@ fn loss_f64(plan: &Plan, trained: &[f64], inputs: &[f32], labels: &[u32], seed: 
             log_sum - x[label as usize]
         })
         .sum();
-    total / rows as f64
+    total / labels.len() as f64
 }
 
 /// One step's gradients of `plan` at `rows` samples, against the f64 finite differences of the
@@ -213,7 +235,14 @@ fn gradient_error(plan: &Plan, rows: u64, seed: u64) -> f64 {
         .map(f64::from)
         .collect();
     let (inputs, labels) = program.inputs;
-    let inputs = executor.values(inputs).to_f32_vec();
+    let inputs = match plan.vocab() {
+        Some(_) => executor
+            .indices(inputs)
+            .iter()
+            .map(|&id| id as f32)
+            .collect(),
+        None => executor.values(inputs).to_f32_vec(),
+    };
     let labels = executor.labels(labels).to_vec();
     // Forward and backward, not the update: the gradients are alive then.
     executor
@@ -341,6 +370,7 @@ fn gradients_match_finite_differences_in_every_precision_activation_and_framewor
                         "groups, dilation, adaptive pooling",
                     ),
                     (sequence(activation, training), "layer norm over a sequence"),
+                    (language(activation, training), "tokens, a loss a position"),
                 ];
                 for (plan, kind) in plans {
                     let name = format!("{framework} {precision} {kind} {activation}");

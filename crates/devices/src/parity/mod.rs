@@ -14,6 +14,7 @@
 
 mod conv;
 mod elementwise;
+mod embedding;
 mod kernels;
 mod norm;
 mod pool;

@@ -11,13 +11,14 @@ use crate::memory::Storage;
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::{Instr, Scale, Slot};
 
-/// Records the loss of `logits` (rows x `classes`) against `labels`, the per-sample losses into
-/// `row_loss`; returns the node backward starts from (none when nothing is trained).
+/// Records the loss of `logits` (`rows` x `classes`: one row a sample, or a token) against
+/// `labels`, the per-row losses into `row_loss`; returns the node backward starts from (none
+/// when nothing is trained).
 pub fn record(
     graph: &mut Graph,
     logits: Tensor,
-    labels: Slot,
-    row_loss: Slot,
+    (labels, row_loss): (Slot, Slot),
+    rows: u64,
     classes: u64,
 ) -> Option<usize> {
     let widened = graph
@@ -37,7 +38,7 @@ pub fn record(
         logits: graph.slot(log_probs),
         labels,
         row_loss,
-        rows: graph.rows(),
+        rows,
         classes,
     });
     graph.record(

@@ -39,6 +39,7 @@ pub mod check;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
+pub mod embedding;
 pub mod flatten;
 pub mod gated_mlp;
 pub mod identity;
@@ -79,6 +80,8 @@ pub enum LayerSpec {
     BatchNorm1d(batch_norm::BatchNormSpec),
     /// `nn.Dropout`.
     Dropout(dropout::DropoutSpec),
+    /// `nn.Embedding` over `model.tokens`: the model's first layer.
+    Embedding(embedding::EmbeddingSpec),
     /// `nn.Flatten`: every dimension of a sample into one.
     Flatten(NoArguments),
     /// `nn.Identity`.
@@ -125,6 +128,7 @@ impl LayerSpec {
             LayerSpec::BatchNorm2d(_) => "batch_norm2d",
             LayerSpec::BatchNorm1d(_) => "batch_norm1d",
             LayerSpec::Dropout(_) => "dropout",
+            LayerSpec::Embedding(_) => "embedding",
             LayerSpec::Flatten(_) => "flatten",
             LayerSpec::Identity(_) => "identity",
             LayerSpec::GatedMlp(_) => "gated_mlp",
@@ -160,6 +164,7 @@ impl LayerSpec {
             LayerSpec::BatchNorm2d(spec) => Arc::new(spec.build(input, &at, 2)?),
             LayerSpec::BatchNorm1d(spec) => Arc::new(spec.build(input, &at, 1)?),
             LayerSpec::Dropout(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::Embedding(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::Flatten(_) => Arc::new(flatten::Flatten::new(input, &at)?),
             LayerSpec::Identity(_) => Arc::new(identity::Identity::new(input)),
             LayerSpec::GatedMlp(spec) => Arc::new(spec.build(input, &at, cx)?),
@@ -271,6 +276,9 @@ pub struct Context {
     /// it (or by whatever it is a view of), or is read again later (a residual block's input,
     /// which its shortcut reads): an in-place layer may then not change it.
     pub input_kept: bool,
+    /// The vocabulary size while the tensor reaching the next layer is the batch's token ids
+    /// (until an embedding has read them).
+    pub tokens: Option<u64>,
     /// Whether the tensor reaching the next layer is a view of another (flatten's of a
     /// multi-dimensional tensor): autograd runs an in-place layer on it through `CopySlices`.
     pub input_is_view: bool,

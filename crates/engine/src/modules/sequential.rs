@@ -41,6 +41,12 @@ impl Sequential {
                     "a model may hold at most {MAX_LAYERS} layers, residual blocks' own counted"
                 )));
             }
+            if cx.tokens.is_some() && !matches!(spec, LayerSpec::Embedding(_)) {
+                return Err(at.error(format!(
+                    "token ids reach this {}: a model over model.tokens starts with an embedding",
+                    spec.name()
+                )));
+            }
             let layer = spec.build(&shape, &at, cx)?;
             cx.input_kept = layer.keeps_output(cx.input_kept);
             cx.input_is_view = layer.returns_view(cx.input_is_view);

@@ -27,29 +27,55 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Option<Program> {
     let states = optimizer_states(&mut graph, per_parameter, master);
     let features = plan.input_features();
     let batch = graph.times_rows(features);
-    let loaded = graph.allocate(Part::BatchData, batch, Element::Value(Storage::F32));
-    let labels = graph.allocate(Part::BatchData, rows, Element::Label);
-    let row_loss = graph.allocate(Part::Activations, rows, Element::Value(Storage::F32));
+    let label_count = graph.times_rows(plan.loss_positions());
+    // The loader's batch: f32 values, or int64 token ids.
+    let loaded_as = match plan.vocab() {
+        Some(_) => Element::Index,
+        None => Element::Value(Storage::F32),
+    };
+    let loaded = graph.allocate(Part::BatchData, batch, loaded_as);
+    let labels = graph.allocate(Part::BatchData, label_count, Element::Label);
+    let row_loss = graph.allocate(Part::Activations, label_count, Element::Value(Storage::F32));
     let loss_sum = graph.allocate(Part::Activations, 1, Element::Value(Storage::F32));
     let overflow = plan
         .precision
         .scales_loss()
         .then(|| graph.allocate(Part::Activations, 1, Element::Value(Storage::F32)));
-    graph.emit(Instr::FillUniform {
-        out: graph.slot(loaded),
-        len: batch,
-        key: synthetic::stream_key(seed, synthetic::INPUT_STREAM),
-        scale: 1.0,
+    let input_key = synthetic::stream_key(seed, synthetic::INPUT_STREAM);
+    graph.emit(match plan.vocab() {
+        Some(vocab) => Instr::FillTokens {
+            out: graph.slot(loaded),
+            len: batch,
+            key: input_key,
+            vocab,
+        },
+        None => Instr::FillUniform {
+            out: graph.slot(loaded),
+            len: batch,
+            key: input_key,
+            scale: 1.0,
+        },
     });
-    graph.emit(Instr::FillLabels {
-        labels: graph.slot(labels),
-        inputs: graph.slot(loaded),
-        rows,
-        features,
-        classes: plan.num_classes(),
+    // One label a sample is learnable from its values; one a position is drawn.
+    graph.emit(match (plan.vocab(), plan.loss_positions()) {
+        (None, 1) => Instr::FillLabels {
+            labels: graph.slot(labels),
+            inputs: graph.slot(loaded),
+            rows,
+            features,
+            classes: plan.num_classes(),
+        },
+        _ => Instr::FillTokens {
+            out: graph.slot(labels),
+            len: label_count,
+            key: synthetic::stream_key(seed, synthetic::LABEL_STREAM),
+            vocab: plan.num_classes(),
+        },
     });
-    // The loader delivers f32; bf16-true casts the batch and lets the f32 one go.
+    // The loader delivers f32; bf16-true casts the batch and lets the f32 one go. Token ids
+    // stay as they are.
     let input = match master {
+        _ if plan.vocab().is_some() => loaded,
         Storage::F32 => loaded,
         _ => {
             let cast = graph.cast(loaded, master, Scale::One);
@@ -72,8 +98,8 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Option<Program> {
     let root = cross_entropy::record(
         &mut graph,
         logits,
-        labels_slot,
-        row_loss_slot,
+        (labels_slot, row_loss_slot),
+        label_count,
         plan.num_classes(),
     );
     graph.release(logits);
@@ -102,6 +128,7 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Option<Program> {
         gradients,
         inputs,
         loss,
+        loss_rows: label_count,
         scales_loss: overflow.is_some(),
     })
 }

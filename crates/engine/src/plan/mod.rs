@@ -76,8 +76,12 @@ pub struct Plan {
     model: Sequential,
     /// One sample's shape.
     input_shape: Vec<u64>,
+    /// The vocabulary, when a sample is token ids (`[sequence_length]` of them).
+    vocab: Option<u64>,
     /// Classes of the loss.
     classes: u64,
+    /// Places per sample the loss is taken at: the product of the logits' leading dimensions.
+    loss_positions: u64,
     /// Update rule.
     pub optimizer: OptimizerKind,
     /// Step size of the update rule.
@@ -95,6 +99,7 @@ impl PartialEq for Plan {
     fn eq(&self, other: &Plan) -> bool {
         (self.layers == other.layers)
             && self.input_shape == other.input_shape
+            && self.vocab == other.vocab
             && self.classes == other.classes
             && self.optimizer == other.optimizer
             && self.learning_rate == other.learning_rate
@@ -174,18 +179,59 @@ impl Plan {
         training: Training,
         path: &str,
     ) -> Result<Plan, PlanError> {
+        Plan::build(input_shape, None, layers, classes, training, path)
+    }
+
+    /// The plan of a model over `sequence_length` token ids below `vocab` (its first layer an
+    /// embedding), as [`Plan::new`] otherwise.
+    pub fn for_tokens(
+        sequence_length: u64,
+        vocab: u64,
+        layers: &[LayerSpec],
+        classes: u64,
+        training: Training,
+        path: &str,
+    ) -> Result<Plan, PlanError> {
+        Plan::build(
+            &[sequence_length],
+            Some(vocab),
+            layers,
+            classes,
+            training,
+            path,
+        )
+    }
+
+    /// The loss is taken over the logits' last dimension: one label a sample (`[classes]`), or
+    /// one a position (`[positions, classes]`: a token's, over a sequence).
+    fn build(
+        input_shape: &[u64],
+        vocab: Option<u64>,
+        layers: &[LayerSpec],
+        classes: u64,
+        training: Training,
+        path: &str,
+    ) -> Result<Plan, PlanError> {
         let root = Path::new(path);
-        let model = Sequential::build(layers, input_shape, &root, &mut Context::default())?;
-        if model.output_shape() != [classes] {
+        let mut cx = Context {
+            tokens: vocab,
+            ..Context::default()
+        };
+        let model = Sequential::build(layers, input_shape, &root, &mut cx)?;
+        let Some((&last, leading)) = model.output_shape().split_last() else {
+            return Err(root.error("the model ends in no logits").into());
+        };
+        if last != classes || leading.len() > 1 {
             return Err(root
                 .error(format!(
                     "the last layer writes {} per sample, and the loss needs [{classes}] \
-                     logits (num_classes); end the list with a linear layer of {classes} \
-                     out_features",
+                     logits (num_classes), or [positions, {classes}] for one label a position; end \
+                     the list with a linear layer of {classes} out_features",
                     crate::modules::check::show(model.output_shape())
                 ))
                 .into());
         }
+        let loss_positions = leading.iter().product();
         let parameter_count = model
             .parameters()
             .iter()
@@ -202,7 +248,9 @@ impl Plan {
             layers: layers.to_vec(),
             model,
             input_shape: input_shape.to_vec(),
+            vocab,
             classes,
+            loss_positions,
             optimizer,
             learning_rate,
             precision,
@@ -261,9 +309,26 @@ impl Plan {
         &self.input_shape
     }
 
-    /// Values of one sample.
+    /// Values (or token ids) of one sample.
     pub fn input_features(&self) -> u64 {
         self.input_shape.iter().product()
+    }
+
+    /// The vocabulary, when a sample is token ids.
+    pub fn vocab(&self) -> Option<u64> {
+        self.vocab
+    }
+
+    /// Tokens in a batch of `batch_size` sequences, when a sample is token ids (`None` past
+    /// `u64`, or over values).
+    pub fn tokens_in(&self, batch_size: u64) -> Option<u64> {
+        self.vocab
+            .and_then(|_| batch_size.checked_mul(self.input_features()))
+    }
+
+    /// Labels per sample: the places the loss is taken at (1, or the sequence's tokens).
+    pub fn loss_positions(&self) -> u64 {
+        self.loss_positions
     }
 
     /// Number of classes (width of the logits).

@@ -150,6 +150,49 @@ pub enum Instr {
         /// Classes.
         classes: u64,
     },
+    /// fill.cu: token ids (int64) or labels (u32), uniform in `[0, vocab)` from the stream `key`
+    /// ([`crate::synthetic::token`]).
+    FillTokens {
+        /// Written: int64 ids or u32 labels.
+        out: Slot,
+        /// Tokens.
+        len: u64,
+        /// The stream.
+        key: u64,
+        /// Ids are below it.
+        vocab: u64,
+    },
+    /// embedding.cu: `y[i, :] = weight[ids[i], :]`.
+    EmbeddingForward {
+        /// The token ids (int64).
+        ids: Slot,
+        /// The table, `vocab x dim`.
+        weight: Slot,
+        /// Written, as the table is stored.
+        y: Slot,
+        /// Tokens.
+        tokens: u64,
+        /// Values a token.
+        dim: u64,
+    },
+    /// embedding.cu: the table's gradient, `dw[v, :] = sum of dy[i, :] over the tokens i with
+    /// id v` (none for `padding`).
+    EmbeddingBackward {
+        /// The gradient of the looked-up rows.
+        dy: Slot,
+        /// The token ids (int64).
+        ids: Slot,
+        /// Written whole: the table's gradient.
+        dw: Slot,
+        /// Tokens.
+        tokens: u64,
+        /// Values a token.
+        dim: u64,
+        /// Rows of the table.
+        vocab: u64,
+        /// The id whose row gets no gradient (`padding_idx`).
+        padding: Option<u64>,
+    },
     /// elementwise.cu: `to = from * scale`, rounded to `to`'s storage.
     Convert {
         /// Read.

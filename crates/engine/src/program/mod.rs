@@ -44,8 +44,11 @@ pub struct Program {
     pub gradients: Vec<(Slot, u64)>,
     /// The input batch as the loader delivers it, and its labels.
     pub inputs: (Slot, Slot),
-    /// The per-sample losses of the last step and the one-value accumulator of their mean.
+    /// The per-row losses of the last step (a row a sample, or a token) and the one-value
+    /// accumulator of their mean.
     pub loss: (Slot, Slot),
+    /// How many per-row losses there are.
+    pub loss_rows: u64,
     /// Whether the step scales the loss (`16-mixed`).
     pub scales_loss: bool,
 }

@@ -68,6 +68,48 @@ pub trait Fill: Allocate {
         features: u64,
         classes: u64,
     ) -> Result<(), Self::Error>;
+    /// `ids[i] = token(key, i, vocab)`, the stream of [`crate::synthetic::token`], as int64.
+    fn fill_token_ids(
+        &mut self,
+        ids: &mut Self::Index,
+        len: u64,
+        key: u64,
+        vocab: u64,
+    ) -> Result<(), Self::Error>;
+    /// `labels[i] = token(key, i, classes)`, as u32: labels drawn, not computed.
+    fn fill_token_labels(
+        &mut self,
+        labels: &mut Self::U32,
+        len: u64,
+        key: u64,
+        classes: u64,
+    ) -> Result<(), Self::Error>;
+}
+
+/// embedding.cu: looking token ids up in a table, and the table's gradient.
+pub trait Lookup: Allocate {
+    /// `y[i, :] = weight[ids[i], :]` over `tokens` ids, `dim` values each.
+    fn embedding_forward(
+        &mut self,
+        ids: &Self::Index,
+        weight: &Self::Values,
+        y: &mut Self::Values,
+        tokens: u64,
+        dim: u64,
+    ) -> Result<(), Self::Error>;
+    /// The whole `vocab x dim` gradient `dw`: zero, then `dy[i, :]` added into row `ids[i]` for
+    /// every token in order (none into row `padding`), each sum rounded to `dw`'s storage.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &mut self,
+        dy: &Self::Values,
+        ids: &Self::Index,
+        dw: &mut Self::Values,
+        tokens: u64,
+        dim: u64,
+        vocab: u64,
+        padding: Option<u64>,
+    ) -> Result<(), Self::Error>;
 }
 
 /// gemm.cu: the products of a linear layer. `x` is `rows x inputs`, `w` is `outputs x inputs`,
@@ -410,7 +452,7 @@ pub trait Optimizer: Allocate {
 
 /// Every kernel family of a device, and its clock.
 pub trait Kernels:
-    Fill + Gemm + Elementwise + Reduce + Conv + Pool + Norm + DropoutKernels + Loss + Optimizer
+    Fill + Gemm + Elementwise + Reduce + Conv + Pool + Norm + DropoutKernels + Loss + Optimizer + Lookup
 {
     /// Waits until all work queued on the device is done (for timing and fault detection).
     fn synchronize(&mut self) -> Result<(), Self::Error>;

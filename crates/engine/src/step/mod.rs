@@ -7,8 +7,8 @@
 pub mod kernels;
 
 pub use kernels::{
-    Allocate, Conv, DropoutKernels, Elementwise, Fill, Gemm, Kernels, Loss, Norm, Optimizer, Pool,
-    Reduce, Stored,
+    Allocate, Conv, DropoutKernels, Elementwise, Fill, Gemm, Kernels, Lookup, Loss, Norm,
+    Optimizer, Pool, Reduce, Stored,
 };
 
 use crate::plan::{
@@ -158,11 +158,11 @@ impl<K: Kernels> Executor<K> {
         Ok(update)
     }
 
-    /// The mean of the per-sample losses of the last step, reduced on the device.
+    /// The mean of the per-row losses of the last step, reduced on the device.
     pub fn mean_loss(&mut self, kernels: &mut K, program: &Program) -> Result<f32, K::Error> {
         let (row_loss, accumulator) = program.loss;
         let mut sum = self.take(accumulator);
-        let mean = kernels.mean(self.values(row_loss), program.batch_size, &mut sum);
+        let mean = kernels.mean(self.values(row_loss), program.loss_rows, &mut sum);
         self.put(accumulator, sum);
         mean
     }
@@ -186,6 +186,17 @@ impl<K: Kernels> Executor<K> {
         match &self.slots[slot.0] {
             Some(Held::Labels(labels)) => labels,
             _ => panic!("slot {} holds no labels", slot.0),
+        }
+    }
+
+    /// The int64 buffer in `slot` (token ids, pooling's maxima).
+    ///
+    /// # Panics
+    /// If the slot holds something else.
+    pub fn indices(&self, slot: Slot) -> &K::Index {
+        match &self.slots[slot.0] {
+            Some(Held::Index(indices)) => indices,
+            _ => panic!("slot {} holds no indices", slot.0),
         }
     }
 
@@ -296,7 +307,12 @@ impl<K: Kernels> Executor<K> {
                 self.slots[slot.0] = None;
             }
             Instr::Enter(_) => {}
-            Instr::FillUniform { .. } | Instr::FillLabels { .. } => self.fill(kernels, instr)?,
+            Instr::FillUniform { .. } | Instr::FillLabels { .. } | Instr::FillTokens { .. } => {
+                self.fill(kernels, instr)?
+            }
+            Instr::EmbeddingForward { .. } | Instr::EmbeddingBackward { .. } => {
+                self.lookup(kernels, instr)?
+            }
             Instr::Convert { .. }
             | Instr::LinearForward { .. }
             | Instr::WeightGradient { .. }
@@ -354,7 +370,71 @@ impl<K: Kernels> Executor<K> {
                 self.slots[labels.0] = Some(Held::Labels(held));
                 filled?
             }
+            Instr::FillTokens {
+                out,
+                len,
+                key,
+                vocab,
+            } => match self.slots[out.0].take() {
+                Some(Held::Index(mut ids)) => {
+                    let filled = kernels.fill_token_ids(&mut ids, len, key, vocab);
+                    self.slots[out.0] = Some(Held::Index(ids));
+                    filled?
+                }
+                Some(Held::Labels(mut labels)) => {
+                    let filled = kernels.fill_token_labels(&mut labels, len, key, vocab);
+                    self.slots[out.0] = Some(Held::Labels(labels));
+                    filled?
+                }
+                _ => panic!("slot {} holds no ids or labels", out.0),
+            },
             _ => unreachable!("{instr:?} is not a fill"),
+        }
+        Ok(())
+    }
+
+    /// embedding.cu: the lookup and the table's gradient.
+    fn lookup(&mut self, kernels: &mut K, instr: &Instr) -> Result<(), K::Error> {
+        match *instr {
+            Instr::EmbeddingForward {
+                ids,
+                weight,
+                y,
+                tokens,
+                dim,
+            } => {
+                let held = self.take_index(ids);
+                let done = self.writing(y, |this, y| {
+                    kernels.embedding_forward(&held, this.values(weight), y, tokens, dim)
+                });
+                self.slots[ids.0] = Some(Held::Index(held));
+                done?
+            }
+            Instr::EmbeddingBackward {
+                dy,
+                ids,
+                dw,
+                tokens,
+                dim,
+                vocab,
+                padding,
+            } => {
+                let held = self.take_index(ids);
+                let done = self.writing(dw, |this, dw| {
+                    kernels.embedding_backward(
+                        this.values(dy),
+                        &held,
+                        dw,
+                        tokens,
+                        dim,
+                        vocab,
+                        padding,
+                    )
+                });
+                self.slots[ids.0] = Some(Held::Index(held));
+                done?
+            }
+            _ => unreachable!("{instr:?} is not an embedding"),
         }
         Ok(())
     }

@@ -76,14 +76,21 @@ impl ToSchema for Extent {}
 #[derive(Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// Shape of one sample, any rank, e.g. `[3, 32, 32]`.
+    /// Shape of one sample, any rank, e.g. `[3, 32, 32]`; absent when a sample is `tokens`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(min_items = 1, value_type = Vec<Extent>)]
     input_shape: Vec<u64>,
+    /// A sample as a sequence of token ids (int64) instead of values: `layers` then starts with
+    /// an `embedding`, and the batch size counts sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tokens: Option<Tokens>,
     /// Widths of the hidden layers, possibly none.
     #[serde(default)]
     #[schema(value_type = Vec<Extent>)]
     hidden_layers: Vec<u64>,
-    /// Number of output classes of the softmax cross-entropy loss.
+    /// Number of output classes of the softmax cross-entropy loss, taken over the logits' last
+    /// dimension: one label a sample (`[num_classes]` logits), or one a position
+    /// (`[sequence_length, num_classes]`: a language model's, its vocabulary).
     #[schema(minimum = 2, maximum = 4294967296_u64)]
     num_classes: u64,
     /// Activation after every hidden layer (the shorthand; relu when not given).
@@ -94,6 +101,18 @@ pub struct ModelSpec {
     /// index and field). At most 1,000 layers, residual blocks' own counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     layers: Option<Vec<Layer>>,
+}
+
+/// A sample of token ids.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tokens {
+    /// Tokens a sequence.
+    #[schema(value_type = Extent)]
+    sequence_length: u64,
+    /// Token ids are below it (the embedding's `num_embeddings`).
+    #[schema(value_type = Extent)]
+    vocab_size: u64,
 }
 
 /// One layer: an object of one member, the layer's name in PyTorch's `torch.nn` holding its
@@ -118,6 +137,8 @@ pub enum Layer {
     BatchNorm1d(BatchNorm),
     /// `nn.Dropout`.
     Dropout(Dropout),
+    /// `nn.Embedding` over `model.tokens`: the first layer of a model over token ids.
+    Embedding(Embedding),
     /// `nn.Flatten`.
     Flatten(NoArguments),
     /// `nn.Identity`.
@@ -262,6 +283,17 @@ pub struct BatchNorm {
     #[serde(default)]
     #[schema(default = 0.1, minimum = 0.0, maximum = 1.0)]
     momentum: f64,
+}
+
+/// `nn.Embedding`'s arguments.
+#[derive(Serialize, ToSchema)]
+pub struct Embedding {
+    /// Values a token is looked up as.
+    #[schema(value_type = Extent)]
+    embedding_dim: u64,
+    /// The id whose row gets no gradient; negative counts from the vocabulary's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    padding_idx: Option<i64>,
 }
 
 /// A gated MLP's arguments.
@@ -567,6 +599,9 @@ pub struct TuneAnswer {
     max_batch_size: u64,
     /// The batch size to use: `headroom x max_batch_size`, rounded down to `multiple_of`.
     recommended_batch_size: u64,
+    /// Tokens in the recommended batch, when a sample is a sequence of token ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    recommended_tokens: Option<u64>,
     /// The share of the largest batch the recommendation uses.
     headroom: f64,
     /// How the probed steps stored and computed (`32-true` for results from before precisions).
@@ -798,6 +833,9 @@ pub struct Estimate {
     limited_by: LimitedBy,
     /// The headroom rule applied to the prediction.
     recommended_batch_size: u64,
+    /// Tokens in the recommended batch, when a sample is a sequence of token ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recommended_tokens: Option<u64>,
     /// Breakdown at the recommended batch size.
     memory: MemoryBreakdown,
 }
@@ -926,7 +964,9 @@ mod tests {
     /// A job with every member given.
     fn full_job() -> Value {
         json!({"model": {"input_shape": [3, 8, 8], "hidden_layers": [16], "num_classes": 4,
+                         "tokens": {"sequence_length": 16, "vocab_size": 100},
                          "activation": "gelu", "layers": [
+                             {"embedding": {"embedding_dim": 8, "padding_idx": -1}},
                              {"conv2d": {"out_channels": 4, "kernel_size": 3, "stride": 1, "padding": 1,
                                          "dilation": 1, "groups": 1, "bias": false}},
                              {"max_pool2d": {"kernel_size": 2, "stride": 2, "padding": 0, "dilation": 1,
@@ -960,12 +1000,14 @@ mod tests {
     #[test]
     fn every_schema_matches_what_the_engine_writes() {
         let spec: headroom_engine::JobSpec = serde_json::from_value(full_job()).unwrap();
-        let job_schema = serde_json::to_value(<JobSpec as utoipa::PartialSchema>::schema());
-        check(&spec, Err(job_schema.unwrap()));
+        let job_schema =
+            serde_json::to_value(<JobSpec as utoipa::PartialSchema>::schema()).unwrap();
+        check(&spec, Err(job_schema));
 
         let mut job = full_job();
         job.as_object_mut().unwrap().remove("dtype");
         job["model"].as_object_mut().unwrap().remove("layers");
+        job["model"].as_object_mut().unwrap().remove("tokens");
         let job = Job::from_value(job).unwrap();
         let mut device = HostDevice::new(8 << 20);
         let result =
@@ -975,6 +1017,7 @@ mod tests {
         let answer = TuneAnswer {
             result: headroom_engine::TuneResult {
                 precision_note: Some("a note".into()),
+                recommended_tokens: Some(1024),
                 throughput_note: Some("a note".into()),
                 throughput_knee: result.throughput_knee.or(Some(headroom_engine::knee::Knee {
                     batch_size: 8,
@@ -1003,6 +1046,7 @@ mod tests {
         let fits = catalogue::estimate_on(&job, "H100 80GB", 80 << 30, (9, 0));
         let mut estimate = fits.estimate.clone().unwrap();
         estimate.precision_note = Some("a note".into());
+        estimate.recommended_tokens = Some(1024);
         let card = catalogue::GpuEstimate {
             estimate: Some(estimate),
             does_not_fit: catalogue::estimate_on(&job, "tiny", 1 << 10, (9, 0)).does_not_fit,

@@ -39,6 +39,7 @@ macro_rules! launch {
 mod conv;
 mod dropout;
 mod elementwise;
+mod embedding;
 mod fill;
 mod gemm;
 mod loss;
@@ -250,6 +251,10 @@ impl Transfer for CudaDevice {
     }
 
     fn write_u32(&mut self, values: &[u32]) -> Result<CudaSlice<u32>, DeviceError> {
+        self.upload(values)
+    }
+
+    fn write_index(&mut self, values: &[i64]) -> Result<CudaSlice<i64>, DeviceError> {
         self.upload(values)
     }
 }

@@ -1,0 +1,105 @@
+//! Checks of `embedding.cu` and `fill.cu`'s tokens: the lookup and the table's gradient (ids
+//! repeated, a padding row) against a reference written here in f64, in the storages the
+//! precisions use; token ids and drawn labels bit for bit against the engine's stream.
+
+use super::{compare, compare_bits, poison, random, round, rounded, tolerance, Check, STORAGES};
+use crate::transfer::Transfer;
+use headroom_engine::device::DeviceError;
+use headroom_engine::plan::Storage;
+use headroom_engine::synthetic;
+
+/// Runs the embedding and token checks on `device`.
+pub fn check_embedding<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
+    let mut checks = check_tokens(device)?;
+    // (tokens, dim, vocab, padding): one token; ids repeated, more columns than a block's
+    // threads; a padding row.
+    let cases = [
+        (1u64, 1u64, 1u64, None),
+        (40, 300, 7, None),
+        (33, 8, 5, Some(2u64)),
+    ];
+    for storage in STORAGES {
+        for (tokens, dim, vocab, padding) in cases {
+            checks.extend(check_case(device, storage, (tokens, dim, vocab), padding)?);
+        }
+    }
+    Ok(checks)
+}
+
+/// `fill_tokens` into int64 ids and u32 labels.
+fn check_tokens<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
+    let mut checks = Vec::new();
+    for (len, vocab) in [(1u64, 1u64), (1000, 50_257), (7 * 129, 10)] {
+        let key = synthetic::stream_key(5, 6);
+        let want: Vec<u64> = (0..len).map(|i| synthetic::token(key, i, vocab)).collect();
+        // Ids and labels below 2^24 are exact as f32.
+        let as_f32 = |v: &mut dyn Iterator<Item = u64>| v.map(|t| t as f32).collect::<Vec<_>>();
+        let mut ids = device.write_index(&vec![-1; len as usize])?;
+        device.fill_token_ids(&mut ids, len, key, vocab)?;
+        let got = device.read_index(&ids, len)?;
+        checks.push(compare_bits(
+            format!("fill_tokens ids n={len} vocab={vocab}"),
+            &as_f32(&mut got.iter().map(|&t| t as u64)),
+            &as_f32(&mut want.iter().copied()),
+        ));
+        let mut labels = device.write_u32(&vec![u32::MAX; len as usize])?;
+        device.fill_token_labels(&mut labels, len, key, vocab)?;
+        let got = device.read_u32(&labels, len)?;
+        checks.push(compare_bits(
+            format!("fill_tokens labels n={len} classes={vocab}"),
+            &as_f32(&mut got.iter().map(|&t| u64::from(t))),
+            &as_f32(&mut want.iter().copied()),
+        ));
+    }
+    Ok(checks)
+}
+
+fn check_case<K: Transfer>(
+    device: &mut K,
+    storage: Storage,
+    (tokens, dim, vocab): (u64, u64, u64),
+    padding: Option<u64>,
+) -> Result<Vec<Check>, DeviceError> {
+    let (n, d) = (tokens as usize, dim as usize);
+    let ids: Vec<i64> = (0..tokens)
+        .map(|i| ((i * 3 + i / 2) % vocab) as i64)
+        .collect();
+    let table = rounded(&random((vocab * dim) as usize, 60), storage);
+    let dy = rounded(&random(n * d, 61), storage);
+    let want_y: Vec<f32> = ids
+        .iter()
+        .flat_map(|&id| table[id as usize * d..(id as usize + 1) * d].to_vec())
+        .collect();
+    // Summed in token order, each sum rounded to the storage, as the kernel defines it.
+    let mut want_dw = vec![0.0f32; (vocab * dim) as usize];
+    for (i, &id) in ids.iter().enumerate() {
+        if padding != Some(id as u64) {
+            for j in 0..d {
+                let at = id as usize * d + j;
+                want_dw[at] = round(want_dw[at] + dy[i * d + j], storage);
+            }
+        }
+    }
+
+    let ids_d = device.write_index(&ids)?;
+    let table_d = device.write_values(&table, storage)?;
+    let mut y = device.write_values(&poison(n * d), storage)?;
+    device.embedding_forward(&ids_d, &table_d, &mut y, tokens, dim)?;
+    let dy_d = device.write_values(&dy, storage)?;
+    let mut dw = device.write_values(&poison((vocab * dim) as usize), storage)?;
+    device.embedding_backward(&dy_d, &ids_d, &mut dw, tokens, dim, vocab, padding)?;
+    let shape = format!("{tokens} tokens x {dim} of {vocab} padding={padding:?} {storage:?}");
+    Ok(vec![
+        compare_bits(
+            format!("embedding lookup {shape}"),
+            &device.read_values(&y, tokens * dim)?,
+            &want_y,
+        ),
+        compare(
+            format!("embedding gradient {shape}"),
+            &device.read_values(&dw, vocab * dim)?,
+            &want_dw,
+            tolerance(storage),
+        ),
+    ])
+}
