@@ -119,6 +119,19 @@ class GatedMlp(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class PositionalEmbedding(nn.Module):
+    """A layer list's `positional_embedding`, as Hugging Face's GPT-2 adds its `wpe`: the
+    positions' ids (int64), their rows of the table, and the sum with the batch."""
+
+    def __init__(self, max_positions, features):
+        super().__init__()
+        self.wpe = nn.Embedding(max_positions, features)
+
+    def forward(self, x):
+        position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        return x + self.wpe(position_ids)
+
+
 class Residual(nn.Module):
     """A layer list's `residual` block: `body(x)`, then `shortcut(x)` added to it, into a new
     tensor or (`inplace`) into the body's output, as torchvision's `out += identity`."""
@@ -159,6 +172,8 @@ def module(kind, args, shape, vocab=None):
     channels = shape[0]
     if kind == "embedding":
         return nn.Embedding(vocab, args["embedding_dim"], padding_idx=args.get("padding_idx"))
+    if kind == "positional_embedding":
+        return PositionalEmbedding(args.get("max_positions", shape[0]), shape[-1])
     if kind == "conv2d":
         return nn.Conv2d(
             channels,
@@ -199,7 +214,9 @@ def module(kind, args, shape, vocab=None):
         return CudaLayerNorm(shape, eps=args.get("eps", 1e-5), elementwise_affine=args.get("elementwise_affine", True),
                              bias=args.get("bias", True))
     if kind == "linear":
-        return nn.Linear(shape[-1], args["out_features"], bias=args.get("bias", True))
+        linear = nn.Linear(shape[-1], args["out_features"], bias=args.get("bias", True))
+        linear.tied = args.get("tied", False)  # its weight becomes the embedding's: `tie_weights`
+        return linear
     if kind == "relu":
         return nn.ReLU(args.get("inplace", False))
     if kind == "relu6":
@@ -281,6 +298,7 @@ def build(job, device, torchvision_name=None):
                 model = nn.Sequential(*layers)
                 # One label a sample, or one a position of the logits' leading dimensions.
                 model.label_shape = out[:-1]
+                tie_weights(model)
     finally:
         torch.set_default_dtype(default_dtype)
     name = job["optimizer"]["name"]
@@ -309,6 +327,16 @@ def vocab(job):
     """The vocabulary of a job over token ids, else None."""
     tokens = job["model"].get("tokens")
     return tokens["vocab_size"] if tokens else None
+
+
+def tie_weights(model):
+    """Every `tied` linear layer's weight made the first embedding's table, as Hugging Face's
+    `tie_weights` does: one parameter, which `model.parameters()` lists once."""
+    tied = [m for m in model.modules() if getattr(m, "tied", False)]
+    if tied:
+        table = next(m for m in model.modules() if isinstance(m, nn.Embedding)).weight
+        for linear in tied:
+            linear.weight = table
 
 
 def train_step(job, model, optimizer, batch, device, after_backward=lambda: None):
@@ -539,13 +567,17 @@ class Generator:
         dim = rng.randint(1, 48)
         embedding = {"embedding_dim": dim, **self.maybe(padding_idx=rng.randint(-vocab, vocab - 1))}
         self.needs_grad = True
+        positions = [{"positional_embedding": self.maybe(max_positions=length + rng.randint(0, 8))}]
         layers, shape = self.sequence([length, dim], rng.randint(0, 6))
+        layers = (positions if rng.random() < 0.5 else []) + layers
         if rng.random() < 0.7:
             classes = vocab
+            head = {"out_features": vocab, "bias": False, **(self.maybe(tied=True) if shape[-1] == dim else {})}
         else:
             classes = rng.randint(2, 20)
             layers.append({"flatten": {}})
-        layers.append({"linear": {"out_features": classes, **self.maybe(bias=False)}})
+            head = {"out_features": classes, **self.maybe(bias=False)}
+        layers.append({"linear": head})
         return {
             "model": {"tokens": {"sequence_length": length, "vocab_size": vocab}, "num_classes": classes,
                       "layers": [{"embedding": embedding}, *layers]},

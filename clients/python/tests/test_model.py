@@ -243,7 +243,7 @@ class Flow(nn.Module):
         (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Dropout(0.5, inplace=True),
                        nn.Linear(64, 10)), [1, 28, 28], "model.3 (Dropout): in-place dropout"),
         (nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.Hardswish(), nn.Linear(64, 10)),
-         [1, 28, 28], "model.2 (Hardswish): headroom cannot describe this module; it reads Conv2d"),
+         [1, 28, 28], "model.2 (Hardswish): headroom cannot describe this module; it reads Embedding"),
         (nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm([26, 26]), nn.Flatten(), nn.Linear(2704, 10)),
          [1, 28, 28], "model.1 (LayerNorm): normalized_shape=(26, 26) over a [4, 26, 26] sample"),
         (nn.Sequential(nn.Conv2d(1, 6, (5, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(3744, 10)),
@@ -355,6 +355,45 @@ def test_the_job_read_is_one_the_server_takes(server: str) -> None:
     with Headroom(server) as client:
         estimate = client.estimate(image, memory_bytes=1 << 30)["estimates"][0]["estimate"]
     assert estimate["parameter_count"] == 94_762
+
+
+class TinyLanguageModel(nn.Module):
+    """Token ids through an embedding, a pre-norm block, and a head tied to the table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(100, 16, padding_idx=0)
+        self.norm = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+        self.final = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 100, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.wte(ids)
+        h = h + self.down(F.gelu(self.up(self.norm(h))))
+        return self.lm_head(self.final(h))  # type: ignore[no-any-return]
+
+
+def test_a_language_model_reads_over_tokens_with_its_tied_head(server: str) -> None:
+    model = TinyLanguageModel()
+    job = job_from_torch(model, [12], optimizer="adamw")
+    assert job["model"]["tokens"] == {"sequence_length": 12, "vocab_size": 100}
+    assert job["model"]["num_classes"] == 100
+    assert job["model"]["layers"] == [
+        {"embedding": {"embedding_dim": 16, "padding_idx": 0}},
+        {"residual": {"layers": [{"layer_norm": {}}, {"linear": {"out_features": 32}}, {"gelu": {}},
+                                 {"linear": {"out_features": 16}}]}},
+        {"layer_norm": {}},
+        {"linear": {"out_features": 100, "bias": False, "tied": True}},
+    ]
+    counted = sum(p.numel() for p in model.parameters())  # the shared table once
+    assert parameter_count(job) == counted == 100 * 16 + 2 * 16 + 16 * 32 + 32 + 32 * 16 + 16 + 2 * 16
+    with Headroom(server) as client:
+        estimate = client.estimate(job, memory_bytes=1 << 30)["estimates"][0]["estimate"]
+    assert estimate["parameter_count"] == counted
+    assert estimate["recommended_tokens"] == 12 * estimate["recommended_batch_size"]
 
 
 @pytest.mark.parametrize(

@@ -1017,6 +1017,15 @@ mod tests {
             .unwrap()
             .plan;
         assert_eq!((plan.vocab(), plan.loss_positions()), (Some(50), 8));
+        // A tied head's weights are the table: one parameter, counted once.
+        let tied = lm.replace(
+            r#""out_features": 50"#,
+            r#""out_features": 50, "tied": true"#,
+        );
+        let plan = Job::from_json(&job(&format!(r#"{tokens}, "layers": [{tied}]"#)))
+            .unwrap()
+            .plan;
+        assert_eq!(plan.parameter_count(), 50 * 4 + 50);
         let cases = [
             (
                 format!(r#"{tokens}, "input_shape": [8], "layers": [{lm}]"#),
@@ -1058,6 +1067,29 @@ mod tests {
                 ),
                 "model.layers",
                 "[positions, 50] for one label a position",
+            ),
+            (
+                format!(
+                    r#"{tokens}, "layers": [{{"embedding": {{"embedding_dim": 4}}}},
+                       {{"linear": {{"out_features": 50, "tied": true, "bias": false}}}},
+                       {{"linear": {{"out_features": 5}}}}, {{"linear": {{"out_features": 50, "tied": true}}}}]"#
+                ),
+                "model.layers[3].linear.tied",
+                "the embedding table is 50 x 4, and this layer's weights would be 50 x 5",
+            ),
+            (
+                format!(
+                    r#"{tokens}, "layers": [{{"embedding": {{"embedding_dim": 4}}}},
+                       {{"positional_embedding": {{"max_positions": 7}}}}, {{"linear": {{"out_features": 50}}}}]"#
+                ),
+                "model.layers[1].positional_embedding.max_positions",
+                "the table's 7 rows cannot place 8 positions",
+            ),
+            (
+                r#""input_shape": [4], "layers": [{"linear": {"out_features": 50, "tied": true}}]"#
+                    .to_string(),
+                "model.layers[0].linear.tied",
+                "has no embedding before it",
             ),
         ];
         for (model, field, reason) in cases {

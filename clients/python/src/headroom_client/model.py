@@ -20,7 +20,7 @@ from torch import nn
 
 from headroom_client.client import Json
 from headroom_client.shapes import parameter_count
-from headroom_client.torch_graph import UnsupportedModel, read_layers
+from headroom_client.torch_graph import UnsupportedModel, read_layers, token_vocab
 
 
 __all__ = ["PRECISIONS", "UnsupportedModel", "job_from_torch", "optimizer_spec", "parameter_count"]
@@ -67,6 +67,8 @@ def job_from_torch(
     """The headroom job that trains ``module`` on samples of ``input_shape`` (no batch
     dimension) with ``optimizer`` in ``precision``; ``job`` adds any other field of a job
     (``dataset_size``, ``headroom``, ``target_batch_size``, ``world_size``, ``search``...).
+    A model whose input goes first into an ``nn.Embedding`` reads token ids: ``input_shape``
+    is ``[sequence_length]``, and the job's ``model.tokens`` takes the vocabulary from it.
 
     Raises :class:`UnsupportedModel` naming the first step headroom cannot describe.
     """
@@ -76,11 +78,22 @@ def job_from_torch(
     if not shape or any(d < 1 for d in shape):
         raise UnsupportedModel("input_shape", None, f"{shape} is not a sample's shape")
     layers, output = read_layers(module, shape)
-    if len(output) != 1:
+    vocab = token_vocab(module)
+    if vocab is not None:
+        if len(shape) != 1 or len(output) not in (1, 2):
+            raise UnsupportedModel(
+                "model", module,
+                f"reads token ids of shape {shape} into a {output} tensor; headroom reads one sequence "
+                "of ids into one score per class, or per token",
+            )
+        model: Json = {"tokens": {"sequence_length": shape[0], "vocab_size": vocab},
+                       "num_classes": output[-1], "layers": layers}
+    elif len(output) != 1:
         raise UnsupportedModel(
             "model", module, f"ends in a {output} tensor; headroom's models end in one score per class"
         )
-    model: Json = {"input_shape": shape, "num_classes": output[0], **_shorthand_or_list(layers, shape)}
+    else:
+        model = {"input_shape": shape, "num_classes": output[0], **_shorthand_or_list(layers, shape)}
     spec: Json = {"model": model, "optimizer": optimizer_spec(optimizer), "precision": precision, **job}
     described = parameter_count(spec)
     actual = sum(p.numel() for p in module.parameters())

@@ -26,20 +26,23 @@ def _windowed(side: int, kernel: int, stride: int, padding: int, dilation: int, 
     return out
 
 
-def walk(layers: list[Json], shape: list[int]) -> tuple[int, list[int]]:
-    """The parameters of ``layers`` over samples of ``shape``, and the shape they pass on."""
+def walk(layers: list[Json], shape: list[int], vocab: int | None = None) -> tuple[int, list[int]]:
+    """The parameters of ``layers`` over samples of ``shape`` (token ids below ``vocab`` when
+    given), and the shape they pass on."""
     total = 0
     for layer in layers:
         ((kind, args),) = layer.items()
-        count, shape = _layer(kind, args, shape)
+        count, shape = _layer(kind, args, shape, vocab)
         total += count
     return total, shape
 
 
-def _layer(kind: str, args: Json, shape: list[int]) -> tuple[int, list[int]]:
+def _layer(kind: str, args: Json, shape: list[int], vocab: int | None) -> tuple[int, list[int]]:
     """One layer's parameters and output shape."""
     if kind in SHAPE_KEEPING:
         return 0, shape
+    if kind == "embedding":
+        return (vocab or 0) * args["embedding_dim"], [*shape, args["embedding_dim"]]
     if kind == "conv2d":
         k, out, groups = args["kernel_size"], args["out_channels"], args.get("groups", 1)
         sides = [
@@ -72,10 +75,11 @@ def _layer(kind: str, args: Json, shape: list[int]) -> tuple[int, list[int]]:
         return 0, [math.prod(shape)]
     if kind == "linear":
         out = args["out_features"]
-        return shape[-1] * out + (out if args.get("bias", True) else 0), [*shape[:-1], out]
+        weights = 0 if args.get("tied", False) else shape[-1] * out  # a tied head's are the table
+        return weights + (out if args.get("bias", True) else 0), [*shape[:-1], out]
     if kind == "residual":
-        body, passed = walk(args["layers"], shape)
-        shortcut, _ = walk(args.get("shortcut", []), shape)
+        body, passed = walk(args["layers"], shape, vocab)
+        shortcut, _ = walk(args.get("shortcut", []), shape, vocab)
         return body + shortcut, passed
     raise ValueError(f"{kind!r} is not a layer headroom knows")
 
@@ -86,5 +90,9 @@ def parameter_count(job: Json) -> int:
     if "layers" not in model:
         widths = [math.prod(model["input_shape"]), *model["hidden_layers"], model["num_classes"]]
         return sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))
+    tokens = model.get("tokens")
+    if tokens:
+        count, _ = walk(model["layers"], [tokens["sequence_length"]], tokens["vocab_size"])
+        return count
     count, _ = walk(model["layers"], list(model["input_shape"]))
     return count

@@ -49,9 +49,11 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
 
-def _shapes(traced: fx.GraphModule, module: nn.Module, shape: list[int]) -> dict[fx.Node, list[int]]:
-    """Every tensor node's sample shape, from a run over a fake batch of two (errors name the
-    node)."""
+def _shapes(
+    traced: fx.GraphModule, module: nn.Module, shape: list[int], tokens: bool
+) -> dict[fx.Node, list[int]]:
+    """Every tensor node's sample shape, from a run over a fake batch of two (token ids when
+    ``tokens``; errors name the node)."""
     found: dict[fx.Node, list[int]] = {}
 
     class Run(fx.Interpreter):
@@ -64,12 +66,13 @@ def _shapes(traced: fx.GraphModule, module: nn.Module, shape: list[int]) -> dict
                 found[node] = list(value.shape[1:])
             return value
 
+    dtype = torch.long if tokens else torch.float32
     on_meta = any(p.is_meta for p in module.parameters())
     if on_meta:
-        Run(traced).run(torch.empty(2, *shape, device="meta"))
+        Run(traced).run(torch.zeros(2, *shape, device="meta", dtype=dtype))
     else:
         with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-            Run(traced).run(fake.from_tensor(torch.empty(2, *shape)))
+            Run(traced).run(fake.from_tensor(torch.zeros(2, *shape, dtype=dtype)))
     return found
 
 
@@ -202,7 +205,11 @@ class _Reader:
 
     def _entry(self, node: fx.Node, shape: list[int]) -> Json:
         if node.op == "call_module":
-            return torch_layers.of_module(self.traced.get_submodule(str(node.target)), shape)
+            module = self.traced.get_submodule(str(node.target))
+            layer = torch_layers.of_module(module, shape)
+            if isinstance(module, nn.Linear) and module.weight is _first_table(self.traced):
+                layer["linear"]["tied"] = True
+            return layer
         if node.op == "call_function" and node.target in torch_layers.FUNCTIONS:
             assert callable(node.target)
             normalized = normalize_function(
@@ -227,8 +234,21 @@ class _Reader:
                 yield node
 
 
+def _first_table(module: nn.Module) -> torch.Tensor | None:
+    """The table of ``module``'s first ``nn.Embedding``, which a tied head reads."""
+    return next((m.weight for m in module.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def token_vocab(module: nn.Module) -> int | None:
+    """The vocabulary when ``module`` reads token ids: its input goes first into an
+    ``nn.Embedding``; else None."""
+    first = next((m for m in module.modules() if not list(m.children())), None)
+    return first.num_embeddings if isinstance(first, nn.Embedding) else None
+
+
 def read_layers(module: nn.Module, shape: list[int]) -> tuple[list[Json], list[int]]:
-    """``module``'s layer list over samples of ``shape``, and the shape it passes on."""
+    """``module``'s layer list over samples of ``shape`` (token ids when its first layer is an
+    ``nn.Embedding``), and the shape it passes on."""
     try:
         graph = _Tracer().trace(module)
     except Exception as error:  # torch.fx's reason: control flow on values, an untraceable call
@@ -243,7 +263,7 @@ def read_layers(module: nn.Module, shape: list[int]) -> tuple[list[Json], list[i
     inputs = [node for node in traced.graph.nodes if node.op == "placeholder"]
     if len(inputs) != 1:
         raise UnsupportedModel("model", module, f"takes {len(inputs)} inputs; headroom's models take one")
-    shapes = _shapes(traced, module, shape)
+    shapes = _shapes(traced, module, shape, token_vocab(module) is not None)
     output = next(node for node in traced.graph.nodes if node.op == "output")
     (result,) = output.all_input_nodes or [None]
     if result not in shapes:

@@ -23,7 +23,8 @@ class Unsupported(ValueError):
 
 #: What the reader takes, for the messages that refuse the rest.
 SUPPORTED = (
-    "Conv2d, Linear, BatchNorm1d/2d, LayerNorm (over the last dimension), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, Flatten, "
+    "Embedding (first, over token ids), Conv2d, Linear (tied to the embedding or not), BatchNorm1d/2d, "
+    "LayerNorm (over the last dimension), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, Flatten, "
     "Identity, ReLU, ReLU6, LeakyReLU, GELU, Tanh, Sigmoid and SiLU (as modules or their "
     "functional forms), torch.flatten or view/reshape to (batch, -1), and residual additions; "
     "write anything else as a JSON job's model.layers"
@@ -108,6 +109,17 @@ def layer_norm(norm: nn.LayerNorm, shape: list[int]) -> Json:
     return {"layer_norm": _given(args, {"eps": 1e-5, "elementwise_affine": True, "bias": True})}
 
 
+def embedding(table: nn.Embedding, shape: list[int]) -> Json:
+    if table.max_norm is not None or table.scale_grad_by_freq or table.sparse:
+        raise Unsupported("max_norm, scale_grad_by_freq and sparse: headroom's embedding is the plain lookup")
+    if len(shape) != 1:
+        raise Unsupported(f"an Embedding over a {shape} sample: headroom's read one sequence of ids")
+    args: Json = {"embedding_dim": table.embedding_dim}
+    if table.padding_idx is not None:
+        args["padding_idx"] = table.padding_idx
+    return {"embedding": args}
+
+
 def pool(kind: str, args: Json, shape: list[int]) -> Json:
     """``max_pool2d`` or ``avg_pool2d`` from PyTorch's arguments (a module's or a call's)."""
     _image(shape)
@@ -183,6 +195,8 @@ def of_module(module: nn.Module, shape: list[int]) -> Json:
         return batch_norm(module, shape)
     if isinstance(module, nn.LayerNorm):
         return layer_norm(module, shape)
+    if isinstance(module, nn.Embedding):
+        return embedding(module, shape)
     if isinstance(module, nn.MaxPool2d):
         return pool("max_pool2d", vars(module), shape)
     if isinstance(module, nn.AvgPool2d):

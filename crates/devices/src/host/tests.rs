@@ -158,11 +158,12 @@ fn sequence(activation: &Value, training: Training) -> Plan {
 }
 
 /// A small language model over token ids: an embedding (its padding row, whose gradient is 0 by
-/// definition, is checked in parity), pre-norm blocks around a linear layer and a gated MLP,
-/// and logits at every position, one label a token.
+/// definition, is checked in parity) and learned positions, pre-norm blocks around a linear layer and a gated MLP,
+/// and a head tied to the embedding writing logits at every position, one label a token.
 fn language(activation: &Value, training: Training) -> Plan {
     let list = json!([
         {"embedding": {"embedding_dim": 6}},
+        {"positional_embedding": {"max_positions": 8}},
         {"residual": {"layers": [
             {"layer_norm": {}},
             {"linear": {"out_features": 6}},
@@ -173,10 +174,10 @@ fn language(activation: &Value, training: Training) -> Plan {
             {"gated_mlp": {"intermediate_size": 5}}
         ]}},
         {"layer_norm": {}},
-        {"linear": {"out_features": 7}}
+        {"linear": {"out_features": 9, "bias": false, "tied": true}}
     ]);
     let layers: Vec<LayerSpec> = serde_json::from_value(list).unwrap();
-    Plan::for_tokens(5, 9, &layers, 7, training, "model").unwrap()
+    Plan::for_tokens(5, 9, &layers, 9, training, "model").unwrap()
 }
 
 /// The mean loss of the network in f64, written independently of the f32 step: every module's

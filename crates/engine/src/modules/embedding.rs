@@ -53,6 +53,7 @@ impl EmbeddingSpec {
                 ))
             }
         };
+        cx.embedding.get_or_insert((cx.parameters, vocab, dim));
         let mut output = input.to_vec();
         output.push(dim);
         product(&output, at)?;

@@ -65,8 +65,9 @@ impl GatedMlpSpec {
             LinearSpec {
                 out_features,
                 bias: self.bias,
+                tied: false,
             }
-            .build(input, at)
+            .build(input, at, cx)
         };
         let gate = linear(inner, input)?;
         let up = linear(inner, input)?;

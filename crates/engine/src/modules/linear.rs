@@ -4,12 +4,13 @@
 //! for the input's, each only when that gradient is needed; backward makes the input's gradient,
 //! then the weights', then the bias's (the sum autograd reduces the broadcast bias's gradient
 //! with). Under autocast its bias, then its weights, then an input stored otherwise are cast to
-//! half first.
+//! half first. A `tied` layer (a language model's head with `tie_word_embeddings`) reads the
+//! model's embedding table as its weights: one parameter, whose two gradients autograd sums.
 
 use serde::{Deserialize, Serialize};
 
 use super::check::{extent, product, sum};
-use super::{LayerError, Module, Parameter, Parameters, Path, Token, Values};
+use super::{Context, LayerError, Module, Parameter, Parameters, Path, Token, Values};
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::Instr;
 
@@ -22,6 +23,10 @@ pub struct LinearSpec {
     /// Whether a bias is learnt (true).
     #[serde(default = "yes")]
     pub bias: bool,
+    /// Whether its weights are the model's embedding table (false): `out_features` is then
+    /// the vocabulary and its input the embedding's width.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tied: bool,
 }
 
 fn yes() -> bool {
@@ -30,11 +35,32 @@ fn yes() -> bool {
 
 impl LinearSpec {
     /// The layer over a sample of `input` shape: its last dimension is the features.
-    pub fn build(&self, input: &[u64], at: &Path) -> Result<Linear, LayerError> {
+    pub fn build(&self, input: &[u64], at: &Path, cx: &Context) -> Result<Linear, LayerError> {
         let Some((&inputs, leading)) = input.split_last() else {
             return Err(at.error("linear needs an input with at least one dimension"));
         };
         let outputs = extent(at, "out_features", self.out_features, 1)?;
+        let tied = match (self.tied, cx.embedding) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(at.error_at(
+                    "tied",
+                    "a tied linear layer reads the embedding table, and the model has no \
+                     embedding before it",
+                ))
+            }
+            (true, Some((index, vocab, dim))) if (outputs, inputs) == (vocab, dim) => Some(index),
+            (true, Some((_, vocab, dim))) => {
+                return Err(at.error_at(
+                    "tied",
+                    format!(
+                        "the embedding table is {vocab} x {dim}, and this layer's weights would \
+                         be {outputs} x {inputs}: a tied head writes the vocabulary \
+                         (out_features {vocab}) from the embedding's width ({dim})"
+                    ),
+                ))
+            }
+        };
         let positions = product(leading, at)?;
         let weights = product(&[outputs, inputs], at)?;
         sum(weights, if self.bias { outputs } else { 0 }, at)?;
@@ -46,6 +72,7 @@ impl LinearSpec {
             outputs,
             positions,
             bias: self.bias,
+            tied,
             output,
         })
     }
@@ -59,6 +86,8 @@ pub struct Linear {
     /// Positions per sample it is applied at: the product of the leading dimensions.
     positions: u64,
     bias: bool,
+    /// The index of the embedding table it reads as its weights, when tied.
+    tied: Option<usize>,
     output: Vec<u64>,
 }
 
@@ -69,11 +98,19 @@ impl Module for Linear {
 
     fn parameters(&self) -> Vec<Parameter> {
         let biases = self.bias.then_some(self.outputs);
-        Parameter::weight_and_bias(self.inputs * self.outputs, biases, self.inputs)
+        let mut declared =
+            Parameter::weight_and_bias(self.inputs * self.outputs, biases, self.inputs);
+        if self.tied.is_some() {
+            declared.remove(0);
+        }
+        declared
     }
 
     fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {
-        let weight = parameters.take();
+        let weight = match self.tied {
+            Some(index) => parameters.shared(index),
+            None => parameters.take(),
+        };
         let bias = self.bias.then(|| parameters.take());
         let bias = bias.map(|b| graph.operand_parameter(b));
         let w = graph.operand_parameter(weight);
@@ -121,7 +158,10 @@ impl Module for Linear {
 
     fn reference(&self, x: &[f64], rows: usize, values: &mut Values<'_>, _: u64) -> Vec<f64> {
         let (n_in, n_out) = (self.inputs as usize, self.outputs as usize);
-        let w = values.take();
+        let w = match self.tied {
+            Some(index) => values.shared(index),
+            None => values.take(),
+        };
         let b = self.bias.then(|| values.take());
         x.chunks_exact(n_in)
             .take(rows * self.positions as usize)
@@ -139,6 +179,9 @@ impl Module for Linear {
     }
 
     fn token(&self) -> Token {
+        if self.tied.is_some() {
+            return Token::Layer(format!("tied{}", self.outputs));
+        }
         match (self.positions, self.bias) {
             (1, true) => Token::Width(self.outputs),
             (1, false) => Token::Layer(format!("linear{}nobias", self.outputs)),

@@ -47,6 +47,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod max_pool2d;
 pub mod pooling;
+pub mod positional_embedding;
 pub mod residual;
 pub mod sequential;
 
@@ -82,6 +83,9 @@ pub enum LayerSpec {
     Dropout(dropout::DropoutSpec),
     /// `nn.Embedding` over `model.tokens`: the model's first layer.
     Embedding(embedding::EmbeddingSpec),
+    /// A learned positional embedding added to a `[positions, features]` sample (GPT-2's
+    /// `wpe`).
+    PositionalEmbedding(positional_embedding::PositionalEmbeddingSpec),
     /// `nn.Flatten`: every dimension of a sample into one.
     Flatten(NoArguments),
     /// `nn.Identity`.
@@ -129,6 +133,7 @@ impl LayerSpec {
             LayerSpec::BatchNorm1d(_) => "batch_norm1d",
             LayerSpec::Dropout(_) => "dropout",
             LayerSpec::Embedding(_) => "embedding",
+            LayerSpec::PositionalEmbedding(_) => "positional_embedding",
             LayerSpec::Flatten(_) => "flatten",
             LayerSpec::Identity(_) => "identity",
             LayerSpec::GatedMlp(_) => "gated_mlp",
@@ -165,11 +170,12 @@ impl LayerSpec {
             LayerSpec::BatchNorm1d(spec) => Arc::new(spec.build(input, &at, 1)?),
             LayerSpec::Dropout(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::Embedding(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::PositionalEmbedding(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::Flatten(_) => Arc::new(flatten::Flatten::new(input, &at)?),
             LayerSpec::Identity(_) => Arc::new(identity::Identity::new(input)),
             LayerSpec::GatedMlp(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::LayerNorm(spec) => Arc::new(spec.build(input, &at)?),
-            LayerSpec::Linear(spec) => Arc::new(spec.build(input, &at)?),
+            LayerSpec::Linear(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::Relu(spec) => Arc::new(Activation::new(
                 Nonlinearity::Relu,
                 spec.inplace,
@@ -279,6 +285,12 @@ pub struct Context {
     /// The vocabulary size while the tensor reaching the next layer is the batch's token ids
     /// (until an embedding has read them).
     pub tokens: Option<u64>,
+    /// Parameters and buffers declared by the layers built so far: the index the next layer's
+    /// first one will have.
+    pub parameters: usize,
+    /// The first embedding's table: its parameter's index, its rows and its width (what a
+    /// tied language-model head reads).
+    pub embedding: Option<(usize, u64, u64)>,
     /// Whether the tensor reaching the next layer is a view of another (flatten's of a
     /// multi-dimensional tensor): autograd runs an in-place layer on it through `CopySlices`.
     pub input_is_view: bool,
@@ -349,6 +361,11 @@ impl<'a> Parameters<'a> {
         tensor
     }
 
+    /// The one declared at `index` by another module (a tied head's table), not taken.
+    pub fn shared(&self, index: usize) -> Tensor {
+        self.tensors[index]
+    }
+
     /// Whether every one was taken.
     pub fn done(&self) -> bool {
         self.next == self.tensors.len()
@@ -376,6 +393,11 @@ impl<'a> Values<'a> {
         let values = &self.values[self.next];
         self.next += 1;
         values
+    }
+
+    /// The values of the one declared at `index` by another module, not taken.
+    pub fn shared(&self, index: usize) -> &'a [f64] {
+        &self.values[index]
     }
 }
 

@@ -47,7 +47,9 @@ impl Sequential {
                     spec.name()
                 )));
             }
+            let first_parameter = cx.parameters;
             let layer = spec.build(&shape, &at, cx)?;
+            cx.parameters = first_parameter + layer.parameters().len();
             cx.input_kept = layer.keeps_output(cx.input_kept);
             cx.input_is_view = layer.returns_view(cx.input_is_view);
             shape = layer.output_shape().to_vec();

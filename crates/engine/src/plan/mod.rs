@@ -482,6 +482,7 @@ pub fn mlp_layers(
         LayerSpec::Linear(LinearSpec {
             out_features,
             bias: true,
+            tied: false,
         })
     };
     let activation = || match activation {

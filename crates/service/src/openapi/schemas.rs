@@ -139,6 +139,9 @@ pub enum Layer {
     Dropout(Dropout),
     /// `nn.Embedding` over `model.tokens`: the first layer of a model over token ids.
     Embedding(Embedding),
+    /// A learned positional embedding added to a `[positions, features]` sample (GPT-2's
+    /// `wpe`).
+    PositionalEmbedding(PositionalEmbedding),
     /// `nn.Flatten`.
     Flatten(NoArguments),
     /// `nn.Identity`.
@@ -296,6 +299,15 @@ pub struct Embedding {
     padding_idx: Option<i64>,
 }
 
+/// A positional embedding's argument.
+#[derive(Serialize, ToSchema)]
+pub struct PositionalEmbedding {
+    /// Rows of the table (GPT-2's `n_positions`); the sample's positions when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Extent>)]
+    max_positions: Option<u64>,
+}
+
 /// A gated MLP's arguments.
 #[derive(Serialize, ToSchema)]
 pub struct GatedMlp {
@@ -362,6 +374,11 @@ pub struct Linear {
     #[serde(default)]
     #[schema(default = true)]
     bias: bool,
+    /// Whether its weights are the model's embedding table (`tie_word_embeddings`):
+    /// `out_features` is then the vocabulary, and its input the embedding's width.
+    #[serde(default)]
+    #[schema(default = false)]
+    tied: bool,
 }
 
 /// `nn.ReLU`'s and `nn.ReLU6`'s argument.
@@ -967,6 +984,7 @@ mod tests {
                          "tokens": {"sequence_length": 16, "vocab_size": 100},
                          "activation": "gelu", "layers": [
                              {"embedding": {"embedding_dim": 8, "padding_idx": -1}},
+                             {"positional_embedding": {"max_positions": 32}},
                              {"conv2d": {"out_channels": 4, "kernel_size": 3, "stride": 1, "padding": 1,
                                          "dilation": 1, "groups": 1, "bias": false}},
                              {"max_pool2d": {"kernel_size": 2, "stride": 2, "padding": 0, "dilation": 1,
@@ -985,7 +1003,7 @@ mod tests {
                              {"global_avg_pool2d": {}}, {"flatten": {}}, {"batch_norm1d": {"affine": false, "eps": 0.00001, "momentum": 0.1}},
                              {"layer_norm": {"eps": 0.00001, "elementwise_affine": true, "bias": false}},
                              {"gated_mlp": {"intermediate_size": 8, "activation": "gelu_pytorch_tanh", "bias": false}},
-                             {"linear": {"out_features": 4, "bias": true}}]},
+                             {"linear": {"out_features": 4, "bias": true, "tied": true}}]},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
                "headroom": 0.75, "target_batch_size": 1000, "world_size": 3,
