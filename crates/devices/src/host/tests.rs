@@ -10,7 +10,7 @@ use headroom_engine::modules::{LayerSpec, Module, ParameterKind, Values};
 use headroom_engine::plan::{
     Activation, Allocator, Framework, Moment, OptimizerKind, Plan, Precision, Storage, Training,
 };
-use headroom_engine::step::{Conv, Executor, Pool, Steps, MAX_TIMED_STEPS};
+use headroom_engine::step::{Conv, Executor, Pool, Steps};
 use headroom_engine::synthetic;
 use serde_json::{json, Value};
 use OptimizerKind::{Adam, Adamw, Sgd, SgdMomentum};
@@ -445,7 +445,9 @@ fn loss_goes_down_with_every_optimizer() {
 }
 
 /// A batch of 4 on a tiny MLP steps in microseconds: a 5 ms floor times many steps of it,
-/// while a floor of 0 times the one step after the warm-up.
+/// while a floor of 0 times the one step after the warm-up. (That the timed steps add up to
+/// the floor is `step`'s property test: the report's median says nothing of their sum when a
+/// loaded machine stalls a few of them.)
 #[test]
 fn short_steps_are_timed_until_they_fill_the_floor() {
     let plan = plan_of(8, &[8], 2, Sgd);
@@ -455,10 +457,9 @@ fn short_steps_are_timed_until_they_fill_the_floor() {
         min_timed_seconds: 0.005,
     };
     let report = device.run_steps(&plan, 4, floor, 1).unwrap();
-    let timed = f64::from(report.timed_steps) * report.step_seconds;
-    assert!(report.timed_steps > 1, "{report:?}");
+    // One timed step only if that step alone filled the floor (a stalled one).
     assert!(
-        report.timed_steps as usize == MAX_TIMED_STEPS || timed >= 0.5 * 0.005,
+        report.timed_steps > 1 || report.step_seconds >= 0.005,
         "{report:?}"
     );
     let once = device.run_steps(&plan, 4, Steps::exactly(2), 1).unwrap();
