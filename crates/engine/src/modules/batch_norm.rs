@@ -62,12 +62,7 @@ impl BatchNormSpec {
                 )));
             }
         };
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(at.error_at(
-                "eps",
-                format!("must be a positive number, got {}", self.eps),
-            ));
-        }
+        let eps = super::check::eps(at, self.eps)?;
         if !(0.0..=1.0).contains(&self.momentum) {
             return Err(at.error_at(
                 "momentum",
@@ -78,7 +73,7 @@ impl BatchNormSpec {
             channels,
             spatial,
             affine: self.affine,
-            eps: self.eps as f32,
+            eps,
             momentum: self.momentum as f32,
             dims,
             shape: input.to_vec(),

@@ -38,6 +38,14 @@ pub fn extent(at: &Path, field: &str, value: u64, least: u64) -> Result<u64, Lay
     Ok(value)
 }
 
+/// A norm's `eps`, checked positive and finite, as the f32 the kernels add.
+pub fn eps(at: &Path, value: f64) -> Result<f32, LayerError> {
+    match value.is_finite() && value > 0.0 {
+        true => Ok(value as f32),
+        false => Err(at.error_at("eps", format!("must be a positive number, got {value}"))),
+    }
+}
+
 /// The `[channels, height, width]` of an image input, or an error saying what reached `kind`.
 pub fn image(shape: &[u64], at: &Path, kind: &str) -> Result<[u64; 3], LayerError> {
     match *shape {

@@ -45,18 +45,13 @@ impl LayerNormSpec {
         let Some((&features, leading)) = input.split_last() else {
             return Err(at.error("layer_norm needs an input with at least one dimension"));
         };
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(at.error_at(
-                "eps",
-                format!("must be a positive number, got {}", self.eps),
-            ));
-        }
+        let eps = super::check::eps(at, self.eps)?;
         Ok(LayerNorm {
             features,
             positions: product(leading, at)?,
             scale: self.elementwise_affine,
             shift: self.elementwise_affine && self.bias,
-            eps: self.eps as f32,
+            eps,
             shape: input.to_vec(),
         })
     }

@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::check::{extent, product};
+use super::residual::promoted;
 use super::{LayerError, Module, Parameter, Parameters, Path, Token, Values};
 use crate::memory::{Element, Part, Storage};
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
@@ -100,10 +101,7 @@ impl Module for PositionalEmbedding {
         // The sum is f32 where the two differ (a 16-bit input under autocast), which is then
         // the table's storage too.
         let x_storage = graph.storage(x);
-        let storage = match x_storage == graph.storage(looked_up) {
-            true => x_storage,
-            false => Storage::F32,
-        };
+        let storage = promoted(x_storage, graph.storage(looked_up));
         let len = graph.elements(x);
         let y = graph.output(len, storage);
         graph.emit(Instr::Convert {
@@ -183,22 +181,9 @@ impl Backward for BroadcastAddBackward {
         let Some(dy) = grads[0] else {
             return vec![None, None];
         };
-        let len = pass.elements(dy);
         let dx = pass
             .needs(0)
-            .then(|| match pass.storage(dy) == self.x_storage {
-                true => pass.pass_through(dy),
-                false => {
-                    let converted = pass.gradient(0, len, self.x_storage);
-                    pass.emit(Instr::Convert {
-                        from: pass.slot(dy),
-                        to: pass.slot(converted),
-                        len,
-                        scale: Scale::One,
-                    });
-                    converted
-                }
-            });
+            .then(|| pass.gradient_as(0, dy, self.x_storage));
         let dpositions = pass.needs(1).then(|| {
             let summed = pass.gradient(1, self.sample, pass.storage(dy));
             pass.emit(Instr::BiasGradient {

@@ -14,7 +14,7 @@ use super::{Context, LayerError, LayerSpec, Module, Parameter, Parameters, Path,
 use super::{Token, Values};
 use crate::memory::Storage;
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
-use crate::program::{Instr, Scale};
+use crate::program::Instr;
 
 /// A residual block's layers and shortcut.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,7 +175,7 @@ impl Module for Residual {
 
 /// The storage of a sum of `a` and `b`, as PyTorch promotes types: 16-bit only when both are
 /// the same 16-bit type (under autocast a block's 16-bit body and its f32 input sum to f32).
-fn promoted(a: Storage, b: Storage) -> Storage {
+pub(super) fn promoted(a: Storage, b: Storage) -> Storage {
     match a == b {
         true => a,
         false => Storage::F32,
@@ -195,23 +195,10 @@ impl Backward for AddBackward {
         let Some(dy) = grads[0] else {
             return vec![None, None];
         };
-        let len = pass.elements(dy);
         (0..2)
             .map(|k| {
-                let storage = self.addends[k];
-                pass.needs(k).then(|| match pass.storage(dy) == storage {
-                    true => pass.pass_through(dy),
-                    false => {
-                        let converted = pass.gradient(k, len, storage);
-                        pass.emit(Instr::Convert {
-                            from: pass.slot(dy),
-                            to: pass.slot(converted),
-                            len,
-                            scale: Scale::One,
-                        });
-                        converted
-                    }
-                })
+                pass.needs(k)
+                    .then(|| pass.gradient_as(k, dy, self.addends[k]))
             })
             .collect()
     }

@@ -535,6 +535,24 @@ impl Pass<'_> {
         self.graph.allocate(part, elements, Element::Value(storage))
     }
 
+    /// `grad` handed to input `k`: unchanged, or converted into a new gradient where `k` is
+    /// stored as `storage` and `grad` otherwise (autograd's cast of a gradient to its input's
+    /// type).
+    pub fn gradient_as(&mut self, k: usize, grad: Tensor, storage: Storage) -> Tensor {
+        if self.storage(grad) == storage {
+            return self.pass_through(grad);
+        }
+        let len = self.elements(grad);
+        let converted = self.gradient(k, len, storage);
+        self.emit(Instr::Convert {
+            from: self.slot(grad),
+            to: self.slot(converted),
+            len,
+            scale: Scale::One,
+        });
+        converted
+    }
+
     /// A buffer PyTorch's backward allocates and headroom's kernels do not need (see
     /// [`Graph::pytorch_only`]).
     pub fn pytorch_only(&mut self, elements: u64, storage: Storage) -> Option<Tensor> {
