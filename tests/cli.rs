@@ -36,11 +36,12 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn every_example_keeps_its_pinned_answer() {
     #[rustfmt::skip]
-    let pinned: [(&str, u64, [u64; 3], u64); 13] = [
+    let pinned: [(&str, u64, [u64; 3], u64); 15] = [
         ("cifar10-cnn-bn", 94762, [1696668, 44545428, 2802594708], 123403),
         ("cifar10-mlp-adam", 394634, [7904980, 8679628, 61396644], 50000),
         ("cifar10-mlp-bf16", 394634, [7904980, 8679628, 83416740], 50000),
         ("deep-mlp-adamw", 5256202, [105136340, 105910988, 231084196], 2056925),
+        ("gpt2-small", 124439808, [2760585732, 67035439620, 4180626088452], 81),
         ("lenet5-mnist", 61706, [799444, 4553740, 244828684], 1416511),
         ("mnist-mlp-dropout", 669706, [8041668, 8368764, 64557180], 5842201),
         ("mnist-mlp-sgd", 101770, [817820, 1048148, 19581524], 18036987),
@@ -48,6 +49,7 @@ fn every_example_keeps_its_pinned_answer() {
         ("resnet18-cifar10", 11173962, [136818468, 415334684, 19601424156], 17701),
         ("resnet18-imagenet", 11689512, [151181068, 927021316, 51703756548], 6693),
         ("resnet50-imagenet", 25557032, [340770836, 3124435468, 183584659468], 1880),
+        ("tiny-gpt", 136960, [2740228, 62821892, 3917026820], 88305),
         ("vgg11-bn-imagenet", 132868840, [1663460140, 6605673764, 324636447524], 1050),
         ("wide-mlp-bf16-mixed", 46190602, [923824340, 924598988, 974176460], 1105376),
     ];
@@ -95,6 +97,36 @@ fn every_example_keeps_its_pinned_answer() {
             "{name}"
         );
     }
+}
+
+/// A language model with causal self-attention tunes on the host to the memory model's limit,
+/// within the band the MLP meets, and fresh probes confirm it: the max fits, one `multiple_of`
+/// above it does not.
+#[test]
+fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
+    let job = "examples/tiny-gpt.json";
+    let on_host = ["--device", "host", "--host-memory", "64MiB", "--json"];
+    let result = json_of(&headroom(&[&["tune", job][..], &on_host].concat()));
+    let max = result["max_batch_size"].as_u64().unwrap();
+    let predicted = result["predicted_max_batch_size"].as_u64().unwrap();
+    assert!(
+        max <= predicted && predicted - max <= predicted / 100 + 8,
+        "max {max}, predicted {predicted}"
+    );
+    assert_eq!(result["limited_by"], "memory");
+    let recommended = result["recommended_batch_size"].as_u64().unwrap();
+    assert_eq!(result["recommended_tokens"], recommended * 64);
+    let sizes = format!("{max},{}", max + 8);
+    let probes = json_of(&headroom(
+        &[&["probe", job, "--batch-size", &sizes][..], &on_host].concat(),
+    ));
+    let outcomes: Vec<&str> = probes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["fit", "oom"], "max {max}");
 }
 
 #[test]

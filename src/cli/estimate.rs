@@ -22,7 +22,8 @@ pub struct EstimateArgs {
     /// A GPU of the catalogue, e.g. "H100 80GB", a100-40gb or h200; an unknown name lists them.
     #[arg(long)]
     gpu: Option<String>,
-    /// Draw memory against batch size to this SVG file (with --memory or --gpu).
+    /// Draw memory against batch size to this SVG file (with --memory or --gpu); over token
+    /// ids, the largest batch against sequence length below it.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
     /// Instead of a largest batch: the modelled memory of a step at this batch size, at its
@@ -93,6 +94,7 @@ pub fn run(args: EstimateArgs) -> Result<(), CliError> {
                 e.memory_bytes,
                 e.predicted_max_batch_size,
                 e.recommended_batch_size,
+                &e.sequence_lengths,
             )?)?;
         }
     }

@@ -5,6 +5,7 @@ use bytesize::ByteSize;
 
 use headroom_engine::catalogue::GpuEstimate;
 use headroom_engine::estimate::Estimate;
+use headroom_engine::frontier::SequencePoint;
 use headroom_engine::plan::MemoryBreakdown;
 use headroom_engine::result::{Probe, TuneResult};
 
@@ -152,7 +153,30 @@ pub fn estimate(e: &Estimate) -> String {
         tokens(e.recommended_tokens, " sequences, "),
         e.recommended_batch_size,
         memory_table(&e.memory)
-    ) + &note(e.precision_note.as_deref())
+    ) + &sequence_lengths(&e.sequence_lengths)
+        + &note(e.precision_note.as_deref())
+}
+
+/// The largest batch at each sequence length, as a table; nothing for a model over values.
+fn sequence_lengths(points: &[SequencePoint]) -> String {
+    if points.is_empty() {
+        return String::new();
+    }
+    let mut text = format!(
+        "by sequence length:\n  {:>10} {:>12} {:>14} {:>12} {:>14}\n",
+        "sequence", "max batch", "tokens", "recommended", "tokens"
+    );
+    for p in points {
+        text.push_str(&format!(
+            "  {:>10} {:>12} {:>14} {:>12} {:>14}\n",
+            p.sequence_length,
+            p.predicted_max_batch_size,
+            p.tokens,
+            p.recommended_batch_size,
+            p.recommended_tokens
+        ));
+    }
+    text
 }
 
 /// The table of estimates over the GPU catalogue.

@@ -119,6 +119,33 @@ class GatedMlp(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SelfAttention(nn.Module):
+    """A layer list's `self_attention`: Llama's attention (`q_proj`, `k_proj`, `v_proj`, `o_proj`),
+    the heads viewed out of the projections and SDPA's fused path between them (`enable_gqa`
+    where key/value heads are shared: nothing repeated)."""
+
+    def __init__(self, features, num_heads, num_kv_heads=None, head_dim=None, causal=False, bias=True):
+        super().__init__()
+        self.heads, self.kv_heads = num_heads, num_kv_heads or num_heads
+        self.head_dim, self.causal = head_dim or features // num_heads, causal
+        self.q_proj = nn.Linear(features, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, features, bias=bias)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+
+        def heads(y, n):
+            return y.view(b, t, n, self.head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj(x), self.heads)
+        k = heads(self.k_proj(x), self.kv_heads)
+        v = heads(self.v_proj(x), self.kv_heads)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
 class PositionalEmbedding(nn.Module):
     """A layer list's `positional_embedding`, as Hugging Face's GPT-2 adds its `wpe`: the
     positions' ids (int64), their rows of the table, and the sum with the batch."""
@@ -210,6 +237,8 @@ def module(kind, args, shape, vocab=None):
         return nn.Identity()
     if kind == "gated_mlp":
         return GatedMlp(shape[-1], **args)
+    if kind == "self_attention":
+        return SelfAttention(shape[-1], **args)
     if kind == "layer_norm":
         return CudaLayerNorm(shape, eps=args.get("eps", 1e-5), elementwise_affine=args.get("elementwise_affine", True),
                              bias=args.get("bias", True))
@@ -606,7 +635,7 @@ class Generator:
                 layers.append(layer)
                 ((kind, args),) = layer.items()
                 kept = self.keeps(kind, args, kept)
-                self.needs_grad |= kind in ("conv2d", "linear", "residual", "gated_mlp") or (
+                self.needs_grad |= kind in ("conv2d", "linear", "residual", "gated_mlp", "self_attention") or (
                     kind == "layer_norm" and args.get("elementwise_affine", True)) or (
                     kind.startswith("batch_norm") and args.get("affine", True))
                 shape = out
@@ -656,6 +685,8 @@ class Generator:
             return {"identity": {}}
         if kind == "flatten":
             return {"flatten": {}}
+        if kind == "linear" and len(shape) == 2 and rng.random() < 0.5:
+            return {"self_attention": self.attention_args(shape[-1])}
         if kind == "linear" and rng.random() < 0.25:
             return {"gated_mlp": {"intermediate_size": rng.randint(1, 64),
                                   **self.maybe(activation=rng.choice(["gelu", "gelu_pytorch_tanh", "relu"])),
@@ -695,6 +726,19 @@ class Generator:
             size = rng.choice([1, 2, 3, [2, 3], [shape[1], shape[2]]])
             return {"adaptive_avg_pool2d": {"output_size": size}}
         return self.residual(shape)
+
+    def attention_args(self, features):
+        """Self-attention over `features`: heads that split them or a head width of its own,
+        grouped-query or not, causal or not, with or without bias."""
+        rng = self.rng
+        heads = rng.choice([h for h in range(1, 9) if features % h == 0] if rng.random() < 0.7 else range(1, 9))
+        args = {"num_heads": heads}
+        if features % heads != 0 or rng.random() < 0.2:
+            args["head_dim"] = rng.randint(1, 32)
+        kv_heads = rng.choice([k for k in range(1, heads + 1) if heads % k == 0])
+        if kv_heads != heads or rng.random() < 0.2:
+            args["num_kv_heads"] = kv_heads
+        return {**args, **self.maybe(causal=True), **self.maybe(bias=False)}
 
     def layer_norm_args(self):
         return {**self.maybe(eps=1e-6), **self.maybe(elementwise_affine=False), **self.maybe(bias=False)}

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::advice::recommended_batch_size;
+use crate::frontier::{frontier, sequence_jobs, SequencePoint};
 use crate::job::Job;
 use crate::plan::{Allocator, DoesNotFit, Framework, MemoryBreakdown, Precision};
 use crate::result::LimitedBy;
@@ -38,6 +39,10 @@ pub struct Estimate {
     pub recommended_tokens: Option<u64>,
     /// Breakdown at the recommended batch size.
     pub memory: MemoryBreakdown,
+    /// Over token ids: the largest batch at each sequence length the model could train at
+    /// ([`crate::frontier`]), shortest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sequence_lengths: Vec<SequencePoint>,
 }
 
 /// The memory model's largest and recommended batch of `job` for `memory_bytes` free on a
@@ -74,6 +79,7 @@ pub fn estimate(
         recommended_batch_size: recommended,
         recommended_tokens: plan.tokens_in(recommended),
         memory: plan.memory(recommended).unwrap_or_default(),
+        sequence_lengths: frontier(&sequence_jobs(job), memory_bytes, allocator),
     })
 }
 
@@ -120,6 +126,32 @@ mod tests {
         let err = estimate(&job, 1000, Allocator::Exact).unwrap_err();
         assert_eq!(err.free_bytes, 1000);
         assert_eq!(err.fixed_bytes, 2 * 101_770 * 4 + 4);
+    }
+
+    #[test]
+    fn over_tokens_the_answer_at_the_job_s_length_is_the_estimate_s() {
+        let job = Job::from_json(
+            r#"{"model": {"tokens": {"sequence_length": 300, "vocab_size": 100},
+                "num_classes": 100, "layers": [{"embedding": {"embedding_dim": 16}},
+                {"positional_embedding": {"max_positions": 1024}},
+                {"self_attention": {"num_heads": 2, "causal": true}},
+                {"linear": {"out_features": 100}}]}, "optimizer": {"name": "adamw"}}"#,
+        )
+        .unwrap();
+        let e = estimate(&job, 1 << 30, Allocator::Exact).unwrap();
+        let lengths: Vec<u64> = e
+            .sequence_lengths
+            .iter()
+            .map(|p| p.sequence_length)
+            .collect();
+        assert_eq!(lengths, [128, 256, 300, 512, 1024]);
+        let own = &e.sequence_lengths[2];
+        assert_eq!(own.predicted_max_batch_size, e.predicted_max_batch_size);
+        assert_eq!(own.recommended_batch_size, e.recommended_batch_size);
+        assert_eq!(Some(own.recommended_tokens), e.recommended_tokens);
+        let values = mlp(&[1, 28, 28], &[128], 10, "sgd", "");
+        let e = estimate(&values, 1 << 30, Allocator::Exact).unwrap();
+        assert!(e.sequence_lengths.is_empty());
     }
 
     #[test]

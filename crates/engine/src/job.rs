@@ -743,6 +743,7 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
     use crate::modules::MAX_LAYERS;
+    use crate::program::Instr;
 
     fn error_of(text: &str) -> JobError {
         Job::from_json(text).expect_err("job should be rejected")
@@ -1097,6 +1098,74 @@ mod tests {
             assert_eq!(error.field, field, "{model}: {error}");
             assert!(error.reason.contains(reason), "{model}: {error}");
         }
+    }
+
+    #[test]
+    fn self_attention_is_checked_by_field_and_keeps_no_score_matrix() {
+        let job = |attention: &str| {
+            format!(
+                r#"{{"model": {{"input_shape": [512, 48], "num_classes": 5, "layers": [
+                    {{"self_attention": {attention}}}, {{"flatten": {{}}}},
+                    {{"linear": {{"out_features": 5}}}}]}}, "optimizer": {{"name": "adamw"}}}}"#
+            )
+        };
+        // Llama's projections: 6 query heads of 8 over 2 key/value heads, no bias.
+        let plan = Job::from_json(&job(
+            r#"{"num_heads": 6, "num_kv_heads": 2, "causal": true, "bias": false}"#,
+        ))
+        .unwrap()
+        .plan;
+        let projections = 48 * 48 + 2 * (48 * 16) + 48 * 48;
+        assert_eq!(plan.parameter_count(), projections + 512 * 48 * 5 + 5);
+        // The fused path holds no buffer of positions x positions values, at any batch.
+        for batch in [1, 16] {
+            let program = plan.program(batch, 0).unwrap();
+            let largest = program
+                .step
+                .iter()
+                .filter_map(|instr| match instr {
+                    Instr::Alloc { buffer, .. } => Some(buffer.elements),
+                    _ => None,
+                })
+                .max()
+                .unwrap();
+            assert!(largest < batch * 512 * 512, "{largest} at batch {batch}");
+        }
+        let cases = [
+            (r#"{"num_heads": 5}"#, "num_heads", "5 does not divide 48"),
+            (r#"{"num_heads": 0}"#, "num_heads", "between 1 and"),
+            (
+                r#"{"num_heads": 6, "num_kv_heads": 4}"#,
+                "num_kv_heads",
+                "4 does not divide num_heads (6)",
+            ),
+            (
+                r#"{"num_heads": 2, "head_dim": 512}"#,
+                "head_dim",
+                "between 1 and 256",
+            ),
+            (
+                r#"{"num_heads": 4294967296, "head_dim": 256}"#,
+                "num_heads",
+                "4294967296 heads of 256 values are wider than 4294967296",
+            ),
+        ];
+        for (attention, field, reason) in cases {
+            let error = Job::from_json(&job(attention)).unwrap_err();
+            assert_eq!(
+                error.field,
+                format!("model.layers[0].self_attention.{field}"),
+                "{attention}: {error}"
+            );
+            assert!(error.reason.contains(reason), "{attention}: {error}");
+        }
+        let error = Job::from_json(&job(r#"{"num_heads": 6, "heads": 2}"#)).unwrap_err();
+        assert!(error.reason.contains("unknown field `heads`"), "{error}");
+        let flat = r#"{"model": {"input_shape": [48], "num_classes": 5, "layers": [
+            {"self_attention": {"num_heads": 6}}]}, "optimizer": {"name": "sgd"}}"#;
+        let error = Job::from_json(flat).unwrap_err();
+        assert_eq!(error.field, "model.layers[0]");
+        assert!(error.reason.contains("[positions, features]"), "{error}");
     }
 
     #[test]

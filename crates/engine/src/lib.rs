@@ -16,7 +16,7 @@
 //!   headroom's own step holds them ([`program::Framework`]); its peak.
 //! - [`plan`]: the model and its training, the four-part memory model and the prediction of
 //!   the largest batch; [`estimate`]: the memory model's answer for an amount of free memory,
-//!   no device touched.
+//!   no device touched; [`frontier`]: over token ids, that answer at each sequence length.
 //! - [`step`]: the [`step::Kernels`] a device provides, family by family, and the executor that
 //!   runs a program on them.
 //! - [`synthetic`]: the counter-based hash behind synthetic data and initial parameters.
@@ -31,6 +31,7 @@ pub mod advice;
 pub mod catalogue;
 pub mod device;
 pub mod estimate;
+pub mod frontier;
 pub mod job;
 pub mod knee;
 pub mod memory;

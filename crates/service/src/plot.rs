@@ -1,11 +1,13 @@
 //! SVG charts of a tune or an estimate, drawn with plotters: memory against batch size (the
 //! model's parts stacked, each probe's measured device bytes as a point, OOM probes as crosses,
 //! the device's limit, and the max, recommended and knee batch sizes marked) and, for a tune,
-//! samples/s against batch size on a log2 axis.
+//! samples/s against batch size on a log2 axis; for an estimate over token ids, the largest
+//! batch against sequence length.
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use headroom_engine::frontier::SequencePoint;
 use headroom_engine::knee::{self, Knee, StepTime, ThroughputPoint};
 use headroom_engine::plan::{MemoryBreakdown, Plan};
 use headroom_engine::result::{measured, Outcome, Probe, TuneResult};
@@ -207,9 +209,20 @@ fn draw_legend<'a, X: Ranged<ValueType = f64>>(
         Cartesian2d<X, plotters::coord::types::RangedCoordf64>,
     >,
 ) -> Result<(), PlotError> {
+    draw_legend_at(chart, SeriesLabelPosition::LowerRight)
+}
+
+fn draw_legend_at<'a, X: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<
+        'a,
+        SVGBackend<'a>,
+        Cartesian2d<X, plotters::coord::types::RangedCoordf64>,
+    >,
+    position: SeriesLabelPosition,
+) -> Result<(), PlotError> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(200, 200, 200))
         .draw()
@@ -498,28 +511,105 @@ pub fn estimate_svg(
     memory_bytes: u64,
     predicted: u64,
     recommended: u64,
+    sequence_lengths: &[SequencePoint],
 ) -> Result<String, PlotError> {
+    let markers = [
+        Marker {
+            name: "predicted max",
+            batch_size: predicted,
+            color: MAX_COLOR,
+        },
+        Marker {
+            name: "recommended",
+            batch_size: recommended,
+            color: RECOMMENDED_COLOR,
+        },
+    ];
+    let x_max = (predicted as f64 * 1.1).ceil().max(2.0) as u64;
+    let memory = |area: &Drawing<'_>| {
+        memory_chart(area, plan, Some(memory_bytes), x_max, &[], &[], &markers)
+    };
+    if !sequence_lengths.is_empty() {
+        return stacked(|upper, lower| {
+            memory(upper)?;
+            sequence_chart(lower, sequence_lengths)
+        });
+    }
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, CHART_HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(drawing_error)?;
-        let markers = [
-            Marker {
-                name: "predicted max",
-                batch_size: predicted,
-                color: MAX_COLOR,
-            },
-            Marker {
-                name: "recommended",
-                batch_size: recommended,
-                color: RECOMMENDED_COLOR,
-            },
-        ];
-        let x_max = (predicted as f64 * 1.1).ceil().max(2.0) as u64;
-        memory_chart(&root, plan, Some(memory_bytes), x_max, &[], &[], &markers)?;
+        memory(&root)?;
         root.present().map_err(drawing_error)?;
     }
     Ok(svg)
+}
+
+/// The largest and the recommended batch of sequences at each sequence length (log2), each
+/// point labelled with the tokens its batch holds.
+fn sequence_chart(area: &Drawing<'_>, points: &[SequencePoint]) -> Result<(), PlotError> {
+    let x_min = points.first().map_or(1.0, |p| p.sequence_length as f64) / 1.5;
+    let x_max = points.last().map_or(2.0, |p| p.sequence_length as f64) * 1.5;
+    let y_max = points
+        .iter()
+        .map(|p| p.predicted_max_batch_size as f64)
+        .fold(1.0, f64::max)
+        * 1.2;
+    let mut chart = ChartBuilder::on(area)
+        .caption("Largest batch against sequence length", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_min.max(0.5)..x_max).log_scale().base(2.0), 0f64..y_max)
+        .map_err(drawing_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens a sequence (log2)")
+        .y_desc("sequences a batch")
+        .x_label_formatter(&|x| short_count(*x))
+        .y_label_formatter(&|y| short_count(*y))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(drawing_error)?;
+    for (name, color, batch) in [
+        (
+            "predicted max",
+            MAX_COLOR,
+            (|p: &SequencePoint| p.predicted_max_batch_size) as fn(&SequencePoint) -> u64,
+        ),
+        ("recommended", RECOMMENDED_COLOR, |p: &SequencePoint| {
+            p.recommended_batch_size
+        }),
+    ] {
+        let line: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (p.sequence_length as f64, batch(p) as f64))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
+            .map_err(drawing_error)?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(line.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+            .map_err(drawing_error)?;
+    }
+    chart
+        .draw_series(points.iter().map(|p| {
+            Text::new(
+                format!("{} tokens", short_count(p.tokens as f64)),
+                (
+                    p.sequence_length as f64,
+                    p.predicted_max_batch_size as f64 + y_max * 0.03,
+                ),
+                ("sans-serif", 13),
+            )
+        }))
+        .map_err(drawing_error)?;
+    // Lengths fall from the upper left: the upper right is free.
+    draw_legend_at(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 #[cfg(test)]
@@ -574,7 +664,40 @@ mod tests {
         ] {
             assert!(svg.contains(text), "{text} missing");
         }
-        let estimate = estimate_svg(job.plan(), 4 << 20, 1000, 800).unwrap();
+        let estimate = estimate_svg(job.plan(), 4 << 20, 1000, 800, &[]).unwrap();
         assert!(estimate.contains("predicted max 1000") && estimate.contains("recommended 800"));
+        assert!(!estimate.contains("sequence length"));
+    }
+
+    #[test]
+    fn an_estimate_over_tokens_draws_its_sequence_lengths() {
+        let job = headroom_engine::Job::from_json(
+            r#"{"model": {"tokens": {"sequence_length": 256, "vocab_size": 100},
+                "num_classes": 100, "layers": [{"embedding": {"embedding_dim": 16}},
+                {"positional_embedding": {"max_positions": 1024}},
+                {"self_attention": {"num_heads": 2, "causal": true}},
+                {"linear": {"out_features": 100}}]}, "optimizer": {"name": "adamw"}}"#,
+        )
+        .unwrap();
+        let e = headroom_engine::estimate::estimate(
+            &job,
+            64 << 20,
+            headroom_engine::plan::Allocator::Exact,
+        )
+        .unwrap();
+        assert_eq!(e.sequence_lengths.len(), 4);
+        let svg = estimate_svg(
+            job.plan(),
+            e.memory_bytes,
+            e.predicted_max_batch_size,
+            e.recommended_batch_size,
+            &e.sequence_lengths,
+        )
+        .unwrap();
+        assert!(svg.contains("Largest batch against sequence length"));
+        for p in &e.sequence_lengths {
+            let tokens = format!("{} tokens", short_count(p.tokens as f64));
+            assert!(svg.contains(&tokens), "{tokens} missing");
+        }
     }
 }

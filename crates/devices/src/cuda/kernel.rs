@@ -28,11 +28,13 @@ pub enum Family {
     Norm,
     /// `embedding.cu`: token ids looked up in a table, and the table's gradient.
     Embedding,
+    /// `attention.cu`: fused scaled dot-product attention and its backward.
+    Attention,
 }
 
 impl Family {
     /// Every family, in compilation order.
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 12] = [
         Family::Gemm,
         Family::Elementwise,
         Family::Reduce,
@@ -44,6 +46,7 @@ impl Family {
         Family::Pool,
         Family::Norm,
         Family::Embedding,
+        Family::Attention,
     ];
 
     /// The file name under `kernels/`.
@@ -60,6 +63,7 @@ impl Family {
             Family::Pool => "pool.cu",
             Family::Norm => "norm.cu",
             Family::Embedding => "embedding.cu",
+            Family::Attention => "attention.cu",
         }
     }
 
@@ -102,6 +106,7 @@ impl Family {
             Family::Pool => with_storage!("pool.cu"),
             Family::Norm => with_storage!("norm.cu"),
             Family::Embedding => with_storage!("embedding.cu"),
+            Family::Attention => with_storage!("attention.cu"),
         }
     }
 
@@ -199,11 +204,17 @@ pub enum Kernel {
     LayerNormInputGradient,
     /// Layer norm's scale and shift gradients, a feature at a time.
     LayerNormParameterGradient,
+    /// Fused attention: the output and each query row's log-sum-exp.
+    AttentionForward,
+    /// Fused attention's query gradient, a query row a thread.
+    AttentionBackwardQuery,
+    /// Fused attention's key and value gradients, a key row a thread.
+    AttentionBackwardKey,
 }
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 40] = [
+    pub const ALL: [Kernel; 43] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -244,6 +255,9 @@ impl Kernel {
         Kernel::FillTokens,
         Kernel::EmbeddingForward,
         Kernel::EmbeddingBackward,
+        Kernel::AttentionForward,
+        Kernel::AttentionBackwardQuery,
+        Kernel::AttentionBackwardKey,
     ];
 
     /// The function's name in its source and in the PTX.
@@ -289,6 +303,9 @@ impl Kernel {
             Kernel::LayerNormForward => "layer_norm_forward",
             Kernel::LayerNormInputGradient => "layer_norm_input_gradient",
             Kernel::LayerNormParameterGradient => "layer_norm_parameter_gradient",
+            Kernel::AttentionForward => "attention_forward",
+            Kernel::AttentionBackwardQuery => "attention_backward_query",
+            Kernel::AttentionBackwardKey => "attention_backward_key",
         }
     }
 
@@ -311,6 +328,9 @@ impl Kernel {
             Kernel::Sgd | Kernel::SgdMomentum | Kernel::Adam => Family::Optimizer,
             Kernel::FillUniform | Kernel::FillLabels | Kernel::FillTokens => Family::Fill,
             Kernel::EmbeddingForward | Kernel::EmbeddingBackward => Family::Embedding,
+            Kernel::AttentionForward
+            | Kernel::AttentionBackwardQuery
+            | Kernel::AttentionBackwardKey => Family::Attention,
             Kernel::DropoutForward | Kernel::DropoutBackward => Family::Dropout,
             Kernel::Conv2dForward | Kernel::Conv2dInputGradient | Kernel::Conv2dWeightGradient => {
                 Family::Conv

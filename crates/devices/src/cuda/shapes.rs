@@ -203,6 +203,20 @@ pub fn softmax_cross_entropy(rows: u64) -> LaunchConfig {
     config((blocks(rows, 8, MAX_STRIDE_BLOCKS), 1, 1), (256, 1, 1))
 }
 
+/// Rows a block of attention.cu takes, a thread each (`ATTENTION_ROWS`).
+const ATTENTION_ROWS: u64 = 64;
+
+/// attention.cu: a block per `ATTENTION_ROWS` rows of a sequence and (sample, head) pair, the
+/// pairs past 65,535 looped over; `heads` are the query heads, or the key/value heads for the
+/// key kernel.
+pub fn attention(batch: u64, sequence: u64, heads: u64) -> LaunchConfig {
+    let pairs = batch.saturating_mul(heads).clamp(1, MAX_GRID_YZ) as u32;
+    config(
+        (blocks(sequence, ATTENTION_ROWS, i32::MAX as u64), pairs, 1),
+        (ATTENTION_ROWS as u32, 1, 1),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +247,9 @@ mod tests {
             prop_assert!(sum.grid_dim.1 <= 65_535);
             prop_assert!(sum.grid_dim.0 as u64 * per_chunk >= rows);
             prop_assert!(may_split || sum.grid_dim.0 == 1);
+            let attention = attention(rows, outputs, inputs);
+            prop_assert!(attention.grid_dim.1 <= 65_535);
+            prop_assert!(attention.grid_dim.0 as u64 * ATTENTION_ROWS >= outputs);
             for cfg in [elementwise(rows * 784), mean(rows), softmax_cross_entropy(rows)] {
                 prop_assert!(cfg.grid_dim.0 >= 1 && cfg.grid_dim.1 == 1 && cfg.grid_dim.2 == 1);
             }

@@ -2,15 +2,17 @@
 //! kernel is checked against. It stores values as the plan's precision says and computes in
 //! f32, rounding what it stores to 16 bits where the GPU does ([`values`]). One module per
 //! kernel family, as `crates/devices/kernels/*.cu` has them: [`fill`], [`gemm`],
-//! [`elementwise`], [`reduce`], [`conv`], [`pool`], [`norm`], [`dropout`], [`loss`],
-//! [`optimizer`].
+//! [`elementwise`], [`reduce`], [`conv`], [`pool`], [`norm`], [`embedding`], [`attention`],
+//! [`dropout`], [`loss`], [`optimizer`].
 //!
 //! Every buffer is charged to a [`Ledger`] before it is allocated; a charge past the budget, or
 //! an allocation the system refuses, is [`DeviceError::OutOfMemory`]. Nothing is allocated for a
 //! batch that does not fit. Widening 16-bit values takes scratch outside the budget: a layer's
 //! weights in f32 at most, and chunks of [`values::CHUNK`] values; a convolution also unfolds
-//! one sample's windows per group and thread ([`conv`]).
+//! one sample's windows per group and thread ([`conv`]), attention widens one sequence
+//! ([`attention`]).
 
+pub mod attention;
 pub mod conv;
 pub mod dropout;
 pub mod elementwise;

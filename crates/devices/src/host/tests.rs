@@ -134,7 +134,7 @@ fn mobile(activation: &Value, training: Training) -> Plan {
 
 /// Layer norm over the positions of a sequence (the batch's first, with and without a shift,
 /// and without parameters), linear layers applied at every position, pre-norm residual blocks
-/// around a linear layer and a gated MLP.
+/// around a linear layer, a gated MLP and self-attention.
 /// The last norm's `eps` of 0.5 bounds its `rstd`, so that `16-mixed`'s first loss scale
 /// (65,536) leaves its input's gradient inside f16.
 fn sequence(activation: &Value, training: Training) -> Plan {
@@ -150,6 +150,10 @@ fn sequence(activation: &Value, training: Training) -> Plan {
             {"layer_norm": {}},
             {"gated_mlp": {"intermediate_size": 5}}
         ]}},
+        {"residual": {"layers": [
+            {"layer_norm": {}},
+            {"self_attention": {"num_heads": 2}}
+        ]}},
         {"layer_norm": {"elementwise_affine": false, "eps": 0.5}},
         {"flatten": {}},
         {"linear": {"out_features": 3}}
@@ -158,12 +162,17 @@ fn sequence(activation: &Value, training: Training) -> Plan {
 }
 
 /// A small language model over token ids: an embedding (its padding row, whose gradient is 0 by
-/// definition, is checked in parity) and learned positions, pre-norm blocks around a linear layer and a gated MLP,
+/// definition, is checked in parity) and learned positions, pre-norm blocks around causal
+/// grouped-query attention, a linear layer and a gated MLP,
 /// and a head tied to the embedding writing logits at every position, one label a token.
 fn language(activation: &Value, training: Training) -> Plan {
     let list = json!([
         {"embedding": {"embedding_dim": 6}},
         {"positional_embedding": {"max_positions": 8}},
+        {"residual": {"layers": [
+            {"layer_norm": {}},
+            {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 3, "causal": true, "bias": false}}
+        ]}},
         {"residual": {"layers": [
             {"layer_norm": {}},
             {"linear": {"out_features": 6}},

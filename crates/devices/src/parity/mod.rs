@@ -12,6 +12,7 @@
 //! checks mean something even when the device under test is the host itself. The training check
 //! compares a device's whole steps with the host's, and so says nothing of the host itself.
 
+mod attention;
 mod conv;
 mod elementwise;
 mod embedding;

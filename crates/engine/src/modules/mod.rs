@@ -49,6 +49,7 @@ pub mod max_pool2d;
 pub mod pooling;
 pub mod positional_embedding;
 pub mod residual;
+pub mod self_attention;
 pub mod sequential;
 
 pub use check::LayerError;
@@ -110,6 +111,9 @@ pub enum LayerSpec {
     Sigmoid(NoArguments),
     /// `nn.SiLU`.
     Silu(NoArguments),
+    /// Multi-head self-attention over a `[positions, features]` sample: projections, fused
+    /// scaled dot-product attention, output projection.
+    SelfAttention(self_attention::SelfAttentionSpec),
     /// Its layers' output added to its shortcut's (the identity unless given): `body(x) +
     /// shortcut(x)`.
     Residual(residual::ResidualSpec),
@@ -147,6 +151,7 @@ impl LayerSpec {
             LayerSpec::Sigmoid(_) => "sigmoid",
             LayerSpec::Silu(_) => "silu",
             LayerSpec::Residual(_) => "residual",
+            LayerSpec::SelfAttention(_) => "self_attention",
         }
     }
 
@@ -206,6 +211,7 @@ impl LayerSpec {
                 Arc::new(Activation::new(Nonlinearity::Silu, false, input, &at, cx)?)
             }
             LayerSpec::Residual(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::SelfAttention(spec) => Arc::new(spec.build(input, &at, cx)?),
         })
     }
 }

@@ -242,6 +242,48 @@ impl NormalizedRows {
     }
 }
 
+/// Scaled dot-product self-attention over a batch of sequences, as attention.cu runs it:
+/// queries `[batch, sequence, heads, head_dim]`, keys and values `[batch, sequence, kv_heads,
+/// head_dim]` (query head `h` reads key/value head `h / (heads / kv_heads)`), scores scaled by
+/// `1 / sqrt(head_dim)` (SDPA's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attention {
+    /// Sequences.
+    pub batch: u64,
+    /// Positions of a sequence (queries and keys alike).
+    pub sequence: u64,
+    /// Query heads.
+    pub heads: u64,
+    /// Key/value heads; they divide `heads`.
+    pub kv_heads: u64,
+    /// Values of a head's row.
+    pub head_dim: u64,
+    /// Whether query `i` sees only keys `0..=i`.
+    pub causal: bool,
+}
+
+impl Attention {
+    /// Values of the queries (and of the output).
+    pub fn query_values(&self) -> u64 {
+        self.batch * self.sequence * self.heads * self.head_dim
+    }
+
+    /// Values of the keys (and of the values).
+    pub fn key_values(&self) -> u64 {
+        self.batch * self.sequence * self.kv_heads * self.head_dim
+    }
+
+    /// Rows of the log-sum-exp: one per query row of every head.
+    pub fn rows(&self) -> u64 {
+        self.batch * self.sequence * self.heads
+    }
+
+    /// What the scores are multiplied by.
+    pub fn scale(&self) -> f32 {
+        (1.0 / (self.head_dim as f64).sqrt()) as f32
+    }
+}
+
 /// An element-wise non-linearity, with its parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Nonlinearity {

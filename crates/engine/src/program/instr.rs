@@ -3,7 +3,7 @@
 //! the batch size, or the batch times the positions a layer is applied at.
 
 use super::geometry::{
-    AdaptivePooling, Convolution, Nonlinearity, NormalizedRows, Planes, Pooling,
+    AdaptivePooling, Attention, Convolution, Nonlinearity, NormalizedRows, Planes, Pooling,
 };
 use crate::memory::Buffer;
 pub use crate::memory::Moment;
@@ -79,6 +79,33 @@ pub struct RunningStatistics<F, I = F> {
     pub var: F,
     /// One int64: steps taken.
     pub steps: I,
+}
+
+/// What attention's forward saves for its backward: its inputs, its output and the f32
+/// log-sum-exp per query row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionSaved<F> {
+    /// The queries.
+    pub q: F,
+    /// The keys.
+    pub k: F,
+    /// The values.
+    pub v: F,
+    /// The output.
+    pub o: F,
+    /// The log-sum-exp.
+    pub lse: F,
+}
+
+/// The gradients attention's backward writes, or their buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionGradients<F> {
+    /// The queries'.
+    pub dq: F,
+    /// The keys'.
+    pub dk: F,
+    /// The values'.
+    pub dv: F,
 }
 
 /// What an optimizer keeps per parameter buffer. The variant decides the update kernel and its
@@ -489,6 +516,34 @@ pub enum Instr {
         affine: Option<LayerAffine<Slot>>,
         /// The batch's shape.
         rows: NormalizedRows,
+    },
+    /// attention.cu: `o = softmax(q k^T * scale, causal if asked) v`, and the f32 log-sum-exp of
+    /// each query row's scores, which backward recomputes the softmax from.
+    AttentionForward {
+        /// The queries.
+        q: Slot,
+        /// The keys.
+        k: Slot,
+        /// The values.
+        v: Slot,
+        /// Written: the output, as the queries.
+        o: Slot,
+        /// Written: f32, `[batch, sequence, heads]`.
+        lse: Slot,
+        /// The shape.
+        shape: Attention,
+    },
+    /// attention.cu: the gradients of the queries, keys and values from the output's, the
+    /// scores recomputed tile by tile.
+    AttentionBackward {
+        /// What forward read and wrote: queries, keys, values, output, log-sum-exp.
+        saved: AttentionSaved<Slot>,
+        /// The gradient of the output.
+        dout: Slot,
+        /// Written: the queries', keys' and values' gradients.
+        grads: AttentionGradients<Slot>,
+        /// The shape.
+        shape: Attention,
     },
     /// dropout.cu: training-mode dropout: `mask[i]` keeps value `i` with probability `1 - p`,
     /// from the step's sub-stream of `key` ([`crate::synthetic::keeps`]); `y = x / (1 - p)`

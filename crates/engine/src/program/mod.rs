@@ -22,8 +22,8 @@ pub mod peak;
 
 pub use framework::{Accumulation, Framework};
 pub use instr::{
-    Affine, BatchStatistics, Instr, LayerAffine, Moment, OptimizerState, RowStatistics,
-    RunningStatistics, SavedAs, Scale, Slot,
+    Affine, AttentionGradients, AttentionSaved, BatchStatistics, Instr, LayerAffine, Moment,
+    OptimizerState, RowStatistics, RunningStatistics, SavedAs, Scale, Slot,
 };
 pub use peak::Peak;
 

@@ -1,6 +1,7 @@
 //! The kernels a device provides, one trait per family, as `crates/devices/kernels/*.cu` and the
 //! host device's modules have them: [`Fill`], [`Gemm`], [`Elementwise`], [`Reduce`], [`Conv`],
-//! [`Pool`], [`Norm`], [`DropoutKernels`], [`Loss`] and [`Optimizer`]; [`Kernels`] is all of
+//! [`Pool`], [`Norm`], [`Lookup`], [`Attend`], [`DropoutKernels`], [`Loss`] and [`Optimizer`];
+//! [`Kernels`] is all of
 //! them and the device's clock.
 //!
 //! Matrices are row-major; `rows` is the batch size (times the positions a layer is applied
@@ -16,8 +17,10 @@ use crate::modules::conv2d::Convolution;
 use crate::modules::layer_norm::NormalizedRows;
 use crate::modules::pooling::Pooling;
 use crate::plan::Storage;
+use crate::program::geometry::Attention;
 use crate::program::{
-    Affine, BatchStatistics, LayerAffine, OptimizerState, RowStatistics, RunningStatistics, SavedAs,
+    Affine, AttentionGradients, AttentionSaved, BatchStatistics, LayerAffine, OptimizerState,
+    RowStatistics, RunningStatistics, SavedAs,
 };
 
 /// A device buffer of values that knows how it stores them.
@@ -109,6 +112,31 @@ pub trait Lookup: Allocate {
         dim: u64,
         vocab: u64,
         padding: Option<u64>,
+    ) -> Result<(), Self::Error>;
+}
+
+/// attention.cu: scaled dot-product self-attention as the fused path trains it, keeping no
+/// `sequence x sequence` buffer.
+pub trait Attend: Allocate {
+    /// `o = softmax(q k^T * scale, causal if asked) v`, and `lse` (f32) the log of each query
+    /// row's softmax sum: `log(sum_j exp(s_ij))`.
+    fn attention_forward(
+        &mut self,
+        q: &Self::Values,
+        k: &Self::Values,
+        v: &Self::Values,
+        o: &mut Self::Values,
+        lse: &mut Self::Values,
+        shape: &Attention,
+    ) -> Result<(), Self::Error>;
+    /// The queries', keys' and values' gradients from the output's (`dout`), each probability
+    /// recomputed as `exp(s_ij - lse_i)`; a key's gradients sum over the query heads sharing it.
+    fn attention_backward(
+        &mut self,
+        saved: AttentionSaved<&Self::Values>,
+        dout: &Self::Values,
+        grads: AttentionGradients<&mut Self::Values>,
+        shape: &Attention,
     ) -> Result<(), Self::Error>;
 }
 
@@ -452,7 +480,18 @@ pub trait Optimizer: Allocate {
 
 /// Every kernel family of a device, and its clock.
 pub trait Kernels:
-    Fill + Gemm + Elementwise + Reduce + Conv + Pool + Norm + DropoutKernels + Loss + Optimizer + Lookup
+    Fill
+    + Gemm
+    + Elementwise
+    + Reduce
+    + Conv
+    + Pool
+    + Norm
+    + DropoutKernels
+    + Loss
+    + Optimizer
+    + Lookup
+    + Attend
 {
     /// Waits until all work queued on the device is done (for timing and fault detection).
     fn synchronize(&mut self) -> Result<(), Self::Error>;

@@ -7,7 +7,7 @@
 pub mod kernels;
 
 pub use kernels::{
-    Allocate, Conv, DropoutKernels, Elementwise, Fill, Gemm, Kernels, Lookup, Loss, Norm,
+    Allocate, Attend, Conv, DropoutKernels, Elementwise, Fill, Gemm, Kernels, Lookup, Loss, Norm,
     Optimizer, Pool, Reduce, Stored,
 };
 
@@ -15,8 +15,8 @@ use crate::plan::{
     Element, OptimizerKind, Plan, Storage, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
 };
 use crate::program::{
-    Affine, BatchStatistics, Instr, LayerAffine, OptimizerState, Program, RowStatistics,
-    RunningStatistics, Scale, Slot,
+    Affine, AttentionGradients, AttentionSaved, BatchStatistics, Instr, LayerAffine,
+    OptimizerState, Program, RowStatistics, RunningStatistics, Scale, Slot,
 };
 
 /// Momentum coefficient of `sgd_momentum`.
@@ -313,6 +313,9 @@ impl<K: Kernels> Executor<K> {
             Instr::EmbeddingForward { .. } | Instr::EmbeddingBackward { .. } => {
                 self.lookup(kernels, instr)?
             }
+            Instr::AttentionForward { .. } | Instr::AttentionBackward { .. } => {
+                self.attention(kernels, instr)?
+            }
             Instr::Convert { .. }
             | Instr::LinearForward { .. }
             | Instr::WeightGradient { .. }
@@ -389,6 +392,58 @@ impl<K: Kernels> Executor<K> {
                 _ => panic!("slot {} holds no ids or labels", out.0),
             },
             _ => unreachable!("{instr:?} is not a fill"),
+        }
+        Ok(())
+    }
+
+    /// attention.cu: the fused forward and its backward.
+    fn attention(&mut self, kernels: &mut K, instr: &Instr) -> Result<(), K::Error> {
+        match *instr {
+            Instr::AttentionForward {
+                q,
+                k,
+                v,
+                o,
+                lse,
+                shape,
+            } => {
+                let mut lse_buffer = self.take(lse);
+                let done = self.writing(o, |this, o| {
+                    let (q, k, v) = (this.values(q), this.values(k), this.values(v));
+                    kernels.attention_forward(q, k, v, o, &mut lse_buffer, &shape)
+                });
+                self.put(lse, lse_buffer);
+                done?
+            }
+            Instr::AttentionBackward {
+                saved,
+                dout,
+                grads,
+                shape,
+            } => {
+                let mut dq = self.take(grads.dq);
+                let mut dk = self.take(grads.dk);
+                let mut dv = self.take(grads.dv);
+                let saved_values = AttentionSaved {
+                    q: self.values(saved.q),
+                    k: self.values(saved.k),
+                    v: self.values(saved.v),
+                    o: self.values(saved.o),
+                    lse: self.values(saved.lse),
+                };
+                let gradients = AttentionGradients {
+                    dq: &mut dq,
+                    dk: &mut dk,
+                    dv: &mut dv,
+                };
+                let done =
+                    kernels.attention_backward(saved_values, self.values(dout), gradients, &shape);
+                self.put(grads.dq, dq);
+                self.put(grads.dk, dk);
+                self.put(grads.dv, dv);
+                done?
+            }
+            _ => unreachable!("{instr:?} is not attention"),
         }
         Ok(())
     }

@@ -169,6 +169,9 @@ pub enum Layer {
     /// `body(x) + shortcut(x)`: its layers' output added to its shortcut's (the identity unless
     /// given).
     Residual(Residual),
+    /// Multi-head self-attention over a `[positions, features]` sample: query, key, value and
+    /// output projections around fused scaled dot-product attention.
+    SelfAttention(SelfAttention),
 }
 
 /// A layer without arguments: `{}`.
@@ -321,6 +324,30 @@ pub struct GatedMlp {
     /// Whether the three projections learn a bias.
     #[serde(default)]
     #[schema(default = false)]
+    bias: bool,
+}
+
+/// Self-attention's arguments.
+#[derive(Serialize, ToSchema)]
+pub struct SelfAttention {
+    /// Query heads.
+    #[schema(value_type = Extent)]
+    num_heads: u64,
+    /// Key/value heads, dividing `num_heads` (grouped-query attention); `num_heads` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Extent>)]
+    num_kv_heads: Option<u64>,
+    /// Values of a head, at most 256; the features over `num_heads` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 256)]
+    head_dim: Option<u64>,
+    /// Whether a position attends only to itself and those before it.
+    #[serde(default)]
+    #[schema(default = false)]
+    causal: bool,
+    /// Whether the four projections learn a bias.
+    #[serde(default)]
+    #[schema(default = true)]
     bias: bool,
 }
 
@@ -855,6 +882,25 @@ pub struct Estimate {
     recommended_tokens: Option<u64>,
     /// Breakdown at the recommended batch size.
     memory: MemoryBreakdown,
+    /// Over token ids: the largest batch at each sequence length, shortest first (powers of two
+    /// from 128 to the positional table's rows, and the job's own length).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sequence_lengths: Vec<SequencePoint>,
+}
+
+/// The memory model's answer at one sequence length.
+#[derive(Serialize, ToSchema)]
+pub struct SequencePoint {
+    /// Tokens a sequence.
+    sequence_length: u64,
+    /// The largest batch of sequences predicted to fit (0: not one).
+    predicted_max_batch_size: u64,
+    /// Tokens in that batch.
+    tokens: u64,
+    /// The headroom rule applied to it.
+    recommended_batch_size: u64,
+    /// Tokens in the recommended batch.
+    recommended_tokens: u64,
 }
 
 /// The memory model's answer for one card.
@@ -1003,6 +1049,8 @@ mod tests {
                              {"global_avg_pool2d": {}}, {"flatten": {}}, {"batch_norm1d": {"affine": false, "eps": 0.00001, "momentum": 0.1}},
                              {"layer_norm": {"eps": 0.00001, "elementwise_affine": true, "bias": false}},
                              {"gated_mlp": {"intermediate_size": 8, "activation": "gelu_pytorch_tanh", "bias": false}},
+                             {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 2,
+                                                 "causal": true, "bias": false}},
                              {"linear": {"out_features": 4, "bias": true, "tied": true}}]},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
@@ -1065,6 +1113,13 @@ mod tests {
         let mut estimate = fits.estimate.clone().unwrap();
         estimate.precision_note = Some("a note".into());
         estimate.recommended_tokens = Some(1024);
+        estimate.sequence_lengths = vec![headroom_engine::frontier::SequencePoint {
+            sequence_length: 128,
+            predicted_max_batch_size: 8,
+            tokens: 1024,
+            recommended_batch_size: 4,
+            recommended_tokens: 512,
+        }];
         let card = catalogue::GpuEstimate {
             estimate: Some(estimate),
             does_not_fit: catalogue::estimate_on(&job, "tiny", 1 << 10, (9, 0)).does_not_fit,

@@ -36,6 +36,7 @@ macro_rules! launch {
     }};
 }
 
+mod attention;
 mod conv;
 mod dropout;
 mod elementwise;

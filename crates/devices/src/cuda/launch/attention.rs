@@ -1,0 +1,70 @@
+//! attention.cu: the fused forward, and its backward in two kernels (the queries' gradient;
+//! the keys' and values').
+
+use cudarc::driver::PushKernelArg;
+
+use super::{holds, holds_mut, DeviceValues};
+use crate::cuda::kernel::Kernel;
+use crate::cuda::{shapes, CudaDevice};
+use headroom_engine::device::DeviceError;
+use headroom_engine::program::geometry::Attention;
+use headroom_engine::program::{AttentionGradients, AttentionSaved};
+use headroom_engine::step::Attend;
+
+/// The kernels' shape arguments: batch, sequence, heads, kv_heads, head_dim.
+fn sizes(shape: &Attention) -> [i64; 5] {
+    [
+        shape.batch,
+        shape.sequence,
+        shape.heads,
+        shape.kv_heads,
+        shape.head_dim,
+    ]
+    .map(|v| v as i64)
+}
+
+impl Attend for CudaDevice {
+    fn attention_forward(
+        &mut self,
+        q: &DeviceValues,
+        k: &DeviceValues,
+        v: &DeviceValues,
+        o: &mut DeviceValues,
+        lse: &mut DeviceValues,
+        shape: &Attention,
+    ) -> Result<(), DeviceError> {
+        let (queries, keys, rows) = (shape.query_values(), shape.key_values(), shape.rows());
+        let [b, t, h, kvh, d] = sizes(shape);
+        let (causal, scale, storage) = (i32::from(shape.causal), shape.scale(), q.storage.code());
+        launch!(self, Kernel::AttentionForward, shapes::attention(shape.batch, shape.sequence, shape.heads);
+            holds(q, queries), holds(k, keys), holds(v, keys), holds_mut(o, queries),
+            holds_mut(lse, rows), &b, &t, &h, &kvh, &d, &causal, &scale, &storage)
+    }
+
+    fn attention_backward(
+        &mut self,
+        saved: AttentionSaved<&DeviceValues>,
+        dout: &DeviceValues,
+        grads: AttentionGradients<&mut DeviceValues>,
+        shape: &Attention,
+    ) -> Result<(), DeviceError> {
+        let (queries, keys, rows) = (shape.query_values(), shape.key_values(), shape.rows());
+        let [b, t, h, kvh, d] = sizes(shape);
+        let (causal, scale, storage) = (
+            i32::from(shape.causal),
+            shape.scale(),
+            saved.q.storage.code(),
+        );
+        let s = saved;
+        launch!(self, Kernel::AttentionBackwardQuery,
+            shapes::attention(shape.batch, shape.sequence, shape.heads);
+            holds(s.q, queries), holds(s.k, keys), holds(s.v, keys), holds(s.o, queries),
+            holds(dout, queries), holds(s.lse, rows), holds_mut(grads.dq, queries),
+            &b, &t, &h, &kvh, &d, &causal, &scale, &storage)?;
+        launch!(self, Kernel::AttentionBackwardKey,
+            shapes::attention(shape.batch, shape.sequence, shape.kv_heads);
+            holds(s.q, queries), holds(s.k, keys), holds(s.v, keys), holds(s.o, queries),
+            holds(dout, queries), holds(s.lse, rows), holds_mut(grads.dk, keys),
+            holds_mut(grads.dv, keys), &b, &t, &h, &kvh, &d, &causal, &scale, &storage)
+    }
+}

@@ -1,0 +1,331 @@
+//! Multi-head self-attention over a `[positions, features]` sample, as Llama's and GPT-2's
+//! attention blocks compute it with `F.scaled_dot_product_attention`: the query, key and value
+//! projections (Hugging Face's `q_proj`, `k_proj`, `v_proj`, each a [`Linear`] module), the
+//! heads viewed out of them (`view` and `transpose`: no copy), the fused attention, its output's
+//! heads merged back (a view: the fused kernel writes `[batch, positions, heads, head_dim]`) and
+//! the output projection (`o_proj`). Grouped-query attention shares each key/value head among
+//! `num_heads / num_kv_heads` query heads (SDPA's `enable_gqa`: the keys are not repeated).
+//!
+//! The fused path (attention.cu, FlashAttention-2's algorithm) keeps no `positions x positions`
+//! matrix: it writes the output and a float32 log-sum-exp per query row, and saves the queries,
+//! keys, values, output and log-sum-exp; its backward writes the three gradients at once, the
+//! scores recomputed tile by tile. Under autocast it runs in half, as the projections write.
+
+use serde::{Deserialize, Serialize};
+
+use super::check::{extent, show};
+use super::linear::{Linear, LinearSpec};
+use super::{Context, LayerError, Module, Parameter, Parameters, Path, Token, Values, MAX_EXTENT};
+use crate::memory::Storage;
+use crate::program::geometry::Attention;
+use crate::program::graph::{Backward, Graph, Pass, Tensor};
+use crate::program::{AttentionGradients, AttentionSaved, Instr};
+
+/// The widest head attention.cu's kernels take (`ATTENTION_MAX_HEAD_DIM`).
+pub const MAX_HEAD_DIM: u64 = 256;
+
+/// Self-attention's arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfAttentionSpec {
+    /// Query heads (`num_attention_heads`).
+    pub num_heads: u64,
+    /// Key/value heads (`num_key_value_heads`): `num_heads` unless given (multi-head
+    /// attention); fewer for grouped-query attention, 1 for multi-query.
+    #[serde(default)]
+    pub num_kv_heads: Option<u64>,
+    /// Values of a head: the features over `num_heads` unless given.
+    #[serde(default)]
+    pub head_dim: Option<u64>,
+    /// Whether a position attends only to itself and those before it (SDPA's `is_causal`;
+    /// false, its default: a decoder sets it).
+    #[serde(default)]
+    pub causal: bool,
+    /// Whether the four projections learn a bias (true, as GPT-2's; Llama's have none).
+    #[serde(default = "yes")]
+    pub bias: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl SelfAttentionSpec {
+    /// The block over a sample of `input` shape, `[positions, features]`.
+    pub fn build(
+        &self,
+        input: &[u64],
+        at: &Path,
+        cx: &Context,
+    ) -> Result<SelfAttention, LayerError> {
+        let [sequence, features] = *input else {
+            return Err(at.error(format!(
+                "self_attention needs a [positions, features] sample (a sequence), and {} \
+                 reaches it",
+                show(input)
+            )));
+        };
+        let heads = extent(at, "num_heads", self.num_heads, 1)?;
+        let kv_heads = extent(at, "num_kv_heads", self.num_kv_heads.unwrap_or(heads), 1)?;
+        if heads % kv_heads != 0 {
+            return Err(at.error_at(
+                "num_kv_heads",
+                format!(
+                    "each key/value head serves the same number of query heads: {kv_heads} \
+                     does not divide num_heads ({heads})"
+                ),
+            ));
+        }
+        let head_dim = match self.head_dim {
+            Some(dim) => dim,
+            None if features % heads == 0 => features / heads,
+            None => {
+                return Err(at.error_at(
+                    "num_heads",
+                    format!(
+                        "the heads split the features: {heads} does not divide {features}; \
+                         give head_dim to project to another width"
+                    ),
+                ))
+            }
+        };
+        if !(1..=MAX_HEAD_DIM).contains(&head_dim) {
+            return Err(at.error_at(
+                "head_dim",
+                format!("must be between 1 and {MAX_HEAD_DIM}, got {head_dim}"),
+            ));
+        }
+        let linear = |out_features: u64, input: &[u64]| {
+            LinearSpec {
+                out_features,
+                bias: self.bias,
+                tied: false,
+            }
+            .build(input, at, cx)
+        };
+        let width = |n: u64| {
+            n.checked_mul(head_dim)
+                .filter(|&w| w <= MAX_EXTENT)
+                .ok_or_else(|| {
+                    at.error_at(
+                        "num_heads",
+                        format!("{n} heads of {head_dim} values are wider than {MAX_EXTENT}"),
+                    )
+                })
+        };
+        let q = linear(width(heads)?, input)?;
+        let k = linear(width(kv_heads)?, input)?;
+        let v = linear(width(kv_heads)?, input)?;
+        let o = linear(features, q.output_shape())?;
+        Ok(SelfAttention {
+            q,
+            k,
+            v,
+            o,
+            sequence,
+            heads,
+            kv_heads,
+            head_dim,
+            causal: self.causal,
+        })
+    }
+}
+
+/// A self-attention block.
+#[derive(Debug, Clone)]
+pub struct SelfAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    sequence: u64,
+    heads: u64,
+    kv_heads: u64,
+    head_dim: u64,
+    causal: bool,
+}
+
+impl SelfAttention {
+    fn shape(&self, batch: u64) -> Attention {
+        Attention {
+            batch,
+            sequence: self.sequence,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            causal: self.causal,
+        }
+    }
+}
+
+impl Module for SelfAttention {
+    fn output_shape(&self) -> &[u64] {
+        self.o.output_shape()
+    }
+
+    fn parameters(&self) -> Vec<Parameter> {
+        [&self.q, &self.k, &self.v, &self.o]
+            .into_iter()
+            .flat_map(|linear| linear.parameters())
+            .collect()
+    }
+
+    fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {
+        let q = self.q.forward(graph, x, parameters);
+        let k = self.k.forward(graph, x, parameters);
+        let v = self.v.forward(graph, x, parameters);
+        let o = attention(graph, [q, k, v], self.shape(graph.rows()));
+        for tensor in [q, k, v] {
+            graph.release(tensor);
+        }
+        let y = self.o.forward(graph, o, parameters);
+        graph.release(o);
+        y
+    }
+
+    fn reference(&self, x: &[f64], rows: usize, values: &mut Values<'_>, seed: u64) -> Vec<f64> {
+        let q = self.q.reference(x, rows, values, seed);
+        let k = self.k.reference(x, rows, values, seed);
+        let v = self.v.reference(x, rows, values, seed);
+        let o = reference_attention(&q, &k, &v, &self.shape(rows as u64));
+        self.o.reference(&o, rows, values, seed)
+    }
+
+    fn multiply_adds(&self) -> u64 {
+        let projections = [&self.q, &self.k, &self.v, &self.o]
+            .iter()
+            .map(|linear| linear.multiply_adds())
+            .sum::<u64>();
+        let pairs = match self.causal {
+            true => self.sequence * (self.sequence + 1) / 2,
+            false => self.sequence * self.sequence,
+        };
+        // Scores and the weighted sum: two products of a head's width for every pair.
+        projections + 2 * pairs * self.heads * self.head_dim
+    }
+
+    fn token(&self) -> Token {
+        let kv = match self.kv_heads == self.heads {
+            true => String::new(),
+            false => format!("/{}", self.kv_heads),
+        };
+        let causal = if self.causal { "causal" } else { "" };
+        Token::Layer(format!("{causal}attn{}{kv}x{}", self.heads, self.head_dim))
+    }
+}
+
+/// The fused attention of `[q, k, v]` (references the caller keeps), recorded with its backward;
+/// its output, a reference the caller owns.
+fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) -> Tensor {
+    let o = graph.output(shape.query_values(), graph.storage(q));
+    let lse = graph.output(shape.rows(), Storage::F32);
+    graph.emit(Instr::AttentionForward {
+        q: graph.slot(q),
+        k: graph.slot(k),
+        v: graph.slot(v),
+        o: graph.slot(o),
+        lse: graph.slot(lse),
+        shape,
+    });
+    let saved = AttentionSaved { q, k, v, o, lse };
+    graph.record(
+        AttentionBackward { saved, shape },
+        &[q, k, v],
+        &[q, k, v, o, lse],
+        &[o],
+    );
+    graph.release(lse);
+    o
+}
+
+/// The fused attention's backward: the queries', keys' and values' gradients at once.
+#[derive(Debug)]
+struct AttentionBackward {
+    saved: AttentionSaved<Tensor>,
+    shape: Attention,
+}
+
+impl Backward for AttentionBackward {
+    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
+        let Some(dout) = grads[0] else {
+            return vec![None; 3];
+        };
+        let storage = pass.storage(dout);
+        let (queries, keys) = (self.shape.query_values(), self.shape.key_values());
+        let dq = pass.gradient(0, queries, storage);
+        let dk = pass.gradient(1, keys, storage);
+        let dv = pass.gradient(2, keys, storage);
+        let s = self.saved;
+        pass.emit(Instr::AttentionBackward {
+            saved: AttentionSaved {
+                q: pass.slot(s.q),
+                k: pass.slot(s.k),
+                v: pass.slot(s.v),
+                o: pass.slot(s.o),
+                lse: pass.slot(s.lse),
+            },
+            dout: pass.slot(dout),
+            grads: AttentionGradients {
+                dq: pass.slot(dq),
+                dk: pass.slot(dk),
+                dv: pass.slot(dv),
+            },
+            shape: self.shape,
+        });
+        [dq, dk, dv]
+            .into_iter()
+            .enumerate()
+            .map(|(k, grad)| match pass.needs(k) {
+                true => Some(grad),
+                false => {
+                    pass.release(grad);
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+/// Attention from its definition in f64, the scores materialized: `softmax(q k^T / sqrt(d)) v`
+/// per sample and head, over `[batch, sequence, heads, head_dim]` queries and `[batch,
+/// sequence, kv_heads, head_dim]` keys and values.
+pub fn reference_attention(q: &[f64], k: &[f64], v: &[f64], shape: &Attention) -> Vec<f64> {
+    let [b, t, h, kvh, d] = [
+        shape.batch,
+        shape.sequence,
+        shape.heads,
+        shape.kv_heads,
+        shape.head_dim,
+    ]
+    .map(|n| n as usize);
+    let scale = 1.0 / (d as f64).sqrt();
+    let q_row = |s: usize, i: usize, head: usize| &q[((s * t + i) * h + head) * d..][..d];
+    let kv_row = |s: usize, j: usize, g: usize| ((s * t + j) * kvh + g) * d;
+    let mut o = vec![0.0; b * t * h * d];
+    for s in 0..b {
+        for head in 0..h {
+            let g = head / (h / kvh);
+            for i in 0..t {
+                let keys = if shape.causal { i + 1 } else { t };
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| {
+                        let at = kv_row(s, j, g);
+                        let dot: f64 = (0..d).map(|c| q_row(s, i, head)[c] * k[at + c]).sum();
+                        dot * scale
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                let out = &mut o[((s * t + i) * h + head) * d..][..d];
+                for (j, w) in weights.iter().enumerate() {
+                    let at = kv_row(s, j, g);
+                    for c in 0..d {
+                        out[c] += w / total * v[at + c];
+                    }
+                }
+            }
+        }
+    }
+    o
+}
