@@ -1,17 +1,21 @@
 //! attention.cu on the host: the fused forward and backward, a sample at a time (its queries,
-//! keys and values widened to f32: one sample's scratch), query rows (key rows for the keys'
-//! and values' gradients) spread over every core. Like the kernels it keeps no `sequence x
-//! sequence` buffer: a row's scores at a time, the backward's probabilities recomputed from the
-//! saved log-sum-exp.
+//! keys and values widened to f32: one sample's scratch), heads (key/value heads in backward)
+//! spread over every core. Like the kernels it keeps no `sequence x sequence` buffer: the
+//! scores of a tile of [`TILE`] query rows against the keys at a time, multiplied by gemm, the
+//! backward's probabilities recomputed from the saved log-sum-exp.
 
 use rayon::prelude::*;
 
+use super::gemm::gemm;
 use super::values::HostValues;
 use super::{usize_of, HostDevice};
 use headroom_engine::device::DeviceError;
 use headroom_engine::program::geometry::Attention;
 use headroom_engine::program::{AttentionGradients, AttentionSaved};
 use headroom_engine::step::Attend;
+
+/// Query rows whose scores are computed at once.
+const TILE: usize = 64;
 
 /// The sizes of one sample, as indices.
 #[derive(Clone, Copy)]
@@ -42,44 +46,216 @@ impl Sizes {
         (row * self.heads, row * self.kv_heads)
     }
 
-    /// The keys query `i` sees.
-    fn keys(&self, i: usize) -> usize {
+    /// The keys the query rows `rows` see: all, or up to the last row's when causal.
+    fn keys(&self, rows: &std::ops::Range<usize>) -> usize {
         if self.causal {
-            i + 1
+            rows.end
         } else {
             self.sequence
         }
     }
 
-    /// The queries that see key `j`.
-    fn queries(&self, j: usize) -> std::ops::Range<usize> {
-        if self.causal {
-            j..self.sequence
-        } else {
-            0..self.sequence
+    /// Tiles of query rows.
+    fn tiles(&self) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let t = self.sequence;
+        (0..t).step_by(TILE).map(move |i| i..(i + TILE).min(t))
+    }
+
+    /// Head `h`'s rows of a `[sequence, n, head_dim]` sample from row `first`: the slice and
+    /// its (row, column) strides.
+    fn rows<'a>(&self, x: &'a [f32], n: usize, h: usize, first: usize) -> Operand<'a> {
+        let at = (first * n + h) * self.head_dim;
+        (&x[at..], ((n * self.head_dim) as isize, 1))
+    }
+
+    /// The same rows read as columns (their transpose).
+    fn columns<'a>(&self, x: &'a [f32], n: usize, h: usize) -> Operand<'a> {
+        (&x[h * self.head_dim..], (1, (n * self.head_dim) as isize))
+    }
+}
+
+/// An operand of a product: its values and their (row, column) strides.
+type Operand<'a> = (&'a [f32], (isize, isize));
+
+/// `c (m x n) = a (m x k) b (k x n)`, or `c +=` it when `accumulate`; `c` dense.
+fn product(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    gemm(
+        m,
+        k,
+        n,
+        a.0,
+        a.1,
+        b.0,
+        b.1,
+        c,
+        accumulate,
+        ::gemm::Parallelism::None,
+    );
+}
+
+/// Masks the scores of `rows` against `keys` keys (row-major, `keys` a row) past each row's
+/// position when causal, with `-inf`.
+fn mask(z: &Sizes, scores: &mut [f32], rows: &std::ops::Range<usize>, keys: usize) {
+    if z.causal {
+        for (r, i) in rows.clone().enumerate() {
+            scores[r * keys + i + 1..(r + 1) * keys].fill(f32::NEG_INFINITY);
         }
     }
-
-    /// The key/value head query head `h` reads.
-    fn group(&self, h: usize) -> usize {
-        h / (self.heads / self.kv_heads)
-    }
-
-    fn query_row<'a>(&self, x: &'a [f32], i: usize, h: usize) -> &'a [f32] {
-        &x[(i * self.heads + h) * self.head_dim..][..self.head_dim]
-    }
-
-    fn key_row<'a>(&self, x: &'a [f32], j: usize, g: usize) -> &'a [f32] {
-        &x[(j * self.kv_heads + g) * self.head_dim..][..self.head_dim]
-    }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
+/// One head's forward over a sample: its output rows `[sequence, head_dim]` and log-sum-exps.
+fn head_forward(z: &Sizes, q: &[f32], k: &[f32], v: &[f32], h: usize) -> (Vec<f32>, Vec<f32>) {
+    let (d, g) = (z.head_dim, h / (z.heads / z.kv_heads));
+    let mut out = vec![0.0f32; z.sequence * d];
+    let mut lse = vec![0.0f32; z.sequence];
+    let mut scores = vec![0.0f32; TILE * z.sequence];
+    for rows in z.tiles() {
+        let (m, keys) = (rows.len(), z.keys(&rows));
+        let scores = &mut scores[..m * keys];
+        product(
+            m,
+            d,
+            keys,
+            z.rows(q, z.heads, h, rows.start),
+            z.columns(k, z.kv_heads, g),
+            scores,
+            false,
+        );
+        mask(z, scores, &rows, keys);
+        for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * z.scale;
+            let mut sum = 0.0f32;
+            for s in row.iter_mut() {
+                *s = (*s * z.scale - max).exp();
+                sum += *s;
+            }
+            row.iter_mut().for_each(|p| *p /= sum);
+            lse[rows.start + r] = max + sum.ln();
+        }
+        let o = &mut out[rows.start * d..rows.end * d];
+        product(
+            m,
+            keys,
+            d,
+            (scores, (keys as isize, 1)),
+            z.rows(v, z.kv_heads, g, 0),
+            o,
+            false,
+        );
+    }
+    (out, lse)
 }
 
-fn add_scaled(into: &mut [f32], scale: f32, x: &[f32]) {
-    into.iter_mut().zip(x).for_each(|(y, x)| *y += scale * x);
+/// The inputs of one sample's backward, widened.
+struct Sample<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    d_o: &'a [f32],
+    lse: &'a [f32],
+    /// `dout_i . o_i` per query row and head, `[sequence, heads]`.
+    delta: &'a [f32],
+}
+
+/// The backward of key/value head `g` over a sample: the query gradients of its heads (each
+/// `[sequence, head_dim]`), and its keys' and values' gradients.
+fn group_backward(z: &Sizes, s: &Sample<'_>, g: usize) -> (Vec<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let d = z.head_dim;
+    let group = z.heads / z.kv_heads;
+    let mut dk = vec![0.0f32; z.sequence * d];
+    let mut dv = vec![0.0f32; z.sequence * d];
+    let mut scores = vec![0.0f32; TILE * z.sequence];
+    let mut d_scores = vec![0.0f32; TILE * z.sequence];
+    let mut dqs = Vec::with_capacity(group);
+    for h in g * group..(g + 1) * group {
+        let mut dq = vec![0.0f32; z.sequence * d];
+        for rows in z.tiles() {
+            let (m, keys) = (rows.len(), z.keys(&rows));
+            let p = &mut scores[..m * keys];
+            let q_rows = z.rows(s.q, z.heads, h, rows.start);
+            let do_rows = z.rows(s.d_o, z.heads, h, rows.start);
+            product(m, d, keys, q_rows, z.columns(s.k, z.kv_heads, g), p, false);
+            mask(z, p, &rows, keys);
+            for (r, row) in p.chunks_exact_mut(keys).enumerate() {
+                let lse = s.lse[(rows.start + r) * z.heads + h];
+                row.iter_mut().for_each(|x| *x = (*x * z.scale - lse).exp());
+            }
+            let ds = &mut d_scores[..m * keys];
+            product(
+                m,
+                d,
+                keys,
+                do_rows,
+                z.columns(s.v, z.kv_heads, g),
+                ds,
+                false,
+            );
+            for (r, (ds, p)) in ds
+                .chunks_exact_mut(keys)
+                .zip(p.chunks_exact(keys))
+                .enumerate()
+            {
+                let delta = s.delta[(rows.start + r) * z.heads + h];
+                ds.iter_mut()
+                    .zip(p)
+                    .for_each(|(x, p)| *x = p * (*x - delta));
+            }
+            let (dense, transposed) = ((keys as isize, 1), (1, keys as isize));
+            // dq = ds k * scale; dv += p^T dout; dk += ds^T q * scale (scaled at the end).
+            let dq_rows = &mut dq[rows.start * d..rows.end * d];
+            product(
+                m,
+                keys,
+                d,
+                (&*ds, dense),
+                z.rows(s.k, z.kv_heads, g, 0),
+                dq_rows,
+                false,
+            );
+            product(
+                keys,
+                m,
+                d,
+                (&*p, transposed),
+                do_rows,
+                &mut dv[..keys * d],
+                true,
+            );
+            product(
+                keys,
+                m,
+                d,
+                (&*ds, transposed),
+                q_rows,
+                &mut dk[..keys * d],
+                true,
+            );
+        }
+        dq.iter_mut().for_each(|x| *x *= z.scale);
+        dqs.push(dq);
+    }
+    dk.iter_mut().for_each(|x| *x *= z.scale);
+    (dqs, dk, dv)
+}
+
+/// Sample `b`'s `len` values of `x`, as f32.
+fn sample(x: &HostValues, b: usize, len: usize) -> std::borrow::Cow<'_, [f32]> {
+    x.read(b * len..(b + 1) * len)
+}
+
+/// Writes one head's `[sequence, head_dim]` rows into a `[sequence, n, head_dim]` sample.
+fn scatter(into: &mut [f32], rows: &[f32], n: usize, h: usize, d: usize) {
+    for (t, row) in rows.chunks_exact(d).enumerate() {
+        into[(t * n + h) * d..][..d].copy_from_slice(row);
+    }
 }
 
 impl Attend for HostDevice {
@@ -96,33 +272,21 @@ impl Attend for HostDevice {
         let (queries, keys) = z.lengths();
         let rows = z.sequence * z.heads;
         for b in 0..usize_of(shape.batch) {
-            let q = q.read(b * queries..(b + 1) * queries);
-            let k = k.read(b * keys..(b + 1) * keys);
-            let v = v.read(b * keys..(b + 1) * keys);
+            let (q, k, v) = (
+                sample(q, b, queries),
+                sample(k, b, keys),
+                sample(v, b, keys),
+            );
+            let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..z.heads)
+                .into_par_iter()
+                .map(|h| head_forward(&z, &q, &k, &v, h))
+                .collect();
             let mut out = vec![0.0f32; queries];
             let mut sums = vec![0.0f32; rows];
-            out.par_chunks_mut(z.heads * z.head_dim)
-                .zip(sums.par_chunks_mut(z.heads))
-                .enumerate()
-                .for_each(|(i, (out, sums))| {
-                    let mut scores = vec![0.0f32; z.keys(i)];
-                    for h in 0..z.heads {
-                        let (g, qi) = (z.group(h), z.query_row(&q, i, h));
-                        for (j, s) in scores.iter_mut().enumerate() {
-                            *s = dot(qi, z.key_row(&k, j, g)) * z.scale;
-                        }
-                        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let out = &mut out[h * z.head_dim..][..z.head_dim];
-                        let mut sum = 0.0f32;
-                        for (j, s) in scores.iter().enumerate() {
-                            let p = (s - max).exp();
-                            sum += p;
-                            add_scaled(out, p, z.key_row(&v, j, g));
-                        }
-                        out.iter_mut().for_each(|x| *x /= sum);
-                        sums[h] = max + sum.ln();
-                    }
-                });
+            for (h, (rows, lse)) in heads.iter().enumerate() {
+                scatter(&mut out, rows, z.heads, h, z.head_dim);
+                scatter(&mut sums, lse, z.heads, h, 1);
+            }
             o.write(b * queries, &out);
             lse.write(b * rows, &sums);
         }
@@ -140,60 +304,41 @@ impl Attend for HostDevice {
         let (queries, keys) = z.lengths();
         let rows = z.sequence * z.heads;
         for b in 0..usize_of(shape.batch) {
-            let of_queries = |x: &HostValues| x.read(b * queries..(b + 1) * queries).into_owned();
-            let of_keys = |x: &HostValues| x.read(b * keys..(b + 1) * keys).into_owned();
-            let (q, o, d_o) = (of_queries(saved.q), of_queries(saved.o), of_queries(dout));
-            let (k, v) = (of_keys(saved.k), of_keys(saved.v));
+            let (q, o, d_o) = (
+                sample(saved.q, b, queries),
+                sample(saved.o, b, queries),
+                sample(dout, b, queries),
+            );
+            let (k, v) = (sample(saved.k, b, keys), sample(saved.v, b, keys));
             let lse = saved.lse.read(b * rows..(b + 1) * rows);
-            // dout_i . o_i per query row and head: the softmax's backward subtracts it.
-            let delta: Vec<f32> = (0..rows)
-                .map(|r| {
-                    let at = r * z.head_dim..(r + 1) * z.head_dim;
-                    dot(&d_o[at.clone()], &o[at])
-                })
+            let delta: Vec<f32> = d_o
+                .chunks_exact(z.head_dim)
+                .zip(o.chunks_exact(z.head_dim))
+                .map(|(a, b)| a.iter().zip(b).map(|(a, b)| a * b).sum())
                 .collect();
-            let probability = |i: usize, h: usize, kj: &[f32]| {
-                (dot(z.query_row(&q, i, h), kj) * z.scale - lse[i * z.heads + h]).exp()
+            let sample = Sample {
+                q: &q,
+                k: &k,
+                v: &v,
+                d_o: &d_o,
+                lse: &lse,
+                delta: &delta,
             };
+            let groups: Vec<_> = (0..z.kv_heads)
+                .into_par_iter()
+                .map(|g| group_backward(&z, &sample, g))
+                .collect();
             let mut dq = vec![0.0f32; queries];
-            dq.par_chunks_mut(z.heads * z.head_dim)
-                .enumerate()
-                .for_each(|(i, dq)| {
-                    for h in 0..z.heads {
-                        let (g, doi) = (z.group(h), z.query_row(&d_o, i, h));
-                        let dq = &mut dq[h * z.head_dim..][..z.head_dim];
-                        for j in 0..z.keys(i) {
-                            let kj = z.key_row(&k, j, g);
-                            let p = probability(i, h, kj);
-                            let ds = p * (dot(doi, z.key_row(&v, j, g)) - delta[i * z.heads + h]);
-                            add_scaled(dq, ds, kj);
-                        }
-                        dq.iter_mut().for_each(|x| *x *= z.scale);
-                    }
-                });
             let mut dk = vec![0.0f32; keys];
             let mut dv = vec![0.0f32; keys];
             let group = z.heads / z.kv_heads;
-            dk.par_chunks_mut(z.kv_heads * z.head_dim)
-                .zip(dv.par_chunks_mut(z.kv_heads * z.head_dim))
-                .enumerate()
-                .for_each(|(j, (dk, dv))| {
-                    for g in 0..z.kv_heads {
-                        let (kj, vj) = (z.key_row(&k, j, g), z.key_row(&v, j, g));
-                        let dk = &mut dk[g * z.head_dim..][..z.head_dim];
-                        let dv = &mut dv[g * z.head_dim..][..z.head_dim];
-                        for h in g * group..(g + 1) * group {
-                            for i in z.queries(j) {
-                                let doi = z.query_row(&d_o, i, h);
-                                let p = probability(i, h, kj);
-                                add_scaled(dv, p, doi);
-                                let ds = p * (dot(doi, vj) - delta[i * z.heads + h]);
-                                add_scaled(dk, ds, z.query_row(&q, i, h));
-                            }
-                        }
-                        dk.iter_mut().for_each(|x| *x *= z.scale);
-                    }
-                });
+            for (g, (dqs, dk_g, dv_g)) in groups.iter().enumerate() {
+                for (j, dq_h) in dqs.iter().enumerate() {
+                    scatter(&mut dq, dq_h, z.heads, g * group + j, z.head_dim);
+                }
+                scatter(&mut dk, dk_g, z.kv_heads, g, z.head_dim);
+                scatter(&mut dv, dv_g, z.kv_heads, g, z.head_dim);
+            }
             grads.dq.write(b * queries, &dq);
             grads.dk.write(b * keys, &dk);
             grads.dv.write(b * keys, &dv);
