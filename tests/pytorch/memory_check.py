@@ -569,7 +569,9 @@ class Generator:
         # Whether a gradient reaches the tensor the next layer reads (a parameter came before).
         self.needs_grad = False
         kind = rng.random()
-        if kind < 0.15:
+        if kind < 0.1:
+            return self.transformer_job()
+        if kind < 0.2:
             return self.token_job()
         if kind < 0.6:
             input_shape = [rng.randint(1, 4), rng.randint(4, 20), rng.randint(4, 20)]
@@ -612,6 +614,42 @@ class Generator:
                       "layers": [{"embedding": embedding}, *layers]},
             "optimizer": {"name": self.rng.choice(OPTIMIZERS)},
             "precision": self.rng.choice(PRECISIONS),
+        }
+
+    def transformer_job(self):
+        """A decoder or encoder stack over token ids: learned positions or none, pre-norm blocks of
+        self-attention (heads, key/value heads, causal or not) and an MLP (plain or gated), a
+        final norm, and a language model's head, tied to the embedding or not."""
+        rng = self.rng
+        length, vocab = rng.randint(1, 24), rng.randint(2, 300)
+        heads = rng.randint(1, 4)
+        dim = heads * rng.randint(1, 12)
+        self.needs_grad = True
+        layers = [{"embedding": {"embedding_dim": dim}}]
+        if rng.random() < 0.5:
+            layers.append({"positional_embedding": self.maybe(max_positions=length + rng.randint(0, 8))})
+        norm = self.layer_norm_args()
+        for _ in range(rng.randint(1, 3)):
+            attention = {"num_heads": heads, **self.attention_args(dim)}
+            attention["num_heads"] = heads
+            if dim % heads:
+                attention.setdefault("head_dim", rng.randint(1, 16))
+            if heads % attention.get("num_kv_heads", heads):
+                del attention["num_kv_heads"]
+            layers.append({"residual": {"layers": [{"layer_norm": norm}, {"self_attention": attention}]}})
+            if rng.random() < 0.5:
+                mlp = [{"gated_mlp": {"intermediate_size": rng.randint(1, 4 * dim), **self.maybe(bias=True)}}]
+            else:
+                mlp = [{"linear": {"out_features": 4 * dim}}, {"gelu": self.maybe(approximate="tanh")},
+                       {"linear": {"out_features": dim}}]
+            layers.append({"residual": {"layers": [{"layer_norm": norm}, *mlp]}})
+        layers.append({"layer_norm": norm})
+        layers.append({"linear": {"out_features": vocab, "bias": False, **self.maybe(tied=True)}})
+        return {
+            "model": {"tokens": {"sequence_length": length, "vocab_size": vocab}, "num_classes": vocab,
+                      "layers": layers},
+            "optimizer": {"name": rng.choice(OPTIMIZERS)},
+            "precision": rng.choice(PRECISIONS),
         }
 
     def maybe(self, **fields):
