@@ -1131,6 +1131,9 @@ mod tests {
                 .unwrap();
             assert!(largest < batch * 512 * 512, "{largest} at batch {batch}");
         }
+        // A batch whose sizes pass u64 is no program, not a panic.
+        assert!(plan.program(1 << 60, 0).is_none());
+        assert!(plan.memory(u64::MAX).is_none());
         let cases = [
             (r#"{"num_heads": 5}"#, "num_heads", "5 does not divide 48"),
             (r#"{"num_heads": 0}"#, "num_heads", "between 1 and"),

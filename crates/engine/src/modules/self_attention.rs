@@ -217,8 +217,9 @@ impl Module for SelfAttention {
 /// The fused attention of `[q, k, v]` (references the caller keeps), recorded with its backward;
 /// its output, a reference the caller owns.
 fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) -> Tensor {
-    let o = graph.output(shape.query_values(), graph.storage(q));
-    let lse = graph.output(shape.rows(), Storage::F32);
+    let o = graph.output(graph.elements(q), graph.storage(q));
+    let rows = graph.times_rows(shape.sequence.saturating_mul(shape.heads));
+    let lse = graph.output(rows, Storage::F32);
     graph.emit(Instr::AttentionForward {
         q: graph.slot(q),
         k: graph.slot(k),

@@ -263,19 +263,24 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Values of the queries (and of the output).
+    /// Values of the queries (and of the output). The sizes saturate: a step whose sizes pass
+    /// `u64` is discarded by the graph ([`crate::program::graph::Graph::overflowed`]).
     pub fn query_values(&self) -> u64 {
-        self.batch * self.sequence * self.heads * self.head_dim
+        self.rows().saturating_mul(self.head_dim)
     }
 
     /// Values of the keys (and of the values).
     pub fn key_values(&self) -> u64 {
-        self.batch * self.sequence * self.kv_heads * self.head_dim
+        [self.sequence, self.kv_heads, self.head_dim]
+            .iter()
+            .fold(self.batch, |n, &m| n.saturating_mul(m))
     }
 
     /// Rows of the log-sum-exp: one per query row of every head.
     pub fn rows(&self) -> u64 {
-        self.batch * self.sequence * self.heads
+        self.batch
+            .saturating_mul(self.sequence)
+            .saturating_mul(self.heads)
     }
 
     /// What the scores are multiplied by.
