@@ -36,7 +36,7 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn every_example_keeps_its_pinned_answer() {
     #[rustfmt::skip]
-    let pinned: [(&str, u64, [u64; 3], u64); 15] = [
+    let pinned: [(&str, u64, [u64; 3], u64); 16] = [
         ("cifar10-cnn-bn", 94762, [1696668, 44545428, 2802594708], 123403),
         ("cifar10-mlp-adam", 394634, [7904980, 8679628, 61396644], 50000),
         ("cifar10-mlp-bf16", 394634, [7904980, 8679628, 83416740], 50000),
@@ -51,6 +51,7 @@ fn every_example_keeps_its_pinned_answer() {
         ("resnet50-imagenet", 25557032, [340770836, 3124435468, 183584659468], 1880),
         ("tiny-gpt", 136960, [2740228, 62821892, 3917026820], 88305),
         ("vgg11-bn-imagenet", 132868840, [1663460140, 6605673764, 324636447524], 1050),
+        ("vit-b16-imagenet", 86567656, [1732560428, 6068523652, 311672737924], 1097),
         ("wide-mlp-bf16-mixed", 46190602, [923824340, 924598988, 974176460], 1105376),
     ];
     let mut examples: Vec<String> =

@@ -146,6 +146,33 @@ class SelfAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
+class PatchEmbedding(nn.Module):
+    """A layer list's `patch_embedding`, as torchvision's ViT makes its tokens: `conv_proj`, its
+    output read as tokens, the class token before them, the position embedding added."""
+
+    def __init__(self, shape, embedding_dim, patch_size):
+        super().__init__()
+        channels, height, width = shape
+        self.conv_proj = nn.Conv2d(channels, embedding_dim, patch_size, patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, embedding_dim))
+        patches = (height // patch_size) * (width // patch_size)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, patches + 1, embedding_dim))
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = self.conv_proj(x)
+        x = x.reshape(n, x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        return x + self.pos_embedding
+
+
+class FirstToken(nn.Module):
+    """A layer list's `first_token`: `x[:, 0]`."""
+
+    def forward(self, x):
+        return x[:, 0]
+
+
 class PositionalEmbedding(nn.Module):
     """A layer list's `positional_embedding`, as Hugging Face's GPT-2 adds its `wpe`: the
     positions' ids (int64), their rows of the table, and the sum with the batch."""
@@ -239,6 +266,10 @@ def module(kind, args, shape, vocab=None):
         return GatedMlp(shape[-1], **args)
     if kind == "self_attention":
         return SelfAttention(shape[-1], **args)
+    if kind == "patch_embedding":
+        return PatchEmbedding(shape, **args)
+    if kind == "first_token":
+        return FirstToken()
     if kind == "layer_norm":
         return CudaLayerNorm(shape, eps=args.get("eps", 1e-5), elementwise_affine=args.get("elementwise_affine", True),
                              bias=args.get("bias", True))
@@ -571,7 +602,9 @@ class Generator:
         kind = rng.random()
         if kind < 0.1:
             return self.transformer_job()
-        if kind < 0.2:
+        if kind < 0.15:
+            return self.vision_transformer_job()
+        if kind < 0.25:
             return self.token_job()
         if kind < 0.6:
             input_shape = [rng.randint(1, 4), rng.randint(4, 20), rng.randint(4, 20)]
@@ -648,6 +681,35 @@ class Generator:
         return {
             "model": {"tokens": {"sequence_length": length, "vocab_size": vocab}, "num_classes": vocab,
                       "layers": layers},
+            "optimizer": {"name": rng.choice(OPTIMIZERS)},
+            "precision": rng.choice(PRECISIONS),
+        }
+
+    def vision_transformer_job(self):
+        """A vision transformer: an image cut into patches behind a class token, pre-norm blocks
+        (or any layers over the tokens), a final norm, and the class token pooled or every token
+        flattened into the head."""
+        rng = self.rng
+        patch = rng.randint(1, 8)
+        input_shape = [rng.randint(1, 4), patch * rng.randint(1, 4), patch * rng.randint(1, 4)]
+        heads = rng.randint(1, 4)
+        dim = heads * rng.randint(1, 8)
+        self.needs_grad = True
+        layers = [{"patch_embedding": {"embedding_dim": dim, "patch_size": patch}}]
+        tokens = (input_shape[1] // patch) * (input_shape[2] // patch) + 1
+        for _ in range(rng.randint(1, 2)):
+            attention = {"num_heads": heads, **self.maybe(num_kv_heads=1), **self.maybe(bias=False)}
+            layers.append({"residual": {"layers": [{"layer_norm": self.layer_norm_args()},
+                                                   {"self_attention": attention}]}})
+        more, shape = self.sequence([tokens, dim], rng.randint(0, 3))
+        layers += more + [{"layer_norm": self.layer_norm_args()}]
+        layers.append({"first_token": {}} if rng.random() < 0.7 or len(shape) != 2 else {"flatten": {}})
+        if len(shape) != 2:
+            layers = layers[:-2] + [{"flatten": {}}]
+        classes = rng.randint(2, 20)
+        layers.append({"linear": {"out_features": classes}})
+        return {
+            "model": {"input_shape": input_shape, "num_classes": classes, "layers": layers},
             "optimizer": {"name": rng.choice(OPTIMIZERS)},
             "precision": rng.choice(PRECISIONS),
         }

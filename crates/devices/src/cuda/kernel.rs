@@ -26,7 +26,8 @@ pub enum Family {
     Pool,
     /// `norm.cu`: batch norm in training mode and its backward, and layer norm.
     Norm,
-    /// `embedding.cu`: token ids looked up in a table, and the table's gradient.
+    /// `embedding.cu`: token ids looked up in a table, and the table's gradient; patch tokens
+    /// and the first token.
     Embedding,
     /// `attention.cu`: fused scaled dot-product attention and its backward.
     Attention,
@@ -204,6 +205,14 @@ pub enum Kernel {
     LayerNormInputGradient,
     /// Layer norm's scale and shift gradients, a feature at a time.
     LayerNormParameterGradient,
+    /// A ViT's patch tokens after its class token.
+    PatchTokensForward,
+    /// Their backward: the planes' gradient and the class token's.
+    PatchTokensBackward,
+    /// The first token of each sample.
+    FirstTokenForward,
+    /// Its backward.
+    FirstTokenBackward,
     /// Fused attention: the output and each query row's log-sum-exp.
     AttentionForward,
     /// Fused attention's query gradient, a query row a thread.
@@ -214,7 +223,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 43] = [
+    pub const ALL: [Kernel; 47] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -255,6 +264,10 @@ impl Kernel {
         Kernel::FillTokens,
         Kernel::EmbeddingForward,
         Kernel::EmbeddingBackward,
+        Kernel::PatchTokensForward,
+        Kernel::PatchTokensBackward,
+        Kernel::FirstTokenForward,
+        Kernel::FirstTokenBackward,
         Kernel::AttentionForward,
         Kernel::AttentionBackwardQuery,
         Kernel::AttentionBackwardKey,
@@ -303,6 +316,10 @@ impl Kernel {
             Kernel::LayerNormForward => "layer_norm_forward",
             Kernel::LayerNormInputGradient => "layer_norm_input_gradient",
             Kernel::LayerNormParameterGradient => "layer_norm_parameter_gradient",
+            Kernel::PatchTokensForward => "patch_tokens_forward",
+            Kernel::PatchTokensBackward => "patch_tokens_backward",
+            Kernel::FirstTokenForward => "first_token_forward",
+            Kernel::FirstTokenBackward => "first_token_backward",
             Kernel::AttentionForward => "attention_forward",
             Kernel::AttentionBackwardQuery => "attention_backward_query",
             Kernel::AttentionBackwardKey => "attention_backward_key",
@@ -327,7 +344,12 @@ impl Kernel {
             Kernel::SoftmaxCrossEntropy => Family::Loss,
             Kernel::Sgd | Kernel::SgdMomentum | Kernel::Adam => Family::Optimizer,
             Kernel::FillUniform | Kernel::FillLabels | Kernel::FillTokens => Family::Fill,
-            Kernel::EmbeddingForward | Kernel::EmbeddingBackward => Family::Embedding,
+            Kernel::EmbeddingForward
+            | Kernel::EmbeddingBackward
+            | Kernel::PatchTokensForward
+            | Kernel::PatchTokensBackward
+            | Kernel::FirstTokenForward
+            | Kernel::FirstTokenBackward => Family::Embedding,
             Kernel::AttentionForward
             | Kernel::AttentionBackwardQuery
             | Kernel::AttentionBackwardKey => Family::Attention,

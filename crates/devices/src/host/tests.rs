@@ -189,6 +189,29 @@ fn language(activation: &Value, training: Training) -> Plan {
     Plan::for_tokens(5, 9, &layers, 9, training, "model").unwrap()
 }
 
+/// A small vision transformer: patch tokens after a class token with positions added, a
+/// pre-norm block of attention and one of a linear layer, the class token pooled. The norms'
+/// `eps` of 0.5 bound their `rstd`, so that `16-mixed`'s first loss scale leaves the patches'
+/// gradient, cast to f16, inside f16.
+fn vision_transformer(activation: &Value, training: Training) -> Plan {
+    let list = json!([
+        {"patch_embedding": {"embedding_dim": 6, "patch_size": 4}},
+        {"residual": {"layers": [
+            {"layer_norm": {"eps": 0.5}},
+            {"self_attention": {"num_heads": 2}}
+        ]}},
+        {"residual": {"layers": [
+            {"layer_norm": {"eps": 0.5}},
+            {"linear": {"out_features": 6}},
+            activation
+        ]}},
+        {"layer_norm": {"eps": 0.5}},
+        {"first_token": {}},
+        {"linear": {"out_features": 3}}
+    ]);
+    plan(&[3, 8, 8], list, training)
+}
+
 /// The mean loss of the network in f64, written independently of the f32 step: every module's
 /// forward from its definition ([`headroom_engine::modules::Module::reference`]) over the
 /// whole batch (batch norm mixes samples), with `trained` as its parameters in PyTorch's order;
@@ -381,6 +404,10 @@ fn gradients_match_finite_differences_in_every_precision_activation_and_framewor
                     ),
                     (sequence(activation, training), "layer norm over a sequence"),
                     (language(activation, training), "tokens, a loss a position"),
+                    (
+                        vision_transformer(activation, training),
+                        "patches, the class token",
+                    ),
                 ];
                 for (plan, kind) in plans {
                     let name = format!("{framework} {precision} {kind} {activation}");

@@ -1,6 +1,8 @@
 //! Checks of `embedding.cu` and `fill.cu`'s tokens: the lookup and the table's gradient (ids
 //! repeated, a padding row) against a reference written here in f64, in the storages the
-//! precisions use; token ids and drawn labels bit for bit against the engine's stream.
+//! precisions use; token ids and drawn labels bit for bit against the engine's stream; a ViT's
+//! patch tokens and the first token, and their backward, in the storage combinations the
+//! precisions use (16-bit planes under f32 tokens under autocast).
 
 use super::{compare, compare_bits, poison, random, round, rounded, tolerance, Check, STORAGES};
 use crate::transfer::Transfer;
@@ -22,8 +24,119 @@ pub fn check_embedding<K: Transfer>(device: &mut K) -> Result<Vec<Check>, Device
         for (tokens, dim, vocab, padding) in cases {
             checks.extend(check_case(device, storage, (tokens, dim, vocab), padding)?);
         }
+        for shape in [(1u64, 1u64, 1u64), (3, 49, 300), (2, 4, 5)] {
+            checks.extend(check_patch_tokens(device, [storage, storage], shape)?);
+            checks.extend(check_first_token(device, storage, shape)?);
+        }
+    }
+    for planes in [Storage::Bf16, Storage::F16] {
+        checks.extend(check_patch_tokens(
+            device,
+            [planes, Storage::F32],
+            (3, 49, 300),
+        )?);
     }
     Ok(checks)
+}
+
+/// `patch_tokens_forward` and its backward over `(rows, tokens, dim)`, the planes and their
+/// gradient stored as `planes`, the tokens and the class token as `tokens`.
+fn check_patch_tokens<K: Transfer>(
+    device: &mut K,
+    [planes_storage, storage]: [Storage; 2],
+    (rows, tokens, dim): (u64, u64, u64),
+) -> Result<Vec<Check>, DeviceError> {
+    let (n, t, d) = (rows as usize, tokens as usize, dim as usize);
+    let planes = rounded(&random(n * d * t, 62), planes_storage);
+    let class = rounded(&random(d, 63), storage);
+    let dout = rounded(&random(n * (t + 1) * d, 64), storage);
+    let want_out: Vec<f32> = (0..n * (t + 1) * d)
+        .map(|k| {
+            let (s, p, c) = (k / ((t + 1) * d), (k / d) % (t + 1), k % d);
+            if p == 0 {
+                class[c]
+            } else {
+                planes[(s * d + c) * t + p - 1]
+            }
+        })
+        .collect();
+    let want_dplanes: Vec<f32> = (0..n * d * t)
+        .map(|k| {
+            let (s, c, p) = (k / (d * t), (k / t) % d, k % t);
+            round(dout[(s * (t + 1) + p + 1) * d + c], planes_storage)
+        })
+        .collect();
+    let want_dclass: Vec<f32> = (0..d)
+        .map(|c| {
+            (0..n)
+                .map(|s| dout[s * (t + 1) * d + c] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    let planes_d = device.write_values(&planes, planes_storage)?;
+    let class_d = device.write_values(&class, storage)?;
+    let mut out = device.write_values(&poison(want_out.len()), storage)?;
+    device.patch_tokens_forward(&planes_d, &class_d, &mut out, rows, tokens, dim)?;
+    let dout_d = device.write_values(&dout, storage)?;
+    let mut dplanes = device.write_values(&poison(n * d * t), planes_storage)?;
+    let mut dclass = device.write_values(&poison(d), storage)?;
+    device.patch_tokens_backward(&dout_d, &mut dplanes, &mut dclass, rows, tokens, dim)?;
+    let shape = format!("{rows} x {tokens} x {dim} {planes_storage:?} -> {storage:?}");
+    Ok(vec![
+        compare_bits(
+            format!("patch tokens {shape}"),
+            &device.read_values(&out, want_out.len() as u64)?,
+            &rounded(&want_out, storage),
+        ),
+        compare_bits(
+            format!("patch tokens' planes gradient {shape}"),
+            &device.read_values(&dplanes, (n * d * t) as u64)?,
+            &want_dplanes,
+        ),
+        compare(
+            format!("patch tokens' class gradient {shape}"),
+            &device.read_values(&dclass, dim)?,
+            &want_dclass,
+            tolerance(storage),
+        ),
+    ])
+}
+
+/// `first_token_forward` and its backward over `(rows, positions, dim)`.
+fn check_first_token<K: Transfer>(
+    device: &mut K,
+    storage: Storage,
+    (rows, positions, dim): (u64, u64, u64),
+) -> Result<Vec<Check>, DeviceError> {
+    let (n, p, d) = (rows as usize, positions as usize, dim as usize);
+    let x = rounded(&random(n * p * d, 65), storage);
+    let dy = rounded(&random(n * d, 66), storage);
+    let want_y: Vec<f32> = (0..n * d).map(|k| x[(k / d) * p * d + k % d]).collect();
+    let want_dx: Vec<f32> = (0..n * p * d)
+        .map(|k| match k % (p * d) < d {
+            true => dy[(k / (p * d)) * d + k % (p * d)],
+            false => 0.0,
+        })
+        .collect();
+    let x_d = device.write_values(&x, storage)?;
+    let mut y = device.write_values(&poison(n * d), storage)?;
+    device.first_token_forward(&x_d, &mut y, rows, positions, dim)?;
+    let dy_d = device.write_values(&dy, storage)?;
+    let mut dx = device.write_values(&poison(n * p * d), storage)?;
+    device.first_token_backward(&dy_d, &mut dx, rows, positions, dim)?;
+    let shape = format!("{rows} x {positions} x {dim} {storage:?}");
+    Ok(vec![
+        compare_bits(
+            format!("first token {shape}"),
+            &device.read_values(&y, rows * dim)?,
+            &want_y,
+        ),
+        compare_bits(
+            format!("first token's gradient {shape}"),
+            &device.read_values(&dx, rows * positions * dim)?,
+            &want_dx,
+        ),
+    ])
 }
 
 /// `fill_tokens` into int64 ids and u32 labels.

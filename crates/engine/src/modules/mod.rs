@@ -40,12 +40,14 @@ pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
+pub mod first_token;
 pub mod flatten;
 pub mod gated_mlp;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;
 pub mod max_pool2d;
+pub mod patch_embedding;
 pub mod pooling;
 pub mod positional_embedding;
 pub mod residual;
@@ -89,6 +91,12 @@ pub enum LayerSpec {
     PositionalEmbedding(positional_embedding::PositionalEmbeddingSpec),
     /// `nn.Flatten`: every dimension of a sample into one.
     Flatten(NoArguments),
+    /// `x[:, 0]`: the first position of a `[positions, features]` sample (a ViT's class
+    /// token, pooled).
+    FirstToken(NoArguments),
+    /// A ViT's patch embedding: a convolution of the patch's kernel and stride, its patches as
+    /// tokens after a class token, a learnt position embedding added.
+    PatchEmbedding(patch_embedding::PatchEmbeddingSpec),
     /// `nn.Identity`.
     Identity(NoArguments),
     /// `down(act(gate(x)) * up(x))` over the last dimension: Llama's MLP (SwiGLU).
@@ -139,6 +147,8 @@ impl LayerSpec {
             LayerSpec::Embedding(_) => "embedding",
             LayerSpec::PositionalEmbedding(_) => "positional_embedding",
             LayerSpec::Flatten(_) => "flatten",
+            LayerSpec::FirstToken(_) => "first_token",
+            LayerSpec::PatchEmbedding(_) => "patch_embedding",
             LayerSpec::Identity(_) => "identity",
             LayerSpec::GatedMlp(_) => "gated_mlp",
             LayerSpec::LayerNorm(_) => "layer_norm",
@@ -177,6 +187,8 @@ impl LayerSpec {
             LayerSpec::Embedding(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::PositionalEmbedding(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::Flatten(_) => Arc::new(flatten::Flatten::new(input, &at)?),
+            LayerSpec::FirstToken(_) => Arc::new(first_token::build(input, &at)?),
+            LayerSpec::PatchEmbedding(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::Identity(_) => Arc::new(identity::Identity::new(input)),
             LayerSpec::GatedMlp(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::LayerNorm(spec) => Arc::new(spec.build(input, &at)?),

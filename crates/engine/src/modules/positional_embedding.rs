@@ -98,31 +98,7 @@ impl Module for PositionalEmbedding {
         if let Some(ids) = ids {
             graph.release(ids);
         }
-        // The sum is f32 where the two differ (a 16-bit input under autocast), which is then
-        // the table's storage too.
-        let x_storage = graph.storage(x);
-        let storage = promoted(x_storage, graph.storage(looked_up));
-        let len = graph.elements(x);
-        let y = graph.output(len, storage);
-        graph.emit(Instr::Convert {
-            from: graph.slot(x),
-            to: graph.slot(y),
-            len,
-            scale: Scale::One,
-        });
-        graph.emit(Instr::BiasAdd {
-            y: graph.slot(y),
-            bias: graph.slot(looked_up),
-            rows: graph.rows(),
-            cols: sample,
-            spatial: 1,
-        });
-        graph.record(
-            BroadcastAddBackward { x_storage, sample },
-            &[x, looked_up],
-            &[],
-            &[y],
-        );
+        let y = broadcast_add(graph, x, looked_up);
         graph.release(looked_up);
         y
     }
@@ -140,6 +116,36 @@ impl Module for PositionalEmbedding {
     fn token(&self) -> Token {
         Token::Layer(format!("pos{}", self.rows))
     }
+}
+
+/// `x + rows`, `rows` one sample's values added to every sample (PyTorch's broadcast `add`),
+/// recorded with its backward; a reference the caller owns. The sum is f32 where the two differ
+/// (a 16-bit input under autocast), which is then the rows' storage too.
+pub(super) fn broadcast_add(graph: &mut Graph, x: Tensor, rows: Tensor) -> Tensor {
+    let x_storage = graph.storage(x);
+    let storage = promoted(x_storage, graph.storage(rows));
+    let (len, sample) = (graph.elements(x), graph.elements(rows));
+    let y = graph.output(len, storage);
+    graph.emit(Instr::Convert {
+        from: graph.slot(x),
+        to: graph.slot(y),
+        len,
+        scale: Scale::One,
+    });
+    graph.emit(Instr::BiasAdd {
+        y: graph.slot(y),
+        bias: graph.slot(rows),
+        rows: graph.rows(),
+        cols: sample,
+        spatial: 1,
+    });
+    graph.record(
+        BroadcastAddBackward { x_storage, sample },
+        &[x, rows],
+        &[],
+        &[y],
+    );
+    y
 }
 
 /// The lookup's backward: the table's whole gradient, the positions' rows from theirs.

@@ -47,6 +47,8 @@ struct StorageEntry {
     slot: Slot,
     part: Part,
     refs: u32,
+    /// Tensors this storage keeps alive until it is freed ([`Graph::keep_alive_with`]).
+    keeps: Vec<Tensor>,
 }
 
 /// A node's backward, as its module writes it: from the gradients of its outputs (`None` where
@@ -221,6 +223,7 @@ impl Graph {
             slot,
             part,
             refs: 1,
+            keeps: Vec::new(),
         });
         self.tensors.push(TensorEntry {
             storage: self.storages.len() - 1,
@@ -283,14 +286,27 @@ impl Graph {
         self.storages[self.tensors[tensor.0].storage].refs += 1;
     }
 
-    /// Gives up a reference to `tensor`'s storage: the last one frees it.
+    /// Gives up a reference to `tensor`'s storage: the last one frees it, and lets go of what
+    /// it kept alive.
     pub fn release(&mut self, tensor: Tensor) {
         let storage = &mut self.storages[self.tensors[tensor.0].storage];
         storage.refs -= 1;
         if storage.refs == 0 {
             let slot = storage.slot;
+            let kept = std::mem::take(&mut storage.keeps);
             self.code.free(slot);
+            for tensor in kept {
+                self.release(tensor);
+            }
         }
+    }
+
+    /// Keeps `kept`'s storage alive as long as `holder`'s: what a view does to the tensor it
+    /// views, for an output headroom copies where PyTorch views (a selected position).
+    pub fn keep_alive_with(&mut self, holder: Tensor, kept: Tensor) {
+        self.retain(kept);
+        let storage = self.tensors[holder.0].storage;
+        self.storages[storage].keeps.push(kept);
     }
 
     /// A new tensor on `tensor`'s storage with its gradient's destination (a view, such as
@@ -569,6 +585,11 @@ impl Pass<'_> {
     /// Gives up a reference (a temporary of this backward).
     pub fn release(&mut self, tensor: Tensor) {
         self.graph.release(tensor);
+    }
+
+    /// Keeps `kept`'s storage alive as long as `holder`'s ([`Graph::keep_alive_with`]).
+    pub fn keep_alive_with(&mut self, holder: Tensor, kept: Tensor) {
+        self.graph.keep_alive_with(holder, kept);
     }
 
     /// Emits a kernel.

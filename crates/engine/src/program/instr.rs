@@ -220,6 +220,64 @@ pub enum Instr {
         /// The id whose row gets no gradient (`padding_idx`).
         padding: Option<u64>,
     },
+    /// embedding.cu: a ViT's tokens, the class token's first: `out[n, 0, :] = class`,
+    /// `out[n, 1 + t, c] = planes[n, c, t]`.
+    PatchTokensForward {
+        /// The convolution's output, `[rows, dim, tokens]`.
+        planes: Slot,
+        /// The class token, `dim` values.
+        class: Slot,
+        /// Written: `[rows, tokens + 1, dim]`.
+        out: Slot,
+        /// Samples.
+        rows: u64,
+        /// Patches a sample.
+        tokens: u64,
+        /// Values a token.
+        dim: u64,
+    },
+    /// embedding.cu: `PatchTokensForward`'s backward: the planes' gradient, and the class
+    /// token's summed over the samples.
+    PatchTokensBackward {
+        /// The gradient of the tokens.
+        dout: Slot,
+        /// Written: `[rows, dim, tokens]`.
+        dplanes: Slot,
+        /// Written: `dim` values.
+        dclass: Slot,
+        /// Samples.
+        rows: u64,
+        /// Patches a sample.
+        tokens: u64,
+        /// Values a token.
+        dim: u64,
+    },
+    /// embedding.cu: `y[n, :] = x[n, 0, :]`.
+    FirstTokenForward {
+        /// `[rows, positions, dim]`.
+        x: Slot,
+        /// Written: `[rows, dim]`.
+        y: Slot,
+        /// Samples.
+        rows: u64,
+        /// Positions a sample.
+        positions: u64,
+        /// Values a position.
+        dim: u64,
+    },
+    /// embedding.cu: `dx[n, 0, :] = dy[n, :]`, 0 elsewhere.
+    FirstTokenBackward {
+        /// `[rows, dim]`.
+        dy: Slot,
+        /// Written: `[rows, positions, dim]`.
+        dx: Slot,
+        /// Samples.
+        rows: u64,
+        /// Positions a sample.
+        positions: u64,
+        /// Values a position.
+        dim: u64,
+    },
     /// elementwise.cu: `to = from * scale`, rounded to `to`'s storage.
     Convert {
         /// Read.

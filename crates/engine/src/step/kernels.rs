@@ -89,8 +89,50 @@ pub trait Fill: Allocate {
     ) -> Result<(), Self::Error>;
 }
 
-/// embedding.cu: looking token ids up in a table, and the table's gradient.
+/// embedding.cu: looking token ids up in a table, and the table's gradient; a ViT's patch
+/// tokens and the first token of each sample.
 pub trait Lookup: Allocate {
+    /// `out[n, 0, :] = class`, `out[n, 1 + t, c] = planes[n, c, t]` over `rows` samples of
+    /// `tokens` patches of `dim` values.
+    fn patch_tokens_forward(
+        &mut self,
+        planes: &Self::Values,
+        class: &Self::Values,
+        out: &mut Self::Values,
+        rows: u64,
+        tokens: u64,
+        dim: u64,
+    ) -> Result<(), Self::Error>;
+    /// `dplanes[n, c, t] = dout[n, 1 + t, c]`; `dclass[c]` the sum of `dout[n, 0, c]` over the
+    /// samples in order.
+    #[allow(clippy::too_many_arguments)]
+    fn patch_tokens_backward(
+        &mut self,
+        dout: &Self::Values,
+        dplanes: &mut Self::Values,
+        dclass: &mut Self::Values,
+        rows: u64,
+        tokens: u64,
+        dim: u64,
+    ) -> Result<(), Self::Error>;
+    /// `y[n, :] = x[n, 0, :]` over `rows` samples of `positions x dim` values.
+    fn first_token_forward(
+        &mut self,
+        x: &Self::Values,
+        y: &mut Self::Values,
+        rows: u64,
+        positions: u64,
+        dim: u64,
+    ) -> Result<(), Self::Error>;
+    /// `dx[n, 0, :] = dy[n, :]`, every other position 0.
+    fn first_token_backward(
+        &mut self,
+        dy: &Self::Values,
+        dx: &mut Self::Values,
+        rows: u64,
+        positions: u64,
+        dim: u64,
+    ) -> Result<(), Self::Error>;
     /// `y[i, :] = weight[ids[i], :]` over `tokens` ids, `dim` values each.
     fn embedding_forward(
         &mut self,

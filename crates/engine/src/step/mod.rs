@@ -310,9 +310,12 @@ impl<K: Kernels> Executor<K> {
             Instr::FillUniform { .. } | Instr::FillLabels { .. } | Instr::FillTokens { .. } => {
                 self.fill(kernels, instr)?
             }
-            Instr::EmbeddingForward { .. } | Instr::EmbeddingBackward { .. } => {
-                self.lookup(kernels, instr)?
-            }
+            Instr::EmbeddingForward { .. }
+            | Instr::EmbeddingBackward { .. }
+            | Instr::PatchTokensForward { .. }
+            | Instr::PatchTokensBackward { .. }
+            | Instr::FirstTokenForward { .. }
+            | Instr::FirstTokenBackward { .. } => self.lookup(kernels, instr)?,
             Instr::AttentionForward { .. } | Instr::AttentionBackward { .. } => {
                 self.attention(kernels, instr)?
             }
@@ -448,7 +451,7 @@ impl<K: Kernels> Executor<K> {
         Ok(())
     }
 
-    /// embedding.cu: the lookup and the table's gradient.
+    /// embedding.cu: the lookup and the table's gradient, patch tokens, the first token.
     fn lookup(&mut self, kernels: &mut K, instr: &Instr) -> Result<(), K::Error> {
         match *instr {
             Instr::EmbeddingForward {
@@ -489,6 +492,58 @@ impl<K: Kernels> Executor<K> {
                 self.slots[ids.0] = Some(Held::Index(held));
                 done?
             }
+            Instr::PatchTokensForward {
+                planes,
+                class,
+                out,
+                rows,
+                tokens,
+                dim,
+            } => self.writing(out, |this, out| {
+                let (planes, class) = (this.values(planes), this.values(class));
+                kernels.patch_tokens_forward(planes, class, out, rows, tokens, dim)
+            })?,
+            Instr::PatchTokensBackward {
+                dout,
+                dplanes,
+                dclass,
+                rows,
+                tokens,
+                dim,
+            } => {
+                let mut class_buffer = self.take(dclass);
+                let done = self.writing(dplanes, |this, dplanes| {
+                    let dout = this.values(dout);
+                    kernels.patch_tokens_backward(
+                        dout,
+                        dplanes,
+                        &mut class_buffer,
+                        rows,
+                        tokens,
+                        dim,
+                    )
+                });
+                self.put(dclass, class_buffer);
+                done?
+            }
+            Instr::FirstTokenForward {
+                x,
+                y,
+                rows,
+                positions,
+                dim,
+            } => self.writing(y, |this, y| {
+                kernels.first_token_forward(this.values(x), y, rows, positions, dim)
+            })?,
+            Instr::FirstTokenBackward {
+                dy,
+                dx,
+                rows,
+                positions,
+                dim,
+            } => self.writing(dx, |this, dx| {
+                kernels.first_token_backward(this.values(dy), dx, rows, positions, dim)
+            })?,
             _ => unreachable!("{instr:?} is not an embedding"),
         }
         Ok(())

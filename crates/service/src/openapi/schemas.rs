@@ -144,6 +144,10 @@ pub enum Layer {
     PositionalEmbedding(PositionalEmbedding),
     /// `nn.Flatten`.
     Flatten(NoArguments),
+    /// `x[:, 0]`: the first position of a `[positions, features]` sample.
+    FirstToken(NoArguments),
+    /// A ViT's patch embedding: patches as tokens after a class token, positions added.
+    PatchEmbedding(PatchEmbedding),
     /// `nn.Identity`.
     Identity(NoArguments),
     /// `down(act(gate(x)) * up(x))` over the last dimension: Llama's MLP (SwiGLU).
@@ -325,6 +329,17 @@ pub struct GatedMlp {
     #[serde(default)]
     #[schema(default = false)]
     bias: bool,
+}
+
+/// A patch embedding's arguments.
+#[derive(Serialize, ToSchema)]
+pub struct PatchEmbedding {
+    /// Values a token.
+    #[schema(value_type = Extent)]
+    embedding_dim: u64,
+    /// Side of a square patch: the convolution's kernel and stride; it divides the image.
+    #[schema(value_type = Extent)]
+    patch_size: u64,
 }
 
 /// Self-attention's arguments.
@@ -1051,6 +1066,8 @@ mod tests {
                              {"gated_mlp": {"intermediate_size": 8, "activation": "gelu_pytorch_tanh", "bias": false}},
                              {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 2,
                                                  "causal": true, "bias": false}},
+                             {"patch_embedding": {"embedding_dim": 4, "patch_size": 2}},
+                             {"first_token": {}},
                              {"linear": {"out_features": 4, "bias": true, "tied": true}}]},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
