@@ -4,9 +4,10 @@
 //! tokens, a learnt class token before them (`torch.cat`), and a learnt position embedding
 //! added to every token. The convolution is the [`Conv2d`] module; the tokens are
 //! embedding.cu's `patch_tokens_forward`, and the sum is the positional embedding's broadcast
-//! `add`. Under autocast `cat` promotes to f32 (an f32 copy of the 16-bit patches, PyTorch's
-//! only: the kernel widens as it reads), so the tokens are f32; backward casts the patches'
-//! gradient back to half, which the kernel does as it transposes it.
+//! `add`. Under autocast the 16-bit patches and the f32 class token concatenate to f32 tokens
+//! (`cat`'s own type promotion: CUDA's autocast does not wrap `cat`, so nothing is copied
+//! first); backward casts the patches' gradient back to half, which the kernel does as it
+//! transposes it.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +16,7 @@ use super::conv2d::{Conv2d, Conv2dSpec};
 use super::positional_embedding::broadcast_add;
 use super::residual::promoted;
 use super::{LayerError, Module, Parameter, Parameters, Path, Token, Values};
-use crate::memory::{Element, Part, Storage};
+use crate::memory::Storage;
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::Instr;
 
@@ -97,10 +98,6 @@ impl Module for PatchEmbedding {
         let planes_storage = graph.storage(planes);
         let storage = promoted(planes_storage, graph.storage(class));
         let len = graph.elements(planes);
-        let promotion = match storage == planes_storage {
-            true => None,
-            false => graph.pytorch_only(Part::Activations, len, Element::Value(storage)),
-        };
         let tokens = graph.times_rows((self.patches + 1) * self.dim);
         let tokens = graph.output(tokens, storage);
         graph.emit(Instr::PatchTokensForward {
@@ -117,9 +114,6 @@ impl Module for PatchEmbedding {
             dim: self.dim,
         };
         graph.record(backward, &[planes, class], &[], &[tokens]);
-        if let Some(copy) = promotion {
-            graph.release(copy);
-        }
         graph.release(planes);
         let y = broadcast_add(graph, tokens, positions);
         graph.release(tokens);
