@@ -1293,4 +1293,34 @@ fn estimate_answers_for_a_card_every_card_or_an_unknown_one() {
     let (status, problem) = post(&request);
     assert_eq!((status, problem["field"].as_str()), (422, Some("gpu")));
     assert!(problem["detail"].as_str().unwrap().contains("H100 80GB"));
+    // Over token ids, the answer at each sequence length, the job's own among them.
+    let mut gpt: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/gpt2-small.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    gpt["gpu"] = json!("H100 80GB");
+    let (status, answer) = post(&gpt);
+    assert_eq!(status, 200, "{answer}");
+    let estimate = &answer["estimates"][0]["estimate"];
+    let lengths: Vec<u64> = estimate["sequence_lengths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["sequence_length"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lengths, [128, 256, 512, 1024]);
+    let own = &estimate["sequence_lengths"][3];
+    assert_eq!(
+        own["predicted_max_batch_size"],
+        estimate["predicted_max_batch_size"]
+    );
+    assert_eq!(own["recommended_tokens"], estimate["recommended_tokens"]);
+    // A model over values has none.
+    assert!(every["estimates"][0]["estimate"]
+        .get("sequence_lengths")
+        .is_none());
 }
