@@ -177,16 +177,6 @@ impl Backward for PatchTokensBackward {
         if pass.rows() == 1 {
             pass.keep_alive_with(dclass, dout);
         }
-        [dplanes, dclass]
-            .into_iter()
-            .enumerate()
-            .map(|(k, grad)| match pass.needs(k) {
-                true => Some(grad),
-                false => {
-                    pass.release(grad);
-                    None
-                }
-            })
-            .collect()
+        pass.where_needed([dplanes, dclass])
     }
 }

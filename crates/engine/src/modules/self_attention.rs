@@ -273,17 +273,7 @@ impl Backward for AttentionBackward {
             },
             shape: self.shape,
         });
-        [dq, dk, dv]
-            .into_iter()
-            .enumerate()
-            .map(|(k, grad)| match pass.needs(k) {
-                true => Some(grad),
-                false => {
-                    pass.release(grad);
-                    None
-                }
-            })
-            .collect()
+        pass.where_needed([dq, dk, dv])
     }
 }
 

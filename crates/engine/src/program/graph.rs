@@ -587,6 +587,22 @@ impl Pass<'_> {
         self.graph.release(tensor);
     }
 
+    /// `grads`, a gradient for each input in order, handed on where [`Pass::needs`] says it is
+    /// needed and released where not (a kernel that writes every gradient at once).
+    pub fn where_needed(&mut self, grads: impl IntoIterator<Item = Tensor>) -> Vec<Option<Tensor>> {
+        grads
+            .into_iter()
+            .enumerate()
+            .map(|(k, grad)| match self.needs(k) {
+                true => Some(grad),
+                false => {
+                    self.release(grad);
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// Keeps `kept`'s storage alive as long as `holder`'s ([`Graph::keep_alive_with`]).
     pub fn keep_alive_with(&mut self, holder: Tensor, kept: Tensor) {
         self.graph.keep_alive_with(holder, kept);
