@@ -103,6 +103,47 @@ class CudaLayerNorm(nn.LayerNorm):
             return super().forward(x.float())
 
 
+class FusedRmsNorm(torch.autograd.Function):
+    """CUDA's `_fused_rms_norm` as autograd sees it: the output in the input's type and an f32
+    `rstd` per row; saved are the input, `rstd` and the weight; backward makes the input's
+    gradient and the weight's. The CPU has only the composite (pow, mean, rsqrt, products:
+    three f32 copies of the input saved), so the step on the CPU allocates what CUDA's kernel
+    writes (FakeTensorMode holds no values) and on a GPU calls the kernel itself."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        if x.is_cuda:
+            y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        else:
+            y = torch.empty_like(x)
+            rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, rstd, weight = ctx.saved_tensors
+        wanted = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]]
+        if x.is_cuda:
+            dx, dweight = torch.ops.aten._fused_rms_norm_backward(dy, x, [x.shape[-1]], rstd, weight, wanted)
+        else:
+            dx = torch.empty_like(x) if wanted[0] else None
+            dweight = torch.empty_like(weight) if wanted[1] else None
+        return dx, dweight, None
+
+
+class CudaRmsNorm(nn.RMSNorm):
+    """`nn.RMSNorm` as CUDA runs it: fused ([`FusedRmsNorm`]) where the input's type is the
+    weight's (headroom refuses the composite case), in the input's type under autocast (whose
+    lists do not name it)."""
+
+    def forward(self, x):
+        if self.weight is not None and self.weight.dtype != x.dtype:
+            raise ValueError("the composite rms_norm path is not what headroom models")
+        eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
+        return FusedRmsNorm.apply(x, self.weight, eps)
+
+
 class GatedMlp(nn.Module):
     """A layer list's `gated_mlp`: Llama's MLP, `down_proj(act(gate_proj(x)) * up_proj(x))`."""
 
@@ -290,6 +331,8 @@ def module(kind, args, shape, vocab=None):
     if kind == "layer_norm":
         return CudaLayerNorm(shape, eps=args.get("eps", 1e-5), elementwise_affine=args.get("elementwise_affine", True),
                              bias=args.get("bias", True))
+    if kind == "rms_norm":
+        return CudaRmsNorm(shape[-1], eps=args.get("eps"), elementwise_affine=args.get("elementwise_affine", True))
     if kind == "linear":
         linear = nn.Linear(shape[-1], args["out_features"], bias=args.get("bias", True))
         linear.tied = args.get("tied", False)  # its weight becomes the embedding's: `tie_weights`
@@ -684,7 +727,7 @@ class Generator:
         layers = [{"embedding": {"embedding_dim": dim}}]
         if rng.random() < 0.5:
             layers.append({"positional_embedding": self.maybe(max_positions=length + rng.randint(0, 8))})
-        norm = self.layer_norm_args()
+        norm = self.stream_norm()
         for _ in range(rng.randint(1, 3)):
             attention = {"num_heads": heads, **self.attention_args(dim)}
             attention["num_heads"] = heads
@@ -692,14 +735,14 @@ class Generator:
                 attention.setdefault("head_dim", rng.randint(1, 16))
             if heads % attention.get("num_kv_heads", heads):
                 del attention["num_kv_heads"]
-            layers.append({"residual": {"layers": [{"layer_norm": norm}, {"self_attention": attention}]}})
+            layers.append({"residual": {"layers": [norm, {"self_attention": attention}]}})
             if rng.random() < 0.5:
                 mlp = [{"gated_mlp": {"intermediate_size": rng.randint(1, 4 * dim), **self.maybe(bias=True)}}]
             else:
                 mlp = [{"linear": {"out_features": 4 * dim}}, {"gelu": self.maybe(approximate="tanh")},
                        {"linear": {"out_features": dim}}]
-            layers.append({"residual": {"layers": [{"layer_norm": norm}, *mlp]}})
-        layers.append({"layer_norm": norm})
+            layers.append({"residual": {"layers": [norm, *mlp]}})
+        layers.append(norm)
         layers.append({"linear": {"out_features": vocab, "bias": False, **self.maybe(tied=True)}})
         return {
             "model": {"tokens": {"sequence_length": length, "vocab_size": vocab}, "num_classes": vocab,
@@ -722,8 +765,7 @@ class Generator:
         tokens = (input_shape[1] // patch) * (input_shape[2] // patch) + 1
         for _ in range(rng.randint(1, 2)):
             attention = {"num_heads": heads, **self.maybe(num_kv_heads=1), **self.maybe(bias=False)}
-            layers.append({"residual": {"layers": [{"layer_norm": self.layer_norm_args()},
-                                                   {"self_attention": attention}]}})
+            layers.append({"residual": {"layers": [self.stream_norm(), {"self_attention": attention}]}})
         more, shape = self.sequence([tokens, dim], rng.randint(0, 3))
         layers += more + [{"layer_norm": self.layer_norm_args()}]
         layers.append({"first_token": {}} if rng.random() < 0.7 or len(shape) != 2 else {"flatten": {}})
@@ -759,7 +801,7 @@ class Generator:
                 ((kind, args),) = layer.items()
                 kept = self.keeps(kind, args, kept)
                 self.needs_grad |= kind in ("conv2d", "linear", "residual", "gated_mlp", "self_attention") or (
-                    kind == "layer_norm" and args.get("elementwise_affine", True)) or (
+                    kind in ("layer_norm", "rms_norm") and args.get("elementwise_affine", True)) or (
                     kind.startswith("batch_norm") and args.get("affine", True))
                 shape = out
                 break
@@ -816,6 +858,10 @@ class Generator:
                                   **self.maybe(bias=True)}}
         if kind == "norm" and not image and rng.random() < 0.6:
             return {"layer_norm": self.layer_norm_args()}
+        if kind == "norm" and not image and rng.random() < 0.3:
+            # Without a weight: a learnt one over a 16-bit input (after a linear layer under
+            # autocast) is PyTorch's composite path, which headroom refuses.
+            return {"rms_norm": {"elementwise_affine": False, **self.maybe(eps=1e-6)}}
         if kind == "norm":
             args = {**self.maybe(affine=False), **self.maybe(eps=1e-3), **self.maybe(momentum=0.01)}
             if not self.needs_grad:
@@ -862,6 +908,13 @@ class Generator:
         if kv_heads != heads or rng.random() < 0.2:
             args["num_kv_heads"] = kv_heads
         return {**args, **self.maybe(causal=True), **self.maybe(bias=False)}
+
+    def stream_norm(self):
+        """A norm over a transformer's residual stream (f32 under autocast, so RMS norm learns a
+        weight on PyTorch's fused path): layer norm or RMS norm."""
+        if self.rng.random() < 0.5:
+            return {"rms_norm": {**self.maybe(eps=1e-6), **self.maybe(elementwise_affine=False)}}
+        return {"layer_norm": self.layer_norm_args()}
 
     def layer_norm_args(self):
         return {**self.maybe(eps=1e-6), **self.maybe(elementwise_affine=False), **self.maybe(bias=False)}

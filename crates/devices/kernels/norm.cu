@@ -92,7 +92,7 @@ extern "C" __global__ void batch_norm_backward(const void* dy, const void* x, co
     }
 }
 
-// Layer norm. Launch: block (256, 1, 1); grid (min(rows, 65535), 1, 1) for the forward and the
+// Layer norm, and RMS norm (layer norm without centering). Launch: block (256, 1, 1); grid (min(rows, 65535), 1, 1) for the forward and the
 // input's gradient (a block per row of `features` values, looping past the grid), grid
 // (min(features, 65535), 1, 1) for the parameters' gradients (a block per feature, its threads
 // striding over the rows). x, y, dy and dx share `storage`; scale and shift `param_storage`,
@@ -100,16 +100,18 @@ extern "C" __global__ void batch_norm_backward(const void* dy, const void* x, co
 // layer_norm keeps them in the accumulation type).
 
 // save_mean[r], save_rstd[r] = row r's mean and 1 / sqrt(biased variance + eps);
-// y = (x - mean) * rstd * scale[j] + shift[j] (scale 1 without has_scale, shift 0 without has_shift)
+// y = (x - mean) * rstd * scale[j] + shift[j] (scale 1 without has_scale, shift 0 without has_shift).
+// Without centered (RMS norm) the mean is 0 and save_mean is neither read nor written.
 extern "C" __global__ void layer_norm_forward(const void* x, const void* scale, int has_scale, const void* shift,
                                               int has_shift, void* y, float* save_mean, float* save_rstd,
-                                              long long rows, long long features, float eps, int storage,
-                                              int param_storage) {
+                                              int centered, long long rows, long long features, float eps,
+                                              int storage, int param_storage) {
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long row = r * features;
         float sum = 0.0f;
-        for (long long j = threadIdx.x; j < features; j += blockDim.x) sum += load_value(x, row + j, storage);
-        const float mean = block_sum(sum) / (float)features;
+        if (centered)
+            for (long long j = threadIdx.x; j < features; j += blockDim.x) sum += load_value(x, row + j, storage);
+        const float mean = centered ? block_sum(sum) / (float)features : 0.0f;
         float squares = 0.0f;
         for (long long j = threadIdx.x; j < features; j += blockDim.x) {
             const float d = load_value(x, row + j, storage) - mean;
@@ -117,7 +119,7 @@ extern "C" __global__ void layer_norm_forward(const void* x, const void* scale, 
         }
         const float rstd = 1.0f / sqrtf(block_sum(squares) / (float)features + eps);
         if (threadIdx.x == 0) {
-            save_mean[r] = mean;
+            if (centered) save_mean[r] = mean;
             save_rstd[r] = rstd;
         }
         for (long long j = threadIdx.x; j < features; j += blockDim.x) {
@@ -129,14 +131,15 @@ extern "C" __global__ void layer_norm_forward(const void* x, const void* scale, 
 }
 
 // With xhat = (x - mean) * rstd and h = scale[j] * dy (dy without has_scale), per row:
-// dx = rstd * (h - sum(h) / features - xhat * sum(h * xhat) / features)
+// dx = rstd * (h - sum(h) / features - xhat * sum(h * xhat) / features);
+// without centered (RMS norm) the mean is 0 and the sum(h) term drops out.
 extern "C" __global__ void layer_norm_input_gradient(const void* dy, const void* x, const void* scale, int has_scale,
-                                                     const float* save_mean, const float* save_rstd, void* dx,
-                                                     long long rows, long long features, int storage,
+                                                     const float* save_mean, const float* save_rstd, int centered,
+                                                     void* dx, long long rows, long long features, int storage,
                                                      int param_storage) {
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long row = r * features;
-        const float mean = save_mean[r];
+        const float mean = centered ? save_mean[r] : 0.0f;
         const float rstd = save_rstd[r];
         float sum_h = 0.0f;
         float sum_h_xhat = 0.0f;
@@ -146,7 +149,7 @@ extern "C" __global__ void layer_norm_input_gradient(const void* dy, const void*
             sum_h += h;
             sum_h_xhat += h * ((load_value(x, row + j, storage) - mean) * rstd);
         }
-        sum_h = block_sum(sum_h) / (float)features;
+        sum_h = centered ? block_sum(sum_h) / (float)features : 0.0f;
         sum_h_xhat = block_sum(sum_h_xhat) / (float)features;
         for (long long j = threadIdx.x; j < features; j += blockDim.x) {
             const float g = has_scale ? load_value(scale, j, param_storage) : 1.0f;
@@ -156,19 +159,21 @@ extern "C" __global__ void layer_norm_input_gradient(const void* dy, const void*
     }
 }
 
-// Per feature j, over the rows: dscale[j] = sum dy * xhat, dshift[j] = sum dy (when has_dshift)
+// Per feature j, over the rows: dscale[j] = sum dy * xhat, dshift[j] = sum dy (when has_dshift);
+// without centered (RMS norm) the mean is 0 and save_mean is not read.
 extern "C" __global__ void layer_norm_parameter_gradient(const void* dy, const void* x, const float* save_mean,
-                                                         const float* save_rstd, void* dscale, void* dshift,
-                                                         int has_dshift, long long rows, long long features,
-                                                         int storage, int grad_storage) {
+                                                         const float* save_rstd, int centered, void* dscale,
+                                                         void* dshift, int has_dshift, long long rows,
+                                                         long long features, int storage, int grad_storage) {
     for (long long j = blockIdx.x; j < features; j += gridDim.x) {
         float sum_dy = 0.0f;
         float sum_dy_xhat = 0.0f;
         for (long long r = threadIdx.x; r < rows; r += blockDim.x) {
             const long long i = r * features + j;
             const float g = load_value(dy, i, storage);
+            const float mean = centered ? save_mean[r] : 0.0f;
             sum_dy += g;
-            sum_dy_xhat += g * ((load_value(x, i, storage) - save_mean[r]) * save_rstd[r]);
+            sum_dy_xhat += g * ((load_value(x, i, storage) - mean) * save_rstd[r]);
         }
         sum_dy = block_sum(sum_dy);
         sum_dy_xhat = block_sum(sum_dy_xhat);

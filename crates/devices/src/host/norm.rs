@@ -56,10 +56,13 @@ fn channel_sums(values: &HostValues, sizes: &Sizes, term: impl Fn(f32, usize) ->
     sums
 }
 
-/// A row's mean and `1 / sqrt(biased variance + eps)`, summed in f64.
-fn row_statistics(row: &[f32], eps: f32) -> (f32, f32) {
+/// A row's mean (0 unless `centered`) and `1 / sqrt(biased variance + eps)`, summed in f64.
+fn row_statistics(row: &[f32], eps: f32, centered: bool) -> (f32, f32) {
     let n = row.len() as f64;
-    let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let mean = match centered {
+        true => row.iter().map(|&v| f64::from(v)).sum::<f64>() / n,
+        false => 0.0,
+    };
     let variance = row
         .iter()
         .map(|&v| (f64::from(v) - mean).powi(2))
@@ -210,12 +213,13 @@ impl Norm for HostDevice {
         let n = usize_of(rows.features);
         let scale = per_feature(affine.map(|a| a.scale), n, 1.0);
         let shift = per_feature(affine.and_then(|a| a.shift), n, 0.0);
+        let centered = saved.mean.is_some();
         let (mut means, mut rstds) = (Vec::new(), Vec::new());
         for range in chunks(usize_of(rows.values()), n) {
             let x = x.read(range.clone());
             y.update(range, |y| {
                 for (x, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-                    let (mean, rstd) = row_statistics(x, rows.eps);
+                    let (mean, rstd) = row_statistics(x, rows.eps, centered);
                     means.push(mean);
                     rstds.push(rstd);
                     for (j, (y, &v)) in y.iter_mut().zip(x).enumerate() {
@@ -224,7 +228,9 @@ impl Norm for HostDevice {
                 }
             });
         }
-        saved.mean.write(0, &means);
+        if let Some(saved_mean) = &mut saved.mean {
+            saved_mean.write(0, &means);
+        }
         saved.rstd.write(0, &rstds);
         Ok(())
     }
@@ -242,7 +248,11 @@ impl Norm for HostDevice {
         let n = usize_of(rows.features);
         let count = usize_of(rows.rows);
         let scale = per_feature(scale, n, 1.0);
-        let (mean, rstd) = (saved.mean.read(0..count), saved.rstd.read(0..count));
+        let centered = saved.mean.is_some();
+        let mean = saved
+            .mean
+            .map_or_else(|| vec![0.0; count].into(), |m| m.read(0..count));
+        let rstd = saved.rstd.read(0..count);
         let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0f64; n], vec![0.0f64; n]);
         for range in chunks(usize_of(rows.values()), n) {
             let first = range.start / n;
@@ -263,8 +273,8 @@ impl Norm for HostDevice {
                         sum_h += f64::from(h(j));
                         sum_h_xhat += f64::from(h(j)) * f64::from(xhat(r, j));
                     }
-                    let (mean_h, mean_h_xhat) =
-                        ((sum_h / n as f64) as f32, (sum_h_xhat / n as f64) as f32);
+                    let mean_h = if centered { sum_h / n as f64 } else { 0.0 };
+                    let (mean_h, mean_h_xhat) = (mean_h as f32, (sum_h_xhat / n as f64) as f32);
                     for (j, dx) in dx.iter_mut().enumerate() {
                         *dx = rstd[first + r] * (h(j) - mean_h - xhat(r, j) * mean_h_xhat);
                     }

@@ -133,8 +133,9 @@ fn mobile(activation: &Value, training: Training) -> Plan {
 }
 
 /// Layer norm over the positions of a sequence (the batch's first, with and without a shift,
-/// and without parameters), linear layers applied at every position, pre-norm residual blocks
-/// around a linear layer, a gated MLP and self-attention.
+/// and without parameters), linear layers applied at every position, RMS norm without a scale
+/// over an activation, pre-norm residual blocks around a linear layer, a gated MLP and
+/// self-attention.
 /// The last norm's `eps` of 0.5 bounds its `rstd`, so that `16-mixed`'s first loss scale
 /// (65,536) leaves its input's gradient inside f16.
 fn sequence(activation: &Value, training: Training) -> Plan {
@@ -142,6 +143,7 @@ fn sequence(activation: &Value, training: Training) -> Plan {
         {"layer_norm": {}},
         {"linear": {"out_features": 8}},
         activation,
+        {"rms_norm": {"elementwise_affine": false, "eps": 0.5}},
         {"residual": {"layers": [
             {"layer_norm": {"bias": false}},
             {"linear": {"out_features": 8, "bias": false}}
@@ -163,7 +165,7 @@ fn sequence(activation: &Value, training: Training) -> Plan {
 
 /// A small language model over token ids: an embedding (its padding row, whose gradient is 0 by
 /// definition, is checked in parity) and learned positions, pre-norm blocks around causal
-/// grouped-query attention, a linear layer and a gated MLP,
+/// grouped-query attention, a linear layer and a gated MLP behind an RMS norm,
 /// and a head tied to the embedding writing logits at every position, one label a token.
 fn language(activation: &Value, training: Training) -> Plan {
     let list = json!([
@@ -179,7 +181,7 @@ fn language(activation: &Value, training: Training) -> Plan {
             activation
         ]}},
         {"residual": {"layers": [
-            {"layer_norm": {"bias": false}},
+            {"rms_norm": {}},
             {"gated_mlp": {"intermediate_size": 5}}
         ]}},
         {"layer_norm": {}},

@@ -279,10 +279,11 @@ struct RowReference {
     dshift: Vec<f32>,
 }
 
-/// Layer norm from the definitions, in f64: `x`, `dy` are `rows`, `scale` and `shift` per
-/// feature.
+/// Layer norm (RMS norm unless `centered`) from the definitions, in f64: `x`, `dy` are `rows`,
+/// `scale` and `shift` per feature.
 fn row_reference(
     rows: &NormalizedRows,
+    centered: bool,
     (x, dy): (&[f32], &[f32]),
     (scale, shift): (&[f32], &[f32]),
 ) -> RowReference {
@@ -299,12 +300,18 @@ fn row_reference(
     };
     let (mut dscale, mut dshift) = (vec![0.0f64; n], vec![0.0f64; n]);
     for (x, dy) in x.chunks_exact(n).zip(dy.chunks_exact(n)) {
-        let mean = x.iter().sum::<f64>() / n as f64;
+        let mean = match centered {
+            true => x.iter().sum::<f64>() / n as f64,
+            false => 0.0,
+        };
         let variance = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
         let rstd = 1.0 / (variance + f64::from(rows.eps)).sqrt();
         let xhat: Vec<f64> = x.iter().map(|v| (v - mean) * rstd).collect();
         let h: Vec<f64> = (0..n).map(|j| scale[j] * dy[j]).collect();
-        let mean_h = h.iter().sum::<f64>() / n as f64;
+        let mean_h = match centered {
+            true => h.iter().sum::<f64>() / n as f64,
+            false => 0.0,
+        };
         let mean_h_xhat = (0..n).map(|j| h[j] * xhat[j]).sum::<f64>() / n as f64;
         for j in 0..n {
             want.y.push((xhat[j] * scale[j] + shift[j]) as f32);
@@ -321,10 +328,11 @@ fn row_reference(
     want
 }
 
-/// One layer norm layout: its rows, which parameters it learns, and whether backward computes
-/// the input's gradient.
+/// One layer norm layout: its rows, whether it centres them (RMS norm does not), which
+/// parameters it learns, and whether backward computes the input's gradient.
 struct RowCase {
     rows: NormalizedRows,
+    centered: bool,
     scale: bool,
     shift: bool,
     input_gradient: bool,
@@ -332,14 +340,15 @@ struct RowCase {
 
 /// A row of one value up to 129 rows of 300 (more than a block's threads), with a scale and
 /// shift, a scale alone (`bias=False`), neither (`elementwise_affine=False`), and without the
-/// input's gradient.
-fn row_cases() -> [RowCase; 5] {
+/// input's gradient; RMS norm with a scale and without.
+fn row_cases() -> [RowCase; 8] {
     let case = |rows, features, eps, scale, shift, input_gradient| RowCase {
         rows: NormalizedRows {
             rows,
             features,
             eps,
         },
+        centered: true,
         scale,
         shift,
         input_gradient,
@@ -350,6 +359,18 @@ fn row_cases() -> [RowCase; 5] {
         case(129, 300, 1e-5, true, false, false),
         case(7, 64, 1e-3, false, false, true),
         case(4, 257, 0.1, true, true, true),
+        RowCase {
+            centered: false,
+            ..case(3, 5, 1e-6, true, false, true)
+        },
+        RowCase {
+            centered: false,
+            ..case(129, 300, 1e-6, true, false, true)
+        },
+        RowCase {
+            centered: false,
+            ..case(7, 64, 1e-3, false, false, true)
+        },
     ]
 }
 
@@ -391,7 +412,7 @@ fn check_row_case<K: Transfer>(
         true => rounded(&random(n, 53), params),
         false => vec![0.0; n],
     };
-    let want = row_reference(rows, (&x, &dy), (&scale, &shift));
+    let want = row_reference(rows, case.centered, (&x, &dy), (&scale, &shift));
 
     let x_d = device.write_values(&x, values)?;
     let scale_d = device.write_values(&scale, params)?;
@@ -401,11 +422,16 @@ fn check_row_case<K: Transfer>(
         shift: case.shift.then_some(&shift_d),
     });
     let mut y = device.write_values(&poison(len), values)?;
+    let mean = match case.centered {
+        true => Some(device.write_values(&poison(r), Storage::F32)?),
+        false => None,
+    };
     let mut saved = RowStatistics {
-        mean: device.write_values(&poison(r), Storage::F32)?,
+        mean,
         rstd: device.write_values(&poison(r), Storage::F32)?,
     };
     device.layer_norm_forward(&x_d, affine, &mut y, &mut saved, rows)?;
+    let kind = if case.centered { "layer" } else { "RMS" };
     let shape = format!(
         "{}x{} eps={} scale={} shift={} {values:?}/{params:?}/{grads:?}",
         rows.rows, rows.features, rows.eps, case.scale, case.shift
@@ -413,7 +439,7 @@ fn check_row_case<K: Transfer>(
     let mut checks = Vec::new();
     let mut check = |what: &str, got: Vec<f32>, want: &[f32], storage: Storage| {
         checks.push(compare(
-            format!("layer norm {what} {shape}"),
+            format!("{kind} norm {what} {shape}"),
             &got,
             &rounded(want, storage),
             tolerance(storage),
@@ -425,8 +451,10 @@ fn check_row_case<K: Transfer>(
         &want.y,
         values,
     );
-    let mean = device.read_values(&saved.mean, rows.rows)?;
-    check("mean", mean, &want.mean, Storage::F32);
+    if let Some(mean) = &saved.mean {
+        let mean = device.read_values(mean, rows.rows)?;
+        check("mean", mean, &want.mean, Storage::F32);
+    }
     let rstd = device.read_values(&saved.rstd, rows.rows)?;
     check("rstd", rstd, &want.rstd, Storage::F32);
 
@@ -439,7 +467,7 @@ fn check_row_case<K: Transfer>(
         &x_d,
         case.scale.then_some(&scale_d),
         RowStatistics {
-            mean: &saved.mean,
+            mean: saved.mean.as_ref(),
             rstd: &saved.rstd,
         },
         case.input_gradient.then_some(&mut dx),

@@ -6,12 +6,15 @@
 //! input's gradient, then the scale's, then the shift's. Under CUDA's autocast `layer_norm` runs
 //! in f32: a 16-bit input is cast to f32 first (that copy is what it saves) and its output is
 //! f32, which the next product casts back to half.
+//!
+//! RMS norm ([`super::rms_norm`]) is this module without the centering: no mean, no shift.
 
 use serde::{Deserialize, Serialize};
 
 use super::check::product;
 use super::{LayerError, Module, Parameter, Parameters, Path, Token, Values};
 use crate::memory::Storage;
+use crate::program::framework::Framework;
 pub use crate::program::geometry::NormalizedRows;
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::{Instr, LayerAffine, RowStatistics, Scale};
@@ -52,21 +55,24 @@ impl LayerNormSpec {
             scale: self.elementwise_affine,
             shift: self.elementwise_affine && self.bias,
             eps,
+            rms: None,
             shape: input.to_vec(),
         })
     }
 }
 
-/// A layer norm layer.
+/// A layer norm layer, or an RMS norm one.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    features: u64,
+    pub(super) features: u64,
     /// Rows per sample: the product of the leading dimensions.
-    positions: u64,
-    scale: bool,
-    shift: bool,
-    eps: f32,
-    shape: Vec<u64>,
+    pub(super) positions: u64,
+    pub(super) scale: bool,
+    pub(super) shift: bool,
+    pub(super) eps: f32,
+    /// For RMS norm (rows not centred), where it is in the job.
+    pub(super) rms: Option<Path>,
+    pub(super) shape: Vec<u64>,
 }
 
 impl Module for LayerNorm {
@@ -84,8 +90,15 @@ impl Module for LayerNorm {
             scale: parameters.take(),
             shift: self.shift.then(|| parameters.take()),
         });
-        // CUDA's autocast runs layer_norm in f32.
-        let x = match graph.precision().is_mixed() && graph.storage(x) != Storage::F32 {
+        let sixteen_bit_input = graph.precision().is_mixed() && graph.storage(x) != Storage::F32;
+        if let (Some(at), Some(_), true) = (&self.rms, &affine, sixteen_bit_input) {
+            // PyTorch's fused rms_norm needs the input's type to be the weight's.
+            if graph.framework() == Framework::Pytorch {
+                graph.refuse(super::rms_norm::composite_refusal(at));
+            }
+        }
+        // CUDA's autocast runs layer_norm in f32 (it leaves rms_norm be).
+        let x = match sixteen_bit_input && self.rms.is_none() {
             true => graph.cast(x, Storage::F32, Scale::One),
             false => {
                 graph.retain(x);
@@ -101,7 +114,10 @@ impl Module for LayerNorm {
         let len = graph.elements(x);
         let y = graph.output(len, graph.storage(x));
         let saved = RowStatistics {
-            mean: graph.output(rows.rows, Storage::F32),
+            mean: self
+                .rms
+                .is_none()
+                .then(|| graph.output(rows.rows, Storage::F32)),
             rstd: graph.output(rows.rows, Storage::F32),
         };
         graph.emit(Instr::LayerNormForward {
@@ -112,7 +128,7 @@ impl Module for LayerNorm {
             }),
             y: graph.slot(y),
             saved: RowStatistics {
-                mean: graph.slot(saved.mean),
+                mean: saved.mean.map(|m| graph.slot(m)),
                 rstd: graph.slot(saved.rstd),
             },
             rows,
@@ -122,8 +138,9 @@ impl Module for LayerNorm {
             .flat_map(|a| std::iter::once(a.scale).chain(a.shift))
             .collect();
         let inputs: Vec<Tensor> = std::iter::once(x).chain(parameters.clone()).collect();
-        let saved_tensors: Vec<Tensor> = [x, saved.mean, saved.rstd]
-            .into_iter()
+        let saved_tensors: Vec<Tensor> = std::iter::once(x)
+            .chain(saved.mean)
+            .chain([saved.rstd])
             .chain(parameters)
             .collect();
         let backward = LayerNormBackward {
@@ -133,7 +150,9 @@ impl Module for LayerNorm {
             rows,
         };
         graph.record(backward, &inputs, &saved_tensors, &[y]);
-        graph.release(saved.mean);
+        if let Some(mean) = saved.mean {
+            graph.release(mean);
+        }
         graph.release(saved.rstd);
         graph.release(x);
         y
@@ -146,7 +165,10 @@ impl Module for LayerNorm {
         x[..rows * self.positions as usize * n]
             .chunks_exact(n)
             .flat_map(|row| {
-                let mean = row.iter().sum::<f64>() / n as f64;
+                let mean = match self.rms {
+                    None => row.iter().sum::<f64>() / n as f64,
+                    Some(_) => 0.0,
+                };
                 let variance = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
                 let rstd = 1.0 / (variance + f64::from(self.eps)).sqrt();
                 row.iter().enumerate().map(move |(j, v)| {
@@ -158,10 +180,12 @@ impl Module for LayerNorm {
 
     fn token(&self) -> Token {
         Token::Layer(
-            match (self.scale, self.shift) {
-                (true, true) => "ln",
-                (true, false) => "ln-nobias",
-                _ => "ln-noaffine",
+            match (&self.rms, self.scale, self.shift) {
+                (Some(_), true, _) => "rms",
+                (Some(_), false, _) => "rms-noaffine",
+                (None, true, true) => "ln",
+                (None, true, false) => "ln-nobias",
+                (None, false, _) => "ln-noaffine",
             }
             .into(),
         )
@@ -200,7 +224,7 @@ impl Backward for LayerNormBackward {
             x: pass.slot(self.x),
             scale: self.affine.map(|a| pass.slot(a.scale)),
             saved: RowStatistics {
-                mean: pass.slot(self.saved.mean),
+                mean: self.saved.mean.map(|m| pass.slot(m)),
                 rstd: pass.slot(self.saved.rstd),
             },
             dx: dx.map(|dx| pass.slot(dx)),

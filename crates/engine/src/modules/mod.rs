@@ -51,6 +51,7 @@ pub mod patch_embedding;
 pub mod pooling;
 pub mod positional_embedding;
 pub mod residual;
+pub mod rms_norm;
 pub mod self_attention;
 pub mod sequential;
 
@@ -103,6 +104,8 @@ pub enum LayerSpec {
     GatedMlp(gated_mlp::GatedMlpSpec),
     /// `nn.LayerNorm` over the last dimension, its features inferred.
     LayerNorm(layer_norm::LayerNormSpec),
+    /// `nn.RMSNorm` over the last dimension, its features inferred.
+    RmsNorm(rms_norm::RmsNormSpec),
     /// `nn.Linear`, its input features inferred.
     Linear(linear::LinearSpec),
     /// `nn.ReLU`.
@@ -152,6 +155,7 @@ impl LayerSpec {
             LayerSpec::Identity(_) => "identity",
             LayerSpec::GatedMlp(_) => "gated_mlp",
             LayerSpec::LayerNorm(_) => "layer_norm",
+            LayerSpec::RmsNorm(_) => "rms_norm",
             LayerSpec::Linear(_) => "linear",
             LayerSpec::Relu(_) => "relu",
             LayerSpec::Relu6(_) => "relu6",
@@ -192,6 +196,7 @@ impl LayerSpec {
             LayerSpec::Identity(_) => Arc::new(identity::Identity::new(input)),
             LayerSpec::GatedMlp(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::LayerNorm(spec) => Arc::new(spec.build(input, &at)?),
+            LayerSpec::RmsNorm(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::Linear(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::Relu(spec) => Arc::new(Activation::new(
                 Nonlinearity::Relu,

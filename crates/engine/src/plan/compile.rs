@@ -6,14 +6,22 @@
 
 use super::Plan;
 use crate::memory::{Element, Part, Storage};
-use crate::modules::{cross_entropy, Module, ParameterKind, Parameters};
+use crate::modules::{cross_entropy, LayerError, Module, ParameterKind, Parameters};
 use crate::program::graph::{Graph, Tensor};
 use crate::program::{Instr, Moment, OptimizerState, Program, Scale, Slot};
 use crate::synthetic;
 
-/// The step of `plan` at `rows` samples, its synthetic batch and first parameters from `seed`;
-/// `None` when a buffer's size passes `u64`.
-pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Option<Program> {
+/// Why a step has no program.
+#[derive(Debug)]
+pub enum NoProgram {
+    /// A buffer's size passes `u64`.
+    Overflow,
+    /// A module met a case whose memory headroom does not model.
+    Refused(LayerError),
+}
+
+/// The step of `plan` at `rows` samples, its synthetic batch and first parameters from `seed`.
+pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> {
     let mut graph = Graph::new(
         rows,
         plan.precision,
@@ -115,11 +123,14 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Option<Program> {
     let (parameters, gradients) = update(&mut graph, states, master, flag);
     let inputs = (graph.slot(input), graph.slot(labels));
     let loss = (graph.slot(row_loss), graph.slot(loss_sum));
+    if let Some(error) = graph.refused() {
+        return Err(NoProgram::Refused(error));
+    }
     if graph.overflowed() {
-        return None;
+        return Err(NoProgram::Overflow);
     }
     let recorded = graph.finish();
-    Some(Program {
+    Ok(Program {
         batch_size: rows,
         slots: recorded.slots,
         setup: recorded.setup,

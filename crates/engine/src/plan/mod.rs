@@ -14,7 +14,7 @@ pub use crate::memory::{
 };
 use crate::modules::{Context, LayerError, LayerSpec, Module, Path, Sequential};
 pub use crate::program::{Accumulation, Framework, Program};
-use compile::compile;
+use compile::{compile, NoProgram};
 
 /// `GradScaler`'s first loss scale, 2^16.
 pub const LOSS_SCALE_INITIAL: f32 = 65536.0;
@@ -258,7 +258,11 @@ impl Plan {
             accumulation: Accumulation::default(),
             parameter_count,
         };
-        // The fixed part and one sample must be representable; larger batches are checked per use.
+        // A module may refuse the step whatever the batch; the fixed part and one sample must be
+        // representable (larger batches are checked per use).
+        if let Err(NoProgram::Refused(error)) = compile(&plan, 1, 0) {
+            return Err(error.into());
+        }
         plan.memory(1).ok_or(Overflow)?;
         Ok(plan)
     }
@@ -337,9 +341,10 @@ impl Plan {
     }
 
     /// The training step at `batch_size` as this plan's framework runs it, its synthetic batch
-    /// and first parameters from `seed`; `None` when a buffer's size passes `u64`.
+    /// and first parameters from `seed`; `None` when a buffer's size passes `u64` (a module's
+    /// refusal [`Plan::new`] has already reported).
     pub fn program(&self, batch_size: u64, seed: u64) -> Option<Program> {
-        compile(self, batch_size, seed)
+        compile(self, batch_size, seed).ok()
     }
 
     /// The breakdown at the step's peak at `batch_size` (exact bytes), or `None` if it
@@ -718,6 +723,32 @@ mod tests {
         let p = plan(&[3, 32, 32], &[128], 10, OptimizerKind::Adam);
         assert!(p.memory(u64::MAX / 8).is_none());
         assert!(p.device_bytes(u64::MAX / 8, Allocator::CudaPages).is_none());
+    }
+
+    /// A module's refusal (here rms_norm's composite case, which depends on the precision and
+    /// the framework, not the batch) reaches the plan as the layer's error.
+    #[test]
+    fn a_refused_step_is_a_layer_error() {
+        let layers: Vec<LayerSpec> = serde_json::from_value(serde_json::json!([
+            {"linear": {"out_features": 8}},
+            {"rms_norm": {}},
+            {"linear": {"out_features": 3}}
+        ]))
+        .unwrap();
+        let build = |precision, framework| {
+            let training = training(OptimizerKind::Sgd, precision, framework);
+            Plan::new(&[8], &layers, 3, training, "model.layers")
+        };
+        match build(Precision::Bf16Mixed, Framework::Pytorch) {
+            Err(PlanError::Layer(error)) => {
+                assert_eq!(error.field, "model.layers[1]");
+                assert!(error.reason.contains("16-bit input"), "{}", error.reason);
+            }
+            other => panic!("expected the layer's error, got {other:?}"),
+        }
+        assert!(build(Precision::Bf16Mixed, Framework::Headroom).is_ok());
+        assert!(build(Precision::Bf16True, Framework::Pytorch).is_ok());
+        assert!(build(Precision::F32True, Framework::Pytorch).is_ok());
     }
 
     #[test]

@@ -17,6 +17,7 @@
 use super::framework::{Accumulation, Framework};
 use super::instr::{Instr, Moment, Scale, Slot};
 use crate::memory::{Buffer, Element, Part, Precision, Storage};
+use crate::modules::LayerError;
 
 /// A tensor of the step: its values (a storage, maybe shared with views and in-place results)
 /// and where its gradient goes.
@@ -117,6 +118,8 @@ pub struct Graph {
     precision: Precision,
     seed: u64,
     overflowed: bool,
+    /// Why the step cannot be modelled as PyTorch runs it, from the first module that said so.
+    refused: Option<LayerError>,
     tensors: Vec<TensorEntry>,
     storages: Vec<StorageEntry>,
     nodes: Vec<Node>,
@@ -159,6 +162,7 @@ impl Graph {
             precision,
             seed,
             overflowed: false,
+            refused: None,
             tensors: Vec::new(),
             storages: Vec::new(),
             nodes: Vec::new(),
@@ -196,9 +200,25 @@ impl Graph {
         })
     }
 
+    /// Whose step this is.
+    pub fn framework(&self) -> Framework {
+        self.code.framework
+    }
+
     /// Whether some size passed `u64`.
     pub fn overflowed(&self) -> bool {
         self.overflowed
+    }
+
+    /// Marks the step as one headroom cannot model (no program comes of it): a module met a
+    /// case whose memory it does not follow, `error` naming its field and what would work.
+    pub fn refuse(&mut self, error: LayerError) {
+        self.refused.get_or_insert(error);
+    }
+
+    /// Why the step cannot be modelled, if a module said so.
+    pub fn refused(&mut self) -> Option<LayerError> {
+        self.refused.take()
     }
 
     /// What follows belongs to `moment`.

@@ -63,8 +63,8 @@ pub struct LayerAffine<F> {
 /// What layer norm's forward saves for its backward: per row, f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowStatistics<F> {
-    /// The row's mean.
-    pub mean: F,
+    /// The row's mean; none for RMS norm, which does not centre the rows.
+    pub mean: Option<F>,
     /// `1 / sqrt(variance + eps)`, the biased variance.
     pub rstd: F,
 }
@@ -544,7 +544,8 @@ pub enum Instr {
     },
     /// norm.cu: layer norm over the last dimension: per row its mean and
     /// `1 / sqrt(variance + eps)` (biased variance) into `saved`,
-    /// `y = (x - mean) * rstd * scale + shift`.
+    /// `y = (x - mean) * rstd * scale + shift`; RMS norm where `saved` has no mean (the mean
+    /// taken as 0: `rstd = 1 / sqrt(mean(x²) + eps)`).
     LayerNormForward {
         /// Read.
         x: Slot,

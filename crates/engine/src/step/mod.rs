@@ -832,7 +832,7 @@ impl<K: Kernels> Executor<K> {
                 rows,
             } => {
                 let mut saved_buffers = RowStatistics {
-                    mean: self.take(saved.mean),
+                    mean: self.take_values(saved.mean),
                     rstd: self.take(saved.rstd),
                 };
                 let done = self.writing(y, |this, y| {
@@ -842,7 +842,7 @@ impl<K: Kernels> Executor<K> {
                     });
                     kernels.layer_norm_forward(this.values(x), affine, y, &mut saved_buffers, &rows)
                 });
-                self.put(saved.mean, saved_buffers.mean);
+                self.put_values(saved.mean, saved_buffers.mean);
                 self.put(saved.rstd, saved_buffers.rstd);
                 done?
             }
@@ -863,7 +863,7 @@ impl<K: Kernels> Executor<K> {
                     shift: dshift.as_mut(),
                 });
                 let saved_values = RowStatistics {
-                    mean: self.values(saved.mean),
+                    mean: saved.mean.map(|m| self.values(m)),
                     rstd: self.values(saved.rstd),
                 };
                 let done = kernels.layer_norm_backward(

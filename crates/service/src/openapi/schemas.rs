@@ -154,6 +154,9 @@ pub enum Layer {
     GatedMlp(GatedMlp),
     /// `nn.LayerNorm` over the last dimension, features inferred; f32 under autocast.
     LayerNorm(LayerNorm),
+    /// `nn.RMSNorm` over the last dimension, features inferred; fused (input, f32 rstd and
+    /// weight saved).
+    RmsNorm(RmsNorm),
     /// `nn.Linear` over the last dimension, input features inferred.
     Linear(Linear),
     /// `nn.ReLU`.
@@ -395,6 +398,18 @@ pub struct LayerNorm {
     #[serde(default)]
     #[schema(default = true)]
     bias: bool,
+}
+
+/// `nn.RMSNorm`'s arguments.
+#[derive(Serialize, ToSchema)]
+pub struct RmsNorm {
+    /// Added to the mean square; absent, f32's machine epsilon.
+    #[schema(exclusive_minimum = 0.0)]
+    eps: Option<f64>,
+    /// Whether a scale per feature is learnt.
+    #[serde(default)]
+    #[schema(default = true)]
+    elementwise_affine: bool,
 }
 
 /// `nn.Dropout`'s argument.

@@ -107,11 +107,23 @@ impl Norm for CudaDevice {
         let features = |present: i32| if present == 1 { n } else { 0 };
         let (storage, eps) = (x.storage.code(), rows.eps);
         let [r64, n64] = [r, n].map(|v| v as i64);
-        launch!(self, Kernel::LayerNormForward, shapes::block_per_channel(r);
-            holds(x, len), holds(scale.unwrap_or(x), features(has_scale)), &has_scale,
-            holds(shift.unwrap_or(x), features(has_shift)), &has_shift, holds_mut(y, len),
-            holds_mut(&mut saved.mean, r), holds_mut(&mut saved.rstd, r), &r64, &n64, &eps,
-            &storage, &param_storage)
+        let centered = i32::from(saved.mean.is_some());
+        let config = shapes::block_per_channel(r);
+        let (scale, shift) = (
+            holds(scale.unwrap_or(x), features(has_scale)),
+            holds(shift.unwrap_or(x), features(has_shift)),
+        );
+        match &mut saved.mean {
+            Some(mean) => launch!(self, Kernel::LayerNormForward, config;
+                holds(x, len), scale, &has_scale, shift, &has_shift, holds_mut(y, len),
+                holds_mut(mean, r), holds_mut(&mut saved.rstd, r), &centered, &r64, &n64, &eps,
+                &storage, &param_storage),
+            // RMS norm's absent mean is given `x`, live and unread.
+            None => launch!(self, Kernel::LayerNormForward, config;
+                holds(x, len), scale, &has_scale, shift, &has_shift, holds_mut(y, len),
+                holds(x, 0), holds_mut(&mut saved.rstd, r), &centered, &r64, &n64, &eps,
+                &storage, &param_storage),
+        }
     }
 
     fn layer_norm_backward(
@@ -127,14 +139,19 @@ impl Norm for CudaDevice {
         let (len, r, n) = (rows.values(), rows.rows, rows.features);
         let [r64, n64] = [r, n].map(|v| v as i64);
         let storage = dy.storage.code();
-        let (mean, rstd) = (holds(saved.mean, r), holds(saved.rstd, r));
+        let centered = i32::from(saved.mean.is_some());
+        // RMS norm's absent mean is given the rstd buffer, unread.
+        let (mean, rstd) = (
+            holds(saved.mean.unwrap_or(saved.rstd), r),
+            holds(saved.rstd, r),
+        );
         if let Some(dx) = dx {
             let has_scale = i32::from(scale.is_some());
             let param_storage = scale.map_or(storage, |s| s.storage.code());
             // Without a scale the kernel is given `x`, live and unread.
             let scale = holds(scale.unwrap_or(x), if has_scale == 1 { n } else { 0 });
             launch!(self, Kernel::LayerNormInputGradient, shapes::block_per_channel(r);
-                holds(dy, len), holds(x, len), scale, &has_scale, mean, rstd,
+                holds(dy, len), holds(x, len), scale, &has_scale, mean, rstd, &centered,
                 holds_mut(dx, len), &r64, &n64, &storage, &param_storage)?;
         }
         let Some(affine) = affine else {
@@ -145,10 +162,10 @@ impl Norm for CudaDevice {
         let config = shapes::block_per_channel(n);
         match affine.shift {
             Some(dshift) => launch!(self, Kernel::LayerNormParameterGradient, config;
-                holds(dy, len), holds(x, len), mean, rstd, holds_mut(affine.scale, n),
+                holds(dy, len), holds(x, len), mean, rstd, &centered, holds_mut(affine.scale, n),
                 holds_mut(dshift, n), &has_dshift, &r64, &n64, &storage, &grad_storage),
             None => launch!(self, Kernel::LayerNormParameterGradient, config;
-                holds(dy, len), holds(x, len), mean, rstd, holds_mut(affine.scale, n),
+                holds(dy, len), holds(x, len), mean, rstd, &centered, holds_mut(affine.scale, n),
                 holds(dy, 0), &has_dshift, &r64, &n64, &storage, &grad_storage),
         }
     }
