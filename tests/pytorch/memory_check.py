@@ -48,7 +48,10 @@ error; prints a table either way.
 """
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import pathlib
 import random
 import subprocess
@@ -160,12 +163,45 @@ class GatedMlp(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class RotaryTables:
+    """The cosines and sines of rotary position embedding, made once a forward and shared by
+    every attention layer, as Hugging Face's `LlamaModel` makes them (`rotary_emb`): per
+    position and head feature, `[positions, head_dim]` in the model's dtype (f32 under
+    autocast). `clear` (a forward hook on the model) drops the forward's; the layers' products
+    keep them for backward."""
+
+    def __init__(self):
+        self.made = {}
+
+    def get(self, positions, head_dim, theta, dtype, device):
+        key = (positions, head_dim, theta, dtype)
+        if key not in self.made:
+            with torch.autocast(device.type, enabled=False):
+                exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+                angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32),
+                                     1.0 / theta ** exponents)
+                angles = torch.cat((angles, angles), dim=-1)
+                self.made[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return self.made[key]
+
+    def clear(self, *_):
+        self.made.clear()
+
+
+def rotate_half(x):
+    """Hugging Face's `rotate_half`: the head's second half negated, then its first half."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 class SelfAttention(nn.Module):
     """A layer list's `self_attention`: Llama's attention (`q_proj`, `k_proj`, `v_proj`, `o_proj`),
-    the heads viewed out of the projections and SDPA's fused path between them (`enable_gqa`
-    where key/value heads are shared: nothing repeated)."""
+    the heads viewed out of the projections, rotary position embedding on the queries and keys
+    as Hugging Face's `apply_rotary_pos_emb` computes it (with `rope_theta`), and SDPA's fused
+    path between them (`enable_gqa` where key/value heads are shared: nothing repeated)."""
 
-    def __init__(self, features, num_heads, num_kv_heads=None, head_dim=None, causal=False, bias=True):
+    def __init__(self, features, num_heads, num_kv_heads=None, head_dim=None, causal=False, bias=True,
+                 rope_theta=None):
         super().__init__()
         self.heads, self.kv_heads = num_heads, num_kv_heads or num_heads
         self.head_dim, self.causal = head_dim or features // num_heads, causal
@@ -173,6 +209,8 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, features, bias=bias)
+        self.rope_theta = rope_theta
+        self.rotary = None  # the model's RotaryTables, given by `share_rotary_tables`
 
     def forward(self, x):
         b, t, _ = x.shape
@@ -183,8 +221,22 @@ class SelfAttention(nn.Module):
         q = heads(self.q_proj(x), self.heads)
         k = heads(self.k_proj(x), self.kv_heads)
         v = heads(self.v_proj(x), self.kv_heads)
+        if self.rope_theta is not None:
+            cos, sin = self.rotary.get(t, self.head_dim, self.rope_theta, self.q_proj.weight.dtype, x.device)
+            q, k = (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+def share_rotary_tables(model):
+    """One [`RotaryTables`] for every attention layer of `model` with rotary embedding, remade
+    each forward."""
+    tables = RotaryTables()
+    rotary = [m for m in model.modules() if isinstance(m, SelfAttention) and m.rope_theta is not None]
+    for layer in rotary:
+        layer.rotary = tables
+    if rotary:
+        model.register_forward_hook(tables.clear)
 
 
 class PatchEmbedding(nn.Module):
@@ -359,6 +411,7 @@ def output_shape(layer, shape):
     (on two samples: batch norm needs more than one value per channel; token ids for an
     embedding)."""
     dtype = torch.long if isinstance(layer, nn.Embedding) else None
+    share_rotary_tables(layer)
     with torch.no_grad():
         return list(layer(torch.zeros(2, *shape, dtype=dtype)).shape[1:])
 
@@ -419,6 +472,7 @@ def build(job, device, torchvision_name=None):
                 # One label a sample, or one a position of the logits' leading dimensions.
                 model.label_shape = out[:-1]
                 tie_weights(model)
+                share_rotary_tables(model)
     finally:
         torch.set_default_dtype(default_dtype)
     name = job["optimizer"]["name"]
@@ -717,7 +771,7 @@ class Generator:
 
     def transformer_job(self):
         """A decoder or encoder stack over token ids: learned positions or none, pre-norm blocks of
-        self-attention (heads, key/value heads, causal or not) and an MLP (plain or gated), a
+        self-attention (heads, key/value heads, rotary or not, causal or not) and an MLP (plain or gated), a
         final norm, and a language model's head, tied to the embedding or not."""
         rng = self.rng
         length, vocab = rng.randint(1, 24), rng.randint(2, 300)
@@ -735,6 +789,8 @@ class Generator:
                 attention.setdefault("head_dim", rng.randint(1, 16))
             if heads % attention.get("num_kv_heads", heads):
                 del attention["num_kv_heads"]
+            if attention.get("head_dim", dim // heads) % 2:
+                attention.pop("rope_theta", None)
             layers.append({"residual": {"layers": [norm, {"self_attention": attention}]}})
             if rng.random() < 0.5:
                 mlp = [{"gated_mlp": {"intermediate_size": rng.randint(1, 4 * dim), **self.maybe(bias=True)}}]
@@ -898,7 +954,8 @@ class Generator:
 
     def attention_args(self, features):
         """Self-attention over `features`: heads that split them or a head width of its own,
-        grouped-query or not, causal or not, with or without bias."""
+        grouped-query or not, rotary embedding or not (an even head width), causal or not, with or
+        without bias."""
         rng = self.rng
         heads = rng.choice([h for h in range(1, 9) if features % h == 0] if rng.random() < 0.7 else range(1, 9))
         args = {"num_heads": heads}
@@ -907,6 +964,8 @@ class Generator:
         kv_heads = rng.choice([k for k in range(1, heads + 1) if heads % k == 0])
         if kv_heads != heads or rng.random() < 0.2:
             args["num_kv_heads"] = kv_heads
+        if args.get("head_dim", features // heads) % 2 == 0:
+            args.update(self.maybe(rope_theta=rng.choice([10000.0, 500000.0])))
         return {**args, **self.maybe(causal=True), **self.maybe(bias=False)}
 
     def stream_norm(self):
@@ -998,6 +1057,20 @@ class Generator:
         return body, out
 
 
+def one_thread():
+    """A worker's PyTorch on one thread: the workers share the cores."""
+    torch.set_num_threads(1)
+
+
+def run_task(binary, cuda, task):
+    """One comparison in a worker: its row, or headroom's refusal."""
+    name, job, batch, torchvision_name, _ = task
+    try:
+        return compare(binary, name, job, batch, cuda, torchvision_name), None
+    except Refused as error:
+        return None, str(error)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--headroom", required=True, help="the headroom binary")
@@ -1024,27 +1097,39 @@ def main():
             flush=True,
         )
 
+    # (name, job, batch, torchvision model, generated): every comparison, drawn up front so
+    # that the generator's sequence does not depend on how they are run.
+    tasks = []
     for path in args.examples:
         job = json.loads(path.read_text())
         torchvision_name = TORCHVISION.get(path.stem)
         batches = TORCHVISION_BATCHES if torchvision_name else map(int, args.batch_sizes.split(","))
         for batch in list(batches):
             for precision in args.precisions.split(","):
-                record(compare(args.headroom, path.stem, dict(job, precision=precision), batch, args.cuda,
-                               torchvision_name))
+                tasks.append((path.stem, dict(job, precision=precision), batch, torchvision_name, False))
     if args.random:
         seed = args.seed if args.seed is not None else int(time.time())
         print(f"generated layer lists: --random {args.random} --seed {seed}", flush=True)
         generator = Generator(seed)
         for i in range(args.random):
             job = generator.job()
-            batch = generator.batch()
-            try:
-                record(compare(args.headroom, f"random #{i}", job, batch, args.cuda))
-            except Refused as error:
+            tasks.append((f"random #{i}", job, generator.batch(), None, True))
+    # Each comparison is independent: they run in worker processes, one per core (MemTracker's
+    # bookkeeping is single-threaded Python), and are reported in order.
+    workers = 1 if args.cuda else max(1, os.cpu_count() or 1)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=one_thread) as pool:
+        runs = [pool.submit(run_task, args.headroom, args.cuda, task) for task in tasks]
+        for (name, job, _, _, generated), run in zip(tasks, runs):
+            row, error = run.result()
+            if error is not None:
+                if not generated:
+                    raise SystemExit(f"{name} REFUSED: {error}")
                 refused.append(job)
-                print(f"random #{i} REFUSED: {error}\n{json.dumps(job)}", flush=True)
-            if rows[-1]["failed"] if rows else False:
+                print(f"{name} REFUSED: {error}\n{json.dumps(job)}", flush=True)
+                continue
+            record(row)
+            if row["failed"] and generated:
                 print(json.dumps(job), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

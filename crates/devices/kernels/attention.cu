@@ -207,3 +207,44 @@ extern "C" __global__ void attention_backward_key(const void* q, const void* k, 
         }
     }
 }
+
+// Rotary position embedding over [batch, sequence, heads, head_dim] values (head_dim even, half
+// = head_dim / 2): feature i of position t turns by angle t * theta^(-2 (i mod half) / head_dim),
+// computed in f32 as PyTorch computes its tables; rotate_half pairs feature i with i + half.
+__device__ __forceinline__ float rotary_angle(long long t, long long i, long long head_dim, float theta) {
+    const long long half = head_dim / 2;
+    const float exponent = (float)(2 * (i % half)) / (float)head_dim;
+    return (float)t * (1.0f / powf(theta, exponent));
+}
+
+// y = x * cos + rotate_half(x) * sin, rotate_half(x)[i] = -x[i + half] (i < half), x[i - half].
+// x in `storage`, y in `out_storage` (f32 where the tables are: autocast's promotion).
+// Launch: block (256, 1, 1); grid (min(ceil(values / 256), 2^20), 1, 1), grid-stride.
+extern "C" __global__ void rotary_forward(const void* x, void* y, long long values, long long sequence,
+                                          long long heads, long long head_dim, float theta, int storage,
+                                          int out_storage) {
+    const long long half = head_dim / 2;
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < values; k += (long long)gridDim.x * blockDim.x) {
+        const long long i = k % head_dim;
+        const long long t = k / (heads * head_dim) % sequence;
+        const float angle = rotary_angle(t, i, head_dim, theta);
+        const float rotated = i < half ? -load_value(x, k + half, storage) : load_value(x, k - half, storage);
+        store_value(y, k, out_storage, load_value(x, k, storage) * cosf(angle) + rotated * sinf(angle));
+    }
+}
+
+// Its backward: dx = dy * cos + rotate_half^T(dy * sin), rotate_half^T(g)[i] = g[i + half]
+// (i < half), -g[i - half]; the partner's angle is the feature's own. dy in `storage`, dx in
+// `out_storage`. Launch as rotary_forward.
+extern "C" __global__ void rotary_backward(const void* dy, void* dx, long long values, long long sequence,
+                                           long long heads, long long head_dim, float theta, int storage,
+                                           int out_storage) {
+    const long long half = head_dim / 2;
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < values; k += (long long)gridDim.x * blockDim.x) {
+        const long long i = k % head_dim;
+        const long long t = k / (heads * head_dim) % sequence;
+        const float angle = rotary_angle(t, i, head_dim, theta);
+        const float partner = i < half ? load_value(dy, k + half, storage) : -load_value(dy, k - half, storage);
+        store_value(dx, k, out_storage, load_value(dy, k, storage) * cosf(angle) + partner * sinf(angle));
+    }
+}

@@ -1131,6 +1131,17 @@ mod tests {
                 .unwrap();
             assert!(largest < batch * 512 * 512, "{largest} at batch {batch}");
         }
+        // Rotary embedding keeps none either: its tables are positions x head_dim.
+        let rotary = Job::from_json(&job(r#"{"num_heads": 6, "rope_theta": 10000}"#))
+            .unwrap()
+            .plan;
+        for batch in [1, 16] {
+            let program = rotary.program(batch, 0).unwrap();
+            assert!(program.step.iter().all(|instr| match instr {
+                Instr::Alloc { buffer, .. } => buffer.elements < batch * 512 * 512,
+                _ => true,
+            }));
+        }
         // A batch whose sizes pass u64 is no program, not a panic.
         assert!(plan.program(1 << 60, 0).is_none());
         assert!(plan.memory(u64::MAX).is_none());
@@ -1151,6 +1162,16 @@ mod tests {
                 r#"{"num_heads": 4294967296, "head_dim": 256}"#,
                 "num_heads",
                 "4294967296 heads of 256 values are wider than 4294967296",
+            ),
+            (
+                r#"{"num_heads": 2, "head_dim": 5, "rope_theta": 10000}"#,
+                "rope_theta",
+                "head_dim must be even, got 5",
+            ),
+            (
+                r#"{"num_heads": 6, "rope_theta": 0.5}"#,
+                "rope_theta",
+                "finite number above 1, got 0.5",
             ),
         ];
         for (attention, field, reason) in cases {

@@ -219,11 +219,15 @@ pub enum Kernel {
     AttentionBackwardQuery,
     /// Fused attention's key and value gradients, a key row a thread.
     AttentionBackwardKey,
+    /// Rotary position embedding.
+    RotaryForward,
+    /// Its backward.
+    RotaryBackward,
 }
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 47] = [
+    pub const ALL: [Kernel; 49] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -271,6 +275,8 @@ impl Kernel {
         Kernel::AttentionForward,
         Kernel::AttentionBackwardQuery,
         Kernel::AttentionBackwardKey,
+        Kernel::RotaryForward,
+        Kernel::RotaryBackward,
     ];
 
     /// The function's name in its source and in the PTX.
@@ -323,6 +329,8 @@ impl Kernel {
             Kernel::AttentionForward => "attention_forward",
             Kernel::AttentionBackwardQuery => "attention_backward_query",
             Kernel::AttentionBackwardKey => "attention_backward_key",
+            Kernel::RotaryForward => "rotary_forward",
+            Kernel::RotaryBackward => "rotary_backward",
         }
     }
 
@@ -352,7 +360,9 @@ impl Kernel {
             | Kernel::FirstTokenBackward => Family::Embedding,
             Kernel::AttentionForward
             | Kernel::AttentionBackwardQuery
-            | Kernel::AttentionBackwardKey => Family::Attention,
+            | Kernel::AttentionBackwardKey
+            | Kernel::RotaryForward
+            | Kernel::RotaryBackward => Family::Attention,
             Kernel::DropoutForward | Kernel::DropoutBackward => Family::Dropout,
             Kernel::Conv2dForward | Kernel::Conv2dInputGradient | Kernel::Conv2dWeightGradient => {
                 Family::Conv

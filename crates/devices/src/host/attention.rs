@@ -2,15 +2,16 @@
 //! keys and values widened to f32: one sample's scratch), heads (key/value heads in backward)
 //! spread over every core. Like the kernels it keeps no `sequence x sequence` buffer: the
 //! scores of a tile of [`TILE`] query rows against the keys at a time, multiplied by gemm, the
-//! backward's probabilities recomputed from the saved log-sum-exp.
+//! backward's probabilities recomputed from the saved log-sum-exp. Rotary embedding a row of
+//! a head at a time.
 
 use rayon::prelude::*;
 
 use super::gemm::gemm;
-use super::values::HostValues;
+use super::values::{chunks, HostValues};
 use super::{usize_of, HostDevice};
 use headroom_engine::device::DeviceError;
-use headroom_engine::program::geometry::Attention;
+use headroom_engine::program::geometry::{Attention, Rotary};
 use headroom_engine::program::{AttentionGradients, AttentionSaved};
 use headroom_engine::step::Attend;
 
@@ -258,7 +259,57 @@ fn scatter(into: &mut [f32], rows: &[f32], n: usize, h: usize, d: usize) {
     }
 }
 
+/// Rotary embedding (`backward`: its transpose) from `from` into `to`, a head's row at a time:
+/// `to = from * cos + partner * sin`, the partner across the half `-from[i + half]` or
+/// `from[i - half]` forward, `from[i + half]` or `-from[i - half]` backward.
+fn rotary(from: &HostValues, to: &mut HostValues, shape: &Rotary, backward: bool) {
+    let (d, heads, sequence) = (
+        usize_of(shape.head_dim),
+        usize_of(shape.heads),
+        usize_of(shape.sequence),
+    );
+    let half = d / 2;
+    let sign = if backward { -1.0 } else { 1.0 };
+    for range in chunks(usize_of(shape.values()), d) {
+        let first_row = range.start / d;
+        let x = from.read(range.clone());
+        to.update(range, |y| {
+            for (r, (x, y)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+                let t = (first_row + r) / heads % sequence;
+                for (i, y) in y.iter_mut().enumerate() {
+                    let angle = shape.angle(t as u64, i as u64);
+                    let partner = match i < half {
+                        true => -sign * x[i + half],
+                        false => sign * x[i - half],
+                    };
+                    *y = x[i] * angle.cos() + partner * angle.sin();
+                }
+            }
+        });
+    }
+}
+
 impl Attend for HostDevice {
+    fn rotary_forward(
+        &mut self,
+        x: &HostValues,
+        y: &mut HostValues,
+        shape: &Rotary,
+    ) -> Result<(), DeviceError> {
+        rotary(x, y, shape, false);
+        Ok(())
+    }
+
+    fn rotary_backward(
+        &mut self,
+        dy: &HostValues,
+        dx: &mut HostValues,
+        shape: &Rotary,
+    ) -> Result<(), DeviceError> {
+        rotary(dy, dx, shape, true);
+        Ok(())
+    }
+
     fn attention_forward(
         &mut self,
         q: &HostValues,

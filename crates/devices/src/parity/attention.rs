@@ -1,13 +1,15 @@
 //! Checks of `attention.cu`: the fused forward (output and log-sum-exp) and its backward
 //! against a reference written here in f64 that materializes every score, at sequence lengths
 //! that are not multiples of the kernels' tiles, causal and not, grouped-query and multi-query,
-//! the widest head the kernels take, in every storage.
+//! the widest head the kernels take, in every storage; and rotary embedding and its gradient
+//! against the same definitions in f64.
 
 use super::{compare, poison, random, rounded, tolerance, Check, STORAGES, TOLERANCE};
 use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
+use headroom_engine::modules::rotary;
 use headroom_engine::plan::Storage;
-use headroom_engine::program::geometry::Attention;
+use headroom_engine::program::geometry::{Attention, Rotary};
 use headroom_engine::program::{AttentionGradients, AttentionSaved};
 
 /// Runs the attention checks on `device`.
@@ -198,6 +200,104 @@ fn check_case<K: Transfer>(
             &device.read_values(&dv, keys)?,
             &want.dv,
             gradient_tolerance,
+        ),
+    ])
+}
+
+/// Runs the rotary embedding checks on `device`: a head of two values at one position, heads
+/// wider and narrower than a warp over lengths that are not powers of two, Llama 3's base;
+/// into the input's storage and into f32 (autocast's promotion by the f32 tables).
+pub fn check_rotary<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
+    // (batch, sequence, heads, head_dim, theta)
+    let cases = [
+        (1u64, 1u64, 1u64, 2u64, 10_000.0f32),
+        (2, 37, 3, 64, 10_000.0),
+        (1, 130, 2, 8, 500_000.0),
+    ];
+    let mut checks = Vec::new();
+    for storage in STORAGES {
+        for out in [storage, Storage::F32] {
+            for (batch, sequence, heads, head_dim, theta) in cases {
+                let shape = Rotary {
+                    batch,
+                    sequence,
+                    heads,
+                    head_dim,
+                    theta,
+                };
+                checks.extend(check_rotary_case(device, (storage, out), &shape)?);
+            }
+        }
+    }
+    Ok(checks)
+}
+
+/// The gradient of rotary embedding from its definition in f64: the transpose of the map that
+/// turns each pair (`x[i]`, `x[i + half]`) by the pair's angle.
+fn rotary_gradient(dy: &[f32], shape: &Rotary) -> Vec<f32> {
+    let (d, heads, sequence) = (
+        shape.head_dim as usize,
+        shape.heads as usize,
+        shape.sequence,
+    );
+    let half = d / 2;
+    dy.chunks_exact(d)
+        .enumerate()
+        .flat_map(|(row, g)| {
+            let t = (row / heads) as u64 % sequence;
+            (0..d).map(move |j| {
+                let pair = j % half;
+                let angle = f64::from(shape.angle(t, pair as u64));
+                let (cos, sin) = (angle.cos(), angle.sin());
+                let (first, second) = (f64::from(g[pair]), f64::from(g[pair + half]));
+                // y[pair] = x[pair] cos - x[pair + half] sin; y[pair + half] = x[pair + half] cos + x[pair] sin
+                let dx = match j < half {
+                    true => first * cos + second * sin,
+                    false => second * cos - first * sin,
+                };
+                dx as f32
+            })
+        })
+        .collect()
+}
+
+fn check_rotary_case<K: Transfer>(
+    device: &mut K,
+    (storage, out): (Storage, Storage),
+    shape: &Rotary,
+) -> Result<Vec<Check>, DeviceError> {
+    let len = shape.values() as usize;
+    let x = rounded(&random(len, 74), storage);
+    let dy = rounded(&random(len, 75), out);
+    let wide: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    let want_y: Vec<f32> = rotary::reference(&wide, shape)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let want_dx = rotary_gradient(&dy, shape);
+
+    let x_d = device.write_values(&x, storage)?;
+    let mut y = device.write_values(&poison(len), out)?;
+    device.rotary_forward(&x_d, &mut y, shape)?;
+    let dy_d = device.write_values(&dy, out)?;
+    let mut dx = device.write_values(&poison(len), storage)?;
+    device.rotary_backward(&dy_d, &mut dx, shape)?;
+    let name = format!(
+        "{} x {} x {} heads x {} theta {} {storage:?} -> {out:?}",
+        shape.batch, shape.sequence, shape.heads, shape.head_dim, shape.theta
+    );
+    Ok(vec![
+        compare(
+            format!("rotary output {name}"),
+            &device.read_values(&y, len as u64)?,
+            &rounded(&want_y, out),
+            tolerance(out).max(tolerance(storage)),
+        ),
+        compare(
+            format!("rotary input gradient {name}"),
+            &device.read_values(&dx, len as u64)?,
+            &rounded(&want_dx, storage),
+            tolerance(storage).max(tolerance(out)),
         ),
     ])
 }

@@ -27,6 +27,7 @@ pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
     checks.extend(super::norm::check_layer_norm(device)?);
     checks.extend(super::embedding::check_embedding(device)?);
     checks.extend(super::attention::check_attention(device)?);
+    checks.extend(super::attention::check_rotary(device)?);
     Ok(checks)
 }
 

@@ -94,7 +94,8 @@ impl Module for LayerNorm {
         if let (Some(at), Some(_), true) = (&self.rms, &affine, sixteen_bit_input) {
             // PyTorch's fused rms_norm needs the input's type to be the weight's.
             if graph.framework() == Framework::Pytorch {
-                graph.refuse(super::rms_norm::composite_refusal(at));
+                let error = composite_refusal(at);
+                graph.refuse(error.field, error.reason);
             }
         }
         // CUDA's autocast runs layer_norm in f32 (it leaves rms_norm be).
@@ -190,6 +191,17 @@ impl Module for LayerNorm {
             .into(),
         )
     }
+}
+
+/// Why a learnt RMS norm over a 16-bit input under a mixed precision is refused.
+fn composite_refusal(at: &Path) -> LayerError {
+    at.error(
+        "under a mixed precision this rms_norm reads a 16-bit input (the output of the layer \
+         before it) with an f32 weight, which PyTorch runs as a composite of pow, mean, rsqrt \
+         and products that headroom does not model; put it on the f32 residual stream (inside a \
+         residual block, after the embedding), give it elementwise_affine: false, or train in \
+         32-true or bf16-true",
+    )
 }
 
 /// Layer norm's backward.

@@ -52,6 +52,7 @@ pub mod pooling;
 pub mod positional_embedding;
 pub mod residual;
 pub mod rms_norm;
+pub mod rotary;
 pub mod self_attention;
 pub mod sequential;
 

@@ -54,17 +54,6 @@ impl RmsNormSpec {
     }
 }
 
-/// Why a learnt RMS norm over a 16-bit input under a mixed precision is refused.
-pub fn composite_refusal(at: &Path) -> LayerError {
-    at.error(
-        "under a mixed precision this rms_norm reads a 16-bit input (the output of the layer \
-         before it) with an f32 weight, which PyTorch runs as a composite of pow, mean, rsqrt \
-         and products that headroom does not model; put it on the f32 residual stream (inside a \
-         residual block, after the embedding), give it elementwise_affine: false, or train in \
-         32-true or bf16-true",
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

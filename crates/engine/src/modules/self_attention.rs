@@ -10,14 +10,19 @@
 //! matrix: it writes the output and a float32 log-sum-exp per query row, and saves the queries,
 //! keys, values, output and log-sum-exp; its backward writes the three gradients at once, the
 //! scores recomputed tile by tile. Under autocast it runs in half, as the projections write.
+//!
+//! With `rope_theta`, rotary position embedding ([`super::rotary`]) turns the queries and keys
+//! before the attention, as Llama's block does; under autocast the f32 tables make them f32,
+//! which SDPA's autocast casts back to half (and those f32 values stay until the block ends).
 
 use serde::{Deserialize, Serialize};
 
 use super::check::{extent, show};
 use super::linear::{Linear, LinearSpec};
+use super::rotary;
 use super::{Context, LayerError, Module, Parameter, Parameters, Path, Token, Values, MAX_EXTENT};
 use crate::memory::Storage;
-use crate::program::geometry::Attention;
+use crate::program::geometry::{Attention, Rotary};
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::{AttentionGradients, AttentionSaved, Instr};
 
@@ -25,7 +30,7 @@ use crate::program::{AttentionGradients, AttentionSaved, Instr};
 pub const MAX_HEAD_DIM: u64 = 256;
 
 /// Self-attention's arguments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SelfAttentionSpec {
     /// Query heads (`num_attention_heads`).
@@ -44,6 +49,10 @@ pub struct SelfAttentionSpec {
     /// Whether the four projections learn a bias (true, as GPT-2's; Llama's have none).
     #[serde(default = "yes")]
     pub bias: bool,
+    /// Rotary position embedding's base (`rope_theta`: 10,000 in Llama 2, 500,000 in Llama
+    /// 3); none, no rotary embedding.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
 }
 
 fn yes() -> bool {
@@ -113,6 +122,25 @@ impl SelfAttentionSpec {
                     )
                 })
         };
+        let rope_theta = match self.rope_theta {
+            None => None,
+            Some(theta) if !(theta.is_finite() && theta > 1.0 && theta <= f64::from(f32::MAX)) => {
+                return Err(at.error_at(
+                    "rope_theta",
+                    format!("must be a finite number above 1, got {theta}"),
+                ))
+            }
+            Some(_) if head_dim % 2 != 0 => {
+                return Err(at.error_at(
+                    "rope_theta",
+                    format!(
+                        "rotary embedding turns a head's features in pairs, one from each \
+                         half: head_dim must be even, got {head_dim}"
+                    ),
+                ))
+            }
+            Some(theta) => Some(theta as f32),
+        };
         let q = linear(width(heads)?, input)?;
         let k = linear(width(kv_heads)?, input)?;
         let v = linear(width(kv_heads)?, input)?;
@@ -127,6 +155,7 @@ impl SelfAttentionSpec {
             kv_heads,
             head_dim,
             causal: self.causal,
+            rope_theta,
         })
     }
 }
@@ -143,9 +172,21 @@ pub struct SelfAttention {
     kv_heads: u64,
     head_dim: u64,
     causal: bool,
+    rope_theta: Option<f32>,
 }
 
 impl SelfAttention {
+    /// Rotary embedding over `heads` heads of a batch of `batch` sequences, if any.
+    fn rotary(&self, batch: u64, heads: u64) -> Option<Rotary> {
+        self.rope_theta.map(|theta| Rotary {
+            batch,
+            sequence: self.sequence,
+            heads,
+            head_dim: self.head_dim,
+            theta,
+        })
+    }
+
     fn shape(&self, batch: u64) -> Attention {
         Attention {
             batch,
@@ -171,22 +212,60 @@ impl Module for SelfAttention {
     }
 
     fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {
-        let q = self.q.forward(graph, x, parameters);
-        let k = self.k.forward(graph, x, parameters);
+        let rows = graph.rows();
+        let rotary = self
+            .rotary(rows, self.heads)
+            .zip(self.rotary(rows, self.kv_heads));
+        let heads = |graph: &mut Graph, linear: &Linear, parameters: &mut Parameters<'_>| {
+            let y = linear.forward(graph, x, parameters);
+            if rotary.is_none() {
+                return y;
+            }
+            let view = rotary::heads_view(graph, y);
+            graph.release(y);
+            view
+        };
+        let q = heads(graph, &self.q, parameters);
+        let k = heads(graph, &self.k, parameters);
         let v = self.v.forward(graph, x, parameters);
-        let o = attention(graph, [q, k, v], self.shape(graph.rows()));
-        for tensor in [q, k, v] {
+        let (q, k) = match rotary {
+            Some((for_q, for_k)) => {
+                let tables = rotary::tables(graph, &for_q);
+                let embedded = (
+                    rotary::embed(graph, q, &tables, for_q),
+                    rotary::embed(graph, k, &tables, for_k),
+                );
+                graph.release(q);
+                graph.release(k);
+                embedded
+            }
+            None => (q, k),
+        };
+        // SDPA's autocast casts what is not half (rotary's f32 queries and keys).
+        let operands = [q, k, v].map(|t| graph.operand(t));
+        let o = attention(graph, operands, self.shape(rows));
+        for tensor in operands {
             graph.release(tensor);
         }
         let y = self.o.forward(graph, o, parameters);
         graph.release(o);
+        for tensor in [q, k, v] {
+            graph.release(tensor);
+        }
         y
     }
 
     fn reference(&self, x: &[f64], rows: usize, values: &mut Values<'_>, seed: u64) -> Vec<f64> {
-        let q = self.q.reference(x, rows, values, seed);
-        let k = self.k.reference(x, rows, values, seed);
+        let mut q = self.q.reference(x, rows, values, seed);
+        let mut k = self.k.reference(x, rows, values, seed);
         let v = self.v.reference(x, rows, values, seed);
+        if let Some((for_q, for_k)) = self
+            .rotary(rows as u64, self.heads)
+            .zip(self.rotary(rows as u64, self.kv_heads))
+        {
+            q = rotary::reference(&q, &for_q);
+            k = rotary::reference(&k, &for_k);
+        }
         let o = reference_attention(&q, &k, &v, &self.shape(rows as u64));
         self.o.reference(&o, rows, values, seed)
     }
@@ -210,7 +289,14 @@ impl Module for SelfAttention {
             false => format!("/{}", self.kv_heads),
         };
         let causal = if self.causal { "causal" } else { "" };
-        Token::Layer(format!("{causal}attn{}{kv}x{}", self.heads, self.head_dim))
+        let rope = match self.rope_theta {
+            Some(theta) => format!("rope{theta}"),
+            None => String::new(),
+        };
+        Token::Layer(format!(
+            "{causal}{rope}attn{}{kv}x{}",
+            self.heads, self.head_dim
+        ))
     }
 }
 

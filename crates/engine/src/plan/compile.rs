@@ -98,6 +98,7 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     }
     let mut parameters = Parameters::new(&tensors);
     let logits = plan.model().forward(&mut graph, input, &mut parameters);
+    graph.end_model_forward();
     assert!(
         parameters.done(),
         "the model took every parameter it declared"
@@ -123,8 +124,8 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     let (parameters, gradients) = update(&mut graph, states, master, flag);
     let inputs = (graph.slot(input), graph.slot(labels));
     let loss = (graph.slot(row_loss), graph.slot(loss_sum));
-    if let Some(error) = graph.refused() {
-        return Err(NoProgram::Refused(error));
+    if let Some((field, reason)) = graph.refused() {
+        return Err(NoProgram::Refused(LayerError::new(field, reason)));
     }
     if graph.overflowed() {
         return Err(NoProgram::Overflow);

@@ -242,6 +242,40 @@ impl NormalizedRows {
     }
 }
 
+/// Rotary position embedding over `[batch, sequence, heads, head_dim]` queries or keys, as
+/// Hugging Face's `apply_rotary_pos_emb` computes it: feature `i` of position `t` with its
+/// partner across the half (`rotate_half`: `-x[i + d/2]` for the first half, `x[i - d/2]` for
+/// the second), `y = x * cos(t w) + rotate_half(x) * sin(t w)`, `w = theta^(-2 (i mod d/2) / d)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rotary {
+    /// Sequences.
+    pub batch: u64,
+    /// Positions of a sequence.
+    pub sequence: u64,
+    /// Heads of a position.
+    pub heads: u64,
+    /// Values of a head's row; even.
+    pub head_dim: u64,
+    /// The base of the angles' wavelengths (`rope_theta`).
+    pub theta: f32,
+}
+
+impl Rotary {
+    /// Values rotated (saturating, as [`Attention`]'s sizes).
+    pub fn values(&self) -> u64 {
+        [self.sequence, self.heads, self.head_dim]
+            .iter()
+            .fold(self.batch, |n, &m| n.saturating_mul(m))
+    }
+
+    /// The angle of feature `i` at position `t`, in f32 as PyTorch computes the tables.
+    pub fn angle(&self, t: u64, i: u64) -> f32 {
+        let half = self.head_dim / 2;
+        let exponent = (2 * (i % half)) as f32 / self.head_dim as f32;
+        t as f32 * (1.0 / self.theta.powf(exponent))
+    }
+}
+
 /// Scaled dot-product self-attention over a batch of sequences, as attention.cu runs it:
 /// queries `[batch, sequence, heads, head_dim]`, keys and values `[batch, sequence, kv_heads,
 /// head_dim]` (query head `h` reads key/value head `h / (heads / kv_heads)`), scores scaled by

@@ -17,7 +17,6 @@
 use super::framework::{Accumulation, Framework};
 use super::instr::{Instr, Moment, Scale, Slot};
 use crate::memory::{Buffer, Element, Part, Precision, Storage};
-use crate::modules::LayerError;
 
 /// A tensor of the step: its values (a storage, maybe shared with views and in-place results)
 /// and where its gradient goes.
@@ -118,8 +117,11 @@ pub struct Graph {
     precision: Precision,
     seed: u64,
     overflowed: bool,
-    /// Why the step cannot be modelled as PyTorch runs it, from the first module that said so.
-    refused: Option<LayerError>,
+    /// Why the step cannot be modelled as PyTorch runs it, from the first module that said so:
+    /// the field at fault and the reason.
+    refused: Option<(String, String)>,
+    /// What the model's forward made once for its layers to share, by name, until it ends.
+    shared: Vec<(String, Vec<Tensor>)>,
     tensors: Vec<TensorEntry>,
     storages: Vec<StorageEntry>,
     nodes: Vec<Node>,
@@ -163,6 +165,7 @@ impl Graph {
             seed,
             overflowed: false,
             refused: None,
+            shared: Vec::new(),
             tensors: Vec::new(),
             storages: Vec::new(),
             nodes: Vec::new(),
@@ -211,13 +214,14 @@ impl Graph {
     }
 
     /// Marks the step as one headroom cannot model (no program comes of it): a module met a
-    /// case whose memory it does not follow, `error` naming its field and what would work.
-    pub fn refuse(&mut self, error: LayerError) {
-        self.refused.get_or_insert(error);
+    /// case whose memory it does not follow; `field` is its place in the job, `reason` says
+    /// what would work.
+    pub fn refuse(&mut self, field: String, reason: String) {
+        self.refused.get_or_insert((field, reason));
     }
 
-    /// Why the step cannot be modelled, if a module said so.
-    pub fn refused(&mut self) -> Option<LayerError> {
+    /// Why the step cannot be modelled, if a module said so: the field and the reason.
+    pub fn refused(&mut self) -> Option<(String, String)> {
         self.refused.take()
     }
 
@@ -380,6 +384,33 @@ impl Graph {
         self.autocast = Some(Vec::new());
     }
 
+    /// The tensors the model's forward shares among its layers under `name` (a model's rotary
+    /// tables, as Hugging Face's `LlamaModel` makes them once for every layer), made by `make`
+    /// at the first layer that asks. References the caller does not own: it records them as
+    /// saved to keep them past the forward.
+    pub fn shared(
+        &mut self,
+        name: &str,
+        make: impl FnOnce(&mut Graph) -> Vec<Tensor>,
+    ) -> Vec<Tensor> {
+        if let Some((_, tensors)) = self.shared.iter().find(|(n, _)| n == name) {
+            return tensors.clone();
+        }
+        let tensors = make(self);
+        self.shared.push((name.to_string(), tensors.clone()));
+        tensors
+    }
+
+    /// The model's forward is over: what it shared among its layers is let go.
+    pub fn end_model_forward(&mut self) {
+        for tensor in std::mem::take(&mut self.shared)
+            .into_iter()
+            .flat_map(|(_, t)| t)
+        {
+            self.release(tensor);
+        }
+    }
+
     /// Leaves autocast: its cache lets its copies go (those backward saved stay until used).
     pub fn end_autocast(&mut self) {
         for (_, cast) in self.autocast.take().unwrap_or_default() {
@@ -458,20 +489,22 @@ impl Graph {
             let backward = self.nodes[n].backward.take().expect("a node runs once");
             let grads = std::mem::take(&mut self.nodes[n].grads);
             let inputs = self.nodes[n].inputs.clone();
-            let produced = backward.backward(
-                &mut Pass {
-                    graph: self,
-                    inputs: &inputs,
-                },
-                &grads,
-            );
+            let mut pass = Pass {
+                graph: self,
+                inputs: &inputs,
+                consumed: Vec::new(),
+            };
+            let produced = backward.backward(&mut pass, &grads);
+            let consumed = pass.consumed;
             assert_eq!(
                 produced.len(),
                 inputs.len(),
                 "{backward:?} returns a gradient per input"
             );
             for grad in grads.into_iter().flatten() {
-                self.release(grad);
+                if !consumed.contains(&grad) {
+                    self.release(grad);
+                }
             }
             for saved in std::mem::take(&mut self.nodes[n].saved) {
                 self.release(saved);
@@ -553,6 +586,8 @@ impl Graph {
 pub struct Pass<'a> {
     graph: &'a mut Graph,
     inputs: &'a [Target],
+    /// The output gradients this backward let go of itself ([`Pass::consume`]).
+    consumed: Vec<Tensor>,
 }
 
 impl Pass<'_> {
@@ -605,6 +640,19 @@ impl Pass<'_> {
     /// Gives up a reference (a temporary of this backward).
     pub fn release(&mut self, tensor: Tensor) {
         self.graph.release(tensor);
+    }
+
+    /// Lets the output's gradient `grad` go now, before this backward hands its own on (as
+    /// autograd frees a node's input buffer before the engine sums what the node returned).
+    pub fn consume(&mut self, grad: Tensor) {
+        self.consumed.push(grad);
+        self.graph.release(grad);
+    }
+
+    /// Whether gradients meeting at one tensor are summed into the first in place (PyTorch
+    /// untraced), rather than into a new tensor.
+    pub fn sums_in_place(&self) -> bool {
+        self.graph.accumulation == Accumulation::InPlace
     }
 
     /// `grads`, a gradient for each input in order, handed on where [`Pass::needs`] says it is

@@ -3,7 +3,7 @@
 //! the batch size, or the batch times the positions a layer is applied at.
 
 use super::geometry::{
-    AdaptivePooling, Attention, Convolution, Nonlinearity, NormalizedRows, Planes, Pooling,
+    AdaptivePooling, Attention, Convolution, Nonlinearity, NormalizedRows, Planes, Pooling, Rotary,
 };
 use crate::memory::Buffer;
 pub use crate::memory::Moment;
@@ -603,6 +603,26 @@ pub enum Instr {
         grads: AttentionGradients<Slot>,
         /// The shape.
         shape: Attention,
+    },
+    /// attention.cu: rotary position embedding, `y = x * cos + rotate_half(x) * sin`
+    /// ([`Rotary`]); `y` may be stored wider than `x` (f32 tables under autocast promote it).
+    RotaryForward {
+        /// Read: queries or keys.
+        x: Slot,
+        /// Written.
+        y: Slot,
+        /// The shape and angles.
+        shape: Rotary,
+    },
+    /// attention.cu: rotary embedding's backward, `dx = dy * cos + rotate_half^T(dy * sin)`,
+    /// in `dx`'s storage.
+    RotaryBackward {
+        /// The gradient of the output.
+        dy: Slot,
+        /// Written: the gradient of the input.
+        dx: Slot,
+        /// The shape and angles.
+        shape: Rotary,
     },
     /// dropout.cu: training-mode dropout: `mask[i]` keeps value `i` with probability `1 - p`,
     /// from the step's sub-stream of `key` ([`crate::synthetic::keeps`]); `y = x / (1 - p)`

@@ -17,7 +17,7 @@ use crate::modules::conv2d::Convolution;
 use crate::modules::layer_norm::NormalizedRows;
 use crate::modules::pooling::Pooling;
 use crate::plan::Storage;
-use crate::program::geometry::Attention;
+use crate::program::geometry::{Attention, Rotary};
 use crate::program::{
     Affine, AttentionGradients, AttentionSaved, BatchStatistics, LayerAffine, OptimizerState,
     RowStatistics, RunningStatistics, SavedAs,
@@ -179,6 +179,20 @@ pub trait Attend: Allocate {
         dout: &Self::Values,
         grads: AttentionGradients<&mut Self::Values>,
         shape: &Attention,
+    ) -> Result<(), Self::Error>;
+    /// Rotary position embedding: `y = x * cos + rotate_half(x) * sin` ([`Rotary`]).
+    fn rotary_forward(
+        &mut self,
+        x: &Self::Values,
+        y: &mut Self::Values,
+        shape: &Rotary,
+    ) -> Result<(), Self::Error>;
+    /// Its backward: `dx = dy * cos + rotate_half^T(dy * sin)`.
+    fn rotary_backward(
+        &mut self,
+        dy: &Self::Values,
+        dx: &mut Self::Values,
+        shape: &Rotary,
     ) -> Result<(), Self::Error>;
 }
 

@@ -316,9 +316,10 @@ impl<K: Kernels> Executor<K> {
             | Instr::PatchTokensBackward { .. }
             | Instr::FirstTokenForward { .. }
             | Instr::FirstTokenBackward { .. } => self.lookup(kernels, instr)?,
-            Instr::AttentionForward { .. } | Instr::AttentionBackward { .. } => {
-                self.attention(kernels, instr)?
-            }
+            Instr::AttentionForward { .. }
+            | Instr::AttentionBackward { .. }
+            | Instr::RotaryForward { .. }
+            | Instr::RotaryBackward { .. } => self.attention(kernels, instr)?,
             Instr::Convert { .. }
             | Instr::LinearForward { .. }
             | Instr::WeightGradient { .. }
@@ -399,7 +400,7 @@ impl<K: Kernels> Executor<K> {
         Ok(())
     }
 
-    /// attention.cu: the fused forward and its backward.
+    /// attention.cu: the fused forward and its backward, rotary embedding and its backward.
     fn attention(&mut self, kernels: &mut K, instr: &Instr) -> Result<(), K::Error> {
         match *instr {
             Instr::AttentionForward {
@@ -446,6 +447,12 @@ impl<K: Kernels> Executor<K> {
                 self.put(grads.dv, dv);
                 done?
             }
+            Instr::RotaryForward { x, y, shape } => self.writing(y, |this, y| {
+                kernels.rotary_forward(this.values(x), y, &shape)
+            })?,
+            Instr::RotaryBackward { dy, dx, shape } => self.writing(dx, |this, dx| {
+                kernels.rotary_backward(this.values(dy), dx, &shape)
+            })?,
             _ => unreachable!("{instr:?} is not attention"),
         }
         Ok(())

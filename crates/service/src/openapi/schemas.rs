@@ -367,6 +367,11 @@ pub struct SelfAttention {
     #[serde(default)]
     #[schema(default = true)]
     bias: bool,
+    /// Rotary position embedding's base on the queries and keys (an even `head_dim`); none
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 1.0)]
+    rope_theta: Option<f64>,
 }
 
 /// A gated MLP's activation.

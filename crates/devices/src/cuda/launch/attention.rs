@@ -1,5 +1,5 @@
 //! attention.cu: the fused forward, and its backward in two kernels (the queries' gradient;
-//! the keys' and values').
+//! the keys' and values'); rotary position embedding and its backward.
 
 use cudarc::driver::PushKernelArg;
 
@@ -7,7 +7,7 @@ use super::{holds, holds_mut, DeviceValues};
 use crate::cuda::kernel::Kernel;
 use crate::cuda::{shapes, CudaDevice};
 use headroom_engine::device::DeviceError;
-use headroom_engine::program::geometry::Attention;
+use headroom_engine::program::geometry::{Attention, Rotary};
 use headroom_engine::program::{AttentionGradients, AttentionSaved};
 use headroom_engine::step::Attend;
 
@@ -66,5 +66,41 @@ impl Attend for CudaDevice {
             holds(s.q, queries), holds(s.k, keys), holds(s.v, keys), holds(s.o, queries),
             holds(dout, queries), holds(s.lse, rows), holds_mut(grads.dk, keys),
             holds_mut(grads.dv, keys), &b, &t, &h, &kvh, &d, &causal, &scale, &storage)
+    }
+
+    fn rotary_forward(
+        &mut self,
+        x: &DeviceValues,
+        y: &mut DeviceValues,
+        shape: &Rotary,
+    ) -> Result<(), DeviceError> {
+        self.rotary(Kernel::RotaryForward, x, y, shape)
+    }
+
+    fn rotary_backward(
+        &mut self,
+        dy: &DeviceValues,
+        dx: &mut DeviceValues,
+        shape: &Rotary,
+    ) -> Result<(), DeviceError> {
+        self.rotary(Kernel::RotaryBackward, dy, dx, shape)
+    }
+}
+
+impl CudaDevice {
+    /// Either rotary kernel: they share their arguments.
+    fn rotary(
+        &mut self,
+        kernel: Kernel,
+        from: &DeviceValues,
+        to: &mut DeviceValues,
+        shape: &Rotary,
+    ) -> Result<(), DeviceError> {
+        let len = shape.values();
+        let [n, t, h, d] = [len, shape.sequence, shape.heads, shape.head_dim].map(|v| v as i64);
+        let (storage, out_storage) = (from.storage.code(), to.storage.code());
+        launch!(self, kernel, shapes::elementwise(len);
+            holds(from, len), holds_mut(to, len), &n, &t, &h, &d, &shape.theta, &storage,
+            &out_storage)
     }
 }
