@@ -283,6 +283,15 @@ class FirstToken(nn.Module):
         return x[:, 0]
 
 
+class MeanPool(nn.Module):
+    """A layer list's `mean_pool`: `x.mean(dim=1)`, in its input's type as CUDA's autocast leaves
+    it (the CPU's autocast may run `mean` in f32)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return x.mean(dim=1)
+
+
 class PositionalEmbedding(nn.Module):
     """A layer list's `positional_embedding`, as Hugging Face's GPT-2 adds its `wpe`: the
     positions' ids (int64), their rows of the table, and the sum with the batch."""
@@ -380,6 +389,8 @@ def module(kind, args, shape, vocab=None):
         return PatchEmbedding(shape, **args)
     if kind == "first_token":
         return FirstToken(shape[-1])
+    if kind == "mean_pool":
+        return MeanPool()
     if kind == "layer_norm":
         return CudaLayerNorm(shape, eps=args.get("eps", 1e-5), elementwise_affine=args.get("elementwise_affine", True),
                              bias=args.get("bias", True))
@@ -759,7 +770,7 @@ class Generator:
             head = {"out_features": vocab, "bias": False, **(self.maybe(tied=True) if shape[-1] == dim else {})}
         else:
             classes = rng.randint(2, 20)
-            layers.append({"flatten": {}})
+            layers.append({"mean_pool": {}} if len(shape) == 2 and rng.random() < 0.3 else {"flatten": {}})
             head = {"out_features": classes, **self.maybe(bias=False)}
         layers.append({"linear": head})
         return {
@@ -809,8 +820,8 @@ class Generator:
 
     def vision_transformer_job(self):
         """A vision transformer: an image cut into patches behind a class token, pre-norm blocks
-        (or any layers over the tokens), a final norm, and the class token pooled or every token
-        flattened into the head."""
+        (or any layers over the tokens), a final norm, and the class token pooled, the tokens'
+        mean, or every token flattened into the head."""
         rng = self.rng
         patch = rng.randint(1, 8)
         input_shape = [rng.randint(1, 4), patch * rng.randint(1, 4), patch * rng.randint(1, 4)]
@@ -824,7 +835,7 @@ class Generator:
             layers.append({"residual": {"layers": [self.stream_norm(), {"self_attention": attention}]}})
         more, shape = self.sequence([tokens, dim], rng.randint(0, 3))
         layers += more + [{"layer_norm": self.layer_norm_args()}]
-        layers.append({"first_token": {}} if rng.random() < 0.7 or len(shape) != 2 else {"flatten": {}})
+        layers.append(rng.choice([{"first_token": {}}, {"first_token": {}}, {"mean_pool": {}}, {"flatten": {}}]))
         if len(shape) != 2:
             layers = layers[:-2] + [{"flatten": {}}]
         classes = rng.randint(2, 20)

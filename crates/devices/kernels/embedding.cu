@@ -80,6 +80,31 @@ extern "C" __global__ void first_token_forward(const void* x, void* y, long long
     }
 }
 
+// The mean over each sample's positions: y[n, :] = sum over t of x[n, t, :] / positions, summed in
+// f32 in position order. Launch: block (256, 1, 1); grid (min(ceil(rows x dim / 256), 2^20), 1, 1),
+// grid-stride, a thread per output value.
+extern "C" __global__ void mean_tokens_forward(const void* x, void* y, long long rows, long long positions,
+                                               long long dim, int storage) {
+    const long long n = rows * dim;
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
+        const long long first = (k / dim) * positions * dim + k % dim;
+        float sum = 0.0f;
+        for (long long t = 0; t < positions; ++t) sum += load_value(x, first + t * dim, storage);
+        store_value(y, k, storage, sum / (float)positions);
+    }
+}
+
+// mean_tokens_forward's backward: dx[n, t, :] = dy[n, :] / positions at every position.
+// Launch: block (256, 1, 1); grid (min(ceil(rows x positions x dim / 256), 2^20), 1, 1), grid-stride.
+extern "C" __global__ void mean_tokens_backward(const void* dy, void* dx, long long rows, long long positions,
+                                                long long dim, int storage) {
+    const long long row = positions * dim;
+    const long long n = rows * row;
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
+        store_value(dx, k, storage, load_value(dy, (k / row) * dim + k % dim, storage) / (float)positions);
+    }
+}
+
 // first_token_forward's backward: dx[n, 0, :] = dy[n, :], every other position 0.
 // Launch: block (256, 1, 1); grid (min(ceil(rows x positions x dim / 256), 2^20), 1, 1), grid-stride.
 extern "C" __global__ void first_token_backward(const void* dy, void* dx, long long rows, long long positions,

@@ -213,6 +213,10 @@ pub enum Kernel {
     FirstTokenForward,
     /// Its backward.
     FirstTokenBackward,
+    /// The mean over each sample's positions.
+    MeanTokensForward,
+    /// Its backward.
+    MeanTokensBackward,
     /// Fused attention: the output and each query row's log-sum-exp.
     AttentionForward,
     /// Fused attention's query gradient, a query row a thread.
@@ -227,7 +231,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 49] = [
+    pub const ALL: [Kernel; 51] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -272,6 +276,8 @@ impl Kernel {
         Kernel::PatchTokensBackward,
         Kernel::FirstTokenForward,
         Kernel::FirstTokenBackward,
+        Kernel::MeanTokensForward,
+        Kernel::MeanTokensBackward,
         Kernel::AttentionForward,
         Kernel::AttentionBackwardQuery,
         Kernel::AttentionBackwardKey,
@@ -326,6 +332,8 @@ impl Kernel {
             Kernel::PatchTokensBackward => "patch_tokens_backward",
             Kernel::FirstTokenForward => "first_token_forward",
             Kernel::FirstTokenBackward => "first_token_backward",
+            Kernel::MeanTokensForward => "mean_tokens_forward",
+            Kernel::MeanTokensBackward => "mean_tokens_backward",
             Kernel::AttentionForward => "attention_forward",
             Kernel::AttentionBackwardQuery => "attention_backward_query",
             Kernel::AttentionBackwardKey => "attention_backward_key",
@@ -357,7 +365,9 @@ impl Kernel {
             | Kernel::PatchTokensForward
             | Kernel::PatchTokensBackward
             | Kernel::FirstTokenForward
-            | Kernel::FirstTokenBackward => Family::Embedding,
+            | Kernel::FirstTokenBackward
+            | Kernel::MeanTokensForward
+            | Kernel::MeanTokensBackward => Family::Embedding,
             Kernel::AttentionForward
             | Kernel::AttentionBackwardQuery
             | Kernel::AttentionBackwardKey

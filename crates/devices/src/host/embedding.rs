@@ -87,6 +87,48 @@ impl Lookup for HostDevice {
         Ok(())
     }
 
+    fn mean_tokens_forward(
+        &mut self,
+        x: &HostValues,
+        y: &mut HostValues,
+        rows: u64,
+        positions: u64,
+        dim: u64,
+    ) -> Result<(), DeviceError> {
+        let (p, d) = (usize_of(positions), usize_of(dim));
+        for n in 0..usize_of(rows) {
+            let sample = x.read(n * p * d..(n + 1) * p * d);
+            let mean: Vec<f32> = (0..d)
+                .map(|j| {
+                    let sum: f32 = (0..p).map(|t| sample[t * d + j]).sum();
+                    sum / p as f32
+                })
+                .collect();
+            y.write(n * d, &mean);
+        }
+        Ok(())
+    }
+
+    fn mean_tokens_backward(
+        &mut self,
+        dy: &HostValues,
+        dx: &mut HostValues,
+        rows: u64,
+        positions: u64,
+        dim: u64,
+    ) -> Result<(), DeviceError> {
+        let (p, d) = (usize_of(positions), usize_of(dim));
+        for n in 0..usize_of(rows) {
+            let share: Vec<f32> = dy
+                .read(n * d..(n + 1) * d)
+                .iter()
+                .map(|g| g / p as f32)
+                .collect();
+            dx.write(n * p * d, &share.repeat(p));
+        }
+        Ok(())
+    }
+
     fn embedding_forward(
         &mut self,
         ids: &HostBuffer<i64>,

@@ -135,7 +135,7 @@ fn mobile(activation: &Value, training: Training) -> Plan {
 /// Layer norm over the positions of a sequence (the batch's first, with and without a shift,
 /// and without parameters), linear layers applied at every position, RMS norm without a scale
 /// over an activation, pre-norm residual blocks around a linear layer, a gated MLP and
-/// self-attention.
+/// self-attention, and the positions' mean into the head.
 /// The last norm's `eps` of 0.5 bounds its `rstd`, so that `16-mixed`'s first loss scale
 /// (65,536) leaves its input's gradient inside f16.
 fn sequence(activation: &Value, training: Training) -> Plan {
@@ -157,7 +157,7 @@ fn sequence(activation: &Value, training: Training) -> Plan {
             {"self_attention": {"num_heads": 2}}
         ]}},
         {"layer_norm": {"elementwise_affine": false, "eps": 0.5}},
-        {"flatten": {}},
+        {"mean_pool": {}},
         {"linear": {"out_features": 3}}
     ]);
     plan(&[4, 6], list, training)

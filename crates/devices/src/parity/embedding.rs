@@ -27,6 +27,7 @@ pub fn check_embedding<K: Transfer>(device: &mut K) -> Result<Vec<Check>, Device
         for shape in [(1u64, 1u64, 1u64), (3, 49, 300), (2, 4, 5)] {
             checks.extend(check_patch_tokens(device, [storage, storage], shape)?);
             checks.extend(check_first_token(device, storage, shape)?);
+            checks.extend(check_mean_tokens(device, storage, shape)?);
         }
     }
     for planes in [Storage::Bf16, Storage::F16] {
@@ -135,6 +136,48 @@ fn check_first_token<K: Transfer>(
             format!("first token's gradient {shape}"),
             &device.read_values(&dx, rows * positions * dim)?,
             &want_dx,
+        ),
+    ])
+}
+
+/// `mean_tokens_forward` and its backward over `(rows, positions, dim)`, against the mean in
+/// f64.
+fn check_mean_tokens<K: Transfer>(
+    device: &mut K,
+    storage: Storage,
+    (rows, positions, dim): (u64, u64, u64),
+) -> Result<Vec<Check>, DeviceError> {
+    let (n, p, d) = (rows as usize, positions as usize, dim as usize);
+    let x = rounded(&random(n * p * d, 67), storage);
+    let dy = rounded(&random(n * d, 68), storage);
+    let want_y: Vec<f32> = (0..n * d)
+        .map(|k| {
+            let column = (0..p).map(|t| f64::from(x[(k / d) * p * d + t * d + k % d]));
+            (column.sum::<f64>() / p as f64) as f32
+        })
+        .collect();
+    let want_dx: Vec<f32> = (0..n * p * d)
+        .map(|k| (f64::from(dy[(k / (p * d)) * d + k % d]) / p as f64) as f32)
+        .collect();
+    let x_d = device.write_values(&x, storage)?;
+    let mut y = device.write_values(&poison(n * d), storage)?;
+    device.mean_tokens_forward(&x_d, &mut y, rows, positions, dim)?;
+    let dy_d = device.write_values(&dy, storage)?;
+    let mut dx = device.write_values(&poison(n * p * d), storage)?;
+    device.mean_tokens_backward(&dy_d, &mut dx, rows, positions, dim)?;
+    let shape = format!("{rows} x {positions} x {dim} {storage:?}");
+    Ok(vec![
+        compare(
+            format!("mean of the tokens {shape}"),
+            &device.read_values(&y, rows * dim)?,
+            &rounded(&want_y, storage),
+            tolerance(storage),
+        ),
+        compare(
+            format!("mean of the tokens' gradient {shape}"),
+            &device.read_values(&dx, rows * positions * dim)?,
+            &rounded(&want_dx, storage),
+            tolerance(storage),
         ),
     ])
 }

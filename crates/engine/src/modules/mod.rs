@@ -47,6 +47,7 @@ pub mod identity;
 pub mod layer_norm;
 pub mod linear;
 pub mod max_pool2d;
+pub mod mean_pool;
 pub mod patch_embedding;
 pub mod pooling;
 pub mod positional_embedding;
@@ -96,6 +97,8 @@ pub enum LayerSpec {
     /// `x[:, 0]`: the first position of a `[positions, features]` sample (a ViT's class
     /// token, pooled).
     FirstToken(NoArguments),
+    /// `x.mean(dim=1)`: the mean over the positions of a `[positions, features]` sample.
+    MeanPool(NoArguments),
     /// A ViT's patch embedding: a convolution of the patch's kernel and stride, its patches as
     /// tokens after a class token, a learnt position embedding added.
     PatchEmbedding(patch_embedding::PatchEmbeddingSpec),
@@ -152,6 +155,7 @@ impl LayerSpec {
             LayerSpec::PositionalEmbedding(_) => "positional_embedding",
             LayerSpec::Flatten(_) => "flatten",
             LayerSpec::FirstToken(_) => "first_token",
+            LayerSpec::MeanPool(_) => "mean_pool",
             LayerSpec::PatchEmbedding(_) => "patch_embedding",
             LayerSpec::Identity(_) => "identity",
             LayerSpec::GatedMlp(_) => "gated_mlp",
@@ -193,6 +197,7 @@ impl LayerSpec {
             LayerSpec::PositionalEmbedding(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::Flatten(_) => Arc::new(flatten::Flatten::new(input, &at)?),
             LayerSpec::FirstToken(_) => Arc::new(first_token::build(input, &at)?),
+            LayerSpec::MeanPool(_) => Arc::new(mean_pool::build(input, &at)?),
             LayerSpec::PatchEmbedding(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::Identity(_) => Arc::new(identity::Identity::new(input)),
             LayerSpec::GatedMlp(spec) => Arc::new(spec.build(input, &at, cx)?),

@@ -278,6 +278,32 @@ pub enum Instr {
         /// Values a position.
         dim: u64,
     },
+    /// embedding.cu: `y[n, :] = mean over t of x[n, t, :]` (summed in f32).
+    MeanTokensForward {
+        /// `[rows, positions, dim]`.
+        x: Slot,
+        /// Written: `[rows, dim]`.
+        y: Slot,
+        /// Samples.
+        rows: u64,
+        /// Positions a sample.
+        positions: u64,
+        /// Values a position.
+        dim: u64,
+    },
+    /// embedding.cu: `dx[n, t, :] = dy[n, :] / positions` at every position.
+    MeanTokensBackward {
+        /// `[rows, dim]`.
+        dy: Slot,
+        /// Written: `[rows, positions, dim]`.
+        dx: Slot,
+        /// Samples.
+        rows: u64,
+        /// Positions a sample.
+        positions: u64,
+        /// Values a position.
+        dim: u64,
+    },
     /// elementwise.cu: `to = from * scale`, rounded to `to`'s storage.
     Convert {
         /// Read.

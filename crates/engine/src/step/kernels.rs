@@ -133,6 +133,24 @@ pub trait Lookup: Allocate {
         positions: u64,
         dim: u64,
     ) -> Result<(), Self::Error>;
+    /// `y[n, :] = mean over t of x[n, t, :]` over `rows` samples of `positions x dim` values.
+    fn mean_tokens_forward(
+        &mut self,
+        x: &Self::Values,
+        y: &mut Self::Values,
+        rows: u64,
+        positions: u64,
+        dim: u64,
+    ) -> Result<(), Self::Error>;
+    /// `dx[n, t, :] = dy[n, :] / positions` at every position.
+    fn mean_tokens_backward(
+        &mut self,
+        dy: &Self::Values,
+        dx: &mut Self::Values,
+        rows: u64,
+        positions: u64,
+        dim: u64,
+    ) -> Result<(), Self::Error>;
     /// `y[i, :] = weight[ids[i], :]` over `tokens` ids, `dim` values each.
     fn embedding_forward(
         &mut self,

@@ -315,7 +315,9 @@ impl<K: Kernels> Executor<K> {
             | Instr::PatchTokensForward { .. }
             | Instr::PatchTokensBackward { .. }
             | Instr::FirstTokenForward { .. }
-            | Instr::FirstTokenBackward { .. } => self.lookup(kernels, instr)?,
+            | Instr::FirstTokenBackward { .. }
+            | Instr::MeanTokensForward { .. }
+            | Instr::MeanTokensBackward { .. } => self.lookup(kernels, instr)?,
             Instr::AttentionForward { .. }
             | Instr::AttentionBackward { .. }
             | Instr::RotaryForward { .. }
@@ -550,6 +552,24 @@ impl<K: Kernels> Executor<K> {
                 dim,
             } => self.writing(dx, |this, dx| {
                 kernels.first_token_backward(this.values(dy), dx, rows, positions, dim)
+            })?,
+            Instr::MeanTokensForward {
+                x,
+                y,
+                rows,
+                positions,
+                dim,
+            } => self.writing(y, |this, y| {
+                kernels.mean_tokens_forward(this.values(x), y, rows, positions, dim)
+            })?,
+            Instr::MeanTokensBackward {
+                dy,
+                dx,
+                rows,
+                positions,
+                dim,
+            } => self.writing(dx, |this, dx| {
+                kernels.mean_tokens_backward(this.values(dy), dx, rows, positions, dim)
             })?,
             _ => unreachable!("{instr:?} is not an embedding"),
         }

@@ -146,6 +146,8 @@ pub enum Layer {
     Flatten(NoArguments),
     /// `x[:, 0]`: the first position of a `[positions, features]` sample.
     FirstToken(NoArguments),
+    /// `x.mean(dim=1)`: the mean over the positions of a `[positions, features]` sample.
+    MeanPool(NoArguments),
     /// A ViT's patch embedding: patches as tokens after a class token, positions added.
     PatchEmbedding(PatchEmbedding),
     /// `nn.Identity`.

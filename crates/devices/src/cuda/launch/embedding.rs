@@ -76,6 +76,35 @@ impl Lookup for CudaDevice {
             holds(dy, rows * dim), holds_mut(dx, len), &r, &p, &d, &storage)
     }
 
+    fn mean_tokens_forward(
+        &mut self,
+        x: &DeviceValues,
+        y: &mut DeviceValues,
+        rows: u64,
+        positions: u64,
+        dim: u64,
+    ) -> Result<(), DeviceError> {
+        let [r, p, d] = [rows, positions, dim].map(|n| n as i64);
+        let storage = x.storage.code();
+        launch!(self, Kernel::MeanTokensForward, shapes::elementwise(rows * dim);
+            holds(x, rows * positions * dim), holds_mut(y, rows * dim), &r, &p, &d, &storage)
+    }
+
+    fn mean_tokens_backward(
+        &mut self,
+        dy: &DeviceValues,
+        dx: &mut DeviceValues,
+        rows: u64,
+        positions: u64,
+        dim: u64,
+    ) -> Result<(), DeviceError> {
+        let len = rows * positions * dim;
+        let [r, p, d] = [rows, positions, dim].map(|n| n as i64);
+        let storage = dy.storage.code();
+        launch!(self, Kernel::MeanTokensBackward, shapes::elementwise(len);
+            holds(dy, rows * dim), holds_mut(dx, len), &r, &p, &d, &storage)
+    }
+
     fn embedding_forward(
         &mut self,
         ids: &CudaSlice<i64>,
