@@ -1323,4 +1323,26 @@ fn estimate_answers_for_a_card_every_card_or_an_unknown_one() {
     assert!(every["estimates"][0]["estimate"]
         .get("sequence_lengths")
         .is_none());
+    // A Hugging Face config of the Llama family is read as its layer list: SmolLM2-135M's.
+    let config = json!({
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000, "tie_word_embeddings": true,
+        "vocab_size": 49152, "hidden_act": "silu", "max_position_embeddings": 8192
+    });
+    let smollm2 = json!({
+        "model": {"huggingface": config, "tokens": {"sequence_length": 2048}},
+        "optimizer": {"name": "adamw"}, "precision": "bf16-mixed", "gpu": "H100 80GB"
+    });
+    let (status, answer) = post(&smollm2);
+    assert_eq!(status, 200, "{answer}");
+    let estimate = &answer["estimates"][0]["estimate"];
+    assert_eq!(estimate["parameter_count"], 134_515_008);
+    let mut qwen = smollm2.clone();
+    qwen["model"]["huggingface"]["model_type"] = json!("qwen2");
+    let (status, problem) = post(&qwen);
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (422, Some("model.huggingface.model_type"))
+    );
 }

@@ -91,6 +91,9 @@ pub struct ModelSpec {
     /// The model as layers, instead of `hidden_layers` and `activation`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<LayerSpec>>,
+    /// The Hugging Face `config.json` the layers were read from ([`crate::huggingface`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huggingface: Option<serde_json::Value>,
 }
 
 /// A sample of token ids (int64, as a tokenizer's `input_ids`).
@@ -226,7 +229,7 @@ impl std::fmt::Display for JobError {
 impl std::error::Error for JobError {}
 
 impl JobError {
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         JobError {
             field: field.into(),
             reason: reason.into(),
@@ -252,6 +255,9 @@ impl Job {
     /// fraction (`128.0`, as some JSON writers do) is that integer, as JSON Schema says.
     pub fn from_value(mut value: serde_json::Value) -> Result<Job, JobError> {
         integral_floats_as_integers(&mut value);
+        if let Some(serde_json::Value::Object(model)) = value.get_mut("model") {
+            crate::huggingface::expand(model)?;
+        }
         Job::new(deserialize_with_path(value)?)
     }
 

@@ -32,6 +32,7 @@ pub mod catalogue;
 pub mod device;
 pub mod estimate;
 pub mod frontier;
+pub mod huggingface;
 pub mod job;
 pub mod knee;
 pub mod memory;

@@ -101,6 +101,12 @@ pub struct ModelSpec {
     /// index and field). At most 1,000 layers, residual blocks' own counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     layers: Option<Vec<Layer>>,
+    /// A Hugging Face `config.json` of the Llama family (`model_type` `llama` or `mistral`),
+    /// read as its layer list instead of `layers`: `tokens.sequence_length` is needed,
+    /// `vocab_size` and `num_classes` come from the config (given, they must agree with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    huggingface: Option<serde_json::Value>,
 }
 
 /// A sample of token ids.
@@ -1026,6 +1032,8 @@ mod tests {
                     conforms(item, &schema["items"], components, &path, errors);
                 }
             }
+            // A free-form object (a Hugging Face config) declares no members.
+            Value::Object(_) if schema["properties"].is_null() => {}
             Value::Object(members) => {
                 let properties = schema["properties"].as_object();
                 for (name, member) in members {
@@ -1065,6 +1073,7 @@ mod tests {
     fn full_job() -> Value {
         json!({"model": {"input_shape": [3, 8, 8], "hidden_layers": [16], "num_classes": 4,
                          "tokens": {"sequence_length": 16, "vocab_size": 100},
+                         "huggingface": {"model_type": "llama"},
                          "activation": "gelu", "layers": [
                              {"embedding": {"embedding_dim": 8, "padding_idx": -1}},
                              {"positional_embedding": {"max_positions": 32}},
@@ -1113,6 +1122,7 @@ mod tests {
         job.as_object_mut().unwrap().remove("dtype");
         job["model"].as_object_mut().unwrap().remove("layers");
         job["model"].as_object_mut().unwrap().remove("tokens");
+        job["model"].as_object_mut().unwrap().remove("huggingface");
         let job = Job::from_value(job).unwrap();
         let mut device = HostDevice::new(8 << 20);
         let result =
