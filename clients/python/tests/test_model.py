@@ -180,6 +180,33 @@ def test_every_module_headroom_has_reads_with_its_arguments() -> None:
     assert parameter_count(job) == sum(p.numel() for p in model.parameters())
 
 
+class MeanOverPositions(nn.Module):
+    """A classifier over a sequence: RMS norm, then the positions' mean into the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(12, eps=1e-6)
+        self.bare = nn.RMSNorm(12, elementwise_affine=False)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled: torch.Tensor = self.bare(self.norm(x)).mean(dim=1)
+        logits: torch.Tensor = self.head(pooled)
+        return logits
+
+
+def test_rms_norm_and_the_mean_over_positions_read() -> None:
+    model = MeanOverPositions()
+    job = job_from_torch(model, [8, 12])
+    assert job["model"]["layers"] == [
+        {"rms_norm": {"eps": 1e-6}},
+        {"rms_norm": {"elementwise_affine": False}},
+        {"mean_pool": {}},
+        {"linear": {"out_features": 3}},
+    ]
+    assert parameter_count(job) == sum(p.numel() for p in model.parameters())
+
+
 def test_layer_norm_and_linear_over_a_sequence_read() -> None:
     model = nn.Sequential(
         nn.LayerNorm(12), nn.Linear(12, 16), nn.GELU(), nn.LayerNorm(16, eps=1e-6, bias=False),

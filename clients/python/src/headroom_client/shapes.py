@@ -71,6 +71,10 @@ def _layer(kind: str, args: Json, shape: list[int], vocab: int | None) -> tuple[
         affine = args.get("elementwise_affine", True)
         learnt = (1 + int(args.get("bias", True))) if affine else 0
         return learnt * shape[-1], shape
+    if kind == "rms_norm":
+        return (shape[-1] if args.get("elementwise_affine", True) else 0), shape
+    if kind == "mean_pool":
+        return 0, shape[1:]
     if kind == "flatten":
         return 0, [math.prod(shape)]
     if kind == "linear":

@@ -24,9 +24,10 @@ class Unsupported(ValueError):
 #: What the reader takes, for the messages that refuse the rest.
 SUPPORTED = (
     "Embedding (first, over token ids), Conv2d, Linear (tied to the embedding or not), BatchNorm1d/2d, "
-    "LayerNorm (over the last dimension), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, Flatten, "
+    "LayerNorm and RMSNorm (over the last dimension), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, Flatten, "
     "Identity, ReLU, ReLU6, LeakyReLU, GELU, Tanh, Sigmoid and SiLU (as modules or their "
-    "functional forms), torch.flatten or view/reshape to (batch, -1), and residual additions; "
+    "functional forms), torch.flatten or view/reshape to (batch, -1), x.mean(dim=1) over a sequence, "
+    "and residual additions; "
     "write anything else as a JSON job's model.layers"
 )
 
@@ -107,6 +108,26 @@ def layer_norm(norm: nn.LayerNorm, shape: list[int]) -> Json:
     if not norm.elementwise_affine:
         args["bias"] = True
     return {"layer_norm": _given(args, {"eps": 1e-5, "elementwise_affine": True, "bias": True})}
+
+
+def rms_norm(norm: nn.RMSNorm, shape: list[int]) -> Json:
+    if tuple(norm.normalized_shape) != tuple(shape[-1:]):
+        raise Unsupported(
+            f"normalized_shape={tuple(norm.normalized_shape)} over a {shape} sample: headroom "
+            "normalizes the last dimension only"
+        )
+    args = {"eps": norm.eps, "elementwise_affine": norm.elementwise_affine}
+    return {"rms_norm": _given(args, {"eps": None, "elementwise_affine": True})}
+
+
+def mean_pool(dim: Any, keepdim: bool, shape: list[int]) -> Json:
+    """``x.mean(dim=1)``: the mean over a ``[positions, features]`` sample's positions."""
+    if len(shape) != 2 or dim not in (1, -2) or keepdim:
+        raise Unsupported(
+            f"mean(dim={dim!r}, keepdim={keepdim}) over a {shape} sample: headroom takes the mean over "
+            "the positions of a [positions, features] sample (dim=1)"
+        )
+    return {"mean_pool": {}}
 
 
 def embedding(table: nn.Embedding, shape: list[int]) -> Json:
@@ -195,6 +216,8 @@ def of_module(module: nn.Module, shape: list[int]) -> Json:
         return batch_norm(module, shape)
     if isinstance(module, nn.LayerNorm):
         return layer_norm(module, shape)
+    if isinstance(module, nn.RMSNorm):
+        return rms_norm(module, shape)
     if isinstance(module, nn.Embedding):
         return embedding(module, shape)
     if isinstance(module, nn.MaxPool2d):
@@ -245,6 +268,7 @@ FUNCTIONS: dict[Any, Callable[[Json, list[int]], Json]] = {
     F.max_pool2d: lambda a, s: pool("max_pool2d", a, s),
     F.avg_pool2d: lambda a, s: pool("avg_pool2d", a, s),
     F.dropout: lambda a, s: dropout(a.get("p", 0.5), a.get("inplace", False)),
+    torch.mean: lambda a, s: mean_pool(a.get("dim"), a.get("keepdim", False), s),
 }
 
 #: Tensor methods as layers: the name, and the arguments after the tensor by position.
@@ -254,6 +278,7 @@ METHODS: dict[str, tuple[Callable[[Json, list[int]], Json], tuple[str, ...]]] = 
     "tanh": (lambda a, s: activation("tanh"), ()),
     "sigmoid": (lambda a, s: activation("sigmoid"), ()),
     "flatten": (lambda a, s: flatten(a.get("start_dim", 0), a.get("end_dim", -1), s), ("start_dim", "end_dim")),
+    "mean": (lambda a, s: mean_pool(a.get("dim"), a.get("keepdim", False), s), ("dim", "keepdim")),
 }
 
 
