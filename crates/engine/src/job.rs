@@ -256,7 +256,8 @@ impl Job {
     pub fn from_value(mut value: serde_json::Value) -> Result<Job, JobError> {
         integral_floats_as_integers(&mut value);
         if let Some(serde_json::Value::Object(model)) = value.get_mut("model") {
-            crate::huggingface::expand(model)?;
+            crate::huggingface::expand(model)
+                .map_err(|error| JobError::new(error.field, error.reason))?;
         }
         Job::new(deserialize_with_path(value)?)
     }
@@ -750,6 +751,7 @@ mod tests {
     use super::*;
     use crate::modules::MAX_LAYERS;
     use crate::program::Instr;
+    use serde_json::{json, Value};
 
     fn error_of(text: &str) -> JobError {
         Job::from_json(text).expect_err("job should be rejected")
@@ -1104,6 +1106,141 @@ mod tests {
             assert_eq!(error.field, field, "{model}: {error}");
             assert!(error.reason.contains(reason), "{model}: {error}");
         }
+    }
+
+    /// SmolLM2-135M's config.json, as the Hub serves it (fields headroom does not read kept).
+    fn smollm2() -> Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 0,
+            "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+            "intermediate_size": 1536, "is_llama_config": true, "max_position_embeddings": 8192,
+            "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+            "num_key_value_heads": 3, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+            "rope_interleaved": false, "rope_scaling": null, "rope_theta": 100000,
+            "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+            "transformers_version": "4.40.1", "use_cache": true, "vocab_size": 49152
+        })
+    }
+
+    fn llama_job(config: Value) -> Result<Job, JobError> {
+        Job::from_value(json!({
+            "model": {"huggingface": config, "tokens": {"sequence_length": 2048}},
+            "optimizer": {"name": "adamw", "learning_rate": 0.003},
+            "precision": "bf16-mixed"
+        }))
+    }
+
+    #[test]
+    fn smollm2_s_config_is_the_example_s_layer_list() {
+        let from_config = llama_job(smollm2()).unwrap();
+        assert_eq!(from_config.plan().parameter_count(), 134_515_008);
+        let example: Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/smollm2-135m.json"
+        )))
+        .unwrap();
+        let example = Job::from_value(example).unwrap();
+        let (read, written) = (&from_config.spec().model, &example.spec().model);
+        assert!(read.layers == written.layers, "the layer lists differ");
+        assert_eq!(
+            (read.tokens, read.num_classes),
+            (written.tokens, written.num_classes)
+        );
+    }
+
+    #[test]
+    fn what_the_list_cannot_say_is_refused_by_field() {
+        let with = |field: &str, value: Value| {
+            let mut config = smollm2();
+            config[field] = value;
+            llama_job(config).unwrap_err()
+        };
+        let cases = [
+            (
+                "attention_dropout",
+                json!(0.1),
+                "attention_dropout",
+                "set it to 0",
+            ),
+            (
+                "sliding_window",
+                json!(4096),
+                "sliding_window",
+                "set it to null",
+            ),
+            ("hidden_act", json!("gelu_new"), "hidden_act", "\"silu\""),
+            ("model_type", json!("qwen2"), "model_type", "not \"qwen2\""),
+            (
+                "hidden_size",
+                json!(-4),
+                "hidden_size",
+                "positive whole number",
+            ),
+            (
+                "num_hidden_layers",
+                json!(167),
+                "num_hidden_layers",
+                "at most 166",
+            ),
+        ];
+        for (field, value, named, reason) in cases {
+            let error = with(field, value);
+            assert_eq!(error.field, format!("model.huggingface.{named}"), "{error}");
+            assert!(error.reason.contains(reason), "{error}");
+        }
+        let mut deepest = smollm2();
+        deepest["num_hidden_layers"] = json!(166);
+        assert!(llama_job(deepest).is_ok());
+        let mut config = smollm2();
+        config.as_object_mut().unwrap().remove("hidden_size");
+        assert_eq!(
+            llama_job(config).unwrap_err().field,
+            "model.huggingface.hidden_size"
+        );
+        let no_tokens = Job::from_value(json!({
+            "model": {"huggingface": smollm2()}, "optimizer": {"name": "sgd"}
+        }));
+        assert_eq!(no_tokens.unwrap_err().field, "model.tokens");
+        let classes = Job::from_value(json!({
+            "model": {"huggingface": smollm2(), "tokens": {"sequence_length": 8},
+                      "num_classes": 10},
+            "optimizer": {"name": "sgd"}
+        }));
+        assert_eq!(classes.unwrap_err().field, "model.num_classes");
+        let agreeing = Job::from_value(json!({
+            "model": {"huggingface": smollm2(),
+                      "tokens": {"sequence_length": 8, "vocab_size": 49152},
+                      "num_classes": 49152},
+            "optimizer": {"name": "sgd"}
+        }));
+        assert!(agreeing.is_ok());
+        let both = Job::from_value(json!({
+            "model": {"huggingface": smollm2(), "tokens": {"sequence_length": 8},
+                      "layers": []},
+            "optimizer": {"name": "sgd"}
+        }));
+        assert_eq!(both.unwrap_err().field, "model.layers");
+        // A job as headroom writes it back (the config and its list) reads the same.
+        let written = serde_json::to_value(llama_job(smollm2()).unwrap().spec()).unwrap();
+        let again = Job::from_value(written).unwrap();
+        assert_eq!(again.plan().parameter_count(), 134_515_008);
+    }
+
+    #[test]
+    fn an_untied_llama_with_its_own_head_width_and_newer_rope_parameters() {
+        let mut config = smollm2();
+        config["tie_word_embeddings"] = json!(false);
+        config["head_dim"] = json!(32);
+        config["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "default"});
+        let plan = llama_job(config).unwrap();
+        let layers = plan.spec().model.layers.as_ref().unwrap();
+        let attention = serde_json::to_value(&layers[1]).unwrap();
+        let attention = &attention["residual"]["layers"][1]["self_attention"];
+        assert_eq!(attention["head_dim"], 32);
+        assert_eq!(attention["rope_theta"], 500000.0);
+        // The untied head is a second vocab x hidden matrix.
+        assert!(plan.plan().parameter_count() > 134_515_008);
     }
 
     #[test]
