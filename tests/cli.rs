@@ -132,6 +132,55 @@ fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
 }
 
 #[test]
+fn a_hugging_face_config_is_a_job_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let tiny = serde_json::json!({
+        "model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 100,
+        "n_positions": 64, "bos_token_id": 50256
+    });
+    std::fs::write(&config, tiny.to_string()).unwrap();
+    let config = config.to_str().unwrap();
+    let from = ["--hf-config", config, "--sequence-length", "16"];
+    let on_host = ["--device", "host", "--host-memory", "64MiB"];
+    // transformers' GPT2LMHeadModel counts 30,720 parameters for this config.
+    let tuned = headroom(&[&["tune"][..], &from, &on_host].concat());
+    assert!(tuned.status.success(), "{}", stderr(&tuned));
+    let said = String::from_utf8_lossy(&tuned.stdout);
+    assert!(
+        said.contains("gpt2 (a Hugging Face config): 30720 parameters, sequences of 16 tokens"),
+        "{said}"
+    );
+    assert!(said.contains("recommended batch size"), "{said}");
+    // AdamW and 32-true unless given; --optimizer and --precision as in a job.
+    let estimate = |extra: &[&str]| {
+        let args = [
+            &["estimate"][..],
+            &from,
+            &["--batch-size", "8", "--json"],
+            extra,
+        ]
+        .concat();
+        json_of(&headroom(&args))["memory"]["optimizer_state"].clone()
+    };
+    assert_eq!(estimate(&[]), serde_json::json!(2 * 4 * 30720));
+    assert_eq!(estimate(&["--optimizer", "sgd"]), serde_json::json!(0));
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"model_type\": ").unwrap();
+    let bad = bad.to_str().unwrap();
+    let args = ["estimate", "--hf-config", bad, "--sequence-length", "16"];
+    refused(&headroom(&args), 2, "model.huggingface: is not JSON");
+    let args = ["estimate", "--hf-config", config, "--sequence-length", "65"];
+    refused(&headroom(&args), 2, "n_positions (64)");
+    let args = ["estimate", "--hf-config", config, "--precision", "fp8"];
+    refused(&headroom(&args), 2, "--sequence-length");
+    let args = ["estimate", "examples/tiny-gpt.json", "--hf-config", config];
+    refused(&headroom(&args), 2, "cannot be used with");
+    let args = ["estimate", "examples/tiny-gpt.json", "--optimizer", "sgd"];
+    refused(&headroom(&args), 2, "--hf-config");
+}
+
+#[test]
 fn tune_json_follows_the_result_contract() {
     let output = headroom(&[
         "tune",

@@ -1338,9 +1338,9 @@ fn estimate_answers_for_a_card_every_card_or_an_unknown_one() {
     assert_eq!(status, 200, "{answer}");
     let estimate = &answer["estimates"][0]["estimate"];
     assert_eq!(estimate["parameter_count"], 134_515_008);
-    let mut qwen = smollm2.clone();
-    qwen["model"]["huggingface"]["model_type"] = json!("qwen2");
-    let (status, problem) = post(&qwen);
+    let mut phi = smollm2.clone();
+    phi["model"]["huggingface"]["model_type"] = json!("phi3");
+    let (status, problem) = post(&phi);
     assert_eq!(
         (status, problem["field"].as_str()),
         (422, Some("model.huggingface.model_type"))

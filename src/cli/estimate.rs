@@ -8,14 +8,14 @@ use headroom_engine::catalogue::{self, GpuEstimate, MODEL_NOTE};
 use headroom_engine::job::Job;
 use headroom_engine::plan::{Accumulation, Allocator, Plan};
 
-use super::input::{read_job, OutputFile};
+use super::input::{model_line, JobSource, OutputFile};
 use super::{output, CliError};
 
 /// Arguments of `headroom estimate`.
 #[derive(clap::Args)]
 pub struct EstimateArgs {
-    /// The job description (JSON); `-` reads standard input.
-    job: PathBuf,
+    #[command(flatten)]
+    job: JobSource,
     /// Free device memory, charged exactly, e.g. 80GiB.
     #[arg(long, conflicts_with = "gpu")]
     memory: Option<ByteSize>,
@@ -52,7 +52,10 @@ enum Target {
 
 /// Prints the estimate (JSON with `--json`) and draws it to `--plot`.
 pub fn run(args: EstimateArgs) -> Result<(), CliError> {
-    let job = read_job(&args.job)?;
+    let job = args.job.read()?;
+    if let (Some(line), false) = (model_line(&job), args.json) {
+        println!("{line}");
+    }
     if let Some(batch_size) = args.batch_size {
         let accumulation = match args.traced {
             true => Accumulation::Traced,

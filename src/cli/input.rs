@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use headroom_devices::host;
 use headroom_devices::select::{self, DeviceSpec};
-use headroom_engine::job::Job;
+use headroom_engine::job::{Job, JobError};
 
 use super::output::human;
 use super::CliError;
@@ -14,8 +14,77 @@ use super::CliError;
 /// Largest job file read, bytes: a job is a few hundred bytes.
 const MAX_JOB_FILE_BYTES: u64 = 1 << 20;
 
+/// Where a command's job comes from: a job file, or a Hugging Face `config.json` with the few
+/// fields a job adds to a model.
+#[derive(clap::Args)]
+pub struct JobSource {
+    /// The job description (JSON), e.g. examples/cifar10-mlp-adam.json; `-` reads standard input.
+    #[arg(required_unless_present = "hf_config", conflicts_with = "hf_config")]
+    job: Option<PathBuf>,
+    /// Instead of a job: a Hugging Face model's config.json (model_type llama, mistral, qwen2
+    /// or gpt2), trained on sequences of --sequence-length tokens.
+    #[arg(long, value_name = "CONFIG.json", requires = "sequence_length")]
+    hf_config: Option<PathBuf>,
+    /// With --hf-config: the tokens of a sequence.
+    #[arg(long, value_name = "N", requires = "hf_config")]
+    sequence_length: Option<u64>,
+    /// With --hf-config: sgd, sgd_momentum, adam or adamw (the default).
+    #[arg(long, value_name = "NAME", requires = "hf_config")]
+    optimizer: Option<String>,
+    /// With --hf-config: Lightning's precision, e.g. bf16-mixed (32-true unless given).
+    #[arg(long, value_name = "PRECISION", requires = "hf_config")]
+    precision: Option<String>,
+}
+
+impl JobSource {
+    /// Reads and validates the job.
+    pub fn read(&self) -> Result<Job, CliError> {
+        let (Some(config_path), Some(sequence_length)) = (&self.hf_config, self.sequence_length)
+        else {
+            // clap requires the job file without --hf-config.
+            let path = self.job.as_deref().unwrap_or(Path::new("-"));
+            return read_job(path);
+        };
+        let (name, text) = read_text(config_path)?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|error| CliError::InvalidJob {
+                name: name.clone(),
+                source: JobError {
+                    field: "model.huggingface".into(),
+                    reason: format!("is not JSON: {error}"),
+                },
+            })?;
+        let job = serde_json::json!({
+            "model": {"huggingface": config, "tokens": {"sequence_length": sequence_length}},
+            "optimizer": {"name": self.optimizer.as_deref().unwrap_or("adamw")},
+            "precision": self.precision.as_deref().unwrap_or("32-true"),
+        });
+        Job::from_value(job).map_err(|source| CliError::InvalidJob { name, source })
+    }
+}
+
+/// What the answer is for when the job came from a Hugging Face config: `gpt2 (a Hugging Face
+/// config): 124439808 parameters, sequences of 1024 tokens`; `None` for other jobs.
+pub fn model_line(job: &Job) -> Option<String> {
+    let model = &job.spec().model;
+    let model_type = model.huggingface.as_ref()?.get("model_type")?.as_str()?;
+    let tokens = model.tokens.map(|t| t.sequence_length)?;
+    Some(format!(
+        "model                   {model_type} (a Hugging Face config): {} parameters, sequences \
+         of {tokens} tokens",
+        job.plan().parameter_count(),
+    ))
+}
+
 /// Reads and validates a job file, or the job on standard input when `path` is `-`.
 pub fn read_job(path: &Path) -> Result<Job, CliError> {
+    let (name, text) = read_text(path)?;
+    Job::from_json(&text).map_err(|source| CliError::InvalidJob { name, source })
+}
+
+/// A job-sized file (at most [`MAX_JOB_FILE_BYTES`]), or standard input when `path` is `-`,
+/// with the name errors give it.
+fn read_text(path: &Path) -> Result<(String, String), CliError> {
     let (name, reader): (String, Box<dyn Read>) = if path == Path::new("-") {
         (
             "on standard input".into(),
@@ -38,7 +107,7 @@ pub fn read_job(path: &Path) -> Result<Job, CliError> {
     if text.len() as u64 > MAX_JOB_FILE_BYTES {
         return Err(CliError::JobTooLarge { name });
     }
-    Job::from_json(&text).map_err(|source| CliError::InvalidJob { name, source })
+    Ok((name, text))
 }
 
 /// Checks a host budget against the machine: a budget past physical memory would let the host

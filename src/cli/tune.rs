@@ -12,7 +12,7 @@ use headroom_engine::job::Job;
 use headroom_engine::result::{Probe, TuneResult};
 use serde::Serialize;
 
-use super::input::{check_host_budget, read_job, OutputFile};
+use super::input::{check_host_budget, model_line, JobSource, OutputFile};
 use super::output::{self, human, probe_line};
 use super::{remote, CliError};
 use headroom_service::probe_worker::client::{ProbeWorker, Watchdog, WorkerCommand};
@@ -20,8 +20,8 @@ use headroom_service::probe_worker::client::{ProbeWorker, Watchdog, WorkerComman
 /// Arguments of `headroom tune`.
 #[derive(clap::Args)]
 pub struct TuneArgs {
-    /// The job description (JSON), e.g. examples/cifar10-mlp-adam.json; `-` reads standard input.
-    job: PathBuf,
+    #[command(flatten)]
+    job: JobSource,
     /// auto (CUDA when present, else host), host, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
@@ -64,8 +64,11 @@ pub fn run(args: TuneArgs) -> Result<(), CliError> {
             .map(|path| OutputFile::check("the plot", path))
             .transpose()?,
     };
+    let job = args.job.read()?;
+    if let (Some(line), false) = (model_line(&job), args.json) {
+        println!("{line}");
+    }
     if let Some(server) = &args.server {
-        let job = read_job(&args.job)?;
         let timeout = Duration::from_secs(args.timeout);
         let target = remote::Target {
             device: args.device,
@@ -74,7 +77,6 @@ pub fn run(args: TuneArgs) -> Result<(), CliError> {
         let answer = remote::tune_remote(server, &job, &target, args.token.as_deref(), timeout)?;
         return outputs.deliver(&answer, &answer.result, &job);
     }
-    let job = read_job(&args.job)?;
     let budget = check_host_budget(args.host_memory.0)?;
     // The device is opened and probed in a worker process, as the service does: a GPU fault,
     // hang or driver crash ends the worker with an error here, not this process with a signal.

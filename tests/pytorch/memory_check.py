@@ -198,17 +198,21 @@ class SelfAttention(nn.Module):
     """A layer list's `self_attention`: Llama's attention (`q_proj`, `k_proj`, `v_proj`, `o_proj`),
     the heads viewed out of the projections, rotary position embedding on the queries and keys
     as Hugging Face's `apply_rotary_pos_emb` computes it (with `rope_theta`), and SDPA's fused
-    path between them (`enable_gqa` where key/value heads are shared: nothing repeated)."""
+    path between them (`enable_gqa` where key/value heads are shared: nothing repeated).
+
+    `dropout` follows CUDA: its fused kernels (FlashAttention-2, memory-efficient attention) keep
+    no mask, only the Philox seed and offset as host scalars, so SDPA's GPU memory is that of
+    `dropout_p=0`; the CPU would fall back to the math path, which CUDA never takes here."""
 
     def __init__(self, features, num_heads, num_kv_heads=None, head_dim=None, causal=False, bias=True,
-                 rope_theta=None):
+                 rope_theta=None, dropout=0.0, output_bias=None):
         super().__init__()
         self.heads, self.kv_heads = num_heads, num_kv_heads or num_heads
         self.head_dim, self.causal = head_dim or features // num_heads, causal
         self.q_proj = nn.Linear(features, self.heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, features, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, features, bias=bias if output_bias is None else output_bias)
         self.rope_theta = rope_theta
         self.rotary = None  # the model's RotaryTables, given by `share_rotary_tables`
 
@@ -224,7 +228,8 @@ class SelfAttention(nn.Module):
         if self.rope_theta is not None:
             cos, sin = self.rotary.get(t, self.head_dim, self.rope_theta, self.q_proj.weight.dtype, x.device)
             q, k = (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.kv_heads != self.heads)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=self.causal,
+                                           enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -966,7 +971,7 @@ class Generator:
     def attention_args(self, features):
         """Self-attention over `features`: heads that split them or a head width of its own,
         grouped-query or not, rotary embedding or not (an even head width), causal or not, with or
-        without bias."""
+        without bias (the output projection's its own or not), with or without dropout."""
         rng = self.rng
         heads = rng.choice([h for h in range(1, 9) if features % h == 0] if rng.random() < 0.7 else range(1, 9))
         args = {"num_heads": heads}
@@ -977,6 +982,8 @@ class Generator:
             args["num_kv_heads"] = kv_heads
         if args.get("head_dim", features // heads) % 2 == 0:
             args.update(self.maybe(rope_theta=rng.choice([10000.0, 500000.0])))
+        args.update(self.maybe(dropout=rng.choice([0.1, 0.5])))
+        args.update(self.maybe(output_bias=rng.random() < 0.5))
         return {**args, **self.maybe(causal=True), **self.maybe(bias=False)}
 
     def stream_norm(self):

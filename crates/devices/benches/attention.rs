@@ -28,6 +28,7 @@ fn forward_and_backward(c: &mut Criterion) {
             kv_heads: 12,
             head_dim: 64,
             causal: true,
+            dropout: None,
         };
         let n = shape.query_values();
         let mut device = HostDevice::new(1 << 30);

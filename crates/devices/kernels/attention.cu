@@ -15,6 +15,12 @@
 // attention_backward_key); grid (ceil(sequence / ATTENTION_ROWS), min(batch x heads, 65535), 1),
 // each block looping over the (sample, head) pairs past the grid (key/value heads in the key
 // kernel). head_dim <= ATTENTION_MAX_HEAD_DIM.
+//
+// Dropout (`threshold` > -1): probability p_ij of sample b, head h is kept when the stream's
+// uniform(key, ((b * heads + h) * sequence + i) * sequence + j) >= threshold, and then scaled
+// by `keep_scale` (synthetic.cuh; crates/engine/src/program/geometry.rs's AttentionDropout).
+// No mask is stored: forward and backward redraw it, as FlashAttention-2 redraws its Philox
+// mask. The log-sum-exp is the undropped softmax's; the output is sum_j p_ij z_ij v_j.
 
 #define ATTENTION_ROWS 64
 #define ATTENTION_TILE 16
@@ -40,6 +46,15 @@ __device__ __forceinline__ void stage_rows(float* tile, const void* values, long
     }
 }
 
+// What probability (b, h, i, j) is multiplied by: 1 without dropout, else keep_scale or 0.
+__device__ __forceinline__ float attention_keep(unsigned long long key, float threshold, float keep_scale,
+                                                long long b, long long h, long long i, long long j,
+                                                long long heads, long long sequence) {
+    if (threshold <= -1.0f) return 1.0f;
+    const unsigned long long at = (((unsigned long long)b * heads + h) * sequence + i) * sequence + j;
+    return uniform(key, (long long)at) >= threshold ? keep_scale : 0.0f;
+}
+
 __device__ __forceinline__ float dot_row(const float* a, const float* b, long long n) {
     float sum = 0.0f;
     for (long long c = 0; c < n; ++c) sum += a[c] * b[c];
@@ -50,7 +65,8 @@ __device__ __forceinline__ float dot_row(const float* a, const float* b, long lo
 // shifted by its maximum: log(sum_j exp(s_ij)).
 extern "C" __global__ void attention_forward(const void* q, const void* k, const void* v, void* o, float* lse,
                                              long long batch, long long sequence, long long heads, long long kv_heads,
-                                             long long head_dim, int causal, float scale, int storage) {
+                                             long long head_dim, int causal, float scale, float threshold,
+                                             float keep_scale, unsigned long long key, int storage) {
     __shared__ float k_tile[ATTENTION_TILE * ATTENTION_MAX_HEAD_DIM];
     __shared__ float v_tile[ATTENTION_TILE * ATTENTION_MAX_HEAD_DIM];
     for (long long pair = blockIdx.y; pair < batch * heads; pair += gridDim.y) {
@@ -86,7 +102,8 @@ extern "C" __global__ void attention_forward(const void* q, const void* k, const
                     for (long long r = 0; r < n; ++r) {
                         const float p = expf(s[r] - new_max);
                         row_sum += p;
-                        for (long long c = 0; c < head_dim; ++c) acc[c] += p * v_tile[r * head_dim + c];
+                        const float kept = p * attention_keep(key, threshold, keep_scale, b, h, i, j0 + r, heads, sequence);
+                        for (long long c = 0; c < head_dim; ++c) acc[c] += kept * v_tile[r * head_dim + c];
                     }
                     row_max = new_max;
                 }
@@ -104,7 +121,8 @@ extern "C" __global__ void attention_forward(const void* q, const void* k, const
 extern "C" __global__ void attention_backward_query(const void* q, const void* k, const void* v, const void* o,
                                                     const void* dout, const float* lse, void* dq,
                                                     long long batch, long long sequence, long long heads,
-                                                    long long kv_heads, long long head_dim, int causal, float scale, int storage) {
+                                                    long long kv_heads, long long head_dim, int causal, float scale,
+                                                    float threshold, float keep_scale, unsigned long long key, int storage) {
     __shared__ float k_tile[ATTENTION_TILE * ATTENTION_MAX_HEAD_DIM];
     __shared__ float v_tile[ATTENTION_TILE * ATTENTION_MAX_HEAD_DIM];
     for (long long pair = blockIdx.y; pair < batch * heads; pair += gridDim.y) {
@@ -133,7 +151,8 @@ extern "C" __global__ void attention_backward_query(const void* q, const void* k
                     if (causal && j0 + r > i) break;
                     const float* kj = k_tile + r * head_dim;
                     const float p = expf(dot_row(qi, kj, head_dim) * scale - row_lse);
-                    const float ds = p * (dot_row(doi, v_tile + r * head_dim, head_dim) - delta);
+                    const float z = attention_keep(key, threshold, keep_scale, b, h, i, j0 + r, heads, sequence);
+                    const float ds = p * (z * dot_row(doi, v_tile + r * head_dim, head_dim) - delta);
                     for (long long c = 0; c < head_dim; ++c) acc[c] += ds * kj[c];
                 }
             }
@@ -148,7 +167,8 @@ extern "C" __global__ void attention_backward_query(const void* q, const void* k
 extern "C" __global__ void attention_backward_key(const void* q, const void* k, const void* v, const void* o,
                                                   const void* dout, const float* lse, void* dk, void* dv,
                                                   long long batch, long long sequence, long long heads,
-                                                  long long kv_heads, long long head_dim, int causal, float scale, int storage) {
+                                                  long long kv_heads, long long head_dim, int causal, float scale,
+                                                  float threshold, float keep_scale, unsigned long long key, int storage) {
     __shared__ float q_tile[ATTENTION_TILE * ATTENTION_MAX_HEAD_DIM];
     __shared__ float do_tile[ATTENTION_TILE * ATTENTION_MAX_HEAD_DIM];
     __shared__ float lse_tile[ATTENTION_TILE];
@@ -189,9 +209,10 @@ extern "C" __global__ void attention_backward_key(const void* q, const void* k, 
                         const float* qi = q_tile + r * head_dim;
                         const float* doi = do_tile + r * head_dim;
                         const float p = expf(dot_row(qi, kj, head_dim) * scale - lse_tile[r]);
-                        const float ds = p * (dot_row(doi, vj, head_dim) - delta_tile[r]);
+                        const float z = attention_keep(key, threshold, keep_scale, b, h, i0 + r, j, heads, sequence);
+                        const float ds = p * (z * dot_row(doi, vj, head_dim) - delta_tile[r]);
                         for (long long c = 0; c < head_dim; ++c) {
-                            dv_acc[c] += p * doi[c];
+                            dv_acc[c] += p * z * doi[c];
                             dk_acc[c] += ds * qi[c];
                         }
                     }

@@ -1,11 +1,13 @@
 //! A Hugging Face `config.json` as a job's model: `"model": {"huggingface": {...}, "tokens":
 //! {"sequence_length": 2048}}` is read as the layer list the architecture is made of, in
-//! PyTorch's modules: for the Llama family (`model_type` `llama`, `mistral`), the token
+//! PyTorch's modules: for the Llama family (`model_type` `llama`, `mistral`, `qwen2`), the token
 //! embedding, per decoder layer a pre-norm block of RMS norm and grouped-query causal attention
 //! with rotary embedding and one of RMS norm and the gated MLP, the final norm, and the head
-//! (tied to the embedding with `tie_word_embeddings`). `vocab_size` and the logits come from the
-//! config. What the list cannot say is refused by field: attention dropout, a sliding window
-//! shorter than the sequence, an activation the gated MLP does not take, another architecture.
+//! (tied to the embedding with `tie_word_embeddings`); for `gpt2`, token and learned position
+//! embeddings, pre-norm blocks of layer norm and attention, of layer norm and the MLP, each
+//! with GPT-2's dropouts, and the tied head. `vocab_size` and the logits come from the
+//! config. What the list cannot say is refused by field: a sliding window, an activation the
+//! list does not take, GPT-2's unscaled or cross attention, another architecture.
 //!
 //! The list describes the architecture as PyTorch's own modules train it (`nn.RMSNorm`'s fused
 //! kernel); Hugging Face's `LlamaRMSNorm` computes by hand in f32 and saves more.
@@ -64,13 +66,15 @@ pub fn expand(model: &mut Map<String, Value>) -> Result<(), ConfigError> {
     let config = Config(&config);
     let model_type = config.text("model_type", None)?;
     let layers = match model_type.as_str() {
-        "llama" | "mistral" => llama_layers(&config)?,
+        "llama" | "mistral" => decoder_layers(&config, Family::Llama)?,
+        "qwen2" => decoder_layers(&config, Family::Qwen2)?,
+        "gpt2" => gpt2_layers(&config, sequence_length(model))?,
         other => {
             return Err(ConfigError::new(
                 format!("{FIELD}.model_type"),
                 format!(
-                    "headroom reads the Llama family (\"llama\", \"mistral\"), not {other:?}; \
-                     write its layer list as model.layers instead"
+                    "headroom reads \"gpt2\" and the Llama family (\"llama\", \"mistral\", \
+                     \"qwen2\"), not {other:?}; write its layer list as model.layers instead"
                 ),
             ))
         }
@@ -111,37 +115,42 @@ pub fn expand(model: &mut Map<String, Value>) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The job's `model.tokens.sequence_length`, if it is a whole number.
+fn sequence_length(model: &Map<String, Value>) -> Option<u64> {
+    model.get("tokens")?.get("sequence_length")?.as_u64()
+}
+
 /// Whether `given` is the layer list `made` says, as layers (defaults written out or not).
 fn same_layers(given: &Value, made: &Value) -> bool {
     let read = |v: &Value| serde_json::from_value::<Vec<LayerSpec>>(v.clone()).ok();
     read(given).is_some_and(|given| Some(given) == read(made))
 }
 
-/// The Llama family's layer list.
-fn llama_layers(config: &Config<'_>) -> Result<Vec<Value>, ConfigError> {
+/// The decoders of the Llama family: where they differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// Llama and Mistral: the projections' bias from `attention_bias`, a `sliding_window`
+    /// whenever one is given.
+    Llama,
+    /// Qwen2: a bias on the query, key and value projections, none on the output's; its
+    /// `sliding_window` applies only with `use_sliding_window` (or sliding `layer_types`).
+    Qwen2,
+}
+
+/// The layer list of a decoder of the Llama family.
+fn decoder_layers(config: &Config<'_>, family: Family) -> Result<Vec<Value>, ConfigError> {
     let hidden = config.count("hidden_size", None)?;
     let heads = config.count("num_attention_heads", None)?;
     let vocab = config.count("vocab_size", None)?;
     let eps = config.number("rms_norm_eps", Some(1e-6))?;
     let dropout = config.number("attention_dropout", Some(0.0))?;
-    if dropout != 0.0 {
+    if !(0.0..1.0).contains(&dropout) {
         return Err(ConfigError::new(
             format!("{FIELD}.attention_dropout"),
-            format!(
-                "is {dropout}; attention dropout is not a layer kind yet (on SDPA's fused path it \
-                 keeps no mask, so 0 gives the same memory): set it to 0"
-            ),
+            format!("must be in [0, 1), got {dropout}"),
         ));
     }
-    if let Some(window) = config.optional_count("sliding_window")? {
-        return Err(ConfigError::new(
-            format!("{FIELD}.sliding_window"),
-            format!(
-                "is {window}: a sliding window makes Hugging Face pass SDPA a mask, which leaves \
-                 the fused path headroom models; set it to null"
-            ),
-        ));
-    }
+    config.refuse_sliding_window(family)?;
     let activation = config.text("hidden_act", Some("silu"))?;
     if !["silu", "gelu", "gelu_pytorch_tanh", "relu"].contains(&activation.as_str()) {
         return Err(ConfigError::new(
@@ -156,11 +165,17 @@ fn llama_layers(config: &Config<'_>) -> Result<Vec<Value>, ConfigError> {
         "num_heads": heads,
         "num_kv_heads": config.count("num_key_value_heads", Some(heads))?,
         "causal": true,
-        "bias": config.flag("attention_bias", false)?,
         "rope_theta": config.rope_theta()?,
     });
+    match family {
+        Family::Llama => attention["bias"] = json!(config.flag("attention_bias", false)?),
+        Family::Qwen2 => attention["output_bias"] = json!(false),
+    }
     if let Some(head_dim) = config.optional_count("head_dim")? {
         attention["head_dim"] = json!(head_dim);
+    }
+    if dropout > 0.0 {
+        attention["dropout"] = json!(dropout);
     }
     let norm = json!({"rms_norm": {"eps": eps}});
     let mlp = json!({"gated_mlp": {
@@ -196,10 +211,148 @@ fn llama_layers(config: &Config<'_>) -> Result<Vec<Value>, ConfigError> {
     )
 }
 
+/// GPT-2's layer list: token and learned position embeddings and their dropout, per layer a
+/// pre-norm block of layer norm, causal attention with bias (`c_attn`'s query, key and value,
+/// `c_proj`) and dropout, and one of layer norm, the MLP (`c_fc`, the activation, `c_proj`) and
+/// dropout; the final layer norm and the head, tied to the token embedding unless
+/// `tie_word_embeddings` is false. `Conv1D`'s weights are stored transposed, the same numbers.
+fn gpt2_layers(config: &Config<'_>, sequence: Option<u64>) -> Result<Vec<Value>, ConfigError> {
+    let hidden = config.count("n_embd", Some(768))?;
+    let heads = config.count("n_head", Some(12))?;
+    let vocab = config.count("vocab_size", Some(50257))?;
+    for (field, refused_when) in [
+        ("scale_attn_weights", false),
+        ("scale_attn_by_inverse_layer_idx", true),
+        ("add_cross_attention", true),
+    ] {
+        let default = !refused_when;
+        if config.flag(field, default)? == refused_when {
+            return Err(config.error(
+                field,
+                format!(
+                    "is {refused_when}: headroom's attention scales the scores by 1 / \
+                     sqrt(head_dim) alone and attends to the sequence itself; set it to {default}"
+                ),
+            ));
+        }
+    }
+    let activation = match config
+        .text("activation_function", Some("gelu_new"))?
+        .as_str()
+    {
+        // NewGELU is the tanh approximation, written by hand (the same values).
+        "gelu_new" | "gelu_pytorch_tanh" => json!({"gelu": {"approximate": "tanh"}}),
+        "gelu" => json!({"gelu": {}}),
+        "relu" => json!({"relu": {}}),
+        "silu" | "swish" => json!({"silu": {}}),
+        "tanh" => json!({"tanh": {}}),
+        other => {
+            return Err(config.error(
+                "activation_function",
+                format!(
+                    "is {other:?}; headroom takes \"gelu_new\", \"gelu_pytorch_tanh\", \
+                     \"gelu\", \"relu\", \"silu\" or \"tanh\""
+                ),
+            ))
+        }
+    };
+    let probability = |field: &str| {
+        let p = config.number(field, Some(0.1))?;
+        match (0.0..1.0).contains(&p) {
+            true => Ok(p),
+            false => Err(config.error(field, format!("must be in [0, 1), got {p}"))),
+        }
+    };
+    let dropout = |p: f64| json!({"dropout": {"p": p}});
+    let (embedded, attended, residual) = (
+        probability("embd_pdrop")?,
+        probability("attn_pdrop")?,
+        probability("resid_pdrop")?,
+    );
+    let norm = json!({"layer_norm": {"eps": config.number("layer_norm_epsilon", Some(1e-5))?}});
+    let inner = config.count("n_inner", Some(4 * hidden))?;
+    let attention = json!({"self_attention": {
+        "num_heads": heads, "causal": true, "dropout": attended
+    }});
+    let block = [
+        json!({"residual": {"layers": [norm, attention, dropout(residual)]}}),
+        json!({"residual": {"layers": [
+            norm,
+            {"linear": {"out_features": inner}},
+            activation,
+            {"linear": {"out_features": hidden}},
+            dropout(residual)
+        ]}}),
+    ];
+    let depth = config.count("n_layer", Some(12))?;
+    // A layer is ten of a list's layers (blocks of three and five), around five more.
+    let deepest = (crate::modules::MAX_LAYERS as u64 - 5) / 10;
+    if depth > deepest {
+        return Err(config.error(
+            "n_layer",
+            format!(
+                "must be at most {deepest} (each is ten of a model's at most {} layers)",
+                crate::modules::MAX_LAYERS
+            ),
+        ));
+    }
+    let positions = config.count("n_positions", Some(1024))?;
+    if let Some(sequence) = sequence.filter(|&n| n > positions) {
+        return Err(ConfigError::new(
+            "model.tokens.sequence_length",
+            format!("is {sequence}, and GPT-2 places at most n_positions ({positions}) tokens"),
+        ));
+    }
+    let tied = config.flag("tie_word_embeddings", true)?;
+    Ok([
+        json!({"embedding": {"embedding_dim": hidden}}),
+        json!({"positional_embedding": {"max_positions": positions}}),
+        dropout(embedded),
+    ]
+    .into_iter()
+    .chain((0..depth).flat_map(|_| block.clone()))
+    .chain([
+        norm.clone(),
+        json!({"linear": {"out_features": vocab, "bias": false, "tied": tied}}),
+    ])
+    .collect())
+}
+
 /// A config's fields, read with errors that name them.
 struct Config<'a>(&'a Map<String, Value>);
 
 impl Config<'_> {
+    /// Refuses a sliding window: it makes Hugging Face pass SDPA a mask, which leaves the fused
+    /// path headroom models.
+    fn refuse_sliding_window(&self, family: Family) -> Result<(), ConfigError> {
+        let reason = |what: String| {
+            format!(
+                "{what}: a sliding window makes Hugging Face pass SDPA a mask, which leaves the \
+                 fused path headroom models"
+            )
+        };
+        if family == Family::Llama {
+            if let Some(window) = self.optional_count("sliding_window")? {
+                let why = reason(format!("is {window}"));
+                return Err(self.error("sliding_window", format!("{why}; set it to null")));
+            }
+            return Ok(());
+        }
+        if self.flag("use_sliding_window", false)? {
+            let why = reason("is true".into());
+            return Err(self.error("use_sliding_window", format!("{why}; set it to false")));
+        }
+        let sliding = match self.0.get("layer_types") {
+            Some(Value::Array(types)) => types.iter().any(|t| t == "sliding_attention"),
+            _ => false,
+        };
+        if sliding {
+            let why = reason("names \"sliding_attention\"".into());
+            return Err(self.error("layer_types", format!("{why}; use \"full_attention\"")));
+        }
+        Ok(())
+    }
+
     fn error(&self, name: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError::new(format!("{FIELD}.{name}"), reason)
     }

@@ -1123,6 +1123,126 @@ mod tests {
         })
     }
 
+    /// Qwen2.5-0.5B's config.json, as the Hub serves it.
+    fn qwen25() -> Value {
+        json!({
+            "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu",
+            "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+            "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+            "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+            "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+            "transformers_version": "4.40.1", "use_cache": true, "use_sliding_window": false,
+            "vocab_size": 151936
+        })
+    }
+
+    #[test]
+    fn a_qwen2_config_has_biased_query_key_and_value_projections_only() {
+        let job = llama_job(qwen25()).unwrap();
+        // transformers' Qwen2ForCausalLM on the meta device counts 494,032,768.
+        assert_eq!(job.plan().parameter_count(), 494_032_768);
+        let layers = serde_json::to_value(&job.spec().model.layers).unwrap();
+        let attention = &layers[1]["residual"]["layers"][1]["self_attention"];
+        assert_eq!(attention["bias"], json!(true), "{attention}");
+        assert_eq!(attention["output_bias"], json!(false), "{attention}");
+        let refused = [
+            ("use_sliding_window", json!(true), "set it to false"),
+            (
+                "layer_types",
+                json!(["full_attention", "sliding_attention"]),
+                "\"full_attention\"",
+            ),
+        ];
+        for (field, value, reason) in refused {
+            let mut config = qwen25();
+            config[field] = value;
+            let error = llama_job(config).unwrap_err();
+            assert_eq!(error.field, format!("model.huggingface.{field}"), "{error}");
+            assert!(error.reason.contains(reason), "{error}");
+        }
+    }
+
+    /// GPT-2 (small)'s config.json, as the Hub serves it.
+    fn gpt2() -> Value {
+        json!({
+            "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+            "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
+            "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+            "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+            "resid_pdrop": 0.1, "summary_activation": null, "summary_first_dropout": 0.1,
+            "summary_proj_to_labels": true, "summary_type": "cls_index",
+            "summary_use_proj": true, "vocab_size": 50257
+        })
+    }
+
+    #[test]
+    fn a_gpt2_config_is_gpt2_s_layers_with_its_dropouts() {
+        let job = gpt2_job(gpt2()).unwrap();
+        // transformers' GPT2LMHeadModel on the meta device counts 124,439,808 (tied head)...
+        assert_eq!(job.plan().parameter_count(), 124_439_808);
+        let example: Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/gpt2-small.json"
+        )))
+        .unwrap();
+        let example = Job::from_value(example).unwrap();
+        let (read, written) = (&job.spec().model, &example.spec().model);
+        assert!(read.layers == written.layers, "the layer lists differ");
+        assert_eq!(
+            (read.tokens, read.num_classes),
+            (written.tokens, written.num_classes)
+        );
+        let layers = serde_json::to_value(&job.spec().model.layers).unwrap();
+        let text = layers.to_string();
+        assert_eq!(text.matches("\"self_attention\"").count(), 12);
+        // The embeddings' dropout, and two a layer after its blocks.
+        assert_eq!(
+            text.matches("{\"dropout\":{\"p\":0.1}}").count(),
+            25,
+            "{text}"
+        );
+        assert_eq!(text.matches("\"dropout\":0.1").count(), 12, "{text}");
+        // ... and 6,558,280 for two layers of 64 with a head of its own and n_inner 100.
+        let mut small = gpt2();
+        for (field, value) in [
+            ("n_layer", json!(2)),
+            ("n_embd", json!(64)),
+            ("n_head", json!(4)),
+            ("n_inner", json!(100)),
+            ("tie_word_embeddings", json!(false)),
+        ] {
+            small[field] = value;
+        }
+        let job = gpt2_job(small).unwrap();
+        assert_eq!(job.plan().parameter_count(), 6_558_280);
+        let refused = [
+            ("scale_attn_weights", json!(false), "set it to true"),
+            ("add_cross_attention", json!(true), "set it to false"),
+            ("activation_function", json!("gelu_fast"), "\"gelu_new\""),
+            ("attn_pdrop", json!(1.0), "must be in [0, 1)"),
+            ("n_layer", json!(100), "at most 99"),
+        ];
+        for (field, value, reason) in refused {
+            let mut config = gpt2();
+            config[field] = value;
+            let error = gpt2_job(config).unwrap_err();
+            assert_eq!(error.field, format!("model.huggingface.{field}"), "{error}");
+            assert!(error.reason.contains(reason), "{error}");
+        }
+        let error = llama_job(gpt2()).unwrap_err();
+        assert_eq!(error.field, "model.tokens.sequence_length");
+        assert!(error.reason.contains("n_positions (1024)"), "{error:?}");
+    }
+
+    fn gpt2_job(config: Value) -> Result<Job, JobError> {
+        Job::from_value(json!({
+            "model": {"huggingface": config, "tokens": {"sequence_length": 1024}},
+            "optimizer": {"name": "adamw"}
+        }))
+    }
+
     fn llama_job(config: Value) -> Result<Job, JobError> {
         Job::from_value(json!({
             "model": {"huggingface": config, "tokens": {"sequence_length": 2048}},
@@ -1150,6 +1270,17 @@ mod tests {
     }
 
     #[test]
+    fn attention_dropout_is_each_attention_layer_s_dropout() {
+        let mut config = smollm2();
+        config["attention_dropout"] = json!(0.1);
+        let job = llama_job(config).unwrap();
+        let layers = serde_json::to_value(&job.spec().model.layers).unwrap();
+        let text = layers.to_string();
+        assert_eq!(text.matches("\"self_attention\"").count(), 30);
+        assert_eq!(text.matches("\"dropout\":0.1").count(), 30, "{text}");
+    }
+
+    #[test]
     fn what_the_list_cannot_say_is_refused_by_field() {
         let with = |field: &str, value: Value| {
             let mut config = smollm2();
@@ -1159,9 +1290,9 @@ mod tests {
         let cases = [
             (
                 "attention_dropout",
-                json!(0.1),
+                json!(1.5),
                 "attention_dropout",
-                "set it to 0",
+                "must be in [0, 1)",
             ),
             (
                 "sliding_window",
@@ -1170,7 +1301,7 @@ mod tests {
                 "set it to null",
             ),
             ("hidden_act", json!("gelu_new"), "hidden_act", "\"silu\""),
-            ("model_type", json!("qwen2"), "model_type", "not \"qwen2\""),
+            ("model_type", json!("phi3"), "model_type", "not \"phi3\""),
             (
                 "hidden_size",
                 json!(-4),

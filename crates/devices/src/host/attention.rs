@@ -2,7 +2,8 @@
 //! keys and values widened to f32: one sample's scratch), heads (key/value heads in backward)
 //! spread over every core. Like the kernels it keeps no `sequence x sequence` buffer: the
 //! scores of a tile of [`TILE`] query rows against the keys at a time, multiplied by gemm, the
-//! backward's probabilities recomputed from the saved log-sum-exp. Rotary embedding a row of
+//! backward's probabilities recomputed from the saved log-sum-exp, and dropout's factors
+//! redrawn from the stream where they are used, as the kernels do. Rotary embedding a row of
 //! a head at a time.
 
 use rayon::prelude::*;
@@ -11,7 +12,7 @@ use super::gemm::gemm;
 use super::values::{chunks, HostValues};
 use super::{usize_of, HostDevice};
 use headroom_engine::device::DeviceError;
-use headroom_engine::program::geometry::{Attention, Rotary};
+use headroom_engine::program::geometry::{Attention, AttentionDropout, Rotary};
 use headroom_engine::program::{AttentionGradients, AttentionSaved};
 use headroom_engine::step::Attend;
 
@@ -27,6 +28,7 @@ struct Sizes {
     head_dim: usize,
     causal: bool,
     scale: f32,
+    shape: Attention,
 }
 
 impl Sizes {
@@ -38,6 +40,20 @@ impl Sizes {
             head_dim: usize_of(shape.head_dim),
             causal: shape.causal,
             scale: shape.scale(),
+            shape: *shape,
+        }
+    }
+
+    /// Multiplies the probabilities of `rows` of head `h` of sample `b` (row-major, `keys` a
+    /// row) by their dropout factors, if any.
+    fn drop(&self, p: &mut [f32], b: usize, h: usize, rows: &std::ops::Range<usize>, keys: usize) {
+        let Some(dropout) = self.shape.dropout else {
+            return;
+        };
+        for (i, row) in rows.clone().zip(p.chunks_exact_mut(keys)) {
+            for (j, p) in row.iter_mut().enumerate() {
+                *p *= factor(&dropout, &self.shape, [b, h, i, j]);
+            }
         }
     }
 
@@ -73,6 +89,10 @@ impl Sizes {
     fn columns<'a>(&self, x: &'a [f32], n: usize, h: usize) -> Operand<'a> {
         (&x[h * self.head_dim..], (1, (n * self.head_dim) as isize))
     }
+}
+
+fn factor(dropout: &AttentionDropout, shape: &Attention, at: [usize; 4]) -> f32 {
+    dropout.factor(shape, at.map(|n| n as u64))
 }
 
 /// An operand of a product: its values and their (row, column) strides.
@@ -113,7 +133,12 @@ fn mask(z: &Sizes, scores: &mut [f32], rows: &std::ops::Range<usize>, keys: usiz
 }
 
 /// One head's forward over a sample: its output rows `[sequence, head_dim]` and log-sum-exps.
-fn head_forward(z: &Sizes, q: &[f32], k: &[f32], v: &[f32], h: usize) -> (Vec<f32>, Vec<f32>) {
+fn head_forward(
+    z: &Sizes,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    b: usize,
+    h: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let (d, g) = (z.head_dim, h / (z.heads / z.kv_heads));
     let mut out = vec![0.0f32; z.sequence * d];
     let mut lse = vec![0.0f32; z.sequence];
@@ -141,6 +166,7 @@ fn head_forward(z: &Sizes, q: &[f32], k: &[f32], v: &[f32], h: usize) -> (Vec<f3
             row.iter_mut().for_each(|p| *p /= sum);
             lse[rows.start + r] = max + sum.ln();
         }
+        z.drop(scores, b, h, &rows, keys);
         let o = &mut out[rows.start * d..rows.end * d];
         product(
             m,
@@ -157,6 +183,8 @@ fn head_forward(z: &Sizes, q: &[f32], k: &[f32], v: &[f32], h: usize) -> (Vec<f3
 
 /// The inputs of one sample's backward, widened.
 struct Sample<'a> {
+    /// Which sample of the batch.
+    b: usize,
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
@@ -199,6 +227,8 @@ fn group_backward(z: &Sizes, s: &Sample<'_>, g: usize) -> (Vec<Vec<f32>>, Vec<f3
                 ds,
                 false,
             );
+            // Dropout scales dout v^T's entries, then (for dv) the probabilities.
+            z.drop(ds, s.b, h, &rows, keys);
             for (r, (ds, p)) in ds
                 .chunks_exact_mut(keys)
                 .zip(p.chunks_exact(keys))
@@ -209,6 +239,7 @@ fn group_backward(z: &Sizes, s: &Sample<'_>, g: usize) -> (Vec<Vec<f32>>, Vec<f3
                     .zip(p)
                     .for_each(|(x, p)| *x = p * (*x - delta));
             }
+            z.drop(p, s.b, h, &rows, keys);
             let (dense, transposed) = ((keys as isize, 1), (1, keys as isize));
             // dq = ds k * scale; dv += p^T dout; dk += ds^T q * scale (scaled at the end).
             let dq_rows = &mut dq[rows.start * d..rows.end * d];
@@ -330,7 +361,7 @@ impl Attend for HostDevice {
             );
             let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..z.heads)
                 .into_par_iter()
-                .map(|h| head_forward(&z, &q, &k, &v, h))
+                .map(|h| head_forward(&z, (&q, &k, &v), b, h))
                 .collect();
             let mut out = vec![0.0f32; queries];
             let mut sums = vec![0.0f32; rows];
@@ -368,6 +399,7 @@ impl Attend for HostDevice {
                 .map(|(a, b)| a.iter().zip(b).map(|(a, b)| a * b).sum())
                 .collect();
             let sample = Sample {
+                b,
                 q: &q,
                 k: &k,
                 v: &v,

@@ -165,7 +165,7 @@ fn sequence(activation: &Value, training: Training) -> Plan {
 
 /// A small language model over token ids: an embedding (its padding row, whose gradient is 0 by
 /// definition, is checked in parity) and learned positions, pre-norm blocks around causal
-/// grouped-query attention with rotary embedding, a linear layer and a gated MLP behind an RMS norm,
+/// grouped-query attention with rotary embedding and dropout, a linear layer and a gated MLP behind an RMS norm,
 /// and a head tied to the embedding writing logits at every position, one label a token.
 fn language(activation: &Value, training: Training) -> Plan {
     let list = json!([
@@ -173,7 +173,7 @@ fn language(activation: &Value, training: Training) -> Plan {
         {"positional_embedding": {"max_positions": 8}},
         {"residual": {"layers": [
             {"layer_norm": {}},
-            {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 4, "causal": true, "bias": false, "rope_theta": 10000.0}}
+            {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 4, "causal": true, "bias": false, "rope_theta": 10000.0, "dropout": 0.25}}
         ]}},
         {"residual": {"layers": [
             {"layer_norm": {}},

@@ -1,7 +1,7 @@
 //! Checks of `attention.cu`: the fused forward (output and log-sum-exp) and its backward
 //! against a reference written here in f64 that materializes every score, at sequence lengths
 //! that are not multiples of the kernels' tiles, causal and not, grouped-query and multi-query,
-//! the widest head the kernels take, in every storage; and rotary embedding and its gradient
+//! the widest head the kernels take, with dropout and without, in every storage; and rotary embedding and its gradient
 //! against the same definitions in f64.
 
 use super::{compare, poison, random, rounded, tolerance, Check, STORAGES, TOLERANCE};
@@ -9,22 +9,24 @@ use crate::transfer::Transfer;
 use headroom_engine::device::DeviceError;
 use headroom_engine::modules::rotary;
 use headroom_engine::plan::Storage;
-use headroom_engine::program::geometry::{Attention, Rotary};
+use headroom_engine::program::geometry::{Attention, AttentionDropout, Rotary};
 use headroom_engine::program::{AttentionGradients, AttentionSaved};
 
 /// Runs the attention checks on `device`.
 pub fn check_attention<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
-    // (batch, sequence, heads, kv_heads, head_dim, causal)
+    // (batch, sequence, heads, kv_heads, head_dim, causal, dropout)
     let cases = [
-        (1u64, 1u64, 1u64, 1u64, 1u64, false),
-        (2, 70, 4, 2, 24, true),
-        (1, 33, 3, 1, 8, false),
-        (1, 129, 2, 2, 64, true),
-        (1, 5, 1, 1, 256, false),
+        (1u64, 1u64, 1u64, 1u64, 1u64, false, 0.0f32),
+        (2, 70, 4, 2, 24, true, 0.0),
+        (2, 70, 4, 2, 24, true, 0.25),
+        (1, 33, 3, 1, 8, false, 0.0),
+        (1, 33, 3, 1, 8, false, 0.5),
+        (1, 129, 2, 2, 64, true, 0.0),
+        (1, 5, 1, 1, 256, false, 0.0),
     ];
     let mut checks = Vec::new();
     for storage in STORAGES {
-        for (batch, sequence, heads, kv_heads, head_dim, causal) in cases {
+        for (batch, sequence, heads, kv_heads, head_dim, causal, p) in cases {
             let shape = Attention {
                 batch,
                 sequence,
@@ -32,6 +34,7 @@ pub fn check_attention<K: Transfer>(device: &mut K) -> Result<Vec<Check>, Device
                 kv_heads,
                 head_dim,
                 causal,
+                dropout: (p > 0.0).then_some(AttentionDropout { p, key: 74 }),
             };
             checks.extend(check_case(device, storage, &shape)?);
         }
@@ -49,7 +52,7 @@ struct Expected {
 }
 
 /// Attention and its backward from the definition, in f64, each head's whole `sequence x
-/// sequence` matrix of probabilities materialized.
+/// sequence` matrix of probabilities materialized, and dropout's factors beside it.
 fn reference(q: &[f32], k: &[f32], v: &[f32], d_o: &[f32], shape: &Attention) -> Expected {
     let [b, t, h, kvh, d] = [
         shape.batch,
@@ -77,6 +80,12 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], d_o: &[f32], shape: &Attention) ->
             let g = head / (h / kvh);
             let sees = |i: usize, j: usize| !shape.causal || j <= i;
             let mut p = vec![vec![0.0f64; t]; t];
+            let z = |i: usize, j: usize| match shape.dropout {
+                Some(dropout) => {
+                    f64::from(dropout.factor(shape, [s, head, i, j].map(|n| n as u64)))
+                }
+                None => 1.0,
+            };
             for (i, row) in p.iter_mut().enumerate() {
                 let scores: Vec<f64> = (0..t)
                     .map(|j| match sees(i, j) {
@@ -94,7 +103,8 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], d_o: &[f32], shape: &Attention) ->
             for i in 0..t {
                 for j in 0..t {
                     for e in 0..d {
-                        want[0][qi(s, i, head) + e] += p[i][j] * v[kj(s, j, g) + e] as f64;
+                        want[0][qi(s, i, head) + e] +=
+                            p[i][j] * z(i, j) * v[kj(s, j, g) + e] as f64;
                     }
                 }
             }
@@ -105,11 +115,12 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], d_o: &[f32], shape: &Attention) ->
                     .sum();
                 for j in 0..t {
                     let dp = dot(d_o, qi(s, i, head), v, kj(s, j, g));
-                    let ds = p[i][j] * (dp - delta);
+                    let ds = p[i][j] * (z(i, j) * dp - delta);
                     for e in 0..d {
                         want[2][qi(s, i, head) + e] += ds * k[kj(s, j, g) + e] as f64 * scale;
                         want[3][kj(s, j, g) + e] += ds * q[qi(s, i, head) + e] as f64 * scale;
-                        want[4][kj(s, j, g) + e] += p[i][j] * d_o[qi(s, i, head) + e] as f64;
+                        want[4][kj(s, j, g) + e] +=
+                            p[i][j] * z(i, j) * d_o[qi(s, i, head) + e] as f64;
                     }
                 }
             }
@@ -156,13 +167,17 @@ fn check_case<K: Transfer>(
         shape,
     )?;
     let name = format!(
-        "{} x {} x {}/{} heads x {}{} {storage:?}",
+        "{} x {} x {}/{} heads x {}{}{} {storage:?}",
         shape.batch,
         shape.sequence,
         shape.heads,
         shape.kv_heads,
         shape.head_dim,
-        if shape.causal { " causal" } else { "" }
+        if shape.causal { " causal" } else { "" },
+        match shape.dropout {
+            Some(dropout) => format!(" dropout {}", dropout.p),
+            None => String::new(),
+        }
     );
     // The gradients are sums over a sequence of products of rounded values: a 16-bit storage
     // rounds the output the backward reads, which moves them by a few units in its last place.

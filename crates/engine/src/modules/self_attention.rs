@@ -11,6 +11,11 @@
 //! keys, values, output and log-sum-exp; its backward writes the three gradients at once, the
 //! scores recomputed tile by tile. Under autocast it runs in half, as the projections write.
 //!
+//! With `dropout`, the fused kernels drop probabilities as FlashAttention-2 does, keeping no
+//! mask: each step's mask is redrawn from headroom's stream where it is used (forward and
+//! backward), so dropout adds no memory (CUDA's fused kernels keep only the Philox seed and
+//! offset, two host scalars).
+//!
 //! With `rope_theta`, rotary position embedding ([`super::rotary`]) turns the queries and keys
 //! before the attention, as Llama's block does; under autocast the f32 tables make them f32,
 //! which SDPA's autocast casts back to half (and those f32 values stay until the block ends).
@@ -22,9 +27,10 @@ use super::linear::{Linear, LinearSpec};
 use super::rotary;
 use super::{Context, LayerError, Module, Parameter, Parameters, Path, Token, Values, MAX_EXTENT};
 use crate::memory::Storage;
-use crate::program::geometry::{Attention, Rotary};
+use crate::program::geometry::{Attention, AttentionDropout, Rotary};
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::{AttentionGradients, AttentionSaved, Instr};
+use crate::synthetic;
 
 /// The widest head attention.cu's kernels take (`ATTENTION_MAX_HEAD_DIM`).
 pub const MAX_HEAD_DIM: u64 = 256;
@@ -49,10 +55,18 @@ pub struct SelfAttentionSpec {
     /// Whether the four projections learn a bias (true, as GPT-2's; Llama's have none).
     #[serde(default = "yes")]
     pub bias: bool,
+    /// Whether the output projection (`o_proj`) learns one: `bias` unless given (Qwen2's
+    /// query, key and value projections learn a bias, its output projection none).
+    #[serde(default)]
+    pub output_bias: Option<bool>,
     /// Rotary position embedding's base (`rope_theta`: 10,000 in Llama 2, 500,000 in Llama
     /// 3); none, no rotary embedding.
     #[serde(default)]
     pub rope_theta: Option<f64>,
+    /// Dropout on the attention probabilities while training (SDPA's `dropout_p`, Hugging
+    /// Face's `attention_dropout` / GPT-2's `attn_pdrop`), in [0, 1).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 fn yes() -> bool {
@@ -65,7 +79,7 @@ impl SelfAttentionSpec {
         &self,
         input: &[u64],
         at: &Path,
-        cx: &Context,
+        cx: &mut Context,
     ) -> Result<SelfAttention, LayerError> {
         let [sequence, features] = *input else {
             return Err(at.error(format!(
@@ -104,10 +118,21 @@ impl SelfAttentionSpec {
                 format!("must be between 1 and {MAX_HEAD_DIM}, got {head_dim}"),
             ));
         }
-        let linear = |out_features: u64, input: &[u64]| {
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(at.error_at(
+                "dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        let dropout = (self.dropout > 0.0).then(|| {
+            cx.dropouts += 1;
+            (self.dropout as f32, cx.dropouts - 1)
+        });
+        let cx = &*cx;
+        let linear = |out_features: u64, bias: bool, input: &[u64]| {
             LinearSpec {
                 out_features,
-                bias: self.bias,
+                bias,
                 tied: false,
             }
             .build(input, at, cx)
@@ -141,10 +166,11 @@ impl SelfAttentionSpec {
             }
             Some(theta) => Some(theta as f32),
         };
-        let q = linear(width(heads)?, input)?;
-        let k = linear(width(kv_heads)?, input)?;
-        let v = linear(width(kv_heads)?, input)?;
-        let o = linear(features, q.output_shape())?;
+        let q = linear(width(heads)?, self.bias, input)?;
+        let k = linear(width(kv_heads)?, self.bias, input)?;
+        let v = linear(width(kv_heads)?, self.bias, input)?;
+        let output_bias = self.output_bias.unwrap_or(self.bias);
+        let o = linear(features, output_bias, q.output_shape())?;
         Ok(SelfAttention {
             q,
             k,
@@ -156,6 +182,7 @@ impl SelfAttentionSpec {
             head_dim,
             causal: self.causal,
             rope_theta,
+            dropout,
         })
     }
 }
@@ -173,6 +200,8 @@ pub struct SelfAttention {
     head_dim: u64,
     causal: bool,
     rope_theta: Option<f32>,
+    /// Dropout's probability and which dropout of the model it is (its masks' stream).
+    dropout: Option<(f32, usize)>,
 }
 
 impl SelfAttention {
@@ -187,7 +216,9 @@ impl SelfAttention {
         })
     }
 
-    fn shape(&self, batch: u64) -> Attention {
+    /// The attention over `batch` sequences, its dropout keyed by `key` (the executor draws
+    /// step `s`'s masks from [`synthetic::stream_key`]`(key, s)`).
+    fn shape(&self, batch: u64, seed: u64) -> Attention {
         Attention {
             batch,
             sequence: self.sequence,
@@ -195,6 +226,10 @@ impl SelfAttention {
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             causal: self.causal,
+            dropout: self.dropout.map(|(p, stream)| AttentionDropout {
+                p,
+                key: synthetic::stream_key(seed, synthetic::dropout_stream(stream)),
+            }),
         }
     }
 }
@@ -243,7 +278,7 @@ impl Module for SelfAttention {
         };
         // SDPA's autocast casts what is not half (rotary's f32 queries and keys).
         let operands = [q, k, v].map(|t| graph.operand(t));
-        let o = attention(graph, operands, self.shape(rows));
+        let o = attention(graph, operands, self.shape(rows, graph.seed()));
         for tensor in operands {
             graph.release(tensor);
         }
@@ -266,7 +301,12 @@ impl Module for SelfAttention {
             q = rotary::reference(&q, &for_q);
             k = rotary::reference(&k, &for_k);
         }
-        let o = reference_attention(&q, &k, &v, &self.shape(rows as u64));
+        // Step 0's masks, as the executor draws them in the first step.
+        let mut shape = self.shape(rows as u64, seed);
+        if let Some(dropout) = shape.dropout.as_mut() {
+            dropout.key = synthetic::stream_key(dropout.key, 0);
+        }
+        let o = reference_attention(&q, &k, &v, &shape);
         self.o.reference(&o, rows, values, seed)
     }
 
@@ -293,8 +333,12 @@ impl Module for SelfAttention {
             Some(theta) => format!("rope{theta}"),
             None => String::new(),
         };
+        let dropout = match self.dropout {
+            Some((p, _)) => format!("d{p}"),
+            None => String::new(),
+        };
         Token::Layer(format!(
-            "{causal}{rope}attn{}{kv}x{}",
+            "{causal}{rope}attn{}{kv}x{}{dropout}",
             self.heads, self.head_dim
         ))
     }
@@ -364,7 +408,7 @@ impl Backward for AttentionBackward {
 }
 
 /// Attention from its definition in f64, the scores materialized: `softmax(q k^T / sqrt(d)) v`
-/// per sample and head, over `[batch, sequence, heads, head_dim]` queries and `[batch,
+/// per sample and head (each probability times its dropout factor, if any), over `[batch, sequence, heads, head_dim]` queries and `[batch,
 /// sequence, kv_heads, head_dim]` keys and values.
 pub fn reference_attention(q: &[f64], k: &[f64], v: &[f64], shape: &Attention) -> Vec<f64> {
     let [b, t, h, kvh, d] = [
@@ -397,8 +441,15 @@ pub fn reference_attention(q: &[f64], k: &[f64], v: &[f64], shape: &Attention) -
                 let out = &mut o[((s * t + i) * h + head) * d..][..d];
                 for (j, w) in weights.iter().enumerate() {
                     let at = kv_row(s, j, g);
+                    let kept = match shape.dropout {
+                        Some(dropout) => {
+                            let at = [s, head, i, j].map(|n| n as u64);
+                            f64::from(dropout.factor(shape, at))
+                        }
+                        None => 1.0,
+                    };
                     for c in 0..d {
-                        out[c] += w / total * v[at + c];
+                        out[c] += w / total * kept * v[at + c];
                     }
                 }
             }

@@ -280,7 +280,7 @@ impl Rotary {
 /// queries `[batch, sequence, heads, head_dim]`, keys and values `[batch, sequence, kv_heads,
 /// head_dim]` (query head `h` reads key/value head `h / (heads / kv_heads)`), scores scaled by
 /// `1 / sqrt(head_dim)` (SDPA's default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Attention {
     /// Sequences.
     pub batch: u64,
@@ -294,9 +294,55 @@ pub struct Attention {
     pub head_dim: u64,
     /// Whether query `i` sees only keys `0..=i`.
     pub causal: bool,
+    /// Dropout on the probabilities (SDPA's `dropout_p`), if any.
+    pub dropout: Option<AttentionDropout>,
+}
+
+/// Dropout on attention's probabilities as the fused kernels apply it: no mask is stored, each
+/// kept probability is redrawn from the counter-based stream wherever it is used (forward and
+/// backward), as FlashAttention-2 regenerates its Philox mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionDropout {
+    /// Probability of dropping each probability, in (0, 1).
+    pub p: f32,
+    /// The stream of this step's masks ([`crate::synthetic::stream_key`]).
+    pub key: u64,
+}
+
+impl AttentionDropout {
+    /// Index of probability `(b, h, i, j)` in the stream: its place in a `[batch, heads,
+    /// sequence, sequence]` matrix, as SDPA's math path lays its mask out.
+    pub fn index(&self, shape: &Attention, [b, h, i, j]: [u64; 4]) -> u64 {
+        let row = (b.wrapping_mul(shape.heads).wrapping_add(h))
+            .wrapping_mul(shape.sequence)
+            .wrapping_add(i);
+        row.wrapping_mul(shape.sequence).wrapping_add(j)
+    }
+
+    /// What probability `(b, h, i, j)` is multiplied by: `1 / (1 - p)` if kept, else 0.
+    pub fn factor(&self, shape: &Attention, at: [u64; 4]) -> f32 {
+        match crate::synthetic::keeps(self.key, self.index(shape, at), self.p) {
+            true => crate::synthetic::dropout_scale(self.p),
+            false => 0.0,
+        }
+    }
 }
 
 impl Attention {
+    /// The kernels' dropout arguments: the stream's keep threshold, the kept values' scale
+    /// and the key; without dropout a threshold of -1 (the stream's least value: all kept)
+    /// and a scale of 1.
+    pub fn dropout_arguments(&self) -> (f32, f32, u64) {
+        match self.dropout {
+            Some(d) => (
+                crate::synthetic::keep_threshold(d.p),
+                crate::synthetic::dropout_scale(d.p),
+                d.key,
+            ),
+            None => (-1.0, 1.0, 0),
+        }
+    }
+
     /// Values of the queries (and of the output). The sizes saturate: a step whose sizes pass
     /// `u64` is discarded by the graph ([`crate::program::graph::Graph::overflowed`]).
     pub fn query_values(&self) -> u64 {

@@ -36,9 +36,11 @@ impl Attend for CudaDevice {
         let (queries, keys, rows) = (shape.query_values(), shape.key_values(), shape.rows());
         let [b, t, h, kvh, d] = sizes(shape);
         let (causal, scale, storage) = (i32::from(shape.causal), shape.scale(), q.storage.code());
+        let (threshold, keep_scale, key) = shape.dropout_arguments();
         launch!(self, Kernel::AttentionForward, shapes::attention(shape.batch, shape.sequence, shape.heads);
             holds(q, queries), holds(k, keys), holds(v, keys), holds_mut(o, queries),
-            holds_mut(lse, rows), &b, &t, &h, &kvh, &d, &causal, &scale, &storage)
+            holds_mut(lse, rows), &b, &t, &h, &kvh, &d, &causal, &scale, &threshold, &keep_scale,
+            &key, &storage)
     }
 
     fn attention_backward(
@@ -55,17 +57,19 @@ impl Attend for CudaDevice {
             shape.scale(),
             saved.q.storage.code(),
         );
+        let (threshold, keep_scale, key) = shape.dropout_arguments();
         let s = saved;
         launch!(self, Kernel::AttentionBackwardQuery,
             shapes::attention(shape.batch, shape.sequence, shape.heads);
             holds(s.q, queries), holds(s.k, keys), holds(s.v, keys), holds(s.o, queries),
             holds(dout, queries), holds(s.lse, rows), holds_mut(grads.dq, queries),
-            &b, &t, &h, &kvh, &d, &causal, &scale, &storage)?;
+            &b, &t, &h, &kvh, &d, &causal, &scale, &threshold, &keep_scale, &key, &storage)?;
         launch!(self, Kernel::AttentionBackwardKey,
             shapes::attention(shape.batch, shape.sequence, shape.kv_heads);
             holds(s.q, queries), holds(s.k, keys), holds(s.v, keys), holds(s.o, queries),
             holds(dout, queries), holds(s.lse, rows), holds_mut(grads.dk, keys),
-            holds_mut(grads.dv, keys), &b, &t, &h, &kvh, &d, &causal, &scale, &storage)
+            holds_mut(grads.dv, keys), &b, &t, &h, &kvh, &d, &causal, &scale, &threshold,
+            &keep_scale, &key, &storage)
     }
 
     fn rotary_forward(
