@@ -58,14 +58,9 @@ fn every_example_keeps_its_pinned_answer() {
     let mut examples: Vec<String> =
         std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
             .unwrap()
-            .map(|e| {
-                e.unwrap()
-                    .path()
-                    .file_stem()
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned()
-            })
+            .map(|e| e.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|e| e == "json"))
+            .map(|path| path.file_stem().unwrap().to_string_lossy().into_owned())
             .collect();
     examples.sort();
     let names: Vec<&str> = pinned.iter().map(|p| p.0).collect();
@@ -178,6 +173,22 @@ fn a_hugging_face_config_is_a_job_on_the_command_line() {
     refused(&headroom(&args), 2, "cannot be used with");
     let args = ["estimate", "examples/tiny-gpt.json", "--optimizer", "sgd"];
     refused(&headroom(&args), 2, "--hf-config");
+    // An image model's config: its image and classes from the config, no sequence length.
+    let vit = dir.path().join("vit.json");
+    let small = serde_json::json!({
+        "model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 64, "image_size": 16, "patch_size": 4,
+        "num_labels": 5
+    });
+    std::fs::write(&vit, small.to_string()).unwrap();
+    let vit = vit.to_str().unwrap();
+    let estimated = headroom(&["estimate", "--hf-config", vit, "--memory", "1GiB"]);
+    assert!(estimated.status.success(), "{}", stderr(&estimated));
+    let said = String::from_utf8_lossy(&estimated.stdout);
+    assert!(said.contains("vit (a Hugging Face config)"), "{said}");
+    assert!(said.contains("images of [3, 16, 16]"), "{said}");
+    let args = ["estimate", "--hf-config", vit, "--sequence-length", "16"];
+    refused(&headroom(&args), 2, "leave --sequence-length out");
 }
 
 #[test]

@@ -729,7 +729,9 @@ print("ok")
 "##;
     let examples: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
         .unwrap()
-        .map(|e| e.unwrap().path().display().to_string())
+        .map(|e| e.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .map(|path| path.display().to_string())
         .collect();
     assert!(examples.len() >= 3);
     support::run_ok(

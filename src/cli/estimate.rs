@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use bytesize::ByteSize;
 use headroom_engine::catalogue::{self, GpuEstimate, MODEL_NOTE};
 use headroom_engine::job::Job;
-use headroom_engine::plan::{Accumulation, Allocator, Plan};
+use headroom_engine::plan::{Allocator, Plan, Tracing};
 
 use super::input::{model_line, JobSource, OutputFile};
 use super::{output, CliError};
@@ -31,8 +31,9 @@ pub struct EstimateArgs {
     #[arg(long, value_name = "N", conflicts_with_all = ["memory", "gpu", "plot"])]
     batch_size: Option<u64>,
     /// With --batch-size: model the step as PyTorch runs it under a tracer (MemTracker, any
-    /// TorchDispatchMode), where autograd sums a parameter's gradients out of place; what
-    /// `tests/pytorch/memory_check.py` compares with MemTracker.
+    /// TorchDispatchMode), where autograd sums a parameter's gradients out of place and no
+    /// CUDA kernel's inner workspace is seen; what `tests/pytorch/memory_check.py` compares
+    /// with MemTracker.
     #[arg(long, requires = "batch_size")]
     traced: bool,
     /// Print the estimate as JSON.
@@ -57,11 +58,11 @@ pub fn run(args: EstimateArgs) -> Result<(), CliError> {
         println!("{line}");
     }
     if let Some(batch_size) = args.batch_size {
-        let accumulation = match args.traced {
-            true => Accumulation::Traced,
-            false => Accumulation::InPlace,
+        let tracing = match args.traced {
+            true => Tracing::Traced,
+            false => Tracing::Untraced,
         };
-        let plan = job.plan().clone().with_accumulation(accumulation);
+        let plan = job.plan().clone().with_tracing(tracing);
         return memory_at(&job, &plan, batch_size, args.json);
     }
     if args.plot.is_some() && args.memory.is_none() && args.gpu.is_none() {

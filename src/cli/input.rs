@@ -21,26 +21,35 @@ pub struct JobSource {
     /// The job description (JSON), e.g. examples/cifar10-mlp-adam.json; `-` reads standard input.
     #[arg(required_unless_present = "hf_config", conflicts_with = "hf_config")]
     job: Option<PathBuf>,
-    /// Instead of a job: a Hugging Face model's config.json (model_type llama, mistral, qwen2
-    /// or gpt2), trained on sequences of --sequence-length tokens.
-    #[arg(long, value_name = "CONFIG.json", requires = "sequence_length")]
+    /// Instead of a job: a Hugging Face model's config.json (model_type llama, mistral, qwen2,
+    /// gpt2 or vit), a language model trained on sequences of --sequence-length tokens.
+    #[arg(long, value_name = "CONFIG.json")]
     hf_config: Option<PathBuf>,
-    /// With --hf-config: the tokens of a sequence.
-    #[arg(long, value_name = "N", requires = "hf_config")]
+    /// With --hf-config: the tokens of a sequence (a language model's).
+    #[arg(long, value_name = "N")]
     sequence_length: Option<u64>,
     /// With --hf-config: sgd, sgd_momentum, adam or adamw (the default).
-    #[arg(long, value_name = "NAME", requires = "hf_config")]
+    #[arg(long, value_name = "NAME")]
     optimizer: Option<String>,
     /// With --hf-config: Lightning's precision, e.g. bf16-mixed (32-true unless given).
-    #[arg(long, value_name = "PRECISION", requires = "hf_config")]
+    #[arg(long, value_name = "PRECISION")]
     precision: Option<String>,
 }
 
 impl JobSource {
     /// Reads and validates the job.
     pub fn read(&self) -> Result<Job, CliError> {
-        let (Some(config_path), Some(sequence_length)) = (&self.hf_config, self.sequence_length)
-        else {
+        let Some(config_path) = &self.hf_config else {
+            let given = [
+                ("--sequence-length", self.sequence_length.is_some()),
+                ("--optimizer", self.optimizer.is_some()),
+                ("--precision", self.precision.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
+                return Err(CliError::Argument(format!(
+                    "{flag} goes with --hf-config: a job file says it in the job"
+                )));
+            }
             // clap requires the job file without --hf-config.
             let path = self.job.as_deref().unwrap_or(Path::new("-"));
             return read_job(path);
@@ -54,12 +63,25 @@ impl JobSource {
                     reason: format!("is not JSON: {error}"),
                 },
             })?;
+        let mut model = serde_json::json!({"huggingface": config});
+        if let Some(tokens) = self.sequence_length {
+            model["tokens"] = serde_json::json!({"sequence_length": tokens});
+        }
         let job = serde_json::json!({
-            "model": {"huggingface": config, "tokens": {"sequence_length": sequence_length}},
+            "model": model,
             "optimizer": {"name": self.optimizer.as_deref().unwrap_or("adamw")},
             "precision": self.precision.as_deref().unwrap_or("32-true"),
         });
-        Job::from_value(job).map_err(|source| CliError::InvalidJob { name, source })
+        Job::from_value(job).map_err(|source| match source.field.as_str() {
+            "model.tokens" if self.sequence_length.is_none() => CliError::Argument(format!(
+                "{name} describes a language model: give --sequence-length N, the tokens of a \
+                 sequence"
+            )),
+            "model.tokens" => CliError::Argument(format!(
+                "{name} describes an image model: leave --sequence-length out"
+            )),
+            _ => CliError::InvalidJob { name, source },
+        })
     }
 }
 
@@ -68,10 +90,12 @@ impl JobSource {
 pub fn model_line(job: &Job) -> Option<String> {
     let model = &job.spec().model;
     let model_type = model.huggingface.as_ref()?.get("model_type")?.as_str()?;
-    let tokens = model.tokens.map(|t| t.sequence_length)?;
+    let input = match model.tokens {
+        Some(tokens) => format!("sequences of {} tokens", tokens.sequence_length),
+        None => format!("images of {:?}", model.input_shape),
+    };
     Some(format!(
-        "model                   {model_type} (a Hugging Face config): {} parameters, sequences \
-         of {tokens} tokens",
+        "model                   {model_type} (a Hugging Face config): {} parameters, {input}",
         job.plan().parameter_count(),
     ))
 }

@@ -115,6 +115,34 @@ def test_the_lightning_module_itself_is_read_by_default(server: str) -> None:
     assert data.batch_size == callback.answer.recommended_batch_size
 
 
+def test_a_sample_s_shape_comes_from_the_first_batch_without_an_example(server: str) -> None:
+    callback = HeadroomBatchSize(server, device="host", search={"max": 512})
+    data = fit(callback, Unnamed())
+    assert callback.answer is not None
+    assert data.batch_size == callback.answer.recommended_batch_size
+
+
+class Opaque(pl.LightningModule):
+    """Trains on batches whose samples headroom cannot see (a dict without ``input_ids``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(16, 4))
+
+    def training_step(self, batch: Any, _: int) -> torch.Tensor:
+        return self.model(batch["pixels"].flatten(1)).sum()  # type: ignore[no-any-return]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class OpaqueData(Data):
+    def train_dataloader(self) -> DataLoader[Any]:
+        self.seen.append(self.batch_size)
+        samples: Any = [{"pixels": torch.randn(4, 4)} for _ in range(self.samples)]
+        return DataLoader(samples, batch_size=self.batch_size)
+
+
 @pytest.mark.parametrize(
     "callback,module,said,raised",
     [
@@ -125,8 +153,8 @@ def test_the_lightning_module_itself_is_read_by_default(server: str) -> None:
          "the trainer runs on cpu, and headroom answers for a GPU", CannotAsk),
         (HeadroomBatchSize("http://127.0.0.1:9", device="host", model_attr="net"), None,
          "no module `net` (model_attr=)", CannotAsk),
-        (HeadroomBatchSize("http://127.0.0.1:9", device="host"), Unnamed(),
-         "give input_shape=, or set the LightningModule's example_input_array", CannotAsk),
+        (HeadroomBatchSize("http://127.0.0.1:9", device="host"), Opaque(),
+         "give input_shape=, set the LightningModule's example_input_array", CannotAsk),
         (HeadroomBatchSize("http://127.0.0.1:9", device="host", batch_arg_name="micro"), None,
          "`micro` to set (batch_arg_name=)", CannotAsk),
     ],
@@ -135,11 +163,12 @@ def test_a_failure_warns_and_leaves_the_batch_alone(
     callback: HeadroomBatchSize, module: pl.LightningModule | None, said: str,
     raised: type[Exception],
 ) -> None:
+    given = OpaqueData(samples=64) if isinstance(module, Opaque) else None
     with pytest.warns(UserWarning, match="the batch size is unchanged") as warned:
-        data = fit(callback, module)
+        data = fit(callback, module, given)
     assert data.batch_size == 2
     assert any(said in str(w.message) for w in warned), [str(w.message) for w in warned]
     callback.strict = True
     with pytest.raises(raised) as error:
-        fit(callback, module)
+        fit(callback, module, OpaqueData(samples=64) if isinstance(module, Opaque) else None)
     assert said in str(error.value)

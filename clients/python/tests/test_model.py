@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torchvision
+import transformers
 from torch import nn
 from torch.nn import functional as F
 
-from headroom_client import Headroom, job_from_torch
+from headroom_client import Headroom, HeadroomError, job_from_torch
 from headroom_client.model import UnsupportedModel, parameter_count
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -449,3 +451,40 @@ def test_torchvision_vit_waits_for_transformers() -> None:
         model = torchvision.models.vit_b_16()
     with pytest.raises(UnsupportedModel, match=r"model \(class_token\): reads class_token directly"):
         job_from_torch(model, [3, 224, 224])
+
+
+def test_hugging_face_models_read_from_their_configs(server: str) -> None:
+    """A ``PreTrainedModel`` (built on the meta device: no weights) becomes its config, and the
+    service's reading of it has PyTorch's parameter count, or the job is refused."""
+    small: dict[str, Any] = {"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 100, "n_positions": 64}
+    vit: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+           "image_size": 16, "patch_size": 4, "num_labels": 5}
+    with torch.device("meta"):
+        gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(**small))
+        qwen2 = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True))
+        classifier = transformers.ViTForImageClassification(transformers.ViTConfig(**vit))
+        headless = transformers.GPT2Model(transformers.GPT2Config(**small, tie_word_embeddings=False))
+    jobs = [(job_from_torch(gpt2, [16], optimizer="adamw"), gpt2),
+            (job_from_torch(qwen2, [16]), qwen2),
+            (job_from_torch(classifier, [3, 16, 16]), classifier)]
+    assert jobs[0][0]["model"]["tokens"] == {"sequence_length": 16}
+    assert jobs[0][0]["model"]["huggingface"]["model_type"] == "gpt2"
+    with Headroom(server) as client:
+        for job, model in jobs:
+            estimate = client.estimate(job, memory_bytes=1 << 30)["estimates"][0]["estimate"]
+            assert estimate["parameter_count"] == sum(p.numel() for p in model.parameters())
+        # GPT2Model has no head: its config reads as the language model, whose untied head
+        # the module does not have.
+        with pytest.raises(HeadroomError, match="model.parameter_count"):
+            client.estimate(job_from_torch(headless, [16]), memory_bytes=1 << 30)
+    with pytest.raises(UnsupportedModel, match=r"reads images of \[3, 16, 16\]"):
+        job_from_torch(classifier, [3, 32, 32])
+    with pytest.raises(UnsupportedModel, match=r"\[sequence_length\]"):
+        job_from_torch(gpt2, [4, 16])
+    with torch.device("meta"):
+        bert = transformers.BertForMaskedLM(transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(UnsupportedModel, match="a Hugging Face 'bert' model"):
+        job_from_torch(bert, [16])

@@ -94,6 +94,10 @@ pub struct ModelSpec {
     /// The Hugging Face `config.json` the layers were read from ([`crate::huggingface`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huggingface: Option<serde_json::Value>,
+    /// The parameters the model is known to have (PyTorch's `sum(p.numel() for p in
+    /// model.parameters())`): a model described with another count is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter_count: Option<u64>,
 }
 
 /// A sample of token ids (int64, as a tokenizer's `input_ids`).
@@ -265,6 +269,18 @@ impl Job {
     /// Validates a spec; every error names its field.
     pub fn new(mut spec: JobSpec) -> Result<Job, JobError> {
         let plan = spec.validate()?;
+        if let Some(known) = spec.model.parameter_count {
+            let described = plan.parameter_count();
+            if known != described {
+                return Err(JobError::new(
+                    "model.parameter_count",
+                    format!(
+                        "is {known}, and the model described has {described} parameters: the \
+                         description leaves something out or adds to it"
+                    ),
+                ));
+            }
+        }
         spec.dtype = None;
         if spec.model.layers.is_none() {
             spec.model.activation.get_or_insert_default();
@@ -1234,6 +1250,99 @@ mod tests {
         let error = llama_job(gpt2()).unwrap_err();
         assert_eq!(error.field, "model.tokens.sequence_length");
         assert!(error.reason.contains("n_positions (1024)"), "{error:?}");
+    }
+
+    /// ViT's config.json as `google/vit-base-patch16-224` writes it (its labels shortened).
+    fn vit() -> Value {
+        let labels: serde_json::Map<String, Value> = (0..1000)
+            .map(|i| (i.to_string(), json!(format!("LABEL_{i}"))))
+            .collect();
+        json!({
+            "architectures": ["ViTForImageClassification"], "attention_probs_dropout_prob": 0.0,
+            "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "hidden_size": 768,
+            "id2label": labels, "image_size": 224, "initializer_range": 0.02,
+            "intermediate_size": 3072, "layer_norm_eps": 1e-12, "model_type": "vit",
+            "num_attention_heads": 12, "num_channels": 3, "num_hidden_layers": 12,
+            "patch_size": 16, "qkv_bias": true
+        })
+    }
+
+    fn vit_job(model: Value) -> Result<Job, JobError> {
+        Job::from_value(json!({"model": model, "optimizer": {"name": "adamw"}}))
+    }
+
+    #[test]
+    fn a_vit_config_is_an_image_classifier() {
+        let job = vit_job(json!({"huggingface": vit()})).unwrap();
+        // transformers' ViTForImageClassification counts 86,567,656 for 1,000 labels.
+        assert_eq!(job.plan().parameter_count(), 86_567_656);
+        let model = &job.spec().model;
+        assert_eq!(model.input_shape, [3, 224, 224]);
+        assert_eq!(model.num_classes, 1000);
+        // ... and 67,474 for this one, whose dropouts become layers.
+        let mut small = vit();
+        for (field, value) in [
+            ("hidden_size", json!(64)),
+            ("num_hidden_layers", json!(2)),
+            ("num_attention_heads", json!(4)),
+            ("intermediate_size", json!(100)),
+            ("image_size", json!([32, 32])),
+            ("patch_size", json!(4)),
+            ("qkv_bias", json!(false)),
+            ("hidden_dropout_prob", json!(0.1)),
+            ("attention_probs_dropout_prob", json!(0.2)),
+            ("id2label", Value::Null),
+            ("num_labels", json!(10)),
+        ] {
+            small[field] = value;
+        }
+        let job = vit_job(json!({"huggingface": small})).unwrap();
+        assert_eq!(job.plan().parameter_count(), 67_474);
+        let text = serde_json::to_value(&job.spec().model.layers)
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            text.matches("{\"dropout\":{\"p\":0.1}}").count(),
+            5,
+            "{text}"
+        );
+        assert_eq!(text.matches("\"dropout\":0.2").count(), 2, "{text}");
+        let refused = [
+            (
+                json!({"huggingface": vit(), "tokens": {"sequence_length": 8}}),
+                "model.tokens",
+            ),
+            (
+                json!({"huggingface": vit(), "input_shape": [3, 32, 32]}),
+                "model.input_shape",
+            ),
+            (
+                json!({"huggingface": vit(), "num_classes": 10}),
+                "model.num_classes",
+            ),
+        ];
+        for (model, field) in refused {
+            assert_eq!(vit_job(model).unwrap_err().field, field);
+        }
+        for (name, value) in [
+            ("image_size", json!([224, 192])),
+            ("hidden_act", json!("quick_gelu")),
+            ("hidden_dropout_prob", json!(1)),
+        ] {
+            let mut config = vit();
+            config[name] = value;
+            let error = vit_job(json!({"huggingface": config})).unwrap_err();
+            assert_eq!(error.field, format!("model.huggingface.{name}"), "{error}");
+        }
+        let again =
+            json!({"huggingface": vit(), "input_shape": [3, 224, 224], "num_classes": 1000});
+        assert!(vit_job(again).is_ok());
+        let counted = json!({"huggingface": vit(), "parameter_count": 86_567_656});
+        assert!(vit_job(counted).is_ok());
+        let miscounted = json!({"huggingface": vit(), "parameter_count": 86_567_655});
+        let error = vit_job(miscounted).unwrap_err();
+        assert_eq!(error.field, "model.parameter_count");
+        assert!(error.reason.contains("86567656"), "{error}");
     }
 
     fn gpt2_job(config: Value) -> Result<Job, JobError> {

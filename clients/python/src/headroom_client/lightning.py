@@ -26,7 +26,9 @@ class HeadroomBatchSize(pl.Callback):
 
     - ``model_attr``: the LightningModule's attribute holding the module to describe (default:
       the LightningModule itself); ``input_shape``: one sample's shape (default:
-      ``example_input_array``'s, less the batch).
+      ``example_input_array``'s, less the batch, else the training set's first batch's: a
+      tensor, the first of a tuple, or a dict's ``input_ids``, so a language model's
+      sequence length comes from its data).
     - ``device``: the service's device to ask about (``host``, ``cuda:0``...) instead of the
       trainer's GPU; a trainer on the CPU needs it, as headroom answers for a device.
     - ``use``: ``"recommended"`` (headroom's 80% rule) or ``"knee"`` (the throughput knee).
@@ -113,7 +115,7 @@ class HeadroomBatchSize(pl.Callback):
             )
         job = job_from_torch(
             self._module(pl_module),
-            self._input_shape(pl_module),
+            self._input_shape(trainer, pl_module),
             optimizer=trainer.optimizers[0] if trainer.optimizers else "adam",
             precision=self._precision(trainer),
             **self.job,
@@ -136,15 +138,19 @@ class HeadroomBatchSize(pl.Callback):
             raise CannotAsk(f"the LightningModule has no module `{self.model_attr}` (model_attr=)")
         return model
 
-    def _input_shape(self, pl_module: pl.LightningModule) -> Sequence[int]:
+    def _input_shape(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Sequence[int]:
         if self.input_shape is not None:
             return self.input_shape
         example = pl_module.example_input_array
         if isinstance(example, torch.Tensor):
             return list(example.shape[1:])
+        shape = _first_batch_shape(trainer)
+        if shape is not None:
+            return shape
         raise CannotAsk(
-            "one sample's shape is needed: give input_shape=, or set the LightningModule's "
-            "example_input_array"
+            "one sample's shape is needed: give input_shape=, set the LightningModule's "
+            "example_input_array, or train on batches of tensors (a tuple's first, or a dict's "
+            "input_ids)"
         )
 
     @staticmethod
@@ -165,6 +171,26 @@ def _dataset_length(trainer: pl.Trainer) -> int | None:
         return int(combined._dataset_length())
     except NotImplementedError:  # every dataset iterable
         return None
+
+
+def _first_batch_shape(trainer: pl.Trainer) -> list[int] | None:
+    """One sample's shape in the training set's first batch: the batch itself when a tensor,
+    its first element when a tuple or list, its ``input_ids`` when a dict; ``None`` otherwise."""
+    loop = trainer.fit_loop
+    loop.setup_data()
+    combined = loop._combined_loader
+    if combined is None:
+        return None
+    batch: Any = next(iter(combined), None)
+    if isinstance(batch, tuple) and len(batch) == 3:  # (batch, batch_idx, dataloader_idx)
+        batch = batch[0]
+    if isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    if isinstance(batch, dict):
+        batch = batch.get("input_ids")
+    if isinstance(batch, torch.Tensor) and batch.dim() > 1:
+        return list(batch.shape[1:])
+    return None
 
 
 def _gpu_uuid(trainer: pl.Trainer) -> str | None:

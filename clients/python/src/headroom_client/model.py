@@ -8,10 +8,15 @@ with bias and one activation between them, nothing in place) becomes the shortha
 (``hidden_layers``). What a job cannot say is an error naming the module's path in the model and
 what headroom reads: never a silent approximation. The job's parameter count is checked against
 ``sum(p.numel() for p in module.parameters())``.
+
+A Hugging Face ``PreTrainedModel`` is read from its config instead (``model.huggingface``, for
+the model types headroom reads), with PyTorch's parameter count in the job for the service to
+check against the layers it reads the config as.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +32,9 @@ __all__ = ["PRECISIONS", "UnsupportedModel", "job_from_torch", "optimizer_spec",
 
 #: The activations the shorthand names.
 SHORTHAND_ACTIVATIONS = ("relu", "gelu", "tanh")
+
+#: Hugging Face ``model_type``s headroom reads a config of, and whether each reads token ids.
+HUGGING_FACE_TYPES = {"llama": True, "mistral": True, "qwen2": True, "gpt2": True, "vit": False}
 
 #: Precisions headroom takes, in Lightning's names.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -77,6 +85,10 @@ def job_from_torch(
     shape = [int(d) for d in input_shape]
     if not shape or any(d < 1 for d in shape):
         raise UnsupportedModel("input_shape", None, f"{shape} is not a sample's shape")
+    fields = {"optimizer": optimizer_spec(optimizer), "precision": precision, **job}
+    hugging_face = _hugging_face_model(module, shape)
+    if hugging_face is not None:
+        return {"model": hugging_face, **fields}
     layers, output = read_layers(module, shape)
     vocab = token_vocab(module)
     if vocab is not None:
@@ -94,7 +106,7 @@ def job_from_torch(
         )
     else:
         model = {"input_shape": shape, "num_classes": output[0], **_shorthand_or_list(layers, shape)}
-    spec: Json = {"model": model, "optimizer": optimizer_spec(optimizer), "precision": precision, **job}
+    spec: Json = {"model": model, **fields}
     described = parameter_count(spec)
     actual = sum(p.numel() for p in module.parameters())
     if described != actual:
@@ -104,6 +116,41 @@ def job_from_torch(
             "outside the layers headroom read",
         )
     return spec
+
+
+def _hugging_face_model(module: nn.Module, shape: list[int]) -> Json | None:
+    """A ``PreTrainedModel``'s job model: its config as ``model.huggingface``, the sequence
+    length (``shape`` is ``[sequence_length]``) for a language model, and PyTorch's parameter
+    count; ``None`` for any other module."""
+    config: Any = getattr(module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str) or not hasattr(config, "to_json_string"):
+        return None
+    if model_type not in HUGGING_FACE_TYPES:
+        raise UnsupportedModel(
+            "model", module,
+            f"a Hugging Face {model_type!r} model; headroom reads the configs of "
+            f"{', '.join(HUGGING_FACE_TYPES)}: describe it as a job's model.layers instead",
+        )
+    described: Json = {
+        "huggingface": json.loads(config.to_json_string(use_diff=False)),
+        "parameter_count": sum(p.numel() for p in module.parameters()),
+    }
+    if HUGGING_FACE_TYPES[model_type]:
+        if len(shape) != 1:
+            raise UnsupportedModel(
+                "input_shape", None,
+                f"{shape}: a {model_type} model reads a sequence of token ids, [sequence_length]",
+            )
+        described["tokens"] = {"sequence_length": shape[0]}
+    else:
+        side = config.image_size
+        image = [config.num_channels, *(side if isinstance(side, (list, tuple)) else (side, side))]
+        if shape != image:
+            raise UnsupportedModel(
+                "input_shape", None, f"{shape}: this {model_type} model's config reads images of {image}"
+            )
+    return described
 
 
 def _shorthand_or_list(layers: list[Json], shape: list[int]) -> Json:

@@ -57,7 +57,7 @@ pub struct SelfAttentionSpec {
     pub bias: bool,
     /// Whether the output projection (`o_proj`) learns one: `bias` unless given (Qwen2's
     /// query, key and value projections learn a bias, its output projection none).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_bias: Option<bool>,
     /// Rotary position embedding's base (`rope_theta`: 10,000 in Llama 2, 500,000 in Llama
     /// 3); none, no rotary embedding.
@@ -386,6 +386,10 @@ impl Backward for AttentionBackward {
         let dq = pass.gradient(0, queries, storage);
         let dk = pass.gradient(1, keys, storage);
         let dv = pass.gradient(2, keys, storage);
+        let workspaces = flash_backward_workspaces(&self.shape, storage)
+            .into_iter()
+            .filter_map(|(elements, storage)| pass.cuda_workspace(elements, storage))
+            .collect::<Vec<_>>();
         let s = self.saved;
         pass.emit(Instr::AttentionBackward {
             saved: AttentionSaved {
@@ -403,8 +407,44 @@ impl Backward for AttentionBackward {
             },
             shape: self.shape,
         });
+        for workspace in workspaces {
+            pass.release(workspace);
+        }
         pass.where_needed([dq, dk, dv])
     }
+}
+
+/// What CUDA's FlashAttention-2 backward (`mha_bwd` in PyTorch's vendored `flash_api.cpp`, the
+/// kernel SDPA takes for 16-bit values) allocates beside the three gradients while it runs, as
+/// (elements, storage): `softmax_d`, f32 per query row, the positions rounded up to 128;
+/// `dq_accum`, the queries' gradient in f32 over those rounded positions and the head width
+/// rounded up to 32 (256 past 192); and under grouped-query attention `dk_expanded` and
+/// `dv_expanded`, the keys' and values' gradients for every query head before they are summed
+/// per key/value head. None in f32 (SDPA takes the memory-efficient kernel there). Unmeasured
+/// on a GPU: docs/gpu-runs.md lists them for the first run to confirm.
+fn flash_backward_workspaces(shape: &Attention, storage: Storage) -> Vec<(u64, Storage)> {
+    if storage == Storage::F32 {
+        return Vec::new();
+    }
+    let rounded = |n: u64, to: u64| n.div_ceil(to).saturating_mul(to);
+    let positions = rounded(shape.sequence, 128);
+    let width = match shape.head_dim {
+        d if d <= 192 => rounded(d, 32),
+        _ => 256,
+    };
+    let rows = shape
+        .batch
+        .saturating_mul(shape.heads)
+        .saturating_mul(positions);
+    let mut workspaces = vec![
+        (rows, Storage::F32),
+        (rows.saturating_mul(width), Storage::F32),
+    ];
+    if shape.kv_heads != shape.heads {
+        let expanded = shape.query_values();
+        workspaces.extend([(expanded, storage), (expanded, storage)]);
+    }
+    workspaces
 }
 
 /// Attention from its definition in f64, the scores materialized: `softmax(q k^T / sqrt(d)) v`
@@ -456,4 +496,44 @@ pub fn reference_attention(q: &[f64], k: &[f64], v: &[f64], shape: &Attention) -
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flash_attention_s_backward_buffers_round_as_mha_bwd_does() {
+        let shape = Attention {
+            batch: 3,
+            sequence: 130,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 40,
+            causal: false,
+            dropout: None,
+        };
+        // Positions rounded up to 128 (256), head width to 32 (64), for 3 x 4 heads; the keys'
+        // and values' gradients for all 4 heads under grouped-query attention.
+        let (rows, expanded) = (3 * 4 * 256, 3 * 130 * 4 * 40);
+        assert_eq!(
+            flash_backward_workspaces(&shape, Storage::Bf16),
+            [
+                (rows, Storage::F32),
+                (rows * 64, Storage::F32),
+                (expanded, Storage::Bf16),
+                (expanded, Storage::Bf16)
+            ]
+        );
+        let wide = Attention {
+            head_dim: 200,
+            kv_heads: 4,
+            ..shape
+        };
+        assert_eq!(
+            flash_backward_workspaces(&wide, Storage::F16),
+            [(rows, Storage::F32), (rows * 256, Storage::F32)]
+        );
+        assert!(flash_backward_workspaces(&shape, Storage::F32).is_empty());
+    }
 }

@@ -22,13 +22,7 @@ pub enum NoProgram {
 
 /// The step of `plan` at `rows` samples, its synthetic batch and first parameters from `seed`.
 pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> {
-    let mut graph = Graph::new(
-        rows,
-        plan.precision,
-        seed,
-        plan.framework,
-        plan.accumulation,
-    );
+    let mut graph = Graph::new(rows, plan.precision, seed, plan.framework, plan.tracing);
     let master = plan.precision.master();
     let tensors = declare_parameters(&mut graph, plan, seed);
     let per_parameter = plan.optimizer.state_per_parameter();

@@ -13,7 +13,7 @@ pub use crate::memory::{
     Allocator, Buffer, Element, MemoryBreakdown, Moment, Part, Precision, Storage,
 };
 use crate::modules::{Context, LayerError, LayerSpec, Module, Path, Sequential};
-pub use crate::program::{Accumulation, Framework, Program};
+pub use crate::program::{Framework, Program, Tracing};
 use compile::{compile, NoProgram};
 
 /// `GradScaler`'s first loss scale, 2^16.
@@ -91,7 +91,7 @@ pub struct Plan {
     /// Whose step the program follows.
     pub framework: Framework,
     /// How backward sums two gradients of one tensor.
-    pub accumulation: Accumulation,
+    pub tracing: Tracing,
     parameter_count: u64,
 }
 
@@ -105,7 +105,7 @@ impl PartialEq for Plan {
             && self.learning_rate == other.learning_rate
             && self.precision == other.precision
             && self.framework == other.framework
-            && self.accumulation == other.accumulation
+            && self.tracing == other.tracing
     }
 }
 
@@ -255,7 +255,7 @@ impl Plan {
             learning_rate,
             precision,
             framework,
-            accumulation: Accumulation::default(),
+            tracing: Tracing::default(),
             parameter_count,
         };
         // A module may refuse the step whatever the batch; the fixed part and one sample must be
@@ -285,12 +285,9 @@ impl Plan {
         )
     }
 
-    /// The same plan, its gradients summed as `accumulation` says.
-    pub fn with_accumulation(self, accumulation: Accumulation) -> Plan {
-        Plan {
-            accumulation,
-            ..self
-        }
+    /// The same plan, its step as PyTorch runs it traced or not.
+    pub fn with_tracing(self, tracing: Tracing) -> Plan {
+        Plan { tracing, ..self }
     }
 
     /// The model.
@@ -786,6 +783,46 @@ mod tests {
                 prop_assert!(p.device_bytes(b, allocator).unwrap() <= free);
             }
             prop_assert!(p.device_bytes(b + 1, allocator).unwrap() > free);
+        }
+    }
+
+    /// The f32 buffers of `elements` values a step of 3 allocates, counted.
+    fn f32_buffers(plan: &Plan, elements: u64) -> usize {
+        let program = plan.program(3, 0).unwrap();
+        let f32 = crate::memory::Element::Value(Storage::F32);
+        program
+            .step
+            .iter()
+            .filter(|instr| {
+                matches!(instr, crate::program::Instr::Alloc { buffer, .. }
+                    if buffer.elements == elements && buffer.element == f32)
+            })
+            .count()
+    }
+
+    #[test]
+    fn flash_attention_s_backward_buffers_are_held_untraced_in_16_bit_only() {
+        let layers: Vec<LayerSpec> = serde_json::from_value(serde_json::json!([
+            {"embedding": {"embedding_dim": 40}},
+            {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 40}},
+            {"linear": {"out_features": 7}}
+        ]))
+        .unwrap();
+        let plan = |precision, framework| {
+            let training = training(OptimizerKind::Sgd, precision, framework);
+            Plan::for_tokens(130, 7, &layers, 7, training, "model").unwrap()
+        };
+        // FlashAttention-2's f32 `dq` accumulator: 3 x 256 positions x 4 heads x 64.
+        let accumulator = 3 * 256 * 4 * 64;
+        let mixed = plan(Precision::Bf16Mixed, Framework::Pytorch);
+        assert_eq!(f32_buffers(&mixed, accumulator), 1);
+        let traced = mixed.clone().with_tracing(Tracing::Traced);
+        assert_eq!(f32_buffers(&traced, accumulator), 0);
+        for (precision, framework) in [
+            (Precision::F32True, Framework::Pytorch),
+            (Precision::Bf16Mixed, Framework::Headroom),
+        ] {
+            assert_eq!(f32_buffers(&plan(precision, framework), accumulator), 0);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Whose step a program follows ([`Framework`]), and how autograd sums two gradients of one
-//! tensor ([`Accumulation`]).
+//! Whose step a program follows ([`Framework`]), and whether PyTorch's step runs under a
+//! tracer ([`Tracing`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -46,19 +46,25 @@ impl std::fmt::Display for Framework {
     }
 }
 
-/// How backward sums the gradients of a tensor read twice (a residual block's input).
+/// Whether PyTorch's step runs under a dispatch-mode tracer (PyTorch's `MemTracker`, any
+/// `TorchDispatchMode`), which changes two things the profile models:
 ///
-/// PyTorch's engine adds the second into the first in place when it holds the first's only
-/// reference (`InputBuffer::accumulate`): what a training run does. Under a Python dispatch mode
-/// (PyTorch's `MemTracker`, any `TorchDispatchMode`), every tensor that passed through Python
-/// holds one more reference, so the engine adds them out of place, into a new tensor: what
-/// PyTorch's own accounting of the step sees, and what `estimate --traced` models for checking
-/// against it (`tests/pytorch/memory_check.py`).
+/// - Gradients of a tensor read twice (a residual block's input): PyTorch's engine adds the
+///   second into the first in place when it holds the first's only reference
+///   (`InputBuffer::accumulate`); under a tracer every tensor that passed through Python holds
+///   one more reference, so the engine adds them out of place, into a new tensor.
+/// - Buffers CUDA's kernels allocate inside an operation (FlashAttention-2's backward
+///   accumulators, [`crate::program::graph::Graph::cuda_workspace`]): a tracer sees only the
+///   tensors operations return, and a CPU trace runs no CUDA kernel.
+///
+/// Untraced is what a training run does; traced is what PyTorch's own accounting of the step
+/// sees, and what `estimate --traced` models for checking against it
+/// (`tests/pytorch/memory_check.py`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Accumulation {
-    /// Into the first gradient, when nothing else holds it (PyTorch untraced).
+pub enum Tracing {
+    /// A training run: gradients summed in place, CUDA's workspaces held.
     #[default]
-    InPlace,
-    /// Into a new tensor (PyTorch under a dispatch-mode tracer).
+    Untraced,
+    /// Under a tracer: gradients summed into a new tensor, no workspace seen.
     Traced,
 }

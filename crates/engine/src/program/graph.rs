@@ -11,10 +11,10 @@
 //! once every node that reads its outputs has run, and of those ready the one made last), each
 //! allocating the gradients of its inputs, then releasing the gradients it was given and what
 //! it saved, then handing its gradients on: to the node that made each input, added to what
-//! already waits there (in place when nothing else holds it, [`Accumulation`]), or to a
+//! already waits there (in place when nothing else holds it, [`Tracing`]), or to a
 //! parameter's gradient at once (PyTorch's `AccumulateGrad` runs first of all that are ready).
 
-use super::framework::{Accumulation, Framework};
+use super::framework::{Framework, Tracing};
 use super::instr::{Instr, Moment, Scale, Slot};
 use crate::memory::{Buffer, Element, Part, Precision, Storage};
 
@@ -112,7 +112,7 @@ impl Code {
 #[derive(Debug)]
 pub struct Graph {
     code: Code,
-    accumulation: Accumulation,
+    tracing: Tracing,
     rows: u64,
     precision: Precision,
     seed: u64,
@@ -143,13 +143,13 @@ pub struct Recorded {
 
 impl Graph {
     /// A step of `rows` samples in `precision`, its random streams from `seed`, placed as
-    /// `framework` does, summing gradients as `accumulation` says.
+    /// `framework` does, as `tracing` says.
     pub fn new(
         rows: u64,
         precision: Precision,
         seed: u64,
         framework: Framework,
-        accumulation: Accumulation,
+        tracing: Tracing,
     ) -> Graph {
         Graph {
             code: Code {
@@ -159,7 +159,7 @@ impl Graph {
                 step: Vec::new(),
                 in_setup: true,
             },
-            accumulation,
+            tracing,
             rows,
             precision,
             seed,
@@ -262,6 +262,15 @@ impl Graph {
     /// written): in PyTorch's step only.
     pub fn pytorch_only(&mut self, part: Part, elements: u64, element: Element) -> Option<Tensor> {
         (self.code.framework == Framework::Pytorch).then(|| self.allocate(part, elements, element))
+    }
+
+    /// A buffer CUDA's PyTorch allocates inside an operation and frees before it returns
+    /// (FlashAttention-2's backward accumulators): in PyTorch's step when untraced only, as a
+    /// tracer never sees it ([`Tracing`]); held for its bytes, never written.
+    pub fn cuda_workspace(&mut self, elements: u64, element: Element) -> Option<Tensor> {
+        let untraced = self.tracing == Tracing::Untraced;
+        (self.code.framework == Framework::Pytorch && untraced)
+            .then(|| self.allocate(Part::Activations, elements, element))
     }
 
     /// A new activation of `elements` values stored as `storage`, held by the caller.
@@ -544,7 +553,7 @@ impl Graph {
     fn accumulate(&mut self, waiting: Tensor, arrived: Tensor) -> Tensor {
         let alone = self.storages[self.tensors[waiting.0].storage].refs == 1;
         let len = self.elements(waiting);
-        if alone && self.accumulation == Accumulation::InPlace {
+        if alone && self.tracing == Tracing::Untraced {
             self.emit(Instr::Accumulate {
                 from: self.slot(arrived),
                 into: self.slot(waiting),
@@ -631,6 +640,11 @@ impl Pass<'_> {
             .pytorch_only(Part::Activations, elements, Element::Value(storage))
     }
 
+    /// A buffer CUDA's PyTorch allocates inside this backward (see [`Graph::cuda_workspace`]).
+    pub fn cuda_workspace(&mut self, elements: u64, storage: Storage) -> Option<Tensor> {
+        self.graph.cuda_workspace(elements, Element::Value(storage))
+    }
+
     /// Another reference to `grad`, to hand on unchanged.
     pub fn pass_through(&mut self, grad: Tensor) -> Tensor {
         self.graph.retain(grad);
@@ -652,7 +666,7 @@ impl Pass<'_> {
     /// Whether gradients meeting at one tensor are summed into the first in place (PyTorch
     /// untraced), rather than into a new tensor.
     pub fn sums_in_place(&self) -> bool {
-        self.graph.accumulation == Accumulation::InPlace
+        self.graph.tracing == Tracing::Untraced
     }
 
     /// `grads`, a gradient for each input in order, handed on where [`Pass::needs`] says it is

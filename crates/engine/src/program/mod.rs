@@ -20,7 +20,7 @@ pub mod graph;
 pub mod instr;
 pub mod peak;
 
-pub use framework::{Accumulation, Framework};
+pub use framework::{Framework, Tracing};
 pub use instr::{
     Affine, AttentionGradients, AttentionSaved, BatchStatistics, Instr, LayerAffine, Moment,
     OptimizerState, RowStatistics, RunningStatistics, SavedAs, Scale, Slot,

@@ -101,12 +101,17 @@ pub struct ModelSpec {
     /// index and field). At most 1,000 layers, residual blocks' own counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     layers: Option<Vec<Layer>>,
-    /// A Hugging Face `config.json` of the Llama family (`model_type` `llama` or `mistral`),
-    /// read as its layer list instead of `layers`: `tokens.sequence_length` is needed,
-    /// `vocab_size` and `num_classes` come from the config (given, they must agree with it).
+    /// A Hugging Face `config.json` (`model_type` `llama`, `mistral`, `qwen2`, `gpt2` or
+    /// `vit`), read as its layer list instead of `layers`: a language model needs
+    /// `tokens.sequence_length`; `vocab_size`, `input_shape` and `num_classes` come from the
+    /// config (given, they must agree with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     huggingface: Option<serde_json::Value>,
+    /// The parameters the model is known to have (PyTorch's `sum(p.numel() for p in
+    /// model.parameters())`): a model described with another count is refused (422).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parameter_count: Option<u64>,
 }
 
 /// A sample of token ids.
@@ -380,6 +385,15 @@ pub struct SelfAttention {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(exclusive_minimum = 1.0)]
     rope_theta: Option<f64>,
+    /// Whether the output projection learns a bias; `bias` when absent (Qwen2's has none
+    /// beside biased query, key and value projections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_bias: Option<bool>,
+    /// Dropout on the attention probabilities while training (SDPA's `dropout_p`); the fused
+    /// kernels keep no mask, so it adds no memory.
+    #[serde(default)]
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0, default = 0.0)]
+    dropout: f64,
 }
 
 /// A gated MLP's activation.
@@ -1073,7 +1087,7 @@ mod tests {
     fn full_job() -> Value {
         json!({"model": {"input_shape": [3, 8, 8], "hidden_layers": [16], "num_classes": 4,
                          "tokens": {"sequence_length": 16, "vocab_size": 100},
-                         "huggingface": {"model_type": "llama"},
+                         "huggingface": {"model_type": "llama"}, "parameter_count": 1000,
                          "activation": "gelu", "layers": [
                              {"embedding": {"embedding_dim": 8, "padding_idx": -1}},
                              {"positional_embedding": {"max_positions": 32}},
@@ -1096,7 +1110,8 @@ mod tests {
                              {"layer_norm": {"eps": 0.00001, "elementwise_affine": true, "bias": false}},
                              {"gated_mlp": {"intermediate_size": 8, "activation": "gelu_pytorch_tanh", "bias": false}},
                              {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 2,
-                                                 "causal": true, "bias": false}},
+                                                 "causal": true, "bias": false, "rope_theta": 10000.0,
+                                                 "output_bias": true, "dropout": 0.1}},
                              {"patch_embedding": {"embedding_dim": 4, "patch_size": 2}},
                              {"first_token": {}},
                              {"linear": {"out_features": 4, "bias": true, "tied": true}}]},
@@ -1123,6 +1138,10 @@ mod tests {
         job["model"].as_object_mut().unwrap().remove("layers");
         job["model"].as_object_mut().unwrap().remove("tokens");
         job["model"].as_object_mut().unwrap().remove("huggingface");
+        job["model"]
+            .as_object_mut()
+            .unwrap()
+            .remove("parameter_count");
         let job = Job::from_value(job).unwrap();
         let mut device = HostDevice::new(8 << 20);
         let result =
