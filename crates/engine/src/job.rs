@@ -1171,13 +1171,7 @@ mod tests {
                 "\"full_attention\"",
             ),
         ];
-        for (field, value, reason) in refused {
-            let mut config = qwen25();
-            config[field] = value;
-            let error = llama_job(config).unwrap_err();
-            assert_eq!(error.field, format!("model.huggingface.{field}"), "{error}");
-            assert!(error.reason.contains(reason), "{error}");
-        }
+        assert_each_refused(qwen25, llama_job, &refused);
     }
 
     /// GPT-2 (small)'s config.json, as the Hub serves it.
@@ -1198,18 +1192,7 @@ mod tests {
         let job = gpt2_job(gpt2()).unwrap();
         // transformers' GPT2LMHeadModel on the meta device counts 124,439,808 (tied head)...
         assert_eq!(job.plan().parameter_count(), 124_439_808);
-        let example: Value = serde_json::from_str(include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../examples/gpt2-small.json"
-        )))
-        .unwrap();
-        let example = Job::from_value(example).unwrap();
-        let (read, written) = (&job.spec().model, &example.spec().model);
-        assert!(read.layers == written.layers, "the layer lists differ");
-        assert_eq!(
-            (read.tokens, read.num_classes),
-            (written.tokens, written.num_classes)
-        );
+        assert_reads_as(&job, include_str!("../../../examples/gpt2-small.json"));
         let layers = serde_json::to_value(&job.spec().model.layers).unwrap();
         let text = layers.to_string();
         assert_eq!(text.matches("\"self_attention\"").count(), 12);
@@ -1240,13 +1223,7 @@ mod tests {
             ("attn_pdrop", json!(1.0), "must be in [0, 1)"),
             ("n_layer", json!(100), "at most 99"),
         ];
-        for (field, value, reason) in refused {
-            let mut config = gpt2();
-            config[field] = value;
-            let error = gpt2_job(config).unwrap_err();
-            assert_eq!(error.field, format!("model.huggingface.{field}"), "{error}");
-            assert!(error.reason.contains(reason), "{error}");
-        }
+        assert_each_refused(gpt2, gpt2_job, &refused);
         let error = llama_job(gpt2()).unwrap_err();
         assert_eq!(error.field, "model.tokens.sequence_length");
         assert!(error.reason.contains("n_positions (1024)"), "{error:?}");
@@ -1364,13 +1341,33 @@ mod tests {
     fn smollm2_s_config_is_the_example_s_layer_list() {
         let from_config = llama_job(smollm2()).unwrap();
         assert_eq!(from_config.plan().parameter_count(), 134_515_008);
-        let example: Value = serde_json::from_str(include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../examples/smollm2-135m.json"
-        )))
-        .unwrap();
-        let example = Job::from_value(example).unwrap();
-        let (read, written) = (&from_config.spec().model, &example.spec().model);
+        assert_reads_as(
+            &from_config,
+            include_str!("../../../examples/smollm2-135m.json"),
+        );
+    }
+
+    /// Asserts that `config()` with each `(field, value, reason)` set is refused by that field
+    /// of `model.huggingface`, for that reason, as `job` reads it.
+    fn assert_each_refused(
+        config: fn() -> Value,
+        job: fn(Value) -> Result<Job, JobError>,
+        refused: &[(&str, Value, &str)],
+    ) {
+        for (field, value, reason) in refused {
+            let mut changed = config();
+            changed[*field] = value.clone();
+            let error = job(changed).unwrap_err();
+            assert_eq!(error.field, format!("model.huggingface.{field}"), "{error}");
+            assert!(error.reason.contains(reason), "{error}");
+        }
+    }
+
+    /// Asserts that `job`, read from a config, is the example job `example` describes: its
+    /// layers, tokens and classes.
+    fn assert_reads_as(job: &Job, example: &str) {
+        let example = Job::from_json(example).unwrap();
+        let (read, written) = (&job.spec().model, &example.spec().model);
         assert!(read.layers == written.layers, "the layer lists differ");
         assert_eq!(
             (read.tokens, read.num_classes),

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::{language_model, Config, ConfigError, Made, FIELD};
+use super::{language_model, Config, ConfigError, Made};
 
 /// The decoders of the Llama family: where they differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,18 +21,12 @@ pub(super) fn layers(config: &Config<'_>, family: Family) -> Result<Made, Config
     let heads = config.count("num_attention_heads", None)?;
     let vocab = config.count("vocab_size", None)?;
     let eps = config.number("rms_norm_eps", Some(1e-6))?;
-    let dropout = config.number("attention_dropout", Some(0.0))?;
-    if !(0.0..1.0).contains(&dropout) {
-        return Err(ConfigError::new(
-            format!("{FIELD}.attention_dropout"),
-            format!("must be in [0, 1), got {dropout}"),
-        ));
-    }
+    let dropout = config.probability("attention_dropout", 0.0)?;
     refuse_sliding_window(config, family)?;
     let activation = config.text("hidden_act", Some("silu"))?;
     if !["silu", "gelu", "gelu_pytorch_tanh", "relu"].contains(&activation.as_str()) {
-        return Err(ConfigError::new(
-            format!("{FIELD}.hidden_act"),
+        return Err(config.error(
+            "hidden_act",
             format!(
                 "is {activation:?}; the gated MLP takes \"silu\", \"gelu\", \
                  \"gelu_pytorch_tanh\" or \"relu\""
