@@ -92,8 +92,11 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     let mut rows = libraries();
     let driver = cuda::driver_available();
     let nvrtc = cuda::compile::nvrtc_available();
+    let mut gpu_checked = false;
     if driver && nvrtc {
-        rows.extend(cuda_devices());
+        let (gpu_rows, tuned) = cuda_devices();
+        rows.extend(gpu_rows);
+        gpu_checked = tuned;
     } else {
         if nvrtc {
             rows.extend(compile_only());
@@ -104,11 +107,8 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
             "no CUDA device: checking the host device against the reference alone",
         ));
     }
-    let gpu_checked = rows.iter().any(|r| {
-        r.status == Status::Pass && r.check.starts_with("cuda:") && r.check.contains("small tune")
-    });
     let mut host = HostDevice::new(host_memory);
-    rows.extend(device_checks("host", &mut host));
+    rows.extend(device_checks("host", &mut host).0);
     if !gpu_checked {
         rows.push(row(
             if args.require_gpu {
@@ -231,17 +231,14 @@ fn compile_only() -> Vec<Row> {
         .collect()
 }
 
-/// Opens every CUDA device and runs the checks on it.
-fn cuda_devices() -> Vec<Row> {
+/// Opens every CUDA device and runs the checks on it; and whether a GPU passed its small tune.
+fn cuda_devices() -> (Vec<Row>, bool) {
     let count = cuda::device_count().unwrap_or(0);
     if count == 0 {
-        return vec![row(
-            Status::Fail,
-            "CUDA devices",
-            "the driver reports no device",
-        )];
+        let none = row(Status::Fail, "CUDA devices", "the driver reports no device");
+        return (vec![none], false);
     }
-    let mut rows = Vec::new();
+    let (mut rows, mut tuned) = (Vec::new(), false);
     for index in 0..count {
         let name = format!("cuda:{index}");
         let used_before_open = nvml::telemetry().map(|(_, gpus)| gpus).unwrap_or_default();
@@ -268,7 +265,9 @@ fn cuda_devices() -> Vec<Row> {
                 };
                 rows.push(row(Status::Pass, format!("{name} kernels"), loaded));
                 rows.push(context_reservation(&name, &device, &used_before_open));
-                rows.extend(device_checks(&name, &mut device));
+                let (checks, passed) = device_checks(&name, &mut device);
+                rows.extend(checks);
+                tuned |= passed;
                 rows.push(pool_row(&name, &device));
             }
             Err(e) => rows.push(row(
@@ -278,7 +277,7 @@ fn cuda_devices() -> Vec<Row> {
             )),
         }
     }
-    rows
+    (rows, tuned)
 }
 
 /// What opening the device (its context and the loaded kernels) took, as NVML counts the GPU's
@@ -348,16 +347,19 @@ fn pool_row(name: &str, device: &cuda::CudaDevice) -> Row {
     }
 }
 
-/// Every kernel check, the training check and a small tune on one device.
-fn device_checks<D: Probing + Transfer>(name: &str, device: &mut D) -> Vec<Row> {
+/// Every kernel check, the training check and a small tune on one device; and whether the
+/// tune passed.
+fn device_checks<D: Probing + Transfer>(name: &str, device: &mut D) -> (Vec<Row>, bool) {
     let mut rows = check_rows(name, "kernel checks", parity::check_kernels(device));
     rows.extend(check_rows(
         name,
         "training check",
         parity::check_training(device),
     ));
-    rows.push(small_tune(name, device));
-    rows
+    let tune = small_tune(name, device);
+    let tuned = tune.status == Status::Pass;
+    rows.push(tune);
+    (rows, tuned)
 }
 
 fn check_rows(

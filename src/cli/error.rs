@@ -142,9 +142,7 @@ impl CliError {
             | CliError::Gpu(_)
             | CliError::Config(_) => EXIT_INVALID,
             CliError::DoesNotFit(_) | CliError::Tune(TuneError::DoesNotFit(_)) => EXIT_DOES_NOT_FIT,
-            CliError::Refused(problem) if problem.problem_type.ends_with("/does-not-fit") => {
-                EXIT_DOES_NOT_FIT
-            }
+            CliError::Refused(problem) if problem.is_does_not_fit() => EXIT_DOES_NOT_FIT,
             CliError::Refused(problem) if matches!(problem.status, 400 | 413 | 415 | 422) => {
                 EXIT_INVALID
             }
@@ -171,10 +169,15 @@ mod tests {
             EXIT_DOES_NOT_FIT
         );
         assert_eq!(CliError::from(does_not_fit).exit_code(), EXIT_DOES_NOT_FIT);
+        // A server's answer, by its problem type.
+        let refused = |err: &TuneError| CliError::Refused(Box::new(Problem::of_search(err)));
+        let remote = refused(&TuneError::from(does_not_fit));
+        assert_eq!(remote.exit_code(), EXIT_DOES_NOT_FIT);
         let fault = TuneError::Fault {
             batch_size: 8,
             message: "illegal address".into(),
         };
+        assert_eq!(refused(&fault).exit_code(), EXIT_FAILURE);
         assert_eq!(CliError::from(fault).exit_code(), EXIT_FAILURE);
         assert_eq!(CliError::ChecksFailed(2).exit_code(), EXIT_FAILURE);
     }

@@ -28,6 +28,12 @@ pub struct Problem {
     pub retry_after_seconds: Option<u64>,
 }
 
+/// Where headroom's problem types live; a type is this and its slug.
+const PROBLEM_TYPES: &str = "https://headroom.dev/problems/";
+
+/// The slug of a model that does not fit at batch size 1.
+const DOES_NOT_FIT: &str = "does-not-fit";
+
 /// What a job's error adds when its probe worker is gone.
 pub const NEW_WORKER: &str = "; the next job runs in a new worker process";
 
@@ -44,7 +50,7 @@ impl Problem {
         }
     }
 
-    /// A problem with its own type and title.
+    /// A problem with its own type (`{PROBLEM_TYPES}{slug}`) and title.
     pub fn typed(
         status: StatusCode,
         slug: &str,
@@ -52,10 +58,21 @@ impl Problem {
         detail: impl Into<String>,
     ) -> Problem {
         Problem {
-            problem_type: format!("https://headroom.dev/problems/{slug}"),
+            problem_type: format!("{PROBLEM_TYPES}{slug}"),
             title: title.into(),
             ..Problem::new(status, detail)
         }
+    }
+
+    /// The slug of headroom's own problem types (`does-not-fit`), `None` for `about:blank`
+    /// and anything else.
+    pub fn slug(&self) -> Option<&str> {
+        self.problem_type.strip_prefix(PROBLEM_TYPES)
+    }
+
+    /// Whether the model does not fit at batch size 1 ([`TuneError::DoesNotFit`]).
+    pub fn is_does_not_fit(&self) -> bool {
+        self.slug() == Some(DOES_NOT_FIT)
     }
 
     /// Names the offending field.
@@ -69,7 +86,7 @@ impl Problem {
         let (status, slug, title) = match err {
             TuneError::DoesNotFit(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "does-not-fit",
+                DOES_NOT_FIT,
                 "Model does not fit",
             ),
             TuneError::Fault { .. } => (
