@@ -1204,16 +1204,16 @@ mod tests {
         );
         assert_eq!(text.matches("\"dropout\":0.1").count(), 12, "{text}");
         // ... and 6,558,280 for two layers of 64 with a head of its own and n_inner 100.
-        let mut small = gpt2();
-        for (field, value) in [
-            ("n_layer", json!(2)),
-            ("n_embd", json!(64)),
-            ("n_head", json!(4)),
-            ("n_inner", json!(100)),
-            ("tie_word_embeddings", json!(false)),
-        ] {
-            small[field] = value;
-        }
+        let small = with(
+            gpt2(),
+            [
+                ("n_layer", json!(2)),
+                ("n_embd", json!(64)),
+                ("n_head", json!(4)),
+                ("n_inner", json!(100)),
+                ("tie_word_embeddings", json!(false)),
+            ],
+        );
         let job = gpt2_job(small).unwrap();
         assert_eq!(job.plan().parameter_count(), 6_558_280);
         let refused = [
@@ -1257,22 +1257,22 @@ mod tests {
         assert_eq!(model.input_shape, [3, 224, 224]);
         assert_eq!(model.num_classes, 1000);
         // ... and 67,474 for this one, whose dropouts become layers.
-        let mut small = vit();
-        for (field, value) in [
-            ("hidden_size", json!(64)),
-            ("num_hidden_layers", json!(2)),
-            ("num_attention_heads", json!(4)),
-            ("intermediate_size", json!(100)),
-            ("image_size", json!([32, 32])),
-            ("patch_size", json!(4)),
-            ("qkv_bias", json!(false)),
-            ("hidden_dropout_prob", json!(0.1)),
-            ("attention_probs_dropout_prob", json!(0.2)),
-            ("id2label", Value::Null),
-            ("num_labels", json!(10)),
-        ] {
-            small[field] = value;
-        }
+        let small = with(
+            vit(),
+            [
+                ("hidden_size", json!(64)),
+                ("num_hidden_layers", json!(2)),
+                ("num_attention_heads", json!(4)),
+                ("intermediate_size", json!(100)),
+                ("image_size", json!([32, 32])),
+                ("patch_size", json!(4)),
+                ("qkv_bias", json!(false)),
+                ("hidden_dropout_prob", json!(0.1)),
+                ("attention_probs_dropout_prob", json!(0.2)),
+                ("id2label", Value::Null),
+                ("num_labels", json!(10)),
+            ],
+        );
         let job = vit_job(json!({"huggingface": small})).unwrap();
         assert_eq!(job.plan().parameter_count(), 67_474);
         let text = serde_json::to_value(&job.spec().model.layers)
@@ -1347,6 +1347,14 @@ mod tests {
         );
     }
 
+    /// `config` with `fields` set.
+    fn with<const N: usize>(mut config: Value, fields: [(&str, Value); N]) -> Value {
+        for (field, value) in fields {
+            config[field] = value;
+        }
+        config
+    }
+
     /// Asserts that `config()` with each `(field, value, reason)` set is refused by that field
     /// of `model.huggingface`, for that reason, as `job` reads it.
     fn assert_each_refused(
@@ -1355,9 +1363,7 @@ mod tests {
         refused: &[(&str, Value, &str)],
     ) {
         for (field, value, reason) in refused {
-            let mut changed = config();
-            changed[*field] = value.clone();
-            let error = job(changed).unwrap_err();
+            let error = job(with(config(), [(*field, value.clone())])).unwrap_err();
             assert_eq!(error.field, format!("model.huggingface.{field}"), "{error}");
             assert!(error.reason.contains(reason), "{error}");
         }

@@ -29,26 +29,7 @@ pub(super) fn layers(config: &Config<'_>, sequence: Option<u64>) -> Result<Made,
             ));
         }
     }
-    let activation = match config
-        .text("activation_function", Some("gelu_new"))?
-        .as_str()
-    {
-        // NewGELU is the tanh approximation, written by hand (the same values).
-        "gelu_new" | "gelu_pytorch_tanh" => json!({"gelu": {"approximate": "tanh"}}),
-        "gelu" => json!({"gelu": {}}),
-        "relu" => json!({"relu": {}}),
-        "silu" | "swish" => json!({"silu": {}}),
-        "tanh" => json!({"tanh": {}}),
-        other => {
-            return Err(config.error(
-                "activation_function",
-                format!(
-                    "is {other:?}; headroom takes \"gelu_new\", \"gelu_pytorch_tanh\", \
-                     \"gelu\", \"relu\", \"silu\" or \"tanh\""
-                ),
-            ))
-        }
-    };
+    let activation = config.activation("activation_function", "gelu_new")?;
     let dropout = |p: f64| json!({"dropout": {"p": p}});
     let (embedded, attended, residual) = (
         config.probability("embd_pdrop", 0.1)?,

@@ -7,8 +7,9 @@
 //! embeddings, pre-norm blocks of layer norm and attention, of layer norm and the MLP, each
 //! with GPT-2's dropouts, and the tied head; for `vit`, an image classifier (the patch
 //! embedding, pre-norm blocks, the class token's classifier), its image and classes from the
-//! config. A decoder's `vocab_size` and logits come from the config. What the list cannot say is refused by field: a sliding window, an activation the
-//! list does not take, GPT-2's unscaled or cross attention, another architecture.
+//! config. A decoder's `vocab_size` and logits come from the config. What the list cannot say
+//! is refused by field: a sliding window, an activation the list does not take, GPT-2's
+//! unscaled or cross attention, another architecture.
 //!
 //! The list describes the architecture as PyTorch's own modules train it (`nn.RMSNorm`'s fused
 //! kernel); Hugging Face's `LlamaRMSNorm` computes by hand in f32 and saves more.
@@ -24,7 +25,7 @@ mod vit;
 use decoder::Family;
 
 /// Where the config is in a job.
-pub(super) const FIELD: &str = "model.huggingface";
+const FIELD: &str = "model.huggingface";
 
 /// A config that cannot be read as a layer list: the job's field at fault and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,13 +77,10 @@ pub fn expand(model: &mut Map<String, Value>) -> Result<(), ConfigError> {
         "llama" | "mistral" => decoder::layers(&config, Family::Llama)?,
         "qwen2" => decoder::layers(&config, Family::Qwen2)?,
         "gpt2" => gpt2::layers(&config, sequence_length(model))?,
-        "vit" => {
-            let (layers, shape, classes) = vit::layers(&config)?;
-            (layers, Input::Image(shape), classes)
-        }
+        "vit" => vit::layers(&config)?,
         other => {
-            return Err(ConfigError::new(
-                format!("{FIELD}.model_type"),
+            return Err(config.error(
+                "model_type",
                 format!(
                     "headroom reads \"gpt2\", \"vit\" and the Llama family (\"llama\", \
                      \"mistral\", \"qwen2\"), not {other:?}; write its layer list as \
@@ -308,6 +306,27 @@ impl Config<'_> {
             (None | Some(Value::Null), None) => Err(self.error(name, "is required")),
             (Some(value), _) => Err(self.error(name, format!("must be a string, got {value}"))),
         }
+    }
+
+    /// The activation layer Hugging Face's `ACT2FN` names (`gelu_new`, transformers' own tanh
+    /// approximation written by hand, computes the same values as `gelu_pytorch_tanh`).
+    pub(super) fn activation(&self, name: &str, default: &str) -> Result<Value, ConfigError> {
+        Ok(match self.text(name, Some(default))?.as_str() {
+            "gelu_new" | "gelu_pytorch_tanh" => json!({"gelu": {"approximate": "tanh"}}),
+            "gelu" => json!({"gelu": {}}),
+            "relu" => json!({"relu": {}}),
+            "silu" | "swish" => json!({"silu": {}}),
+            "tanh" => json!({"tanh": {}}),
+            other => {
+                return Err(self.error(
+                    name,
+                    format!(
+                        "is {other:?}; headroom takes \"gelu_new\", \"gelu_pytorch_tanh\", \
+                         \"gelu\", \"relu\", \"silu\" or \"tanh\""
+                    ),
+                ))
+            }
+        })
     }
 
     /// `rope_theta`, or `rope_parameters.rope_theta` (newer configs); 10,000 when neither.

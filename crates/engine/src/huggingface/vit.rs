@@ -2,35 +2,21 @@
 
 use serde_json::{json, Value};
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, Input, Made};
 
 /// ViT's image classifier: the patch embedding (the strided convolution, the class token and
 /// learned positions) and its dropout, per layer a pre-norm block of layer norm, attention
 /// (`qkv_bias` on the query, key and value projections, a bias on the output's) and dropout,
 /// and one of layer norm, the MLP and dropout; the final layer norm, the class token and the
-/// classifier. Returns the layers, the input image's shape and the classes (`id2label`'s
-/// labels, else `num_labels`, else transformers' default of 2).
-pub(super) fn layers(config: &Config<'_>) -> Result<(Vec<Value>, [u64; 3], u64), ConfigError> {
+/// classifier, over the config's image; its classes are `id2label`'s labels, else
+/// `num_labels`, else transformers' default of 2.
+pub(super) fn layers(config: &Config<'_>) -> Result<Made, ConfigError> {
     let hidden = config.count("hidden_size", Some(768))?;
     let heads = config.count("num_attention_heads", Some(12))?;
     let side = config.side("image_size", 224)?;
     let patch = config.side("patch_size", 16)?;
     let channels = config.count("num_channels", Some(3))?;
-    let activation = match config.text("hidden_act", Some("gelu"))?.as_str() {
-        "gelu" => json!({"gelu": {}}),
-        "gelu_pytorch_tanh" | "gelu_new" => json!({"gelu": {"approximate": "tanh"}}),
-        "relu" => json!({"relu": {}}),
-        "silu" | "swish" => json!({"silu": {}}),
-        other => {
-            return Err(config.error(
-                "hidden_act",
-                format!(
-                    "is {other:?}; headroom takes \"gelu\", \"gelu_pytorch_tanh\", \"gelu_new\", \
-                     \"relu\" or \"silu\""
-                ),
-            ))
-        }
-    };
+    let activation = config.activation("hidden_act", "gelu")?;
     let hidden_dropout = config.probability("hidden_dropout_prob", 0.0)?;
     let dropout = |p: f64| (p > 0.0).then(|| json!({"dropout": {"p": p}}));
     let attention = json!({"self_attention": {
@@ -68,5 +54,5 @@ pub(super) fn layers(config: &Config<'_>) -> Result<(Vec<Value>, [u64; 3], u64),
         json!({"linear": {"out_features": classes}}),
     ])
     .collect();
-    Ok((layers, [channels, side, side], classes))
+    Ok((layers, Input::Image([channels, side, side]), classes))
 }

@@ -302,10 +302,7 @@ impl Module for SelfAttention {
             k = rotary::reference(&k, &for_k);
         }
         // Step 0's masks, as the executor draws them in the first step.
-        let mut shape = self.shape(rows as u64, seed);
-        if let Some(dropout) = shape.dropout.as_mut() {
-            dropout.key = synthetic::stream_key(dropout.key, 0);
-        }
+        let shape = self.shape(rows as u64, seed).at_step(0);
         let o = reference_attention(&q, &k, &v, &shape);
         self.o.reference(&o, rows, values, seed)
     }

@@ -329,6 +329,16 @@ impl AttentionDropout {
 }
 
 impl Attention {
+    /// The same attention drawing step `step`'s dropout masks: the sub-stream
+    /// [`crate::synthetic::stream_key`]`(key, step)`, as dropout layers draw theirs.
+    pub fn at_step(self, step: u64) -> Attention {
+        let dropout = self.dropout.map(|d| AttentionDropout {
+            key: crate::synthetic::stream_key(d.key, step),
+            ..d
+        });
+        Attention { dropout, ..self }
+    }
+
     /// The kernels' dropout arguments: the stream's keep threshold, the kept values' scale
     /// and the key; without dropout a threshold of -1 (the stream's least value: all kept)
     /// and a scale of 1.

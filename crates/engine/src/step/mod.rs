@@ -14,7 +14,6 @@ pub use kernels::{
 use crate::plan::{
     Element, OptimizerKind, Plan, Storage, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
 };
-use crate::program::geometry::{Attention, AttentionDropout};
 use crate::program::{
     Affine, AttentionGradients, AttentionSaved, BatchStatistics, Instr, LayerAffine,
     OptimizerState, Program, RowStatistics, RunningStatistics, Scale, Slot,
@@ -403,15 +402,6 @@ impl<K: Kernels> Executor<K> {
         Ok(())
     }
 
-    /// `shape` with its dropout drawing the masks of this step (as dropout layers do).
-    fn this_step(&self, shape: Attention) -> Attention {
-        let dropout = shape.dropout.map(|d| AttentionDropout {
-            key: crate::synthetic::stream_key(d.key, u64::from(self.step)),
-            ..d
-        });
-        Attention { dropout, ..shape }
-    }
-
     /// attention.cu: the fused forward and its backward, rotary embedding and its backward.
     fn attention(&mut self, kernels: &mut K, instr: &Instr) -> Result<(), K::Error> {
         match *instr {
@@ -423,7 +413,7 @@ impl<K: Kernels> Executor<K> {
                 lse,
                 shape,
             } => {
-                let shape = self.this_step(shape);
+                let shape = shape.at_step(u64::from(self.step));
                 let mut lse_buffer = self.take(lse);
                 let done = self.writing(o, |this, o| {
                     let (q, k, v) = (this.values(q), this.values(k), this.values(v));
@@ -438,7 +428,7 @@ impl<K: Kernels> Executor<K> {
                 grads,
                 shape,
             } => {
-                let shape = self.this_step(shape);
+                let shape = shape.at_step(u64::from(self.step));
                 let mut dq = self.take(grads.dq);
                 let mut dk = self.take(grads.dk);
                 let mut dv = self.take(grads.dv);
