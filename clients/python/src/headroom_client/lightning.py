@@ -159,12 +159,18 @@ class HeadroomBatchSize(pl.Callback):
         return precision if precision in PRECISIONS else "32-true"
 
 
-def _dataset_length(trainer: pl.Trainer) -> int | None:
-    """The training set's length as Lightning's ``BatchSizeFinder`` reads it (its loop's data,
-    set up now); ``None`` for iterable datasets."""
+def _training_data(trainer: pl.Trainer) -> Any:
+    """The fit loop's training data (its ``CombinedLoader``), set up now as Lightning's
+    ``BatchSizeFinder`` sets it up; ``None`` when there is none."""
     loop = trainer.fit_loop
     loop.setup_data()
-    combined = loop._combined_loader
+    return loop._combined_loader
+
+
+def _dataset_length(trainer: pl.Trainer) -> int | None:
+    """The training set's length as Lightning's ``BatchSizeFinder`` reads it; ``None`` for
+    iterable datasets."""
+    combined = _training_data(trainer)
     if combined is None:
         return None
     try:
@@ -176,9 +182,7 @@ def _dataset_length(trainer: pl.Trainer) -> int | None:
 def _first_batch_shape(trainer: pl.Trainer) -> list[int] | None:
     """One sample's shape in the training set's first batch: the batch itself when a tensor,
     its first element when a tuple or list, its ``input_ids`` when a dict; ``None`` otherwise."""
-    loop = trainer.fit_loop
-    loop.setup_data()
-    combined = loop._combined_loader
+    combined = _training_data(trainer)
     if combined is None:
         return None
     batch: Any = next(iter(combined), None)
