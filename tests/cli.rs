@@ -98,32 +98,48 @@ fn every_example_keeps_its_pinned_answer() {
 
 /// A language model with causal self-attention tunes on the host to the memory model's limit,
 /// within the band the MLP meets, and fresh probes confirm it: the max fits, one `multiple_of`
-/// above it does not.
+/// above it does not. Its attention fused, and eager (the scores materialized).
 #[test]
 fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
-    let job = "examples/tiny-gpt.json";
-    let on_host = ["--device", "host", "--host-memory", "64MiB", "--json"];
-    let result = json_of(&headroom(&[&["tune", job][..], &on_host].concat()));
-    let max = result["max_batch_size"].as_u64().unwrap();
-    let predicted = result["predicted_max_batch_size"].as_u64().unwrap();
-    assert!(
-        max <= predicted && predicted - max <= predicted / 100 + 8,
-        "max {max}, predicted {predicted}"
-    );
-    assert_eq!(result["limited_by"], "memory");
-    let recommended = result["recommended_batch_size"].as_u64().unwrap();
-    assert_eq!(result["recommended_tokens"], recommended * 64);
-    let sizes = format!("{max},{}", max + 8);
-    let probes = json_of(&headroom(
-        &[&["probe", job, "--batch-size", &sizes][..], &on_host].concat(),
-    ));
-    let outcomes: Vec<&str> = probes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["outcome"].as_str().unwrap())
-        .collect();
-    assert_eq!(outcomes, ["fit", "oom"], "max {max}");
+    let mut example: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("examples/tiny-gpt.json").unwrap()).unwrap();
+    let mut attention = 0;
+    for block in example["model"]["layers"].as_array_mut().unwrap() {
+        if let Some(layers) = block.pointer_mut("/residual/layers") {
+            for layer in layers.as_array_mut().unwrap() {
+                if let Some(args) = layer.get_mut("self_attention") {
+                    args["implementation"] = "eager".into();
+                    attention += 1;
+                }
+            }
+        }
+    }
+    assert!(attention > 0);
+    let eager = support::temp_file(".json", example.to_string());
+    for job in ["examples/tiny-gpt.json", eager.to_str().unwrap()] {
+        let on_host = ["--device", "host", "--host-memory", "64MiB", "--json"];
+        let result = json_of(&headroom(&[&["tune", job][..], &on_host].concat()));
+        let max = result["max_batch_size"].as_u64().unwrap();
+        let predicted = result["predicted_max_batch_size"].as_u64().unwrap();
+        assert!(
+            max <= predicted && predicted - max <= predicted / 100 + 8,
+            "{job}: max {max}, predicted {predicted}"
+        );
+        assert_eq!(result["limited_by"], "memory");
+        let recommended = result["recommended_batch_size"].as_u64().unwrap();
+        assert_eq!(result["recommended_tokens"], recommended * 64);
+        let sizes = format!("{max},{}", max + 8);
+        let probes = json_of(&headroom(
+            &[&["probe", job, "--batch-size", &sizes][..], &on_host].concat(),
+        ));
+        let outcomes: Vec<&str> = probes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(outcomes, ["fit", "oom"], "{job}: max {max}");
+    }
 }
 
 #[test]

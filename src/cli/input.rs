@@ -34,6 +34,10 @@ pub struct JobSource {
     /// With --hf-config: Lightning's precision, e.g. bf16-mixed (32-true unless given).
     #[arg(long, value_name = "PRECISION")]
     precision: Option<String>,
+    /// With --hf-config: how attention runs, as from_pretrained's attn_implementation: sdpa
+    /// (the default) or eager (the scores materialized).
+    #[arg(long, value_name = "IMPLEMENTATION")]
+    attn_implementation: Option<String>,
 }
 
 impl JobSource {
@@ -44,6 +48,7 @@ impl JobSource {
                 ("--sequence-length", self.sequence_length.is_some()),
                 ("--optimizer", self.optimizer.is_some()),
                 ("--precision", self.precision.is_some()),
+                ("--attn-implementation", self.attn_implementation.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
                 return Err(CliError::Argument(format!(
@@ -64,6 +69,9 @@ impl JobSource {
                 },
             })?;
         let mut model = serde_json::json!({"huggingface": config});
+        if let Some(implementation) = &self.attn_implementation {
+            model["huggingface"]["attn_implementation"] = implementation.as_str().into();
+        }
         if let Some(tokens) = self.sequence_length {
             model["tokens"] = serde_json::json!({"sequence_length": tokens});
         }

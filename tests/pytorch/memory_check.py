@@ -205,7 +205,7 @@ class SelfAttention(nn.Module):
     `dropout_p=0`; the CPU would fall back to the math path, which CUDA never takes here."""
 
     def __init__(self, features, num_heads, num_kv_heads=None, head_dim=None, causal=False, bias=True,
-                 rope_theta=None, dropout=0.0, output_bias=None):
+                 rope_theta=None, dropout=0.0, output_bias=None, implementation="sdpa"):
         super().__init__()
         self.heads, self.kv_heads = num_heads, num_kv_heads or num_heads
         self.head_dim, self.causal = head_dim or features // num_heads, causal
@@ -214,7 +214,9 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, features, bias=bias if output_bias is None else output_bias)
         self.rope_theta = rope_theta
-        self.rotary = None  # the model's RotaryTables, given by `share_rotary_tables`
+        self.rotary = None  # the model's RotaryTables, given by `share_model_tables`
+        self.dropout, self.eager = dropout, implementation == "eager"
+        self.masks = None  # the model's CausalMasks (eager and causal), given by `share_model_tables`
 
     def forward(self, x):
         b, t, _ = x.shape
@@ -228,20 +230,84 @@ class SelfAttention(nn.Module):
         if self.rope_theta is not None:
             cos, sin = self.rotary.get(t, self.head_dim, self.rope_theta, self.q_proj.weight.dtype, x.device)
             q, k = (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+        if self.eager:
+            mask = self.masks.get(b, t, self.q_proj.weight.dtype, x.device) if self.causal else None
+            dropout = self.dropout if self.training else 0.0
+            o = eager_attention(q, k, v, mask, dropout, self.heads // self.kv_heads)
+            return self.o_proj(o.reshape(b, t, -1))
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=self.causal,
                                            enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
-def share_rotary_tables(model):
-    """One [`RotaryTables`] for every attention layer of `model` with rotary embedding, remade
-    each forward."""
-    tables = RotaryTables()
-    rotary = [m for m in model.modules() if isinstance(m, SelfAttention) and m.rope_theta is not None]
-    for layer in rotary:
-        layer.rotary = tables
-    if rotary:
-        model.register_forward_hook(tables.clear)
+class CausalMasks:
+    """The additive causal mask of eager attention, made once a forward and shared by every
+    layer, as Hugging Face's `create_causal_mask` makes it for `attn_implementation="eager"`:
+    `[batch, 1, positions, positions]`, 0 where a position may attend and the type's minimum
+    where not, in the model's dtype (f32 under autocast). `clear` (a forward hook on the model)
+    drops the forward's."""
+
+    def __init__(self):
+        self.made = {}
+
+    def get(self, batch, positions, dtype, device):
+        key = (batch, positions, dtype)
+        if key not in self.made:
+            allowed = torch.ones(positions, positions, dtype=torch.bool, device=device).tril()
+            allowed = allowed[None, None].expand(batch, 1, positions, positions)
+            zero = torch.tensor(0.0, dtype=dtype, device=device)
+            self.made[key] = torch.where(allowed, zero, torch.finfo(dtype).min)
+        return self.made[key]
+
+    def clear(self, *_):
+        self.made.clear()
+
+
+def repeat_kv(x, groups):
+    """Hugging Face's `repeat_kv`: each key/value head repeated for the query heads it serves (a
+    copy), or `x` itself for multi-head attention."""
+    if groups == 1:
+        return x
+    b, heads, t, d = x.shape
+    return x[:, :, None].expand(b, heads, groups, t, d).reshape(b, heads * groups, t, d)
+
+
+def cuda_softmax_f32(w):
+    """`F.softmax(w, dim=-1, dtype=torch.float32)` as CUDA runs it: an f16 input goes straight
+    into the f32 kernel (`_softmax(half_to_float=True)`), any other is converted first; the CPU
+    converts f16 too."""
+    if w.dtype == torch.float16:
+        return torch._softmax(w, -1, True)
+    return F.softmax(w, dim=-1, dtype=torch.float32)
+
+
+def eager_attention(q, k, v, mask, dropout, groups):
+    """Hugging Face's `eager_attention_forward` (Llama's, which most decoders share) over
+    `[batch, heads, positions, head_dim]` views: the keys and values repeated for grouped-query
+    attention, the scores materialized and scaled, the mask added, the softmax in f32 (saved)
+    cast back to the queries' type, dropout on the probabilities (one-byte mask, as on CUDA), their
+    product with the values, and the heads moved back beside each position (a copy)."""
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        w = w + mask
+    w = cuda_softmax_f32(w).to(q.dtype)
+    if dropout:
+        w = torch.native_dropout(w, dropout, True)[0]
+    return torch.matmul(w, v).transpose(1, 2).contiguous()
+
+
+def share_model_tables(model):
+    """One [`RotaryTables`] for every attention layer of `model` with rotary embedding and one
+    [`CausalMasks`] for every causal eager one, remade each forward."""
+    attention = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    rotary = [m for m in attention if m.rope_theta is not None]
+    masked = [m for m in attention if m.eager and m.causal]
+    for layers, field, shared in [(rotary, "rotary", RotaryTables()), (masked, "masks", CausalMasks())]:
+        for layer in layers:
+            setattr(layer, field, shared)
+        if layers:
+            model.register_forward_hook(shared.clear)
 
 
 class PatchEmbedding(nn.Module):
@@ -427,7 +493,7 @@ def output_shape(layer, shape):
     (on two samples: batch norm needs more than one value per channel; token ids for an
     embedding)."""
     dtype = torch.long if isinstance(layer, nn.Embedding) else None
-    share_rotary_tables(layer)
+    share_model_tables(layer)
     with torch.no_grad():
         return list(layer(torch.zeros(2, *shape, dtype=dtype)).shape[1:])
 
@@ -488,7 +554,7 @@ def build(job, device, torchvision_name=None):
                 # One label a sample, or one a position of the logits' leading dimensions.
                 model.label_shape = out[:-1]
                 tie_weights(model)
-                share_rotary_tables(model)
+                share_model_tables(model)
     finally:
         torch.set_default_dtype(default_dtype)
     name = job["optimizer"]["name"]
@@ -971,7 +1037,8 @@ class Generator:
     def attention_args(self, features):
         """Self-attention over `features`: heads that split them or a head width of its own,
         grouped-query or not, rotary embedding or not (an even head width), causal or not, with or
-        without bias (the output projection's its own or not), with or without dropout."""
+        without bias (the output projection's its own or not), with or without dropout, fused or
+        eager."""
         rng = self.rng
         heads = rng.choice([h for h in range(1, 9) if features % h == 0] if rng.random() < 0.7 else range(1, 9))
         args = {"num_heads": heads}
@@ -984,6 +1051,7 @@ class Generator:
             args.update(self.maybe(rope_theta=rng.choice([10000.0, 500000.0])))
         args.update(self.maybe(dropout=rng.choice([0.1, 0.5])))
         args.update(self.maybe(output_bias=rng.random() < 0.5))
+        args.update(self.maybe(implementation="eager"))
         return {**args, **self.maybe(causal=True), **self.maybe(bias=False)}
 
     def stream_norm(self):
@@ -1089,6 +1157,27 @@ def run_task(binary, cuda, task):
         return None, str(error)
 
 
+def with_attention(job, implementation):
+    """`job` with every self-attention layer of its list computed by `implementation`."""
+    def rewrite(layers):
+        return [{kind: ({**args, "implementation": implementation} if kind == "self_attention"
+                        else {**args, "layers": rewrite(args["layers"])} if kind == "residual" else args)}
+                for ((kind, args),) in (layer.items() for layer in layers)]
+    return {**job, "model": {**job["model"], "layers": rewrite(job["model"]["layers"])}}
+
+
+def sequence_variants(name, job, lengths):
+    """`(name, job)` at each of `lengths` (a comma-separated list) its position table holds, for a
+    job over token ids; else the job itself."""
+    tokens = job["model"].get("tokens")
+    if not lengths or not tokens:
+        return [(name, job)]
+    tables = [args["max_positions"] for layer in job["model"]["layers"]
+              for kind, args in layer.items() if kind == "positional_embedding"]
+    return [(f"{name}@{t}", {**job, "model": {**job["model"], "tokens": {**tokens, "sequence_length": t}}})
+            for t in map(int, lengths.split(",")) if all(t <= most for most in tables)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--headroom", required=True, help="the headroom binary")
@@ -1099,6 +1188,11 @@ def main():
     parser.add_argument("--seed", type=int, help="the generator's seed (default: from the clock)")
     parser.add_argument("--cuda", action="store_true", help="measure on the GPU")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows here")
+    parser.add_argument("--attention", choices=["sdpa", "eager"],
+                        help="run every example's self-attention this way (its implementation)")
+    parser.add_argument("--sequence-lengths",
+                        help="check the examples over token ids at these sequence lengths (those "
+                             "their position table holds), not their own")
     args = parser.parse_args()
     if args.cuda and not torch.cuda.is_available():
         print("--cuda: PyTorch sees no GPU", file=sys.stderr)
@@ -1120,11 +1214,14 @@ def main():
     tasks = []
     for path in args.examples:
         job = json.loads(path.read_text())
+        if args.attention:
+            job = with_attention(job, args.attention)
         torchvision_name = TORCHVISION.get(path.stem)
         batches = TORCHVISION_BATCHES if torchvision_name else map(int, args.batch_sizes.split(","))
-        for batch in list(batches):
-            for precision in args.precisions.split(","):
-                tasks.append((path.stem, dict(job, precision=precision), batch, torchvision_name, False))
+        for name, variant in sequence_variants(path.stem, job, args.sequence_lengths):
+            for batch in list(batches):
+                for precision in args.precisions.split(","):
+                    tasks.append((name, dict(variant, precision=precision), batch, torchvision_name, False))
     if args.random:
         seed = args.seed if args.seed is not None else int(time.time())
         print(f"generated layer lists: --random {args.random} --seed {seed}", flush=True)

@@ -466,6 +466,7 @@ def test_hugging_face_models_read_from_their_configs(server: str) -> None:
             num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True))
         classifier = transformers.ViTForImageClassification(transformers.ViTConfig(**vit))
         headless = transformers.GPT2Model(transformers.GPT2Config(**small, tie_word_embeddings=False))
+        eager = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**small, "attn_implementation": "eager"}))
     jobs = [(job_from_torch(gpt2, [16], optimizer="adamw"), gpt2),
             (job_from_torch(qwen2, [16]), qwen2),
             (job_from_torch(classifier, [3, 16, 16]), classifier)]
@@ -479,6 +480,12 @@ def test_hugging_face_models_read_from_their_configs(server: str) -> None:
         # the module does not have.
         with pytest.raises(HeadroomError, match="model.parameter_count"):
             client.estimate(job_from_torch(headless, [16]), memory_bytes=1 << 30)
+        # The eager model materializes its scores: fewer sequences fit.
+        eager_job = job_from_torch(eager, [16], optimizer="adamw")
+        assert eager_job["model"]["huggingface"]["attn_implementation"] == "eager"
+        fits = [client.estimate(job, memory_bytes=1 << 28)["estimates"][0]["estimate"]["predicted_max_batch_size"]
+                for job in (jobs[0][0], eager_job)]
+        assert fits[1] < fits[0], fits
     with pytest.raises(UnsupportedModel, match=r"reads images of \[3, 16, 16\]"):
         job_from_torch(classifier, [3, 32, 32])
     with pytest.raises(UnsupportedModel, match=r"\[sequence_length\]"):

@@ -119,9 +119,9 @@ def job_from_torch(
 
 
 def _hugging_face_model(module: nn.Module, shape: list[int]) -> Json | None:
-    """A ``PreTrainedModel``'s job model: its config as ``model.huggingface``, the sequence
-    length (``shape`` is ``[sequence_length]``) for a language model, and PyTorch's parameter
-    count; ``None`` for any other module."""
+    """A ``PreTrainedModel``'s job model: its config as ``model.huggingface`` (with the
+    ``attn_implementation`` it runs), the sequence length (``shape`` is ``[sequence_length]``)
+    for a language model, and PyTorch's parameter count; ``None`` for any other module."""
     config: Any = getattr(module, "config", None)
     model_type = getattr(config, "model_type", None)
     if not isinstance(model_type, str) or not hasattr(config, "to_json_string"):
@@ -136,6 +136,11 @@ def _hugging_face_model(module: nn.Module, shape: list[int]) -> Json | None:
         "huggingface": json.loads(config.to_json_string(use_diff=False)),
         "parameter_count": sum(p.numel() for p in module.parameters()),
     }
+    # How the model computes attention, which config.json does not store: headroom runs
+    # "sdpa" and "eager", and names any other it is given.
+    implementation = getattr(config, "_attn_implementation", None)
+    if isinstance(implementation, str):
+        described["huggingface"]["attn_implementation"] = implementation
     if HUGGING_FACE_TYPES[model_type]:
         if len(shape) != 1:
             raise UnsupportedModel(

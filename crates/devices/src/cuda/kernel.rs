@@ -31,11 +31,13 @@ pub enum Family {
     Embedding,
     /// `attention.cu`: fused scaled dot-product attention and its backward.
     Attention,
+    /// `scores.cu`: eager attention's batched products, mask, softmax and head repetition.
+    Scores,
 }
 
 impl Family {
     /// Every family, in compilation order.
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 13] = [
         Family::Gemm,
         Family::Elementwise,
         Family::Reduce,
@@ -48,6 +50,7 @@ impl Family {
         Family::Norm,
         Family::Embedding,
         Family::Attention,
+        Family::Scores,
     ];
 
     /// The file name under `kernels/`.
@@ -65,6 +68,7 @@ impl Family {
             Family::Norm => "norm.cu",
             Family::Embedding => "embedding.cu",
             Family::Attention => "attention.cu",
+            Family::Scores => "scores.cu",
         }
     }
 
@@ -108,6 +112,7 @@ impl Family {
             Family::Norm => with_storage!("norm.cu"),
             Family::Embedding => with_storage!("embedding.cu"),
             Family::Attention => with_storage!("attention.cu"),
+            Family::Scores => with_storage!("scores.cu"),
         }
     }
 
@@ -227,11 +232,23 @@ pub enum Kernel {
     RotaryForward,
     /// Its backward.
     RotaryBackward,
+    /// Eager attention's batched product.
+    BatchedProduct,
+    /// The causal mask over the scores.
+    CausalMask,
+    /// Each row's softmax.
+    SoftmaxRows,
+    /// Its backward.
+    SoftmaxRowsBackward,
+    /// Key/value heads repeated for their query heads.
+    RepeatHeads,
+    /// Their gradients summed back.
+    SumHeadGroups,
 }
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 51] = [
+    pub const ALL: [Kernel; 57] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -283,6 +300,12 @@ impl Kernel {
         Kernel::AttentionBackwardKey,
         Kernel::RotaryForward,
         Kernel::RotaryBackward,
+        Kernel::BatchedProduct,
+        Kernel::CausalMask,
+        Kernel::SoftmaxRows,
+        Kernel::SoftmaxRowsBackward,
+        Kernel::RepeatHeads,
+        Kernel::SumHeadGroups,
     ];
 
     /// The function's name in its source and in the PTX.
@@ -339,6 +362,12 @@ impl Kernel {
             Kernel::AttentionBackwardKey => "attention_backward_key",
             Kernel::RotaryForward => "rotary_forward",
             Kernel::RotaryBackward => "rotary_backward",
+            Kernel::BatchedProduct => "batched_product",
+            Kernel::CausalMask => "causal_mask",
+            Kernel::SoftmaxRows => "softmax_rows",
+            Kernel::SoftmaxRowsBackward => "softmax_rows_backward",
+            Kernel::RepeatHeads => "repeat_heads",
+            Kernel::SumHeadGroups => "sum_head_groups",
         }
     }
 
@@ -373,6 +402,12 @@ impl Kernel {
             | Kernel::AttentionBackwardKey
             | Kernel::RotaryForward
             | Kernel::RotaryBackward => Family::Attention,
+            Kernel::BatchedProduct
+            | Kernel::CausalMask
+            | Kernel::SoftmaxRows
+            | Kernel::SoftmaxRowsBackward
+            | Kernel::RepeatHeads
+            | Kernel::SumHeadGroups => Family::Scores,
             Kernel::DropoutForward | Kernel::DropoutBackward => Family::Dropout,
             Kernel::Conv2dForward | Kernel::Conv2dInputGradient | Kernel::Conv2dWeightGradient => {
                 Family::Conv

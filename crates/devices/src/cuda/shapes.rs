@@ -217,6 +217,27 @@ pub fn attention(batch: u64, sequence: u64, heads: u64) -> LaunchConfig {
     )
 }
 
+/// Side of scores.cu's product tile (`SCORES_TILE`).
+const SCORES_TILE: u64 = 16;
+
+/// scores.cu's `batched_product`: a block of 16 x 16 threads per tile of the output, the
+/// tiles and the (sample, head) pairs past the grid's limits looped over.
+pub fn batched_product(pairs: u64, rows: u64, cols: u64) -> LaunchConfig {
+    config(
+        (
+            blocks(cols, SCORES_TILE, MAX_GRID_YZ),
+            blocks(rows, SCORES_TILE, MAX_GRID_YZ),
+            pairs.clamp(1, MAX_GRID_YZ) as u32,
+        ),
+        (SCORES_TILE as u32, SCORES_TILE as u32, 1),
+    )
+}
+
+/// scores.cu's softmax kernels: a block of 256 threads per row, at most 2^20.
+pub fn block_per_row(rows: u64) -> LaunchConfig {
+    block_per_item(rows, MAX_STRIDE_BLOCKS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@ pub mod norm;
 pub mod optimizer;
 pub mod pool;
 pub mod reduce;
+pub mod scores;
 pub mod values;
 
 use std::ops::{Deref, DerefMut, Range};

@@ -166,14 +166,15 @@ fn sequence(activation: &Value, training: Training) -> Plan {
 /// A small language model over token ids: an embedding (its padding row, whose gradient is 0 by
 /// definition, is checked in parity) and learned positions, pre-norm blocks around causal
 /// grouped-query attention with rotary embedding and dropout, a linear layer and a gated MLP behind an RMS norm,
-/// and a head tied to the embedding writing logits at every position, one label a token.
-fn language(activation: &Value, training: Training) -> Plan {
+/// and a head tied to the embedding writing logits at every position, one label a token. The
+/// attention is fused (`sdpa`) or materializes its scores (`eager`).
+fn language(activation: &Value, training: Training, implementation: &str) -> Plan {
     let list = json!([
         {"embedding": {"embedding_dim": 6}},
         {"positional_embedding": {"max_positions": 8}},
         {"residual": {"layers": [
             {"layer_norm": {}},
-            {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 4, "causal": true, "bias": false, "rope_theta": 10000.0, "dropout": 0.25}}
+            {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 4, "causal": true, "bias": false, "rope_theta": 10000.0, "dropout": 0.25, "implementation": implementation}}
         ]}},
         {"residual": {"layers": [
             {"layer_norm": {}},
@@ -195,12 +196,12 @@ fn language(activation: &Value, training: Training) -> Plan {
 /// pre-norm block of attention and one of a linear layer, the class token pooled. The norms'
 /// `eps` of 0.5 bound their `rstd`, so that `16-mixed`'s first loss scale leaves the patches'
 /// gradient, cast to f16, inside f16.
-fn vision_transformer(activation: &Value, training: Training) -> Plan {
+fn vision_transformer(activation: &Value, training: Training, implementation: &str) -> Plan {
     let list = json!([
         {"patch_embedding": {"embedding_dim": 6, "patch_size": 4}},
         {"residual": {"layers": [
             {"layer_norm": {"eps": 0.5}},
-            {"self_attention": {"num_heads": 2}}
+            {"self_attention": {"num_heads": 2, "implementation": implementation}}
         ]}},
         {"residual": {"layers": [
             {"layer_norm": {"eps": 0.5}},
@@ -405,10 +406,21 @@ fn gradients_match_finite_differences_in_every_precision_activation_and_framewor
                         "groups, dilation, adaptive pooling",
                     ),
                     (sequence(activation, training), "layer norm over a sequence"),
-                    (language(activation, training), "tokens, a loss a position"),
                     (
-                        vision_transformer(activation, training),
+                        language(activation, training, "sdpa"),
+                        "tokens, a loss a position",
+                    ),
+                    (
+                        language(activation, training, "eager"),
+                        "tokens, eager attention",
+                    ),
+                    (
+                        vision_transformer(activation, training, "sdpa"),
                         "patches, the class token",
+                    ),
+                    (
+                        vision_transformer(activation, training, "eager"),
+                        "patches, eager attention",
                     ),
                 ];
                 for (plan, kind) in plans {
@@ -525,6 +537,7 @@ fn a_probe_peaks_at_exactly_the_modelled_bytes_and_returns_them() {
                     (residual(activation, training, false), "identity"),
                     (residual(activation, training, true), "projection"),
                     (mobile(activation, training), "mobile"),
+                    (language(activation, training, "eager"), "eager attention"),
                 ];
                 for (plan, kind) in plans {
                     for batch in [1, 7, 129] {

@@ -28,6 +28,7 @@ pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
     checks.extend(super::embedding::check_embedding(device)?);
     checks.extend(super::attention::check_attention(device)?);
     checks.extend(super::attention::check_rotary(device)?);
+    checks.extend(super::scores::check_scores(device)?);
     Ok(checks)
 }
 

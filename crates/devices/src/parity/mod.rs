@@ -3,7 +3,8 @@
 //! poisoned with NaN beforehand so an unwritten element fails, compared with a reference
 //! computed here within a tolerance ([`tolerance`]). One check per kernel family (fill, gemm,
 //! reduce, loss, optimizer, dropout: [`kernels`]; biases, activations and sums:
-//! [`elementwise`]; convolution: [`conv`]; pooling: [`pool`]; batch norm: [`norm`]), then a few
+//! [`elementwise`]; convolution: [`conv`]; pooling: [`pool`]; batch norm: [`norm`]; fused attention: [`attention`]; eager
+//! attention: [`scores`]), then a few
 //! training steps in every precision and the loss scaler's skipped steps ([`training`]).
 //!
 //! The references restate each operation's semantics from its definition, in f64 where it
@@ -20,6 +21,7 @@ mod kernels;
 mod norm;
 mod pool;
 mod reference;
+mod scores;
 mod training;
 
 pub use kernels::check_kernels;

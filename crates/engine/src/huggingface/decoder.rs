@@ -38,6 +38,7 @@ pub(super) fn layers(config: &Config<'_>, family: Family) -> Result<Made, Config
         "num_kv_heads": config.count("num_key_value_heads", Some(heads))?,
         "causal": true,
         "rope_theta": config.rope_theta()?,
+        "implementation": config.attention_implementation()?,
     });
     match family {
         Family::Llama => attention["bias"] = json!(config.flag("attention_bias", false)?),

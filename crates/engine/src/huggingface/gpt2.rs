@@ -39,7 +39,8 @@ pub(super) fn layers(config: &Config<'_>, sequence: Option<u64>) -> Result<Made,
     let norm = json!({"layer_norm": {"eps": config.number("layer_norm_epsilon", Some(1e-5))?}});
     let inner = config.count("n_inner", Some(4 * hidden))?;
     let attention = json!({"self_attention": {
-        "num_heads": heads, "causal": true, "dropout": attended
+        "num_heads": heads, "causal": true, "dropout": attended,
+        "implementation": config.attention_implementation()?,
     }});
     let block = [
         json!({"residual": {"layers": [norm, attention, dropout(residual)]}}),

@@ -9,7 +9,9 @@
 //! embedding, pre-norm blocks, the class token's classifier), its image and classes from the
 //! config. A decoder's `vocab_size` and logits come from the config. What the list cannot say
 //! is refused by field: a sliding window, an activation the list does not take, GPT-2's
-//! unscaled or cross attention, another architecture.
+//! unscaled or cross attention, another architecture. Attention is SDPA's unless the config
+//! says `"attn_implementation": "eager"` (what `from_pretrained` takes; `config.json` does not
+//! store it, so a job adds it).
 //!
 //! The list describes the architecture as PyTorch's own modules train it (`nn.RMSNorm`'s fused
 //! kernel); Hugging Face's `LlamaRMSNorm` computes by hand in f32 and saves more.
@@ -308,6 +310,22 @@ impl Config<'_> {
         }
     }
 
+    /// How attention is computed: `attn_implementation` (what `from_pretrained` takes, which
+    /// `config.json` does not store: headroom reads it here), `sdpa` unless given.
+    pub(super) fn attention_implementation(&self) -> Result<&'static str, ConfigError> {
+        match self.text("attn_implementation", Some("sdpa"))?.as_str() {
+            "sdpa" => Ok("sdpa"),
+            "eager" => Ok("eager"),
+            other => Err(self.error(
+                "attn_implementation",
+                format!(
+                    "is {other:?}; headroom runs \"sdpa\" (PyTorch's fused attention) and \
+                     \"eager\" (the scores materialized)"
+                ),
+            )),
+        }
+    }
+
     /// The activation layer Hugging Face's `ACT2FN` names (`gelu_new`, transformers' own tanh
     /// approximation written by hand, computes the same values as `gelu_pytorch_tanh`).
     pub(super) fn activation(&self, name: &str, default: &str) -> Result<Value, ConfigError> {
@@ -368,7 +386,32 @@ mod tests {
         assert_eq!(layers.len(), 1 + 2 * 2 + 2);
         let attention = &layers[1]["residual"]["layers"][1]["self_attention"];
         assert_eq!(attention["rope_theta"], 10_000.0);
+        assert_eq!(attention["implementation"], "sdpa");
         assert_eq!(layers[6]["linear"]["tied"], false);
         assert!(model.contains_key("huggingface"));
+    }
+
+    #[test]
+    fn attn_implementation_picks_the_eager_path_and_names_what_it_cannot_run() {
+        let model = |implementation: &str| {
+            json!({
+                "huggingface": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 4,
+                                "vocab_size": 100, "attn_implementation": implementation},
+                "tokens": {"sequence_length": 8}
+            })
+        };
+        let Value::Object(mut eager) = model("eager") else {
+            unreachable!()
+        };
+        expand(&mut eager).unwrap();
+        let attention = &eager["layers"][1]["residual"]["layers"][1]["self_attention"];
+        assert_eq!(attention["implementation"], "eager");
+        let Value::Object(mut flash) = model("flash_attention_2") else {
+            unreachable!()
+        };
+        let error = expand(&mut flash).unwrap_err();
+        assert_eq!(error.field, "model.huggingface.attn_implementation");
+        assert!(error.reason.contains("\"eager\""), "{}", error.reason);
     }
 }

@@ -24,6 +24,7 @@ pub(super) fn layers(config: &Config<'_>) -> Result<Made, ConfigError> {
         "bias": config.flag("qkv_bias", true)?,
         "output_bias": true,
         "dropout": config.probability("attention_probs_dropout_prob", 0.0)?,
+        "implementation": config.attention_implementation()?,
     }});
     let norm = json!({"layer_norm": {"eps": config.number("layer_norm_eps", Some(1e-12))?}});
     let mlp = [

@@ -73,20 +73,8 @@ impl Module for Dropout {
             return x;
         }
         let len = graph.times_rows(self.elements);
-        let y = graph.output(len, graph.storage(x));
-        let mask = graph.allocate(Part::Activations, len, Element::Mask);
-        graph.emit(Instr::DropoutForward {
-            x: graph.slot(x),
-            mask: graph.slot(mask),
-            y: graph.slot(y),
-            len,
-            p: self.p,
-            key: self.key(graph.seed()),
-        });
-        let backward = DropoutBackward { mask, p: self.p };
-        graph.record(backward, &[x], &[mask], &[y]);
-        graph.release(mask);
-        y
+        let key = self.key(graph.seed());
+        drop(graph, x, len, self.p, key)
     }
 
     fn reference(&self, x: &[f64], rows: usize, _: &mut Values<'_>, seed: u64) -> Vec<f64> {
@@ -120,6 +108,25 @@ impl Module for Dropout {
     fn returns_view(&self, input_is_view: bool) -> bool {
         self.p == 0.0 && input_is_view
     }
+}
+
+/// `native_dropout` of the `len` values of `x` with probability `p`, its masks drawn from
+/// the stream `key` (step `s` from `stream_key(key, s)`): the output, with a one-byte mask saved
+/// for backward. A reference the caller owns.
+pub fn drop(graph: &mut Graph, x: Tensor, len: u64, p: f32, key: u64) -> Tensor {
+    let y = graph.output(len, graph.storage(x));
+    let mask = graph.allocate(Part::Activations, len, Element::Mask);
+    graph.emit(Instr::DropoutForward {
+        x: graph.slot(x),
+        mask: graph.slot(mask),
+        y: graph.slot(y),
+        len,
+        p,
+        key,
+    });
+    graph.record(DropoutBackward { mask, p }, &[x], &[mask], &[y]);
+    graph.release(mask);
+    y
 }
 
 /// Dropout's backward.

@@ -39,6 +39,7 @@ pub mod check;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
+pub mod eager_attention;
 pub mod embedding;
 pub mod first_token;
 pub mod flatten;

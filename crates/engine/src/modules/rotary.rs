@@ -22,11 +22,12 @@ use crate::program::geometry::Rotary;
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::{Instr, Scale};
 
-/// `q` (or `k`), a projection's output, seen as heads for rotary embedding: a view whose
-/// backward copies the gradient into the projection's layout. A reference the caller owns.
-pub fn heads_view(graph: &mut Graph, x: Tensor) -> Tensor {
+/// `q` (or `k`, `v`), a projection's output, seen as heads: a view whose backward copies the
+/// gradient into the projection's layout where `copies` (where the gradient arrives laid out
+/// otherwise), else hands it on. A reference the caller owns.
+pub fn heads_view(graph: &mut Graph, x: Tensor, copies: bool) -> Tensor {
     let view = graph.alias(x);
-    graph.record(HeadsViewBackward, &[x], &[], &[view]);
+    graph.record(HeadsViewBackward { copies }, &[x], &[], &[view]);
     view
 }
 
@@ -106,13 +107,18 @@ fn release_in(pass: &mut Pass<'_>, tensor: Option<Tensor>) {
 
 /// The heads view's backward: the gradient copied into the projection's layout.
 #[derive(Debug)]
-struct HeadsViewBackward;
+struct HeadsViewBackward {
+    copies: bool,
+}
 
 impl Backward for HeadsViewBackward {
     fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
         let Some(dy) = grads[0] else {
             return vec![None];
         };
+        if !self.copies {
+            return vec![Some(pass.pass_through(dy))];
+        }
         let len = pass.elements(dy);
         let dx = pass.gradient(0, len, pass.storage(dy));
         pass.emit(Instr::Convert {

@@ -16,6 +16,10 @@
 //! backward), so dropout adds no memory (CUDA's fused kernels keep only the Philox seed and
 //! offset, two host scalars).
 //!
+//! With `implementation: eager` the attention is Hugging Face's eager path instead
+//! ([`super::eager_attention`]): the `positions x positions` scores, their f32 softmax and its
+//! half copy materialized, as `attn_implementation="eager"` trains.
+//!
 //! With `rope_theta`, rotary position embedding ([`super::rotary`]) turns the queries and keys
 //! before the attention, as Llama's block does; under autocast the f32 tables make them f32,
 //! which SDPA's autocast casts back to half (and those f32 values stay until the block ends).
@@ -23,6 +27,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::check::{extent, show};
+use super::eager_attention;
 use super::linear::{Linear, LinearSpec};
 use super::rotary;
 use super::{Context, LayerError, Module, Parameter, Parameters, Path, Token, Values, MAX_EXTENT};
@@ -67,6 +72,22 @@ pub struct SelfAttentionSpec {
     /// Face's `attention_dropout` / GPT-2's `attn_pdrop`), in [0, 1).
     #[serde(default)]
     pub dropout: f64,
+    /// How the attention is computed (Hugging Face's `attn_implementation`): `sdpa`, the fused
+    /// kernels (the default), or `eager`, the scores materialized.
+    #[serde(default)]
+    pub implementation: Implementation,
+}
+
+/// How self-attention computes its scores, in Hugging Face's `attn_implementation` names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Implementation {
+    /// `F.scaled_dot_product_attention`'s fused path: no `positions x positions` buffer.
+    #[default]
+    Sdpa,
+    /// `eager_attention_forward`: the scores, their f32 softmax and its half copy materialized
+    /// ([`super::eager_attention`]).
+    Eager,
 }
 
 fn yes() -> bool {
@@ -183,6 +204,7 @@ impl SelfAttentionSpec {
             causal: self.causal,
             rope_theta,
             dropout,
+            eager: self.implementation == Implementation::Eager,
         })
     }
 }
@@ -202,6 +224,8 @@ pub struct SelfAttention {
     rope_theta: Option<f32>,
     /// Dropout's probability and which dropout of the model it is (its masks' stream).
     dropout: Option<(f32, usize)>,
+    /// Whether the scores are materialized (the eager path) rather than fused.
+    eager: bool,
 }
 
 impl SelfAttention {
@@ -251,18 +275,26 @@ impl Module for SelfAttention {
         let rotary = self
             .rotary(rows, self.heads)
             .zip(self.rotary(rows, self.kv_heads));
-        let heads = |graph: &mut Graph, linear: &Linear, parameters: &mut Parameters<'_>| {
-            let y = linear.forward(graph, x, parameters);
-            if rotary.is_none() {
-                return y;
-            }
-            let view = rotary::heads_view(graph, y);
-            graph.release(y);
-            view
+        // The heads are views whose gradient may arrive in another layout (a copy in
+        // backward): after rotary embedding, and on the eager path where its layouts say.
+        let heads =
+            |graph: &mut Graph, linear: &Linear, parameters: &mut Parameters<'_>, copies| {
+                let y = linear.forward(graph, x, parameters);
+                let Some(copies) = copies else {
+                    return y;
+                };
+                let view = rotary::heads_view(graph, y, copies);
+                graph.release(y);
+                view
+            };
+        let shape = self.shape(rows, graph.seed());
+        let [q_copies, k_copies, v_copies] = match self.eager {
+            true => eager_attention::view_copies(&shape).map(Some),
+            false => [rotary.map(|_| true), rotary.map(|_| true), None],
         };
-        let q = heads(graph, &self.q, parameters);
-        let k = heads(graph, &self.k, parameters);
-        let v = self.v.forward(graph, x, parameters);
+        let q = heads(graph, &self.q, parameters, q_copies);
+        let k = heads(graph, &self.k, parameters, k_copies);
+        let v = heads(graph, &self.v, parameters, v_copies);
         let (q, k) = match rotary {
             Some((for_q, for_k)) => {
                 let tables = rotary::tables(graph, &for_q);
@@ -276,12 +308,18 @@ impl Module for SelfAttention {
             }
             None => (q, k),
         };
-        // SDPA's autocast casts what is not half (rotary's f32 queries and keys).
-        let operands = [q, k, v].map(|t| graph.operand(t));
-        let o = attention(graph, operands, self.shape(rows, graph.seed()));
-        for tensor in operands {
-            graph.release(tensor);
-        }
+        let o = match self.eager {
+            true => eager_attention::attention(graph, [q, k, v], shape),
+            false => {
+                // SDPA's autocast casts what is not half (rotary's f32 queries and keys).
+                let operands = [q, k, v].map(|t| graph.operand(t));
+                let o = attention(graph, operands, shape);
+                for tensor in operands {
+                    graph.release(tensor);
+                }
+                o
+            }
+        };
         let y = self.o.forward(graph, o, parameters);
         graph.release(o);
         for tensor in [q, k, v] {
@@ -312,7 +350,8 @@ impl Module for SelfAttention {
             .iter()
             .map(|linear| linear.multiply_adds())
             .sum::<u64>();
-        let pairs = match self.causal {
+        // The eager path multiplies every pair, the mask applied after.
+        let pairs = match self.causal && !self.eager {
             true => self.sequence * (self.sequence + 1) / 2,
             false => self.sequence * self.sequence,
         };
@@ -334,8 +373,9 @@ impl Module for SelfAttention {
             Some((p, _)) => format!("d{p}"),
             None => String::new(),
         };
+        let eager = if self.eager { "eager" } else { "" };
         Token::Layer(format!(
-            "{causal}{rope}attn{}{kv}x{}{dropout}",
+            "{eager}{causal}{rope}attn{}{kv}x{}{dropout}",
             self.heads, self.head_dim
         ))
     }

@@ -379,6 +379,135 @@ impl Attention {
     }
 }
 
+/// Where a batch of matrices lies in a buffer: element `(row, col)` of the matrix of sample `b`
+/// and head `h` is at `b * batch + h * head + row * row_stride + col * col_stride` (elements).
+/// Strides describe PyTorch's views without copying them: a `[batch, positions, heads,
+/// head_dim]` projection read a head at a time, or a matrix read transposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strides {
+    /// From one sample to the next.
+    pub batch: u64,
+    /// From one head to the next.
+    pub head: u64,
+    /// From one row to the next.
+    pub row: u64,
+    /// From one column to the next.
+    pub col: u64,
+}
+
+impl Strides {
+    /// `[batch, heads, rows, cols]` stored in that order.
+    pub fn contiguous(heads: u64, rows: u64, cols: u64) -> Strides {
+        let matrix = rows.saturating_mul(cols);
+        Strides {
+            batch: matrix.saturating_mul(heads),
+            head: matrix,
+            row: cols,
+            col: 1,
+        }
+    }
+
+    /// Head `h` of a `[batch, positions, heads, head_dim]` tensor (a projection's output viewed
+    /// as heads): `positions x head_dim` matrices.
+    pub fn heads(positions: u64, heads: u64, head_dim: u64) -> Strides {
+        let row = heads.saturating_mul(head_dim);
+        Strides {
+            batch: row.saturating_mul(positions),
+            head: head_dim,
+            row,
+            col: 1,
+        }
+    }
+
+    /// The same matrices read transposed.
+    pub fn transposed(self) -> Strides {
+        Strides {
+            row: self.col,
+            col: self.row,
+            ..self
+        }
+    }
+
+    /// One past the largest offset of `batch x heads` matrices of `rows x cols` (saturating).
+    pub fn span(&self, batch: u64, heads: u64, rows: u64, cols: u64) -> u64 {
+        let last = |n: u64, stride: u64| n.saturating_sub(1).saturating_mul(stride);
+        [
+            last(batch, self.batch),
+            last(heads, self.head),
+            last(rows, self.row),
+            last(cols, self.col),
+        ]
+        .iter()
+        .fold(1, |n: u64, &m| n.saturating_add(m))
+    }
+}
+
+/// A product of a batch of matrices, one pair a sample and head (`torch.bmm` over PyTorch's
+/// `[batch * heads, ...]` views): `c = a b`, `a` being `rows x inner`, `b` `inner x cols` and
+/// `c` `rows x cols`, each laid out by its [`Strides`]; `c`'s rows are contiguous (`col` 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchedProduct {
+    /// Samples.
+    pub batch: u64,
+    /// Heads of a sample.
+    pub heads: u64,
+    /// Rows of `a` and `c`.
+    pub rows: u64,
+    /// Columns of `a`, rows of `b`.
+    pub inner: u64,
+    /// Columns of `b` and `c`.
+    pub cols: u64,
+    /// `a`'s layout.
+    pub a: Strides,
+    /// `b`'s layout.
+    pub b: Strides,
+    /// `c`'s layout.
+    pub c: Strides,
+}
+
+impl BatchedProduct {
+    /// The values each operand's buffer must hold: `(a, b, c)`.
+    pub fn spans(&self) -> (u64, u64, u64) {
+        let (n, h) = (self.batch, self.heads);
+        (
+            self.a.span(n, h, self.rows, self.inner),
+            self.b.span(n, h, self.inner, self.cols),
+            self.c.span(n, h, self.rows, self.cols),
+        )
+    }
+}
+
+/// Key/value heads repeated for the query heads they serve (Hugging Face's `repeat_kv`):
+/// `[batch, positions, kv_heads, head_dim]` in, `[batch, kv_heads * groups, positions,
+/// head_dim]` out, query head `h` reading key/value head `h / groups`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadGroups {
+    /// Samples.
+    pub batch: u64,
+    /// Positions of a sample.
+    pub positions: u64,
+    /// Key/value heads.
+    pub kv_heads: u64,
+    /// Query heads a key/value head serves.
+    pub groups: u64,
+    /// Values of a head's row.
+    pub head_dim: u64,
+}
+
+impl HeadGroups {
+    /// Values of the key/value heads (saturating).
+    pub fn grouped(&self) -> u64 {
+        [self.positions, self.kv_heads, self.head_dim]
+            .iter()
+            .fold(self.batch, |n, &m| n.saturating_mul(m))
+    }
+
+    /// Values once repeated (saturating).
+    pub fn repeated(&self) -> u64 {
+        self.grouped().saturating_mul(self.groups)
+    }
+}
+
 /// An element-wise non-linearity, with its parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Nonlinearity {

@@ -3,7 +3,8 @@
 //! the batch size, or the batch times the positions a layer is applied at.
 
 use super::geometry::{
-    AdaptivePooling, Attention, Convolution, Nonlinearity, NormalizedRows, Planes, Pooling, Rotary,
+    AdaptivePooling, Attention, BatchedProduct, Convolution, HeadGroups, Nonlinearity,
+    NormalizedRows, Planes, Pooling, Rotary,
 };
 use crate::memory::Buffer;
 pub use crate::memory::Moment;
@@ -19,6 +20,8 @@ pub enum Scale {
     One,
     /// The loss scale in force (`16-mixed`), 1 without loss scaling.
     Loss,
+    /// A constant (eager attention's `* head_dim ** -0.5`).
+    By(f32),
 }
 
 /// Which tensor an activation saved for its backward, as PyTorch's autograd saves it: its
@@ -629,6 +632,76 @@ pub enum Instr {
         grads: AttentionGradients<Slot>,
         /// The shape.
         shape: Attention,
+    },
+    /// scores.cu: `c = a b` for every sample and head ([`BatchedProduct`]), all three in one
+    /// storage (eager attention's `torch.matmul`s and their gradients).
+    BatchedProduct {
+        /// Read.
+        a: Slot,
+        /// Read.
+        b: Slot,
+        /// Written.
+        c: Slot,
+        /// The matrices and their layouts.
+        shape: BatchedProduct,
+    },
+    /// scores.cu: `to = from`, minus infinity where a query row's key comes after it (the
+    /// causal mask added, rounded to `to`'s storage), over `matrices` of `positions x
+    /// positions`.
+    CausalMask {
+        /// Read.
+        from: Slot,
+        /// Written.
+        to: Slot,
+        /// Matrices (samples times heads).
+        matrices: u64,
+        /// Their side.
+        positions: u64,
+    },
+    /// scores.cu: each row's softmax, `p = exp(x - max) / sum`, `p` f32 (`F.softmax(x,
+    /// dtype=torch.float32)`).
+    SoftmaxRows {
+        /// Read.
+        x: Slot,
+        /// Written: f32.
+        p: Slot,
+        /// Rows.
+        rows: u64,
+        /// Values a row.
+        cols: u64,
+    },
+    /// scores.cu: the softmax's backward, `dx = p (dp - sum_j p dp)` per row, from the saved
+    /// f32 `p` and the f32 `dp`, rounded to `dx`'s storage.
+    SoftmaxRowsBackward {
+        /// The softmax's output.
+        p: Slot,
+        /// Its gradient.
+        dp: Slot,
+        /// Written.
+        dx: Slot,
+        /// Rows.
+        rows: u64,
+        /// Values a row.
+        cols: u64,
+    },
+    /// scores.cu: key/value heads repeated for the query heads they serve ([`HeadGroups`]).
+    RepeatHeads {
+        /// Read: `[batch, positions, kv_heads, head_dim]`.
+        from: Slot,
+        /// Written: `[batch, heads, positions, head_dim]`.
+        to: Slot,
+        /// The heads.
+        shape: HeadGroups,
+    },
+    /// scores.cu: the repetition's backward, each key/value head's gradient summed over the
+    /// query heads it served.
+    SumHeadGroups {
+        /// Read: `[batch, heads, positions, head_dim]`.
+        from: Slot,
+        /// Written: `[batch, positions, kv_heads, head_dim]`.
+        to: Slot,
+        /// The heads.
+        shape: HeadGroups,
     },
     /// attention.cu: rotary position embedding, `y = x * cos + rotate_half(x) * sin`
     /// ([`Rotary`]); `y` may be stored wider than `x` (f32 tables under autocast promote it).

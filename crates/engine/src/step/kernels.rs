@@ -1,6 +1,7 @@
 //! The kernels a device provides, one trait per family, as `crates/devices/kernels/*.cu` and the
 //! host device's modules have them: [`Fill`], [`Gemm`], [`Elementwise`], [`Reduce`], [`Conv`],
-//! [`Pool`], [`Norm`], [`Lookup`], [`Attend`], [`DropoutKernels`], [`Loss`] and [`Optimizer`];
+//! [`Pool`], [`Norm`], [`Lookup`], [`Attend`], [`Scores`], [`DropoutKernels`], [`Loss`] and
+//! [`Optimizer`];
 //! [`Kernels`] is all of
 //! them and the device's clock.
 //!
@@ -17,7 +18,7 @@ use crate::modules::conv2d::Convolution;
 use crate::modules::layer_norm::NormalizedRows;
 use crate::modules::pooling::Pooling;
 use crate::plan::Storage;
-use crate::program::geometry::{Attention, Rotary};
+use crate::program::geometry::{Attention, BatchedProduct, HeadGroups, Rotary};
 use crate::program::{
     Affine, AttentionGradients, AttentionSaved, BatchStatistics, LayerAffine, OptimizerState,
     RowStatistics, RunningStatistics, SavedAs,
@@ -211,6 +212,59 @@ pub trait Attend: Allocate {
         dy: &Self::Values,
         dx: &mut Self::Values,
         shape: &Rotary,
+    ) -> Result<(), Self::Error>;
+}
+
+/// scores.cu: eager attention's kernels, the scores materialized as PyTorch's eager path
+/// (`attn_implementation="eager"`) computes them.
+pub trait Scores: Allocate {
+    /// `c = a b` for every sample and head, the three in one storage ([`BatchedProduct`]).
+    fn batched_product(
+        &mut self,
+        a: &Self::Values,
+        b: &Self::Values,
+        c: &mut Self::Values,
+        shape: &BatchedProduct,
+    ) -> Result<(), Self::Error>;
+    /// `to = from` with minus infinity above each matrix's diagonal (a key after its query),
+    /// over `matrices` of `positions x positions`, rounded to `to`'s storage.
+    fn causal_mask(
+        &mut self,
+        from: &Self::Values,
+        to: &mut Self::Values,
+        matrices: u64,
+        positions: u64,
+    ) -> Result<(), Self::Error>;
+    /// Each row's softmax into the f32 `p`.
+    fn softmax_rows(
+        &mut self,
+        x: &Self::Values,
+        p: &mut Self::Values,
+        rows: u64,
+        cols: u64,
+    ) -> Result<(), Self::Error>;
+    /// `dx = p (dp - sum_j p dp)` per row, `p` and `dp` f32, rounded to `dx`'s storage.
+    fn softmax_rows_backward(
+        &mut self,
+        p: &Self::Values,
+        dp: &Self::Values,
+        dx: &mut Self::Values,
+        rows: u64,
+        cols: u64,
+    ) -> Result<(), Self::Error>;
+    /// Key/value heads repeated for their query heads ([`HeadGroups`]).
+    fn repeat_heads(
+        &mut self,
+        from: &Self::Values,
+        to: &mut Self::Values,
+        shape: &HeadGroups,
+    ) -> Result<(), Self::Error>;
+    /// Each key/value head's gradient summed over the query heads it served.
+    fn sum_head_groups(
+        &mut self,
+        from: &Self::Values,
+        to: &mut Self::Values,
+        shape: &HeadGroups,
     ) -> Result<(), Self::Error>;
 }
 
@@ -566,6 +620,7 @@ pub trait Kernels:
     + Optimizer
     + Lookup
     + Attend
+    + Scores
 {
     /// Waits until all work queued on the device is done (for timing and fault detection).
     fn synchronize(&mut self) -> Result<(), Self::Error>;

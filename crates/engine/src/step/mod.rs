@@ -8,7 +8,7 @@ pub mod kernels;
 
 pub use kernels::{
     Allocate, Attend, Conv, DropoutKernels, Elementwise, Fill, Gemm, Kernels, Lookup, Loss, Norm,
-    Optimizer, Pool, Reduce, Stored,
+    Optimizer, Pool, Reduce, Scores, Stored,
 };
 
 use crate::plan::{
@@ -322,6 +322,12 @@ impl<K: Kernels> Executor<K> {
             | Instr::AttentionBackward { .. }
             | Instr::RotaryForward { .. }
             | Instr::RotaryBackward { .. } => self.attention(kernels, instr)?,
+            Instr::BatchedProduct { .. }
+            | Instr::CausalMask { .. }
+            | Instr::SoftmaxRows { .. }
+            | Instr::SoftmaxRowsBackward { .. }
+            | Instr::RepeatHeads { .. }
+            | Instr::SumHeadGroups { .. } => self.scores(kernels, instr)?,
             Instr::Convert { .. }
             | Instr::LinearForward { .. }
             | Instr::WeightGradient { .. }
@@ -462,6 +468,43 @@ impl<K: Kernels> Executor<K> {
         Ok(())
     }
 
+    /// scores.cu: eager attention's products, mask, softmax and head repetition.
+    fn scores(&mut self, kernels: &mut K, instr: &Instr) -> Result<(), K::Error> {
+        match *instr {
+            Instr::BatchedProduct { a, b, c, shape } => self.writing(c, |this, c| {
+                kernels.batched_product(this.values(a), this.values(b), c, &shape)
+            })?,
+            Instr::CausalMask {
+                from,
+                to,
+                matrices,
+                positions,
+            } => self.writing(to, |this, to| {
+                kernels.causal_mask(this.values(from), to, matrices, positions)
+            })?,
+            Instr::SoftmaxRows { x, p, rows, cols } => self.writing(p, |this, p| {
+                kernels.softmax_rows(this.values(x), p, rows, cols)
+            })?,
+            Instr::SoftmaxRowsBackward {
+                p,
+                dp,
+                dx,
+                rows,
+                cols,
+            } => self.writing(dx, |this, dx| {
+                kernels.softmax_rows_backward(this.values(p), this.values(dp), dx, rows, cols)
+            })?,
+            Instr::RepeatHeads { from, to, shape } => self.writing(to, |this, to| {
+                kernels.repeat_heads(this.values(from), to, &shape)
+            })?,
+            Instr::SumHeadGroups { from, to, shape } => self.writing(to, |this, to| {
+                kernels.sum_head_groups(this.values(from), to, &shape)
+            })?,
+            _ => unreachable!("{instr:?} is not eager attention's"),
+        }
+        Ok(())
+    }
+
     /// embedding.cu: the lookup and the table's gradient, patch tokens, the first token.
     fn lookup(&mut self, kernels: &mut K, instr: &Instr) -> Result<(), K::Error> {
         match *instr {
@@ -589,6 +632,7 @@ impl<K: Kernels> Executor<K> {
             } => {
                 let factor = match (scale, &self.loss_scale) {
                     (Scale::Loss, Some(scaler)) => scaler.scale,
+                    (Scale::By(factor), _) => factor,
                     _ => 1.0,
                 };
                 self.writing(to, |this, to| {

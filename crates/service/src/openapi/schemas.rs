@@ -394,6 +394,20 @@ pub struct SelfAttention {
     #[serde(default)]
     #[schema(minimum = 0.0, exclusive_maximum = 1.0, default = 0.0)]
     dropout: f64,
+    /// How the scores are computed (Hugging Face's `attn_implementation`).
+    #[serde(default)]
+    implementation: AttentionImplementation,
+}
+
+/// How self-attention computes its scores.
+#[derive(Serialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionImplementation {
+    /// `scaled_dot_product_attention`'s fused kernels: no `positions x positions` buffer.
+    #[default]
+    Sdpa,
+    /// `eager_attention_forward`: the scores, their f32 softmax and its half copy materialized.
+    Eager,
 }
 
 /// A gated MLP's activation.
@@ -1111,7 +1125,8 @@ mod tests {
                              {"gated_mlp": {"intermediate_size": 8, "activation": "gelu_pytorch_tanh", "bias": false}},
                              {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 2,
                                                  "causal": true, "bias": false, "rope_theta": 10000.0,
-                                                 "output_bias": true, "dropout": 0.1}},
+                                                 "output_bias": true, "dropout": 0.1,
+                                                 "implementation": "eager"}},
                              {"patch_embedding": {"embedding_dim": 4, "patch_size": 2}},
                              {"first_token": {}},
                              {"linear": {"out_features": 4, "bias": true, "tied": true}}]},

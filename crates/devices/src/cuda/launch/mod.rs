@@ -48,6 +48,7 @@ mod norm;
 mod optimizer;
 mod pool;
 mod reduce;
+mod scores;
 
 /// A device buffer of values: its bytes, and how they store values. Kernels take the pointer
 /// and the storage's code (`kernels/storage.cuh`).
