@@ -119,6 +119,10 @@ pub fn check_training<D: Probing + Transfer>(device: &mut D) -> Result<Vec<Check
                 mobilenet_like,
                 "MobileNet-like blocks (depthwise, dilated, relu6, silu)",
             ),
+            (
+                transformer_like,
+                "a transformer over tokens (fused and eager attention)",
+            ),
         ] {
             let framework = [Framework::Pytorch, Framework::Headroom][n % 2];
             let training = Training {
@@ -221,6 +225,29 @@ fn mobilenet_like(training: Training) -> Plan {
         {"linear": {"out_features": 10}}
     ]);
     plan(&[3, 9, 9], list, training)
+}
+
+/// A small language model: causal grouped-query attention with rotary embedding and dropout on
+/// the fused path, then on the eager path, a gated MLP, and a head tied to the embedding.
+fn transformer_like(training: Training) -> Plan {
+    let list = json!([
+        {"embedding": {"embedding_dim": 8}},
+        {"residual": {"layers": [
+            {"layer_norm": {}},
+            {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 4, "causal": true, "rope_theta": 10000.0, "dropout": 0.2}}
+        ]}},
+        {"residual": {"layers": [
+            {"rms_norm": {}},
+            {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "causal": true, "rope_theta": 10000.0, "dropout": 0.2, "implementation": "eager"}}
+        ]}},
+        {"residual": {"layers": [
+            {"layer_norm": {}},
+            {"gated_mlp": {"intermediate_size": 12}}
+        ]}},
+        {"layer_norm": {}},
+        {"linear": {"out_features": 11, "bias": false, "tied": true}}
+    ]);
+    Plan::for_tokens(7, 11, &layers(list), 11, training, "model").expect("the parity model plans")
 }
 
 /// `16-mixed` at batch 1 over 10 000 classes from `GradScaler`'s first scale, 2^16: the label's
