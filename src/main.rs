@@ -28,6 +28,7 @@ fn main() -> ExitCode {
     }
     match Args::parse().command.run() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is_closed_output() => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::from(error.exit_code())

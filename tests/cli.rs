@@ -726,3 +726,20 @@ fn plots_are_drawn_and_an_unwritable_plot_path_is_refused_up_front() {
         "it tuned before refusing"
     );
 }
+
+/// A reader that goes away before the answer is printed (`| head`) ends the command quietly:
+/// no panic, success.
+#[test]
+fn a_closed_standard_output_ends_the_command_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_headroom"))
+        .args(["estimate", "examples/tiny-gpt.json", "--memory", "256MiB"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
+}

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use bytesize::ByteSize;
 use serde::Serialize;
 
-use super::output::human;
+use super::output::{human, print_line};
 use super::CliError;
 use headroom_devices::cuda::compile::KernelForm;
 use headroom_devices::host::HostDevice;
@@ -127,12 +127,9 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
             "gpu_checked": gpu_checked,
             "rows": rows,
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("rows serialise")
-        );
+        print_line(serde_json::to_string_pretty(&report).expect("rows serialise"))?;
     } else {
-        print_table(&rows, failed, gpu_checked);
+        print_table(&rows, failed, gpu_checked)?;
     }
     match failed {
         0 => Ok(()),
@@ -140,15 +137,20 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     }
 }
 
-fn print_table(rows: &[Row], failed: usize, gpu_checked: bool) {
+fn print_table(rows: &[Row], failed: usize, gpu_checked: bool) -> Result<(), CliError> {
     let width = rows.iter().map(|r| r.check.len()).max().unwrap_or(0);
     for r in rows {
-        println!("{:<4}  {:<width$}  {}", r.status.label(), r.check, r.detail);
+        print_line(format_args!(
+            "{:<4}  {:<width$}  {}",
+            r.status.label(),
+            r.check,
+            r.detail
+        ))?;
     }
     match (failed, gpu_checked) {
-        (0, true) => println!("all checks passed"),
-        (0, false) => println!("all checks passed; no GPU was checked"),
-        _ => {}
+        (0, true) => print_line("all checks passed"),
+        (0, false) => print_line("all checks passed; no GPU was checked"),
+        _ => Ok(()),
     }
 }
 

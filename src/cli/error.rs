@@ -93,6 +93,9 @@ pub enum CliError {
     /// This binary's own path, which runs the probe worker, could not be found.
     #[error("cannot find this binary to start its probe worker: {0}")]
     WorkerProgram(std::io::Error),
+    /// Standard output could not be written (its reader gone: a closed pipe).
+    #[error("cannot write to standard output: {0}")]
+    Stdout(std::io::Error),
     /// The model does not fit at batch size 1 (the memory model said so).
     #[error(transparent)]
     DoesNotFit(#[from] DoesNotFit),
@@ -132,6 +135,12 @@ pub enum CliError {
 impl CliError {
     /// The exit code: 2 for an invalid job or arguments, 3 when the model does not fit at batch
     /// size 1, 1 for everything else.
+    /// Whether the failure is only that standard output's reader went away (`| head`): the
+    /// process ends quietly and successfully, its reader having had what it wanted.
+    pub fn is_closed_output(&self) -> bool {
+        matches!(self, CliError::Stdout(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::ReadJob { .. }

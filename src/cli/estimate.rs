@@ -9,7 +9,8 @@ use headroom_engine::job::Job;
 use headroom_engine::plan::{Allocator, Plan, Tracing};
 
 use super::input::{model_line, JobSource, OutputFile};
-use super::{output, CliError};
+use super::output::{self, print, print_line};
+use super::CliError;
 
 /// Arguments of `headroom estimate`.
 #[derive(clap::Args)]
@@ -55,7 +56,7 @@ enum Target {
 pub fn run(args: EstimateArgs) -> Result<(), CliError> {
     let job = args.job.read()?;
     if let (Some(line), false) = (model_line(&job), args.json) {
-        println!("{line}");
+        print_line(line)?;
     }
     if let Some(batch_size) = args.batch_size {
         let tracing = match args.traced {
@@ -128,14 +129,10 @@ fn memory_at(job: &Job, plan: &Plan, batch_size: u64, json: bool) -> Result<(), 
             "cuda_bytes": cuda(Allocator::CudaPages),
             "pytorch_cuda_bytes": cuda(Allocator::PytorchCaching),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("JSON prints")
-        );
+        print_line(serde_json::to_string_pretty(&value).expect("JSON prints"))
     } else {
-        print!("{}", output::memory_at(batch_size, &memory));
+        print(output::memory_at(batch_size, &memory))
     }
-    Ok(())
 }
 
 /// Prints the estimates: JSON, one estimate, or the catalogue's table; a note says that they
@@ -151,19 +148,16 @@ fn report(target: &Target, estimates: &[GpuEstimate], json: bool) -> Result<(), 
             )),
         };
         if let Some(value) = value {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&value.expect("estimates serialise"))
-                    .expect("JSON prints")
-            );
+            let value = value.expect("estimates serialise");
+            print_line(serde_json::to_string_pretty(&value).expect("JSON prints"))?;
         }
         return Ok(());
     }
     match target {
-        Target::Catalogue => print!("{}", output::catalogue(estimates)),
+        Target::Catalogue => print(output::catalogue(estimates))?,
         _ => {
             if let Some(e) = &estimates[0].estimate {
-                print!("{}", output::estimate(e));
+                print(output::estimate(e))?;
             }
         }
     }

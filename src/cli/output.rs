@@ -9,6 +9,23 @@ use headroom_engine::frontier::SequencePoint;
 use headroom_engine::plan::MemoryBreakdown;
 use headroom_engine::result::{Probe, TuneResult};
 
+use super::CliError;
+
+/// Writes `text` to standard output. A reader that has gone (`| head` closed the pipe) is
+/// [`CliError::Stdout`], on which the process ends quietly, as its reader expects.
+pub fn print(text: impl std::fmt::Display) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{text}")
+        .and_then(|()| out.flush())
+        .map_err(CliError::Stdout)
+}
+
+/// [`print`] with a line break after `text`.
+pub fn print_line(text: impl std::fmt::Display) -> Result<(), CliError> {
+    print(format_args!("{text}\n"))
+}
+
 /// Bytes in binary units, e.g. `253.3 MiB`.
 pub fn human(bytes: u64) -> String {
     ByteSize(bytes).display().iec().to_string()

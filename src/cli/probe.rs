@@ -6,7 +6,7 @@ use bytesize::ByteSize;
 use serde::Serialize;
 
 use super::input::job_and_device;
-use super::output::human;
+use super::output::{human, print_line};
 use super::CliError;
 use headroom_devices::host::DEFAULT_BUDGET_BYTES;
 use headroom_devices::select::DeviceSpec;
@@ -120,15 +120,12 @@ pub fn run(args: ProbeArgs) -> Result<(), CliError> {
             Err(source) => return Err(CliError::Probe { batch_size, source }),
         };
         if !args.json {
-            println!("{}", measurement.line());
+            print_line(measurement.line())?;
         }
         measurements.push(measurement);
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&measurements).expect("measurements serialise")
-        );
+        print_line(serde_json::to_string_pretty(&measurements).expect("measurements serialise"))?;
     }
     Ok(())
 }

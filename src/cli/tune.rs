@@ -13,7 +13,7 @@ use headroom_engine::result::{Probe, TuneResult};
 use serde::Serialize;
 
 use super::input::{check_host_budget, model_line, JobSource, OutputFile};
-use super::output::{self, human, probe_line};
+use super::output::{self, human, print, print_line, probe_line};
 use super::{remote, CliError};
 use headroom_service::probe_worker::client::{ProbeWorker, Watchdog, WorkerCommand};
 
@@ -66,7 +66,7 @@ pub fn run(args: TuneArgs) -> Result<(), CliError> {
     };
     let job = args.job.read()?;
     if let (Some(line), false) = (model_line(&job), args.json) {
-        println!("{line}");
+        print_line(line)?;
     }
     if let Some(server) = &args.server {
         let timeout = Duration::from_secs(args.timeout);
@@ -133,12 +133,9 @@ impl TuneOutput {
             file.write(&format!("{}\n", result.recommended_batch_size))?;
         }
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(answer).expect("results serialise")
-            );
+            print_line(serde_json::to_string_pretty(answer).expect("results serialise"))?;
         } else {
-            print!("{}", output::summary(result, job.search.knee_tolerance));
+            print(output::summary(result, job.search.knee_tolerance))?;
         }
         Ok(())
     }
