@@ -1217,9 +1217,9 @@ def main():
         if args.attention:
             job = with_attention(job, args.attention)
         torchvision_name = TORCHVISION.get(path.stem)
-        batches = TORCHVISION_BATCHES if torchvision_name else map(int, args.batch_sizes.split(","))
+        batches = TORCHVISION_BATCHES if torchvision_name else list(map(int, args.batch_sizes.split(",")))
         for name, variant in sequence_variants(path.stem, job, args.sequence_lengths):
-            for batch in list(batches):
+            for batch in batches:
                 for precision in args.precisions.split(","):
                     tasks.append((name, dict(variant, precision=precision), batch, torchvision_name, False))
     if args.random:
