@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::problem::Problem;
 use super::AppState;
-use headroom_engine::job::Job;
+use headroom_engine::job::{Job, JobSpec};
 
 /// A request body that is a job plus a route's own options `O` beside its members.
 #[derive(Deserialize)]
@@ -91,9 +91,11 @@ fn parse_job_request<O: DeserializeOwned>(
         }
     }
     let job = Job::from_value(Value::Object(job)).map_err(|e| {
-        // An unknown field beside the job may be a misspelt option of this route: name both.
+        // A field beside the job that no job has may be a misspelt option of this route: name
+        // both.
         let mut detail = e.to_string();
-        if !e.field.contains(['.', '[']) && e.reason.starts_with("unknown field") {
+        let top_level = !e.field.is_empty() && !e.field.contains(['.', '[']);
+        if top_level && !field_names::<JobSpec>().contains(&e.field.as_str()) {
             let own: Vec<String> = field_names::<O>()
                 .iter()
                 .map(|f| format!("`{f}`"))
