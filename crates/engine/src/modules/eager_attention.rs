@@ -148,7 +148,7 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         cols: d,
         transposed,
     };
-    let scores_shape = |tensor: Tensor| Operand {
+    let probabilities_of = |tensor: Tensor| Operand {
         tensor,
         strides: Strides::contiguous(heads, t, t),
         copied: false,
@@ -188,7 +188,7 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
     }
     let o = matmul(
         graph,
-        [scores_shape(w), head(values, false)],
+        [probabilities_of(w), head(values, false)],
         Layout::Heads,
         &shape,
     );
