@@ -105,7 +105,8 @@ fn release_in(pass: &mut Pass<'_>, tensor: Option<Tensor>) {
     }
 }
 
-/// The heads view's backward: the gradient copied into the projection's layout.
+/// The heads view's backward: the gradient copied into the projection's layout, or handed on
+/// as it is where it arrives in that layout already.
 #[derive(Debug)]
 struct HeadsViewBackward {
     copies: bool,
