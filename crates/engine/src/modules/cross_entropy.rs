@@ -49,9 +49,7 @@ pub fn record(
     );
     let root = graph.record(NllBackward { log_probs }, &[log_probs], &[log_probs], &[]);
     graph.release(log_probs);
-    if let Some(widened) = widened {
-        graph.release(widened);
-    }
+    graph.release_optional(widened);
     root
 }
 

@@ -212,18 +212,12 @@ fn causal_mask(graph: &mut Graph, t: u64) {
             |graph: &mut Graph| graph.pytorch_only(Part::Activations, square, Element::Mask);
         let ones = boolean(graph);
         let lower = boolean(graph);
-        release(graph, ones);
+        graph.release_optional(ones);
         let values = rows.saturating_mul(square);
         let mask = graph.pytorch_only(Part::Activations, values, Element::Value(master));
-        release(graph, lower);
+        graph.release_optional(lower);
         mask.into_iter().collect()
     });
-}
-
-fn release(graph: &mut Graph, tensor: Option<Tensor>) {
-    if let Some(tensor) = tensor {
-        graph.release(tensor);
-    }
 }
 
 /// `repeat_kv`: each key/value head copied for the query heads it serves, `[batch, heads,
@@ -309,7 +303,7 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
         c: graph.slot(c),
         shape: product,
     });
-    release(graph, transposing);
+    graph.release_optional(transposing);
     let backward = ProductBackward {
         a,
         b,
@@ -388,7 +382,7 @@ fn softmax(graph: &mut Graph, w: Tensor, rows: u64, cols: u64) -> Tensor {
         input: graph.storage(x),
     };
     graph.record(backward, &[x], &[p], &[p]);
-    release(graph, converted);
+    graph.release_optional(converted);
     p
 }
 

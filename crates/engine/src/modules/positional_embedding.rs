@@ -95,9 +95,7 @@ impl Module for PositionalEmbedding {
             &saved,
             &[looked_up],
         );
-        if let Some(ids) = ids {
-            graph.release(ids);
-        }
+        graph.release_optional(ids);
         let y = broadcast_add(graph, x, looked_up);
         graph.release(looked_up);
         y

@@ -59,17 +59,17 @@ pub fn embed(graph: &mut Graph, x: Tensor, tables: &[Tensor], shape: Rotary) -> 
     let by_cos = temporary(graph, len, wide);
     let negated = temporary(graph, len / 2, input);
     let rotated = temporary(graph, len, input);
-    release(graph, negated);
+    graph.release_optional(negated);
     let by_sin = temporary(graph, len, wide);
-    release(graph, rotated);
+    graph.release_optional(rotated);
     let y = graph.output(len, wide);
     graph.emit(Instr::RotaryForward {
         x: graph.slot(x),
         y: graph.slot(y),
         shape,
     });
-    release(graph, by_cos);
-    release(graph, by_sin);
+    graph.release_optional(by_cos);
+    graph.release_optional(by_sin);
     // Each product keeps its table until its own backward has run (the last to run frees it),
     // so the node holds references of its own rather than saving them whole.
     let backward = RotaryBackward {
@@ -90,18 +90,6 @@ fn widest(a: Storage, b: Storage) -> Storage {
     match a == Storage::F32 || b == Storage::F32 {
         true => Storage::F32,
         false => a,
-    }
-}
-
-fn release(graph: &mut Graph, tensor: Option<Tensor>) {
-    if let Some(tensor) = tensor {
-        graph.release(tensor);
-    }
-}
-
-fn release_in(pass: &mut Pass<'_>, tensor: Option<Tensor>) {
-    if let Some(tensor) = tensor {
-        pass.release(tensor);
     }
 }
 
@@ -152,9 +140,7 @@ impl RotaryBackward {
             return product;
         }
         let cast = pass.pytorch_only(len, self.input);
-        if let Some(product) = product {
-            pass.release(product);
-        }
+        pass.release_optional(product);
         cast
     }
 
@@ -182,11 +168,11 @@ impl Backward for RotaryBackward {
         // The two halves' slice_backward: the first's is the gradient headroom's kernel writes.
         let dx = pass.gradient(0, len, self.input);
         let negated = pass.pytorch_only(len / 2, self.input);
-        release_in(pass, by_sin);
+        pass.release_optional(by_sin);
         let second_half = pass.pytorch_only(len, self.input);
-        release_in(pass, negated);
+        pass.release_optional(negated);
         self.sum(pass, len);
-        release_in(pass, second_half);
+        pass.release_optional(second_half);
         let by_cos = self.product(pass, len, wide);
         pass.emit(Instr::RotaryBackward {
             dy: pass.slot(dy),
@@ -198,7 +184,7 @@ impl Backward for RotaryBackward {
             pass.release(cos);
         }
         self.sum(pass, len);
-        release_in(pass, by_cos);
+        pass.release_optional(by_cos);
         vec![Some(dx)]
     }
 }

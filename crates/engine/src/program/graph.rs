@@ -319,6 +319,14 @@ impl Graph {
         self.storages[self.tensors[tensor.0].storage].refs += 1;
     }
 
+    /// [`Graph::release`] of a buffer that may not exist (a [`Graph::pytorch_only`] one in
+    /// headroom's own step).
+    pub fn release_optional(&mut self, tensor: Option<Tensor>) {
+        if let Some(tensor) = tensor {
+            self.release(tensor);
+        }
+    }
+
     /// Gives up a reference to `tensor`'s storage: the last one frees it, and lets go of what
     /// it kept alive.
     pub fn release(&mut self, tensor: Tensor) {
@@ -654,6 +662,11 @@ impl Pass<'_> {
     /// Gives up a reference (a temporary of this backward).
     pub fn release(&mut self, tensor: Tensor) {
         self.graph.release(tensor);
+    }
+
+    /// [`Pass::release`] of a buffer that may not exist (a [`Pass::pytorch_only`] one).
+    pub fn release_optional(&mut self, tensor: Option<Tensor>) {
+        self.graph.release_optional(tensor);
     }
 
     /// Lets the output's gradient `grad` go now, before this backward hands its own on (as
