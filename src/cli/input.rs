@@ -104,7 +104,10 @@ pub fn model_line(job: &Job) -> Option<String> {
     };
     Some(format!(
         "model                   {model_type} (a Hugging Face config): {} parameters, {input}",
-        job.plan().parameter_count(),
+        super::output::parameters(
+            job.plan().parameter_count(),
+            job.plan().trainable_parameter_count()
+        ),
     ))
 }
 

@@ -143,6 +143,14 @@ fn tokens(tokens: Option<u64>, before: &str) -> String {
     tokens.map_or(String::new(), |t| format!("{before}{t} tokens"))
 }
 
+/// A model's parameter count, and how many of them train when some are frozen.
+pub fn parameters(all: u64, trainable: u64) -> String {
+    match all == trainable {
+        true => all.to_string(),
+        false => format!("{all} ({trainable} trainable)"),
+    }
+}
+
 /// A note as a closing line, or nothing.
 fn note(text: Option<&str>) -> String {
     text.map_or(String::new(), |n| format!("note: {n}\n"))
@@ -159,7 +167,7 @@ pub fn estimate(e: &Estimate) -> String {
          predicted max batch     {} in {}\n\
          recommended batch size  {}{}\n\
          memory at batch {}:\n{}",
-        e.parameter_count,
+        parameters(e.parameter_count, e.trainable_parameter_count),
         e.precision,
         e.framework.name(),
         human(e.fixed_bytes),

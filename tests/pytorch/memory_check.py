@@ -508,6 +508,9 @@ def modules(specs, shape, vocab=None):
             body, out = modules(args["layers"], shape)
             shortcut, _ = modules(args.get("shortcut", []), shape)
             layer = Residual(nn.Sequential(*body), nn.Sequential(*shortcut), args.get("inplace", False))
+        elif kind == "frozen":
+            body, out = modules(args["layers"], shape, vocab)
+            layer = nn.Sequential(*body).requires_grad_(False)
         else:
             layer = module(kind, args, shape, vocab)
             out = output_shape(module(kind, args, shape, vocab), shape)
@@ -622,7 +625,7 @@ def train_step(job, model, optimizer, batch, device, after_backward=lambda: None
         scale = torch.full((), 65536.0, device=device)
         (loss * scale).backward()
         found_inf = torch.zeros((), device=device)
-        grads = [p.grad for p in model.parameters()]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
     else:
         loss.backward()
     after_backward()
@@ -632,15 +635,40 @@ def train_step(job, model, optimizer, batch, device, after_backward=lambda: None
     optimizer.zero_grad(set_to_none=True)
 
 
+def frozen_aware_tracker():
+    """MemTracker that takes frozen parameters: it hooks every parameter's gradient as a module's
+    forward begins, and PyTorch refuses a hook on a tensor that does not require grad; this one
+    hooks the trained parameters only, with MemTracker's own hooks."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if not install_grad_hooks:
+                return memory
+
+            def on_grad(grad):
+                self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+            for param in module.parameters():
+                if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    self._param_to_grad_hook_handles[param] = (
+                        param.register_hook(on_grad),
+                        param.register_post_accumulate_grad_hook(lambda p: on_grad(p.grad)),
+                    )
+            return memory
+
+    return Tracker()
+
+
 def pytorch_peak_fake(job, batch, torchvision_name=None):
     """The step's peak under FakeTensorMode, by MemTracker's categories, in bytes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     with FakeTensorMode():
         model, optimizer = build(job, "cpu", torchvision_name)
         train_step(job, model, optimizer, batch, "cpu")
-        tracker = MemTracker()
+        tracker = frozen_aware_tracker()
         tracker.track_external(model, optimizer)
         before_update = {}
         with tracker:
@@ -784,6 +812,8 @@ class Generator:
         self.rng = random.Random(seed)
         self.smallest_batch = 1
         self.needs_grad = False
+        # Whether the layers being drawn are inside a `frozen` list: their parameters train not.
+        self.freezing = False
 
     def note_norm(self, shape):
         """Batch norm over `shape`: with one value per channel in a sample, PyTorch refuses to
@@ -832,13 +862,20 @@ class Generator:
         length, vocab = rng.randint(1, 16), rng.randint(2, 200)
         dim = rng.randint(1, 48)
         embedding = {"embedding_dim": dim, **self.maybe(padding_idx=rng.randint(-vocab, vocab - 1))}
-        self.needs_grad = True
-        positions = [{"positional_embedding": self.maybe(max_positions=length + rng.randint(0, 8))}]
+        # A quarter of the time the embedding (and the positions) are frozen, and no gradient
+        # reaches the layers' input.
+        frozen = rng.random() < 0.25
+        self.needs_grad = not frozen
+        front = [{"embedding": embedding}]
+        if rng.random() < 0.5:
+            front.append({"positional_embedding": self.maybe(max_positions=length + rng.randint(0, 8))})
         layers, shape = self.sequence([length, dim], rng.randint(0, 6))
-        layers = (positions if rng.random() < 0.5 else []) + layers
+        layers = ([{"frozen": {"layers": front}}] if frozen else front) + layers
         if rng.random() < 0.7:
             classes = vocab
-            head = {"out_features": vocab, "bias": False, **(self.maybe(tied=True) if shape[-1] == dim else {})}
+            # Not tied to a frozen table: a frozen head might leave nothing to train.
+            tied = shape[-1] == dim and not frozen
+            head = {"out_features": vocab, "bias": False, **(self.maybe(tied=True) if tied else {})}
         else:
             classes = rng.randint(2, 20)
             layers.append({"mean_pool": {}} if len(shape) == 2 and rng.random() < 0.3 else {"flatten": {}})
@@ -846,7 +883,7 @@ class Generator:
         layers.append({"linear": head})
         return {
             "model": {"tokens": {"sequence_length": length, "vocab_size": vocab}, "num_classes": classes,
-                      "layers": [{"embedding": embedding}, *layers]},
+                      "layers": layers},
             "optimizer": {"name": self.rng.choice(OPTIMIZERS)},
             "precision": self.rng.choice(PRECISIONS),
         }
@@ -881,7 +918,10 @@ class Generator:
                        {"linear": {"out_features": dim}}]
             layers.append({"residual": {"layers": [norm, *mlp]}})
         layers.append(norm)
-        layers.append({"linear": {"out_features": vocab, "bias": False, **self.maybe(tied=True)}})
+        frozen = self.freeze_prefix(layers)
+        # Not tied to a frozen table: a frozen head might leave nothing to train.
+        tied = self.maybe(tied=True) if frozen is layers else {}
+        layers = frozen + [{"linear": {"out_features": vocab, "bias": False, **tied}}]
         return {
             "model": {"tokens": {"sequence_length": length, "vocab_size": vocab}, "num_classes": vocab,
                       "layers": layers},
@@ -904,6 +944,9 @@ class Generator:
         for _ in range(rng.randint(1, 2)):
             attention = {"num_heads": heads, **self.maybe(num_kv_heads=1), **self.maybe(bias=False)}
             layers.append({"residual": {"layers": [self.stream_norm(), {"self_attention": attention}]}})
+        layers = self.freeze_prefix(layers)
+        # With every block frozen no gradient reaches the layers after them.
+        self.needs_grad = len(layers) > 1
         more, shape = self.sequence([tokens, dim], rng.randint(0, 3))
         layers += more + [{"layer_norm": self.layer_norm_args()}]
         layers.append(rng.choice([{"first_token": {}}, {"first_token": {}}, {"mean_pool": {}}, {"flatten": {}}]))
@@ -921,9 +964,10 @@ class Generator:
         """`fields` half the time (a non-default argument), else nothing (the default)."""
         return fields if self.rng.random() < 0.5 else {}
 
-    def sequence(self, shape, length):
-        """`length` layers over samples of `shape` (the model's input, which may change in place)."""
-        layers, kept = [], False
+    def sequence(self, shape, length, kept=False):
+        """`length` layers over samples of `shape` (the model's input, which may change in place;
+        `kept` when an earlier layer saved it)."""
+        layers = []
         for _ in range(length):
             for _attempt in range(20):
                 layer = self.layer(shape, kept)
@@ -938,9 +982,10 @@ class Generator:
                 layers.append(layer)
                 ((kind, args),) = layer.items()
                 kept = self.keeps(kind, args, kept)
-                self.needs_grad |= kind in ("conv2d", "linear", "residual", "gated_mlp", "self_attention") or (
-                    kind in ("layer_norm", "rms_norm") and args.get("elementwise_affine", True)) or (
-                    kind.startswith("batch_norm") and args.get("affine", True))
+                self.needs_grad |= not self.freezing and (
+                    kind in ("conv2d", "linear", "residual", "gated_mlp", "self_attention") or (
+                        kind in ("layer_norm", "rms_norm") and args.get("elementwise_affine", True)) or (
+                        kind.startswith("batch_norm") and args.get("affine", True)))
                 shape = out
                 break
         return layers, shape
@@ -957,19 +1002,23 @@ class Generator:
         of a tensor that may not (`kept`)."""
         if kind in ("flatten", "identity") or (kind == "dropout" and args.get("p", 0.5) == 0):
             return kept
+        if kind == "frozen":
+            for layer in args["layers"]:
+                ((inner, inner_args),) = layer.items()
+                kept = self.keeps(inner, inner_args, kept)
+            return kept
         return kind in self.SAVES_OUTPUT or (kind != "residual" and args.get("inplace", False))
 
     def shape_after(self, layer, shape):
         ((kind, args),) = layer.items()
-        if kind == "residual":
-            layers, _ = modules([layer], shape)
-            return output_shape(layers[0], shape)
+        if kind in ("residual", "frozen"):
+            return modules([layer], shape)[1]
         return output_shape(module(kind, args, shape), shape)
 
     def layer(self, shape, kept):
         rng = self.rng
         image = len(shape) == 3
-        kinds = ["activation", "activation", "dropout", "identity", "residual", "norm"]
+        kinds = ["activation", "activation", "dropout", "identity", "residual", "norm", "frozen"]
         kinds += ["conv2d", "conv2d", "conv2d", "max_pool2d", "avg_pool2d", "adaptive", "flatten"] if image else ["linear", "linear"]
         kind = rng.choice(kinds)
         if kind == "activation":
@@ -988,6 +1037,8 @@ class Generator:
             return {"identity": {}}
         if kind == "flatten":
             return {"flatten": {}}
+        if kind == "frozen":
+            return self.frozen(shape, kept)
         if kind == "linear" and len(shape) == 2 and rng.random() < 0.5:
             return {"self_attention": self.attention_args(shape[-1])}
         if kind == "linear" and rng.random() < 0.25:
@@ -1033,6 +1084,25 @@ class Generator:
             size = rng.choice([1, 2, 3, [2, 3], [shape[1], shape[2]]])
             return {"adaptive_avg_pool2d": {"output_size": size}}
         return self.residual(shape)
+
+    def frozen(self, shape, kept):
+        """One to three layers whose parameters are frozen (none inside another frozen list)."""
+        if self.freezing:
+            return None
+        self.freezing = True
+        try:
+            layers, _ = self.sequence(shape, self.rng.randint(1, 3), kept)
+        finally:
+            self.freezing = False
+        return {"frozen": {"layers": layers}} if layers else None
+
+    def freeze_prefix(self, layers):
+        """A third of the time, `layers` with their first ones (at least one) frozen, as a
+        fine-tuning run freezes the embedding and the lower blocks; else `layers` itself."""
+        if self.rng.random() >= 1 / 3:
+            return layers
+        n = self.rng.randint(1, len(layers))
+        return [{"frozen": {"layers": layers[:n]}}, *layers[n:]]
 
     def attention_args(self, features):
         """Self-attention over `features`: heads that split them or a head width of its own,
@@ -1161,7 +1231,8 @@ def with_attention(job, implementation):
     """`job` with every self-attention layer of its list computed by `implementation`."""
     def rewrite(layers):
         return [{kind: ({**args, "implementation": implementation} if kind == "self_attention"
-                        else {**args, "layers": rewrite(args["layers"])} if kind == "residual" else args)}
+                        else {**args, "layers": rewrite(args["layers"])} if kind in ("residual", "frozen")
+                        else args)}
                 for ((kind, args),) in (layer.items() for layer in layers)]
     return {**job, "model": {**job["model"], "layers": rewrite(job["model"]["layers"])}}
 

@@ -446,6 +446,46 @@ def test_torchvision_classifiers_read_as_the_shipped_examples(server: str, name:
     assert read == written
 
 
+def test_a_frozen_backbone_reads_as_frozen_layers(server: str) -> None:
+    """A linear probe: torchvision's ResNet-18 with every parameter frozen but the new head's.
+    Its stem and four stages are one ``frozen`` list (the parameter-free relu, pooling and
+    flatten after them stay outside); the service trains the head's 5,130 parameters only."""
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+        model.requires_grad_(False)
+        model.fc = nn.Linear(512, 10)
+    job = job_from_torch(model, [3, 224, 224], optimizer="sgd_momentum")
+    layers = job["model"]["layers"]
+    assert [next(iter(layer)) for layer in layers] == ["frozen", "relu", "adaptive_avg_pool2d", "flatten", "linear"]
+    assert parameter_count(job) == sum(p.numel() for p in model.parameters())
+    with Headroom(server) as client:
+        frozen, trained = (
+            client.estimate(each, gpu="H100 80GB")["estimates"][0]["estimate"]
+            for each in (job, job_from_torch(model.requires_grad_(True), [3, 224, 224], optimizer="sgd_momentum"))
+        )
+    assert frozen["trainable_parameter_count"] == 5_130
+    assert trained["trainable_parameter_count"] == trained["parameter_count"] == frozen["parameter_count"]
+    assert frozen["predicted_max_batch_size"] > trained["predicted_max_batch_size"]
+
+
+def test_a_frozen_embedding_freezes_the_head_tied_to_it() -> None:
+    model = TinyLanguageModel()
+    model.wte.requires_grad_(False)
+    model.norm.requires_grad_(False)
+    layers = job_from_torch(model, [12])["model"]["layers"]
+    assert layers[0] == {"frozen": {"layers": [{"embedding": {"embedding_dim": 16, "padding_idx": 0}}]}}
+    # The block's norm is frozen, its linear layers are not: the block stays trained.
+    assert layers[1]["residual"]["layers"][0] == {"frozen": {"layers": [{"layer_norm": {}}]}}
+    assert layers[-1] == {"frozen": {"layers": [{"linear": {"out_features": 100, "bias": False, "tied": True}}]}}
+
+
+def test_a_module_half_frozen_is_named() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    model[1].bias.requires_grad_(False)
+    with pytest.raises(UnsupportedModel, match=r"model\.1 \(Linear\): freezes some of its parameters"):
+        job_from_torch(model, [16])
+
+
 def test_torchvision_vit_waits_for_transformers() -> None:
     with torch.device("meta"):
         model = torchvision.models.vit_b_16()
@@ -495,3 +535,12 @@ def test_hugging_face_models_read_from_their_configs(server: str) -> None:
             hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(UnsupportedModel, match="a Hugging Face 'bert' model"):
         job_from_torch(bert, [16])
+
+
+def test_a_hugging_face_model_with_frozen_parameters_is_named() -> None:
+    """Its config says nothing of what is frozen, so it is not read as if everything trained."""
+    with torch.device("meta"):
+        gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=100))
+    gpt2.transformer.wpe.requires_grad_(False)
+    with pytest.raises(UnsupportedModel, match=r"freezes 32768 of its parameters"):
+        job_from_torch(gpt2, [16])

@@ -21,8 +21,10 @@ pub struct Estimate {
     pub precision_note: Option<String>,
     /// Whose training step the prediction describes.
     pub framework: Framework,
-    /// Trainable parameters.
+    /// Learnt parameters, frozen ones included (`sum(p.numel() for p in model.parameters())`).
     pub parameter_count: u64,
+    /// Those of them it trains (not frozen).
+    pub trainable_parameter_count: u64,
     /// Bytes independent of the batch size, at the instant of the step that peaks at the
     /// predicted batch.
     pub fixed_bytes: u64,
@@ -72,6 +74,7 @@ pub fn estimate(
         precision_note: plan.precision_note(memory_bytes, allocator),
         framework: plan.framework,
         parameter_count: plan.parameter_count(),
+        trainable_parameter_count: plan.trainable_parameter_count(),
         fixed_bytes: line.fixed_bytes,
         bytes_per_sample: line.bytes_per_sample,
         predicted_max_batch_size: predicted,

@@ -62,6 +62,7 @@ fn longest_sequence(job: &Job, tokens: TokensSpec) -> u64 {
         .layers
         .iter()
         .flatten()
+        .flat_map(LayerSpec::nested)
         .find_map(|layer| match layer {
             LayerSpec::PositionalEmbedding(spec) => Some(spec.max_positions),
             _ => None,

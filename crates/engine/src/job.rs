@@ -475,6 +475,7 @@ impl JobSpec {
         }
         let kind = match layers
             .iter()
+            .flat_map(LayerSpec::nested)
             .any(|l| matches!(l, LayerSpec::Conv2d(_) | LayerSpec::Residual(_)))
         {
             true => "CNN",
@@ -492,14 +493,15 @@ impl JobSpec {
             .collect();
         match words.len() {
             0..=24 => format!("{kind} {input} {}, {training}", words.join("-")),
-            n => format!(
-                "{kind} {input} {n} layers, {} parameters, {training}",
-                crate::modules::Module::parameters(&model)
-                    .iter()
-                    .filter(|p| matches!(p.kind, crate::modules::ParameterKind::Trained { .. }))
-                    .map(|p| p.elements)
-                    .sum::<u64>()
-            ),
+            n => {
+                let parameters = crate::modules::Module::parameters(&model);
+                let counts = match crate::modules::Parameter::counts(&parameters) {
+                    None => "more parameters than u64 counts".to_string(),
+                    Some(c) if c.all == c.trainable => format!("{} parameters", c.all),
+                    Some(c) => format!("{} parameters ({} trainable)", c.all, c.trainable),
+                };
+                format!("{kind} {input} {n} layers, {counts}, {training}")
+            }
         }
     }
 

@@ -132,6 +132,13 @@ def _hugging_face_model(module: nn.Module, shape: list[int]) -> Json | None:
             f"a Hugging Face {model_type!r} model; headroom reads the configs of "
             f"{', '.join(HUGGING_FACE_TYPES)}: describe it as a job's model.layers instead",
         )
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    if frozen:
+        raise UnsupportedModel(
+            "model", module,
+            f"freezes {frozen} of its parameters; headroom reads a Hugging Face model from its config, "
+            "which trains every parameter: describe it as a job's model.layers, frozen parts in \"frozen\"",
+        )
     described: Json = {
         "huggingface": json.loads(config.to_json_string(use_diff=False)),
         "parameter_count": sum(p.numel() for p in module.parameters()),

@@ -5,7 +5,8 @@ node's shape is found by running the graph on a fake batch (no memory, no weight
 graph must then be a chain of steps and residual blocks: a value that two branches read and an
 addition that joins them (``out += identity``, ``x + self.conv(x)``) becomes a ``residual``
 layer, its body the branch that runs first and its shortcut the other. The blocks come from the
-graph, never from class names."""
+graph, never from class names. Modules whose parameters are all frozen (``requires_grad`` false)
+become ``frozen`` layers, a run of them one ``frozen`` list."""
 
 from __future__ import annotations
 
@@ -209,7 +210,7 @@ class _Reader:
             layer = torch_layers.of_module(module, shape)
             if isinstance(module, nn.Linear) and module.weight is _first_table(self.traced):
                 layer["linear"]["tied"] = True
-            return layer
+            return _frozen_if_frozen(module, layer)
         if node.op == "call_function" and node.target in torch_layers.FUNCTIONS:
             assert callable(node.target)
             normalized = normalize_function(
@@ -232,6 +233,59 @@ class _Reader:
         for node in self.shapes:
             if node not in self.read and node.op != "placeholder":
                 yield node
+
+
+def _frozen_if_frozen(module: nn.Module, layer: Json) -> Json:
+    """``layer`` as a ``frozen`` one when every parameter of ``module`` is frozen."""
+    trains = {p.requires_grad for p in module.parameters()}
+    if trains == {True, False}:
+        raise Unsupported(
+            "freezes some of its parameters and trains others; headroom freezes whole layers "
+            "(requires_grad_(False) on the module)"
+        )
+    return {"frozen": {"layers": [layer]}} if trains == {False} else layer
+
+
+def _is_frozen(layer: Json) -> bool:
+    return next(iter(layer)) == "frozen"
+
+
+def _frozen_layers(layers: list[Json]) -> list[Json]:
+    """The layers inside ``frozen`` lists, unwrapped."""
+    return [inner for layer in layers for inner in (layer["frozen"]["layers"] if _is_frozen(layer) else [layer])]
+
+
+def merge_frozen(layers: list[Json]) -> list[Json]:
+    """``layers`` with frozen runs joined: a residual block whose every layer is frozen or
+    holds no parameters (and one at least frozen) frozen as a whole, and frozen layers with
+    only parameter-free layers between them one ``frozen`` list."""
+    blocks: list[Json] = []
+    for layer in layers:
+        if next(iter(layer)) == "residual":
+            block = dict(layer["residual"])
+            branches = [merge_frozen(block[k]) for k in ("layers", "shortcut") if k in block]
+            inner = [item for branch in branches for item in branch]
+            for key, branch in zip(("layers", "shortcut"), branches):
+                block[key] = branch
+            if any(map(_is_frozen, inner)) and all(_is_frozen(i) or torch_layers.holds_no_parameters(i) for i in inner):
+                unwrapped = {**block, **{k: _frozen_layers(block[k]) for k in ("layers", "shortcut") if k in block}}
+                layer = {"frozen": {"layers": [{"residual": unwrapped}]}}
+            else:
+                layer = {"residual": block}
+        blocks.append(layer)
+    merged: list[Json] = []
+    waiting: list[Json] = []  # parameter-free layers after a frozen run
+    for layer in blocks:
+        if _is_frozen(layer) and merged and _is_frozen(merged[-1]):
+            merged[-1] = {"frozen": {"layers": _frozen_layers([merged[-1], *waiting, layer])}}
+            waiting = []
+        elif torch_layers.holds_no_parameters(layer) and merged and _is_frozen(merged[-1]):
+            waiting.append(layer)
+        else:
+            merged += waiting
+            waiting = []
+            merged.append(layer)
+    return merged + waiting
 
 
 def _first_table(module: nn.Module) -> torch.Tensor | None:
@@ -269,7 +323,7 @@ def read_layers(module: nn.Module, shape: list[int]) -> tuple[list[Json], list[i
     if result not in shapes:
         raise UnsupportedModel("model", module, "returns something other than one tensor")
     reader = _Reader(traced, shapes)
-    layers = reader.chain(inputs[0], result)
+    layers = merge_frozen(reader.chain(inputs[0], result))
     unused = next(reader.unread(), None)
     if unused is not None:
         raise _refusal(traced, unused, "its result is never used; headroom reads a model's path to its output")

@@ -32,6 +32,18 @@ SUPPORTED = (
 )
 
 
+#: Layer kinds that never hold a parameter.
+PARAMETER_FREE = frozenset(
+    {"dropout", "identity", "relu", "relu6", "leaky_relu", "gelu", "tanh", "sigmoid", "silu", "flatten",
+     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d", "mean_pool", "first_token"}
+)
+
+
+def holds_no_parameters(layer: Json) -> bool:
+    """Whether a job's layer is of a kind that holds no parameter."""
+    return next(iter(layer)) in PARAMETER_FREE
+
+
 def _square(name: str, value: Any) -> int:
     """One side of a square window argument (an int, or a pair of equal ints)."""
     if isinstance(value, int):

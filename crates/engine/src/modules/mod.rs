@@ -7,8 +7,8 @@
 //! of it for backward), its [`Backward`](crate::program::graph::Backward) (the gradients it
 //! allocates and the kernels that write them), and its forward in f64 from the definition, which
 //! the finite-difference checks differentiate. The step (`plan::compile`) runs the
-//! model's [`Sequential`] knowing no kind; a container ([`residual::Residual`]) composes its
-//! children the same way.
+//! model's [`Sequential`] knowing no kind; a container ([`residual::Residual`],
+//! [`frozen::Frozen`]) composes its children the same way.
 //!
 //! # Adding a layer kind
 //! 1. `modules/<kind>.rs`: its arguments (serde, PyTorch's defaults), their `build` (the shape
@@ -43,6 +43,7 @@ pub mod eager_attention;
 pub mod embedding;
 pub mod first_token;
 pub mod flatten;
+pub mod frozen;
 pub mod gated_mlp;
 pub mod identity;
 pub mod layer_norm;
@@ -133,6 +134,9 @@ pub enum LayerSpec {
     /// Its layers' output added to its shortcut's (the identity unless given): `body(x) +
     /// shortcut(x)`.
     Residual(residual::ResidualSpec),
+    /// Its layers with their parameters frozen (`requires_grad_(False)`): a fine-tuned
+    /// model's backbone.
+    Frozen(frozen::FrozenSpec),
 }
 
 /// A layer that takes no arguments: `{}`.
@@ -171,8 +175,34 @@ impl LayerSpec {
             LayerSpec::Sigmoid(_) => "sigmoid",
             LayerSpec::Silu(_) => "silu",
             LayerSpec::Residual(_) => "residual",
+            LayerSpec::Frozen(_) => "frozen",
             LayerSpec::SelfAttention(_) => "self_attention",
         }
+    }
+
+    /// Whether it can read token ids: an embedding, or frozen layers starting with one.
+    pub fn reads_tokens(&self) -> bool {
+        match self {
+            LayerSpec::Embedding(_) => true,
+            LayerSpec::Frozen(spec) => spec.layers.first().is_some_and(LayerSpec::reads_tokens),
+            _ => false,
+        }
+    }
+
+    /// This layer and, for a container, every layer within it, depth first.
+    pub fn nested(&self) -> Vec<&LayerSpec> {
+        let children: &[&[LayerSpec]] = match self {
+            LayerSpec::Residual(spec) => &[&spec.layers, &spec.shortcut],
+            LayerSpec::Frozen(spec) => &[&spec.layers],
+            _ => &[],
+        };
+        std::iter::once(self)
+            .chain(
+                children
+                    .iter()
+                    .flat_map(|list| list.iter().flat_map(LayerSpec::nested)),
+            )
+            .collect()
     }
 
     /// The module this layer is over a sample of `input` shape, or the field at fault (`at` is
@@ -235,6 +265,7 @@ impl LayerSpec {
                 Arc::new(Activation::new(Nonlinearity::Silu, false, input, &at, cx)?)
             }
             LayerSpec::Residual(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::Frozen(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::SelfAttention(spec) => Arc::new(spec.build(input, &at, cx)?),
         })
     }
@@ -347,6 +378,12 @@ pub enum ParameterKind {
     Statistic,
     /// Batch norm's count of steps taken, one int64.
     Count,
+    /// Learnt by the model but frozen for this run ([`frozen`]): filled as a trained one is,
+    /// given no gradient and no optimizer state.
+    Frozen {
+        /// The bound of its first values.
+        scale: f32,
+    },
 }
 
 impl Parameter {
@@ -358,6 +395,33 @@ impl Parameter {
         }
     }
 
+    /// The same parameter frozen, when it is learnt; a buffer unchanged.
+    pub fn frozen(self) -> Parameter {
+        let kind = match self.kind {
+            ParameterKind::Trained { scale } => ParameterKind::Frozen { scale },
+            other => other,
+        };
+        Parameter { kind, ..self }
+    }
+
+    /// How many values `parameters` learn, frozen ones included, and how many of those are
+    /// trained; `None` past `u64`.
+    pub fn counts(parameters: &[Parameter]) -> Option<LearntCounts> {
+        parameters
+            .iter()
+            .try_fold(LearntCounts::default(), |counts, p| match p.kind {
+                ParameterKind::Trained { .. } => Some(LearntCounts {
+                    all: counts.all.checked_add(p.elements)?,
+                    trainable: counts.trainable.checked_add(p.elements)?,
+                }),
+                ParameterKind::Frozen { .. } => Some(LearntCounts {
+                    all: counts.all.checked_add(p.elements)?,
+                    ..counts
+                }),
+                ParameterKind::Statistic | ParameterKind::Count => Some(counts),
+            })
+    }
+
     /// A layer's `weights` and, when it has one, its bias of `biases`, both starting within
     /// `1 / sqrt(fan_in)` as PyTorch's `Linear` and `Conv2d` initialise them.
     pub fn weight_and_bias(weights: u64, biases: Option<u64>, fan_in: u64) -> Vec<Parameter> {
@@ -366,6 +430,16 @@ impl Parameter {
         declared.extend(biases.map(|elements| Parameter::trained(elements, scale)));
         declared
     }
+}
+
+/// How many values a model learns: `sum(p.numel() for p in model.parameters())`, and the part
+/// of it with `requires_grad`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LearntCounts {
+    /// Every learnt parameter's values, frozen ones included.
+    pub all: u64,
+    /// The trained ones'.
+    pub trainable: u64,
 }
 
 /// The tensors of a model's parameters and buffers, handed to each module in the order it

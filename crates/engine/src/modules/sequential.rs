@@ -41,7 +41,7 @@ impl Sequential {
                     "a model may hold at most {MAX_LAYERS} layers, residual blocks' own counted"
                 )));
             }
-            if cx.tokens.is_some() && !matches!(spec, LayerSpec::Embedding(_)) {
+            if cx.tokens.is_some() && !spec.reads_tokens() {
                 return Err(at.error(format!(
                     "token ids reach this {}: a model over model.tokens starts with an embedding",
                     spec.name()

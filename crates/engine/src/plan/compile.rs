@@ -25,6 +25,14 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     let mut graph = Graph::new(rows, plan.precision, seed, plan.framework, plan.tracing);
     let master = plan.precision.master();
     let tensors = declare_parameters(&mut graph, plan, seed);
+    let frozen = plan
+        .model()
+        .parameters()
+        .iter()
+        .zip(&tensors)
+        .filter(|(p, _)| matches!(p.kind, ParameterKind::Frozen { .. }))
+        .map(|(p, &tensor)| (graph.slot(tensor), p.elements))
+        .collect();
     let per_parameter = plan.optimizer.state_per_parameter();
     let states = optimizer_states(&mut graph, per_parameter, master);
     let features = plan.input_features();
@@ -132,6 +140,7 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
         step: recorded.step,
         parameters,
         gradients,
+        frozen,
         inputs,
         loss,
         loss_rows: label_count,
@@ -139,8 +148,8 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     })
 }
 
-/// The model's parameters and buffers in its order, the trained ones filled with their first
-/// values (each from a stream of its own).
+/// The model's parameters and buffers in its order, the learnt ones (trained or frozen) filled
+/// with their first values (each from a stream of its own).
 fn declare_parameters(graph: &mut Graph, plan: &Plan, seed: u64) -> Vec<Tensor> {
     let master = plan.precision.master();
     let declared = plan.model().parameters();
@@ -150,12 +159,14 @@ fn declare_parameters(graph: &mut Graph, plan: &Plan, seed: u64) -> Vec<Tensor> 
             ParameterKind::Trained { .. } => {
                 graph.parameter(p.elements, Element::Value(master), true)
             }
-            ParameterKind::Statistic => graph.parameter(p.elements, Element::Value(master), false),
+            ParameterKind::Frozen { .. } | ParameterKind::Statistic => {
+                graph.parameter(p.elements, Element::Value(master), false)
+            }
             ParameterKind::Count => graph.parameter(p.elements, Element::Index, false),
         })
         .collect();
     for (i, (&tensor, parameter)) in tensors.iter().zip(&declared).enumerate() {
-        if let ParameterKind::Trained { scale } = parameter.kind {
+        if let ParameterKind::Trained { scale } | ParameterKind::Frozen { scale } = parameter.kind {
             graph.emit(Instr::FillUniform {
                 out: graph.slot(tensor),
                 len: parameter.elements,

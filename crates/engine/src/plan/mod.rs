@@ -12,7 +12,8 @@ mod compile;
 pub use crate::memory::{
     Allocator, Buffer, Element, MemoryBreakdown, Moment, Part, Precision, Storage,
 };
-use crate::modules::{Context, LayerError, LayerSpec, Module, Path, Sequential};
+use crate::modules::Sequential;
+use crate::modules::{Context, LayerError, LayerSpec, LearntCounts, Module, Parameter, Path};
 pub use crate::program::{Framework, Program, Tracing};
 use compile::{compile, NoProgram};
 
@@ -92,7 +93,7 @@ pub struct Plan {
     pub framework: Framework,
     /// How backward sums two gradients of one tensor.
     pub tracing: Tracing,
-    parameter_count: u64,
+    counts: LearntCounts,
 }
 
 impl PartialEq for Plan {
@@ -232,12 +233,16 @@ impl Plan {
                 .into());
         }
         let loss_positions = leading.iter().product();
-        let parameter_count = model
-            .parameters()
-            .iter()
-            .filter(|p| matches!(p.kind, crate::modules::ParameterKind::Trained { .. }))
-            .try_fold(0u64, |total, p| total.checked_add(p.elements))
-            .ok_or(Overflow)?;
+        let counts = Parameter::counts(&model.parameters()).ok_or(Overflow)?;
+        if counts.trainable == 0 {
+            return Err(root
+                .error(
+                    "every parameter is frozen: nothing trains, and PyTorch's backward refuses a \
+                     loss that needs no gradient; take at least one layer out of \"frozen\" (a \
+                     head tied to a frozen embedding is frozen with it)",
+                )
+                .into());
+        }
         let Training {
             optimizer,
             learning_rate,
@@ -256,7 +261,7 @@ impl Plan {
             precision,
             framework,
             tracing: Tracing::default(),
-            parameter_count,
+            counts,
         };
         // A module may refuse the step whatever the batch; the fixed part and one sample must be
         // representable (larger batches are checked per use).
@@ -300,9 +305,15 @@ impl Plan {
         &self.layers
     }
 
-    /// Number of trained parameters, as PyTorch's `sum(p.numel() for p in model.parameters())`.
+    /// Number of learnt parameters, frozen ones too, as PyTorch's `sum(p.numel() for p in
+    /// model.parameters())`.
     pub fn parameter_count(&self) -> u64 {
-        self.parameter_count
+        self.counts.all
+    }
+
+    /// Number of parameters it trains: those that are not frozen (`p.requires_grad`).
+    pub fn trainable_parameter_count(&self) -> u64 {
+        self.counts.trainable
     }
 
     /// One sample's shape.
@@ -746,6 +757,56 @@ mod tests {
         assert!(build(Precision::Bf16Mixed, Framework::Headroom).is_ok());
         assert!(build(Precision::Bf16True, Framework::Pytorch).is_ok());
         assert!(build(Precision::F32True, Framework::Pytorch).is_ok());
+    }
+
+    /// A model of a linear layer of 64 over 32 features, relu, and a head of 10, with the
+    /// layers `frozen` (by index) frozen, trained with Adam in f32.
+    fn fine_tuned(frozen: &[usize]) -> Result<Plan, PlanError> {
+        let layers = [
+            serde_json::json!({"linear": {"out_features": 64}}),
+            serde_json::json!({"relu": {}}),
+            serde_json::json!({"linear": {"out_features": 10}}),
+        ];
+        let list: Vec<serde_json::Value> = layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, layer)| match frozen.contains(&i) {
+                true => serde_json::json!({"frozen": {"layers": [layer]}}),
+                false => layer,
+            })
+            .collect();
+        let layers: Vec<LayerSpec> =
+            serde_json::from_value(serde_json::Value::Array(list)).expect("a layer list");
+        let training = training(OptimizerKind::Adam, Precision::F32True, Framework::Pytorch);
+        Plan::new(&[32], &layers, 10, training, "model.layers")
+    }
+
+    /// Freezing the first layer: its 2,112 parameters stay (and count among the model's), and
+    /// get no gradient and no Adam moments: at the peak (Adam's update) only the head's 650
+    /// have a gradient, two moments and the `sqrt(v)` foreach Adam holds.
+    #[test]
+    fn a_frozen_layer_has_no_gradient_and_no_optimizer_state() {
+        let (trained, backbone) = (fine_tuned(&[]).unwrap(), fine_tuned(&[0]).unwrap());
+        assert_eq!(backbone.parameter_count(), 2_112 + 650);
+        assert_eq!(backbone.trainable_parameter_count(), 650);
+        assert_eq!(trained.trainable_parameter_count(), 2_112 + 650);
+        let (all, part) = (trained.memory(8).unwrap(), backbone.memory(8).unwrap());
+        assert_eq!(part.parameters, all.parameters);
+        assert_eq!(all.gradients, all.parameters);
+        assert_eq!(part.gradients, 650 * 4);
+        assert_eq!(all.optimizer_state, 3 * all.parameters);
+        assert_eq!(part.optimizer_state, 3 * 650 * 4);
+    }
+
+    #[test]
+    fn a_model_with_nothing_to_train_is_refused() {
+        match fine_tuned(&[0, 2]) {
+            Err(PlanError::Layer(error)) => {
+                assert_eq!(error.field, "model.layers");
+                assert!(error.reason.contains("nothing trains"), "{}", error.reason);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]

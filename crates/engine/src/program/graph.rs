@@ -448,8 +448,13 @@ impl Graph {
     }
 
     /// What a product reads of the parameter `tensor`: under autocast, its half copy from the
-    /// cache (made at its first use); else the parameter. A reference the caller releases.
+    /// cache (made at its first use) when it is trained, a new one at each use when it is
+    /// frozen (autocast caches casts of leaves that require grad only); else the parameter. A
+    /// reference the caller releases.
     pub fn operand_parameter(&mut self, tensor: Tensor) -> Tensor {
+        if !self.requires_grad(tensor) {
+            return self.operand(tensor);
+        }
         let Some(cache) = &self.autocast else {
             self.retain(tensor);
             return tensor;

@@ -42,6 +42,9 @@ pub struct Program {
     pub parameters: Vec<(Slot, u64)>,
     /// Their gradients, in the same order, alive when the optimizer's moment begins.
     pub gradients: Vec<(Slot, u64)>,
+    /// Every frozen parameter in the same order, with its length: filled in setup, read by
+    /// the forward, never updated.
+    pub frozen: Vec<(Slot, u64)>,
     /// The input batch as the loader delivers it, and its labels.
     pub inputs: (Slot, Slot),
     /// The per-row losses of the last step (a row a sample, or a token) and the one-value

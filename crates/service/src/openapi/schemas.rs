@@ -189,6 +189,10 @@ pub enum Layer {
     /// `body(x) + shortcut(x)`: its layers' output added to its shortcut's (the identity unless
     /// given).
     Residual(Residual),
+    /// Its layers with their parameters frozen (`requires_grad_(False)`): no gradient, no
+    /// optimizer state; a fine-tuned model's backbone. A head tied to a frozen embedding is
+    /// frozen with it.
+    Frozen(Frozen),
     /// Multi-head self-attention over a `[positions, features]` sample: query, key, value and
     /// output projections around fused scaled dot-product attention.
     SelfAttention(SelfAttention),
@@ -535,6 +539,14 @@ pub struct Residual {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schema(default = false)]
     inplace: bool,
+}
+
+/// Layers whose parameters are frozen.
+#[derive(Serialize, ToSchema)]
+pub struct Frozen {
+    /// The layers, applied in order.
+    #[schema(no_recursion, min_items = 1)]
+    layers: Vec<Layer>,
 }
 
 /// Optimizer and its hyper-parameters.
@@ -935,8 +947,10 @@ pub struct Estimate {
     precision_note: Option<String>,
     /// Whose training step the prediction describes.
     framework: Framework,
-    /// Trainable parameters.
+    /// Learnt parameters, frozen ones included (`sum(p.numel() for p in model.parameters())`).
     parameter_count: u64,
+    /// Those of them it trains (not frozen).
+    trainable_parameter_count: u64,
     /// Bytes independent of the batch size, at the instant of the step that peaks at the
     /// predicted batch.
     fixed_bytes: u64,
@@ -1129,6 +1143,7 @@ mod tests {
                                                  "implementation": "eager"}},
                              {"patch_embedding": {"embedding_dim": 4, "patch_size": 2}},
                              {"first_token": {}},
+                             {"frozen": {"layers": [{"identity": {}}]}},
                              {"linear": {"out_features": 4, "bias": true, "tied": true}}]},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
