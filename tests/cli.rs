@@ -36,7 +36,7 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn every_example_keeps_its_pinned_answer() {
     #[rustfmt::skip]
-    let pinned: [(&str, u64, [u64; 3], u64); 17] = [
+    let pinned: [(&str, u64, [u64; 3], u64); 19] = [
         ("cifar10-cnn-bn", 94762, [1696668, 44545428, 2802594708], 123403),
         ("cifar10-mlp-adam", 394634, [7904980, 8679628, 61396644], 50000),
         ("cifar10-mlp-bf16", 394634, [7904980, 8679628, 83416740], 50000),
@@ -50,7 +50,9 @@ fn every_example_keeps_its_pinned_answer() {
         ("resnet18-imagenet", 11689512, [151181068, 927021316, 51703756548], 6693),
         ("resnet50-imagenet", 25557032, [340770836, 3124435468, 183584659468], 1880),
         ("smollm2-135m", 134515008, [4682698500, 180988833540, 11464581476100], 29),
+        ("smollm2-135m-lora", 134975808, [3205704964, 153921219844, 9799714172164], 34),
         ("tiny-gpt", 136960, [2740228, 62821892, 3917026820], 88305),
+        ("tiny-gpt-frozen-lower-blocks", 136960, [1689604, 38042116, 2364602884], 146289),
         ("vgg11-bn-imagenet", 132868840, [1663460140, 6605673764, 324636447524], 1050),
         ("vit-b16-imagenet", 86567656, [1732560428, 6068523652, 311672737924], 1097),
         ("wide-mlp-bf16-mixed", 46190602, [923824340, 924598988, 974176460], 1105376),
@@ -98,7 +100,8 @@ fn every_example_keeps_its_pinned_answer() {
 
 /// A language model with causal self-attention tunes on the host to the memory model's limit,
 /// within the band the MLP meets, and fresh probes confirm it: the max fits, one `multiple_of`
-/// above it does not. Its attention fused, and eager (the scores materialized).
+/// above it does not. Its attention fused, eager (the scores materialized), and fine-tuned with
+/// LoRA on every linear layer (adapters with dropout, the model frozen).
 #[test]
 fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
     let mut example: serde_json::Value =
@@ -116,7 +119,17 @@ fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
     }
     assert!(attention > 0);
     let eager = support::temp_file(".json", example.to_string());
-    for job in ["examples/tiny-gpt.json", eager.to_str().unwrap()] {
+    let mut adapted: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("examples/tiny-gpt.json").unwrap()).unwrap();
+    adapted["model"]["lora"] =
+        serde_json::json!({"r": 4, "lora_dropout": 0.1, "target_modules": "all-linear"});
+    let lora = support::temp_file(".json", adapted.to_string());
+    let jobs = [
+        "examples/tiny-gpt.json",
+        eager.to_str().unwrap(),
+        lora.to_str().unwrap(),
+    ];
+    for job in jobs {
         let on_host = ["--device", "host", "--host-memory", "64MiB", "--json"];
         let result = json_of(&headroom(&[&["tune", job][..], &on_host].concat()));
         let max = result["max_batch_size"].as_u64().unwrap();
@@ -140,6 +153,47 @@ fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
             .collect();
         assert_eq!(outcomes, ["fit", "oom"], "{job}: max {max}");
     }
+}
+
+/// Fine-tuning options a job gets wrong are named by field, with exit code 2.
+#[test]
+fn bad_fine_tuning_options_are_named_by_field() {
+    let tiny: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("examples/tiny-gpt.json").unwrap()).unwrap();
+    let with = |model_field: &str, value: serde_json::Value| {
+        let mut job = tiny.clone();
+        job["model"][model_field] = value;
+        support::temp_file(".json", job.to_string())
+    };
+    let cases = [
+        (
+            with("lora", serde_json::json!({"r": 0})),
+            "model.lora.r: must be at least 1",
+        ),
+        (
+            with("lora", serde_json::json!({"target_modules": ["gate_proj"]})),
+            "model.lora.target_modules: \"gate_proj\" matches no layer of the model, which has \
+             k_proj, linear, o_proj, q_proj, v_proj",
+        ),
+        (
+            with("lora", serde_json::json!({"target_modules": ["c_attn"]})),
+            "model.lora.target_modules: \"c_attn\" is not a linear layer headroom adapts",
+        ),
+    ];
+    for (job, said) in &cases {
+        let args = ["estimate", job.to_str().unwrap(), "--batch-size", "1"];
+        refused(&headroom(&args), 2, said);
+    }
+    let mut frozen = tiny.clone();
+    let layers = frozen["model"]["layers"].take();
+    frozen["model"]["layers"] = serde_json::json!([{"frozen": {"layers": layers}}]);
+    let frozen = support::temp_file(".json", frozen.to_string());
+    let args = ["estimate", frozen.to_str().unwrap(), "--batch-size", "1"];
+    refused(
+        &headroom(&args),
+        2,
+        "model.layers: every parameter is frozen",
+    );
 }
 
 #[test]

@@ -123,6 +123,8 @@ fn memory_at(job: &Job, plan: &Plan, batch_size: u64, json: bool) -> Result<(), 
         let cuda = |allocator| plan.device_bytes(batch_size, allocator);
         let value = serde_json::json!({
             "batch_size": batch_size,
+            "parameter_count": plan.parameter_count(),
+            "trainable_parameter_count": plan.trainable_parameter_count(),
             "framework": job.framework,
             "precision": job.precision,
             "memory": memory,

@@ -54,9 +54,11 @@ import multiprocessing
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 import time
+import unittest.mock
 
 import torch
 import torch.nn as nn
@@ -558,6 +560,8 @@ def build(job, device, torchvision_name=None):
                 model.label_shape = out[:-1]
                 tie_weights(model)
                 share_model_tables(model)
+                if "lora" in job["model"]:
+                    model = with_lora(model, job["model"]["lora"])
     finally:
         torch.set_default_dtype(default_dtype)
     name = job["optimizer"]["name"]
@@ -574,6 +578,42 @@ def build(job, device, torchvision_name=None):
     else:
         raise SystemExit(f"unknown optimizer {name}")
     return model, optimizer
+
+
+#: Which linear layers of the builder's modules each LoRA target name means.
+LORA_OWNERS = {"q_proj": "SelfAttention", "k_proj": "SelfAttention", "v_proj": "SelfAttention",
+               "o_proj": "SelfAttention", "gate_proj": "GatedMlp", "up_proj": "GatedMlp", "down_proj": "GatedMlp"}
+
+
+def with_lora(model, lora):
+    """`model` as peft's `get_peft_model` makes it with the job's `model.lora`: every parameter
+    frozen, vanilla LoRA adapters on the linear layers named (peft's own modules). The names a
+    job gives (`q_proj`, ..., `linear` for the list's own linear layers, `all-linear`) become
+    the modules' full names; the head (the list's last layer) is never adapted."""
+    import peft
+
+    targets = lora.get("target_modules", ["q_proj", "v_proj"])
+    everything = targets == "all-linear"
+    targets = [targets] if isinstance(targets, str) else targets
+    head = str(len(model) - 1)
+    owners = {name: type(module).__name__ for name, module in model.named_modules()}
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name == head or getattr(module, "tied", False):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        kind = leaf if LORA_OWNERS.get(leaf) == owners.get(parent) else "linear"
+        if everything or kind in targets:
+            names.append(name)
+    # A pattern peft matches against whole names (a list would match their suffixes too).
+    pattern = "|".join(re.escape(name) for name in names)
+    config = peft.LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("lora_alpha", 8),
+                             lora_dropout=lora.get("lora_dropout", 0.0), target_modules=f"^(?:{pattern})$")
+    # peft moves each new adapter to its base layer's device and dtype with `Module.to`, whose
+    # parameter swap FakeTensorMode refuses; `build` makes them there already (under its default
+    # device and dtype), so the moves are skipped.
+    with unittest.mock.patch.object(nn.Module, "to", lambda module, *_, **__: module):
+        return gpu_dropout(peft.get_peft_model(model, config))
 
 
 def sample_shape(job):
@@ -675,6 +715,8 @@ def pytorch_peak_fake(job, batch, torchvision_name=None):
             train_step(job, model, optimizer, batch, "cpu",
                        lambda: before_update.update(by_category(tracker.get_tracker_snapshot("peak"))))
         named = by_category(tracker.get_tracker_snapshot("peak"))
+        counts = {"parameters": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         layer_norms = [m for m in model.modules() if isinstance(m, CudaLayerNorm)]
         views = [m.copied_values for m in model.modules() if hasattr(m, "copied_values")]
@@ -690,7 +732,7 @@ def pytorch_peak_fake(job, batch, torchvision_name=None):
     # contiguous inside the operation): at most those values a sample more than MemTracker sees.
     value_bytes = 2 if precision == "bf16-true" else 4
     allowance += value_bytes * batch * sum(v(precision) for v in views)
-    return {"total": named["total"], "allowance": allowance,
+    return {"total": named["total"], "allowance": allowance, "counts": counts,
             "peak_in_optimizer": named["total"] > before_update["total"],
             **{k: v for k, v in named.items() if k != "total"}}
 
@@ -783,6 +825,10 @@ def compare(binary, name, job, batch, cuda, torchvision_name=None):
     # The allowance is for what the step holds (not the parameters or optimizer state).
     allowance = {"total": theirs.get("allowance", 0), "gradients, activations, batch": theirs.get("allowance", 0)}
     failed = [k for k, (ours, their) in checks.items() if not within(ours, their, cuda, allowance.get(k, 0))]
+    # The parameters, and those that train (peft's "trainable params"), counted alike.
+    counted = (estimate["parameter_count"], estimate["trainable_parameter_count"])
+    if "counts" in theirs and counted != (theirs["counts"]["parameters"], theirs["counts"]["trainable"]):
+        failed.append(f"parameter counts {counted} against {theirs['counts']}")
     return {
         "example": name,
         "precision": job.get("precision", "32-true"),
@@ -797,6 +843,43 @@ def compare(binary, name, job, batch, cuda, torchvision_name=None):
         "failed": failed,
         "categories": dict(checks),
     }
+
+
+def fused_multi_query(layers):
+    """`layers` with every eager self-attention of one key/value head for several query heads
+    made fused (`sdpa`)."""
+    def rewrite(spec):
+        ((kind, args),) = spec.items()
+        if kind == "self_attention" and args.get("implementation") == "eager" \
+                and args.get("num_kv_heads") == 1 and args["num_heads"] > 1:
+            return {kind: {**args, "implementation": "sdpa"}}
+        if kind in ("residual", "frozen"):
+            return {kind: {**args, **{k: [rewrite(s) for s in args[k]] for k in ("layers", "shortcut") if k in args}}}
+        return spec
+    return [rewrite(spec) for spec in layers]
+
+
+def adaptable(layers):
+    """The LoRA target names a layer list's linear layers answer to, as headroom reads them: a
+    self-attention's projections, a gated MLP's, `linear` for the list's own (not tied), the
+    model's head (its last layer) excepted."""
+    names = set()
+
+    def walk(specs):
+        for spec in specs:
+            ((kind, args),) = spec.items()
+            if kind == "self_attention":
+                names.update(["q_proj", "k_proj", "v_proj", "o_proj"])
+            elif kind == "gated_mlp":
+                names.update(["gate_proj", "up_proj", "down_proj"])
+            elif kind == "linear" and not args.get("tied"):
+                names.add("linear")
+            elif kind in ("residual", "frozen"):
+                walk(args["layers"] + args.get("shortcut", []))
+
+    last = layers[-1:] if "linear" not in layers[-1] else []
+    walk(layers[:-1] + last)
+    return names
 
 
 class Generator:
@@ -827,6 +910,29 @@ class Generator:
         return self.rng.choice([b for b in sizes if b >= self.smallest_batch])
 
     def job(self):
+        """A job, a fifth of those with a linear layer to adapt fine-tuned with LoRA."""
+        job = self.model_job()
+        names = adaptable(job["model"]["layers"])
+        if names and self.rng.random() < 0.2:
+            job["model"]["lora"] = self.lora(names)
+        if "lora" in job["model"] or "frozen" in json.dumps(job):
+            # headroom refuses eager multi-query attention in a fine-tuned model (it does not
+            # model PyTorch's views of the repeated heads where no gradient reaches them).
+            job["model"]["layers"] = fused_multi_query(job["model"]["layers"])
+        return job
+
+    def lora(self, names):
+        """A LoRA configuration over some of `names` (or all of them): rank, alpha and dropout
+        drawn, peft's defaults half the time."""
+        rng = self.rng
+        if rng.random() < 0.3:
+            targets = "all-linear"
+        else:
+            targets = rng.sample(sorted(names), rng.randint(1, len(names)))
+        return {"r": rng.randint(1, 16), **self.maybe(lora_alpha=rng.choice([1, 16, 32])),
+                **self.maybe(lora_dropout=rng.choice([0.05, 0.1])), "target_modules": targets}
+
+    def model_job(self):
         rng = self.rng
         self.smallest_batch = 1
         # Whether a gradient reaches the tensor the next layer reads (a parameter came before).

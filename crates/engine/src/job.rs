@@ -9,9 +9,11 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
+use crate::modules::lora::{LoraSpec, TargetModules};
 use crate::modules::{LayerError, LayerSpec, Token};
 use crate::plan::Framework;
-use crate::plan::{mlp_layers, Activation, OptimizerKind, Plan, PlanError, Precision, Training};
+use crate::plan::Training;
+use crate::plan::{mlp_layers, Activation, OptimizerKind, Plan, PlanError, Precision, Samples};
 use crate::result::LimitedBy;
 
 /// Largest accepted `target_batch_size`: far above any recipe's global batch; it bounds the
@@ -91,6 +93,9 @@ pub struct ModelSpec {
     /// The model as layers, instead of `hidden_layers` and `activation`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<LayerSpec>>,
+    /// LoRA (peft's `LoraConfig`): the model frozen, adapters on the linear layers named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
     /// The Hugging Face `config.json` the layers were read from ([`crate::huggingface`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huggingface: Option<serde_json::Value>,
@@ -415,26 +420,24 @@ impl JobSpec {
             framework: self.framework,
         };
         let shorthand = self.model.layers.is_none();
-        let (classes, path) = (self.model.num_classes, "model.layers");
-        match self.model.tokens {
-            Some(t) => Plan::for_tokens(
-                t.sequence_length,
-                t.vocab_size,
-                &layers,
-                classes,
-                training,
-                path,
-            ),
-            None => Plan::new(&self.model.input_shape, &layers, classes, training, path),
-        }
-        .map_err(|error| match error {
-            // The shorthand's MLP has no layer list to point into.
-            PlanError::Layer(error) if shorthand => JobError::new("model", error.reason),
-            PlanError::Layer(error) => error.into(),
-            PlanError::Overflow(overflow) => JobError::new(
-                "model",
-                format!("{overflow}; the model is far larger than any device"),
-            ),
+        let sequence = self.model.tokens.map(|t| [t.sequence_length]);
+        let samples = Samples {
+            shape: sequence
+                .as_ref()
+                .map_or(&self.model.input_shape[..], |s| &s[..]),
+            vocab: self.model.tokens.map(|t| t.vocab_size),
+        };
+        let (classes, lora) = (self.model.num_classes, self.model.lora.as_ref());
+        Plan::build(samples, &layers, lora, classes, training, "model.layers").map_err(|error| {
+            match error {
+                // The shorthand's MLP has no layer list to point into.
+                PlanError::Layer(error) if shorthand => JobError::new("model", error.reason),
+                PlanError::Layer(error) => error.into(),
+                PlanError::Overflow(overflow) => JobError::new(
+                    "model",
+                    format!("{overflow}; the model is far larger than any device"),
+                ),
+            }
         })
     }
 
@@ -449,8 +452,15 @@ impl JobSpec {
             Some(t) => format!("{}tok/{}", t.sequence_length, t.vocab_size),
             None => shape.join("x"),
         };
+        let lora = self.model.lora.as_ref().map_or(String::new(), |lora| {
+            let targets = match &lora.target_modules {
+                TargetModules::Names(names) => names.join("+"),
+                TargetModules::One(name) => name.clone(),
+            };
+            format!("lora r{} {targets}, ", lora.r)
+        });
         let training = format!(
-            "{}, {}, {}",
+            "{lora}{}, {}, {}",
             serde_name(&self.optimizer.name),
             self.precision,
             self.framework.name()

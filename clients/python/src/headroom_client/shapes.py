@@ -91,8 +91,12 @@ def _layer(kind: str, args: Json, shape: list[int], vocab: int | None) -> tuple[
 
 
 def parameter_count(job: Json) -> int:
-    """The parameters of a job's model: the shorthand's MLP, or its layer list."""
+    """The parameters of a job's model: the shorthand's MLP, or its layer list (frozen ones
+    included). A LoRA job's adapters are not counted here: the service's estimate gives both
+    counts (``parameter_count``, ``trainable_parameter_count``)."""
     model = job["model"]
+    if "lora" in model:
+        raise ValueError("model.lora: the service's estimate counts a LoRA model's parameters")
     if "layers" not in model:
         widths = [math.prod(model["input_shape"]), *model["hidden_layers"], model["num_classes"]]
         return sum((inputs + 1) * outputs for inputs, outputs in zip(widths, widths[1:]))

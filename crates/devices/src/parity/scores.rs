@@ -19,7 +19,11 @@ pub fn check_scores<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceErr
         }
         checks.push(check_mask(device, storage)?);
         checks.push(check_softmax(device, storage)?);
-        checks.extend(check_heads(device, storage)?);
+        checks.extend(check_heads(device, storage, storage)?);
+    }
+    // Autocast's cast of keys repeated from one head (f32 keys turned by rotary embedding).
+    for half in [Storage::Bf16, Storage::F16] {
+        checks.extend(check_heads(device, Storage::F32, half)?);
     }
     for storage in [Storage::F32, Storage::F16, Storage::Bf16] {
         checks.push(check_softmax_backward(device, storage)?);
@@ -198,9 +202,14 @@ fn check_softmax_backward<K: Transfer>(
     ))
 }
 
-/// Two key/value heads repeated three times over 2 samples of 5 positions and 3 values (bit for
-/// bit), and the repeated gradients summed back.
-fn check_heads<K: Transfer>(device: &mut K, storage: Storage) -> Result<Vec<Check>, DeviceError> {
+/// Two key/value heads stored as `from` repeated three times over 2 samples of 5 positions and 3
+/// values into `to` (bit for bit, rounded to `to`), and the repeated gradients (stored as `to`)
+/// summed back into `from`.
+fn check_heads<K: Transfer>(
+    device: &mut K,
+    from: Storage,
+    to: Storage,
+) -> Result<Vec<Check>, DeviceError> {
     let shape = HeadGroups {
         batch: 2,
         positions: 5,
@@ -226,31 +235,31 @@ fn check_heads<K: Transfer>(device: &mut K, storage: Storage) -> Result<Vec<Chec
         );
         ((b * t + s) * kv + h / g) * d + e
     };
-    let x = rounded(&random(grouped, 84), storage);
-    let x_d = device.write_values(&x, storage)?;
-    let mut y = device.write_values(&poison(repeated), storage)?;
+    let x = rounded(&random(grouped, 84), from);
+    let x_d = device.write_values(&x, from)?;
+    let mut y = device.write_values(&poison(repeated), to)?;
     device.repeat_heads(&x_d, &mut y, &shape)?;
-    let want_repeated: Vec<f32> = (0..repeated).map(|r| x[source(r)]).collect();
-    let dy = rounded(&random(repeated, 85), storage);
-    let dy_d = device.write_values(&dy, storage)?;
-    let mut dx = device.write_values(&poison(grouped), storage)?;
+    let want_repeated: Vec<f32> = (0..repeated).map(|r| round(x[source(r)], to)).collect();
+    let dy = rounded(&random(repeated, 85), to);
+    let dy_d = device.write_values(&dy, to)?;
+    let mut dx = device.write_values(&poison(grouped), from)?;
     device.sum_head_groups(&dy_d, &mut dx, &shape)?;
     let mut sums = vec![0.0f64; grouped];
     for (r, &v) in dy.iter().enumerate() {
         sums[source(r)] += v as f64;
     }
-    let want_sums: Vec<f32> = sums.iter().map(|&v| round(v as f32, storage)).collect();
+    let want_sums: Vec<f32> = sums.iter().map(|&v| round(v as f32, from)).collect();
     Ok(vec![
         compare_bits(
-            format!("repeat heads {storage:?}"),
+            format!("repeat heads {from:?} to {to:?}"),
             &device.read_values(&y, repeated as u64)?,
             &want_repeated,
         ),
         compare(
-            format!("sum head groups {storage:?}"),
+            format!("sum head groups {to:?} to {from:?}"),
             &device.read_values(&dx, grouped as u64)?,
             &want_sums,
-            tolerance(storage),
+            tolerance(from),
         ),
     ])
 }

@@ -24,7 +24,7 @@
 use super::dropout;
 use crate::memory::{Element, Part, Storage};
 use crate::program::geometry::{Attention, BatchedProduct, HeadGroups, Strides};
-use crate::program::graph::{Backward, CastBackward, Graph, Pass, Tensor};
+use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::{Instr, Scale};
 
 /// Whether `reshape` copies a projection's heads into `[batch * heads, positions, head_dim]`
@@ -86,6 +86,9 @@ struct Operand {
     strides: Strides,
     /// Whether `reshape` copies it (a projection's heads), or views it.
     copied: bool,
+    /// Whether it is the product's own copy even so (a repetition of one key/value head,
+    /// which PyTorch's `reshape` makes inside the product), let go with it unless saved.
+    own: bool,
     rows: u64,
     cols: u64,
     transposed: bool,
@@ -133,17 +136,29 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         groups: heads / shape.kv_heads,
         head_dim: d,
     };
-    let [keys, values] = [k, v].map(|kv| match groups.groups {
+    // `repeat_kv` copies before the products; from one head it is a view (its `reshape` merges
+    // a dimension of one), and each product makes the repetition it reads: autocast's cast
+    // (of keys f32 after rotary embedding: repeated straight into the half type), or its own
+    // `reshape`, gone with the product unless saved.
+    let in_product = groups.groups > 1 && groups.kv_heads == 1;
+    let repeated = |graph: &mut Graph, kv: Tensor| match groups.groups {
         1 => {
             graph.retain(kv);
             (kv, Layout::Heads)
         }
-        _ => (repeat(graph, kv, groups), Layout::Contiguous),
-    });
+        _ => {
+            let into = graph.product_cast(kv).filter(|_| in_product);
+            let into = into.unwrap_or(graph.storage(kv));
+            (repeat(graph, kv, groups, into), Layout::Contiguous)
+        }
+    };
+    let keys = repeated(graph, k);
+    let mut values = (!in_product).then(|| repeated(graph, v));
     let head = |(tensor, layout): (Tensor, Layout), transposed: bool| Operand {
         tensor,
         strides: strides(layout, &shape, heads),
         copied: layout == Layout::Heads && reshape_copies(&shape),
+        own: in_product,
         rows: t,
         cols: d,
         transposed,
@@ -152,6 +167,7 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         tensor,
         strides: Strides::contiguous(heads, t, t),
         copied: false,
+        own: false,
         rows: t,
         cols: t,
         transposed: false,
@@ -162,7 +178,11 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         Layout::Contiguous,
         &shape,
     );
-    let mut w = scale(graph, scores, shape.scale());
+    if in_product {
+        graph.release(keys.0);
+    }
+    let mut w = graph.times(scores, shape.scale());
+    graph.release(scores);
     if shape.causal {
         let masked = mask(graph, w, &shape);
         graph.release(w);
@@ -186,13 +206,17 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         graph.release(w);
         w = dropped;
     }
+    let values = *values.get_or_insert_with(|| repeated(graph, v));
     let o = matmul(
         graph,
         [probabilities_of(w), head(values, false)],
         Layout::Heads,
         &shape,
     );
-    for local in [keys.0, values.0, w] {
+    if !in_product {
+        graph.release(keys.0);
+    }
+    for local in [values.0, w] {
         graph.release(local);
     }
     o
@@ -221,15 +245,20 @@ fn causal_mask(graph: &mut Graph, t: u64) {
 }
 
 /// `repeat_kv`: each key/value head copied for the query heads it serves, `[batch, heads,
-/// positions, head_dim]`. A reference the caller owns.
-fn repeat(graph: &mut Graph, x: Tensor, shape: HeadGroups) -> Tensor {
-    let y = graph.output(shape.repeated(), graph.storage(x));
+/// positions, head_dim]`, stored `into` (autocast's cast of the repetition when it makes it).
+/// A reference the caller owns.
+fn repeat(graph: &mut Graph, x: Tensor, shape: HeadGroups, into: Storage) -> Tensor {
+    let y = graph.output(shape.repeated(), into);
     graph.emit(Instr::RepeatHeads {
         from: graph.slot(x),
         to: graph.slot(y),
         shape,
     });
-    graph.record(RepeatBackward { shape }, &[x], &[], &[y]);
+    let backward = RepeatBackward {
+        shape,
+        input: graph.storage(x),
+    };
+    graph.record(backward, &[x], &[], &[y]);
     y
 }
 
@@ -282,10 +311,19 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
         .saturating_mul(shape.heads)
         .saturating_mul(rows)
         .saturating_mul(cols);
-    let transposing = match out == Layout::Heads && transpose_copies(shape) {
+    let mut transposing = match out == Layout::Heads && transpose_copies(shape) {
         true => graph.pytorch_only(Part::Activations, len, Element::Value(storage)),
         false => None,
     };
+    // PyTorch lets the right operand's copy go after `bmm` when nothing saves it (the left
+    // needs no gradient), before `.contiguous()` copies the output: {copy, output} then
+    // {output, copy of it}. headroom's kernel writes that copy from the operand, so it holds
+    // {copy, output} then {copy, copy of the output}: the same bytes, the copy and `bmm`'s
+    // output being the same size.
+    let b_own = b.tensor != cast_b || b.own;
+    if b_own && !graph.requires_grad(a.tensor) {
+        graph.release_optional(transposing.take());
+    }
     let c = graph.output(len, storage);
     let product = BatchedProduct {
         batch: shape.batch,
@@ -310,33 +348,17 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
         product,
         copies_gradient: out == Layout::Heads && reshape_copies(shape),
     };
-    graph.record(backward, &[a.tensor, b.tensor], &[a.tensor, b.tensor], &[c]);
+    // bmm saves each operand for the other's gradient, when that one is needed.
+    let saved: Vec<Tensor> = [(a.tensor, b.tensor), (b.tensor, a.tensor)]
+        .into_iter()
+        .filter(|&(_, other)| graph.requires_grad(other))
+        .map(|(kept, _)| kept)
+        .collect();
+    graph.record(backward, &[a.tensor, b.tensor], &saved, &[c]);
     for tensor in [a.tensor, b.tensor, cast_a, cast_b] {
         graph.release(tensor);
     }
     c
-}
-
-/// `w * scaling`: a new tensor, the product's let go by the caller's rebinding. A reference
-/// the caller owns; `scores` is released.
-fn scale(graph: &mut Graph, scores: Tensor, factor: f32) -> Tensor {
-    let len = graph.elements(scores);
-    let storage = graph.storage(scores);
-    let scaled = graph.output(len, storage);
-    graph.emit(Instr::Convert {
-        from: graph.slot(scores),
-        to: graph.slot(scaled),
-        len,
-        scale: Scale::By(factor),
-    });
-    let backward = CastBackward {
-        elements: len,
-        to: storage,
-        scale: Scale::By(factor),
-    };
-    graph.record(backward, &[scores], &[], &[scaled]);
-    graph.release(scores);
-    scaled
 }
 
 /// `w + causal_mask`: the sum in the wider of the scores' type and the mask's (f32 under
@@ -408,10 +430,14 @@ impl Backward for MaskBackward {
     }
 }
 
-/// `repeat_kv`'s backward: each key/value head's gradient summed over its query heads.
+/// `repeat_kv`'s backward: each key/value head's gradient summed over its query heads, in the
+/// input's type. Where the repetition was autocast's cast, the cast's backward converts the
+/// whole gradient first (a new tensor, the half one let go) and the sum reads that.
 #[derive(Debug)]
 struct RepeatBackward {
     shape: HeadGroups,
+    /// How the repeated tensor's input is stored.
+    input: Storage,
 }
 
 impl Backward for RepeatBackward {
@@ -419,12 +445,31 @@ impl Backward for RepeatBackward {
         let Some(dy) = grads[0] else {
             return vec![None];
         };
-        let dx = pass.gradient(0, self.shape.grouped(), pass.storage(dy));
+        let len = pass.elements(dy);
+        let converted = match pass.storage(dy) == self.input {
+            true => None,
+            false => pass.pytorch_only(len, self.input),
+        };
+        let from = match converted {
+            Some(converted) => {
+                pass.emit(Instr::Convert {
+                    from: pass.slot(dy),
+                    to: pass.slot(converted),
+                    len,
+                    scale: Scale::One,
+                });
+                pass.consume(dy);
+                converted
+            }
+            None => dy,
+        };
+        let dx = pass.gradient(0, self.shape.grouped(), self.input);
         pass.emit(Instr::SumHeadGroups {
-            from: pass.slot(dy),
+            from: pass.slot(from),
             to: pass.slot(dx),
             shape: self.shape,
         });
+        pass.release_optional(converted);
         vec![Some(dx)]
     }
 }

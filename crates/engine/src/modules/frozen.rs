@@ -8,7 +8,7 @@
 //! statistics are still updated: freezing is about gradients, not about the train mode.
 //!
 //! A tied head reads the embedding table as the embedding declared it: frozen with a frozen
-//! embedding, trained with a trained one.
+//! embedding, trained with a trained one. A LoRA adapter inside trains ([`super::lora`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -30,10 +30,7 @@ impl FrozenSpec {
         cx.depth += 1;
         let body = Sequential::build(&self.layers, input, &at.list("layers"), cx)?;
         cx.depth -= 1;
-        Ok(Frozen {
-            body,
-            returns_view: cx.input_is_view,
-        })
+        Ok(Frozen::around(body))
     }
 }
 
@@ -41,8 +38,13 @@ impl FrozenSpec {
 #[derive(Debug, Clone)]
 pub struct Frozen {
     body: Sequential,
-    /// Whether what its last layer returns is a view of another tensor.
-    returns_view: bool,
+}
+
+impl Frozen {
+    /// `body` with its parameters frozen (LoRA's whole model, its adapters excepted).
+    pub fn around(body: Sequential) -> Frozen {
+        Frozen { body }
+    }
 }
 
 impl Module for Frozen {
@@ -85,8 +87,8 @@ impl Module for Frozen {
         self.body.is_view()
     }
 
-    fn returns_view(&self, _: bool) -> bool {
-        self.returns_view
+    fn returns_view(&self, input_is_view: bool) -> bool {
+        self.body.returns_view(input_is_view)
     }
 }
 

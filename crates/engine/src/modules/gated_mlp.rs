@@ -56,21 +56,28 @@ pub struct GatedMlpSpec {
 
 impl GatedMlpSpec {
     /// The block over a sample of `input` shape: its last dimension is the features.
-    pub fn build(&self, input: &[u64], at: &Path, cx: &Context) -> Result<GatedMlp, LayerError> {
+    pub fn build(
+        &self,
+        input: &[u64],
+        at: &Path,
+        cx: &mut Context,
+    ) -> Result<GatedMlp, LayerError> {
         let Some(&features) = input.last() else {
             return Err(at.error("gated_mlp needs an input with at least one dimension"));
         };
         let inner = extent(at, "intermediate_size", self.intermediate_size, 1)?;
-        let linear = |out_features, input: &[u64]| {
+        // A projection, with a LoRA adapter when the job's targets name it.
+        let linear = |name: &str, out_features, input: &[u64], cx: &mut Context| {
             LinearSpec {
                 out_features,
                 bias: self.bias,
                 tied: false,
             }
-            .build(input, at, cx)
+            .build(input, at, cx)?
+            .adapted(name, input, at, cx)
         };
-        let gate = linear(inner, input)?;
-        let up = linear(inner, input)?;
+        let gate = linear("gate_proj", inner, input, cx)?;
+        let up = linear("up_proj", inner, input, cx)?;
         let activation = Activation::new(
             self.activation.nonlinearity(),
             false,
@@ -78,7 +85,7 @@ impl GatedMlpSpec {
             at,
             cx,
         )?;
-        let down = linear(features, gate.output_shape())?;
+        let down = linear("down_proj", features, gate.output_shape(), cx)?;
         Ok(GatedMlp {
             gate,
             activation,

@@ -6,13 +6,18 @@
 //! with). Under autocast its bias, then its weights, then an input stored otherwise are cast to
 //! half first. A `tied` layer (a language model's head with `tie_word_embeddings`) reads the
 //! model's embedding table as its weights: one parameter, whose two gradients autograd sums.
+//! With a LoRA adapter ([`Adapter`], the job's `model.lora`) its output is peft's `lora.Linear`'s,
+//! `base(x) + lora_B(lora_A(dropout(x))) * scaling`.
 
 use serde::{Deserialize, Serialize};
 
 use super::check::{extent, product, sum};
-use super::{Context, LayerError, Module, Parameter, Parameters, Path, Token, Values};
+use super::dropout::Dropout;
+use super::{residual, Context, LayerError, Module, Parameter, ParameterKind, Parameters, Path};
+use super::{Token, Values};
+use crate::memory::Storage;
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
-use crate::program::Instr;
+use crate::program::{Instr, Scale};
 
 /// `nn.Linear`'s arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +39,15 @@ fn yes() -> bool {
 }
 
 impl LinearSpec {
+    /// `out_features` without bias, not tied (a LoRA adapter's `lora_A` and `lora_B`).
+    pub fn plain(out_features: u64) -> LinearSpec {
+        LinearSpec {
+            out_features,
+            bias: false,
+            tied: false,
+        }
+    }
+
     /// The layer over a sample of `input` shape: its last dimension is the features.
     pub fn build(&self, input: &[u64], at: &Path, cx: &Context) -> Result<Linear, LayerError> {
         let Some((&inputs, leading)) = input.split_last() else {
@@ -74,7 +88,28 @@ impl LinearSpec {
             bias: self.bias,
             tied,
             output,
+            adapter: None,
         })
+    }
+}
+
+impl Linear {
+    /// The layer with a LoRA adapter when the job's `model.lora` targets `name` (peft's name
+    /// for it: `q_proj`, ..., `linear`); unchanged for the model's head and a tied layer.
+    pub fn adapted(
+        mut self,
+        name: &str,
+        input: &[u64],
+        at: &Path,
+        cx: &mut Context,
+    ) -> Result<Linear, LayerError> {
+        let Some(lora) = cx.lora.clone().filter(|_| self.tied.is_none() && !cx.head) else {
+            return Ok(self);
+        };
+        self.adapter = lora
+            .adapter(name, input, self.outputs, at, cx)?
+            .map(Box::new);
+        Ok(self)
     }
 }
 
@@ -89,6 +124,8 @@ pub struct Linear {
     /// The index of the embedding table it reads as its weights, when tied.
     tied: Option<usize>,
     output: Vec<u64>,
+    /// Its LoRA adapter, if the job puts one on it.
+    adapter: Option<Box<Adapter>>,
 }
 
 impl Module for Linear {
@@ -103,10 +140,11 @@ impl Module for Linear {
         if self.tied.is_some() {
             declared.remove(0);
         }
+        declared.extend(self.adapter.iter().flat_map(|a| a.parameters()));
         declared
     }
 
-    fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {
+    fn forward(&self, graph: &mut Graph, input: Tensor, parameters: &mut Parameters<'_>) -> Tensor {
         let weight = match self.tied {
             Some(index) => parameters.shared(index),
             None => parameters.take(),
@@ -114,9 +152,10 @@ impl Module for Linear {
         let bias = self.bias.then(|| parameters.take());
         let bias = bias.map(|b| graph.operand_parameter(b));
         let w = graph.operand_parameter(weight);
-        let x = graph.operand(x);
+        let x = graph.operand(input);
         let rows = graph.times_rows(self.positions);
-        let y = graph.output(rows.saturating_mul(self.outputs), graph.compute());
+        // In its operands' type: the compute type, but for an f32 LoRA adapter over a bf16 model.
+        let y = graph.output(rows.saturating_mul(self.outputs), graph.storage(x));
         graph.emit(Instr::LinearForward {
             x: graph.slot(x),
             w: graph.slot(w),
@@ -153,17 +192,23 @@ impl Module for Linear {
         for tensor in inputs {
             graph.release(tensor);
         }
-        y
+        let Some(adapter) = &self.adapter else {
+            return y;
+        };
+        let sum = adapter.forward(graph, input, y, parameters);
+        graph.release(y);
+        sum
     }
 
-    fn reference(&self, x: &[f64], rows: usize, values: &mut Values<'_>, _: u64) -> Vec<f64> {
+    fn reference(&self, x: &[f64], rows: usize, values: &mut Values<'_>, seed: u64) -> Vec<f64> {
         let (n_in, n_out) = (self.inputs as usize, self.outputs as usize);
         let w = match self.tied {
             Some(index) => values.shared(index),
             None => values.take(),
         };
         let b = self.bias.then(|| values.take());
-        x.chunks_exact(n_in)
+        let base = x
+            .chunks_exact(n_in)
             .take(rows * self.positions as usize)
             .flat_map(|row| {
                 (0..n_out).map(move |o| {
@@ -171,14 +216,22 @@ impl Module for Linear {
                     product + b.map_or(0.0, |b| b[o])
                 })
             })
-            .collect()
+            .collect();
+        match &self.adapter {
+            Some(adapter) => adapter.reference(x, base, rows, values, seed),
+            None => base,
+        }
     }
 
     fn multiply_adds(&self) -> u64 {
         self.positions * self.inputs * self.outputs
+            + self.adapter.as_ref().map_or(0, |a| a.multiply_adds())
     }
 
     fn token(&self) -> Token {
+        if let Some(adapter) = &self.adapter {
+            return Token::Layer(format!("linear{}+lora{}", self.outputs, adapter.rank()));
+        }
         if self.tied.is_some() {
             return Token::Layer(format!("tied{}", self.outputs));
         }
@@ -250,5 +303,125 @@ impl Backward for LinearBackward {
         let mut gradients = vec![dx, dw, db];
         gradients.truncate(inputs_count);
         gradients
+    }
+}
+
+/// One linear layer's LoRA adapter ([`super::lora`]): `lora_B(lora_A(dropout(x))) * scaling`
+/// added to its output.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    dropout: Option<Dropout>,
+    a: Linear,
+    b: Linear,
+    scaling: f32,
+    rank: u64,
+}
+
+impl Adapter {
+    /// The adapter of `lora_A` and `lora_B`, its input dropped out first when `dropout` is
+    /// given, its update scaled by `scaling`.
+    pub fn new(dropout: Option<Dropout>, [a, b]: [Linear; 2], scaling: f32, rank: u64) -> Adapter {
+        Adapter {
+            dropout,
+            a,
+            b,
+            scaling,
+            rank,
+        }
+    }
+
+    /// `lora_A`'s and `lora_B`'s weights, trained wherever the adapter is.
+    pub fn parameters(&self) -> Vec<Parameter> {
+        self.a
+            .parameters()
+            .into_iter()
+            .chain(self.b.parameters())
+            .map(|p| match p.kind {
+                ParameterKind::Trained { scale } => Parameter {
+                    kind: ParameterKind::Adapter { scale },
+                    ..p
+                },
+                _ => p,
+            })
+            .collect()
+    }
+
+    /// Records `base + lora_B(lora_A(dropout(x))) * scaling`, `base` the base layer's output
+    /// over `x`; both references stay the caller's. Returns the sum, which the caller owns.
+    pub fn forward(
+        &self,
+        graph: &mut Graph,
+        x: Tensor,
+        base: Tensor,
+        parameters: &mut Parameters<'_>,
+    ) -> Tensor {
+        // peft's `_cast_input_dtype`: the input in the adapter's weight type, f32, bound to
+        // the forward's `x` until it returns.
+        let input = match graph.storage(x) {
+            Storage::F32 => {
+                graph.retain(x);
+                x
+            }
+            _ => graph.cast(x, Storage::F32, Scale::One),
+        };
+        let dropped = match &self.dropout {
+            Some(dropout) => dropout.forward(graph, input, parameters),
+            None => {
+                graph.retain(input);
+                input
+            }
+        };
+        let low = self.a.forward(graph, dropped, parameters);
+        graph.release(dropped);
+        let update = self.b.forward(graph, low, parameters);
+        graph.release(low);
+        let scaled = graph.times(update, self.scaling);
+        graph.release(update);
+        let sum = residual::add(graph, base, scaled);
+        graph.release(scaled);
+        // `result.to(torch_result_dtype)`: a bf16 model's sum with the f32 update is f32.
+        let storage = graph.storage(base);
+        let result = match graph.storage(sum) == storage {
+            true => sum,
+            false => {
+                let cast = graph.cast(sum, storage, Scale::One);
+                graph.release(sum);
+                cast
+            }
+        };
+        graph.release(input);
+        result
+    }
+
+    /// `base + scaling * lora_B(lora_A(dropout(x)))` in f64, over `rows` samples.
+    pub fn reference(
+        &self,
+        x: &[f64],
+        base: Vec<f64>,
+        rows: usize,
+        values: &mut Values<'_>,
+        seed: u64,
+    ) -> Vec<f64> {
+        let dropped = match &self.dropout {
+            Some(dropout) => dropout.reference(x, rows, values, seed),
+            None => x.to_vec(),
+        };
+        let low = self.a.reference(&dropped, rows, values, seed);
+        let update = self.b.reference(&low, rows, values, seed);
+        let scaling = f64::from(self.scaling);
+        base.iter()
+            .zip(update)
+            .map(|(b, u)| b + scaling * u)
+            .collect()
+    }
+
+    /// Its multiply-adds per sample.
+    pub fn multiply_adds(&self) -> u64 {
+        self.a.multiply_adds() + self.b.multiply_adds()
+    }
+
+    /// Its rank.
+    pub fn rank(&self) -> u64 {
+        self.rank
     }
 }

@@ -48,6 +48,7 @@ pub mod gated_mlp;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;
+pub mod lora;
 pub mod max_pool2d;
 pub mod mean_pool;
 pub mod patch_embedding;
@@ -234,7 +235,10 @@ impl LayerSpec {
             LayerSpec::GatedMlp(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::LayerNorm(spec) => Arc::new(spec.build(input, &at)?),
             LayerSpec::RmsNorm(spec) => Arc::new(spec.build(input, &at)?),
-            LayerSpec::Linear(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::Linear(spec) => Arc::new(
+                spec.build(input, &at, cx)?
+                    .adapted("linear", input, &at, cx)?,
+            ),
             LayerSpec::Relu(spec) => Arc::new(Activation::new(
                 Nonlinearity::Relu,
                 spec.inplace,
@@ -352,6 +356,10 @@ pub struct Context {
     /// The first embedding's table: its parameter's index, its rows and its width (what a
     /// tied language-model head reads).
     pub embedding: Option<(usize, u64, u64)>,
+    /// The job's LoRA configuration, which puts adapters on the linear layers it targets.
+    pub lora: Option<lora::Lora>,
+    /// Whether the layer being built is the model's head (the last of its list): no adapter.
+    pub head: bool,
     /// Whether the tensor reaching the next layer is a view of another (flatten's of a
     /// multi-dimensional tensor): autograd runs an in-place layer on it through `CopySlices`.
     pub input_is_view: bool,
@@ -384,6 +392,11 @@ pub enum ParameterKind {
         /// The bound of its first values.
         scale: f32,
     },
+    /// A LoRA adapter's weight ([`lora`]): trained, frozen layers around it or not.
+    Adapter {
+        /// The bound of its first values.
+        scale: f32,
+    },
 }
 
 impl Parameter {
@@ -395,7 +408,8 @@ impl Parameter {
         }
     }
 
-    /// The same parameter frozen, when it is learnt; a buffer unchanged.
+    /// The same parameter frozen, when it is learnt (a LoRA adapter's stays trained); a buffer
+    /// unchanged.
     pub fn frozen(self) -> Parameter {
         let kind = match self.kind {
             ParameterKind::Trained { scale } => ParameterKind::Frozen { scale },
@@ -410,10 +424,12 @@ impl Parameter {
         parameters
             .iter()
             .try_fold(LearntCounts::default(), |counts, p| match p.kind {
-                ParameterKind::Trained { .. } => Some(LearntCounts {
-                    all: counts.all.checked_add(p.elements)?,
-                    trainable: counts.trainable.checked_add(p.elements)?,
-                }),
+                ParameterKind::Trained { .. } | ParameterKind::Adapter { .. } => {
+                    Some(LearntCounts {
+                        all: counts.all.checked_add(p.elements)?,
+                        trainable: counts.trainable.checked_add(p.elements)?,
+                    })
+                }
                 ParameterKind::Frozen { .. } => Some(LearntCounts {
                     all: counts.all.checked_add(p.elements)?,
                     ..counts

@@ -119,30 +119,21 @@ impl Module for Residual {
                 x
             }
         };
-        let len = graph.times_rows(self.elements);
         let sum = match self.inplace {
             true => {
+                let len = graph.times_rows(self.elements);
                 graph.emit(Instr::Accumulate {
                     from: graph.slot(carried),
                     into: graph.slot(body),
                     len,
                 });
-                graph.alias(body)
-            }
-            false => {
-                let storage = promoted(graph.storage(body), graph.storage(carried));
-                let sum = graph.output(len, storage);
-                graph.emit(Instr::Add {
-                    a: graph.slot(body),
-                    b: graph.slot(carried),
-                    out: graph.slot(sum),
-                    len,
-                });
+                let sum = graph.alias(body);
+                let addends = [graph.storage(body), graph.storage(carried)];
+                graph.record(AddBackward { addends }, &[body, carried], &[], &[sum]);
                 sum
             }
+            false => add(graph, body, carried),
         };
-        let addends = [graph.storage(body), graph.storage(carried)];
-        graph.record(AddBackward { addends }, &[body, carried], &[], &[sum]);
         graph.release(body);
         graph.release(carried);
         sum
@@ -171,6 +162,23 @@ impl Module for Residual {
             None => format!("res({})", word(&self.body)),
         })
     }
+}
+
+/// `a + b` out of place, as PyTorch adds two tensors of one shape: a new activation in the
+/// promoted storage, recorded (backward hands the gradient to both, converted where an addend is
+/// stored otherwise). A reference the caller owns.
+pub(super) fn add(graph: &mut Graph, a: Tensor, b: Tensor) -> Tensor {
+    let len = graph.elements(a);
+    let addends = [graph.storage(a), graph.storage(b)];
+    let sum = graph.output(len, promoted(addends[0], addends[1]));
+    graph.emit(Instr::Add {
+        a: graph.slot(a),
+        b: graph.slot(b),
+        out: graph.slot(sum),
+        len,
+    });
+    graph.record(AddBackward { addends }, &[a, b], &[], &[sum]);
+    sum
 }
 
 /// The storage of a sum of `a` and `b`, as PyTorch promotes types: 16-bit only when both are

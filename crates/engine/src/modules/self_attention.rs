@@ -95,6 +95,13 @@ fn yes() -> bool {
 }
 
 impl SelfAttentionSpec {
+    /// Whether it is eager attention with one key/value head for several query heads.
+    pub fn is_eager_multi_query(&self) -> bool {
+        self.implementation == Implementation::Eager
+            && self.num_kv_heads == Some(1)
+            && self.num_heads > 1
+    }
+
     /// The block over a sample of `input` shape, `[positions, features]`.
     pub fn build(
         &self,
@@ -149,14 +156,15 @@ impl SelfAttentionSpec {
             cx.dropouts += 1;
             (self.dropout as f32, cx.dropouts - 1)
         });
-        let cx = &*cx;
-        let linear = |out_features: u64, bias: bool, input: &[u64]| {
+        // A projection, with a LoRA adapter when the job's targets name it.
+        let mut linear = |name: &str, out_features: u64, bias: bool, input: &[u64]| {
             LinearSpec {
                 out_features,
                 bias,
                 tied: false,
             }
-            .build(input, at, cx)
+            .build(input, at, cx)?
+            .adapted(name, input, at, cx)
         };
         let width = |n: u64| {
             n.checked_mul(head_dim)
@@ -187,11 +195,12 @@ impl SelfAttentionSpec {
             }
             Some(theta) => Some(theta as f32),
         };
-        let q = linear(width(heads)?, self.bias, input)?;
-        let k = linear(width(kv_heads)?, self.bias, input)?;
-        let v = linear(width(kv_heads)?, self.bias, input)?;
+        let q = linear("q_proj", width(heads)?, self.bias, input)?;
+        let k = linear("k_proj", width(kv_heads)?, self.bias, input)?;
+        let v = linear("v_proj", width(kv_heads)?, self.bias, input)?;
         let output_bias = self.output_bias.unwrap_or(self.bias);
-        let o = linear(features, output_bias, q.output_shape())?;
+        let heads_out = q.output_shape().to_vec();
+        let o = linear("o_proj", features, output_bias, &heads_out)?;
         Ok(SelfAttention {
             q,
             k,

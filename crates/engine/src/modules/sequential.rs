@@ -14,6 +14,7 @@ pub struct Sequential {
     layers: Vec<Arc<dyn Module>>,
     output: Vec<u64>,
     keeps_output: bool,
+    returns_view: bool,
 }
 
 impl Sequential {
@@ -48,6 +49,7 @@ impl Sequential {
                 )));
             }
             let first_parameter = cx.parameters;
+            cx.head = cx.depth == 0 && i + 1 == specs.len();
             let layer = spec.build(&shape, &at, cx)?;
             cx.parameters = first_parameter + layer.parameters().len();
             cx.input_kept = layer.keeps_output(cx.input_kept);
@@ -59,7 +61,18 @@ impl Sequential {
             layers,
             output: shape,
             keeps_output: cx.input_kept,
+            returns_view: cx.input_is_view,
         })
+    }
+
+    /// `layer` alone (a built model wrapped whole: its LoRA base frozen).
+    pub fn of(layer: Arc<dyn Module>) -> Sequential {
+        Sequential {
+            output: layer.output_shape().to_vec(),
+            keeps_output: layer.keeps_output(false),
+            returns_view: layer.returns_view(false),
+            layers: vec![layer],
+        }
     }
 
     /// The layers, in order.
@@ -119,5 +132,9 @@ impl Module for Sequential {
 
     fn is_view(&self) -> bool {
         self.layers.iter().all(|l| l.is_view())
+    }
+
+    fn returns_view(&self, _: bool) -> bool {
+        self.returns_view
     }
 }

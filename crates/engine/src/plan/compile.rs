@@ -34,7 +34,7 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
         .map(|(p, &tensor)| (graph.slot(tensor), p.elements))
         .collect();
     let per_parameter = plan.optimizer.state_per_parameter();
-    let states = optimizer_states(&mut graph, per_parameter, master);
+    let states = optimizer_states(&mut graph, per_parameter);
     let features = plan.input_features();
     let batch = graph.times_rows(features);
     let label_count = graph.times_rows(plan.loss_positions());
@@ -123,7 +123,7 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
 
     graph.enter(Moment::Optimizer);
     let flag = overflow.map(|flag| graph.slot(flag));
-    let (parameters, gradients) = update(&mut graph, states, master, flag);
+    let (parameters, gradients) = update(&mut graph, states, flag);
     let inputs = (graph.slot(input), graph.slot(labels));
     let loss = (graph.slot(row_loss), graph.slot(loss_sum));
     if let Some((field, reason)) = graph.refused() {
@@ -159,6 +159,10 @@ fn declare_parameters(graph: &mut Graph, plan: &Plan, seed: u64) -> Vec<Tensor> 
             ParameterKind::Trained { .. } => {
                 graph.parameter(p.elements, Element::Value(master), true)
             }
+            // peft keeps adapters in f32 over a 16-bit model (`autocast_adapter_dtype`).
+            ParameterKind::Adapter { .. } => {
+                graph.parameter(p.elements, Element::Value(Storage::F32), true)
+            }
             ParameterKind::Frozen { .. } | ParameterKind::Statistic => {
                 graph.parameter(p.elements, Element::Value(master), false)
             }
@@ -166,7 +170,10 @@ fn declare_parameters(graph: &mut Graph, plan: &Plan, seed: u64) -> Vec<Tensor> 
         })
         .collect();
     for (i, (&tensor, parameter)) in tensors.iter().zip(&declared).enumerate() {
-        if let ParameterKind::Trained { scale } | ParameterKind::Frozen { scale } = parameter.kind {
+        if let ParameterKind::Trained { scale }
+        | ParameterKind::Frozen { scale }
+        | ParameterKind::Adapter { scale } = parameter.kind
+        {
             graph.emit(Instr::FillUniform {
                 out: graph.slot(tensor),
                 len: parameter.elements,
@@ -178,20 +185,17 @@ fn declare_parameters(graph: &mut Graph, plan: &Plan, seed: u64) -> Vec<Tensor> 
     tensors
 }
 
-/// Each trained parameter's optimizer state: none, momentum's velocity, or Adam's moments.
-fn optimizer_states(
-    graph: &mut Graph,
-    per_parameter: u64,
-    master: Storage,
-) -> Vec<OptimizerState<Slot>> {
+/// Each trained parameter's optimizer state, stored as the parameter is: none, momentum's
+/// velocity, or Adam's moments.
+fn optimizer_states(graph: &mut Graph, per_parameter: u64) -> Vec<OptimizerState<Slot>> {
     graph
         .trained()
         .to_vec()
         .into_iter()
         .map(|(tensor, _)| {
-            let len = graph.elements(tensor);
+            let (len, storage) = (graph.elements(tensor), graph.storage(tensor));
             let mut state = (0..per_parameter).map(|_| {
-                let moment = graph.allocate(Part::OptimizerState, len, Element::Value(master));
+                let moment = graph.allocate(Part::OptimizerState, len, Element::Value(storage));
                 graph.slot(moment)
             });
             match per_parameter {
@@ -217,7 +221,6 @@ type Lengths = Vec<(Slot, u64)>;
 fn update(
     graph: &mut Graph,
     states: Vec<OptimizerState<Slot>>,
-    master: Storage,
     flag: Option<Slot>,
 ) -> (Lengths, Lengths) {
     let trained: Vec<(Tensor, Option<Tensor>)> = graph.trained().to_vec();
@@ -234,13 +237,14 @@ fn update(
         .map(|&(_, grad, _)| (graph.slot(grad), graph.elements(grad)))
         .collect();
     // Adam's foreach update computes `sqrt(v)` of every parameter into a list of new tensors
-    // before it applies the update; the fused kernel needs none, and PyTorch's step holds
-    // their bytes while it updates.
+    // (each stored as its parameter) before it applies the update; the fused kernel needs
+    // none, and PyTorch's step holds their bytes while it updates.
     let held: Vec<Tensor> = match adam {
-        true => gradients
+        true => updates
             .iter()
-            .filter_map(|&(_, len)| {
-                graph.pytorch_only(Part::OptimizerState, len, Element::Value(master))
+            .filter_map(|&(param, _, _)| {
+                let storage = Element::Value(graph.storage(param));
+                graph.pytorch_only(Part::OptimizerState, graph.elements(param), storage)
             })
             .collect(),
         false => Vec::new(),

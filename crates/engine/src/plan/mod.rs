@@ -12,10 +12,13 @@ mod compile;
 pub use crate::memory::{
     Allocator, Buffer, Element, MemoryBreakdown, Moment, Part, Precision, Storage,
 };
+use crate::modules::frozen::Frozen;
+use crate::modules::lora::LoraSpec;
 use crate::modules::Sequential;
 use crate::modules::{Context, LayerError, LayerSpec, LearntCounts, Module, Parameter, Path};
 pub use crate::program::{Framework, Program, Tracing};
 use compile::{compile, NoProgram};
+use std::sync::Arc;
 
 /// `GradScaler`'s first loss scale, 2^16.
 pub const LOSS_SCALE_INITIAL: f32 = 65536.0;
@@ -170,6 +173,15 @@ impl From<LayerError> for PlanError {
     }
 }
 
+/// What a model reads: one sample's shape, and the vocabulary when it is token ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Samples<'a> {
+    /// One sample's shape (`[sequence_length]` for token ids).
+    pub shape: &'a [u64],
+    /// The vocabulary, for token ids.
+    pub vocab: Option<u64>,
+}
+
 impl Plan {
     /// The plan of the model `layers` (at `path` in the job, `model.layers`) over samples of
     /// `input_shape`, writing `classes` logits, trained as `training` says.
@@ -180,7 +192,11 @@ impl Plan {
         training: Training,
         path: &str,
     ) -> Result<Plan, PlanError> {
-        Plan::build(input_shape, None, layers, classes, training, path)
+        let samples = Samples {
+            shape: input_shape,
+            vocab: None,
+        };
+        Plan::build(samples, layers, None, classes, training, path)
     }
 
     /// The plan of a model over `sequence_length` token ids below `vocab` (its first layer an
@@ -193,32 +209,41 @@ impl Plan {
         training: Training,
         path: &str,
     ) -> Result<Plan, PlanError> {
-        Plan::build(
-            &[sequence_length],
-            Some(vocab),
-            layers,
-            classes,
-            training,
-            path,
-        )
+        let samples = Samples {
+            shape: &[sequence_length],
+            vocab: Some(vocab),
+        };
+        Plan::build(samples, layers, None, classes, training, path)
     }
 
     /// The loss is taken over the logits' last dimension: one label a sample (`[classes]`), or
     /// one a position (`[positions, classes]`: a token's, over a sequence).
-    fn build(
-        input_shape: &[u64],
-        vocab: Option<u64>,
+    /// With `lora` (the job's `model.lora`), every parameter of the model is frozen and the
+    /// linear layers it targets get adapters.
+    pub fn build(
+        samples: Samples<'_>,
         layers: &[LayerSpec],
+        lora: Option<&LoraSpec>,
         classes: u64,
         training: Training,
         path: &str,
     ) -> Result<Plan, PlanError> {
+        let Samples {
+            shape: input_shape,
+            vocab,
+        } = samples;
         let root = Path::new(path);
         let mut cx = Context {
             tokens: vocab,
+            lora: lora
+                .map(|spec| spec.check(layers, "model.lora"))
+                .transpose()?,
             ..Context::default()
         };
-        let model = Sequential::build(layers, input_shape, &root, &mut cx)?;
+        let mut model = Sequential::build(layers, input_shape, &root, &mut cx)?;
+        if cx.lora.is_some() {
+            model = Sequential::of(Arc::new(Frozen::around(model)));
+        }
         let Some((&last, leading)) = model.output_shape().split_last() else {
             return Err(root.error("the model ends in no logits").into());
         };
@@ -234,6 +259,19 @@ impl Plan {
         }
         let loss_positions = leading.iter().product();
         let counts = Parameter::counts(&model.parameters()).ok_or(Overflow)?;
+        if counts.trainable < counts.all && layers.iter().flat_map(LayerSpec::nested).any(
+            |layer| matches!(layer, LayerSpec::SelfAttention(spec) if spec.is_eager_multi_query()),
+        ) {
+            return Err(root
+                .error(
+                    "eager self-attention with one key/value head for several query heads \
+                     (multi-query) is not modelled in a model with frozen parameters (frozen \
+                     layers, or LoRA): where no gradient reaches its heads PyTorch views the \
+                     repeated key and value where headroom copies them; give it \
+                     \"implementation\": \"sdpa\", or num_kv_heads above 1",
+                )
+                .into());
+        }
         if counts.trainable == 0 {
             return Err(root
                 .error(

@@ -439,12 +439,20 @@ impl Graph {
     /// when it is stored otherwise (the f32 batch), made now and recorded as a cast; else
     /// `tensor` itself. A reference the caller releases.
     pub fn operand(&mut self, tensor: Tensor) -> Tensor {
-        let compute = self.compute();
-        if self.autocast.is_none() || self.storage(tensor) == compute {
-            self.retain(tensor);
-            return tensor;
+        match self.product_cast(tensor) {
+            Some(compute) => self.cast(tensor, compute, Scale::One),
+            None => {
+                self.retain(tensor);
+                tensor
+            }
         }
-        self.cast(tensor, compute, Scale::One)
+    }
+
+    /// The type autocast casts `tensor` to when a product reads it, if it casts it (under
+    /// autocast, a tensor stored otherwise than in the half type).
+    pub fn product_cast(&self, tensor: Tensor) -> Option<Storage> {
+        let compute = self.compute();
+        (self.autocast.is_some() && self.storage(tensor) != compute).then_some(compute)
     }
 
     /// What a product reads of the parameter `tensor`: under autocast, its half copy from the
@@ -498,6 +506,26 @@ impl Graph {
             &[cast],
         );
         cast
+    }
+
+    /// `tensor * factor` (a Python number): a new activation in `tensor`'s storage, recorded;
+    /// backward scales the gradient by the same factor. A reference the caller owns.
+    pub fn times(&mut self, tensor: Tensor, factor: f32) -> Tensor {
+        let (len, storage) = (self.elements(tensor), self.storage(tensor));
+        let scaled = self.output(len, storage);
+        self.emit(Instr::Convert {
+            from: self.slot(tensor),
+            to: self.slot(scaled),
+            len,
+            scale: Scale::By(factor),
+        });
+        let backward = CastBackward {
+            elements: len,
+            to: storage,
+            scale: Scale::By(factor),
+        };
+        self.record(backward, &[tensor], &[], &[scaled]);
+        scaled
     }
 
     /// Runs backward from `root`, the loss's node, whose output's gradient is implied (the

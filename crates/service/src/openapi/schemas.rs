@@ -101,6 +101,10 @@ pub struct ModelSpec {
     /// index and field). At most 1,000 layers, residual blocks' own counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     layers: Option<Vec<Layer>>,
+    /// LoRA, as peft's `LoraConfig`: every parameter of the model frozen, adapters of rank `r`
+    /// beside the linear layers `target_modules` names, trained in f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lora: Option<Lora>,
     /// A Hugging Face `config.json` (`model_type` `llama`, `mistral`, `qwen2`, `gpt2` or
     /// `vit`), read as its layer list instead of `layers`: a language model needs
     /// `tokens.sequence_length`; `vocab_size`, `input_shape` and `num_classes` come from the
@@ -112,6 +116,36 @@ pub struct ModelSpec {
     /// model.parameters())`): a model described with another count is refused (422).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     parameter_count: Option<u64>,
+}
+
+/// peft's `LoraConfig` (a 422 names a bad field, or a target no layer has).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lora {
+    /// The adapters' rank.
+    #[schema(default = 8, minimum = 1, maximum = 4294967296_u64)]
+    r: u64,
+    /// The update is scaled by `lora_alpha / r`.
+    #[schema(default = 8.0, exclusive_minimum = 0.0)]
+    lora_alpha: f64,
+    /// Dropout on each adapter's input, in [0, 1).
+    #[schema(default = 0.0, minimum = 0.0, exclusive_maximum = 1.0)]
+    lora_dropout: f64,
+    /// The linear layers adapted: among `q_proj`, `k_proj`, `v_proj`, `o_proj` (self-attention),
+    /// `gate_proj`, `up_proj`, `down_proj` (gated MLP) and `linear` (the list's own linear
+    /// layers), the model's head excepted; or `"all-linear"`.
+    #[schema(default = json!(["q_proj", "v_proj"]))]
+    target_modules: TargetModules,
+}
+
+/// LoRA's targets: names, or one (`"all-linear"`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Names of linear layers.
+    Names(Vec<String>),
+    /// `"all-linear"`, or one name.
+    One(String),
 }
 
 /// A sample of token ids.
@@ -1116,6 +1150,8 @@ mod tests {
         json!({"model": {"input_shape": [3, 8, 8], "hidden_layers": [16], "num_classes": 4,
                          "tokens": {"sequence_length": 16, "vocab_size": 100},
                          "huggingface": {"model_type": "llama"}, "parameter_count": 1000,
+                         "lora": {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1,
+                                  "target_modules": ["q_proj", "linear"]},
                          "activation": "gelu", "layers": [
                              {"embedding": {"embedding_dim": 8, "padding_idx": -1}},
                              {"positional_embedding": {"max_positions": 32}},
@@ -1168,6 +1204,7 @@ mod tests {
         job["model"].as_object_mut().unwrap().remove("layers");
         job["model"].as_object_mut().unwrap().remove("tokens");
         job["model"].as_object_mut().unwrap().remove("huggingface");
+        job["model"].as_object_mut().unwrap().remove("lora");
         job["model"]
             .as_object_mut()
             .unwrap()
