@@ -4,7 +4,7 @@
 //! batch sizes, and for 300 layer lists drawn by a seeded generator over every layer kind, and
 //! requires the peaks within 0.1% or 1 KiB (and by category where both name the same thing).
 //! `HEADROOM_MEMORY_CHECK_SEED` fixes the generator's seed (the run prints the one it used). It
-//! needs a `python3` with PyTorch and torchvision (`.ci/run` installs them); without them the
+//! needs a `python3` with PyTorch, torchvision and peft (`.ci/run` installs them); without them the
 //! test says it skipped, and `HEADROOM_REQUIRE_TORCH=1` makes that a failure.
 
 mod support;
@@ -24,10 +24,10 @@ const TORCHVISION: [&str; 4] = [
     "vgg11-bn-imagenet",
 ];
 
-/// The `python3` on `PATH`, if it imports torch and torchvision.
+/// The `python3` on `PATH`, if it imports torch, torchvision and peft.
 fn python_with_torch() -> Option<&'static str> {
     let imports = Command::new("python3")
-        .args(["-c", "import torch, torchvision"])
+        .args(["-c", "import torch, torchvision, peft"])
         .output()
         .is_ok_and(|output| output.status.success());
     imports.then_some("python3")
@@ -36,7 +36,10 @@ fn python_with_torch() -> Option<&'static str> {
 #[test]
 fn the_pytorch_profile_is_pytorchs_peak_for_every_example_and_precision() {
     let Some(python) = python_with_torch() else {
-        support::skip_or_fail("TORCH", "no python3 with torch and torchvision on PATH");
+        support::skip_or_fail(
+            "TORCH",
+            "no python3 with torch, torchvision and peft on PATH",
+        );
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
