@@ -123,17 +123,21 @@ pub struct ModelSpec {
 #[serde(deny_unknown_fields)]
 pub struct Lora {
     /// The adapters' rank.
+    #[serde(default)]
     #[schema(default = 8, minimum = 1, maximum = 4294967296_u64)]
     r: u64,
     /// The update is scaled by `lora_alpha / r`.
+    #[serde(default)]
     #[schema(default = 8.0, exclusive_minimum = 0.0)]
     lora_alpha: f64,
     /// Dropout on each adapter's input, in [0, 1).
+    #[serde(default)]
     #[schema(default = 0.0, minimum = 0.0, exclusive_maximum = 1.0)]
     lora_dropout: f64,
     /// The linear layers adapted: among `q_proj`, `k_proj`, `v_proj`, `o_proj` (self-attention),
     /// `gate_proj`, `up_proj`, `down_proj` (gated MLP) and `linear` (the list's own linear
     /// layers), the model's head excepted; or `"all-linear"`.
+    #[serde(default)]
     #[schema(default = json!(["q_proj", "v_proj"]))]
     target_modules: TargetModules,
 }
