@@ -86,9 +86,6 @@ struct Operand {
     strides: Strides,
     /// Whether `reshape` copies it (a projection's heads), or views it.
     copied: bool,
-    /// Whether it is the product's own copy even so (a repetition of one key/value head,
-    /// which PyTorch's `reshape` makes inside the product), let go with it unless saved.
-    own: bool,
     rows: u64,
     cols: u64,
     transposed: bool,
@@ -136,29 +133,24 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         groups: heads / shape.kv_heads,
         head_dim: d,
     };
-    // `repeat_kv` copies before the products; from one head it is a view (its `reshape` merges
-    // a dimension of one), and each product makes the repetition it reads: autocast's cast
-    // (of keys f32 after rotary embedding: repeated straight into the half type), or its own
-    // `reshape`, gone with the product unless saved.
-    let in_product = groups.groups > 1 && groups.kv_heads == 1;
-    let repeated = |graph: &mut Graph, kv: Tensor| match groups.groups {
+    // `repeat_kv` copies before the products. From one head it is a view (its `reshape` merges
+    // a dimension of one), and keys the product casts (f32 after rotary embedding) are
+    // repeated by autocast's cast, inside the product: straight into the half type, theirs.
+    let cast_keys = groups.groups > 1 && groups.kv_heads == 1 && graph.product_cast(k).is_some();
+    let repeated = |graph: &mut Graph, kv: Tensor, into: Storage| match groups.groups {
         1 => {
             graph.retain(kv);
             (kv, Layout::Heads)
         }
-        _ => {
-            let into = graph.product_cast(kv).filter(|_| in_product);
-            let into = into.unwrap_or(graph.storage(kv));
-            (repeat(graph, kv, groups, into), Layout::Contiguous)
-        }
+        _ => (repeat(graph, kv, groups, into), Layout::Contiguous),
     };
-    let keys = repeated(graph, k);
-    let mut values = (!in_product).then(|| repeated(graph, v));
+    let keys_into = graph.product_cast(k).filter(|_| cast_keys);
+    let keys = repeated(graph, k, keys_into.unwrap_or(graph.storage(k)));
+    let values = repeated(graph, v, graph.storage(v));
     let head = |(tensor, layout): (Tensor, Layout), transposed: bool| Operand {
         tensor,
         strides: strides(layout, &shape, heads),
         copied: layout == Layout::Heads && reshape_copies(&shape),
-        own: in_product,
         rows: t,
         cols: d,
         transposed,
@@ -167,7 +159,6 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         tensor,
         strides: Strides::contiguous(heads, t, t),
         copied: false,
-        own: false,
         rows: t,
         cols: t,
         transposed: false,
@@ -178,7 +169,7 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         Layout::Contiguous,
         &shape,
     );
-    if in_product {
+    if cast_keys {
         graph.release(keys.0);
     }
     let mut w = graph.times(scores, shape.scale());
@@ -206,14 +197,13 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         graph.release(w);
         w = dropped;
     }
-    let values = *values.get_or_insert_with(|| repeated(graph, v));
     let o = matmul(
         graph,
         [probabilities_of(w), head(values, false)],
         Layout::Heads,
         &shape,
     );
-    if !in_product {
+    if !cast_keys {
         graph.release(keys.0);
     }
     for local in [values.0, w] {
@@ -320,8 +310,7 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
     // {output, copy of it}. headroom's kernel writes that copy from the operand, so it holds
     // {copy, output} then {copy, copy of the output}: the same bytes, the copy and `bmm`'s
     // output being the same size.
-    let b_own = b.tensor != cast_b || b.own;
-    if b_own && !graph.requires_grad(a.tensor) {
+    if b.tensor != cast_b && !graph.requires_grad(a.tensor) {
         graph.release_optional(transposing.take());
     }
     let c = graph.output(len, storage);
