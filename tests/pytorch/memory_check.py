@@ -915,10 +915,9 @@ class Generator:
         names = adaptable(job["model"]["layers"])
         if names and self.rng.random() < 0.2:
             job["model"]["lora"] = self.lora(names)
-        if "lora" in job["model"] or "frozen" in json.dumps(job):
-            # headroom refuses eager multi-query attention in a fine-tuned model (it does not
-            # model PyTorch's views of the repeated heads where no gradient reaches them).
-            job["model"]["layers"] = fused_multi_query(job["model"]["layers"])
+        # headroom refuses eager multi-query attention (it does not follow every copy PyTorch
+        # makes of the view repeat_kv makes of one head).
+        job["model"]["layers"] = fused_multi_query(job["model"]["layers"])
         return job
 
     def lora(self, names):

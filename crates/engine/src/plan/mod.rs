@@ -259,16 +259,16 @@ impl Plan {
         }
         let loss_positions = leading.iter().product();
         let counts = Parameter::counts(&model.parameters()).ok_or(Overflow)?;
-        if counts.trainable < counts.all && layers.iter().flat_map(LayerSpec::nested).any(
+        if layers.iter().flat_map(LayerSpec::nested).any(
             |layer| matches!(layer, LayerSpec::SelfAttention(spec) if spec.is_eager_multi_query()),
         ) {
             return Err(root
                 .error(
                     "eager self-attention with one key/value head for several query heads \
-                     (multi-query) is not modelled in a model with frozen parameters (frozen \
-                     layers, or LoRA): where no gradient reaches its heads PyTorch views the \
-                     repeated key and value where headroom copies them; give it \
-                     \"implementation\": \"sdpa\", or num_kv_heads above 1",
+                     (multi-query) is not modelled exactly yet: PyTorch's repeat_kv of one head \
+                     is a view, copied inside the products, and headroom does not follow those \
+                     copies in every case; give it \"implementation\": \"sdpa\", or \
+                     num_kv_heads above 1",
                 )
                 .into());
         }
