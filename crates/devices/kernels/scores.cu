@@ -87,33 +87,28 @@ extern "C" __global__ void softmax_rows_backward(const float* p, const float* dp
 }
 
 // to [batch, kv_heads * groups, positions, head_dim] from [batch, positions, kv_heads, head_dim]:
-// query head h reads key/value head h / groups (repeat_kv), converted from `from_storage` to
-// `to_storage` (autocast's cast of a repetition it materializes). Grid-stride over `to`.
+// query head h reads key/value head h / groups (repeat_kv). Grid-stride over `to`.
 extern "C" __global__ void repeat_heads(const void* from, void* to, long long batch, long long positions,
-                                        long long kv_heads, long long groups, long long head_dim,
-                                        int from_storage, int to_storage) {
+                                        long long kv_heads, long long groups, long long head_dim, int storage) {
     const long long heads = kv_heads * groups, n = batch * heads * positions * head_dim;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
         const long long d = e % head_dim, s = e / head_dim % positions, h = e / (head_dim * positions) % heads;
         const long long b = e / (head_dim * positions * heads);
-        store_value(to, e, to_storage,
-                    load_value(from, ((b * positions + s) * kv_heads + h / groups) * head_dim + d, from_storage));
+        store_value(to, e, storage, load_value(from, ((b * positions + s) * kv_heads + h / groups) * head_dim + d, storage));
     }
 }
 
 // repeat_heads' backward: to [batch, positions, kv_heads, head_dim] is the sum of `from`'s rows of
-// the query heads g * groups .. g * groups + groups - 1, in that order, each storage its own.
-// Grid-stride over `to`.
+// the query heads g * groups .. g * groups + groups - 1, in that order. Grid-stride over `to`.
 extern "C" __global__ void sum_head_groups(const void* from, void* to, long long batch, long long positions,
-                                           long long kv_heads, long long groups, long long head_dim,
-                                           int from_storage, int to_storage) {
+                                           long long kv_heads, long long groups, long long head_dim, int storage) {
     const long long heads = kv_heads * groups, n = batch * positions * kv_heads * head_dim;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
         const long long d = e % head_dim, g = e / head_dim % kv_heads, s = e / (head_dim * kv_heads) % positions;
         const long long b = e / (head_dim * kv_heads * positions);
         float sum = 0.0f;
         for (long long r = 0; r < groups; ++r)
-            sum += load_value(from, ((b * heads + g * groups + r) * positions + s) * head_dim + d, from_storage);
-        store_value(to, e, to_storage, sum);
+            sum += load_value(from, ((b * heads + g * groups + r) * positions + s) * head_dim + d, storage);
+        store_value(to, e, storage, sum);
     }
 }

@@ -43,6 +43,18 @@ fn plan(input_shape: &[u64], list: Value, training: Training) -> Plan {
     Plan::new(input_shape, &layers, 3, training, "model").unwrap()
 }
 
+/// The plan of the layer list `list` over 5 token ids below 9 into 9 classes (a label a
+/// token), with `lora` as the job's `model.lora` when given.
+fn token_plan(list: Value, lora: Option<Value>, training: Training) -> Plan {
+    let layers: Vec<LayerSpec> = serde_json::from_value(list).unwrap();
+    let lora: Option<LoraSpec> = lora.map(|lora| serde_json::from_value(lora).unwrap());
+    let samples = Samples {
+        shape: &[5],
+        vocab: Some(9),
+    };
+    Plan::build(samples, &layers, lora.as_ref(), 9, training, "model").unwrap()
+}
+
 /// An MLP over 5 inputs, hidden widths 4 and 6 with `activation` after each (and dropout
 /// of 0.5 and 0.25 with `dropout`), then 3 classes.
 fn mlp(activation: &Value, dropout: bool, training: Training) -> Plan {
@@ -190,8 +202,7 @@ fn language(activation: &Value, training: Training, implementation: &str) -> Pla
         {"layer_norm": {}},
         {"linear": {"out_features": 9, "bias": false, "tied": true}}
     ]);
-    let layers: Vec<LayerSpec> = serde_json::from_value(list).unwrap();
-    Plan::for_tokens(5, 9, &layers, 9, training, "model").unwrap()
+    token_plan(list, None, training)
 }
 
 /// A fine-tuned CNN over 2x6x6: a frozen convolution, batch norm and pooling, a trained
@@ -245,8 +256,7 @@ fn fine_tuned_language(activation: &Value, training: Training) -> Plan {
         {"layer_norm": {}},
         {"linear": {"out_features": 9, "bias": false, "tied": true}}
     ]);
-    let layers: Vec<LayerSpec> = serde_json::from_value(list).unwrap();
-    Plan::for_tokens(5, 9, &layers, 9, training, "model").unwrap()
+    token_plan(list, None, training)
 }
 
 /// A small language model fine-tuned with LoRA on every linear layer (`all-linear`: the
@@ -271,16 +281,10 @@ fn lora_language(activation: &Value, training: Training) -> Plan {
         {"layer_norm": {}},
         {"linear": {"out_features": 9, "bias": false, "tied": true}}
     ]);
-    let layers: Vec<LayerSpec> = serde_json::from_value(list).unwrap();
-    let lora: LoraSpec = serde_json::from_value(json!({
+    let lora = json!({
         "r": 2, "lora_alpha": 4.0, "lora_dropout": 0.25, "target_modules": "all-linear"
-    }))
-    .unwrap();
-    let samples = Samples {
-        shape: &[5],
-        vocab: Some(9),
-    };
-    Plan::build(samples, &layers, Some(&lora), 9, training, "model").unwrap()
+    });
+    token_plan(list, Some(lora), training)
 }
 
 /// A small vision transformer: patch tokens after a class token with positions added, a

@@ -19,11 +19,7 @@ pub fn check_scores<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceErr
         }
         checks.push(check_mask(device, storage)?);
         checks.push(check_softmax(device, storage)?);
-        checks.extend(check_heads(device, storage, storage)?);
-    }
-    // Autocast's cast of keys repeated from one head (f32 keys turned by rotary embedding).
-    for half in [Storage::Bf16, Storage::F16] {
-        checks.extend(check_heads(device, Storage::F32, half)?);
+        checks.extend(check_heads(device, storage)?);
     }
     for storage in [Storage::F32, Storage::F16, Storage::Bf16] {
         checks.push(check_softmax_backward(device, storage)?);
@@ -202,14 +198,9 @@ fn check_softmax_backward<K: Transfer>(
     ))
 }
 
-/// Two key/value heads stored as `from` repeated three times over 2 samples of 5 positions and 3
-/// values into `to` (bit for bit, rounded to `to`), and the repeated gradients (stored as `to`)
-/// summed back into `from`.
-fn check_heads<K: Transfer>(
-    device: &mut K,
-    from: Storage,
-    to: Storage,
-) -> Result<Vec<Check>, DeviceError> {
+/// Two key/value heads repeated three times over 2 samples of 5 positions and 3 values (bit for
+/// bit), and the repeated gradients summed back.
+fn check_heads<K: Transfer>(device: &mut K, storage: Storage) -> Result<Vec<Check>, DeviceError> {
     let shape = HeadGroups {
         batch: 2,
         positions: 5,
@@ -235,31 +226,31 @@ fn check_heads<K: Transfer>(
         );
         ((b * t + s) * kv + h / g) * d + e
     };
-    let x = rounded(&random(grouped, 84), from);
-    let x_d = device.write_values(&x, from)?;
-    let mut y = device.write_values(&poison(repeated), to)?;
+    let x = rounded(&random(grouped, 84), storage);
+    let x_d = device.write_values(&x, storage)?;
+    let mut y = device.write_values(&poison(repeated), storage)?;
     device.repeat_heads(&x_d, &mut y, &shape)?;
-    let want_repeated: Vec<f32> = (0..repeated).map(|r| round(x[source(r)], to)).collect();
-    let dy = rounded(&random(repeated, 85), to);
-    let dy_d = device.write_values(&dy, to)?;
-    let mut dx = device.write_values(&poison(grouped), from)?;
+    let want_repeated: Vec<f32> = (0..repeated).map(|r| x[source(r)]).collect();
+    let dy = rounded(&random(repeated, 85), storage);
+    let dy_d = device.write_values(&dy, storage)?;
+    let mut dx = device.write_values(&poison(grouped), storage)?;
     device.sum_head_groups(&dy_d, &mut dx, &shape)?;
     let mut sums = vec![0.0f64; grouped];
     for (r, &v) in dy.iter().enumerate() {
         sums[source(r)] += v as f64;
     }
-    let want_sums: Vec<f32> = sums.iter().map(|&v| round(v as f32, from)).collect();
+    let want_sums: Vec<f32> = sums.iter().map(|&v| round(v as f32, storage)).collect();
     Ok(vec![
         compare_bits(
-            format!("repeat heads {from:?} to {to:?}"),
+            format!("repeat heads {storage:?}"),
             &device.read_values(&y, repeated as u64)?,
             &want_repeated,
         ),
         compare(
-            format!("sum head groups {to:?} to {from:?}"),
+            format!("sum head groups {storage:?}"),
             &device.read_values(&dx, grouped as u64)?,
             &want_sums,
-            tolerance(from),
+            tolerance(storage),
         ),
     ])
 }

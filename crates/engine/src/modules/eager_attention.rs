@@ -133,20 +133,13 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         groups: heads / shape.kv_heads,
         head_dim: d,
     };
-    // `repeat_kv` copies before the products. From one head it is a view (its `reshape` merges
-    // a dimension of one), and keys the product casts (f32 after rotary embedding) are
-    // repeated by autocast's cast, inside the product: straight into the half type, theirs.
-    let cast_keys = groups.groups > 1 && groups.kv_heads == 1 && graph.product_cast(k).is_some();
-    let repeated = |graph: &mut Graph, kv: Tensor, into: Storage| match groups.groups {
+    let [keys, values] = [k, v].map(|kv| match groups.groups {
         1 => {
             graph.retain(kv);
             (kv, Layout::Heads)
         }
-        _ => (repeat(graph, kv, groups, into), Layout::Contiguous),
-    };
-    let keys_into = graph.product_cast(k).filter(|_| cast_keys);
-    let keys = repeated(graph, k, keys_into.unwrap_or(graph.storage(k)));
-    let values = repeated(graph, v, graph.storage(v));
+        _ => (repeat(graph, kv, groups), Layout::Contiguous),
+    });
     let head = |(tensor, layout): (Tensor, Layout), transposed: bool| Operand {
         tensor,
         strides: strides(layout, &shape, heads),
@@ -169,9 +162,6 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         Layout::Contiguous,
         &shape,
     );
-    if cast_keys {
-        graph.release(keys.0);
-    }
     let mut w = graph.times(scores, shape.scale());
     graph.release(scores);
     if shape.causal {
@@ -203,10 +193,7 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         Layout::Heads,
         &shape,
     );
-    if !cast_keys {
-        graph.release(keys.0);
-    }
-    for local in [values.0, w] {
+    for local in [keys.0, values.0, w] {
         graph.release(local);
     }
     o
@@ -235,20 +222,15 @@ fn causal_mask(graph: &mut Graph, t: u64) {
 }
 
 /// `repeat_kv`: each key/value head copied for the query heads it serves, `[batch, heads,
-/// positions, head_dim]`, stored `into` (autocast's cast of the repetition when it makes it).
-/// A reference the caller owns.
-fn repeat(graph: &mut Graph, x: Tensor, shape: HeadGroups, into: Storage) -> Tensor {
-    let y = graph.output(shape.repeated(), into);
+/// positions, head_dim]`. A reference the caller owns.
+fn repeat(graph: &mut Graph, x: Tensor, shape: HeadGroups) -> Tensor {
+    let y = graph.output(shape.repeated(), graph.storage(x));
     graph.emit(Instr::RepeatHeads {
         from: graph.slot(x),
         to: graph.slot(y),
         shape,
     });
-    let backward = RepeatBackward {
-        shape,
-        input: graph.storage(x),
-    };
-    graph.record(backward, &[x], &[], &[y]);
+    graph.record(RepeatBackward { shape }, &[x], &[], &[y]);
     y
 }
 
@@ -419,14 +401,10 @@ impl Backward for MaskBackward {
     }
 }
 
-/// `repeat_kv`'s backward: each key/value head's gradient summed over its query heads, in the
-/// input's type. Where the repetition was autocast's cast, the cast's backward converts the
-/// whole gradient first (a new tensor, the half one let go) and the sum reads that.
+/// `repeat_kv`'s backward: each key/value head's gradient summed over its query heads.
 #[derive(Debug)]
 struct RepeatBackward {
     shape: HeadGroups,
-    /// How the repeated tensor's input is stored.
-    input: Storage,
 }
 
 impl Backward for RepeatBackward {
@@ -434,31 +412,12 @@ impl Backward for RepeatBackward {
         let Some(dy) = grads[0] else {
             return vec![None];
         };
-        let len = pass.elements(dy);
-        let converted = match pass.storage(dy) == self.input {
-            true => None,
-            false => pass.pytorch_only(len, self.input),
-        };
-        let from = match converted {
-            Some(converted) => {
-                pass.emit(Instr::Convert {
-                    from: pass.slot(dy),
-                    to: pass.slot(converted),
-                    len,
-                    scale: Scale::One,
-                });
-                pass.consume(dy);
-                converted
-            }
-            None => dy,
-        };
-        let dx = pass.gradient(0, self.shape.grouped(), self.input);
+        let dx = pass.gradient(0, self.shape.grouped(), pass.storage(dy));
         pass.emit(Instr::SumHeadGroups {
-            from: pass.slot(from),
+            from: pass.slot(dy),
             to: pass.slot(dx),
             shape: self.shape,
         });
-        pass.release_optional(converted);
         vec![Some(dx)]
     }
 }

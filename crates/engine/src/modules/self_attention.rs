@@ -95,13 +95,6 @@ fn yes() -> bool {
 }
 
 impl SelfAttentionSpec {
-    /// Whether it is eager attention with one key/value head for several query heads.
-    pub fn is_eager_multi_query(&self) -> bool {
-        self.implementation == Implementation::Eager
-            && self.num_kv_heads == Some(1)
-            && self.num_heads > 1
-    }
-
     /// The block over a sample of `input` shape, `[positions, features]`.
     pub fn build(
         &self,
@@ -125,6 +118,15 @@ impl SelfAttentionSpec {
                     "each key/value head serves the same number of query heads: {kv_heads} \
                      does not divide num_heads ({heads})"
                 ),
+            ));
+        }
+        if self.implementation == Implementation::Eager && kv_heads == 1 && heads > 1 {
+            return Err(at.error_at(
+                "implementation",
+                "eager attention with one key/value head for several query heads (multi-query) \
+                 is not modelled exactly yet: PyTorch's repeat_kv of one head is a view, copied \
+                 inside the products, and headroom does not follow those copies in every case; \
+                 use \"sdpa\", or num_kv_heads above 1",
             ));
         }
         let head_dim = match self.head_dim {

@@ -6,7 +6,7 @@
 
 use super::Plan;
 use crate::memory::{Element, Part, Storage};
-use crate::modules::{cross_entropy, LayerError, Module, ParameterKind, Parameters};
+use crate::modules::{cross_entropy, LayerError, Module, Parameter, ParameterKind, Parameters};
 use crate::program::graph::{Graph, Tensor};
 use crate::program::{Instr, Moment, OptimizerState, Program, Scale, Slot};
 use crate::synthetic;
@@ -24,10 +24,9 @@ pub enum NoProgram {
 pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> {
     let mut graph = Graph::new(rows, plan.precision, seed, plan.framework, plan.tracing);
     let master = plan.precision.master();
-    let tensors = declare_parameters(&mut graph, plan, seed);
-    let frozen = plan
-        .model()
-        .parameters()
+    let declared = plan.model().parameters();
+    let tensors = declare_parameters(&mut graph, &declared, seed);
+    let frozen = declared
         .iter()
         .zip(&tensors)
         .filter(|(p, _)| matches!(p.kind, ParameterKind::Frozen { .. }))
@@ -148,11 +147,11 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     })
 }
 
-/// The model's parameters and buffers in its order, the learnt ones (trained or frozen) filled
-/// with their first values (each from a stream of its own).
-fn declare_parameters(graph: &mut Graph, plan: &Plan, seed: u64) -> Vec<Tensor> {
-    let master = plan.precision.master();
-    let declared = plan.model().parameters();
+/// A tensor for each of the model's parameters and buffers (`declared`, in its order), the
+/// learnt ones (trained, frozen or adapters) filled with their first values (each from a stream
+/// of its own).
+fn declare_parameters(graph: &mut Graph, declared: &[Parameter], seed: u64) -> Vec<Tensor> {
+    let master = graph.precision().master();
     let tensors: Vec<Tensor> = declared
         .iter()
         .map(|p| match p.kind {
@@ -169,7 +168,7 @@ fn declare_parameters(graph: &mut Graph, plan: &Plan, seed: u64) -> Vec<Tensor> 
             ParameterKind::Count => graph.parameter(p.elements, Element::Index, false),
         })
         .collect();
-    for (i, (&tensor, parameter)) in tensors.iter().zip(&declared).enumerate() {
+    for (i, (&tensor, parameter)) in tensors.iter().zip(declared).enumerate() {
         if let ParameterKind::Trained { scale }
         | ParameterKind::Frozen { scale }
         | ParameterKind::Adapter { scale } = parameter.kind

@@ -259,19 +259,6 @@ impl Plan {
         }
         let loss_positions = leading.iter().product();
         let counts = Parameter::counts(&model.parameters()).ok_or(Overflow)?;
-        if layers.iter().flat_map(LayerSpec::nested).any(
-            |layer| matches!(layer, LayerSpec::SelfAttention(spec) if spec.is_eager_multi_query()),
-        ) {
-            return Err(root
-                .error(
-                    "eager self-attention with one key/value head for several query heads \
-                     (multi-query) is not modelled exactly yet: PyTorch's repeat_kv of one head \
-                     is a view, copied inside the products, and headroom does not follow those \
-                     copies in every case; give it \"implementation\": \"sdpa\", or \
-                     num_kv_heads above 1",
-                )
-                .into());
-        }
         if counts.trainable == 0 {
             return Err(root
                 .error(

@@ -439,20 +439,12 @@ impl Graph {
     /// when it is stored otherwise (the f32 batch), made now and recorded as a cast; else
     /// `tensor` itself. A reference the caller releases.
     pub fn operand(&mut self, tensor: Tensor) -> Tensor {
-        match self.product_cast(tensor) {
-            Some(compute) => self.cast(tensor, compute, Scale::One),
-            None => {
-                self.retain(tensor);
-                tensor
-            }
-        }
-    }
-
-    /// The type autocast casts `tensor` to when a product reads it, if it casts it (under
-    /// autocast, a tensor stored otherwise than in the half type).
-    pub fn product_cast(&self, tensor: Tensor) -> Option<Storage> {
         let compute = self.compute();
-        (self.autocast.is_some() && self.storage(tensor) != compute).then_some(compute)
+        if self.autocast.is_none() || self.storage(tensor) == compute {
+            self.retain(tensor);
+            return tensor;
+        }
+        self.cast(tensor, compute, Scale::One)
     }
 
     /// What a product reads of the parameter `tensor`: under autocast, its half copy from the

@@ -126,9 +126,8 @@ impl CudaDevice {
             shape.head_dim,
         ]
         .map(|v| v as i64);
-        let (from_storage, to_storage) = (from.storage.code(), to.storage.code());
+        let storage = from.storage.code();
         launch!(self, kernel, shapes::elementwise(to_len);
-            holds(from, from_len), holds_mut(to, to_len), &b, &t, &kv, &g, &d, &from_storage,
-            &to_storage)
+            holds(from, from_len), holds_mut(to, to_len), &b, &t, &kv, &g, &d, &storage)
     }
 }
