@@ -36,12 +36,13 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn every_example_keeps_its_pinned_answer() {
     #[rustfmt::skip]
-    let pinned: [(&str, u64, [u64; 3], u64); 19] = [
+    let pinned: [(&str, u64, [u64; 3], u64); 20] = [
         ("cifar10-cnn-bn", 94762, [1696668, 44545428, 2802594708], 123403),
         ("cifar10-mlp-adam", 394634, [7904980, 8679628, 61396644], 50000),
         ("cifar10-mlp-bf16", 394634, [7904980, 8679628, 83416740], 50000),
         ("deep-mlp-adamw", 5256202, [105136340, 105910988, 231084196], 2056925),
         ("gpt2-small", 124439808, [2760585732, 67035439620, 4180626088452], 81),
+        ("gpt2-small-checkpointed", 124439808, [2488812548, 43864007172, 2708356178436], 125),
         ("lenet5-mnist", 61706, [799444, 4553740, 244828684], 1416511),
         ("mnist-mlp-dropout", 669706, [8041668, 8368764, 64557180], 5842201),
         ("mnist-mlp-sgd", 101770, [817820, 1048148, 19581524], 18036987),
@@ -100,8 +101,9 @@ fn every_example_keeps_its_pinned_answer() {
 
 /// A language model with causal self-attention tunes on the host to the memory model's limit,
 /// within the band the MLP meets, and fresh probes confirm it: the max fits, one `multiple_of`
-/// above it does not. Its attention fused, eager (the scores materialized), and fine-tuned with
-/// LoRA on every linear layer (adapters with dropout, the model frozen).
+/// above it does not. Its attention fused, eager (the scores materialized), fine-tuned with
+/// LoRA on every linear layer (adapters with dropout, the model frozen), and with every block
+/// checkpointed (recomputed in backward).
 #[test]
 fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
     let mut example: serde_json::Value =
@@ -124,10 +126,15 @@ fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
     adapted["model"]["lora"] =
         serde_json::json!({"r": 4, "lora_dropout": 0.1, "target_modules": "all-linear"});
     let lora = support::temp_file(".json", adapted.to_string());
+    let mut checkpointed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("examples/tiny-gpt.json").unwrap()).unwrap();
+    checkpointed["model"]["gradient_checkpointing"] = true.into();
+    let checkpointed = support::temp_file(".json", checkpointed.to_string());
     let jobs = [
         "examples/tiny-gpt.json",
         eager.to_str().unwrap(),
         lora.to_str().unwrap(),
+        checkpointed.to_str().unwrap(),
     ];
     for job in jobs {
         let on_host = ["--device", "host", "--host-memory", "64MiB", "--json"];
@@ -194,17 +201,34 @@ fn bad_fine_tuning_options_are_named_by_field() {
         2,
         "model.layers: every parameter is frozen",
     );
+    let mut mlp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("examples/mnist-mlp-sgd.json").unwrap())
+            .unwrap();
+    mlp["model"]["gradient_checkpointing"] = true.into();
+    let mlp = support::temp_file(".json", mlp.to_string());
+    let args = ["estimate", mlp.to_str().unwrap(), "--batch-size", "1"];
+    refused(
+        &headroom(&args),
+        2,
+        "model.gradient_checkpointing: the model has no residual blocks to checkpoint",
+    );
 }
 
-#[test]
-fn a_hugging_face_config_is_a_job_on_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.json");
+/// A two-block GPT-2 config (32 wide, 4 heads, 100 tokens, 64 positions) written in `dir`.
+fn tiny_gpt2_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let config = dir.join("config.json");
     let tiny = serde_json::json!({
         "model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 100,
         "n_positions": 64, "bos_token_id": 50256
     });
     std::fs::write(&config, tiny.to_string()).unwrap();
+    config
+}
+
+#[test]
+fn a_hugging_face_config_is_a_job_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_gpt2_config(dir.path());
     let config = config.to_str().unwrap();
     let from = ["--hf-config", config, "--sequence-length", "16"];
     let on_host = ["--device", "host", "--host-memory", "64MiB"];
@@ -259,6 +283,43 @@ fn a_hugging_face_config_is_a_job_on_the_command_line() {
     assert!(said.contains("images of [3, 16, 16]"), "{said}");
     let args = ["estimate", "--hf-config", vit, "--sequence-length", "16"];
     refused(&headroom(&args), 2, "leave --sequence-length out");
+}
+
+/// A Hugging Face config takes the fine-tuning options a job does: activation checkpointing of
+/// every decoder layer, and LoRA adapters.
+#[test]
+fn a_hugging_face_config_takes_checkpointing_and_lora_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_gpt2_config(dir.path());
+    let config = config.to_str().unwrap();
+    let estimate = |extra: &[&str]| {
+        let from = ["estimate", "--hf-config", config, "--sequence-length", "64"];
+        json_of(&headroom(
+            &[&from[..], &["--batch-size", "64", "--json"], extra].concat(),
+        ))
+    };
+    let whole = estimate(&[]);
+    let checkpointed = estimate(&["--gradient-checkpointing"]);
+    let activations = |estimate: &serde_json::Value| estimate["memory"]["activations"].as_u64();
+    assert!(
+        activations(&checkpointed) < activations(&whole),
+        "{checkpointed} vs {whole}"
+    );
+    // Rank 4 on each block's two MLP layers (32 -> 128 -> 32): 4 * (32 + 128) twice a block.
+    let adapted = estimate(&["--lora-r", "4", "--lora-target-modules", "linear"]);
+    assert_eq!(
+        adapted["trainable_parameter_count"],
+        2 * 2 * 4 * (32 + 128),
+        "{adapted}"
+    );
+    let args = [
+        "estimate",
+        "examples/tiny-gpt.json",
+        "--gradient-checkpointing",
+    ];
+    refused(&headroom(&args), 2, "--hf-config");
+    let args = ["estimate", "--hf-config", config, "--lora-alpha", "16"];
+    refused(&headroom(&args), 2, "--lora-r");
 }
 
 #[test]

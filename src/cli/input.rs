@@ -38,6 +38,21 @@ pub struct JobSource {
     /// (the default) or eager (the scores materialized).
     #[arg(long, value_name = "IMPLEMENTATION")]
     attn_implementation: Option<String>,
+    /// With --hf-config: activation checkpointing of every decoder layer, as
+    /// `model.gradient_checkpointing_enable()` does.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// With --hf-config: fine-tune with LoRA adapters of this rank, the model frozen (peft's
+    /// `LoraConfig(r=...)`).
+    #[arg(long, value_name = "R")]
+    lora_r: Option<u64>,
+    /// With --lora-r: the adapters' alpha (8 unless given; they scale by alpha / r).
+    #[arg(long, value_name = "ALPHA", requires = "lora_r")]
+    lora_alpha: Option<f64>,
+    /// With --lora-r: the linear layers adapted, comma-separated (q_proj,v_proj unless given),
+    /// or all-linear.
+    #[arg(long, value_name = "NAMES", requires = "lora_r")]
+    lora_target_modules: Option<String>,
 }
 
 impl JobSource {
@@ -49,6 +64,8 @@ impl JobSource {
                 ("--optimizer", self.optimizer.is_some()),
                 ("--precision", self.precision.is_some()),
                 ("--attn-implementation", self.attn_implementation.is_some()),
+                ("--gradient-checkpointing", self.gradient_checkpointing),
+                ("--lora-r", self.lora_r.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
                 return Err(CliError::Argument(format!(
@@ -75,6 +92,12 @@ impl JobSource {
         if let Some(tokens) = self.sequence_length {
             model["tokens"] = serde_json::json!({"sequence_length": tokens});
         }
+        if self.gradient_checkpointing {
+            model["gradient_checkpointing"] = true.into();
+        }
+        if let Some(r) = self.lora_r {
+            model["lora"] = self.lora(r);
+        }
         let job = serde_json::json!({
             "model": model,
             "optimizer": {"name": self.optimizer.as_deref().unwrap_or("adamw")},
@@ -90,6 +113,23 @@ impl JobSource {
             )),
             _ => CliError::InvalidJob { name, source },
         })
+    }
+
+    /// The job's `model.lora` of rank `r` from the LoRA flags.
+    fn lora(&self, r: u64) -> serde_json::Value {
+        let mut lora = serde_json::json!({ "r": r });
+        if let Some(alpha) = self.lora_alpha {
+            lora["lora_alpha"] = alpha.into();
+        }
+        match self.lora_target_modules.as_deref() {
+            Some("all-linear") => lora["target_modules"] = "all-linear".into(),
+            Some(names) => {
+                let names: Vec<&str> = names.split(',').map(str::trim).collect();
+                lora["target_modules"] = names.into();
+            }
+            None => {}
+        }
+        lora
     }
 }
 

@@ -63,6 +63,7 @@ import unittest.mock
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 RELATIVE = 0.001
 SLACK_BYTES = 1024
@@ -188,6 +189,44 @@ class RotaryTables:
 
     def clear(self, *_):
         self.made.clear()
+
+
+class Checkpointed(nn.Module):
+    """A layer list's `checkpoint`: its layers under `torch.utils.checkpoint` (non-reentrant,
+    early stop). What the model's forward shares with them (rotary tables, causal masks) is
+    lent to the region as Hugging Face passes it to each checkpointed layer: an argument the
+    checkpoint's frame holds, read again by the recomputation rather than made anew."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def shared(self):
+        """The shared-table objects the layers read."""
+        found = {}
+        for layer in self.body.modules():
+            for table in (getattr(layer, "rotary", None), getattr(layer, "masks", None)):
+                if table is not None:
+                    found[id(table)] = table
+        return list(found.values())
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.run, x, {}, use_reentrant=False)
+
+    def run(self, x, lent):
+        tables = self.shared()
+        if not lent:
+            y = self.body(x)
+            lent.update({id(t): dict(t.made) for t in tables})
+            return y
+        outer = [(t, t.made) for t in tables]
+        for table in tables:
+            table.made = dict(lent.get(id(table), {}))
+        try:
+            return self.body(x)
+        finally:
+            for table, made in outer:
+                table.made = made
 
 
 def rotate_half(x):
@@ -513,12 +552,19 @@ def modules(specs, shape, vocab=None):
         elif kind == "frozen":
             body, out = modules(args["layers"], shape, vocab)
             layer = nn.Sequential(*body).requires_grad_(False)
+        elif kind == "checkpoint":
+            body, out = modules(args["layers"], shape, vocab)
+            layer = Checkpointed(nn.Sequential(*body))
         else:
             layer = module(kind, args, shape, vocab)
             out = output_shape(module(kind, args, shape, vocab), shape)
         layers.append(layer)
         shape = out
     return layers, shape
+
+
+# Layer kinds that hold layer lists.
+CONTAINERS = ("residual", "frozen", "checkpoint")
 
 
 TORCHVISION = {
@@ -853,7 +899,7 @@ def fused_multi_query(layers):
         if kind == "self_attention" and args.get("implementation") == "eager" \
                 and args.get("num_kv_heads") == 1 and args["num_heads"] > 1:
             return {kind: {**args, "implementation": "sdpa"}}
-        if kind in ("residual", "frozen"):
+        if kind in CONTAINERS:
             return {kind: {**args, **{k: [rewrite(s) for s in args[k]] for k in ("layers", "shortcut") if k in args}}}
         return spec
     return [rewrite(spec) for spec in layers]
@@ -874,7 +920,7 @@ def adaptable(layers):
                 names.update(["gate_proj", "up_proj", "down_proj"])
             elif kind == "linear" and not args.get("tied"):
                 names.add("linear")
-            elif kind in ("residual", "frozen"):
+            elif kind in CONTAINERS:
                 walk(args["layers"] + args.get("shortcut", []))
 
     last = layers[-1:] if "linear" not in layers[-1] else []
@@ -897,6 +943,8 @@ class Generator:
         self.needs_grad = False
         # Whether the layers being drawn are inside a `frozen` list: their parameters train not.
         self.freezing = False
+        # Whether they are inside a `checkpoint`: checkpoints do not nest.
+        self.checkpointing = False
 
     def note_norm(self, shape):
         """Batch norm over `shape`: with one value per channel in a sample, PyTorch refuses to
@@ -1006,6 +1054,7 @@ class Generator:
         if rng.random() < 0.5:
             layers.append({"positional_embedding": self.maybe(max_positions=length + rng.randint(0, 8))})
         norm = self.stream_norm()
+        blocks = []
         for _ in range(rng.randint(1, 3)):
             attention = {"num_heads": heads, **self.attention_args(dim)}
             attention["num_heads"] = heads
@@ -1015,13 +1064,14 @@ class Generator:
                 del attention["num_kv_heads"]
             if attention.get("head_dim", dim // heads) % 2:
                 attention.pop("rope_theta", None)
-            layers.append({"residual": {"layers": [norm, {"self_attention": attention}]}})
+            blocks.append({"residual": {"layers": [norm, {"self_attention": attention}]}})
             if rng.random() < 0.5:
                 mlp = [{"gated_mlp": {"intermediate_size": rng.randint(1, 4 * dim), **self.maybe(bias=True)}}]
             else:
                 mlp = [{"linear": {"out_features": 4 * dim}}, {"gelu": self.maybe(approximate="tanh")},
                        {"linear": {"out_features": dim}}]
-            layers.append({"residual": {"layers": [norm, *mlp]}})
+            blocks.append({"residual": {"layers": [norm, *mlp]}})
+        layers += self.checkpoint_blocks(blocks, 2)
         layers.append(norm)
         frozen = self.freeze_prefix(layers)
         # Not tied to a frozen table: a frozen head might leave nothing to train.
@@ -1046,10 +1096,11 @@ class Generator:
         self.needs_grad = True
         layers = [{"patch_embedding": {"embedding_dim": dim, "patch_size": patch}}]
         tokens = (input_shape[1] // patch) * (input_shape[2] // patch) + 1
+        blocks = []
         for _ in range(rng.randint(1, 2)):
             attention = {"num_heads": heads, **self.maybe(num_kv_heads=1), **self.maybe(bias=False)}
-            layers.append({"residual": {"layers": [self.stream_norm(), {"self_attention": attention}]}})
-        layers = self.freeze_prefix(layers)
+            blocks.append({"residual": {"layers": [self.stream_norm(), {"self_attention": attention}]}})
+        layers = self.freeze_prefix(layers + self.checkpoint_blocks(blocks, 1))
         # With every block frozen no gradient reaches the layers after them.
         self.needs_grad = len(layers) > 1
         more, shape = self.sequence([tokens, dim], rng.randint(0, 3))
@@ -1107,7 +1158,9 @@ class Generator:
         of a tensor that may not (`kept`)."""
         if kind in ("flatten", "identity") or (kind == "dropout" and args.get("p", 0.5) == 0):
             return kept
-        if kind == "frozen":
+        if kind in ("frozen", "checkpoint"):
+            # A checkpoint's frame keeps its input.
+            kept = kept or kind == "checkpoint"
             for layer in args["layers"]:
                 ((inner, inner_args),) = layer.items()
                 kept = self.keeps(inner, inner_args, kept)
@@ -1116,14 +1169,14 @@ class Generator:
 
     def shape_after(self, layer, shape):
         ((kind, args),) = layer.items()
-        if kind in ("residual", "frozen"):
+        if kind in CONTAINERS:
             return modules([layer], shape)[1]
         return output_shape(module(kind, args, shape), shape)
 
     def layer(self, shape, kept):
         rng = self.rng
         image = len(shape) == 3
-        kinds = ["activation", "activation", "dropout", "identity", "residual", "norm", "frozen"]
+        kinds = ["activation", "activation", "dropout", "identity", "residual", "norm", "frozen", "checkpoint"]
         kinds += ["conv2d", "conv2d", "conv2d", "max_pool2d", "avg_pool2d", "adaptive", "flatten"] if image else ["linear", "linear"]
         kind = rng.choice(kinds)
         if kind == "activation":
@@ -1144,6 +1197,8 @@ class Generator:
             return {"flatten": {}}
         if kind == "frozen":
             return self.frozen(shape, kept)
+        if kind == "checkpoint":
+            return self.checkpoint(shape)
         if kind == "linear" and len(shape) == 2 and rng.random() < 0.5:
             return {"self_attention": self.attention_args(shape[-1])}
         if kind == "linear" and rng.random() < 0.25:
@@ -1200,6 +1255,28 @@ class Generator:
         finally:
             self.freezing = False
         return {"frozen": {"layers": layers}} if layers else None
+
+    def checkpoint(self, shape):
+        """One to three layers under activation checkpointing (none inside another checkpoint;
+        the region's input kept by its frame)."""
+        if self.checkpointing:
+            return None
+        self.checkpointing = True
+        try:
+            layers, _ = self.sequence(shape, self.rng.randint(1, 3), kept=True)
+        finally:
+            self.checkpointing = False
+        return {"checkpoint": {"layers": layers}} if layers else None
+
+    def checkpoint_blocks(self, blocks, per_layer):
+        """A third of the time, `blocks` (residual blocks, `per_layer` to a decoder layer) each
+        decoder layer checkpointed, as `gradient_checkpointing_enable()` does, or each block;
+        else `blocks` themselves."""
+        roll = self.rng.random()
+        if roll < 2 / 3:
+            return blocks
+        size = per_layer if roll < 5 / 6 else 1
+        return [{"checkpoint": {"layers": blocks[i:i + size]}} for i in range(0, len(blocks), size)]
 
     def freeze_prefix(self, layers):
         """A third of the time, `layers` with their first ones (at least one) frozen, as a
@@ -1336,7 +1413,7 @@ def with_attention(job, implementation):
     """`job` with every self-attention layer of its list computed by `implementation`."""
     def rewrite(layers):
         return [{kind: ({**args, "implementation": implementation} if kind == "self_attention"
-                        else {**args, "layers": rewrite(args["layers"])} if kind in ("residual", "frozen")
+                        else {**args, "layers": rewrite(args["layers"])} if kind in CONTAINERS
                         else args)}
                 for ((kind, args),) in (layer.items() for layer in layers)]
     return {**job, "model": {**job["model"], "layers": rewrite(job["model"]["layers"])}}

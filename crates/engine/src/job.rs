@@ -99,6 +99,11 @@ pub struct ModelSpec {
     /// The Hugging Face `config.json` the layers were read from ([`crate::huggingface`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huggingface: Option<serde_json::Value>,
+    /// Activation checkpointing as `gradient_checkpointing_enable()` does it: each decoder
+    /// layer of a Hugging Face config, or each residual block of a layer list, written into
+    /// the list as a `checkpoint` ([`crate::modules::checkpoint::checkpoint_blocks`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     /// The parameters the model is known to have (PyTorch's `sum(p.numel() for p in
     /// model.parameters())`): a model described with another count is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -267,6 +272,7 @@ impl Job {
         if let Some(serde_json::Value::Object(model)) = value.get_mut("model") {
             crate::huggingface::expand(model)
                 .map_err(|error| JobError::new(error.field, error.reason))?;
+            checkpoint_layer_list(model)?;
         }
         Job::new(deserialize_with_path(value)?)
     }
@@ -324,6 +330,26 @@ fn serde_name<T: Serialize>(value: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// `model.gradient_checkpointing` over a layer list (a Hugging Face config's is written by
+/// [`crate::huggingface::expand`]): each top-level residual block checkpointed.
+fn checkpoint_layer_list(
+    model: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<(), JobError> {
+    use crate::modules::checkpoint::checkpoint_blocks;
+    let asked = model.get("gradient_checkpointing") == Some(&serde_json::Value::Bool(true));
+    if !asked || model.contains_key("huggingface") {
+        return Ok(());
+    }
+    let layers = match model.get_mut("layers") {
+        Some(serde_json::Value::Array(layers)) => std::mem::take(layers),
+        _ => Vec::new(),
+    };
+    let error = |e: crate::modules::LayerError| JobError::new(e.field, e.reason);
+    let layers = checkpoint_blocks(layers, 1).map_err(error)?;
+    model.insert("layers".into(), serde_json::Value::Array(layers));
+    Ok(())
 }
 
 /// Turns every number that is a whole, non-negative float no larger than 2^53 (where floats

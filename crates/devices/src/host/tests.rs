@@ -310,6 +310,61 @@ fn vision_transformer(activation: &Value, training: Training, implementation: &s
     plan(&[3, 8, 8], list, training)
 }
 
+/// `layers` as one checkpointed region when `checkpointed`, else as they are.
+fn maybe_checkpointed(layers: Value, checkpointed: bool) -> Vec<Value> {
+    match checkpointed {
+        true => vec![json!({"checkpoint": {"layers": layers}})],
+        false => layers.as_array().unwrap().clone(),
+    }
+}
+
+/// A small language model whose decoder layer (attention with dropout, then an MLP with
+/// dropout) is one checkpointed region when `checkpointed`, as `gradient_checkpointing` makes
+/// it; the embedding before it and the norm after it are not.
+fn checkpointed_language(activation: &Value, training: Training, checkpointed: bool) -> Plan {
+    let decoder_layer = json!([
+        {"residual": {"layers": [
+            {"layer_norm": {}},
+            {"self_attention": {"num_heads": 2, "causal": true, "dropout": 0.25}}
+        ]}},
+        {"residual": {"layers": [
+            {"layer_norm": {}},
+            {"linear": {"out_features": 7}},
+            activation,
+            {"dropout": {"p": 0.25}},
+            {"linear": {"out_features": 6}}
+        ]}}
+    ]);
+    let list: Vec<Value> = [json!({"embedding": {"embedding_dim": 6}})]
+        .into_iter()
+        .chain(maybe_checkpointed(decoder_layer, checkpointed))
+        .chain([
+            json!({"layer_norm": {}}),
+            json!({"linear": {"out_features": 9, "bias": false}}),
+        ])
+        .collect();
+    token_plan(Value::Array(list), None, training)
+}
+
+/// A CNN over 2x6x6 whose convolution, batch norm and activation are one checkpointed region
+/// when `checkpointed` (batch norm's statistics then update twice a step, as in PyTorch).
+fn checkpointed_convolutional(activation: &Value, training: Training, checkpointed: bool) -> Plan {
+    let region = json!([
+        {"conv2d": {"out_channels": 3, "kernel_size": 3, "padding": 1}},
+        {"batch_norm2d": {}},
+        activation
+    ]);
+    let list: Vec<Value> = maybe_checkpointed(region, checkpointed)
+        .into_iter()
+        .chain([
+            json!({"max_pool2d": {"kernel_size": 2}}),
+            json!({"flatten": {}}),
+            json!({"linear": {"out_features": 3}}),
+        ])
+        .collect();
+    plan(&[2, 6, 6], Value::Array(list), training)
+}
+
 /// A model's learnt parameters as stored, in PyTorch's order: the trained ones, and apart from
 /// them the frozen ones.
 struct Learnt {
@@ -559,6 +614,56 @@ fn gradients_match_finite_differences_in_every_precision_activation_and_framewor
                     inexact.extend(inexact_gradients(&plan, 3, 12, &name));
                 }
             }
+        }
+    }
+    assert!(
+        inexact.is_empty(),
+        "gradients far from the finite differences: {inexact:#?}"
+    );
+}
+
+/// A model of an activation and a training, its region checkpointed or not.
+type CheckpointableModel = fn(&Value, Training, bool) -> Plan;
+
+/// One step's gradients of `plan` at `rows` samples, as stored (scaled by the loss scale).
+fn step_gradients(plan: &Plan, rows: u64, seed: u64) -> Vec<f32> {
+    let mut device = HostDevice::default();
+    let program = plan.program(rows, seed).unwrap();
+    let mut executor = Executor::setup(&mut device, &program).unwrap();
+    executor
+        .run(&mut device, program.until(Moment::Optimizer), None)
+        .unwrap();
+    read_all(&mut device, &program.gradients, &executor).unwrap()
+}
+
+/// A checkpointed region's recomputation runs the same kernels on the same input, dropout
+/// drawing the same masks: its gradients are the unchecked model's, bit for bit, in every
+/// precision, and match the finite differences.
+#[test]
+fn a_checkpointed_region_has_the_gradients_of_the_same_layers_unchecked() {
+    let mut inexact = Vec::new();
+    for (p, precision) in Precision::ALL.into_iter().enumerate() {
+        let training = Training {
+            optimizer: Sgd,
+            learning_rate: 0.05,
+            precision,
+            framework: Framework::Pytorch,
+        };
+        let activation = &activations()[2 + p];
+        let models: [(CheckpointableModel, &str); 2] = [
+            (checkpointed_language, "decoder layer"),
+            (checkpointed_convolutional, "convolution, batch norm"),
+        ];
+        for (model, name) in models {
+            let checked = model(activation, training, true);
+            let unchecked = model(activation, training, false);
+            assert_eq!(
+                step_gradients(&checked, 3, 12),
+                step_gradients(&unchecked, 3, 12),
+                "{precision} {name} {activation}"
+            );
+            let name = format!("{precision} checkpointed {name} {activation}");
+            inexact.extend(inexact_gradients(&checked, 3, 12, &name));
         }
     }
     assert!(

@@ -18,6 +18,7 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::modules::checkpoint::checkpoint_blocks;
 use crate::modules::LayerSpec;
 
 mod decoder;
@@ -96,6 +97,11 @@ pub fn expand(model: &mut Map<String, Value>) -> Result<(), ConfigError> {
         Input::Image(shape) => set_image(model, shape)?,
     }
     agree(model, "num_classes", json!(classes), "the config's classes")?;
+    // Every family's decoder (or encoder) layer is two residual blocks.
+    let layers = match model.get("gradient_checkpointing") == Some(&Value::Bool(true)) {
+        true => checkpoint_blocks(layers, 2).map_err(|e| ConfigError::new(e.field, e.reason))?,
+        false => layers,
+    };
     let layers = Value::Array(layers);
     if model
         .get("layers")

@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::sequential::delegate_to_body;
 use super::{Context, LayerError, LayerSpec, Module, Parameter, Parameters, Path, Sequential};
 use super::{Token, Values};
 use crate::program::graph::{Graph, Tensor};
@@ -48,9 +49,7 @@ impl Frozen {
 }
 
 impl Module for Frozen {
-    fn output_shape(&self) -> &[u64] {
-        self.body.output_shape()
-    }
+    delegate_to_body!();
 
     fn parameters(&self) -> Vec<Parameter> {
         self.body
@@ -64,14 +63,6 @@ impl Module for Frozen {
         self.body.forward(graph, x, parameters)
     }
 
-    fn reference(&self, x: &[f64], rows: usize, values: &mut Values<'_>, seed: u64) -> Vec<f64> {
-        self.body.reference(x, rows, values, seed)
-    }
-
-    fn multiply_adds(&self) -> u64 {
-        self.body.multiply_adds()
-    }
-
     fn token(&self) -> Token {
         match self.body.token() {
             Token::Layer(word) => Token::Layer(format!("frozen({word})")),
@@ -81,14 +72,6 @@ impl Module for Frozen {
 
     fn keeps_output(&self, _: bool) -> bool {
         self.body.keeps_output(false)
-    }
-
-    fn is_view(&self) -> bool {
-        self.body.is_view()
-    }
-
-    fn returns_view(&self, input_is_view: bool) -> bool {
-        self.body.returns_view(input_is_view)
     }
 }
 

@@ -289,6 +289,9 @@ impl Backward for LinearBackward {
             });
             dw
         });
+        // The bias's gradient is the output's, summed over the rows by autograd's engine
+        // after the product's backward has returned.
+        pass.applied();
         let db = (self.bias && pass.needs(2)).then(|| {
             let db = pass.gradient(2, outputs, pass.storage(dy));
             pass.emit(Instr::BiasGradient {

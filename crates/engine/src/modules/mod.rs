@@ -8,7 +8,7 @@
 //! allocates and the kernels that write them), and its forward in f64 from the definition, which
 //! the finite-difference checks differentiate. The step (`plan::compile`) runs the
 //! model's [`Sequential`] knowing no kind; a container ([`residual::Residual`],
-//! [`frozen::Frozen`]) composes its children the same way.
+//! [`frozen::Frozen`], [`checkpoint::Checkpoint`]) composes its children the same way.
 //!
 //! # Adding a layer kind
 //! 1. `modules/<kind>.rs`: its arguments (serde, PyTorch's defaults), their `build` (the shape
@@ -36,6 +36,7 @@ pub mod adaptive_avg_pool2d;
 pub mod avg_pool2d;
 pub mod batch_norm;
 pub mod check;
+pub mod checkpoint;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod dropout;
@@ -138,6 +139,9 @@ pub enum LayerSpec {
     /// Its layers with their parameters frozen (`requires_grad_(False)`): a fine-tuned
     /// model's backbone.
     Frozen(frozen::FrozenSpec),
+    /// Its layers under activation checkpointing (`torch.utils.checkpoint`, non-reentrant):
+    /// their activations recomputed in backward rather than kept.
+    Checkpoint(checkpoint::CheckpointSpec),
 }
 
 /// A layer that takes no arguments: `{}`.
@@ -177,15 +181,18 @@ impl LayerSpec {
             LayerSpec::Silu(_) => "silu",
             LayerSpec::Residual(_) => "residual",
             LayerSpec::Frozen(_) => "frozen",
+            LayerSpec::Checkpoint(_) => "checkpoint",
             LayerSpec::SelfAttention(_) => "self_attention",
         }
     }
 
-    /// Whether it can read token ids: an embedding, or frozen layers starting with one.
+    /// Whether it can read token ids: an embedding, or frozen or checkpointed layers starting
+    /// with one.
     pub fn reads_tokens(&self) -> bool {
         match self {
             LayerSpec::Embedding(_) => true,
             LayerSpec::Frozen(spec) => spec.layers.first().is_some_and(LayerSpec::reads_tokens),
+            LayerSpec::Checkpoint(spec) => spec.layers.first().is_some_and(LayerSpec::reads_tokens),
             _ => false,
         }
     }
@@ -195,6 +202,7 @@ impl LayerSpec {
         let children: &[&[LayerSpec]] = match self {
             LayerSpec::Residual(spec) => &[&spec.layers, &spec.shortcut],
             LayerSpec::Frozen(spec) => &[&spec.layers],
+            LayerSpec::Checkpoint(spec) => &[&spec.layers],
             _ => &[],
         };
         std::iter::once(self)
@@ -270,6 +278,7 @@ impl LayerSpec {
             }
             LayerSpec::Residual(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::Frozen(spec) => Arc::new(spec.build(input, &at, cx)?),
+            LayerSpec::Checkpoint(spec) => Arc::new(spec.build(input, &at, cx)?),
             LayerSpec::SelfAttention(spec) => Arc::new(spec.build(input, &at, cx)?),
         })
     }
@@ -363,6 +372,8 @@ pub struct Context {
     /// Whether the tensor reaching the next layer is a view of another (flatten's of a
     /// multi-dimensional tensor): autograd runs an in-place layer on it through `CopySlices`.
     pub input_is_view: bool,
+    /// Whether the layer being built is inside a checkpointed region.
+    pub checkpointed: bool,
 }
 
 /// One learnt parameter or kept buffer of a module.
@@ -479,6 +490,18 @@ impl<'a> Parameters<'a> {
         let tensor = self.tensors[self.next];
         self.next += 1;
         tensor
+    }
+
+    /// Every tensor, and the index of the one [`Parameters::take`] gives next: where to take
+    /// them again from ([`Parameters::resumed`]).
+    pub fn mark(&self) -> (Vec<Tensor>, usize) {
+        (self.tensors.to_vec(), self.next)
+    }
+
+    /// The tensors of every declared parameter, the `next`-th given first (a checkpointed
+    /// region's, taken again by its recomputation).
+    pub fn resumed(tensors: &'a [Tensor], next: usize) -> Parameters<'a> {
+        Parameters { tensors, next }
     }
 
     /// The one declared at `index` by another module (a tied head's table), not taken.

@@ -138,3 +138,37 @@ impl Module for Sequential {
         self.returns_view
     }
 }
+
+/// The [`Module`] methods of a container whose layers run as they are, in a [`Sequential`]
+/// field named `body` (frozen layers, a checkpointed region): handed to the body.
+macro_rules! delegate_to_body {
+    () => {
+        fn output_shape(&self) -> &[u64] {
+            self.body.output_shape()
+        }
+
+        fn reference(
+            &self,
+            x: &[f64],
+            rows: usize,
+            values: &mut Values<'_>,
+            seed: u64,
+        ) -> Vec<f64> {
+            self.body.reference(x, rows, values, seed)
+        }
+
+        fn multiply_adds(&self) -> u64 {
+            self.body.multiply_adds()
+        }
+
+        fn is_view(&self) -> bool {
+            self.body.is_view()
+        }
+
+        fn returns_view(&self, input_is_view: bool) -> bool {
+            self.body.returns_view(input_is_view)
+        }
+    };
+}
+
+pub(crate) use delegate_to_body;

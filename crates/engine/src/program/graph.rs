@@ -13,10 +13,17 @@
 //! it saved, then handing its gradients on: to the node that made each input, added to what
 //! already waits there (in place when nothing else holds it, [`Tracing`]), or to a
 //! parameter's gradient at once (PyTorch's `AccumulateGrad` runs first of all that are ready).
+//! Inside a checkpointed region what nodes save is packed away and recomputed in backward
+//! ([`checkpoint`]).
 
 use super::framework::{Framework, Tracing};
 use super::instr::{Instr, Moment, Scale, Slot};
 use crate::memory::{Buffer, Element, Part, Precision, Storage};
+
+mod checkpoint;
+
+pub use checkpoint::{Recompute, Region};
+use checkpoint::{RegionEntry, Saving};
 
 /// A tensor of the step: its values (a storage, maybe shared with views and in-place results)
 /// and where its gradient goes.
@@ -32,6 +39,9 @@ enum Target {
     Node { node: usize, output: usize },
     /// Into a trained parameter's gradient (the parameter's index among the trained ones).
     Parameter(usize),
+    /// Nowhere, though it needs one: made by a checkpointed region's recomputation, whose
+    /// nodes are the first forward's ([`checkpoint`]).
+    Recomputed,
 }
 
 #[derive(Debug)]
@@ -49,6 +59,8 @@ struct StorageEntry {
     refs: u32,
     /// Tensors this storage keeps alive until it is freed ([`Graph::keep_alive_with`]).
     keeps: Vec<Tensor>,
+    /// Never allocated: made after a recomputation stopped early ([`checkpoint`]).
+    phantom: bool,
 }
 
 /// A node's backward, as its module writes it: from the gradients of its outputs (`None` where
@@ -67,6 +79,12 @@ struct Node {
     saved: Vec<Tensor>,
     grads: Vec<Option<Tensor>>,
     reached: bool,
+    /// The checkpointed region it was recorded in, if any ([`checkpoint`]).
+    region: Option<usize>,
+    /// Inside a region: what it saved, packed away in forward rather than kept; and what
+    /// the recomputation made of each, which its backward reads in their place.
+    packed: Vec<Tensor>,
+    substitutes: Vec<(Tensor, Tensor)>,
 }
 
 /// The instructions as the framework places them.
@@ -77,10 +95,15 @@ struct Code {
     setup: Vec<Instr>,
     step: Vec<Instr>,
     in_setup: bool,
+    /// After a recomputation stopped early: nothing more is allocated or run until it ends.
+    stopped: bool,
 }
 
 impl Code {
     fn push(&mut self, instr: Instr) {
+        if self.stopped && !matches!(instr, Instr::Free(_)) {
+            return;
+        }
         match self.in_setup {
             true => self.setup.push(instr),
             false => self.step.push(instr),
@@ -129,6 +152,12 @@ pub struct Graph {
     trained: Vec<(Tensor, Option<Tensor>)>,
     /// While autocast is on, its cache: each parameter's half copy, in the order made.
     autocast: Option<Vec<(Tensor, Tensor)>>,
+    /// What a node's saved tensors become: kept, or packed away inside a checkpointed region.
+    saving: Saving,
+    /// The checkpointed regions of the forward, in order.
+    regions: Vec<RegionEntry>,
+    /// Where in the step's code the running recomputation began.
+    recomputation_began: usize,
 }
 
 /// The outputs of a program's recording: its slots and instructions.
@@ -158,6 +187,7 @@ impl Graph {
                 setup: vec![Instr::Enter(Moment::Setup)],
                 step: Vec::new(),
                 in_setup: true,
+                stopped: false,
             },
             tracing,
             rows,
@@ -171,6 +201,9 @@ impl Graph {
             nodes: Vec::new(),
             trained: Vec::new(),
             autocast: None,
+            saving: Saving::Kept,
+            regions: Vec::new(),
+            recomputation_began: 0,
         }
     }
 
@@ -238,16 +271,21 @@ impl Graph {
 
     /// A new buffer of `elements` of `element`, counted in `part`, held by the caller.
     pub fn allocate(&mut self, part: Part, elements: u64, element: Element) -> Tensor {
-        let slot = self.code.alloc(Buffer {
-            part,
-            elements,
-            element,
-        });
+        let phantom = self.code.stopped;
+        let slot = match phantom {
+            true => Slot(usize::MAX),
+            false => self.code.alloc(Buffer {
+                part,
+                elements,
+                element,
+            }),
+        };
         self.storages.push(StorageEntry {
             slot,
             part,
             refs: 1,
             keeps: Vec::new(),
+            phantom,
         });
         self.tensors.push(TensorEntry {
             storage: self.storages.len() - 1,
@@ -333,9 +371,11 @@ impl Graph {
         let storage = &mut self.storages[self.tensors[tensor.0].storage];
         storage.refs -= 1;
         if storage.refs == 0 {
-            let slot = storage.slot;
+            let (slot, phantom) = (storage.slot, storage.phantom);
             let kept = std::mem::take(&mut storage.keeps);
-            self.code.free(slot);
+            if !phantom {
+                self.code.free(slot);
+            }
             for tensor in kept {
                 self.release(tensor);
             }
@@ -367,7 +407,9 @@ impl Graph {
 
     /// Records an autograd node: `backward` computes the gradients of `inputs` from those of
     /// `outputs`, and `saved` stay alive until it has run. Nothing is recorded (and nothing
-    /// saved) when no input needs a gradient. Returns the node, if recorded.
+    /// saved) when no input needs a gradient. Returns the node, if recorded. Inside a
+    /// checkpointed region `saved` are packed away instead; while one is recomputed no node is
+    /// recorded, and what `saved` names goes to the nodes that packed it ([`checkpoint`]).
     pub fn record(
         &mut self,
         backward: impl Backward + 'static,
@@ -378,9 +420,25 @@ impl Graph {
         if !inputs.iter().any(|&t| self.requires_grad(t)) {
             return None;
         }
+        if let Saving::Recomputing { .. } = self.saving {
+            for tensor in outputs {
+                self.tensors[tensor.0].target = Target::Recomputed;
+            }
+            self.unpack(saved, outputs);
+            return None;
+        }
         let node = self.nodes.len();
-        for &tensor in saved {
-            self.retain(tensor);
+        let (region, packed) = match self.saving {
+            Saving::Packed(region) => (Some(region), saved.to_vec()),
+            _ => {
+                for &tensor in saved {
+                    self.retain(tensor);
+                }
+                (None, Vec::new())
+            }
+        };
+        if let Some(region) = region {
+            self.pack(region, node, saved);
         }
         for (output, tensor) in outputs.iter().enumerate() {
             self.tensors[tensor.0].target = Target::Node { node, output };
@@ -388,9 +446,15 @@ impl Graph {
         self.nodes.push(Node {
             backward: Some(Box::new(backward)),
             inputs: inputs.iter().map(|t| self.tensors[t.0].target).collect(),
-            saved: saved.to_vec(),
+            saved: match region {
+                Some(_) => Vec::new(),
+                None => saved.to_vec(),
+            },
             grads: vec![None; outputs.len()],
             reached: false,
+            region,
+            packed,
+            substitutes: Vec::new(),
         });
         Some(node)
     }
@@ -410,6 +474,7 @@ impl Graph {
         name: &str,
         make: impl FnOnce(&mut Graph) -> Vec<Tensor>,
     ) -> Vec<Tensor> {
+        self.note_shared(name);
         if let Some((_, tensors)) = self.shared.iter().find(|(n, _)| n == name) {
             return tensors.clone();
         }
@@ -528,12 +593,16 @@ impl Graph {
             if !self.nodes[n].reached {
                 continue;
             }
+            self.unpacking(n);
             let backward = self.nodes[n].backward.take().expect("a node runs once");
             let grads = std::mem::take(&mut self.nodes[n].grads);
             let inputs = self.nodes[n].inputs.clone();
+            let substitutes = std::mem::take(&mut self.nodes[n].substitutes);
             let mut pass = Pass {
                 graph: self,
+                node: n,
                 inputs: &inputs,
+                substitutes: &substitutes,
                 consumed: Vec::new(),
             };
             let produced = backward.backward(&mut pass, &grads);
@@ -551,6 +620,7 @@ impl Graph {
             for saved in std::mem::take(&mut self.nodes[n].saved) {
                 self.release(saved);
             }
+            self.unpacked(n);
             for (&target, grad) in inputs.iter().zip(produced) {
                 if let Some(grad) = grad {
                     self.deliver(target, grad);
@@ -562,7 +632,7 @@ impl Graph {
     /// Hands `grad` on to `target`.
     fn deliver(&mut self, target: Target, grad: Tensor) {
         match target {
-            Target::None => self.release(grad),
+            Target::None | Target::Recomputed => self.release(grad),
             Target::Node { node, output } => {
                 self.nodes[node].reached = true;
                 let summed = match self.nodes[node].grads[output] {
@@ -627,12 +697,31 @@ impl Graph {
 /// A node's backward being recorded: what it may ask of the graph.
 pub struct Pass<'a> {
     graph: &'a mut Graph,
+    /// The node running.
+    node: usize,
     inputs: &'a [Target],
+    /// What a checkpointed node reads in place of each tensor it saved: its recomputation.
+    substitutes: &'a [(Tensor, Tensor)],
     /// The output gradients this backward let go of itself ([`Pass::consume`]).
     consumed: Vec<Tensor>,
 }
 
 impl Pass<'_> {
+    /// `tensor`, or its recomputation where the node saved it inside a checkpointed region.
+    fn resolve(&self, tensor: Tensor) -> Tensor {
+        self.substitutes
+            .iter()
+            .find(|(saved, _)| *saved == tensor)
+            .map_or(tensor, |&(_, recomputed)| recomputed)
+    }
+
+    /// The node's own computation is over; what follows is the engine's (`validate_outputs`
+    /// summing a broadcast input's gradient to its shape). What a checkpointed node unpacked
+    /// goes now: its computation held it, not a saved variable.
+    pub fn applied(&mut self) {
+        self.graph.drop_unpacked(self.node);
+    }
+
     /// Whether input `k` needs a gradient.
     pub fn needs(&self, k: usize) -> bool {
         self.inputs[k] != Target::None
@@ -686,12 +775,14 @@ impl Pass<'_> {
 
     /// Gives up a reference (a temporary of this backward).
     pub fn release(&mut self, tensor: Tensor) {
-        self.graph.release(tensor);
+        self.graph.release(self.resolve(tensor));
     }
 
     /// [`Pass::release`] of a buffer that may not exist (a [`Pass::pytorch_only`] one).
     pub fn release_optional(&mut self, tensor: Option<Tensor>) {
-        self.graph.release_optional(tensor);
+        if let Some(tensor) = tensor {
+            self.release(tensor);
+        }
     }
 
     /// Lets the output's gradient `grad` go now, before this backward hands its own on (as
@@ -725,6 +816,7 @@ impl Pass<'_> {
 
     /// Keeps `kept`'s storage alive as long as `holder`'s ([`Graph::keep_alive_with`]).
     pub fn keep_alive_with(&mut self, holder: Tensor, kept: Tensor) {
+        let (holder, kept) = (self.resolve(holder), self.resolve(kept));
         self.graph.keep_alive_with(holder, kept);
     }
 
@@ -735,17 +827,17 @@ impl Pass<'_> {
 
     /// The slot of `tensor`'s values.
     pub fn slot(&self, tensor: Tensor) -> Slot {
-        self.graph.slot(tensor)
+        self.graph.slot(self.resolve(tensor))
     }
 
     /// How `tensor`'s values are stored.
     pub fn storage(&self, tensor: Tensor) -> Storage {
-        self.graph.storage(tensor)
+        self.graph.storage(self.resolve(tensor))
     }
 
     /// Elements of `tensor`.
     pub fn elements(&self, tensor: Tensor) -> u64 {
-        self.graph.elements(tensor)
+        self.graph.elements(self.resolve(tensor))
     }
 
     /// Samples in the batch.

@@ -112,6 +112,12 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     huggingface: Option<serde_json::Value>,
+    /// Activation checkpointing as `gradient_checkpointing_enable()` does it: every decoder
+    /// layer of `huggingface`, or every top-level `residual` block of `layers`, run as a
+    /// `checkpoint` (the answer's job shows them); a model with no block is refused (422).
+    #[serde(default)]
+    #[schema(default = false)]
+    gradient_checkpointing: bool,
     /// The parameters the model is known to have (PyTorch's `sum(p.numel() for p in
     /// model.parameters())`): a model described with another count is refused (422).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -231,6 +237,10 @@ pub enum Layer {
     /// optimizer state; a fine-tuned model's backbone. A head tied to a frozen embedding is
     /// frozen with it.
     Frozen(Frozen),
+    /// Its layers under activation checkpointing (`torch.utils.checkpoint`, non-reentrant):
+    /// the region's input kept, its activations recomputed in backward. Not nested; the
+    /// `pytorch` framework only.
+    Checkpoint(Checkpoint),
     /// Multi-head self-attention over a `[positions, features]` sample: query, key, value and
     /// output projections around fused scaled dot-product attention.
     SelfAttention(SelfAttention),
@@ -582,6 +592,14 @@ pub struct Residual {
 /// Layers whose parameters are frozen.
 #[derive(Serialize, ToSchema)]
 pub struct Frozen {
+    /// The layers, applied in order.
+    #[schema(no_recursion, min_items = 1)]
+    layers: Vec<Layer>,
+}
+
+/// Layers whose activations are recomputed in backward.
+#[derive(Serialize, ToSchema)]
+pub struct Checkpoint {
     /// The layers, applied in order.
     #[schema(no_recursion, min_items = 1)]
     layers: Vec<Layer>,
@@ -1184,7 +1202,9 @@ mod tests {
                              {"patch_embedding": {"embedding_dim": 4, "patch_size": 2}},
                              {"first_token": {}},
                              {"frozen": {"layers": [{"identity": {}}]}},
-                             {"linear": {"out_features": 4, "bias": true, "tied": true}}]},
+                             {"checkpoint": {"layers": [{"identity": {}}]}},
+                             {"linear": {"out_features": 4, "bias": true, "tied": true}}],
+                         "gradient_checkpointing": true},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
                "headroom": 0.75, "target_batch_size": 1000, "world_size": 3,
@@ -1209,6 +1229,10 @@ mod tests {
         job["model"].as_object_mut().unwrap().remove("tokens");
         job["model"].as_object_mut().unwrap().remove("huggingface");
         job["model"].as_object_mut().unwrap().remove("lora");
+        job["model"]
+            .as_object_mut()
+            .unwrap()
+            .remove("gradient_checkpointing");
         job["model"]
             .as_object_mut()
             .unwrap()
