@@ -3,9 +3,9 @@
 //! Accelerate helper), its type check (mypy, strict) and its wheel, built without writing into
 //! the source tree.
 //!
-//! Needs Python with pytest, httpx, torch, torchvision, lightning, accelerate and mypy (`.ci/run` installs
-//! them into `.deps/venv`); without them the test says it skipped, and with
-//! `HEADROOM_REQUIRE_PYTHON_CLIENT=1` fails.
+//! Needs Python with pytest, httpx, torch, torchvision, transformers, peft, lightning, accelerate
+//! and mypy (`.ci/run` installs them into `.deps/venv`); without them the test says it skipped,
+//! and with `HEADROOM_REQUIRE_PYTHON_CLIENT=1` fails.
 
 mod support;
 
@@ -14,7 +14,8 @@ use std::process::Command;
 
 use support::{run_ok, skip_or_fail};
 
-const MODULES: &str = "pytest, httpx, torch, torchvision, lightning, accelerate, mypy";
+const MODULES: &str =
+    "pytest, httpx, torch, torchvision, transformers, peft, lightning, accelerate, mypy";
 
 fn package() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python")

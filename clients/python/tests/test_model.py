@@ -544,3 +544,46 @@ def test_a_hugging_face_model_with_frozen_parameters_is_named() -> None:
     gpt2.transformer.wpe.requires_grad_(False)
     with pytest.raises(UnsupportedModel, match=r"freezes 32768 of its parameters"):
         job_from_torch(gpt2, [16])
+
+
+def test_a_peft_lora_model_and_gradient_checkpointing_are_read(server: str) -> None:
+    """peft's LoRA around a Hugging Face model reads as its config with ``model.lora``, and the
+    service counts the parameters peft counts; ``activation_checkpointing_enable()`` reads as
+    ``model.gradient_checkpointing``, which fits more sequences, and a setting headroom does
+    not read is named."""
+    import peft
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    with torch.device("meta"):
+        base = transformers.LlamaForCausalLM(config)
+        adapted = peft.get_peft_model(
+            transformers.LlamaForCausalLM(config),
+            peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    base.activation_checkpointing_enable()
+    trainable, total = adapted.get_nb_trainable_parameters()
+    job = job_from_torch(adapted, [16])
+    assert job["model"]["lora"] == {"r": 4, "lora_alpha": 16.0, "lora_dropout": 0.0,
+                                    "target_modules": ["q_proj", "v_proj"]}
+    checkpointed = job_from_torch(base, [16])
+    assert checkpointed["model"]["gradient_checkpointing"] is True
+    with Headroom(server) as client:
+        estimate = client.estimate(job, memory_bytes=1 << 30)["estimates"][0]["estimate"]
+        assert (estimate["parameter_count"], estimate["trainable_parameter_count"]) == (total, trainable)
+        with torch.device("meta"):
+            plain = job_from_torch(transformers.LlamaForCausalLM(config), [16])
+        fits = [client.estimate(j, memory_bytes=1 << 26)["estimates"][0]["estimate"]["predicted_max_batch_size"]
+                for j in (plain, checkpointed)]
+        assert fits[1] > fits[0], fits
+    adapted.get_parameter("base_model.model.model.norm.weight").requires_grad_(True)
+    with pytest.raises(UnsupportedModel, match=r"trains base_model\.model\.model\.norm\.weight beside"):
+        job_from_torch(adapted, [16])
+    with torch.device("meta"):
+        sparse = transformers.LlamaForCausalLM(config)
+    sparse.activation_checkpointing_enable(every_n_layers=2)
+    with pytest.raises(UnsupportedModel, match=r"checkpoints 1 of its 2 layers"):
+        job_from_torch(sparse, [16])
+    sparse.activation_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(UnsupportedModel, match=r"use_reentrant=True"):
+        job_from_torch(sparse, [16])
+

@@ -11,7 +11,9 @@ what headroom reads: never a silent approximation. The job's parameter count is 
 
 A Hugging Face ``PreTrainedModel`` is read from its config instead (``model.huggingface``, for
 the model types headroom reads), with PyTorch's parameter count in the job for the service to
-check against the layers it reads the config as.
+check against the layers it reads the config as; ``gradient_checkpointing_enable()`` as
+``model.gradient_checkpointing``, and peft's LoRA around it (``get_peft_model``) as
+``model.lora``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from headroom_client.client import Json
@@ -132,8 +135,9 @@ def _hugging_face_model(module: nn.Module, shape: list[int]) -> Json | None:
             f"a Hugging Face {model_type!r} model; headroom reads the configs of "
             f"{', '.join(HUGGING_FACE_TYPES)}: describe it as a job's model.layers instead",
         )
+    lora = _lora(module)
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    if frozen:
+    if frozen and lora is None:
         raise UnsupportedModel(
             "model", module,
             f"freezes {frozen} of its parameters; headroom reads a Hugging Face model from its config, "
@@ -143,6 +147,10 @@ def _hugging_face_model(module: nn.Module, shape: list[int]) -> Json | None:
         "huggingface": json.loads(config.to_json_string(use_diff=False)),
         "parameter_count": sum(p.numel() for p in module.parameters()),
     }
+    if lora is not None:
+        described["lora"] = lora
+    if _checkpoints_every_layer(module):
+        described["gradient_checkpointing"] = True
     # How the model computes attention, which config.json does not store: headroom runs
     # "sdpa" and "eager", and names any other it is given.
     implementation = getattr(config, "_attn_implementation", None)
@@ -163,6 +171,70 @@ def _hugging_face_model(module: nn.Module, shape: list[int]) -> Json | None:
                 "input_shape", None, f"{shape}: this {model_type} model's config reads images of {image}"
             )
     return described
+
+
+def _checkpoints_every_layer(module: nn.Module) -> bool:
+    """Whether ``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()``) was
+    called as headroom reads it: every decoder layer under ``torch.utils.checkpoint``,
+    non-reentrant, on the device. Another setting is named, not read as this one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    checkpointed = [m for m in layers if m.gradient_checkpointing]
+    if not checkpointed:
+        return False
+    if len(checkpointed) != len(layers):
+        raise UnsupportedModel(
+            "model", module,
+            f"checkpoints {len(checkpointed)} of its {len(layers)} layers (every_n_layers); "
+            "headroom reads checkpointing of every layer",
+        )
+    function: Any = checkpointed[0]._gradient_checkpointing_func
+    if getattr(function, "func", None) is not torch.utils.checkpoint.checkpoint:
+        raise UnsupportedModel(
+            "model", module,
+            "checkpoints through another function than torch.utils.checkpoint (offload=True "
+            "keeps activations on the host); headroom reads activations kept on the device",
+        )
+    if function.keywords.get("use_reentrant") is True:
+        raise UnsupportedModel(
+            "model", module,
+            "checkpoints with use_reentrant=True; headroom reads the non-reentrant checkpoint, "
+            "activation_checkpointing_enable()'s default",
+        )
+    return True
+
+
+def _lora(module: nn.Module) -> Json | None:
+    """A peft ``PeftModel``'s LoRA adapters as the job's ``model.lora`` (peft's
+    ``LoraConfig``), ``None`` for a module peft did not wrap. Only plain LoRA is read: every
+    trainable parameter an adapter's, one adapter, no bias trained, no layer saved whole."""
+    configs: Any = getattr(module, "peft_config", None)
+    if not isinstance(configs, dict):
+        return None
+    if len(configs) != 1:
+        raise UnsupportedModel("model", module, f"holds {len(configs)} adapters; headroom reads one")
+    (config,) = configs.values()
+    kind = str(getattr(config, "peft_type", ""))
+    if not kind.endswith("LORA"):
+        raise UnsupportedModel("model", module, f"is a peft {kind} model; headroom reads LoRA")
+    extras = {"bias": "none", "modules_to_save": None, "use_dora": False, "use_rslora": False}
+    for name, plain in extras.items():
+        if getattr(config, name, plain) not in (plain, [], set()):
+            raise UnsupportedModel(
+                "model", module,
+                f"sets LoraConfig.{name}={getattr(config, name)!r}; headroom reads plain LoRA ({name}={plain!r})",
+            )
+    trained = [name for name, p in module.named_parameters() if p.requires_grad and "lora_" not in name]
+    if trained:
+        raise UnsupportedModel("model", module, f"trains {trained[0]} beside its adapters; headroom reads plain LoRA")
+    targets = config.target_modules
+    return {
+        "r": int(config.r),
+        "lora_alpha": float(config.lora_alpha),
+        "lora_dropout": float(config.lora_dropout),
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+    }
 
 
 def _shorthand_or_list(layers: list[Json], shape: list[int]) -> Json:

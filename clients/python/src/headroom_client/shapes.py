@@ -81,7 +81,7 @@ def _layer(kind: str, args: Json, shape: list[int], vocab: int | None) -> tuple[
         out = args["out_features"]
         weights = 0 if args.get("tied", False) else shape[-1] * out  # a tied head's are the table
         return weights + (out if args.get("bias", True) else 0), [*shape[:-1], out]
-    if kind == "frozen":
+    if kind in ("frozen", "checkpoint"):
         return walk(args["layers"], shape, vocab)
     if kind == "residual":
         body, passed = walk(args["layers"], shape, vocab)
