@@ -6,10 +6,13 @@
 //! that unpacks a saved tensor runs the region's forward again on the saved input (autocast as
 //! it was, a fresh cache; dropout draws the same masks), and each tensor the recomputation saves
 //! goes, in order, to the node that packed the matching one; the recomputation stops once the
-//! last is made (early stop: nothing after it is allocated or run). A recomputed tensor goes
-//! when the node it went to has run; the frame, and with it the input and what the model's
-//! forward shared with the region (rotary tables, an eager causal mask: the arguments Hugging
-//! Face passes each checkpointed layer), goes when the last node that packed anything has run.
+//! last is saved (early stop: nothing after it is allocated or run, and an operation that saves
+//! only its inputs, which autograd saves before running it, does not run). A recomputed tensor
+//! goes when the computation of the node it went to returns, before autograd's engine sums a
+//! broadcast input's gradient ([`super::Pass::applied`]); the frame, and with it the input and
+//! what the model's forward shared with the region (rotary tables, an eager causal mask: the
+//! arguments Hugging Face passes each checkpointed layer), goes when the last node that packed
+//! anything has run.
 
 use super::{Graph, Tensor};
 use crate::program::framework::Framework;
@@ -61,7 +64,7 @@ pub(super) struct RegionEntry {
 }
 
 impl Graph {
-    /// Starts a checkpointed region over `input` at `field` (`model.layers[3].checkpoint`):
+    /// Starts a checkpointed region over `input` at `field` (`model.layers[3].checkpoint.layers`):
     /// its frame saves the input, and what its nodes save is packed away until
     /// [`Graph::end_checkpoint`]. headroom's own step, which frees nothing, is refused.
     pub fn begin_checkpoint(&mut self, input: Tensor, field: &str) -> Region {
