@@ -337,9 +337,8 @@ fn serde_name<T: Serialize>(value: &T) -> String {
 fn checkpoint_layer_list(
     model: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), JobError> {
-    use crate::modules::checkpoint::checkpoint_blocks;
-    let asked = model.get("gradient_checkpointing") == Some(&serde_json::Value::Bool(true));
-    if !asked || model.contains_key("huggingface") {
+    use crate::modules::checkpoint::{asked, checkpoint_blocks};
+    if !asked(model) || model.contains_key("huggingface") {
         return Ok(());
     }
     let layers = match model.get_mut("layers") {

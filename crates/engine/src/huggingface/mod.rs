@@ -18,7 +18,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::modules::checkpoint::checkpoint_blocks;
+use crate::modules::checkpoint::{self, checkpoint_blocks};
 use crate::modules::LayerSpec;
 
 mod decoder;
@@ -98,7 +98,7 @@ pub fn expand(model: &mut Map<String, Value>) -> Result<(), ConfigError> {
     }
     agree(model, "num_classes", json!(classes), "the config's classes")?;
     // Every family's decoder (or encoder) layer is two residual blocks.
-    let layers = match model.get("gradient_checkpointing") == Some(&Value::Bool(true)) {
+    let layers = match checkpoint::asked(model) {
         true => checkpoint_blocks(layers, 2).map_err(|e| ConfigError::new(e.field, e.reason))?,
         false => layers,
     };

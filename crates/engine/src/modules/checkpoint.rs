@@ -106,6 +106,11 @@ impl Module for Checkpoint {
 /// Where a job asks for checkpointing as Hugging Face's `gradient_checkpointing_enable()` does.
 pub const GRADIENT_CHECKPOINTING: &str = "model.gradient_checkpointing";
 
+/// Whether a job's `model` object asks for [`GRADIENT_CHECKPOINTING`].
+pub fn asked(model: &serde_json::Map<String, serde_json::Value>) -> bool {
+    model.get("gradient_checkpointing") == Some(&serde_json::Value::Bool(true))
+}
+
 /// `layers` (a job's `model.layers`) with every run of `per_region` top-level residual blocks
 /// under one `checkpoint`: `gradient_checkpointing_enable()`'s regions, a decoder layer of a
 /// Hugging Face model (two blocks) or each block of a layer list (one). A list checkpointed

@@ -238,9 +238,9 @@ fn repeat(graph: &mut Graph, x: Tensor, shape: HeadGroups) -> Tensor {
 /// autocast's type where stored otherwise (the right one first, as autocast's wrapper
 /// evaluates its arguments), then each projection's heads copied by `reshape` (the left one
 /// first), the product into a new tensor laid out as `out` says, the casts let go. With
-/// [`Layout::Heads`] the product goes through `.transpose(1, 2).contiguous()`: PyTorch's
-/// `[batch, heads, t, d]` output is held for its bytes while the copy is made, and headroom
-/// writes the copy directly.
+/// [`Layout::Heads`] the product goes through `.transpose(1, 2).contiguous()`: in the PyTorch
+/// profile, as PyTorch runs it (the `[batch, heads, t, d]` product, the casts and copies
+/// nothing saved let go, then its transposed copy); in headroom's own step, written directly.
 fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attention) -> Tensor {
     let cast_b = graph.operand(b.tensor);
     let cast_a = graph.operand(a.tensor);
@@ -283,19 +283,13 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
         .saturating_mul(shape.heads)
         .saturating_mul(rows)
         .saturating_mul(cols);
-    let mut transposing = match out == Layout::Heads && transpose_copies(shape) {
+    // PyTorch's `bmm` writes `[batch, heads, t, d]`; `.contiguous()` copies it transposed
+    // after `matmul` has let its operands' unsaved casts and copies go. The PyTorch profile
+    // does the same; headroom's own step writes the transposed layout directly.
+    let staged = match out == Layout::Heads && transpose_copies(shape) {
         true => graph.pytorch_only(Part::Activations, len, Element::Value(storage)),
         false => None,
     };
-    // PyTorch lets the right operand's copy go after `bmm` when nothing saves it (the left
-    // needs no gradient), before `.contiguous()` copies the output: {copy, output} then
-    // {output, copy of it}. headroom's kernel writes that copy from the operand, so it holds
-    // {copy, output} then {copy, copy of the output}: the same bytes, the copy and `bmm`'s
-    // output being the same size.
-    if b.tensor != cast_b && !graph.requires_grad(a.tensor) {
-        graph.release_optional(transposing.take());
-    }
-    let c = graph.output(len, storage);
     let product = BatchedProduct {
         batch: shape.batch,
         heads: shape.heads,
@@ -306,13 +300,22 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
         b: b.read(),
         c: c_strides,
     };
+    let written = staged.unwrap_or_else(|| graph.output(len, storage));
+    let written_strides = match staged {
+        Some(_) => Strides::contiguous(shape.heads, rows, cols),
+        None => c_strides,
+    };
     graph.emit(Instr::BatchedProduct {
         a: graph.slot(a.tensor),
         b: graph.slot(b.tensor),
-        c: graph.slot(c),
-        shape: product,
+        c: graph.slot(written),
+        shape: BatchedProduct {
+            c: written_strides,
+            ..product
+        },
     });
-    graph.release_optional(transposing);
+    // The backward reads the output's gradient as the transposed copy lays it out: autograd
+    // hands it through the copy and the transposed view unchanged.
     let backward = ProductBackward {
         a,
         b,
@@ -325,10 +328,27 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
         .filter(|&(_, other)| graph.requires_grad(other))
         .map(|(kept, _)| kept)
         .collect();
-    graph.record(backward, &[a.tensor, b.tensor], &saved, &[c]);
+    graph.record(backward, &[a.tensor, b.tensor], &saved, &[written]);
     for tensor in [a.tensor, b.tensor, cast_a, cast_b] {
         graph.release(tensor);
     }
+    let Some(staged) = staged else {
+        return written;
+    };
+    let c = graph.output(len, storage);
+    graph.emit(Instr::SumHeadGroups {
+        from: graph.slot(staged),
+        to: graph.slot(c),
+        shape: HeadGroups {
+            batch: shape.batch,
+            positions: rows,
+            kv_heads: shape.heads,
+            groups: 1,
+            head_dim: cols,
+        },
+    });
+    graph.record(CopyBackward, &[staged], &[], &[c]);
+    graph.release(staged);
     c
 }
 
@@ -536,5 +556,72 @@ impl Backward for ProductBackward {
             pass.release(dc);
         }
         vec![da, db]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::program::{Instr, Slot};
+    use crate::Job;
+
+    /// The PyTorch profile's step of eager attention (rotary, so the queries are f32 and the
+    /// probabilities cast for their product with the values) over 13 positions, `frozen` or not.
+    fn step(frozen: bool) -> Vec<Instr> {
+        let attention = json!({"self_attention": {
+            "num_heads": 8, "head_dim": 8, "num_kv_heads": 4, "rope_theta": 10000.0,
+            "implementation": "eager", "bias": false
+        }});
+        let first = match frozen {
+            true => json!({"frozen": {"layers": [attention]}}),
+            false => attention,
+        };
+        let job = Job::from_value(json!({
+            "model": {"input_shape": [13, 33], "num_classes": 16, "layers": [
+                first, {"flatten": {}}, {"linear": {"out_features": 16}}
+            ]},
+            "optimizer": {"name": "sgd"},
+            "precision": "16-mixed"
+        }))
+        .unwrap();
+        job.plan().program(5, 0).unwrap().step
+    }
+
+    /// The slots the probabilities-times-values product reads and writes, and what happens
+    /// between it and the transposed copy of its output.
+    fn around_the_transposed_copy(step: &[Instr]) -> (Slot, Vec<Slot>) {
+        let copy = step
+            .iter()
+            .position(|i| matches!(i, Instr::SumHeadGroups { shape, .. } if shape.groups == 1))
+            .expect("the output's transposed copy");
+        let Instr::SumHeadGroups { from, .. } = step[copy] else {
+            unreachable!()
+        };
+        let product = step[..copy]
+            .iter()
+            .rposition(|i| matches!(i, Instr::BatchedProduct { c, .. } if *c == from))
+            .expect("the product");
+        let Instr::BatchedProduct { a, .. } = step[product] else {
+            unreachable!()
+        };
+        let freed = step[product..copy]
+            .iter()
+            .filter_map(|i| match i {
+                Instr::Free(slot) => Some(*slot),
+                _ => None,
+            })
+            .collect();
+        (a, freed)
+    }
+
+    #[test]
+    fn the_probabilities_cast_goes_before_the_output_is_copied_unless_saved() {
+        // Frozen, nothing saves the cast: matmul lets it go before `.contiguous()` copies.
+        let (cast, freed) = around_the_transposed_copy(&step(true));
+        assert!(freed.contains(&cast), "{cast:?} not in {freed:?}");
+        // Trained, bmm saves it for the values' gradient.
+        let (cast, freed) = around_the_transposed_copy(&step(false));
+        assert!(!freed.contains(&cast), "{cast:?} in {freed:?}");
     }
 }
