@@ -36,7 +36,7 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn every_example_keeps_its_pinned_answer() {
     #[rustfmt::skip]
-    let pinned: [(&str, u64, [u64; 3], u64); 20] = [
+    let pinned: [(&str, u64, [u64; 3], u64); 21] = [
         ("cifar10-cnn-bn", 94762, [1696668, 44545428, 2802594708], 123403),
         ("cifar10-mlp-adam", 394634, [7904980, 8679628, 61396644], 50000),
         ("cifar10-mlp-bf16", 394634, [7904980, 8679628, 83416740], 50000),
@@ -51,6 +51,7 @@ fn every_example_keeps_its_pinned_answer() {
         ("resnet18-imagenet", 11689512, [151181068, 927021316, 51703756548], 6693),
         ("resnet50-imagenet", 25557032, [340770836, 3124435468, 183584659468], 1880),
         ("smollm2-135m", 134515008, [4682698500, 180988833540, 11464581476100], 29),
+        ("smollm2-135m-fsdp8", 134515008, [3383539428, 179689674468, 11463282317028], 29),
         ("smollm2-135m-lora", 134975808, [3205704964, 153921219844, 9799714172164], 34),
         ("tiny-gpt", 136960, [2740228, 62821892, 3917026820], 88305),
         ("tiny-gpt-frozen-lower-blocks", 136960, [1689604, 38042116, 2364602884], 146289),
@@ -102,8 +103,10 @@ fn every_example_keeps_its_pinned_answer() {
 /// A language model with causal self-attention tunes on the host to the memory model's limit,
 /// within the band the MLP meets, and fresh probes confirm it: the max fits, one `multiple_of`
 /// above it does not. Its attention fused, eager (the scores materialized), fine-tuned with
-/// LoRA on every linear layer (adapters with dropout, the model frozen), and with every block
-/// checkpointed (recomputed in backward).
+/// LoRA on every linear layer (adapters with dropout, the model frozen), with every block
+/// checkpointed (recomputed in backward), and sharded with FSDP over 3 GPUs (one rank's step:
+/// its shards, each block gathered for its forward and backward, padded where 3 does not divide
+/// a dimension).
 #[test]
 fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
     let mut example: serde_json::Value =
@@ -130,11 +133,17 @@ fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
         serde_json::from_str(&std::fs::read_to_string("examples/tiny-gpt.json").unwrap()).unwrap();
     checkpointed["model"]["gradient_checkpointing"] = true.into();
     let checkpointed = support::temp_file(".json", checkpointed.to_string());
+    let mut sharded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("examples/tiny-gpt.json").unwrap()).unwrap();
+    sharded["sharding"] = "fsdp".into();
+    sharded["world_size"] = 3.into();
+    let sharded = support::temp_file(".json", sharded.to_string());
     let jobs = [
         "examples/tiny-gpt.json",
         eager.to_str().unwrap(),
         lora.to_str().unwrap(),
         checkpointed.to_str().unwrap(),
+        sharded.to_str().unwrap(),
     ];
     for job in jobs {
         let on_host = ["--device", "host", "--host-memory", "64MiB", "--json"];
@@ -286,9 +295,9 @@ fn a_hugging_face_config_is_a_job_on_the_command_line() {
 }
 
 /// A Hugging Face config takes the fine-tuning options a job does: activation checkpointing of
-/// every decoder layer, and LoRA adapters.
+/// every decoder layer, LoRA adapters, and FSDP over several GPUs.
 #[test]
-fn a_hugging_face_config_takes_checkpointing_and_lora_on_the_command_line() {
+fn a_hugging_face_config_takes_checkpointing_lora_and_fsdp_on_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_gpt2_config(dir.path());
     let config = config.to_str().unwrap();
@@ -312,12 +321,38 @@ fn a_hugging_face_config_takes_checkpointing_and_lora_on_the_command_line() {
         2 * 2 * 4 * (32 + 128),
         "{adapted}"
     );
+    // Sharded over 4 GPUs, each holds a quarter of the parameters (rounded up by rows) in
+    // Adam's two moments.
+    let sharded = estimate(&["--fsdp", "4"]);
+    assert_eq!(sharded["fsdp_world_size"], 4);
+    let state = |estimate: &serde_json::Value| estimate["memory"]["optimizer_state"].as_u64();
+    let (sharded_state, whole_state) = (state(&sharded).unwrap(), state(&whole).unwrap());
+    assert!(
+        sharded_state >= whole_state / 4 && sharded_state < whole_state / 4 + whole_state / 16,
+        "{sharded_state} of {whole_state}"
+    );
     let args = [
         "estimate",
-        "examples/tiny-gpt.json",
-        "--gradient-checkpointing",
+        "--hf-config",
+        config,
+        "--sequence-length",
+        "64",
+        "--fsdp",
+        "4",
     ];
-    refused(&headroom(&args), 2, "--hf-config");
+    let said = String::from_utf8(headroom(&args).stdout).unwrap();
+    assert!(
+        said.contains("sharding                FSDP over 4 GPUs"),
+        "{said}"
+    );
+    for flag in ["--gradient-checkpointing", "--fsdp"] {
+        let args = ["estimate", "examples/tiny-gpt.json", flag];
+        let args = match flag {
+            "--fsdp" => [&args[..], &["2"]].concat(),
+            _ => args.to_vec(),
+        };
+        refused(&headroom(&args), 2, "--hf-config");
+    }
     let args = ["estimate", "--hf-config", config, "--lora-alpha", "16"];
     refused(&headroom(&args), 2, "--lora-r");
 }

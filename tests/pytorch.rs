@@ -1,8 +1,9 @@
 //! headroom's PyTorch profile against PyTorch's own accounting of the same step, without a GPU:
 //! `tests/pytorch/memory_check.py` runs PyTorch's `MemTracker` under `FakeTensorMode` for every
 //! example (torchvision's own modules for the torchvision ones) in every precision at several
-//! batch sizes, and for 300 layer lists drawn by a seeded generator over every layer kind, and
-//! requires the peaks within 0.1% or 1 KiB (and by category where both name the same thing).
+//! batch sizes, and for 300 layer lists drawn by a seeded generator over every layer kind (some
+//! sharded with FSDP, against `FSDPMemTracker` over a fake process group), and requires the
+//! peaks within 0.1% or 1 KiB (and by category where both name the same thing).
 //! `HEADROOM_MEMORY_CHECK_SEED` fixes the generator's seed (the run prints the one it used). It
 //! needs a `python3` with PyTorch, torchvision and peft (`.ci/run` installs them); without them the
 //! test says it skipped, and `HEADROOM_REQUIRE_TORCH=1` makes that a failure.

@@ -1340,6 +1340,17 @@ fn estimate_answers_for_a_card_every_card_or_an_unknown_one() {
     assert_eq!(status, 200, "{answer}");
     let estimate = &answer["estimates"][0]["estimate"];
     assert_eq!(estimate["parameter_count"], 134_515_008);
+    assert!(estimate.get("fsdp_world_size").is_none());
+    // Sharded with FSDP over 8 GPUs, the answer says it is one GPU's; over one, refused.
+    let mut sharded = smollm2.clone();
+    sharded["sharding"] = json!("fsdp");
+    sharded["world_size"] = json!(8);
+    let (status, answer) = post(&sharded);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["estimates"][0]["estimate"]["fsdp_world_size"], 8);
+    sharded["world_size"] = json!(1);
+    let (status, problem) = post(&sharded);
+    assert_eq!((status, problem["field"].as_str()), (422, Some("sharding")));
     let mut phi = smollm2.clone();
     phi["model"]["huggingface"]["model_type"] = json!("phi3");
     let (status, problem) = post(&phi);

@@ -152,26 +152,35 @@ fn each_example_tunes_to_a_limit_that_probes_confirm() {
     let Some(standin) = StandIn::get() else {
         return;
     };
-    // The tiny GPT twice: as it is, and with every block checkpointed (recomputed in backward).
-    for (name, memory, checkpointed) in [
-        ("mnist-mlp-sgd", "24MiB", false),
-        ("cifar10-mlp-adam", "48MiB", false),
-        ("cifar10-mlp-bf16", "48MiB", false),
-        ("deep-mlp-adamw", "128MiB", false),
-        ("lenet5-mnist", "16MiB", false),
-        ("cifar10-cnn-bn", "4MiB", false),
-        ("tiny-gpt", "16MiB", false),
-        ("tiny-gpt", "16MiB", true),
+    // The tiny GPT three times: as it is, with every block checkpointed (recomputed in
+    // backward), and sharded with FSDP over 3 GPUs (one rank's step).
+    for (name, memory, variant) in [
+        ("mnist-mlp-sgd", "24MiB", ""),
+        ("cifar10-mlp-adam", "48MiB", ""),
+        ("cifar10-mlp-bf16", "48MiB", ""),
+        ("deep-mlp-adamw", "128MiB", ""),
+        ("lenet5-mnist", "16MiB", ""),
+        ("cifar10-cnn-bn", "4MiB", ""),
+        ("tiny-gpt", "16MiB", ""),
+        ("tiny-gpt", "16MiB", "checkpointed"),
+        ("tiny-gpt", "16MiB", "sharded"),
     ] {
         let mut job = example(name);
         if name == "tiny-gpt" {
             // Its limit is a few sequences: a step of 8 could not come within 3% of it.
             job["search"]["multiple_of"] = json!(1);
-            job["model"]["gradient_checkpointing"] = json!(checkpointed);
         }
-        let name = match checkpointed {
-            true => "tiny-gpt, checkpointed",
-            false => name,
+        match variant {
+            "checkpointed" => job["model"]["gradient_checkpointing"] = json!(true),
+            "sharded" => {
+                job["sharding"] = json!("fsdp");
+                job["world_size"] = json!(3);
+            }
+            _ => {}
+        }
+        let name = match variant {
+            "" => name.to_string(),
+            variant => format!("{name}, {variant}"),
         };
         let path = support::job_file(&job);
         let run = |args: &[&str]| {

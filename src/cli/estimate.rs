@@ -121,7 +121,7 @@ fn memory_at(job: &Job, plan: &Plan, batch_size: u64, json: bool) -> Result<(), 
     })?;
     if json {
         let cuda = |allocator| plan.device_bytes(batch_size, allocator);
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "batch_size": batch_size,
             "parameter_count": plan.parameter_count(),
             "trainable_parameter_count": plan.trainable_parameter_count(),
@@ -131,6 +131,9 @@ fn memory_at(job: &Job, plan: &Plan, batch_size: u64, json: bool) -> Result<(), 
             "cuda_bytes": cuda(Allocator::CudaPages),
             "pytorch_cuda_bytes": cuda(Allocator::PytorchCaching),
         });
+        if let Some(sharding) = plan.sharding {
+            value["fsdp_world_size"] = sharding.world.into();
+        }
         print_line(serde_json::to_string_pretty(&value).expect("JSON prints"))
     } else {
         print(output::memory_at(batch_size, &memory))
@@ -156,7 +159,12 @@ fn report(target: &Target, estimates: &[GpuEstimate], json: bool) -> Result<(), 
         return Ok(());
     }
     match target {
-        Target::Catalogue => print(output::catalogue(estimates))?,
+        Target::Catalogue => {
+            let world = estimates
+                .iter()
+                .find_map(|e| e.estimate.as_ref()?.fsdp_world_size);
+            print(output::sharding(world) + &output::catalogue(estimates))?
+        }
         _ => {
             if let Some(e) = &estimates[0].estimate {
                 print(output::estimate(e))?;

@@ -53,6 +53,10 @@ pub struct JobSource {
     /// or all-linear.
     #[arg(long, value_name = "NAMES", requires = "lora_r")]
     lora_target_modules: Option<String>,
+    /// With --hf-config: shard the model over this many GPUs with FSDP2 (`fully_shard` on each
+    /// decoder layer, then on the model); the batch and memory answered are one GPU's.
+    #[arg(long, value_name = "GPUS")]
+    fsdp: Option<u64>,
 }
 
 impl JobSource {
@@ -66,6 +70,7 @@ impl JobSource {
                 ("--attn-implementation", self.attn_implementation.is_some()),
                 ("--gradient-checkpointing", self.gradient_checkpointing),
                 ("--lora-r", self.lora_r.is_some()),
+                ("--fsdp", self.fsdp.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
                 return Err(CliError::Argument(format!(
@@ -98,11 +103,15 @@ impl JobSource {
         if let Some(r) = self.lora_r {
             model["lora"] = self.lora(r);
         }
-        let job = serde_json::json!({
+        let mut job = serde_json::json!({
             "model": model,
             "optimizer": {"name": self.optimizer.as_deref().unwrap_or("adamw")},
             "precision": self.precision.as_deref().unwrap_or("32-true"),
         });
+        if let Some(world) = self.fsdp {
+            job["world_size"] = world.into();
+            job["sharding"] = "fsdp".into();
+        }
         Job::from_value(job).map_err(|source| match source.field.as_str() {
             "model.tokens" if self.sequence_length.is_none() => CliError::Argument(format!(
                 "{name} describes a language model: give --sequence-length N, the tokens of a \

@@ -113,6 +113,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
          device                  {} {} ({}, {} total)\n\
          precision               {}\n\
          framework               {}\n\
+         {}\
          search                  {} probes in {:.2} s\n\
          memory at batch {}:\n{}",
         result.max_batch_size,
@@ -130,12 +131,22 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         human(result.device.total_bytes),
         result.precision,
         result.framework.name(),
+        sharding(result.fsdp_world_size),
         result.probes.len(),
         result.elapsed_seconds,
         result.recommended_batch_size,
         memory_table(&result.memory),
     ) + &note(result.throughput_note.as_deref())
         + &note(result.precision_note.as_deref())
+}
+
+/// The sharding line: FSDP over `world` GPUs, or nothing.
+pub fn sharding(world: Option<u64>) -> String {
+    world.map_or(String::new(), |world| {
+        format!(
+            "sharding                FSDP over {world} GPUs: the batch and memory are one GPU's\n"
+        )
+    })
 }
 
 /// `tokens` in a batch of sequences after `before`, or nothing for a batch of values.
@@ -162,6 +173,7 @@ pub fn estimate(e: &Estimate) -> String {
         "parameters              {}\n\
          precision               {}\n\
          framework               {}\n\
+         {}\
          fixed                   {}\n\
          per sample              {}\n\
          predicted max batch     {} in {}\n\
@@ -170,6 +182,7 @@ pub fn estimate(e: &Estimate) -> String {
         parameters(e.parameter_count, e.trainable_parameter_count),
         e.precision,
         e.framework.name(),
+        sharding(e.fsdp_world_size),
         human(e.fixed_bytes),
         human(e.bytes_per_sample),
         e.predicted_max_batch_size,

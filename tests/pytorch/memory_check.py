@@ -19,7 +19,9 @@ Without a GPU (the default) PyTorch runs under FakeTensorMode, and
 `torch.distributed._tools.mem_tracker.MemTracker` follows every tensor the step creates and
 frees. Under any such tracer autograd sums a parameter's gradients out of place (a traced tensor
 holds one more reference), which `--traced` models; untraced PyTorch sums in place, which the
-profile models otherwise. The optimizers are PyTorch's `foreach` implementations, which PyTorch
+profile models otherwise. A job sharded with FSDP (`"sharding": "fsdp"`) runs as rank 0 of a
+fake process group of `world_size` ranks, `fully_shard` on every top-level residual block and
+then on the model, under `torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker`. The optimizers are PyTorch's `foreach` implementations, which PyTorch
 picks on a GPU. Under autocast both devices compute the loss from an f32 copy of the logits
 (the CPU's autocast casts them at `cross_entropy_loss`, CUDA's at its `log_softmax`), alive
 while the loss is computed. Where the CPU differs from CUDA the check follows CUDA: dropout takes
@@ -608,6 +610,8 @@ def build(job, device, torchvision_name=None):
                 share_model_tables(model)
                 if "lora" in job["model"]:
                     model = with_lora(model, job["model"]["lora"])
+                if job.get("sharding") == "fsdp":
+                    fully_shard_blocks(model)
     finally:
         torch.set_default_dtype(default_dtype)
     name = job["optimizer"]["name"]
@@ -624,6 +628,37 @@ def build(job, device, torchvision_name=None):
     else:
         raise SystemExit(f"unknown optimizer {name}")
     return model, optimizer
+
+
+def fully_shard_blocks(model):
+    """`fully_shard` on every top-level residual block of the list, then on the model, as
+    headroom's `"sharding": "fsdp"` reads a layer list, over the device mesh `fsdp_mesh` made
+    (before the fake mode: FSDP needs a process group, here a fake one)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, Residual):
+            fully_shard(layer, mesh=FSDP_MESH[0])
+    fully_shard(model, mesh=FSDP_MESH[0])
+
+
+#: The device mesh of the fake process group the FSDP jobs run in, made by `fsdp_mesh`.
+FSDP_MESH = [None]
+
+
+def fsdp_mesh(world):
+    """A fake process group of `world` ranks (this process rank 0) and its 1-D CPU mesh, made
+    outside the fake mode as FSDPMemTracker needs; remade when the world size changes."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized() and dist.get_world_size() == world:
+        return
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    FSDP_MESH[0] = init_device_mesh("cpu", (world,))
 
 
 #: Which linear layers of the builder's modules each LoRA target name means.
@@ -751,11 +786,19 @@ def pytorch_peak_fake(job, batch, torchvision_name=None):
     """The step's peak under FakeTensorMode, by MemTracker's categories, in bytes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    sharded = job.get("sharding") == "fsdp"
+    if sharded:
+        fsdp_mesh(job["world_size"])
     with FakeTensorMode():
         model, optimizer = build(job, "cpu", torchvision_name)
         train_step(job, model, optimizer, batch, "cpu")
-        tracker = frozen_aware_tracker()
-        tracker.track_external(model, optimizer)
+        if sharded:
+            from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+            tracker = FSDPMemTracker(model, optimizer)
+        else:
+            tracker = frozen_aware_tracker()
+            tracker.track_external(model, optimizer)
         before_update = {}
         with tracker:
             train_step(job, model, optimizer, batch, "cpu",
@@ -858,11 +901,16 @@ def compare(binary, name, job, batch, cuda, torchvision_name=None):
         # peak often falls between the two: gradients, activations, the batch and temporaries
         # are compared together. Mixed precision counts autocast's weight copies with the
         # parameters here and with what forward made in MemTracker. headroom counts batch
-        # norm's running statistics with the parameters, MemTracker as buffers.
+        # norm's running statistics with the parameters, MemTracker as buffers. Under FSDP
+        # headroom's parameters are FSDPMemTracker's sharded and unsharded parameters, buffers
+        # and all-gather outputs.
+        # FSDPMemTracker's own classes move with the moment (an all-gather's output is a
+        # temporary at some), so under FSDP the totals and optimizer state are compared.
         params = theirs.get("param", 0) + theirs.get("buffer", 0)
         optimizer = theirs.get("opt", 0)
         checks["optimizer state"] = (memory["optimizer_state"], optimizer)
-        if job.get("precision") in ("32-true", "bf16-true"):
+        sharded = job.get("sharding") == "fsdp"
+        if job.get("precision") in ("32-true", "bf16-true") and not sharded:
             checks["parameters"] = (memory["parameters"], params)
             checks["gradients, activations, batch"] = (
                 memory["total"] - memory["parameters"] - memory["optimizer_state"],
@@ -903,6 +951,23 @@ def fused_multi_query(layers):
             return {kind: {**args, **{k: [rewrite(s) for s in args[k]] for k in ("layers", "shortcut") if k in args}}}
         return spec
     return [rewrite(spec) for spec in layers]
+
+
+def shardable(job):
+    """Whether headroom models FSDP over the job: no LoRA, frozen layers or checkpoints; and
+    whether a block shards apart from the root. (With the root alone, FSDPMemTracker holds a
+    gradient autograd handed over as a view past the root's reduce-scatter at the end of
+    backward, which headroom lets go there; see README, "Sharding with FSDP".)"""
+    def nested(specs):
+        for spec in specs:
+            ((kind, args),) = spec.items()
+            yield kind
+            if kind in CONTAINERS:
+                yield from nested(args["layers"] + args.get("shortcut", []))
+
+    kinds = set(nested(job["model"]["layers"]))
+    blocks = any("residual" in spec for spec in job["model"]["layers"])
+    return blocks and "lora" not in job["model"] and not kinds & {"frozen", "checkpoint"}
 
 
 def adaptable(layers):
@@ -966,6 +1031,9 @@ class Generator:
         # headroom refuses eager multi-query attention (it does not follow every copy PyTorch
         # makes of the view repeat_kv makes of one head).
         job["model"]["layers"] = fused_multi_query(job["model"]["layers"])
+        # A fifth of the rest sharded with FSDP over a few ranks (3 pads uneven shards).
+        if shardable(job) and self.rng.random() < 0.2:
+            job["sharding"], job["world_size"] = "fsdp", self.rng.choice([2, 3, 4, 8])
         return job
 
     def lora(self, names):
@@ -1481,7 +1549,8 @@ def main():
         generator = Generator(seed)
         for i in range(args.random):
             job = generator.job()
-            tasks.append((f"random #{i}", job, generator.batch(), None, True))
+            sharded = f" fsdp/{job['world_size']}" if job.get("sharding") else ""
+            tasks.append((f"random #{i}{sharded}", job, generator.batch(), None, True))
     # Each comparison is independent: they run in worker processes, one per core (MemTracker's
     # bookkeeping is single-threaded Python), and are reported in order.
     workers = 1 if args.cuda else max(1, os.cpu_count() or 1)

@@ -1,6 +1,6 @@
 // elementwise.cu: a bias added, an activation (in place or not) and its gradient from what it
 // saved, a sum of two tensors, a gradient added into another, and conversions between storages
-// (autocast's casts, the loss scale).
+// (autocast's casts, the loss scale), and ranges copied between buffers of one storage.
 //
 // Launch: block (256, 1, 1); grid (min(ceil(n/256), 2^20), 1, 1); grid-stride loops over
 // 64-bit element indices, so any n works. activation, param: activation.cuh's codes.
@@ -61,6 +61,15 @@ extern "C" __global__ void multiply(const void* a, const void* b, void* out, lon
 extern "C" __global__ void accumulate(const void* from, void* into, long long n, int from_storage, int into_storage) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         store_value(into, i, into_storage, load_value(into, i, into_storage) + load_value(from, i, from_storage));
+    }
+}
+
+// to[to_offset + i] = from[from_offset + i]: FSDP's shards copied into and out of its
+// all-gather and reduce-scatter buffers
+extern "C" __global__ void copy_range(const void* from, long long from_offset, void* to, long long to_offset,
+                                      long long n, int storage) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        store_value(to, to_offset + i, storage, load_value(from, from_offset + i, storage));
     }
 }
 

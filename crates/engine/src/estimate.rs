@@ -21,6 +21,9 @@ pub struct Estimate {
     pub precision_note: Option<String>,
     /// Whose training step the prediction describes.
     pub framework: Framework,
+    /// The GPUs FSDP shards the model over, when it does: the batch and memory are one GPU's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsdp_world_size: Option<u64>,
     /// Learnt parameters, frozen ones included (`sum(p.numel() for p in model.parameters())`).
     pub parameter_count: u64,
     /// Those of them it trains (not frozen).
@@ -73,6 +76,7 @@ pub fn estimate(
         precision: plan.precision,
         precision_note: plan.precision_note(memory_bytes, allocator),
         framework: plan.framework,
+        fsdp_world_size: plan.sharding.map(|s| s.world),
         parameter_count: plan.parameter_count(),
         trainable_parameter_count: plan.trainable_parameter_count(),
         fixed_bytes: line.fixed_bytes,

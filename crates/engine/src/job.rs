@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::modules::lora::{LoraSpec, TargetModules};
 use crate::modules::{LayerError, LayerSpec, Token};
 use crate::plan::Framework;
+use crate::plan::Sharding;
 use crate::plan::Training;
 use crate::plan::{mlp_layers, Activation, OptimizerKind, Plan, PlanError, Precision, Samples};
 use crate::result::LimitedBy;
@@ -68,6 +69,29 @@ pub struct JobSpec {
     /// Data-parallel GPUs the global batch is split over.
     #[serde(default = "default_world_size")]
     pub world_size: u64,
+    /// How the model's state is split over those GPUs: `none` (default: each holds it whole)
+    /// or `fsdp` (PyTorch's FSDP2; the answer is one GPU's).
+    #[serde(default, skip_serializing_if = "ShardingSpec::is_none")]
+    pub sharding: ShardingSpec,
+}
+
+/// How a job's model state is split over its `world_size` GPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardingSpec {
+    /// Each GPU holds the whole model, its gradients and optimizer state (DDP's memory less its
+    /// gradient buckets).
+    #[default]
+    None,
+    /// PyTorch's FSDP2: `fully_shard` on each decoder layer (a Hugging Face config's) or each
+    /// top-level residual block (a layer list's), then on the model, with its defaults.
+    Fsdp,
+}
+
+impl ShardingSpec {
+    fn is_none(&self) -> bool {
+        *self == ShardingSpec::None
+    }
 }
 
 /// The network: an MLP in shorthand (flatten the input, then `Linear -> activation` per hidden
@@ -453,17 +477,57 @@ impl JobSpec {
             vocab: self.model.tokens.map(|t| t.vocab_size),
         };
         let (classes, lora) = (self.model.num_classes, self.model.lora.as_ref());
-        Plan::build(samples, &layers, lora, classes, training, "model.layers").map_err(|error| {
-            match error {
-                // The shorthand's MLP has no layer list to point into.
-                PlanError::Layer(error) if shorthand => JobError::new("model", error.reason),
-                PlanError::Layer(error) => error.into(),
-                PlanError::Overflow(overflow) => JobError::new(
-                    "model",
-                    format!("{overflow}; the model is far larger than any device"),
-                ),
-            }
-        })
+        let error = |error| match error {
+            // The shorthand's MLP has no layer list to point into.
+            PlanError::Layer(error) if shorthand => JobError::new("model", error.reason),
+            PlanError::Layer(error) => error.into(),
+            PlanError::Overflow(overflow) => JobError::new(
+                "model",
+                format!("{overflow}; the model is far larger than any device"),
+            ),
+        };
+        let plan = Plan::build(samples, &layers, lora, classes, training, "model.layers");
+        let plan = plan.map_err(error)?;
+        match self.sharding()? {
+            Some(sharding) => plan.sharded(sharding).map_err(error),
+            None => Ok(plan),
+        }
+    }
+
+    /// FSDP's sharding, when asked and modelled.
+    fn sharding(&self) -> Result<Option<Sharding>, JobError> {
+        if self.sharding == ShardingSpec::None {
+            return Ok(None);
+        }
+        let refuse = |reason: &str| Err(JobError::new("sharding", reason));
+        if self.framework != Framework::Pytorch {
+            return refuse("FSDP is PyTorch's: give framework \"pytorch\"");
+        }
+        if self.world_size < 2 {
+            return refuse("FSDP over one GPU shards nothing: give world_size 2 or more");
+        }
+        if self.model.lora.is_some() {
+            return refuse("FSDP with LoRA is not modelled yet: leave one of them out");
+        }
+        let layers = self.model.layers.as_deref().unwrap_or_default();
+        if layers
+            .iter()
+            .flat_map(LayerSpec::nested)
+            .any(|l| matches!(l, LayerSpec::Checkpoint(_) | LayerSpec::Frozen(_)))
+        {
+            return refuse(
+                "FSDP with activation checkpointing or frozen layers is not modelled yet: \
+                 leave one of them out",
+            );
+        }
+        let blocks_per_group = match self.model.huggingface.is_some() {
+            true => 2,
+            false => 1,
+        };
+        Ok(Some(Sharding {
+            world: self.world_size,
+            blocks_per_group,
+        }))
     }
 
     /// One line that tells jobs apart: an MLP (a flatten, linear layers with bias, one kind
@@ -484,8 +548,12 @@ impl JobSpec {
             };
             format!("lora r{} {targets}, ", lora.r)
         });
+        let sharding = match self.sharding {
+            ShardingSpec::Fsdp => format!(", fsdp over {}", self.world_size),
+            ShardingSpec::None => String::new(),
+        };
         let training = format!(
-            "{lora}{}, {}, {}",
+            "{lora}{}, {}, {}{sharding}",
             serde_name(&self.optimizer.name),
             self.precision,
             self.framework.name()

@@ -30,6 +30,9 @@ pub struct TuneResult {
     /// from before the PyTorch profile).
     #[serde(default = "Framework::before_profiles")]
     pub framework: Framework,
+    /// The GPUs FSDP shards the model over, when it does: the batch and memory are one GPU's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsdp_world_size: Option<u64>,
     /// The throughput knee: the smallest batch from which doubling the batch gains less than
     /// `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     pub throughput_batch_size: u64,
@@ -200,6 +203,7 @@ mod tests {
             precision: Precision::F32True,
             precision_note: None,
             framework: Framework::Pytorch,
+            fsdp_world_size: None,
             throughput_batch_size: 64,
             throughput_knee: None,
             throughput_fit: None,

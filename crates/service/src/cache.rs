@@ -176,6 +176,7 @@ mod tests {
                 precision: Default::default(),
                 precision_note: None,
                 framework: Default::default(),
+                fsdp_world_size: None,
                 throughput_batch_size: max,
                 throughput_knee: None,
                 throughput_fit: None,

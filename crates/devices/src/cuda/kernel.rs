@@ -150,6 +150,7 @@ pub enum Kernel {
     Accumulate,
     /// `to = from * scale` between storages.
     Convert,
+    CopyRange,
     /// Column sums: a linear layer's bias gradient.
     ColumnSum,
     /// Sums per channel of an NCHW batch: a convolution's bias gradient.
@@ -248,7 +249,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 57] = [
+    pub const ALL: [Kernel; 58] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -259,6 +260,7 @@ impl Kernel {
         Kernel::Add,
         Kernel::Accumulate,
         Kernel::Convert,
+        Kernel::CopyRange,
         Kernel::ColumnSum,
         Kernel::ChannelSum,
         Kernel::Mean,
@@ -321,6 +323,7 @@ impl Kernel {
             Kernel::Add => "add",
             Kernel::Accumulate => "accumulate",
             Kernel::Convert => "convert",
+            Kernel::CopyRange => "copy_range",
             Kernel::ColumnSum => "column_sum",
             Kernel::ChannelSum => "channel_sum",
             Kernel::Mean => "mean",
@@ -382,7 +385,8 @@ impl Kernel {
             | Kernel::Add
             | Kernel::Multiply
             | Kernel::Accumulate
-            | Kernel::Convert => Family::Elementwise,
+            | Kernel::Convert
+            | Kernel::CopyRange => Family::Elementwise,
             Kernel::ColumnSum | Kernel::ChannelSum | Kernel::Mean | Kernel::Nonfinite => {
                 Family::Reduce
             }

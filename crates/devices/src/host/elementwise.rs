@@ -262,6 +262,22 @@ impl Elementwise for HostDevice {
         Ok(())
     }
 
+    fn copy_range(
+        &mut self,
+        (from, from_offset): (&HostValues, u64),
+        (to, to_offset): (&mut HostValues, u64),
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        let (from_offset, to_offset) = (usize_of(from_offset), usize_of(to_offset));
+        for range in chunks(usize_of(len), 1) {
+            let read = from.read(from_offset + range.start..from_offset + range.end);
+            to.update(to_offset + range.start..to_offset + range.end, |to| {
+                to.copy_from_slice(&read)
+            });
+        }
+        Ok(())
+    }
+
     fn convert(
         &mut self,
         from: &HostValues,

@@ -17,6 +17,7 @@ pub fn check_kernels<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceEr
     checks.extend(check_gemm(device)?);
     checks.extend(super::elementwise::check_elementwise(device)?);
     checks.extend(check_convert(device)?);
+    checks.extend(check_copy_range(device)?);
     checks.extend(check_reduce(device)?);
     checks.extend(check_loss(device)?);
     checks.extend(check_optimizer(device)?);
@@ -247,6 +248,33 @@ fn check_convert<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError>
         checks.push(compare_bits(
             format!("convert n={len} {from:?}->{to:?} x{scale}"),
             &device.read_values(&to_d, len)?,
+            &want,
+        ));
+    }
+    Ok(checks)
+}
+
+/// elementwise.cu's `copy_range`: a range moved between offsets, bit for bit, the values around
+/// it untouched, in every storage.
+fn check_copy_range<K: Transfer>(device: &mut K) -> Result<Vec<Check>, DeviceError> {
+    let mut checks = Vec::new();
+    let (len, from_offset, to_offset) = (1000, 37, 523);
+    for storage in [Storage::F32, Storage::Bf16, Storage::F16] {
+        let source = rounded(&random(from_offset + len + 11, 5), storage);
+        let target = rounded(&random(to_offset + len + 29, 6), storage);
+        let from_d = device.write_values(&source, storage)?;
+        let mut to_d = device.write_values(&target, storage)?;
+        let at = |offset: usize| offset as u64;
+        device.copy_range(
+            (&from_d, at(from_offset)),
+            (&mut to_d, at(to_offset)),
+            at(len),
+        )?;
+        let mut want = target.clone();
+        want[to_offset..to_offset + len].copy_from_slice(&source[from_offset..from_offset + len]);
+        checks.push(compare_bits(
+            format!("copy_range n={len} {storage:?} {from_offset}->{to_offset}"),
+            &device.read_values(&to_d, at(target.len()))?,
             &want,
         ));
     }

@@ -112,18 +112,12 @@ impl Module for BatchNorm {
 
     fn parameters(&self) -> Vec<Parameter> {
         let c = self.channels;
-        let statistic = Parameter {
-            elements: c,
-            kind: ParameterKind::Statistic,
-        };
+        let statistic = Parameter::buffer(c, ParameterKind::Statistic);
         let learnt = match self.affine {
             true => vec![Parameter::trained(c, 1.0), Parameter::trained(c, 1.0)],
             false => Vec::new(),
         };
-        let count = Parameter {
-            elements: 1,
-            kind: ParameterKind::Count,
-        };
+        let count = Parameter::buffer(1, ParameterKind::Count);
         learnt
             .into_iter()
             .chain([statistic, statistic, count])

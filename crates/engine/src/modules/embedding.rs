@@ -86,7 +86,7 @@ impl Module for Embedding {
 
     fn parameters(&self) -> Vec<Parameter> {
         // PyTorch draws the table from N(0, 1); the synthetic stream spans [-1, 1).
-        vec![Parameter::trained(self.vocab * self.dim, 1.0)]
+        vec![Parameter::trained(self.vocab * self.dim, 1.0).of_rows(self.vocab)]
     }
 
     fn forward(&self, graph: &mut Graph, ids: Tensor, parameters: &mut Parameters<'_>) -> Tensor {

@@ -381,6 +381,8 @@ pub struct Context {
 pub struct Parameter {
     /// Elements.
     pub elements: u64,
+    /// Its first dimension's length (`param.shape[0]`), along which FSDP shards it.
+    pub rows: u64,
     /// What it is.
     pub kind: ParameterKind,
 }
@@ -412,11 +414,27 @@ pub enum ParameterKind {
 
 impl Parameter {
     /// A learnt parameter of `elements`, starting within `scale`.
+    /// A vector's, or with [`Parameter::of_rows`] a matrix's.
     pub fn trained(elements: u64, scale: f32) -> Parameter {
         Parameter {
             elements,
+            rows: elements,
             kind: ParameterKind::Trained { scale },
         }
+    }
+
+    /// A buffer of `elements` (a vector, or a scalar for `Count`).
+    pub fn buffer(elements: u64, kind: ParameterKind) -> Parameter {
+        Parameter {
+            elements,
+            rows: elements,
+            kind,
+        }
+    }
+
+    /// The same parameter, its first dimension `rows` long.
+    pub fn of_rows(self, rows: u64) -> Parameter {
+        Parameter { rows, ..self }
     }
 
     /// The same parameter frozen, when it is learnt (a LoRA adapter's stays trained); a buffer
@@ -453,7 +471,8 @@ impl Parameter {
     /// `1 / sqrt(fan_in)` as PyTorch's `Linear` and `Conv2d` initialise them.
     pub fn weight_and_bias(weights: u64, biases: Option<u64>, fan_in: u64) -> Vec<Parameter> {
         let scale = init_scale(fan_in);
-        let mut declared = vec![Parameter::trained(weights, scale)];
+        let rows = weights.checked_div(fan_in).unwrap_or(0);
+        let mut declared = vec![Parameter::trained(weights, scale).of_rows(rows)];
         declared.extend(biases.map(|elements| Parameter::trained(elements, scale)));
         declared
     }

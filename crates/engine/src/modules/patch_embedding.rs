@@ -83,11 +83,10 @@ impl Module for PatchEmbedding {
 
     fn parameters(&self) -> Vec<Parameter> {
         let mut declared = self.conv.parameters();
-        declared.push(Parameter::trained(self.dim, TOKEN_INIT_SCALE));
-        declared.push(Parameter::trained(
-            (self.patches + 1) * self.dim,
-            TOKEN_INIT_SCALE,
-        ));
+        // torchvision's `class_token` `[1, 1, dim]` and `pos_embedding` `[1, patches + 1, dim]`.
+        declared.push(Parameter::trained(self.dim, TOKEN_INIT_SCALE).of_rows(1));
+        declared
+            .push(Parameter::trained((self.patches + 1) * self.dim, TOKEN_INIT_SCALE).of_rows(1));
         declared
     }
 

@@ -71,7 +71,7 @@ impl Module for PositionalEmbedding {
     }
 
     fn parameters(&self) -> Vec<Parameter> {
-        vec![Parameter::trained(self.rows * self.features, 1.0)]
+        vec![Parameter::trained(self.rows * self.features, 1.0).of_rows(self.rows)]
     }
 
     fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {

@@ -4,10 +4,13 @@
 //! the mixed precisions), the loss, backward from it, and the optimizer's update of every
 //! parameter, with the temporaries of PyTorch's `foreach` update and `zero_grad`'s frees.
 
-use super::Plan;
+use std::ops::Range;
+
+use super::{Plan, Sharding};
 use crate::memory::{Element, Part, Storage};
-use crate::modules::{cross_entropy, LayerError, Module, Parameter, ParameterKind, Parameters};
-use crate::program::graph::{Graph, Tensor};
+use crate::modules::{cross_entropy, LayerError, LayerSpec, Module, Parameter};
+use crate::modules::{ParameterKind, Parameters};
+use crate::program::graph::{shard_len, Graph, ShardGroup, ShardedParameter, Tensor};
 use crate::program::{Instr, Moment, OptimizerState, Program, Scale, Slot};
 use crate::synthetic;
 
@@ -25,7 +28,13 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     let mut graph = Graph::new(rows, plan.precision, seed, plan.framework, plan.tracing);
     let master = plan.precision.master();
     let declared = plan.model().parameters();
-    let tensors = declare_parameters(&mut graph, &declared, seed);
+    let (tensors, groups) = match plan.sharding {
+        Some(sharding) => {
+            let (tensors, groups) = shard_parameters(&mut graph, plan, sharding, &declared, seed);
+            (tensors, Some(groups))
+        }
+        None => (declare_parameters(&mut graph, &declared, seed), None),
+    };
     let frozen = declared
         .iter()
         .zip(&tensors)
@@ -98,7 +107,10 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
         graph.begin_autocast();
     }
     let mut parameters = Parameters::new(&tensors);
-    let logits = plan.model().forward(&mut graph, input, &mut parameters);
+    let logits = match &groups {
+        Some(groups) => sharded_forward(&mut graph, plan, groups, input, &mut parameters),
+        None => plan.model().forward(&mut graph, input, &mut parameters),
+    };
     graph.end_model_forward();
     assert!(
         parameters.done(),
@@ -118,6 +130,9 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     graph.enter(Moment::Backward);
     if let Some(root) = root {
         graph.backward(root);
+    }
+    if groups.is_some() {
+        graph.end_sharded_backward();
     }
 
     graph.enter(Moment::Optimizer);
@@ -182,6 +197,145 @@ fn declare_parameters(graph: &mut Graph, declared: &[Parameter], seed: u64) -> V
         }
     }
     tensors
+}
+
+/// FSDP's groups: each `fully_shard` call's, by the top-level layers it takes, and the root's.
+struct ShardGroups {
+    /// Each group below the root, with the top-level layers it takes.
+    units: Vec<(ShardGroup, Range<usize>)>,
+    /// The model's own.
+    root: ShardGroup,
+}
+
+/// The model's parameters sharded over `sharding.world` ranks (its buffers whole, as FSDP leaves
+/// them), each shard filled from its parameter's stream, and grouped as `fully_shard` on every
+/// run of `sharding.blocks_per_group` top-level residual blocks, then on the model, groups them.
+/// Returns what the modules read (the unsharded parameters, the buffers) and the groups.
+fn shard_parameters(
+    graph: &mut Graph,
+    plan: &Plan,
+    sharding: Sharding,
+    declared: &[Parameter],
+    seed: u64,
+) -> (Vec<Tensor>, ShardGroups) {
+    graph.begin_sharding(sharding.world);
+    let master = Element::Value(plan.precision.master());
+    let mut sharded = Vec::with_capacity(declared.len());
+    let mut tensors = Vec::with_capacity(declared.len());
+    for (i, p) in declared.iter().enumerate() {
+        let ParameterKind::Trained { scale } = p.kind else {
+            if !matches!(p.kind, ParameterKind::Statistic | ParameterKind::Count) {
+                graph.refuse(
+                    "sharding".into(),
+                    "FSDP over frozen parameters or LoRA adapters is not modelled yet: shard a \
+                     fully trained model, or leave sharding out"
+                        .into(),
+                );
+            }
+            let element = match p.kind {
+                ParameterKind::Count => Element::Index,
+                _ => master,
+            };
+            tensors.push(graph.parameter(p.elements, element, false));
+            sharded.push(None);
+            continue;
+        };
+        let parameter = graph.sharded_parameter(p.elements, p.rows, master);
+        graph.emit(Instr::FillUniform {
+            out: graph.slot(parameter.shard),
+            len: shard_len(p.elements, p.rows, sharding.world),
+            key: synthetic::stream_key(seed, synthetic::parameter_stream(i)),
+            scale,
+        });
+        tensors.push(parameter.gathered);
+        sharded.push(Some(parameter));
+    }
+    // Where each top-level layer's parameters start.
+    let mut starts = vec![0];
+    for layer in plan.model().layers() {
+        starts.push(starts[starts.len() - 1] + layer.parameters().len());
+    }
+    let blocks: Vec<bool> = plan
+        .layers()
+        .iter()
+        .map(|spec| matches!(spec, LayerSpec::Residual(_)))
+        .collect();
+    let mut units = Vec::new();
+    let mut taken = vec![false; declared.len()];
+    for layers in block_runs(&blocks, sharding.blocks_per_group) {
+        let members: Vec<ShardedParameter> = (starts[layers.start]..starts[layers.end])
+            .filter_map(|p| {
+                taken[p] = true;
+                sharded[p]
+            })
+            .collect();
+        units.push((graph.shard_group(members, false), layers));
+    }
+    let rest = sharded
+        .iter()
+        .zip(&taken)
+        .filter(|(_, &taken)| !taken)
+        .filter_map(|(p, _)| *p)
+        .collect();
+    let root = graph.shard_group(rest, true);
+    (tensors, ShardGroups { units, root })
+}
+
+/// The top-level layers each `fully_shard` below the root takes: every run of `per_group`
+/// consecutive residual blocks (`blocks` says which layers are), a shorter run where a layer
+/// that is not a block or the list's end cuts one.
+fn block_runs(blocks: &[bool], per_group: usize) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = None;
+    for (i, &is_block) in blocks.iter().enumerate() {
+        match (is_block, start) {
+            (true, None) => start = Some(i),
+            (false, Some(first)) => {
+                runs.push(first..i);
+                start = None;
+            }
+            _ => {}
+        }
+        if let Some(first) = start.filter(|&first| i + 1 - first == per_group) {
+            runs.push(first..i + 1);
+            start = None;
+        }
+    }
+    runs.extend(start.map(|first| first..blocks.len()));
+    runs
+}
+
+/// The model's forward under FSDP: the root gathered at its entry, each group's layers between
+/// its pre- and post-forward, the root's post-forward at the end, and the last all-gather's
+/// output let go. Returns the logits (a reference the caller owns).
+fn sharded_forward(
+    graph: &mut Graph,
+    plan: &Plan,
+    groups: &ShardGroups,
+    input: Tensor,
+    parameters: &mut Parameters<'_>,
+) -> Tensor {
+    let mut current = graph.enter_shard_group(groups.root, input);
+    for (i, layer) in plan.model().layers().iter().enumerate() {
+        let unit = groups.units.iter().find(|(_, layers)| layers.contains(&i));
+        if let Some(&(group, _)) = unit.filter(|(_, layers)| layers.start == i) {
+            let entered = graph.enter_shard_group(group, current);
+            graph.release(current);
+            current = entered;
+        }
+        let next = layer.forward(graph, current, parameters);
+        graph.release(current);
+        current = next;
+        if let Some(&(group, _)) = unit.filter(|(_, layers)| layers.end == i + 1) {
+            let exited = graph.exit_shard_group(group, current);
+            graph.release(current);
+            current = exited;
+        }
+    }
+    let logits = graph.exit_shard_group(groups.root, current);
+    graph.release(current);
+    graph.end_sharded_forward();
+    logits
 }
 
 /// Each trained parameter's optimizer state, stored as the parameter is: none, momentum's
@@ -274,4 +428,18 @@ fn update(
         .map(|&(param, _, _)| (graph.slot(param), graph.elements(param)))
         .collect();
     (parameters, gradients)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_runs;
+
+    #[test]
+    fn fully_shard_takes_runs_of_blocks_cut_by_other_layers_and_the_end() {
+        let (b, o) = (true, false);
+        assert_eq!(block_runs(&[o, b, b, b, b, o], 2), [1..3, 3..5]);
+        assert_eq!(block_runs(&[o, b, b, b, o, b], 2), [1..3, 3..4, 5..6]);
+        assert_eq!(block_runs(&[b, b, o, b], 1), [0..1, 1..2, 3..4]);
+        assert!(block_runs(&[o, o], 1).is_empty());
+    }
 }

@@ -96,7 +96,19 @@ pub struct Plan {
     pub framework: Framework,
     /// How backward sums two gradients of one tensor.
     pub tracing: Tracing,
+    /// How the parameters are sharded over GPUs (FSDP), if they are.
+    pub sharding: Option<Sharding>,
     counts: LearntCounts,
+}
+
+/// FSDP2 over `world` GPUs: `fully_shard` on every run of `blocks_per_group` top-level residual
+/// blocks (a Hugging Face decoder layer is two), then on the model; the step is one rank's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sharding {
+    /// Ranks the parameters are sharded over.
+    pub world: u64,
+    /// Top-level residual blocks a `fully_shard` call takes.
+    pub blocks_per_group: usize,
 }
 
 impl PartialEq for Plan {
@@ -110,6 +122,7 @@ impl PartialEq for Plan {
             && self.precision == other.precision
             && self.framework == other.framework
             && self.tracing == other.tracing
+            && self.sharding == other.sharding
     }
 }
 
@@ -286,6 +299,7 @@ impl Plan {
             precision,
             framework,
             tracing: Tracing::default(),
+            sharding: None,
             counts,
         };
         // A module may refuse the step whatever the batch; the fixed part and one sample must be
@@ -313,6 +327,20 @@ impl Plan {
             training,
             "model",
         )
+    }
+
+    /// The same plan with its parameters sharded as `sharding` says; refused when a module's
+    /// memory is not modelled under FSDP.
+    pub fn sharded(self, sharding: Sharding) -> Result<Plan, PlanError> {
+        let plan = Plan {
+            sharding: Some(sharding),
+            ..self
+        };
+        if let Err(NoProgram::Refused(error)) = compile(&plan, 1, 0) {
+            return Err(error.into());
+        }
+        plan.memory(1).ok_or(Overflow)?;
+        Ok(plan)
     }
 
     /// The same plan, its step as PyTorch runs it traced or not.

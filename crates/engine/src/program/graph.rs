@@ -21,9 +21,11 @@ use super::instr::{Instr, Moment, Scale, Slot};
 use crate::memory::{Buffer, Element, Part, Precision, Storage};
 
 mod checkpoint;
+mod fsdp;
 
 pub use checkpoint::{Recompute, Region};
 use checkpoint::{RegionEntry, Saving};
+pub use fsdp::{shard_len, ShardGroup, ShardedParameter};
 
 /// A tensor of the step: its values (a storage, maybe shared with views and in-place results)
 /// and where its gradient goes.
@@ -123,6 +125,17 @@ impl Code {
         slot
     }
 
+    /// A slot for a buffer the step allocates later ([`Code::alloc_into`]).
+    fn reserve(&mut self) -> Slot {
+        self.slots += 1;
+        Slot(self.slots - 1)
+    }
+
+    /// `buffer` allocated into `slot` (reserved, or freed before).
+    fn alloc_into(&mut self, slot: Slot, buffer: Buffer) {
+        self.push(Instr::Alloc { slot, buffer });
+    }
+
     /// A free, which headroom's own step never makes.
     fn free(&mut self, slot: Slot) {
         if self.framework == Framework::Pytorch {
@@ -158,6 +171,8 @@ pub struct Graph {
     regions: Vec<RegionEntry>,
     /// Where in the step's code the running recomputation began.
     recomputation_began: usize,
+    /// The sharding of the parameters over ranks (FSDP), if any.
+    fsdp: Option<fsdp::Fsdp>,
 }
 
 /// The outputs of a program's recording: its slots and instructions.
@@ -204,6 +219,7 @@ impl Graph {
             saving: Saving::Kept,
             regions: Vec::new(),
             recomputation_began: 0,
+            fsdp: None,
         }
     }
 
@@ -280,18 +296,32 @@ impl Graph {
                 element,
             }),
         };
+        let tensor = self.entry(slot, part, elements, element, Target::None);
+        self.storages[self.tensors[tensor.0].storage].phantom = phantom;
+        tensor
+    }
+
+    /// A tensor over a new storage in `slot`, one reference to it.
+    fn entry(
+        &mut self,
+        slot: Slot,
+        part: Part,
+        elements: u64,
+        element: Element,
+        target: Target,
+    ) -> Tensor {
         self.storages.push(StorageEntry {
             slot,
             part,
             refs: 1,
             keeps: Vec::new(),
-            phantom,
+            phantom: false,
         });
         self.tensors.push(TensorEntry {
             storage: self.storages.len() - 1,
             elements,
             element,
-            target: Target::None,
+            target,
         });
         Tensor(self.tensors.len() - 1)
     }

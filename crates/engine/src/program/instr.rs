@@ -318,6 +318,20 @@ pub enum Instr {
         /// The factor.
         scale: Scale,
     },
+    /// elementwise.cu: `len` values from `from` at `from_offset` to `to` at `to_offset`, both
+    /// of one storage (FSDP's shards into and out of its collectives' buffers).
+    CopyRange {
+        /// Read.
+        from: Slot,
+        /// Where the values read start.
+        from_offset: u64,
+        /// Written.
+        to: Slot,
+        /// Where the values written start.
+        to_offset: u64,
+        /// Elements.
+        len: u64,
+    },
     /// gemm.cu: `y = x * w^T`.
     LinearForward {
         /// `rows x inputs`.

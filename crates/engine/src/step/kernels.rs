@@ -373,6 +373,13 @@ pub trait Elementwise: Allocate {
         len: u64,
         scale: f32,
     ) -> Result<(), Self::Error>;
+    /// `to.0[to.1..][..len] = from.0[from.1..][..len]`: values at offsets, one storage.
+    fn copy_range(
+        &mut self,
+        from: (&Self::Values, u64),
+        to: (&mut Self::Values, u64),
+        len: u64,
+    ) -> Result<(), Self::Error>;
 }
 
 /// reduce.cu: bias gradients, the mean loss, the overflow check of loss scaling.

@@ -329,6 +329,7 @@ impl<K: Kernels> Executor<K> {
             | Instr::RepeatHeads { .. }
             | Instr::SumHeadGroups { .. } => self.scores(kernels, instr)?,
             Instr::Convert { .. }
+            | Instr::CopyRange { .. }
             | Instr::LinearForward { .. }
             | Instr::WeightGradient { .. }
             | Instr::InputGradient { .. }
@@ -639,6 +640,15 @@ impl<K: Kernels> Executor<K> {
                     kernels.convert(this.values(from), to, len, factor)
                 })?
             }
+            Instr::CopyRange {
+                from,
+                from_offset,
+                to,
+                to_offset,
+                len,
+            } => self.writing(to, |this, to| {
+                kernels.copy_range((this.values(from), from_offset), (to, to_offset), len)
+            })?,
             Instr::LinearForward {
                 x,
                 w,

@@ -50,6 +50,22 @@ pub struct JobSpec {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1048576, default = 1)]
     world_size: u64,
+    /// How the model's state is split over those GPUs.
+    #[serde(default)]
+    sharding: Sharding,
+}
+
+/// How a job's model state is split over its `world_size` GPUs.
+#[derive(Serialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    /// Each GPU holds the whole model, its gradients and optimizer state.
+    #[default]
+    None,
+    /// PyTorch's FSDP2: `fully_shard` on each decoder layer (a Hugging Face config's) or each
+    /// top-level residual block (a layer list's), then on the model; at least 2 GPUs, the
+    /// `pytorch` framework, no LoRA, frozen layers or checkpoints. The answer is one GPU's.
+    Fsdp,
 }
 
 /// A size along one dimension, or a layer's width: at least 1.
@@ -796,6 +812,9 @@ pub struct TuneAnswer {
     /// Whose training step the probes ran and the prediction describes (`headroom` for results
     /// from before the PyTorch profile).
     framework: Framework,
+    /// The GPUs FSDP shards the model over, when it does: the batch and memory are one GPU's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fsdp_world_size: Option<u64>,
     /// The throughput knee: the smallest batch from which doubling gains less than
     /// `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     throughput_batch_size: u64,
@@ -1003,6 +1022,9 @@ pub struct Estimate {
     precision_note: Option<String>,
     /// Whose training step the prediction describes.
     framework: Framework,
+    /// The GPUs FSDP shards the model over, when it does: the batch and memory are one GPU's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fsdp_world_size: Option<u64>,
     /// Learnt parameters, frozen ones included (`sum(p.numel() for p in model.parameters())`).
     parameter_count: u64,
     /// Those of them it trains (not frozen).
