@@ -106,7 +106,7 @@ fn every_example_keeps_its_pinned_answer() {
 /// LoRA on every linear layer (adapters with dropout, the model frozen), with every block
 /// checkpointed (recomputed in backward), and sharded with FSDP over 3 GPUs (one rank's step:
 /// its shards, each block gathered for its forward and backward, padded where 3 does not divide
-/// a dimension).
+/// a dimension), trained or with LoRA.
 #[test]
 fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
     let mut example: serde_json::Value =
@@ -137,13 +137,17 @@ fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
         serde_json::from_str(&std::fs::read_to_string("examples/tiny-gpt.json").unwrap()).unwrap();
     sharded["sharding"] = "fsdp".into();
     sharded["world_size"] = 3.into();
+    let mut sharded_lora = sharded.clone();
+    sharded_lora["model"]["lora"] = adapted["model"]["lora"].clone();
     let sharded = support::temp_file(".json", sharded.to_string());
+    let sharded_lora = support::temp_file(".json", sharded_lora.to_string());
     let jobs = [
         "examples/tiny-gpt.json",
         eager.to_str().unwrap(),
         lora.to_str().unwrap(),
         checkpointed.to_str().unwrap(),
         sharded.to_str().unwrap(),
+        sharded_lora.to_str().unwrap(),
     ];
     for job in jobs {
         let on_host = ["--device", "host", "--host-memory", "64MiB", "--json"];

@@ -636,7 +636,8 @@ def fully_shard_blocks(model):
     (before the fake mode: FSDP needs a process group, here a fake one)."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model:
+    listed = model.base_model.model if hasattr(model, "base_model") else model  # peft's
+    for layer in listed:
         if isinstance(layer, Residual):
             fully_shard(layer, mesh=FSDP_MESH[0])
     fully_shard(model, mesh=FSDP_MESH[0])
@@ -954,8 +955,8 @@ def fused_multi_query(layers):
 
 
 def shardable(job):
-    """Whether headroom models FSDP over the job: no LoRA, frozen layers or checkpoints; and
-    whether a block shards apart from the root. (With the root alone, FSDPMemTracker holds a
+    """Whether headroom models FSDP over the job: no checkpoints, no f32 LoRA adapters in a
+    bf16 model; and whether a block shards apart from the root. (With the root alone, FSDPMemTracker holds a
     gradient autograd handed over as a view past the root's reduce-scatter at the end of
     backward, which headroom lets go there; see README, "Sharding with FSDP".)"""
     def nested(specs):
@@ -967,7 +968,8 @@ def shardable(job):
 
     kinds = set(nested(job["model"]["layers"]))
     blocks = any("residual" in spec for spec in job["model"]["layers"])
-    return blocks and "lora" not in job["model"] and not kinds & {"frozen", "checkpoint"}
+    bf16_adapters = "lora" in job["model"] and job.get("precision") == "bf16-true"
+    return blocks and not bf16_adapters and "checkpoint" not in kinds
 
 
 def adaptable(layers):

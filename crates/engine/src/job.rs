@@ -506,18 +506,14 @@ impl JobSpec {
         if self.world_size < 2 {
             return refuse("FSDP over one GPU shards nothing: give world_size 2 or more");
         }
-        if self.model.lora.is_some() {
-            return refuse("FSDP with LoRA is not modelled yet: leave one of them out");
-        }
         let layers = self.model.layers.as_deref().unwrap_or_default();
         if layers
             .iter()
             .flat_map(LayerSpec::nested)
-            .any(|l| matches!(l, LayerSpec::Checkpoint(_) | LayerSpec::Frozen(_)))
+            .any(|l| matches!(l, LayerSpec::Checkpoint(_)))
         {
             return refuse(
-                "FSDP with activation checkpointing or frozen layers is not modelled yet: \
-                 leave one of them out",
+                "FSDP with activation checkpointing is not modelled yet: leave one of them out",
             );
         }
         let blocks_per_group = match self.model.huggingface.is_some() {

@@ -223,24 +223,34 @@ fn shard_parameters(
     let mut sharded = Vec::with_capacity(declared.len());
     let mut tensors = Vec::with_capacity(declared.len());
     for (i, p) in declared.iter().enumerate() {
-        let ParameterKind::Trained { scale } = p.kind else {
-            if !matches!(p.kind, ParameterKind::Statistic | ParameterKind::Count) {
-                graph.refuse(
-                    "sharding".into(),
-                    "FSDP over frozen parameters or LoRA adapters is not modelled yet: shard a \
-                     fully trained model, or leave sharding out"
-                        .into(),
-                );
+        let (scale, element, trained) = match p.kind {
+            ParameterKind::Trained { scale } => (scale, master, true),
+            ParameterKind::Frozen { scale } => (scale, master, false),
+            ParameterKind::Adapter { scale } => {
+                // peft keeps adapters in f32: under a 16-bit model FSDP would all-gather two
+                // dtypes together (as bytes), which headroom does not follow.
+                if master != Element::Value(Storage::F32) {
+                    graph.refuse(
+                        "sharding".into(),
+                        "FSDP over f32 LoRA adapters in a bf16 model is not modelled: train the \
+                         model in 32-true or a mixed precision, or leave sharding out"
+                            .into(),
+                    );
+                }
+                (scale, Element::Value(Storage::F32), true)
             }
-            let element = match p.kind {
-                ParameterKind::Count => Element::Index,
-                _ => master,
-            };
-            tensors.push(graph.parameter(p.elements, element, false));
-            sharded.push(None);
-            continue;
+            ParameterKind::Statistic | ParameterKind::Count => {
+                // Buffers stay whole: FSDP shards parameters only.
+                let element = match p.kind {
+                    ParameterKind::Count => Element::Index,
+                    _ => master,
+                };
+                tensors.push(graph.parameter(p.elements, element, false));
+                sharded.push(None);
+                continue;
+            }
         };
-        let parameter = graph.sharded_parameter(p.elements, p.rows, master);
+        let parameter = graph.sharded_parameter(p.elements, p.rows, element, trained);
         graph.emit(Instr::FillUniform {
             out: graph.slot(parameter.shard),
             len: shard_len(p.elements, p.rows, sharding.world),
@@ -252,7 +262,7 @@ fn shard_parameters(
     }
     // Where each top-level layer's parameters start.
     let mut starts = vec![0];
-    for layer in plan.model().layers() {
+    for layer in plan.listed().layers() {
         starts.push(starts[starts.len() - 1] + layer.parameters().len());
     }
     let blocks: Vec<bool> = plan
@@ -316,7 +326,7 @@ fn sharded_forward(
     parameters: &mut Parameters<'_>,
 ) -> Tensor {
     let mut current = graph.enter_shard_group(groups.root, input);
-    for (i, layer) in plan.model().layers().iter().enumerate() {
+    for (i, layer) in plan.listed().layers().iter().enumerate() {
         let unit = groups.units.iter().find(|(_, layers)| layers.contains(&i));
         if let Some(&(group, _)) = unit.filter(|(_, layers)| layers.start == i) {
             let entered = graph.enter_shard_group(group, current);

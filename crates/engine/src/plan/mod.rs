@@ -78,6 +78,9 @@ pub struct Plan {
     layers: Vec<LayerSpec>,
     /// The model, built from `layers`.
     model: Sequential,
+    /// The list's own layers, one a spec (the model's, unless LoRA wrapped it whole to freeze
+    /// it: then its body's, which run the same).
+    listed: Sequential,
     /// One sample's shape.
     input_shape: Vec<u64>,
     /// The vocabulary, when a sample is token ids (`[sequence_length]` of them).
@@ -254,6 +257,7 @@ impl Plan {
             ..Context::default()
         };
         let mut model = Sequential::build(layers, input_shape, &root, &mut cx)?;
+        let listed = model.clone();
         if cx.lora.is_some() {
             model = Sequential::of(Arc::new(Frozen::around(model)));
         }
@@ -290,6 +294,7 @@ impl Plan {
         let plan = Plan {
             layers: layers.to_vec(),
             model,
+            listed,
             input_shape: input_shape.to_vec(),
             vocab,
             classes,
@@ -351,6 +356,12 @@ impl Plan {
     /// The model.
     pub fn model(&self) -> &Sequential {
         &self.model
+    }
+
+    /// The list's layers as built, one a spec of [`Plan::layers`] (inside the frozen wrapper
+    /// of a LoRA model), in the model's order.
+    pub fn listed(&self) -> &Sequential {
+        &self.listed
     }
 
     /// The layers it was built from.

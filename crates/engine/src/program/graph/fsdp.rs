@@ -95,16 +95,17 @@ impl Graph {
         self.fsdp.as_mut().expect("sharding began")
     }
 
-    /// A trained parameter of `elements` values, `rows` along its first dimension, sharded:
-    /// its shard made now (in setup), its unsharded storage reserved.
+    /// A parameter of `elements` values, `rows` along its first dimension, `trained` or
+    /// frozen, sharded: its shard made now (in setup), its unsharded storage reserved.
     pub fn sharded_parameter(
         &mut self,
         elements: u64,
         rows: u64,
         element: Element,
+        trained: bool,
     ) -> ShardedParameter {
         let shard_len = shard_len(elements, rows, self.sharding().world);
-        let shard = self.parameter(shard_len, element, true);
+        let shard = self.parameter(shard_len, element, trained);
         let slot = self.code.reserve();
         let target = self.tensors[shard.0].target;
         let gathered = self.entry(slot, Part::Parameters, elements, element, target);
@@ -178,8 +179,14 @@ impl Graph {
             .checked_sub(1)
             .into_iter()
             .chain(0..groups.saturating_sub(1));
-        for group in root_first {
+        for group in root_first.clone() {
             self.post_backward(group);
+        }
+        // An all-gather prefetched for a group whose backward never ran (its output needed no
+        // gradient) goes unused.
+        for group in root_first {
+            let pending = self.sharding().groups[group].pending.take();
+            self.release_optional(pending);
         }
         let fsdp = self.sharding();
         let (deferred, reducing) = (fsdp.deferred.take(), std::mem::take(&mut fsdp.reducing));
@@ -441,10 +448,18 @@ mod tests {
             (json!({"framework": "headroom"}), "FSDP is PyTorch's"),
             (
                 json!({"model": {"input_shape": [10], "num_classes": 3, "layers": [
-                    {"frozen": {"layers": [{"linear": {"out_features": 6}}]}},
+                    {"checkpoint": {"layers": [{"linear": {"out_features": 6}}]}},
                     {"linear": {"out_features": 3}}
                 ]}}),
-                "frozen layers",
+                "activation checkpointing",
+            ),
+            (
+                json!({"precision": "bf16-true", "model": {
+                    "input_shape": [10], "num_classes": 3,
+                    "lora": {"r": 2, "target_modules": "all-linear"},
+                    "layers": [{"linear": {"out_features": 6}}, {"linear": {"out_features": 3}}]
+                }}),
+                "f32 LoRA adapters in a bf16 model",
             ),
         ] {
             let error = job(extra.clone()).unwrap_err();
