@@ -35,11 +35,13 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
         }
         None => (declare_parameters(&mut graph, &declared, seed), None),
     };
+    // What setup holds of each: the parameter, or (sharded) its shard.
+    let held = groups.as_ref().map_or(&tensors, |groups| &groups.held);
     let frozen = declared
         .iter()
-        .zip(&tensors)
+        .zip(held)
         .filter(|(p, _)| matches!(p.kind, ParameterKind::Frozen { .. }))
-        .map(|(p, &tensor)| (graph.slot(tensor), p.elements))
+        .map(|(_, &tensor)| (graph.slot(tensor), graph.elements(tensor)))
         .collect();
     let per_parameter = plan.optimizer.state_per_parameter();
     let states = optimizer_states(&mut graph, per_parameter);
@@ -205,6 +207,8 @@ struct ShardGroups {
     units: Vec<(ShardGroup, Range<usize>)>,
     /// The model's own.
     root: ShardGroup,
+    /// What setup holds of each declared parameter: its shard, or the buffer whole.
+    held: Vec<Tensor>,
 }
 
 /// The model's parameters sharded over `sharding.world` ranks (its buffers whole, as FSDP leaves
@@ -222,6 +226,7 @@ fn shard_parameters(
     let master = Element::Value(plan.precision.master());
     let mut sharded = Vec::with_capacity(declared.len());
     let mut tensors = Vec::with_capacity(declared.len());
+    let mut held = Vec::with_capacity(declared.len());
     for (i, p) in declared.iter().enumerate() {
         let (scale, element, trained) = match p.kind {
             ParameterKind::Trained { scale } => (scale, master, true),
@@ -245,7 +250,9 @@ fn shard_parameters(
                     ParameterKind::Count => Element::Index,
                     _ => master,
                 };
-                tensors.push(graph.parameter(p.elements, element, false));
+                let buffer = graph.parameter(p.elements, element, false);
+                tensors.push(buffer);
+                held.push(buffer);
                 sharded.push(None);
                 continue;
             }
@@ -258,6 +265,7 @@ fn shard_parameters(
             scale,
         });
         tensors.push(parameter.gathered);
+        held.push(parameter.shard);
         sharded.push(Some(parameter));
     }
     // Where each top-level layer's parameters start.
@@ -288,7 +296,7 @@ fn shard_parameters(
         .filter_map(|(p, _)| *p)
         .collect();
     let root = graph.shard_group(rest, true);
-    (tensors, ShardGroups { units, root })
+    (tensors, ShardGroups { units, root, held })
 }
 
 /// The top-level layers each `fully_shard` below the root takes: every run of `per_group`

@@ -64,7 +64,8 @@ pub enum Sharding {
     None,
     /// PyTorch's FSDP2: `fully_shard` on each decoder layer (a Hugging Face config's) or each
     /// top-level residual block (a layer list's), then on the model; at least 2 GPUs, the
-    /// `pytorch` framework, no LoRA, frozen layers or checkpoints. The answer is one GPU's.
+    /// `pytorch` framework, no activation checkpointing, no f32 LoRA adapters in a `bf16-true`
+    /// model. The answer is one GPU's.
     Fsdp,
 }
 
