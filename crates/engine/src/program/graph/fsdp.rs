@@ -18,8 +18,9 @@
 //! (every gradient padded, rank-major), the unsharded gradients go, and the sharded gradients
 //! are made from this rank's chunk. The optimizer updates the shards.
 //!
-//! One device runs one rank: the collectives move nothing between devices, so the chunks of
-//! the other ranks stay as allocated (zero) and each rank's chunk of a gradient is its own.
+//! One device runs one rank: the collectives move nothing between devices, so only this rank's
+//! chunks are copied (a copy a parameter, whatever the world size); the other ranks' stay as
+//! allocated (zero), and this rank's chunk of a gradient is its own.
 
 use super::{Backward, Graph, Pass, Target, Tensor};
 use crate::memory::{Buffer, Element, Part};
@@ -242,7 +243,6 @@ impl Graph {
         }
         let parameters = self.sharding().groups[group].parameters.clone();
         let world = self.sharding().world;
-        let per_rank: u64 = parameters.iter().map(|p| p.shard_len).sum();
         for p in &parameters {
             let buffer = Buffer {
                 part: Part::Parameters,
@@ -252,13 +252,10 @@ impl Graph {
             let slot = self.slot(p.gathered);
             self.code.alloc_into(slot, buffer);
         }
+        // Rank 0's chunks: the others' are zero in the output and in the made parameters.
         let mut offset = 0;
         for p in &parameters {
-            for rank in 0..world {
-                let from = rank.saturating_mul(per_rank).saturating_add(offset);
-                let to = rank.saturating_mul(p.shard_len);
-                self.copy(output, from, p.gathered, to, p.shard_len);
-            }
+            self.copy(output, offset, p.gathered, 0, p.shard_len);
             offset += p.shard_len;
         }
         match forward {
@@ -331,16 +328,11 @@ impl Graph {
         let world = self.sharding().world;
         let per_rank: u64 = reduced.iter().map(|(p, _, _)| p.shard_len).sum();
         let input = self.allocate(Part::Gradients, per_rank.saturating_mul(world), element);
+        // Rank 0's chunk of each gradient, the one its reduce-scatter output takes; the other
+        // ranks' are summed into theirs, which this rank never reads.
         let mut offset = 0;
         for &(p, _, grad) in &reduced {
-            for rank in 0..world {
-                let from = rank.saturating_mul(p.shard_len);
-                let len = p.elements.saturating_sub(from).min(p.shard_len);
-                let to = rank.saturating_mul(per_rank).saturating_add(offset);
-                if len > 0 {
-                    self.copy(grad, from, input, to, len);
-                }
-            }
+            self.copy(grad, 0, input, offset, p.shard_len.min(p.elements));
             offset += p.shard_len;
         }
         for &(_, _, grad) in &reduced {
@@ -439,6 +431,15 @@ mod tests {
         // Unsharded, the model's 141 values.
         let whole = job(json!({"sharding": "none"})).unwrap();
         assert_eq!(state(&whole), 2 * 141 * 4);
+    }
+
+    #[test]
+    fn a_step_is_as_long_over_a_million_ranks_as_over_two() {
+        let length = |world: u64| {
+            let job = job(json!({ "world_size": world })).unwrap();
+            job.plan().program(8, 0).unwrap().step.len()
+        };
+        assert_eq!(length(1 << 20), length(2));
     }
 
     #[test]
