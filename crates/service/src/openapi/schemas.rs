@@ -1230,7 +1230,7 @@ mod tests {
                          "gradient_checkpointing": true},
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
-               "headroom": 0.75, "target_batch_size": 1000, "world_size": 3,
+               "headroom": 0.75, "target_batch_size": 1000, "world_size": 3, "sharding": "fsdp",
                "search": {"start": 8, "max": 4096, "multiple_of": 8, "tolerance": 0.05,
                           "steps_per_probe": 2, "min_timed_seconds": 0.05, "strategy": "double",
                           "knee_tolerance": 0.1,
