@@ -150,6 +150,7 @@ pub enum Kernel {
     Accumulate,
     /// `to = from * scale` between storages.
     Convert,
+    /// A range of values copied between offsets (FSDP's shards).
     CopyRange,
     /// Column sums: a linear layer's bias gradient.
     ColumnSum,

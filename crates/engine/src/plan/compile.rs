@@ -10,7 +10,7 @@ use super::{Plan, Sharding};
 use crate::memory::{Element, Part, Storage};
 use crate::modules::{cross_entropy, LayerError, LayerSpec, Module, Parameter};
 use crate::modules::{ParameterKind, Parameters};
-use crate::program::graph::{shard_len, Graph, ShardGroup, ShardedParameter, Tensor};
+use crate::program::graph::{Graph, ShardGroup, ShardedParameter, Tensor};
 use crate::program::{Instr, Moment, OptimizerState, Program, Scale, Slot};
 use crate::synthetic;
 
@@ -28,18 +28,14 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     let mut graph = Graph::new(rows, plan.precision, seed, plan.framework, plan.tracing);
     let master = plan.precision.master();
     let declared = plan.model().parameters();
-    let (tensors, groups) = match plan.sharding {
-        Some(sharding) => {
-            let (tensors, groups) = shard_parameters(&mut graph, plan, sharding, &declared, seed);
-            (tensors, Some(groups))
-        }
-        None => (declare_parameters(&mut graph, &declared, seed), None),
-    };
-    // What setup holds of each: the parameter, or (sharded) its shard.
-    let held = groups.as_ref().map_or(&tensors, |groups| &groups.held);
+    let world = plan.sharding.map(|sharding| sharding.world);
+    let tensors = declare_parameters(&mut graph, &declared, seed, world);
+    let groups = plan
+        .sharding
+        .map(|sharding| shard_groups(&mut graph, plan, sharding, &tensors.sharded));
     let frozen = declared
         .iter()
-        .zip(held)
+        .zip(&tensors.held)
         .filter(|(p, _)| matches!(p.kind, ParameterKind::Frozen { .. }))
         .map(|(_, &tensor)| (graph.slot(tensor), graph.elements(tensor)))
         .collect();
@@ -108,7 +104,7 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     if plan.precision.is_mixed() {
         graph.begin_autocast();
     }
-    let mut parameters = Parameters::new(&tensors);
+    let mut parameters = Parameters::new(&tensors.read);
     let logits = match &groups {
         Some(groups) => sharded_forward(&mut graph, plan, groups, input, &mut parameters),
         None => plan.model().forward(&mut graph, input, &mut parameters),
@@ -164,39 +160,77 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     })
 }
 
-/// A tensor for each of the model's parameters and buffers (`declared`, in its order), the
-/// learnt ones (trained, frozen or adapters) filled with their first values (each from a stream
-/// of its own).
-fn declare_parameters(graph: &mut Graph, declared: &[Parameter], seed: u64) -> Vec<Tensor> {
-    let master = graph.precision().master();
-    let tensors: Vec<Tensor> = declared
-        .iter()
-        .map(|p| match p.kind {
-            ParameterKind::Trained { .. } => {
-                graph.parameter(p.elements, Element::Value(master), true)
-            }
+/// The model's parameters and buffers (`declared`, in its order) as the step holds them.
+struct Declared {
+    /// What the modules read of each: the parameter (unsharded, under FSDP) or the buffer.
+    read: Vec<Tensor>,
+    /// What setup holds of each: the parameter or buffer, or (under FSDP) its shard.
+    held: Vec<Tensor>,
+    /// Each one FSDP shards.
+    sharded: Vec<Option<ShardedParameter>>,
+}
+
+/// A tensor for each of the model's parameters and buffers (`declared`, in its order), sharded
+/// over `world` ranks when given (the learnt ones: FSDP leaves buffers whole), the learnt ones
+/// (trained, frozen or adapters) filled with their first values (each from a stream of its own).
+fn declare_parameters(
+    graph: &mut Graph,
+    declared: &[Parameter],
+    seed: u64,
+    world: Option<u64>,
+) -> Declared {
+    let master = Element::Value(graph.precision().master());
+    if let Some(world) = world {
+        graph.begin_sharding(world);
+    }
+    let mut tensors = Declared {
+        read: Vec::with_capacity(declared.len()),
+        held: Vec::with_capacity(declared.len()),
+        sharded: Vec::with_capacity(declared.len()),
+    };
+    for (i, p) in declared.iter().enumerate() {
+        let (element, trained, scale) = match p.kind {
+            ParameterKind::Trained { scale } => (master, true, Some(scale)),
             // peft keeps adapters in f32 over a 16-bit model (`autocast_adapter_dtype`).
-            ParameterKind::Adapter { .. } => {
-                graph.parameter(p.elements, Element::Value(Storage::F32), true)
+            ParameterKind::Adapter { scale } => (Element::Value(Storage::F32), true, Some(scale)),
+            ParameterKind::Frozen { scale } => (master, false, Some(scale)),
+            ParameterKind::Statistic => (master, false, None),
+            ParameterKind::Count => (Element::Index, false, None),
+        };
+        let sharded = match (world, scale) {
+            (Some(_), Some(_)) => {
+                // Under a 16-bit model FSDP would all-gather f32 adapters and 16-bit weights
+                // together (as bytes), which headroom does not follow.
+                if element != master {
+                    graph.refuse(
+                        "sharding".into(),
+                        "FSDP over f32 LoRA adapters in a bf16 model is not modelled: train the \
+                         model in 32-true or a mixed precision, or leave sharding out"
+                            .into(),
+                    );
+                }
+                Some(graph.sharded_parameter(p.elements, p.rows, element, trained))
             }
-            ParameterKind::Frozen { .. } | ParameterKind::Statistic => {
-                graph.parameter(p.elements, Element::Value(master), false)
+            _ => None,
+        };
+        let (read, held) = match sharded {
+            Some(parameter) => (parameter.gathered, parameter.shard),
+            None => {
+                let tensor = graph.parameter(p.elements, element, trained);
+                (tensor, tensor)
             }
-            ParameterKind::Count => graph.parameter(p.elements, Element::Index, false),
-        })
-        .collect();
-    for (i, (&tensor, parameter)) in tensors.iter().zip(declared).enumerate() {
-        if let ParameterKind::Trained { scale }
-        | ParameterKind::Frozen { scale }
-        | ParameterKind::Adapter { scale } = parameter.kind
-        {
+        };
+        if let Some(scale) = scale {
             graph.emit(Instr::FillUniform {
-                out: graph.slot(tensor),
-                len: parameter.elements,
+                out: graph.slot(held),
+                len: graph.elements(held),
                 key: synthetic::stream_key(seed, synthetic::parameter_stream(i)),
                 scale,
             });
         }
+        tensors.read.push(read);
+        tensors.held.push(held);
+        tensors.sharded.push(sharded);
     }
     tensors
 }
@@ -207,67 +241,16 @@ struct ShardGroups {
     units: Vec<(ShardGroup, Range<usize>)>,
     /// The model's own.
     root: ShardGroup,
-    /// What setup holds of each declared parameter: its shard, or the buffer whole.
-    held: Vec<Tensor>,
 }
 
-/// The model's parameters sharded over `sharding.world` ranks (its buffers whole, as FSDP leaves
-/// them), each shard filled from its parameter's stream, and grouped as `fully_shard` on every
-/// run of `sharding.blocks_per_group` top-level residual blocks, then on the model, groups them.
-/// Returns what the modules read (the unsharded parameters, the buffers) and the groups.
-fn shard_parameters(
+/// The `sharded` parameters grouped as `fully_shard` on every run of
+/// `sharding.blocks_per_group` top-level residual blocks, then on the model, groups them.
+fn shard_groups(
     graph: &mut Graph,
     plan: &Plan,
     sharding: Sharding,
-    declared: &[Parameter],
-    seed: u64,
-) -> (Vec<Tensor>, ShardGroups) {
-    graph.begin_sharding(sharding.world);
-    let master = Element::Value(plan.precision.master());
-    let mut sharded = Vec::with_capacity(declared.len());
-    let mut tensors = Vec::with_capacity(declared.len());
-    let mut held = Vec::with_capacity(declared.len());
-    for (i, p) in declared.iter().enumerate() {
-        let (scale, element, trained) = match p.kind {
-            ParameterKind::Trained { scale } => (scale, master, true),
-            ParameterKind::Frozen { scale } => (scale, master, false),
-            ParameterKind::Adapter { scale } => {
-                // peft keeps adapters in f32: under a 16-bit model FSDP would all-gather two
-                // dtypes together (as bytes), which headroom does not follow.
-                if master != Element::Value(Storage::F32) {
-                    graph.refuse(
-                        "sharding".into(),
-                        "FSDP over f32 LoRA adapters in a bf16 model is not modelled: train the \
-                         model in 32-true or a mixed precision, or leave sharding out"
-                            .into(),
-                    );
-                }
-                (scale, Element::Value(Storage::F32), true)
-            }
-            ParameterKind::Statistic | ParameterKind::Count => {
-                // Buffers stay whole: FSDP shards parameters only.
-                let element = match p.kind {
-                    ParameterKind::Count => Element::Index,
-                    _ => master,
-                };
-                let buffer = graph.parameter(p.elements, element, false);
-                tensors.push(buffer);
-                held.push(buffer);
-                sharded.push(None);
-                continue;
-            }
-        };
-        let parameter = graph.sharded_parameter(p.elements, p.rows, element, trained);
-        graph.emit(Instr::FillUniform {
-            out: graph.slot(parameter.shard),
-            len: shard_len(p.elements, p.rows, sharding.world),
-            key: synthetic::stream_key(seed, synthetic::parameter_stream(i)),
-            scale,
-        });
-        tensors.push(parameter.gathered);
-        held.push(parameter.shard);
-        sharded.push(Some(parameter));
-    }
+    sharded: &[Option<ShardedParameter>],
+) -> ShardGroups {
     // Where each top-level layer's parameters start.
     let mut starts = vec![0];
     for layer in plan.listed().layers() {
@@ -279,7 +262,7 @@ fn shard_parameters(
         .map(|spec| matches!(spec, LayerSpec::Residual(_)))
         .collect();
     let mut units = Vec::new();
-    let mut taken = vec![false; declared.len()];
+    let mut taken = vec![false; sharded.len()];
     for layers in block_runs(&blocks, sharding.blocks_per_group) {
         let members: Vec<ShardedParameter> = (starts[layers.start]..starts[layers.end])
             .filter_map(|p| {
@@ -296,7 +279,7 @@ fn shard_parameters(
         .filter_map(|(p, _)| *p)
         .collect();
     let root = graph.shard_group(rest, true);
-    (tensors, ShardGroups { units, root, held })
+    ShardGroups { units, root }
 }
 
 /// The top-level layers each `fully_shard` below the root takes: every run of `per_group`

@@ -307,13 +307,17 @@ impl Plan {
             sharding: None,
             counts,
         };
-        // A module may refuse the step whatever the batch; the fixed part and one sample must be
-        // representable (larger batches are checked per use).
-        if let Err(NoProgram::Refused(error)) = compile(&plan, 1, 0) {
+        plan.checked()
+    }
+
+    /// The plan, unless a module refuses its step whatever the batch, or the fixed part and one
+    /// sample are not representable (larger batches are checked per use).
+    fn checked(self) -> Result<Plan, PlanError> {
+        if let Err(NoProgram::Refused(error)) = compile(&self, 1, 0) {
             return Err(error.into());
         }
-        plan.memory(1).ok_or(Overflow)?;
-        Ok(plan)
+        self.memory(1).ok_or(Overflow)?;
+        Ok(self)
     }
 
     /// The plan of an MLP over `features` inputs: `Linear -> activation` per hidden width, then
@@ -337,15 +341,11 @@ impl Plan {
     /// The same plan with its parameters sharded as `sharding` says; refused when a module's
     /// memory is not modelled under FSDP.
     pub fn sharded(self, sharding: Sharding) -> Result<Plan, PlanError> {
-        let plan = Plan {
+        Plan {
             sharding: Some(sharding),
             ..self
-        };
-        if let Err(NoProgram::Refused(error)) = compile(&plan, 1, 0) {
-            return Err(error.into());
         }
-        plan.memory(1).ok_or(Overflow)?;
-        Ok(plan)
+        .checked()
     }
 
     /// The same plan, its step as PyTorch runs it traced or not.

@@ -25,7 +25,7 @@ mod fsdp;
 
 pub use checkpoint::{Recompute, Region};
 use checkpoint::{RegionEntry, Saving};
-pub use fsdp::{shard_len, ShardGroup, ShardedParameter};
+pub use fsdp::{ShardGroup, ShardedParameter};
 
 /// A tensor of the step: its values (a storage, maybe shared with views and in-place results)
 /// and where its gradient goes.
@@ -63,6 +63,19 @@ struct StorageEntry {
     keeps: Vec<Tensor>,
     /// Never allocated: made after a recomputation stopped early ([`checkpoint`]).
     phantom: bool,
+}
+
+impl StorageEntry {
+    /// A storage in `slot`, allocated, one reference to it.
+    fn new(slot: Slot, part: Part) -> StorageEntry {
+        StorageEntry {
+            slot,
+            part,
+            refs: 1,
+            keeps: Vec::new(),
+            phantom: false,
+        }
+    }
 }
 
 /// A node's backward, as its module writes it: from the gradients of its outputs (`None` where
@@ -115,8 +128,7 @@ impl Code {
     /// An allocation where the framework makes it: in place for PyTorch, before the first step
     /// for headroom's own step.
     fn alloc(&mut self, buffer: Buffer) -> Slot {
-        let slot = Slot(self.slots);
-        self.slots += 1;
+        let slot = self.reserve();
         let instr = Instr::Alloc { slot, buffer };
         match self.framework {
             Framework::Pytorch => self.push(instr),
@@ -296,27 +308,22 @@ impl Graph {
                 element,
             }),
         };
-        let tensor = self.entry(slot, part, elements, element, Target::None);
-        self.storages[self.tensors[tensor.0].storage].phantom = phantom;
-        tensor
+        let storage = StorageEntry {
+            phantom,
+            ..StorageEntry::new(slot, part)
+        };
+        self.entry(storage, elements, element, Target::None)
     }
 
-    /// A tensor over a new storage in `slot`, one reference to it.
+    /// A tensor over `storage`, new, one reference to it.
     fn entry(
         &mut self,
-        slot: Slot,
-        part: Part,
+        storage: StorageEntry,
         elements: u64,
         element: Element,
         target: Target,
     ) -> Tensor {
-        self.storages.push(StorageEntry {
-            slot,
-            part,
-            refs: 1,
-            keeps: Vec::new(),
-            phantom: false,
-        });
+        self.storages.push(storage);
         self.tensors.push(TensorEntry {
             storage: self.storages.len() - 1,
             elements,

@@ -102,11 +102,15 @@ impl Elementwise for CudaDevice {
 
     fn copy_range(
         &mut self,
-        from: (&DeviceValues, u64),
-        to: (&mut DeviceValues, u64),
+        (from, from_offset): (&DeviceValues, u64),
+        (to, to_offset): (&mut DeviceValues, u64),
         len: u64,
     ) -> Result<(), DeviceError> {
-        self.copy_values(from, to, len)
+        let [n, from_at, to_at] = [len, from_offset, to_offset].map(|v| v as i64);
+        let storage = from.storage.code();
+        launch!(self, Kernel::CopyRange, shapes::elementwise(len);
+            holds(from, from_offset + len), &from_at, holds_mut(to, to_offset + len), &to_at, &n,
+            &storage)
     }
 
     fn convert(
@@ -124,20 +128,6 @@ impl Elementwise for CudaDevice {
 }
 
 impl CudaDevice {
-    /// `copy_range`: `len` values from `from` at `from_offset` into `to` at `to_offset`.
-    pub(super) fn copy_values(
-        &mut self,
-        (from, from_offset): (&DeviceValues, u64),
-        (to, to_offset): (&mut DeviceValues, u64),
-        len: u64,
-    ) -> Result<(), DeviceError> {
-        let [n, from_at, to_at] = [len, from_offset, to_offset].map(|v| v as i64);
-        let storage = from.storage.code();
-        launch!(self, Kernel::CopyRange, shapes::elementwise(len);
-            holds(from, from_offset + len), &from_at, holds_mut(to, to_offset + len), &to_at, &n,
-            &storage)
-    }
-
     /// `out = a op b` by `kernel` (`add`, `multiply`): the operands and the output each in its
     /// own storage.
     fn binary(

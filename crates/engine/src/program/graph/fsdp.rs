@@ -22,7 +22,7 @@
 //! chunks are copied (a copy a parameter, whatever the world size); the other ranks' stay as
 //! allocated (zero), and this rank's chunk of a gradient is its own.
 
-use super::{Backward, Graph, Pass, Target, Tensor};
+use super::{Backward, Graph, Pass, StorageEntry, Target, Tensor};
 use crate::memory::{Buffer, Element, Part};
 use crate::program::instr::{Instr, Slot};
 
@@ -109,7 +109,8 @@ impl Graph {
         let shard = self.parameter(shard_len, element, trained);
         let slot = self.code.reserve();
         let target = self.tensors[shard.0].target;
-        let gathered = self.entry(slot, Part::Parameters, elements, element, target);
+        let storage = StorageEntry::new(slot, Part::Parameters);
+        let gathered = self.entry(storage, elements, element, target);
         ShardedParameter {
             shard,
             gathered,
