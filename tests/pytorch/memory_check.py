@@ -177,9 +177,12 @@ class RotaryTables:
 
     def __init__(self):
         self.made = {}
+        self.read = None  # the keys read while a checkpointed region runs first
 
     def get(self, positions, head_dim, theta, dtype, device):
         key = (positions, head_dim, theta, dtype)
+        if self.read is not None:
+            self.read.add(key)
         if key not in self.made:
             with torch.autocast(device.type, enabled=False):
                 exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
@@ -195,9 +198,10 @@ class RotaryTables:
 
 class Checkpointed(nn.Module):
     """A layer list's `checkpoint`: its layers under `torch.utils.checkpoint` (non-reentrant,
-    early stop). What the model's forward shares with them (rotary tables, causal masks) is
-    lent to the region as Hugging Face passes it to each checkpointed layer: an argument the
-    checkpoint's frame holds, read again by the recomputation rather than made anew."""
+    early stop). What the model's forward shares with them and they read (rotary tables, causal
+    masks) is lent to the region as Hugging Face passes it to each checkpointed layer: an
+    argument the checkpoint's frame holds, read again by the recomputation rather than made
+    anew. Tables made for layers outside the region are not lent."""
 
     def __init__(self, body):
         super().__init__()
@@ -218,8 +222,12 @@ class Checkpointed(nn.Module):
     def run(self, x, lent):
         tables = self.shared()
         if not lent:
+            for table in tables:
+                table.read = set()
             y = self.body(x)
-            lent.update({id(t): dict(t.made) for t in tables})
+            lent.update({id(t): {key: t.made[key] for key in t.read} for t in tables})
+            for table in tables:
+                table.read = None
             return y
         outer = [(t, t.made) for t in tables]
         for table in tables:
@@ -292,9 +300,12 @@ class CausalMasks:
 
     def __init__(self):
         self.made = {}
+        self.read = None  # the keys read while a checkpointed region runs first
 
     def get(self, batch, positions, dtype, device):
         key = (batch, positions, dtype)
+        if self.read is not None:
+            self.read.add(key)
         if key not in self.made:
             allowed = torch.ones(positions, positions, dtype=torch.bool, device=device).tril()
             allowed = allowed[None, None].expand(batch, 1, positions, positions)
