@@ -329,6 +329,15 @@ fn a_hugging_face_config_takes_checkpointing_lora_and_fsdp_on_the_command_line()
     // Adam's two moments.
     let sharded = estimate(&["--fsdp", "4"]);
     assert_eq!(sharded["fsdp_world_size"], 4);
+    assert_eq!(sharded["fsdp_reshard_after_forward"], true);
+    // Kept gathered from forward to backward, the decoder layers' parameters are held longer.
+    let kept = estimate(&["--fsdp", "4", "--no-reshard-after-forward"]);
+    assert_eq!(kept["fsdp_reshard_after_forward"], false);
+    let parameters = |estimate: &serde_json::Value| estimate["memory"]["parameters"].as_u64();
+    assert!(
+        parameters(&kept) > parameters(&sharded),
+        "{kept} vs {sharded}"
+    );
     let state = |estimate: &serde_json::Value| estimate["memory"]["optimizer_state"].as_u64();
     let (sharded_state, whole_state) = (state(&sharded).unwrap(), state(&whole).unwrap());
     assert!(
@@ -346,7 +355,13 @@ fn a_hugging_face_config_takes_checkpointing_lora_and_fsdp_on_the_command_line()
     ];
     let said = String::from_utf8(headroom(&args).stdout).unwrap();
     assert!(
-        said.contains("sharding                FSDP over 4 GPUs"),
+        said.contains("sharding                FSDP over 4 GPUs: "),
+        "{said}"
+    );
+    let args = [&args[..], &["--no-reshard-after-forward"]].concat();
+    let said = String::from_utf8(headroom(&args).stdout).unwrap();
+    assert!(
+        said.contains("FSDP over 4 GPUs, blocks kept gathered from forward to backward"),
         "{said}"
     );
     for flag in ["--gradient-checkpointing", "--fsdp"] {
@@ -359,6 +374,13 @@ fn a_hugging_face_config_takes_checkpointing_lora_and_fsdp_on_the_command_line()
     }
     let args = ["estimate", "--hf-config", config, "--lora-alpha", "16"];
     refused(&headroom(&args), 2, "--lora-r");
+    let args = [
+        "estimate",
+        "--hf-config",
+        config,
+        "--no-reshard-after-forward",
+    ];
+    refused(&headroom(&args), 2, "--fsdp");
 }
 
 #[test]

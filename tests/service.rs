@@ -1347,7 +1347,23 @@ fn estimate_answers_for_a_card_every_card_or_an_unknown_one() {
     sharded["world_size"] = json!(8);
     let (status, answer) = post(&sharded);
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["estimates"][0]["estimate"]["fsdp_world_size"], 8);
+    let estimate = &answer["estimates"][0]["estimate"];
+    assert_eq!(estimate["fsdp_world_size"], 8);
+    assert_eq!(estimate["fsdp_reshard_after_forward"], true);
+    let mut kept = sharded.clone();
+    kept["reshard_after_forward"] = json!(false);
+    let (status, answer) = post(&kept);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["estimates"][0]["estimate"]["fsdp_reshard_after_forward"],
+        false
+    );
+    kept["sharding"] = json!("none");
+    let (status, problem) = post(&kept);
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (422, Some("reshard_after_forward"))
+    );
     sharded["world_size"] = json!(1);
     let (status, problem) = post(&sharded);
     assert_eq!((status, problem["field"].as_str()), (422, Some("sharding")));

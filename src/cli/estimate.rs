@@ -133,6 +133,7 @@ fn memory_at(job: &Job, plan: &Plan, batch_size: u64, json: bool) -> Result<(), 
         });
         if let Some(sharding) = plan.sharding {
             value["fsdp_world_size"] = sharding.world.into();
+            value["fsdp_reshard_after_forward"] = sharding.reshard_after_forward.into();
         }
         print_line(serde_json::to_string_pretty(&value).expect("JSON prints"))
     } else {
@@ -160,10 +161,15 @@ fn report(target: &Target, estimates: &[GpuEstimate], json: bool) -> Result<(), 
     }
     match target {
         Target::Catalogue => {
-            let world = estimates
+            let (world, reshard) = estimates
                 .iter()
-                .find_map(|e| e.estimate.as_ref()?.fsdp_world_size);
-            print(output::sharding(world) + &output::catalogue(estimates))?
+                .find_map(|e| {
+                    let e = e.estimate.as_ref()?;
+                    Some((e.fsdp_world_size?, e.fsdp_reshard_after_forward))
+                })
+                .unzip();
+            let line = output::sharding(world, reshard.flatten());
+            print(line + &output::catalogue(estimates))?
         }
         _ => {
             if let Some(e) = &estimates[0].estimate {

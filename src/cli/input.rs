@@ -57,6 +57,10 @@ pub struct JobSource {
     /// decoder layer, then on the model); the batch and memory answered are one GPU's.
     #[arg(long, value_name = "GPUS")]
     fsdp: Option<u64>,
+    /// With --fsdp: keep each decoder layer's gathered parameters from its forward to its
+    /// backward (`fully_shard(..., reshard_after_forward=False)`: ZeRO-2's memory).
+    #[arg(long, requires = "fsdp")]
+    no_reshard_after_forward: bool,
 }
 
 impl JobSource {
@@ -111,6 +115,9 @@ impl JobSource {
         if let Some(world) = self.fsdp {
             job["world_size"] = world.into();
             job["sharding"] = "fsdp".into();
+            if self.no_reshard_after_forward {
+                job["reshard_after_forward"] = false.into();
+            }
         }
         Job::from_value(job).map_err(|source| match source.field.as_str() {
             "model.tokens" if self.sequence_length.is_none() => CliError::Argument(format!(

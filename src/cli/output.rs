@@ -131,7 +131,7 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         human(result.device.total_bytes),
         result.precision,
         result.framework.name(),
-        sharding(result.fsdp_world_size),
+        sharding(result.fsdp_world_size, result.fsdp_reshard_after_forward),
         result.probes.len(),
         result.elapsed_seconds,
         result.recommended_batch_size,
@@ -140,11 +140,17 @@ pub fn summary(result: &TuneResult, knee_tolerance: f64) -> String {
         + &note(result.precision_note.as_deref())
 }
 
-/// The sharding line: FSDP over `world` GPUs, or nothing.
-pub fn sharding(world: Option<u64>) -> String {
+/// The sharding line: FSDP over `world` GPUs, its blocks resharded after forward unless
+/// `reshard_after_forward` says not (answers stored before it was said did), or nothing.
+pub fn sharding(world: Option<u64>, reshard_after_forward: Option<bool>) -> String {
     world.map_or(String::new(), |world| {
+        let kept = match reshard_after_forward {
+            Some(false) => ", blocks kept gathered from forward to backward",
+            _ => "",
+        };
         format!(
-            "sharding                FSDP over {world} GPUs: the batch and memory are one GPU's\n"
+            "sharding                FSDP over {world} GPUs{kept}: the batch and memory are one \
+             GPU's\n"
         )
     })
 }
@@ -182,7 +188,7 @@ pub fn estimate(e: &Estimate) -> String {
         parameters(e.parameter_count, e.trainable_parameter_count),
         e.precision,
         e.framework.name(),
-        sharding(e.fsdp_world_size),
+        sharding(e.fsdp_world_size, e.fsdp_reshard_after_forward),
         human(e.fixed_bytes),
         human(e.bytes_per_sample),
         e.predicted_max_batch_size,

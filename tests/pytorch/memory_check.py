@@ -622,7 +622,7 @@ def build(job, device, torchvision_name=None):
                 if "lora" in job["model"]:
                     model = with_lora(model, job["model"]["lora"])
                 if job.get("sharding") == "fsdp":
-                    fully_shard_blocks(model)
+                    fully_shard_blocks(model, job.get("reshard_after_forward", True))
     finally:
         torch.set_default_dtype(default_dtype)
     name = job["optimizer"]["name"]
@@ -641,16 +641,17 @@ def build(job, device, torchvision_name=None):
     return model, optimizer
 
 
-def fully_shard_blocks(model):
+def fully_shard_blocks(model, reshard_after_forward):
     """`fully_shard` on every top-level residual block of the list, then on the model, as
     headroom's `"sharding": "fsdp"` reads a layer list, over the device mesh `fsdp_mesh` made
-    (before the fake mode: FSDP needs a process group, here a fake one)."""
+    (before the fake mode: FSDP needs a process group, here a fake one); the blocks with
+    `reshard_after_forward` as the job says (the model's own keeps PyTorch's choice for it)."""
     from torch.distributed.fsdp import fully_shard
 
     listed = model.base_model.model if hasattr(model, "base_model") else model  # peft's
     for layer in listed:
         if isinstance(layer, Residual):
-            fully_shard(layer, mesh=FSDP_MESH[0])
+            fully_shard(layer, mesh=FSDP_MESH[0], reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=FSDP_MESH[0])
 
 
@@ -1044,9 +1045,12 @@ class Generator:
         # headroom refuses eager multi-query attention (it does not follow every copy PyTorch
         # makes of the view repeat_kv makes of one head).
         job["model"]["layers"] = fused_multi_query(job["model"]["layers"])
-        # A fifth of the rest sharded with FSDP over a few ranks (3 pads uneven shards).
+        # A fifth of the rest sharded with FSDP over a few ranks (3 pads uneven shards), a
+        # third of those with the blocks' parameters kept gathered from forward to backward.
         if shardable(job) and self.rng.random() < 0.2:
             job["sharding"], job["world_size"] = "fsdp", self.rng.choice([2, 3, 4, 8])
+            if self.rng.random() < 1 / 3:
+                job["reshard_after_forward"] = False
         return job
 
     def lora(self, names):
@@ -1563,6 +1567,7 @@ def main():
         for i in range(args.random):
             job = generator.job()
             sharded = f" fsdp/{job['world_size']}" if job.get("sharding") else ""
+            sharded += " kept" if job.get("reshard_after_forward") is False else ""
             tasks.append((f"random #{i}{sharded}", job, generator.batch(), None, True))
     # Each comparison is independent: they run in worker processes, one per core (MemTracker's
     # bookkeeping is single-threaded Python), and are reported in order.

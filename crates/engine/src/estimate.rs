@@ -24,6 +24,10 @@ pub struct Estimate {
     /// The GPUs FSDP shards the model over, when it does: the batch and memory are one GPU's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fsdp_world_size: Option<u64>,
+    /// Whether FSDP's blocks let their gathered parameters go after their forward (`false`:
+    /// kept to their backward), when FSDP shards the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsdp_reshard_after_forward: Option<bool>,
     /// Learnt parameters, frozen ones included (`sum(p.numel() for p in model.parameters())`).
     pub parameter_count: u64,
     /// Those of them it trains (not frozen).
@@ -77,6 +81,7 @@ pub fn estimate(
         precision_note: plan.precision_note(memory_bytes, allocator),
         framework: plan.framework,
         fsdp_world_size: plan.sharding.map(|s| s.world),
+        fsdp_reshard_after_forward: plan.sharding.map(|s| s.reshard_after_forward),
         parameter_count: plan.parameter_count(),
         trainable_parameter_count: plan.trainable_parameter_count(),
         fixed_bytes: line.fixed_bytes,

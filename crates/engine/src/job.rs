@@ -73,6 +73,12 @@ pub struct JobSpec {
     /// or `fsdp` (PyTorch's FSDP2; the answer is one GPU's).
     #[serde(default, skip_serializing_if = "ShardingSpec::is_none")]
     pub sharding: ShardingSpec,
+    /// With `fsdp`: whether each block's `fully_shard` lets its gathered parameters go after its
+    /// forward and gathers them again in backward (PyTorch's default, ZeRO-3), or keeps them
+    /// from its forward to its backward (`false`: ZeRO-2's memory, FSDP1's `SHARD_GRAD_OP`).
+    /// The model's own `fully_shard` keeps its parameters either way, as PyTorch does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reshard_after_forward: Option<bool>,
 }
 
 /// How a job's model state is split over its `world_size` GPUs.
@@ -497,7 +503,13 @@ impl JobSpec {
     /// FSDP's sharding, when asked and modelled.
     fn sharding(&self) -> Result<Option<Sharding>, JobError> {
         if self.sharding == ShardingSpec::None {
-            return Ok(None);
+            return match self.reshard_after_forward {
+                Some(_) => Err(JobError::new(
+                    "reshard_after_forward",
+                    "is FSDP's: give \"sharding\": \"fsdp\" or leave it out",
+                )),
+                None => Ok(None),
+            };
         }
         let refuse = |reason: &str| Err(JobError::new("sharding", reason));
         if self.framework != Framework::Pytorch {
@@ -523,6 +535,7 @@ impl JobSpec {
         Ok(Some(Sharding {
             world: self.world_size,
             blocks_per_group,
+            reshard_after_forward: self.reshard_after_forward.unwrap_or(true),
         }))
     }
 
@@ -545,7 +558,10 @@ impl JobSpec {
             format!("lora r{} {targets}, ", lora.r)
         });
         let sharding = match self.sharding {
-            ShardingSpec::Fsdp => format!(", fsdp over {}", self.world_size),
+            ShardingSpec::Fsdp => match self.reshard_after_forward {
+                Some(false) => format!(", fsdp over {} kept gathered", self.world_size),
+                _ => format!(", fsdp over {}", self.world_size),
+            },
             ShardingSpec::None => String::new(),
         };
         let training = format!(

@@ -33,6 +33,10 @@ pub struct TuneResult {
     /// The GPUs FSDP shards the model over, when it does: the batch and memory are one GPU's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fsdp_world_size: Option<u64>,
+    /// Whether FSDP's blocks let their gathered parameters go after their forward (`false`:
+    /// kept to their backward), when FSDP shards the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsdp_reshard_after_forward: Option<bool>,
     /// The throughput knee: the smallest batch from which doubling the batch gains less than
     /// `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     pub throughput_batch_size: u64,
@@ -204,6 +208,7 @@ mod tests {
             precision_note: None,
             framework: Framework::Pytorch,
             fsdp_world_size: None,
+            fsdp_reshard_after_forward: None,
             throughput_batch_size: 64,
             throughput_knee: None,
             throughput_fit: None,

@@ -106,6 +106,7 @@ pub fn tune(
         precision_note: plan.precision_note(info.free_bytes, info.kind.allocator()),
         framework: plan.framework,
         fsdp_world_size: plan.sharding.map(|s| s.world),
+        fsdp_reshard_after_forward: plan.sharding.map(|s| s.reshard_after_forward),
         throughput_batch_size: knee.map_or(fit, |k| k.batch_size),
         throughput_note: knee.filter(|k| !k.decided()).map(|k| {
             format!(

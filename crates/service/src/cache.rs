@@ -177,6 +177,7 @@ mod tests {
                 precision_note: None,
                 framework: Default::default(),
                 fsdp_world_size: None,
+                fsdp_reshard_after_forward: None,
                 throughput_batch_size: max,
                 throughput_knee: None,
                 throughput_fit: None,

@@ -270,7 +270,10 @@ fn shard_groups(
                 sharded[p]
             })
             .collect();
-        units.push((graph.shard_group(members, false), layers));
+        units.push((
+            graph.shard_group(members, sharding.reshard_after_forward),
+            layers,
+        ));
     }
     let rest = sharded
         .iter()
@@ -278,7 +281,7 @@ fn shard_groups(
         .filter(|(_, &taken)| !taken)
         .filter_map(|(p, _)| *p)
         .collect();
-    let root = graph.shard_group(rest, true);
+    let root = graph.shard_group(rest, false);
     ShardGroups { units, root }
 }
 

@@ -112,6 +112,9 @@ pub struct Sharding {
     pub world: u64,
     /// Top-level residual blocks a `fully_shard` call takes.
     pub blocks_per_group: usize,
+    /// Whether those calls let their gathered parameters go after their forward (the root's
+    /// keeps them regardless).
+    pub reshard_after_forward: bool,
 }
 
 impl PartialEq for Plan {

@@ -53,6 +53,12 @@ pub struct JobSpec {
     /// How the model's state is split over those GPUs.
     #[serde(default)]
     sharding: Sharding,
+    /// With `fsdp`: whether each block's `fully_shard` lets its gathered parameters go after
+    /// its forward (PyTorch's default) or, `false`, keeps them to its backward (ZeRO-2's
+    /// memory). The model's own keeps its parameters either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(default = true)]
+    reshard_after_forward: Option<bool>,
 }
 
 /// How a job's model state is split over its `world_size` GPUs.
@@ -816,6 +822,10 @@ pub struct TuneAnswer {
     /// The GPUs FSDP shards the model over, when it does: the batch and memory are one GPU's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fsdp_world_size: Option<u64>,
+    /// Whether FSDP's blocks let their gathered parameters go after their forward (`false`:
+    /// kept to their backward), when FSDP shards the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fsdp_reshard_after_forward: Option<bool>,
     /// The throughput knee: the smallest batch from which doubling gains less than
     /// `search.knee_tolerance` in fitted samples/s. A larger batch trains little faster.
     throughput_batch_size: u64,
@@ -1026,6 +1036,10 @@ pub struct Estimate {
     /// The GPUs FSDP shards the model over, when it does: the batch and memory are one GPU's.
     #[serde(skip_serializing_if = "Option::is_none")]
     fsdp_world_size: Option<u64>,
+    /// Whether FSDP's blocks let their gathered parameters go after their forward (`false`:
+    /// kept to their backward), when FSDP shards the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fsdp_reshard_after_forward: Option<bool>,
     /// Learnt parameters, frozen ones included (`sum(p.numel() for p in model.parameters())`).
     parameter_count: u64,
     /// Those of them it trains (not frozen).
@@ -1231,6 +1245,7 @@ mod tests {
                "optimizer": {"name": "adamw", "learning_rate": 0.01},
                "precision": "bf16-mixed", "dtype": "f32", "dataset_size": 100000,
                "headroom": 0.75, "target_batch_size": 1000, "world_size": 3, "sharding": "fsdp",
+               "reshard_after_forward": false,
                "search": {"start": 8, "max": 4096, "multiple_of": 8, "tolerance": 0.05,
                           "steps_per_probe": 2, "min_timed_seconds": 0.05, "strategy": "double",
                           "knee_tolerance": 0.1,

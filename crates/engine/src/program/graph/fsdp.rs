@@ -1,6 +1,6 @@
 //! FSDP2 (`torch.distributed.fsdp.fully_shard`) as rank 0 of `world` ranks runs it, with
-//! PyTorch's defaults (`reshard_after_forward=True` below the root, one reduce-scatter input
-//! kept in flight).
+//! PyTorch's defaults (one reduce-scatter input kept in flight; `reshard_after_forward=True`
+//! below the root unless the job says `false`).
 //!
 //! Each parameter lives as its shard: the first dimension cut into `world` chunks of
 //! `ceil(rows / world)` rows, padded, rank 0 keeping the first. Parameters are grouped (each
@@ -9,10 +9,11 @@
 //! and this rank's shards copied into it; the unsharded parameters (padded) are made and the
 //! gathered values copied out. In forward the all-gather's output is kept until the next
 //! group's all-gather has been made (PyTorch's overlap of copy-out and the next all-gather);
-//! after the forward the unsharded parameters go (the root's stay until its backward). In
-//! backward each group is gathered again when its output's gradient arrives (its pre-backward
-//! hook), the all-gather's output going right after the copy-out, and the group before it in
-//! forward order is prefetched (its all-gather made). When the gradient of a group's input
+//! after the forward the unsharded parameters go (the root's, and every group's when the job
+//! keeps them gathered, stay until its backward). In backward each group is gathered again
+//! (unless kept) when its output's gradient arrives (its pre-backward hook), the all-gather's
+//! output going right after the copy-out, and the group before it in forward order is
+//! prefetched (its all-gather made, unless kept). When the gradient of a group's input
 //! arrives (its post-backward hook; at the end of backward when its input needs none) the
 //! unsharded parameters go, the previous reduce-scatter's input goes, this one's is made
 //! (every gradient padded, rank-major), the unsharded gradients go, and the sharded gradients
@@ -55,7 +56,7 @@ struct Group {
     pending: Option<Tensor>,
     /// Whether the unsharded parameters are held.
     unsharded: bool,
-    /// Whether the forward lets them go (all but the root).
+    /// Whether the forward lets them go (never the root's; the others' by default).
     reshard_after_forward: bool,
     /// Where its forwards fall in the forward order.
     post_forward_indices: Vec<usize>,
@@ -119,15 +120,20 @@ impl Graph {
         }
     }
 
-    /// `parameters` sharded together; `root` for the model's own `fully_shard` (made last),
-    /// whose parameters stay gathered from its forward to its backward.
-    pub fn shard_group(&mut self, parameters: Vec<ShardedParameter>, root: bool) -> ShardGroup {
+    /// `parameters` sharded together, let go after their forward when `reshard_after_forward`
+    /// (else kept gathered to their backward, as the model's own `fully_shard`, made last, keeps
+    /// its).
+    pub fn shard_group(
+        &mut self,
+        parameters: Vec<ShardedParameter>,
+        reshard_after_forward: bool,
+    ) -> ShardGroup {
         let fsdp = self.sharding();
         fsdp.groups.push(Group {
             parameters,
             pending: None,
             unsharded: false,
-            reshard_after_forward: !root,
+            reshard_after_forward,
             post_forward_indices: Vec::new(),
             reduced: false,
         });
@@ -444,6 +450,31 @@ mod tests {
     }
 
     #[test]
+    fn blocks_kept_gathered_hold_their_parameters_from_forward_to_backward() {
+        let block = json!({"residual": {"layers": [
+            {"layer_norm": {}}, {"linear": {"out_features": 6}}
+        ]}});
+        let model = json!({"input_shape": [10], "num_classes": 3, "layers": [
+            {"linear": {"out_features": 6}}, block, block, block, {"linear": {"out_features": 3}}
+        ]});
+        let peak = |reshard: bool| {
+            let extra = json!({"model": model, "reshard_after_forward": reshard});
+            job(extra).unwrap().plan().memory(8).unwrap()
+        };
+        let (resharded, kept) = (peak(true), peak(false));
+        // A block gathered over 4 ranks: its norm's 6 + 6 and its linear layer's 6 x 6 + 6
+        // values, each padded to 8 rows, 72 values. At the peak (the last block's backward)
+        // resharding holds that block and the next one's prefetched all-gather, two blocks'
+        // worth; kept, all three are held.
+        assert_eq!(kept.parameters - resharded.parameters, 72 * 4);
+        assert_eq!(kept.total - resharded.total, 72 * 4);
+        assert!(job(json!({"reshard_after_forward": false}))
+            .unwrap()
+            .summary()
+            .ends_with("fsdp over 4 kept gathered"));
+    }
+
+    #[test]
     fn what_fsdp_is_not_modelled_over_is_named() {
         for (extra, reason) in [
             (json!({"world_size": 1}), "FSDP over one GPU shards nothing"),
@@ -468,6 +499,10 @@ mod tests {
             assert_eq!(error.field, "sharding", "{extra}");
             assert!(error.reason.contains(reason), "{extra}: {}", error.reason);
         }
+        let unsharded = json!({"sharding": "none", "reshard_after_forward": false});
+        let error = job(unsharded).unwrap_err();
+        assert_eq!(error.field, "reshard_after_forward");
+        assert!(error.reason.contains("FSDP's"), "{}", error.reason);
     }
 
     #[test]
