@@ -137,10 +137,16 @@ fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
         serde_json::from_str(&std::fs::read_to_string("examples/tiny-gpt.json").unwrap()).unwrap();
     sharded["sharding"] = "fsdp".into();
     sharded["world_size"] = 3.into();
+    // Adapted with LoRA, its blocks kept gathered from forward to backward; checkpointed, each
+    // block gathered again for its recomputation.
     let mut sharded_lora = sharded.clone();
     sharded_lora["model"]["lora"] = adapted["model"]["lora"].clone();
+    sharded_lora["reshard_after_forward"] = false.into();
+    let mut sharded_checkpointed = sharded.clone();
+    sharded_checkpointed["model"]["gradient_checkpointing"] = true.into();
     let sharded = support::temp_file(".json", sharded.to_string());
     let sharded_lora = support::temp_file(".json", sharded_lora.to_string());
+    let sharded_checkpointed = support::temp_file(".json", sharded_checkpointed.to_string());
     let jobs = [
         "examples/tiny-gpt.json",
         eager.to_str().unwrap(),
@@ -148,6 +154,7 @@ fn a_tiny_gpt_tunes_on_the_host_to_a_limit_that_probes_confirm() {
         checkpointed.to_str().unwrap(),
         sharded.to_str().unwrap(),
         sharded_lora.to_str().unwrap(),
+        sharded_checkpointed.to_str().unwrap(),
     ];
     for job in jobs {
         let on_host = ["--device", "host", "--host-memory", "64MiB", "--json"];
@@ -331,6 +338,12 @@ fn a_hugging_face_config_takes_checkpointing_lora_and_fsdp_on_the_command_line()
     assert_eq!(sharded["fsdp_world_size"], 4);
     assert_eq!(sharded["fsdp_reshard_after_forward"], true);
     // Kept gathered from forward to backward, the decoder layers' parameters are held longer.
+    // Checkpointed too, each decoder layer is gathered for its recomputation: fewer activations.
+    let both = estimate(&["--fsdp", "4", "--gradient-checkpointing"]);
+    assert!(
+        activations(&both) < activations(&sharded),
+        "{both} vs {sharded}"
+    );
     let kept = estimate(&["--fsdp", "4", "--no-reshard-after-forward"]);
     assert_eq!(kept["fsdp_reshard_after_forward"], false);
     let parameters = |estimate: &serde_json::Value| estimate["memory"]["parameters"].as_u64();

@@ -90,7 +90,8 @@ pub enum ShardingSpec {
     #[default]
     None,
     /// PyTorch's FSDP2: `fully_shard` on each decoder layer (a Hugging Face config's) or each
-    /// top-level residual block (a layer list's), then on the model, with its defaults.
+    /// top-level residual block or checkpoint (a layer list's), then on the model, with its
+    /// defaults.
     Fsdp,
 }
 
@@ -518,14 +519,17 @@ impl JobSpec {
         if self.world_size < 2 {
             return refuse("FSDP over one GPU shards nothing: give world_size 2 or more");
         }
+        // A top-level checkpoint is sharded as a block (`fully_shard` of the checkpointed
+        // module); one inside another layer would recompute inside a block's forward.
         let layers = self.model.layers.as_deref().unwrap_or_default();
         if layers
             .iter()
-            .flat_map(LayerSpec::nested)
+            .flat_map(|layer| layer.nested().into_iter().skip(1))
             .any(|l| matches!(l, LayerSpec::Checkpoint(_)))
         {
             return refuse(
-                "FSDP with activation checkpointing is not modelled yet: leave one of them out",
+                "FSDP with activation checkpointing inside another layer is not modelled: put \
+                 the checkpoint at the top of the list, where FSDP shards it as a block",
             );
         }
         let blocks_per_group = match self.model.huggingface.is_some() {

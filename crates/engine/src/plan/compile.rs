@@ -256,14 +256,18 @@ fn shard_groups(
     for layer in plan.listed().layers() {
         starts.push(starts[starts.len() - 1] + layer.parameters().len());
     }
-    let blocks: Vec<bool> = plan
+    let kinds: Vec<Sharded> = plan
         .layers()
         .iter()
-        .map(|spec| matches!(spec, LayerSpec::Residual(_)))
+        .map(|spec| match spec {
+            LayerSpec::Residual(_) => Sharded::InRun,
+            LayerSpec::Checkpoint(_) => Sharded::Alone,
+            _ => Sharded::WithRoot,
+        })
         .collect();
     let mut units = Vec::new();
     let mut taken = vec![false; sharded.len()];
-    for layers in block_runs(&blocks, sharding.blocks_per_group) {
+    for layers in block_runs(&kinds, sharding.blocks_per_group) {
         let members: Vec<ShardedParameter> = (starts[layers.start]..starts[layers.end])
             .filter_map(|p| {
                 taken[p] = true;
@@ -285,27 +289,38 @@ fn shard_groups(
     ShardGroups { units, root }
 }
 
+/// Where a top-level layer is sharded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sharded {
+    /// In a run of residual blocks.
+    InRun,
+    /// Alone: an activation checkpoint, as `fully_shard` of a checkpointed block takes it.
+    Alone,
+    /// With the root.
+    WithRoot,
+}
+
 /// The top-level layers each `fully_shard` below the root takes: every run of `per_group`
-/// consecutive residual blocks (`blocks` says which layers are), a shorter run where a layer
-/// that is not a block or the list's end cuts one.
-fn block_runs(blocks: &[bool], per_group: usize) -> Vec<Range<usize>> {
+/// consecutive residual blocks, a shorter run where another layer or the list's end cuts one,
+/// and each checkpoint alone (`kinds` says which layers are which).
+fn block_runs(kinds: &[Sharded], per_group: usize) -> Vec<Range<usize>> {
     let mut runs = Vec::new();
     let mut start = None;
-    for (i, &is_block) in blocks.iter().enumerate() {
-        match (is_block, start) {
-            (true, None) => start = Some(i),
-            (false, Some(first)) => {
-                runs.push(first..i);
-                start = None;
+    for (i, &kind) in kinds.iter().enumerate() {
+        if kind != Sharded::InRun {
+            runs.extend(start.take().map(|first| first..i));
+            if kind == Sharded::Alone {
+                runs.push(i..i + 1);
             }
-            _ => {}
+            continue;
         }
-        if let Some(first) = start.filter(|&first| i + 1 - first == per_group) {
+        let first = *start.get_or_insert(i);
+        if i + 1 - first == per_group {
             runs.push(first..i + 1);
             start = None;
         }
     }
-    runs.extend(start.map(|first| first..blocks.len()));
+    runs.extend(start.map(|first| first..kinds.len()));
     runs
 }
 
@@ -436,14 +451,17 @@ fn update(
 
 #[cfg(test)]
 mod tests {
-    use super::block_runs;
+    use super::{block_runs, Sharded};
 
     #[test]
     fn fully_shard_takes_runs_of_blocks_cut_by_other_layers_and_the_end() {
-        let (b, o) = (true, false);
+        let (b, o, c) = (Sharded::InRun, Sharded::WithRoot, Sharded::Alone);
         assert_eq!(block_runs(&[o, b, b, b, b, o], 2), [1..3, 3..5]);
         assert_eq!(block_runs(&[o, b, b, b, o, b], 2), [1..3, 3..4, 5..6]);
         assert_eq!(block_runs(&[b, b, o, b], 1), [0..1, 1..2, 3..4]);
         assert!(block_runs(&[o, o], 1).is_empty());
+        // A checkpoint is a group of its own, and cuts a run.
+        assert_eq!(block_runs(&[o, c, c, o], 2), [1..2, 2..3]);
+        assert_eq!(block_runs(&[b, c, b, b], 2), [0..1, 1..2, 2..4]);
     }
 }

@@ -69,9 +69,9 @@ pub enum Sharding {
     #[default]
     None,
     /// PyTorch's FSDP2: `fully_shard` on each decoder layer (a Hugging Face config's) or each
-    /// top-level residual block (a layer list's), then on the model; at least 2 GPUs, the
-    /// `pytorch` framework, no activation checkpointing, no f32 LoRA adapters in a `bf16-true`
-    /// model. The answer is one GPU's.
+    /// top-level residual block or checkpoint (a layer list's), then on the model; at least 2
+    /// GPUs, the `pytorch` framework, checkpoints only at the top of the list, no f32 LoRA
+    /// adapters in a `bf16-true` model. The answer is one GPU's.
     Fsdp,
 }
 

@@ -17,7 +17,8 @@
 //! arrives (its post-backward hook; at the end of backward when its input needs none) the
 //! unsharded parameters go, the previous reduce-scatter's input goes, this one's is made
 //! (every gradient padded, rank-major), the unsharded gradients go, and the sharded gradients
-//! are made from this rank's chunk. The optimizer updates the shards.
+//! are made from this rank's chunk. The optimizer updates the shards. A checkpoint is a group
+//! of its own, FSDP outside it: its recomputation reads what its pre-backward gathered.
 //!
 //! One device runs one rank: the collectives move nothing between devices, so only this rank's
 //! chunks are copied (a copy a parameter, whatever the world size); the other ranks' stay as
@@ -481,10 +482,12 @@ mod tests {
             (json!({"framework": "headroom"}), "FSDP is PyTorch's"),
             (
                 json!({"model": {"input_shape": [10], "num_classes": 3, "layers": [
-                    {"checkpoint": {"layers": [{"linear": {"out_features": 6}}]}},
+                    {"residual": {"layers": [
+                        {"checkpoint": {"layers": [{"linear": {"out_features": 10}}]}}
+                    ]}},
                     {"linear": {"out_features": 3}}
                 ]}}),
-                "activation checkpointing",
+                "activation checkpointing inside another layer",
             ),
             (
                 json!({"precision": "bf16-true", "model": {
