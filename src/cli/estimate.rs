@@ -161,14 +161,13 @@ fn report(target: &Target, estimates: &[GpuEstimate], json: bool) -> Result<(), 
     }
     match target {
         Target::Catalogue => {
-            let (world, reshard) = estimates
+            let sharded = estimates
                 .iter()
-                .find_map(|e| {
-                    let e = e.estimate.as_ref()?;
-                    Some((e.fsdp_world_size?, e.fsdp_reshard_after_forward))
-                })
-                .unzip();
-            let line = output::sharding(world, reshard.flatten());
+                .filter_map(|e| e.estimate.as_ref())
+                .find(|e| e.fsdp_world_size.is_some());
+            let line = sharded.map_or(String::new(), |e| {
+                output::sharding(e.fsdp_world_size, e.fsdp_reshard_after_forward)
+            });
             print(line + &output::catalogue(estimates))?
         }
         _ => {

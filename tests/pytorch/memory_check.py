@@ -169,32 +169,43 @@ class GatedMlp(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class RotaryTables:
-    """The cosines and sines of rotary position embedding, made once a forward and shared by
-    every attention layer, as Hugging Face's `LlamaModel` makes them (`rotary_emb`): per
-    position and head feature, `[positions, head_dim]` in the model's dtype (f32 under
-    autocast). `clear` (a forward hook on the model) drops the forward's; the layers' products
-    keep them for backward."""
+class ForwardTables:
+    """Tables made once a forward and shared by the layers that read them, by key: `made`, what
+    this forward has made; `read`, the keys read while a checkpointed region first runs (what it
+    is lent). `clear` (a forward hook on the model) drops the forward's."""
 
     def __init__(self):
         self.made = {}
-        self.read = None  # the keys read while a checkpointed region runs first
+        self.read = None
 
-    def get(self, positions, head_dim, theta, dtype, device):
-        key = (positions, head_dim, theta, dtype)
+    def lookup(self, key, make):
+        """The table of `key`, made by `make()` on first use this forward."""
         if self.read is not None:
             self.read.add(key)
         if key not in self.made:
+            self.made[key] = make()
+        return self.made[key]
+
+    def clear(self, *_):
+        self.made.clear()
+
+
+class RotaryTables(ForwardTables):
+    """The cosines and sines of rotary position embedding, made once a forward and shared by
+    every attention layer, as Hugging Face's `LlamaModel` makes them (`rotary_emb`): per
+    position and head feature, `[positions, head_dim]` in the model's dtype (f32 under
+    autocast); the layers' products keep them for backward."""
+
+    def get(self, positions, head_dim, theta, dtype, device):
+        def make():
             with torch.autocast(device.type, enabled=False):
                 exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
                 angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32),
                                      1.0 / theta ** exponents)
                 angles = torch.cat((angles, angles), dim=-1)
-                self.made[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
-        return self.made[key]
+                return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def clear(self, *_):
-        self.made.clear()
+        return self.lookup((positions, head_dim, theta, dtype), make)
 
 
 class Checkpointed(nn.Module):
@@ -292,30 +303,20 @@ class SelfAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
-class CausalMasks:
+class CausalMasks(ForwardTables):
     """The additive causal mask of eager attention, made once a forward and shared by every
     layer, as Hugging Face's `create_causal_mask` makes it for `attn_implementation="eager"`:
     `[batch, 1, positions, positions]`, 0 where a position may attend and the type's minimum
-    where not, in the model's dtype (f32 under autocast). `clear` (a forward hook on the model)
-    drops the forward's."""
-
-    def __init__(self):
-        self.made = {}
-        self.read = None  # the keys read while a checkpointed region runs first
+    where not, in the model's dtype (f32 under autocast)."""
 
     def get(self, batch, positions, dtype, device):
-        key = (batch, positions, dtype)
-        if self.read is not None:
-            self.read.add(key)
-        if key not in self.made:
+        def make():
             allowed = torch.ones(positions, positions, dtype=torch.bool, device=device).tril()
             allowed = allowed[None, None].expand(batch, 1, positions, positions)
             zero = torch.tensor(0.0, dtype=dtype, device=device)
-            self.made[key] = torch.where(allowed, zero, torch.finfo(dtype).min)
-        return self.made[key]
+            return torch.where(allowed, zero, torch.finfo(dtype).min)
 
-    def clear(self, *_):
-        self.made.clear()
+        return self.lookup((batch, positions, dtype), make)
 
 
 def repeat_kv(x, groups):
