@@ -9,6 +9,12 @@ Two sets of models, in one process:
   images, sequences (`[positions, features]`) and feature vectors
   (`--seed`, printed, reproduces a run), each with a random optimizer, precision and batch size.
 
+A job given by a Hugging Face config (`model.huggingface`, as `tests/pytorch/hugging-face/`) is
+checked against transformers' own model built from that config (no weights), with peft's LoRA,
+`gradient_checkpointing_enable()` and `fully_shard` on each decoder layer as the job asks, and
+trained as transformers' users train it: `loss = model(input_ids=x, labels=y).loss`, the output
+let go, then backward and the step as below.
+
 For each, this builds the model in PyTorch, runs one steady-state training step (a warm-up step
 first, so the optimizer's state exists, as it does in every step of a real run) and reads its peak
 memory by category, then asks `headroom estimate JOB --batch-size N --traced --json` for the
@@ -151,6 +157,25 @@ class CudaRmsNorm(nn.RMSNorm):
             raise ValueError("the composite rms_norm path is not what headroom models")
         eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
         return FusedRmsNorm.apply(x, self.weight, eps)
+
+
+class LlamaRmsNorm(nn.Module):
+    """A list's `rms_norm` with `implementation: composite`: Hugging Face's `LlamaRMSNorm`
+    (transformers' code), by hand in f32."""
+
+    def __init__(self, features, eps, elementwise_affine):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features)) if elementwise_affine else None
+        self.eps = eps if eps is not None else torch.finfo(torch.float32).eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
+        if self.weight is None:
+            return hidden_states.to(input_dtype)
+        return self.weight * hidden_states.to(input_dtype)
 
 
 class GatedMlp(nn.Module):
@@ -526,6 +551,8 @@ def module(kind, args, shape, vocab=None):
     if kind == "layer_norm":
         return CudaLayerNorm(shape, eps=args.get("eps", 1e-5), elementwise_affine=args.get("elementwise_affine", True),
                              bias=args.get("bias", True))
+    if kind == "rms_norm" and args.get("implementation") == "composite":
+        return LlamaRmsNorm(shape[-1], args.get("eps"), args.get("elementwise_affine", True))
     if kind == "rms_norm":
         return CudaRmsNorm(shape[-1], eps=args.get("eps"), elementwise_affine=args.get("elementwise_affine", True))
     if kind == "linear":
@@ -614,7 +641,9 @@ def build(job, device, torchvision_name=None):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            if torchvision_name:
+            if "huggingface" in job["model"]:
+                model = hugging_face_model(job)
+            elif torchvision_name:
                 import torchvision
 
                 classes = job["model"]["num_classes"]
@@ -725,9 +754,56 @@ def sample_shape(job):
 
 
 def vocab(job):
-    """The vocabulary of a job over token ids, else None."""
+    """The vocabulary of a job over token ids (a config's own), else None."""
+    if "huggingface" in job["model"]:
+        return job["model"]["huggingface"]["vocab_size"]
     tokens = job["model"].get("tokens")
     return tokens["vocab_size"] if tokens else None
+
+
+def classes(job):
+    """The classes of the loss: the vocabulary of a language model read from its config."""
+    return vocab(job) if "huggingface" in job["model"] else job["model"]["num_classes"]
+
+
+def hugging_face_model(job):
+    """transformers' own language model for a job given by its config (`model.huggingface`):
+    built from the config (no weights; SDPA unless the config says `eager`), LoRA adapters by
+    peft, gradient checkpointing as `gradient_checkpointing_enable()` (non-reentrant), each
+    decoder layer and then the model `fully_shard`ed, as the job asks."""
+    import peft
+    import transformers
+    import transformers.masking_utils
+
+    # Without a key/value cache (gradient checkpointing, `use_cache: false`) transformers reads
+    # the position ids to see whether sequences are packed; fake tensors have no values to
+    # read, so it would build the causal mask as if they were (and SDPA would leave its causal
+    # path). Real training's ids, `arange` a sequence, are not packed: the answer it reads.
+    transformers.masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    config = dict(job["model"]["huggingface"])
+    implementation = config.pop("attn_implementation", "sdpa")
+    config = transformers.AutoConfig.for_model(**config)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation=implementation, dtype=torch.get_default_dtype())
+    model.train()
+    model.label_shape = sample_shape(job)
+    if job["model"].get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "lora" in job["model"]:
+        lora = job["model"]["lora"]
+        lora_config = peft.LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("lora_alpha", 8),
+                                      lora_dropout=lora.get("lora_dropout", 0.0),
+                                      target_modules=lora.get("target_modules", ["q_proj", "v_proj"]))
+        # As `with_lora`: the adapters are made where they train already.
+        with unittest.mock.patch.object(nn.Module, "to", lambda module, *_, **__: module):
+            model = peft.get_peft_model(model, lora_config)
+    if job.get("sharding") == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.get_decoder().layers:
+            fully_shard(layer, mesh=FSDP_MESH[0], reshard_after_forward=job.get("reshard_after_forward", True))
+        fully_shard(model, mesh=FSDP_MESH[0])
+    return model
 
 
 def tie_weights(model):
@@ -743,26 +819,29 @@ def tie_weights(model):
 def train_step(job, model, optimizer, batch, device, after_backward=lambda: None):
     """One training step as the module docstring writes it; `after_backward` is called between
     backward and the optimizer's part (the unscaling and the update). Over token ids the loss
-    is a language model's: `F.cross_entropy(logits.view(-1, classes), labels.view(-1))`."""
+    is a language model's: `F.cross_entropy(logits.view(-1, classes), labels.view(-1))`, or for
+    transformers' own model its own, `model(input_ids=x, labels=y).loss`."""
     precision = job.get("precision", "32-true")
-    classes = job["model"]["num_classes"]
+    classes_ = classes(job)
     if vocab(job):
         x = torch.randint(0, vocab(job), (batch, *sample_shape(job)), device=device)
     else:
         x = torch.randn(batch, *sample_shape(job), device=device)
-    y = torch.randint(0, classes, (batch, *getattr(model, "label_shape", [])), device=device)
+    y = torch.randint(0, classes_, (batch, *getattr(model, "label_shape", [])), device=device)
     if precision == "bf16-true" and not vocab(job):
         x = x.to(torch.bfloat16)
 
-    def loss_of(logits):
-        return F.cross_entropy(logits.reshape(-1, classes), y.reshape(-1))
+    def loss_of():
+        if "huggingface" in job["model"]:
+            return model(input_ids=x, labels=y).loss
+        return F.cross_entropy(model(x).reshape(-1, classes_), y.reshape(-1))
 
     if precision in ("bf16-mixed", "16-mixed"):
         half = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
         with torch.autocast(device_type=torch.device(device).type, dtype=half):
-            loss = loss_of(model(x))
+            loss = loss_of()
     else:
-        loss = loss_of(model(x))
+        loss = loss_of()
     if precision == "16-mixed":
         scale = torch.full((), 65536.0, device=device)
         (loss * scale).backward()
@@ -1414,7 +1493,8 @@ class Generator:
         """A norm over a transformer's residual stream (f32 under autocast, so RMS norm learns a
         weight on PyTorch's fused path): layer norm or RMS norm."""
         if self.rng.random() < 0.5:
-            return {"rms_norm": {**self.maybe(eps=1e-6), **self.maybe(elementwise_affine=False)}}
+            return {"rms_norm": {**self.maybe(eps=1e-6), **self.maybe(elementwise_affine=False),
+                                 **self.maybe(implementation="composite")}}
         return {"layer_norm": self.layer_norm_args()}
 
     def layer_norm_args(self):
@@ -1514,7 +1594,11 @@ def run_task(binary, cuda, task):
 
 
 def with_attention(job, implementation):
-    """`job` with every self-attention layer of its list computed by `implementation`."""
+    """`job` with every self-attention layer of its list (or its config's model) computed by
+    `implementation`."""
+    if "huggingface" in job["model"]:
+        config = {**job["model"]["huggingface"], "attn_implementation": implementation}
+        return {**job, "model": {**job["model"], "huggingface": config}}
     def rewrite(layers):
         return [{kind: ({**args, "implementation": implementation} if kind == "self_attention"
                         else {**args, "layers": rewrite(args["layers"])} if kind in CONTAINERS
@@ -1529,7 +1613,7 @@ def sequence_variants(name, job, lengths):
     tokens = job["model"].get("tokens")
     if not lengths or not tokens:
         return [(name, job)]
-    tables = [args["max_positions"] for layer in job["model"]["layers"]
+    tables = [args["max_positions"] for layer in job["model"].get("layers", [])
               for kind, args in layer.items() if kind == "positional_embedding"]
     return [(f"{name}@{t}", {**job, "model": {**job["model"], "tokens": {**tokens, "sequence_length": t}}})
             for t in map(int, lengths.split(",")) if all(t <= most for most in tables)]

@@ -209,6 +209,30 @@ def test_rms_norm_and_the_mean_over_positions_read() -> None:
     assert parameter_count(job) == sum(p.numel() for p in model.parameters())
 
 
+class HuggingFaceNormed(nn.Module):
+    """A classifier over a sequence behind Hugging Face's RMS norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(12, eps=1e-5)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.head(self.norm(x).mean(dim=1))
+        return logits
+
+
+def test_hugging_face_s_rms_norm_reads_as_the_composite_norm() -> None:
+    model = HuggingFaceNormed()
+    job = job_from_torch(model, [8, 12])
+    assert job["model"]["layers"] == [
+        {"rms_norm": {"eps": 1e-5, "implementation": "composite"}},
+        {"mean_pool": {}},
+        {"linear": {"out_features": 3}},
+    ]
+    assert parameter_count(job) == sum(p.numel() for p in model.parameters())
+
+
 def test_layer_norm_and_linear_over_a_sequence_read() -> None:
     model = nn.Sequential(
         nn.LayerNorm(12), nn.Linear(12, 16), nn.GELU(), nn.LayerNorm(16, eps=1e-6, bias=False),

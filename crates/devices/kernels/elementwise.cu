@@ -57,6 +57,15 @@ extern "C" __global__ void multiply(const void* a, const void* b, void* out, lon
     }
 }
 
+// y[i] = x[i] * scale[i % features]: a learnt scale per feature (Hugging Face's RMS norm's
+// weight times its normalized rows), and that product's input gradient
+extern "C" __global__ void scale_features(const void* x, const void* scale, void* y, long long n, long long features,
+                                          int x_storage, int scale_storage, int y_storage) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        store_value(y, i, y_storage, load_value(x, i, x_storage) * load_value(scale, i % features, scale_storage));
+    }
+}
+
 // into[i] += from[i]: two gradients of one tensor summed, or a residual block's in-place sum
 extern "C" __global__ void accumulate(const void* from, void* into, long long n, int from_storage, int into_storage) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {

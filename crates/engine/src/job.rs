@@ -494,7 +494,12 @@ impl JobSpec {
             ),
         };
         let plan = Plan::build(samples, &layers, lora, classes, training, "model.layers");
-        let plan = plan.map_err(error)?;
+        let mut plan = plan.map_err(error)?;
+        let checkpointing = self.model.gradient_checkpointing;
+        let step = self.model.huggingface.as_ref();
+        if let Some(step) = step.and_then(|c| crate::huggingface::step(c, checkpointing)) {
+            plan = plan.with_hugging_face_step(step);
+        }
         match self.sharding()? {
             Some(sharding) => plan.sharded(sharding).map_err(error),
             None => Ok(plan),
@@ -887,6 +892,7 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
     use crate::modules::MAX_LAYERS;
+    use crate::plan::HuggingFaceStep;
     use crate::program::Instr;
     use serde_json::{json, Value};
 
@@ -1459,13 +1465,42 @@ mod tests {
     }
 
     #[test]
-    fn smollm2_s_config_is_the_example_s_layer_list() {
+    fn smollm2_s_config_is_the_example_s_layer_list_with_hugging_face_s_norm() {
         let from_config = llama_job(smollm2()).unwrap();
         assert_eq!(from_config.plan().parameter_count(), 134_515_008);
-        assert_reads_as(
-            &from_config,
-            include_str!("../../../examples/smollm2-135m.json"),
-        );
+        let mut example: Value =
+            serde_json::from_str(include_str!("../../../examples/smollm2-135m.json")).unwrap();
+        composite_norms(&mut example["model"]["layers"]);
+        assert_reads_as(&from_config, &example.to_string());
+        let step = from_config.plan().hugging_face;
+        assert_eq!(step, Some(HuggingFaceStep { use_cache: true }));
+    }
+
+    #[test]
+    fn checkpointing_or_the_config_turns_the_cache_off() {
+        let checkpointed = Job::from_value(json!({
+            "model": {"huggingface": smollm2(), "tokens": {"sequence_length": 64},
+                      "gradient_checkpointing": true},
+            "optimizer": {"name": "adamw"}
+        }));
+        let uncached = llama_job(with(smollm2(), [("use_cache", json!(false))])).unwrap();
+        for job in [checkpointed.unwrap(), uncached] {
+            let step = job.plan().hugging_face;
+            assert_eq!(step, Some(HuggingFaceStep { use_cache: false }));
+        }
+    }
+
+    /// Every `rms_norm` of `layers` (nested too) as Hugging Face's `LlamaRMSNorm` computes it.
+    fn composite_norms(layers: &mut Value) {
+        for layer in layers.as_array_mut().into_iter().flatten() {
+            for (kind, args) in layer.as_object_mut().into_iter().flatten() {
+                match (kind.as_str(), args.get_mut("layers")) {
+                    ("rms_norm", _) => args["implementation"] = json!("composite"),
+                    (_, Some(inner)) => composite_norms(inner),
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// `config` with `fields` set.

@@ -49,6 +49,10 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # Hugging Face's RMS norm is read whole, as headroom's composite norm.
+        return torch_layers.hugging_face_rms_norm(m) or super().is_leaf_module(m, module_qualified_name)
+
 
 def _shapes(
     traced: fx.GraphModule, module: nn.Module, shape: list[int], tokens: bool

@@ -24,7 +24,7 @@ class Unsupported(ValueError):
 #: What the reader takes, for the messages that refuse the rest.
 SUPPORTED = (
     "Embedding (first, over token ids), Conv2d, Linear (tied to the embedding or not), BatchNorm1d/2d, "
-    "LayerNorm and RMSNorm (over the last dimension), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, Flatten, "
+    "LayerNorm and RMSNorm (over the last dimension; Hugging Face's LlamaRMSNorm too), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, Flatten, "
     "Identity, ReLU, ReLU6, LeakyReLU, GELU, Tanh, Sigmoid and SiLU (as modules or their "
     "functional forms), torch.flatten or view/reshape to (batch, -1), x.mean(dim=1) over a sequence, "
     "and residual additions; "
@@ -132,6 +132,20 @@ def rms_norm(norm: nn.RMSNorm, shape: list[int]) -> Json:
     return {"rms_norm": _given(args, {"eps": None, "elementwise_affine": True})}
 
 
+#: Hugging Face's RMS norms: one code (``LlamaRMSNorm``'s), computed by hand in f32.
+HUGGING_FACE_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def hugging_face_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``LlamaRMSNorm`` (or Mistral's, Qwen2's)."""
+    return type(module).__name__ in HUGGING_FACE_RMS_NORMS and hasattr(module, "variance_epsilon")
+
+
+def composite_rms_norm(norm: nn.Module) -> Json:
+    """A Hugging Face RMS norm: its weight and ``variance_epsilon``, computed as transformers does."""
+    return {"rms_norm": {"eps": norm.variance_epsilon, "implementation": "composite"}}
+
+
 def mean_pool(dim: Any, keepdim: bool, shape: list[int]) -> Json:
     """``x.mean(dim=1)``: the mean over a ``[positions, features]`` sample's positions."""
     if len(shape) != 2 or dim not in (1, -2) or keepdim:
@@ -230,6 +244,8 @@ def of_module(module: nn.Module, shape: list[int]) -> Json:
         return layer_norm(module, shape)
     if isinstance(module, nn.RMSNorm):
         return rms_norm(module, shape)
+    if hugging_face_rms_norm(module):
+        return composite_rms_norm(module)
     if isinstance(module, nn.Embedding):
         return embedding(module, shape)
     if isinstance(module, nn.MaxPool2d):

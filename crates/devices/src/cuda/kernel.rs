@@ -200,6 +200,8 @@ pub enum Kernel {
     BatchNormBackward,
     /// The elementwise product.
     Multiply,
+    /// A scale per feature.
+    ScaleFeatures,
     /// Token ids or drawn labels.
     FillTokens,
     /// Token ids looked up in a table.
@@ -250,7 +252,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel; a kernel's position here is its index in a loaded device's table.
-    pub const ALL: [Kernel; 58] = [
+    pub const ALL: [Kernel; 59] = [
         Kernel::GemmNt,
         Kernel::GemmTn,
         Kernel::GemmNn,
@@ -289,6 +291,7 @@ impl Kernel {
         Kernel::LayerNormInputGradient,
         Kernel::LayerNormParameterGradient,
         Kernel::Multiply,
+        Kernel::ScaleFeatures,
         Kernel::FillTokens,
         Kernel::EmbeddingForward,
         Kernel::EmbeddingBackward,
@@ -349,6 +352,7 @@ impl Kernel {
             Kernel::BatchNormForward => "batch_norm_forward",
             Kernel::BatchNormBackward => "batch_norm_backward",
             Kernel::Multiply => "multiply",
+            Kernel::ScaleFeatures => "scale_features",
             Kernel::FillTokens => "fill_tokens",
             Kernel::EmbeddingForward => "embedding_forward",
             Kernel::EmbeddingBackward => "embedding_backward",
@@ -385,6 +389,7 @@ impl Kernel {
             | Kernel::ActivationGradient
             | Kernel::Add
             | Kernel::Multiply
+            | Kernel::ScaleFeatures
             | Kernel::Accumulate
             | Kernel::Convert
             | Kernel::CopyRange => Family::Elementwise,

@@ -245,6 +245,29 @@ impl Elementwise for HostDevice {
         Ok(())
     }
 
+    fn scale_features(
+        &mut self,
+        x: &HostValues,
+        scale: &HostValues,
+        y: &mut HostValues,
+        rows: u64,
+        features: u64,
+    ) -> Result<(), DeviceError> {
+        let n = usize_of(features);
+        let scale = scale.read(0..n);
+        for range in chunks(usize_of(rows.saturating_mul(features)), n) {
+            let x = x.read(range.clone());
+            y.update(range, |y| {
+                y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+                    for ((y, &x), &s) in y.iter_mut().zip(x).zip(scale.iter()) {
+                        *y = x * s;
+                    }
+                })
+            });
+        }
+        Ok(())
+    }
+
     fn accumulate(
         &mut self,
         from: &HostValues,

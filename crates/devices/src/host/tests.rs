@@ -179,8 +179,9 @@ fn sequence(activation: &Value, training: Training) -> Plan {
 
 /// A small language model over token ids: an embedding (its padding row, whose gradient is 0 by
 /// definition, is checked in parity) and learned positions, pre-norm blocks around causal
-/// grouped-query attention with rotary embedding and dropout, a linear layer and a gated MLP behind an RMS norm,
-/// and a head tied to the embedding writing logits at every position, one label a token. The
+/// grouped-query attention with rotary embedding and dropout, a linear layer, a gated MLP behind
+/// an RMS norm and a linear layer behind Hugging Face's (in PyTorch's step, its composite), and
+/// a head tied to the embedding writing logits at every position, one label a token. The
 /// attention is fused (`sdpa`) or materializes its scores (`eager`).
 fn language(activation: &Value, training: Training, implementation: &str) -> Plan {
     let list = json!([
@@ -198,6 +199,10 @@ fn language(activation: &Value, training: Training, implementation: &str) -> Pla
         {"residual": {"layers": [
             {"rms_norm": {}},
             {"gated_mlp": {"intermediate_size": 5}}
+        ]}},
+        {"residual": {"layers": [
+            {"rms_norm": {"eps": 1e-5, "implementation": "composite"}},
+            {"linear": {"out_features": 6}}
         ]}},
         {"layer_norm": {}},
         {"linear": {"out_features": 9, "bias": false, "tied": true}}

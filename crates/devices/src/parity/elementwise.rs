@@ -1,6 +1,6 @@
 //! elementwise.cu: the bias over channels, every activation out of place and in place, its
-//! gradient from what autograd saves of it (the input or the output), sums, products and
-//! accumulation.
+//! gradient from what autograd saves of it (the input or the output), sums, products, a scale
+//! per feature and accumulation.
 
 use super::reference;
 use super::{compare, poison, random, round, rounded, tolerance, Check, STORAGES};
@@ -31,12 +31,37 @@ pub fn check_elementwise<K: Transfer>(device: &mut K) -> Result<Vec<Check>, Devi
     checks.extend(check_mixed_sums(device, Storage::F16)?);
     for storage in STORAGES {
         checks.extend(check_sums(device, storage)?);
+        checks.push(check_scale_features(device, storage)?);
         checks.extend(check_bias(device, storage)?);
         for nonlinearity in NONLINEARITIES {
             checks.extend(check_activation(device, nonlinearity, storage)?);
         }
     }
     Ok(checks)
+}
+
+/// `scale_features`: 37 rows of 29 features, each feature scaled by its own value.
+fn check_scale_features<K: Transfer>(
+    device: &mut K,
+    storage: Storage,
+) -> Result<Check, DeviceError> {
+    let (rows, features) = (37, 29);
+    let x = rounded(&random(rows * features, 49), storage);
+    let scale = rounded(&random(features, 50), storage);
+    let want: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| round(v * scale[i % features], storage))
+        .collect();
+    let (x_d, scale_d) = (
+        device.write_values(&x, storage)?,
+        device.write_values(&scale, storage)?,
+    );
+    let mut y = device.write_values(&poison(rows * features), storage)?;
+    device.scale_features(&x_d, &scale_d, &mut y, rows as u64, features as u64)?;
+    let got = device.read_values(&y, (rows * features) as u64)?;
+    let name = format!("scale_features {rows}x{features} {storage:?}");
+    Ok(compare(name, &got, &want, tolerance(storage)))
 }
 
 /// `add`, `multiply` and `accumulate`.

@@ -50,7 +50,7 @@ pub(super) fn layers(config: &Config<'_>, family: Family) -> Result<Made, Config
     if dropout > 0.0 {
         attention["dropout"] = json!(dropout);
     }
-    let norm = json!({"rms_norm": {"eps": eps}});
+    let norm = json!({"rms_norm": {"eps": eps, "implementation": "composite"}});
     let mlp = json!({"gated_mlp": {
         "intermediate_size": config.count("intermediate_size", None)?,
         "activation": activation,

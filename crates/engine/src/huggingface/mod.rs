@@ -13,13 +13,16 @@
 //! says `"attn_implementation": "eager"` (what `from_pretrained` takes; `config.json` does not
 //! store it, so a job adds it).
 //!
-//! The list describes the architecture as PyTorch's own modules train it (`nn.RMSNorm`'s fused
-//! kernel); Hugging Face's `LlamaRMSNorm` computes by hand in f32 and saves more.
+//! The Llama family's norms are `LlamaRMSNorm`'s composite (`"implementation": "composite"`), and
+//! a language model trains with transformers' own step ([`step`]: its loss, its output held while
+//! the loss is taken); GPT-2's `NewGELU` and fused `c_attn` and ViT's own modules are read as
+//! PyTorch's modules.
 
 use serde_json::{json, Map, Value};
 
 use crate::modules::checkpoint::{self, checkpoint_blocks};
 use crate::modules::LayerSpec;
+use crate::plan::HuggingFaceStep;
 
 mod decoder;
 mod gpt2;
@@ -114,6 +117,21 @@ pub fn expand(model: &mut Map<String, Value>) -> Result<(), ConfigError> {
     }
     model.insert("layers".into(), layers);
     Ok(())
+}
+
+/// Hugging Face's own step for a model read from `config` (one [`expand`] took): a language
+/// model's, its key/value cache filled as `use_cache` says (on unless the config turns it off,
+/// and off under gradient checkpointing, as transformers turns it off in training); none for
+/// an image classifier.
+pub fn step(config: &Value, checkpointing: bool) -> Option<HuggingFaceStep> {
+    let language_model = matches!(
+        config.get("model_type").and_then(Value::as_str),
+        Some("llama" | "mistral" | "qwen2" | "gpt2")
+    );
+    let use_cache = config.get("use_cache").and_then(Value::as_bool) != Some(false);
+    language_model.then_some(HuggingFaceStep {
+        use_cache: use_cache && !checkpointing,
+    })
 }
 
 /// What a model of a config reads.

@@ -6,26 +6,39 @@
 //! Its memory is PyTorch's: `log_softmax` writes the log-probabilities and saves them; backward
 //! allocates `nll_loss`'s dense gradient (held for its bytes: the fused kernel already wrote the
 //! gradient), then `log_softmax`'s, which lets both go.
+//!
+//! Hugging Face's `ForCausalLMLoss` (a language model's own step) makes the logits f32 in every
+//! precision (`logits.float()`), pads the labels with one ignored position and takes a shifted
+//! copy of them (`nll_loss` saves it until its backward), then the same `cross_entropy`. The
+//! labels' copies are held for their bytes: the synthetic labels are drawn per position.
 
-use crate::memory::Storage;
+use crate::memory::{Element, Part, Storage};
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
 use crate::program::{Instr, Scale, Slot};
 
 /// Records the loss of `logits` (`rows` x `classes`: one row a sample, or a token) against
-/// `labels`, the per-row losses into `row_loss`; returns the node backward starts from (none
-/// when nothing is trained).
+/// `labels`, the per-row losses into `row_loss`, as `F.cross_entropy` or (`hugging_face`)
+/// `ForCausalLMLoss` takes it; returns the node backward starts from (none when nothing is
+/// trained).
 pub fn record(
     graph: &mut Graph,
     logits: Tensor,
     (labels, row_loss): (Slot, Slot),
-    rows: u64,
-    classes: u64,
+    (rows, classes): (u64, u64),
+    hugging_face: bool,
 ) -> Option<usize> {
-    let widened = graph
-        .precision()
-        .is_mixed()
+    let half = graph.storage(logits) != Storage::F32;
+    let widened = (graph.precision().is_mixed() || (hugging_face && half))
         .then(|| graph.cast(logits, Storage::F32, Scale::Loss));
     let source = widened.unwrap_or(logits);
+    // ForCausalLMLoss's labels: padded by a position a sample, then the shifted copy.
+    let samples = graph.rows();
+    let mut labels_copy = |len| {
+        hugging_face
+            .then(|| graph.pytorch_only(Part::Activations, len, Element::Index))
+            .flatten()
+    };
+    let (padded, shifted) = (labels_copy(rows + samples), labels_copy(rows));
     let len = graph.elements(source);
     let log_probs = graph.output(len, graph.storage(source));
     graph.emit(Instr::Convert {
@@ -47,9 +60,12 @@ pub fn record(
         &[log_probs],
         &[log_probs],
     );
-    let root = graph.record(NllBackward { log_probs }, &[log_probs], &[log_probs], &[]);
+    let saved: Vec<Tensor> = std::iter::once(log_probs).chain(shifted).collect();
+    let root = graph.record(NllBackward { log_probs }, &[log_probs], &saved, &[]);
     graph.release(log_probs);
+    graph.release_optional(shifted);
     graph.release_optional(widened);
+    graph.release_optional(padded);
     root
 }
 

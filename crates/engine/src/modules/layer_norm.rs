@@ -56,6 +56,7 @@ impl LayerNormSpec {
             shift: self.elementwise_affine && self.bias,
             eps,
             rms: None,
+            composite: false,
             shape: input.to_vec(),
         })
     }
@@ -72,6 +73,8 @@ pub struct LayerNorm {
     pub(super) eps: f32,
     /// For RMS norm (rows not centred), where it is in the job.
     pub(super) rms: Option<Path>,
+    /// Whether PyTorch computes it as Hugging Face's composite (RMS norm only).
+    pub(super) composite: bool,
     pub(super) shape: Vec<u64>,
 }
 
@@ -86,6 +89,12 @@ impl Module for LayerNorm {
     }
 
     fn forward(&self, graph: &mut Graph, x: Tensor, parameters: &mut Parameters<'_>) -> Tensor {
+        if let (Some(at), true, Framework::Pytorch) = (&self.rms, self.composite, graph.framework())
+        {
+            let weight = self.scale.then(|| parameters.take());
+            let rows = (self.positions, self.features, self.eps);
+            return super::composite_rms_norm::forward(graph, x, weight, rows, at);
+        }
         let affine = self.scale.then(|| LayerAffine {
             scale: parameters.take(),
             shift: self.shift.then(|| parameters.take()),
@@ -182,6 +191,8 @@ impl Module for LayerNorm {
     fn token(&self) -> Token {
         Token::Layer(
             match (&self.rms, self.scale, self.shift) {
+                (Some(_), true, _) if self.composite => "rms-composite",
+                (Some(_), false, _) if self.composite => "rms-composite-noaffine",
                 (Some(_), true, _) => "rms",
                 (Some(_), false, _) => "rms-noaffine",
                 (None, true, true) => "ln",

@@ -7,7 +7,8 @@
 //! precision a 16-bit input (straight after a linear layer, not on a residual stream) meets an
 //! f32 weight and PyTorch falls back to its composite of pow, mean, rsqrt and products, which
 //! saves three f32 copies of the input; headroom refuses that case rather than answer for it
-//! wrongly.
+//! wrongly. With `"implementation": "composite"` it is Hugging Face's `LlamaRMSNorm` instead,
+//! computed by hand in f32 ([`super::composite_rms_norm`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,22 @@ pub struct RmsNormSpec {
     /// Whether a scale per feature is learnt (true).
     #[serde(default = "yes")]
     pub elementwise_affine: bool,
+    /// How PyTorch computes it: `nn.RMSNorm`'s fused kernel (the default), or Hugging Face's
+    /// `LlamaRMSNorm` by hand in f32.
+    #[serde(default)]
+    pub implementation: RmsNormImplementation,
+}
+
+/// How an RMS norm is computed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RmsNormImplementation {
+    /// `nn.RMSNorm`: `F.rms_norm`, fused on CUDA.
+    #[default]
+    Fused,
+    /// Hugging Face's `LlamaRMSNorm` (Mistral's, Qwen2's): pow, mean, rsqrt and two products
+    /// in f32 ([`super::composite_rms_norm`]).
+    Composite,
 }
 
 fn yes() -> bool {
@@ -49,6 +66,7 @@ impl RmsNormSpec {
             shift: false,
             eps,
             rms: Some(at.clone()),
+            composite: self.implementation == RmsNormImplementation::Composite,
             shape: input.to_vec(),
         })
     }
@@ -65,6 +83,7 @@ mod tests {
         let spec = RmsNormSpec {
             eps: None,
             elementwise_affine: true,
+            implementation: RmsNormImplementation::Fused,
         };
         let norm = spec.build(&[7, 64], &at).unwrap();
         assert_eq!(norm.parameters().len(), 1);
@@ -82,6 +101,7 @@ mod tests {
         let spec = RmsNormSpec {
             eps: Some(-1.0),
             elementwise_affine: true,
+            implementation: RmsNormImplementation::Fused,
         };
         let error = spec.build(&[8], &at).unwrap_err();
         assert_eq!(error.field, "model.layers[1].rms_norm.eps");
@@ -93,6 +113,7 @@ mod tests {
         let spec = RmsNormSpec {
             eps: Some(1e-6),
             elementwise_affine: false,
+            implementation: RmsNormImplementation::Fused,
         };
         let norm = spec.build(&[2], &at).unwrap();
         let y = norm.reference(&[3.0, 4.0], 1, &mut crate::modules::Values::new(&[]), 0);

@@ -319,6 +319,7 @@ impl Module for SelfAttention {
             }
             None => (q, k),
         };
+        graph.hold_in_cache(k, v);
         let o = match self.eager {
             true => eager_attention::attention(graph, [q, k, v], shape),
             false => {

@@ -105,11 +105,17 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
         graph.begin_autocast();
     }
     let mut parameters = Parameters::new(&tensors.read);
-    let logits = match &groups {
-        Some(groups) => sharded_forward(&mut graph, plan, groups, input, &mut parameters),
-        None => plan.model().forward(&mut graph, input, &mut parameters),
-    };
+    if let Some(step) = plan.hugging_face {
+        graph.begin_model_output(step.use_cache);
+    }
+    let logits = model_forward(&mut graph, plan, groups.as_ref(), input, &mut parameters);
     graph.end_model_forward();
+    // A Hugging Face model takes its loss inside its forward: FSDP's root post-forward (the
+    // last all-gather's output let go) and the output's release follow the loss.
+    let loss_in_forward = plan.hugging_face.is_some();
+    if groups.is_some() && !loss_in_forward {
+        graph.end_sharded_forward();
+    }
     assert!(
         parameters.done(),
         "the model took every parameter it declared"
@@ -119,13 +125,20 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
         &mut graph,
         logits,
         (labels_slot, row_loss_slot),
-        label_count,
-        plan.num_classes(),
+        (label_count, plan.num_classes()),
+        plan.hugging_face.is_some(),
     );
     graph.release(logits);
+    graph.drop_model_output();
+    if groups.is_some() && loss_in_forward {
+        graph.end_sharded_forward();
+    }
     graph.end_autocast();
 
     graph.enter(Moment::Backward);
+    if let Some(groups) = groups.as_ref().filter(|_| loss_in_forward) {
+        graph.pre_backward_at_loss(groups.root);
+    }
     if let Some(root) = root {
         graph.backward(root);
     }
@@ -324,23 +337,34 @@ fn block_runs(kinds: &[Sharded], per_group: usize) -> Vec<Range<usize>> {
     runs
 }
 
-/// The model's forward under FSDP: the root gathered at its entry, each group's layers between
-/// its pre- and post-forward, the root's post-forward at the end, and the last all-gather's
-/// output let go. Returns the logits (a reference the caller owns).
-fn sharded_forward(
+/// The model's forward, its top-level layers in order: under FSDP each group gathered around
+/// its layers, the root's around them all (its post-forward's release of the last all-gather
+/// left to the caller); in Hugging Face's step the head's input (the last hidden state) held by
+/// the model's output.
+fn model_forward(
     graph: &mut Graph,
     plan: &Plan,
-    groups: &ShardGroups,
+    groups: Option<&ShardGroups>,
     input: Tensor,
     parameters: &mut Parameters<'_>,
 ) -> Tensor {
-    let mut current = graph.enter_shard_group(groups.root, input);
-    for (i, layer) in plan.listed().layers().iter().enumerate() {
-        let unit = groups.units.iter().find(|(_, layers)| layers.contains(&i));
+    let mut current = match groups {
+        Some(groups) => graph.enter_shard_group(groups.root, input),
+        None => {
+            graph.retain(input);
+            input
+        }
+    };
+    let layers = plan.listed().layers();
+    for (i, layer) in layers.iter().enumerate() {
+        let unit = groups.and_then(|g| g.units.iter().find(|(_, layers)| layers.contains(&i)));
         if let Some(&(group, _)) = unit.filter(|(_, layers)| layers.start == i) {
             let entered = graph.enter_shard_group(group, current);
             graph.release(current);
             current = entered;
+        }
+        if i + 1 == layers.len() {
+            graph.hold_in_output(current);
         }
         let next = layer.forward(graph, current, parameters);
         graph.release(current);
@@ -351,9 +375,11 @@ fn sharded_forward(
             current = exited;
         }
     }
+    let Some(groups) = groups else {
+        return current;
+    };
     let logits = graph.exit_shard_group(groups.root, current);
     graph.release(current);
-    graph.end_sharded_forward();
     logits
 }
 

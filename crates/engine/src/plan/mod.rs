@@ -101,7 +101,20 @@ pub struct Plan {
     pub tracing: Tracing,
     /// How the parameters are sharded over GPUs (FSDP), if they are.
     pub sharding: Option<Sharding>,
+    /// Hugging Face's own step, for a language model read from its config.
+    pub hugging_face: Option<HuggingFaceStep>,
     counts: LearntCounts,
+}
+
+/// A Hugging Face language model's own training step, `model(input_ids, labels=labels).loss`:
+/// its loss is `ForCausalLMLoss` (the logits made f32 in every precision, the labels padded
+/// and shifted, the shifted copy saved by `nll_loss`), taken inside the model's forward while
+/// its output holds the last hidden state and the key/value cache; the caller keeps the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HuggingFaceStep {
+    /// Whether the key/value cache fills in training (`use_cache`, which gradient
+    /// checkpointing turns off).
+    pub use_cache: bool,
 }
 
 /// FSDP2 over `world` GPUs: `fully_shard` on every run of `blocks_per_group` top-level residual
@@ -129,6 +142,7 @@ impl PartialEq for Plan {
             && self.framework == other.framework
             && self.tracing == other.tracing
             && self.sharding == other.sharding
+            && self.hugging_face == other.hugging_face
     }
 }
 
@@ -308,6 +322,7 @@ impl Plan {
             framework,
             tracing: Tracing::default(),
             sharding: None,
+            hugging_face: None,
             counts,
         };
         plan.checked()
@@ -349,6 +364,14 @@ impl Plan {
             ..self
         }
         .checked()
+    }
+
+    /// The same plan, its step Hugging Face's model's own ([`HuggingFaceStep`]).
+    pub fn with_hugging_face_step(self, step: HuggingFaceStep) -> Plan {
+        Plan {
+            hugging_face: Some(step),
+            ..self
+        }
     }
 
     /// The same plan, its step as PyTorch runs it traced or not.
@@ -951,6 +974,67 @@ mod tests {
             (Precision::Bf16Mixed, Framework::Headroom),
         ] {
             assert_eq!(f32_buffers(&plan(precision, framework), accumulator), 0);
+        }
+    }
+
+    /// 8 features through a linear layer of 16, an RMS norm of `norm`'s arguments, and a head of
+    /// 3, trained with SGD (for Hugging Face's composite norm).
+    fn normed(
+        norm: serde_json::Value,
+        precision: Precision,
+        framework: Framework,
+    ) -> Result<Plan, PlanError> {
+        let layers: Vec<LayerSpec> = serde_json::from_value(serde_json::json!([
+            {"linear": {"out_features": 16}},
+            {"rms_norm": norm},
+            {"linear": {"out_features": 3}}
+        ]))
+        .expect("a layer list");
+        let training = Training {
+            optimizer: OptimizerKind::Sgd,
+            learning_rate: 0.1,
+            precision,
+            framework,
+        };
+        Plan::new(&[8], &layers, 3, training, "model.layers")
+    }
+
+    fn composite() -> serde_json::Value {
+        serde_json::json!({"implementation": "composite"})
+    }
+
+    #[test]
+    fn headroom_s_own_step_runs_the_composite_norm_fused() {
+        for precision in Precision::ALL {
+            let fused = normed(serde_json::json!({}), precision, Framework::Headroom).unwrap();
+            let composite = normed(composite(), precision, Framework::Headroom).unwrap();
+            assert_eq!(fused.memory(64), composite.memory(64), "{precision}");
+        }
+    }
+
+    /// The composite saves the normalized rows (64 x 16 f32) beside what the fused norm saves,
+    /// until its backward.
+    #[test]
+    fn the_composite_norm_holds_the_normalized_rows_too() {
+        let f32 = Precision::F32True;
+        let fused = normed(serde_json::json!({}), f32, Framework::Pytorch).unwrap();
+        let composite = normed(composite(), f32, Framework::Pytorch).unwrap();
+        let (fused, composite) = (fused.memory(64).unwrap(), composite.memory(64).unwrap());
+        assert!(
+            composite.total >= fused.total + 64 * 16 * 4,
+            "{composite:?} {fused:?}"
+        );
+    }
+
+    #[test]
+    fn the_composite_norm_takes_a_16_bit_input_alone_and_refuses_it_against_an_f32_weight() {
+        assert!(normed(composite(), Precision::Bf16True, Framework::Pytorch).is_ok());
+        match normed(composite(), Precision::Bf16Mixed, Framework::Pytorch) {
+            Err(PlanError::Layer(error)) => {
+                assert!(error.field.ends_with("implementation"), "{}", error.field);
+                assert!(error.reason.contains("16-bit input"), "{}", error.reason);
+            }
+            other => panic!("expected the norm's refusal, got {other:?}"),
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::memory::{Buffer, Element, Part, Precision, Storage};
 
 mod checkpoint;
 mod fsdp;
+mod model_output;
 
 pub use checkpoint::{Recompute, Region};
 use checkpoint::{RegionEntry, Saving};
@@ -185,6 +186,8 @@ pub struct Graph {
     recomputation_began: usize,
     /// The sharding of the parameters over ranks (FSDP), if any.
     fsdp: Option<fsdp::Fsdp>,
+    /// In Hugging Face's step, what the model's output holds while the loss is taken.
+    model_output: Option<model_output::ModelOutput>,
 }
 
 /// The outputs of a program's recording: its slots and instructions.
@@ -232,6 +235,7 @@ impl Graph {
             regions: Vec::new(),
             recomputation_began: 0,
             fsdp: None,
+            model_output: None,
         }
     }
 

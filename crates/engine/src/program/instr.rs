@@ -438,6 +438,20 @@ pub enum Instr {
         /// Elements.
         len: u64,
     },
+    /// elementwise.cu: `y[i, j] = x[i, j] * scale[j]`: a learnt scale per feature (Hugging
+    /// Face's RMS norm's weight), and that product's input gradient.
+    ScaleFeatures {
+        /// Read: `rows x features`.
+        x: Slot,
+        /// Read: `features`.
+        scale: Slot,
+        /// Written: `rows x features`.
+        y: Slot,
+        /// Rows.
+        rows: u64,
+        /// Features.
+        features: u64,
+    },
     /// elementwise.cu: `into += from`: two gradients of one tensor summed in place, or a
     /// residual block's in-place sum.
     Accumulate {

@@ -358,6 +358,15 @@ pub trait Elementwise: Allocate {
         out: &mut Self::Values,
         len: u64,
     ) -> Result<(), Self::Error>;
+    /// `y[i, j] = x[i, j] * scale[j]` over `rows x features`, rounded to `y`'s storage.
+    fn scale_features(
+        &mut self,
+        x: &Self::Values,
+        scale: &Self::Values,
+        y: &mut Self::Values,
+        rows: u64,
+        features: u64,
+    ) -> Result<(), Self::Error>;
     /// `into += from`, rounded to `into`'s storage.
     fn accumulate(
         &mut self,

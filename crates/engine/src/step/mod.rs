@@ -338,6 +338,7 @@ impl<K: Kernels> Executor<K> {
             | Instr::ActivationGradient { .. }
             | Instr::Add { .. }
             | Instr::Multiply { .. }
+            | Instr::ScaleFeatures { .. }
             | Instr::Accumulate { .. }
             | Instr::BiasGradient { .. } => self.values_kernel(kernels, instr)?,
             Instr::ConvForward { .. }
@@ -726,6 +727,15 @@ impl<K: Kernels> Executor<K> {
             })?,
             Instr::Multiply { a, b, out, len } => self.writing(out, |this, out| {
                 kernels.multiply(this.values(a), this.values(b), out, len)
+            })?,
+            Instr::ScaleFeatures {
+                x,
+                scale,
+                y,
+                rows,
+                features,
+            } => self.writing(y, |this, y| {
+                kernels.scale_features(this.values(x), this.values(scale), y, rows, features)
             })?,
             Instr::Accumulate { from, into, len } => self.writing(into, |this, into| {
                 kernels.accumulate(this.values(from), into, len)

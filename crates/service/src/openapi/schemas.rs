@@ -526,6 +526,20 @@ pub struct RmsNorm {
     #[serde(default)]
     #[schema(default = true)]
     elementwise_affine: bool,
+    /// How PyTorch computes it.
+    #[serde(default)]
+    implementation: RmsNormImplementation,
+}
+
+/// How an RMS norm is computed.
+#[derive(Serialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RmsNormImplementation {
+    /// `nn.RMSNorm`: `F.rms_norm`, fused on CUDA.
+    #[default]
+    Fused,
+    /// Hugging Face's `LlamaRMSNorm`: pow, mean, rsqrt and two products, in f32.
+    Composite,
 }
 
 /// `nn.Dropout`'s argument.
@@ -1231,6 +1245,8 @@ mod tests {
                                            "shortcut": [{"identity": {}}], "inplace": true}},
                              {"global_avg_pool2d": {}}, {"flatten": {}}, {"batch_norm1d": {"affine": false, "eps": 0.00001, "momentum": 0.1}},
                              {"layer_norm": {"eps": 0.00001, "elementwise_affine": true, "bias": false}},
+                             {"rms_norm": {"eps": 0.000001, "elementwise_affine": true,
+                                           "implementation": "composite"}},
                              {"gated_mlp": {"intermediate_size": 8, "activation": "gelu_pytorch_tanh", "bias": false}},
                              {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 2,
                                                  "causal": true, "bias": false, "rope_theta": 10000.0,

@@ -88,6 +88,22 @@ impl Elementwise for CudaDevice {
         self.binary(Kernel::Multiply, a, b, out, len)
     }
 
+    fn scale_features(
+        &mut self,
+        x: &DeviceValues,
+        scale: &DeviceValues,
+        y: &mut DeviceValues,
+        rows: u64,
+        features: u64,
+    ) -> Result<(), DeviceError> {
+        let len = rows.saturating_mul(features);
+        let [n, f] = [len, features].map(|v| v as i64);
+        let storages = [x.storage, scale.storage, y.storage].map(|s| s.code());
+        launch!(self, Kernel::ScaleFeatures, shapes::elementwise(len);
+            holds(x, len), holds(scale, features), holds_mut(y, len), &n, &f, &storages[0],
+            &storages[1], &storages[2])
+    }
+
     fn accumulate(
         &mut self,
         from: &DeviceValues,

@@ -173,6 +173,13 @@ impl Graph {
         self.hooked(Hook::PreBackward(group.0), y)
     }
 
+    /// The root's pre-backward hook where the root's output holds the loss (a Hugging Face
+    /// model): it runs on the loss's gradient, as backward begins, before the loss's own
+    /// backward (the hook on the logits then finds it done).
+    pub fn pre_backward_at_loss(&mut self, root: ShardGroup) {
+        self.pre_backward(root.0);
+    }
+
     /// The model's forward is over: the last all-gather's output goes.
     pub fn end_sharded_forward(&mut self) {
         let deferred = self.sharding().deferred.take();
