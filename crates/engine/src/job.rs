@@ -495,9 +495,11 @@ impl JobSpec {
         };
         let plan = Plan::build(samples, &layers, lora, classes, training, "model.layers");
         let mut plan = plan.map_err(error)?;
-        let checkpointing = self.model.gradient_checkpointing;
-        let step = self.model.huggingface.as_ref();
-        if let Some(step) = step.and_then(|c| crate::huggingface::step(c, checkpointing)) {
+        let (config, checkpointing) = (&self.model.huggingface, self.model.gradient_checkpointing);
+        if let Some(step) = config
+            .as_ref()
+            .and_then(|c| crate::huggingface::step(c, checkpointing))
+        {
             plan = plan.with_hugging_face_step(step);
         }
         match self.sharding()? {

@@ -110,11 +110,10 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
     }
     let logits = model_forward(&mut graph, plan, groups.as_ref(), input, &mut parameters);
     graph.end_model_forward();
-    // A Hugging Face model takes its loss inside its forward: FSDP's root post-forward (the
-    // last all-gather's output let go) and the output's release follow the loss.
+    // A Hugging Face model takes its loss inside its forward.
     let loss_in_forward = plan.hugging_face.is_some();
-    if groups.is_some() && !loss_in_forward {
-        graph.end_sharded_forward();
+    if !loss_in_forward {
+        end_forward(&mut graph, groups.is_some());
     }
     assert!(
         parameters.done(),
@@ -129,9 +128,8 @@ pub fn compile(plan: &Plan, rows: u64, seed: u64) -> Result<Program, NoProgram> 
         plan.hugging_face.is_some(),
     );
     graph.release(logits);
-    graph.drop_model_output();
-    if groups.is_some() && loss_in_forward {
-        graph.end_sharded_forward();
+    if loss_in_forward {
+        end_forward(&mut graph, groups.is_some());
     }
     graph.end_autocast();
 
@@ -335,6 +333,15 @@ fn block_runs(kinds: &[Sharded], per_group: usize) -> Vec<Range<usize>> {
     }
     runs.extend(start.map(|first| first..kinds.len()));
     runs
+}
+
+/// What ends with the model's forward: what its output held goes, and under FSDP (`sharded`)
+/// the root's post-forward lets the last all-gather's output go.
+fn end_forward(graph: &mut Graph, sharded: bool) {
+    graph.drop_model_output();
+    if sharded {
+        graph.end_sharded_forward();
+    }
 }
 
 /// The model's forward, its top-level layers in order: under FSDP each group gathered around

@@ -177,7 +177,9 @@ impl Graph {
     /// model): it runs on the loss's gradient, as backward begins, before the loss's own
     /// backward (the hook on the logits then finds it done).
     pub fn pre_backward_at_loss(&mut self, root: ShardGroup) {
-        self.pre_backward(root.0);
+        if !self.sharding().groups[root.0].parameters.is_empty() {
+            self.pre_backward(root.0);
+        }
     }
 
     /// The model's forward is over: the last all-gather's output goes.
