@@ -260,6 +260,10 @@ fn a_hugging_face_config_is_a_job_on_the_command_line() {
         said.contains("gpt2 (a Hugging Face config): 30720 parameters, sequences of 16 tokens"),
         "{said}"
     );
+    assert!(
+        said.contains("step                    transformers' own (its loss, its key/value cache)"),
+        "{said}"
+    );
     assert!(said.contains("recommended batch size"), "{said}");
     // AdamW and 32-true unless given; --optimizer and --precision as in a job.
     let estimate = |extra: &[&str]| {

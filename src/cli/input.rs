@@ -150,7 +150,8 @@ impl JobSource {
 }
 
 /// What the answer is for when the job came from a Hugging Face config: `gpt2 (a Hugging Face
-/// config): 124439808 parameters, sequences of 1024 tokens`; `None` for other jobs.
+/// config): 124439808 parameters, sequences of 1024 tokens`, and for a language model whose
+/// step it is (transformers' own); `None` for other jobs.
 pub fn model_line(job: &Job) -> Option<String> {
     let model = &job.spec().model;
     let model_type = model.huggingface.as_ref()?.get("model_type")?.as_str()?;
@@ -158,8 +159,15 @@ pub fn model_line(job: &Job) -> Option<String> {
         Some(tokens) => format!("sequences of {} tokens", tokens.sequence_length),
         None => format!("images of {:?}", model.input_shape),
     };
+    let step = match job.plan().hugging_face {
+        Some(step) if step.use_cache => {
+            "\nstep                    transformers' own (its loss, its key/value cache)"
+        }
+        Some(_) => "\nstep                    transformers' own (its loss)",
+        None => "",
+    };
     Some(format!(
-        "model                   {model_type} (a Hugging Face config): {} parameters, {input}",
+        "model                   {model_type} (a Hugging Face config): {} parameters, {input}{step}",
         super::output::parameters(
             job.plan().parameter_count(),
             job.plan().trainable_parameter_count()

@@ -822,19 +822,19 @@ def train_step(job, model, optimizer, batch, device, after_backward=lambda: None
     is a language model's: `F.cross_entropy(logits.view(-1, classes), labels.view(-1))`, or for
     transformers' own model its own, `model(input_ids=x, labels=y).loss`."""
     precision = job.get("precision", "32-true")
-    classes_ = classes(job)
+    label_classes = classes(job)
     if vocab(job):
         x = torch.randint(0, vocab(job), (batch, *sample_shape(job)), device=device)
     else:
         x = torch.randn(batch, *sample_shape(job), device=device)
-    y = torch.randint(0, classes_, (batch, *getattr(model, "label_shape", [])), device=device)
+    y = torch.randint(0, label_classes, (batch, *getattr(model, "label_shape", [])), device=device)
     if precision == "bf16-true" and not vocab(job):
         x = x.to(torch.bfloat16)
 
     def loss_of():
         if "huggingface" in job["model"]:
             return model(input_ids=x, labels=y).loss
-        return F.cross_entropy(model(x).reshape(-1, classes_), y.reshape(-1))
+        return F.cross_entropy(model(x).reshape(-1, label_classes), y.reshape(-1))
 
     if precision in ("bf16-mixed", "16-mixed"):
         half = torch.bfloat16 if precision == "bf16-mixed" else torch.float16

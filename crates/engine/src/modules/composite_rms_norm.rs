@@ -40,7 +40,7 @@ pub fn forward(
     at: &Path,
 ) -> Tensor {
     let input = graph.storage(x);
-    if graph.precision().is_mixed() && input != Storage::F32 {
+    if graph.precision().is_mixed() && input != Storage::F32 && weight.is_some() {
         graph.refuse(
             at.field("implementation"),
             "\"composite\" (Hugging Face's LlamaRMSNorm) over a 16-bit input under a mixed \

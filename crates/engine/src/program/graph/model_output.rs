@@ -34,9 +34,9 @@ impl Graph {
     }
 
     /// An attention layer's keys and values (rotated), as the model's key/value cache takes
-    /// them (in Hugging Face's step, with `use_cache`): copied (`torch.cat` onto an empty
-    /// cache), the originals let go, the copies held. The same bytes as holding the originals,
-    /// which the kernels read; the copies are made for their bytes.
+    /// them (in Hugging Face's step, with `use_cache`): the cache copies them (`torch.cat` onto
+    /// an empty cache) and the originals go. Held here as the originals, which the kernels read
+    /// (the same bytes), after the moment both exist (copies made and let go, for their bytes).
     pub fn hold_in_cache(&mut self, keys: Tensor, values: Tensor) {
         if !self.model_output.as_ref().is_some_and(|o| o.cache) {
             return;
