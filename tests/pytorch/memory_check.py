@@ -1393,7 +1393,8 @@ class Generator:
         if kind == "norm" and not image and rng.random() < 0.3:
             # Without a weight: a learnt one over a 16-bit input (after a linear layer under
             # autocast) is PyTorch's composite path, which headroom refuses.
-            return {"rms_norm": {"elementwise_affine": False, **self.maybe(eps=1e-6)}}
+            return {"rms_norm": {"elementwise_affine": False, **self.maybe(eps=1e-6),
+                                 **self.maybe(implementation="composite")}}
         if kind == "norm":
             args = {**self.maybe(affine=False), **self.maybe(eps=1e-3), **self.maybe(momentum=0.01)}
             if not self.needs_grad:
