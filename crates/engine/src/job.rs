@@ -1490,6 +1490,8 @@ mod tests {
             let step = job.plan().hugging_face;
             assert_eq!(step, Some(HuggingFaceStep { use_cache: false }));
         }
+        let refused = llama_job(with(smollm2(), [("use_cache", json!("no"))])).unwrap_err();
+        assert_eq!(refused.field, "model.huggingface.use_cache", "{refused}");
     }
 
     /// Every `rms_norm` of `layers` (nested too) as Hugging Face's `LlamaRMSNorm` computes it.

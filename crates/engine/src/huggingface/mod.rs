@@ -96,7 +96,11 @@ pub fn expand(model: &mut Map<String, Value>) -> Result<(), ConfigError> {
         }
     };
     match input {
-        Input::Tokens { vocab } => set_tokens(model, vocab)?,
+        Input::Tokens { vocab } => {
+            // Read by the step ([`step`]): whether the key/value cache fills.
+            config.flag("use_cache", true)?;
+            set_tokens(model, vocab)?
+        }
         Input::Image(shape) => set_image(model, shape)?,
     }
     agree(model, "num_classes", json!(classes), "the config's classes")?;
@@ -128,6 +132,7 @@ pub fn step(config: &Value, checkpointing: bool) -> Option<HuggingFaceStep> {
         config.get("model_type").and_then(Value::as_str),
         Some("llama" | "mistral" | "qwen2" | "gpt2")
     );
+    // `expand` has refused a `use_cache` that is not true, false or null.
     let use_cache = config.get("use_cache").and_then(Value::as_bool) != Some(false);
     language_model.then_some(HuggingFaceStep {
         use_cache: use_cache && !checkpointing,
