@@ -32,13 +32,14 @@ pub fn record(
         .then(|| graph.cast(logits, Storage::F32, Scale::Loss));
     let source = widened.unwrap_or(logits);
     // ForCausalLMLoss's labels: padded by a position a sample, then the shifted copy.
-    let samples = graph.rows();
-    let mut labels_copy = |len| {
-        hugging_face
-            .then(|| graph.pytorch_only(Part::Activations, len, Element::Index))
-            .flatten()
+    let (padded, shifted) = match hugging_face {
+        true => {
+            let padded_len = rows.saturating_add(graph.rows());
+            let mut copy = |len| graph.pytorch_only(Part::Activations, len, Element::Index);
+            (copy(padded_len), copy(rows))
+        }
+        false => (None, None),
     };
-    let (padded, shifted) = (labels_copy(rows + samples), labels_copy(rows));
     let len = graph.elements(source);
     let log_probs = graph.output(len, graph.storage(source));
     graph.emit(Instr::Convert {
