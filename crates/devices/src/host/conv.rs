@@ -1,12 +1,13 @@
-//! conv.cu on the host: convolutions of NCHW batches with groups and dilation. Each sample's
-//! windows are unfolded group by group (im2col, in runs of contiguous columns, one sample at a
-//! time, so the host's scratch stays small) and multiplied with the `gemm` crate; samples are
-//! spread over every core with rayon. The filters' gradient sums fixed groups of samples, so every run adds in the same
-//! order.
+//! conv.cu on the host: convolutions of NCHW batches with groups and dilation, as products over
+//! many samples at once. A chunk of samples (as many as [`UNFOLD_VALUES`] of unfolded windows
+//! hold) has its windows unfolded side by side, group by group (im2col, in runs of contiguous
+//! columns), and each pass is one product over the chunk in the `gemm` crate, spread over every
+//! core; the unfolding, folding and the copies between a group's planes and the batch's layout
+//! run in parallel too. The chunks never depend on the threads, so every run adds alike.
 
 use rayon::prelude::*;
 
-use super::gemm::gemm;
+use super::gemm::{gemm, parallelism};
 use super::values::{row_blocks, HostValues};
 use super::{row_product, usize_of, HostDevice};
 use headroom_engine::device::DeviceError;
@@ -55,12 +56,17 @@ fn inside(offset: isize, stride: usize, width: usize, out_width: usize) -> (usiz
     (first as usize, end.max(first as usize))
 }
 
-/// Calls `run(column, place, len)` for every run of window places of group `group` that falls
-/// inside one sample's input. The group's windows are `fan_in x positions` (im2col's layout:
-/// row `(channel, kernel row, kernel column)` in the filters' order, column `i * out_width + j`
-/// for output `(i, j)`); a run is `len` consecutive columns from `column`, reading the input
-/// from `place` every `stride` values.
-fn each_run(conv: &Convolution, group: usize, mut run: impl FnMut(usize, usize, usize)) {
+/// Calls `run(column, place, len)` for every run of row `row` of group `group`'s windows that
+/// falls inside one sample's input. The windows are im2col's: row `(channel, kernel row, kernel
+/// column)` in the filters' order, column `i * out_width + j` for output `(i, j)`; a run is
+/// `len` consecutive columns from `column`, reading the input from `place` every `stride`
+/// values.
+fn row_runs(
+    conv: &Convolution,
+    group: usize,
+    row: usize,
+    mut run: impl FnMut(usize, usize, usize),
+) {
     let (h, w, k) = (
         conv.height as usize,
         conv.width as usize,
@@ -72,160 +78,355 @@ fn each_run(conv: &Convolution, group: usize, mut run: impl FnMut(usize, usize, 
         conv.padding as isize,
         conv.dilation as usize,
     );
-    let sizes = Sizes::of(conv);
-    for g in 0..sizes.channels {
-        let c = group * sizes.channels + g;
-        for a in 0..k {
-            for b in 0..k {
-                let row = ((g * k + a) * k + b) * sizes.positions;
-                let offset = (b * dilation) as isize - padding;
-                let (first, end) = inside(offset, stride, w, ow);
-                for i in 0..oh {
-                    let r = (i * stride + a * dilation) as isize - padding;
-                    if r < 0 || r >= h as isize || first == end {
-                        continue;
-                    }
-                    let s = (first * stride) as isize + offset;
-                    run(
-                        row + i * ow + first,
-                        (c * h + r as usize) * w + s as usize,
-                        end - first,
-                    );
+    let (g, a, b) = (row / (k * k), row / k % k, row % k);
+    let c = group * Sizes::of(conv).channels + g;
+    let offset = (b * dilation) as isize - padding;
+    let (first, end) = inside(offset, stride, w, ow);
+    if first == end {
+        return;
+    }
+    for i in 0..oh {
+        let r = (i * stride + a * dilation) as isize - padding;
+        if r < 0 || r >= h as isize {
+            continue;
+        }
+        let s = (first * stride) as isize + offset;
+        run(
+            i * ow + first,
+            (c * h + r as usize) * w + s as usize,
+            end - first,
+        );
+    }
+}
+
+/// Output positions a chunk's product should have at least: samples are unfolded together
+/// until their windows reach this many columns, enough for the product's tiles.
+const CHUNK_COLUMNS: usize = 512;
+
+/// Values a chunk's unfolded windows may take beyond one sample's: 4 Mi (16 MiB of f32).
+const UNFOLD_VALUES: usize = 1 << 22;
+
+/// Partial sums of a small layer's filters' gradient: a fixed number, whatever the threads.
+const WEIGHT_GRADIENT_GROUPS: usize = 4;
+
+/// A group's filters' gradient at least this many values is a product worth splitting over
+/// threads (its rows and columns), so its samples need no partial sums.
+const SPLIT_PRODUCT_WEIGHTS: usize = 1 << 16;
+
+/// Samples unfolded together: enough for [`CHUNK_COLUMNS`] within [`UNFOLD_VALUES`], at least
+/// one. It depends on the layer alone, never on the threads.
+fn samples_per_chunk(s: &Sizes) -> usize {
+    let wanted = CHUNK_COLUMNS.div_ceil(s.positions.max(1));
+    let room = UNFOLD_VALUES / (s.fan_in * s.positions).max(1);
+    wanted.min(room).max(1)
+}
+
+/// One thread's scratch: a chunk's unfolded windows and one group's output planes side by side.
+#[derive(Default)]
+struct Scratch {
+    cols: Vec<f32>,
+    side: Vec<f32>,
+}
+
+impl Scratch {
+    /// Sized for `samples` samples.
+    fn sized(&mut self, s: &Sizes, samples: usize) -> (&mut [f32], &mut [f32]) {
+        self.cols.resize(s.fan_in * samples * s.positions, 0.0);
+        self.side.resize(s.filters * samples * s.positions, 0.0);
+        (&mut self.cols, &mut self.side)
+    }
+}
+
+/// The windows of `group` for every sample of `x` side by side (padding reads 0): row `r` of
+/// sample `n` at `cols[r * ld + n * positions..]`, `ld` being the samples times `positions`
+/// (see [`row_runs`]).
+fn unfold(x: &[f32], conv: &Convolution, group: usize, cols: &mut [f32]) {
+    let s = Sizes::of(conv);
+    let stride = conv.stride as usize;
+    let samples = x.len() / s.inputs;
+    let rows = cols.par_chunks_exact_mut(samples * s.positions);
+    rows.enumerate().for_each(|(row, cols)| {
+        cols.fill(0.0);
+        for (x, cols) in x
+            .chunks_exact(s.inputs)
+            .zip(cols.chunks_exact_mut(s.positions))
+        {
+            row_runs(conv, group, row, |column, place, len| {
+                let cols = &mut cols[column..column + len];
+                if stride == 1 {
+                    cols.copy_from_slice(&x[place..place + len]);
+                } else {
+                    let x = x[place..].iter().step_by(stride);
+                    cols.iter_mut().zip(x).for_each(|(c, &x)| *c = x);
+                }
+            });
+        }
+    });
+}
+
+/// Adds the window gradients `cols` (laid out as [`unfold`] lays them) of `group` back to the
+/// places every sample read them from: the inverse of [`unfold`].
+fn fold(cols: &[f32], conv: &Convolution, group: usize, dx: &mut [f32]) {
+    let s = Sizes::of(conv);
+    let stride = conv.stride as usize;
+    let ld = dx.len() / s.inputs * s.positions;
+    dx.par_chunks_exact_mut(s.inputs)
+        .enumerate()
+        .for_each(|(n, dx)| {
+            for row in 0..s.fan_in {
+                let cols = &cols[row * ld + n * s.positions..][..s.positions];
+                row_runs(conv, group, row, |column, place, len| {
+                    let cols = &cols[column..column + len];
+                    let dx = dx[place..].iter_mut().step_by(stride);
+                    dx.zip(cols).for_each(|(d, &c)| *d += c);
+                });
+            }
+        });
+}
+
+/// Group `group`'s output planes of a chunk of samples: in place when the chunk is one sample
+/// (its planes are already side by side), else copied from `batch` into `side`, plane `f` of
+/// sample `n` at `side[f * ld + n * positions..]`, `ld` being the samples times `positions`.
+fn side_by_side<'a>(batch: &'a [f32], side: &'a mut [f32], s: &Sizes, group: usize) -> &'a [f32] {
+    let samples = batch.len() / s.outputs;
+    let planes = group * s.filters * s.positions;
+    if samples == 1 {
+        return &batch[planes..][..s.filters * s.positions];
+    }
+    let rows = side.par_chunks_exact_mut(samples * s.positions);
+    rows.enumerate().for_each(|(f, row)| {
+        for (n, to) in row.chunks_exact_mut(s.positions).enumerate() {
+            let from = n * s.outputs + planes + f * s.positions;
+            to.copy_from_slice(&batch[from..][..s.positions]);
+        }
+    });
+    side
+}
+
+/// Writes group `group`'s output planes of every sample of `batch` from `side` (laid out as
+/// [`side_by_side`] lays them).
+fn scatter(side: &[f32], batch: &mut [f32], s: &Sizes, group: usize) {
+    let ld = batch.len() / s.outputs * s.positions;
+    let samples = batch.par_chunks_exact_mut(s.outputs);
+    samples.enumerate().for_each(|(n, sample)| {
+        let sample = &mut sample[group * s.filters * s.positions..];
+        for (f, plane) in sample
+            .chunks_exact_mut(s.positions)
+            .take(s.filters)
+            .enumerate()
+        {
+            plane.copy_from_slice(&side[f * ld + n * s.positions..][..s.positions]);
+        }
+    });
+}
+
+/// Calls `pass(out, from, scratch, parallelism)` on each chunk of samples ([`samples_per_chunk`])
+/// of `out` (`out_len` values a sample) and `from` (`from_len`): chunks over every core when
+/// there are enough of them, else one after another with each product over every core.
+fn each_chunk(
+    (out, out_len): (&mut [f32], usize),
+    (from, from_len): (&[f32], usize),
+    s: &Sizes,
+    pass: impl Fn(&mut [f32], &[f32], &mut Scratch, gemm::Parallelism) + Sync,
+) {
+    let samples = samples_per_chunk(s);
+    let (out_chunk, from_chunk) = (samples * out_len, samples * from_len);
+    if out.len().div_ceil(out_chunk) >= rayon::current_num_threads() {
+        out.par_chunks_mut(out_chunk)
+            .zip(from.par_chunks(from_chunk))
+            .for_each_init(Scratch::default, |scratch, (out, from)| {
+                pass(out, from, scratch, gemm::Parallelism::None)
+            });
+    } else {
+        let mut scratch = Scratch::default();
+        for (out, from) in out.chunks_mut(out_chunk).zip(from.chunks(from_chunk)) {
+            pass(out, from, &mut scratch, parallelism());
+        }
+    }
+}
+
+/// `y = x (*) w` for every sample of `x`: per chunk of samples and group, the windows unfolded
+/// side by side and one product over the chunk.
+pub fn conv2d_forward(x: &[f32], w: &[f32], y: &mut [f32], conv: &Convolution) {
+    let s = Sizes::of(conv);
+    each_chunk(
+        (y, s.outputs),
+        (x, s.inputs),
+        &s,
+        |y, x, scratch, threads| {
+            let n = x.len() / s.inputs;
+            let (cols, side) = scratch.sized(&s, n);
+            for group in 0..conv.groups as usize {
+                unfold(x, conv, group, cols);
+                let planes = group * s.filters * s.positions;
+                // side (filters x n positions) = w_g (filters x fan_in) * cols
+                let out = match n {
+                    1 => &mut y[planes..],
+                    _ => &mut *side,
+                };
+                gemm(
+                    s.filters,
+                    s.fan_in,
+                    n * s.positions,
+                    &w[group * s.filters * s.fan_in..],
+                    (s.fan_in as isize, 1),
+                    cols,
+                    ((n * s.positions) as isize, 1),
+                    out,
+                    false,
+                    threads,
+                );
+                if n > 1 {
+                    scatter(side, y, &s, group);
+                }
+            }
+        },
+    );
+}
+
+/// The gradient of every sample's input from `dy` and the filters.
+pub fn conv2d_input_gradient(dy: &[f32], w: &[f32], dx: &mut [f32], conv: &Convolution) {
+    let s = Sizes::of(conv);
+    each_chunk(
+        (dx, s.inputs),
+        (dy, s.outputs),
+        &s,
+        |dx, dy, scratch, threads| {
+            let n = dx.len() / s.inputs;
+            let (cols, side) = scratch.sized(&s, n);
+            dx.fill(0.0);
+            for group in 0..conv.groups as usize {
+                let dy = side_by_side(dy, side, &s, group);
+                // cols (fan_in x n positions) = w_g^T (fan_in x filters) * dy
+                gemm(
+                    s.fan_in,
+                    s.filters,
+                    n * s.positions,
+                    &w[group * s.filters * s.fan_in..],
+                    (1, s.fan_in as isize),
+                    dy,
+                    ((n * s.positions) as isize, 1),
+                    cols,
+                    false,
+                    threads,
+                );
+                fold(cols, conv, group, dx);
+            }
+        },
+    );
+}
+
+/// Side of the square tiles [`transpose`] copies through.
+const TILE: usize = 16;
+
+/// `to[j * to_ld + i] = from[i * from_ld + j]` (`op` combining) for `i < rows`, `j < cols`,
+/// tile by tile so both sides stay in cache.
+fn transpose(
+    (from, from_ld): (&[f32], usize),
+    (rows, cols): (usize, usize),
+    (to, to_ld): (&mut [f32], usize),
+    op: impl Fn(&mut f32, f32),
+) {
+    for i0 in (0..rows).step_by(TILE) {
+        for j0 in (0..cols).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(rows) {
+                for j in j0..(j0 + TILE).min(cols) {
+                    op(&mut to[j * to_ld + i], from[i * from_ld + j]);
                 }
             }
         }
     }
 }
 
-/// One sample's windows of `group` (padding reads 0): see [`each_run`].
-fn unfold(x: &[f32], conv: &Convolution, group: usize, cols: &mut [f32]) {
-    let stride = conv.stride as usize;
-    cols.fill(0.0);
-    each_run(conv, group, |column, place, len| {
-        let cols = &mut cols[column..column + len];
-        if stride == 1 {
-            cols.copy_from_slice(&x[place..place + len]);
-        } else {
-            let x = x[place..].iter().step_by(stride);
-            cols.iter_mut().zip(x).for_each(|(c, &x)| *c = x);
+/// Adds to `dw_t` (the filters' gradient transposed: group by group, `fan_in x filters`) the
+/// gradient over the samples of `dy` and `x`, chunk by chunk: per group, one product of the
+/// unfolded windows and the output gradient transposed (both row-major, the layout the
+/// product packs fastest), spread over `threads`.
+fn add_chunks_weight_gradient(
+    dy: &[f32],
+    x: &[f32],
+    dw_t: &mut [f32],
+    conv: &Convolution,
+    threads: gemm::Parallelism,
+) {
+    let s = Sizes::of(conv);
+    let samples = samples_per_chunk(&s);
+    let mut scratch = Scratch::default();
+    for (dy, x) in dy
+        .chunks(samples * s.outputs)
+        .zip(x.chunks(samples * s.inputs))
+    {
+        let n = x.len() / s.inputs;
+        let (cols, dy_t) = scratch.sized(&s, n);
+        for group in 0..conv.groups as usize {
+            unfold(x, conv, group, cols);
+            dy.par_chunks_exact(s.outputs)
+                .zip(dy_t.par_chunks_exact_mut(s.positions * s.filters))
+                .for_each(|(sample, dy_t)| {
+                    let planes = &sample[group * s.filters * s.positions..];
+                    let (from, to) = ((planes, s.positions), (dy_t, s.filters));
+                    transpose(from, (s.filters, s.positions), to, |t, f| *t = f);
+                });
+            // dw_t (fan_in x filters) += cols (fan_in x n positions) * dy_t (n positions x filters)
+            gemm(
+                s.fan_in,
+                n * s.positions,
+                s.filters,
+                cols,
+                ((n * s.positions) as isize, 1),
+                dy_t,
+                (s.filters as isize, 1),
+                &mut dw_t[group * s.fan_in * s.filters..],
+                true,
+                threads,
+            );
         }
-    });
+    }
 }
 
-/// Adds one sample's window gradients of `group` back to the places they were read from: the
-/// inverse of [`unfold`].
-fn fold(cols: &[f32], conv: &Convolution, group: usize, dx: &mut [f32]) {
-    let stride = conv.stride as usize;
-    each_run(conv, group, |column, place, len| {
-        let cols = &cols[column..column + len];
-        let dx = dx[place..].iter_mut().step_by(stride);
-        dx.zip(cols).for_each(|(d, &c)| *d += c);
-    });
-}
-
-/// `y = x (*) w` for every sample of `x`.
-pub fn conv2d_forward(x: &[f32], w: &[f32], y: &mut [f32], conv: &Convolution) {
-    let s = Sizes::of(conv);
-    y.par_chunks_mut(s.outputs)
-        .zip(x.par_chunks(s.inputs))
-        .for_each_init(
-            || vec![0.0f32; s.positions * s.fan_in],
-            |cols, (y, x)| {
-                for group in 0..conv.groups as usize {
-                    unfold(x, conv, group, cols);
-                    // y_g (filters x positions) = w_g (filters x fan_in) * cols
-                    let w = &w[group * s.filters * s.fan_in..];
-                    let y = &mut y[group * s.filters * s.positions..];
-                    gemm(
-                        s.filters,
-                        s.fan_in,
-                        s.positions,
-                        w,
-                        (s.fan_in as isize, 1),
-                        cols,
-                        (s.positions as isize, 1),
-                        y,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            },
-        );
-}
-
-/// The gradient of every sample's input from `dy` and the filters.
-pub fn conv2d_input_gradient(dy: &[f32], w: &[f32], dx: &mut [f32], conv: &Convolution) {
-    let s = Sizes::of(conv);
-    dx.par_chunks_mut(s.inputs)
-        .zip(dy.par_chunks(s.outputs))
-        .for_each_init(
-            || vec![0.0f32; s.positions * s.fan_in],
-            |cols, (dx, dy)| {
-                dx.fill(0.0);
-                for group in 0..conv.groups as usize {
-                    // cols (fan_in x positions) = w_g^T (fan_in x filters) * dy_g
-                    let dy = &dy[group * s.filters * s.positions..];
-                    let w = &w[group * s.filters * s.fan_in..];
-                    gemm(
-                        s.fan_in,
-                        s.filters,
-                        s.positions,
-                        w,
-                        (1, s.fan_in as isize),
-                        dy,
-                        (s.positions as isize, 1),
-                        cols,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                    fold(cols, conv, group, dx);
-                }
-            },
-        );
-}
-
-/// Partial sums of the filters' gradient: a fixed number of groups of samples, whatever the
-/// threads, so the sum comes out the same on every run.
-const WEIGHT_GRADIENT_GROUPS: usize = 16;
-
-/// Adds the filters' gradient, summed over every sample of `dy` and `x`, to `dw`: each group of
-/// samples sums into its own partial (in parallel), and the partials are added in order.
+/// Adds the filters' gradient, summed over every sample of `dy` and `x`, to `dw`. A layer with
+/// many weights sums every chunk into one total, each product over every core; one with few
+/// (whose products are too small to split) splits the samples into
+/// [`WEIGHT_GRADIENT_GROUPS`] groups of whole chunks summed into their own partials over every
+/// core, the partials added in order. The split depends on the layer and the batch alone, and
+/// a product splits its rows and columns (never its sums) over threads, so every run adds alike.
 pub fn add_conv2d_weight_gradient(dy: &[f32], x: &[f32], dw: &mut [f32], conv: &Convolution) {
     let s = Sizes::of(conv);
-    let rows = dy.len() / s.outputs.max(1);
-    let chunk = rows.div_ceil(WEIGHT_GRADIENT_GROUPS).max(1);
-    let groups = conv.groups as usize;
-    let partials: Vec<Vec<f32>> = dy
-        .par_chunks(chunk * s.outputs)
-        .zip(x.par_chunks(chunk * s.inputs))
-        .map(|(dy, x)| {
-            let mut sum = vec![0.0f32; dw.len()];
-            let mut cols = vec![0.0f32; s.positions * s.fan_in];
-            for (dy, x) in dy.chunks_exact(s.outputs).zip(x.chunks_exact(s.inputs)) {
-                for group in 0..groups {
-                    unfold(x, conv, group, &mut cols);
-                    // sum_g (filters x fan_in) += dy_g (filters x positions) * cols^T
-                    let dy = &dy[group * s.filters * s.positions..];
-                    let sum = &mut sum[group * s.filters * s.fan_in..];
-                    gemm(
-                        s.filters,
-                        s.positions,
-                        s.fan_in,
-                        dy,
-                        (s.positions as isize, 1),
-                        &cols,
-                        (1, s.positions as isize),
-                        sum,
-                        true,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
-            sum
-        })
-        .collect();
+    let rows = x.len() / s.inputs.max(1);
+    let chunk = samples_per_chunk(&s);
+    let groups = match s.filters * s.fan_in >= SPLIT_PRODUCT_WEIGHTS {
+        true => 1,
+        false => WEIGHT_GRADIENT_GROUPS,
+    };
+    let per_group = rows.div_ceil(chunk).div_ceil(groups).max(1) * chunk;
+    let (dy_part, x_part) = (per_group * s.outputs, per_group * s.inputs);
+    let partial = |(dy, x): (&[f32], &[f32]), threads| {
+        let mut sum = vec![0.0f32; dw.len()];
+        add_chunks_weight_gradient(dy, x, &mut sum, conv, threads);
+        sum
+    };
+    let partials: Vec<Vec<f32>> = if rows.div_ceil(per_group) >= rayon::current_num_threads() {
+        dy.par_chunks(dy_part)
+            .zip(x.par_chunks(x_part))
+            .map(|part| partial(part, gemm::Parallelism::None))
+            .collect()
+    } else {
+        dy.chunks(dy_part)
+            .zip(x.chunks(x_part))
+            .map(|part| partial(part, parallelism()))
+            .collect()
+    };
+    let mut sum = vec![0.0f32; dw.len()];
     for partial in partials {
-        dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+        sum.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+    }
+    let group_weights = s.filters * s.fan_in;
+    for (dw, sum) in dw
+        .chunks_exact_mut(group_weights)
+        .zip(sum.chunks_exact(group_weights))
+    {
+        let shape = (s.fan_in, s.filters);
+        transpose((sum, s.filters), shape, (dw, s.fan_in), |d, v| *d += v);
     }
 }
 
@@ -287,5 +488,97 @@ impl Conv for HostDevice {
         }
         dw.write(0, &sum);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parity::conv::tap;
+    use proptest::prelude::*;
+
+    /// `y`, `dx` and `dw` of `rows` samples by the definition, in f64.
+    fn reference(x: &[f32], w: &[f32], dy: &[f32], c: &Convolution) -> [Vec<f64>; 3] {
+        let s = Sizes::of(c);
+        let rows = x.len() / s.inputs;
+        let (mut y, mut dx, mut dw) = (vec![0.0; dy.len()], vec![0.0; x.len()], vec![0.0; w.len()]);
+        let at = (c.stride, c.padding, c.dilation);
+        let (oh, ow, k) = (c.out_height(), c.out_width(), c.kernel);
+        for n in 0..rows as u64 {
+            for o in 0..c.out_channels {
+                let group = o / s.filters as u64;
+                for g in 0..s.channels as u64 {
+                    let ch = group * s.channels as u64 + g;
+                    for (i, j, a, b) in itertools(oh, ow, k) {
+                        let (Some(r), Some(q)) = (tap(i, a, at, c.height), tap(j, b, at, c.width))
+                        else {
+                            continue;
+                        };
+                        let xi = (((n * c.in_channels + ch) * c.height + r) * c.width + q) as usize;
+                        let yi = (((n * c.out_channels + o) * oh + i) * ow + j) as usize;
+                        let wi = (((o * s.channels as u64 + g) * k + a) * k + b) as usize;
+                        y[yi] += f64::from(x[xi]) * f64::from(w[wi]);
+                        dx[xi] += f64::from(dy[yi]) * f64::from(w[wi]);
+                        dw[wi] += f64::from(dy[yi]) * f64::from(x[xi]);
+                    }
+                }
+            }
+        }
+        [y, dx, dw]
+    }
+
+    fn itertools(oh: u64, ow: u64, k: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+        (0..oh).flat_map(move |i| {
+            (0..ow).flat_map(move |j| (0..k).flat_map(move |a| (0..k).map(move |b| (i, j, a, b))))
+        })
+    }
+
+    fn close(got: &[f32], want: &[f64]) -> bool {
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(&g, &w)| (f64::from(g) - w).abs() <= 1e-4 * (1.0 + w.abs()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Batches of up to 70 samples span several chunks of small layers (and several
+        /// partial sums of the filters' gradient), or one sample per chunk of wide ones; every
+        /// pass equals the definition whatever the chunking.
+        #[test]
+        fn every_pass_equals_the_definition_over_many_chunks(
+            rows in 1usize..70,
+            side in 2u64..9,
+            (channels, filters, groups) in prop_oneof![
+                Just((3u64, 4u64, 1u64)), Just((4, 6, 2)), Just((4, 4, 4))
+            ],
+            (kernel, stride, padding, dilation) in prop_oneof![
+                Just((3u64, 1u64, 1u64, 1u64)), Just((1, 1, 0, 1)), Just((3, 2, 1, 1)),
+                Just((3, 1, 2, 2))
+            ],
+            seed in any::<u64>(),
+        ) {
+            let c = Convolution {
+                in_channels: channels, height: side, width: side + 1, out_channels: filters,
+                kernel, stride, padding, dilation, groups,
+            };
+            prop_assume!(c.out_height() > 0 && c.out_width() > 0);
+            let values = |n: usize, salt: u64| crate::parity::random(n, seed ^ salt);
+            let s = Sizes::of(&c);
+            let x = values(rows * s.inputs, 1);
+            let w = values(c.weights() as usize, 2);
+            let dy = values(rows * s.outputs, 3);
+            let [y_want, dx_want, dw_want] = reference(&x, &w, &dy, &c);
+            let (mut y, mut dx, mut dw) =
+                (vec![0.0; dy.len()], vec![9.0; x.len()], vec![0.0; w.len()]);
+            conv2d_forward(&x, &w, &mut y, &c);
+            conv2d_input_gradient(&dy, &w, &mut dx, &c);
+            add_conv2d_weight_gradient(&dy, &x, &mut dw, &c);
+            prop_assert!(close(&y, &y_want), "forward");
+            prop_assert!(close(&dx, &dx_want), "input gradient");
+            prop_assert!(close(&dw, &dw_want), "filters' gradient");
+        }
     }
 }

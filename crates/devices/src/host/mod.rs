@@ -7,9 +7,10 @@
 //!
 //! Every buffer is charged to a [`Ledger`] before it is allocated; a charge past the budget, or
 //! an allocation the system refuses, is [`DeviceError::OutOfMemory`]. Nothing is allocated for a
-//! batch that does not fit. Widening 16-bit values takes scratch outside the budget: a layer's
-//! weights in f32 at most, and chunks of [`values::CHUNK`] values; a convolution also unfolds
-//! one sample's windows per group and thread ([`conv`]), attention widens one sequence
+//! batch that does not fit; freed buffers are kept for reuse within the budget ([`memory`]).
+//! Widening 16-bit values takes scratch outside the budget: a layer's weights in f32 at most,
+//! and chunks of [`values::CHUNK`] values; a convolution also unfolds a chunk of samples'
+//! windows, 16 MiB or one sample's per thread ([`conv`]), attention widens one sequence
 //! ([`attention`]).
 
 pub mod attention;
@@ -20,6 +21,7 @@ pub mod embedding;
 pub mod fill;
 pub mod gemm;
 pub mod loss;
+pub mod memory;
 pub mod norm;
 pub mod optimizer;
 pub mod pool;
@@ -27,135 +29,19 @@ pub mod reduce;
 pub mod scores;
 pub mod values;
 
-use std::ops::{Deref, DerefMut, Range};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::transfer::Transfer;
 use headroom_engine::device::{DeviceError, DeviceInfo, DeviceKind, Probing};
 use headroom_engine::plan::Storage;
 use headroom_engine::step::{Allocate, Kernels, Stored};
+pub use memory::HostBuffer;
+use memory::Ledger;
 use values::{chunks, row_blocks, HostValues};
 
 /// Default budget of the host device: 256 MiB.
 pub const DEFAULT_BUDGET_BYTES: u64 = 256 << 20;
-
-/// Bytes charged against a budget, and the most charged at once since the peak restarted.
-#[derive(Debug)]
-pub struct Ledger {
-    budget: u64,
-    used: AtomicU64,
-    peak: AtomicU64,
-}
-
-impl Ledger {
-    fn new(budget: u64) -> Ledger {
-        Ledger {
-            budget,
-            used: AtomicU64::new(0),
-            peak: AtomicU64::new(0),
-        }
-    }
-
-    fn charge(&self, bytes: u64) -> Result<(), DeviceError> {
-        let before = self
-            .used
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
-                used.checked_add(bytes)
-                    .filter(|&total| total <= self.budget)
-            })
-            .map_err(|used| DeviceError::OutOfMemory {
-                requested_bytes: bytes,
-                free_bytes: self.budget.saturating_sub(used),
-            })?;
-        self.peak.fetch_max(before + bytes, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// Starts the peak anew from what is charged now, which it returns.
-    fn restart_peak(&self) -> u64 {
-        let used = self.used();
-        self.peak.store(used, Ordering::SeqCst);
-        used
-    }
-
-    fn peak(&self) -> u64 {
-        self.peak.load(Ordering::SeqCst)
-    }
-
-    fn release(&self, bytes: u64) {
-        self.used.fetch_sub(bytes, Ordering::SeqCst);
-    }
-
-    fn used(&self) -> u64 {
-        self.used.load(Ordering::SeqCst)
-    }
-}
-
-/// A zeroed host buffer whose bytes stay charged to the ledger until it is dropped.
-#[derive(Debug)]
-pub struct HostBuffer<T> {
-    data: Vec<T>,
-    ledger: Arc<Ledger>,
-}
-
-impl<T: Copy + Default> HostBuffer<T> {
-    pub(super) fn zeroed(ledger: &Arc<Ledger>, len: u64) -> Result<Self, DeviceError> {
-        let bytes =
-            len.checked_mul(std::mem::size_of::<T>() as u64)
-                .ok_or(DeviceError::OutOfMemory {
-                    requested_bytes: u64::MAX,
-                    free_bytes: ledger.budget.saturating_sub(ledger.used()),
-                })?;
-        ledger.charge(bytes)?;
-        let refused = DeviceError::OutOfMemory {
-            requested_bytes: bytes,
-            free_bytes: ledger.budget.saturating_sub(ledger.used()),
-        };
-        let Ok(len) = usize::try_from(len) else {
-            ledger.release(bytes);
-            return Err(refused);
-        };
-        let mut data = Vec::new();
-        if data.try_reserve_exact(len).is_err() {
-            ledger.release(bytes);
-            return Err(refused);
-        }
-        data.resize(len, T::default());
-        Ok(HostBuffer {
-            data,
-            ledger: Arc::clone(ledger),
-        })
-    }
-}
-
-impl<T: Copy + Default> HostBuffer<T> {
-    fn copied(ledger: &Arc<Ledger>, values: &[T]) -> Result<Self, DeviceError> {
-        let mut buffer = HostBuffer::zeroed(ledger, values.len() as u64)?;
-        buffer.copy_from_slice(values);
-        Ok(buffer)
-    }
-}
-
-impl<T> Drop for HostBuffer<T> {
-    fn drop(&mut self) {
-        self.ledger
-            .release((self.data.len() * std::mem::size_of::<T>()) as u64);
-    }
-}
-
-impl<T> Deref for HostBuffer<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        &self.data
-    }
-}
-
-impl<T> DerefMut for HostBuffer<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.data
-    }
-}
 
 /// The CPU device.
 #[derive(Debug, Clone)]
@@ -316,8 +202,8 @@ impl Probing for HostDevice {
                 std::thread::available_parallelism().map_or(1, |n| n.get())
             ),
             uuid: None,
-            total_bytes: self.ledger.budget,
-            free_bytes: self.ledger.budget.saturating_sub(self.ledger.used()),
+            total_bytes: self.ledger.budget(),
+            free_bytes: self.ledger.budget().saturating_sub(self.ledger.used()),
         }
     }
 

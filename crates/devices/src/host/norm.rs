@@ -1,59 +1,140 @@
-//! norm.cu on the host: batch norm in training mode, and layer norm. A channel's
-//! values are spread over every sample of an NCHW batch, so each pass reads the batch a chunk of
-//! whole samples at a time ([`chunks`]) and gathers per-channel sums in f64; the values written
-//! are computed in f32 from the f32 statistics, as the kernels compute them. Layer norm's rows
-//! are read a chunk of whole rows at a time, their statistics likewise gathered in f64.
+//! norm.cu on the host: batch norm in training mode, and layer norm. A channel's values are
+//! spread over every sample of an NCHW batch, so batch norm reads the batch in blocks of whole
+//! samples (all of it when it is f32) and works plane by plane: per-channel sums gathered in f64
+//! over eight lanes, channels over every core, then the values written from the f32 statistics,
+//! as the kernels compute them, samples over every core. Layer norm's rows are read a chunk of
+//! whole rows at a time ([`chunks`]), their statistics likewise gathered in f64.
 
 use headroom_engine::device::DeviceError;
 use headroom_engine::modules::batch_norm::Planes;
 use headroom_engine::modules::layer_norm::NormalizedRows;
+use headroom_engine::plan::Storage;
 use headroom_engine::program::{
     Affine, BatchStatistics, LayerAffine, RowStatistics, RunningStatistics,
 };
-use headroom_engine::step::Norm;
+use headroom_engine::step::{Norm, Stored};
 
-use super::values::{chunks, HostValues};
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::values::{chunks, row_blocks, HostValues};
 use super::{usize_of, HostBuffer, HostDevice};
 
-/// The shape of `planes` in host sizes: values of a sample, of a channel plane, channels, all.
+/// The shape of `planes` in host sizes: values of a sample, of a channel plane, channels, samples.
 struct Sizes {
     sample: usize,
     spatial: usize,
     channels: usize,
-    len: usize,
+    samples: usize,
 }
 
 impl Sizes {
     fn of(planes: &Planes) -> Sizes {
         let (channels, spatial) = (usize_of(planes.channels), usize_of(planes.spatial));
+        let sample = channels * spatial;
         Sizes {
-            sample: channels * spatial,
+            sample,
             spatial,
             channels,
-            len: usize_of(planes.values()),
+            samples: usize_of(planes.values()) / sample.max(1),
         }
     }
 
-    /// Calls `visit(range, channel_of)` for chunks of whole samples, where `channel_of(i)` is
-    /// the channel of the chunk's `i`-th value.
-    fn each_chunk(&self, mut visit: impl FnMut(std::ops::Range<usize>, &dyn Fn(usize) -> usize)) {
-        let (spatial, channels) = (self.spatial, self.channels);
-        for range in chunks(self.len, self.sample) {
-            visit(range, &|i| i / spatial % channels);
-        }
+    /// The batch in blocks of whole samples: all of it when every operand is f32 (nothing to
+    /// widen), about [`values::CHUNK`](super::values::CHUNK) values otherwise.
+    fn blocks(&self, all_f32: bool) -> impl Iterator<Item = Range<usize>> + '_ {
+        row_blocks(self.samples, self.sample, all_f32)
+            .map(|rows| rows.start * self.sample..rows.end * self.sample)
+    }
+
+    /// Adds to each channel's sum `plane_sum(planes, channel)` over the channel's planes in a
+    /// block of whole samples (`operands` read side by side), channels in parallel; each
+    /// channel adds its planes in sample order, so every run sums alike.
+    fn add_channel_sums<const N: usize, S: Send + std::ops::AddAssign>(
+        &self,
+        operands: [&[f32]; N],
+        sums: &mut [S],
+        plane_sum: impl Fn([&[f32]; N], usize) -> S + Sync,
+    ) {
+        let samples = operands[0].len() / self.sample.max(1);
+        sums.par_iter_mut()
+            .enumerate()
+            .with_min_len((1 << 14) / (samples * self.spatial).max(1))
+            .for_each(|(c, sum)| {
+                for n in 0..samples {
+                    let at = n * self.sample + c * self.spatial;
+                    *sum += plane_sum(operands.map(|o| &o[at..at + self.spatial]), c);
+                }
+            });
+    }
+
+    /// Writes `out` plane by plane from the planes of `operands` at the same places and the
+    /// plane's channel, samples in parallel.
+    fn map_planes<const N: usize>(
+        &self,
+        operands: [&[f32]; N],
+        out: &mut [f32],
+        plane: impl Fn([&[f32]; N], &mut [f32], usize) + Sync,
+    ) {
+        out.par_chunks_mut(self.sample)
+            .enumerate()
+            .for_each(|(n, sample)| {
+                for (c, out) in sample.chunks_mut(self.spatial).enumerate() {
+                    let at = n * self.sample + c * self.spatial;
+                    plane(operands.map(|o| &o[at..at + self.spatial]), out, c);
+                }
+            });
     }
 }
 
-/// Per channel, the sum of `term(value, channel)` over the batch `values`.
-fn channel_sums(values: &HostValues, sizes: &Sizes, term: impl Fn(f32, usize) -> f64) -> Vec<f64> {
-    let mut sums = vec![0.0f64; sizes.channels];
-    sizes.each_chunk(|range, channel_of| {
-        for (i, &v) in values.read(range).iter().enumerate() {
-            let c = channel_of(i);
-            sums[c] += term(v, c);
+/// `sum(term(x[i]))` in f64, over eight lanes the compiler can vectorise.
+fn lane_sum(x: &[f32], term: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let mut eights = x.chunks_exact(8);
+    for eight in &mut eights {
+        for (lane, &v) in lanes.iter_mut().zip(eight) {
+            *lane += term(v);
         }
-    });
+    }
+    let tail: f64 = eights.remainder().iter().map(|&v| term(v)).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// `(sum(dy), sum(dy * xhat))` in f64 over a plane, `xhat = (x - mean) * invstd` in f32 as the
+/// kernel computes it.
+fn gradient_sums(dy: &[f32], x: &[f32], mean: f32, invstd: f32) -> GradientSums {
+    let (mut sum_dy, mut sum_dy_xhat) = ([0.0f64; 8], [0.0f64; 8]);
+    let (mut dys, mut xs) = (dy.chunks_exact(8), x.chunks_exact(8));
+    for (dy, x) in (&mut dys).zip(&mut xs) {
+        for l in 0..8 {
+            sum_dy[l] += f64::from(dy[l]);
+            sum_dy_xhat[l] += f64::from(dy[l]) * f64::from((x[l] - mean) * invstd);
+        }
+    }
+    let mut sums = GradientSums {
+        dy: sum_dy.iter().sum(),
+        dy_xhat: sum_dy_xhat.iter().sum(),
+    };
+    for (&g, &v) in dys.remainder().iter().zip(xs.remainder()) {
+        sums.dy += f64::from(g);
+        sums.dy_xhat += f64::from(g) * f64::from((v - mean) * invstd);
+    }
     sums
+}
+
+/// A channel's sums for batch norm's backward.
+#[derive(Clone, Copy, Default)]
+struct GradientSums {
+    dy: f64,
+    dy_xhat: f64,
+}
+
+impl std::ops::AddAssign for GradientSums {
+    fn add_assign(&mut self, other: GradientSums) {
+        self.dy += other.dy;
+        self.dy_xhat += other.dy_xhat;
+    }
 }
 
 /// A row's mean (0 unless `centered`) and `1 / sqrt(biased variance + eps)`, summed in f64.
@@ -91,14 +172,21 @@ impl Norm for HostDevice {
     ) -> Result<(), DeviceError> {
         let sizes = Sizes::of(planes);
         let count = planes.per_channel() as f64;
-        let mean: Vec<f64> = channel_sums(x, &sizes, |v, _| f64::from(v))
-            .into_iter()
-            .map(|sum| sum / count)
-            .collect();
-        let variance: Vec<f64> = channel_sums(x, &sizes, |v, c| (f64::from(v) - mean[c]).powi(2))
-            .into_iter()
-            .map(|sum| sum / count)
-            .collect();
+        let all_f32 = x.storage() == Storage::F32 && y.storage() == Storage::F32;
+        let mut sums = vec![0.0f64; sizes.channels];
+        for block in sizes.blocks(all_f32) {
+            let x = x.read(block);
+            sizes.add_channel_sums([&x], &mut sums, |[x], _| lane_sum(x, f64::from));
+        }
+        let mean: Vec<f64> = sums.iter().map(|sum| sum / count).collect();
+        let mut squares = vec![0.0f64; sizes.channels];
+        for block in sizes.blocks(all_f32) {
+            let x = x.read(block);
+            sizes.add_channel_sums([&x], &mut squares, |[x], c| {
+                lane_sum(x, |v| (f64::from(v) - mean[c]).powi(2))
+            });
+        }
+        let variance: Vec<f64> = squares.iter().map(|sum| sum / count).collect();
         let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
         let invstd: Vec<f32> = variance
             .iter()
@@ -134,15 +222,16 @@ impl Norm for HostDevice {
             ),
             None => (vec![1.0; sizes.channels], vec![0.0; sizes.channels]),
         };
-        sizes.each_chunk(|range, channel_of| {
-            let x = x.read(range.clone());
-            y.update(range, |y| {
-                for (i, (y, &v)) in y.iter_mut().zip(x.iter()).enumerate() {
-                    let c = channel_of(i);
-                    *y = (v - mean32[c]) * invstd[c] * scale[c] + shift[c];
-                }
+        for block in sizes.blocks(all_f32) {
+            let x = x.read(block.clone());
+            y.update(block, |y| {
+                sizes.map_planes([&x], y, |[x], y, c| {
+                    for (y, &v) in y.iter_mut().zip(x) {
+                        *y = (v - mean32[c]) * invstd[c] * scale[c] + shift[c];
+                    }
+                })
             });
-        });
+        }
         Ok(())
     }
 
@@ -166,20 +255,20 @@ impl Norm for HostDevice {
             Some(scale) => scale.read(channels).into_owned(),
             None => vec![1.0; sizes.channels],
         };
-        let xhat = |x: f32, c: usize| (x - mean[c]) * invstd[c];
+        let all_f32 = [Some(dy), Some(x), dx.as_deref()]
+            .into_iter()
+            .flatten()
+            .all(|v| v.storage() == Storage::F32);
         // Both sums in one pass over the batch.
-        let (mut sum_dy, mut sum_dy_xhat) =
-            (vec![0.0f64; sizes.channels], vec![0.0f64; sizes.channels]);
-        sizes.each_chunk(|range, channel_of| {
-            let (dy, x) = (dy.read(range.clone()), x.read(range));
-            for (i, (&g, &v)) in dy.iter().zip(x.iter()).enumerate() {
-                let c = channel_of(i);
-                sum_dy[c] += f64::from(g);
-                sum_dy_xhat[c] += f64::from(g) * f64::from(xhat(v, c));
-            }
-        });
-        let to_f32 = |sums: &[f64]| -> Vec<f32> { sums.iter().map(|&s| s as f32).collect() };
-        let (sum_dy, sum_dy_xhat) = (to_f32(&sum_dy), to_f32(&sum_dy_xhat));
+        let mut sums = vec![GradientSums::default(); sizes.channels];
+        for block in sizes.blocks(all_f32) {
+            let (dy, x) = (dy.read(block.clone()), x.read(block));
+            sizes.add_channel_sums([&dy, &x], &mut sums, |[dy, x], c| {
+                gradient_sums(dy, x, mean[c], invstd[c])
+            });
+        }
+        let sum_dy: Vec<f32> = sums.iter().map(|s| s.dy as f32).collect();
+        let sum_dy_xhat: Vec<f32> = sums.iter().map(|s| s.dy_xhat as f32).collect();
         if let Some(affine) = affine {
             affine.shift.write(0, &sum_dy);
             affine.scale.write(0, &sum_dy_xhat);
@@ -188,17 +277,18 @@ impl Norm for HostDevice {
             return Ok(());
         };
         let count = planes.per_channel() as f32;
-        sizes.each_chunk(|range, channel_of| {
-            let (dy, x) = (dy.read(range.clone()), x.read(range.clone()));
-            dx.update(range, |dx| {
-                for (i, dx) in dx.iter_mut().enumerate() {
-                    let c = channel_of(i);
-                    *dx = scale[c]
-                        * invstd[c]
-                        * (dy[i] - sum_dy[c] / count - xhat(x[i], c) * sum_dy_xhat[c] / count);
-                }
+        for block in sizes.blocks(all_f32) {
+            let (dy, x) = (dy.read(block.clone()), x.read(block.clone()));
+            dx.update(block, |dx| {
+                sizes.map_planes([&dy, &x], dx, |[dy, x], dx, c| {
+                    let (mean_dy, mean_dy_xhat) = (sum_dy[c] / count, sum_dy_xhat[c] / count);
+                    for ((dx, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+                        let xhat = (v - mean[c]) * invstd[c];
+                        *dx = scale[c] * invstd[c] * (g - mean_dy - xhat * mean_dy_xhat);
+                    }
+                })
             });
-        });
+        }
         Ok(())
     }
 
