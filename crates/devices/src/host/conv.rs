@@ -56,46 +56,60 @@ fn inside(offset: isize, stride: usize, width: usize, out_width: usize) -> (usiz
     (first as usize, end.max(first as usize))
 }
 
-/// Calls `run(column, place, len)` for every run of row `row` of group `group`'s windows that
-/// falls inside one sample's input. The windows are im2col's: row `(channel, kernel row, kernel
-/// column)` in the filters' order, column `i * out_width + j` for output `(i, j)`; a run is
-/// `len` consecutive columns from `column`, reading the input from `place` every `stride`
-/// values.
-fn row_runs(
-    conv: &Convolution,
-    group: usize,
-    row: usize,
-    mut run: impl FnMut(usize, usize, usize),
-) {
-    let (h, w, k) = (
-        conv.height as usize,
-        conv.width as usize,
-        conv.kernel as usize,
-    );
-    let (oh, ow) = (conv.out_height() as usize, conv.out_width() as usize);
-    let (stride, padding, dilation) = (
-        conv.stride as usize,
-        conv.padding as isize,
-        conv.dilation as usize,
-    );
-    let (g, a, b) = (row / (k * k), row / k % k, row % k);
-    let c = group * Sizes::of(conv).channels + g;
-    let offset = (b * dilation) as isize - padding;
-    let (first, end) = inside(offset, stride, w, ow);
-    if first == end {
-        return;
-    }
-    for i in 0..oh {
-        let r = (i * stride + a * dilation) as isize - padding;
-        if r < 0 || r >= h as isize {
-            continue;
+/// A convolution's geometry in host sizes, read once per pass.
+struct Windows {
+    height: usize,
+    width: usize,
+    kernel: usize,
+    out_height: usize,
+    out_width: usize,
+    stride: usize,
+    padding: isize,
+    dilation: usize,
+    channels: usize,
+}
+
+impl Windows {
+    fn of(conv: &Convolution) -> Windows {
+        Windows {
+            height: conv.height as usize,
+            width: conv.width as usize,
+            kernel: conv.kernel as usize,
+            out_height: conv.out_height() as usize,
+            out_width: conv.out_width() as usize,
+            stride: conv.stride as usize,
+            padding: conv.padding as isize,
+            dilation: conv.dilation as usize,
+            channels: Sizes::of(conv).channels,
         }
-        let s = (first * stride) as isize + offset;
-        run(
-            i * ow + first,
-            (c * h + r as usize) * w + s as usize,
-            end - first,
-        );
+    }
+
+    /// Calls `run(column, place, len)` for every run of row `row` of group `group`'s windows
+    /// that falls inside one sample's input. The windows are im2col's: row `(channel, kernel
+    /// row, kernel column)` in the filters' order, column `i * out_width + j` for output
+    /// `(i, j)`; a run is `len` consecutive columns from `column`, reading the input from
+    /// `place` every `stride` values.
+    fn row_runs(&self, group: usize, row: usize, mut run: impl FnMut(usize, usize, usize)) {
+        let (h, w, k, ow) = (self.height, self.width, self.kernel, self.out_width);
+        let (g, a, b) = (row / (k * k), row / k % k, row % k);
+        let c = group * self.channels + g;
+        let offset = (b * self.dilation) as isize - self.padding;
+        let (first, end) = inside(offset, self.stride, w, ow);
+        if first == end {
+            return;
+        }
+        for i in 0..self.out_height {
+            let r = (i * self.stride + a * self.dilation) as isize - self.padding;
+            if r < 0 || r >= h as isize {
+                continue;
+            }
+            let s = (first * self.stride) as isize + offset;
+            run(
+                i * ow + first,
+                (c * h + r as usize) * w + s as usize,
+                end - first,
+            );
+        }
     }
 }
 
@@ -139,9 +153,9 @@ impl Scratch {
 
 /// The windows of `group` for every sample of `x` side by side (padding reads 0): row `r` of
 /// sample `n` at `cols[r * ld + n * positions..]`, `ld` being the samples times `positions`
-/// (see [`row_runs`]).
+/// (see [`Windows::row_runs`]).
 fn unfold(x: &[f32], conv: &Convolution, group: usize, cols: &mut [f32]) {
-    let s = Sizes::of(conv);
+    let (s, windows) = (Sizes::of(conv), Windows::of(conv));
     let stride = conv.stride as usize;
     let samples = x.len() / s.inputs;
     let rows = cols.par_chunks_exact_mut(samples * s.positions);
@@ -151,7 +165,7 @@ fn unfold(x: &[f32], conv: &Convolution, group: usize, cols: &mut [f32]) {
             .chunks_exact(s.inputs)
             .zip(cols.chunks_exact_mut(s.positions))
         {
-            row_runs(conv, group, row, |column, place, len| {
+            windows.row_runs(group, row, |column, place, len| {
                 let cols = &mut cols[column..column + len];
                 if stride == 1 {
                     cols.copy_from_slice(&x[place..place + len]);
@@ -167,7 +181,7 @@ fn unfold(x: &[f32], conv: &Convolution, group: usize, cols: &mut [f32]) {
 /// Adds the window gradients `cols` (laid out as [`unfold`] lays them) of `group` back to the
 /// places every sample read them from: the inverse of [`unfold`].
 fn fold(cols: &[f32], conv: &Convolution, group: usize, dx: &mut [f32]) {
-    let s = Sizes::of(conv);
+    let (s, windows) = (Sizes::of(conv), Windows::of(conv));
     let stride = conv.stride as usize;
     let ld = dx.len() / s.inputs * s.positions;
     dx.par_chunks_exact_mut(s.inputs)
@@ -175,10 +189,15 @@ fn fold(cols: &[f32], conv: &Convolution, group: usize, dx: &mut [f32]) {
         .for_each(|(n, dx)| {
             for row in 0..s.fan_in {
                 let cols = &cols[row * ld + n * s.positions..][..s.positions];
-                row_runs(conv, group, row, |column, place, len| {
+                windows.row_runs(group, row, |column, place, len| {
                     let cols = &cols[column..column + len];
-                    let dx = dx[place..].iter_mut().step_by(stride);
-                    dx.zip(cols).for_each(|(d, &c)| *d += c);
+                    if stride == 1 {
+                        let dx = &mut dx[place..place + len];
+                        dx.iter_mut().zip(cols).for_each(|(d, &c)| *d += c);
+                    } else {
+                        let dx = dx[place..].iter_mut().step_by(stride);
+                        dx.zip(cols).for_each(|(d, &c)| *d += c);
+                    }
                 });
             }
         });
