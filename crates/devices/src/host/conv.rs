@@ -120,12 +120,8 @@ const CHUNK_COLUMNS: usize = 512;
 /// Values a chunk's unfolded windows may take beyond one sample's: 4 Mi (16 MiB of f32).
 const UNFOLD_VALUES: usize = 1 << 22;
 
-/// Partial sums of a small layer's filters' gradient: a fixed number, whatever the threads.
+/// Partial sums of the filters' gradient: a fixed number, whatever the threads.
 const WEIGHT_GRADIENT_GROUPS: usize = 4;
-
-/// A group's filters' gradient at least this many values is a product worth splitting over
-/// threads (its rows and columns), so its samples need no partial sums.
-const SPLIT_PRODUCT_WEIGHTS: usize = 1 << 16;
 
 /// Samples unfolded together: enough for [`CHUNK_COLUMNS`] within [`UNFOLD_VALUES`], at least
 /// one. It depends on the layer alone, never on the threads.
@@ -403,21 +399,16 @@ fn add_chunks_weight_gradient(
     }
 }
 
-/// Adds the filters' gradient, summed over every sample of `dy` and `x`, to `dw`. A layer with
-/// many weights sums every chunk into one total, each product over every core; one with few
-/// (whose products are too small to split) splits the samples into
-/// [`WEIGHT_GRADIENT_GROUPS`] groups of whole chunks summed into their own partials over every
-/// core, the partials added in order. The split depends on the layer and the batch alone, and
-/// a product splits its rows and columns (never its sums) over threads, so every run adds alike.
+/// Adds the filters' gradient, summed over every sample of `dy` and `x`, to `dw`: the samples
+/// split into [`WEIGHT_GRADIENT_GROUPS`] groups of whole chunks, each summed into its own
+/// partial (groups over every core when there are enough, else each product over every core),
+/// the partials added in order. The split depends on the layer and the batch alone, and a
+/// product splits its rows and columns (never its sums) over threads, so every run adds alike.
 pub fn add_conv2d_weight_gradient(dy: &[f32], x: &[f32], dw: &mut [f32], conv: &Convolution) {
     let s = Sizes::of(conv);
     let rows = x.len() / s.inputs.max(1);
     let chunk = samples_per_chunk(&s);
-    let groups = match s.filters * s.fan_in >= SPLIT_PRODUCT_WEIGHTS {
-        true => 1,
-        false => WEIGHT_GRADIENT_GROUPS,
-    };
-    let per_group = rows.div_ceil(chunk).div_ceil(groups).max(1) * chunk;
+    let per_group = rows.div_ceil(chunk).div_ceil(WEIGHT_GRADIENT_GROUPS).max(1) * chunk;
     let (dy_part, x_part) = (per_group * s.outputs, per_group * s.inputs);
     let partial = |(dy, x): (&[f32], &[f32]), threads| {
         let mut sum = vec![0.0f32; dw.len()];
