@@ -504,8 +504,15 @@ impl Conv for HostDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parity::conv::tap;
+    use headroom_engine::synthetic;
     use proptest::prelude::*;
+
+    /// The input place of output place `i` read by tap `a`, if inside the input of side `size`.
+    fn tap(i: u64, a: u64, (stride, padding, dilation): (u64, u64, u64), size: u64) -> Option<u64> {
+        (i * stride + a * dilation)
+            .checked_sub(padding)
+            .filter(|&r| r < size)
+    }
 
     /// `y`, `dx` and `dw` of `rows` samples by the definition, in f64.
     fn reference(x: &[f32], w: &[f32], dy: &[f32], c: &Convolution) -> [Vec<f64>; 3] {
@@ -575,7 +582,10 @@ mod tests {
                 kernel, stride, padding, dilation, groups,
             };
             prop_assume!(c.out_height() > 0 && c.out_width() > 0);
-            let values = |n: usize, salt: u64| crate::parity::random(n, seed ^ salt);
+            let values = |n: usize, salt: u64| -> Vec<f32> {
+                let key = synthetic::stream_key(seed, salt);
+                (0..n as u64).map(|i| synthetic::uniform(key, i, 1.0)).collect()
+            };
             let s = Sizes::of(&c);
             let x = values(rows * s.inputs, 1);
             let w = values(c.weights() as usize, 2);

@@ -14,7 +14,7 @@
 //! compares a device's whole steps with the host's, and so says nothing of the host itself.
 
 mod attention;
-pub(crate) mod conv;
+mod conv;
 mod elementwise;
 mod embedding;
 mod kernels;
@@ -90,7 +90,7 @@ pub fn rounded(values: &[f32], storage: Storage) -> Vec<f32> {
     values.iter().map(|&v| round(v, storage)).collect()
 }
 
-pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
+fn random(len: usize, seed: u64) -> Vec<f32> {
     let key = synthetic::stream_key(seed, 0xc0ffee);
     (0..len)
         .map(|i| synthetic::uniform(key, i as u64, 1.0))
