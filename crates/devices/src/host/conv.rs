@@ -426,10 +426,12 @@ pub fn add_conv2d_weight_gradient(dy: &[f32], x: &[f32], dw: &mut [f32], conv: &
             .map(|part| partial(part, parallelism()))
             .collect()
     };
-    let mut sum = vec![0.0f32; dw.len()];
-    for partial in partials {
+    let Some(sum) = partials.into_iter().reduce(|mut sum, partial| {
         sum.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
-    }
+        sum
+    }) else {
+        return;
+    };
     let group_weights = s.filters * s.fan_in;
     for (dw, sum) in dw
         .chunks_exact_mut(group_weights)

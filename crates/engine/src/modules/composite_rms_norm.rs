@@ -8,13 +8,13 @@
 //! return self.weight * h.to(input_dtype)
 //! ```
 //!
-//! Over a 16-bit input (`bf16-true`; under a mixed precision only without a weight) the first
-//! line makes an f32 copy and the last a 16-bit one, each a cast autograd records. Autograd saves the f32 input (`pow`'s and the first
-//! product's), the `rsqrt` (a value a row) and `h` as the weight's product reads it (for the
-//! weight's gradient); backward runs the weight's product (its gradient unreduced, then summed
-//! over the rows; `h`'s), the first product (the input's first share; the `rsqrt`'s gradient,
-//! summed over the features), then `rsqrt`, `mean` and `pow` (the input's second share). Both
-//! shares meet in the input's gradient.
+//! Over a 16-bit input (`bf16-true`; under a mixed precision only without a weight) the first line
+//! makes an f32 copy and the last a 16-bit one, each a cast autograd records. Autograd saves the
+//! f32 input (`pow`'s and the first product's), the `rsqrt` (a value a row) and `h` as the weight's
+//! product reads it (for the weight's gradient); backward runs the weight's product (its gradient
+//! unreduced, then summed over the rows; `h`'s), the first product (the input's first share; the
+//! `rsqrt`'s gradient, summed over the features), then `rsqrt`, `mean` and `pow` (the input's
+//! second share). Both shares meet in the input's gradient.
 //!
 //! headroom records those nodes with PyTorch's buffers and their lifetimes, and computes the
 //! values with its kernels: `h` is norm.cu's unscaled norm, the weight's product and `h`'s
