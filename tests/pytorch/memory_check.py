@@ -59,6 +59,7 @@ error; prints a table either way.
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import pathlib
@@ -176,6 +177,18 @@ class LlamaRmsNorm(nn.Module):
         if self.weight is None:
             return hidden_states.to(input_dtype)
         return self.weight * hidden_states.to(input_dtype)
+
+
+class CudaNewGelu(nn.Module):
+    """A list's `gelu` with `implementation: composite`: Hugging Face's `NewGELUActivation`
+    (transformers' code) under CUDA's autocast policy, which runs `pow` in f32 (a 16-bit input
+    cast first; the CPU's autocast leaves it 16-bit). Evaluated in transformers' order: `0.5 * x`,
+    the cast, `pow`, ..."""
+
+    def forward(self, x):
+        half = 0.5 * x
+        wide = x.float() if torch.is_autocast_enabled(x.device.type) else x
+        return half * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(wide, 3.0))))
 
 
 class GatedMlp(nn.Module):
@@ -566,6 +579,8 @@ def module(kind, args, shape, vocab=None):
     if kind == "leaky_relu":
         return nn.LeakyReLU(args.get("negative_slope", 0.01), args.get("inplace", False))
     if kind == "gelu":
+        if args.get("implementation") == "composite":
+            return CudaNewGelu()
         return nn.GELU(approximate=args.get("approximate", "none"))
     if kind == "tanh":
         return nn.Tanh()
@@ -1251,7 +1266,7 @@ class Generator:
             if rng.random() < 0.5:
                 mlp = [{"gated_mlp": {"intermediate_size": rng.randint(1, 4 * dim), **self.maybe(bias=True)}}]
             else:
-                mlp = [{"linear": {"out_features": 4 * dim}}, {"gelu": self.maybe(approximate="tanh")},
+                mlp = [{"linear": {"out_features": 4 * dim}}, {"gelu": self.gelu_args()},
                        {"linear": {"out_features": dim}}]
             blocks.append({"residual": {"layers": [norm, *mlp]}})
         layers += self.checkpoint_blocks(blocks, 2)
@@ -1298,6 +1313,12 @@ class Generator:
             "optimizer": {"name": rng.choice(OPTIMIZERS)},
             "precision": rng.choice(PRECISIONS),
         }
+
+    def gelu_args(self):
+        """GELU's arguments: exact, the tanh approximation, or that approximation written out
+        (Hugging Face's `NewGELUActivation`)."""
+        return self.rng.choice([{}, {"approximate": "tanh"},
+                                {"approximate": "tanh", "implementation": "composite"}])
 
     def maybe(self, **fields):
         """`fields` half the time (a non-default argument), else nothing (the default)."""
@@ -1370,7 +1391,7 @@ class Generator:
             if name == "leaky_relu":
                 args.update(self.maybe(negative_slope=rng.choice([0.2, 0.05])))
             if name == "gelu":
-                args.update(self.maybe(approximate="tanh"))
+                args.update(self.gelu_args())
             return {name: args}
         if kind == "dropout":
             return {"dropout": {"p": rng.choice([0.0, 0.1, 0.5])}}

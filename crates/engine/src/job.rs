@@ -1321,7 +1321,10 @@ mod tests {
         let job = gpt2_job(gpt2()).unwrap();
         // transformers' GPT2LMHeadModel on the meta device counts 124,439,808 (tied head)...
         assert_eq!(job.plan().parameter_count(), 124_439_808);
-        assert_reads_as(&job, include_str!("../../../examples/gpt2-small.json"));
+        let mut example: Value =
+            serde_json::from_str(include_str!("../../../examples/gpt2-small.json")).unwrap();
+        composite(&mut example["model"]["layers"], "gelu");
+        assert_reads_as(&job, &example.to_string());
         let layers = serde_json::to_value(&job.spec().model.layers).unwrap();
         let text = layers.to_string();
         assert_eq!(text.matches("\"self_attention\"").count(), 12);
@@ -1472,7 +1475,7 @@ mod tests {
         assert_eq!(from_config.plan().parameter_count(), 134_515_008);
         let mut example: Value =
             serde_json::from_str(include_str!("../../../examples/smollm2-135m.json")).unwrap();
-        composite_norms(&mut example["model"]["layers"]);
+        composite(&mut example["model"]["layers"], "rms_norm");
         assert_reads_as(&from_config, &example.to_string());
         let step = from_config.plan().hugging_face;
         assert_eq!(step, Some(HuggingFaceStep { use_cache: true }));
@@ -1494,13 +1497,14 @@ mod tests {
         assert_eq!(refused.field, "model.huggingface.use_cache", "{refused}");
     }
 
-    /// Every `rms_norm` of `layers` (nested too) as Hugging Face's `LlamaRMSNorm` computes it.
-    fn composite_norms(layers: &mut Value) {
+    /// Every layer of `layers` of kind `of` (nested too) computed as Hugging Face's modules do:
+    /// `rms_norm` as `LlamaRMSNorm`, `gelu` as `NewGELUActivation`.
+    fn composite(layers: &mut Value, of: &str) {
         for layer in layers.as_array_mut().into_iter().flatten() {
             for (kind, args) in layer.as_object_mut().into_iter().flatten() {
-                match (kind.as_str(), args.get_mut("layers")) {
-                    ("rms_norm", _) => args["implementation"] = json!("composite"),
-                    (_, Some(inner)) => composite_norms(inner),
+                match (kind == of, args.get_mut("layers")) {
+                    (true, _) => args["implementation"] = json!("composite"),
+                    (false, Some(inner)) => composite(inner, of),
                     _ => {}
                 }
             }

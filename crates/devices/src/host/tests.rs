@@ -507,11 +507,12 @@ fn gradient_tolerance(precision: Precision) -> f64 {
 }
 
 /// Every activation, in place or not, as PyTorch's modules write them.
-fn activations() -> [Value; 9] {
+fn activations() -> [Value; 10] {
     [
         json!({"relu": {}}),
         json!({"relu": {"inplace": true}}),
         json!({"gelu": {"approximate": "tanh"}}),
+        json!({"gelu": {"approximate": "tanh", "implementation": "composite"}}),
         json!({"gelu": {}}),
         json!({"tanh": {}}),
         json!({"sigmoid": {}}),

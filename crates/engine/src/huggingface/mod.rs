@@ -15,8 +15,8 @@
 //!
 //! The Llama family's norms are `LlamaRMSNorm`'s composite (`"implementation": "composite"`), and
 //! a language model trains with transformers' own step ([`step`]: its loss, its output held while
-//! the loss is taken); GPT-2's `NewGELU` and fused `c_attn` and ViT's own modules are read as
-//! PyTorch's modules.
+//! the loss is taken); GPT-2's `gelu_new` is `NewGELUActivation`'s composite; its fused `c_attn`
+//! and ViT's own modules are read as PyTorch's modules.
 
 use serde_json::{json, Map, Value};
 
@@ -356,10 +356,12 @@ impl Config<'_> {
     }
 
     /// The activation layer Hugging Face's `ACT2FN` names (`gelu_new`, transformers' own tanh
-    /// approximation written by hand, computes the same values as `gelu_pytorch_tanh`).
+    /// approximation written out, computes the values of `gelu_pytorch_tanh` through four saved
+    /// tensors: the composite GELU).
     pub(super) fn activation(&self, name: &str, default: &str) -> Result<Value, ConfigError> {
         Ok(match self.text(name, Some(default))?.as_str() {
-            "gelu_new" | "gelu_pytorch_tanh" => json!({"gelu": {"approximate": "tanh"}}),
+            "gelu_new" => json!({"gelu": {"approximate": "tanh", "implementation": "composite"}}),
+            "gelu_pytorch_tanh" => json!({"gelu": {"approximate": "tanh"}}),
             "gelu" => json!({"gelu": {}}),
             "relu" => json!({"relu": {}}),
             "silu" | "swish" => json!({"silu": {}}),

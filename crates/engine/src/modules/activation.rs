@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{Context, LayerError, Module, Parameters, Path, Token, Values};
 pub use crate::program::geometry::Nonlinearity;
 use crate::program::graph::{Backward, Graph, Pass, Tensor};
-use crate::program::{Instr, SavedAs, Scale};
+use crate::program::{Framework, Instr, SavedAs, Scale};
 
 /// `nn.ReLU`'s and `nn.ReLU6`'s arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -66,13 +66,28 @@ impl LeakyReluSpec {
     }
 }
 
-/// `nn.GELU`'s argument.
+/// `nn.GELU`'s argument, and how PyTorch computes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GeluSpec {
     /// `"none"` (exact, the default) or `"tanh"`.
     #[serde(default)]
     pub approximate: Approximation,
+    /// `"fused"` (`nn.GELU`, the default) or `"composite"` (Hugging Face's
+    /// `NewGELUActivation`, GPT-2's `gelu_new`: the tanh approximation written out).
+    #[serde(default)]
+    pub implementation: GeluImplementation,
+}
+
+/// How a GELU is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GeluImplementation {
+    /// `F.gelu`, one kernel.
+    #[default]
+    Fused,
+    /// `NewGELUActivation`'s pow, tanh, sums and products ([`super::composite_gelu`]).
+    Composite,
 }
 
 /// How GELU is computed.
@@ -94,11 +109,21 @@ impl GeluSpec {
         at: &Path,
         cx: &mut Context,
     ) -> Result<Activation, LayerError> {
-        let kind = match self.approximate {
-            Approximation::None => Nonlinearity::GeluErf,
-            Approximation::Tanh => Nonlinearity::GeluTanh,
-        };
-        Activation::new(kind, false, input, at, cx)
+        let kind =
+            match (self.approximate, self.implementation) {
+                (Approximation::None, GeluImplementation::Fused) => Nonlinearity::GeluErf,
+                (Approximation::Tanh, _) => Nonlinearity::GeluTanh,
+                (Approximation::None, GeluImplementation::Composite) => return Err(at.error_at(
+                    "implementation",
+                    "\"composite\" is Hugging Face's NewGELUActivation, the tanh approximation \
+                     written out: give \"approximate\": \"tanh\" with it",
+                )),
+            };
+        let activation = Activation::new(kind, false, input, at, cx)?;
+        Ok(Activation {
+            composite: self.implementation == GeluImplementation::Composite,
+            ..activation
+        })
     }
 }
 
@@ -106,6 +131,8 @@ impl GeluSpec {
 #[derive(Debug, Clone)]
 pub struct Activation {
     nonlinearity: Nonlinearity,
+    /// Computed as PyTorch runs Hugging Face's `NewGELUActivation` (the PyTorch profile).
+    composite: bool,
     inplace: bool,
     /// In place on a view of another tensor ([`Context::input_is_view`]).
     on_view: bool,
@@ -135,6 +162,7 @@ impl Activation {
         }
         Ok(Activation {
             nonlinearity,
+            composite: false,
             inplace,
             on_view: inplace && cx.input_is_view,
             shape: input.to_vec(),
@@ -150,6 +178,9 @@ impl Module for Activation {
 
     fn forward(&self, graph: &mut Graph, x: Tensor, _: &mut Parameters<'_>) -> Tensor {
         let len = graph.times_rows(self.elements);
+        if self.composite && graph.framework() == Framework::Pytorch {
+            return super::composite_gelu::forward(graph, x, len);
+        }
         // The input autograd keeps: a copy where it clones before the in-place op (only when
         // it records one: when the input needs a gradient).
         let clones = self.inplace && self.nonlinearity.clones_input_in_place();
@@ -207,7 +238,10 @@ impl Module for Activation {
     }
 
     fn token(&self) -> Token {
-        Token::Activation(self.nonlinearity.name())
+        match self.composite {
+            true => Token::Activation("gelu_new"),
+            false => Token::Activation(self.nonlinearity.name()),
+        }
     }
 
     fn keeps_output(&self, _: bool) -> bool {

@@ -37,6 +37,7 @@ pub mod avg_pool2d;
 pub mod batch_norm;
 pub mod check;
 pub mod checkpoint;
+pub mod composite_gelu;
 pub mod composite_rms_norm;
 pub mod conv2d;
 pub mod cross_entropy;

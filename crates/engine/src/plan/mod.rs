@@ -593,6 +593,7 @@ pub fn mlp_layers(
         Activation::Tanh => LayerSpec::Tanh(NoArguments {}),
         Activation::Gelu => LayerSpec::Gelu(act::GeluSpec {
             approximate: act::Approximation::Tanh,
+            implementation: act::GeluImplementation::Fused,
         }),
     };
     let mut layers = Vec::new();
@@ -977,16 +978,16 @@ mod tests {
         }
     }
 
-    /// 8 features through a linear layer of 16, an RMS norm of `norm`'s arguments, and a head of
-    /// 3, trained with SGD (for Hugging Face's composite norm).
-    fn normed(
-        norm: serde_json::Value,
+    /// 8 features through a linear layer of 16, `layer`, and a head of 3, trained with SGD (for
+    /// Hugging Face's composite modules).
+    fn between(
+        layer: serde_json::Value,
         precision: Precision,
         framework: Framework,
     ) -> Result<Plan, PlanError> {
         let layers: Vec<LayerSpec> = serde_json::from_value(serde_json::json!([
             {"linear": {"out_features": 16}},
-            {"rms_norm": norm},
+            layer,
             {"linear": {"out_features": 3}}
         ]))
         .expect("a layer list");
@@ -999,8 +1000,67 @@ mod tests {
         Plan::new(&[8], &layers, 3, training, "model.layers")
     }
 
+    /// [`between`] with an RMS norm of `norm`'s arguments.
+    fn normed(
+        norm: serde_json::Value,
+        precision: Precision,
+        framework: Framework,
+    ) -> Result<Plan, PlanError> {
+        between(
+            serde_json::json!({ "rms_norm": norm }),
+            precision,
+            framework,
+        )
+    }
+
     fn composite() -> serde_json::Value {
         serde_json::json!({"implementation": "composite"})
+    }
+
+    /// [`between`] with a GELU of `gelu`'s arguments.
+    fn activated(
+        gelu: serde_json::Value,
+        precision: Precision,
+        framework: Framework,
+    ) -> Result<Plan, PlanError> {
+        between(serde_json::json!({ "gelu": gelu }), precision, framework)
+    }
+
+    #[test]
+    fn headroom_s_own_step_runs_the_composite_gelu_fused() {
+        let composite = serde_json::json!({"approximate": "tanh", "implementation": "composite"});
+        let fused = serde_json::json!({"approximate": "tanh"});
+        for precision in Precision::ALL {
+            let [fused, composite] = [&fused, &composite].map(|gelu| {
+                activated(gelu.clone(), precision, Framework::Headroom)
+                    .unwrap()
+                    .memory(64)
+            });
+            assert_eq!(fused, composite, "{precision}");
+        }
+    }
+
+    /// Where the fused GELU saves its input (64 x 16), the composite saves `pow`'s input,
+    /// `tanh`'s output and both factors of its last product: three more, f32 in every
+    /// precision but bf16-true (its `pow` widened under autocast, `0.5 * x` in bf16).
+    #[test]
+    fn the_composite_gelu_holds_three_more_tensors_of_its_input_s_size() {
+        let composite = serde_json::json!({"approximate": "tanh", "implementation": "composite"});
+        let fused = serde_json::json!({"approximate": "tanh"});
+        for precision in Precision::ALL {
+            let [fused, composite] = [&fused, &composite].map(|gelu| {
+                let plan = activated(gelu.clone(), precision, Framework::Pytorch).unwrap();
+                plan.memory(64).unwrap().total
+            });
+            let least = 3 * 64 * 16 * precision.compute().bytes();
+            assert!(
+                composite >= fused + least,
+                "{precision}: {composite} {fused}"
+            );
+        }
+        let exact = serde_json::json!({"implementation": "composite"});
+        let refused = activated(exact, Precision::F32True, Framework::Pytorch);
+        assert!(refused.is_err(), "the composite of the exact GELU");
     }
 
     #[test]

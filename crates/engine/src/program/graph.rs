@@ -553,6 +553,17 @@ impl Graph {
         self.cast(tensor, compute, Scale::One)
     }
 
+    /// What an operation on CUDA autocast's f32 list (`pow`, ...) reads of `tensor`: under
+    /// autocast, an f32 copy when it is stored otherwise, made now and recorded as a cast; else
+    /// `tensor` itself. A reference the caller releases.
+    pub fn wide_operand(&mut self, tensor: Tensor) -> Tensor {
+        if self.autocast.is_none() || self.storage(tensor) == Storage::F32 {
+            self.retain(tensor);
+            return tensor;
+        }
+        self.cast(tensor, Storage::F32, Scale::One)
+    }
+
     /// What a product reads of the parameter `tensor`: under autocast, its half copy from the
     /// cache (made at its first use) when it is trained, a new one at each use when it is
     /// frozen (autocast caches casts of leaves that require grad only); else the parameter. A

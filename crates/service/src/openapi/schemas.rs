@@ -590,13 +590,29 @@ pub struct LeakyRelu {
     inplace: bool,
 }
 
-/// `nn.GELU`'s argument.
+/// `nn.GELU`'s argument, and how PyTorch computes it.
 #[derive(Serialize, ToSchema)]
 pub struct Gelu {
     /// `none`: through the error function (exact); `tanh`: the tanh approximation.
     #[serde(default)]
     #[schema(default = "none")]
     approximate: GeluApproximation,
+    /// `fused`: `nn.GELU`'s one kernel; `composite`: Hugging Face's `NewGELUActivation` (GPT-2's
+    /// `gelu_new`), the tanh approximation written out in PyTorch operations, which saves four
+    /// tensors the size of its input (with `approximate: tanh` only).
+    #[serde(default)]
+    #[schema(default = "fused")]
+    implementation: GeluImplementation,
+}
+
+/// How PyTorch computes a GELU.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GeluImplementation {
+    /// One kernel.
+    Fused,
+    /// Pow, tanh, sums and products.
+    Composite,
 }
 
 /// How GELU is computed.
@@ -1238,7 +1254,7 @@ mod tests {
                              {"adaptive_avg_pool2d": {"output_size": 2}},
                              {"batch_norm2d": {"affine": true, "eps": 0.001, "momentum": 0.01}},
                              {"dropout": {"p": 0.1}}, {"identity": {}},
-                             {"residual": {"layers": [{"relu": {"inplace": false}}, {"gelu": {"approximate": "tanh"}},
+                             {"residual": {"layers": [{"relu": {"inplace": false}}, {"gelu": {"approximate": "tanh", "implementation": "composite"}},
                                                       {"tanh": {}}, {"sigmoid": {}}, {"silu": {}},
                                                       {"relu6": {"inplace": false}},
                                                       {"leaky_relu": {"negative_slope": 0.2, "inplace": false}}],
