@@ -306,17 +306,20 @@ class SelfAttention(nn.Module):
     `dropout_p=0`; the CPU would fall back to the math path, which CUDA never takes here."""
 
     def __init__(self, features, num_heads, num_kv_heads=None, head_dim=None, causal=False, bias=True,
-                 rope_theta=None, dropout=0.0, output_bias=None, implementation="sdpa"):
+                 rope_theta=None, dropout=0.0, output_bias=None, implementation="sdpa", fused_qkv=False,
+                 upcast_softmax=True):
         super().__init__()
         self.heads, self.kv_heads = num_heads, num_kv_heads or num_heads
         self.head_dim, self.causal = head_dim or features // num_heads, causal
-        self.q_proj = nn.Linear(features, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(features, self.kv_heads * self.head_dim, bias=bias)
+        self.widths = [self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2
+        if fused_qkv:
+            self.c_attn = nn.Linear(features, sum(self.widths), bias=bias)
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(features, w, bias=bias) for w in self.widths)
         self.o_proj = nn.Linear(self.heads * self.head_dim, features, bias=bias if output_bias is None else output_bias)
         self.rope_theta = rope_theta
         self.rotary = None  # the model's RotaryTables, given by `share_model_tables`
-        self.dropout, self.eager = dropout, implementation == "eager"
+        self.dropout, self.eager, self.upcast_softmax = dropout, implementation == "eager", upcast_softmax
         self.masks = None  # the model's CausalMasks (eager and causal), given by `share_model_tables`
 
     def forward(self, x):
@@ -325,16 +328,18 @@ class SelfAttention(nn.Module):
         def heads(y, n):
             return y.view(b, t, n, self.head_dim).transpose(1, 2)
 
-        q = heads(self.q_proj(x), self.heads)
-        k = heads(self.k_proj(x), self.kv_heads)
-        v = heads(self.v_proj(x), self.kv_heads)
+        if hasattr(self, "c_attn"):  # GPT-2's: one projection, split
+            q, k, v = self.c_attn(x).split(self.widths, dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = heads(q, self.heads), heads(k, self.kv_heads), heads(v, self.kv_heads)
         if self.rope_theta is not None:
-            cos, sin = self.rotary.get(t, self.head_dim, self.rope_theta, self.q_proj.weight.dtype, x.device)
+            cos, sin = self.rotary.get(t, self.head_dim, self.rope_theta, self.o_proj.weight.dtype, x.device)
             q, k = (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
         if self.eager:
-            mask = self.masks.get(b, t, self.q_proj.weight.dtype, x.device) if self.causal else None
+            mask = self.masks.get(b, t, self.o_proj.weight.dtype, x.device) if self.causal else None
             dropout = self.dropout if self.training else 0.0
-            o = eager_attention(q, k, v, mask, dropout, self.heads // self.kv_heads)
+            o = eager_attention(q, k, v, mask, dropout, self.heads // self.kv_heads, self.upcast_softmax)
             return self.o_proj(o.reshape(b, t, -1))
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=self.causal,
                                            enable_gqa=self.kv_heads != self.heads)
@@ -375,17 +380,23 @@ def cuda_softmax_f32(w):
     return F.softmax(w, dim=-1, dtype=torch.float32)
 
 
-def eager_attention(q, k, v, mask, dropout, groups):
+def eager_attention(q, k, v, mask, dropout, groups, upcast_softmax=True):
     """Hugging Face's `eager_attention_forward` (Llama's, which most decoders share) over
     `[batch, heads, positions, head_dim]` views: the keys and values repeated for grouped-query
     attention, the scores materialized and scaled, the mask added, the softmax in f32 (saved)
-    cast back to the queries' type, dropout on the probabilities (one-byte mask, as on CUDA), their
-    product with the values, and the heads moved back beside each position (a copy)."""
+    cast back to the queries' type (GPT-2's without `upcast_softmax`: in the scores' type, f32
+    under CUDA's autocast, cast to the values' type), dropout on the probabilities (one-byte
+    mask, as on CUDA), their product with the values, and the heads moved back beside each
+    position (a copy)."""
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
     if mask is not None:
         w = w + mask
-    w = cuda_softmax_f32(w).to(q.dtype)
+    if not upcast_softmax:
+        autocast = torch.is_autocast_enabled(w.device.type)
+        w = F.softmax(w.float() if autocast else w, dim=-1).type(v.dtype)
+    else:
+        w = cuda_softmax_f32(w).to(q.dtype)
     if dropout:
         w = torch.native_dropout(w, dropout, True)[0]
     return torch.matmul(w, v).transpose(1, 2).contiguous()
@@ -802,6 +813,7 @@ def hugging_face_model(job):
         config, attn_implementation=implementation, dtype=torch.get_default_dtype())
     model.train()
     model.label_shape = sample_shape(job)
+    under_cuda_policy(model, sample_shape(job)[0])
     if job["model"].get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "lora" in job["model"]:
@@ -819,6 +831,23 @@ def hugging_face_model(job):
             fully_shard(layer, mesh=FSDP_MESH[0], reshard_after_forward=job.get("reshard_after_forward", True))
         fully_shard(model, mesh=FSDP_MESH[0])
     return model
+
+
+def under_cuda_policy(model, positions):
+    """transformers' modules whose autocast on the CPU differs from CUDA's, made CUDA's:
+    `nn.LayerNorm` as [`CudaLayerNorm`] over `positions` rows a sample (its parameters kept),
+    `NewGELUActivation` as [`CudaNewGelu`]."""
+    import transformers.activations
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm:
+                norm = CudaLayerNorm([positions, *child.normalized_shape], eps=child.eps,
+                                     elementwise_affine=child.elementwise_affine, bias=child.bias is not None)
+                norm.weight, norm.bias = child.weight, child.bias
+                setattr(parent, name, norm)
+            elif isinstance(child, transformers.activations.NewGELUActivation):
+                setattr(parent, name, CudaNewGelu())
 
 
 def tie_weights(model):
@@ -1059,18 +1088,29 @@ def compare(binary, name, job, batch, cuda, torchvision_name=None):
     }
 
 
-def fused_multi_query(layers):
-    """`layers` with every eager self-attention of one key/value head for several query heads
-    made fused (`sdpa`)."""
+def rewrite_attention(layers, change):
+    """`layers` with `change(args)` applied to every self-attention's arguments, nested too."""
     def rewrite(spec):
         ((kind, args),) = spec.items()
-        if kind == "self_attention" and args.get("implementation") == "eager" \
-                and args.get("num_kv_heads") == 1 and args["num_heads"] > 1:
-            return {kind: {**args, "implementation": "sdpa"}}
+        if kind == "self_attention":
+            return {kind: change(args)}
         if kind in CONTAINERS:
             return {kind: {**args, **{k: [rewrite(s) for s in args[k]] for k in ("layers", "shortcut") if k in args}}}
         return spec
     return [rewrite(spec) for spec in layers]
+
+
+def fused_multi_query(args):
+    """A self-attention's arguments, eager of one key/value head for several query heads made
+    fused (`sdpa`)."""
+    if args.get("implementation") == "eager" and args.get("num_kv_heads") == 1 and args["num_heads"] > 1:
+        return {**args, "implementation": "sdpa"}
+    return args
+
+
+def unfused_qkv(args):
+    """A self-attention's arguments with three projections (LoRA does not take a fused one)."""
+    return {k: v for k, v in args.items() if k != "fused_qkv"}
 
 
 def shardable(job):
@@ -1154,7 +1194,9 @@ class Generator:
             job["model"]["lora"] = self.lora(names)
         # headroom refuses eager multi-query attention (it does not follow every copy PyTorch
         # makes of the view repeat_kv makes of one head).
-        job["model"]["layers"] = fused_multi_query(job["model"]["layers"])
+        job["model"]["layers"] = rewrite_attention(job["model"]["layers"], fused_multi_query)
+        if "lora" in job["model"]:
+            job["model"]["layers"] = rewrite_attention(job["model"]["layers"], unfused_qkv)
         # A fifth of the rest sharded with FSDP over a few ranks (3 pads uneven shards), a
         # third of those with the blocks' parameters kept gathered from forward to backward.
         if shardable(job) and self.rng.random() < 0.2:
@@ -1495,7 +1537,7 @@ class Generator:
         """Self-attention over `features`: heads that split them or a head width of its own,
         grouped-query or not, rotary embedding or not (an even head width), causal or not, with or
         without bias (the output projection's its own or not), with or without dropout, fused or
-        eager."""
+        eager, its query, key and value one projection (without rotary embedding) or three."""
         rng = self.rng
         heads = rng.choice([h for h in range(1, 9) if features % h == 0] if rng.random() < 0.7 else range(1, 9))
         args = {"num_heads": heads}
@@ -1509,6 +1551,9 @@ class Generator:
         args.update(self.maybe(dropout=rng.choice([0.1, 0.5])))
         args.update(self.maybe(output_bias=rng.random() < 0.5))
         args.update(self.maybe(implementation="eager"))
+        if "rope_theta" not in args:
+            args.update(self.maybe(fused_qkv=True))
+        args.update(self.maybe(upcast_softmax=False))
         return {**args, **self.maybe(causal=True), **self.maybe(bias=False)}
 
     def stream_norm(self):

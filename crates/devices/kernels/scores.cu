@@ -57,9 +57,10 @@ extern "C" __global__ void causal_mask(const void* from, void* to, long long mat
     }
 }
 
-// p = softmax of each row of x (x_storage), p f32. Launch: block (256, 1, 1), a block per row,
-// looped past the grid.
-extern "C" __global__ void softmax_rows(const void* x, float* p, long long rows, long long cols, int x_storage) {
+// p = softmax of each row of x (x_storage), p in p_storage (f32 as Llama's eager attention asks, or
+// the scores' type as GPT-2's). Launch: block (256, 1, 1), a block per row, looped past the grid.
+extern "C" __global__ void softmax_rows(const void* x, void* p, long long rows, long long cols, int x_storage,
+                                        int p_storage) {
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
         const long long at = row * cols;
         float max = SCORES_MINUS_INFINITY;
@@ -69,20 +70,23 @@ extern "C" __global__ void softmax_rows(const void* x, float* p, long long rows,
         for (long long j = threadIdx.x; j < cols; j += blockDim.x) sum += expf(load_value(x, at + j, x_storage) - max);
         sum = block_sum(sum);
         for (long long j = threadIdx.x; j < cols; j += blockDim.x)
-            p[at + j] = expf(load_value(x, at + j, x_storage) - max) / sum;
+            store_value(p, at + j, p_storage, expf(load_value(x, at + j, x_storage) - max) / sum);
     }
 }
 
-// dx = p (dp - sum_j p dp) per row, p and dp f32, dx in dx_storage. Launch as softmax_rows.
-extern "C" __global__ void softmax_rows_backward(const float* p, const float* dp, void* dx, long long rows,
-                                                 long long cols, int dx_storage) {
+// dx = p (dp - sum_j p dp) per row, p and dp in p_storage, dx in dx_storage. Launch as softmax_rows.
+extern "C" __global__ void softmax_rows_backward(const void* p, const void* dp, void* dx, long long rows,
+                                                 long long cols, int p_storage, int dx_storage) {
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
         const long long at = row * cols;
         float dot = 0.0f;
-        for (long long j = threadIdx.x; j < cols; j += blockDim.x) dot += p[at + j] * dp[at + j];
-        dot = block_sum(dot);
         for (long long j = threadIdx.x; j < cols; j += blockDim.x)
-            store_value(dx, at + j, dx_storage, p[at + j] * (dp[at + j] - dot));
+            dot += load_value(p, at + j, p_storage) * load_value(dp, at + j, p_storage);
+        dot = block_sum(dot);
+        for (long long j = threadIdx.x; j < cols; j += blockDim.x) {
+            const float p_j = load_value(p, at + j, p_storage), dp_j = load_value(dp, at + j, p_storage);
+            store_value(dx, at + j, dx_storage, p_j * (dp_j - dot));
+        }
     }
 }
 

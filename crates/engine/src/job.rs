@@ -1323,7 +1323,13 @@ mod tests {
         assert_eq!(job.plan().parameter_count(), 124_439_808);
         let mut example: Value =
             serde_json::from_str(include_str!("../../../examples/gpt2-small.json")).unwrap();
-        composite(&mut example["model"]["layers"], "gelu");
+        let layers = &mut example["model"]["layers"];
+        set(layers, "gelu", json!({"implementation": "composite"}));
+        set(
+            layers,
+            "self_attention",
+            json!({"fused_qkv": true, "upcast_softmax": false}),
+        );
         assert_reads_as(&job, &example.to_string());
         let layers = serde_json::to_value(&job.spec().model.layers).unwrap();
         let text = layers.to_string();
@@ -1475,7 +1481,8 @@ mod tests {
         assert_eq!(from_config.plan().parameter_count(), 134_515_008);
         let mut example: Value =
             serde_json::from_str(include_str!("../../../examples/smollm2-135m.json")).unwrap();
-        composite(&mut example["model"]["layers"], "rms_norm");
+        let composite = json!({"implementation": "composite"});
+        set(&mut example["model"]["layers"], "rms_norm", composite);
         assert_reads_as(&from_config, &example.to_string());
         let step = from_config.plan().hugging_face;
         assert_eq!(step, Some(HuggingFaceStep { use_cache: true }));
@@ -1497,14 +1504,19 @@ mod tests {
         assert_eq!(refused.field, "model.huggingface.use_cache", "{refused}");
     }
 
-    /// Every layer of `layers` of kind `of` (nested too) computed as Hugging Face's modules do:
-    /// `rms_norm` as `LlamaRMSNorm`, `gelu` as `NewGELUActivation`.
-    fn composite(layers: &mut Value, of: &str) {
+    /// `fields` set in every layer of `layers` of kind `of` (nested too): an example's layers as
+    /// Hugging Face's modules compute them (`LlamaRMSNorm`, `NewGELUActivation`, GPT-2's
+    /// attention).
+    fn set(layers: &mut Value, of: &str, fields: Value) {
         for layer in layers.as_array_mut().into_iter().flatten() {
             for (kind, args) in layer.as_object_mut().into_iter().flatten() {
                 match (kind == of, args.get_mut("layers")) {
-                    (true, _) => args["implementation"] = json!("composite"),
-                    (false, Some(inner)) => composite(inner, of),
+                    (true, _) => {
+                        for (field, value) in fields.as_object().into_iter().flatten() {
+                            args[field] = value.clone();
+                        }
+                    }
+                    (false, Some(inner)) => set(inner, of, fields.clone()),
                     _ => {}
                 }
             }

@@ -179,10 +179,11 @@ fn sequence(activation: &Value, training: Training) -> Plan {
 
 /// A small language model over token ids: an embedding (its padding row, whose gradient is 0 by
 /// definition, is checked in parity) and learned positions, pre-norm blocks around causal
-/// grouped-query attention with rotary embedding and dropout, a linear layer, a gated MLP behind
-/// an RMS norm and a linear layer behind Hugging Face's (in PyTorch's step, its composite), and
-/// a head tied to the embedding writing logits at every position, one label a token. The
-/// attention is fused (`sdpa`) or materializes its scores (`eager`).
+/// grouped-query attention with rotary embedding and dropout, around GPT-2's attention (one
+/// projection split in three, the eager softmax in the scores' type), a linear layer, a gated
+/// MLP behind an RMS norm and a linear layer behind Hugging Face's (in PyTorch's step, its
+/// composite), and a head tied to the embedding writing logits at every position, one label a
+/// token. The attention is fused (`sdpa`) or materializes its scores (`eager`).
 fn language(activation: &Value, training: Training, implementation: &str) -> Plan {
     let list = json!([
         {"embedding": {"embedding_dim": 6}},
@@ -190,6 +191,10 @@ fn language(activation: &Value, training: Training, implementation: &str) -> Pla
         {"residual": {"layers": [
             {"layer_norm": {}},
             {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 4, "causal": true, "bias": false, "rope_theta": 10000.0, "dropout": 0.25, "implementation": implementation}}
+        ]}},
+        {"residual": {"layers": [
+            {"layer_norm": {}},
+            {"self_attention": {"num_heads": 2, "causal": true, "fused_qkv": true, "upcast_softmax": false, "implementation": implementation}}
         ]}},
         {"residual": {"layers": [
             {"layer_norm": {}},

@@ -130,12 +130,16 @@ fn check_mask<K: Transfer>(device: &mut K, from: Storage) -> Result<Check, Devic
     Ok(compare_bits(format!("causal mask {from:?}"), &got, &want))
 }
 
-/// Each row's softmax into f32, over rows of 1, 33 and 300 values, their scores masked as the
-/// causal mask leaves them.
+/// Each row's softmax of scores in `storage`, into f32 and into `storage`, over rows of 1, 33
+/// and 300 values, their scores masked as the causal mask leaves them.
 fn check_softmax<K: Transfer>(device: &mut K, storage: Storage) -> Result<Check, DeviceError> {
     let mut got = Vec::new();
     let mut want = Vec::new();
-    for (rows, cols) in [(3u64, 1u64), (5, 33), (2, 300)] {
+    let shapes = [(3u64, 1u64), (5, 33), (2, 300)];
+    for ((rows, cols), into) in [Storage::F32, storage]
+        .into_iter()
+        .flat_map(|into| shapes.map(|shape| (shape, into)))
+    {
         let len = (rows * cols) as usize;
         let x: Vec<f32> = rounded(&random(len, 81), storage)
             .into_iter()
@@ -146,53 +150,66 @@ fn check_softmax<K: Transfer>(device: &mut K, storage: Storage) -> Result<Check,
             })
             .collect();
         let x_d = device.write_values(&x, storage)?;
-        let mut p = device.write_values(&poison(len), Storage::F32)?;
+        let mut p = device.write_values(&poison(len), into)?;
         device.softmax_rows(&x_d, &mut p, rows, cols)?;
         got.extend(device.read_values(&p, len as u64)?);
         for row in x.chunks_exact(cols as usize) {
             let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
             let total: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-            want.extend(row.iter().map(|&v| ((v as f64 - max).exp() / total) as f32));
+            want.extend(
+                row.iter()
+                    .map(|&v| round(((v as f64 - max).exp() / total) as f32, into)),
+            );
         }
     }
     Ok(compare(
         format!("softmax rows {storage:?}"),
         &got,
         &want,
-        super::TOLERANCE,
+        tolerance(storage),
     ))
 }
 
-/// The softmax's backward into `storage`, over rows of 33 values.
+/// The softmax's backward into `storage`, from probabilities and their gradient in f32 and in
+/// `storage`, over rows of 33 values.
 fn check_softmax_backward<K: Transfer>(
     device: &mut K,
     storage: Storage,
 ) -> Result<Check, DeviceError> {
     let (rows, cols) = (4u64, 33u64);
     let len = (rows * cols) as usize;
-    let p: Vec<f32> = random(len, 82).iter().map(|v| v.abs() / 16.0).collect();
-    let dp = random(len, 83);
-    let (p_d, dp_d) = (
-        device.write_values(&p, Storage::F32)?,
-        device.write_values(&dp, Storage::F32)?,
-    );
-    let mut dx = device.write_values(&poison(len), storage)?;
-    device.softmax_rows_backward(&p_d, &dp_d, &mut dx, rows, cols)?;
-    let mut want = Vec::new();
-    for (p, dp) in p
-        .chunks_exact(cols as usize)
-        .zip(dp.chunks_exact(cols as usize))
-    {
-        let dot: f64 = p.iter().zip(dp).map(|(&p, &g)| p as f64 * g as f64).sum();
-        want.extend(
-            p.iter()
-                .zip(dp)
-                .map(|(&p, &g)| round((p as f64 * (g as f64 - dot)) as f32, storage)),
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for from in [Storage::F32, storage] {
+        let p = rounded(
+            &random(len, 82)
+                .iter()
+                .map(|v| v.abs() / 16.0)
+                .collect::<Vec<_>>(),
+            from,
         );
+        let dp = rounded(&random(len, 83), from);
+        let (p_d, dp_d) = (
+            device.write_values(&p, from)?,
+            device.write_values(&dp, from)?,
+        );
+        let mut dx = device.write_values(&poison(len), storage)?;
+        device.softmax_rows_backward(&p_d, &dp_d, &mut dx, rows, cols)?;
+        got.extend(device.read_values(&dx, len as u64)?);
+        for (p, dp) in p
+            .chunks_exact(cols as usize)
+            .zip(dp.chunks_exact(cols as usize))
+        {
+            let dot: f64 = p.iter().zip(dp).map(|(&p, &g)| p as f64 * g as f64).sum();
+            want.extend(
+                p.iter()
+                    .zip(dp)
+                    .map(|(&p, &g)| round((p as f64 * (g as f64 - dot)) as f32, storage)),
+            );
+        }
     }
     Ok(compare(
         format!("softmax rows backward {storage:?}"),
-        &device.read_values(&dx, len as u64)?,
+        &got,
         &want,
         tolerance(storage),
     ))

@@ -6,7 +6,7 @@ use super::{language_model, Config, ConfigError, Made};
 
 /// GPT-2's layer list: token and learned position embeddings and their dropout, per layer a
 /// pre-norm block of layer norm, causal attention with bias (`c_attn`'s query, key and value,
-/// `c_proj`) and dropout, and one of layer norm, the MLP (`c_fc`, the activation, `c_proj`) and
+/// one projection split in three; `c_proj`) and dropout, and one of layer norm, the MLP (`c_fc`, the activation, `c_proj`) and
 /// dropout; the final layer norm and the head, tied to the token embedding unless
 /// `tie_word_embeddings` is false. `Conv1D`'s weights are stored transposed, the same numbers.
 pub(super) fn layers(config: &Config<'_>, sequence: Option<u64>) -> Result<Made, ConfigError> {
@@ -39,7 +39,8 @@ pub(super) fn layers(config: &Config<'_>, sequence: Option<u64>) -> Result<Made,
     let norm = json!({"layer_norm": {"eps": config.number("layer_norm_epsilon", Some(1e-5))?}});
     let inner = config.count("n_inner", Some(4 * hidden))?;
     let attention = json!({"self_attention": {
-        "num_heads": heads, "causal": true, "dropout": attended,
+        "num_heads": heads, "causal": true, "dropout": attended, "fused_qkv": true,
+        "upcast_softmax": false,
         "implementation": config.attention_implementation()?,
     }});
     let block = [

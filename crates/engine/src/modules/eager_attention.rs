@@ -120,7 +120,16 @@ impl Operand {
 /// Eager attention of `[q, k, v]` (`[batch, positions, heads or kv_heads, head_dim]`,
 /// references the caller keeps, as Hugging Face's attention keeps its locals until it
 /// returns): its output `[batch, positions, heads, head_dim]`, a reference the caller owns.
-pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) -> Tensor {
+/// With `cached`, the keys and values are the key/value cache's copies, contiguous in PyTorch:
+/// the products read them without copying. The softmax is Llama's, `softmax(w, dtype=float32)`
+/// cast back to the queries' type, with `upcast_softmax`; else GPT-2's, `softmax(w)` in the
+/// scores' type (f32 under CUDA's autocast either way), cast to the values' where it differs.
+pub fn attention(
+    graph: &mut Graph,
+    [q, k, v]: [Tensor; 3],
+    shape: Attention,
+    (cached, upcast_softmax): (bool, bool),
+) -> Tensor {
     let (t, d, heads) = (shape.sequence, shape.head_dim, shape.heads);
     let query_storage = graph.storage(q);
     if shape.causal {
@@ -143,7 +152,7 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
     let head = |(tensor, layout): (Tensor, Layout), transposed: bool| Operand {
         tensor,
         strides: strides(layout, &shape, heads),
-        copied: layout == Layout::Heads && reshape_copies(&shape),
+        copied: layout == Layout::Heads && reshape_copies(&shape) && !(cached && tensor != q),
         rows: t,
         cols: d,
         transposed,
@@ -170,11 +179,11 @@ pub fn attention(graph: &mut Graph, [q, k, v]: [Tensor; 3], shape: Attention) ->
         w = masked;
     }
     let rows = shape.batch.saturating_mul(heads).saturating_mul(t);
-    let probabilities = softmax(graph, w, rows, t);
-    let cast = match query_storage {
-        Storage::F32 => probabilities,
-        storage => {
-            let cast = graph.cast(probabilities, storage, Scale::One);
+    let probabilities = softmax(graph, w, (rows, t), upcast_softmax);
+    let cast = match graph.storage(probabilities) == query_storage {
+        true => probabilities,
+        false => {
+            let cast = graph.cast(probabilities, query_storage, Scale::One);
             graph.release(probabilities);
             cast
         }
@@ -372,16 +381,25 @@ fn mask(graph: &mut Graph, w: Tensor, shape: &Attention) -> Tensor {
     masked
 }
 
-/// `F.softmax(w, dim=-1, dtype=torch.float32)` as CUDA runs it: a bf16 input converted to an
-/// f32 copy first (let go once the softmax is made), an f16 one read by the f32 kernel itself
-/// (`half_to_float`); the f32 output saved for backward. A reference the caller owns.
-fn softmax(graph: &mut Graph, w: Tensor, rows: u64, cols: u64) -> Tensor {
-    let converted = match graph.storage(w) {
-        Storage::Bf16 => Some(graph.cast(w, Storage::F32, Scale::One)),
-        _ => None,
+/// `F.softmax(w, dim=-1, dtype=torch.float32)` (`upcast`) as CUDA runs it: a bf16 input
+/// converted to an f32 copy first (let go once the softmax is made), an f16 one read by the f32
+/// kernel itself (`half_to_float`). Else `F.softmax(w, dim=-1)`: in `w`'s type, except under
+/// autocast, which runs it in f32 (a 16-bit input converted first). The output is saved for
+/// backward. A reference the caller owns.
+fn softmax(graph: &mut Graph, w: Tensor, (rows, cols): (u64, u64), upcast: bool) -> Tensor {
+    let autocast = graph.precision().is_mixed();
+    let converted = match (graph.storage(w), upcast || autocast) {
+        (Storage::F32, _) | (_, false) => None,
+        // `dtype=float32` takes f16 straight into the f32 kernel; autocast converts it first.
+        (Storage::F16, true) if upcast => None,
+        (_, true) => Some(graph.cast(w, Storage::F32, Scale::One)),
     };
     let x = converted.unwrap_or(w);
-    let p = graph.output(graph.elements(x), Storage::F32);
+    let into = match upcast || autocast {
+        true => Storage::F32,
+        false => graph.storage(x),
+    };
+    let p = graph.output(graph.elements(x), into);
     graph.emit(Instr::SoftmaxRows {
         x: graph.slot(x),
         p: graph.slot(p),

@@ -20,6 +20,12 @@
 //! ([`super::eager_attention`]): the `positions x positions` scores, their f32 softmax and its
 //! half copy materialized, as `attn_implementation="eager"` trains.
 //!
+//! With `fused_qkv` the query, key and value come from one projection split in three (GPT-2's
+//! `c_attn`): autocast casts the input once, the three are views of one tensor (alive while any
+//! is), and a key/value cache copies the keys and values beside them, the copies what the
+//! attention reads. With `upcast_softmax: false` the eager path's softmax is GPT-2's, in the
+//! scores' type.
+//!
 //! With `rope_theta`, rotary position embedding ([`super::rotary`]) turns the queries and keys
 //! before the attention, as Llama's block does; under autocast the f32 tables make them f32,
 //! which SDPA's autocast casts back to half (and those f32 values stay until the block ends).
@@ -76,6 +82,16 @@ pub struct SelfAttentionSpec {
     /// kernels (the default), or `eager`, the scores materialized.
     #[serde(default)]
     pub implementation: Implementation,
+    /// Whether the query, key and value come from one linear layer, split (GPT-2's `c_attn`):
+    /// autocast casts the input once, and the three are views of one tensor, alive while any
+    /// of them is (false: three layers, Llama's `q_proj`, `k_proj` and `v_proj`).
+    #[serde(default)]
+    pub fused_qkv: bool,
+    /// The eager path's softmax: in f32, cast back (`softmax(w, dtype=torch.float32)`, Llama's:
+    /// true, the default), or in the scores' type (`softmax(w)`, GPT-2's: false). Under CUDA's
+    /// autocast both run in f32.
+    #[serde(default = "yes")]
+    pub upcast_softmax: bool,
 }
 
 /// How self-attention computes its scores, in Hugging Face's `attn_implementation` names.
@@ -158,6 +174,7 @@ impl SelfAttentionSpec {
             cx.dropouts += 1;
             (self.dropout as f32, cx.dropouts - 1)
         });
+        let lora = cx.lora.is_some();
         // A projection, with a LoRA adapter when the job's targets name it.
         let mut linear = |name: &str, out_features: u64, bias: bool, input: &[u64]| {
             LinearSpec {
@@ -197,6 +214,23 @@ impl SelfAttentionSpec {
             }
             Some(theta) => Some(theta as f32),
         };
+        if self.fused_qkv {
+            let refusal = match (rope_theta, lora) {
+                (Some(_), _) => Some(("rope_theta", "rotary embedding")),
+                (_, true) => Some(("fused_qkv", "LoRA adapters")),
+                _ => None,
+            };
+            if let Some((field, what)) = refusal {
+                return Err(at.error_at(
+                    field,
+                    format!(
+                        "{what} on a fused query/key/value projection (fused_qkv, GPT-2's \
+                         c_attn) is not modelled: its views outlive the split in ways headroom \
+                         does not follow there; use three projections (fused_qkv false)"
+                    ),
+                ));
+            }
+        }
         let q = linear("q_proj", width(heads)?, self.bias, input)?;
         let k = linear("k_proj", width(kv_heads)?, self.bias, input)?;
         let v = linear("v_proj", width(kv_heads)?, self.bias, input)?;
@@ -216,6 +250,8 @@ impl SelfAttentionSpec {
             rope_theta,
             dropout,
             eager: self.implementation == Implementation::Eager,
+            fused_qkv: self.fused_qkv,
+            upcast_softmax: self.upcast_softmax,
         })
     }
 }
@@ -237,6 +273,10 @@ pub struct SelfAttention {
     dropout: Option<(f32, usize)>,
     /// Whether the scores are materialized (the eager path) rather than fused.
     eager: bool,
+    /// Whether the query, key and value are one projection's, split.
+    fused_qkv: bool,
+    /// Whether the eager path's softmax runs in f32.
+    upcast_softmax: bool,
 }
 
 impl SelfAttention {
@@ -286,11 +326,19 @@ impl Module for SelfAttention {
         let rotary = self
             .rotary(rows, self.heads)
             .zip(self.rotary(rows, self.kv_heads));
+        // One projection split in three reads one input: under autocast, one cast.
+        let source = match self.fused_qkv {
+            true => graph.operand(x),
+            false => {
+                graph.retain(x);
+                x
+            }
+        };
         // The heads are views whose gradient may arrive in another layout (a copy in
         // backward): after rotary embedding, and on the eager path where its layouts say.
         let heads =
             |graph: &mut Graph, linear: &Linear, parameters: &mut Parameters<'_>, copies| {
-                let y = linear.forward(graph, x, parameters);
+                let y = linear.forward(graph, source, parameters);
                 let Some(copies) = copies else {
                     return y;
                 };
@@ -306,6 +354,12 @@ impl Module for SelfAttention {
         let q = heads(graph, &self.q, parameters, q_copies);
         let k = heads(graph, &self.k, parameters, k_copies);
         let v = heads(graph, &self.v, parameters, v_copies);
+        graph.release(source);
+        if self.fused_qkv {
+            // Views of one tensor: its storage lives while the queries' does.
+            graph.keep_alive_with(q, k);
+            graph.keep_alive_with(q, v);
+        }
         let (q, k) = match rotary {
             Some((for_q, for_k)) => {
                 let tables = rotary::tables(graph, &for_q);
@@ -319,12 +373,17 @@ impl Module for SelfAttention {
             }
             None => (q, k),
         };
-        graph.hold_in_cache(k, v);
+        // The attention reads the cache's copies where they are kept beside the originals.
+        let cached = graph.hold_in_cache(k, v, self.fused_qkv);
+        let (keys, values) = cached.unwrap_or((k, v));
         let o = match self.eager {
-            true => eager_attention::attention(graph, [q, k, v], shape),
+            true => {
+                let reads = (cached.is_some(), self.upcast_softmax);
+                eager_attention::attention(graph, [q, keys, values], shape, reads)
+            }
             false => {
                 // SDPA's autocast casts what is not half (rotary's f32 queries and keys).
-                let operands = [q, k, v].map(|t| graph.operand(t));
+                let operands = [q, keys, values].map(|t| graph.operand(t));
                 let o = attention(graph, operands, shape);
                 for tensor in operands {
                     graph.release(tensor);
@@ -336,6 +395,10 @@ impl Module for SelfAttention {
         graph.release(o);
         for tensor in [q, k, v] {
             graph.release(tensor);
+        }
+        if let Some((keys, values)) = cached {
+            graph.release(keys);
+            graph.release(values);
         }
         y
     }

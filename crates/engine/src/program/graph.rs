@@ -617,17 +617,25 @@ impl Graph {
         cast
     }
 
+    /// A new activation holding `tensor`'s values times `scale`, in its storage, not recorded.
+    /// A reference the caller owns.
+    pub fn scaled_copy(&mut self, tensor: Tensor, scale: Scale) -> Tensor {
+        let (len, storage) = (self.elements(tensor), self.storage(tensor));
+        let copy = self.output(len, storage);
+        self.emit(Instr::Convert {
+            from: self.slot(tensor),
+            to: self.slot(copy),
+            len,
+            scale,
+        });
+        copy
+    }
+
     /// `tensor * factor` (a Python number): a new activation in `tensor`'s storage, recorded;
     /// backward scales the gradient by the same factor. A reference the caller owns.
     pub fn times(&mut self, tensor: Tensor, factor: f32) -> Tensor {
         let (len, storage) = (self.elements(tensor), self.storage(tensor));
-        let scaled = self.output(len, storage);
-        self.emit(Instr::Convert {
-            from: self.slot(tensor),
-            to: self.slot(scaled),
-            len,
-            scale: Scale::By(factor),
-        });
+        let scaled = self.scaled_copy(tensor, Scale::By(factor));
         let backward = CastBackward {
             elements: len,
             to: storage,

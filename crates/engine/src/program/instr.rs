@@ -686,12 +686,12 @@ pub enum Instr {
         /// Their side.
         positions: u64,
     },
-    /// scores.cu: each row's softmax, `p = exp(x - max) / sum`, `p` f32 (`F.softmax(x,
-    /// dtype=torch.float32)`).
+    /// scores.cu: each row's softmax, `p = exp(x - max) / sum`, summed in f32 and stored in
+    /// `p`'s storage (f32 for `F.softmax(x, dtype=torch.float32)`).
     SoftmaxRows {
         /// Read.
         x: Slot,
-        /// Written: f32.
+        /// Written.
         p: Slot,
         /// Rows.
         rows: u64,
@@ -699,7 +699,7 @@ pub enum Instr {
         cols: u64,
     },
     /// scores.cu: the softmax's backward, `dx = p (dp - sum_j p dp)` per row, from the saved
-    /// f32 `p` and the f32 `dp`, rounded to `dx`'s storage.
+    /// `p` and `dp` (stored alike), rounded to `dx`'s storage.
     SoftmaxRowsBackward {
         /// The softmax's output.
         p: Slot,

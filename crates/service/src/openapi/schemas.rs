@@ -472,6 +472,17 @@ pub struct SelfAttention {
     /// How the scores are computed (Hugging Face's `attn_implementation`).
     #[serde(default)]
     implementation: AttentionImplementation,
+    /// Whether the query, key and value come from one linear layer, split (GPT-2's `c_attn`):
+    /// one input cast under autocast, and the three views of one tensor. Not with `rope_theta`
+    /// or LoRA.
+    #[serde(default)]
+    #[schema(default = false)]
+    fused_qkv: bool,
+    /// The eager path's softmax: in f32, cast back (Llama's `softmax(w, dtype=torch.float32)`),
+    /// or in the scores' type (false: GPT-2's `softmax(w)`); f32 under CUDA's autocast either way.
+    #[serde(default)]
+    #[schema(default = true)]
+    upcast_softmax: bool,
 }
 
 /// How self-attention computes its scores.
@@ -1267,7 +1278,8 @@ mod tests {
                              {"self_attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 2,
                                                  "causal": true, "bias": false, "rope_theta": 10000.0,
                                                  "output_bias": true, "dropout": 0.1,
-                                                 "implementation": "eager"}},
+                                                 "implementation": "eager", "fused_qkv": false,
+                                                 "upcast_softmax": true}},
                              {"patch_embedding": {"embedding_dim": 4, "patch_size": 2}},
                              {"first_token": {}},
                              {"frozen": {"layers": [{"identity": {}}]}},

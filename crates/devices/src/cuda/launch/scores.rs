@@ -68,9 +68,10 @@ impl Scores for CudaDevice {
         cols: u64,
     ) -> Result<(), DeviceError> {
         let len = rows * cols;
-        let (r, c, storage) = (rows as i64, cols as i64, x.storage.code());
+        let (r, c, x_storage, p_storage) =
+            (rows as i64, cols as i64, x.storage.code(), p.storage.code());
         launch!(self, Kernel::SoftmaxRows, shapes::block_per_row(rows);
-            holds(x, len), holds_mut(p, len), &r, &c, &storage)
+            holds(x, len), holds_mut(p, len), &r, &c, &x_storage, &p_storage)
     }
 
     fn softmax_rows_backward(
@@ -82,9 +83,14 @@ impl Scores for CudaDevice {
         cols: u64,
     ) -> Result<(), DeviceError> {
         let len = rows * cols;
-        let (r, c, storage) = (rows as i64, cols as i64, dx.storage.code());
+        let (r, c, p_storage, dx_storage) = (
+            rows as i64,
+            cols as i64,
+            p.storage.code(),
+            dx.storage.code(),
+        );
         launch!(self, Kernel::SoftmaxRowsBackward, shapes::block_per_row(rows);
-            holds(p, len), holds(dp, len), holds_mut(dx, len), &r, &c, &storage)
+            holds(p, len), holds(dp, len), holds_mut(dx, len), &r, &c, &p_storage, &dx_storage)
     }
 
     fn repeat_heads(

@@ -5,8 +5,9 @@
 //! keeps every attention layer's keys and values as its kernel reads them (rotated). The
 //! caller keeps only the loss: all of it goes before backward.
 
-use super::{Graph, Tensor};
+use super::{Backward, Graph, Pass, Tensor};
 use crate::memory::Part;
+use crate::program::Scale;
 
 /// The tensors a model's output holds, and whether it holds a key/value cache.
 #[derive(Debug)]
@@ -35,11 +36,28 @@ impl Graph {
 
     /// An attention layer's keys and values (rotated), as the model's key/value cache takes
     /// them (in Hugging Face's step, with `use_cache`): the cache copies them (`torch.cat` onto
-    /// an empty cache) and the originals go. Held here as the originals, which the kernels read
+    /// an empty cache), and the attention reads the copies. Where the keys and values are
+    /// views of one projection with the queries (`fused`, GPT-2's `c_attn`), which the queries
+    /// keep, the copies are kept too: returned, the attention's to read (references the caller
+    /// owns). Else the originals go, and are held here as the copies, which the kernels read
     /// (the same bytes), after the moment both exist (copies made and let go, for their bytes).
-    pub fn hold_in_cache(&mut self, keys: Tensor, values: Tensor) {
+    pub fn hold_in_cache(
+        &mut self,
+        keys: Tensor,
+        values: Tensor,
+        fused: bool,
+    ) -> Option<(Tensor, Tensor)> {
         if !self.model_output.as_ref().is_some_and(|o| o.cache) {
-            return;
+            return None;
+        }
+        if fused {
+            let [keys, values] = [keys, values].map(|original| {
+                let copy = self.scaled_copy(original, Scale::One);
+                self.record(CatBackward, &[original], &[], &[copy]);
+                self.hold_in_output(copy);
+                copy
+            });
+            return Some((keys, values));
         }
         let copies: Vec<Option<Tensor>> = [keys, values]
             .into_iter()
@@ -53,6 +71,7 @@ impl Graph {
         }
         self.hold_in_output(keys);
         self.hold_in_output(values);
+        None
     }
 
     /// The caller has taken the loss: what the model's output held goes.
@@ -60,6 +79,17 @@ impl Graph {
         for tensor in self.model_output.take().map(|o| o.held).unwrap_or_default() {
             self.release(tensor);
         }
+    }
+}
+
+/// `torch.cat` onto an empty cache's backward: the gradient's part for the keys (or values),
+/// a view of it.
+#[derive(Debug)]
+struct CatBackward;
+
+impl Backward for CatBackward {
+    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
+        vec![grads[0].map(|grad| pass.pass_through(grad))]
     }
 }
 
@@ -85,7 +115,7 @@ mod tests {
         }
         let [keys, values]: [Tensor; 2] = [8, 8].map(|len| graph.output(len, Storage::F32));
         let slots: Vec<Slot> = [keys, values].map(|t| graph.slot(t)).to_vec();
-        graph.hold_in_cache(keys, values);
+        graph.hold_in_cache(keys, values, false);
         graph.release(keys);
         graph.release(values);
         if dropped {
