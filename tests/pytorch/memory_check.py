@@ -58,6 +58,7 @@ error; prints a table either way.
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import multiprocessing
@@ -371,13 +372,13 @@ def repeat_kv(x, groups):
     return x[:, :, None].expand(b, heads, groups, t, d).reshape(b, heads * groups, t, d)
 
 
-def cuda_softmax_f32(w):
+def cuda_softmax_f32(w, softmax=F.softmax):
     """`F.softmax(w, dim=-1, dtype=torch.float32)` as CUDA runs it: an f16 input goes straight
     into the f32 kernel (`_softmax(half_to_float=True)`), any other is converted first; the CPU
     converts f16 too."""
     if w.dtype == torch.float16:
         return torch._softmax(w, -1, True)
-    return F.softmax(w, dim=-1, dtype=torch.float32)
+    return softmax(w, dim=-1, dtype=torch.float32)
 
 
 def eager_attention(q, k, v, mask, dropout, groups, upcast_softmax=True):
@@ -773,14 +774,26 @@ def with_lora(model, lora):
         return gpu_dropout(peft.get_peft_model(model, config))
 
 
+def vision_config(job):
+    """The Hugging Face config of an image classifier's job (`model_type` `vit`), else None."""
+    config = job["model"].get("huggingface")
+    return config if config and config.get("model_type") == "vit" else None
+
+
 def sample_shape(job):
-    """One sample's shape: `input_shape`, or `[sequence_length]` token ids."""
+    """One sample's shape: `input_shape` (a ViT config's image), or `[sequence_length]` token
+    ids."""
+    if config := vision_config(job):
+        side = config.get("image_size", 224)
+        return [config.get("num_channels", 3), side, side]
     tokens = job["model"].get("tokens")
     return [tokens["sequence_length"]] if tokens else list(job["model"]["input_shape"])
 
 
 def vocab(job):
     """The vocabulary of a job over token ids (a config's own), else None."""
+    if vision_config(job):
+        return None
     if "huggingface" in job["model"]:
         return job["model"]["huggingface"]["vocab_size"]
     tokens = job["model"].get("tokens")
@@ -788,7 +801,10 @@ def vocab(job):
 
 
 def classes(job):
-    """The classes of the loss: the vocabulary of a language model read from its config."""
+    """The classes of the loss: the vocabulary of a language model read from its config, an
+    image classifier's labels (`id2label`'s, else `num_labels`, else transformers' 2)."""
+    if config := vision_config(job):
+        return len(config.get("id2label") or {}) or config.get("num_labels", 2)
     return vocab(job) if "huggingface" in job["model"] else job["model"]["num_classes"]
 
 
@@ -800,6 +816,7 @@ def hugging_face_model(job):
     import peft
     import transformers
     import transformers.masking_utils
+    from transformers.initialization import no_init_weights
 
     # Without a key/value cache (gradient checkpointing, `use_cache: false`) transformers reads
     # the position ids to see whether sequences are packed; fake tensors have no values to
@@ -809,11 +826,23 @@ def hugging_face_model(job):
     config = dict(job["model"]["huggingface"])
     implementation = config.pop("attn_implementation", "sdpa")
     config = transformers.AutoConfig.for_model(**config)
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation=implementation, dtype=torch.get_default_dtype())
+    vision = vision_config(job) is not None
+    auto = transformers.AutoModelForImageClassification if vision else transformers.AutoModelForCausalLM
+    # No initial values for ViT: its truncated normal reads them, which fake tensors have not
+    # (a decoder's initialization also ties its head, which this would skip).
+    with no_init_weights() if vision else contextlib.nullcontext():
+        model = auto.from_config(config, attn_implementation=implementation, dtype=torch.get_default_dtype())
     model.train()
-    model.label_shape = sample_shape(job)
-    under_cuda_policy(model, sample_shape(job)[0])
+    if vision:
+        patches = (config.image_size // config.patch_size) ** 2
+        model.label_shape = []
+        positions = patches + 1
+        vit_as_headroom_copies(model, patches * config.hidden_size, config.hidden_size)
+    else:
+        model.label_shape = sample_shape(job)
+        positions = sample_shape(job)[0]
+    under_cuda_policy(model, positions)
+    model.forward = with_cuda_softmax(model.forward)
     if job["model"].get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "lora" in job["model"]:
@@ -833,6 +862,15 @@ def hugging_face_model(job):
     return model
 
 
+def vit_as_headroom_copies(model, patch_values, features):
+    """transformers' ViT marked where headroom's kernels copy what PyTorch views (as the list's
+    `PatchEmbedding` and `FirstToken`): the patches' gradient (`patch_values` a sample, unless
+    autocast casts it) and the class token's `features`."""
+    model.vit.embeddings.patch_embeddings.copied_values = \
+        lambda precision: 0 if precision in ("bf16-mixed", "16-mixed") else patch_values
+    model.classifier.copied_values = lambda precision: features
+
+
 def under_cuda_policy(model, positions):
     """transformers' modules whose autocast on the CPU differs from CUDA's, made CUDA's:
     `nn.LayerNorm` as [`CudaLayerNorm`] over `positions` rows a sample (its parameters kept),
@@ -848,6 +886,41 @@ def under_cuda_policy(model, positions):
                 setattr(parent, name, norm)
             elif isinstance(child, transformers.activations.NewGELUActivation):
                 setattr(parent, name, CudaNewGelu())
+            elif type(child).__name__ == "ViTEmbeddings":
+                child.forward = without_autocast_cat(child.forward)
+
+
+def with_cuda_softmax(forward):
+    """`forward` with `F.softmax(w, dtype=torch.float32)` as CUDA runs it ([`cuda_softmax_f32`]:
+    an f16 `w` read by the f32 kernel, not converted first as on the CPU)."""
+    softmax = F.softmax
+
+    def cuda_softmax(input, dim=None, _stacklevel=3, dtype=None):
+        if dtype == torch.float32 and dim in (-1, input.dim() - 1):
+            return cuda_softmax_f32(input)
+        return softmax(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+    def wrapped(*args, **kwargs):
+        with unittest.mock.patch.object(F, "softmax", cuda_softmax):
+            return forward(*args, **kwargs)
+
+    return wrapped
+
+
+def without_autocast_cat(forward):
+    """`forward` with `torch.cat` outside autocast: CUDA's autocast does not wrap `cat`, the
+    CPU's promotes its inputs to f32 copies first (ViT's class token before its patches)."""
+    cat = torch.cat
+
+    def cat_as_cuda(tensors, *args, **kwargs):
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            return cat(tensors, *args, **kwargs)
+
+    def wrapped(*args, **kwargs):
+        with unittest.mock.patch.object(torch, "cat", cat_as_cuda):
+            return forward(*args, **kwargs)
+
+    return wrapped
 
 
 def tie_weights(model):
@@ -876,6 +949,8 @@ def train_step(job, model, optimizer, batch, device, after_backward=lambda: None
         x = x.to(torch.bfloat16)
 
     def loss_of():
+        if vision_config(job):
+            return model(pixel_values=x, labels=y).loss
         if "huggingface" in job["model"]:
             return model(input_ids=x, labels=y).loss
         return F.cross_entropy(model(x).reshape(-1, label_classes), y.reshape(-1))
