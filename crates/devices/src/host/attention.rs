@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::gemm;
+use super::gemm::{gemm, Parallelism};
 use super::values::{chunks, HostValues};
 use super::{usize_of, HostDevice};
 use headroom_engine::device::DeviceError;
@@ -118,7 +118,7 @@ fn product(
         b.1,
         c,
         accumulate,
-        ::gemm::Parallelism::None,
+        Parallelism::None,
     );
 }
 

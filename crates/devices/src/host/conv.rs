@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{gemm, parallelism};
+use super::gemm::{gemm, parallelism, Parallelism};
 use super::values::{row_blocks, HostValues};
 use super::{row_product, usize_of, HostDevice};
 use headroom_engine::device::DeviceError;
@@ -242,7 +242,7 @@ fn each_chunk(
     (out, out_len): (&mut [f32], usize),
     (from, from_len): (&[f32], usize),
     s: &Sizes,
-    pass: impl Fn(&mut [f32], &[f32], &mut Scratch, gemm::Parallelism) + Sync,
+    pass: impl Fn(&mut [f32], &[f32], &mut Scratch, Parallelism) + Sync,
 ) {
     let samples = samples_per_chunk(s);
     let (out_chunk, from_chunk) = (samples * out_len, samples * from_len);
@@ -250,7 +250,7 @@ fn each_chunk(
         out.par_chunks_mut(out_chunk)
             .zip(from.par_chunks(from_chunk))
             .for_each_init(Scratch::default, |scratch, (out, from)| {
-                pass(out, from, scratch, gemm::Parallelism::None)
+                pass(out, from, scratch, Parallelism::None)
             });
     } else {
         let mut scratch = Scratch::default();
@@ -362,7 +362,7 @@ fn add_chunks_weight_gradient(
     x: &[f32],
     dw_t: &mut [f32],
     conv: &Convolution,
-    threads: gemm::Parallelism,
+    threads: Parallelism,
 ) {
     let s = Sizes::of(conv);
     let samples = samples_per_chunk(&s);
@@ -418,7 +418,7 @@ pub fn add_conv2d_weight_gradient(dy: &[f32], x: &[f32], dw: &mut [f32], conv: &
     let partials: Vec<Vec<f32>> = if rows.div_ceil(per_group) >= rayon::current_num_threads() {
         dy.par_chunks(dy_part)
             .zip(x.par_chunks(x_part))
-            .map(|part| partial(part, gemm::Parallelism::None))
+            .map(|part| partial(part, Parallelism::None))
             .collect()
     } else {
         dy.chunks(dy_part)

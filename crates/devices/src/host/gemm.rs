@@ -1,5 +1,7 @@
-//! gemm.cu on the host: the products of a linear layer, in the `gemm` crate (the widest vectors
-//! the CPU has) over every core; 16-bit operands widened by blocks of rows.
+//! gemm.cu on the host: the products of a linear layer, in the `gemm` crate's f32 kernels (the
+//! widest vectors the CPU has) over every core; 16-bit operands widened by blocks of rows.
+
+pub(super) use gemm_common::Parallelism;
 
 use super::values::{row_blocks, HostValues};
 use super::{row_product, usize_of, HostDevice};
@@ -20,28 +22,32 @@ pub(super) fn gemm(
     b_strides: (isize, isize),
     c: &mut [f32],
     accumulate: bool,
-    parallelism: gemm::Parallelism,
+    parallelism: Parallelism,
 ) {
     assert!(
         a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
         "gemm operand too small"
     );
-    // SAFETY: the assertion above keeps every strided access inside the slices.
+    // The kernels prefer a column-major destination: `c` is row-major, so the product is
+    // computed as its transpose, `c^T = b^T a^T` (what the `gemm` crate's front does).
+    let product = gemm_f32::gemm::f32::get_gemm_fn();
+    // SAFETY: the assertion above keeps every strided access inside the slices; every stride
+    // is positive.
     unsafe {
-        gemm::gemm(
-            m,
+        product(
             n,
+            m,
             k,
             c.as_mut_ptr(),
-            1,
             n as isize,
+            1,
             accumulate,
-            a.as_ptr(),
-            a_strides.1,
-            a_strides.0,
             b.as_ptr(),
-            b_strides.1,
             b_strides.0,
+            b_strides.1,
+            a.as_ptr(),
+            a_strides.0,
+            a_strides.1,
             1.0,
             1.0,
             false,
@@ -54,10 +60,10 @@ pub(super) fn gemm(
 
 /// Every thread of rayon's pool for the products, as for the element-wise passes (the pool's
 /// size is read once; `available_parallelism` would read the cgroup limits on every product).
-pub(super) fn parallelism() -> gemm::Parallelism {
+pub(super) fn parallelism() -> Parallelism {
     match rayon::current_num_threads() {
-        1 => gemm::Parallelism::None,
-        threads => gemm::Parallelism::Rayon(threads),
+        1 => Parallelism::None,
+        threads => Parallelism::Rayon(threads),
     }
 }
 
