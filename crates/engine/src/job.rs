@@ -1467,6 +1467,29 @@ mod tests {
         }))
     }
 
+    /// peft adapts GPT-2's `c_attn` as one pair over the split projection, which headroom does
+    /// not model: LoRA on the query, key or value of a fused projection is refused by the
+    /// attention's field; on the MLP's linear layers it is taken.
+    #[test]
+    fn lora_on_gpt2_s_fused_query_key_and_value_is_refused_and_elsewhere_taken() {
+        let lora_job = |lora: Value| {
+            Job::from_value(json!({
+                "model": {"huggingface": gpt2(), "tokens": {"sequence_length": 64}, "lora": lora},
+                "optimizer": {"name": "adamw"}
+            }))
+        };
+        let refused = lora_job(json!({"target_modules": ["q_proj"]})).unwrap_err();
+        assert!(
+            refused.field.ends_with("self_attention.fused_qkv"),
+            "{refused}"
+        );
+        assert!(refused.reason.contains("LoRA"), "{refused}");
+        let taken = lora_job(json!({"r": 4, "target_modules": ["linear"]})).unwrap();
+        // Rank 4 on each layer's two MLP layers (768 -> 3072 -> 768), twelve layers.
+        let trainable = taken.plan().trainable_parameter_count();
+        assert_eq!(trainable, 12 * 2 * 4 * (768 + 3072));
+    }
+
     fn llama_job(config: Value) -> Result<Job, JobError> {
         Job::from_value(json!({
             "model": {"huggingface": config, "tokens": {"sequence_length": 2048}},

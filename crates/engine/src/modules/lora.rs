@@ -190,6 +190,11 @@ fn names_in(layers: &[LayerSpec]) -> BTreeSet<&'static str> {
 }
 
 impl Lora {
+    /// Whether the configuration adapts the linear layers called `name`.
+    pub fn targets(&self, name: &str) -> bool {
+        self.targets.contains(name)
+    }
+
     /// The adapter of the linear layer `name` over a sample of `input` shape writing
     /// `out_features`, if the configuration targets it.
     pub fn adapter(

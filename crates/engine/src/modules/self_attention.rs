@@ -174,7 +174,11 @@ impl SelfAttentionSpec {
             cx.dropouts += 1;
             (self.dropout as f32, cx.dropouts - 1)
         });
-        let lora = cx.lora.is_some();
+        let adapted = cx.lora.as_ref().is_some_and(|lora| {
+            ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .any(|n| lora.targets(n))
+        });
         // A projection, with a LoRA adapter when the job's targets name it.
         let mut linear = |name: &str, out_features: u64, bias: bool, input: &[u64]| {
             LinearSpec {
@@ -215,9 +219,9 @@ impl SelfAttentionSpec {
             Some(theta) => Some(theta as f32),
         };
         if self.fused_qkv {
-            let refusal = match (rope_theta, lora) {
+            let refusal = match (rope_theta, adapted) {
                 (Some(_), _) => Some(("rope_theta", "rotary embedding")),
-                (_, true) => Some(("fused_qkv", "LoRA adapters")),
+                (_, true) => Some(("fused_qkv", "LoRA adapters on the query, key or value")),
                 _ => None,
             };
             if let Some((field, what)) = refusal {

@@ -474,7 +474,7 @@ pub struct SelfAttention {
     implementation: AttentionImplementation,
     /// Whether the query, key and value come from one linear layer, split (GPT-2's `c_attn`):
     /// one input cast under autocast, and the three views of one tensor. Not with `rope_theta`
-    /// or LoRA.
+    /// or LoRA on the query, key or value.
     #[serde(default)]
     #[schema(default = false)]
     fused_qkv: bool,
