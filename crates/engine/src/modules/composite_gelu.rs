@@ -32,7 +32,7 @@ pub fn forward(graph: &mut Graph, x: Tensor, len: u64) -> Tensor {
     let input = graph.storage(x);
     // `0.5 * x`, in the input's type.
     let h = graph.output(len, input);
-    graph.record(Copied, &[x], &[], &[h]);
+    graph.record(Halved, &[x], &[], &[h]);
     // `pow`'s operand (an f32 copy under autocast), saved.
     let cubed_from = graph.wide_operand(x);
     let wide = graph.storage(cubed_from);
@@ -47,7 +47,7 @@ pub fn forward(graph: &mut Graph, x: Tensor, len: u64) -> Tensor {
     let argument = times(graph, inner, SQRT_2_OVER_PI);
     graph.release(inner);
     let tanh = graph.output(len, wide);
-    graph.record(Zeros, &[argument], &[tanh], &[tanh]);
+    graph.record(Tanh, &[argument], &[tanh], &[tanh]);
     graph.release(argument);
     // `1.0 + tanh`: its gradient passes through.
     let one_plus = graph.output(len, wide);
@@ -66,6 +66,8 @@ pub fn forward(graph: &mut Graph, x: Tensor, len: u64) -> Tensor {
         input,
         len,
     };
+    // Saved: both factors, and `pow`'s operand (which `pow` saves until later anyway) for the
+    // derivative.
     graph.record(product, &[h, one_plus], &[h, one_plus, cubed_from], &[y]);
     for tensor in [h, one_plus, cubed_from] {
         graph.release(tensor);
@@ -109,9 +111,9 @@ impl Backward for Product {
 /// `0.5 * x`'s backward: the gradient times 0.5 in PyTorch, a copy here (it carries the whole
 /// gradient already).
 #[derive(Debug)]
-struct Copied;
+struct Halved;
 
-impl Backward for Copied {
+impl Backward for Halved {
     fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
         let Some(dh) = grads[0] else {
             return vec![None];
@@ -130,9 +132,9 @@ impl Backward for Copied {
 
 /// `tanh`'s backward: a new gradient, zeros here.
 #[derive(Debug)]
-struct Zeros;
+struct Tanh;
 
-impl Backward for Zeros {
+impl Backward for Tanh {
     fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
         let Some(grad) = grads[0] else {
             return vec![None];

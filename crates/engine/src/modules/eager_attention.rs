@@ -149,10 +149,12 @@ pub fn attention(
         }
         _ => (repeat(graph, kv, groups), Layout::Contiguous),
     });
+    // `reshape` copies a projection's heads, except the cache's copies of the keys and values,
+    // which PyTorch lays out contiguously.
     let head = |(tensor, layout): (Tensor, Layout), transposed: bool| Operand {
         tensor,
         strides: strides(layout, &shape, heads),
-        copied: layout == Layout::Heads && reshape_copies(&shape) && !(cached && tensor != q),
+        copied: layout == Layout::Heads && reshape_copies(&shape) && (tensor == q || !cached),
         rows: t,
         cols: d,
         transposed,

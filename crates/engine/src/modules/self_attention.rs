@@ -218,22 +218,23 @@ impl SelfAttentionSpec {
             }
             Some(theta) => Some(theta as f32),
         };
-        if self.fused_qkv {
-            let refusal = match (rope_theta, adapted) {
-                (Some(_), _) => Some(("rope_theta", "rotary embedding")),
-                (_, true) => Some(("fused_qkv", "LoRA adapters on the query, key or value")),
-                _ => None,
-            };
-            if let Some((field, what)) = refusal {
-                return Err(at.error_at(
-                    field,
-                    format!(
-                        "{what} on a fused query/key/value projection (fused_qkv, GPT-2's \
-                         c_attn) is not modelled: its views outlive the split in ways headroom \
-                         does not follow there; use three projections (fused_qkv false)"
-                    ),
-                ));
-            }
+        let refusal = match (self.fused_qkv, rope_theta, adapted) {
+            (false, ..) => None,
+            (true, Some(_), _) => Some((
+                "rope_theta",
+                "rotary embedding on a fused query/key/value projection (fused_qkv) is not \
+                 modelled: which of the split views outlive the rotation is not followed",
+            )),
+            (true, None, true) => Some((
+                "fused_qkv",
+                "LoRA on the query, key or value of a fused projection (GPT-2's c_attn) is not \
+                 modelled: peft adapts the projection as one, an adapter for all three; target \
+                 other layers, or use three projections (fused_qkv false)",
+            )),
+            (true, None, false) => None,
+        };
+        if let Some((field, reason)) = refusal {
+            return Err(at.error_at(field, reason));
         }
         let q = linear("q_proj", width(heads)?, self.bias, input)?;
         let k = linear("k_proj", width(kv_heads)?, self.bias, input)?;
