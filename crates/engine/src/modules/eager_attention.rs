@@ -131,7 +131,12 @@ pub fn attention(
     (cached, upcast_softmax): (bool, bool),
 ) -> Tensor {
     let (t, d, heads) = (shape.sequence, shape.head_dim, shape.heads);
-    let query_storage = graph.storage(q);
+    // The probabilities' type: the queries' (Llama's `.to(query.dtype)`), or the values'
+    // (GPT-2's `.type(value.dtype)`); the two differ where rotary embedding made the queries f32.
+    let probabilities_storage = match upcast_softmax {
+        true => graph.storage(q),
+        false => graph.storage(v),
+    };
     if shape.causal {
         causal_mask(graph, t);
     }
@@ -182,10 +187,10 @@ pub fn attention(
     }
     let rows = shape.batch.saturating_mul(heads).saturating_mul(t);
     let probabilities = softmax(graph, w, (rows, t), upcast_softmax);
-    let cast = match graph.storage(probabilities) == query_storage {
+    let cast = match graph.storage(probabilities) == probabilities_storage {
         true => probabilities,
         false => {
-            let cast = graph.cast(probabilities, query_storage, Scale::One);
+            let cast = graph.cast(probabilities, probabilities_storage, Scale::One);
             graph.release(probabilities);
             cast
         }
