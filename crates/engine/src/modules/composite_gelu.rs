@@ -20,7 +20,7 @@
 
 use crate::memory::Storage;
 use crate::program::geometry::Nonlinearity;
-use crate::program::graph::{Backward, CastBackward, Graph, Pass, Tensor};
+use crate::program::graph::{Backward, CastBackward, Graph, Pass, PassThrough, Tensor};
 use crate::program::{Instr, SavedAs, Scale};
 
 /// `sqrt(2 / pi)`, the scale inside the `tanh`.
@@ -195,16 +195,6 @@ impl Backward for Sum {
         let to_cube = pass.pass_through(grad);
         pass.applied();
         vec![Some(pass.gradient_as(0, grad, self.input)), Some(to_cube)]
-    }
-}
-
-/// `1.0 + tanh`'s backward: the gradient itself.
-#[derive(Debug)]
-struct PassThrough;
-
-impl Backward for PassThrough {
-    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
-        vec![grads[0].map(|grad| pass.pass_through(grad))]
     }
 }
 

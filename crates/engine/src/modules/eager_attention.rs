@@ -24,7 +24,7 @@
 use super::dropout;
 use crate::memory::{Element, Part, Storage};
 use crate::program::geometry::{Attention, BatchedProduct, HeadGroups, Strides};
-use crate::program::graph::{Backward, Graph, Pass, Tensor};
+use crate::program::graph::{Backward, Graph, Pass, PassThrough, Tensor};
 use crate::program::{Instr, Scale};
 
 /// Whether `reshape` copies a projection's heads into `[batch * heads, positions, head_dim]`
@@ -279,7 +279,7 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
             len,
             scale: Scale::One,
         });
-        graph.record(CopyBackward, &[cast], &[], &[copy]);
+        graph.record(PassThrough, &[cast], &[], &[copy]);
         Operand {
             tensor: copy,
             ..operand
@@ -363,7 +363,7 @@ fn matmul(graph: &mut Graph, [a, b]: [Operand; 2], out: Layout, shape: &Attentio
             head_dim: cols,
         },
     });
-    graph.record(CopyBackward, &[staged], &[], &[c]);
+    graph.record(PassThrough, &[staged], &[], &[c]);
     graph.release(staged);
     c
 }
@@ -422,16 +422,6 @@ fn softmax(graph: &mut Graph, w: Tensor, (rows, cols): (u64, u64), upcast: bool)
     graph.record(backward, &[x], &[p], &[p]);
     graph.release_optional(converted);
     p
-}
-
-/// `reshape`'s copy: the gradient handed back as it is.
-#[derive(Debug)]
-struct CopyBackward;
-
-impl Backward for CopyBackward {
-    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
-        vec![grads[0].map(|dy| pass.pass_through(dy))]
-    }
 }
 
 /// The mask's sum: the gradient converted back to the scores' type.

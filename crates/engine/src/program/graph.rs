@@ -906,6 +906,17 @@ impl Pass<'_> {
     }
 }
 
+/// The backward of an operation whose input's gradient is its output's, unchanged (a copy
+/// such as `reshape`'s, `torch.cat` onto an empty cache, `1.0 + x`): handed on as it is.
+#[derive(Debug)]
+pub struct PassThrough;
+
+impl Backward for PassThrough {
+    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
+        vec![grads[0].map(|grad| pass.pass_through(grad))]
+    }
+}
+
 /// A conversion's backward (autocast's casts; the loss's widening of the logits): the gradient
 /// converted back to the source's storage, times `scale`.
 #[derive(Debug)]

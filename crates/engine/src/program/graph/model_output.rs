@@ -5,7 +5,7 @@
 //! keeps every attention layer's keys and values as its kernel reads them (rotated). The
 //! caller keeps only the loss: all of it goes before backward.
 
-use super::{Backward, Graph, Pass, Tensor};
+use super::{Graph, PassThrough, Tensor};
 use crate::memory::Part;
 use crate::program::Scale;
 
@@ -53,7 +53,7 @@ impl Graph {
         if fused {
             let [keys, values] = [keys, values].map(|original| {
                 let copy = self.scaled_copy(original, Scale::One);
-                self.record(CatBackward, &[original], &[], &[copy]);
+                self.record(PassThrough, &[original], &[], &[copy]);
                 self.hold_in_output(copy);
                 copy
             });
@@ -79,17 +79,6 @@ impl Graph {
         for tensor in self.model_output.take().map(|o| o.held).unwrap_or_default() {
             self.release(tensor);
         }
-    }
-}
-
-/// `torch.cat` onto an empty cache's backward: the gradient's part for the keys (or values),
-/// a view of it.
-#[derive(Debug)]
-struct CatBackward;
-
-impl Backward for CatBackward {
-    fn backward(&self, pass: &mut Pass<'_>, grads: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
-        vec![grads[0].map(|grad| pass.pass_through(grad))]
     }
 }
 
